@@ -1,0 +1,205 @@
+/* moe.h — run Mixture-of-Experts language models on any Vulkan GPU, with a CPU fallback.
+
+   ABOUT
+   moe loads a GGUF file (or a Hugging Face model directory) of a Mixture-of-Experts model
+   (Qwen3-MoE today; Gemma 4, Qwen3.5 / Qwen3-Next, gpt-oss, Mixtral / OLMoE by design) and lets
+   you drive generation one step at a time with your own sampling. Vendor four files into your
+   project — moe.h, moe.c, moe_vk.c, shaders_embedded.c — and compile them with any C11 compiler:
+
+       cc -O2 -c moe.c moe_vk.c shaders_embedded.c        (link with -lm -lpthread -ldl)
+
+   No other library is needed at build time; the Vulkan loader is opened at run time if present.
+
+   STEP BY STEP
+       moe_model *model = NULL;
+       moe_load_params lp = {0};                 // all-zero = defaults
+       lp.backend = MOE_BACKEND_CPU;
+       if (moe_load("model.gguf", &lp, &model) != MOE_OK) { puts(moe_last_error()); return 1; }
+
+       moe_ctx *ctx = NULL;
+       moe_ctx_new(model, NULL, &ctx);           // NULL params = defaults
+
+       moe_token prompt[] = {9707, 11, 1879};
+       moe_step(ctx, prompt, 3);                 // prefill
+       for (int i = 0; i < 32; i++) {
+           const float *logits = moe_logits(ctx, -1);
+           moe_token t = my_sampler(logits);     // or moe_sample()
+           moe_step(ctx, &t, 1);                 // decode one token
+       }
+       moe_ctx_free(ctx);
+       moe_model_free(model);
+
+   ERRORS
+   Every fallible call returns a moe_status (0 = MOE_OK, negative = failure). moe_status_str()
+   names a code; moe_last_error() returns a thread-local sentence describing the last failure on
+   the calling thread (for example "tensor 'blk.3.attn_q.weight': data range 1200..5000 is outside
+   the file (4096 bytes)"). Nothing in the library calls exit() or abort() on bad input. A failed
+   call leaves its object exactly as it was.
+
+   THREADS
+   A moe_model is read-only after loading and can be shared by any number of threads. A moe_ctx
+   belongs to one thread at a time; several contexts of one model may run concurrently. n_threads
+   in moe_load_params sets how many worker threads each context uses on the CPU backend.
+
+   ABI
+   No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
+   values, every output buffer comes with its capacity. Functions that fill a caller buffer return
+   the count written, or -(count needed) when the capacity is too small.
+
+   LICENSE: see LICENSE in the repository.
+*/
+#ifndef MOE_H
+#define MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+
+#if defined(_WIN32) && defined(MOE_BUILD_DLL)
+#define MOE_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define MOE_API __attribute__((visibility("default")))
+#else
+#define MOE_API
+#endif
+
+typedef struct moe_model   moe_model;    /* weights + tokenizer; read-only after load, shareable across threads */
+typedef struct moe_ctx     moe_ctx;      /* one sequence: KV cache, position, logits; one thread at a time */
+typedef struct moe_sampler moe_sampler;  /* sampling settings + RNG + token history */
+typedef int32_t moe_token;
+typedef int32_t moe_status;
+
+enum { MOE_OK = 0, MOE_ERR_INVALID_ARG = -1, MOE_ERR_IO = -2, MOE_ERR_FORMAT = -3,
+       MOE_ERR_UNSUPPORTED = -4, MOE_ERR_NO_MEMORY = -5, MOE_ERR_DEVICE = -6,
+       MOE_ERR_CONTEXT_FULL = -7, MOE_ERR_BUFFER_TOO_SMALL = -8, MOE_ERR_CANCELLED = -9 };
+enum { MOE_BACKEND_AUTO = 0, MOE_BACKEND_CPU = 1, MOE_BACKEND_VULKAN = 2 };
+enum { MOE_KV_F16 = 0, MOE_KV_F32 = 1, MOE_KV_Q8_0 = 2 /* more may follow */ };
+enum { MOE_TOKENIZE_ADD_SPECIAL = 1, MOE_TOKENIZE_PARSE_SPECIAL = 2 };
+enum { MOE_LOG_ERROR = 0, MOE_LOG_WARN = 1, MOE_LOG_INFO = 2, MOE_LOG_DEBUG = 3 };
+
+MOE_API const char *moe_version(void);                /* "0.1.0" */
+MOE_API const char *moe_status_str(moe_status s);     /* static string for a code */
+MOE_API const char *moe_last_error(void);             /* thread-local detail of the last failure on this thread */
+
+/* ---- load ---------------------------------------------------------------------------------- */
+typedef struct moe_load_params {            /* all-zero (or a NULL pointer) means defaults */
+    int32_t  backend;                       /* MOE_BACKEND_*; AUTO = Vulkan if usable, else CPU */
+    int32_t  device_index;                  /* Vulkan physical device; 0 = best (discrete first) */
+    int32_t  n_threads;                     /* CPU threads; 0 = all cores */
+    int32_t  reserved0;
+    uint64_t gpu_budget_bytes;              /* 0 = no limit; below the model size, experts stream */
+    uint64_t host_budget_bytes;             /* 0 = no limit; below it, experts are read from disk on demand */
+    int32_t (*progress)(float fraction, void *user);   /* optional; return non-zero to cancel the load */
+    void    (*log)(int32_t level, const char *msg, void *user);  /* optional; default: silent */
+    void    *user;
+} moe_load_params;
+
+/* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json) */
+MOE_API moe_status moe_load(const char *path, const moe_load_params *params, moe_model **out);
+MOE_API void       moe_model_free(moe_model *model);            /* NULL-safe */
+
+typedef struct moe_model_info {
+    char     arch[32];                      /* "qwen3moe", "gemma4", "qwen35moe", ... */
+    int32_t  n_vocab, n_layer, n_embd, n_ctx_train;
+    int32_t  n_expert, n_expert_used;       /* 0 for dense models */
+    moe_token bos, eos;                     /* -1 when absent */
+    uint64_t n_params, file_bytes;
+    int32_t  backend;                       /* the backend actually in use */
+} moe_model_info;
+MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *out);
+
+/* ---- tokenizer ----------------------------------------------------------------------------- */
+/* Returns the token count; if it exceeds cap, returns -(count needed) and writes nothing useful. */
+MOE_API int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
+                             moe_token *out, int32_t cap, int32_t flags);
+/* The raw bytes of one token (may be a partial UTF-8 sequence); same return convention. */
+MOE_API int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap);
+/* Whole-sequence detokenization with the tokenizer's decoding rules; same return convention. */
+MOE_API int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
+                               char *buf, int32_t cap, int32_t flags);
+MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);   /* end-of-generation? 0/1 */
+
+/* Render a chat with the model family's template (ChatML, Gemma, Harmony, ...). */
+MOE_API int32_t moe_chat_apply(const moe_model *model, const char *const *roles,
+                               const char *const *contents, int32_t n_messages,
+                               int32_t add_assistant_prompt, char *buf, int32_t cap);
+
+/* ---- contexts and stepping ------------------------------------------------------------------ */
+typedef struct moe_ctx_params {             /* all-zero (or NULL) means defaults */
+    int32_t n_ctx;                          /* 0 = min(model n_ctx_train, 4096) */
+    int32_t kv_type;                        /* MOE_KV_* */
+    int32_t logits_all;                     /* 1 = keep logits for every token of a step (for scoring) */
+    int32_t n_batch;                        /* max tokens per internal prefill chunk; 0 = default (256) */
+} moe_ctx_params;
+
+MOE_API moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx **out);
+MOE_API void       moe_ctx_free(moe_ctx *ctx);                   /* NULL-safe */
+
+/* Feed n_tokens tokens (a prompt chunk or one sampled token) at the current position.
+   Afterwards moe_logits() gives the next-token logits. MOE_ERR_CONTEXT_FULL if they do not fit;
+   on any error the context is left exactly as before the call. */
+MOE_API moe_status   moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens);
+/* n_vocab floats; i = -1: last token of the last step; i >= 0 (index within the last step) needs
+   logits_all. NULL when there are no such logits. Valid until the next call on ctx. */
+MOE_API const float *moe_logits(const moe_ctx *ctx, int32_t i);
+MOE_API int32_t      moe_ctx_pos(const moe_ctx *ctx);            /* tokens currently in the context */
+MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the first pos tokens, forget the rest */
+
+/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL. */
+MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
+MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
+
+/* ---- sampling ------------------------------------------------------------------------------ */
+typedef struct moe_sampler_params {         /* all-zero means greedy */
+    float    temperature;                   /* <= 0: greedy */
+    int32_t  top_k;                         /* 0 = off */
+    float    top_p;                         /* 0 or 1 = off */
+    float    min_p;                         /* 0 = off */
+    float    repeat_penalty;                /* 0 or 1 = off */
+    int32_t  repeat_last_n;                 /* history window for penalties; 0 = 64 */
+    float    presence_penalty, frequency_penalty;
+    uint64_t seed;                          /* same seed + same logits = same tokens */
+} moe_sampler_params;
+
+MOE_API moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out);
+MOE_API void       moe_sampler_free(moe_sampler *s);              /* NULL-safe */
+MOE_API moe_token  moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab);  /* picks and records */
+MOE_API void       moe_sampler_accept(moe_sampler *s, moe_token token);  /* record a token chosen by the caller */
+MOE_API void       moe_sampler_reset(moe_sampler *s);
+
+/* ---- introspection ------------------------------------------------------------------------- */
+typedef struct moe_stats {
+    uint64_t gpu_bytes_weights, gpu_bytes_kv, gpu_bytes_scratch, host_bytes;
+    uint64_t expert_hits, expert_misses, expert_bytes_streamed;
+    uint64_t n_prompt_tokens, n_gen_tokens;
+    double   t_prompt_s, t_gen_s, t_load_s;
+} moe_stats;
+MOE_API moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+/* ============================================================================================ */
+/* PRIVATE: the interface shared by moe.c and moe_vk.c. Not part of the API; do not use.         */
+/* ============================================================================================ */
+#ifdef MOE_INTERNAL
+/* declared in moe_internal section of moe.c and implemented by moe_vk.c */
+typedef struct moe_vk_backend moe_vk_backend;
+struct moe_model;
+struct moe_ctx;
+/* Returns MOE_OK and a backend, or an error status with moe_last_error() set (no loader,
+   no device, missing features). */
+moe_status moe_vk_init(struct moe_model *model, int32_t device_index, moe_vk_backend **out);
+void       moe_vk_free(moe_vk_backend *vk);
+void       moe_internal_set_error(moe_status status, const char *fmt, ...);
+#endif
+
+#endif /* MOE_H */
