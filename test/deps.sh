@@ -1,0 +1,14 @@
+#!/bin/sh
+# Installs what the tests need on a fresh Debian 12 machine (run as root), or says what is missing.
+need=""
+[ -f /usr/include/cmocka.h ] || need="$need libcmocka-dev"
+command -v clang >/dev/null 2>&1 || need="$need clang"
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing:$need"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $need >/dev/null || {
+    echo "deps: apt-get install$need failed"; exit 1; }
+else
+  echo "deps: missing$need — install them (Debian: apt-get install$need)"; exit 1
+fi
