@@ -656,6 +656,112 @@ fail:
     return st;
 }
 
+/* ---- gguf writer ---------------------------------------------------------------------------
+   Used by the converter, the model synthesizer and the tests. Metadata and the tensor table are
+   built in memory; tensor data is referenced (not copied) and streamed out by gguf_write_file. */
+typedef struct gguf_buf { uint8_t *p; size_t n, cap; int oom; } gguf_buf;
+
+static void gb_put(gguf_buf *b, const void *src, size_t n) {
+    if (b->oom) return;
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 4096;
+        while (cap < b->n + n) cap *= 2;
+        uint8_t *p = moe_malloc(cap);
+        if (!p) { b->oom = 1; return; }
+        if (b->n) memcpy(p, b->p, b->n);
+        moe_free(b->p);
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, src, n);
+    b->n += n;
+}
+static void gb_u32(gguf_buf *b, uint32_t v) { gb_put(b, &v, 4); }
+static void gb_u64(gguf_buf *b, uint64_t v) { gb_put(b, &v, 8); }
+static void gb_str(gguf_buf *b, const char *s) { gb_u64(b, strlen(s)); gb_put(b, s, strlen(s)); }
+
+typedef struct gguf_writer {
+    gguf_buf kv, info;
+    uint64_t n_kv, n_tensors, data_size;
+    uint32_t alignment;
+    const void **data;         /* [n_tensors] */
+    uint64_t *sizes;
+    uint64_t cap;
+} gguf_writer;
+
+MOE_MAYBE_UNUSED static void gw_kv_u32(gguf_writer *w, const char *key, uint32_t v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_U32); gb_u32(&w->kv, v); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_i32(gguf_writer *w, const char *key, int32_t v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_I32); gb_put(&w->kv, &v, 4); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_f32(gguf_writer *w, const char *key, float v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_F32); gb_put(&w->kv, &v, 4); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_bool(gguf_writer *w, const char *key, int v) { uint8_t b = v != 0; gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_BOOL); gb_put(&w->kv, &b, 1); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_str(gguf_writer *w, const char *key, const char *v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_STRING); gb_str(&w->kv, v); w->n_kv++; }
+/* an array of n scalars of GGUF type t (elements of gguf_scalar_size(t) bytes) */
+MOE_MAYBE_UNUSED static void gw_kv_array(gguf_writer *w, const char *key, int32_t t, const void *v, uint64_t n) {
+    gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_ARRAY); gb_u32(&w->kv, (uint32_t)t); gb_u64(&w->kv, n);
+    gb_put(&w->kv, v, (size_t)n * gguf_scalar_size(t));
+    w->n_kv++;
+}
+MOE_MAYBE_UNUSED static void gw_kv_strings(gguf_writer *w, const char *key, const char *const *v, uint64_t n) {
+    gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_ARRAY); gb_u32(&w->kv, GGUF_STRING); gb_u64(&w->kv, n);
+    for (uint64_t i = 0; i < n; i++) gb_str(&w->kv, v[i]);
+    w->n_kv++;
+}
+
+/* Adds a tensor; data must stay valid until gguf_write_file. ne is innermost first. */
+MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne, const void *data) {
+    int64_t rows = 1;
+    for (int d = 1; d < n_dims; d++) rows *= ne[d];
+    uint64_t size = type_row_bytes(type, ne[0]) * (uint64_t)rows;
+    if (!size) return set_error(MOE_ERR_INVALID_ARG, "gguf writer: tensor '%s' has a row length that does not fit its type", name);
+    if (w->n_tensors == w->cap) {
+        uint64_t cap = w->cap ? w->cap * 2 : 64;
+        const void **d = moe_malloc(cap * sizeof *d);
+        uint64_t *s = moe_malloc(cap * sizeof *s);
+        if (!d || !s) { moe_free(d); moe_free(s); return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory"); }
+        if (w->n_tensors) { memcpy(d, w->data, w->n_tensors * sizeof *d); memcpy(s, w->sizes, w->n_tensors * sizeof *s); }
+        moe_free(w->data); moe_free(w->sizes);
+        w->data = d; w->sizes = s; w->cap = cap;
+    }
+    uint32_t al = w->alignment ? w->alignment : 32;
+    gb_str(&w->info, name);
+    gb_u32(&w->info, (uint32_t)n_dims);
+    for (int d = 0; d < n_dims; d++) gb_u64(&w->info, (uint64_t)ne[d]);
+    gb_u32(&w->info, (uint32_t)type);
+    gb_u64(&w->info, w->data_size);
+    w->data[w->n_tensors] = data;
+    w->sizes[w->n_tensors] = size;
+    w->n_tensors++;
+    w->data_size += (size + al - 1) / al * al;
+    return MOE_OK;
+}
+
+MOE_MAYBE_UNUSED static void gw_free(gguf_writer *w) {
+    moe_free(w->kv.p); moe_free(w->info.p); moe_free(w->data); moe_free(w->sizes);
+    memset(w, 0, sizeof *w);
+}
+
+MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *path) {
+    if (w->kv.oom || w->info.oom) return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory");
+    uint32_t al = w->alignment ? w->alignment : 32;
+    FILE *f = fopen(path, "wb");
+    if (!f) return set_error(MOE_ERR_IO, "gguf writer: cannot create '%s': %s", path, strerror(errno));
+    static const uint8_t zeros[64] = {0};
+    uint32_t version = 3;
+    uint64_t pos = 0;
+    int ok = fwrite("GGUF", 1, 4, f) == 4 && fwrite(&version, 4, 1, f) == 1 && fwrite(&w->n_tensors, 8, 1, f) == 1 &&
+             fwrite(&w->n_kv, 8, 1, f) == 1 && fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n &&
+             fwrite(w->info.p, 1, w->info.n, f) == w->info.n;
+    pos = 24 + w->kv.n + w->info.n;
+    for (uint64_t pad = (al - pos % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
+        ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    for (uint64_t i = 0; ok && i < w->n_tensors; i++) {
+        ok = fwrite(w->data[i], 1, w->sizes[i], f) == w->sizes[i];
+        for (uint64_t pad = (al - w->sizes[i] % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
+            ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    }
+    if (fclose(f) != 0) ok = 0;
+    return ok ? MOE_OK : set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+}
+
 /* ============================================================================================ */
 /* 3. quant codecs                                                                               */
 /* ============================================================================================ */
