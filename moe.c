@@ -662,7 +662,7 @@ fail:
 typedef struct gguf_buf { uint8_t *p; size_t n, cap; int oom; } gguf_buf;
 
 static void gb_put(gguf_buf *b, const void *src, size_t n) {
-    if (b->oom) return;
+    if (b->oom || n == 0) return;
     if (b->n + n > b->cap) {
         size_t cap = b->cap ? b->cap * 2 : 4096;
         while (cap < b->n + n) cap *= 2;
@@ -748,8 +748,8 @@ MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *pat
     uint32_t version = 3;
     uint64_t pos = 0;
     int ok = fwrite("GGUF", 1, 4, f) == 4 && fwrite(&version, 4, 1, f) == 1 && fwrite(&w->n_tensors, 8, 1, f) == 1 &&
-             fwrite(&w->n_kv, 8, 1, f) == 1 && fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n &&
-             fwrite(w->info.p, 1, w->info.n, f) == w->info.n;
+             fwrite(&w->n_kv, 8, 1, f) == 1 && (!w->kv.n || fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n) &&
+             (!w->info.n || fwrite(w->info.p, 1, w->info.n, f) == w->info.n);
     pos = 24 + w->kv.n + w->info.n;
     for (uint64_t pad = (al - pos % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
         ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
