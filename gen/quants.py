@@ -21,9 +21,10 @@ Types (ggml type id, elements per block, bytes per block):
 Dequantization reproduces ggml's reference dequantize_row_* exactly: every product and
 difference is a float32 operation in the same order as the C code, e.g. for Q4_K
     d1 = f32(d) * f32(sc);  m1 = f32(dmin) * f32(m);  y = d1 * f32(q) - m1
-(two roundings: the C code must not fuse that into an FMA, i.e. build without
--ffp-contract=fast on machines with FMA). Each value is therefore reproducible bit for bit
-by a C implementation that follows the same order.
+(d·sc and dmin·m are exact, and so is d1·q: at most 22 significant bits, so an FMA gives the
+same bits here). For Q6_K the order matters: (d·sc)·q can round, d·(sc·q) may differ.
+Each value is therefore reproducible bit for bit by a C implementation that follows the
+same order.
 
 Quantization is reference quality, not byte-identical to llama.cpp: Q8_0/Q4_0 use the
 classic absmax scale; the K-quants search a grid of candidate scales per sub-block with a
