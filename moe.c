@@ -315,7 +315,6 @@ typedef struct gguf_kv {
     const uint8_t *val;      /* the value bytes (for arrays: the first element) */
 } gguf_kv;
 
-#define MOE_MAX_DIMS 4
 typedef struct gguf_tensor {
     gguf_str name;
     int32_t type;            /* MOE_TYPE_* (ggml numbering) */
@@ -657,15 +656,115 @@ fail:
     return st;
 }
 
+/* ---- gguf writer ---------------------------------------------------------------------------
+   Used by the converter, the model synthesizer and the tests. Metadata and the tensor table are
+   built in memory; tensor data is referenced (not copied) and streamed out by gguf_write_file. */
+typedef struct gguf_buf { uint8_t *p; size_t n, cap; int oom; } gguf_buf;
+
+static void gb_put(gguf_buf *b, const void *src, size_t n) {
+    if (b->oom || n == 0) return;
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 4096;
+        while (cap < b->n + n) cap *= 2;
+        uint8_t *p = moe_malloc(cap);
+        if (!p) { b->oom = 1; return; }
+        if (b->n) memcpy(p, b->p, b->n);
+        moe_free(b->p);
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, src, n);
+    b->n += n;
+}
+static void gb_u32(gguf_buf *b, uint32_t v) { gb_put(b, &v, 4); }
+static void gb_u64(gguf_buf *b, uint64_t v) { gb_put(b, &v, 8); }
+static void gb_str(gguf_buf *b, const char *s) { gb_u64(b, strlen(s)); gb_put(b, s, strlen(s)); }
+
+typedef struct gguf_writer {
+    gguf_buf kv, info;
+    uint64_t n_kv, n_tensors, data_size;
+    uint32_t alignment;
+    const void **data;         /* [n_tensors] */
+    uint64_t *sizes;
+    uint64_t cap;
+} gguf_writer;
+
+MOE_MAYBE_UNUSED static void gw_kv_u32(gguf_writer *w, const char *key, uint32_t v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_U32); gb_u32(&w->kv, v); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_i32(gguf_writer *w, const char *key, int32_t v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_I32); gb_put(&w->kv, &v, 4); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_f32(gguf_writer *w, const char *key, float v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_F32); gb_put(&w->kv, &v, 4); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_bool(gguf_writer *w, const char *key, int v) { uint8_t b = v != 0; gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_BOOL); gb_put(&w->kv, &b, 1); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_str(gguf_writer *w, const char *key, const char *v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_STRING); gb_str(&w->kv, v); w->n_kv++; }
+/* an array of n scalars of GGUF type t (elements of gguf_scalar_size(t) bytes) */
+MOE_MAYBE_UNUSED static void gw_kv_array(gguf_writer *w, const char *key, int32_t t, const void *v, uint64_t n) {
+    gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_ARRAY); gb_u32(&w->kv, (uint32_t)t); gb_u64(&w->kv, n);
+    gb_put(&w->kv, v, (size_t)n * gguf_scalar_size(t));
+    w->n_kv++;
+}
+MOE_MAYBE_UNUSED static void gw_kv_strings(gguf_writer *w, const char *key, const char *const *v, uint64_t n) {
+    gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_ARRAY); gb_u32(&w->kv, GGUF_STRING); gb_u64(&w->kv, n);
+    for (uint64_t i = 0; i < n; i++) gb_str(&w->kv, v[i]);
+    w->n_kv++;
+}
+
+/* Adds a tensor; data must stay valid until gguf_write_file. ne is innermost first. */
+MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne, const void *data) {
+    int64_t rows = 1;
+    for (int d = 1; d < n_dims; d++) rows *= ne[d];
+    uint64_t size = type_row_bytes(type, ne[0]) * (uint64_t)rows;
+    if (!size) return set_error(MOE_ERR_INVALID_ARG, "gguf writer: tensor '%s' has a row length that does not fit its type", name);
+    if (w->n_tensors == w->cap) {
+        uint64_t cap = w->cap ? w->cap * 2 : 64;
+        const void **d = moe_malloc(cap * sizeof *d);
+        uint64_t *s = moe_malloc(cap * sizeof *s);
+        if (!d || !s) { moe_free(d); moe_free(s); return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory"); }
+        if (w->n_tensors) { memcpy(d, w->data, w->n_tensors * sizeof *d); memcpy(s, w->sizes, w->n_tensors * sizeof *s); }
+        moe_free(w->data); moe_free(w->sizes);
+        w->data = d; w->sizes = s; w->cap = cap;
+    }
+    uint32_t al = w->alignment ? w->alignment : 32;
+    gb_str(&w->info, name);
+    gb_u32(&w->info, (uint32_t)n_dims);
+    for (int d = 0; d < n_dims; d++) gb_u64(&w->info, (uint64_t)ne[d]);
+    gb_u32(&w->info, (uint32_t)type);
+    gb_u64(&w->info, w->data_size);
+    w->data[w->n_tensors] = data;
+    w->sizes[w->n_tensors] = size;
+    w->n_tensors++;
+    w->data_size += (size + al - 1) / al * al;
+    return MOE_OK;
+}
+
+MOE_MAYBE_UNUSED static void gw_free(gguf_writer *w) {
+    moe_free(w->kv.p); moe_free(w->info.p); moe_free(w->data); moe_free(w->sizes);
+    memset(w, 0, sizeof *w);
+}
+
+MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *path) {
+    if (w->kv.oom || w->info.oom) return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory");
+    uint32_t al = w->alignment ? w->alignment : 32;
+    FILE *f = fopen(path, "wb");
+    if (!f) return set_error(MOE_ERR_IO, "gguf writer: cannot create '%s': %s", path, strerror(errno));
+    static const uint8_t zeros[64] = {0};
+    uint32_t version = 3;
+    uint64_t pos = 0;
+    int ok = fwrite("GGUF", 1, 4, f) == 4 && fwrite(&version, 4, 1, f) == 1 && fwrite(&w->n_tensors, 8, 1, f) == 1 &&
+             fwrite(&w->n_kv, 8, 1, f) == 1 && (!w->kv.n || fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n) &&
+             (!w->info.n || fwrite(w->info.p, 1, w->info.n, f) == w->info.n);
+    pos = 24 + w->kv.n + w->info.n;
+    for (uint64_t pad = (al - pos % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
+        ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    for (uint64_t i = 0; ok && i < w->n_tensors; i++) {
+        ok = fwrite(w->data[i], 1, w->sizes[i], f) == w->sizes[i];
+        for (uint64_t pad = (al - w->sizes[i] % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
+            ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    }
+    if (fclose(f) != 0) ok = 0;
+    return ok ? MOE_OK : set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+}
+
 /* ============================================================================================ */
 /* 3. quant codecs                                                                               */
 /* ============================================================================================ */
-/* Type ids follow ggml's numbering so that GGUF tensor types map directly. */
-enum {
-    MOE_TYPE_F32 = 0, MOE_TYPE_F16 = 1, MOE_TYPE_Q4_0 = 2, MOE_TYPE_Q8_0 = 8, MOE_TYPE_Q4_K = 12,
-    MOE_TYPE_Q5_K = 13, MOE_TYPE_Q6_K = 14, MOE_TYPE_BF16 = 30, MOE_TYPE_MXFP4 = 39
-};
-
 typedef struct moe_type_traits {
     const char *name;
     int32_t block_elems, block_bytes;
@@ -1369,38 +1468,11 @@ static void vocab_free(moe_vocab *v) { moe_free(v); }
 /* ============================================================================================ */
 enum { ARCH_QWEN3MOE = 1 };
 
-typedef struct moe_weight {
-    const char *name;          /* points into the file's tensor table */
-    int32_t type, n_dims;
-    int64_t ne[MOE_MAX_DIMS];  /* innermost first: ne[0] = input features */
-    uint64_t nbytes, row_bytes;
-    const uint8_t *data;       /* host bytes: the file mapping, or model-owned f32 for small vectors */
-    /* 3-D expert tensors: one contiguous slab per expert, addressed through this indirection
-       table (expert id → where its bytes are now). Streaming changes the table, never the math. */
-    uint64_t expert_bytes;
-    const uint8_t **expert_data;
-    void *dev;                 /* backend-private (Vulkan: buffer + offset) */
-} moe_weight;
-
-typedef struct moe_layer {
-    moe_weight attn_norm, wq, wk, wv, wo, q_norm, k_norm;
-    moe_weight ffn_norm, router, gate_exps, up_exps, down_exps;
-} moe_layer;
-
-typedef struct moe_hparams {
-    int32_t arch;
-    int32_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_rot, n_ctx_train;
-    int32_t n_expert, n_expert_used, n_ff_exp, norm_topk;
-    float rms_eps, rope_base;
-} moe_hparams;
-
 struct moe_model {
-    moe_hparams hp;
+    moe_weights w;             /* hyperparameters and weights: what a backend needs */
     char arch_name[32];
     moe_file file;
     gguf_file gguf;
-    moe_weight tok_embd, output_norm, output;
-    moe_layer *layers;
     float *owned;              /* f32 copies of 1-D weights (norms) */
     const uint8_t **expert_tables;
     moe_vocab *vocab;
@@ -1438,7 +1510,7 @@ static moe_status bind_weight(moe_model *m, moe_weight *w, const char *name, int
 
 static moe_status load_hparams(moe_model *m) {
     const gguf_file *g = &m->gguf;
-    moe_hparams *hp = &m->hp;
+    moe_hparams *hp = &m->w.hp;
     gguf_str arch = {0};
     moe_status st = gguf_get_str(g, "general.architecture", 1, &arch);
     if (st) return st;
@@ -1491,8 +1563,8 @@ static moe_status load_hparams(moe_model *m) {
 /* 1-D weights (norms) are small: keep them as f32 whatever the file stored, so kernels need
    only one norm-weight type. */
 static moe_weight *norm_weight(moe_model *m, int i) { /* i in [0, 1 + 4 n_layer) */
-    if (i == 0) return &m->output_norm;
-    moe_layer *L = &m->layers[(i - 1) / 4];
+    if (i == 0) return &m->w.output_norm;
+    moe_layer *L = &m->w.layers[(i - 1) / 4];
     switch ((i - 1) % 4) {
     case 0: return &L->attn_norm;
     case 1: return &L->ffn_norm;
@@ -1502,7 +1574,7 @@ static moe_weight *norm_weight(moe_model *m, int i) { /* i in [0, 1 + 4 n_layer)
 }
 
 static moe_status weights_to_f32(moe_model *m) {
-    int n = 1 + 4 * m->hp.n_layer;
+    int n = 1 + 4 * m->w.hp.n_layer;
     size_t total = 0;
     for (int i = 0; i < n; i++) total += (size_t)norm_weight(m, i)->ne[0];
     m->owned = moe_malloc(total * sizeof(float));
@@ -1522,22 +1594,22 @@ static moe_status weights_to_f32(moe_model *m) {
 }
 
 static moe_status bind_qwen3moe(moe_model *m) {
-    moe_hparams *hp = &m->hp;
+    moe_hparams *hp = &m->w.hp;
     moe_status st;
     int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim, KV = (int64_t)hp->n_head_kv * hp->head_dim;
     const gguf_tensor *emb = gguf_find_tensor(&m->gguf, "token_embd.weight");
     if (!emb) return set_error(MOE_ERR_FORMAT, "model: required tensor 'token_embd.weight' is missing");
     hp->n_vocab = (int32_t)(emb->ne[1] > INT32_MAX ? 0 : emb->ne[1]);
-    if ((st = bind_weight(m, &m->tok_embd, "token_embd.weight", 1, 2, E, emb->ne[1], 1))) return st;
-    if ((st = bind_weight(m, &m->output_norm, "output_norm.weight", 1, 1, E, 1, 1))) return st;
-    if ((st = bind_weight(m, &m->output, "output.weight", 0, 2, E, hp->n_vocab, 1))) return st;
-    if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
-    m->layers = moe_calloc((size_t)hp->n_layer, sizeof *m->layers);
+    if ((st = bind_weight(m, &m->w.tok_embd, "token_embd.weight", 1, 2, E, emb->ne[1], 1))) return st;
+    if ((st = bind_weight(m, &m->w.output_norm, "output_norm.weight", 1, 1, E, 1, 1))) return st;
+    if ((st = bind_weight(m, &m->w.output, "output.weight", 0, 2, E, hp->n_vocab, 1))) return st;
+    if (!m->w.output.data) m->w.output = m->w.tok_embd; /* tied embeddings */
+    m->w.layers = moe_calloc((size_t)hp->n_layer, sizeof *m->w.layers);
     m->expert_tables = moe_calloc((size_t)hp->n_layer * 3 * (size_t)hp->n_expert, sizeof *m->expert_tables);
-    if (!m->layers || !m->expert_tables) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the layer table");
+    if (!m->w.layers || !m->expert_tables) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the layer table");
     char name[96];
     for (int l = 0; l < hp->n_layer; l++) {
-        moe_layer *L = &m->layers[l];
+        moe_layer *L = &m->w.layers[l];
 #define BIND(field, suffix, nd, a, b, c)                                                   \
         snprintf(name, sizeof name, "blk.%d.%s.weight", l, suffix);                        \
         if ((st = bind_weight(m, &L->field, name, 1, nd, a, b, c))) return st;
@@ -1567,81 +1639,44 @@ static moe_status bind_qwen3moe(moe_model *m) {
 /* ============================================================================================ */
 /* 6. forward passes                                                                             */
 /* ============================================================================================ */
-/* The forward pass is written once against this op interface. The CPU backend runs each op at
-   once; the Vulkan backend records it into the step's command buffer. Activations are
-   per-context buffers with fixed roles, each [n rows][width] floats (row = token). */
-enum {
-    ACT_X,       /* [n][n_embd]          residual stream */
-    ACT_XN,      /* [n][n_embd]          normed input of a block */
-    ACT_Q,       /* [n][n_head·hd] */
-    ACT_K,       /* [n][n_kv·hd] */
-    ACT_V,       /* [n][n_kv·hd] */
-    ACT_ATTN,    /* [n][n_head·hd]       attention output before Wo */
-    ACT_OUT,     /* [n][n_embd]          block output before the residual add */
-    ACT_ROUTER,  /* [n][n_expert]        router logits */
-    ACT_LOGITS,  /* [n_out][n_vocab] */
-    ACT_COUNT
-};
-
-typedef struct moe_ops {
-    /* dst[i] = embedding row of tokens[i] */
-    void (*embed)(moe_ctx *c, int dst, const moe_weight *w, const moe_token *tokens, int n);
-    /* over n_rows rows of width: dst = src / rms(src) * w (w may be NULL: no scale) */
-    void (*rmsnorm)(moe_ctx *c, int dst, int src, const moe_weight *w, int n_rows, int width, float eps);
-    /* dst[i] = W · src[src_row0 + i] for i < n (W: ne[1] outputs × ne[0] inputs) */
-    void (*matmul)(moe_ctx *c, int dst, const moe_weight *w, int src, int src_row0, int n);
-    /* NeoX rotate-half RoPE in place on n rows of n_head heads, token i at position pos0 + i */
-    void (*rope)(moe_ctx *c, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0);
-    /* stores ACT_K / ACT_V rows as cache positions pos0.., then causal GQA attention of ACT_Q
-       over positions [0, pos0 + i] into ACT_ATTN */
-    void (*attention)(moe_ctx *c, int layer, int n, int pos0, float scale);
-    /* dst += src over n rows of width */
-    void (*add)(moe_ctx *c, int dst, int src, int n, int width);
-    /* softmax router → top-k experts (renormalised when norm) for n rows of ACT_ROUTER, then
-       dst[i] = Σ_e w_e · down_e( silu(gate_e src[i]) ⊙ up_e src[i] ) through the expert tables */
-    void (*moe_ffn)(moe_ctx *c, int dst, int src, const moe_layer *L, int n);
-    /* copy n rows of ACT_LOGITS to host memory */
-    void (*read_logits)(moe_ctx *c, float *dst, int n);
-} moe_ops;
-
 /* Qwen3-MoE attention block (ARCHITECTURES.md §1.2): x += Wo · attn(rope(qnorm(Wq a)), ...). */
-static void attention_block(moe_ctx *c, const moe_ops *o, const moe_model *m, int l, int n, int pos0) {
-    const moe_hparams *hp = &m->hp;
-    const moe_layer *L = &m->layers[l];
-    o->rmsnorm(c, ACT_XN, ACT_X, &L->attn_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(c, ACT_Q, &L->wq, ACT_XN, 0, n);              /* [n][n_head·hd] */
-    o->matmul(c, ACT_K, &L->wk, ACT_XN, 0, n);              /* [n][n_kv·hd]   */
-    o->matmul(c, ACT_V, &L->wv, ACT_XN, 0, n);
-    o->rmsnorm(c, ACT_Q, ACT_Q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
-    o->rmsnorm(c, ACT_K, ACT_K, &L->k_norm, n * hp->n_head_kv, hp->head_dim, hp->rms_eps);
-    o->rope(c, ACT_Q, n, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
-    o->rope(c, ACT_K, n, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
-    o->attention(c, l, n, pos0, 1.0f / sqrtf((float)hp->head_dim));
-    o->matmul(c, ACT_OUT, &L->wo, ACT_ATTN, 0, n);
-    o->add(c, ACT_X, ACT_OUT, n, hp->n_embd);
+static void attention_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n, int pos0) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    o->rmsnorm(be, ACT_XN, ACT_X, &L->attn_norm, n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_Q, &L->wq, ACT_XN, 0, n);              /* [n][n_head·hd] */
+    o->matmul(be, ACT_K, &L->wk, ACT_XN, 0, n);              /* [n][n_kv·hd]   */
+    o->matmul(be, ACT_V, &L->wv, ACT_XN, 0, n);
+    o->rmsnorm(be, ACT_Q, ACT_Q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
+    o->rmsnorm(be, ACT_K, ACT_K, &L->k_norm, n * hp->n_head_kv, hp->head_dim, hp->rms_eps);
+    o->rope(be, ACT_Q, n, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
+    o->rope(be, ACT_K, n, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
+    o->attention(be, l, n, pos0, 1.0f / sqrtf((float)hp->head_dim));
+    o->matmul(be, ACT_OUT, &L->wo, ACT_ATTN, 0, n);
+    o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
 }
 
 /* Mixture-of-experts FFN block: x += Σ_topk w_e · SwiGLU_e(norm(x)). */
-static void moe_ffn_block(moe_ctx *c, const moe_ops *o, const moe_model *m, int l, int n) {
-    const moe_hparams *hp = &m->hp;
-    const moe_layer *L = &m->layers[l];
-    o->rmsnorm(c, ACT_XN, ACT_X, &L->ffn_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(c, ACT_ROUTER, &L->router, ACT_XN, 0, n);     /* [n][n_expert] */
-    o->moe_ffn(c, ACT_OUT, ACT_XN, L, n);
-    o->add(c, ACT_X, ACT_OUT, n, hp->n_embd);
+static void moe_ffn_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    o->rmsnorm(be, ACT_XN, ACT_X, &L->ffn_norm, n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_ROUTER, &L->router, ACT_XN, 0, n);     /* [n][n_expert] */
+    o->moe_ffn(be, ACT_OUT, ACT_XN, L, n);
+    o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
 }
 
 /* One chunk of n tokens at positions pos0..; logits for the last n_out rows go to ACT_LOGITS. */
-static void forward_qwen3moe(moe_ctx *c, const moe_ops *o, const moe_model *m, const moe_token *tokens,
+static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens,
                              int n, int pos0, int n_out) {
-    const moe_hparams *hp = &m->hp;
-    o->embed(c, ACT_X, &m->tok_embd, tokens, n);            /* [n][n_embd] */
+    const moe_hparams *hp = &w->hp;
+    o->embed(be, ACT_X, &w->tok_embd, tokens, n);           /* [n][n_embd] */
     for (int l = 0; l < hp->n_layer; l++) {
-        attention_block(c, o, m, l, n, pos0);
-        moe_ffn_block(c, o, m, l, n);
+        attention_block(be, o, w, l, n, pos0);
+        moe_ffn_block(be, o, w, l, n);
     }
-    o->rmsnorm(c, ACT_XN, ACT_X, &m->output_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(c, ACT_LOGITS, &m->output, ACT_XN, n - n_out, n_out);
+    o->rmsnorm(be, ACT_XN, ACT_X, &w->output_norm, n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_LOGITS, &w->output, ACT_XN, n - n_out, n_out);
 }
 
 /* ============================================================================================ */
@@ -1650,6 +1685,8 @@ static void forward_qwen3moe(moe_ctx *c, const moe_ops *o, const moe_model *m, c
 #define CPU_ROWS_PER_TASK 16
 
 typedef struct cpu_ctx {
+    const moe_weights *w;
+    moe_ctx_shape shape;
     thread_pool *pool;
     int n_threads;
     float *act[ACT_COUNT];
@@ -1677,13 +1714,14 @@ struct moe_ctx {
     float *logits;             /* [logits_cap rows][n_vocab] on the host */
     int32_t n_logits, logits_cap;
     moe_stats stats;
-    cpu_ctx *cpu;
+    void *be;                  /* the backend's per-context state (cpu_ctx or Vulkan's) */
+    cpu_ctx *cpu;              /* == be on the CPU backend, else NULL */
 };
 
-static float *act_row(moe_ctx *c, int buf, int row, int width) { return c->cpu->act[buf] + (size_t)row * (size_t)width; }
+static float *act_row(cpu_ctx *cc, int buf, int row, int width) { return cc->act[buf] + (size_t)row * (size_t)width; }
 
-static int act_width(const moe_model *m, int buf) {
-    const moe_hparams *hp = &m->hp;
+static int act_width(const moe_weights *w, int buf) {
+    const moe_hparams *hp = &w->hp;
     switch (buf) {
     case ACT_Q: case ACT_ATTN: return hp->n_head * hp->head_dim;
     case ACT_K: case ACT_V: return hp->n_head_kv * hp->head_dim;
@@ -1693,17 +1731,19 @@ static int act_width(const moe_model *m, int buf) {
     }
 }
 
-static void cpu_embed(moe_ctx *c, int dst, const moe_weight *w, const moe_token *tokens, int n) {
+static void cpu_embed(void *be, int dst, const moe_weight *w, const moe_token *tokens, int n) {
+    cpu_ctx *cc = be;
     const moe_type_traits *tt = type_traits(w->type);
     for (int i = 0; i < n; i++)
-        tt->dequant(w->data + (uint64_t)tokens[i] * w->row_bytes, act_row(c, dst, i, (int)w->ne[0]), w->ne[0]);
+        tt->dequant(w->data + (uint64_t)tokens[i] * w->row_bytes, act_row(cc, dst, i, (int)w->ne[0]), w->ne[0]);
 }
 
-static void cpu_rmsnorm(moe_ctx *c, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
+static void cpu_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
+    cpu_ctx *cc = be;
     const float *g = w ? (const float *)w->data : NULL;
     for (int r = 0; r < n_rows; r++) {
-        const float *x = act_row(c, src, r, width);
-        float *y = act_row(c, dst, r, width);
+        const float *x = act_row(cc, src, r, width);
+        float *y = act_row(cc, dst, r, width);
         float scale = 1.0f / sqrtf(dot_f32(x, x, width) / (float)width + eps);
         for (int i = 0; i < width; i++) y[i] = x[i] * scale * (g ? g[i] : 1.0f);
     }
@@ -1750,23 +1790,25 @@ static void mm_dense_task(void *arg, int64_t t, int thread) {
     mm_rows(j, j->w, r0, r1, j->src, j->idx, j->n, j->dst, thread);
 }
 
-static void cpu_matmul(moe_ctx *c, int dst, const moe_weight *w, int src, int src_row0, int n) {
+static void cpu_matmul(void *be, int dst, const moe_weight *w, int src, int src_row0, int n) {
+    cpu_ctx *cc = be;
     if (n <= 0) return;
     mm_job j = {0};
     j.tt = type_traits(w->type);
     j.K = w->ne[0];
     j.M = w->ne[1];
-    j.src = act_row(c, src, src_row0, (int)j.K);
+    j.src = act_row(cc, src, src_row0, (int)j.K);
     j.n = n;
-    j.dst = c->cpu->act[dst];
+    j.dst = cc->act[dst];
     j.dst_stride = j.M;
-    j.cc = c->cpu;
+    j.cc = cc;
     j.w = w->data;
     j.row_bytes = w->row_bytes;
-    pool_run(c->cpu->pool, mm_dense_task, &j, (j.M + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
+    pool_run(cc->pool, mm_dense_task, &j, (j.M + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
 }
 
-static void cpu_rope(moe_ctx *c, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0) {
+static void cpu_rope(void *be, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0) {
+    cpu_ctx *cc = be;
     int half = n_rot / 2;
     for (int i = 0; i < n; i++) {
         float pos = (float)(pos0 + i);
@@ -1775,7 +1817,7 @@ static void cpu_rope(moe_ctx *c, int buf, int n, int n_head, int head_dim, int n
             float inv_freq = (float)(1.0 / pow((double)base, (double)(2 * p) / (double)n_rot));
             float ang = pos * inv_freq, cs = cosf(ang), sn = sinf(ang);
             for (int h = 0; h < n_head; h++) {
-                float *x = act_row(c, buf, i, n_head * head_dim) + (size_t)h * (size_t)head_dim;
+                float *x = act_row(cc, buf, i, n_head * head_dim) + (size_t)h * (size_t)head_dim;
                 float a = x[p], b = x[p + half];
                 x[p] = a * cs - b * sn;
                 x[p + half] = b * cs + a * sn;
@@ -1796,22 +1838,21 @@ static void kv_get(const cpu_ctx *cc, const void *cache, size_t at, float *dst, 
     else memcpy(dst, (const float *)cache + at, (size_t)n * 4);
 }
 
-typedef struct attn_job { moe_ctx *c; int layer, n, pos0; float scale; } attn_job;
+typedef struct attn_job { cpu_ctx *cc; int layer, n, pos0; float scale; } attn_job;
 
 static void attn_task(void *arg, int64_t t, int thread) {
     const attn_job *j = arg;
-    moe_ctx *c = j->c;
-    const moe_hparams *hp = &c->model->hp;
-    cpu_ctx *cc = c->cpu;
+    cpu_ctx *cc = j->cc;
+    const moe_hparams *hp = &cc->w->hp;
     int hd = hp->head_dim, kvw = hp->n_head_kv * hd;
     int i = (int)(t / hp->n_head), h = (int)(t % hp->n_head);
     int kvh = h / (hp->n_head / hp->n_head_kv);
     int n_keys = j->pos0 + i + 1;
-    size_t layer_off = (size_t)j->layer * (size_t)c->n_ctx * (size_t)kvw;
+    size_t layer_off = (size_t)j->layer * (size_t)cc->shape.n_ctx * (size_t)kvw;
     float *scores = cc->att_buf + (size_t)thread * cc->att_buf_len;
-    float *tmp = scores + c->n_ctx;
-    const float *q = act_row(c, ACT_Q, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
-    float *out = act_row(c, ACT_ATTN, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
+    float *tmp = scores + cc->shape.n_ctx;
+    const float *q = act_row(cc, ACT_Q, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
+    float *out = act_row(cc, ACT_ATTN, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
     float mx = -INFINITY;
     for (int p = 0; p < n_keys; p++) {
         kv_get(cc, cc->k_cache, layer_off + (size_t)p * (size_t)kvw + (size_t)kvh * (size_t)hd, tmp, hd);
@@ -1829,23 +1870,24 @@ static void attn_task(void *arg, int64_t t, int thread) {
     }
 }
 
-static void cpu_attention(moe_ctx *c, int layer, int n, int pos0, float scale) {
-    const moe_hparams *hp = &c->model->hp;
-    cpu_ctx *cc = c->cpu;
+static void cpu_attention(void *be, int layer, int n, int pos0, float scale) {
+    cpu_ctx *cc = be;
+    const moe_hparams *hp = &cc->w->hp;
     int kvw = hp->n_head_kv * hp->head_dim;
-    size_t layer_off = (size_t)layer * (size_t)c->n_ctx * (size_t)kvw;
+    size_t layer_off = (size_t)layer * (size_t)cc->shape.n_ctx * (size_t)kvw;
     for (int i = 0; i < n; i++) {
         size_t at = layer_off + (size_t)(pos0 + i) * (size_t)kvw;
-        kv_put(cc, cc->k_cache, at, act_row(c, ACT_K, i, kvw), kvw);
-        kv_put(cc, cc->v_cache, at, act_row(c, ACT_V, i, kvw), kvw);
+        kv_put(cc, cc->k_cache, at, act_row(cc, ACT_K, i, kvw), kvw);
+        kv_put(cc, cc->v_cache, at, act_row(cc, ACT_V, i, kvw), kvw);
     }
-    attn_job j = {c, layer, n, pos0, scale};
+    attn_job j = {cc, layer, n, pos0, scale};
     pool_run(cc->pool, attn_task, &j, (int64_t)n * hp->n_head);
 }
 
-static void cpu_add(moe_ctx *c, int dst, int src, int n, int width) {
-    float *d = c->cpu->act[dst];
-    const float *s = c->cpu->act[src];
+static void cpu_add(void *be, int dst, int src, int n, int width) {
+    cpu_ctx *cc = be;
+    float *d = cc->act[dst];
+    const float *s = cc->act[src];
     for (size_t i = 0; i < (size_t)n * (size_t)width; i++) d[i] += s[i];
 }
 
@@ -1903,13 +1945,13 @@ static int64_t expert_tasks(cpu_ctx *cc, const int32_t *exp_start, int n_expert,
     return nt;
 }
 
-static void cpu_moe_ffn(moe_ctx *c, int dst, int src, const moe_layer *L, int n) {
-    const moe_hparams *hp = &c->model->hp;
-    cpu_ctx *cc = c->cpu;
+static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
+    cpu_ctx *cc = be;
+    const moe_hparams *hp = &cc->w->hp;
     int k = hp->n_expert_used, E = hp->n_expert, ff = hp->n_ff_exp, D = hp->n_embd;
     /* route every token, then group the (token, slot) pairs by expert */
     for (int i = 0; i < n; i++)
-        router_topk(act_row(c, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
+        router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
     int32_t *start = cc->exp_start;
     memset(start, 0, (size_t)(E + 1) * sizeof *start);
     for (int p = 0; p < n * k; p++) start[cc->topk_id[p] + 1]++;
@@ -1927,7 +1969,7 @@ static void cpu_moe_ffn(moe_ctx *c, int dst, int src, const moe_layer *L, int n)
     j.cc = cc;
     j.exp_start = start;
     j.idx = cc->pair_tok;
-    j.src = act_row(c, src, 0, D);
+    j.src = act_row(cc, src, 0, D);
     j.tt = type_traits(L->gate_exps.type);
     j.K = D;
     j.M = ff;
@@ -1973,7 +2015,7 @@ static void cpu_moe_ffn(moe_ctx *c, int dst, int src, const moe_layer *L, int n)
     jd.dst_stride = D;
     pool_run(cc->pool, moe_down_task, &jd, expert_tasks(cc, start, E, D));
     for (int i = 0; i < n; i++) {
-        float *y = act_row(c, dst, i, D);
+        float *y = act_row(cc, dst, i, D);
         memset(y, 0, (size_t)D * sizeof *y);
         for (int s = 0; s < k; s++) {
             const float *o = cc->pair_out + (size_t)cc->pair_of[i * k + s] * (size_t)D;
@@ -1983,13 +2025,36 @@ static void cpu_moe_ffn(moe_ctx *c, int dst, int src, const moe_layer *L, int n)
     }
 }
 
-static void cpu_read_logits(moe_ctx *c, float *dst, int n) {
-    memcpy(dst, c->cpu->act[ACT_LOGITS], (size_t)n * (size_t)c->model->hp.n_vocab * sizeof(float));
+static void cpu_read_logits(void *be, float *dst, int n) {
+    cpu_ctx *cc = be;
+    memcpy(dst, cc->act[ACT_LOGITS], (size_t)n * (size_t)cc->w->hp.n_vocab * sizeof(float));
 }
 
-static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn, cpu_read_logits};
+static void cpu_begin_step(void *be) { (void)be; }
+static moe_status cpu_end_step(void *be) { (void)be; return MOE_OK; }
 
-static void cpu_ctx_free(cpu_ctx *cc) {
+static void cpu_kv_copy(cpu_ctx *cc, uint8_t *host, int n_rows, int to_host) {
+    const moe_hparams *hp = &cc->w->hp;
+    size_t rb = (size_t)hp->n_head_kv * (size_t)hp->head_dim * (cc->kv_f16 ? 2 : 4);
+    size_t layer_bytes = (size_t)cc->shape.n_ctx * rb, used = (size_t)n_rows * rb;
+    for (int l = 0; l < hp->n_layer; l++)
+        for (int kv = 0; kv < 2; kv++, host += used) {
+            uint8_t *cache = (uint8_t *)(kv ? cc->v_cache : cc->k_cache) + (size_t)l * layer_bytes;
+            if (to_host) memcpy(host, cache, used);
+            else memcpy(cache, host, used);
+        }
+}
+static void cpu_kv_save(void *be, void *dst, int n_rows) { cpu_kv_copy(be, dst, n_rows, 1); }
+static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
+    cpu_kv_copy(be, (uint8_t *)(uintptr_t)src, n_rows, 0);
+    return MOE_OK;
+}
+
+static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn,
+                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load};
+
+static void cpu_ctx_free(void *be) {
+    cpu_ctx *cc = be;
     if (!cc) return;
     pool_free(cc->pool);
     for (int i = 0; i < ACT_COUNT; i++) moe_free(cc->act[i]);
@@ -2011,23 +2076,25 @@ static void cpu_ctx_free(cpu_ctx *cc) {
 
 static size_t mul_or_zero(size_t a, size_t b) { return (b && a > SIZE_MAX / b) ? 0 : a * b; }
 
-static moe_status cpu_ctx_new(moe_ctx *c, cpu_ctx **out) {
-    const moe_model *m = c->model;
-    const moe_hparams *hp = &m->hp;
+static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, void **out) {
+    const moe_hparams *hp = &w->hp;
     cpu_ctx *cc = moe_calloc(1, sizeof *cc);
     if (!cc) return set_error(MOE_ERR_NO_MEMORY, "context: out of memory");
+    cc->w = w;
+    cc->shape = *shape;
+    const moe_ctx_shape *c = shape;
     size_t nb = (size_t)c->n_batch, k = (size_t)hp->n_expert_used;
     int ok = 1;
     for (int i = 0; i < ACT_COUNT; i++) {
         size_t rows = (i == ACT_LOGITS && !c->logits_all) ? 1 : nb;
-        ok = ok && (cc->act[i] = moe_malloc(mul_or_zero(rows, (size_t)act_width(m, i)) * sizeof(float)));
+        ok = ok && (cc->act[i] = moe_malloc(mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
     }
     size_t kvw = (size_t)hp->n_head_kv * (size_t)hp->head_dim;
     size_t kv_elems = mul_or_zero(mul_or_zero((size_t)hp->n_layer, (size_t)c->n_ctx), kvw);
     cc->kv_f16 = c->kv_type == MOE_KV_F16;
     size_t kv_bytes = mul_or_zero(kv_elems, cc->kv_f16 ? 2 : 4);
     ok = ok && kv_bytes && (cc->k_cache = moe_calloc(1, kv_bytes)) && (cc->v_cache = moe_calloc(1, kv_bytes));
-    cc->n_threads = m->n_threads;
+    cc->n_threads = shape->n_threads;
     size_t maxk = (size_t)hp->n_embd;
     if ((size_t)(hp->n_head * hp->head_dim) > maxk) maxk = (size_t)(hp->n_head * hp->head_dim);
     if ((size_t)hp->n_ff_exp > maxk) maxk = (size_t)hp->n_ff_exp;
@@ -2054,7 +2121,6 @@ static moe_status cpu_ctx_new(moe_ctx *c, cpu_ctx **out) {
         cpu_ctx_free(cc);
         return st;
     }
-    c->stats.host_bytes = kv_bytes * 2;
     *out = cc;
     return MOE_OK;
 }
@@ -2070,7 +2136,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     if (!model) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: model is NULL");
     moe_ctx_params p = {0};
     if (params) p = *params;
-    const moe_hparams *hp = &model->hp;
+    const moe_hparams *hp = &model->w.hp;
     if (p.n_ctx < 0 || p.n_batch < 0 || p.logits_all < 0 || p.logits_all > 1)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: negative n_ctx / n_batch or logits_all not 0/1");
     if (p.kv_type != MOE_KV_F16 && p.kv_type != MOE_KV_F32)
@@ -2094,7 +2160,15 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
     }
     c->logits_cap = 1;
-    moe_status st = cpu_ctx_new(c, &c->cpu);
+    moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads};
+    moe_status st;
+    if (model->vk) {
+        c->ops = &moe_vk_ops;
+        st = moe_vk_ctx_new(model->vk, &shape, &c->be);
+    } else {
+        st = cpu_ctx_new(&model->w, &shape, &c->be);
+        c->cpu = c->be;
+    }
     if (st) {
         moe_free(c->logits);
         moe_free(c);
@@ -2107,7 +2181,8 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
 
 void moe_ctx_free(moe_ctx *ctx) {
     if (!ctx) return;
-    cpu_ctx_free(ctx->cpu);
+    if (ctx->cpu) cpu_ctx_free(ctx->cpu);
+    else if (ctx->be) moe_vk_ctx_free(ctx->be);
     moe_free(ctx->logits);
     moe_free(ctx);
 }
@@ -2117,15 +2192,15 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     if (!tokens || n_tokens <= 0) return set_error(MOE_ERR_INVALID_ARG, "moe_step: no tokens (tokens NULL or n_tokens %d)", n_tokens);
     const moe_model *m = ctx->model;
     for (int32_t i = 0; i < n_tokens; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->hp.n_vocab)
+        if (tokens[i] < 0 || tokens[i] >= m->w.hp.n_vocab)
             return set_error(MOE_ERR_INVALID_ARG, "moe_step: token %d at index %d is outside the vocabulary [0, %d)",
-                             tokens[i], i, m->hp.n_vocab);
+                             tokens[i], i, m->w.hp.n_vocab);
     if (n_tokens > ctx->n_ctx - ctx->pos)
         return set_error(MOE_ERR_CONTEXT_FULL, "moe_step: %d tokens do not fit: context holds %d of %d", n_tokens,
                          ctx->pos, ctx->n_ctx);
     int32_t rows = ctx->logits_all ? n_tokens : 1;
     if (rows > ctx->logits_cap) { /* grow before anything changes, so a failure leaves ctx as it was */
-        float *nl = moe_malloc(mul_or_zero((size_t)rows, (size_t)m->hp.n_vocab) * sizeof(float));
+        float *nl = moe_malloc(mul_or_zero((size_t)rows, (size_t)m->w.hp.n_vocab) * sizeof(float));
         if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_step: out of memory for %d rows of logits", rows);
         moe_free(ctx->logits);
         ctx->logits = nl;
@@ -2136,8 +2211,11 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     while (done < n_tokens) {
         int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch;
         int32_t n_out = ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
-        forward_qwen3moe(ctx, ctx->ops, m, tokens + done, n, ctx->pos + done, n_out);
-        if (n_out) ctx->ops->read_logits(ctx, ctx->logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->hp.n_vocab, n_out);
+        ctx->ops->begin_step(ctx->be);
+        forward_qwen3moe(ctx->be, ctx->ops, &m->w, tokens + done, n, ctx->pos + done, n_out);
+        moe_status st = ctx->ops->end_step(ctx->be);
+        if (st) return st; /* pos unchanged: the KV rows written past it are never read */
+        if (n_out) ctx->ops->read_logits(ctx->be, ctx->logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->w.hp.n_vocab, n_out);
         done += n;
     }
     ctx->pos += n_tokens;
@@ -2155,9 +2233,9 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
 
 const float *moe_logits(const moe_ctx *ctx, int32_t i) {
     if (!ctx || ctx->n_logits == 0) return NULL;
-    if (i == -1) return ctx->logits + (size_t)(ctx->n_logits - 1) * (size_t)ctx->model->hp.n_vocab;
+    if (i == -1) return ctx->logits + (size_t)(ctx->n_logits - 1) * (size_t)ctx->model->w.hp.n_vocab;
     if (i < 0 || !ctx->logits_all || i >= ctx->n_logits) return NULL;
-    return ctx->logits + (size_t)i * (size_t)ctx->model->hp.n_vocab;
+    return ctx->logits + (size_t)i * (size_t)ctx->model->w.hp.n_vocab;
 }
 
 int32_t moe_ctx_pos(const moe_ctx *ctx) { return ctx ? ctx->pos : 0; }
@@ -2192,18 +2270,18 @@ static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
 }
 
 static uint64_t model_fingerprint(const moe_model *m) {
-    uint64_t h = fnv1a(0xcbf29ce484222325ull, &m->hp, sizeof m->hp);
+    uint64_t h = fnv1a(0xcbf29ce484222325ull, &m->w.hp, sizeof m->w.hp);
     return fnv1a(h, &m->file.size, sizeof m->file.size);
 }
 
 static size_t state_kv_row_bytes(const moe_ctx *c) {
-    const moe_hparams *hp = &c->model->hp;
+    const moe_hparams *hp = &c->model->w.hp;
     return (size_t)hp->n_head_kv * (size_t)hp->head_dim * (c->kv_type == MOE_KV_F16 ? 2 : 4);
 }
 
 static size_t state_size(const moe_ctx *c) {
-    return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->hp.n_vocab * sizeof(float) +
-           2 * (size_t)c->model->hp.n_layer * (size_t)c->pos * state_kv_row_bytes(c);
+    return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->w.hp.n_vocab * sizeof(float) +
+           2 * (size_t)c->model->w.hp.n_layer * (size_t)c->pos * state_kv_row_bytes(c);
 }
 
 moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out) {
@@ -2212,18 +2290,12 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
     if (size_out) *size_out = need;
     if (!buf) return MOE_OK;
     if (cap < need) return set_error(MOE_ERR_BUFFER_TOO_SMALL, "moe_ctx_save: needs %zu bytes, buffer has %zu", need, cap);
-    const moe_hparams *hp = &ctx->model->hp;
+    const moe_hparams *hp = &ctx->model->w.hp;
     uint8_t *p = (uint8_t *)buf + sizeof(state_header);
     size_t lb = (size_t)ctx->n_logits * (size_t)hp->n_vocab * sizeof(float);
     memcpy(p, ctx->logits, lb);
     p += lb;
-    size_t rb = state_kv_row_bytes(ctx), layer_bytes = (size_t)ctx->n_ctx * rb, used = (size_t)ctx->pos * rb;
-    for (int l = 0; l < hp->n_layer; l++) {
-        memcpy(p, (const uint8_t *)ctx->cpu->k_cache + (size_t)l * layer_bytes, used);
-        p += used;
-        memcpy(p, (const uint8_t *)ctx->cpu->v_cache + (size_t)l * layer_bytes, used);
-        p += used;
-    }
+    ctx->ops->kv_save(ctx->be, p, ctx->pos);
     state_header h = {MOE_STATE_MAGIC, 1, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
                       ctx->kv_type, ctx->pos, ctx->n_logits, model_fingerprint(ctx->model), need - sizeof h, 0};
     h.checksum = fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
@@ -2233,7 +2305,7 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
 
 moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
     if (!ctx || !buf) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_load: NULL argument");
-    const moe_hparams *hp = &ctx->model->hp;
+    const moe_hparams *hp = &ctx->model->w.hp;
     state_header h;
     if (size < sizeof h) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: %zu bytes is too small for a context state", size);
     memcpy(&h, buf, sizeof h);
@@ -2254,24 +2326,24 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: state is %zu bytes, expected %zu", size, need);
     if (fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h) != h.checksum)
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: checksum mismatch (corrupted state)");
+    const uint8_t *p = (const uint8_t *)buf + sizeof h;
+    size_t lb = (size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float);
+    float *nl = NULL; /* allocate first: after kv_load nothing may fail */
     if (h.n_logits > ctx->logits_cap) {
-        float *nl = moe_malloc((size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float));
+        nl = moe_malloc((size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float));
         if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_load: out of memory");
+    }
+    moe_status st = ctx->ops->kv_load(ctx->be, p + lb, h.pos);
+    if (st) {
+        moe_free(nl);
+        return st;
+    }
+    if (nl) {
         moe_free(ctx->logits);
         ctx->logits = nl;
         ctx->logits_cap = h.n_logits;
     }
-    const uint8_t *p = (const uint8_t *)buf + sizeof h;
-    size_t lb = (size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float);
     memcpy(ctx->logits, p, lb);
-    p += lb;
-    size_t rb = state_kv_row_bytes(ctx), layer_bytes = (size_t)ctx->n_ctx * rb, used = (size_t)h.pos * rb;
-    for (int l = 0; l < hp->n_layer; l++) {
-        memcpy((uint8_t *)ctx->cpu->k_cache + (size_t)l * layer_bytes, p, used);
-        p += used;
-        memcpy((uint8_t *)ctx->cpu->v_cache + (size_t)l * layer_bytes, p, used);
-        p += used;
-    }
     ctx->pos = h.pos;
     ctx->n_logits = h.n_logits;
     return MOE_OK;
@@ -2310,7 +2382,7 @@ void moe_model_free(moe_model *model) {
     if (!model) return;
     if (model->vk) moe_vk_free(model->vk);
     vocab_free(model->vocab);
-    moe_free(model->layers);
+    moe_free(model->w.layers);
     moe_free(model->expert_tables);
     moe_free(model->owned);
     gguf_free(&model->gguf);
@@ -2354,10 +2426,10 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
     {
         int64_t v = -1;
-        if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.bos_token_id", 0, 0, m->hp.n_vocab - 1, &v))) goto fail;
+        if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.bos_token_id", 0, 0, m->w.hp.n_vocab - 1, &v))) goto fail;
         m->bos = (moe_token)v;
         v = -1;
-        if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.eos_token_id", 0, 0, m->hp.n_vocab - 1, &v))) goto fail;
+        if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.eos_token_id", 0, 0, m->w.hp.n_vocab - 1, &v))) goto fail;
         m->eos = (moe_token)v;
     }
     for (int64_t i = 0; i < m->gguf.n_tensors; i++) {
@@ -2367,19 +2439,15 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = moe_vk_init(m, p.device_index, &m->vk);
+        st = moe_vk_init(&m->w, p.device_index, &m->vk);
         if (st) {
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "Vulkan not used (%s); running on the CPU", moe_last_error());
             m->vk = NULL;
-        } else {
-            /* the Vulkan op table is wired in by its issue; until then the CPU runs the model */
-            moe_vk_free(m->vk);
-            m->vk = NULL;
-        }
+        } else m->backend = MOE_BACKEND_VULKAN;
     }
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
-            m->hp.n_layer, m->hp.n_expert, m->hp.n_expert_used, m->hp.n_vocab, (double)m->n_params / 1e6);
+            m->w.hp.n_layer, m->w.hp.n_expert, m->w.hp.n_expert_used, m->w.hp.n_vocab, (double)m->n_params / 1e6);
     if (report_progress(&p, 1.0f)) goto cancelled;
     m->t_load_s = now_s() - t0;
     *out = m;
@@ -2395,12 +2463,12 @@ moe_status moe_model_get_info(const moe_model *model, moe_model_info *out) {
     if (!model || !out) return set_error(MOE_ERR_INVALID_ARG, "moe_model_get_info: NULL argument");
     memset(out, 0, sizeof *out);
     snprintf(out->arch, sizeof out->arch, "%s", model->arch_name);
-    out->n_vocab = model->hp.n_vocab;
-    out->n_layer = model->hp.n_layer;
-    out->n_embd = model->hp.n_embd;
-    out->n_ctx_train = model->hp.n_ctx_train;
-    out->n_expert = model->hp.n_expert;
-    out->n_expert_used = model->hp.n_expert_used;
+    out->n_vocab = model->w.hp.n_vocab;
+    out->n_layer = model->w.hp.n_layer;
+    out->n_embd = model->w.hp.n_embd;
+    out->n_ctx_train = model->w.hp.n_ctx_train;
+    out->n_expert = model->w.hp.n_expert;
+    out->n_expert_used = model->w.hp.n_expert_used;
     out->bos = model->bos;
     out->eos = model->eos;
     out->n_params = model->n_params;
