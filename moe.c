@@ -954,7 +954,7 @@ static float fit_scale_sym(int n, int nmax, const float *x, const float *w) {
    subtracted min, so a group with no negative values gets m = 0). Starts from the plain min/max
    mapping, then tries the scales (nmax + rmin + rdelta·k)/(max − min), k = 0..nstep: each one's
    rounding pattern gets a weighted least-squares (s, m), and the pair with the lowest weighted
-   squared error wins. Writes l into L; returns s and stores m. */
+   squared error wins. Writes l into L; returns s and stores m. n ≤ 32. */
 static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
                            float rmin, float rdelta, int nstep) {
     float lo = x[0], hi = x[0], sw = 0, swx = 0;
