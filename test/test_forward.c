@@ -16,8 +16,7 @@
        the same fixed 8-lane order whether one token or many are in flight);
    (e) rewind to p, then re-feeding the same tokens (as one chunk or one by one), gives
        bit-identical logits.
-   The measured errors are printed so they can be reported. Files whose block types the
-   library does not support yet (MOE_ERR_UNSUPPORTED at load) are skipped, loudly. */
+   The measured errors are printed so they can be reported. */
 #include "../moe.c"
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
@@ -164,13 +163,6 @@ static void run_fixture(void **state) {
     lp.n_threads = 2;
     moe_model *m = NULL;
     moe_status st = moe_load(gguf, &lp, &m);
-    /* A block type the library cannot decode yet: MOE_ERR_UNSUPPORTED, or (as the GGUF reader
-       words it today) MOE_ERR_FORMAT "unknown or unsupported type". */
-    if (st == MOE_ERR_UNSUPPORTED || (st == MOE_ERR_FORMAT && strstr(moe_last_error(), "unsupported type"))) {
-        printf("[ SKIP     ] qwen3moe_%s: %s — not supported by the library yet\n", name, moe_last_error());
-        free(r.buf);
-        skip();
-    }
     if (st != MOE_OK) print_error("moe_load(%s): %s (%s)\n", gguf, moe_status_str(st), moe_last_error());
     assert_int_equal(st, MOE_OK);
     moe_model_info info;
