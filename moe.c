@@ -1510,9 +1510,7 @@ MOE_AVX2_FLAT static float avx2_dot(const float *w, const float *x, int64_t n) {
     }
 AVX2_CHUNKED_DOT(dequant_bf16)
 AVX2_CHUNKED_DOT(dequant_q4_0)
-AVX2_CHUNKED_DOT(dequant_q4_k)
 AVX2_CHUNKED_DOT(dequant_q5_k)
-AVX2_CHUNKED_DOT(dequant_q6_k)
 AVX2_CHUNKED_DOT(dequant_mxfp4)
 
 MOE_AVX2_FLAT static float avx2_dot_q8_0(const uint8_t *row, const float *x, int64_t n) {
@@ -1537,15 +1535,69 @@ MOE_AVX2_FLAT static float avx2_dot_f16(const uint8_t *row, const float *x, int6
     return avx2_finish(acc, tail);
 }
 
+/* Q4_K fused: weight = (d·sc)·q − dmin·m, computed as dequant_k45 does (all products exact) */
+MOE_AVX2_FLAT static float avx2_dot_q4_k(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi32(0xf);
+    for (int64_t b = 0; b < n / QK_K; b++, row += 144) {
+        float d = _cvtsh_ss(rd16(row)), dmin = _cvtsh_ss(rd16(row + 2));
+        const uint8_t *qs = row + 16;
+        for (int g = 0; g < 4; g++, qs += 32, x += 64) {
+            uint8_t s0, m0, s1, m1;
+            get_scale_min_k(row + 4, 2 * g, &s0, &m0);
+            get_scale_min_k(row + 4, 2 * g + 1, &s1, &m1);
+            __m256 d0 = _mm256_set1_ps(d * (float)s0), mm0 = _mm256_set1_ps(dmin * (float)m0);
+            __m256 d1 = _mm256_set1_ps(d * (float)s1), mm1 = _mm256_set1_ps(dmin * (float)m1);
+            for (int l = 0; l < 32; l += 8) {
+                __m256i q = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + l))), low4);
+                __m256 w = _mm256_sub_ps(_mm256_mul_ps(d0, _mm256_cvtepi32_ps(q)), mm0);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + l), acc);
+            }
+            for (int l = 0; l < 32; l += 8) {
+                __m256i q = _mm256_srli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + l))), 4);
+                __m256 w = _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(q)), mm1);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 32 + l), acc);
+            }
+        }
+    }
+    return avx2_finish(acc, 0);
+}
+
+/* Q6_K fused: weight = (d·sc)·(q − 32), in dequant_q6_k's order and grouping */
+MOE_AVX2_FLAT static float avx2_dot_q6_k(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi32(0xf), m3 = _mm256_set1_epi32(3), k32 = _mm256_set1_epi32(32);
+    for (int64_t b = 0; b < n / QK_K; b++, row += 210) {
+        const uint8_t *ql = row, *qh = row + 128;
+        const int8_t *sc = (const int8_t *)(row + 192);
+        float d = _cvtsh_ss(rd16(row + 208));
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, x += 128)
+            for (int part = 0; part < 4; part++) {      /* y[32·part + l]: elements in order */
+                const uint8_t *qlp = ql + (part & 1) * 32;
+                int lo_shift = (part >> 1) * 4, hi_shift = part * 2;
+                for (int l = 0; l < 32; l += 8) {
+                    __m256 ds = _mm256_set1_ps(d * (float)sc[l / 16 + 2 * part]);
+                    __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qlp + l)));
+                    __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qh + l)));
+                    lo = _mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_set1_epi32(lo_shift)), m4);
+                    hi = _mm256_and_si256(_mm256_srlv_epi32(hi, _mm256_set1_epi32(hi_shift)), m3);
+                    __m256i q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), k32);
+                    acc = _mm256_fmadd_ps(_mm256_mul_ps(ds, _mm256_cvtepi32_ps(q)), _mm256_loadu_ps(x + 32 * part + l), acc);
+                }
+            }
+    }
+    return avx2_finish(acc, 0);
+}
+
 static float avx2_row_dot(const moe_type_traits *tt, const uint8_t *row, const float *x, int64_t n) {
     if (tt->dequant == dequant_f32) return avx2_dot((const float *)(const void *)row, x, n);
     if (tt->dequant == dequant_q8_0) return avx2_dot_q8_0(row, x, n);
     if (tt->dequant == dequant_f16) return avx2_dot_f16(row, x, n);
     if (tt->dequant == dequant_bf16) return avx2_dot_dequant_bf16(tt, row, x, n);
     if (tt->dequant == dequant_q4_0) return avx2_dot_dequant_q4_0(tt, row, x, n);
-    if (tt->dequant == dequant_q4_k) return avx2_dot_dequant_q4_k(tt, row, x, n);
+    if (tt->dequant == dequant_q4_k) return avx2_dot_q4_k(row, x, n);
     if (tt->dequant == dequant_q5_k) return avx2_dot_dequant_q5_k(tt, row, x, n);
-    if (tt->dequant == dequant_q6_k) return avx2_dot_dequant_q6_k(tt, row, x, n);
+    if (tt->dequant == dequant_q6_k) return avx2_dot_q6_k(row, x, n);
     if (tt->dequant == dequant_mxfp4) return avx2_dot_dequant_mxfp4(tt, row, x, n);
     return row_dot(tt, row, x, n);
 }
