@@ -1856,6 +1856,8 @@ static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, c
 
 typedef struct cpu_ctx {
     cpu_kernels k;
+    uint64_t bytes;            /* host memory this context holds */
+    uint64_t expert_hits;      /* expert evaluations (all resident on this backend) */
     const moe_weights *w;
     moe_ctx_shape shape;
     thread_pool *pool;
@@ -2120,6 +2122,7 @@ static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
     cpu_ctx *cc = be;
     const moe_hparams *hp = &cc->w->hp;
     int k = hp->n_expert_used, E = hp->n_expert, ff = hp->n_ff_exp, D = hp->n_embd;
+    cc->expert_hits += (uint64_t)n * (uint64_t)k;
     /* route every token, then group the (token, slot) pairs by expert */
     for (int i = 0; i < n; i++)
         router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
@@ -2221,8 +2224,14 @@ static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
     return MOE_OK;
 }
 
+static void cpu_stats(const void *be, moe_stats *out) {
+    const cpu_ctx *cc = be;
+    out->host_bytes += cc->bytes;
+    out->expert_hits += cc->expert_hits;
+}
+
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn,
-                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load};
+                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load, cpu_stats};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -2247,6 +2256,13 @@ static void cpu_ctx_free(void *be) {
 
 static size_t mul_or_zero(size_t a, size_t b) { return (b && a > SIZE_MAX / b) ? 0 : a * b; }
 
+/* allocation that counts what a context holds (for moe_ctx_get_stats) */
+static void *cc_alloc(cpu_ctx *cc, size_t n) {
+    void *p = moe_malloc(n);
+    if (p) cc->bytes += n;
+    return p;
+}
+
 static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, void **out) {
     const moe_hparams *hp = &w->hp;
     cpu_ctx *cc = moe_calloc(1, sizeof *cc);
@@ -2259,13 +2275,13 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     int ok = 1;
     for (int i = 0; i < ACT_COUNT; i++) {
         size_t rows = (i == ACT_LOGITS && !c->logits_all) ? 1 : nb;
-        ok = ok && (cc->act[i] = moe_malloc(mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
+        ok = ok && (cc->act[i] = cc_alloc(cc, mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
     }
     size_t kvw = (size_t)hp->n_head_kv * (size_t)hp->head_dim;
     size_t kv_elems = mul_or_zero(mul_or_zero((size_t)hp->n_layer, (size_t)c->n_ctx), kvw);
     cc->kv_f16 = c->kv_type == MOE_KV_F16;
     size_t kv_bytes = mul_or_zero(kv_elems, cc->kv_f16 ? 2 : 4);
-    ok = ok && kv_bytes && (cc->k_cache = moe_calloc(1, kv_bytes)) && (cc->v_cache = moe_calloc(1, kv_bytes));
+    ok = ok && kv_bytes && (cc->k_cache = cc_alloc(cc, kv_bytes)) && (cc->v_cache = cc_alloc(cc, kv_bytes));
     cc->n_threads = shape->n_threads;
     size_t maxk = (size_t)hp->n_embd;
     if ((size_t)(hp->n_head * hp->head_dim) > maxk) maxk = (size_t)(hp->n_head * hp->head_dim);
@@ -2274,15 +2290,15 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     cc->att_buf_len = (size_t)c->n_ctx + (size_t)hp->head_dim;
     size_t max_rows = (size_t)(hp->n_ff_exp > hp->n_embd ? hp->n_ff_exp : hp->n_embd);
     size_t n_tasks = (size_t)hp->n_expert * ((max_rows + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
-    ok = ok && (cc->row_buf = moe_malloc(mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
-    ok = ok && (cc->att_buf = moe_malloc(mul_or_zero((size_t)cc->n_threads, cc->att_buf_len) * sizeof(float)));
-    ok = ok && (cc->topk_id = moe_malloc(nb * k * sizeof(int32_t))) && (cc->topk_w = moe_malloc(nb * k * sizeof(float)));
-    ok = ok && (cc->pair_of = moe_malloc(nb * k * sizeof(int32_t))) && (cc->pair_tok = moe_malloc(nb * k * sizeof(int32_t)));
-    ok = ok && (cc->exp_start = moe_malloc(((size_t)hp->n_expert + 1) * sizeof(int32_t)));
-    ok = ok && (cc->tasks = moe_malloc(n_tasks * 2 * sizeof(int32_t)));
-    ok = ok && (cc->pair_h = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
-    ok = ok && (cc->pair_u = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
-    ok = ok && (cc->pair_out = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
+    ok = ok && (cc->row_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
+    ok = ok && (cc->att_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, cc->att_buf_len) * sizeof(float)));
+    ok = ok && (cc->topk_id = cc_alloc(cc, nb * k * sizeof(int32_t))) && (cc->topk_w = cc_alloc(cc, nb * k * sizeof(float)));
+    ok = ok && (cc->pair_of = cc_alloc(cc, nb * k * sizeof(int32_t))) && (cc->pair_tok = cc_alloc(cc, nb * k * sizeof(int32_t)));
+    ok = ok && (cc->exp_start = cc_alloc(cc, ((size_t)hp->n_expert + 1) * sizeof(int32_t)));
+    ok = ok && (cc->tasks = cc_alloc(cc, n_tasks * 2 * sizeof(int32_t)));
+    ok = ok && (cc->pair_h = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
+    ok = ok && (cc->pair_u = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
+    ok = ok && (cc->pair_out = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
     if (!ok) {
         cpu_ctx_free(cc);
         return set_error(MOE_ERR_NO_MEMORY, "context: out of memory for the KV cache and scratch buffers (n_ctx %d, n_batch %d)",
@@ -2424,6 +2440,8 @@ moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
 moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
     if (!ctx || !out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_get_stats: NULL argument");
     *out = ctx->stats;
+    out->host_bytes += (uint64_t)ctx->logits_cap * (uint64_t)ctx->model->w.hp.n_vocab * sizeof(float);
+    if (ctx->ops->stats) ctx->ops->stats(ctx->be, out);
     return MOE_OK;
 }
 

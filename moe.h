@@ -277,6 +277,8 @@ typedef struct moe_ops {
        element type (f16 or f32), laid out [layer][K rows, then V rows][n_kv·hd] */
     void (*kv_save)(void *be, void *dst, int n_rows);
     moe_status (*kv_load)(void *be, const void *src, int n_rows);
+    /* adds the backend's counters (memory, experts) to a context's stats; may be NULL */
+    void (*stats)(const void *be, moe_stats *out);
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
