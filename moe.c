@@ -1467,6 +1467,7 @@ typedef struct cpu_kernels {
 } cpu_kernels;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -1603,8 +1604,11 @@ static float avx2_row_dot(const moe_type_traits *tt, const uint8_t *row, const f
 }
 
 static int cpu_has_avx2(void) {
+    unsigned a, b, c, d;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1; /* F16C */
 }
 #endif
 
