@@ -1458,13 +1458,270 @@ static float row_dot(const moe_type_traits *tt, const uint8_t *row, const float 
 }
 
 /* ---- x86-64 AVX2 kernels, chosen at run time -------------------------------------------------
-   The same eight-lane order as above, one __m256 holding the lanes, with fused multiply-add.
-   A process uses one kernel set for everything, so prefill still equals decode bit for bit.
-   Fused per-type dots compute each weight exactly as its dequant function does. */
+   The CPU kernel set. A process uses one set for everything, so prefill equals decode bit for
+   bit. Two families:
+   - f32 activations (cpu_exact = 1, and every type without an int8 kernel): the eight-lane
+     order of dot_acc_add above, one __m256 holding the lanes, with fused multiply-add; fused
+     per-type dots compute each weight exactly as its dequant function does.
+   - int8 activations (the default): below, portable code first, then its AVX2 twin. */
+typedef void (*q8_dot_fn)(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out);
+
 typedef struct cpu_kernels {
     float (*dot)(const float *w, const float *x, int64_t n);
     float (*row_dot)(const moe_type_traits *tt, const uint8_t *row, const float *x, int64_t n);
+    /* out[t] = dot(w, x[t], n) for t < nt ≤ 4, each exactly as dot computes it */
+    void (*dot_n)(const float *w, const float *const *x, int nt, int64_t n, float *out);
+    /* int8 activations: quantize n floats (a whole row) into q8a / q8k blocks */
+    void (*quant_q8a)(const float *x, void *out, int64_t n);
+    void (*quant_q8k)(const float *x, void *out, int64_t n);
+    /* int8 dots of one weight row (nb blocks) with nt ≤ 4 quantized activation rows */
+    q8_dot_fn q8_0, q4_0, mxfp4, q4_k, q5_k, q6_k;
 } cpu_kernels;
+
+static void dot_f32_n(const float *w, const float *const *x, int nt, int64_t n, float *out) {
+    for (int t = 0; t < nt; t++) out[t] = dot_f32(w, x[t], n);
+}
+
+/* ---- int8 activations ---------------------------------------------------------------------------
+   llama.cpp's scheme: an op quantizes each activation row once, to int8 with an f32 scale per
+   block, and every weight block then meets it in integer arithmetic.
+
+     q8a block (for Q8_0, Q4_0, MXFP4): 32 elements      q8k block (Q4_K, Q5_K, Q6_K): 256 elements
+     +---------+------+                                   +----------+-------------+-------------+------+-----+
+     | q[32]   | d f32|                                   | q[256]   | bsum16[16]  | bsum32[8]   | d f32| pad |
+     +---------+------+                                   +----------+-------------+-------------+------+-----+
+       0..31     32..35                                     0..255     256..287      288..303      304    308..319
+     x ≈ d·q;  amax = max|x| of the block, d = amax/127, q = nearest(x·(127/amax)) in −127..127:
+     −128 never occurs (|x·(127/amax)| ≤ 127·(1 + 2^−23) before rounding). bsum16/bsum32 are the
+     sums of q over each 16 / 32 elements, so a K-quant's "− dmin·m" and Q6_K's "− 32" cost one
+     multiply per sub-block instead of one per element. A block with amax < 1e-30 is all zero
+     (d = 0); a block holding inf or NaN gets d = NaN, so the product is NaN like the f32 path's.
+
+   What a dot computes is DEFINED by eight integer lanes, the layout that AVX2's maddubs
+   (adjacent byte pairs → int16) followed by madd (adjacent int16 pairs → int32) produces: lane L
+   of a 32-element chunk sums the products of its elements 4L..4L+3. Per weight block, each lane
+   sums its chunks weighted by their integer sub-block scales, exactly in int32 (bounds at each
+   kernel); then, in f32, acc[L] = fma(d_w·d_x, (float)lane[L], acc[L]) (K-quants add the min
+   term the same way) and the eight lanes are summed in dot_acc_sum's order. The portable code
+   below and the AVX2 code compute the same integers and the same float operations (explicit
+   fma: no contraction can differ), so they agree bit for bit, and a weight row processed with
+   one token or with four gives every token the same float.
+
+   maddubs saturation (it adds two u8·s8 products into an int16, saturating at ±32767): with
+   activations in −127..127 the largest pair is 2·128·127 = 32512 (Q8_0, Q4_0, MXFP4 via the sign
+   trick |w| ≤ 128), 2·63·127 = 16002 (Q6_K codes 0..63), 2·31·127 = 7874 (Q5_K), 2·15·127 = 3810
+   (Q4_K): never saturated. */
+typedef struct q8a_block { int8_t q[32]; float d; } q8a_block;
+typedef struct q8k_block { int8_t q[256]; int16_t bsum16[16], bsum32[8]; float d, pad[3]; } q8k_block;
+enum { Q8_NONE = 0, Q8_A = 1, Q8_K = 2 };
+
+/* which activation format a weight type's int8 kernel takes (Q8_NONE: f32 activations) */
+static int q8_format(int32_t type) {
+    switch (type) {
+    case MOE_TYPE_Q8_0: case MOE_TYPE_Q4_0: case MOE_TYPE_MXFP4: return Q8_A;
+    case MOE_TYPE_Q4_K: case MOE_TYPE_Q5_K: case MOE_TYPE_Q6_K: return Q8_K;
+    default: return Q8_NONE;
+    }
+}
+
+/* bytes of one quantized activation row of n elements (n a multiple of the block) */
+static size_t q8_row_bytes(int fmt, int64_t n) {
+    return fmt == Q8_K ? (size_t)(n / QK_K) * sizeof(q8k_block) : (size_t)(n / 32) * sizeof(q8a_block);
+}
+
+static q8_dot_fn q8_kernel(const cpu_kernels *k, int32_t type) {
+    switch (type) {
+    case MOE_TYPE_Q8_0: return k->q8_0;
+    case MOE_TYPE_Q4_0: return k->q4_0;
+    case MOE_TYPE_MXFP4: return k->mxfp4;
+    case MOE_TYPE_Q4_K: return k->q4_k;
+    case MOE_TYPE_Q5_K: return k->q5_k;
+    case MOE_TYPE_Q6_K: return k->q6_k;
+    default: return NULL;
+    }
+}
+
+static float lanes8_sum(const float *acc) {
+    dot_acc a;
+    memcpy(a.lane, acc, sizeof a.lane);
+    a.tail = 0;
+    return dot_acc_sum(&a);
+}
+
+/* the scale of a block from its amax (bad: the block held inf or NaN); returns 127/amax, or 0
+   when the block is stored as all zeros */
+static float q8_scale(float amax, int bad, float *d) {
+    if (bad) { *d = NAN; return 0; }
+    if (!(amax >= 1e-30f)) { *d = 0; return 0; }
+    *d = amax / 127.0f;
+    return 127.0f / amax;
+}
+
+static void q8_block_ref(const float *x, int n, int8_t *q, float *d) {
+    float amax = 0;
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        bad |= !(a < INFINITY);
+        amax = fmaxf(amax, a);
+    }
+    float id = q8_scale(amax, bad, d);
+    for (int i = 0; i < n; i++) q[i] = (int8_t)(id != 0 ? clamp_i(round_i(x[i] * id), -127, 127) : 0);
+}
+
+static void q8k_bsums(q8k_block *y) {
+    for (int s = 0; s < 16; s++) {
+        int sum = 0;
+        for (int l = 0; l < 16; l++) sum += y->q[16 * s + l];
+        y->bsum16[s] = (int16_t)sum;
+    }
+    for (int s = 0; s < 8; s++) y->bsum32[s] = (int16_t)(y->bsum16[2 * s] + y->bsum16[2 * s + 1]);
+}
+
+static void quant_q8a_ref(const float *x, void *out, int64_t n) {
+    q8a_block *y = out;
+    for (int64_t b = 0; b < n / 32; b++) q8_block_ref(x + 32 * b, 32, y[b].q, &y[b].d);
+}
+
+static void quant_q8k_ref(const float *x, void *out, int64_t n) {
+    q8k_block *y = out;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        memset(y[b].pad, 0, sizeof y[b].pad);
+        q8_block_ref(x + QK_K * b, QK_K, y[b].q, &y[b].d);
+        q8k_bsums(&y[b]);
+    }
+}
+
+/* lane L of a 32-element chunk of weights w (as small ints) and activations x */
+static int32_t lane4(const int *w, const int8_t *x, int L) {
+    return w[4 * L] * x[4 * L] + w[4 * L + 1] * x[4 * L + 1] + w[4 * L + 2] * x[4 * L + 2] + w[4 * L + 3] * x[4 * L + 3];
+}
+
+/* acc[L] += d·lane[L] for one 32-element block: Q8_0, Q4_0 and MXFP4 (w: the 32 codes as ints) */
+static void q8a_block_acc(const int *w, float dw, const q8a_block *x, float *acc) {
+    float d = dw * x->d;
+    for (int L = 0; L < 8; L++) acc[L] = fmaf(d, (float)lane4(w, x->q, L), acc[L]);
+}
+
+static void q8_dot_q8_0_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int t = 0; t < nt; t++) {
+        const q8a_block *xb = x[t];
+        float acc[8] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = w + 34 * b;
+            int q[32];
+            for (int j = 0; j < 32; j++) q[j] = (int8_t)p[2 + j];
+            q8a_block_acc(q, fp16_to_f32(rd16(p)), &xb[b], acc);
+        }
+        out[t] = lanes8_sum(acc);
+    }
+}
+
+static void q8_dot_q4_0_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int t = 0; t < nt; t++) {
+        const q8a_block *xb = x[t];
+        float acc[8] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = w + 18 * b;
+            int q[32];
+            for (int j = 0; j < 16; j++) {
+                q[j] = (p[2 + j] & 0xf) - 8;
+                q[j + 16] = (p[2 + j] >> 4) - 8;
+            }
+            q8a_block_acc(q, fp16_to_f32(rd16(p)), &xb[b], acc);
+        }
+        out[t] = lanes8_sum(acc);
+    }
+}
+
+static void q8_dot_mxfp4_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int t = 0; t < nt; t++) {
+        const q8a_block *xb = x[t];
+        float acc[8] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = w + 17 * b;
+            int q[32];
+            for (int j = 0; j < 16; j++) {
+                q[j] = k_mxfp4_values[p[1 + j] & 0xf];
+                q[j + 16] = k_mxfp4_values[p[1 + j] >> 4];
+            }
+            q8a_block_acc(q, e8m0_to_f32_half(p[0]), &xb[b], acc);
+        }
+        out[t] = lanes8_sum(acc);
+    }
+}
+
+/* Q4_K / Q5_K super-block (qh NULL for Q4_K):
+     lane[L] = Σ_s sc[s]·(Σ of q·x over elements 32s+4L..32s+4L+3),  mlane[L] = m[L]·bsum32[L]
+     acc[L] = fma(d·dx, lane[L], acc[L]);  acc[L] = fma(−(dmin·dx), mlane[L], acc[L])
+   |lane| ≤ 8·63·4·31·127 = 7.9e6 and |mlane| ≤ 63·32·127: exact in int32 and in f32. */
+static void k45_block_acc(const uint8_t *blk, const uint8_t *qh, const uint8_t *qs, const q8k_block *x, float *acc) {
+    int32_t lane[8] = {0};
+    int32_t mlane[8];
+    for (int s = 0; s < 8; s++) {
+        uint8_t sc, m;
+        get_scale_min_k(blk + 4, s, &sc, &m);
+        mlane[s] = (int32_t)m * x->bsum32[s];
+        const uint8_t *q = qs + 32 * (s / 2);
+        int w[32];
+        for (int l = 0; l < 32; l++) w[l] = (s & 1 ? q[l] >> 4 : q[l] & 0xf) + (qh && (qh[l] >> s & 1) ? 16 : 0);
+        for (int L = 0; L < 8; L++) lane[L] += (int32_t)sc * lane4(w, x->q + 32 * s, L);
+    }
+    float dd = fp16_to_f32(rd16(blk)) * x->d, dm = -(fp16_to_f32(rd16(blk + 2)) * x->d);
+    for (int L = 0; L < 8; L++) {
+        acc[L] = fmaf(dd, (float)lane[L], acc[L]);
+        acc[L] = fmaf(dm, (float)mlane[L], acc[L]);
+    }
+}
+
+static void q8_dot_q4_k_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int t = 0; t < nt; t++) {
+        const q8k_block *xb = x[t];
+        float acc[8] = {0};
+        for (int64_t b = 0; b < nb; b++) k45_block_acc(w + 144 * b, NULL, w + 144 * b + 16, &xb[b], acc);
+        out[t] = lanes8_sum(acc);
+    }
+}
+
+static void q8_dot_q5_k_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int t = 0; t < nt; t++) {
+        const q8k_block *xb = x[t];
+        float acc[8] = {0};
+        for (int64_t b = 0; b < nb; b++) k45_block_acc(w + 176 * b, w + 176 * b + 16, w + 176 * b + 48, &xb[b], acc);
+        out[t] = lanes8_sum(acc);
+    }
+}
+
+/* Q6_K super-block, chunk c = elements 32c..32c+31 (half c/4, part c%4 of dequant_q6_k), codes
+   q = 0..63 unsigned, the "− 32" taken out through bsum16:
+     raw[L]  = Σ_c sc[2c + L/4]·(Σ of q·x over elements 32c+4L..32c+4L+3)
+     lane[L] = raw[L] − 32·(sc[2L]·bsum16[2L] + sc[2L+1]·bsum16[2L+1])
+     acc[L]  = fma(d·dx, lane[L], acc[L])
+   |raw| ≤ 8·128·4·63·127 = 3.3e7 and the correction ≤ 32·2·128·16·127: int32 is exact. */
+static void q6_k_block_acc(const uint8_t *blk, const q8k_block *x, float *acc) {
+    const int8_t *sc = (const int8_t *)(blk + 192);
+    int32_t lane[8] = {0};
+    for (int c = 0; c < 8; c++) {
+        const uint8_t *ql = blk + 64 * (c / 4) + 32 * (c & 1), *qh = blk + 128 + 32 * (c / 4);
+        int lo_shift = 4 * ((c & 3) >> 1), hi_shift = 2 * (c & 3), w[32];
+        for (int l = 0; l < 32; l++) w[l] = (ql[l] >> lo_shift & 0xf) | (qh[l] >> hi_shift & 3) << 4;
+        for (int L = 0; L < 8; L++) lane[L] += (int32_t)sc[2 * c + L / 4] * lane4(w, x->q + 32 * c, L);
+    }
+    float dd = fp16_to_f32(rd16(blk + 208)) * x->d;
+    for (int L = 0; L < 8; L++) {
+        int32_t corr = (int32_t)sc[2 * L] * x->bsum16[2 * L] + (int32_t)sc[2 * L + 1] * x->bsum16[2 * L + 1];
+        acc[L] = fmaf(dd, (float)(lane[L] - 32 * corr), acc[L]);
+    }
+}
+
+static void q8_dot_q6_k_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int t = 0; t < nt; t++) {
+        const q8k_block *xb = x[t];
+        float acc[8] = {0};
+        for (int64_t b = 0; b < nb; b++) q6_k_block_acc(w + 210 * b, &xb[b], acc);
+        out[t] = lanes8_sum(acc);
+    }
+}
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -1474,8 +1731,10 @@ typedef struct cpu_kernels {
 /* AVX2 code must not call ordinary (SSE-compiled) functions while ymm values are live: the
    state transition costs more than the work (measured 25x on our CI's EPYC). Every AVX2
    function is therefore flattened, and per-type dequant functions are called directly so that
-   they are inlined and compiled for AVX2 too. */
+   they are inlined and compiled for AVX2 too. The int8 kernels are written once for nt tokens
+   (AVX2_INLINE, nt a constant at each call site) and instantiated for nt = 1..4. */
 #define MOE_AVX2_FLAT MOE_AVX2 __attribute__((flatten))
+#define AVX2_INLINE MOE_AVX2 static inline __attribute__((always_inline))
 
 MOE_AVX2_FLAT static float avx2_finish(__m256 acc, float tail) {
     dot_acc a;
@@ -1491,6 +1750,33 @@ MOE_AVX2_FLAT static float avx2_dot(const float *w, const float *x, int64_t n) {
     float tail = 0;
     for (int64_t i = n8; i < n; i++) tail += w[i] * x[i];
     return avx2_finish(acc, tail);
+}
+
+/* avx2_dot for nt tokens sharing each weight load; every token's lanes see the same fmadds */
+AVX2_INLINE void avx2_dot_nt(const float *w, const float *const *x, const int nt, int64_t n, float *out) {
+    __m256 acc[4];
+    int64_t n8 = n / 8 * 8;
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n8; i += 8) {
+        __m256 wv = _mm256_loadu_ps(w + i);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[t] + i), acc[t]);
+    }
+    for (int t = 0; t < nt; t++) {
+        float tail = 0;
+        for (int64_t i = n8; i < n; i++) tail += w[i] * x[t][i];
+        out[t] = avx2_finish(acc[t], tail);
+    }
+}
+
+MOE_AVX2_FLAT static void avx2_dot_n(const float *w, const float *const *x, int nt, int64_t n, float *out) {
+    switch (nt) {
+    case 1: avx2_dot_nt(w, x, 1, n, out); break;
+    case 2: avx2_dot_nt(w, x, 2, n, out); break;
+    case 3: avx2_dot_nt(w, x, 3, n, out); break;
+    default: avx2_dot_nt(w, x, 4, n, out); break;
+    }
 }
 
 /* dequantize a chunk (compiled for AVX2 through inlining), then the same accumulation */
@@ -1603,6 +1889,249 @@ static float avx2_row_dot(const moe_type_traits *tt, const uint8_t *row, const f
     return row_dot(tt, row, x, n);
 }
 
+/* ---- AVX2 int8 activations: the twins of the portable code above ---- */
+
+/* n = 32·k floats → q (the same values as q8_block_ref: same amax, same 127/amax, the same
+   products rounded to nearest-even by cvtps) */
+AVX2_INLINE void avx2_q8_block(const float *x, int n, int8_t *q, float *d) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), inf = _mm256_set1_ps(INFINITY);
+    __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) {
+        __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+        vmax = _mm256_max_ps(vmax, a);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float id = q8_scale(_mm_cvtss_f32(m4), _mm256_movemask_ps(vbad) != 0, d);
+    if (id == 0) {
+        memset(q, 0, (size_t)n);
+        return;
+    }
+    const __m256 vid = _mm256_set1_ps(id);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int i = 0; i < n; i += 32) {
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vid));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vid));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), vid));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), vid));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(p, perm));
+    }
+}
+
+MOE_AVX2_FLAT static void avx2_quant_q8a(const float *x, void *out, int64_t n) {
+    q8a_block *y = out;
+    for (int64_t b = 0; b < n / 32; b++) avx2_q8_block(x + 32 * b, 32, y[b].q, &y[b].d);
+}
+
+MOE_AVX2_FLAT static void avx2_quant_q8k(const float *x, void *out, int64_t n) {
+    q8k_block *y = out;
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        memset(y[b].pad, 0, sizeof y[b].pad);
+        avx2_q8_block(x + QK_K * b, QK_K, y[b].q, &y[b].d);
+        /* per 32 bytes: pair sums (maddubs of 1·q, |sum| ≤ 254), then sums of 4, of 8, of 16 */
+        for (int c = 0; c < 8; c += 2) {
+            __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(y[b].q + 32 * c))), ones16);
+            __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(y[b].q + 32 * c + 32))), ones16);
+            __m256i s = _mm256_hadd_epi32(s0, s1);   /* per 128-bit half: 8-sums of s0 lo, s1 lo | s0 hi, s1 hi */
+            s = _mm256_hadd_epi32(s, s);             /* 16-sums: [c.0, c+1.0, c.0, c+1.0 | c.1, c+1.1, ...] */
+            int32_t v[8];
+            _mm256_storeu_si256((__m256i *)v, s);
+            y[b].bsum16[2 * c] = (int16_t)v[0];
+            y[b].bsum16[2 * c + 1] = (int16_t)v[4];
+            y[b].bsum16[2 * c + 2] = (int16_t)v[1];
+            y[b].bsum16[2 * c + 3] = (int16_t)v[5];
+        }
+        for (int s = 0; s < 8; s++) y[b].bsum32[s] = (int16_t)(y[b].bsum16[2 * s] + y[b].bsum16[2 * s + 1]);
+    }
+}
+
+/* the activation scale of block b of token t, times a weight scale, broadcast */
+#define AVX2_DX(xb, b, dw) _mm256_mul_ps((dw), _mm256_broadcast_ss(&(xb)[b].d))
+
+/* Q8_0, Q4_0, MXFP4: the block's 32 codes as int8 → lanes via the sign trick (|w| ≤ 128 as u8,
+   x·sign(w) in −127..127), then acc[t] = fma(d_w·d_x, lanes, acc[t]) */
+AVX2_INLINE void avx2_q8a_tokens(__m256i wq, __m256 dw, const q8a_block *const *x, const int nt, int64_t b, __m256 *acc) {
+    const __m256i aw = _mm256_abs_epi8(wq), ones16 = _mm256_set1_epi16(1);
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) {
+        __m256i xq = _mm256_loadu_si256((const __m256i *)x[t][b].q);
+        __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, wq)), ones16);
+        acc[t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, dw), _mm256_cvtepi32_ps(s), acc[t]);
+    }
+}
+
+/* 16 bytes of nibbles → 32 codes in element order (low nibbles = elements 0..15) */
+AVX2_INLINE __m256i avx2_nibbles(const uint8_t *p) {
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0xf));
+}
+
+AVX2_INLINE void avx2_q8a_finish(const __m256 *acc, const int nt, float *out) {
+    for (int t = 0; t < nt; t++) out[t] = avx2_finish(acc[t], 0);
+}
+
+AVX2_INLINE void avx2_q8_0_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out) {
+    const q8a_block *x[4];
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += 34)
+        avx2_q8a_tokens(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_set1_ps(_cvtsh_ss(rd16(w))), x, nt, b, acc);
+    avx2_q8a_finish(acc, nt, out);
+}
+
+AVX2_INLINE void avx2_q4_0_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out) {
+    const q8a_block *x[4];
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += 18)
+        avx2_q8a_tokens(_mm256_sub_epi8(avx2_nibbles(w + 2), _mm256_set1_epi8(8)), _mm256_set1_ps(_cvtsh_ss(rd16(w))), x,
+                        nt, b, acc);
+    avx2_q8a_finish(acc, nt, out);
+}
+
+AVX2_INLINE void avx2_mxfp4_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out) {
+    const q8a_block *x[4];
+    __m256 acc[4];
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)k_mxfp4_values));
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int64_t b = 0; b < nb; b++, w += 17)
+        avx2_q8a_tokens(_mm256_shuffle_epi8(table, avx2_nibbles(w + 1)), _mm256_set1_ps(e8m0_to_f32_half(w[0])), x, nt, b,
+                        acc);
+    avx2_q8a_finish(acc, nt, out);
+}
+
+/* Q4_K / Q5_K (qh_off 0 for Q4_K): per group g of 64 elements, codes of sub-blocks 2g and 2g+1;
+   maddubs → int16 pairs, madd with the sub-block scale → the lanes; the min term per lane L is
+   m[L]·bsum32[L] (mullo). */
+AVX2_INLINE void avx2_k45_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out,
+                             const int block_bytes, const int qh_off, const int qs_off) {
+    const q8k_block *x[4];
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
+    const __m256i m4 = _mm256_set1_epi8(0xf), one = _mm256_set1_epi8(1);
+    for (int64_t b = 0; b < nb; b++, w += block_bytes) {
+        /* scales and mins, 8 bytes each, decoded as get_scale_min_k does */
+        uint32_t u[4];
+        memcpy(u, w + 4, 12);
+        u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+        uint32_t m03 = u[1] & 0x3f3f3f3fu;
+        u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+        u[2] = m03;
+        u[0] &= 0x3f3f3f3fu;
+        __m128i scm = _mm_loadu_si128((const __m128i *)u);   /* sc[0..7], m[0..7] */
+        __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
+        __m256i m32 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(scm, scm));
+        __m256i hb = qh_off ? _mm256_loadu_si256((const __m256i *)(w + qh_off)) : _mm256_setzero_si256();
+        __m256i lane[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) lane[t] = _mm256_setzero_si256();
+        for (int g = 0; g < 4; g++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w + qs_off + 32 * g));
+            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (qh_off) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * g), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * g + 1), one), 4));
+            }
+            /* broadcast the int16 scales sc[2g] and sc[2g+1] */
+            __m256i s_lo = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * g))));
+            __m256i s_hi = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * g + 1))));
+#pragma GCC unroll 4
+            for (int t = 0; t < nt; t++) {
+                __m256i p_lo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x[t][b].q + 64 * g)));
+                __m256i p_hi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x[t][b].q + 64 * g + 32)));
+                lane[t] = _mm256_add_epi32(lane[t], _mm256_add_epi32(_mm256_madd_epi16(p_lo, s_lo), _mm256_madd_epi16(p_hi, s_hi)));
+            }
+        }
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(w))), dmin = _mm256_set1_ps(-_cvtsh_ss(rd16(w + 2)));
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            __m256i ml = _mm256_mullo_epi32(m32, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)x[t][b].bsum32)));
+            acc[t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, d), _mm256_cvtepi32_ps(lane[t]), acc[t]);
+            acc[t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, dmin), _mm256_cvtepi32_ps(ml), acc[t]);
+        }
+    }
+    avx2_q8a_finish(acc, nt, out);
+}
+
+AVX2_INLINE void avx2_q4_k_nt(const uint8_t *w, const void *const *x, const int nt, int64_t nb, float *out) {
+    avx2_k45_nt(w, x, nt, nb, out, 144, 0, 16);
+}
+
+AVX2_INLINE void avx2_q5_k_nt(const uint8_t *w, const void *const *x, const int nt, int64_t nb, float *out) {
+    avx2_k45_nt(w, x, nt, nb, out, 176, 16, 48);
+}
+
+/* Q6_K: the four 32-element chunks of each half rebuilt as codes 0..63, maddubs with the
+   activations, madd with [sc[2c] ×8, sc[2c+1] ×8]; the "− 32" through bsum16 at the end */
+AVX2_INLINE void avx2_q6_k_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out) {
+    const q8k_block *x[4];
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
+    const __m256i m4 = _mm256_set1_epi8(0xf), m3 = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < nb; b++, w += 210) {
+        __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
+        __m256i lane[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) lane[t] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_slli_epi16(m3, 2)), 2));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, _mm256_slli_epi16(m3, 4)));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                   _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_slli_epi16(m3, 6)), 2));
+            for (int p = 0; p < 4; p++) {
+                int c = 4 * h + p;
+                __m128i pick = _mm_unpacklo_epi64(_mm_set1_epi8((char)(2 * c)), _mm_set1_epi8((char)(2 * c + 1)));
+                __m256i s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick));
+#pragma GCC unroll 4
+                for (int t = 0; t < nt; t++) {
+                    __m256i pr = _mm256_maddubs_epi16(q[p], _mm256_loadu_si256((const __m256i *)(x[t][b].q + 32 * c)));
+                    lane[t] = _mm256_add_epi32(lane[t], _mm256_madd_epi16(pr, s));
+                }
+            }
+        }
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(w + 208)));
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x[t][b].bsum16));
+            __m256i l = _mm256_sub_epi32(lane[t], _mm256_slli_epi32(corr, 5));
+            acc[t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, d), _mm256_cvtepi32_ps(l), acc[t]);
+        }
+    }
+    avx2_q8a_finish(acc, nt, out);
+}
+
+/* one entry point per type; nt = 1..4 each get their own unrolled body */
+#define AVX2_Q8_ENTRY(name)                                                                         \
+    MOE_AVX2_FLAT static void avx2_q8_dot_##name(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) { \
+        switch (nt) {                                                                               \
+        case 1: avx2_##name##_nt(w, x, 1, nb, out); break;                                          \
+        case 2: avx2_##name##_nt(w, x, 2, nb, out); break;                                          \
+        case 3: avx2_##name##_nt(w, x, 3, nb, out); break;                                          \
+        default: avx2_##name##_nt(w, x, 4, nb, out); break;                                         \
+        }                                                                                           \
+    }
+AVX2_Q8_ENTRY(q8_0)
+AVX2_Q8_ENTRY(q4_0)
+AVX2_Q8_ENTRY(mxfp4)
+AVX2_Q8_ENTRY(q4_k)
+AVX2_Q8_ENTRY(q5_k)
+AVX2_Q8_ENTRY(q6_k)
+
 static int cpu_has_avx2(void) {
     unsigned a, b, c, d;
     __builtin_cpu_init();
@@ -1612,12 +2141,20 @@ static int cpu_has_avx2(void) {
 }
 #endif
 
+/* the portable set: what every CPU runs, and the reference the AVX2 set must equal */
+static cpu_kernels cpu_kernels_portable(void) {
+    cpu_kernels k = {dot_f32, row_dot, dot_f32_n, quant_q8a_ref, quant_q8k_ref, q8_dot_q8_0_ref, q8_dot_q4_0_ref,
+                     q8_dot_mxfp4_ref, q8_dot_q4_k_ref, q8_dot_q5_k_ref, q8_dot_q6_k_ref};
+    return k;
+}
+
 static cpu_kernels cpu_kernels_pick(void) {
-    cpu_kernels k = {dot_f32, row_dot};
+    cpu_kernels k = cpu_kernels_portable();
 #ifdef MOE_AVX2
     if (cpu_has_avx2()) {
-        k.dot = avx2_dot;
-        k.row_dot = avx2_row_dot;
+        cpu_kernels a = {avx2_dot, avx2_row_dot, avx2_dot_n, avx2_quant_q8a, avx2_quant_q8k, avx2_q8_dot_q8_0,
+                         avx2_q8_dot_q4_0, avx2_q8_dot_mxfp4, avx2_q8_dot_q4_k, avx2_q8_dot_q5_k, avx2_q8_dot_q6_k};
+        k = a;
     }
 #endif
     return k;
@@ -1652,6 +2189,7 @@ struct moe_model {
     moe_vocab *vocab;
     moe_token bos, eos;
     int32_t backend, n_threads;
+    int32_t cpu_exact;         /* moe_load_params.cpu_exact, normalised to 0/1 */
     moe_logger log;
     moe_vk_backend *vk;
     uint64_t n_params;
@@ -1870,6 +2408,9 @@ typedef struct cpu_ctx {
     void *k_cache, *v_cache;   /* [n_layer][n_ctx][n_kv·hd], f32 or f16 */
     int kv_f16;
     float *row_buf;            /* per thread: one dequantized weight row */
+    int exact;                 /* cpu_exact: f32 activations in every matrix product */
+    uint8_t *xq;               /* int8 mode: the quantized activation rows of the current op */
+    size_t xq_cap;
     float *att_buf;            /* per thread: n_ctx scores + head_dim scratch */
     size_t row_buf_len, att_buf_len;
     /* MoE routing scratch for n_batch tokens */
@@ -1926,8 +2467,8 @@ static void cpu_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n_r
     }
 }
 
-/* dst[i·dst_stride + r] = W_r · src_i for rows r of a task; src_i is src row i or, with a
-   gather list, row idx[i]. */
+/* dst[i·dst_stride + r] = W_r · src_i for rows r of a task; src_i is activation row x0 + i or,
+   with a gather list, row x0 + idx[i]: f32 rows of src, or (int8 mode, qdot set) the rows of xq. */
 typedef struct mm_job {
     const moe_type_traits *tt;
     int64_t K, M;              /* inputs, outputs */
@@ -1944,27 +2485,81 @@ typedef struct mm_job {
     const int32_t *exp_start;
     float *dst2;               /* second weight (up) for the fused gate/up pass */
     const uint8_t *const *expert_data2;
+    /* int8 activations (NULL qdot: f32) */
+    q8_dot_fn qdot;
+    const uint8_t *xq;
+    size_t xq_stride;
+    int64_t nb;                /* weight blocks per row */
 } mm_job;
 
-static void mm_rows(const mm_job *j, const uint8_t *w, int64_t r0, int64_t r1, const float *src, const int32_t *idx,
-                    int n, float *dst, int thread) {
+/* Tokens go through a weight row four at a time: the row is read from memory once and its
+   unpacked codes (int8) or dequantized floats (f32) are reused; each token's sum is computed
+   exactly as it would be alone, so prefill still equals decode bit for bit. */
+static void mm_rows(const mm_job *j, const uint8_t *w, int64_t r0, int64_t r1, int64_t x0, const int32_t *idx, int n,
+                    float *dst, int thread) {
+    const cpu_kernels *k = &j->cc->k;
+    float out[4];
+    if (j->qdot) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *wr = w + (uint64_t)r * j->row_bytes;
+            for (int i0 = 0; i0 < n; i0 += 4) {
+                int nt = n - i0 < 4 ? n - i0 : 4;
+                const void *xs[4];
+                for (int t = 0; t < nt; t++) xs[t] = j->xq + (size_t)(x0 + (idx ? idx[i0 + t] : i0 + t)) * j->xq_stride;
+                j->qdot(wr, xs, nt, j->nb, out);
+                for (int t = 0; t < nt; t++) dst[(int64_t)(i0 + t) * j->dst_stride + r] = out[t];
+            }
+        }
+        return;
+    }
     float *row = j->cc->row_buf + (size_t)thread * j->cc->row_buf_len;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *wr = w + (uint64_t)r * j->row_bytes;
         if (n == 1) {
-            dst[r] = j->cc->k.row_dot(j->tt, wr, src + (idx ? (int64_t)idx[0] * j->K : 0), j->K);
+            dst[r] = k->row_dot(j->tt, wr, j->src + (x0 + (idx ? idx[0] : 0)) * j->K, j->K);
             continue;
         }
         j->tt->dequant(wr, row, j->K);
-        for (int i = 0; i < n; i++)
-            dst[(int64_t)i * j->dst_stride + r] = j->cc->k.dot(row, src + (int64_t)(idx ? idx[i] : i) * j->K, j->K);
+        for (int i0 = 0; i0 < n; i0 += 4) {
+            int nt = n - i0 < 4 ? n - i0 : 4;
+            const float *xs[4];
+            for (int t = 0; t < nt; t++) xs[t] = j->src + (x0 + (idx ? idx[i0 + t] : i0 + t)) * j->K;
+            k->dot_n(row, xs, nt, j->K, out);
+            for (int t = 0; t < nt; t++) dst[(int64_t)(i0 + t) * j->dst_stride + r] = out[t];
+        }
     }
+}
+
+/* int8 mode: quantizes n_rows activation rows (j->K wide, from src) for a weight of this type
+   into the context's xq and points the job at them; leaves the job on f32 in exact mode or
+   for types without an int8 kernel. */
+typedef struct q8_job { const cpu_kernels *k; int fmt; const float *src; int64_t K; uint8_t *dst; size_t stride; int n; } q8_job;
+#define Q8_ROWS_PER_TASK 8
+
+static void q8_rows_task(void *arg, int64_t t, int thread) {
+    (void)thread;
+    const q8_job *q = arg;
+    for (int64_t i = t * Q8_ROWS_PER_TASK; i < q->n && i < (t + 1) * Q8_ROWS_PER_TASK; i++)
+        (q->fmt == Q8_K ? q->k->quant_q8k : q->k->quant_q8a)(q->src + i * q->K, q->dst + (size_t)i * q->stride, q->K);
+}
+
+static void mm_quant_src(cpu_ctx *cc, mm_job *j, int32_t type, const float *src, int n_rows) {
+    int fmt = q8_format(type);
+    j->qdot = NULL;
+    if (cc->exact || !fmt || !cc->xq) return;
+    q8_job q = {&cc->k, fmt, src, j->K, cc->xq, q8_row_bytes(fmt, j->K), n_rows};
+    if ((size_t)n_rows * q.stride > cc->xq_cap) return; /* cannot happen: sized for the largest op */
+    pool_run(cc->pool, q8_rows_task, &q, (n_rows + Q8_ROWS_PER_TASK - 1) / Q8_ROWS_PER_TASK);
+    j->qdot = q8_kernel(&cc->k, type);
+    j->xq = cc->xq;
+    j->xq_stride = q.stride;
+    j->nb = j->K / j->tt->block_elems;
 }
 
 static void mm_dense_task(void *arg, int64_t t, int thread) {
     const mm_job *j = arg;
     int64_t r0 = t * CPU_ROWS_PER_TASK, r1 = r0 + CPU_ROWS_PER_TASK < j->M ? r0 + CPU_ROWS_PER_TASK : j->M;
-    mm_rows(j, j->w, r0, r1, j->src, j->idx, j->n, j->dst, thread);
+    mm_rows(j, j->w, r0, r1, 0, j->idx, j->n, j->dst, thread);
 }
 
 static void cpu_matmul(void *be, int dst, const moe_weight *w, int src, int src_row0, int n) {
@@ -1981,6 +2576,7 @@ static void cpu_matmul(void *be, int dst, const moe_weight *w, int src, int src_
     j.cc = cc;
     j.w = w->data;
     j.row_bytes = w->row_bytes;
+    mm_quant_src(cc, &j, w->type, j.src, n);
     pool_run(cc->pool, mm_dense_task, &j, (j.M + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
 }
 
@@ -2097,8 +2693,9 @@ static void moe_gate_up_task(void *arg, int64_t t, int thread) {
     int e = j->cc->tasks[2 * t], r0 = j->cc->tasks[2 * t + 1];
     int r1 = r0 + CPU_ROWS_PER_TASK < j->M ? r0 + CPU_ROWS_PER_TASK : (int)j->M;
     int p0 = j->exp_start[e], np = j->exp_start[e + 1] - p0;
-    mm_rows(j, j->expert_data[e], r0, r1, j->src, j->idx + p0, np, j->dst + (size_t)p0 * (size_t)j->M, thread);
-    mm_rows(j, j->expert_data2[e], r0, r1, j->src, j->idx + p0, np, j->dst2 + (size_t)p0 * (size_t)j->M, thread);
+    mm_rows(j, j->expert_data[e], r0, r1, 0, j->idx + p0, np, j->dst + (size_t)p0 * (size_t)j->M, thread);
+    if (j->expert_data2)
+        mm_rows(j, j->expert_data2[e], r0, r1, 0, j->idx + p0, np, j->dst2 + (size_t)p0 * (size_t)j->M, thread);
 }
 
 static void moe_down_task(void *arg, int64_t t, int thread) {
@@ -2106,7 +2703,7 @@ static void moe_down_task(void *arg, int64_t t, int thread) {
     int e = j->cc->tasks[2 * t], r0 = j->cc->tasks[2 * t + 1];
     int r1 = r0 + CPU_ROWS_PER_TASK < j->M ? r0 + CPU_ROWS_PER_TASK : (int)j->M;
     int p0 = j->exp_start[e], np = j->exp_start[e + 1] - p0;
-    mm_rows(j, j->expert_data[e], r0, r1, j->src + (size_t)p0 * (size_t)j->K, NULL, np, j->dst + (size_t)p0 * (size_t)j->M, thread);
+    mm_rows(j, j->expert_data[e], r0, r1, p0, NULL, np, j->dst + (size_t)p0 * (size_t)j->M, thread);
 }
 
 static int64_t expert_tasks(cpu_ctx *cc, const int32_t *exp_start, int n_expert, int64_t rows) {
@@ -2157,23 +2754,18 @@ static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
     j.dst = cc->pair_h;
     j.dst2 = cc->pair_u;
     j.dst_stride = ff;
-    if (L->up_exps.type != L->gate_exps.type) { /* rare: run the two as separate passes */
-        j.dst2 = NULL;
-    }
-    if (j.dst2) pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, E, ff));
-    else {
+    mm_quant_src(cc, &j, L->gate_exps.type, j.src, n);
+    if (L->up_exps.type == L->gate_exps.type) pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, E, ff));
+    else { /* rare: run the two as separate passes (their activations may need different formats) */
         mm_job ju = j;
-        ju.expert_data2 = NULL;
-        /* gate */
-        j.expert_data2 = j.expert_data;
-        j.dst2 = cc->pair_h;
+        j.expert_data2 = NULL;
         pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, E, ff));
-        /* up */
         ju.tt = type_traits(L->up_exps.type);
         ju.row_bytes = L->up_exps.row_bytes;
         ju.expert_data = L->up_exps.expert_data;
-        ju.expert_data2 = L->up_exps.expert_data;
-        ju.dst = ju.dst2 = cc->pair_u;
+        ju.expert_data2 = NULL;
+        ju.dst = cc->pair_u;
+        mm_quant_src(cc, &ju, L->up_exps.type, ju.src, n);
         pool_run(cc->pool, moe_gate_up_task, &ju, expert_tasks(cc, start, E, ff));
     }
     for (size_t i = 0; i < (size_t)n * (size_t)k * (size_t)ff; i++) {
@@ -2191,6 +2783,7 @@ static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
     jd.expert_data = L->down_exps.expert_data;
     jd.dst = cc->pair_out;
     jd.dst_stride = D;
+    mm_quant_src(cc, &jd, L->down_exps.type, jd.src, n * k);
     pool_run(cc->pool, moe_down_task, &jd, expert_tasks(cc, start, E, D));
     for (int i = 0; i < n; i++) {
         float *y = act_row(cc, dst, i, D);
@@ -2245,6 +2838,7 @@ static void cpu_ctx_free(void *be) {
     moe_free(cc->k_cache);
     moe_free(cc->v_cache);
     moe_free(cc->row_buf);
+    moe_free(cc->xq);
     moe_free(cc->att_buf);
     moe_free(cc->topk_id);
     moe_free(cc->topk_w);
@@ -2303,6 +2897,13 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     ok = ok && (cc->pair_h = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
     ok = ok && (cc->pair_u = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
     ok = ok && (cc->pair_out = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
+    /* int8 mode: quantized activation rows for the widest op, at 320 bytes per 256 elements
+       (q8k; q8a needs 288) */
+    cc->exact = shape->cpu_exact != 0;
+    size_t xq_elems = mul_or_zero(nb, maxk);
+    if (mul_or_zero(nb * k, (size_t)hp->n_ff_exp) > xq_elems) xq_elems = mul_or_zero(nb * k, (size_t)hp->n_ff_exp);
+    cc->xq_cap = mul_or_zero(xq_elems / 256 + 1, sizeof(q8k_block));
+    ok = ok && (cc->exact || (cc->xq = cc_alloc(cc, cc->xq_cap)));
     if (!ok) {
         cpu_ctx_free(cc);
         return set_error(MOE_ERR_NO_MEMORY, "context: out of memory for the KV cache and scratch buffers (n_ctx %d, n_batch %d)",
@@ -2352,7 +2953,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
     }
     c->logits_cap = 1;
-    moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads};
+    moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact};
     moe_status st;
     if (model->vk) {
         c->ops = &moe_vk_ops;
@@ -2604,6 +3205,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     m->log.fn = p.log;
     m->log.user = p.user;
     m->n_threads = p.n_threads ? p.n_threads : cpu_count();
+    m->cpu_exact = p.cpu_exact != 0;
     m->bos = m->eos = -1;
     moe_status st;
     struct stat sb;

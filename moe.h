@@ -99,6 +99,10 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
     int32_t (*progress)(float fraction, void *user);   /* optional; return non-zero to cancel the load */
     void    (*log)(int32_t level, const char *msg, void *user);  /* optional; default: silent */
     void    *user;
+    int32_t  cpu_exact;                     /* CPU backend matrix products: 0 = default, activations quantized
+                                               to int8 per block (f32 scale) and multiplied in integers, like
+                                               llama.cpp (fast; logits move by ~1e-3 of their range);
+                                               1 = f32 activations, the bit-reproducible reference mode */
 } moe_load_params;
 
 /* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json) */
@@ -232,6 +236,7 @@ typedef struct moe_weights {
 /* What a backend needs to size a context's buffers. */
 typedef struct moe_ctx_shape {
     int32_t n_ctx, n_batch, kv_type, logits_all, n_threads;
+    int32_t cpu_exact;     /* CPU backend: f32 activations in matrix products (moe_load_params) */
 } moe_ctx_shape;
 
 /* The forward pass is written once against this op interface. The CPU backend runs each op at
