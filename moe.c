@@ -1464,7 +1464,8 @@ static float row_dot(const moe_type_traits *tt, const uint8_t *row, const float 
      order of dot_acc_add above, one __m256 holding the lanes, with fused multiply-add; fused
      per-type dots compute each weight exactly as its dequant function does.
    - int8 activations (the default): below, portable code first, then its AVX2 twin. */
-typedef void (*q8_dot_fn)(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out);
+/* out[r·nt + t] = row r · token t: nr weight rows of nb blocks, rb bytes apart, nt ≤ 4 tokens */
+typedef void (*q8_dot_fn)(const uint8_t *w, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out);
 
 typedef struct cpu_kernels {
     float (*dot)(const float *w, const float *x, int64_t n);
@@ -1474,7 +1475,7 @@ typedef struct cpu_kernels {
     /* int8 activations: quantize n floats (a whole row) into q8a / q8k blocks */
     void (*quant_q8a)(const float *x, void *out, int64_t n);
     void (*quant_q8k)(const float *x, void *out, int64_t n);
-    /* int8 dots of one weight row (nb blocks) with nt ≤ 4 quantized activation rows */
+    /* int8 dots of weight rows with nt ≤ 4 quantized activation rows */
     q8_dot_fn q8_0, q4_0, mxfp4, q4_k, q5_k, q6_k;
 } cpu_kernels;
 
@@ -1603,8 +1604,10 @@ static void q8a_block_acc(const int *w, float dw, const q8a_block *x, float *acc
     for (int L = 0; L < 8; L++) acc[L] = fmaf(d, (float)lane4(w, x->q, L), acc[L]);
 }
 
-static void q8_dot_q8_0_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int t = 0; t < nt; t++) {
+static void q8_dot_q8_0_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int i = 0; i < nr * nt; i++) {
+        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
+        int t = i % nt;
         const q8a_block *xb = x[t];
         float acc[8] = {0};
         for (int64_t b = 0; b < nb; b++) {
@@ -1613,12 +1616,14 @@ static void q8_dot_q8_0_ref(const uint8_t *w, const void *const *x, int nt, int6
             for (int j = 0; j < 32; j++) q[j] = (int8_t)p[2 + j];
             q8a_block_acc(q, fp16_to_f32(rd16(p)), &xb[b], acc);
         }
-        out[t] = lanes8_sum(acc);
+        out[i] = lanes8_sum(acc);
     }
 }
 
-static void q8_dot_q4_0_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int t = 0; t < nt; t++) {
+static void q8_dot_q4_0_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int i = 0; i < nr * nt; i++) {
+        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
+        int t = i % nt;
         const q8a_block *xb = x[t];
         float acc[8] = {0};
         for (int64_t b = 0; b < nb; b++) {
@@ -1630,12 +1635,14 @@ static void q8_dot_q4_0_ref(const uint8_t *w, const void *const *x, int nt, int6
             }
             q8a_block_acc(q, fp16_to_f32(rd16(p)), &xb[b], acc);
         }
-        out[t] = lanes8_sum(acc);
+        out[i] = lanes8_sum(acc);
     }
 }
 
-static void q8_dot_mxfp4_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int t = 0; t < nt; t++) {
+static void q8_dot_mxfp4_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int i = 0; i < nr * nt; i++) {
+        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
+        int t = i % nt;
         const q8a_block *xb = x[t];
         float acc[8] = {0};
         for (int64_t b = 0; b < nb; b++) {
@@ -1647,7 +1654,7 @@ static void q8_dot_mxfp4_ref(const uint8_t *w, const void *const *x, int nt, int
             }
             q8a_block_acc(q, e8m0_to_f32_half(p[0]), &xb[b], acc);
         }
-        out[t] = lanes8_sum(acc);
+        out[i] = lanes8_sum(acc);
     }
 }
 
@@ -1674,21 +1681,25 @@ static void k45_block_acc(const uint8_t *blk, const uint8_t *qh, const uint8_t *
     }
 }
 
-static void q8_dot_q4_k_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int t = 0; t < nt; t++) {
+static void q8_dot_q4_k_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int i = 0; i < nr * nt; i++) {
+        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
+        int t = i % nt;
         const q8k_block *xb = x[t];
         float acc[8] = {0};
         for (int64_t b = 0; b < nb; b++) k45_block_acc(w + 144 * b, NULL, w + 144 * b + 16, &xb[b], acc);
-        out[t] = lanes8_sum(acc);
+        out[i] = lanes8_sum(acc);
     }
 }
 
-static void q8_dot_q5_k_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int t = 0; t < nt; t++) {
+static void q8_dot_q5_k_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int i = 0; i < nr * nt; i++) {
+        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
+        int t = i % nt;
         const q8k_block *xb = x[t];
         float acc[8] = {0};
         for (int64_t b = 0; b < nb; b++) k45_block_acc(w + 176 * b, w + 176 * b + 16, w + 176 * b + 48, &xb[b], acc);
-        out[t] = lanes8_sum(acc);
+        out[i] = lanes8_sum(acc);
     }
 }
 
@@ -1714,12 +1725,14 @@ static void q6_k_block_acc(const uint8_t *blk, const q8k_block *x, float *acc) {
     }
 }
 
-static void q8_dot_q6_k_ref(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int t = 0; t < nt; t++) {
+static void q8_dot_q6_k_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
+    for (int i = 0; i < nr * nt; i++) {
+        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
+        int t = i % nt;
         const q8k_block *xb = x[t];
         float acc[8] = {0};
         for (int64_t b = 0; b < nb; b++) q6_k_block_acc(w + 210 * b, &xb[b], acc);
-        out[t] = lanes8_sum(acc);
+        out[i] = lanes8_sum(acc);
     }
 }
 
@@ -1952,12 +1965,24 @@ MOE_AVX2_FLAT static void avx2_quant_q8k(const float *x, void *out, int64_t n) {
 /* the activation scale of block b of token t, times a weight scale, broadcast */
 #define AVX2_DX(xb, b, dw) _mm256_mul_ps((dw), _mm256_broadcast_ss(&(xb)[b].d))
 
-/* Q8_0, Q4_0, MXFP4: the block's 32 codes as int8 → lanes via the sign trick (|w| ≤ 128 as u8,
-   x·sign(w) in −127..127), then acc[t] = fma(d_w·d_x, lanes, acc[t]) */
-AVX2_INLINE void avx2_q8a_tokens(__m256i wq, __m256 dw, const q8a_block *const *x, const int nt, int64_t b, __m256 *acc) {
+/* lanes8_sum in registers: hadd pairs (l0+l1, l2+l3 | l4+l5, l6+l7), then the pairs of those,
+   then the halves, then + 0 (dot_acc_sum's tail): the same additions in the same order */
+AVX2_INLINE float avx2_lanes_sum(__m256 v) {
+    __m256 h = _mm256_hadd_ps(v, v);
+    h = _mm256_hadd_ps(h, h);
+    __m128 s = _mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_setzero_ps()));
+}
+
+/* Tiles: NR weight rows (consecutive, rb bytes apart) × NT tokens, NR·NT ≤ 4, every loop over r
+   and t unrolled so that the accumulators stay in registers. out[r·NT + t]. */
+
+/* Q8_0, Q4_0, MXFP4: a block's 32 codes as int8 (wq), through the sign trick (|w| ≤ 128 as u8,
+   x·sign(w) in −127..127), then acc = fma(d_w·d_x, lanes, acc) */
+AVX2_INLINE void avx2_q8a_block(__m256i wq, __m256 dw, const q8a_block *const *x, const int NT, int64_t b, __m256 *acc) {
     const __m256i aw = _mm256_abs_epi8(wq), ones16 = _mm256_set1_epi16(1);
 #pragma GCC unroll 4
-    for (int t = 0; t < nt; t++) {
+    for (int t = 0; t < NT; t++) {
         __m256i xq = _mm256_loadu_si256((const __m256i *)x[t][b].q);
         __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, wq)), ones16);
         acc[t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, dw), _mm256_cvtepi32_ps(s), acc[t]);
@@ -1970,159 +1995,217 @@ AVX2_INLINE __m256i avx2_nibbles(const uint8_t *p) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0xf));
 }
 
-AVX2_INLINE void avx2_q8a_finish(const __m256 *acc, const int nt, float *out) {
-    for (int t = 0; t < nt; t++) out[t] = avx2_finish(acc[t], 0);
-}
+enum { AVX2_Q8_0, AVX2_Q4_0, AVX2_MXFP4 };
 
-AVX2_INLINE void avx2_q8_0_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out) {
+AVX2_INLINE void avx2_q8a_tile(const uint8_t *w, size_t rb, const int NR, const void *const *xv, const int NT, int64_t nb,
+                               float *out, const int kind) {
     const q8a_block *x[4];
-    __m256 acc[4];
-#pragma GCC unroll 4
-    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
-    for (int64_t b = 0; b < nb; b++, w += 34)
-        avx2_q8a_tokens(_mm256_loadu_si256((const __m256i *)(w + 2)), _mm256_set1_ps(_cvtsh_ss(rd16(w))), x, nt, b, acc);
-    avx2_q8a_finish(acc, nt, out);
-}
-
-AVX2_INLINE void avx2_q4_0_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out) {
-    const q8a_block *x[4];
-    __m256 acc[4];
-#pragma GCC unroll 4
-    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
-    for (int64_t b = 0; b < nb; b++, w += 18)
-        avx2_q8a_tokens(_mm256_sub_epi8(avx2_nibbles(w + 2), _mm256_set1_epi8(8)), _mm256_set1_ps(_cvtsh_ss(rd16(w))), x,
-                        nt, b, acc);
-    avx2_q8a_finish(acc, nt, out);
-}
-
-AVX2_INLINE void avx2_mxfp4_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out) {
-    const q8a_block *x[4];
-    __m256 acc[4];
+    __m256 acc[2][4];
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)k_mxfp4_values));
 #pragma GCC unroll 4
-    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
-    for (int64_t b = 0; b < nb; b++, w += 17)
-        avx2_q8a_tokens(_mm256_shuffle_epi8(table, avx2_nibbles(w + 1)), _mm256_set1_ps(e8m0_to_f32_half(w[0])), x, nt, b,
-                        acc);
-    avx2_q8a_finish(acc, nt, out);
-}
-
-/* Q4_K / Q5_K (qh_off 0 for Q4_K): per group g of 64 elements, codes of sub-blocks 2g and 2g+1;
-   maddubs → int16 pairs, madd with the sub-block scale → the lanes; the min term per lane L is
-   m[L]·bsum32[L] (mullo). */
-AVX2_INLINE void avx2_k45_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out,
-                             const int block_bytes, const int qh_off, const int qs_off) {
-    const q8k_block *x[4];
-    __m256 acc[4];
+    for (int t = 0; t < NT; t++) x[t] = xv[t];
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; r++)
 #pragma GCC unroll 4
-    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
-    const __m256i m4 = _mm256_set1_epi8(0xf), one = _mm256_set1_epi8(1);
-    for (int64_t b = 0; b < nb; b++, w += block_bytes) {
-        /* scales and mins, 8 bytes each, decoded as get_scale_min_k does */
-        uint32_t u[4];
-        memcpy(u, w + 4, 12);
-        u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-        uint32_t m03 = u[1] & 0x3f3f3f3fu;
-        u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-        u[2] = m03;
-        u[0] &= 0x3f3f3f3fu;
-        __m128i scm = _mm_loadu_si128((const __m128i *)u);   /* sc[0..7], m[0..7] */
-        __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
-        __m256i m32 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(scm, scm));
-        __m256i hb = qh_off ? _mm256_loadu_si256((const __m256i *)(w + qh_off)) : _mm256_setzero_si256();
-        __m256i lane[4];
-#pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) lane[t] = _mm256_setzero_si256();
-        for (int g = 0; g < 4; g++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(w + qs_off + 32 * g));
-            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (qh_off) {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * g), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * g + 1), one), 4));
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+#pragma GCC unroll 2
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *p = w + (size_t)r * rb;
+            if (kind == AVX2_Q8_0) {
+                p += 34 * b;
+                avx2_q8a_block(_mm256_loadu_si256((const __m256i *)(p + 2)), _mm256_set1_ps(_cvtsh_ss(rd16(p))), x, NT, b, acc[r]);
+            } else if (kind == AVX2_Q4_0) {
+                p += 18 * b;
+                avx2_q8a_block(_mm256_sub_epi8(avx2_nibbles(p + 2), _mm256_set1_epi8(8)), _mm256_set1_ps(_cvtsh_ss(rd16(p))), x,
+                               NT, b, acc[r]);
+            } else {
+                p += 17 * b;
+                avx2_q8a_block(_mm256_shuffle_epi8(table, avx2_nibbles(p + 1)), _mm256_set1_ps(e8m0_to_f32_half(p[0])), x, NT,
+                               b, acc[r]);
             }
-            /* broadcast the int16 scales sc[2g] and sc[2g+1] */
-            __m256i s_lo = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * g))));
-            __m256i s_hi = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * g + 1))));
-#pragma GCC unroll 4
-            for (int t = 0; t < nt; t++) {
-                __m256i p_lo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x[t][b].q + 64 * g)));
-                __m256i p_hi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x[t][b].q + 64 * g + 32)));
-                lane[t] = _mm256_add_epi32(lane[t], _mm256_add_epi32(_mm256_madd_epi16(p_lo, s_lo), _mm256_madd_epi16(p_hi, s_hi)));
-            }
-        }
-        const __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(w))), dmin = _mm256_set1_ps(-_cvtsh_ss(rd16(w + 2)));
-#pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) {
-            __m256i ml = _mm256_mullo_epi32(m32, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)x[t][b].bsum32)));
-            acc[t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, d), _mm256_cvtepi32_ps(lane[t]), acc[t]);
-            acc[t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, dmin), _mm256_cvtepi32_ps(ml), acc[t]);
         }
     }
-    avx2_q8a_finish(acc, nt, out);
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) out[r * NT + t] = avx2_lanes_sum(acc[r][t]);
 }
 
-AVX2_INLINE void avx2_q4_k_nt(const uint8_t *w, const void *const *x, const int nt, int64_t nb, float *out) {
-    avx2_k45_nt(w, x, nt, nb, out, 144, 0, 16);
+/* the 12 scale bytes of a Q4_K / Q5_K block (p = blk + 4; 16 bytes are read, all inside the
+   block) → bytes sc[0..7], m[0..7], as get_scale_min_k decodes them */
+AVX2_INLINE __m128i avx2_k45_scales(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);
+    /* low bits: sc0-3 = b0-3 & 63, sc4-7 = b8-11 & 15, m0-3 = b4-7 & 63, m4-7 = b8-11 >> 4 */
+    const __m128i a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    __m128i lo = _mm_and_si128(a, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0));
+    lo = _mm_or_si128(lo, _mm_and_si128(_mm_srli_epi16(a, 4), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15)));
+    /* high bits of sc4-7 and m4-7: bits 6-7 of b0-3 and b4-7, moved to bits 4-5 */
+    const __m128i b = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    return _mm_or_si128(lo, _mm_and_si128(_mm_srli_epi16(b, 2), _mm_set1_epi8(0x30)));
 }
 
-AVX2_INLINE void avx2_q5_k_nt(const uint8_t *w, const void *const *x, const int nt, int64_t nb, float *out) {
-    avx2_k45_nt(w, x, nt, nb, out, 176, 16, 48);
+/* Q4_K / Q5_K (q5 = 0 / 1): per group g of 64 elements, the codes of sub-blocks 2g and 2g+1;
+   maddubs → int16 pairs, madd with the sub-block scale → the lanes; the min term of lane L is
+   m[L]·bsum32[L] (mullo). */
+AVX2_INLINE void avx2_k45_tile(const uint8_t *w, size_t rb, const int NR, const void *const *xv, const int NT, int64_t nb,
+                               float *out, const int q5) {
+    const int bb = q5 ? 176 : 144, qs_off = q5 ? 48 : 16;
+    const q8k_block *x[4];
+    __m256 acc[2][4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) x[t] = xv[t];
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0xf), one = _mm256_set1_epi8(1);
+    for (int64_t b = 0; b < nb; b++) {
+#pragma GCC unroll 2
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *p = w + (size_t)r * rb + (size_t)b * (size_t)bb;
+            const __m128i scm = avx2_k45_scales(p + 4);           /* sc[0..7], m[0..7] */
+            const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
+            const __m256i hb = q5 ? _mm256_loadu_si256((const __m256i *)(p + 16)) : _mm256_setzero_si256();
+            __m256i lane[4];
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) lane[t] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; g++) {
+                __m256i q = _mm256_loadu_si256((const __m256i *)(p + qs_off + 32 * g));
+                __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if (q5) {
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * g), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * g + 1), one), 4));
+                }
+                /* broadcast the int16 scales sc[2g] and sc[2g+1] */
+                __m256i s_lo = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * g))));
+                __m256i s_hi = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * g + 1))));
+#pragma GCC unroll 4
+                for (int t = 0; t < NT; t++) {
+                    __m256i p_lo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x[t][b].q + 64 * g)));
+                    __m256i p_hi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x[t][b].q + 64 * g + 32)));
+                    lane[t] = _mm256_add_epi32(lane[t], _mm256_add_epi32(_mm256_madd_epi16(p_lo, s_lo), _mm256_madd_epi16(p_hi, s_hi)));
+                }
+            }
+            const __m256i m32 = _mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8));
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(p))), dmin = _mm256_set1_ps(-_cvtsh_ss(rd16(p + 2)));
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                __m256i ml = _mm256_mullo_epi32(m32, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)x[t][b].bsum32)));
+                acc[r][t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, d), _mm256_cvtepi32_ps(lane[t]), acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, dmin), _mm256_cvtepi32_ps(ml), acc[r][t]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) out[r * NT + t] = avx2_lanes_sum(acc[r][t]);
 }
 
 /* Q6_K: the four 32-element chunks of each half rebuilt as codes 0..63, maddubs with the
-   activations, madd with [sc[2c] ×8, sc[2c+1] ×8]; the "− 32" through bsum16 at the end */
-AVX2_INLINE void avx2_q6_k_nt(const uint8_t *w, const void *const *xv, const int nt, int64_t nb, float *out) {
+   activations, madd with [sc[2c] ×8 | sc[2c+1] ×8]; the "− 32" through bsum16 at the end */
+AVX2_INLINE void avx2_q6_k_tile(const uint8_t *w, size_t rb, const int NR, const void *const *xv, const int NT, int64_t nb,
+                                float *out) {
     const q8k_block *x[4];
-    __m256 acc[4];
+    __m256 acc[2][4];
 #pragma GCC unroll 4
-    for (int t = 0; t < nt; t++) { x[t] = xv[t]; acc[t] = _mm256_setzero_ps(); }
+    for (int t = 0; t < NT; t++) x[t] = xv[t];
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0xf), m3 = _mm256_set1_epi8(3);
-    for (int64_t b = 0; b < nb; b++, w += 210) {
-        __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
-        __m256i lane[4];
+    for (int64_t b = 0; b < nb; b++) {
+#pragma GCC unroll 2
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *p = w + (size_t)r * rb + (size_t)b * 210;
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
+            /* sc16 as int16 [0..7 | 8..15]; chunk c needs [sc[2c] ×8 | sc[2c+1] ×8]: both from one
+               half, which the two broadcasts below put in both halves */
+            const __m256i sc_a = _mm256_permute2x128_si256(sc16, sc16, 0x00), sc_b = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+            __m256i lane[4];
 #pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) lane[t] = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
-            q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_slli_epi16(m3, 2)), 2));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, _mm256_slli_epi16(m3, 4)));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                   _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_slli_epi16(m3, 6)), 2));
-            for (int p = 0; p < 4; p++) {
-                int c = 4 * h + p;
-                __m128i pick = _mm_unpacklo_epi64(_mm_set1_epi8((char)(2 * c)), _mm_set1_epi8((char)(2 * c + 1)));
-                __m256i s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick));
+            for (int t = 0; t < NT; t++) lane[t] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                __m256i ql0 = _mm256_loadu_si256((const __m256i *)(p + 64 * h));
+                __m256i ql1 = _mm256_loadu_si256((const __m256i *)(p + 64 * h + 32));
+                __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
+                q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_slli_epi16(m3, 2)), 2));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, _mm256_slli_epi16(m3, 4)));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                       _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_slli_epi16(m3, 6)), 2));
 #pragma GCC unroll 4
-                for (int t = 0; t < nt; t++) {
-                    __m256i pr = _mm256_maddubs_epi16(q[p], _mm256_loadu_si256((const __m256i *)(x[t][b].q + 32 * c)));
-                    lane[t] = _mm256_add_epi32(lane[t], _mm256_madd_epi16(pr, s));
+                for (int k = 0; k < 4; k++) {
+                    const int c = 4 * h + k, e = (2 * c) & 7;  /* sc[2c] is int16 e of its half */
+                    const __m256i pick = _mm256_setr_epi8((char)(2 * e), (char)(2 * e + 1), (char)(2 * e), (char)(2 * e + 1),
+                        (char)(2 * e), (char)(2 * e + 1), (char)(2 * e), (char)(2 * e + 1), (char)(2 * e), (char)(2 * e + 1),
+                        (char)(2 * e), (char)(2 * e + 1), (char)(2 * e), (char)(2 * e + 1), (char)(2 * e), (char)(2 * e + 1),
+                        (char)(2 * e + 2), (char)(2 * e + 3), (char)(2 * e + 2), (char)(2 * e + 3), (char)(2 * e + 2),
+                        (char)(2 * e + 3), (char)(2 * e + 2), (char)(2 * e + 3), (char)(2 * e + 2), (char)(2 * e + 3),
+                        (char)(2 * e + 2), (char)(2 * e + 3), (char)(2 * e + 2), (char)(2 * e + 3), (char)(2 * e + 2),
+                        (char)(2 * e + 3));
+                    const __m256i s = _mm256_shuffle_epi8(c < 4 ? sc_a : sc_b, pick);
+#pragma GCC unroll 4
+                    for (int t = 0; t < NT; t++) {
+                        __m256i pr = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(x[t][b].q + 32 * c)));
+                        lane[t] = _mm256_add_epi32(lane[t], _mm256_madd_epi16(pr, s));
+                    }
                 }
             }
-        }
-        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
-        const __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(w + 208)));
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(p + 208)));
 #pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) {
-            __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x[t][b].bsum16));
-            __m256i l = _mm256_sub_epi32(lane[t], _mm256_slli_epi32(corr, 5));
-            acc[t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, d), _mm256_cvtepi32_ps(l), acc[t]);
+            for (int t = 0; t < NT; t++) {
+                __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x[t][b].bsum16));
+                __m256i l = _mm256_sub_epi32(lane[t], _mm256_slli_epi32(corr, 5));
+                acc[r][t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, d), _mm256_cvtepi32_ps(l), acc[r][t]);
+            }
         }
     }
-    avx2_q8a_finish(acc, nt, out);
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) out[r * NT + t] = avx2_lanes_sum(acc[r][t]);
 }
 
-/* one entry point per type; nt = 1..4 each get their own unrolled body */
+AVX2_INLINE void avx2_q8_0_tile(const uint8_t *w, size_t rb, const int NR, const void *const *x, const int NT, int64_t nb, float *out) {
+    avx2_q8a_tile(w, rb, NR, x, NT, nb, out, AVX2_Q8_0);
+}
+AVX2_INLINE void avx2_q4_0_tile(const uint8_t *w, size_t rb, const int NR, const void *const *x, const int NT, int64_t nb, float *out) {
+    avx2_q8a_tile(w, rb, NR, x, NT, nb, out, AVX2_Q4_0);
+}
+AVX2_INLINE void avx2_mxfp4_tile(const uint8_t *w, size_t rb, const int NR, const void *const *x, const int NT, int64_t nb, float *out) {
+    avx2_q8a_tile(w, rb, NR, x, NT, nb, out, AVX2_MXFP4);
+}
+AVX2_INLINE void avx2_q4_k_tile(const uint8_t *w, size_t rb, const int NR, const void *const *x, const int NT, int64_t nb, float *out) {
+    avx2_k45_tile(w, rb, NR, x, NT, nb, out, 0);
+}
+AVX2_INLINE void avx2_q5_k_tile(const uint8_t *w, size_t rb, const int NR, const void *const *x, const int NT, int64_t nb, float *out) {
+    avx2_k45_tile(w, rb, NR, x, NT, nb, out, 1);
+}
+
+/* one entry point per type: rows two at a time for one or two tokens, one at a time for three
+   or four (NR·NT ≤ 4 keeps the accumulators in the 16 ymm registers) */
 #define AVX2_Q8_ENTRY(name)                                                                         \
-    MOE_AVX2_FLAT static void avx2_q8_dot_##name(const uint8_t *w, const void *const *x, int nt, int64_t nb, float *out) { \
-        switch (nt) {                                                                               \
-        case 1: avx2_##name##_nt(w, x, 1, nb, out); break;                                          \
-        case 2: avx2_##name##_nt(w, x, 2, nb, out); break;                                          \
-        case 3: avx2_##name##_nt(w, x, 3, nb, out); break;                                          \
-        default: avx2_##name##_nt(w, x, 4, nb, out); break;                                         \
+    MOE_AVX2_FLAT static void avx2_q8_dot_##name(const uint8_t *w, size_t rb, int nr, const void *const *x, int nt, \
+                                                 int64_t nb, float *out) {                          \
+        int r = 0;                                                                                  \
+        if (nt == 1)                                                                                \
+            for (; r + 2 <= nr; r += 2) avx2_##name##_tile(w + (size_t)r * rb, rb, 2, x, 1, nb, out + r); \
+        if (nt == 2)                                                                                \
+            for (; r + 2 <= nr; r += 2) avx2_##name##_tile(w + (size_t)r * rb, rb, 2, x, 2, nb, out + 2 * r); \
+        for (; r < nr; r++) {                                                                       \
+            const uint8_t *wr = w + (size_t)r * rb;                                                 \
+            switch (nt) {                                                                           \
+            case 1: avx2_##name##_tile(wr, rb, 1, x, 1, nb, out + r); break;                        \
+            case 2: avx2_##name##_tile(wr, rb, 1, x, 2, nb, out + 2 * r); break;                    \
+            case 3: avx2_##name##_tile(wr, rb, 1, x, 3, nb, out + 3 * r); break;                    \
+            default: avx2_##name##_tile(wr, rb, 1, x, 4, nb, out + 4 * r); break;                   \
+            }                                                                                       \
         }                                                                                           \
     }
 AVX2_Q8_ENTRY(q8_0)
@@ -2498,17 +2581,15 @@ typedef struct mm_job {
 static void mm_rows(const mm_job *j, const uint8_t *w, int64_t r0, int64_t r1, int64_t x0, const int32_t *idx, int n,
                     float *dst, int thread) {
     const cpu_kernels *k = &j->cc->k;
-    float out[4];
-    if (j->qdot) {
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *wr = w + (uint64_t)r * j->row_bytes;
-            for (int i0 = 0; i0 < n; i0 += 4) {
-                int nt = n - i0 < 4 ? n - i0 : 4;
-                const void *xs[4];
-                for (int t = 0; t < nt; t++) xs[t] = j->xq + (size_t)(x0 + (idx ? idx[i0 + t] : i0 + t)) * j->xq_stride;
-                j->qdot(wr, xs, nt, j->nb, out);
-                for (int t = 0; t < nt; t++) dst[(int64_t)(i0 + t) * j->dst_stride + r] = out[t];
-            }
+    float out[4 * CPU_ROWS_PER_TASK];
+    if (j->qdot) { /* the task's rows (in L1 after the first pass) against 4 tokens at a time */
+        for (int i0 = 0; i0 < n; i0 += 4) {
+            int nt = n - i0 < 4 ? n - i0 : 4;
+            const void *xs[4];
+            for (int t = 0; t < nt; t++) xs[t] = j->xq + (size_t)(x0 + (idx ? idx[i0 + t] : i0 + t)) * j->xq_stride;
+            j->qdot(w + (uint64_t)r0 * j->row_bytes, j->row_bytes, (int)(r1 - r0), xs, nt, j->nb, out);
+            for (int64_t r = r0; r < r1; r++)
+                for (int t = 0; t < nt; t++) dst[(int64_t)(i0 + t) * j->dst_stride + r] = out[(r - r0) * nt + t];
         }
         return;
     }

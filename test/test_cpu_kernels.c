@@ -6,8 +6,9 @@
       q, same bsums, same scale bits), on gaussian rows, rows with outliers, zero rows, rows of
       tiny values and rows holding inf/NaN; and every element is within d/2 of d·q;
    2. every int8 dot: AVX2 == portable bit for bit (the same integer lanes, then the same f32
-      fmas and the same final sum), for nt = 1..4 tokens per weight-row pass, and each token's
-      result with nt > 1 equals its result alone (what makes prefill == decode);
+      fmas and the same final sum), for nt = 1..4 tokens per weight-row pass and several rows
+      per call (AVX2 tiles of 2 rows), and each (row, token) result equals its result alone
+      (what makes prefill == decode);
    3. accuracy: the int8 dot is within float rounding (TOL_ROUND below) of the f64 dot of the
       dequantized weights with the dequantized activations, and within the activation-rounding
       bound Σ_b (d_b/2)·Σ_{i∈b}|w_i| (+ TOL_ROUND) of the f64 dot with the ORIGINAL activations;
@@ -200,8 +201,8 @@ static void check_type_dots(const ktype *kt, int64_t K, int wkind, double *worst
     q8_dot_fn ref = q8_kernel(&g_ref, kt->id), fast = q8_kernel(&g_fast, kt->id);
     float alone_ref[4], alone_fast[4];
     for (int t = 0; t < 4; t++) {
-        ref(w, &xs[t], 1, nb, &alone_ref[t]);
-        fast(w, &xs[t], 1, nb, &alone_fast[t]);
+        ref(w, 0, 1, &xs[t], 1, nb, &alone_ref[t]);
+        fast(w, 0, 1, &xs[t], 1, nb, &alone_fast[t]);
     }
     if (g_have_avx2 && !same_bits(alone_ref, alone_fast, 4)) {
         print_error("%s K=%lld: AVX2 %.9g %.9g %.9g %.9g vs portable %.9g %.9g %.9g %.9g\n", kt->name, (long long)K,
@@ -211,11 +212,41 @@ static void check_type_dots(const ktype *kt, int64_t K, int wkind, double *worst
     }
     for (int nt = 2; nt <= 4; nt++) { /* blocked passes give every token its lone result */
         float o[4];
-        ref(w, xs, nt, nb, o);
+        ref(w, 0, 1, xs, nt, nb, o);
         assert_true(same_bits(o, alone_ref, nt));
-        fast(w, xs, nt, nb, o);
+        fast(w, 0, 1, xs, nt, nb, o);
         assert_true(same_bits(o, alone_fast, nt));
     }
+    /* several rows per call (the AVX2 code runs them in 2-row tiles for 1 or 2 tokens): row r is
+       a copy of w with its scales' fp16 bits nudged, so rows differ; each (row, token) must get
+       its lone result */
+    enum { NR = 5 };
+    size_t rowb = (size_t)(nb * tt->block_bytes);
+    uint8_t *rows = malloc(NR * rowb);
+    assert_non_null(rows);
+    for (int r = 0; r < NR; r++) {
+        memcpy(rows + r * rowb, w, rowb);
+        int at = kt->id == MOE_TYPE_Q6_K ? 208 : kt->id == MOE_TYPE_MXFP4 ? -1 : 0;
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *p = rows + r * rowb + b * tt->block_bytes;
+            if (at >= 0) wr16(p + at, (uint16_t)(rd16(p + at) + r));
+            else p[0] = (uint8_t)(p[0] + (r & 1));
+        }
+    }
+    for (int nt = 1; nt <= 4; nt++) {
+        float o_ref[NR * 4], o_fast[NR * 4], one;
+        ref(rows, rowb, NR, xs, nt, nb, o_ref);
+        fast(rows, rowb, NR, xs, nt, nb, o_fast);
+        for (int r = 0; r < NR; r++)
+            for (int tk = 0; tk < nt; tk++) {
+                ref(rows + r * rowb, 0, 1, &xs[tk], 1, nb, &one);
+                assert_true(same_bits(&o_ref[r * nt + tk], &one, 1));
+                fast(rows + r * rowb, 0, 1, &xs[tk], 1, nb, &one);
+                assert_true(same_bits(&o_fast[r * nt + tk], &one, 1));
+                if (g_have_avx2) assert_true(same_bits(&o_fast[r * nt + tk], &o_ref[r * nt + tk], 1));
+            }
+    }
+    free(rows);
     for (int t = 0; t < 4; t++) {
         double dq = 0, dx = 0, S = 0, act_bound = 0;
         for (int64_t i = 0; i < K; i++) {
@@ -311,8 +342,8 @@ static void test_saturation(void **state) {
                     }
                     const void *xp[1] = {xq};
                     float r, f;
-                    q8_kernel(&g_ref, kt->id)(w, xp, 1, nb, &r);
-                    q8_kernel(&g_fast, kt->id)(w, xp, 1, nb, &f);
+                    q8_kernel(&g_ref, kt->id)(w, 0, 1, xp, 1, nb, &r);
+                    q8_kernel(&g_fast, kt->id)(w, 0, 1, xp, 1, nb, &f);
                     /* every term has the same sign here, so S = Σ|terms| ≈ |exact| (K-quants: the
                        min term has the other sign; 2·(|a|+|b|) bounds it) */
                     double S = 0;
