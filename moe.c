@@ -1748,6 +1748,19 @@ static void q8_dot_q6_k_ref(const uint8_t *w0, size_t rb, int nr, const void *co
    (AVX2_INLINE, nt a constant at each call site) and instantiated for nt = 1..4. */
 #define MOE_AVX2_FLAT MOE_AVX2 __attribute__((flatten))
 #define AVX2_INLINE MOE_AVX2 static inline __attribute__((always_inline))
+/* an empty asm that claims to change v: the integer sums before it are done in program order.
+   Without it GCC reassociates each token's lane sum into a tree of all the products of a block,
+   keeping sixteen of them live and spilling them to the stack. */
+#define AVX2_KEEP(v) __asm__("" : "+x"(v))
+/* Weights stream from a file mapping in 4 KiB pages, where the hardware prefetcher stops at
+   every page boundary; a software prefetch AVX2_PF bytes ahead of each block's cache lines
+   doubled the rate at which a decode kernel reads them (measured 4 → 8-9 GB/s on the CI's
+   EPYC). Past the end of a matrix it touches nothing: prefetches do not fault. */
+#define AVX2_PF 4096
+#define AVX2_PREFETCH(p, bytes)                                                                     \
+    do {                                                                                            \
+        for (int pf_ = 0; pf_ < (bytes); pf_ += 64) _mm_prefetch((const char *)(p) + AVX2_PF + pf_, _MM_HINT_T0); \
+    } while (0)
 
 MOE_AVX2_FLAT static float avx2_finish(__m256 acc, float tail) {
     dot_acc a;
@@ -2012,6 +2025,7 @@ AVX2_INLINE void avx2_q8a_tile(const uint8_t *w, size_t rb, const int NR, const 
 #pragma GCC unroll 2
         for (int r = 0; r < NR; r++) {
             const uint8_t *p = w + (size_t)r * rb;
+            AVX2_PREFETCH(p + (kind == AVX2_Q8_0 ? 34 : kind == AVX2_Q4_0 ? 18 : 17) * b, 1);
             if (kind == AVX2_Q8_0) {
                 p += 34 * b;
                 avx2_q8a_block(_mm256_loadu_si256((const __m256i *)(p + 2)), _mm256_set1_ps(_cvtsh_ss(rd16(p))), x, NT, b, acc[r]);
@@ -2064,6 +2078,7 @@ AVX2_INLINE void avx2_k45_tile(const uint8_t *w, size_t rb, const int NR, const 
 #pragma GCC unroll 2
         for (int r = 0; r < NR; r++) {
             const uint8_t *p = w + (size_t)r * rb + (size_t)b * (size_t)bb;
+            AVX2_PREFETCH(p, bb);
             const __m128i scm = avx2_k45_scales(p + 4);           /* sc[0..7], m[0..7] */
             const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scm));
             const __m256i hb = q5 ? _mm256_loadu_si256((const __m256i *)(p + 16)) : _mm256_setzero_si256();
@@ -2086,6 +2101,7 @@ AVX2_INLINE void avx2_k45_tile(const uint8_t *w, size_t rb, const int NR, const 
                     __m256i p_lo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x[t][b].q + 64 * g)));
                     __m256i p_hi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x[t][b].q + 64 * g + 32)));
                     lane[t] = _mm256_add_epi32(lane[t], _mm256_add_epi32(_mm256_madd_epi16(p_lo, s_lo), _mm256_madd_epi16(p_hi, s_hi)));
+                    AVX2_KEEP(lane[t]);
                 }
             }
             const __m256i m32 = _mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8));
@@ -2121,6 +2137,7 @@ AVX2_INLINE void avx2_q6_k_tile(const uint8_t *w, size_t rb, const int NR, const
 #pragma GCC unroll 2
         for (int r = 0; r < NR; r++) {
             const uint8_t *p = w + (size_t)r * rb + (size_t)b * 210;
+            AVX2_PREFETCH(p, 210);
             const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
             /* sc16 as int16 [0..7 | 8..15]; chunk c needs [sc[2c] ×8 | sc[2c+1] ×8]: both from one
                half, which the two broadcasts below put in both halves */
@@ -2154,6 +2171,7 @@ AVX2_INLINE void avx2_q6_k_tile(const uint8_t *w, size_t rb, const int NR, const
                     for (int t = 0; t < NT; t++) {
                         __m256i pr = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(x[t][b].q + 32 * c)));
                         lane[t] = _mm256_add_epi32(lane[t], _mm256_madd_epi16(pr, s));
+                        AVX2_KEEP(lane[t]);
                     }
                 }
             }
