@@ -2061,7 +2061,7 @@ AVX2_INLINE __m128i avx2_k45_scales(const uint8_t *p) {
 
 /* Q4_K / Q5_K (q5 = 0 / 1): per group g of 64 elements, the codes of sub-blocks 2g and 2g+1;
    maddubs → int16 pairs, madd with the sub-block scale → the lanes; the min term of lane L is
-   m[L]·bsum32[L] (mullo). */
+   m[L]·bsum32[L] (a madd of the mins, each twice, with bsum16). */
 AVX2_INLINE void avx2_k45_tile(const uint8_t *w, size_t rb, const int NR, const void *const *xv, const int NT, int64_t nb,
                                float *out, const int q5) {
     const int bb = q5 ? 176 : 144, qs_off = q5 ? 48 : 16;
@@ -2104,11 +2104,12 @@ AVX2_INLINE void avx2_k45_tile(const uint8_t *w, size_t rb, const int NR, const 
                     AVX2_KEEP(lane[t]);
                 }
             }
-            const __m256i m32 = _mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8));
+            /* m[L] twice per lane L: madd with bsum16 gives m[L]·(bsum16[2L] + bsum16[2L+1]) = m[L]·bsum32[L] */
+            const __m256i m2 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scm, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15)));
             const __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(p))), dmin = _mm256_set1_ps(-_cvtsh_ss(rd16(p + 2)));
 #pragma GCC unroll 4
             for (int t = 0; t < NT; t++) {
-                __m256i ml = _mm256_mullo_epi32(m32, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)x[t][b].bsum32)));
+                __m256i ml = _mm256_madd_epi16(m2, _mm256_loadu_si256((const __m256i *)x[t][b].bsum16));
                 acc[r][t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, d), _mm256_cvtepi32_ps(lane[t]), acc[r][t]);
                 acc[r][t] = _mm256_fmadd_ps(AVX2_DX(x[t], b, dmin), _mm256_cvtepi32_ps(ml), acc[r][t]);
             }
