@@ -657,6 +657,360 @@ fail:
     return st;
 }
 
+/* ---- JSON (RFC 8259), strict -----------------------------------------------------------------
+   For tokenizer.json, tokenizer_config.json and config.json. The document is parsed once into a
+   flat array of nodes in document order (a "tape"); each node knows where its subtree ends, so
+   siblings are reached by a jump. Strings stay in the source: a node records where they are and
+   whether they hold escapes (json_str() decodes those). Rejected with a line:column message:
+   anything RFC 8259 rejects (trailing commas, comments, single quotes, leading zeros, NaN, raw
+   control characters in strings, bad escapes, lone surrogates), invalid UTF-8 anywhere, nesting
+   deeper than JSON_MAX_DEPTH, and data after the value. A leading UTF-8 BOM is skipped. */
+enum { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+#define JSON_MAX_DEPTH 256
+
+typedef struct json_node {
+    uint8_t type;      /* JSON_* */
+    uint8_t escaped;   /* strings: holds backslash escapes */
+    uint32_t len;      /* strings / numbers: source bytes (no quotes); arrays: elements; objects: members */
+    uint32_t end;      /* index of the first node after this subtree */
+    uint32_t off;      /* source offset of the value (strings: just after the opening quote) */
+} json_node;           /* an object's children are key, value, key, value, ... */
+
+typedef struct json_doc {
+    const char *src;
+    size_t n;
+    json_node *nodes;
+    uint32_t n_nodes, cap;
+    const char *what;  /* file name for messages */
+} json_doc;
+
+static void json_free(json_doc *d) {
+    moe_free(d->nodes);
+    d->nodes = NULL;
+    d->n_nodes = d->cap = 0;
+}
+
+static moe_status json_fail(const json_doc *d, size_t pos, const char *msg) {
+    size_t line = 1, col = 1;
+    for (size_t i = 0; i < pos && i < d->n; i++) {
+        if (d->src[i] == '\n') { line++; col = 1; } else col++;
+    }
+    return set_error(MOE_ERR_FORMAT, "json: %s: line %zu column %zu: %s", d->what ? d->what : "input", line, col, msg);
+}
+
+/* Length of the valid UTF-8 sequence at p (1..4), or 0 if invalid (overlong, surrogate, > U+10FFFF). */
+static int utf8_valid_len(const uint8_t *p, size_t n) {
+    uint8_t c = p[0];
+    if (c < 0x80) return 1;
+    if (c < 0xC2 || c > 0xF4) return 0;
+    int len = c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+    if ((size_t)len > n) return 0;
+    for (int i = 1; i < len; i++)
+        if ((p[i] & 0xC0) != 0x80) return 0;
+    if (c == 0xE0 && p[1] < 0xA0) return 0;   /* overlong */
+    if (c == 0xED && p[1] > 0x9F) return 0;   /* surrogate */
+    if (c == 0xF0 && p[1] < 0x90) return 0;   /* overlong */
+    if (c == 0xF4 && p[1] > 0x8F) return 0;   /* > U+10FFFF */
+    return len;
+}
+
+static int json_hex4(const char *p, uint32_t *v) {
+    uint32_t x = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        x <<= 4;
+        if (c >= '0' && c <= '9') x |= (uint32_t)(c - '0');
+        else if (c >= 'a' && c <= 'f') x |= (uint32_t)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F') x |= (uint32_t)(c - 'A' + 10);
+        else return 0;
+    }
+    *v = x;
+    return 1;
+}
+
+static moe_status json_push(json_doc *d, uint8_t type, size_t off, uint32_t *index) {
+    if (d->n_nodes == d->cap) {
+        uint32_t cap = d->cap ? d->cap * 2 : 1024;
+        if (d->cap >= UINT32_MAX / 2) return set_error(MOE_ERR_FORMAT, "json: %s: too many values", d->what);
+        json_node *nn = moe_malloc((size_t)cap * sizeof *nn);
+        if (!nn) return set_error(MOE_ERR_NO_MEMORY, "json: %s: out of memory for %u values", d->what, cap);
+        if (d->nodes) memcpy(nn, d->nodes, (size_t)d->n_nodes * sizeof *nn);
+        moe_free(d->nodes);
+        d->nodes = nn;
+        d->cap = cap;
+    }
+    json_node *x = &d->nodes[d->n_nodes];
+    memset(x, 0, sizeof *x);
+    x->type = type;
+    x->off = (uint32_t)off;
+    *index = d->n_nodes++;
+    return MOE_OK;
+}
+
+static size_t json_ws(const json_doc *d, size_t p) {
+    while (p < d->n && (d->src[p] == ' ' || d->src[p] == '\t' || d->src[p] == '\n' || d->src[p] == '\r')) p++;
+    return p;
+}
+
+static moe_status json_string(json_doc *d, size_t *pp) {
+    size_t p = *pp + 1; /* after the quote */
+    uint32_t idx;
+    moe_status st = json_push(d, JSON_STRING, p, &idx);
+    if (st) return st;
+    int escaped = 0;
+    for (;;) {
+        if (p >= d->n) return json_fail(d, *pp, "unterminated string");
+        uint8_t c = (uint8_t)d->src[p];
+        if (c == '"') break;
+        if (c < 0x20) return json_fail(d, p, "raw control character in a string (must be escaped)");
+        if (c == '\\') {
+            escaped = 1;
+            if (p + 1 >= d->n) return json_fail(d, p, "unterminated escape");
+            char e = d->src[p + 1];
+            if (e == 'u') {
+                uint32_t u, u2;
+                if (p + 6 > d->n || !json_hex4(d->src + p + 2, &u)) return json_fail(d, p, "bad \\u escape (needs 4 hex digits)");
+                p += 6;
+                if (u >= 0xD800 && u <= 0xDBFF) {
+                    if (p + 6 > d->n || d->src[p] != '\\' || d->src[p + 1] != 'u' || !json_hex4(d->src + p + 2, &u2) ||
+                        u2 < 0xDC00 || u2 > 0xDFFF)
+                        return json_fail(d, p, "high surrogate escape not followed by a low surrogate");
+                    p += 6;
+                } else if (u >= 0xDC00 && u <= 0xDFFF) {
+                    return json_fail(d, p - 6, "lone low surrogate escape");
+                }
+                continue;
+            }
+            if (!strchr("\"\\/bfnrt", e) || e == 0) return json_fail(d, p, "unknown escape");
+            p += 2;
+            continue;
+        }
+        int l = utf8_valid_len((const uint8_t *)d->src + p, d->n - p);
+        if (!l) return json_fail(d, p, "invalid UTF-8 in a string");
+        p += (size_t)l;
+    }
+    if (p - *pp - 1 > UINT32_MAX) return json_fail(d, *pp, "string too long");
+    d->nodes[idx].len = (uint32_t)(p - *pp - 1);
+    d->nodes[idx].escaped = (uint8_t)escaped;
+    d->nodes[idx].end = idx + 1;
+    *pp = p + 1;
+    return MOE_OK;
+}
+
+static moe_status json_value(json_doc *d, size_t *pp, int depth) {
+    size_t p = json_ws(d, *pp);
+    if (p >= d->n) return json_fail(d, p, "unexpected end of input (expected a value)");
+    char c = d->src[p];
+    uint32_t idx;
+    moe_status st;
+    if (c == '"') {
+        *pp = p;
+        return json_string(d, pp);
+    }
+    if (c == '{' || c == '[') {
+        if (depth >= JSON_MAX_DEPTH) return json_fail(d, p, "nesting deeper than 256 levels");
+        int obj = c == '{';
+        if ((st = json_push(d, obj ? JSON_OBJECT : JSON_ARRAY, p, &idx))) return st;
+        uint32_t count = 0;
+        p = json_ws(d, p + 1);
+        if (p < d->n && d->src[p] == (obj ? '}' : ']')) {
+            p++;
+        } else {
+            for (;;) {
+                if (obj) {
+                    p = json_ws(d, p);
+                    if (p >= d->n || d->src[p] != '"') return json_fail(d, p, "expected a string key");
+                    if ((st = json_string(d, &p))) return st;
+                    p = json_ws(d, p);
+                    if (p >= d->n || d->src[p] != ':') return json_fail(d, p, "expected ':' after a key");
+                    p++;
+                }
+                if ((st = json_value(d, &p, depth + 1))) return st;
+                if (count == UINT32_MAX) return json_fail(d, p, "too many elements");
+                count++;
+                p = json_ws(d, p);
+                if (p >= d->n) return json_fail(d, p, obj ? "unterminated object" : "unterminated array");
+                if (d->src[p] == ',') { p++; continue; }
+                if (d->src[p] == (obj ? '}' : ']')) { p++; break; }
+                return json_fail(d, p, obj ? "expected ',' or '}'" : "expected ',' or ']'");
+            }
+        }
+        d->nodes[idx].len = count;
+        d->nodes[idx].end = d->n_nodes;
+        *pp = p;
+        return MOE_OK;
+    }
+    static const char *const lits[3] = {"null", "false", "true"};
+    for (int k = 0; k < 3; k++) {
+        size_t l = strlen(lits[k]);
+        if (d->n - p >= l && memcmp(d->src + p, lits[k], l) == 0) {
+            if ((st = json_push(d, (uint8_t)(JSON_NULL + k), p, &idx))) return st;
+            d->nodes[idx].len = (uint32_t)l;
+            d->nodes[idx].end = idx + 1;
+            *pp = p + l;
+            return MOE_OK;
+        }
+    }
+    if (c == '-' || (c >= '0' && c <= '9')) {
+        size_t q = p;
+        if (d->src[q] == '-') q++;
+        if (q >= d->n || d->src[q] < '0' || d->src[q] > '9') return json_fail(d, q, "bad number");
+        if (d->src[q] == '0') {
+            q++;
+            if (q < d->n && d->src[q] >= '0' && d->src[q] <= '9') return json_fail(d, q, "leading zero in a number");
+        } else {
+            while (q < d->n && d->src[q] >= '0' && d->src[q] <= '9') q++;
+        }
+        if (q < d->n && d->src[q] == '.') {
+            q++;
+            if (q >= d->n || d->src[q] < '0' || d->src[q] > '9') return json_fail(d, q, "bad number: digits must follow '.'");
+            while (q < d->n && d->src[q] >= '0' && d->src[q] <= '9') q++;
+        }
+        if (q < d->n && (d->src[q] == 'e' || d->src[q] == 'E')) {
+            q++;
+            if (q < d->n && (d->src[q] == '+' || d->src[q] == '-')) q++;
+            if (q >= d->n || d->src[q] < '0' || d->src[q] > '9') return json_fail(d, q, "bad number: digits must follow the exponent");
+            while (q < d->n && d->src[q] >= '0' && d->src[q] <= '9') q++;
+        }
+        if (q - p > 1000) return json_fail(d, p, "number too long");
+        if ((st = json_push(d, JSON_NUMBER, p, &idx))) return st;
+        d->nodes[idx].len = (uint32_t)(q - p);
+        d->nodes[idx].end = idx + 1;
+        *pp = q;
+        return MOE_OK;
+    }
+    return json_fail(d, p, "unexpected character (expected a value)");
+}
+
+/* Parses src[0..n) (which must stay alive while the document is used). */
+static moe_status json_parse(json_doc *d, const char *src, size_t n, const char *what) {
+    memset(d, 0, sizeof *d);
+    d->what = what;
+    if (n >= UINT32_MAX) return set_error(MOE_ERR_FORMAT, "json: %s: %zu bytes is too large (4 GiB at most)", what, n);
+    size_t p = 0;
+    if (n >= 3 && memcmp(src, "\xEF\xBB\xBF", 3) == 0) p = 3;
+    d->src = src;
+    d->n = n;
+    moe_status st = json_value(d, &p, 0);
+    if (!st) {
+        p = json_ws(d, p);
+        if (p != n) st = json_fail(d, p, "unexpected data after the JSON value");
+    }
+    if (st) json_free(d);
+    return st;
+}
+
+static int json_is(const json_doc *d, uint32_t i, int type) { return i && i < d->n_nodes && d->nodes[i].type == type; }
+
+/* Decoded bytes of string node i into out (capacity >= node len); returns the decoded length. */
+static size_t json_str_decode(const json_doc *d, uint32_t i, char *out) {
+    const json_node *x = &d->nodes[i];
+    const char *s = d->src + x->off;
+    if (!x->escaped) {
+        memcpy(out, s, x->len);
+        return x->len;
+    }
+    size_t o = 0;
+    for (uint32_t p = 0; p < x->len;) {
+        if (s[p] != '\\') { out[o++] = s[p++]; continue; }
+        char e = s[p + 1];
+        if (e != 'u') {
+            out[o++] = e == 'b' ? '\b' : e == 'f' ? '\f' : e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : e;
+            p += 2;
+            continue;
+        }
+        uint32_t u = 0, u2 = 0;
+        json_hex4(s + p + 2, &u);
+        p += 6;
+        if (u >= 0xD800 && u <= 0xDBFF) {
+            json_hex4(s + p + 2, &u2);
+            p += 6;
+            u = 0x10000 + ((u - 0xD800) << 10) + (u2 - 0xDC00);
+        }
+        if (u < 0x80) out[o++] = (char)u;
+        else if (u < 0x800) { out[o++] = (char)(0xC0 | (u >> 6)); out[o++] = (char)(0x80 | (u & 63)); }
+        else if (u < 0x10000) {
+            out[o++] = (char)(0xE0 | (u >> 12)); out[o++] = (char)(0x80 | ((u >> 6) & 63)); out[o++] = (char)(0x80 | (u & 63));
+        } else {
+            out[o++] = (char)(0xF0 | (u >> 18)); out[o++] = (char)(0x80 | ((u >> 12) & 63));
+            out[o++] = (char)(0x80 | ((u >> 6) & 63)); out[o++] = (char)(0x80 | (u & 63));
+        }
+    }
+    return o;
+}
+
+/* String node i compared with a NUL-terminated string. */
+static int json_str_eq(const json_doc *d, uint32_t i, const char *z) {
+    if (!json_is(d, i, JSON_STRING)) return 0;
+    const json_node *x = &d->nodes[i];
+    size_t zl = strlen(z);
+    if (!x->escaped) return x->len == zl && memcmp(d->src + x->off, z, zl) == 0;
+    if (x->len > 4096) return 0;
+    char buf[4096];
+    size_t l = json_str_decode(d, i, buf);
+    return l == zl && memcmp(buf, z, zl) == 0;
+}
+
+/* The member value of object node o under key, or 0 if absent (node 0 is never a member). */
+static uint32_t json_get(const json_doc *d, uint32_t o, const char *key) {
+    if (!d->nodes || o >= d->n_nodes || d->nodes[o].type != JSON_OBJECT) return 0;
+    size_t kl = strlen(key);
+    for (uint32_t i = o + 1; i < d->nodes[o].end; i = d->nodes[i + 1].end) {
+        const json_node *k = &d->nodes[i];
+        if (k->escaped ? json_str_eq(d, i, key) : (k->len == kl && memcmp(d->src + k->off, key, kl) == 0)) return i + 1;
+    }
+    return 0;
+}
+
+/* Integer value of number node i (no fraction or exponent), within [lo, hi]. */
+static int json_int(const json_doc *d, uint32_t i, int64_t lo, int64_t hi, int64_t *out) {
+    if (!json_is(d, i, JSON_NUMBER)) return 0;
+    const char *s = d->src + d->nodes[i].off;
+    uint32_t n = d->nodes[i].len, p = 0;
+    int neg = s[0] == '-';
+    if (neg) p++;
+    int64_t v = 0;
+    for (; p < n; p++) {
+        if (s[p] < '0' || s[p] > '9') return 0;
+        if (v > (INT64_MAX - 9) / 10) return 0;
+        v = v * 10 + (s[p] - '0');
+    }
+    if (neg) v = -v;
+    if (v < lo || v > hi) return 0;
+    *out = v;
+    return 1;
+}
+
+/* Number node i as a double (locale-independent; within an ulp or two of strtod). */
+MOE_MAYBE_UNUSED static int json_double(const json_doc *d, uint32_t i, double *out) {
+    if (!json_is(d, i, JSON_NUMBER)) return 0;
+    const char *s = d->src + d->nodes[i].off;
+    uint32_t n = d->nodes[i].len, p = 0;
+    int neg = s[0] == '-', digits = 0;
+    if (neg) p++;
+    uint64_t mant = 0;
+    int64_t exp10 = 0;
+    for (; p < n && s[p] >= '0' && s[p] <= '9'; p++) {
+        if (digits < 19) { mant = mant * 10 + (uint64_t)(s[p] - '0'); if (mant) digits++; } else exp10++;
+    }
+    if (p < n && s[p] == '.')
+        for (p++; p < n && s[p] >= '0' && s[p] <= '9'; p++)
+            if (digits < 19) { mant = mant * 10 + (uint64_t)(s[p] - '0'); exp10--; if (mant) digits++; }
+    if (p < n && (s[p] == 'e' || s[p] == 'E')) {
+        p++;
+        int eneg = s[p] == '-';
+        if (s[p] == '+' || s[p] == '-') p++;
+        int64_t e = 0;
+        for (; p < n; p++) if (e < 100000) e = e * 10 + (s[p] - '0');
+        exp10 += eneg ? -e : e;
+    }
+    double v = (double)mant;
+    if (exp10 > 0) v *= pow(10.0, (double)(exp10 > 400 ? 400 : exp10));
+    else if (exp10 < 0) v /= pow(10.0, (double)(exp10 < -400 ? 400 : -exp10));
+    *out = neg ? -v : v;
+    return 1;
+}
+
 /* ============================================================================================ */
 /* 3. quant codecs                                                                               */
 /* ============================================================================================ */
@@ -850,16 +1204,1800 @@ static float row_dot(const moe_type_traits *tt, const uint8_t *row, const float 
 /* ============================================================================================ */
 /* 4. tokenizer                                                                                  */
 /* ============================================================================================ */
-/* TOKENIZER: the vocabulary loaders and the tokenizer API live here. */
-typedef struct moe_vocab moe_vocab;
-struct moe_vocab { int32_t n_tokens; };
+/* Vocabularies (GGUF tokenizer.ggml.* or Hugging Face tokenizer.json), the split regexes of the
+   supported families, NFC, BPE, added/special tokens. The public tokenizer API and the chat
+   templates are at the end of section 10. */
+/* BEGIN GENERATED UNICODE TABLES: gen/gen_unicode_tables.py from the Unicode 15.0.0 character database
+   (2134 category ranges, 779 normalization ranges, 2061 canonical decompositions); do not edit. */
+#define MOE_UNICODE_VERSION "15.0.0"
+#define K_DIGITS "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz+-"
+enum { K_UCAT_N = 2134, K_UNORM_N = 779, K_UDECOMP_N = 2061 };
+static const char k_ucat[] = /* 2134 values */
+    "0s4m2c9Gr7W5n3WDY3WDc5GcDGp4Gr3W1IGr1JGLm1HmBHo3WCId4oRe1o7d1XNe1Y2n1d1n1Y1Ho1X1Y2HY1Ho1n1Y1Hd1n"
+    "2Y1HIX1IHY1Hu1n1Y1Z1HIp1X2Y1HY1He1Y8d1o8X1d1n1t1YTn3Y1HY1X1IHd2Y4pY1IpDW9Z2W6Z7m2p3GJGq8du1Z2GHI"
+    "GZ1Im1HGX3GHm1HGHY1Hm8Ho4nHIX1o1t1oBn2IGHIHY1X1oPdOWHKt3XRe1Y6d1Wm1HWJZ1GY3mKa4mMKGKW1KW1KGZ4mDZ"
+    "2W2qEm5p2qLrAW5Z2a1Jmn1JKm3a1Z3a1W1KZ2b1Z5m1Z1GZ8KJaFmDZ1qi1p5Gb7Z5qGp4W1Z2Ga1GZ1aBZ2Kp4Kp1Km2Z9"
+    "qCm1Z2m5p2WCJW3q4Z4aLWCKpGaRp1KZ9Kp3a5W1b1W5Ja8m1JW4Z1W1Z1WBJm3JGp1W2a1JKm3a1W1a1p1Ga4GZ2W1Jq1W1"
+    "b1Z5W1b1W3Z1GKGa1m1JW3Z2W1Z1WBJm3JW1JW1JW1a1GKm2a2W1a1m1q1Gp3W2JGr3a5Z1q1Gq5m1Jm4Jm1JWBJm3JW1Jm2"
+    "a1JKW4Km1Km1Z1Gp7a1W1b1W5p4KW3Km1JW4Z1W1Z1WBJm3JW1Jm2a1JKm3a1W1a1m1q3m1Z2W1Jq1W1b1W5JLW3a5JGJW3p"
+    "1m1JW2p1W1JGJW1p1W1p1m1p1W6a2m2q1m1KW2Z1Ga3Gb7m6q6p2W4Jm1JmBJW8a1JKm3Km1KW2q3W1Jm1Z1GZ1a1W1b1W5b"
+    "4m3JKm1JW4Jm1JmBJW5Jm2a1JKm3Km1KW2q3W1Z3W1Ja1W1b1W5Ja1Ga6Z2m4Jm1JqKZ1Km3Km1KZ2Gp2q1Lp3q1W1b1m9JW"
+    "3Km1JW9p1WCJm4JGZ1m3q1Ga2W3KGKW4b3W5a1W1p6aOJa1m3p2q3W4LW5pJW1JGJm2JWCJGJa5Ja1p4GZ1m2JGKm3LW5Z1W"
+    "2ZGGqBW1b3WAKGKGKGa2Z1W4JWIa2WAKZ1q2m5KWIq4GpSqLZALW5Z3a3Z2a2p1Kp1a1p3q1Z2q6Z6KLa5W2X1WJHGn2GY1m"
+    "LJIp1ma5JW2Z1m3JGJW2Z1mKJW2Z1mGJW2Z1m3JGJW2Z1m7JmSJW2Z1mX1a1m1r4WAp1W8X8Wh1Y1W3p1Ws9Z1s8JWDp2mb1"
+    "r1p1W4p3a9W2p4q9m1p5a9W1Z6m6Jm1KW1Z6aQWGp1GZ2KGb1W5b3W5q8m1KLW5Z3mi1p3q2Z1aHJGp2WZ1Z5mFKW6a2W6b5"
+    "Z5WFZ1m2p5WMZ2WDb3m5pIqBm2Z2qQW5KmEa1LW5b3W5p6Ga4mFqOp2qNp8W4r1W5q8m4a6p1aFp6b1Z5aMW7Z6aIWAb4W5p"
+    "1r1Z5WIY1m4n3mLX1m1a8m1KpAa2Ja3Ja1p1Go2ZMoVp6IZHqIdW1og2t4om1n4Y4W3X1W3Y1X4Y4X4Y4W3X1W3Y1W4HGHGH"
+    "GHIX4Y4W7Y1X4Y4X4Y4X4Y4m2IX1m2IGo1m1IX1m2o1W2Y1X1W2Y2X4m2o2m1IX1m2s1m5sEW1s2GsNGb8JGb1W3p2LW5Z3m"
+    "6qPmGn8GX2GY1Ho1X1o1GHGn1m2X3GHGHGHW2IHY2JY2GY1X1W1n2IW2Y2GLnPILm2bhBWUbd1WBbx9WFXsHYOXOIHo1e1X3"
+    "Y2HIX1IZ3X1t1Yn1W1e3a2n1IGr4GY1WJIGo2GZ1WSp3Gq7JmBp4m3Jm3Jm3Jm3Jm3Jm3Jm3Jm3KWGpNGce7GZ2b1GrCq4W3"
+    "Jm2b1p1W1Z2Wh1a1W1Z1m1JWj1JW2p2mLJWl1r1W2Z5WGZOW8bGW5bFW4Lm7bGW5rJm7ZW5WWd3ZW1mcwApX1WNZ1mc4p1b8"
+    "Z5W1dAZNKW2KW5JNZEa1Z1bZ1a5W1pIm4d1o6t1ZVIe4X2d1p4Ge1Z2No1t1XAo2Ht2n7e2m1n2IGIGNm2ZCn1IJo1Jq3Jq1"
+    "Ja2JqBm2a2Gr1W3Z5WQa6Z1aPW9b5W5a3Z9W3p1GJa1LZ5aEW4Z1qBm6Z6mEq1Z2qNW7Z7LW5Z3q2Jb5Z5m2JqKW7p4q1Ja4"
+    "W1b1W5Z3mBp1Kp1aPJKp1a1Z1q2Z1KJGZCm1Z1q5m2Z1q1W1Z5W3Z1W3Z1W3p4m3Jm3ImLJY2p4GY3Ze1qHW4KW1b1W5Z3Wo"
+    "k5Z6mBZ2mOZYa4Wt5Z1Wr1YJm3Y6m2p2KJW5Jm6Jm2JGJW1JW1JWs1pGmr5Z9WW1Z1WRZKW6a2W8a8W8ZW1m2JmZ2r9W5n3W"
+    "DY3WDp5mi1p1W3Z1W3Z1W3Z1m1pHW6JWDJm9JW1Jm7Z1W7ZHmz1b6mMb6mSr8W1qu1GZX2mEp1mOq7LmDZ2bGW2p4bAJb4Gp"
+    "2aJm2p2WFZ1WIZ2W4Lm2XLYKZKWd1b1W5X3WIY2WIZ2WKZ4WQX6m5Hm7Hm3HW1Im5Im7Im3IW1pX1mx4p4WBZ5W4ZCW3JWLJ"
+    "m4pY1W3Z1GJWMJW1p1GZ1mBb1Z4mBb1p3mFb4m4ZOm9JW1r2p2bBW3Z2WDZZ1WSb2Z1b1W8b1ZNKm1KW1q2Z2W2Jm1JmEa1m"
+    "1a2Lm4pBrEW1JrEm1ZGW4JaEW1b2m2Z8WRZ5WBb1Z4m9r2Z4W9rBm3Ze1ma1nRmPo6mPr3Z3aIW2b4W5bp4mFJWLKW1p1W1q"
+    "b1p1rEZ5GZ4aBr5W2pDa9W2ZLrAm3ZAmBq4p1qQm7r5aFJa1Z1Gq4Z2qMm5q3Gp6mCr3W5a3p1aIW7LW5Z2KZ1GZ4qHGZ1Gq"
+    "4p1aOZ7W2a2W2Kb1Z5GJGb2WAp5W9JqCW6a3Ja1GZVm3JGJW2Jm7JW5p3qNW6r2W5a3W2JW4Z1W1Z1WBJm3JW1Jm2KZ1Km3a"
+    "1W1a1m1Z1Ga3Gp2q2W1a1m3q1m2pb2qQZ9W2r2W5a2Jm1ZFaOZAW1JGb4W5Zp2qNm3a1m4pBa2W1ZHaOm8p1Gr5W5ZJqLp6G"
+    "r3W5ZRmDa1m7b2W6Z2m3py2aMm7no1YGbGm9Z6W4Z1GZ1W4JW1JaCW3KW1a1Z2KJKW1b6W5ZZ1W4Z1qJm3a1p3GJKGpDKZ5a"
+    "Kp3KW2a4GZ4Kp5aNW8p1GZ9ma1pZ4m4JqIW4KZ4Gr7mEp2WFa1WBKW7pa1m3JW1JaJW3q1GKW1Kp3KGb4W5Z3W3JW1JaGm2K"
+    "W1Kp2Gr3W5Zx4q9W2q4Z1KJm6JaHm3q1m2r6W5Zh1Gr7mApLWjEbp1mt1p8WY3Zcf1mm1p7WuGa8Ja3m7Zr+1mZ9pyc4my8p"
+    "3mFLW5Z3md1LW5Z3WFa1m2p5aOm3p4W2b6W5Lm3JmAp2m9XuAYGbGmBpq1mb1a2JKmRq3Z2m6ZW1W1JKGq5W1Z7Wy-2Z4WhJ"
+    "ZLm4pph4W2Jm3JW1Jmn4p7GpEm1Z1GZ7W2Z4Wc6ZYa1mr1p2m6p1m4p3W5q1W1qmf2WNa1mBal8m2q1W3a4W4a1m3aFW2ag2"
+    "m1rz1WAb6WAbs1mCnZ2YDXDYDm3IX9YDXDGHW1X1GX1W1X1W2HY4W2IGIm3In5YDXDW1HW2X1W4Hm3IXDW1HW2Hm2HGn1m3I"
+    "XDYDXDYDXDYDXDYDXDYDXDYDWEX1mCImCIX3mCImCIX3mCImCIX3mCImCIX3mCImCIX3IGb1WPaW8mRa2WPa4Ga7GaBm2Km7"
+    "YeHZ5IWAY3W3qg3m3Km8a1m3KW1Km2p2WVqGGZu1mMq1p3m3b1W5Z2GpW5aFGp8aMb2W5Zh7aEb2W5ZpBm3JW2JW1Jm7JmY3"
+    "b1q4m3nKYHaHp3Gb2W5rhCmTLm1LW2bc1mMLm7ZX3W2JmDJW1JGZ1GJW5JW2JGJGZ3GZ2GJGJGJm1JW1JGZ1GJGJGJGJGJW1"
+    "JGZ1W2Jm3JW2JW2JGJW5Jm8p2m1Jm2Jm8bY9m6rnh1W5ZZGWmxKZGWzW2Z3Wl3Z1WXw2Z7muq3plm1Wl8ZnNmbj2p2WmX2ae"
+    "rxAWu3";
+static const char k_unorm[] = /* 779 values */
+    "0ctWOcd5ct1cd7ct2cd1ct1cd1ct1ed2yc1ed4us1yc1gc5ys2gs4yc2ys4yc2ys1yc2XW2Xm4yc1cd4cl3ct2cl1mt2cd1y"
+    "c1cd3yc3WW2cd1yc3cd4ed1yc1cd2fd1gd1fd2gd1fd2cd1WWDWe4WW1We9WW1We8WW1cdx7WW5ycf8cd1yc4cd1+c3yc1cd"
+    "1yc6cd6yc2cd1+c2ad1cd1gW1hW1iW1jW1kW1lW1mW1nW1oW1pW1qW2rW1sW1WW1tW1WW1uW1vW1WW1cd1yc1WW1oW1WW1cd"
+    "e2+W8-W1WX1WW1xWm1yW1zW1+W1-W1WX1XX1YX1ct1ys2yc1cd1yc5cd1yc2WW1ZXGWW1cdb3WW7cd2yc4cd1WW1cd2WW2yc"
+    "1cd1yc2WW1aXZ1WW1cdUyc1cd1yc2cd1yc2cd3yc1cd2yc1cd1yc3cd1yc1cd1yc1cd1yc1cd1WW2cdW5yc7cd1WW1yc9WW1"
+    "cdOWW4cd1WW9cd1WW3cd1WW5ych1WW3cdy1yc1cd3WW4cdg1yc5cd5WWEyc1cd1yc2cd1yc2cd1yc3xW3yW1zW1cd1yc3cd1"
+    "yc2cd2WW5dmy1WW1fWGWW1cd3yc1cd1WW2We3WW8dWy2WW1Wm1WW1fWEWW1Wm9WW1We4WW2We1WW1cdUWW1Weq1WW1We2WW1"
+    "dW5WW1fWGWW1WeBWW3We2WW1dWz2WW1fWGWW1dWk3WW1Wm1WW1fWEWW1Wm8WW2We4WW2WmW3WW1fWEWW1Wm9WW1dWa3WW1fW"
+    "GWW1qY7xo1WW1dWb3WW1Wm5WW1fWAWW1Wm7WW2fWa3WW2Wm1WW1fWEWW1Wm9WW1fmo3WW1Wm4WW1WmFWW1dZu2fW2WW1hZDW"
+    "W4sZi3fW2WW1wZDWW4yci2WW2ycRWW1yc1WW1uc1WW1We9WW1We9WW1We4WW1We4WW1We4WW1WeCWW1Xa7Ya1We1aa1We1WW"
+    "2We1WW1Ya1WW4Ya2We1cd1fW2WW1cd1WW2WeBWW1We9WW1We4WW1We4WW1We4WW1WeCWW1ycCWW1Wmd3WW1dW8WW1fW1WW2y"
+    "co2WW1Wmp6WWLWmo1WWRcdwCWW3fWqTWW2fWUWW1fWz4WW1cdAWW1adh6WW1+cl4cd1yc1WW1cdx6yc1WW1fWd2WW1cdKWW8"
+    "yc2WW1cdm1yc5cd6yc2WW1yc1cd2yc2cd2yc5cd1WW4dWb3Wm1WW1fWEWW1cdc1yc1cd1WW7fWs1WW2dWw1WW1fWBWW2dWZ2"
+    "WW1cdu4WW3XW1yc1cd5yc2cd4WW1XW1WW7yc4WW1cd6WW1cd3WW2cdc6yc2cd1yc7cd1gd2sc1yc1gc1cd1edb1ad1yc2wc1"
+    "cd1fd1yc1cd1yc1WW1WenBWW1We1WW1We1WW1We1WW1We1WW1We1WW1We1WW1Wez1WW1We2WW1WeAWW1We1WW1We7WW1We7W"
+    "W1We7WW1We7WW1We2WW2We9WW1We1WW1We1WW1We2WW2cdk6XW2cd2XW4cd3WW2cd4WW1XW3cd2yc1cd1XW1yc2cd4WW1Wer"
+    "1WW1We3WW2WezFWW2Wenz1WW1cdoGWW3fWj4WW1cdW3WWW1wcgHad1ed1+c1Wd1WW2emf3WW2cdqkTWW1cd4WWAcdW1WW2cd"
+    "m2WW2fWq8WW1fWb1WW1fWt4WW1cdRWWIycv1WW3fWb1WW1dW-2WW1fWCWW1cdl7WW1cd1yc2WW1cd2WW2cd5WW2cd1WW1fWq"
+    "1WW1fWs7WW1WeoeJWWk8We2WW1We1WW1We2WWAWe1WW1We1WW1We2WW2We3WWa2We2WWg3WeZ2wW1We1WW1WeAWWDWe1WW5W"
+    "e1WW1We1WW2We1WW2We1WW9cdnMyc7cd7WW2ycjUWW1ycY7WW1cdr4WW5ycoq1WW1cd1WW1cde1XW1yc1WW1fW4WW1cdb5yc"
+    "1WW1cdzHWW4cdZCWW2ycm2WW3ycc2cd2yc3cd1yc1WW4cdn1yc1cd1yc1WW1fWW6WW1fWf1WW1fWEWW1fWv1dm1WW1cdb2WW"
+    "3Wma1WW1fWBWW2dW+1WW1fWi2WW1dW9WW1fWg3dW1WW1dWo5fW1WW1dWm2WW2Wm1WW1fWEWW1Wm9WW1cdEWW7cd3WW5fWj6W"
+    "W1dW3WW1cdNWW1Wmn2WW1Wm9WW1Wm2WW1fW4dW1WW1Wmh7WW1fWFdW1WW1fW+3WW1fWs3dW1WW1fWp3WW1fWj8dW1WW1Wmr7"
+    "WW1fWCWW2dW4WW1fWy4WW1fWp2WW1fWIWW1fWn2WW1fWbDWW1dWY8WW1fW1WW2fWn2WW1fWfDWW2XWjzIWW5cdx1WW7cWvb1"
+    "WW2XWibJWW1We-b5uc7XW2WW3Yd3uc1WW5yc8WW8cd2yc5WW2cdUWW4WeDWW6cdX4WW3cdxj3WW7cd1WWHcd2WW7cd1WW2cd"
+    "1WW5cda3WW1cdW5WW7cdtBWW1cdz1WW4edyFyc2cd1WW1ycWVWW7cdj3dW6WW1WerrZ2WW+G";
+static const char k_udecomp[] = /* 6183 values */
+    "WCX2WO2X2XO2X2YO2X2ZO2X2eO2X2gO4Z2dP2b2WO2b2XO2b2YO2b2eO2f2WO2f2XO2f2YO2f2eO4k2ZO2l2WO2l2XO2l2YO"
+    "2l2ZO2l2eO6r2WO2r2XO2r2YO2r2eO2v2XO6X3WO2X3XO2X3YO2X3ZO2X3eO2X3gO4Z3dP2b3WO2b3XO2b3YO2b3eO2f3WO2"
+    "f3XO2f3YO2f3eO4k3ZO2l3WO2l3XO2l3YO2l3ZO2l3eO6r3WO2r3XO2r3YO2r3eO2v3XO4v3eO2X2aO2X3aO2X2cO2X3cO2X"
+    "2eP2X3eP2Z2XO2Z3XO2Z2YO2Z3YO2Z2dO2Z3dO2Z2iO2Z3iO2a2iO2a3iO6b2aO2b3aO2b2cO2b3cO2b2dO2b3dO2b2eP2b3"
+    "eP2b2iO2b3iO2d2YO2d3YO2d2cO2d3cO2d2dO2d3dO2d2dP2d3dP2e2YO2e3YO6f2ZO2f3ZO2f2aO2f3aO2f2cO2f3cO2f2e"
+    "P2f3eP2f2dO8g2YO2g3YO2h2dP2h3dP4i2XO2i3XO2i2dP2i3dP2i2iO2i3iOAk2XO2k3XO2k2dP2k3dP2k2iO2k3iO8l2aO"
+    "2l3aO2l2cO2l3cO2l2hO2l3hO6o2XO2o3XO2o2dP2o3dP2o2iO2o3iO2p2XO2p3XO2p2YO2p3YO2p2dP2p3dP2p2iO2p3iO2"
+    "q2dP2q3dP2q2iO2q3iO6r2ZO2r3ZO2r2aO2r3aO2r2cO2r3cO2r2gO2r3gO2r2hO2r3hO2r2eP2r3eP2t2YO2t3YO2v2YO2v"
+    "3YO2v2eO2w2XO2w3XO2w2dO2w3dO2w2iO2w3iOa2l2xO2l3xOSr2xO2r3xOw1X2iO2X3iO2f2iO2f3iO2l2iO2l3iO2r2iO2"
+    "r3iO2y6aO2y7aO2y6XO2y7XO2y6iO2y7iO2y6WO2y7WO4a6aO2a7aO2cHaO2dHaO2c6aO2c7aO6d2iO2d3iO2h2iO2h3iO2l"
+    "2eP2l3eP2gFaO2hFaO2tDiO2oKiO2g3iO8d2XO2d3XO6k2WO2k3WO2b6XO2b7XO2c6XO2c7XO2u6XO2u7XO2X2lO2X3lO2X2"
+    "nO2X3nO2b2lO2b3lO2b2nO2b3nO2f2lO2f3lO2f2nO2f3nO2l2lO2l3lO2l2nO2l3nO2o2lO2o3lO2o2nO2o3nO2r2lO2r3l"
+    "O2r2nO2r3nO2p2cP2p3cP2q2cP2q3cP6e2iO2e3iOEX2dO2X3dO2b2dP2b3dP2s6aO2s7aO2r6aO2r7aO2l2dO2l3dO2kHaO"
+    "2lHaO2v2aO2v3aOxGWO03XO05pO03eOXOX3vL0Lx10Ee5XO2nSXO3t502rSXO2tSXO2vSXO4-SXO4bTXO2fTXO2gUXOq1vSe"
+    "O2bTeO2nTXO2rTXO2tTXO2vTXO2hUXOq1vTeO2bUeO2-TXO2bUXO2fUXOAoUXO2oUeOu2rW1WO2rW1eO4pW1XO8cW1eOAwW1"
+    "XO2uW1WO2ZX1cOMuW1cOW2uX1cOk1rX1WO2rX1eO4pX1XO8sY1eOAwX1XO2uX1WO2ZY1cOm1qZ1lO2rZ1lOq4sW1cO2sX1cO"
+    "SmW1cO2mX1cO2mW1eO2mX1eO6rW1cO2rX1cO6uc1eO2vc1eO2sW1eO2sX1eO2tW1eO2tX1eO6uW1aO2uX1aO2uW1eO2uX1eO"
+    "2+W1eO2+X1eO6ed1eO2fd1eO2jX1eO2jY1eO2ZX1aO2ZY1aO2ZX1eO2ZY1eO2ZX1hO2ZY1hO2dX1eO2dY1eO6hX1eO2hY1eO"
+    "oIdn1po12dn1qo12eo1qo12dn1ro12go1qo1q9rs1qo14Xs1qo1Y1os1qo1ib1ef2yf2Gmf2yf26pf2yf2f2re2yf23se2yf"
+    "23te2yf23ye2yf23Xf2yf23Yf2yf23hf2yf23lf2yf2u6dk2+j22dk2tk2X1Xj2yj23Yj2yj25lj2yj2f5on2yn27un2yn2d"
+    "2sm2yn23tm2yn23ym2yn27hn2yn2qEdw2sw26dw2+v22dw2tw2X1Xv2yv23Yv2yv2k3oy2t+2i3c+2+z22d+2+z22c+2t+2u"
+    "7cY3sY3m7-b3rc3Ecc3rc32cc3sc34cc3Yc32gc3rc3+7cg3+f32dg3+f32cg3tg3y8vk3gk34vk3lk32yk3gk32vk3-k3hM"
+    "Yw3tz3Liw3tz3Bnw3tz3Bsw3tz3Bxw3tz3RWw3rz3Lnx3ox35nx3qx33oz3Wy35pz3Wy3Jnx3Wy3b1oy3tz3Lyy3tz3BXz3t"
+    "z3Bcz3tz3Bhz3tz3Rmy3rz3w6bX4kX4Wk5bu6rv64du6rv64fu6rv64hu6rv64ju6rv68nu6rv6o2wv6rv64yv6rv66+v6rv"
+    "62-v6rv64Yw6rv6wh1X2bP2X3bP2Y2dO2Y3dO2Y2ZP2Y3ZP2Y2nP2Y3nP2d6XO2d7XO2a2dO2a3dO2a2ZP2a3ZP2a2nP2a3n"
+    "P2a2dP2a3dP2a2jP2a3jP2o8WO2p8WO2o8XO2p8XO2b2jP2b3jP2b2mP2b3mP2eHcO2fHcO2c2dO2c3dO2d2aO2d3aO2e2dO"
+    "2e3dO2e2ZP2e3ZP2e2eO2e3eO2e2dP2e3dP2e2kP2e3kP2f2mP2f3mP2l6XO2l7XO2h2XO2h3XO2h2ZP2h3ZP2h2nP2h3nP2"
+    "i2ZP2i3ZP2sn7aO2tn7aO2i2nP2i3nP2i2jP2i3jP2j2XO2j3XO2j2dO2j3dO2j2ZP2j3ZP2k2dO2k3dO2k2ZP2k3ZP2k2nP"
+    "2k3nP2k2jP2k3jP2r6XO2r7XO2r6eO2r7eO2iAWO2jAWO2iAXO2jAXO2m2XO2m3XO2m2dO2m3dO2o2dO2o3dO2o2ZP2o3ZP2"
+    "wo7aO2xo7aO2o2nP2o3nP2p2dO2p3dO2p2ZP2p3ZP2wAdO2xAdO2WBdO2XBdO2Yp7dO2Zp7dO2q2dO2q3dO2q2ZP2q3ZP2q2"
+    "nP2q3nP2q2jP2q3jP2r2aP2r3aP2r2mP2r3mP2r2jP2r3jP2eBXO2fBXO2gBeO2hBeO2s2ZO2s3ZO2s2ZP2s3ZP2t2WO2t3W"
+    "O2t2XO2t3XO2t2eO2t3eO2t2dO2t3dO2t2ZP2t3ZP2u2dO2u3dO2u2eO2u3eO2v2dO2v3dO2w2YO2w3YO2w2ZP2w3ZP2w2nP"
+    "2w3nP2e3nP2q3eO2t3gO2v3gO4-BdOAX2ZP2X3ZP2X2fO2X3fO2Y6XO2Y7XO2Y6WO2Y7WO2Y6fO2Y7fO2Y6ZO2Y7ZO2Wr7YO"
+    "2Xr7YO2Y8XO2Z8XO2Y8WO2Z8WO2Y8fO2Z8fO2Y8ZO2Z8ZO2Wr7cO2Xr7cO2b2ZP2b3ZP2b2fO2b3fO2b2ZO2b3ZO2g6XO2g7"
+    "XO2g6WO2g7WO2g6fO2g7fO2g6ZO2g7ZO2ur7YO2vr7YO2f2fO2f3fO2f2ZP2f3ZP2l2ZP2l3ZP2l2fO2l3fO2q6XO2q7XO2q"
+    "6WO2q7WO2q6fO2q7fO2q6ZO2q7ZO2is7YO2js7YO2WDXO2XDXO2WDWO2XDWO2WDfO2XDfO2WDZO2XDZO2WDZP2XDZP2r2ZP2"
+    "r3ZP2r2fO2r3fO2lDXO2mDXO2lDWO2mDWO2lDfO2mDfO2lDZO2mDZO2lDZP2mDZP2v2WO2v3WO2v2ZP2v3ZP2v2fO2v3fO2v"
+    "2ZO2v3ZOEnTpO2nTqO2Wu7WO2Xu7WO2Wu7XO2Xu7XO2Wu7YQ2Xu7YQ2nSpO2nSqO2eu7WO2fu7WO2eu7XO2fu7XO2eu7YQ2f"
+    "u7YQ2rTpO2rTqO2mu7WO2nu7WO2mu7XO2nu7XO6rSpO2rSqO2uu7WO2vu7WO2uu7XO2vu7XO6tTpO2tTqO2Wv7WO2Xv7WO2W"
+    "v7XO2Xv7XO2Wv7YQ2Xv7YQ2tSpO2tSqO2ev7WO2fv7WO2ev7XO2fv7XO2ev7YQ2fv7YQ2vTpO2vTqO2mv7WO2nv7WO2mv7XO"
+    "2nv7XO2mv7YQ2nv7YQ2vSpO2vSqO2uv7WO2vv7WO2uv7XO2vv7XO2uv7YQ2vv7YQ2-TpO2-TqO2Ww7WO2Xw7WO2Ww7XO2Xw7"
+    "XO6-SpO2-SqO2ew7WO2fw7WO2ew7XO2fw7XO6bUpO2bUqO2mw7WO2nw7WO2mw7XO2nw7XO2mw7YQ2nw7YQ4bTqO4vw7WO4vw"
+    "7XO4vw7YQ2fUpO2fUqO2Wx7WO2Xx7WO2Wx7XO2Xx7XO2Wx7YQ2Xx7YQ2fTpO2fTqO2ex7WO2fx7WO2ex7XO2fx7XO2ex7YQ2"
+    "fx7YQ2nTWO3iT02rTWO3jT02tTWO3kT02vTWO3lT02-TWO3iU02bUWO3jU02fUWO3kU06Wu7bQ2Xu7bQ2Yu7bQ2Zu7bQ2au7"
+    "bQ2bu7bQ2cu7bQ2du7bQ2eu7bQ2fu7bQ2gu7bQ2hu7bQ2iu7bQ2ju7bQ2ku7bQ2lu7bQ2Wv7bQ2Xv7bQ2Yv7bQ2Zv7bQ2av7"
+    "bQ2bv7bQ2cv7bQ2dv7bQ2ev7bQ2fv7bQ2gv7bQ2hv7bQ2iv7bQ2jv7bQ2kv7bQ2lv7bQ2Wx7bQ2Xx7bQ2Yx7bQ2Zx7bQ2ax7"
+    "bQ2bx7bQ2cx7bQ2dx7bQ2ex7bQ2fx7bQ2gx7bQ2hx7bQ2ix7bQ2jx7bQ2kx7bQ2lx7bQ2nTcO2nTaO2mx7bQ2nTbQ2iTbQ4n"
+    "TYQ2sz7bQ2nScO2nSaO2nSWO3cS02nSbQ5vT06e5YQ2qx7bQ2tTbQ2kTbQ4tTYQ2c+7bQ2rSWO3eS02tSWO3fS02tSbQ2-z7"
+    "WO2-z7XO2-z7YQ2vTcO2vTaO2gUWO3mS06vTYQ2gUYQ2vScO2vSaO2vSWO3gS04+-7WO2+-7XO2+-7YQ2bUcO2bUaO2hUWO3"
+    "mT02XUpO2XUqO2bUYQ2hUYQ2bTcO2bTaO2bTWO3kS02XTqO2e5WO3bS03W306yx7bQ2fUbQ2kUbQ4fUYQ2s-7bQ2-SWO3iS0"
+    "2fTWO3lS02fTbQ3q507YW803ZW80hIfT09h203b60+6mi8uP2oi8uPc1qi8uP+1mk8uP2qk8uP2ok8uPg3Zm8uPAem8uP6hm"
+    "8uPm1Zn8uP4bn8uPs1yn8uP6Zo8uP6bo8uP4eo8uPk1z1uP4Xp8uPMjo8uP2y1uP2+1uP2ap8uP2bp8uP6op8uP2pp8uP6sp"
+    "8uP2tp8uPEwp8uP2xp8uP6Yq8uP2Zq8uP6cq8uP2dq8uPc2Yr8uP2er8uP2fr8uP2hr8uPY3yp8uP2zp8uP2nq8uP2oq8uPE"
+    "or8uP2pr8uP2qr8uP2rr8uPv3eWC03fWC0bx3zsAuPWt2hYCvaC4jYCvaC4lYCvaC4nYCvaC4pYCvaC4rYCvaC4tYCvaC4vY"
+    "CvaC4xYCvaC4zYCvaC4-YCvaC4XZCvaC6aZCvaC4cZCvaC4eZCvaCElZCvaC2lZCwaC4oZCvaC2oZCwaC4rZCvaC2rZCwaC4"
+    "uZCvaC2uZCwaC4xZCvaC2xZCwaCk1cYCvaCKzaCvaCShbCvaC4jbCvaC4lbCvaC4nbCvaC4pbCvaC4rbCvaC4tbCvaC4vbCv"
+    "aC4xbCvaC4zbCvaC4-bCvaC4XcCvaC6acCvaC4ccCvaC4ecCvaCElcCvaC2lcCwaC4ocCvaC2ocCwaC4rcCvaC2rcCwaC4uc"
+    "CvaC2ucCwaC4xcCvaC2xcCwaCk1cbCvaC6ldCvaC2mdCvaC2ndCvaC2odCvaC8zdCvaCbWa3eYZ103qtP03gsZ103ecZ103n"
+    "sR03onJ03b-K03yyd103yyd103ngM03nka103diL03egM03slO03fpT03byV03-nX103wzX103udY103laa103YmQ03xeR03"
+    "vcS03++S03zXX103gha103nlc103YqJ03rxK03auQ03xmS03jnX103+md103mgN03h-R03jkX103ahY103fsO03ukW103-WY"
+    "103gsN03tuP03ghR03ytS03kca103cyJ03tjK03+sK03acP03psQ03mmS03dtT03XWW103cmX103yoX103llZ103ovb103lx"
+    "c103wld103iaU03-hU03WjV03f+W103aua103-pd103ssY103-cM03auN03WZV03+ZW103YpS03gcU03YcZ103ttb103ucM0"
+    "3YZN03pmQ03wkR03luR03lfV03tnV03hob103osK03haW103ykK03ikK03ymU03+jV03n-W103rpb103WyY103lsO03YmQ03"
+    "+tY103vnJ03d-M03oWO03dyS03mhT03tuK03xdU03-zJ03fzN03jmJ03icR03uhP03YfV03Z+K03+YM03XuT03fYX103grY1"
+    "03wzQ03mzZ103eaR03+tO03btW103WzO03bhT03krJ03fhK03fkK03XaQ03ddV03lpW103osY103lka103rtK03YYL03phM0"
+    "3itN03bkP03+-R03gfU03jjb103gpc103tqd103ksd103xqK03csP03txQ03YxZ103qpN03miO03WmO03waP03ZvR03fgS03"
+    "faT03gkU03qlV03lZW103cvZ103kdX103ZXa103gwa103tmK03ZrK03zbL03ecS03YcY103grY103fsN03r-N03xxO03kzQ0"
+    "3+XV03rxS03atJ03vtL03d-M03wjN03yWO03ozS03fZT03wyV03cYW103qna103stb103ewb103uWc103hyJ03kjU03qja10"
+    "3urb103XdO03cqJ03wcK03k-M03-XN03viP03YmQ03kkS03YoT03ydX103yZa103jyd103eqP03knb103fqK03xxP03p-P03"
+    "XgR03yqR03fWT03vgT03hZU03meV03+Yc103jhK03knO03upb103hXK03veN03glR03gvZ103hyN03agO03tWQ03dyS03cqb"
+    "103fnK03lWL03bZN03pmP03kwP03ebQ03bdR03cWT03YlT03vxV03lcY103XdY103ika103Ytb103-vK03wrR03zWL03mkS0"
+    "3uaT03wlX103Zrb103tYd103-qd103tyP03hkR03elW103hsU03WvU03oaV03WsS03vaS03uwY103WsJ03svW103wnK03dmK"
+    "03crN03psO03scV03byM03+eR03qrP03xvZ103iYY103job103hiY103psN03WgK03WkL07wYM05qpP07+kK03gvS03gsT03"
+    "yfU03+gU03bhU03liU03swb103+bV03zzV05omX105utY107uXa103zda109ldc103ydc103efc103qjd103+ca103trb103"
+    "kzJ03ddK03jgK03fsK03atK03nwK03ziL03cmL03epL03WYM03ebM03aZN03kZN03qaO03ehO03kiO03olO03lgP03YlP03n"
+    "qP03baQ03thR03wmR03YvR03khS03hnS03YXT03naU03+fU03fgU03egU03mgU03sgU03zgU03jiU03kiU03WoU03XqU03W+"
+    "U03qlV03fmV03XoV03oxV03bWW103jlW103vpW103vpW103tYX103meY103siY103XuY103vvY103pcZ103eeZ103szZ103u"
+    "Xa103Ztb103--b103xXc103rZO03ktm403umW107cnJ03rjK03ehK03WyJ03bgK03WiK03dsK03wtK03ziL03rgL03viL03Y"
+    "lL03wYM03pbM03agM03qgM03YpM03evM03osN03vsN03fxN03jzN03ucO03kgO03eeO03kiO03WhO03olO03qnO03a+O03yW"
+    "P03oYP03sgP03qpP03tuP03xuP03swP03vxQ03wzQ03XgR03xsR03hsR03YvR03+WS03khS03dzT03rnS03lrS03gvS03nZT"
+    "03ceT03xfT03zmT03-mT03gsT03xsT03qtT03gwT03WwT03icU03nrU03W+U03xZV03xgV03qlV03+vV03bWW103owW103l-"
+    "W103vxX103XgY103ciY103siY103-rY103utY103hsY103XuY103+tY103jtY103vvY103gyY103eeZ103uvZ103oZa103vi"
+    "a103spa103ypb103Ztb103swb103x+b103--b103hWc103xXc103ouc103yyd103gYg403aYg403r+i403zyE03uWG03vXG0"
+    "3foq403mct403ps-403Zwd103kyd10f4vk1qj15ol1tj1Nfl1Xk13fl1Yk13fw+1Xk13fw+1Yk13mk1tj13mk1uj13mk1yj1"
+    "3nk1yj13ok1yj13pk1yj13qk1yj13rk1yj13sk1yj15uk1yj13vk1yj13wk1yj13xk1yj13yk1yj15+k1yj15Wl1yj13Xl1y"
+    "j15Zl1yj13al1yj15cl1yj13dl1yj13el1yj13fl1yj13gl1yj13rk1vj13nk1-j13xk1-j13al1-j1uqAvaa2wba24xaa2w"
+    "ba2Ubba2wba2c8nfa2dfa22ofa2dfa2uX1dwa2+va22dwa2twa2+Mvbb2wbb22vbb2mbb24vbb2zbb2uFujb2ljb22vjb2lj"
+    "b2wt1rfc2mfc2jYy2tgq3bhq33ugq3bhq33-gq3khq33-gq3lhq33-gq3mhq33-gq3nhq33-gq3ohq3l5vjq3bhq33wjq3bh"
+    "q33xjq3khq33yjq3khq33xjq3lhq33yjq3lhq3Xap4znJ03unJ03XoJ03YfW403WxJ03kzJ03xzJ03YWK03wZK03vaK03ddK"
+    "03lcK03+aD03wnX403jgK03qgK03ahK03thK03yeX403vbD03dhK03jiK03hgX403tiK03ajK03isJ03ijK03rjK03-ka503"
+    "rlK03ZmK03-cD03xnK03coK03opK03tpK03reD03dsK03fsK03atK03wtK03buK03cuK03tuK03fwK03nwK03wwK03pxK03z"
+    "xK03-xK03-xK03-xK03inY403mZS03g+K03-+K03ZxY403h-K03n-K03cWL03+aL03uXL03eYL03eZL03YbL03sdL03meL03"
+    "pgL03ZhL03aiL03aiL03viL03hjL03pjL03YkL03suL03cmL03tuL03noL03qpL03dmK03kdM03k+L03q-L03jWM03hyL03o"
+    "XM03nXM03ibM03adb403odM03tdM03ceM03weM03YfM03YhM03erb403gtb403ilM03xmM03dnM03ukM03cpM03ktD03ytD0"
+    "3euM03+vM03+vM03ekc403Z+M03u+M03d-M03p-M03uuc403--M03cWN03pwN03YXN03XyD03WZN03kZN03WcN03jaN03ald"
+    "403ZgN03cld403khN03hhN03yhN03XlN03YlN03lXE03zlN03enN03znN03fpN03YZE03Zie403yZE03mrN03prN03srN03g"
+    "sN03oye503+tN03nve403nve403XmW103YvN03YvN03dcE03uri403wku403YxN03hxN03ZdE03wyN03j+N03t+N03v-N03X"
+    "aO03wfE03yeE03qaO03qsf403dcO03egO03igO03kgO03igO03whO03kiO03ojO03ajO03ljO03+kO03olO03slO03mmO03x"
+    "mO03zoO03nrO03qsO03mwO03iug403zvO03ytO03exO03ZyO03a-O03n-g403YXP03b+O03fzO03knE03fZP03+ZP03zaP03"
+    "tZP03ipE03lgP03ihP03gWi403ZlP03utP03foP03vuE03nqP03euE03atE03oiK03riK03WuP03yqP03jbW103v+G03tuP0"
+    "3xuP03XvP03+wP03pwP03Z+i403fwE03w-P03byP03oYQ03baQ03jZj403kaQ03-WQ03qeQ03zyE03YgQ03ZjQ03glQ03erQ"
+    "03Zrj403xsQ03uWF03XvQ03dbk403qwQ03kYF03oxQ03-yQ03wzQ03xzQ03jqk403hed403wtk403kYR03ybl403-bR03jcR"
+    "03dZR03seR03+fR03thR03XgR03fhR03uhR03biR03+el403qfR03lnR03kpR03pfF03hsR03dsR03nsl403vlR03kxR03+w"
+    "l403kyl403c+R03vXS03+WS03xWS03siF03gYS03zZS03tZS03jbS03bfX403bgS03Zpm403yiS03hzm403enS03rnS03moS"
+    "03emn403WqS03rqS03rvn403qWo403wxS03hyS03irF03bzS03urF03urF03dYT03yYT03nZT03baT03gcT03xuF03afT03s"
+    "Xp403+fT03oap403mhT03-ie403mmT03Xzp403uzp403aYq403y-F03eWG03qtT03pdq403odq403veq403pfq403+uT03-u"
+    "T03-uT03gwT03vXG03hyT03cYG03saG03zWr403kYU03iaU03icU03ZdG03cnr403sgU03wqr403bsr403liU03hlU03lfG0"
+    "3WoU03goU03loU03yhs403drs403drs403ktU03YmG03hzs403c+U03f+U03dnG03Wat403ocV03WrG03edV03ZdV03WeV03"
+    "cyt403ZhV03XuG03dkV03YmV03boV03qvG03enu403dou403vwG03vsu403wxV03+vu403ryV03w-V03bWW103wcv403Zfv4"
+    "03WZW103ejv403mZW103-wi403r+G03obW103ZeW103hWH03+fW103rrM03dzv403rzv403pyi403yyi403XmW103amW103+"
+    "yZ103hZH03nqW103hqW103zqW103prK03nrW103prW103zrW103ctW103yvw403btW103zuW103ZxW103jzW103ZvW103zzW"
+    "103d-W103tYX103pwW103g+W103i+W103y+W103sXx403hhx403rcx403hfH03ndX103pdX103seX103g+y403ahX103ivx4"
+    "03zgH03XhH03nzx403ocy403hhH03moX103yoX103dpX103fpX103frX103eqX103kuX103YtX103vxX103evX103hxX103c"
+    "yX103tkH03X-X103XWY103vlH03WZY103ZZY103dpz403tcY103+cY103rnH03wdY103xbD03kb+403ch+403+rH03dsH03W"
+    "rY103jtY103gyY103rYZ103eb-403hbZ103XcZ103xeZ103thZ103lv-403aWY403hkZ103yjZ103mlZ103+cY403qsZ103u"
+    "vZ103okX503jlX503qaa103nda103nea103kvX503xea103una103tsa103usa103ypa103v-a103rWb103w-Y503hib103r"
+    "iI03tjb103thZ503clI03Zsb103ojN03Zvb103bga503wma503kpI03spI03W-b103gWb503orI03sab503hWc103hWc103f"
+    "Xc103sjb503Ydc103pvI03ffc103djc103Ykc103+lc103k+I03mvc503ouc103WYd103zdd103kcJ03jdJ03dhd103kce50"
+    "3udJ03bee503kme503nqe503xrd103sgJ03vtd103+td103bud103lud103sud103xvd103Wmf50";
+/* END GENERATED UNICODE TABLES */
 
-static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
-    (void)g;
-    *out = NULL;
+typedef struct moe_vocab moe_vocab;
+
+/* ---- Unicode: classes for the split regexes, NFC ---------------------------------------------
+   The tables above are decoded once (pthread_once) into arrays; the Basic Multilingual Plane
+   gets a direct 64 KiB class table, astral code points a binary search. Bytes that are not
+   valid UTF-8 are carried as pseudo code points 0x110000 + byte: class "other", never
+   normalized, written back as the same byte, so every input round-trips. */
+enum { UC_OTHER = 0, UC_UPPER = 1, UC_LOWER = 2, UC_OLETTER = 3, UC_MARK = 4, UC_NUMBER = 5, UC_SPACE = 6 };
+#define UC_BAD_BASE 0x110000u
+
+static uint8_t g_uc_bmp[0x10000];
+static uint32_t *g_uc_astral_start;   /* class ranges above the BMP */
+static uint8_t *g_uc_astral_cls;
+static int g_uc_astral_n;
+static uint32_t *g_un_start;          /* normalization ranges: qc << 8 | ccc */
+static uint16_t *g_un_val;
+static int g_un_n;
+static uint32_t *g_ud;                /* decompositions: cp, first, second|flag (sorted by cp) */
+static uint64_t *g_uc_comp;           /* sorted (first << 21 | second) << 21 | composite */
+static int g_uc_comp_n;
+static int g_uc_ok;
+static pthread_once_t g_uc_once = PTHREAD_ONCE_INIT;
+
+static const char *uc_varint(const char *p, uint32_t *v) {
+    uint32_t x = 0;
+    int shift = 0;
+    for (;;) {
+        const char *d = strchr(K_DIGITS, *p++);
+        uint32_t k = d ? (uint32_t)(d - K_DIGITS) : 0;
+        if (k < 32) { *v = x | k << shift; return p; }
+        x |= (k - 32) << shift;
+        shift += 5;
+    }
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void uc_init(void) {
+    uint32_t *start = moe_malloc(K_UCAT_N * sizeof *start);
+    uint8_t *cls = moe_malloc(K_UCAT_N);
+    g_un_start = moe_malloc(K_UNORM_N * sizeof *g_un_start);
+    g_un_val = moe_malloc(K_UNORM_N * sizeof *g_un_val);
+    g_ud = moe_malloc(3 * K_UDECOMP_N * sizeof *g_ud);
+    g_uc_comp = moe_malloc(K_UDECOMP_N * sizeof *g_uc_comp);
+    if (!start || !cls || !g_un_start || !g_un_val || !g_ud || !g_uc_comp) {
+        moe_free(start); moe_free(cls);
+        return; /* g_uc_ok stays 0: callers report out of memory */
+    }
+    const char *p = k_ucat;
+    uint32_t s = 0, v;
+    for (int i = 0; i < K_UCAT_N; i++) {
+        p = uc_varint(p, &v);
+        s += v >> 4;
+        start[i] = s;
+        cls[i] = (uint8_t)(v & 15);
+    }
+    int first_astral = K_UCAT_N;
+    for (int i = 0; i < K_UCAT_N; i++) {
+        uint32_t end = i + 1 < K_UCAT_N ? start[i + 1] : 0x110000;
+        for (uint32_t c = start[i]; c < end && c < 0x10000; c++)
+            g_uc_bmp[c] = cls[i] == 7 ? (c % 2 ? UC_LOWER : UC_UPPER) : cls[i] == 8 ? (c % 2 ? UC_UPPER : UC_LOWER) : cls[i];
+        if (end > 0x10000 && first_astral == K_UCAT_N) first_astral = i;
+    }
+    /* keep the astral part (the range containing 0x10000 onward) */
+    g_uc_astral_n = K_UCAT_N - first_astral;
+    memmove(start, start + first_astral, (size_t)g_uc_astral_n * sizeof *start);
+    memmove(cls, cls + first_astral, (size_t)g_uc_astral_n);
+    g_uc_astral_start = start;
+    g_uc_astral_cls = cls;
+    p = k_unorm;
+    s = 0;
+    for (int i = 0; i < K_UNORM_N; i++) {
+        p = uc_varint(p, &v);
+        s += v >> 10;
+        g_un_start[i] = s;
+        g_un_val[i] = (uint16_t)(v & 1023);
+    }
+    g_un_n = K_UNORM_N;
+    p = k_udecomp;
+    s = 0;
+    for (int i = 0; i < K_UDECOMP_N; i++) {
+        uint32_t a, b;
+        p = uc_varint(p, &v);
+        p = uc_varint(p, &a);
+        p = uc_varint(p, &b);
+        s += v >> 1;
+        g_ud[3 * i] = s;
+        g_ud[3 * i + 1] = a;
+        g_ud[3 * i + 2] = b | (v & 1u) << 31;
+        if (!(v & 1) && b) g_uc_comp[g_uc_comp_n++] = ((uint64_t)a << 21 | b) << 21 | s;
+    }
+    qsort(g_uc_comp, (size_t)g_uc_comp_n, sizeof *g_uc_comp, cmp_u64);
+    g_uc_ok = 1;
+}
+
+static int uc_ready(void) {
+    pthread_once(&g_uc_once, uc_init);
+    return g_uc_ok;
+}
+
+static inline int uc_class(uint32_t c) {
+    if (c < 0x10000) return g_uc_bmp[c];
+    if (c >= UC_BAD_BASE) return UC_OTHER;
+    int lo = 0, hi = g_uc_astral_n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (g_uc_astral_start[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    int k = g_uc_astral_cls[lo];
+    return k == 7 ? (c % 2 ? UC_LOWER : UC_UPPER) : k == 8 ? (c % 2 ? UC_UPPER : UC_LOWER) : k;
+}
+
+static uint16_t uc_norm(uint32_t c) { /* NFC_QC << 8 | ccc */
+    if (c < 0x300 || c >= UC_BAD_BASE) return 0;
+    int lo = 0, hi = g_un_n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (g_un_start[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    return g_un_val[lo];
+}
+
+/* Decodes one code point at s (n > 0 bytes left); invalid bytes give UC_BAD_BASE + byte, length 1. */
+static inline uint32_t utf8_next(const uint8_t *s, size_t n, int *len) {
+    uint8_t c = s[0];
+    if (c < 0x80) { *len = 1; return c; }
+    int l = utf8_valid_len(s, n);
+    if (!l) { *len = 1; return UC_BAD_BASE + c; }
+    *len = l;
+    if (l == 2) return (uint32_t)(c & 0x1F) << 6 | (s[1] & 0x3F);
+    if (l == 3) return (uint32_t)(c & 0x0F) << 12 | (uint32_t)(s[1] & 0x3F) << 6 | (s[2] & 0x3F);
+    return (uint32_t)(c & 0x07) << 18 | (uint32_t)(s[1] & 0x3F) << 12 | (uint32_t)(s[2] & 0x3F) << 6 | (s[3] & 0x3F);
+}
+
+static inline int utf8_put(uint32_t c, uint8_t *o) {
+    if (c >= UC_BAD_BASE) { o[0] = (uint8_t)(c - UC_BAD_BASE); return 1; }
+    if (c < 0x80) { o[0] = (uint8_t)c; return 1; }
+    if (c < 0x800) { o[0] = (uint8_t)(0xC0 | c >> 6); o[1] = (uint8_t)(0x80 | (c & 63)); return 2; }
+    if (c < 0x10000) {
+        o[0] = (uint8_t)(0xE0 | c >> 12); o[1] = (uint8_t)(0x80 | (c >> 6 & 63)); o[2] = (uint8_t)(0x80 | (c & 63));
+        return 3;
+    }
+    o[0] = (uint8_t)(0xF0 | c >> 18); o[1] = (uint8_t)(0x80 | (c >> 12 & 63));
+    o[2] = (uint8_t)(0x80 | (c >> 6 & 63)); o[3] = (uint8_t)(0x80 | (c & 63));
+    return 4;
+}
+
+enum { HANGUL_S = 0xAC00, HANGUL_L = 0x1100, HANGUL_V = 0x1161, HANGUL_T = 0x11A7, HANGUL_NV = 21, HANGUL_NT = 28,
+       HANGUL_N = 588, HANGUL_SCOUNT = 11172 };
+
+static const uint32_t *uc_decomp_entry(uint32_t c) {
+    int lo = 0, hi = K_UDECOMP_N - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        uint32_t m = g_ud[3 * mid];
+        if (m == c) return &g_ud[3 * mid];
+        if (m < c) lo = mid + 1; else hi = mid - 1;
+    }
+    return NULL;
+}
+
+/* Full canonical decomposition of c appended to out; returns the count (at most 4 per level). */
+static int uc_decompose(uint32_t c, uint32_t *out, int depth) {
+    if (c >= HANGUL_S && c < HANGUL_S + HANGUL_SCOUNT) {
+        uint32_t si = c - HANGUL_S;
+        out[0] = HANGUL_L + si / HANGUL_N;
+        out[1] = HANGUL_V + (si % HANGUL_N) / HANGUL_NT;
+        if (si % HANGUL_NT) { out[2] = HANGUL_T + si % HANGUL_NT; return 3; }
+        return 2;
+    }
+    const uint32_t *e = c >= 0xC0 && c < UC_BAD_BASE && depth < 8 ? uc_decomp_entry(c) : NULL;
+    if (!e) { out[0] = c; return 1; }
+    int n = uc_decompose(e[1], out, depth + 1);
+    uint32_t second = e[2] & 0x7FFFFFFFu;
+    if (second) n += uc_decompose(second, out + n, depth + 1);
+    return n;
+}
+
+static uint32_t uc_compose(uint32_t a, uint32_t b) {
+    if (a >= HANGUL_L && a < HANGUL_L + 19 && b >= HANGUL_V && b < HANGUL_V + HANGUL_NV)
+        return HANGUL_S + ((a - HANGUL_L) * HANGUL_NV + (b - HANGUL_V)) * HANGUL_NT;
+    if (a >= HANGUL_S && a < HANGUL_S + HANGUL_SCOUNT && (a - HANGUL_S) % HANGUL_NT == 0 && b > HANGUL_T &&
+        b < HANGUL_T + HANGUL_NT)
+        return a + (b - HANGUL_T);
+    uint64_t key = (uint64_t)a << 21 | b;
+    int lo = 0, hi = g_uc_comp_n - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        uint64_t k = g_uc_comp[mid] >> 21;
+        if (k == key) return (uint32_t)(g_uc_comp[mid] & 0x1FFFFF);
+        if (k < key) lo = mid + 1; else hi = mid - 1;
+    }
+    return 0;
+}
+
+/* 1 when s[0..n) is certainly NFC already (the quick check of UAX #15), 0 when it must be normalized. */
+static int nfc_quick_yes(const uint8_t *s, size_t n) {
+    int last_ccc = 0;
+    for (size_t i = 0; i < n;) {
+        if (s[i] < 0x80) { last_ccc = 0; i++; continue; }
+        int l;
+        uint32_t c = utf8_next(s + i, n - i, &l);
+        i += (size_t)l;
+        uint16_t v = uc_norm(c);
+        int ccc = v & 255;
+        if (v >> 8) return 0;
+        if (ccc && last_ccc > ccc) return 0;
+        last_ccc = ccc;
+    }
+    return 1;
+}
+
+/* NFC of s[0..n) into out (capacity >= 3 n + 4); cps: scratch of 4 n + 4 code points. */
+static size_t nfc(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps) {
+    size_t m = 0;
+    for (size_t i = 0; i < n;) { /* decompose */
+        int l;
+        uint32_t c = utf8_next(s + i, n - i, &l);
+        i += (size_t)l;
+        m += (size_t)uc_decompose(c, cps + m, 0);
+    }
+    for (size_t i = 0; i < m;) { /* canonical order: stable sort of each run of non-starters */
+        if (!(uc_norm(cps[i]) & 255)) { i++; continue; }
+        size_t j = i;
+        while (j < m && (uc_norm(cps[j]) & 255)) j++;
+        for (size_t a = i + 1; a < j; a++) {
+            uint32_t x = cps[a];
+            int cx = uc_norm(x) & 255;
+            size_t b = a;
+            while (b > i && (uc_norm(cps[b - 1]) & 255) > cx) { cps[b] = cps[b - 1]; b--; }
+            cps[b] = x;
+        }
+        i = j;
+    }
+    /* compose (the reference algorithm of UAX #15) */
+    size_t w = 0;
+    ptrdiff_t sp = -1;  /* last starter in the output */
+    int last = 256;     /* class of the last character kept after it */
+    for (size_t i = 0; i < m; i++) {
+        uint32_t c = cps[i];
+        int ccc = uc_norm(c) & 255;
+        if (sp >= 0) {
+            uint32_t comp = uc_compose(cps[sp], c);
+            if (comp && (last < ccc || last == 0)) {
+                cps[sp] = comp;
+                continue;
+            }
+        }
+        if (ccc == 0) sp = (ptrdiff_t)w;
+        last = ccc;
+        cps[w++] = c;
+    }
+    size_t o = 0;
+    for (size_t i = 0; i < w; i++) o += (size_t)utf8_put(cps[i], out + o);
+    return o;
+}
+
+/* ---- vocabulary -------------------------------------------------------------------------------
+   One engine covers both families: BPE over token ids with a (left, right) -> (rank, result)
+   merge table, lowest rank first and leftmost among equals (what Hugging Face `tokenizers`
+   does). Byte-level vocabularies (GGUF "gpt2") start from one token per byte; SentencePiece-style
+   ones (GGUF "llama", Gemma) start from one token per character with <0xXX> byte fallback and
+   see spaces as U+2581. GGUF "llama" vocabularies that carry scores and no merges get their merge
+   table derived from the scores the way the Hugging Face converter derives it. */
+enum { TT_NORMAL = 1, TT_UNKNOWN = 2, TT_CONTROL = 3, TT_USER = 4, TT_UNUSED = 5, TT_BYTE = 6 }; /* GGUF token types */
+enum { VK_BYTES = 1, VK_SPM = 2 };
+enum { PRE_NONE = 0, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_O200K };
+enum { CHAT_UNKNOWN = 0, CHAT_CHATML, CHAT_QWEN3, CHAT_GEMMA, CHAT_HARMONY };
+enum { TF_SELF = 1, TF_SPECIAL = 2, TF_ADDED = 4, TF_LSTRIP = 8, TF_RSTRIP = 16, TF_SINGLE_WORD = 32, TF_EOG = 64 };
+
+typedef struct vocab_token {
+    uint32_t text, text_len;    /* the token as stored in the file (byte-level or U+2581 form) */
+    uint32_t piece, piece_len;  /* the bytes it stands for in text */
+    float score;
+    uint8_t type;               /* TT_* */
+    uint8_t flags;              /* TF_* */
+} vocab_token;
+
+typedef struct merge_slot { uint64_t key; uint32_t rank; int32_t id; } merge_slot;
+typedef struct trie_node { int32_t child, next, token; uint8_t byte; } trie_node;
+
+struct moe_vocab {
+    int32_t n_tokens, kind, pre, nfc, add_space_prefix, byte_fallback, ignore_merges, chat;
+    int32_t bos, eos, eot, eom, unk, pad, add_bos, add_eos;
+    int32_t prefix[4], n_prefix, suffix[4], n_suffix;   /* what MOE_TOKENIZE_ADD_SPECIAL adds */
+    vocab_token *tok;
+    uint8_t *blob;
+    size_t blob_len, blob_cap;
+    int32_t *hash;              /* open addressing: token ids by lookup key (piece or text) */
+    uint32_t hash_mask;
+    merge_slot *merges;
+    uint32_t merge_mask, n_merges;
+    int32_t byte_tok[256];      /* byte-level: the token of each byte; SPM: <0xXX> (or -1) */
+    trie_node *trie;            /* added tokens, for matching them in text */
+    int32_t n_trie, cap_trie;
+    uint8_t first_byte[32];     /* bitmap: bytes that can start an added token */
+    char *template_text;        /* chat template from the metadata, if any */
+    char arch[32];
+    char unsupported[160];      /* set when the metadata names a tokenizer we do not implement */
+};
+
+static void vocab_free(moe_vocab *v) {
+    if (!v) return;
+    moe_free(v->tok);
+    moe_free(v->blob);
+    moe_free(v->hash);
+    moe_free(v->merges);
+    moe_free(v->trie);
+    moe_free(v->template_text);
+    moe_free(v);
+}
+
+static const uint8_t *tok_text(const moe_vocab *v, int32_t id) { return v->blob + v->tok[id].text; }
+static const uint8_t *tok_piece(const moe_vocab *v, int32_t id) { return v->blob + v->tok[id].piece; }
+
+static uint64_t hash_bytes(const uint8_t *p, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xff51afd7ed558ccdull);
+    while (n >= 8) {
+        uint64_t x;
+        memcpy(&x, p, 8);
+        h = (h ^ x) * 0xff51afd7ed558ccdull;
+        h ^= h >> 32;
+        p += 8;
+        n -= 8;
+    }
+    uint64_t x = 0;
+    for (size_t i = 0; i < n; i++) x |= (uint64_t)p[i] << (8 * i);
+    h = (h ^ x) * 0xc4ceb9fe1a85ec53ull;
+    return h ^ (h >> 29);
+}
+
+static moe_status blob_add(moe_vocab *v, const void *p, size_t n, uint32_t *off) {
+    if (v->blob_len + n > v->blob_cap) {
+        size_t cap = v->blob_cap ? v->blob_cap : 1 << 16;
+        while (cap < v->blob_len + n) cap *= 2;
+        if (cap > UINT32_MAX) return set_error(MOE_ERR_FORMAT, "tokenizer: token strings exceed 4 GiB");
+        uint8_t *nb = moe_malloc(cap);
+        if (!nb) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for token strings");
+        if (v->blob_len) memcpy(nb, v->blob, v->blob_len);
+        moe_free(v->blob);
+        v->blob = nb;
+        v->blob_cap = cap;
+    }
+    if (n) memcpy(v->blob + v->blob_len, p, n);
+    *off = (uint32_t)v->blob_len;
+    v->blob_len += n;
     return MOE_OK;
 }
-static void vocab_free(moe_vocab *v) { moe_free(v); }
+
+/* The key that BPE looks tokens up by: raw bytes for byte-level vocabularies, text for SPM. */
+static const uint8_t *tok_key(const moe_vocab *v, int32_t id, uint32_t *len) {
+    if (v->kind == VK_BYTES) { *len = v->tok[id].piece_len; return tok_piece(v, id); }
+    *len = v->tok[id].text_len;
+    return tok_text(v, id);
+}
+
+static int32_t vocab_find(const moe_vocab *v, const uint8_t *key, size_t n) {
+    if (!v->hash) return -1;
+    uint32_t i = (uint32_t)hash_bytes(key, n) & v->hash_mask;
+    for (;; i = (i + 1) & v->hash_mask) {
+        int32_t id = v->hash[i];
+        if (id < 0) return -1;
+        uint32_t kl;
+        const uint8_t *k = tok_key(v, id, &kl);
+        if (kl == n && memcmp(k, key, n) == 0) return id;
+    }
+}
+
+/* Tokens BPE can produce or look up: not control tokens, and for byte-level vocabularies not
+   added ones either (Hugging Face keeps those outside the model's vocabulary). */
+static int tok_in_model(const moe_vocab *v, int32_t id) {
+    int t = v->tok[id].type;
+    if (t == TT_CONTROL || (v->tok[id].flags & TF_ADDED && v->kind == VK_BYTES)) return 0;
+    return t != TT_USER || v->kind == VK_SPM;
+}
+
+static moe_status vocab_build_hash(moe_vocab *v) {
+    uint32_t size = 1024;
+    while (size < (uint32_t)v->n_tokens * 2u) size *= 2;
+    v->hash = moe_malloc(size * sizeof *v->hash);
+    if (!v->hash) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for the token table");
+    memset(v->hash, 0xFF, size * sizeof *v->hash);
+    v->hash_mask = size - 1;
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        if (!tok_in_model(v, id)) continue;
+        uint32_t kl;
+        const uint8_t *k = tok_key(v, id, &kl);
+        if (kl == 0) continue;
+        if (vocab_find(v, k, kl) >= 0) continue; /* duplicate strings: the first id wins */
+        uint32_t i = (uint32_t)hash_bytes(k, kl) & v->hash_mask;
+        while (v->hash[i] >= 0) i = (i + 1) & v->hash_mask;
+        v->hash[i] = id;
+    }
+    return MOE_OK;
+}
+
+static moe_status merges_alloc(moe_vocab *v, uint32_t n) {
+    uint32_t size = 1024;
+    while (size < n * 2u + 2) {
+        if (size >= (1u << 30)) return set_error(MOE_ERR_FORMAT, "tokenizer: too many merges (%u)", n);
+        size *= 2;
+    }
+    v->merges = moe_malloc((size_t)size * sizeof *v->merges);
+    if (!v->merges) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for %u merges", n);
+    for (uint32_t i = 0; i < size; i++) v->merges[i].key = UINT64_MAX;
+    v->merge_mask = size - 1;
+    return MOE_OK;
+}
+
+static inline uint32_t merge_hash(uint64_t key) { return (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32); }
+
+/* Later duplicates replace earlier ones (as in Hugging Face, whose map keeps the last). */
+static void merge_put(moe_vocab *v, int32_t a, int32_t b, uint32_t rank, int32_t id) {
+    uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
+    uint32_t i = merge_hash(key) & v->merge_mask;
+    while (v->merges[i].key != UINT64_MAX && v->merges[i].key != key) i = (i + 1) & v->merge_mask;
+    if (v->merges[i].key == UINT64_MAX) v->n_merges++;
+    v->merges[i].key = key;
+    v->merges[i].rank = rank;
+    v->merges[i].id = id;
+}
+
+static inline const merge_slot *merge_get(const moe_vocab *v, int32_t a, int32_t b) {
+    uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
+    uint32_t i = merge_hash(key) & v->merge_mask;
+    for (;; i = (i + 1) & v->merge_mask) {
+        const merge_slot *s = &v->merges[i];
+        if (s->key == key) return s;
+        if (s->key == UINT64_MAX) return NULL;
+    }
+}
+
+/* Adds a merge given as the two token strings (as stored: byte-level or U+2581 form). */
+static moe_status merge_add_text(moe_vocab *v, const uint8_t *a, size_t na, const uint8_t *b, size_t nb, uint32_t rank,
+                                 int32_t *text_index /* hash over text */, uint32_t text_mask) {
+    int32_t ids[3] = {-1, -1, -1};
+    uint8_t buf[1024];
+    const uint8_t *keys[3] = {a, b, buf};
+    size_t lens[3] = {na, nb, na + nb};
+    if (na + nb > sizeof buf) return MOE_OK; /* cannot name a token we hold the text of: ignore */
+    memcpy(buf, a, na);
+    memcpy(buf + na, b, nb);
+    for (int k = 0; k < 3; k++) {
+        uint32_t i = (uint32_t)hash_bytes(keys[k], lens[k]) & text_mask;
+        for (;; i = (i + 1) & text_mask) {
+            int32_t id = text_index[i];
+            if (id < 0) break;
+            if (v->tok[id].text_len == lens[k] && memcmp(tok_text(v, id), keys[k], lens[k]) == 0) { ids[k] = id; break; }
+        }
+        if (ids[k] < 0) /* Hugging Face refuses such a file; so do we */
+            return set_error(MOE_ERR_FORMAT, "tokenizer: merge %u ('%.*s' + '%.*s') names a token missing from the vocabulary",
+                             rank, (int)(na > 40 ? 40 : na), (const char *)a, (int)(nb > 40 ? 40 : nb), (const char *)b);
+    }
+    merge_put(v, ids[0], ids[1], rank, ids[2]);
+    return MOE_OK;
+}
+
+/* A hash of token ids by their stored text (for resolving merges and added tokens). */
+static int32_t *text_index_build(const moe_vocab *v, uint32_t *mask_out) {
+    uint32_t size = 1024;
+    while (size < (uint32_t)v->n_tokens * 2u) size *= 2;
+    int32_t *t = moe_malloc(size * sizeof *t);
+    if (!t) return NULL;
+    memset(t, 0xFF, size * sizeof *t);
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        const vocab_token *x = &v->tok[id];
+        if (x->type == TT_UNUSED && x->text_len == 0) continue;
+        uint32_t i = (uint32_t)hash_bytes(tok_text(v, id), x->text_len) & (size - 1);
+        int dup = 0;
+        for (; t[i] >= 0; i = (i + 1) & (size - 1)) {
+            const vocab_token *y = &v->tok[t[i]];
+            if (y->text_len == x->text_len && memcmp(tok_text(v, t[i]), tok_text(v, id), x->text_len) == 0) {
+                /* prefer the model's own token over an added one with the same text */
+                if ((y->flags & TF_ADDED) && !(x->flags & TF_ADDED)) t[i] = id;
+                dup = 1;
+                break;
+            }
+        }
+        if (!dup) t[i] = id;
+    }
+    *mask_out = size - 1;
+    return t;
+}
+
+/* ---- byte-level mapping (GPT-2): bytes <-> printable code points ------------------------------ */
+static uint32_t g_byte_to_cp[256];
+static int16_t g_cp_to_byte[324];   /* inverse, for code points < 324 */
+static pthread_once_t g_bytemap_once = PTHREAD_ONCE_INIT;
+
+static void bytemap_init(void) {
+    int n = 0;
+    for (int i = 0; i < 324; i++) g_cp_to_byte[i] = -1;
+    for (int b = 0; b < 256; b++) {
+        int keep = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
+        g_byte_to_cp[b] = keep ? (uint32_t)b : (uint32_t)(256 + n++);
+        g_cp_to_byte[g_byte_to_cp[b]] = (int16_t)b;
+    }
+}
+
+/* Decodes a byte-level token text into raw bytes (out: capacity >= n). Characters outside the
+   mapping are kept as their UTF-8 (added tokens are stored that way). */
+static size_t bytelevel_decode(const uint8_t *s, size_t n, uint8_t *out) {
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        int l;
+        uint32_t c = utf8_next(s + i, n - i, &l);
+        if (c < 324 && g_cp_to_byte[c] >= 0) out[o++] = (uint8_t)g_cp_to_byte[c];
+        else { memcpy(out + o, s + i, (size_t)l); o += (size_t)l; }
+        i += (size_t)l;
+    }
+    return o;
+}
+
+/* ---- BPE -------------------------------------------------------------------------------------- */
+static int g_bpe_small_max = 48;    /* words up to this many symbols use the quadratic loop (tests lower it) */
+
+typedef struct bpe_heap_item { uint32_t rank, pos; int32_t id; } bpe_heap_item;
+
+typedef struct tok_scratch {        /* per-call working memory, sized by the text */
+    int32_t *ids, *prev, *next;
+    uint32_t *rank;
+    int32_t *nid;
+    bpe_heap_item *heap;
+    size_t cap;                     /* symbols */
+    uint8_t *norm;                  /* normalized text */
+    uint32_t *cps;                  /* code points (NFC scratch, splitting) */
+    uint8_t *cls;
+    uint32_t *off;
+} tok_scratch;
+
+static inline int heap_less(const bpe_heap_item *a, const bpe_heap_item *b) {
+    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
+}
+
+static void heap_push(bpe_heap_item *h, size_t *n, bpe_heap_item x) {
+    size_t i = (*n)++;
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (!heap_less(&x, &h[p])) break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = x;
+}
+
+static bpe_heap_item heap_pop(bpe_heap_item *h, size_t *n) {
+    bpe_heap_item top = h[0], x = h[--(*n)];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= *n) break;
+        if (c + 1 < *n && heap_less(&h[c + 1], &h[c])) c++;
+        if (!heap_less(&h[c], &x)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (*n) h[i] = x;
+    return top;
+}
+
+/* Merges ids[0..n) in place; returns the new count. */
+static int bpe_merge(const moe_vocab *v, tok_scratch *sc, int32_t *ids, int n) {
+    if (n < 2 || !v->merges) return n;
+    if (n <= g_bpe_small_max) {
+        uint32_t *rank = sc->rank;
+        int32_t *nid = sc->nid;
+        for (int i = 0; i + 1 < n; i++) {
+            const merge_slot *m = merge_get(v, ids[i], ids[i + 1]);
+            rank[i] = m ? m->rank : UINT32_MAX;
+            nid[i] = m ? m->id : -1;
+        }
+        for (;;) {
+            int best = -1;
+            uint32_t br = UINT32_MAX;
+            for (int i = 0; i + 1 < n; i++)
+                if (rank[i] < br) { br = rank[i]; best = i; }
+            if (best < 0) break;
+            ids[best] = nid[best];
+            for (int i = best + 1; i + 1 < n; i++) { ids[i] = ids[i + 1]; rank[i] = rank[i + 1]; nid[i] = nid[i + 1]; }
+            n--;
+            for (int i = best - 1; i <= best; i++) {
+                if (i < 0 || i + 1 >= n) continue;
+                const merge_slot *m = merge_get(v, ids[i], ids[i + 1]);
+                rank[i] = m ? m->rank : UINT32_MAX;
+                nid[i] = m ? m->id : -1;
+            }
+        }
+        return n;
+    }
+    int32_t *prev = sc->prev, *next = sc->next;
+    bpe_heap_item *h = sc->heap;
+    size_t hn = 0;
+    for (int i = 0; i < n; i++) { prev[i] = i - 1; next[i] = i + 1 < n ? i + 1 : -1; }
+    for (int i = 0; i + 1 < n; i++) {
+        const merge_slot *m = merge_get(v, ids[i], ids[i + 1]);
+        if (m) heap_push(h, &hn, (bpe_heap_item){m->rank, (uint32_t)i, m->id});
+    }
+    while (hn) {
+        bpe_heap_item it = heap_pop(h, &hn);
+        int p = (int)it.pos, q = next[p];
+        if (ids[p] < 0 || q < 0) continue;
+        const merge_slot *m = merge_get(v, ids[p], ids[q]);
+        if (!m || m->id != it.id) continue;
+        ids[p] = it.id;
+        ids[q] = -1;
+        next[p] = next[q];
+        if (next[q] >= 0) prev[next[q]] = p;
+        if (prev[p] >= 0 && (m = merge_get(v, ids[prev[p]], ids[p])))
+            heap_push(h, &hn, (bpe_heap_item){m->rank, (uint32_t)prev[p], m->id});
+        if (next[p] >= 0 && (m = merge_get(v, ids[p], ids[next[p]])))
+            heap_push(h, &hn, (bpe_heap_item){m->rank, (uint32_t)p, m->id});
+    }
+    int w = 0;
+    for (int i = 0; i >= 0; i = next[i]) ids[w++] = ids[i];
+    return w;
+}
+
+/* ---- output ----------------------------------------------------------------------------------- */
+typedef struct tok_out { moe_token *out; int64_t cap, n; } tok_out;
+static inline void emit(tok_out *o, int32_t id) {
+    if (o->n < o->cap) o->out[o->n] = id;
+    o->n++;
+}
+
+/* Byte-level BPE of one pre-tokenized word. */
+static void bpe_word_bytes(const moe_vocab *v, tok_scratch *sc, const uint8_t *w, size_t n, tok_out *o) {
+    if (n == 0) return;
+    int32_t id = n > 1 ? vocab_find(v, w, n) : -1;
+    if (id >= 0 && (v->ignore_merges || (v->tok[id].flags & TF_SELF))) { emit(o, id); return; }
+    int32_t *ids = sc->ids;
+    for (size_t i = 0; i < n; i++) ids[i] = v->byte_tok[w[i]];
+    int m = bpe_merge(v, sc, ids, (int)n);
+    for (int i = 0; i < m; i++) emit(o, ids[i]);
+}
+
+/* ---- pre-tokenizer splits ------------------------------------------------------------------------
+   Hand-written matchers for the split regexes of the supported families, with the regex engine's
+   semantics (leftmost alternative first, greedy quantifiers with backtracking); each returns the
+   end of the piece that starts at code point i. Classes: \p{L} = upper | lower | other letter,
+   \s = White_Space, and the alternatives below quote the regexes they implement.
+     gpt2:   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+     llama3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+     qwen2:  the same with \p{N} (single digits)
+     o200k:  [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
+             [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
+             \p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
+typedef struct split_text { const uint32_t *cp; const uint8_t *cls; size_t n; } split_text;
+
+#define UCM(k) (1u << (k))
+#define M_L (UCM(UC_UPPER) | UCM(UC_LOWER) | UCM(UC_OLETTER))
+#define M_A (UCM(UC_UPPER) | UCM(UC_OLETTER) | UCM(UC_MARK))   /* o200k: Lu Lt Lm Lo M */
+#define M_B (UCM(UC_LOWER) | UCM(UC_OLETTER) | UCM(UC_MARK))   /* o200k: Ll Lm Lo M */
+
+static inline int in(const split_text *t, size_t i, uint32_t mask) { return i < t->n && (UCM(t->cls[i]) & mask); }
+static inline int is_nl(const split_text *t, size_t i) { return i < t->n && (t->cp[i] == '\r' || t->cp[i] == '\n'); }
+static inline int is_ws(const split_text *t, size_t i) { return in(t, i, UCM(UC_SPACE)); }
+static inline int is_o(const split_text *t, size_t i) { /* [^\s\p{L}\p{N}] */
+    return i < t->n && !(UCM(t->cls[i]) & (M_L | UCM(UC_NUMBER) | UCM(UC_SPACE)));
+}
+static inline int is_prefix(const split_text *t, size_t i) { /* [^\r\n\p{L}\p{N}] */
+    return i < t->n && !is_nl(t, i) && !(UCM(t->cls[i]) & (M_L | UCM(UC_NUMBER)));
+}
+static inline size_t run(const split_text *t, size_t i, uint32_t mask) {
+    while (in(t, i, mask)) i++;
+    return i;
+}
+
+/* 's 't 're 've 'm 'll 'd at i; ci: case-insensitive (ſ folds to s). Returns the end or 0. */
+static size_t contraction(const split_text *t, size_t i, int ci) {
+    if (i + 1 >= t->n || t->cp[i] != '\'') return 0;
+    uint32_t a = t->cp[i + 1], b = i + 2 < t->n ? t->cp[i + 2] : 0;
+    if (ci) {
+        if (a >= 'A' && a <= 'Z') a += 32;
+        if (b >= 'A' && b <= 'Z') b += 32;
+        if (a == 0x17F) a = 's';
+    }
+    if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+    if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    return 0;
+}
+
+/* the three whitespace alternatives shared by all: \s*[\r\n]+ (not gpt2) | \s+(?!\S) | \s+ */
+static size_t split_ws(const split_text *t, size_t i, int newline_alt) {
+    size_t e = i;
+    while (is_ws(t, e)) e++;
+    if (e == i) return 0;
+    if (newline_alt)
+        for (size_t q = e; q > i; q--)
+            if (is_nl(t, q - 1)) return q;
+    if (e == t->n) return e;
+    return e - i >= 2 ? e - 1 : e;
+}
+
+static size_t split_gpt2(const split_text *t, size_t i) {
+    size_t e;
+    if ((e = contraction(t, i, 0))) return e;
+    size_t j = (t->cp[i] == ' ' && i + 1 < t->n) ? i + 1 : i;
+    if (in(t, j, M_L)) return run(t, j, M_L);
+    if (in(t, j, UCM(UC_NUMBER))) return run(t, j, UCM(UC_NUMBER));
+    if (is_o(t, j)) { while (is_o(t, j)) j++; return j; }
+    if ((e = split_ws(t, i, 0))) return e;
+    return i + 1;
+}
+
+static size_t split_llama3(const split_text *t, size_t i, size_t max_digits) {
+    size_t e;
+    if ((e = contraction(t, i, 1))) return e;
+    if (is_prefix(t, i) && in(t, i + 1, M_L)) return run(t, i + 1, M_L);
+    if (in(t, i, M_L)) return run(t, i, M_L);
+    if (in(t, i, UCM(UC_NUMBER))) {
+        e = i;
+        while (e - i < max_digits && in(t, e, UCM(UC_NUMBER))) e++;
+        return e;
+    }
+    size_t j = (t->cp[i] == ' ' && is_o(t, i + 1)) ? i + 1 : i;
+    if (is_o(t, j)) {
+        while (is_o(t, j)) j++;
+        while (is_nl(t, j)) j++;
+        return j;
+    }
+    if ((e = split_ws(t, i, 1))) return e;
+    return i + 1;
+}
+
+/* o200k: A*B+ with backtracking of A* (A and B overlap), then an optional contraction. */
+static size_t o200k_ab(const split_text *t, size_t j) {
+    size_t ka = run(t, j, M_A) - j;
+    for (size_t k = ka + 1; k-- > 0;) {
+        if (in(t, j + k, M_B)) {
+            size_t e = run(t, j + k, M_B), c = contraction(t, e, 1);
+            return c ? c : e;
+        }
+    }
+    return 0;
+}
+
+static size_t o200k_a(const split_text *t, size_t j) { /* A+B* then an optional contraction */
+    size_t e = run(t, j, M_A);
+    if (e == j) return 0;
+    e = run(t, e, M_B);
+    size_t c = contraction(t, e, 1);
+    return c ? c : e;
+}
+
+static size_t split_o200k(const split_text *t, size_t i) {
+    size_t e;
+    if (is_prefix(t, i) && (e = o200k_ab(t, i + 1))) return e;
+    if ((e = o200k_ab(t, i))) return e;
+    if (is_prefix(t, i) && (e = o200k_a(t, i + 1))) return e;
+    if ((e = o200k_a(t, i))) return e;
+    if (in(t, i, UCM(UC_NUMBER))) {
+        e = i;
+        while (e - i < 3 && in(t, e, UCM(UC_NUMBER))) e++;
+        return e;
+    }
+    size_t j = (t->cp[i] == ' ' && is_o(t, i + 1)) ? i + 1 : i;
+    if (is_o(t, j)) {
+        while (is_o(t, j)) j++;
+        while (is_nl(t, j) || (j < t->n && t->cp[j] == '/')) j++;
+        return j;
+    }
+    if ((e = split_ws(t, i, 1))) return e;
+    return i + 1;
+}
+
+static size_t split_next(int pre, const split_text *t, size_t i) {
+    switch (pre) {
+    case PRE_GPT2: return split_gpt2(t, i);
+    case PRE_LLAMA3: return split_llama3(t, i, 3);
+    case PRE_QWEN2: return split_llama3(t, i, 1);
+    case PRE_O200K: return split_o200k(t, i);
+    default: return t->n;
+    }
+}
+
+/* ---- encoding ------------------------------------------------------------------------------------ */
+static moe_status scratch_init(tok_scratch *sc, size_t n) {
+    memset(sc, 0, sizeof *sc);
+    size_t cap = n + 8;
+    if (cap > (SIZE_MAX / 64)) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: text too large");
+    sc->cap = cap;
+    sc->ids = moe_malloc(cap * 4 * sizeof(int32_t));   /* up to 4 symbols a byte (NFC expansion, fallback) */
+    sc->prev = moe_malloc(cap * 4 * sizeof(int32_t));
+    sc->next = moe_malloc(cap * 4 * sizeof(int32_t));
+    sc->rank = moe_malloc((size_t)(g_bpe_small_max + 1) * sizeof(uint32_t));
+    sc->nid = moe_malloc((size_t)(g_bpe_small_max + 1) * sizeof(int32_t));
+    sc->heap = moe_malloc(cap * 12 * sizeof(bpe_heap_item));
+    sc->norm = moe_malloc(cap * 3 + 8);
+    sc->cps = moe_malloc((cap * 4 + 8) * sizeof(uint32_t));
+    sc->cls = moe_malloc(cap * 3 + 8);
+    sc->off = moe_malloc((cap * 3 + 8) * sizeof(uint32_t));
+    if (!sc->ids || !sc->prev || !sc->next || !sc->rank || !sc->nid || !sc->heap || !sc->norm || !sc->cps || !sc->cls || !sc->off)
+        return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for a text of %zu bytes", n);
+    return MOE_OK;
+}
+
+static void scratch_free(tok_scratch *sc) {
+    moe_free(sc->ids); moe_free(sc->prev); moe_free(sc->next); moe_free(sc->rank); moe_free(sc->nid);
+    moe_free(sc->heap); moe_free(sc->norm); moe_free(sc->cps); moe_free(sc->cls); moe_free(sc->off);
+}
+
+/* SentencePiece-style BPE of a whole (normalized, U+2581 for spaces) segment. */
+static void bpe_spm(const moe_vocab *v, tok_scratch *sc, const uint8_t *s, size_t n, tok_out *o) {
+    int32_t *ids = sc->ids;
+    int m = 0, last_unk = 0;
+    for (size_t i = 0; i < n;) {
+        int l;
+        utf8_next(s + i, n - i, &l);
+        int32_t id = vocab_find(v, s + i, (size_t)l);
+        if (id >= 0) {
+            ids[m++] = id;
+            last_unk = 0;
+        } else {
+            int ok = v->byte_fallback;
+            for (int k = 0; k < l && ok; k++) ok = v->byte_tok[s[i + k]] >= 0;
+            if (ok) {
+                for (int k = 0; k < l; k++) ids[m++] = v->byte_tok[s[i + k]];
+                last_unk = 0;
+            } else if (v->unk >= 0 && !last_unk) {
+                ids[m++] = v->unk;
+                last_unk = 1;
+            }
+        }
+        i += (size_t)l;
+    }
+    m = bpe_merge(v, sc, ids, m);
+    for (int i = 0; i < m; i++) emit(o, ids[i]);
+}
+
+/* Normalize, split and BPE one stretch of text that holds no added token. */
+static void encode_segment(const moe_vocab *v, tok_scratch *sc, const uint8_t *s, size_t n, tok_out *o) {
+    if (n == 0) return;
+    if (v->kind == VK_SPM) {
+        uint8_t *b = sc->norm;
+        size_t m = 0;
+        if (v->add_space_prefix) { memcpy(b, "\xE2\x96\x81", 3); m = 3; }
+        for (size_t i = 0; i < n; i++) {
+            if (s[i] == ' ') { memcpy(b + m, "\xE2\x96\x81", 3); m += 3; } else b[m++] = s[i];
+        }
+        bpe_spm(v, sc, b, m, o);
+        return;
+    }
+    if (v->nfc && !nfc_quick_yes(s, n)) {
+        n = nfc(s, n, sc->norm, sc->cps);
+        s = sc->norm;
+    }
+    if (v->pre == PRE_NONE) {
+        bpe_word_bytes(v, sc, s, n, o);
+        return;
+    }
+    /* code points with their classes and byte offsets */
+    size_t m = 0;
+    uint32_t *cp = sc->cps; /* free again once nfc() is done */
+    for (size_t i = 0; i < n;) {
+        int l = 1;
+        uint32_t c = s[i] < 0x80 ? s[i] : utf8_next(s + i, n - i, &l);
+        cp[m] = c;
+        sc->cls[m] = (uint8_t)uc_class(c);
+        sc->off[m] = (uint32_t)i;
+        m++;
+        i += (size_t)l;
+    }
+    sc->off[m] = (uint32_t)n;
+    split_text t = {cp, sc->cls, m};
+    for (size_t i = 0; i < m;) {
+        size_t e = split_next(v->pre, &t, i);
+        if (e <= i || e > m) e = i + 1;
+        bpe_word_bytes(v, sc, s + sc->off[i], sc->off[e] - sc->off[i], o);
+        i = e;
+    }
+}
+
+/* Longest added token starting at s[0..n): its id and length, or -1. */
+static int32_t added_match(const moe_vocab *v, const uint8_t *s, size_t n, size_t *len) {
+    int32_t best = -1, node = 0;
+    for (size_t i = 0; i < n; i++) {
+        int32_t c = v->trie[node].child;
+        while (c >= 0 && v->trie[c].byte != s[i]) c = v->trie[c].next;
+        if (c < 0) break;
+        node = c;
+        if (v->trie[node].token >= 0) { best = v->trie[node].token; *len = i + 1; }
+    }
+    return best;
+}
+
+static int is_word_char(const uint8_t *s, size_t n) { /* for single_word: letters, digits, '_' */
+    int l;
+    uint32_t c = utf8_next(s, n, &l);
+    int k = uc_class(c);
+    return c == '_' || k == UC_UPPER || k == UC_LOWER || k == UC_OLETTER || k == UC_NUMBER;
+}
+
+static size_t utf8_prev(const uint8_t *s, size_t i) { /* start of the code point before offset i */
+    size_t j = i - 1;
+    while (j > 0 && i - j < 4 && (s[j] & 0xC0) == 0x80) j--;
+    int l;
+    utf8_next(s + j, i - j, &l);
+    return j + (size_t)l == i ? j : i - 1;
+}
+
+/* The whole pipeline: split at added tokens (leftmost-longest, as Hugging Face does), encode the
+   text between them. Without parse_special, special tokens found in the text stay text. */
+static void encode_text(const moe_vocab *v, tok_scratch *sc, const uint8_t *s, size_t n, int parse_special, tok_out *o) {
+    size_t seg = 0, i = 0;
+    while (i < n) {
+        if (!(v->first_byte[s[i] >> 3] & (1u << (s[i] & 7)))) { i++; continue; }
+        size_t len = 0;
+        int32_t id = added_match(v, s + i, n - i, &len);
+        if (id < 0) { i++; continue; }
+        uint8_t f = v->tok[id].flags;
+        if ((f & TF_SPECIAL) && !parse_special) { i += len; continue; }
+        size_t start = i, stop = i + len;
+        if ((f & TF_SINGLE_WORD) && ((start > 0 && is_word_char(s + utf8_prev(s, start), n - utf8_prev(s, start))) ||
+                                     (stop < n && is_word_char(s + stop, n - stop)))) {
+            i = stop;
+            continue;
+        }
+        if (f & TF_LSTRIP)
+            while (start > seg) {
+                size_t p = utf8_prev(s, start);
+                int l;
+                if (uc_class(utf8_next(s + p, n - p, &l)) != UC_SPACE) break;
+                start = p;
+            }
+        if (f & TF_RSTRIP)
+            while (stop < n) {
+                int l;
+                if (uc_class(utf8_next(s + stop, n - stop, &l)) != UC_SPACE) break;
+                stop += (size_t)l;
+            }
+        encode_segment(v, sc, s + seg, start - seg, o);
+        emit(o, id);
+        seg = i = stop;
+    }
+    encode_segment(v, sc, s + seg, n - seg, o);
+}
+
+/* ---- building a vocabulary ---------------------------------------------------------------------- */
+static moe_status vocab_alloc(moe_vocab **out, int64_t n_tokens) {
+    if (n_tokens <= 0 || n_tokens > (1 << 24))
+        return set_error(MOE_ERR_FORMAT, "tokenizer: %lld tokens is not a plausible vocabulary size", (long long)n_tokens);
+    moe_vocab *v = moe_calloc(1, sizeof *v);
+    if (!v) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    v->tok = moe_calloc((size_t)n_tokens, sizeof *v->tok);
+    if (!v->tok) {
+        moe_free(v);
+        return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for %lld tokens", (long long)n_tokens);
+    }
+    v->n_tokens = (int32_t)n_tokens;
+    v->bos = v->eos = v->eot = v->eom = v->unk = v->pad = -1;
+    for (int i = 0; i < 256; i++) v->byte_tok[i] = -1;
+    *out = v;
+    return MOE_OK;
+}
+
+static int hex_digit(uint8_t c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* Stores token id's text and derives the bytes it stands for. */
+static moe_status vocab_set_token(moe_vocab *v, int32_t id, const uint8_t *text, size_t n, int type) {
+    if (n > (1u << 20)) return set_error(MOE_ERR_FORMAT, "tokenizer: token %d is %zu bytes long", id, n);
+    vocab_token *t = &v->tok[id];
+    moe_status st = blob_add(v, text, n, &t->text);
+    if (st) return st;
+    t->text_len = (uint32_t)n;
+    t->type = (uint8_t)type;
+    uint8_t small[64], *buf = n <= sizeof small ? small : moe_malloc(n + 1);
+    if (!buf) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    size_t m = 0;
+    int hex = -1;
+    if (type == TT_BYTE || (v->byte_fallback && n == 6 && memcmp(text, "<0x", 3) == 0 && text[5] == '>')) {
+        int hi = n == 6 ? hex_digit(text[3]) : -1, lo = n == 6 ? hex_digit(text[4]) : -1;
+        if (hi >= 0 && lo >= 0 && !memcmp(text, "<0x", 3) && text[5] == '>') hex = hi * 16 + lo;
+    }
+    if (hex >= 0) {
+        buf[m++] = (uint8_t)hex;
+        t->type = TT_BYTE;
+        if (v->byte_tok[hex] < 0) v->byte_tok[hex] = id;
+    } else if (v->kind == VK_BYTES && (type == TT_NORMAL || type == TT_UNUSED || type == TT_UNKNOWN || type == TT_BYTE)) {
+        m = bytelevel_decode(text, n, buf);
+    } else if (v->kind == VK_SPM) {
+        for (size_t i = 0; i < n;) {
+            if (i + 3 <= n && memcmp(text + i, "\xE2\x96\x81", 3) == 0) { buf[m++] = ' '; i += 3; } else buf[m++] = text[i++];
+        }
+    } else {
+        memcpy(buf, text, n);
+        m = n;
+    }
+    st = blob_add(v, buf, m, &t->piece);
+    t->piece_len = (uint32_t)m;
+    if (buf != small) moe_free(buf);
+    return st;
+}
+
+static moe_status trie_add(moe_vocab *v, const uint8_t *s, size_t n, int32_t id) {
+    int32_t node = 0;
+    for (size_t i = 0; i < n; i++) {
+        int32_t c = v->trie[node].child;
+        while (c >= 0 && v->trie[c].byte != s[i]) c = v->trie[c].next;
+        if (c < 0) {
+            if (v->n_trie == v->cap_trie) {
+                int32_t cap = v->cap_trie * 2;
+                trie_node *nt = moe_malloc((size_t)cap * sizeof *nt);
+                if (!nt) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for added tokens");
+                memcpy(nt, v->trie, (size_t)v->n_trie * sizeof *nt);
+                moe_free(v->trie);
+                v->trie = nt;
+                v->cap_trie = cap;
+            }
+            c = v->n_trie++;
+            v->trie[c] = (trie_node){-1, v->trie[node].child, -1, s[i]};
+            v->trie[node].child = c;
+        }
+        node = c;
+    }
+    if (v->trie[node].token < 0) v->trie[node].token = id; /* duplicates: the first id wins */
+    if (n) v->first_byte[s[0] >> 3] |= (uint8_t)(1u << (s[0] & 7));
+    return MOE_OK;
+}
+
+static int tok_text_is(const moe_vocab *v, int32_t id, const char *z) {
+    size_t n = strlen(z);
+    return id >= 0 && id < v->n_tokens && v->tok[id].text_len == n && memcmp(tok_text(v, id), z, n) == 0;
+}
+
+static int32_t vocab_find_text(const moe_vocab *v, const char *z) {
+    for (int32_t id = 0; id < v->n_tokens; id++)
+        if (tok_text_is(v, id, z)) return id;
+    return -1;
+}
+
+static const char *const k_eog_texts[] = {"<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|return|>", "<|call|>",
+                                          "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "</s>", "<eos>", NULL};
+
+/* Everything that follows once tokens, types and merges are in: lookups, added-token matching,
+   end-of-generation marks, the chat format. */
+static moe_status vocab_finish(moe_vocab *v) {
+    moe_status st;
+    if ((st = vocab_build_hash(v))) return st;
+    if (v->kind == VK_BYTES) {
+        for (int b = 0; b < 256; b++) {
+            uint8_t c = (uint8_t)b;
+            v->byte_tok[b] = vocab_find(v, &c, 1);
+            if (v->byte_tok[b] < 0)
+                return set_error(MOE_ERR_FORMAT, "tokenizer: byte-level vocabulary has no token for byte 0x%02X", b);
+        }
+        /* a word that is itself a token needs no merging when BPE of its bytes gives that token */
+        tok_scratch sc;
+        int32_t maxlen = 0;
+        for (int32_t id = 0; id < v->n_tokens; id++)
+            if ((int32_t)v->tok[id].piece_len > maxlen) maxlen = (int32_t)v->tok[id].piece_len;
+        if ((st = scratch_init(&sc, (size_t)maxlen))) { scratch_free(&sc); return st; }
+        for (int32_t id = 0; id < v->n_tokens && !v->ignore_merges; id++) {
+            vocab_token *t = &v->tok[id];
+            if (t->piece_len < 2 || !tok_in_model(v, id) || vocab_find(v, tok_piece(v, id), t->piece_len) != id) continue;
+            for (uint32_t i = 0; i < t->piece_len; i++) sc.ids[i] = v->byte_tok[tok_piece(v, id)[i]];
+            if (bpe_merge(v, &sc, sc.ids, (int)t->piece_len) == 1 && sc.ids[0] == id) t->flags |= TF_SELF;
+        }
+        scratch_free(&sc);
+    }
+    v->cap_trie = 256;
+    v->trie = moe_malloc((size_t)v->cap_trie * sizeof *v->trie);
+    if (!v->trie) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    v->trie[0] = (trie_node){-1, -1, -1, 0};
+    v->n_trie = 1;
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        vocab_token *t = &v->tok[id];
+        if (t->type == TT_CONTROL || t->type == TT_UNKNOWN) t->flags |= TF_SPECIAL | TF_ADDED;
+        if (t->type == TT_USER) t->flags |= TF_ADDED;
+        if ((t->flags & TF_ADDED) && t->text_len && (st = trie_add(v, tok_text(v, id), t->text_len, id))) return st;
+    }
+    int32_t marks[3] = {v->eos, v->eot, v->eom};
+    for (int k = 0; k < 3; k++)
+        if (marks[k] >= 0 && marks[k] < v->n_tokens) v->tok[marks[k]].flags |= TF_EOG;
+    for (int32_t id = 0; id < v->n_tokens; id++)
+        if (v->tok[id].flags & TF_SPECIAL)
+            for (int k = 0; k_eog_texts[k]; k++)
+                if (tok_text_is(v, id, k_eog_texts[k])) v->tok[id].flags |= TF_EOG;
+    /* chat format: the template text first, then the architecture, then the vocabulary's own markers */
+    const char *tt = v->template_text;
+    if (tt) {
+        if (strstr(tt, "<|im_start|>")) v->chat = strstr(tt, "<think>") || strstr(tt, "reasoning_content") ? CHAT_QWEN3 : CHAT_CHATML;
+        else if (strstr(tt, "<start_of_turn>")) v->chat = CHAT_GEMMA;
+        else if (strstr(tt, "<|start|>") && strstr(tt, "<|channel|>")) v->chat = CHAT_HARMONY;
+        else v->chat = CHAT_UNKNOWN;
+    } else if (v->arch[0]) {
+        if (!strncmp(v->arch, "qwen3", 5)) v->chat = CHAT_QWEN3;
+        else if (!strncmp(v->arch, "qwen2", 5)) v->chat = CHAT_CHATML;
+        else if (!strncmp(v->arch, "gemma", 5)) v->chat = CHAT_GEMMA;
+        else if (!strcmp(v->arch, "gpt-oss") || !strcmp(v->arch, "gpt_oss")) v->chat = CHAT_HARMONY;
+    }
+    if (!tt && v->chat == CHAT_UNKNOWN) {
+        if (vocab_find_text(v, "<|im_start|>") >= 0 && vocab_find_text(v, "<|im_end|>") >= 0)
+            v->chat = vocab_find_text(v, "<think>") >= 0 ? CHAT_QWEN3 : CHAT_CHATML;
+        else if (vocab_find_text(v, "<start_of_turn>") >= 0 && vocab_find_text(v, "<end_of_turn>") >= 0) v->chat = CHAT_GEMMA;
+        else if (vocab_find_text(v, "<|start|>") >= 0 && vocab_find_text(v, "<|channel|>") >= 0 &&
+                 vocab_find_text(v, "<|message|>") >= 0) v->chat = CHAT_HARMONY;
+    }
+    if (v->add_bos && v->bos >= 0 && v->n_prefix == 0) v->prefix[v->n_prefix++] = v->bos;
+    if (v->add_eos && v->eos >= 0 && v->n_suffix == 0) v->suffix[v->n_suffix++] = v->eos;
+    return MOE_OK;
+}
+
+/* Merges for a SentencePiece vocabulary that has scores but no merge list, derived the way the
+   Hugging Face converter does: every split of a token into two tokens is a merge, ranked by the
+   token's score (higher first; ties in token order, then by the two halves' ids). */
+typedef struct spm_merge { float score; int32_t id, a, b; } spm_merge;
+
+static int cmp_spm_merge(const void *x, const void *y) {
+    const spm_merge *p = x, *q = y;
+    if (p->score != q->score) return p->score > q->score ? -1 : 1;
+    if (p->id != q->id) return p->id < q->id ? -1 : 1;
+    if (p->a != q->a) return p->a < q->a ? -1 : 1;
+    return (p->b > q->b) - (p->b < q->b);
+}
+
+static moe_status vocab_merges_from_scores(moe_vocab *v) {
+    uint32_t mask;
+    int32_t *index = text_index_build(v, &mask);
+    if (!index) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    size_t n = 0, cap = (size_t)v->n_tokens * 2 + 16;
+    spm_merge *list = moe_malloc(cap * sizeof *list);
+    moe_status st = MOE_OK;
+    if (!list) { moe_free(index); return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); }
+    for (int32_t id = 0; id < v->n_tokens && !st; id++) {
+        const vocab_token *t = &v->tok[id];
+        const uint8_t *s = tok_text(v, id);
+        if (t->type == TT_BYTE || t->text_len < 2) continue;
+        for (uint32_t k = 1; k < t->text_len; k++) {
+            if ((s[k] & 0xC0) == 0x80) continue; /* split at character boundaries */
+            int32_t ids[2] = {-1, -1};
+            const uint8_t *ps[2] = {s, s + k};
+            uint32_t ls[2] = {k, t->text_len - k};
+            for (int h = 0; h < 2; h++) {
+                uint32_t i = (uint32_t)hash_bytes(ps[h], ls[h]) & mask;
+                for (; index[i] >= 0; i = (i + 1) & mask)
+                    if (v->tok[index[i]].text_len == ls[h] && memcmp(tok_text(v, index[i]), ps[h], ls[h]) == 0) { ids[h] = index[i]; break; }
+            }
+            if (ids[0] < 0 || ids[1] < 0) continue;
+            if (n == cap) {
+                spm_merge *nl = moe_malloc(cap * 2 * sizeof *nl);
+                if (!nl) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); break; }
+                memcpy(nl, list, n * sizeof *nl);
+                moe_free(list);
+                list = nl;
+                cap *= 2;
+            }
+            list[n++] = (spm_merge){t->score, id, ids[0], ids[1]};
+        }
+    }
+    moe_free(index);
+    if (!st) {
+        qsort(list, n, sizeof *list, cmp_spm_merge);
+        if (!(st = merges_alloc(v, (uint32_t)n)))
+            for (size_t i = 0; i < n; i++) merge_put(v, list[i].a, list[i].b, (uint32_t)i, list[i].id);
+    }
+    moe_free(list);
+    return st;
+}
+
+/* ---- from GGUF metadata (tokenizer.ggml.*, as llama.cpp's converter writes it) ---------------------- */
+static moe_status gguf_opt_bool(const gguf_file *g, const char *key, int32_t *out) {
+    int64_t x = *out;
+    moe_status st = gguf_get_int(g, key, 0, 0, 1, &x);
+    *out = (int32_t)x;
+    return st;
+}
+
+static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
+    *out = NULL;
+    gguf_str model = {0}, pre = {0}, tmpl = {0}, arch = {0};
+    moe_status st;
+    if ((st = gguf_get_str(g, "tokenizer.ggml.model", 0, &model))) return st;
+    if (!model.p || gguf_str_eq(model, "none")) return MOE_OK; /* no tokenizer: the model still loads */
+    const gguf_kv *tokens = gguf_find(g, "tokenizer.ggml.tokens");
+    if (!tokens || tokens->type != GGUF_ARRAY || tokens->arr_type != GGUF_STRING)
+        return set_error(MOE_ERR_FORMAT, "gguf: tokenizer.ggml.tokens is missing or not a string array");
+    moe_vocab *v = NULL;
+    if ((st = vocab_alloc(&v, (int64_t)tokens->arr_n))) return st;
+    gguf_str *strs = NULL;
+    if ((st = gguf_get_str(g, "tokenizer.ggml.pre", 0, &pre)) || (st = gguf_get_str(g, "tokenizer.chat_template", 0, &tmpl)) ||
+        (st = gguf_get_str(g, "general.architecture", 0, &arch)))
+        goto fail;
+    if (arch.p) snprintf(v->arch, sizeof v->arch, "%.*s", (int)(arch.n < 31 ? arch.n : 31), arch.p);
+    if (gguf_str_eq(model, "gpt2")) {
+        v->kind = VK_BYTES;
+        pthread_once(&g_bytemap_once, bytemap_init);
+        if (!pre.p || gguf_str_eq(pre, "default") || gguf_str_eq(pre, "gpt2")) v->pre = PRE_GPT2;
+        else if (gguf_str_eq(pre, "qwen2")) { v->pre = PRE_QWEN2; v->nfc = 1; }
+        else if (gguf_str_eq(pre, "llama-bpe") || gguf_str_eq(pre, "llama3")) v->pre = PRE_LLAMA3;
+        else if (gguf_str_eq(pre, "gpt-4o")) { v->pre = PRE_O200K; v->ignore_merges = 1; }
+        else snprintf(v->unsupported, sizeof v->unsupported, "pre-tokenizer '%.*s' (tokenizer.ggml.pre) is not supported",
+                      (int)(pre.n > 60 ? 60 : pre.n), pre.p);
+    } else if (gguf_str_eq(model, "llama")) {
+        v->kind = VK_SPM;
+        v->byte_fallback = 1;
+        v->add_space_prefix = 1;
+        v->add_bos = 1;
+    } else {
+        snprintf(v->unsupported, sizeof v->unsupported, "tokenizer model '%.*s' (tokenizer.ggml.model) is not supported",
+                 (int)(model.n > 60 ? 60 : model.n), model.p);
+        v->kind = VK_BYTES;
+        pthread_once(&g_bytemap_once, bytemap_init);
+    }
+    if ((st = gguf_opt_bool(g, "tokenizer.ggml.add_space_prefix", &v->add_space_prefix)) ||
+        (st = gguf_opt_bool(g, "tokenizer.ggml.add_bos_token", &v->add_bos)) ||
+        (st = gguf_opt_bool(g, "tokenizer.ggml.add_eos_token", &v->add_eos)))
+        goto fail;
+    if (v->kind == VK_BYTES) v->add_space_prefix = 0;
+    const gguf_kv *types = gguf_find(g, "tokenizer.ggml.token_type");
+    const gguf_kv *scores = gguf_find(g, "tokenizer.ggml.scores");
+    if (types && (types->type != GGUF_ARRAY || types->arr_type != GGUF_I32 || types->arr_n != tokens->arr_n)) {
+        st = set_error(MOE_ERR_FORMAT, "gguf: tokenizer.ggml.token_type must be an int32 array with one entry per token");
+        goto fail;
+    }
+    if (scores && (scores->type != GGUF_ARRAY || scores->arr_type != GGUF_F32 || scores->arr_n != tokens->arr_n)) {
+        st = set_error(MOE_ERR_FORMAT, "gguf: tokenizer.ggml.scores must be a float32 array with one entry per token");
+        goto fail;
+    }
+    strs = moe_malloc((size_t)tokens->arr_n * sizeof *strs);
+    if (!strs) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
+    gguf_array_strings(tokens, strs);
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        int32_t type = TT_NORMAL;
+        if (types) memcpy(&type, types->val + 4 * (size_t)id, 4);
+        if (type < TT_NORMAL || type > TT_BYTE) type = TT_NORMAL;
+        if ((st = vocab_set_token(v, id, (const uint8_t *)strs[id].p, strs[id].n, type))) goto fail;
+        if (scores) {
+            float sc;
+            memcpy(&sc, scores->val + 4 * (size_t)id, 4);
+            v->tok[id].score = isfinite(sc) ? sc : 0.0f;
+        }
+    }
+    static const char *const id_keys[] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                           "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"};
+    int32_t *id_vals[] = {&v->bos, &v->eos, &v->eot, &v->eom, &v->unk, &v->pad};
+    for (int k = 0; k < 6; k++) {
+        int64_t x = -1;
+        if ((st = gguf_get_int(g, id_keys[k], 0, -1, v->n_tokens - 1, &x))) goto fail;
+        *id_vals[k] = (int32_t)x;
+    }
+    const gguf_kv *merges = gguf_find(g, "tokenizer.ggml.merges");
+    if (merges && (merges->type != GGUF_ARRAY || merges->arr_type != GGUF_STRING)) {
+        st = set_error(MOE_ERR_FORMAT, "gguf: tokenizer.ggml.merges must be a string array");
+        goto fail;
+    }
+    if (merges && merges->arr_n) {
+        if (merges->arr_n > (1u << 26)) { st = set_error(MOE_ERR_FORMAT, "gguf: too many merges"); goto fail; }
+        gguf_str *ms = moe_malloc((size_t)merges->arr_n * sizeof *ms);
+        uint32_t mask;
+        int32_t *index = text_index_build(v, &mask);
+        if (!ms || !index || (st = merges_alloc(v, (uint32_t)merges->arr_n)) != MOE_OK) {
+            moe_free(ms);
+            moe_free(index);
+            if (!st) st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for merges");
+            goto fail;
+        }
+        gguf_array_strings(merges, ms);
+        for (uint64_t i = 0; i < merges->arr_n && !st; i++) {
+            const uint8_t *p = (const uint8_t *)ms[i].p;
+            size_t n = ms[i].n, sp = 1;
+            while (sp < n && p[sp] != ' ') sp++; /* like llama.cpp: the first space after the first byte */
+            if (sp >= n) st = set_error(MOE_ERR_FORMAT, "gguf: merge %llu ('%.*s') has no space", (unsigned long long)i,
+                                        (int)(n > 40 ? 40 : n), (const char *)p);
+            else st = merge_add_text(v, p, sp, p + sp + 1, n - sp - 1, (uint32_t)i, index, mask);
+        }
+        moe_free(ms);
+        moe_free(index);
+        if (st) goto fail;
+    } else if (v->kind == VK_SPM) {
+        if (!scores) { st = set_error(MOE_ERR_FORMAT, "gguf: a 'llama' vocabulary needs tokenizer.ggml.scores or merges"); goto fail; }
+        if ((st = vocab_merges_from_scores(v))) goto fail;
+    } else if (!v->unsupported[0]) {
+        st = set_error(MOE_ERR_FORMAT, "gguf: a 'gpt2' vocabulary needs tokenizer.ggml.merges");
+        goto fail;
+    }
+    if (tmpl.p) {
+        v->template_text = moe_malloc(tmpl.n + 1);
+        if (!v->template_text) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
+        memcpy(v->template_text, tmpl.p, tmpl.n);
+        v->template_text[tmpl.n] = 0;
+    }
+    if (!v->unsupported[0] && (st = vocab_finish(v))) goto fail;
+    moe_free(strs);
+    *out = v;
+    return MOE_OK;
+fail:
+    moe_free(strs);
+    vocab_free(v);
+    return st;
+}
+
+/* ---- from a Hugging Face tokenizer.json (+ tokenizer_config.json, config.json) ---------------------- */
+static const char *const k_split_regex[][2] = {
+    {"qwen2", "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    {"llama3", "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    {"o200k", "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+              "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+              "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    {"gpt2", "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"},
+};
+static const int k_split_pre[] = {PRE_QWEN2, PRE_LLAMA3, PRE_O200K, PRE_GPT2};
+
+typedef struct json_file { moe_file f; json_doc d; int open; } json_file;
+
+static moe_status json_file_open(json_file *jf, const char *path, const char *what) {
+    memset(jf, 0, sizeof *jf);
+    moe_status st = file_map(&jf->f, path);
+    if (st) return st;
+    if ((st = json_parse(&jf->d, (const char *)jf->f.data, jf->f.size, what))) {
+        file_unmap(&jf->f);
+        return st;
+    }
+    jf->open = 1;
+    return MOE_OK;
+}
+
+static void json_file_close(json_file *jf) {
+    if (!jf->open) return;
+    json_free(&jf->d);
+    file_unmap(&jf->f);
+    jf->open = 0;
+}
+
+/* A string node decoded into a NUL-terminated malloc'd copy (NULL if not a string or no memory). */
+static char *json_strdup(const json_doc *d, uint32_t i) {
+    if (!json_is(d, i, JSON_STRING)) return NULL;
+    char *s = moe_malloc((size_t)d->nodes[i].len + 1);
+    if (s) s[json_str_decode(d, i, s)] = 0;
+    return s;
+}
+
+static int json_bool(const json_doc *d, uint32_t i, int dflt) {
+    return json_is(d, i, JSON_TRUE) ? 1 : json_is(d, i, JSON_FALSE) ? 0 : dflt;
+}
+
+static int json_type_is(const json_doc *d, uint32_t o, const char *type) { return json_str_eq(d, json_get(d, o, "type"), type); }
+
+/* Finds the token named by a tokenizer_config entry ("<eos>" or {"content": "<eos>"}). */
+static int32_t config_token(const moe_vocab *v, const json_doc *d, uint32_t i) {
+    if (json_is(d, i, JSON_OBJECT)) i = json_get(d, i, "content");
+    char *s = json_strdup(d, i);
+    int32_t id = s ? vocab_find_text(v, s) : -1;
+    moe_free(s);
+    return id;
+}
+
+#define UNSUPPORTED(...) do { snprintf(v->unsupported, sizeof v->unsupported, __VA_ARGS__); } while (0)
+
+static moe_status vocab_from_json(const json_doc *d, moe_vocab **out) {
+    *out = NULL;
+    uint32_t root = 0, model = json_get(d, root, "model");
+    if (!json_is(d, model, JSON_OBJECT)) return set_error(MOE_ERR_FORMAT, "tokenizer.json: no \"model\" object");
+    uint32_t vocab = json_get(d, model, "vocab"), added = json_get(d, root, "added_tokens"), merges = json_get(d, model, "merges");
+    int bpe = json_type_is(d, model, "BPE") || (!json_get(d, model, "type") && json_is(d, merges, JSON_ARRAY));
+    if (!json_is(d, vocab, JSON_OBJECT)) {
+        if (!bpe) return set_error(MOE_ERR_UNSUPPORTED, "tokenizer.json: only BPE models are supported (this one is not)");
+        return set_error(MOE_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
+    }
+    int64_t n = 0, id;
+    for (uint32_t i = vocab + 1; i < d->nodes[vocab].end; i = d->nodes[i + 1].end) {
+        if (!json_int(d, i + 1, 0, (1 << 24) - 1, &id))
+            return set_error(MOE_ERR_FORMAT, "tokenizer.json: a model.vocab id is not an integer in [0, 2^24)");
+        if (id >= n) n = id + 1;
+    }
+    if (added && !json_is(d, added, JSON_ARRAY)) return set_error(MOE_ERR_FORMAT, "tokenizer.json: added_tokens is not an array");
+    if (added)
+        for (uint32_t i = added + 1; i < d->nodes[added].end; i = d->nodes[i].end) {
+            if (!json_is(d, i, JSON_OBJECT) || !json_int(d, json_get(d, i, "id"), 0, (1 << 24) - 1, &id) ||
+                !json_is(d, json_get(d, i, "content"), JSON_STRING))
+                return set_error(MOE_ERR_FORMAT, "tokenizer.json: an added_tokens entry lacks an integer id or a content string");
+            if (id >= n) n = id + 1;
+        }
+    moe_vocab *v = NULL;
+    moe_status st = vocab_alloc(&v, n);
+    if (st) return st;
+    char *buf = NULL;
+    int32_t *index = NULL;
+    if (!bpe) UNSUPPORTED("tokenizer.json: model type is not BPE (only BPE vocabularies are supported)");
+    /* what kind of BPE: byte-level, or SentencePiece-style (U+2581 for spaces, byte fallback) */
+    uint32_t norm = json_get(d, root, "normalizer"), pret = json_get(d, root, "pre_tokenizer"), dec = json_get(d, root, "decoder");
+    int byte_level = json_type_is(d, pret, "ByteLevel") || json_type_is(d, dec, "ByteLevel");
+    uint32_t pre_list = json_type_is(d, pret, "Sequence") ? json_get(d, pret, "pretokenizers") : 0;
+    if (json_is(d, pre_list, JSON_ARRAY))
+        for (uint32_t i = pre_list + 1; i < d->nodes[pre_list].end; i = d->nodes[i].end)
+            if (json_type_is(d, i, "ByteLevel")) byte_level = 1;
+    v->byte_fallback = json_bool(d, json_get(d, model, "byte_fallback"), 0);
+    v->ignore_merges = json_bool(d, json_get(d, model, "ignore_merges"), 0);
+    v->kind = byte_level ? VK_BYTES : VK_SPM;
+    if (byte_level) pthread_once(&g_bytemap_once, bytemap_init);
+    /* normalizer */
+    if (json_type_is(d, norm, "NFC")) v->nfc = 1;
+    else if (norm && !json_is(d, norm, JSON_NULL)) {
+        uint32_t list = json_type_is(d, norm, "Sequence") ? json_get(d, norm, "normalizers") : 0;
+        int ok = 1, replaces = 0;
+        if (list && !json_is(d, list, JSON_ARRAY)) ok = 0;
+        uint32_t i = list ? list + 1 : norm, end = list ? d->nodes[list].end : d->nodes[norm].end;
+        for (; i < end && ok; i = d->nodes[i].end) {
+            if (json_type_is(d, i, "Replace") && json_str_eq(d, json_get(d, json_get(d, i, "pattern"), "String"), " ") &&
+                json_str_eq(d, json_get(d, i, "content"), "\xE2\x96\x81") && !byte_level)
+                replaces = 1;
+            else if (json_type_is(d, i, "Prepend") && json_str_eq(d, json_get(d, i, "prepend"), "\xE2\x96\x81") && !byte_level)
+                v->add_space_prefix = 1;
+            else if (json_type_is(d, i, "NFC"))
+                v->nfc = 1;
+            else
+                ok = 0;
+        }
+        if (!ok || (!byte_level && !replaces)) UNSUPPORTED("tokenizer.json: this normalizer is not supported");
+    } else if (!byte_level) {
+        UNSUPPORTED("tokenizer.json: a SentencePiece-style vocabulary without the space normalizer is not supported");
+    }
+    if (v->nfc && !byte_level) UNSUPPORTED("tokenizer.json: NFC with a SentencePiece-style vocabulary is not supported");
+    /* pre-tokenizer */
+    if (byte_level) {
+        if (json_type_is(d, pret, "ByteLevel")) {
+            if (json_bool(d, json_get(d, pret, "add_prefix_space"), 0)) UNSUPPORTED("tokenizer.json: ByteLevel add_prefix_space is not supported");
+            v->pre = json_bool(d, json_get(d, pret, "use_regex"), 1) ? PRE_GPT2 : PRE_NONE;
+        } else if (json_is(d, pre_list, JSON_ARRAY)) {
+            int n_split = 0;
+            for (uint32_t i = pre_list + 1; i < d->nodes[pre_list].end; i = d->nodes[i].end) {
+                if (json_type_is(d, i, "ByteLevel")) {
+                    if (json_bool(d, json_get(d, i, "use_regex"), 1) || json_bool(d, json_get(d, i, "add_prefix_space"), 0))
+                        UNSUPPORTED("tokenizer.json: ByteLevel after a Split must have use_regex and add_prefix_space off");
+                } else if (json_type_is(d, i, "Split") && json_str_eq(d, json_get(d, i, "behavior"), "Isolated") &&
+                           !json_bool(d, json_get(d, i, "invert"), 0)) {
+                    uint32_t re = json_get(d, json_get(d, i, "pattern"), "Regex");
+                    int found = 0;
+                    for (int k = 0; k < 4 && !found; k++)
+                        if (json_str_eq(d, re, k_split_regex[k][1])) { v->pre = k_split_pre[k]; found = 1; }
+                    if (!found || n_split++) UNSUPPORTED("tokenizer.json: this split regex is not one of the supported families "
+                                                         "(Qwen2, Llama-3, GPT-4o, GPT-2)");
+                } else {
+                    UNSUPPORTED("tokenizer.json: this pre-tokenizer sequence is not supported");
+                }
+            }
+        } else if (pret && !json_is(d, pret, JSON_NULL)) {
+            UNSUPPORTED("tokenizer.json: this pre-tokenizer is not supported with a byte-level vocabulary");
+        }
+    } else if (pret && !json_is(d, pret, JSON_NULL) &&
+               !(json_type_is(d, pret, "Split") && json_str_eq(d, json_get(d, json_get(d, pret, "pattern"), "String"), " "))) {
+        UNSUPPORTED("tokenizer.json: this pre-tokenizer is not supported with a SentencePiece-style vocabulary");
+    }
+    uint32_t dropout = json_get(d, model, "dropout");
+    double dp = 0;
+    if (dropout && !json_is(d, dropout, JSON_NULL) && (!json_double(d, dropout, &dp) || dp != 0))
+        UNSUPPORTED("tokenizer.json: BPE dropout is not supported");
+    uint32_t cs = json_get(d, model, "continuing_subword_prefix"), ew = json_get(d, model, "end_of_word_suffix");
+    if ((cs && !json_is(d, cs, JSON_NULL) && !json_str_eq(d, cs, "")) || (ew && !json_is(d, ew, JSON_NULL) && !json_str_eq(d, ew, "")))
+        UNSUPPORTED("tokenizer.json: subword prefixes / word suffixes are not supported");
+    /* tokens */
+    size_t maxlen = 0;
+    for (uint32_t i = vocab + 1; i < d->nodes[vocab].end; i = d->nodes[i + 1].end)
+        if (d->nodes[i].len > maxlen) maxlen = d->nodes[i].len;
+    if (added)
+        for (uint32_t i = added + 1; i < d->nodes[added].end; i = d->nodes[i].end) {
+            uint32_t c = json_get(d, i, "content");
+            if (d->nodes[c].len > maxlen) maxlen = d->nodes[c].len;
+        }
+    buf = moe_malloc(maxlen + 1);
+    if (!buf) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
+    for (int32_t k = 0; k < v->n_tokens; k++) v->tok[k].type = 0;
+    for (uint32_t i = vocab + 1; i < d->nodes[vocab].end; i = d->nodes[i + 1].end) {
+        json_int(d, i + 1, 0, n - 1, &id);
+        if (v->tok[id].type) { st = set_error(MOE_ERR_FORMAT, "tokenizer.json: id %lld appears twice in model.vocab", (long long)id); goto fail; }
+        size_t l = json_str_decode(d, i, buf);
+        if ((st = vocab_set_token(v, (int32_t)id, (const uint8_t *)buf, l, TT_NORMAL))) goto fail;
+    }
+    if (added)
+        for (uint32_t i = added + 1; i < d->nodes[added].end; i = d->nodes[i].end) {
+            json_int(d, json_get(d, i, "id"), 0, n - 1, &id);
+            size_t l = json_str_decode(d, json_get(d, i, "content"), buf);
+            int special = json_bool(d, json_get(d, i, "special"), 0);
+            if ((st = vocab_set_token(v, (int32_t)id, (const uint8_t *)buf, l, special ? TT_CONTROL : TT_USER))) goto fail;
+            vocab_token *t = &v->tok[id];
+            t->flags |= TF_ADDED;
+            if (json_bool(d, json_get(d, i, "lstrip"), 0)) t->flags |= TF_LSTRIP;
+            if (json_bool(d, json_get(d, i, "rstrip"), 0)) t->flags |= TF_RSTRIP;
+            if (json_bool(d, json_get(d, i, "single_word"), 0)) t->flags |= TF_SINGLE_WORD;
+        }
+    for (int32_t k = 0; k < v->n_tokens; k++)
+        if (!v->tok[k].type) v->tok[k].type = TT_UNUSED; /* a gap in the ids */
+    uint32_t unk = json_get(d, model, "unk_token");
+    if (json_is(d, unk, JSON_STRING)) {
+        size_t l = json_str_decode(d, unk, buf);
+        buf[l] = 0;
+        v->unk = vocab_find_text(v, buf);
+    }
+    /* merges: "a b" strings or [a, b] pairs, rank = position */
+    if (merges && !json_is(d, merges, JSON_ARRAY)) { st = set_error(MOE_ERR_FORMAT, "tokenizer.json: model.merges is not an array"); goto fail; }
+    uint32_t mask;
+    index = text_index_build(v, &mask);
+    if (!index || (st = merges_alloc(v, merges ? d->nodes[merges].len : 0)) != MOE_OK) {
+        if (!st) st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for merges");
+        goto fail;
+    }
+    if (merges) {
+        uint32_t rank = 0;
+        for (uint32_t i = merges + 1; i < d->nodes[merges].end; i = d->nodes[i].end, rank++) {
+            if (json_is(d, i, JSON_STRING)) {
+                size_t l = json_str_decode(d, i, buf), sp = 0;
+                while (sp < l && buf[sp] != ' ') sp++;
+                if (sp == l || memchr(buf + sp + 1, ' ', l - sp - 1)) {
+                    st = set_error(MOE_ERR_FORMAT, "tokenizer.json: merge %u is not two tokens separated by one space", rank);
+                    goto fail;
+                }
+                st = merge_add_text(v, (const uint8_t *)buf, sp, (const uint8_t *)buf + sp + 1, l - sp - 1, rank, index, mask);
+            } else if (json_is(d, i, JSON_ARRAY) && d->nodes[i].len == 2 && json_is(d, i + 1, JSON_STRING) &&
+                       json_is(d, i + 2, JSON_STRING)) {
+                size_t la = json_str_decode(d, i + 1, buf);
+                char *b2 = moe_malloc((size_t)d->nodes[i + 2].len + 1);
+                if (!b2) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
+                size_t lb = json_str_decode(d, i + 2, b2);
+                st = merge_add_text(v, (const uint8_t *)buf, la, (const uint8_t *)b2, lb, rank, index, mask);
+                moe_free(b2);
+            } else {
+                st = set_error(MOE_ERR_FORMAT, "tokenizer.json: merge %u is neither \"a b\" nor [\"a\", \"b\"]", rank);
+            }
+            if (st) goto fail;
+        }
+    }
+    /* what add_special_tokens adds: a TemplateProcessing post-processor */
+    uint32_t pp = json_get(d, root, "post_processor");
+    uint32_t procs = json_type_is(d, pp, "Sequence") ? json_get(d, pp, "processors") : 0;
+    for (uint32_t i = json_is(d, procs, JSON_ARRAY) ? procs + 1 : pp, e = json_is(d, procs, JSON_ARRAY) ? d->nodes[procs].end : pp + 1;
+         i && i < e; i = d->nodes[i].end) {
+        if (!json_type_is(d, i, "TemplateProcessing")) continue;
+        uint32_t single = json_get(d, i, "single"), specials = json_get(d, i, "special_tokens");
+        if (!json_is(d, single, JSON_ARRAY)) continue;
+        int after = 0;
+        for (uint32_t k = single + 1; k < d->nodes[single].end; k = d->nodes[k].end) {
+            if (json_get(d, k, "Sequence")) { after = 1; continue; }
+            uint32_t sname = json_get(d, json_get(d, k, "SpecialToken"), "id");
+            char *name = json_strdup(d, sname);
+            uint32_t ids = 0;
+            if (name) ids = json_get(d, json_get(d, specials, name), "ids");
+            moe_free(name);
+            if (!json_is(d, ids, JSON_ARRAY)) continue;
+            for (uint32_t q = ids + 1; q < d->nodes[ids].end; q = d->nodes[q].end) {
+                int64_t x;
+                if (!json_int(d, q, 0, v->n_tokens - 1, &x)) continue;
+                if (!after && v->n_prefix < 4) v->prefix[v->n_prefix++] = (int32_t)x;
+                if (after && v->n_suffix < 4) v->suffix[v->n_suffix++] = (int32_t)x;
+            }
+        }
+    }
+    moe_free(buf);
+    moe_free(index);
+    *out = v;
+    return MOE_OK;
+fail:
+    moe_free(buf);
+    moe_free(index);
+    vocab_free(v);
+    return st;
+}
+
+/* Reads tokenizer_config.json (chat template, special tokens, add_bos/eos) and config.json
+   (architecture, eos ids) when present; either may be NULL. */
+static moe_status vocab_apply_configs(moe_vocab *v, const json_doc *tc, const json_doc *cfg) {
+    if (tc) {
+        uint32_t t = json_get(tc, 0, "chat_template");
+        if (json_is(tc, t, JSON_ARRAY)) { /* [{"name": "default", "template": "..."}] */
+            uint32_t pick = 0;
+            for (uint32_t i = t + 1; i < tc->nodes[t].end; i = tc->nodes[i].end)
+                if (!pick || json_str_eq(tc, json_get(tc, i, "name"), "default")) pick = json_get(tc, i, "template");
+            t = pick;
+        }
+        if (json_is(tc, t, JSON_STRING) && !(v->template_text = json_strdup(tc, t)))
+            return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+        int32_t id;
+        if ((id = config_token(v, tc, json_get(tc, 0, "bos_token"))) >= 0) v->bos = id;
+        if ((id = config_token(v, tc, json_get(tc, 0, "eos_token"))) >= 0) v->eos = id;
+        if ((id = config_token(v, tc, json_get(tc, 0, "pad_token"))) >= 0) v->pad = id;
+        if ((id = config_token(v, tc, json_get(tc, 0, "unk_token"))) >= 0 && v->unk < 0) v->unk = id;
+        if (v->n_prefix == 0) v->add_bos = json_bool(tc, json_get(tc, 0, "add_bos_token"), 0);
+        if (v->n_suffix == 0) v->add_eos = json_bool(tc, json_get(tc, 0, "add_eos_token"), 0);
+    }
+    if (cfg) {
+        char *mt = json_strdup(cfg, json_get(cfg, 0, "model_type"));
+        if (mt) snprintf(v->arch, sizeof v->arch, "%s", mt);
+        moe_free(mt);
+        uint32_t e = json_get(cfg, 0, "eos_token_id");
+        int64_t x;
+        if (json_int(cfg, e, 0, v->n_tokens - 1, &x)) v->tok[x].flags |= TF_EOG;
+        if (json_is(cfg, e, JSON_ARRAY))
+            for (uint32_t i = e + 1; i < cfg->nodes[e].end; i = cfg->nodes[i].end)
+                if (json_int(cfg, i, 0, v->n_tokens - 1, &x)) v->tok[x].flags |= TF_EOG;
+    }
+    return MOE_OK;
+}
 
 /* ============================================================================================ */
 /* 5. model                                                                                      */
@@ -1565,6 +3703,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: out is NULL");
     *out = NULL;
     if (!model) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: model is NULL");
+    if (model->hp.n_layer == 0) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_new: the model was loaded with vocab_only (no weights)");
     moe_ctx_params p = {0};
     if (params) p = *params;
     const moe_hparams *hp = &model->hp;
@@ -1815,6 +3954,8 @@ void moe_model_free(moe_model *model) {
     moe_free(model);
 }
 
+static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf); /* with the tokenizer API below */
+
 static int report_progress(const moe_load_params *p, float f) {
     return p->progress ? p->progress(f, p->user) : 0;
 }
@@ -1838,6 +3979,17 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     m->bos = m->eos = -1;
     moe_status st;
     struct stat sb;
+    {   /* tokenizer only: vocab_only, or a path to a tokenizer.json */
+        size_t pl = strlen(path);
+        int is_dir = stat(path, &sb) == 0 && S_ISDIR(sb.st_mode), is_json = pl >= 5 && !strcmp(path + pl - 5, ".json");
+        if (p.vocab_only || is_json) {
+            if ((st = model_load_vocab_only(m, path, is_dir || is_json))) goto fail;
+            m->backend = MOE_BACKEND_CPU;
+            m->t_load_s = now_s() - t0;
+            *out = m;
+            return MOE_OK;
+        }
+    }
     if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
         st = set_error(MOE_ERR_UNSUPPORTED, "moe_load: '%s' is a directory; Hugging Face directories are not supported yet", path);
         goto fail;
@@ -1906,24 +4058,330 @@ moe_status moe_model_get_info(const moe_model *model, moe_model_info *out) {
     return MOE_OK;
 }
 
-/* tokenizer API: filled in by the tokenizer section's issue */
+/* ============================================================================================ */
+/* tokenizer API and chat templates (section 4 holds the machinery)                              */
+/* ============================================================================================ */
+/* ---- chat templates --------------------------------------------------------------------------------
+   Hand-written renderings of the templates the supported families ship (outputs match the Jinja
+   templates for plain text messages): ChatML with Qwen3's reasoning handling, Gemma's turns,
+   and gpt-oss's Harmony format. */
+typedef struct sbuf { char *p; int64_t n, cap; } sbuf;
+static void sb_put(sbuf *b, const char *s, size_t n) {
+    if (b->n < b->cap) memcpy(b->p + b->n, s, (size_t)((int64_t)n < b->cap - b->n ? (int64_t)n : b->cap - b->n));
+    b->n += (int64_t)n;
+}
+static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+
+static int py_space(uint32_t c) { /* Python's str.isspace(), for Jinja's trim */
+    return (c >= 9 && c <= 13) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+static void str_trim(const char **s, size_t *n, int only_newlines, int left, int right) {
+    const uint8_t *p = (const uint8_t *)*s;
+    size_t a = 0, b = *n;
+    while (left && a < b) {
+        int l;
+        uint32_t c = utf8_next(p + a, b - a, &l);
+        if (only_newlines ? c != '\n' : !py_space(c)) break;
+        a += (size_t)l;
+    }
+    while (right && b > a) {
+        size_t q = utf8_prev(p, b);
+        if (q < a) q = a;
+        int l;
+        uint32_t c = utf8_next(p + q, b - q, &l);
+        if (q + (size_t)l != b || (only_newlines ? c != '\n' : !py_space(c))) break;
+        b = q;
+    }
+    *s += a;
+    *n = b - a;
+}
+
+static const char *mem_find(const char *h, size_t hn, const char *needle) { /* first occurrence or NULL */
+    size_t nn = strlen(needle);
+    for (size_t i = 0; nn <= hn && i + nn <= hn; i++)
+        if (memcmp(h + i, needle, nn) == 0) return h + i;
+    return NULL;
+}
+static const char *mem_rfind(const char *h, size_t hn, const char *needle) {
+    size_t nn = strlen(needle);
+    for (size_t i = hn >= nn ? hn - nn + 1 : 0; i-- > 0;)
+        if (memcmp(h + i, needle, nn) == 0) return h + i;
+    return NULL;
+}
+
+static char g_chat_date[16]; /* test hook: a fixed "YYYY-MM-DD" for Harmony's system message */
+MOE_API void moe_test_set_chat_date(const char *ymd);
+void moe_test_set_chat_date(const char *ymd) { snprintf(g_chat_date, sizeof g_chat_date, "%s", ymd ? ymd : ""); }
+
+static moe_status chat_qwen3(const char *const *roles, const char *const *contents, int32_t n, int gen, int qwen3, sbuf *b) {
+    int32_t last_query = n - 1;
+    for (int32_t i = n - 1; i >= 0 && qwen3; i--) {
+        const char *c = contents[i];
+        size_t cl = strlen(c);
+        int tool_resp = cl >= 15 + 16 && !strncmp(c, "<tool_response>", 15) && !strcmp(c + cl - 16, "</tool_response>");
+        if (!strcmp(roles[i], "user") && !tool_resp) { last_query = i; break; }
+    }
+    for (int32_t i = 0; i < n; i++) {
+        const char *r = roles[i], *c = contents[i];
+        size_t cl = strlen(c);
+        if (!strcmp(r, "user") || !strcmp(r, "system")) {
+            sb_puts(b, "<|im_start|>"); sb_puts(b, r); sb_puts(b, "\n"); sb_put(b, c, cl); sb_puts(b, "<|im_end|>\n");
+        } else if (!strcmp(r, "assistant")) {
+            const char *content = c, *reason = "";
+            size_t content_n = cl, reason_n = 0;
+            const char *end_think = qwen3 ? mem_rfind(c, cl, "</think>") : NULL;
+            if (end_think) {
+                content = end_think + 8;
+                content_n = cl - (size_t)(content - c);
+                str_trim(&content, &content_n, 1, 1, 0);
+                const char *first = mem_find(c, cl, "</think>");
+                reason = c;
+                reason_n = (size_t)(first - c);
+                str_trim(&reason, &reason_n, 1, 0, 1);
+                const char *open = mem_rfind(reason, reason_n, "<think>");
+                if (open) { reason_n -= (size_t)(open + 7 - reason); reason = open + 7; }
+                str_trim(&reason, &reason_n, 1, 1, 0);
+            }
+            sb_puts(b, "<|im_start|>assistant\n");
+            if (qwen3 && i > last_query && (i == n - 1 || reason_n)) {
+                str_trim(&reason, &reason_n, 1, 1, 1);
+                sb_puts(b, "<think>\n"); sb_put(b, reason, reason_n); sb_puts(b, "\n</think>\n\n");
+                str_trim(&content, &content_n, 1, 1, 0);
+            }
+            sb_put(b, content, content_n);
+            sb_puts(b, "<|im_end|>\n");
+        } else if (!strcmp(r, "tool")) {
+            if (i == 0 || strcmp(roles[i - 1], "tool")) sb_puts(b, "<|im_start|>user");
+            sb_puts(b, "\n<tool_response>\n"); sb_put(b, c, cl); sb_puts(b, "\n</tool_response>");
+            if (i == n - 1 || strcmp(roles[i + 1], "tool")) sb_puts(b, "<|im_end|>\n");
+        } else {
+            return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: role '%s' is not one of system, user, assistant, tool", r);
+        }
+    }
+    if (gen) sb_puts(b, "<|im_start|>assistant\n");
+    return MOE_OK;
+}
+
+static moe_status chat_gemma(const moe_vocab *v, const char *const *roles, const char *const *contents, int32_t n, int gen, sbuf *b) {
+    if (v->bos >= 0) sb_put(b, (const char *)tok_text(v, v->bos), v->tok[v->bos].text_len);
+    int32_t first = 0;
+    const char *prefix = NULL;
+    if (n > 0 && !strcmp(roles[0], "system")) { prefix = contents[0]; first = 1; }
+    for (int32_t i = first; i < n; i++) {
+        int want_user = (i - first) % 2 == 0;
+        if ((strcmp(roles[i], "user") == 0) != want_user || (!want_user && strcmp(roles[i], "assistant") && strcmp(roles[i], "model")))
+            return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: Gemma needs roles to alternate user/assistant/user/... "
+                             "(after an optional system message); message %d is '%s'", i, roles[i]);
+        sb_puts(b, "<start_of_turn>");
+        sb_puts(b, want_user ? "user" : "model");
+        sb_puts(b, "\n");
+        if (i == first && prefix) { sb_puts(b, prefix); sb_puts(b, "\n\n"); }
+        const char *c = contents[i];
+        size_t cl = strlen(c);
+        str_trim(&c, &cl, 0, 1, 1);
+        sb_put(b, c, cl);
+        sb_puts(b, "<end_of_turn>\n");
+    }
+    if (gen) sb_puts(b, "<start_of_turn>model\n");
+    return MOE_OK;
+}
+
+static moe_status chat_harmony(const char *const *roles, const char *const *contents, int32_t n, int gen, sbuf *b) {
+    char date[16];
+    if (g_chat_date[0]) snprintf(date, sizeof date, "%s", g_chat_date);
+    else {
+        time_t now = time(NULL);
+        struct tm tmv;
+        if (!localtime_r(&now, &tmv) || !strftime(date, sizeof date, "%Y-%m-%d", &tmv)) snprintf(date, sizeof date, "1970-01-01");
+    }
+    sb_puts(b, "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
+               "Current date: ");
+    sb_puts(b, date);
+    sb_puts(b, "\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>");
+    int32_t first = 0;
+    if (n > 0 && (!strcmp(roles[0], "system") || !strcmp(roles[0], "developer"))) {
+        first = 1;
+        if (contents[0][0]) { sb_puts(b, "<|start|>developer<|message|># Instructions\n\n"); sb_puts(b, contents[0]); sb_puts(b, "<|end|>"); }
+    }
+    for (int32_t i = first; i < n; i++) {
+        if (!strcmp(roles[i], "user")) {
+            sb_puts(b, "<|start|>user<|message|>"); sb_puts(b, contents[i]); sb_puts(b, "<|end|>");
+        } else if (!strcmp(roles[i], "assistant")) {
+            if (strstr(contents[i], "<|channel|>analysis<|message|>") || strstr(contents[i], "<|channel|>final<|message|>"))
+                return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: message %d holds <|channel|> markers; pass the final text only", i);
+            sb_puts(b, "<|start|>assistant<|channel|>final<|message|>");
+            sb_puts(b, contents[i]);
+            sb_puts(b, i == n - 1 && !gen ? "<|return|>" : "<|end|>");
+        } else {
+            return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: role '%s' is not supported by the Harmony format here "
+                             "(system or developer first, then user / assistant)", roles[i]);
+        }
+    }
+    if (gen) sb_puts(b, "<|start|>assistant");
+    return MOE_OK;
+}
+
+/* ---- public tokenizer API --------------------------------------------------------------------------- */
+static moe_status tok_check(const moe_model *model, const char *fn, const moe_vocab **out) {
+    if (!model) return set_error(MOE_ERR_INVALID_ARG, "%s: model is NULL", fn);
+    const moe_vocab *v = model->vocab;
+    if (!v) return set_error(MOE_ERR_UNSUPPORTED, "%s: this model has no tokenizer (no tokenizer.ggml.* metadata or tokenizer.json)", fn);
+    if (v->unsupported[0]) return set_error(MOE_ERR_UNSUPPORTED, "%s: %s", fn, v->unsupported);
+    *out = v;
+    return MOE_OK;
+}
+
+static int32_t tok_result(int64_t n, int64_t cap, const char *fn) {
+    if (n > INT32_MAX) return set_error(MOE_ERR_INVALID_ARG, "%s: the result (%lld) does not fit an int32", fn, (long long)n);
+    if (n > cap) {
+        set_error(MOE_ERR_BUFFER_TOO_SMALL, "%s: needs room for %lld, the buffer holds %lld", fn, (long long)n, (long long)cap);
+        return (int32_t)-n;
+    }
+    return (int32_t)n;
+}
+
 int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len, moe_token *out, int32_t cap, int32_t flags) {
-    (void)model; (void)text; (void)text_len; (void)out; (void)cap; (void)flags;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_tokenize: the tokenizer is not implemented yet");
+    const moe_vocab *v = NULL;
+    moe_status st = tok_check(model, "moe_tokenize", &v);
+    if (st) return st;
+    if ((!text && text_len) || text_len < 0 || cap < 0 || (!out && cap) || (flags & ~3))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_tokenize: bad arguments (text %p, text_len %d, out %p, cap %d, flags %d)",
+                         (const void *)text, text_len, (void *)out, cap, flags);
+    if (!uc_ready()) return set_error(MOE_ERR_NO_MEMORY, "moe_tokenize: out of memory for the Unicode tables");
+    tok_scratch sc;
+    if ((st = scratch_init(&sc, (size_t)text_len))) { scratch_free(&sc); return st; }
+    tok_out o = {out, cap, 0};
+    if (flags & MOE_TOKENIZE_ADD_SPECIAL)
+        for (int i = 0; i < v->n_prefix; i++) emit(&o, v->prefix[i]);
+    encode_text(v, &sc, (const uint8_t *)text, (size_t)text_len, (flags & MOE_TOKENIZE_PARSE_SPECIAL) != 0, &o);
+    if (flags & MOE_TOKENIZE_ADD_SPECIAL)
+        for (int i = 0; i < v->n_suffix; i++) emit(&o, v->suffix[i]);
+    scratch_free(&sc);
+    return tok_result(o.n, cap, "moe_tokenize");
 }
+
 int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap) {
-    (void)model; (void)token; (void)buf; (void)cap;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_token_to_piece: the tokenizer is not implemented yet");
+    const moe_vocab *v = NULL;
+    moe_status st = tok_check(model, "moe_token_to_piece", &v);
+    if (st) return st;
+    if (token < 0 || token >= v->n_tokens || cap < 0 || (!buf && cap))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_token_to_piece: token %d outside [0, %d) or bad buffer", token, v->n_tokens);
+    uint32_t n = v->tok[token].piece_len;
+    if ((int64_t)n <= cap) memcpy(buf, tok_piece(v, token), n);
+    return tok_result(n, cap, "moe_token_to_piece");
 }
+
 int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens, char *buf, int32_t cap, int32_t flags) {
-    (void)model; (void)tokens; (void)n_tokens; (void)buf; (void)cap; (void)flags;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_detokenize: the tokenizer is not implemented yet");
+    const moe_vocab *v = NULL;
+    moe_status st = tok_check(model, "moe_detokenize", &v);
+    if (st) return st;
+    if (n_tokens < 0 || (!tokens && n_tokens) || cap < 0 || (!buf && cap) || (flags & ~3))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: bad arguments");
+    sbuf b = {buf, 0, cap};
+    for (int32_t i = 0; i < n_tokens; i++) {
+        moe_token t = tokens[i];
+        if (t < 0 || t >= v->n_tokens)
+            return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: token %d at index %d is outside [0, %d)", t, i, v->n_tokens);
+        if ((v->tok[t].flags & TF_SPECIAL) && !(flags & MOE_TOKENIZE_PARSE_SPECIAL)) continue;
+        sb_put(&b, (const char *)tok_piece(v, t), v->tok[t].piece_len);
+    }
+    return tok_result(b.n, cap, "moe_detokenize");
 }
+
 int32_t moe_token_is_eog(const moe_model *model, moe_token token) {
-    return model && token >= 0 && token == model->eos;
+    if (!model) return 0;
+    const moe_vocab *v = model->vocab;
+    if (!v) return token >= 0 && token == model->eos;
+    return token >= 0 && token < v->n_tokens && (v->tok[token].flags & TF_EOG) != 0;
 }
+
 int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const char *const *contents, int32_t n_messages,
                        int32_t add_assistant_prompt, char *buf, int32_t cap) {
-    (void)model; (void)roles; (void)contents; (void)n_messages; (void)add_assistant_prompt; (void)buf; (void)cap;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: chat templates are not implemented yet");
+    const moe_vocab *v = NULL;
+    moe_status st = tok_check(model, "moe_chat_apply", &v);
+    if (st) return st;
+    if (n_messages < 0 || (n_messages && (!roles || !contents)) || cap < 0 || (!buf && cap) ||
+        (add_assistant_prompt != 0 && add_assistant_prompt != 1))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: bad arguments");
+    for (int32_t i = 0; i < n_messages; i++)
+        if (!roles[i] || !contents[i]) return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: message %d has a NULL role or content", i);
+    sbuf b = {buf, 0, cap};
+    switch (v->chat) {
+    case CHAT_QWEN3: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 1, &b); break;
+    case CHAT_CHATML: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 0, &b); break;
+    case CHAT_GEMMA: st = chat_gemma(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
+    case CHAT_HARMONY: st = chat_harmony(roles, contents, n_messages, add_assistant_prompt, &b); break;
+    default:
+        return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: the model's chat template is not one we render "
+                         "(supported: ChatML/Qwen3, Gemma, Harmony)%s", v->template_text ? "" : " and it names none");
+    }
+    if (st) return st;
+    if (b.n < cap) buf[b.n] = 0; /* a courtesy NUL when it fits; the count excludes it */
+    return tok_result(b.n, cap, "moe_chat_apply");
+}
+
+/* Vocabulary-only loading (moe_load_params.vocab_only, or a path to a tokenizer.json): a GGUF
+   file's tokenizer.ggml.* metadata, or a Hugging Face tokenizer.json with the
+   tokenizer_config.json and config.json found beside it. No weights: contexts cannot be made. */
+static moe_status vocab_load_hf(const char *path, moe_vocab **out) {
+    *out = NULL;
+    struct stat sb;
+    int is_dir = stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+    size_t pl = strlen(path);
+    char *dir = moe_malloc(pl + 32), *file = moe_malloc(pl + 64);
+    if (!dir || !file) { moe_free(dir); moe_free(file); return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory"); }
+    if (is_dir) {
+        snprintf(dir, pl + 32, "%s", path);
+    } else {
+        const char *slash = strrchr(path, '/');
+        if (slash) snprintf(dir, pl + 32, "%.*s", (int)(slash - path), path);
+        else snprintf(dir, pl + 32, ".");
+    }
+    json_file tj, tc, cfg;
+    memset(&tc, 0, sizeof tc);
+    memset(&cfg, 0, sizeof cfg);
+    if (is_dir) snprintf(file, pl + 64, "%s/tokenizer.json", dir);
+    else snprintf(file, pl + 64, "%s", path);
+    moe_status st = json_file_open(&tj, file, "tokenizer.json");
+    moe_vocab *v = NULL;
+    if (!st) st = vocab_from_json(&tj.d, &v);
+    json_file_close(&tj);
+    if (!st) {
+        snprintf(file, pl + 64, "%s/tokenizer_config.json", dir);
+        if (access(file, R_OK) == 0) st = json_file_open(&tc, file, "tokenizer_config.json");
+    }
+    if (!st) {
+        snprintf(file, pl + 64, "%s/config.json", dir);
+        if (access(file, R_OK) == 0) st = json_file_open(&cfg, file, "config.json");
+    }
+    if (!st) st = vocab_apply_configs(v, tc.open ? &tc.d : NULL, cfg.open ? &cfg.d : NULL);
+    if (!st && !v->unsupported[0]) st = vocab_finish(v);
+    json_file_close(&tc);
+    json_file_close(&cfg);
+    moe_free(dir);
+    moe_free(file);
+    if (st) { vocab_free(v); return st; }
+    *out = v;
+    return MOE_OK;
+}
+
+static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf) {
+    moe_status st;
+    if (hf) {
+        if ((st = vocab_load_hf(path, &m->vocab))) return st;
+    } else {
+        if ((st = file_map(&m->file, path)) || (st = gguf_parse(&m->gguf, m->file.data, m->file.size)) ||
+            (st = vocab_load_gguf(&m->gguf, &m->vocab)))
+            return st;
+        if (!m->vocab) return set_error(MOE_ERR_FORMAT, "moe_load: '%s' has no tokenizer metadata (tokenizer.ggml.model)", path);
+    }
+    moe_vocab *v = m->vocab;
+    if (v->unsupported[0]) return set_error(MOE_ERR_UNSUPPORTED, "moe_load: %s", v->unsupported);
+    snprintf(m->arch_name, sizeof m->arch_name, "%s", v->arch);
+    m->hp.n_vocab = v->n_tokens;
+    m->bos = v->bos;
+    m->eos = v->eos;
+    return MOE_OK;
 }

@@ -99,9 +99,14 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
     int32_t (*progress)(float fraction, void *user);   /* optional; return non-zero to cancel the load */
     void    (*log)(int32_t level, const char *msg, void *user);  /* optional; default: silent */
     void    *user;
+    int32_t  vocab_only;                    /* 1 = load only the tokenizer: a .gguf, a tokenizer.json, or a
+                                               directory with tokenizer.json (+ tokenizer_config.json,
+                                               config.json); a path ending in .json implies it */
 } moe_load_params;
 
-/* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json) */
+/* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json);
+   with vocab_only (or a path to a tokenizer.json) only the tokenizer is loaded: the tokenizer
+   calls work, moe_ctx_new does not. */
 MOE_API moe_status moe_load(const char *path, const moe_load_params *params, moe_model **out);
 MOE_API void       moe_model_free(moe_model *model);            /* NULL-safe */
 
