@@ -687,7 +687,7 @@ static void test_json(void **state) {
         size_t n;
         if (it % 2) {
             n = (size_t)(rng % 64);
-            for (size_t i = 0; i < n; i++) { rng = rng * 6364136223846793005ull + 1442695040888963407ull; buf[i] = "{}[]\",:0123456789-.eE tfnrul\\\x80\xC3"[(rng >> 33) % 34]; }
+            for (size_t i = 0; i < n; i++) { rng = rng * 6364136223846793005ull + 1442695040888963407ull; static const char alpha[] = "{}[]\",:0123456789-.eE tfnrul\\\x80\xC3"; buf[i] = alpha[(rng >> 33) % (sizeof alpha - 1)]; }
         } else {
             memcpy(buf, base, bl);
             n = bl;
