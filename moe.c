@@ -1422,6 +1422,7 @@ static uint16_t *g_un_val;
 static int g_un_n;
 static uint32_t *g_ud;                /* decompositions: cp, first, second|flag (sorted by cp) */
 static uint64_t *g_uc_comp;           /* sorted (first << 21 | second) << 21 | composite */
+static uint8_t g_un_bmp[0x10000 / 8];  /* BMP code points with a non-zero NFC_QC or ccc */
 static int g_uc_comp_n;
 static int g_uc_ok;
 static pthread_once_t g_uc_once = PTHREAD_ONCE_INIT;
@@ -1484,6 +1485,10 @@ static void uc_init(void) {
         g_un_val[i] = (uint16_t)(v & 1023);
     }
     g_un_n = K_UNORM_N;
+    for (int i = 0; i < K_UNORM_N; i++) {
+        uint32_t end = i + 1 < K_UNORM_N ? g_un_start[i + 1] : 0x110000;
+        for (uint32_t c = g_un_start[i]; g_un_val[i] && c < end && c < 0x10000; c++) g_un_bmp[c >> 3] |= (uint8_t)(1u << (c & 7));
+    }
     p = k_udecomp;
     s = 0;
     for (int i = 0; i < K_UDECOMP_N; i++) {
@@ -1520,6 +1525,7 @@ static inline int uc_class(uint32_t c) {
 
 static uint16_t uc_norm(uint32_t c) { /* NFC_QC << 8 | ccc */
     if (c < 0x300 || c >= UC_BAD_BASE) return 0;
+    if (c < 0x10000 && !(g_un_bmp[c >> 3] & (1u << (c & 7)))) return 0;
     int lo = 0, hi = g_un_n - 1;
     while (lo < hi) {
         int mid = (lo + hi + 1) / 2;
@@ -1601,21 +1607,45 @@ static uint32_t uc_compose(uint32_t a, uint32_t b) {
     return 0;
 }
 
-/* 1 when s[0..n) is certainly NFC already (the quick check of UAX #15), 0 when it must be normalized. */
-static int nfc_quick_yes(const uint8_t *s, size_t n) {
+static size_t nfc(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps);
+
+/* NFC of s[0..n) into out, normalizing only the stretches that need it: a starter whose NFC_QC
+   is Yes cannot combine with anything before it, so the text between two such boundaries can
+   be normalized on its own. Returns 0 (and writes nothing) when s is already NFC. */
+static size_t nfc_spans(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps, int *changed) {
+    size_t o = 0, copied = 0, safe = 0;
     int last_ccc = 0;
+    *changed = 0;
     for (size_t i = 0; i < n;) {
-        if (s[i] < 0x80) { last_ccc = 0; i++; continue; }
+        if (s[i] < 0x80) { safe = i; last_ccc = 0; i++; continue; }
         int l;
         uint32_t c = utf8_next(s + i, n - i, &l);
-        i += (size_t)l;
         uint16_t v = uc_norm(c);
         int ccc = v & 255;
-        if (v >> 8) return 0;
-        if (ccc && last_ccc > ccc) return 0;
-        last_ccc = ccc;
+        if (!(v >> 8) && !(ccc && last_ccc > ccc)) {
+            if (!v) safe = i;
+            last_ccc = ccc;
+            i += (size_t)l;
+            continue;
+        }
+        size_t q = i + (size_t)l; /* the stretch runs to the next safe boundary */
+        while (q < n) {
+            if (s[q] < 0x80) break;
+            int l2;
+            uint32_t c2 = utf8_next(s + q, n - q, &l2);
+            if (!uc_norm(c2)) break;
+            q += (size_t)l2;
+        }
+        memcpy(out + o, s + copied, safe - copied);
+        o += safe - copied;
+        o += nfc(s + safe, q - safe, out + o, cps);
+        copied = safe = i = q;
+        last_ccc = 0;
+        *changed = 1;
     }
-    return 1;
+    if (!*changed) return 0;
+    memcpy(out + o, s + copied, n - copied);
+    return o + n - copied;
 }
 
 /* NFC of s[0..n) into out (capacity >= 3 n + 4); cps: scratch of 4 n + 4 code points. */
@@ -1694,10 +1724,12 @@ struct moe_vocab {
     vocab_token *tok;
     uint8_t *blob;
     size_t blob_len, blob_cap;
-    int32_t *hash;              /* open addressing: token ids by lookup key (piece or text) */
+    uint64_t *hash;             /* open addressing: fingerprint << 32 | token id, by lookup key (piece or text) */
     uint32_t hash_mask;
     merge_slot *merges;
     uint32_t merge_mask, n_merges;
+    uint64_t *merge_filter;     /* one bit per hash of a (left, right) pair: 0 = certainly no merge */
+    uint32_t filter_mask;
     int32_t byte_tok[256];      /* byte-level: the token of each byte; SPM: <0xXX> (or -1) */
     trie_node *trie;            /* added tokens, for matching them in text */
     int32_t n_trie, cap_trie;
@@ -1713,6 +1745,7 @@ static void vocab_free(moe_vocab *v) {
     moe_free(v->blob);
     moe_free(v->hash);
     moe_free(v->merges);
+    moe_free(v->merge_filter);
     moe_free(v->trie);
     moe_free(v->template_text);
     moe_free(v);
@@ -1762,12 +1795,17 @@ static const uint8_t *tok_key(const moe_vocab *v, int32_t id, uint32_t *len) {
     return tok_text(v, id);
 }
 
+#define HASH_EMPTY UINT64_MAX
+
 static int32_t vocab_find(const moe_vocab *v, const uint8_t *key, size_t n) {
     if (!v->hash) return -1;
-    uint32_t i = (uint32_t)hash_bytes(key, n) & v->hash_mask;
+    uint64_t h = hash_bytes(key, n);
+    uint32_t fp = (uint32_t)(h >> 32), i = (uint32_t)h & v->hash_mask;
     for (;; i = (i + 1) & v->hash_mask) {
-        int32_t id = v->hash[i];
-        if (id < 0) return -1;
+        uint64_t e = v->hash[i];
+        if (e == HASH_EMPTY) return -1;
+        if ((uint32_t)(e >> 32) != fp) continue;
+        int32_t id = (int32_t)(uint32_t)e;
         uint32_t kl;
         const uint8_t *k = tok_key(v, id, &kl);
         if (kl == n && memcmp(k, key, n) == 0) return id;
@@ -1787,7 +1825,7 @@ static moe_status vocab_build_hash(moe_vocab *v) {
     while (size < (uint32_t)v->n_tokens * 2u) size *= 2;
     v->hash = moe_malloc(size * sizeof *v->hash);
     if (!v->hash) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for the token table");
-    memset(v->hash, 0xFF, size * sizeof *v->hash);
+    for (uint32_t i = 0; i < size; i++) v->hash[i] = HASH_EMPTY;
     v->hash_mask = size - 1;
     for (int32_t id = 0; id < v->n_tokens; id++) {
         if (!tok_in_model(v, id)) continue;
@@ -1795,16 +1833,17 @@ static moe_status vocab_build_hash(moe_vocab *v) {
         const uint8_t *k = tok_key(v, id, &kl);
         if (kl == 0) continue;
         if (vocab_find(v, k, kl) >= 0) continue; /* duplicate strings: the first id wins */
-        uint32_t i = (uint32_t)hash_bytes(k, kl) & v->hash_mask;
-        while (v->hash[i] >= 0) i = (i + 1) & v->hash_mask;
-        v->hash[i] = id;
+        uint64_t h = hash_bytes(k, kl);
+        uint32_t i = (uint32_t)h & v->hash_mask;
+        while (v->hash[i] != HASH_EMPTY) i = (i + 1) & v->hash_mask;
+        v->hash[i] = (h >> 32) << 32 | (uint32_t)id;
     }
     return MOE_OK;
 }
 
 static moe_status merges_alloc(moe_vocab *v, uint32_t n) {
     uint32_t size = 1024;
-    while (size < n * 2u + 2) {
+    while (size < n + n / 2 + 2) {
         if (size >= (1u << 30)) return set_error(MOE_ERR_FORMAT, "tokenizer: too many merges (%u)", n);
         size *= 2;
     }
@@ -1812,6 +1851,11 @@ static moe_status merges_alloc(moe_vocab *v, uint32_t n) {
     if (!v->merges) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for %u merges", n);
     for (uint32_t i = 0; i < size; i++) v->merges[i].key = UINT64_MAX;
     v->merge_mask = size - 1;
+    uint32_t bits = 1u << 16;
+    while (bits < n * 8u && bits < (1u << 30)) bits *= 2;
+    v->merge_filter = moe_calloc(bits / 64, sizeof *v->merge_filter);
+    if (!v->merge_filter) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for %u merges", n);
+    v->filter_mask = bits - 1;
     return MOE_OK;
 }
 
@@ -1823,6 +1867,8 @@ static void merge_put(moe_vocab *v, int32_t a, int32_t b, uint32_t rank, int32_t
     uint32_t i = merge_hash(key) & v->merge_mask;
     while (v->merges[i].key != UINT64_MAX && v->merges[i].key != key) i = (i + 1) & v->merge_mask;
     if (v->merges[i].key == UINT64_MAX) v->n_merges++;
+    uint32_t f = (uint32_t)((key * 0xC2B2AE3D27D4EB4Full) >> 32) & v->filter_mask;
+    v->merge_filter[f >> 6] |= 1ull << (f & 63);
     v->merges[i].key = key;
     v->merges[i].rank = rank;
     v->merges[i].id = id;
@@ -1830,6 +1876,8 @@ static void merge_put(moe_vocab *v, int32_t a, int32_t b, uint32_t rank, int32_t
 
 static inline const merge_slot *merge_get(const moe_vocab *v, int32_t a, int32_t b) {
     uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
+    uint32_t f = (uint32_t)((key * 0xC2B2AE3D27D4EB4Full) >> 32) & v->filter_mask;
+    if (!(v->merge_filter[f >> 6] >> (f & 63) & 1)) return NULL;
     uint32_t i = merge_hash(key) & v->merge_mask;
     for (;; i = (i + 1) & v->merge_mask) {
         const merge_slot *s = &v->merges[i];
@@ -2248,9 +2296,10 @@ static void encode_segment(const moe_vocab *v, tok_scratch *sc, const uint8_t *s
         bpe_spm(v, sc, b, m, o);
         return;
     }
-    if (v->nfc && !nfc_quick_yes(s, n)) {
-        n = nfc(s, n, sc->norm, sc->cps);
-        s = sc->norm;
+    if (v->nfc) {
+        int changed;
+        size_t m = nfc_spans(s, n, sc->norm, sc->cps, &changed);
+        if (changed) { s = sc->norm; n = m; }
     }
     if (v->pre == PRE_NONE) {
         bpe_word_bytes(v, sc, s, n, o);
