@@ -1731,6 +1731,7 @@ struct moe_vocab {
     uint64_t *merge_filter;     /* one bit per hash of a (left, right) pair: 0 = certainly no merge */
     uint32_t filter_mask;
     int32_t byte_tok[256];      /* byte-level: the token of each byte; SPM: <0xXX> (or -1) */
+    int32_t *char_tok;          /* SPM: the token of each BMP character (-1: none), to skip hashing */
     trie_node *trie;            /* added tokens, for matching them in text */
     int32_t n_trie, cap_trie;
     uint8_t first_byte[32];     /* bitmap: bytes that can start an added token */
@@ -1746,6 +1747,7 @@ static void vocab_free(moe_vocab *v) {
     moe_free(v->hash);
     moe_free(v->merges);
     moe_free(v->merge_filter);
+    moe_free(v->char_tok);
     moe_free(v->trie);
     moe_free(v->template_text);
     moe_free(v);
@@ -2261,8 +2263,8 @@ static void bpe_spm(const moe_vocab *v, tok_scratch *sc, const uint8_t *s, size_
     int m = 0, last_unk = 0;
     for (size_t i = 0; i < n;) {
         int l;
-        utf8_next(s + i, n - i, &l);
-        int32_t id = vocab_find(v, s + i, (size_t)l);
+        uint32_t c = utf8_next(s + i, n - i, &l);
+        int32_t id = c < 0x10000 && v->char_tok ? v->char_tok[c] : c >= UC_BAD_BASE ? -1 : vocab_find(v, s + i, (size_t)l);
         if (id >= 0) {
             ids[m++] = id;
             last_unk = 0;
@@ -2515,6 +2517,14 @@ static moe_status vocab_finish(moe_vocab *v) {
             if (bpe_merge(v, &sc, sc.ids, (int)t->piece_len) == 1 && sc.ids[0] == id) t->flags |= TF_SELF;
         }
         scratch_free(&sc);
+    }
+    if (v->kind == VK_SPM) {
+        v->char_tok = moe_malloc(0x10000 * sizeof *v->char_tok);
+        if (!v->char_tok) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+        for (uint32_t c = 0; c < 0x10000; c++) {
+            uint8_t u[4];
+            v->char_tok[c] = c >= 0xD800 && c < 0xE000 ? -1 : vocab_find(v, u, (size_t)utf8_put(c, u));
+        }
     }
     v->cap_trie = 256;
     v->trie = moe_malloc((size_t)v->cap_trie * sizeof *v->trie);

@@ -760,6 +760,26 @@ static void test_nfc_basics(void **state) {
         size_t n = nfc((const uint8_t *)cases[i][0], strlen(cases[i][0]), out, cps);
         if (n != strlen(cases[i][1]) || memcmp(out, cases[i][1], n)) fail_msg("nfc case %zu", i);
     }
+    /* normalizing only the stretches that need it gives what normalizing everything gives */
+    static const uint32_t pool[] = {'a', 'e', ' ', 'A', 0x301, 0x300, 0x323, 0x307, 0x308, 0x344, 0xE9, 0xC5, 0x212B, 0x1100,
+                                    0x1161, 0x11A8, 0xAC00, 0xF900, 0x915, 0x93C, 0x4E00, 0x3099, 0x304B, 0x1D15E, 0x110000 + 0xFF};
+    uint64_t rng = 7;
+    uint8_t in[256], full[1024], spans[1024];
+    uint32_t cps2[1024];
+    for (int it = 0; it < 20000; it++) {
+        size_t n = 0;
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        int len = (int)((rng >> 33) % 24);
+        for (int k = 0; k < len; k++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            n += (size_t)utf8_put(pool[(rng >> 33) % (sizeof pool / sizeof *pool)], in + n);
+        }
+        size_t a = nfc(in, n, full, cps2);
+        int changed;
+        size_t b = nfc_spans(in, n, spans, cps2, &changed);
+        if (!changed) { memcpy(spans, in, n); b = n; }
+        if (a != b || memcmp(full, spans, a)) fail_msg("nfc_spans differs from nfc on random text %d", it);
+    }
 }
 
 static int setup(void **state) {
