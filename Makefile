@@ -9,11 +9,12 @@ B        = build
 LIB_SRC  = moe.c moe_vk.c shaders_embedded.c
 LIB_OBJ  = $(LIB_SRC:%.c=$(B)/obj/%.o)
 EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
+GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-.PHONY: all lib examples test test-unit test-asan test-clang run shaders clean deps
+.PHONY: all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin run shaders clean deps
 
-all: lib examples
+all: lib examples $(GENTOOLS)
 
 lib: $(B)/libmoe.a $(B)/libmoe.so
 examples: $(EXAMPLES)
@@ -30,6 +31,11 @@ $(B)/libmoe.so: $(LIB_OBJ)
 
 $(B)/%: examples/%.c $(B)/libmoe.a moe.h
 	$(CC) $(WARN) $(CFLAGS) -I. $< $(B)/libmoe.a -o $@ $(LDLIBS)
+
+# generators in gen/ include moe.c to reach its GGUF writer and codecs
+$(B)/synth_model: gen/synth_model.c $(LIB_SRC) moe.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
 
 # ---- tests -------------------------------------------------------------------------------------
 # Tests link moe.c directly (some include it to reach internals). Three builds run the suite:
@@ -51,6 +57,19 @@ test-unit: $(TESTS:%=$(B)/test/%)
 test-asan: $(TESTS:%=$(B)/asan/%)
 	@for t in $^; do echo "== $$t (asan+ubsan)"; ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
 
+# one model shared by threads that each own a context: ThreadSanitizer on the API tests
+$(B)/tsan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) -O1 -g -fsanitize=thread -I. $< -o $@ -lcmocka $(LDLIBS)
+
+test-tsan: $(B)/tsan/test_api
+	@echo "== $< (tsan)"; TSAN_OPTIONS=halt_on_error=1 $<
+
+# valgrind memcheck over the API and file-format tests (the plain -O2 build)
+test-valgrind: $(B)/test/test_api $(B)/test/test_gguf
+	@for t in $^; do echo "== $$t (valgrind)"; \
+	  valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect $$t >/dev/null || exit 1; done
+
 test-clang:
 	@if command -v clang >/dev/null; then \
 	  echo "== clang -Werror build"; \
@@ -66,6 +85,8 @@ test: deps
 	$(MAKE) test-dropin test-clang
 	$(MAKE) test-unit
 	$(MAKE) test-asan
+	$(MAKE) test-tsan
+	$(MAKE) test-valgrind
 
 run: all
 	./$(B)/generate -m test/fixtures/qwen3moe_f32.gguf -n 32

@@ -130,7 +130,9 @@ typedef struct moe_file {
     int fd;
 } moe_file;
 
-static moe_status file_map(moe_file *f, const char *path) {
+/* populate: fault every page in now (one sequential read) instead of page by page during the
+   first steps; used when the weights are meant to stay resident. */
+static moe_status file_map(moe_file *f, const char *path, int populate) {
     memset(f, 0, sizeof *f);
     f->fd = -1;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -148,7 +150,13 @@ static moe_status file_map(moe_file *f, const char *path) {
         close(fd);
         return set_error(MOE_ERR_FORMAT, "'%s' is empty", path);
     }
-    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    int flags = MAP_PRIVATE;
+#ifdef MAP_POPULATE
+    if (populate) flags |= MAP_POPULATE;
+#else
+    (void)populate;
+#endif
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, flags, fd, 0);
     if (p == MAP_FAILED) {
         close(fd);
         return set_error(MOE_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
@@ -315,7 +323,6 @@ typedef struct gguf_kv {
     const uint8_t *val;      /* the value bytes (for arrays: the first element) */
 } gguf_kv;
 
-#define MOE_MAX_DIMS 4
 typedef struct gguf_tensor {
     gguf_str name;
     int32_t type;            /* MOE_TYPE_* (ggml numbering) */
@@ -655,6 +662,112 @@ static moe_status gguf_parse(gguf_file *g, const uint8_t *data, size_t size) {
 fail:
     gguf_free(g);
     return st;
+}
+
+/* ---- gguf writer ---------------------------------------------------------------------------
+   Used by the converter, the model synthesizer and the tests. Metadata and the tensor table are
+   built in memory; tensor data is referenced (not copied) and streamed out by gguf_write_file. */
+typedef struct gguf_buf { uint8_t *p; size_t n, cap; int oom; } gguf_buf;
+
+static void gb_put(gguf_buf *b, const void *src, size_t n) {
+    if (b->oom || n == 0) return;
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 4096;
+        while (cap < b->n + n) cap *= 2;
+        uint8_t *p = moe_malloc(cap);
+        if (!p) { b->oom = 1; return; }
+        if (b->n) memcpy(p, b->p, b->n);
+        moe_free(b->p);
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, src, n);
+    b->n += n;
+}
+static void gb_u32(gguf_buf *b, uint32_t v) { gb_put(b, &v, 4); }
+static void gb_u64(gguf_buf *b, uint64_t v) { gb_put(b, &v, 8); }
+static void gb_str(gguf_buf *b, const char *s) { gb_u64(b, strlen(s)); gb_put(b, s, strlen(s)); }
+
+typedef struct gguf_writer {
+    gguf_buf kv, info;
+    uint64_t n_kv, n_tensors, data_size;
+    uint32_t alignment;
+    const void **data;         /* [n_tensors] */
+    uint64_t *sizes;
+    uint64_t cap;
+} gguf_writer;
+
+MOE_MAYBE_UNUSED static void gw_kv_u32(gguf_writer *w, const char *key, uint32_t v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_U32); gb_u32(&w->kv, v); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_i32(gguf_writer *w, const char *key, int32_t v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_I32); gb_put(&w->kv, &v, 4); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_f32(gguf_writer *w, const char *key, float v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_F32); gb_put(&w->kv, &v, 4); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_bool(gguf_writer *w, const char *key, int v) { uint8_t b = v != 0; gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_BOOL); gb_put(&w->kv, &b, 1); w->n_kv++; }
+MOE_MAYBE_UNUSED static void gw_kv_str(gguf_writer *w, const char *key, const char *v) { gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_STRING); gb_str(&w->kv, v); w->n_kv++; }
+/* an array of n scalars of GGUF type t (elements of gguf_scalar_size(t) bytes) */
+MOE_MAYBE_UNUSED static void gw_kv_array(gguf_writer *w, const char *key, int32_t t, const void *v, uint64_t n) {
+    gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_ARRAY); gb_u32(&w->kv, (uint32_t)t); gb_u64(&w->kv, n);
+    gb_put(&w->kv, v, (size_t)n * gguf_scalar_size(t));
+    w->n_kv++;
+}
+MOE_MAYBE_UNUSED static void gw_kv_strings(gguf_writer *w, const char *key, const char *const *v, uint64_t n) {
+    gb_str(&w->kv, key); gb_u32(&w->kv, GGUF_ARRAY); gb_u32(&w->kv, GGUF_STRING); gb_u64(&w->kv, n);
+    for (uint64_t i = 0; i < n; i++) gb_str(&w->kv, v[i]);
+    w->n_kv++;
+}
+
+/* Adds a tensor; data must stay valid until gguf_write_file. ne is innermost first. */
+MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne, const void *data) {
+    int64_t rows = 1;
+    for (int d = 1; d < n_dims; d++) rows *= ne[d];
+    uint64_t size = type_row_bytes(type, ne[0]) * (uint64_t)rows;
+    if (!size) return set_error(MOE_ERR_INVALID_ARG, "gguf writer: tensor '%s' has a row length that does not fit its type", name);
+    if (w->n_tensors == w->cap) {
+        uint64_t cap = w->cap ? w->cap * 2 : 64;
+        const void **d = moe_malloc(cap * sizeof *d);
+        uint64_t *s = moe_malloc(cap * sizeof *s);
+        if (!d || !s) { moe_free(d); moe_free(s); return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory"); }
+        if (w->n_tensors) { memcpy(d, w->data, w->n_tensors * sizeof *d); memcpy(s, w->sizes, w->n_tensors * sizeof *s); }
+        moe_free(w->data); moe_free(w->sizes);
+        w->data = d; w->sizes = s; w->cap = cap;
+    }
+    uint32_t al = w->alignment ? w->alignment : 32;
+    gb_str(&w->info, name);
+    gb_u32(&w->info, (uint32_t)n_dims);
+    for (int d = 0; d < n_dims; d++) gb_u64(&w->info, (uint64_t)ne[d]);
+    gb_u32(&w->info, (uint32_t)type);
+    gb_u64(&w->info, w->data_size);
+    w->data[w->n_tensors] = data;
+    w->sizes[w->n_tensors] = size;
+    w->n_tensors++;
+    w->data_size += (size + al - 1) / al * al;
+    return MOE_OK;
+}
+
+MOE_MAYBE_UNUSED static void gw_free(gguf_writer *w) {
+    moe_free(w->kv.p); moe_free(w->info.p); moe_free(w->data); moe_free(w->sizes);
+    memset(w, 0, sizeof *w);
+}
+
+MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *path) {
+    if (w->kv.oom || w->info.oom) return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory");
+    uint32_t al = w->alignment ? w->alignment : 32;
+    FILE *f = fopen(path, "wb");
+    if (!f) return set_error(MOE_ERR_IO, "gguf writer: cannot create '%s': %s", path, strerror(errno));
+    static const uint8_t zeros[64] = {0};
+    uint32_t version = 3;
+    uint64_t pos = 0;
+    int ok = fwrite("GGUF", 1, 4, f) == 4 && fwrite(&version, 4, 1, f) == 1 && fwrite(&w->n_tensors, 8, 1, f) == 1 &&
+             fwrite(&w->n_kv, 8, 1, f) == 1 && (!w->kv.n || fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n) &&
+             (!w->info.n || fwrite(w->info.p, 1, w->info.n, f) == w->info.n);
+    pos = 24 + w->kv.n + w->info.n;
+    for (uint64_t pad = (al - pos % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
+        ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    for (uint64_t i = 0; ok && i < w->n_tensors; i++) {
+        ok = fwrite(w->data[i], 1, w->sizes[i], f) == w->sizes[i];
+        for (uint64_t pad = (al - w->sizes[i] % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
+            ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    }
+    if (fclose(f) != 0) ok = 0;
+    return ok ? MOE_OK : set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
 }
 
 /* ---- JSON (RFC 8259), strict -----------------------------------------------------------------
@@ -1014,12 +1127,6 @@ MOE_MAYBE_UNUSED static int json_double(const json_doc *d, uint32_t i, double *o
 /* ============================================================================================ */
 /* 3. quant codecs                                                                               */
 /* ============================================================================================ */
-/* Type ids follow ggml's numbering so that GGUF tensor types map directly. */
-enum {
-    MOE_TYPE_F32 = 0, MOE_TYPE_F16 = 1, MOE_TYPE_Q4_0 = 2, MOE_TYPE_Q8_0 = 8, MOE_TYPE_Q4_K = 12,
-    MOE_TYPE_Q5_K = 13, MOE_TYPE_Q6_K = 14, MOE_TYPE_BF16 = 30, MOE_TYPE_MXFP4 = 39
-};
-
 typedef struct moe_type_traits {
     const char *name;
     int32_t block_elems, block_bytes;
@@ -1087,6 +1194,45 @@ static uint16_t f32_to_bf16(float f) {
 static uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static void wr16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 
+/* ---- helpers shared by the block codecs ----
+   Every dequantizer computes what ggml's reference dequantize_row_* computes, operation by
+   operation in float32. In these formats every product is exact: an fp16 scale has 11 significant
+   bits, a sub-block scale at most 7 (6-bit K-quant scales, int8 Q6_K scales), a code at most 7
+   (Q8_0) or 5, so no product needs more than f32's 24 bits, nor leaves the normal range (MXFP4:
+   a code of 2 significant bits times a power of two, exact down to 2^-149; codes ≥ 4 at e ≥ 253
+   overflow to inf, in ggml too, and our quantizer never writes those). The one
+   rounding in any of them is the final "− dmin·m" of Q4_K/Q5_K; an FMA contraction of it rounds
+   the same exact product once, so values are bit-identical whatever -ffp-contract says, and any
+   operation order (d·sc·q or d·(sc·q)) gives the same floats.
+   The quantizers are our own: each tries several candidate scales and keeps the one whose
+   reconstruction error, measured with the scales exactly as they are stored, is lowest. */
+
+/* nearest integer, ties to even; inputs are clamped to ±2^22 first (NaN becomes the bound), so the
+   trick of adding 1.5·2^23 and reading the low mantissa bits is always valid */
+static int round_i(float v) {
+    v = fminf(fmaxf(v, -4194303.0f), 4194303.0f);
+    float t = v + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &t, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+static int clamp_i(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+/* fp16 with saturation: a scale too large for half is clipped to ±65504 instead of becoming inf */
+static uint16_t f32_to_fp16_sat(float f) {
+    return f32_to_fp16(fminf(fmaxf(f, -65504.0f), 65504.0f));
+}
+
+/* fp16 of a super-block scale, rounded away from zero (then saturated): a scale that rounded
+   down would push the largest sub-block scale past the top code, and one that underflowed to 0
+   would erase a block of tiny but nonzero values */
+static uint16_t f32_to_fp16_up(float f) {
+    uint16_t h = f32_to_fp16_sat(f);
+    if (fabsf(fp16_to_f32(h)) < fabsf(f) && (h & 0x7fff) < 0x7bff) h++;
+    return h;
+}
+
 /* ---- F32 ---- */
 static void dequant_f32(const void *b, float *out, int64_t n) { memcpy(out, b, (size_t)n * 4); }
 static void quant_f32(const float *in, void *b, int64_t n) { memcpy(b, in, (size_t)n * 4); }
@@ -1111,7 +1257,16 @@ static void quant_bf16(const float *in, void *b, int64_t n) {
     for (int64_t i = 0; i < n; i++) wr16(p + 2 * i, f32_to_bf16(in[i]));
 }
 
-/* ---- Q8_0: 32 elements = fp16 scale d, int8 q[32]; x = d·q ---- */
+/* ---- Q8_0 --------------------------------------------------------------------------------------
+
+     Q8_0 block: 32 elements in 34 bytes
+     +-------+-----------------------+
+     | d f16 | qs[32] (int8)         |
+     +-------+-----------------------+
+       0..1    2..33
+     x[j] = d·qs[j]
+
+   Quantize: d = amax/127 (fp16, saturating), q = nearest of x/d with the stored d, in ±127. */
 #define QK8_0 32
 static void dequant_q8_0(const void *b, float *out, int64_t n) {
     const uint8_t *p = b;
@@ -1127,19 +1282,469 @@ static void quant_q8_0(const float *in, void *b, int64_t n) {
         const float *x = in + i * QK8_0;
         float amax = 0;
         for (int j = 0; j < QK8_0; j++) amax = fmaxf(amax, fabsf(x[j]));
-        float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
-        wr16(p, f32_to_fp16(d));
-        for (int j = 0; j < QK8_0; j++) p[2 + j] = (uint8_t)(int8_t)lrintf(x[j] * id);
+        uint16_t h = f32_to_fp16_sat(amax / 127.0f);
+        float d = fp16_to_f32(h), id = d ? 1.0f / d : 0.0f;
+        wr16(p, h);
+        for (int j = 0; j < QK8_0; j++) p[2 + j] = (uint8_t)(int8_t)clamp_i(round_i(x[j] * id), -127, 127);
     }
 }
 
-/* QUANT-CODECS-K: Q4_0, Q4_K, Q5_K, Q6_K, MXFP4 follow here. */
+/* Symmetric fit: the scale s minimising Σ w·(x − s·l)² over integers l in [−nmax, nmax−1].
+   Tries the 19 scales that map the largest-magnitude element to −(nmax + 0.1k), k = −9..9 (the
+   negative end has the extra level, so the extreme goes there), refits s by weighted least squares
+   for each rounding pattern, and keeps the best (the one maximising (Σwxl)²/Σwl²). */
+static float fit_scale_sym(int n, int nmax, const float *x, const float *w) {
+    float amax = 0, max = 0;
+    for (int i = 0; i < n; i++)
+        if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }
+    if (amax < 1e-15f) return 0.0f;
+    float best_s = 0, best_gain = 0;
+    for (int k = -9; k <= 9; k++) {
+        float iscale = -((float)nmax + 0.1f * (float)k) / max;
+        float sxl = 0, sll = 0;
+        for (int i = 0; i < n; i++) {
+            int l = clamp_i(round_i(iscale * x[i]), -nmax, nmax - 1);
+            sxl += w[i] * x[i] * (float)l;
+            sll += w[i] * (float)(l * l);
+        }
+        if (sll > 0 && sxl * sxl / sll > best_gain) { best_gain = sxl * sxl / sll; best_s = sxl / sll; }
+    }
+    return best_s;
+}
+
+/* Asymmetric fit for K-quants: x ≈ s·l − m with l in 0..nmax, s ≥ 0 and m ≥ 0 (the offset is a
+   subtracted min, so a group with no negative values gets m = 0). Starts from the plain min/max
+   mapping, then tries the scales (nmax + rmin + rdelta·k)/(max − min), k = 0..nstep: each one's
+   rounding pattern gets a weighted least-squares (s, m), and the pair with the lowest weighted
+   squared error wins. Writes l into L; returns s and stores m. n ≤ 32. */
+static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
+                           float rmin, float rdelta, int nstep) {
+    float lo = x[0], hi = x[0], sw = 0, swx = 0;
+    for (int i = 0; i < n; i++) {
+        lo = fminf(lo, x[i]);
+        hi = fmaxf(hi, x[i]);
+        sw += w[i];
+        swx += w[i] * x[i];
+    }
+    if (lo > 0) lo = 0;
+    if (!(hi > lo)) { /* all equal and ≤ 0: the min alone represents the group */
+        memset(L, 0, (size_t)n);
+        *m_out = -lo;
+        return 0.0f;
+    }
+    float s = (hi - lo) / (float)nmax, mn = lo, best = 0;
+    for (int i = 0; i < n; i++) {
+        L[i] = (uint8_t)clamp_i(round_i((x[i] - lo) / s), 0, nmax);
+        float e = s * (float)L[i] + mn - x[i];
+        best += w[i] * e * e;
+    }
+    uint8_t aux[32];
+    for (int k = 0; k <= nstep; k++) {
+        float iscale = ((float)nmax + rmin + rdelta * (float)k) / (hi - lo);
+        float sl = 0, sll = 0, sxl = 0;
+        for (int i = 0; i < n; i++) {
+            int l = clamp_i(round_i(iscale * (x[i] - lo)), 0, nmax);
+            aux[i] = (uint8_t)l;
+            sl += w[i] * (float)l;
+            sll += w[i] * (float)(l * l);
+            sxl += w[i] * (float)l * x[i];
+        }
+        float det = sw * sll - sl * sl;
+        if (!(det > 0)) continue;
+        float ts = (sw * sxl - swx * sl) / det, tm = (sll * swx - sl * sxl) / det;
+        if (tm > 0) { tm = 0; ts = sxl / sll; }
+        if (!(ts > 0)) continue;
+        float err = 0;
+        for (int i = 0; i < n; i++) {
+            float e = ts * (float)aux[i] + tm - x[i];
+            err += w[i] * e * e;
+        }
+        if (err < best) { best = err; s = ts; mn = tm; memcpy(L, aux, (size_t)n); }
+    }
+    *m_out = -mn;
+    return s;
+}
+
+/* ---- Q4_0 --------------------------------------------------------------------------------------
+
+     Q4_0 block: 32 elements in 18 bytes
+     +-------+-------+-------+-----+--------+
+     | d f16 | qs[0] | qs[1] | ... | qs[15] |
+     +-------+-------+-------+-----+--------+
+       0..1    2       3             17
+     qs[j] = q[j] | q[j+16] << 4          (element j in the low nibble, j+16 in the high)
+     x[j]  = d·(q[j] − 8),  q in 0..15
+
+   Quantize: candidate scales are max/−8 (the largest-magnitude element on the −8 level; its fp16
+   rounded to nearest and away from zero) and the least-squares refits of the 19 trial scales
+   fit_scale_sym also uses; each is scored in fp16, by the exact squared error of nearest-level
+   rounding. */
+#define QK4_0 32
+
+static void dequant_q4_0(const void *b, float *out, int64_t n) {
+    const uint8_t *p = b;
+    for (int64_t i = 0; i < n / QK4_0; i++, p += 18) {
+        float d = fp16_to_f32(rd16(p));
+        float *y = out + i * QK4_0;
+        for (int j = 0; j < QK4_0 / 2; j++) {
+            y[j] = (float)((p[2 + j] & 0xf) - 8) * d;
+            y[j + QK4_0 / 2] = (float)((p[2 + j] >> 4) - 8) * d;
+        }
+    }
+}
+
+/* squared error of quantizing x with the stored scale bits h; fills q when asked */
+static float q4_0_try(const float *x, uint16_t h, uint8_t *q) {
+    float d = fp16_to_f32(h), id = d != 0 ? 1.0f / d : 0.0f, err = 0;
+    for (int j = 0; j < QK4_0; j++) {
+        int l = clamp_i(round_i(x[j] * id), -8, 7);
+        float e = (float)l * d - x[j];
+        err += e * e;
+        if (q) q[j] = (uint8_t)(l + 8);
+    }
+    return err;
+}
+
+static void quant_q4_0(const float *in, void *b, int64_t n) {
+    uint8_t *p = b;
+    for (int64_t i = 0; i < n / QK4_0; i++, p += 18) {
+        const float *x = in + i * QK4_0;
+        float amax = 0, max = 0;
+        for (int j = 0; j < QK4_0; j++)
+            if (fabsf(x[j]) > amax) { amax = fabsf(x[j]); max = x[j]; }
+        uint16_t best_h = f32_to_fp16_sat(max / -8.0f), up_h = f32_to_fp16_up(max / -8.0f);
+        float best = q4_0_try(x, best_h, NULL), up = q4_0_try(x, up_h, NULL);
+        if (up < best) { best = up; best_h = up_h; }
+        /* the refits: same trial scales as fit_scale_sym, but each one scored after fp16 rounding */
+        for (int k = -9; amax > 0 && k <= 9; k++) {
+            float iscale = -(8.0f + 0.1f * (float)k) / max, sxl = 0, sll = 0;
+            for (int j = 0; j < QK4_0; j++) {
+                int l = clamp_i(round_i(iscale * x[j]), -8, 7);
+                sxl += x[j] * (float)l;
+                sll += (float)(l * l);
+            }
+            if (!(sll > 0)) continue;
+            uint16_t h = f32_to_fp16_sat(sxl / sll);
+            float err = q4_0_try(x, h, NULL);
+            if (err < best) { best = err; best_h = h; }
+        }
+        uint8_t q[QK4_0];
+        q4_0_try(x, best_h, q);
+        wr16(p, best_h);
+        for (int j = 0; j < QK4_0 / 2; j++) p[2 + j] = (uint8_t)(q[j] | q[j + QK4_0 / 2] << 4);
+    }
+}
+
+/* ---- Q4_K / Q5_K: 256-element super-blocks of 8 sub-blocks of 32 -------------------------------
+
+     Q4_K block: 256 elements in 144 bytes
+     +-------+----------+-------------+---------------------------+
+     | d f16 | dmin f16 | scales[12]  | qs[128]                   |
+     +-------+----------+-------------+---------------------------+
+       0..1    2..3       4..15         16..143
+
+     Q5_K block: 256 elements in 176 bytes
+     +-------+----------+-------------+---------+-----------------+
+     | d f16 | dmin f16 | scales[12]  | qh[32]  | qs[128]         |
+     +-------+----------+-------------+---------+-----------------+
+       0..1    2..3       4..15         16..47    48..175
+
+   scales[12] packs a 6-bit scale sc[s] and a 6-bit min m[s] for each sub-block s = 0..7:
+     byte  0..3 : bits 0-5 sc[0..3],  bits 6-7 = sc[4..7] >> 4
+     byte  4..7 : bits 0-5  m[0..3],  bits 6-7 =  m[4..7] >> 4
+     byte  8..11: bits 0-3 sc[4..7] & 15,  bits 4-7 = m[4..7] & 15
+
+   qs is four 32-byte groups; group g holds sub-blocks 2g (low nibbles) and 2g+1 (high nibbles):
+     element 64g + l      = qs[32g + l] & 15     (+16 if bit 2g   of qh[l], Q5_K only)
+     element 64g + 32 + l = qs[32g + l] >> 4     (+16 if bit 2g+1 of qh[l], Q5_K only)
+
+     x = (d·sc[s])·q − (dmin·m[s]),  q in 0..15 (Q4_K) or 0..31 (Q5_K)
+
+   Quantize: fit_scale_min per sub-block (weights av + |x|, av the sub-block RMS, so the large
+   values that dominate a matmul count more), then the eight scales and eight mins are each put on
+   a 6-bit grid against fp16 super-scales d = max sc/63 and dmin = max m/63 (fp16 rounded away
+   from zero), and finally every q is re-picked against the scales exactly as stored. */
+#define QK_K 256
+
+static void get_scale_min_k(const uint8_t *sc, int s, uint8_t *d, uint8_t *m) {
+    if (s < 4) {
+        *d = sc[s] & 63;
+        *m = sc[s + 4] & 63;
+    } else {
+        *d = (uint8_t)((sc[s + 4] & 0xf) | (sc[s - 4] >> 6) << 4);
+        *m = (uint8_t)((sc[s + 4] >> 4) | (sc[s] >> 6) << 4);
+    }
+}
+
+static void put_scale_min_k(uint8_t *sc, int s, uint8_t d, uint8_t m) {
+    if (s < 4) {
+        sc[s] = (uint8_t)((sc[s] & 0xc0) | d);
+        sc[s + 4] = (uint8_t)((sc[s + 4] & 0xc0) | m);
+    } else {
+        sc[s + 4] = (uint8_t)((d & 0xf) | (m & 0xf) << 4);
+        sc[s - 4] = (uint8_t)((sc[s - 4] & 0x3f) | (d >> 4) << 6);
+        sc[s] = (uint8_t)((sc[s] & 0x3f) | (m >> 4) << 6);
+    }
+}
+
+/* The dequantizer of both: hbits is NULL for Q4_K. */
+static void dequant_k45(const uint8_t *blk, const uint8_t *hbits, const uint8_t *qs, float *y) {
+    float d = fp16_to_f32(rd16(blk)), dmin = fp16_to_f32(rd16(blk + 2));
+    const uint8_t *sc = blk + 4;
+    for (int g = 0; g < 4; g++, qs += 32, y += 64) {
+        uint8_t s0, m0, s1, m1;
+        get_scale_min_k(sc, 2 * g, &s0, &m0);
+        get_scale_min_k(sc, 2 * g + 1, &s1, &m1);
+        float d0 = d * (float)s0, mm0 = dmin * (float)m0;
+        float d1 = d * (float)s1, mm1 = dmin * (float)m1;
+        for (int l = 0; l < 32; l++) {
+            int q = (qs[l] & 0xf) + (hbits && (hbits[l] >> (2 * g) & 1) ? 16 : 0);
+            y[l] = d0 * (float)q - mm0;
+        }
+        for (int l = 0; l < 32; l++) {
+            int q = (qs[l] >> 4) + (hbits && (hbits[l] >> (2 * g + 1) & 1) ? 16 : 0);
+            y[32 + l] = d1 * (float)q - mm1;
+        }
+    }
+}
+
+/* Fits one super-block: writes d, dmin and scales[12] into blk[0..15] and q (0..nmax) into L. */
+static void quant_k45_fit(const float *x, int nmax, uint8_t *blk, uint8_t L[QK_K]) {
+    float sc[8], mn[8], w[32], max_sc = 0, max_mn = 0;
+    for (int s = 0; s < 8; s++) {
+        const float *xs = x + 32 * s;
+        float sum2 = 0;
+        for (int l = 0; l < 32; l++) sum2 += xs[l] * xs[l];
+        float av = sqrtf(sum2 / 32.0f);
+        for (int l = 0; l < 32; l++) w[l] = av + fabsf(xs[l]);
+        sc[s] = fit_scale_min(32, nmax, xs, w, L + 32 * s, &mn[s], -1.0f, 0.1f, 20);
+        max_sc = fmaxf(max_sc, sc[s]);
+        max_mn = fmaxf(max_mn, mn[s]);
+    }
+    uint16_t hd = f32_to_fp16_up(max_sc / 63.0f), hm = f32_to_fp16_up(max_mn / 63.0f);
+    float d = fp16_to_f32(hd), dmin = fp16_to_f32(hm);
+    float id = d > 0 ? 1.0f / d : 0.0f, idmin = dmin > 0 ? 1.0f / dmin : 0.0f;
+    wr16(blk, hd);
+    wr16(blk + 2, hm);
+    uint8_t *scales = blk + 4;
+    memset(scales, 0, 12);
+    for (int s = 0; s < 8; s++)
+        put_scale_min_k(scales, s, (uint8_t)clamp_i(round_i(sc[s] * id), 0, 63),
+                        (uint8_t)clamp_i(round_i(mn[s] * idmin), 0, 63));
+    for (int s = 0; s < 8; s++) {
+        uint8_t is, im;
+        get_scale_min_k(scales, s, &is, &im);
+        float ds = d * (float)is, ms = dmin * (float)im;
+        for (int l = 0; l < 32; l++)
+            L[32 * s + l] = ds > 0 ? (uint8_t)clamp_i(round_i((x[32 * s + l] + ms) / ds), 0, nmax) : 0;
+    }
+}
+
+static void dequant_q4_k(const void *b, float *out, int64_t n) {
+    const uint8_t *p = b;
+    for (int64_t i = 0; i < n / QK_K; i++, p += 144) dequant_k45(p, NULL, p + 16, out + i * QK_K);
+}
+
+static void quant_q4_k(const float *in, void *b, int64_t n) {
+    uint8_t *p = b, L[QK_K];
+    for (int64_t i = 0; i < n / QK_K; i++, p += 144) {
+        quant_k45_fit(in + i * QK_K, 15, p, L);
+        for (int g = 0; g < 4; g++)
+            for (int l = 0; l < 32; l++)
+                p[16 + 32 * g + l] = (uint8_t)(L[64 * g + l] | L[64 * g + 32 + l] << 4);
+    }
+}
+
+static void dequant_q5_k(const void *b, float *out, int64_t n) {
+    const uint8_t *p = b;
+    for (int64_t i = 0; i < n / QK_K; i++, p += 176) dequant_k45(p, p + 16, p + 48, out + i * QK_K);
+}
+
+static void quant_q5_k(const float *in, void *b, int64_t n) {
+    uint8_t *p = b, L[QK_K];
+    for (int64_t i = 0; i < n / QK_K; i++, p += 176) {
+        quant_k45_fit(in + i * QK_K, 31, p, L);
+        uint8_t *qh = p + 16, *qs = p + 48;
+        memset(qh, 0, 32);
+        for (int g = 0; g < 4; g++)
+            for (int l = 0; l < 32; l++) {
+                int lo = L[64 * g + l], hi = L[64 * g + 32 + l];
+                qs[32 * g + l] = (uint8_t)((lo & 0xf) | (hi & 0xf) << 4);
+                qh[l] |= (uint8_t)((lo >> 4) << (2 * g) | (hi >> 4) << (2 * g + 1));
+            }
+    }
+}
+
+/* ---- Q6_K -------------------------------------------------------------------------------------
+
+     Q6_K block: 256 elements in 210 bytes
+     +-----------+----------+---------------------+-------+
+     | ql[128]   | qh[64]   | scales[16] (int8)   | d f16 |
+     +-----------+----------+---------------------+-------+
+       0..127      128..191   192..207              208..209
+
+   Two halves of 128 elements; half h uses ql[64h..], qh[32h..]. For l = 0..31 in half h:
+     element 128h +      l : ql[64h + l]      & 15,  bits 0-1 of qh[32h + l]
+     element 128h + 32 + l : ql[64h + 32 + l] & 15,  bits 2-3
+     element 128h + 64 + l : ql[64h + l]      >> 4,  bits 4-5
+     element 128h + 96 + l : ql[64h + 32 + l] >> 4,  bits 6-7
+   q = low4 | high2 << 4, in 0..63; scales[k] covers elements 16k..16k+15;
+     x = (d·scales[k])·(q − 32)
+
+   Quantize: a symmetric fit per 16-element sub-block (weights av + |x|); the sub-block scales go
+   on an int8 grid whose step d maps the largest-magnitude one to −128; q re-picked at the end. */
+static void dequant_q6_k(const void *b, float *out, int64_t n) {
+    const uint8_t *p = b;
+    for (int64_t i = 0; i < n / QK_K; i++, p += 210) {
+        const uint8_t *ql = p, *qh = p + 128;
+        const int8_t *sc = (const int8_t *)(p + 192);
+        float d = fp16_to_f32(rd16(p + 208));
+        float *y = out + i * QK_K;
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, y += 128)
+            for (int l = 0; l < 32; l++) {
+                int is = l / 16;
+                int q0 = ((ql[l] & 0xf) | (qh[l] & 3) << 4) - 32;
+                int q1 = ((ql[l + 32] & 0xf) | (qh[l] >> 2 & 3) << 4) - 32;
+                int q2 = ((ql[l] >> 4) | (qh[l] >> 4 & 3) << 4) - 32;
+                int q3 = ((ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4) - 32;
+                y[l] = d * (float)sc[is] * (float)q0;
+                y[l + 32] = d * (float)sc[is + 2] * (float)q1;
+                y[l + 64] = d * (float)sc[is + 4] * (float)q2;
+                y[l + 96] = d * (float)sc[is + 6] * (float)q3;
+            }
+    }
+}
+
+static void quant_q6_k(const float *in, void *b, int64_t n) {
+    uint8_t *p = b;
+    for (int64_t i = 0; i < n / QK_K; i++, p += 210) {
+        const float *x = in + i * QK_K;
+        float s[16], w[16], smax = 0;
+        for (int k = 0; k < 16; k++) {
+            const float *xs = x + 16 * k;
+            float sum2 = 0;
+            for (int l = 0; l < 16; l++) sum2 += xs[l] * xs[l];
+            float av = sqrtf(sum2 / 16.0f);
+            for (int l = 0; l < 16; l++) w[l] = av + fabsf(xs[l]);
+            s[k] = fit_scale_sym(16, 32, xs, w);
+            if (fabsf(s[k]) > fabsf(smax)) smax = s[k];
+        }
+        memset(p, 0, 210);
+        uint16_t hd = f32_to_fp16_up(smax / -128.0f);
+        float d = fp16_to_f32(hd);
+        if (d == 0) continue; /* all zero (or too small for half): the zero block */
+        wr16(p + 208, hd);
+        int8_t *sc = (int8_t *)(p + 192);
+        uint8_t L[QK_K];
+        for (int k = 0; k < 16; k++) {
+            sc[k] = (int8_t)clamp_i(round_i(s[k] / d), -128, 127);
+            float ds = d * (float)sc[k];
+            for (int l = 0; l < 16; l++)
+                L[16 * k + l] = (uint8_t)(ds != 0 ? clamp_i(round_i(x[16 * k + l] / ds), -32, 31) + 32 : 32);
+        }
+        uint8_t *ql = p, *qh = p + 128;
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32) {
+            const uint8_t *Lh = L + 128 * h;
+            for (int l = 0; l < 32; l++) {
+                ql[l] = (uint8_t)((Lh[l] & 0xf) | (Lh[l + 64] & 0xf) << 4);
+                ql[l + 32] = (uint8_t)((Lh[l + 32] & 0xf) | (Lh[l + 96] & 0xf) << 4);
+                qh[l] = (uint8_t)(Lh[l] >> 4 | (Lh[l + 32] >> 4) << 2 | (Lh[l + 64] >> 4) << 4 |
+                                  (Lh[l + 96] >> 4) << 6);
+            }
+        }
+    }
+}
+
+/* ---- MXFP4 (OCP microscaling FP4, as gpt-oss ships it) -----------------------------------------
+
+     MXFP4 block: 32 elements in 17 bytes
+     +--------+-------+-------+-----+--------+
+     | e E8M0 | qs[0] | qs[1] | ... | qs[15] |
+     +--------+-------+-------+-----+--------+
+       0        1       2             16
+     qs[j] = q[j] | q[j+16] << 4          (same split as Q4_0; NOT the interleaved order of the
+                                           original safetensors, which a loader must repack)
+     q is an E2M1 code: bit 3 sign, then magnitude {0, .5, 1, 1.5, 2, 3, 4, 6}. ggml stores the
+     doubled table kvalue = {0,1,2,3,4,6,8,12, 0,−1,−2,−3,−4,−6,−8,−12} and halves the scale:
+     x[j] = kvalue[q[j]] · 2^(e − 128)
+   e = 0 and 1 give the subnormal floats 2^−128 and 2^−127; e = 255 (NaN in the OCP spec) is read
+   as 2^127 like ggml does, never produced by quant.
+
+   Quantize: e = floor(log2(amax)) − 2 + 127 puts amax in the top two codes; e − 1 and e + 1 are
+   also scored, each with nearest-code rounding (ties toward the smaller magnitude). */
+#define QK_MXFP4 32
+static const int8_t k_mxfp4_values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static float e8m0_to_f32_half(uint8_t e) {
+    uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void dequant_mxfp4(const void *b, float *out, int64_t n) {
+    const uint8_t *p = b;
+    for (int64_t i = 0; i < n / QK_MXFP4; i++, p += 17) {
+        float d = e8m0_to_f32_half(p[0]);
+        float *y = out + i * QK_MXFP4;
+        for (int j = 0; j < QK_MXFP4 / 2; j++) {
+            y[j] = (float)k_mxfp4_values[p[1 + j] & 0xf] * d;
+            y[j + QK_MXFP4 / 2] = (float)k_mxfp4_values[p[1 + j] >> 4] * d;
+        }
+    }
+}
+
+/* nearest code for x at half-scale d: |x| against the midpoints of {0,1,2,3,4,6,8,12}·d (exact
+   products: d is a power of two) */
+static uint8_t mxfp4_code(float x, float d) {
+    static const float mid[7] = {0.5f, 1.5f, 2.5f, 3.5f, 5.0f, 7.0f, 10.0f};
+    float ax = fabsf(x);
+    uint8_t c = 0;
+    while (c < 7 && ax > mid[c] * d) c++;
+    return (uint8_t)(c && x < 0 ? c | 8 : c);
+}
+
+static void quant_mxfp4(const float *in, void *b, int64_t n) {
+    uint8_t *p = b;
+    for (int64_t i = 0; i < n / QK_MXFP4; i++, p += 17) {
+        const float *x = in + i * QK_MXFP4;
+        float amax = 0;
+        for (int j = 0; j < QK_MXFP4; j++) amax = fmaxf(amax, fabsf(x[j]));
+        int e0 = 0;
+        if (amax > 0 && isfinite(amax)) {
+            int ex;
+            frexpf(amax, &ex); /* amax = f·2^ex, f in [0.5, 1): floor(log2 amax) = ex − 1 */
+            e0 = clamp_i(ex - 1 - 2 + 127, 0, 254);
+        }
+        int best_e = e0;
+        double best = INFINITY;
+        for (int e = e0 - 1; amax > 0 && e <= e0 + 1; e++) {
+            if (e < 0 || e > 254) continue;
+            float d = e8m0_to_f32_half((uint8_t)e);
+            double err = 0; /* double: near FLT_MAX the squares would overflow */
+            for (int j = 0; j < QK_MXFP4; j++) {
+                double r = (double)((float)k_mxfp4_values[mxfp4_code(x[j], d)] * d) - x[j];
+                err += r * r;
+            }
+            if (err < best) { best = err; best_e = e; }
+        }
+        float d = e8m0_to_f32_half((uint8_t)best_e);
+        p[0] = (uint8_t)best_e;
+        for (int j = 0; j < QK_MXFP4 / 2; j++)
+            p[1 + j] = (uint8_t)(mxfp4_code(x[j], d) | mxfp4_code(x[j + QK_MXFP4 / 2], d) << 4);
+    }
+}
 
 static const moe_type_traits k_type_traits[] = {
     {"f32", 1, 4, dequant_f32, quant_f32},
     {"f16", 1, 2, dequant_f16, quant_f16},
     {"bf16", 1, 2, dequant_bf16, quant_bf16},
     {"q8_0", QK8_0, 34, dequant_q8_0, quant_q8_0},
+    {"q4_0", QK4_0, 18, dequant_q4_0, quant_q4_0},
+    {"q4_K", QK_K, 144, dequant_q4_k, quant_q4_k},
+    {"q5_K", QK_K, 176, dequant_q5_k, quant_q5_k},
+    {"q6_K", QK_K, 210, dequant_q6_k, quant_q6_k},
+    {"mxfp4", QK_MXFP4, 17, dequant_mxfp4, quant_mxfp4},
 };
 
 static const moe_type_traits *type_traits(int32_t type) {
@@ -1148,6 +1753,11 @@ static const moe_type_traits *type_traits(int32_t type) {
     case MOE_TYPE_F16: return &k_type_traits[1];
     case MOE_TYPE_BF16: return &k_type_traits[2];
     case MOE_TYPE_Q8_0: return &k_type_traits[3];
+    case MOE_TYPE_Q4_0: return &k_type_traits[4];
+    case MOE_TYPE_Q4_K: return &k_type_traits[5];
+    case MOE_TYPE_Q5_K: return &k_type_traits[6];
+    case MOE_TYPE_Q6_K: return &k_type_traits[7];
+    case MOE_TYPE_MXFP4: return &k_type_traits[8];
     default: return NULL;
     }
 }
@@ -1199,6 +1809,168 @@ static float row_dot(const moe_type_traits *tt, const uint8_t *row, const float 
         dot_acc_add(&a, buf, x + i, m);
     }
     return dot_acc_sum(&a);
+}
+
+/* ---- x86-64 AVX2 kernels, chosen at run time -------------------------------------------------
+   The same eight-lane order as above, one __m256 holding the lanes, with fused multiply-add.
+   A process uses one kernel set for everything, so prefill still equals decode bit for bit.
+   Fused per-type dots compute each weight exactly as its dequant function does. */
+typedef struct cpu_kernels {
+    float (*dot)(const float *w, const float *x, int64_t n);
+    float (*row_dot)(const moe_type_traits *tt, const uint8_t *row, const float *x, int64_t n);
+} cpu_kernels;
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* AVX2 code must not call ordinary (SSE-compiled) functions while ymm values are live: the
+   state transition costs more than the work (measured 25x on our CI's EPYC). Every AVX2
+   function is therefore flattened, and per-type dequant functions are called directly so that
+   they are inlined and compiled for AVX2 too. */
+#define MOE_AVX2_FLAT MOE_AVX2 __attribute__((flatten))
+
+MOE_AVX2_FLAT static float avx2_finish(__m256 acc, float tail) {
+    dot_acc a;
+    _mm256_storeu_ps(a.lane, acc);
+    a.tail = tail;
+    return dot_acc_sum(&a);
+}
+
+MOE_AVX2_FLAT static float avx2_dot(const float *w, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t n8 = n / 8 * 8;
+    for (int64_t i = 0; i < n8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc);
+    float tail = 0;
+    for (int64_t i = n8; i < n; i++) tail += w[i] * x[i];
+    return avx2_finish(acc, tail);
+}
+
+/* dequantize a chunk (compiled for AVX2 through inlining), then the same accumulation */
+#define AVX2_CHUNKED_DOT(dq)                                                                        \
+    MOE_AVX2_FLAT static float avx2_dot_##dq(const moe_type_traits *tt, const uint8_t *row, const float *x, int64_t n) { \
+        float buf[DOT_CHUNK];                                                                       \
+        __m256 acc = _mm256_setzero_ps();                                                           \
+        int64_t chunk = DOT_CHUNK / tt->block_elems * tt->block_elems;                              \
+        float tail = 0;                                                                             \
+        for (int64_t i = 0; i < n; i += chunk) {                                                    \
+            int64_t m = n - i < chunk ? n - i : chunk, m8 = m / 8 * 8;                              \
+            dq(row + (uint64_t)(i / tt->block_elems) * (uint64_t)tt->block_bytes, buf, m);          \
+            for (int64_t j = 0; j < m8; j += 8)                                                     \
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(buf + j), _mm256_loadu_ps(x + i + j), acc);   \
+            for (int64_t j = m8; j < m; j++) tail += buf[j] * x[i + j];                             \
+        }                                                                                           \
+        return avx2_finish(acc, tail);                                                              \
+    }
+AVX2_CHUNKED_DOT(dequant_bf16)
+AVX2_CHUNKED_DOT(dequant_q4_0)
+AVX2_CHUNKED_DOT(dequant_q5_k)
+AVX2_CHUNKED_DOT(dequant_mxfp4)
+
+MOE_AVX2_FLAT static float avx2_dot_q8_0(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK8_0; b++, row += 34, x += QK8_0) {
+        __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(row)));
+        for (int j = 0; j < QK8_0; j += 8) {
+            __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 2 + j)));
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), _mm256_loadu_ps(x + j), acc);
+        }
+    }
+    return avx2_finish(acc, 0);
+}
+
+MOE_AVX2_FLAT static float avx2_dot_f16(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t n8 = n / 8 * 8;
+    for (int64_t i = 0; i < n8; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i))), _mm256_loadu_ps(x + i), acc);
+    float tail = 0;
+    for (int64_t i = n8; i < n; i++) tail += _cvtsh_ss(rd16(row + 2 * i)) * x[i];
+    return avx2_finish(acc, tail);
+}
+
+/* Q4_K fused: weight = (d·sc)·q − dmin·m, computed as dequant_k45 does (all products exact) */
+MOE_AVX2_FLAT static float avx2_dot_q4_k(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi32(0xf);
+    for (int64_t b = 0; b < n / QK_K; b++, row += 144) {
+        float d = _cvtsh_ss(rd16(row)), dmin = _cvtsh_ss(rd16(row + 2));
+        const uint8_t *qs = row + 16;
+        for (int g = 0; g < 4; g++, qs += 32, x += 64) {
+            uint8_t s0, m0, s1, m1;
+            get_scale_min_k(row + 4, 2 * g, &s0, &m0);
+            get_scale_min_k(row + 4, 2 * g + 1, &s1, &m1);
+            __m256 d0 = _mm256_set1_ps(d * (float)s0), mm0 = _mm256_set1_ps(dmin * (float)m0);
+            __m256 d1 = _mm256_set1_ps(d * (float)s1), mm1 = _mm256_set1_ps(dmin * (float)m1);
+            for (int l = 0; l < 32; l += 8) {
+                __m256i q = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + l))), low4);
+                __m256 w = _mm256_sub_ps(_mm256_mul_ps(d0, _mm256_cvtepi32_ps(q)), mm0);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + l), acc);
+            }
+            for (int l = 0; l < 32; l += 8) {
+                __m256i q = _mm256_srli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + l))), 4);
+                __m256 w = _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(q)), mm1);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 32 + l), acc);
+            }
+        }
+    }
+    return avx2_finish(acc, 0);
+}
+
+/* Q6_K fused: weight = (d·sc)·(q − 32), in dequant_q6_k's order and grouping */
+MOE_AVX2_FLAT static float avx2_dot_q6_k(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi32(0xf), m3 = _mm256_set1_epi32(3), k32 = _mm256_set1_epi32(32);
+    for (int64_t b = 0; b < n / QK_K; b++, row += 210) {
+        const uint8_t *ql = row, *qh = row + 128;
+        const int8_t *sc = (const int8_t *)(row + 192);
+        float d = _cvtsh_ss(rd16(row + 208));
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, x += 128)
+            for (int part = 0; part < 4; part++) {      /* y[32·part + l]: elements in order */
+                const uint8_t *qlp = ql + (part & 1) * 32;
+                int lo_shift = (part >> 1) * 4, hi_shift = part * 2;
+                for (int l = 0; l < 32; l += 8) {
+                    __m256 ds = _mm256_set1_ps(d * (float)sc[l / 16 + 2 * part]);
+                    __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qlp + l)));
+                    __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qh + l)));
+                    lo = _mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_set1_epi32(lo_shift)), m4);
+                    hi = _mm256_and_si256(_mm256_srlv_epi32(hi, _mm256_set1_epi32(hi_shift)), m3);
+                    __m256i q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), k32);
+                    acc = _mm256_fmadd_ps(_mm256_mul_ps(ds, _mm256_cvtepi32_ps(q)), _mm256_loadu_ps(x + 32 * part + l), acc);
+                }
+            }
+    }
+    return avx2_finish(acc, 0);
+}
+
+static float avx2_row_dot(const moe_type_traits *tt, const uint8_t *row, const float *x, int64_t n) {
+    if (tt->dequant == dequant_f32) return avx2_dot((const float *)(const void *)row, x, n);
+    if (tt->dequant == dequant_q8_0) return avx2_dot_q8_0(row, x, n);
+    if (tt->dequant == dequant_f16) return avx2_dot_f16(row, x, n);
+    if (tt->dequant == dequant_bf16) return avx2_dot_dequant_bf16(tt, row, x, n);
+    if (tt->dequant == dequant_q4_0) return avx2_dot_dequant_q4_0(tt, row, x, n);
+    if (tt->dequant == dequant_q4_k) return avx2_dot_q4_k(row, x, n);
+    if (tt->dequant == dequant_q5_k) return avx2_dot_dequant_q5_k(tt, row, x, n);
+    if (tt->dequant == dequant_q6_k) return avx2_dot_q6_k(row, x, n);
+    if (tt->dequant == dequant_mxfp4) return avx2_dot_dequant_mxfp4(tt, row, x, n);
+    return row_dot(tt, row, x, n);
+}
+
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+static cpu_kernels cpu_kernels_pick(void) {
+    cpu_kernels k = {dot_f32, row_dot};
+#ifdef MOE_AVX2
+    if (cpu_has_avx2()) {
+        k.dot = avx2_dot;
+        k.row_dot = avx2_row_dot;
+    }
+#endif
+    return k;
 }
 
 /* ============================================================================================ */
@@ -2773,7 +3545,7 @@ typedef struct json_file { moe_file f; json_doc d; int open; } json_file;
 
 static moe_status json_file_open(json_file *jf, const char *path, const char *what) {
     memset(jf, 0, sizeof *jf);
-    moe_status st = file_map(&jf->f, path);
+    moe_status st = file_map(&jf->f, path, 0);
     if (st) return st;
     if ((st = json_parse(&jf->d, (const char *)jf->f.data, jf->f.size, what))) {
         file_unmap(&jf->f);
@@ -3063,38 +3835,11 @@ static moe_status vocab_apply_configs(moe_vocab *v, const json_doc *tc, const js
 /* ============================================================================================ */
 enum { ARCH_QWEN3MOE = 1 };
 
-typedef struct moe_weight {
-    const char *name;          /* points into the file's tensor table */
-    int32_t type, n_dims;
-    int64_t ne[MOE_MAX_DIMS];  /* innermost first: ne[0] = input features */
-    uint64_t nbytes, row_bytes;
-    const uint8_t *data;       /* host bytes: the file mapping, or model-owned f32 for small vectors */
-    /* 3-D expert tensors: one contiguous slab per expert, addressed through this indirection
-       table (expert id → where its bytes are now). Streaming changes the table, never the math. */
-    uint64_t expert_bytes;
-    const uint8_t **expert_data;
-    void *dev;                 /* backend-private (Vulkan: buffer + offset) */
-} moe_weight;
-
-typedef struct moe_layer {
-    moe_weight attn_norm, wq, wk, wv, wo, q_norm, k_norm;
-    moe_weight ffn_norm, router, gate_exps, up_exps, down_exps;
-} moe_layer;
-
-typedef struct moe_hparams {
-    int32_t arch;
-    int32_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_rot, n_ctx_train;
-    int32_t n_expert, n_expert_used, n_ff_exp, norm_topk;
-    float rms_eps, rope_base;
-} moe_hparams;
-
 struct moe_model {
-    moe_hparams hp;
+    moe_weights w;             /* hyperparameters and weights: what a backend needs */
     char arch_name[32];
     moe_file file;
     gguf_file gguf;
-    moe_weight tok_embd, output_norm, output;
-    moe_layer *layers;
     float *owned;              /* f32 copies of 1-D weights (norms) */
     const uint8_t **expert_tables;
     moe_vocab *vocab;
@@ -3132,7 +3877,7 @@ static moe_status bind_weight(moe_model *m, moe_weight *w, const char *name, int
 
 static moe_status load_hparams(moe_model *m) {
     const gguf_file *g = &m->gguf;
-    moe_hparams *hp = &m->hp;
+    moe_hparams *hp = &m->w.hp;
     gguf_str arch = {0};
     moe_status st = gguf_get_str(g, "general.architecture", 1, &arch);
     if (st) return st;
@@ -3185,8 +3930,8 @@ static moe_status load_hparams(moe_model *m) {
 /* 1-D weights (norms) are small: keep them as f32 whatever the file stored, so kernels need
    only one norm-weight type. */
 static moe_weight *norm_weight(moe_model *m, int i) { /* i in [0, 1 + 4 n_layer) */
-    if (i == 0) return &m->output_norm;
-    moe_layer *L = &m->layers[(i - 1) / 4];
+    if (i == 0) return &m->w.output_norm;
+    moe_layer *L = &m->w.layers[(i - 1) / 4];
     switch ((i - 1) % 4) {
     case 0: return &L->attn_norm;
     case 1: return &L->ffn_norm;
@@ -3196,7 +3941,7 @@ static moe_weight *norm_weight(moe_model *m, int i) { /* i in [0, 1 + 4 n_layer)
 }
 
 static moe_status weights_to_f32(moe_model *m) {
-    int n = 1 + 4 * m->hp.n_layer;
+    int n = 1 + 4 * m->w.hp.n_layer;
     size_t total = 0;
     for (int i = 0; i < n; i++) total += (size_t)norm_weight(m, i)->ne[0];
     m->owned = moe_malloc(total * sizeof(float));
@@ -3216,22 +3961,22 @@ static moe_status weights_to_f32(moe_model *m) {
 }
 
 static moe_status bind_qwen3moe(moe_model *m) {
-    moe_hparams *hp = &m->hp;
+    moe_hparams *hp = &m->w.hp;
     moe_status st;
     int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim, KV = (int64_t)hp->n_head_kv * hp->head_dim;
     const gguf_tensor *emb = gguf_find_tensor(&m->gguf, "token_embd.weight");
     if (!emb) return set_error(MOE_ERR_FORMAT, "model: required tensor 'token_embd.weight' is missing");
     hp->n_vocab = (int32_t)(emb->ne[1] > INT32_MAX ? 0 : emb->ne[1]);
-    if ((st = bind_weight(m, &m->tok_embd, "token_embd.weight", 1, 2, E, emb->ne[1], 1))) return st;
-    if ((st = bind_weight(m, &m->output_norm, "output_norm.weight", 1, 1, E, 1, 1))) return st;
-    if ((st = bind_weight(m, &m->output, "output.weight", 0, 2, E, hp->n_vocab, 1))) return st;
-    if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
-    m->layers = moe_calloc((size_t)hp->n_layer, sizeof *m->layers);
+    if ((st = bind_weight(m, &m->w.tok_embd, "token_embd.weight", 1, 2, E, emb->ne[1], 1))) return st;
+    if ((st = bind_weight(m, &m->w.output_norm, "output_norm.weight", 1, 1, E, 1, 1))) return st;
+    if ((st = bind_weight(m, &m->w.output, "output.weight", 0, 2, E, hp->n_vocab, 1))) return st;
+    if (!m->w.output.data) m->w.output = m->w.tok_embd; /* tied embeddings */
+    m->w.layers = moe_calloc((size_t)hp->n_layer, sizeof *m->w.layers);
     m->expert_tables = moe_calloc((size_t)hp->n_layer * 3 * (size_t)hp->n_expert, sizeof *m->expert_tables);
-    if (!m->layers || !m->expert_tables) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the layer table");
+    if (!m->w.layers || !m->expert_tables) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the layer table");
     char name[96];
     for (int l = 0; l < hp->n_layer; l++) {
-        moe_layer *L = &m->layers[l];
+        moe_layer *L = &m->w.layers[l];
 #define BIND(field, suffix, nd, a, b, c)                                                   \
         snprintf(name, sizeof name, "blk.%d.%s.weight", l, suffix);                        \
         if ((st = bind_weight(m, &L->field, name, 1, nd, a, b, c))) return st;
@@ -3261,81 +4006,44 @@ static moe_status bind_qwen3moe(moe_model *m) {
 /* ============================================================================================ */
 /* 6. forward passes                                                                             */
 /* ============================================================================================ */
-/* The forward pass is written once against this op interface. The CPU backend runs each op at
-   once; the Vulkan backend records it into the step's command buffer. Activations are
-   per-context buffers with fixed roles, each [n rows][width] floats (row = token). */
-enum {
-    ACT_X,       /* [n][n_embd]          residual stream */
-    ACT_XN,      /* [n][n_embd]          normed input of a block */
-    ACT_Q,       /* [n][n_head·hd] */
-    ACT_K,       /* [n][n_kv·hd] */
-    ACT_V,       /* [n][n_kv·hd] */
-    ACT_ATTN,    /* [n][n_head·hd]       attention output before Wo */
-    ACT_OUT,     /* [n][n_embd]          block output before the residual add */
-    ACT_ROUTER,  /* [n][n_expert]        router logits */
-    ACT_LOGITS,  /* [n_out][n_vocab] */
-    ACT_COUNT
-};
-
-typedef struct moe_ops {
-    /* dst[i] = embedding row of tokens[i] */
-    void (*embed)(moe_ctx *c, int dst, const moe_weight *w, const moe_token *tokens, int n);
-    /* over n_rows rows of width: dst = src / rms(src) * w (w may be NULL: no scale) */
-    void (*rmsnorm)(moe_ctx *c, int dst, int src, const moe_weight *w, int n_rows, int width, float eps);
-    /* dst[i] = W · src[src_row0 + i] for i < n (W: ne[1] outputs × ne[0] inputs) */
-    void (*matmul)(moe_ctx *c, int dst, const moe_weight *w, int src, int src_row0, int n);
-    /* NeoX rotate-half RoPE in place on n rows of n_head heads, token i at position pos0 + i */
-    void (*rope)(moe_ctx *c, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0);
-    /* stores ACT_K / ACT_V rows as cache positions pos0.., then causal GQA attention of ACT_Q
-       over positions [0, pos0 + i] into ACT_ATTN */
-    void (*attention)(moe_ctx *c, int layer, int n, int pos0, float scale);
-    /* dst += src over n rows of width */
-    void (*add)(moe_ctx *c, int dst, int src, int n, int width);
-    /* softmax router → top-k experts (renormalised when norm) for n rows of ACT_ROUTER, then
-       dst[i] = Σ_e w_e · down_e( silu(gate_e src[i]) ⊙ up_e src[i] ) through the expert tables */
-    void (*moe_ffn)(moe_ctx *c, int dst, int src, const moe_layer *L, int n);
-    /* copy n rows of ACT_LOGITS to host memory */
-    void (*read_logits)(moe_ctx *c, float *dst, int n);
-} moe_ops;
-
 /* Qwen3-MoE attention block (ARCHITECTURES.md §1.2): x += Wo · attn(rope(qnorm(Wq a)), ...). */
-static void attention_block(moe_ctx *c, const moe_ops *o, const moe_model *m, int l, int n, int pos0) {
-    const moe_hparams *hp = &m->hp;
-    const moe_layer *L = &m->layers[l];
-    o->rmsnorm(c, ACT_XN, ACT_X, &L->attn_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(c, ACT_Q, &L->wq, ACT_XN, 0, n);              /* [n][n_head·hd] */
-    o->matmul(c, ACT_K, &L->wk, ACT_XN, 0, n);              /* [n][n_kv·hd]   */
-    o->matmul(c, ACT_V, &L->wv, ACT_XN, 0, n);
-    o->rmsnorm(c, ACT_Q, ACT_Q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
-    o->rmsnorm(c, ACT_K, ACT_K, &L->k_norm, n * hp->n_head_kv, hp->head_dim, hp->rms_eps);
-    o->rope(c, ACT_Q, n, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
-    o->rope(c, ACT_K, n, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
-    o->attention(c, l, n, pos0, 1.0f / sqrtf((float)hp->head_dim));
-    o->matmul(c, ACT_OUT, &L->wo, ACT_ATTN, 0, n);
-    o->add(c, ACT_X, ACT_OUT, n, hp->n_embd);
+static void attention_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n, int pos0) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    o->rmsnorm(be, ACT_XN, ACT_X, &L->attn_norm, n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_Q, &L->wq, ACT_XN, 0, n);              /* [n][n_head·hd] */
+    o->matmul(be, ACT_K, &L->wk, ACT_XN, 0, n);              /* [n][n_kv·hd]   */
+    o->matmul(be, ACT_V, &L->wv, ACT_XN, 0, n);
+    o->rmsnorm(be, ACT_Q, ACT_Q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
+    o->rmsnorm(be, ACT_K, ACT_K, &L->k_norm, n * hp->n_head_kv, hp->head_dim, hp->rms_eps);
+    o->rope(be, ACT_Q, n, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
+    o->rope(be, ACT_K, n, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
+    o->attention(be, l, n, pos0, 1.0f / sqrtf((float)hp->head_dim));
+    o->matmul(be, ACT_OUT, &L->wo, ACT_ATTN, 0, n);
+    o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
 }
 
 /* Mixture-of-experts FFN block: x += Σ_topk w_e · SwiGLU_e(norm(x)). */
-static void moe_ffn_block(moe_ctx *c, const moe_ops *o, const moe_model *m, int l, int n) {
-    const moe_hparams *hp = &m->hp;
-    const moe_layer *L = &m->layers[l];
-    o->rmsnorm(c, ACT_XN, ACT_X, &L->ffn_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(c, ACT_ROUTER, &L->router, ACT_XN, 0, n);     /* [n][n_expert] */
-    o->moe_ffn(c, ACT_OUT, ACT_XN, L, n);
-    o->add(c, ACT_X, ACT_OUT, n, hp->n_embd);
+static void moe_ffn_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    o->rmsnorm(be, ACT_XN, ACT_X, &L->ffn_norm, n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_ROUTER, &L->router, ACT_XN, 0, n);     /* [n][n_expert] */
+    o->moe_ffn(be, ACT_OUT, ACT_XN, L, n);
+    o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
 }
 
 /* One chunk of n tokens at positions pos0..; logits for the last n_out rows go to ACT_LOGITS. */
-static void forward_qwen3moe(moe_ctx *c, const moe_ops *o, const moe_model *m, const moe_token *tokens,
+static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens,
                              int n, int pos0, int n_out) {
-    const moe_hparams *hp = &m->hp;
-    o->embed(c, ACT_X, &m->tok_embd, tokens, n);            /* [n][n_embd] */
+    const moe_hparams *hp = &w->hp;
+    o->embed(be, ACT_X, &w->tok_embd, tokens, n);           /* [n][n_embd] */
     for (int l = 0; l < hp->n_layer; l++) {
-        attention_block(c, o, m, l, n, pos0);
-        moe_ffn_block(c, o, m, l, n);
+        attention_block(be, o, w, l, n, pos0);
+        moe_ffn_block(be, o, w, l, n);
     }
-    o->rmsnorm(c, ACT_XN, ACT_X, &m->output_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(c, ACT_LOGITS, &m->output, ACT_XN, n - n_out, n_out);
+    o->rmsnorm(be, ACT_XN, ACT_X, &w->output_norm, n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_LOGITS, &w->output, ACT_XN, n - n_out, n_out);
 }
 
 /* ============================================================================================ */
@@ -3344,6 +4052,11 @@ static void forward_qwen3moe(moe_ctx *c, const moe_ops *o, const moe_model *m, c
 #define CPU_ROWS_PER_TASK 16
 
 typedef struct cpu_ctx {
+    cpu_kernels k;
+    uint64_t bytes;            /* host memory this context holds */
+    uint64_t expert_hits;      /* expert evaluations (all resident on this backend) */
+    const moe_weights *w;
+    moe_ctx_shape shape;
     thread_pool *pool;
     int n_threads;
     float *act[ACT_COUNT];
@@ -3371,13 +4084,14 @@ struct moe_ctx {
     float *logits;             /* [logits_cap rows][n_vocab] on the host */
     int32_t n_logits, logits_cap;
     moe_stats stats;
-    cpu_ctx *cpu;
+    void *be;                  /* the backend's per-context state (cpu_ctx or Vulkan's) */
+    cpu_ctx *cpu;              /* == be on the CPU backend, else NULL */
 };
 
-static float *act_row(moe_ctx *c, int buf, int row, int width) { return c->cpu->act[buf] + (size_t)row * (size_t)width; }
+static float *act_row(cpu_ctx *cc, int buf, int row, int width) { return cc->act[buf] + (size_t)row * (size_t)width; }
 
-static int act_width(const moe_model *m, int buf) {
-    const moe_hparams *hp = &m->hp;
+static int act_width(const moe_weights *w, int buf) {
+    const moe_hparams *hp = &w->hp;
     switch (buf) {
     case ACT_Q: case ACT_ATTN: return hp->n_head * hp->head_dim;
     case ACT_K: case ACT_V: return hp->n_head_kv * hp->head_dim;
@@ -3387,18 +4101,20 @@ static int act_width(const moe_model *m, int buf) {
     }
 }
 
-static void cpu_embed(moe_ctx *c, int dst, const moe_weight *w, const moe_token *tokens, int n) {
+static void cpu_embed(void *be, int dst, const moe_weight *w, const moe_token *tokens, int n) {
+    cpu_ctx *cc = be;
     const moe_type_traits *tt = type_traits(w->type);
     for (int i = 0; i < n; i++)
-        tt->dequant(w->data + (uint64_t)tokens[i] * w->row_bytes, act_row(c, dst, i, (int)w->ne[0]), w->ne[0]);
+        tt->dequant(w->data + (uint64_t)tokens[i] * w->row_bytes, act_row(cc, dst, i, (int)w->ne[0]), w->ne[0]);
 }
 
-static void cpu_rmsnorm(moe_ctx *c, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
+static void cpu_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
+    cpu_ctx *cc = be;
     const float *g = w ? (const float *)w->data : NULL;
     for (int r = 0; r < n_rows; r++) {
-        const float *x = act_row(c, src, r, width);
-        float *y = act_row(c, dst, r, width);
-        float scale = 1.0f / sqrtf(dot_f32(x, x, width) / (float)width + eps);
+        const float *x = act_row(cc, src, r, width);
+        float *y = act_row(cc, dst, r, width);
+        float scale = 1.0f / sqrtf(cc->k.dot(x, x, width) / (float)width + eps);
         for (int i = 0; i < width; i++) y[i] = x[i] * scale * (g ? g[i] : 1.0f);
     }
 }
@@ -3429,12 +4145,12 @@ static void mm_rows(const mm_job *j, const uint8_t *w, int64_t r0, int64_t r1, c
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *wr = w + (uint64_t)r * j->row_bytes;
         if (n == 1) {
-            dst[r] = row_dot(j->tt, wr, src + (idx ? (int64_t)idx[0] * j->K : 0), j->K);
+            dst[r] = j->cc->k.row_dot(j->tt, wr, src + (idx ? (int64_t)idx[0] * j->K : 0), j->K);
             continue;
         }
         j->tt->dequant(wr, row, j->K);
         for (int i = 0; i < n; i++)
-            dst[(int64_t)i * j->dst_stride + r] = dot_f32(row, src + (int64_t)(idx ? idx[i] : i) * j->K, j->K);
+            dst[(int64_t)i * j->dst_stride + r] = j->cc->k.dot(row, src + (int64_t)(idx ? idx[i] : i) * j->K, j->K);
     }
 }
 
@@ -3444,23 +4160,25 @@ static void mm_dense_task(void *arg, int64_t t, int thread) {
     mm_rows(j, j->w, r0, r1, j->src, j->idx, j->n, j->dst, thread);
 }
 
-static void cpu_matmul(moe_ctx *c, int dst, const moe_weight *w, int src, int src_row0, int n) {
+static void cpu_matmul(void *be, int dst, const moe_weight *w, int src, int src_row0, int n) {
+    cpu_ctx *cc = be;
     if (n <= 0) return;
     mm_job j = {0};
     j.tt = type_traits(w->type);
     j.K = w->ne[0];
     j.M = w->ne[1];
-    j.src = act_row(c, src, src_row0, (int)j.K);
+    j.src = act_row(cc, src, src_row0, (int)j.K);
     j.n = n;
-    j.dst = c->cpu->act[dst];
+    j.dst = cc->act[dst];
     j.dst_stride = j.M;
-    j.cc = c->cpu;
+    j.cc = cc;
     j.w = w->data;
     j.row_bytes = w->row_bytes;
-    pool_run(c->cpu->pool, mm_dense_task, &j, (j.M + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
+    pool_run(cc->pool, mm_dense_task, &j, (j.M + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
 }
 
-static void cpu_rope(moe_ctx *c, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0) {
+static void cpu_rope(void *be, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0) {
+    cpu_ctx *cc = be;
     int half = n_rot / 2;
     for (int i = 0; i < n; i++) {
         float pos = (float)(pos0 + i);
@@ -3469,7 +4187,7 @@ static void cpu_rope(moe_ctx *c, int buf, int n, int n_head, int head_dim, int n
             float inv_freq = (float)(1.0 / pow((double)base, (double)(2 * p) / (double)n_rot));
             float ang = pos * inv_freq, cs = cosf(ang), sn = sinf(ang);
             for (int h = 0; h < n_head; h++) {
-                float *x = act_row(c, buf, i, n_head * head_dim) + (size_t)h * (size_t)head_dim;
+                float *x = act_row(cc, buf, i, n_head * head_dim) + (size_t)h * (size_t)head_dim;
                 float a = x[p], b = x[p + half];
                 x[p] = a * cs - b * sn;
                 x[p + half] = b * cs + a * sn;
@@ -3490,26 +4208,25 @@ static void kv_get(const cpu_ctx *cc, const void *cache, size_t at, float *dst, 
     else memcpy(dst, (const float *)cache + at, (size_t)n * 4);
 }
 
-typedef struct attn_job { moe_ctx *c; int layer, n, pos0; float scale; } attn_job;
+typedef struct attn_job { cpu_ctx *cc; int layer, n, pos0; float scale; } attn_job;
 
 static void attn_task(void *arg, int64_t t, int thread) {
     const attn_job *j = arg;
-    moe_ctx *c = j->c;
-    const moe_hparams *hp = &c->model->hp;
-    cpu_ctx *cc = c->cpu;
+    cpu_ctx *cc = j->cc;
+    const moe_hparams *hp = &cc->w->hp;
     int hd = hp->head_dim, kvw = hp->n_head_kv * hd;
     int i = (int)(t / hp->n_head), h = (int)(t % hp->n_head);
     int kvh = h / (hp->n_head / hp->n_head_kv);
     int n_keys = j->pos0 + i + 1;
-    size_t layer_off = (size_t)j->layer * (size_t)c->n_ctx * (size_t)kvw;
+    size_t layer_off = (size_t)j->layer * (size_t)cc->shape.n_ctx * (size_t)kvw;
     float *scores = cc->att_buf + (size_t)thread * cc->att_buf_len;
-    float *tmp = scores + c->n_ctx;
-    const float *q = act_row(c, ACT_Q, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
-    float *out = act_row(c, ACT_ATTN, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
+    float *tmp = scores + cc->shape.n_ctx;
+    const float *q = act_row(cc, ACT_Q, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
+    float *out = act_row(cc, ACT_ATTN, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
     float mx = -INFINITY;
     for (int p = 0; p < n_keys; p++) {
         kv_get(cc, cc->k_cache, layer_off + (size_t)p * (size_t)kvw + (size_t)kvh * (size_t)hd, tmp, hd);
-        scores[p] = dot_f32(q, tmp, hd) * j->scale;
+        scores[p] = cc->k.dot(q, tmp, hd) * j->scale;
         mx = fmaxf(mx, scores[p]);
     }
     float sum = 0;
@@ -3523,23 +4240,24 @@ static void attn_task(void *arg, int64_t t, int thread) {
     }
 }
 
-static void cpu_attention(moe_ctx *c, int layer, int n, int pos0, float scale) {
-    const moe_hparams *hp = &c->model->hp;
-    cpu_ctx *cc = c->cpu;
+static void cpu_attention(void *be, int layer, int n, int pos0, float scale) {
+    cpu_ctx *cc = be;
+    const moe_hparams *hp = &cc->w->hp;
     int kvw = hp->n_head_kv * hp->head_dim;
-    size_t layer_off = (size_t)layer * (size_t)c->n_ctx * (size_t)kvw;
+    size_t layer_off = (size_t)layer * (size_t)cc->shape.n_ctx * (size_t)kvw;
     for (int i = 0; i < n; i++) {
         size_t at = layer_off + (size_t)(pos0 + i) * (size_t)kvw;
-        kv_put(cc, cc->k_cache, at, act_row(c, ACT_K, i, kvw), kvw);
-        kv_put(cc, cc->v_cache, at, act_row(c, ACT_V, i, kvw), kvw);
+        kv_put(cc, cc->k_cache, at, act_row(cc, ACT_K, i, kvw), kvw);
+        kv_put(cc, cc->v_cache, at, act_row(cc, ACT_V, i, kvw), kvw);
     }
-    attn_job j = {c, layer, n, pos0, scale};
+    attn_job j = {cc, layer, n, pos0, scale};
     pool_run(cc->pool, attn_task, &j, (int64_t)n * hp->n_head);
 }
 
-static void cpu_add(moe_ctx *c, int dst, int src, int n, int width) {
-    float *d = c->cpu->act[dst];
-    const float *s = c->cpu->act[src];
+static void cpu_add(void *be, int dst, int src, int n, int width) {
+    cpu_ctx *cc = be;
+    float *d = cc->act[dst];
+    const float *s = cc->act[src];
     for (size_t i = 0; i < (size_t)n * (size_t)width; i++) d[i] += s[i];
 }
 
@@ -3597,13 +4315,14 @@ static int64_t expert_tasks(cpu_ctx *cc, const int32_t *exp_start, int n_expert,
     return nt;
 }
 
-static void cpu_moe_ffn(moe_ctx *c, int dst, int src, const moe_layer *L, int n) {
-    const moe_hparams *hp = &c->model->hp;
-    cpu_ctx *cc = c->cpu;
+static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
+    cpu_ctx *cc = be;
+    const moe_hparams *hp = &cc->w->hp;
     int k = hp->n_expert_used, E = hp->n_expert, ff = hp->n_ff_exp, D = hp->n_embd;
+    cc->expert_hits += (uint64_t)n * (uint64_t)k;
     /* route every token, then group the (token, slot) pairs by expert */
     for (int i = 0; i < n; i++)
-        router_topk(act_row(c, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
+        router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
     int32_t *start = cc->exp_start;
     memset(start, 0, (size_t)(E + 1) * sizeof *start);
     for (int p = 0; p < n * k; p++) start[cc->topk_id[p] + 1]++;
@@ -3621,7 +4340,7 @@ static void cpu_moe_ffn(moe_ctx *c, int dst, int src, const moe_layer *L, int n)
     j.cc = cc;
     j.exp_start = start;
     j.idx = cc->pair_tok;
-    j.src = act_row(c, src, 0, D);
+    j.src = act_row(cc, src, 0, D);
     j.tt = type_traits(L->gate_exps.type);
     j.K = D;
     j.M = ff;
@@ -3667,7 +4386,7 @@ static void cpu_moe_ffn(moe_ctx *c, int dst, int src, const moe_layer *L, int n)
     jd.dst_stride = D;
     pool_run(cc->pool, moe_down_task, &jd, expert_tasks(cc, start, E, D));
     for (int i = 0; i < n; i++) {
-        float *y = act_row(c, dst, i, D);
+        float *y = act_row(cc, dst, i, D);
         memset(y, 0, (size_t)D * sizeof *y);
         for (int s = 0; s < k; s++) {
             const float *o = cc->pair_out + (size_t)cc->pair_of[i * k + s] * (size_t)D;
@@ -3677,13 +4396,42 @@ static void cpu_moe_ffn(moe_ctx *c, int dst, int src, const moe_layer *L, int n)
     }
 }
 
-static void cpu_read_logits(moe_ctx *c, float *dst, int n) {
-    memcpy(dst, c->cpu->act[ACT_LOGITS], (size_t)n * (size_t)c->model->hp.n_vocab * sizeof(float));
+static void cpu_read_logits(void *be, float *dst, int n) {
+    cpu_ctx *cc = be;
+    memcpy(dst, cc->act[ACT_LOGITS], (size_t)n * (size_t)cc->w->hp.n_vocab * sizeof(float));
 }
 
-static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn, cpu_read_logits};
+static void cpu_begin_step(void *be) { (void)be; }
+static moe_status cpu_end_step(void *be) { (void)be; return MOE_OK; }
 
-static void cpu_ctx_free(cpu_ctx *cc) {
+static void cpu_kv_copy(cpu_ctx *cc, uint8_t *host, int n_rows, int to_host) {
+    const moe_hparams *hp = &cc->w->hp;
+    size_t rb = (size_t)hp->n_head_kv * (size_t)hp->head_dim * (cc->kv_f16 ? 2 : 4);
+    size_t layer_bytes = (size_t)cc->shape.n_ctx * rb, used = (size_t)n_rows * rb;
+    for (int l = 0; l < hp->n_layer; l++)
+        for (int kv = 0; kv < 2; kv++, host += used) {
+            uint8_t *cache = (uint8_t *)(kv ? cc->v_cache : cc->k_cache) + (size_t)l * layer_bytes;
+            if (to_host) memcpy(host, cache, used);
+            else memcpy(cache, host, used);
+        }
+}
+static void cpu_kv_save(void *be, void *dst, int n_rows) { cpu_kv_copy(be, dst, n_rows, 1); }
+static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
+    cpu_kv_copy(be, (uint8_t *)(uintptr_t)src, n_rows, 0);
+    return MOE_OK;
+}
+
+static void cpu_stats(const void *be, moe_stats *out) {
+    const cpu_ctx *cc = be;
+    out->host_bytes += cc->bytes;
+    out->expert_hits += cc->expert_hits;
+}
+
+static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn,
+                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load, cpu_stats};
+
+static void cpu_ctx_free(void *be) {
+    cpu_ctx *cc = be;
     if (!cc) return;
     pool_free(cc->pool);
     for (int i = 0; i < ACT_COUNT; i++) moe_free(cc->act[i]);
@@ -3705,23 +4453,33 @@ static void cpu_ctx_free(cpu_ctx *cc) {
 
 static size_t mul_or_zero(size_t a, size_t b) { return (b && a > SIZE_MAX / b) ? 0 : a * b; }
 
-static moe_status cpu_ctx_new(moe_ctx *c, cpu_ctx **out) {
-    const moe_model *m = c->model;
-    const moe_hparams *hp = &m->hp;
+/* allocation that counts what a context holds (for moe_ctx_get_stats) */
+static void *cc_alloc(cpu_ctx *cc, size_t n) {
+    void *p = moe_malloc(n);
+    if (p) cc->bytes += n;
+    return p;
+}
+
+static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, void **out) {
+    const moe_hparams *hp = &w->hp;
     cpu_ctx *cc = moe_calloc(1, sizeof *cc);
     if (!cc) return set_error(MOE_ERR_NO_MEMORY, "context: out of memory");
+    cc->k = cpu_kernels_pick();
+    cc->w = w;
+    cc->shape = *shape;
+    const moe_ctx_shape *c = shape;
     size_t nb = (size_t)c->n_batch, k = (size_t)hp->n_expert_used;
     int ok = 1;
     for (int i = 0; i < ACT_COUNT; i++) {
         size_t rows = (i == ACT_LOGITS && !c->logits_all) ? 1 : nb;
-        ok = ok && (cc->act[i] = moe_malloc(mul_or_zero(rows, (size_t)act_width(m, i)) * sizeof(float)));
+        ok = ok && (cc->act[i] = cc_alloc(cc, mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
     }
     size_t kvw = (size_t)hp->n_head_kv * (size_t)hp->head_dim;
     size_t kv_elems = mul_or_zero(mul_or_zero((size_t)hp->n_layer, (size_t)c->n_ctx), kvw);
     cc->kv_f16 = c->kv_type == MOE_KV_F16;
     size_t kv_bytes = mul_or_zero(kv_elems, cc->kv_f16 ? 2 : 4);
-    ok = ok && kv_bytes && (cc->k_cache = moe_calloc(1, kv_bytes)) && (cc->v_cache = moe_calloc(1, kv_bytes));
-    cc->n_threads = m->n_threads;
+    ok = ok && kv_bytes && (cc->k_cache = cc_alloc(cc, kv_bytes)) && (cc->v_cache = cc_alloc(cc, kv_bytes));
+    cc->n_threads = shape->n_threads;
     size_t maxk = (size_t)hp->n_embd;
     if ((size_t)(hp->n_head * hp->head_dim) > maxk) maxk = (size_t)(hp->n_head * hp->head_dim);
     if ((size_t)hp->n_ff_exp > maxk) maxk = (size_t)hp->n_ff_exp;
@@ -3729,15 +4487,15 @@ static moe_status cpu_ctx_new(moe_ctx *c, cpu_ctx **out) {
     cc->att_buf_len = (size_t)c->n_ctx + (size_t)hp->head_dim;
     size_t max_rows = (size_t)(hp->n_ff_exp > hp->n_embd ? hp->n_ff_exp : hp->n_embd);
     size_t n_tasks = (size_t)hp->n_expert * ((max_rows + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
-    ok = ok && (cc->row_buf = moe_malloc(mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
-    ok = ok && (cc->att_buf = moe_malloc(mul_or_zero((size_t)cc->n_threads, cc->att_buf_len) * sizeof(float)));
-    ok = ok && (cc->topk_id = moe_malloc(nb * k * sizeof(int32_t))) && (cc->topk_w = moe_malloc(nb * k * sizeof(float)));
-    ok = ok && (cc->pair_of = moe_malloc(nb * k * sizeof(int32_t))) && (cc->pair_tok = moe_malloc(nb * k * sizeof(int32_t)));
-    ok = ok && (cc->exp_start = moe_malloc(((size_t)hp->n_expert + 1) * sizeof(int32_t)));
-    ok = ok && (cc->tasks = moe_malloc(n_tasks * 2 * sizeof(int32_t)));
-    ok = ok && (cc->pair_h = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
-    ok = ok && (cc->pair_u = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
-    ok = ok && (cc->pair_out = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
+    ok = ok && (cc->row_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
+    ok = ok && (cc->att_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, cc->att_buf_len) * sizeof(float)));
+    ok = ok && (cc->topk_id = cc_alloc(cc, nb * k * sizeof(int32_t))) && (cc->topk_w = cc_alloc(cc, nb * k * sizeof(float)));
+    ok = ok && (cc->pair_of = cc_alloc(cc, nb * k * sizeof(int32_t))) && (cc->pair_tok = cc_alloc(cc, nb * k * sizeof(int32_t)));
+    ok = ok && (cc->exp_start = cc_alloc(cc, ((size_t)hp->n_expert + 1) * sizeof(int32_t)));
+    ok = ok && (cc->tasks = cc_alloc(cc, n_tasks * 2 * sizeof(int32_t)));
+    ok = ok && (cc->pair_h = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
+    ok = ok && (cc->pair_u = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
+    ok = ok && (cc->pair_out = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
     if (!ok) {
         cpu_ctx_free(cc);
         return set_error(MOE_ERR_NO_MEMORY, "context: out of memory for the KV cache and scratch buffers (n_ctx %d, n_batch %d)",
@@ -3748,7 +4506,6 @@ static moe_status cpu_ctx_new(moe_ctx *c, cpu_ctx **out) {
         cpu_ctx_free(cc);
         return st;
     }
-    c->stats.host_bytes = kv_bytes * 2;
     *out = cc;
     return MOE_OK;
 }
@@ -3762,10 +4519,10 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: out is NULL");
     *out = NULL;
     if (!model) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: model is NULL");
-    if (model->hp.n_layer == 0) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_new: the model was loaded with vocab_only (no weights)");
+    if (model->w.hp.n_layer == 0) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_new: the model was loaded with vocab_only (no weights)");
     moe_ctx_params p = {0};
     if (params) p = *params;
-    const moe_hparams *hp = &model->hp;
+    const moe_hparams *hp = &model->w.hp;
     if (p.n_ctx < 0 || p.n_batch < 0 || p.logits_all < 0 || p.logits_all > 1)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: negative n_ctx / n_batch or logits_all not 0/1");
     if (p.kv_type != MOE_KV_F16 && p.kv_type != MOE_KV_F32)
@@ -3789,7 +4546,15 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
     }
     c->logits_cap = 1;
-    moe_status st = cpu_ctx_new(c, &c->cpu);
+    moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads};
+    moe_status st;
+    if (model->vk) {
+        c->ops = &moe_vk_ops;
+        st = moe_vk_ctx_new(model->vk, &shape, &c->be);
+    } else {
+        st = cpu_ctx_new(&model->w, &shape, &c->be);
+        c->cpu = c->be;
+    }
     if (st) {
         moe_free(c->logits);
         moe_free(c);
@@ -3802,7 +4567,8 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
 
 void moe_ctx_free(moe_ctx *ctx) {
     if (!ctx) return;
-    cpu_ctx_free(ctx->cpu);
+    if (ctx->cpu) cpu_ctx_free(ctx->cpu);
+    else if (ctx->be) moe_vk_ctx_free(ctx->be);
     moe_free(ctx->logits);
     moe_free(ctx);
 }
@@ -3812,15 +4578,15 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     if (!tokens || n_tokens <= 0) return set_error(MOE_ERR_INVALID_ARG, "moe_step: no tokens (tokens NULL or n_tokens %d)", n_tokens);
     const moe_model *m = ctx->model;
     for (int32_t i = 0; i < n_tokens; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->hp.n_vocab)
+        if (tokens[i] < 0 || tokens[i] >= m->w.hp.n_vocab)
             return set_error(MOE_ERR_INVALID_ARG, "moe_step: token %d at index %d is outside the vocabulary [0, %d)",
-                             tokens[i], i, m->hp.n_vocab);
+                             tokens[i], i, m->w.hp.n_vocab);
     if (n_tokens > ctx->n_ctx - ctx->pos)
         return set_error(MOE_ERR_CONTEXT_FULL, "moe_step: %d tokens do not fit: context holds %d of %d", n_tokens,
                          ctx->pos, ctx->n_ctx);
     int32_t rows = ctx->logits_all ? n_tokens : 1;
     if (rows > ctx->logits_cap) { /* grow before anything changes, so a failure leaves ctx as it was */
-        float *nl = moe_malloc(mul_or_zero((size_t)rows, (size_t)m->hp.n_vocab) * sizeof(float));
+        float *nl = moe_malloc(mul_or_zero((size_t)rows, (size_t)m->w.hp.n_vocab) * sizeof(float));
         if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_step: out of memory for %d rows of logits", rows);
         moe_free(ctx->logits);
         ctx->logits = nl;
@@ -3831,8 +4597,11 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     while (done < n_tokens) {
         int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch;
         int32_t n_out = ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
-        forward_qwen3moe(ctx, ctx->ops, m, tokens + done, n, ctx->pos + done, n_out);
-        if (n_out) ctx->ops->read_logits(ctx, ctx->logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->hp.n_vocab, n_out);
+        ctx->ops->begin_step(ctx->be);
+        forward_qwen3moe(ctx->be, ctx->ops, &m->w, tokens + done, n, ctx->pos + done, n_out);
+        moe_status st = ctx->ops->end_step(ctx->be);
+        if (st) return st; /* pos unchanged: the KV rows written past it are never read */
+        if (n_out) ctx->ops->read_logits(ctx->be, ctx->logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->w.hp.n_vocab, n_out);
         done += n;
     }
     ctx->pos += n_tokens;
@@ -3850,9 +4619,9 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
 
 const float *moe_logits(const moe_ctx *ctx, int32_t i) {
     if (!ctx || ctx->n_logits == 0) return NULL;
-    if (i == -1) return ctx->logits + (size_t)(ctx->n_logits - 1) * (size_t)ctx->model->hp.n_vocab;
+    if (i == -1) return ctx->logits + (size_t)(ctx->n_logits - 1) * (size_t)ctx->model->w.hp.n_vocab;
     if (i < 0 || !ctx->logits_all || i >= ctx->n_logits) return NULL;
-    return ctx->logits + (size_t)i * (size_t)ctx->model->hp.n_vocab;
+    return ctx->logits + (size_t)i * (size_t)ctx->model->w.hp.n_vocab;
 }
 
 int32_t moe_ctx_pos(const moe_ctx *ctx) { return ctx ? ctx->pos : 0; }
@@ -3869,6 +4638,8 @@ moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
 moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
     if (!ctx || !out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_get_stats: NULL argument");
     *out = ctx->stats;
+    out->host_bytes += (uint64_t)ctx->logits_cap * (uint64_t)ctx->model->w.hp.n_vocab * sizeof(float);
+    if (ctx->ops->stats) ctx->ops->stats(ctx->be, out);
     return MOE_OK;
 }
 
@@ -3887,18 +4658,18 @@ static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
 }
 
 static uint64_t model_fingerprint(const moe_model *m) {
-    uint64_t h = fnv1a(0xcbf29ce484222325ull, &m->hp, sizeof m->hp);
+    uint64_t h = fnv1a(0xcbf29ce484222325ull, &m->w.hp, sizeof m->w.hp);
     return fnv1a(h, &m->file.size, sizeof m->file.size);
 }
 
 static size_t state_kv_row_bytes(const moe_ctx *c) {
-    const moe_hparams *hp = &c->model->hp;
+    const moe_hparams *hp = &c->model->w.hp;
     return (size_t)hp->n_head_kv * (size_t)hp->head_dim * (c->kv_type == MOE_KV_F16 ? 2 : 4);
 }
 
 static size_t state_size(const moe_ctx *c) {
-    return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->hp.n_vocab * sizeof(float) +
-           2 * (size_t)c->model->hp.n_layer * (size_t)c->pos * state_kv_row_bytes(c);
+    return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->w.hp.n_vocab * sizeof(float) +
+           2 * (size_t)c->model->w.hp.n_layer * (size_t)c->pos * state_kv_row_bytes(c);
 }
 
 moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out) {
@@ -3907,18 +4678,12 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
     if (size_out) *size_out = need;
     if (!buf) return MOE_OK;
     if (cap < need) return set_error(MOE_ERR_BUFFER_TOO_SMALL, "moe_ctx_save: needs %zu bytes, buffer has %zu", need, cap);
-    const moe_hparams *hp = &ctx->model->hp;
+    const moe_hparams *hp = &ctx->model->w.hp;
     uint8_t *p = (uint8_t *)buf + sizeof(state_header);
     size_t lb = (size_t)ctx->n_logits * (size_t)hp->n_vocab * sizeof(float);
     memcpy(p, ctx->logits, lb);
     p += lb;
-    size_t rb = state_kv_row_bytes(ctx), layer_bytes = (size_t)ctx->n_ctx * rb, used = (size_t)ctx->pos * rb;
-    for (int l = 0; l < hp->n_layer; l++) {
-        memcpy(p, (const uint8_t *)ctx->cpu->k_cache + (size_t)l * layer_bytes, used);
-        p += used;
-        memcpy(p, (const uint8_t *)ctx->cpu->v_cache + (size_t)l * layer_bytes, used);
-        p += used;
-    }
+    ctx->ops->kv_save(ctx->be, p, ctx->pos);
     state_header h = {MOE_STATE_MAGIC, 1, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
                       ctx->kv_type, ctx->pos, ctx->n_logits, model_fingerprint(ctx->model), need - sizeof h, 0};
     h.checksum = fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
@@ -3928,7 +4693,7 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
 
 moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
     if (!ctx || !buf) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_load: NULL argument");
-    const moe_hparams *hp = &ctx->model->hp;
+    const moe_hparams *hp = &ctx->model->w.hp;
     state_header h;
     if (size < sizeof h) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: %zu bytes is too small for a context state", size);
     memcpy(&h, buf, sizeof h);
@@ -3949,24 +4714,24 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: state is %zu bytes, expected %zu", size, need);
     if (fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h) != h.checksum)
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: checksum mismatch (corrupted state)");
+    const uint8_t *p = (const uint8_t *)buf + sizeof h;
+    size_t lb = (size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float);
+    float *nl = NULL; /* allocate first: after kv_load nothing may fail */
     if (h.n_logits > ctx->logits_cap) {
-        float *nl = moe_malloc((size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float));
+        nl = moe_malloc((size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float));
         if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_load: out of memory");
+    }
+    moe_status st = ctx->ops->kv_load(ctx->be, p + lb, h.pos);
+    if (st) {
+        moe_free(nl);
+        return st;
+    }
+    if (nl) {
         moe_free(ctx->logits);
         ctx->logits = nl;
         ctx->logits_cap = h.n_logits;
     }
-    const uint8_t *p = (const uint8_t *)buf + sizeof h;
-    size_t lb = (size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float);
     memcpy(ctx->logits, p, lb);
-    p += lb;
-    size_t rb = state_kv_row_bytes(ctx), layer_bytes = (size_t)ctx->n_ctx * rb, used = (size_t)h.pos * rb;
-    for (int l = 0; l < hp->n_layer; l++) {
-        memcpy((uint8_t *)ctx->cpu->k_cache + (size_t)l * layer_bytes, p, used);
-        p += used;
-        memcpy((uint8_t *)ctx->cpu->v_cache + (size_t)l * layer_bytes, p, used);
-        p += used;
-    }
     ctx->pos = h.pos;
     ctx->n_logits = h.n_logits;
     return MOE_OK;
@@ -4005,7 +4770,7 @@ void moe_model_free(moe_model *model) {
     if (!model) return;
     if (model->vk) moe_vk_free(model->vk);
     vocab_free(model->vocab);
-    moe_free(model->layers);
+    moe_free(model->w.layers);
     moe_free(model->expert_tables);
     moe_free(model->owned);
     gguf_free(&model->gguf);
@@ -4053,7 +4818,8 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
         st = set_error(MOE_ERR_UNSUPPORTED, "moe_load: '%s' is a directory; Hugging Face directories are not supported yet", path);
         goto fail;
     }
-    if ((st = file_map(&m->file, path))) goto fail;
+    /* keep the file resident unless a host budget below its size asks for on-demand reads */
+    if ((st = file_map(&m->file, path, p.host_budget_bytes == 0))) goto fail;
     if (report_progress(&p, 0.0f)) goto cancelled;
     if ((st = gguf_parse(&m->gguf, m->file.data, m->file.size))) goto fail;
     if ((st = load_hparams(m))) goto fail;
@@ -4062,10 +4828,10 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
     {
         int64_t v = -1;
-        if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.bos_token_id", 0, 0, m->hp.n_vocab - 1, &v))) goto fail;
+        if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.bos_token_id", 0, 0, m->w.hp.n_vocab - 1, &v))) goto fail;
         m->bos = (moe_token)v;
         v = -1;
-        if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.eos_token_id", 0, 0, m->hp.n_vocab - 1, &v))) goto fail;
+        if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.eos_token_id", 0, 0, m->w.hp.n_vocab - 1, &v))) goto fail;
         m->eos = (moe_token)v;
     }
     for (int64_t i = 0; i < m->gguf.n_tensors; i++) {
@@ -4075,19 +4841,15 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = moe_vk_init(m, p.device_index, &m->vk);
+        st = moe_vk_init(&m->w, p.device_index, &m->vk);
         if (st) {
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "Vulkan not used (%s); running on the CPU", moe_last_error());
             m->vk = NULL;
-        } else {
-            /* the Vulkan op table is wired in by its issue; until then the CPU runs the model */
-            moe_vk_free(m->vk);
-            m->vk = NULL;
-        }
+        } else m->backend = MOE_BACKEND_VULKAN;
     }
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
-            m->hp.n_layer, m->hp.n_expert, m->hp.n_expert_used, m->hp.n_vocab, (double)m->n_params / 1e6);
+            m->w.hp.n_layer, m->w.hp.n_expert, m->w.hp.n_expert_used, m->w.hp.n_vocab, (double)m->n_params / 1e6);
     if (report_progress(&p, 1.0f)) goto cancelled;
     m->t_load_s = now_s() - t0;
     *out = m;
@@ -4103,12 +4865,12 @@ moe_status moe_model_get_info(const moe_model *model, moe_model_info *out) {
     if (!model || !out) return set_error(MOE_ERR_INVALID_ARG, "moe_model_get_info: NULL argument");
     memset(out, 0, sizeof *out);
     snprintf(out->arch, sizeof out->arch, "%s", model->arch_name);
-    out->n_vocab = model->hp.n_vocab;
-    out->n_layer = model->hp.n_layer;
-    out->n_embd = model->hp.n_embd;
-    out->n_ctx_train = model->hp.n_ctx_train;
-    out->n_expert = model->hp.n_expert;
-    out->n_expert_used = model->hp.n_expert_used;
+    out->n_vocab = model->w.hp.n_vocab;
+    out->n_layer = model->w.hp.n_layer;
+    out->n_embd = model->w.hp.n_embd;
+    out->n_ctx_train = model->w.hp.n_ctx_train;
+    out->n_expert = model->w.hp.n_expert;
+    out->n_expert_used = model->w.hp.n_expert_used;
     out->bos = model->bos;
     out->eos = model->eos;
     out->n_params = model->n_params;
@@ -4431,7 +5193,7 @@ static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf) 
     if (hf) {
         if ((st = vocab_load_hf(path, &m->vocab))) return st;
     } else {
-        if ((st = file_map(&m->file, path)) || (st = gguf_parse(&m->gguf, m->file.data, m->file.size)) ||
+        if ((st = file_map(&m->file, path, 0)) || (st = gguf_parse(&m->gguf, m->file.data, m->file.size)) ||
             (st = vocab_load_gguf(&m->gguf, &m->vocab)))
             return st;
         if (!m->vocab) return set_error(MOE_ERR_FORMAT, "moe_load: '%s' has no tokenizer metadata (tokenizer.ggml.model)", path);
@@ -4439,7 +5201,7 @@ static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf) 
     moe_vocab *v = m->vocab;
     if (v->unsupported[0]) return set_error(MOE_ERR_UNSUPPORTED, "moe_load: %s", v->unsupported);
     snprintf(m->arch_name, sizeof m->arch_name, "%s", v->arch);
-    m->hp.n_vocab = v->n_tokens;
+    m->w.hp.n_vocab = v->n_tokens;
     m->bos = v->bos;
     m->eos = v->eos;
     return MOE_OK;

@@ -196,14 +196,104 @@ MOE_API moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out);
 /* PRIVATE: the interface shared by moe.c and moe_vk.c. Not part of the API; do not use.         */
 /* ============================================================================================ */
 #ifdef MOE_INTERNAL
-/* declared in moe_internal section of moe.c and implemented by moe_vk.c */
+/* Type ids follow ggml's numbering so that GGUF tensor types map directly. */
+enum {
+    MOE_TYPE_F32 = 0, MOE_TYPE_F16 = 1, MOE_TYPE_Q4_0 = 2, MOE_TYPE_Q8_0 = 8, MOE_TYPE_Q4_K = 12,
+    MOE_TYPE_Q5_K = 13, MOE_TYPE_Q6_K = 14, MOE_TYPE_BF16 = 30, MOE_TYPE_MXFP4 = 39
+};
+
+#define MOE_MAX_DIMS 4
+typedef struct moe_weight {
+    const char *name;          /* points into the file's tensor table */
+    int32_t type, n_dims;
+    int64_t ne[MOE_MAX_DIMS];  /* innermost first: ne[0] = input features */
+    uint64_t nbytes, row_bytes;
+    const uint8_t *data;       /* host bytes: the file mapping, or model-owned f32 for small vectors */
+    /* 3-D expert tensors: one contiguous slab per expert, addressed through this indirection
+       table (expert id → where its bytes are now). Streaming changes the table, never the math. */
+    uint64_t expert_bytes;
+    const uint8_t **expert_data;
+    void *dev;                 /* backend-private (Vulkan: buffer + offset) */
+} moe_weight;
+
+typedef struct moe_layer {
+    moe_weight attn_norm, wq, wk, wv, wo, q_norm, k_norm;
+    moe_weight ffn_norm, router, gate_exps, up_exps, down_exps;
+} moe_layer;
+
+typedef struct moe_hparams {
+    int32_t arch;
+    int32_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_rot, n_ctx_train;
+    int32_t n_expert, n_expert_used, n_ff_exp, norm_topk;
+    float rms_eps, rope_base;
+} moe_hparams;
+
+typedef struct moe_weights {
+    moe_hparams hp;
+    moe_weight tok_embd, output_norm, output;   /* output may alias tok_embd (tied) */
+    moe_layer *layers;                          /* [n_layer] */
+} moe_weights;
+
+/* What a backend needs to size a context's buffers. */
+typedef struct moe_ctx_shape {
+    int32_t n_ctx, n_batch, kv_type, logits_all, n_threads;
+} moe_ctx_shape;
+
+/* The forward pass is written once against this op interface. The CPU backend runs each op at
+   once; the Vulkan backend records it into the step's command buffer. Activations are
+   per-context buffers with fixed roles, each [n rows][width] floats (row = token). */
+enum {
+    ACT_X,       /* [n][n_embd]          residual stream */
+    ACT_XN,      /* [n][n_embd]          normed input of a block */
+    ACT_Q,       /* [n][n_head·hd] */
+    ACT_K,       /* [n][n_kv·hd] */
+    ACT_V,       /* [n][n_kv·hd] */
+    ACT_ATTN,    /* [n][n_head·hd]       attention output before Wo */
+    ACT_OUT,     /* [n][n_embd]          block output before the residual add */
+    ACT_ROUTER,  /* [n][n_expert]        router logits */
+    ACT_LOGITS,  /* [n_out][n_vocab] */
+    ACT_COUNT
+};
+
+typedef struct moe_ops {
+    /* dst[i] = embedding row of tokens[i] */
+    void (*embed)(void *be, int dst, const moe_weight *w, const moe_token *tokens, int n);
+    /* over n_rows rows of width: dst = src / rms(src) * w (w may be NULL: no scale) */
+    void (*rmsnorm)(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps);
+    /* dst[i] = W · src[src_row0 + i] for i < n (W: ne[1] outputs × ne[0] inputs) */
+    void (*matmul)(void *be, int dst, const moe_weight *w, int src, int src_row0, int n);
+    /* NeoX rotate-half RoPE in place on n rows of n_head heads, token i at position pos0 + i */
+    void (*rope)(void *be, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0);
+    /* stores ACT_K / ACT_V rows as cache positions pos0.., then causal GQA attention of ACT_Q
+       over positions [0, pos0 + i] into ACT_ATTN */
+    void (*attention)(void *be, int layer, int n, int pos0, float scale);
+    /* dst += src over n rows of width */
+    void (*add)(void *be, int dst, int src, int n, int width);
+    /* softmax router → top-k experts (renormalised when norm) for n rows of ACT_ROUTER, then
+       dst[i] = Σ_e w_e · down_e( silu(gate_e src[i]) ⊙ up_e src[i] ) through the expert tables */
+    void (*moe_ffn)(void *be, int dst, int src, const moe_layer *L, int n);
+    /* A step is bracketed by begin/end: Vulkan records between them and submits at end_step
+       (the only place a device error can surface); read_logits is called after end_step. */
+    void (*begin_step)(void *be);
+    moe_status (*end_step)(void *be);
+    /* copy n rows of ACT_LOGITS to host memory */
+    void (*read_logits)(void *be, float *dst, int n);
+    /* copy the first n_rows cache rows of every layer to / from host memory, in the cache's
+       element type (f16 or f32), laid out [layer][K rows, then V rows][n_kv·hd] */
+    void (*kv_save)(void *be, void *dst, int n_rows);
+    moe_status (*kv_load)(void *be, const void *src, int n_rows);
+    /* adds the backend's counters (memory, experts) to a context's stats; may be NULL */
+    void (*stats)(const void *be, moe_stats *out);
+} moe_ops;
+
+/* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
+   with moe_last_error() set (no loader, no device, missing features). */
 typedef struct moe_vk_backend moe_vk_backend;
-struct moe_model;
-struct moe_ctx;
-/* Returns MOE_OK and a backend, or an error status with moe_last_error() set (no loader,
-   no device, missing features). */
-moe_status moe_vk_init(struct moe_model *model, int32_t device_index, moe_vk_backend **out);
+moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_vk_backend **out);
 void       moe_vk_free(moe_vk_backend *vk);
+moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
+void       moe_vk_ctx_free(void *be);
+extern const moe_ops moe_vk_ops;
 void       moe_internal_set_error(moe_status status, const char *fmt, ...);
 #endif
 

@@ -785,6 +785,11 @@ static void test_nfc_basics(void **state) {
 static int setup(void **state) {
     (void)state;
     if (!load_cases()) { fprintf(stderr, "missing " FIX "corpus.txt\n"); return -1; }
+    if (access(".cache/vocabs/gemma3/tokenizer.json", R_OK) || access(".cache/vocabs/qwen3/tokenizer.json", R_OK) ||
+        access(".cache/vocabs/gptoss/tokenizer.json", R_OK)) {
+        fprintf(stderr, "fetching the vocabularies: sh test/fetch_vocabs.sh\n");
+        if (system("sh test/fetch_vocabs.sh") != 0) fprintf(stderr, "test/fetch_vocabs.sh failed\n");
+    }
     for (int v = 0; v < 3; v++) {
         char path[128];
         snprintf(path, sizeof path, ".cache/vocabs/%s", VOCABS[v]);
