@@ -2420,7 +2420,8 @@ static size_t nfc_spans(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps,
     return o + n - copied;
 }
 
-/* NFC of s[0..n) into out (capacity >= 3 n + 4); cps: scratch of 4 n + 4 code points. */
+/* NFC of s[0..n) into out (capacity >= 3 n + 4); cps: scratch of 3 n + 4 code points (full
+   decomposition yields at most 1.5 code points per UTF-8 byte). */
 static size_t nfc(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps) {
     size_t m = 0;
     for (size_t i = 0; i < n;) { /* decompose */
@@ -2664,10 +2665,10 @@ static inline const merge_slot *merge_get(const moe_vocab *v, int32_t a, int32_t
 static moe_status merge_add_text(moe_vocab *v, const uint8_t *a, size_t na, const uint8_t *b, size_t nb, uint32_t rank,
                                  int32_t *text_index /* hash over text */, uint32_t text_mask) {
     int32_t ids[3] = {-1, -1, -1};
-    uint8_t buf[1024];
+    uint8_t small[256], *buf = na + nb <= sizeof small ? small : moe_malloc(na + nb);
+    if (!buf) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
     const uint8_t *keys[3] = {a, b, buf};
     size_t lens[3] = {na, nb, na + nb};
-    if (na + nb > sizeof buf) return MOE_OK; /* cannot name a token we hold the text of: ignore */
     memcpy(buf, a, na);
     memcpy(buf + na, b, nb);
     for (int k = 0; k < 3; k++) {
@@ -2677,10 +2678,13 @@ static moe_status merge_add_text(moe_vocab *v, const uint8_t *a, size_t na, cons
             if (id < 0) break;
             if (v->tok[id].text_len == lens[k] && memcmp(tok_text(v, id), keys[k], lens[k]) == 0) { ids[k] = id; break; }
         }
-        if (ids[k] < 0) /* Hugging Face refuses such a file; so do we */
+        if (ids[k] < 0) { /* Hugging Face refuses such a file; so do we */
+            if (buf != small) moe_free(buf);
             return set_error(MOE_ERR_FORMAT, "tokenizer: merge %u ('%.*s' + '%.*s') names a token missing from the vocabulary",
                              rank, (int)(na > 40 ? 40 : na), (const char *)a, (int)(nb > 40 ? 40 : nb), (const char *)b);
+        }
     }
+    if (buf != small) moe_free(buf);
     merge_put(v, ids[0], ids[1], rank, ids[2]);
     return MOE_OK;
 }
@@ -2747,11 +2751,13 @@ static int g_bpe_small_max = 48;    /* words up to this many symbols use the qua
 typedef struct bpe_heap_item { uint32_t rank, pos; int32_t id; } bpe_heap_item;
 
 typedef struct tok_scratch {        /* per-call working memory, sized by the text */
-    int32_t *ids, *prev, *next;
+    int32_t *ids;
     uint32_t *rank;
     int32_t *nid;
+    int32_t *prev, *next;           /* for the heap path: grown to the longest word seen */
     bpe_heap_item *heap;
-    size_t cap;                     /* symbols */
+    size_t heap_cap;                /* symbols prev/next/heap can take */
+    size_t cap;                     /* text bytes */
     uint8_t *norm;                  /* normalized text */
     uint32_t *cps;                  /* code points (NFC scratch, splitting) */
     uint8_t *cls;
@@ -2816,6 +2822,30 @@ static int bpe_merge(const moe_vocab *v, tok_scratch *sc, int32_t *ids, int n) {
             }
         }
         return n;
+    }
+    if ((size_t)n > sc->heap_cap) {
+        moe_free(sc->prev);
+        moe_free(sc->next);
+        moe_free(sc->heap);
+        sc->prev = moe_malloc((size_t)n * sizeof *sc->prev);
+        sc->next = moe_malloc((size_t)n * sizeof *sc->next);
+        sc->heap = moe_malloc((size_t)n * 3 * sizeof *sc->heap);
+        sc->heap_cap = sc->prev && sc->next && sc->heap ? (size_t)n : 0;
+        if (!sc->heap_cap) { /* out of memory: the slow way, one scan per merge, same result */
+            for (;;) {
+                int best = -1;
+                uint32_t br = UINT32_MAX;
+                int32_t bid = -1;
+                for (int i = 0; i + 1 < n; i++) {
+                    const merge_slot *m = merge_get(v, ids[i], ids[i + 1]);
+                    if (m && m->rank < br) { br = m->rank; best = i; bid = m->id; }
+                }
+                if (best < 0) return n;
+                ids[best] = bid;
+                memmove(ids + best + 1, ids + best + 2, (size_t)(n - best - 2) * sizeof *ids);
+                n--;
+            }
+        }
     }
     int32_t *prev = sc->prev, *next = sc->next;
     bpe_heap_item *h = sc->heap;
@@ -3006,20 +3036,19 @@ static size_t split_next(int pre, const split_text *t, size_t i) {
 /* ---- encoding ------------------------------------------------------------------------------------ */
 static moe_status scratch_init(tok_scratch *sc, size_t n) {
     memset(sc, 0, sizeof *sc);
-    size_t cap = n + 8;
+    /* normalization at most triples the bytes (NFC; SPM's U+2581 for spaces); every symbol,
+       code point or offset comes from at least one normalized byte */
+    size_t cap = n + 8, big = 3 * cap;
     if (cap > (SIZE_MAX / 64)) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: text too large");
     sc->cap = cap;
-    sc->ids = moe_malloc(cap * 4 * sizeof(int32_t));   /* up to 4 symbols a byte (NFC expansion, fallback) */
-    sc->prev = moe_malloc(cap * 4 * sizeof(int32_t));
-    sc->next = moe_malloc(cap * 4 * sizeof(int32_t));
+    sc->ids = moe_malloc(big * sizeof(int32_t));
     sc->rank = moe_malloc((size_t)(g_bpe_small_max + 1) * sizeof(uint32_t));
     sc->nid = moe_malloc((size_t)(g_bpe_small_max + 1) * sizeof(int32_t));
-    sc->heap = moe_malloc(cap * 12 * sizeof(bpe_heap_item));
-    sc->norm = moe_malloc(cap * 3 + 8);
-    sc->cps = moe_malloc((cap * 4 + 8) * sizeof(uint32_t));
-    sc->cls = moe_malloc(cap * 3 + 8);
-    sc->off = moe_malloc((cap * 3 + 8) * sizeof(uint32_t));
-    if (!sc->ids || !sc->prev || !sc->next || !sc->rank || !sc->nid || !sc->heap || !sc->norm || !sc->cps || !sc->cls || !sc->off)
+    sc->norm = moe_malloc(big);
+    sc->cps = moe_malloc(big * sizeof(uint32_t));
+    sc->cls = moe_malloc(big);
+    sc->off = moe_malloc(big * sizeof(uint32_t));
+    if (!sc->ids || !sc->rank || !sc->nid || !sc->norm || !sc->cps || !sc->cls || !sc->off)
         return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for a text of %zu bytes", n);
     return MOE_OK;
 }
@@ -3389,6 +3418,7 @@ static moe_status vocab_merges_from_scores(moe_vocab *v) {
         }
     }
     moe_free(index);
+    if (!st && n > (1u << 26)) st = set_error(MOE_ERR_FORMAT, "tokenizer: %zu merges derived from the scores is too many", n);
     if (!st) {
         qsort(list, n, sizeof *list, cmp_spm_merge);
         if (!(st = merges_alloc(v, (uint32_t)n)))
@@ -3689,14 +3719,9 @@ static moe_status vocab_from_json(const json_doc *d, moe_vocab **out) {
     if ((cs && !json_is(d, cs, JSON_NULL) && !json_str_eq(d, cs, "")) || (ew && !json_is(d, ew, JSON_NULL) && !json_str_eq(d, ew, "")))
         UNSUPPORTED("tokenizer.json: subword prefixes / word suffixes are not supported");
     /* tokens */
-    size_t maxlen = 0;
-    for (uint32_t i = vocab + 1; i < d->nodes[vocab].end; i = d->nodes[i + 1].end)
-        if (d->nodes[i].len > maxlen) maxlen = d->nodes[i].len;
-    if (added)
-        for (uint32_t i = added + 1; i < d->nodes[added].end; i = d->nodes[i].end) {
-            uint32_t c = json_get(d, i, "content");
-            if (d->nodes[c].len > maxlen) maxlen = d->nodes[c].len;
-        }
+    size_t maxlen = 0; /* every string of the document fits in buf decoded */
+    for (uint32_t i = 0; i < d->n_nodes; i++)
+        if (d->nodes[i].type == JSON_STRING && d->nodes[i].len > maxlen) maxlen = d->nodes[i].len;
     buf = moe_malloc(maxlen + 1);
     if (!buf) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
     for (int32_t k = 0; k < v->n_tokens; k++) v->tok[k].type = 0;
@@ -3748,7 +3773,7 @@ static moe_status vocab_from_json(const json_doc *d, moe_vocab **out) {
             } else if (json_is(d, i, JSON_ARRAY) && d->nodes[i].len == 2 && json_is(d, i + 1, JSON_STRING) &&
                        json_is(d, i + 2, JSON_STRING)) {
                 size_t la = json_str_decode(d, i + 1, buf);
-                char *b2 = moe_malloc((size_t)d->nodes[i + 2].len + 1);
+                char *b2 = moe_malloc((size_t)d->nodes[i + 2].len + 1); /* buf holds the first half */
                 if (!b2) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
                 size_t lb = json_str_decode(d, i + 2, b2);
                 st = merge_add_text(v, (const uint8_t *)buf, la, (const uint8_t *)b2, lb, rank, index, mask);

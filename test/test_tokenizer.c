@@ -501,6 +501,121 @@ static void test_gguf_path(void **state) {
     free_refs(&r);
 }
 
+/* ---- a small vocabulary cut from Qwen3 (the first 1000 tokens and the merges among them), for
+   fuzzing the GGUF loader and for allocation-failure sweeps -------------------------------------- */
+static size_t small_gguf(uint8_t **out) {
+    const moe_vocab *v = g_models[0]->vocab;
+    const int32_t N = 1000;
+    gw w = {0};
+    mrank *ms = malloc(((size_t)v->n_merges + 1) * sizeof *ms);
+    uint32_t nm = 0;
+    for (uint32_t i = 0; i <= v->merge_mask; i++)
+        if (v->merges[i].key != UINT64_MAX && v->merges[i].id < N && (int32_t)(v->merges[i].key >> 32) < N &&
+            (int32_t)(uint32_t)v->merges[i].key < N)
+            ms[nm++] = (mrank){v->merges[i].rank, (int32_t)(v->merges[i].key >> 32), (int32_t)(uint32_t)v->merges[i].key};
+    qsort(ms, nm, sizeof *ms, cmp_mrank);
+    gw_put(&w, "GGUF", 4); gw_u32(&w, 3); gw_u64(&w, 0); gw_u64(&w, 6);
+    gw_key(&w, "tokenizer.ggml.model", GGUF_STRING); gw_str(&w, "gpt2", 4);
+    gw_key(&w, "tokenizer.ggml.pre", GGUF_STRING); gw_str(&w, "qwen2", 5);
+    gw_key(&w, "tokenizer.ggml.tokens", GGUF_ARRAY); gw_u32(&w, GGUF_STRING); gw_u64(&w, (uint64_t)N + 1);
+    for (int32_t i = 0; i < N; i++) gw_str(&w, tok_text(v, i), v->tok[i].text_len);
+    gw_str(&w, "<|im_end|>", 10);
+    gw_key(&w, "tokenizer.ggml.token_type", GGUF_ARRAY); gw_u32(&w, GGUF_I32); gw_u64(&w, (uint64_t)N + 1);
+    for (int32_t i = 0; i < N; i++) gw_u32(&w, TT_NORMAL);
+    gw_u32(&w, TT_CONTROL);
+    gw_key(&w, "tokenizer.ggml.eos_token_id", GGUF_U32); gw_u32(&w, (uint32_t)N);
+    gw_key(&w, "tokenizer.ggml.merges", GGUF_ARRAY); gw_u32(&w, GGUF_STRING); gw_u64(&w, nm);
+    for (uint32_t i = 0; i < nm; i++) {
+        uint32_t la = v->tok[ms[i].a].text_len, lb = v->tok[ms[i].b].text_len;
+        char s2[256];
+        memcpy(s2, tok_text(v, ms[i].a), la);
+        s2[la] = ' ';
+        memcpy(s2 + la + 1, tok_text(v, ms[i].b), lb);
+        gw_str(&w, s2, la + lb + 1);
+    }
+    free(ms);
+    *out = w.p;
+    return w.n;
+}
+
+static void test_gguf_fuzz_and_alloc_failures(void **state) {
+    (void)state;
+    uint8_t *base;
+    size_t n = small_gguf(&base);
+    const char *path = "build/test/tok_small.gguf";
+    assert_true(tu_write_file(path, base, n));
+    moe_model *m = load_vocab(path);
+    assert_non_null(m);
+    const char *text = "Hello, world! 你好世界，我们今天去公园散步。 <|im_end|> e\xCC\x81 \xFF";
+    int32_t k0 = 0, *ref = tokenize(m, text, (int32_t)strlen(text), MOE_TOKENIZE_PARSE_SPECIAL, &k0);
+    assert_non_null(ref);
+    int found = 0;
+    for (int32_t i = 0; i < k0; i++) found += ref[i] == 1000; /* <|im_end|> */
+    assert_int_equal(found, 1);
+    moe_model_free(m);
+    /* every allocation of a load and of a tokenization fails in turn: an error, never a crash or a leak */
+    int loads_ok = 0;
+    for (long k = 0; k < 400 && !loads_ok; k++) {
+        moe_model *x = NULL;
+        moe_load_params p = {0};
+        p.vocab_only = 1;
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_load(path, &p, &x);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) { loads_ok = 1; moe_model_free(x); }
+        else assert_true(st == MOE_ERR_NO_MEMORY);
+    }
+    assert_true(loads_ok);
+    m = load_vocab(path);
+    g_bpe_small_max = 2; /* long words take the heap path, whose allocation may fail too */
+    for (long k = 0; k < 40; k++) {
+        int32_t ids[256];
+        moe_test_fail_alloc_after(k);
+        int32_t r = moe_tokenize(m, text, (int32_t)strlen(text), ids, 256, MOE_TOKENIZE_PARSE_SPECIAL);
+        moe_test_fail_alloc_after(-1);
+        if (r == MOE_ERR_NO_MEMORY) continue;
+        assert_int_equal(r, k0);
+        assert_memory_equal(ids, ref, (size_t)k0 * sizeof *ids);
+    }
+    g_bpe_small_max = 48;
+    moe_model_free(m);
+    free(ref);
+    /* random damage to the file: the loader refuses it or loads something that tokenizes safely */
+    uint64_t rng = 4242;
+    int loaded = 0;
+    uint8_t *buf = malloc(n);
+    for (int it = 0; it < 1500; it++) {
+        memcpy(buf, base, n);
+        int hits = 1 + it % 4;
+        for (int h = 0; h < hits; h++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            size_t pos = (size_t)(rng >> 33) % n;
+            if (it % 3 == 0) pos = 24 + (size_t)(rng >> 40) % 400; /* the keys and the first tokens */
+            buf[pos] = (uint8_t)(rng >> 16);
+        }
+        size_t len = it % 10 == 9 ? (size_t)(rng >> 20) % n : n; /* truncated now and then */
+        assert_true(tu_write_file(path, buf, len));
+        moe_model *x = NULL;
+        moe_load_params p = {0};
+        p.vocab_only = 1;
+        if (moe_load(path, &p, &x) == MOE_OK) {
+            loaded++;
+            int32_t ids[512], t = 0;
+            int32_t r = moe_tokenize(x, text, (int32_t)strlen(text), ids, 512, MOE_TOKENIZE_PARSE_SPECIAL);
+            char back[1024];
+            if (r > 0) t = moe_detokenize(x, ids, r, back, sizeof back, MOE_TOKENIZE_PARSE_SPECIAL);
+            (void)t;
+            moe_model_free(x);
+        } else {
+            assert_true(strlen(moe_last_error()) > 0);
+        }
+    }
+    printf("   damaged GGUF vocabularies: %d of 1500 still loaded, none crashed\n", loaded);
+    free(buf);
+    free(base);
+    remove(path);
+}
+
 /* ---- special tokens, end of generation, buffers ------------------------------------------------- */
 static int32_t id_of(const moe_model *m, const char *text) { return vocab_find_text(m->vocab, text); }
 
@@ -825,6 +940,7 @@ int main(void) {
         cmocka_unit_test_prestate(test_gguf_path, (void *)1),
         cmocka_unit_test_prestate(test_gguf_path, (void *)2),
         cmocka_unit_test(test_special_and_eog),
+        cmocka_unit_test(test_gguf_fuzz_and_alloc_failures),
         cmocka_unit_test(test_chat),
         cmocka_unit_test(test_fuzz_tokenize),
     };
