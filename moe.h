@@ -121,17 +121,42 @@ typedef struct moe_model_info {
 MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *out);
 
 /* ---- tokenizer ----------------------------------------------------------------------------- */
-/* Returns the token count; if it exceeds cap, returns -(count needed) and writes nothing useful. */
+/* Vocabularies: byte-level BPE (GGUF "gpt2": Qwen2/Qwen3, gpt-oss/GPT-4o, Llama-3, GPT-2 splits)
+   and SentencePiece-style BPE with byte fallback (GGUF "llama", Gemma), from GGUF metadata or a
+   Hugging Face tokenizer.json; ids match Hugging Face `tokenizers`. A model without tokenizer
+   metadata still loads; these calls then fail with MOE_ERR_UNSUPPORTED.
+   Errors are returned as a (small, negative) moe_status with moe_last_error() set; a too-small
+   buffer gives -(count needed) and sets moe_last_error() to say so. */
+
+/* flags: MOE_TOKENIZE_ADD_SPECIAL adds what the vocabulary adds around a text (BOS for Gemma,
+   nothing for Qwen3 or gpt-oss); MOE_TOKENIZE_PARSE_SPECIAL turns special-token text such as
+   "<|im_end|>" into that token (longest match), otherwise it is tokenized as plain text. Added
+   tokens that are not special (Qwen3's "<think>", Gemma's "\n\n") are always recognised, as in
+   Hugging Face. Any bytes are accepted, invalid UTF-8 included.
+   Returns the token count; if it exceeds cap, returns -(count needed) and writes nothing useful. */
 MOE_API int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
                              moe_token *out, int32_t cap, int32_t flags);
-/* The raw bytes of one token (may be a partial UTF-8 sequence); same return convention. */
+/* The raw bytes of one token (may be a partial UTF-8 sequence: buffer them while streaming);
+   special tokens give their text. Not NUL-terminated. Same return convention. */
 MOE_API int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap);
-/* Whole-sequence detokenization with the tokenizer's decoding rules; same return convention. */
+/* Whole-sequence detokenization: the concatenated pieces, byte for byte (not NUL-terminated).
+   flags: MOE_TOKENIZE_PARSE_SPECIAL renders special tokens as their text; without it they are
+   left out. detokenize(tokenize(x)) == x for any bytes x with the same flags, up to the
+   vocabulary's normalization (Qwen3 applies NFC; Gemma reads U+2581 as a space).
+   Same return convention. */
 MOE_API int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
                                char *buf, int32_t cap, int32_t flags);
-MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);   /* end-of-generation? 0/1 */
+/* End of generation: the vocabulary's eos/eot/eom ids and the families' end markers
+   (<|im_end|>, <|endoftext|>, <end_of_turn>, <eos>, <|return|>, <|call|>, ...). 0/1 */
+MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);
 
-/* Render a chat with the model family's template (ChatML, Gemma, Harmony, ...). */
+/* Render a chat with the model family's template, chosen from the template text in the metadata,
+   else the architecture: ChatML with Qwen3's reasoning rules ("system", "user", "assistant",
+   "tool"), Gemma ("user"/"assistant" alternating after an optional "system"; starts with the BOS
+   text, so tokenize the result with PARSE_SPECIAL and without ADD_SPECIAL), gpt-oss Harmony
+   ("system" or "developer" first, then "user"/"assistant"; the system message carries today's
+   date). Other templates give MOE_ERR_UNSUPPORTED, unknown roles MOE_ERR_INVALID_ARG.
+   Returns the byte count (a NUL follows when it fits); -(count needed) if it exceeds cap. */
 MOE_API int32_t moe_chat_apply(const moe_model *model, const char *const *roles,
                                const char *const *contents, int32_t n_messages,
                                int32_t add_assistant_prompt, char *buf, int32_t cap);
