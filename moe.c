@@ -688,12 +688,16 @@ static void gb_u32(gguf_buf *b, uint32_t v) { gb_put(b, &v, 4); }
 static void gb_u64(gguf_buf *b, uint64_t v) { gb_put(b, &v, 8); }
 static void gb_str(gguf_buf *b, const char *s) { gb_u64(b, strlen(s)); gb_put(b, s, strlen(s)); }
 
+/* A tensor's bytes come from memory, or from a producer called at write time (so a converter
+   holds one tensor at a time, not the whole model). */
+typedef moe_status (*gguf_produce_fn)(void *arg, uint8_t *dst, uint64_t size);
+typedef struct gguf_wtensor { const void *data; gguf_produce_fn produce; void *arg; uint64_t size; } gguf_wtensor;
+
 typedef struct gguf_writer {
     gguf_buf kv, info;
     uint64_t n_kv, n_tensors, data_size;
     uint32_t alignment;
-    const void **data;         /* [n_tensors] */
-    uint64_t *sizes;
+    gguf_wtensor *t;           /* [n_tensors] */
     uint64_t cap;
 } gguf_writer;
 
@@ -714,20 +718,22 @@ MOE_MAYBE_UNUSED static void gw_kv_strings(gguf_writer *w, const char *key, cons
     w->n_kv++;
 }
 
-/* Adds a tensor; data must stay valid until gguf_write_file. ne is innermost first. */
-MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne, const void *data) {
+/* Adds a tensor: its bytes are `data` (valid until gw_write_file) or, when data is NULL, what
+   produce(arg, ...) writes at write time. ne is innermost first. */
+static moe_status gw_tensor_from(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne,
+                                 const void *data, gguf_produce_fn produce, void *arg) {
     int64_t rows = 1;
     for (int d = 1; d < n_dims; d++) rows *= ne[d];
     uint64_t size = type_row_bytes(type, ne[0]) * (uint64_t)rows;
     if (!size) return set_error(MOE_ERR_INVALID_ARG, "gguf writer: tensor '%s' has a row length that does not fit its type", name);
     if (w->n_tensors == w->cap) {
         uint64_t cap = w->cap ? w->cap * 2 : 64;
-        const void **d = moe_malloc(cap * sizeof *d);
-        uint64_t *s = moe_malloc(cap * sizeof *s);
-        if (!d || !s) { moe_free(d); moe_free(s); return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory"); }
-        if (w->n_tensors) { memcpy(d, w->data, w->n_tensors * sizeof *d); memcpy(s, w->sizes, w->n_tensors * sizeof *s); }
-        moe_free(w->data); moe_free(w->sizes);
-        w->data = d; w->sizes = s; w->cap = cap;
+        gguf_wtensor *t = moe_malloc(cap * sizeof *t);
+        if (!t) return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory");
+        if (w->n_tensors) memcpy(t, w->t, w->n_tensors * sizeof *t);
+        moe_free(w->t);
+        w->t = t;
+        w->cap = cap;
     }
     uint32_t al = w->alignment ? w->alignment : 32;
     gb_str(&w->info, name);
@@ -735,16 +741,29 @@ MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, i
     for (int d = 0; d < n_dims; d++) gb_u64(&w->info, (uint64_t)ne[d]);
     gb_u32(&w->info, (uint32_t)type);
     gb_u64(&w->info, w->data_size);
-    w->data[w->n_tensors] = data;
-    w->sizes[w->n_tensors] = size;
-    w->n_tensors++;
+    gguf_wtensor wt = {data, produce, arg, size};
+    w->t[w->n_tensors++] = wt;
     w->data_size += (size + al - 1) / al * al;
     return MOE_OK;
 }
 
+MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne,
+                                             const void *data) {
+    return gw_tensor_from(w, name, type, n_dims, ne, data, NULL, NULL);
+}
+
 MOE_MAYBE_UNUSED static void gw_free(gguf_writer *w) {
-    moe_free(w->kv.p); moe_free(w->info.p); moe_free(w->data); moe_free(w->sizes);
+    moe_free(w->kv.p);
+    moe_free(w->info.p);
+    moe_free(w->t);
     memset(w, 0, sizeof *w);
+}
+
+static int gw_pad(FILE *f, uint64_t pad) {
+    static const uint8_t zeros[64] = {0};
+    for (; pad; pad -= pad > 64 ? 64 : pad)
+        if (fwrite(zeros, 1, pad > 64 ? 64 : pad, f) != (pad > 64 ? 64 : pad)) return 0;
+    return 1;
 }
 
 MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *path) {
@@ -752,22 +771,33 @@ MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *pat
     uint32_t al = w->alignment ? w->alignment : 32;
     FILE *f = fopen(path, "wb");
     if (!f) return set_error(MOE_ERR_IO, "gguf writer: cannot create '%s': %s", path, strerror(errno));
-    static const uint8_t zeros[64] = {0};
     uint32_t version = 3;
-    uint64_t pos = 0;
+    moe_status st = MOE_OK;
+    uint8_t *buf = NULL;
     int ok = fwrite("GGUF", 1, 4, f) == 4 && fwrite(&version, 4, 1, f) == 1 && fwrite(&w->n_tensors, 8, 1, f) == 1 &&
              fwrite(&w->n_kv, 8, 1, f) == 1 && (!w->kv.n || fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n) &&
              (!w->info.n || fwrite(w->info.p, 1, w->info.n, f) == w->info.n);
-    pos = 24 + w->kv.n + w->info.n;
-    for (uint64_t pad = (al - pos % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
-        ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
-    for (uint64_t i = 0; ok && i < w->n_tensors; i++) {
-        ok = fwrite(w->data[i], 1, w->sizes[i], f) == w->sizes[i];
-        for (uint64_t pad = (al - w->sizes[i] % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
-            ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    uint64_t pos = 24 + w->kv.n + w->info.n;
+    ok = ok && gw_pad(f, (al - pos % al) % al);
+    for (uint64_t i = 0; ok && !st && i < w->n_tensors; i++) {
+        const gguf_wtensor *t = &w->t[i];
+        const void *bytes = t->data;
+        if (!bytes) {
+            moe_free(buf);
+            if (!(buf = moe_malloc(t->size))) {
+                st = set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for a %llu-byte tensor", (unsigned long long)t->size);
+                break;
+            }
+            if ((st = t->produce(t->arg, buf, t->size))) break;
+            bytes = buf;
+        }
+        ok = fwrite(bytes, 1, t->size, f) == t->size && gw_pad(f, (al - t->size % al) % al);
     }
+    moe_free(buf);
     if (fclose(f) != 0) ok = 0;
-    return ok ? MOE_OK : set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+    if (!st && !ok) st = set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+    if (st) remove(path);
+    return st;
 }
 
 /* ---- JSON (RFC 8259), strict -----------------------------------------------------------------
@@ -1821,6 +1851,7 @@ typedef struct cpu_kernels {
 } cpu_kernels;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -1957,8 +1988,11 @@ static float avx2_row_dot(const moe_type_traits *tt, const uint8_t *row, const f
 }
 
 static int cpu_has_avx2(void) {
+    unsigned a, b, c, d;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1; /* F16C */
 }
 #endif
 
@@ -3455,7 +3489,7 @@ static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
     if (gguf_str_eq(model, "gpt2")) {
         v->kind = VK_BYTES;
         pthread_once(&g_bytemap_once, bytemap_init);
-        if (!pre.p || gguf_str_eq(pre, "default") || gguf_str_eq(pre, "gpt2")) v->pre = PRE_GPT2;
+        if (!pre.p || gguf_str_eq(pre, "default") || gguf_str_eq(pre, "gpt2") || gguf_str_eq(pre, "gpt-2")) v->pre = PRE_GPT2;
         else if (gguf_str_eq(pre, "qwen2")) { v->pre = PRE_QWEN2; v->nfc = 1; }
         else if (gguf_str_eq(pre, "llama-bpe") || gguf_str_eq(pre, "llama3")) v->pre = PRE_LLAMA3;
         else if (gguf_str_eq(pre, "gpt-4o")) { v->pre = PRE_O200K; v->ignore_merges = 1; }
@@ -3852,6 +3886,74 @@ static moe_status vocab_apply_configs(moe_vocab *v, const json_doc *tc, const js
             for (uint32_t i = e + 1; i < cfg->nodes[e].end; i = cfg->nodes[i].end)
                 if (json_int(cfg, i, 0, v->n_tokens - 1, &x)) v->tok[x].flags |= TF_EOG;
     }
+    return MOE_OK;
+}
+/* ---- back to GGUF: the vocabulary as tokenizer.ggml.* keys, as llama.cpp's converter writes them ---- */
+static int merge_rank_cmp(const void *a, const void *b) {
+    uint32_t ra = ((const merge_slot *)a)->rank, rb = ((const merge_slot *)b)->rank;
+    return ra < rb ? -1 : ra > rb;
+}
+
+static void gw_kv_token_texts(gguf_writer *w, const moe_vocab *v) {
+    gb_str(&w->kv, "tokenizer.ggml.tokens");
+    gb_u32(&w->kv, GGUF_ARRAY);
+    gb_u32(&w->kv, GGUF_STRING);
+    gb_u64(&w->kv, (uint64_t)v->n_tokens);
+    for (int32_t i = 0; i < v->n_tokens; i++) {
+        gb_u64(&w->kv, v->tok[i].text_len);
+        gb_put(&w->kv, tok_text(v, i), v->tok[i].text_len);
+    }
+    w->n_kv++;
+}
+
+static moe_status vocab_write_gguf(const moe_vocab *v, gguf_writer *w) {
+    static const char *const pre_names[] = {"default", "gpt-2", "llama-bpe", "qwen2", "gpt-4o"};
+    gw_kv_str(w, "tokenizer.ggml.model", v->kind == VK_SPM ? "llama" : "gpt2");
+    if (v->kind == VK_BYTES) gw_kv_str(w, "tokenizer.ggml.pre", pre_names[v->pre >= 0 && v->pre <= PRE_O200K ? v->pre : 0]);
+    gw_kv_token_texts(w, v);
+    int32_t *types = moe_malloc((size_t)v->n_tokens * sizeof *types);
+    float *scores = moe_malloc((size_t)v->n_tokens * sizeof *scores);
+    merge_slot *ms = moe_malloc(((size_t)v->n_merges + 1) * sizeof *ms);
+    if (!types || !scores || !ms) {
+        moe_free(types); moe_free(scores); moe_free(ms);
+        return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory writing the vocabulary");
+    }
+    for (int32_t i = 0; i < v->n_tokens; i++) {
+        types[i] = v->tok[i].type;
+        scores[i] = v->tok[i].score;
+    }
+    gw_kv_array(w, "tokenizer.ggml.token_type", GGUF_I32, types, (uint64_t)v->n_tokens);
+    if (v->kind == VK_SPM) gw_kv_array(w, "tokenizer.ggml.scores", GGUF_F32, scores, (uint64_t)v->n_tokens);
+    if (v->kind == VK_BYTES) {
+        uint32_t n = 0;
+        for (uint32_t i = 0; v->merges && i <= v->merge_mask; i++)
+            if (v->merges[i].key != UINT64_MAX && n < v->n_merges) ms[n++] = v->merges[i];
+        qsort(ms, n, sizeof *ms, merge_rank_cmp);
+        gb_str(&w->kv, "tokenizer.ggml.merges");
+        gb_u32(&w->kv, GGUF_ARRAY);
+        gb_u32(&w->kv, GGUF_STRING);
+        gb_u64(&w->kv, n);
+        for (uint32_t i = 0; i < n; i++) {
+            int32_t a = (int32_t)(ms[i].key >> 32), b = (int32_t)(uint32_t)ms[i].key;
+            gb_u64(&w->kv, (uint64_t)v->tok[a].text_len + 1 + v->tok[b].text_len);
+            gb_put(&w->kv, tok_text(v, a), v->tok[a].text_len);
+            gb_put(&w->kv, " ", 1);
+            gb_put(&w->kv, tok_text(v, b), v->tok[b].text_len);
+        }
+        w->n_kv++;
+    }
+    moe_free(types);
+    moe_free(scores);
+    moe_free(ms);
+    static const char *const id_keys[] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                          "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"};
+    const int32_t ids[] = {v->bos, v->eos, v->eot, v->eom, v->unk, v->pad};
+    for (int k = 0; k < 6; k++)
+        if (ids[k] >= 0) gw_kv_u32(w, id_keys[k], (uint32_t)ids[k]);
+    gw_kv_bool(w, "tokenizer.ggml.add_bos_token", v->add_bos);
+    gw_kv_bool(w, "tokenizer.ggml.add_eos_token", v->add_eos);
+    if (v->kind == VK_SPM) gw_kv_bool(w, "tokenizer.ggml.add_space_prefix", v->add_space_prefix);
+    if (v->template_text) gw_kv_str(w, "tokenizer.chat_template", v->template_text);
     return MOE_OK;
 }
 
@@ -5230,4 +5332,135 @@ static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf) 
     m->bos = v->bos;
     m->eos = v->eos;
     return MOE_OK;
+}
+
+/* ---- model export (GGUF) ------------------------------------------------------------------- */
+typedef struct export_tensor {
+    const moe_weight *w;
+    int32_t type;              /* destination type */
+    const moe_save_params *params;
+    float progress_lo, progress_hi;
+} export_tensor;
+
+/* dequantize each source row (of any type) and quantize it to the destination type */
+static moe_status export_produce(void *arg, uint8_t *dst, uint64_t size) {
+    const export_tensor *et = arg;
+    const moe_weight *w = et->w;
+    const moe_type_traits *src = type_traits(w->type), *out = type_traits(et->type);
+    int64_t K = w->ne[0], rows = w->ne[1], n_mat = w->n_dims == 3 ? w->ne[2] : 1;
+    uint64_t out_row = type_row_bytes(et->type, K);
+    (void)size;
+    float *row = moe_malloc((size_t)K * sizeof *row);
+    if (!row) return set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    for (int64_t e = 0; e < n_mat; e++) {
+        const uint8_t *base = w->n_dims == 3 ? w->expert_data[e] : w->data;
+        for (int64_t r = 0; r < rows; r++, dst += out_row) {
+            src->dequant(base + (uint64_t)r * w->row_bytes, row, K);
+            out->quant(row, dst, K);
+        }
+        const moe_save_params *p = et->params;
+        if (p && p->progress &&
+            p->progress(et->progress_lo + (et->progress_hi - et->progress_lo) * (float)(e + 1) / (float)n_mat, p->user)) {
+            moe_free(row);
+            return set_error(MOE_ERR_CANCELLED, "moe_model_save: cancelled by the progress callback");
+        }
+    }
+    moe_free(row);
+    return MOE_OK;
+}
+
+static int32_t ftype_matrix_type(int32_t ftype) {
+    static const int32_t map[] = {-1, MOE_TYPE_F32, MOE_TYPE_F16, MOE_TYPE_BF16, MOE_TYPE_Q8_0,
+                                  MOE_TYPE_Q4_K, MOE_TYPE_Q5_K, MOE_TYPE_Q6_K, MOE_TYPE_Q4_0};
+    return ftype >= 0 && ftype < (int32_t)(sizeof map / sizeof map[0]) ? map[ftype] : -2;
+}
+
+/* the destination type of one weight under an ftype */
+static int32_t export_type(const moe_weight *w, int32_t ftype, int is_output, int is_router) {
+    if (w->n_dims == 1) return MOE_TYPE_F32;
+    int32_t t = ftype_matrix_type(ftype);
+    if (t < 0) t = w->type;                                   /* keep */
+    else if (is_router) t = MOE_TYPE_F32;
+    else if (is_output && t == MOE_TYPE_Q4_K) t = MOE_TYPE_Q6_K;
+    const int32_t fallback[] = {t, MOE_TYPE_Q8_0, MOE_TYPE_F16, MOE_TYPE_F32};
+    for (int i = 0; i < 4; i++)
+        if (type_row_bytes(fallback[i], w->ne[0])) return fallback[i];
+    return MOE_TYPE_F32;
+}
+
+moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params) {
+    if (!model || !path) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: NULL argument");
+    moe_save_params p = {0};
+    if (params) p = *params;
+    if (ftype_matrix_type(p.ftype) == -2) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: unknown ftype %d", p.ftype);
+    const moe_hparams *hp = &model->w.hp;
+    gguf_writer gw = {0};
+    char key[128];
+    const char *arch = model->arch_name;
+    gw_kv_str(&gw, "general.architecture", arch);
+    gw_kv_str(&gw, "general.name", "moe export");
+#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(&gw, key, (uint32_t)(v)))
+#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(&gw, key, (v)))
+    KV_U32("context_length", hp->n_ctx_train);
+    KV_U32("embedding_length", hp->n_embd);
+    KV_U32("block_count", hp->n_layer);
+    KV_U32("feed_forward_length", hp->n_ff_exp);
+    KV_U32("attention.head_count", hp->n_head);
+    KV_U32("attention.head_count_kv", hp->n_head_kv);
+    KV_U32("attention.key_length", hp->head_dim);
+    KV_U32("attention.value_length", hp->head_dim);
+    KV_U32("rope.dimension_count", hp->n_rot);
+    KV_U32("expert_count", hp->n_expert);
+    KV_U32("expert_used_count", hp->n_expert_used);
+    KV_U32("expert_feed_forward_length", hp->n_ff_exp);
+    KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
+    KV_F32("rope.freq_base", hp->rope_base);
+#undef KV_U32
+#undef KV_F32
+    if (!hp->norm_topk) {
+        snprintf(key, sizeof key, "%s.expert_weights_norm", arch);
+        gw_kv_bool(&gw, key, 0);
+    }
+    moe_status st = model->vocab ? vocab_write_gguf(model->vocab, &gw) : MOE_OK;
+    /* one export job per tensor, in llama.cpp's order */
+    int n_max = 3 + 12 * hp->n_layer, n = 0;
+    export_tensor *jobs = moe_calloc((size_t)n_max, sizeof *jobs);
+    char *name_buf = moe_malloc((size_t)n_max * 64);
+    if (!st && (!jobs || !name_buf)) st = set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    int tied = model->w.output.data == model->w.tok_embd.data;
+    for (int i = -3; !st && i < 12 * hp->n_layer; i++) {
+        const moe_weight *w;
+        char *nm = name_buf + (size_t)n * 64;
+        int is_out = 0, is_router = 0;
+        if (i == -3) w = &model->w.tok_embd, snprintf(nm, 64, "token_embd.weight");
+        else if (i == -2) w = &model->w.output_norm, snprintf(nm, 64, "output_norm.weight");
+        else if (i == -1) {
+            if (tied) continue;
+            w = &model->w.output, is_out = 1, snprintf(nm, 64, "output.weight");
+        } else {
+            static const char *const suffix[12] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
+                                                   "attn_k_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                                                   "ffn_down_exps"};
+            const moe_layer *L = &model->w.layers[i / 12];
+            const moe_weight *lw[12] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo, &L->q_norm,
+                                        &L->k_norm, &L->ffn_norm, &L->router, &L->gate_exps, &L->up_exps, &L->down_exps};
+            w = lw[i % 12];
+            is_router = i % 12 == 8;
+            snprintf(nm, 64, "blk.%d.%s.weight", i / 12, suffix[i % 12]);
+        }
+        export_tensor *et = &jobs[n];
+        et->w = w;
+        et->type = export_type(w, p.ftype, is_out, is_router);
+        et->params = &p;
+        et->progress_lo = (float)n / (float)n_max;
+        et->progress_hi = (float)(n + 1) / (float)n_max;
+        int64_t ne[3] = {w->ne[0], w->ne[1], w->ne[2]};
+        st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
+        n++;
+    }
+    if (!st) st = gw_write_file(&gw, path);
+    gw_free(&gw);
+    moe_free(jobs);
+    moe_free(name_buf);
+    return st;
 }
