@@ -17,6 +17,7 @@
 #define MOE_INTERNAL
 #include "moe.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -331,6 +332,8 @@ typedef struct gguf_tensor {
     uint64_t offset;         /* relative to the data blob */
     uint64_t nbytes;
     const uint8_t *data;
+    const uint8_t **expert_ptrs; /* 3-D tensors assembled from a Hugging Face directory: one slab
+                                    per expert, not contiguous (NULL for GGUF files) */
 } gguf_tensor;
 
 typedef struct gguf_file {
@@ -3966,7 +3969,11 @@ struct moe_model {
     moe_weights w;             /* hyperparameters and weights: what a backend needs */
     char arch_name[32];
     moe_file file;
-    gguf_file gguf;
+    gguf_file gguf;            /* a GGUF file's tables, or the tensor table of a HF directory */
+    moe_file *shards;          /* Hugging Face directory: the mapped *.safetensors files */
+    int n_shards;
+    char *hf_names;            /* HF directory: GGUF-style names of its tensors */
+    const uint8_t **hf_expert_ptrs;
     float *owned;              /* f32 copies of 1-D weights (norms) */
     const uint8_t **expert_tables;
     moe_vocab *vocab;
@@ -4121,13 +4128,295 @@ static moe_status bind_qwen3moe(moe_model *m) {
         BIND(down_exps, "ffn_down_exps", 3, hp->n_ff_exp, E, hp->n_expert);
 #undef BIND
         moe_weight *exps[3] = {&L->gate_exps, &L->up_exps, &L->down_exps};
+        static const char *const exp_names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
         for (int k = 0; k < 3; k++) {
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, exp_names[k]);
             const uint8_t **table = m->expert_tables + ((size_t)l * 3 + (size_t)k) * (size_t)hp->n_expert;
-            for (int e = 0; e < hp->n_expert; e++) table[e] = exps[k]->data + (uint64_t)e * exps[k]->expert_bytes;
+            const gguf_tensor *t = gguf_find_tensor(&m->gguf, name);
+            for (int e = 0; e < hp->n_expert; e++)
+                table[e] = t && t->expert_ptrs ? t->expert_ptrs[e] : exps[k]->data + (uint64_t)e * exps[k]->expert_bytes;
             exps[k]->expert_data = table;
         }
     }
     return weights_to_f32(m);
+}
+
+/* ---- Hugging Face directories: config.json + *.safetensors (+ tokenizer.json) -------------------
+   The safetensors tensors are renamed to the GGUF names llama.cpp's converter uses (dims reversed:
+   a [out, in] matrix is ne = {in, out}) in a tensor table like a GGUF file's, so binding and the
+   forward pass are shared. Experts stored one tensor per expert (the original Qwen3-MoE layout) or
+   fused per layer (transformers 5: experts.gate_up_proj [E, 2·ff, in], experts.down_proj
+   [E, out, ff]) become 3-D entries whose slabs are reached through expert_ptrs. */
+#define HF_NAME_LEN 64
+
+typedef struct hf_tensor { const char *name; size_t name_len; int32_t type, n_dims; int64_t shape[4]; const uint8_t *data; uint64_t nbytes; } hf_tensor;
+
+typedef struct hf_table { hf_tensor *t; int64_t n, cap; } hf_table;
+
+static moe_status hf_parse_safetensors(const moe_file *f, const char *path, json_doc *d, hf_table *tab) {
+    uint64_t hlen = 0;
+    if (f->size < 8) return set_error(MOE_ERR_FORMAT, "safetensors '%s': truncated (no header length)", path);
+    memcpy(&hlen, f->data, 8);
+    if (hlen > f->size - 8) return set_error(MOE_ERR_FORMAT, "safetensors '%s': header length %llu runs past the end", path, (unsigned long long)hlen);
+    moe_status st = json_parse(d, (const char *)f->data + 8, (size_t)hlen, path);
+    if (st) return st;
+    if (!d->n_nodes || d->nodes[0].type != JSON_OBJECT) return set_error(MOE_ERR_FORMAT, "safetensors '%s': the header is not a JSON object", path);
+    const uint8_t *data = f->data + 8 + hlen;
+    uint64_t avail = f->size - 8 - hlen;
+    for (uint32_t i = 1; i < d->nodes[0].end; i = d->nodes[i + 1].end) {
+        if (json_str_eq(d, i, "__metadata__")) continue;
+        uint32_t v = i + 1, dt = json_get(d, v, "dtype"), shape = json_get(d, v, "shape"), offs = json_get(d, v, "data_offsets");
+        hf_tensor t = {0};
+        t.name = d->src + d->nodes[i].off;
+        t.name_len = d->nodes[i].len;
+        if (d->nodes[i].escaped || t.name_len >= HF_NAME_LEN)
+            return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor name '%.*s' is escaped or too long", path, (int)(t.name_len > 80 ? 80 : t.name_len), t.name);
+        size_t es = 0;
+        if (json_str_eq(d, dt, "F32")) t.type = MOE_TYPE_F32, es = 4;
+        else if (json_str_eq(d, dt, "F16")) t.type = MOE_TYPE_F16, es = 2;
+        else if (json_str_eq(d, dt, "BF16")) t.type = MOE_TYPE_BF16, es = 2;
+        else if (json_is(d, dt, JSON_STRING)) t.type = -1; /* other dtypes are fine unless a weight we need uses one */
+        else return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' has no dtype", path, (int)t.name_len, t.name);
+        if (!json_is(d, shape, JSON_ARRAY) || d->nodes[shape].len > 4 || !json_is(d, offs, JSON_ARRAY) || d->nodes[offs].len != 2)
+            return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' needs a shape of <= 4 dims and 2 data_offsets", path, (int)t.name_len, t.name);
+        uint64_t count = 1;
+        t.n_dims = (int32_t)d->nodes[shape].len;
+        int k = 0;
+        for (uint32_t j = shape + 1; j < d->nodes[shape].end; j = d->nodes[j].end, k++) {
+            if (!json_int(d, j, 1, INT64_MAX / 2, &t.shape[k]) || count > UINT64_MAX / 16 / (uint64_t)t.shape[k])
+                return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' has a bad or overflowing shape", path, (int)t.name_len, t.name);
+            count *= (uint64_t)t.shape[k];
+        }
+        int64_t b = 0, e = 0;
+        if (!json_int(d, offs + 1, 0, INT64_MAX, &b) || !json_int(d, d->nodes[offs + 1].end, 0, INT64_MAX, &e) || b > e ||
+            (uint64_t)e > avail || (es && (uint64_t)(e - b) != count * es))
+            return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s': data_offsets [%lld, %lld] do not fit the file or its shape",
+                             path, (int)t.name_len, t.name, (long long)b, (long long)e);
+        t.data = data + b;
+        t.nbytes = (uint64_t)(e - b);
+        if (tab->n == tab->cap) {
+            int64_t cap = tab->cap ? 2 * tab->cap : 256;
+            hf_tensor *nt = moe_malloc((size_t)cap * sizeof *nt);
+            if (!nt) return set_error(MOE_ERR_NO_MEMORY, "safetensors: out of memory");
+            if (tab->n) memcpy(nt, tab->t, (size_t)tab->n * sizeof *nt);
+            moe_free(tab->t);
+            tab->t = nt;
+            tab->cap = cap;
+        }
+        tab->t[tab->n++] = t;
+    }
+    return MOE_OK;
+}
+
+static const hf_tensor *hf_find(const hf_table *tab, const char *name) {
+    size_t n = strlen(name);
+    for (int64_t i = 0; i < tab->n; i++)
+        if (tab->t[i].name_len == n && memcmp(tab->t[i].name, name, n) == 0) return &tab->t[i];
+    return NULL;
+}
+
+/* Hyperparameters from config.json (Qwen3-MoE). */
+static moe_status hf_hparams(moe_model *m, const json_doc *d) {
+    moe_hparams *hp = &m->w.hp;
+    uint32_t mt = json_get(d, 0, "model_type");
+    if (!json_str_eq(d, mt, "qwen3_moe")) {
+        char *name = json_strdup(d, mt);
+        moe_status st = set_error(MOE_ERR_UNSUPPORTED, "config.json: model_type '%s' is not supported (supported: qwen3_moe)", name ? name : "?");
+        moe_free(name);
+        return st;
+    }
+    snprintf(m->arch_name, sizeof m->arch_name, "qwen3moe");
+    hp->arch = ARCH_QWEN3MOE;
+    struct { const char *key; int32_t *dst; int64_t lo, hi; int required; } ints[] = {
+        {"hidden_size", &hp->n_embd, 1, 1 << 20, 1}, {"num_hidden_layers", &hp->n_layer, 1, 4096, 1},
+        {"num_attention_heads", &hp->n_head, 1, 4096, 1}, {"num_key_value_heads", &hp->n_head_kv, 1, 4096, 1},
+        {"head_dim", &hp->head_dim, 2, 4096, 0}, {"num_experts", &hp->n_expert, 1, 4096, 1},
+        {"num_experts_per_tok", &hp->n_expert_used, 1, 4096, 1}, {"moe_intermediate_size", &hp->n_ff_exp, 1, 1 << 20, 1},
+        {"max_position_embeddings", &hp->n_ctx_train, 1, INT32_MAX, 0}, {"decoder_sparse_step", NULL, 1, 1, 0}};
+    hp->head_dim = 0;
+    hp->n_ctx_train = 4096;
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        uint32_t n = json_get(d, 0, ints[i].key);
+        int64_t v;
+        if (!n && !ints[i].required) continue;
+        if (!json_int(d, n, ints[i].lo, ints[i].hi, &v))
+            return set_error(n ? MOE_ERR_FORMAT : MOE_ERR_FORMAT, "config.json: '%s' is %s", ints[i].key,
+                             n ? (ints[i].dst ? "out of range or not an integer" : "not 1 (models with dense layers are not supported)") : "missing");
+        if (ints[i].dst) *ints[i].dst = (int32_t)v;
+    }
+    uint32_t mlp_only = json_get(d, 0, "mlp_only_layers");
+    if (json_is(d, mlp_only, JSON_ARRAY) && d->nodes[mlp_only].len)
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: mlp_only_layers (dense layers) are not supported");
+    if (!hp->head_dim) hp->head_dim = hp->n_embd / hp->n_head;
+    hp->n_rot = hp->head_dim;
+    double eps = 1e-6, theta = 10000.0;
+    uint32_t n = json_get(d, 0, "rms_norm_eps");
+    if (n && !json_double(d, n, &eps)) return set_error(MOE_ERR_FORMAT, "config.json: rms_norm_eps is not a number");
+    n = json_get(d, 0, "rope_theta");
+    if (!n) n = json_get(d, json_get(d, 0, "rope_parameters"), "rope_theta");
+    if (n && !json_double(d, n, &theta)) return set_error(MOE_ERR_FORMAT, "config.json: rope_theta is not a number");
+    uint32_t scaling = json_get(d, 0, "rope_scaling");
+    if (scaling && !json_is(d, scaling, JSON_NULL))
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: rope_scaling is not supported yet");
+    hp->rms_eps = (float)eps;
+    hp->rope_base = (float)theta;
+    hp->norm_topk = json_bool(d, json_get(d, 0, "norm_topk_prob"), 0);
+    if (hp->n_head % hp->n_head_kv || hp->n_expert_used > hp->n_expert || !(hp->rms_eps > 0) || !(hp->rope_base > 0))
+        return set_error(MOE_ERR_FORMAT, "config.json: inconsistent heads, experts, rms_norm_eps or rope_theta");
+    return MOE_OK;
+}
+
+/* Adds a GGUF-named entry for one HF tensor (dims reversed). */
+static moe_status hf_add(moe_model *m, const hf_tensor *src, const char *gguf_name, int64_t n_dims_override,
+                         const int64_t *ne_override, const uint8_t **expert_ptrs) {
+    gguf_file *g = &m->gguf;
+    gguf_tensor *t = &g->tensors[g->n_tensors];
+    char *nm = m->hf_names + (size_t)g->n_tensors * HF_NAME_LEN;
+    snprintf(nm, HF_NAME_LEN, "%s", gguf_name);
+    memset(t, 0, sizeof *t);
+    t->name.p = nm;
+    t->name.n = strlen(nm);
+    if (src->type < 0) return set_error(MOE_ERR_UNSUPPORTED, "safetensors: tensor '%.*s' has a dtype we do not read (F32, F16, BF16)", (int)src->name_len, src->name);
+    t->type = src->type;
+    for (int d = 0; d < MOE_MAX_DIMS; d++) t->ne[d] = 1;
+    if (ne_override) {
+        t->n_dims = (int32_t)n_dims_override;
+        for (int d = 0; d < t->n_dims; d++) t->ne[d] = ne_override[d];
+    } else {
+        t->n_dims = src->n_dims;
+        for (int d = 0; d < src->n_dims; d++) t->ne[d] = src->shape[src->n_dims - 1 - d];
+    }
+    t->data = src->data;
+    t->expert_ptrs = expert_ptrs;
+    t->nbytes = type_row_bytes(t->type, t->ne[0]) * (uint64_t)(t->ne[1] * t->ne[2] * t->ne[3]);
+    g->n_tensors++;
+    return MOE_OK;
+}
+
+static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
+    const moe_hparams *hp = &m->w.hp;
+    int64_t max_t = 3 + 12 * (int64_t)hp->n_layer;
+    gguf_file *g = &m->gguf;
+    g->tensors = moe_calloc((size_t)max_t, sizeof *g->tensors);
+    m->hf_names = moe_malloc((size_t)max_t * HF_NAME_LEN);
+    m->hf_expert_ptrs = moe_calloc((size_t)hp->n_layer * 3 * (size_t)hp->n_expert, sizeof *m->hf_expert_ptrs);
+    if (!g->tensors || !m->hf_names || !m->hf_expert_ptrs) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the tensor table");
+    char hn[160];
+    moe_status st;
+    const hf_tensor *t;
+#define NEED(...) (snprintf(hn, sizeof hn, __VA_ARGS__), (t = hf_find(tab, hn)) ? MOE_OK : \
+                   set_error(MOE_ERR_FORMAT, "safetensors: required tensor '%s' is missing", hn))
+    if ((st = NEED("model.embed_tokens.weight")) || (st = hf_add(m, t, "token_embd.weight", 0, NULL, NULL))) return st;
+    if ((st = NEED("model.norm.weight")) || (st = hf_add(m, t, "output_norm.weight", 0, NULL, NULL))) return st;
+    if ((t = hf_find(tab, "lm_head.weight")) && (st = hf_add(m, t, "output.weight", 0, NULL, NULL))) return st;
+    static const char *const map[][2] = {{"input_layernorm", "attn_norm"}, {"self_attn.q_proj", "attn_q"},
+                                         {"self_attn.k_proj", "attn_k"}, {"self_attn.v_proj", "attn_v"},
+                                         {"self_attn.o_proj", "attn_output"}, {"self_attn.q_norm", "attn_q_norm"},
+                                         {"self_attn.k_norm", "attn_k_norm"}, {"post_attention_layernorm", "ffn_norm"},
+                                         {"mlp.gate", "ffn_gate_inp"}};
+    int64_t E = hp->n_embd, F = hp->n_ff_exp, X = hp->n_expert;
+    for (int l = 0; l < hp->n_layer; l++) {
+        char gn[HF_NAME_LEN];
+        for (size_t k = 0; k < sizeof map / sizeof map[0]; k++) {
+            if ((st = NEED("model.layers.%d.%s.weight", l, map[k][0]))) return st;
+            snprintf(gn, sizeof gn, "blk.%d.%s.weight", l, map[k][1]);
+            if ((st = hf_add(m, t, gn, 0, NULL, NULL))) return st;
+        }
+        const uint8_t **ptrs = m->hf_expert_ptrs + (size_t)l * 3 * (size_t)X;
+        static const char *const exp_names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
+        const hf_tensor *first[3] = {0};
+        snprintf(hn, sizeof hn, "model.layers.%d.mlp.experts.gate_up_proj", l);
+        const hf_tensor *fused = hf_find(tab, hn);
+        if (fused) { /* [X, 2F, E] and [X, E, F] */
+            snprintf(hn, sizeof hn, "model.layers.%d.mlp.experts.down_proj", l);
+            const hf_tensor *down = hf_find(tab, hn);
+            if (!down || fused->n_dims != 3 || fused->shape[0] != X || fused->shape[1] != 2 * F || fused->shape[2] != E ||
+                down->n_dims != 3 || down->shape[0] != X || down->shape[1] != E || down->shape[2] != F || fused->type < 0 ||
+                down->type != fused->type)
+                return set_error(MOE_ERR_FORMAT, "safetensors: layer %d: fused experts must be gate_up_proj [%lld, %lld, %lld] and "
+                                 "down_proj [%lld, %lld, %lld] of one dtype", l, (long long)X, (long long)(2 * F), (long long)E,
+                                 (long long)X, (long long)E, (long long)F);
+            uint64_t rb = type_row_bytes(fused->type, E), drb = type_row_bytes(down->type, F);
+            for (int64_t e = 0; e < X; e++) {
+                ptrs[e] = fused->data + (uint64_t)e * 2 * (uint64_t)F * rb;
+                ptrs[X + e] = ptrs[e] + (uint64_t)F * rb;
+                ptrs[2 * X + e] = down->data + (uint64_t)e * (uint64_t)E * drb;
+            }
+            first[0] = first[1] = fused;
+            first[2] = down;
+        } else {
+            static const char *const hf_proj[3] = {"gate_proj", "up_proj", "down_proj"};
+            for (int k = 0; k < 3; k++)
+                for (int64_t e = 0; e < X; e++) {
+                    if ((st = NEED("model.layers.%d.mlp.experts.%lld.%s.weight", l, (long long)e, hf_proj[k]))) return st;
+                    int64_t want0 = k == 2 ? E : F, want1 = k == 2 ? F : E;
+                    if (t->n_dims != 2 || t->shape[0] != want0 || t->shape[1] != want1 || t->type < 0 ||
+                        (first[k] && t->type != first[k]->type))
+                        return set_error(MOE_ERR_FORMAT, "safetensors: '%s' must be [%lld, %lld] with the dtype of expert 0", hn,
+                                         (long long)want0, (long long)want1);
+                    if (!first[k]) first[k] = t;
+                    ptrs[k * X + e] = t->data;
+                }
+        }
+        for (int k = 0; k < 3; k++) {
+            int64_t ne[3] = {k == 2 ? F : E, k == 2 ? E : F, X};
+            snprintf(gn, sizeof gn, "blk.%d.%s.weight", l, exp_names[k]);
+            if ((st = hf_add(m, first[k], gn, 3, ne, ptrs + (size_t)k * (size_t)X))) return st;
+        }
+    }
+#undef NEED
+    return MOE_OK;
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+/* Maps every *.safetensors of dir, reads config.json, builds the tensor table. */
+static moe_status hf_load_dir(moe_model *m, const char *dir) {
+    size_t dl = strlen(dir);
+    char *path = moe_malloc(dl + 512);
+    if (!path) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory");
+    json_file cfg;
+    memset(&cfg, 0, sizeof cfg);
+    hf_table tab = {0};
+    json_doc *docs = NULL;
+    moe_status st;
+    snprintf(path, dl + 512, "%s/config.json", dir);
+    if ((st = json_file_open(&cfg, path, "config.json"))) goto done;
+    if ((st = hf_hparams(m, &cfg.d))) goto done;
+    DIR *dp = opendir(dir);
+    if (!dp) { st = set_error(MOE_ERR_IO, "moe_load: cannot list '%s': %s", dir, strerror(errno)); goto done; }
+    struct dirent *de;
+    int n_files = 0;
+    while ((de = readdir(dp)))
+        if (ends_with(de->d_name, ".safetensors")) n_files++;
+    m->shards = moe_calloc((size_t)(n_files ? n_files : 1), sizeof *m->shards);
+    docs = moe_calloc((size_t)(n_files ? n_files : 1), sizeof *docs);
+    if (!m->shards || !docs) { closedir(dp); st = set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory"); goto done; }
+    rewinddir(dp);
+    while (!st && (de = readdir(dp)) && m->n_shards < n_files) {
+        if (!ends_with(de->d_name, ".safetensors") || strlen(de->d_name) > 400) continue;
+        snprintf(path, dl + 512, "%s/%s", dir, de->d_name);
+        moe_file *f = &m->shards[m->n_shards];
+        f->fd = -1;
+        if ((st = file_map(f, path, 1))) break;
+        m->n_shards++;
+        st = hf_parse_safetensors(f, path, &docs[m->n_shards - 1], &tab);
+    }
+    closedir(dp);
+    if (st) goto done;
+    if (!m->n_shards) { st = set_error(MOE_ERR_FORMAT, "moe_load: '%s' has config.json but no *.safetensors", dir); goto done; }
+    st = hf_build_table(m, &tab);
+    for (int i = 0; i < m->n_shards; i++) m->file.size += m->shards[i].size;
+done:
+    for (int i = 0; docs && i < m->n_shards; i++) json_free(&docs[i]); /* names were copied into hf_names */
+    moe_free(docs);
+    moe_free(tab.t);
+    json_file_close(&cfg);
+    moe_free(path);
+    return st;
 }
 
 /* ============================================================================================ */
@@ -4902,10 +5191,15 @@ void moe_model_free(moe_model *model) {
     moe_free(model->owned);
     gguf_free(&model->gguf);
     file_unmap(&model->file);
+    for (int i = 0; i < model->n_shards; i++) file_unmap(&model->shards[i]);
+    moe_free(model->shards);
+    moe_free(model->hf_names);
+    moe_free(model->hf_expert_ptrs);
     moe_free(model);
 }
 
 static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf); /* with the tokenizer API below */
+static moe_status vocab_load_hf(const char *path, moe_vocab **out);
 
 static int report_progress(const moe_load_params *p, float f) {
     return p->progress ? p->progress(f, p->user) : 0;
@@ -4941,19 +5235,35 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
             return MOE_OK;
         }
     }
-    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
-        st = set_error(MOE_ERR_UNSUPPORTED, "moe_load: '%s' is a directory; Hugging Face directories are not supported yet", path);
-        goto fail;
-    }
-    /* keep the file resident unless a host budget below its size asks for on-demand reads */
-    if ((st = file_map(&m->file, path, p.host_budget_bytes == 0))) goto fail;
     if (report_progress(&p, 0.0f)) goto cancelled;
-    if ((st = gguf_parse(&m->gguf, m->file.data, m->file.size))) goto fail;
-    if ((st = load_hparams(m))) goto fail;
-    if ((st = bind_qwen3moe(m))) goto fail;
-    if (report_progress(&p, 0.5f)) goto cancelled;
-    if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
-    {
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) { /* a Hugging Face model directory */
+        size_t pl = strlen(path);
+        char *tj = moe_malloc(pl + 32);
+        if (!tj) { st = set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory"); goto fail; }
+        snprintf(tj, pl + 32, "%s/config.json", path);
+        int has_config = access(tj, R_OK) == 0;
+        snprintf(tj, pl + 32, "%s/tokenizer.json", path);
+        int has_tokenizer = access(tj, R_OK) == 0;
+        moe_free(tj);
+        if (!has_config) {
+            st = set_error(MOE_ERR_UNSUPPORTED, "moe_load: directory '%s' has no config.json (not a Hugging Face model directory)", path);
+            goto fail;
+        }
+        if ((st = hf_load_dir(m, path))) goto fail;
+        if ((st = bind_qwen3moe(m))) goto fail;
+        if (report_progress(&p, 0.5f)) goto cancelled;
+        if (has_tokenizer && (st = vocab_load_hf(path, &m->vocab))) goto fail;
+        if (m->vocab) m->bos = m->vocab->bos, m->eos = m->vocab->eos;
+    } else {
+        /* keep the file resident unless a host budget below its size asks for on-demand reads */
+        if ((st = file_map(&m->file, path, p.host_budget_bytes == 0))) goto fail;
+        if ((st = gguf_parse(&m->gguf, m->file.data, m->file.size))) goto fail;
+        if ((st = load_hparams(m))) goto fail;
+        if ((st = bind_qwen3moe(m))) goto fail;
+        if (report_progress(&p, 0.5f)) goto cancelled;
+        if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
+    }
+    if (m->gguf.kv) {
         int64_t v = -1;
         if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.bos_token_id", 0, 0, m->w.hp.n_vocab - 1, &v))) goto fail;
         m->bos = (moe_token)v;
