@@ -89,7 +89,7 @@ test: deps
 	$(MAKE) test-valgrind
 
 run: all
-	./$(B)/generate -m test/fixtures/qwen3moe_q4_k.gguf --tokens 1,2,3,4,5,6,7,8 -n 32
+	./$(B)/generate -m examples/models/tiny-moe-kjv-q8_0.gguf -p "And God said" -n 64
 
 clean:
 	rm -rf $(B)
