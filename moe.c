@@ -2524,28 +2524,358 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
 /* ============================================================================================ */
 /* 9. sampling                                                                                   */
 /* ============================================================================================ */
-/* SAMPLER: moe_sampler_* live here. */
-struct moe_sampler { moe_sampler_params p; };
+/* moe_sample runs one fixed pipeline (documented in moe.h):
 
+       penalties → top-k → temperature → top-p → min-p → draw
+
+   Portability: the same seed and the same logits give the same token on every platform. Every
+   value that feeds a decision is computed with correctly rounded IEEE operations only (+ - * /,
+   int↔float conversions) in a fixed order, and never with libm: the exponential is our own
+   fixed-point routine (smp_exp). Multiply-adds are arranged so that a compiler contracting them
+   into FMAs gets the same bits (the products involved are exact). Ties are broken by token id,
+   so the order of candidates is total and no sort's stability matters.
+
+   The RNG is xoshiro256** (Blackman & Vigna, 2018), its four state words filled by four
+   consecutive outputs of splitmix64 started at `seed`. One draw u = (next() >> 40) · 2^-24, a
+   uniform float in [0, 1) with 24 random bits, is consumed by every moe_sample call with
+   temperature > 0 (none when greedy).
+
+   Scratch: one allocation sized for the largest n_vocab seen (grown, never per call); the token
+   history is a ring of repeat_last_n tokens allocated by moe_sampler_new. */
+
+typedef struct smp_cand {
+    float logit;     /* after penalties; NaN became -inf */
+    int32_t id;
+    double q;        /* unnormalized probability exp((logit - max) / T) */
+} smp_cand;
+
+struct moe_sampler {
+    moe_sampler_params p;     /* as given, validated */
+    int32_t window;           /* effective repeat_last_n */
+    moe_token *hist;          /* ring of the last `window` recorded tokens */
+    int32_t hist_len, hist_pos;
+    uint64_t rng[4];          /* xoshiro256** state */
+    int32_t cap;              /* scratch capacity in tokens */
+    smp_cand *cand, *tmp;     /* [cap] each */
+    int32_t *counts;          /* [cap], all zero between calls */
+};
+
+/* ---- RNG ----------------------------------------------------------------------------------- */
+static uint64_t smp_splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t smp_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t smp_next(uint64_t s[4]) {
+    uint64_t result = smp_rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = smp_rotl(s[3], 45);
+    return result;
+}
+
+static void smp_seed(moe_sampler *s) {
+    uint64_t x = s->p.seed;
+    for (int i = 0; i < 4; i++) s->rng[i] = smp_splitmix64(&x);
+}
+
+/* uniform in [0, 1): the top 24 bits of one output, exactly representable as a float */
+static float smp_uniform(moe_sampler *s) { return (float)(smp_next(s->rng) >> 40) * (1.0f / 16777216.0f); }
+
+/* ---- a portable exponential ------------------------------------------------------------------
+   e^x for x <= 0 (0 below -700 and for NaN) with a relative error below 1e-8, and the same bits
+   on every IEEE-754 platform: y = x·log2(e) (one rounding) is cut into an integer k and a 32-bit
+   binary fraction f = i/16 + r, and 2^f = 2^(i/16) · e^(r·ln 2) is evaluated in 32.32 fixed
+   point with integers only (a table of 2^(i/16), rounded to nearest, and a degree-5 Taylor
+   series for r < 1/16); scaling the result by 2^k is exact. */
+static const uint64_t smp_exp2_16th[16] = {   /* round(2^(i/16) · 2^32) */
+    4294967296u, 4485121744u, 4683695048u, 4891059943u, 5107605667u, 5333738689u, 5569883475u, 5816483285u,
+    6074001000u, 6342919999u, 6623745059u, 6917003306u, 7223245206u, 7543045592u, 7877004752u, 8225749546u};
+
+static double smp_exp(double x) {
+    if (!(x > -700.0)) return 0.0;
+    if (x >= 0.0) return 1.0;
+    double y = x * 1.4426950408889634;                 /* log2(e) */
+    int64_t yq = (int64_t)(y * 4294967296.0);          /* 2^32 · y truncated: -1010·2^32 < yq <= 0 */
+    int64_t k = -(int64_t)(((uint64_t)(-yq) + 0xFFFFFFFFu) >> 32);     /* floor(yq / 2^32) */
+    uint64_t f = (uint64_t)(yq - k * 4294967296);      /* [0, 2^32) */
+    uint64_t t = ((f & 0x0FFFFFFFu) * 2977044472u) >> 32;   /* r·ln 2 < 0.0434, ln 2 = 2977044472 / 2^32 */
+    uint64_t t2 = (t * t) >> 32, t3 = (t2 * t) >> 32, t4 = (t3 * t) >> 32, t5 = (t4 * t) >> 32;
+    uint64_t em1 = t + t2 / 2 + t3 / 6 + t4 / 24 + t5 / 120;  /* e^(r·ln 2) - 1; t^6/720 < 2^-36 */
+    uint64_t base = smp_exp2_16th[f >> 28];
+    uint64_t m = base + ((base * em1) >> 32);          /* 2^f in 32.32, < 2^34 */
+    uint64_t bits = (uint64_t)(k + 1023) << 52;         /* 2^k, k >= -1010: a normal double */
+    double scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return ((double)m * (1.0 / 4294967296.0)) * scale;
+}
+
+/* the candidate order: higher logit first, then lower id */
+static int smp_better(const smp_cand *a, const smp_cand *b) {
+    return a->logit > b->logit || (a->logit == b->logit && a->id < b->id);
+}
+static int smp_cmp(const void *pa, const void *pb) {
+    const smp_cand *a = pa, *b = pb;
+    return smp_better(a, b) ? -1 : smp_better(b, a) ? 1 : 0;
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------------ */
 moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out) {
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: out is NULL");
+    *out = NULL;
+    moe_sampler_params p;
+    memset(&p, 0, sizeof p);
+    if (params) p = *params;
+    if (isnan(p.temperature))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: temperature is NaN");
+    if (p.top_k < 0) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_k %d < 0", p.top_k);
+    if (!(p.top_p >= 0.0f && p.top_p <= 1.0f))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_p %g is not in [0, 1]", (double)p.top_p);
+    if (!(p.min_p >= 0.0f && p.min_p <= 1.0f))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: min_p %g is not in [0, 1]", (double)p.min_p);
+    if (!(p.repeat_penalty >= 0.0f) || !isfinite(p.repeat_penalty))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: repeat_penalty %g is negative or not finite",
+                         (double)p.repeat_penalty);
+    if (p.repeat_last_n < 0)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: repeat_last_n %d < 0", p.repeat_last_n);
+    if (!isfinite(p.presence_penalty) || !isfinite(p.frequency_penalty))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: presence/frequency penalty is not finite");
     moe_sampler *s = moe_calloc(1, sizeof *s);
     if (!s) return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory");
-    if (params) s->p = *params;
+    s->p = p;
+    s->window = p.repeat_last_n ? p.repeat_last_n : 64;
+    s->hist = moe_malloc((size_t)s->window * sizeof *s->hist);
+    if (!s->hist) {
+        moe_free(s);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory for a history of %d tokens", p.repeat_last_n);
+    }
+    smp_seed(s);
     *out = s;
     return MOE_OK;
 }
-void moe_sampler_free(moe_sampler *s) { moe_free(s); }
-moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
-    (void)s;
-    if (!logits || n_vocab <= 0) return -1;
-    moe_token best = 0;
-    for (int32_t i = 1; i < n_vocab; i++)
-        if (logits[i] > logits[best]) best = i;
-    return best;
+
+void moe_sampler_free(moe_sampler *s) {
+    if (!s) return;
+    moe_free(s->hist);
+    moe_free(s->cand);
+    moe_free(s->tmp);
+    moe_free(s->counts);
+    moe_free(s);
 }
-void moe_sampler_accept(moe_sampler *s, moe_token token) { (void)s; (void)token; }
-void moe_sampler_reset(moe_sampler *s) { (void)s; }
+
+void moe_sampler_accept(moe_sampler *s, moe_token token) {
+    if (!s || token < 0) return;
+    s->hist[s->hist_pos] = token;
+    s->hist_pos = s->hist_pos + 1 == s->window ? 0 : s->hist_pos + 1;
+    if (s->hist_len < s->window) s->hist_len++;
+}
+
+void moe_sampler_reset(moe_sampler *s) {
+    if (!s) return;
+    s->hist_len = s->hist_pos = 0;
+    smp_seed(s);
+}
+
+/* Grows the scratch to n tokens; on failure the old buffers stay (still valid for smaller n). */
+static int smp_reserve(moe_sampler *s, int32_t n) {
+    if (n <= s->cap) return 1;
+    smp_cand *c = moe_malloc((size_t)n * sizeof *c), *t = moe_malloc((size_t)n * sizeof *t);
+    int32_t *k = moe_calloc((size_t)n, sizeof *k);
+    if (!c || !t || !k) {
+        moe_free(c);
+        moe_free(t);
+        moe_free(k);
+        return 0;
+    }
+    moe_free(s->cand);
+    moe_free(s->tmp);
+    moe_free(s->counts);
+    s->cand = c, s->tmp = t, s->counts = k, s->cap = n;
+    return 1;
+}
+
+/* Penalties over the history (llama.cpp's semantics), in place on cand[id] (cand is in id order,
+   one entry per token): for each distinct token with count c > 0 in the window,
+       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty     (if repeat_penalty != 0, 1)
+       logit = logit - (c · frequency_penalty + presence_penalty)
+   c · frequency_penalty is exact in double, so contracting it into an FMA cannot change it. */
+static void smp_penalize(moe_sampler *s, smp_cand *cand, int32_t n_vocab) {
+    const float rp = s->p.repeat_penalty;
+    const int use_rp = rp != 0.0f && rp != 1.0f;
+    const float fp = s->p.frequency_penalty, pp = s->p.presence_penalty;
+    if (!use_rp && fp == 0.0f && pp == 0.0f) return;
+    for (int32_t i = 0; i < s->hist_len; i++) {
+        moe_token t = s->hist[i];
+        if (t < n_vocab) s->counts[t]++;
+    }
+    for (int32_t i = 0; i < s->hist_len; i++) {
+        moe_token t = s->hist[i];
+        if (t >= n_vocab || s->counts[t] == 0) continue;
+        float l = cand[t].logit;
+        if (use_rp) l = l > 0.0f ? l / rp : l * rp;
+        double sub = (double)s->counts[t] * (double)fp + (double)pp;
+        cand[t].logit = (float)((double)l - sub);
+        s->counts[t] = 0;
+    }
+}
+
+/* Returns the position in h[0..n) of the k-th best candidate (1-based k < n) using a bounded
+   min-heap of the k best seen so far; h is scratch of at least k entries. O(n log k). */
+static smp_cand smp_kth_best(const smp_cand *c, int32_t n, int32_t k, smp_cand *h) {
+    for (int32_t i = 0; i < n; i++) {
+        int32_t j;
+        if (i < k) {                          /* push: sift the new entry up (worst at the root) */
+            j = i;
+            while (j > 0 && smp_better(&h[(j - 1) / 2], &c[i])) {
+                h[j] = h[(j - 1) / 2];
+                j = (j - 1) / 2;
+            }
+            h[j] = c[i];
+        } else if (smp_better(&c[i], &h[0])) { /* replace the root and sift down */
+            j = 0;
+            for (;;) {
+                int32_t a = 2 * j + 1, b = a + 1, w = j;
+                const smp_cand *wv = &c[i];
+                if (a < k && smp_better(wv, &h[a])) w = a, wv = &h[a];
+                if (b < k && smp_better(wv, &h[b])) w = b;
+                if (w == j) break;
+                h[j] = h[w];
+                j = w;
+            }
+            h[j] = c[i];
+        }
+    }
+    return h[0];
+}
+
+/* keeps the candidates not worse than cut (cand stays in id order); returns the new count */
+static int32_t smp_keep_upto(smp_cand *c, int32_t n, const smp_cand *cut) {
+    int32_t m = 0;
+    for (int32_t i = 0; i < n; i++)
+        if (!smp_better(cut, &c[i])) c[m++] = c[i];
+    return m;
+}
+
+moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
+    if (!s || !logits || n_vocab <= 0) {
+        set_error(MOE_ERR_INVALID_ARG, "moe_sample: %s", !s ? "sampler is NULL" : !logits ? "logits is NULL" : "n_vocab <= 0");
+        return -1;
+    }
+    const int greedy = !(s->p.temperature > 0.0f);
+    const int penalties = (s->p.repeat_penalty != 0.0f && s->p.repeat_penalty != 1.0f) ||
+                          s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
+    moe_token pick = -1;
+
+    if (greedy && !penalties) {                /* fast path: argmax, ties to the lowest id */
+        float best = -INFINITY;
+        for (int32_t i = 0; i < n_vocab; i++)
+            if (logits[i] > best) best = logits[i], pick = i;
+        if (pick < 0) goto no_finite;
+        moe_sampler_accept(s, pick);
+        return pick;
+    }
+    if (!smp_reserve(s, n_vocab)) {
+        set_error(MOE_ERR_NO_MEMORY, "moe_sample: out of memory for %d candidates", n_vocab);
+        return -1;
+    }
+    smp_cand *c = s->cand;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        c[i].logit = isnan(logits[i]) ? -INFINITY : logits[i];
+        c[i].id = i;
+    }
+    smp_penalize(s, c, n_vocab);
+
+    /* drop -inf (and NaN) candidates; find the best */
+    int32_t n = 0, best = -1;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        if (!(c[i].logit > -INFINITY)) continue;
+        c[n] = c[i];
+        if (best < 0 || c[n].logit > c[best].logit) best = n;
+        n++;
+    }
+    if (best < 0) goto no_finite;
+    if (greedy) {
+        pick = c[best].id;
+        moe_sampler_accept(s, pick);
+        return pick;
+    }
+    const float lmax = c[best].logit;
+
+    /* top-k: keep the k best (ties by lower id) */
+    if (s->p.top_k > 0 && s->p.top_k < n) {
+        smp_cand kth = smp_kth_best(c, n, s->p.top_k, s->tmp);
+        n = smp_keep_upto(c, n, &kth);
+    }
+
+    /* temperature: q = e^((logit - max) / T), computed in double, exactly reproducible */
+    const double temp = (double)s->p.temperature;
+    double total = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        c[i].q = c[i].logit == lmax ? 1.0 : smp_exp(((double)c[i].logit - (double)lmax) / temp);
+        total += c[i].q;
+    }
+
+    /* top-p: the smallest prefix (best first) whose mass reaches top_p · total. Only candidates
+       with q >= ~e^-20 are sorted first; the rest follow only if the prefix needs them. */
+    if (s->p.top_p > 0.0f && s->p.top_p < 1.0f && n > 1) {
+        const double need = (double)s->p.top_p * total;
+        const float cutl = lmax - 20.0f * s->p.temperature;
+        smp_cand *t = s->tmp;
+        int32_t nb = 0, ns = n;
+        for (int32_t i = 0; i < n; i++) {       /* big ones to the front, small ones to the back */
+            if (c[i].logit >= cutl) t[nb++] = c[i];
+            else t[--ns] = c[i];
+        }
+        qsort(t, (size_t)nb, sizeof *t, smp_cmp);
+        double cum = 0.0;
+        int32_t last = -1, sorted = nb;
+        for (int32_t i = 0; i < n; i++) {
+            if (i == sorted) {
+                qsort(t + nb, (size_t)(n - nb), sizeof *t, smp_cmp);
+                sorted = n;
+            }
+            cum += t[i].q;
+            last = i;
+            if (cum >= need) break;
+        }
+        smp_cand cut = t[last];
+        n = smp_keep_upto(c, n, &cut);
+    }
+
+    /* min-p: keep q >= min_p · q_max (q_max = 1: the best candidate is always still here) */
+    if (s->p.min_p > 0.0f && n > 1) {
+        const double thr = (double)s->p.min_p;
+        int32_t m = 0;
+        for (int32_t i = 0; i < n; i++)
+            if (c[i].q >= thr) c[m++] = c[i];
+        n = m;
+    }
+
+    /* draw: walk the kept candidates in id order until the running sum exceeds u · their sum */
+    total = 0.0;
+    for (int32_t i = 0; i < n; i++) total += c[i].q;
+    const double target = (double)smp_uniform(s) * total;
+    double cum = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        cum += c[i].q;
+        if (c[i].q > 0.0) pick = c[i].id;
+        if (cum > target) break;
+    }
+    moe_sampler_accept(s, pick);
+    return pick;
+
+no_finite:
+    set_error(MOE_ERR_INVALID_ARG, "moe_sample: no finite logit (all %d are NaN or -inf after penalties)", n_vocab);
+    return -1;
+}
 
 /* ============================================================================================ */
 /* 10. public API glue                                                                           */

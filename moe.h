@@ -156,7 +156,42 @@ MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the fir
 MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
-/* ---- sampling ------------------------------------------------------------------------------ */
+/* ---- sampling ------------------------------------------------------------------------------
+   A moe_sampler holds settings, a seeded RNG and the history of recorded tokens. moe_sample()
+   turns one row of logits into a token through this fixed pipeline:
+
+     1. penalties    for each distinct token seen c > 0 times among the last repeat_last_n
+                     recorded tokens (llama.cpp's semantics):
+                       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty
+                       logit = logit - (c * frequency_penalty + presence_penalty)
+     2. top-k        keep the top_k highest logits
+     3. temperature  p_i ∝ exp((logit_i - max) / temperature)
+     4. top-p        keep the smallest set of most likely tokens whose probability reaches top_p
+     5. min-p        keep tokens with p >= min_p * p_max
+     6. draw         one uniform number u in [0, 1) picks among the kept tokens by their p
+
+   Ties between equal logits rank the lower token id first. NaN logits count as -inf (never
+   picked); if no finite logit is left moe_sample() returns -1. temperature <= 0 is greedy: the
+   argmax after the penalties (ties: lowest id), no RNG draw; top-k / top-p / min-p are moot.
+
+   Determinism: the same seed and the same logits give the same tokens on every platform. The
+   RNG is xoshiro256** (Blackman & Vigna 2018) with its four state words set to four successive
+   outputs of splitmix64 started at `seed`; each non-greedy moe_sample() consumes exactly one
+   output r and uses u = (r >> 40) * 2^-24. Probabilities are computed with a portable fixed-point
+   exponential (relative error < 1e-8, not libm) and plain IEEE arithmetic in a fixed order; the
+   draw walks the kept tokens in id order and picks the first whose running sum of p exceeds
+   u * (sum of the kept p). Python reference of the RNG:
+       M = 2**64 - 1
+       def splitmix64(x):  x = (x + 0x9E3779B97F4A7C15) & M; z = x
+                           z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+                           z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M; return x, z ^ (z >> 31)
+       xoshiro256**: result = rotl(s1 * 5, 7) * 9; t = s1 << 17; s2 ^= s0; s3 ^= s1; s1 ^= s2;
+                     s0 ^= s3; s2 ^= t; s3 = rotl(s3, 45)          (all mod 2^64)
+
+   Memory: moe_sampler_new allocates the history; moe_sample allocates scratch once for the
+   largest n_vocab it has seen (about 40 bytes per token) and never otherwise. Errors (NULL
+   sampler or logits, n_vocab <= 0, out of memory, no finite logit) return -1 and set
+   moe_last_error(); the sampler stays usable. A sampler is used by one thread at a time. */
 typedef struct moe_sampler_params {         /* all-zero means greedy */
     float    temperature;                   /* <= 0: greedy */
     int32_t  top_k;                         /* 0 = off */
@@ -164,14 +199,20 @@ typedef struct moe_sampler_params {         /* all-zero means greedy */
     float    min_p;                         /* 0 = off */
     float    repeat_penalty;                /* 0 or 1 = off */
     int32_t  repeat_last_n;                 /* history window for penalties; 0 = 64 */
-    float    presence_penalty, frequency_penalty;
+    float    presence_penalty, frequency_penalty;   /* 0 = off */
     uint64_t seed;                          /* same seed + same logits = same tokens */
 } moe_sampler_params;
 
+/* params NULL = all zero. MOE_ERR_INVALID_ARG for a NaN temperature, top_k < 0, top_p or min_p
+   outside [0, 1], a negative or non-finite repeat_penalty, repeat_last_n < 0, or a non-finite
+   presence / frequency penalty. */
 MOE_API moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out);
 MOE_API void       moe_sampler_free(moe_sampler *s);              /* NULL-safe */
-MOE_API moe_token  moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab);  /* picks and records */
-MOE_API void       moe_sampler_accept(moe_sampler *s, moe_token token);  /* record a token chosen by the caller */
+/* Picks a token from n_vocab logits and records it in the history; -1 on error (see above). */
+MOE_API moe_token  moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab);
+/* Records a token chosen by the caller (for the penalties); negative tokens are ignored. */
+MOE_API void       moe_sampler_accept(moe_sampler *s, moe_token token);
+/* Forgets the history and re-seeds the RNG with params.seed: the sampler is as new. */
 MOE_API void       moe_sampler_reset(moe_sampler *s);
 
 /* ---- introspection ------------------------------------------------------------------------- */
