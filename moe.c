@@ -2528,25 +2528,26 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
 
        penalties → top-k → temperature → top-p → min-p → draw
 
-   Portability: the same seed and the same logits give the same token on every platform. Every
-   value that feeds a decision is computed with correctly rounded IEEE operations only (+ - * /,
-   int↔float conversions) in a fixed order, and never with libm: the exponential is our own
-   fixed-point routine (smp_exp). Multiply-adds are arranged so that a compiler contracting them
-   into FMAs gets the same bits (the products involved are exact). Ties are broken by token id,
-   so the order of candidates is total and no sort's stability matters.
+   Portability: the same seed and the same logits give the same token on every platform. The
+   only floating-point work is a handful of correctly rounded IEEE operations per token (the
+   penalties, (logit - max) / T and one multiply by log2 e), none of which a compiler may fuse
+   into something else. From there on everything is integer arithmetic: each candidate's weight
+   is q = floor(2^44 · e^x) from a fixed-point exponential (smp_weight), so every sum is exact,
+   its order does not matter, and top-p, min-p and the draw are exact integer decisions. Ties in
+   the ranking are broken by token id, so the ranking is total.
 
    The RNG is xoshiro256** (Blackman & Vigna, 2018), its four state words filled by four
-   consecutive outputs of splitmix64 started at `seed`. One draw u = (next() >> 40) · 2^-24, a
-   uniform float in [0, 1) with 24 random bits, is consumed by every moe_sample call with
-   temperature > 0 (none when greedy).
+   successive outputs of splitmix64 started at `seed`. Every moe_sample call with temperature > 0
+   consumes exactly one output r and uses its top 24 bits U = r >> 40 (u = U / 2^24 in [0, 1)).
 
-   Scratch: one allocation sized for the largest n_vocab seen (grown, never per call); the token
-   history is a ring of repeat_last_n tokens allocated by moe_sampler_new. */
+   Cost: O(n_vocab) per call (top-k O(n log k), top-p an expected-linear selection, no sort).
+   Scratch: one allocation sized for the largest n_vocab seen, grown when needed, never per call;
+   the token history is a ring of repeat_last_n tokens allocated by moe_sampler_new. */
 
 typedef struct smp_cand {
-    float logit;     /* after penalties; NaN became -inf */
+    float logit;     /* after penalties */
     int32_t id;
-    double q;        /* unnormalized probability exp((logit - max) / T) */
+    uint64_t q;      /* weight floor(2^44 · e^((logit - max) / T)); the best token has 2^44 */
 } smp_cand;
 
 struct moe_sampler {
@@ -2562,9 +2563,9 @@ struct moe_sampler {
 
 /* ---- RNG ----------------------------------------------------------------------------------- */
 static uint64_t smp_splitmix64(uint64_t *x) {
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    uint64_t z = (*x += 0x9E3779B97F4A7C15u);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9u;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBu;
     return z ^ (z >> 31);
 }
 
@@ -2587,44 +2588,49 @@ static void smp_seed(moe_sampler *s) {
     for (int i = 0; i < 4; i++) s->rng[i] = smp_splitmix64(&x);
 }
 
-/* uniform in [0, 1): the top 24 bits of one output, exactly representable as a float */
-static float smp_uniform(moe_sampler *s) { return (float)(smp_next(s->rng) >> 40) * (1.0f / 16777216.0f); }
-
 /* ---- a portable exponential ------------------------------------------------------------------
-   e^x for x <= 0 (0 below -700 and for NaN) with a relative error below 1e-8, and the same bits
-   on every IEEE-754 platform: y = x·log2(e) (one rounding) is cut into an integer k and a 32-bit
-   binary fraction f = i/16 + r, and 2^f = 2^(i/16) · e^(r·ln 2) is evaluated in 32.32 fixed
-   point with integers only (a table of 2^(i/16), rounded to nearest, and a degree-5 Taylor
-   series for r < 1/16); scaling the result by 2^k is exact. */
+   smp_exp2_q44(yq) = floor(2^44 · 2^(yq / 2^32)) for yq <= 0 (0 once below 2^-45), with integers
+   only, so every platform gets the same value; relative error below 1e-9 (plus floor's unit).
+   yq = k·2^32 + f with k = floor(yq / 2^32) and f = i·2^28 + r; 2^(f/2^32) = 2^(i/16) ·
+   e^(r·ln 2 / 2^32) in 32.32 fixed point: a table of 2^(i/16) rounded to nearest, and a
+   degree-5 Taylor series (Horner, coefficients 1/n! rounded to 32 bits) for r·ln 2 < 0.0434;
+   the result is then shifted by k + 12 (as (m << 12) >> -k). */
 static const uint64_t smp_exp2_16th[16] = {   /* round(2^(i/16) · 2^32) */
     4294967296u, 4485121744u, 4683695048u, 4891059943u, 5107605667u, 5333738689u, 5569883475u, 5816483285u,
     6074001000u, 6342919999u, 6623745059u, 6917003306u, 7223245206u, 7543045592u, 7877004752u, 8225749546u};
 
-static double smp_exp(double x) {
-    if (!(x > -700.0)) return 0.0;
-    if (x >= 0.0) return 1.0;
-    double y = x * 1.4426950408889634;                 /* log2(e) */
-    int64_t yq = (int64_t)(y * 4294967296.0);          /* 2^32 · y truncated: -1010·2^32 < yq <= 0 */
-    int64_t k = -(int64_t)(((uint64_t)(-yq) + 0xFFFFFFFFu) >> 32);     /* floor(yq / 2^32) */
-    uint64_t f = (uint64_t)(yq - k * 4294967296);      /* [0, 2^32) */
-    uint64_t t = ((f & 0x0FFFFFFFu) * 2977044472u) >> 32;   /* r·ln 2 < 0.0434, ln 2 = 2977044472 / 2^32 */
-    uint64_t t2 = (t * t) >> 32, t3 = (t2 * t) >> 32, t4 = (t3 * t) >> 32, t5 = (t4 * t) >> 32;
-    uint64_t em1 = t + t2 / 2 + t3 / 6 + t4 / 24 + t5 / 120;  /* e^(r·ln 2) - 1; t^6/720 < 2^-36 */
+#define SMP_ONE (1ull << 44)   /* the weight of 2^0 */
+
+static uint64_t smp_exp2_q44(int64_t yq) {
+    if (yq >= 0) return SMP_ONE;
+    if (yq <= -46 * 4294967296ll) return 0;            /* 2^44 · 2^-46 < 1 */
+    int64_t k = -(int64_t)(((uint64_t)(-yq) + 0xFFFFFFFFu) >> 32);    /* floor(yq / 2^32), -46..-1 */
+    uint64_t f = (uint64_t)(yq - k * 4294967296ll);    /* [0, 2^32) */
+    uint64_t t = ((f & 0x0FFFFFFFu) * 2977044472u) >> 32;   /* r·ln 2 < 0.0434, ln 2 ≈ 2977044472 / 2^32 */
+    uint64_t h = 35791394u;                            /* Horner in 32.32: 1/120, 1/24, 1/6, 1/2, 1 */
+    h = 178956971u + ((h * t) >> 32);
+    h = 715827883u + ((h * t) >> 32);
+    h = 2147483648u + ((h * t) >> 32);
+    h = 4294967296u + ((h * t) >> 32);
+    uint64_t em1 = (h * t) >> 32;                      /* e^(r ln 2) - 1; the t^6/720 term < 2^-36 */
     uint64_t base = smp_exp2_16th[f >> 28];
-    uint64_t m = base + ((base * em1) >> 32);          /* 2^f in 32.32, < 2^34 */
-    uint64_t bits = (uint64_t)(k + 1023) << 52;         /* 2^k, k >= -1010: a normal double */
-    double scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return ((double)m * (1.0 / 4294967296.0)) * scale;
+    uint64_t m = base + ((base * em1) >> 32);          /* 2^(f/2^32) · 2^32, in [2^32, 2^33) */
+    return (m << 12) >> -k;                            /* 2^44 · 2^k · m / 2^32, m << 12 < 2^45 */
 }
 
-/* the candidate order: higher logit first, then lower id */
+/* The weight of a logit: floor(2^44 · e^((logit - max) / T)) = smp_exp2_q44(yq) with
+   yq = (int64_t)(((double)logit - (double)max) · kt), kt = 2^32 · log2(e) / T (in double, once per
+   call), truncated toward zero; 0 far below the maximum (and for NaN), 2^44 at the maximum. */
+static uint64_t smp_weight(float logit, float lmax, double kt) {
+    if (logit == lmax) return SMP_ONE;
+    double y = ((double)logit - (double)lmax) * kt;
+    if (!(y > -46.0 * 4294967296.0)) return 0;
+    return smp_exp2_q44((int64_t)y);
+}
+
+/* the ranking: higher logit first, then lower id */
 static int smp_better(const smp_cand *a, const smp_cand *b) {
     return a->logit > b->logit || (a->logit == b->logit && a->id < b->id);
-}
-static int smp_cmp(const void *pa, const void *pb) {
-    const smp_cand *a = pa, *b = pb;
-    return smp_better(a, b) ? -1 : smp_better(b, a) ? 1 : 0;
 }
 
 /* ---- lifecycle ------------------------------------------------------------------------------ */
@@ -2634,8 +2640,7 @@ moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out) 
     moe_sampler_params p;
     memset(&p, 0, sizeof p);
     if (params) p = *params;
-    if (isnan(p.temperature))
-        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: temperature is NaN");
+    if (isnan(p.temperature)) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: temperature is NaN");
     if (p.top_k < 0) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_k %d < 0", p.top_k);
     if (!(p.top_p >= 0.0f && p.top_p <= 1.0f))
         return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_p %g is not in [0, 1]", (double)p.top_p);
@@ -2651,11 +2656,12 @@ moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out) 
     moe_sampler *s = moe_calloc(1, sizeof *s);
     if (!s) return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory");
     s->p = p;
-    s->window = p.repeat_last_n ? p.repeat_last_n : 64;
-    s->hist = moe_malloc((size_t)s->window * sizeof *s->hist);
+    const int32_t window = p.repeat_last_n ? p.repeat_last_n : 64;
+    s->window = window;
+    s->hist = moe_malloc((size_t)window * sizeof *s->hist);
     if (!s->hist) {
         moe_free(s);
-        return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory for a history of %d tokens", p.repeat_last_n);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory for a history of %d tokens", window);
     }
     smp_seed(s);
     *out = s;
@@ -2684,7 +2690,7 @@ void moe_sampler_reset(moe_sampler *s) {
     smp_seed(s);
 }
 
-/* Grows the scratch to n tokens; on failure the old buffers stay (still valid for smaller n). */
+/* Grows the scratch to n tokens; on failure the old buffers stay (still fine for smaller n). */
 static int smp_reserve(moe_sampler *s, int32_t n) {
     if (n <= s->cap) return 1;
     smp_cand *c = moe_malloc((size_t)n * sizeof *c), *t = moe_malloc((size_t)n * sizeof *t);
@@ -2702,23 +2708,22 @@ static int smp_reserve(moe_sampler *s, int32_t n) {
     return 1;
 }
 
-/* Penalties over the history (llama.cpp's semantics), in place on cand[id] (cand is in id order,
-   one entry per token): for each distinct token with count c > 0 in the window,
-       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty     (if repeat_penalty != 0, 1)
+/* ---- the stages ----------------------------------------------------------------------------- */
+/* Penalties (llama.cpp's semantics) in place on cand[0..n_vocab), which is in id order: for each
+   distinct token seen c > 0 times in the history window,
+       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty   (unless 0 or 1)
        logit = logit - (c · frequency_penalty + presence_penalty)
-   c · frequency_penalty is exact in double, so contracting it into an FMA cannot change it. */
+   c · frequency_penalty is exact in double, so an FMA contraction could not change the sum. */
 static void smp_penalize(moe_sampler *s, smp_cand *cand, int32_t n_vocab) {
     const float rp = s->p.repeat_penalty;
     const int use_rp = rp != 0.0f && rp != 1.0f;
     const float fp = s->p.frequency_penalty, pp = s->p.presence_penalty;
     if (!use_rp && fp == 0.0f && pp == 0.0f) return;
+    for (int32_t i = 0; i < s->hist_len; i++)
+        if (s->hist[i] < n_vocab) s->counts[s->hist[i]]++;
     for (int32_t i = 0; i < s->hist_len; i++) {
         moe_token t = s->hist[i];
-        if (t < n_vocab) s->counts[t]++;
-    }
-    for (int32_t i = 0; i < s->hist_len; i++) {
-        moe_token t = s->hist[i];
-        if (t >= n_vocab || s->counts[t] == 0) continue;
+        if (t >= n_vocab || s->counts[t] == 0) continue;   /* seen already */
         float l = cand[t].logit;
         if (use_rp) l = l > 0.0f ? l / rp : l * rp;
         double sub = (double)s->counts[t] * (double)fp + (double)pp;
@@ -2727,21 +2732,16 @@ static void smp_penalize(moe_sampler *s, smp_cand *cand, int32_t n_vocab) {
     }
 }
 
-/* Returns the position in h[0..n) of the k-th best candidate (1-based k < n) using a bounded
-   min-heap of the k best seen so far; h is scratch of at least k entries. O(n log k). */
+/* The k-th best of c[0..n) (1 <= k < n) through a min-heap of the k best seen so far, its worst
+   at the root; h is scratch for k entries. O(n log k). */
 static smp_cand smp_kth_best(const smp_cand *c, int32_t n, int32_t k, smp_cand *h) {
     for (int32_t i = 0; i < n; i++) {
         int32_t j;
-        if (i < k) {                          /* push: sift the new entry up (worst at the root) */
-            j = i;
-            while (j > 0 && smp_better(&h[(j - 1) / 2], &c[i])) {
-                h[j] = h[(j - 1) / 2];
-                j = (j - 1) / 2;
-            }
+        if (i < k) {                               /* push, sifting up */
+            for (j = i; j > 0 && smp_better(&h[(j - 1) / 2], &c[i]); j = (j - 1) / 2) h[j] = h[(j - 1) / 2];
             h[j] = c[i];
-        } else if (smp_better(&c[i], &h[0])) { /* replace the root and sift down */
-            j = 0;
-            for (;;) {
+        } else if (smp_better(&c[i], &h[0])) {     /* replace the root, sifting down */
+            for (j = 0;;) {
                 int32_t a = 2 * j + 1, b = a + 1, w = j;
                 const smp_cand *wv = &c[i];
                 if (a < k && smp_better(wv, &h[a])) w = a, wv = &h[a];
@@ -2756,7 +2756,51 @@ static smp_cand smp_kth_best(const smp_cand *c, int32_t n, int32_t k, smp_cand *
     return h[0];
 }
 
-/* keeps the candidates not worse than cut (cand stays in id order); returns the new count */
+/* The top-p cut: the candidate at which the running weight of c[0..n), taken in ranking order,
+   first reaches `need` (need <= the total weight). The weights are integers, so prefix sums do
+   not depend on summation order and no full sort is needed: candidates are binned by
+   (lmax - logit) · 4 / T — monotone in the ranking, so each bin is a run of the ranking — the
+   bin holding the cut is found from per-bin sums, and only that bin goes through a
+   quickselect-style search. Expected O(n); the result is the one a full sort would give. */
+static smp_cand smp_top_p_cut(const smp_cand *c, int32_t n, float lmax, float temperature, double need, smp_cand *t) {
+    enum { NB = 64 };
+    const float scale = 4.0f / temperature;
+#define SMP_BIN(l) ((l) == lmax ? 0 : ((lmax - (l)) * scale < (float)(NB - 1) ? (int)((lmax - (l)) * scale) : NB - 1))
+    uint64_t wsum[NB] = {0};
+    for (int32_t i = 0; i < n; i++) wsum[SMP_BIN(c[i].logit)] += c[i].q;
+    uint64_t above = 0;        /* weight of every candidate ranked before the ones searched */
+    int bin = 0;
+    while (bin < NB - 1 && !((double)(above + wsum[bin]) >= need)) above += wsum[bin++];
+    int32_t lo = 0, hi = 0;    /* the cut lies in t[lo..hi) */
+    for (int32_t i = 0; i < n; i++)
+        if (SMP_BIN(c[i].logit) == bin) t[hi++] = c[i];
+#undef SMP_BIN
+    while (hi - lo > 1) {
+        int32_t mid = lo + (hi - lo) / 2, last = hi - 1, piv;
+        /* median of three (by rank) as the pivot, moved to the end */
+        const smp_cand *a = &t[lo], *b = &t[mid], *z = &t[last];
+        if (smp_better(a, b)) piv = smp_better(b, z) ? mid : smp_better(a, z) ? last : lo;
+        else piv = smp_better(a, z) ? lo : smp_better(b, z) ? last : mid;
+        smp_cand tmp = t[piv]; t[piv] = t[last]; t[last] = tmp;
+        const smp_cand pv = t[last];
+        int32_t m = lo;            /* Lomuto: the better ones to t[lo..m) */
+        uint64_t wb = 0;
+        for (int32_t i = lo; i < last; i++)
+            if (smp_better(&t[i], &pv)) {
+                wb += t[i].q;
+                tmp = t[i]; t[i] = t[m]; t[m] = tmp;
+                m++;
+            }
+        t[last] = t[m];
+        t[m] = pv;
+        if ((double)(above + wb) >= need) hi = m;
+        else if ((double)(above + wb + pv.q) >= need) return pv;
+        else above += wb + pv.q, lo = m + 1;
+    }
+    return t[lo];
+}
+
+/* keeps the candidates ranked at or before cut, in id order; returns the new count */
 static int32_t smp_keep_upto(smp_cand *c, int32_t n, const smp_cand *cut) {
     int32_t m = 0;
     for (int32_t i = 0; i < n; i++)
@@ -2766,7 +2810,8 @@ static int32_t smp_keep_upto(smp_cand *c, int32_t n, const smp_cand *cut) {
 
 moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
     if (!s || !logits || n_vocab <= 0) {
-        set_error(MOE_ERR_INVALID_ARG, "moe_sample: %s", !s ? "sampler is NULL" : !logits ? "logits is NULL" : "n_vocab <= 0");
+        set_error(MOE_ERR_INVALID_ARG, "moe_sample: %s",
+                  !s ? "sampler is NULL" : !logits ? "logits is NULL" : "n_vocab <= 0");
         return -1;
     }
     const int greedy = !(s->p.temperature > 0.0f);
@@ -2774,10 +2819,10 @@ moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
                           s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
     moe_token pick = -1;
 
-    if (greedy && !penalties) {                /* fast path: argmax, ties to the lowest id */
+    if (greedy && !penalties) {                /* argmax, ties to the lowest id, no scratch */
         float best = -INFINITY;
         for (int32_t i = 0; i < n_vocab; i++)
-            if (logits[i] > best) best = logits[i], pick = i;
+            if (logits[i] > best) best = logits[i], pick = i;   /* NaN never compares greater */
         if (pick < 0) goto no_finite;
         moe_sampler_accept(s, pick);
         return pick;
@@ -2793,81 +2838,68 @@ moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
     }
     smp_penalize(s, c, n_vocab);
 
-    /* drop -inf (and NaN) candidates; find the best */
-    int32_t n = 0, best = -1;
+    /* only finite or +inf logits are candidates; find the best */
+    int32_t n = 0;
+    float lmax = -INFINITY;
     for (int32_t i = 0; i < n_vocab; i++) {
-        if (!(c[i].logit > -INFINITY)) continue;
-        c[n] = c[i];
-        if (best < 0 || c[n].logit > c[best].logit) best = n;
-        n++;
+        const float v = c[i].logit;
+        if (!(v > -INFINITY)) continue;
+        if (v > lmax) lmax = v, pick = i;
+        c[n++] = c[i];
     }
-    if (best < 0) goto no_finite;
+    if (n == 0) goto no_finite;
     if (greedy) {
-        pick = c[best].id;
         moe_sampler_accept(s, pick);
         return pick;
     }
-    const float lmax = c[best].logit;
 
-    /* top-k: keep the k best (ties by lower id) */
+    /* top-k */
     if (s->p.top_k > 0 && s->p.top_k < n) {
         smp_cand kth = smp_kth_best(c, n, s->p.top_k, s->tmp);
         n = smp_keep_upto(c, n, &kth);
     }
 
-    /* temperature: q = e^((logit - max) / T), computed in double, exactly reproducible */
-    const double temp = (double)s->p.temperature;
-    double total = 0.0;
+    /* temperature: integer weights; every logit equal to the maximum (+inf included) gets the
+       top weight one = 2^44, or less above 2^19 candidates so that sums stay below 2^63 */
+    int qs = 0;
+    while ((uint64_t)n > (1ull << (19 + qs))) qs++;   /* n · 2^(44 - qs) <= 2^63 */
+    const uint64_t one = SMP_ONE >> qs;
+    const double kt = 4294967296.0 * 1.4426950408889634 / (double)s->p.temperature;
+    uint64_t total = 0;
     for (int32_t i = 0; i < n; i++) {
-        c[i].q = c[i].logit == lmax ? 1.0 : smp_exp(((double)c[i].logit - (double)lmax) / temp);
+        c[i].q = smp_weight(c[i].logit, lmax, kt) >> qs;
         total += c[i].q;
     }
 
-    /* top-p: the smallest prefix (best first) whose mass reaches top_p · total. Only candidates
-       with q >= ~e^-20 are sorted first; the rest follow only if the prefix needs them. */
+    /* top-p: the shortest prefix of the ranking whose weight reaches top_p · total */
     if (s->p.top_p > 0.0f && s->p.top_p < 1.0f && n > 1) {
-        const double need = (double)s->p.top_p * total;
-        const float cutl = lmax - 20.0f * s->p.temperature;
-        smp_cand *t = s->tmp;
-        int32_t nb = 0, ns = n;
-        for (int32_t i = 0; i < n; i++) {       /* big ones to the front, small ones to the back */
-            if (c[i].logit >= cutl) t[nb++] = c[i];
-            else t[--ns] = c[i];
-        }
-        qsort(t, (size_t)nb, sizeof *t, smp_cmp);
-        double cum = 0.0;
-        int32_t last = -1, sorted = nb;
-        for (int32_t i = 0; i < n; i++) {
-            if (i == sorted) {
-                qsort(t + nb, (size_t)(n - nb), sizeof *t, smp_cmp);
-                sorted = n;
-            }
-            cum += t[i].q;
-            last = i;
-            if (cum >= need) break;
-        }
-        smp_cand cut = t[last];
+        smp_cand cut = smp_top_p_cut(c, n, lmax, s->p.temperature, (double)s->p.top_p * (double)total, s->tmp);
         n = smp_keep_upto(c, n, &cut);
     }
 
-    /* min-p: keep q >= min_p · q_max (q_max = 1: the best candidate is always still here) */
+    /* min-p: weight >= min_p · one (the best token is still here, with weight one) */
     if (s->p.min_p > 0.0f && n > 1) {
-        const double thr = (double)s->p.min_p;
+        const double thr = (double)s->p.min_p * (double)one;
         int32_t m = 0;
         for (int32_t i = 0; i < n; i++)
-            if (c[i].q >= thr) c[m++] = c[i];
+            if ((double)c[i].q >= thr) c[m++] = c[i];
         n = m;
     }
 
-    /* draw: walk the kept candidates in id order until the running sum exceeds u · their sum */
-    total = 0.0;
+    /* draw: target = floor(U · total / 2^24) < total; the first candidate in id order whose
+       running weight exceeds it */
+    total = 0;
     for (int32_t i = 0; i < n; i++) total += c[i].q;
-    const double target = (double)smp_uniform(s) * total;
-    double cum = 0.0;
+    const uint64_t u = smp_next(s->rng) >> 40;
+    pick = -1;
+    const uint64_t target = u * (total >> 24) + ((u * (total & 0xFFFFFFu)) >> 24);
+    uint64_t cum = 0;
     for (int32_t i = 0; i < n; i++) {
         cum += c[i].q;
-        if (c[i].q > 0.0) pick = c[i].id;
-        if (cum > target) break;
+        if (cum > target) {
+            pick = c[i].id;
+            break;
+        }
     }
     moe_sampler_accept(s, pick);
     return pick;
