@@ -12,7 +12,7 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-.PHONY: all lib examples test test-unit test-asan test-clang run shaders clean deps
+.PHONY: all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin run shaders clean deps
 
 all: lib examples $(GENTOOLS)
 
@@ -57,6 +57,19 @@ test-unit: $(TESTS:%=$(B)/test/%)
 test-asan: $(TESTS:%=$(B)/asan/%)
 	@for t in $^; do echo "== $$t (asan+ubsan)"; ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
 
+# one model shared by threads that each own a context: ThreadSanitizer on the API tests
+$(B)/tsan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) -O1 -g -fsanitize=thread -I. $< -o $@ -lcmocka $(LDLIBS)
+
+test-tsan: $(B)/tsan/test_api
+	@echo "== $< (tsan)"; TSAN_OPTIONS=halt_on_error=1 $<
+
+# valgrind memcheck over the API and file-format tests (the plain -O2 build)
+test-valgrind: $(B)/test/test_api $(B)/test/test_gguf
+	@for t in $^; do echo "== $$t (valgrind)"; \
+	  valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect $$t >/dev/null || exit 1; done
+
 test-clang:
 	@if command -v clang >/dev/null; then \
 	  echo "== clang -Werror build"; \
@@ -72,9 +85,11 @@ test: deps
 	$(MAKE) test-dropin test-clang
 	$(MAKE) test-unit
 	$(MAKE) test-asan
+	$(MAKE) test-tsan
+	$(MAKE) test-valgrind
 
 run: all
-	./$(B)/generate -m test/fixtures/qwen3moe_f32.gguf -n 32
+	./$(B)/generate -m test/fixtures/qwen3moe_q4_k.gguf --tokens 1,2,3,4,5,6,7,8 -n 32
 
 clean:
 	rm -rf $(B)

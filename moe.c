@@ -688,12 +688,16 @@ static void gb_u32(gguf_buf *b, uint32_t v) { gb_put(b, &v, 4); }
 static void gb_u64(gguf_buf *b, uint64_t v) { gb_put(b, &v, 8); }
 static void gb_str(gguf_buf *b, const char *s) { gb_u64(b, strlen(s)); gb_put(b, s, strlen(s)); }
 
+/* A tensor's bytes come from memory, or from a producer called at write time (so a converter
+   holds one tensor at a time, not the whole model). */
+typedef moe_status (*gguf_produce_fn)(void *arg, uint8_t *dst, uint64_t size);
+typedef struct gguf_wtensor { const void *data; gguf_produce_fn produce; void *arg; uint64_t size; } gguf_wtensor;
+
 typedef struct gguf_writer {
     gguf_buf kv, info;
     uint64_t n_kv, n_tensors, data_size;
     uint32_t alignment;
-    const void **data;         /* [n_tensors] */
-    uint64_t *sizes;
+    gguf_wtensor *t;           /* [n_tensors] */
     uint64_t cap;
 } gguf_writer;
 
@@ -714,20 +718,22 @@ MOE_MAYBE_UNUSED static void gw_kv_strings(gguf_writer *w, const char *key, cons
     w->n_kv++;
 }
 
-/* Adds a tensor; data must stay valid until gguf_write_file. ne is innermost first. */
-MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne, const void *data) {
+/* Adds a tensor: its bytes are `data` (valid until gw_write_file) or, when data is NULL, what
+   produce(arg, ...) writes at write time. ne is innermost first. */
+static moe_status gw_tensor_from(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne,
+                                 const void *data, gguf_produce_fn produce, void *arg) {
     int64_t rows = 1;
     for (int d = 1; d < n_dims; d++) rows *= ne[d];
     uint64_t size = type_row_bytes(type, ne[0]) * (uint64_t)rows;
     if (!size) return set_error(MOE_ERR_INVALID_ARG, "gguf writer: tensor '%s' has a row length that does not fit its type", name);
     if (w->n_tensors == w->cap) {
         uint64_t cap = w->cap ? w->cap * 2 : 64;
-        const void **d = moe_malloc(cap * sizeof *d);
-        uint64_t *s = moe_malloc(cap * sizeof *s);
-        if (!d || !s) { moe_free(d); moe_free(s); return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory"); }
-        if (w->n_tensors) { memcpy(d, w->data, w->n_tensors * sizeof *d); memcpy(s, w->sizes, w->n_tensors * sizeof *s); }
-        moe_free(w->data); moe_free(w->sizes);
-        w->data = d; w->sizes = s; w->cap = cap;
+        gguf_wtensor *t = moe_malloc(cap * sizeof *t);
+        if (!t) return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory");
+        if (w->n_tensors) memcpy(t, w->t, w->n_tensors * sizeof *t);
+        moe_free(w->t);
+        w->t = t;
+        w->cap = cap;
     }
     uint32_t al = w->alignment ? w->alignment : 32;
     gb_str(&w->info, name);
@@ -735,16 +741,29 @@ MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, i
     for (int d = 0; d < n_dims; d++) gb_u64(&w->info, (uint64_t)ne[d]);
     gb_u32(&w->info, (uint32_t)type);
     gb_u64(&w->info, w->data_size);
-    w->data[w->n_tensors] = data;
-    w->sizes[w->n_tensors] = size;
-    w->n_tensors++;
+    gguf_wtensor wt = {data, produce, arg, size};
+    w->t[w->n_tensors++] = wt;
     w->data_size += (size + al - 1) / al * al;
     return MOE_OK;
 }
 
+MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne,
+                                             const void *data) {
+    return gw_tensor_from(w, name, type, n_dims, ne, data, NULL, NULL);
+}
+
 MOE_MAYBE_UNUSED static void gw_free(gguf_writer *w) {
-    moe_free(w->kv.p); moe_free(w->info.p); moe_free(w->data); moe_free(w->sizes);
+    moe_free(w->kv.p);
+    moe_free(w->info.p);
+    moe_free(w->t);
     memset(w, 0, sizeof *w);
+}
+
+static int gw_pad(FILE *f, uint64_t pad) {
+    static const uint8_t zeros[64] = {0};
+    for (; pad; pad -= pad > 64 ? 64 : pad)
+        if (fwrite(zeros, 1, pad > 64 ? 64 : pad, f) != (pad > 64 ? 64 : pad)) return 0;
+    return 1;
 }
 
 MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *path) {
@@ -752,22 +771,33 @@ MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *pat
     uint32_t al = w->alignment ? w->alignment : 32;
     FILE *f = fopen(path, "wb");
     if (!f) return set_error(MOE_ERR_IO, "gguf writer: cannot create '%s': %s", path, strerror(errno));
-    static const uint8_t zeros[64] = {0};
     uint32_t version = 3;
-    uint64_t pos = 0;
+    moe_status st = MOE_OK;
+    uint8_t *buf = NULL;
     int ok = fwrite("GGUF", 1, 4, f) == 4 && fwrite(&version, 4, 1, f) == 1 && fwrite(&w->n_tensors, 8, 1, f) == 1 &&
              fwrite(&w->n_kv, 8, 1, f) == 1 && (!w->kv.n || fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n) &&
              (!w->info.n || fwrite(w->info.p, 1, w->info.n, f) == w->info.n);
-    pos = 24 + w->kv.n + w->info.n;
-    for (uint64_t pad = (al - pos % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
-        ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
-    for (uint64_t i = 0; ok && i < w->n_tensors; i++) {
-        ok = fwrite(w->data[i], 1, w->sizes[i], f) == w->sizes[i];
-        for (uint64_t pad = (al - w->sizes[i] % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
-            ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    uint64_t pos = 24 + w->kv.n + w->info.n;
+    ok = ok && gw_pad(f, (al - pos % al) % al);
+    for (uint64_t i = 0; ok && !st && i < w->n_tensors; i++) {
+        const gguf_wtensor *t = &w->t[i];
+        const void *bytes = t->data;
+        if (!bytes) {
+            moe_free(buf);
+            if (!(buf = moe_malloc(t->size))) {
+                st = set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for a %llu-byte tensor", (unsigned long long)t->size);
+                break;
+            }
+            if ((st = t->produce(t->arg, buf, t->size))) break;
+            bytes = buf;
+        }
+        ok = fwrite(bytes, 1, t->size, f) == t->size && gw_pad(f, (al - t->size % al) % al);
     }
+    moe_free(buf);
     if (fclose(f) != 0) ok = 0;
-    return ok ? MOE_OK : set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+    if (!st && !ok) st = set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+    if (st) remove(path);
+    return st;
 }
 
 /* ============================================================================================ */
@@ -1467,6 +1497,7 @@ typedef struct cpu_kernels {
 } cpu_kernels;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -1603,8 +1634,11 @@ static float avx2_row_dot(const moe_type_traits *tt, const uint8_t *row, const f
 }
 
 static int cpu_has_avx2(void) {
+    unsigned a, b, c, d;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1; /* F16C */
 }
 #endif
 
@@ -1632,6 +1666,12 @@ static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
     return MOE_OK;
 }
 static void vocab_free(moe_vocab *v) { moe_free(v); }
+/* writes the vocabulary as tokenizer.ggml.* keys (llama.cpp's names) */
+static moe_status vocab_write_gguf(const moe_vocab *v, gguf_writer *w) {
+    (void)v;
+    (void)w;
+    return MOE_OK;
+}
 
 /* ============================================================================================ */
 /* 5. model                                                                                      */
@@ -1856,6 +1896,8 @@ static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, c
 
 typedef struct cpu_ctx {
     cpu_kernels k;
+    uint64_t bytes;            /* host memory this context holds */
+    uint64_t expert_hits;      /* expert evaluations (all resident on this backend) */
     const moe_weights *w;
     moe_ctx_shape shape;
     thread_pool *pool;
@@ -2120,6 +2162,7 @@ static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
     cpu_ctx *cc = be;
     const moe_hparams *hp = &cc->w->hp;
     int k = hp->n_expert_used, E = hp->n_expert, ff = hp->n_ff_exp, D = hp->n_embd;
+    cc->expert_hits += (uint64_t)n * (uint64_t)k;
     /* route every token, then group the (token, slot) pairs by expert */
     for (int i = 0; i < n; i++)
         router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
@@ -2221,8 +2264,14 @@ static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
     return MOE_OK;
 }
 
+static void cpu_stats(const void *be, moe_stats *out) {
+    const cpu_ctx *cc = be;
+    out->host_bytes += cc->bytes;
+    out->expert_hits += cc->expert_hits;
+}
+
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn,
-                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load};
+                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load, cpu_stats};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -2247,6 +2296,13 @@ static void cpu_ctx_free(void *be) {
 
 static size_t mul_or_zero(size_t a, size_t b) { return (b && a > SIZE_MAX / b) ? 0 : a * b; }
 
+/* allocation that counts what a context holds (for moe_ctx_get_stats) */
+static void *cc_alloc(cpu_ctx *cc, size_t n) {
+    void *p = moe_malloc(n);
+    if (p) cc->bytes += n;
+    return p;
+}
+
 static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, void **out) {
     const moe_hparams *hp = &w->hp;
     cpu_ctx *cc = moe_calloc(1, sizeof *cc);
@@ -2259,13 +2315,13 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     int ok = 1;
     for (int i = 0; i < ACT_COUNT; i++) {
         size_t rows = (i == ACT_LOGITS && !c->logits_all) ? 1 : nb;
-        ok = ok && (cc->act[i] = moe_malloc(mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
+        ok = ok && (cc->act[i] = cc_alloc(cc, mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
     }
     size_t kvw = (size_t)hp->n_head_kv * (size_t)hp->head_dim;
     size_t kv_elems = mul_or_zero(mul_or_zero((size_t)hp->n_layer, (size_t)c->n_ctx), kvw);
     cc->kv_f16 = c->kv_type == MOE_KV_F16;
     size_t kv_bytes = mul_or_zero(kv_elems, cc->kv_f16 ? 2 : 4);
-    ok = ok && kv_bytes && (cc->k_cache = moe_calloc(1, kv_bytes)) && (cc->v_cache = moe_calloc(1, kv_bytes));
+    ok = ok && kv_bytes && (cc->k_cache = cc_alloc(cc, kv_bytes)) && (cc->v_cache = cc_alloc(cc, kv_bytes));
     cc->n_threads = shape->n_threads;
     size_t maxk = (size_t)hp->n_embd;
     if ((size_t)(hp->n_head * hp->head_dim) > maxk) maxk = (size_t)(hp->n_head * hp->head_dim);
@@ -2274,15 +2330,15 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     cc->att_buf_len = (size_t)c->n_ctx + (size_t)hp->head_dim;
     size_t max_rows = (size_t)(hp->n_ff_exp > hp->n_embd ? hp->n_ff_exp : hp->n_embd);
     size_t n_tasks = (size_t)hp->n_expert * ((max_rows + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
-    ok = ok && (cc->row_buf = moe_malloc(mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
-    ok = ok && (cc->att_buf = moe_malloc(mul_or_zero((size_t)cc->n_threads, cc->att_buf_len) * sizeof(float)));
-    ok = ok && (cc->topk_id = moe_malloc(nb * k * sizeof(int32_t))) && (cc->topk_w = moe_malloc(nb * k * sizeof(float)));
-    ok = ok && (cc->pair_of = moe_malloc(nb * k * sizeof(int32_t))) && (cc->pair_tok = moe_malloc(nb * k * sizeof(int32_t)));
-    ok = ok && (cc->exp_start = moe_malloc(((size_t)hp->n_expert + 1) * sizeof(int32_t)));
-    ok = ok && (cc->tasks = moe_malloc(n_tasks * 2 * sizeof(int32_t)));
-    ok = ok && (cc->pair_h = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
-    ok = ok && (cc->pair_u = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
-    ok = ok && (cc->pair_out = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
+    ok = ok && (cc->row_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
+    ok = ok && (cc->att_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, cc->att_buf_len) * sizeof(float)));
+    ok = ok && (cc->topk_id = cc_alloc(cc, nb * k * sizeof(int32_t))) && (cc->topk_w = cc_alloc(cc, nb * k * sizeof(float)));
+    ok = ok && (cc->pair_of = cc_alloc(cc, nb * k * sizeof(int32_t))) && (cc->pair_tok = cc_alloc(cc, nb * k * sizeof(int32_t)));
+    ok = ok && (cc->exp_start = cc_alloc(cc, ((size_t)hp->n_expert + 1) * sizeof(int32_t)));
+    ok = ok && (cc->tasks = cc_alloc(cc, n_tasks * 2 * sizeof(int32_t)));
+    ok = ok && (cc->pair_h = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
+    ok = ok && (cc->pair_u = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
+    ok = ok && (cc->pair_out = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
     if (!ok) {
         cpu_ctx_free(cc);
         return set_error(MOE_ERR_NO_MEMORY, "context: out of memory for the KV cache and scratch buffers (n_ctx %d, n_batch %d)",
@@ -2424,6 +2480,8 @@ moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
 moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
     if (!ctx || !out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_get_stats: NULL argument");
     *out = ctx->stats;
+    out->host_bytes += (uint64_t)ctx->logits_cap * (uint64_t)ctx->model->w.hp.n_vocab * sizeof(float);
+    if (ctx->ops->stats) ctx->ops->stats(ctx->be, out);
     return MOE_OK;
 }
 
@@ -3032,4 +3090,135 @@ int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const c
                        int32_t add_assistant_prompt, char *buf, int32_t cap) {
     (void)model; (void)roles; (void)contents; (void)n_messages; (void)add_assistant_prompt; (void)buf; (void)cap;
     return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: chat templates are not implemented yet");
+}
+
+/* ---- model export (GGUF) ------------------------------------------------------------------- */
+typedef struct export_tensor {
+    const moe_weight *w;
+    int32_t type;              /* destination type */
+    const moe_save_params *params;
+    float progress_lo, progress_hi;
+} export_tensor;
+
+/* dequantize each source row (of any type) and quantize it to the destination type */
+static moe_status export_produce(void *arg, uint8_t *dst, uint64_t size) {
+    const export_tensor *et = arg;
+    const moe_weight *w = et->w;
+    const moe_type_traits *src = type_traits(w->type), *out = type_traits(et->type);
+    int64_t K = w->ne[0], rows = w->ne[1], n_mat = w->n_dims == 3 ? w->ne[2] : 1;
+    uint64_t out_row = type_row_bytes(et->type, K);
+    (void)size;
+    float *row = moe_malloc((size_t)K * sizeof *row);
+    if (!row) return set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    for (int64_t e = 0; e < n_mat; e++) {
+        const uint8_t *base = w->n_dims == 3 ? w->expert_data[e] : w->data;
+        for (int64_t r = 0; r < rows; r++, dst += out_row) {
+            src->dequant(base + (uint64_t)r * w->row_bytes, row, K);
+            out->quant(row, dst, K);
+        }
+        const moe_save_params *p = et->params;
+        if (p && p->progress &&
+            p->progress(et->progress_lo + (et->progress_hi - et->progress_lo) * (float)(e + 1) / (float)n_mat, p->user)) {
+            moe_free(row);
+            return set_error(MOE_ERR_CANCELLED, "moe_model_save: cancelled by the progress callback");
+        }
+    }
+    moe_free(row);
+    return MOE_OK;
+}
+
+static int32_t ftype_matrix_type(int32_t ftype) {
+    static const int32_t map[] = {-1, MOE_TYPE_F32, MOE_TYPE_F16, MOE_TYPE_BF16, MOE_TYPE_Q8_0,
+                                  MOE_TYPE_Q4_K, MOE_TYPE_Q5_K, MOE_TYPE_Q6_K, MOE_TYPE_Q4_0};
+    return ftype >= 0 && ftype < (int32_t)(sizeof map / sizeof map[0]) ? map[ftype] : -2;
+}
+
+/* the destination type of one weight under an ftype */
+static int32_t export_type(const moe_weight *w, int32_t ftype, int is_output, int is_router) {
+    if (w->n_dims == 1) return MOE_TYPE_F32;
+    int32_t t = ftype_matrix_type(ftype);
+    if (t < 0) t = w->type;                                   /* keep */
+    else if (is_router) t = MOE_TYPE_F32;
+    else if (is_output && t == MOE_TYPE_Q4_K) t = MOE_TYPE_Q6_K;
+    const int32_t fallback[] = {t, MOE_TYPE_Q8_0, MOE_TYPE_F16, MOE_TYPE_F32};
+    for (int i = 0; i < 4; i++)
+        if (type_row_bytes(fallback[i], w->ne[0])) return fallback[i];
+    return MOE_TYPE_F32;
+}
+
+moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params) {
+    if (!model || !path) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: NULL argument");
+    moe_save_params p = {0};
+    if (params) p = *params;
+    if (ftype_matrix_type(p.ftype) == -2) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: unknown ftype %d", p.ftype);
+    const moe_hparams *hp = &model->w.hp;
+    gguf_writer gw = {0};
+    char key[128];
+    const char *arch = model->arch_name;
+    gw_kv_str(&gw, "general.architecture", arch);
+    gw_kv_str(&gw, "general.name", "moe export");
+#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(&gw, key, (uint32_t)(v)))
+#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(&gw, key, (v)))
+    KV_U32("context_length", hp->n_ctx_train);
+    KV_U32("embedding_length", hp->n_embd);
+    KV_U32("block_count", hp->n_layer);
+    KV_U32("feed_forward_length", hp->n_ff_exp);
+    KV_U32("attention.head_count", hp->n_head);
+    KV_U32("attention.head_count_kv", hp->n_head_kv);
+    KV_U32("attention.key_length", hp->head_dim);
+    KV_U32("attention.value_length", hp->head_dim);
+    KV_U32("rope.dimension_count", hp->n_rot);
+    KV_U32("expert_count", hp->n_expert);
+    KV_U32("expert_used_count", hp->n_expert_used);
+    KV_U32("expert_feed_forward_length", hp->n_ff_exp);
+    KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
+    KV_F32("rope.freq_base", hp->rope_base);
+#undef KV_U32
+#undef KV_F32
+    if (!hp->norm_topk) {
+        snprintf(key, sizeof key, "%s.expert_weights_norm", arch);
+        gw_kv_bool(&gw, key, 0);
+    }
+    moe_status st = model->vocab ? vocab_write_gguf(model->vocab, &gw) : MOE_OK;
+    /* one export job per tensor, in llama.cpp's order */
+    int n_max = 3 + 12 * hp->n_layer, n = 0;
+    export_tensor *jobs = moe_calloc((size_t)n_max, sizeof *jobs);
+    char *name_buf = moe_malloc((size_t)n_max * 64);
+    if (!st && (!jobs || !name_buf)) st = set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    int tied = model->w.output.data == model->w.tok_embd.data;
+    for (int i = -3; !st && i < 12 * hp->n_layer; i++) {
+        const moe_weight *w;
+        char *nm = name_buf + (size_t)n * 64;
+        int is_out = 0, is_router = 0;
+        if (i == -3) w = &model->w.tok_embd, snprintf(nm, 64, "token_embd.weight");
+        else if (i == -2) w = &model->w.output_norm, snprintf(nm, 64, "output_norm.weight");
+        else if (i == -1) {
+            if (tied) continue;
+            w = &model->w.output, is_out = 1, snprintf(nm, 64, "output.weight");
+        } else {
+            static const char *const suffix[12] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
+                                                   "attn_k_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                                                   "ffn_down_exps"};
+            const moe_layer *L = &model->w.layers[i / 12];
+            const moe_weight *lw[12] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo, &L->q_norm,
+                                        &L->k_norm, &L->ffn_norm, &L->router, &L->gate_exps, &L->up_exps, &L->down_exps};
+            w = lw[i % 12];
+            is_router = i % 12 == 8;
+            snprintf(nm, 64, "blk.%d.%s.weight", i / 12, suffix[i % 12]);
+        }
+        export_tensor *et = &jobs[n];
+        et->w = w;
+        et->type = export_type(w, p.ftype, is_out, is_router);
+        et->params = &p;
+        et->progress_lo = (float)n / (float)n_max;
+        et->progress_hi = (float)(n + 1) / (float)n_max;
+        int64_t ne[3] = {w->ne[0], w->ne[1], w->ne[2]};
+        st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
+        n++;
+    }
+    if (!st) st = gw_write_file(&gw, path);
+    gw_free(&gw);
+    moe_free(jobs);
+    moe_free(name_buf);
+    return st;
 }

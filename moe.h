@@ -215,6 +215,21 @@ MOE_API void       moe_sampler_accept(moe_sampler *s, moe_token token);
 /* Forgets the history and re-seeds the RNG with params.seed: the sampler is as new. */
 MOE_API void       moe_sampler_reset(moe_sampler *s);
 
+/* ---- export ------------------------------------------------------------------------------- */
+/* Writes a loaded model (from GGUF or a Hugging Face directory) as a GGUF file that moe and
+   llama.cpp load, re-quantizing the weight matrices. Norms stay F32 and the router F32, as
+   llama.cpp's quantizer does; the output matrix of MOE_FTYPE_Q4_K files is Q6_K. A matrix whose
+   rows do not fit the chosen block size falls back to Q8_0, then F16. */
+enum { MOE_FTYPE_KEEP = 0, MOE_FTYPE_F32 = 1, MOE_FTYPE_F16 = 2, MOE_FTYPE_BF16 = 3, MOE_FTYPE_Q8_0 = 4,
+       MOE_FTYPE_Q4_K = 5, MOE_FTYPE_Q5_K = 6, MOE_FTYPE_Q6_K = 7, MOE_FTYPE_Q4_0 = 8 };
+typedef struct moe_save_params {            /* all-zero (or NULL) = keep the stored types */
+    int32_t ftype;                          /* MOE_FTYPE_* */
+    int32_t reserved0;
+    int32_t (*progress)(float fraction, void *user);   /* optional; non-zero cancels (no file is left) */
+    void    *user;
+} moe_save_params;
+MOE_API moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params);
+
 /* ---- introspection ------------------------------------------------------------------------- */
 typedef struct moe_stats {
     uint64_t gpu_bytes_weights, gpu_bytes_kv, gpu_bytes_scratch, host_bytes;
@@ -318,6 +333,8 @@ typedef struct moe_ops {
        element type (f16 or f32), laid out [layer][K rows, then V rows][n_kv·hd] */
     void (*kv_save)(void *be, void *dst, int n_rows);
     moe_status (*kv_load)(void *be, const void *src, int n_rows);
+    /* adds the backend's counters (memory, experts) to a context's stats; may be NULL */
+    void (*stats)(const void *be, moe_stats *out);
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
