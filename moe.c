@@ -2587,12 +2587,12 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
        penalties → top-k → temperature → top-p → min-p → draw
 
    Portability: the same seed and the same logits give the same token on every platform. The
-   only floating-point work is a handful of correctly rounded IEEE operations per token (the
-   penalties, (logit - max) / T and one multiply by log2 e), none of which a compiler may fuse
-   into something else. From there on everything is integer arithmetic: each candidate's weight
-   is q = floor(2^44 · e^x) from a fixed-point exponential (smp_weight), so every sum is exact,
-   its order does not matter, and top-p, min-p and the draw are exact integer decisions. Ties in
-   the ranking are broken by token id, so the ranking is total.
+   only floating-point work is a few correctly rounded IEEE operations per token (the penalties,
+   then (logit - max) · 2^32·log2(e)/T), none of which a compiler may contract into an FMA with a
+   different result. From there on everything is integer arithmetic: each candidate's weight is
+   q = floor(2^44 · e^x) from a fixed-point exponential (smp_weight), so every sum is exact, its
+   order does not matter, and top-p, min-p and the draw are exact integer decisions. Ties in the
+   ranking are broken by token id, so the ranking is total.
 
    The RNG is xoshiro256** (Blackman & Vigna, 2018), its four state words filled by four
    successive outputs of splitmix64 started at `seed`. Every moe_sample call with temperature > 0
@@ -2689,6 +2689,11 @@ static uint64_t smp_weight(float logit, float lmax, double kt) {
 /* the ranking: higher logit first, then lower id */
 static int smp_better(const smp_cand *a, const smp_cand *b) {
     return a->logit > b->logit || (a->logit == b->logit && a->id < b->id);
+}
+
+static int smp_cmp(const void *pa, const void *pb) {
+    const smp_cand *a = pa, *b = pb;
+    return smp_better(a, b) ? -1 : smp_better(b, a);
 }
 
 /* ---- lifecycle ------------------------------------------------------------------------------ */
@@ -2819,8 +2824,10 @@ static smp_cand smp_kth_best(const smp_cand *c, int32_t n, int32_t k, smp_cand *
    not depend on summation order and no full sort is needed: candidates are binned by
    (lmax - logit) · 4 / T — monotone in the ranking, so each bin is a run of the ranking — the
    bin holding the cut is found from per-bin sums, and only that bin goes through a
-   quickselect-style search. Expected O(n); the result is the one a full sort would give. */
-static smp_cand smp_top_p_cut(const smp_cand *c, int32_t n, float lmax, float temperature, double need, smp_cand *t) {
+   quickselect-style search (after 64 rounds, a sort). Expected O(n); the result is the one a
+   full sort would give. */
+static smp_cand smp_top_p_cut(const smp_cand *c, int32_t n, float lmax, float temperature, double need, smp_cand *t,
+                              int max_rounds) {
     enum { NB = 64 };
     const float scale = 4.0f / temperature;
 #define SMP_BIN(l) ((l) == lmax ? 0 : ((lmax - (l)) * scale < (float)(NB - 1) ? (int)((lmax - (l)) * scale) : NB - 1))
@@ -2833,7 +2840,15 @@ static smp_cand smp_top_p_cut(const smp_cand *c, int32_t n, float lmax, float te
     for (int32_t i = 0; i < n; i++)
         if (SMP_BIN(c[i].logit) == bin) t[hi++] = c[i];
 #undef SMP_BIN
-    while (hi - lo > 1) {
+    for (int rounds = 0; hi - lo > 1; rounds++) {
+        if (rounds == max_rounds) {   /* a pathological order: sort what is left and walk it */
+            qsort(t + lo, (size_t)(hi - lo), sizeof *t, smp_cmp);
+            for (; lo < hi - 1; lo++) {
+                if ((double)(above + t[lo].q) >= need) break;
+                above += t[lo].q;
+            }
+            break;
+        }
         int32_t mid = lo + (hi - lo) / 2, last = hi - 1, piv;
         /* median of three (by rank) as the pivot, moved to the end */
         const smp_cand *a = &t[lo], *b = &t[mid], *z = &t[last];
@@ -2931,7 +2946,7 @@ moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
 
     /* top-p: the shortest prefix of the ranking whose weight reaches top_p · total */
     if (s->p.top_p > 0.0f && s->p.top_p < 1.0f && n > 1) {
-        smp_cand cut = smp_top_p_cut(c, n, lmax, s->p.temperature, (double)s->p.top_p * (double)total, s->tmp);
+        smp_cand cut = smp_top_p_cut(c, n, lmax, s->p.temperature, (double)s->p.top_p * (double)total, s->tmp, 64);
         n = smp_keep_upto(c, n, &cut);
     }
 

@@ -157,41 +157,42 @@ MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
 /* ---- sampling ------------------------------------------------------------------------------
-   A moe_sampler holds settings, a seeded RNG and the history of recorded tokens. moe_sample()
-   turns one row of logits into a token through this fixed pipeline:
+   A moe_sampler holds settings, a seeded RNG and the history of recorded tokens (every token
+   moe_sample() returns, and every token given to moe_sampler_accept()). moe_sample() turns one
+   row of logits into a token through this fixed pipeline:
 
      1. penalties    for each distinct token seen c > 0 times among the last repeat_last_n
                      recorded tokens (llama.cpp's semantics):
                        logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty
                        logit = logit - (c * frequency_penalty + presence_penalty)
-     2. top-k        keep the top_k highest logits
-     3. temperature  p_i ∝ exp((logit_i - max) / temperature)
-     4. top-p        keep the smallest set of most likely tokens whose probability reaches top_p
-     5. min-p        keep tokens with p >= min_p * p_max
-     6. draw         one uniform number u in [0, 1) picks among the kept tokens by their p
+     2. top-k        keep the top_k best tokens
+     3. temperature  weight w = floor(2^44 * exp((logit - max) / temperature)), an integer
+                     (2^44 becomes 2^(63 - ceil(log2 n)) above n = 2^19 candidates)
+     4. top-p        keep the smallest set of best tokens whose weight reaches top_p * total weight
+     5. min-p        keep tokens with w >= min_p * w_max (that is, p >= min_p * p_max)
+     6. draw         U = the top 24 bits of one RNG output; target = floor(U * W / 2^24), W the
+                     kept weight; the pick is the first kept token, in id order, whose running
+                     weight exceeds target (so token i has probability w_i / W, to 2^-24)
 
-   Ties between equal logits rank the lower token id first. NaN logits count as -inf (never
-   picked); if no finite logit is left moe_sample() returns -1. temperature <= 0 is greedy: the
-   argmax after the penalties (ties: lowest id), no RNG draw; top-k / top-p / min-p are moot.
+   "Best" ranks by logit after penalties, ties to the lower token id. NaN logits count as -inf;
+   -inf tokens are never picked, and if no other token is left moe_sample() returns -1. Tokens
+   more than ~30.5 * temperature below the best get weight 0 (p < 2^-44 p_max) and are never
+   drawn. temperature <= 0 is greedy: the argmax after the penalties (ties: lowest id), with no
+   RNG draw; top-k / top-p / min-p are moot.
 
-   Determinism: the same seed and the same logits give the same tokens on every platform. The
-   RNG is xoshiro256** (Blackman & Vigna 2018) with its four state words set to four successive
-   outputs of splitmix64 started at `seed`; each non-greedy moe_sample() consumes exactly one
-   output r and uses u = (r >> 40) * 2^-24. Probabilities are computed with a portable fixed-point
-   exponential (relative error < 1e-8, not libm) and plain IEEE arithmetic in a fixed order; the
-   draw walks the kept tokens in id order and picks the first whose running sum of p exceeds
-   u * (sum of the kept p). Python reference of the RNG:
-       M = 2**64 - 1
-       def splitmix64(x):  x = (x + 0x9E3779B97F4A7C15) & M; z = x
-                           z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
-                           z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M; return x, z ^ (z >> 31)
-       xoshiro256**: result = rotl(s1 * 5, 7) * 9; t = s1 << 17; s2 ^= s0; s3 ^= s1; s1 ^= s2;
-                     s0 ^= s3; s2 ^= t; s3 = rotl(s3, 45)          (all mod 2^64)
+   Determinism: the same seed and the same logits give the same tokens on every platform with
+   IEEE-754 floats (not x87). The only floating-point steps are the penalties and, per token,
+   y = (double(logit) - double(max)) * (2^32 * log2(e) / temperature), each a correctly rounded
+   IEEE operation; exp comes from a fixed-point exp2 of the integer trunc(y) (relative error
+   < 1e-9), and every later step is integer arithmetic, so sums are exact in any order.
+   The RNG is xoshiro256** (Blackman & Vigna 2018) with its four state words set to four
+   successive outputs of splitmix64 started at `seed`; each non-greedy moe_sample() consumes
+   exactly one output. (Outputs for seed 0: 0x99ec5f36cb75f2b4, 0xbf6e1f784956452a, ...)
 
-   Memory: moe_sampler_new allocates the history; moe_sample allocates scratch once for the
-   largest n_vocab it has seen (about 40 bytes per token) and never otherwise. Errors (NULL
-   sampler or logits, n_vocab <= 0, out of memory, no finite logit) return -1 and set
-   moe_last_error(); the sampler stays usable. A sampler is used by one thread at a time. */
+   Cost: O(n_vocab) per call, no sorting. Memory: moe_sampler_new allocates the history;
+   moe_sample allocates scratch (36 bytes per token) for the largest n_vocab seen, once. Errors
+   (NULL sampler or logits, n_vocab <= 0, out of memory, no finite logit) return -1 and set
+   moe_last_error(); the sampler stays usable. One thread at a time per sampler. */
 typedef struct moe_sampler_params {         /* all-zero means greedy */
     float    temperature;                   /* <= 0: greedy */
     int32_t  top_k;                         /* 0 = off */

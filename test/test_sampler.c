@@ -279,6 +279,61 @@ static void test_top_p(void **state) {
     }
 }
 
+/* The selection stages against brute force: the k-th best through the heap, and the top-p cut
+   through the bins and the quickselect (and its sort fallback), on random candidate sets with
+   many ties, one-bin clusters, zero weights and tiny sizes. */
+static void test_selection_vs_sort(void **state) {
+    (void)state;
+    enum { MAXN = 3000 };
+    smp_cand *c = malloc(MAXN * sizeof *c), *t = malloc(MAXN * sizeof *t), *srt = malloc(MAXN * sizeof *srt);
+    assert_true(c && t && srt);
+    for (int round = 0; round < 400; round++) {
+        int n = 1 + (int)(lcg_unit() * (round < 100 ? 12 : MAXN - 1));
+        int style = round % 4;
+        float temp = 0.25f + lcg_unit() * 2.0f;
+        float lmax = -INFINITY;
+        for (int i = 0; i < n; i++) {
+            float v = style == 0 ? lcg_unit() * 10.0f                           /* spread */
+                    : style == 1 ? (float)(int)(lcg_unit() * 4.0f)              /* heavy ties */
+                    : style == 2 ? 5.0f + lcg_unit() * 0.01f                    /* one bin */
+                                 : (lcg_unit() < 0.5f ? -100.0f : lcg_unit());  /* zero weights */
+            c[i].logit = v, c[i].id = i * 3 + 1;
+            lmax = v > lmax ? v : lmax;
+        }
+        const double kt = 4294967296.0 * 1.4426950408889634 / (double)temp;
+        uint64_t total = 0;
+        for (int i = 0; i < n; i++) total += (c[i].q = smp_weight(c[i].logit, lmax, kt));
+        memcpy(srt, c, (size_t)n * sizeof *srt);
+        qsort(srt, (size_t)n, sizeof *srt, smp_cmp);
+        /* top-k */
+        if (n > 1) {
+            int k = 1 + (int)(lcg_unit() * (float)(n - 1));
+            smp_cand kth = smp_kth_best(c, n, k, t);
+            assert_int_equal(kth.id, srt[k - 1].id);
+        }
+        /* top-p at several p, with each search budget */
+        for (int pi = 0; pi < 4; pi++) {
+            double need = (double)(0.05f + 0.3f * (float)pi + lcg_unit() * 0.05f) * (double)total;
+            uint64_t cum = 0;
+            int want = n - 1;
+            for (int i = 0; i < n; i++) {
+                cum += srt[i].q;
+                if ((double)cum >= need) { want = i; break; }
+            }
+            const int budgets[] = {0, 1, 3, 64};
+            for (int b = 0; b < 4; b++) {
+                smp_cand cut = smp_top_p_cut(c, n, lmax, temp, need, t, budgets[b]);
+                if (cut.id != srt[want].id)
+                    fail_msg("round %d (n %d, style %d), budget %d: cut %d, want %d", round, n, style, budgets[b], cut.id,
+                             srt[want].id);
+            }
+        }
+    }
+    free(c);
+    free(t);
+    free(srt);
+}
+
 /* ---- (f) min-p ----------------------------------------------------------------------------- */
 static void test_min_p(void **state) {
     (void)state;
@@ -721,6 +776,7 @@ int main(void) {
         cmocka_unit_test(test_low_temperature_is_greedy),
         cmocka_unit_test(test_top_k),
         cmocka_unit_test(test_top_p),
+        cmocka_unit_test(test_selection_vs_sort),
         cmocka_unit_test(test_min_p),
         cmocka_unit_test(test_chi_square),
         cmocka_unit_test(test_penalties_exact),
