@@ -6,7 +6,9 @@
 #   2. errors: a missing file gives MoeError ERR_IO, a non-GGUF file ERR_FORMAT, bad sampler
 #      settings ERR_INVALID_ARG, a cancelled load ERR_CANCELLED, a full context ERR_CONTEXT_FULL;
 #   3. the sampler through the binding draws test_sampler's golden sequence (same seed, same
-#      logits, same tokens from another language);
+#      logits, same tokens from another language), and matches test/sampler_ref.py — the
+#      pipeline of moe.h written in plain Python — draw for draw on 60 random logit sets and
+#      settings (penalties, top-k, top-p, min-p, NaN / inf logits, accepted tokens);
 #   4. greedy decoding through the binding equals the C example `generate` on the same prompt ids;
 #      save/load and rewind reproduce the logits bit for bit; export round trip;
 #   5. python/example.py runs, and its greedy line equals `generate` too.
@@ -113,6 +115,35 @@ assert moe.Sampler().sample(logits) == max(range(32), key=lambda i: (logits[i], 
 expect_error(moe.ERR_INVALID_ARG, moe.Sampler().sample, [float("nan")] * 4)
 expect_error(moe.ERR_INVALID_ARG, moe.Sampler().sample, [])
 
+# the C sampler == test/sampler_ref.py (moe.h's pipeline in plain Python) on random logits and settings
+sys.path.insert(0, "test")
+import random, sampler_ref
+R = random.Random(2024)
+for case in range(60):
+    n = R.choice([1, 2, 5, 30, 200, 600])
+    style = R.randrange(4)
+    logits = [R.gauss(0, R.choice([0.5, 2, 6])) if style < 2 else float(R.randrange(-3, 4)) for _ in range(n)]
+    if style == 3:
+        for _ in range(R.randrange(1, 4)):
+            logits[R.randrange(n)] = R.choice([float("nan"), float("inf"), float("-inf")])
+    kw = dict(temperature=R.choice([0.0, 0.01, R.uniform(0.2, 2.0), 1.0]), top_k=R.choice([0, 0, 1, R.randrange(1, 50)]),
+              top_p=R.choice([0.0, 1.0, R.uniform(0.05, 0.99)]), min_p=R.choice([0.0, R.uniform(0.0, 0.5)]),
+              repeat_penalty=R.choice([0.0, 1.0, R.uniform(0.5, 2.0)]), repeat_last_n=R.choice([0, R.randrange(1, 32)]),
+              presence_penalty=R.choice([0.0, R.uniform(-1, 1)]), frequency_penalty=R.choice([0.0, R.uniform(-1, 1)]),
+              seed=R.getrandbits(64))
+    c, ref = moe.Sampler(**kw), sampler_ref.Sampler(**kw)
+    for draw in range(30):
+        if R.random() < 0.1:
+            t = R.randrange(n + 3)
+            c.accept(t)
+            ref.accept(t)
+        want = ref.sample(logits)
+        try:
+            got = c.sample(logits)
+        except moe.MoeError:
+            got = -1
+        assert got == want, "case %d draw %d (%r): C %d, reference %d" % (case, draw, kw, got, want)
+
 # greedy through the binding == build/generate (moe_sample with all-zero settings) on the same ids
 with moe.Context(model, n_ctx=64) as ctx:
     expect_error(moe.ERR_INVALID_ARG, ctx.logits)          # nothing stepped yet
@@ -165,7 +196,8 @@ with moe.Model(out, backend=moe.BACKEND_CPU) as copy, moe.Context(copy, n_ctx=16
     assert len(c2.logits()) == model.n_vocab
 model.close()
 expect_error(moe.ERR_INVALID_ARG, model.get_info)
-print("   binding: errors, sampler golden sequence, greedy == generate, save/load/rewind, export: ok")
+print("   binding: errors, sampler golden sequence, C sampler == Python reference, greedy == generate, "
+      "save/load/rewind, export: ok")
 EOF
 
 # ---- 5. the example -----------------------------------------------------------------------------

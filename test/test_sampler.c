@@ -14,9 +14,12 @@
    (h) penalties change logits exactly as documented (internals), and flip a clear winner
        exactly at the predicted threshold (public API); only the window counts;
    (i) same seed → same tokens, different seeds → different tokens, reset → as new;
-   (j) golden sequences for fixed logits and seeds: the cross-platform determinism anchor. They
-       were computed by an independent Python implementation of the pipeline as moe.h documents
-       it (integers and IEEE doubles only), and the RNG matches published xoshiro256** vectors;
+   (j) golden sequences for fixed logits and seeds, and a hash of 60000 weights: the
+       cross-platform determinism anchor. They come from test/sampler_ref.py, an independent
+       Python implementation of the pipeline as moe.h documents it (integers and IEEE doubles
+       only; `python3 test/sampler_ref.py` prints them); the RNG matches the published
+       xoshiro256** + splitmix64 vectors. (test_python.sh also compares the two draw by draw on
+       random settings.);
    (k) the portable exponential against libm;
    (l) allocation failures: -1 with MOE_ERR_NO_MEMORY's message, the sampler still usable;
        scratch growth with n_vocab. */
@@ -642,6 +645,18 @@ static void test_golden(void **state) {
     }
     moe_sampler_free(s);
     free(v);
+
+    /* 60000 weights hashed (FNV-1a over the integers): the Python model gives the same hash */
+    uint64_t h = 1469598103934665603u;
+    const float temps[3] = {1.0f, 0.7f, 1.3f};
+    for (int ti = 0; ti < 3; ti++) {
+        const double kt3 = 4294967296.0 * 1.4426950408889634 / (double)temps[ti];
+        for (int i = 0; i < 20000; i++) {
+            float x = 3.25f - (float)i / 577.0f;
+            h = (h ^ smp_weight(x, 3.25f, kt3)) * 1099511628211u;
+        }
+    }
+    if (h != 0xc1ba4028ae38eb3cu) fail_msg("weight hash %016llx", (unsigned long long)h);
 
     /* the weights' exact integers */
     const double kt = 4294967296.0 * 1.4426950408889634; /* T = 1 */
