@@ -688,12 +688,16 @@ static void gb_u32(gguf_buf *b, uint32_t v) { gb_put(b, &v, 4); }
 static void gb_u64(gguf_buf *b, uint64_t v) { gb_put(b, &v, 8); }
 static void gb_str(gguf_buf *b, const char *s) { gb_u64(b, strlen(s)); gb_put(b, s, strlen(s)); }
 
+/* A tensor's bytes come from memory, or from a producer called at write time (so a converter
+   holds one tensor at a time, not the whole model). */
+typedef moe_status (*gguf_produce_fn)(void *arg, uint8_t *dst, uint64_t size);
+typedef struct gguf_wtensor { const void *data; gguf_produce_fn produce; void *arg; uint64_t size; } gguf_wtensor;
+
 typedef struct gguf_writer {
     gguf_buf kv, info;
     uint64_t n_kv, n_tensors, data_size;
     uint32_t alignment;
-    const void **data;         /* [n_tensors] */
-    uint64_t *sizes;
+    gguf_wtensor *t;           /* [n_tensors] */
     uint64_t cap;
 } gguf_writer;
 
@@ -714,20 +718,22 @@ MOE_MAYBE_UNUSED static void gw_kv_strings(gguf_writer *w, const char *key, cons
     w->n_kv++;
 }
 
-/* Adds a tensor; data must stay valid until gguf_write_file. ne is innermost first. */
-MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne, const void *data) {
+/* Adds a tensor: its bytes are `data` (valid until gw_write_file) or, when data is NULL, what
+   produce(arg, ...) writes at write time. ne is innermost first. */
+static moe_status gw_tensor_from(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne,
+                                 const void *data, gguf_produce_fn produce, void *arg) {
     int64_t rows = 1;
     for (int d = 1; d < n_dims; d++) rows *= ne[d];
     uint64_t size = type_row_bytes(type, ne[0]) * (uint64_t)rows;
     if (!size) return set_error(MOE_ERR_INVALID_ARG, "gguf writer: tensor '%s' has a row length that does not fit its type", name);
     if (w->n_tensors == w->cap) {
         uint64_t cap = w->cap ? w->cap * 2 : 64;
-        const void **d = moe_malloc(cap * sizeof *d);
-        uint64_t *s = moe_malloc(cap * sizeof *s);
-        if (!d || !s) { moe_free(d); moe_free(s); return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory"); }
-        if (w->n_tensors) { memcpy(d, w->data, w->n_tensors * sizeof *d); memcpy(s, w->sizes, w->n_tensors * sizeof *s); }
-        moe_free(w->data); moe_free(w->sizes);
-        w->data = d; w->sizes = s; w->cap = cap;
+        gguf_wtensor *t = moe_malloc(cap * sizeof *t);
+        if (!t) return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory");
+        if (w->n_tensors) memcpy(t, w->t, w->n_tensors * sizeof *t);
+        moe_free(w->t);
+        w->t = t;
+        w->cap = cap;
     }
     uint32_t al = w->alignment ? w->alignment : 32;
     gb_str(&w->info, name);
@@ -735,16 +741,29 @@ MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, i
     for (int d = 0; d < n_dims; d++) gb_u64(&w->info, (uint64_t)ne[d]);
     gb_u32(&w->info, (uint32_t)type);
     gb_u64(&w->info, w->data_size);
-    w->data[w->n_tensors] = data;
-    w->sizes[w->n_tensors] = size;
-    w->n_tensors++;
+    gguf_wtensor wt = {data, produce, arg, size};
+    w->t[w->n_tensors++] = wt;
     w->data_size += (size + al - 1) / al * al;
     return MOE_OK;
 }
 
+MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne,
+                                             const void *data) {
+    return gw_tensor_from(w, name, type, n_dims, ne, data, NULL, NULL);
+}
+
 MOE_MAYBE_UNUSED static void gw_free(gguf_writer *w) {
-    moe_free(w->kv.p); moe_free(w->info.p); moe_free(w->data); moe_free(w->sizes);
+    moe_free(w->kv.p);
+    moe_free(w->info.p);
+    moe_free(w->t);
     memset(w, 0, sizeof *w);
+}
+
+static int gw_pad(FILE *f, uint64_t pad) {
+    static const uint8_t zeros[64] = {0};
+    for (; pad; pad -= pad > 64 ? 64 : pad)
+        if (fwrite(zeros, 1, pad > 64 ? 64 : pad, f) != (pad > 64 ? 64 : pad)) return 0;
+    return 1;
 }
 
 MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *path) {
@@ -752,22 +771,33 @@ MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *pat
     uint32_t al = w->alignment ? w->alignment : 32;
     FILE *f = fopen(path, "wb");
     if (!f) return set_error(MOE_ERR_IO, "gguf writer: cannot create '%s': %s", path, strerror(errno));
-    static const uint8_t zeros[64] = {0};
     uint32_t version = 3;
-    uint64_t pos = 0;
+    moe_status st = MOE_OK;
+    uint8_t *buf = NULL;
     int ok = fwrite("GGUF", 1, 4, f) == 4 && fwrite(&version, 4, 1, f) == 1 && fwrite(&w->n_tensors, 8, 1, f) == 1 &&
              fwrite(&w->n_kv, 8, 1, f) == 1 && (!w->kv.n || fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n) &&
              (!w->info.n || fwrite(w->info.p, 1, w->info.n, f) == w->info.n);
-    pos = 24 + w->kv.n + w->info.n;
-    for (uint64_t pad = (al - pos % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
-        ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
-    for (uint64_t i = 0; ok && i < w->n_tensors; i++) {
-        ok = fwrite(w->data[i], 1, w->sizes[i], f) == w->sizes[i];
-        for (uint64_t pad = (al - w->sizes[i] % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
-            ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    uint64_t pos = 24 + w->kv.n + w->info.n;
+    ok = ok && gw_pad(f, (al - pos % al) % al);
+    for (uint64_t i = 0; ok && !st && i < w->n_tensors; i++) {
+        const gguf_wtensor *t = &w->t[i];
+        const void *bytes = t->data;
+        if (!bytes) {
+            moe_free(buf);
+            if (!(buf = moe_malloc(t->size))) {
+                st = set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for a %llu-byte tensor", (unsigned long long)t->size);
+                break;
+            }
+            if ((st = t->produce(t->arg, buf, t->size))) break;
+            bytes = buf;
+        }
+        ok = fwrite(bytes, 1, t->size, f) == t->size && gw_pad(f, (al - t->size % al) % al);
     }
+    moe_free(buf);
     if (fclose(f) != 0) ok = 0;
-    return ok ? MOE_OK : set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+    if (!st && !ok) st = set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+    if (st) remove(path);
+    return st;
 }
 
 /* ---- JSON (RFC 8259), strict -----------------------------------------------------------------
@@ -1821,6 +1851,7 @@ typedef struct cpu_kernels {
 } cpu_kernels;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -1957,8 +1988,11 @@ static float avx2_row_dot(const moe_type_traits *tt, const uint8_t *row, const f
 }
 
 static int cpu_has_avx2(void) {
+    unsigned a, b, c, d;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1; /* F16C */
 }
 #endif
 
@@ -3854,6 +3888,85 @@ static moe_status vocab_apply_configs(moe_vocab *v, const json_doc *tc, const js
     }
     return MOE_OK;
 }
+/* Writes the vocabulary as tokenizer.ggml.* keys, the way llama.cpp's converter names them, so
+   that both llama.cpp and vocab_load_gguf read it back (merges are written for SentencePiece
+   vocabularies too: vocab_load_gguf prefers them to the scores; the scores written are derived
+   from the merge ranks, which is what llama.cpp's SentencePiece tokenizer ranks by). */
+static void gw_kv_bytes_array(gguf_writer *w, const char *key, uint64_t n) {
+    gb_str(&w->kv, key);
+    gb_u32(&w->kv, GGUF_ARRAY);
+    gb_u32(&w->kv, GGUF_STRING);
+    gb_u64(&w->kv, n);
+    w->n_kv++;
+}
+
+typedef struct merge_rank { uint32_t rank; int32_t a, b, id; } merge_rank;
+static int cmp_merge_rank(const void *x, const void *y) {
+    const merge_rank *p = x, *q = y;
+    return (p->rank > q->rank) - (p->rank < q->rank);
+}
+
+static moe_status vocab_write_gguf(const moe_vocab *v, gguf_writer *w) {
+    if (v->unsupported[0]) return MOE_OK; /* nothing we could describe faithfully */
+    const char *pre = NULL;
+    if (v->kind == VK_BYTES) {
+        pre = v->pre == PRE_QWEN2 ? "qwen2" : v->pre == PRE_LLAMA3 ? "llama-bpe" : v->pre == PRE_O200K ? "gpt-4o" :
+              v->pre == PRE_GPT2 ? "gpt2" : NULL;
+        if (!pre || v->nfc != (v->pre == PRE_QWEN2) || v->ignore_merges != (v->pre == PRE_O200K))
+            return set_error(MOE_ERR_UNSUPPORTED, "gguf writer: this vocabulary's pre-tokenizer has no tokenizer.ggml.pre name");
+    }
+    merge_rank *ms = moe_malloc(((size_t)v->n_merges + 1) * sizeof *ms);
+    float *scores = v->kind == VK_SPM ? moe_malloc((size_t)v->n_tokens * sizeof *scores) : NULL;
+    int32_t *types = moe_malloc((size_t)v->n_tokens * sizeof *types);
+    if (!ms || !types || (v->kind == VK_SPM && !scores)) {
+        moe_free(ms); moe_free(scores); moe_free(types);
+        return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for the vocabulary");
+    }
+    uint32_t nm = 0;
+    for (uint32_t i = 0; v->merges && i <= v->merge_mask; i++)
+        if (v->merges[i].key != UINT64_MAX)
+            ms[nm++] = (merge_rank){v->merges[i].rank, (int32_t)(v->merges[i].key >> 32), (int32_t)(uint32_t)v->merges[i].key, v->merges[i].id};
+    qsort(ms, nm, sizeof *ms, cmp_merge_rank);
+    gw_kv_str(w, "tokenizer.ggml.model", v->kind == VK_SPM ? "llama" : "gpt2");
+    if (pre) gw_kv_str(w, "tokenizer.ggml.pre", pre);
+    gw_kv_bytes_array(w, "tokenizer.ggml.tokens", (uint64_t)v->n_tokens);
+    for (int32_t i = 0; i < v->n_tokens; i++) {
+        gb_u64(&w->kv, v->tok[i].text_len);
+        gb_put(&w->kv, tok_text(v, i), v->tok[i].text_len);
+        types[i] = v->tok[i].type;
+    }
+    gw_kv_array(w, "tokenizer.ggml.token_type", GGUF_I32, types, (uint64_t)v->n_tokens);
+    if (scores) {
+        int have = 0;
+        for (int32_t i = 0; i < v->n_tokens; i++) have |= v->tok[i].score != 0.0f;
+        for (int32_t i = 0; i < v->n_tokens; i++) scores[i] = have ? v->tok[i].score : -1e9f;
+        for (uint32_t i = nm; !have && i-- > 0;) scores[ms[i].id] = -(float)ms[i].rank;
+        gw_kv_array(w, "tokenizer.ggml.scores", GGUF_F32, scores, (uint64_t)v->n_tokens);
+        gw_kv_bool(w, "tokenizer.ggml.add_space_prefix", v->add_space_prefix);
+    }
+    if (nm) {
+        gw_kv_bytes_array(w, "tokenizer.ggml.merges", nm);
+        for (uint32_t i = 0; i < nm; i++) {
+            uint32_t la = v->tok[ms[i].a].text_len, lb = v->tok[ms[i].b].text_len;
+            gb_u64(&w->kv, (uint64_t)la + 1 + lb);
+            gb_put(&w->kv, tok_text(v, ms[i].a), la);
+            gb_put(&w->kv, " ", 1);
+            gb_put(&w->kv, tok_text(v, ms[i].b), lb);
+        }
+    }
+    static const char *const id_keys[] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                           "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"};
+    const int32_t ids[] = {v->bos, v->eos, v->eot, v->eom, v->unk, v->pad};
+    for (int k = 0; k < 6; k++)
+        if (ids[k] >= 0) gw_kv_u32(w, id_keys[k], (uint32_t)ids[k]);
+    gw_kv_bool(w, "tokenizer.ggml.add_bos_token", v->n_prefix > 0 && v->prefix[0] == v->bos);
+    gw_kv_bool(w, "tokenizer.ggml.add_eos_token", v->n_suffix > 0 && v->suffix[0] == v->eos);
+    if (v->template_text) gw_kv_str(w, "tokenizer.chat_template", v->template_text);
+    moe_free(ms);
+    moe_free(scores);
+    moe_free(types);
+    return w->kv.oom ? set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for the vocabulary") : MOE_OK;
+}
 
 /* ============================================================================================ */
 /* 5. model                                                                                      */
@@ -4765,28 +4878,405 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
 /* ============================================================================================ */
 /* 9. sampling                                                                                   */
 /* ============================================================================================ */
-/* SAMPLER: moe_sampler_* live here. */
-struct moe_sampler { moe_sampler_params p; };
+/* moe_sample runs one fixed pipeline (documented in moe.h):
 
+       penalties → top-k → temperature → top-p → min-p → draw
+
+   Portability: the same seed and the same logits give the same token on every platform. The
+   only floating-point work is a few correctly rounded IEEE operations per token (the penalties,
+   then (logit - max) · 2^32·log2(e)/T), none of which a compiler may contract into an FMA with a
+   different result. From there on everything is integer arithmetic: each candidate's weight is
+   q = floor(2^44 · e^x) from a fixed-point exponential (smp_weight), so every sum is exact, its
+   order does not matter, and top-p, min-p and the draw are exact integer decisions. Ties in the
+   ranking are broken by token id, so the ranking is total.
+
+   The RNG is xoshiro256** (Blackman & Vigna, 2018), its four state words filled by four
+   successive outputs of splitmix64 started at `seed`. Every moe_sample call with temperature > 0
+   consumes exactly one output r and uses its top 24 bits U = r >> 40 (u = U / 2^24 in [0, 1)).
+
+   Cost: O(n_vocab) per call (top-k O(n log k), top-p an expected-linear selection, no sort).
+   Scratch: one allocation sized for the largest n_vocab seen, grown when needed, never per call;
+   the token history is a ring of repeat_last_n tokens allocated by moe_sampler_new. */
+
+typedef struct smp_cand {
+    float logit;     /* after penalties */
+    int32_t id;
+    uint64_t q;      /* weight floor(2^44 · e^((logit - max) / T)); the best token has 2^44 */
+} smp_cand;
+
+struct moe_sampler {
+    moe_sampler_params p;     /* as given, validated */
+    int32_t window;           /* effective repeat_last_n */
+    moe_token *hist;          /* ring of the last `window` recorded tokens */
+    int32_t hist_len, hist_pos;
+    uint64_t rng[4];          /* xoshiro256** state */
+    int32_t cap;              /* scratch capacity in tokens */
+    smp_cand *cand, *tmp;     /* [cap] each */
+    int32_t *counts;          /* [cap], all zero between calls */
+};
+
+/* ---- RNG ----------------------------------------------------------------------------------- */
+static uint64_t smp_splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15u);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9u;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBu;
+    return z ^ (z >> 31);
+}
+
+static uint64_t smp_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t smp_next(uint64_t s[4]) {
+    uint64_t result = smp_rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = smp_rotl(s[3], 45);
+    return result;
+}
+
+static void smp_seed(moe_sampler *s) {
+    uint64_t x = s->p.seed;
+    for (int i = 0; i < 4; i++) s->rng[i] = smp_splitmix64(&x);
+}
+
+/* ---- a portable exponential ------------------------------------------------------------------
+   smp_exp2_q44(yq) = floor(2^44 · 2^(yq / 2^32)) for yq <= 0 (0 once below 2^-45), with integers
+   only, so every platform gets the same value; relative error below 1e-9 (plus floor's unit).
+   yq = k·2^32 + f with k = floor(yq / 2^32) and f = i·2^28 + r; 2^(f/2^32) = 2^(i/16) ·
+   e^(r·ln 2 / 2^32) in 32.32 fixed point: a table of 2^(i/16) rounded to nearest, and a
+   degree-5 Taylor series (Horner, coefficients 1/n! rounded to 32 bits) for r·ln 2 < 0.0434;
+   the result is then shifted by k + 12 (as (m << 12) >> -k). */
+static const uint64_t smp_exp2_16th[16] = {   /* round(2^(i/16) · 2^32) */
+    4294967296u, 4485121744u, 4683695048u, 4891059943u, 5107605667u, 5333738689u, 5569883475u, 5816483285u,
+    6074001000u, 6342919999u, 6623745059u, 6917003306u, 7223245206u, 7543045592u, 7877004752u, 8225749546u};
+
+#define SMP_ONE (1ull << 44)   /* the weight of 2^0 */
+
+static uint64_t smp_exp2_q44(int64_t yq) {
+    if (yq >= 0) return SMP_ONE;
+    if (yq <= -46 * 4294967296ll) return 0;            /* 2^44 · 2^-46 < 1 */
+    int64_t k = -(int64_t)(((uint64_t)(-yq) + 0xFFFFFFFFu) >> 32);    /* floor(yq / 2^32), -46..-1 */
+    uint64_t f = (uint64_t)(yq - k * 4294967296ll);    /* [0, 2^32) */
+    uint64_t t = ((f & 0x0FFFFFFFu) * 2977044472u) >> 32;   /* r·ln 2 < 0.0434, ln 2 ≈ 2977044472 / 2^32 */
+    uint64_t h = 35791394u;                            /* Horner in 32.32: 1/120, 1/24, 1/6, 1/2, 1 */
+    h = 178956971u + ((h * t) >> 32);
+    h = 715827883u + ((h * t) >> 32);
+    h = 2147483648u + ((h * t) >> 32);
+    h = 4294967296u + ((h * t) >> 32);
+    uint64_t em1 = (h * t) >> 32;                      /* e^(r ln 2) - 1; the t^6/720 term < 2^-36 */
+    uint64_t base = smp_exp2_16th[f >> 28];
+    uint64_t m = base + ((base * em1) >> 32);          /* 2^(f/2^32) · 2^32, in [2^32, 2^33) */
+    return (m << 12) >> -k;                            /* 2^44 · 2^k · m / 2^32, m << 12 < 2^45 */
+}
+
+/* The weight of a logit: floor(2^44 · e^((logit - max) / T)) = smp_exp2_q44(yq) with
+   yq = (int64_t)(((double)logit - (double)max) · kt), kt = 2^32 · log2(e) / T (in double, once per
+   call), truncated toward zero; 0 far below the maximum (and for NaN), 2^44 at the maximum. */
+static uint64_t smp_weight(float logit, float lmax, double kt) {
+    if (logit == lmax) return SMP_ONE;
+    double y = ((double)logit - (double)lmax) * kt;
+    if (!(y > -46.0 * 4294967296.0)) return 0;
+    return smp_exp2_q44((int64_t)y);
+}
+
+/* the ranking: higher logit first, then lower id */
+static int smp_better(const smp_cand *a, const smp_cand *b) {
+    return a->logit > b->logit || (a->logit == b->logit && a->id < b->id);
+}
+
+static int smp_cmp(const void *pa, const void *pb) {
+    const smp_cand *a = pa, *b = pb;
+    return smp_better(a, b) ? -1 : smp_better(b, a);
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------------ */
 moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out) {
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: out is NULL");
+    *out = NULL;
+    moe_sampler_params p;
+    memset(&p, 0, sizeof p);
+    if (params) p = *params;
+    if (isnan(p.temperature)) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: temperature is NaN");
+    if (p.top_k < 0) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_k %d < 0", p.top_k);
+    if (!(p.top_p >= 0.0f && p.top_p <= 1.0f))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_p %g is not in [0, 1]", (double)p.top_p);
+    if (!(p.min_p >= 0.0f && p.min_p <= 1.0f))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: min_p %g is not in [0, 1]", (double)p.min_p);
+    if (!(p.repeat_penalty >= 0.0f) || !isfinite(p.repeat_penalty))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: repeat_penalty %g is negative or not finite",
+                         (double)p.repeat_penalty);
+    if (p.repeat_last_n < 0)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: repeat_last_n %d < 0", p.repeat_last_n);
+    if (!isfinite(p.presence_penalty) || !isfinite(p.frequency_penalty))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: presence/frequency penalty is not finite");
     moe_sampler *s = moe_calloc(1, sizeof *s);
     if (!s) return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory");
-    if (params) s->p = *params;
+    s->p = p;
+    const int32_t window = p.repeat_last_n ? p.repeat_last_n : 64;
+    s->window = window;
+    s->hist = moe_malloc((size_t)window * sizeof *s->hist);
+    if (!s->hist) {
+        moe_free(s);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory for a history of %d tokens", window);
+    }
+    smp_seed(s);
     *out = s;
     return MOE_OK;
 }
-void moe_sampler_free(moe_sampler *s) { moe_free(s); }
-moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
-    (void)s;
-    if (!logits || n_vocab <= 0) return -1;
-    moe_token best = 0;
-    for (int32_t i = 1; i < n_vocab; i++)
-        if (logits[i] > logits[best]) best = i;
-    return best;
+
+void moe_sampler_free(moe_sampler *s) {
+    if (!s) return;
+    moe_free(s->hist);
+    moe_free(s->cand);
+    moe_free(s->tmp);
+    moe_free(s->counts);
+    moe_free(s);
 }
-void moe_sampler_accept(moe_sampler *s, moe_token token) { (void)s; (void)token; }
-void moe_sampler_reset(moe_sampler *s) { (void)s; }
+
+void moe_sampler_accept(moe_sampler *s, moe_token token) {
+    if (!s || token < 0) return;
+    s->hist[s->hist_pos] = token;
+    s->hist_pos = s->hist_pos + 1 == s->window ? 0 : s->hist_pos + 1;
+    if (s->hist_len < s->window) s->hist_len++;
+}
+
+void moe_sampler_reset(moe_sampler *s) {
+    if (!s) return;
+    s->hist_len = s->hist_pos = 0;
+    smp_seed(s);
+}
+
+/* Grows the scratch to n tokens; on failure the old buffers stay (still fine for smaller n). */
+static int smp_reserve(moe_sampler *s, int32_t n) {
+    if (n <= s->cap) return 1;
+    smp_cand *c = moe_malloc((size_t)n * sizeof *c), *t = moe_malloc((size_t)n * sizeof *t);
+    int32_t *k = moe_calloc((size_t)n, sizeof *k);
+    if (!c || !t || !k) {
+        moe_free(c);
+        moe_free(t);
+        moe_free(k);
+        return 0;
+    }
+    moe_free(s->cand);
+    moe_free(s->tmp);
+    moe_free(s->counts);
+    s->cand = c, s->tmp = t, s->counts = k, s->cap = n;
+    return 1;
+}
+
+/* ---- the stages ----------------------------------------------------------------------------- */
+/* Penalties (llama.cpp's semantics) in place on cand[0..n_vocab), which is in id order: for each
+   distinct token seen c > 0 times in the history window,
+       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty   (unless 0 or 1)
+       logit = logit - (c · frequency_penalty + presence_penalty)
+   c · frequency_penalty is exact in double, so an FMA contraction could not change the sum. */
+static void smp_penalize(moe_sampler *s, smp_cand *cand, int32_t n_vocab) {
+    const float rp = s->p.repeat_penalty;
+    const int use_rp = rp != 0.0f && rp != 1.0f;
+    const float fp = s->p.frequency_penalty, pp = s->p.presence_penalty;
+    if (!use_rp && fp == 0.0f && pp == 0.0f) return;
+    for (int32_t i = 0; i < s->hist_len; i++)
+        if (s->hist[i] < n_vocab) s->counts[s->hist[i]]++;
+    for (int32_t i = 0; i < s->hist_len; i++) {
+        moe_token t = s->hist[i];
+        if (t >= n_vocab || s->counts[t] == 0) continue;   /* seen already */
+        float l = cand[t].logit;
+        if (use_rp) l = l > 0.0f ? l / rp : l * rp;
+        double sub = (double)s->counts[t] * (double)fp + (double)pp;
+        cand[t].logit = (float)((double)l - sub);
+        s->counts[t] = 0;
+    }
+}
+
+/* The k-th best of c[0..n) (1 <= k < n) through a min-heap of the k best seen so far, its worst
+   at the root; h is scratch for k entries. O(n log k). */
+static smp_cand smp_kth_best(const smp_cand *c, int32_t n, int32_t k, smp_cand *h) {
+    for (int32_t i = 0; i < n; i++) {
+        int32_t j;
+        if (i < k) {                               /* push, sifting up */
+            for (j = i; j > 0 && smp_better(&h[(j - 1) / 2], &c[i]); j = (j - 1) / 2) h[j] = h[(j - 1) / 2];
+            h[j] = c[i];
+        } else if (smp_better(&c[i], &h[0])) {     /* replace the root, sifting down */
+            for (j = 0;;) {
+                int32_t a = 2 * j + 1, b = a + 1, w = j;
+                const smp_cand *wv = &c[i];
+                if (a < k && smp_better(wv, &h[a])) w = a, wv = &h[a];
+                if (b < k && smp_better(wv, &h[b])) w = b;
+                if (w == j) break;
+                h[j] = h[w];
+                j = w;
+            }
+            h[j] = c[i];
+        }
+    }
+    return h[0];
+}
+
+/* The top-p cut: the candidate at which the running weight of c[0..n), taken in ranking order,
+   first reaches `need` (need <= the total weight). The weights are integers, so prefix sums do
+   not depend on summation order and no full sort is needed: candidates are binned by
+   (lmax - logit) · 4 / T — monotone in the ranking, so each bin is a run of the ranking — the
+   bin holding the cut is found from per-bin sums, and only that bin goes through a
+   quickselect-style search (after 64 rounds, a sort). Expected O(n); the result is the one a
+   full sort would give. */
+static smp_cand smp_top_p_cut(const smp_cand *c, int32_t n, float lmax, float temperature, double need, smp_cand *t,
+                              int max_rounds) {
+    enum { NB = 64 };
+    const float scale = 4.0f / temperature;
+#define SMP_BIN(l) ((l) == lmax ? 0 : ((lmax - (l)) * scale < (float)(NB - 1) ? (int)((lmax - (l)) * scale) : NB - 1))
+    uint64_t wsum[NB] = {0};
+    for (int32_t i = 0; i < n; i++) wsum[SMP_BIN(c[i].logit)] += c[i].q;
+    uint64_t above = 0;        /* weight of every candidate ranked before the ones searched */
+    int bin = 0;
+    while (bin < NB - 1 && !((double)(above + wsum[bin]) >= need)) above += wsum[bin++];
+    int32_t lo = 0, hi = 0;    /* the cut lies in t[lo..hi) */
+    for (int32_t i = 0; i < n; i++)
+        if (SMP_BIN(c[i].logit) == bin) t[hi++] = c[i];
+#undef SMP_BIN
+    for (int rounds = 0; hi - lo > 1; rounds++) {
+        if (rounds == max_rounds) {   /* a pathological order: sort what is left and walk it */
+            qsort(t + lo, (size_t)(hi - lo), sizeof *t, smp_cmp);
+            for (; lo < hi - 1; lo++) {
+                if ((double)(above + t[lo].q) >= need) break;
+                above += t[lo].q;
+            }
+            break;
+        }
+        int32_t mid = lo + (hi - lo) / 2, last = hi - 1, piv;
+        /* median of three (by rank) as the pivot, moved to the end */
+        const smp_cand *a = &t[lo], *b = &t[mid], *z = &t[last];
+        if (smp_better(a, b)) piv = smp_better(b, z) ? mid : smp_better(a, z) ? last : lo;
+        else piv = smp_better(a, z) ? lo : smp_better(b, z) ? last : mid;
+        smp_cand tmp = t[piv]; t[piv] = t[last]; t[last] = tmp;
+        const smp_cand pv = t[last];
+        int32_t m = lo;            /* Lomuto: the better ones to t[lo..m) */
+        uint64_t wb = 0;
+        for (int32_t i = lo; i < last; i++)
+            if (smp_better(&t[i], &pv)) {
+                wb += t[i].q;
+                tmp = t[i]; t[i] = t[m]; t[m] = tmp;
+                m++;
+            }
+        t[last] = t[m];
+        t[m] = pv;
+        if ((double)(above + wb) >= need) hi = m;
+        else if ((double)(above + wb + pv.q) >= need) return pv;
+        else above += wb + pv.q, lo = m + 1;
+    }
+    return t[lo];
+}
+
+/* keeps the candidates ranked at or before cut, in id order; returns the new count */
+static int32_t smp_keep_upto(smp_cand *c, int32_t n, const smp_cand *cut) {
+    int32_t m = 0;
+    for (int32_t i = 0; i < n; i++)
+        if (!smp_better(cut, &c[i])) c[m++] = c[i];
+    return m;
+}
+
+moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
+    if (!s || !logits || n_vocab <= 0) {
+        set_error(MOE_ERR_INVALID_ARG, "moe_sample: %s",
+                  !s ? "sampler is NULL" : !logits ? "logits is NULL" : "n_vocab <= 0");
+        return -1;
+    }
+    const int greedy = !(s->p.temperature > 0.0f);
+    const int penalties = (s->p.repeat_penalty != 0.0f && s->p.repeat_penalty != 1.0f) ||
+                          s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
+    moe_token pick = -1;
+
+    if (greedy && !penalties) {                /* argmax, ties to the lowest id, no scratch */
+        float best = -INFINITY;
+        for (int32_t i = 0; i < n_vocab; i++)
+            if (logits[i] > best) best = logits[i], pick = i;   /* NaN never compares greater */
+        if (pick < 0) goto no_finite;
+        moe_sampler_accept(s, pick);
+        return pick;
+    }
+    if (!smp_reserve(s, n_vocab)) {
+        set_error(MOE_ERR_NO_MEMORY, "moe_sample: out of memory for %d candidates", n_vocab);
+        return -1;
+    }
+    smp_cand *c = s->cand;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        c[i].logit = isnan(logits[i]) ? -INFINITY : logits[i];
+        c[i].id = i;
+    }
+    smp_penalize(s, c, n_vocab);
+
+    /* only finite or +inf logits are candidates; find the best */
+    int32_t n = 0;
+    float lmax = -INFINITY;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        const float v = c[i].logit;
+        if (!(v > -INFINITY)) continue;
+        if (v > lmax) lmax = v, pick = i;
+        c[n++] = c[i];
+    }
+    if (n == 0) goto no_finite;
+    if (greedy) {
+        moe_sampler_accept(s, pick);
+        return pick;
+    }
+
+    /* top-k */
+    if (s->p.top_k > 0 && s->p.top_k < n) {
+        smp_cand kth = smp_kth_best(c, n, s->p.top_k, s->tmp);
+        n = smp_keep_upto(c, n, &kth);
+    }
+
+    /* temperature: integer weights; every logit equal to the maximum (+inf included) gets the
+       top weight one = 2^44, or less above 2^19 candidates so that sums stay below 2^63 */
+    int qs = 0;
+    while ((uint64_t)n > (1ull << (19 + qs))) qs++;   /* n · 2^(44 - qs) <= 2^63 */
+    const uint64_t one = SMP_ONE >> qs;
+    const double kt = 4294967296.0 * 1.4426950408889634 / (double)s->p.temperature;
+    uint64_t total = 0;
+    for (int32_t i = 0; i < n; i++) {
+        c[i].q = smp_weight(c[i].logit, lmax, kt) >> qs;
+        total += c[i].q;
+    }
+
+    /* top-p: the shortest prefix of the ranking whose weight reaches top_p · total */
+    if (s->p.top_p > 0.0f && s->p.top_p < 1.0f && n > 1) {
+        smp_cand cut = smp_top_p_cut(c, n, lmax, s->p.temperature, (double)s->p.top_p * (double)total, s->tmp, 64);
+        n = smp_keep_upto(c, n, &cut);
+    }
+
+    /* min-p: weight >= min_p · one (the best token is still here, with weight one) */
+    if (s->p.min_p > 0.0f && n > 1) {
+        const double thr = (double)s->p.min_p * (double)one;
+        int32_t m = 0;
+        for (int32_t i = 0; i < n; i++)
+            if ((double)c[i].q >= thr) c[m++] = c[i];
+        n = m;
+    }
+
+    /* draw: target = floor(U · total / 2^24) < total; the first candidate in id order whose
+       running weight exceeds it */
+    total = 0;
+    for (int32_t i = 0; i < n; i++) total += c[i].q;
+    const uint64_t u = smp_next(s->rng) >> 40;
+    pick = -1;
+    const uint64_t target = u * (total >> 24) + ((u * (total & 0xFFFFFFu)) >> 24);
+    uint64_t cum = 0;
+    for (int32_t i = 0; i < n; i++) {
+        cum += c[i].q;
+        if (cum > target) {
+            pick = c[i].id;
+            break;
+        }
+    }
+    moe_sampler_accept(s, pick);
+    return pick;
+
+no_finite:
+    set_error(MOE_ERR_INVALID_ARG, "moe_sample: no finite logit (all %d are NaN or -inf after penalties)", n_vocab);
+    return -1;
+}
 
 /* ============================================================================================ */
 /* 10. public API glue                                                                           */
@@ -5230,4 +5720,135 @@ static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf) 
     m->bos = v->bos;
     m->eos = v->eos;
     return MOE_OK;
+}
+
+/* ---- model export (GGUF) ------------------------------------------------------------------- */
+typedef struct export_tensor {
+    const moe_weight *w;
+    int32_t type;              /* destination type */
+    const moe_save_params *params;
+    float progress_lo, progress_hi;
+} export_tensor;
+
+/* dequantize each source row (of any type) and quantize it to the destination type */
+static moe_status export_produce(void *arg, uint8_t *dst, uint64_t size) {
+    const export_tensor *et = arg;
+    const moe_weight *w = et->w;
+    const moe_type_traits *src = type_traits(w->type), *out = type_traits(et->type);
+    int64_t K = w->ne[0], rows = w->ne[1], n_mat = w->n_dims == 3 ? w->ne[2] : 1;
+    uint64_t out_row = type_row_bytes(et->type, K);
+    (void)size;
+    float *row = moe_malloc((size_t)K * sizeof *row);
+    if (!row) return set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    for (int64_t e = 0; e < n_mat; e++) {
+        const uint8_t *base = w->n_dims == 3 ? w->expert_data[e] : w->data;
+        for (int64_t r = 0; r < rows; r++, dst += out_row) {
+            src->dequant(base + (uint64_t)r * w->row_bytes, row, K);
+            out->quant(row, dst, K);
+        }
+        const moe_save_params *p = et->params;
+        if (p && p->progress &&
+            p->progress(et->progress_lo + (et->progress_hi - et->progress_lo) * (float)(e + 1) / (float)n_mat, p->user)) {
+            moe_free(row);
+            return set_error(MOE_ERR_CANCELLED, "moe_model_save: cancelled by the progress callback");
+        }
+    }
+    moe_free(row);
+    return MOE_OK;
+}
+
+static int32_t ftype_matrix_type(int32_t ftype) {
+    static const int32_t map[] = {-1, MOE_TYPE_F32, MOE_TYPE_F16, MOE_TYPE_BF16, MOE_TYPE_Q8_0,
+                                  MOE_TYPE_Q4_K, MOE_TYPE_Q5_K, MOE_TYPE_Q6_K, MOE_TYPE_Q4_0};
+    return ftype >= 0 && ftype < (int32_t)(sizeof map / sizeof map[0]) ? map[ftype] : -2;
+}
+
+/* the destination type of one weight under an ftype */
+static int32_t export_type(const moe_weight *w, int32_t ftype, int is_output, int is_router) {
+    if (w->n_dims == 1) return MOE_TYPE_F32;
+    int32_t t = ftype_matrix_type(ftype);
+    if (t < 0) t = w->type;                                   /* keep */
+    else if (is_router) t = MOE_TYPE_F32;
+    else if (is_output && t == MOE_TYPE_Q4_K) t = MOE_TYPE_Q6_K;
+    const int32_t fallback[] = {t, MOE_TYPE_Q8_0, MOE_TYPE_F16, MOE_TYPE_F32};
+    for (int i = 0; i < 4; i++)
+        if (type_row_bytes(fallback[i], w->ne[0])) return fallback[i];
+    return MOE_TYPE_F32;
+}
+
+moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params) {
+    if (!model || !path) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: NULL argument");
+    moe_save_params p = {0};
+    if (params) p = *params;
+    if (ftype_matrix_type(p.ftype) == -2) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: unknown ftype %d", p.ftype);
+    const moe_hparams *hp = &model->w.hp;
+    gguf_writer gw = {0};
+    char key[128];
+    const char *arch = model->arch_name;
+    gw_kv_str(&gw, "general.architecture", arch);
+    gw_kv_str(&gw, "general.name", "moe export");
+#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(&gw, key, (uint32_t)(v)))
+#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(&gw, key, (v)))
+    KV_U32("context_length", hp->n_ctx_train);
+    KV_U32("embedding_length", hp->n_embd);
+    KV_U32("block_count", hp->n_layer);
+    KV_U32("feed_forward_length", hp->n_ff_exp);
+    KV_U32("attention.head_count", hp->n_head);
+    KV_U32("attention.head_count_kv", hp->n_head_kv);
+    KV_U32("attention.key_length", hp->head_dim);
+    KV_U32("attention.value_length", hp->head_dim);
+    KV_U32("rope.dimension_count", hp->n_rot);
+    KV_U32("expert_count", hp->n_expert);
+    KV_U32("expert_used_count", hp->n_expert_used);
+    KV_U32("expert_feed_forward_length", hp->n_ff_exp);
+    KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
+    KV_F32("rope.freq_base", hp->rope_base);
+#undef KV_U32
+#undef KV_F32
+    if (!hp->norm_topk) {
+        snprintf(key, sizeof key, "%s.expert_weights_norm", arch);
+        gw_kv_bool(&gw, key, 0);
+    }
+    moe_status st = model->vocab ? vocab_write_gguf(model->vocab, &gw) : MOE_OK;
+    /* one export job per tensor, in llama.cpp's order */
+    int n_max = 3 + 12 * hp->n_layer, n = 0;
+    export_tensor *jobs = moe_calloc((size_t)n_max, sizeof *jobs);
+    char *name_buf = moe_malloc((size_t)n_max * 64);
+    if (!st && (!jobs || !name_buf)) st = set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    int tied = model->w.output.data == model->w.tok_embd.data;
+    for (int i = -3; !st && i < 12 * hp->n_layer; i++) {
+        const moe_weight *w;
+        char *nm = name_buf + (size_t)n * 64;
+        int is_out = 0, is_router = 0;
+        if (i == -3) w = &model->w.tok_embd, snprintf(nm, 64, "token_embd.weight");
+        else if (i == -2) w = &model->w.output_norm, snprintf(nm, 64, "output_norm.weight");
+        else if (i == -1) {
+            if (tied) continue;
+            w = &model->w.output, is_out = 1, snprintf(nm, 64, "output.weight");
+        } else {
+            static const char *const suffix[12] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
+                                                   "attn_k_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                                                   "ffn_down_exps"};
+            const moe_layer *L = &model->w.layers[i / 12];
+            const moe_weight *lw[12] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo, &L->q_norm,
+                                        &L->k_norm, &L->ffn_norm, &L->router, &L->gate_exps, &L->up_exps, &L->down_exps};
+            w = lw[i % 12];
+            is_router = i % 12 == 8;
+            snprintf(nm, 64, "blk.%d.%s.weight", i / 12, suffix[i % 12]);
+        }
+        export_tensor *et = &jobs[n];
+        et->w = w;
+        et->type = export_type(w, p.ftype, is_out, is_router);
+        et->params = &p;
+        et->progress_lo = (float)n / (float)n_max;
+        et->progress_hi = (float)(n + 1) / (float)n_max;
+        int64_t ne[3] = {w->ne[0], w->ne[1], w->ne[2]};
+        st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
+        n++;
+    }
+    if (!st) st = gw_write_file(&gw, path);
+    gw_free(&gw);
+    moe_free(jobs);
+    moe_free(name_buf);
+    return st;
 }
