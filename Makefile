@@ -12,7 +12,7 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-.PHONY: all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin run shaders clean deps
+.PHONY: all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders clean deps
 
 all: lib examples $(GENTOOLS)
 
@@ -70,6 +70,10 @@ test-valgrind: $(B)/test/test_api $(B)/test/test_gguf
 	@for t in $^; do echo "== $$t (valgrind)"; \
 	  valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect $$t >/dev/null || exit 1; done
 
+# the Python ctypes binding end to end (Debian's /usr/bin/python3, no pip packages)
+test-python: all
+	@sh test/test_python.sh
+
 test-clang:
 	@if command -v clang >/dev/null; then \
 	  echo "== clang -Werror build"; \
@@ -87,9 +91,11 @@ test: deps
 	$(MAKE) test-asan
 	$(MAKE) test-tsan
 	$(MAKE) test-valgrind
+	$(MAKE) test-python
 
 run: all
 	./$(B)/generate -m examples/models/tiny-moe-kjv-q8_0.gguf -p "And God said" -n 64
 
 clean:
 	rm -rf $(B)
+-include test/tokenizer.mk

@@ -3891,73 +3891,84 @@ static moe_status vocab_apply_configs(moe_vocab *v, const json_doc *tc, const js
     }
     return MOE_OK;
 }
-/* ---- back to GGUF: the vocabulary as tokenizer.ggml.* keys, as llama.cpp's converter writes them ---- */
-static int merge_rank_cmp(const void *a, const void *b) {
-    uint32_t ra = ((const merge_slot *)a)->rank, rb = ((const merge_slot *)b)->rank;
-    return ra < rb ? -1 : ra > rb;
-}
-
-static void gw_kv_token_texts(gguf_writer *w, const moe_vocab *v) {
-    gb_str(&w->kv, "tokenizer.ggml.tokens");
+/* Writes the vocabulary as tokenizer.ggml.* keys, the way llama.cpp's converter names them, so
+   that both llama.cpp and vocab_load_gguf read it back (merges are written for SentencePiece
+   vocabularies too: vocab_load_gguf prefers them to the scores; the scores written are derived
+   from the merge ranks, which is what llama.cpp's SentencePiece tokenizer ranks by). */
+static void gw_kv_bytes_array(gguf_writer *w, const char *key, uint64_t n) {
+    gb_str(&w->kv, key);
     gb_u32(&w->kv, GGUF_ARRAY);
     gb_u32(&w->kv, GGUF_STRING);
-    gb_u64(&w->kv, (uint64_t)v->n_tokens);
-    for (int32_t i = 0; i < v->n_tokens; i++) {
-        gb_u64(&w->kv, v->tok[i].text_len);
-        gb_put(&w->kv, tok_text(v, i), v->tok[i].text_len);
-    }
+    gb_u64(&w->kv, n);
     w->n_kv++;
 }
 
+typedef struct merge_rank { uint32_t rank; int32_t a, b, id; } merge_rank;
+static int cmp_merge_rank(const void *x, const void *y) {
+    const merge_rank *p = x, *q = y;
+    return (p->rank > q->rank) - (p->rank < q->rank);
+}
+
 static moe_status vocab_write_gguf(const moe_vocab *v, gguf_writer *w) {
-    static const char *const pre_names[] = {"default", "gpt-2", "llama-bpe", "qwen2", "gpt-4o"};
-    gw_kv_str(w, "tokenizer.ggml.model", v->kind == VK_SPM ? "llama" : "gpt2");
-    if (v->kind == VK_BYTES) gw_kv_str(w, "tokenizer.ggml.pre", pre_names[v->pre >= 0 && v->pre <= PRE_O200K ? v->pre : 0]);
-    gw_kv_token_texts(w, v);
-    int32_t *types = moe_malloc((size_t)v->n_tokens * sizeof *types);
-    float *scores = moe_malloc((size_t)v->n_tokens * sizeof *scores);
-    merge_slot *ms = moe_malloc(((size_t)v->n_merges + 1) * sizeof *ms);
-    if (!types || !scores || !ms) {
-        moe_free(types); moe_free(scores); moe_free(ms);
-        return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory writing the vocabulary");
+    if (v->unsupported[0]) return MOE_OK; /* nothing we could describe faithfully */
+    const char *pre = NULL;
+    if (v->kind == VK_BYTES) {
+        pre = v->pre == PRE_QWEN2 ? "qwen2" : v->pre == PRE_LLAMA3 ? "llama-bpe" : v->pre == PRE_O200K ? "gpt-4o" :
+              v->pre == PRE_GPT2 ? "gpt-2" : NULL;
+        if (!pre || v->nfc != (v->pre == PRE_QWEN2) || v->ignore_merges != (v->pre == PRE_O200K))
+            return set_error(MOE_ERR_UNSUPPORTED, "gguf writer: this vocabulary's pre-tokenizer has no tokenizer.ggml.pre name");
     }
+    merge_rank *ms = moe_malloc(((size_t)v->n_merges + 1) * sizeof *ms);
+    float *scores = v->kind == VK_SPM ? moe_malloc((size_t)v->n_tokens * sizeof *scores) : NULL;
+    int32_t *types = moe_malloc((size_t)v->n_tokens * sizeof *types);
+    if (!ms || !types || (v->kind == VK_SPM && !scores)) {
+        moe_free(ms); moe_free(scores); moe_free(types);
+        return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for the vocabulary");
+    }
+    uint32_t nm = 0;
+    for (uint32_t i = 0; v->merges && i <= v->merge_mask; i++)
+        if (v->merges[i].key != UINT64_MAX)
+            ms[nm++] = (merge_rank){v->merges[i].rank, (int32_t)(v->merges[i].key >> 32), (int32_t)(uint32_t)v->merges[i].key, v->merges[i].id};
+    qsort(ms, nm, sizeof *ms, cmp_merge_rank);
+    gw_kv_str(w, "tokenizer.ggml.model", v->kind == VK_SPM ? "llama" : "gpt2");
+    if (pre) gw_kv_str(w, "tokenizer.ggml.pre", pre);
+    gw_kv_bytes_array(w, "tokenizer.ggml.tokens", (uint64_t)v->n_tokens);
     for (int32_t i = 0; i < v->n_tokens; i++) {
+        gb_u64(&w->kv, v->tok[i].text_len);
+        gb_put(&w->kv, tok_text(v, i), v->tok[i].text_len);
         types[i] = v->tok[i].type;
-        scores[i] = v->tok[i].score;
     }
     gw_kv_array(w, "tokenizer.ggml.token_type", GGUF_I32, types, (uint64_t)v->n_tokens);
-    if (v->kind == VK_SPM) gw_kv_array(w, "tokenizer.ggml.scores", GGUF_F32, scores, (uint64_t)v->n_tokens);
-    if (v->kind == VK_BYTES) {
-        uint32_t n = 0;
-        for (uint32_t i = 0; v->merges && i <= v->merge_mask; i++)
-            if (v->merges[i].key != UINT64_MAX && n < v->n_merges) ms[n++] = v->merges[i];
-        qsort(ms, n, sizeof *ms, merge_rank_cmp);
-        gb_str(&w->kv, "tokenizer.ggml.merges");
-        gb_u32(&w->kv, GGUF_ARRAY);
-        gb_u32(&w->kv, GGUF_STRING);
-        gb_u64(&w->kv, n);
-        for (uint32_t i = 0; i < n; i++) {
-            int32_t a = (int32_t)(ms[i].key >> 32), b = (int32_t)(uint32_t)ms[i].key;
-            gb_u64(&w->kv, (uint64_t)v->tok[a].text_len + 1 + v->tok[b].text_len);
-            gb_put(&w->kv, tok_text(v, a), v->tok[a].text_len);
-            gb_put(&w->kv, " ", 1);
-            gb_put(&w->kv, tok_text(v, b), v->tok[b].text_len);
-        }
-        w->n_kv++;
+    if (scores) {
+        int have = 0;
+        for (int32_t i = 0; i < v->n_tokens; i++) have |= v->tok[i].score != 0.0f;
+        for (int32_t i = 0; i < v->n_tokens; i++) scores[i] = have ? v->tok[i].score : -1e9f;
+        for (uint32_t i = nm; !have && i-- > 0;) scores[ms[i].id] = -(float)ms[i].rank;
+        gw_kv_array(w, "tokenizer.ggml.scores", GGUF_F32, scores, (uint64_t)v->n_tokens);
+        gw_kv_bool(w, "tokenizer.ggml.add_space_prefix", v->add_space_prefix);
     }
-    moe_free(types);
-    moe_free(scores);
-    moe_free(ms);
+    if (nm) {
+        gw_kv_bytes_array(w, "tokenizer.ggml.merges", nm);
+        for (uint32_t i = 0; i < nm; i++) {
+            uint32_t la = v->tok[ms[i].a].text_len, lb = v->tok[ms[i].b].text_len;
+            gb_u64(&w->kv, (uint64_t)la + 1 + lb);
+            gb_put(&w->kv, tok_text(v, ms[i].a), la);
+            gb_put(&w->kv, " ", 1);
+            gb_put(&w->kv, tok_text(v, ms[i].b), lb);
+        }
+    }
     static const char *const id_keys[] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                          "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"};
+                                           "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"};
     const int32_t ids[] = {v->bos, v->eos, v->eot, v->eom, v->unk, v->pad};
     for (int k = 0; k < 6; k++)
         if (ids[k] >= 0) gw_kv_u32(w, id_keys[k], (uint32_t)ids[k]);
-    gw_kv_bool(w, "tokenizer.ggml.add_bos_token", v->add_bos);
-    gw_kv_bool(w, "tokenizer.ggml.add_eos_token", v->add_eos);
-    if (v->kind == VK_SPM) gw_kv_bool(w, "tokenizer.ggml.add_space_prefix", v->add_space_prefix);
+    gw_kv_bool(w, "tokenizer.ggml.add_bos_token", v->n_prefix > 0 && v->prefix[0] == v->bos);
+    gw_kv_bool(w, "tokenizer.ggml.add_eos_token", v->n_suffix > 0 && v->suffix[0] == v->eos);
     if (v->template_text) gw_kv_str(w, "tokenizer.chat_template", v->template_text);
-    return MOE_OK;
+    moe_free(ms);
+    moe_free(scores);
+    moe_free(types);
+    return w->kv.oom ? set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for the vocabulary") : MOE_OK;
 }
 
 /* ============================================================================================ */
@@ -5156,28 +5167,405 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
 /* ============================================================================================ */
 /* 9. sampling                                                                                   */
 /* ============================================================================================ */
-/* SAMPLER: moe_sampler_* live here. */
-struct moe_sampler { moe_sampler_params p; };
+/* moe_sample runs one fixed pipeline (documented in moe.h):
 
+       penalties → top-k → temperature → top-p → min-p → draw
+
+   Portability: the same seed and the same logits give the same token on every platform. The
+   only floating-point work is a few correctly rounded IEEE operations per token (the penalties,
+   then (logit - max) · 2^32·log2(e)/T), none of which a compiler may contract into an FMA with a
+   different result. From there on everything is integer arithmetic: each candidate's weight is
+   q = floor(2^44 · e^x) from a fixed-point exponential (smp_weight), so every sum is exact, its
+   order does not matter, and top-p, min-p and the draw are exact integer decisions. Ties in the
+   ranking are broken by token id, so the ranking is total.
+
+   The RNG is xoshiro256** (Blackman & Vigna, 2018), its four state words filled by four
+   successive outputs of splitmix64 started at `seed`. Every moe_sample call with temperature > 0
+   consumes exactly one output r and uses its top 24 bits U = r >> 40 (u = U / 2^24 in [0, 1)).
+
+   Cost: O(n_vocab) per call (top-k O(n log k), top-p an expected-linear selection, no sort).
+   Scratch: one allocation sized for the largest n_vocab seen, grown when needed, never per call;
+   the token history is a ring of repeat_last_n tokens allocated by moe_sampler_new. */
+
+typedef struct smp_cand {
+    float logit;     /* after penalties */
+    int32_t id;
+    uint64_t q;      /* weight floor(2^44 · e^((logit - max) / T)); the best token has 2^44 */
+} smp_cand;
+
+struct moe_sampler {
+    moe_sampler_params p;     /* as given, validated */
+    int32_t window;           /* effective repeat_last_n */
+    moe_token *hist;          /* ring of the last `window` recorded tokens */
+    int32_t hist_len, hist_pos;
+    uint64_t rng[4];          /* xoshiro256** state */
+    int32_t cap;              /* scratch capacity in tokens */
+    smp_cand *cand, *tmp;     /* [cap] each */
+    int32_t *counts;          /* [cap], all zero between calls */
+};
+
+/* ---- RNG ----------------------------------------------------------------------------------- */
+static uint64_t smp_splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15u);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9u;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBu;
+    return z ^ (z >> 31);
+}
+
+static uint64_t smp_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t smp_next(uint64_t s[4]) {
+    uint64_t result = smp_rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = smp_rotl(s[3], 45);
+    return result;
+}
+
+static void smp_seed(moe_sampler *s) {
+    uint64_t x = s->p.seed;
+    for (int i = 0; i < 4; i++) s->rng[i] = smp_splitmix64(&x);
+}
+
+/* ---- a portable exponential ------------------------------------------------------------------
+   smp_exp2_q44(yq) = floor(2^44 · 2^(yq / 2^32)) for yq <= 0 (0 once below 2^-45), with integers
+   only, so every platform gets the same value; relative error below 1e-9 (plus floor's unit).
+   yq = k·2^32 + f with k = floor(yq / 2^32) and f = i·2^28 + r; 2^(f/2^32) = 2^(i/16) ·
+   e^(r·ln 2 / 2^32) in 32.32 fixed point: a table of 2^(i/16) rounded to nearest, and a
+   degree-5 Taylor series (Horner, coefficients 1/n! rounded to 32 bits) for r·ln 2 < 0.0434;
+   the result is then shifted by k + 12 (as (m << 12) >> -k). */
+static const uint64_t smp_exp2_16th[16] = {   /* round(2^(i/16) · 2^32) */
+    4294967296u, 4485121744u, 4683695048u, 4891059943u, 5107605667u, 5333738689u, 5569883475u, 5816483285u,
+    6074001000u, 6342919999u, 6623745059u, 6917003306u, 7223245206u, 7543045592u, 7877004752u, 8225749546u};
+
+#define SMP_ONE (1ull << 44)   /* the weight of 2^0 */
+
+static uint64_t smp_exp2_q44(int64_t yq) {
+    if (yq >= 0) return SMP_ONE;
+    if (yq <= -46 * 4294967296ll) return 0;            /* 2^44 · 2^-46 < 1 */
+    int64_t k = -(int64_t)(((uint64_t)(-yq) + 0xFFFFFFFFu) >> 32);    /* floor(yq / 2^32), -46..-1 */
+    uint64_t f = (uint64_t)(yq - k * 4294967296ll);    /* [0, 2^32) */
+    uint64_t t = ((f & 0x0FFFFFFFu) * 2977044472u) >> 32;   /* r·ln 2 < 0.0434, ln 2 ≈ 2977044472 / 2^32 */
+    uint64_t h = 35791394u;                            /* Horner in 32.32: 1/120, 1/24, 1/6, 1/2, 1 */
+    h = 178956971u + ((h * t) >> 32);
+    h = 715827883u + ((h * t) >> 32);
+    h = 2147483648u + ((h * t) >> 32);
+    h = 4294967296u + ((h * t) >> 32);
+    uint64_t em1 = (h * t) >> 32;                      /* e^(r ln 2) - 1; the t^6/720 term < 2^-36 */
+    uint64_t base = smp_exp2_16th[f >> 28];
+    uint64_t m = base + ((base * em1) >> 32);          /* 2^(f/2^32) · 2^32, in [2^32, 2^33) */
+    return (m << 12) >> -k;                            /* 2^44 · 2^k · m / 2^32, m << 12 < 2^45 */
+}
+
+/* The weight of a logit: floor(2^44 · e^((logit - max) / T)) = smp_exp2_q44(yq) with
+   yq = (int64_t)(((double)logit - (double)max) · kt), kt = 2^32 · log2(e) / T (in double, once per
+   call), truncated toward zero; 0 far below the maximum (and for NaN), 2^44 at the maximum. */
+static uint64_t smp_weight(float logit, float lmax, double kt) {
+    if (logit == lmax) return SMP_ONE;
+    double y = ((double)logit - (double)lmax) * kt;
+    if (!(y > -46.0 * 4294967296.0)) return 0;
+    return smp_exp2_q44((int64_t)y);
+}
+
+/* the ranking: higher logit first, then lower id */
+static int smp_better(const smp_cand *a, const smp_cand *b) {
+    return a->logit > b->logit || (a->logit == b->logit && a->id < b->id);
+}
+
+static int smp_cmp(const void *pa, const void *pb) {
+    const smp_cand *a = pa, *b = pb;
+    return smp_better(a, b) ? -1 : smp_better(b, a);
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------------ */
 moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out) {
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: out is NULL");
+    *out = NULL;
+    moe_sampler_params p;
+    memset(&p, 0, sizeof p);
+    if (params) p = *params;
+    if (isnan(p.temperature)) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: temperature is NaN");
+    if (p.top_k < 0) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_k %d < 0", p.top_k);
+    if (!(p.top_p >= 0.0f && p.top_p <= 1.0f))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_p %g is not in [0, 1]", (double)p.top_p);
+    if (!(p.min_p >= 0.0f && p.min_p <= 1.0f))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: min_p %g is not in [0, 1]", (double)p.min_p);
+    if (!(p.repeat_penalty >= 0.0f) || !isfinite(p.repeat_penalty))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: repeat_penalty %g is negative or not finite",
+                         (double)p.repeat_penalty);
+    if (p.repeat_last_n < 0)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: repeat_last_n %d < 0", p.repeat_last_n);
+    if (!isfinite(p.presence_penalty) || !isfinite(p.frequency_penalty))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: presence/frequency penalty is not finite");
     moe_sampler *s = moe_calloc(1, sizeof *s);
     if (!s) return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory");
-    if (params) s->p = *params;
+    s->p = p;
+    const int32_t window = p.repeat_last_n ? p.repeat_last_n : 64;
+    s->window = window;
+    s->hist = moe_malloc((size_t)window * sizeof *s->hist);
+    if (!s->hist) {
+        moe_free(s);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory for a history of %d tokens", window);
+    }
+    smp_seed(s);
     *out = s;
     return MOE_OK;
 }
-void moe_sampler_free(moe_sampler *s) { moe_free(s); }
-moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
-    (void)s;
-    if (!logits || n_vocab <= 0) return -1;
-    moe_token best = 0;
-    for (int32_t i = 1; i < n_vocab; i++)
-        if (logits[i] > logits[best]) best = i;
-    return best;
+
+void moe_sampler_free(moe_sampler *s) {
+    if (!s) return;
+    moe_free(s->hist);
+    moe_free(s->cand);
+    moe_free(s->tmp);
+    moe_free(s->counts);
+    moe_free(s);
 }
-void moe_sampler_accept(moe_sampler *s, moe_token token) { (void)s; (void)token; }
-void moe_sampler_reset(moe_sampler *s) { (void)s; }
+
+void moe_sampler_accept(moe_sampler *s, moe_token token) {
+    if (!s || token < 0) return;
+    s->hist[s->hist_pos] = token;
+    s->hist_pos = s->hist_pos + 1 == s->window ? 0 : s->hist_pos + 1;
+    if (s->hist_len < s->window) s->hist_len++;
+}
+
+void moe_sampler_reset(moe_sampler *s) {
+    if (!s) return;
+    s->hist_len = s->hist_pos = 0;
+    smp_seed(s);
+}
+
+/* Grows the scratch to n tokens; on failure the old buffers stay (still fine for smaller n). */
+static int smp_reserve(moe_sampler *s, int32_t n) {
+    if (n <= s->cap) return 1;
+    smp_cand *c = moe_malloc((size_t)n * sizeof *c), *t = moe_malloc((size_t)n * sizeof *t);
+    int32_t *k = moe_calloc((size_t)n, sizeof *k);
+    if (!c || !t || !k) {
+        moe_free(c);
+        moe_free(t);
+        moe_free(k);
+        return 0;
+    }
+    moe_free(s->cand);
+    moe_free(s->tmp);
+    moe_free(s->counts);
+    s->cand = c, s->tmp = t, s->counts = k, s->cap = n;
+    return 1;
+}
+
+/* ---- the stages ----------------------------------------------------------------------------- */
+/* Penalties (llama.cpp's semantics) in place on cand[0..n_vocab), which is in id order: for each
+   distinct token seen c > 0 times in the history window,
+       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty   (unless 0 or 1)
+       logit = logit - (c · frequency_penalty + presence_penalty)
+   c · frequency_penalty is exact in double, so an FMA contraction could not change the sum. */
+static void smp_penalize(moe_sampler *s, smp_cand *cand, int32_t n_vocab) {
+    const float rp = s->p.repeat_penalty;
+    const int use_rp = rp != 0.0f && rp != 1.0f;
+    const float fp = s->p.frequency_penalty, pp = s->p.presence_penalty;
+    if (!use_rp && fp == 0.0f && pp == 0.0f) return;
+    for (int32_t i = 0; i < s->hist_len; i++)
+        if (s->hist[i] < n_vocab) s->counts[s->hist[i]]++;
+    for (int32_t i = 0; i < s->hist_len; i++) {
+        moe_token t = s->hist[i];
+        if (t >= n_vocab || s->counts[t] == 0) continue;   /* seen already */
+        float l = cand[t].logit;
+        if (use_rp) l = l > 0.0f ? l / rp : l * rp;
+        double sub = (double)s->counts[t] * (double)fp + (double)pp;
+        cand[t].logit = (float)((double)l - sub);
+        s->counts[t] = 0;
+    }
+}
+
+/* The k-th best of c[0..n) (1 <= k < n) through a min-heap of the k best seen so far, its worst
+   at the root; h is scratch for k entries. O(n log k). */
+static smp_cand smp_kth_best(const smp_cand *c, int32_t n, int32_t k, smp_cand *h) {
+    for (int32_t i = 0; i < n; i++) {
+        int32_t j;
+        if (i < k) {                               /* push, sifting up */
+            for (j = i; j > 0 && smp_better(&h[(j - 1) / 2], &c[i]); j = (j - 1) / 2) h[j] = h[(j - 1) / 2];
+            h[j] = c[i];
+        } else if (smp_better(&c[i], &h[0])) {     /* replace the root, sifting down */
+            for (j = 0;;) {
+                int32_t a = 2 * j + 1, b = a + 1, w = j;
+                const smp_cand *wv = &c[i];
+                if (a < k && smp_better(wv, &h[a])) w = a, wv = &h[a];
+                if (b < k && smp_better(wv, &h[b])) w = b;
+                if (w == j) break;
+                h[j] = h[w];
+                j = w;
+            }
+            h[j] = c[i];
+        }
+    }
+    return h[0];
+}
+
+/* The top-p cut: the candidate at which the running weight of c[0..n), taken in ranking order,
+   first reaches `need` (need <= the total weight). The weights are integers, so prefix sums do
+   not depend on summation order and no full sort is needed: candidates are binned by
+   (lmax - logit) · 4 / T — monotone in the ranking, so each bin is a run of the ranking — the
+   bin holding the cut is found from per-bin sums, and only that bin goes through a
+   quickselect-style search (after 64 rounds, a sort). Expected O(n); the result is the one a
+   full sort would give. */
+static smp_cand smp_top_p_cut(const smp_cand *c, int32_t n, float lmax, float temperature, double need, smp_cand *t,
+                              int max_rounds) {
+    enum { NB = 64 };
+    const float scale = 4.0f / temperature;
+#define SMP_BIN(l) ((l) == lmax ? 0 : ((lmax - (l)) * scale < (float)(NB - 1) ? (int)((lmax - (l)) * scale) : NB - 1))
+    uint64_t wsum[NB] = {0};
+    for (int32_t i = 0; i < n; i++) wsum[SMP_BIN(c[i].logit)] += c[i].q;
+    uint64_t above = 0;        /* weight of every candidate ranked before the ones searched */
+    int bin = 0;
+    while (bin < NB - 1 && !((double)(above + wsum[bin]) >= need)) above += wsum[bin++];
+    int32_t lo = 0, hi = 0;    /* the cut lies in t[lo..hi) */
+    for (int32_t i = 0; i < n; i++)
+        if (SMP_BIN(c[i].logit) == bin) t[hi++] = c[i];
+#undef SMP_BIN
+    for (int rounds = 0; hi - lo > 1; rounds++) {
+        if (rounds == max_rounds) {   /* a pathological order: sort what is left and walk it */
+            qsort(t + lo, (size_t)(hi - lo), sizeof *t, smp_cmp);
+            for (; lo < hi - 1; lo++) {
+                if ((double)(above + t[lo].q) >= need) break;
+                above += t[lo].q;
+            }
+            break;
+        }
+        int32_t mid = lo + (hi - lo) / 2, last = hi - 1, piv;
+        /* median of three (by rank) as the pivot, moved to the end */
+        const smp_cand *a = &t[lo], *b = &t[mid], *z = &t[last];
+        if (smp_better(a, b)) piv = smp_better(b, z) ? mid : smp_better(a, z) ? last : lo;
+        else piv = smp_better(a, z) ? lo : smp_better(b, z) ? last : mid;
+        smp_cand tmp = t[piv]; t[piv] = t[last]; t[last] = tmp;
+        const smp_cand pv = t[last];
+        int32_t m = lo;            /* Lomuto: the better ones to t[lo..m) */
+        uint64_t wb = 0;
+        for (int32_t i = lo; i < last; i++)
+            if (smp_better(&t[i], &pv)) {
+                wb += t[i].q;
+                tmp = t[i]; t[i] = t[m]; t[m] = tmp;
+                m++;
+            }
+        t[last] = t[m];
+        t[m] = pv;
+        if ((double)(above + wb) >= need) hi = m;
+        else if ((double)(above + wb + pv.q) >= need) return pv;
+        else above += wb + pv.q, lo = m + 1;
+    }
+    return t[lo];
+}
+
+/* keeps the candidates ranked at or before cut, in id order; returns the new count */
+static int32_t smp_keep_upto(smp_cand *c, int32_t n, const smp_cand *cut) {
+    int32_t m = 0;
+    for (int32_t i = 0; i < n; i++)
+        if (!smp_better(cut, &c[i])) c[m++] = c[i];
+    return m;
+}
+
+moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
+    if (!s || !logits || n_vocab <= 0) {
+        set_error(MOE_ERR_INVALID_ARG, "moe_sample: %s",
+                  !s ? "sampler is NULL" : !logits ? "logits is NULL" : "n_vocab <= 0");
+        return -1;
+    }
+    const int greedy = !(s->p.temperature > 0.0f);
+    const int penalties = (s->p.repeat_penalty != 0.0f && s->p.repeat_penalty != 1.0f) ||
+                          s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
+    moe_token pick = -1;
+
+    if (greedy && !penalties) {                /* argmax, ties to the lowest id, no scratch */
+        float best = -INFINITY;
+        for (int32_t i = 0; i < n_vocab; i++)
+            if (logits[i] > best) best = logits[i], pick = i;   /* NaN never compares greater */
+        if (pick < 0) goto no_finite;
+        moe_sampler_accept(s, pick);
+        return pick;
+    }
+    if (!smp_reserve(s, n_vocab)) {
+        set_error(MOE_ERR_NO_MEMORY, "moe_sample: out of memory for %d candidates", n_vocab);
+        return -1;
+    }
+    smp_cand *c = s->cand;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        c[i].logit = isnan(logits[i]) ? -INFINITY : logits[i];
+        c[i].id = i;
+    }
+    smp_penalize(s, c, n_vocab);
+
+    /* only finite or +inf logits are candidates; find the best */
+    int32_t n = 0;
+    float lmax = -INFINITY;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        const float v = c[i].logit;
+        if (!(v > -INFINITY)) continue;
+        if (v > lmax) lmax = v, pick = i;
+        c[n++] = c[i];
+    }
+    if (n == 0) goto no_finite;
+    if (greedy) {
+        moe_sampler_accept(s, pick);
+        return pick;
+    }
+
+    /* top-k */
+    if (s->p.top_k > 0 && s->p.top_k < n) {
+        smp_cand kth = smp_kth_best(c, n, s->p.top_k, s->tmp);
+        n = smp_keep_upto(c, n, &kth);
+    }
+
+    /* temperature: integer weights; every logit equal to the maximum (+inf included) gets the
+       top weight one = 2^44, or less above 2^19 candidates so that sums stay below 2^63 */
+    int qs = 0;
+    while ((uint64_t)n > (1ull << (19 + qs))) qs++;   /* n · 2^(44 - qs) <= 2^63 */
+    const uint64_t one = SMP_ONE >> qs;
+    const double kt = 4294967296.0 * 1.4426950408889634 / (double)s->p.temperature;
+    uint64_t total = 0;
+    for (int32_t i = 0; i < n; i++) {
+        c[i].q = smp_weight(c[i].logit, lmax, kt) >> qs;
+        total += c[i].q;
+    }
+
+    /* top-p: the shortest prefix of the ranking whose weight reaches top_p · total */
+    if (s->p.top_p > 0.0f && s->p.top_p < 1.0f && n > 1) {
+        smp_cand cut = smp_top_p_cut(c, n, lmax, s->p.temperature, (double)s->p.top_p * (double)total, s->tmp, 64);
+        n = smp_keep_upto(c, n, &cut);
+    }
+
+    /* min-p: weight >= min_p · one (the best token is still here, with weight one) */
+    if (s->p.min_p > 0.0f && n > 1) {
+        const double thr = (double)s->p.min_p * (double)one;
+        int32_t m = 0;
+        for (int32_t i = 0; i < n; i++)
+            if ((double)c[i].q >= thr) c[m++] = c[i];
+        n = m;
+    }
+
+    /* draw: target = floor(U · total / 2^24) < total; the first candidate in id order whose
+       running weight exceeds it */
+    total = 0;
+    for (int32_t i = 0; i < n; i++) total += c[i].q;
+    const uint64_t u = smp_next(s->rng) >> 40;
+    pick = -1;
+    const uint64_t target = u * (total >> 24) + ((u * (total & 0xFFFFFFu)) >> 24);
+    uint64_t cum = 0;
+    for (int32_t i = 0; i < n; i++) {
+        cum += c[i].q;
+        if (cum > target) {
+            pick = c[i].id;
+            break;
+        }
+    }
+    moe_sampler_accept(s, pick);
+    return pick;
+
+no_finite:
+    set_error(MOE_ERR_INVALID_ARG, "moe_sample: no finite logit (all %d are NaN or -inf after penalties)", n_vocab);
+    return -1;
+}
 
 /* ============================================================================================ */
 /* 10. public API glue                                                                           */

@@ -186,7 +186,43 @@ MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the fir
 MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
-/* ---- sampling ------------------------------------------------------------------------------ */
+/* ---- sampling ------------------------------------------------------------------------------
+   A moe_sampler holds settings, a seeded RNG and the history of recorded tokens (every token
+   moe_sample() returns, and every token given to moe_sampler_accept()). moe_sample() turns one
+   row of logits into a token through this fixed pipeline:
+
+     1. penalties    for each distinct token seen c > 0 times among the last repeat_last_n
+                     recorded tokens (llama.cpp's semantics):
+                       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty
+                       logit = logit - (c * frequency_penalty + presence_penalty)
+     2. top-k        keep the top_k best tokens
+     3. temperature  weight w = floor(2^44 * exp((logit - max) / temperature)), an integer
+                     (2^44 becomes 2^(63 - ceil(log2 n)) above n = 2^19 candidates)
+     4. top-p        keep the smallest set of best tokens whose weight reaches top_p * total weight
+     5. min-p        keep tokens with w >= min_p * w_max (that is, p >= min_p * p_max)
+     6. draw         U = the top 24 bits of one RNG output; target = floor(U * W / 2^24), W the
+                     kept weight; the pick is the first kept token, in id order, whose running
+                     weight exceeds target (so token i has probability w_i / W, to 2^-24)
+
+   "Best" ranks by logit after penalties, ties to the lower token id. NaN logits count as -inf;
+   -inf tokens are never picked, and if no other token is left moe_sample() returns -1. Tokens
+   more than ~30.5 * temperature below the best get weight 0 (p < 2^-44 p_max) and are never
+   drawn. temperature <= 0 is greedy: the argmax after the penalties (ties: lowest id), with no
+   RNG draw; top-k / top-p / min-p are moot.
+
+   Determinism: the same seed and the same logits give the same tokens on every platform with
+   IEEE-754 floats (not x87). The only floating-point steps are the penalties and, per token,
+   y = (double(logit) - double(max)) * (2^32 * log2(e) / temperature), each a correctly rounded
+   IEEE operation; exp comes from a fixed-point exp2 of the integer trunc(y) (relative error
+   < 1e-9), and every later step is integer arithmetic, so sums are exact in any order.
+   The RNG is xoshiro256** (Blackman & Vigna 2018) with its four state words set to four
+   successive outputs of splitmix64 started at `seed`; each non-greedy moe_sample() consumes
+   exactly one output. (Outputs for seed 0: 0x99ec5f36cb75f2b4, 0xbf6e1f784956452a, ...)
+
+   Cost: O(n_vocab) per call, no sorting. Memory: moe_sampler_new allocates the history;
+   moe_sample allocates scratch (36 bytes per token) for the largest n_vocab seen, once. Errors
+   (NULL sampler or logits, n_vocab <= 0, out of memory, no finite logit) return -1 and set
+   moe_last_error(); the sampler stays usable. One thread at a time per sampler. */
 typedef struct moe_sampler_params {         /* all-zero means greedy */
     float    temperature;                   /* <= 0: greedy */
     int32_t  top_k;                         /* 0 = off */
@@ -194,14 +230,20 @@ typedef struct moe_sampler_params {         /* all-zero means greedy */
     float    min_p;                         /* 0 = off */
     float    repeat_penalty;                /* 0 or 1 = off */
     int32_t  repeat_last_n;                 /* history window for penalties; 0 = 64 */
-    float    presence_penalty, frequency_penalty;
+    float    presence_penalty, frequency_penalty;   /* 0 = off */
     uint64_t seed;                          /* same seed + same logits = same tokens */
 } moe_sampler_params;
 
+/* params NULL = all zero. MOE_ERR_INVALID_ARG for a NaN temperature, top_k < 0, top_p or min_p
+   outside [0, 1], a negative or non-finite repeat_penalty, repeat_last_n < 0, or a non-finite
+   presence / frequency penalty. */
 MOE_API moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out);
 MOE_API void       moe_sampler_free(moe_sampler *s);              /* NULL-safe */
-MOE_API moe_token  moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab);  /* picks and records */
-MOE_API void       moe_sampler_accept(moe_sampler *s, moe_token token);  /* record a token chosen by the caller */
+/* Picks a token from n_vocab logits and records it in the history; -1 on error (see above). */
+MOE_API moe_token  moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab);
+/* Records a token chosen by the caller (for the penalties); negative tokens are ignored. */
+MOE_API void       moe_sampler_accept(moe_sampler *s, moe_token token);
+/* Forgets the history and re-seeds the RNG with params.seed: the sampler is as new. */
 MOE_API void       moe_sampler_reset(moe_sampler *s);
 
 /* ---- export ------------------------------------------------------------------------------- */

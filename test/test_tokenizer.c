@@ -476,22 +476,37 @@ static void test_gguf_path(void **state) {
     const moe_vocab *voc = g_models[v]->vocab;
     refs r;
     load_refs(VOCABS[v], &r);
-    for (int kind = 0; kind < (voc->kind == VK_SPM ? 2 : 1); kind++) {
-        char *path = write_gguf(voc, VOCABS[v], kind);
+    for (int kind = 0; kind < 3; kind++) {
+        if (kind == 1 && voc->kind != VK_SPM) continue;
+        char *path = NULL, lib_path[64];
+        if (kind < 2) {
+            path = write_gguf(voc, VOCABS[v], kind);
+        } else { /* the library's own writer (moe_model_save uses it) */
+            gguf_writer gw;
+            memset(&gw, 0, sizeof gw);
+            gw_kv_str(&gw, "general.architecture", voc->arch[0] ? voc->arch : "unknown");
+            assert_int_equal(vocab_write_gguf(voc, &gw), MOE_OK);
+            snprintf(lib_path, sizeof lib_path, "build/test/tok_%s_lib.gguf", VOCABS[v]);
+            assert_int_equal(gw_write_file(&gw, lib_path), MOE_OK);
+            gw_free(&gw);
+            path = lib_path;
+        }
         assert_non_null(path);
         moe_model *g = load_vocab(path);
         assert_non_null(g);
         int checked = 0, bad = check_against_refs(g, &r, "gguf", kind == 1 || voc->kind != VK_SPM, &checked);
         printf("   %s from GGUF (%s): %d of %d case-modes identical to Hugging Face\n", VOCABS[v],
-               voc->kind != VK_SPM ? "tokens, types, merges" : kind ? "tokens, types, scores and merges" : "tokens, types, scores",
+               kind == 2 ? "written by vocab_write_gguf" : voc->kind != VK_SPM ? "tokens, types, merges" :
+               kind ? "tokens, types, scores and merges" : "tokens, types, scores",
                2 * checked - bad, 2 * checked);
-        if (voc->kind != VK_SPM || kind == 1) assert_int_equal(bad, 0);
+        if (voc->kind != VK_SPM || kind >= 1) assert_int_equal(bad, 0);
         else assert_true(bad <= checked / 50); /* merges derived from scores: at least 99% */
         /* same end-of-generation marks and chat format */
         for (int32_t t = 0; t < voc->n_tokens; t++)
             if (moe_token_is_eog(g, t) != moe_token_is_eog(g_models[v], t) && t != voc->bos)
                 fail_msg("token %d: eog differs between GGUF and tokenizer.json", t);
         assert_int_equal(g->vocab->chat, voc->chat);
+        assert_int_equal(g->vocab->n_prefix, voc->n_prefix);
         moe_model_info info;
         assert_int_equal(moe_model_get_info(g, &info), MOE_OK);
         assert_int_equal(info.n_vocab, voc->n_tokens);
