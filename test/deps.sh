@@ -4,6 +4,7 @@ need=""
 [ -f /usr/include/cmocka.h ] || need="$need libcmocka-dev"
 command -v clang >/dev/null 2>&1 || need="$need clang"
 command -v valgrind >/dev/null 2>&1 || need="$need valgrind"
+[ -x /usr/bin/python3 ] || need="$need python3"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing:$need"
