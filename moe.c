@@ -1875,14 +1875,14 @@ static void dot_f32_n(const float *w, const float *const *x, int nt, int64_t n, 
    block, and every weight block then meets it in integer arithmetic.
 
      q8a block (for Q8_0, Q4_0, MXFP4): 32 elements      q8k block (Q4_K, Q5_K, Q6_K): 256 elements
-     +---------+------+                                   +----------+-------------+-------------+------+-----+
-     | q[32]   | d f32|                                   | q[256]   | bsum16[16]  | bsum32[8]   | d f32| pad |
-     +---------+------+                                   +----------+-------------+-------------+------+-----+
-       0..31     32..35                                     0..255     256..287      288..303      304    308..319
+     +---------+------+                                   +----------+-------------+------+---------+
+     | q[32]   | d f32|                                   | q[256]   | bsum16[16]  | d f32| pad     |
+     +---------+------+                                   +----------+-------------+------+---------+
+       0..31     32..35                                     0..255     256..287      288    292..319
      x ≈ d·q;  amax = max|x| of the block, d = amax/127, q = nearest(x·(127/amax)) in −127..127:
-     −128 never occurs (|x·(127/amax)| ≤ 127·(1 + 2^−23) before rounding). bsum16/bsum32 are the
-     sums of q over each 16 / 32 elements, so a K-quant's "− dmin·m" and Q6_K's "− 32" cost one
-     multiply per sub-block instead of one per element. A block with amax < 1e-30 is all zero
+     −128 never occurs (|x·(127/amax)| ≤ 127·(1 + 2^−23) before rounding). bsum16 holds the sums
+     of q over each 16 elements, so a K-quant's "− dmin·m" and Q6_K's "− 32" cost one multiply
+     per sub-block instead of one per element. A block with amax < 1e-30 is all zero
      (d = 0); a block holding inf or NaN gets d = NaN, so the product is NaN like the f32 path's.
 
    What a dot computes is DEFINED by eight integer lanes, the layout that AVX2's maddubs
@@ -1900,7 +1900,7 @@ static void dot_f32_n(const float *w, const float *const *x, int nt, int64_t n, 
    trick |w| ≤ 128), 2·63·127 = 16002 (Q6_K codes 0..63), 2·31·127 = 7874 (Q5_K), 2·15·127 = 3810
    (Q4_K): never saturated. */
 typedef struct q8a_block { int8_t q[32]; float d; } q8a_block;
-typedef struct q8k_block { int8_t q[256]; int16_t bsum16[16], bsum32[8]; float d, pad[3]; } q8k_block;
+typedef struct q8k_block { int8_t q[256]; int16_t bsum16[16]; float d, pad[7]; } q8k_block;
 enum { Q8_NONE = 0, Q8_A = 1, Q8_K = 2 };
 
 /* which activation format a weight type's int8 kernel takes (Q8_NONE: f32 activations) */
@@ -1963,7 +1963,6 @@ static void q8k_bsums(q8k_block *y) {
         for (int l = 0; l < 16; l++) sum += y->q[16 * s + l];
         y->bsum16[s] = (int16_t)sum;
     }
-    for (int s = 0; s < 8; s++) y->bsum32[s] = (int16_t)(y->bsum16[2 * s] + y->bsum16[2 * s + 1]);
 }
 
 static void quant_q8a_ref(const float *x, void *out, int64_t n) {
@@ -2046,7 +2045,8 @@ static void q8_dot_mxfp4_ref(const uint8_t *w0, size_t rb, int nr, const void *c
 }
 
 /* Q4_K / Q5_K super-block (qh NULL for Q4_K):
-     lane[L] = Σ_s sc[s]·(Σ of q·x over elements 32s+4L..32s+4L+3),  mlane[L] = m[L]·bsum32[L]
+     lane[L] = Σ_s sc[s]·(Σ of q·x over elements 32s+4L..32s+4L+3)
+     mlane[L] = m[L]·(bsum16[2L] + bsum16[2L+1])   (the min term of sub-block L)
      acc[L] = fma(d·dx, lane[L], acc[L]);  acc[L] = fma(−(dmin·dx), mlane[L], acc[L])
    |lane| ≤ 8·63·4·31·127 = 7.9e6 and |mlane| ≤ 63·32·127: exact in int32 and in f32. */
 static void k45_block_acc(const uint8_t *blk, const uint8_t *qh, const uint8_t *qs, const q8k_block *x, float *acc) {
@@ -2055,7 +2055,7 @@ static void k45_block_acc(const uint8_t *blk, const uint8_t *qh, const uint8_t *
     for (int s = 0; s < 8; s++) {
         uint8_t sc, m;
         get_scale_min_k(blk + 4, s, &sc, &m);
-        mlane[s] = (int32_t)m * x->bsum32[s];
+        mlane[s] = (int32_t)m * (x->bsum16[2 * s] + x->bsum16[2 * s + 1]);
         const uint8_t *q = qs + 32 * (s / 2);
         int w[32];
         for (int l = 0; l < 32; l++) w[l] = (s & 1 ? q[l] >> 4 : q[l] & 0xf) + (qh && (qh[l] >> s & 1) ? 16 : 0);
@@ -2358,7 +2358,6 @@ MOE_AVX2_FLAT static void avx2_quant_q8k(const float *x, void *out, int64_t n) {
             y[b].bsum16[2 * c + 2] = (int16_t)v[1];
             y[b].bsum16[2 * c + 3] = (int16_t)v[5];
         }
-        for (int s = 0; s < 8; s++) y[b].bsum32[s] = (int16_t)(y[b].bsum16[2 * s] + y[b].bsum16[2 * s + 1]);
     }
 }
 
@@ -2447,8 +2446,8 @@ AVX2_INLINE __m128i avx2_k45_scales(const uint8_t *p) {
 }
 
 /* Q4_K / Q5_K (q5 = 0 / 1): per group g of 64 elements, the codes of sub-blocks 2g and 2g+1;
-   maddubs → int16 pairs, madd with the sub-block scale → the lanes; the min term of lane L is
-   m[L]·bsum32[L] (a madd of the mins, each twice, with bsum16). */
+   maddubs → int16 pairs, madd with the sub-block scale → the lanes; the min term of lane L,
+   m[L]·(bsum16[2L] + bsum16[2L+1]), is one madd of the mins (each twice) with bsum16. */
 AVX2_INLINE void avx2_k45_tile(const uint8_t *w, size_t rb, const int NR, const void *const *xv, const int NT, int64_t nb,
                                float *out, const int q5) {
     const int bb = q5 ? 176 : 144, qs_off = q5 ? 48 : 16;
@@ -2491,7 +2490,6 @@ AVX2_INLINE void avx2_k45_tile(const uint8_t *w, size_t rb, const int NR, const 
                     AVX2_KEEP(lane[t]);
                 }
             }
-            /* m[L] twice per lane L: madd with bsum16 gives m[L]·(bsum16[2L] + bsum16[2L+1]) = m[L]·bsum32[L] */
             const __m256i m2 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scm, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15)));
             const __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(p))), dmin = _mm256_set1_ps(-_cvtsh_ss(rd16(p + 2)));
 #pragma GCC unroll 4
