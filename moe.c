@@ -1435,7 +1435,10 @@ static void cpu_kv_copy(cpu_ctx *cc, uint8_t *host, int n_rows, int to_host) {
             else memcpy(cache, host, used);
         }
 }
-static void cpu_kv_save(void *be, void *dst, int n_rows) { cpu_kv_copy(be, dst, n_rows, 1); }
+static moe_status cpu_kv_save(void *be, void *dst, int n_rows) {
+    cpu_kv_copy(be, dst, n_rows, 1);
+    return MOE_OK;
+}
 static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
     cpu_kv_copy(be, (uint8_t *)(uintptr_t)src, n_rows, 0);
     return MOE_OK;
@@ -1686,7 +1689,8 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
     size_t lb = (size_t)ctx->n_logits * (size_t)hp->n_vocab * sizeof(float);
     memcpy(p, ctx->logits, lb);
     p += lb;
-    ctx->ops->kv_save(ctx->be, p, ctx->pos);
+    moe_status st = ctx->ops->kv_save(ctx->be, p, ctx->pos);
+    if (st) return st;
     state_header h = {MOE_STATE_MAGIC, 1, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
                       ctx->kv_type, ctx->pos, ctx->n_logits, model_fingerprint(ctx->model), need - sizeof h, 0};
     h.checksum = fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
@@ -1830,7 +1834,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = moe_vk_init(&m->w, p.device_index, &m->vk);
+        st = moe_vk_init(&m->w, p.device_index, m->log.fn, m->log.user, &m->vk);
         if (st) {
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "Vulkan not used (%s); running on the CPU", moe_last_error());

@@ -1,0 +1,87 @@
+#version 450
+#extension GL_GOOGLE_include_directive : require
+/* attn.comp — causal GQA attention of one query head of one token over the KV cache
+   (flash-style: keys in blocks of 32 with a running max and sum, so any context length fits).
+   Query token i sits at position pos0 + i and sees keys 0 ..= pos0 + i.
+   out = Σ_p softmax_p(q·k_p · scale) v_p.  WG = 128; head_dim <= 256, a multiple of 8.
+   grid: (n_head, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step */
+#include "common.glsl"
+
+layout(std430, binding = 0) readonly buffer Q { float q[]; };
+layout(std430, binding = 1) writeonly buffer O { float o[]; };
+#ifdef KV_F32
+layout(std430, binding = 4) readonly buffer KC { float kc[]; };
+layout(std430, binding = 5) readonly buffer VC { float vc[]; };
+#else
+layout(std430, binding = 4) readonly buffer KC { uint kc[]; };
+layout(std430, binding = 5) readonly buffer VC { uint vc[]; };
+#endif
+layout(push_constant) uniform PC { uint n_head, n_kv, hd, kvw; float scale; } pc;
+
+#define KB 32u
+shared float qs[256];
+shared float part[128];
+shared float ps[KB];
+
+void main() {
+    uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
+    uint hd = pc.hd, kvh = h / (pc.n_head / pc.n_kv);
+    uint n_keys = STEP_POS0 + i + 1u;
+    uint qo = (i * pc.n_head + h) * hd;
+    for (uint d = tid; d < hd; d += 128u) qs[d] = q[qo + d];
+    barrier();
+
+    uint key = tid >> 2, quarter = tid & 3u, dq = hd >> 2;    /* score work: 4 threads per key */
+    uint d0 = tid, d1 = tid + 128u;                          /* output dims of this thread */
+    float m = NEG_INF, l = 0.0, o0 = 0.0, o1 = 0.0;
+    for (uint kb = 0u; kb < n_keys; kb += KB) {
+        uint p = kb + key;
+        float s = 0.0;
+        if (p < n_keys) {
+            uint base = p * pc.kvw + kvh * hd + quarter * dq;
+#ifdef KV_F32
+            for (uint d = 0u; d < dq; d++) s += qs[quarter * dq + d] * kc[base + d];
+#else
+            for (uint d = 0u; d < dq; d += 2u) {
+                vec2 kv = unpackHalf2x16(kc[(base + d) >> 1]);
+                s += qs[quarter * dq + d] * kv.x + qs[quarter * dq + d + 1u] * kv.y;
+            }
+#endif
+        }
+        part[tid] = s;
+        barrier();
+        if (tid < KB) {
+            float t = (part[4u * tid] + part[4u * tid + 1u]) + (part[4u * tid + 2u] + part[4u * tid + 3u]);
+            ps[tid] = kb + tid < n_keys ? t * pc.scale : NEG_INF;
+        }
+        barrier();
+        float bm = m;
+        for (uint j = 0u; j < KB; j++) bm = max(bm, ps[j]);
+        float alpha = exp(m - bm);
+        barrier();
+        if (tid < KB) ps[tid] = exp(ps[tid] - bm);
+        barrier();
+        m = bm;
+        float sum = 0.0;
+        o0 *= alpha;
+        o1 *= alpha;
+        uint nk = min(KB, n_keys - kb);
+        for (uint j = 0u; j < nk; j++) {
+            float w = ps[j];
+            sum += w;
+            uint vb = (kb + j) * pc.kvw + kvh * hd;
+#ifdef KV_F32
+            if (d0 < hd) o0 += w * vc[vb + d0];
+            if (d1 < hd) o1 += w * vc[vb + d1];
+#else
+            if (d0 < hd) o0 += w * unpackHalf2x16(vc[(vb + d0) >> 1])[d0 & 1u];
+            if (d1 < hd) o1 += w * unpackHalf2x16(vc[(vb + d1) >> 1])[d1 & 1u];
+#endif
+        }
+        l = l * alpha + sum;
+        barrier();
+    }
+    uint oo = (i * pc.n_head + h) * hd;
+    if (d0 < hd) o[oo + d0] = o0 / l;
+    if (d1 < hd) o[oo + d1] = o1 / l;
+}
