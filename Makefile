@@ -9,11 +9,12 @@ B        = build
 LIB_SRC  = moe.c moe_vk.c shaders_embedded.c
 LIB_OBJ  = $(LIB_SRC:%.c=$(B)/obj/%.o)
 EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
+GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
 .PHONY: all lib examples test test-unit test-asan test-clang run shaders clean deps
 
-all: lib examples
+all: lib examples $(GENTOOLS)
 
 lib: $(B)/libmoe.a $(B)/libmoe.so
 examples: $(EXAMPLES)
@@ -30,6 +31,11 @@ $(B)/libmoe.so: $(LIB_OBJ)
 
 $(B)/%: examples/%.c $(B)/libmoe.a moe.h
 	$(CC) $(WARN) $(CFLAGS) -I. $< $(B)/libmoe.a -o $@ $(LDLIBS)
+
+# generators in gen/ include moe.c to reach its GGUF writer and codecs
+$(B)/synth_model: gen/synth_model.c $(LIB_SRC) moe.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
 
 # ---- tests -------------------------------------------------------------------------------------
 # Tests link moe.c directly (some include it to reach internals). Three builds run the suite:
