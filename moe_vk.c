@@ -1,28 +1,222 @@
-/* moe_vk.c — the Vulkan backend of moe. Until its issue lands this file only reports that the
-   backend is not built, so MOE_BACKEND_AUTO falls back to the CPU. */
+/* moe_vk.c — the Vulkan backend of moe.
+
+   WHAT IT DOES
+   Runs the op interface of moe.h's private section (embed, rmsnorm, matmul, rope, attention, add,
+   moe_ffn, ...) as compute shaders. The forward pass in moe.c calls the ops between begin_step and
+   end_step; here each op only appends dispatch records to the step. end_step turns the records
+   into one command buffer (or replays a cached one when the records are identical, as they are
+   for every decode step: positions and token ids live in a small host-visible "step" buffer, not
+   in the commands), submits it once, waits, and leaves the logits in a host-visible buffer.
+
+   MAP OF THIS FILE
+   1. Vulkan declarations: the subset of the API this file uses (no Vulkan headers needed)
+   2. loader: dlopen("libvulkan.so.1") and the function table (no global vk* symbols)
+   3. backend: instance, validation messenger, device choice, features
+   4. memory: buffers, batched uploads through staging, weight windows
+   5. pipelines: built lazily from the embedded SPIR-V (shaders_embedded.c)
+   6. contexts: activations, KV cache, scratch; step recording, barriers, submit, profiling
+   7. ops: the op table (moe_vk_ops)
+
+   WEIGHTS
+   All weights live in device-local "windows": buffers no larger than maxStorageBufferRange (and
+   maxMemoryAllocationSize). A tensor sits inside one window unless it is larger than a window,
+   then it is split at row boundaries and each part is a separate dispatch. Dense kernels see
+   their tensor at byte 0 of binding 6[0]. Expert tensors are addressed through a per-layer
+   indirection table on the GPU (expert id -> window, byte offset; binding 3), with the windows
+   of the layer bound as the array binding 6[0..7], so streaming can later change the table and
+   never the kernels.
+
+   ENVIRONMENT
+   MOE_VK_VALIDATION=1   enable VK_LAYER_KHRONOS_validation; every message goes to the log
+   MOE_VK_PROFILE=1      timestamp every dispatch; the context logs GPU time per kernel kind
+                         when it is freed (serializes dispatches: use for attribution only)
+   MOE_VK_NO_COOPMAT=1   do not use GL_NV_cooperative_matrix for prefill matmuls */
+#define _GNU_SOURCE
 #define MOE_INTERNAL
 #include "moe.h"
 
-struct moe_vk_backend { int unused; };
+#include <dlfcn.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_vk_backend **out) {
-    (void)w;
-    (void)device_index;
-    *out = 0;
-    moe_internal_set_error(MOE_ERR_DEVICE, "Vulkan backend not built yet");
-    return MOE_ERR_DEVICE;
-}
+/* ============================================================================================ */
+/* 1. Vulkan declarations                                                                        */
+/* ============================================================================================ */
+/* The subset of vulkan_core.h (Khronos, Apache-2.0 OR MIT) that this file uses, so that it builds
+   without the Vulkan SDK. Enums are plain int32_t, flag types VkFlags; layouts are identical. */
+#if defined(_WIN32)
+#define VKAPI_PTR __stdcall
+#elif defined(__ARM_ARCH) && __ARM_ARCH < 7
+#define VKAPI_PTR
+#elif defined(__ARM_ARCH) && __ARM_ARCH >= 7 && defined(__ARM_32BIT_STATE)
+#define VKAPI_PTR __attribute__((pcs("aapcs-vfp")))
+#else
+#define VKAPI_PTR
+#endif
+typedef uint32_t VkFlags;
+typedef uint32_t VkBool32;
+typedef uint64_t VkDeviceSize;
+typedef int32_t VkEnum;
+typedef int32_t VkResult;
+#define VK_DISPATCHABLE(name) typedef struct name##_T *name
+#if defined(__LP64__) || defined(_WIN64) || defined(__x86_64__) || defined(__aarch64__) || defined(__powerpc64__)
+#define VK_NONDISPATCHABLE(name) typedef struct name##_T *name
+#else
+#define VK_NONDISPATCHABLE(name) typedef uint64_t name
+#endif
+VK_DISPATCHABLE(VkInstance);
+VK_DISPATCHABLE(VkPhysicalDevice);
+VK_DISPATCHABLE(VkDevice);
+VK_DISPATCHABLE(VkQueue);
+VK_DISPATCHABLE(VkCommandBuffer);
+VK_NONDISPATCHABLE(VkBuffer);
+VK_NONDISPATCHABLE(VkDeviceMemory);
+VK_NONDISPATCHABLE(VkShaderModule);
+VK_NONDISPATCHABLE(VkPipeline);
+VK_NONDISPATCHABLE(VkPipelineLayout);
+VK_NONDISPATCHABLE(VkPipelineCache);
+VK_NONDISPATCHABLE(VkDescriptorSetLayout);
+VK_NONDISPATCHABLE(VkDescriptorSet);
+VK_NONDISPATCHABLE(VkCommandPool);
+VK_NONDISPATCHABLE(VkFence);
+VK_NONDISPATCHABLE(VkSemaphore);
+VK_NONDISPATCHABLE(VkQueryPool);
+VK_NONDISPATCHABLE(VkDebugUtilsMessengerEXT);
 
-void moe_vk_free(moe_vk_backend *vk) { (void)vk; }
+typedef void (VKAPI_PTR *PFN_vkVoidFunction)(void);
+typedef PFN_vkVoidFunction (VKAPI_PTR *PFN_vkGetInstanceProcAddr)(VkInstance, const char *);
+struct VkDebugUtilsMessengerCallbackDataEXT;
+typedef VkBool32 (VKAPI_PTR *PFN_vkDebugUtilsMessengerCallbackEXT)(VkFlags severity, VkFlags types,
+                                                                   const struct VkDebugUtilsMessengerCallbackDataEXT *data, void *user);
 
-moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out) {
-    (void)vk;
-    (void)shape;
-    *be_out = 0;
-    moe_internal_set_error(MOE_ERR_DEVICE, "Vulkan backend not built yet");
-    return MOE_ERR_DEVICE;
-}
+typedef struct VkApplicationInfo { VkEnum sType; const void *pNext; const char *pApplicationName; uint32_t applicationVersion; const char *pEngineName; uint32_t engineVersion, apiVersion; } VkApplicationInfo;
+typedef struct VkInstanceCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; const VkApplicationInfo *pApplicationInfo; uint32_t enabledLayerCount; const char* const *ppEnabledLayerNames; uint32_t enabledExtensionCount; const char* const *ppEnabledExtensionNames; } VkInstanceCreateInfo;
+typedef struct VkLayerProperties { char layerName[256]; uint32_t specVersion, implementationVersion; char description[256]; } VkLayerProperties;
+typedef struct VkExtensionProperties { char extensionName[256]; uint32_t specVersion; } VkExtensionProperties;
+typedef struct VkPhysicalDeviceLimits { uint32_t maxImageDimension1D, maxImageDimension2D, maxImageDimension3D, maxImageDimensionCube, maxImageArrayLayers, maxTexelBufferElements, maxUniformBufferRange, maxStorageBufferRange, maxPushConstantsSize, maxMemoryAllocationCount, maxSamplerAllocationCount; VkDeviceSize bufferImageGranularity, sparseAddressSpaceSize; uint32_t maxBoundDescriptorSets, maxPerStageDescriptorSamplers, maxPerStageDescriptorUniformBuffers, maxPerStageDescriptorStorageBuffers, maxPerStageDescriptorSampledImages, maxPerStageDescriptorStorageImages, maxPerStageDescriptorInputAttachments, maxPerStageResources, maxDescriptorSetSamplers, maxDescriptorSetUniformBuffers, maxDescriptorSetUniformBuffersDynamic, maxDescriptorSetStorageBuffers, maxDescriptorSetStorageBuffersDynamic, maxDescriptorSetSampledImages, maxDescriptorSetStorageImages, maxDescriptorSetInputAttachments, maxVertexInputAttributes, maxVertexInputBindings, maxVertexInputAttributeOffset, maxVertexInputBindingStride, maxVertexOutputComponents, maxTessellationGenerationLevel, maxTessellationPatchSize, maxTessellationControlPerVertexInputComponents, maxTessellationControlPerVertexOutputComponents, maxTessellationControlPerPatchOutputComponents, maxTessellationControlTotalOutputComponents, maxTessellationEvaluationInputComponents, maxTessellationEvaluationOutputComponents, maxGeometryShaderInvocations, maxGeometryInputComponents, maxGeometryOutputComponents, maxGeometryOutputVertices, maxGeometryTotalOutputComponents, maxFragmentInputComponents, maxFragmentOutputAttachments, maxFragmentDualSrcAttachments, maxFragmentCombinedOutputResources, maxComputeSharedMemorySize, maxComputeWorkGroupCount[3], maxComputeWorkGroupInvocations, maxComputeWorkGroupSize[3], subPixelPrecisionBits, subTexelPrecisionBits, mipmapPrecisionBits, maxDrawIndexedIndexValue, maxDrawIndirectCount; float maxSamplerLodBias, maxSamplerAnisotropy; uint32_t maxViewports, maxViewportDimensions[2]; float viewportBoundsRange[2]; uint32_t viewportSubPixelBits; size_t minMemoryMapAlignment; VkDeviceSize minTexelBufferOffsetAlignment, minUniformBufferOffsetAlignment, minStorageBufferOffsetAlignment; int32_t minTexelOffset; uint32_t maxTexelOffset; int32_t minTexelGatherOffset; uint32_t maxTexelGatherOffset; float minInterpolationOffset, maxInterpolationOffset; uint32_t subPixelInterpolationOffsetBits, maxFramebufferWidth, maxFramebufferHeight, maxFramebufferLayers; VkFlags framebufferColorSampleCounts, framebufferDepthSampleCounts, framebufferStencilSampleCounts, framebufferNoAttachmentsSampleCounts; uint32_t maxColorAttachments; VkFlags sampledImageColorSampleCounts, sampledImageIntegerSampleCounts, sampledImageDepthSampleCounts, sampledImageStencilSampleCounts, storageImageSampleCounts; uint32_t maxSampleMaskWords; VkBool32 timestampComputeAndGraphics; float timestampPeriod; uint32_t maxClipDistances, maxCullDistances, maxCombinedClipAndCullDistances, discreteQueuePriorities; float pointSizeRange[2], lineWidthRange[2], pointSizeGranularity, lineWidthGranularity; VkBool32 strictLines, standardSampleLocations; VkDeviceSize optimalBufferCopyOffsetAlignment, optimalBufferCopyRowPitchAlignment, nonCoherentAtomSize; } VkPhysicalDeviceLimits;
+typedef struct VkPhysicalDeviceSparseProperties { VkBool32 residencyStandard2DBlockShape, residencyStandard2DMultisampleBlockShape, residencyStandard3DBlockShape, residencyAlignedMipSize, residencyNonResidentStrict; } VkPhysicalDeviceSparseProperties;
+typedef struct VkPhysicalDeviceProperties { uint32_t apiVersion, driverVersion, vendorID, deviceID; VkEnum deviceType; char deviceName[256]; uint8_t pipelineCacheUUID[16]; VkPhysicalDeviceLimits limits; VkPhysicalDeviceSparseProperties sparseProperties; } VkPhysicalDeviceProperties;
+typedef struct VkPhysicalDeviceProperties2 { VkEnum sType; void *pNext; VkPhysicalDeviceProperties properties; } VkPhysicalDeviceProperties2;
+typedef struct VkPhysicalDeviceSubgroupProperties { VkEnum sType; void *pNext; uint32_t subgroupSize; VkFlags supportedStages, supportedOperations; VkBool32 quadOperationsInAllStages; } VkPhysicalDeviceSubgroupProperties;
+typedef struct VkPhysicalDevicePushDescriptorPropertiesKHR { VkEnum sType; void *pNext; uint32_t maxPushDescriptors; } VkPhysicalDevicePushDescriptorPropertiesKHR;
+typedef struct VkPhysicalDeviceFeatures { VkBool32 robustBufferAccess, fullDrawIndexUint32, imageCubeArray, independentBlend, geometryShader, tessellationShader, sampleRateShading, dualSrcBlend, logicOp, multiDrawIndirect, drawIndirectFirstInstance, depthClamp, depthBiasClamp, fillModeNonSolid, depthBounds, wideLines, largePoints, alphaToOne, multiViewport, samplerAnisotropy, textureCompressionETC2, textureCompressionASTC_LDR, textureCompressionBC, occlusionQueryPrecise, pipelineStatisticsQuery, vertexPipelineStoresAndAtomics, fragmentStoresAndAtomics, shaderTessellationAndGeometryPointSize, shaderImageGatherExtended, shaderStorageImageExtendedFormats, shaderStorageImageMultisample, shaderStorageImageReadWithoutFormat, shaderStorageImageWriteWithoutFormat, shaderUniformBufferArrayDynamicIndexing, shaderSampledImageArrayDynamicIndexing, shaderStorageBufferArrayDynamicIndexing, shaderStorageImageArrayDynamicIndexing, shaderClipDistance, shaderCullDistance, shaderFloat64, shaderInt64, shaderInt16, shaderResourceResidency, shaderResourceMinLod, sparseBinding, sparseResidencyBuffer, sparseResidencyImage2D, sparseResidencyImage3D, sparseResidency2Samples, sparseResidency4Samples, sparseResidency8Samples, sparseResidency16Samples, sparseResidencyAliased, variableMultisampleRate, inheritedQueries; } VkPhysicalDeviceFeatures;
+typedef struct VkPhysicalDeviceFeatures2 { VkEnum sType; void *pNext; VkPhysicalDeviceFeatures features; } VkPhysicalDeviceFeatures2;
+typedef struct VkPhysicalDeviceShaderFloat16Int8Features { VkEnum sType; void *pNext; VkBool32 shaderFloat16, shaderInt8; } VkPhysicalDeviceShaderFloat16Int8Features;
+typedef struct VkPhysicalDeviceVulkanMemoryModelFeatures { VkEnum sType; void *pNext; VkBool32 vulkanMemoryModel, vulkanMemoryModelDeviceScope, vulkanMemoryModelAvailabilityVisibilityChains; } VkPhysicalDeviceVulkanMemoryModelFeatures;
+typedef struct VkPhysicalDeviceCooperativeMatrixFeaturesNV { VkEnum sType; void *pNext; VkBool32 cooperativeMatrix, cooperativeMatrixRobustBufferAccess; } VkPhysicalDeviceCooperativeMatrixFeaturesNV;
+typedef struct VkCooperativeMatrixPropertiesNV { VkEnum sType; void *pNext; uint32_t MSize, NSize, KSize; VkEnum AType, BType, CType, DType, scope; } VkCooperativeMatrixPropertiesNV;
+typedef struct VkExtent3D { uint32_t width, height, depth; } VkExtent3D;
+typedef struct VkQueueFamilyProperties { VkFlags queueFlags; uint32_t queueCount, timestampValidBits; VkExtent3D minImageTransferGranularity; } VkQueueFamilyProperties;
+typedef struct VkMemoryType { VkFlags propertyFlags; uint32_t heapIndex; } VkMemoryType;
+typedef struct VkMemoryHeap { VkDeviceSize size; VkFlags flags; } VkMemoryHeap;
+typedef struct VkPhysicalDeviceMemoryProperties { uint32_t memoryTypeCount; VkMemoryType memoryTypes[32]; uint32_t memoryHeapCount; VkMemoryHeap memoryHeaps[16]; } VkPhysicalDeviceMemoryProperties;
+typedef struct VkDeviceQueueCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; uint32_t queueFamilyIndex, queueCount; const float *pQueuePriorities; } VkDeviceQueueCreateInfo;
+typedef struct VkDeviceCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; uint32_t queueCreateInfoCount; const VkDeviceQueueCreateInfo *pQueueCreateInfos; uint32_t enabledLayerCount; const char* const *ppEnabledLayerNames; uint32_t enabledExtensionCount; const char* const *ppEnabledExtensionNames; const VkPhysicalDeviceFeatures *pEnabledFeatures; } VkDeviceCreateInfo;
+typedef struct VkBufferCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; VkDeviceSize size; VkFlags usage; VkEnum sharingMode; uint32_t queueFamilyIndexCount; const uint32_t *pQueueFamilyIndices; } VkBufferCreateInfo;
+typedef struct VkMemoryRequirements { VkDeviceSize size, alignment; uint32_t memoryTypeBits; } VkMemoryRequirements;
+typedef struct VkMemoryAllocateInfo { VkEnum sType; const void *pNext; VkDeviceSize allocationSize; uint32_t memoryTypeIndex; } VkMemoryAllocateInfo;
+typedef struct VkShaderModuleCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; size_t codeSize; const uint32_t *pCode; } VkShaderModuleCreateInfo;
+typedef struct VkDescriptorSetLayoutBinding { uint32_t binding; VkEnum descriptorType; uint32_t descriptorCount; VkFlags stageFlags; const void *pImmutableSamplers; } VkDescriptorSetLayoutBinding;
+typedef struct VkDescriptorSetLayoutCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; uint32_t bindingCount; const VkDescriptorSetLayoutBinding *pBindings; } VkDescriptorSetLayoutCreateInfo;
+typedef struct VkPushConstantRange { VkFlags stageFlags; uint32_t offset, size; } VkPushConstantRange;
+typedef struct VkPipelineLayoutCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; uint32_t setLayoutCount; const VkDescriptorSetLayout *pSetLayouts; uint32_t pushConstantRangeCount; const VkPushConstantRange *pPushConstantRanges; } VkPipelineLayoutCreateInfo;
+typedef struct VkSpecializationMapEntry { uint32_t constantID, offset; size_t size; } VkSpecializationMapEntry;
+typedef struct VkSpecializationInfo { uint32_t mapEntryCount; const VkSpecializationMapEntry *pMapEntries; size_t dataSize; const void *pData; } VkSpecializationInfo;
+typedef struct VkPipelineShaderStageCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; VkEnum stage; VkShaderModule module; const char *pName; const VkSpecializationInfo *pSpecializationInfo; } VkPipelineShaderStageCreateInfo;
+typedef struct VkComputePipelineCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; VkPipelineShaderStageCreateInfo stage; VkPipelineLayout layout; VkPipeline basePipelineHandle; int32_t basePipelineIndex; } VkComputePipelineCreateInfo;
+typedef struct VkCommandPoolCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; uint32_t queueFamilyIndex; } VkCommandPoolCreateInfo;
+typedef struct VkCommandBufferAllocateInfo { VkEnum sType; const void *pNext; VkCommandPool commandPool; VkEnum level; uint32_t commandBufferCount; } VkCommandBufferAllocateInfo;
+typedef struct VkCommandBufferBeginInfo { VkEnum sType; const void *pNext; VkFlags flags; const void *pInheritanceInfo; } VkCommandBufferBeginInfo;
+typedef struct VkDescriptorBufferInfo { VkBuffer buffer; VkDeviceSize offset, range; } VkDescriptorBufferInfo;
+typedef struct VkWriteDescriptorSet { VkEnum sType; const void *pNext; VkDescriptorSet dstSet; uint32_t dstBinding, dstArrayElement, descriptorCount; VkEnum descriptorType; const void *pImageInfo; const VkDescriptorBufferInfo *pBufferInfo; const void *pTexelBufferView; } VkWriteDescriptorSet;
+typedef struct VkMemoryBarrier { VkEnum sType; const void *pNext; VkFlags srcAccessMask, dstAccessMask; } VkMemoryBarrier;
+typedef struct VkBufferCopy { VkDeviceSize srcOffset, dstOffset, size; } VkBufferCopy;
+typedef struct VkSubmitInfo { VkEnum sType; const void *pNext; uint32_t waitSemaphoreCount; const VkSemaphore *pWaitSemaphores; const VkFlags *pWaitDstStageMask; uint32_t commandBufferCount; const VkCommandBuffer *pCommandBuffers; uint32_t signalSemaphoreCount; const VkSemaphore *pSignalSemaphores; } VkSubmitInfo;
+typedef struct VkFenceCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; } VkFenceCreateInfo;
+typedef struct VkQueryPoolCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; VkEnum queryType; uint32_t queryCount; VkFlags pipelineStatistics; } VkQueryPoolCreateInfo;
+typedef struct VkDebugUtilsMessengerCreateInfoEXT { VkEnum sType; const void *pNext; VkFlags flags, messageSeverity, messageType; PFN_vkDebugUtilsMessengerCallbackEXT pfnUserCallback; void *pUserData; } VkDebugUtilsMessengerCreateInfoEXT;
+typedef struct VkDebugUtilsMessengerCallbackDataEXT { VkEnum sType; const void *pNext; VkFlags flags; const char *pMessageIdName; int32_t messageIdNumber; const char *pMessage; uint32_t queueLabelCount; const void *pQueueLabels; uint32_t cmdBufLabelCount; const void *pCmdBufLabels; uint32_t objectCount; const void *pObjects; } VkDebugUtilsMessengerCallbackDataEXT;
+/* end of the Vulkan struct subset */
 
-void moe_vk_ctx_free(void *be) { (void)be; }
-
-const moe_ops moe_vk_ops = {0};
+enum { /* VkStructureType values */
+    VK_STRUCTURE_TYPE_APPLICATION_INFO = 0, VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO = 1,
+    VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO = 2, VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO = 3,
+    VK_STRUCTURE_TYPE_SUBMIT_INFO = 4, VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO = 5,
+    VK_STRUCTURE_TYPE_FENCE_CREATE_INFO = 8, VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO = 11,
+    VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO = 12, VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO = 16,
+    VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO = 18, VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO = 29,
+    VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO = 30, VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO = 32,
+    VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET = 35, VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO = 39,
+    VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO = 40, VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO = 42,
+    VK_STRUCTURE_TYPE_MEMORY_BARRIER = 46,
+    VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2 = 1000059000, VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2 = 1000059001,
+    VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PUSH_DESCRIPTOR_PROPERTIES_KHR = 1000080000,
+    VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES = 1000082000,
+    VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES = 1000094000,
+    VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT = 1000128004,
+    VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES = 1000211000,
+    VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV = 1000249000,
+    VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_NV = 1000249001,
+};
+#define VK_SUCCESS 0
+#define VK_TIMEOUT 2
+#define VK_INCOMPLETE 5
+#define VK_ERROR_OUT_OF_HOST_MEMORY (-1)
+#define VK_ERROR_OUT_OF_DEVICE_MEMORY (-2)
+#define VK_ERROR_DEVICE_LOST (-4)
+#define VK_API_VERSION_1_2 ((1u << 22) | (2u << 12))
+#define VK_VERSION_MAJOR(v) ((uint32_t)(v) >> 22)
+#define VK_VERSION_MINOR(v) (((uint32_t)(v) >> 12) & 0x3ffu)
+#define VK_PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU 1
+#define VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU 2
+#define VK_PHYSICAL_DEVICE_TYPE_VIRTUAL_GPU 3
+#define VK_PHYSICAL_DEVICE_TYPE_CPU 4
+#define VK_QUEUE_GRAPHICS_BIT 0x1u
+#define VK_QUEUE_COMPUTE_BIT 0x2u
+#define VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT 0x1u
+#define VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT 0x2u
+#define VK_MEMORY_PROPERTY_HOST_COHERENT_BIT 0x4u
+#define VK_MEMORY_PROPERTY_HOST_CACHED_BIT 0x8u
+#define VK_MEMORY_HEAP_DEVICE_LOCAL_BIT 0x1u
+#define VK_BUFFER_USAGE_TRANSFER_SRC_BIT 0x1u
+#define VK_BUFFER_USAGE_TRANSFER_DST_BIT 0x2u
+#define VK_BUFFER_USAGE_STORAGE_BUFFER_BIT 0x20u
+#define VK_SHARING_MODE_EXCLUSIVE 0
+#define VK_DESCRIPTOR_TYPE_STORAGE_BUFFER 7
+#define VK_DESCRIPTOR_SET_LAYOUT_CREATE_PUSH_DESCRIPTOR_BIT_KHR 0x1u
+#define VK_SHADER_STAGE_COMPUTE_BIT 0x20u
+#define VK_PIPELINE_BIND_POINT_COMPUTE 1
+#define VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT 0x2u
+#define VK_COMMAND_BUFFER_LEVEL_PRIMARY 0
+#define VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT 0x1u
+#define VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT 0x1u
+#define VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT 0x800u
+#define VK_PIPELINE_STAGE_TRANSFER_BIT 0x1000u
+#define VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT 0x2000u
+#define VK_PIPELINE_STAGE_HOST_BIT 0x4000u
+#define VK_ACCESS_SHADER_READ_BIT 0x20u
+#define VK_ACCESS_SHADER_WRITE_BIT 0x40u
+#define VK_ACCESS_TRANSFER_READ_BIT 0x800u
+#define VK_ACCESS_TRANSFER_WRITE_BIT 0x1000u
+#define VK_ACCESS_HOST_READ_BIT 0x2000u
+#define VK_ACCESS_HOST_WRITE_BIT 0x4000u
+#define VK_QUERY_TYPE_TIMESTAMP 2
+#define VK_QUERY_RESULT_64_BIT 0x1u
+#define VK_QUERY_RESULT_WAIT_BIT 0x2u
+#define VK_SUBGROUP_FEATURE_BASIC_BIT 0x1u
+#define VK_SUBGROUP_FEATURE_ARITHMETIC_BIT 0x4u
+#define VK_COMPONENT_TYPE_FLOAT16_NV 0
+#define VK_COMPONENT_TYPE_FLOAT32_NV 1
+#define VK_SCOPE_SUBGROUP_NV 3
+#define VK_DEBUG_UTILS_MESSAGE_SEVERITY_INFO_BIT_EXT 0x10u
+#define VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT 0x100u
+#define VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT 0x1000u
+#define VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT 0x1u
+#define VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT 0x2u
+#define VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT 0x4u
+#define VK_WHOLE_SIZE (~0ull)

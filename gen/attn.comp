@@ -2,7 +2,7 @@
 #extension GL_GOOGLE_include_directive : require
 /* attn.comp — causal GQA attention of one query head of one token over the KV cache
    (flash-style: keys in blocks of 32 with a running max and sum, so any context length fits).
-   Query token i sits at position pos0 + i and sees keys 0 ..= pos0 + i.
+   Query token i sits at position pos0 + i (pos0 = step pos0 + pos_delta) and sees keys 0 ..= pos0 + i.
    out = Σ_p softmax_p(q·k_p · scale) v_p.  WG = 128; head_dim <= 256, a multiple of 8.
    grid: (n_head, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step */
 #include "common.glsl"
@@ -16,7 +16,7 @@ layout(std430, binding = 5) readonly buffer VC { float vc[]; };
 layout(std430, binding = 4) readonly buffer KC { uint kc[]; };
 layout(std430, binding = 5) readonly buffer VC { uint vc[]; };
 #endif
-layout(push_constant) uniform PC { uint n_head, n_kv, hd, kvw; float scale; } pc;
+layout(push_constant) uniform PC { uint n_head, n_kv, hd, kvw; float scale; int pos_delta; } pc;
 
 #define KB 32u
 shared float qs[256];
@@ -26,7 +26,7 @@ shared float ps[KB];
 void main() {
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
     uint hd = pc.hd, kvh = h / (pc.n_head / pc.n_kv);
-    uint n_keys = STEP_POS0 + i + 1u;
+    uint n_keys = uint(int(STEP_POS0) + pc.pos_delta) + i + 1u;
     uint qo = (i * pc.n_head + h) * hd;
     for (uint d = tid; d < hd; d += 128u) qs[d] = q[qo + d];
     barrier();

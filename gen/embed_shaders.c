@@ -39,6 +39,8 @@ static const char *const k_plain[][3] = {
     {"attn_f32", "attn.comp", "-DKV_F32"},
     {"headwise_f16", "headwise.comp", "-DKV_F16"},
     {"headwise_f32", "headwise.comp", "-DKV_F32"},
+    {"kvstore_f16", "kvstore.comp", "-DKV_F16"},
+    {"kvstore_f32", "kvstore.comp", "-DKV_F32"},
     {"moe_combine", "moe_combine.comp", ""},
     {"moe_sort", "moe_sort.comp", ""},
     {"rmsnorm", "rmsnorm.comp", ""},

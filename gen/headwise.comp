@@ -5,7 +5,8 @@
      2  NeoX RoPE at position pos0 + token             (cos, sin) from a host-made table
      4  store the head into the KV cache row pos0 + token (f16 or f32)
    Writes y (binding 1) when 1 or 2 is set. The rope table holds, per position p and pair j,
-   (cos, sin) of f32(p · inv_freq_j), computed as the CPU backend does.
+   (cos, sin) of f32(p · inv_freq_j), computed as the CPU backend does. Token i sits at position
+   step pos0 + pos_delta + i (pos_delta is 0 unless an op's pos0 differs from the step's).
    grid: (n_heads, n). bindings: 0 x, 1 y, 2 g, 3 rope table, 4 cache (layer window), 7 step */
 #include "common.glsl"
 
@@ -18,14 +19,14 @@ layout(std430, binding = 4) writeonly buffer Cache { float cache[]; };
 #else
 layout(std430, binding = 4) writeonly buffer Cache { uint cache[]; };
 #endif
-layout(push_constant) uniform PC { uint n_heads, hd, n_rot, flags; float eps; uint kvw; } pc;
+layout(push_constant) uniform PC { uint n_heads, hd, n_rot, flags; float eps; uint kvw; int pos_delta; } pc;
 
 shared float hs[256];
 
 void main() {
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
     uint o = (i * pc.n_heads + h) * pc.hd;
-    uint pos = STEP_POS0 + i;
+    uint pos = uint(int(STEP_POS0) + pc.pos_delta) + i;
     float ss = 0.0;
     for (uint d = tid; d < pc.hd; d += WG) {
         float v = x[o + d];

@@ -10,24 +10,25 @@
      2 down       y[t][r] = Σ_slot w_slot · D_e[r] · x[t·k + slot]  (the weighted expert sum)
      3 gate only  y[p][r] = G_e[r] · x[t]            (gate and up of different types: pass 1)
      4 up finish  y[p][r] = silu(y[p][r]) · (U_e[r] · x[t])                         (pass 2)
-   Experts come from the indirection table (binding 3): entry [tbl + e] = (window, byte offset).
+   The router's choice comes from topk.comp on the GPU (aux: ids[t·k + s], weights[t·k + s]);
+   experts come from the indirection table (binding 3): entry [tbl + e] = (window, byte offset).
    With pc.acc set the result is added to y instead of stored (a fused residual add).
-   bindings: 0 x, 1 y, 3 expert table, 5 router logits, 6 weights, 7 step */
+   bindings: 0 x, 1 y, 2 aux (routing), 3 expert table, 6 weights */
 #include "common.glsl"
 #include "dequant.glsl"
-#include "route.glsl"
 
 #define NR 2u
 
 layout(std430, binding = 0) readonly buffer X4 { vec4 x4[]; };
 layout(std430, binding = 1) buffer Y { float y[]; };
+layout(std430, binding = 2) readonly buffer Aux { uint aux[]; };
 layout(std430, binding = 3) readonly buffer Tbl { uvec2 tbl[]; };
 
 layout(push_constant) uniform PC {
     uint K, M, row_bytes, nblk;
     uint x_off, x_stride, y_off, y_stride;
     uint mode, acc, tbl0, tbl1;
-    uint E, k_used, norm, r_off;
+    uint k_used, ids_off, w_off, pad;
 } pc;
 
 float run_dot(uint buf, uint rb, uint xo, uint it) {
@@ -72,14 +73,14 @@ void main() {
     }
 
     uint tok = pc.mode == 2u ? col : col / pc.k_used;
-    route(pc.r_off + tok * pc.E, pc.E, pc.k_used, pc.norm);
     uint yo = pc.y_off + col * pc.y_stride + r0;
 
     if (pc.mode == 2u) {
         vec2 a = vec2(0.0);
         for (uint s = 0u; s < pc.k_used; s++) {
-            uvec2 ent = tbl[pc.tbl0 + rt_id[s]];
-            float w = rt_w[s];
+            uint p = tok * pc.k_used + s;
+            uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
+            float w = uintBitsToFloat(aux[pc.w_off + p]);
             uint xo = pc.x_off + (tok * pc.k_used + s) * pc.x_stride;
             vec2 b = vec2(0.0);
             for (uint it = tid; it < nit; it += WG) {
@@ -94,8 +95,7 @@ void main() {
         return;
     }
 
-    uint slot = col - tok * pc.k_used;
-    uint e = rt_id[slot];
+    uint e = aux[pc.ids_off + col];
     uint xo = pc.x_off + tok * pc.x_stride;
     if (pc.mode == 1u) {
         uvec2 g = tbl[pc.tbl0 + e], u = tbl[pc.tbl1 + e];
