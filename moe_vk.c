@@ -220,3 +220,152 @@ enum { /* VkStructureType values */
 #define VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT 0x2u
 #define VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT 0x4u
 #define VK_WHOLE_SIZE (~0ull)
+
+/* ============================================================================================ */
+/* 2. loader                                                                                     */
+/* ============================================================================================ */
+/* Every entry point this file calls, as (return type, name without "vk", parameters). They live in
+   the backend's function table (vk_fns): nothing named vk* is defined or imported globally. */
+#define VK_GLOBAL_FNS(X)                                                                                         \
+    X(VkResult, CreateInstance, (const VkInstanceCreateInfo *, const void *, VkInstance *))                       \
+    X(VkResult, EnumerateInstanceLayerProperties, (uint32_t *, VkLayerProperties *))                             \
+    X(VkResult, EnumerateInstanceExtensionProperties, (const char *, uint32_t *, VkExtensionProperties *))
+
+#define VK_INSTANCE_FNS(X)                                                                                       \
+    X(void, DestroyInstance, (VkInstance, const void *))                                                         \
+    X(VkResult, EnumeratePhysicalDevices, (VkInstance, uint32_t *, VkPhysicalDevice *))                          \
+    X(void, GetPhysicalDeviceProperties, (VkPhysicalDevice, VkPhysicalDeviceProperties *))                       \
+    X(void, GetPhysicalDeviceProperties2, (VkPhysicalDevice, VkPhysicalDeviceProperties2 *))                     \
+    X(void, GetPhysicalDeviceFeatures2, (VkPhysicalDevice, VkPhysicalDeviceFeatures2 *))                         \
+    X(void, GetPhysicalDeviceQueueFamilyProperties, (VkPhysicalDevice, uint32_t *, VkQueueFamilyProperties *))   \
+    X(void, GetPhysicalDeviceMemoryProperties, (VkPhysicalDevice, VkPhysicalDeviceMemoryProperties *))           \
+    X(VkResult, EnumerateDeviceExtensionProperties, (VkPhysicalDevice, const char *, uint32_t *, VkExtensionProperties *)) \
+    X(VkResult, CreateDevice, (VkPhysicalDevice, const VkDeviceCreateInfo *, const void *, VkDevice *))          \
+    X(PFN_vkVoidFunction, GetDeviceProcAddr, (VkDevice, const char *))
+
+#define VK_DEVICE_FNS(X)                                                                                         \
+    X(void, DestroyDevice, (VkDevice, const void *))                                                             \
+    X(void, GetDeviceQueue, (VkDevice, uint32_t, uint32_t, VkQueue *))                                           \
+    X(VkResult, CreateBuffer, (VkDevice, const VkBufferCreateInfo *, const void *, VkBuffer *))                  \
+    X(void, DestroyBuffer, (VkDevice, VkBuffer, const void *))                                                   \
+    X(void, GetBufferMemoryRequirements, (VkDevice, VkBuffer, VkMemoryRequirements *))                          \
+    X(VkResult, AllocateMemory, (VkDevice, const VkMemoryAllocateInfo *, const void *, VkDeviceMemory *))        \
+    X(void, FreeMemory, (VkDevice, VkDeviceMemory, const void *))                                                \
+    X(VkResult, BindBufferMemory, (VkDevice, VkBuffer, VkDeviceMemory, VkDeviceSize))                           \
+    X(VkResult, MapMemory, (VkDevice, VkDeviceMemory, VkDeviceSize, VkDeviceSize, VkFlags, void **))             \
+    X(VkResult, CreateShaderModule, (VkDevice, const VkShaderModuleCreateInfo *, const void *, VkShaderModule *)) \
+    X(void, DestroyShaderModule, (VkDevice, VkShaderModule, const void *))                                       \
+    X(VkResult, CreateDescriptorSetLayout, (VkDevice, const VkDescriptorSetLayoutCreateInfo *, const void *, VkDescriptorSetLayout *)) \
+    X(void, DestroyDescriptorSetLayout, (VkDevice, VkDescriptorSetLayout, const void *))                         \
+    X(VkResult, CreatePipelineLayout, (VkDevice, const VkPipelineLayoutCreateInfo *, const void *, VkPipelineLayout *)) \
+    X(void, DestroyPipelineLayout, (VkDevice, VkPipelineLayout, const void *))                                   \
+    X(VkResult, CreateComputePipelines, (VkDevice, VkPipelineCache, uint32_t, const VkComputePipelineCreateInfo *, const void *, VkPipeline *)) \
+    X(void, DestroyPipeline, (VkDevice, VkPipeline, const void *))                                               \
+    X(VkResult, CreateCommandPool, (VkDevice, const VkCommandPoolCreateInfo *, const void *, VkCommandPool *))   \
+    X(void, DestroyCommandPool, (VkDevice, VkCommandPool, const void *))                                         \
+    X(VkResult, AllocateCommandBuffers, (VkDevice, const VkCommandBufferAllocateInfo *, VkCommandBuffer *))      \
+    X(VkResult, BeginCommandBuffer, (VkCommandBuffer, const VkCommandBufferBeginInfo *))                         \
+    X(VkResult, EndCommandBuffer, (VkCommandBuffer))                                                             \
+    X(VkResult, ResetCommandBuffer, (VkCommandBuffer, VkFlags))                                                  \
+    X(void, CmdBindPipeline, (VkCommandBuffer, VkEnum, VkPipeline))                                              \
+    X(void, CmdPushConstants, (VkCommandBuffer, VkPipelineLayout, VkFlags, uint32_t, uint32_t, const void *))    \
+    X(void, CmdDispatch, (VkCommandBuffer, uint32_t, uint32_t, uint32_t))                                        \
+    X(void, CmdPipelineBarrier, (VkCommandBuffer, VkFlags, VkFlags, VkFlags, uint32_t, const VkMemoryBarrier *, uint32_t, const void *, uint32_t, const void *)) \
+    X(void, CmdCopyBuffer, (VkCommandBuffer, VkBuffer, VkBuffer, uint32_t, const VkBufferCopy *))                \
+    X(void, CmdFillBuffer, (VkCommandBuffer, VkBuffer, VkDeviceSize, VkDeviceSize, uint32_t))                    \
+    X(void, CmdResetQueryPool, (VkCommandBuffer, VkQueryPool, uint32_t, uint32_t))                               \
+    X(void, CmdWriteTimestamp, (VkCommandBuffer, VkFlags, VkQueryPool, uint32_t))                                \
+    X(VkResult, CreateQueryPool, (VkDevice, const VkQueryPoolCreateInfo *, const void *, VkQueryPool *))         \
+    X(void, DestroyQueryPool, (VkDevice, VkQueryPool, const void *))                                             \
+    X(VkResult, GetQueryPoolResults, (VkDevice, VkQueryPool, uint32_t, uint32_t, size_t, void *, VkDeviceSize, VkFlags)) \
+    X(VkResult, QueueSubmit, (VkQueue, uint32_t, const VkSubmitInfo *, VkFence))                                 \
+    X(VkResult, CreateFence, (VkDevice, const VkFenceCreateInfo *, const void *, VkFence *))                     \
+    X(void, DestroyFence, (VkDevice, VkFence, const void *))                                                     \
+    X(VkResult, WaitForFences, (VkDevice, uint32_t, const VkFence *, VkBool32, uint64_t))                        \
+    X(VkResult, ResetFences, (VkDevice, uint32_t, const VkFence *))                                              \
+    X(VkResult, DeviceWaitIdle, (VkDevice))                                                                      \
+    X(void, CmdPushDescriptorSetKHR, (VkCommandBuffer, VkEnum, VkPipelineLayout, uint32_t, uint32_t, const VkWriteDescriptorSet *))
+
+/* optional entry points: NULL when absent */
+#define VK_OPTIONAL_INSTANCE_FNS(X)                                                                              \
+    X(VkResult, CreateDebugUtilsMessengerEXT, (VkInstance, const VkDebugUtilsMessengerCreateInfoEXT *, const void *, VkDebugUtilsMessengerEXT *)) \
+    X(void, DestroyDebugUtilsMessengerEXT, (VkInstance, VkDebugUtilsMessengerEXT, const void *))                 \
+    X(VkResult, GetPhysicalDeviceCooperativeMatrixPropertiesNV, (VkPhysicalDevice, uint32_t *, VkCooperativeMatrixPropertiesNV *))
+
+typedef struct vk_fns {
+    PFN_vkGetInstanceProcAddr GetInstanceProcAddr;
+#define VK_FN_FIELD(ret, name, args) ret (VKAPI_PTR *name) args;
+    VK_GLOBAL_FNS(VK_FN_FIELD)
+    VK_INSTANCE_FNS(VK_FN_FIELD)
+    VK_OPTIONAL_INSTANCE_FNS(VK_FN_FIELD)
+    VK_DEVICE_FNS(VK_FN_FIELD)
+#undef VK_FN_FIELD
+} vk_fns;
+
+/* an entry point into a typed slot of the table (function pointers convert through memcpy, which
+   is what POSIX dlsym users do anyway) */
+static int vk_fn_store(void *slot, PFN_vkVoidFunction fn) {
+    memcpy(slot, &fn, sizeof fn);
+    return fn != NULL;
+}
+
+/* Opens the loader and fills the global entry points. Returns NULL on success or what is missing. */
+static const char *vk_load_global(vk_fns *f, void **lib_out) {
+    static const char *const names[] = {"libvulkan.so.1", "libvulkan.so"};
+    void *lib = NULL;
+    for (size_t i = 0; i < sizeof names / sizeof names[0] && !lib; i++) lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return "the Vulkan loader libvulkan.so.1 was not found (Debian: apt-get install libvulkan1)";
+    void *sym = dlsym(lib, "vkGetInstanceProcAddr");
+    if (!sym) {
+        dlclose(lib);
+        return "libvulkan.so.1 has no vkGetInstanceProcAddr";
+    }
+    memcpy(&f->GetInstanceProcAddr, &sym, sizeof sym);
+#define VK_LOAD_GLOBAL(ret, name, args)                                                                          \
+    if (!vk_fn_store(&f->name, f->GetInstanceProcAddr(NULL, "vk" #name))) {                                      \
+        dlclose(lib);                                                                                            \
+        return "the Vulkan loader lacks vk" #name;                                                               \
+    }
+    VK_GLOBAL_FNS(VK_LOAD_GLOBAL)
+#undef VK_LOAD_GLOBAL
+    *lib_out = lib;
+    return NULL;
+}
+
+static const char *vk_load_instance(vk_fns *f, VkInstance inst) {
+#define VK_LOAD_INST(ret, name, args)                                                                            \
+    if (!vk_fn_store(&f->name, f->GetInstanceProcAddr(inst, "vk" #name))) return "vk" #name;
+    VK_INSTANCE_FNS(VK_LOAD_INST)
+#undef VK_LOAD_INST
+#define VK_LOAD_OPT(ret, name, args) vk_fn_store(&f->name, f->GetInstanceProcAddr(inst, "vk" #name));
+    VK_OPTIONAL_INSTANCE_FNS(VK_LOAD_OPT)
+#undef VK_LOAD_OPT
+    return NULL;
+}
+
+static const char *vk_load_device(vk_fns *f, VkDevice dev) {
+#define VK_LOAD_DEV(ret, name, args)                                                                             \
+    if (!vk_fn_store(&f->name, f->GetDeviceProcAddr(dev, "vk" #name))) return "vk" #name;
+    VK_DEVICE_FNS(VK_LOAD_DEV)
+#undef VK_LOAD_DEV
+    return NULL;
+}
+
+static const char *vk_result_str(VkResult r) {
+    switch (r) {
+    case VK_SUCCESS: return "VK_SUCCESS";
+    case VK_TIMEOUT: return "VK_TIMEOUT";
+    case VK_ERROR_OUT_OF_HOST_MEMORY: return "VK_ERROR_OUT_OF_HOST_MEMORY";
+    case VK_ERROR_OUT_OF_DEVICE_MEMORY: return "VK_ERROR_OUT_OF_DEVICE_MEMORY";
+    case -3: return "VK_ERROR_INITIALIZATION_FAILED";
+    case VK_ERROR_DEVICE_LOST: return "VK_ERROR_DEVICE_LOST";
+    case -5: return "VK_ERROR_MEMORY_MAP_FAILED";
+    case -6: return "VK_ERROR_LAYER_NOT_PRESENT";
+    case -7: return "VK_ERROR_EXTENSION_NOT_PRESENT";
+    case -8: return "VK_ERROR_FEATURE_NOT_PRESENT";
+    case -9: return "VK_ERROR_INCOMPATIBLE_DRIVER";
+    case -10: return "VK_ERROR_TOO_MANY_OBJECTS";
+    case -13: return "VK_ERROR_UNKNOWN";
+    default: return "VkResult error";
+    }
+}
