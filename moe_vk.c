@@ -104,6 +104,7 @@ typedef struct VkPhysicalDeviceProperties { uint32_t apiVersion, driverVersion, 
 typedef struct VkPhysicalDeviceProperties2 { VkEnum sType; void *pNext; VkPhysicalDeviceProperties properties; } VkPhysicalDeviceProperties2;
 typedef struct VkPhysicalDeviceSubgroupProperties { VkEnum sType; void *pNext; uint32_t subgroupSize; VkFlags supportedStages, supportedOperations; VkBool32 quadOperationsInAllStages; } VkPhysicalDeviceSubgroupProperties;
 typedef struct VkPhysicalDevicePushDescriptorPropertiesKHR { VkEnum sType; void *pNext; uint32_t maxPushDescriptors; } VkPhysicalDevicePushDescriptorPropertiesKHR;
+typedef struct VkPhysicalDeviceMaintenance3Properties { VkEnum sType; void *pNext; uint32_t maxPerSetDescriptors; VkDeviceSize maxMemoryAllocationSize; } VkPhysicalDeviceMaintenance3Properties;
 typedef struct VkPhysicalDeviceFeatures { VkBool32 robustBufferAccess, fullDrawIndexUint32, imageCubeArray, independentBlend, geometryShader, tessellationShader, sampleRateShading, dualSrcBlend, logicOp, multiDrawIndirect, drawIndirectFirstInstance, depthClamp, depthBiasClamp, fillModeNonSolid, depthBounds, wideLines, largePoints, alphaToOne, multiViewport, samplerAnisotropy, textureCompressionETC2, textureCompressionASTC_LDR, textureCompressionBC, occlusionQueryPrecise, pipelineStatisticsQuery, vertexPipelineStoresAndAtomics, fragmentStoresAndAtomics, shaderTessellationAndGeometryPointSize, shaderImageGatherExtended, shaderStorageImageExtendedFormats, shaderStorageImageMultisample, shaderStorageImageReadWithoutFormat, shaderStorageImageWriteWithoutFormat, shaderUniformBufferArrayDynamicIndexing, shaderSampledImageArrayDynamicIndexing, shaderStorageBufferArrayDynamicIndexing, shaderStorageImageArrayDynamicIndexing, shaderClipDistance, shaderCullDistance, shaderFloat64, shaderInt64, shaderInt16, shaderResourceResidency, shaderResourceMinLod, sparseBinding, sparseResidencyBuffer, sparseResidencyImage2D, sparseResidencyImage3D, sparseResidency2Samples, sparseResidency4Samples, sparseResidency8Samples, sparseResidency16Samples, sparseResidencyAliased, variableMultisampleRate, inheritedQueries; } VkPhysicalDeviceFeatures;
 typedef struct VkPhysicalDeviceFeatures2 { VkEnum sType; void *pNext; VkPhysicalDeviceFeatures features; } VkPhysicalDeviceFeatures2;
 typedef struct VkPhysicalDeviceShaderFloat16Int8Features { VkEnum sType; void *pNext; VkBool32 shaderFloat16, shaderInt8; } VkPhysicalDeviceShaderFloat16Int8Features;
@@ -159,6 +160,7 @@ enum { /* VkStructureType values */
     VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES = 1000082000,
     VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES = 1000094000,
     VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT = 1000128004,
+    VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MAINTENANCE_3_PROPERTIES = 1000168000,
     VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES = 1000211000,
     VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV = 1000249000,
     VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_NV = 1000249001,
@@ -368,4 +370,184 @@ static const char *vk_result_str(VkResult r) {
     case -13: return "VK_ERROR_UNKNOWN";
     default: return "VkResult error";
     }
+}
+
+/* ============================================================================================ */
+/* 3. backend: instance, device, features                                                        */
+/* ============================================================================================ */
+#define VK_XBUFS 8            /* weight windows bound per dispatch: binding 6[0..7] (common.glsl XBUFS) */
+#define VK_ALIGN 256          /* placement alignment of tensors and bindings (>= any min offset alignment) */
+#define VK_PAD 16             /* readable slack after every tensor (dequant.glsl reads up to 16 bytes on) */
+#define VK_MAX_EXPERTS 512    /* route.glsl MAX_EXPERTS */
+#define VK_MAX_TOPK 32        /* route.glsl MAX_TOPK */
+
+/* kernels: typed ones exist per weight type, in this order of types */
+enum { VKT_F32, VKT_F16, VKT_BF16, VKT_Q8_0, VKT_Q4_0, VKT_Q4_K, VKT_Q5_K, VKT_Q6_K, VKT_MXFP4, VKT_COUNT };
+static const char *const k_vk_type_names[VKT_COUNT] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4"};
+enum { VKK_EMBED, VKK_MV, VKK_MM, VKK_MMG, VKK_MMCM, VKK_MMCMG, VKK_COUNT };
+static const char *const k_vk_kind_names[VKK_COUNT] = {"embed", "mv", "mm", "mmg", "mmcm", "mmcmg"};
+static const uint32_t k_vk_kind_wg[VKK_COUNT] = {64, 64, 256, 256, 128, 128};
+enum {
+    VKP_ADD = VKK_COUNT * VKT_COUNT, VKP_ATTN_F16, VKP_ATTN_F32, VKP_HEADWISE_F16, VKP_HEADWISE_F32, VKP_KVSTORE_F16,
+    VKP_KVSTORE_F32, VKP_MOE_COMBINE, VKP_MOE_SORT, VKP_RMSNORM, VKP_TOPK, VKP_COUNT
+};
+static const struct { const char *name; uint32_t wg; } k_vk_plain[VKP_COUNT - VKP_ADD] = {
+    {"add", 256}, {"attn_f16", 128}, {"attn_f32", 128}, {"headwise_f16", 64}, {"headwise_f32", 64},
+    {"kvstore_f16", 64}, {"kvstore_f32", 64}, {"moe_combine", 256}, {"moe_sort", 256}, {"rmsnorm", 256}, {"topk", 64},
+};
+#define VKP_TYPED(kind, t) ((kind) * VKT_COUNT + (t))
+
+static int vk_type_index(int32_t type) {
+    switch (type) {
+    case MOE_TYPE_F32: return VKT_F32;
+    case MOE_TYPE_F16: return VKT_F16;
+    case MOE_TYPE_BF16: return VKT_BF16;
+    case MOE_TYPE_Q8_0: return VKT_Q8_0;
+    case MOE_TYPE_Q4_0: return VKT_Q4_0;
+    case MOE_TYPE_Q4_K: return VKT_Q4_K;
+    case MOE_TYPE_Q5_K: return VKT_Q5_K;
+    case MOE_TYPE_Q6_K: return VKT_Q6_K;
+    case MOE_TYPE_MXFP4: return VKT_MXFP4;
+    default: return -1;
+    }
+}
+
+typedef struct vk_buf {
+    VkBuffer buf;
+    VkDeviceMemory mem;
+    VkDeviceSize size;
+    uint8_t *map;              /* host-visible buffers stay mapped */
+} vk_buf;
+
+/* Where a weight lives: parts (one unless the tensor is larger than a window) of rows
+   [row_lo, row_hi) at (window, byte offset); expert tensors: a slice of the expert tables. */
+typedef struct vk_part { uint32_t win; VkDeviceSize off, bytes; int64_t row_lo, row_hi; } vk_part;
+typedef struct vk_wt {
+    uint32_t part0, n_parts;   /* dense: parts[part0 ..] */
+    uint32_t tbl, win0;        /* experts: table entries [tbl, tbl + n_expert), windows win0 .. win0+7 */
+    int experts;
+} vk_wt;
+
+struct moe_vk_backend {
+    vk_fns f;
+    void *lib;
+    VkInstance inst;
+    VkDebugUtilsMessengerEXT messenger;
+    VkPhysicalDevice pd;
+    VkDevice dev;
+    VkQueue queue;
+    uint32_t qfam;
+    VkPhysicalDeviceProperties props;
+    VkPhysicalDeviceMemoryProperties memp;
+    uint32_t subgroup;
+    int coopmat, timestamps, validation;
+    double ts_ns;              /* nanoseconds per timestamp tick */
+    uint64_t ts_mask;
+    VkDeviceSize win_cap;      /* bytes a weight window may hold */
+    VkDescriptorSetLayout dsl;
+    VkPipelineLayout layout;
+    VkPipeline pipes[VKP_COUNT];
+    pthread_mutex_t lock;      /* lazy pipeline creation and queue submission */
+    int lock_ok;
+    vk_buf *win;               /* weight windows */
+    uint32_t n_win;
+    vk_buf tables, dummy;      /* expert tables [layer][gate, up, down][expert] uvec2; a 256-byte filler */
+    vk_part *parts;
+    uint32_t n_parts;
+    vk_wt *wts;
+    uint32_t n_wts;
+    const moe_weights *w;
+    moe_log_fn log;
+    void *log_user;
+    uint64_t weight_bytes;
+};
+
+static _Atomic long g_vk_validation_messages; /* warnings and errors reported by the validation layer */
+
+static void vk_log(const moe_vk_backend *vk, int32_t level, const char *fmt, ...) {
+    if (!vk || !vk->log) return;
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    vk->log(level, buf, vk->log_user);
+}
+
+static VkBool32 VKAPI_PTR vk_messenger_cb(VkFlags severity, VkFlags types, const VkDebugUtilsMessengerCallbackDataEXT *data,
+                                          void *user) {
+    const moe_vk_backend *vk = user;
+    int bad = (severity & (VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT)) != 0;
+    if (bad) g_vk_validation_messages++;
+    if (bad || (types & VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT))
+        vk_log(vk, (severity & VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT) ? MOE_LOG_ERROR : bad ? MOE_LOG_WARN : MOE_LOG_DEBUG,
+               "vulkan validation: %s", data && data->pMessage ? data->pMessage : "(no message)");
+    return 0;
+}
+
+static int vk_env_on(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+static moe_status vk_fail(moe_status st, const char *fmt, ...) {
+    char buf[480];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    moe_internal_set_error(st, "%s", buf);
+    return st;
+}
+
+static int vk_has_ext(const VkExtensionProperties *e, uint32_t n, const char *name) {
+    for (uint32_t i = 0; i < n; i++)
+        if (!strcmp(e[i].extensionName, name)) return 1;
+    return 0;
+}
+
+static moe_status vk_create_instance(moe_vk_backend *vk) {
+    vk_fns *f = &vk->f;
+    const char *layers[1], *exts[1];
+    uint32_t n_layers = 0, n_exts = 0;
+    VkDebugUtilsMessengerCreateInfoEXT mci = {VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT, NULL, 0,
+        VK_DEBUG_UTILS_MESSAGE_SEVERITY_INFO_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT |
+            VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT,
+        VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
+            VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT,
+        vk_messenger_cb, vk};
+    if (vk_env_on("MOE_VK_VALIDATION")) {
+        uint32_t n = 0;
+        VkLayerProperties *lp = NULL;
+        int have_layer = 0, have_utils = 0;
+        if (f->EnumerateInstanceLayerProperties(&n, NULL) == VK_SUCCESS && n && (lp = calloc(n, sizeof *lp)) &&
+            f->EnumerateInstanceLayerProperties(&n, lp) >= VK_SUCCESS)
+            for (uint32_t i = 0; i < n; i++) have_layer |= !strcmp(lp[i].layerName, "VK_LAYER_KHRONOS_validation");
+        free(lp);
+        VkExtensionProperties *ep = NULL;
+        n = 0;
+        if (f->EnumerateInstanceExtensionProperties(NULL, &n, NULL) == VK_SUCCESS && n && (ep = calloc(n, sizeof *ep)) &&
+            f->EnumerateInstanceExtensionProperties(NULL, &n, ep) >= VK_SUCCESS)
+            have_utils = vk_has_ext(ep, n, "VK_EXT_debug_utils");
+        free(ep);
+        if (have_layer && have_utils) {
+            layers[n_layers++] = "VK_LAYER_KHRONOS_validation";
+            exts[n_exts++] = "VK_EXT_debug_utils";
+            vk->validation = 1;
+        } else
+            vk_log(vk, MOE_LOG_WARN, "MOE_VK_VALIDATION is set but %s is not available (Debian: vulkan-validationlayers)",
+                   have_layer ? "VK_EXT_debug_utils" : "VK_LAYER_KHRONOS_validation");
+    }
+    VkApplicationInfo app = {VK_STRUCTURE_TYPE_APPLICATION_INFO, NULL, "moe", 1, "moe", 1, VK_API_VERSION_1_2};
+    VkInstanceCreateInfo ici = {VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO, vk->validation ? &mci : NULL, 0, &app,
+                                n_layers, layers, n_exts, exts};
+    VkResult r = f->CreateInstance(&ici, NULL, &vk->inst);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreateInstance failed (%s)", vk_result_str(r));
+    const char *missing = vk_load_instance(f, vk->inst);
+    if (missing) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the loader lacks %s", missing);
+    if (vk->validation && f->CreateDebugUtilsMessengerEXT) {
+        r = f->CreateDebugUtilsMessengerEXT(vk->inst, &mci, NULL, &vk->messenger);
+        if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreateDebugUtilsMessengerEXT failed (%s)", vk_result_str(r));
+    }
+    return MOE_OK;
 }
