@@ -551,3 +551,179 @@ static moe_status vk_create_instance(moe_vk_backend *vk) {
     }
     return MOE_OK;
 }
+
+/* What a physical device offers; why[] is empty when it can run moe. */
+typedef struct vk_probe {
+    VkPhysicalDevice pd;
+    VkPhysicalDeviceProperties props;
+    uint32_t qfam, subgroup, ts_bits;
+    VkDeviceSize max_alloc;
+    int coopmat;
+    char why[200];
+} vk_probe;
+
+static VkDeviceSize g_vk_window_cap_override; /* test hook: smaller weight windows to exercise splits */
+
+static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p) {
+    vk_fns *f = &vk->f;
+    memset(p, 0, sizeof *p);
+    p->pd = pd;
+    VkPhysicalDeviceSubgroupProperties sg = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES, NULL, 0, 0, 0, 0};
+    VkPhysicalDevicePushDescriptorPropertiesKHR pdp = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PUSH_DESCRIPTOR_PROPERTIES_KHR, &sg, 0};
+    VkPhysicalDeviceMaintenance3Properties m3 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_MAINTENANCE_3_PROPERTIES, &pdp, 0, 0};
+    VkPhysicalDeviceProperties2 pr2;
+    memset(&pr2, 0, sizeof pr2);
+    pr2.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2;
+    pr2.pNext = &m3;
+    f->GetPhysicalDeviceProperties(pd, &p->props);
+    const VkPhysicalDeviceLimits *lim = &p->props.limits;
+    const char *name = p->props.deviceName;
+    if (p->props.apiVersion < VK_API_VERSION_1_2) {
+        snprintf(p->why, sizeof p->why, "%s: Vulkan %u.%u, 1.2 is needed", name, VK_VERSION_MAJOR(p->props.apiVersion),
+                 VK_VERSION_MINOR(p->props.apiVersion));
+        return;
+    }
+    f->GetPhysicalDeviceProperties2(pd, &pr2);
+    p->subgroup = sg.subgroupSize;
+    p->max_alloc = m3.maxMemoryAllocationSize ? m3.maxMemoryAllocationSize : ((VkDeviceSize)1 << 30);
+    uint32_t nq = 0;
+    f->GetPhysicalDeviceQueueFamilyProperties(pd, &nq, NULL);
+    VkQueueFamilyProperties qf[32];
+    if (nq > 32) nq = 32;
+    f->GetPhysicalDeviceQueueFamilyProperties(pd, &nq, qf);
+    int q = -1;
+    for (uint32_t i = 0; i < nq; i++) /* a compute queue; one that also has timestamps is better */
+        if ((qf[i].queueFlags & VK_QUEUE_COMPUTE_BIT) && (q < 0 || (!qf[q].timestampValidBits && qf[i].timestampValidBits))) q = (int)i;
+    uint32_t n_ext = 0;
+    VkExtensionProperties *ext = NULL;
+    if (f->EnumerateDeviceExtensionProperties(pd, NULL, &n_ext, NULL) == VK_SUCCESS && n_ext)
+        ext = calloc(n_ext, sizeof *ext);
+    if (ext && f->EnumerateDeviceExtensionProperties(pd, NULL, &n_ext, ext) < VK_SUCCESS) n_ext = 0;
+    VkPhysicalDeviceCooperativeMatrixFeaturesNV cmf = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV, NULL, 0, 0};
+    VkPhysicalDeviceVulkanMemoryModelFeatures vmm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, NULL, 0, 0, 0};
+    VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES, &vmm, 0, 0};
+    int has_cm_ext = ext && vk_has_ext(ext, n_ext, "VK_NV_cooperative_matrix");
+    if (has_cm_ext) vmm.pNext = &cmf;
+    VkPhysicalDeviceFeatures2 ft;
+    memset(&ft, 0, sizeof ft);
+    ft.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2;
+    ft.pNext = &f16;
+    f->GetPhysicalDeviceFeatures2(pd, &ft);
+    const uint32_t sg_need = VK_SUBGROUP_FEATURE_BASIC_BIT | VK_SUBGROUP_FEATURE_ARITHMETIC_BIT;
+    if (q < 0) snprintf(p->why, sizeof p->why, "%s: no compute queue", name);
+    else if (!ext || !vk_has_ext(ext, n_ext, "VK_KHR_push_descriptor"))
+        snprintf(p->why, sizeof p->why, "%s: lacks VK_KHR_push_descriptor", name);
+    else if (!(sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) || (sg.supportedOperations & sg_need) != sg_need || sg.subgroupSize < 4)
+        snprintf(p->why, sizeof p->why, "%s: lacks subgroup arithmetic in compute shaders (or subgroups of >= 4)", name);
+    else if (!ft.features.shaderStorageBufferArrayDynamicIndexing)
+        snprintf(p->why, sizeof p->why, "%s: lacks shaderStorageBufferArrayDynamicIndexing", name);
+    else if (pdp.maxPushDescriptors < 6 + VK_XBUFS + 1 || lim->maxPerStageDescriptorStorageBuffers < 6 + VK_XBUFS + 1)
+        snprintf(p->why, sizeof p->why, "%s: fewer than %d storage-buffer (push) descriptors per stage", name, 6 + VK_XBUFS + 1);
+    else if (lim->maxComputeSharedMemorySize < 32768 || lim->maxComputeWorkGroupInvocations < 256 || lim->maxPushConstantsSize < 128)
+        snprintf(p->why, sizeof p->why, "%s: compute limits too small (32 KiB shared memory, 256 invocations needed)", name);
+    else if (lim->maxStorageBufferRange < (1u << 24))
+        snprintf(p->why, sizeof p->why, "%s: maxStorageBufferRange %u is below 16 MiB", name, lim->maxStorageBufferRange);
+    if (!p->why[0]) {
+        p->qfam = (uint32_t)q;
+        p->ts_bits = lim->timestampComputeAndGraphics ? qf[q].timestampValidBits : 0;
+    }
+    /* tensor cores: GL_NV_cooperative_matrix 16x8x16, f16 inputs, f32 accumulators, subgroup of 32 */
+    if (!p->why[0] && has_cm_ext && cmf.cooperativeMatrix && f16.shaderFloat16 && vmm.vulkanMemoryModel && sg.subgroupSize == 32 &&
+        lim->maxComputeSharedMemorySize >= 36 * 1024 && f->GetPhysicalDeviceCooperativeMatrixPropertiesNV && !vk_env_on("MOE_VK_NO_COOPMAT")) {
+        uint32_t n = 0;
+        VkCooperativeMatrixPropertiesNV cp[64];
+        if (f->GetPhysicalDeviceCooperativeMatrixPropertiesNV(pd, &n, NULL) >= VK_SUCCESS) {
+            if (n > 64) n = 64;
+            for (uint32_t i = 0; i < n; i++) {
+                memset(&cp[i], 0, sizeof cp[i]);
+                cp[i].sType = VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_NV;
+            }
+            if (f->GetPhysicalDeviceCooperativeMatrixPropertiesNV(pd, &n, cp) >= VK_SUCCESS)
+                for (uint32_t i = 0; i < n; i++)
+                    p->coopmat |= cp[i].MSize == 16 && cp[i].NSize == 8 && cp[i].KSize == 16 && cp[i].AType == VK_COMPONENT_TYPE_FLOAT16_NV &&
+                                  cp[i].BType == VK_COMPONENT_TYPE_FLOAT16_NV && cp[i].CType == VK_COMPONENT_TYPE_FLOAT32_NV &&
+                                  cp[i].DType == VK_COMPONENT_TYPE_FLOAT32_NV && cp[i].scope == VK_SCOPE_SUBGROUP_NV;
+        }
+    }
+    free(ext);
+}
+
+static int vk_type_rank(VkEnum t) {
+    switch (t) {
+    case VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU: return 0;
+    case VK_PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU: return 1;
+    case VK_PHYSICAL_DEVICE_TYPE_VIRTUAL_GPU: return 2;
+    case VK_PHYSICAL_DEVICE_TYPE_CPU: return 3;
+    default: return 4;
+    }
+}
+
+/* Picks the device_index-th usable device, discrete GPUs first, and creates the logical device. */
+static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
+    vk_fns *f = &vk->f;
+    uint32_t n = 0;
+    VkResult r = f->EnumeratePhysicalDevices(vk->inst, &n, NULL);
+    if (r != VK_SUCCESS || n == 0) return vk_fail(MOE_ERR_DEVICE, "Vulkan: no physical device (is a driver installed? Debian: mesa-vulkan-drivers)");
+    VkPhysicalDevice pds[16];
+    vk_probe probes[16];
+    if (n > 16) n = 16;
+    r = f->EnumeratePhysicalDevices(vk->inst, &n, pds);
+    if (r < VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkEnumeratePhysicalDevices failed (%s)", vk_result_str(r));
+    int order[16], n_ok = 0;
+    char why[480] = "";
+    for (uint32_t i = 0; i < n; i++) {
+        vk_probe_device(vk, pds[i], &probes[i]);
+        if (probes[i].why[0]) {
+            size_t l = strlen(why);
+            snprintf(why + l, sizeof why - l, "%s%s", l ? "; " : "", probes[i].why);
+            continue;
+        }
+        int j = n_ok++; /* insertion by rank, stable */
+        while (j > 0 && vk_type_rank(probes[order[j - 1]].props.deviceType) > vk_type_rank(probes[i].props.deviceType)) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = (int)i;
+    }
+    if (n_ok == 0) return vk_fail(MOE_ERR_DEVICE, "Vulkan: no usable device (%s)", why);
+    if (device_index >= n_ok)
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: device_index %d but only %d usable device(s)", device_index, n_ok);
+    const vk_probe *p = &probes[order[device_index]];
+    vk->pd = p->pd;
+    vk->props = p->props;
+    vk->qfam = p->qfam;
+    vk->subgroup = p->subgroup;
+    vk->coopmat = p->coopmat;
+    vk->timestamps = p->ts_bits > 0;
+    vk->ts_ns = p->props.limits.timestampPeriod;
+    vk->ts_mask = p->ts_bits >= 64 ? ~0ull : (1ull << p->ts_bits) - 1;
+    f->GetPhysicalDeviceMemoryProperties(vk->pd, &vk->memp);
+    VkDeviceSize cap = p->props.limits.maxStorageBufferRange;
+    if (cap > p->max_alloc) cap = p->max_alloc;
+    if (cap > 0xffffffffull) cap = 0xffffffffull;
+    if (g_vk_window_cap_override && g_vk_window_cap_override < cap) cap = g_vk_window_cap_override;
+    vk->win_cap = (cap - VK_ALIGN) / VK_ALIGN * VK_ALIGN;
+
+    float prio = 1.0f;
+    VkDeviceQueueCreateInfo qci = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, vk->qfam, 1, &prio};
+    const char *exts[2] = {"VK_KHR_push_descriptor", "VK_NV_cooperative_matrix"};
+    VkPhysicalDeviceCooperativeMatrixFeaturesNV cmf = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV, NULL, 1, 0};
+    VkPhysicalDeviceVulkanMemoryModelFeatures vmm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, &cmf, 1, 0, 0};
+    VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES, &vmm, 1, 0};
+    VkPhysicalDeviceFeatures2 ft;
+    memset(&ft, 0, sizeof ft);
+    ft.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2;
+    ft.pNext = vk->coopmat ? &f16 : NULL;
+    ft.features.shaderStorageBufferArrayDynamicIndexing = 1;
+    VkDeviceCreateInfo dci = {VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, &ft, 0, 1, &qci, 0, NULL, vk->coopmat ? 2u : 1u, exts, NULL};
+    r = f->CreateDevice(vk->pd, &dci, NULL, &vk->dev);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreateDevice on %s failed (%s)", p->props.deviceName, vk_result_str(r));
+    const char *missing = vk_load_device(f, vk->dev);
+    if (missing) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the driver of %s lacks %s", p->props.deviceName, missing);
+    f->GetDeviceQueue(vk->dev, vk->qfam, 0, &vk->queue);
+    vk_log(vk, MOE_LOG_INFO, "Vulkan device %d: %s (Vulkan %u.%u, subgroup %u, max storage buffer %u MiB%s%s%s)", device_index,
+           p->props.deviceName, VK_VERSION_MAJOR(p->props.apiVersion), VK_VERSION_MINOR(p->props.apiVersion), vk->subgroup,
+           (unsigned)(p->props.limits.maxStorageBufferRange >> 20), vk->coopmat ? ", NV cooperative matrix" : "",
+           vk->timestamps ? ", timestamps" : "", vk->validation ? ", validation layer on" : "");
+    return MOE_OK;
+}
