@@ -727,3 +727,219 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
            vk->timestamps ? ", timestamps" : "", vk->validation ? ", validation layer on" : "");
     return MOE_OK;
 }
+
+/* ============================================================================================ */
+/* 4. memory                                                                                     */
+/* ============================================================================================ */
+enum { VK_MEM_DEVICE, VK_MEM_HOST, VK_MEM_HOST_READ };
+
+static VkDeviceSize vk_align_up(VkDeviceSize v, VkDeviceSize a) { return (v + a - 1) / a * a; }
+
+/* a memory type in bits with all of want; prefer also: first try want|prefer */
+static int vk_mem_type(const moe_vk_backend *vk, uint32_t bits, VkFlags want, VkFlags prefer) {
+    for (int pass = 0; pass < 2; pass++) {
+        VkFlags need = pass == 0 ? want | prefer : want;
+        for (uint32_t i = 0; i < vk->memp.memoryTypeCount; i++)
+            if ((bits & (1u << i)) && (vk->memp.memoryTypes[i].propertyFlags & need) == need) return (int)i;
+    }
+    return -1;
+}
+
+static void vk_buf_free(moe_vk_backend *vk, vk_buf *b) {
+    if (!vk || !vk->dev || !b) return;
+    if (b->buf) vk->f.DestroyBuffer(vk->dev, b->buf, NULL);
+    if (b->mem) vk->f.FreeMemory(vk->dev, b->mem, NULL); /* frees the mapping too */
+    memset(b, 0, sizeof *b);
+}
+
+/* A storage buffer with its own memory: device-local, or host-visible + coherent (and mapped). */
+static moe_status vk_buf_new(moe_vk_backend *vk, vk_buf *b, VkDeviceSize size, int kind, const char *what) {
+    vk_fns *f = &vk->f;
+    memset(b, 0, sizeof *b);
+    size = vk_align_up(size ? size : 4, 4);
+    VkBufferCreateInfo bci = {VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, NULL, 0, size,
+                              VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT,
+                              VK_SHARING_MODE_EXCLUSIVE, 0, NULL};
+    VkResult r = f->CreateBuffer(vk->dev, &bci, NULL, &b->buf);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreateBuffer (%s, %llu bytes) failed (%s)", what, (unsigned long long)size, vk_result_str(r));
+    VkMemoryRequirements req;
+    f->GetBufferMemoryRequirements(vk->dev, b->buf, &req);
+    int t = kind == VK_MEM_DEVICE ? vk_mem_type(vk, req.memoryTypeBits, VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, 0)
+          : vk_mem_type(vk, req.memoryTypeBits, VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT,
+                        kind == VK_MEM_HOST_READ ? VK_MEMORY_PROPERTY_HOST_CACHED_BIT : 0);
+    if (t < 0) {
+        vk_buf_free(vk, b);
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: no suitable memory type for %s", what);
+    }
+    VkMemoryAllocateInfo mai = {VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO, NULL, req.size, (uint32_t)t};
+    r = f->AllocateMemory(vk->dev, &mai, NULL, &b->mem);
+    if (r == VK_SUCCESS) r = f->BindBufferMemory(vk->dev, b->buf, b->mem, 0);
+    if (r == VK_SUCCESS && kind != VK_MEM_DEVICE) {
+        void *p = NULL;
+        r = f->MapMemory(vk->dev, b->mem, 0, VK_WHOLE_SIZE, 0, &p);
+        b->map = p;
+    }
+    if (r != VK_SUCCESS) {
+        vk_buf_free(vk, b);
+        return vk_fail(r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY ? MOE_ERR_NO_MEMORY : MOE_ERR_DEVICE,
+                       "Vulkan: allocating %.1f MiB for %s failed (%s)", (double)size / 1048576.0, what, vk_result_str(r));
+    }
+    b->size = size;
+    return MOE_OK;
+}
+
+/* ---- transfers: host <-> device buffers through two host-visible staging halves, so that the
+   CPU fills one half while the GPU copies the other. Errors stick in x->st. ---- */
+typedef struct vk_region { VkBuffer buf; VkDeviceSize soff, doff, size; uint8_t *host; } vk_region;
+typedef struct vk_half { vk_buf stage; VkCommandBuffer cb; VkFence fence; vk_region *reg; int n, cap, pending; } vk_half;
+typedef struct vk_xfer {
+    moe_vk_backend *vk;
+    VkCommandPool pool;
+    vk_half h[2];
+    int cur, download;
+    VkDeviceSize fill, half_size;
+    moe_status st;
+} vk_xfer;
+
+static moe_status vk_wait_fence(moe_vk_backend *vk, VkFence fence, const char *what) {
+    VkResult r = vk->f.WaitForFences(vk->dev, 1, &fence, 1, 120ull * 1000000000ull);
+    if (r == VK_SUCCESS) r = vk->f.ResetFences(vk->dev, 1, &fence);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: waiting for %s failed (%s)", what, vk_result_str(r));
+    return MOE_OK;
+}
+
+static moe_status vk_submit(moe_vk_backend *vk, VkCommandBuffer cb, VkFence fence, const char *what) {
+    VkSubmitInfo si = {VK_STRUCTURE_TYPE_SUBMIT_INFO, NULL, 0, NULL, NULL, 1, &cb, 0, NULL};
+    pthread_mutex_lock(&vk->lock);
+    VkResult r = vk->f.QueueSubmit(vk->queue, 1, &si, fence);
+    pthread_mutex_unlock(&vk->lock);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkQueueSubmit (%s) failed (%s)", what, vk_result_str(r));
+    return MOE_OK;
+}
+
+static void vk_xfer_wait(vk_xfer *x, int i) {
+    vk_half *h = &x->h[i];
+    if (!h->pending) return;
+    h->pending = 0;
+    moe_status st = vk_wait_fence(x->vk, h->fence, "a transfer");
+    if (st && !x->st) x->st = st;
+    if (!st && x->download)
+        for (int k = 0; k < h->n; k++) memcpy(h->reg[k].host, h->stage.map + h->reg[k].soff, h->reg[k].size);
+    h->n = 0;
+}
+
+static void vk_xfer_flush(vk_xfer *x) {
+    vk_half *h = &x->h[x->cur];
+    if (x->st || h->n == 0) return;
+    vk_fns *f = &x->vk->f;
+    VkCommandBufferBeginInfo bi = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO, NULL, VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT, NULL};
+    VkResult r = f->ResetCommandBuffer(h->cb, 0);
+    if (r == VK_SUCCESS) r = f->BeginCommandBuffer(h->cb, &bi);
+    if (r != VK_SUCCESS) {
+        x->st = vk_fail(MOE_ERR_DEVICE, "Vulkan: recording a transfer failed (%s)", vk_result_str(r));
+        return;
+    }
+    /* make earlier device writes visible to the copies, and the copies to later work */
+    VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_WRITE_BIT | VK_ACCESS_HOST_WRITE_BIT,
+                          VK_ACCESS_TRANSFER_READ_BIT | VK_ACCESS_TRANSFER_WRITE_BIT};
+    f->CmdPipelineBarrier(h->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT | VK_PIPELINE_STAGE_HOST_BIT,
+                          VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    for (int k = 0; k < h->n; k++) {
+        VkBufferCopy c = {h->reg[k].soff, h->reg[k].doff, h->reg[k].size};
+        if (x->download) {
+            c.srcOffset = h->reg[k].doff;
+            c.dstOffset = h->reg[k].soff;
+            f->CmdCopyBuffer(h->cb, h->reg[k].buf, h->stage.buf, 1, &c);
+        } else
+            f->CmdCopyBuffer(h->cb, h->stage.buf, h->reg[k].buf, 1, &c);
+    }
+    VkMemoryBarrier mb2 = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT,
+                           VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_HOST_READ_BIT};
+    f->CmdPipelineBarrier(h->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_HOST_BIT,
+                          0, 1, &mb2, 0, NULL, 0, NULL);
+    r = f->EndCommandBuffer(h->cb);
+    if (r != VK_SUCCESS) {
+        x->st = vk_fail(MOE_ERR_DEVICE, "Vulkan: recording a transfer failed (%s)", vk_result_str(r));
+        return;
+    }
+    moe_status st = vk_submit(x->vk, h->cb, h->fence, "transfer");
+    if (st) {
+        x->st = st;
+        return;
+    }
+    h->pending = 1;
+    x->cur ^= 1;
+    x->fill = 0;
+    vk_xfer_wait(x, x->cur);
+}
+
+/* queues a copy of n bytes between host and (buf, off) */
+static void vk_xfer_copy(vk_xfer *x, uint8_t *host, VkDeviceSize n, VkBuffer buf, VkDeviceSize off) {
+    while (n > 0 && !x->st) {
+        vk_half *h = &x->h[x->cur];
+        if (x->fill + 16 > x->half_size || h->n == h->cap) {
+            vk_xfer_flush(x);
+            continue;
+        }
+        VkDeviceSize c = x->half_size - x->fill < n ? x->half_size - x->fill : n;
+        vk_region *g = &h->reg[h->n++];
+        g->buf = buf;
+        g->soff = x->fill;
+        g->doff = off;
+        g->size = c;
+        g->host = host;
+        if (!x->download) memcpy(h->stage.map + x->fill, host, c);
+        x->fill = vk_align_up(x->fill + c, 16);
+        host += c;
+        off += c;
+        n -= c;
+    }
+}
+
+static moe_status vk_xfer_end(vk_xfer *x) {
+    if (!x->st) vk_xfer_flush(x);
+    for (int i = 0; i < 2; i++) vk_xfer_wait(x, i);
+    moe_vk_backend *vk = x->vk;
+    for (int i = 0; i < 2; i++) {
+        if (x->h[i].fence) vk->f.DestroyFence(vk->dev, x->h[i].fence, NULL);
+        vk_buf_free(vk, &x->h[i].stage);
+        free(x->h[i].reg);
+    }
+    if (x->pool) vk->f.DestroyCommandPool(vk->dev, x->pool, NULL);
+    moe_status st = x->st;
+    memset(x, 0, sizeof *x);
+    return st;
+}
+
+static moe_status vk_xfer_begin(moe_vk_backend *vk, vk_xfer *x, VkDeviceSize half, int download) {
+    memset(x, 0, sizeof *x);
+    x->vk = vk;
+    x->download = download;
+    x->half_size = half;
+    vk_fns *f = &vk->f;
+    VkCommandPoolCreateInfo pci = {VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO, NULL, VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, vk->qfam};
+    VkResult r = f->CreateCommandPool(vk->dev, &pci, NULL, &x->pool);
+    VkCommandBuffer cbs[2] = {0, 0};
+    VkCommandBufferAllocateInfo cai = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, NULL, x->pool, VK_COMMAND_BUFFER_LEVEL_PRIMARY, 2};
+    if (r == VK_SUCCESS) r = f->AllocateCommandBuffers(vk->dev, &cai, cbs);
+    VkFenceCreateInfo fci = {VK_STRUCTURE_TYPE_FENCE_CREATE_INFO, NULL, 0};
+    for (int i = 0; i < 2 && r == VK_SUCCESS; i++) {
+        x->h[i].cb = cbs[i];
+        r = f->CreateFence(vk->dev, &fci, NULL, &x->h[i].fence);
+    }
+    if (r != VK_SUCCESS) {
+        x->st = vk_fail(MOE_ERR_DEVICE, "Vulkan: setting up a transfer failed (%s)", vk_result_str(r));
+        return vk_xfer_end(x);
+    }
+    for (int i = 0; i < 2; i++) {
+        moe_status st = vk_buf_new(vk, &x->h[i].stage, half, download ? VK_MEM_HOST_READ : VK_MEM_HOST, "a staging buffer");
+        x->h[i].cap = 1024;
+        x->h[i].reg = calloc((size_t)x->h[i].cap, sizeof(vk_region));
+        if (!st && !x->h[i].reg) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        if (st) {
+            x->st = st;
+            return vk_xfer_end(x);
+        }
+    }
+    return MOE_OK;
+}
