@@ -943,3 +943,181 @@ static moe_status vk_xfer_begin(moe_vk_backend *vk, vk_xfer *x, VkDeviceSize hal
     }
     return MOE_OK;
 }
+
+/* ---- weights: placement into windows, upload, expert tables ---- */
+typedef struct vk_placer { VkDeviceSize cap, used; uint32_t cur; VkDeviceSize *win_used; uint32_t n_win, win_cap_n; } vk_placer;
+
+/* room for bytes (+ padding) in the current window, or a new window; returns 0 when out of memory */
+static int vk_place(vk_placer *p, VkDeviceSize bytes, uint32_t *win, VkDeviceSize *off) {
+    VkDeviceSize at = vk_align_up(p->used, VK_ALIGN);
+    if (p->n_win == 0 || at + bytes + VK_PAD > p->cap) {
+        if (p->n_win == p->win_cap_n) {
+            uint32_t nc = p->win_cap_n ? 2 * p->win_cap_n : 16;
+            VkDeviceSize *nw = realloc(p->win_used, nc * sizeof *nw);
+            if (!nw) return 0;
+            p->win_used = nw;
+            p->win_cap_n = nc;
+        }
+        p->cur = p->n_win++;
+        at = 0;
+    }
+    *win = p->cur;
+    *off = at;
+    p->used = at + bytes + VK_PAD;
+    p->win_used[p->cur] = p->used;
+    return 1;
+}
+
+/* the weights of the model in a fixed order; i < 3 + 12 n_layer */
+static moe_weight *vk_weight_at(const moe_weights *w, int i) {
+    moe_weights *mw = (moe_weights *)(uintptr_t)w; /* w->dev is the backend's to set */
+    if (i == 0) return &mw->tok_embd;
+    if (i == 1) return &mw->output_norm;
+    if (i == 2) return &mw->output;
+    moe_layer *L = &mw->layers[(i - 3) / 12];
+    moe_weight *all[12] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo, &L->q_norm, &L->k_norm,
+                           &L->ffn_norm, &L->router, &L->gate_exps, &L->up_exps, &L->down_exps};
+    return all[(i - 3) % 12];
+}
+
+/* checks what the kernels assume about a weight */
+static moe_status vk_check_weight(const moe_weight *w) {
+    if (vk_type_index(w->type) < 0) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: tensor '%s' has type %d, which has no kernel", w->name, w->type);
+    if (w->n_dims >= 2 && w->ne[0] % 16)
+        return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: tensor '%s' has rows of %lld elements (kernels need a multiple of 16)", w->name, (long long)w->ne[0]);
+    if (w->n_dims == 1 && w->type != MOE_TYPE_F32) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: 1-D tensor '%s' is not f32", w->name);
+    return MOE_OK;
+}
+
+static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
+    const moe_hparams *hp = &w->hp;
+    int n = 3 + 12 * hp->n_layer;
+    moe_status st = MOE_OK;
+    vk_placer pl = {vk->win_cap, 0, 0, NULL, 0, 0};
+    uint32_t E = (uint32_t)hp->n_expert;
+    size_t n_tbl = (size_t)hp->n_layer * 3 * E;
+    uint32_t *tbl = calloc(n_tbl ? 2 * n_tbl : 2, sizeof *tbl);      /* (window, offset) pairs, absolute for now */
+    VkDeviceSize *tbl_off = calloc(n_tbl ? n_tbl : 1, sizeof *tbl_off); /* full offsets, to check the 32-bit range */
+    vk->wts = calloc((size_t)n, sizeof *vk->wts);
+    vk->parts = NULL;
+    uint32_t parts_cap = 0;
+    if (!tbl || !tbl_off || !vk->wts) {
+        st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        goto done;
+    }
+    vk->n_wts = (uint32_t)n;
+    /* 1. placement */
+    for (int i = 0; i < n && !st; i++) {
+        moe_weight *mw = vk_weight_at(w, i);
+        vk_wt *wt = &vk->wts[i];
+        if (i == 2 && mw->data == w->tok_embd.data) { /* tied output: share the embedding's placement */
+            *wt = vk->wts[0];
+            continue;
+        }
+        if ((st = vk_check_weight(mw))) break;
+        if (mw->n_dims == 3) {
+            int l = (i - 3) / 12, k = (i - 3) % 12 - 9; /* 0 gate, 1 up, 2 down */
+            wt->experts = 1;
+            wt->tbl = (uint32_t)(((size_t)l * 3 + (size_t)k) * E);
+            if (mw->expert_bytes + VK_PAD > vk->win_cap) {
+                st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one expert of '%s' (%llu bytes) exceeds a storage window (%llu bytes)", mw->name,
+                             (unsigned long long)mw->expert_bytes, (unsigned long long)vk->win_cap);
+                break;
+            }
+            for (uint32_t e = 0; e < E && !st; e++) {
+                uint32_t win;
+                VkDeviceSize off;
+                if (!vk_place(&pl, mw->expert_bytes, &win, &off)) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+                tbl[2 * (wt->tbl + e)] = win;
+                tbl_off[wt->tbl + e] = off;
+            }
+            continue;
+        }
+        int64_t rows = mw->n_dims == 1 ? 1 : mw->ne[1];
+        uint64_t rb = mw->n_dims == 1 ? mw->nbytes : mw->row_bytes;
+        int64_t per = (int64_t)((vk->win_cap - VK_PAD) / rb);
+        if (per < 1) {
+            st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: a row of '%s' exceeds a storage window", mw->name);
+            break;
+        }
+        wt->part0 = vk->n_parts;
+        for (int64_t r0 = 0; r0 < rows && !st; r0 += per) {
+            if (vk->n_parts == parts_cap) {
+                parts_cap = parts_cap ? 2 * parts_cap : 256;
+                vk_part *np = realloc(vk->parts, parts_cap * sizeof *np);
+                if (!np) {
+                    st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+                    break;
+                }
+                vk->parts = np;
+            }
+            vk_part *p = &vk->parts[vk->n_parts++];
+            p->row_lo = r0;
+            p->row_hi = r0 + per < rows ? r0 + per : rows;
+            p->bytes = (VkDeviceSize)(p->row_hi - p->row_lo) * rb;
+            if (!vk_place(&pl, p->bytes, &p->win, &p->off)) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+            wt->n_parts++;
+        }
+    }
+    /* per layer, the windows of its expert tensors must fit the 8-entry binding; entries become relative */
+    for (int l = 0; l < hp->n_layer && !st; l++) {
+        uint32_t lo = UINT32_MAX, hi = 0;
+        for (size_t j = (size_t)l * 3 * E; j < (size_t)(l + 1) * 3 * E; j++) {
+            lo = tbl[2 * j] < lo ? tbl[2 * j] : lo;
+            hi = tbl[2 * j] > hi ? tbl[2 * j] : hi;
+        }
+        if (hi - lo >= VK_XBUFS) {
+            st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: the experts of layer %d span %u storage windows (at most %d)", l, hi - lo + 1, VK_XBUFS);
+            break;
+        }
+        for (int k = 0; k < 3; k++) vk->wts[3 + 12 * l + 9 + k].win0 = lo;
+        for (size_t j = (size_t)l * 3 * E; j < (size_t)(l + 1) * 3 * E; j++) {
+            tbl[2 * j] -= lo;
+            tbl[2 * j + 1] = (uint32_t)tbl_off[j];
+        }
+    }
+    if (st) goto done;
+    /* 2. windows */
+    vk->win = calloc(pl.n_win ? pl.n_win : 1, sizeof *vk->win);
+    if (!vk->win) {
+        st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        goto done;
+    }
+    for (uint32_t i = 0; i < pl.n_win && !st; i++) {
+        st = vk_buf_new(vk, &vk->win[i], vk_align_up(pl.win_used[i], VK_ALIGN), VK_MEM_DEVICE, "weights");
+        if (!st) {
+            vk->n_win++;
+            vk->weight_bytes += vk->win[i].size;
+        }
+    }
+    if (!st) st = vk_buf_new(vk, &vk->tables, (VkDeviceSize)(n_tbl ? n_tbl : 1) * 8, VK_MEM_DEVICE, "expert tables");
+    if (st) goto done;
+    /* 3. upload */
+    vk_xfer x;
+    if ((st = vk_xfer_begin(vk, &x, (VkDeviceSize)32 << 20, 0))) goto done;
+    for (int i = 0; i < n; i++) {
+        moe_weight *mw = vk_weight_at(w, i);
+        vk_wt *wt = &vk->wts[i];
+        mw->dev = wt;
+        if (i == 2 && mw->data == w->tok_embd.data) continue;
+        if (wt->experts) {
+            for (uint32_t e = 0; e < E; e++) {
+                size_t j = wt->tbl + e;
+                vk_xfer_copy(&x, (uint8_t *)(uintptr_t)mw->expert_data[e], mw->expert_bytes, vk->win[tbl[2 * j] + wt->win0].buf, tbl[2 * j + 1]);
+            }
+            continue;
+        }
+        uint64_t rb = mw->n_dims == 1 ? mw->nbytes : mw->row_bytes;
+        for (uint32_t k = 0; k < wt->n_parts; k++) {
+            const vk_part *p = &vk->parts[wt->part0 + k];
+            vk_xfer_copy(&x, (uint8_t *)(uintptr_t)mw->data + (uint64_t)p->row_lo * rb, p->bytes, vk->win[p->win].buf, p->off);
+        }
+    }
+    vk_xfer_copy(&x, (uint8_t *)tbl, (VkDeviceSize)n_tbl * 8, vk->tables.buf, 0);
+    st = vk_xfer_end(&x);
+done:
+    free(pl.win_used);
+    free(tbl);
+    free(tbl_off);
+    return st;
+}
