@@ -1121,3 +1121,146 @@ done:
     free(tbl_off);
     return st;
 }
+
+/* ============================================================================================ */
+/* 5. pipelines                                                                                  */
+/* ============================================================================================ */
+#define VK_PC_WORDS 20 /* every dispatch pushes 80 bytes: a superset of each shader's push-constant block */
+
+static const moe_spirv *vk_find_spirv(const char *name) {
+    size_t lo = 0, hi = moe_vk_spirv_count;
+    while (lo < hi) { /* the table is sorted by name */
+        size_t mid = (lo + hi) / 2;
+        int c = strcmp(moe_vk_spirv[mid].name, name);
+        if (c == 0) return &moe_vk_spirv[mid];
+        if (c < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    return NULL;
+}
+
+/* The pipeline of kernel id, built on first use (under the backend's lock). */
+static moe_status vk_pipe(moe_vk_backend *vk, int id, VkPipeline *out) {
+    pthread_mutex_lock(&vk->lock);
+    moe_status st = MOE_OK;
+    if (!vk->pipes[id]) {
+        char name[48];
+        uint32_t wg;
+        if (id < VKP_ADD) {
+            snprintf(name, sizeof name, "%s_%s", k_vk_kind_names[id / VKT_COUNT], k_vk_type_names[id % VKT_COUNT]);
+            wg = k_vk_kind_wg[id / VKT_COUNT];
+        } else {
+            snprintf(name, sizeof name, "%s", k_vk_plain[id - VKP_ADD].name);
+            wg = k_vk_plain[id - VKP_ADD].wg;
+        }
+        const moe_spirv *sp = vk_find_spirv(name);
+        VkShaderModule mod = 0;
+        VkResult r = -13;
+        if (sp) {
+            VkShaderModuleCreateInfo smi = {VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO, NULL, 0, sp->size_bytes, sp->code};
+            r = vk->f.CreateShaderModule(vk->dev, &smi, NULL, &mod);
+        }
+        if (r == VK_SUCCESS) {
+            VkSpecializationMapEntry me = {0, 0, 4};
+            VkSpecializationInfo si = {1, &me, 4, &wg};
+            VkComputePipelineCreateInfo ci;
+            memset(&ci, 0, sizeof ci);
+            ci.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
+            ci.stage.sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO;
+            ci.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
+            ci.stage.module = mod;
+            ci.stage.pName = "main";
+            ci.stage.pSpecializationInfo = &si;
+            ci.layout = vk->layout;
+            ci.basePipelineIndex = -1;
+            r = vk->f.CreateComputePipelines(vk->dev, 0, 1, &ci, NULL, &vk->pipes[id]);
+            vk->f.DestroyShaderModule(vk->dev, mod, NULL);
+        }
+        if (r != VK_SUCCESS) {
+            vk->pipes[id] = 0;
+            st = vk_fail(MOE_ERR_DEVICE, "Vulkan: building the '%s' kernel failed (%s)", name, sp ? vk_result_str(r) : "no such SPIR-V in shaders_embedded.c");
+        }
+    }
+    *out = vk->pipes[id];
+    pthread_mutex_unlock(&vk->lock);
+    return st;
+}
+
+void moe_vk_free(moe_vk_backend *vk) {
+    if (!vk) return;
+    vk_fns *f = &vk->f;
+    if (vk->dev) {
+        f->DeviceWaitIdle(vk->dev);
+        for (int i = 0; i < VKP_COUNT; i++)
+            if (vk->pipes[i]) f->DestroyPipeline(vk->dev, vk->pipes[i], NULL);
+        if (vk->layout) f->DestroyPipelineLayout(vk->dev, vk->layout, NULL);
+        if (vk->dsl) f->DestroyDescriptorSetLayout(vk->dev, vk->dsl, NULL);
+        for (uint32_t i = 0; i < vk->n_win; i++) vk_buf_free(vk, &vk->win[i]);
+        vk_buf_free(vk, &vk->tables);
+        vk_buf_free(vk, &vk->dummy);
+        f->DestroyDevice(vk->dev, NULL);
+    }
+    if (vk->messenger && f->DestroyDebugUtilsMessengerEXT) f->DestroyDebugUtilsMessengerEXT(vk->inst, vk->messenger, NULL);
+    if (vk->inst) f->DestroyInstance(vk->inst, NULL);
+    /* the loader stays loaded: some drivers do not survive being unloaded and loaded again */
+    if (vk->w)
+        for (uint32_t i = 0; i < vk->n_wts; i++) vk_weight_at(vk->w, (int)i)->dev = NULL;
+    if (vk->lock_ok) pthread_mutex_destroy(&vk->lock);
+    free(vk->win);
+    free(vk->parts);
+    free(vk->wts);
+    free(vk);
+}
+
+moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn log, void *log_user, moe_vk_backend **out) {
+    if (!out) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: out is NULL");
+    *out = NULL;
+    if (!w || device_index < 0) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: bad arguments");
+    const moe_hparams *hp = &w->hp;
+    if (hp->n_expert > VK_MAX_EXPERTS || hp->n_expert_used > VK_MAX_TOPK || hp->head_dim > 256 || hp->head_dim % 8 ||
+        hp->n_embd % 16 || hp->n_ff_exp % 16)
+        return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: model shape not supported by the kernels (experts <= %d, top-k <= %d, head size <= 256 and a "
+                       "multiple of 8, embedding and expert widths multiples of 16)", VK_MAX_EXPERTS, VK_MAX_TOPK);
+    moe_vk_backend *vk = calloc(1, sizeof *vk);
+    if (!vk) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of memory");
+    vk->log = log;
+    vk->log_user = log_user;
+    if (pthread_mutex_init(&vk->lock, NULL) != 0) {
+        free(vk);
+        return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: cannot create a mutex");
+    }
+    vk->lock_ok = 1;
+    moe_status st;
+    const char *why = vk_load_global(&vk->f, &vk->lib);
+    if (why) {
+        st = vk_fail(MOE_ERR_DEVICE, "Vulkan: %s", why);
+        goto fail;
+    }
+    if ((st = vk_create_instance(vk))) goto fail;
+    if ((st = vk_create_device(vk, device_index))) goto fail;
+    VkDescriptorSetLayoutBinding b[8];
+    for (uint32_t i = 0; i < 8; i++) {
+        VkDescriptorSetLayoutBinding bi = {i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, i == 6 ? VK_XBUFS : 1, VK_SHADER_STAGE_COMPUTE_BIT, NULL};
+        b[i] = bi;
+    }
+    VkDescriptorSetLayoutCreateInfo dli = {VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO, NULL,
+                                           VK_DESCRIPTOR_SET_LAYOUT_CREATE_PUSH_DESCRIPTOR_BIT_KHR, 8, b};
+    VkResult r = vk->f.CreateDescriptorSetLayout(vk->dev, &dli, NULL, &vk->dsl);
+    VkPushConstantRange pcr = {VK_SHADER_STAGE_COMPUTE_BIT, 0, 4 * VK_PC_WORDS};
+    VkPipelineLayoutCreateInfo pli = {VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO, NULL, 0, 1, &vk->dsl, 1, &pcr};
+    if (r == VK_SUCCESS) r = vk->f.CreatePipelineLayout(vk->dev, &pli, NULL, &vk->layout);
+    if (r != VK_SUCCESS) {
+        st = vk_fail(MOE_ERR_DEVICE, "Vulkan: creating the pipeline layout failed (%s)", vk_result_str(r));
+        goto fail;
+    }
+    if ((st = vk_buf_new(vk, &vk->dummy, VK_ALIGN, VK_MEM_DEVICE, "a filler buffer"))) goto fail;
+    vk->w = w;
+    if ((st = vk_upload_weights(vk, w))) goto fail;
+    vk_log(vk, MOE_LOG_INFO, "Vulkan: %.1f MiB of weights in %u buffer(s) of at most %.0f MiB%s", (double)vk->weight_bytes / 1048576.0,
+           vk->n_win, (double)vk->win_cap / 1048576.0, vk->coopmat ? "; prefill matmuls on cooperative matrices" : "");
+    *out = vk;
+    return MOE_OK;
+fail:
+    moe_vk_free(vk);
+    return st;
+}
