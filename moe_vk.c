@@ -1189,8 +1189,8 @@ static moe_status vk_pipe(moe_vk_backend *vk, int id, VkPipeline *out) {
 void moe_vk_free(moe_vk_backend *vk) {
     if (!vk) return;
     vk_fns *f = &vk->f;
-    if (vk->dev) {
-        f->DeviceWaitIdle(vk->dev);
+    if (vk->dev) { /* resources exist only if every device entry point loaded; the device itself may not */
+        if (f->DeviceWaitIdle) f->DeviceWaitIdle(vk->dev);
         for (int i = 0; i < VKP_COUNT; i++)
             if (vk->pipes[i]) f->DestroyPipeline(vk->dev, vk->pipes[i], NULL);
         if (vk->layout) f->DestroyPipelineLayout(vk->dev, vk->layout, NULL);
@@ -1198,10 +1198,10 @@ void moe_vk_free(moe_vk_backend *vk) {
         for (uint32_t i = 0; i < vk->n_win; i++) vk_buf_free(vk, &vk->win[i]);
         vk_buf_free(vk, &vk->tables);
         vk_buf_free(vk, &vk->dummy);
-        f->DestroyDevice(vk->dev, NULL);
+        if (f->DestroyDevice) f->DestroyDevice(vk->dev, NULL);
     }
     if (vk->messenger && f->DestroyDebugUtilsMessengerEXT) f->DestroyDebugUtilsMessengerEXT(vk->inst, vk->messenger, NULL);
-    if (vk->inst) f->DestroyInstance(vk->inst, NULL);
+    if (vk->inst && f->DestroyInstance) f->DestroyInstance(vk->inst, NULL);
     /* the loader stays loaded: some drivers do not survive being unloaded and loaded again */
     if (vk->w)
         for (uint32_t i = 0; i < vk->n_wts; i++) vk_weight_at(vk->w, (int)i)->dev = NULL;
@@ -1263,4 +1263,236 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn lo
 fail:
     moe_vk_free(vk);
     return st;
+}
+
+/* ============================================================================================ */
+/* 6. contexts and steps                                                                         */
+/* ============================================================================================ */
+#define VK_NB 6               /* bindings 0..5 of a record; 6 = weights, 7 = step buffer */
+#define VK_CACHE 4            /* command buffers kept for replay */
+#define VK_REC_COPY 0xffff    /* record kind: a buffer copy instead of a dispatch */
+#define VK_MV_MAX 8           /* up to this many tokens (columns), matmuls are matrix-vector kernels */
+
+/* profiling classes */
+enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,
+       VKC_KVSTORE, VKC_ATTN, VKC_ADD, VKC_TOPK, VKC_SORT, VKC_COMBINE, VKC_COPY, VKC_COUNT };
+static const char *const k_vkc_names[VKC_COUNT] = {"embed", "rmsnorm", "matvec", "expert gate+up matvec", "expert down matvec",
+    "matmul", "expert gate+up matmul", "expert down matmul", "lm head", "qk-norm/rope", "kv store", "attention", "add",
+    "router top-k", "expert sort", "expert combine", "logits copy"};
+
+/* One dispatch (or copy) as an op recorded it. Records are compared byte for byte to find a cached
+   command buffer, so every record is zeroed before it is filled. */
+typedef struct vk_rec {
+    uint16_t pipe;             /* VKP_* or VK_REC_COPY */
+    uint8_t kind;              /* VKC_* */
+    uint8_t wmask;             /* which of bindings 0..5 the kernel writes */
+    uint8_t wmode;             /* binding 6: 0 filler, 1 one dense part (win, woff, wrange), 2 windows win .. win+7 */
+    uint8_t pad[3];
+    uint32_t win;
+    uint32_t grid[3];
+    VkDeviceSize woff, wrange;
+    VkBuffer buf[VK_NB];
+    VkDeviceSize off[VK_NB], range[VK_NB];
+    uint32_t pc[VK_PC_WORDS];
+} vk_rec;
+
+typedef struct vk_cached { int n; vk_rec *recs; VkCommandBuffer cb; uint64_t used; } vk_cached;
+
+typedef struct vk_ctx {
+    moe_vk_backend *vk;
+    const moe_weights *w;
+    moe_ctx_shape shape;
+    int kv_f16, profile;
+    vk_buf act[ACT_COUNT];
+    vk_buf h, p, aux;          /* MoE: hidden [nb·k][ff], expert outputs [nb·k][D], routing scratch (u32) */
+    uint32_t ids_off, w_off, list_off, pos_off, items_off, max_items;
+    vk_buf kc, vc;             /* KV cache [layer][n_ctx][kvw], f16 or f32 */
+    VkDeviceSize kv_layer;     /* bytes per layer, aligned */
+    vk_buf rope;               /* [n_ctx][n_rot/2] (cos, sin) */
+    float rope_base;
+    int rope_rot;
+    vk_buf step;               /* host-visible: [0] pos0, [1] n, [4 + i] token i */
+    vk_buf logits;             /* host-visible readback of ACT_LOGITS */
+    VkCommandPool pool;
+    VkFence fence;
+    VkQueryPool qpool;
+    uint32_t q_cap;
+    vk_rec *recs;
+    int n_recs, cap_recs;
+    vk_cached cache[VK_CACHE];
+    uint64_t tick;
+    int step_n, step_pos0, have_pos0, logit_rows, dead;
+    moe_status err;
+    char errmsg[400];
+    double prof_ns[2][VKC_COUNT][VKP_COUNT + 1];
+    uint32_t prof_n[2][VKC_COUNT][VKP_COUNT + 1];
+    uint64_t prof_steps[2], prof_tokens[2];
+    double prof_total[2];
+} vk_ctx;
+
+/* the first failure of a step sticks; end_step reports it */
+static void vk_ctx_fail(vk_ctx *c, moe_status st, const char *fmt, ...) {
+    if (c->err) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->errmsg, sizeof c->errmsg, fmt, ap);
+    va_end(ap);
+    c->err = st;
+}
+
+/* a new zeroed record, or NULL after a failure */
+static vk_rec *vk_rec_new(vk_ctx *c, int pipe, int kind) {
+    if (c->err) return NULL;
+    if (c->n_recs == c->cap_recs) {
+        int nc = c->cap_recs ? 2 * c->cap_recs : 1024;
+        vk_rec *nr = realloc(c->recs, (size_t)nc * sizeof *nr);
+        if (!nr) {
+            vk_ctx_fail(c, MOE_ERR_NO_MEMORY, "Vulkan: out of host memory recording a step");
+            return NULL;
+        }
+        c->recs = nr;
+        c->cap_recs = nc;
+    }
+    if (pipe != VK_REC_COPY) {
+        VkPipeline pl;
+        moe_status st = vk_pipe(c->vk, pipe, &pl);
+        if (st) {
+            vk_ctx_fail(c, st, "%s", moe_last_error());
+            return NULL;
+        }
+    }
+    vk_rec *r = &c->recs[c->n_recs++];
+    memset(r, 0, sizeof *r);
+    r->pipe = (uint16_t)pipe;
+    r->kind = (uint8_t)kind;
+    return r;
+}
+
+static void vk_bind(vk_rec *r, int slot, const vk_buf *b, int written) {
+    r->buf[slot] = b->buf;
+    r->off[slot] = 0;
+    r->range[slot] = b->size;
+    if (written) r->wmask |= (uint8_t)(1u << slot);
+}
+
+static void vk_bind_range(vk_rec *r, int slot, VkBuffer buf, VkDeviceSize off, VkDeviceSize range, int written) {
+    r->buf[slot] = buf;
+    r->off[slot] = off;
+    r->range[slot] = range;
+    if (written) r->wmask |= (uint8_t)(1u << slot);
+}
+
+/* grid of n workgroups over x (folded into z beyond the x limit) */
+static void vk_grid_fold(vk_rec *r, uint64_t n, uint32_t y) {
+    uint64_t x = n < 65535 ? n : 65535;
+    r->grid[0] = (uint32_t)(x ? x : 1);
+    r->grid[1] = y;
+    r->grid[2] = (uint32_t)((n + r->grid[0] - 1) / r->grid[0]);
+    if (!r->grid[2]) r->grid[2] = 1;
+}
+
+/* ---- turning records into commands ---- */
+typedef struct vk_hazard { VkBuffer wr[16], rd[32]; int n_wr, n_rd; } vk_hazard;
+
+static int vk_in(const VkBuffer *set, int n, VkBuffer b) {
+    for (int i = 0; i < n; i++)
+        if (set[i] == b) return 1;
+    return 0;
+}
+
+/* does r depend on, or overwrite, what ran since the last barrier? updates the sets */
+static int vk_need_barrier(vk_hazard *h, const vk_rec *r) {
+    int need = 0;
+    for (int s = 0; s < VK_NB && !need; s++) {
+        if (!r->buf[s]) continue;
+        if (vk_in(h->wr, h->n_wr, r->buf[s])) need = 1;
+        if (((r->wmask >> s) & 1) && vk_in(h->rd, h->n_rd, r->buf[s])) need = 1;
+    }
+    if (need) h->n_wr = h->n_rd = 0;
+    for (int s = 0; s < VK_NB; s++) {
+        if (!r->buf[s]) continue;
+        if (((r->wmask >> s) & 1) && !vk_in(h->wr, h->n_wr, r->buf[s])) {
+            if (h->n_wr == 16) return 1;
+            h->wr[h->n_wr++] = r->buf[s];
+        }
+        if (!vk_in(h->rd, h->n_rd, r->buf[s])) {
+            if (h->n_rd == 32) return 1;
+            h->rd[h->n_rd++] = r->buf[s];
+        }
+    }
+    return need;
+}
+
+static void vk_cmd_barrier(const vk_fns *f, VkCommandBuffer cb) {
+    VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_WRITE_BIT,
+                          VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_READ_BIT | VK_ACCESS_TRANSFER_WRITE_BIT};
+    VkFlags st = VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT;
+    f->CmdPipelineBarrier(cb, st, st, 0, 1, &mb, 0, NULL, 0, NULL);
+}
+
+static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs, int n) {
+    moe_vk_backend *vk = c->vk;
+    const vk_fns *f = &vk->f;
+    VkCommandBufferBeginInfo bi = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO, NULL, 0, NULL};
+    VkResult r = f->ResetCommandBuffer(cb, 0);
+    if (r == VK_SUCCESS) r = f->BeginCommandBuffer(cb, &bi);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkBeginCommandBuffer failed (%s)", vk_result_str(r));
+    int prof = c->profile && c->qpool && (uint32_t)n + 1 <= c->q_cap;
+    if (prof) {
+        f->CmdResetQueryPool(cb, c->qpool, 0, (uint32_t)n + 1);
+        f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->qpool, 0);
+    }
+    /* the host wrote the step buffer (tokens, position) before the submit: covered by the submit */
+    vk_hazard hz;
+    hz.n_wr = hz.n_rd = 0;
+    VkPipeline bound = 0;
+    for (int i = 0; i < n; i++) {
+        const vk_rec *rc = &recs[i];
+        if (vk_need_barrier(&hz, rc) || prof) vk_cmd_barrier(f, cb);
+        if (rc->pipe == VK_REC_COPY) {
+            VkBufferCopy cp = {rc->off[0], rc->off[1], rc->range[0]};
+            f->CmdCopyBuffer(cb, rc->buf[0], rc->buf[1], 1, &cp);
+        } else {
+            VkPipeline pl = vk->pipes[rc->pipe];
+            if (pl != bound) {
+                f->CmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, pl);
+                bound = pl;
+            }
+            VkDescriptorBufferInfo bufs[VK_NB + VK_XBUFS + 1];
+            VkWriteDescriptorSet wr[8];
+            for (int s = 0; s < VK_NB; s++) {
+                VkDescriptorBufferInfo d = {rc->buf[s] ? rc->buf[s] : vk->dummy.buf, rc->buf[s] ? rc->off[s] : 0,
+                                            rc->buf[s] ? rc->range[s] : VK_WHOLE_SIZE};
+                bufs[s] = d;
+            }
+            for (int j = 0; j < VK_XBUFS; j++) {
+                VkDescriptorBufferInfo d = {vk->dummy.buf, 0, VK_WHOLE_SIZE};
+                if (rc->wmode == 1 && j == 0) {
+                    d.buffer = vk->win[rc->win].buf;
+                    d.offset = rc->woff;
+                    d.range = rc->wrange;
+                } else if (rc->wmode == 2 && rc->win + (uint32_t)j < vk->n_win)
+                    d.buffer = vk->win[rc->win + (uint32_t)j].buf;
+                bufs[VK_NB + j] = d;
+            }
+            VkDescriptorBufferInfo sd = {c->step.buf, 0, VK_WHOLE_SIZE};
+            bufs[VK_NB + VK_XBUFS] = sd;
+            for (int b = 0; b < 8; b++) {
+                VkWriteDescriptorSet w = {VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, NULL, 0, (uint32_t)b, 0, b == 6 ? VK_XBUFS : 1,
+                                          VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, NULL, &bufs[b < 6 ? b : b == 6 ? VK_NB : VK_NB + VK_XBUFS], NULL};
+                wr[b] = w;
+            }
+            f->CmdPushDescriptorSetKHR(cb, VK_PIPELINE_BIND_POINT_COMPUTE, vk->layout, 0, 8, wr);
+            f->CmdPushConstants(cb, vk->layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, 4 * VK_PC_WORDS, rc->pc);
+            f->CmdDispatch(cb, rc->grid[0], rc->grid[1], rc->grid[2]);
+        }
+        if (prof) f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c->qpool, (uint32_t)i + 1);
+    }
+    VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT | VK_ACCESS_SHADER_WRITE_BIT,
+                          VK_ACCESS_HOST_READ_BIT};
+    f->CmdPipelineBarrier(cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1,
+                          &mb, 0, NULL, 0, NULL);
+    r = f->EndCommandBuffer(cb);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkEndCommandBuffer failed (%s)", vk_result_str(r));
+    return MOE_OK;
 }
