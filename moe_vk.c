@@ -1400,7 +1400,22 @@ static int vk_in(const VkBuffer *set, int n, VkBuffer b) {
     return 0;
 }
 
-/* does r depend on, or overwrite, what ran since the last barrier? updates the sets */
+static int vk_hazard_add(vk_hazard *h, const vk_rec *r) {
+    for (int s = 0; s < VK_NB; s++) {
+        if (!r->buf[s]) continue;
+        if (((r->wmask >> s) & 1) && !vk_in(h->wr, h->n_wr, r->buf[s])) {
+            if (h->n_wr == 16) return 0;
+            h->wr[h->n_wr++] = r->buf[s];
+        }
+        if (!vk_in(h->rd, h->n_rd, r->buf[s])) {
+            if (h->n_rd == 32) return 0;
+            h->rd[h->n_rd++] = r->buf[s];
+        }
+    }
+    return 1;
+}
+
+/* does r read what ran since the last barrier wrote, or overwrite what it read or wrote? */
 static int vk_need_barrier(vk_hazard *h, const vk_rec *r) {
     int need = 0;
     for (int s = 0; s < VK_NB && !need; s++) {
@@ -1408,19 +1423,10 @@ static int vk_need_barrier(vk_hazard *h, const vk_rec *r) {
         if (vk_in(h->wr, h->n_wr, r->buf[s])) need = 1;
         if (((r->wmask >> s) & 1) && vk_in(h->rd, h->n_rd, r->buf[s])) need = 1;
     }
-    if (need) h->n_wr = h->n_rd = 0;
-    for (int s = 0; s < VK_NB; s++) {
-        if (!r->buf[s]) continue;
-        if (((r->wmask >> s) & 1) && !vk_in(h->wr, h->n_wr, r->buf[s])) {
-            if (h->n_wr == 16) return 1;
-            h->wr[h->n_wr++] = r->buf[s];
-        }
-        if (!vk_in(h->rd, h->n_rd, r->buf[s])) {
-            if (h->n_rd == 32) return 1;
-            h->rd[h->n_rd++] = r->buf[s];
-        }
-    }
-    return need;
+    if (!need && vk_hazard_add(h, r)) return 0;
+    h->n_wr = h->n_rd = 0;
+    vk_hazard_add(h, r);
+    return 1;
 }
 
 static void vk_cmd_barrier(const vk_fns *f, VkCommandBuffer cb) {
@@ -1495,4 +1501,152 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
     r = f->EndCommandBuffer(cb);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkEndCommandBuffer failed (%s)", vk_result_str(r));
     return MOE_OK;
+}
+
+/* ---- profiling: GPU time per (class, kernel), prefill and decode steps apart ---- */
+static void vk_prof_collect(vk_ctx *c, const vk_rec *recs, int n) {
+    moe_vk_backend *vk = c->vk;
+    if (!c->profile || !c->qpool || (uint32_t)n + 1 > c->q_cap) return;
+    uint64_t *t = malloc(((size_t)n + 1) * sizeof *t);
+    if (!t) return;
+    VkResult r = vk->f.GetQueryPoolResults(vk->dev, c->qpool, 0, (uint32_t)n + 1, ((size_t)n + 1) * 8, t, 8,
+                                           VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT);
+    if (r == VK_SUCCESS) {
+        int ph = c->step_n > 1 ? 0 : 1;
+        for (int i = 0; i < n; i++) {
+            double ns = (double)((t[i + 1] - t[i]) & vk->ts_mask) * vk->ts_ns;
+            int p = recs[i].pipe == VK_REC_COPY ? VKP_COUNT : recs[i].pipe;
+            c->prof_ns[ph][recs[i].kind][p] += ns;
+            c->prof_n[ph][recs[i].kind][p]++;
+        }
+        c->prof_steps[ph]++;
+        c->prof_tokens[ph] += (uint64_t)c->step_n;
+        c->prof_total[ph] += (double)((t[n] - t[0]) & vk->ts_mask) * vk->ts_ns;
+    }
+    free(t);
+}
+
+static void vk_prof_report(vk_ctx *c) {
+    for (int ph = 0; ph < 2; ph++) {
+        if (!c->prof_steps[ph]) continue;
+        double tot = c->prof_total[ph];
+        vk_log(c->vk, MOE_LOG_INFO, "vk profile, %s: %llu steps, %llu tokens, GPU %.3f ms (%.3f ms/step), dispatches serialized",
+               ph ? "decode" : "prefill", (unsigned long long)c->prof_steps[ph], (unsigned long long)c->prof_tokens[ph], tot / 1e6,
+               tot / 1e6 / (double)c->prof_steps[ph]);
+        for (;;) { /* largest first; entries are cleared as they are printed */
+            int bk = -1, bp = -1;
+            for (int k = 0; k < VKC_COUNT; k++)
+                for (int p = 0; p <= VKP_COUNT; p++)
+                    if (c->prof_n[ph][k][p] && (bk < 0 || c->prof_ns[ph][k][p] > c->prof_ns[ph][bk][bp])) bk = k, bp = p;
+            if (bk < 0) break;
+            char name[48] = "copy";
+            if (bp < VKP_ADD) snprintf(name, sizeof name, "%s_%s", k_vk_kind_names[bp / VKT_COUNT], k_vk_type_names[bp % VKT_COUNT]);
+            else if (bp < VKP_COUNT) snprintf(name, sizeof name, "%s", k_vk_plain[bp - VKP_ADD].name);
+            double ns = c->prof_ns[ph][bk][bp];
+            vk_log(c->vk, MOE_LOG_INFO, "vk profile, %s: %5.1f%% %10.3f ms  %-22s %-12s x%u", ph ? "decode" : "prefill", tot > 0 ? 100.0 * ns / tot : 0.0,
+                   ns / 1e6, k_vkc_names[bk], name, c->prof_n[ph][bk][bp]);
+            c->prof_n[ph][bk][bp] = 0;
+        }
+    }
+}
+
+/* ---- step bracket ---- */
+static void vk_begin_step(void *be) {
+    vk_ctx *c = be;
+    c->n_recs = 0;
+    c->have_pos0 = 0;
+    c->step_pos0 = 0;
+    c->step_n = 0;
+    c->logit_rows = 0;
+    c->err = MOE_OK;
+    if (c->dead) vk_ctx_fail(c, MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
+}
+
+static moe_status vk_end_step(void *be) {
+    vk_ctx *c = be;
+    moe_vk_backend *vk = c->vk;
+    if (!c->err && c->logit_rows) {
+        vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+        if (r) {
+            vk_bind_range(r, 0, c->act[ACT_LOGITS].buf, 0, (VkDeviceSize)c->logit_rows * (VkDeviceSize)c->w->hp.n_vocab * 4, 0);
+            vk_bind_range(r, 1, c->logits.buf, 0, 0, 1);
+        }
+    }
+    if (c->err) {
+        moe_internal_set_error(c->err, "%s", c->errmsg);
+        moe_status st = c->err;
+        c->err = MOE_OK;
+        return st;
+    }
+    uint32_t *sp = (uint32_t *)c->step.map;
+    sp[0] = (uint32_t)c->step_pos0;
+    sp[1] = (uint32_t)c->step_n;
+    size_t bytes = (size_t)c->n_recs * sizeof(vk_rec);
+    vk_cached *hit = NULL, *victim = &c->cache[0];
+    for (int i = 0; i < VK_CACHE; i++) {
+        vk_cached *e = &c->cache[i];
+        if (e->n == c->n_recs && e->recs && !memcmp(e->recs, c->recs, bytes)) hit = e;
+        if (e->used < victim->used) victim = e;
+    }
+    if (!hit) {
+        hit = victim;
+        hit->n = -1;
+        moe_status st = vk_record_cb(c, hit->cb, c->recs, c->n_recs);
+        if (st) return st;
+        vk_rec *copy = realloc(hit->recs, bytes ? bytes : 1);
+        if (copy) { /* without the copy the command buffer still runs, it is just not found again */
+            memcpy(copy, c->recs, bytes);
+            hit->recs = copy;
+            hit->n = c->n_recs;
+        }
+    }
+    hit->used = ++c->tick;
+    moe_status st = vk_submit(vk, hit->cb, c->fence, "step");
+    if (st) return st;
+    VkResult r = vk->f.WaitForFences(vk->dev, 1, &c->fence, 1, 600ull * 1000000000ull);
+    if (r == VK_SUCCESS) r = vk->f.ResetFences(vk->dev, 1, &c->fence);
+    if (r != VK_SUCCESS) {
+        if (r == VK_ERROR_DEVICE_LOST || r == VK_TIMEOUT) c->dead = 1;
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the step failed on the device (%s)", vk_result_str(r));
+    }
+    vk_prof_collect(c, c->recs, c->n_recs);
+    return MOE_OK;
+}
+
+static void vk_read_logits(void *be, float *dst, int n) {
+    vk_ctx *c = be;
+    memcpy(dst, c->logits.map, (size_t)n * (size_t)c->w->hp.n_vocab * sizeof(float));
+}
+
+/* copies the first n_rows rows of every layer's K and V between host and device */
+static moe_status vk_kv_copy(vk_ctx *c, uint8_t *host, int n_rows, int download) {
+    const moe_hparams *hp = &c->w->hp;
+    if (c->dead) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
+    if (n_rows <= 0) return MOE_OK;
+    VkDeviceSize rb = (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim * (c->kv_f16 ? 2 : 4), used = (VkDeviceSize)n_rows * rb;
+    vk_xfer x;
+    moe_status st = vk_xfer_begin(c->vk, &x, (VkDeviceSize)8 << 20, download);
+    if (st) return st;
+    for (int l = 0; l < hp->n_layer; l++)
+        for (int kv = 0; kv < 2; kv++, host += used)
+            vk_xfer_copy(&x, host, used, kv ? c->vc.buf : c->kc.buf, (VkDeviceSize)l * c->kv_layer);
+    return vk_xfer_end(&x);
+}
+static moe_status vk_kv_save(void *be, void *dst, int n_rows) { return vk_kv_copy(be, dst, n_rows, 1); }
+static moe_status vk_kv_load(void *be, const void *src, int n_rows) { return vk_kv_copy(be, (uint8_t *)(uintptr_t)src, n_rows, 0); }
+
+void moe_vk_ctx_free(void *be) {
+    vk_ctx *c = be;
+    if (!c) return;
+    moe_vk_backend *vk = c->vk;
+    if (c->profile) vk_prof_report(c);
+    if (c->fence) vk->f.DestroyFence(vk->dev, c->fence, NULL);
+    if (c->qpool) vk->f.DestroyQueryPool(vk->dev, c->qpool, NULL);
+    if (c->pool) vk->f.DestroyCommandPool(vk->dev, c->pool, NULL); /* frees the command buffers */
+    for (int i = 0; i < ACT_COUNT; i++) vk_buf_free(vk, &c->act[i]);
+    vk_buf *bufs[] = {&c->h, &c->p, &c->aux, &c->kc, &c->vc, &c->rope, &c->step, &c->logits};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) vk_buf_free(vk, bufs[i]);
+    for (int i = 0; i < VK_CACHE; i++) free(c->cache[i].recs);
+    free(c->recs);
+    free(c);
 }
