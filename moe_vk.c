@@ -1650,3 +1650,102 @@ void moe_vk_ctx_free(void *be) {
     free(c->recs);
     free(c);
 }
+
+static moe_status vk_act_new(vk_ctx *c, vk_buf *b, VkDeviceSize bytes, const char *what) {
+    if (bytes > c->vk->props.limits.maxStorageBufferRange)
+        return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: the %s buffer needs %.1f MiB, more than one storage binding (%u MiB) holds: use a smaller n_batch",
+                       what, (double)bytes / 1048576.0, c->vk->props.limits.maxStorageBufferRange >> 20);
+    return vk_buf_new(c->vk, b, bytes, VK_MEM_DEVICE, what);
+}
+
+moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out) {
+    if (!be_out) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_ctx_new: be_out is NULL");
+    *be_out = NULL;
+    if (!vk || !shape || shape->n_ctx <= 0 || shape->n_batch <= 0) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_ctx_new: bad arguments");
+    const moe_hparams *hp = &vk->w->hp;
+    if (shape->n_batch > 65535) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: n_batch %d is above 65535", shape->n_batch);
+    vk_ctx *c = calloc(1, sizeof *c);
+    if (!c) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    c->vk = vk;
+    c->w = vk->w;
+    c->shape = *shape;
+    c->kv_f16 = shape->kv_type == MOE_KV_F16;
+    moe_status st = MOE_OK;
+    const VkDeviceSize nb = (VkDeviceSize)shape->n_batch, k = (VkDeviceSize)hp->n_expert_used;
+    const VkDeviceSize widths[ACT_COUNT] = {
+        (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim,
+        (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim, (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim,
+        (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim, (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_expert,
+        (VkDeviceSize)hp->n_vocab};
+    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits"};
+    VkDeviceSize logit_rows = shape->logits_all ? nb : 1;
+    for (int i = 0; i < ACT_COUNT && !st; i++) st = vk_act_new(c, &c->act[i], (i == ACT_LOGITS ? logit_rows : nb) * widths[i] * 4, act_names[i]);
+    if (!st) st = vk_act_new(c, &c->h, nb * k * (VkDeviceSize)hp->n_ff_exp * 4, "expert hidden");
+    if (!st) st = vk_act_new(c, &c->p, (nb > VK_MV_MAX ? nb * k : 1) * (VkDeviceSize)hp->n_embd * 4, "expert output");
+    c->max_items = (uint32_t)((nb * k + 63) / 64 + (VkDeviceSize)hp->n_expert);
+    c->ids_off = 0;
+    c->w_off = (uint32_t)(nb * k);
+    c->list_off = (uint32_t)(2 * nb * k);
+    c->pos_off = (uint32_t)(3 * nb * k);
+    c->items_off = (uint32_t)(4 * nb * k);
+    if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->items_off + 4 + 4 * (VkDeviceSize)c->max_items) * 4, "routing");
+    VkDeviceSize kvw = (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim;
+    c->kv_layer = vk_align_up((VkDeviceSize)shape->n_ctx * kvw * (c->kv_f16 ? 2 : 4), VK_ALIGN);
+    if (!st && c->kv_layer > vk->props.limits.maxStorageBufferRange)
+        st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one layer of KV cache (n_ctx %d) exceeds a storage binding", shape->n_ctx);
+    if (!st) st = vk_buf_new(vk, &c->kc, c->kv_layer * (VkDeviceSize)hp->n_layer, VK_MEM_DEVICE, "the K cache");
+    if (!st) st = vk_buf_new(vk, &c->vc, c->kv_layer * (VkDeviceSize)hp->n_layer, VK_MEM_DEVICE, "the V cache");
+    /* RoPE table exactly as the CPU backend computes it: inv_freq in f32, angle = f32(pos · inv_freq) */
+    c->rope_base = hp->rope_base;
+    c->rope_rot = hp->n_rot;
+    int half = hp->n_rot / 2;
+    VkDeviceSize rope_bytes = (VkDeviceSize)shape->n_ctx * (VkDeviceSize)half * 8;
+    if (!st) st = vk_act_new(c, &c->rope, rope_bytes, "rope table");
+    if (!st) {
+        float *tab = malloc(rope_bytes ? rope_bytes : 4);
+        if (!tab) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        for (int p = 0; p < half && tab; p++) {
+            float inv_freq = (float)(1.0 / pow((double)hp->rope_base, (double)(2 * p) / (double)hp->n_rot));
+            for (int pos = 0; pos < shape->n_ctx; pos++) {
+                float ang = (float)pos * inv_freq;
+                tab[2 * ((size_t)pos * (size_t)half + (size_t)p)] = cosf(ang);
+                tab[2 * ((size_t)pos * (size_t)half + (size_t)p) + 1] = sinf(ang);
+            }
+        }
+        vk_xfer x;
+        if (!st && !(st = vk_xfer_begin(vk, &x, (VkDeviceSize)8 << 20, 0))) {
+            vk_xfer_copy(&x, (uint8_t *)tab, rope_bytes, c->rope.buf, 0);
+            st = vk_xfer_end(&x);
+        }
+        free(tab);
+    }
+    if (!st) st = vk_buf_new(vk, &c->step, (4 + nb) * 4, VK_MEM_HOST, "the step buffer");
+    if (!st) st = vk_buf_new(vk, &c->logits, logit_rows * (VkDeviceSize)hp->n_vocab * 4, VK_MEM_HOST_READ, "the logits readback");
+    if (!st) {
+        memset(c->step.map, 0, (size_t)c->step.size);
+        VkCommandPoolCreateInfo pci = {VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO, NULL, VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, vk->qfam};
+        VkResult r = vk->f.CreateCommandPool(vk->dev, &pci, NULL, &c->pool);
+        VkCommandBuffer cbs[VK_CACHE];
+        VkCommandBufferAllocateInfo cai = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, NULL, c->pool, VK_COMMAND_BUFFER_LEVEL_PRIMARY, VK_CACHE};
+        if (r == VK_SUCCESS) r = vk->f.AllocateCommandBuffers(vk->dev, &cai, cbs);
+        for (int i = 0; i < VK_CACHE && r == VK_SUCCESS; i++) c->cache[i].cb = cbs[i];
+        VkFenceCreateInfo fci = {VK_STRUCTURE_TYPE_FENCE_CREATE_INFO, NULL, 0};
+        if (r == VK_SUCCESS) r = vk->f.CreateFence(vk->dev, &fci, NULL, &c->fence);
+        if (r == VK_SUCCESS && vk_env_on("MOE_VK_PROFILE")) {
+            if (!vk->timestamps) vk_log(vk, MOE_LOG_WARN, "MOE_VK_PROFILE: this queue has no timestamps");
+            else {
+                VkQueryPoolCreateInfo qci = {VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO, NULL, 0, VK_QUERY_TYPE_TIMESTAMP, 8192, 0};
+                r = vk->f.CreateQueryPool(vk->dev, &qci, NULL, &c->qpool);
+                c->q_cap = 8192;
+                c->profile = 1;
+            }
+        }
+        if (r != VK_SUCCESS) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: creating the context's command pool failed (%s)", vk_result_str(r));
+    }
+    if (st) {
+        moe_vk_ctx_free(c);
+        return st;
+    }
+    *be_out = c;
+    return MOE_OK;
+}
