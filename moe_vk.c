@@ -1749,3 +1749,236 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     *be_out = c;
     return MOE_OK;
 }
+
+/* ============================================================================================ */
+/* 7. ops                                                                                        */
+/* ============================================================================================ */
+static uint32_t vk_f2u(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static uint32_t vk_div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
+
+/* the device placement of a weight, or a failure */
+static const vk_wt *vk_wt_of(vk_ctx *c, const moe_weight *w) {
+    if (!w || !w->dev) {
+        vk_ctx_fail(c, MOE_ERR_INVALID_ARG, "Vulkan: weight '%s' is not on the device", w && w->name ? w->name : "?");
+        return NULL;
+    }
+    return w->dev;
+}
+
+static void vk_bind_part(vk_rec *r, const vk_part *p) {
+    r->wmode = 1;
+    r->win = p->win;
+    r->woff = p->off;
+    r->wrange = p->bytes + VK_PAD;
+}
+
+/* a record that writes all n rows of role with a kernel that can add instead (acc word) */
+static void vk_mark_fusable(vk_ctx *c, int role, int n, int acc_word) {
+    c->fuse_idx = c->n_recs - 1;
+    c->fuse_role = role;
+    c->fuse_rows = n;
+    c->fuse_acc = acc_word;
+}
+
+static int32_t vk_pos_delta(vk_ctx *c, int pos0) {
+    if (!c->have_pos0) {
+        c->have_pos0 = 1;
+        c->step_pos0 = pos0;
+    }
+    return pos0 - c->step_pos0;
+}
+
+static void vk_op_embed(void *be, int dst, const moe_weight *w, const moe_token *tokens, int n) {
+    vk_ctx *c = be;
+    const vk_wt *wt = vk_wt_of(c, w);
+    if (!wt || c->err) return;
+    if (n > c->shape.n_batch) {
+        vk_ctx_fail(c, MOE_ERR_INVALID_ARG, "Vulkan: %d tokens in a step of at most %d", n, c->shape.n_batch);
+        return;
+    }
+    uint32_t *sp = (uint32_t *)c->step.map;
+    for (int i = 0; i < n; i++) sp[4 + i] = (uint32_t)tokens[i];
+    c->step_n = n;
+    int t = vk_type_index(w->type);
+    uint32_t K = (uint32_t)w->ne[0];
+    for (uint32_t j = 0; j < wt->n_parts; j++) {
+        const vk_part *p = &c->vk->parts[wt->part0 + j];
+        vk_rec *r = vk_rec_new(c, VKP_TYPED(VKK_EMBED, t), VKC_EMBED);
+        if (!r) return;
+        vk_bind(r, 1, &c->act[dst], 1);
+        vk_bind_part(r, p);
+        r->pc[0] = K;
+        r->pc[1] = (uint32_t)w->row_bytes;
+        r->pc[2] = (uint32_t)p->row_lo;
+        r->pc[3] = (uint32_t)p->row_hi;
+        r->grid[0] = vk_div_up(K, 16u * k_vk_kind_wg[VKK_EMBED]);
+        r->grid[1] = (uint32_t)n;
+        r->grid[2] = 1;
+    }
+    c->fuse_idx = -1;
+}
+
+static void vk_op_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
+    vk_ctx *c = be;
+    const vk_wt *wt = w ? vk_wt_of(c, w) : NULL;
+    if (c->err || n_rows <= 0) return;
+    vk_rec *r = vk_rec_new(c, VKP_RMSNORM, VKC_NORM);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[src], 0);
+    vk_bind(r, 1, &c->act[dst], 1);
+    if (wt) {
+        const vk_part *p = &c->vk->parts[wt->part0];
+        vk_bind_range(r, 2, c->vk->win[p->win].buf, p->off, p->bytes, 0);
+    }
+    r->pc[0] = (uint32_t)width;
+    r->pc[1] = wt != NULL;
+    r->pc[2] = (uint32_t)n_rows;
+    r->pc[3] = vk_f2u(eps);
+    vk_grid_fold(r, (uint64_t)n_rows, 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int src_row0, int n) {
+    vk_ctx *c = be;
+    const vk_wt *wt = vk_wt_of(c, w);
+    if (!wt || c->err || n <= 0) return;
+    int t = vk_type_index(w->type);
+    uint32_t K = (uint32_t)w->ne[0], M = (uint32_t)w->ne[1];
+    int mv = n <= VK_MV_MAX;
+    int kind = dst == ACT_LOGITS ? VKC_LMHEAD : mv ? VKC_MV : VKC_MM;
+    if (dst == ACT_LOGITS && n > c->logit_rows) c->logit_rows = n;
+    for (uint32_t j = 0; j < wt->n_parts; j++) {
+        const vk_part *p = &c->vk->parts[wt->part0 + j];
+        uint32_t Mp = (uint32_t)(p->row_hi - p->row_lo);
+        int pipe = VKP_TYPED(mv ? VKK_MV : c->vk->coopmat ? VKK_MMCM : VKK_MM, t);
+        vk_rec *r = vk_rec_new(c, pipe, kind);
+        if (!r) return;
+        vk_bind(r, 0, &c->act[src], 0);
+        vk_bind(r, 1, &c->act[dst], 1);
+        vk_bind_part(r, p);
+        uint32_t nblk = vk_div_up(Mp, mv ? 2 : 64);
+        uint32_t pc[16] = {K, Mp, (uint32_t)w->row_bytes, nblk, (uint32_t)src_row0 * K, K, (uint32_t)p->row_lo, M,
+                           0, 0, 0, 0, mv ? 0 : (uint32_t)n, 0, 0, 0};
+        memcpy(r->pc, pc, sizeof pc);
+        vk_grid_fold(r, nblk, mv ? (uint32_t)n : vk_div_up((uint64_t)n, 64));
+    }
+    c->fuse_idx = -1;
+    if (wt->n_parts == 1) vk_mark_fusable(c, dst, n, 9);
+}
+
+static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    if (n_rot != c->rope_rot || base != c->rope_base) {
+        vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: rope with %d dims / base %g differs from the model's table", n_rot, (double)base);
+        return;
+    }
+    int32_t pd = vk_pos_delta(c, pos0);
+    VkBuffer b = c->act[buf].buf;
+    int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
+    /* fuse with a per-head RMSNorm of the same buffer recorded just before (q_norm / k_norm) */
+    vk_rec *r = NULL;
+    for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 3; i--) {
+        vk_rec *q = &c->recs[i];
+        if (q->pipe == VKP_RMSNORM && q->buf[0] == b && q->buf[1] == b && q->pc[0] == (uint32_t)head_dim && q->pc[1] &&
+            q->pc[2] == (uint32_t)(n * n_head)) {
+            r = q;
+            break;
+        }
+        int touches = 0;
+        for (int s = 0; s < VK_NB; s++) touches |= q->buf[s] == b;
+        if (touches || q->pipe == VK_REC_COPY) break;
+    }
+    if (r) {
+        uint32_t eps = r->pc[3];
+        r->pipe = (uint16_t)hw;
+        r->kind = VKC_ROPE;
+        VkPipeline pl;
+        moe_status st = vk_pipe(c->vk, hw, &pl);
+        if (st) {
+            vk_ctx_fail(c, st, "%s", moe_last_error());
+            return;
+        }
+        memset(r->pc, 0, sizeof r->pc);
+        r->pc[3] = 3;
+        r->pc[4] = eps;
+    } else {
+        r = vk_rec_new(c, hw, VKC_ROPE);
+        if (!r) return;
+        vk_bind(r, 0, &c->act[buf], 0);
+        vk_bind(r, 1, &c->act[buf], 1);
+        r->pc[3] = 2;
+    }
+    vk_bind(r, 3, &c->rope, 0);
+    r->pc[0] = (uint32_t)n_head;
+    r->pc[1] = (uint32_t)head_dim;
+    r->pc[2] = (uint32_t)n_rot;
+    r->pc[6] = (uint32_t)pd;
+    r->grid[0] = (uint32_t)n_head;
+    r->grid[1] = (uint32_t)n;
+    r->grid[2] = 1;
+    c->fuse_idx = -1;
+}
+
+static void vk_op_attention(void *be, int layer, int n, int pos0, float scale) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    const moe_hparams *hp = &c->w->hp;
+    int32_t pd = vk_pos_delta(c, pos0);
+    uint32_t kvw = (uint32_t)(hp->n_head_kv * hp->head_dim);
+    VkDeviceSize lo = (VkDeviceSize)layer * c->kv_layer;
+    vk_rec *r = vk_rec_new(c, c->kv_f16 ? VKP_KVSTORE_F16 : VKP_KVSTORE_F32, VKC_KVSTORE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[ACT_K], 0);
+    vk_bind(r, 1, &c->act[ACT_V], 0);
+    vk_bind_range(r, 4, c->kc.buf, lo, c->kv_layer, 1);
+    vk_bind_range(r, 5, c->vc.buf, lo, c->kv_layer, 1);
+    r->pc[0] = kvw;
+    r->pc[1] = (uint32_t)pd;
+    r->grid[0] = vk_div_up(kvw, 2u * k_vk_plain[VKP_KVSTORE_F16 - VKP_ADD].wg);
+    r->grid[1] = (uint32_t)n;
+    r->grid[2] = 2;
+    r = vk_rec_new(c, c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32, VKC_ATTN);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[ACT_Q], 0);
+    vk_bind(r, 1, &c->act[ACT_ATTN], 1);
+    vk_bind_range(r, 4, c->kc.buf, lo, c->kv_layer, 0);
+    vk_bind_range(r, 5, c->vc.buf, lo, c->kv_layer, 0);
+    r->pc[0] = (uint32_t)hp->n_head;
+    r->pc[1] = (uint32_t)hp->n_head_kv;
+    r->pc[2] = (uint32_t)hp->head_dim;
+    r->pc[3] = kvw;
+    r->pc[4] = vk_f2u(scale);
+    r->pc[5] = (uint32_t)pd;
+    r->grid[0] = (uint32_t)hp->n_head;
+    r->grid[1] = (uint32_t)n;
+    r->grid[2] = 1;
+    c->fuse_idx = -1;
+}
+
+static void vk_op_add(void *be, int dst, int src, int n, int width) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    /* fold into the kernel that just wrote src: it adds into dst instead (residual adds) */
+    if (c->fuse_idx >= 0 && c->fuse_idx == c->n_recs - 1 && c->fuse_role == src && c->fuse_rows == n && dst != src &&
+        c->act[src].size == c->act[dst].size) {
+        vk_rec *r = &c->recs[c->fuse_idx];
+        vk_bind(r, 1, &c->act[dst], 1);
+        r->pc[c->fuse_acc] = 1;
+        c->fuse_idx = -1;
+        return;
+    }
+    vk_rec *r = vk_rec_new(c, VKP_ADD, VKC_ADD);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[src], 0);
+    vk_bind(r, 1, &c->act[dst], 1);
+    uint64_t count = (uint64_t)n * (uint64_t)width;
+    r->pc[0] = (uint32_t)count;
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[0].wg), 1);
+    c->fuse_idx = -1;
+}
