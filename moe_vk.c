@@ -1322,6 +1322,7 @@ typedef struct vk_ctx {
     vk_cached cache[VK_CACHE];
     uint64_t tick;
     int step_n, step_pos0, have_pos0, logit_rows, dead;
+    int fuse_idx, fuse_role, fuse_rows, fuse_acc; /* the last record, if it may absorb a residual add */
     moe_status err;
     char errmsg[400];
     double prof_ns[2][VKC_COUNT][VKP_COUNT + 1];
@@ -1558,6 +1559,7 @@ static void vk_begin_step(void *be) {
     c->step_pos0 = 0;
     c->step_n = 0;
     c->logit_rows = 0;
+    c->fuse_idx = -1;
     c->err = MOE_OK;
     if (c->dead) vk_ctx_fail(c, MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
 }
@@ -1982,3 +1984,85 @@ static void vk_op_add(void *be, int dst, int src, int n, int width) {
     vk_grid_fold(r, vk_div_up(count, k_vk_plain[0].wg), 1);
     c->fuse_idx = -1;
 }
+
+static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
+    vk_ctx *c = be;
+    const moe_hparams *hp = &c->w->hp;
+    const vk_wt *wg = vk_wt_of(c, &L->gate_exps), *wu = vk_wt_of(c, &L->up_exps), *wd = vk_wt_of(c, &L->down_exps);
+    if (!wg || !wu || !wd || c->err || n <= 0) return;
+    moe_vk_backend *vk = c->vk;
+    uint32_t E = (uint32_t)hp->n_expert, k = (uint32_t)hp->n_expert_used, ff = (uint32_t)hp->n_ff_exp, D = (uint32_t)hp->n_embd;
+    int tg = vk_type_index(L->gate_exps.type), tu = vk_type_index(L->up_exps.type), td = vk_type_index(L->down_exps.type);
+    /* the router's choice, on the GPU: softmax, top-k, renormalisation */
+    vk_rec *r = vk_rec_new(c, VKP_TOPK, VKC_TOPK);
+    if (!r) return;
+    vk_bind(r, 2, &c->aux, 1);
+    vk_bind(r, 5, &c->act[ACT_ROUTER], 0);
+    uint32_t tpc[6] = {E, k, (uint32_t)hp->norm_topk, 0, c->ids_off, c->w_off};
+    memcpy(r->pc, tpc, sizeof tpc);
+    r->grid[0] = (uint32_t)n;
+    r->grid[1] = r->grid[2] = 1;
+    int mv = n <= VK_MV_MAX;
+    if (!mv) { /* group the (token, slot) pairs by expert into work items */
+        r = vk_rec_new(c, VKP_MOE_SORT, VKC_SORT);
+        if (!r) return;
+        vk_bind(r, 2, &c->aux, 1);
+        uint32_t spc[6] = {E, (uint32_t)n * k, c->ids_off, c->list_off, c->pos_off, c->items_off};
+        memcpy(r->pc, spc, sizeof spc);
+        r->grid[0] = r->grid[1] = r->grid[2] = 1;
+    }
+    int mmk = vk->coopmat ? VKK_MMCM : VKK_MM, mmgk = vk->coopmat ? VKK_MMCMG : VKK_MMG;
+    /* gate and up: fused when both have one type, else gate (mode 3) then up (mode 4) */
+    for (int pass = 0; pass < (tg == tu ? 1 : 2); pass++) {
+        int mode = tg == tu ? 1 : pass == 0 ? 3 : 4;
+        int t = mode == 4 ? tu : tg;
+        const moe_weight *mw = mode == 4 ? &L->up_exps : &L->gate_exps;
+        int pipe = VKP_TYPED(mv ? VKK_MV : mode == 1 ? mmgk : mmk, t);
+        r = vk_rec_new(c, pipe, mv ? VKC_MV_GATEUP : VKC_MM_GATEUP);
+        if (!r) return;
+        vk_bind(r, 0, &c->act[src], 0);
+        vk_bind(r, 1, &c->h, 1);
+        vk_bind(r, 2, &c->aux, 0);
+        vk_bind(r, 3, &vk->tables, 0);
+        r->wmode = 2;
+        r->win = wg->win0;
+        uint32_t nblk = vk_div_up(ff, mv ? 2 : 64);
+        uint32_t pc[16] = {D, ff, (uint32_t)mw->row_bytes, nblk, 0, D, 0, ff, (uint32_t)mode, 0, wg->tbl, wu->tbl,
+                           mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
+        memcpy(r->pc, pc, sizeof pc);
+        vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
+    }
+    /* down: matvec sums the k experts of each token itself; matmul writes per-pair rows, combined after */
+    r = vk_rec_new(c, VKP_TYPED(mv ? VKK_MV : mmk, td), mv ? VKC_MV_DOWN : VKC_MM_DOWN);
+    if (!r) return;
+    vk_bind(r, 0, &c->h, 0);
+    vk_bind(r, 1, mv ? &c->act[dst] : &c->p, 1);
+    vk_bind(r, 2, &c->aux, 0);
+    vk_bind(r, 3, &vk->tables, 0);
+    r->wmode = 2;
+    r->win = wd->win0;
+    uint32_t nblk = vk_div_up(D, mv ? 2 : 64);
+    uint32_t pc[16] = {ff, D, (uint32_t)L->down_exps.row_bytes, nblk, 0, ff, 0, D, 2, 0, wd->tbl, 0,
+                       mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
+    memcpy(r->pc, pc, sizeof pc);
+    vk_grid_fold(r, nblk, mv ? (uint32_t)n : c->max_items);
+    c->fuse_idx = -1;
+    if (mv) {
+        vk_mark_fusable(c, dst, n, 9);
+        return;
+    }
+    r = vk_rec_new(c, VKP_MOE_COMBINE, VKC_COMBINE);
+    if (!r) return;
+    vk_bind(r, 0, &c->p, 0);
+    vk_bind(r, 1, &c->act[dst], 1);
+    vk_bind(r, 2, &c->aux, 0);
+    uint32_t cpc[5] = {D, k, c->w_off, c->pos_off, 0};
+    memcpy(r->pc, cpc, sizeof cpc);
+    r->grid[0] = vk_div_up(D, k_vk_plain[VKP_MOE_COMBINE - VKP_ADD].wg);
+    r->grid[1] = (uint32_t)n;
+    r->grid[2] = 1;
+    vk_mark_fusable(c, dst, n, 4);
+}
+
+const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_moe_ffn,
+                            vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save, vk_kv_load};
