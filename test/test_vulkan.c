@@ -189,3 +189,169 @@ static void synth_free(synth *s) {
     for (int i = 0; i < s->n_mem; i++) free(s->mem[i]);
     s->n_mem = 0;
 }
+
+/* ---- the same ops on a CPU context and a Vulkan context of one synthetic model ---- */
+typedef struct pair {
+    synth *s;
+    moe_vk_backend *vk;
+    void *cpu, *gpu;
+    int n_batch;
+} pair;
+
+static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
+    memset(p, 0, sizeof *p);
+    p->s = s;
+    p->n_batch = n_batch;
+    moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2};
+    assert_int_equal(cpu_ctx_new(&s->w, &sh, &p->cpu), MOE_OK);
+    moe_status st = moe_vk_init(&s->w, 0, test_log, NULL, &p->vk);
+    if (st) print_error("moe_vk_init: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+    st = moe_vk_ctx_new(p->vk, &sh, &p->gpu);
+    if (st) print_error("moe_vk_ctx_new: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+}
+
+static void pair_free(pair *p) {
+    moe_vk_ctx_free(p->gpu);
+    moe_vk_free(p->vk);
+    cpu_ctx_free(p->cpu);
+}
+
+static size_t role_bytes(pair *p, int role, int rows) { return (size_t)rows * (size_t)act_width(&p->s->w, role) * sizeof(float); }
+
+static void gpu_xfer(pair *p, int role, float *host, int rows, int download) {
+    vk_ctx *c = p->gpu;
+    vk_xfer x;
+    assert_int_equal(vk_xfer_begin(c->vk, &x, (VkDeviceSize)1 << 20, download), MOE_OK);
+    vk_xfer_copy(&x, (uint8_t *)host, role_bytes(p, role, rows), c->act[role].buf, 0);
+    assert_int_equal(vk_xfer_end(&x), MOE_OK);
+}
+
+/* random rows of U(-scale, scale) into role on both backends */
+static void pair_rand(pair *p, int role, int rows, float scale, rng_t *r) {
+    size_t n = role_bytes(p, role, rows) / sizeof(float);
+    float *x = malloc(n * sizeof *x);
+    assert_non_null(x);
+    for (size_t i = 0; i < n; i++) x[i] = scale * rng_f(r);
+    memcpy(((cpu_ctx *)p->cpu)->act[role], x, n * sizeof *x);
+    gpu_xfer(p, role, x, rows, 0);
+    free(x);
+}
+
+/* max |gpu - cpu| / max |cpu| over rows of role; both must be finite */
+static double pair_err(pair *p, int role, int rows) {
+    size_t n = role_bytes(p, role, rows) / sizeof(float);
+    float *g = malloc(n * sizeof *g);
+    assert_non_null(g);
+    gpu_xfer(p, role, g, rows, 1);
+    const float *c = ((cpu_ctx *)p->cpu)->act[role];
+    assert_true(all_finite(g, n));
+    assert_true(all_finite(c, n));
+    double d = 0, m = 0;
+    for (size_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)g[i] - (double)c[i]));
+        m = fmax(m, fabs((double)c[i]));
+    }
+    free(g);
+    return d / fmax(m, 1e-30);
+}
+
+static void gpu_begin(pair *p) { moe_vk_ops.begin_step(p->gpu); }
+static void gpu_end(pair *p) {
+    moe_status st = moe_vk_ops.end_step(p->gpu);
+    if (st) print_error("end_step: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+}
+
+#define CHECK_ERR(what, err, tol)                                                              \
+    do {                                                                                       \
+        double e_ = (err);                                                                     \
+        if (!(e_ <= (tol))) print_error("%s: relative error %.3e > %.1e\n", what, e_, (double)(tol)); \
+        assert_true(e_ <= (tol));                                                              \
+        if (e_ > worst) worst = e_;                                                            \
+    } while (0)
+
+static const int32_t k_all_types[9] = {MOE_TYPE_F32, MOE_TYPE_F16, MOE_TYPE_BF16, MOE_TYPE_Q8_0, MOE_TYPE_Q4_0,
+                                       MOE_TYPE_Q4_K, MOE_TYPE_Q5_K, MOE_TYPE_Q6_K, MOE_TYPE_MXFP4};
+
+/* embedding, matvec / matmul (odd row count, row offsets), MoE FFN and the whole forward pass */
+static void run_type_ops(const int32_t types[5], const char *label) {
+    synth s;
+    synth_make(&s, types, 333, 0x1234u + (uint64_t)types[0] * 77u + (uint64_t)types[4]);
+    pair p;
+    pair_new(&p, &s, MOE_KV_F32, 64);
+    rng_t r = {99};
+    const moe_hparams *hp = &s.w.hp;
+    double worst = 0;
+    char what[96];
+    /* embedding */
+    moe_token tok[7];
+    for (int i = 0; i < 7; i++) tok[i] = (moe_token)(rng_u64(&r) % (uint64_t)hp->n_vocab);
+    k_cpu_ops.embed(p.cpu, ACT_X, &s.w.tok_embd, tok, 7);
+    gpu_begin(&p);
+    moe_vk_ops.embed(p.gpu, ACT_X, &s.w.tok_embd, tok, 7);
+    gpu_end(&p);
+    snprintf(what, sizeof what, "%s embed", label);
+    CHECK_ERR(what, pair_err(&p, ACT_X, 7), 1e-7);
+    /* matmuls: matvec up to 8 columns, matmul beyond; the output has 333 rows */
+    pair_rand(&p, ACT_XN, 40, 1.0f, &r);
+    static const int ns[] = {1, 2, 8, 9, 37};
+    for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
+        for (int row0 = 0; row0 < 2; row0++) {
+            int n = ns[i];
+            k_cpu_ops.matmul(p.cpu, ACT_Q, &s.layer.wq, ACT_XN, row0, n);
+            k_cpu_ops.matmul(p.cpu, ACT_LOGITS, &s.w.output, ACT_XN, row0, n);
+            gpu_begin(&p);
+            moe_vk_ops.matmul(p.gpu, ACT_Q, &s.layer.wq, ACT_XN, row0, n);
+            moe_vk_ops.matmul(p.gpu, ACT_LOGITS, &s.w.output, ACT_XN, row0, n);
+            gpu_end(&p);
+            snprintf(what, sizeof what, "%s matmul n=%d row0=%d", label, n, row0);
+            CHECK_ERR(what, pair_err(&p, ACT_Q, n), TOL_OP);
+            CHECK_ERR(what, pair_err(&p, ACT_LOGITS, n), TOL_OP);
+        }
+    /* MoE FFN: router logits spread out so that no top-k choice is a near tie */
+    pair_rand(&p, ACT_ROUTER, 40, 3.0f, &r);
+    static const int nm[] = {1, 2, 8, 40};
+    for (size_t i = 0; i < sizeof nm / sizeof nm[0]; i++) {
+        k_cpu_ops.moe_ffn(p.cpu, ACT_OUT, ACT_XN, &s.layer, nm[i]);
+        gpu_begin(&p);
+        moe_vk_ops.moe_ffn(p.gpu, ACT_OUT, ACT_XN, &s.layer, nm[i]);
+        gpu_end(&p);
+        snprintf(what, sizeof what, "%s moe_ffn n=%d", label, nm[i]);
+        CHECK_ERR(what, pair_err(&p, ACT_OUT, nm[i]), TOL_OP);
+    }
+    /* the whole forward pass: a prefill of 12 tokens, then two decode steps */
+    moe_token seq[14];
+    for (int i = 0; i < 14; i++) seq[i] = (moe_token)(rng_u64(&r) % (uint64_t)hp->n_vocab);
+    int chunks[3][2] = {{0, 12}, {12, 1}, {13, 1}};
+    for (int ch = 0; ch < 3; ch++) {
+        int pos0 = chunks[ch][0], n = chunks[ch][1];
+        forward_qwen3moe(p.cpu, &k_cpu_ops, &s.w, seq + pos0, n, pos0, n);
+        gpu_begin(&p);
+        forward_qwen3moe(p.gpu, &moe_vk_ops, &s.w, seq + pos0, n, pos0, n);
+        gpu_end(&p);
+        snprintf(what, sizeof what, "%s forward pos0=%d n=%d", label, pos0, n);
+        CHECK_ERR(what, pair_err(&p, ACT_LOGITS, n), 1e-4);
+    }
+    printf("[ RESULT   ] %-26s worst relative error vs CPU %.2e\n", label, worst);
+    pair_free(&p);
+    synth_free(&s);
+}
+
+static void test_ops_type(void **state) {
+    NEED_VULKAN();
+    int32_t t = *(const int32_t *)*state;
+    int32_t types[5] = {t, t, t, t, t};
+    char label[32];
+    snprintf(label, sizeof label, "%s", type_traits(t)->name);
+    run_type_ops(types, label);
+}
+
+/* gate, up and down of three different types (gate and up then run as two passes) */
+static void test_ops_mixed_experts(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    int32_t types[5] = {MOE_TYPE_Q8_0, MOE_TYPE_Q4_K, MOE_TYPE_Q4_K, MOE_TYPE_Q6_K, MOE_TYPE_Q5_K};
+    run_type_ops(types, "mixed q4_K/q6_K/q5_K");
+}
