@@ -355,3 +355,93 @@ static void test_ops_mixed_experts(void **state) {
     int32_t types[5] = {MOE_TYPE_Q8_0, MOE_TYPE_Q4_K, MOE_TYPE_Q4_K, MOE_TYPE_Q6_K, MOE_TYPE_Q5_K};
     run_type_ops(types, "mixed q4_K/q6_K/q5_K");
 }
+
+/* RMSNorm (with / without weight, per head in place), q/k-norm + RoPE (fused) and RoPE alone,
+   attention over an f32 and an f16 cache (prefill, then chunks at pos0 > 0), residual adds */
+static void test_ops_common(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    int32_t types[5] = {MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32};
+    synth s;
+    synth_make(&s, types, 64, 7);
+    const moe_hparams *hp = &s.w.hp;
+    const moe_layer *L = &s.layer;
+    double worst = 0;
+    rng_t r = {5};
+    for (int kv = 0; kv < 2; kv++) {
+        pair p;
+        pair_new(&p, &s, kv ? MOE_KV_F16 : MOE_KV_F32, 32);
+        double tol_attn = kv ? TOL_OP_F16KV : TOL_OP;
+        /* rmsnorm with and without a weight */
+        pair_rand(&p, ACT_X, 5, 2.0f, &r);
+        k_cpu_ops.rmsnorm(p.cpu, ACT_XN, ACT_X, &L->attn_norm, 5, hp->n_embd, hp->rms_eps);
+        k_cpu_ops.rmsnorm(p.cpu, ACT_OUT, ACT_X, NULL, 5, hp->n_embd, hp->rms_eps);
+        gpu_begin(&p);
+        moe_vk_ops.rmsnorm(p.gpu, ACT_XN, ACT_X, &L->attn_norm, 5, hp->n_embd, hp->rms_eps);
+        moe_vk_ops.rmsnorm(p.gpu, ACT_OUT, ACT_X, NULL, 5, hp->n_embd, hp->rms_eps);
+        gpu_end(&p);
+        CHECK_ERR("rmsnorm", pair_err(&p, ACT_XN, 5), TOL_OP);
+        CHECK_ERR("rmsnorm (no weight)", pair_err(&p, ACT_OUT, 5), TOL_OP);
+        /* q/k norm then rope, as the forward pass records them (fused on the GPU), at pos0 = 7 */
+        pair_rand(&p, ACT_Q, 5, 2.0f, &r);
+        pair_rand(&p, ACT_K, 5, 2.0f, &r);
+        const moe_ops *ops[2] = {&k_cpu_ops, &moe_vk_ops};
+        for (int b = 0; b < 2; b++) {
+            void *be = b ? p.gpu : p.cpu;
+            if (b) gpu_begin(&p);
+            ops[b]->rmsnorm(be, ACT_Q, ACT_Q, &L->q_norm, 5 * hp->n_head, hp->head_dim, hp->rms_eps);
+            ops[b]->rmsnorm(be, ACT_K, ACT_K, &L->k_norm, 5 * hp->n_head_kv, hp->head_dim, hp->rms_eps);
+            ops[b]->rope(be, ACT_Q, 5, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, 7);
+            ops[b]->rope(be, ACT_K, 5, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, 7);
+            if (b) gpu_end(&p);
+        }
+        CHECK_ERR("q-norm + rope", pair_err(&p, ACT_Q, 5), TOL_OP);
+        CHECK_ERR("k-norm + rope", pair_err(&p, ACT_K, 5), TOL_OP);
+        /* rope alone, at positions up to 200 */
+        pair_rand(&p, ACT_Q, 5, 2.0f, &r);
+        k_cpu_ops.rope(p.cpu, ACT_Q, 5, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, 195);
+        gpu_begin(&p);
+        moe_vk_ops.rope(p.gpu, ACT_Q, 5, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, 195);
+        gpu_end(&p);
+        CHECK_ERR("rope", pair_err(&p, ACT_Q, 5), TOL_OP);
+        /* attention: 6 tokens at 0, then 3 at 6, then 1 at 9 */
+        static const int chunk[3][2] = {{0, 6}, {6, 3}, {9, 1}};
+        for (int ch = 0; ch < 3; ch++) {
+            int pos0 = chunk[ch][0], n = chunk[ch][1];
+            pair_rand(&p, ACT_Q, n, 1.0f, &r);
+            pair_rand(&p, ACT_K, n, 1.0f, &r);
+            pair_rand(&p, ACT_V, n, 1.0f, &r);
+            float scale = 1.0f / sqrtf((float)hp->head_dim) * 4.0f; /* sharper than usual: softmax not flat */
+            k_cpu_ops.attention(p.cpu, 0, n, pos0, scale);
+            gpu_begin(&p);
+            moe_vk_ops.attention(p.gpu, 0, n, pos0, scale);
+            gpu_end(&p);
+            char what[64];
+            snprintf(what, sizeof what, "attention (%s KV) pos0=%d n=%d", kv ? "f16" : "f32", pos0, n);
+            CHECK_ERR(what, pair_err(&p, ACT_ATTN, n), tol_attn);
+        }
+        /* add, alone and folded into the matmul before it (mv and mm paths) */
+        pair_rand(&p, ACT_X, 20, 1.0f, &r);
+        pair_rand(&p, ACT_OUT, 20, 1.0f, &r);
+        k_cpu_ops.add(p.cpu, ACT_X, ACT_OUT, 20, hp->n_embd);
+        gpu_begin(&p);
+        moe_vk_ops.add(p.gpu, ACT_X, ACT_OUT, 20, hp->n_embd);
+        gpu_end(&p);
+        CHECK_ERR("add", pair_err(&p, ACT_X, 20), TOL_OP);
+        pair_rand(&p, ACT_ATTN, 20, 1.0f, &r);
+        static const int na[2] = {3, 20};
+        for (int i = 0; i < 2; i++) {
+            for (int b = 0; b < 2; b++) {
+                void *be = b ? p.gpu : p.cpu;
+                if (b) gpu_begin(&p);
+                ops[b]->matmul(be, ACT_OUT, &L->wo, ACT_ATTN, 0, na[i]);
+                ops[b]->add(be, ACT_X, ACT_OUT, na[i], hp->n_embd);
+                if (b) gpu_end(&p);
+            }
+            CHECK_ERR("matmul + residual add", pair_err(&p, ACT_X, na[i]), TOL_OP);
+        }
+        pair_free(&p);
+    }
+    printf("[ RESULT   ] %-26s worst relative error vs CPU %.2e\n", "norm/rope/attention/add", worst);
+    synth_free(&s);
+}
