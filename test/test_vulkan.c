@@ -445,3 +445,164 @@ static void test_ops_common(void **state) {
     printf("[ RESULT   ] %-26s worst relative error vs CPU %.2e\n", "norm/rope/attention/add", worst);
     synth_free(&s);
 }
+
+/* ---- fixtures: Vulkan against transformers, and against the CPU backend ---- */
+static moe_model *load_model(const char *path, int32_t backend) {
+    moe_load_params lp = {0};
+    lp.backend = backend;
+    lp.n_threads = 2;
+    lp.log = test_log;
+    moe_model *m = NULL;
+    moe_status st = moe_load(path, &lp, &m);
+    if (st != MOE_OK) print_error("moe_load(%s): %s (%s)\n", path, moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_int_equal(info.backend, backend);
+    return m;
+}
+
+static moe_ctx *new_ctx(moe_model *m, int32_t kv_type, int32_t logits_all, int32_t n_batch) {
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 256;
+    cp.kv_type = kv_type;
+    cp.logits_all = logits_all;
+    cp.n_batch = n_batch;
+    moe_ctx *c = NULL;
+    moe_status st = moe_ctx_new(m, &cp, &c);
+    if (st != MOE_OK) print_error("moe_ctx_new: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+    return c;
+}
+
+static void step_ok(moe_ctx *c, const int32_t *tokens, int n) {
+    moe_status st = moe_step(c, tokens, n);
+    if (st != MOE_OK) print_error("moe_step: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+}
+
+static void prefill_rows(moe_ctx *c, const int32_t *tokens, int n, int n_vocab, float *out) {
+    step_ok(c, tokens, n);
+    for (int i = 0; i < n; i++) {
+        const float *l = moe_logits(c, i);
+        assert_non_null(l);
+        memcpy(out + (size_t)i * (size_t)n_vocab, l, (size_t)n_vocab * sizeof(float));
+    }
+}
+
+static double max_row_err(const float *a, const float *ref, int rows, int n_vocab) {
+    double e = 0;
+    for (int i = 0; i < rows; i++) e = fmax(e, row_rel_err(a + (size_t)i * (size_t)n_vocab, ref + (size_t)i * (size_t)n_vocab, n_vocab));
+    return e;
+}
+
+/* greedy continuation of the reference prompt */
+static void greedy(moe_model *m, int32_t kv, const ref_data *r, int32_t *gen, int ng) {
+    moe_ctx *c = new_ctx(m, kv, 0, 0);
+    step_ok(c, r->tokens, r->n_prompt);
+    for (int i = 0; i < ng; i++) {
+        const float *l = moe_logits(c, -1);
+        assert_non_null(l);
+        assert_true(all_finite(l, (size_t)r->n_vocab));
+        gen[i] = argmax(l, r->n_vocab);
+        step_ok(c, &gen[i], 1);
+    }
+    moe_ctx_free(c);
+}
+
+#define TOL_SELF 1e-5 /* Vulkan against itself along another path (decode vs prefill kernels, chunking) */
+
+static void run_fixture(void **state) {
+    NEED_VULKAN();
+    const char *name = *state;
+    char gguf[256], refp[256];
+    snprintf(gguf, sizeof gguf, "test/fixtures/qwen3moe_%s.gguf", name);
+    snprintf(refp, sizeof refp, "test/fixtures/qwen3moe_%s.ref", name);
+    ref_data r;
+    int rc = ref_load(refp, &r);
+    if (rc) print_error("%s: cannot read or parse (%d); run the tests from the repository root\n", refp, rc);
+    assert_int_equal(rc, 0);
+    moe_model *mv = load_model(gguf, MOE_BACKEND_VULKAN), *mc = load_model(gguf, MOE_BACKEND_CPU);
+    if (vk_env_on("MOE_VK_VALIDATION") && require_vulkan()) assert_true(mv->vk->validation);
+    const int V = r.n_vocab, N = r.n_tokens;
+    const size_t all = (size_t)N * (size_t)V;
+    float *pre = malloc(all * sizeof(float)), *tmp = malloc(all * sizeof(float));
+    assert_non_null(pre);
+    assert_non_null(tmp);
+
+    /* (a) prefill of the whole sequence, f32 and f16 KV, against the reference */
+    moe_ctx *ca = new_ctx(mv, MOE_KV_F32, 1, 0);
+    prefill_rows(ca, r.tokens, N, V, pre);
+    assert_true(all_finite(pre, all));
+    double err32 = max_row_err(pre, r.logits, N, V);
+    moe_ctx *ch = new_ctx(mv, MOE_KV_F16, 1, 0);
+    prefill_rows(ch, r.tokens, N, V, tmp);
+    assert_true(all_finite(tmp, all));
+    double err16 = max_row_err(tmp, r.logits, N, V);
+    moe_ctx_free(ch);
+
+    /* (b) greedy: Vulkan (f32 KV) against the reference; Vulkan against the CPU (default f16 KV) */
+    int32_t g_ref[256], g_vk[256], g_cpu[256];
+    int ng = r.n_greedy < 256 ? r.n_greedy : 256, match_ref = 0, match_cpu = 0;
+    greedy(mv, MOE_KV_F32, &r, g_ref, ng);
+    while (match_ref < ng && g_ref[match_ref] == r.greedy[match_ref]) match_ref++;
+    greedy(mv, MOE_KV_F16, &r, g_vk, ng);
+    greedy(mc, MOE_KV_F16, &r, g_cpu, ng);
+    while (match_cpu < ng && g_vk[match_cpu] == g_cpu[match_cpu]) match_cpu++;
+
+    /* (c) token-by-token decode and a chunked prefill (n_batch 48) against the single prefill */
+    moe_ctx *cs = new_ctx(mv, MOE_KV_F32, 0, 0);
+    for (int i = 0; i < N; i++) {
+        step_ok(cs, &r.tokens[i], 1);
+        memcpy(tmp + (size_t)i * (size_t)V, moe_logits(cs, -1), (size_t)V * sizeof(float));
+    }
+    double err_steps = max_row_err(tmp, pre, N, V);
+    moe_ctx_free(cs);
+    moe_ctx *cc = new_ctx(mv, MOE_KV_F32, 1, 48);
+    prefill_rows(cc, r.tokens, N, V, tmp);
+    double err_chunks = max_row_err(tmp, pre, N, V);
+    moe_ctx_free(cc);
+
+    /* (d) rewind and re-feed; save / load of the context state */
+    const int p1 = N / 2 + 6;
+    assert_int_equal(moe_ctx_rewind(ca, p1), MOE_OK);
+    prefill_rows(ca, r.tokens + p1, N - p1, V, tmp);
+    double err_rewind = max_row_err(tmp, pre + (size_t)p1 * (size_t)V, N - p1, V);
+    assert_int_equal(moe_ctx_rewind(ca, p1), MOE_OK);
+    size_t sz = 0;
+    assert_int_equal(moe_ctx_save(ca, NULL, 0, &sz), MOE_OK);
+    void *snap = malloc(sz);
+    assert_non_null(snap);
+    assert_int_equal(moe_ctx_save(ca, snap, sz, &sz), MOE_OK);
+    step_ok(ca, r.tokens + p1, 5); /* overwrite cache rows past p1, then come back */
+    moe_ctx *cl = new_ctx(mv, MOE_KV_F32, 1, 0);
+    assert_int_equal(moe_ctx_load(cl, snap, sz), MOE_OK);
+    assert_int_equal(moe_ctx_load(ca, snap, sz), MOE_OK);
+    assert_int_equal(moe_ctx_pos(cl), p1);
+    prefill_rows(cl, r.tokens + p1, N - p1, V, tmp);
+    double err_load = max_row_err(tmp, pre + (size_t)p1 * (size_t)V, N - p1, V);
+    prefill_rows(ca, r.tokens + p1, N - p1, V, tmp);
+    err_load = fmax(err_load, max_row_err(tmp, pre + (size_t)p1 * (size_t)V, N - p1, V));
+    free(snap);
+    moe_ctx_free(cl);
+
+    printf("[ RESULT   ] vulkan qwen3moe_%-5s f32-KV max|d|/range %.3e (tol %.0e) | f16-KV %.3e (tol %.0e) | greedy vs ref %d/%d, "
+           "vs CPU %d/%d | steps %.1e, chunked %.1e, rewind %.1e, save/load %.1e (tol %.0e)\n",
+           name, err32, TOL_F32, err16, TOL_F16, match_ref, ng, match_cpu, ng, err_steps, err_chunks, err_rewind, err_load, TOL_SELF);
+    if (match_ref < ng) printf("             greedy diverges from the reference at %d\n", match_ref);
+    if (match_cpu < ng) printf("             CPU and Vulkan greedy diverge at %d: %d vs %d\n", match_cpu, g_cpu[match_cpu], g_vk[match_cpu]);
+    moe_ctx_free(ca);
+    moe_model_free(mv);
+    moe_model_free(mc);
+    free(pre);
+    free(tmp);
+    free(r.buf);
+    assert_true(err32 <= TOL_F32);
+    assert_true(err16 <= TOL_F16);
+    assert_int_equal(match_ref, ng);
+    assert_int_equal(match_cpu, ng);
+    assert_true(err_steps <= TOL_SELF);
+    assert_true(err_chunks <= TOL_SELF);
+    assert_true(err_rewind <= TOL_SELF);
+    assert_true(err_load <= TOL_SELF);
+}
