@@ -276,11 +276,16 @@ static const int32_t k_all_types[9] = {MOE_TYPE_F32, MOE_TYPE_F16, MOE_TYPE_BF16
                                        MOE_TYPE_Q4_K, MOE_TYPE_Q5_K, MOE_TYPE_Q6_K, MOE_TYPE_MXFP4};
 
 /* embedding, matvec / matmul (odd row count, row offsets), MoE FFN and the whole forward pass */
-static void run_type_ops(const int32_t types[5], const char *label) {
+static void run_type_ops(const int32_t types[5], const char *label, int vocab) {
     synth s;
-    synth_make(&s, types, 333, 0x1234u + (uint64_t)types[0] * 77u + (uint64_t)types[4]);
+    synth_make(&s, types, vocab, 0x1234u + (uint64_t)types[0] * 77u + (uint64_t)types[4]);
     pair p;
     pair_new(&p, &s, MOE_KV_F32, 64);
+    if (g_vk_window_cap_override) { /* the split test: the embedding and output in parts, experts over windows */
+        printf("[ INFO     ] %u weight windows; token embedding in %u parts\n", p.vk->n_win, p.vk->wts[0].n_parts);
+        assert_true(p.vk->wts[0].n_parts >= 2);
+        assert_true(p.vk->n_win >= 6);
+    }
     rng_t r = {99};
     const moe_hparams *hp = &s.w.hp;
     double worst = 0;
@@ -345,7 +350,7 @@ static void test_ops_type(void **state) {
     int32_t types[5] = {t, t, t, t, t};
     char label[32];
     snprintf(label, sizeof label, "%s", type_traits(t)->name);
-    run_type_ops(types, label);
+    run_type_ops(types, label, 333);
 }
 
 /* gate, up and down of three different types (gate and up then run as two passes) */
@@ -353,7 +358,7 @@ static void test_ops_mixed_experts(void **state) {
     (void)state;
     NEED_VULKAN();
     int32_t types[5] = {MOE_TYPE_Q8_0, MOE_TYPE_Q4_K, MOE_TYPE_Q4_K, MOE_TYPE_Q6_K, MOE_TYPE_Q5_K};
-    run_type_ops(types, "mixed q4_K/q6_K/q5_K");
+    run_type_ops(types, "mixed q4_K/q6_K/q5_K", 333);
 }
 
 /* RMSNorm (with / without weight, per head in place), q/k-norm + RoPE (fused) and RoPE alone,
@@ -605,4 +610,87 @@ static void run_fixture(void **state) {
     assert_true(err_chunks <= TOL_SELF);
     assert_true(err_rewind <= TOL_SELF);
     assert_true(err_load <= TOL_SELF);
+}
+
+/* ---- weights split over storage windows (forced small): a dense tensor in row parts, experts of
+   a layer spread over several windows bound together ---- */
+static void test_split_windows(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    int32_t types[5] = {MOE_TYPE_Q8_0, MOE_TYPE_Q8_0, MOE_TYPE_Q8_0, MOE_TYPE_Q8_0, MOE_TYPE_Q8_0};
+    g_vk_window_cap_override = 512 << 10;
+    run_type_ops(types, "q8_0 in 512 KiB windows", 4096);
+    g_vk_window_cap_override = 0;
+}
+
+/* ---- errors and fallback ---- */
+static void test_fallback(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    const char *path = "test/fixtures/qwen3moe_f32.gguf";
+    moe_load_params lp = {0};
+    lp.log = test_log;
+    lp.n_threads = 1;
+    moe_model *m = NULL;
+    /* a device index past the usable devices */
+    lp.backend = MOE_BACKEND_VULKAN;
+    lp.device_index = 7;
+    assert_int_equal(moe_load(path, &lp, &m), MOE_ERR_DEVICE);
+    assert_null(m);
+    assert_non_null(strstr(moe_last_error(), "device_index"));
+    lp.device_index = 0;
+    /* no driver: the loader is pointed at an ICD that does not exist */
+    char *old_icd = getenv("VK_ICD_FILENAMES") ? strdup(getenv("VK_ICD_FILENAMES")) : NULL;
+    char *old_drv = getenv("VK_DRIVER_FILES") ? strdup(getenv("VK_DRIVER_FILES")) : NULL;
+    setenv("VK_ICD_FILENAMES", "/nonexistent/moe_icd.json", 1);
+    setenv("VK_DRIVER_FILES", "/nonexistent/moe_icd.json", 1);
+    long msgs = g_vk_validation_messages; /* the loader may warn about the missing ICD: expected here */
+    moe_status st = moe_load(path, &lp, &m);
+    printf("[ INFO     ] forced no driver, MOE_BACKEND_VULKAN: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_ERR_DEVICE);
+    assert_null(m);
+    assert_non_null(strstr(moe_last_error(), "Vulkan"));
+    lp.backend = MOE_BACKEND_AUTO;
+    g_log_seen[0] = 0;
+    assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_int_equal(info.backend, MOE_BACKEND_CPU);
+    assert_non_null(strstr(g_log_seen, "Vulkan not used"));
+    moe_model_free(m);
+    g_vk_validation_messages = msgs;
+    if (old_icd) setenv("VK_ICD_FILENAMES", old_icd, 1);
+    else unsetenv("VK_ICD_FILENAMES");
+    if (old_drv) setenv("VK_DRIVER_FILES", old_drv, 1);
+    else unsetenv("VK_DRIVER_FILES");
+    free(old_icd);
+    free(old_drv);
+    /* with a driver again, AUTO picks Vulkan */
+    assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_int_equal(info.backend, MOE_BACKEND_VULKAN);
+    moe_model_free(m);
+}
+
+int main(void) {
+    static char names[][8] = {"f32", "f16", "q8_0", "q4_k", "mixed"};
+#define T(f) cmocka_unit_test_teardown(f, teardown_validation)
+#define TS(label, f, st) {.name = label, .test_func = f, .teardown_func = teardown_validation, .initial_state = (void *)(st)}
+    const struct CMUnitTest tests[] = {
+        T(test_ops_common),
+        TS("ops_f32", test_ops_type, &k_all_types[0]), TS("ops_f16", test_ops_type, &k_all_types[1]),
+        TS("ops_bf16", test_ops_type, &k_all_types[2]), TS("ops_q8_0", test_ops_type, &k_all_types[3]),
+        TS("ops_q4_0", test_ops_type, &k_all_types[4]), TS("ops_q4_k", test_ops_type, &k_all_types[5]),
+        TS("ops_q5_k", test_ops_type, &k_all_types[6]), TS("ops_q6_k", test_ops_type, &k_all_types[7]),
+        TS("ops_mxfp4", test_ops_type, &k_all_types[8]),
+        T(test_ops_mixed_experts),
+        T(test_split_windows),
+        TS("fixture_f32", run_fixture, names[0]), TS("fixture_f16", run_fixture, names[1]),
+        TS("fixture_q8_0", run_fixture, names[2]), TS("fixture_q4_k", run_fixture, names[3]),
+        TS("fixture_mixed", run_fixture, names[4]),
+        T(test_fallback),
+    };
+#undef T
+#undef TS
+    return cmocka_run_group_tests_name("vulkan", tests, NULL, NULL);
 }
