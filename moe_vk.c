@@ -577,7 +577,8 @@ static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p
     pr2.pNext = &m3;
     f->GetPhysicalDeviceProperties(pd, &p->props);
     const VkPhysicalDeviceLimits *lim = &p->props.limits;
-    const char *name = p->props.deviceName;
+    char name[64]; /* a copy: snprintf into p->why must not read from *p */
+    snprintf(name, sizeof name, "%.63s", p->props.deviceName);
     if (p->props.apiVersion < VK_API_VERSION_1_2) {
         snprintf(p->why, sizeof p->why, "%s: Vulkan %u.%u, 1.2 is needed", name, VK_VERSION_MAJOR(p->props.apiVersion),
                  VK_VERSION_MINOR(p->props.apiVersion));
