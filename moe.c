@@ -2288,6 +2288,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     if (model->vk) {
         c->ops = &moe_vk_ops;
         st = moe_vk_ctx_new(model->vk, &shape, &c->be);
+        if (!st) moe_vk_ctx_memory(c->be, &c->stats.gpu_bytes_weights, &c->stats.gpu_bytes_kv, &c->stats.gpu_bytes_scratch);
     } else {
         st = cpu_ctx_new(&model->w, &shape, &c->be);
         c->cpu = c->be;

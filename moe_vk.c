@@ -2067,3 +2067,12 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
 
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_moe_ffn,
                             vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save, vk_kv_load};
+
+void moe_vk_ctx_memory(const void *be, uint64_t *weights, uint64_t *kv, uint64_t *scratch) {
+    const vk_ctx *c = be;
+    uint64_t s = c->h.size + c->p.size + c->aux.size + c->rope.size + c->step.size + c->logits.size;
+    for (int i = 0; i < ACT_COUNT; i++) s += c->act[i].size;
+    *weights = c->vk->weight_bytes + c->vk->tables.size;
+    *kv = c->kc.size + c->vc.size;
+    *scratch = s;
+}
