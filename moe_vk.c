@@ -30,7 +30,8 @@
    MOE_VK_VALIDATION=1   enable VK_LAYER_KHRONOS_validation; every message goes to the log
    MOE_VK_PROFILE=1      timestamp every dispatch; the context logs GPU time per kernel kind
                          when it is freed (serializes dispatches: use for attribution only)
-   MOE_VK_NO_COOPMAT=1   do not use GL_NV_cooperative_matrix for prefill matmuls */
+   MOE_VK_NO_COOPMAT=1   do not use GL_NV_cooperative_matrix for prefill matmuls
+   MOE_VK_SERIAL=1       a barrier between every two dispatches (debugging) */
 #define _GNU_SOURCE
 #define MOE_INTERNAL
 #include "moe.h"
@@ -629,7 +630,8 @@ static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p
         p->ts_bits = lim->timestampComputeAndGraphics ? qf[q].timestampValidBits : 0;
     }
     /* tensor cores: GL_NV_cooperative_matrix 16x8x16, f16 inputs, f32 accumulators, subgroup of 32 */
-    if (!p->why[0] && has_cm_ext && cmf.cooperativeMatrix && f16.shaderFloat16 && vmm.vulkanMemoryModel && sg.subgroupSize == 32 &&
+    if (!p->why[0] && has_cm_ext && cmf.cooperativeMatrix && f16.shaderFloat16 && vmm.vulkanMemoryModel &&
+        vmm.vulkanMemoryModelDeviceScope && sg.subgroupSize == 32 &&
         lim->maxComputeSharedMemorySize >= 36 * 1024 && f->GetPhysicalDeviceCooperativeMatrixPropertiesNV && !vk_env_on("MOE_VK_NO_COOPMAT")) {
         uint32_t n = 0;
         VkCooperativeMatrixPropertiesNV cp[64];
@@ -709,7 +711,9 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
     VkDeviceQueueCreateInfo qci = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, vk->qfam, 1, &prio};
     const char *exts[2] = {"VK_KHR_push_descriptor", "VK_NV_cooperative_matrix"};
     VkPhysicalDeviceCooperativeMatrixFeaturesNV cmf = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV, NULL, 1, 0};
-    VkPhysicalDeviceVulkanMemoryModelFeatures vmm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, &cmf, 1, 0, 0};
+    /* the coopmat shaders use the Vulkan memory model; with it on, every shader's atomics (device
+       scope by default in GLSL) need vulkanMemoryModelDeviceScope too */
+    VkPhysicalDeviceVulkanMemoryModelFeatures vmm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, &cmf, 1, 1, 0};
     VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES, &vmm, 1, 0};
     VkPhysicalDeviceFeatures2 ft;
     memset(&ft, 0, sizeof ft);
@@ -1303,7 +1307,7 @@ typedef struct vk_ctx {
     moe_vk_backend *vk;
     const moe_weights *w;
     moe_ctx_shape shape;
-    int kv_f16, profile;
+    int kv_f16, profile, serial;
     vk_buf act[ACT_COUNT];
     vk_buf h, p, aux;          /* MoE: hidden [nb·k][ff], expert outputs [nb·k][D], routing scratch (u32) */
     uint32_t ids_off, w_off, list_off, pos_off, items_off, max_items;
@@ -1450,13 +1454,15 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
         f->CmdResetQueryPool(cb, c->qpool, 0, (uint32_t)n + 1);
         f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->qpool, 0);
     }
-    /* the host wrote the step buffer (tokens, position) before the submit: covered by the submit */
+    /* the host wrote the step buffer (tokens, position) before the submit: covered by the submit.
+       Device writes of earlier submissions (KV cache, kv_load copies) become visible here. */
+    vk_cmd_barrier(f, cb);
     vk_hazard hz;
     hz.n_wr = hz.n_rd = 0;
     VkPipeline bound = 0;
     for (int i = 0; i < n; i++) {
         const vk_rec *rc = &recs[i];
-        if (vk_need_barrier(&hz, rc) || prof) vk_cmd_barrier(f, cb);
+        if (vk_need_barrier(&hz, rc) || prof || c->serial) vk_cmd_barrier(f, cb);
         if (rc->pipe == VK_REC_COPY) {
             VkBufferCopy cp = {rc->off[0], rc->off[1], rc->range[0]};
             f->CmdCopyBuffer(cb, rc->buf[0], rc->buf[1], 1, &cp);
@@ -1673,6 +1679,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     c->w = vk->w;
     c->shape = *shape;
     c->kv_f16 = shape->kv_type == MOE_KV_F16;
+    c->serial = vk_env_on("MOE_VK_SERIAL"); /* debugging: a barrier between every two dispatches */
     moe_status st = MOE_OK;
     const VkDeviceSize nb = (VkDeviceSize)shape->n_batch, k = (VkDeviceSize)hp->n_expert_used;
     const VkDeviceSize widths[ACT_COUNT] = {
@@ -1858,7 +1865,10 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
     for (uint32_t j = 0; j < wt->n_parts; j++) {
         const vk_part *p = &c->vk->parts[wt->part0 + j];
         uint32_t Mp = (uint32_t)(p->row_hi - p->row_lo);
-        int pipe = VKP_TYPED(mv ? VKK_MV : c->vk->coopmat ? VKK_MMCM : VKK_MM, t);
+        /* f16 tensor cores round both operands to 11 bits: never for f32 weights (the router,
+           whose top-k choice must not flip) */
+        int cm = c->vk->coopmat && w->type != MOE_TYPE_F32 && dst != ACT_ROUTER;
+        int pipe = VKP_TYPED(mv ? VKK_MV : cm ? VKK_MMCM : VKK_MM, t);
         vk_rec *r = vk_rec_new(c, pipe, kind);
         if (!r) return;
         vk_bind(r, 0, &c->act[src], 0);
