@@ -387,7 +387,7 @@ enum { VKT_F32, VKT_F16, VKT_BF16, VKT_Q8_0, VKT_Q4_0, VKT_Q4_K, VKT_Q5_K, VKT_Q
 static const char *const k_vk_type_names[VKT_COUNT] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4"};
 enum { VKK_EMBED, VKK_MV, VKK_MM, VKK_MMG, VKK_MMCM, VKK_MMCMG, VKK_COUNT };
 static const char *const k_vk_kind_names[VKK_COUNT] = {"embed", "mv", "mm", "mmg", "mmcm", "mmcmg"};
-static const uint32_t k_vk_kind_wg[VKK_COUNT] = {64, 64, 256, 256, 128, 128};
+static const uint32_t k_vk_kind_wg[VKK_COUNT] = {64, 128, 256, 256, 128, 128};
 enum {
     VKP_ADD = VKK_COUNT * VKT_COUNT, VKP_ATTN_F16, VKP_ATTN_F32, VKP_HEADWISE_F16, VKP_HEADWISE_F32, VKP_KVSTORE_F16,
     VKP_KVSTORE_F32, VKP_MOE_COMBINE, VKP_MOE_SORT, VKP_RMSNORM, VKP_TOPK, VKP_COUNT
@@ -1277,6 +1277,7 @@ fail:
 #define VK_CACHE 4            /* command buffers kept for replay */
 #define VK_REC_COPY 0xffff    /* record kind: a buffer copy instead of a dispatch */
 #define VK_MV_MAX 8           /* up to this many tokens (columns), matmuls are matrix-vector kernels */
+#define VK_MV_ROWS 8          /* output rows per matrix-vector workgroup (mv.comp RW) */
 
 /* profiling classes */
 enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,
@@ -1874,7 +1875,7 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
         vk_bind(r, 0, &c->act[src], 0);
         vk_bind(r, 1, &c->act[dst], 1);
         vk_bind_part(r, p);
-        uint32_t nblk = vk_div_up(Mp, mv ? 2 : 64);
+        uint32_t nblk = vk_div_up(Mp, mv ? VK_MV_ROWS : 64);
         uint32_t pc[16] = {K, Mp, (uint32_t)w->row_bytes, nblk, (uint32_t)src_row0 * K, K, (uint32_t)p->row_lo, M,
                            0, 0, 0, 0, mv ? 0 : (uint32_t)n, 0, 0, 0};
         memcpy(r->pc, pc, sizeof pc);
@@ -2037,7 +2038,7 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
         vk_bind(r, 3, &vk->tables, 0);
         r->wmode = 2;
         r->win = wg->win0;
-        uint32_t nblk = vk_div_up(ff, mv ? 2 : 64);
+        uint32_t nblk = vk_div_up(ff, mv ? VK_MV_ROWS : 64);
         uint32_t pc[16] = {D, ff, (uint32_t)mw->row_bytes, nblk, 0, D, 0, ff, (uint32_t)mode, 0, wg->tbl, wu->tbl,
                            mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
         memcpy(r->pc, pc, sizeof pc);
@@ -2052,7 +2053,7 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
     vk_bind(r, 3, &vk->tables, 0);
     r->wmode = 2;
     r->win = wd->win0;
-    uint32_t nblk = vk_div_up(D, mv ? 2 : 64);
+    uint32_t nblk = vk_div_up(D, mv ? VK_MV_ROWS : 64);
     uint32_t pc[16] = {ff, D, (uint32_t)L->down_exps.row_bytes, nblk, 0, ff, 0, D, 2, 0, wd->tbl, 0,
                        mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
     memcpy(r->pc, pc, sizeof pc);

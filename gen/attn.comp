@@ -4,6 +4,9 @@
    (flash-style: keys in blocks of 32 with a running max and sum, so any context length fits).
    Query token i sits at position pos0 + i (pos0 = step pos0 + pos_delta) and sees keys 0 ..= pos0 + i.
    out = Σ_p softmax_p(q·k_p · scale) v_p.  WG = 128; head_dim <= 256, a multiple of 8.
+   Scores: 4 threads per key, each a quarter of the head (16-byte loads when head_dim % 32 == 0);
+   values: each thread owns output dims tid and tid + 128, the 32 keys of a block unrolled so
+   their loads overlap.
    grid: (n_head, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step */
 #include "common.glsl"
 
@@ -11,9 +14,11 @@ layout(std430, binding = 0) readonly buffer Q { float q[]; };
 layout(std430, binding = 1) writeonly buffer O { float o[]; };
 #ifdef KV_F32
 layout(std430, binding = 4) readonly buffer KC { float kc[]; };
+layout(std430, binding = 4) readonly buffer KC4 { vec4 kc4[]; };
 layout(std430, binding = 5) readonly buffer VC { float vc[]; };
 #else
 layout(std430, binding = 4) readonly buffer KC { uint kc[]; };
+layout(std430, binding = 4) readonly buffer KC4 { uvec4 kc4[]; };
 layout(std430, binding = 5) readonly buffer VC { uint vc[]; };
 #endif
 layout(push_constant) uniform PC { uint n_head, n_kv, hd, kvw; float scale; int pos_delta; } pc;
@@ -22,6 +27,14 @@ layout(push_constant) uniform PC { uint n_head, n_kv, hd, kvw; float scale; int 
 shared float qs[256];
 shared float part[128];
 shared float ps[KB];
+
+float v_at(uint i) {
+#ifdef KV_F32
+    return vc[i];
+#else
+    return unpackHalf2x16(vc[i >> 1])[i & 1u];
+#endif
+}
 
 void main() {
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
@@ -32,21 +45,38 @@ void main() {
     barrier();
 
     uint key = tid >> 2, quarter = tid & 3u, dq = hd >> 2;    /* score work: 4 threads per key */
+    bool vec = (hd & 31u) == 0u;
     uint d0 = tid, d1 = tid + 128u;                          /* output dims of this thread */
     float m = NEG_INF, l = 0.0, o0 = 0.0, o1 = 0.0;
     for (uint kb = 0u; kb < n_keys; kb += KB) {
         uint p = kb + key;
         float s = 0.0;
         if (p < n_keys) {
-            uint base = p * pc.kvw + kvh * hd + quarter * dq;
+            uint base = p * pc.kvw + kvh * hd + quarter * dq, qb = quarter * dq;
+            if (vec) {
 #ifdef KV_F32
-            for (uint d = 0u; d < dq; d++) s += qs[quarter * dq + d] * kc[base + d];
+                for (uint c = 0u; c < dq; c += 4u) {
+                    vec4 kv = kc4[(base + c) >> 2];
+                    s += dot(kv, vec4(qs[qb + c], qs[qb + c + 1u], qs[qb + c + 2u], qs[qb + c + 3u]));
+                }
 #else
-            for (uint d = 0u; d < dq; d += 2u) {
-                vec2 kv = unpackHalf2x16(kc[(base + d) >> 1]);
-                s += qs[quarter * dq + d] * kv.x + qs[quarter * dq + d + 1u] * kv.y;
-            }
+                for (uint c = 0u; c < dq; c += 8u) {
+                    uvec4 w = kc4[(base + c) >> 3];
+                    vec2 k0 = unpackHalf2x16(w.x), k1 = unpackHalf2x16(w.y), k2 = unpackHalf2x16(w.z), k3 = unpackHalf2x16(w.w);
+                    s += dot(vec4(k0, k1), vec4(qs[qb + c], qs[qb + c + 1u], qs[qb + c + 2u], qs[qb + c + 3u])) +
+                         dot(vec4(k2, k3), vec4(qs[qb + c + 4u], qs[qb + c + 5u], qs[qb + c + 6u], qs[qb + c + 7u]));
+                }
 #endif
+            } else {
+#ifdef KV_F32
+                for (uint d = 0u; d < dq; d++) s += qs[qb + d] * kc[base + d];
+#else
+                for (uint d = 0u; d < dq; d += 2u) {
+                    vec2 kv = unpackHalf2x16(kc[(base + d) >> 1]);
+                    s += qs[qb + d] * kv.x + qs[qb + d + 1u] * kv.y;
+                }
+#endif
+            }
         }
         part[tid] = s;
         barrier();
@@ -56,7 +86,7 @@ void main() {
         }
         barrier();
         float bm = m;
-        for (uint j = 0u; j < KB; j++) bm = max(bm, ps[j]);
+        [[unroll]] for (uint j = 0u; j < KB; j++) bm = max(bm, ps[j]);
         float alpha = exp(m - bm);
         barrier();
         if (tid < KB) ps[tid] = exp(ps[tid] - bm);
@@ -66,17 +96,14 @@ void main() {
         o0 *= alpha;
         o1 *= alpha;
         uint nk = min(KB, n_keys - kb);
-        for (uint j = 0u; j < nk; j++) {
-            float w = ps[j];
-            sum += w;
-            uint vb = (kb + j) * pc.kvw + kvh * hd;
-#ifdef KV_F32
-            if (d0 < hd) o0 += w * vc[vb + d0];
-            if (d1 < hd) o1 += w * vc[vb + d1];
-#else
-            if (d0 < hd) o0 += w * unpackHalf2x16(vc[(vb + d0) >> 1])[d0 & 1u];
-            if (d1 < hd) o1 += w * unpackHalf2x16(vc[(vb + d1) >> 1])[d1 & 1u];
-#endif
+        uint vb = kb * pc.kvw + kvh * hd;
+        [[unroll]] for (uint j = 0u; j < KB; j++) {
+            if (j < nk) {
+                float w = ps[j];
+                sum += w;
+                if (d0 < hd) o0 += w * v_at(vb + j * pc.kvw + d0);
+                if (d1 < hd) o1 += w * v_at(vb + j * pc.kvw + d1);
+            }
         }
         l = l * alpha + sum;
         barrier();

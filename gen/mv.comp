@@ -1,8 +1,9 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
 /* mv.comp — matrix-vector products for decode (a few tokens), dequantizing on the fly.
-   A workgroup computes NR consecutive output rows for one column (token or expert pair); its
-   threads stride over the row in runs of 16 elements, then reduce across the workgroup.
+   A workgroup computes RW consecutive output rows for one column (token or expert pair). Each
+   subgroup takes two rows at a time (row pairs sg, sg + nsub, ...); its lanes stride over the
+   rows in runs of 16 elements and subgroupAdd reduces: no shared memory, no barriers.
 
    modes (pc.mode):
      0 dense      y[c][r] = W[r] · x[c]                       W = window 0 from byte 0
@@ -17,7 +18,7 @@
 #include "common.glsl"
 #include "dequant.glsl"
 
-#define NR 2u
+#define RW 8u /* rows per workgroup (the host sizes the grid with it) */
 
 layout(std430, binding = 0) readonly buffer X4 { vec4 x4[]; };
 layout(std430, binding = 1) buffer Y { float y[]; };
@@ -31,14 +32,20 @@ layout(push_constant) uniform PC {
     uint k_used, ids_off, w_off, pad;
 } pc;
 
-float run_dot(uint buf, uint rb, uint xo, uint it) {
-    float v[16];
-    dq16(buf, rb, it * 16u, v);
+/* the 16 weights of run `it` of two rows (rb0, rb1 = byte offsets) against x */
+vec2 run_dot2(uint buf, uint rb0, uint rb1, bool ok1, uint xo, uint it) {
     uint xi = (xo >> 2) + it * 4u;
-    float s = 0.0;
-    [[unroll]] for (uint j = 0u; j < 4u; j++) {
-        vec4 a = x4[xi + j];
-        s += v[4u * j] * a.x + v[4u * j + 1u] * a.y + v[4u * j + 2u] * a.z + v[4u * j + 3u] * a.w;
+    vec4 a0 = x4[xi], a1 = x4[xi + 1u], a2 = x4[xi + 2u], a3 = x4[xi + 3u];
+    float v[16];
+    dq16(buf, rb0, it * 16u, v);
+    vec2 s;
+    s.x = dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
+          dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
+    s.y = 0.0;
+    if (ok1) {
+        dq16(buf, rb1, it * 16u, v);
+        s.y = dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
+              dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
     }
     return s;
 }
@@ -51,80 +58,71 @@ void put(uint idx, float v) {
 void main() {
     uint blk = wg_linear_x();
     if (blk >= pc.nblk) return;
-    uint tid = gl_LocalInvocationIndex;
-    uint r0 = blk * NR;
-    bool ok1 = r0 + 1u < pc.M;
+    uint lane = gl_SubgroupInvocationID, S = gl_SubgroupSize;
     uint col = gl_WorkGroupID.y;
     uint nit = pc.K / 16u;
-    uint rb0 = r0 * pc.row_bytes, rb1 = rb0 + pc.row_bytes;
-
-    if (pc.mode == 0u) {
-        uint xo = pc.x_off + col * pc.x_stride;
-        vec2 a = vec2(0.0);
-        for (uint it = tid; it < nit; it += WG) {
-            a.x += run_dot(0u, rb0, xo, it);
-            if (ok1) a.y += run_dot(0u, rb1, xo, it);
-        }
-        a = wg_sum2(a);
-        uint yo = pc.y_off + col * pc.y_stride + r0;
-        if (tid == 0u) put(yo, a.x);
-        if (tid == 1u && ok1) put(yo + 1u, a.y);
-        return;
-    }
-
     uint tok = pc.mode == 2u ? col : col / pc.k_used;
-    uint yo = pc.y_off + col * pc.y_stride + r0;
-
-    if (pc.mode == 2u) {
-        vec2 a = vec2(0.0);
-        for (uint s = 0u; s < pc.k_used; s++) {
-            uint p = tok * pc.k_used + s;
-            uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
-            float w = uintBitsToFloat(aux[pc.w_off + p]);
-            uint xo = pc.x_off + (tok * pc.k_used + s) * pc.x_stride;
-            vec2 b = vec2(0.0);
-            for (uint it = tid; it < nit; it += WG) {
-                b.x += run_dot(ent.x, ent.y + rb0, xo, it);
-                if (ok1) b.y += run_dot(ent.x, ent.y + rb1, xo, it);
+    for (uint q = gl_SubgroupID; q < RW / 2u; q += gl_NumSubgroups) {
+        uint r0 = blk * RW + 2u * q;
+        if (r0 >= pc.M) break;
+        bool ok1 = r0 + 1u < pc.M;
+        uint rb0 = r0 * pc.row_bytes, rb1 = rb0 + pc.row_bytes;
+        uint yo = pc.y_off + col * pc.y_stride + r0;
+        if (pc.mode == 0u) {
+            uint xo = pc.x_off + col * pc.x_stride;
+            vec2 a = vec2(0.0);
+            for (uint it = lane; it < nit; it += S) a += run_dot2(0u, rb0, rb1, ok1, xo, it);
+            a = subgroupAdd(a);
+            if (lane == 0u) {
+                put(yo, a.x);
+                if (ok1) put(yo + 1u, a.y);
             }
-            a += w * b;
-        }
-        a = wg_sum2(a);
-        if (tid == 0u) put(yo, a.x);
-        if (tid == 1u && ok1) put(yo + 1u, a.y);
-        return;
-    }
-
-    uint e = aux[pc.ids_off + col];
-    uint xo = pc.x_off + tok * pc.x_stride;
-    if (pc.mode == 1u) {
-        uvec2 g = tbl[pc.tbl0 + e], u = tbl[pc.tbl1 + e];
-        vec4 a = vec4(0.0);
-        for (uint it = tid; it < nit; it += WG) {
-            a.x += run_dot(g.x, g.y + rb0, xo, it);
-            a.z += run_dot(u.x, u.y + rb0, xo, it);
-            if (ok1) {
-                a.y += run_dot(g.x, g.y + rb1, xo, it);
-                a.w += run_dot(u.x, u.y + rb1, xo, it);
+        } else if (pc.mode == 2u) {
+            vec2 a = vec2(0.0);
+            for (uint s = 0u; s < pc.k_used; s++) {
+                uint p = tok * pc.k_used + s;
+                uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
+                float w = uintBitsToFloat(aux[pc.w_off + p]);
+                uint xo = pc.x_off + p * pc.x_stride;
+                vec2 b = vec2(0.0);
+                for (uint it = lane; it < nit; it += S) b += run_dot2(ent.x, ent.y + rb0, ent.y + rb1, ok1, xo, it);
+                a += w * b;
+            }
+            a = subgroupAdd(a);
+            if (lane == 0u) {
+                put(yo, a.x);
+                if (ok1) put(yo + 1u, a.y);
+            }
+        } else {
+            uint e = aux[pc.ids_off + col];
+            uint xo = pc.x_off + tok * pc.x_stride;
+            if (pc.mode == 1u) {
+                uvec2 g = tbl[pc.tbl0 + e], u = tbl[pc.tbl1 + e];
+                vec4 a = vec4(0.0);
+                for (uint it = lane; it < nit; it += S) {
+                    a.xy += run_dot2(g.x, g.y + rb0, g.y + rb1, ok1, xo, it);
+                    a.zw += run_dot2(u.x, u.y + rb0, u.y + rb1, ok1, xo, it);
+                }
+                a = subgroupAdd(a);
+                if (lane == 0u) {
+                    y[yo] = silu(a.x) * a.z;
+                    if (ok1) y[yo + 1u] = silu(a.y) * a.w;
+                }
+            } else {
+                uvec2 ent = tbl[(pc.mode == 3u ? pc.tbl0 : pc.tbl1) + e];
+                vec2 a = vec2(0.0);
+                for (uint it = lane; it < nit; it += S) a += run_dot2(ent.x, ent.y + rb0, ent.y + rb1, ok1, xo, it);
+                a = subgroupAdd(a);
+                if (lane == 0u) {
+                    if (pc.mode == 3u) {
+                        y[yo] = a.x;
+                        if (ok1) y[yo + 1u] = a.y;
+                    } else {
+                        y[yo] = silu(y[yo]) * a.x;
+                        if (ok1) y[yo + 1u] = silu(y[yo + 1u]) * a.y;
+                    }
+                }
             }
         }
-        a = wg_sum4(a);
-        if (tid == 0u) y[yo] = silu(a.x) * a.z;
-        if (tid == 1u && ok1) y[yo + 1u] = silu(a.y) * a.w;
-        return;
-    }
-    uvec2 ent = tbl[(pc.mode == 3u ? pc.tbl0 : pc.tbl1) + e];
-    vec2 a = vec2(0.0);
-    for (uint it = tid; it < nit; it += WG) {
-        a.x += run_dot(ent.x, ent.y + rb0, xo, it);
-        if (ok1) a.y += run_dot(ent.x, ent.y + rb1, xo, it);
-    }
-    a = wg_sum2(a);
-    if (pc.mode == 3u) {
-        if (tid == 0u) y[yo] = a.x;
-        if (tid == 1u && ok1) y[yo + 1u] = a.y;
-    } else {
-        if (tid == 0u) y[yo] = silu(y[yo]) * a.x;
-        if (tid == 1u && ok1) y[yo + 1u] = silu(y[yo + 1u]) * a.y;
     }
 }
