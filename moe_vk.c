@@ -632,7 +632,7 @@ static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p
     /* tensor cores: GL_NV_cooperative_matrix 16x8x16, f16 inputs, f32 accumulators, subgroup of 32 */
     if (!p->why[0] && has_cm_ext && cmf.cooperativeMatrix && f16.shaderFloat16 && vmm.vulkanMemoryModel &&
         vmm.vulkanMemoryModelDeviceScope && sg.subgroupSize == 32 &&
-        lim->maxComputeSharedMemorySize >= 36 * 1024 && f->GetPhysicalDeviceCooperativeMatrixPropertiesNV && !vk_env_on("MOE_VK_NO_COOPMAT")) {
+        lim->maxComputeSharedMemorySize >= 48 * 1024 && f->GetPhysicalDeviceCooperativeMatrixPropertiesNV && !vk_env_on("MOE_VK_NO_COOPMAT")) {
         uint32_t n = 0;
         VkCooperativeMatrixPropertiesNV cp[64];
         if (f->GetPhysicalDeviceCooperativeMatrixPropertiesNV(pd, &n, NULL) >= VK_SUCCESS) {

@@ -4,16 +4,17 @@
 #extension GL_KHR_memory_scope_semantics : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 /* mm_cm.comp — mm.comp on tensor cores (GL_NV_cooperative_matrix, 16×8×16 f16 → f32).
-   Same tiles, modes, grid and bindings as mm.comp; the weight and activation tiles are rounded
-   to f16 in shared memory, products accumulate in f32. WG = 128: four subgroups of 32, each
-   owning a 32×32 quarter of the 64×64 output tile as 2×4 16×8 accumulators. */
+   Same tiles, modes, grid and bindings as mm.comp, but K steps of 64: the weight and activation
+   tiles are rounded to f16 in shared memory, products accumulate in f32. WG = 128: four
+   subgroups of 32, each owning a 32×32 quarter of the 64×64 output tile as 2×4 16×8
+   accumulators. Shared memory: 46.6 KiB with GATEUP (NVIDIA offers 48). */
 #include "common.glsl"
 #include "dequant.glsl"
 
 #define BM 64u
 #define BN 64u
-#define BK 32u
-#define AS 40u          /* row stride of the f16 tiles (16-byte multiple) */
+#define BK 64u
+#define AS 72u          /* row stride of the f16 tiles (a 16-byte multiple, not a power of two) */
 #define CS 68u          /* row stride of the f32 output tile */
 
 layout(std430, binding = 0) readonly buffer X4 { vec4 x4[]; };
@@ -38,15 +39,20 @@ shared uint col_x[BN];
 shared uint col_y[BN];
 
 void load_w(uint buf, uint base, uint row0, uint k0, uint tid, bool second) {
-    /* 64 rows × 2 runs of 16 = 128 runs: one per thread */
-    uint m = tid >> 1, h = tid & 1u, k = k0 + 16u * h;
-    float v[16];
-    if (row0 + m < pc.M && k < pc.K) dq16(buf, base + (row0 + m) * pc.row_bytes, k, v);
-    else [[unroll]] for (uint t = 0u; t < 16u; t++) v[t] = 0.0;
+    /* 64 rows × 4 runs of 16 = 256 runs: two per thread */
+    [[unroll]] for (uint j = 0u; j < 2u; j++) {
+        uint r = tid + 128u * j, m = r >> 2, h = r & 3u, k = k0 + 16u * h;
+        float v[16];
+        if (row0 + m < pc.M && k < pc.K) dq16(buf, base + (row0 + m) * pc.row_bytes, k, v);
+        else [[unroll]] for (uint t = 0u; t < 16u; t++) v[t] = 0.0;
 #ifdef GATEUP
-    if (second) { [[unroll]] for (uint t = 0u; t < 16u; t++) As2[m * AS + 16u * h + t] = float16_t(v[t]); return; }
+        if (second) {
+            [[unroll]] for (uint t = 0u; t < 16u; t++) As2[m * AS + 16u * h + t] = float16_t(v[t]);
+            continue;
+        }
 #endif
-    [[unroll]] for (uint t = 0u; t < 16u; t++) As[m * AS + 16u * h + t] = float16_t(v[t]);
+        [[unroll]] for (uint t = 0u; t < 16u; t++) As[m * AS + 16u * h + t] = float16_t(v[t]);
+    }
 }
 
 void main() {
@@ -96,15 +102,15 @@ void main() {
             acc2[i][j] = fcoopmatNV<32, gl_ScopeSubgroup, 16, 8>(0.0);
 #endif
         }
-    /* activation loads: 64 columns × 32 k = 2048 floats, 16 per thread */
-    uint lc = tid >> 1, lk = (tid & 1u) * 16u;
+    /* activation loads: 64 columns × 64 k = 4096 floats, 32 per thread */
+    uint lc = tid >> 1, lk = (tid & 1u) * 32u;
 
     for (uint k0 = 0u; k0 < pc.K; k0 += BK) {
         load_w(wbuf, wbase, row0, k0, tid, false);
 #ifdef GATEUP
         load_w(ubuf, ubase, row0, k0, tid, true);
 #endif
-        [[unroll]] for (uint q = 0u; q < 4u; q++) {
+        [[unroll]] for (uint q = 0u; q < 8u; q++) {
             vec4 a = vec4(0.0);
             if (lc < cnt && k0 + lk + 4u * q < pc.K) a = x4[(col_x[lc] + k0 + lk + 4u * q) >> 2];
             uint o = lc * AS + lk + 4u * q;
