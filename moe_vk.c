@@ -1166,8 +1166,10 @@ static moe_status vk_pipe(moe_vk_backend *vk, int id, VkPipeline *out) {
             r = vk->f.CreateShaderModule(vk->dev, &smi, NULL, &mod);
         }
         if (r == VK_SUCCESS) {
-            VkSpecializationMapEntry me = {0, 0, 4};
-            VkSpecializationInfo si = {1, &me, 4, &wg};
+            /* constant 0: workgroup size; 1: the model's head size (attn.comp; others ignore it) */
+            uint32_t spec[2] = {wg, (uint32_t)vk->w->hp.head_dim};
+            VkSpecializationMapEntry me[2] = {{0, 0, 4}, {1, 4, 4}};
+            VkSpecializationInfo si = {2, me, 8, spec};
             VkComputePipelineCreateInfo ci;
             memset(&ci, 0, sizeof ci);
             ci.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
