@@ -387,7 +387,7 @@ enum { VKT_F32, VKT_F16, VKT_BF16, VKT_Q8_0, VKT_Q4_0, VKT_Q4_K, VKT_Q5_K, VKT_Q
 static const char *const k_vk_type_names[VKT_COUNT] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4"};
 enum { VKK_EMBED, VKK_MV, VKK_MM, VKK_MMG, VKK_MMCM, VKK_MMCMG, VKK_COUNT };
 static const char *const k_vk_kind_names[VKK_COUNT] = {"embed", "mv", "mm", "mmg", "mmcm", "mmcmg"};
-static const uint32_t k_vk_kind_wg[VKK_COUNT] = {64, 128, 256, 256, 128, 128};
+static const uint32_t k_vk_kind_wg[VKK_COUNT] = {64, 64, 256, 256, 128, 128};
 enum {
     VKP_ADD = VKK_COUNT * VKT_COUNT, VKP_ATTN_F16, VKP_ATTN_F32, VKP_HEADWISE_F16, VKP_HEADWISE_F32, VKP_KVSTORE_F16,
     VKP_KVSTORE_F32, VKP_MOE_COMBINE, VKP_MOE_SORT, VKP_RMSNORM, VKP_TOPK, VKP_COUNT
@@ -1279,7 +1279,7 @@ fail:
 #define VK_CACHE 4            /* command buffers kept for replay */
 #define VK_REC_COPY 0xffff    /* record kind: a buffer copy instead of a dispatch */
 #define VK_MV_MAX 8           /* up to this many tokens (columns), matmuls are matrix-vector kernels */
-#define VK_MV_ROWS 8          /* output rows per matrix-vector workgroup (mv.comp RW) */
+#define VK_MV_ROWS 2          /* output rows per matrix-vector workgroup (mv.comp RW) */
 
 /* profiling classes */
 enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,

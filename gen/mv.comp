@@ -1,9 +1,10 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
 /* mv.comp — matrix-vector products for decode (a few tokens), dequantizing on the fly.
-   A workgroup computes RW consecutive output rows for one column (token or expert pair). Each
-   subgroup takes two rows at a time (row pairs sg, sg + nsub, ...); its lanes stride over the
-   rows in runs of 16 elements and subgroupAdd reduces: no shared memory, no barriers.
+   A workgroup computes two consecutive output rows for one column (token or expert pair): its
+   threads stride over the rows in runs of 16 elements, two runs per loop trip, with both rows'
+   loads unconditional (a missing second row re-reads the first), so that many loads are in
+   flight per thread; then one workgroup reduction (subgroupAdd, then across subgroups).
 
    modes (pc.mode):
      0 dense      y[c][r] = W[r] · x[c]                       W = window 0 from byte 0
@@ -18,7 +19,7 @@
 #include "common.glsl"
 #include "dequant.glsl"
 
-#define RW 8u /* rows per workgroup (the host sizes the grid with it) */
+#define RW 2u /* rows per workgroup (the host sizes the grid with it) */
 
 layout(std430, binding = 0) readonly buffer X4 { vec4 x4[]; };
 layout(std430, binding = 1) buffer Y { float y[]; };
@@ -32,22 +33,31 @@ layout(push_constant) uniform PC {
     uint k_used, ids_off, w_off, pad;
 } pc;
 
-/* the 16 weights of run `it` of two rows (rb0, rb1 = byte offsets) against x */
-vec2 run_dot2(uint buf, uint rb0, uint rb1, bool ok1, uint xo, uint it) {
+float dot16(float v[16], vec4 a0, vec4 a1, vec4 a2, vec4 a3) {
+    return dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
+           dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
+}
+
+/* the 16 weights of run `it` of two rows (byte offsets rb0, rb1) against x at float offset xo */
+vec2 run_dot2(uint buf, uint rb0, uint rb1, uint xo, uint it) {
     uint xi = (xo >> 2) + it * 4u;
     vec4 a0 = x4[xi], a1 = x4[xi + 1u], a2 = x4[xi + 2u], a3 = x4[xi + 3u];
-    float v[16];
-    dq16(buf, rb0, it * 16u, v);
-    vec2 s;
-    s.x = dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
-          dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
-    s.y = 0.0;
-    if (ok1) {
-        dq16(buf, rb1, it * 16u, v);
-        s.y = dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
-              dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
+    float v0[16], v1[16];
+    dq16(buf, rb0, it * 16u, v0);
+    dq16(buf, rb1, it * 16u, v1);
+    return vec2(dot16(v0, a0, a1, a2, a3), dot16(v1, a0, a1, a2, a3));
+}
+
+/* Σ over the rows' runs, split over the workgroup's threads, two runs per trip */
+vec2 row_dot2(uint buf, uint rb0, uint rb1, uint xo, uint tid, uint nit) {
+    vec2 a = vec2(0.0), b = vec2(0.0);
+    uint it = tid;
+    for (; it + WG < nit; it += 2u * WG) {
+        a += run_dot2(buf, rb0, rb1, xo, it);
+        b += run_dot2(buf, rb0, rb1, xo, it + WG);
     }
-    return s;
+    if (it < nit) a += run_dot2(buf, rb0, rb1, xo, it);
+    return a + b;
 }
 
 void put(uint idx, float v) {
@@ -58,71 +68,51 @@ void put(uint idx, float v) {
 void main() {
     uint blk = wg_linear_x();
     if (blk >= pc.nblk) return;
-    uint lane = gl_SubgroupInvocationID, S = gl_SubgroupSize;
+    uint tid = gl_LocalInvocationIndex;
     uint col = gl_WorkGroupID.y;
     uint nit = pc.K / 16u;
+    uint r0 = blk * RW;
+    bool ok1 = r0 + 1u < pc.M;
+    uint rb0 = r0 * pc.row_bytes, rb1 = ok1 ? rb0 + pc.row_bytes : rb0;
+    uint yo = pc.y_off + col * pc.y_stride + r0;
     uint tok = pc.mode == 2u ? col : col / pc.k_used;
-    for (uint q = gl_SubgroupID; q < RW / 2u; q += gl_NumSubgroups) {
-        uint r0 = blk * RW + 2u * q;
-        if (r0 >= pc.M) break;
-        bool ok1 = r0 + 1u < pc.M;
-        uint rb0 = r0 * pc.row_bytes, rb1 = rb0 + pc.row_bytes;
-        uint yo = pc.y_off + col * pc.y_stride + r0;
-        if (pc.mode == 0u) {
-            uint xo = pc.x_off + col * pc.x_stride;
-            vec2 a = vec2(0.0);
-            for (uint it = lane; it < nit; it += S) a += run_dot2(0u, rb0, rb1, ok1, xo, it);
-            a = subgroupAdd(a);
-            if (lane == 0u) {
-                put(yo, a.x);
-                if (ok1) put(yo + 1u, a.y);
-            }
-        } else if (pc.mode == 2u) {
-            vec2 a = vec2(0.0);
-            for (uint s = 0u; s < pc.k_used; s++) {
-                uint p = tok * pc.k_used + s;
-                uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
-                float w = uintBitsToFloat(aux[pc.w_off + p]);
-                uint xo = pc.x_off + p * pc.x_stride;
-                vec2 b = vec2(0.0);
-                for (uint it = lane; it < nit; it += S) b += run_dot2(ent.x, ent.y + rb0, ent.y + rb1, ok1, xo, it);
-                a += w * b;
-            }
-            a = subgroupAdd(a);
-            if (lane == 0u) {
-                put(yo, a.x);
-                if (ok1) put(yo + 1u, a.y);
-            }
-        } else {
-            uint e = aux[pc.ids_off + col];
-            uint xo = pc.x_off + tok * pc.x_stride;
-            if (pc.mode == 1u) {
-                uvec2 g = tbl[pc.tbl0 + e], u = tbl[pc.tbl1 + e];
-                vec4 a = vec4(0.0);
-                for (uint it = lane; it < nit; it += S) {
-                    a.xy += run_dot2(g.x, g.y + rb0, g.y + rb1, ok1, xo, it);
-                    a.zw += run_dot2(u.x, u.y + rb0, u.y + rb1, ok1, xo, it);
-                }
-                a = subgroupAdd(a);
-                if (lane == 0u) {
-                    y[yo] = silu(a.x) * a.z;
-                    if (ok1) y[yo + 1u] = silu(a.y) * a.w;
-                }
-            } else {
-                uvec2 ent = tbl[(pc.mode == 3u ? pc.tbl0 : pc.tbl1) + e];
-                vec2 a = vec2(0.0);
-                for (uint it = lane; it < nit; it += S) a += run_dot2(ent.x, ent.y + rb0, ent.y + rb1, ok1, xo, it);
-                a = subgroupAdd(a);
-                if (lane == 0u) {
-                    if (pc.mode == 3u) {
-                        y[yo] = a.x;
-                        if (ok1) y[yo + 1u] = a.y;
-                    } else {
-                        y[yo] = silu(y[yo]) * a.x;
-                        if (ok1) y[yo + 1u] = silu(y[yo + 1u]) * a.y;
-                    }
-                }
-            }
+
+    if (pc.mode == 0u) {
+        vec2 a = wg_sum2(row_dot2(0u, rb0, rb1, pc.x_off + col * pc.x_stride, tid, nit));
+        if (tid == 0u) put(yo, a.x);
+        if (tid == 1u && ok1) put(yo + 1u, a.y);
+        return;
+    }
+    if (pc.mode == 2u) {
+        vec2 a = vec2(0.0);
+        for (uint s = 0u; s < pc.k_used; s++) {
+            uint p = tok * pc.k_used + s;
+            uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
+            float w = uintBitsToFloat(aux[pc.w_off + p]);
+            a += w * row_dot2(ent.x, ent.y + rb0, ent.y + rb1, pc.x_off + p * pc.x_stride, tid, nit);
         }
+        a = wg_sum2(a);
+        if (tid == 0u) put(yo, a.x);
+        if (tid == 1u && ok1) put(yo + 1u, a.y);
+        return;
+    }
+    uint e = aux[pc.ids_off + col];
+    uint xo = pc.x_off + tok * pc.x_stride;
+    if (pc.mode == 1u) {
+        uvec2 g = tbl[pc.tbl0 + e], u = tbl[pc.tbl1 + e];
+        vec4 a = vec4(row_dot2(g.x, g.y + rb0, g.y + rb1, xo, tid, nit), row_dot2(u.x, u.y + rb0, u.y + rb1, xo, tid, nit));
+        a = wg_sum4(a);
+        if (tid == 0u) y[yo] = silu(a.x) * a.z;
+        if (tid == 1u && ok1) y[yo + 1u] = silu(a.y) * a.w;
+        return;
+    }
+    uvec2 ent = tbl[(pc.mode == 3u ? pc.tbl0 : pc.tbl1) + e];
+    vec2 a = wg_sum2(row_dot2(ent.x, ent.y + rb0, ent.y + rb1, xo, tid, nit));
+    if (pc.mode == 3u) {
+        if (tid == 0u) y[yo] = a.x;
+        if (tid == 1u && ok1) y[yo + 1u] = a.y;
+    } else {
+        if (tid == 0u) y[yo] = silu(y[yo]) * a.x;
+        if (tid == 1u && ok1) y[yo + 1u] = silu(y[yo + 1u]) * a.y;
     }
 }
