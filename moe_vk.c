@@ -1923,11 +1923,13 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, int n
         memset(r->pc, 0, sizeof r->pc);
         r->pc[3] = 3;
         r->pc[4] = eps;
+        r->buf[1] = 0; /* headwise works in place on binding 0 */
+        r->off[1] = r->range[1] = 0;
+        r->wmask = 1;
     } else {
         r = vk_rec_new(c, hw, VKC_ROPE);
         if (!r) return;
-        vk_bind(r, 0, &c->act[buf], 0);
-        vk_bind(r, 1, &c->act[buf], 1);
+        vk_bind(r, 0, &c->act[buf], 1);
         r->pc[3] = 2;
     }
     vk_bind(r, 3, &c->rope, 0);
@@ -1948,6 +1950,20 @@ static void vk_op_attention(void *be, int layer, int n, int pos0, float scale) {
     int32_t pd = vk_pos_delta(c, pos0);
     uint32_t kvw = (uint32_t)(hp->n_head_kv * hp->head_dim);
     VkDeviceSize lo = (VkDeviceSize)layer * c->kv_layer;
+    /* the cache store rides on the K heads' norm/rope dispatch recorded just before, if any */
+    int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
+    for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 2; i--) {
+        vk_rec *q = &c->recs[i];
+        if (q->pipe == hw && q->buf[0] == c->act[ACT_K].buf && q->grid[0] == (uint32_t)hp->n_head_kv && q->grid[1] == (uint32_t)n &&
+            q->pc[6] == (uint32_t)pd && !(q->pc[3] & 12u)) {
+            vk_bind(q, 1, &c->act[ACT_V], 0);
+            vk_bind_range(q, 4, c->kc.buf, lo, c->kv_layer, 1);
+            vk_bind_range(q, 5, c->vc.buf, lo, c->kv_layer, 1);
+            q->pc[3] |= 12u;
+            q->pc[5] = kvw;
+            goto attend;
+        }
+    }
     vk_rec *r = vk_rec_new(c, c->kv_f16 ? VKP_KVSTORE_F16 : VKP_KVSTORE_F32, VKC_KVSTORE);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_K], 0);
@@ -1959,6 +1975,7 @@ static void vk_op_attention(void *be, int layer, int n, int pos0, float scale) {
     r->grid[0] = vk_div_up(kvw, 2u * k_vk_plain[VKP_KVSTORE_F16 - VKP_ADD].wg);
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 2;
+attend:
     r = vk_rec_new(c, c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32, VKC_ATTN);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_Q], 0);

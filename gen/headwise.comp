@@ -1,23 +1,28 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
-/* headwise.comp — per attention head of one token, any of (flags):
-     1  RMSNorm over the head (q_norm / k_norm)        y = x / rms(x) · g
-     2  NeoX RoPE at position pos0 + token             (cos, sin) from a host-made table
-     4  store the head into the KV cache row pos0 + token (f16 or f32)
-   Writes y (binding 1) when 1 or 2 is set. The rope table holds, per position p and pair j,
-   (cos, sin) of f32(p · inv_freq_j), computed as the CPU backend does. Token i sits at position
-   step pos0 + pos_delta + i (pos_delta is 0 unless an op's pos0 differs from the step's).
-   grid: (n_heads, n). bindings: 0 x, 1 y, 2 g, 3 rope table, 4 cache (layer window), 7 step */
+/* headwise.comp — per attention head of one token, in place on binding 0, any of (flags):
+     1  RMSNorm over the head (q_norm / k_norm)        x = x / rms(x) · g
+     2  NeoX RoPE at position pos                      (cos, sin) from a host-made table
+     4  store the head into K cache row pos            (f16 or f32)
+     8  copy the same head of V (binding 1) into V cache row pos
+   pos = step pos0 + pos_delta + token (pos_delta is 0 unless an op's pos0 differs from the
+   step's). The rope table holds, per position p and pair j, (cos, sin) of f32(p · inv_freq_j),
+   computed as the CPU backend does. Flags 4 and 8 fold the KV-cache store of the attention op
+   into the K heads' norm + rope dispatch.
+   grid: (n_heads, n). bindings: 0 x (in place), 1 V rows, 2 g, 3 rope table, 4 K cache,
+   5 V cache (this layer's windows), 7 step */
 #include "common.glsl"
 
-layout(std430, binding = 0) readonly buffer X { float x[]; };
-layout(std430, binding = 1) writeonly buffer Y { float y[]; };
+layout(std430, binding = 0) buffer X { float x[]; };
+layout(std430, binding = 1) readonly buffer VA { float va[]; };
 layout(std430, binding = 2) readonly buffer G { float g[]; };
 layout(std430, binding = 3) readonly buffer Rope { vec2 rope_cs[]; };
 #ifdef KV_F32
-layout(std430, binding = 4) writeonly buffer Cache { float cache[]; };
+layout(std430, binding = 4) writeonly buffer KC { float kc[]; };
+layout(std430, binding = 5) writeonly buffer VC { float vc[]; };
 #else
-layout(std430, binding = 4) writeonly buffer Cache { uint cache[]; };
+layout(std430, binding = 4) writeonly buffer KC { uint kc[]; };
+layout(std430, binding = 5) writeonly buffer VC { uint vc[]; };
 #endif
 layout(push_constant) uniform PC { uint n_heads, hd, n_rot, flags; float eps; uint kvw; int pos_delta; } pc;
 
@@ -58,13 +63,20 @@ void main() {
         barrier();
     }
     if ((pc.flags & 3u) != 0u)
-        for (uint d = tid; d < pc.hd; d += WG) y[o + d] = hs[d];
+        for (uint d = tid; d < pc.hd; d += WG) x[o + d] = hs[d];
+    uint c = pos * pc.kvw + h * pc.hd;
     if ((pc.flags & 4u) != 0u) {
-        uint c = pos * pc.kvw + h * pc.hd;
 #ifdef KV_F32
-        for (uint d = tid; d < pc.hd; d += WG) cache[c + d] = hs[d];
+        for (uint d = tid; d < pc.hd; d += WG) kc[c + d] = hs[d];
 #else
-        for (uint d = 2u * tid; d < pc.hd; d += 2u * WG) cache[(c + d) >> 1] = packHalf2x16(vec2(hs[d], hs[d + 1u]));
+        for (uint d = 2u * tid; d < pc.hd; d += 2u * WG) kc[(c + d) >> 1] = packHalf2x16(vec2(hs[d], hs[d + 1u]));
+#endif
+    }
+    if ((pc.flags & 8u) != 0u) {
+#ifdef KV_F32
+        for (uint d = tid; d < pc.hd; d += WG) vc[c + d] = va[o + d];
+#else
+        for (uint d = 2u * tid; d < pc.hd; d += 2u * WG) vc[(c + d) >> 1] = packHalf2x16(vec2(va[o + d], va[o + d + 1u]));
 #endif
     }
 }
