@@ -1331,6 +1331,10 @@ typedef struct vk_ctx {
     uint64_t tick;
     int step_n, step_pos0, have_pos0, logit_rows, dead;
     int fuse_idx, fuse_role, fuse_rows, fuse_acc; /* the last record, if it may absorb a residual add */
+    /* a decode-size RMSNorm not dispatched yet: matrix-vector consumers apply it on the fly, the
+       first of them also writes dst (done); anything else that needs dst, or that overwrites dst
+       or src, makes it a real dispatch first (vk_pn_touch) */
+    struct { int active, done, dst, src, rows, width; const moe_weight *w; float eps; } pn;
     moe_status err;
     char errmsg[400];
     double prof_ns[2][VKC_COUNT][VKP_COUNT + 1];
@@ -1338,6 +1342,9 @@ typedef struct vk_ctx {
     uint64_t prof_steps[2], prof_tokens[2];
     double prof_total[2];
 } vk_ctx;
+
+static void vk_pn_flush(vk_ctx *c);
+static void vk_pn_touch(vk_ctx *c, unsigned rd, unsigned wr);
 
 /* the first failure of a step sticks; end_step reports it */
 static void vk_ctx_fail(vk_ctx *c, moe_status st, const char *fmt, ...) {
@@ -1570,6 +1577,7 @@ static void vk_begin_step(void *be) {
     c->step_n = 0;
     c->logit_rows = 0;
     c->fuse_idx = -1;
+    c->pn.active = 0;
     c->err = MOE_OK;
     if (c->dead) vk_ctx_fail(c, MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
 }
@@ -1577,6 +1585,7 @@ static void vk_begin_step(void *be) {
 static moe_status vk_end_step(void *be) {
     vk_ctx *c = be;
     moe_vk_backend *vk = c->vk;
+    vk_pn_flush(c);
     if (!c->err && c->logit_rows) {
         vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
         if (r) {
@@ -1814,6 +1823,7 @@ static void vk_op_embed(void *be, int dst, const moe_weight *w, const moe_token 
         vk_ctx_fail(c, MOE_ERR_INVALID_ARG, "Vulkan: %d tokens in a step of at most %d", n, c->shape.n_batch);
         return;
     }
+    vk_pn_touch(c, 0, 1u << dst);
     uint32_t *sp = (uint32_t *)c->step.map;
     for (int i = 0; i < n; i++) sp[4 + i] = (uint32_t)tokens[i];
     c->step_n = n;
@@ -1836,8 +1846,7 @@ static void vk_op_embed(void *be, int dst, const moe_weight *w, const moe_token 
     c->fuse_idx = -1;
 }
 
-static void vk_op_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
-    vk_ctx *c = be;
+static void vk_emit_rmsnorm(vk_ctx *c, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
     const vk_wt *wt = w ? vk_wt_of(c, w) : NULL;
     if (c->err || n_rows <= 0) return;
     vk_rec *r = vk_rec_new(c, VKP_RMSNORM, VKC_NORM);
@@ -1856,6 +1865,57 @@ static void vk_op_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n
     c->fuse_idx = -1;
 }
 
+/* the pending norm becomes a dispatch (unless a consumer already wrote its output) and ends */
+static void vk_pn_flush(vk_ctx *c) {
+    if (c->pn.active && !c->pn.done) {
+        c->pn.active = 0;
+        vk_emit_rmsnorm(c, c->pn.dst, c->pn.src, c->pn.w, c->pn.rows, c->pn.width, c->pn.eps);
+    }
+    c->pn.active = 0;
+}
+
+/* before an op that reads the roles in mask rd and writes those in wr */
+static void vk_pn_touch(vk_ctx *c, unsigned rd, unsigned wr) {
+    if (!c->pn.active) return;
+    unsigned d = 1u << c->pn.dst, s = 1u << c->pn.src;
+    if (((rd & d) && !c->pn.done) || (wr & (d | s))) vk_pn_flush(c);
+}
+
+/* binds the pending norm into a matrix-vector record (x from src, weight at slot 4, output at 5) */
+static void vk_pn_inline(vk_ctx *c, vk_rec *r) {
+    const vk_wt *wt = c->pn.w->dev;
+    const vk_part *p = &c->vk->parts[wt->part0];
+    vk_bind(r, 0, &c->act[c->pn.src], 0);
+    vk_bind_range(r, 4, c->vk->win[p->win].buf, p->off, p->bytes, 0);
+    r->pc[16] = vk_f2u(c->pn.eps);
+    r->pc[17] = 1;
+    if (!c->pn.done) {
+        vk_bind(r, 5, &c->act[c->pn.dst], 1);
+        r->pc[17] |= 2;
+        c->pn.done = 1;
+    }
+}
+
+static void vk_op_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
+    vk_ctx *c = be;
+    if (c->err || n_rows <= 0) return;
+    vk_pn_touch(c, 1u << src, 1u << dst);
+    const vk_wt *wt = w ? vk_wt_of(c, w) : NULL;
+    if (wt && n_rows <= VK_MV_MAX && dst != src && width % 16 == 0 && wt->n_parts == 1) {
+        c->pn.active = 1;
+        c->pn.done = 0;
+        c->pn.dst = dst;
+        c->pn.src = src;
+        c->pn.rows = n_rows;
+        c->pn.width = width;
+        c->pn.w = w;
+        c->pn.eps = eps;
+        c->fuse_idx = -1;
+        return;
+    }
+    vk_emit_rmsnorm(c, dst, src, w, n_rows, width, eps);
+}
+
 static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int src_row0, int n) {
     vk_ctx *c = be;
     const vk_wt *wt = vk_wt_of(c, w);
@@ -1863,6 +1923,8 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
     int t = vk_type_index(w->type);
     uint32_t K = (uint32_t)w->ne[0], M = (uint32_t)w->ne[1];
     int mv = n <= VK_MV_MAX;
+    int inl = mv && c->pn.active && src == c->pn.dst && src_row0 + n <= c->pn.rows && (int)K == c->pn.width && wt->n_parts == 1;
+    if (!inl) vk_pn_touch(c, 1u << src, 1u << dst);
     int kind = dst == ACT_LOGITS ? VKC_LMHEAD : mv ? VKC_MV : VKC_MM;
     if (dst == ACT_LOGITS && n > c->logit_rows) c->logit_rows = n;
     for (uint32_t j = 0; j < wt->n_parts; j++) {
@@ -1881,8 +1943,10 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
         uint32_t pc[16] = {K, Mp, (uint32_t)w->row_bytes, nblk, (uint32_t)src_row0 * K, K, (uint32_t)p->row_lo, M,
                            0, 0, 0, 0, mv ? 0 : (uint32_t)n, 0, 0, 0};
         memcpy(r->pc, pc, sizeof pc);
+        if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n : vk_div_up((uint64_t)n, 64));
     }
+    if (inl) vk_pn_touch(c, 0, 1u << dst);
     c->fuse_idx = -1;
     if (wt->n_parts == 1) vk_mark_fusable(c, dst, n, 9);
 }
@@ -1894,6 +1958,7 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, int n
         vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: rope with %d dims / base %g differs from the model's table", n_rot, (double)base);
         return;
     }
+    vk_pn_touch(c, 1u << buf, 1u << buf);
     int32_t pd = vk_pos_delta(c, pos0);
     VkBuffer b = c->act[buf].buf;
     int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
@@ -1947,6 +2012,7 @@ static void vk_op_attention(void *be, int layer, int n, int pos0, float scale) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
     const moe_hparams *hp = &c->w->hp;
+    vk_pn_touch(c, (1u << ACT_Q) | (1u << ACT_K) | (1u << ACT_V), 1u << ACT_ATTN);
     int32_t pd = vk_pos_delta(c, pos0);
     uint32_t kvw = (uint32_t)(hp->n_head_kv * hp->head_dim);
     VkDeviceSize lo = (VkDeviceSize)layer * c->kv_layer;
@@ -1997,6 +2063,7 @@ attend:
 static void vk_op_add(void *be, int dst, int src, int n, int width) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
+    vk_pn_touch(c, (1u << src) | (1u << dst), 1u << dst);
     /* fold into the kernel that just wrote src: it adds into dst instead (residual adds) */
     if (c->fuse_idx >= 0 && c->fuse_idx == c->n_recs - 1 && c->fuse_role == src && c->fuse_rows == n && dst != src &&
         c->act[src].size == c->act[dst].size) {
@@ -2024,6 +2091,8 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
     moe_vk_backend *vk = c->vk;
     uint32_t E = (uint32_t)hp->n_expert, k = (uint32_t)hp->n_expert_used, ff = (uint32_t)hp->n_ff_exp, D = (uint32_t)hp->n_embd;
     int tg = vk_type_index(L->gate_exps.type), tu = vk_type_index(L->up_exps.type), td = vk_type_index(L->down_exps.type);
+    int inl = n <= VK_MV_MAX && c->pn.active && src == c->pn.dst && n <= c->pn.rows && (int)D == c->pn.width;
+    vk_pn_touch(c, (1u << ACT_ROUTER) | (inl ? 0u : 1u << src), 1u << dst);
     /* the router's choice, on the GPU: softmax, top-k, renormalisation */
     vk_rec *r = vk_rec_new(c, VKP_TOPK, VKC_TOPK);
     if (!r) return;
@@ -2061,6 +2130,7 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
         uint32_t pc[16] = {D, ff, (uint32_t)mw->row_bytes, nblk, 0, D, 0, ff, (uint32_t)mode, 0, wg->tbl, wu->tbl,
                            mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
         memcpy(r->pc, pc, sizeof pc);
+        if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
     }
     /* down: matvec sums the k experts of each token itself; matmul writes per-pair rows, combined after */
