@@ -12,7 +12,7 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-.PHONY: vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders clean deps
+.PHONY: vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
 
 all: lib examples $(GENTOOLS)
 
@@ -37,6 +37,26 @@ $(B)/synth_model: gen/synth_model.c $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
 
+# ---- shaders -----------------------------------------------------------------------------------
+# gen/*.comp + gen/*.glsl --(glslangValidator)--> SPIR-V --(gen/embed_shaders)--> shaders_embedded.c,
+# which is committed: consumers of the library never need glslang.
+$(B)/embed_shaders: gen/embed_shaders.c
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) $< -o $@
+
+shaders: $(B)/embed_shaders
+	./$(B)/embed_shaders gen shaders_embedded.c
+
+# Fails when shaders_embedded.c is stale: its recorded source hash must match gen/ (always
+# checked), and with glslangValidator installed it must equal a fresh compile byte for byte.
+shaders-check: $(B)/embed_shaders
+	@./$(B)/embed_shaders --check gen shaders_embedded.c
+	@if command -v glslangValidator >/dev/null 2>&1; then \
+	  ./$(B)/embed_shaders gen $(B)/shaders_fresh.c && cmp -s $(B)/shaders_fresh.c shaders_embedded.c || \
+	  { echo "shaders_embedded.c differs from a fresh compile of gen/: run make shaders"; exit 1; }; \
+	  echo "== shaders_embedded.c matches a fresh compile of gen/"; \
+	else echo "== shaders_embedded.c source hash matches gen/ (glslangValidator absent: SPIR-V not recompiled)"; fi
+
 # ---- tests -------------------------------------------------------------------------------------
 # Tests link moe.c directly (some include it to reach internals). Three builds run the suite:
 # gcc -O2, AddressSanitizer+UBSan, and clang (warnings as errors).
@@ -48,6 +68,10 @@ deps:
 vocabs: deps
 	@sh test/fetch_vocabs.sh
 
+# The Vulkan tests run with the Khronos validation layer and fail on any message; MOE_REQUIRE_VULKAN
+# makes them fail (not skip) without a usable device. `make test VK_TEST_ENV=` lets them skip.
+VK_TEST_ENV ?= MOE_REQUIRE_VULKAN=1 MOE_VK_VALIDATION=1
+
 $(B)/test/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ -lcmocka $(LDLIBS)
@@ -57,10 +81,10 @@ $(B)/asan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	$(CC) $(WARN) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -I. $< -o $@ -lcmocka $(LDLIBS)
 
 test-unit: $(TESTS:%=$(B)/test/%) vocabs
-	@for t in $(TESTS:%=$(B)/test/%); do echo "== $$t"; $$t || exit 1; done
+	@for t in $(TESTS:%=$(B)/test/%); do echo "== $$t"; $(VK_TEST_ENV) $$t || exit 1; done
 
 test-asan: $(TESTS:%=$(B)/asan/%) vocabs
-	@for t in $(TESTS:%=$(B)/asan/%); do echo "== $$t (asan+ubsan)"; ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
+	@for t in $(TESTS:%=$(B)/asan/%); do echo "== $$t (asan+ubsan)"; $(VK_TEST_ENV) ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
 
 # one model shared by threads that each own a context: ThreadSanitizer on the API tests
 $(B)/tsan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
@@ -91,7 +115,7 @@ test-dropin:
 
 test: deps
 	$(MAKE) all
-	$(MAKE) test-dropin test-clang
+	$(MAKE) test-dropin test-clang shaders-check
 	$(MAKE) test-unit
 	$(MAKE) test-asan
 	$(MAKE) test-tsan

@@ -4214,7 +4214,7 @@ static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
     } else if (v->kind == VK_SPM) {
         if (!scores) { st = set_error(MOE_ERR_FORMAT, "gguf: a 'llama' vocabulary needs tokenizer.ggml.scores or merges"); goto fail; }
         if ((st = vocab_merges_from_scores(v))) goto fail;
-    } else if (!v->unsupported[0]) {
+    } else if (!merges && !v->unsupported[0]) { /* an empty list is a vocabulary of single symbols */
         st = set_error(MOE_ERR_FORMAT, "gguf: a 'gpt2' vocabulary needs tokenizer.ggml.merges");
         goto fail;
     }
@@ -5119,7 +5119,6 @@ static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, c
 typedef struct cpu_ctx {
     cpu_kernels k;
     uint64_t bytes;            /* host memory this context holds */
-    uint64_t expert_hits;      /* expert evaluations (all resident on this backend) */
     const moe_weights *w;
     moe_ctx_shape shape;
     thread_pool *pool;
@@ -5448,7 +5447,6 @@ static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
     cpu_ctx *cc = be;
     const moe_hparams *hp = &cc->w->hp;
     int k = hp->n_expert_used, E = hp->n_expert, ff = hp->n_ff_exp, D = hp->n_embd;
-    cc->expert_hits += (uint64_t)n * (uint64_t)k;
     /* route every token, then group the (token, slot) pairs by expert */
     for (int i = 0; i < n; i++)
         router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
@@ -5540,7 +5538,10 @@ static void cpu_kv_copy(cpu_ctx *cc, uint8_t *host, int n_rows, int to_host) {
             else memcpy(cache, host, used);
         }
 }
-static void cpu_kv_save(void *be, void *dst, int n_rows) { cpu_kv_copy(be, dst, n_rows, 1); }
+static moe_status cpu_kv_save(void *be, void *dst, int n_rows) {
+    cpu_kv_copy(be, dst, n_rows, 1);
+    return MOE_OK;
+}
 static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
     cpu_kv_copy(be, (uint8_t *)(uintptr_t)src, n_rows, 0);
     return MOE_OK;
@@ -5549,7 +5550,6 @@ static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
 static void cpu_stats(const void *be, moe_stats *out) {
     const cpu_ctx *cc = be;
     out->host_bytes += cc->bytes;
-    out->expert_hits += cc->expert_hits;
 }
 
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn,
@@ -5739,6 +5739,8 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     }
     ctx->pos += n_tokens;
     ctx->n_logits = rows;
+    /* every expert is resident today: each token's top-k experts in each layer are hits */
+    ctx->stats.expert_hits += (uint64_t)n_tokens * (uint64_t)m->w.hp.n_expert_used * (uint64_t)m->w.hp.n_layer;
     double dt = now_s() - t0;
     if (n_tokens == 1) {
         ctx->stats.n_gen_tokens++;
@@ -5816,7 +5818,8 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
     size_t lb = (size_t)ctx->n_logits * (size_t)hp->n_vocab * sizeof(float);
     memcpy(p, ctx->logits, lb);
     p += lb;
-    ctx->ops->kv_save(ctx->be, p, ctx->pos);
+    moe_status st = ctx->ops->kv_save(ctx->be, p, ctx->pos);
+    if (st) return st;
     state_header h = {MOE_STATE_MAGIC, 1, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
                       ctx->kv_type, ctx->pos, ctx->n_logits, model_fingerprint(ctx->model), need - sizeof h, 0};
     h.checksum = fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
@@ -6373,7 +6376,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = moe_vk_init(&m->w, p.device_index, &m->vk);
+        st = moe_vk_init(&m->w, p.device_index, m->log.fn, m->log.user, &m->vk);
         if (st) {
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "Vulkan not used (%s); running on the CPU", moe_last_error());

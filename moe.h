@@ -367,21 +367,30 @@ typedef struct moe_ops {
     void (*read_logits)(void *be, float *dst, int n);
     /* copy the first n_rows cache rows of every layer to / from host memory, in the cache's
        element type (f16 or f32), laid out [layer][K rows, then V rows][n_kv·hd] */
-    void (*kv_save)(void *be, void *dst, int n_rows);
+    moe_status (*kv_save)(void *be, void *dst, int n_rows);
     moe_status (*kv_load)(void *be, const void *src, int n_rows);
     /* adds the backend's counters (memory, experts) to a context's stats; may be NULL */
     void (*stats)(const void *be, moe_stats *out);
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
-   with moe_last_error() set (no loader, no device, missing features). */
+   with moe_last_error() set (no loader, no device, missing features). log (may be NULL) receives
+   the device choice and any validation-layer message; it must outlive the backend. */
 typedef struct moe_vk_backend moe_vk_backend;
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_vk_backend **out);
+typedef void (*moe_log_fn)(int32_t level, const char *msg, void *user);
+moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn log, void *log_user,
+                       moe_vk_backend **out);
 void       moe_vk_free(moe_vk_backend *vk);
 moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 void       moe_vk_ctx_free(void *be);
+/* device bytes of a Vulkan context: the model's weights (shared by its contexts), KV cache, scratch */
 extern const moe_ops moe_vk_ops;
 void       moe_internal_set_error(moe_status status, const char *fmt, ...);
+
+/* SPIR-V of the compute shaders, generated into shaders_embedded.c (make shaders), sorted by name. */
+typedef struct moe_spirv { const char *name; const uint32_t *code; size_t size_bytes; } moe_spirv;
+extern const moe_spirv moe_vk_spirv[];
+extern const size_t    moe_vk_spirv_count;
 #endif
 
 #endif /* MOE_H */

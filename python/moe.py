@@ -59,7 +59,8 @@ LOG_FN = CFUNCTYPE(None, c_int32, c_char_p, c_void_p)
 class LoadParams(Structure):
     _fields_ = [("backend", c_int32), ("device_index", c_int32), ("n_threads", c_int32), ("reserved0", c_int32),
                 ("gpu_budget_bytes", c_uint64), ("host_budget_bytes", c_uint64),
-                ("progress", PROGRESS_FN), ("log", LOG_FN), ("user", c_void_p), ("vocab_only", c_int32)]
+                ("progress", PROGRESS_FN), ("log", LOG_FN), ("user", c_void_p), ("vocab_only", c_int32),
+                ("cpu_exact", c_int32)]
 
 
 class ModelInfo(Structure):

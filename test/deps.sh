@@ -1,10 +1,18 @@
 #!/bin/sh
-# Installs what the tests need on a fresh Debian 12 machine (run as root), or says what is missing.
+# Installs what the tests need on a fresh Debian 12 machine (run as root), or says what is missing:
+# cmocka and clang; for the Vulkan tests the loader (libvulkan1), lavapipe (mesa-vulkan-drivers),
+# the Khronos validation layer (vulkan-validationlayers) and glslangValidator (glslang-tools,
+# for the shaders_embedded.c staleness check).
 need=""
 [ -f /usr/include/cmocka.h ] || need="$need libcmocka-dev"
 command -v clang >/dev/null 2>&1 || need="$need clang"
 command -v valgrind >/dev/null 2>&1 || need="$need valgrind"
 [ -x /usr/bin/python3 ] || need="$need python3"
+have() { for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
+have /usr/lib/*/libvulkan.so.1 /usr/lib/libvulkan.so.1 || need="$need libvulkan1"
+have /usr/share/vulkan/icd.d/lvp_icd*.json || need="$need mesa-vulkan-drivers"
+[ -f /usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json ] || need="$need vulkan-validationlayers"
+command -v glslangValidator >/dev/null 2>&1 || need="$need glslang-tools"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing:$need"

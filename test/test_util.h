@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include <math.h>
 
 /* Reads a whole file into a malloc'd buffer (NULL if missing). */
 static inline uint8_t *tu_read_file(const char *path, size_t *size) {
@@ -30,4 +31,75 @@ static inline int tu_write_file(const char *path, const void *data, size_t size)
     int ok = fwrite(data, 1, size, f) == size;
     return fclose(f) == 0 && ok;
 }
+
+/* ---- reference fixtures (gen/make_fixtures.py): test/fixtures/qwen3moe_<name>.ref ---- */
+#define REF_MAGIC 0x4645524du /* "MREF" */
+
+typedef struct ref_data {
+    int32_t n_vocab, n_tokens, n_prompt, n_greedy;
+    const int32_t *tokens, *greedy;
+    const float *logits;
+    float min_margin;
+    uint8_t *buf;
+} ref_data;
+
+/* Parses a .ref file (bounds-checked). Returns 0 on success. */
+static inline int ref_load(const char *path, ref_data *r) {
+    size_t size = 0;
+    memset(r, 0, sizeof *r);
+    r->buf = tu_read_file(path, &size);
+    if (!r->buf) return -1;
+    const uint8_t *p = r->buf, *end = r->buf + size;
+    uint32_t hdr[2];
+    int32_t dims[2];
+    if (size < 16) return -2;
+    memcpy(hdr, p, 8);
+    memcpy(dims, p + 8, 8);
+    p += 16;
+    if (hdr[0] != REF_MAGIC || hdr[1] != 1) return -3;
+    r->n_vocab = dims[0];
+    r->n_tokens = dims[1];
+    if (r->n_vocab <= 0 || r->n_tokens <= 0 || r->n_vocab > (1 << 20) || r->n_tokens > (1 << 16)) return -4;
+    size_t need = 4 * (size_t)r->n_tokens + 4 * (size_t)r->n_tokens * (size_t)r->n_vocab + 8;
+    if ((size_t)(end - p) < need) return -5;
+    r->tokens = (const int32_t *)p;
+    p += 4 * (size_t)r->n_tokens;
+    r->logits = (const float *)p;
+    p += 4 * (size_t)r->n_tokens * (size_t)r->n_vocab;
+    memcpy(&r->n_prompt, p, 4);
+    memcpy(&r->n_greedy, p + 4, 4);
+    p += 8;
+    if (r->n_prompt <= 0 || r->n_prompt > r->n_tokens || r->n_greedy <= 0 || r->n_greedy > (1 << 16)) return -6;
+    if ((size_t)(end - p) != 4 * (size_t)r->n_greedy + 4) return -7;
+    r->greedy = (const int32_t *)p;
+    p += 4 * (size_t)r->n_greedy;
+    memcpy(&r->min_margin, p, 4);
+    return 0;
+}
+
+static inline int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static inline int all_finite(const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* max over rows of max|a - ref| / (max(ref) - min(ref)); rows of n_vocab floats */
+static inline double row_rel_err(const float *a, const float *ref, int n_vocab) {
+    float lo = ref[0], hi = ref[0];
+    double d = 0;
+    for (int j = 0; j < n_vocab; j++) {
+        lo = fminf(lo, ref[j]);
+        hi = fmaxf(hi, ref[j]);
+        d = fmax(d, fabs((double)a[j] - (double)ref[j]));
+    }
+    return d / fmax((double)hi - (double)lo, 1e-30);
+}
+
 #endif

@@ -1,0 +1,116 @@
+#version 450
+#extension GL_GOOGLE_include_directive : require
+/* attn.comp — causal GQA attention of one query head of one token over the KV cache
+   (flash-style: keys in blocks of 32 with a running max and sum, so any context length fits).
+   Query token i sits at position pos0 + i (pos0 = step pos0 + pos_delta) and sees keys 0 ..= pos0 + i.
+   out = Σ_p softmax_p(q·k_p · scale) v_p.  WG = 128; the head size HD is specialization
+   constant 1 (<= 256, a multiple of 8), so every inner loop has a fixed trip count.
+   Scores: 4 threads per key, each a quarter of the head (16-byte loads when HD % 32 == 0);
+   values: each thread owns output dims tid and tid + 128 and reads all 32 keys of a block with
+   no branch (past the last key it re-reads that key with weight 0), so the loads overlap.
+   grid: (n_head, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step */
+#include "common.glsl"
+
+layout(std430, binding = 0) readonly buffer Q { float q[]; };
+layout(std430, binding = 1) writeonly buffer O { float o[]; };
+#ifdef KV_F32
+layout(std430, binding = 4) readonly buffer KC { float kc[]; };
+layout(std430, binding = 4) readonly buffer KC4 { vec4 kc4[]; };
+layout(std430, binding = 5) readonly buffer VC { float vc[]; };
+#else
+layout(std430, binding = 4) readonly buffer KC { uint kc[]; };
+layout(std430, binding = 4) readonly buffer KC4 { uvec4 kc4[]; };
+layout(std430, binding = 5) readonly buffer VC { uint vc[]; };
+#endif
+layout(push_constant) uniform PC { uint n_head, n_kv, hd, kvw; float scale; int pos_delta; } pc;
+layout(constant_id = 1) const uint HD = 128u;
+
+#define KB 32u
+shared float qs[HD];
+shared float part[128];
+shared float ps[KB];
+
+float v_at(uint i) {
+#ifdef KV_F32
+    return vc[i];
+#else
+    return unpackHalf2x16(vc[i >> 1])[i & 1u];
+#endif
+}
+
+void main() {
+    uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
+    const uint hd = HD;
+    uint kvh = h / (pc.n_head / pc.n_kv);
+    uint n_keys = uint(int(STEP_POS0) + pc.pos_delta) + i + 1u;
+    uint qo = (i * pc.n_head + h) * hd;
+    for (uint d = tid; d < HD; d += 128u) qs[d] = q[qo + d];
+    barrier();
+
+    const uint dq = HD >> 2;                                 /* score work: 4 threads per key */
+    const bool vec = (HD & 31u) == 0u;
+    uint key = tid >> 2, quarter = tid & 3u;
+    uint d0 = tid, d1 = tid + 128u;                          /* output dims of this thread */
+    float m = NEG_INF, l = 0.0, o0 = 0.0, o1 = 0.0;
+    for (uint kb = 0u; kb < n_keys; kb += KB) {
+        uint p = kb + key;
+        float s = 0.0;
+        if (p < n_keys) {
+            uint base = p * pc.kvw + kvh * hd + quarter * dq, qb = quarter * dq;
+            if (vec) {
+#ifdef KV_F32
+                [[unroll]] for (uint c = 0u; c < dq; c += 4u) {
+                    vec4 kv = kc4[(base + c) >> 2];
+                    s += dot(kv, vec4(qs[qb + c], qs[qb + c + 1u], qs[qb + c + 2u], qs[qb + c + 3u]));
+                }
+#else
+                [[unroll]] for (uint c = 0u; c < dq; c += 8u) {
+                    uvec4 w = kc4[(base + c) >> 3];
+                    vec2 k0 = unpackHalf2x16(w.x), k1 = unpackHalf2x16(w.y), k2 = unpackHalf2x16(w.z), k3 = unpackHalf2x16(w.w);
+                    s += dot(vec4(k0, k1), vec4(qs[qb + c], qs[qb + c + 1u], qs[qb + c + 2u], qs[qb + c + 3u])) +
+                         dot(vec4(k2, k3), vec4(qs[qb + c + 4u], qs[qb + c + 5u], qs[qb + c + 6u], qs[qb + c + 7u]));
+                }
+#endif
+            } else {
+#ifdef KV_F32
+                [[unroll]] for (uint d = 0u; d < dq; d++) s += qs[qb + d] * kc[base + d];
+#else
+                [[unroll]] for (uint d = 0u; d < dq; d += 2u) {
+                    vec2 kv = unpackHalf2x16(kc[(base + d) >> 1]);
+                    s += qs[qb + d] * kv.x + qs[qb + d + 1u] * kv.y;
+                }
+#endif
+            }
+        }
+        part[tid] = s;
+        barrier();
+        if (tid < KB) {
+            float t = (part[4u * tid] + part[4u * tid + 1u]) + (part[4u * tid + 2u] + part[4u * tid + 3u]);
+            ps[tid] = kb + tid < n_keys ? t * pc.scale : NEG_INF;
+        }
+        barrier();
+        float bm = m;
+        [[unroll]] for (uint j = 0u; j < KB; j++) bm = max(bm, ps[j]);
+        float alpha = exp(m - bm);
+        barrier();
+        if (tid < KB) ps[tid] = exp(ps[tid] - bm);
+        barrier();
+        m = bm;
+        float sum = 0.0;
+        o0 *= alpha;
+        o1 *= alpha;
+        uint last = n_keys - 1u;
+        [[unroll]] for (uint j = 0u; j < KB; j++) {
+            float w = ps[j]; /* 0 past the last key */
+            uint vb = min(kb + j, last) * pc.kvw + kvh * HD;
+            sum += w;
+            if (d0 < HD) o0 += w * v_at(vb + d0);
+            if (d1 < HD) o1 += w * v_at(vb + d1);
+        }
+        l = l * alpha + sum;
+        barrier();
+    }
+    uint oo = (i * pc.n_head + h) * hd;
+    if (d0 < HD) o[oo + d0] = o0 / l;
+    if (d1 < HD) o[oo + d1] = o1 / l;
+}

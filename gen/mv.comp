@@ -1,0 +1,150 @@
+#version 450
+#extension GL_GOOGLE_include_directive : require
+/* mv.comp — matrix-vector products for decode (a few tokens), dequantizing on the fly.
+   A workgroup computes two consecutive output rows for one column (token or expert pair): its
+   threads stride over the rows in runs of 16 elements, two runs per loop trip, with both rows'
+   loads unconditional (a missing second row re-reads the first), so that many loads are in
+   flight per thread; then one workgroup reduction (subgroupAdd, then across subgroups).
+
+   modes (pc.mode):
+     0 dense      y[c][r] = W[r] · x[c]                       W = window 0 from byte 0
+     1 gate+up    y[p][r] = silu(G_e[r] · x[t]) · (U_e[r] · x[t])   p = t·k + slot, e routed
+     2 down       y[t][r] = Σ_slot w_slot · D_e[r] · x[t·k + slot]  (the weighted expert sum)
+     3 gate only  y[p][r] = G_e[r] · x[t]            (gate and up of different types: pass 1)
+     4 up finish  y[p][r] = silu(y[p][r]) · (U_e[r] · x[t])                         (pass 2)
+   The router's choice comes from topk.comp on the GPU (aux: ids[t·k + s], weights[t·k + s]);
+   experts come from the indirection table (binding 3): entry [tbl + e] = (window, byte offset).
+   With pc.acc set the result is added to y instead of stored (a fused residual add).
+   With pc.norm bit 0 the input is RMS-normalised on the fly (modes 0, 1): x ∘ g is dotted and the
+   row's 1/rms, from the sum of squares gathered on the same pass, scales the result; bit 1:
+   the workgroups of the first row block also write the normalised row to binding 5, so the
+   separate RMSNorm dispatch (and its barrier) disappears.
+   bindings: 0 x, 1 y, 2 aux (routing), 3 expert table, 4 norm weight, 5 normalised x, 6 weights */
+#include "common.glsl"
+#include "dequant.glsl"
+
+#define RW 2u /* rows per workgroup (the host sizes the grid with it) */
+
+layout(std430, binding = 0) readonly buffer X4 { vec4 x4[]; };
+layout(std430, binding = 1) buffer Y { float y[]; };
+layout(std430, binding = 2) readonly buffer Aux { uint aux[]; };
+layout(std430, binding = 3) readonly buffer Tbl { uvec2 tbl[]; };
+layout(std430, binding = 4) readonly buffer G4 { vec4 g4[]; };
+layout(std430, binding = 5) writeonly buffer XN4 { vec4 xn4[]; };
+
+layout(push_constant) uniform PC {
+    uint K, M, row_bytes, nblk;
+    uint x_off, x_stride, y_off, y_stride;
+    uint mode, acc, tbl0, tbl1;
+    uint k_used, ids_off, w_off, pad;
+    float eps;
+    uint norm;
+} pc;
+
+float dot16(float v[16], vec4 a0, vec4 a1, vec4 a2, vec4 a3) {
+    return dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
+           dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
+}
+
+/* the 16 weights of run `it` of two rows (byte offsets rb0, rb1) against x at float offset xo
+   (times the norm weight, its squares summed into ss, when pc.norm is set) */
+vec2 run_dot2(uint buf, uint rb0, uint rb1, uint xo, uint it, inout float ss) {
+    uint xi = (xo >> 2) + it * 4u;
+    vec4 a0 = x4[xi], a1 = x4[xi + 1u], a2 = x4[xi + 2u], a3 = x4[xi + 3u];
+    if ((pc.norm & 1u) != 0u) {
+        ss += dot(a0, a0) + dot(a1, a1) + dot(a2, a2) + dot(a3, a3);
+        uint gi = it * 4u;
+        a0 *= g4[gi];
+        a1 *= g4[gi + 1u];
+        a2 *= g4[gi + 2u];
+        a3 *= g4[gi + 3u];
+    }
+    float v0[16], v1[16];
+    dq16(buf, rb0, it * 16u, v0);
+    dq16(buf, rb1, it * 16u, v1);
+    return vec2(dot16(v0, a0, a1, a2, a3), dot16(v1, a0, a1, a2, a3));
+}
+
+/* Σ over the rows' runs, split over the workgroup's threads, two runs per trip */
+vec2 row_dot2(uint buf, uint rb0, uint rb1, uint xo, uint tid, uint nit, inout float ss) {
+    vec2 a = vec2(0.0), b = vec2(0.0);
+    uint it = tid;
+    for (; it + WG < nit; it += 2u * WG) {
+        a += run_dot2(buf, rb0, rb1, xo, it, ss);
+        b += run_dot2(buf, rb0, rb1, xo, it + WG, ss);
+    }
+    if (it < nit) a += run_dot2(buf, rb0, rb1, xo, it, ss);
+    return a + b;
+}
+
+/* 1/rms of the row from the workgroup's partial sums of squares (1 without a norm); the first
+   row block writes the normalised row when asked */
+float norm_scale(float ss, uint xo, uint blk, bool writer) {
+    if ((pc.norm & 1u) == 0u) return 1.0;
+    float s = 1.0 / sqrt(wg_sum(ss) / float(pc.K) + pc.eps);
+    if ((pc.norm & 2u) != 0u && blk == 0u && writer)
+        for (uint q = gl_LocalInvocationIndex; q < pc.K / 4u; q += WG) xn4[(xo >> 2) + q] = x4[(xo >> 2) + q] * s * g4[q];
+    return s;
+}
+
+void put(uint idx, float v) {
+    if (pc.acc != 0u) y[idx] += v;
+    else y[idx] = v;
+}
+
+void main() {
+    uint blk = wg_linear_x();
+    if (blk >= pc.nblk) return;
+    uint tid = gl_LocalInvocationIndex;
+    uint col = gl_WorkGroupID.y;
+    uint nit = pc.K / 16u;
+    uint r0 = blk * RW;
+    bool ok1 = r0 + 1u < pc.M;
+    uint rb0 = r0 * pc.row_bytes, rb1 = ok1 ? rb0 + pc.row_bytes : rb0;
+    uint yo = pc.y_off + col * pc.y_stride + r0;
+    uint tok = pc.mode == 2u ? col : col / pc.k_used;
+
+    float ss = 0.0, ss2 = 0.0;
+    if (pc.mode == 0u) {
+        uint xo = pc.x_off + col * pc.x_stride;
+        vec2 a = wg_sum2(row_dot2(0u, rb0, rb1, xo, tid, nit, ss));
+        a *= norm_scale(ss, xo, blk, true);
+        if (tid == 0u) put(yo, a.x);
+        if (tid == 1u && ok1) put(yo + 1u, a.y);
+        return;
+    }
+    if (pc.mode == 2u) {
+        vec2 a = vec2(0.0);
+        for (uint s = 0u; s < pc.k_used; s++) {
+            uint p = tok * pc.k_used + s;
+            uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
+            float w = uintBitsToFloat(aux[pc.w_off + p]);
+            a += w * row_dot2(ent.x, ent.y + rb0, ent.y + rb1, pc.x_off + p * pc.x_stride, tid, nit, ss);
+        }
+        a = wg_sum2(a);
+        if (tid == 0u) put(yo, a.x);
+        if (tid == 1u && ok1) put(yo + 1u, a.y);
+        return;
+    }
+    uint e = aux[pc.ids_off + col];
+    uint xo = pc.x_off + tok * pc.x_stride;
+    if (pc.mode == 1u) {
+        uvec2 g = tbl[pc.tbl0 + e], u = tbl[pc.tbl1 + e];
+        vec4 a = vec4(row_dot2(g.x, g.y + rb0, g.y + rb1, xo, tid, nit, ss), row_dot2(u.x, u.y + rb0, u.y + rb1, xo, tid, nit, ss2));
+        a = wg_sum4(a);
+        a *= norm_scale(ss, xo, blk, col % pc.k_used == 0u);
+        if (tid == 0u) y[yo] = silu(a.x) * a.z;
+        if (tid == 1u && ok1) y[yo + 1u] = silu(a.y) * a.w;
+        return;
+    }
+    uvec2 ent = tbl[(pc.mode == 3u ? pc.tbl0 : pc.tbl1) + e];
+    vec2 a = wg_sum2(row_dot2(ent.x, ent.y + rb0, ent.y + rb1, xo, tid, nit, ss));
+    a *= norm_scale(ss, xo, blk, pc.mode == 3u && col % pc.k_used == 0u);
+    if (pc.mode == 3u) {
+        if (tid == 0u) y[yo] = a.x;
+        if (tid == 1u && ok1) y[yo + 1u] = a.y;
+    } else {
+        if (tid == 0u) y[yo] = silu(y[yo]) * a.x;
+        if (tid == 1u && ok1) y[yo + 1u] = silu(y[yo + 1u]) * a.y;
+    }
+}
