@@ -217,7 +217,7 @@ static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
     memset(p, 0, sizeof *p);
     p->s = s;
     p->n_batch = n_batch;
-    moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2};
+    moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2, 1}; /* the CPU reference in exact (f32) mode */
     assert_int_equal(cpu_ctx_new(&s->w, &sh, &p->cpu), MOE_OK);
     moe_status st = moe_vk_init(&s->w, 0, test_log, NULL, &p->vk);
     if (st) print_error("moe_vk_init: %s (%s)\n", moe_status_str(st), moe_last_error());
@@ -474,6 +474,7 @@ static moe_model *load_model(const char *path, int32_t backend) {
     moe_load_params lp = {0};
     lp.backend = backend;
     lp.n_threads = 2;
+    lp.cpu_exact = 1; /* the CPU side is the f32 reference */
     lp.log = test_log;
     moe_model *m = NULL;
     moe_status st = moe_load(path, &lp, &m);
