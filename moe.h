@@ -99,9 +99,14 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
     int32_t (*progress)(float fraction, void *user);   /* optional; return non-zero to cancel the load */
     void    (*log)(int32_t level, const char *msg, void *user);  /* optional; default: silent */
     void    *user;
+    int32_t  vocab_only;                    /* 1 = load only the tokenizer: a .gguf, a tokenizer.json, or a
+                                               directory with tokenizer.json (+ tokenizer_config.json,
+                                               config.json); a path ending in .json implies it */
 } moe_load_params;
 
-/* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json) */
+/* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json);
+   with vocab_only (or a path to a tokenizer.json) only the tokenizer is loaded: the tokenizer
+   calls work, moe_ctx_new does not. */
 MOE_API moe_status moe_load(const char *path, const moe_load_params *params, moe_model **out);
 MOE_API void       moe_model_free(moe_model *model);            /* NULL-safe */
 
@@ -116,17 +121,42 @@ typedef struct moe_model_info {
 MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *out);
 
 /* ---- tokenizer ----------------------------------------------------------------------------- */
-/* Returns the token count; if it exceeds cap, returns -(count needed) and writes nothing useful. */
+/* Vocabularies: byte-level BPE (GGUF "gpt2": Qwen2/Qwen3, gpt-oss/GPT-4o, Llama-3, GPT-2 splits)
+   and SentencePiece-style BPE with byte fallback (GGUF "llama", Gemma), from GGUF metadata or a
+   Hugging Face tokenizer.json; ids match Hugging Face `tokenizers`. A model without tokenizer
+   metadata still loads; these calls then fail with MOE_ERR_UNSUPPORTED.
+   Errors are returned as a (small, negative) moe_status with moe_last_error() set; a too-small
+   buffer gives -(count needed) and sets moe_last_error() to say so. */
+
+/* flags: MOE_TOKENIZE_ADD_SPECIAL adds what the vocabulary adds around a text (BOS for Gemma,
+   nothing for Qwen3 or gpt-oss); MOE_TOKENIZE_PARSE_SPECIAL turns special-token text such as
+   "<|im_end|>" into that token (longest match), otherwise it is tokenized as plain text. Added
+   tokens that are not special (Qwen3's "<think>", Gemma's "\n\n") are always recognised, as in
+   Hugging Face. Any bytes are accepted, invalid UTF-8 included.
+   Returns the token count; if it exceeds cap, returns -(count needed) and writes nothing useful. */
 MOE_API int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
                              moe_token *out, int32_t cap, int32_t flags);
-/* The raw bytes of one token (may be a partial UTF-8 sequence); same return convention. */
+/* The raw bytes of one token (may be a partial UTF-8 sequence: buffer them while streaming);
+   special tokens give their text. Not NUL-terminated. Same return convention. */
 MOE_API int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap);
-/* Whole-sequence detokenization with the tokenizer's decoding rules; same return convention. */
+/* Whole-sequence detokenization: the concatenated pieces, byte for byte (not NUL-terminated).
+   flags: MOE_TOKENIZE_PARSE_SPECIAL renders special tokens as their text; without it they are
+   left out. detokenize(tokenize(x)) == x for any bytes x with the same flags, up to the
+   vocabulary's normalization (Qwen3 applies NFC; Gemma reads U+2581 as a space).
+   Same return convention. */
 MOE_API int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
                                char *buf, int32_t cap, int32_t flags);
-MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);   /* end-of-generation? 0/1 */
+/* End of generation: the vocabulary's eos/eot/eom ids and the families' end markers
+   (<|im_end|>, <|endoftext|>, <end_of_turn>, <eos>, <|return|>, <|call|>, ...). 0/1 */
+MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);
 
-/* Render a chat with the model family's template (ChatML, Gemma, Harmony, ...). */
+/* Render a chat with the model family's template, chosen from the template text in the metadata,
+   else the architecture: ChatML with Qwen3's reasoning rules ("system", "user", "assistant",
+   "tool"), Gemma ("user"/"assistant" alternating after an optional "system"; starts with the BOS
+   text, so tokenize the result with PARSE_SPECIAL and without ADD_SPECIAL), gpt-oss Harmony
+   ("system" or "developer" first, then "user"/"assistant"; the system message carries today's
+   date). Other templates give MOE_ERR_UNSUPPORTED, unknown roles MOE_ERR_INVALID_ARG.
+   Returns the byte count (a NUL follows when it fits); -(count needed) if it exceeds cap. */
 MOE_API int32_t moe_chat_apply(const moe_model *model, const char *const *roles,
                                const char *const *contents, int32_t n_messages,
                                int32_t add_assistant_prompt, char *buf, int32_t cap);
@@ -156,7 +186,43 @@ MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the fir
 MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
-/* ---- sampling ------------------------------------------------------------------------------ */
+/* ---- sampling ------------------------------------------------------------------------------
+   A moe_sampler holds settings, a seeded RNG and the history of recorded tokens (every token
+   moe_sample() returns, and every token given to moe_sampler_accept()). moe_sample() turns one
+   row of logits into a token through this fixed pipeline:
+
+     1. penalties    for each distinct token seen c > 0 times among the last repeat_last_n
+                     recorded tokens (llama.cpp's semantics):
+                       logit = logit > 0 ? logit / repeat_penalty : logit * repeat_penalty
+                       logit = logit - (c * frequency_penalty + presence_penalty)
+     2. top-k        keep the top_k best tokens
+     3. temperature  weight w = floor(2^44 * exp((logit - max) / temperature)), an integer
+                     (2^44 becomes 2^(63 - ceil(log2 n)) above n = 2^19 candidates)
+     4. top-p        keep the smallest set of best tokens whose weight reaches top_p * total weight
+     5. min-p        keep tokens with w >= min_p * w_max (that is, p >= min_p * p_max)
+     6. draw         U = the top 24 bits of one RNG output; target = floor(U * W / 2^24), W the
+                     kept weight; the pick is the first kept token, in id order, whose running
+                     weight exceeds target (so token i has probability w_i / W, to 2^-24)
+
+   "Best" ranks by logit after penalties, ties to the lower token id. NaN logits count as -inf;
+   -inf tokens are never picked, and if no other token is left moe_sample() returns -1. Tokens
+   more than ~30.5 * temperature below the best get weight 0 (p < 2^-44 p_max) and are never
+   drawn. temperature <= 0 is greedy: the argmax after the penalties (ties: lowest id), with no
+   RNG draw; top-k / top-p / min-p are moot.
+
+   Determinism: the same seed and the same logits give the same tokens on every platform with
+   IEEE-754 floats (not x87). The only floating-point steps are the penalties and, per token,
+   y = (double(logit) - double(max)) * (2^32 * log2(e) / temperature), each a correctly rounded
+   IEEE operation; exp comes from a fixed-point exp2 of the integer trunc(y) (relative error
+   < 1e-9), and every later step is integer arithmetic, so sums are exact in any order.
+   The RNG is xoshiro256** (Blackman & Vigna 2018) with its four state words set to four
+   successive outputs of splitmix64 started at `seed`; each non-greedy moe_sample() consumes
+   exactly one output. (Outputs for seed 0: 0x99ec5f36cb75f2b4, 0xbf6e1f784956452a, ...)
+
+   Cost: O(n_vocab) per call, no sorting. Memory: moe_sampler_new allocates the history;
+   moe_sample allocates scratch (36 bytes per token) for the largest n_vocab seen, once. Errors
+   (NULL sampler or logits, n_vocab <= 0, out of memory, no finite logit) return -1 and set
+   moe_last_error(); the sampler stays usable. One thread at a time per sampler. */
 typedef struct moe_sampler_params {         /* all-zero means greedy */
     float    temperature;                   /* <= 0: greedy */
     int32_t  top_k;                         /* 0 = off */
@@ -164,15 +230,36 @@ typedef struct moe_sampler_params {         /* all-zero means greedy */
     float    min_p;                         /* 0 = off */
     float    repeat_penalty;                /* 0 or 1 = off */
     int32_t  repeat_last_n;                 /* history window for penalties; 0 = 64 */
-    float    presence_penalty, frequency_penalty;
+    float    presence_penalty, frequency_penalty;   /* 0 = off */
     uint64_t seed;                          /* same seed + same logits = same tokens */
 } moe_sampler_params;
 
+/* params NULL = all zero. MOE_ERR_INVALID_ARG for a NaN temperature, top_k < 0, top_p or min_p
+   outside [0, 1], a negative or non-finite repeat_penalty, repeat_last_n < 0, or a non-finite
+   presence / frequency penalty. */
 MOE_API moe_status moe_sampler_new(const moe_sampler_params *params, moe_sampler **out);
 MOE_API void       moe_sampler_free(moe_sampler *s);              /* NULL-safe */
-MOE_API moe_token  moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab);  /* picks and records */
-MOE_API void       moe_sampler_accept(moe_sampler *s, moe_token token);  /* record a token chosen by the caller */
+/* Picks a token from n_vocab logits and records it in the history; -1 on error (see above). */
+MOE_API moe_token  moe_sample(moe_sampler *s, const float *logits, int32_t n_vocab);
+/* Records a token chosen by the caller (for the penalties); negative tokens are ignored. */
+MOE_API void       moe_sampler_accept(moe_sampler *s, moe_token token);
+/* Forgets the history and re-seeds the RNG with params.seed: the sampler is as new. */
 MOE_API void       moe_sampler_reset(moe_sampler *s);
+
+/* ---- export ------------------------------------------------------------------------------- */
+/* Writes a loaded model (from GGUF or a Hugging Face directory) as a GGUF file that moe and
+   llama.cpp load, re-quantizing the weight matrices. Norms stay F32 and the router F32, as
+   llama.cpp's quantizer does; the output matrix of MOE_FTYPE_Q4_K files is Q6_K. A matrix whose
+   rows do not fit the chosen block size falls back to Q8_0, then F16. */
+enum { MOE_FTYPE_KEEP = 0, MOE_FTYPE_F32 = 1, MOE_FTYPE_F16 = 2, MOE_FTYPE_BF16 = 3, MOE_FTYPE_Q8_0 = 4,
+       MOE_FTYPE_Q4_K = 5, MOE_FTYPE_Q5_K = 6, MOE_FTYPE_Q6_K = 7, MOE_FTYPE_Q4_0 = 8 };
+typedef struct moe_save_params {            /* all-zero (or NULL) = keep the stored types */
+    int32_t ftype;                          /* MOE_FTYPE_* */
+    int32_t reserved0;
+    int32_t (*progress)(float fraction, void *user);   /* optional; non-zero cancels (no file is left) */
+    void    *user;
+} moe_save_params;
+MOE_API moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params);
 
 /* ---- introspection ------------------------------------------------------------------------- */
 typedef struct moe_stats {
@@ -277,6 +364,8 @@ typedef struct moe_ops {
        element type (f16 or f32), laid out [layer][K rows, then V rows][n_kv·hd] */
     moe_status (*kv_save)(void *be, void *dst, int n_rows);
     moe_status (*kv_load)(void *be, const void *src, int n_rows);
+    /* adds the backend's counters (memory, experts) to a context's stats; may be NULL */
+    void (*stats)(const void *be, moe_stats *out);
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
@@ -289,8 +378,6 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn lo
 void       moe_vk_free(moe_vk_backend *vk);
 moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 void       moe_vk_ctx_free(void *be);
-/* device bytes of a Vulkan context: the model's weights (shared by its contexts), KV cache, scratch */
-void       moe_vk_ctx_memory(const void *be, uint64_t *weights, uint64_t *kv, uint64_t *scratch);
 extern const moe_ops moe_vk_ops;
 void       moe_internal_set_error(moe_status status, const char *fmt, ...);
 

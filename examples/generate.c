@@ -53,7 +53,7 @@ static void usage(void) {
 }
 
 int main(int argc, char **argv) {
-    const char *model_path = NULL, *prompt = "Once upon a time", *ids = NULL;
+    const char *model_path = "examples/models/tiny-moe-kjv-q8_0.gguf", *prompt = "And God said", *ids = NULL;
     int n_new = 64, quiet = 0;
     moe_load_params lp = {0};
     moe_ctx_params cp = {0};
@@ -113,16 +113,16 @@ int main(int argc, char **argv) {
             p = *end == ',' ? end + 1 : end;
         }
     } else {
-        int32_t need = moe_tokenize(model, prompt, (int32_t)strlen(prompt), NULL, 0, MOE_TOKENIZE_ADD_SPECIAL);
-        if (need == MOE_ERR_UNSUPPORTED) {
-            fprintf(stderr, "generate: this model has no tokenizer (%s); pass --tokens\n", moe_last_error());
+        /* byte-level and SentencePiece tokenizers never make more tokens than bytes (plus BOS/EOS),
+           so one call with that capacity either succeeds or reports a real error */
+        int32_t cap = (int32_t)strlen(prompt) + 8;
+        toks = malloc((size_t)cap * sizeof *toks);
+        if (!toks) goto done;
+        n_prompt = moe_tokenize(model, prompt, (int32_t)strlen(prompt), toks, cap, MOE_TOKENIZE_ADD_SPECIAL);
+        if (n_prompt < 0) {
+            fprintf(stderr, "generate: cannot tokenize the prompt (%s); pass --tokens\n", moe_last_error());
             goto done;
         }
-        need = need < 0 ? -need : need;
-        toks = malloc(((size_t)need + 1) * sizeof *toks);
-        if (!toks) goto done;
-        n_prompt = moe_tokenize(model, prompt, (int32_t)strlen(prompt), toks, need + 1, MOE_TOKENIZE_ADD_SPECIAL);
-        if (n_prompt < 0) { fprintf(stderr, "generate: tokenize failed: %s\n", moe_last_error()); goto done; }
         fputs(prompt, stdout);
     }
     if (n_prompt == 0) { fprintf(stderr, "generate: empty prompt\n"); goto done; }
@@ -143,6 +143,7 @@ int main(int argc, char **argv) {
     }
     double t_gen = now_s() - t0;
     printf("\n");
+    fflush(stdout);
     fprintf(stderr, "prompt: %d tokens, %.1f tok/s | generation: %d tokens, %.1f tok/s | backend %s\n", n_prompt,
             n_prompt / (t_prompt > 0 ? t_prompt : 1e-9), n_gen, n_gen / (t_gen > 0 ? t_gen : 1e-9),
             info.backend == MOE_BACKEND_VULKAN ? "vulkan" : "cpu");

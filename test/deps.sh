@@ -11,6 +11,8 @@ have /usr/lib/*/libvulkan.so.1 /usr/lib/libvulkan.so.1 || need="$need libvulkan1
 have /usr/share/vulkan/icd.d/lvp_icd*.json || need="$need mesa-vulkan-drivers"
 [ -f /usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json ] || need="$need vulkan-validationlayers"
 command -v glslangValidator >/dev/null 2>&1 || need="$need glslang-tools"
+command -v valgrind >/dev/null 2>&1 || need="$need valgrind"
+[ -x /usr/bin/python3 ] || need="$need python3"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing:$need"

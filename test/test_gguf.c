@@ -537,6 +537,75 @@ static void test_load_allocation_failures(void **state) {
     assert_true(n_fail > 3);
 }
 
+/* ---- export: moe_model_save ---------------------------------------------------------------- */
+static void logits_of(const char *path, float *out, int n_vocab) {
+    moe_model *m = NULL;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.n_threads = 1;
+    assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    moe_ctx *c = NULL;
+    assert_int_equal(moe_ctx_new(m, NULL, &c), MOE_OK);
+    moe_token t[12] = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8};
+    assert_int_equal(moe_step(c, t, 12), MOE_OK);
+    memcpy(out, moe_logits(c, -1), (size_t)n_vocab * sizeof *out);
+    moe_ctx_free(c);
+    moe_model_free(m);
+}
+
+static int32_t cancel_save(float f, void *user) {
+    (void)user;
+    return f > 0.3f;
+}
+
+static void test_export(void **state) {
+    (void)state;
+    const char *src = "test/fixtures/qwen3moe_q8_0.gguf", *dst = "build/test/tmp_export.gguf";
+    moe_model *m = NULL;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    assert_int_equal(moe_load(src, &lp, &m), MOE_OK);
+    moe_model_info info;
+    moe_model_get_info(m, &info);
+    float *a = malloc((size_t)info.n_vocab * sizeof *a), *b = malloc((size_t)info.n_vocab * sizeof *b);
+    logits_of(src, a, info.n_vocab);
+    /* keep and f32: dequantized values are exact, and the kernels sum in one order: bit-identical */
+    moe_save_params sp = {0};
+    for (int ftype = MOE_FTYPE_KEEP; ftype <= MOE_FTYPE_F32; ftype++) {
+        sp.ftype = ftype;
+        assert_int_equal(moe_model_save(m, dst, &sp), MOE_OK);
+        logits_of(dst, b, info.n_vocab);
+        assert_memory_equal(a, b, (size_t)info.n_vocab * sizeof *a);
+    }
+    /* every other ftype loads and runs (rows of 64 do not fit K-quant blocks: those fall back) */
+    for (int ftype = MOE_FTYPE_F16; ftype <= MOE_FTYPE_Q4_0; ftype++) {
+        sp.ftype = ftype;
+        assert_int_equal(moe_model_save(m, dst, &sp), MOE_OK);
+        logits_of(dst, b, info.n_vocab);
+        for (int i = 0; i < info.n_vocab; i++) assert_true(isfinite(b[i]));
+    }
+    sp.ftype = 99;
+    assert_int_equal(moe_model_save(m, dst, &sp), MOE_ERR_INVALID_ARG);
+    sp.ftype = MOE_FTYPE_Q8_0;
+    sp.progress = cancel_save;
+    remove(dst);
+    assert_int_equal(moe_model_save(m, dst, &sp), MOE_ERR_CANCELLED);
+    FILE *f = fopen(dst, "rb");
+    assert_null(f);                                    /* no partial file is left */
+    sp.progress = NULL;
+    assert_int_equal(moe_model_save(m, "build/no-such-dir/x.gguf", &sp), MOE_ERR_IO);
+    for (long k = 0;; k++) {
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_model_save(m, dst, &sp);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) break;
+        assert_int_equal(st, MOE_ERR_NO_MEMORY);
+    }
+    free(a);
+    free(b);
+    moe_model_free(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_valid_model_loads),   cmocka_unit_test(test_info),
@@ -549,6 +618,7 @@ int main(void) {
         cmocka_unit_test(test_unknown_tensor_type), cmocka_unit_test(test_missing_key_and_tensor),
         cmocka_unit_test(test_duplicates_and_alignment), cmocka_unit_test(test_fuzz_header),
         cmocka_unit_test(test_bad_arguments),       cmocka_unit_test(test_load_allocation_failures),
+        cmocka_unit_test(test_export),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

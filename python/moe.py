@@ -1,0 +1,438 @@
+"""moe.py - Python binding of moe (moe.h) through ctypes. One file, standard library only.
+
+    import moe
+    model = moe.Model("model.gguf", backend=moe.BACKEND_CPU)
+    ctx = moe.Context(model)
+    ctx.step([9707, 11, 1879])                  # prefill
+    sampler = moe.Sampler(temperature=0.7, top_p=0.9, seed=1)
+    for _ in range(16):
+        t = sampler.sample(ctx.logits())        # or choose from ctx.logits() yourself
+        ctx.step([t])
+
+The shared library is build/libmoe.so next to this directory (`make` builds it), or the path in
+the MOE_LIB environment variable. Every failing call raises MoeError(status, message), where
+message is moe_last_error() of the calling thread. The ctypes calls release the GIL, so several
+contexts of one model can run in parallel threads (one thread per context at a time).
+
+Lifetimes: a Context keeps its Model alive; close() (or a `with` block) frees the C object at
+once, otherwise it is freed when the Python object is collected. The array that
+Context.logits() returns is a view of the context's memory, valid until the next call on that
+context; copy it (list(view)) to keep it.
+
+The classes mirror moe.h one to one; the raw functions are in `lib` with their argtypes set, and
+the structs (LoadParams, ModelInfo, CtxParams, SamplerParams, SaveParams, Stats) follow moe.h
+field by field (test/test_python.sh checks their sizes and offsets against the C compiler's).
+"""
+
+import ctypes
+import os
+import sys
+from ctypes import (CFUNCTYPE, POINTER, Structure, byref, c_char, c_char_p, c_double, c_float, c_int32,
+                    c_size_t, c_uint64, c_void_p)
+
+__all__ = ["MoeError", "Model", "Context", "Sampler", "version", "status_str", "last_error", "lib"]
+
+# ---- constants (moe.h) -----------------------------------------------------------------------
+OK = 0
+ERR_INVALID_ARG = -1
+ERR_IO = -2
+ERR_FORMAT = -3
+ERR_UNSUPPORTED = -4
+ERR_NO_MEMORY = -5
+ERR_DEVICE = -6
+ERR_CONTEXT_FULL = -7
+ERR_BUFFER_TOO_SMALL = -8
+ERR_CANCELLED = -9
+
+BACKEND_AUTO, BACKEND_CPU, BACKEND_VULKAN = 0, 1, 2
+KV_F16, KV_F32, KV_Q8_0 = 0, 1, 2
+TOKENIZE_ADD_SPECIAL, TOKENIZE_PARSE_SPECIAL = 1, 2
+LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG = 0, 1, 2, 3
+FTYPE_KEEP, FTYPE_F32, FTYPE_F16, FTYPE_BF16, FTYPE_Q8_0 = 0, 1, 2, 3, 4
+FTYPE_Q4_K, FTYPE_Q5_K, FTYPE_Q6_K, FTYPE_Q4_0 = 5, 6, 7, 8
+
+# ---- structs (field for field as in moe.h) -----------------------------------------------------
+PROGRESS_FN = CFUNCTYPE(c_int32, c_float, c_void_p)
+LOG_FN = CFUNCTYPE(None, c_int32, c_char_p, c_void_p)
+
+
+class LoadParams(Structure):
+    _fields_ = [("backend", c_int32), ("device_index", c_int32), ("n_threads", c_int32), ("reserved0", c_int32),
+                ("gpu_budget_bytes", c_uint64), ("host_budget_bytes", c_uint64),
+                ("progress", PROGRESS_FN), ("log", LOG_FN), ("user", c_void_p), ("vocab_only", c_int32)]
+
+
+class ModelInfo(Structure):
+    _fields_ = [("arch", c_char * 32), ("n_vocab", c_int32), ("n_layer", c_int32), ("n_embd", c_int32),
+                ("n_ctx_train", c_int32), ("n_expert", c_int32), ("n_expert_used", c_int32),
+                ("bos", c_int32), ("eos", c_int32), ("n_params", c_uint64), ("file_bytes", c_uint64),
+                ("backend", c_int32)]
+
+
+class CtxParams(Structure):
+    _fields_ = [("n_ctx", c_int32), ("kv_type", c_int32), ("logits_all", c_int32), ("n_batch", c_int32)]
+
+
+class SamplerParams(Structure):
+    _fields_ = [("temperature", c_float), ("top_k", c_int32), ("top_p", c_float), ("min_p", c_float),
+                ("repeat_penalty", c_float), ("repeat_last_n", c_int32), ("presence_penalty", c_float),
+                ("frequency_penalty", c_float), ("seed", c_uint64)]
+
+
+class SaveParams(Structure):
+    _fields_ = [("ftype", c_int32), ("reserved0", c_int32), ("progress", PROGRESS_FN), ("user", c_void_p)]
+
+
+class Stats(Structure):
+    _fields_ = [("gpu_bytes_weights", c_uint64), ("gpu_bytes_kv", c_uint64), ("gpu_bytes_scratch", c_uint64),
+                ("host_bytes", c_uint64), ("expert_hits", c_uint64), ("expert_misses", c_uint64),
+                ("expert_bytes_streamed", c_uint64), ("n_prompt_tokens", c_uint64), ("n_gen_tokens", c_uint64),
+                ("t_prompt_s", c_double), ("t_gen_s", c_double), ("t_load_s", c_double)]
+
+
+def _struct_dict(s):
+    d = {}
+    for name, _ in s._fields_:
+        v = getattr(s, name)
+        d[name] = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+    return d
+
+
+# ---- the library ---------------------------------------------------------------------------------
+def _load_library():
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.environ.get("MOE_LIB"), os.path.join(here, "..", "build", "libmoe.so"),
+                  os.path.join(here, "libmoe.so")]
+    errors = []
+    for path in candidates:
+        if path and os.path.exists(path):
+            try:
+                return ctypes.CDLL(os.path.abspath(path))
+            except OSError as e:
+                errors.append(str(e))
+    raise OSError("moe: cannot find libmoe.so (run `make`, or set MOE_LIB): " + "; ".join(errors or [str(candidates)]))
+
+
+lib = _load_library()
+_model_p = c_void_p
+_ctx_p = c_void_p
+_sampler_p = c_void_p
+_SIGNATURES = {
+    "moe_version": (c_char_p, []),
+    "moe_status_str": (c_char_p, [c_int32]),
+    "moe_last_error": (c_char_p, []),
+    "moe_load": (c_int32, [c_char_p, POINTER(LoadParams), POINTER(_model_p)]),
+    "moe_model_free": (None, [_model_p]),
+    "moe_model_get_info": (c_int32, [_model_p, POINTER(ModelInfo)]),
+    "moe_tokenize": (c_int32, [_model_p, c_char_p, c_int32, POINTER(c_int32), c_int32, c_int32]),
+    "moe_token_to_piece": (c_int32, [_model_p, c_int32, POINTER(c_char), c_int32]),
+    "moe_detokenize": (c_int32, [_model_p, POINTER(c_int32), c_int32, POINTER(c_char), c_int32, c_int32]),
+    "moe_token_is_eog": (c_int32, [_model_p, c_int32]),
+    "moe_chat_apply": (c_int32, [_model_p, POINTER(c_char_p), POINTER(c_char_p), c_int32, c_int32,
+                                 POINTER(c_char), c_int32]),
+    "moe_ctx_new": (c_int32, [_model_p, POINTER(CtxParams), POINTER(_ctx_p)]),
+    "moe_ctx_free": (None, [_ctx_p]),
+    "moe_step": (c_int32, [_ctx_p, POINTER(c_int32), c_int32]),
+    "moe_logits": (POINTER(c_float), [_ctx_p, c_int32]),
+    "moe_ctx_pos": (c_int32, [_ctx_p]),
+    "moe_ctx_rewind": (c_int32, [_ctx_p, c_int32]),
+    "moe_ctx_save": (c_int32, [_ctx_p, c_void_p, c_size_t, POINTER(c_size_t)]),
+    "moe_ctx_load": (c_int32, [_ctx_p, c_void_p, c_size_t]),
+    "moe_sampler_new": (c_int32, [POINTER(SamplerParams), POINTER(_sampler_p)]),
+    "moe_sampler_free": (None, [_sampler_p]),
+    "moe_sample": (c_int32, [_sampler_p, POINTER(c_float), c_int32]),
+    "moe_sampler_accept": (None, [_sampler_p, c_int32]),
+    "moe_sampler_reset": (None, [_sampler_p]),
+    "moe_model_save": (c_int32, [_model_p, c_char_p, POINTER(SaveParams)]),
+    "moe_ctx_get_stats": (c_int32, [_ctx_p, POINTER(Stats)]),
+}
+for _name, (_res, _args) in _SIGNATURES.items():
+    _f = getattr(lib, _name)
+    _f.restype = _res
+    _f.argtypes = _args
+
+
+def version():
+    return lib.moe_version().decode()
+
+
+def status_str(status):
+    return lib.moe_status_str(status).decode()
+
+
+def last_error():
+    return (lib.moe_last_error() or b"").decode("utf-8", "replace")
+
+
+class MoeError(Exception):
+    """A failed moe call: .status is the moe_status (negative), .message moe_last_error()."""
+
+    def __init__(self, status, message=None):
+        self.status = status
+        self.message = last_error() if message is None else message
+        super().__init__("%s (%d): %s" % (status_str(status), status, self.message))
+
+
+def _check(status):
+    if status != OK:
+        raise MoeError(status)
+    return status
+
+
+def _fill(call, cap, make_buf):
+    """Runs call(buf, cap) for moe's fill-a-buffer functions: count, -(count needed) when cap is too
+    small, or a small negative status (an error: its magnitude is never above cap). Returns (buf, n)."""
+    while True:
+        buf = make_buf(cap)
+        n = call(buf, cap)
+        if n >= 0:
+            return buf, n
+        if -n <= cap:
+            raise MoeError(n)
+        cap = -n + 1
+
+
+def _bytes(s):
+    return s.encode("utf-8") if isinstance(s, str) else bytes(s)
+
+
+def _float_array(logits, n_vocab):
+    """A POINTER(c_float) and n_vocab for ctypes float arrays (views) or any sequence of numbers."""
+    if isinstance(logits, ctypes.Array) and logits._type_ is c_float:
+        n = len(logits) if n_vocab is None else n_vocab
+        if n > len(logits):
+            raise MoeError(ERR_INVALID_ARG, "n_vocab %d exceeds the %d logits given" % (n, len(logits)))
+        return ctypes.cast(logits, POINTER(c_float)), n
+    values = list(logits)
+    n = len(values) if n_vocab is None else n_vocab
+    if n > len(values):
+        raise MoeError(ERR_INVALID_ARG, "n_vocab %d exceeds the %d logits given" % (n, len(values)))
+    return (c_float * len(values))(*values), n
+
+
+class _Handle(object):
+    _free = None
+
+    def close(self):
+        h, self._h = getattr(self, "_h", None), None
+        if h:
+            type(self)._free(h)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _handle(self):
+        if not self._h:
+            raise MoeError(ERR_INVALID_ARG, "%s is closed" % type(self).__name__)
+        return self._h
+
+
+# ---- model -----------------------------------------------------------------------------------
+class Model(_Handle):
+    """moe_load: a .gguf file or a Hugging Face model directory.
+
+    progress(fraction) -> truthy cancels the load (MoeError ERR_CANCELLED); log(level, message)."""
+    _free = staticmethod(lib.moe_model_free)
+
+    def __init__(self, path, backend=BACKEND_AUTO, device_index=0, n_threads=0, gpu_budget_bytes=0,
+                 host_budget_bytes=0, progress=None, log=None):
+        self._h = None
+        p = LoadParams(backend=backend, device_index=device_index, n_threads=n_threads,
+                       gpu_budget_bytes=gpu_budget_bytes, host_budget_bytes=host_budget_bytes)
+        errors = []   # an exception inside a callback is re-raised after the call
+
+        def on_progress(fraction, user):
+            try:
+                return 1 if progress(fraction) else 0
+            except BaseException as e:
+                errors.append(e)
+                return 1
+
+        def on_log(level, msg, user):
+            try:
+                log(level, msg.decode("utf-8", "replace"))
+            except BaseException as e:
+                errors.append(e)
+
+        cb_progress = PROGRESS_FN(on_progress) if progress else PROGRESS_FN()
+        cb_log = LOG_FN(on_log) if log else LOG_FN()
+        p.progress, p.log = cb_progress, cb_log
+        h = _model_p()
+        st = lib.moe_load(_bytes(os.fspath(path)), byref(p), byref(h))
+        if errors:
+            if h:
+                lib.moe_model_free(h)
+            raise errors[0]
+        _check(st)
+        self._h = h
+        self._log_cb = cb_log   # the model may log later (from any of its calls): keep it alive
+        self.info = self.get_info()
+        self.n_vocab = self.info["n_vocab"]
+
+    def get_info(self):
+        info = ModelInfo()
+        _check(lib.moe_model_get_info(self._handle(), byref(info)))
+        return _struct_dict(info)
+
+    # tokenizer
+    def tokenize(self, text, add_special=False, parse_special=False):
+        """text (str or bytes) -> list of token ids."""
+        data = _bytes(text)
+        flags = (TOKENIZE_ADD_SPECIAL if add_special else 0) | (TOKENIZE_PARSE_SPECIAL if parse_special else 0)
+        h = self._handle()
+        buf, n = _fill(lambda b, cap: lib.moe_tokenize(h, data, len(data), b, cap, flags),
+                       max(16, len(data) + 8), lambda cap: (c_int32 * cap)())
+        return list(buf[:n])
+
+    def token_to_piece(self, token):
+        """The raw bytes of one token (may be part of a UTF-8 sequence)."""
+        h = self._handle()
+        buf, n = _fill(lambda b, cap: lib.moe_token_to_piece(h, token, b, cap), 64,
+                       ctypes.create_string_buffer)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens, parse_special=False, raw=False):
+        """tokens -> str (invalid UTF-8 replaced), or bytes with raw=True."""
+        toks = (c_int32 * max(1, len(tokens)))(*tokens)
+        flags = TOKENIZE_PARSE_SPECIAL if parse_special else 0
+        h = self._handle()
+        buf, n = _fill(lambda b, cap: lib.moe_detokenize(h, toks, len(tokens), b, cap, flags),
+                       16 * len(tokens) + 16, ctypes.create_string_buffer)
+        data = buf.raw[:n]
+        return data if raw else data.decode("utf-8", "replace")
+
+    def is_eog(self, token):
+        return bool(lib.moe_token_is_eog(self._handle(), token))
+
+    def chat_apply(self, messages, add_assistant_prompt=True):
+        """messages: [(role, content), ...] or [{"role": ..., "content": ...}, ...] -> the prompt text."""
+        pairs = [(m["role"], m["content"]) if isinstance(m, dict) else m for m in messages]
+        roles = (c_char_p * max(1, len(pairs)))(*[_bytes(r) for r, _ in pairs])
+        contents = (c_char_p * max(1, len(pairs)))(*[_bytes(c) for _, c in pairs])
+        h = self._handle()
+        buf, n = _fill(lambda b, cap: lib.moe_chat_apply(h, roles, contents, len(pairs), 1 if add_assistant_prompt else 0,
+                                                         b, cap),
+                       4096, ctypes.create_string_buffer)
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def save(self, path, ftype=FTYPE_KEEP, progress=None):
+        """moe_model_save: writes the model as GGUF (re-quantized to ftype)."""
+        errors = []
+
+        def on_progress(fraction, user):
+            try:
+                return 1 if progress(fraction) else 0
+            except BaseException as e:
+                errors.append(e)
+                return 1
+
+        p = SaveParams(ftype=ftype)
+        p.progress = PROGRESS_FN(on_progress) if progress else PROGRESS_FN()
+        st = lib.moe_model_save(self._handle(), _bytes(os.fspath(path)), byref(p))
+        if errors:
+            raise errors[0]
+        _check(st)
+
+
+# ---- context -----------------------------------------------------------------------------------
+class Context(_Handle):
+    """moe_ctx_new: one sequence (KV cache, position, logits). Keeps its model alive."""
+    _free = staticmethod(lib.moe_ctx_free)
+
+    def __init__(self, model, n_ctx=0, kv_type=KV_F16, logits_all=False, n_batch=0):
+        self._h = None
+        p = CtxParams(n_ctx=n_ctx, kv_type=kv_type, logits_all=1 if logits_all else 0, n_batch=n_batch)
+        h = _ctx_p()
+        _check(lib.moe_ctx_new(model._handle(), byref(p), byref(h)))
+        self._h = h
+        self.model = model
+        self.n_vocab = model.n_vocab
+        self._n_last = 0
+
+    def step(self, tokens):
+        """Feeds tokens (a prompt chunk or one sampled token) at the current position."""
+        tokens = list(tokens)
+        arr = (c_int32 * max(1, len(tokens)))(*tokens)
+        _check(lib.moe_step(self._handle(), arr, len(tokens)))
+        self._n_last = len(tokens)
+
+    def logits(self, i=-1):
+        """The next-token logits as a ctypes (c_float * n_vocab) view, valid until the next call on
+        this context. i = -1: after the last token of the last step; i >= 0 needs logits_all."""
+        p = lib.moe_logits(self._handle(), i)
+        if not p:
+            raise MoeError(ERR_INVALID_ARG, "no logits for index %d (step first; i >= 0 needs logits_all)" % i)
+        return ctypes.cast(p, POINTER(c_float * self.n_vocab)).contents
+
+    @property
+    def pos(self):
+        return lib.moe_ctx_pos(self._handle())
+
+    def rewind(self, pos):
+        _check(lib.moe_ctx_rewind(self._handle(), pos))
+
+    def save(self):
+        """Snapshot of the context as bytes (prompt caching)."""
+        h = self._handle()
+        size = c_size_t(0)
+        _check(lib.moe_ctx_save(h, None, 0, byref(size)))
+        buf = ctypes.create_string_buffer(max(1, size.value))
+        _check(lib.moe_ctx_save(h, buf, size.value, byref(size)))
+        return buf.raw[:size.value]
+
+    def load(self, data):
+        buf = ctypes.create_string_buffer(bytes(data), len(data))
+        _check(lib.moe_ctx_load(self._handle(), buf, len(data)))
+
+    def stats(self):
+        s = Stats()
+        _check(lib.moe_ctx_get_stats(self._handle(), byref(s)))
+        return _struct_dict(s)
+
+
+# ---- sampler ------------------------------------------------------------------------------------
+class Sampler(_Handle):
+    """moe_sampler_new: penalties -> top-k -> temperature -> top-p -> min-p -> draw (see moe.h).
+    All defaults zero = greedy."""
+    _free = staticmethod(lib.moe_sampler_free)
+
+    def __init__(self, temperature=0.0, top_k=0, top_p=0.0, min_p=0.0, repeat_penalty=0.0, repeat_last_n=0,
+                 presence_penalty=0.0, frequency_penalty=0.0, seed=0):
+        self._h = None
+        p = SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                          seed=seed & 0xFFFFFFFFFFFFFFFF)
+        h = _sampler_p()
+        _check(lib.moe_sampler_new(byref(p), byref(h)))
+        self._h = h
+
+    def sample(self, logits, n_vocab=None):
+        """Picks a token from logits (Context.logits()'s view, or any sequence of floats) and records it."""
+        ptr, n = _float_array(logits, n_vocab)
+        t = lib.moe_sample(self._handle(), ptr, n)
+        if t < 0:   # moe_sample returns -1; the message says why
+            msg = last_error()
+            raise MoeError(ERR_NO_MEMORY if "out of memory" in msg else ERR_INVALID_ARG, msg)
+        return t
+
+    def accept(self, token):
+        """Records a token chosen by the caller (for the penalties)."""
+        lib.moe_sampler_accept(self._handle(), token)
+
+    def reset(self):
+        """Forgets the history and re-seeds: as new."""
+        lib.moe_sampler_reset(self._handle())
+
+
+if __name__ == "__main__":
+    sys.stdout.write("moe %s (%s)\n" % (version(), lib._name))

@@ -1,0 +1,420 @@
+/* test_api — contexts and their failure paths through the public API: threads (one context per
+   thread over one shared model), context full, bad tokens, rewind, logits access, save/load,
+   stats, load progress/cancel/log callbacks, kv types, allocation failures. Every failing call
+   must leave the object exactly as it was; the ASan build checks nothing leaks. */
+#include "../moe.c"
+#include "../moe_vk.c"
+#include "../shaders_embedded.c"
+#include "test_util.h"
+
+#define MODEL "test/fixtures/qwen3moe_q8_0.gguf"
+#define OTHER_MODEL "test/fixtures/qwen3moe_f32.gguf"
+
+static moe_model *load(const char *path, int n_threads) {
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.n_threads = n_threads;
+    moe_model *m = NULL;
+    moe_status st = moe_load(path, &lp, &m);
+    if (st) fail_msg("load %s: %s", path, moe_last_error());
+    return m;
+}
+
+static moe_ctx *new_ctx(moe_model *m, int n_ctx, int logits_all) {
+    moe_ctx_params cp = {0};
+    cp.n_ctx = n_ctx;
+    cp.logits_all = logits_all;
+    moe_ctx *c = NULL;
+    assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_OK);
+    return c;
+}
+
+static int vocab_of(const moe_model *m) {
+    moe_model_info info;
+    moe_model_get_info(m, &info);
+    return info.n_vocab;
+}
+
+static void prompt_tokens(moe_token *t, int n, int n_vocab, int seed) {
+    for (int i = 0; i < n; i++) t[i] = (moe_token)((i * 37 + seed * 11 + 5) % n_vocab);
+}
+
+static moe_token greedy(const float *l, int n) {
+    moe_token b = 0;
+    for (int i = 1; i < n; i++)
+        if (l[i] > l[b]) b = i;
+    return b;
+}
+
+/* prompt, then n_gen greedy tokens; the tokens go to out */
+static void run_greedy(moe_ctx *c, int n_vocab, int seed, int n_prompt, int n_gen, moe_token *out) {
+    moe_token p[64];
+    prompt_tokens(p, n_prompt, n_vocab, seed);
+    assert_int_equal(moe_step(c, p, n_prompt), MOE_OK);
+    for (int i = 0; i < n_gen; i++) {
+        out[i] = greedy(moe_logits(c, -1), n_vocab);
+        assert_int_equal(moe_step(c, &out[i], 1), MOE_OK);
+    }
+}
+
+/* ---- one model, four threads, a context each ------------------------------------------------- */
+typedef struct thread_job { moe_model *m; int seed; moe_token out[24]; moe_status st; } thread_job;
+
+static void *thread_main(void *arg) {
+    thread_job *j = arg;
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 64;
+    moe_ctx *c = NULL;
+    j->st = moe_ctx_new(j->m, &cp, &c);
+    if (j->st) return NULL;
+    moe_token p[20];
+    int nv = vocab_of(j->m);
+    prompt_tokens(p, 20, nv, j->seed);
+    j->st = moe_step(c, p, 20);
+    for (int i = 0; i < 24 && !j->st; i++) {
+        j->out[i] = greedy(moe_logits(c, -1), nv);
+        j->st = moe_step(c, &j->out[i], 1);
+    }
+    moe_ctx_free(c);
+    return NULL;
+}
+
+static void test_threads(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 2);
+    int nv = vocab_of(m);
+    moe_token want[4][24];
+    for (int t = 0; t < 4; t++) {
+        moe_ctx *c = new_ctx(m, 64, 0);
+        run_greedy(c, nv, t, 20, 24, want[t]);
+        moe_ctx_free(c);
+    }
+    thread_job jobs[4];
+    pthread_t th[4];
+    for (int t = 0; t < 4; t++) {
+        jobs[t].m = m;
+        jobs[t].seed = t;
+        jobs[t].st = -100;
+        assert_int_equal(pthread_create(&th[t], NULL, thread_main, &jobs[t]), 0);
+    }
+    for (int t = 0; t < 4; t++) pthread_join(th[t], NULL);
+    for (int t = 0; t < 4; t++) {
+        assert_int_equal(jobs[t].st, MOE_OK);
+        assert_memory_equal(jobs[t].out, want[t], sizeof want[t]);
+    }
+    moe_model_free(m);
+}
+
+/* moe_last_error is per thread */
+static void *error_thread(void *arg) {
+    moe_model *m = NULL;
+    moe_load("build/test/no-such-file-thread.gguf", NULL, &m);
+    *(int *)arg = strstr(moe_last_error(), "no-such-file-thread") != NULL;
+    return NULL;
+}
+
+static void test_thread_local_error(void **state) {
+    (void)state;
+    moe_model *m = NULL;
+    assert_int_equal(moe_load("build/test/no-such-file-main.gguf", NULL, &m), MOE_ERR_IO);
+    int ok = 0;
+    pthread_t th;
+    pthread_create(&th, NULL, error_thread, &ok);
+    pthread_join(th, NULL);
+    assert_true(ok);
+    assert_non_null(strstr(moe_last_error(), "no-such-file-main"));
+}
+
+/* ---- failures leave the context as it was ------------------------------------------------------ */
+static void test_context_full_and_bad_tokens(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 1);
+    int nv = vocab_of(m);
+    moe_ctx *c = new_ctx(m, 32, 0);
+    moe_token p[40];
+    prompt_tokens(p, 40, nv, 3);
+    assert_int_equal(moe_step(c, p, 33), MOE_ERR_CONTEXT_FULL);
+    assert_int_equal(moe_ctx_pos(c), 0);
+    assert_null(moe_logits(c, -1));
+    assert_int_equal(moe_step(c, p, 30), MOE_OK);
+    float *before = malloc((size_t)nv * sizeof *before);
+    memcpy(before, moe_logits(c, -1), (size_t)nv * sizeof *before);
+    assert_int_equal(moe_step(c, p, 3), MOE_ERR_CONTEXT_FULL);
+    assert_non_null(strstr(moe_last_error(), "do not fit"));
+    moe_token bad[2] = {1, (moe_token)nv};
+    assert_int_equal(moe_step(c, bad, 2), MOE_ERR_INVALID_ARG);
+    bad[1] = -1;
+    assert_int_equal(moe_step(c, bad, 2), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_step(c, NULL, 1), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_step(c, p, 0), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_step(NULL, p, 1), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_ctx_pos(c), 30);
+    assert_memory_equal(moe_logits(c, -1), before, (size_t)nv * sizeof *before);
+    /* the context still works and matches a fresh run of the same 32 tokens */
+    assert_int_equal(moe_step(c, p + 30, 2), MOE_OK);
+    assert_int_equal(moe_ctx_pos(c), 32);
+    moe_ctx *d = new_ctx(m, 32, 0);
+    assert_int_equal(moe_step(d, p, 32), MOE_OK);
+    assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
+    assert_int_equal(moe_ctx_rewind(c, 33), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_ctx_rewind(c, -1), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_ctx_pos(c), 32);
+    assert_int_equal(moe_ctx_rewind(c, 0), MOE_OK);
+    assert_null(moe_logits(c, -1));
+    free(before);
+    moe_ctx_free(c);
+    moe_ctx_free(d);
+    moe_model_free(m);
+}
+
+static void test_logits_access(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 1);
+    int nv = vocab_of(m);
+    moe_ctx *c = new_ctx(m, 64, 0), *a = new_ctx(m, 64, 1);
+    moe_token p[10];
+    prompt_tokens(p, 10, nv, 1);
+    assert_null(moe_logits(c, -1));
+    assert_int_equal(moe_step(c, p, 10), MOE_OK);
+    assert_int_equal(moe_step(a, p, 10), MOE_OK);
+    assert_null(moe_logits(c, 0));              /* needs logits_all */
+    assert_null(moe_logits(a, 10));
+    assert_null(moe_logits(a, -2));
+    assert_memory_equal(moe_logits(a, 9), moe_logits(c, -1), (size_t)nv * sizeof(float));
+    assert_memory_equal(moe_logits(a, -1), moe_logits(a, 9), (size_t)nv * sizeof(float));
+    /* a single step keeps one row; earlier rows are gone */
+    assert_int_equal(moe_step(a, p, 1), MOE_OK);
+    assert_non_null(moe_logits(a, 0));
+    assert_null(moe_logits(a, 1));
+    assert_null(moe_logits(NULL, -1));
+    moe_ctx_free(c);
+    moe_ctx_free(a);
+    moe_model_free(m);
+}
+
+/* ---- save / load -------------------------------------------------------------------------- */
+static void test_save_load(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 2), *other = load(OTHER_MODEL, 1);
+    int nv = vocab_of(m);
+    moe_ctx *c = new_ctx(m, 96, 0);
+    moe_token p[40], ga[16], gb[16];
+    prompt_tokens(p, 40, nv, 7);
+    assert_int_equal(moe_step(c, p, 40), MOE_OK);
+    size_t size = 0;
+    assert_int_equal(moe_ctx_save(c, NULL, 0, &size), MOE_OK);
+    assert_true(size > 40 * 2);
+    uint8_t *buf = malloc(size);
+    assert_int_equal(moe_ctx_save(c, buf, size - 1, &size), MOE_ERR_BUFFER_TOO_SMALL);
+    assert_int_equal(moe_ctx_save(c, buf, size, NULL), MOE_OK);
+
+    moe_ctx *d = new_ctx(m, 96, 0);
+    moe_token q[5] = {1, 2, 3, 4, 5};
+    assert_int_equal(moe_step(d, q, 5), MOE_OK); /* some state of its own, to be replaced */
+    assert_int_equal(moe_ctx_load(d, buf, size), MOE_OK);
+    assert_int_equal(moe_ctx_pos(d), 40);
+    assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
+    for (int i = 0; i < 16; i++) {
+        ga[i] = greedy(moe_logits(c, -1), nv);
+        gb[i] = greedy(moe_logits(d, -1), nv);
+        assert_int_equal(moe_step(c, &ga[i], 1), MOE_OK);
+        assert_int_equal(moe_step(d, &gb[i], 1), MOE_OK);
+        assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
+    }
+    assert_memory_equal(ga, gb, sizeof ga);
+
+    /* refusals leave the target untouched: it continues exactly like c */
+    moe_ctx *wrong_n = new_ctx(m, 64, 0), *wrong_model = new_ctx(other, 96, 0);
+    assert_int_equal(moe_ctx_load(wrong_n, buf, size), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "n_ctx"));
+    assert_int_equal(moe_ctx_load(wrong_model, buf, size), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "different model"));
+    assert_int_equal(moe_ctx_pos(wrong_n), 0);
+    uint8_t *bad = malloc(size);
+    memcpy(bad, buf, size);
+    bad[size / 2] ^= 0x10;
+    int pos_before = moe_ctx_pos(d);
+    assert_int_equal(moe_ctx_load(d, bad, size), MOE_ERR_FORMAT);
+    assert_int_equal(moe_ctx_load(d, buf, size - 3), MOE_ERR_FORMAT);
+    assert_int_equal(moe_ctx_load(d, buf, 8), MOE_ERR_FORMAT);
+    memcpy(bad, buf, size);
+    bad[0] ^= 1; /* magic */
+    assert_int_equal(moe_ctx_load(d, bad, size), MOE_ERR_FORMAT);
+    assert_int_equal(moe_ctx_load(d, NULL, size), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_ctx_pos(d), pos_before);
+    moe_token t = greedy(moe_logits(c, -1), nv);
+    assert_int_equal(greedy(moe_logits(d, -1), nv), t);
+    assert_int_equal(moe_step(c, &t, 1), MOE_OK);
+    assert_int_equal(moe_step(d, &t, 1), MOE_OK);
+    assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
+    free(bad);
+    free(buf);
+    moe_ctx_free(c);
+    moe_ctx_free(d);
+    moe_ctx_free(wrong_n);
+    moe_ctx_free(wrong_model);
+    moe_model_free(m);
+    moe_model_free(other);
+}
+
+/* ---- stats, callbacks, parameters ------------------------------------------------------------- */
+static void test_stats(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 1);
+    int nv = vocab_of(m);
+    moe_ctx *c = new_ctx(m, 64, 0);
+    moe_token out[5];
+    run_greedy(c, nv, 2, 20, 5, out);
+    moe_stats s;
+    assert_int_equal(moe_ctx_get_stats(c, &s), MOE_OK);
+    assert_int_equal(s.n_prompt_tokens, 20);
+    assert_int_equal(s.n_gen_tokens, 5);
+    assert_true(s.t_prompt_s > 0 && s.t_gen_s > 0 && s.t_load_s > 0);
+    assert_true(s.host_bytes > 0);
+    moe_model_info info;
+    moe_model_get_info(m, &info);
+    /* every token runs n_expert_used experts in each layer, all resident */
+    assert_int_equal(s.expert_hits, (uint64_t)25 * (uint64_t)info.n_layer * (uint64_t)info.n_expert_used);
+    assert_int_equal(s.expert_misses, 0);
+    assert_int_equal(moe_ctx_get_stats(NULL, &s), MOE_ERR_INVALID_ARG);
+    moe_ctx_free(c);
+    moe_model_free(m);
+}
+
+static int g_progress_calls, g_log_lines;
+static int32_t cancel_at_half(float f, void *user) {
+    (void)user;
+    g_progress_calls++;
+    return f >= 0.5f;
+}
+static int32_t count_progress(float f, void *user) {
+    float *last = user;
+    assert_true(f >= *last && f <= 1.0f);
+    *last = f;
+    g_progress_calls++;
+    return 0;
+}
+static void count_log(int32_t level, const char *msg, void *user) {
+    (void)level;
+    (void)user;
+    assert_non_null(msg);
+    g_log_lines++;
+}
+
+static void test_load_callbacks(void **state) {
+    (void)state;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.progress = cancel_at_half;
+    moe_model *m = NULL;
+    assert_int_equal(moe_load(MODEL, &lp, &m), MOE_ERR_CANCELLED);
+    assert_null(m);
+    float last = -1;
+    lp.progress = count_progress;
+    lp.user = &last;
+    lp.log = count_log;
+    g_progress_calls = g_log_lines = 0;
+    assert_int_equal(moe_load(MODEL, &lp, &m), MOE_OK);
+    assert_true(g_progress_calls >= 2);
+    assert_true(last == 1.0f);
+    assert_true(g_log_lines >= 1);
+    moe_model_free(m);
+    /* AUTO falls back to the CPU with a log line when Vulkan is unusable or absent */
+    lp.backend = MOE_BACKEND_AUTO;
+    g_log_lines = 0;
+    last = -1;
+    assert_int_equal(moe_load(MODEL, &lp, &m), MOE_OK);
+    moe_model_info info;
+    moe_model_get_info(m, &info);
+    assert_true(info.backend == MOE_BACKEND_CPU || info.backend == MOE_BACKEND_VULKAN);
+    moe_model_free(m);
+}
+
+static void test_ctx_params(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 1);
+    int nv = vocab_of(m);
+    moe_ctx *c = NULL;
+    moe_ctx_params cp = {0};
+    cp.kv_type = MOE_KV_Q8_0;
+    assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_ERR_UNSUPPORTED);
+    cp.kv_type = 99;
+    assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_ERR_INVALID_ARG);
+    cp.kv_type = 0;
+    cp.n_ctx = -1;
+    assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_ERR_INVALID_ARG);
+    assert_null(c);
+    assert_int_equal(moe_ctx_new(NULL, NULL, &c), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_ctx_new(m, NULL, NULL), MOE_ERR_INVALID_ARG);
+    /* f32 and f16 caches, and a small n_batch that forces chunked prefill, agree on greedy */
+    moe_token g16[8], g32[8], gb[8];
+    cp.n_ctx = 64;
+    cp.kv_type = MOE_KV_F32;
+    assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_OK);
+    run_greedy(c, nv, 4, 30, 8, g32);
+    moe_ctx_free(c);
+    cp.kv_type = MOE_KV_F16;
+    assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_OK);
+    run_greedy(c, nv, 4, 30, 8, g16);
+    moe_ctx_free(c);
+    cp.n_batch = 7;
+    assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_OK);
+    run_greedy(c, nv, 4, 30, 8, gb);
+    moe_ctx_free(c);
+    assert_memory_equal(g16, g32, sizeof g16);
+    assert_memory_equal(g16, gb, sizeof g16);
+    moe_model_free(m);
+}
+
+/* ---- allocation failures ------------------------------------------------------------------------ */
+static void test_allocation_failures(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 2);
+    int nv = vocab_of(m);
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 64;
+    cp.logits_all = 1;
+    int failures = 0;
+    moe_ctx *c = NULL;
+    for (long k = 0;; k++) {
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_ctx_new(m, &cp, &c);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) break;
+        assert_int_equal(st, MOE_ERR_NO_MEMORY);
+        assert_null(c);
+        failures++;
+    }
+    assert_true(failures > 5);
+    /* a step whose logits buffer must grow fails cleanly and changes nothing */
+    moe_token p[20];
+    prompt_tokens(p, 20, nv, 9);
+    assert_int_equal(moe_step(c, p, 4), MOE_OK);
+    float *before = malloc((size_t)nv * 4 * sizeof(float));
+    memcpy(before, moe_logits(c, 0), (size_t)nv * 4 * sizeof(float));
+    moe_test_fail_alloc_after(0);
+    assert_int_equal(moe_step(c, p + 4, 16), MOE_ERR_NO_MEMORY);
+    moe_test_fail_alloc_after(-1);
+    assert_int_equal(moe_ctx_pos(c), 4);
+    assert_memory_equal(moe_logits(c, 0), before, (size_t)nv * 4 * sizeof(float));
+    assert_int_equal(moe_step(c, p + 4, 16), MOE_OK);
+    assert_int_equal(moe_ctx_pos(c), 20);
+    free(before);
+    moe_ctx_free(c);
+    moe_model_free(m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_thread_local_error),
+        cmocka_unit_test(test_context_full_and_bad_tokens),
+        cmocka_unit_test(test_logits_access),
+        cmocka_unit_test(test_save_load),
+        cmocka_unit_test(test_stats),
+        cmocka_unit_test(test_load_callbacks),
+        cmocka_unit_test(test_ctx_params),
+        cmocka_unit_test(test_allocation_failures),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,207 @@
+#!/bin/sh
+# test_python.sh — the ctypes binding (python/moe.py) end to end, with Debian's python3 and no pip
+# packages, on the fixture model. Run by `make test-python` (after `make`, which builds
+# build/libmoe.so and build/generate).
+#   1. ABI: every struct of moe.h has the same size and field offsets in ctypes as in C;
+#   2. errors: a missing file gives MoeError ERR_IO, a non-GGUF file ERR_FORMAT, bad sampler
+#      settings ERR_INVALID_ARG, a cancelled load ERR_CANCELLED, a full context ERR_CONTEXT_FULL;
+#   3. the sampler through the binding draws test_sampler's golden sequence (same seed, same
+#      logits, same tokens from another language), and matches test/sampler_ref.py — the
+#      pipeline of moe.h written in plain Python — draw for draw on 60 random logit sets and
+#      settings (penalties, top-k, top-p, min-p, NaN / inf logits, accepted tokens);
+#   4. greedy decoding through the binding equals the C example `generate` on the same prompt ids;
+#      save/load and rewind reproduce the logits bit for bit; export round trip;
+#   5. python/example.py runs, and its greedy line equals `generate` too.
+set -eu
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-/usr/bin/python3}
+MODEL=test/fixtures/qwen3moe_q8_0.gguf
+IDS=1,2,3,4,5,6,7,8
+if [ ! -x "$PY" ]; then echo "test_python: $PY not found (Debian: apt-get install python3)"; exit 1; fi
+for f in build/libmoe.so build/generate; do
+  [ -f "$f" ] || { echo "test_python: $f is missing: run make first"; exit 1; }
+done
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT INT TERM
+
+echo "== python binding ($($PY --version 2>&1))"
+
+# ---- 1. ABI: sizes and offsets from the C compiler vs ctypes -------------------------------------
+cat > "$T/abi.c" <<'EOF'
+#include "moe.h"
+#include <stdio.h>
+#include <stddef.h>
+#define F(S, f) printf(#S "." #f " %zu\n", offsetof(S, f));
+#define Z(S) printf(#S " %zu\n", sizeof(S));
+int main(void) {
+    Z(moe_load_params) F(moe_load_params, backend) F(moe_load_params, device_index) F(moe_load_params, n_threads)
+    F(moe_load_params, gpu_budget_bytes) F(moe_load_params, host_budget_bytes) F(moe_load_params, progress)
+    F(moe_load_params, log) F(moe_load_params, user)
+    Z(moe_model_info) F(moe_model_info, n_vocab) F(moe_model_info, eos) F(moe_model_info, n_params)
+    F(moe_model_info, file_bytes) F(moe_model_info, backend)
+    Z(moe_ctx_params) F(moe_ctx_params, n_batch)
+    Z(moe_sampler_params) F(moe_sampler_params, repeat_last_n) F(moe_sampler_params, frequency_penalty)
+    F(moe_sampler_params, seed)
+    Z(moe_save_params) F(moe_save_params, progress) F(moe_save_params, user)
+    Z(moe_stats) F(moe_stats, n_gen_tokens) F(moe_stats, t_load_s)
+    printf("version %d.%d.%d\n", MOE_VERSION_MAJOR, MOE_VERSION_MINOR, MOE_VERSION_PATCH);
+    return 0;
+}
+EOF
+${CC:-cc} -std=c11 -Wall -Werror -I. "$T/abi.c" -o "$T/abi"
+"$T/abi" > "$T/abi_c.txt"
+$PY - > "$T/abi_py.txt" <<'EOF'
+import ctypes, sys
+sys.path.insert(0, "python")
+import moe
+rows = [
+    ("moe_load_params", moe.LoadParams, ["backend", "device_index", "n_threads", "gpu_budget_bytes",
+                                         "host_budget_bytes", "progress", "log", "user"]),
+    ("moe_model_info", moe.ModelInfo, ["n_vocab", "eos", "n_params", "file_bytes", "backend"]),
+    ("moe_ctx_params", moe.CtxParams, ["n_batch"]),
+    ("moe_sampler_params", moe.SamplerParams, ["repeat_last_n", "frequency_penalty", "seed"]),
+    ("moe_save_params", moe.SaveParams, ["progress", "user"]),
+    ("moe_stats", moe.Stats, ["n_gen_tokens", "t_load_s"]),
+]
+for cname, cls, fields in rows:
+    print("%s %d" % (cname, ctypes.sizeof(cls)))
+    for f in fields:
+        print("%s.%s %d" % (cname, f, getattr(cls, f).offset))
+print("version", moe.version())
+EOF
+if ! diff "$T/abi_c.txt" "$T/abi_py.txt"; then
+  echo "test_python: python/moe.py's structs differ from moe.h (diff above: C <, ctypes >)"; exit 1
+fi
+echo "   ABI: struct sizes and offsets match moe.h"
+
+# ---- 2-4. the binding -------------------------------------------------------------------------------
+./build/generate -m "$MODEL" --tokens "$IDS" -n 24 -q -b cpu > "$T/generate.txt" 2>/dev/null
+$PY - "$MODEL" "$IDS" "$T" <<'EOF'
+import os, sys
+sys.path.insert(0, "python")
+import moe
+model_path, ids, tmp = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], sys.argv[3]
+
+def expect_error(status, fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except moe.MoeError as e:
+        assert e.status == status, "expected %s, got %s (%s)" % (moe.status_str(status), moe.status_str(e.status), e)
+        assert e.message, "no message for %s" % e
+        return e
+    raise AssertionError("expected MoeError %s from %s" % (moe.status_str(status), fn.__name__))
+
+# errors
+e = expect_error(moe.ERR_IO, moe.Model, "test/fixtures/no_such_model.gguf")
+assert "no_such_model.gguf" in e.message, e.message
+expect_error(moe.ERR_FORMAT, moe.Model, "test/test_util.h")
+expect_error(moe.ERR_INVALID_ARG, moe.Sampler, top_p=1.5)
+expect_error(moe.ERR_INVALID_ARG, moe.Sampler, top_k=-1)
+expect_error(moe.ERR_CANCELLED, moe.Model, model_path, backend=moe.BACKEND_CPU, progress=lambda f: f >= 0.5)
+logs = []
+model = moe.Model(model_path, backend=moe.BACKEND_CPU, log=lambda level, msg: logs.append((level, msg)))
+assert any("qwen3moe" in m for _, m in logs), logs
+assert model.info["arch"] == "qwen3moe" and model.n_vocab > 0, model.info
+
+# the sampler: test_sampler.c's golden sequence B, drawn through the binding from a Python list
+logits = [((i * 37) % 32) / 8.0 - 2.0 for i in range(32)]
+s = moe.Sampler(temperature=1.0, seed=1234)
+got = [s.sample(logits) for _ in range(32)]
+want = [4, 25, 23, 29, 5, 30, 17, 6, 19, 19, 18, 7, 6, 19, 12, 25, 19, 31, 31, 25, 25, 10, 12, 4, 19, 5, 12, 30, 5, 2, 15, 11]
+assert got == want, got
+s.reset()
+assert [s.sample(logits) for _ in range(32)] == want
+assert moe.Sampler().sample(logits) == max(range(32), key=lambda i: (logits[i], -i))
+expect_error(moe.ERR_INVALID_ARG, moe.Sampler().sample, [float("nan")] * 4)
+expect_error(moe.ERR_INVALID_ARG, moe.Sampler().sample, [])
+
+# the C sampler == test/sampler_ref.py (moe.h's pipeline in plain Python) on random logits and settings
+sys.path.insert(0, "test")
+import random, sampler_ref
+R = random.Random(2024)
+for case in range(60):
+    n = R.choice([1, 2, 5, 30, 200, 600])
+    style = R.randrange(4)
+    logits = [R.gauss(0, R.choice([0.5, 2, 6])) if style < 2 else float(R.randrange(-3, 4)) for _ in range(n)]
+    if style == 3:
+        for _ in range(R.randrange(1, 4)):
+            logits[R.randrange(n)] = R.choice([float("nan"), float("inf"), float("-inf")])
+    kw = dict(temperature=R.choice([0.0, 0.01, R.uniform(0.2, 2.0), 1.0]), top_k=R.choice([0, 0, 1, R.randrange(1, 50)]),
+              top_p=R.choice([0.0, 1.0, R.uniform(0.05, 0.99)]), min_p=R.choice([0.0, R.uniform(0.0, 0.5)]),
+              repeat_penalty=R.choice([0.0, 1.0, R.uniform(0.5, 2.0)]), repeat_last_n=R.choice([0, R.randrange(1, 32)]),
+              presence_penalty=R.choice([0.0, R.uniform(-1, 1)]), frequency_penalty=R.choice([0.0, R.uniform(-1, 1)]),
+              seed=R.getrandbits(64))
+    c, ref = moe.Sampler(**kw), sampler_ref.Sampler(**kw)
+    for draw in range(30):
+        if R.random() < 0.1:
+            t = R.randrange(n + 3)
+            c.accept(t)
+            ref.accept(t)
+        want = ref.sample(logits)
+        try:
+            got = c.sample(logits)
+        except moe.MoeError:
+            got = -1
+        assert got == want, "case %d draw %d (%r): C %d, reference %d" % (case, draw, kw, got, want)
+
+# greedy through the binding == build/generate (moe_sample with all-zero settings) on the same ids
+with moe.Context(model, n_ctx=64) as ctx:
+    expect_error(moe.ERR_INVALID_ARG, ctx.logits)          # nothing stepped yet
+    ctx.step(ids)
+    snap = ctx.save()
+    first = list(ctx.logits())
+    greedy, sampler = [], moe.Sampler()
+    for _ in range(24):
+        t = sampler.sample(ctx.logits())
+        greedy.append(t)
+        ctx.step([t])
+    want = [int(x) for x in open(os.path.join(tmp, "generate.txt")).read().split()]
+    assert greedy == want, (greedy, want)
+    assert ctx.pos == len(ids) + 24
+    # a Python argmax over the view agrees with moe's greedy
+    ctx.load(snap)
+    assert ctx.pos == len(ids) and list(ctx.logits()) == first
+    view = ctx.logits()
+    assert max(range(len(view)), key=lambda i: (view[i], -i)) == greedy[0]
+    ctx.rewind(len(ids) - 1)
+    ctx.step(ids[-1:])
+    assert list(ctx.logits()) == first                     # bit for bit
+    st = ctx.stats()
+    assert st["n_prompt_tokens"] >= len(ids), st
+expect_error(moe.ERR_INVALID_ARG, ctx.step, [1])            # closed
+
+# a full context
+with moe.Context(model, n_ctx=8) as small:
+    small.step(ids)
+    expect_error(moe.ERR_CONTEXT_FULL, small.step, [1])
+    assert small.pos == 8
+
+# tokenizer calls either work or raise MoeError (the fixture has no vocabulary)
+try:
+    toks = model.tokenize("hello", add_special=True)
+    assert model.detokenize(toks, raw=True).endswith(b"hello")
+except moe.MoeError as e:
+    assert e.status == moe.ERR_UNSUPPORTED, e
+try:
+    model.chat_apply([("user", "hi")])
+except moe.MoeError as e:
+    assert e.status in (moe.ERR_UNSUPPORTED, moe.ERR_INVALID_ARG), e
+
+# export round trip: f16 copy, same greedy first token
+out = os.path.join(tmp, "copy_f16.gguf")
+model.save(out, moe.FTYPE_F16)
+with moe.Model(out, backend=moe.BACKEND_CPU) as copy, moe.Context(copy, n_ctx=16) as c2:
+    assert copy.info["n_vocab"] == model.info["n_vocab"]
+    c2.step(ids)
+    assert len(c2.logits()) == model.n_vocab
+model.close()
+expect_error(moe.ERR_INVALID_ARG, model.get_info)
+print("   binding: errors, sampler golden sequence, C sampler == Python reference, greedy == generate, "
+      "save/load/rewind, export: ok")
+EOF
+
+# ---- 5. the example -----------------------------------------------------------------------------
+$PY python/example.py -m "$MODEL" --tokens "$IDS" -n 24 -b cpu > "$T/example.txt"
+grep -q "^greedy: $(cat "$T/generate.txt")\$" "$T/example.txt" || {
+  echo "test_python: example.py's greedy line differs from generate:"; cat "$T/example.txt" "$T/generate.txt"; exit 1; }
+echo "   example.py: ok"
