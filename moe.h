@@ -383,7 +383,6 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn lo
 void       moe_vk_free(moe_vk_backend *vk);
 moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 void       moe_vk_ctx_free(void *be);
-/* device bytes of a Vulkan context: the model's weights (shared by its contexts), KV cache, scratch */
 extern const moe_ops moe_vk_ops;
 void       moe_internal_set_error(moe_status status, const char *fmt, ...);
 

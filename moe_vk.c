@@ -1340,6 +1340,8 @@ typedef struct vk_ctx {
     double prof_ns[2][VKC_COUNT][VKP_COUNT + 1];
     uint32_t prof_n[2][VKC_COUNT][VKP_COUNT + 1];
     uint64_t prof_steps[2], prof_tokens[2];
+    uint64_t expert_evals;     /* (token, expert) pairs run, counted when a step completes */
+    uint64_t step_evals;
     double prof_total[2];
 } vk_ctx;
 
@@ -1576,6 +1578,7 @@ static void vk_begin_step(void *be) {
     c->step_pos0 = 0;
     c->step_n = 0;
     c->logit_rows = 0;
+    c->step_evals = 0;
     c->fuse_idx = -1;
     c->pn.active = 0;
     c->err = MOE_OK;
@@ -1631,6 +1634,7 @@ static moe_status vk_end_step(void *be) {
         return vk_fail(MOE_ERR_DEVICE, "Vulkan: the step failed on the device (%s)", vk_result_str(r));
     }
     vk_prof_collect(c, c->recs, c->n_recs);
+    c->expert_evals += c->step_evals;
     return MOE_OK;
 }
 
@@ -2092,6 +2096,7 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
     uint32_t E = (uint32_t)hp->n_expert, k = (uint32_t)hp->n_expert_used, ff = (uint32_t)hp->n_ff_exp, D = (uint32_t)hp->n_embd;
     int tg = vk_type_index(L->gate_exps.type), tu = vk_type_index(L->up_exps.type), td = vk_type_index(L->down_exps.type);
     int inl = n <= VK_MV_MAX && c->pn.active && src == c->pn.dst && n <= c->pn.rows && (int)D == c->pn.width;
+    c->step_evals += (uint64_t)n * k;
     vk_pn_touch(c, (1u << ACT_ROUTER) | (inl ? 0u : 1u << src), 1u << dst);
     /* the router's choice, on the GPU: softmax, top-k, renormalisation */
     vk_rec *r = vk_rec_new(c, VKP_TOPK, VKC_TOPK);
@@ -2165,7 +2170,7 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
     vk_mark_fusable(c, dst, n, 4);
 }
 
-/* device memory of the model's weights and of this context's KV cache and scratch */
+/* device memory: weights (shared by the model's contexts), KV cache, scratch */
 static void vk_stats(const void *be, moe_stats *out) {
     const vk_ctx *c = be;
     uint64_t s = c->h.size + c->p.size + c->aux.size + c->rope.size + c->step.size + c->logits.size;
@@ -2177,3 +2182,4 @@ static void vk_stats(const void *be, moe_stats *out) {
 
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_moe_ffn,
                             vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save, vk_kv_load, vk_stats};
+

@@ -114,8 +114,18 @@ void main() {
         return;
     }
     if (pc.mode == 2u) {
+        /* two experts per trip, so that their loads are in flight together */
         vec2 a = vec2(0.0);
-        for (uint s = 0u; s < pc.k_used; s++) {
+        uint s = 0u;
+        for (; s + 1u < pc.k_used; s += 2u) {
+            uint p = tok * pc.k_used + s;
+            uvec2 e0 = tbl[pc.tbl0 + aux[pc.ids_off + p]], e1 = tbl[pc.tbl0 + aux[pc.ids_off + p + 1u]];
+            float w0 = uintBitsToFloat(aux[pc.w_off + p]), w1 = uintBitsToFloat(aux[pc.w_off + p + 1u]);
+            vec2 b0 = row_dot2(e0.x, e0.y + rb0, e0.y + rb1, pc.x_off + p * pc.x_stride, tid, nit, ss);
+            vec2 b1 = row_dot2(e1.x, e1.y + rb0, e1.y + rb1, pc.x_off + (p + 1u) * pc.x_stride, tid, nit, ss);
+            a += w0 * b0 + w1 * b1;
+        }
+        if (s < pc.k_used) {
             uint p = tok * pc.k_used + s;
             uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
             float w = uintBitsToFloat(aux[pc.w_off + p]);
