@@ -164,7 +164,9 @@ int main(int argc, char **argv) {
         else snprintf(tokens[i], 24, "<t%d>", i);
         ttypes[i] = i < 256 ? 6 : 1;
     }
-    gw_kv_str(w, "tokenizer.ggml.model", "gpt2");
+    /* "none": a vocabulary without merges is no usable BPE (moe's tokenizer rejects it since the
+       tokenizer landed); llama.cpp reads "none" as a model without a vocabulary too */
+    gw_kv_str(w, "tokenizer.ggml.model", "none");
     gw_kv_str(w, "tokenizer.ggml.pre", "qwen2");
     gw_kv_strings(w, "tokenizer.ggml.tokens", (const char *const *)tokens, (uint64_t)vocab);
     gw_kv_array(w, "tokenizer.ggml.token_type", GGUF_I32, ttypes, (uint64_t)vocab);
