@@ -79,19 +79,6 @@
 
 /* the .ref reader, argmax, all_finite and row_rel_err are in test_util.h (shared with test_vulkan) */
 
-static moe_ctx *new_ctx(moe_model *m, int32_t kv_type, int32_t logits_all, int32_t n_batch) {
-    moe_ctx_params cp = {0};
-    cp.n_ctx = 256;
-    cp.kv_type = kv_type;
-    cp.logits_all = logits_all;
-    cp.n_batch = n_batch;
-    moe_ctx *c = NULL;
-    moe_status st = moe_ctx_new(m, &cp, &c);
-    if (st != MOE_OK) print_error("moe_ctx_new: %s (%s)\n", moe_status_str(st), moe_last_error());
-    assert_int_equal(st, MOE_OK);
-    assert_non_null(c);
-    return c;
-}
 
 /* Feeds tokens[0..n) in one step; copies the n logit rows to out (logits_all contexts). */
 static void prefill_rows(moe_ctx *c, const int32_t *tokens, int n, int n_vocab, float *out) {
@@ -152,7 +139,7 @@ static void run_fixture(void **state) {
     assert_non_null(tmp);
 
     /* (a) + (b): prefill with an f32 KV cache against the reference */
-    moe_ctx *ca = new_ctx(m, MOE_KV_F32, 1, 0);
+    moe_ctx *ca = tu_new_ctx(m, MOE_KV_F32, 1, 0);
     prefill_rows(ca, r.tokens, N, V, pre);
     assert_int_equal(moe_ctx_pos(ca), N);
     assert_true(all_finite(pre, all));
@@ -171,7 +158,7 @@ static void run_fixture(void **state) {
     free(row_err);
 
     /* (a) with the default f16 KV cache */
-    moe_ctx *ch = new_ctx(m, MOE_KV_F16, 1, 0);
+    moe_ctx *ch = tu_new_ctx(m, MOE_KV_F16, 1, 0);
     prefill_rows(ch, r.tokens, N, V, tmp);
     assert_true(all_finite(tmp, all));
     double err16 = 0;
@@ -181,7 +168,7 @@ static void run_fixture(void **state) {
     int32_t gen32[256], gen16[256];
     int ng = r.n_greedy < 256 ? r.n_greedy : 256, match32 = 0, match16 = 0;
     for (int kv = 0; kv < 2; kv++) {
-        moe_ctx *cg = new_ctx(m, kv == 0 ? MOE_KV_F32 : MOE_KV_F16, 0, 0);
+        moe_ctx *cg = tu_new_ctx(m, kv == 0 ? MOE_KV_F32 : MOE_KV_F16, 0, 0);
         int32_t *gen = kv == 0 ? gen32 : gen16;
         assert_int_equal(moe_step(cg, r.tokens, r.n_prompt), MOE_OK);
         for (int i = 0; i < ng; i++) {
@@ -205,7 +192,7 @@ static void run_fixture(void **state) {
         assert_true(ns <= 512);
         memcpy(seq, r.tokens, (size_t)r.n_prompt * sizeof *seq);
         memcpy(seq + r.n_prompt, r.greedy, (size_t)ng * sizeof *seq);
-        moe_ctx *ct = new_ctx(m, MOE_KV_F32, 1, 0);
+        moe_ctx *ct = tu_new_ctx(m, MOE_KV_F32, 1, 0);
         assert_int_equal(moe_step(ct, seq, ns), MOE_OK);
         for (int i = 0; i < ng; i++) {
             const float *l = moe_logits(ct, r.n_prompt - 1 + i);
@@ -221,14 +208,14 @@ static void run_fixture(void **state) {
     }
 
     /* (d) N single-token steps == one prefill of N, bit for bit; and a chunked prefill */
-    moe_ctx *cs = new_ctx(m, MOE_KV_F32, 0, 0);
+    moe_ctx *cs = tu_new_ctx(m, MOE_KV_F32, 0, 0);
     for (int i = 0; i < N; i++) {
         assert_int_equal(moe_step(cs, &r.tokens[i], 1), MOE_OK);
         memcpy(tmp + (size_t)i * (size_t)V, moe_logits(cs, -1), (size_t)V * sizeof(float));
     }
     int diff_steps = rows_differing(tmp, pre, N, V);
     moe_ctx_free(cs);
-    moe_ctx *cc = new_ctx(m, MOE_KV_F32, 1, 48);
+    moe_ctx *cc = tu_new_ctx(m, MOE_KV_F32, 1, 48);
     prefill_rows(cc, r.tokens, N, V, tmp);
     int diff_chunks = rows_differing(tmp, pre, N, V);
     moe_ctx_free(cc);

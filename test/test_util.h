@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+
+#include "moe.h"
 #include <math.h>
 
 /* Reads a whole file into a malloc'd buffer (NULL if missing). */
@@ -100,6 +102,21 @@ static inline double row_rel_err(const float *a, const float *ref, int n_vocab) 
         d = fmax(d, fabs((double)a[j] - (double)ref[j]));
     }
     return d / fmax((double)hi - (double)lo, 1e-30);
+}
+
+/* A context of 256 positions over model m (asserts success). */
+static inline moe_ctx *tu_new_ctx(moe_model *m, int32_t kv_type, int32_t logits_all, int32_t n_batch) {
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 256;
+    cp.kv_type = kv_type;
+    cp.logits_all = logits_all;
+    cp.n_batch = n_batch;
+    moe_ctx *c = NULL;
+    moe_status st = moe_ctx_new(m, &cp, &c);
+    if (st != MOE_OK) print_error("moe_ctx_new: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+    assert_non_null(c);
+    return c;
 }
 
 #endif

@@ -486,18 +486,6 @@ static moe_model *load_model(const char *path, int32_t backend) {
     return m;
 }
 
-static moe_ctx *new_ctx(moe_model *m, int32_t kv_type, int32_t logits_all, int32_t n_batch) {
-    moe_ctx_params cp = {0};
-    cp.n_ctx = 256;
-    cp.kv_type = kv_type;
-    cp.logits_all = logits_all;
-    cp.n_batch = n_batch;
-    moe_ctx *c = NULL;
-    moe_status st = moe_ctx_new(m, &cp, &c);
-    if (st != MOE_OK) print_error("moe_ctx_new: %s (%s)\n", moe_status_str(st), moe_last_error());
-    assert_int_equal(st, MOE_OK);
-    return c;
-}
 
 static void step_ok(moe_ctx *c, const int32_t *tokens, int n) {
     moe_status st = moe_step(c, tokens, n);
@@ -522,7 +510,7 @@ static double max_row_err(const float *a, const float *ref, int rows, int n_voca
 
 /* greedy continuation of the reference prompt */
 static void greedy(moe_model *m, int32_t kv, const ref_data *r, int32_t *gen, int ng) {
-    moe_ctx *c = new_ctx(m, kv, 0, 0);
+    moe_ctx *c = tu_new_ctx(m, kv, 0, 0);
     step_ok(c, r->tokens, r->n_prompt);
     for (int i = 0; i < ng; i++) {
         const float *l = moe_logits(c, -1);
@@ -557,11 +545,11 @@ static void run_fixture(void **state) {
     assert_non_null(tmp);
 
     /* (a) prefill of the whole sequence, f32 and f16 KV, against the reference */
-    moe_ctx *ca = new_ctx(mv, MOE_KV_F32, 1, 0);
+    moe_ctx *ca = tu_new_ctx(mv, MOE_KV_F32, 1, 0);
     prefill_rows(ca, r.tokens, N, V, pre);
     assert_true(all_finite(pre, all));
     double err32 = max_row_err(pre, r.logits, N, V);
-    moe_ctx *ch = new_ctx(mv, MOE_KV_F16, 1, 0);
+    moe_ctx *ch = tu_new_ctx(mv, MOE_KV_F16, 1, 0);
     prefill_rows(ch, r.tokens, N, V, tmp);
     assert_true(all_finite(tmp, all));
     double err16 = max_row_err(tmp, r.logits, N, V);
@@ -579,7 +567,7 @@ static void run_fixture(void **state) {
     /* (c) token-by-token decode (the last 32 positions, after a prefill of the rest) and a chunked
        prefill (n_batch 48) against the single prefill */
     const int n_dec = N < 32 ? N : 32;
-    moe_ctx *cs = new_ctx(mv, MOE_KV_F32, 0, 0);
+    moe_ctx *cs = tu_new_ctx(mv, MOE_KV_F32, 0, 0);
     if (N > n_dec) step_ok(cs, r.tokens, N - n_dec);
     for (int i = N - n_dec; i < N; i++) {
         step_ok(cs, &r.tokens[i], 1);
@@ -587,7 +575,7 @@ static void run_fixture(void **state) {
     }
     double err_steps = max_row_err(tmp + (size_t)(N - n_dec) * (size_t)V, pre + (size_t)(N - n_dec) * (size_t)V, n_dec, V);
     moe_ctx_free(cs);
-    moe_ctx *cc = new_ctx(mv, MOE_KV_F32, 1, 48);
+    moe_ctx *cc = tu_new_ctx(mv, MOE_KV_F32, 1, 48);
     prefill_rows(cc, r.tokens, N, V, tmp);
     double err_chunks = max_row_err(tmp, pre, N, V);
     moe_ctx_free(cc);
@@ -604,7 +592,7 @@ static void run_fixture(void **state) {
     assert_non_null(snap);
     assert_int_equal(moe_ctx_save(ca, snap, sz, &sz), MOE_OK);
     step_ok(ca, r.tokens + p1, 5); /* overwrite cache rows past p1, then come back */
-    moe_ctx *cl = new_ctx(mv, MOE_KV_F32, 1, 0);
+    moe_ctx *cl = tu_new_ctx(mv, MOE_KV_F32, 1, 0);
     assert_int_equal(moe_ctx_load(cl, snap, sz), MOE_OK);
     assert_int_equal(moe_ctx_load(ca, snap, sz), MOE_OK);
     assert_int_equal(moe_ctx_pos(cl), p1);
