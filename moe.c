@@ -4611,10 +4611,25 @@ static moe_status vocab_write_gguf(const moe_vocab *v, gguf_writer *w) {
 /* ============================================================================================ */
 /* 5. model                                                                                      */
 /* ============================================================================================ */
-enum { ARCH_QWEN3MOE = 1 };
+/* DESIGN.md, "Architectures are data": an architecture is one row of k_archs (end of section 6):
+   how its hyperparameters are read (GGUF keys, config.json) into a per-layer plan, which tensors
+   each layer has (one list, walked by the GGUF binder, the Hugging Face loader, the GGUF writer
+   and the Vulkan uploader), how its hyperparameters are written back, and its forward pass. */
+
+/* One tensor an architecture expects, with its shape from the layer's plan. */
+enum { TS_OPTIONAL = 1 };
+typedef struct tensor_spec {
+    int32_t role, n_dims, flags;
+    int64_t ne[3];             /* innermost first, as GGUF */
+    const char *hf;            /* Hugging Face name, "%d" = layer; experts: the module path */
+} tensor_spec;
+#define MAX_TENSOR_SPECS 48
+
+typedef struct moe_arch moe_arch;
 
 struct moe_model {
-    moe_weights w;             /* hyperparameters and weights: what a backend needs */
+    moe_weights w;             /* hyperparameters, plans and weights: what a backend needs */
+    const moe_arch *arch;
     char arch_name[32];
     moe_file file;
     gguf_file gguf;            /* a GGUF file's tables, or the tensor table of a HF directory */
@@ -4633,6 +4648,38 @@ struct moe_model {
     uint64_t n_params;
     double t_load_s;
 };
+
+struct moe_arch {
+    const char *name;          /* GGUF general.architecture */
+    const char *hf_type;       /* config.json model_type */
+    moe_status (*hparams_gguf)(moe_model *m);
+    moe_status (*hparams_hf)(moe_model *m, const json_doc *d);
+    /* the tensors of layer l (l = -1: the global ones); returns their count */
+    int (*tensors)(const moe_weights *w, int layer, tensor_spec *out);
+    void (*write_hparams)(const moe_model *m, gguf_writer *gw);
+    /* one chunk of n tokens at positions pos0..; logits of the last n_out rows into ACT_LOGITS */
+    void (*forward)(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens, int n, int pos0, int n_out);
+};
+
+/* the architecture of a GGUF general.architecture or a config.json model_type (the other NULL),
+   with its index in the table; NULL when unsupported (the error text lists the supported ones) */
+static const moe_arch *arch_find(const char *gguf_name, const char *hf_type, int32_t *index);
+
+#define ROLE_NAME(role, name) name,
+static const char *const k_global_names[MOE_GT_COUNT] = {MOE_GLOBAL_TENSORS(ROLE_NAME)};
+static const char *const k_layer_names[MOE_LT_COUNT] = {MOE_LAYER_TENSORS(ROLE_NAME)};
+#undef ROLE_NAME
+
+/* the GGUF name of a tensor: "token_embd.weight", "blk.3.attn_q.weight" */
+static void tensor_gguf_name(char *buf, size_t cap, int layer, int role) {
+    if (layer < 0) snprintf(buf, cap, "%s", k_global_names[role]);
+    else snprintf(buf, cap, "blk.%d.%s", layer, k_layer_names[role]);
+}
+
+static tensor_spec spec(int role, int n_dims, int64_t ne0, int64_t ne1, int64_t ne2, const char *hf) {
+    tensor_spec s = {role, n_dims, 0, {ne0, ne1, ne2}, hf};
+    return s;
+}
 
 /* Binds a named tensor and checks its shape (dims beyond n_dims must be absent). */
 static moe_status bind_weight(moe_model *m, moe_weight *w, const char *name, int required, int n_dims,
@@ -4658,136 +4705,307 @@ static moe_status bind_weight(moe_model *m, moe_weight *w, const char *name, int
     return MOE_OK;
 }
 
-static moe_status load_hparams(moe_model *m) {
-    const gguf_file *g = &m->gguf;
-    moe_hparams *hp = &m->w.hp;
-    gguf_str arch = {0};
-    moe_status st = gguf_get_str(g, "general.architecture", 1, &arch);
-    if (st) return st;
-    memcpy(m->arch_name, arch.p, arch.n < 31 ? arch.n : 31);
-    if (!gguf_str_eq(arch, "qwen3moe"))
-        return set_error(MOE_ERR_UNSUPPORTED, "model: architecture '%s' is not supported yet (supported: qwen3moe)", m->arch_name);
-    hp->arch = ARCH_QWEN3MOE;
-    char key[96];
-    int64_t v;
-#define HP_INT(field, suffix, req, lo, hi, dflt)                                          \
-    do {                                                                                  \
-        snprintf(key, sizeof key, "%s.%s", m->arch_name, suffix);                         \
-        v = (dflt);                                                                       \
-        if ((st = gguf_get_int(g, key, req, lo, hi, &v))) return st;                      \
-        hp->field = (int32_t)v;                                                           \
-    } while (0)
-    HP_INT(n_embd, "embedding_length", 1, 1, 1 << 20, 0);
-    HP_INT(n_layer, "block_count", 1, 1, 4096, 0);
-    HP_INT(n_head, "attention.head_count", 1, 1, 4096, 0);
-    HP_INT(n_head_kv, "attention.head_count_kv", 0, 1, 4096, hp->n_head);
-    HP_INT(head_dim, "attention.key_length", 0, 2, 4096, hp->n_embd / hp->n_head);
-    HP_INT(n_ctx_train, "context_length", 0, 1, INT32_MAX, 4096);
-    HP_INT(n_expert, "expert_count", 1, 1, 4096, 0);
-    HP_INT(n_expert_used, "expert_used_count", 1, 1, 4096, 0);
-    HP_INT(n_ff_exp, "expert_feed_forward_length", 1, 1, 1 << 20, 0);
-    HP_INT(n_rot, "rope.dimension_count", 0, 2, 4096, hp->head_dim);
-    HP_INT(norm_topk, "expert_weights_norm", 0, 0, 1, 1);
-#undef HP_INT
-    snprintf(key, sizeof key, "%s.attention.value_length", m->arch_name);
-    v = hp->head_dim;
-    if ((st = gguf_get_int(g, key, 0, 1, 4096, &v))) return st;
-    if (v != hp->head_dim) return set_error(MOE_ERR_UNSUPPORTED, "model: value_length %lld != key_length %d", (long long)v, hp->head_dim);
-    hp->rms_eps = 1e-6f;
-    hp->rope_base = 10000.0f;
-    snprintf(key, sizeof key, "%s.attention.layer_norm_rms_epsilon", m->arch_name);
-    if ((st = gguf_get_f32(g, key, 0, &hp->rms_eps))) return st;
-    snprintf(key, sizeof key, "%s.rope.freq_base", m->arch_name);
-    if ((st = gguf_get_f32(g, key, 0, &hp->rope_base))) return st;
-    if (hp->n_head % hp->n_head_kv)
-        return set_error(MOE_ERR_FORMAT, "model: %d query heads is not a multiple of %d kv heads", hp->n_head, hp->n_head_kv);
-    if (hp->n_expert_used > hp->n_expert)
-        return set_error(MOE_ERR_FORMAT, "model: expert_used_count %d > expert_count %d", hp->n_expert_used, hp->n_expert);
-    if (hp->n_rot > hp->head_dim || hp->n_rot % 2)
-        return set_error(MOE_ERR_FORMAT, "model: rope dimension %d does not fit head size %d", hp->n_rot, hp->head_dim);
-    if (!(hp->rms_eps > 0) || !(hp->rope_base > 0))
-        return set_error(MOE_ERR_FORMAT, "model: rms epsilon and rope base must be positive");
+/* ---- the per-layer plan ---- */
+static moe_status plan_alloc(moe_model *m) {
+    m->w.layers = moe_calloc((size_t)m->w.hp.n_layer, sizeof *m->w.layers);
+    m->w.caches = moe_calloc((size_t)m->w.hp.n_layer, sizeof *m->w.caches);
+    if (!m->w.layers || !m->w.caches) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the layer table");
     return MOE_OK;
 }
 
+/* After an architecture filled every layer's plan (attn.cache = the layer whose K/V it reads):
+   numbers the KV caches, checks the geometry, and takes the model-wide maxima buffers are
+   sized for. */
+static moe_status plan_finish(moe_model *m) {
+    moe_hparams *hp = &m->w.hp;
+    hp->n_cache = 0;
+    hp->n_head = hp->n_head_kv = hp->head_dim = hp->n_ff_exp = hp->n_ff = hp->n_expert = hp->n_expert_used = 0;
+#define MAXI(f, v) (hp->f = hp->f > (v) ? hp->f : (v))
+    for (int l = 0; l < hp->n_layer; l++) {
+        moe_layer_plan *p = &m->w.layers[l].p;
+        if (p->attn_kind == MOE_ATTN_FULL || p->attn_kind == MOE_ATTN_SLIDING) {
+            moe_attn *a = &p->attn;
+            if (a->n_head < 1 || a->n_head_kv < 1 || a->n_head % a->n_head_kv || a->head_dim < 2 || a->head_dim % 2)
+                return set_error(MOE_ERR_FORMAT, "model: layer %d: %d query heads, %d kv heads of size %d do not fit together",
+                                 l, a->n_head, a->n_head_kv, a->head_dim);
+            if (p->rope.n_rot > a->head_dim || p->rope.n_rot % 2 || p->rope.n_freq > p->rope.n_rot / 2 || !(p->rope.base > 0))
+                return set_error(MOE_ERR_FORMAT, "model: layer %d: rope over %d dims (%d frequencies, base %g) does not fit head size %d",
+                                 l, p->rope.n_rot, p->rope.n_freq, (double)p->rope.base, a->head_dim);
+            if ((p->attn_kind == MOE_ATTN_SLIDING) != (a->window > 0))
+                return set_error(MOE_ERR_FORMAT, "model: layer %d: a sliding layer needs a window and a full one none", l);
+            if (a->store) {
+                if (a->cache != l) return set_error(MOE_ERR_FORMAT, "model: layer %d stores into the cache of layer %d", l, a->cache);
+                moe_cache_plan *c = &m->w.caches[hp->n_cache];
+                c->layer = l;
+                c->kv_width = a->n_head_kv * a->head_dim;
+                c->window = a->window;
+                a->cache = hp->n_cache++;
+            } else { /* KV sharing: an earlier layer of the same kind and geometry fills it */
+                int src = a->cache;
+                const moe_attn *sa = src >= 0 && src < l ? &m->w.layers[src].p.attn : NULL;
+                if (!sa || !sa->store || sa->n_head_kv != a->n_head_kv || sa->head_dim != a->head_dim || sa->window != a->window)
+                    return set_error(MOE_ERR_FORMAT, "model: layer %d shares the KV cache of layer %d, which does not fit", l, src);
+                a->cache = sa->cache;
+            }
+            MAXI(n_head, a->n_head);
+            MAXI(n_head_kv, a->n_head_kv);
+            MAXI(head_dim, a->head_dim);
+        }
+        if (p->ffn_kind != MOE_FFN_DENSE) {
+            if (p->n_expert < 1 || p->n_expert_used < 1 || p->n_expert_used > p->n_expert || p->n_ff_exp < 1)
+                return set_error(MOE_ERR_FORMAT, "model: layer %d: %d experts, %d used, width %d", l, p->n_expert, p->n_expert_used, p->n_ff_exp);
+            MAXI(n_expert, p->n_expert);
+            MAXI(n_expert_used, p->n_expert_used);
+            MAXI(n_ff_exp, p->n_ff_exp);
+        }
+        MAXI(n_ff, p->n_ff);
+    }
+#undef MAXI
+    if (!(hp->rms_eps > 0)) return set_error(MOE_ERR_FORMAT, "model: rms epsilon must be positive");
+    return MOE_OK;
+}
+
+/* ---- binding tensors ---- */
 /* 1-D weights (norms) are small: keep them as f32 whatever the file stored, so kernels need
    only one norm-weight type. */
-static moe_weight *norm_weight(moe_model *m, int i) { /* i in [0, 1 + 4 n_layer) */
-    if (i == 0) return &m->w.output_norm;
-    moe_layer *L = &m->w.layers[(i - 1) / 4];
-    switch ((i - 1) % 4) {
-    case 0: return &L->attn_norm;
-    case 1: return &L->ffn_norm;
-    case 2: return &L->q_norm;
-    default: return &L->k_norm;
-    }
-}
-
 static moe_status weights_to_f32(moe_model *m) {
-    int n = 1 + 4 * m->w.hp.n_layer;
     size_t total = 0;
-    for (int i = 0; i < n; i++) total += (size_t)norm_weight(m, i)->ne[0];
-    m->owned = moe_malloc(total * sizeof(float));
+    for (int l = -1; l < m->w.hp.n_layer; l++)
+        for (int r = 0; r < (l < 0 ? MOE_GT_COUNT : MOE_LT_COUNT); r++) {
+            const moe_weight *w = moe_weight_of(&m->w, l, r);
+            if (w->data && w->n_dims == 1) total += (size_t)w->ne[0];
+        }
+    m->owned = moe_malloc((total ? total : 1) * sizeof(float));
     if (!m->owned) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for norm weights");
     float *p = m->owned;
-    for (int i = 0; i < n; i++) {
-        moe_weight *w = norm_weight(m, i);
-        type_traits(w->type)->dequant(w->data, p, w->ne[0]);
-        for (int64_t j = 0; j < w->ne[0]; j++)
-            if (!isfinite(p[j])) return set_error(MOE_ERR_FORMAT, "model: tensor '%s' holds a non-finite value", w->name);
-        w->data = (const uint8_t *)p;
-        w->type = MOE_TYPE_F32;
-        w->row_bytes = w->nbytes = (uint64_t)w->ne[0] * 4;
-        p += w->ne[0];
-    }
+    for (int l = -1; l < m->w.hp.n_layer; l++)
+        for (int r = 0; r < (l < 0 ? MOE_GT_COUNT : MOE_LT_COUNT); r++) {
+            moe_weight *w = moe_weight_of(&m->w, l, r);
+            if (!w->data || w->n_dims != 1) continue;
+            type_traits(w->type)->dequant(w->data, p, w->ne[0]);
+            for (int64_t j = 0; j < w->ne[0]; j++)
+                if (!isfinite(p[j])) return set_error(MOE_ERR_FORMAT, "model: tensor '%s' holds a non-finite value", w->name);
+            w->data = (const uint8_t *)p;
+            w->type = MOE_TYPE_F32;
+            w->row_bytes = w->nbytes = (uint64_t)w->ne[0] * 4;
+            p += w->ne[0];
+        }
     return MOE_OK;
 }
 
-static moe_status bind_qwen3moe(moe_model *m) {
+/* Binds every tensor the architecture lists, by its GGUF name, with its shape checked. */
+static moe_status bind_tensors(moe_model *m) {
     moe_hparams *hp = &m->w.hp;
     moe_status st;
-    int64_t E = hp->n_embd, Q = (int64_t)hp->n_head * hp->head_dim, KV = (int64_t)hp->n_head_kv * hp->head_dim;
-    const gguf_tensor *emb = gguf_find_tensor(&m->gguf, "token_embd.weight");
-    if (!emb) return set_error(MOE_ERR_FORMAT, "model: required tensor 'token_embd.weight' is missing");
+    const gguf_tensor *emb = gguf_find_tensor(&m->gguf, k_global_names[MOE_TOK_EMBD]);
+    if (!emb) return set_error(MOE_ERR_FORMAT, "model: required tensor '%s' is missing", k_global_names[MOE_TOK_EMBD]);
     hp->n_vocab = (int32_t)(emb->ne[1] > INT32_MAX ? 0 : emb->ne[1]);
-    if ((st = bind_weight(m, &m->w.tok_embd, "token_embd.weight", 1, 2, E, emb->ne[1], 1))) return st;
-    if ((st = bind_weight(m, &m->w.output_norm, "output_norm.weight", 1, 1, E, 1, 1))) return st;
-    if ((st = bind_weight(m, &m->w.output, "output.weight", 0, 2, E, hp->n_vocab, 1))) return st;
-    if (!m->w.output.data) m->w.output = m->w.tok_embd; /* tied embeddings */
-    m->w.layers = moe_calloc((size_t)hp->n_layer, sizeof *m->w.layers);
-    m->expert_tables = moe_calloc((size_t)hp->n_layer * 3 * (size_t)hp->n_expert, sizeof *m->expert_tables);
-    if (!m->w.layers || !m->expert_tables) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the layer table");
-    char name[96];
+    size_t n_tables = 0; /* expert tables: one per 3-D tensor */
+    tensor_spec sp[MAX_TENSOR_SPECS];
     for (int l = 0; l < hp->n_layer; l++) {
-        moe_layer *L = &m->w.layers[l];
-#define BIND(field, suffix, nd, a, b, c)                                                   \
-        snprintf(name, sizeof name, "blk.%d.%s.weight", l, suffix);                        \
-        if ((st = bind_weight(m, &L->field, name, 1, nd, a, b, c))) return st;
-        BIND(attn_norm, "attn_norm", 1, E, 1, 1);
-        BIND(wq, "attn_q", 2, E, Q, 1);
-        BIND(wk, "attn_k", 2, E, KV, 1);
-        BIND(wv, "attn_v", 2, E, KV, 1);
-        BIND(wo, "attn_output", 2, Q, E, 1);
-        BIND(q_norm, "attn_q_norm", 1, hp->head_dim, 1, 1);
-        BIND(k_norm, "attn_k_norm", 1, hp->head_dim, 1, 1);
-        BIND(ffn_norm, "ffn_norm", 1, E, 1, 1);
-        BIND(router, "ffn_gate_inp", 2, E, hp->n_expert, 1);
-        BIND(gate_exps, "ffn_gate_exps", 3, E, hp->n_ff_exp, hp->n_expert);
-        BIND(up_exps, "ffn_up_exps", 3, E, hp->n_ff_exp, hp->n_expert);
-        BIND(down_exps, "ffn_down_exps", 3, hp->n_ff_exp, E, hp->n_expert);
-#undef BIND
-        moe_weight *exps[3] = {&L->gate_exps, &L->up_exps, &L->down_exps};
-        static const char *const exp_names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
-        for (int k = 0; k < 3; k++) {
-            snprintf(name, sizeof name, "blk.%d.%s.weight", l, exp_names[k]);
-            const uint8_t **table = m->expert_tables + ((size_t)l * 3 + (size_t)k) * (size_t)hp->n_expert;
+        int n = m->arch->tensors(&m->w, l, sp);
+        for (int i = 0; i < n; i++) n_tables += sp[i].n_dims == 3 ? (size_t)sp[i].ne[2] : 0;
+    }
+    m->expert_tables = moe_calloc(n_tables ? n_tables : 1, sizeof *m->expert_tables);
+    if (!m->expert_tables) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the expert tables");
+    const uint8_t **table = m->expert_tables;
+    char name[96];
+    for (int l = -1; l < hp->n_layer; l++) {
+        int n = m->arch->tensors(&m->w, l, sp);
+        for (int i = 0; i < n; i++) {
+            const tensor_spec *s = &sp[i];
+            moe_weight *w = moe_weight_of(&m->w, l, s->role);
+            tensor_gguf_name(name, sizeof name, l, s->role);
+            if ((st = bind_weight(m, w, name, !(s->flags & TS_OPTIONAL), s->n_dims, s->ne[0], s->ne[1], s->ne[2]))) return st;
+            if (s->n_dims != 3 || !w->data) continue;
             const gguf_tensor *t = gguf_find_tensor(&m->gguf, name);
-            for (int e = 0; e < hp->n_expert; e++)
-                table[e] = t && t->expert_ptrs ? t->expert_ptrs[e] : exps[k]->data + (uint64_t)e * exps[k]->expert_bytes;
-            exps[k]->expert_data = table;
+            for (int64_t e = 0; e < s->ne[2]; e++)
+                table[e] = t->expert_ptrs ? t->expert_ptrs[e] : w->data + (uint64_t)e * w->expert_bytes;
+            w->expert_data = table;
+            table += s->ne[2];
         }
     }
+    if (!m->w.g[MOE_OUTPUT].data) m->w.g[MOE_OUTPUT] = m->w.g[MOE_TOK_EMBD]; /* tied embeddings */
     return weights_to_f32(m);
+}
+
+/* ---- GGUF hyperparameters ---- */
+static moe_status gguf_arch_int(const moe_model *m, const char *suffix, int required, int64_t lo, int64_t hi, int64_t dflt, int32_t *out) {
+    char key[96];
+    snprintf(key, sizeof key, "%s.%s", m->arch_name, suffix);
+    int64_t v = dflt;
+    moe_status st = gguf_get_int(&m->gguf, key, required, lo, hi, &v);
+    if (!st) *out = (int32_t)v;
+    return st;
+}
+
+static moe_status gguf_arch_f32(const moe_model *m, const char *suffix, float *out) {
+    char key[96];
+    snprintf(key, sizeof key, "%s.%s", m->arch_name, suffix);
+    return gguf_get_f32(&m->gguf, key, 0, out);
+}
+
+/* Reads general.architecture and dispatches to that architecture's reader. */
+static moe_status load_hparams(moe_model *m) {
+    gguf_str arch = {0};
+    moe_status st = gguf_get_str(&m->gguf, "general.architecture", 1, &arch);
+    if (st) return st;
+    memcpy(m->arch_name, arch.p, arch.n < 31 ? arch.n : 31);
+    if (!(m->arch = arch_find(m->arch_name, NULL, &m->w.hp.arch))) return MOE_ERR_UNSUPPORTED;
+    if ((st = m->arch->hparams_gguf(m)) || (st = plan_finish(m))) return st;
+    return MOE_OK;
+}
+
+/* ---- Qwen3-MoE (ARCHITECTURES.md §1): every layer full attention + routed SwiGLU experts ---- */
+static void qwen3moe_plan(moe_model *m, int n_head, int n_head_kv, int head_dim, int n_rot, float rope_base,
+                          int n_expert, int n_expert_used, int n_ff_exp, int norm_topk) {
+    for (int l = 0; l < m->w.hp.n_layer; l++) {
+        moe_layer_plan *p = &m->w.layers[l].p;
+        p->attn_kind = MOE_ATTN_FULL;
+        moe_attn a = {n_head, n_head_kv, head_dim, 0, 1.0f / sqrtf((float)head_dim), l, 1};
+        p->attn = a;
+        moe_rope r = {n_rot, n_rot / 2, n_rot, rope_base};
+        p->rope = r;
+        p->ffn_kind = MOE_FFN_MOE;
+        p->act = MOE_ACT_SILU;
+        p->n_expert = n_expert;
+        p->n_expert_used = n_expert_used;
+        p->n_ff_exp = n_ff_exp;
+        p->norm_topk = norm_topk;
+    }
+}
+
+static moe_status qwen3moe_hparams_gguf(moe_model *m) {
+    moe_hparams *hp = &m->w.hp;
+    moe_status st;
+    int32_t n_head, n_head_kv, head_dim, n_rot, n_expert, n_used, n_ff_exp, norm_topk, v_len;
+    if ((st = gguf_arch_int(m, "embedding_length", 1, 1, 1 << 20, 0, &hp->n_embd)) ||
+        (st = gguf_arch_int(m, "block_count", 1, 1, 4096, 0, &hp->n_layer)) ||
+        (st = gguf_arch_int(m, "attention.head_count", 1, 1, 4096, 0, &n_head)) ||
+        (st = gguf_arch_int(m, "attention.head_count_kv", 0, 1, 4096, n_head, &n_head_kv)) ||
+        (st = gguf_arch_int(m, "attention.key_length", 0, 2, 4096, hp->n_embd / n_head, &head_dim)) ||
+        (st = gguf_arch_int(m, "context_length", 0, 1, INT32_MAX, 4096, &hp->n_ctx_train)) ||
+        (st = gguf_arch_int(m, "expert_count", 1, 1, 4096, 0, &n_expert)) ||
+        (st = gguf_arch_int(m, "expert_used_count", 1, 1, 4096, 0, &n_used)) ||
+        (st = gguf_arch_int(m, "expert_feed_forward_length", 1, 1, 1 << 20, 0, &n_ff_exp)) ||
+        (st = gguf_arch_int(m, "rope.dimension_count", 0, 2, 4096, head_dim, &n_rot)) ||
+        (st = gguf_arch_int(m, "expert_weights_norm", 0, 0, 1, 1, &norm_topk)) ||
+        (st = gguf_arch_int(m, "attention.value_length", 0, 1, 4096, head_dim, &v_len)))
+        return st;
+    if (v_len != head_dim) return set_error(MOE_ERR_UNSUPPORTED, "model: value_length %d != key_length %d", v_len, head_dim);
+    float rope_base = 10000.0f;
+    hp->rms_eps = 1e-6f;
+    if ((st = gguf_arch_f32(m, "attention.layer_norm_rms_epsilon", &hp->rms_eps)) || (st = gguf_arch_f32(m, "rope.freq_base", &rope_base)))
+        return st;
+    if (n_head % n_head_kv)
+        return set_error(MOE_ERR_FORMAT, "model: %d query heads is not a multiple of %d kv heads", n_head, n_head_kv);
+    if (n_used > n_expert) return set_error(MOE_ERR_FORMAT, "model: expert_used_count %d > expert_count %d", n_used, n_expert);
+    if (n_rot > head_dim || n_rot % 2)
+        return set_error(MOE_ERR_FORMAT, "model: rope dimension %d does not fit head size %d", n_rot, head_dim);
+    if (!(hp->rms_eps > 0) || !(rope_base > 0)) return set_error(MOE_ERR_FORMAT, "model: rms epsilon and rope base must be positive");
+    if ((st = plan_alloc(m))) return st;
+    qwen3moe_plan(m, n_head, n_head_kv, head_dim, n_rot, rope_base, n_expert, n_used, n_ff_exp, norm_topk);
+    return MOE_OK;
+}
+
+static moe_status qwen3moe_hparams_hf(moe_model *m, const json_doc *d) {
+    moe_hparams *hp = &m->w.hp;
+    int32_t n_head = 0, n_head_kv = 0, head_dim = 0, n_expert = 0, n_used = 0, n_ff_exp = 0;
+    struct { const char *key; int32_t *dst; int64_t lo, hi; int required; } ints[] = {
+        {"hidden_size", &hp->n_embd, 1, 1 << 20, 1}, {"num_hidden_layers", &hp->n_layer, 1, 4096, 1},
+        {"num_attention_heads", &n_head, 1, 4096, 1}, {"num_key_value_heads", &n_head_kv, 1, 4096, 1},
+        {"head_dim", &head_dim, 2, 4096, 0}, {"num_experts", &n_expert, 1, 4096, 1},
+        {"num_experts_per_tok", &n_used, 1, 4096, 1}, {"moe_intermediate_size", &n_ff_exp, 1, 1 << 20, 1},
+        {"max_position_embeddings", &hp->n_ctx_train, 1, INT32_MAX, 0}, {"decoder_sparse_step", NULL, 1, 1, 0}};
+    hp->n_ctx_train = 4096;
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        uint32_t n = json_get(d, 0, ints[i].key);
+        int64_t v;
+        if (!n && !ints[i].required) continue;
+        if (!json_int(d, n, ints[i].lo, ints[i].hi, &v))
+            return set_error(n ? MOE_ERR_FORMAT : MOE_ERR_FORMAT, "config.json: '%s' is %s", ints[i].key,
+                             n ? (ints[i].dst ? "out of range or not an integer" : "not 1 (models with dense layers are not supported)") : "missing");
+        if (ints[i].dst) *ints[i].dst = (int32_t)v;
+    }
+    uint32_t mlp_only = json_get(d, 0, "mlp_only_layers");
+    if (json_is(d, mlp_only, JSON_ARRAY) && d->nodes[mlp_only].len)
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: mlp_only_layers (dense layers) are not supported");
+    if (!head_dim) head_dim = hp->n_embd / n_head;
+    double eps = 1e-6, theta = 10000.0;
+    uint32_t n = json_get(d, 0, "rms_norm_eps");
+    if (n && !json_double(d, n, &eps)) return set_error(MOE_ERR_FORMAT, "config.json: rms_norm_eps is not a number");
+    n = json_get(d, 0, "rope_theta");
+    if (!n) n = json_get(d, json_get(d, 0, "rope_parameters"), "rope_theta");
+    if (n && !json_double(d, n, &theta)) return set_error(MOE_ERR_FORMAT, "config.json: rope_theta is not a number");
+    uint32_t scaling = json_get(d, 0, "rope_scaling");
+    if (scaling && !json_is(d, scaling, JSON_NULL))
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: rope_scaling is not supported yet");
+    hp->rms_eps = (float)eps;
+    int norm_topk = json_bool(d, json_get(d, 0, "norm_topk_prob"), 0);
+    if (n_head % n_head_kv || n_used > n_expert || !(hp->rms_eps > 0) || !(theta > 0) || head_dim % 2)
+        return set_error(MOE_ERR_FORMAT, "config.json: inconsistent heads, experts, rms_norm_eps or rope_theta");
+    moe_status st = plan_alloc(m);
+    if (st) return st;
+    qwen3moe_plan(m, n_head, n_head_kv, head_dim, head_dim, (float)theta, n_expert, n_used, n_ff_exp, norm_topk);
+    return MOE_OK;
+}
+
+static int qwen3moe_tensors(const moe_weights *w, int l, tensor_spec *out) {
+    const moe_hparams *hp = &w->hp;
+    int64_t E = hp->n_embd, V = hp->n_vocab;
+    int n = 0;
+    if (l < 0) {
+        out[n++] = spec(MOE_TOK_EMBD, 2, E, V, 1, "model.embed_tokens.weight");
+        out[n++] = spec(MOE_OUTPUT_NORM, 1, E, 1, 1, "model.norm.weight");
+        out[n] = spec(MOE_OUTPUT, 2, E, V, 1, "lm_head.weight");
+        out[n++].flags = TS_OPTIONAL;
+        return n;
+    }
+    const moe_layer_plan *p = &w->layers[l].p;
+    int64_t hd = p->attn.head_dim, Q = (int64_t)p->attn.n_head * hd, KV = (int64_t)p->attn.n_head_kv * hd;
+    int64_t F = p->n_ff_exp, X = p->n_expert;
+    out[n++] = spec(MOE_ATTN_NORM, 1, E, 1, 1, "model.layers.%d.input_layernorm.weight");
+    out[n++] = spec(MOE_WQ, 2, E, Q, 1, "model.layers.%d.self_attn.q_proj.weight");
+    out[n++] = spec(MOE_WK, 2, E, KV, 1, "model.layers.%d.self_attn.k_proj.weight");
+    out[n++] = spec(MOE_WV, 2, E, KV, 1, "model.layers.%d.self_attn.v_proj.weight");
+    out[n++] = spec(MOE_WO, 2, Q, E, 1, "model.layers.%d.self_attn.o_proj.weight");
+    out[n++] = spec(MOE_Q_NORM, 1, hd, 1, 1, "model.layers.%d.self_attn.q_norm.weight");
+    out[n++] = spec(MOE_K_NORM, 1, hd, 1, 1, "model.layers.%d.self_attn.k_norm.weight");
+    out[n++] = spec(MOE_FFN_NORM, 1, E, 1, 1, "model.layers.%d.post_attention_layernorm.weight");
+    out[n++] = spec(MOE_ROUTER, 2, E, X, 1, "model.layers.%d.mlp.gate.weight");
+    out[n++] = spec(MOE_GATE_EXPS, 3, E, F, X, "model.layers.%d.mlp.experts");
+    out[n++] = spec(MOE_UP_EXPS, 3, E, F, X, "model.layers.%d.mlp.experts");
+    out[n++] = spec(MOE_DOWN_EXPS, 3, F, E, X, "model.layers.%d.mlp.experts");
+    return n;
+}
+
+static void qwen3moe_write_hparams(const moe_model *m, gguf_writer *gw) {
+    const moe_hparams *hp = &m->w.hp;
+    const moe_layer_plan *p = &m->w.layers[0].p;
+    char key[128];
+    const char *arch = m->arch_name;
+#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(gw, key, (uint32_t)(v)))
+#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(gw, key, (v)))
+    KV_U32("context_length", hp->n_ctx_train);
+    KV_U32("embedding_length", hp->n_embd);
+    KV_U32("block_count", hp->n_layer);
+    KV_U32("feed_forward_length", p->n_ff_exp);
+    KV_U32("attention.head_count", p->attn.n_head);
+    KV_U32("attention.head_count_kv", p->attn.n_head_kv);
+    KV_U32("attention.key_length", p->attn.head_dim);
+    KV_U32("attention.value_length", p->attn.head_dim);
+    KV_U32("rope.dimension_count", p->rope.n_rot);
+    KV_U32("expert_count", p->n_expert);
+    KV_U32("expert_used_count", p->n_expert_used);
+    KV_U32("expert_feed_forward_length", p->n_ff_exp);
+    KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
+    KV_F32("rope.freq_base", p->rope.base);
+#undef KV_U32
+#undef KV_F32
+    if (!p->norm_topk) {
+        snprintf(key, sizeof key, "%s.expert_weights_norm", arch);
+        gw_kv_bool(gw, key, 0);
+    }
 }
 
 /* ---- Hugging Face directories: config.json + *.safetensors (+ tokenizer.json) -------------------
@@ -4864,57 +5082,6 @@ static const hf_tensor *hf_find(const hf_table *tab, const char *name) {
     return NULL;
 }
 
-/* Hyperparameters from config.json (Qwen3-MoE). */
-static moe_status hf_hparams(moe_model *m, const json_doc *d) {
-    moe_hparams *hp = &m->w.hp;
-    uint32_t mt = json_get(d, 0, "model_type");
-    if (!json_str_eq(d, mt, "qwen3_moe")) {
-        char *name = json_strdup(d, mt);
-        moe_status st = set_error(MOE_ERR_UNSUPPORTED, "config.json: model_type '%s' is not supported (supported: qwen3_moe)", name ? name : "?");
-        moe_free(name);
-        return st;
-    }
-    snprintf(m->arch_name, sizeof m->arch_name, "qwen3moe");
-    hp->arch = ARCH_QWEN3MOE;
-    struct { const char *key; int32_t *dst; int64_t lo, hi; int required; } ints[] = {
-        {"hidden_size", &hp->n_embd, 1, 1 << 20, 1}, {"num_hidden_layers", &hp->n_layer, 1, 4096, 1},
-        {"num_attention_heads", &hp->n_head, 1, 4096, 1}, {"num_key_value_heads", &hp->n_head_kv, 1, 4096, 1},
-        {"head_dim", &hp->head_dim, 2, 4096, 0}, {"num_experts", &hp->n_expert, 1, 4096, 1},
-        {"num_experts_per_tok", &hp->n_expert_used, 1, 4096, 1}, {"moe_intermediate_size", &hp->n_ff_exp, 1, 1 << 20, 1},
-        {"max_position_embeddings", &hp->n_ctx_train, 1, INT32_MAX, 0}, {"decoder_sparse_step", NULL, 1, 1, 0}};
-    hp->head_dim = 0;
-    hp->n_ctx_train = 4096;
-    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
-        uint32_t n = json_get(d, 0, ints[i].key);
-        int64_t v;
-        if (!n && !ints[i].required) continue;
-        if (!json_int(d, n, ints[i].lo, ints[i].hi, &v))
-            return set_error(n ? MOE_ERR_FORMAT : MOE_ERR_FORMAT, "config.json: '%s' is %s", ints[i].key,
-                             n ? (ints[i].dst ? "out of range or not an integer" : "not 1 (models with dense layers are not supported)") : "missing");
-        if (ints[i].dst) *ints[i].dst = (int32_t)v;
-    }
-    uint32_t mlp_only = json_get(d, 0, "mlp_only_layers");
-    if (json_is(d, mlp_only, JSON_ARRAY) && d->nodes[mlp_only].len)
-        return set_error(MOE_ERR_UNSUPPORTED, "config.json: mlp_only_layers (dense layers) are not supported");
-    if (!hp->head_dim) hp->head_dim = hp->n_embd / hp->n_head;
-    hp->n_rot = hp->head_dim;
-    double eps = 1e-6, theta = 10000.0;
-    uint32_t n = json_get(d, 0, "rms_norm_eps");
-    if (n && !json_double(d, n, &eps)) return set_error(MOE_ERR_FORMAT, "config.json: rms_norm_eps is not a number");
-    n = json_get(d, 0, "rope_theta");
-    if (!n) n = json_get(d, json_get(d, 0, "rope_parameters"), "rope_theta");
-    if (n && !json_double(d, n, &theta)) return set_error(MOE_ERR_FORMAT, "config.json: rope_theta is not a number");
-    uint32_t scaling = json_get(d, 0, "rope_scaling");
-    if (scaling && !json_is(d, scaling, JSON_NULL))
-        return set_error(MOE_ERR_UNSUPPORTED, "config.json: rope_scaling is not supported yet");
-    hp->rms_eps = (float)eps;
-    hp->rope_base = (float)theta;
-    hp->norm_topk = json_bool(d, json_get(d, 0, "norm_topk_prob"), 0);
-    if (hp->n_head % hp->n_head_kv || hp->n_expert_used > hp->n_expert || !(hp->rms_eps > 0) || !(hp->rope_base > 0))
-        return set_error(MOE_ERR_FORMAT, "config.json: inconsistent heads, experts, rms_norm_eps or rope_theta");
-    return MOE_OK;
-}
-
 /* Adds a GGUF-named entry for one HF tensor (dims reversed). */
 static moe_status hf_add(moe_model *m, const hf_tensor *src, const char *gguf_name, int64_t n_dims_override,
                          const int64_t *ne_override, const uint8_t **expert_ptrs) {
@@ -4942,78 +5109,93 @@ static moe_status hf_add(moe_model *m, const hf_tensor *src, const char *gguf_na
     return MOE_OK;
 }
 
+/* Reads model_type (top level, or text_config's for multimodal checkpoints) and dispatches to
+   that architecture's reader. */
+static moe_status hf_hparams(moe_model *m, const json_doc *d) {
+    uint32_t mt = json_get(d, 0, "model_type");
+    char *name = json_strdup(d, mt);
+    if (!name) return set_error(mt ? MOE_ERR_NO_MEMORY : MOE_ERR_FORMAT, "config.json: %s", mt ? "out of memory" : "no model_type");
+    m->arch = arch_find(NULL, name, &m->w.hp.arch);
+    moe_free(name);
+    if (!m->arch) return MOE_ERR_UNSUPPORTED;
+    snprintf(m->arch_name, sizeof m->arch_name, "%s", m->arch->name);
+    moe_status st = m->arch->hparams_hf(m, d);
+    return st ? st : plan_finish(m);
+}
+
+/* The experts of one layer for one GGUF role: fused per layer (transformers 5: PATH.gate_up_proj
+   [X, 2F, E] holding gate rows then up rows, PATH.down_proj [X, E, F]) or one tensor per expert
+   (PATH.N.{gate,up,down}_proj.weight). Their slabs are reached through expert_ptrs. */
+static moe_status hf_add_experts(moe_model *m, const hf_table *tab, const tensor_spec *s, int l, const uint8_t **ptrs) {
+    char hn[160], path[128], gn[HF_NAME_LEN];
+    int k = s->role == MOE_GATE_EXPS ? 0 : s->role == MOE_UP_EXPS ? 1 : 2;
+    int64_t X = s->ne[2], rows = s->ne[1], cols = s->ne[0];
+    snprintf(path, sizeof path, s->hf, l);
+    snprintf(hn, sizeof hn, k == 2 ? "%s.down_proj" : "%s.gate_up_proj", path);
+    const hf_tensor *fused = hf_find(tab, hn), *first = NULL;
+    if (fused) {
+        int64_t frows = k == 2 ? rows : 2 * rows;
+        if (fused->n_dims != 3 || fused->shape[0] != X || fused->shape[1] != frows || fused->shape[2] != cols || fused->type < 0)
+            return set_error(MOE_ERR_FORMAT, "safetensors: '%s' must be [%lld, %lld, %lld] of a dtype we read", hn, (long long)X,
+                             (long long)frows, (long long)cols);
+        uint64_t rb = type_row_bytes(fused->type, cols);
+        for (int64_t e = 0; e < X; e++) ptrs[e] = fused->data + ((uint64_t)e * (uint64_t)frows + (k == 1 ? (uint64_t)rows : 0)) * rb;
+        first = fused;
+    } else {
+        static const char *const proj[3] = {"gate_proj", "up_proj", "down_proj"};
+        for (int64_t e = 0; e < X; e++) {
+            snprintf(hn, sizeof hn, "%s.%lld.%s.weight", path, (long long)e, proj[k]);
+            const hf_tensor *t = hf_find(tab, hn);
+            if (!t) return set_error(MOE_ERR_FORMAT, "safetensors: required tensor '%s' is missing", hn);
+            if (t->n_dims != 2 || t->shape[0] != rows || t->shape[1] != cols || t->type < 0 || (first && t->type != first->type))
+                return set_error(MOE_ERR_FORMAT, "safetensors: '%s' must be [%lld, %lld] with the dtype of expert 0", hn,
+                                 (long long)rows, (long long)cols);
+            if (!first) first = t;
+            ptrs[e] = t->data;
+        }
+    }
+    tensor_gguf_name(gn, sizeof gn, l, s->role);
+    return hf_add(m, first, gn, 3, s->ne, ptrs);
+}
+
+/* Walks the architecture's tensor list and enters each HF tensor under its GGUF name. */
 static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
     const moe_hparams *hp = &m->w.hp;
-    int64_t max_t = 3 + 12 * (int64_t)hp->n_layer;
+    tensor_spec sp[MAX_TENSOR_SPECS];
+    int64_t max_t = 0;
+    size_t n_ptrs = 0;
+    for (int l = -1; l < hp->n_layer; l++) {
+        int n = m->arch->tensors(&m->w, l, sp);
+        max_t += n;
+        for (int i = 0; i < n; i++) n_ptrs += sp[i].n_dims == 3 ? (size_t)sp[i].ne[2] : 0;
+    }
     gguf_file *g = &m->gguf;
     g->tensors = moe_calloc((size_t)max_t, sizeof *g->tensors);
     m->hf_names = moe_malloc((size_t)max_t * HF_NAME_LEN);
-    m->hf_expert_ptrs = moe_calloc((size_t)hp->n_layer * 3 * (size_t)hp->n_expert, sizeof *m->hf_expert_ptrs);
+    m->hf_expert_ptrs = moe_calloc(n_ptrs ? n_ptrs : 1, sizeof *m->hf_expert_ptrs);
     if (!g->tensors || !m->hf_names || !m->hf_expert_ptrs) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the tensor table");
-    char hn[160];
+    const uint8_t **ptrs = m->hf_expert_ptrs;
+    char hn[160], gn[HF_NAME_LEN];
     moe_status st;
-    const hf_tensor *t;
-#define NEED(...) (snprintf(hn, sizeof hn, __VA_ARGS__), (t = hf_find(tab, hn)) ? MOE_OK : \
-                   set_error(MOE_ERR_FORMAT, "safetensors: required tensor '%s' is missing", hn))
-    if ((st = NEED("model.embed_tokens.weight")) || (st = hf_add(m, t, "token_embd.weight", 0, NULL, NULL))) return st;
-    if ((st = NEED("model.norm.weight")) || (st = hf_add(m, t, "output_norm.weight", 0, NULL, NULL))) return st;
-    if ((t = hf_find(tab, "lm_head.weight")) && (st = hf_add(m, t, "output.weight", 0, NULL, NULL))) return st;
-    static const char *const map[][2] = {{"input_layernorm", "attn_norm"}, {"self_attn.q_proj", "attn_q"},
-                                         {"self_attn.k_proj", "attn_k"}, {"self_attn.v_proj", "attn_v"},
-                                         {"self_attn.o_proj", "attn_output"}, {"self_attn.q_norm", "attn_q_norm"},
-                                         {"self_attn.k_norm", "attn_k_norm"}, {"post_attention_layernorm", "ffn_norm"},
-                                         {"mlp.gate", "ffn_gate_inp"}};
-    int64_t E = hp->n_embd, F = hp->n_ff_exp, X = hp->n_expert;
-    for (int l = 0; l < hp->n_layer; l++) {
-        char gn[HF_NAME_LEN];
-        for (size_t k = 0; k < sizeof map / sizeof map[0]; k++) {
-            if ((st = NEED("model.layers.%d.%s.weight", l, map[k][0]))) return st;
-            snprintf(gn, sizeof gn, "blk.%d.%s.weight", l, map[k][1]);
+    for (int l = -1; l < hp->n_layer; l++) {
+        int n = m->arch->tensors(&m->w, l, sp);
+        for (int i = 0; i < n; i++) {
+            const tensor_spec *s = &sp[i];
+            if (s->n_dims == 3) {
+                if ((st = hf_add_experts(m, tab, s, l, ptrs))) return st;
+                ptrs += s->ne[2];
+                continue;
+            }
+            snprintf(hn, sizeof hn, s->hf, l);
+            const hf_tensor *t = hf_find(tab, hn);
+            if (!t) {
+                if (s->flags & TS_OPTIONAL) continue;
+                return set_error(MOE_ERR_FORMAT, "safetensors: required tensor '%s' is missing", hn);
+            }
+            tensor_gguf_name(gn, sizeof gn, l, s->role);
             if ((st = hf_add(m, t, gn, 0, NULL, NULL))) return st;
         }
-        const uint8_t **ptrs = m->hf_expert_ptrs + (size_t)l * 3 * (size_t)X;
-        static const char *const exp_names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
-        const hf_tensor *first[3] = {0};
-        snprintf(hn, sizeof hn, "model.layers.%d.mlp.experts.gate_up_proj", l);
-        const hf_tensor *fused = hf_find(tab, hn);
-        if (fused) { /* [X, 2F, E] and [X, E, F] */
-            snprintf(hn, sizeof hn, "model.layers.%d.mlp.experts.down_proj", l);
-            const hf_tensor *down = hf_find(tab, hn);
-            if (!down || fused->n_dims != 3 || fused->shape[0] != X || fused->shape[1] != 2 * F || fused->shape[2] != E ||
-                down->n_dims != 3 || down->shape[0] != X || down->shape[1] != E || down->shape[2] != F || fused->type < 0 ||
-                down->type != fused->type)
-                return set_error(MOE_ERR_FORMAT, "safetensors: layer %d: fused experts must be gate_up_proj [%lld, %lld, %lld] and "
-                                 "down_proj [%lld, %lld, %lld] of one dtype", l, (long long)X, (long long)(2 * F), (long long)E,
-                                 (long long)X, (long long)E, (long long)F);
-            uint64_t rb = type_row_bytes(fused->type, E), drb = type_row_bytes(down->type, F);
-            for (int64_t e = 0; e < X; e++) {
-                ptrs[e] = fused->data + (uint64_t)e * 2 * (uint64_t)F * rb;
-                ptrs[X + e] = ptrs[e] + (uint64_t)F * rb;
-                ptrs[2 * X + e] = down->data + (uint64_t)e * (uint64_t)E * drb;
-            }
-            first[0] = first[1] = fused;
-            first[2] = down;
-        } else {
-            static const char *const hf_proj[3] = {"gate_proj", "up_proj", "down_proj"};
-            for (int k = 0; k < 3; k++)
-                for (int64_t e = 0; e < X; e++) {
-                    if ((st = NEED("model.layers.%d.mlp.experts.%lld.%s.weight", l, (long long)e, hf_proj[k]))) return st;
-                    int64_t want0 = k == 2 ? E : F, want1 = k == 2 ? F : E;
-                    if (t->n_dims != 2 || t->shape[0] != want0 || t->shape[1] != want1 || t->type < 0 ||
-                        (first[k] && t->type != first[k]->type))
-                        return set_error(MOE_ERR_FORMAT, "safetensors: '%s' must be [%lld, %lld] with the dtype of expert 0", hn,
-                                         (long long)want0, (long long)want1);
-                    if (!first[k]) first[k] = t;
-                    ptrs[k * X + e] = t->data;
-                }
-        }
-        for (int k = 0; k < 3; k++) {
-            int64_t ne[3] = {k == 2 ? F : E, k == 2 ? E : F, X};
-            snprintf(gn, sizeof gn, "blk.%d.%s.weight", l, exp_names[k]);
-            if ((st = hf_add(m, first[k], gn, 3, ne, ptrs + (size_t)k * (size_t)X))) return st;
-        }
     }
-#undef NEED
     return MOE_OK;
 }
 
@@ -5071,30 +5253,40 @@ done:
 /* ============================================================================================ */
 /* 6. forward passes                                                                             */
 /* ============================================================================================ */
-/* Qwen3-MoE attention block (ARCHITECTURES.md §1.2): x += Wo · attn(rope(qnorm(Wq a)), ...). */
+/* Attention block with per-head q/k norms (Qwen3-MoE, ARCHITECTURES.md §1.2):
+   x += Wo · attn(rope(qnorm(Wq a)), rope(knorm(Wk a)), Wv a) with a = norm(x). */
 static void attention_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n, int pos0) {
     const moe_hparams *hp = &w->hp;
     const moe_layer *L = &w->layers[l];
-    o->rmsnorm(be, ACT_XN, ACT_X, &L->attn_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(be, ACT_Q, &L->wq, ACT_XN, 0, n);              /* [n][n_head·hd] */
-    o->matmul(be, ACT_K, &L->wk, ACT_XN, 0, n);              /* [n][n_kv·hd]   */
-    o->matmul(be, ACT_V, &L->wv, ACT_XN, 0, n);
-    o->rmsnorm(be, ACT_Q, ACT_Q, &L->q_norm, n * hp->n_head, hp->head_dim, hp->rms_eps);
-    o->rmsnorm(be, ACT_K, ACT_K, &L->k_norm, n * hp->n_head_kv, hp->head_dim, hp->rms_eps);
-    o->rope(be, ACT_Q, n, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
-    o->rope(be, ACT_K, n, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, pos0);
-    o->attention(be, l, n, pos0, 1.0f / sqrtf((float)hp->head_dim));
-    o->matmul(be, ACT_OUT, &L->wo, ACT_ATTN, 0, n);
+    const moe_attn *a = &L->p.attn;
+    o->rmsnorm(be, ACT_XN, ACT_X, moe_lw(L, MOE_ATTN_NORM), n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_Q, moe_lw(L, MOE_WQ), ACT_XN, 0, n);          /* [n][n_head·hd] */
+    o->matmul(be, ACT_K, moe_lw(L, MOE_WK), ACT_XN, 0, n);          /* [n][n_kv·hd]   */
+    o->matmul(be, ACT_V, moe_lw(L, MOE_WV), ACT_XN, 0, n);
+    o->rmsnorm(be, ACT_Q, ACT_Q, moe_lw(L, MOE_Q_NORM), n * a->n_head, a->head_dim, hp->rms_eps);
+    o->rmsnorm(be, ACT_K, ACT_K, moe_lw(L, MOE_K_NORM), n * a->n_head_kv, a->head_dim, hp->rms_eps);
+    o->rope(be, ACT_Q, n, a->n_head, a->head_dim, &L->p.rope, pos0);
+    o->rope(be, ACT_K, n, a->n_head_kv, a->head_dim, &L->p.rope, pos0);
+    o->attention(be, a, n, pos0);                                  /* [n][n_head·hd] */
+    o->matmul(be, ACT_OUT, moe_lw(L, MOE_WO), ACT_ATTN, 0, n);
     o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
+}
+
+/* Routed experts: out = Σ_topk w_e · down_e( act(gate_e src) ⊙ up_e src ). */
+static void routed_experts(void *be, const moe_ops *o, const moe_layer *L, int dst, int src, int n) {
+    const moe_layer_plan *p = &L->p;
+    moe_route r = {p->n_expert, p->n_expert_used, p->norm_topk};
+    o->route(be, moe_lw(L, MOE_ROUTER), &r, src, n);               /* [n][n_expert] → top-k */
+    o->experts_glu(be, moe_lw(L, MOE_GATE_EXPS), moe_lw(L, MOE_UP_EXPS), p->act, src, n);
+    o->experts_down(be, dst, moe_lw(L, MOE_DOWN_EXPS), n);         /* [n][n_embd] */
 }
 
 /* Mixture-of-experts FFN block: x += Σ_topk w_e · SwiGLU_e(norm(x)). */
 static void moe_ffn_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n) {
     const moe_hparams *hp = &w->hp;
     const moe_layer *L = &w->layers[l];
-    o->rmsnorm(be, ACT_XN, ACT_X, &L->ffn_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(be, ACT_ROUTER, &L->router, ACT_XN, 0, n);     /* [n][n_expert] */
-    o->moe_ffn(be, ACT_OUT, ACT_XN, L, n);
+    o->rmsnorm(be, ACT_XN, ACT_X, moe_lw(L, MOE_FFN_NORM), n, hp->n_embd, hp->rms_eps);
+    routed_experts(be, o, L, ACT_OUT, ACT_XN, n);
     o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
 }
 
@@ -5102,13 +5294,34 @@ static void moe_ffn_block(void *be, const moe_ops *o, const moe_weights *w, int 
 static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens,
                              int n, int pos0, int n_out) {
     const moe_hparams *hp = &w->hp;
-    o->embed(be, ACT_X, &w->tok_embd, tokens, n);           /* [n][n_embd] */
+    o->embed(be, ACT_X, &w->g[MOE_TOK_EMBD], tokens, n);       /* [n][n_embd] */
     for (int l = 0; l < hp->n_layer; l++) {
         attention_block(be, o, w, l, n, pos0);
         moe_ffn_block(be, o, w, l, n);
     }
-    o->rmsnorm(be, ACT_XN, ACT_X, &w->output_norm, n, hp->n_embd, hp->rms_eps);
-    o->matmul(be, ACT_LOGITS, &w->output, ACT_XN, n - n_out, n_out);
+    o->rmsnorm(be, ACT_XN, ACT_X, &w->g[MOE_OUTPUT_NORM], n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_LOGITS, &w->g[MOE_OUTPUT], ACT_XN, n - n_out, n_out);
+}
+
+/* ---- the architecture table ---- */
+static const moe_arch k_archs[] = {
+    {"qwen3moe", "qwen3_moe", qwen3moe_hparams_gguf, qwen3moe_hparams_hf, qwen3moe_tensors, qwen3moe_write_hparams, forward_qwen3moe},
+};
+
+static const moe_arch *arch_find(const char *gguf_name, const char *hf_type, int32_t *index) {
+    char list[256] = "";
+    for (size_t i = 0; i < sizeof k_archs / sizeof k_archs[0]; i++) {
+        const moe_arch *a = &k_archs[i];
+        if ((gguf_name && !strcmp(gguf_name, a->name)) || (hf_type && !strcmp(hf_type, a->hf_type))) {
+            *index = (int32_t)i;
+            return a;
+        }
+        size_t len = strlen(list);
+        snprintf(list + len, sizeof list - len, "%s%s", len ? ", " : "", gguf_name ? a->name : a->hf_type);
+    }
+    if (gguf_name) set_error(MOE_ERR_UNSUPPORTED, "model: architecture '%s' is not supported yet (supported: %s)", gguf_name, list);
+    else set_error(MOE_ERR_UNSUPPORTED, "config.json: model_type '%s' is not supported (supported: %s)", hf_type, list);
+    return NULL;
 }
 
 /* ============================================================================================ */
@@ -5124,7 +5337,9 @@ typedef struct cpu_ctx {
     thread_pool *pool;
     int n_threads;
     float *act[ACT_COUNT];
-    void *k_cache, *v_cache;   /* [n_layer][n_ctx][n_kv·hd], f32 or f16 */
+    void *k_cache, *v_cache;   /* every cache's rows, one after the other, f32 or f16 */
+    size_t *kv_off;            /* [n_cache] element offset of cache c */
+    int32_t *kv_rows;          /* [n_cache] rows of cache c (moe_cache_rows) */
     int kv_f16;
     float *row_buf;            /* per thread: one dequantized weight row */
     int exact;                 /* cpu_exact: f32 activations in every matrix product */
@@ -5132,7 +5347,8 @@ typedef struct cpu_ctx {
     size_t xq_cap;
     float *att_buf;            /* per thread: n_ctx scores + head_dim scratch */
     size_t row_buf_len, att_buf_len;
-    /* MoE routing scratch for n_batch tokens */
+    /* MoE routing state for n_batch tokens, from route to experts_down */
+    int route_n, route_k;      /* tokens routed, experts per token */
     int32_t *topk_id;          /* [n][k] */
     float *topk_w;             /* [n][k] */
     int32_t *pair_of;          /* [n·k]  (token, slot) → pair index, pairs grouped by expert */
@@ -5304,14 +5520,14 @@ static void cpu_matmul(void *be, int dst, const moe_weight *w, int src, int src_
     pool_run(cc->pool, mm_dense_task, &j, (j.M + CPU_DENSE_ROWS_PER_TASK - 1) / CPU_DENSE_ROWS_PER_TASK);
 }
 
-static void cpu_rope(void *be, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0) {
+static void cpu_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
     cpu_ctx *cc = be;
-    int half = n_rot / 2;
+    int half = rope->n_rot / 2;
     for (int i = 0; i < n; i++) {
         float pos = (float)(pos0 + i);
-        for (int p = 0; p < half; p++) {
+        for (int p = 0; p < rope->n_freq; p++) { /* pairs p >= n_freq turn by angle 0: unchanged */
             /* as HF: inv_freq in f32, angle = f32(pos · inv_freq), cos/sin of that */
-            float inv_freq = (float)(1.0 / pow((double)base, (double)(2 * p) / (double)n_rot));
+            float inv_freq = (float)(1.0 / pow((double)rope->base, (double)(2 * p) / (double)rope->freq_dim));
             float ang = pos * inv_freq, cs = cosf(ang), sn = sinf(ang);
             for (int h = 0; h < n_head; h++) {
                 float *x = act_row(cc, buf, i, n_head * head_dim) + (size_t)h * (size_t)head_dim;
@@ -5335,50 +5551,50 @@ static void kv_get(const cpu_ctx *cc, const void *cache, size_t at, float *dst, 
     else memcpy(dst, (const float *)cache + at, (size_t)n * 4);
 }
 
-typedef struct attn_job { cpu_ctx *cc; int layer, n, pos0; float scale; } attn_job;
+typedef struct attn_job { cpu_ctx *cc; const moe_attn *a; int n, pos0; } attn_job;
 
+/* one (token, head): softmax over the keys it sees, in position order */
 static void attn_task(void *arg, int64_t t, int thread) {
     const attn_job *j = arg;
     cpu_ctx *cc = j->cc;
-    const moe_hparams *hp = &cc->w->hp;
-    int hd = hp->head_dim, kvw = hp->n_head_kv * hd;
-    int i = (int)(t / hp->n_head), h = (int)(t % hp->n_head);
-    int kvh = h / (hp->n_head / hp->n_head_kv);
-    int n_keys = j->pos0 + i + 1;
-    size_t layer_off = (size_t)j->layer * (size_t)cc->shape.n_ctx * (size_t)kvw;
+    const moe_attn *a = j->a;
+    int hd = a->head_dim, kvw = a->n_head_kv * hd;
+    int i = (int)(t / a->n_head), h = (int)(t % a->n_head);
+    int kvh = h / (a->n_head / a->n_head_kv);
+    int pos = j->pos0 + i, p0 = a->window && pos >= a->window ? pos - a->window + 1 : 0;
+    size_t cache_off = cc->kv_off[a->cache];
+    int rows = cc->kv_rows[a->cache];
     float *scores = cc->att_buf + (size_t)thread * cc->att_buf_len;
     float *tmp = scores + cc->shape.n_ctx;
-    const float *q = act_row(cc, ACT_Q, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
-    float *out = act_row(cc, ACT_ATTN, i, hp->n_head * hd) + (size_t)h * (size_t)hd;
+    const float *q = act_row(cc, ACT_Q, i, a->n_head * hd) + (size_t)h * (size_t)hd;
+    float *out = act_row(cc, ACT_ATTN, i, a->n_head * hd) + (size_t)h * (size_t)hd;
     float mx = -INFINITY;
-    for (int p = 0; p < n_keys; p++) {
-        kv_get(cc, cc->k_cache, layer_off + (size_t)p * (size_t)kvw + (size_t)kvh * (size_t)hd, tmp, hd);
-        scores[p] = cc->k.dot(q, tmp, hd) * j->scale;
-        mx = fmaxf(mx, scores[p]);
+    for (int p = p0; p <= pos; p++) {
+        kv_get(cc, cc->k_cache, cache_off + (size_t)(p % rows) * (size_t)kvw + (size_t)kvh * (size_t)hd, tmp, hd);
+        scores[p - p0] = cc->k.dot(q, tmp, hd) * a->scale;
+        mx = fmaxf(mx, scores[p - p0]);
     }
     float sum = 0;
-    for (int p = 0; p < n_keys; p++) sum += (scores[p] = expf(scores[p] - mx));
+    for (int p = p0; p <= pos; p++) sum += (scores[p - p0] = expf(scores[p - p0] - mx));
     float inv = 1.0f / sum;
     memset(out, 0, (size_t)hd * sizeof *out);
-    for (int p = 0; p < n_keys; p++) {
-        kv_get(cc, cc->v_cache, layer_off + (size_t)p * (size_t)kvw + (size_t)kvh * (size_t)hd, tmp, hd);
-        float wgt = scores[p] * inv;
+    for (int p = p0; p <= pos; p++) {
+        kv_get(cc, cc->v_cache, cache_off + (size_t)(p % rows) * (size_t)kvw + (size_t)kvh * (size_t)hd, tmp, hd);
+        float wgt = scores[p - p0] * inv;
         for (int d = 0; d < hd; d++) out[d] += wgt * tmp[d];
     }
 }
 
-static void cpu_attention(void *be, int layer, int n, int pos0, float scale) {
+static void cpu_attention(void *be, const moe_attn *a, int n, int pos0) {
     cpu_ctx *cc = be;
-    const moe_hparams *hp = &cc->w->hp;
-    int kvw = hp->n_head_kv * hp->head_dim;
-    size_t layer_off = (size_t)layer * (size_t)cc->shape.n_ctx * (size_t)kvw;
-    for (int i = 0; i < n; i++) {
-        size_t at = layer_off + (size_t)(pos0 + i) * (size_t)kvw;
+    int kvw = a->n_head_kv * a->head_dim, rows = cc->kv_rows[a->cache];
+    for (int i = 0; a->store && i < n; i++) {
+        size_t at = cc->kv_off[a->cache] + (size_t)((pos0 + i) % rows) * (size_t)kvw;
         kv_put(cc, cc->k_cache, at, act_row(cc, ACT_K, i, kvw), kvw);
         kv_put(cc, cc->v_cache, at, act_row(cc, ACT_V, i, kvw), kvw);
     }
-    attn_job j = {cc, layer, n, pos0, scale};
-    pool_run(cc->pool, attn_task, &j, (int64_t)n * hp->n_head);
+    attn_job j = {cc, a, n, pos0};
+    pool_run(cc->pool, attn_task, &j, (int64_t)n * a->n_head);
 }
 
 static void cpu_add(void *be, int dst, int src, int n, int width) {
@@ -5443,13 +5659,13 @@ static int64_t expert_tasks(cpu_ctx *cc, const int32_t *exp_start, int n_expert,
     return nt;
 }
 
-static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
+/* router logits, top-k per token, then the (token, slot) pairs grouped by expert */
+static void cpu_route(void *be, const moe_weight *router, const moe_route *r, int src, int n) {
     cpu_ctx *cc = be;
-    const moe_hparams *hp = &cc->w->hp;
-    int k = hp->n_expert_used, E = hp->n_expert, ff = hp->n_ff_exp, D = hp->n_embd;
-    /* route every token, then group the (token, slot) pairs by expert */
+    int k = r->k, E = r->n_expert;
+    if (router) cpu_matmul(be, ACT_ROUTER, router, src, 0, n); /* [n][n_expert] */
     for (int i = 0; i < n; i++)
-        router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, hp->norm_topk, cc->topk_id + i * k, cc->topk_w + i * k);
+        router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, r->norm, cc->topk_id + i * k, cc->topk_w + i * k);
     int32_t *start = cc->exp_start;
     memset(start, 0, (size_t)(E + 1) * sizeof *start);
     for (int p = 0; p < n * k; p++) start[cc->topk_id[p] + 1]++;
@@ -5463,51 +5679,70 @@ static void cpu_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
         cc->pair_tok[q] = p / k;
     }
     /* start[e+1] now ends expert e, and start[0] = 0 begins expert 0 */
+    cc->route_n = n;
+    cc->route_k = k;
+}
+
+static float glu_act(int act, float g) {
+    switch (act) {
+    case MOE_ACT_GELU_TANH: return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    default: return g / (1.0f + expf(-g));                     /* silu */
+    }
+}
+
+/* gate and up rows of every routed pair into pair_h / pair_u, then pair_h = act(gate) ⊙ up */
+static void cpu_experts_glu(void *be, const moe_weight *gate, const moe_weight *up, int act, int src, int n) {
+    cpu_ctx *cc = be;
+    int E = (int)gate->ne[2], ff = (int)gate->ne[1], D = (int)gate->ne[0], k = cc->route_k;
+    const int32_t *start = cc->exp_start;
     mm_job j = {0};
     j.cc = cc;
     j.exp_start = start;
     j.idx = cc->pair_tok;
     j.src = act_row(cc, src, 0, D);
-    j.tt = type_traits(L->gate_exps.type);
+    j.tt = type_traits(gate->type);
     j.K = D;
     j.M = ff;
-    j.row_bytes = L->gate_exps.row_bytes;
-    j.expert_data = L->gate_exps.expert_data;
-    j.expert_data2 = L->up_exps.expert_data;
+    j.row_bytes = gate->row_bytes;
+    j.expert_data = gate->expert_data;
+    j.expert_data2 = up->expert_data;
     j.dst = cc->pair_h;
     j.dst2 = cc->pair_u;
     j.dst_stride = ff;
-    mm_quant_src(cc, &j, L->gate_exps.type, j.src, n);
-    if (L->up_exps.type == L->gate_exps.type) pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, E, ff));
+    mm_quant_src(cc, &j, gate->type, j.src, n);
+    if (up->type == gate->type) pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, E, ff));
     else { /* rare: run the two as separate passes (their activations may need different formats) */
         mm_job ju = j;
         j.expert_data2 = NULL;
         pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, E, ff));
-        ju.tt = type_traits(L->up_exps.type);
-        ju.row_bytes = L->up_exps.row_bytes;
-        ju.expert_data = L->up_exps.expert_data;
+        ju.tt = type_traits(up->type);
+        ju.row_bytes = up->row_bytes;
+        ju.expert_data = up->expert_data;
         ju.expert_data2 = NULL;
         ju.dst = cc->pair_u;
-        mm_quant_src(cc, &ju, L->up_exps.type, ju.src, n);
+        mm_quant_src(cc, &ju, up->type, ju.src, n);
         pool_run(cc->pool, moe_gate_up_task, &ju, expert_tasks(cc, start, E, ff));
     }
-    for (size_t i = 0; i < (size_t)n * (size_t)k * (size_t)ff; i++) {
-        float g = cc->pair_h[i];
-        cc->pair_h[i] = g / (1.0f + expf(-g)) * cc->pair_u[i];   /* silu(gate) ⊙ up */
-    }
+    for (size_t i = 0; i < (size_t)n * (size_t)k * (size_t)ff; i++) cc->pair_h[i] = glu_act(act, cc->pair_h[i]) * cc->pair_u[i];
+}
+
+/* down rows of every pair into pair_out, then each token's weighted sum over its k slots */
+static void cpu_experts_down(void *be, int dst, const moe_weight *down, int n) {
+    cpu_ctx *cc = be;
+    int E = (int)down->ne[2], ff = (int)down->ne[0], D = (int)down->ne[1], k = cc->route_k;
     mm_job jd = {0};
     jd.cc = cc;
-    jd.exp_start = start;
+    jd.exp_start = cc->exp_start;
     jd.src = cc->pair_h;
-    jd.tt = type_traits(L->down_exps.type);
+    jd.tt = type_traits(down->type);
     jd.K = ff;
     jd.M = D;
-    jd.row_bytes = L->down_exps.row_bytes;
-    jd.expert_data = L->down_exps.expert_data;
+    jd.row_bytes = down->row_bytes;
+    jd.expert_data = down->expert_data;
     jd.dst = cc->pair_out;
     jd.dst_stride = D;
-    mm_quant_src(cc, &jd, L->down_exps.type, jd.src, n * k);
-    pool_run(cc->pool, moe_down_task, &jd, expert_tasks(cc, start, E, D));
+    mm_quant_src(cc, &jd, down->type, jd.src, n * k);
+    pool_run(cc->pool, moe_down_task, &jd, expert_tasks(cc, cc->exp_start, E, D));
     for (int i = 0; i < n; i++) {
         float *y = act_row(cc, dst, i, D);
         memset(y, 0, (size_t)D * sizeof *y);
@@ -5527,23 +5762,27 @@ static void cpu_read_logits(void *be, float *dst, int n) {
 static void cpu_begin_step(void *be) { (void)be; }
 static moe_status cpu_end_step(void *be) { (void)be; return MOE_OK; }
 
-static void cpu_kv_copy(cpu_ctx *cc, uint8_t *host, int n_rows, int to_host) {
-    const moe_hparams *hp = &cc->w->hp;
-    size_t rb = (size_t)hp->n_head_kv * (size_t)hp->head_dim * (cc->kv_f16 ? 2 : 4);
-    size_t layer_bytes = (size_t)cc->shape.n_ctx * rb, used = (size_t)n_rows * rb;
-    for (int l = 0; l < hp->n_layer; l++)
-        for (int kv = 0; kv < 2; kv++, host += used) {
-            uint8_t *cache = (uint8_t *)(kv ? cc->v_cache : cc->k_cache) + (size_t)l * layer_bytes;
-            if (to_host) memcpy(host, cache, used);
-            else memcpy(cache, host, used);
-        }
+/* per cache, K then V rows of the positions it holds among [0, n_pos), in position order */
+static void cpu_kv_copy(cpu_ctx *cc, uint8_t *host, int n_pos, int to_host) {
+    const moe_weights *w = cc->w;
+    size_t es = cc->kv_f16 ? 2 : 4;
+    for (int c = 0; c < w->hp.n_cache; c++) {
+        size_t rb = (size_t)w->caches[c].kv_width * es;
+        int rows = cc->kv_rows[c], p0 = n_pos > rows ? n_pos - rows : 0;
+        for (int kv = 0; kv < 2; kv++)
+            for (int p = p0; p < n_pos; p++, host += rb) {
+                uint8_t *row = (uint8_t *)(kv ? cc->v_cache : cc->k_cache) + (cc->kv_off[c] + (size_t)(p % rows) * (size_t)w->caches[c].kv_width) * es;
+                if (to_host) memcpy(host, row, rb);
+                else memcpy(row, host, rb);
+            }
+    }
 }
-static moe_status cpu_kv_save(void *be, void *dst, int n_rows) {
-    cpu_kv_copy(be, dst, n_rows, 1);
+static moe_status cpu_kv_save(void *be, void *dst, int n_pos) {
+    cpu_kv_copy(be, dst, n_pos, 1);
     return MOE_OK;
 }
-static moe_status cpu_kv_load(void *be, const void *src, int n_rows) {
-    cpu_kv_copy(be, (uint8_t *)(uintptr_t)src, n_rows, 0);
+static moe_status cpu_kv_load(void *be, const void *src, int n_pos) {
+    cpu_kv_copy(be, (uint8_t *)(uintptr_t)src, n_pos, 0);
     return MOE_OK;
 }
 
@@ -5552,8 +5791,9 @@ static void cpu_stats(const void *be, moe_stats *out) {
     out->host_bytes += cc->bytes;
 }
 
-static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_moe_ffn,
-                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load, cpu_stats};
+static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_route,
+                                  cpu_experts_glu, cpu_experts_down, cpu_begin_step, cpu_end_step, cpu_read_logits,
+                                  cpu_kv_save, cpu_kv_load, cpu_stats};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -5562,6 +5802,8 @@ static void cpu_ctx_free(void *be) {
     for (int i = 0; i < ACT_COUNT; i++) moe_free(cc->act[i]);
     moe_free(cc->k_cache);
     moe_free(cc->v_cache);
+    moe_free(cc->kv_off);
+    moe_free(cc->kv_rows);
     moe_free(cc->row_buf);
     moe_free(cc->xq);
     moe_free(cc->att_buf);
@@ -5600,10 +5842,19 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
         size_t rows = (i == ACT_LOGITS && !c->logits_all) ? 1 : nb;
         ok = ok && (cc->act[i] = cc_alloc(cc, mul_or_zero(rows, (size_t)act_width(w, i)) * sizeof(float)));
     }
-    size_t kvw = (size_t)hp->n_head_kv * (size_t)hp->head_dim;
-    size_t kv_elems = mul_or_zero(mul_or_zero((size_t)hp->n_layer, (size_t)c->n_ctx), kvw);
+    /* the KV caches, one after the other in each of the K and V allocations */
+    size_t n_cache = (size_t)hp->n_cache, kv_elems = 0;
+    ok = ok && (cc->kv_off = cc_alloc(cc, (n_cache ? n_cache : 1) * sizeof *cc->kv_off)) &&
+         (cc->kv_rows = cc_alloc(cc, (n_cache ? n_cache : 1) * sizeof *cc->kv_rows));
+    for (size_t i = 0; ok && i < n_cache; i++) {
+        cc->kv_rows[i] = moe_cache_rows(&w->caches[i], c->n_ctx, c->n_batch);
+        cc->kv_off[i] = kv_elems;
+        size_t add = mul_or_zero((size_t)cc->kv_rows[i], (size_t)w->caches[i].kv_width);
+        kv_elems = add && kv_elems + add >= kv_elems ? kv_elems + add : 0;
+        ok = kv_elems != 0;
+    }
     cc->kv_f16 = c->kv_type == MOE_KV_F16;
-    size_t kv_bytes = mul_or_zero(kv_elems, cc->kv_f16 ? 2 : 4);
+    size_t kv_bytes = mul_or_zero(kv_elems ? kv_elems : 1, cc->kv_f16 ? 2 : 4);
     ok = ok && kv_bytes && (cc->k_cache = cc_alloc(cc, kv_bytes)) && (cc->v_cache = cc_alloc(cc, kv_bytes));
     cc->n_threads = shape->n_threads;
     size_t maxk = (size_t)hp->n_embd;
@@ -5731,7 +5982,7 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
         int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch;
         int32_t n_out = ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
         ctx->ops->begin_step(ctx->be);
-        forward_qwen3moe(ctx->be, ctx->ops, &m->w, tokens + done, n, ctx->pos + done, n_out);
+        m->arch->forward(ctx->be, ctx->ops, &m->w, tokens + done, n, ctx->pos + done, n_out);
         moe_status st = ctx->ops->end_step(ctx->be);
         if (st) return st; /* pos unchanged: the KV rows written past it are never read */
         if (n_out) ctx->ops->read_logits(ctx->be, ctx->logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->w.hp.n_vocab, n_out);
@@ -5739,8 +5990,9 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     }
     ctx->pos += n_tokens;
     ctx->n_logits = rows;
-    /* every expert is resident today: each token's top-k experts in each layer are hits */
-    ctx->stats.expert_hits += (uint64_t)n_tokens * (uint64_t)m->w.hp.n_expert_used * (uint64_t)m->w.hp.n_layer;
+    /* every expert is resident today: each token's top-k experts in each MoE layer are hits */
+    for (int l = 0; l < m->w.hp.n_layer; l++)
+        if (m->w.layers[l].p.ffn_kind != MOE_FFN_DENSE) ctx->stats.expert_hits += (uint64_t)n_tokens * (uint64_t)m->w.layers[l].p.n_expert_used;
     double dt = now_s() - t0;
     if (n_tokens == 1) {
         ctx->stats.n_gen_tokens++;
@@ -5797,14 +6049,19 @@ static uint64_t model_fingerprint(const moe_model *m) {
     return fnv1a(h, &m->file.size, sizeof m->file.size);
 }
 
-static size_t state_kv_row_bytes(const moe_ctx *c) {
-    const moe_hparams *hp = &c->model->w.hp;
-    return (size_t)hp->n_head_kv * (size_t)hp->head_dim * (c->kv_type == MOE_KV_F16 ? 2 : 4);
+/* the KV payload: per cache, K then V rows of the positions it holds (ops.kv_save) */
+static size_t state_kv_bytes(const moe_ctx *c) {
+    const moe_weights *w = &c->model->w;
+    size_t total = 0, es = c->kv_type == MOE_KV_F16 ? 2 : 4;
+    for (int i = 0; i < w->hp.n_cache; i++) {
+        int32_t rows = moe_cache_rows(&w->caches[i], c->n_ctx, c->n_batch);
+        total += 2 * (size_t)(c->pos < rows ? c->pos : rows) * (size_t)w->caches[i].kv_width * es;
+    }
+    return total;
 }
 
 static size_t state_size(const moe_ctx *c) {
-    return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->w.hp.n_vocab * sizeof(float) +
-           2 * (size_t)c->model->w.hp.n_layer * (size_t)c->pos * state_kv_row_bytes(c);
+    return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->w.hp.n_vocab * sizeof(float) + state_kv_bytes(c);
 }
 
 moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out) {
@@ -6284,6 +6541,7 @@ void moe_model_free(moe_model *model) {
     if (model->vk) moe_vk_free(model->vk);
     vocab_free(model->vocab);
     moe_free(model->w.layers);
+    moe_free(model->w.caches);
     moe_free(model->expert_tables);
     moe_free(model->owned);
     gguf_free(&model->gguf);
@@ -6348,7 +6606,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
             goto fail;
         }
         if ((st = hf_load_dir(m, path))) goto fail;
-        if ((st = bind_qwen3moe(m))) goto fail;
+        if ((st = bind_tensors(m))) goto fail;
         if (report_progress(&p, 0.5f)) goto cancelled;
         if (has_tokenizer && (st = vocab_load_hf(path, &m->vocab))) goto fail;
         if (m->vocab) m->bos = m->vocab->bos, m->eos = m->vocab->eos;
@@ -6357,7 +6615,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
         if ((st = file_map(&m->file, path, p.host_budget_bytes == 0))) goto fail;
         if ((st = gguf_parse(&m->gguf, m->file.data, m->file.size))) goto fail;
         if ((st = load_hparams(m))) goto fail;
-        if ((st = bind_qwen3moe(m))) goto fail;
+        if ((st = bind_tensors(m))) goto fail;
         if (report_progress(&p, 0.5f)) goto cancelled;
         if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
     }
@@ -6801,70 +7059,39 @@ moe_status moe_model_save(const moe_model *model, const char *path, const moe_sa
     moe_save_params p = {0};
     if (params) p = *params;
     if (ftype_matrix_type(p.ftype) == -2) return set_error(MOE_ERR_INVALID_ARG, "moe_model_save: unknown ftype %d", p.ftype);
+    if (!model->arch) return set_error(MOE_ERR_UNSUPPORTED, "moe_model_save: the model was loaded with vocab_only (no weights)");
     const moe_hparams *hp = &model->w.hp;
     gguf_writer gw = {0};
-    char key[128];
-    const char *arch = model->arch_name;
-    gw_kv_str(&gw, "general.architecture", arch);
+    gw_kv_str(&gw, "general.architecture", model->arch_name);
     gw_kv_str(&gw, "general.name", "moe export");
-#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(&gw, key, (uint32_t)(v)))
-#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(&gw, key, (v)))
-    KV_U32("context_length", hp->n_ctx_train);
-    KV_U32("embedding_length", hp->n_embd);
-    KV_U32("block_count", hp->n_layer);
-    KV_U32("feed_forward_length", hp->n_ff_exp);
-    KV_U32("attention.head_count", hp->n_head);
-    KV_U32("attention.head_count_kv", hp->n_head_kv);
-    KV_U32("attention.key_length", hp->head_dim);
-    KV_U32("attention.value_length", hp->head_dim);
-    KV_U32("rope.dimension_count", hp->n_rot);
-    KV_U32("expert_count", hp->n_expert);
-    KV_U32("expert_used_count", hp->n_expert_used);
-    KV_U32("expert_feed_forward_length", hp->n_ff_exp);
-    KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
-    KV_F32("rope.freq_base", hp->rope_base);
-#undef KV_U32
-#undef KV_F32
-    if (!hp->norm_topk) {
-        snprintf(key, sizeof key, "%s.expert_weights_norm", arch);
-        gw_kv_bool(&gw, key, 0);
-    }
+    model->arch->write_hparams(model, &gw);
     moe_status st = model->vocab ? vocab_write_gguf(model->vocab, &gw) : MOE_OK;
-    /* one export job per tensor, in llama.cpp's order */
-    int n_max = 3 + 12 * hp->n_layer, n = 0;
+    /* one export job per tensor, in the architecture's order (llama.cpp's) */
+    tensor_spec sp[MAX_TENSOR_SPECS];
+    int n_max = 0, n = 0;
+    for (int l = -1; l < hp->n_layer; l++) n_max += model->arch->tensors(&model->w, l, sp);
     export_tensor *jobs = moe_calloc((size_t)n_max, sizeof *jobs);
     char *name_buf = moe_malloc((size_t)n_max * 64);
     if (!st && (!jobs || !name_buf)) st = set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
-    int tied = model->w.output.data == model->w.tok_embd.data;
-    for (int i = -3; !st && i < 12 * hp->n_layer; i++) {
-        const moe_weight *w;
-        char *nm = name_buf + (size_t)n * 64;
-        int is_out = 0, is_router = 0;
-        if (i == -3) w = &model->w.tok_embd, snprintf(nm, 64, "token_embd.weight");
-        else if (i == -2) w = &model->w.output_norm, snprintf(nm, 64, "output_norm.weight");
-        else if (i == -1) {
-            if (tied) continue;
-            w = &model->w.output, is_out = 1, snprintf(nm, 64, "output.weight");
-        } else {
-            static const char *const suffix[12] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
-                                                   "attn_k_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
-                                                   "ffn_down_exps"};
-            const moe_layer *L = &model->w.layers[i / 12];
-            const moe_weight *lw[12] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo, &L->q_norm,
-                                        &L->k_norm, &L->ffn_norm, &L->router, &L->gate_exps, &L->up_exps, &L->down_exps};
-            w = lw[i % 12];
-            is_router = i % 12 == 8;
-            snprintf(nm, 64, "blk.%d.%s.weight", i / 12, suffix[i % 12]);
+    int tied = model->w.g[MOE_OUTPUT].data == model->w.g[MOE_TOK_EMBD].data;
+    for (int l = -1; !st && l < hp->n_layer; l++) {
+        int ns = model->arch->tensors(&model->w, l, sp);
+        for (int i = 0; !st && i < ns; i++) {
+            const moe_weight *w = moe_weight_of(&model->w, l, sp[i].role);
+            int is_out = l < 0 && sp[i].role == MOE_OUTPUT, is_router = l >= 0 && sp[i].role == MOE_ROUTER;
+            if (!w->data || (is_out && tied)) continue;
+            char *nm = name_buf + (size_t)n * 64;
+            tensor_gguf_name(nm, 64, l, sp[i].role);
+            export_tensor *et = &jobs[n];
+            et->w = w;
+            et->type = export_type(w, p.ftype, is_out, is_router);
+            et->params = &p;
+            et->progress_lo = (float)n / (float)n_max;
+            et->progress_hi = (float)(n + 1) / (float)n_max;
+            int64_t ne[3] = {w->ne[0], w->ne[1], w->ne[2]};
+            st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
+            n++;
         }
-        export_tensor *et = &jobs[n];
-        et->w = w;
-        et->type = export_type(w, p.ftype, is_out, is_router);
-        et->params = &p;
-        et->progress_lo = (float)n / (float)n_max;
-        et->progress_hi = (float)(n + 1) / (float)n_max;
-        int64_t ne[3] = {w->ne[0], w->ne[1], w->ne[2]};
-        st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
-        n++;
     }
     if (!st) st = gw_write_file(&gw, path);
     gw_free(&gw);

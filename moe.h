@@ -302,23 +302,119 @@ typedef struct moe_weight {
     void *dev;                 /* backend-private (Vulkan: buffer + offset) */
 } moe_weight;
 
+/* ---- the model description (DESIGN.md, "Architectures are data") ---------------------------
+   A model is a few global tensors plus n_layer layers. Each layer carries its plan (which kind
+   of attention and FFN it runs, with which geometry and activation) and its tensors by role;
+   the forward pass reads the plan, never the architecture's name. One X-macro list names every
+   role with its GGUF name: the GGUF binder, the Hugging Face loader, the GGUF writer and the
+   Vulkan uploader all walk the tensors through it (moe_model_tensor in moe.c). */
+enum { MOE_ATTN_NONE = 0, MOE_ATTN_FULL = 1, MOE_ATTN_SLIDING = 2, MOE_ATTN_DELTANET = 3 };
+enum { MOE_FFN_DENSE = 0, MOE_FFN_MOE = 1, MOE_FFN_MOE_SHARED = 2, MOE_FFN_MOE_DENSE = 3 };
+enum { MOE_ACT_SILU = 0, MOE_ACT_GELU_TANH = 1, MOE_ACT_SWIGLU_OAI = 2 };
+
+/* X(ROLE, GGUF name) — global tensors */
+#define MOE_GLOBAL_TENSORS(X)                                                                      \
+    X(TOK_EMBD, "token_embd.weight")                                                               \
+    X(OUTPUT_NORM, "output_norm.weight")                                                           \
+    X(OUTPUT, "output.weight")                  /* absent: tied to TOK_EMBD */                     \
+    X(ROPE_FREQS, "rope_freqs.weight")
+/* X(ROLE, GGUF name after "blk.N.") — tensors of one layer */
+#define MOE_LAYER_TENSORS(X)                                                                       \
+    X(ATTN_NORM, "attn_norm.weight")                                                               \
+    X(WQ, "attn_q.weight")                                                                         \
+    X(WK, "attn_k.weight")                                                                         \
+    X(WV, "attn_v.weight")                                                                         \
+    X(WO, "attn_output.weight")                                                                    \
+    X(Q_NORM, "attn_q_norm.weight")                                                                \
+    X(K_NORM, "attn_k_norm.weight")                                                                \
+    X(POST_ATTN_NORM, "post_attention_norm.weight")                                                \
+    X(FFN_NORM, "ffn_norm.weight")                                                                 \
+    X(FFN_GATE, "ffn_gate.weight")              /* dense (or shared / parallel) FFN */             \
+    X(FFN_UP, "ffn_up.weight")                                                                     \
+    X(FFN_DOWN, "ffn_down.weight")                                                                 \
+    X(POST_FFN_NORM, "post_ffw_norm.weight")                                                       \
+    X(ROUTER, "ffn_gate_inp.weight")                                                               \
+    X(GATE_EXPS, "ffn_gate_exps.weight")        /* routed experts: 3-D, [n_expert][rows][cols] */  \
+    X(UP_EXPS, "ffn_up_exps.weight")                                                               \
+    X(DOWN_EXPS, "ffn_down_exps.weight")
+#define MOE_ROLE_ENUM(role, name) MOE_##role,
+enum { MOE_GLOBAL_TENSORS(MOE_ROLE_ENUM) MOE_GT_COUNT };
+enum { MOE_LAYER_TENSORS(MOE_ROLE_ENUM) MOE_LT_COUNT };
+#undef MOE_ROLE_ENUM
+
+/* NeoX (rotate-half) RoPE: element i of a head pairs with i + n_rot/2 for i < n_rot/2, at angle
+   pos · base^(-2i / freq_dim) for i < n_freq and 0 beyond (partial / proportional rope); elements
+   from n_rot on pass through. Plain rope: n_freq = n_rot/2, freq_dim = n_rot. */
+typedef struct moe_rope {
+    int32_t n_rot, n_freq, freq_dim;
+    float base;
+} moe_rope;
+
+/* The geometry an attention op works with (it never reads the model's hyperparameters). */
+typedef struct moe_attn {
+    int32_t n_head, n_head_kv, head_dim;
+    int32_t window;            /* sliding: keys per query, itself included; 0 = all earlier keys */
+    float scale;               /* on q·k */
+    int32_t cache;             /* the KV cache it stores into and reads (moe_cache_plan index) */
+    int32_t store;             /* 0: KV-shared layer, reads a cache another layer filled */
+} moe_attn;
+
+typedef struct moe_layer_plan {
+    int32_t attn_kind;         /* MOE_ATTN_* */
+    moe_attn attn;
+    moe_rope rope;
+    int32_t ffn_kind;          /* MOE_FFN_* */
+    int32_t act;               /* MOE_ACT_*: activation of the gated GLUs */
+    int32_t n_ff;              /* dense FFN width; 0 = none */
+    int32_t n_expert, n_expert_used, n_ff_exp;
+    int32_t norm_topk;         /* renormalise the top-k routing weights */
+} moe_layer_plan;
+
 typedef struct moe_layer {
-    moe_weight attn_norm, wq, wk, wv, wo, q_norm, k_norm;
-    moe_weight ffn_norm, router, gate_exps, up_exps, down_exps;
+    moe_layer_plan p;
+    moe_weight t[MOE_LT_COUNT];   /* by role; an absent tensor has data == NULL */
 } moe_layer;
 
+/* the tensor of a role, or NULL when the layer has none */
+static inline const moe_weight *moe_lw(const moe_layer *L, int role) { return L->t[role].data ? &L->t[role] : NULL; }
+
+/* One KV cache: rows of n_kv · head_dim elements for K and for V. A full cache has n_ctx rows
+   (row = position); a sliding one is a ring of window + n_batch - 1 rows (row = position mod
+   rows), enough for a chunk of n_batch queries that each see window keys. */
+typedef struct moe_cache_plan {
+    int32_t layer;             /* the layer that fills it */
+    int32_t kv_width;          /* n_head_kv · head_dim */
+    int32_t window;            /* 0: full */
+} moe_cache_plan;
+
+/* rows a cache holds in a context of n_ctx positions and n_batch-token chunks */
+static inline int32_t moe_cache_rows(const moe_cache_plan *c, int32_t n_ctx, int32_t n_batch) {
+    int64_t r = c->window ? (int64_t)c->window + n_batch - 1 : (int64_t)n_ctx;
+    return (int32_t)(r < n_ctx ? r : n_ctx);
+}
+
+/* Model-wide hyperparameters. n_head .. n_ff_exp are the largest over the layers: what
+   activation buffers are sized for (each layer's own geometry is in its plan). */
 typedef struct moe_hparams {
-    int32_t arch;
-    int32_t n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_rot, n_ctx_train;
-    int32_t n_expert, n_expert_used, n_ff_exp, norm_topk;
-    float rms_eps, rope_base;
+    int32_t arch;              /* index into the architecture table (moe.c) */
+    int32_t n_vocab, n_embd, n_layer, n_ctx_train;
+    int32_t n_head, n_head_kv, head_dim, n_ff_exp, n_ff, n_expert, n_expert_used;
+    int32_t n_cache;           /* KV caches (layers that store K/V) */
+    float rms_eps;
 } moe_hparams;
 
 typedef struct moe_weights {
     moe_hparams hp;
-    moe_weight tok_embd, output_norm, output;   /* output may alias tok_embd (tied) */
-    moe_layer *layers;                          /* [n_layer] */
+    moe_weight g[MOE_GT_COUNT];   /* global tensors by role; g[OUTPUT] may alias g[TOK_EMBD] (tied) */
+    moe_layer *layers;            /* [n_layer] */
+    moe_cache_plan *caches;       /* [n_cache] */
 } moe_weights;
+
+/* the weight of a role: layer -1 = global */
+static inline moe_weight *moe_weight_of(const moe_weights *w, int layer, int role) {
+    moe_weights *mw = (moe_weights *)(uintptr_t)w;
+    return layer < 0 ? &mw->g[role] : &mw->layers[layer].t[role];
+}
 
 /* What a backend needs to size a context's buffers. */
 typedef struct moe_ctx_shape {
@@ -342,6 +438,12 @@ enum {
     ACT_COUNT
 };
 
+/* MoE routing kinds (route op): how router logits become k experts and their weights */
+typedef struct moe_route {
+    int32_t n_expert, k;
+    int32_t norm;              /* renormalise the k softmax weights to sum 1 */
+} moe_route;
+
 typedef struct moe_ops {
     /* dst[i] = embedding row of tokens[i] */
     void (*embed)(void *be, int dst, const moe_weight *w, const moe_token *tokens, int n);
@@ -349,26 +451,33 @@ typedef struct moe_ops {
     void (*rmsnorm)(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps);
     /* dst[i] = W · src[src_row0 + i] for i < n (W: ne[1] outputs × ne[0] inputs) */
     void (*matmul)(void *be, int dst, const moe_weight *w, int src, int src_row0, int n);
-    /* NeoX rotate-half RoPE in place on n rows of n_head heads, token i at position pos0 + i */
-    void (*rope)(void *be, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0);
-    /* stores ACT_K / ACT_V rows as cache positions pos0.., then causal GQA attention of ACT_Q
-       over positions [0, pos0 + i] into ACT_ATTN */
-    void (*attention)(void *be, int layer, int n, int pos0, float scale);
+    /* RoPE in place on n rows of n_head heads of head_dim, token i at position pos0 + i */
+    void (*rope)(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0);
+    /* stores ACT_K / ACT_V rows as positions pos0.. of cache a->cache (unless a->store is 0),
+       then causal GQA attention of ACT_Q over that cache into ACT_ATTN: query i sees positions
+       [pos0 + i - window + 1, pos0 + i] (from 0 when window is 0) */
+    void (*attention)(void *be, const moe_attn *a, int n, int pos0);
     /* dst += src over n rows of width */
     void (*add)(void *be, int dst, int src, int n, int width);
-    /* softmax router → top-k experts (renormalised when norm) for n rows of ACT_ROUTER, then
-       dst[i] = Σ_e w_e · down_e( silu(gate_e src[i]) ⊙ up_e src[i] ) through the expert tables */
-    void (*moe_ffn)(void *be, int dst, int src, const moe_layer *L, int n);
+    /* MoE in three ops. route: router logits ACT_ROUTER = router · src for n rows (router NULL:
+       ACT_ROUTER already holds them), then softmax → top-k experts and weights per r, kept in
+       the backend's routing state (the point where the router's choice exists: a streaming tier
+       syncs here). */
+    void (*route)(void *be, const moe_weight *router, const moe_route *r, int src, int n);
+    /* expert GLU: for every routed (token, expert) pair, h = act(gate_e src) ⊙ (up_e src) */
+    void (*experts_glu)(void *be, const moe_weight *gate, const moe_weight *up, int act, int src, int n);
+    /* expert down + combine: dst[i] = Σ_e w_e · down_e h over token i's routed experts */
+    void (*experts_down)(void *be, int dst, const moe_weight *down, int n);
     /* A step is bracketed by begin/end: Vulkan records between them and submits at end_step
        (the only place a device error can surface); read_logits is called after end_step. */
     void (*begin_step)(void *be);
     moe_status (*end_step)(void *be);
     /* copy n rows of ACT_LOGITS to host memory */
     void (*read_logits)(void *be, float *dst, int n);
-    /* copy the first n_rows cache rows of every layer to / from host memory, in the cache's
-       element type (f16 or f32), laid out [layer][K rows, then V rows][n_kv·hd] */
-    moe_status (*kv_save)(void *be, void *dst, int n_rows);
-    moe_status (*kv_load)(void *be, const void *src, int n_rows);
+    /* copy the cache rows of positions [0, n_pos) to / from host memory, in the cache's element
+       type (f16 or f32), laid out cache by cache: [cache][K rows, then V rows][kv_width] */
+    moe_status (*kv_save)(void *be, void *dst, int n_pos);
+    moe_status (*kv_load)(void *be, const void *src, int n_pos);
     /* adds the backend's counters (memory, experts) to a context's stats; may be NULL */
     void (*stats)(const void *be, moe_stats *out);
 } moe_ops;

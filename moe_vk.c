@@ -381,6 +381,8 @@ static const char *vk_result_str(VkResult r) {
 #define VK_PAD 16             /* readable slack after every tensor (dequant.glsl reads up to 16 bytes on) */
 #define VK_MAX_EXPERTS 512    /* route.glsl MAX_EXPERTS */
 #define VK_MAX_TOPK 32        /* route.glsl MAX_TOPK */
+#define VK_MAX_ROPES 4        /* distinct rope settings among a model's layers */
+#define VK_VARIANTS 4         /* pipelines per kernel: values of specialization constant 1 (head size) */
 
 /* kernels: typed ones exist per weight type, in this order of types */
 enum { VKT_F32, VKT_F16, VKT_BF16, VKT_Q8_0, VKT_Q4_0, VKT_Q4_K, VKT_Q5_K, VKT_Q6_K, VKT_MXFP4, VKT_COUNT };
@@ -447,7 +449,8 @@ struct moe_vk_backend {
     VkDeviceSize win_cap;      /* bytes a weight window may hold */
     VkDescriptorSetLayout dsl;
     VkPipelineLayout layout;
-    VkPipeline pipes[VKP_COUNT];
+    VkPipeline pipes[VKP_COUNT][VK_VARIANTS];  /* per kernel, per value of specialization constant 1 */
+    uint32_t pipe_spec[VKP_COUNT][VK_VARIANTS];
     pthread_mutex_t lock;      /* lazy pipeline creation and queue submission */
     int lock_ok;
     vk_buf *win;               /* weight windows */
@@ -973,16 +976,13 @@ static int vk_place(vk_placer *p, VkDeviceSize bytes, uint32_t *win, VkDeviceSiz
     return 1;
 }
 
-/* the weights of the model in a fixed order; i < 3 + 12 n_layer */
+/* every tensor role of the model in a fixed order (global roles, then layer by layer);
+   i < vk_n_weights(w); absent tensors have no data. w->dev is the backend's to set. */
+static int vk_n_weights(const moe_weights *w) { return MOE_GT_COUNT + w->hp.n_layer * MOE_LT_COUNT; }
+static int vk_weight_layer(int i) { return i < MOE_GT_COUNT ? -1 : (i - MOE_GT_COUNT) / MOE_LT_COUNT; }
 static moe_weight *vk_weight_at(const moe_weights *w, int i) {
-    moe_weights *mw = (moe_weights *)(uintptr_t)w; /* w->dev is the backend's to set */
-    if (i == 0) return &mw->tok_embd;
-    if (i == 1) return &mw->output_norm;
-    if (i == 2) return &mw->output;
-    moe_layer *L = &mw->layers[(i - 3) / 12];
-    moe_weight *all[12] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo, &L->q_norm, &L->k_norm,
-                           &L->ffn_norm, &L->router, &L->gate_exps, &L->up_exps, &L->down_exps};
-    return all[(i - 3) % 12];
+    if (i < MOE_GT_COUNT) return moe_weight_of(w, -1, i);
+    return moe_weight_of(w, vk_weight_layer(i), (i - MOE_GT_COUNT) % MOE_LT_COUNT);
 }
 
 /* checks what the kernels assume about a weight */
@@ -996,16 +996,19 @@ static moe_status vk_check_weight(const moe_weight *w) {
 
 static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
     const moe_hparams *hp = &w->hp;
-    int n = 3 + 12 * hp->n_layer;
+    int n = vk_n_weights(w);
     moe_status st = MOE_OK;
     vk_placer pl = {vk->win_cap, 0, 0, NULL, 0, 0};
-    uint32_t E = (uint32_t)hp->n_expert;
-    size_t n_tbl = (size_t)hp->n_layer * 3 * E;
+    size_t n_tbl = 0; /* expert table entries: one per expert of every 3-D tensor, layer by layer */
+    for (int i = 0; i < n; i++) {
+        const moe_weight *mw = vk_weight_at(w, i);
+        if (mw->data && mw->n_dims == 3) n_tbl += (size_t)mw->ne[2];
+    }
     uint32_t *tbl = calloc(n_tbl ? 2 * n_tbl : 2, sizeof *tbl);      /* (window, offset) pairs, absolute for now */
     VkDeviceSize *tbl_off = calloc(n_tbl ? n_tbl : 1, sizeof *tbl_off); /* full offsets, to check the 32-bit range */
     vk->wts = calloc((size_t)n, sizeof *vk->wts);
     vk->parts = NULL;
-    uint32_t parts_cap = 0;
+    uint32_t parts_cap = 0, tbl_next = 0;
     if (!tbl || !tbl_off || !vk->wts) {
         st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
         goto done;
@@ -1015,15 +1018,17 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
     for (int i = 0; i < n && !st; i++) {
         moe_weight *mw = vk_weight_at(w, i);
         vk_wt *wt = &vk->wts[i];
-        if (i == 2 && mw->data == w->tok_embd.data) { /* tied output: share the embedding's placement */
-            *wt = vk->wts[0];
+        if (!mw->data) continue;
+        if (i == MOE_OUTPUT && mw->data == w->g[MOE_TOK_EMBD].data) { /* tied output: share the embedding's placement */
+            *wt = vk->wts[MOE_TOK_EMBD];
             continue;
         }
         if ((st = vk_check_weight(mw))) break;
         if (mw->n_dims == 3) {
-            int l = (i - 3) / 12, k = (i - 3) % 12 - 9; /* 0 gate, 1 up, 2 down */
+            uint32_t E = (uint32_t)mw->ne[2];
             wt->experts = 1;
-            wt->tbl = (uint32_t)(((size_t)l * 3 + (size_t)k) * E);
+            wt->tbl = tbl_next;
+            tbl_next += E;
             if (mw->expert_bytes + VK_PAD > vk->win_cap) {
                 st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one expert of '%s' (%llu bytes) exceeds a storage window (%llu bytes)", mw->name,
                              (unsigned long long)mw->expert_bytes, (unsigned long long)vk->win_cap);
@@ -1066,19 +1071,25 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
     }
     /* per layer, the windows of its expert tensors must fit the 8-entry binding; entries become relative */
     for (int l = 0; l < hp->n_layer && !st; l++) {
+        int i0 = MOE_GT_COUNT + l * MOE_LT_COUNT;
         uint32_t lo = UINT32_MAX, hi = 0;
-        for (size_t j = (size_t)l * 3 * E; j < (size_t)(l + 1) * 3 * E; j++) {
-            lo = tbl[2 * j] < lo ? tbl[2 * j] : lo;
-            hi = tbl[2 * j] > hi ? tbl[2 * j] : hi;
-        }
+        for (int i = i0; i < i0 + MOE_LT_COUNT; i++)
+            for (uint32_t j = vk->wts[i].tbl; vk->wts[i].experts && j < vk->wts[i].tbl + (uint32_t)vk_weight_at(w, i)->ne[2]; j++) {
+                lo = tbl[2 * j] < lo ? tbl[2 * j] : lo;
+                hi = tbl[2 * j] > hi ? tbl[2 * j] : hi;
+            }
+        if (lo == UINT32_MAX) continue; /* no experts in this layer */
         if (hi - lo >= VK_XBUFS) {
             st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: the experts of layer %d span %u storage windows (at most %d)", l, hi - lo + 1, VK_XBUFS);
             break;
         }
-        for (int k = 0; k < 3; k++) vk->wts[3 + 12 * l + 9 + k].win0 = lo;
-        for (size_t j = (size_t)l * 3 * E; j < (size_t)(l + 1) * 3 * E; j++) {
-            tbl[2 * j] -= lo;
-            tbl[2 * j + 1] = (uint32_t)tbl_off[j];
+        for (int i = i0; i < i0 + MOE_LT_COUNT; i++) {
+            if (!vk->wts[i].experts) continue;
+            vk->wts[i].win0 = lo;
+            for (uint32_t j = vk->wts[i].tbl; j < vk->wts[i].tbl + (uint32_t)vk_weight_at(w, i)->ne[2]; j++) {
+                tbl[2 * j] -= lo;
+                tbl[2 * j + 1] = (uint32_t)tbl_off[j];
+            }
         }
     }
     if (st) goto done;
@@ -1103,10 +1114,11 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
     for (int i = 0; i < n; i++) {
         moe_weight *mw = vk_weight_at(w, i);
         vk_wt *wt = &vk->wts[i];
+        if (!mw->data) continue;
         mw->dev = wt;
-        if (i == 2 && mw->data == w->tok_embd.data) continue;
+        if (i == MOE_OUTPUT && mw->data == w->g[MOE_TOK_EMBD].data) continue;
         if (wt->experts) {
-            for (uint32_t e = 0; e < E; e++) {
+            for (uint32_t e = 0; e < (uint32_t)mw->ne[2]; e++) {
                 size_t j = wt->tbl + e;
                 vk_xfer_copy(&x, (uint8_t *)(uintptr_t)mw->expert_data[e], mw->expert_bytes, vk->win[tbl[2 * j] + wt->win0].buf, tbl[2 * j + 1]);
             }
@@ -1144,20 +1156,20 @@ static const moe_spirv *vk_find_spirv(const char *name) {
     return NULL;
 }
 
-/* The pipeline of kernel id, built on first use (under the backend's lock). */
-static moe_status vk_pipe(moe_vk_backend *vk, int id, VkPipeline *out) {
+/* The pipeline of kernel id with specialization constant 1 = spec (the head size for attn.comp,
+   0 for kernels without one), built on first use (under the backend's lock); *var says which of
+   the kernel's variants it is. */
+static moe_status vk_pipe(moe_vk_backend *vk, int id, uint32_t spec, VkPipeline *out, int *var) {
     pthread_mutex_lock(&vk->lock);
     moe_status st = MOE_OK;
-    if (!vk->pipes[id]) {
-        char name[48];
-        uint32_t wg;
-        if (id < VKP_ADD) {
-            snprintf(name, sizeof name, "%s_%s", k_vk_kind_names[id / VKT_COUNT], k_vk_type_names[id % VKT_COUNT]);
-            wg = k_vk_kind_wg[id / VKT_COUNT];
-        } else {
-            snprintf(name, sizeof name, "%s", k_vk_plain[id - VKP_ADD].name);
-            wg = k_vk_plain[id - VKP_ADD].wg;
-        }
+    int v = 0;
+    while (v < VK_VARIANTS && vk->pipes[id][v] && vk->pipe_spec[id][v] != spec) v++;
+    char name[48];
+    if (id < VKP_ADD) snprintf(name, sizeof name, "%s_%s", k_vk_kind_names[id / VKT_COUNT], k_vk_type_names[id % VKT_COUNT]);
+    else snprintf(name, sizeof name, "%s", k_vk_plain[id - VKP_ADD].name);
+    if (v == VK_VARIANTS) st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: more than %d variants of the '%s' kernel", VK_VARIANTS, name);
+    else if (!vk->pipes[id][v]) {
+        uint32_t wg = id < VKP_ADD ? k_vk_kind_wg[id / VKT_COUNT] : k_vk_plain[id - VKP_ADD].wg;
         const moe_spirv *sp = vk_find_spirv(name);
         VkShaderModule mod = 0;
         VkResult r = -13;
@@ -1166,10 +1178,10 @@ static moe_status vk_pipe(moe_vk_backend *vk, int id, VkPipeline *out) {
             r = vk->f.CreateShaderModule(vk->dev, &smi, NULL, &mod);
         }
         if (r == VK_SUCCESS) {
-            /* constant 0: workgroup size; 1: the model's head size (attn.comp; others ignore it) */
-            uint32_t spec[2] = {wg, (uint32_t)vk->w->hp.head_dim};
+            /* constant 0: workgroup size; 1: the head size (attn.comp; others ignore it) */
+            uint32_t spec_vals[2] = {wg, spec};
             VkSpecializationMapEntry me[2] = {{0, 0, 4}, {1, 4, 4}};
-            VkSpecializationInfo si = {2, me, 8, spec};
+            VkSpecializationInfo si = {2, me, 8, spec_vals};
             VkComputePipelineCreateInfo ci;
             memset(&ci, 0, sizeof ci);
             ci.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
@@ -1180,15 +1192,16 @@ static moe_status vk_pipe(moe_vk_backend *vk, int id, VkPipeline *out) {
             ci.stage.pSpecializationInfo = &si;
             ci.layout = vk->layout;
             ci.basePipelineIndex = -1;
-            r = vk->f.CreateComputePipelines(vk->dev, 0, 1, &ci, NULL, &vk->pipes[id]);
+            r = vk->f.CreateComputePipelines(vk->dev, 0, 1, &ci, NULL, &vk->pipes[id][v]);
             vk->f.DestroyShaderModule(vk->dev, mod, NULL);
         }
         if (r != VK_SUCCESS) {
-            vk->pipes[id] = 0;
+            vk->pipes[id][v] = 0;
             st = vk_fail(MOE_ERR_DEVICE, "Vulkan: building the '%s' kernel failed (%s)", name, sp ? vk_result_str(r) : "no such SPIR-V in shaders_embedded.c");
-        }
+        } else vk->pipe_spec[id][v] = spec;
     }
-    *out = vk->pipes[id];
+    *out = v < VK_VARIANTS ? vk->pipes[id][v] : 0;
+    *var = v;
     pthread_mutex_unlock(&vk->lock);
     return st;
 }
@@ -1199,7 +1212,8 @@ void moe_vk_free(moe_vk_backend *vk) {
     if (vk->dev) { /* resources exist only if every device entry point loaded; the device itself may not */
         if (f->DeviceWaitIdle) f->DeviceWaitIdle(vk->dev);
         for (int i = 0; i < VKP_COUNT; i++)
-            if (vk->pipes[i]) f->DestroyPipeline(vk->dev, vk->pipes[i], NULL);
+            for (int v = 0; v < VK_VARIANTS; v++)
+                if (vk->pipes[i][v]) f->DestroyPipeline(vk->dev, vk->pipes[i][v], NULL);
         if (vk->layout) f->DestroyPipelineLayout(vk->dev, vk->layout, NULL);
         if (vk->dsl) f->DestroyDescriptorSetLayout(vk->dev, vk->dsl, NULL);
         for (uint32_t i = 0; i < vk->n_win; i++) vk_buf_free(vk, &vk->win[i]);
@@ -1224,10 +1238,19 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn lo
     *out = NULL;
     if (!w || device_index < 0) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: bad arguments");
     const moe_hparams *hp = &w->hp;
-    if (hp->n_expert > VK_MAX_EXPERTS || hp->n_expert_used > VK_MAX_TOPK || hp->head_dim > 256 || hp->head_dim % 8 ||
-        hp->n_embd % 16 || hp->n_ff_exp % 16)
-        return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: model shape not supported by the kernels (experts <= %d, top-k <= %d, head size <= 256 and a "
-                       "multiple of 8, embedding and expert widths multiples of 16)", VK_MAX_EXPERTS, VK_MAX_TOPK);
+    if (hp->n_expert > VK_MAX_EXPERTS || hp->n_expert_used > VK_MAX_TOPK || hp->n_embd % 16)
+        return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: model shape not supported by the kernels (experts <= %d, top-k <= %d, embedding width a "
+                       "multiple of 16)", VK_MAX_EXPERTS, VK_MAX_TOPK);
+    for (int l = 0; l < hp->n_layer; l++) { /* what each layer's plan asks of the kernels */
+        const moe_layer_plan *p = &w->layers[l].p;
+        const char *why = NULL;
+        if (p->attn_kind != MOE_ATTN_FULL) why = "only full causal attention runs on Vulkan yet";
+        else if (p->attn.head_dim > 256 || p->attn.head_dim % 8) why = "head size above 256 or not a multiple of 8";
+        else if (p->ffn_kind != MOE_FFN_MOE) why = "only routed-expert FFNs run on Vulkan yet";
+        else if (p->n_ff_exp % 16) why = "expert width not a multiple of 16";
+        else if (p->act != MOE_ACT_SILU) why = "only SiLU experts run on Vulkan yet";
+        if (why) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: layer %d: %s", l, why);
+    }
     moe_vk_backend *vk = calloc(1, sizeof *vk);
     if (!vk) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of memory");
     vk->log = log;
@@ -1295,7 +1318,8 @@ typedef struct vk_rec {
     uint8_t kind;              /* VKC_* */
     uint8_t wmask;             /* which of bindings 0..5 the kernel writes */
     uint8_t wmode;             /* binding 6: 0 filler, 1 one dense part (win, woff, wrange), 2 windows win .. win+7 */
-    uint8_t pad[3];
+    uint8_t var;               /* pipeline variant (vk_pipe) */
+    uint8_t pad[2];
     uint32_t win;
     uint32_t grid[3];
     VkDeviceSize woff, wrange;
@@ -1314,11 +1338,11 @@ typedef struct vk_ctx {
     vk_buf act[ACT_COUNT];
     vk_buf h, p, aux;          /* MoE: hidden [nb·k][ff], expert outputs [nb·k][D], routing scratch (u32) */
     uint32_t ids_off, w_off, list_off, pos_off, items_off, max_items;
-    vk_buf kc, vc;             /* KV cache [layer][n_ctx][kvw], f16 or f32 */
-    VkDeviceSize kv_layer;     /* bytes per layer, aligned */
-    vk_buf rope;               /* [n_ctx][n_rot/2] (cos, sin) */
-    float rope_base;
-    int rope_rot;
+    vk_buf kc, vc;             /* the KV caches one after the other, f16 or f32 */
+    VkDeviceSize *kv_off, *kv_size; /* [n_cache] byte offset and (aligned) size of cache c */
+    int32_t *kv_rows;          /* [n_cache] rows of cache c */
+    struct { moe_rope r; vk_buf tab; } rope[VK_MAX_ROPES]; /* per distinct rope of the layers: [n_ctx][n_rot/2] (cos, sin) */
+    int n_rope;
     vk_buf step;               /* host-visible: [0] pos0, [1] n, [4 + i] token i */
     vk_buf logits;             /* host-visible readback of ACT_LOGITS */
     VkCommandPool pool;
@@ -1330,6 +1354,7 @@ typedef struct vk_ctx {
     vk_cached cache[VK_CACHE];
     uint64_t tick;
     int step_n, step_pos0, have_pos0, logit_rows, dead;
+    int route_n, route_k;      /* the last route op: tokens, experts per token */
     int fuse_idx, fuse_role, fuse_rows, fuse_acc; /* the last record, if it may absorb a residual add */
     /* a decode-size RMSNorm not dispatched yet: matrix-vector consumers apply it on the fly, the
        first of them also writes dst (done); anything else that needs dst, or that overwrites dst
@@ -1358,8 +1383,8 @@ static void vk_ctx_fail(vk_ctx *c, moe_status st, const char *fmt, ...) {
     c->err = st;
 }
 
-/* a new zeroed record, or NULL after a failure */
-static vk_rec *vk_rec_new(vk_ctx *c, int pipe, int kind) {
+/* a new zeroed record of kernel pipe (variant spec, see vk_pipe), or NULL after a failure */
+static vk_rec *vk_rec_new_spec(vk_ctx *c, int pipe, uint32_t spec, int kind) {
     if (c->err) return NULL;
     if (c->n_recs == c->cap_recs) {
         int nc = c->cap_recs ? 2 * c->cap_recs : 1024;
@@ -1371,9 +1396,10 @@ static vk_rec *vk_rec_new(vk_ctx *c, int pipe, int kind) {
         c->recs = nr;
         c->cap_recs = nc;
     }
+    int var = 0;
     if (pipe != VK_REC_COPY) {
         VkPipeline pl;
-        moe_status st = vk_pipe(c->vk, pipe, &pl);
+        moe_status st = vk_pipe(c->vk, pipe, spec, &pl, &var);
         if (st) {
             vk_ctx_fail(c, st, "%s", moe_last_error());
             return NULL;
@@ -1382,9 +1408,12 @@ static vk_rec *vk_rec_new(vk_ctx *c, int pipe, int kind) {
     vk_rec *r = &c->recs[c->n_recs++];
     memset(r, 0, sizeof *r);
     r->pipe = (uint16_t)pipe;
+    r->var = (uint8_t)var;
     r->kind = (uint8_t)kind;
     return r;
 }
+
+static vk_rec *vk_rec_new(vk_ctx *c, int pipe, int kind) { return vk_rec_new_spec(c, pipe, 0, kind); }
 
 static void vk_bind(vk_rec *r, int slot, const vk_buf *b, int written) {
     r->buf[slot] = b->buf;
@@ -1479,7 +1508,7 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
             VkBufferCopy cp = {rc->off[0], rc->off[1], rc->range[0]};
             f->CmdCopyBuffer(cb, rc->buf[0], rc->buf[1], 1, &cp);
         } else {
-            VkPipeline pl = vk->pipes[rc->pipe];
+            VkPipeline pl = vk->pipes[rc->pipe][rc->var];
             if (pl != bound) {
                 f->CmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, pl);
                 bound = pl;
@@ -1643,22 +1672,31 @@ static void vk_read_logits(void *be, float *dst, int n) {
     memcpy(dst, c->logits.map, (size_t)n * (size_t)c->w->hp.n_vocab * sizeof(float));
 }
 
-/* copies the first n_rows rows of every layer's K and V between host and device */
-static moe_status vk_kv_copy(vk_ctx *c, uint8_t *host, int n_rows, int download) {
-    const moe_hparams *hp = &c->w->hp;
+/* copies, per cache, the K then V rows of the positions it holds among [0, n_pos) between host
+   and device, in position order (the CPU backend's layout) */
+static moe_status vk_kv_copy(vk_ctx *c, uint8_t *host, int n_pos, int download) {
+    const moe_weights *w = c->w;
     if (c->dead) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
-    if (n_rows <= 0) return MOE_OK;
-    VkDeviceSize rb = (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim * (c->kv_f16 ? 2 : 4), used = (VkDeviceSize)n_rows * rb;
+    if (n_pos <= 0) return MOE_OK;
     vk_xfer x;
     moe_status st = vk_xfer_begin(c->vk, &x, (VkDeviceSize)8 << 20, download);
     if (st) return st;
-    for (int l = 0; l < hp->n_layer; l++)
-        for (int kv = 0; kv < 2; kv++, host += used)
-            vk_xfer_copy(&x, host, used, kv ? c->vc.buf : c->kc.buf, (VkDeviceSize)l * c->kv_layer);
+    for (int i = 0; i < w->hp.n_cache; i++) {
+        VkDeviceSize rb = (VkDeviceSize)w->caches[i].kv_width * (c->kv_f16 ? 2 : 4);
+        int rows = c->kv_rows[i], p0 = n_pos > rows ? n_pos - rows : 0;
+        for (int kv = 0; kv < 2; kv++)
+            for (int p = p0; p < n_pos;) { /* runs of positions that are contiguous in the ring */
+                int run = rows - p % rows < n_pos - p ? rows - p % rows : n_pos - p;
+                VkDeviceSize bytes = (VkDeviceSize)run * rb;
+                vk_xfer_copy(&x, host, bytes, kv ? c->vc.buf : c->kc.buf, c->kv_off[i] + (VkDeviceSize)(p % rows) * rb);
+                host += bytes;
+                p += run;
+            }
+    }
     return vk_xfer_end(&x);
 }
-static moe_status vk_kv_save(void *be, void *dst, int n_rows) { return vk_kv_copy(be, dst, n_rows, 1); }
-static moe_status vk_kv_load(void *be, const void *src, int n_rows) { return vk_kv_copy(be, (uint8_t *)(uintptr_t)src, n_rows, 0); }
+static moe_status vk_kv_save(void *be, void *dst, int n_pos) { return vk_kv_copy(be, dst, n_pos, 1); }
+static moe_status vk_kv_load(void *be, const void *src, int n_pos) { return vk_kv_copy(be, (uint8_t *)(uintptr_t)src, n_pos, 0); }
 
 void moe_vk_ctx_free(void *be) {
     vk_ctx *c = be;
@@ -1669,8 +1707,12 @@ void moe_vk_ctx_free(void *be) {
     if (c->qpool) vk->f.DestroyQueryPool(vk->dev, c->qpool, NULL);
     if (c->pool) vk->f.DestroyCommandPool(vk->dev, c->pool, NULL); /* frees the command buffers */
     for (int i = 0; i < ACT_COUNT; i++) vk_buf_free(vk, &c->act[i]);
-    vk_buf *bufs[] = {&c->h, &c->p, &c->aux, &c->kc, &c->vc, &c->rope, &c->step, &c->logits};
+    vk_buf *bufs[] = {&c->h, &c->p, &c->aux, &c->kc, &c->vc, &c->step, &c->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) vk_buf_free(vk, bufs[i]);
+    for (int i = 0; i < c->n_rope; i++) vk_buf_free(vk, &c->rope[i].tab);
+    free(c->kv_off);
+    free(c->kv_size);
+    free(c->kv_rows);
     for (int i = 0; i < VK_CACHE; i++) free(c->cache[i].recs);
     free(c->recs);
     free(c);
@@ -1715,32 +1757,58 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     c->pos_off = (uint32_t)(3 * nb * k);
     c->items_off = (uint32_t)(4 * nb * k);
     if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->items_off + 4 + 4 * (VkDeviceSize)c->max_items) * 4, "routing");
-    VkDeviceSize kvw = (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim;
-    c->kv_layer = vk_align_up((VkDeviceSize)shape->n_ctx * kvw * (c->kv_f16 ? 2 : 4), VK_ALIGN);
-    if (!st && c->kv_layer > vk->props.limits.maxStorageBufferRange)
-        st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one layer of KV cache (n_ctx %d) exceeds a storage binding", shape->n_ctx);
-    if (!st) st = vk_buf_new(vk, &c->kc, c->kv_layer * (VkDeviceSize)hp->n_layer, VK_MEM_DEVICE, "the K cache");
-    if (!st) st = vk_buf_new(vk, &c->vc, c->kv_layer * (VkDeviceSize)hp->n_layer, VK_MEM_DEVICE, "the V cache");
-    /* RoPE table exactly as the CPU backend computes it: inv_freq in f32, angle = f32(pos · inv_freq) */
-    c->rope_base = hp->rope_base;
-    c->rope_rot = hp->n_rot;
-    int half = hp->n_rot / 2;
-    VkDeviceSize rope_bytes = (VkDeviceSize)shape->n_ctx * (VkDeviceSize)half * 8;
-    if (!st) st = vk_act_new(c, &c->rope, rope_bytes, "rope table");
-    if (!st) {
-        float *tab = malloc(rope_bytes ? rope_bytes : 4);
-        if (!tab) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
-        for (int p = 0; p < half && tab; p++) {
-            float inv_freq = (float)(1.0 / pow((double)hp->rope_base, (double)(2 * p) / (double)hp->n_rot));
+    /* KV caches, each at an aligned offset of one K and one V buffer */
+    size_t n_cache = (size_t)(hp->n_cache ? hp->n_cache : 1);
+    c->kv_off = calloc(n_cache, sizeof *c->kv_off);
+    c->kv_size = calloc(n_cache, sizeof *c->kv_size);
+    c->kv_rows = calloc(n_cache, sizeof *c->kv_rows);
+    if (!st && (!c->kv_off || !c->kv_size || !c->kv_rows)) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    VkDeviceSize kv_total = 0;
+    for (int i = 0; !st && i < hp->n_cache; i++) {
+        c->kv_rows[i] = moe_cache_rows(&c->w->caches[i], shape->n_ctx, shape->n_batch);
+        c->kv_size[i] = vk_align_up((VkDeviceSize)c->kv_rows[i] * (VkDeviceSize)c->w->caches[i].kv_width * (c->kv_f16 ? 2 : 4), VK_ALIGN);
+        c->kv_off[i] = kv_total;
+        kv_total += c->kv_size[i];
+        if (c->kv_size[i] > vk->props.limits.maxStorageBufferRange)
+            st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one layer of KV cache (n_ctx %d) exceeds a storage binding", shape->n_ctx);
+    }
+    if (!st) st = vk_buf_new(vk, &c->kc, kv_total ? kv_total : VK_ALIGN, VK_MEM_DEVICE, "the K cache");
+    if (!st) st = vk_buf_new(vk, &c->vc, kv_total ? kv_total : VK_ALIGN, VK_MEM_DEVICE, "the V cache");
+    /* RoPE tables exactly as the CPU backend computes the angles: inv_freq in f32, angle =
+       f32(pos · inv_freq); one per distinct rope among the layers */
+    for (int l = 0; !st && l < hp->n_layer; l++) {
+        const moe_layer_plan *lp = &c->w->layers[l].p;
+        if (lp->attn_kind != MOE_ATTN_FULL && lp->attn_kind != MOE_ATTN_SLIDING) continue;
+        int have = 0;
+        for (int i = 0; i < c->n_rope && !have; i++) have = !memcmp(&c->rope[i].r, &lp->rope, sizeof lp->rope);
+        if (have) continue;
+        if (c->n_rope == VK_MAX_ROPES) {
+            st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: more than %d rope settings among the layers", VK_MAX_ROPES);
+            break;
+        }
+        const moe_rope *rp = &lp->rope;
+        int half = rp->n_rot / 2;
+        VkDeviceSize rope_bytes = (VkDeviceSize)shape->n_ctx * (VkDeviceSize)(half ? half : 1) * 8;
+        c->rope[c->n_rope].r = *rp;
+        if ((st = vk_act_new(c, &c->rope[c->n_rope].tab, rope_bytes, "rope table"))) break;
+        vk_buf *tb = &c->rope[c->n_rope++].tab;
+        float *tab = malloc(rope_bytes);
+        if (!tab) {
+            st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+            break;
+        }
+        for (int p = 0; p < half; p++) {
+            float inv_freq = (float)(1.0 / pow((double)rp->base, (double)(2 * p) / (double)rp->freq_dim));
             for (int pos = 0; pos < shape->n_ctx; pos++) {
                 float ang = (float)pos * inv_freq;
-                tab[2 * ((size_t)pos * (size_t)half + (size_t)p)] = cosf(ang);
-                tab[2 * ((size_t)pos * (size_t)half + (size_t)p) + 1] = sinf(ang);
+                size_t at = 2 * ((size_t)pos * (size_t)half + (size_t)p);
+                tab[at] = p < rp->n_freq ? cosf(ang) : 1.0f;
+                tab[at + 1] = p < rp->n_freq ? sinf(ang) : 0.0f;
             }
         }
         vk_xfer x;
-        if (!st && !(st = vk_xfer_begin(vk, &x, (VkDeviceSize)8 << 20, 0))) {
-            vk_xfer_copy(&x, (uint8_t *)tab, rope_bytes, c->rope.buf, 0);
+        if (!(st = vk_xfer_begin(vk, &x, (VkDeviceSize)8 << 20, 0))) {
+            vk_xfer_copy(&x, (uint8_t *)tab, rope_bytes, tb->buf, 0);
             st = vk_xfer_end(&x);
         }
         free(tab);
@@ -1955,11 +2023,14 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
     if (wt->n_parts == 1) vk_mark_fusable(c, dst, n, 9);
 }
 
-static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, int n_rot, float base, int pos0) {
+static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
-    if (n_rot != c->rope_rot || base != c->rope_base) {
-        vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: rope with %d dims / base %g differs from the model's table", n_rot, (double)base);
+    const vk_buf *tab = NULL;
+    for (int i = 0; i < c->n_rope && !tab; i++)
+        if (!memcmp(&c->rope[i].r, rope, sizeof *rope)) tab = &c->rope[i].tab;
+    if (!tab) {
+        vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: rope with %d dims / base %g is none of the model's tables", rope->n_rot, (double)rope->base);
         return;
     }
     vk_pn_touch(c, 1u << buf, 1u << buf);
@@ -1984,11 +2055,13 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, int n
         r->pipe = (uint16_t)hw;
         r->kind = VKC_ROPE;
         VkPipeline pl;
-        moe_status st = vk_pipe(c->vk, hw, &pl);
+        int var;
+        moe_status st = vk_pipe(c->vk, hw, 0, &pl, &var);
         if (st) {
             vk_ctx_fail(c, st, "%s", moe_last_error());
             return;
         }
+        r->var = (uint8_t)var;
         memset(r->pc, 0, sizeof r->pc);
         r->pc[3] = 3;
         r->pc[4] = eps;
@@ -2001,10 +2074,10 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, int n
         vk_bind(r, 0, &c->act[buf], 1);
         r->pc[3] = 2;
     }
-    vk_bind(r, 3, &c->rope, 0);
+    vk_bind(r, 3, tab, 0);
     r->pc[0] = (uint32_t)n_head;
     r->pc[1] = (uint32_t)head_dim;
-    r->pc[2] = (uint32_t)n_rot;
+    r->pc[2] = (uint32_t)rope->n_rot;
     r->pc[6] = (uint32_t)pd;
     r->grid[0] = (uint32_t)n_head;
     r->grid[1] = (uint32_t)n;
@@ -2012,23 +2085,26 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, int n
     c->fuse_idx = -1;
 }
 
-static void vk_op_attention(void *be, int layer, int n, int pos0, float scale) {
+static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
-    const moe_hparams *hp = &c->w->hp;
+    if (a->window || !a->store) {
+        vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: sliding-window and KV-shared attention are not implemented yet");
+        return;
+    }
     vk_pn_touch(c, (1u << ACT_Q) | (1u << ACT_K) | (1u << ACT_V), 1u << ACT_ATTN);
     int32_t pd = vk_pos_delta(c, pos0);
-    uint32_t kvw = (uint32_t)(hp->n_head_kv * hp->head_dim);
-    VkDeviceSize lo = (VkDeviceSize)layer * c->kv_layer;
+    uint32_t kvw = (uint32_t)(a->n_head_kv * a->head_dim);
+    VkDeviceSize lo = c->kv_off[a->cache], sz = c->kv_size[a->cache];
     /* the cache store rides on the K heads' norm/rope dispatch recorded just before, if any */
     int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
     for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 2; i--) {
         vk_rec *q = &c->recs[i];
-        if (q->pipe == hw && q->buf[0] == c->act[ACT_K].buf && q->grid[0] == (uint32_t)hp->n_head_kv && q->grid[1] == (uint32_t)n &&
+        if (q->pipe == hw && q->buf[0] == c->act[ACT_K].buf && q->grid[0] == (uint32_t)a->n_head_kv && q->grid[1] == (uint32_t)n &&
             q->pc[6] == (uint32_t)pd && !(q->pc[3] & 12u)) {
             vk_bind(q, 1, &c->act[ACT_V], 0);
-            vk_bind_range(q, 4, c->kc.buf, lo, c->kv_layer, 1);
-            vk_bind_range(q, 5, c->vc.buf, lo, c->kv_layer, 1);
+            vk_bind_range(q, 4, c->kc.buf, lo, sz, 1);
+            vk_bind_range(q, 5, c->vc.buf, lo, sz, 1);
             q->pc[3] |= 12u;
             q->pc[5] = kvw;
             goto attend;
@@ -2038,27 +2114,27 @@ static void vk_op_attention(void *be, int layer, int n, int pos0, float scale) {
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_K], 0);
     vk_bind(r, 1, &c->act[ACT_V], 0);
-    vk_bind_range(r, 4, c->kc.buf, lo, c->kv_layer, 1);
-    vk_bind_range(r, 5, c->vc.buf, lo, c->kv_layer, 1);
+    vk_bind_range(r, 4, c->kc.buf, lo, sz, 1);
+    vk_bind_range(r, 5, c->vc.buf, lo, sz, 1);
     r->pc[0] = kvw;
     r->pc[1] = (uint32_t)pd;
     r->grid[0] = vk_div_up(kvw, 2u * k_vk_plain[VKP_KVSTORE_F16 - VKP_ADD].wg);
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 2;
 attend:
-    r = vk_rec_new(c, c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32, VKC_ATTN);
+    r = vk_rec_new_spec(c, c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32, (uint32_t)a->head_dim, VKC_ATTN);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_Q], 0);
     vk_bind(r, 1, &c->act[ACT_ATTN], 1);
-    vk_bind_range(r, 4, c->kc.buf, lo, c->kv_layer, 0);
-    vk_bind_range(r, 5, c->vc.buf, lo, c->kv_layer, 0);
-    r->pc[0] = (uint32_t)hp->n_head;
-    r->pc[1] = (uint32_t)hp->n_head_kv;
-    r->pc[2] = (uint32_t)hp->head_dim;
+    vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
+    vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
+    r->pc[0] = (uint32_t)a->n_head;
+    r->pc[1] = (uint32_t)a->n_head_kv;
+    r->pc[2] = (uint32_t)a->head_dim;
     r->pc[3] = kvw;
-    r->pc[4] = vk_f2u(scale);
+    r->pc[4] = vk_f2u(a->scale);
     r->pc[5] = (uint32_t)pd;
-    r->grid[0] = (uint32_t)hp->n_head;
+    r->grid[0] = (uint32_t)a->n_head;
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
     c->fuse_idx = -1;
@@ -2087,28 +2163,26 @@ static void vk_op_add(void *be, int dst, int src, int n, int width) {
     c->fuse_idx = -1;
 }
 
-static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n) {
+/* route: router logits (a matmul into ACT_ROUTER), then on the GPU the softmax, top-k and
+   renormalisation per token; for matmul-size steps also the grouping of (token, slot) pairs by
+   expert into work items. The choice stays on the device. */
+static void vk_op_route(void *be, const moe_weight *router, const moe_route *rt, int src, int n) {
     vk_ctx *c = be;
-    const moe_hparams *hp = &c->w->hp;
-    const vk_wt *wg = vk_wt_of(c, &L->gate_exps), *wu = vk_wt_of(c, &L->up_exps), *wd = vk_wt_of(c, &L->down_exps);
-    if (!wg || !wu || !wd || c->err || n <= 0) return;
-    moe_vk_backend *vk = c->vk;
-    uint32_t E = (uint32_t)hp->n_expert, k = (uint32_t)hp->n_expert_used, ff = (uint32_t)hp->n_ff_exp, D = (uint32_t)hp->n_embd;
-    int tg = vk_type_index(L->gate_exps.type), tu = vk_type_index(L->up_exps.type), td = vk_type_index(L->down_exps.type);
-    int inl = n <= VK_MV_MAX && c->pn.active && src == c->pn.dst && n <= c->pn.rows && (int)D == c->pn.width;
-    c->step_evals += (uint64_t)n * k;
-    vk_pn_touch(c, (1u << ACT_ROUTER) | (inl ? 0u : 1u << src), 1u << dst);
-    /* the router's choice, on the GPU: softmax, top-k, renormalisation */
+    if (c->err || n <= 0) return;
+    if (router) vk_op_matmul(be, ACT_ROUTER, router, src, 0, n);
+    vk_pn_touch(c, 1u << ACT_ROUTER, 0);
+    uint32_t E = (uint32_t)rt->n_expert, k = (uint32_t)rt->k;
+    c->route_k = k;
+    c->route_n = n;
     vk_rec *r = vk_rec_new(c, VKP_TOPK, VKC_TOPK);
     if (!r) return;
     vk_bind(r, 2, &c->aux, 1);
     vk_bind(r, 5, &c->act[ACT_ROUTER], 0);
-    uint32_t tpc[6] = {E, k, (uint32_t)hp->norm_topk, 0, c->ids_off, c->w_off};
+    uint32_t tpc[6] = {E, k, (uint32_t)rt->norm, 0, c->ids_off, c->w_off};
     memcpy(r->pc, tpc, sizeof tpc);
     r->grid[0] = (uint32_t)n;
     r->grid[1] = r->grid[2] = 1;
-    int mv = n <= VK_MV_MAX;
-    if (!mv) { /* group the (token, slot) pairs by expert into work items */
+    if (n > VK_MV_MAX) { /* group the (token, slot) pairs by expert into work items */
         r = vk_rec_new(c, VKP_MOE_SORT, VKC_SORT);
         if (!r) return;
         vk_bind(r, 2, &c->aux, 1);
@@ -2116,14 +2190,33 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
         memcpy(r->pc, spc, sizeof spc);
         r->grid[0] = r->grid[1] = r->grid[2] = 1;
     }
+    c->fuse_idx = -1;
+}
+
+/* expert gate and up of every routed pair into h: fused when both have one type (mode 1),
+   else gate (mode 3) then up (mode 4); the kernels apply the activation */
+static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight *up, int act, int src, int n) {
+    vk_ctx *c = be;
+    const vk_wt *wg = vk_wt_of(c, gate), *wu = vk_wt_of(c, up);
+    if (!wg || !wu || c->err || n <= 0) return;
+    if (act != MOE_ACT_SILU) {
+        vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: expert activation %d is not implemented yet", act);
+        return;
+    }
+    moe_vk_backend *vk = c->vk;
+    uint32_t k = (uint32_t)c->route_k, ff = (uint32_t)gate->ne[1], D = (uint32_t)gate->ne[0];
+    int tg = vk_type_index(gate->type), tu = vk_type_index(up->type);
+    int inl = n <= VK_MV_MAX && c->pn.active && src == c->pn.dst && n <= c->pn.rows && (int)D == c->pn.width;
+    c->step_evals += (uint64_t)n * k;
+    vk_pn_touch(c, inl ? 0u : 1u << src, 0);
+    int mv = n <= VK_MV_MAX;
     int mmk = vk->coopmat ? VKK_MMCM : VKK_MM, mmgk = vk->coopmat ? VKK_MMCMG : VKK_MMG;
-    /* gate and up: fused when both have one type, else gate (mode 3) then up (mode 4) */
     for (int pass = 0; pass < (tg == tu ? 1 : 2); pass++) {
         int mode = tg == tu ? 1 : pass == 0 ? 3 : 4;
         int t = mode == 4 ? tu : tg;
-        const moe_weight *mw = mode == 4 ? &L->up_exps : &L->gate_exps;
+        const moe_weight *mw = mode == 4 ? up : gate;
         int pipe = VKP_TYPED(mv ? VKK_MV : mode == 1 ? mmgk : mmk, t);
-        r = vk_rec_new(c, pipe, mv ? VKC_MV_GATEUP : VKC_MM_GATEUP);
+        vk_rec *r = vk_rec_new(c, pipe, mv ? VKC_MV_GATEUP : VKC_MM_GATEUP);
         if (!r) return;
         vk_bind(r, 0, &c->act[src], 0);
         vk_bind(r, 1, &c->h, 1);
@@ -2138,8 +2231,21 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
     }
-    /* down: matvec sums the k experts of each token itself; matmul writes per-pair rows, combined after */
-    r = vk_rec_new(c, VKP_TYPED(mv ? VKK_MV : mmk, td), mv ? VKC_MV_DOWN : VKC_MM_DOWN);
+    c->fuse_idx = -1;
+}
+
+/* expert down: the matrix-vector kernel sums each token's k experts itself; the matmul writes
+   per-pair rows that a combine pass weights and sums */
+static void vk_op_experts_down(void *be, int dst, const moe_weight *down, int n) {
+    vk_ctx *c = be;
+    const vk_wt *wd = vk_wt_of(c, down);
+    if (!wd || c->err || n <= 0) return;
+    vk_pn_touch(c, 0, 1u << dst);
+    moe_vk_backend *vk = c->vk;
+    uint32_t k = (uint32_t)c->route_k, ff = (uint32_t)down->ne[0], D = (uint32_t)down->ne[1];
+    int td = vk_type_index(down->type), mv = n <= VK_MV_MAX;
+    int mmk = vk->coopmat ? VKK_MMCM : VKK_MM;
+    vk_rec *r = vk_rec_new(c, VKP_TYPED(mv ? VKK_MV : mmk, td), mv ? VKC_MV_DOWN : VKC_MM_DOWN);
     if (!r) return;
     vk_bind(r, 0, &c->h, 0);
     vk_bind(r, 1, mv ? &c->act[dst] : &c->p, 1);
@@ -2148,7 +2254,7 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
     r->wmode = 2;
     r->win = wd->win0;
     uint32_t nblk = vk_div_up(D, mv ? VK_MV_ROWS : 64);
-    uint32_t pc[16] = {ff, D, (uint32_t)L->down_exps.row_bytes, nblk, 0, ff, 0, D, 2, 0, wd->tbl, 0,
+    uint32_t pc[16] = {ff, D, (uint32_t)down->row_bytes, nblk, 0, ff, 0, D, 2, 0, wd->tbl, 0,
                        mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
     memcpy(r->pc, pc, sizeof pc);
     vk_grid_fold(r, nblk, mv ? (uint32_t)n : c->max_items);
@@ -2173,13 +2279,15 @@ static void vk_op_moe_ffn(void *be, int dst, int src, const moe_layer *L, int n)
 /* device memory: weights (shared by the model's contexts), KV cache, scratch */
 static void vk_stats(const void *be, moe_stats *out) {
     const vk_ctx *c = be;
-    uint64_t s = c->h.size + c->p.size + c->aux.size + c->rope.size + c->step.size + c->logits.size;
+    uint64_t s = c->h.size + c->p.size + c->aux.size + c->step.size + c->logits.size;
+    for (int i = 0; i < c->n_rope; i++) s += c->rope[i].tab.size;
     for (int i = 0; i < ACT_COUNT; i++) s += c->act[i].size;
     out->gpu_bytes_weights += c->vk->weight_bytes + c->vk->tables.size;
     out->gpu_bytes_kv += c->kc.size + c->vc.size;
     out->gpu_bytes_scratch += s;
 }
 
-const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_moe_ffn,
-                            vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save, vk_kv_load, vk_stats};
+const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_route,
+                            vk_op_experts_glu, vk_op_experts_down, vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save,
+                            vk_kv_load, vk_stats};
 

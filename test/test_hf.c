@@ -75,15 +75,15 @@ static void write_hf_dir(const moe_model *m, int fused, int shards) {
                " \"rms_norm_eps\": %.9g, \"rope_theta\": %.9g, \"max_position_embeddings\": %d, \"vocab_size\": %d,\n"
                " \"tie_word_embeddings\": false, \"decoder_sparse_step\": 1, \"mlp_only_layers\": [], \"rope_scaling\": null}\n",
             hp->n_embd, hp->n_layer, hp->n_head, hp->n_head_kv, hp->head_dim, hp->n_expert, hp->n_expert_used, hp->n_ff_exp,
-            (double)hp->rms_eps, (double)hp->rope_base, hp->n_ctx_train, hp->n_vocab);
+            (double)hp->rms_eps, (double)m->w.layers[0].p.rope.base, hp->n_ctx_train, hp->n_vocab);
     fclose(f);
     st_writer w = {0};
     gb_put(&w.hdr, "{", 1);
     w.first = 1;
     int shard = 0;
-    put(&w, "model.embed_tokens.weight", &m->w.tok_embd, 0);
-    put(&w, "model.norm.weight", &m->w.output_norm, 0);
-    put(&w, "lm_head.weight", &m->w.output, 0);
+    put(&w, "model.embed_tokens.weight", &m->w.g[MOE_TOK_EMBD], 0);
+    put(&w, "model.norm.weight", &m->w.g[MOE_OUTPUT_NORM], 0);
+    put(&w, "lm_head.weight", &m->w.g[MOE_OUTPUT], 0);
     for (int l = 0; l < hp->n_layer; l++) {
         if (shards > 1 && l > 0) {
             snprintf(path, sizeof path, DIR_OUT "/model-%d.safetensors", shard++);
@@ -92,22 +92,22 @@ static void write_hf_dir(const moe_model *m, int fused, int shards) {
         const moe_layer *L = &m->w.layers[l];
         char n[128];
 #define P(suffix, wt) (snprintf(n, sizeof n, "model.layers.%d.%s", l, suffix), put(&w, n, wt, 0))
-        P("input_layernorm.weight", &L->attn_norm);
-        P("self_attn.q_proj.weight", &L->wq);
-        P("self_attn.k_proj.weight", &L->wk);
-        P("self_attn.v_proj.weight", &L->wv);
-        P("self_attn.o_proj.weight", &L->wo);
-        P("self_attn.q_norm.weight", &L->q_norm);
-        P("self_attn.k_norm.weight", &L->k_norm);
-        P("post_attention_layernorm.weight", &L->ffn_norm);
-        P("mlp.gate.weight", &L->router);
+        P("input_layernorm.weight", &L->t[MOE_ATTN_NORM]);
+        P("self_attn.q_proj.weight", &L->t[MOE_WQ]);
+        P("self_attn.k_proj.weight", &L->t[MOE_WK]);
+        P("self_attn.v_proj.weight", &L->t[MOE_WV]);
+        P("self_attn.o_proj.weight", &L->t[MOE_WO]);
+        P("self_attn.q_norm.weight", &L->t[MOE_Q_NORM]);
+        P("self_attn.k_norm.weight", &L->t[MOE_K_NORM]);
+        P("post_attention_layernorm.weight", &L->t[MOE_FFN_NORM]);
+        P("mlp.gate.weight", &L->t[MOE_ROUTER]);
 #undef P
         int64_t X = hp->n_expert, F = hp->n_ff_exp, E = hp->n_embd;
         if (fused) {
             float *gu = malloc((size_t)(X * 2 * F * E) * sizeof *gu), *dn = malloc((size_t)(X * E * F) * sizeof *dn);
             for (int e = 0; e < X; e++) {
                 size_t cnt;
-                float *g = weight_f32(&L->gate_exps, e, &cnt), *u = weight_f32(&L->up_exps, e, &cnt), *d = weight_f32(&L->down_exps, e, &cnt);
+                float *g = weight_f32(&L->t[MOE_GATE_EXPS], e, &cnt), *u = weight_f32(&L->t[MOE_UP_EXPS], e, &cnt), *d = weight_f32(&L->t[MOE_DOWN_EXPS], e, &cnt);
                 memcpy(gu + (size_t)e * 2 * F * E, g, (size_t)(F * E) * 4);
                 memcpy(gu + (size_t)e * 2 * F * E + F * E, u, (size_t)(F * E) * 4);
                 memcpy(dn + (size_t)e * E * F, d, (size_t)(E * F) * 4);
@@ -123,11 +123,11 @@ static void write_hf_dir(const moe_model *m, int fused, int shards) {
         } else {
             for (int e = 0; e < X; e++) {
                 snprintf(n, sizeof n, "model.layers.%d.mlp.experts.%d.gate_proj.weight", l, e);
-                put(&w, n, &L->gate_exps, e);
+                put(&w, n, &L->t[MOE_GATE_EXPS], e);
                 snprintf(n, sizeof n, "model.layers.%d.mlp.experts.%d.up_proj.weight", l, e);
-                put(&w, n, &L->up_exps, e);
+                put(&w, n, &L->t[MOE_UP_EXPS], e);
                 snprintf(n, sizeof n, "model.layers.%d.mlp.experts.%d.down_proj.weight", l, e);
-                put(&w, n, &L->down_exps, e);
+                put(&w, n, &L->t[MOE_DOWN_EXPS], e);
             }
         }
     }

@@ -115,6 +115,7 @@ static float rng_f(rng_t *r) { return (float)((double)(rng_u64(r) >> 11) / 90071
 typedef struct synth {
     moe_weights w;
     moe_layer layer;
+    moe_cache_plan cache;
     void *mem[32];
     int n_mem;
     const uint8_t *tables[3][64];
@@ -165,38 +166,51 @@ static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t see
     memset(s, 0, sizeof *s);
     rng_t r = {seed};
     moe_hparams *hp = &s->w.hp;
-    hp->arch = 1;
     hp->n_vocab = vocab;
     hp->n_embd = 256;
     hp->n_layer = 1;
     hp->n_head = 4;
     hp->n_head_kv = 2;
     hp->head_dim = 64;
-    hp->n_rot = 64;
     hp->n_ctx_train = 4096;
     hp->n_expert = 8;
     hp->n_expert_used = 3;
     hp->n_ff_exp = 256;
-    hp->norm_topk = 1;
+    hp->n_cache = 1;
     hp->rms_eps = 1e-6f;
-    hp->rope_base = 10000.0f;
-    int E = hp->n_embd, Q = hp->n_head * hp->head_dim, KV = hp->n_head_kv * hp->head_dim;
-    synth_weight(s, &s->w.tok_embd, "token_embd", types[0], 2, E, vocab, 1, 1.0f, &r);
-    synth_weight(s, &s->w.output_norm, "output_norm", MOE_TYPE_F32, 1, E, 1, 1, 0, &r);
-    synth_weight(s, &s->w.output, "output", types[0], 2, E, vocab, 1, 0.1f, &r);
     moe_layer *L = &s->layer;
-    synth_weight(s, &L->attn_norm, "attn_norm", MOE_TYPE_F32, 1, E, 1, 1, 0, &r);
-    synth_weight(s, &L->wq, "wq", types[1], 2, E, Q, 1, 0.1f, &r);
-    synth_weight(s, &L->wk, "wk", types[1], 2, E, KV, 1, 0.1f, &r);
-    synth_weight(s, &L->wv, "wv", types[1], 2, E, KV, 1, 0.1f, &r);
-    synth_weight(s, &L->wo, "wo", types[1], 2, Q, E, 1, 0.1f, &r);
-    synth_weight(s, &L->q_norm, "q_norm", MOE_TYPE_F32, 1, hp->head_dim, 1, 1, 0, &r);
-    synth_weight(s, &L->k_norm, "k_norm", MOE_TYPE_F32, 1, hp->head_dim, 1, 1, 0, &r);
-    synth_weight(s, &L->ffn_norm, "ffn_norm", MOE_TYPE_F32, 1, E, 1, 1, 0, &r);
-    synth_weight(s, &L->router, "router", MOE_TYPE_F32, 2, E, hp->n_expert, 1, 0.3f, &r);
-    synth_weight(s, &L->gate_exps, "gate", types[2], 3, E, hp->n_ff_exp, hp->n_expert, 0.1f, &r);
-    synth_weight(s, &L->up_exps, "up", types[3], 3, E, hp->n_ff_exp, hp->n_expert, 0.1f, &r);
-    synth_weight(s, &L->down_exps, "down", types[4], 3, hp->n_ff_exp, E, hp->n_expert, 0.1f, &r);
+    moe_layer_plan *lp = &L->p;
+    lp->attn_kind = MOE_ATTN_FULL;
+    moe_attn at = {hp->n_head, hp->n_head_kv, hp->head_dim, 0, 1.0f / sqrtf((float)hp->head_dim), 0, 1};
+    lp->attn = at;
+    moe_rope rp = {64, 32, 64, 10000.0f};
+    lp->rope = rp;
+    lp->ffn_kind = MOE_FFN_MOE;
+    lp->act = MOE_ACT_SILU;
+    lp->n_expert = hp->n_expert;
+    lp->n_expert_used = hp->n_expert_used;
+    lp->n_ff_exp = hp->n_ff_exp;
+    lp->norm_topk = 1;
+    s->cache.layer = 0;
+    s->cache.kv_width = hp->n_head_kv * hp->head_dim;
+    s->w.caches = &s->cache;
+    int E = hp->n_embd, Q = hp->n_head * hp->head_dim, KV = hp->n_head_kv * hp->head_dim;
+    synth_weight(s, &s->w.g[MOE_TOK_EMBD], "token_embd", types[0], 2, E, vocab, 1, 1.0f, &r);
+    synth_weight(s, &s->w.g[MOE_OUTPUT_NORM], "output_norm", MOE_TYPE_F32, 1, E, 1, 1, 0, &r);
+    synth_weight(s, &s->w.g[MOE_OUTPUT], "output", types[0], 2, E, vocab, 1, 0.1f, &r);
+    moe_weight *t = L->t;
+    synth_weight(s, &t[MOE_ATTN_NORM], "attn_norm", MOE_TYPE_F32, 1, E, 1, 1, 0, &r);
+    synth_weight(s, &t[MOE_WQ], "wq", types[1], 2, E, Q, 1, 0.1f, &r);
+    synth_weight(s, &t[MOE_WK], "wk", types[1], 2, E, KV, 1, 0.1f, &r);
+    synth_weight(s, &t[MOE_WV], "wv", types[1], 2, E, KV, 1, 0.1f, &r);
+    synth_weight(s, &t[MOE_WO], "wo", types[1], 2, Q, E, 1, 0.1f, &r);
+    synth_weight(s, &t[MOE_Q_NORM], "q_norm", MOE_TYPE_F32, 1, hp->head_dim, 1, 1, 0, &r);
+    synth_weight(s, &t[MOE_K_NORM], "k_norm", MOE_TYPE_F32, 1, hp->head_dim, 1, 1, 0, &r);
+    synth_weight(s, &t[MOE_FFN_NORM], "ffn_norm", MOE_TYPE_F32, 1, E, 1, 1, 0, &r);
+    synth_weight(s, &t[MOE_ROUTER], "router", MOE_TYPE_F32, 2, E, hp->n_expert, 1, 0.3f, &r);
+    synth_weight(s, &t[MOE_GATE_EXPS], "gate", types[2], 3, E, hp->n_ff_exp, hp->n_expert, 0.1f, &r);
+    synth_weight(s, &t[MOE_UP_EXPS], "up", types[3], 3, E, hp->n_ff_exp, hp->n_expert, 0.1f, &r);
+    synth_weight(s, &t[MOE_DOWN_EXPS], "down", types[4], 3, hp->n_ff_exp, E, hp->n_expert, 0.1f, &r);
     s->w.layers = L;
 }
 
@@ -309,9 +323,9 @@ static void run_type_ops(const int32_t types[5], const char *label, int vocab) {
     /* embedding */
     moe_token tok[7];
     for (int i = 0; i < 7; i++) tok[i] = (moe_token)(rng_u64(&r) % (uint64_t)hp->n_vocab);
-    k_cpu_ops.embed(p.cpu, ACT_X, &s.w.tok_embd, tok, 7);
+    k_cpu_ops.embed(p.cpu, ACT_X, &s.w.g[MOE_TOK_EMBD], tok, 7);
     gpu_begin(&p);
-    moe_vk_ops.embed(p.gpu, ACT_X, &s.w.tok_embd, tok, 7);
+    moe_vk_ops.embed(p.gpu, ACT_X, &s.w.g[MOE_TOK_EMBD], tok, 7);
     gpu_end(&p);
     snprintf(what, sizeof what, "%s embed", label);
     CHECK_ERR(what, pair_err(&p, ACT_X, 7), 1e-7);
@@ -321,11 +335,11 @@ static void run_type_ops(const int32_t types[5], const char *label, int vocab) {
     for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++)
         for (int row0 = 0; row0 < 2; row0++) {
             int n = ns[i];
-            k_cpu_ops.matmul(p.cpu, ACT_Q, &s.layer.wq, ACT_XN, row0, n);
-            k_cpu_ops.matmul(p.cpu, ACT_LOGITS, &s.w.output, ACT_XN, row0, n);
+            k_cpu_ops.matmul(p.cpu, ACT_Q, &s.layer.t[MOE_WQ], ACT_XN, row0, n);
+            k_cpu_ops.matmul(p.cpu, ACT_LOGITS, &s.w.g[MOE_OUTPUT], ACT_XN, row0, n);
             gpu_begin(&p);
-            moe_vk_ops.matmul(p.gpu, ACT_Q, &s.layer.wq, ACT_XN, row0, n);
-            moe_vk_ops.matmul(p.gpu, ACT_LOGITS, &s.w.output, ACT_XN, row0, n);
+            moe_vk_ops.matmul(p.gpu, ACT_Q, &s.layer.t[MOE_WQ], ACT_XN, row0, n);
+            moe_vk_ops.matmul(p.gpu, ACT_LOGITS, &s.w.g[MOE_OUTPUT], ACT_XN, row0, n);
             gpu_end(&p);
             snprintf(what, sizeof what, "%s matmul n=%d row0=%d", label, n, row0);
             double tol = cm && n > VK_MV_MAX && types[1] != MOE_TYPE_F32 ? TOL_OP_CM : TOL_OP;
@@ -337,10 +351,17 @@ static void run_type_ops(const int32_t types[5], const char *label, int vocab) {
     pair_rand(&p, ACT_ROUTER, 40, 3.0f, &r);
     static const int nm[] = {1, 2, 8, 40};
     for (size_t i = 0; i < sizeof nm / sizeof nm[0]; i++) {
-        k_cpu_ops.moe_ffn(p.cpu, ACT_OUT, ACT_XN, &s.layer, nm[i]);
-        gpu_begin(&p);
-        moe_vk_ops.moe_ffn(p.gpu, ACT_OUT, ACT_XN, &s.layer, nm[i]);
-        gpu_end(&p);
+        const moe_layer *L = &s.layer;
+        moe_route rt = {L->p.n_expert, L->p.n_expert_used, L->p.norm_topk};
+        const moe_ops *ops[2] = {&k_cpu_ops, &moe_vk_ops};
+        for (int b = 0; b < 2; b++) { /* route over the logits already in ACT_ROUTER */
+            void *be = b ? p.gpu : p.cpu;
+            if (b) gpu_begin(&p);
+            ops[b]->route(be, NULL, &rt, ACT_XN, nm[i]);
+            ops[b]->experts_glu(be, moe_lw(L, MOE_GATE_EXPS), moe_lw(L, MOE_UP_EXPS), L->p.act, ACT_XN, nm[i]);
+            ops[b]->experts_down(be, ACT_OUT, moe_lw(L, MOE_DOWN_EXPS), nm[i]);
+            if (b) gpu_end(&p);
+        }
         snprintf(what, sizeof what, "%s moe_ffn n=%d", label, nm[i]);
         CHECK_ERR(what, pair_err(&p, ACT_OUT, nm[i]), cm && nm[i] > VK_MV_MAX ? TOL_OP_CM : TOL_OP);
     }
@@ -397,10 +418,10 @@ static void test_ops_common(void **state) {
         double tol_attn = kv ? TOL_OP_F16KV : TOL_OP;
         /* rmsnorm with and without a weight */
         pair_rand(&p, ACT_X, 5, 2.0f, &r);
-        k_cpu_ops.rmsnorm(p.cpu, ACT_XN, ACT_X, &L->attn_norm, 5, hp->n_embd, hp->rms_eps);
+        k_cpu_ops.rmsnorm(p.cpu, ACT_XN, ACT_X, &L->t[MOE_ATTN_NORM], 5, hp->n_embd, hp->rms_eps);
         k_cpu_ops.rmsnorm(p.cpu, ACT_OUT, ACT_X, NULL, 5, hp->n_embd, hp->rms_eps);
         gpu_begin(&p);
-        moe_vk_ops.rmsnorm(p.gpu, ACT_XN, ACT_X, &L->attn_norm, 5, hp->n_embd, hp->rms_eps);
+        moe_vk_ops.rmsnorm(p.gpu, ACT_XN, ACT_X, &L->t[MOE_ATTN_NORM], 5, hp->n_embd, hp->rms_eps);
         moe_vk_ops.rmsnorm(p.gpu, ACT_OUT, ACT_X, NULL, 5, hp->n_embd, hp->rms_eps);
         gpu_end(&p);
         CHECK_ERR("rmsnorm", pair_err(&p, ACT_XN, 5), TOL_OP);
@@ -412,19 +433,19 @@ static void test_ops_common(void **state) {
         for (int b = 0; b < 2; b++) {
             void *be = b ? p.gpu : p.cpu;
             if (b) gpu_begin(&p);
-            ops[b]->rmsnorm(be, ACT_Q, ACT_Q, &L->q_norm, 5 * hp->n_head, hp->head_dim, hp->rms_eps);
-            ops[b]->rmsnorm(be, ACT_K, ACT_K, &L->k_norm, 5 * hp->n_head_kv, hp->head_dim, hp->rms_eps);
-            ops[b]->rope(be, ACT_Q, 5, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, 7);
-            ops[b]->rope(be, ACT_K, 5, hp->n_head_kv, hp->head_dim, hp->n_rot, hp->rope_base, 7);
+            ops[b]->rmsnorm(be, ACT_Q, ACT_Q, &L->t[MOE_Q_NORM], 5 * hp->n_head, hp->head_dim, hp->rms_eps);
+            ops[b]->rmsnorm(be, ACT_K, ACT_K, &L->t[MOE_K_NORM], 5 * hp->n_head_kv, hp->head_dim, hp->rms_eps);
+            ops[b]->rope(be, ACT_Q, 5, hp->n_head, hp->head_dim, &L->p.rope, 7);
+            ops[b]->rope(be, ACT_K, 5, hp->n_head_kv, hp->head_dim, &L->p.rope, 7);
             if (b) gpu_end(&p);
         }
         CHECK_ERR("q-norm + rope", pair_err(&p, ACT_Q, 5), TOL_OP);
         CHECK_ERR("k-norm + rope", pair_err(&p, ACT_K, 5), TOL_OP);
         /* rope alone, at positions up to 200 */
         pair_rand(&p, ACT_Q, 5, 2.0f, &r);
-        k_cpu_ops.rope(p.cpu, ACT_Q, 5, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, 195);
+        k_cpu_ops.rope(p.cpu, ACT_Q, 5, hp->n_head, hp->head_dim, &L->p.rope, 195);
         gpu_begin(&p);
-        moe_vk_ops.rope(p.gpu, ACT_Q, 5, hp->n_head, hp->head_dim, hp->n_rot, hp->rope_base, 195);
+        moe_vk_ops.rope(p.gpu, ACT_Q, 5, hp->n_head, hp->head_dim, &L->p.rope, 195);
         gpu_end(&p);
         CHECK_ERR("rope", pair_err(&p, ACT_Q, 5), TOL_OP);
         /* attention: 6 tokens at 0, then 3 at 6, then 1 at 9 */
@@ -434,10 +455,11 @@ static void test_ops_common(void **state) {
             pair_rand(&p, ACT_Q, n, 1.0f, &r);
             pair_rand(&p, ACT_K, n, 1.0f, &r);
             pair_rand(&p, ACT_V, n, 1.0f, &r);
-            float scale = 1.0f / sqrtf((float)hp->head_dim) * 4.0f; /* sharper than usual: softmax not flat */
-            k_cpu_ops.attention(p.cpu, 0, n, pos0, scale);
+            moe_attn a = L->p.attn;
+            a.scale = 1.0f / sqrtf((float)hp->head_dim) * 4.0f; /* sharper than usual: softmax not flat */
+            k_cpu_ops.attention(p.cpu, &a, n, pos0);
             gpu_begin(&p);
-            moe_vk_ops.attention(p.gpu, 0, n, pos0, scale);
+            moe_vk_ops.attention(p.gpu, &a, n, pos0);
             gpu_end(&p);
             char what[64];
             snprintf(what, sizeof what, "attention (%s KV) pos0=%d n=%d", kv ? "f16" : "f32", pos0, n);
@@ -457,7 +479,7 @@ static void test_ops_common(void **state) {
             for (int b = 0; b < 2; b++) {
                 void *be = b ? p.gpu : p.cpu;
                 if (b) gpu_begin(&p);
-                ops[b]->matmul(be, ACT_OUT, &L->wo, ACT_ATTN, 0, na[i]);
+                ops[b]->matmul(be, ACT_OUT, &L->t[MOE_WO], ACT_ATTN, 0, na[i]);
                 ops[b]->add(be, ACT_X, ACT_OUT, na[i], hp->n_embd);
                 if (b) gpu_end(&p);
             }
