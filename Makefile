@@ -45,14 +45,15 @@ $(B)/embed_shaders: gen/embed_shaders.c
 	$(CC) $(WARN) $(CFLAGS) $< -o $@
 
 shaders: $(B)/embed_shaders
-	./$(B)/embed_shaders gen shaders_embedded.c
+	./$(B)/embed_shaders gen moe_vk.c shaders_embedded.c
 
-# Fails when shaders_embedded.c is stale: its recorded source hash must match gen/ (always
+# Fails when gen/contract.glsl (the push-constant layouts copied from moe_vk.c's host-shader
+# contract) or shaders_embedded.c is stale: its recorded source hash must match gen/ and the contract (always
 # checked), and with glslangValidator installed it must equal a fresh compile byte for byte.
 shaders-check: $(B)/embed_shaders
-	@./$(B)/embed_shaders --check gen shaders_embedded.c
+	@./$(B)/embed_shaders --check gen moe_vk.c shaders_embedded.c
 	@if command -v glslangValidator >/dev/null 2>&1; then \
-	  ./$(B)/embed_shaders gen $(B)/shaders_fresh.c && cmp -s $(B)/shaders_fresh.c shaders_embedded.c || \
+	  ./$(B)/embed_shaders gen moe_vk.c $(B)/shaders_fresh.c && cmp -s $(B)/shaders_fresh.c shaders_embedded.c || \
 	  { echo "shaders_embedded.c differs from a fresh compile of gen/: run make shaders"; exit 1; }; \
 	  echo "== shaders_embedded.c matches a fresh compile of gen/"; \
 	else echo "== shaders_embedded.c source hash matches gen/ (glslangValidator absent: SPIR-V not recompiled)"; fi

@@ -384,20 +384,89 @@ static const char *vk_result_str(VkResult r) {
 #define VK_MAX_ROPES 4        /* distinct rope settings among a model's layers */
 #define VK_VARIANTS 4         /* pipelines per kernel: values of specialization constant 1 (head size) */
 
-/* kernels: typed ones exist per weight type, in this order of types */
-enum { VKT_F32, VKT_F16, VKT_BF16, VKT_Q8_0, VKT_Q4_0, VKT_Q4_K, VKT_Q5_K, VKT_Q6_K, VKT_MXFP4, VKT_COUNT };
-static const char *const k_vk_type_names[VKT_COUNT] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4"};
-enum { VKK_EMBED, VKK_MV, VKK_MM, VKK_MMG, VKK_MMCM, VKK_MMCMG, VKK_COUNT };
-static const char *const k_vk_kind_names[VKK_COUNT] = {"embed", "mv", "mm", "mmg", "mmcm", "mmcmg"};
-static const uint32_t k_vk_kind_wg[VKK_COUNT] = {64, 64, 256, 256, 128, 128};
-enum {
-    VKP_ADD = VKK_COUNT * VKT_COUNT, VKP_ATTN_F16, VKP_ATTN_F32, VKP_HEADWISE_F16, VKP_HEADWISE_F32, VKP_KVSTORE_F16,
-    VKP_KVSTORE_F32, VKP_MOE_COMBINE, VKP_MOE_SORT, VKP_RMSNORM, VKP_TOPK, VKP_COUNT
-};
-static const struct { const char *name; uint32_t wg; } k_vk_plain[VKP_COUNT - VKP_ADD] = {
-    {"add", 256}, {"attn_f16", 128}, {"attn_f32", 128}, {"headwise_f16", 64}, {"headwise_f32", 64},
-    {"kvstore_f16", 64}, {"kvstore_f32", 64}, {"moe_combine", 256}, {"moe_sort", 256}, {"rmsnorm", 256}, {"topk", 64},
-};
+/* ---- the host-shader contract ----------------------------------------------------------------
+   The text between the BEGIN and END markers below is the one description of the kernels that
+   C and GLSL share. gen/embed_shaders reads the kernel table to know which variants to compile
+   (one GLSL source, compiled with defines), and copies the push-constant layouts into
+   gen/contract.glsl, which every shader includes; `make shaders-check` fails when that copy or
+   shaders_embedded.c is stale. Push constants: X(type, field) with type uint, int or float, all
+   4 bytes, so the std430 push-constant block and the C struct vk_pc_<kernel> have one layout.
+   Pipelines are keyed by (kernel, specialization constant 1); see vk_pipe. */
+/* BEGIN KERNELS */
+/* KT(ENUM, name, source, defines, workgroup size): compiled once per weight type of VK_TYPES as
+   name_<type> with -DT_<TYPE>; KP(...): one plain kernel */
+#define VK_TYPES(T) T(F32, f32) T(F16, f16) T(BF16, bf16) T(Q8_0, q8_0) T(Q4_0, q4_0) T(Q4_K, q4_k) T(Q5_K, q5_k) T(Q6_K, q6_k) T(MXFP4, mxfp4)
+#define VK_TYPED_KERNELS(KT)                                        \
+    KT(EMBED, embed, "embed.comp", "", 64)                          \
+    KT(MV, mv, "mv.comp", "", 64)                                   \
+    KT(MM, mm, "mm.comp", "", 256)                                  \
+    KT(MMG, mmg, "mm.comp", "-DGATEUP", 256)                        \
+    KT(MMCM, mmcm, "mm_cm.comp", "", 128)                           \
+    KT(MMCMG, mmcmg, "mm_cm.comp", "-DGATEUP", 128)
+#define VK_PLAIN_KERNELS(KP)                                        \
+    KP(ADD, add, "add.comp", "", 256)                               \
+    KP(ATTN_F16, attn_f16, "attn.comp", "-DKV_F16", 128)            \
+    KP(ATTN_F32, attn_f32, "attn.comp", "-DKV_F32", 128)            \
+    KP(HEADWISE_F16, headwise_f16, "headwise.comp", "-DKV_F16", 64) \
+    KP(HEADWISE_F32, headwise_f32, "headwise.comp", "-DKV_F32", 64) \
+    KP(KVSTORE_F16, kvstore_f16, "kvstore.comp", "-DKV_F16", 64)    \
+    KP(KVSTORE_F32, kvstore_f32, "kvstore.comp", "-DKV_F32", 64)    \
+    KP(MOE_COMBINE, moe_combine, "moe_combine.comp", "", 256)       \
+    KP(MOE_SORT, moe_sort, "moe_sort.comp", "", 256)                \
+    KP(RMSNORM, rmsnorm, "rmsnorm.comp", "", 256)                   \
+    KP(TOPK, topk, "topk.comp", "", 64)
+/* END KERNELS */
+/* BEGIN PUSH CONSTANTS */
+#define PC_ADD(X) X(uint, count)
+#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta)
+#define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
+#define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta)
+#define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta)
+#define PC_MATRIX(X)                                                      \
+    X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk)                \
+    X(uint, x_off) X(uint, x_stride) X(uint, y_off) X(uint, y_stride)     \
+    X(uint, mode) X(uint, acc) X(uint, tbl0) X(uint, tbl1)
+#define PC_MM(X) PC_MATRIX(X) X(uint, ncols) X(uint, k_used) X(uint, list_off) X(uint, items_off)
+#define PC_MV(X) PC_MATRIX(X) X(uint, k_used) X(uint, ids_off) X(uint, w_off) X(uint, pad) X(float, eps) X(uint, norm)
+#define PC_MOE_COMBINE(X) X(uint, D) X(uint, k_used) X(uint, w_off) X(uint, pos_off) X(uint, acc)
+#define PC_MOE_SORT(X) X(uint, E) X(uint, n_pairs) X(uint, ids_off) X(uint, list_off) X(uint, pos_off) X(uint, items_off)
+#define PC_RMSNORM(X) X(uint, width) X(uint, has_g) X(uint, rows) X(float, eps)
+#define PC_TOPK(X) X(uint, E) X(uint, k_used) X(uint, norm) X(uint, r_off) X(uint, ids_off) X(uint, w_off)
+/* END PUSH CONSTANTS */
+
+#define VK_CT_uint uint32_t
+#define VK_CT_int int32_t
+#define VK_CT_float float
+#define VK_PC_FIELD(type, name) VK_CT_##type name;
+#define VK_PC_STRUCT(kernel) typedef struct vk_pc_##kernel { PC_##kernel(VK_PC_FIELD) } vk_pc_##kernel;
+VK_PC_STRUCT(ADD)
+VK_PC_STRUCT(ATTN)
+VK_PC_STRUCT(EMBED)
+VK_PC_STRUCT(HEADWISE)
+VK_PC_STRUCT(KVSTORE)
+VK_PC_STRUCT(MM)
+VK_PC_STRUCT(MV)
+VK_PC_STRUCT(MOE_COMBINE)
+VK_PC_STRUCT(MOE_SORT)
+VK_PC_STRUCT(RMSNORM)
+VK_PC_STRUCT(TOPK)
+#define VK_PC_WORD(kernel, field) ((int)(offsetof(vk_pc_##kernel, field) / 4)) /* index into vk_rec.pc */
+
+#define VK_ENUM_T(E, n) VKT_##E,
+#define VK_NAME_T(E, n) #n,
+enum { VK_TYPES(VK_ENUM_T) VKT_COUNT };
+static const char *const k_vk_type_names[VKT_COUNT] = {VK_TYPES(VK_NAME_T)};
+#define VK_ENUM_K(E, n, src, defs, wg) VKK_##E,
+#define VK_NAME_K(E, n, src, defs, wg) #n,
+#define VK_WG_K(E, n, src, defs, wg) wg,
+enum { VK_TYPED_KERNELS(VK_ENUM_K) VKK_COUNT };
+static const char *const k_vk_kind_names[VKK_COUNT] = {VK_TYPED_KERNELS(VK_NAME_K)};
+static const uint32_t k_vk_kind_wg[VKK_COUNT] = {VK_TYPED_KERNELS(VK_WG_K)};
+#define VK_ENUM_P(E, n, src, defs, wg) VKP_##E,
+#define VK_PLAIN_K(E, n, src, defs, wg) {#n, wg},
+enum { VKP_FIRST_PLAIN = VKK_COUNT * VKT_COUNT - 1, VK_PLAIN_KERNELS(VK_ENUM_P) VKP_COUNT };
+#define VKP_ADD (VKK_COUNT * VKT_COUNT) /* the first plain kernel */
+static const struct { const char *name; uint32_t wg; } k_vk_plain[VKP_COUNT - VKP_ADD] = {VK_PLAIN_KERNELS(VK_PLAIN_K)};
 #define VKP_TYPED(kind, t) ((kind) * VKT_COUNT + (t))
 
 static int vk_type_index(int32_t type) {
@@ -1855,6 +1924,15 @@ static uint32_t vk_f2u(float f) {
 
 static uint32_t vk_div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
 
+/* a record's push constants as the contract's struct of its kernel (copies: no aliasing) */
+#define VK_PC_SET(r, kernel, ...)                                                            \
+    do {                                                                                     \
+        vk_pc_##kernel pc_ = __VA_ARGS__;                                                    \
+        _Static_assert(sizeof pc_ <= sizeof(r)->pc, "push constants of " #kernel " too big"); \
+        memcpy((r)->pc, &pc_, sizeof pc_);                                                   \
+    } while (0)
+#define VK_PC_GET(r, kernel, out) memcpy(&(out), (r)->pc, sizeof(vk_pc_##kernel))
+
 /* the device placement of a weight, or a failure */
 static const vk_wt *vk_wt_of(vk_ctx *c, const moe_weight *w) {
     if (!w || !w->dev) {
@@ -1907,10 +1985,7 @@ static void vk_op_embed(void *be, int dst, const moe_weight *w, const moe_token 
         if (!r) return;
         vk_bind(r, 1, &c->act[dst], 1);
         vk_bind_part(r, p);
-        r->pc[0] = K;
-        r->pc[1] = (uint32_t)w->row_bytes;
-        r->pc[2] = (uint32_t)p->row_lo;
-        r->pc[3] = (uint32_t)p->row_hi;
+        VK_PC_SET(r, EMBED, {K, (uint32_t)w->row_bytes, (uint32_t)p->row_lo, (uint32_t)p->row_hi});
         r->grid[0] = vk_div_up(K, 16u * k_vk_kind_wg[VKK_EMBED]);
         r->grid[1] = (uint32_t)n;
         r->grid[2] = 1;
@@ -1929,10 +2004,7 @@ static void vk_emit_rmsnorm(vk_ctx *c, int dst, int src, const moe_weight *w, in
         const vk_part *p = &c->vk->parts[wt->part0];
         vk_bind_range(r, 2, c->vk->win[p->win].buf, p->off, p->bytes, 0);
     }
-    r->pc[0] = (uint32_t)width;
-    r->pc[1] = wt != NULL;
-    r->pc[2] = (uint32_t)n_rows;
-    r->pc[3] = vk_f2u(eps);
+    VK_PC_SET(r, RMSNORM, {(uint32_t)width, wt != NULL, (uint32_t)n_rows, eps});
     vk_grid_fold(r, (uint64_t)n_rows, 1);
     c->fuse_idx = -1;
 }
@@ -1959,11 +2031,11 @@ static void vk_pn_inline(vk_ctx *c, vk_rec *r) {
     const vk_part *p = &c->vk->parts[wt->part0];
     vk_bind(r, 0, &c->act[c->pn.src], 0);
     vk_bind_range(r, 4, c->vk->win[p->win].buf, p->off, p->bytes, 0);
-    r->pc[16] = vk_f2u(c->pn.eps);
-    r->pc[17] = 1;
+    r->pc[VK_PC_WORD(MV, eps)] = vk_f2u(c->pn.eps);
+    r->pc[VK_PC_WORD(MV, norm)] = 1;
     if (!c->pn.done) {
         vk_bind(r, 5, &c->act[c->pn.dst], 1);
-        r->pc[17] |= 2;
+        r->pc[VK_PC_WORD(MV, norm)] |= 2;
         c->pn.done = 1;
     }
 }
@@ -2012,15 +2084,16 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
         vk_bind(r, 1, &c->act[dst], 1);
         vk_bind_part(r, p);
         uint32_t nblk = vk_div_up(Mp, mv ? VK_MV_ROWS : 64);
-        uint32_t pc[16] = {K, Mp, (uint32_t)w->row_bytes, nblk, (uint32_t)src_row0 * K, K, (uint32_t)p->row_lo, M,
-                           0, 0, 0, 0, mv ? 0 : (uint32_t)n, 0, 0, 0};
-        memcpy(r->pc, pc, sizeof pc);
+        if (mv) VK_PC_SET(r, MV, {.K = K, .M = Mp, .row_bytes = (uint32_t)w->row_bytes, .nblk = nblk, .x_off = (uint32_t)src_row0 * K,
+                                  .x_stride = K, .y_off = (uint32_t)p->row_lo, .y_stride = M});
+        else VK_PC_SET(r, MM, {.K = K, .M = Mp, .row_bytes = (uint32_t)w->row_bytes, .nblk = nblk, .x_off = (uint32_t)src_row0 * K,
+                               .x_stride = K, .y_off = (uint32_t)p->row_lo, .y_stride = M, .ncols = (uint32_t)n});
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n : vk_div_up((uint64_t)n, 64));
     }
     if (inl) vk_pn_touch(c, 0, 1u << dst);
     c->fuse_idx = -1;
-    if (wt->n_parts == 1) vk_mark_fusable(c, dst, n, 9);
+    if (wt->n_parts == 1) vk_mark_fusable(c, dst, n, VK_PC_WORD(MM, acc));
 }
 
 static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
@@ -2041,8 +2114,10 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
     vk_rec *r = NULL;
     for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 3; i--) {
         vk_rec *q = &c->recs[i];
-        if (q->pipe == VKP_RMSNORM && q->buf[0] == b && q->buf[1] == b && q->pc[0] == (uint32_t)head_dim && q->pc[1] &&
-            q->pc[2] == (uint32_t)(n * n_head)) {
+        vk_pc_RMSNORM qn;
+        VK_PC_GET(q, RMSNORM, qn);
+        if (q->pipe == VKP_RMSNORM && q->buf[0] == b && q->buf[1] == b && qn.width == (uint32_t)head_dim && qn.has_g &&
+            qn.rows == (uint32_t)(n * n_head)) {
             r = q;
             break;
         }
@@ -2050,8 +2125,13 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         for (int s = 0; s < VK_NB; s++) touches |= q->buf[s] == b;
         if (touches || q->pipe == VK_REC_COPY) break;
     }
+    uint32_t flags = 2; /* rope */
+    float eps = 0;
     if (r) {
-        uint32_t eps = r->pc[3];
+        vk_pc_RMSNORM qn;
+        VK_PC_GET(r, RMSNORM, qn);
+        eps = qn.eps;
+        flags |= 1; /* the per-head norm first */
         r->pipe = (uint16_t)hw;
         r->kind = VKC_ROPE;
         VkPipeline pl;
@@ -2063,8 +2143,6 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         }
         r->var = (uint8_t)var;
         memset(r->pc, 0, sizeof r->pc);
-        r->pc[3] = 3;
-        r->pc[4] = eps;
         r->buf[1] = 0; /* headwise works in place on binding 0 */
         r->off[1] = r->range[1] = 0;
         r->wmask = 1;
@@ -2072,13 +2150,10 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         r = vk_rec_new(c, hw, VKC_ROPE);
         if (!r) return;
         vk_bind(r, 0, &c->act[buf], 1);
-        r->pc[3] = 2;
     }
     vk_bind(r, 3, tab, 0);
-    r->pc[0] = (uint32_t)n_head;
-    r->pc[1] = (uint32_t)head_dim;
-    r->pc[2] = (uint32_t)rope->n_rot;
-    r->pc[6] = (uint32_t)pd;
+    VK_PC_SET(r, HEADWISE, {.n_heads = (uint32_t)n_head, .hd = (uint32_t)head_dim, .n_rot = (uint32_t)rope->n_rot, .flags = flags,
+                            .eps = eps, .pos_delta = pd});
     r->grid[0] = (uint32_t)n_head;
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
@@ -2101,12 +2176,12 @@ static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 2; i--) {
         vk_rec *q = &c->recs[i];
         if (q->pipe == hw && q->buf[0] == c->act[ACT_K].buf && q->grid[0] == (uint32_t)a->n_head_kv && q->grid[1] == (uint32_t)n &&
-            q->pc[6] == (uint32_t)pd && !(q->pc[3] & 12u)) {
+            q->pc[VK_PC_WORD(HEADWISE, pos_delta)] == (uint32_t)pd && !(q->pc[VK_PC_WORD(HEADWISE, flags)] & 12u)) {
             vk_bind(q, 1, &c->act[ACT_V], 0);
             vk_bind_range(q, 4, c->kc.buf, lo, sz, 1);
             vk_bind_range(q, 5, c->vc.buf, lo, sz, 1);
-            q->pc[3] |= 12u;
-            q->pc[5] = kvw;
+            q->pc[VK_PC_WORD(HEADWISE, flags)] |= 12u; /* and the K and V cache stores */
+            q->pc[VK_PC_WORD(HEADWISE, kvw)] = kvw;
             goto attend;
         }
     }
@@ -2116,8 +2191,7 @@ static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     vk_bind(r, 1, &c->act[ACT_V], 0);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 1);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 1);
-    r->pc[0] = kvw;
-    r->pc[1] = (uint32_t)pd;
+    VK_PC_SET(r, KVSTORE, {kvw, pd});
     r->grid[0] = vk_div_up(kvw, 2u * k_vk_plain[VKP_KVSTORE_F16 - VKP_ADD].wg);
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 2;
@@ -2128,12 +2202,7 @@ attend:
     vk_bind(r, 1, &c->act[ACT_ATTN], 1);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
-    r->pc[0] = (uint32_t)a->n_head;
-    r->pc[1] = (uint32_t)a->n_head_kv;
-    r->pc[2] = (uint32_t)a->head_dim;
-    r->pc[3] = kvw;
-    r->pc[4] = vk_f2u(a->scale);
-    r->pc[5] = (uint32_t)pd;
+    VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd});
     r->grid[0] = (uint32_t)a->n_head;
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
@@ -2158,7 +2227,7 @@ static void vk_op_add(void *be, int dst, int src, int n, int width) {
     vk_bind(r, 0, &c->act[src], 0);
     vk_bind(r, 1, &c->act[dst], 1);
     uint64_t count = (uint64_t)n * (uint64_t)width;
-    r->pc[0] = (uint32_t)count;
+    VK_PC_SET(r, ADD, {(uint32_t)count});
     vk_grid_fold(r, vk_div_up(count, k_vk_plain[0].wg), 1);
     c->fuse_idx = -1;
 }
@@ -2178,16 +2247,14 @@ static void vk_op_route(void *be, const moe_weight *router, const moe_route *rt,
     if (!r) return;
     vk_bind(r, 2, &c->aux, 1);
     vk_bind(r, 5, &c->act[ACT_ROUTER], 0);
-    uint32_t tpc[6] = {E, k, (uint32_t)rt->norm, 0, c->ids_off, c->w_off};
-    memcpy(r->pc, tpc, sizeof tpc);
+    VK_PC_SET(r, TOPK, {.E = E, .k_used = k, .norm = (uint32_t)rt->norm, .ids_off = c->ids_off, .w_off = c->w_off});
     r->grid[0] = (uint32_t)n;
     r->grid[1] = r->grid[2] = 1;
     if (n > VK_MV_MAX) { /* group the (token, slot) pairs by expert into work items */
         r = vk_rec_new(c, VKP_MOE_SORT, VKC_SORT);
         if (!r) return;
         vk_bind(r, 2, &c->aux, 1);
-        uint32_t spc[6] = {E, (uint32_t)n * k, c->ids_off, c->list_off, c->pos_off, c->items_off};
-        memcpy(r->pc, spc, sizeof spc);
+        VK_PC_SET(r, MOE_SORT, {E, (uint32_t)n * k, c->ids_off, c->list_off, c->pos_off, c->items_off});
         r->grid[0] = r->grid[1] = r->grid[2] = 1;
     }
     c->fuse_idx = -1;
@@ -2225,9 +2292,11 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
         r->wmode = 2;
         r->win = wg->win0;
         uint32_t nblk = vk_div_up(ff, mv ? VK_MV_ROWS : 64);
-        uint32_t pc[16] = {D, ff, (uint32_t)mw->row_bytes, nblk, 0, D, 0, ff, (uint32_t)mode, 0, wg->tbl, wu->tbl,
-                           mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
-        memcpy(r->pc, pc, sizeof pc);
+        if (mv) VK_PC_SET(r, MV, {.K = D, .M = ff, .row_bytes = (uint32_t)mw->row_bytes, .nblk = nblk, .x_stride = D, .y_stride = ff,
+                                  .mode = (uint32_t)mode, .tbl0 = wg->tbl, .tbl1 = wu->tbl, .k_used = k, .ids_off = c->ids_off, .w_off = c->w_off});
+        else VK_PC_SET(r, MM, {.K = D, .M = ff, .row_bytes = (uint32_t)mw->row_bytes, .nblk = nblk, .x_stride = D, .y_stride = ff,
+                               .mode = (uint32_t)mode, .tbl0 = wg->tbl, .tbl1 = wu->tbl, .k_used = k, .list_off = c->list_off,
+                               .items_off = c->items_off});
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
     }
@@ -2254,13 +2323,14 @@ static void vk_op_experts_down(void *be, int dst, const moe_weight *down, int n)
     r->wmode = 2;
     r->win = wd->win0;
     uint32_t nblk = vk_div_up(D, mv ? VK_MV_ROWS : 64);
-    uint32_t pc[16] = {ff, D, (uint32_t)down->row_bytes, nblk, 0, ff, 0, D, 2, 0, wd->tbl, 0,
-                       mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
-    memcpy(r->pc, pc, sizeof pc);
+    if (mv) VK_PC_SET(r, MV, {.K = ff, .M = D, .row_bytes = (uint32_t)down->row_bytes, .nblk = nblk, .x_stride = ff, .y_stride = D,
+                              .mode = 2, .tbl0 = wd->tbl, .k_used = k, .ids_off = c->ids_off, .w_off = c->w_off});
+    else VK_PC_SET(r, MM, {.K = ff, .M = D, .row_bytes = (uint32_t)down->row_bytes, .nblk = nblk, .x_stride = ff, .y_stride = D,
+                           .mode = 2, .tbl0 = wd->tbl, .k_used = k, .list_off = c->list_off, .items_off = c->items_off});
     vk_grid_fold(r, nblk, mv ? (uint32_t)n : c->max_items);
     c->fuse_idx = -1;
     if (mv) {
-        vk_mark_fusable(c, dst, n, 9);
+        vk_mark_fusable(c, dst, n, VK_PC_WORD(MV, acc));
         return;
     }
     r = vk_rec_new(c, VKP_MOE_COMBINE, VKC_COMBINE);
@@ -2268,12 +2338,11 @@ static void vk_op_experts_down(void *be, int dst, const moe_weight *down, int n)
     vk_bind(r, 0, &c->p, 0);
     vk_bind(r, 1, &c->act[dst], 1);
     vk_bind(r, 2, &c->aux, 0);
-    uint32_t cpc[5] = {D, k, c->w_off, c->pos_off, 0};
-    memcpy(r->pc, cpc, sizeof cpc);
+    VK_PC_SET(r, MOE_COMBINE, {.D = D, .k_used = k, .w_off = c->w_off, .pos_off = c->pos_off});
     r->grid[0] = vk_div_up(D, k_vk_plain[VKP_MOE_COMBINE - VKP_ADD].wg);
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
-    vk_mark_fusable(c, dst, n, 4);
+    vk_mark_fusable(c, dst, n, VK_PC_WORD(MOE_COMBINE, acc));
 }
 
 /* device memory: weights (shared by the model's contexts), KV cache, scratch */

@@ -22,7 +22,7 @@ layout(std430, binding = 4) readonly buffer KC { uint kc[]; };
 layout(std430, binding = 4) readonly buffer KC4 { uvec4 kc4[]; };
 layout(std430, binding = 5) readonly buffer VC { uint vc[]; };
 #endif
-layout(push_constant) uniform PC { uint n_head, n_kv, hd, kvw; float scale; int pos_delta; } pc;
+layout(push_constant) uniform PC { PC_ATTN(PC_FIELD) } pc;
 layout(constant_id = 1) const uint HD = 128u;
 
 #define KB 32u

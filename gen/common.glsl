@@ -4,10 +4,13 @@
      binding 0..5  storage buffers whose meaning each kernel documents (src, dst, aux, ...)
      binding 6     weights: an array of XBUFS windows; a weight row is (window index, byte offset)
      binding 7     the step buffer: [0] pos0, [1] n, [4 + i] token i
-   Workgroup size is specialization constant 0 (WG). Subgroup arithmetic is required. */
+   Workgroup size is specialization constant 0 (WG). Subgroup arithmetic is required.
+   Push constants: each kernel declares layout(push_constant) uniform PC { PC_<KERNEL>(PC_FIELD) } pc;
+   with the fields of moe_vk.c's host-shader contract (contract.glsl is generated from it). */
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
 #extension GL_EXT_control_flow_attributes : require
+#include "contract.glsl"
 
 layout(constant_id = 0) const uint WG = 64;
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;

@@ -24,7 +24,7 @@ layout(std430, binding = 5) writeonly buffer VC { float vc[]; };
 layout(std430, binding = 4) writeonly buffer KC { uint kc[]; };
 layout(std430, binding = 5) writeonly buffer VC { uint vc[]; };
 #endif
-layout(push_constant) uniform PC { uint n_heads, hd, n_rot, flags; float eps; uint kvw; int pos_delta; } pc;
+layout(push_constant) uniform PC { PC_HEADWISE(PC_FIELD) } pc;
 
 shared float hs[256];
 

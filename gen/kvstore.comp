@@ -15,7 +15,7 @@ layout(std430, binding = 5) writeonly buffer VC { float vc[]; };
 layout(std430, binding = 4) writeonly buffer KC { uint kc[]; };
 layout(std430, binding = 5) writeonly buffer VC { uint vc[]; };
 #endif
-layout(push_constant) uniform PC { uint kvw; int pos_delta; } pc;
+layout(push_constant) uniform PC { PC_KVSTORE(PC_FIELD) } pc;
 
 void main() {
     uint i = gl_WorkGroupID.y, d = 2u * (gl_WorkGroupID.x * WG + gl_LocalInvocationIndex);

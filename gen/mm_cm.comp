@@ -22,12 +22,7 @@ layout(std430, binding = 1) buffer Y { float y[]; };
 layout(std430, binding = 2) readonly buffer Aux { uint aux[]; };
 layout(std430, binding = 3) readonly buffer Tbl { uvec2 tbl[]; };
 
-layout(push_constant) uniform PC {
-    uint K, M, row_bytes, nblk;
-    uint x_off, x_stride, y_off, y_stride;
-    uint mode, acc, tbl0, tbl1;
-    uint ncols, k_used, list_off, items_off;
-} pc;
+layout(push_constant) uniform PC { PC_MM(PC_FIELD) } pc;
 
 shared float16_t As[BM * AS];
 #ifdef GATEUP

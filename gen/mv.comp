@@ -32,14 +32,7 @@ layout(std430, binding = 3) readonly buffer Tbl { uvec2 tbl[]; };
 layout(std430, binding = 4) readonly buffer G4 { vec4 g4[]; };
 layout(std430, binding = 5) writeonly buffer XN4 { vec4 xn4[]; };
 
-layout(push_constant) uniform PC {
-    uint K, M, row_bytes, nblk;
-    uint x_off, x_stride, y_off, y_stride;
-    uint mode, acc, tbl0, tbl1;
-    uint k_used, ids_off, w_off, pad;
-    float eps;
-    uint norm;
-} pc;
+layout(push_constant) uniform PC { PC_MV(PC_FIELD) } pc;
 
 float dot16(float v[16], vec4 a0, vec4 a1, vec4 a2, vec4 a3) {
     return dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +

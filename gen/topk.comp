@@ -6,7 +6,7 @@
 #include "route.glsl"
 
 layout(std430, binding = 2) buffer Aux { uint aux[]; };
-layout(push_constant) uniform PC { uint E, k_used, norm, r_off, ids_off, w_off; } pc;
+layout(push_constant) uniform PC { PC_TOPK(PC_FIELD) } pc;
 
 void main() {
     uint t = gl_WorkGroupID.x, tid = gl_LocalInvocationIndex;
