@@ -4638,6 +4638,7 @@ struct moe_model {
     char *hf_names;            /* HF directory: GGUF-style names of its tensors */
     const uint8_t **hf_expert_ptrs;
     float *owned;              /* f32 copies of 1-D weights (norms) */
+    float *rope_freqs;         /* made when a model needs rope_freqs and its source had none */
     const uint8_t **expert_tables;
     moe_vocab *vocab;
     moe_token bos, eos;
@@ -4657,6 +4658,7 @@ struct moe_arch {
     /* the tensors of layer l (l = -1: the global ones); returns their count */
     int (*tensors)(const moe_weights *w, int layer, tensor_spec *out);
     void (*write_hparams)(const moe_model *m, gguf_writer *gw);
+    moe_status (*finish)(moe_model *m);  /* optional: after the tensors are bound */
     /* one chunk of n tokens at positions pos0..; logits of the last n_out rows into ACT_LOGITS */
     void (*forward)(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens, int n, int pos0, int n_out);
 };
@@ -4816,6 +4818,22 @@ static moe_status bind_tensors(moe_model *m) {
             const tensor_spec *s = &sp[i];
             moe_weight *w = moe_weight_of(&m->w, l, s->role);
             tensor_gguf_name(name, sizeof name, l, s->role);
+            int up = s->role == MOE_UP_EXPS;
+            if ((s->role == MOE_GATE_EXPS || up) && !gguf_find_tensor(&m->gguf, name)) {
+                /* gate and up experts fused in one tensor: ffn_gate_up_exps [E, 2F, X] */
+                snprintf(name, sizeof name, "blk.%d.ffn_gate_up_exps.weight", l);
+                if (gguf_find_tensor(&m->gguf, name)) {
+                    if ((st = bind_weight(m, w, name, 1, 3, s->ne[0], 2 * s->ne[1], s->ne[2]))) return st;
+                    w->ne[1] = s->ne[1];
+                    w->expert_bytes = w->row_bytes * (uint64_t)s->ne[1];
+                    w->nbytes = w->expert_bytes * (uint64_t)s->ne[2];
+                    for (int64_t e = 0; e < s->ne[2]; e++) table[e] = w->data + (uint64_t)(2 * e + up) * w->expert_bytes;
+                    w->expert_data = table;
+                    table += s->ne[2];
+                    continue;
+                }
+                tensor_gguf_name(name, sizeof name, l, s->role);
+            }
             if ((st = bind_weight(m, w, name, !(s->flags & TS_OPTIONAL), s->n_dims, s->ne[0], s->ne[1], s->ne[2]))) return st;
             if (s->n_dims != 3 || !w->data) continue;
             const gguf_tensor *t = gguf_find_tensor(&m->gguf, name);
@@ -4826,7 +4844,8 @@ static moe_status bind_tensors(moe_model *m) {
         }
     }
     if (!m->w.g[MOE_OUTPUT].data) m->w.g[MOE_OUTPUT] = m->w.g[MOE_TOK_EMBD]; /* tied embeddings */
-    return weights_to_f32(m);
+    if ((st = weights_to_f32(m))) return st;
+    return m->arch->finish ? m->arch->finish(m) : MOE_OK;
 }
 
 /* ---- GGUF hyperparameters ---- */
@@ -5008,13 +5027,405 @@ static void qwen3moe_write_hparams(const moe_model *m, gguf_writer *gw) {
     }
 }
 
+/* ---- Gemma 4 (ARCHITECTURES.md §2): sliding / full attention layers with their own geometry,
+   K = V on full layers, sandwich norms, a dense GeGLU MLP (with routed experts beside it in the
+   MoE model), per-layer embeddings and KV sharing in the small dense models ---- */
+
+/* an integer per layer: a GGUF array of n_layer integers (or bools), or one value for all */
+static moe_status gguf_layer_ints(const moe_model *m, const char *suffix, int required, int64_t lo, int64_t hi, int32_t dflt,
+                                  int32_t *out) {
+    char key[96];
+    snprintf(key, sizeof key, "%s.%s", m->arch_name, suffix);
+    int n = m->w.hp.n_layer;
+    const gguf_kv *kv = gguf_find(&m->gguf, key);
+    if (!kv || kv->type != GGUF_ARRAY) {
+        int32_t v = dflt;
+        moe_status st = gguf_arch_int(m, suffix, required, lo, hi, dflt, &v);
+        for (int l = 0; l < n; l++) out[l] = v;
+        return st;
+    }
+    size_t es = kv->arr_type == GGUF_U8 || kv->arr_type == GGUF_I8 || kv->arr_type == GGUF_BOOL ? 1
+              : kv->arr_type == GGUF_U16 || kv->arr_type == GGUF_I16 ? 2
+              : kv->arr_type == GGUF_U32 || kv->arr_type == GGUF_I32 ? 4
+              : kv->arr_type == GGUF_U64 || kv->arr_type == GGUF_I64 ? 8 : 0;
+    if (!es || kv->arr_n != (uint64_t)n)
+        return set_error(MOE_ERR_FORMAT, "gguf: key '%s' must be an integer or an array of %d integers", key, n);
+    for (int l = 0; l < n; l++) {
+        gguf_kv e = {kv->key, kv->arr_type, 0, 0, kv->val + (size_t)l * es};
+        int64_t v;
+        if (!kv_as_i64(&e, &v) || v < lo || v > hi)
+            return set_error(MOE_ERR_FORMAT, "gguf: key '%s'[%d] is outside [%lld, %lld]", key, l, (long long)lo, (long long)hi);
+        out[l] = (int32_t)v;
+    }
+    return MOE_OK;
+}
+
+/* x rounded to the nearest bf16 (ties to even), as torch casts a Python float */
+static float round_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* What both readers know of a Gemma 4 model, turned into plans by gemma4_plan. */
+typedef struct gemma4_cfg {
+    int32_t n_head, hd_swa, hd_full, window, n_ple, n_shared, n_expert, n_used, n_ff_exp;
+    int32_t *sliding, *n_kv, *n_ff, *v_from_k;  /* [n_layer] */
+    moe_rope rope_swa, rope_full;
+} gemma4_cfg;
+
+static moe_status gemma4_plan(moe_model *m, const gemma4_cfg *c) {
+    moe_hparams *hp = &m->w.hp;
+    int L = hp->n_layer, first_shared = L - c->n_shared;
+    if (c->n_shared < 0 || c->n_shared >= L) return set_error(MOE_ERR_FORMAT, "model: %d KV-shared layers of %d", c->n_shared, L);
+    moe_status st = plan_alloc(m);
+    if (st) return st;
+    for (int l = 0; l < L; l++) {
+        moe_layer_plan *p = &m->w.layers[l].p;
+        int sliding = c->sliding[l] != 0, hd = sliding ? c->hd_swa : c->hd_full;
+        p->attn_kind = sliding ? MOE_ATTN_SLIDING : MOE_ATTN_FULL;
+        moe_attn a = {c->n_head, c->n_kv[l], hd, sliding ? c->window : 0, 1.0f, l, 1};
+        if (l >= first_shared) { /* K/V of the last non-shared layer of the same kind */
+            a.store = 0;
+            a.cache = -1;
+            for (int j = first_shared - 1; j >= 0 && a.cache < 0; j--)
+                if ((c->sliding[j] != 0) == sliding) a.cache = j;
+            if (a.cache < 0) return set_error(MOE_ERR_FORMAT, "model: KV-shared layer %d has no earlier layer of its kind", l);
+            a.n_head_kv = m->w.layers[a.cache].p.attn.n_head_kv;
+        }
+        p->attn = a;
+        p->rope = sliding ? c->rope_swa : c->rope_full;
+        p->v_from_k = c->v_from_k[l];
+        p->v_norm = 1;
+        p->ffn_kind = c->n_expert ? MOE_FFN_MOE_DENSE : MOE_FFN_DENSE;
+        p->act = MOE_ACT_GELU_TANH;
+        p->n_ff = c->n_ff[l];
+        p->n_expert = c->n_expert;
+        p->n_expert_used = c->n_used;
+        p->n_ff_exp = c->n_ff_exp;
+        p->norm_topk = 1;
+        p->layer_scale = 0; /* read from layer_output_scale once the tensors are bound */
+        if (p->n_ff < 1) return set_error(MOE_ERR_FORMAT, "model: layer %d has no dense FFN width", l);
+    }
+    hp->n_ple = c->n_ple;
+    return MOE_OK;
+}
+
+static moe_status gemma4_hparams_gguf(moe_model *m) {
+    moe_hparams *hp = &m->w.hp;
+    gemma4_cfg c;
+    memset(&c, 0, sizeof c);
+    moe_status st;
+    if ((st = gguf_arch_int(m, "embedding_length", 1, 1, 1 << 20, 0, &hp->n_embd)) ||
+        (st = gguf_arch_int(m, "block_count", 1, 1, 4096, 0, &hp->n_layer)) ||
+        (st = gguf_arch_int(m, "context_length", 0, 1, INT32_MAX, 131072, &hp->n_ctx_train)) ||
+        (st = gguf_arch_int(m, "attention.head_count", 1, 1, 4096, 0, &c.n_head)) ||
+        (st = gguf_arch_int(m, "attention.key_length", 1, 2, 4096, 0, &c.hd_full)) ||
+        (st = gguf_arch_int(m, "attention.key_length_swa", 0, 2, 4096, c.hd_full, &c.hd_swa)) ||
+        (st = gguf_arch_int(m, "attention.sliding_window", 1, 1, INT32_MAX, 0, &c.window)) ||
+        (st = gguf_arch_int(m, "attention.shared_kv_layers", 0, 0, 4096, 0, &c.n_shared)) ||
+        (st = gguf_arch_int(m, "embedding_length_per_layer_input", 0, 0, 1 << 16, 0, &c.n_ple)) ||
+        (st = gguf_arch_int(m, "expert_count", 0, 0, 4096, 0, &c.n_expert)) ||
+        (st = gguf_arch_int(m, "expert_used_count", c.n_expert > 0, 0, 4096, 0, &c.n_used)) ||
+        (st = gguf_arch_int(m, "expert_feed_forward_length", c.n_expert > 0, 0, 1 << 20, 0, &c.n_ff_exp)))
+        return st;
+    int32_t v_len = c.hd_full, v_len_swa = c.hd_swa, rot = c.hd_full, rot_swa = c.hd_swa;
+    if ((st = gguf_arch_int(m, "attention.value_length", 0, 1, 4096, c.hd_full, &v_len)) ||
+        (st = gguf_arch_int(m, "attention.value_length_swa", 0, 1, 4096, c.hd_swa, &v_len_swa)) ||
+        (st = gguf_arch_int(m, "rope.dimension_count", 0, 2, 4096, c.hd_full, &rot)) ||
+        (st = gguf_arch_int(m, "rope.dimension_count_swa", 0, 2, 4096, c.hd_swa, &rot_swa)))
+        return st;
+    if (v_len != c.hd_full || v_len_swa != c.hd_swa)
+        return set_error(MOE_ERR_UNSUPPORTED, "model: value lengths %d/%d differ from key lengths %d/%d", v_len, v_len_swa, c.hd_full, c.hd_swa);
+    float base = 1e6f, base_swa = 1e4f;
+    hp->rms_eps = 1e-6f;
+    hp->logit_softcap = 0;
+    hp->embd_scale = round_bf16(sqrtf((float)hp->n_embd)); /* as HF runs the bf16 release */
+    if ((st = gguf_arch_f32(m, "attention.layer_norm_rms_epsilon", &hp->rms_eps)) || (st = gguf_arch_f32(m, "rope.freq_base", &base)) ||
+        (st = gguf_arch_f32(m, "rope.freq_base_swa", &base_swa)) || (st = gguf_arch_f32(m, "final_logit_softcapping", &hp->logit_softcap)) ||
+        (st = gguf_arch_f32(m, "embedding_scale", &hp->embd_scale)))
+        return st;
+    int L = hp->n_layer;
+    int32_t *arrs = moe_calloc((size_t)L * 4, sizeof *arrs);
+    if (!arrs) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
+    c.sliding = arrs, c.n_kv = arrs + L, c.n_ff = arrs + 2 * L, c.v_from_k = arrs + 3 * L;
+    if ((st = gguf_layer_ints(m, "attention.sliding_window_pattern", 1, 0, 1, 0, c.sliding)) ||
+        (st = gguf_layer_ints(m, "attention.head_count_kv", 0, 1, 4096, c.n_head, c.n_kv)) ||
+        (st = gguf_layer_ints(m, "feed_forward_length", 1, 1, 1 << 20, 0, c.n_ff)))
+        goto done;
+    /* full layers without attn_v take V from the K projection; proportional rope from rope_freqs
+       (frequency divisors: 1 for the rotated pairs, huge for the rest) */
+    for (int l = 0; l < L; l++) {
+        char name[96];
+        tensor_gguf_name(name, sizeof name, l, MOE_WV);
+        c.v_from_k[l] = !c.sliding[l] && !gguf_find_tensor(&m->gguf, name) && l < L - c.n_shared;
+    }
+    int n_freq = rot / 2;
+    const gguf_tensor *rf = gguf_find_tensor(&m->gguf, k_global_names[MOE_ROPE_FREQS]);
+    if (rf) {
+        float f[4096];
+        if (rf->ne[0] != rot / 2 || rf->ne[1] != 1 || !type_traits(rf->type) || rf->ne[0] > 4096) {
+            st = set_error(MOE_ERR_FORMAT, "model: rope_freqs must hold %d factors", rot / 2);
+            goto done;
+        }
+        type_traits(rf->type)->dequant(rf->data, f, rf->ne[0]);
+        n_freq = 0;
+        while (n_freq < rot / 2 && f[n_freq] == 1.0f) n_freq++;
+        for (int i = n_freq; i < rot / 2 && !st; i++)
+            if (!(f[i] >= 1e20f)) st = set_error(MOE_ERR_UNSUPPORTED, "model: rope_freqs other than 1 then 1e30 are not supported");
+        if (st) goto done;
+    }
+    moe_rope rs = {rot_swa, rot_swa / 2, rot_swa, base_swa}, rfull = {rot, n_freq, rot, base};
+    c.rope_swa = rs;
+    c.rope_full = rfull;
+    st = gemma4_plan(m, &c);
+done:
+    moe_free(arrs);
+    return st;
+}
+
+static moe_status gemma4_hparams_hf(moe_model *m, const json_doc *d) {
+    moe_hparams *hp = &m->w.hp;
+    uint32_t tc = json_get(d, 0, "text_config");
+    if (!json_is(d, tc, JSON_OBJECT)) tc = 0;
+    gemma4_cfg c;
+    memset(&c, 0, sizeof c);
+    int32_t n_kv = 0, n_kv_full = 0, n_ff = 0, vocab_ple = 0;
+    struct { const char *key; int32_t *dst; int64_t lo, hi; int required; } ints[] = {
+        {"hidden_size", &hp->n_embd, 1, 1 << 20, 1}, {"num_hidden_layers", &hp->n_layer, 1, 4096, 1},
+        {"num_attention_heads", &c.n_head, 1, 4096, 1}, {"num_key_value_heads", &n_kv, 1, 4096, 1},
+        {"num_global_key_value_heads", &n_kv_full, 1, 4096, 0}, {"head_dim", &c.hd_swa, 2, 4096, 1},
+        {"global_head_dim", &c.hd_full, 2, 4096, 0}, {"intermediate_size", &n_ff, 1, 1 << 20, 1},
+        {"sliding_window", &c.window, 1, INT32_MAX, 1}, {"num_experts", &c.n_expert, 0, 4096, 0},
+        {"top_k_experts", &c.n_used, 0, 4096, 0}, {"moe_intermediate_size", &c.n_ff_exp, 0, 1 << 20, 0},
+        {"hidden_size_per_layer_input", &c.n_ple, 0, 1 << 16, 0}, {"vocab_size_per_layer_input", &vocab_ple, 0, INT32_MAX, 0},
+        {"num_kv_shared_layers", &c.n_shared, 0, 4096, 0}, {"max_position_embeddings", &hp->n_ctx_train, 1, INT32_MAX, 0}};
+    hp->n_ctx_train = 131072;
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        uint32_t n = json_get(d, tc, ints[i].key);
+        int64_t v;
+        if ((!n || json_is(d, n, JSON_NULL)) && !ints[i].required) continue;
+        if (!json_int(d, n, ints[i].lo, ints[i].hi, &v))
+            return set_error(MOE_ERR_FORMAT, "config.json: '%s' is %s", ints[i].key, n ? "out of range or not an integer" : "missing");
+        *ints[i].dst = (int32_t)v;
+    }
+    if (!c.hd_full) c.hd_full = c.hd_swa;
+    if (!json_bool(d, json_get(d, tc, "enable_moe_block"), 0)) c.n_expert = c.n_used = c.n_ff_exp = 0;
+    else if (!c.n_expert || !c.n_used || !c.n_ff_exp) return set_error(MOE_ERR_FORMAT, "config.json: the MoE block needs num_experts, top_k_experts and moe_intermediate_size");
+    int k_eq_v = json_bool(d, json_get(d, tc, "attention_k_eq_v"), 0), double_wide = json_bool(d, json_get(d, tc, "use_double_wide_mlp"), 0);
+    double eps = 1e-6, cap = 0;
+    uint32_t n = json_get(d, tc, "rms_norm_eps");
+    if (n && !json_double(d, n, &eps)) return set_error(MOE_ERR_FORMAT, "config.json: rms_norm_eps is not a number");
+    n = json_get(d, tc, "final_logit_softcapping");
+    if (n && !json_is(d, n, JSON_NULL) && !json_double(d, n, &cap)) return set_error(MOE_ERR_FORMAT, "config.json: final_logit_softcapping is not a number");
+    hp->rms_eps = (float)eps;
+    hp->logit_softcap = (float)cap;
+    /* HF scales the embedding by sqrt(hidden) cast to the model's dtype */
+    uint32_t dt = json_get(d, tc, "dtype");
+    if (!dt) dt = json_get(d, tc, "torch_dtype");
+    if (!dt) dt = json_get(d, 0, "dtype");
+    if (!dt) dt = json_get(d, 0, "torch_dtype");
+    int bf16 = !dt || json_str_eq(d, dt, "bfloat16");
+    hp->embd_scale = bf16 ? round_bf16(sqrtf((float)hp->n_embd)) : sqrtf((float)hp->n_embd);
+    hp->ple_scale = c.n_ple ? (bf16 ? round_bf16(sqrtf((float)c.n_ple)) : sqrtf((float)c.n_ple)) : 0;
+    hp->n_vocab_ple = vocab_ple;
+    /* rope: rope_parameters.{sliding_attention, full_attention} */
+    uint32_t rp = json_get(d, tc, "rope_parameters");
+    double th_swa = 10000.0, th_full = 1000000.0, partial = 1.0;
+    uint32_t rs = json_get(d, rp, "sliding_attention"), rfl = json_get(d, rp, "full_attention");
+    if ((n = json_get(d, rs, "rope_theta")) && !json_double(d, n, &th_swa)) return set_error(MOE_ERR_FORMAT, "config.json: rope_theta is not a number");
+    if ((n = json_get(d, rfl, "rope_theta")) && !json_double(d, n, &th_full)) return set_error(MOE_ERR_FORMAT, "config.json: rope_theta is not a number");
+    if ((n = json_get(d, rfl, "partial_rotary_factor")) && !json_double(d, n, &partial)) return set_error(MOE_ERR_FORMAT, "config.json: partial_rotary_factor is not a number");
+    uint32_t rt = json_get(d, rfl, "rope_type");
+    if (rt && !json_str_eq(d, rt, "proportional") && !json_str_eq(d, rt, "default"))
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: full-attention rope_type other than proportional or default");
+    if (!(th_swa > 0) || !(th_full > 0) || !(partial > 0) || partial > 1) return set_error(MOE_ERR_FORMAT, "config.json: bad rope parameters");
+    moe_rope r1 = {c.hd_swa, c.hd_swa / 2, c.hd_swa, (float)th_swa}, r2 = {c.hd_full, (int32_t)(partial * c.hd_full / 2), c.hd_full, (float)th_full};
+    c.rope_swa = r1;
+    c.rope_full = r2;
+    int L = hp->n_layer;
+    int32_t *arrs = moe_calloc((size_t)L * 4, sizeof *arrs);
+    if (!arrs) return set_error(MOE_ERR_NO_MEMORY, "config.json: out of memory");
+    c.sliding = arrs, c.n_kv = arrs + L, c.n_ff = arrs + 2 * L, c.v_from_k = arrs + 3 * L;
+    moe_status st = MOE_OK;
+    uint32_t lt = json_get(d, tc, "layer_types");
+    if (!json_is(d, lt, JSON_ARRAY) || d->nodes[lt].len != (uint32_t)L) st = set_error(MOE_ERR_FORMAT, "config.json: layer_types must list %d layers", L);
+    int l = 0;
+    for (uint32_t j = lt + 1; !st && j < d->nodes[lt].end; j = d->nodes[j].end, l++) {
+        int sl = json_str_eq(d, j, "sliding_attention");
+        if (!sl && !json_str_eq(d, j, "full_attention")) st = set_error(MOE_ERR_UNSUPPORTED, "config.json: layer %d has an unknown layer type", l);
+        c.sliding[l] = sl;
+        c.v_from_k[l] = !sl && k_eq_v;
+        c.n_kv[l] = !sl && k_eq_v && n_kv_full ? n_kv_full : n_kv;
+        c.n_ff[l] = n_ff * (double_wide && l >= L - c.n_shared ? 2 : 1);
+    }
+    if (!st) st = gemma4_plan(m, &c);
+    moe_free(arrs);
+    return st;
+}
+
+#define G4 "model.language_model."
+static int gemma4_tensors(const moe_weights *w, int l, tensor_spec *out) {
+    const moe_hparams *hp = &w->hp;
+    int64_t E = hp->n_embd, V = hp->n_vocab, P = hp->n_ple, LP = (int64_t)hp->n_layer * hp->n_ple;
+    int n = 0;
+    if (l < 0) {
+        out[n++] = spec(MOE_TOK_EMBD, 2, E, V, 1, G4 "embed_tokens.weight");
+        out[n++] = spec(MOE_OUTPUT_NORM, 1, E, 1, 1, G4 "norm.weight");
+        out[n] = spec(MOE_OUTPUT, 2, E, V, 1, "lm_head.weight");
+        out[n++].flags = TS_OPTIONAL;
+        int32_t rot = 0; /* rope_freqs: GGUF only (llama.cpp's form of proportional rope) */
+        for (int j = 0; j < hp->n_layer; j++)
+            if (w->layers[j].p.attn_kind == MOE_ATTN_FULL) rot = w->layers[j].p.rope.n_rot;
+        if (rot) {
+            out[n] = spec(MOE_ROPE_FREQS, 1, rot / 2, 1, 1, NULL);
+            out[n++].flags = TS_OPTIONAL;
+        }
+        if (P) {
+            out[n++] = spec(MOE_PLE_TOK_EMBD, 2, LP, hp->n_vocab_ple, 1, G4 "embed_tokens_per_layer.weight");
+            out[n++] = spec(MOE_PLE_MODEL_PROJ, 2, E, LP, 1, G4 "per_layer_model_projection.weight");
+            out[n++] = spec(MOE_PLE_PROJ_NORM, 1, P, 1, 1, G4 "per_layer_projection_norm.weight");
+        }
+        return n;
+    }
+    const moe_layer_plan *p = &w->layers[l].p;
+    int64_t hd = p->attn.head_dim, Q = (int64_t)p->attn.n_head * hd, KV = (int64_t)p->attn.n_head_kv * hd;
+    int64_t F = p->n_ff, X = p->n_expert, FX = p->n_ff_exp;
+    out[n++] = spec(MOE_ATTN_NORM, 1, E, 1, 1, G4 "layers.%d.input_layernorm.weight");
+    out[n++] = spec(MOE_WQ, 2, E, Q, 1, G4 "layers.%d.self_attn.q_proj.weight");
+    if (p->attn.store) {
+        out[n++] = spec(MOE_WK, 2, E, KV, 1, G4 "layers.%d.self_attn.k_proj.weight");
+        if (!p->v_from_k) out[n++] = spec(MOE_WV, 2, E, KV, 1, G4 "layers.%d.self_attn.v_proj.weight");
+    }
+    out[n++] = spec(MOE_WO, 2, Q, E, 1, G4 "layers.%d.self_attn.o_proj.weight");
+    out[n++] = spec(MOE_Q_NORM, 1, hd, 1, 1, G4 "layers.%d.self_attn.q_norm.weight");
+    if (p->attn.store) out[n++] = spec(MOE_K_NORM, 1, hd, 1, 1, G4 "layers.%d.self_attn.k_norm.weight");
+    out[n++] = spec(MOE_POST_ATTN_NORM, 1, E, 1, 1, G4 "layers.%d.post_attention_layernorm.weight");
+    out[n++] = spec(MOE_FFN_NORM, 1, E, 1, 1, G4 "layers.%d.pre_feedforward_layernorm.weight");
+    out[n++] = spec(MOE_FFN_GATE, 2, E, F, 1, G4 "layers.%d.mlp.gate_proj.weight");
+    out[n++] = spec(MOE_FFN_UP, 2, E, F, 1, G4 "layers.%d.mlp.up_proj.weight");
+    out[n++] = spec(MOE_FFN_DOWN, 2, F, E, 1, G4 "layers.%d.mlp.down_proj.weight");
+    out[n++] = spec(MOE_POST_FFN_NORM, 1, E, 1, 1, G4 "layers.%d.post_feedforward_layernorm.weight");
+    if (p->ffn_kind == MOE_FFN_MOE_DENSE) {
+        out[n++] = spec(MOE_POST_FFN_NORM_1, 1, E, 1, 1, G4 "layers.%d.post_feedforward_layernorm_1.weight");
+        out[n++] = spec(MOE_ROUTER, 2, E, X, 1, G4 "layers.%d.router.proj.weight");
+        out[n++] = spec(MOE_ROUTER_SCALE, 1, E, 1, 1, G4 "layers.%d.router.scale");
+        out[n++] = spec(MOE_EXPERT_SCALE, 1, X, 1, 1, G4 "layers.%d.router.per_expert_scale");
+        out[n++] = spec(MOE_PRE_FFN_NORM_2, 1, E, 1, 1, G4 "layers.%d.pre_feedforward_layernorm_2.weight");
+        out[n++] = spec(MOE_GATE_EXPS, 3, E, FX, X, G4 "layers.%d.experts");
+        out[n++] = spec(MOE_UP_EXPS, 3, E, FX, X, G4 "layers.%d.experts");
+        out[n++] = spec(MOE_DOWN_EXPS, 3, FX, E, X, G4 "layers.%d.experts");
+        out[n++] = spec(MOE_POST_FFN_NORM_2, 1, E, 1, 1, G4 "layers.%d.post_feedforward_layernorm_2.weight");
+    }
+    out[n++] = spec(MOE_LAYER_SCALE, 1, 1, 1, 1, G4 "layers.%d.layer_scalar");
+    if (P) {
+        out[n++] = spec(MOE_PLE_GATE, 2, E, P, 1, G4 "layers.%d.per_layer_input_gate.weight");
+        out[n++] = spec(MOE_PLE_PROJ, 2, P, E, 1, G4 "layers.%d.per_layer_projection.weight");
+        out[n++] = spec(MOE_PLE_POST_NORM, 1, E, 1, 1, G4 "layers.%d.post_per_layer_input_norm.weight");
+    }
+    return n;
+}
+#undef G4
+
+/* after binding: the layer scalars into the plans, rope_freqs made when the source had none
+   (a GGUF we write must carry it for llama.cpp) */
+static moe_status gemma4_finish(moe_model *m) {
+    moe_hparams *hp = &m->w.hp;
+    for (int l = 0; l < hp->n_layer; l++) {
+        moe_layer *L = &m->w.layers[l];
+        const moe_weight *s = moe_lw(L, MOE_LAYER_SCALE);
+        L->p.layer_scale = s ? ((const float *)s->data)[0] : 0;
+        if (L->p.attn_kind == MOE_ATTN_FULL && !m->w.g[MOE_ROPE_FREQS].data) {
+            const moe_rope *r = &L->p.rope;
+            int half = r->n_rot / 2;
+            float *f = moe_malloc((size_t)half * sizeof *f);
+            if (!f) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
+            for (int i = 0; i < half; i++) f[i] = i < r->n_freq ? 1.0f : 1e30f;
+            m->rope_freqs = f;
+            moe_weight *w = &m->w.g[MOE_ROPE_FREQS];
+            w->name = k_global_names[MOE_ROPE_FREQS];
+            w->type = MOE_TYPE_F32;
+            w->n_dims = 1;
+            w->ne[0] = half;
+            w->ne[1] = w->ne[2] = w->ne[3] = 1;
+            w->nbytes = w->row_bytes = (uint64_t)half * 4;
+            w->data = (const uint8_t *)f;
+        }
+    }
+    if (hp->n_ple && hp->n_vocab_ple < hp->n_vocab)
+        return set_error(MOE_ERR_FORMAT, "model: the per-layer embedding has %d rows for %d tokens", hp->n_vocab_ple, hp->n_vocab);
+    return MOE_OK;
+}
+
+static void gemma4_write_hparams(const moe_model *m, gguf_writer *gw) {
+    const moe_hparams *hp = &m->w.hp;
+    int L = hp->n_layer;
+    char key[128];
+    const char *arch = m->arch_name;
+    const moe_layer_plan *full = NULL, *swa = NULL;
+    for (int l = 0; l < L; l++) {
+        const moe_layer_plan *p = &m->w.layers[l].p;
+        if (p->attn_kind == MOE_ATTN_FULL && !full) full = p;
+        if (p->attn_kind == MOE_ATTN_SLIDING && !swa) swa = p;
+    }
+    if (!full) full = &m->w.layers[0].p;
+    if (!swa) swa = full;
+#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(gw, key, (uint32_t)(v)))
+#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(gw, key, (v)))
+    KV_U32("context_length", hp->n_ctx_train);
+    KV_U32("embedding_length", hp->n_embd);
+    KV_U32("block_count", L);
+    KV_U32("attention.head_count", full->attn.n_head);
+    KV_U32("attention.key_length", full->attn.head_dim);
+    KV_U32("attention.value_length", full->attn.head_dim);
+    KV_U32("attention.key_length_swa", swa->attn.head_dim);
+    KV_U32("attention.value_length_swa", swa->attn.head_dim);
+    KV_U32("attention.sliding_window", swa->attn.window);
+    KV_U32("rope.dimension_count", full->rope.n_rot);
+    KV_U32("rope.dimension_count_swa", swa->rope.n_rot);
+    KV_F32("rope.freq_base", full->rope.base);
+    KV_F32("rope.freq_base_swa", swa->rope.base);
+    KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
+    KV_F32("final_logit_softcapping", hp->logit_softcap);
+    KV_F32("embedding_scale", hp->embd_scale);
+    int n_shared = 0;
+    for (int l = 0; l < L; l++) n_shared += !m->w.layers[l].p.attn.store;
+    KV_U32("attention.shared_kv_layers", n_shared);
+    if (hp->n_ple) KV_U32("embedding_length_per_layer_input", hp->n_ple);
+    if (full->n_expert) {
+        KV_U32("expert_count", full->n_expert);
+        KV_U32("expert_used_count", full->n_expert_used);
+        KV_U32("expert_feed_forward_length", full->n_ff_exp);
+    }
+#undef KV_U32
+#undef KV_F32
+    int32_t *v = moe_malloc((size_t)L * sizeof *v);
+    uint8_t *b = moe_malloc((size_t)L);
+    if (v && b) { /* per-layer arrays */
+        for (int l = 0; l < L; l++) b[l] = m->w.layers[l].p.attn_kind == MOE_ATTN_SLIDING;
+        snprintf(key, sizeof key, "%s.attention.sliding_window_pattern", arch);
+        gw_kv_array(gw, key, GGUF_BOOL, b, (uint64_t)L);
+        for (int l = 0; l < L; l++) v[l] = m->w.layers[l].p.attn.n_head_kv;
+        snprintf(key, sizeof key, "%s.attention.head_count_kv", arch);
+        gw_kv_array(gw, key, GGUF_I32, v, (uint64_t)L);
+        for (int l = 0; l < L; l++) v[l] = m->w.layers[l].p.n_ff;
+        snprintf(key, sizeof key, "%s.feed_forward_length", arch);
+        gw_kv_array(gw, key, GGUF_I32, v, (uint64_t)L);
+    } else gw->kv.oom = 1;
+    moe_free(v);
+    moe_free(b);
+}
+
 /* ---- Hugging Face directories: config.json + *.safetensors (+ tokenizer.json) -------------------
    The safetensors tensors are renamed to the GGUF names llama.cpp's converter uses (dims reversed:
    a [out, in] matrix is ne = {in, out}) in a tensor table like a GGUF file's, so binding and the
    forward pass are shared. Experts stored one tensor per expert (the original Qwen3-MoE layout) or
    fused per layer (transformers 5: experts.gate_up_proj [E, 2·ff, in], experts.down_proj
    [E, out, ff]) become 3-D entries whose slabs are reached through expert_ptrs. */
-#define HF_NAME_LEN 64
+#define HF_NAME_LEN 64          /* GGUF-style names we give HF tensors */
+#define HF_SRC_NAME_LEN 200     /* names in a safetensors header (vision towers have long ones) */
 
 typedef struct hf_tensor { const char *name; size_t name_len; int32_t type, n_dims; int64_t shape[4]; const uint8_t *data; uint64_t nbytes; } hf_tensor;
 
@@ -5036,7 +5447,7 @@ static moe_status hf_parse_safetensors(const moe_file *f, const char *path, json
         hf_tensor t = {0};
         t.name = d->src + d->nodes[i].off;
         t.name_len = d->nodes[i].len;
-        if (d->nodes[i].escaped || t.name_len >= HF_NAME_LEN)
+        if (d->nodes[i].escaped || t.name_len >= HF_SRC_NAME_LEN)
             return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor name '%.*s' is escaped or too long", path, (int)(t.name_len > 80 ? 80 : t.name_len), t.name);
         size_t es = 0;
         if (json_str_eq(d, dt, "F32")) t.type = MOE_TYPE_F32, es = 4;
@@ -5113,6 +5524,7 @@ static moe_status hf_add(moe_model *m, const hf_tensor *src, const char *gguf_na
    that architecture's reader. */
 static moe_status hf_hparams(moe_model *m, const json_doc *d) {
     uint32_t mt = json_get(d, 0, "model_type");
+    if (!mt) mt = json_get(d, json_get(d, 0, "text_config"), "model_type");
     char *name = json_strdup(d, mt);
     if (!name) return set_error(mt ? MOE_ERR_NO_MEMORY : MOE_ERR_FORMAT, "config.json: %s", mt ? "out of memory" : "no model_type");
     m->arch = arch_find(NULL, name, &m->w.hp.arch);
@@ -5127,7 +5539,7 @@ static moe_status hf_hparams(moe_model *m, const json_doc *d) {
    [X, 2F, E] holding gate rows then up rows, PATH.down_proj [X, E, F]) or one tensor per expert
    (PATH.N.{gate,up,down}_proj.weight). Their slabs are reached through expert_ptrs. */
 static moe_status hf_add_experts(moe_model *m, const hf_table *tab, const tensor_spec *s, int l, const uint8_t **ptrs) {
-    char hn[160], path[128], gn[HF_NAME_LEN];
+    char hn[HF_SRC_NAME_LEN + 40], path[HF_SRC_NAME_LEN], gn[HF_NAME_LEN];
     int k = s->role == MOE_GATE_EXPS ? 0 : s->role == MOE_UP_EXPS ? 1 : 2;
     int64_t X = s->ne[2], rows = s->ne[1], cols = s->ne[0];
     snprintf(path, sizeof path, s->hf, l);
@@ -5175,7 +5587,7 @@ static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
     m->hf_expert_ptrs = moe_calloc(n_ptrs ? n_ptrs : 1, sizeof *m->hf_expert_ptrs);
     if (!g->tensors || !m->hf_names || !m->hf_expert_ptrs) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the tensor table");
     const uint8_t **ptrs = m->hf_expert_ptrs;
-    char hn[160], gn[HF_NAME_LEN];
+    char hn[HF_SRC_NAME_LEN + 40], gn[HF_NAME_LEN];
     moe_status st;
     for (int l = -1; l < hp->n_layer; l++) {
         int n = m->arch->tensors(&m->w, l, sp);
@@ -5186,6 +5598,7 @@ static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
                 ptrs += s->ne[2];
                 continue;
             }
+            if (!s->hf) continue; /* no Hugging Face counterpart */
             snprintf(hn, sizeof hn, s->hf, l);
             const hf_tensor *t = hf_find(tab, hn);
             if (!t) {
@@ -5275,7 +5688,7 @@ static void attention_block(void *be, const moe_ops *o, const moe_weights *w, in
 /* Routed experts: out = Σ_topk w_e · down_e( act(gate_e src) ⊙ up_e src ). */
 static void routed_experts(void *be, const moe_ops *o, const moe_layer *L, int dst, int src, int n) {
     const moe_layer_plan *p = &L->p;
-    moe_route r = {p->n_expert, p->n_expert_used, p->norm_topk};
+    moe_route r = {p->n_expert, p->n_expert_used, p->norm_topk, NULL};
     o->route(be, moe_lw(L, MOE_ROUTER), &r, src, n);               /* [n][n_expert] → top-k */
     o->experts_glu(be, moe_lw(L, MOE_GATE_EXPS), moe_lw(L, MOE_UP_EXPS), p->act, src, n);
     o->experts_down(be, dst, moe_lw(L, MOE_DOWN_EXPS), n);         /* [n][n_embd] */
@@ -5303,9 +5716,114 @@ static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, c
     o->matmul(be, ACT_LOGITS, &w->g[MOE_OUTPUT], ACT_XN, n - n_out, n_out);
 }
 
+/* Dense gated MLP: dst = down( act(gate · src) ⊙ (up · src) ). */
+static void dense_glu(void *be, const moe_ops *o, const moe_layer *L, int dst, int src, int n) {
+    int F = L->p.n_ff;
+    o->matmul(be, ACT_FF, moe_lw(L, MOE_FFN_GATE), src, 0, n);     /* [n][n_ff] */
+    o->matmul(be, ACT_FF2, moe_lw(L, MOE_FFN_UP), src, 0, n);
+    o->glu(be, ACT_FF, ACT_FF, ACT_FF2, 0, F, n, F, L->p.act);
+    o->matmul(be, dst, moe_lw(L, MOE_FFN_DOWN), ACT_FF, 0, n);       /* [n][n_embd] */
+}
+
+/* Gemma 4 attention (ARCHITECTURES.md §2.3): q/k norms, V = the raw K projection on K = V
+   layers, V normed without weight, scale 1, a sliding window or all keys, a sandwich norm:
+   x += post_norm(Wo · attn(...)). KV-shared layers compute only q and read another layer's cache. */
+static void gemma4_attention_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n, int pos0) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    const moe_attn *a = &L->p.attn;
+    int E = hp->n_embd, kvw = a->n_head_kv * a->head_dim;
+    o->rmsnorm(be, ACT_XN, ACT_X, moe_lw(L, MOE_ATTN_NORM), n, E, hp->rms_eps);
+    o->matmul(be, ACT_Q, moe_lw(L, MOE_WQ), ACT_XN, 0, n);          /* [n][n_head·hd] */
+    if (a->store) {
+        o->matmul(be, ACT_K, moe_lw(L, MOE_WK), ACT_XN, 0, n);      /* [n][n_kv·hd] */
+        if (L->p.v_from_k) o->copy(be, ACT_V, ACT_K, n, kvw);
+        else o->matmul(be, ACT_V, moe_lw(L, MOE_WV), ACT_XN, 0, n);
+        if (L->p.v_norm) o->rmsnorm(be, ACT_V, ACT_V, NULL, n * a->n_head_kv, a->head_dim, hp->rms_eps);
+    }
+    o->rmsnorm(be, ACT_Q, ACT_Q, moe_lw(L, MOE_Q_NORM), n * a->n_head, a->head_dim, hp->rms_eps);
+    if (a->store) o->rmsnorm(be, ACT_K, ACT_K, moe_lw(L, MOE_K_NORM), n * a->n_head_kv, a->head_dim, hp->rms_eps);
+    o->rope(be, ACT_Q, n, a->n_head, a->head_dim, &L->p.rope, pos0);
+    if (a->store) o->rope(be, ACT_K, n, a->n_head_kv, a->head_dim, &L->p.rope, pos0);
+    o->attention(be, a, n, pos0);
+    o->matmul(be, ACT_OUT, moe_lw(L, MOE_WO), ACT_ATTN, 0, n);
+    o->rmsnorm(be, ACT_OUT, ACT_OUT, moe_lw(L, MOE_POST_ATTN_NORM), n, E, hp->rms_eps);
+    o->add(be, ACT_X, ACT_OUT, n, E);
+}
+
+/* Gemma 4 FFN: a dense GeGLU MLP, and in the MoE model routed experts beside it (the router
+   reads r(x) · scale · hidden^-0.5, the experts their own norm of x), each branch normed, their
+   sum normed again: x += post_norm(post_norm_1(mlp) + post_norm_2(experts)). */
+static void gemma4_ffn_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    int E = hp->n_embd;
+    float eps = hp->rms_eps;
+    o->rmsnorm(be, ACT_XN, ACT_X, moe_lw(L, MOE_FFN_NORM), n, E, eps);
+    dense_glu(be, o, L, ACT_OUT, ACT_XN, n);
+    if (L->p.ffn_kind == MOE_FFN_MOE_DENSE) {
+        o->rmsnorm(be, ACT_OUT, ACT_OUT, moe_lw(L, MOE_POST_FFN_NORM_1), n, E, eps);
+        o->rmsnorm(be, ACT_OUT2, ACT_X, moe_lw(L, MOE_ROUTER_SCALE), n, E, eps);   /* router input */
+        o->scale(be, ACT_OUT2, n, E, NULL, 1.0f / sqrtf((float)E));
+        moe_route r = {L->p.n_expert, L->p.n_expert_used, L->p.norm_topk, moe_lw(L, MOE_EXPERT_SCALE)};
+        o->route(be, moe_lw(L, MOE_ROUTER), &r, ACT_OUT2, n);
+        o->rmsnorm(be, ACT_XN, ACT_X, moe_lw(L, MOE_PRE_FFN_NORM_2), n, E, eps);
+        o->experts_glu(be, moe_lw(L, MOE_GATE_EXPS), moe_lw(L, MOE_UP_EXPS), L->p.act, ACT_XN, n);
+        o->experts_down(be, ACT_OUT2, moe_lw(L, MOE_DOWN_EXPS), n);
+        o->rmsnorm(be, ACT_OUT2, ACT_OUT2, moe_lw(L, MOE_POST_FFN_NORM_2), n, E, eps);
+        o->add(be, ACT_OUT, ACT_OUT2, n, E);
+    }
+    o->rmsnorm(be, ACT_OUT, ACT_OUT, moe_lw(L, MOE_POST_FFN_NORM), n, E, eps);
+    o->add(be, ACT_X, ACT_OUT, n, E);
+}
+
+/* Per-layer embeddings (Gemma 4 E2B/E4B): for every layer l a P-wide input
+   pli[l] = (norm(proj · e · hidden^-0.5) + emb_ple[tok] · sqrt(P)) · 2^-0.5 into ACT_PLE. */
+static void ple_inputs(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens, int n) {
+    const moe_hparams *hp = &w->hp;
+    int P = hp->n_ple, LP = hp->n_layer * P;
+    o->embed(be, ACT_PLE2, &w->g[MOE_PLE_TOK_EMBD], tokens, n);    /* [n][L·P] */
+    o->scale(be, ACT_PLE2, n, LP, NULL, hp->ple_scale);
+    o->matmul(be, ACT_PLE, &w->g[MOE_PLE_MODEL_PROJ], ACT_X, 0, n); /* from the scaled embedding */
+    o->scale(be, ACT_PLE, n, LP, NULL, 1.0f / sqrtf((float)hp->n_embd));
+    o->rmsnorm(be, ACT_PLE, ACT_PLE, &w->g[MOE_PLE_PROJ_NORM], n * hp->n_layer, P, hp->rms_eps);
+    o->add(be, ACT_PLE, ACT_PLE2, n, LP);
+    o->scale(be, ACT_PLE, n, LP, NULL, 0.70710678118654752f);
+}
+
+/* the end of a layer with per-layer embeddings: x += norm(proj · (gelu(gate · x) ⊙ pli[l])) */
+static void ple_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    int P = hp->n_ple;
+    o->matmul(be, ACT_PLE2, moe_lw(L, MOE_PLE_GATE), ACT_X, 0, n);   /* [n][P] */
+    o->glu(be, ACT_PLE2, ACT_PLE2, ACT_PLE, l * P, hp->n_layer * P, n, P, MOE_ACT_GELU_TANH);
+    o->matmul(be, ACT_OUT, moe_lw(L, MOE_PLE_PROJ), ACT_PLE2, 0, n);
+    o->rmsnorm(be, ACT_OUT, ACT_OUT, moe_lw(L, MOE_PLE_POST_NORM), n, hp->n_embd, hp->rms_eps);
+    o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
+}
+
+static void forward_gemma4(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens, int n, int pos0, int n_out) {
+    const moe_hparams *hp = &w->hp;
+    o->embed(be, ACT_X, &w->g[MOE_TOK_EMBD], tokens, n);       /* [n][n_embd] */
+    o->scale(be, ACT_X, n, hp->n_embd, NULL, hp->embd_scale);
+    if (hp->n_ple) ple_inputs(be, o, w, tokens, n);
+    for (int l = 0; l < hp->n_layer; l++) {
+        gemma4_attention_block(be, o, w, l, n, pos0);
+        gemma4_ffn_block(be, o, w, l, n);
+        if (hp->n_ple) ple_block(be, o, w, l, n);
+        if (w->layers[l].p.layer_scale != 0) o->scale(be, ACT_X, n, hp->n_embd, NULL, w->layers[l].p.layer_scale);
+    }
+    o->rmsnorm(be, ACT_XN, ACT_X, &w->g[MOE_OUTPUT_NORM], n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_LOGITS, &w->g[MOE_OUTPUT], ACT_XN, n - n_out, n_out);
+    if (hp->logit_softcap > 0) o->softcap(be, ACT_LOGITS, n_out, hp->n_vocab, hp->logit_softcap);
+}
+
 /* ---- the architecture table ---- */
 static const moe_arch k_archs[] = {
-    {"qwen3moe", "qwen3_moe", qwen3moe_hparams_gguf, qwen3moe_hparams_hf, qwen3moe_tensors, qwen3moe_write_hparams, forward_qwen3moe},
+    {"qwen3moe", "qwen3_moe", qwen3moe_hparams_gguf, qwen3moe_hparams_hf, qwen3moe_tensors, qwen3moe_write_hparams, NULL, forward_qwen3moe},
+    {"gemma4", "gemma4", gemma4_hparams_gguf, gemma4_hparams_hf, gemma4_tensors, gemma4_write_hparams, gemma4_finish, forward_gemma4},
+    {"gemma4", "gemma4_text", gemma4_hparams_gguf, gemma4_hparams_hf, gemma4_tensors, gemma4_write_hparams, gemma4_finish, forward_gemma4},
 };
 
 static const moe_arch *arch_find(const char *gguf_name, const char *hf_type, int32_t *index) {
@@ -5380,6 +5898,8 @@ static int act_width(const moe_weights *w, int buf) {
     case ACT_K: case ACT_V: return hp->n_head_kv * hp->head_dim;
     case ACT_ROUTER: return hp->n_expert;
     case ACT_LOGITS: return hp->n_vocab;
+    case ACT_FF: case ACT_FF2: return hp->n_ff;
+    case ACT_PLE: case ACT_PLE2: return hp->n_layer * hp->n_ple;
     default: return hp->n_embd;
     }
 }
@@ -5664,8 +6184,11 @@ static void cpu_route(void *be, const moe_weight *router, const moe_route *r, in
     cpu_ctx *cc = be;
     int k = r->k, E = r->n_expert;
     if (router) cpu_matmul(be, ACT_ROUTER, router, src, 0, n); /* [n][n_expert] */
-    for (int i = 0; i < n; i++)
+    const float *es = r->expert_scale ? (const float *)r->expert_scale->data : NULL;
+    for (int i = 0; i < n; i++) {
         router_topk(act_row(cc, ACT_ROUTER, i, E), E, k, r->norm, cc->topk_id + i * k, cc->topk_w + i * k);
+        for (int s = 0; es && s < k; s++) cc->topk_w[i * k + s] *= es[cc->topk_id[i * k + s]];
+    }
     int32_t *start = cc->exp_start;
     memset(start, 0, (size_t)(E + 1) * sizeof *start);
     for (int p = 0; p < n * k; p++) start[cc->topk_id[p] + 1]++;
@@ -5754,6 +6277,35 @@ static void cpu_experts_down(void *be, int dst, const moe_weight *down, int n) {
     }
 }
 
+static void cpu_scale(void *be, int buf, int n, int width, const moe_weight *w, float s) {
+    cpu_ctx *cc = be;
+    const float *g = w ? (const float *)w->data : NULL;
+    for (int i = 0; i < n; i++) {
+        float *x = act_row(cc, buf, i, width);
+        for (int j = 0; j < width; j++) x[j] *= g ? s * g[j] : s;
+    }
+}
+
+static void cpu_copy(void *be, int dst, int src, int n, int width) {
+    cpu_ctx *cc = be;
+    memcpy(cc->act[dst], cc->act[src], (size_t)n * (size_t)width * sizeof(float));
+}
+
+static void cpu_glu(void *be, int dst, int gate, int up, int up_col0, int up_stride, int n, int width, int act) {
+    cpu_ctx *cc = be;
+    for (int i = 0; i < n; i++) {
+        const float *g = act_row(cc, gate, i, width), *u = act_row(cc, up, i, up_stride) + up_col0;
+        float *y = act_row(cc, dst, i, width);
+        for (int j = 0; j < width; j++) y[j] = glu_act(act, g[j]) * u[j];
+    }
+}
+
+static void cpu_softcap(void *be, int buf, int n, int width, float cap) {
+    cpu_ctx *cc = be;
+    float *x = cc->act[buf];
+    for (size_t i = 0; i < (size_t)n * (size_t)width; i++) x[i] = cap * tanhf(x[i] / cap);
+}
+
 static void cpu_read_logits(void *be, float *dst, int n) {
     cpu_ctx *cc = be;
     memcpy(dst, cc->act[ACT_LOGITS], (size_t)n * (size_t)cc->w->hp.n_vocab * sizeof(float));
@@ -5792,8 +6344,8 @@ static void cpu_stats(const void *be, moe_stats *out) {
 }
 
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_route,
-                                  cpu_experts_glu, cpu_experts_down, cpu_begin_step, cpu_end_step, cpu_read_logits,
-                                  cpu_kv_save, cpu_kv_load, cpu_stats};
+                                  cpu_experts_glu, cpu_experts_down, cpu_scale, cpu_copy, cpu_glu, cpu_softcap,
+                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load, cpu_stats};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -5860,6 +6412,7 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     size_t maxk = (size_t)hp->n_embd;
     if ((size_t)(hp->n_head * hp->head_dim) > maxk) maxk = (size_t)(hp->n_head * hp->head_dim);
     if ((size_t)hp->n_ff_exp > maxk) maxk = (size_t)hp->n_ff_exp;
+    if ((size_t)hp->n_ff > maxk) maxk = (size_t)hp->n_ff;
     cc->row_buf_len = maxk;
     cc->att_buf_len = (size_t)c->n_ctx + (size_t)hp->head_dim;
     size_t max_rows = (size_t)(hp->n_ff_exp > hp->n_embd ? hp->n_ff_exp : hp->n_embd);
@@ -6544,6 +7097,7 @@ void moe_model_free(moe_model *model) {
     moe_free(model->w.caches);
     moe_free(model->expert_tables);
     moe_free(model->owned);
+    moe_free(model->rope_freqs);
     gguf_free(&model->gguf);
     file_unmap(&model->file);
     for (int i = 0; i < model->n_shards; i++) file_unmap(&model->shards[i]);

@@ -317,7 +317,10 @@ enum { MOE_ACT_SILU = 0, MOE_ACT_GELU_TANH = 1, MOE_ACT_SWIGLU_OAI = 2 };
     X(TOK_EMBD, "token_embd.weight")                                                               \
     X(OUTPUT_NORM, "output_norm.weight")                                                           \
     X(OUTPUT, "output.weight")                  /* absent: tied to TOK_EMBD */                     \
-    X(ROPE_FREQS, "rope_freqs.weight")
+    X(ROPE_FREQS, "rope_freqs.weight")                                                             \
+    X(PLE_TOK_EMBD, "per_layer_token_embd.weight") /* per-layer embeddings (Gemma 4 E2B/E4B) */    \
+    X(PLE_MODEL_PROJ, "per_layer_model_proj.weight")                                               \
+    X(PLE_PROJ_NORM, "per_layer_proj_norm.weight")
 /* X(ROLE, GGUF name after "blk.N.") — tensors of one layer */
 #define MOE_LAYER_TENSORS(X)                                                                       \
     X(ATTN_NORM, "attn_norm.weight")                                                               \
@@ -336,7 +339,17 @@ enum { MOE_ACT_SILU = 0, MOE_ACT_GELU_TANH = 1, MOE_ACT_SWIGLU_OAI = 2 };
     X(ROUTER, "ffn_gate_inp.weight")                                                               \
     X(GATE_EXPS, "ffn_gate_exps.weight")        /* routed experts: 3-D, [n_expert][rows][cols] */  \
     X(UP_EXPS, "ffn_up_exps.weight")                                                               \
-    X(DOWN_EXPS, "ffn_down_exps.weight")
+    X(DOWN_EXPS, "ffn_down_exps.weight")                                                           \
+    /* Gemma 4: sandwich norms, the MoE beside a dense MLP, router and expert scales, PLE */       \
+    X(POST_FFN_NORM_1, "post_ffw_norm_1.weight")                                                   \
+    X(PRE_FFN_NORM_2, "pre_ffw_norm_2.weight")                                                     \
+    X(POST_FFN_NORM_2, "post_ffw_norm_2.weight")                                                   \
+    X(ROUTER_SCALE, "ffn_gate_inp.scale")       /* folded at load: router pre-norm weight */       \
+    X(EXPERT_SCALE, "ffn_down_exps.scale")      /* per-expert weight on the routing weights */     \
+    X(LAYER_SCALE, "layer_output_scale.weight") /* one value: scales the residual stream */        \
+    X(PLE_GATE, "inp_gate.weight")                                                                 \
+    X(PLE_PROJ, "proj.weight")                                                                     \
+    X(PLE_POST_NORM, "post_norm.weight")
 #define MOE_ROLE_ENUM(role, name) MOE_##role,
 enum { MOE_GLOBAL_TENSORS(MOE_ROLE_ENUM) MOE_GT_COUNT };
 enum { MOE_LAYER_TENSORS(MOE_ROLE_ENUM) MOE_LT_COUNT };
@@ -363,11 +376,14 @@ typedef struct moe_layer_plan {
     int32_t attn_kind;         /* MOE_ATTN_* */
     moe_attn attn;
     moe_rope rope;
+    int32_t v_from_k;          /* V is the raw K projection (Gemma 4 full layers: attention_k_eq_v) */
+    int32_t v_norm;            /* per-head RMSNorm without weight on V */
     int32_t ffn_kind;          /* MOE_FFN_* */
     int32_t act;               /* MOE_ACT_*: activation of the gated GLUs */
     int32_t n_ff;              /* dense FFN width; 0 = none */
     int32_t n_expert, n_expert_used, n_ff_exp;
     int32_t norm_topk;         /* renormalise the top-k routing weights */
+    float layer_scale;         /* the residual stream is multiplied by it after the layer; 0 = none */
 } moe_layer_plan;
 
 typedef struct moe_layer {
@@ -401,6 +417,11 @@ typedef struct moe_hparams {
     int32_t n_head, n_head_kv, head_dim, n_ff_exp, n_ff, n_expert, n_expert_used;
     int32_t n_cache;           /* KV caches (layers that store K/V) */
     float rms_eps;
+    float embd_scale;          /* the token embedding is multiplied by it; 0 = 1 */
+    float logit_softcap;       /* logits = c · tanh(logits / c); 0 = none */
+    int32_t n_ple;             /* per-layer embedding width (Gemma 4 E2B/E4B); 0 = none */
+    int32_t n_vocab_ple;       /* rows of the per-layer token embedding */
+    float ple_scale;           /* the per-layer token embedding is multiplied by it */
 } moe_hparams;
 
 typedef struct moe_weights {
@@ -435,6 +456,11 @@ enum {
     ACT_OUT,     /* [n][n_embd]          block output before the residual add */
     ACT_ROUTER,  /* [n][n_expert]        router logits */
     ACT_LOGITS,  /* [n_out][n_vocab] */
+    ACT_OUT2,    /* [n][n_embd]          a second block output (a branch beside ACT_OUT) */
+    ACT_FF,      /* [n][n_ff]            dense FFN gate, then act(gate) ⊙ up */
+    ACT_FF2,     /* [n][n_ff]            dense FFN up */
+    ACT_PLE,     /* [n][n_layer·n_ple]   per-layer embedding inputs of every layer */
+    ACT_PLE2,    /* [n][n_layer·n_ple]   its token part while it is built; PLE gate of a layer */
     ACT_COUNT
 };
 
@@ -442,6 +468,7 @@ enum {
 typedef struct moe_route {
     int32_t n_expert, k;
     int32_t norm;              /* renormalise the k softmax weights to sum 1 */
+    const moe_weight *expert_scale;  /* optional f32 [n_expert]: routing weight of e times it */
 } moe_route;
 
 typedef struct moe_ops {
@@ -468,6 +495,14 @@ typedef struct moe_ops {
     void (*experts_glu)(void *be, const moe_weight *gate, const moe_weight *up, int act, int src, int n);
     /* expert down + combine: dst[i] = Σ_e w_e · down_e h over token i's routed experts */
     void (*experts_down)(void *be, int dst, const moe_weight *down, int n);
+    /* elementwise, over n rows of width. scale: buf *= s · (w ? w[col] : 1) */
+    void (*scale)(void *be, int buf, int n, int width, const moe_weight *w, float s);
+    /* dst = src (rows of width; dst and src differ) */
+    void (*copy)(void *be, int dst, int src, int n, int width);
+    /* dst[i][j] = act(gate[i][j]) · up[i][up_col0 + j], up rows up_stride wide (dst may be gate) */
+    void (*glu)(void *be, int dst, int gate, int up, int up_col0, int up_stride, int n, int width, int act);
+    /* buf = cap · tanh(buf / cap) */
+    void (*softcap)(void *be, int buf, int n, int width, float cap);
     /* A step is bracketed by begin/end: Vulkan records between them and submits at end_step
        (the only place a device error can surface); read_logits is called after end_step. */
     void (*begin_step)(void *be);

@@ -414,24 +414,30 @@ static const char *vk_result_str(VkResult r) {
     KP(MOE_COMBINE, moe_combine, "moe_combine.comp", "", 256)       \
     KP(MOE_SORT, moe_sort, "moe_sort.comp", "", 256)                \
     KP(RMSNORM, rmsnorm, "rmsnorm.comp", "", 256)                   \
-    KP(TOPK, topk, "topk.comp", "", 64)
+    KP(TOPK, topk, "topk.comp", "", 64)                             \
+    KP(SCALE, scale, "scale.comp", "", 256)                         \
+    KP(GLU, glu, "glu.comp", "", 256)                               \
+    KP(SOFTCAP, softcap, "softcap.comp", "", 256)
 /* END KERNELS */
 /* BEGIN PUSH CONSTANTS */
 #define PC_ADD(X) X(uint, count)
-#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta)
+#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta) X(uint, window) X(uint, rows)
 #define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
-#define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta)
-#define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta)
+#define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
+#define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta) X(uint, rows)
 #define PC_MATRIX(X)                                                      \
     X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk)                \
     X(uint, x_off) X(uint, x_stride) X(uint, y_off) X(uint, y_stride)     \
     X(uint, mode) X(uint, acc) X(uint, tbl0) X(uint, tbl1)
-#define PC_MM(X) PC_MATRIX(X) X(uint, ncols) X(uint, k_used) X(uint, list_off) X(uint, items_off)
-#define PC_MV(X) PC_MATRIX(X) X(uint, k_used) X(uint, ids_off) X(uint, w_off) X(uint, pad) X(float, eps) X(uint, norm)
+#define PC_MM(X) PC_MATRIX(X) X(uint, ncols) X(uint, k_used) X(uint, list_off) X(uint, items_off) X(uint, act)
+#define PC_MV(X) PC_MATRIX(X) X(uint, k_used) X(uint, ids_off) X(uint, w_off) X(uint, act) X(float, eps) X(uint, norm)
 #define PC_MOE_COMBINE(X) X(uint, D) X(uint, k_used) X(uint, w_off) X(uint, pos_off) X(uint, acc)
 #define PC_MOE_SORT(X) X(uint, E) X(uint, n_pairs) X(uint, ids_off) X(uint, list_off) X(uint, pos_off) X(uint, items_off)
 #define PC_RMSNORM(X) X(uint, width) X(uint, has_g) X(uint, rows) X(float, eps)
-#define PC_TOPK(X) X(uint, E) X(uint, k_used) X(uint, norm) X(uint, r_off) X(uint, ids_off) X(uint, w_off)
+#define PC_TOPK(X) X(uint, E) X(uint, k_used) X(uint, norm) X(uint, r_off) X(uint, ids_off) X(uint, w_off) X(uint, has_scale)
+#define PC_SCALE(X) X(uint, count) X(uint, width) X(uint, has_w) X(float, s)
+#define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
+#define PC_SOFTCAP(X) X(uint, count) X(float, cap)
 /* END PUSH CONSTANTS */
 
 #define VK_CT_uint uint32_t
@@ -450,6 +456,9 @@ VK_PC_STRUCT(MOE_COMBINE)
 VK_PC_STRUCT(MOE_SORT)
 VK_PC_STRUCT(RMSNORM)
 VK_PC_STRUCT(TOPK)
+VK_PC_STRUCT(SCALE)
+VK_PC_STRUCT(GLU)
+VK_PC_STRUCT(SOFTCAP)
 #define VK_PC_WORD(kernel, field) ((int)(offsetof(vk_pc_##kernel, field) / 4)) /* index into vk_rec.pc */
 
 #define VK_ENUM_T(E, n) VKT_##E,
@@ -1313,11 +1322,12 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn lo
     for (int l = 0; l < hp->n_layer; l++) { /* what each layer's plan asks of the kernels */
         const moe_layer_plan *p = &w->layers[l].p;
         const char *why = NULL;
-        if (p->attn_kind != MOE_ATTN_FULL) why = "only full causal attention runs on Vulkan yet";
-        else if (p->attn.head_dim > 256 || p->attn.head_dim % 8) why = "head size above 256 or not a multiple of 8";
-        else if (p->ffn_kind != MOE_FFN_MOE) why = "only routed-expert FFNs run on Vulkan yet";
-        else if (p->n_ff_exp % 16) why = "expert width not a multiple of 16";
-        else if (p->act != MOE_ACT_SILU) why = "only SiLU experts run on Vulkan yet";
+        if (p->attn_kind != MOE_ATTN_FULL && p->attn_kind != MOE_ATTN_SLIDING) why = "this attention kind does not run on Vulkan yet";
+        else if (p->attn.head_dim > 512 || p->attn.head_dim % 8) why = "head size above 512 or not a multiple of 8";
+        else if (p->ffn_kind != MOE_FFN_MOE && p->ffn_kind != MOE_FFN_DENSE && p->ffn_kind != MOE_FFN_MOE_DENSE)
+            why = "this FFN kind does not run on Vulkan yet";
+        else if (p->n_ff_exp % 16 || p->n_ff % 16) why = "FFN width not a multiple of 16";
+        else if (p->act != MOE_ACT_SILU && p->act != MOE_ACT_GELU_TANH) why = "this activation does not run on Vulkan yet";
         if (why) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: layer %d: %s", l, why);
     }
     moe_vk_backend *vk = calloc(1, sizeof *vk);
@@ -1375,10 +1385,10 @@ fail:
 
 /* profiling classes */
 enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,
-       VKC_KVSTORE, VKC_ATTN, VKC_ADD, VKC_TOPK, VKC_SORT, VKC_COMBINE, VKC_COPY, VKC_COUNT };
+       VKC_KVSTORE, VKC_ATTN, VKC_ADD, VKC_TOPK, VKC_SORT, VKC_COMBINE, VKC_COPY, VKC_ELTWISE, VKC_COUNT };
 static const char *const k_vkc_names[VKC_COUNT] = {"embed", "rmsnorm", "matvec", "expert gate+up matvec", "expert down matvec",
     "matmul", "expert gate+up matmul", "expert down matmul", "lm head", "qk-norm/rope", "kv store", "attention", "add",
-    "router top-k", "expert sort", "expert combine", "logits copy"};
+    "router top-k", "expert sort", "expert combine", "copy", "elementwise"};
 
 /* One dispatch (or copy) as an op recorded it. Records are compared byte for byte to find a cached
    command buffer, so every record is zeroed before it is filled. */
@@ -1809,14 +1819,14 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     c->serial = vk_env_on("MOE_VK_SERIAL"); /* debugging: a barrier between every two dispatches */
     moe_status st = MOE_OK;
     const VkDeviceSize nb = (VkDeviceSize)shape->n_batch, k = (VkDeviceSize)hp->n_expert_used;
-    const VkDeviceSize widths[ACT_COUNT] = {
-        (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim,
-        (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim, (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim,
-        (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim, (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_expert,
-        (VkDeviceSize)hp->n_vocab};
-    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits"};
+    const VkDeviceSize q_w = (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim, kv_w = (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim,
+                       ple_w = (VkDeviceSize)hp->n_layer * (VkDeviceSize)hp->n_ple, E_w = (VkDeviceSize)hp->n_embd;
+    const VkDeviceSize widths[ACT_COUNT] = {E_w, E_w, q_w, kv_w, kv_w, q_w, E_w, (VkDeviceSize)hp->n_expert, (VkDeviceSize)hp->n_vocab,
+                                            E_w, (VkDeviceSize)hp->n_ff, (VkDeviceSize)hp->n_ff, ple_w, ple_w};
+    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits", "out2", "ff", "ff2", "ple", "ple2"};
     VkDeviceSize logit_rows = shape->logits_all ? nb : 1;
-    for (int i = 0; i < ACT_COUNT && !st; i++) st = vk_act_new(c, &c->act[i], (i == ACT_LOGITS ? logit_rows : nb) * widths[i] * 4, act_names[i]);
+    for (int i = 0; i < ACT_COUNT && !st; i++) /* roles the model does not use get a token buffer */
+        st = vk_act_new(c, &c->act[i], widths[i] ? (i == ACT_LOGITS ? logit_rows : nb) * widths[i] * 4 : VK_ALIGN, act_names[i]);
     if (!st) st = vk_act_new(c, &c->h, nb * k * (VkDeviceSize)hp->n_ff_exp * 4, "expert hidden");
     if (!st) st = vk_act_new(c, &c->p, (nb > VK_MV_MAX ? nb * k : 1) * (VkDeviceSize)hp->n_embd * 4, "expert output");
     c->max_items = (uint32_t)((nb * k + 63) / 64 + (VkDeviceSize)hp->n_expert);
@@ -2163,14 +2173,12 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
 static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
-    if (a->window || !a->store) {
-        vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: sliding-window and KV-shared attention are not implemented yet");
-        return;
-    }
-    vk_pn_touch(c, (1u << ACT_Q) | (1u << ACT_K) | (1u << ACT_V), 1u << ACT_ATTN);
+    vk_pn_touch(c, (1u << ACT_Q) | (a->store ? (1u << ACT_K) | (1u << ACT_V) : 0u), 1u << ACT_ATTN);
     int32_t pd = vk_pos_delta(c, pos0);
-    uint32_t kvw = (uint32_t)(a->n_head_kv * a->head_dim);
+    uint32_t kvw = (uint32_t)(a->n_head_kv * a->head_dim), rows = (uint32_t)c->kv_rows[a->cache];
     VkDeviceSize lo = c->kv_off[a->cache], sz = c->kv_size[a->cache];
+    vk_rec *r;
+    if (!a->store) goto attend; /* a KV-shared layer reads what an earlier layer stored */
     /* the cache store rides on the K heads' norm/rope dispatch recorded just before, if any */
     int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
     for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 2; i--) {
@@ -2182,16 +2190,17 @@ static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
             vk_bind_range(q, 5, c->vc.buf, lo, sz, 1);
             q->pc[VK_PC_WORD(HEADWISE, flags)] |= 12u; /* and the K and V cache stores */
             q->pc[VK_PC_WORD(HEADWISE, kvw)] = kvw;
+            q->pc[VK_PC_WORD(HEADWISE, rows)] = rows;
             goto attend;
         }
     }
-    vk_rec *r = vk_rec_new(c, c->kv_f16 ? VKP_KVSTORE_F16 : VKP_KVSTORE_F32, VKC_KVSTORE);
+    r = vk_rec_new(c, c->kv_f16 ? VKP_KVSTORE_F16 : VKP_KVSTORE_F32, VKC_KVSTORE);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_K], 0);
     vk_bind(r, 1, &c->act[ACT_V], 0);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 1);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 1);
-    VK_PC_SET(r, KVSTORE, {kvw, pd});
+    VK_PC_SET(r, KVSTORE, {kvw, pd, rows});
     r->grid[0] = vk_div_up(kvw, 2u * k_vk_plain[VKP_KVSTORE_F16 - VKP_ADD].wg);
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 2;
@@ -2202,10 +2211,71 @@ attend:
     vk_bind(r, 1, &c->act[ACT_ATTN], 1);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
-    VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd});
+    VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows});
     r->grid[0] = (uint32_t)a->n_head;
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
+    c->fuse_idx = -1;
+}
+
+/* a weight's single part as a plain binding (1-D f32 vectors: norms, scales) */
+static void vk_bind_vector(vk_ctx *c, vk_rec *r, int slot, const vk_wt *wt) {
+    const vk_part *p = &c->vk->parts[wt->part0];
+    vk_bind_range(r, slot, c->vk->win[p->win].buf, p->off, p->bytes, 0);
+}
+
+static void vk_op_scale(void *be, int buf, int n, int width, const moe_weight *w, float s) {
+    vk_ctx *c = be;
+    const vk_wt *wt = w ? vk_wt_of(c, w) : NULL;
+    if (c->err || n <= 0 || (w && !wt)) return;
+    vk_pn_touch(c, 1u << buf, 1u << buf);
+    vk_rec *r = vk_rec_new(c, VKP_SCALE, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[buf], 1);
+    if (wt) vk_bind_vector(c, r, 2, wt);
+    uint64_t count = (uint64_t)n * (uint64_t)width;
+    VK_PC_SET(r, SCALE, {.count = (uint32_t)count, .width = (uint32_t)width, .has_w = wt != NULL, .s = s});
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[VKP_SCALE - VKP_ADD].wg), 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_copy(void *be, int dst, int src, int n, int width) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, 1u << src, 1u << dst);
+    vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+    if (!r) return;
+    vk_bind_range(r, 0, c->act[src].buf, 0, (VkDeviceSize)n * (VkDeviceSize)width * 4, 0);
+    vk_bind_range(r, 1, c->act[dst].buf, 0, 0, 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_glu(void *be, int dst, int gate, int up, int up_col0, int up_stride, int n, int width, int act) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, (1u << gate) | (1u << up), 1u << dst);
+    vk_rec *r = vk_rec_new(c, VKP_GLU, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[gate], 0);
+    vk_bind(r, 1, &c->act[dst], 1);
+    vk_bind(r, 2, &c->act[up], 0);
+    uint64_t count = (uint64_t)n * (uint64_t)width;
+    VK_PC_SET(r, GLU, {.count = (uint32_t)count, .width = (uint32_t)width, .up_col0 = (uint32_t)up_col0, .up_stride = (uint32_t)up_stride,
+                       .act = (uint32_t)act});
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[VKP_GLU - VKP_ADD].wg), 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_softcap(void *be, int buf, int n, int width, float cap) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, 1u << buf, 1u << buf);
+    vk_rec *r = vk_rec_new(c, VKP_SOFTCAP, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[buf], 1);
+    uint64_t count = (uint64_t)n * (uint64_t)width;
+    VK_PC_SET(r, SOFTCAP, {.count = (uint32_t)count, .cap = cap});
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[VKP_SOFTCAP - VKP_ADD].wg), 1);
     c->fuse_idx = -1;
 }
 
@@ -2247,7 +2317,9 @@ static void vk_op_route(void *be, const moe_weight *router, const moe_route *rt,
     if (!r) return;
     vk_bind(r, 2, &c->aux, 1);
     vk_bind(r, 5, &c->act[ACT_ROUTER], 0);
-    VK_PC_SET(r, TOPK, {.E = E, .k_used = k, .norm = (uint32_t)rt->norm, .ids_off = c->ids_off, .w_off = c->w_off});
+    const vk_wt *ws = rt->expert_scale ? vk_wt_of(c, rt->expert_scale) : NULL;
+    if (ws) vk_bind_vector(c, r, 4, ws);
+    VK_PC_SET(r, TOPK, {.E = E, .k_used = k, .norm = (uint32_t)rt->norm, .ids_off = c->ids_off, .w_off = c->w_off, .has_scale = ws != NULL});
     r->grid[0] = (uint32_t)n;
     r->grid[1] = r->grid[2] = 1;
     if (n > VK_MV_MAX) { /* group the (token, slot) pairs by expert into work items */
@@ -2266,7 +2338,7 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
     vk_ctx *c = be;
     const vk_wt *wg = vk_wt_of(c, gate), *wu = vk_wt_of(c, up);
     if (!wg || !wu || c->err || n <= 0) return;
-    if (act != MOE_ACT_SILU) {
+    if (act != MOE_ACT_SILU && act != MOE_ACT_GELU_TANH) {
         vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: expert activation %d is not implemented yet", act);
         return;
     }
@@ -2293,10 +2365,11 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
         r->win = wg->win0;
         uint32_t nblk = vk_div_up(ff, mv ? VK_MV_ROWS : 64);
         if (mv) VK_PC_SET(r, MV, {.K = D, .M = ff, .row_bytes = (uint32_t)mw->row_bytes, .nblk = nblk, .x_stride = D, .y_stride = ff,
-                                  .mode = (uint32_t)mode, .tbl0 = wg->tbl, .tbl1 = wu->tbl, .k_used = k, .ids_off = c->ids_off, .w_off = c->w_off});
+                                  .mode = (uint32_t)mode, .tbl0 = wg->tbl, .tbl1 = wu->tbl, .k_used = k, .ids_off = c->ids_off, .w_off = c->w_off,
+                                  .act = (uint32_t)act});
         else VK_PC_SET(r, MM, {.K = D, .M = ff, .row_bytes = (uint32_t)mw->row_bytes, .nblk = nblk, .x_stride = D, .y_stride = ff,
                                .mode = (uint32_t)mode, .tbl0 = wg->tbl, .tbl1 = wu->tbl, .k_used = k, .list_off = c->list_off,
-                               .items_off = c->items_off});
+                               .items_off = c->items_off, .act = (uint32_t)act});
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
     }
@@ -2357,6 +2430,6 @@ static void vk_stats(const void *be, moe_stats *out) {
 }
 
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_route,
-                            vk_op_experts_glu, vk_op_experts_down, vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save,
+                            vk_op_experts_glu, vk_op_experts_down, vk_op_scale, vk_op_copy, vk_op_glu, vk_op_softcap, vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save,
                             vk_kv_load, vk_stats};
 

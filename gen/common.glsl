@@ -79,3 +79,12 @@ uint wg_min_u(uint v) {
 }
 
 float silu(float g) { return g / (1.0 + exp(-g)); }
+
+/* tanh without the inf/inf of exp-based forms: |x| > 15 is ±1 in f32 anyway */
+float tanh_safe(float x) { return tanh(clamp(x, -15.0, 15.0)); }
+
+/* GELU, tanh approximation (gelu_pytorch_tanh) */
+float gelu_tanh(float g) { return 0.5 * g * (1.0 + tanh_safe(0.7978845608028654 * (g + 0.044715 * g * g * g))); }
+
+/* the activation of a gated GLU: act 0 SiLU (MOE_ACT_SILU), 1 GELU-tanh (MOE_ACT_GELU_TANH) */
+float act_fn(float g, uint act) { return act == 1u ? gelu_tanh(g) : silu(g); }

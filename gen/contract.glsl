@@ -3,18 +3,21 @@
    layout(push_constant) uniform PC { PC_<KERNEL>(PC_FIELD) } pc; */
 #define PC_FIELD(type, name) type name;
 #define PC_ADD(X) X(uint, count)
-#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta)
+#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta) X(uint, window) X(uint, rows)
 #define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
-#define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta)
-#define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta)
+#define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
+#define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta) X(uint, rows)
 #define PC_MATRIX(X)                                                      \
     X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk)                \
     X(uint, x_off) X(uint, x_stride) X(uint, y_off) X(uint, y_stride)     \
     X(uint, mode) X(uint, acc) X(uint, tbl0) X(uint, tbl1)
-#define PC_MM(X) PC_MATRIX(X) X(uint, ncols) X(uint, k_used) X(uint, list_off) X(uint, items_off)
-#define PC_MV(X) PC_MATRIX(X) X(uint, k_used) X(uint, ids_off) X(uint, w_off) X(uint, pad) X(float, eps) X(uint, norm)
+#define PC_MM(X) PC_MATRIX(X) X(uint, ncols) X(uint, k_used) X(uint, list_off) X(uint, items_off) X(uint, act)
+#define PC_MV(X) PC_MATRIX(X) X(uint, k_used) X(uint, ids_off) X(uint, w_off) X(uint, act) X(float, eps) X(uint, norm)
 #define PC_MOE_COMBINE(X) X(uint, D) X(uint, k_used) X(uint, w_off) X(uint, pos_off) X(uint, acc)
 #define PC_MOE_SORT(X) X(uint, E) X(uint, n_pairs) X(uint, ids_off) X(uint, list_off) X(uint, pos_off) X(uint, items_off)
 #define PC_RMSNORM(X) X(uint, width) X(uint, has_g) X(uint, rows) X(float, eps)
-#define PC_TOPK(X) X(uint, E) X(uint, k_used) X(uint, norm) X(uint, r_off) X(uint, ids_off) X(uint, w_off)
+#define PC_TOPK(X) X(uint, E) X(uint, k_used) X(uint, norm) X(uint, r_off) X(uint, ids_off) X(uint, w_off) X(uint, has_scale)
+#define PC_SCALE(X) X(uint, count) X(uint, width) X(uint, has_w) X(float, s)
+#define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
+#define PC_SOFTCAP(X) X(uint, count) X(float, cap)
 

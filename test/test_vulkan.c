@@ -352,7 +352,7 @@ static void run_type_ops(const int32_t types[5], const char *label, int vocab) {
     static const int nm[] = {1, 2, 8, 40};
     for (size_t i = 0; i < sizeof nm / sizeof nm[0]; i++) {
         const moe_layer *L = &s.layer;
-        moe_route rt = {L->p.n_expert, L->p.n_expert_used, L->p.norm_topk};
+        moe_route rt = {L->p.n_expert, L->p.n_expert_used, L->p.norm_topk, NULL};
         const moe_ops *ops[2] = {&k_cpu_ops, &moe_vk_ops};
         for (int b = 0; b < 2; b++) { /* route over the logits already in ACT_ROUTER */
             void *be = b ? p.gpu : p.cpu;
