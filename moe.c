@@ -5142,11 +5142,16 @@ static moe_status gemma4_hparams_gguf(moe_model *m) {
     float base = 1e6f, base_swa = 1e4f;
     hp->rms_eps = 1e-6f;
     hp->logit_softcap = 0;
-    hp->embd_scale = round_bf16(sqrtf((float)hp->n_embd)); /* as HF runs the bf16 release */
+    /* the embedding scales as HF runs the bf16 release (llama.cpp uses the exact square roots,
+       0.1 % away); files we write carry the ones their source used */
+    hp->embd_scale = round_bf16(sqrtf((float)hp->n_embd));
+    hp->ple_scale = c.n_ple ? round_bf16(sqrtf((float)c.n_ple)) : 0;
     if ((st = gguf_arch_f32(m, "attention.layer_norm_rms_epsilon", &hp->rms_eps)) || (st = gguf_arch_f32(m, "rope.freq_base", &base)) ||
         (st = gguf_arch_f32(m, "rope.freq_base_swa", &base_swa)) || (st = gguf_arch_f32(m, "final_logit_softcapping", &hp->logit_softcap)) ||
-        (st = gguf_arch_f32(m, "embedding_scale", &hp->embd_scale)))
+        (st = gguf_arch_f32(m, "embedding_scale", &hp->embd_scale)) || (st = gguf_arch_f32(m, "embedding_scale_per_layer", &hp->ple_scale)))
         return st;
+    const gguf_tensor *pt = gguf_find_tensor(&m->gguf, k_global_names[MOE_PLE_TOK_EMBD]);
+    hp->n_vocab_ple = pt && pt->ne[1] <= INT32_MAX ? (int32_t)pt->ne[1] : 0;
     int L = hp->n_layer;
     int32_t *arrs = moe_calloc((size_t)L * 4, sizeof *arrs);
     if (!arrs) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
@@ -5390,6 +5395,7 @@ static void gemma4_write_hparams(const moe_model *m, gguf_writer *gw) {
     KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
     KV_F32("final_logit_softcapping", hp->logit_softcap);
     KV_F32("embedding_scale", hp->embd_scale);
+    if (hp->n_ple) KV_F32("embedding_scale_per_layer", hp->ple_scale);
     int n_shared = 0;
     for (int l = 0; l < L; l++) n_shared += !m->w.layers[l].p.attn.store;
     KV_U32("attention.shared_kv_layers", n_shared);
@@ -5703,7 +5709,19 @@ static void moe_ffn_block(void *be, const moe_ops *o, const moe_weights *w, int 
     o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
 }
 
-/* One chunk of n tokens at positions pos0..; logits for the last n_out rows go to ACT_LOGITS. */
+/* The logits of the last n_out of n rows of ACT_XN (the final-normed stream), in chunks of what
+   ACT_LOGITS holds, each published as rows of the step's logits. */
+static void lm_head(void *be, const moe_ops *o, const moe_weights *w, int n, int n_out) {
+    int cap = o->logits_rows(be);
+    for (int r0 = 0; r0 < n_out; r0 += cap) {
+        int k = n_out - r0 < cap ? n_out - r0 : cap;
+        o->matmul(be, ACT_LOGITS, &w->g[MOE_OUTPUT], ACT_XN, n - n_out + r0, k);   /* [k][n_vocab] */
+        if (w->hp.logit_softcap > 0) o->softcap(be, ACT_LOGITS, k, w->hp.n_vocab, w->hp.logit_softcap);
+        o->logits_out(be, r0, k);
+    }
+}
+
+/* One chunk of n tokens at positions pos0..; logits for the last n_out rows are the step's. */
 static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens,
                              int n, int pos0, int n_out) {
     const moe_hparams *hp = &w->hp;
@@ -5713,7 +5731,7 @@ static void forward_qwen3moe(void *be, const moe_ops *o, const moe_weights *w, c
         moe_ffn_block(be, o, w, l, n);
     }
     o->rmsnorm(be, ACT_XN, ACT_X, &w->g[MOE_OUTPUT_NORM], n, hp->n_embd, hp->rms_eps);
-    o->matmul(be, ACT_LOGITS, &w->g[MOE_OUTPUT], ACT_XN, n - n_out, n_out);
+    lm_head(be, o, w, n, n_out);
 }
 
 /* Dense gated MLP: dst = down( act(gate · src) ⊙ (up · src) ). */
@@ -5815,8 +5833,7 @@ static void forward_gemma4(void *be, const moe_ops *o, const moe_weights *w, con
         if (w->layers[l].p.layer_scale != 0) o->scale(be, ACT_X, n, hp->n_embd, NULL, w->layers[l].p.layer_scale);
     }
     o->rmsnorm(be, ACT_XN, ACT_X, &w->g[MOE_OUTPUT_NORM], n, hp->n_embd, hp->rms_eps);
-    o->matmul(be, ACT_LOGITS, &w->g[MOE_OUTPUT], ACT_XN, n - n_out, n_out);
-    if (hp->logit_softcap > 0) o->softcap(be, ACT_LOGITS, n_out, hp->n_vocab, hp->logit_softcap);
+    lm_head(be, o, w, n, n_out);
 }
 
 /* ---- the architecture table ---- */
@@ -5882,6 +5899,9 @@ struct moe_ctx {
     const moe_ops *ops;
     int32_t n_ctx, n_batch, kv_type, logits_all;
     int32_t pos;
+    moe_token *tokens;         /* [n_ctx] the tokens at positions 0 .. pos-1 (for recomputation) */
+    int32_t ring_lo;           /* sliding-window rings hold every position in [ring_lo, pos) */
+    int32_t needs_repair;      /* a failed step clobbered ring rows still needed: recompute first */
     float *logits;             /* [logits_cap rows][n_vocab] on the host */
     int32_t n_logits, logits_cap;
     moe_stats stats;
@@ -6306,6 +6326,13 @@ static void cpu_softcap(void *be, int buf, int n, int width, float cap) {
     for (size_t i = 0; i < (size_t)n * (size_t)width; i++) x[i] = cap * tanhf(x[i] / cap);
 }
 
+static int cpu_logits_rows(const void *be) {
+    const cpu_ctx *cc = be;
+    return cc->shape.logits_all ? cc->shape.n_batch : 1;
+}
+
+static void cpu_logits_out(void *be, int row0, int n) { (void)be, (void)row0, (void)n; } /* ACT_LOGITS holds them all */
+
 static void cpu_read_logits(void *be, float *dst, int n) {
     cpu_ctx *cc = be;
     memcpy(dst, cc->act[ACT_LOGITS], (size_t)n * (size_t)cc->w->hp.n_vocab * sizeof(float));
@@ -6345,7 +6372,8 @@ static void cpu_stats(const void *be, moe_stats *out) {
 
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_route,
                                   cpu_experts_glu, cpu_experts_down, cpu_scale, cpu_copy, cpu_glu, cpu_softcap,
-                                  cpu_begin_step, cpu_end_step, cpu_read_logits, cpu_kv_save, cpu_kv_load, cpu_stats};
+                                  cpu_begin_step, cpu_end_step, cpu_logits_rows, cpu_logits_out, cpu_read_logits,
+                                  cpu_kv_save, cpu_kv_load, cpu_stats};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -6483,6 +6511,12 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
     }
     c->logits_cap = 1;
+    c->tokens = moe_malloc((size_t)c->n_ctx * sizeof *c->tokens);
+    if (!c->tokens) {
+        moe_free(c->logits);
+        moe_free(c);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
+    }
     moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact};
     moe_status st;
     if (model->vk) {
@@ -6493,6 +6527,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         c->cpu = c->be;
     }
     if (st) {
+        moe_free(c->tokens);
         moe_free(c->logits);
         moe_free(c);
         return st;
@@ -6506,8 +6541,70 @@ void moe_ctx_free(moe_ctx *ctx) {
     if (!ctx) return;
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
+    moe_free(ctx->tokens);
     moe_free(ctx->logits);
     moe_free(ctx);
+}
+
+/* ---- sliding-window rings: what they still hold, and recomputation when that is not enough ----
+   A ring keeps window + n_batch - 1 rows: a step can always continue from pos, and a rewind of up
+   to n_batch tokens finds the keys it needs. Further rewinds, and a failed step that already
+   overwrote rows, recompute the prefix from the token history (a prefill of pos tokens). */
+static int32_t ctx_min_ring(const moe_ctx *c) { /* rows of the smallest ring; 0 = none */
+    const moe_weights *w = &c->model->w;
+    int32_t r = 0;
+    for (int i = 0; i < w->hp.n_cache; i++)
+        if (w->caches[i].window) {
+            int32_t rows = moe_cache_rows(&w->caches[i], c->n_ctx, c->n_batch);
+            if (!r || rows < r) r = rows;
+        }
+    return r;
+}
+
+/* do the rings hold the keys a query at position p needs? */
+static int ctx_ring_ok(const moe_ctx *c, int32_t p) {
+    const moe_weights *w = &c->model->w;
+    for (int i = 0; i < w->hp.n_cache; i++) {
+        int32_t win = w->caches[i].window, need = win && p >= win ? p - win + 1 : 0;
+        if (win && need < p && need < c->ring_lo) return 0;
+    }
+    return 1;
+}
+
+/* runs the forward over tokens [done, to) in chunks, keeping logits only if keep_logits */
+static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, int keep_logits);
+
+/* recomputes the caches of positions [0, p) from the token history */
+static moe_status ctx_recompute(moe_ctx *ctx, int32_t p) {
+    ctx->pos = 0;
+    ctx->ring_lo = 0;
+    ctx->n_logits = 0;
+    ctx->needs_repair = 1;
+    moe_status st = p ? ctx_run(ctx, ctx->tokens, p, 0) : MOE_OK;
+    if (!st) ctx->needs_repair = 0;
+    return st;
+}
+
+static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, int keep_logits) {
+    const moe_model *m = ctx->model;
+    int32_t done = 0, p0 = ctx->pos, min_ring = ctx_min_ring(ctx);
+    if (tokens != ctx->tokens + p0) memcpy(ctx->tokens + p0, tokens, (size_t)n_tokens * sizeof *tokens);
+    while (done < n_tokens) {
+        int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch;
+        int32_t n_out = !keep_logits ? 0 : ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
+        ctx->ops->begin_step(ctx->be);
+        m->arch->forward(ctx->be, ctx->ops, &m->w, tokens + done, n, p0 + done, n_out);
+        moe_status st = ctx->ops->end_step(ctx->be);
+        if (min_ring && p0 + done + n - min_ring > ctx->ring_lo) ctx->ring_lo = p0 + done + n - min_ring;
+        if (st) { /* pos unchanged: cache rows written past it are never read, but rings may have lost rows */
+            if (!ctx_ring_ok(ctx, p0)) ctx->needs_repair = 1;
+            return st;
+        }
+        if (n_out) ctx->ops->read_logits(ctx->be, ctx->logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->w.hp.n_vocab, n_out);
+        done += n;
+    }
+    ctx->pos = p0 + n_tokens;
+    return MOE_OK;
 }
 
 moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
@@ -6530,18 +6627,13 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
         ctx->logits_cap = rows;
     }
     double t0 = now_s();
-    int32_t done = 0;
-    while (done < n_tokens) {
-        int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch;
-        int32_t n_out = ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
-        ctx->ops->begin_step(ctx->be);
-        m->arch->forward(ctx->be, ctx->ops, &m->w, tokens + done, n, ctx->pos + done, n_out);
-        moe_status st = ctx->ops->end_step(ctx->be);
-        if (st) return st; /* pos unchanged: the KV rows written past it are never read */
-        if (n_out) ctx->ops->read_logits(ctx->be, ctx->logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->w.hp.n_vocab, n_out);
-        done += n;
+    moe_status st;
+    if (ctx->needs_repair) { /* an earlier failed step left rings without rows the next one needs */
+        int32_t pos = ctx->pos, n_logits = ctx->n_logits;
+        if ((st = ctx_recompute(ctx, pos))) return st;
+        ctx->n_logits = n_logits; /* the host copy of the logits was never touched */
     }
-    ctx->pos += n_tokens;
+    if ((st = ctx_run(ctx, tokens, n_tokens, 1))) return st;
     ctx->n_logits = rows;
     /* every expert is resident today: each token's top-k experts in each MoE layer are hits */
     for (int l = 0; l < m->w.hp.n_layer; l++)
@@ -6572,22 +6664,27 @@ moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_rewind: position %d is outside [0, %d]", pos, ctx->pos);
     if (pos < ctx->pos) ctx->n_logits = 0; /* the logits belonged to a token that is gone */
     ctx->pos = pos;
+    if (ctx->needs_repair || !ctx_ring_ok(ctx, pos)) return ctx_recompute(ctx, pos);
     return MOE_OK;
 }
 
 moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
     if (!ctx || !out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_get_stats: NULL argument");
     *out = ctx->stats;
-    out->host_bytes += (uint64_t)ctx->logits_cap * (uint64_t)ctx->model->w.hp.n_vocab * sizeof(float);
+    out->host_bytes += (uint64_t)ctx->logits_cap * (uint64_t)ctx->model->w.hp.n_vocab * sizeof(float) +
+                       (uint64_t)ctx->n_ctx * sizeof(moe_token);
     if (ctx->ops->stats) ctx->ops->stats(ctx->be, out);
     return MOE_OK;
 }
 
-/* ---- save / load: a versioned header, the logits of the last step, then the KV rows in use ---- */
+/* ---- save / load: a versioned header, the logits of the last step, the token history, then the
+   cache rows in use (a ring: the positions it holds) ---- */
 #define MOE_STATE_MAGIC 0x5453454du /* "MEST" */
+#define MOE_STATE_VERSION 2
 typedef struct state_header {
     uint32_t magic, version;
     int32_t n_layer, n_head_kv, head_dim, n_vocab, n_ctx, kv_type, pos, n_logits;
+    int32_t n_batch, ring_lo;  /* rings: their size follows n_batch; positions they still hold */
     uint64_t model_fingerprint, payload_bytes, checksum;
 } state_header;
 
@@ -6614,7 +6711,8 @@ static size_t state_kv_bytes(const moe_ctx *c) {
 }
 
 static size_t state_size(const moe_ctx *c) {
-    return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->w.hp.n_vocab * sizeof(float) + state_kv_bytes(c);
+    return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->w.hp.n_vocab * sizeof(float) +
+           (size_t)c->pos * sizeof(moe_token) + state_kv_bytes(c);
 }
 
 moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out) {
@@ -6623,15 +6721,19 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
     if (size_out) *size_out = need;
     if (!buf) return MOE_OK;
     if (cap < need) return set_error(MOE_ERR_BUFFER_TOO_SMALL, "moe_ctx_save: needs %zu bytes, buffer has %zu", need, cap);
+    if (ctx->needs_repair)
+        return set_error(MOE_ERR_DEVICE, "moe_ctx_save: a failed step left the context to be recomputed; step or rewind first");
     const moe_hparams *hp = &ctx->model->w.hp;
     uint8_t *p = (uint8_t *)buf + sizeof(state_header);
     size_t lb = (size_t)ctx->n_logits * (size_t)hp->n_vocab * sizeof(float);
     memcpy(p, ctx->logits, lb);
     p += lb;
+    memcpy(p, ctx->tokens, (size_t)ctx->pos * sizeof(moe_token));
+    p += (size_t)ctx->pos * sizeof(moe_token);
     moe_status st = ctx->ops->kv_save(ctx->be, p, ctx->pos);
     if (st) return st;
-    state_header h = {MOE_STATE_MAGIC, 1, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
-                      ctx->kv_type, ctx->pos, ctx->n_logits, model_fingerprint(ctx->model), need - sizeof h, 0};
+    state_header h = {MOE_STATE_MAGIC, MOE_STATE_VERSION, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
+                      ctx->kv_type, ctx->pos, ctx->n_logits, ctx->n_batch, ctx->ring_lo, model_fingerprint(ctx->model), need - sizeof h, 0};
     h.checksum = fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
     memcpy(buf, &h, sizeof h);
     return MOE_OK;
@@ -6643,14 +6745,19 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
     state_header h;
     if (size < sizeof h) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: %zu bytes is too small for a context state", size);
     memcpy(&h, buf, sizeof h);
-    if (h.magic != MOE_STATE_MAGIC || h.version != 1) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: not a moe context state (bad magic or version)");
+    if (h.magic != MOE_STATE_MAGIC || h.version != MOE_STATE_VERSION)
+        return set_error(MOE_ERR_FORMAT, "moe_ctx_load: not a moe context state (bad magic or version)");
     if (h.model_fingerprint != model_fingerprint(ctx->model) || h.n_layer != hp->n_layer || h.n_head_kv != hp->n_head_kv ||
         h.head_dim != hp->head_dim || h.n_vocab != hp->n_vocab)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_load: the state was saved from a different model");
     if (h.n_ctx != ctx->n_ctx || h.kv_type != ctx->kv_type)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_load: the state was saved from a context with n_ctx %d / kv_type %d, this one has %d / %d",
                          h.n_ctx, h.kv_type, ctx->n_ctx, ctx->kv_type);
-    if (h.pos < 0 || h.pos > ctx->n_ctx || h.n_logits < 0 || h.n_logits > h.pos || (h.n_logits > 1 && !ctx->logits_all))
+    if (ctx_min_ring(ctx) && h.n_batch != ctx->n_batch)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_load: the state was saved from a context with n_batch %d, this one has %d "
+                         "(sliding-window caches are sized by it)", h.n_batch, ctx->n_batch);
+    if (h.pos < 0 || h.pos > ctx->n_ctx || h.n_logits < 0 || h.n_logits > h.pos || (h.n_logits > 1 && !ctx->logits_all) ||
+        h.ring_lo < 0 || h.ring_lo > h.pos)
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: corrupted state header");
     moe_ctx probe = *ctx;
     probe.pos = h.pos;
@@ -6661,13 +6768,18 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
     if (fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h) != h.checksum)
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: checksum mismatch (corrupted state)");
     const uint8_t *p = (const uint8_t *)buf + sizeof h;
-    size_t lb = (size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float);
+    size_t lb = (size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float), tb = (size_t)h.pos * sizeof(moe_token);
+    for (int32_t i = 0; i < h.pos; i++) {
+        moe_token t;
+        memcpy(&t, p + lb + (size_t)i * sizeof t, sizeof t);
+        if (t < 0 || t >= hp->n_vocab) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: token %d at position %d is outside the vocabulary", t, i);
+    }
     float *nl = NULL; /* allocate first: after kv_load nothing may fail */
     if (h.n_logits > ctx->logits_cap) {
         nl = moe_malloc((size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float));
         if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_load: out of memory");
     }
-    moe_status st = ctx->ops->kv_load(ctx->be, p + lb, h.pos);
+    moe_status st = ctx->ops->kv_load(ctx->be, p + lb + tb, h.pos);
     if (st) {
         moe_free(nl);
         return st;
@@ -6678,8 +6790,11 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
         ctx->logits_cap = h.n_logits;
     }
     memcpy(ctx->logits, p, lb);
+    memcpy(ctx->tokens, p + lb, tb);
     ctx->pos = h.pos;
     ctx->n_logits = h.n_logits;
+    ctx->ring_lo = h.ring_lo;
+    ctx->needs_repair = 0;
     return MOE_OK;
 }
 

@@ -507,7 +507,11 @@ typedef struct moe_ops {
        (the only place a device error can surface); read_logits is called after end_step. */
     void (*begin_step)(void *be);
     moe_status (*end_step)(void *be);
-    /* copy n rows of ACT_LOGITS to host memory */
+    /* rows ACT_LOGITS holds (the forward computes logits in chunks of at most this many) */
+    int (*logits_rows)(const void *be);
+    /* the first n rows of ACT_LOGITS are rows row0.. of the step's logits */
+    void (*logits_out)(void *be, int row0, int n);
+    /* copy the step's n rows of logits to host memory (after end_step) */
     void (*read_logits)(void *be, float *dst, int n);
     /* copy the cache rows of positions [0, n_pos) to / from host memory, in the cache's element
        type (f16 or f32), laid out cache by cache: [cache][K rows, then V rows][kv_width] */

@@ -1432,7 +1432,8 @@ typedef struct vk_ctx {
     int n_recs, cap_recs;
     vk_cached cache[VK_CACHE];
     uint64_t tick;
-    int step_n, step_pos0, have_pos0, logit_rows, dead;
+    int step_n, step_pos0, have_pos0, dead;
+    int logits_cap;            /* rows ACT_LOGITS holds: one storage binding's worth at most */
     int route_n, route_k;      /* the last route op: tokens, experts per token */
     int fuse_idx, fuse_role, fuse_rows, fuse_acc; /* the last record, if it may absorb a residual add */
     /* a decode-size RMSNorm not dispatched yet: matrix-vector consumers apply it on the fly, the
@@ -1685,7 +1686,6 @@ static void vk_begin_step(void *be) {
     c->have_pos0 = 0;
     c->step_pos0 = 0;
     c->step_n = 0;
-    c->logit_rows = 0;
     c->step_evals = 0;
     c->fuse_idx = -1;
     c->pn.active = 0;
@@ -1697,13 +1697,6 @@ static moe_status vk_end_step(void *be) {
     vk_ctx *c = be;
     moe_vk_backend *vk = c->vk;
     vk_pn_flush(c);
-    if (!c->err && c->logit_rows) {
-        vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
-        if (r) {
-            vk_bind_range(r, 0, c->act[ACT_LOGITS].buf, 0, (VkDeviceSize)c->logit_rows * (VkDeviceSize)c->w->hp.n_vocab * 4, 0);
-            vk_bind_range(r, 1, c->logits.buf, 0, 0, 1);
-        }
-    }
     if (c->err) {
         moe_internal_set_error(c->err, "%s", c->errmsg);
         moe_status st = c->err;
@@ -1744,6 +1737,20 @@ static moe_status vk_end_step(void *be) {
     vk_prof_collect(c, c->recs, c->n_recs);
     c->expert_evals += c->step_evals;
     return MOE_OK;
+}
+
+static int vk_logits_rows(const void *be) { return ((const vk_ctx *)be)->logits_cap; }
+
+static void vk_logits_out(void *be, int row0, int n) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_flush(c);
+    vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+    if (!r) return;
+    VkDeviceSize rb = (VkDeviceSize)c->w->hp.n_vocab * 4;
+    vk_bind_range(r, 0, c->act[ACT_LOGITS].buf, 0, (VkDeviceSize)n * rb, 0);
+    vk_bind_range(r, 1, c->logits.buf, (VkDeviceSize)row0 * rb, 0, 1);
+    c->fuse_idx = -1;
 }
 
 static void vk_read_logits(void *be, float *dst, int n) {
@@ -1824,9 +1831,14 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     const VkDeviceSize widths[ACT_COUNT] = {E_w, E_w, q_w, kv_w, kv_w, q_w, E_w, (VkDeviceSize)hp->n_expert, (VkDeviceSize)hp->n_vocab,
                                             E_w, (VkDeviceSize)hp->n_ff, (VkDeviceSize)hp->n_ff, ple_w, ple_w};
     static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits", "out2", "ff", "ff2", "ple", "ple2"};
-    VkDeviceSize logit_rows = shape->logits_all ? nb : 1;
+    /* logits: ACT_LOGITS holds as many rows as one storage binding does (the forward computes
+       them in chunks of that many); the host-visible readback, a copy target only, holds all */
+    VkDeviceSize logit_rows = shape->logits_all ? nb : 1, row_bytes = (VkDeviceSize)hp->n_vocab * 4;
+    VkDeviceSize cap_rows = vk->props.limits.maxStorageBufferRange / row_bytes;
+    c->logits_cap = (int)(logit_rows < cap_rows ? logit_rows : cap_rows);
+    if (c->logits_cap < 1) st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one row of logits exceeds a storage binding");
     for (int i = 0; i < ACT_COUNT && !st; i++) /* roles the model does not use get a token buffer */
-        st = vk_act_new(c, &c->act[i], widths[i] ? (i == ACT_LOGITS ? logit_rows : nb) * widths[i] * 4 : VK_ALIGN, act_names[i]);
+        st = vk_act_new(c, &c->act[i], widths[i] ? (i == ACT_LOGITS ? (VkDeviceSize)c->logits_cap : nb) * widths[i] * 4 : VK_ALIGN, act_names[i]);
     if (!st) st = vk_act_new(c, &c->h, nb * k * (VkDeviceSize)hp->n_ff_exp * 4, "expert hidden");
     if (!st) st = vk_act_new(c, &c->p, (nb > VK_MV_MAX ? nb * k : 1) * (VkDeviceSize)hp->n_embd * 4, "expert output");
     c->max_items = (uint32_t)((nb * k + 63) / 64 + (VkDeviceSize)hp->n_expert);
@@ -2080,7 +2092,6 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
     int inl = mv && c->pn.active && src == c->pn.dst && src_row0 + n <= c->pn.rows && (int)K == c->pn.width && wt->n_parts == 1;
     if (!inl) vk_pn_touch(c, 1u << src, 1u << dst);
     int kind = dst == ACT_LOGITS ? VKC_LMHEAD : mv ? VKC_MV : VKC_MM;
-    if (dst == ACT_LOGITS && n > c->logit_rows) c->logit_rows = n;
     for (uint32_t j = 0; j < wt->n_parts; j++) {
         const vk_part *p = &c->vk->parts[wt->part0 + j];
         uint32_t Mp = (uint32_t)(p->row_hi - p->row_lo);
@@ -2430,6 +2441,7 @@ static void vk_stats(const void *be, moe_stats *out) {
 }
 
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_route,
-                            vk_op_experts_glu, vk_op_experts_down, vk_op_scale, vk_op_copy, vk_op_glu, vk_op_softcap, vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save,
+                            vk_op_experts_glu, vk_op_experts_down, vk_op_scale, vk_op_copy, vk_op_glu, vk_op_softcap, vk_begin_step, vk_end_step,
+                            vk_logits_rows, vk_logits_out, vk_read_logits, vk_kv_save,
                             vk_kv_load, vk_stats};
 
