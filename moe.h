@@ -121,6 +121,8 @@ typedef struct moe_model_info {
     moe_token bos, eos;                     /* -1 when absent */
     uint64_t n_params, file_bytes;
     int32_t  backend;                       /* the backend actually in use */
+    uint64_t weight_bytes;                  /* all weights as stored */
+    uint64_t expert_bytes;                  /* routed-expert weights: what streaming keeps out of memory */
 } moe_model_info;
 MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *out);
 
