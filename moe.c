@@ -6585,6 +6585,14 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
 
 void moe_ctx_free(moe_ctx *ctx) {
     if (!ctx) return;
+    if (ctx->cpu && ctx->cpu->xs) {
+        const xs_counts *x = &ctx->cpu->xcnt;
+        log_msg(&ctx->model->log, MOE_LOG_INFO, "expert streaming (this context): hits %llu, misses %llu (pairs); %.1f MiB read; "
+                "prediction of the next layer's experts: %llu of %llu right (%.1f%%); %llu units prefetched, %llu of them used",
+                (unsigned long long)x->hits, (unsigned long long)x->misses, (double)x->bytes / 1048576.0, (unsigned long long)x->pred_hits,
+                (unsigned long long)x->pred_total, x->pred_total ? 100.0 * (double)x->pred_hits / (double)x->pred_total : 0.0,
+                (unsigned long long)x->pf_issued, (unsigned long long)x->pf_used);
+    }
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
     moe_free(ctx->logits);
