@@ -6417,6 +6417,57 @@ static void model_weight_sizes(const moe_model *m, uint64_t *weight_bytes, uint6
     *expert_bytes = ex;
 }
 
+/* the size of one streamed unit (an expert of a layer, all its slabs, as a host slot holds it) and
+   the largest over the layers */
+static uint64_t xs_max_unit_bytes(const moe_model *m) {
+    uint64_t best = 0;
+    for (int l = 0; l < m->w.hp.n_layer; l++) {
+        uint64_t u = 0;
+        for (int r = 0; r < MOE_LT_COUNT; r++) {
+            const moe_weight *w = &m->w.layers[l].t[r];
+            if (w->data && w->n_dims == 3) u += w->expert_bytes;
+        }
+        best = u > best ? u : best;
+    }
+    return best;
+}
+
+/* The GPU tier (a slot cache in device memory under gpu_budget_bytes) is not built yet: a budget
+   below the weights fails, with MOE_ERR_NO_MEMORY below the minimum working set (non-expert
+   weights plus one token's experts of a layer) and MOE_ERR_UNSUPPORTED above it, rather than
+   being ignored. moe_load then takes the CPU backend when the backend was AUTO. */
+static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget) {
+    uint64_t weight_bytes, expert_bytes;
+    model_weight_sizes(m, &weight_bytes, &expert_bytes);
+    if (!budget || budget >= weight_bytes) return MOE_OK;
+    uint64_t min = weight_bytes - expert_bytes + (uint64_t)m->w.hp.n_expert_used * xs_max_unit_bytes(m);
+    if (budget < min)
+        return set_error(MOE_ERR_NO_MEMORY, "moe_load: gpu_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB)",
+                         (unsigned long long)budget, (unsigned long long)min, (double)min / 1048576.0);
+    return set_error(MOE_ERR_UNSUPPORTED, "moe_load: gpu_budget_bytes %llu is below the weights (%llu bytes) and the GPU expert cache "
+                     "is not implemented yet", (unsigned long long)budget, (unsigned long long)weight_bytes);
+}
+
+/* Vulkan with a host budget: the experts live on the device after the upload, so their pages of
+   the mapping (and of the page cache, as far as the OS lets go) are given back. */
+static void xs_drop_expert_pages(const moe_model *m) {
+    long pg = sysconf(_SC_PAGESIZE);
+    uintptr_t mask = (uintptr_t)(pg > 0 ? pg : 4096) - 1;
+    for (int l = 0; l < m->w.hp.n_layer; l++)
+        for (int r = 0; r < MOE_LT_COUNT; r++) {
+            const moe_weight *w = &m->w.layers[l].t[r];
+            if (!w->data || w->n_dims != 3) continue;
+            for (int64_t e = 0; e < w->ne[2]; e++) {
+                uintptr_t a = (uintptr_t)w->expert_data[e], b = a + w->expert_bytes;
+                uintptr_t a1 = (a + mask) & ~mask, b1 = b & ~mask; /* whole pages inside the slab only */
+                if (b1 > a1) madvise((void *)a1, b1 - a1, MADV_DONTNEED);
+            }
+        }
+#ifdef POSIX_FADV_DONTNEED
+    if (m->file.fd >= 0) posix_fadvise(m->file.fd, 0, 0, POSIX_FADV_DONTNEED);
+#endif
+}
+
 /* Sets up the host expert cache when host_budget_bytes is below the weights: checks the minimum
    working set (the non-expert weights plus one token's experts of the widest layer), sizes the
    slots, finds every slab in the files and starts the I/O threads. */
@@ -7278,7 +7329,8 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = moe_vk_init(&m->w, p.device_index, m->log.fn, m->log.user, &m->vk);
+        st = xs_gpu_budget_check(m, p.gpu_budget_bytes); /* section 8 */
+        if (!st) st = moe_vk_init(&m->w, p.device_index, m->log.fn, m->log.user, &m->vk);
         if (st) {
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "Vulkan not used (%s); running on the CPU", moe_last_error());
@@ -7286,6 +7338,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
         } else m->backend = MOE_BACKEND_VULKAN;
     }
     if (!m->vk && (st = xs_setup(m, p.host_budget_bytes))) goto fail; /* the host expert tier (section 8) */
+    if (m->vk && p.host_budget_bytes) xs_drop_expert_pages(m);
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
             m->w.hp.n_layer, m->w.hp.n_expert, m->w.hp.n_expert_used, m->w.hp.n_vocab, (double)m->n_params / 1e6);
     if (report_progress(&p, 1.0f)) goto cancelled;

@@ -251,6 +251,52 @@ static void test_threads(void **state) {
     free(ref);
 }
 
+/* Vulkan (lavapipe in CI): with a host budget the experts live on the device after the upload and
+   the logits equal the resident run's; a GPU budget below the weights is refused (the GPU tier is
+   not built yet), with NO_MEMORY below the minimum working set; AUTO then takes the CPU. */
+static void test_vulkan_budgets(void **state) {
+    (void)state;
+    char p[256];
+    fixture_path("q4_k", p, sizeof p);
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_VULKAN;
+    moe_model *m = NULL;
+    moe_status st = moe_load(p, &lp, &m);
+    if (st != MOE_OK && !getenv("MOE_REQUIRE_VULKAN")) {
+        print_message("    no Vulkan device (%s): skipped\n", moe_last_error());
+        skip();
+    }
+    assert_int_equal(st, MOE_OK);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    size_t all = (size_t)(NTOK + 8) * (size_t)info.n_vocab;
+    float *ref = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
+    assert_non_null(ref);
+    assert_non_null(got);
+    workload(m, 0, ref, NULL);
+    moe_model_free(m);
+    uint64_t min = min_budget(p, 0);
+    lp.host_budget_bytes = min;
+    assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
+    workload(m, 0, got, NULL);
+    assert_memory_equal(got, ref, all * sizeof(float));
+    moe_model_free(m);
+    lp.host_budget_bytes = 0;
+    lp.gpu_budget_bytes = info.weight_bytes - 1;
+    assert_int_equal(moe_load(p, &lp, &m), MOE_ERR_UNSUPPORTED);
+    lp.gpu_budget_bytes = info.weight_bytes - info.expert_bytes;
+    assert_int_equal(moe_load(p, &lp, &m), MOE_ERR_NO_MEMORY);
+    assert_non_null(strstr(moe_last_error(), "minimum working set"));
+    lp.backend = MOE_BACKEND_AUTO;
+    lp.gpu_budget_bytes = info.weight_bytes - 1;
+    assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_int_equal(info.backend, MOE_BACKEND_CPU);
+    moe_model_free(m);
+    free(ref);
+    free(got);
+}
+
 int main(void) {
     static variant vs[] = {
         {"q4_k", 1, "lru", 0}, {"q4_k", 0, "lru", 1}, {"q4_k", 1, "lfu", 1}, {"mixed", 0, "lru", 1},
@@ -259,7 +305,7 @@ int main(void) {
 #define V(i) {.name = "budgets", .test_func = run_budgets, .initial_state = &vs[i]}
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sizes_and_minimum), V(0), V(1), V(2), V(3), V(4), V(5), V(6),
-        cmocka_unit_test(test_io_error), cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_io_error), cmocka_unit_test(test_threads), cmocka_unit_test(test_vulkan_budgets),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
