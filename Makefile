@@ -92,13 +92,14 @@ test-asan: $(TESTS:%=$(B)/asan/%) vocabs
 	  case $$t in *test_vulkan) e="$(VK_TEST_ENV)";; *) e="$(NO_VK_ENV)";; esac; \
 	  env $$e ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
 
-# one model shared by threads that each own a context: ThreadSanitizer on the API tests
+# one model shared by threads that each own a context: ThreadSanitizer on the API tests and on
+# the expert streaming tests (contexts sharing the host expert cache with its I/O threads)
 $(B)/tsan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O1 -g -fsanitize=thread -I. $< -o $@ -lcmocka $(LDLIBS)
 
-test-tsan: $(B)/tsan/test_api
-	@echo "== $< (tsan)"; $(NO_VK_ENV) TSAN_OPTIONS=halt_on_error=1 $<
+test-tsan: $(B)/tsan/test_api $(B)/tsan/test_stream
+	@for t in $^; do echo "== $$t (tsan)"; $(NO_VK_ENV) TSAN_OPTIONS=halt_on_error=1 $$t || exit 1; done
 
 # valgrind memcheck over the API and file-format tests (the plain -O2 build)
 test-valgrind: $(B)/test/test_api $(B)/test/test_gguf

@@ -9,9 +9,10 @@
      5. model           hyperparameters, binding tensor names to weights
      6. forward passes  one function per block type, written against the op interface
      7. CPU backend     the op interface executed on the host
-     8. contexts        KV cache, step, rewind, save/load
-     9. sampling
-    10. public API glue
+     8. streaming       expert placement and streaming policy: the host expert cache
+     9. contexts        KV cache, step, rewind, save/load
+    10. sampling
+    11. public API glue
 */
 #define _GNU_SOURCE
 #define MOE_INTERNAL
@@ -4626,6 +4627,7 @@ typedef struct tensor_spec {
 #define MAX_TENSOR_SPECS 48
 
 typedef struct moe_arch moe_arch;
+typedef struct moe_xcache moe_xcache; /* the host expert cache (section 8) */
 
 struct moe_model {
     moe_weights w;             /* hyperparameters, plans and weights: what a backend needs */
@@ -4646,6 +4648,7 @@ struct moe_model {
     int32_t cpu_exact;         /* moe_load_params.cpu_exact, normalised to 0/1 */
     moe_logger log;
     moe_vk_backend *vk;
+    moe_xcache *xc;            /* host expert cache: NULL unless host_budget_bytes is below the weights */
     uint64_t n_params;
     double t_load_s;
 };
@@ -5864,6 +5867,20 @@ static const moe_arch *arch_find(const char *gguf_name, const char *hf_type, int
 /* ============================================================================================ */
 #define CPU_ROWS_PER_TASK 16
 
+/* expert streaming (section 8): the host cache and what the CPU expert ops ask of it */
+#define XS_MAX_T 4          /* expert tensors per layer */
+/* Per-context counters (moe_stats and the prediction hit rate). */
+typedef struct xs_counts {
+    uint64_t hits, misses, bytes;           /* (token, expert) pairs; bytes read */
+    uint64_t pf_issued, pf_used;            /* units prefetched; of them, used by a later acquire */
+    uint64_t pred_total, pred_hits;         /* distinct experts routed where a prediction was made; predicted */
+} xs_counts;
+static int xs_acquire(moe_xcache *xc, int l, const int32_t *ids, int n, const int32_t *pairs,
+                      const uint8_t **tab, int32_t *sl, xs_counts *cnt);
+static void xs_release(moe_xcache *xc, int l, const int32_t *ids, int n);
+static void xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, xs_counts *cnt);
+static int xs_prefetch_on(const moe_xcache *xc);
+
 typedef struct cpu_ctx {
     cpu_kernels k;
     uint64_t bytes;            /* host memory this context holds */
@@ -5892,6 +5909,17 @@ typedef struct cpu_ctx {
     int32_t *tasks;            /* (expert, first row) work items */
     float *pair_h, *pair_u;    /* [n·k][n_ff] */
     float *pair_out;           /* [n·k][n_embd] */
+    /* expert streaming (section 8): the model's host cache, and this context's view of the group
+       of experts it has pinned; fail: the step's first error (the rest of its expert work is
+       skipped, end_step reports it) */
+    moe_xcache *xs;
+    const uint8_t **xtab;      /* [XS_MAX_T][n_expert] slabs of the pinned group */
+    int32_t *xids, *xpairs, *xslots;   /* [n_expert] distinct experts of a layer, their pairs, slots */
+    float *xpred;              /* [n_embd + n_expert] prediction scratch */
+    uint8_t *xpredset;         /* [n_layer][n_expert] experts predicted for a layer; 0/1 */
+    uint8_t *xpredmade;        /* [n_layer] a prediction was made for the layer this step */
+    moe_status fail;
+    xs_counts xcnt;
 } cpu_ctx;
 
 struct moe_ctx {
@@ -5960,6 +5988,7 @@ typedef struct mm_job {
     const int32_t *exp_start;
     float *dst2;               /* second weight (up) for the fused gate/up pass */
     const uint8_t *const *expert_data2;
+    int64_t xbase;             /* experts_down: pair index of src row 0 (a group's first pair) */
     /* int8 activations (NULL qdot: f32) */
     q8_dot_fn qdot;
     const uint8_t *xq;
@@ -6183,12 +6212,13 @@ static void moe_down_task(void *arg, int64_t t, int thread) {
     int e = j->cc->tasks[2 * t], r0 = j->cc->tasks[2 * t + 1];
     int r1 = r0 + CPU_ROWS_PER_TASK < j->M ? r0 + CPU_ROWS_PER_TASK : (int)j->M;
     int p0 = j->exp_start[e], np = j->exp_start[e + 1] - p0;
-    mm_rows(j, j->expert_data[e], r0, r1, p0, NULL, np, j->dst + (size_t)p0 * (size_t)j->M, thread);
+    mm_rows(j, j->expert_data[e], r0, r1, p0 - j->xbase, NULL, np, j->dst + (size_t)p0 * (size_t)j->M, thread);
 }
 
-static int64_t expert_tasks(cpu_ctx *cc, const int32_t *exp_start, int n_expert, int64_t rows) {
+/* work items (expert, first row) for the experts [e0, e1) that have pairs */
+static int64_t expert_tasks(cpu_ctx *cc, const int32_t *exp_start, int e0, int e1, int64_t rows) {
     int64_t nt = 0;
-    for (int e = 0; e < n_expert; e++) {
+    for (int e = e0; e < e1; e++) {
         if (exp_start[e + 1] == exp_start[e]) continue;
         for (int64_t r = 0; r < rows; r += CPU_ROWS_PER_TASK) {
             cc->tasks[2 * nt] = e;
@@ -6233,10 +6263,11 @@ static float glu_act(int act, float g) {
     }
 }
 
-/* gate and up rows of every routed pair into pair_h / pair_u, then pair_h = act(gate) ⊙ up */
-static void cpu_experts_glu(void *be, const moe_weight *gate, const moe_weight *up, int act, int src, int n) {
-    cpu_ctx *cc = be;
-    int E = (int)gate->ne[2], ff = (int)gate->ne[1], D = (int)gate->ne[0], k = cc->route_k;
+/* gate and up rows of the pairs of experts [e0, e1) into pair_h / pair_u, then pair_h = act(gate) ⊙ up;
+   gd / ud: the experts' slabs (the weights' own tables, or a streamed group's) */
+static void cpu_glu_range(cpu_ctx *cc, const moe_weight *gate, const uint8_t *const *gd, const moe_weight *up,
+                          const uint8_t *const *ud, int act, int src, int n, int e0, int e1) {
+    int ff = (int)gate->ne[1], D = (int)gate->ne[0];
     const int32_t *start = cc->exp_start;
     mm_job j = {0};
     j.cc = cc;
@@ -6247,45 +6278,142 @@ static void cpu_experts_glu(void *be, const moe_weight *gate, const moe_weight *
     j.K = D;
     j.M = ff;
     j.row_bytes = gate->row_bytes;
-    j.expert_data = gate->expert_data;
-    j.expert_data2 = up->expert_data;
+    j.expert_data = gd;
+    j.expert_data2 = ud;
     j.dst = cc->pair_h;
     j.dst2 = cc->pair_u;
     j.dst_stride = ff;
     mm_quant_src(cc, &j, gate->type, j.src, n);
-    if (up->type == gate->type) pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, E, ff));
+    if (up->type == gate->type) pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, e0, e1, ff));
     else { /* rare: run the two as separate passes (their activations may need different formats) */
         mm_job ju = j;
         j.expert_data2 = NULL;
-        pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, E, ff));
+        pool_run(cc->pool, moe_gate_up_task, &j, expert_tasks(cc, start, e0, e1, ff));
         ju.tt = type_traits(up->type);
         ju.row_bytes = up->row_bytes;
-        ju.expert_data = up->expert_data;
+        ju.expert_data = ud;
         ju.expert_data2 = NULL;
         ju.dst = cc->pair_u;
         mm_quant_src(cc, &ju, up->type, ju.src, n);
-        pool_run(cc->pool, moe_gate_up_task, &ju, expert_tasks(cc, start, E, ff));
+        pool_run(cc->pool, moe_gate_up_task, &ju, expert_tasks(cc, start, e0, e1, ff));
     }
-    for (size_t i = 0; i < (size_t)n * (size_t)k * (size_t)ff; i++) cc->pair_h[i] = glu_act(act, cc->pair_h[i]) * cc->pair_u[i];
+    for (size_t i = (size_t)start[e0] * (size_t)ff; i < (size_t)start[e1] * (size_t)ff; i++)
+        cc->pair_h[i] = glu_act(act, cc->pair_h[i]) * cc->pair_u[i];
+}
+
+/* down rows of the pairs of experts [e0, e1) into pair_out (dd: the experts' slabs) */
+static void cpu_down_range(cpu_ctx *cc, const moe_weight *down, const uint8_t *const *dd, int e0, int e1) {
+    int ff = (int)down->ne[0], D = (int)down->ne[1];
+    int p0 = cc->exp_start[e0], p1 = cc->exp_start[e1];
+    mm_job jd = {0};
+    jd.cc = cc;
+    jd.exp_start = cc->exp_start;
+    jd.src = cc->pair_h + (size_t)p0 * (size_t)ff;
+    jd.xbase = p0;
+    jd.tt = type_traits(down->type);
+    jd.K = ff;
+    jd.M = D;
+    jd.row_bytes = down->row_bytes;
+    jd.expert_data = dd;
+    jd.dst = cc->pair_out;
+    jd.dst_stride = D;
+    mm_quant_src(cc, &jd, down->type, jd.src, p1 - p0);
+    pool_run(cc->pool, moe_down_task, &jd, expert_tasks(cc, cc->exp_start, e0, e1, D));
+}
+
+/* the layer of an expert weight, and the index of its slab in a streamed unit */
+static int cpu_expert_layer(const cpu_ctx *cc, const moe_weight *mw, int *slab) {
+    const moe_layer *L0 = cc->w->layers;
+    int l = (int)(((const char *)mw - (const char *)L0) / (ptrdiff_t)sizeof *L0);
+    int role = (int)(mw - L0[l].t), t = 0;
+    for (int r = 0; r < role; r++) t += L0[l].t[r].data && L0[l].t[r].n_dims == 3;
+    *slab = t;
+    return l;
+}
+
+/* Prediction: the next MoE layer's router applied to the current hidden state (the residual
+   before this layer's FFN, normed with the next layer's FFN norm); its top-k experts for each
+   token of a short step are read ahead. */
+static void cpu_predict_prefetch(cpu_ctx *cc, int l, int n) {
+    const moe_weights *w = cc->w;
+    int l2 = l + 1;
+    while (l2 < w->hp.n_layer && !moe_lw(&w->layers[l2], MOE_GATE_EXPS)) l2++;
+    if (l2 >= w->hp.n_layer || n > 4) return;
+    const moe_layer *L = &w->layers[l2];
+    const moe_weight *router = moe_lw(L, MOE_ROUTER), *norm = moe_lw(L, MOE_FFN_NORM);
+    if (!router) return;
+    int D = w->hp.n_embd, E = L->p.n_expert, k = L->p.n_expert_used, nd = 0;
+    float *xn = cc->xpred, *logit = cc->xpred + D;
+    uint8_t *set = cc->xpredset + (size_t)l2 * (size_t)w->hp.n_expert;
+    memset(set, 0, (size_t)E);
+    const moe_type_traits *tt = type_traits(router->type);
+    for (int i = 0; i < n; i++) {
+        const float *x = act_row(cc, ACT_X, i, D);
+        float scale = 1.0f / sqrtf(cc->k.dot(x, x, D) / (float)D + w->hp.rms_eps);
+        for (int d = 0; d < D; d++) xn[d] = x[d] * scale * (norm ? ((const float *)norm->data)[d] : 1.0f);
+        for (int e = 0; e < E; e++) logit[e] = cc->k.row_dot(tt, router->data + (uint64_t)e * router->row_bytes, xn, D);
+        for (int s = 0; s < k; s++) {
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (!set[e] && (best < 0 || logit[e] > logit[best])) best = e;
+            if (best >= 0 && !set[best]) set[best] = 1;
+        }
+    }
+    for (int e = 0; e < E; e++)
+        if (set[e]) cc->xslots[nd++] = e; /* xslots is free scratch outside xs_acquire */
+    cc->xpredmade[l2] = 1;
+    xs_prefetch(cc->xs, l2, cc->xslots, nd, &cc->xcnt);
+}
+
+/* Streamed experts: the layer's distinct experts in groups the host cache can hold at once;
+   each group's pairs go through gate/up and down exactly as in a resident run. */
+static void cpu_experts_streamed(cpu_ctx *cc, const moe_weight *gate, const moe_weight *up, int act, int src, int n) {
+    int tg, tu, td, E = (int)gate->ne[2], nd = 0;
+    int l = cpu_expert_layer(cc, gate, &tg);
+    cpu_expert_layer(cc, up, &tu);
+    const moe_weight *down = moe_lw(&cc->w->layers[l], MOE_DOWN_EXPS);
+    cpu_expert_layer(cc, down, &td);
+    int32_t *ids = cc->xids, *pairs = cc->xpairs;
+    const uint8_t *pred = cc->xpredmade[l] ? cc->xpredset + (size_t)l * (size_t)cc->w->hp.n_expert : NULL;
+    for (int e = 0; e < E; e++)
+        if (cc->exp_start[e + 1] > cc->exp_start[e]) {
+            pairs[nd] = cc->exp_start[e + 1] - cc->exp_start[e];
+            ids[nd++] = e;
+            if (pred) cc->xcnt.pred_hits += pred[e];
+        }
+    if (pred) cc->xcnt.pred_total += (uint64_t)nd;
+    cc->xpredmade[l] = 0;
+    const uint8_t **tab = cc->xtab;
+    for (int i = 0; i < nd;) {
+        int g = xs_acquire(cc->xs, l, ids + i, nd - i, pairs + i, tab, cc->xslots, &cc->xcnt);
+        if (g < 0) {
+            cc->fail = g;
+            return;
+        }
+        if (i == 0 && g == nd && xs_prefetch_on(cc->xs)) cpu_predict_prefetch(cc, l, n); /* all pinned: read ahead meanwhile */
+        int e0 = ids[i], e1 = ids[i + g - 1] + 1;
+        cpu_glu_range(cc, gate, tab + (size_t)tg * (size_t)E, up, tab + (size_t)tu * (size_t)E, act, src, n, e0, e1);
+        cpu_down_range(cc, down, tab + (size_t)td * (size_t)E, e0, e1);
+        xs_release(cc->xs, l, ids + i, g);
+        i += g;
+    }
+}
+
+/* gate and up rows of every routed pair into pair_h / pair_u, then pair_h = act(gate) ⊙ up; when
+   experts stream, the whole expert computation (down included) happens here, group by group */
+static void cpu_experts_glu(void *be, const moe_weight *gate, const moe_weight *up, int act, int src, int n) {
+    cpu_ctx *cc = be;
+    if (cc->fail) return;
+    if (cc->xs) cpu_experts_streamed(cc, gate, up, act, src, n);
+    else cpu_glu_range(cc, gate, gate->expert_data, up, up->expert_data, act, src, n, 0, (int)gate->ne[2]);
 }
 
 /* down rows of every pair into pair_out, then each token's weighted sum over its k slots */
 static void cpu_experts_down(void *be, int dst, const moe_weight *down, int n) {
     cpu_ctx *cc = be;
-    int E = (int)down->ne[2], ff = (int)down->ne[0], D = (int)down->ne[1], k = cc->route_k;
-    mm_job jd = {0};
-    jd.cc = cc;
-    jd.exp_start = cc->exp_start;
-    jd.src = cc->pair_h;
-    jd.tt = type_traits(down->type);
-    jd.K = ff;
-    jd.M = D;
-    jd.row_bytes = down->row_bytes;
-    jd.expert_data = down->expert_data;
-    jd.dst = cc->pair_out;
-    jd.dst_stride = D;
-    mm_quant_src(cc, &jd, down->type, jd.src, n * k);
-    pool_run(cc->pool, moe_down_task, &jd, expert_tasks(cc, cc->exp_start, E, D));
+    int D = (int)down->ne[1], k = cc->route_k;
+    if (cc->fail) return;
+    if (!cc->xs) cpu_down_range(cc, down, down->expert_data, 0, (int)down->ne[2]);
     for (int i = 0; i < n; i++) {
         float *y = act_row(cc, dst, i, D);
         memset(y, 0, (size_t)D * sizeof *y);
@@ -6338,8 +6466,12 @@ static void cpu_read_logits(void *be, float *dst, int n) {
     memcpy(dst, cc->act[ACT_LOGITS], (size_t)n * (size_t)cc->w->hp.n_vocab * sizeof(float));
 }
 
-static void cpu_begin_step(void *be) { (void)be; }
-static moe_status cpu_end_step(void *be) { (void)be; return MOE_OK; }
+static void cpu_begin_step(void *be) {
+    cpu_ctx *cc = be;
+    cc->fail = MOE_OK;
+    if (cc->xpredmade) memset(cc->xpredmade, 0, (size_t)cc->w->hp.n_layer);
+}
+static moe_status cpu_end_step(void *be) { return ((cpu_ctx *)be)->fail; }
 
 /* per cache, K then V rows of the positions it holds among [0, n_pos), in position order */
 static void cpu_kv_copy(cpu_ctx *cc, uint8_t *host, int n_pos, int to_host) {
@@ -6368,6 +6500,9 @@ static moe_status cpu_kv_load(void *be, const void *src, int n_pos) {
 static void cpu_stats(const void *be, moe_stats *out) {
     const cpu_ctx *cc = be;
     out->host_bytes += cc->bytes;
+    out->expert_hits += cc->xcnt.hits;
+    out->expert_misses += cc->xcnt.misses;
+    out->expert_bytes_streamed += cc->xcnt.bytes;
 }
 
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_route,
@@ -6396,6 +6531,13 @@ static void cpu_ctx_free(void *be) {
     moe_free(cc->pair_h);
     moe_free(cc->pair_u);
     moe_free(cc->pair_out);
+    moe_free(cc->xtab);
+    moe_free(cc->xids);
+    moe_free(cc->xpairs);
+    moe_free(cc->xslots);
+    moe_free(cc->xpred);
+    moe_free(cc->xpredset);
+    moe_free(cc->xpredmade);
     moe_free(cc);
 }
 
@@ -6475,8 +6617,550 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     return MOE_OK;
 }
 
+/* joins a context to the model's host expert cache (section 8) */
+static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
+    const moe_hparams *hp = &cc->w->hp;
+    size_t E = (size_t)hp->n_expert;
+    int ok = (cc->xtab = cc_alloc(cc, XS_MAX_T * E * sizeof *cc->xtab)) && (cc->xids = cc_alloc(cc, E * sizeof(int32_t))) &&
+             (cc->xpairs = cc_alloc(cc, E * sizeof(int32_t))) && (cc->xslots = cc_alloc(cc, E * sizeof(int32_t))) &&
+             (cc->xpred = cc_alloc(cc, ((size_t)hp->n_embd + E) * sizeof(float))) &&
+             (cc->xpredset = cc_alloc(cc, (size_t)hp->n_layer * E)) && (cc->xpredmade = cc_alloc(cc, (size_t)hp->n_layer));
+    if (!ok) return set_error(MOE_ERR_NO_MEMORY, "context: out of memory for the expert tables");
+    memset(cc->xpredmade, 0, (size_t)hp->n_layer);
+    cc->xs = xc;
+    return MOE_OK;
+}
+
 /* ============================================================================================ */
-/* 8. contexts                                                                                   */
+/* 8. expert placement and streaming policy                                                      */
+/* ============================================================================================ */
+/* DESIGN.md, "Expert streaming". Backend-neutral: the host expert cache under
+   host_budget_bytes, shared by every context of a model.
+
+   A unit is one expert of one layer: the slabs of all its 3-D tensors (gate, up, down), read
+   from the file with pread (one read per slab) into a slot of a cache of our own, never through
+   the mapping, so the page cache does not grow with the experts (buffered reads drop their pages
+   again with POSIX_FADV_DONTNEED; MOE_IO_DIRECT=1 reads with O_DIRECT instead). Non-expert
+   weights stay mapped and resident.
+
+   The router's choice is the sync point (the route op). A backend asks for a layer's distinct
+   experts with xs_acquire: those present are pinned (hits), the missing ones get slots from the
+   eviction policy (xs_victim, the one place the policy lives) and are read by the I/O threads
+   while the caller waits (misses). When the cache cannot hold all of a step's experts at once
+   (a large prefill batch), xs_acquire pins a leading group and the backend computes the experts
+   group by group: each (token, expert) pair's result is computed exactly as in a resident run,
+   so the logits are bit-identical at every budget. xs_prefetch starts reads early for experts a
+   backend predicts (the next layer's router applied to the current hidden state); prefetched
+   units are unpinned and evictable once they have landed.
+
+   Failure: a read that fails leaves its slot empty; the caller's step fails with MOE_ERR_IO and
+   the context is as before (the backend skips the rest of the step's expert work). */
+
+enum { XS_EMPTY = 0, XS_LOADING = 1, XS_READY = 2 };
+enum { XS_LRU = 0, XS_LFU = 1 };
+#define XS_ALIGN 4096u      /* O_DIRECT alignment of buffer, offset and length */
+
+/* Test hook (not in moe.h): the n-th expert read from now fails half-way with EIO (once);
+   -1 switches it off. */
+static _Atomic long g_io_countdown = -1;
+MOE_API void moe_test_fail_io_after(long n);
+void moe_test_fail_io_after(long n) { atomic_store(&g_io_countdown, n); }
+
+struct moe_xcache {
+    int n_layer, E;                 /* units: layer · E + expert */
+    /* per layer: its expert tensors (roles in role order) and where each slab's region sits in a slot */
+    int32_t *lt_n;                  /* [n_layer] expert tensors of the layer */
+    int32_t *lt_role;               /* [n_layer][XS_MAX_T] */
+    uint64_t *lt_len;               /* [n_layer][XS_MAX_T] slab bytes */
+    uint64_t *lt_roff;              /* [n_layer][XS_MAX_T] region offset in a slot */
+    uint64_t *unit_bytes;           /* [n_layer] bytes of one unit (sum of slabs) */
+    /* where each slab is in the files */
+    int32_t *src_file;              /* [n_layer][XS_MAX_T][E] index into fd[] */
+    uint64_t *src_off;              /* [n_layer][XS_MAX_T][E] byte offset in that file */
+    int n_files;
+    int *fd, *fd_direct;            /* buffered and O_DIRECT descriptors (fd_direct -1: none) */
+    int direct;
+    /* the slots */
+    int32_t n_slots, policy;
+    uint64_t slot_bytes;
+    uint8_t *mem;
+    int32_t *map;                   /* [n_layer · E] slot of a unit, -1 = not cached */
+    int32_t *key, *pins;            /* per slot: unit (-1 none), pins by acquiring contexts */
+    uint8_t *state;                 /* XS_* */
+    uint8_t *prefetched;            /* loaded by a prefetch: 1 in flight, 2 landed, 3 in flight and already
+                                       asked for; 0 once used (or a demand load) */
+    int32_t *err;                   /* errno of the failed read (demand loads) */
+    uint64_t *err_off;
+    uint64_t *stamp;                /* LRU: tick of the last use */
+    float *freq;                    /* LFU: uses, halved every n_slots uses (frequency with decay) */
+    uint64_t tick, decay_at;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;              /* a slot settled or was unpinned */
+    pthread_cond_t jobs;            /* a load was queued, or quit */
+    int32_t *queue;                 /* ring of slots to load, n_slots entries */
+    int32_t q_head, q_n;
+    pthread_t *io;
+    int n_io, quit, sync_ok;
+    int prefetch;                   /* predict and prefetch the next layer's experts */
+    uint64_t total_read;            /* bytes read from the files (all contexts) */
+};
+
+static uint64_t xs_align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+static size_t xs_i3(const moe_xcache *xc, int l, int t, int e) { return ((size_t)l * XS_MAX_T + (size_t)t) * (size_t)xc->E + (size_t)e; }
+
+/* the bytes of slab t of the unit in slot s (its region holds the aligned read around it) */
+static const uint8_t *xs_slab(const moe_xcache *xc, int32_t s, int l, int t, int e) {
+    uint64_t off = xc->src_off[xs_i3(xc, l, t, e)];
+    return xc->mem + (uint64_t)s * xc->slot_bytes + xc->lt_roff[(size_t)l * XS_MAX_T + (size_t)t] + (off % XS_ALIGN);
+}
+
+/* Reads one slab into its region: the aligned range around it (O_DIRECT) or the slab itself.
+   0 or an errno. */
+static int xs_read_slab(moe_xcache *xc, int32_t s, int l, int t, int e) {
+    size_t i3 = xs_i3(xc, l, t, e);
+    uint64_t off = xc->src_off[i3], len = xc->lt_len[(size_t)l * XS_MAX_T + (size_t)t];
+    uint8_t *region = xc->mem + (uint64_t)s * xc->slot_bytes + xc->lt_roff[(size_t)l * XS_MAX_T + (size_t)t];
+    int f = xc->src_file[i3];
+    uint64_t a0 = off - off % XS_ALIGN;
+    int direct = xc->direct && xc->fd_direct[f] >= 0;
+    uint64_t pos = direct ? a0 : off, end = direct ? xs_align_up(off + len, XS_ALIGN) : off + len;
+    uint8_t *dst = direct ? region : region + off % XS_ALIGN;
+    long c = atomic_load(&g_io_countdown);
+    int inject = c >= 0 && atomic_fetch_sub(&g_io_countdown, 1) == 0;
+    uint64_t done = 0, need = direct ? off + len - a0 : len;
+    while (pos + done < end) {
+        if (inject && done >= need / 2) return EIO; /* the injected failure, half-way through */
+        uint64_t want = end - pos - done;
+        if (inject && done < need / 2) want = need / 2 - done > 0 ? need / 2 - done : 1;
+        if (want > ((uint64_t)1 << 30)) want = (uint64_t)1 << 30;
+        ssize_t r = pread(direct ? xc->fd_direct[f] : xc->fd[f], dst + done, (size_t)want, (off_t)(pos + done));
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (direct && errno == EINVAL && done == 0) { /* this file system refuses O_DIRECT here */
+                direct = 0;
+                pos = off;
+                end = off + len;
+                dst = region + off % XS_ALIGN;
+                need = len;
+                continue;
+            }
+            return errno ? errno : EIO;
+        }
+        if (r == 0) break; /* end of file: fine past the slab (the aligned tail), else short */
+        done += (uint64_t)r;
+    }
+    if (inject) return EIO;
+    if (done < need) return EIO;
+#ifdef POSIX_FADV_DONTNEED
+    if (!direct) posix_fadvise(xc->fd[f], (off_t)off, (off_t)len, POSIX_FADV_DONTNEED); /* no second copy in the page cache */
+#endif
+    return 0;
+}
+
+/* reads every slab of the unit in slot s (called without the lock; the slot is LOADING) */
+static int xs_load_unit(moe_xcache *xc, int32_t s, int32_t key, uint64_t *bad_off) {
+    int l = key / xc->E, e = key % xc->E;
+    for (int t = 0; t < xc->lt_n[l]; t++) {
+        int r = xs_read_slab(xc, s, l, t, e);
+        if (r) {
+            *bad_off = xc->src_off[xs_i3(xc, l, t, e)];
+            return r;
+        }
+    }
+    return 0;
+}
+
+static void *xs_io_main(void *arg) {
+    moe_xcache *xc = arg;
+    pthread_mutex_lock(&xc->mu);
+    for (;;) {
+        while (!xc->quit && xc->q_n == 0) pthread_cond_wait(&xc->jobs, &xc->mu);
+        if (xc->quit) break;
+        int32_t s = xc->queue[xc->q_head];
+        xc->q_head = (xc->q_head + 1) % xc->n_slots;
+        xc->q_n--;
+        int32_t key = xc->key[s];
+        pthread_mutex_unlock(&xc->mu);
+        uint64_t bad = 0;
+        int r = xs_load_unit(xc, s, key, &bad);
+        pthread_mutex_lock(&xc->mu);
+        if (!r) {
+            xc->state[s] = XS_READY;
+            xc->prefetched[s] = xc->prefetched[s] == 1 ? 2 : 0;
+            xc->total_read += xc->unit_bytes[key / xc->E];
+            pthread_cond_broadcast(&xc->cv);
+            continue;
+        } else if (xc->prefetched[s] && xc->pins[s] > 0) { /* a context waits for it: retry as its own read */
+            xc->prefetched[s] = 0;
+            xc->queue[(xc->q_head + xc->q_n++) % xc->n_slots] = s;
+            pthread_cond_signal(&xc->jobs);
+            continue;
+        } else { /* the slot goes back to empty; a waiting context reports the error */
+            xc->state[s] = XS_EMPTY;
+            xc->map[key] = -1;
+            xc->key[s] = -1;
+            xc->err[s] = r;
+            xc->err_off[s] = bad;
+        }
+        xc->prefetched[s] = 0;
+        pthread_cond_broadcast(&xc->cv);
+    }
+    pthread_mutex_unlock(&xc->mu);
+    return NULL;
+}
+
+/* The eviction policy, in one function: the slot that gives way for a new unit, or -1 when every
+   slot is pinned or loading. Empty slots first; then LRU (least recently used) or LFU with decay
+   (fewest uses, counts halved every n_slots uses; ties to the least recent). */
+static int32_t xs_victim(const moe_xcache *xc) {
+    int32_t best = -1;
+    for (int32_t s = 0; s < xc->n_slots; s++) {
+        if (xc->pins[s] || xc->state[s] == XS_LOADING) continue;
+        if (xc->state[s] == XS_EMPTY) return s;
+        if (best < 0) { best = s; continue; }
+        if (xc->policy == XS_LFU && xc->freq[s] != xc->freq[best]) {
+            if (xc->freq[s] < xc->freq[best]) best = s;
+        } else if (xc->stamp[s] < xc->stamp[best]) best = s;
+    }
+    return best;
+}
+
+static void xs_touch(moe_xcache *xc, int32_t s) {
+    xc->stamp[s] = ++xc->tick;
+    xc->freq[s] += 1.0f;
+    if (xc->tick >= xc->decay_at) {
+        for (int32_t i = 0; i < xc->n_slots; i++) xc->freq[i] *= 0.5f;
+        xc->decay_at = xc->tick + (uint64_t)xc->n_slots;
+    }
+}
+
+/* takes slot s for unit key and queues its load (lock held) */
+static void xs_claim(moe_xcache *xc, int32_t s, int32_t key, int prefetch) {
+    if (xc->key[s] >= 0) xc->map[xc->key[s]] = -1;
+    xc->key[s] = key;
+    xc->map[key] = s;
+    xc->state[s] = XS_LOADING;
+    xc->prefetched[s] = (uint8_t)prefetch;
+    xc->err[s] = 0;
+    xc->freq[s] = 0;
+    xs_touch(xc, s);
+    xc->queue[(xc->q_head + xc->q_n++) % xc->n_slots] = s;
+    pthread_cond_signal(&xc->jobs);
+}
+
+
+/* Pins a leading group of the n distinct experts ids[] of layer l (pairs[i]: the routed pairs of
+   ids[i], for the counters), reading the missing ones, and points tab[t·E + e] at slab t of each;
+   sl: scratch of n slots. Returns the group size (>= 1), or a negative moe_status with the error
+   set and nothing pinned. */
+static int xs_acquire(moe_xcache *xc, int l, const int32_t *ids, int n, const int32_t *pairs,
+                      const uint8_t **tab, int32_t *sl, xs_counts *cnt) {
+    int E = xc->E, g = 0;
+    pthread_mutex_lock(&xc->mu);
+    for (;;) {
+        for (g = 0; g < n; g++) {
+            int32_t key = l * E + ids[g], s = xc->map[key];
+            if (s >= 0) {
+                xc->pins[s]++;
+                if (xc->prefetched[s] == 1 || xc->prefetched[s] == 2) {
+                    cnt->pf_used++;
+                    xc->prefetched[s] = xc->prefetched[s] == 1 ? 3 : 0;
+                }
+                xs_touch(xc, s);
+                cnt->hits += (uint64_t)pairs[g];
+            } else {
+                if ((s = xs_victim(xc)) < 0) break;
+                xs_claim(xc, s, key, 0);
+                xc->pins[s] = 1;
+                cnt->misses += (uint64_t)pairs[g];
+                cnt->bytes += xc->unit_bytes[l];
+            }
+            sl[g] = s;
+        }
+        if (g > 0) break;
+        pthread_cond_wait(&xc->cv, &xc->mu); /* every slot pinned by other contexts, or loading */
+    }
+    /* wait for the group's loads; a pinned slot only goes back to empty when its read failed */
+    int failed = -1;
+    for (int i = 0; i < g; i++) {
+        while (xc->state[sl[i]] == XS_LOADING) pthread_cond_wait(&xc->cv, &xc->mu);
+        if (xc->state[sl[i]] == XS_EMPTY && failed < 0) failed = i;
+    }
+    if (failed >= 0) {
+        int err = xc->err[sl[failed]];
+        uint64_t off = xc->err_off[sl[failed]];
+        for (int i = 0; i < g; i++) xc->pins[sl[i]]--;
+        pthread_cond_broadcast(&xc->cv);
+        pthread_mutex_unlock(&xc->mu);
+        return set_error(MOE_ERR_IO, "expert streaming: reading expert %d of layer %d (file offset %llu) failed: %s", ids[failed], l,
+                         (unsigned long long)off, strerror(err ? err : EIO));
+    }
+    for (int i = 0; i < g; i++)
+        for (int t = 0; t < xc->lt_n[l]; t++) tab[(size_t)t * (size_t)E + (size_t)ids[i]] = xs_slab(xc, sl[i], l, t, ids[i]);
+    pthread_mutex_unlock(&xc->mu);
+    return g;
+}
+
+static void xs_release(moe_xcache *xc, int l, const int32_t *ids, int n) {
+    pthread_mutex_lock(&xc->mu);
+    for (int i = 0; i < n; i++) {
+        int32_t s = xc->map[l * xc->E + ids[i]];
+        if (s >= 0 && xc->pins[s] > 0) xc->pins[s]--;
+    }
+    pthread_cond_broadcast(&xc->cv);
+    pthread_mutex_unlock(&xc->mu);
+}
+
+/* Starts reads of the experts ids[] of layer l that are not cached, into slots the policy gives up
+   (never pinned or loading ones). */
+static void xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, xs_counts *cnt) {
+    pthread_mutex_lock(&xc->mu);
+    for (int i = 0; i < n; i++) {
+        int32_t key = l * xc->E + ids[i];
+        if (xc->map[key] >= 0) continue;
+        int32_t s = xs_victim(xc);
+        if (s < 0) break;
+        xs_claim(xc, s, key, 1);
+        cnt->pf_issued++;
+        cnt->bytes += xc->unit_bytes[l];
+    }
+    pthread_mutex_unlock(&xc->mu);
+}
+
+static int xs_prefetch_on(const moe_xcache *xc) { return xc->prefetch; }
+
+static void xs_free(moe_xcache *xc) {
+    if (!xc) return;
+    if (xc->sync_ok) {
+        pthread_mutex_lock(&xc->mu);
+        xc->quit = 1;
+        pthread_cond_broadcast(&xc->jobs);
+        pthread_mutex_unlock(&xc->mu);
+        for (int i = 0; i < xc->n_io; i++) pthread_join(xc->io[i], NULL);
+        pthread_mutex_destroy(&xc->mu);
+        pthread_cond_destroy(&xc->cv);
+        pthread_cond_destroy(&xc->jobs);
+    }
+    for (int i = 0; i < xc->n_files; i++)
+        if (xc->fd_direct && xc->fd_direct[i] >= 0) close(xc->fd_direct[i]);
+    moe_free(xc->fd);
+    moe_free(xc->fd_direct);
+    moe_free(xc->io);
+    free(xc->mem);
+    moe_free(xc->lt_n);
+    moe_free(xc->lt_role);
+    moe_free(xc->lt_len);
+    moe_free(xc->lt_roff);
+    moe_free(xc->unit_bytes);
+    moe_free(xc->src_file);
+    moe_free(xc->src_off);
+    moe_free(xc->map);
+    moe_free(xc->key);
+    moe_free(xc->pins);
+    moe_free(xc->state);
+    moe_free(xc->prefetched);
+    moe_free(xc->err);
+    moe_free(xc->err_off);
+    moe_free(xc->stamp);
+    moe_free(xc->freq);
+    moe_free(xc->queue);
+    moe_free(xc);
+}
+
+static int xs_env_int(const char *name, int dflt) {
+    const char *v = getenv(name);
+    return v && *v ? atoi(v) : dflt;
+}
+
+/* the file (index into files[]) that holds p, with its offset; -1 when p is in none */
+static int xs_locate(const moe_file *const *files, int n_files, const uint8_t *p, uint64_t len, uint64_t *off) {
+    for (int i = 0; i < n_files; i++) {
+        const moe_file *f = files[i];
+        if (f->data && p >= f->data && p + len <= f->data + f->size && f->fd >= 0) {
+            *off = (uint64_t)(p - f->data);
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Sizes for choosing budgets (moe_model_info.weight_bytes / expert_bytes): every tensor as
+   stored, and the routed experts among them. */
+static void model_weight_sizes(const moe_model *m, uint64_t *weight_bytes, uint64_t *expert_bytes) {
+    uint64_t all = 0, ex = 0;
+    for (int64_t i = 0; i < m->gguf.n_tensors; i++) all += m->gguf.tensors[i].nbytes;
+    for (int l = 0; l < m->w.hp.n_layer; l++)
+        for (int r = 0; r < MOE_LT_COUNT; r++) {
+            const moe_weight *w = &m->w.layers[l].t[r];
+            if (w->data && w->n_dims == 3) ex += w->expert_bytes * (uint64_t)w->ne[2];
+        }
+    *weight_bytes = all;
+    *expert_bytes = ex;
+}
+
+/* the size of one streamed unit (an expert of a layer, all its slabs, as a host slot holds it) and
+   the largest over the layers */
+static uint64_t xs_max_unit_bytes(const moe_model *m) {
+    uint64_t best = 0;
+    for (int l = 0; l < m->w.hp.n_layer; l++) {
+        uint64_t u = 0;
+        for (int r = 0; r < MOE_LT_COUNT; r++) {
+            const moe_weight *w = &m->w.layers[l].t[r];
+            if (w->data && w->n_dims == 3) u += w->expert_bytes;
+        }
+        best = u > best ? u : best;
+    }
+    return best;
+}
+
+/* The GPU tier (a slot cache in device memory under gpu_budget_bytes) is not built yet: a budget
+   below the weights fails, with MOE_ERR_NO_MEMORY below the minimum working set (non-expert
+   weights plus one token's experts of a layer) and MOE_ERR_UNSUPPORTED above it, rather than
+   being ignored. moe_load then takes the CPU backend when the backend was AUTO. */
+static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget) {
+    uint64_t weight_bytes, expert_bytes;
+    model_weight_sizes(m, &weight_bytes, &expert_bytes);
+    if (!budget || budget >= weight_bytes) return MOE_OK;
+    uint64_t min = weight_bytes - expert_bytes + (uint64_t)m->w.hp.n_expert_used * xs_max_unit_bytes(m);
+    if (budget < min)
+        return set_error(MOE_ERR_NO_MEMORY, "moe_load: gpu_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB)",
+                         (unsigned long long)budget, (unsigned long long)min, (double)min / 1048576.0);
+    return set_error(MOE_ERR_UNSUPPORTED, "moe_load: gpu_budget_bytes %llu is below the weights (%llu bytes) and the GPU expert cache "
+                     "is not implemented yet", (unsigned long long)budget, (unsigned long long)weight_bytes);
+}
+
+/* Vulkan with a host budget: the experts live on the device after the upload, so their pages of
+   the mapping (and of the page cache, as far as the OS lets go) are given back. */
+static void xs_drop_expert_pages(const moe_model *m) {
+    long pg = sysconf(_SC_PAGESIZE);
+    uintptr_t mask = (uintptr_t)(pg > 0 ? pg : 4096) - 1;
+    for (int l = 0; l < m->w.hp.n_layer; l++)
+        for (int r = 0; r < MOE_LT_COUNT; r++) {
+            const moe_weight *w = &m->w.layers[l].t[r];
+            if (!w->data || w->n_dims != 3) continue;
+            for (int64_t e = 0; e < w->ne[2]; e++) {
+                uintptr_t a = (uintptr_t)w->expert_data[e], b = a + w->expert_bytes;
+                uintptr_t a1 = (a + mask) & ~mask, b1 = b & ~mask; /* whole pages inside the slab only */
+                if (b1 > a1) madvise((void *)a1, b1 - a1, MADV_DONTNEED);
+            }
+        }
+#ifdef POSIX_FADV_DONTNEED
+    if (m->file.fd >= 0) posix_fadvise(m->file.fd, 0, 0, POSIX_FADV_DONTNEED);
+#endif
+}
+
+/* Sets up the host expert cache when host_budget_bytes is below the weights: checks the minimum
+   working set (the non-expert weights plus one token's experts of the widest layer), sizes the
+   slots, finds every slab in the files and starts the I/O threads. */
+static moe_status xs_setup(moe_model *m, uint64_t budget) {
+    const moe_hparams *hp = &m->w.hp;
+    uint64_t weight_bytes, expert_bytes;
+    model_weight_sizes(m, &weight_bytes, &expert_bytes);
+    if (!budget || budget >= weight_bytes || !expert_bytes) return MOE_OK;
+    moe_xcache *xc = moe_calloc(1, sizeof *xc);
+    if (!xc) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the expert cache");
+    int L = hp->n_layer, E = hp->n_expert;
+    xc->n_layer = L;
+    xc->E = E;
+    size_t n3 = (size_t)L * XS_MAX_T * (size_t)E;
+    int ok = (xc->lt_n = moe_calloc((size_t)L, sizeof *xc->lt_n)) && (xc->lt_role = moe_calloc((size_t)L * XS_MAX_T, sizeof *xc->lt_role)) &&
+             (xc->lt_len = moe_calloc((size_t)L * XS_MAX_T, sizeof *xc->lt_len)) &&
+             (xc->lt_roff = moe_calloc((size_t)L * XS_MAX_T, sizeof *xc->lt_roff)) &&
+             (xc->unit_bytes = moe_calloc((size_t)L, sizeof *xc->unit_bytes)) && (xc->src_file = moe_calloc(n3, sizeof *xc->src_file)) &&
+             (xc->src_off = moe_calloc(n3, sizeof *xc->src_off));
+    const moe_file *files[1 + 64];
+    int n_files = 0;
+    if (m->file.data) files[n_files++] = &m->file;
+    for (int i = 0; i < m->n_shards && n_files < 65; i++) files[n_files++] = &m->shards[i];
+    moe_status st = MOE_OK;
+    uint64_t slot = 0;
+    int n_units = 0;
+    for (int l = 0; ok && !st && l < L; l++) {
+        uint64_t roff = 0;
+        for (int r = 0; r < MOE_LT_COUNT && !st; r++) {
+            const moe_weight *w = &m->w.layers[l].t[r];
+            if (!w->data || w->n_dims != 3) continue;
+            int t = xc->lt_n[l]++;
+            if (t >= XS_MAX_T || w->ne[2] > E) { st = set_error(MOE_ERR_UNSUPPORTED, "expert streaming: layer %d has too many expert tensors", l); break; }
+            xc->lt_role[(size_t)l * XS_MAX_T + (size_t)t] = r;
+            xc->lt_len[(size_t)l * XS_MAX_T + (size_t)t] = w->expert_bytes;
+            xc->lt_roff[(size_t)l * XS_MAX_T + (size_t)t] = roff;
+            roff += xs_align_up(w->expert_bytes + XS_ALIGN, XS_ALIGN);
+            xc->unit_bytes[l] += w->expert_bytes;
+            for (int64_t e = 0; e < w->ne[2]; e++) {
+                size_t i3 = xs_i3(xc, l, t, (int)e);
+                int f = xs_locate(files, n_files, w->expert_data[e], w->expert_bytes, &xc->src_off[i3]);
+                if (f < 0) { st = set_error(MOE_ERR_UNSUPPORTED, "expert streaming: the experts of '%s' are not stored as file bytes", w->name); break; }
+                xc->src_file[i3] = f;
+            }
+        }
+        if (xc->lt_n[l]) n_units += E;
+        if (roff > slot) slot = roff;
+    }
+    if (!ok) st = set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the expert cache");
+    if (st) { xs_free(xc); return st; }
+    xc->slot_bytes = slot;
+    uint64_t rest = weight_bytes - expert_bytes, min = rest + (uint64_t)hp->n_expert_used * slot;
+    if (budget < min) {
+        xs_free(xc);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_load: host_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB: "
+                         "non-expert weights %llu + %d experts of %llu bytes)", (unsigned long long)budget, (unsigned long long)min,
+                         (double)min / 1048576.0, (unsigned long long)rest, hp->n_expert_used, (unsigned long long)slot);
+    }
+    uint64_t n_slots = (budget - rest) / slot;
+    xc->n_slots = (int32_t)(n_slots > (uint64_t)n_units ? (uint64_t)n_units : n_slots);
+    xc->policy = getenv("MOE_EVICT") && !strcmp(getenv("MOE_EVICT"), "lfu") ? XS_LFU : XS_LRU;
+    xc->prefetch = xs_env_int("MOE_PREFETCH", 1) != 0;
+    xc->direct = xs_env_int("MOE_IO_DIRECT", 0) != 0;
+    xc->decay_at = (uint64_t)xc->n_slots;
+    size_t ns = (size_t)xc->n_slots;
+    void *mem = NULL;
+    ok = posix_memalign(&mem, XS_ALIGN, ns ? (size_t)xc->slot_bytes * ns : XS_ALIGN) == 0;
+    xc->mem = mem;
+    ok = ok && (xc->map = moe_malloc((size_t)L * (size_t)E * sizeof *xc->map)) && (xc->key = moe_malloc(ns * sizeof *xc->key)) &&
+         (xc->pins = moe_calloc(ns, sizeof *xc->pins)) && (xc->state = moe_calloc(ns, 1)) && (xc->prefetched = moe_calloc(ns, 1)) &&
+         (xc->err = moe_calloc(ns, sizeof *xc->err)) && (xc->err_off = moe_calloc(ns, sizeof *xc->err_off)) &&
+         (xc->stamp = moe_calloc(ns, sizeof *xc->stamp)) && (xc->freq = moe_calloc(ns, sizeof *xc->freq)) &&
+         (xc->queue = moe_malloc(ns * sizeof *xc->queue)) && (xc->fd = moe_malloc((size_t)n_files * sizeof(int))) &&
+         (xc->fd_direct = moe_malloc((size_t)n_files * sizeof(int)));
+    if (!ok) { xs_free(xc); return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the expert cache (%d slots of %llu bytes)", xc->n_slots, (unsigned long long)slot); }
+    for (size_t i = 0; i < (size_t)L * (size_t)E; i++) xc->map[i] = -1;
+    for (size_t i = 0; i < ns; i++) xc->key[i] = -1;
+    xc->n_files = n_files;
+    for (int i = 0; i < n_files; i++) {
+        xc->fd[i] = files[i]->fd;
+        xc->fd_direct[i] = -1;
+#ifdef O_DIRECT
+        if (xc->direct) {
+            char path[64];
+            snprintf(path, sizeof path, "/proc/self/fd/%d", files[i]->fd);
+            xc->fd_direct[i] = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+        }
+#endif
+    }
+    pthread_mutex_init(&xc->mu, NULL);
+    pthread_cond_init(&xc->cv, NULL);
+    pthread_cond_init(&xc->jobs, NULL);
+    xc->sync_ok = 1;
+    int n_io = xs_env_int("MOE_IO_THREADS", 4);
+    n_io = n_io < 1 ? 1 : n_io > 64 ? 64 : n_io;
+    if (!(xc->io = moe_calloc((size_t)n_io, sizeof *xc->io))) { xs_free(xc); return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory"); }
+    for (; xc->n_io < n_io; xc->n_io++)
+        if (pthread_create(&xc->io[xc->n_io], NULL, xs_io_main, xc) != 0) {
+            if (xc->n_io > 0) break;
+            xs_free(xc);
+            return set_error(MOE_ERR_NO_MEMORY, "moe_load: cannot start an I/O thread");
+        }
+    log_msg(&m->log, MOE_LOG_INFO, "expert streaming: host cache of %d of %d experts (%.1f MiB in slots of %.2f MiB; minimum working set %.1f MiB), "
+            "%s reads, %d I/O threads, %s eviction, prefetch %s", xc->n_slots, n_units, (double)(xc->slot_bytes * ns) / 1048576.0,
+            (double)slot / 1048576.0, (double)min / 1048576.0, xc->direct ? "O_DIRECT" : "buffered", xc->n_io,
+            xc->policy == XS_LFU ? "LFU (with decay)" : "LRU", xc->prefetch ? "on" : "off");
+    m->xc = xc;
+    return MOE_OK;
+}
+
+/* ============================================================================================ */
+/* 9. contexts                                                                                   */
 /* ============================================================================================ */
 #define MOE_DEFAULT_N_BATCH 256
 
@@ -6525,6 +7209,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     } else {
         st = cpu_ctx_new(&model->w, &shape, &c->be);
         c->cpu = c->be;
+        if (!st && model->xc && (st = cpu_stream_attach(c->cpu, model->xc))) cpu_ctx_free(c->be);
     }
     if (st) {
         moe_free(c->tokens);
@@ -6539,6 +7224,14 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
 
 void moe_ctx_free(moe_ctx *ctx) {
     if (!ctx) return;
+    if (ctx->cpu && ctx->cpu->xs) {
+        const xs_counts *x = &ctx->cpu->xcnt;
+        log_msg(&ctx->model->log, MOE_LOG_INFO, "expert streaming (this context): hits %llu, misses %llu (pairs); %.1f MiB read; "
+                "prediction of the next layer's experts: %llu of %llu right (%.1f%%); %llu units prefetched, %llu of them used",
+                (unsigned long long)x->hits, (unsigned long long)x->misses, (double)x->bytes / 1048576.0, (unsigned long long)x->pred_hits,
+                (unsigned long long)x->pred_total, x->pred_total ? 100.0 * (double)x->pred_hits / (double)x->pred_total : 0.0,
+                (unsigned long long)x->pf_issued, (unsigned long long)x->pf_used);
+    }
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
     moe_free(ctx->tokens);
@@ -6635,8 +7328,9 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     }
     if ((st = ctx_run(ctx, tokens, n_tokens, 1))) return st;
     ctx->n_logits = rows;
-    /* every expert is resident today: each token's top-k experts in each MoE layer are hits */
-    for (int l = 0; l < m->w.hp.n_layer; l++)
+    /* resident experts: each token's top-k experts in each MoE layer are hits (a streaming
+       backend counts its own hits and misses) */
+    for (int l = 0; !m->xc && l < m->w.hp.n_layer; l++)
         if (m->w.layers[l].p.ffn_kind != MOE_FFN_DENSE) ctx->stats.expert_hits += (uint64_t)n_tokens * (uint64_t)m->w.layers[l].p.n_expert_used;
     double dt = now_s() - t0;
     if (n_tokens == 1) {
@@ -6799,7 +7493,7 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
 }
 
 /* ============================================================================================ */
-/* 9. sampling                                                                                   */
+/* 10. sampling                                                                                  */
 /* ============================================================================================ */
 /* moe_sample runs one fixed pipeline (documented in moe.h):
 
@@ -7202,11 +7896,12 @@ no_finite:
 }
 
 /* ============================================================================================ */
-/* 10. public API glue                                                                           */
+/* 11. public API glue                                                                           */
 /* ============================================================================================ */
 void moe_model_free(moe_model *model) {
     if (!model) return;
     if (model->vk) moe_vk_free(model->vk);
+    xs_free(model->xc);
     vocab_free(model->vocab);
     moe_free(model->w.layers);
     moe_free(model->w.caches);
@@ -7303,13 +7998,16 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = moe_vk_init(&m->w, p.device_index, m->log.fn, m->log.user, &m->vk);
+        st = xs_gpu_budget_check(m, p.gpu_budget_bytes); /* section 8 */
+        if (!st) st = moe_vk_init(&m->w, p.device_index, m->log.fn, m->log.user, &m->vk);
         if (st) {
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "Vulkan not used (%s); running on the CPU", moe_last_error());
             m->vk = NULL;
         } else m->backend = MOE_BACKEND_VULKAN;
     }
+    if (!m->vk && (st = xs_setup(m, p.host_budget_bytes))) goto fail; /* the host expert tier (section 8) */
+    if (m->vk && p.host_budget_bytes) xs_drop_expert_pages(m);
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
             m->w.hp.n_layer, m->w.hp.n_expert, m->w.hp.n_expert_used, m->w.hp.n_vocab, (double)m->n_params / 1e6);
     if (report_progress(&p, 1.0f)) goto cancelled;
@@ -7338,6 +8036,7 @@ moe_status moe_model_get_info(const moe_model *model, moe_model_info *out) {
     out->n_params = model->n_params;
     out->file_bytes = model->file.size;
     out->backend = model->backend;
+    model_weight_sizes(model, &out->weight_bytes, &out->expert_bytes);
     return MOE_OK;
 }
 

@@ -94,8 +94,20 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
     int32_t  device_index;                  /* Vulkan physical device; 0 = best (discrete first) */
     int32_t  n_threads;                     /* CPU threads; 0 = all cores */
     int32_t  reserved0;
-    uint64_t gpu_budget_bytes;              /* 0 = no limit; below the model size, experts stream */
-    uint64_t host_budget_bytes;             /* 0 = no limit; below it, experts are read from disk on demand */
+    uint64_t gpu_budget_bytes;              /* 0 = no limit; caps the device memory of the weights. The GPU
+                                               expert cache is not built yet: a budget below the weights
+                                               fails (MOE_ERR_NO_MEMORY below the minimum working set, else
+                                               MOE_ERR_UNSUPPORTED; AUTO then takes the CPU) */
+    uint64_t host_budget_bytes;             /* 0 = no limit; caps the host memory of the weights. CPU backend:
+                                               below the weights, experts are read from the file with pread
+                                               into a cache of the budget less the non-expert weights, on
+                                               demand, with read-ahead of the next layer's predicted experts;
+                                               logits stay bit-identical. Below the minimum working set
+                                               (non-expert weights + one token's experts of a layer) moe_load
+                                               fails with MOE_ERR_NO_MEMORY naming it. Environment: MOE_EVICT=
+                                               lru (default) | lfu, MOE_PREFETCH=0 | 1 (default), MOE_IO_DIRECT=
+                                               1 (O_DIRECT reads), MOE_IO_THREADS=N (4). Vulkan: the experts'
+                                               mapped pages are dropped after the upload */
     int32_t (*progress)(float fraction, void *user);   /* optional; return non-zero to cancel the load */
     void    (*log)(int32_t level, const char *msg, void *user);  /* optional; default: silent */
     void    *user;
@@ -121,6 +133,8 @@ typedef struct moe_model_info {
     moe_token bos, eos;                     /* -1 when absent */
     uint64_t n_params, file_bytes;
     int32_t  backend;                       /* the backend actually in use */
+    uint64_t weight_bytes;                  /* all weights as stored */
+    uint64_t expert_bytes;                  /* routed-expert weights: what streaming keeps out of memory */
 } moe_model_info;
 MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *out);
 
@@ -266,6 +280,10 @@ typedef struct moe_save_params {            /* all-zero (or NULL) = keep the sto
 MOE_API moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params);
 
 /* ---- introspection ------------------------------------------------------------------------- */
+/* expert_hits / expert_misses count (token, layer, routed expert) pairs of this context's steps:
+   a hit found its expert in memory (a resident run counts hits only; a prefetched expert counts
+   as a hit), a miss had to wait for it to be read; expert_bytes_streamed: bytes this context had
+   read from the file (demand and prefetch). */
 typedef struct moe_stats {
     uint64_t gpu_bytes_weights, gpu_bytes_kv, gpu_bytes_scratch, host_bytes;
     uint64_t expert_hits, expert_misses, expert_bytes_streamed;

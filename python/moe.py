@@ -67,7 +67,7 @@ class ModelInfo(Structure):
     _fields_ = [("arch", c_char * 32), ("n_vocab", c_int32), ("n_layer", c_int32), ("n_embd", c_int32),
                 ("n_ctx_train", c_int32), ("n_expert", c_int32), ("n_expert_used", c_int32),
                 ("bos", c_int32), ("eos", c_int32), ("n_params", c_uint64), ("file_bytes", c_uint64),
-                ("backend", c_int32)]
+                ("backend", c_int32), ("weight_bytes", c_uint64), ("expert_bytes", c_uint64)]
 
 
 class CtxParams(Structure):
