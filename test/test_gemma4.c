@@ -18,7 +18,9 @@
        rounding only, see test_forward.c for the budget) of the reference; f16 KV within
        max(TOL_F16, 1.25 × the fixture's own f16 figure): rounding K and V to binary16 moves
        these logits by that much in the generator's float32 simulation too (scale-1 attention
-       over RMS-normed q and k is sharp), so an exact engine cannot do better;
+       over RMS-normed q and k is sharp), so an exact engine cannot do better. Where Vulkan runs
+       prefill matrix products on f16 tensor cores (NVIDIA), the activations are rounded to 11
+       bits as well: the f16 tolerance (at least test_vulkan.c's TOL_CM) then holds for both;
    (b) no NaN / Inf (f16 KV, positions to 8 windows);
    (c) greedy continuation equal to the reference's, token for token;
    (d) CPU, bit for bit: single steps == prefill == prefill in chunks of 3 and 5 (the window
@@ -37,6 +39,7 @@
 
 #define TOL_F32 1e-4
 #define TOL_F16 2e-3
+#define TOL_CM 3e-3 /* f16 tensor-core prefill: as test_vulkan.c */
 #define FIX "test/fixtures/gemma4/"
 
 static const char *const k_fixtures[] = {"moe", "e2b", "dense31b"};
@@ -93,6 +96,9 @@ static void check_reference(const char *name, int32_t backend) {
         return;
     }
     double tol16 = fmax(TOL_F16, 1.25 * fixture_f16(name));
+    /* f16 tensor cores (NVIDIA) round the activations of prefill matrix products to 11 bits, an
+       error of the size of an f16 KV cache's: both get the f16 tolerance (decode runs in f32) */
+    int tensor_cores = m->vk && m->vk->coopmat;
     for (int kv = 0; kv < 2; kv++) {
         moe_ctx *c = ctx_nb(m, kv ? MOE_KV_F16 : MOE_KV_F32, 1, 0);
         assert_int_equal(moe_step(c, r.tokens, r.n_tokens), MOE_OK);
@@ -103,7 +109,7 @@ static void check_reference(const char *name, int32_t backend) {
             assert_true(all_finite(l, (size_t)r.n_vocab));
             worst = fmax(worst, row_rel_err(l, r.logits + (size_t)i * (size_t)r.n_vocab, r.n_vocab));
         }
-        double tol = kv ? tol16 : TOL_F32;
+        double tol = kv || tensor_cores ? fmax(tol16, TOL_CM) : TOL_F32;
         print_message("[ RESULT   ] %-9s %-6s %s KV: max |Δlogit|/range %.2e (tolerance %.1e)\n", name,
                       backend == MOE_BACKEND_VULKAN ? "vulkan" : "cpu", kv ? "f16" : "f32", worst, tol);
         assert_true(worst <= tol);
