@@ -1101,6 +1101,76 @@ static void test_gemma4(void **state) {
     remove(gpath);
     json_free(&d);
     free(data);
+    /* a small "gemma4" GGUF (the first 3000 tokens and the merges among them): every allocation of
+       its load fails in turn, an error each time, never a crash or a leak */
+    const int32_t N = 3000;
+    gw w = {0};
+    mrank *ms = malloc(((size_t)v->n_merges + 1) * sizeof *ms);
+    uint32_t nm = 0;
+    for (uint32_t i = 0; i <= v->merge_mask; i++)
+        if (v->merges[i].key != UINT64_MAX && v->merges[i].id < N && (int32_t)(v->merges[i].key >> 32) < N &&
+            (int32_t)(uint32_t)v->merges[i].key < N)
+            ms[nm++] = (mrank){v->merges[i].rank, (int32_t)(v->merges[i].key >> 32), (int32_t)(uint32_t)v->merges[i].key};
+    qsort(ms, nm, sizeof *ms, cmp_mrank);
+    gw_put(&w, "GGUF", 4); gw_u32(&w, 3); gw_u64(&w, 0); gw_u64(&w, 5);
+    gw_key(&w, "tokenizer.ggml.model", GGUF_STRING); gw_str(&w, "gemma4", 6);
+    gw_key(&w, "tokenizer.ggml.tokens", GGUF_ARRAY); gw_u32(&w, GGUF_STRING); gw_u64(&w, (uint64_t)N);
+    for (int32_t i = 0; i < N; i++) gw_str(&w, tok_text(v, i), v->tok[i].text_len);
+    gw_key(&w, "tokenizer.ggml.token_type", GGUF_ARRAY); gw_u32(&w, GGUF_I32); gw_u64(&w, (uint64_t)N);
+    for (int32_t i = 0; i < N; i++) gw_u32(&w, v->tok[i].type == TT_CONTROL ? (tok_text_is(v, i, "<|channel>") ? TT_USER : TT_CONTROL) :
+                                             v->tok[i].type == TT_BYTE ? TT_BYTE : TT_NORMAL);
+    gw_key(&w, "tokenizer.ggml.bos_token_id", GGUF_U32); gw_u32(&w, 2);
+    gw_key(&w, "tokenizer.ggml.merges", GGUF_ARRAY); gw_u32(&w, GGUF_STRING); gw_u64(&w, nm);
+    for (uint32_t i = 0; i < nm; i++) {
+        uint32_t la = v->tok[ms[i].a].text_len, lb = v->tok[ms[i].b].text_len;
+        char s2[512];
+        memcpy(s2, tok_text(v, ms[i].a), la);
+        s2[la] = ' ';
+        memcpy(s2 + la + 1, tok_text(v, ms[i].b), lb);
+        gw_str(&w, s2, la + lb + 1);
+    }
+    free(ms);
+    const char *spath = "build/test/tok_gemma4_small.gguf";
+    assert_true(tu_write_file(spath, w.p, w.n));
+    free(w.p);
+    int loads_ok = 0, failures = 0;
+    for (long k = 0; k < 400 && !loads_ok; k++) {
+        moe_model *x = NULL;
+        moe_load_params p = {0};
+        p.vocab_only = 1;
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_load(spath, &p, &x);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) {
+            loads_ok = 1;
+            assert_int_equal(x->vocab->gguf_gemma4, 1);
+            assert_int_equal(x->vocab->tok[100].type, TT_CONTROL); /* <|channel> */
+            assert_int_equal(x->vocab->tok[107].type, TT_USER);    /* "\n" */
+            const char *r2[2] = {"user", "assistant"}, *c2[2] = {"hi", "<|channel>x<channel|>ok"};
+            char b2[128];
+            assert_true(moe_chat_apply(x, r2, c2, 2, 1, b2, sizeof b2) > 0);
+            assert_string_equal(b2, "<bos><|turn>user\nhi<turn|>\n<|turn>model\nok<turn|>\n<|turn>model\n<|channel>thought\n<channel|>");
+            moe_model_free(x);
+        } else {
+            assert_int_equal(st, MOE_ERR_NO_MEMORY);
+            failures++;
+        }
+    }
+    assert_true(loads_ok && failures > 3);
+    /* without merges a "gemma4" vocabulary is refused (its scores are placeholders) */
+    gw w2 = {0};
+    gw_put(&w2, "GGUF", 4); gw_u32(&w2, 3); gw_u64(&w2, 0); gw_u64(&w2, 2);
+    gw_key(&w2, "tokenizer.ggml.model", GGUF_STRING); gw_str(&w2, "gemma4", 6);
+    gw_key(&w2, "tokenizer.ggml.tokens", GGUF_ARRAY); gw_u32(&w2, GGUF_STRING); gw_u64(&w2, 2);
+    gw_str(&w2, "a", 1); gw_str(&w2, "b", 1);
+    assert_true(tu_write_file(spath, w2.p, w2.n));
+    free(w2.p);
+    moe_model *x = NULL;
+    moe_load_params lp = {0};
+    lp.vocab_only = 1;
+    assert_int_equal(moe_load(spath, &lp, &x), MOE_ERR_FORMAT);
+    assert_non_null(strstr(moe_last_error(), "needs tokenizer.ggml.merges"));
+    remove(spath);
 }
 
 /* ---- JSON parser ---------------------------------------------------------------------------------- */
