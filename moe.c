@@ -3151,7 +3151,8 @@ static size_t nfc(const uint8_t *s, size_t n, uint8_t *out, uint32_t *cps) {
 enum { TT_NORMAL = 1, TT_UNKNOWN = 2, TT_CONTROL = 3, TT_USER = 4, TT_UNUSED = 5, TT_BYTE = 6 }; /* GGUF token types */
 enum { VK_BYTES = 1, VK_SPM = 2 };
 enum { PRE_NONE = 0, PRE_GPT2, PRE_LLAMA3, PRE_QWEN2, PRE_O200K };
-enum { CHAT_UNKNOWN = 0, CHAT_CHATML, CHAT_QWEN3, CHAT_GEMMA, CHAT_HARMONY };
+enum { CHAT_UNKNOWN = 0, CHAT_CHATML, CHAT_QWEN3, CHAT_GEMMA, CHAT_HARMONY, CHAT_GEMMA4 };
+enum { CHATF_G4_EMPTY_THOUGHT = 1, CHATF_G4_CONTINUE = 2 }; /* Gemma 4 template revisions, see chat_gemma4 */
 enum { TF_SELF = 1, TF_SPECIAL = 2, TF_ADDED = 4, TF_LSTRIP = 8, TF_RSTRIP = 16, TF_SINGLE_WORD = 32, TF_EOG = 64 };
 
 typedef struct vocab_token {
@@ -3166,7 +3167,8 @@ typedef struct merge_slot { uint64_t key; uint32_t rank; int32_t id; } merge_slo
 typedef struct trie_node { int32_t child, next, token; uint8_t byte; } trie_node;
 
 struct moe_vocab {
-    int32_t n_tokens, kind, pre, nfc, add_space_prefix, byte_fallback, ignore_merges, chat;
+    int32_t n_tokens, kind, pre, nfc, add_space_prefix, byte_fallback, ignore_merges, chat, chat_flags;
+    int32_t gguf_gemma4;        /* tokenizer.ggml.model "gemma4" (llama.cpp's converter for Gemma 4) */
     int32_t bos, eos, eot, eom, unk, pad, add_bos, add_eos;
     int32_t prefix[4], n_prefix, suffix[4], n_suffix;   /* what MOE_TOKENIZE_ADD_SPECIAL adds */
     vocab_token *tok;
@@ -3965,8 +3967,48 @@ static int32_t vocab_find_text(const moe_vocab *v, const char *z) {
     return -1;
 }
 
-static const char *const k_eog_texts[] = {"<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|return|>", "<|call|>",
+static const char *const k_eog_texts[] = {"<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<turn|>", "<|return|>", "<|call|>",
                                           "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "</s>", "<eos>", NULL};
+
+/* The chat format: the template text first, then the architecture, then the vocabulary's own
+   markers. Gemma 4's template shipped in revisions that differ for plain chats in two places
+   (chat_gemma4): whether the generation prompt ends with an empty thought block (the larger
+   models' templates do; the E2B/E4B ones do not) and whether an assistant message that follows
+   an assistant message continues its turn. The template text says which; without one we assume
+   the larger models' current template. */
+static void vocab_detect_chat(moe_vocab *v) {
+    const char *tt = v->template_text;
+    v->chat = CHAT_UNKNOWN;
+    v->chat_flags = 0;
+    if (tt) {
+        if (strstr(tt, "<|turn>")) {
+            v->chat = CHAT_GEMMA4;
+            if (strstr(tt, "<|channel>thought\\n<channel|>")) v->chat_flags |= CHATF_G4_EMPTY_THOUGHT;
+            if (strstr(tt, "continue_same_model_turn")) v->chat_flags |= CHATF_G4_CONTINUE;
+        } else if (strstr(tt, "<|im_start|>")) {
+            v->chat = strstr(tt, "<think>") || strstr(tt, "reasoning_content") ? CHAT_QWEN3 : CHAT_CHATML;
+        } else if (strstr(tt, "<start_of_turn>")) {
+            v->chat = CHAT_GEMMA;
+        } else if (strstr(tt, "<|start|>") && strstr(tt, "<|channel|>")) {
+            v->chat = CHAT_HARMONY;
+        }
+        return;
+    }
+    if (!strncmp(v->arch, "qwen3", 5)) v->chat = CHAT_QWEN3;
+    else if (!strncmp(v->arch, "qwen2", 5)) v->chat = CHAT_CHATML;
+    else if (!strncmp(v->arch, "gemma4", 6)) v->chat = CHAT_GEMMA4; /* "gemma4", config.json's "gemma4_text" */
+    else if (!strncmp(v->arch, "gemma", 5)) v->chat = CHAT_GEMMA;
+    else if (!strcmp(v->arch, "gpt-oss") || !strcmp(v->arch, "gpt_oss")) v->chat = CHAT_HARMONY;
+    if (v->chat == CHAT_UNKNOWN) {
+        if (vocab_find_text(v, "<|im_start|>") >= 0 && vocab_find_text(v, "<|im_end|>") >= 0)
+            v->chat = vocab_find_text(v, "<think>") >= 0 ? CHAT_QWEN3 : CHAT_CHATML;
+        else if (vocab_find_text(v, "<|turn>") >= 0 && vocab_find_text(v, "<turn|>") >= 0) v->chat = CHAT_GEMMA4;
+        else if (vocab_find_text(v, "<start_of_turn>") >= 0 && vocab_find_text(v, "<end_of_turn>") >= 0) v->chat = CHAT_GEMMA;
+        else if (vocab_find_text(v, "<|start|>") >= 0 && vocab_find_text(v, "<|channel|>") >= 0 &&
+                 vocab_find_text(v, "<|message|>") >= 0) v->chat = CHAT_HARMONY;
+    }
+    if (v->chat == CHAT_GEMMA4) v->chat_flags = CHATF_G4_EMPTY_THOUGHT | CHATF_G4_CONTINUE;
+}
 
 /* Everything that follows once tokens, types and merges are in: lookups, added-token matching,
    end-of-generation marks, the chat format. */
@@ -4020,26 +4062,7 @@ static moe_status vocab_finish(moe_vocab *v) {
         if (v->tok[id].flags & TF_SPECIAL)
             for (int k = 0; k_eog_texts[k]; k++)
                 if (tok_text_is(v, id, k_eog_texts[k])) v->tok[id].flags |= TF_EOG;
-    /* chat format: the template text first, then the architecture, then the vocabulary's own markers */
-    const char *tt = v->template_text;
-    if (tt) {
-        if (strstr(tt, "<|im_start|>")) v->chat = strstr(tt, "<think>") || strstr(tt, "reasoning_content") ? CHAT_QWEN3 : CHAT_CHATML;
-        else if (strstr(tt, "<start_of_turn>")) v->chat = CHAT_GEMMA;
-        else if (strstr(tt, "<|start|>") && strstr(tt, "<|channel|>")) v->chat = CHAT_HARMONY;
-        else v->chat = CHAT_UNKNOWN;
-    } else if (v->arch[0]) {
-        if (!strncmp(v->arch, "qwen3", 5)) v->chat = CHAT_QWEN3;
-        else if (!strncmp(v->arch, "qwen2", 5)) v->chat = CHAT_CHATML;
-        else if (!strncmp(v->arch, "gemma", 5)) v->chat = CHAT_GEMMA;
-        else if (!strcmp(v->arch, "gpt-oss") || !strcmp(v->arch, "gpt_oss")) v->chat = CHAT_HARMONY;
-    }
-    if (!tt && v->chat == CHAT_UNKNOWN) {
-        if (vocab_find_text(v, "<|im_start|>") >= 0 && vocab_find_text(v, "<|im_end|>") >= 0)
-            v->chat = vocab_find_text(v, "<think>") >= 0 ? CHAT_QWEN3 : CHAT_CHATML;
-        else if (vocab_find_text(v, "<start_of_turn>") >= 0 && vocab_find_text(v, "<end_of_turn>") >= 0) v->chat = CHAT_GEMMA;
-        else if (vocab_find_text(v, "<|start|>") >= 0 && vocab_find_text(v, "<|channel|>") >= 0 &&
-                 vocab_find_text(v, "<|message|>") >= 0) v->chat = CHAT_HARMONY;
-    }
+    vocab_detect_chat(v);
     if (v->add_bos && v->bos >= 0 && v->n_prefix == 0) v->prefix[v->n_prefix++] = v->bos;
     if (v->add_eos && v->eos >= 0 && v->n_suffix == 0) v->suffix[v->n_suffix++] = v->eos;
     return MOE_OK;
@@ -4111,6 +4134,47 @@ static moe_status gguf_opt_bool(const gguf_file *g, const char *key, int32_t *ou
     return st;
 }
 
+/* Gemma 4's control tokens that llama.cpp's converter stores as USER_DEFINED (so that llama.cpp
+   prints them for its chat parser) although tokenizer.json marks them special. */
+static const char *const k_gemma4_visible[] = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                                               "<tool_response|>", "<|\"|>", NULL};
+
+/* Token types of a "gemma4" GGUF brought back to what tokenizer.json says, so that both files of
+   one model tokenize and detokenize alike. The converter (gguf-py's LlamaHfVocab) types every
+   token below the base vocabulary size NORMAL unless it is special, which loses "added" for the
+   tokens Hugging Face matches in the text before BPE: the whitespace runs ("\n\n", "\t\t",
+   "\u2581\u2581", ...) and every longer token no merge makes (HTML tags, <unusedN>, <mask>: BPE
+   cannot produce those, so in tokenizer.json they can only be added tokens). It also types the
+   visible control tokens above USER_DEFINED; tokenizer.json has them special. */
+static moe_status vocab_gemma4_types(moe_vocab *v) {
+    uint8_t *made = moe_calloc(((size_t)v->n_tokens + 7) / 8, 1);
+    if (!made) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
+    for (uint32_t i = 0; v->merges && i <= v->merge_mask; i++)
+        if (v->merges[i].key != UINT64_MAX) made[v->merges[i].id >> 3] |= (uint8_t)(1u << (v->merges[i].id & 7));
+    for (int32_t id = 0; id < v->n_tokens; id++) {
+        vocab_token *t = &v->tok[id];
+        if (t->type == TT_USER)
+            for (int k = 0; k_gemma4_visible[k]; k++)
+                if (tok_text_is(v, id, k_gemma4_visible[k])) t->type = TT_CONTROL;
+        if (t->type != TT_NORMAL || !t->text_len) continue;
+        const uint8_t *p = tok_text(v, id);
+        size_t n = t->text_len, i = 0;
+        int l, chars = 0;
+        uint32_t first = utf8_next(p, n, &l), c = first;
+        int ws = first == '\n' || first == '\t' || first == 0x2581;
+        while (i < n) {
+            c = utf8_next(p + i, n - i, &l);
+            i += (size_t)l;
+            chars++;
+            ws &= c == first;
+        }
+        int unmade = chars > 1 && !(made[id >> 3] >> (id & 7) & 1);
+        if ((ws && (first != 0x2581 || chars > 1)) || unmade) t->type = TT_USER; /* a lone U+2581 is an ordinary piece */
+    }
+    moe_free(made);
+    return MOE_OK;
+}
+
 static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
     *out = NULL;
     gguf_str model = {0}, pre = {0}, tmpl = {0}, arch = {0};
@@ -4136,10 +4200,13 @@ static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
         else if (gguf_str_eq(pre, "gpt-4o")) { v->pre = PRE_O200K; v->ignore_merges = 1; }
         else snprintf(v->unsupported, sizeof v->unsupported, "pre-tokenizer '%.*s' (tokenizer.ggml.pre) is not supported",
                       (int)(pre.n > 60 ? 60 : pre.n), pre.p);
-    } else if (gguf_str_eq(model, "llama")) {
+    } else if (gguf_str_eq(model, "llama") || gguf_str_eq(model, "gemma4")) {
+        /* "gemma4" is llama.cpp's name for Gemma 4's SentencePiece-style BPE: the same engine, with
+           the merge list required and no space prefix (see vocab_gemma4_types for its token types) */
         v->kind = VK_SPM;
         v->byte_fallback = 1;
-        v->add_space_prefix = 1;
+        v->gguf_gemma4 = gguf_str_eq(model, "gemma4");
+        v->add_space_prefix = !v->gguf_gemma4;
         v->add_bos = 1;
     } else {
         snprintf(v->unsupported, sizeof v->unsupported, "tokenizer model '%.*s' (tokenizer.ggml.model) is not supported",
@@ -4212,6 +4279,9 @@ static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
         moe_free(ms);
         moe_free(index);
         if (st) goto fail;
+    } else if (v->gguf_gemma4) { /* its scores are placeholders (-1000): only the merges rank */
+        st = set_error(MOE_ERR_FORMAT, "gguf: a 'gemma4' vocabulary needs tokenizer.ggml.merges");
+        goto fail;
     } else if (v->kind == VK_SPM) {
         if (!scores) { st = set_error(MOE_ERR_FORMAT, "gguf: a 'llama' vocabulary needs tokenizer.ggml.scores or merges"); goto fail; }
         if ((st = vocab_merges_from_scores(v))) goto fail;
@@ -4225,6 +4295,7 @@ static moe_status vocab_load_gguf(const gguf_file *g, moe_vocab **out) {
         memcpy(v->template_text, tmpl.p, tmpl.n);
         v->template_text[tmpl.n] = 0;
     }
+    if (v->gguf_gemma4 && (st = vocab_gemma4_types(v))) goto fail;
     if (!v->unsupported[0] && (st = vocab_finish(v))) goto fail;
     moe_free(strs);
     *out = v;
@@ -4568,13 +4639,18 @@ static moe_status vocab_write_gguf(const moe_vocab *v, gguf_writer *w) {
         if (v->merges[i].key != UINT64_MAX)
             ms[nm++] = (merge_rank){v->merges[i].rank, (int32_t)(v->merges[i].key >> 32), (int32_t)(uint32_t)v->merges[i].key, v->merges[i].id};
     qsort(ms, nm, sizeof *ms, cmp_merge_rank);
-    gw_kv_str(w, "tokenizer.ggml.model", v->kind == VK_SPM ? "llama" : "gpt2");
+    /* Gemma 4 under llama.cpp's name for it, with the visible control tokens USER_DEFINED as its
+       converter writes them (vocab_gemma4_types reads both back) */
+    int gemma4 = v->kind == VK_SPM && (v->gguf_gemma4 || !strncmp(v->arch, "gemma4", 6));
+    gw_kv_str(w, "tokenizer.ggml.model", gemma4 ? "gemma4" : v->kind == VK_SPM ? "llama" : "gpt2");
     if (pre) gw_kv_str(w, "tokenizer.ggml.pre", pre);
     gw_kv_bytes_array(w, "tokenizer.ggml.tokens", (uint64_t)v->n_tokens);
     for (int32_t i = 0; i < v->n_tokens; i++) {
         gb_u64(&w->kv, v->tok[i].text_len);
         gb_put(&w->kv, tok_text(v, i), v->tok[i].text_len);
         types[i] = v->tok[i].type;
+        for (int k = 0; gemma4 && types[i] == TT_CONTROL && k_gemma4_visible[k]; k++)
+            if (tok_text_is(v, i, k_gemma4_visible[k])) types[i] = TT_USER;
     }
     gw_kv_array(w, "tokenizer.ggml.token_type", GGUF_I32, types, (uint64_t)v->n_tokens);
     if (scores) {
@@ -8045,8 +8121,8 @@ moe_status moe_model_get_info(const moe_model *model, moe_model_info *out) {
 /* ============================================================================================ */
 /* ---- chat templates --------------------------------------------------------------------------------
    Hand-written renderings of the templates the supported families ship (outputs match the Jinja
-   templates for plain text messages): ChatML with Qwen3's reasoning handling, Gemma's turns,
-   and gpt-oss's Harmony format. */
+   templates for plain text messages): ChatML with Qwen3's reasoning handling, Gemma 3's and
+   Gemma 4's turns, and gpt-oss's Harmony format. */
 typedef struct sbuf { char *p; int64_t n, cap; } sbuf;
 static void sb_put(sbuf *b, const char *s, size_t n) {
     if (b->n < b->cap) memcpy(b->p + b->n, s, (size_t)((int64_t)n < b->cap - b->n ? (int64_t)n : b->cap - b->n));
@@ -8167,6 +8243,74 @@ static moe_status chat_gemma(const moe_vocab *v, const char *const *roles, const
         sb_puts(b, "<end_of_turn>\n");
     }
     if (gen) sb_puts(b, "<start_of_turn>model\n");
+    return MOE_OK;
+}
+
+/* Gemma 4 (the template Google ships with the models, as its Jinja renders plain messages):
+     <bos>[<|turn>system\n{first system/developer message, trimmed}<turn|>\n]
+     per message <|turn>{role}\n{content}<turn|>\n, assistant -> model, content trimmed; in model
+       turns every <|channel>...<channel|> thinking span is cut out first (strip_thinking below)
+     generation prompt <|turn>model\n, then the empty thought block <|channel>thought\n<channel|>
+       that keeps the model from thinking (thinking is never enabled here).
+   Revisions differ in two places (vocab_detect_chat reads which from the template text): the
+   E2B/E4B templates end the generation prompt at <|turn>model\n, and since April 2026 an
+   assistant message that follows an assistant message continues that turn without a new
+   <|turn>model\n header (each message still ends with <turn|>\n). A "tool" message is not
+   rendered: the current template drops it unless it answers a tool call (an older one gave it a
+   turn of its own), and tool calls are not part of this API. */
+static moe_status chat_gemma4(const moe_vocab *v, const char *const *roles, const char *const *contents, int32_t n, int gen, sbuf *b) {
+    if (n == 0) return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: Gemma 4's template needs at least one message");
+    for (int32_t i = 0; i < n; i++) {
+        const char *r = roles[i];
+        if (strcmp(r, "system") && strcmp(r, "developer") && strcmp(r, "user") && strcmp(r, "assistant") && strcmp(r, "model"))
+            return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: role '%s' (message %d) is not one of system, developer, user, "
+                             "assistant, model for Gemma 4 (tool results need tool calls, which moe_chat_apply does not render)", r, i);
+    }
+    if (v->bos >= 0) sb_put(b, (const char *)tok_text(v, v->bos), v->tok[v->bos].text_len);
+    int32_t first = 0;
+    if (!strcmp(roles[0], "system") || !strcmp(roles[0], "developer")) {
+        const char *c = contents[0];
+        size_t cl = strlen(c);
+        str_trim(&c, &cl, 0, 1, 1);
+        sb_puts(b, "<|turn>system\n");
+        sb_put(b, c, cl);
+        sb_puts(b, "<turn|>\n");
+        first = 1;
+    }
+    for (int32_t i = first; i < n; i++) {
+        const char *r = roles[i], *c = contents[i];
+        size_t cl = strlen(c);
+        int model = !strcmp(r, "assistant") || !strcmp(r, "model");
+        int cont = model && i > first && !strcmp(roles[i - 1], "assistant") && (v->chat_flags & CHATF_G4_CONTINUE);
+        if (!cont) { sb_puts(b, "<|turn>"); sb_puts(b, model ? "model" : r); sb_puts(b, "\n"); }
+        if (model) { /* strip_thinking: of each piece between <channel|> markers, what precedes its first <|channel> */
+            char *kept = moe_malloc(cl + 1);
+            if (!kept) return set_error(MOE_ERR_NO_MEMORY, "moe_chat_apply: out of memory");
+            size_t k = 0;
+            for (const char *p = c, *end = c + cl; p <= end;) {
+                const char *close = mem_find(p, (size_t)(end - p), "<channel|>");
+                const char *stop = close ? close : end;
+                const char *open = mem_find(p, (size_t)(stop - p), "<|channel>");
+                const char *keep_end = open ? open : stop;
+                memcpy(kept + k, p, (size_t)(keep_end - p));
+                k += (size_t)(keep_end - p);
+                if (!close) break;
+                p = close + 10;
+            }
+            const char *t = kept;
+            str_trim(&t, &k, 0, 1, 1);
+            sb_put(b, t, k);
+            moe_free(kept);
+        } else {
+            str_trim(&c, &cl, 0, 1, 1);
+            sb_put(b, c, cl);
+        }
+        sb_puts(b, "<turn|>\n");
+    }
+    if (gen) {
+        sb_puts(b, "<|turn>model\n");
+        if (v->chat_flags & CHATF_G4_EMPTY_THOUGHT) sb_puts(b, "<|channel>thought\n<channel|>");
+    }
     return MOE_OK;
 }
 
@@ -8294,10 +8438,11 @@ int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const c
     case CHAT_QWEN3: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 1, &b); break;
     case CHAT_CHATML: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 0, &b); break;
     case CHAT_GEMMA: st = chat_gemma(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
+    case CHAT_GEMMA4: st = chat_gemma4(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
     case CHAT_HARMONY: st = chat_harmony(roles, contents, n_messages, add_assistant_prompt, &b); break;
     default:
         return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: the model's chat template is not one we render "
-                         "(supported: ChatML/Qwen3, Gemma, Harmony)%s", v->template_text ? "" : " and it names none");
+                         "(supported: ChatML/Qwen3, Gemma 3, Gemma 4, Harmony)%s", v->template_text ? "" : " and it names none");
     }
     if (st) return st;
     if (b.n < cap) buf[b.n] = 0; /* a courtesy NUL when it fits; the count excludes it */

@@ -140,7 +140,7 @@ MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *ou
 
 /* ---- tokenizer ----------------------------------------------------------------------------- */
 /* Vocabularies: byte-level BPE (GGUF "gpt2": Qwen2/Qwen3, gpt-oss/GPT-4o, Llama-3, GPT-2 splits)
-   and SentencePiece-style BPE with byte fallback (GGUF "llama", Gemma), from GGUF metadata or a
+   and SentencePiece-style BPE with byte fallback (GGUF "llama" and "gemma4": Gemma 3, Gemma 4), from GGUF metadata or a
    Hugging Face tokenizer.json; ids match Hugging Face `tokenizers`. A model without tokenizer
    metadata still loads; these calls then fail with MOE_ERR_UNSUPPORTED.
    Errors are returned as a (small, negative) moe_status with moe_last_error() set; a too-small
@@ -165,13 +165,16 @@ MOE_API int32_t moe_token_to_piece(const moe_model *model, moe_token token, char
 MOE_API int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
                                char *buf, int32_t cap, int32_t flags);
 /* End of generation: the vocabulary's eos/eot/eom ids and the families' end markers
-   (<|im_end|>, <|endoftext|>, <end_of_turn>, <eos>, <|return|>, <|call|>, ...). 0/1 */
+   (<|im_end|>, <|endoftext|>, <end_of_turn>, <turn|>, <eos>, <|return|>, <|call|>, ...). 0/1 */
 MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);
 
 /* Render a chat with the model family's template, chosen from the template text in the metadata,
    else the architecture: ChatML with Qwen3's reasoning rules ("system", "user", "assistant",
-   "tool"), Gemma ("user"/"assistant" alternating after an optional "system"; starts with the BOS
-   text, so tokenize the result with PARSE_SPECIAL and without ADD_SPECIAL), gpt-oss Harmony
+   "tool"), Gemma 3 ("user"/"assistant" alternating after an optional "system"; starts with the BOS
+   text, so tokenize the result with PARSE_SPECIAL and without ADD_SPECIAL), Gemma 4 ("system" or
+   "developer", "user", "assistant"/"model" in any order; BOS text first as for Gemma 3; thinking
+   spans <|channel>...<channel|> are cut from assistant messages, and the assistant prompt ends with
+   the empty thought block that turns thinking off, where the model's template has it), gpt-oss Harmony
    ("system" or "developer" first, then "user"/"assistant"; the system message carries today's
    date). Other templates give MOE_ERR_UNSUPPORTED, unknown roles MOE_ERR_INVALID_ARG.
    Returns the byte count (a NUL follows when it fits); -(count needed) if it exceeds cap. */
