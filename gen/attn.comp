@@ -48,6 +48,7 @@ void main() {
     uint pos = uint(int(STEP_POS0) + pc.pos_delta) + i;
     uint p0 = pc.window != 0u && pos >= pc.window ? pos + 1u - pc.window : 0u;
     uint n_keys = pos + 1u - p0;
+    uint r0 = p0 % pc.rows;                                  /* ring row of key 0; key j at r0 + j, wrapped once at most */
     uint qo = (i * pc.n_head + h) * hd;
     for (uint d = tid; d < HD; d += 128u) qs[d] = q[qo + d];
     barrier();
@@ -61,7 +62,9 @@ void main() {
         uint p = kb + key;
         float s = 0.0;
         if (p < n_keys) {
-            uint base = ((p0 + p) % pc.rows) * pc.kvw + kvh * hd + quarter * dq, qb = quarter * dq;
+            uint row = r0 + p;
+            if (row >= pc.rows) row -= pc.rows;
+            uint base = row * pc.kvw + kvh * hd + quarter * dq, qb = quarter * dq;
             if (vec) {
 #ifdef KV_F32
                 [[unroll]] for (uint c = 0u; c < dq; c += 4u) {
@@ -106,7 +109,9 @@ void main() {
         uint last = n_keys - 1u;
         [[unroll]] for (uint j = 0u; j < KB; j++) {
             float w = ps[j]; /* 0 past the last key */
-            uint vb = ((p0 + min(kb + j, last)) % pc.rows) * pc.kvw + kvh * HD;
+            uint row = r0 + min(kb + j, last);
+            if (row >= pc.rows) row -= pc.rows;
+            uint vb = row * pc.kvw + kvh * HD;
             sum += w;
             [[unroll]] for (uint e = 0u; e < ND; e++)
                 if (tid + 128u * e < HD) oa[e] += w * v_at(vb + tid + 128u * e);

@@ -109,7 +109,7 @@ static void check_reference(const char *name, int32_t backend) {
             assert_true(all_finite(l, (size_t)r.n_vocab));
             worst = fmax(worst, row_rel_err(l, r.logits + (size_t)i * (size_t)r.n_vocab, r.n_vocab));
         }
-        double tol = kv || tensor_cores ? fmax(tol16, TOL_CM) : TOL_F32;
+        double tol = tensor_cores ? fmax(tol16, TOL_CM) : kv ? tol16 : TOL_F32;
         print_message("[ RESULT   ] %-9s %-6s %s KV: max |Δlogit|/range %.2e (tolerance %.1e)\n", name,
                       backend == MOE_BACKEND_VULKAN ? "vulkan" : "cpu", kv ? "f16" : "f32", worst, tol);
         assert_true(worst <= tol);
