@@ -5512,7 +5512,15 @@ static void gemma4_write_hparams(const moe_model *m, gguf_writer *gw) {
 #define HF_NAME_LEN 64          /* GGUF-style names we give HF tensors */
 #define HF_SRC_NAME_LEN 200     /* names in a safetensors header (vision towers have long ones) */
 
-typedef struct hf_tensor { const char *name; size_t name_len; int32_t type, n_dims; int64_t shape[4]; const uint8_t *data; uint64_t nbytes; } hf_tensor;
+typedef struct hf_tensor {
+    const char *name;
+    size_t name_len;
+    int32_t type, n_dims;
+    int64_t shape[4];
+    const uint8_t *data;
+    uint64_t nbytes;
+    int used;                  /* the model takes it (the others are logged as skipped) */
+} hf_tensor;
 
 typedef struct hf_table { hf_tensor *t; int64_t n, cap; } hf_table;
 
@@ -5638,12 +5646,14 @@ static moe_status hf_add_experts(moe_model *m, const hf_table *tab, const tensor
         uint64_t rb = type_row_bytes(fused->type, cols);
         for (int64_t e = 0; e < X; e++) ptrs[e] = fused->data + ((uint64_t)e * (uint64_t)frows + (k == 1 ? (uint64_t)rows : 0)) * rb;
         first = fused;
+        ((hf_tensor *)(uintptr_t)fused)->used = 1;
     } else {
         static const char *const proj[3] = {"gate_proj", "up_proj", "down_proj"};
         for (int64_t e = 0; e < X; e++) {
             snprintf(hn, sizeof hn, "%s.%lld.%s.weight", path, (long long)e, proj[k]);
             const hf_tensor *t = hf_find(tab, hn);
             if (!t) return set_error(MOE_ERR_FORMAT, "safetensors: required tensor '%s' is missing", hn);
+            ((hf_tensor *)(uintptr_t)t)->used = 1;
             if (t->n_dims != 2 || t->shape[0] != rows || t->shape[1] != cols || t->type < 0 || (first && t->type != first->type))
                 return set_error(MOE_ERR_FORMAT, "safetensors: '%s' must be [%lld, %lld] with the dtype of expert 0", hn,
                                  (long long)rows, (long long)cols);
@@ -5692,8 +5702,27 @@ static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
             }
             tensor_gguf_name(gn, sizeof gn, l, s->role);
             if ((st = hf_add(m, t, gn, 0, NULL, NULL))) return st;
+            ((hf_tensor *)(uintptr_t)t)->used = 1;
         }
     }
+    /* what the text model does not take: vision / audio towers of multimodal checkpoints, K/V
+       projections that KV-shared layers ignore; said once, not an error */
+    int64_t n_tower = 0, n_other = 0;
+    const hf_tensor *example = NULL;
+    for (int64_t i = 0; i < tab->n; i++) {
+        const hf_tensor *t = &tab->t[i];
+        if (t->used) continue;
+        static const char *const towers[] = {"model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio."};
+        int tower = 0;
+        for (size_t k = 0; k < sizeof towers / sizeof towers[0]; k++)
+            tower |= t->name_len > strlen(towers[k]) && !memcmp(t->name, towers[k], strlen(towers[k]));
+        if (tower) n_tower++;
+        else n_other++;
+        if (!example) example = t;
+    }
+    if (example)
+        log_msg(&m->log, MOE_LOG_INFO, "safetensors: skipped %lld vision/audio tower tensors and %lld other tensors the text model does not use (e.g. '%.*s')",
+                (long long)n_tower, (long long)n_other, (int)(example->name_len > 100 ? 100 : example->name_len), example->name);
     return MOE_OK;
 }
 
