@@ -2,7 +2,7 @@
 
    ABOUT
    moe loads a GGUF file (or a Hugging Face model directory) of a Mixture-of-Experts model
-   (Qwen3-MoE today; Gemma 4, Qwen3.5 / Qwen3-Next, gpt-oss, Mixtral / OLMoE by design) and lets
+   (Qwen3-MoE and Gemma 4 today; Qwen3.5 / Qwen3-Next, gpt-oss, Mixtral / OLMoE by design) and lets
    you drive generation one step at a time with your own sampling. Vendor four files into your
    project — moe.h, moe.c, moe_vk.c, shaders_embedded.c — and compile them with any C11 compiler:
 
@@ -201,9 +201,18 @@ MOE_API moe_status   moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_t
    logits_all. NULL when there are no such logits. Valid until the next call on ctx. */
 MOE_API const float *moe_logits(const moe_ctx *ctx, int32_t i);
 MOE_API int32_t      moe_ctx_pos(const moe_ctx *ctx);            /* tokens currently in the context */
-MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the first pos tokens, forget the rest */
+/* Keeps the first pos tokens and forgets the rest; afterwards the context is bit for bit what it
+   was when it first held pos tokens. Cost: none for full-attention caches. Sliding-window layers
+   (Gemma 4) keep a ring of window + n_batch - 1 rows, so a rewind of up to n_batch tokens is free
+   too; a longer one recomputes the caches from the context's token history (a prefill of pos
+   tokens). A failed step can leave a ring short of rows it needs; the next step or rewind then
+   recomputes the same way. */
+MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);
 
-/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL. */
+/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL. A state holds the
+   last step's logits, the token history and the cache rows in use (a ring: the rows it holds);
+   it loads into a context of the same model, n_ctx and kv_type (and n_batch, for models with
+   sliding-window layers). */
 MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
