@@ -314,6 +314,26 @@ static void test_bad_gguf(void **state) {
     remove(bad);
 }
 
+/* the multimodal checkpoint's vision tensors are skipped with a log line, not an error */
+static char g_log[4096];
+static void grab_log(int32_t level, const char *msg, void *user) {
+    (void)level, (void)user;
+    size_t n = strlen(g_log);
+    snprintf(g_log + n, sizeof g_log - n, "%s\n", msg);
+}
+
+static void test_towers_skipped(void **state) {
+    (void)state;
+    g_log[0] = 0;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.log = grab_log;
+    moe_model *m = NULL;
+    assert_int_equal(moe_load(FIX "moe", &lp, &m), MOE_OK);
+    assert_non_null(strstr(g_log, "skipped 3 vision/audio tower tensors"));
+    moe_model_free(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reference_cpu),
@@ -321,6 +341,7 @@ int main(void) {
         cmocka_unit_test(test_bitwise_cpu),
         cmocka_unit_test(test_gguf_roundtrip),
         cmocka_unit_test(test_bad_gguf),
+        cmocka_unit_test(test_towers_skipped),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
