@@ -12,7 +12,8 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-.PHONY: vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
+PHONY_EXTRA = test-pedantic
+.PHONY: $(PHONY_EXTRA) vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
 
 all: lib examples $(GENTOOLS)
 
@@ -114,13 +115,22 @@ test-clang:
 	  for f in $(LIB_SRC); do clang $(WARN) -O2 -c $$f -o /dev/null || exit 1; done; \
 	  else echo "clang not installed: skipped the clang build"; fi
 
+# ISO C: the four library files build clean with -pedantic under gcc and clang (no extensions,
+# no string literal beyond the 4095 characters C11 promises)
+PEDANTIC = -std=c11 -Wall -Wextra -pedantic -Werror
+test-pedantic:
+	@for f in $(LIB_SRC); do $(CC) $(PEDANTIC) -O2 -c $$f -o /dev/null || exit 1; done; echo "== $(CC) $(PEDANTIC): clean"
+	@if command -v clang >/dev/null; then \
+	  for f in $(LIB_SRC); do clang $(PEDANTIC) -O2 -c $$f -o /dev/null || exit 1; done; echo "== clang $(PEDANTIC): clean"; \
+	  else echo "clang not installed: skipped the clang -pedantic build"; fi
+
 # drop-in check: the four library files compile on their own, no flags, no Makefile
 test-dropin:
 	@mkdir -p $(B)/dropin && cd $(B)/dropin && cc -c ../../moe.c ../../moe_vk.c ../../shaders_embedded.c && echo "== drop-in compile ok"
 
 test: deps
 	$(MAKE) all
-	$(MAKE) test-dropin test-clang shaders-check
+	$(MAKE) test-dropin test-clang test-pedantic shaders-check
 	$(MAKE) test-unit
 	$(MAKE) test-asan
 	$(MAKE) test-tsan
