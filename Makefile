@@ -137,8 +137,13 @@ test: deps
 	$(MAKE) test-valgrind
 	$(MAKE) test-python
 
+# BACKEND=auto (default: Vulkan on a GPU, else the CPU backend), cpu or vulkan (any Vulkan device,
+# CPU-type ones such as lavapipe included); the library's log lines say which one runs and why
+BACKEND ?= auto
 run: all
-	./$(B)/generate -m examples/models/tiny-moe-kjv-q8_0.gguf -p "And God said" -n 64
+	@case "$(BACKEND)" in auto|cpu|vulkan) ;; *) echo "make run: BACKEND must be auto, cpu or vulkan"; exit 2;; esac
+	@echo "make run: BACKEND=$(BACKEND) (auto: a GPU through Vulkan if there is one, else the CPU backend; BACKEND=cpu|vulkan chooses)"
+	./$(B)/generate -m examples/models/tiny-moe-kjv-q8_0.gguf -p "And God said" -n 64 -b $(BACKEND)
 
 clean:
 	rm -rf $(B)

@@ -6382,13 +6382,20 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = moe_vk_init(&m->w, p.device_index, m->log.fn, m->log.user, &m->vk);
+        /* AUTO takes a GPU only: on a CPU-type Vulkan device (lavapipe) our CPU backend is faster */
+        st = moe_vk_init(&m->w, p.device_index, p.backend == MOE_BACKEND_AUTO, m->log.fn, m->log.user, &m->vk);
         if (st) {
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
-            log_msg(&m->log, MOE_LOG_INFO, "Vulkan not used (%s); running on the CPU", moe_last_error());
+            log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_AUTO: Vulkan not used: %s)", m->n_threads,
+                    moe_last_error());
             m->vk = NULL;
-        } else m->backend = MOE_BACKEND_VULKAN;
-    }
+        } else {
+            m->backend = MOE_BACKEND_VULKAN;
+            log_msg(&m->log, MOE_LOG_INFO, "backend: Vulkan (%s)",
+                    p.backend == MOE_BACKEND_AUTO ? "MOE_BACKEND_AUTO found a GPU" : "MOE_BACKEND_VULKAN asked for");
+        }
+    } else
+        log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_CPU asked for)", m->n_threads);
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
             m->w.hp.n_layer, m->w.hp.n_expert, m->w.hp.n_expert_used, m->w.hp.n_vocab, (double)m->n_params / 1e6);
     if (report_progress(&p, 1.0f)) goto cancelled;

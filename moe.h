@@ -90,7 +90,11 @@ MOE_API const char *moe_last_error(void);             /* thread-local detail of 
 
 /* ---- load ---------------------------------------------------------------------------------- */
 typedef struct moe_load_params {            /* all-zero (or a NULL pointer) means defaults */
-    int32_t  backend;                       /* MOE_BACKEND_*; AUTO = Vulkan if usable, else CPU */
+    int32_t  backend;                       /* MOE_BACKEND_*; AUTO = Vulkan on a GPU if one is usable,
+                                               else the CPU backend (a CPU-type Vulkan device such as
+                                               lavapipe or SwiftShader is left to the CPU backend, which
+                                               is far faster there; VULKAN asked for explicitly uses it);
+                                               the choice and its reason go to log at MOE_LOG_INFO */
     int32_t  device_index;                  /* Vulkan physical device; 0 = best (discrete first) */
     int32_t  n_threads;                     /* CPU threads; 0 = all cores */
     int32_t  reserved0;
@@ -374,11 +378,12 @@ typedef struct moe_ops {
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
-   with moe_last_error() set (no loader, no device, missing features). log (may be NULL) receives
-   the device choice and any validation-layer message; it must outlive the backend. */
+   with moe_last_error() set (no loader, no device, missing features). gpu_only (MOE_BACKEND_AUTO)
+   leaves CPU-type devices (lavapipe, SwiftShader) out. log (may be NULL) receives the device
+   choice and any validation-layer message; it must outlive the backend. */
 typedef struct moe_vk_backend moe_vk_backend;
 typedef void (*moe_log_fn)(int32_t level, const char *msg, void *user);
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn log, void *log_user,
+moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
                        moe_vk_backend **out);
 void       moe_vk_free(moe_vk_backend *vk);
 moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
