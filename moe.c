@@ -5668,6 +5668,10 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         return set_error(p.kv_type == MOE_KV_Q8_0 ? MOE_ERR_UNSUPPORTED : MOE_ERR_INVALID_ARG,
                          "moe_ctx_new: kv_type %d is not supported (use MOE_KV_F16 or MOE_KV_F32)", p.kv_type);
     if (p.n_ctx == 0) p.n_ctx = hp->n_ctx_train < 4096 ? hp->n_ctx_train : 4096;
+    else if (p.n_ctx > hp->n_ctx_train) /* allowed, but said: positions past training are extrapolation */
+        log_msg(&model->log, MOE_LOG_WARN,
+                "moe_ctx_new: n_ctx %d is beyond the model's trained context of %d tokens; output past position %d may degrade",
+                p.n_ctx, hp->n_ctx_train, hp->n_ctx_train);
     if (p.n_batch == 0) p.n_batch = MOE_DEFAULT_N_BATCH;
     if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
     moe_ctx *c = moe_calloc(1, sizeof *c);
@@ -5759,13 +5763,26 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
 }
 
 const float *moe_logits(const moe_ctx *ctx, int32_t i) {
-    if (!ctx || ctx->n_logits == 0) return NULL;
+    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_logits: ctx is NULL"), NULL;
+    if (ctx->n_logits == 0)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_logits: no logits yet (%s)",
+                         ctx->pos ? "the context was rewound or loaded without them: step a token first"
+                                  : "no step has run on this context"), NULL;
     if (i == -1) return ctx->logits + (size_t)(ctx->n_logits - 1) * (size_t)ctx->model->w.hp.n_vocab;
-    if (i < 0 || !ctx->logits_all || i >= ctx->n_logits) return NULL;
+    if (i < 0 || !ctx->logits_all || i >= ctx->n_logits) {
+        if (i >= 0 && !ctx->logits_all)
+            set_error(MOE_ERR_INVALID_ARG, "moe_logits: row %d needs a context made with logits_all = 1 (use -1 for the last token)", i);
+        else
+            set_error(MOE_ERR_INVALID_ARG, "moe_logits: row %d is outside the last step's %d row(s) (or -1)", i, ctx->n_logits);
+        return NULL;
+    }
     return ctx->logits + (size_t)i * (size_t)ctx->model->w.hp.n_vocab;
 }
 
-int32_t moe_ctx_pos(const moe_ctx *ctx) { return ctx ? ctx->pos : 0; }
+int32_t moe_ctx_pos(const moe_ctx *ctx) {
+    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_pos: ctx is NULL"), 0;
+    return ctx->pos;
+}
 
 moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
     if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_rewind: ctx is NULL");
@@ -6635,8 +6652,11 @@ int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, i
     const moe_vocab *v = NULL;
     moe_status st = tok_check(model, "moe_token_to_piece", &v);
     if (st) return st;
-    if (token < 0 || token >= v->n_tokens || cap < 0 || (!buf && cap))
-        return set_error(MOE_ERR_INVALID_ARG, "moe_token_to_piece: token %d outside [0, %d) or bad buffer", token, v->n_tokens);
+    if (token < 0 || token >= v->n_tokens)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_token_to_piece: token %d is outside the vocabulary [0, %d)", token, v->n_tokens);
+    if (cap < 0 || (!buf && cap))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_token_to_piece: buffer %s with capacity %d (a size query is buf = NULL, cap = 0)",
+                         buf ? "given" : "NULL", cap);
     uint32_t n = v->tok[token].piece_len;
     if ((int64_t)n <= cap) memcpy(buf, tok_piece(v, token), n);
     return tok_result(n, cap, "moe_token_to_piece");
@@ -6647,7 +6667,10 @@ int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t 
     moe_status st = tok_check(model, "moe_detokenize", &v);
     if (st) return st;
     if (n_tokens < 0 || (!tokens && n_tokens) || cap < 0 || (!buf && cap) || (flags & ~3))
-        return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: bad arguments");
+        return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: %s",
+                         n_tokens < 0 ? "n_tokens is negative" : (!tokens && n_tokens) ? "tokens is NULL"
+                         : cap < 0 ? "cap is negative" : (!buf && cap) ? "buf is NULL with a capacity (a size query is buf = NULL, cap = 0)"
+                         : "unknown flags");
     sbuf b = {buf, 0, cap};
     for (int32_t i = 0; i < n_tokens; i++) {
         moe_token t = tokens[i];
@@ -6660,7 +6683,7 @@ int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t 
 }
 
 int32_t moe_token_is_eog(const moe_model *model, moe_token token) {
-    if (!model) return 0;
+    if (!model) return set_error(MOE_ERR_INVALID_ARG, "moe_token_is_eog: model is NULL"), 0;
     const moe_vocab *v = model->vocab;
     if (!v) return token >= 0 && token == model->eos;
     return token >= 0 && token < v->n_tokens && (v->tok[token].flags & TF_EOG) != 0;
@@ -6673,7 +6696,10 @@ int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const c
     if (st) return st;
     if (n_messages < 0 || (n_messages && (!roles || !contents)) || cap < 0 || (!buf && cap) ||
         (add_assistant_prompt != 0 && add_assistant_prompt != 1))
-        return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: bad arguments");
+        return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: %s",
+                         n_messages < 0 ? "n_messages is negative" : (n_messages && (!roles || !contents)) ? "roles or contents is NULL"
+                         : cap < 0 ? "cap is negative" : (!buf && cap) ? "buf is NULL with a capacity (a size query is buf = NULL, cap = 0)"
+                         : "add_assistant_prompt is not 0/1");
     for (int32_t i = 0; i < n_messages; i++)
         if (!roles[i] || !contents[i]) return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: message %d has a NULL role or content", i);
     sbuf b = {buf, 0, cap};

@@ -366,6 +366,73 @@ static void test_ctx_params(void **state) {
     moe_model_free(m);
 }
 
+/* ---- every NULL / failure return says why; settings that are allowed but odd are said ---------- */
+#define BUNDLED "examples/models/tiny-moe-kjv-q8_0.gguf"
+
+static char g_warn[1024];
+static void keep_warning(int32_t level, const char *msg, void *user) {
+    (void)user;
+    if (level == MOE_LOG_WARN) snprintf(g_warn, sizeof g_warn, "%s", msg);
+}
+
+static void test_error_texts(void **state) {
+    (void)state;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.n_threads = 1;
+    lp.log = keep_warning;
+    moe_model *m = NULL;
+    assert_int_equal(moe_load(BUNDLED, &lp, &m), MOE_OK);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    moe_ctx *c = new_ctx(m, 32, 0);
+    /* moe_logits before any step: NULL, and the message is about that, not left over */
+    moe_load("build/test/no-such-file-left-over.gguf", NULL, &(moe_model *){NULL});
+    assert_null(moe_logits(c, -1));
+    assert_non_null(strstr(moe_last_error(), "moe_logits"));
+    assert_non_null(strstr(moe_last_error(), "no step"));
+    assert_null(moe_logits(NULL, -1));
+    assert_non_null(strstr(moe_last_error(), "ctx is NULL"));
+    moe_token t[2] = {1, 2};
+    assert_int_equal(moe_step(c, t, 2), MOE_OK);
+    assert_null(moe_logits(c, 0));
+    assert_non_null(strstr(moe_last_error(), "logits_all"));
+    assert_null(moe_logits(c, -2));
+    assert_non_null(strstr(moe_last_error(), "row -2"));
+    assert_int_equal(moe_ctx_rewind(c, 1), MOE_OK);
+    assert_null(moe_logits(c, -1));
+    assert_non_null(strstr(moe_last_error(), "rewound"));
+    assert_int_equal(moe_ctx_pos(NULL), 0);
+    assert_non_null(strstr(moe_last_error(), "moe_ctx_pos"));
+    assert_int_equal(moe_token_is_eog(NULL, 0), 0);
+    assert_non_null(strstr(moe_last_error(), "moe_token_is_eog"));
+    moe_ctx_free(c);
+
+    /* moe_token_to_piece: a valid token with a bad buffer names the buffer, not the token */
+    char piece[64];
+    int32_t n = moe_token_to_piece(m, 300, NULL, 0); /* size query */
+    assert_true(n < 0 && -n > 0);
+    assert_int_equal(moe_token_to_piece(m, 300, NULL, 8), MOE_ERR_INVALID_ARG);
+    assert_null(strstr(moe_last_error(), "outside"));
+    assert_non_null(strstr(moe_last_error(), "buffer NULL"));
+    assert_int_equal(moe_token_to_piece(m, 300, piece, -1), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "capacity -1"));
+    assert_int_equal(moe_token_to_piece(m, info.n_vocab, piece, 64), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "outside the vocabulary"));
+    assert_int_equal(moe_detokenize(m, t, 2, NULL, 4, 0), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "buf is NULL"));
+
+    /* n_ctx beyond the trained context: allowed, with a warning in the log */
+    g_warn[0] = 0;
+    c = new_ctx(m, info.n_ctx_train, 0);
+    moe_ctx_free(c);
+    assert_int_equal(g_warn[0], 0);
+    c = new_ctx(m, info.n_ctx_train + 1, 0);
+    assert_non_null(strstr(g_warn, "beyond the model's trained context"));
+    moe_ctx_free(c);
+    moe_model_free(m);
+}
+
 /* ---- allocation failures ------------------------------------------------------------------------ */
 static void test_allocation_failures(void **state) {
     (void)state;
@@ -415,6 +482,7 @@ int main(void) {
         cmocka_unit_test(test_load_callbacks),
         cmocka_unit_test(test_ctx_params),
         cmocka_unit_test(test_allocation_failures),
+        cmocka_unit_test(test_error_texts),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
