@@ -5727,14 +5727,19 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     if (n_tokens > ctx->n_ctx - ctx->pos)
         return set_error(MOE_ERR_CONTEXT_FULL, "moe_step: %d tokens do not fit: context holds %d of %d", n_tokens,
                          ctx->pos, ctx->n_ctx);
-    int32_t rows = ctx->logits_all ? n_tokens : 1;
-    if (rows > ctx->logits_cap) { /* grow before anything changes, so a failure leaves ctx as it was */
-        float *nl = moe_malloc(mul_or_zero((size_t)rows, (size_t)m->w.hp.n_vocab) * sizeof(float));
-        if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_step: out of memory for %d rows of logits", rows);
+    int32_t rows = ctx->logits_all ? n_tokens : 1, keep = ctx->n_logits;
+    const size_t nv = (size_t)m->w.hp.n_vocab;
+    /* the new rows are read behind the current ones (kept until the step has succeeded, so that a
+       failure leaves ctx as it was), then moved to the front; grow before anything changes */
+    if (keep + rows > ctx->logits_cap) {
+        float *nl = moe_malloc(mul_or_zero((size_t)(keep + rows), nv) * sizeof(float));
+        if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_step: out of memory for %d rows of logits", keep + rows);
+        memcpy(nl, ctx->logits, (size_t)keep * nv * sizeof(float));
         moe_free(ctx->logits);
         ctx->logits = nl;
-        ctx->logits_cap = rows;
+        ctx->logits_cap = keep + rows;
     }
+    float *stage = ctx->logits + (size_t)keep * nv;
     double t0 = now_s();
     int32_t done = 0;
     while (done < n_tokens) {
@@ -5744,9 +5749,19 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
         forward_qwen3moe(ctx->be, ctx->ops, &m->w, tokens + done, n, ctx->pos + done, n_out);
         moe_status st = ctx->ops->end_step(ctx->be);
         if (st) return st; /* pos unchanged: the KV rows written past it are never read */
-        if (n_out) ctx->ops->read_logits(ctx->be, ctx->logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->w.hp.n_vocab, n_out);
+        if (n_out) ctx->ops->read_logits(ctx->be, stage + (size_t)(ctx->logits_all ? done : 0) * nv, n_out);
         done += n;
     }
+    /* No NaN/Inf may leave a step (weights are checked finite at load): refuse to hand them out */
+    for (size_t i = 0; i < (size_t)rows * nv; i++)
+        if (!isfinite(stage[i])) {
+            size_t bad = 0;
+            for (size_t j = i; j < (size_t)rows * nv; j++) bad += !isfinite(stage[j]);
+            return set_error(MOE_ERR_FORMAT, "moe_step: the forward pass gave %zu non-finite logit(s) of %zu (first: row %zu, token %zu, "
+                             "%s): weights too large for f32, or a bug in moe (please report it); the context is unchanged",
+                             bad, (size_t)rows * nv, i / nv, i % nv, isnan(stage[i]) ? "NaN" : "inf");
+        }
+    if (keep) memmove(ctx->logits, stage, (size_t)rows * nv * sizeof(float));
     ctx->pos += n_tokens;
     ctx->n_logits = rows;
     /* every expert is resident today: each token's top-k experts in each layer are hits */
@@ -6321,6 +6336,114 @@ void moe_model_free(moe_model *model) {
 static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf); /* with the tokenizer API below */
 static moe_status vocab_load_hf(const char *path, moe_vocab **out);
 
+/* ---- load-time value checks: no weight may hold a NaN or an infinity ------------------------
+   Generic over the tensor table (GGUF or a Hugging Face directory's), independent of how layers
+   bind their tensors. F32/F16/BF16 tensors: every element. Block types: the fields that scale a
+   block (one NaN scale makes every logit NaN): Q8_0 and Q4_0 d; Q4_K and Q5_K d and dmin; Q6_K d
+   (its int8 sub-block scales are always finite); MXFP4 e8m0 exponents of 253 and up, whose codes
+   can overflow to inf, are decoded and checked. One pass over the scale fields: cheap next to
+   reading the file. */
+typedef struct scale_fields { int32_t type; uint8_t n, off[2]; } scale_fields;
+static const scale_fields k_scale_fields[] = {
+    {MOE_TYPE_Q8_0, 1, {0, 0}}, {MOE_TYPE_Q4_0, 1, {0, 0}}, {MOE_TYPE_Q4_K, 2, {0, 2}},
+    {MOE_TYPE_Q5_K, 2, {0, 2}}, {MOE_TYPE_Q6_K, 1, {208, 0}},
+};
+
+/* index of the first non-finite value in [0, n) or -1; elem: 2 (f16 / bf16) or 4 (f32) bytes */
+static int64_t first_nonfinite_elem(const uint8_t *p, uint64_t n, int32_t type) {
+    const uint64_t chunk = 4096;
+    for (uint64_t i0 = 0; i0 < n; i0 += chunk) {
+        uint64_t i1 = n - i0 < chunk ? n : i0 + chunk;
+        int bad = 0;
+        if (type == MOE_TYPE_F32) {
+            for (uint64_t i = i0; i < i1; i++) {
+                uint32_t x;
+                memcpy(&x, p + 4 * i, 4);
+                bad |= (x & 0x7f800000u) == 0x7f800000u;
+            }
+        } else {
+            uint16_t mask = type == MOE_TYPE_F16 ? 0x7c00 : 0x7f80;
+            for (uint64_t i = i0; i < i1; i++) bad |= (rd16(p + 2 * i) & mask) == mask;
+        }
+        if (!bad) continue;
+        for (uint64_t i = i0; i < i1; i++) {
+            float f;
+            if (type == MOE_TYPE_F32) memcpy(&f, p + 4 * i, 4);
+            else f = type == MOE_TYPE_F16 ? fp16_to_f32(rd16(p + 2 * i)) : bf16_to_f32(rd16(p + 2 * i));
+            if (!isfinite(f)) return (int64_t)i;
+        }
+    }
+    return -1;
+}
+
+/* index of the first block of slab p (n_blocks blocks) whose scale is not finite, or -1 */
+static int64_t first_bad_block(const uint8_t *p, uint64_t n_blocks, int32_t type, const moe_type_traits *tt, float *bad_value) {
+    const uint64_t bb = (uint64_t)tt->block_bytes;
+    if (type == MOE_TYPE_MXFP4) {
+        float v[QK_MXFP4];
+        for (uint64_t b = 0; b < n_blocks; b++)
+            if (p[b * bb] >= 253) {
+                dequant_mxfp4(p + b * bb, v, QK_MXFP4);
+                for (int j = 0; j < QK_MXFP4; j++)
+                    if (!isfinite(v[j])) return *bad_value = v[j], (int64_t)b;
+            }
+        return -1;
+    }
+    for (size_t k = 0; k < sizeof k_scale_fields / sizeof k_scale_fields[0]; k++) {
+        const scale_fields *sf = &k_scale_fields[k];
+        if (sf->type != type) continue;
+        for (uint64_t b = 0; b < n_blocks; b++) {
+            int bad = 0;
+            for (int f = 0; f < sf->n; f++) bad |= (rd16(p + b * bb + sf->off[f]) & 0x7c00) == 0x7c00;
+            if (bad) {
+                for (int f = 0; f < sf->n; f++) {
+                    float d = fp16_to_f32(rd16(p + b * bb + sf->off[f]));
+                    if (!isfinite(d)) *bad_value = d;
+                }
+                return (int64_t)b;
+            }
+        }
+    }
+    return -1;
+}
+
+static moe_status check_tensor_values(const gguf_file *g) {
+    for (int64_t i = 0; i < g->n_tensors; i++) {
+        const gguf_tensor *t = &g->tensors[i];
+        const moe_type_traits *tt = type_traits(t->type);
+        if (!tt || (!t->data && !t->expert_ptrs)) continue;
+        /* a tensor assembled from per-expert slabs is checked slab by slab */
+        uint64_t n_slabs = t->expert_ptrs ? (uint64_t)t->ne[2] : 1, slab_bytes = t->nbytes / n_slabs;
+        uint64_t row_bytes = type_row_bytes(t->type, t->ne[0]);
+        for (uint64_t e = 0; e < n_slabs; e++) {
+            const uint8_t *p = t->expert_ptrs ? t->expert_ptrs[e] : t->data;
+            int dense = t->type == MOE_TYPE_F32 || t->type == MOE_TYPE_F16 || t->type == MOE_TYPE_BF16;
+            if (dense) {
+                uint64_t n = slab_bytes / (uint64_t)tt->block_bytes;
+                int64_t at = first_nonfinite_elem(p, n, t->type);
+                if (at >= 0) {
+                    uint64_t idx = e * n + (uint64_t)at;
+                    return set_error(MOE_ERR_FORMAT, "model: tensor '%.*s' holds a non-finite value at element %llu (row %llu)",
+                                     (int)t->name.n, t->name.p, (unsigned long long)idx,
+                                     (unsigned long long)(idx / (uint64_t)t->ne[0]));
+                }
+            } else {
+                uint64_t n_blocks = slab_bytes / (uint64_t)tt->block_bytes;
+                float v = NAN;
+                int64_t at = first_bad_block(p, n_blocks, t->type, tt, &v);
+                if (at >= 0) {
+                    uint64_t blk = e * n_blocks + (uint64_t)at;
+                    return set_error(MOE_ERR_FORMAT, "model: tensor '%.*s' (%s): block %llu (row %llu) has a non-finite scale (%s)",
+                                     (int)t->name.n, t->name.p, tt->name, (unsigned long long)blk,
+                                     (unsigned long long)(blk * (uint64_t)tt->block_bytes / row_bytes),
+                                     isnan(v) ? "NaN" : v > 0 ? "+inf" : "-inf");
+                }
+            }
+        }
+    }
+    return MOE_OK;
+}
+
 static int report_progress(const moe_load_params *p, float f) {
     return p->progress ? p->progress(f, p->user) : 0;
 }
@@ -6384,6 +6507,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
         if (report_progress(&p, 0.5f)) goto cancelled;
         if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
     }
+    if ((st = check_tensor_values(&m->gguf))) goto fail;
     if (m->gguf.kv) {
         int64_t v = -1;
         if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.bos_token_id", 0, 0, m->w.hp.n_vocab - 1, &v))) goto fail;

@@ -366,6 +366,48 @@ static void test_ctx_params(void **state) {
     moe_model_free(m);
 }
 
+/* ---- no NaN/Inf leaves a step: a backend that produced one (here injected after the real
+   read_logits) makes moe_step fail and leaves the context exactly as it was --------------------- */
+static moe_ops g_nan_ops;
+static const moe_ops *g_real_ops;
+static void read_logits_nan(void *be, float *dst, int n) {
+    g_real_ops->read_logits(be, dst, n);
+    dst[(size_t)n * 3 / 2 + 5] = NAN;
+}
+
+static void test_step_nonfinite(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 1);
+    int nv = vocab_of(m);
+    for (int all = 0; all <= 1; all++) {
+        moe_ctx *c = new_ctx(m, 64, all), *d = new_ctx(m, 64, all);
+        moe_token p[12];
+        prompt_tokens(p, 12, nv, 5);
+        assert_int_equal(moe_step(c, p, 10), MOE_OK);
+        size_t rows = all ? 10 : 1;
+        float *before = malloc(rows * (size_t)nv * sizeof *before);
+        memcpy(before, moe_logits(c, all ? 0 : -1), rows * (size_t)nv * sizeof *before);
+        g_real_ops = c->ops;
+        g_nan_ops = *c->ops;
+        g_nan_ops.read_logits = read_logits_nan;
+        c->ops = &g_nan_ops;
+        assert_int_equal(moe_step(c, p + 10, 2), MOE_ERR_FORMAT);
+        assert_non_null(strstr(moe_last_error(), "non-finite logit"));
+        assert_int_equal(moe_step(c, p + 10, 1), MOE_ERR_FORMAT);
+        c->ops = g_real_ops;
+        assert_int_equal(moe_ctx_pos(c), 10);
+        assert_memory_equal(moe_logits(c, all ? 0 : -1), before, rows * (size_t)nv * sizeof *before);
+        /* and it goes on exactly like a context that never failed */
+        assert_int_equal(moe_step(c, p + 10, 2), MOE_OK);
+        assert_int_equal(moe_step(d, p, 12), MOE_OK);
+        assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
+        free(before);
+        moe_ctx_free(c);
+        moe_ctx_free(d);
+    }
+    moe_model_free(m);
+}
+
 /* ---- every NULL / failure return says why; settings that are allowed but odd are said ---------- */
 #define BUNDLED "examples/models/tiny-moe-kjv-q8_0.gguf"
 
@@ -483,6 +525,7 @@ int main(void) {
         cmocka_unit_test(test_ctx_params),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_error_texts),
+        cmocka_unit_test(test_step_nonfinite),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
