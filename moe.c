@@ -5818,6 +5818,7 @@ moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
 
 /* ---- save / load: a versioned header, the logits of the last step, then the KV rows in use ---- */
 #define MOE_STATE_MAGIC 0x5453454du /* "MEST" */
+#define MOE_STATE_VERSION 2u         /* 2: the model fingerprint covers the tensor table and data samples */
 typedef struct state_header {
     uint32_t magic, version;
     int32_t n_layer, n_head_kv, head_dim, n_vocab, n_ctx, kv_type, pos, n_logits;
@@ -5830,9 +5831,26 @@ static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
     return h;
 }
 
+/* The model's identity, for states: the tensor table (names, types, shapes) and the first and last
+   64 bytes of every tensor, so two models of one shape (a base and its fine-tune) differ. O(tensors),
+   independent of how layers bind their weights. */
 static uint64_t model_fingerprint(const moe_model *m) {
-    uint64_t h = fnv1a(0xcbf29ce484222325ull, &m->w.hp, sizeof m->w.hp);
-    return fnv1a(h, &m->file.size, sizeof m->file.size);
+    const gguf_file *g = &m->gguf;
+    uint64_t h = fnv1a(0xcbf29ce484222325ull, &g->n_tensors, sizeof g->n_tensors);
+    int32_t nv = m->w.hp.n_vocab;
+    h = fnv1a(h, &nv, sizeof nv);
+    for (int64_t i = 0; i < g->n_tensors; i++) {
+        const gguf_tensor *t = &g->tensors[i];
+        h = fnv1a(h, t->name.p, (size_t)t->name.n);
+        h = fnv1a(h, &t->type, sizeof t->type);
+        h = fnv1a(h, t->ne, sizeof t->ne);
+        const uint8_t *first = t->expert_ptrs ? t->expert_ptrs[0] : t->data;
+        const uint8_t *last = t->expert_ptrs ? t->expert_ptrs[t->ne[2] - 1] : t->data;
+        uint64_t slab = t->expert_ptrs ? t->nbytes / (uint64_t)t->ne[2] : t->nbytes, n = slab < 64 ? slab : 64;
+        if (first) h = fnv1a(h, first, (size_t)n);
+        if (last) h = fnv1a(h, last + slab - n, (size_t)n);
+    }
+    return h;
 }
 
 static size_t state_kv_row_bytes(const moe_ctx *c) {
@@ -5858,10 +5876,34 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
     p += lb;
     moe_status st = ctx->ops->kv_save(ctx->be, p, ctx->pos);
     if (st) return st;
-    state_header h = {MOE_STATE_MAGIC, 1, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
+    state_header h = {MOE_STATE_MAGIC, MOE_STATE_VERSION, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
                       ctx->kv_type, ctx->pos, ctx->n_logits, model_fingerprint(ctx->model), need - sizeof h, 0};
     h.checksum = fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
     memcpy(buf, &h, sizeof h);
+    return MOE_OK;
+}
+
+static int64_t first_nonfinite_elem(const uint8_t *p, uint64_t n, int32_t type); /* with the load checks, section 10 */
+
+/* What is cheap to check in a state's payload (logits, then per layer the K rows and the V rows
+   of every position in use, each row n_kv·head_dim elements of the cache type): every value is
+   finite. Written over the payload layout alone, so that per-layer caches of other shapes (ring
+   buffers, recurrent state) add their own part here. */
+static moe_status state_payload_check(const uint8_t *p, int32_t n_logits, int32_t n_vocab, int32_t n_layer, int32_t pos,
+                                      size_t row_elems, int32_t kv_type) {
+    int64_t at = first_nonfinite_elem(p, (uint64_t)n_logits * (uint64_t)n_vocab, MOE_TYPE_F32);
+    if (at >= 0)
+        return set_error(MOE_ERR_FORMAT, "moe_ctx_load: the state's logits hold a non-finite value (row %lld, token %lld); refused",
+                         (long long)(at / n_vocab), (long long)(at % n_vocab));
+    p += (size_t)n_logits * (size_t)n_vocab * sizeof(float);
+    int32_t et = kv_type == MOE_KV_F16 ? MOE_TYPE_F16 : MOE_TYPE_F32;
+    size_t row_bytes = row_elems * (kv_type == MOE_KV_F16 ? 2 : 4);
+    for (int32_t l = 0; l < n_layer; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int32_t r = 0; r < pos; r++, p += row_bytes)
+                if ((at = first_nonfinite_elem(p, row_elems, et)) >= 0)
+                    return set_error(MOE_ERR_FORMAT, "moe_ctx_load: the state's %s cache of layer %d holds a non-finite value "
+                                     "(position %d, element %lld); refused", kv ? "V" : "K", l, r, (long long)at);
     return MOE_OK;
 }
 
@@ -5871,24 +5913,33 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
     state_header h;
     if (size < sizeof h) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: %zu bytes is too small for a context state", size);
     memcpy(&h, buf, sizeof h);
-    if (h.magic != MOE_STATE_MAGIC || h.version != 1) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: not a moe context state (bad magic or version)");
+    if (h.magic != MOE_STATE_MAGIC) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: not a moe context state (bad magic)");
+    if (h.version != MOE_STATE_VERSION)
+        return set_error(MOE_ERR_FORMAT, "moe_ctx_load: state format version %u, this build reads version %u", h.version, MOE_STATE_VERSION);
     if (h.model_fingerprint != model_fingerprint(ctx->model) || h.n_layer != hp->n_layer || h.n_head_kv != hp->n_head_kv ||
         h.head_dim != hp->head_dim || h.n_vocab != hp->n_vocab)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_load: the state was saved from a different model");
     if (h.n_ctx != ctx->n_ctx || h.kv_type != ctx->kv_type)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_load: the state was saved from a context with n_ctx %d / kv_type %d, this one has %d / %d",
                          h.n_ctx, h.kv_type, ctx->n_ctx, ctx->kv_type);
-    if (h.pos < 0 || h.pos > ctx->n_ctx || h.n_logits < 0 || h.n_logits > h.pos || (h.n_logits > 1 && !ctx->logits_all))
-        return set_error(MOE_ERR_FORMAT, "moe_ctx_load: corrupted state header");
+    if (h.pos < 0 || h.pos > ctx->n_ctx)
+        return set_error(MOE_ERR_FORMAT, "moe_ctx_load: position %d is outside [0, %d] (corrupted state)", h.pos, ctx->n_ctx);
+    if (h.n_logits < 0 || h.n_logits > h.pos || (h.n_logits > 1 && !ctx->logits_all))
+        return set_error(MOE_ERR_FORMAT, "moe_ctx_load: %d logit rows for %d positions%s (corrupted state)", h.n_logits, h.pos,
+                         ctx->logits_all ? "" : " in a context without logits_all");
     moe_ctx probe = *ctx;
     probe.pos = h.pos;
     probe.n_logits = h.n_logits;
     size_t need = state_size(&probe);
     if (size != need || h.payload_bytes != need - sizeof h)
-        return set_error(MOE_ERR_FORMAT, "moe_ctx_load: state is %zu bytes, expected %zu", size, need);
+        return set_error(MOE_ERR_FORMAT, "moe_ctx_load: state is %zu bytes, but position %d with %d logit row(s) needs %zu "
+                         "(corrupted state)", size, h.pos, h.n_logits, need);
     if (fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h) != h.checksum)
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: checksum mismatch (corrupted state)");
     const uint8_t *p = (const uint8_t *)buf + sizeof h;
+    moe_status vst = state_payload_check(p, h.n_logits, hp->n_vocab, hp->n_layer, h.pos,
+                                         (size_t)hp->n_head_kv * (size_t)hp->head_dim, ctx->kv_type);
+    if (vst) return vst;
     size_t lb = (size_t)h.n_logits * (size_t)hp->n_vocab * sizeof(float);
     float *nl = NULL; /* allocate first: after kv_load nothing may fail */
     if (h.n_logits > ctx->logits_cap) {

@@ -190,7 +190,14 @@ MOE_API const float *moe_logits(const moe_ctx *ctx, int32_t i);
 MOE_API int32_t      moe_ctx_pos(const moe_ctx *ctx);            /* tokens currently in the context */
 MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the first pos tokens, forget the rest */
 
-/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL. */
+/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL.
+   A state belongs to the model (its tensor table and samples of its weights), n_ctx and kv_type it
+   was saved from: another model or context shape gives MOE_ERR_INVALID_ARG. moe_ctx_load checks
+   what is cheap to check (header, version, sizes, positions against the cache rows, checksum, every
+   logit and cache value finite) and refuses a bad state with MOE_ERR_FORMAT, leaving the context as
+   it was. It cannot tell a well-formed forged cache from a real one: a state blob is as trusted as
+   a model file, so load only states from sources you would take a model file from. The format is
+   versioned; a state of another moe version may be refused (MOE_ERR_FORMAT). */
 MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
