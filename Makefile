@@ -12,10 +12,14 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-PHONY_EXTRA = test-pedantic
+PHONY_EXTRA = test-pedantic test-abi
 .PHONY: $(PHONY_EXTRA) vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
 
 all: lib examples $(GENTOOLS)
+
+# the shared library's SONAME carries the ABI version (moe.h: MOE_ABI_VERSION; see VERSIONS there)
+ABI     := $(shell sed -n 's/^\#define MOE_ABI_VERSION \([0-9][0-9]*\).*/\1/p' moe.h)
+SONAME   = libmoe.so.$(ABI)
 
 lib: $(B)/libmoe.a $(B)/libmoe.so
 examples: $(EXAMPLES)
@@ -27,8 +31,11 @@ $(B)/obj/%.o: %.c moe.h
 $(B)/libmoe.a: $(LIB_OBJ)
 	ar rcs $@ $^
 
-$(B)/libmoe.so: $(LIB_OBJ)
-	$(CC) -shared -o $@ $^ $(LDLIBS)
+$(B)/$(SONAME): $(LIB_OBJ)
+	$(CC) -shared -Wl,-soname,$(SONAME) -o $@ $^ $(LDLIBS)
+
+$(B)/libmoe.so: $(B)/$(SONAME)
+	ln -sf $(SONAME) $@
 
 $(B)/%: examples/%.c $(B)/libmoe.a moe.h
 	$(CC) $(WARN) $(CFLAGS) -I. $< $(B)/libmoe.a -o $@ $(LDLIBS)
@@ -124,13 +131,22 @@ test-pedantic:
 	  for f in $(LIB_SRC); do clang $(PEDANTIC) -O2 -c $$f -o /dev/null || exit 1; done; echo "== clang $(PEDANTIC): clean"; \
 	  else echo "clang not installed: skipped the clang -pedantic build"; fi
 
+# the shared library names its ABI: SONAME libmoe.so.<MOE_ABI_VERSION>, a program linked with -lmoe
+# records that name, and the library reports the same version at run time
+test-abi: lib
+	@readelf -d $(B)/libmoe.so | grep -q "SONAME.*\[$(SONAME)\]" || { echo "libmoe.so: SONAME is not $(SONAME)"; exit 1; }
+	@mkdir -p $(B)/abi && printf '#include "moe.h"\n#include <stdio.h>\nint main(void) { printf("%%d %%d\\n", moe_abi_version(), MOE_ABI_VERSION); return moe_abi_version() != MOE_ABI_VERSION || moe_struct_size(MOE_STRUCT_LOAD_PARAMS) != sizeof(moe_load_params); }\n' > $(B)/abi/abi.c
+	@$(CC) $(WARN) -I. $(B)/abi/abi.c -L$(B) -lmoe -o $(B)/abi/abi $(LDLIBS)
+	@readelf -d $(B)/abi/abi | grep -q "NEEDED.*\[$(SONAME)\]" || { echo "a program linked with -lmoe does not record $(SONAME)"; exit 1; }
+	@LD_LIBRARY_PATH=$(B) $(B)/abi/abi >/dev/null && echo "== shared library: SONAME $(SONAME), moe_abi_version() = $(ABI)"
+
 # drop-in check: the four library files compile on their own, no flags, no Makefile
 test-dropin:
 	@mkdir -p $(B)/dropin && cd $(B)/dropin && cc -c ../../moe.c ../../moe_vk.c ../../shaders_embedded.c && echo "== drop-in compile ok"
 
 test: deps
 	$(MAKE) all
-	$(MAKE) test-dropin test-clang test-pedantic shaders-check
+	$(MAKE) test-dropin test-clang test-pedantic test-abi shaders-check
 	$(MAKE) test-unit
 	$(MAKE) test-asan
 	$(MAKE) test-tsan

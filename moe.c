@@ -87,6 +87,20 @@ const char *moe_last_error(void) { return tl_error; }
 
 const char *moe_version(void) { return "0.1.0"; }
 
+int32_t moe_abi_version(void) { return MOE_ABI_VERSION; }
+
+size_t moe_struct_size(int32_t which) {
+    switch (which) {
+    case MOE_STRUCT_LOAD_PARAMS: return sizeof(moe_load_params);
+    case MOE_STRUCT_MODEL_INFO: return sizeof(moe_model_info);
+    case MOE_STRUCT_CTX_PARAMS: return sizeof(moe_ctx_params);
+    case MOE_STRUCT_SAMPLER_PARAMS: return sizeof(moe_sampler_params);
+    case MOE_STRUCT_SAVE_PARAMS: return sizeof(moe_save_params);
+    case MOE_STRUCT_STATS: return sizeof(moe_stats);
+    default: return set_error(MOE_ERR_INVALID_ARG, "moe_struct_size: unknown struct id %d", which), 0;
+    }
+}
+
 const char *moe_status_str(moe_status s) {
     switch (s) {
     case MOE_OK: return "ok";

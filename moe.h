@@ -36,15 +36,37 @@
    the file (4096 bytes)"). Nothing in the library calls exit() or abort() on bad input. A failed
    call leaves its object exactly as it was.
 
-   THREADS
+   THREADS AND LIFETIMES
    A moe_model is read-only after loading and can be shared by any number of threads. A moe_ctx
    belongs to one thread at a time; several contexts of one model may run concurrently. n_threads
    in moe_load_params sets how many worker threads each context uses on the CPU backend.
+   May run at the same time on different threads: any calls on different contexts (of one model
+   or not); the model's read-only calls (moe_tokenize, moe_token_to_piece, moe_detokenize,
+   moe_token_is_eog, moe_chat_apply, moe_model_get_info, moe_ctx_new, moe_model_save) on a shared
+   model, also while its contexts step; any calls on different samplers. Never at the same time:
+   two calls on one context or on one sampler, and a *_free with any other call on that object.
+   Free in reverse order of creation: every context of a model (moe_ctx_free) before the model
+   (moe_model_free); a moe_sampler depends on neither. A pointer from moe_logits() lives until the
+   next call on its context; moe_last_error()'s text until the next failing call on that thread.
 
    ABI
    No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
    values, every output buffer comes with its capacity. Functions that fill a caller buffer return
    the count written, or -(count needed) when the capacity is too small.
+
+   VERSIONS: WHEN STRUCTS GROW
+   Structs only grow at their end, and all-zero means "default" for every field, new ones
+   included: a program recompiled against a newer moe.h works unchanged. A program or binding
+   built against an OLDER moe.h is kept safe by the ABI version, not by run-time struct sizes:
+   every change of the binary interface (a struct that grows or changes, a function whose
+   arguments or meaning change) raises MOE_ABI_VERSION, and the shared library's SONAME is
+   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.1 and the link libmoe.so). A binary
+   linked against libmoe.so.1 keeps loading that library, or fails to start; it never runs
+   against structs of another size. Adding functions or enum values keeps MOE_ABI_VERSION.
+   Bindings that open the library by path (Python ctypes, C#, Go, Rust without moe.h) must compare
+   moe_abi_version() with the MOE_ABI_VERSION they were written for and refuse to run on a
+   mismatch; moe_struct_size() lets them check each struct they declare (python/moe.py does both).
+   Vendored sources (the four files compiled into your program) always agree with themselves.
 
    LICENSE: see LICENSE in the repository.
 */
@@ -85,6 +107,15 @@ enum { MOE_TOKENIZE_ADD_SPECIAL = 1, MOE_TOKENIZE_PARSE_SPECIAL = 2 };
 enum { MOE_LOG_ERROR = 0, MOE_LOG_WARN = 1, MOE_LOG_INFO = 2, MOE_LOG_DEBUG = 3 };
 
 MOE_API const char *moe_version(void);                /* "0.1.0" */
+
+/* ABI version of the library: see VERSIONS above; the shared library is libmoe.so.<this>. */
+#define MOE_ABI_VERSION 1
+MOE_API int32_t     moe_abi_version(void);            /* MOE_ABI_VERSION of the library as built */
+/* sizeof() of a public struct in the library as built (0 for an unknown id), for bindings to check
+   their own declarations against. */
+enum { MOE_STRUCT_LOAD_PARAMS = 1, MOE_STRUCT_MODEL_INFO = 2, MOE_STRUCT_CTX_PARAMS = 3, MOE_STRUCT_SAMPLER_PARAMS = 4,
+       MOE_STRUCT_SAVE_PARAMS = 5, MOE_STRUCT_STATS = 6 };
+MOE_API size_t      moe_struct_size(int32_t which);
 MOE_API const char *moe_status_str(moe_status s);     /* static string for a code */
 MOE_API const char *moe_last_error(void);             /* thread-local detail of the last failure on this thread */
 

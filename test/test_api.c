@@ -586,6 +586,13 @@ static void test_error_texts(void **state) {
     assert_int_equal(moe_detokenize(m, t, 2, NULL, 4, 0), MOE_ERR_INVALID_ARG);
     assert_non_null(strstr(moe_last_error(), "buf is NULL"));
 
+    /* the ABI the library was built with, for bindings */
+    assert_int_equal(moe_abi_version(), MOE_ABI_VERSION);
+    assert_int_equal(moe_struct_size(MOE_STRUCT_LOAD_PARAMS), sizeof(moe_load_params));
+    assert_int_equal(moe_struct_size(MOE_STRUCT_STATS), sizeof(moe_stats));
+    assert_int_equal(moe_struct_size(99), 0);
+    assert_non_null(strstr(moe_last_error(), "unknown struct id 99"));
+
     /* n_ctx beyond the trained context: allowed, with a warning in the log */
     g_warn[0] = 0;
     c = new_ctx(m, info.n_ctx_train, 0);
