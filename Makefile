@@ -12,7 +12,7 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-PHONY_EXTRA = test-pedantic test-abi
+PHONY_EXTRA = test-pedantic test-abi test-readme
 .PHONY: $(PHONY_EXTRA) vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
 
 all: lib examples $(GENTOOLS)
@@ -140,13 +140,23 @@ test-abi: lib
 	@readelf -d $(B)/abi/abi | grep -q "NEEDED.*\[$(SONAME)\]" || { echo "a program linked with -lmoe does not record $(SONAME)"; exit 1; }
 	@LD_LIBRARY_PATH=$(B) $(B)/abi/abi >/dev/null && echo "== shared library: SONAME $(SONAME), moe_abi_version() = $(ABI)"
 
+# the README's minimal program, exactly as printed there: it must build clean, generate text from
+# the bundled model and stop by itself
+test-readme: lib
+	@mkdir -p $(B)/readme && awk '/^```c$$/{f=1; next} /^```$$/{if (f) exit} f' README.md > $(B)/readme/minimal.c
+	@$(CC) $(WARN) -pedantic $(CFLAGS) -I. $(B)/readme/minimal.c $(B)/libmoe.a -o $(B)/readme/minimal $(LDLIBS)
+	@./$(B)/readme/minimal > $(B)/readme/out.txt
+	@head -c 12 $(B)/readme/out.txt | grep -q "And God said" && [ $$(wc -c < $(B)/readme/out.txt) -gt 40 ] || \
+	  { cat $(B)/readme/out.txt; echo "README minimal program: unexpected output"; exit 1; }
+	@echo "== README minimal program: builds -pedantic clean, generates: $$(head -c 60 $(B)/readme/out.txt | tr '\n' ' ')..."
+
 # drop-in check: the four library files compile on their own, no flags, no Makefile
 test-dropin:
 	@mkdir -p $(B)/dropin && cd $(B)/dropin && cc -c ../../moe.c ../../moe_vk.c ../../shaders_embedded.c && echo "== drop-in compile ok"
 
 test: deps
 	$(MAKE) all
-	$(MAKE) test-dropin test-clang test-pedantic test-abi shaders-check
+	$(MAKE) test-dropin test-clang test-pedantic test-abi test-readme shaders-check
 	$(MAKE) test-unit
 	$(MAKE) test-asan
 	$(MAKE) test-tsan

@@ -10,23 +10,27 @@
 
    No other library is needed at build time; the Vulkan loader is opened at run time if present.
 
-   STEP BY STEP
+   STEP BY STEP (the README's minimal program is this with its error handling; make test runs it)
        moe_model *model = NULL;
        moe_load_params lp = {0};                 // all-zero = defaults
-       lp.backend = MOE_BACKEND_CPU;
        if (moe_load("model.gguf", &lp, &model) != MOE_OK) { puts(moe_last_error()); return 1; }
-
        moe_ctx *ctx = NULL;
        moe_ctx_new(model, NULL, &ctx);           // NULL params = defaults
+       moe_model_info info;
+       moe_model_get_info(model, &info);
 
-       moe_token prompt[] = {9707, 11, 1879};
-       moe_step(ctx, prompt, 3);                 // prefill
-       for (int i = 0; i < 32; i++) {
-           const float *logits = moe_logits(ctx, -1);
-           moe_token t = my_sampler(logits);     // or moe_sample()
+       moe_token tok[256];
+       int32_t n = moe_tokenize(model, text, text_len, tok, 256, MOE_TOKENIZE_ADD_SPECIAL);
+       moe_step(ctx, tok, n);                    // prefill
+       for (int i = 0; i < 200; i++) {
+           moe_token t = my_sampler(moe_logits(ctx, -1), info.n_vocab);   // or moe_sample()
+           if (moe_token_is_eog(model, t)) break;                         // end of generation
+           char piece[256];                      // bytes of one token, maybe part of a UTF-8 char:
+           int32_t len = moe_token_to_piece(model, t, piece, sizeof piece);
+           fwrite(piece, 1, len, stdout);        // pieces concatenated = moe_detokenize()
            moe_step(ctx, &t, 1);                 // decode one token
        }
-       moe_ctx_free(ctx);
+       moe_ctx_free(ctx);                        // every context before its model
        moe_model_free(model);
 
    ERRORS
