@@ -143,7 +143,12 @@ typedef struct moe_file {
     const uint8_t *data;
     size_t size;
     int fd;
+    void *heap;                /* small files: read into this allocation instead of mapped */
 } moe_file;
+
+/* Files up to this size are read into memory: cheaper than a mapping to set up and tear down
+   (an munmap can cost more than parsing a small file), and nothing to share with the page cache. */
+#define MOE_READ_SMALL_FILES (4u << 20)
 
 /* populate: fault every page in now (one sequential read) instead of page by page during the
    first steps; used when the weights are meant to stay resident. */
@@ -165,6 +170,31 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
         close(fd);
         return set_error(MOE_ERR_FORMAT, "'%s' is empty", path);
     }
+    if ((uint64_t)st.st_size <= MOE_READ_SMALL_FILES) {
+        uint8_t *h = moe_malloc((size_t)st.st_size + 63);
+        if (!h) {
+            close(fd);
+            return set_error(MOE_ERR_NO_MEMORY, "out of memory reading '%s'", path);
+        }
+        uint8_t *d = h + ((64 - ((uintptr_t)h & 63)) & 63); /* tensor data keeps the file's alignment */
+        size_t got = 0;
+        while (got < (size_t)st.st_size) {
+            ssize_t r = pread(fd, d + got, (size_t)st.st_size - got, (off_t)got);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) {
+                int e = r < 0 ? errno : EIO;
+                moe_free(h);
+                close(fd);
+                return set_error(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(e));
+            }
+            got += (size_t)r;
+        }
+        close(fd);
+        f->heap = h;
+        f->data = d;
+        f->size = (size_t)st.st_size;
+        return MOE_OK;
+    }
     int flags = MAP_PRIVATE;
 #ifdef MAP_POPULATE
     if (populate) flags |= MAP_POPULATE;
@@ -183,7 +213,9 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
 }
 
 static void file_unmap(moe_file *f) {
-    if (f->data) munmap((void *)f->data, f->size);
+    if (f->heap) moe_free(f->heap);
+    else if (f->data) munmap((void *)f->data, f->size);
+    f->heap = NULL;
     if (f->fd >= 0) close(f->fd);
     f->data = NULL;
     f->fd = -1;
@@ -4016,9 +4048,20 @@ static moe_status vocab_finish(moe_vocab *v) {
     if (v->kind == VK_SPM) {
         v->char_tok = moe_malloc(0x10000 * sizeof *v->char_tok);
         if (!v->char_tok) return set_error(MOE_ERR_NO_MEMORY, "tokenizer: out of memory");
-        for (uint32_t c = 0; c < 0x10000; c++) {
+        /* = vocab_find(utf8(c)) for every BMP c, found from the tokens whose key is one character
+           (65,536 hash probes would dominate loading a small vocabulary) */
+        for (uint32_t c = 0; c < 0x10000; c++) v->char_tok[c] = -1;
+        for (int32_t id = 0; id < v->n_tokens; id++) {
+            uint32_t kl;
+            const uint8_t *k = tok_key(v, id, &kl);
+            if (kl < 1 || kl > 3) continue;
+            int l;
+            uint32_t c = utf8_next(k, kl, &l);
             uint8_t u[4];
-            v->char_tok[c] = c >= 0xD800 && c < 0xE000 ? -1 : vocab_find(v, u, (size_t)utf8_put(c, u));
+            if ((uint32_t)l != kl || c >= 0x10000 || (c >= 0xD800 && c < 0xE000) || utf8_put(c, u) != (int)kl ||
+                memcmp(u, k, kl) || v->char_tok[c] >= 0)
+                continue;
+            v->char_tok[c] = vocab_find(v, k, kl);
         }
     }
     v->cap_trie = 256;
