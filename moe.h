@@ -10,23 +10,27 @@
 
    No other library is needed at build time; the Vulkan loader is opened at run time if present.
 
-   STEP BY STEP
+   STEP BY STEP (the README's minimal program is this with its error handling; make test runs it)
        moe_model *model = NULL;
        moe_load_params lp = {0};                 // all-zero = defaults
-       lp.backend = MOE_BACKEND_CPU;
        if (moe_load("model.gguf", &lp, &model) != MOE_OK) { puts(moe_last_error()); return 1; }
-
        moe_ctx *ctx = NULL;
        moe_ctx_new(model, NULL, &ctx);           // NULL params = defaults
+       moe_model_info info;
+       moe_model_get_info(model, &info);
 
-       moe_token prompt[] = {9707, 11, 1879};
-       moe_step(ctx, prompt, 3);                 // prefill
-       for (int i = 0; i < 32; i++) {
-           const float *logits = moe_logits(ctx, -1);
-           moe_token t = my_sampler(logits);     // or moe_sample()
+       moe_token tok[256];
+       int32_t n = moe_tokenize(model, text, text_len, tok, 256, MOE_TOKENIZE_ADD_SPECIAL);
+       moe_step(ctx, tok, n);                    // prefill
+       for (int i = 0; i < 200; i++) {
+           moe_token t = my_sampler(moe_logits(ctx, -1), info.n_vocab);   // or moe_sample()
+           if (moe_token_is_eog(model, t)) break;                         // end of generation
+           char piece[256];                      // bytes of one token, maybe part of a UTF-8 char:
+           int32_t len = moe_token_to_piece(model, t, piece, sizeof piece);
+           fwrite(piece, 1, len, stdout);        // pieces concatenated = moe_detokenize()
            moe_step(ctx, &t, 1);                 // decode one token
        }
-       moe_ctx_free(ctx);
+       moe_ctx_free(ctx);                        // every context before its model
        moe_model_free(model);
 
    ERRORS
@@ -36,15 +40,37 @@
    the file (4096 bytes)"). Nothing in the library calls exit() or abort() on bad input. A failed
    call leaves its object exactly as it was.
 
-   THREADS
+   THREADS AND LIFETIMES
    A moe_model is read-only after loading and can be shared by any number of threads. A moe_ctx
    belongs to one thread at a time; several contexts of one model may run concurrently. n_threads
    in moe_load_params sets how many worker threads each context uses on the CPU backend.
+   May run at the same time on different threads: any calls on different contexts (of one model
+   or not); the model's read-only calls (moe_tokenize, moe_token_to_piece, moe_detokenize,
+   moe_token_is_eog, moe_chat_apply, moe_model_get_info, moe_ctx_new, moe_model_save) on a shared
+   model, also while its contexts step; any calls on different samplers. Never at the same time:
+   two calls on one context or on one sampler, and a *_free with any other call on that object.
+   Free in reverse order of creation: every context of a model (moe_ctx_free) before the model
+   (moe_model_free); a moe_sampler depends on neither. A pointer from moe_logits() lives until the
+   next call on its context; moe_last_error()'s text until the next failing call on that thread.
 
    ABI
    No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
    values, every output buffer comes with its capacity. Functions that fill a caller buffer return
    the count written, or -(count needed) when the capacity is too small.
+
+   VERSIONS: WHEN STRUCTS GROW
+   Structs only grow at their end, and all-zero means "default" for every field, new ones
+   included: a program recompiled against a newer moe.h works unchanged. A program or binding
+   built against an OLDER moe.h is kept safe by the ABI version, not by run-time struct sizes:
+   every change of the binary interface (a struct that grows or changes, a function whose
+   arguments or meaning change) raises MOE_ABI_VERSION, and the shared library's SONAME is
+   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.1 and the link libmoe.so). A binary
+   linked against libmoe.so.1 keeps loading that library, or fails to start; it never runs
+   against structs of another size. Adding functions or enum values keeps MOE_ABI_VERSION.
+   Bindings that open the library by path (Python ctypes, C#, Go, Rust without moe.h) must compare
+   moe_abi_version() with the MOE_ABI_VERSION they were written for and refuse to run on a
+   mismatch; moe_struct_size() lets them check each struct they declare (python/moe.py does both).
+   Vendored sources (the four files compiled into your program) always agree with themselves.
 
    LICENSE: see LICENSE in the repository.
 */
@@ -85,12 +111,25 @@ enum { MOE_TOKENIZE_ADD_SPECIAL = 1, MOE_TOKENIZE_PARSE_SPECIAL = 2 };
 enum { MOE_LOG_ERROR = 0, MOE_LOG_WARN = 1, MOE_LOG_INFO = 2, MOE_LOG_DEBUG = 3 };
 
 MOE_API const char *moe_version(void);                /* "0.1.0" */
+
+/* ABI version of the library: see VERSIONS above; the shared library is libmoe.so.<this>. */
+#define MOE_ABI_VERSION 1
+MOE_API int32_t     moe_abi_version(void);            /* MOE_ABI_VERSION of the library as built */
+/* sizeof() of a public struct in the library as built (0 for an unknown id), for bindings to check
+   their own declarations against. */
+enum { MOE_STRUCT_LOAD_PARAMS = 1, MOE_STRUCT_MODEL_INFO = 2, MOE_STRUCT_CTX_PARAMS = 3, MOE_STRUCT_SAMPLER_PARAMS = 4,
+       MOE_STRUCT_SAVE_PARAMS = 5, MOE_STRUCT_STATS = 6 };
+MOE_API size_t      moe_struct_size(int32_t which);
 MOE_API const char *moe_status_str(moe_status s);     /* static string for a code */
 MOE_API const char *moe_last_error(void);             /* thread-local detail of the last failure on this thread */
 
 /* ---- load ---------------------------------------------------------------------------------- */
 typedef struct moe_load_params {            /* all-zero (or a NULL pointer) means defaults */
-    int32_t  backend;                       /* MOE_BACKEND_*; AUTO = Vulkan if usable, else CPU */
+    int32_t  backend;                       /* MOE_BACKEND_*; AUTO = Vulkan on a GPU if one is usable,
+                                               else the CPU backend (a CPU-type Vulkan device such as
+                                               lavapipe or SwiftShader is left to the CPU backend, which
+                                               is far faster there; VULKAN asked for explicitly uses it);
+                                               the choice and its reason go to log at MOE_LOG_INFO */
     int32_t  device_index;                  /* Vulkan physical device; 0 = best (discrete first) */
     int32_t  n_threads;                     /* CPU threads; 0 = all cores */
     int32_t  reserved0;
@@ -209,10 +248,16 @@ MOE_API int32_t      moe_ctx_pos(const moe_ctx *ctx);            /* tokens curre
    recomputes the same way. */
 MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);
 
-/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL. A state holds the
-   last step's logits, the token history and the cache rows in use (a ring: the rows it holds);
-   it loads into a context of the same model, n_ctx and kv_type (and n_batch, for models with
-   sliding-window layers). */
+/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL.
+   A state holds the last step's logits, the token history and the cache rows in use (a ring: the
+   rows it holds). It belongs to the model (its tensor table and samples of its weights), n_ctx
+   and kv_type it was saved from (and n_batch, for models with sliding-window layers): another
+   model or context shape gives MOE_ERR_INVALID_ARG. moe_ctx_load checks what is cheap to check
+   (header, version, sizes, positions against the cache rows, checksum, every logit and cache value
+   finite, every token in the vocabulary) and refuses a bad state with MOE_ERR_FORMAT, leaving the
+   context as it was. It cannot tell a well-formed forged cache from a real one: a state blob is
+   as trusted as a model file, so load only states from sources you would take a model file from.
+   The format is versioned; a state of another moe version may be refused (MOE_ERR_FORMAT). */
 MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
@@ -552,11 +597,12 @@ typedef struct moe_ops {
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
-   with moe_last_error() set (no loader, no device, missing features). log (may be NULL) receives
-   the device choice and any validation-layer message; it must outlive the backend. */
+   with moe_last_error() set (no loader, no device, missing features). gpu_only (MOE_BACKEND_AUTO)
+   leaves CPU-type devices (lavapipe, SwiftShader) out. log (may be NULL) receives the device
+   choice and any validation-layer message; it must outlive the backend. */
 typedef struct moe_vk_backend moe_vk_backend;
 typedef void (*moe_log_fn)(int32_t level, const char *msg, void *user);
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn log, void *log_user,
+moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
                        moe_vk_backend **out);
 void       moe_vk_free(moe_vk_backend *vk);
 moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);

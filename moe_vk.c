@@ -645,6 +645,7 @@ typedef struct vk_probe {
 } vk_probe;
 
 static VkDeviceSize g_vk_window_cap_override; /* test hook: smaller weight windows to exercise splits */
+static int g_vk_cpu_device_as_gpu;            /* test hook: CPU-type devices (lavapipe) count as GPUs for AUTO */
 
 static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p) {
     vk_fns *f = &vk->f;
@@ -742,8 +743,11 @@ static int vk_type_rank(VkEnum t) {
     }
 }
 
-/* Picks the device_index-th usable device, discrete GPUs first, and creates the logical device. */
-static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
+/* Picks the device_index-th usable device, discrete GPUs first, and creates the logical device.
+   gpu_only (MOE_BACKEND_AUTO): CPU-type devices (Mesa's lavapipe/llvmpipe, SwiftShader) are left
+   out, since moe's own CPU backend runs the same work hundreds of times faster on the same cores;
+   MOE_BACKEND_VULKAN asked for explicitly still reaches them (ranked last). */
+static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int gpu_only) {
     vk_fns *f = &vk->f;
     uint32_t n = 0;
     VkResult r = f->EnumeratePhysicalDevices(vk->inst, &n, NULL);
@@ -753,10 +757,16 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
     if (n > 16) n = 16;
     r = f->EnumeratePhysicalDevices(vk->inst, &n, pds);
     if (r < VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkEnumeratePhysicalDevices failed (%s)", vk_result_str(r));
-    int order[16], n_ok = 0;
+    int order[16], n_ok = 0, n_cpu_type = 0;
     char why[480] = "";
     for (uint32_t i = 0; i < n; i++) {
         vk_probe_device(vk, pds[i], &probes[i]);
+        if (!probes[i].why[0] && gpu_only && probes[i].props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU && !g_vk_cpu_device_as_gpu) {
+            char name[64];
+            snprintf(name, sizeof name, "%.63s", probes[i].props.deviceName);
+            snprintf(probes[i].why, sizeof probes[i].why, "%s is a CPU-type Vulkan device, slower than the CPU backend", name);
+            n_cpu_type++;
+        }
         if (probes[i].why[0]) {
             size_t l = strlen(why);
             snprintf(why + l, sizeof why - l, "%s%s", l ? "; " : "", probes[i].why);
@@ -769,6 +779,8 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
         }
         order[j] = (int)i;
     }
+    if (n_ok == 0 && n_cpu_type)
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: no GPU (%s; MOE_BACKEND_VULKAN uses it anyway)", why);
     if (n_ok == 0) return vk_fail(MOE_ERR_DEVICE, "Vulkan: no usable device (%s)", why);
     if (device_index >= n_ok)
         return vk_fail(MOE_ERR_DEVICE, "Vulkan: device_index %d but only %d usable device(s)", device_index, n_ok);
@@ -1311,7 +1323,8 @@ void moe_vk_free(moe_vk_backend *vk) {
     free(vk);
 }
 
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn log, void *log_user, moe_vk_backend **out) {
+moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
+                       moe_vk_backend **out) {
     if (!out) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: out is NULL");
     *out = NULL;
     if (!w || device_index < 0) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: bad arguments");
@@ -1346,7 +1359,7 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn lo
         goto fail;
     }
     if ((st = vk_create_instance(vk))) goto fail;
-    if ((st = vk_create_device(vk, device_index))) goto fail;
+    if ((st = vk_create_device(vk, device_index, gpu_only))) goto fail;
     VkDescriptorSetLayoutBinding b[8];
     for (uint32_t i = 0; i < 8; i++) {
         VkDescriptorSetLayoutBinding bi = {i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, i == 6 ? VK_XBUFS : 1, VK_SHADER_STAGE_COMPUTE_BIT, NULL};

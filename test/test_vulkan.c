@@ -233,7 +233,7 @@ static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
     p->n_batch = n_batch;
     moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2, 1}; /* the CPU reference in exact (f32) mode */
     assert_int_equal(cpu_ctx_new(&s->w, &sh, &p->cpu), MOE_OK);
-    moe_status st = moe_vk_init(&s->w, 0, test_log, NULL, &p->vk);
+    moe_status st = moe_vk_init(&s->w, 0, 0, test_log, NULL, &p->vk);
     if (st) print_error("moe_vk_init: %s (%s)\n", moe_status_str(st), moe_last_error());
     assert_int_equal(st, MOE_OK);
     st = moe_vk_ctx_new(p->vk, &sh, &p->gpu);
@@ -781,8 +781,30 @@ static void test_fallback(void **state) {
     else unsetenv("VK_DRIVER_FILES");
     free(old_icd);
     free(old_drv);
-    /* with a driver again, AUTO picks Vulkan */
+    /* with a driver again: AUTO takes Vulkan on a GPU, but leaves a CPU-type device (lavapipe,
+       SwiftShader) to the CPU backend, with the reason in the log; VULKAN still reaches it */
+    lp.backend = MOE_BACKEND_VULKAN;
     assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    int cpu_type = m->vk->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_int_equal(info.backend, MOE_BACKEND_VULKAN);
+    moe_model_free(m);
+    lp.backend = MOE_BACKEND_AUTO;
+    g_log_seen[0] = 0;
+    assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    printf("[ INFO     ] best device is %s; MOE_BACKEND_AUTO chose %s\n", cpu_type ? "CPU-type" : "a GPU",
+           info.backend == MOE_BACKEND_VULKAN ? "Vulkan" : "the CPU");
+    assert_int_equal(info.backend, cpu_type ? MOE_BACKEND_CPU : MOE_BACKEND_VULKAN);
+    if (cpu_type) {
+        assert_non_null(strstr(g_log_seen, "CPU-type Vulkan device"));
+        assert_non_null(strstr(g_log_seen, "backend: CPU"));
+    } else assert_non_null(strstr(g_log_seen, "backend: Vulkan"));
+    moe_model_free(m);
+    /* a CPU-type device counted as a GPU (test hook): AUTO then takes it */
+    g_vk_cpu_device_as_gpu = 1;
+    assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    g_vk_cpu_device_as_gpu = 0;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     assert_int_equal(info.backend, MOE_BACKEND_VULKAN);
     moe_model_free(m);
