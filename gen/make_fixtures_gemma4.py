@@ -597,7 +597,9 @@ def hf_model(hp, st_path, scales):
     sd = model.state_dict()
     lm = model.model.language_model
     want = set(sd) - {"lm_head.weight"}
-    have = set(file_sd) - unused
+    have = {k for k in file_sd if k in sd or k not in unused}   # unused ones HF has (if any) load too
+    if unused & set(sd):
+        print(f"  note: HF's model has {len(unused & set(sd))} of the file's unused tensors as parameters")
     if want != have:
         for k in sorted(sd):
             print(f"    model state {k} {tuple(sd[k].shape)}")
