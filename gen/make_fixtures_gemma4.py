@@ -18,23 +18,29 @@ NumPy reference below (local debugging only); `--search N` scans N seeds per fix
 NumPy reference and prints the robust ones (that is how the SEEDs below were chosen).
 
 THE FIXTURES (all: vocab 512, sliding_window 8, 64 evaluated tokens = 8 windows, greedy prompt
-40 tokens = 5 windows, 32 greedy tokens; norm weights 1 + 0.3·N(0,1); layer_scalar random in
-[0.5, 1.5]; final_logit_softcapping small enough to be active, i.e. the largest |logit| before
-the cap is well above the cap):
-  moe       26B-A4B-like: enable_moe_block, 8 layers (s s s f s s s f), head_dim 32 / global 64,
+40 tokens = 5 windows, 32 greedy tokens; norm weights 1 + 0.3·N(0,1) except q_norm / k_norm,
+which are c·(1 + 0.3·N(0,1)) with c²·sqrt(head_dim) = QK_SCORE_STD (see qk_scale); layer_scalar
+random in [0.5, 1.5]; final_logit_softcapping small enough to be active, i.e. the largest |logit|
+before the cap is well above the cap):
+  moe       26B-A4B-like: enable_moe_block, 6 layers (s s s f s f), head_dim 32 / global 64,
             4 heads, 2 KV heads (sliding) / 1 global KV head, attention_k_eq_v (full layers have
             no v_proj), proportional RoPE 25 % on full layers (theta 1e6) vs default RoPE (1e4) on
             sliding layers, 8 experts top-2 beside the dense GeGLU MLP, router.scale and
-            per_expert_scale random, softcap 4. Its safetensors also hold three vision/embed_vision
-            tensors that a text-only loader must skip (listed in moe.json).
+            per_expert_scale random, softcap 3; its final norm weights are 2·(1 + 0.3·N(0,1)) with a
+            smaller embedding (std 0.06), which keeps the tied-embedding model from predicting its
+            own input token over and over. Its safetensors also hold three vision-tower /
+            embed_vision tensors that a text-only loader must skip (listed in moe.json), and its
+            config.json a (tiny) vision_config, as the real checkpoint has.
   e2b       E2B-like dense: PLE (hidden_size_per_layer_input 32, vocab_size_per_layer_input 512),
             8 layers (s s f s | s f s f), num_kv_shared_layers 4 (shared layers 4..7 take K/V from
             layer 3 (sliding) and layer 2 (full)), use_double_wide_mlp (shared layers have 2× FFN),
-            no k_eq_v (full layers have v_proj, 1 KV head like E2B), softcap 6. Like Google's
-            original E2B release, the shared layers still carry (unused) k_proj/v_proj/k_norm.
+            no k_eq_v (full layers have v_proj, 1 KV head like E2B), hidden 80, softcap 3.5. Like
+            Google's original E2B release, the shared layers still carry (unused) k_proj / v_proj /
+            k_norm tensors.
   dense31b  31B-like dense: no MoE, no PLE, k_eq_v with 1 global KV head vs 2 sliding, 6 layers
-            (s s f s s f), hidden 96 (so the bf16-rounded sqrt(hidden) differs from the exact
-            one), other RoPE thetas (5e3 sliding, 2e5 full), softcap 5.
+            (s s f s s f), hidden 96, other RoPE thetas (5e3 sliding, 2e5 full), softcap 4.
+  hidden 80 and 96 make the bf16-rounded sqrt(hidden) differ from the exact one (8.9375 vs 8.944,
+  9.8125 vs 9.798); moe's hidden 64 gives exactly 8.
 
 HOW A FIXTURE IS MADE
  1. Random float32 weights under the checkpoint's tensor names, rounded to bf16 (round to nearest
@@ -43,17 +49,24 @@ HOW A FIXTURE IS MADE
     audio towers left out: with no image/audio tokens they do not touch the text path), our
     weights are loaded from the written model.safetensors (strict: every parameter and persistent
     buffer must come from the file; tied LM head checked), run in float32 with eager attention.
-    The two embedding scales are set to the bf16-rounded sqrt(hidden) / sqrt(ple_dim) that HF
-    uses when it runs the real bf16 checkpoint (in an f32 model HF would use the exact value; the
-    .json records both). Logits for every position of the 64 tokens; then greedy decoding with
-    HF's KV cache from the first 40 tokens; greedy again without a cache as a check.
+    The two embedding scales are the bf16-rounded sqrt(hidden) / sqrt(ple_dim): transformers
+    casts them to the checkpoint dtype (the config says bfloat16), and the script sets them
+    explicitly as well (the .json records the exact values, the ones used, and what HF's f32
+    models held before). Logits for every position of the 64 tokens; then greedy decoding with
+    HF's KV cache from the first 40 tokens; greedy again without a cache as a check; and a second
+    load through transformers' own from_pretrained() of the fixture directory must give the same
+    logits.
  3. Cross-check: an independent float64 NumPy implementation of ARCHITECTURES.md §2.3–2.5 runs
     the same bf16 weights; its logits must agree with transformers' (this checks the document's
     math and the weight mapping at once). Per-layer hidden-state differences are printed when
     they disagree.
  4. Seeds were searched (--search) so greedy decoding is robust: the smallest top-1 minus top-2
-    logit gap over the greedy steps (min_margin) and every router decision (k-th vs (k+1)-th
-    expert logit, over all evaluated positions) are far from ties.
+    logit gap over the greedy steps (min_margin >= MIN_MARGIN) and every router decision (k-th vs
+    (k+1)-th expert logit, over all evaluated and greedy positions, >= MIN_ROUTER_GAP) are far
+    from ties, the continuation is not a degenerate loop (>= MIN_DISTINCT distinct tokens), the
+    softcap is active, and the same NumPy forward run in float32 (f32 KV cache), and in float32
+    with K/V rounded to binary16 (f16 KV cache), stays within MAX_ERR_F32 / MAX_ERR_F16KV of the
+    reference (max |logit diff| / row range): what an engine should expect (recorded in NAME.json).
 
 .ref FILE FORMAT: identical to gen/make_fixtures.py (magic "MREF", version 1): n_vocab, n_tokens,
 tokens, f32 logits [n_tokens][n_vocab] (after the final softcap), n_prompt, n_greedy, greedy
@@ -74,8 +87,11 @@ N_TOKENS = 64
 N_PROMPT = 40
 N_GREEDY = 32
 MIN_MARGIN = 0.01          # logits (after softcap)
-MIN_ROUTER_GAP = 2e-3      # router logits, k-th minus (k+1)-th
+MIN_ROUTER_GAP = 5e-3      # router logits, k-th minus (k+1)-th (dense fixtures: inf)
 MIN_DISTINCT = 8           # distinct tokens in the greedy continuation (no degenerate loop)
+QK_SCORE_STD = 1.5         # spread of the attention scores q·k (see qk_scale)
+MAX_ERR_F32 = 2e-5         # predicted engine error, f32 KV (max |diff| / row range, see engine_errors)
+MAX_ERR_F16KV = 2.5e-3       # the same with an f16 KV cache
 PFX = "model.language_model."
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -83,26 +99,26 @@ S, F = SLIDING, FULL
 
 FIXTURES = {
     "moe": dict(
-        seed=1239, vocab=512, hidden=64, layers=8, layer_types=[S, S, S, F, S, S, S, F],
+        seed=5090, vocab=512, hidden=64, layers=6, layer_types=[S, S, S, F, S, F],
         heads=4, kv_heads=2, global_kv_heads=1, head_dim=32, global_head_dim=64,
         k_eq_v=True, intermediate=96, moe=True, experts=8, top_k=2, moe_intermediate=32,
         ple=0, kv_shared=0, double_wide=False, sliding_window=8,
         theta_sliding=10000.0, theta_full=1000000.0, partial_rotary=0.25,
-        softcap=3.0, eps=1e-6, embed_std=0.12, router_std=6.0, bidir="vision",
+        softcap=3.0, eps=1e-6, embed_std=0.06, final_norm_scale=2.0, router_std=6.0, bidir="vision",
         extra_tensors={  # skipped by a text-only loader (ARCHITECTURES.md §2.6)
             "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight": (32, 32),
             "model.vision_tower.patch_embedder.input_proj.weight": (32, 48),
             "model.embed_vision.embedding_projection.weight": (64, 32),
         }),
     "e2b": dict(
-        seed=257, vocab=512, hidden=80, layers=8, layer_types=[S, S, F, S, S, F, S, F],
+        seed=2109, vocab=512, hidden=80, layers=8, layer_types=[S, S, F, S, S, F, S, F],
         heads=4, kv_heads=1, global_kv_heads=None, head_dim=32, global_head_dim=64,
         k_eq_v=False, intermediate=64, moe=False, ple=32, kv_shared=4, double_wide=True,
         redundant_shared_kv=True, sliding_window=8,
         theta_sliding=10000.0, theta_full=1000000.0, partial_rotary=0.25,
         softcap=3.5, eps=1e-6, embed_std=0.12, ple_std=0.3, bidir=None, extra_tensors={}),
     "dense31b": dict(
-        seed=321, vocab=512, hidden=96, layers=6, layer_types=[S, S, F, S, S, F],
+        seed=2004, vocab=512, hidden=96, layers=6, layer_types=[S, S, F, S, S, F],
         heads=4, kv_heads=2, global_kv_heads=1, head_dim=32, global_head_dim=64,
         k_eq_v=True, intermediate=192, moe=False, ple=0, kv_shared=0, double_wide=False,
         sliding_window=8, theta_sliding=5000.0, theta_full=200000.0, partial_rotary=0.25,
@@ -166,6 +182,13 @@ def embed_scales(hp):
 # ---------------------------------------------------------------------------------------------
 # weights (checkpoint names, bf16-rounded float32 values)
 # ---------------------------------------------------------------------------------------------
+def qk_scale(hp, hd):
+    """q_norm / k_norm weights are c·(1 + 0.3·N(0,1)): with the attention scale 1.0 the scores
+    q·k then spread with a std of about c²·sqrt(hd) = QK_SCORE_STD instead of sqrt(hd), which keeps
+    the softmax (and so the whole model) well conditioned for f32 / f16-KV comparisons."""
+    return float(np.sqrt(QK_SCORE_STD / np.sqrt(hd)))
+
+
 def random_weights(hp, seed):
     rng = np.random.default_rng(seed)
     H, V, L, nh = hp["hidden"], hp["vocab"], hp["layers"], hp["heads"]
@@ -175,11 +198,11 @@ def random_weights(hp, seed):
         s = 1.0 / np.sqrt(shape[-1]) if s is None else s
         W[name] = (rng.standard_normal(shape) * s).astype(np.float32)
 
-    def norm(name, n):
-        W[name] = (1.0 + 0.3 * rng.standard_normal(n)).astype(np.float32)
+    def norm(name, n, c=1.0):
+        W[name] = (c * (1.0 + 0.3 * rng.standard_normal(n))).astype(np.float32)
 
     mat(PFX + "embed_tokens.weight", V, H, s=hp["embed_std"])
-    norm(PFX + "norm.weight", H)
+    norm(PFX + "norm.weight", H, hp.get("final_norm_scale", 1.0))
     P = hp["ple"]
     if P:
         mat(PFX + "embed_tokens_per_layer.weight", V, L * P, s=hp["ple_std"])
@@ -190,12 +213,12 @@ def random_weights(hp, seed):
         hd, nkv = lp["head_dim"], lp["n_kv_heads"]
         norm(p + "input_layernorm.weight", H)
         mat(p + "self_attn.q_proj.weight", nh * hd, H)
-        norm(p + "self_attn.q_norm.weight", hd)
+        norm(p + "self_attn.q_norm.weight", hd, qk_scale(hp, hd))
         if not lp["kv_shared"] or hp.get("redundant_shared_kv"):
             mat(p + "self_attn.k_proj.weight", nkv * hd, H)
             if not lp["v_is_k"]:
                 mat(p + "self_attn.v_proj.weight", nkv * hd, H)
-            norm(p + "self_attn.k_norm.weight", hd)
+            norm(p + "self_attn.k_norm.weight", hd, qk_scale(hp, hd))
         mat(p + "self_attn.o_proj.weight", H, nh * hd)
         norm(p + "post_attention_layernorm.weight", H)
         norm(p + "pre_feedforward_layernorm.weight", H)
@@ -397,10 +420,12 @@ def gelu_tanh(z):
     return 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
 
 
-def np_forward(W, hp, tokens, scales):
+def np_forward(W, hp, tokens, scales, dt=np.float64, kv16=False):
     """-> dict(logits [T][V] after softcap, pre [T][V] before it, hidden [L+1][T][H] (embedding,
-    then the stream after each layer), router_gap (smallest k-th minus (k+1)-th expert logit))."""
-    g = lambda n: np.asarray(W[PFX + n], dtype=np.float64)  # noqa: E731
+    then the stream after each layer), router_gap (smallest k-th minus (k+1)-th expert logit)).
+    dt=np.float32 and kv16 (K and V rounded to binary16 as a cache stores them) only serve the
+    seed search: they predict how far an f32 engine with an f16 KV cache lands from the reference."""
+    g = lambda n: np.asarray(W[PFX + n], dtype=dt)  # noqa: E731
     tok = np.asarray(tokens)
     T, H, L, nh, eps = len(tok), hp["hidden"], hp["layers"], hp["heads"], hp["eps"]
 
@@ -417,7 +442,7 @@ def np_forward(W, hp, tokens, scales):
         n = lp["rope_rotated_pairs"]            # proportional: floor(0.25·hd/2) pairs rotate
         inv[:n] = lp["rope_theta"] ** (-2.0 * np.arange(n) / hd)   # denominator: FULL head dim
         ang = pos[:, None] * inv[None, :]
-        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        c, s = np.cos(ang)[:, None, :].astype(dt), np.sin(ang)[:, None, :].astype(dt)
         a, b = x[..., :half], x[..., half:]
         return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
 
@@ -449,8 +474,10 @@ def np_forward(W, hp, tokens, scales):
             vraw = kraw if lp["v_is_k"] else (a @ g(p + "self_attn.v_proj.weight").T).reshape(T, nkv, hd)
             k = rope(rms(kraw, g(p + "self_attn.k_norm.weight")), lp)
             v = rms(vraw)
+            if kv16:
+                k, v = k.astype(np.float16).astype(dt), v.astype(np.float16).astype(dt)
             kv[lp["layer"]] = (k, v)
-        o = np.empty((T, nh, hd))
+        o = np.empty((T, nh, hd), dtype=dt)
         mask = masks[t]
         for head in range(nh):
             kh = head // (nh // nkv)
@@ -527,19 +554,41 @@ def tokens_for(hp, seed):
     return np.random.default_rng(seed + 7777).integers(0, hp["vocab"], N_TOKENS).tolist()
 
 
+def engine_errors(W, hp, tokens, sc, ref):
+    """Predicted logit errors of an engine against the reference, as max over rows of
+    max |diff| / (row max - row min): float32 math (f32 KV cache), and float32 math with K and V
+    rounded to binary16 (f16 KV cache)."""
+    rr = ref["logits"].max(axis=1) - ref["logits"].min(axis=1)
+    out = {}
+    for key, kv16 in (("f32", False), ("f16kv", True)):
+        x = np_forward(W, hp, tokens, sc, dt=np.float32, kv16=kv16)["logits"]
+        out[key] = float((np.abs(x - ref["logits"]).max(axis=1) / rr).max())
+    return out
+
+
 def evaluate_seed(hp, seed, screen=False):
+    """screen: stop at the first failed criterion (seed search)."""
     W = random_weights(hp, seed)
     sc = scales_used(hp)
     tokens = tokens_for(hp, seed)
     full = np_forward(W, hp, tokens, sc)
-    if screen and hp["moe"] and full["router_gap"] < MIN_ROUTER_GAP:
-        greedy, margin, gap2 = [], 0.0, 0.0
-    else:
-        greedy, margin, gap2 = np_greedy(W, hp, tokens[:N_PROMPT], N_GREEDY, sc,
-                                         abort_below=MIN_MARGIN if screen else None)
-    return dict(W=W, tokens=tokens, full=full, greedy=greedy, margin=margin,
-                router_gap=min(full["router_gap"], gap2),
-                max_pre=float(np.abs(full["pre"]).max()), distinct=len(set(greedy)))
+    r = dict(W=W, tokens=tokens, full=full, greedy=[], margin=0.0, router_gap=full["router_gap"],
+             max_pre=float(np.abs(full["pre"]).max()), distinct=0, err=dict(f32=-1.0, f16kv=-1.0))
+    if screen and (full["router_gap"] < MIN_ROUTER_GAP or r["max_pre"] < 1.2 * hp["softcap"]):
+        return r
+    r["err"] = engine_errors(W, hp, tokens, sc, full)
+    if screen and (r["err"]["f32"] > MAX_ERR_F32 or r["err"]["f16kv"] > MAX_ERR_F16KV):
+        return r
+    greedy, margin, gap2 = np_greedy(W, hp, tokens[:N_PROMPT], N_GREEDY, sc,
+                                     abort_below=MIN_MARGIN if screen else None)
+    r.update(greedy=greedy, margin=margin, router_gap=min(full["router_gap"], gap2), distinct=len(set(greedy)))
+    return r
+
+
+def robust(hp, r):
+    return (r["margin"] >= MIN_MARGIN and r["router_gap"] >= MIN_ROUTER_GAP and r["distinct"] >= MIN_DISTINCT
+            and r["max_pre"] >= 1.2 * hp["softcap"] and 0 <= r["err"]["f32"] <= MAX_ERR_F32
+            and 0 <= r["err"]["f16kv"] <= MAX_ERR_F16KV)
 
 
 def search(names, n, start=None):
@@ -550,14 +599,14 @@ def search(names, n, start=None):
         rows = []
         for seed in range(first, first + n):
             r = evaluate_seed(hp, seed, screen=True)
-            ok = (r["margin"] >= MIN_MARGIN and (not hp["moe"] or r["router_gap"] >= MIN_ROUTER_GAP)
-                  and r["distinct"] >= MIN_DISTINCT and r["max_pre"] >= 1.2 * hp["softcap"])
-            rows.append((ok, r["margin"], seed))
-            print(f"  seed {seed}: margin {r['margin']:.4f} router gap {r['router_gap']:.2e} "
-                  f"max|pre-cap logit| {r['max_pre']:.2f} (cap {hp['softcap']}) distinct greedy "
-                  f"{r['distinct']} {'OK' if ok else ''}")
+            ok = robust(hp, r)
+            rows.append((ok, min(r["margin"] / MIN_MARGIN, r["router_gap"] / MIN_ROUTER_GAP,
+                                 MAX_ERR_F16KV / max(r["err"]["f16kv"], 1e-9)), seed))
+            print(f"  seed {seed}: router gap {r['router_gap']:.2e} max|pre-cap| {r['max_pre']:.2f} "
+                  f"(cap {hp['softcap']}) err f32 {r['err']['f32']:.1e} f16kv {r['err']['f16kv']:.1e} "
+                  f"margin {r['margin']:.4f} distinct {r['distinct']} {'OK' if ok else ''}", flush=True)
         good = sorted([x for x in rows if x[0]], key=lambda x: -x[1])
-        print(f"  robust seeds (best margin first): {[s for _, _, s in good][:8]}")
+        print(f"  robust seeds (best worst-criterion ratio first): {[(s, round(q, 2)) for _, q, s in good][:8]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,9 +680,11 @@ def hf_model(hp, st_path, scales):
         else:
             mod.embed_scale = val
         print(f"  {what}: HF f32 model had {before!r}; set to bf16-rounded {val!r}")
-    set_scale(lm.embed_tokens, scales["embed_scale"], "embed_scale")
+        return before
+    hf_scales = dict(embed_scale=set_scale(lm.embed_tokens, scales["embed_scale"], "embed_scale"))
     if hp["ple"]:
-        set_scale(lm.embed_tokens_per_layer, scales["ple_embed_scale"], "PLE embed_scale")
+        hf_scales["ple_embed_scale"] = set_scale(lm.embed_tokens_per_layer, scales["ple_embed_scale"],
+                                                 "PLE embed_scale")
 
     # RoPE: compare HF's inverse frequencies with ARCHITECTURES.md §2.4 (report only)
     rot = lm.rotary_emb
@@ -662,7 +713,7 @@ def hf_model(hp, st_path, scales):
         exp = (lp["head_dim"], lp["kv_shared"], lp["v_is_k"] if not lp["kv_shared"] else None, lp["ffn"])
         if geo != exp:
             raise SystemExit(f"layer {i}: HF geometry {geo}, plan {exp}")
-    info = dict(transformers=transformers.__version__, torch=torch.__version__)
+    info = dict(transformers=transformers.__version__, torch=torch.__version__, hf_scales=hf_scales)
     return model, info
 
 
@@ -718,15 +769,19 @@ def hf_from_pretrained_check(hp, fx_dir, tokens, ref_logits, scales):
     lm = model.model.language_model
     missing = [k for k in info.get("missing_keys", []) if "vision" not in k and "audio" not in k]
     unexpected = sorted(info.get("unexpected_keys", []))
+    held = {}
     for mod, key in ((lm.embed_tokens, "embed_scale"), (getattr(lm, "embed_tokens_per_layer", None), "ple_embed_scale")):
         if mod is not None and torch.is_tensor(getattr(mod, "embed_scale", None)):
+            held[key] = float(mod.embed_scale.item())
             mod.embed_scale.fill_(scales[key])
     with torch.no_grad():
         lg = model(input_ids=torch.tensor([list(tokens)]), use_cache=False).logits[0].float().numpy()
     d = float(np.abs(lg - ref_logits).max())
-    print(f"  from_pretrained({os.path.basename(fx_dir)}): missing (text) {missing}, unexpected "
-          f"{len(unexpected)} {unexpected[:6]}, max |logit diff| vs reference {d:.3g}")
-    return dict(missing_text_keys=missing, unexpected_keys=unexpected, max_abs_logit_diff=d)
+    print(f"  from_pretrained({os.path.basename(fx_dir)}, dtype=float32): embedding scales held {held}; "
+          f"missing (text) {missing}, unexpected {len(unexpected)} {unexpected[:6]}, max |logit diff| "
+          f"vs reference {d:.3g}")
+    return dict(missing_text_keys=missing, unexpected_keys=unexpected, max_abs_logit_diff=d,
+                embed_scales_held_by_f32_from_pretrained=held)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,7 +795,9 @@ def make_one(name, out_root, numpy_only):
     print(f"  seed {seed}: NumPy f64 {time.time() - t0:.1f}s: greedy margin {r['margin']:.4g}, router gap "
           f"{r['router_gap']:.3g}, max |pre-cap logit| {r['max_pre']:.2f} (cap {hp['softcap']}), "
           f"{r['distinct']} distinct greedy tokens")
-    if r["margin"] < MIN_MARGIN or (hp["moe"] and r["router_gap"] < MIN_ROUTER_GAP):
+    print(f"  predicted engine error vs the f64 reference (max|diff|/row range): f32 {r['err']['f32']:.2e}, "
+          f"f16 KV cache {r['err']['f16kv']:.2e}")
+    if not robust(hp, r):
         print("  WARNING: this seed is not robust (see --search)")
     fx_dir = os.path.join(out_root, name)
     os.makedirs(fx_dir, exist_ok=True)
@@ -764,6 +821,7 @@ def make_one(name, out_root, numpy_only):
         meta["reference"] = (f"transformers {info['transformers']} (torch {info['torch']}) "
                              "Gemma4ForConditionalGeneration, float32 on the CPU, eager attention")
         meta["transformers"], meta["torch"] = info["transformers"], info["torch"]
+        meta["embed_scales_held_by_hf_model_built_from_config"] = info["hf_scales"]
         rng_row = npf["logits"].max(axis=1) - npf["logits"].min(axis=1)
         rel = float((np.abs(logits - npf["logits"]).max(axis=1) / rng_row).max())
         absd = float(np.abs(logits - npf["logits"]).max())
@@ -809,6 +867,15 @@ def make_one(name, out_root, numpy_only):
     meta.update(
         seed=seed, tokens=list(map(int, tokens)), greedy=list(map(int, greedy)), min_margin=margin,
         min_router_gap=(r["router_gap"] if hp["moe"] else None),
+        predicted_engine_error=dict(
+            f32_kv=r["err"]["f32"], f16_kv=r["err"]["f16kv"],
+            note=("max over rows of max|logit diff| / row range between the float64 NumPy reference and "
+                  "the same NumPy forward in float32 (f32_kv) and in float32 with K and V rounded to "
+                  "binary16 (f16_kv): what an engine should expect against this .ref")),
+        qk_norm_weights=(f"q_norm / k_norm weights are c·(1 + 0.3·N(0,1)) with c = sqrt({QK_SCORE_STD}/sqrt(head_dim)) "
+                         "(attention scale is 1.0, so this keeps the scores q·k at a std of about "
+                         f"{QK_SCORE_STD}); the final norm's are {hp.get('final_norm_scale', 1.0)}·(1 + 0.3·N(0,1)); "
+                         "every other norm weight is 1 + 0.3·N(0,1)"),
         distinct_greedy_tokens=len(set(greedy)),
         weights_dtype="bf16 (reference math in float32 on exactly these values)",
         layer_types=hp["layer_types"], sliding_window=hp["sliding_window"],
