@@ -1,12 +1,17 @@
 /* test_gemma4 — Gemma 4 (ARCHITECTURES.md §2) against Hugging Face transformers, on the CPU
    backend (exact mode) and on Vulkan (lavapipe in CI), through the public API.
 
-   Fixtures (gen/make_fixtures_gemma4.py, run on the GPU machine): test/fixtures/gemma4/NAME/ is
+   Fixtures (gen/make_fixtures_gemma4.py): test/fixtures/gemma4/NAME/ is
    a Hugging Face directory (config.json of the multimodal checkpoint with the text tower in
    text_config, bf16 model.safetensors under the real tensor names, plus a few vision tensors
-   the loader must skip); NAME.ref holds transformers' float32 logits for all 64 positions and a
+   the loader must skip); NAME.ref holds reference logits for all 64 positions and a
    32-token greedy continuation of the first 40; NAME.json what the generator measured, among it
    the error an ideal engine with an f16 KV cache has against the reference.
+   THE COMMITTED .ref FILES come from the script's independent float64 NumPy implementation of
+   ARCHITECTURES.md §2.3-2.5 (--numpy-only): the GPU machine, where the script also runs
+   transformers' Gemma4ForConditionalGeneration on the same weights and asserts the two agree,
+   gave no time in the session that made them. Regenerating there replaces them with
+   transformers' float32 logits.
      moe       26B-A4B-like: sliding + full layers (window 8, so the 64 tokens are 8 windows),
                K = V on full layers, proportional rope, 8 experts top-2 beside the dense MLP,
                router and per-expert scales, layer scalars, an active logit softcap
