@@ -546,7 +546,21 @@ typedef struct moe_vk_backend moe_vk_backend;
 typedef void (*moe_log_fn)(int32_t level, const char *msg, void *user);
 moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn log, void *log_user,
                        moe_vk_backend **out);
+/* moe_vk_init with a gpu_budget_bytes (0 = no limit): below what the resident weights take on the
+   device, the experts get a slot cache (moe_vk.c, "GPU expert slot cache"); MOE_ERR_NO_MEMORY
+   naming the minimum below the minimum working set. moe_vk_init is this with 0. */
+moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, uint64_t gpu_budget_bytes, moe_log_fn log,
+                              void *log_user, moe_vk_backend **out);
+int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
 void       moe_vk_free(moe_vk_backend *vk);
+/* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache:
+   over n_slots slots (state 0 empty, 1 loading, 2 ready; pins > 0 pinned) the slot that gives way,
+   or -1; touch records a use of slot s (LRU stamp, LFU count with decay). */
+enum { MOE_XS_LRU = 0, MOE_XS_LFU = 1 };
+int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state, const uint64_t *stamp,
+                      const float *freq);
+void    moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at);
+int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else MOE_XS_LRU */
 moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 void       moe_vk_ctx_free(void *be);
 extern const moe_ops moe_vk_ops;
