@@ -94,10 +94,14 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
     int32_t  device_index;                  /* Vulkan physical device; 0 = best (discrete first) */
     int32_t  n_threads;                     /* CPU threads; 0 = all cores */
     int32_t  reserved0;
-    uint64_t gpu_budget_bytes;              /* 0 = no limit; caps the device memory of the weights. The GPU
-                                               expert cache is not built yet: a budget below the weights
-                                               fails (MOE_ERR_NO_MEMORY below the minimum working set, else
-                                               MOE_ERR_UNSUPPORTED; AUTO then takes the CPU) */
+    uint64_t gpu_budget_bytes;              /* 0 = no limit; caps the device memory of the weights (Vulkan).
+                                               Below what they take, non-expert weights stay resident and
+                                               the rest is a slot cache of experts; every expert also lives
+                                               in host-visible memory (expert bytes of host memory) that the
+                                               GPU reads a miss from; logits stay bit-identical. Below the
+                                               minimum working set MOE_ERR_NO_MEMORY naming it (AUTO then
+                                               takes the CPU); together with a host_budget_bytes below the
+                                               weights: MOE_ERR_UNSUPPORTED (not built yet) */
     uint64_t host_budget_bytes;             /* 0 = no limit; caps the host memory of the weights. CPU backend:
                                                below the weights, experts are read from the file with pread
                                                into a cache of the budget less the non-expert weights, on
