@@ -7025,11 +7025,17 @@ static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget, uint6
 static void xs_drop_expert_pages(const moe_model *m) {
     long pg = sysconf(_SC_PAGESIZE);
     uintptr_t mask = (uintptr_t)(pg > 0 ? pg : 4096) - 1;
+    const moe_file *files[1 + 64];
+    int n_files = 0;
+    if (m->file.data) files[n_files++] = &m->file;
+    for (int i = 0; i < m->n_shards && n_files < 65; i++) files[n_files++] = &m->shards[i];
     for (int l = 0; l < m->w.hp.n_layer; l++)
         for (int r = 0; r < MOE_LT_COUNT; r++) {
             const moe_weight *w = &m->w.layers[l].t[r];
             if (!w->data || w->n_dims != 3) continue;
             for (int64_t e = 0; e < w->ne[2]; e++) {
+                uint64_t off;
+                if (xs_locate(files, n_files, w->expert_data[e], w->expert_bytes, &off) < 0) continue; /* not file pages (converted): kept */
                 uintptr_t a = (uintptr_t)w->expert_data[e], b = a + w->expert_bytes;
                 uintptr_t a1 = (a + mask) & ~mask, b1 = b & ~mask; /* whole pages inside the slab only */
                 if (b1 > a1) madvise((void *)a1, b1 - a1, MADV_DONTNEED);
