@@ -287,7 +287,9 @@ MOE_API moe_status moe_model_save(const moe_model *model, const char *path, cons
 /* expert_hits / expert_misses count (token, layer, routed expert) pairs of this context's steps:
    a hit found its expert in memory (a resident run counts hits only; a prefetched expert counts
    as a hit), a miss had to wait for it to be read; expert_bytes_streamed: bytes this context had
-   read from the file (demand and prefetch). */
+   read from the file (demand and prefetch). Vulkan GPU expert cache: a hit found its expert in a
+   device slot, a miss read it from host-visible memory; bytes: the missed experts read over the
+   bus plus the bytes copied into slots. */
 typedef struct moe_stats {
     uint64_t gpu_bytes_weights, gpu_bytes_kv, gpu_bytes_scratch, host_bytes;
     uint64_t expert_hits, expert_misses, expert_bytes_streamed;

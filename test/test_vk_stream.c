@@ -12,6 +12,10 @@
      - two contexts of one streamed model stepped in turn stay bit-identical;
    Below the minimum working set moe_load fails with MOE_ERR_NO_MEMORY naming it; a GPU budget
    with a host budget both below the weights is refused (MOE_ERR_UNSUPPORTED, not built yet).
+   Fixtures: test/fixtures/qwen3moe_*.gguf; Gemma 4 (26B-A4B-like: sliding + full layers, experts
+   beside the dense MLP, per-expert scales) from test/fixtures/gemma4/moe, or the GGUF test_gemma4
+   writes from it (build/test/gemma4_moe.gguf), where present (skipped otherwise). Two threads
+   stepping one streamed model at once; LRU and LFU. MOE_TEST_FILTER=name runs one test.
    Every test ends by asserting that the validation layer (MOE_VK_VALIDATION=1) said nothing.
    Without a usable Vulkan device the tests skip, unless MOE_REQUIRE_VULKAN=1. */
 #include "../moe.c"
@@ -21,6 +25,11 @@
 
 #define NTOK 40
 #define NGEN 8
+
+/* lavapipe's own per-instance leaks, as in test_vulkan.c (the driver stays loaded so they carry its name) */
+const char *__lsan_default_suppressions(void);
+const char *__lsan_default_suppressions(void) { return "leak:libvulkan_lvp.so\n"; }
+static void pin_driver(void) { (void)dlopen("libvulkan_lvp.so", RTLD_NOW | RTLD_NODELETE); }
 
 static int g_checked, g_available;
 static char g_why[600];
@@ -145,7 +154,7 @@ static void run_fixture(void **state) {
     if (strchr(name, '/')) { /* a Hugging Face fixture directory, where the generator has made one */
         snprintf(p, sizeof p, "%s", name);
         if (access(p, R_OK) != 0) {
-            print_message("%s absent (gen/make_fixtures_gemma4.py on the GPU machine): skipped\n", p);
+            print_message("%s absent (gen/make_fixtures_gemma4.py on the GPU machine; test_gemma4 writes the GGUF): skipped\n", p);
             skip();
         }
     } else snprintf(p, sizeof p, "test/fixtures/qwen3moe_%s.gguf", name);
@@ -171,7 +180,8 @@ static void run_fixture(void **state) {
     assert_null(load_vk(p, 1, 0, &st));
     assert_int_equal(st, MOE_ERR_NO_MEMORY);
     uint64_t min = min_from_error();
-    int gguf = !strchr(name, '/');
+    size_t nl = strlen(name);
+    int gguf = !strchr(name, '/') || (nl > 5 && !strcmp(name + nl - 5, ".gguf"));
     if (gguf) assert_true(min > info.weight_bytes - info.expert_bytes);
     assert_true(min < resident);
     assert_null(load_vk(p, min - 1, 0, &st));
@@ -311,12 +321,15 @@ static void test_lfu(void **state) {
 }
 
 int main(void) {
-    static char names[][32] = {"q4_k", "f32", "mixed", "q8_0", "f16", "test/fixtures/gemma4/moe"};
+    pin_driver();
+    if (getenv("MOE_TEST_FILTER")) cmocka_set_test_filter(getenv("MOE_TEST_FILTER")); /* e.g. "gpu_cache_q8_0" */
+    static char names[][32] = {"q4_k", "f32", "mixed", "q8_0", "f16", "test/fixtures/gemma4/moe", "build/test/gemma4_moe.gguf"};
 #define TS(label, f, st) {.name = label, .test_func = f, .teardown_func = teardown_validation, .initial_state = (void *)(st)}
     const struct CMUnitTest tests[] = {
         TS("gpu_cache_q4_k", run_fixture, names[0]), TS("gpu_cache_f32", run_fixture, names[1]),
         TS("gpu_cache_mixed", run_fixture, names[2]), TS("gpu_cache_q8_0", run_fixture, names[3]),
         TS("gpu_cache_f16", run_fixture, names[4]), TS("gpu_cache_gemma4_moe", run_fixture, names[5]),
+        TS("gpu_cache_gemma4_moe_gguf", run_fixture, names[6]),
         TS("gpu_cache_lfu", test_lfu, NULL), TS("gpu_cache_threads", test_threads, NULL),
     };
 #undef TS
