@@ -23,8 +23,9 @@
    then it is split at row boundaries and each part is a separate dispatch. Dense kernels see
    their tensor at byte 0 of binding 6[0]. Expert tensors are addressed through a per-layer
    indirection table on the GPU (expert id -> window, byte offset; binding 3), with the windows
-   of the layer bound as the array binding 6[0..7], so streaming can later change the table and
-   never the kernels.
+   of the layer bound as the array binding 6[0..7], so streaming changes the table and never the
+   kernels: under a gpu_budget_bytes below the weights, the experts go through the GPU expert
+   slot cache (its bannered block before vk_upload_weights).
 
    ENVIRONMENT
    MOE_VK_VALIDATION=1   enable VK_LAYER_KHRONOS_validation; every message goes to the log
@@ -1126,6 +1127,7 @@ typedef struct vk_xg {
     VkCommandBuffer cb[2];
     VkFence fence[2];
     int pending[2], cur;
+    int reset;                 /* fills failed to reach the queue: every entry goes back to its home first */
     vk_buf mirror[2];          /* host-visible copy of the table per command buffer: updates are copied from it */
     uint64_t host_bytes, slot_bytes_total;
 } vk_xg;
@@ -1439,7 +1441,13 @@ place:
     if (!st && !stream && vk->gpu_budget) { /* does everything fit the GPU budget? else the experts go to the slot cache */
         uint64_t total = (uint64_t)(n_tbl ? n_tbl : 1) * 8;
         for (uint32_t i = 0; i < pl.n_win; i++) total += vk_align_up(pl.win_used[i], VK_ALIGN);
-        if (total > vk->gpu_budget && n_tbl) {
+        if (total > vk->gpu_budget && !n_tbl) {
+            st = vk_fail(MOE_ERR_NO_MEMORY, "moe_load: gpu_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB: a model "
+                         "without routed experts keeps all its weights resident)", (unsigned long long)vk->gpu_budget,
+                         (unsigned long long)total, (double)total / 1048576.0);
+            goto done;
+        }
+        if (total > vk->gpu_budget) {
             stream = 1;
             free(vk->parts);
             vk->parts = NULL;
@@ -2813,6 +2821,15 @@ static moe_status vk_xg_after_step(vk_ctx *c) {
     moe_status st = MOE_OK;
     uint32_t cnt[VK_MAX_EXPERTS];
     pthread_mutex_lock(&x->mu);
+    if (x->reset) { /* a failed submission left the host's view ahead of the table: every entry to its home again */
+        if ((st = vk_xg_cb_begin(vk, x))) goto out;
+        recording = 1;
+        memcpy(x->mirror[x->cur].map, x->home, (size_t)x->n_tbl * 8);
+        VkBufferCopy cp = {0, 0, (VkDeviceSize)x->n_tbl * 8};
+        vk->f.CmdCopyBuffer(x->cb[x->cur], x->mirror[x->cur].buf, vk->tables.buf, 1, &cp);
+        VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT, VK_ACCESS_TRANSFER_WRITE_BIT};
+        vk->f.CmdPipelineBarrier(x->cb[x->cur], VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    }
     for (int l = 0; l < L && !st; l++) {
         uint32_t np = (uint32_t)c->xg_n[l];
         if (!np) continue;
@@ -2880,8 +2897,19 @@ static moe_status vk_xg_after_step(vk_ctx *c) {
         if (!st) {
             x->pending[x->cur] = 1;
             x->cur ^= 1;
+            x->reset = 0;
         }
     }
+    if (st && recording) { /* what this call changed never reached the table: forget every slot (their contents stay valid
+                              for the entries still pointing at them until the reset above runs first on the queue) */
+        x->reset = 1;
+        for (int32_t s = 0; s < x->n_slots; s++) {
+            x->key[s] = -1;
+            x->state[s] = 0;
+        }
+        for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
+    }
+out:
     pthread_mutex_unlock(&x->mu);
     return st;
 }
