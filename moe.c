@@ -6826,7 +6826,7 @@ static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
    the context is as before (the backend skips the rest of the step's expert work). */
 
 enum { XS_EMPTY = 0, XS_LOADING = 1, XS_READY = 2 };
-enum { XS_LRU = 0, XS_LFU = 1 };
+enum { XS_LRU = MOE_XS_LRU, XS_LFU = MOE_XS_LFU };
 #define XS_ALIGN 4096u      /* O_DIRECT alignment of buffer, offset and length */
 
 /* Test hook (not in moe.h): the n-th expert read from now fails half-way with EIO (once);
@@ -6981,27 +6981,34 @@ static void *xs_io_main(void *arg) {
 /* The eviction policy, in one function: the slot that gives way for a new unit, or -1 when every
    slot is pinned or loading. Empty slots first; then LRU (least recently used) or LFU with decay
    (fewest uses, counts halved every n_slots uses; ties to the least recent). */
-static int32_t xs_victim(const moe_xcache *xc) {
+int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state, const uint64_t *stamp,
+                      const float *freq) {
     int32_t best = -1;
-    for (int32_t s = 0; s < xc->n_slots; s++) {
-        if (xc->pins[s] || xc->state[s] == XS_LOADING) continue;
-        if (xc->state[s] == XS_EMPTY) return s;
+    for (int32_t s = 0; s < n_slots; s++) {
+        if ((pins && pins[s]) || state[s] == XS_LOADING) continue;
+        if (state[s] == XS_EMPTY) return s;
         if (best < 0) { best = s; continue; }
-        if (xc->policy == XS_LFU && xc->freq[s] != xc->freq[best]) {
-            if (xc->freq[s] < xc->freq[best]) best = s;
-        } else if (xc->stamp[s] < xc->stamp[best]) best = s;
+        if (policy == XS_LFU && freq[s] != freq[best]) {
+            if (freq[s] < freq[best]) best = s;
+        } else if (stamp[s] < stamp[best]) best = s;
     }
     return best;
 }
 
-static void xs_touch(moe_xcache *xc, int32_t s) {
-    xc->stamp[s] = ++xc->tick;
-    xc->freq[s] += 1.0f;
-    if (xc->tick >= xc->decay_at) {
-        for (int32_t i = 0; i < xc->n_slots; i++) xc->freq[i] *= 0.5f;
-        xc->decay_at = xc->tick + (uint64_t)xc->n_slots;
+void moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at) {
+    stamp[s] = ++*tick;
+    freq[s] += 1.0f;
+    if (*tick >= *decay_at) {
+        for (int32_t i = 0; i < n_slots; i++) freq[i] *= 0.5f;
+        *decay_at = *tick + (uint64_t)n_slots;
     }
 }
+
+int32_t moe_xs_policy_env(void) { return getenv("MOE_EVICT") && !strcmp(getenv("MOE_EVICT"), "lfu") ? XS_LFU : XS_LRU; }
+
+static int32_t xs_victim(const moe_xcache *xc) { return moe_xs_victim(xc->policy, xc->n_slots, xc->pins, xc->state, xc->stamp, xc->freq); }
+
+static void xs_touch(moe_xcache *xc, int32_t s) { moe_xs_touch(s, xc->n_slots, xc->stamp, xc->freq, &xc->tick, &xc->decay_at); }
 
 /* takes slot s for unit key and queues its load (lock held) */
 static void xs_claim(moe_xcache *xc, int32_t s, int32_t key, int prefetch) {
@@ -7167,35 +7174,19 @@ static void model_weight_sizes(const moe_model *m, uint64_t *weight_bytes, uint6
     *expert_bytes = ex;
 }
 
-/* the size of one streamed unit (an expert of a layer, all its slabs, as a host slot holds it) and
-   the largest over the layers */
-static uint64_t xs_max_unit_bytes(const moe_model *m) {
-    uint64_t best = 0;
-    for (int l = 0; l < m->w.hp.n_layer; l++) {
-        uint64_t u = 0;
-        for (int r = 0; r < MOE_LT_COUNT; r++) {
-            const moe_weight *w = &m->w.layers[l].t[r];
-            if (w->data && w->n_dims == 3) u += w->expert_bytes;
-        }
-        best = u > best ? u : best;
-    }
-    return best;
-}
-
-/* The GPU tier (a slot cache in device memory under gpu_budget_bytes) is not built yet: a budget
-   below the weights fails, with MOE_ERR_NO_MEMORY below the minimum working set (non-expert
-   weights plus one token's experts of a layer) and MOE_ERR_UNSUPPORTED above it, rather than
-   being ignored. moe_load then takes the CPU backend when the backend was AUTO. */
-static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget) {
+/* The GPU tier is the slot cache of moe_vk.c ("GPU expert slot cache", moe_vk_init_budget): it
+   knows the device sizes (alignment, padding, tables) and fails with MOE_ERR_NO_MEMORY naming the
+   minimum working set below it. Not built yet: a GPU budget below the weights together with a
+   host budget below them. The slot cache keeps every expert in host-visible memory that the GPU
+   reads a miss from (so the router's choice never has to reach the host); with a limited host
+   tier under it, the choice would have to reach the host at the route op. */
+static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget, uint64_t host_budget) {
     uint64_t weight_bytes, expert_bytes;
     model_weight_sizes(m, &weight_bytes, &expert_bytes);
-    if (!budget || budget >= weight_bytes) return MOE_OK;
-    uint64_t min = weight_bytes - expert_bytes + (uint64_t)m->w.hp.n_expert_used * xs_max_unit_bytes(m);
-    if (budget < min)
-        return set_error(MOE_ERR_NO_MEMORY, "moe_load: gpu_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB)",
-                         (unsigned long long)budget, (unsigned long long)min, (double)min / 1048576.0);
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_load: gpu_budget_bytes %llu is below the weights (%llu bytes) and the GPU expert cache "
-                     "is not implemented yet", (unsigned long long)budget, (unsigned long long)weight_bytes);
+    if (!budget || budget >= weight_bytes || !host_budget || host_budget >= weight_bytes) return MOE_OK;
+    return set_error(MOE_ERR_UNSUPPORTED, "moe_load: gpu_budget_bytes %llu and host_budget_bytes %llu are both below the weights (%llu bytes): "
+                     "the GPU expert cache over a limited host tier is not implemented yet", (unsigned long long)budget,
+                     (unsigned long long)host_budget, (unsigned long long)weight_bytes);
 }
 
 /* Vulkan with a host budget: the experts live on the device after the upload, so their pages of
@@ -7203,11 +7194,17 @@ static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget) {
 static void xs_drop_expert_pages(const moe_model *m) {
     long pg = sysconf(_SC_PAGESIZE);
     uintptr_t mask = (uintptr_t)(pg > 0 ? pg : 4096) - 1;
+    const moe_file *files[1 + 64];
+    int n_files = 0;
+    if (m->file.data) files[n_files++] = &m->file;
+    for (int i = 0; i < m->n_shards && n_files < 65; i++) files[n_files++] = &m->shards[i];
     for (int l = 0; l < m->w.hp.n_layer; l++)
         for (int r = 0; r < MOE_LT_COUNT; r++) {
             const moe_weight *w = &m->w.layers[l].t[r];
             if (!w->data || w->n_dims != 3) continue;
             for (int64_t e = 0; e < w->ne[2]; e++) {
+                uint64_t off;
+                if (xs_locate(files, n_files, w->expert_data[e], w->expert_bytes, &off) < 0) continue; /* not file pages (converted): kept */
                 uintptr_t a = (uintptr_t)w->expert_data[e], b = a + w->expert_bytes;
                 uintptr_t a1 = (a + mask) & ~mask, b1 = b & ~mask; /* whole pages inside the slab only */
                 if (b1 > a1) madvise((void *)a1, b1 - a1, MADV_DONTNEED);
@@ -7278,7 +7275,7 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
     }
     uint64_t n_slots = (budget - rest) / slot;
     xc->n_slots = (int32_t)(n_slots > (uint64_t)n_units ? (uint64_t)n_units : n_slots);
-    xc->policy = getenv("MOE_EVICT") && !strcmp(getenv("MOE_EVICT"), "lfu") ? XS_LFU : XS_LRU;
+    xc->policy = moe_xs_policy_env();
     xc->prefetch = xs_env_int("MOE_PREFETCH", 1) != 0;
     xc->direct = xs_env_int("MOE_IO_DIRECT", 0) != 0;
     xc->decay_at = (uint64_t)xc->n_slots;
@@ -7523,7 +7520,7 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     ctx->n_logits = rows;
     /* resident experts: each token's top-k experts in each MoE layer are hits (a streaming
        backend counts its own hits and misses) */
-    for (int l = 0; !m->xc && l < m->w.hp.n_layer; l++)
+    for (int l = 0; !m->xc && !(m->vk && moe_vk_streams_experts(m->vk)) && l < m->w.hp.n_layer; l++)
         if (m->w.layers[l].p.ffn_kind != MOE_FFN_DENSE) ctx->stats.expert_hits += (uint64_t)n_tokens * (uint64_t)m->w.layers[l].p.n_expert_used;
     double dt = now_s() - t0;
     if (n_tokens == 1) {
@@ -8364,9 +8361,9 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = xs_gpu_budget_check(m, p.gpu_budget_bytes); /* section 8 */
+        st = xs_gpu_budget_check(m, p.gpu_budget_bytes, p.host_budget_bytes); /* section 8 */
         /* AUTO takes a GPU only: on a CPU-type Vulkan device (lavapipe) our CPU backend is faster */
-        if (!st) st = moe_vk_init(&m->w, p.device_index, p.backend == MOE_BACKEND_AUTO, m->log.fn, m->log.user, &m->vk);
+        if (!st) st = moe_vk_init_budget(&m->w, p.device_index, p.backend == MOE_BACKEND_AUTO, p.gpu_budget_bytes, m->log.fn, m->log.user, &m->vk);
         if (st) {
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_AUTO: Vulkan not used: %s)", m->n_threads,
@@ -8380,7 +8377,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     } else
         log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_CPU asked for)", m->n_threads);
     if (!m->vk && (st = xs_setup(m, p.host_budget_bytes))) goto fail; /* the host expert tier (section 8) */
-    if (m->vk && p.host_budget_bytes) xs_drop_expert_pages(m);
+    if (m->vk && (p.host_budget_bytes || moe_vk_streams_experts(m->vk))) xs_drop_expert_pages(m); /* experts live in device or host-visible memory */
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
             m->w.hp.n_layer, m->w.hp.n_expert, m->w.hp.n_expert_used, m->w.hp.n_vocab, (double)m->n_params / 1e6);
     if (report_progress(&p, 1.0f)) goto cancelled;

@@ -133,10 +133,14 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
     int32_t  device_index;                  /* Vulkan physical device; 0 = best (discrete first) */
     int32_t  n_threads;                     /* CPU threads; 0 = all cores */
     int32_t  reserved0;
-    uint64_t gpu_budget_bytes;              /* 0 = no limit; caps the device memory of the weights. The GPU
-                                               expert cache is not built yet: a budget below the weights
-                                               fails (MOE_ERR_NO_MEMORY below the minimum working set, else
-                                               MOE_ERR_UNSUPPORTED; AUTO then takes the CPU) */
+    uint64_t gpu_budget_bytes;              /* 0 = no limit; caps the device memory of the weights (Vulkan).
+                                               Below what they take, non-expert weights stay resident and
+                                               the rest is a slot cache of experts; every expert also lives
+                                               in host-visible memory (expert bytes of host memory) that the
+                                               GPU reads a miss from; logits stay bit-identical. Below the
+                                               minimum working set MOE_ERR_NO_MEMORY naming it (AUTO then
+                                               takes the CPU); together with a host_budget_bytes below the
+                                               weights: MOE_ERR_UNSUPPORTED (not built yet) */
     uint64_t host_budget_bytes;             /* 0 = no limit; caps the host memory of the weights. CPU backend:
                                                below the weights, experts are read from the file with pread
                                                into a cache of the budget less the non-expert weights, on
@@ -340,7 +344,9 @@ MOE_API moe_status moe_model_save(const moe_model *model, const char *path, cons
 /* expert_hits / expert_misses count (token, layer, routed expert) pairs of this context's steps:
    a hit found its expert in memory (a resident run counts hits only; a prefetched expert counts
    as a hit), a miss had to wait for it to be read; expert_bytes_streamed: bytes this context had
-   read from the file (demand and prefetch). */
+   read from the file (demand and prefetch). Vulkan GPU expert cache: a hit found its expert in a
+   device slot, a miss read it from host-visible memory; bytes: the missed experts read over the
+   bus plus the bytes copied into slots. */
 typedef struct moe_stats {
     uint64_t gpu_bytes_weights, gpu_bytes_kv, gpu_bytes_scratch, host_bytes;
     uint64_t expert_hits, expert_misses, expert_bytes_streamed;
@@ -604,7 +610,21 @@ typedef struct moe_vk_backend moe_vk_backend;
 typedef void (*moe_log_fn)(int32_t level, const char *msg, void *user);
 moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
                        moe_vk_backend **out);
+/* moe_vk_init with a gpu_budget_bytes (0 = no limit): below what the resident weights take on the
+   device, the experts get a slot cache (moe_vk.c, "GPU expert slot cache"); MOE_ERR_NO_MEMORY
+   naming the minimum below the minimum working set. moe_vk_init is this with 0. */
+moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
+                              moe_log_fn log, void *log_user, moe_vk_backend **out);
+int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
 void       moe_vk_free(moe_vk_backend *vk);
+/* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache:
+   over n_slots slots (state 0 empty, 1 loading, 2 ready; pins > 0 pinned) the slot that gives way,
+   or -1; touch records a use of slot s (LRU stamp, LFU count with decay). */
+enum { MOE_XS_LRU = 0, MOE_XS_LFU = 1 };
+int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state, const uint64_t *stamp,
+                      const float *freq);
+void    moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at);
+int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else MOE_XS_LRU */
 moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 void       moe_vk_ctx_free(void *be);
 extern const moe_ops moe_vk_ops;

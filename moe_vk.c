@@ -23,8 +23,9 @@
    then it is split at row boundaries and each part is a separate dispatch. Dense kernels see
    their tensor at byte 0 of binding 6[0]. Expert tensors are addressed through a per-layer
    indirection table on the GPU (expert id -> window, byte offset; binding 3), with the windows
-   of the layer bound as the array binding 6[0..7], so streaming can later change the table and
-   never the kernels.
+   of the layer bound as the array binding 6[0..7], so streaming changes the table and never the
+   kernels: under a gpu_budget_bytes below the weights, the experts go through the GPU expert
+   slot cache (its bannered block before vk_upload_weights).
 
    ENVIRONMENT
    MOE_VK_VALIDATION=1   enable VK_LAYER_KHRONOS_validation; every message goes to the log
@@ -541,7 +542,9 @@ struct moe_vk_backend {
     const moe_weights *w;
     moe_log_fn log;
     void *log_user;
-    uint64_t weight_bytes;
+    uint64_t weight_bytes;     /* device memory of the weights (windows; with the expert cache: dense windows and slots) */
+    uint64_t gpu_budget;       /* gpu_budget_bytes (0 = no limit) */
+    struct vk_xg *xg;          /* the GPU expert slot cache, NULL when the weights are resident */
 };
 
 static _Atomic long g_vk_validation_messages; /* warnings and errors reported by the validation layer */
@@ -1084,6 +1087,291 @@ static moe_status vk_check_weight(const moe_weight *w) {
     return MOE_OK;
 }
 
+/* ============================================================================================ */
+/* GPU expert slot cache (issue 11, tier 1; DESIGN.md "Expert streaming")                        */
+/* ============================================================================================ */
+/* With a gpu_budget_bytes below what the resident weights take on the device, the non-expert
+   weights stay resident (device windows as always) and every layer's experts get:
+     - host-visible windows holding all of the layer's experts (copied from the file once at load;
+       the mapping's pages are given back afterwards): the "home" of each expert, which the GPU
+       reads directly over the bus for a miss, so the router's choice never has to reach the host
+       before the experts run;
+     - device-local slot windows: the layer's share of the budget left after the non-expert
+       weights and the tables, in slots of one expert (all its slabs, each VK_ALIGN-aligned with
+       VK_PAD slack).
+   Both sit among the layer's 8 bound windows (binding 6), host windows first, so the expert
+   table entry of (tensor, expert) points at either place and the kernels never change: the same
+   kernels read the same bytes, so the logits equal the resident run's bit for bit at every
+   budget, for any number of distinct experts a step needs (a large prefill reads what does not
+   fit from host-visible memory).
+   After each step the routed ids of every MoE layer (copied by the step itself into a
+   host-visible route log, no extra sync) are counted as hits (expert in a slot) and misses;
+   missed experts take slots given up by the eviction policy of moe.c section 8 (moe_xs_victim,
+   per layer; never a slot the step itself used) and the copies into those slots, with the table
+   updates, are queued on the queue without waiting: they run before the next step (queue order
+   and barriers also order them after steps of other contexts still in flight).
+   Not built yet: a host tier below this one (host_budget_bytes below the weights together with a
+   GPU budget: the router's choice would have to reach the host at the route op), prefetch. */
+#define VK_XG_T 4 /* expert tensors per layer */
+
+typedef struct vk_xg {
+    int L, E, policy;
+    uint32_t *home;            /* [n_tbl] (relative window, offset) of each expert slab in host-visible memory */
+    uint32_t n_tbl;
+    uint32_t *win0;            /* [L] first window of the layer's experts */
+    int32_t *lt_n;             /* [L] expert tensors of the layer */
+    uint32_t *lt_tbl;          /* [L][VK_XG_T] first table entry of tensor t */
+    uint64_t *lt_len, *lt_roff;/* [L][VK_XG_T] slab bytes; offset of its region in a slot */
+    uint64_t *unit;            /* [L] bytes of one expert (its slabs) */
+    int32_t *s0, *ns;          /* [L] first slot and number of slots of the layer */
+    uint64_t *tick, *decay_at; /* [L] policy clocks (a layer's slots compete among themselves) */
+    int32_t n_slots;
+    uint32_t *slot_win;        /* [n_slots] relative window of the slot */
+    uint64_t *slot_off;        /* [n_slots] its byte offset there */
+    int32_t *key;              /* [n_slots] expert held, -1 none */
+    uint8_t *state;            /* [n_slots] 0 empty, 2 ready (moe_xs_victim's states) */
+    uint64_t *stamp;
+    float *freq;
+    int32_t *map;              /* [L·E] slot of expert e of layer l, -1: read from its home */
+    pthread_mutex_t mu;
+    int mu_ok;
+    VkCommandPool pool;        /* queued slot fills: two command buffers, used in turn */
+    VkCommandBuffer cb[2];
+    VkFence fence[2];
+    int pending[2], cur;
+    int reset;                 /* fills failed to reach the queue: every entry goes back to its home first */
+    vk_buf mirror[2];          /* host-visible copy of the table per command buffer: updates are copied from it */
+    uint64_t host_bytes, slot_bytes_total;
+} vk_xg;
+
+static void vk_xg_free(moe_vk_backend *vk) {
+    vk_xg *x = vk->xg;
+    if (!x) return;
+    for (int i = 0; i < 2; i++) {
+        if (x->pending[i]) vk->f.WaitForFences(vk->dev, 1, &x->fence[i], 1, 120ull * 1000000000ull);
+        if (x->fence[i]) vk->f.DestroyFence(vk->dev, x->fence[i], NULL);
+        vk_buf_free(vk, &x->mirror[i]);
+    }
+    if (x->pool) vk->f.DestroyCommandPool(vk->dev, x->pool, NULL);
+    if (x->mu_ok) pthread_mutex_destroy(&x->mu);
+    free(x->home);
+    free(x->win0);
+    free(x->lt_n);
+    free(x->lt_tbl);
+    free(x->lt_len);
+    free(x->lt_roff);
+    free(x->unit);
+    free(x->s0);
+    free(x->ns);
+    free(x->tick);
+    free(x->decay_at);
+    free(x->slot_win);
+    free(x->slot_off);
+    free(x->key);
+    free(x->state);
+    free(x->stamp);
+    free(x->freq);
+    free(x->map);
+    free(x);
+    vk->xg = NULL;
+}
+
+/* a host-visible, coherent, mapped buffer, in system memory where the device has such a type (not
+   device-local: the GPU reads it over the bus) */
+static moe_status vk_xg_host_buf(moe_vk_backend *vk, vk_buf *b, VkDeviceSize size) {
+    vk_fns *f = &vk->f;
+    memset(b, 0, sizeof *b);
+    size = vk_align_up(size ? size : 4, 4);
+    VkBufferCreateInfo bci = {VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, NULL, 0, size,
+                              VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT,
+                              VK_SHARING_MODE_EXCLUSIVE, 0, NULL};
+    VkResult r = f->CreateBuffer(vk->dev, &bci, NULL, &b->buf);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreateBuffer (host-visible experts) failed (%s)", vk_result_str(r));
+    VkMemoryRequirements req;
+    f->GetBufferMemoryRequirements(vk->dev, b->buf, &req);
+    VkFlags want = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+    int t = -1;
+    for (int pass = 0; pass < 2 && t < 0; pass++)
+        for (uint32_t i = 0; i < vk->memp.memoryTypeCount && t < 0; i++) {
+            VkFlags fl = vk->memp.memoryTypes[i].propertyFlags;
+            if ((req.memoryTypeBits & (1u << i)) && (fl & want) == want && (pass == 1 || !(fl & VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT))) t = (int)i;
+        }
+    if (t < 0) {
+        vk_buf_free(vk, b);
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: no host-visible memory type for the experts");
+    }
+    VkMemoryAllocateInfo mai = {VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO, NULL, req.size, (uint32_t)t};
+    r = f->AllocateMemory(vk->dev, &mai, NULL, &b->mem);
+    if (r == VK_SUCCESS) r = f->BindBufferMemory(vk->dev, b->buf, b->mem, 0);
+    void *p = NULL;
+    if (r == VK_SUCCESS) r = f->MapMemory(vk->dev, b->mem, 0, VK_WHOLE_SIZE, 0, &p);
+    if (r != VK_SUCCESS) {
+        vk_buf_free(vk, b);
+        return vk_fail(r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY ? MOE_ERR_NO_MEMORY : MOE_ERR_DEVICE,
+                       "Vulkan: allocating %.1f MiB of host-visible memory for the experts failed (%s)", (double)size / 1048576.0, vk_result_str(r));
+    }
+    b->map = p;
+    b->size = size;
+    return MOE_OK;
+}
+
+/* Places the experts of every layer (host-visible homes, device slots) after the dense windows,
+   writes them to their homes and the table entries (tbl: absolute entries, filled here) pointing
+   at them. dense_bytes: device bytes of the dense windows already allocated; tbl_bytes: of the
+   table. Called from vk_upload_weights when the budget asks for streaming. */
+static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t *tbl, uint32_t n_tbl, uint64_t dense_bytes,
+                              uint64_t tbl_bytes) {
+    const moe_hparams *hp = &w->hp;
+    int L = hp->n_layer, E = hp->n_expert;
+    vk_xg *x = calloc(1, sizeof *x);
+    if (!x) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    vk->xg = x;
+    x->L = L;
+    x->E = E;
+    x->n_tbl = n_tbl;
+    x->policy = moe_xs_policy_env();
+    size_t LT = (size_t)L * VK_XG_T;
+    if (!(x->home = calloc(n_tbl ? 2 * (size_t)n_tbl : 2, sizeof *x->home)) || !(x->win0 = calloc((size_t)L, sizeof *x->win0)) ||
+        !(x->lt_n = calloc((size_t)L, sizeof *x->lt_n)) || !(x->lt_tbl = calloc(LT, sizeof *x->lt_tbl)) ||
+        !(x->lt_len = calloc(LT, sizeof *x->lt_len)) || !(x->lt_roff = calloc(LT, sizeof *x->lt_roff)) ||
+        !(x->unit = calloc((size_t)L, sizeof *x->unit)) || !(x->s0 = calloc((size_t)L, sizeof *x->s0)) ||
+        !(x->ns = calloc((size_t)L, sizeof *x->ns)) || !(x->tick = calloc((size_t)L, sizeof *x->tick)) ||
+        !(x->decay_at = calloc((size_t)L, sizeof *x->decay_at)) || !(x->map = malloc((size_t)L * (size_t)E * sizeof *x->map)))
+        return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
+    /* per layer: its expert tensors and the slot layout */
+    uint64_t max_slot = 0;
+    int n_moe = 0;
+    uint64_t *slot_b = calloc((size_t)L, sizeof *slot_b);
+    if (!slot_b) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    for (int l = 0; l < L; l++) {
+        int i0 = MOE_GT_COUNT + l * MOE_LT_COUNT;
+        for (int i = i0; i < i0 + MOE_LT_COUNT; i++) {
+            const moe_weight *mw = vk_weight_at(w, i);
+            if (!mw->data || !vk->wts[i].experts) continue;
+            int t = x->lt_n[l]++;
+            if (t >= VK_XG_T || mw->ne[2] != E) {
+                free(slot_b);
+                return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: the expert cache needs at most %d expert tensors of %d experts per layer (layer %d)",
+                               VK_XG_T, E, l);
+            }
+            x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] = vk->wts[i].tbl;
+            x->lt_len[(size_t)l * VK_XG_T + (size_t)t] = mw->expert_bytes;
+            x->lt_roff[(size_t)l * VK_XG_T + (size_t)t] = slot_b[l];
+            slot_b[l] += vk_align_up(mw->expert_bytes + VK_PAD, VK_ALIGN);
+            x->unit[l] += mw->expert_bytes;
+        }
+        if (x->lt_n[l]) n_moe++;
+        if (slot_b[l] > max_slot) max_slot = slot_b[l];
+    }
+    uint64_t budget = vk->gpu_budget, fixed = dense_bytes + tbl_bytes, min = fixed + (uint64_t)hp->n_expert_used * max_slot;
+    if (budget < min) {
+        free(slot_b);
+        return vk_fail(MOE_ERR_NO_MEMORY, "moe_load: gpu_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB: resident "
+                       "non-expert weights and expert tables %llu + %d expert slots of %llu bytes)", (unsigned long long)budget,
+                       (unsigned long long)min, (double)min / 1048576.0, (unsigned long long)fixed, hp->n_expert_used, (unsigned long long)max_slot);
+    }
+    /* slots: the rest of the budget, shared out over the MoE layers */
+    uint64_t S = max_slot ? (budget - fixed) / max_slot : 0;
+    int k = 0;
+    for (int l = 0; l < L; l++) {
+        if (!x->lt_n[l]) continue;
+        uint64_t n = S / (uint64_t)n_moe + ((uint64_t)k++ < S % (uint64_t)n_moe ? 1 : 0);
+        x->ns[l] = (int32_t)(n > (uint64_t)E ? (uint64_t)E : n);
+        x->s0[l] = x->n_slots;
+        x->n_slots += x->ns[l];
+        x->decay_at[l] = (uint64_t)x->ns[l];
+    }
+    size_t ns = (size_t)(x->n_slots ? x->n_slots : 1);
+    if (!(x->slot_win = calloc(ns, sizeof *x->slot_win)) || !(x->slot_off = calloc(ns, sizeof *x->slot_off)) ||
+        !(x->key = malloc(ns * sizeof *x->key)) || !(x->state = calloc(ns, 1)) || !(x->stamp = calloc(ns, sizeof *x->stamp)) ||
+        !(x->freq = calloc(ns, sizeof *x->freq))) {
+        free(slot_b);
+        return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    }
+    for (size_t i = 0; i < ns; i++) x->key[i] = -1;
+    /* windows: per MoE layer, host-visible windows with every expert, then the slot windows */
+    moe_status st = MOE_OK;
+    for (int l = 0; l < L && !st; l++) {
+        if (!x->lt_n[l]) continue;
+        vk_placer pl = {vk->win_cap, 0, 0, NULL, 0, 0};
+        for (int t = 0; t < x->lt_n[l] && !st; t++) {
+            uint32_t j0 = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t];
+            uint64_t len = x->lt_len[(size_t)l * VK_XG_T + (size_t)t];
+            for (int e = 0; e < E; e++) {
+                uint32_t win;
+                VkDeviceSize off;
+                if (!vk_place(&pl, len, &win, &off)) { st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory"); break; }
+                tbl[2 * (j0 + (uint32_t)e)] = win;
+                tbl[2 * (j0 + (uint32_t)e) + 1] = (uint32_t)off;
+            }
+        }
+        uint64_t per_win = slot_b[l] ? vk->win_cap / slot_b[l] : 1;
+        uint32_t n_sw = per_win ? (uint32_t)(((uint64_t)x->ns[l] + per_win - 1) / per_win) : 0;
+        if (!st && pl.n_win + n_sw > VK_XBUFS)
+            st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: the experts of layer %d need %u host-visible and %u slot windows (at most %d together)", l,
+                         pl.n_win, n_sw, VK_XBUFS);
+        vk_buf *nw = st ? NULL : realloc(vk->win, (vk->n_win + pl.n_win + n_sw) * sizeof *nw);
+        if (!st && !nw) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        if (!st) vk->win = nw;
+        x->win0[l] = vk->n_win;
+        for (uint32_t i = 0; i < pl.n_win && !st; i++) {
+            st = vk_xg_host_buf(vk, &vk->win[vk->n_win], vk_align_up(pl.win_used[i], VK_ALIGN));
+            if (!st) x->host_bytes += vk->win[vk->n_win++].size;
+        }
+        for (uint32_t i = 0; i < n_sw && !st; i++) {
+            uint64_t in_win = (uint64_t)x->ns[l] - (uint64_t)i * per_win;
+            in_win = in_win < per_win ? in_win : per_win;
+            st = vk_buf_new(vk, &vk->win[vk->n_win], in_win * slot_b[l], VK_MEM_DEVICE, "expert slots");
+            if (!st) {
+                x->slot_bytes_total += vk->win[vk->n_win].size;
+                vk->weight_bytes += vk->win[vk->n_win++].size;
+            }
+        }
+        for (int32_t i = 0; i < x->ns[l] && !st; i++) {
+            x->slot_win[x->s0[l] + i] = pl.n_win + (uint32_t)((uint64_t)i / per_win);
+            x->slot_off[x->s0[l] + i] = ((uint64_t)i % per_win) * slot_b[l];
+        }
+        /* the experts to their homes; table entries relative to the layer's first window */
+        for (int t = 0; t < x->lt_n[l] && !st; t++) {
+            uint32_t j0 = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t];
+            const moe_weight *mw = NULL;
+            for (int i = MOE_GT_COUNT + l * MOE_LT_COUNT; i < MOE_GT_COUNT + (l + 1) * MOE_LT_COUNT; i++)
+                if (vk->wts[i].experts && vk->wts[i].tbl == j0) mw = vk_weight_at(w, i);
+            for (int e = 0; e < E; e++) {
+                uint32_t j = j0 + (uint32_t)e;
+                memcpy(vk->win[x->win0[l] + tbl[2 * j]].map + tbl[2 * j + 1], mw->expert_data[e], (size_t)mw->expert_bytes);
+                x->home[2 * j] = tbl[2 * j];
+                x->home[2 * j + 1] = tbl[2 * j + 1];
+            }
+        }
+        for (int i = MOE_GT_COUNT + l * MOE_LT_COUNT; i < MOE_GT_COUNT + (l + 1) * MOE_LT_COUNT; i++)
+            if (vk->wts[i].experts) vk->wts[i].win0 = x->win0[l];
+        free(pl.win_used);
+    }
+    free(slot_b);
+    if (st) return st;
+    /* the queue side: a command pool, two command buffers with fences, two table mirrors */
+    if (pthread_mutex_init(&x->mu, NULL) != 0) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: cannot create a mutex");
+    x->mu_ok = 1;
+    VkCommandPoolCreateInfo pci = {VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO, NULL, VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, vk->qfam};
+    VkResult r = vk->f.CreateCommandPool(vk->dev, &pci, NULL, &x->pool);
+    VkCommandBufferAllocateInfo cai = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, NULL, x->pool, VK_COMMAND_BUFFER_LEVEL_PRIMARY, 2};
+    if (r == VK_SUCCESS) r = vk->f.AllocateCommandBuffers(vk->dev, &cai, x->cb);
+    VkFenceCreateInfo fci = {VK_STRUCTURE_TYPE_FENCE_CREATE_INFO, NULL, 0};
+    for (int i = 0; i < 2 && r == VK_SUCCESS; i++) r = vk->f.CreateFence(vk->dev, &fci, NULL, &x->fence[i]);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: setting up the expert cache's transfers failed (%s)", vk_result_str(r));
+    for (int i = 0; i < 2 && !st; i++) st = vk_buf_new(vk, &x->mirror[i], (VkDeviceSize)(n_tbl ? n_tbl : 1) * 8, VK_MEM_HOST, "expert table updates");
+    if (st) return st;
+    vk_log(vk, MOE_LOG_INFO, "Vulkan: GPU expert cache: %d expert slots (%.1f MiB) under a budget of %.1f MiB (resident non-expert weights and "
+           "tables %.1f MiB); misses read from %.1f MiB of host-visible memory; %s eviction", x->n_slots,
+           (double)x->slot_bytes_total / 1048576.0, (double)budget / 1048576.0, (double)fixed / 1048576.0, (double)x->host_bytes / 1048576.0,
+           x->policy == MOE_XS_LFU ? "LFU (with decay)" : "LRU");
+    return MOE_OK;
+}
+
+int moe_vk_streams_experts(const moe_vk_backend *vk) { return vk && vk->xg; }
+
 static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
     const moe_hparams *hp = &w->hp;
     int n = vk_n_weights(w);
@@ -1104,6 +1392,8 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
         goto done;
     }
     vk->n_wts = (uint32_t)n;
+    int stream = 0; /* the GPU expert slot cache: experts are placed by vk_xg_place */
+place:
     /* 1. placement */
     for (int i = 0; i < n && !st; i++) {
         moe_weight *mw = vk_weight_at(w, i);
@@ -1119,6 +1409,7 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
             wt->experts = 1;
             wt->tbl = tbl_next;
             tbl_next += E;
+            if (stream) continue;
             if (mw->expert_bytes + VK_PAD > vk->win_cap) {
                 st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one expert of '%s' (%llu bytes) exceeds a storage window (%llu bytes)", mw->name,
                              (unsigned long long)mw->expert_bytes, (unsigned long long)vk->win_cap);
@@ -1159,8 +1450,30 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
             wt->n_parts++;
         }
     }
+    if (!st && !stream && vk->gpu_budget) { /* does everything fit the GPU budget? else the experts go to the slot cache */
+        uint64_t total = (uint64_t)(n_tbl ? n_tbl : 1) * 8;
+        for (uint32_t i = 0; i < pl.n_win; i++) total += vk_align_up(pl.win_used[i], VK_ALIGN);
+        if (total > vk->gpu_budget && !n_tbl) {
+            st = vk_fail(MOE_ERR_NO_MEMORY, "moe_load: gpu_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB: a model "
+                         "without routed experts keeps all its weights resident)", (unsigned long long)vk->gpu_budget,
+                         (unsigned long long)total, (double)total / 1048576.0);
+            goto done;
+        }
+        if (total > vk->gpu_budget) {
+            stream = 1;
+            free(vk->parts);
+            vk->parts = NULL;
+            vk->n_parts = parts_cap = tbl_next = 0;
+            memset(vk->wts, 0, (size_t)n * sizeof *vk->wts);
+            memset(tbl, 0, 2 * n_tbl * sizeof *tbl);
+            free(pl.win_used);
+            vk_placer fresh = {vk->win_cap, 0, 0, NULL, 0, 0};
+            pl = fresh;
+            goto place;
+        }
+    }
     /* per layer, the windows of its expert tensors must fit the 8-entry binding; entries become relative */
-    for (int l = 0; l < hp->n_layer && !st; l++) {
+    for (int l = 0; l < hp->n_layer && !st && !stream; l++) {
         int i0 = MOE_GT_COUNT + l * MOE_LT_COUNT;
         uint32_t lo = UINT32_MAX, hi = 0;
         for (int i = i0; i < i0 + MOE_LT_COUNT; i++)
@@ -1196,6 +1509,7 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
             vk->weight_bytes += vk->win[i].size;
         }
     }
+    if (!st && stream) st = vk_xg_place(vk, w, tbl, (uint32_t)n_tbl, vk->weight_bytes, (uint64_t)(n_tbl ? n_tbl : 1) * 8);
     if (!st) st = vk_buf_new(vk, &vk->tables, (VkDeviceSize)(n_tbl ? n_tbl : 1) * 8, VK_MEM_DEVICE, "expert tables");
     if (st) goto done;
     /* 3. upload */
@@ -1208,7 +1522,7 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
         mw->dev = wt;
         if (i == MOE_OUTPUT && mw->data == w->g[MOE_TOK_EMBD].data) continue;
         if (wt->experts) {
-            for (uint32_t e = 0; e < (uint32_t)mw->ne[2]; e++) {
+            for (uint32_t e = 0; e < (uint32_t)mw->ne[2] && !stream; e++) { /* streamed: already at their homes */
                 size_t j = wt->tbl + e;
                 vk_xfer_copy(&x, (uint8_t *)(uintptr_t)mw->expert_data[e], mw->expert_bytes, vk->win[tbl[2 * j] + wt->win0].buf, tbl[2 * j + 1]);
             }
@@ -1301,6 +1615,7 @@ void moe_vk_free(moe_vk_backend *vk) {
     vk_fns *f = &vk->f;
     if (vk->dev) { /* resources exist only if every device entry point loaded; the device itself may not */
         if (f->DeviceWaitIdle) f->DeviceWaitIdle(vk->dev);
+        vk_xg_free(vk);
         for (int i = 0; i < VKP_COUNT; i++)
             for (int v = 0; v < VK_VARIANTS; v++)
                 if (vk->pipes[i][v]) f->DestroyPipeline(vk->dev, vk->pipes[i][v], NULL);
@@ -1325,6 +1640,11 @@ void moe_vk_free(moe_vk_backend *vk) {
 
 moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
                        moe_vk_backend **out) {
+    return moe_vk_init_budget(w, device_index, gpu_only, 0, log, log_user, out);
+}
+
+moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes, moe_log_fn log,
+                              void *log_user, moe_vk_backend **out) {
     if (!out) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: out is NULL");
     *out = NULL;
     if (!w || device_index < 0) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: bad arguments");
@@ -1347,6 +1667,7 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_o
     if (!vk) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of memory");
     vk->log = log;
     vk->log_user = log_user;
+    vk->gpu_budget = gpu_budget_bytes;
     if (pthread_mutex_init(&vk->lock, NULL) != 0) {
         free(vk);
         return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: cannot create a mutex");
@@ -1461,7 +1782,14 @@ typedef struct vk_ctx {
     uint64_t expert_evals;     /* (token, expert) pairs run, counted when a step completes */
     uint64_t step_evals;
     double prof_total[2];
+    /* GPU expert slot cache: the step's routed ids per layer (host-visible), pairs logged per layer */
+    vk_buf rlog;
+    int32_t *xg_n;
+    uint32_t xg_stride;        /* u32 per layer in rlog: n_batch · k */
+    uint64_t xg_hits, xg_misses, xg_bytes;
 } vk_ctx;
+static moe_status vk_xg_after_step(vk_ctx *c);
+static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n);
 
 static void vk_pn_flush(vk_ctx *c);
 static void vk_pn_touch(vk_ctx *c, unsigned rd, unsigned wr);
@@ -1703,6 +2031,7 @@ static void vk_begin_step(void *be) {
     c->fuse_idx = -1;
     c->pn.active = 0;
     c->err = MOE_OK;
+    if (c->xg_n) memset(c->xg_n, 0, (size_t)c->vk->w->hp.n_layer * sizeof *c->xg_n);
     if (c->dead) vk_ctx_fail(c, MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
 }
 
@@ -1749,6 +2078,7 @@ static moe_status vk_end_step(void *be) {
     }
     vk_prof_collect(c, c->recs, c->n_recs);
     c->expert_evals += c->step_evals;
+    if (vk->xg) return vk_xg_after_step(c); /* the GPU expert slot cache: hits, misses, slot fills for the next steps */
     return MOE_OK;
 }
 
@@ -1809,6 +2139,8 @@ void moe_vk_ctx_free(void *be) {
     vk_buf *bufs[] = {&c->h, &c->p, &c->aux, &c->kc, &c->vc, &c->step, &c->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) vk_buf_free(vk, bufs[i]);
     for (int i = 0; i < c->n_rope; i++) vk_buf_free(vk, &c->rope[i].tab);
+    vk_buf_free(vk, &c->rlog);
+    free(c->xg_n);
     free(c->kv_off);
     free(c->kv_size);
     free(c->kv_rows);
@@ -1939,6 +2271,11 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
             }
         }
         if (r != VK_SUCCESS) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: creating the context's command pool failed (%s)", vk_result_str(r));
+    }
+    if (!st && vk->xg) { /* GPU expert slot cache: the route log */
+        c->xg_stride = (uint32_t)(nb * k);
+        if (!(c->xg_n = calloc((size_t)hp->n_layer, sizeof *c->xg_n))) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        if (!st) st = vk_buf_new(vk, &c->rlog, (VkDeviceSize)hp->n_layer * nb * k * 4, VK_MEM_HOST_READ, "the route log");
     }
     if (st) {
         moe_vk_ctx_free(c);
@@ -2397,6 +2734,7 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
     }
+    if (vk->xg) vk_xg_log_route(c, wg, n); /* GPU expert slot cache: the routed ids to the host after the step */
     c->fuse_idx = -1;
 }
 
@@ -2442,6 +2780,153 @@ static void vk_op_experts_down(void *be, int dst, const moe_weight *down, int n)
     vk_mark_fusable(c, dst, n, VK_PC_WORD(MOE_COMBINE, acc));
 }
 
+/* ---- GPU expert slot cache: the per-step side (see the banner before vk_upload_weights) ---- */
+
+/* the step copies the layer's routed ids into the context's host-visible route log */
+static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n) {
+    moe_vk_backend *vk = c->vk;
+    int l = vk_weight_layer((int)(wg - vk->wts));
+    if (l < 0 || l >= vk->xg->L || !c->rlog.buf) return;
+    uint32_t pairs = (uint32_t)n * (uint32_t)c->route_k;
+    vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+    if (!r) return;
+    vk_bind_range(r, 0, c->aux.buf, (VkDeviceSize)c->ids_off * 4, (VkDeviceSize)pairs * 4, 0);
+    vk_bind_range(r, 1, c->rlog.buf, (VkDeviceSize)l * c->xg_stride * 4, 0, 1);
+    c->xg_n[l] = (int32_t)pairs;
+}
+
+/* Starts recording the current fill command buffer (waits for its previous use first). */
+static moe_status vk_xg_cb_begin(moe_vk_backend *vk, vk_xg *x) {
+    int i = x->cur;
+    if (x->pending[i]) {
+        x->pending[i] = 0;
+        moe_status st = vk_wait_fence(vk, x->fence[i], "expert slot fills");
+        if (st) return st;
+    }
+    VkCommandBufferBeginInfo bi = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO, NULL, VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT, NULL};
+    VkResult r = vk->f.ResetCommandBuffer(x->cb[i], 0);
+    if (r == VK_SUCCESS) r = vk->f.BeginCommandBuffer(x->cb[i], &bi);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: recording expert slot fills failed (%s)", vk_result_str(r));
+    /* earlier steps (any context) read the slots and the table: they finish before the copies */
+    VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_WRITE_BIT | VK_ACCESS_HOST_WRITE_BIT,
+                          VK_ACCESS_TRANSFER_READ_BIT | VK_ACCESS_TRANSFER_WRITE_BIT};
+    vk->f.CmdPipelineBarrier(x->cb[i], VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT | VK_PIPELINE_STAGE_HOST_BIT,
+                             VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    return MOE_OK;
+}
+
+/* table entry j now says (win, off): through this command buffer's mirror */
+static void vk_xg_set_entry(moe_vk_backend *vk, vk_xg *x, uint32_t j, uint32_t win, uint32_t off) {
+    uint32_t *m = (uint32_t *)x->mirror[x->cur].map;
+    m[2 * j] = win;
+    m[2 * j + 1] = off;
+    VkBufferCopy cp = {(VkDeviceSize)j * 8, (VkDeviceSize)j * 8, 8};
+    vk->f.CmdCopyBuffer(x->cb[x->cur], x->mirror[x->cur].buf, vk->tables.buf, 1, &cp);
+}
+
+/* After a step: counts the step's routed experts as hits (in a slot) or misses (read from their
+   home), gives missed experts slots (the eviction policy of section 8, per layer) and queues the
+   copies and table updates; nothing waits for them. */
+static moe_status vk_xg_after_step(vk_ctx *c) {
+    moe_vk_backend *vk = c->vk;
+    vk_xg *x = vk->xg;
+    int L = x->L, E = x->E, recording = 0;
+    moe_status st = MOE_OK;
+    uint32_t cnt[VK_MAX_EXPERTS];
+    pthread_mutex_lock(&x->mu);
+    if (x->reset) { /* a failed submission left the host's view ahead of the table: every entry to its home again */
+        if ((st = vk_xg_cb_begin(vk, x))) goto out;
+        recording = 1;
+        memcpy(x->mirror[x->cur].map, x->home, (size_t)x->n_tbl * 8);
+        VkBufferCopy cp = {0, 0, (VkDeviceSize)x->n_tbl * 8};
+        vk->f.CmdCopyBuffer(x->cb[x->cur], x->mirror[x->cur].buf, vk->tables.buf, 1, &cp);
+        VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT, VK_ACCESS_TRANSFER_WRITE_BIT};
+        vk->f.CmdPipelineBarrier(x->cb[x->cur], VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    }
+    for (int l = 0; l < L && !st; l++) {
+        uint32_t np = (uint32_t)c->xg_n[l];
+        if (!np) continue;
+        c->xg_n[l] = 0;
+        const uint32_t *ids = (const uint32_t *)c->rlog.map + (size_t)l * c->xg_stride;
+        memset(cnt, 0, (size_t)E * sizeof cnt[0]);
+        for (uint32_t p = 0; p < np; p++)
+            if (ids[p] < (uint32_t)E) cnt[ids[p]]++;
+        int32_t s0 = x->s0[l], ns = x->ns[l];
+        uint64_t step_tick = x->tick[l]; /* slots touched after this were used by this step */
+        for (int e = 0; e < E; e++) {
+            int32_t s = cnt[e] ? x->map[(size_t)l * (size_t)E + (size_t)e] : -1;
+            if (s < 0) continue;
+            c->xg_hits += cnt[e];
+            moe_xs_touch(s - s0, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+        }
+        for (int e = 0; e < E && !st; e++) {
+            if (!cnt[e] || x->map[(size_t)l * (size_t)E + (size_t)e] >= 0) continue;
+            c->xg_misses += cnt[e];
+            c->xg_bytes += x->unit[l]; /* read over the bus from its home */
+            if (!ns) continue;
+            int32_t v = moe_xs_victim(x->policy, ns, NULL, x->state + s0, x->stamp + s0, x->freq + s0);
+            if (v < 0 || (x->state[s0 + v] && x->stamp[s0 + v] > step_tick)) continue; /* every slot serves this step */
+            int32_t s = s0 + v;
+            if (!recording) {
+                if ((st = vk_xg_cb_begin(vk, x))) break;
+                recording = 1;
+            }
+            if (x->key[s] >= 0) { /* the evicted expert is read from its home again */
+                int old = x->key[s];
+                x->map[(size_t)l * (size_t)E + (size_t)old] = -1;
+                for (int t = 0; t < x->lt_n[l]; t++) {
+                    uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)old;
+                    vk_xg_set_entry(vk, x, j, x->home[2 * j], x->home[2 * j + 1]);
+                }
+            }
+            x->key[s] = e;
+            x->map[(size_t)l * (size_t)E + (size_t)e] = s;
+            x->state[s] = 2;
+            x->freq[s] = 0;
+            moe_xs_touch(v, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            for (int t = 0; t < x->lt_n[l]; t++) {
+                uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
+                VkBufferCopy cp = {x->home[2 * j + 1], x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t],
+                                   x->lt_len[(size_t)l * VK_XG_T + (size_t)t]};
+                vk->f.CmdCopyBuffer(x->cb[x->cur], vk->win[x->win0[l] + x->home[2 * j]].buf, vk->win[x->win0[l] + x->slot_win[s]].buf, 1, &cp);
+            }
+            /* the table may point at the slot only after the copy: a barrier between them */
+            VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT, VK_ACCESS_TRANSFER_WRITE_BIT};
+            vk->f.CmdPipelineBarrier(x->cb[x->cur], VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+            for (int t = 0; t < x->lt_n[l]; t++) {
+                uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
+                vk_xg_set_entry(vk, x, j, x->slot_win[s], (uint32_t)(x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t]));
+            }
+            c->xg_bytes += x->unit[l]; /* and copied into the slot */
+        }
+    }
+    if (recording && !st) {
+        VkCommandBuffer cb = x->cb[x->cur];
+        VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT, VK_ACCESS_SHADER_READ_BIT};
+        vk->f.CmdPipelineBarrier(cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+        VkResult r = vk->f.EndCommandBuffer(cb);
+        if (r != VK_SUCCESS) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: recording expert slot fills failed (%s)", vk_result_str(r));
+        if (!st) st = vk_submit(vk, cb, x->fence[x->cur], "expert slot fills");
+        if (!st) {
+            x->pending[x->cur] = 1;
+            x->cur ^= 1;
+            x->reset = 0;
+        }
+    }
+    if (st && recording) { /* what this call changed never reached the table: forget every slot (their contents stay valid
+                              for the entries still pointing at them until the reset above runs first on the queue) */
+        x->reset = 1;
+        for (int32_t s = 0; s < x->n_slots; s++) {
+            x->key[s] = -1;
+            x->state[s] = 0;
+        }
+        for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
+    }
+out:
+    pthread_mutex_unlock(&x->mu);
+    return st;
+}
+
 /* device memory: weights (shared by the model's contexts), KV cache, scratch */
 static void vk_stats(const void *be, moe_stats *out) {
     const vk_ctx *c = be;
@@ -2449,6 +2934,12 @@ static void vk_stats(const void *be, moe_stats *out) {
     for (int i = 0; i < c->n_rope; i++) s += c->rope[i].tab.size;
     for (int i = 0; i < ACT_COUNT; i++) s += c->act[i].size;
     out->gpu_bytes_weights += c->vk->weight_bytes + c->vk->tables.size;
+    if (c->vk->xg) { /* the GPU expert slot cache: experts' host-visible homes; this context's hits and misses */
+        out->host_bytes += c->vk->xg->host_bytes;
+        out->expert_hits += c->xg_hits;
+        out->expert_misses += c->xg_misses;
+        out->expert_bytes_streamed += c->xg_bytes;
+    }
     out->gpu_bytes_kv += c->kc.size + c->vc.size;
     out->gpu_bytes_scratch += s;
 }

@@ -252,8 +252,9 @@ static void test_threads(void **state) {
 }
 
 /* Vulkan (lavapipe in CI): with a host budget the experts live on the device after the upload and
-   the logits equal the resident run's; a GPU budget below the weights is refused (the GPU tier is
-   not built yet), with NO_MEMORY below the minimum working set; AUTO then takes the CPU. */
+   the logits equal the resident run's; a GPU budget below the weights streams experts through the
+   GPU slot cache (bit-identical; test_vk_stream covers it in depth), with NO_MEMORY below the
+   minimum working set (AUTO then takes the CPU); both budgets below the weights: not built yet. */
 static void test_vulkan_budgets(void **state) {
     (void)state;
     char p[256];
@@ -281,14 +282,18 @@ static void test_vulkan_budgets(void **state) {
     workload(m, 0, got, NULL);
     assert_memory_equal(got, ref, all * sizeof(float));
     moe_model_free(m);
-    lp.host_budget_bytes = 0;
     lp.gpu_budget_bytes = info.weight_bytes - 1;
     assert_int_equal(moe_load(p, &lp, &m), MOE_ERR_UNSUPPORTED);
+    lp.host_budget_bytes = 0;
+    assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
+    assert_true(moe_vk_streams_experts(m->vk));
+    workload(m, 0, got, NULL);
+    assert_memory_equal(got, ref, all * sizeof(float));
+    moe_model_free(m);
     lp.gpu_budget_bytes = info.weight_bytes - info.expert_bytes;
     assert_int_equal(moe_load(p, &lp, &m), MOE_ERR_NO_MEMORY);
     assert_non_null(strstr(moe_last_error(), "minimum working set"));
     lp.backend = MOE_BACKEND_AUTO;
-    lp.gpu_budget_bytes = info.weight_bytes - 1;
     assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     assert_int_equal(info.backend, MOE_BACKEND_CPU);
