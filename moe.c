@@ -8371,6 +8371,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
             m->vk = NULL;
         } else {
             m->backend = MOE_BACKEND_VULKAN;
+            if (p.gpu_exact) moe_vk_use_exact(m->vk);
             log_msg(&m->log, MOE_LOG_INFO, "backend: Vulkan (%s)",
                     p.backend == MOE_BACKEND_AUTO ? "MOE_BACKEND_AUTO found a GPU" : "MOE_BACKEND_VULKAN asked for");
         }

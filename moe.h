@@ -161,6 +161,11 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                to int8 per block (f32 scale) and multiplied in integers, like
                                                llama.cpp (fast; logits move by ~1% of their range);
                                                1 = f32 activations: bit-reproducible, the reference mode */
+    int32_t  gpu_exact;                     /* Vulkan matrix products: 0 = default, prefill tiles on f16
+                                               tensor cores where the device has them (activations rounded
+                                               to 11 bits: logits move by ~1e-3 of their range); 1 = f32
+                                               activations everywhere, within float rounding of cpu_exact
+                                               (slower prefill); the reference mode for fixtures */
 } moe_load_params;
 
 /* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json);
@@ -616,6 +621,7 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_o
 moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
                               moe_log_fn log, void *log_user, moe_vk_backend **out);
 int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
+void       moe_vk_use_exact(moe_vk_backend *vk);               /* gpu_exact: no f16 tensor-core tiles */
 void       moe_vk_free(moe_vk_backend *vk);
 /* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache:
    over n_slots slots (state 0 empty, 1 loading, 2 ready; pins > 0 pinned) the slot that gives way,

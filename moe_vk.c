@@ -1372,6 +1372,16 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
 
 int moe_vk_streams_experts(const moe_vk_backend *vk) { return vk && vk->xg; }
 
+/* gpu_exact: prefill matrix products take the f32 tile kernels (mm.comp) instead of the f16
+   cooperative-matrix ones. Pipelines are made on first use, so switching before the first step
+   is all it takes. */
+void moe_vk_use_exact(moe_vk_backend *vk) {
+    if (vk && vk->coopmat) {
+        vk->coopmat = 0;
+        vk_log(vk, MOE_LOG_INFO, "Vulkan: gpu_exact: prefill matrix products in f32, tensor cores not used");
+    }
+}
+
 static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
     const moe_hparams *hp = &w->hp;
     int n = vk_n_weights(w);
