@@ -6828,6 +6828,8 @@ static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
 enum { XS_EMPTY = 0, XS_LOADING = 1, XS_READY = 2 };
 enum { XS_LRU = MOE_XS_LRU, XS_LFU = MOE_XS_LFU };
 #define XS_ALIGN 4096u      /* O_DIRECT alignment of buffer, offset and length */
+#define XS_NONFINITE (-1)   /* xs_read_slab: the slab read fine but holds a non-finite value */
+static int slab_values_bad(const uint8_t *p, uint64_t n, int32_t type); /* section 10 */
 
 /* Test hook (not in moe.h): the n-th expert read from now fails half-way with EIO (once);
    -1 switches it off. */
@@ -6840,6 +6842,7 @@ struct moe_xcache {
     /* per layer: its expert tensors (roles in role order) and where each slab's region sits in a slot */
     int32_t *lt_n;                  /* [n_layer] expert tensors of the layer */
     int32_t *lt_role;               /* [n_layer][XS_MAX_T] */
+    int32_t *lt_type;               /* [n_layer][XS_MAX_T] storage type (MOE_TYPE_*) */
     uint64_t *lt_len;               /* [n_layer][XS_MAX_T] slab bytes */
     uint64_t *lt_roff;              /* [n_layer][XS_MAX_T] region offset in a slot */
     uint64_t *unit_bytes;           /* [n_layer] bytes of one unit (sum of slabs) */
@@ -6923,7 +6926,8 @@ static int xs_read_slab(moe_xcache *xc, int32_t s, int l, int t, int e) {
 #ifdef POSIX_FADV_DONTNEED
     if (!direct) posix_fadvise(xc->fd[f], (off_t)off, (off_t)len, POSIX_FADV_DONTNEED); /* no second copy in the page cache */
 #endif
-    return 0;
+    /* the load check of streamed experts happens here, as their bytes arrive (section 10) */
+    return slab_values_bad(region + off % XS_ALIGN, len, xc->lt_type[(size_t)l * XS_MAX_T + (size_t)t]) ? XS_NONFINITE : 0;
 }
 
 /* reads every slab of the unit in slot s (called without the lock; the slot is LOADING) */
@@ -7068,6 +7072,9 @@ static int xs_acquire(moe_xcache *xc, int l, const int32_t *ids, int n, const in
         for (int i = 0; i < g; i++) xc->pins[sl[i]]--;
         pthread_cond_broadcast(&xc->cv);
         pthread_mutex_unlock(&xc->mu);
+        if (err == XS_NONFINITE)
+            return set_error(MOE_ERR_FORMAT, "expert streaming: expert %d of layer %d (file offset %llu) holds a non-finite value",
+                             ids[failed], l, (unsigned long long)off);
         return set_error(MOE_ERR_IO, "expert streaming: reading expert %d of layer %d (file offset %llu) failed: %s", ids[failed], l,
                          (unsigned long long)off, strerror(err ? err : EIO));
     }
@@ -7125,6 +7132,7 @@ static void xs_free(moe_xcache *xc) {
     free(xc->mem);
     moe_free(xc->lt_n);
     moe_free(xc->lt_role);
+    moe_free(xc->lt_type);
     moe_free(xc->lt_len);
     moe_free(xc->lt_roff);
     moe_free(xc->unit_bytes);
@@ -7230,6 +7238,7 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
     xc->E = E;
     size_t n3 = (size_t)L * XS_MAX_T * (size_t)E;
     int ok = (xc->lt_n = moe_calloc((size_t)L, sizeof *xc->lt_n)) && (xc->lt_role = moe_calloc((size_t)L * XS_MAX_T, sizeof *xc->lt_role)) &&
+             (xc->lt_type = moe_calloc((size_t)L * XS_MAX_T, sizeof *xc->lt_type)) &&
              (xc->lt_len = moe_calloc((size_t)L * XS_MAX_T, sizeof *xc->lt_len)) &&
              (xc->lt_roff = moe_calloc((size_t)L * XS_MAX_T, sizeof *xc->lt_roff)) &&
              (xc->unit_bytes = moe_calloc((size_t)L, sizeof *xc->unit_bytes)) && (xc->src_file = moe_calloc(n3, sizeof *xc->src_file)) &&
@@ -7249,6 +7258,7 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
             int t = xc->lt_n[l]++;
             if (t >= XS_MAX_T || w->ne[2] > E) { st = set_error(MOE_ERR_UNSUPPORTED, "expert streaming: layer %d has too many expert tensors", l); break; }
             xc->lt_role[(size_t)l * XS_MAX_T + (size_t)t] = r;
+            xc->lt_type[(size_t)l * XS_MAX_T + (size_t)t] = w->type;
             xc->lt_len[(size_t)l * XS_MAX_T + (size_t)t] = w->expert_bytes;
             xc->lt_roff[(size_t)l * XS_MAX_T + (size_t)t] = roff;
             roff += xs_align_up(w->expert_bytes + XS_ALIGN, XS_ALIGN);
@@ -8245,11 +8255,27 @@ static int64_t first_bad_block(const uint8_t *p, uint64_t n_blocks, int32_t type
     return -1;
 }
 
-static moe_status check_tensor_values(const gguf_file *g) {
+/* 1 when a slab of n bytes of the given type holds a non-finite value (or block scale) */
+static int slab_values_bad(const uint8_t *p, uint64_t n, int32_t type) {
+    const moe_type_traits *tt = type_traits(type);
+    if (!tt) return 0;
+    float v = 0;
+    if (type == MOE_TYPE_F32 || type == MOE_TYPE_F16 || type == MOE_TYPE_BF16)
+        return first_nonfinite_elem(p, n / (uint64_t)tt->block_bytes, type) >= 0;
+    return first_bad_block(p, n / (uint64_t)tt->block_bytes, type, tt, &v) >= 0;
+}
+
+/* which: CHECK_ALL, or CHECK_NOT_EXPERTS / CHECK_EXPERTS (3-D tensors) to check the routed experts
+   apart: a streamed model checks each expert as the host tier reads it (xs_read_slab) instead of
+   reading the whole file at load */
+enum { CHECK_ALL, CHECK_NOT_EXPERTS, CHECK_EXPERTS };
+static moe_status check_tensor_values(const gguf_file *g, int which) {
     for (int64_t i = 0; i < g->n_tensors; i++) {
         const gguf_tensor *t = &g->tensors[i];
         const moe_type_traits *tt = type_traits(t->type);
         if (!tt || (!t->data && !t->expert_ptrs)) continue;
+        int expert = t->expert_ptrs || t->ne[2] > 1;
+        if ((which == CHECK_NOT_EXPERTS && expert) || (which == CHECK_EXPERTS && !expert)) continue;
         /* a tensor assembled from per-expert slabs is checked slab by slab */
         uint64_t n_slabs = t->expert_ptrs ? (uint64_t)t->ne[2] : 1, slab_bytes = t->nbytes / n_slabs;
         uint64_t row_bytes = type_row_bytes(t->type, t->ne[0]);
@@ -8345,7 +8371,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
         if (report_progress(&p, 0.5f)) goto cancelled;
         if ((st = vocab_load_gguf(&m->gguf, &m->vocab))) goto fail;
     }
-    if ((st = check_tensor_values(&m->gguf))) goto fail;
+    if ((st = check_tensor_values(&m->gguf, CHECK_NOT_EXPERTS))) goto fail;
     if (m->gguf.kv) {
         int64_t v = -1;
         if ((st = gguf_get_int(&m->gguf, "tokenizer.ggml.bos_token_id", 0, 0, m->w.hp.n_vocab - 1, &v))) goto fail;
@@ -8378,6 +8404,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     } else
         log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_CPU asked for)", m->n_threads);
     if (!m->vk && (st = xs_setup(m, p.host_budget_bytes))) goto fail; /* the host expert tier (section 8) */
+    if (!m->xc && (st = check_tensor_values(&m->gguf, CHECK_EXPERTS))) goto fail; /* else as they are read */
     if (m->vk && (p.host_budget_bytes || moe_vk_streams_experts(m->vk))) xs_drop_expert_pages(m); /* experts live in device or host-visible memory */
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
             m->w.hp.n_layer, m->w.hp.n_expert, m->w.hp.n_expert_used, m->w.hp.n_vocab, (double)m->n_params / 1e6);

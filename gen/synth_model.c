@@ -38,7 +38,11 @@ static float rng_normal(rng64 *r) { /* Box-Muller */
 }
 
 /* Fills n_blocks blocks with random bytes, then overwrites each block's scale fields with
-   values that put the weights near N(0, 0.02). */
+   values that put the weights near N(0, 0.02) with mean 0. The mean matters: a common offset in
+   every weight gives every activation a common component, and the router then picks the same
+   experts for every token, which hides the cost of expert streaming and of expert matmuls.
+   K-quants: w = d·sc·q − dmin·m with sc, m uniform 6-bit, so dmin = d·E[q] makes E[w] = 0;
+   Q4_0: w = d·(q − 8) has mean −d/2, so d gets a random sign. */
 static void random_blocks(int32_t type, uint8_t *p, uint64_t n_blocks, rng64 *r) {
     const moe_type_traits *tt = type_traits(type);
     uint64_t nbytes = n_blocks * (uint64_t)tt->block_bytes;
@@ -48,11 +52,11 @@ static void random_blocks(int32_t type, uint8_t *p, uint64_t n_blocks, rng64 *r)
     }
     for (uint64_t b = 0; b < n_blocks; b++, p += tt->block_bytes) {
         switch (type) {
-        case MOE_TYPE_Q4_0: wr16(p, f32_to_fp16(0.0045f)); break;
+        case MOE_TYPE_Q4_0: wr16(p, f32_to_fp16(rng_next(r) & 1 ? 0.0045f : -0.0045f)); break;
         case MOE_TYPE_Q8_0: wr16(p, f32_to_fp16(0.00027f)); break;
         case MOE_TYPE_Q4_K: case MOE_TYPE_Q5_K:
-            wr16(p, f32_to_fp16(type == MOE_TYPE_Q4_K ? 1.4e-4f : 0.7e-4f));
-            wr16(p + 2, f32_to_fp16(2e-4f));
+            wr16(p, f32_to_fp16(type == MOE_TYPE_Q4_K ? 1.0e-4f : 0.5e-4f));
+            wr16(p + 2, f32_to_fp16(type == MOE_TYPE_Q4_K ? 1.0e-4f * 7.5f : 0.5e-4f * 15.5f));
             break;
         case MOE_TYPE_Q6_K: wr16(p + 208, f32_to_fp16(1.5e-5f)); break;
         case MOE_TYPE_MXFP4: p[0] = 120; break;
