@@ -7172,7 +7172,10 @@ static int xs_locate(const moe_file *const *files, int n_files, const uint8_t *p
    stored, and the routed experts among them. */
 static void model_weight_sizes(const moe_model *m, uint64_t *weight_bytes, uint64_t *expert_bytes) {
     uint64_t all = 0, ex = 0;
-    for (int64_t i = 0; i < m->gguf.n_tensors; i++) all += m->gguf.tensors[i].nbytes;
+    for (int64_t i = 0; i < m->gguf.n_tensors; i++) {
+        all += m->gguf.tensors[i].nbytes;
+        if (!m->w.hp.n_layer && m->gguf.tensors[i].ne[2] > 1) ex += m->gguf.tensors[i].nbytes; /* vocab_only: no plan, 3-D = experts */
+    }
     for (int l = 0; l < m->w.hp.n_layer; l++)
         for (int r = 0; r < MOE_LT_COUNT; r++) {
             const moe_weight *w = &m->w.layers[l].t[r];

@@ -170,7 +170,8 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
 
 /* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json);
    with vocab_only (or a path to a tokenizer.json) only the tokenizer is loaded: the tokenizer
-   calls work, moe_ctx_new does not. */
+   calls work, moe_ctx_new does not; of a .gguf, moe_model_get_info also gives weight_bytes and
+   expert_bytes (from the tensor table, no tensor data read) for choosing budgets. */
 MOE_API moe_status moe_load(const char *path, const moe_load_params *params, moe_model **out);
 MOE_API void       moe_model_free(moe_model *model);            /* NULL-safe */
 

@@ -209,15 +209,19 @@ int main(int argc, char **argv) {
     if (!model_path || n_prompt < 0 || n_gen < 0 || reps < 1 || reps > 1000) { usage(); return 2; }
     (void)backend_name;
     moe_model_info info = {0};
-    if (gpu_budget || host_budget || sweep) { /* the sizes, from a quick load that maps the file without reading it */
-        moe_load_params q = {0};
-        q.backend = MOE_BACKEND_CPU;
-        q.host_budget_bytes = ~0ull;
-        moe_model *m = NULL;
-        moe_status st = moe_load(model_path, &q, &m);
-        if (st) { fprintf(stderr, "bench: %s: %s\n", moe_status_str(st), moe_last_error()); return 1; }
-        moe_model_get_info(m, &info);
-        moe_model_free(m);
+    if (gpu_budget || host_budget || sweep) { /* the sizes: a vocab_only load reads a GGUF's tensor table only */
+        for (int full = 0; full < 2 && !info.weight_bytes; full++) {
+            moe_load_params q = {0};
+            q.backend = MOE_BACKEND_CPU;
+            q.vocab_only = !full; /* a model directory: a whole load, mapped on demand */
+            q.host_budget_bytes = ~0ull;
+            moe_model *m = NULL;
+            moe_status st = moe_load(model_path, &q, &m);
+            if (st && !full) continue; /* no tokenizer in the file */
+            if (st) { fprintf(stderr, "bench: %s: %s\n", moe_status_str(st), moe_last_error()); return 1; }
+            moe_model_get_info(m, &info);
+            moe_model_free(m);
+        }
         fprintf(stderr, "bench: weights %.2f GiB, of them experts %.2f GiB\n", (double)info.weight_bytes / 1073741824.0,
                 (double)info.expert_bytes / 1073741824.0);
     }
