@@ -5576,11 +5576,12 @@ static void gemma4_write_hparams(const moe_model *m, gguf_writer *gw) {
 #define HF_NAME_LEN 64          /* GGUF-style names we give HF tensors */
 #define HF_SRC_NAME_LEN 200     /* names in a safetensors header (vision towers have long ones) */
 
+#define HF_MAX_DIMS 8
 typedef struct hf_tensor {
     const char *name;
     size_t name_len;
     int32_t type, n_dims;
-    int64_t shape[4];
+    int64_t shape[HF_MAX_DIMS];   /* up to 8: vision towers hold 5-D convolutions (skipped, still parsed) */
     const uint8_t *data;
     uint64_t nbytes;
     int used;                  /* the model takes it (the others are logged as skipped) */
@@ -5612,8 +5613,10 @@ static moe_status hf_parse_safetensors(const moe_file *f, const char *path, json
         else if (json_str_eq(d, dt, "BF16")) t.type = MOE_TYPE_BF16, es = 2;
         else if (json_is(d, dt, JSON_STRING)) t.type = -1; /* other dtypes are fine unless a weight we need uses one */
         else return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' has no dtype", path, (int)t.name_len, t.name);
-        if (!json_is(d, shape, JSON_ARRAY) || d->nodes[shape].len > 4 || !json_is(d, offs, JSON_ARRAY) || d->nodes[offs].len != 2)
-            return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' needs a shape of <= 4 dims and 2 data_offsets", path, (int)t.name_len, t.name);
+        if (!json_is(d, shape, JSON_ARRAY) || d->nodes[shape].len > HF_MAX_DIMS || !json_is(d, offs, JSON_ARRAY) ||
+            d->nodes[offs].len != 2)
+            return set_error(MOE_ERR_FORMAT, "safetensors '%s': tensor '%.*s' needs a shape of <= %d dims and 2 data_offsets", path, (int)t.name_len,
+                             t.name, HF_MAX_DIMS);
         uint64_t count = 1;
         t.n_dims = (int32_t)d->nodes[shape].len;
         int k = 0;
@@ -5661,6 +5664,8 @@ static moe_status hf_add(moe_model *m, const hf_tensor *src, const char *gguf_na
     t->name.p = nm;
     t->name.n = strlen(nm);
     if (src->type < 0) return set_error(MOE_ERR_UNSUPPORTED, "safetensors: tensor '%.*s' has a dtype we do not read (F32, F16, BF16)", (int)src->name_len, src->name);
+    if (!ne_override && src->n_dims > MOE_MAX_DIMS)
+        return set_error(MOE_ERR_FORMAT, "safetensors: tensor '%.*s' has %d dims, more than a weight of ours has", (int)src->name_len, src->name, src->n_dims);
     t->type = src->type;
     for (int d = 0; d < MOE_MAX_DIMS; d++) t->ne[d] = 1;
     if (ne_override) {
