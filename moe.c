@@ -98,6 +98,7 @@ size_t moe_struct_size(int32_t which) {
     case MOE_STRUCT_SAMPLER_PARAMS: return sizeof(moe_sampler_params);
     case MOE_STRUCT_SAVE_PARAMS: return sizeof(moe_save_params);
     case MOE_STRUCT_STATS: return sizeof(moe_stats);
+    case MOE_STRUCT_PROFILE_ENTRY: return sizeof(moe_profile_entry);
     default: return set_error(MOE_ERR_INVALID_ARG, "moe_struct_size: unknown struct id %d", which), 0;
     }
 }
@@ -6089,6 +6090,7 @@ typedef struct cpu_ctx {
     uint8_t *xpredmade;        /* [n_layer] a prediction was made for the layer this step */
     moe_status fail;
     xs_counts xcnt;
+    struct cpu_prof *prof;     /* moe_ctx_profile: time per op kind; NULL when off */
 } cpu_ctx;
 
 struct moe_ctx {
@@ -6674,10 +6676,228 @@ static void cpu_stats(const void *be, moe_stats *out) {
     out->expert_bytes_streamed += cc->xcnt.bytes;
 }
 
+/* ---- profiling (moe_ctx_profile): the ops table below, with every op timed ----------------------
+   A context that profiles runs through k_cpu_prof_ops: each op is timed and charged to a kind
+   (op and weight type) of the step's phase, with the bytes it had to read and write and its
+   flops estimated from its shapes. */
+#define CPU_PROF_MAX 64
+typedef struct cpu_prof_ent { char kind[48]; int decode, calls; double s, bytes, flops; } cpu_prof_ent;
+typedef struct cpu_prof { int on, n, decode, new_step; uint64_t tokens[2]; cpu_prof_ent e[CPU_PROF_MAX]; } cpu_prof;
+
+static void prof_charge(cpu_ctx *cc, const char *kind, const moe_weight *w, double t0, double bytes, double flops) {
+    cpu_prof *p = cc->prof;
+    double dt = now_s() - t0;
+    char name[48];
+    const moe_type_traits *tt = w ? type_traits(w->type) : NULL;
+    snprintf(name, sizeof name, "%s%s%s", kind, tt ? " " : "", tt ? tt->name : "");
+    int i = 0;
+    while (i < p->n && (p->e[i].decode != p->decode || strcmp(p->e[i].kind, name))) i++;
+    if (i == p->n) {
+        if (p->n == CPU_PROF_MAX) return;
+        memset(&p->e[i], 0, sizeof p->e[i]);
+        memcpy(p->e[i].kind, name, sizeof name);
+        p->e[i].decode = p->decode;
+        p->n++;
+    }
+    p->e[i].calls++;
+    p->e[i].s += dt;
+    p->e[i].bytes += bytes;
+    p->e[i].flops += flops;
+}
+
+/* weight bytes of the experts that have pairs (the routed ones) */
+static double prof_routed_experts(const cpu_ctx *cc, const moe_weight *w) {
+    double e = 0;
+    for (int x = 0; x < (int)w->ne[2]; x++) e += cc->exp_start[x + 1] > cc->exp_start[x];
+    return e * (double)w->expert_bytes;
+}
+
+static void prof_embed(void *be, int dst, const moe_weight *w, const moe_token *tokens, int n) {
+    cpu_ctx *cc = be;
+    if (cc->prof->new_step) { /* the step's first op: its phase */
+        cc->prof->new_step = 0;
+        cc->prof->decode = n == 1;
+        cc->prof->tokens[n == 1] += (uint64_t)n;
+    }
+    double t0 = now_s();
+    cpu_embed(be, dst, w, tokens, n);
+    prof_charge(cc, "embed", NULL, t0, (double)n * ((double)w->row_bytes + 4.0 * (double)w->ne[0]), 0);
+}
+static void prof_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
+    double t0 = now_s();
+    cpu_rmsnorm(be, dst, src, w, n_rows, width, eps);
+    prof_charge(be, "rmsnorm", NULL, t0, 8.0 * n_rows * width, 4.0 * n_rows * width);
+}
+static void prof_matmul(void *be, int dst, const moe_weight *w, int src, int src_row0, int n) {
+    double t0 = now_s();
+    cpu_matmul(be, dst, w, src, src_row0, n);
+    double K = (double)w->ne[0], M = (double)w->ne[1];
+    prof_charge(be, dst == ACT_LOGITS ? "lm head" : n == 1 ? "matvec" : "matmul", w, t0, M * (double)w->row_bytes + 4.0 * n * (K + M),
+                2.0 * n * K * M);
+}
+static void prof_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
+    double t0 = now_s();
+    cpu_rope(be, buf, n, n_head, head_dim, rope, pos0);
+    prof_charge(be, "rope", NULL, t0, 8.0 * n * n_head * head_dim, 0);
+}
+static void prof_attention(void *be, const moe_attn *a, int n, int pos0) {
+    cpu_ctx *cc = be;
+    double t0 = now_s(), keys = 0;
+    for (int i = 0; i < n; i++) {
+        int pos = pos0 + i, p0 = a->window && pos >= a->window ? pos - a->window + 1 : 0;
+        keys += pos - p0 + 1;
+    }
+    cpu_attention(be, a, n, pos0);
+    double es = cc->kv_f16 ? 2 : 4, hd = a->head_dim;
+    prof_charge(cc, cc->kv_f16 ? "attention f16" : "attention f32", NULL, t0,
+                2.0 * keys * a->n_head_kv * hd * es + 8.0 * n * a->n_head * hd, 4.0 * keys * a->n_head * hd);
+}
+static void prof_add(void *be, int dst, int src, int n, int width) {
+    double t0 = now_s();
+    cpu_add(be, dst, src, n, width);
+    prof_charge(be, "add", NULL, t0, 12.0 * n * width, 1.0 * n * width);
+}
+static void prof_route(void *be, const moe_weight *router, const moe_route *r, int src, int n) {
+    double t0 = now_s();
+    cpu_route(be, router, r, src, n);
+    double K = router ? (double)router->ne[0] : 0;
+    prof_charge(be, "route", router, t0, router ? (double)router->nbytes + 4.0 * n * K : 0, 2.0 * n * K * r->n_expert);
+}
+static void prof_experts_glu(void *be, const moe_weight *gate, const moe_weight *up, int act, int src, int n) {
+    cpu_ctx *cc = be;
+    double t0 = now_s();
+    cpu_experts_glu(be, gate, up, act, src, n);
+    double pairs = (double)n * cc->route_k, D = (double)gate->ne[0], ff = (double)gate->ne[1];
+    prof_charge(cc, n == 1 ? "expert gate+up matvec" : "expert gate+up matmul", gate, t0,
+                prof_routed_experts(cc, gate) + prof_routed_experts(cc, up) + 4.0 * (n * D + pairs * ff), 4.0 * pairs * D * ff);
+}
+static void prof_experts_down(void *be, int dst, const moe_weight *down, int n) {
+    cpu_ctx *cc = be;
+    double t0 = now_s();
+    cpu_experts_down(be, dst, down, n);
+    double pairs = (double)n * cc->route_k, ff = (double)down->ne[0], D = (double)down->ne[1];
+    prof_charge(cc, n == 1 ? "expert down matvec" : "expert down matmul", down, t0, prof_routed_experts(cc, down) + 4.0 * (pairs * ff + n * D),
+                2.0 * pairs * D * ff);
+}
+static void prof_scale(void *be, int buf, int n, int width, const moe_weight *w, float s) {
+    double t0 = now_s();
+    cpu_scale(be, buf, n, width, w, s);
+    prof_charge(be, "elementwise", NULL, t0, 8.0 * n * width, 1.0 * n * width);
+}
+static void prof_copy(void *be, int dst, int src, int n, int width) {
+    double t0 = now_s();
+    cpu_copy(be, dst, src, n, width);
+    prof_charge(be, "copy", NULL, t0, 8.0 * n * width, 0);
+}
+static void prof_glu(void *be, int dst, int gate, int up, int up_col0, int up_stride, int n, int width, int act) {
+    double t0 = now_s();
+    cpu_glu(be, dst, gate, up, up_col0, up_stride, n, width, act);
+    prof_charge(be, "elementwise", NULL, t0, 12.0 * n * width, 4.0 * n * width);
+}
+static void prof_softcap(void *be, int buf, int n, int width, float cap) {
+    double t0 = now_s();
+    cpu_softcap(be, buf, n, width, cap);
+    prof_charge(be, "elementwise", NULL, t0, 8.0 * n * width, 2.0 * n * width);
+}
+static void prof_begin_step(void *be) {
+    cpu_ctx *cc = be;
+    cc->prof->new_step = 1;
+    cpu_begin_step(be);
+}
+
+static moe_status cpu_profile(void *be, int on) {
+    cpu_ctx *cc = be;
+    if (!cc->prof && !(cc->prof = moe_calloc(1, sizeof *cc->prof))) return set_error(MOE_ERR_NO_MEMORY, "profile: out of memory");
+    memset(cc->prof, 0, sizeof *cc->prof);
+    cc->prof->on = on;
+    return MOE_OK;
+}
+
+static int cpu_profile_get(const void *be, moe_profile_entry *out, int cap) {
+    const cpu_ctx *cc = be;
+    const cpu_prof *p = cc->prof;
+    if (!p) return 0;
+    int done[CPU_PROF_MAX] = {0};
+    for (int k = 0; k < p->n; k++) { /* largest time first */
+        int b = -1;
+        for (int i = 0; i < p->n; i++)
+            if (!done[i] && (b < 0 || p->e[i].s > p->e[b].s)) b = i;
+        done[b] = 1;
+        if (k >= cap) continue;
+        moe_profile_entry *o = &out[k];
+        memset(o, 0, sizeof *o);
+        memcpy(o->kind, p->e[b].kind, sizeof o->kind);
+        o->decode = p->e[b].decode;
+        o->calls = p->e[b].calls;
+        o->seconds = p->e[b].s;
+        o->bytes = p->e[b].bytes;
+        o->flops = p->e[b].flops;
+        o->tokens = p->tokens[o->decode];
+    }
+    return p->n;
+}
+
+/* the bandwidth probe: the pool's threads read (then copy) a buffer far larger than the caches */
+#define PROBE_BYTES ((size_t)256 << 20)
+#define PROBE_TASK_BYTES ((size_t)1 << 20)
+typedef struct probe_job { const uint64_t *src; uint64_t *dst; volatile uint64_t *sink; } probe_job;
+static void probe_read_task(void *arg, int64_t t, int thread) {
+    const probe_job *j = arg;
+    const uint64_t *p = j->src + (size_t)t * (PROBE_TASK_BYTES / 8);
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (size_t i = 0; i < PROBE_TASK_BYTES / 8; i += 8) {
+        a0 += p[i] ^ p[i + 4];
+        a1 += p[i + 1] ^ p[i + 5];
+        a2 += p[i + 2] ^ p[i + 6];
+        a3 += p[i + 3] ^ p[i + 7];
+    }
+    j->sink[8 * thread] += a0 + a1 + a2 + a3;
+}
+static void probe_copy_task(void *arg, int64_t t, int thread) {
+    (void)thread;
+    const probe_job *j = arg;
+    memcpy(j->dst + (size_t)t * (PROBE_TASK_BYTES / 8), j->src + (size_t)t * (PROBE_TASK_BYTES / 8), PROBE_TASK_BYTES);
+}
+static moe_status cpu_probe(void *be, double *read_gbs, double *copy_gbs) {
+    cpu_ctx *cc = be;
+    uint64_t *a = moe_malloc(PROBE_BYTES), *b = moe_malloc(PROBE_BYTES);
+    volatile uint64_t *sink = moe_calloc((size_t)cc->n_threads * 8, sizeof(uint64_t));
+    if (!a || !b || !sink) {
+        moe_free(a);
+        moe_free(b);
+        moe_free((void *)(uintptr_t)sink);
+        return set_error(MOE_ERR_NO_MEMORY, "bandwidth probe: out of memory");
+    }
+    memset(a, 1, PROBE_BYTES);
+    memset(b, 2, PROBE_BYTES);
+    probe_job j = {a, b, sink};
+    double best_r = 1e30, best_c = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        double t0 = now_s();
+        pool_run(cc->pool, probe_read_task, &j, (int64_t)(PROBE_BYTES / PROBE_TASK_BYTES));
+        double t1 = now_s();
+        pool_run(cc->pool, probe_copy_task, &j, (int64_t)(PROBE_BYTES / PROBE_TASK_BYTES));
+        double t2 = now_s();
+        if (t1 - t0 < best_r) best_r = t1 - t0;
+        if (t2 - t1 < best_c) best_c = t2 - t1;
+    }
+    if (read_gbs) *read_gbs = (double)PROBE_BYTES / best_r / 1e9;
+    if (copy_gbs) *copy_gbs = 2.0 * (double)PROBE_BYTES / best_c / 1e9;
+    moe_free(a);
+    moe_free(b);
+    moe_free((void *)(uintptr_t)sink);
+    return MOE_OK;
+}
+
+static const moe_ops k_cpu_prof_ops = {prof_embed, prof_rmsnorm, prof_matmul, prof_rope, prof_attention, prof_add, prof_route,
+                                       prof_experts_glu, prof_experts_down, prof_scale, prof_copy, prof_glu, prof_softcap,
+                                       prof_begin_step, cpu_end_step, cpu_logits_rows, cpu_logits_out, cpu_read_logits,
+                                       cpu_kv_save, cpu_kv_load, cpu_stats, cpu_profile, cpu_profile_get, cpu_probe};
+
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_route,
                                   cpu_experts_glu, cpu_experts_down, cpu_scale, cpu_copy, cpu_glu, cpu_softcap,
                                   cpu_begin_step, cpu_end_step, cpu_logits_rows, cpu_logits_out, cpu_read_logits,
-                                  cpu_kv_save, cpu_kv_load, cpu_stats};
+                                  cpu_kv_save, cpu_kv_load, cpu_stats, cpu_profile, cpu_profile_get, cpu_probe};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -6707,6 +6927,7 @@ static void cpu_ctx_free(void *be) {
     moe_free(cc->xpred);
     moe_free(cc->xpredset);
     moe_free(cc->xpredmade);
+    moe_free(cc->prof);
     moe_free(cc);
 }
 
@@ -7563,6 +7784,25 @@ moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
     ctx->pos = pos;
     if (ctx->needs_repair || !ctx_ring_ok(ctx, pos)) return ctx_recompute(ctx, pos);
     return MOE_OK;
+}
+
+moe_status moe_ctx_profile(moe_ctx *ctx, int32_t on) {
+    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_profile: NULL context");
+    if (!ctx->ops->profile) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_profile: this backend cannot profile");
+    moe_status st = ctx->ops->profile(ctx->be, on != 0);
+    if (!st && ctx->cpu) ctx->ops = on ? &k_cpu_prof_ops : &k_cpu_ops;
+    return st;
+}
+
+int32_t moe_ctx_profile_get(const moe_ctx *ctx, moe_profile_entry *out, int32_t cap) {
+    if (!ctx || (cap > 0 && !out)) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_profile_get: NULL argument"), 0;
+    return ctx->ops->profile_get ? ctx->ops->profile_get(ctx->be, out, cap < 0 ? 0 : cap) : 0;
+}
+
+moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, double *copy_gbs) {
+    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_probe_bandwidth: NULL context");
+    if (!ctx->ops->probe) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_probe_bandwidth: not on this backend");
+    return ctx->ops->probe(ctx->be, read_gbs, copy_gbs);
 }
 
 moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
