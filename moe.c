@@ -146,7 +146,9 @@ typedef struct moe_file {
     size_t size;
     int fd;
     void *heap;                /* small files: read into this allocation instead of mapped */
+    size_t map_len;            /* resident mappings: bytes reserved at data (2 MiB multiple), else 0 */
 } moe_file;
+#define MOE_HUGE_PAGE ((size_t)2 << 20)
 
 /* Files up to this size are read into memory: cheaper than a mapping to set up and tear down
    (an munmap can cost more than parsing a small file), and nothing to share with the page cache. */
@@ -204,7 +206,20 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
 #else
     (void)populate;
 #endif
-    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, flags, fd, 0);
+    void *p = MAP_FAILED;
+    size_t len = ((size_t)st.st_size + MOE_HUGE_PAGE - 1) & ~(MOE_HUGE_PAGE - 1);
+    if (populate) { /* resident: at a 2 MiB boundary, the range up to the next one reserved (file_huge_pages) */
+        uint8_t *res = mmap(NULL, len + MOE_HUGE_PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (res != MAP_FAILED) {
+            uint8_t *al = (uint8_t *)(((uintptr_t)res + MOE_HUGE_PAGE - 1) & ~(uintptr_t)(MOE_HUGE_PAGE - 1));
+            if (al > res) munmap(res, (size_t)(al - res));
+            if (res + MOE_HUGE_PAGE > al) munmap(al + len, (size_t)(res + MOE_HUGE_PAGE - al));
+            p = mmap(al, (size_t)st.st_size, PROT_READ, flags | MAP_FIXED, fd, 0);
+            if (p == MAP_FAILED) munmap(al, len);
+            else f->map_len = len;
+        }
+    }
+    if (p == MAP_FAILED) p = mmap(NULL, (size_t)st.st_size, PROT_READ, flags, fd, 0);
     if (p == MAP_FAILED) {
         close(fd);
         return set_error(MOE_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
@@ -215,9 +230,36 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
     return MOE_OK;
 }
 
+/* CPU backend, resident weights: the mapping's pages become anonymous memory in 2 MiB pages at the
+   same addresses (every pointer into the file stays valid). Matrix-vector products stream the
+   weights: with 4 KiB pages every page costs a TLB walk and the hardware prefetchers stop at each
+   page boundary. Best effort: on any failure the file mapping stays. MOE_HUGEPAGES=0 turns it off. */
+static void file_huge_pages(moe_file *f) {
+#if defined(MADV_HUGEPAGE) && defined(MREMAP_FIXED)
+    const char *e = getenv("MOE_HUGEPAGES");
+    if (!f->map_len || (e && !strcmp(e, "0"))) return;
+    size_t len = f->map_len;
+    uint8_t *res = mmap(NULL, len + MOE_HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (res == MAP_FAILED) return;
+    uint8_t *al = (uint8_t *)(((uintptr_t)res + MOE_HUGE_PAGE - 1) & ~(uintptr_t)(MOE_HUGE_PAGE - 1));
+    if (al > res) munmap(res, (size_t)(al - res));
+    if (res + MOE_HUGE_PAGE > al) munmap(al + len, (size_t)(res + MOE_HUGE_PAGE - al));
+    if (madvise(al, len, MADV_HUGEPAGE) != 0) {
+        munmap(al, len);
+        return;
+    }
+    memcpy(al, f->data, f->size);
+    void *r = MAP_FAILED;
+    if (mprotect(al, len, PROT_READ) == 0) r = mremap(al, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)(uintptr_t)f->data);
+    if (r == MAP_FAILED) munmap(al, len);
+#else
+    (void)f;
+#endif
+}
+
 static void file_unmap(moe_file *f) {
     if (f->heap) moe_free(f->heap);
-    else if (f->data) munmap((void *)f->data, f->size);
+    else if (f->data) munmap((void *)f->data, f->map_len ? f->map_len : f->size);
     f->heap = NULL;
     if (f->fd >= 0) close(f->fd);
     f->data = NULL;
@@ -1913,6 +1955,8 @@ typedef struct cpu_kernels {
     void (*quant_q8k)(const float *x, void *out, int64_t n);
     /* int8 dots of weight rows with nt ≤ 4 quantized activation rows */
     q8_dot_fn q8_0, q4_0, mxfp4, q4_k, q5_k, q6_k;
+    /* n f16 values to f32 (exact: any implementation gives the same floats) */
+    void (*f16_row)(const void *src, float *dst, int64_t n);
 } cpu_kernels;
 
 static void dot_f32_n(const float *w, const float *const *x, int nt, int64_t n, float *out) {
@@ -2282,6 +2326,14 @@ MOE_AVX2_FLAT static float avx2_dot_f16(const uint8_t *row, const float *x, int6
     float tail = 0;
     for (int64_t i = n8; i < n; i++) tail += _cvtsh_ss(rd16(row + 2 * i)) * x[i];
     return avx2_finish(acc, tail);
+}
+
+/* f16 → f32, eight at a time (F16C converts exactly, as fp16_to_f32 does) */
+MOE_AVX2_FLAT static void avx2_f16_row(const void *src, float *dst, int64_t n) {
+    const uint8_t *p = src;
+    int64_t n8 = n / 8 * 8;
+    for (int64_t i = 0; i < n8; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * i))));
+    for (int64_t i = n8; i < n; i++) dst[i] = _cvtsh_ss(rd16(p + 2 * i));
 }
 
 /* Q4_K fused: weight = (d·sc)·q − dmin·m, computed as dequant_k45 does (all products exact) */
@@ -2680,7 +2732,7 @@ static int cpu_has_avx2(void) {
 /* the portable set: what every CPU runs, and the reference the AVX2 set must equal */
 static cpu_kernels cpu_kernels_portable(void) {
     cpu_kernels k = {dot_f32, row_dot, dot_f32_n, quant_q8a_ref, quant_q8k_ref, q8_dot_q8_0_ref, q8_dot_q4_0_ref,
-                     q8_dot_mxfp4_ref, q8_dot_q4_k_ref, q8_dot_q5_k_ref, q8_dot_q6_k_ref};
+                     q8_dot_mxfp4_ref, q8_dot_q4_k_ref, q8_dot_q5_k_ref, q8_dot_q6_k_ref, dequant_f16};
     return k;
 }
 
@@ -2689,7 +2741,7 @@ static cpu_kernels cpu_kernels_pick(void) {
 #ifdef MOE_AVX2
     if (cpu_has_avx2()) {
         cpu_kernels a = {avx2_dot, avx2_row_dot, avx2_dot_n, avx2_quant_q8a, avx2_quant_q8k, avx2_q8_dot_q8_0,
-                         avx2_q8_dot_q4_0, avx2_q8_dot_mxfp4, avx2_q8_dot_q4_k, avx2_q8_dot_q5_k, avx2_q8_dot_q6_k};
+                         avx2_q8_dot_q4_0, avx2_q8_dot_mxfp4, avx2_q8_dot_q4_k, avx2_q8_dot_q5_k, avx2_q8_dot_q6_k, avx2_f16_row};
         k = a;
     }
 #endif
@@ -6067,7 +6119,7 @@ typedef struct cpu_ctx {
     int exact;                 /* cpu_exact: f32 activations in every matrix product */
     uint8_t *xq;               /* int8 mode: the quantized activation rows of the current op */
     size_t xq_cap;
-    float *att_buf;            /* per thread: n_ctx scores + head_dim scratch */
+    float *att_buf;            /* per thread: n_ctx scores of up to n_head heads + head_dim scratch */
     size_t row_buf_len, att_buf_len;
     /* MoE routing state for n_batch tokens, from route to experts_down */
     int route_n, route_k;      /* tokens routed, experts per token */
@@ -6286,55 +6338,67 @@ static void kv_put(const cpu_ctx *cc, void *cache, size_t at, const float *src, 
     } else memcpy((float *)cache + at, src, (size_t)n * 4);
 }
 
-static void kv_get(const cpu_ctx *cc, const void *cache, size_t at, float *dst, int n) {
-    if (cc->kv_f16) dequant_f16((const uint8_t *)cache + at * 2, dst, n);
-    else memcpy(dst, (const float *)cache + at, (size_t)n * 4);
+/* a K or V row of the cache as f32: a pointer into an f32 cache, or converted into tmp */
+static const float *kv_get(const cpu_ctx *cc, const void *cache, size_t at, float *tmp, int n) {
+    if (!cc->kv_f16) return (const float *)cache + at;
+    cc->k.f16_row((const uint8_t *)cache + at * 2, tmp, n);
+    return tmp;
 }
 
-typedef struct attn_job { cpu_ctx *cc; const moe_attn *a; int n, pos0; } attn_job;
+/* split: each (token, KV head) task covers its group's query heads in `split` parts */
+typedef struct attn_job { cpu_ctx *cc; const moe_attn *a; int n, pos0, split; } attn_job;
 
-/* one (token, head): softmax over the keys it sees, in position order */
+/* one (token, KV head, part of its query heads): each K and V row is read (and converted from
+   f16) once for all the heads that share it; per head, the softmax over the keys it sees in
+   position order and every float operation are those of one head alone */
 static void attn_task(void *arg, int64_t t, int thread) {
     const attn_job *j = arg;
     cpu_ctx *cc = j->cc;
     const moe_attn *a = j->a;
-    int hd = a->head_dim, kvw = a->n_head_kv * hd;
-    int i = (int)(t / a->n_head), h = (int)(t % a->n_head);
-    int kvh = h / (a->n_head / a->n_head_kv);
-    int pos = j->pos0 + i, p0 = a->window && pos >= a->window ? pos - a->window + 1 : 0;
-    size_t cache_off = cc->kv_off[a->cache];
+    int hd = a->head_dim, kvw = a->n_head_kv * hd, group = a->n_head / a->n_head_kv;
+    int part = (int)(t % j->split), kvh = (int)(t / j->split % a->n_head_kv), i = (int)(t / j->split / a->n_head_kv);
+    int h0 = kvh * group + part * group / j->split, h1 = kvh * group + (part + 1) * group / j->split, nh = h1 - h0;
+    int pos = j->pos0 + i, p0 = a->window && pos >= a->window ? pos - a->window + 1 : 0, np = pos - p0 + 1;
+    size_t cache_off = cc->kv_off[a->cache] + (size_t)kvh * (size_t)hd;
     int rows = cc->kv_rows[a->cache];
-    float *scores = cc->att_buf + (size_t)thread * cc->att_buf_len;
-    float *tmp = scores + cc->shape.n_ctx;
-    const float *q = act_row(cc, ACT_Q, i, a->n_head * hd) + (size_t)h * (size_t)hd;
-    float *out = act_row(cc, ACT_ATTN, i, a->n_head * hd) + (size_t)h * (size_t)hd;
-    float mx = -INFINITY;
+    float *scores = cc->att_buf + (size_t)thread * cc->att_buf_len; /* [nh][np] */
+    float *tmp = scores + (size_t)cc->shape.n_ctx * (size_t)a->n_head;
+    const float *q = act_row(cc, ACT_Q, i, a->n_head * hd) + (size_t)h0 * (size_t)hd;
+    float *out = act_row(cc, ACT_ATTN, i, a->n_head * hd) + (size_t)h0 * (size_t)hd;
     for (int p = p0; p <= pos; p++) {
-        kv_get(cc, cc->k_cache, cache_off + (size_t)(p % rows) * (size_t)kvw + (size_t)kvh * (size_t)hd, tmp, hd);
-        scores[p - p0] = cc->k.dot(q, tmp, hd) * a->scale;
-        mx = fmaxf(mx, scores[p - p0]);
+        const float *k = kv_get(cc, cc->k_cache, cache_off + (size_t)(p % rows) * (size_t)kvw, tmp, hd);
+        for (int h = 0; h < nh; h++) scores[(size_t)h * np + (p - p0)] = cc->k.dot(q + (size_t)h * hd, k, hd) * a->scale;
     }
-    float sum = 0;
-    for (int p = p0; p <= pos; p++) sum += (scores[p - p0] = expf(scores[p - p0] - mx));
-    float inv = 1.0f / sum;
-    memset(out, 0, (size_t)hd * sizeof *out);
+    float inv[64 * 4];
+    for (int h = 0; h < nh; h++) {
+        float *sc = scores + (size_t)h * np, mx = -INFINITY, sum = 0;
+        for (int p = 0; p < np; p++) mx = fmaxf(mx, sc[p]);
+        for (int p = 0; p < np; p++) sum += (sc[p] = expf(sc[p] - mx));
+        inv[h] = 1.0f / sum;
+    }
+    memset(out, 0, (size_t)nh * (size_t)hd * sizeof *out);
     for (int p = p0; p <= pos; p++) {
-        kv_get(cc, cc->v_cache, cache_off + (size_t)(p % rows) * (size_t)kvw + (size_t)kvh * (size_t)hd, tmp, hd);
-        float wgt = scores[p - p0] * inv;
-        for (int d = 0; d < hd; d++) out[d] += wgt * tmp[d];
+        const float *v = kv_get(cc, cc->v_cache, cache_off + (size_t)(p % rows) * (size_t)kvw, tmp, hd);
+        for (int h = 0; h < nh; h++) {
+            float wgt = scores[(size_t)h * np + (p - p0)] * inv[h], *o = out + (size_t)h * hd;
+            for (int d = 0; d < hd; d++) o[d] += wgt * v[d];
+        }
     }
 }
 
 static void cpu_attention(void *be, const moe_attn *a, int n, int pos0) {
     cpu_ctx *cc = be;
-    int kvw = a->n_head_kv * a->head_dim, rows = cc->kv_rows[a->cache];
+    int kvw = a->n_head_kv * a->head_dim, rows = cc->kv_rows[a->cache], group = a->n_head / a->n_head_kv;
     for (int i = 0; a->store && i < n; i++) {
         size_t at = cc->kv_off[a->cache] + (size_t)((pos0 + i) % rows) * (size_t)kvw;
         kv_put(cc, cc->k_cache, at, act_row(cc, ACT_K, i, kvw), kvw);
         kv_put(cc, cc->v_cache, at, act_row(cc, ACT_V, i, kvw), kvw);
     }
-    attn_job j = {cc, a, n, pos0};
-    pool_run(cc->pool, attn_task, &j, (int64_t)n * a->n_head);
+    /* enough tasks for the threads, and at most 256 heads per task (inv[] above) */
+    int split = 1;
+    while (split < group && ((int64_t)n * a->n_head_kv * split < 2 * cc->n_threads || group / split > 256)) split++;
+    attn_job j = {cc, a, n, pos0, split};
+    pool_run(cc->pool, attn_task, &j, (int64_t)n * a->n_head_kv * split);
 }
 
 static void cpu_add(void *be, int dst, int src, int n, int width) {
@@ -6974,7 +7038,7 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     if ((size_t)hp->n_ff_exp > maxk) maxk = (size_t)hp->n_ff_exp;
     if ((size_t)hp->n_ff > maxk) maxk = (size_t)hp->n_ff;
     cc->row_buf_len = maxk;
-    cc->att_buf_len = (size_t)c->n_ctx + (size_t)hp->head_dim;
+    cc->att_buf_len = (size_t)c->n_ctx * (size_t)hp->n_head + (size_t)hp->head_dim; /* scores of up to n_head heads, one row */
     size_t max_rows = (size_t)(hp->n_ff_exp > hp->n_embd ? hp->n_ff_exp : hp->n_embd);
     size_t n_tasks = (size_t)hp->n_expert * ((max_rows + CPU_ROWS_PER_TASK - 1) / CPU_ROWS_PER_TASK);
     ok = ok && (cc->row_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, maxk) * sizeof(float)));
@@ -8616,6 +8680,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
         }
     } else
         log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_CPU asked for)", m->n_threads);
+    if (!m->vk && !p.host_budget_bytes) file_huge_pages(&m->file); /* resident on the CPU: 2 MiB pages */
     if (!m->vk && (st = xs_setup(m, p.host_budget_bytes))) goto fail; /* the host expert tier (section 8) */
     if (m->vk && (p.host_budget_bytes || moe_vk_streams_experts(m->vk))) xs_drop_expert_pages(m); /* experts live in device or host-visible memory */
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
