@@ -517,6 +517,7 @@ struct moe_vk_backend {
     vk_fns f;
     void *lib;
     VkInstance inst;
+    int inst_shared;           /* inst is the process's shared instance (vk_create_instance): not ours to destroy */
     VkDebugUtilsMessengerEXT messenger;
     VkPhysicalDevice pd;
     VkDevice dev;
@@ -594,6 +595,10 @@ static int vk_has_ext(const VkExtensionProperties *e, uint32_t n, const char *na
     return 0;
 }
 
+static pthread_mutex_t g_vk_instance_mu = PTHREAD_MUTEX_INITIALIZER;
+static VkInstance g_vk_instance;       /* the process's shared instance (vk_create_instance) */
+static int g_vk_instance_validation;   /* made with the validation layer */
+
 static moe_status vk_create_instance(moe_vk_backend *vk) {
     vk_fns *f = &vk->f;
     const char *layers[1], *exts[1];
@@ -627,9 +632,26 @@ static moe_status vk_create_instance(moe_vk_backend *vk) {
                    have_layer ? "VK_EXT_debug_utils" : "VK_LAYER_KHRONOS_validation");
     }
     VkApplicationInfo app = {VK_STRUCTURE_TYPE_APPLICATION_INFO, NULL, "moe", 1, "moe", 1, VK_API_VERSION_1_2};
-    VkInstanceCreateInfo ici = {VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO, vk->validation ? &mci : NULL, 0, &app,
-                                n_layers, layers, n_exts, exts};
-    VkResult r = f->CreateInstance(&ici, NULL, &vk->inst);
+    VkInstanceCreateInfo ici = {VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO, NULL, 0, &app, n_layers, layers, n_exts, exts};
+    /* One instance per process, made by the first model and kept: every vkDestroyInstance lets the
+       loader unload the driver, and the NVIDIA driver, loaded and unloaded again, stops loading
+       after about 30 rounds in one process (vkCreateInstance: VK_ERROR_INCOMPATIBLE_DRIVER; seen
+       on the H100 machine with driver 580). Models created with and without MOE_VK_VALIDATION
+       need different instances: the other kind gets one of its own, destroyed with its model. */
+    VkResult r = VK_SUCCESS;
+    pthread_mutex_lock(&g_vk_instance_mu);
+    if (g_vk_instance && g_vk_instance_validation == vk->validation) {
+        vk->inst = g_vk_instance;
+        vk->inst_shared = 1;
+    } else {
+        r = f->CreateInstance(&ici, NULL, &vk->inst);
+        if (r == VK_SUCCESS && !g_vk_instance) {
+            g_vk_instance = vk->inst;
+            g_vk_instance_validation = vk->validation;
+            vk->inst_shared = 1;
+        }
+    }
+    pthread_mutex_unlock(&g_vk_instance_mu);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreateInstance failed (%s)", vk_result_str(r));
     const char *missing = vk_load_instance(f, vk->inst);
     if (missing) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the loader lacks %s", missing);
@@ -1640,7 +1662,7 @@ void moe_vk_free(moe_vk_backend *vk) {
         if (f->DestroyDevice) f->DestroyDevice(vk->dev, NULL);
     }
     if (vk->messenger && f->DestroyDebugUtilsMessengerEXT) f->DestroyDebugUtilsMessengerEXT(vk->inst, vk->messenger, NULL);
-    if (vk->inst && f->DestroyInstance) f->DestroyInstance(vk->inst, NULL);
+    if (vk->inst && !vk->inst_shared && f->DestroyInstance) f->DestroyInstance(vk->inst, NULL);
     /* the loader stays loaded: some drivers do not survive being unloaded and loaded again */
     if (vk->w)
         for (uint32_t i = 0; i < vk->n_wts; i++) vk_weight_at(vk->w, (int)i)->dev = NULL;

@@ -761,6 +761,8 @@ static void test_fallback(void **state) {
     setenv("VK_ICD_FILENAMES", "/nonexistent/moe_icd.json", 1);
     setenv("VK_DRIVER_FILES", "/nonexistent/moe_icd.json", 1);
     long msgs = g_vk_validation_messages; /* the loader may warn about the missing ICD: expected here */
+    VkInstance shared = g_vk_instance;     /* the process's shared instance would hide the missing driver */
+    g_vk_instance = 0;
     moe_status st = moe_load(path, &lp, &m);
     printf("[ INFO     ] forced no driver, MOE_BACKEND_VULKAN: %s (%s)\n", moe_status_str(st), moe_last_error());
     assert_int_equal(st, MOE_ERR_DEVICE);
@@ -774,6 +776,7 @@ static void test_fallback(void **state) {
     assert_int_equal(info.backend, MOE_BACKEND_CPU);
     assert_non_null(strstr(g_log_seen, "Vulkan not used"));
     moe_model_free(m);
+    g_vk_instance = shared;
     g_vk_validation_messages = msgs;
     if (old_icd) setenv("VK_ICD_FILENAMES", old_icd, 1);
     else unsetenv("VK_ICD_FILENAMES");
