@@ -8653,18 +8653,28 @@ static moe_status tok_check(const moe_model *model, const char *fn, const moe_vo
     return MOE_OK;
 }
 
-static int32_t tok_result(int64_t n, int64_t cap, const char *fn) {
+/* The v1 out-parameter rule (moe.h, "Counts through out-parameters"): MOE_OK with *n_out = the count
+   written, or MOE_ERR_BUFFER_TOO_SMALL with *n_out = the count needed (nothing written beyond cap). */
+static moe_status tok_result(int64_t n, int64_t cap, const char *fn, int32_t *n_out) {
     if (n > INT32_MAX) return set_error(MOE_ERR_INVALID_ARG, "%s: the result (%lld) does not fit an int32", fn, (long long)n);
-    if (n > cap) {
-        set_error(MOE_ERR_BUFFER_TOO_SMALL, "%s: needs room for %lld, the buffer holds %lld", fn, (long long)n, (long long)cap);
-        return (int32_t)-n;
-    }
-    return (int32_t)n;
+    *n_out = (int32_t)n;
+    if (n > cap)
+        return set_error(MOE_ERR_BUFFER_TOO_SMALL, "%s: needs room for %lld, the buffer holds %lld", fn, (long long)n, (long long)cap);
+    return MOE_OK;
 }
 
-int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len, moe_token *out, int32_t cap, int32_t flags) {
+/* n_out is required; on an error other than MOE_ERR_BUFFER_TOO_SMALL it is left 0 */
+static moe_status tok_out_check(int32_t *n_out, const char *fn) {
+    if (!n_out) return set_error(MOE_ERR_INVALID_ARG, "%s: n_out is NULL (the count comes back through it)", fn);
+    *n_out = 0;
+    return MOE_OK;
+}
+
+moe_status moe_tokenize(const moe_model *model, const char *text, int32_t text_len, moe_token *out, int32_t cap, int32_t flags,
+                        int32_t *n_out) {
     const moe_vocab *v = NULL;
-    moe_status st = tok_check(model, "moe_tokenize", &v);
+    moe_status st = tok_out_check(n_out, "moe_tokenize");
+    if (!st) st = tok_check(model, "moe_tokenize", &v);
     if (st) return st;
     if ((!text && text_len) || text_len < 0 || cap < 0 || (!out && cap) || (flags & ~3))
         return set_error(MOE_ERR_INVALID_ARG, "moe_tokenize: bad arguments (text %p, text_len %d, out %p, cap %d, flags %d)",
@@ -8679,12 +8689,13 @@ int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
     if (flags & MOE_TOKENIZE_ADD_SPECIAL)
         for (int i = 0; i < v->n_suffix; i++) emit(&o, v->suffix[i]);
     scratch_free(&sc);
-    return tok_result(o.n, cap, "moe_tokenize");
+    return tok_result(o.n, cap, "moe_tokenize", n_out);
 }
 
-int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap) {
+moe_status moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap, int32_t *n_out) {
     const moe_vocab *v = NULL;
-    moe_status st = tok_check(model, "moe_token_to_piece", &v);
+    moe_status st = tok_out_check(n_out, "moe_token_to_piece");
+    if (!st) st = tok_check(model, "moe_token_to_piece", &v);
     if (st) return st;
     if (token < 0 || token >= v->n_tokens)
         return set_error(MOE_ERR_INVALID_ARG, "moe_token_to_piece: token %d is outside the vocabulary [0, %d)", token, v->n_tokens);
@@ -8693,27 +8704,31 @@ int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, i
                          buf ? "given" : "NULL", cap);
     uint32_t n = v->tok[token].piece_len;
     if ((int64_t)n <= cap) memcpy(buf, tok_piece(v, token), n);
-    return tok_result(n, cap, "moe_token_to_piece");
+    return tok_result(n, cap, "moe_token_to_piece", n_out);
 }
 
-int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens, char *buf, int32_t cap, int32_t flags) {
+moe_status moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens, char *buf, int32_t cap, int32_t flags,
+                          int32_t *n_out) {
     const moe_vocab *v = NULL;
-    moe_status st = tok_check(model, "moe_detokenize", &v);
+    moe_status st = tok_out_check(n_out, "moe_detokenize");
+    if (!st) st = tok_check(model, "moe_detokenize", &v);
     if (st) return st;
     if (n_tokens < 0 || (!tokens && n_tokens) || cap < 0 || (!buf && cap) || (flags & ~3))
         return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: %s",
                          n_tokens < 0 ? "n_tokens is negative" : (!tokens && n_tokens) ? "tokens is NULL"
                          : cap < 0 ? "cap is negative" : (!buf && cap) ? "buf is NULL with a capacity (a size query is buf = NULL, cap = 0)"
                          : "unknown flags");
+    /* every token is checked before a byte is written: a bad id leaves buf untouched */
+    for (int32_t i = 0; i < n_tokens; i++)
+        if (tokens[i] < 0 || tokens[i] >= v->n_tokens)
+            return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: token %d at index %d is outside [0, %d)", tokens[i], i, v->n_tokens);
     sbuf b = {buf, 0, cap};
     for (int32_t i = 0; i < n_tokens; i++) {
         moe_token t = tokens[i];
-        if (t < 0 || t >= v->n_tokens)
-            return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: token %d at index %d is outside [0, %d)", t, i, v->n_tokens);
         if ((v->tok[t].flags & TF_SPECIAL) && !(flags & MOE_TOKENIZE_PARSE_SPECIAL)) continue;
         sb_put(&b, (const char *)tok_piece(v, t), v->tok[t].piece_len);
     }
-    return tok_result(b.n, cap, "moe_detokenize");
+    return tok_result(b.n, cap, "moe_detokenize", n_out);
 }
 
 int32_t moe_token_is_eog(const moe_model *model, moe_token token) {
@@ -8723,10 +8738,11 @@ int32_t moe_token_is_eog(const moe_model *model, moe_token token) {
     return token >= 0 && token < v->n_tokens && (v->tok[token].flags & TF_EOG) != 0;
 }
 
-int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const char *const *contents, int32_t n_messages,
-                       int32_t add_assistant_prompt, char *buf, int32_t cap) {
+moe_status moe_chat_apply(const moe_model *model, const char *const *roles, const char *const *contents, int32_t n_messages,
+                          int32_t add_assistant_prompt, char *buf, int32_t cap, int32_t *n_out) {
     const moe_vocab *v = NULL;
-    moe_status st = tok_check(model, "moe_chat_apply", &v);
+    moe_status st = tok_out_check(n_out, "moe_chat_apply");
+    if (!st) st = tok_check(model, "moe_chat_apply", &v);
     if (st) return st;
     if (n_messages < 0 || (n_messages && (!roles || !contents)) || cap < 0 || (!buf && cap) ||
         (add_assistant_prompt != 0 && add_assistant_prompt != 1))
@@ -8736,20 +8752,29 @@ int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const c
                          : "add_assistant_prompt is not 0/1");
     for (int32_t i = 0; i < n_messages; i++)
         if (!roles[i] || !contents[i]) return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: message %d has a NULL role or content", i);
-    sbuf b = {buf, 0, cap};
-    switch (v->chat) {
-    case CHAT_QWEN3: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 1, &b); break;
-    case CHAT_CHATML: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 0, &b); break;
-    case CHAT_GEMMA: st = chat_gemma(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
-    case CHAT_GEMMA4: st = chat_gemma4(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
-    case CHAT_HARMONY: st = chat_harmony(roles, contents, n_messages, add_assistant_prompt, &b); break;
-    default:
-        return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: the model's chat template is not one we render "
-                         "(supported: ChatML/Qwen3, Gemma 3, Gemma 4, Harmony)%s", v->template_text ? "" : " and it names none");
+    /* rendered into a scratch buffer first: a template error (an unknown role late in the chat)
+       must leave the caller's buffer untouched */
+    sbuf b = {NULL, 0, 0};
+    for (int pass = 0; pass < 2; pass++) {
+        switch (v->chat) {
+        case CHAT_QWEN3: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 1, &b); break;
+        case CHAT_CHATML: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 0, &b); break;
+        case CHAT_GEMMA: st = chat_gemma(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
+        case CHAT_GEMMA4: st = chat_gemma4(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
+        case CHAT_HARMONY: st = chat_harmony(roles, contents, n_messages, add_assistant_prompt, &b); break;
+        default:
+            return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: the model's chat template is not one we render "
+                             "(supported: ChatML/Qwen3, Gemma 3, Gemma 4, Harmony)%s", v->template_text ? "" : " and it names none");
+        }
+        if (st) return st;
+        /* pass 0 only measured (cap 0) and validated; pass 1 writes when it fits */
+        if (pass == 0) {
+            if (b.n > cap) return tok_result(b.n, cap, "moe_chat_apply", n_out);
+            b = (sbuf){buf, 0, cap};
+        }
     }
-    if (st) return st;
     if (b.n < cap) buf[b.n] = 0; /* a courtesy NUL when it fits; the count excludes it */
-    return tok_result(b.n, cap, "moe_chat_apply");
+    return tok_result(b.n, cap, "moe_chat_apply", n_out);
 }
 
 /* Vocabulary-only loading (moe_load_params.vocab_only, or a path to a tokenizer.json): a GGUF

@@ -20,13 +20,15 @@
        moe_model_get_info(model, &info);
 
        moe_token tok[256];
-       int32_t n = moe_tokenize(model, text, text_len, tok, 256, MOE_TOKENIZE_ADD_SPECIAL);
+       int32_t n = 0;                            // counts come back through an out-parameter
+       moe_tokenize(model, text, text_len, tok, 256, MOE_TOKENIZE_ADD_SPECIAL, &n);
        moe_step(ctx, tok, n);                    // prefill
        for (int i = 0; i < 200; i++) {
            moe_token t = my_sampler(moe_logits(ctx, -1), info.n_vocab);   // or moe_sample()
            if (moe_token_is_eog(model, t)) break;                         // end of generation
            char piece[256];                      // bytes of one token, maybe part of a UTF-8 char:
-           int32_t len = moe_token_to_piece(model, t, piece, sizeof piece);
+           int32_t len = 0;
+           moe_token_to_piece(model, t, piece, sizeof piece, &len);
            fwrite(piece, 1, len, stdout);        // pieces concatenated = moe_detokenize()
            moe_step(ctx, &t, 1);                 // decode one token
        }
@@ -55,8 +57,16 @@
 
    ABI
    No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
-   values, every output buffer comes with its capacity. Functions that fill a caller buffer return
-   the count written, or -(count needed) when the capacity is too small.
+   values, every output buffer comes with its capacity. Functions that fill a caller buffer
+   (moe_tokenize, moe_token_to_piece, moe_detokenize, moe_chat_apply) return a moe_status and
+   report the count through a last argument int32_t *n_out (required):
+     MOE_OK                    *n_out = the count written (tokens or bytes);
+     MOE_ERR_BUFFER_TOO_SMALL  *n_out = the count needed; nothing is written beyond cap;
+     any other status          an error; *n_out = 0 (when n_out is not NULL).
+   Size query: buf = NULL with cap = 0, then MOE_ERR_BUFFER_TOO_SMALL with the count needed in
+   *n_out (MOE_OK with 0 when the result is empty); a NULL buf with cap > 0 is MOE_ERR_INVALID_ARG.
+   Typical use: call with a buffer you have; on MOE_ERR_BUFFER_TOO_SMALL grow it to *n_out and
+   call again.
 
    VERSIONS: WHEN STRUCTS GROW
    Structs only grow at their end, and all-zero means "default" for every field, new ones
@@ -64,8 +74,8 @@
    built against an OLDER moe.h is kept safe by the ABI version, not by run-time struct sizes:
    every change of the binary interface (a struct that grows or changes, a function whose
    arguments or meaning change) raises MOE_ABI_VERSION, and the shared library's SONAME is
-   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.1 and the link libmoe.so). A binary
-   linked against libmoe.so.1 keeps loading that library, or fails to start; it never runs
+   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.2 and the link libmoe.so). A binary
+   linked against libmoe.so.2 keeps loading that library, or fails to start; it never runs
    against structs of another size. Adding functions or enum values keeps MOE_ABI_VERSION.
    Bindings that open the library by path (Python ctypes, C#, Go, Rust without moe.h) must compare
    moe_abi_version() with the MOE_ABI_VERSION they were written for and refuse to run on a
@@ -113,7 +123,7 @@ enum { MOE_LOG_ERROR = 0, MOE_LOG_WARN = 1, MOE_LOG_INFO = 2, MOE_LOG_DEBUG = 3 
 MOE_API const char *moe_version(void);                /* "0.1.0" */
 
 /* ABI version of the library: see VERSIONS above; the shared library is libmoe.so.<this>. */
-#define MOE_ABI_VERSION 1
+#define MOE_ABI_VERSION 2
 MOE_API int32_t     moe_abi_version(void);            /* MOE_ABI_VERSION of the library as built */
 /* sizeof() of a public struct in the library as built (0 for an unknown id), for bindings to check
    their own declarations against. */
@@ -186,27 +196,32 @@ MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *ou
    and SentencePiece-style BPE with byte fallback (GGUF "llama" and "gemma4": Gemma 3, Gemma 4), from GGUF metadata or a
    Hugging Face tokenizer.json; ids match Hugging Face `tokenizers`. A model without tokenizer
    metadata still loads; these calls then fail with MOE_ERR_UNSUPPORTED.
-   Errors are returned as a (small, negative) moe_status with moe_last_error() set; a too-small
-   buffer gives -(count needed) and sets moe_last_error() to say so. */
+   Each call returns a moe_status and its count through n_out, as ABI above says: MOE_OK with the
+   count written, MOE_ERR_BUFFER_TOO_SMALL with the count needed (moe_last_error() says so), or an
+   error with moe_last_error() set. */
 
 /* flags: MOE_TOKENIZE_ADD_SPECIAL adds what the vocabulary adds around a text (BOS for Gemma,
    nothing for Qwen3 or gpt-oss); MOE_TOKENIZE_PARSE_SPECIAL turns special-token text such as
    "<|im_end|>" into that token (longest match), otherwise it is tokenized as plain text. Added
    tokens that are not special (Qwen3's "<think>", Gemma's "\n\n") are always recognised, as in
    Hugging Face. Any bytes are accepted, invalid UTF-8 included.
-   Returns the token count; if it exceeds cap, returns -(count needed) and writes nothing useful. */
-MOE_API int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
-                             moe_token *out, int32_t cap, int32_t flags);
+   *n_out: the token count. Too small a cap: MOE_ERR_BUFFER_TOO_SMALL, and out[0..cap) may have
+   been written (the first cap tokens), nothing beyond. */
+MOE_API moe_status moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
+                                moe_token *out, int32_t cap, int32_t flags, int32_t *n_out);
 /* The raw bytes of one token (may be a partial UTF-8 sequence: buffer them while streaming);
-   special tokens give their text. Not NUL-terminated. Same return convention. */
-MOE_API int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap);
+   special tokens give their text. Not NUL-terminated. *n_out: the byte count; too small a cap:
+   MOE_ERR_BUFFER_TOO_SMALL and buf untouched. */
+MOE_API moe_status moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap,
+                                      int32_t *n_out);
 /* Whole-sequence detokenization: the concatenated pieces, byte for byte (not NUL-terminated).
    flags: MOE_TOKENIZE_PARSE_SPECIAL renders special tokens as their text; without it they are
    left out. detokenize(tokenize(x)) == x for any bytes x with the same flags, up to the
    vocabulary's normalization (Qwen3 applies NFC; Gemma reads U+2581 as a space).
-   Same return convention. */
-MOE_API int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
-                               char *buf, int32_t cap, int32_t flags);
+   *n_out: the byte count; too small a cap: MOE_ERR_BUFFER_TOO_SMALL, buf[0..cap) holds a prefix.
+   A token outside the vocabulary: MOE_ERR_INVALID_ARG, buf untouched. */
+MOE_API moe_status moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
+                                  char *buf, int32_t cap, int32_t flags, int32_t *n_out);
 /* End of generation: the vocabulary's eos/eot/eom ids and the families' end markers
    (<|im_end|>, <|endoftext|>, <end_of_turn>, <turn|>, <eos>, <|return|>, <|call|>, ...). 0/1 */
 MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);
@@ -220,10 +235,11 @@ MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);
    the empty thought block that turns thinking off, where the model's template has it), gpt-oss Harmony
    ("system" or "developer" first, then "user"/"assistant"; the system message carries today's
    date). Other templates give MOE_ERR_UNSUPPORTED, unknown roles MOE_ERR_INVALID_ARG.
-   Returns the byte count (a NUL follows when it fits); -(count needed) if it exceeds cap. */
-MOE_API int32_t moe_chat_apply(const moe_model *model, const char *const *roles,
-                               const char *const *contents, int32_t n_messages,
-                               int32_t add_assistant_prompt, char *buf, int32_t cap);
+   *n_out: the byte count (a NUL follows when it fits, not counted); too small a cap:
+   MOE_ERR_BUFFER_TOO_SMALL and buf untouched; an error (unknown role, ...) leaves buf untouched. */
+MOE_API moe_status moe_chat_apply(const moe_model *model, const char *const *roles,
+                                  const char *const *contents, int32_t n_messages,
+                                  int32_t add_assistant_prompt, char *buf, int32_t cap, int32_t *n_out);
 
 /* ---- contexts and stepping ------------------------------------------------------------------ */
 typedef struct moe_ctx_params {             /* all-zero (or NULL) means defaults */
