@@ -44,14 +44,20 @@
 /* 1. platform                                                                                   */
 /* ============================================================================================ */
 
-/* Allocation goes through these two so that tests can inject failures (moe_test_fail_alloc_after). */
-static _Atomic long g_alloc_countdown = -1; /* test hook only: -1 = never fail */
+/* Test hooks (moe_test_*, not in moe.h) exist only in test builds: the Makefile compiles the tests
+   with -DMOE_TEST_HOOKS; the library and vendored builds have none. */
+#ifdef MOE_TEST_HOOKS
+static _Atomic long g_alloc_countdown = -1; /* -1 = never fail */
+#endif
 
+/* Allocation goes through these two so that tests can inject failures (moe_test_fail_alloc_after). */
 static void *moe_malloc(size_t n) {
+#ifdef MOE_TEST_HOOKS
     long c = atomic_load(&g_alloc_countdown);
     if (c >= 0) {
         if (atomic_fetch_sub(&g_alloc_countdown, 1) <= 0) return NULL;
     }
+#endif
     return malloc(n ? n : 1);
 }
 static void *moe_calloc(size_t count, size_t size) {
@@ -62,9 +68,11 @@ static void *moe_calloc(size_t count, size_t size) {
 }
 static void moe_free(void *p) { free(p); }
 
-/* Test hook (not in moe.h): the n-th allocation from now fails; -1 switches failures off. */
-MOE_API void moe_test_fail_alloc_after(long n);
+#ifdef MOE_TEST_HOOKS
+/* Test hook: the n-th allocation from now fails; -1 switches failures off. */
+MOE_HIDDEN void moe_test_fail_alloc_after(long n);
 void moe_test_fail_alloc_after(long n) { atomic_store(&g_alloc_countdown, n); }
+#endif
 
 static _Thread_local char tl_error[512];
 
@@ -6829,11 +6837,13 @@ enum { XS_EMPTY = 0, XS_LOADING = 1, XS_READY = 2 };
 enum { XS_LRU = MOE_XS_LRU, XS_LFU = MOE_XS_LFU };
 #define XS_ALIGN 4096u      /* O_DIRECT alignment of buffer, offset and length */
 
-/* Test hook (not in moe.h): the n-th expert read from now fails half-way with EIO (once);
+#ifdef MOE_TEST_HOOKS
+/* Test hook (test builds only): the n-th expert read from now fails half-way with EIO (once);
    -1 switches it off. */
 static _Atomic long g_io_countdown = -1;
-MOE_API void moe_test_fail_io_after(long n);
+MOE_HIDDEN void moe_test_fail_io_after(long n);
 void moe_test_fail_io_after(long n) { atomic_store(&g_io_countdown, n); }
+#endif
 
 struct moe_xcache {
     int n_layer, E;                 /* units: layer · E + expert */
@@ -6894,8 +6904,12 @@ static int xs_read_slab(moe_xcache *xc, int32_t s, int l, int t, int e) {
     int direct = xc->direct && xc->fd_direct[f] >= 0;
     uint64_t pos = direct ? a0 : off, end = direct ? xs_align_up(off + len, XS_ALIGN) : off + len;
     uint8_t *dst = direct ? region : region + off % XS_ALIGN;
+#ifdef MOE_TEST_HOOKS
     long c = atomic_load(&g_io_countdown);
     int inject = c >= 0 && atomic_fetch_sub(&g_io_countdown, 1) == 0;
+#else
+    const int inject = 0;
+#endif
     uint64_t done = 0, need = direct ? off + len - a0 : len;
     while (pos + done < end) {
         if (inject && done >= need / 2) return EIO; /* the injected failure, half-way through */
@@ -8463,9 +8477,13 @@ static const char *mem_rfind(const char *h, size_t hn, const char *needle) {
     return NULL;
 }
 
+#ifdef MOE_TEST_HOOKS
 static char g_chat_date[16]; /* test hook: a fixed "YYYY-MM-DD" for Harmony's system message */
-MOE_API void moe_test_set_chat_date(const char *ymd);
+MOE_HIDDEN void moe_test_set_chat_date(const char *ymd);
 void moe_test_set_chat_date(const char *ymd) { snprintf(g_chat_date, sizeof g_chat_date, "%s", ymd ? ymd : ""); }
+#else
+static const char g_chat_date[1] = "";
+#endif
 
 static moe_status chat_qwen3(const char *const *roles, const char *const *contents, int32_t n, int gen, int qwen3, sbuf *b) {
     int32_t last_query = n - 1;

@@ -379,6 +379,16 @@ MOE_API moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out);
 /* PRIVATE: the interface shared by moe.c and moe_vk.c. Not part of the API; do not use.         */
 /* ============================================================================================ */
 #ifdef MOE_INTERNAL
+/* Names shared by moe.c, moe_vk.c and shaders_embedded.c are marked MOE_HIDDEN: they link across
+   those files but are never exported from a shared library (the Makefile also builds the library
+   objects with -fvisibility=hidden; make test-symbols checks that libmoe.so exports exactly the
+   MOE_API functions above). Windows DLLs export only what MOE_API marks dllexport. */
+#if defined(__GNUC__) && !defined(_WIN32) && !defined(__CYGWIN__)
+#define MOE_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define MOE_HIDDEN
+#endif
+
 /* Type ids follow ggml's numbering so that GGUF tensor types map directly. */
 enum {
     MOE_TYPE_F32 = 0, MOE_TYPE_F16 = 1, MOE_TYPE_Q4_0 = 2, MOE_TYPE_Q8_0 = 8, MOE_TYPE_Q4_K = 12,
@@ -624,32 +634,32 @@ typedef struct moe_ops {
    choice and any validation-layer message; it must outlive the backend. */
 typedef struct moe_vk_backend moe_vk_backend;
 typedef void (*moe_log_fn)(int32_t level, const char *msg, void *user);
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
-                       moe_vk_backend **out);
+MOE_HIDDEN moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log,
+                                  void *log_user, moe_vk_backend **out);
 /* moe_vk_init with a gpu_budget_bytes (0 = no limit): below what the resident weights take on the
    device, the experts get a slot cache (moe_vk.c, "GPU expert slot cache"); MOE_ERR_NO_MEMORY
    naming the minimum below the minimum working set. moe_vk_init is this with 0. */
-moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
-                              moe_log_fn log, void *log_user, moe_vk_backend **out);
-int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
-void       moe_vk_free(moe_vk_backend *vk);
+MOE_HIDDEN moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only,
+                                         uint64_t gpu_budget_bytes, moe_log_fn log, void *log_user, moe_vk_backend **out);
+MOE_HIDDEN int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
+MOE_HIDDEN void       moe_vk_free(moe_vk_backend *vk);
 /* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache:
    over n_slots slots (state 0 empty, 1 loading, 2 ready; pins > 0 pinned) the slot that gives way,
    or -1; touch records a use of slot s (LRU stamp, LFU count with decay). */
 enum { MOE_XS_LRU = 0, MOE_XS_LFU = 1 };
-int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state, const uint64_t *stamp,
-                      const float *freq);
-void    moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at);
-int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else MOE_XS_LRU */
-moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
-void       moe_vk_ctx_free(void *be);
-extern const moe_ops moe_vk_ops;
-void       moe_internal_set_error(moe_status status, const char *fmt, ...);
+MOE_HIDDEN int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state,
+                                 const uint64_t *stamp, const float *freq);
+MOE_HIDDEN void    moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at);
+MOE_HIDDEN int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else MOE_XS_LRU */
+MOE_HIDDEN moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
+MOE_HIDDEN void       moe_vk_ctx_free(void *be);
+MOE_HIDDEN extern const moe_ops moe_vk_ops;
+MOE_HIDDEN void       moe_internal_set_error(moe_status status, const char *fmt, ...);
 
 /* SPIR-V of the compute shaders, generated into shaders_embedded.c (make shaders), sorted by name. */
 typedef struct moe_spirv { const char *name; const uint32_t *code; size_t size_bytes; } moe_spirv;
-extern const moe_spirv moe_vk_spirv[];
-extern const size_t    moe_vk_spirv_count;
+MOE_HIDDEN extern const moe_spirv moe_vk_spirv[];
+MOE_HIDDEN extern const size_t    moe_vk_spirv_count;
 #endif
 
 #endif /* MOE_H */

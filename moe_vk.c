@@ -647,8 +647,13 @@ typedef struct vk_probe {
     char why[200];
 } vk_probe;
 
+#ifdef MOE_TEST_HOOKS                         /* test builds only (the tests set these directly) */
 static VkDeviceSize g_vk_window_cap_override; /* test hook: smaller weight windows to exercise splits */
 static int g_vk_cpu_device_as_gpu;            /* test hook: CPU-type devices (lavapipe) count as GPUs for AUTO */
+#else
+#define g_vk_window_cap_override ((VkDeviceSize)0)
+#define g_vk_cpu_device_as_gpu 0
+#endif
 
 static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p) {
     vk_fns *f = &vk->f;

@@ -1,11 +1,12 @@
 #!/bin/sh
 # Installs what the tests need on a fresh Debian 12 machine (run as root), or says what is missing:
-# cmocka and clang; for the Vulkan tests the loader (libvulkan1), lavapipe (mesa-vulkan-drivers),
-# the Khronos validation layer (vulkan-validationlayers) and glslangValidator (glslang-tools,
-# for the shaders_embedded.c staleness check).
+# cmocka, clang and g++ (moe.h is checked as C++); for the Vulkan tests the loader (libvulkan1),
+# lavapipe (mesa-vulkan-drivers), the Khronos validation layer (vulkan-validationlayers) and
+# glslangValidator (glslang-tools, for the shaders_embedded.c staleness check).
 need=""
 [ -f /usr/include/cmocka.h ] || need="$need libcmocka-dev"
 command -v clang >/dev/null 2>&1 || need="$need clang"
+command -v g++ >/dev/null 2>&1 || need="$need g++"
 command -v valgrind >/dev/null 2>&1 || need="$need valgrind"
 [ -x /usr/bin/python3 ] || need="$need python3"
 have() { for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
