@@ -4799,7 +4799,11 @@ struct moe_model {
     moe_xcache *xc;            /* host expert cache: NULL unless host_budget_bytes is below the weights */
     uint64_t n_params;
     double t_load_s;
+    /* references: the caller's (moe_load, released by moe_model_free) plus one per context; the
+       last release destroys the model, so contexts outlive a freed model handle */
+    _Atomic int32_t refs;
 };
+static void model_release(moe_model *model); /* section 11: drops a reference, the last destroys */
 
 struct moe_arch {
     const char *name;          /* GGUF general.architecture */
@@ -7402,6 +7406,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         return st;
     }
     c->stats.t_load_s = model->t_load_s;
+    atomic_fetch_add(&model->refs, 1); /* released by moe_ctx_free: the model outlives its contexts */
     *out = c;
     return MOE_OK;
 }
@@ -7418,9 +7423,11 @@ void moe_ctx_free(moe_ctx *ctx) {
     }
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
+    moe_model *model = ctx->model;
     moe_free(ctx->tokens);
     moe_free(ctx->logits);
     moe_free(ctx);
+    model_release(model); /* the last reference destroys the model (after moe_model_free) */
 }
 
 /* ---- sliding-window rings: what they still hold, and recomputation when that is not enough ----
@@ -8166,8 +8173,7 @@ no_finite:
 /* ============================================================================================ */
 /* 11. public API glue                                                                           */
 /* ============================================================================================ */
-void moe_model_free(moe_model *model) {
-    if (!model) return;
+static void model_destroy(moe_model *model) {
     if (model->vk) moe_vk_free(model->vk);
     xs_free(model->xc);
     vocab_free(model->vocab);
@@ -8183,6 +8189,15 @@ void moe_model_free(moe_model *model) {
     moe_free(model->hf_names);
     moe_free(model->hf_expert_ptrs);
     moe_free(model);
+}
+
+/* drops one reference (the caller's, or a context's); the last one destroys the model */
+static void model_release(moe_model *model) {
+    if (atomic_fetch_sub(&model->refs, 1) == 1) model_destroy(model);
+}
+
+void moe_model_free(moe_model *model) {
+    if (model) model_release(model);
 }
 
 static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf); /* with the tokenizer API below */
@@ -8312,6 +8327,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     double t0 = now_s();
     moe_model *m = moe_calloc(1, sizeof *m);
     if (!m) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory");
+    atomic_init(&m->refs, 1); /* the caller's */
     m->file.fd = -1;
     m->log.fn = p.log;
     m->log.user = p.user;
@@ -8401,7 +8417,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
 cancelled:
     st = set_error(MOE_ERR_CANCELLED, "moe_load: cancelled by the progress callback");
 fail:
-    moe_model_free(m);
+    model_destroy(m);
     return st;
 }
 

@@ -32,7 +32,7 @@
            fwrite(piece, 1, len, stdout);        // pieces concatenated = moe_detokenize()
            moe_step(ctx, &t, 1);                 // decode one token
        }
-       moe_ctx_free(ctx);                        // every context before its model
+       moe_ctx_free(ctx);                        // in any order: a context keeps its model alive
        moe_model_free(model);
 
    ERRORS
@@ -51,9 +51,15 @@
    moe_token_is_eog, moe_chat_apply, moe_model_get_info, moe_ctx_new, moe_model_save) on a shared
    model, also while its contexts step; any calls on different samplers. Never at the same time:
    two calls on one context or on one sampler, and a *_free with any other call on that object.
-   Free in reverse order of creation: every context of a model (moe_ctx_free) before the model
-   (moe_model_free); a moe_sampler depends on neither. A pointer from moe_logits() lives until the
-   next call on its context; moe_last_error()'s text until the next failing call on that thread.
+   The model outlives its contexts (reference counted): moe_load gives the caller one reference
+   and every moe_ctx_new takes one more; moe_model_free releases the caller's, moe_ctx_free its
+   context's, and the last release frees the model (weights, file mappings, device objects). So
+   contexts and their model may be freed in any order: after moe_model_free the caller must not
+   use that model pointer again (not even for moe_ctx_new), but its contexts keep working until
+   they are freed, and moe_model_free may run while they step on other threads. The log callback
+   and user pointer of moe_load_params must stay valid until the model is really freed. A
+   moe_sampler depends on nothing. A pointer from moe_logits() lives until the next call on its
+   context; moe_last_error()'s text until the next failing call on that thread.
 
    ABI
    No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
@@ -177,7 +183,9 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
    with vocab_only (or a path to a tokenizer.json) only the tokenizer is loaded: the tokenizer
    calls work, moe_ctx_new does not. */
 MOE_API moe_status moe_load(const char *path, const moe_load_params *params, moe_model **out);
-MOE_API void       moe_model_free(moe_model *model);            /* NULL-safe */
+/* Releases the caller's reference (NULL-safe): the model is freed now if it has no contexts, else
+   when its last context is freed (THREADS AND LIFETIMES above). */
+MOE_API void       moe_model_free(moe_model *model);
 
 typedef struct moe_model_info {
     char     arch[32];                      /* "qwen3moe", "gemma4", "qwen35moe", ... */
@@ -250,7 +258,8 @@ typedef struct moe_ctx_params {             /* all-zero (or NULL) means defaults
 } moe_ctx_params;
 
 MOE_API moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx **out);
-MOE_API void       moe_ctx_free(moe_ctx *ctx);                   /* NULL-safe */
+/* NULL-safe; releases the context's reference to its model (the last one frees the model). */
+MOE_API void       moe_ctx_free(moe_ctx *ctx);
 
 /* Feed n_tokens tokens (a prompt chunk or one sampled token) at the current position.
    Afterwards moe_logits() gives the next-token logits. MOE_ERR_CONTEXT_FULL if they do not fit;

@@ -14,8 +14,10 @@ the MOE_LIB environment variable. Every failing call raises MoeError(status, mes
 message is moe_last_error() of the calling thread. The ctypes calls release the GIL, so several
 contexts of one model can run in parallel threads (one thread per context at a time).
 
-Lifetimes: a Context keeps its Model alive; close() (or a `with` block) frees the C object at
-once, otherwise it is freed when the Python object is collected. The array that
+Lifetimes: a Context keeps its Model alive, in C as in Python (moe.h: the model is reference
+counted), so `with Model(...) as m: ctx = Context(m)` leaves ctx usable after the block.
+close() (or a `with` block) releases the C object at once (a Model's memory goes when its last
+Context is closed too), otherwise it is released when the Python object is collected. The array that
 Context.logits() returns is a view of the context's memory, valid until the next call on that
 context; copy it (list(view)) to keep it.
 

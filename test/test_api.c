@@ -105,6 +105,66 @@ static void test_threads(void **state) {
     moe_model_free(m);
 }
 
+/* ---- the model outlives its contexts (moe.h: reference counted) --------------------------------
+   moe_model_free releases the caller's reference; contexts keep stepping (here two on other
+   threads while the model is freed), and the last moe_ctx_free frees the model: ASan / valgrind
+   see no use after free and no leak, TSan no race. */
+typedef struct late_job { moe_ctx *c; int nv, seed; moe_token out[24]; moe_status st; } late_job;
+
+static void *late_main(void *arg) {
+    late_job *j = arg;
+    moe_token p[20];
+    prompt_tokens(p, 20, j->nv, j->seed);
+    j->st = moe_step(j->c, p, 20);
+    for (int i = 0; i < 24 && !j->st; i++) {
+        j->out[i] = greedy(moe_logits(j->c, -1), j->nv);
+        j->st = moe_step(j->c, &j->out[i], 1);
+    }
+    moe_ctx_free(j->c); /* one of these may drop the model's last reference */
+    return NULL;
+}
+
+static void test_model_outlives_contexts(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 2);
+    const int nv = vocab_of(m);
+    moe_token want[3][24], got[24];
+    for (int t = 0; t < 3; t++) {
+        moe_ctx *c = new_ctx(m, 64, 0);
+        run_greedy(c, nv, t, 20, 24, want[t]);
+        moe_ctx_free(c);
+    }
+    moe_ctx *a = new_ctx(m, 64, 0), *b = new_ctx(m, 64, 0);
+    late_job jobs[2];
+    pthread_t th[2];
+    for (int t = 0; t < 2; t++) {
+        jobs[t] = (late_job){new_ctx(m, 64, 0), nv, t + 1, {0}, -100};
+        assert_int_equal(pthread_create(&th[t], NULL, late_main, &jobs[t]), 0);
+    }
+    moe_model_free(m); /* the caller's reference; four contexts hold theirs */
+    run_greedy(a, nv, 0, 20, 24, got);
+    assert_memory_equal(got, want[0], sizeof got);
+    size_t size = 0;
+    assert_int_equal(moe_ctx_save(a, NULL, 0, &size), MOE_OK);
+    void *snap = malloc(size);
+    assert_int_equal(moe_ctx_save(a, snap, size, &size), MOE_OK);
+    moe_ctx_free(a);
+    assert_int_equal(moe_ctx_load(b, snap, size), MOE_OK); /* b now continues where a stopped */
+    free(snap);
+    assert_int_equal(moe_ctx_pos(b), 44);
+    moe_stats st;
+    assert_int_equal(moe_ctx_get_stats(b, &st), MOE_OK);
+    for (int t = 0; t < 2; t++) {
+        pthread_join(th[t], NULL);
+        assert_int_equal(jobs[t].st, MOE_OK);
+        assert_memory_equal(jobs[t].out, want[t + 1], sizeof want[t + 1]);
+    }
+    assert_int_equal(moe_ctx_rewind(b, 20), MOE_OK);
+    assert_int_equal(moe_step(b, &want[0][0], 1), MOE_OK);
+    assert_int_equal(greedy(moe_logits(b, -1), nv), want[0][1]);
+    moe_ctx_free(b); /* the last reference: the model goes now */
+}
+
 /* moe_last_error is per thread */
 static void *error_thread(void *arg) {
     moe_model *m = NULL;
@@ -763,6 +823,7 @@ static void test_allocation_failures(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_model_outlives_contexts),
         cmocka_unit_test(test_thread_local_error),
         cmocka_unit_test(test_context_full_and_bad_tokens),
         cmocka_unit_test(test_logits_access),

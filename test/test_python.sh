@@ -184,6 +184,23 @@ with moe.Context(model, n_ctx=8) as small:
     expect_error(moe.ERR_CONTEXT_FULL, small.step, [1])
     assert small.pos == 8
 
+# lifetimes: the model outlives its contexts (moe.h: reference counted), so a context made inside
+# a `with Model(...)` block steps after the block has closed the model
+with moe.Model(model_path, backend=moe.BACKEND_CPU) as m2:
+    late = moe.Context(m2, n_ctx=64)
+expect_error(moe.ERR_INVALID_ARG, m2.get_info)              # the Python handle is closed ...
+late.step(ids)                                             # ... the C model lives on in its context
+assert list(late.logits()) == first                         # bit for bit what the open model gave
+late.step([greedy[0]])
+late2 = moe.Context(model, n_ctx=64)                       # and freeing the context last frees the model
+model_ref = late2.model
+late2.close()
+late.close()
+expect_error(moe.ERR_INVALID_ARG, late.step, [1])
+del m2, late, late2, model_ref
+import gc
+gc.collect()
+
 # tokenizer calls either work or raise MoeError (the fixture has no vocabulary)
 try:
     toks = model.tokenize("hello", add_special=True)
@@ -234,7 +251,7 @@ with moe.Model(out, backend=moe.BACKEND_CPU) as copy, moe.Context(copy, n_ctx=16
 model.close()
 expect_error(moe.ERR_INVALID_ARG, model.get_info)
 print("   binding: errors, sampler golden sequence, C sampler == Python reference, greedy == generate, "
-      "save/load/rewind, tokenizer counts, export: ok")
+      "save/load/rewind, model outlives its contexts, tokenizer counts, export: ok")
 EOF
 
 # ---- 5. the example -----------------------------------------------------------------------------
