@@ -12,7 +12,7 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-PHONY_EXTRA = test-pedantic test-abi test-readme test-symbols test-header fuzz fuzz-build fuzz-run fuzz-available test-fuzz
+PHONY_EXTRA = test-pedantic test-abi test-readme test-symbols test-header test-mingw test-mingw-run fuzz fuzz-build fuzz-run fuzz-available test-fuzz
 .PHONY: $(PHONY_EXTRA) vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
 
 all: lib examples $(GENTOOLS)
@@ -183,13 +183,45 @@ test-readme: lib
 	  { cat $(B)/readme/out.txt; echo "README minimal program: unexpected output"; exit 1; }
 	@echo "== README minimal program: builds -pedantic clean, generates: $$(head -c 60 $(B)/readme/out.txt | tr '\n' ' ')..."
 
+# Windows: the four library files cross-compile with mingw-w64 (threads, file mapping, positioned
+# reads and the Vulkan loader through Win32 under _WIN32), -pedantic with warnings as errors, as a
+# static build and as moe.dll (MOE_BUILD_DLL), which must export exactly moe.h's MOE_API
+# functions; the README's minimal program links against each. Where wine64 is installed both
+# .exe files run on the bundled model and must print what the Linux build printed (test-readme).
+MINGW_CC ?= x86_64-w64-mingw32-gcc
+MINGW    = $(B)/mingw
+test-mingw:
+	@if ! command -v $(MINGW_CC) >/dev/null 2>&1; then \
+	  echo "== mingw-w64 check skipped: $(MINGW_CC) not installed (Debian: apt-get install gcc-mingw-w64-x86-64-win32, or make deps)"; \
+	  else $(MAKE) -s test-mingw-run; fi
+WINE ?= $(shell command -v wine64 2>/dev/null || { [ -x /usr/lib/wine/wine64 ] && echo /usr/lib/wine/wine64; })
+test-mingw-run: test-readme
+	@mkdir -p $(MINGW) && awk '/^```c$$/{f=1; next} /^```$$/{if (f) exit} f' README.md > $(MINGW)/minimal.c
+	@for f in $(LIB_SRC); do \
+	  $(MINGW_CC) $(PEDANTIC) -O2 -c $$f -o $(MINGW)/$${f%.c}.o || exit 1; \
+	  $(MINGW_CC) $(PEDANTIC) -O2 -DMOE_BUILD_DLL -c $$f -o $(MINGW)/dll_$${f%.c}.o || exit 1; done
+	@$(MINGW_CC) $(WARN) -O2 -I. $(MINGW)/minimal.c $(LIB_SRC:%.c=$(MINGW)/%.o) -o $(MINGW)/minimal.exe
+	@$(MINGW_CC) -shared -static-libgcc -o $(MINGW)/moe.dll $(LIB_SRC:%.c=$(MINGW)/dll_%.o) -Wl,--out-implib,$(MINGW)/libmoe.dll.a
+	@$(MINGW_CC) $(WARN) -O2 -I. $(MINGW)/minimal.c $(MINGW)/libmoe.dll.a -o $(MINGW)/minimal_dll.exe
+	@x86_64-w64-mingw32-objdump -p $(MINGW)/moe.dll | sed -n '/Ordinal\/Name Pointer/,/^$$/p' | sed -n 's/^[[:space:]]*\[ *[0-9][0-9]*\] //p' | sort > $(MINGW)/exported.txt
+	@sed -n 's/^MOE_API .*[ *]\(moe_[a-z0-9_]*\)(.*/\1/p' moe.h | sort -u > $(MINGW)/declared.txt
+	@cmp -s $(MINGW)/exported.txt $(MINGW)/declared.txt || { echo "moe.dll exports differ from moe.h's MOE_API functions:"; \
+	  diff $(MINGW)/declared.txt $(MINGW)/exported.txt; exit 1; }
+	@echo "== mingw-w64: moe.c, moe_vk.c, shaders_embedded.c compile -pedantic -Werror for Windows; moe.dll exports exactly the $$(wc -l < $(MINGW)/declared.txt) MOE_API functions; the README program links static and against the DLL"
+	@if [ -z "$(WINE)" ]; then echo "== wine64 not installed: the Windows builds were not run (Debian: apt-get install wine64)"; else \
+	  for exe in minimal minimal_dll; do \
+	    WINEPREFIX=$(CURDIR)/$(MINGW)/wineprefix WINEDEBUG=-all $(WINE) $(MINGW)/$$exe.exe 2>/dev/null | tr -d '\r' > $(MINGW)/$$exe.txt; \
+	    cmp -s $(MINGW)/$$exe.txt $(B)/readme/out.txt || { echo "$$exe.exe under wine printed:"; cat $(MINGW)/$$exe.txt; \
+	      echo "the Linux build printed:"; cat $(B)/readme/out.txt; exit 1; }; done; \
+	  echo "== wine: the Windows README program (static and with moe.dll) prints what the Linux build prints"; fi
+
 # drop-in check: the four library files compile on their own, no flags, no Makefile
 test-dropin:
 	@mkdir -p $(B)/dropin && cd $(B)/dropin && cc -c ../../moe.c ../../moe_vk.c ../../shaders_embedded.c && echo "== drop-in compile ok"
 
 test: deps
 	$(MAKE) all
-	$(MAKE) test-dropin test-clang test-pedantic test-abi test-symbols test-header test-readme shaders-check
+	$(MAKE) test-dropin test-clang test-pedantic test-abi test-symbols test-header test-mingw test-readme shaders-check
 	$(MAKE) test-unit
 	$(MAKE) test-asan
 	$(MAKE) test-tsan

@@ -15,6 +15,9 @@
     11. public API glue
 */
 #define _GNU_SOURCE
+#if defined(_WIN32) && !defined(_FILE_OFFSET_BITS)
+#define _FILE_OFFSET_BITS 64 /* a 64-bit off_t for the positioned reads (mingw-w64) */
+#endif
 #define MOE_INTERNAL
 #include "moe.h"
 
@@ -23,16 +26,23 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
+#ifdef _WIN32
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+#include <io.h>
+#include <process.h>
+#else
+#include <pthread.h>
+#include <sys/mman.h>
 #include <unistd.h>
+#endif
 
 #if defined(__GNUC__)
 #define MOE_MAYBE_UNUSED __attribute__((unused))
@@ -43,6 +53,133 @@
 /* ============================================================================================ */
 /* 1. platform                                                                                   */
 /* ============================================================================================ */
+#ifdef _WIN32
+/* ---- Win32 equivalents of the POSIX calls used below ---------------------------------------
+   Threads: the pthread subset moe uses (mutex, condition variable, once, create / join) on SRW
+   locks, condition variables, INIT_ONCE and _beginthreadex. Files: CRT descriptors opened in
+   binary mode, positioned reads with ReadFile at an OVERLAPPED offset, and mappings through
+   CreateFileMapping / MapViewOfFile (file_map below). Directory listing: the C runtime's
+   <dirent.h> (mingw-w64). Compiled by make test-mingw (x86_64-w64-mingw32-gcc); not run here. */
+_Static_assert(sizeof(off_t) == 8, "moe needs a 64-bit off_t on Windows (_FILE_OFFSET_BITS 64)");
+typedef SRWLOCK win_mutex;
+typedef CONDITION_VARIABLE win_cond;
+typedef INIT_ONCE win_once_t;
+typedef HANDLE win_thread;
+static int win_mutex_init(win_mutex *m, const void *attr) { (void)attr; InitializeSRWLock(m); return 0; }
+static int win_mutex_destroy(win_mutex *m) { (void)m; return 0; }
+static int win_mutex_lock(win_mutex *m) { AcquireSRWLockExclusive(m); return 0; }
+static int win_mutex_unlock(win_mutex *m) { ReleaseSRWLockExclusive(m); return 0; }
+static int win_cond_init(win_cond *c, const void *attr) { (void)attr; InitializeConditionVariable(c); return 0; }
+static int win_cond_destroy(win_cond *c) { (void)c; return 0; }
+static int win_cond_wait(win_cond *c, win_mutex *m) { return SleepConditionVariableSRW(c, m, INFINITE, 0) ? 0 : EINVAL; }
+static int win_cond_signal(win_cond *c) { WakeConditionVariable(c); return 0; }
+static int win_cond_broadcast(win_cond *c) { WakeAllConditionVariable(c); return 0; }
+typedef struct win_once_fn { void (*fn)(void); } win_once_fn;
+static BOOL CALLBACK win_once_call(PINIT_ONCE once, PVOID param, PVOID *ctx) {
+    (void)once;
+    (void)ctx;
+    ((win_once_fn *)param)->fn();
+    return TRUE;
+}
+static int win_once(win_once_t *once, void (*fn)(void)) {
+    win_once_fn f = {fn};
+    return InitOnceExecuteOnce(once, win_once_call, &f, NULL) ? 0 : EINVAL;
+}
+typedef struct win_thread_start { void *(*fn)(void *); void *arg; } win_thread_start;
+static unsigned __stdcall win_thread_main(void *p) {
+    win_thread_start s = *(win_thread_start *)p;
+    free(p);
+    s.fn(s.arg);
+    return 0;
+}
+static int win_thread_create(win_thread *t, const void *attr, void *(*fn)(void *), void *arg) {
+    (void)attr;
+    win_thread_start *s = malloc(sizeof *s);
+    if (!s) return ENOMEM;
+    s->fn = fn;
+    s->arg = arg;
+    uintptr_t h = _beginthreadex(NULL, 0, win_thread_main, s, 0, NULL);
+    if (!h) { free(s); return EAGAIN; }
+    *t = (HANDLE)h;
+    return 0;
+}
+static int win_thread_join(win_thread t, void **ret) {
+    if (ret) *ret = NULL;
+    WaitForSingleObject(t, INFINITE);
+    CloseHandle(t);
+    return 0;
+}
+#define pthread_mutex_t win_mutex
+#define pthread_mutex_init win_mutex_init
+#define pthread_mutex_destroy win_mutex_destroy
+#define pthread_mutex_lock win_mutex_lock
+#define pthread_mutex_unlock win_mutex_unlock
+#define pthread_cond_t win_cond
+#define pthread_cond_init win_cond_init
+#define pthread_cond_destroy win_cond_destroy
+#define pthread_cond_wait win_cond_wait
+#define pthread_cond_signal win_cond_signal
+#define pthread_cond_broadcast win_cond_broadcast
+#define pthread_once_t win_once_t
+#define PTHREAD_ONCE_INIT INIT_ONCE_STATIC_INIT
+#define pthread_once win_once
+#define pthread_t win_thread
+#define pthread_create win_thread_create
+#define pthread_join win_thread_join
+
+/* every open() below passes O_CLOEXEC: on Windows that is "not inherited" and binary mode */
+#ifndef O_CLOEXEC
+#define O_CLOEXEC (_O_NOINHERIT | _O_BINARY)
+#endif
+#ifndef R_OK
+#define R_OK 4
+#endif
+/* pread: ReadFile at an OVERLAPPED offset (the descriptor's file position is not relied on) */
+static ssize_t win_pread(int fd, void *buf, size_t n, uint64_t off) {
+    HANDLE h = (HANDLE)_get_osfhandle(fd);
+    if (h == INVALID_HANDLE_VALUE) { errno = EBADF; return -1; }
+    OVERLAPPED ov;
+    memset(&ov, 0, sizeof ov);
+    ov.Offset = (DWORD)off;
+    ov.OffsetHigh = (DWORD)(off >> 32);
+    DWORD got = 0, want = n > ((size_t)1 << 30) ? (DWORD)1 << 30 : (DWORD)n;
+    if (!ReadFile(h, buf, want, &got, &ov)) {
+        if (GetLastError() == ERROR_HANDLE_EOF) return 0;
+        errno = EIO;
+        return -1;
+    }
+    return (ssize_t)got;
+}
+#define pread(fd, buf, n, off) win_pread(fd, buf, n, (uint64_t)(off))
+#endif
+
+/* memory of the host expert cache's slots: aligned for O_DIRECT reads */
+static void *aligned_bytes(size_t align, size_t n) {
+#ifdef _WIN32
+    return _aligned_malloc(n, align);
+#else
+    void *p = NULL;
+    return posix_memalign(&p, align, n) == 0 ? p : NULL;
+#endif
+}
+static void aligned_bytes_free(void *p) {
+#ifdef _WIN32
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
+
+static long os_page_size(void) {
+#ifdef _WIN32
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    return (long)si.dwPageSize;
+#else
+    return sysconf(_SC_PAGESIZE);
+#endif
+}
+
 
 /* Test hooks (moe_test_*, not in moe.h) exist only in test builds: the Makefile compiles the tests
    with -DMOE_TEST_HOOKS; the library and vendored builds have none. */
@@ -142,9 +279,16 @@ static void log_msg(const moe_logger *lg, int32_t level, const char *fmt, ...) {
 }
 
 static double now_s(void) {
+#ifdef _WIN32
+    LARGE_INTEGER t, f;
+    QueryPerformanceCounter(&t);
+    QueryPerformanceFrequency(&f);
+    return (double)t.QuadPart / (double)f.QuadPart;
+#else
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#endif
 }
 
 /* ---- read-only file mapping ---------------------------------------------------------------- */
@@ -167,6 +311,21 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
     f->fd = -1;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return set_error(MOE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+#ifdef _WIN32
+    /* the size from the handle (a CRT struct stat may hold only 32 bits of it) */
+    struct { int64_t st_size; } st;
+    LARGE_INTEGER size;
+    HANDLE fh = (HANDLE)_get_osfhandle(fd);
+    if (GetFileType(fh) != FILE_TYPE_DISK) {
+        close(fd);
+        return set_error(MOE_ERR_IO, "'%s' is not a regular file", path);
+    }
+    if (!GetFileSizeEx(fh, &size)) {
+        close(fd);
+        return set_error(MOE_ERR_IO, "cannot stat '%s': Windows error %lu", path, (unsigned long)GetLastError());
+    }
+    st.st_size = size.QuadPart;
+#else
     struct stat st;
     if (fstat(fd, &st) != 0) {
         close(fd);
@@ -176,6 +335,7 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
         close(fd);
         return set_error(MOE_ERR_IO, "'%s' is not a regular file", path);
     }
+#endif
     if (st.st_size == 0) {
         close(fd);
         return set_error(MOE_ERR_FORMAT, "'%s' is empty", path);
@@ -205,6 +365,17 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
         f->size = (size_t)st.st_size;
         return MOE_OK;
     }
+#ifdef _WIN32
+    (void)populate;
+    HANDLE mh = CreateFileMappingA(fh, NULL, PAGE_READONLY, 0, 0, NULL);
+    void *p = mh ? MapViewOfFile(mh, FILE_MAP_READ, 0, 0, 0) : NULL;
+    DWORD map_err = GetLastError();
+    if (mh) CloseHandle(mh); /* the view keeps the mapping */
+    if (!p) {
+        close(fd);
+        return set_error(MOE_ERR_IO, "cannot map '%s': Windows error %lu", path, (unsigned long)map_err);
+    }
+#else
     int flags = MAP_PRIVATE;
 #ifdef MAP_POPULATE
     if (populate) flags |= MAP_POPULATE;
@@ -216,6 +387,7 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
         close(fd);
         return set_error(MOE_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
     }
+#endif
     f->data = p;
     f->size = (size_t)st.st_size;
     f->fd = fd;
@@ -224,7 +396,11 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
 
 static void file_unmap(moe_file *f) {
     if (f->heap) moe_free(f->heap);
+#ifdef _WIN32
+    else if (f->data) UnmapViewOfFile(f->data);
+#else
     else if (f->data) munmap((void *)f->data, f->size);
+#endif
     f->heap = NULL;
     if (f->fd >= 0) close(f->fd);
     f->data = NULL;
@@ -352,7 +528,13 @@ static void pool_run(thread_pool *p, task_fn fn, void *arg, int64_t n_tasks) {
 }
 
 static int cpu_count(void) {
+#ifdef _WIN32
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    long n = (long)si.dwNumberOfProcessors;
+#else
     long n = sysconf(_SC_NPROCESSORS_ONLN);
+#endif
     return n < 1 ? 1 : (n > 256 ? 256 : (int)n);
 }
 
@@ -7140,7 +7322,7 @@ static void xs_free(moe_xcache *xc) {
     moe_free(xc->fd);
     moe_free(xc->fd_direct);
     moe_free(xc->io);
-    free(xc->mem);
+    aligned_bytes_free(xc->mem);
     moe_free(xc->lt_n);
     moe_free(xc->lt_role);
     moe_free(xc->lt_len);
@@ -7210,7 +7392,7 @@ static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget, uint6
 /* Vulkan with a host budget: the experts live on the device after the upload, so their pages of
    the mapping (and of the page cache, as far as the OS lets go) are given back. */
 static void xs_drop_expert_pages(const moe_model *m) {
-    long pg = sysconf(_SC_PAGESIZE);
+    long pg = os_page_size();
     uintptr_t mask = (uintptr_t)(pg > 0 ? pg : 4096) - 1;
     const moe_file *files[1 + 64];
     int n_files = 0;
@@ -7225,7 +7407,11 @@ static void xs_drop_expert_pages(const moe_model *m) {
                 if (xs_locate(files, n_files, w->expert_data[e], w->expert_bytes, &off) < 0) continue; /* not file pages (converted): kept */
                 uintptr_t a = (uintptr_t)w->expert_data[e], b = a + w->expert_bytes;
                 uintptr_t a1 = (a + mask) & ~mask, b1 = b & ~mask; /* whole pages inside the slab only */
+#ifdef _WIN32
+                if (b1 > a1) VirtualUnlock((void *)a1, b1 - a1); /* unlocked pages: trimmed from the working set */
+#else
                 if (b1 > a1) madvise((void *)a1, b1 - a1, MADV_DONTNEED);
+#endif
             }
         }
 #ifdef POSIX_FADV_DONTNEED
@@ -7298,8 +7484,8 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
     xc->direct = xs_env_int("MOE_IO_DIRECT", 0) != 0;
     xc->decay_at = (uint64_t)xc->n_slots;
     size_t ns = (size_t)xc->n_slots;
-    void *mem = NULL;
-    ok = posix_memalign(&mem, XS_ALIGN, ns ? (size_t)xc->slot_bytes * ns : XS_ALIGN) == 0;
+    void *mem = aligned_bytes(XS_ALIGN, ns ? (size_t)xc->slot_bytes * ns : XS_ALIGN);
+    ok = mem != NULL;
     xc->mem = mem;
     ok = ok && (xc->map = moe_malloc((size_t)L * (size_t)E * sizeof *xc->map)) && (xc->key = moe_malloc(ns * sizeof *xc->key)) &&
          (xc->pins = moe_calloc(ns, sizeof *xc->pins)) && (xc->state = moe_calloc(ns, 1)) && (xc->prefetched = moe_calloc(ns, 1)) &&
@@ -8648,7 +8834,12 @@ static moe_status chat_harmony(const char *const *roles, const char *const *cont
     else {
         time_t now = time(NULL);
         struct tm tmv;
-        if (!localtime_r(&now, &tmv) || !strftime(date, sizeof date, "%Y-%m-%d", &tmv)) snprintf(date, sizeof date, "1970-01-01");
+#ifdef _WIN32
+        int bad_time = localtime_s(&tmv, &now) != 0;
+#else
+        int bad_time = !localtime_r(&now, &tmv);
+#endif
+        if (bad_time || !strftime(date, sizeof date, "%Y-%m-%d", &tmv)) snprintf(date, sizeof date, "1970-01-01");
     }
     sb_puts(b, "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
                "Current date: ");

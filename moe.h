@@ -9,6 +9,10 @@
        cc -O2 -c moe.c moe_vk.c shaders_embedded.c        (link with -lm -lpthread -ldl)
 
    No other library is needed at build time; the Vulkan loader is opened at run time if present.
+   Windows (mingw-w64): the same files, nothing extra to link; threads, file mapping and the
+   loader (vulkan-1.dll) go through Win32. Compile with -DMOE_BUILD_DLL to build moe.dll, which
+   exports the MOE_API functions only. (make test-mingw cross-compiles it and runs the README
+   program under wine; MSVC is not tested.)
 
    STEP BY STEP (the README's minimal program is this with its error handling; make test runs it)
        moe_model *model = NULL;
