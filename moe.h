@@ -138,7 +138,8 @@ MOE_API int32_t     moe_abi_version(void);            /* MOE_ABI_VERSION of the 
 /* sizeof() of a public struct in the library as built (0 for an unknown id), for bindings to check
    their own declarations against. */
 enum { MOE_STRUCT_LOAD_PARAMS = 1, MOE_STRUCT_MODEL_INFO = 2, MOE_STRUCT_CTX_PARAMS = 3, MOE_STRUCT_SAMPLER_PARAMS = 4,
-       MOE_STRUCT_SAVE_PARAMS = 5, MOE_STRUCT_STATS = 6 };
+       MOE_STRUCT_SAVE_PARAMS = 5, MOE_STRUCT_STATS = 6,
+       MOE_STRUCT_PROFILE_ENTRY = 7 };
 MOE_API size_t      moe_struct_size(int32_t which);
 MOE_API const char *moe_status_str(moe_status s);     /* static string for a code */
 MOE_API const char *moe_last_error(void);             /* thread-local detail of the last failure on this thread */
@@ -181,11 +182,17 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                to int8 per block (f32 scale) and multiplied in integers, like
                                                llama.cpp (fast; logits move by ~1% of their range);
                                                1 = f32 activations: bit-reproducible, the reference mode */
+    int32_t  gpu_exact;                     /* Vulkan matrix products: 0 = default, prefill tiles on f16
+                                               tensor cores where the device has them (activations rounded
+                                               to 11 bits: logits move by ~1e-3 of their range); 1 = f32
+                                               activations everywhere, within float rounding of cpu_exact
+                                               (slower prefill); the reference mode for fixtures */
 } moe_load_params;
 
 /* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json);
    with vocab_only (or a path to a tokenizer.json) only the tokenizer is loaded: the tokenizer
-   calls work, moe_ctx_new does not. */
+   calls work, moe_ctx_new does not; of a .gguf, moe_model_get_info also gives weight_bytes and
+   expert_bytes (from the tensor table, no tensor data read) for choosing budgets. */
 MOE_API moe_status moe_load(const char *path, const moe_load_params *params, moe_model **out);
 /* Releases the caller's reference (NULL-safe): the model is freed now if it has no contexts, else
    when its last context is freed (THREADS AND LIFETIMES above). */
@@ -383,6 +390,28 @@ typedef struct moe_stats {
     double   t_prompt_s, t_gen_s, t_load_s;
 } moe_stats;
 MOE_API moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out);
+
+/* Profiling: time per kernel kind. moe_ctx_profile(ctx, 1) clears the counters and starts
+   collecting, 0 stops (collecting costs time: the Vulkan backend then serializes its dispatches
+   and timestamps each one; the CPU backend times each op). moe_ctx_profile_get copies up to cap
+   entries, largest time first, and returns how many there are. seconds: CPU wall time of the op,
+   or GPU time between timestamps. bytes / flops: what the kernels of that kind had to read and
+   write / compute, estimated from the shapes (weights of the experts actually routed on the CPU,
+   of min(n_expert, n·k) experts on the GPU; K/V rows each token attends to); 0 when not counted.
+   moe_ctx_probe_bandwidth measures the memory the backend computes from, once: the CPU reads a
+   large buffer with the context's threads (read_gbs) and copies one (copy_gbs, read + written
+   bytes); Vulkan runs a plain copy kernel between two device buffers (read_gbs = copy_gbs = read
+   + written bytes per second). Either pointer may be NULL. */
+typedef struct moe_profile_entry {
+    char     kind[48];                      /* e.g. "matvec q4_K", "attention f16" */
+    int32_t  decode;                        /* 1: steps of one token; 0: prompt steps */
+    int32_t  calls;                         /* kernels (dispatches, ops) of this kind */
+    double   seconds, bytes, flops;
+    uint64_t tokens;                        /* tokens of the steps of this phase */
+} moe_profile_entry;
+MOE_API moe_status moe_ctx_profile(moe_ctx *ctx, int32_t on);
+MOE_API int32_t    moe_ctx_profile_get(const moe_ctx *ctx, moe_profile_entry *out, int32_t cap);
+MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, double *copy_gbs);
 
 #ifdef __cplusplus
 }
@@ -639,6 +668,10 @@ typedef struct moe_ops {
     moe_status (*kv_load)(void *be, const void *src, int n_pos);
     /* adds the backend's counters (memory, experts) to a context's stats; may be NULL */
     void (*stats)(const void *be, moe_stats *out);
+    /* profiling (moe_ctx_profile): on/off and clear; the entries; the bandwidth probe. May be NULL */
+    moe_status (*profile)(void *be, int on);
+    int (*profile_get)(const void *be, moe_profile_entry *out, int cap);
+    moe_status (*probe)(void *be, double *read_gbs, double *copy_gbs);
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
@@ -655,6 +688,7 @@ MOE_HIDDEN moe_status moe_vk_init(const moe_weights *w, int32_t device_index, in
 MOE_HIDDEN moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only,
                                          uint64_t gpu_budget_bytes, moe_log_fn log, void *log_user, moe_vk_backend **out);
 MOE_HIDDEN int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
+MOE_HIDDEN void       moe_vk_use_exact(moe_vk_backend *vk);               /* gpu_exact: no f16 tensor-core tiles */
 MOE_HIDDEN void       moe_vk_free(moe_vk_backend *vk);
 /* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache:
    over n_slots slots (state 0 empty, 1 loading, 2 ready; pins > 0 pinned) the slot that gives way,

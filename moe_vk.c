@@ -455,7 +455,8 @@ static const char *vk_result_str(VkResult r) {
     KP(TOPK, topk, "topk.comp", "", 64)                             \
     KP(SCALE, scale, "scale.comp", "", 256)                         \
     KP(GLU, glu, "glu.comp", "", 256)                               \
-    KP(SOFTCAP, softcap, "softcap.comp", "", 256)
+    KP(SOFTCAP, softcap, "softcap.comp", "", 256)                   \
+    KP(COPY, copy, "copy.comp", "", 256)
 /* END KERNELS */
 /* BEGIN PUSH CONSTANTS */
 #define PC_ADD(X) X(uint, count)
@@ -476,6 +477,7 @@ static const char *vk_result_str(VkResult r) {
 #define PC_SCALE(X) X(uint, count) X(uint, width) X(uint, has_w) X(float, s)
 #define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
 #define PC_SOFTCAP(X) X(uint, count) X(float, cap)
+#define PC_COPY(X) X(uint, count)
 /* END PUSH CONSTANTS */
 
 #define VK_CT_uint uint32_t
@@ -497,6 +499,7 @@ VK_PC_STRUCT(TOPK)
 VK_PC_STRUCT(SCALE)
 VK_PC_STRUCT(GLU)
 VK_PC_STRUCT(SOFTCAP)
+VK_PC_STRUCT(COPY)
 #define VK_PC_WORD(kernel, field) ((int)(offsetof(vk_pc_##kernel, field) / 4)) /* index into vk_rec.pc */
 
 #define VK_ENUM_T(E, n) VKT_##E,
@@ -1414,6 +1417,16 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
 
 int moe_vk_streams_experts(const moe_vk_backend *vk) { return vk && vk->xg; }
 
+/* gpu_exact: prefill matrix products take the f32 tile kernels (mm.comp) instead of the f16
+   cooperative-matrix ones. Pipelines are made on first use, so switching before the first step
+   is all it takes. */
+void moe_vk_use_exact(moe_vk_backend *vk) {
+    if (vk && vk->coopmat) {
+        vk->coopmat = 0;
+        vk_log(vk, MOE_LOG_INFO, "Vulkan: gpu_exact: prefill matrix products in f32, tensor cores not used");
+    }
+}
+
 static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
     const moe_hparams *hp = &w->hp;
     int n = vk_n_weights(w);
@@ -1824,6 +1837,10 @@ typedef struct vk_ctx {
     uint64_t expert_evals;     /* (token, expert) pairs run, counted when a step completes */
     uint64_t step_evals;
     double prof_total[2];
+    double prof_bytes[2][VKC_COUNT][VKP_COUNT + 1], prof_flops[2][VKC_COUNT][VKP_COUNT + 1];
+    int prof_env;              /* MOE_VK_PROFILE: log the profile when the context is freed */
+    double (*rec_cost)[2];     /* [cap_recs] bytes and flops of each record of the step (profiling) */
+    int cap_cost;
     /* GPU expert slot cache: the step's routed ids per layer (host-visible), pairs logged per layer */
     vk_buf rlog;
     int32_t *xg_n;
@@ -1868,6 +1885,16 @@ static vk_rec *vk_rec_new_spec(vk_ctx *c, int pipe, uint32_t spec, int kind) {
             return NULL;
         }
     }
+    if (c->cap_cost < c->cap_recs) {
+        double(*nc)[2] = realloc(c->rec_cost, (size_t)c->cap_recs * sizeof *nc);
+        if (!nc) {
+            vk_ctx_fail(c, MOE_ERR_NO_MEMORY, "Vulkan: out of host memory recording a step");
+            return NULL;
+        }
+        c->rec_cost = nc;
+        c->cap_cost = c->cap_recs;
+    }
+    c->rec_cost[c->n_recs][0] = c->rec_cost[c->n_recs][1] = 0;
     vk_rec *r = &c->recs[c->n_recs++];
     memset(r, 0, sizeof *r);
     r->pipe = (uint16_t)pipe;
@@ -1877,6 +1904,13 @@ static vk_rec *vk_rec_new_spec(vk_ctx *c, int pipe, uint32_t spec, int kind) {
 }
 
 static vk_rec *vk_rec_new(vk_ctx *c, int pipe, int kind) { return vk_rec_new_spec(c, pipe, 0, kind); }
+
+/* profiling: the bytes the last record's kernel reads and writes, and its flops */
+static void vk_cost(vk_ctx *c, double bytes, double flops) {
+    if (c->n_recs <= 0 || c->err) return;
+    c->rec_cost[c->n_recs - 1][0] += bytes;
+    c->rec_cost[c->n_recs - 1][1] += flops;
+}
 
 static void vk_bind(vk_rec *r, int slot, const vk_buf *b, int written) {
     r->buf[slot] = b->buf;
@@ -2030,6 +2064,8 @@ static void vk_prof_collect(vk_ctx *c, const vk_rec *recs, int n) {
             int p = recs[i].pipe == VK_REC_COPY ? VKP_COUNT : recs[i].pipe;
             c->prof_ns[ph][recs[i].kind][p] += ns;
             c->prof_n[ph][recs[i].kind][p]++;
+            c->prof_bytes[ph][recs[i].kind][p] += c->rec_cost[i][0];
+            c->prof_flops[ph][recs[i].kind][p] += c->rec_cost[i][1];
         }
         c->prof_steps[ph]++;
         c->prof_tokens[ph] += (uint64_t)c->step_n;
@@ -2173,7 +2209,8 @@ void moe_vk_ctx_free(void *be) {
     vk_ctx *c = be;
     if (!c) return;
     moe_vk_backend *vk = c->vk;
-    if (c->profile) vk_prof_report(c);
+    if (c->profile && c->prof_env) vk_prof_report(c);
+    free(c->rec_cost);
     if (c->fence) vk->f.DestroyFence(vk->dev, c->fence, NULL);
     if (c->qpool) vk->f.DestroyQueryPool(vk->dev, c->qpool, NULL);
     if (c->pool) vk->f.DestroyCommandPool(vk->dev, c->pool, NULL); /* frees the command buffers */
@@ -2309,7 +2346,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
                 VkQueryPoolCreateInfo qci = {VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO, NULL, 0, VK_QUERY_TYPE_TIMESTAMP, 8192, 0};
                 r = vk->f.CreateQueryPool(vk->dev, &qci, NULL, &c->qpool);
                 c->q_cap = 8192;
-                c->profile = 1;
+                c->profile = c->prof_env = 1;
             }
         }
         if (r != VK_SUCCESS) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: creating the context's command pool failed (%s)", vk_result_str(r));
@@ -2503,6 +2540,7 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
                                .x_stride = K, .y_off = (uint32_t)p->row_lo, .y_stride = M, .ncols = (uint32_t)n});
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n : vk_div_up((uint64_t)n, 64));
+        vk_cost(c, (double)Mp * (double)w->row_bytes + 4.0 * n * ((double)K + Mp), 2.0 * n * (double)K * Mp);
     }
     if (inl) vk_pn_touch(c, 0, 1u << dst);
     c->fuse_idx = -1;
@@ -2618,6 +2656,14 @@ attend:
     r->grid[0] = (uint32_t)a->n_head;
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
+    {
+        double keys = 0;
+        for (int i = 0; i < n; i++) {
+            int pos = pos0 + i, p0 = a->window && pos >= a->window ? pos - a->window + 1 : 0;
+            keys += pos - p0 + 1;
+        }
+        vk_cost(c, 2.0 * keys * kvw * (c->kv_f16 ? 2 : 4) + 8.0 * n * a->n_head * a->head_dim, 4.0 * keys * a->n_head * a->head_dim);
+    }
     c->fuse_idx = -1;
 }
 
@@ -2775,6 +2821,10 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
                                .items_off = c->items_off, .act = (uint32_t)act});
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
+        { /* the routed experts are not known here: min(n_expert, n·k) of them */
+            double E = (double)gate->ne[2], ex = (double)n * k < E ? (double)n * k : E, parts = mode == 1 ? 2 : 1;
+            vk_cost(c, ex * parts * (double)mw->expert_bytes + 4.0 * ((double)n * D + (double)n * k * ff), 2.0 * parts * n * k * (double)D * ff);
+        }
     }
     if (vk->xg) vk_xg_log_route(c, wg, n); /* GPU expert slot cache: the routed ids to the host after the step */
     c->fuse_idx = -1;
@@ -2805,6 +2855,10 @@ static void vk_op_experts_down(void *be, int dst, const moe_weight *down, int n)
     else VK_PC_SET(r, MM, {.K = ff, .M = D, .row_bytes = (uint32_t)down->row_bytes, .nblk = nblk, .x_stride = ff, .y_stride = D,
                            .mode = 2, .tbl0 = wd->tbl, .k_used = k, .list_off = c->list_off, .items_off = c->items_off});
     vk_grid_fold(r, nblk, mv ? (uint32_t)n : c->max_items);
+    {
+        double E = (double)down->ne[2], ex = (double)n * k < E ? (double)n * k : E;
+        vk_cost(c, ex * (double)down->expert_bytes + 4.0 * ((double)n * k * ff + (double)n * D), 2.0 * n * k * (double)D * ff);
+    }
     c->fuse_idx = -1;
     if (mv) {
         vk_mark_fusable(c, dst, n, VK_PC_WORD(MV, acc));
@@ -2986,8 +3040,141 @@ static void vk_stats(const void *be, moe_stats *out) {
     out->gpu_bytes_scratch += s;
 }
 
+/* ---- profiling through the API (moe_ctx_profile) and the bandwidth probe ---- */
+static double vk_now_s(void) {
+#ifdef _WIN32
+    LARGE_INTEGER t, f;
+    QueryPerformanceCounter(&t);
+    QueryPerformanceFrequency(&f);
+    return (double)t.QuadPart / (double)f.QuadPart;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#endif
+}
+
+static moe_status vk_prof_pool(vk_ctx *c) {
+    moe_vk_backend *vk = c->vk;
+    if (c->qpool) return MOE_OK;
+    if (!vk->timestamps) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: this queue has no timestamps: cannot profile");
+    VkQueryPoolCreateInfo qci = {VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO, NULL, 0, VK_QUERY_TYPE_TIMESTAMP, 8192, 0};
+    VkResult r = vk->f.CreateQueryPool(vk->dev, &qci, NULL, &c->qpool);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: creating a timestamp query pool failed (%s)", vk_result_str(r));
+    c->q_cap = 8192;
+    return MOE_OK;
+}
+
+static moe_status vk_profile(void *be, int on) {
+    vk_ctx *c = be;
+    if (on) {
+        moe_status st = vk_prof_pool(c);
+        if (st) return st;
+    }
+    memset(c->prof_ns, 0, sizeof c->prof_ns);
+    memset(c->prof_n, 0, sizeof c->prof_n);
+    memset(c->prof_bytes, 0, sizeof c->prof_bytes);
+    memset(c->prof_flops, 0, sizeof c->prof_flops);
+    memset(c->prof_steps, 0, sizeof c->prof_steps);
+    memset(c->prof_tokens, 0, sizeof c->prof_tokens);
+    memset(c->prof_total, 0, sizeof c->prof_total);
+    c->profile = on;
+    c->prof_env = 0;
+    for (int i = 0; i < VK_CACHE; i++) c->cache[i].n = -1; /* recorded with or without timestamps */
+    return MOE_OK;
+}
+
+static int vk_profile_get(const void *be, moe_profile_entry *out, int cap) {
+    const vk_ctx *c = be;
+    int n = 0;
+    for (int ph = 0; ph < 2; ph++)
+        for (int k = 0; k < VKC_COUNT; k++)
+            for (int p = 0; p <= VKP_COUNT; p++) {
+                if (!c->prof_n[ph][k][p]) continue;
+                if (n < cap) {
+                    moe_profile_entry *o = &out[n];
+                    memset(o, 0, sizeof *o);
+                    char name[48] = "copy";
+                    if (p < VKP_ADD) snprintf(name, sizeof name, "%s_%s", k_vk_kind_names[p / VKT_COUNT], k_vk_type_names[p % VKT_COUNT]);
+                    else if (p < VKP_COUNT) snprintf(name, sizeof name, "%s", k_vk_plain[p - VKP_ADD].name);
+                    snprintf(o->kind, sizeof o->kind, "%s (%s)", k_vkc_names[k], name);
+                    o->decode = ph;
+                    o->calls = (int32_t)c->prof_n[ph][k][p];
+                    o->seconds = c->prof_ns[ph][k][p] * 1e-9;
+                    o->bytes = c->prof_bytes[ph][k][p];
+                    o->flops = c->prof_flops[ph][k][p];
+                    o->tokens = c->prof_tokens[ph];
+                }
+                n++;
+            }
+    for (int i = 1; i < n && i < cap; i++) /* largest time first */
+        for (int j = i; j > 0 && out[j].seconds > out[j - 1].seconds; j--) {
+            moe_profile_entry t = out[j];
+            out[j] = out[j - 1];
+            out[j - 1] = t;
+        }
+    return n;
+}
+
+/* a plain copy kernel between two device buffers, VK_PROBE_REPS times; the fastest counts */
+#define VK_PROBE_REPS 8
+static moe_status vk_bandwidth_probe(void *be, double *read_gbs, double *copy_gbs) {
+    vk_ctx *c = be;
+    moe_vk_backend *vk = c->vk;
+    if (c->dead) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
+    VkDeviceSize bytes = (VkDeviceSize)256 << 20, lim = vk->props.limits.maxStorageBufferRange;
+    if (bytes > lim) bytes = lim;
+    bytes = bytes / (16 * 256 * 4) * (16 * 256 * 4);
+    vk_buf a = {0}, b = {0};
+    moe_status st = vk_buf_new(vk, &a, bytes, VK_MEM_DEVICE, "the probe's source");
+    if (!st) st = vk_buf_new(vk, &b, bytes, VK_MEM_DEVICE, "the probe's destination");
+    int ts = vk->timestamps && !vk_prof_pool(c);
+    vk_rec recs[VK_PROBE_REPS];
+    VkPipeline pl;
+    int var = 0;
+    if (!st) st = vk_pipe(vk, VKP_COPY, 0, &pl, &var);
+    for (int i = 0; i < VK_PROBE_REPS && !st; i++) {
+        vk_rec *r = &recs[i];
+        memset(r, 0, sizeof *r);
+        r->pipe = VKP_COPY;
+        r->var = (uint8_t)var;
+        r->kind = VKC_COPY;
+        vk_bind(r, 0, i % 2 ? &b : &a, 0);
+        vk_bind(r, 1, i % 2 ? &a : &b, 1);
+        VK_PC_SET(r, COPY, {(uint32_t)(bytes / 16)});
+        vk_grid_fold(r, bytes / 16 / k_vk_plain[VKP_COPY - VKP_ADD].wg, 1);
+    }
+    double best = 1e30;
+    if (!st) {
+        vk_cached *e = &c->cache[0]; /* its command buffer is borrowed: never found again */
+        e->n = -1;
+        int prof = c->profile;
+        c->profile = ts;
+        st = vk_record_cb(c, e->cb, recs, VK_PROBE_REPS);
+        c->profile = prof;
+        double t0 = vk_now_s();
+        if (!st) st = vk_submit(vk, e->cb, c->fence, "the bandwidth probe");
+        if (!st) st = vk_wait_fence(vk, c->fence, "the bandwidth probe");
+        double wall = vk_now_s() - t0;
+        uint64_t t[VK_PROBE_REPS + 1];
+        if (!st && ts && vk->f.GetQueryPoolResults(vk->dev, c->qpool, 0, VK_PROBE_REPS + 1, sizeof t, t, 8,
+                                                   VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT) == VK_SUCCESS) {
+            for (int i = 1; i < VK_PROBE_REPS; i++) { /* the first one warms up */
+                double dt = (double)((t[i + 1] - t[i]) & vk->ts_mask) * vk->ts_ns * 1e-9;
+                if (dt > 0 && dt < best) best = dt;
+            }
+        } else if (!st) best = wall / VK_PROBE_REPS;
+    }
+    vk_buf_free(vk, &a);
+    vk_buf_free(vk, &b);
+    if (st) return st;
+    if (read_gbs) *read_gbs = 2.0 * (double)bytes / best / 1e9;
+    if (copy_gbs) *copy_gbs = 2.0 * (double)bytes / best / 1e9;
+    return MOE_OK;
+}
+
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_route,
                             vk_op_experts_glu, vk_op_experts_down, vk_op_scale, vk_op_copy, vk_op_glu, vk_op_softcap, vk_begin_step, vk_end_step,
                             vk_logits_rows, vk_logits_out, vk_read_logits, vk_kv_save,
-                            vk_kv_load, vk_stats};
+                            vk_kv_load, vk_stats, vk_profile, vk_profile_get, vk_bandwidth_probe};
 

@@ -2,11 +2,22 @@
 
      build/bench -m model.gguf                       # pp512 and tg128, 3 repetitions, best backend
      build/bench -m model.gguf -b vulkan -p 512 -n 128 -r 5 --json
-     MOE_VK_PROFILE=1 build/bench -m model.gguf -b vulkan   # + GPU time per kernel kind (stderr)
+     build/bench -m model.gguf -b vulkan -d 4096 -n 128 -p 0   # tg128 with 4,096 tokens already in context
+     build/bench -m model.gguf -b cpu -t 2 --profile          # + time per kernel kind, GB/s beside a measured peak
+     MOE_VK_PROFILE=1 build/bench -m model.gguf -b vulkan   # + GPU time per kernel kind (stderr, at exit)
 
-   Flags: -m model  -b auto|cpu|vulkan  -d device  -p prompt tokens (512; 0 = skip)
+   Flags: -m model  -b auto|cpu|vulkan  -dev device (Vulkan device index)  -p prompt tokens (512; 0 = skip)
           -n generated tokens (128; 0 = skip)  -r repetitions (3)  -t threads (CPU; 0 = all)
-          -c n_ctx (default p + n)  --json (one JSON object per test on stdout)
+          -d depth: tokens already in the context before each test (0), as llama-bench's -d: the
+             context is filled once (untimed), each repetition rewinds to it; the test is named
+             "pp512 @ d4096" as llama-bench names it
+          -c n_ctx (default d + p + n)  --json (one JSON object per test on stdout)
+          --profile  after each test's timed repetitions, one more run with per-kernel-kind timing
+                     (moe_ctx_profile; the timed runs are not profiled): per kind its time, share,
+                     calls, and achieved GB/s (bytes the kind must read and write, estimated from the
+                     shapes) and TFLOP/s, beside the peak that a bandwidth probe measured once
+                     (moe_ctx_probe_bandwidth: a plain copy kernel on Vulkan, a multi-threaded read of
+                     a 256 MiB buffer on the CPU). Profile lines start with "profile" (not "|")
           --gpu-budget B / --host-budget B   memory budgets for the weights (moe_load_params):
                      B in MiB ("4096"), or a percentage of the expert bytes ("25%": the non-expert
                      weights plus 25% of the experts)
@@ -57,8 +68,8 @@ static unsigned long long peak_rss(void) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: bench -m model.gguf [-b auto|cpu|vulkan] [-d device] [-p 512] [-n 128] [-r 3] [-t threads] [-c n_ctx] [--json]\n"
-                    "             [--gpu-budget MiB|N%%] [--host-budget MiB|N%%] [--sweep]\n");
+    fprintf(stderr, "usage: bench -m model.gguf [-b auto|cpu|vulkan] [-dev device] [-p 512] [-n 128] [-d depth] [-r 3] [-t threads] [-c n_ctx]\n"
+                    "             [--json] [--profile] [--gpu-budget MiB|N%%] [--host-budget MiB|N%%] [--sweep]\n");
 }
 
 /* resident host memory of this process in bytes (Linux), 0 if unknown */
@@ -82,9 +93,16 @@ static unsigned long long parse_budget(const char *v, const moe_model_info *info
     return (unsigned long long)(x * 1048576.0);
 }
 
-/* one timed run of a test: the seconds it took, or < 0 on error */
-static double run_once(moe_ctx *ctx, const moe_token *toks, int n_prompt, int n_gen) {
+/* the context holds `depth` tokens (filled once, then rewound to) */
+static int set_depth(moe_ctx *ctx, const moe_token *fill, int depth) {
+    if (moe_ctx_pos(ctx) >= depth) return moe_ctx_rewind(ctx, depth) == MOE_OK ? 0 : -1;
     if (moe_ctx_rewind(ctx, 0) != MOE_OK) return -1;
+    return depth > 0 && moe_step(ctx, fill, depth) != MOE_OK ? -1 : 0;
+}
+
+/* one timed run of a test after `depth` tokens: the seconds it took, or < 0 on error */
+static double run_once(moe_ctx *ctx, const moe_token *toks, int n_prompt, int n_gen, const moe_token *fill, int depth) {
+    if (depth >= 0 && set_depth(ctx, fill, depth) < 0) return -1; /* depth < 0: as it is */
     double t0 = now_s();
     if (n_prompt > 0 && moe_step(ctx, toks, n_prompt) != MOE_OK) return -1;
     for (int i = 0; i < n_gen; i++)
@@ -92,8 +110,41 @@ static double run_once(moe_ctx *ctx, const moe_token *toks, int n_prompt, int n_
     return now_s() - t0;
 }
 
-static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, int n_gen, int reps, int json, int n_ctx,
-                     int header, const char *budget_label) {
+/* per kernel kind of one phase: time, share, calls, GB/s and TFLOP/s beside the probe's peak */
+static void print_profile(const moe_profile_entry *e, int n, int decode, const char *test, double peak_gbs, int json) {
+    double tot = 0;
+    uint64_t toks = 0;
+    for (int i = 0; i < n; i++)
+        if (e[i].decode == decode) tot += e[i].seconds, toks = e[i].tokens;
+    if (tot <= 0) return;
+    if (!json) {
+        printf("profile %s (%s steps): %.3f ms in kernels, %.3f ms/token; peak %.1f GB/s (bandwidth probe)\n", test, decode ? "decode" : "prompt",
+               tot * 1e3, toks ? tot * 1e3 / (double)toks : 0.0, peak_gbs);
+        printf("profile %-44s %6s %10s %10s %7s %9s %6s %8s\n", "kind", "share", "ms", "ms/token", "calls", "GB/s", "%peak", "TFLOP/s");
+    }
+    for (int i = 0; i < n; i++) {
+        if (e[i].decode != decode) continue;
+        double s = e[i].seconds, gbs = s > 0 ? e[i].bytes / s / 1e9 : 0, tf = s > 0 ? e[i].flops / s / 1e12 : 0;
+        if (json) {
+            printf("{\"profile\": \"%s\", \"phase\": \"%s\", \"kind\": \"%s\", \"seconds\": %.6f, \"share\": %.4f, \"calls\": %d, \"tokens\": %llu, "
+                   "\"bytes\": %.0f, \"flops\": %.0f, \"gbs\": %.3f, \"tflops\": %.4f, \"peak_gbs\": %.3f}\n",
+                   test, decode ? "decode" : "prompt", e[i].kind, s, s / tot, e[i].calls, (unsigned long long)e[i].tokens, e[i].bytes, e[i].flops,
+                   gbs, tf, peak_gbs);
+            continue;
+        }
+        char g[16] = "-", pk[16] = "-", t[16] = "-";
+        if (e[i].bytes > 0) {
+            snprintf(g, sizeof g, "%.1f", gbs);
+            if (peak_gbs > 0) snprintf(pk, sizeof pk, "%.0f%%", 100.0 * gbs / peak_gbs);
+        }
+        if (e[i].flops > 0) snprintf(t, sizeof t, "%.4f", tf);
+        printf("profile %-44.44s %5.1f%% %10.3f %10.4f %7d %9s %6s %8s\n", e[i].kind, 100.0 * s / tot, s * 1e3,
+               e[i].tokens ? s * 1e3 / (double)e[i].tokens : 0.0, e[i].calls, g, pk, t);
+    }
+}
+
+static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, int n_gen, int depth, int reps, int json, int n_ctx,
+                     int header, const char *budget_label, int profile) {
     moe_model *model = NULL;
     moe_ctx *ctx = NULL;
     moe_token *toks = NULL;
@@ -106,10 +157,11 @@ static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, i
     moe_model_info info;
     moe_model_get_info(model, &info);
     moe_ctx_params cp = {0};
-    cp.n_ctx = n_ctx > 0 ? n_ctx : n_prompt + n_gen + 16;
-    cp.n_batch = n_prompt > 0 ? n_prompt : 1;
+    cp.n_ctx = n_ctx > 0 ? n_ctx : depth + n_prompt + n_gen + 16;
+    cp.n_batch = n_prompt > 0 ? n_prompt : depth > 0 ? (depth < 512 ? depth : 512) : 1;
     if ((st = moe_ctx_new(model, &cp, &ctx))) { fprintf(stderr, "bench: %s: %s\n", moe_status_str(st), moe_last_error()); goto done; }
     int n_tok = n_prompt > n_gen ? n_prompt : n_gen;
+    if (depth > n_tok) n_tok = depth;
     toks = malloc(((size_t)n_tok + 1) * sizeof *toks);
     times = malloc((size_t)reps * sizeof *times);
     if (!toks || !times) goto done;
@@ -120,6 +172,11 @@ static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, i
     }
     const char *be = info.backend == MOE_BACKEND_VULKAN ? "vulkan" : "cpu";
     double gib = (double)info.file_bytes / (1024.0 * 1024.0 * 1024.0);
+    double peak_gbs = 0, copy_gbs = 0;
+    if (profile) { /* once, before the tests */
+        if (moe_ctx_probe_bandwidth(ctx, &peak_gbs, &copy_gbs) != MOE_OK) fprintf(stderr, "bench: bandwidth probe: %s\n", moe_last_error());
+        else fprintf(stderr, "bench: bandwidth probe (%s): read %.1f GB/s, copy %.1f GB/s (read + written bytes)\n", be, peak_gbs, copy_gbs);
+    }
     if (!json && header) {
         printf("| model                          |       size |     params | backend | threads |  test |              t/s |\n");
         printf("| ------------------------------ | ---------: | ---------: | ------- | ------: | ----: | ---------------: |\n");
@@ -127,14 +184,14 @@ static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, i
     for (int test = 0; test < 2; test++) {
         int np = test == 0 ? n_prompt : 0, ng = test == 1 ? n_gen : 0, n = np + ng;
         if (n == 0) continue;
-        if (run_once(ctx, toks, np, ng) < 0) { /* warm-up: kernels are built and caches filled here */
+        if (run_once(ctx, toks, np, ng, toks, depth) < 0) { /* warm-up: kernels are built and caches filled here */
             fprintf(stderr, "bench: %s\n", moe_last_error());
             goto done;
         }
         moe_stats s0, s1;
         moe_ctx_get_stats(ctx, &s0);
         for (int r = 0; r < reps; r++)
-            if ((times[r] = run_once(ctx, toks, np, ng)) < 0) {
+            if ((times[r] = run_once(ctx, toks, np, ng, toks, depth)) < 0) {
                 fprintf(stderr, "bench: %s\n", moe_last_error());
                 goto done;
             }
@@ -146,16 +203,17 @@ static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, i
         qsort(tps, (size_t)reps, sizeof tps[0], cmp_double);
         double med = reps % 2 ? tps[reps / 2] : 0.5 * (tps[reps / 2 - 1] + tps[reps / 2]);
         char name[32];
-        snprintf(name, sizeof name, "%s%d", test == 0 ? "pp" : "tg", n);
+        if (depth > 0) snprintf(name, sizeof name, "%s%d @ d%d", test == 0 ? "pp" : "tg", n, depth);
+        else snprintf(name, sizeof name, "%s%d", test == 0 ? "pp" : "tg", n);
         unsigned long long hits = s1.expert_hits - s0.expert_hits, miss = s1.expert_misses - s0.expert_misses;
         unsigned long long bytes = s1.expert_bytes_streamed - s0.expert_bytes_streamed;
         double hit_rate = hits + miss ? (double)hits / (double)(hits + miss) : 1.0, per_tok = (double)bytes / ((double)n * reps);
         if (json)
             printf("{\"model\": \"%s\", \"arch\": \"%s\", \"size_bytes\": %llu, \"n_params\": %llu, \"backend\": \"%s\", \"test\": \"%s\", "
-                   "\"n_tokens\": %d, \"reps\": %d, \"tps_median\": %.3f, \"tps_mean\": %.3f, \"tps_sd\": %.3f, \"budget\": \"%s\", "
+                   "\"n_tokens\": %d, \"n_depth\": %d, \"reps\": %d, \"tps_median\": %.3f, \"tps_mean\": %.3f, \"tps_sd\": %.3f, \"budget\": \"%s\", "
                    "\"gpu_budget_bytes\": %llu, \"host_budget_bytes\": %llu, \"expert_hits\": %llu, \"expert_misses\": %llu, "
                    "\"hit_rate\": %.4f, \"streamed_bytes_per_token\": %.0f, \"rss_bytes\": %llu}\n",
-                   model_path, info.arch, (unsigned long long)info.file_bytes, (unsigned long long)info.n_params, be, name, n, reps, med,
+                   model_path, info.arch, (unsigned long long)info.file_bytes, (unsigned long long)info.n_params, be, name, n, depth, reps, med,
                    mean, sd, budget_label, (unsigned long long)lp.gpu_budget_bytes, (unsigned long long)lp.host_budget_bytes, hits, miss,
                    hit_rate, per_tok, cur_rss());
         else {
@@ -164,6 +222,21 @@ static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, i
             if (lp.gpu_budget_bytes || lp.host_budget_bytes)
                 printf("|   budget %-21.21s | experts: hits %llu, misses %llu, hit rate %.1f%%, streamed %.2f MiB/token, host RSS %.2f GiB |\n",
                        budget_label, hits, miss, 100.0 * hit_rate, per_tok / 1048576.0, (double)cur_rss() / 1073741824.0);
+        }
+        if (profile) { /* one more run, profiled */
+            moe_profile_entry pe[256];
+            if (set_depth(ctx, toks, depth) < 0 || moe_ctx_profile(ctx, 1) != MOE_OK) {
+                fprintf(stderr, "bench: profile: %s\n", moe_last_error());
+                goto done;
+            }
+            double t = run_once(ctx, toks, np, ng, toks, -1);
+            int npe = moe_ctx_profile_get(ctx, pe, 256);
+            moe_ctx_profile(ctx, 0);
+            if (t < 0) {
+                fprintf(stderr, "bench: %s\n", moe_last_error());
+                goto done;
+            }
+            print_profile(pe, npe < 256 ? npe : 256, test, name, peak_gbs, json);
         }
         fflush(stdout);
     }
@@ -183,20 +256,22 @@ done:
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *backend_name = "auto", *gpu_budget = NULL, *host_budget = NULL;
-    int n_prompt = 512, n_gen = 128, reps = 3, json = 0, n_ctx = 0, sweep = 0;
+    int n_prompt = 512, n_gen = 128, reps = 3, json = 0, n_ctx = 0, sweep = 0, depth = 0, profile = 0;
     moe_load_params lp = {0};
     lp.log = log_line;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--json")) { json = 1; continue; }
         if (!strcmp(a, "--sweep")) { sweep = 1; continue; }
+        if (!strcmp(a, "--profile")) { profile = 1; continue; }
         if (i + 1 >= argc) { usage(); return 2; }
         const char *v = argv[++i];
         if (!strcmp(a, "-m")) model_path = v;
         else if (!strcmp(a, "-b")) {
             backend_name = v;
             lp.backend = !strcmp(v, "cpu") ? MOE_BACKEND_CPU : !strcmp(v, "vulkan") ? MOE_BACKEND_VULKAN : MOE_BACKEND_AUTO;
-        } else if (!strcmp(a, "-d")) lp.device_index = atoi(v);
+        } else if (!strcmp(a, "-dev")) lp.device_index = atoi(v);
+        else if (!strcmp(a, "-d")) depth = atoi(v);
         else if (!strcmp(a, "-p")) n_prompt = atoi(v);
         else if (!strcmp(a, "-n")) n_gen = atoi(v);
         else if (!strcmp(a, "-r")) reps = atoi(v);
@@ -206,18 +281,22 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--host-budget")) host_budget = v;
         else { usage(); return 2; }
     }
-    if (!model_path || n_prompt < 0 || n_gen < 0 || reps < 1 || reps > 1000) { usage(); return 2; }
+    if (!model_path || n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1 || reps > 1000) { usage(); return 2; }
     (void)backend_name;
     moe_model_info info = {0};
-    if (gpu_budget || host_budget || sweep) { /* the sizes, from a quick load that maps the file without reading it */
-        moe_load_params q = {0};
-        q.backend = MOE_BACKEND_CPU;
-        q.host_budget_bytes = ~0ull;
-        moe_model *m = NULL;
-        moe_status st = moe_load(model_path, &q, &m);
-        if (st) { fprintf(stderr, "bench: %s: %s\n", moe_status_str(st), moe_last_error()); return 1; }
-        moe_model_get_info(m, &info);
-        moe_model_free(m);
+    if (gpu_budget || host_budget || sweep) { /* the sizes: a vocab_only load reads a GGUF's tensor table only */
+        for (int full = 0; full < 2 && !info.weight_bytes; full++) {
+            moe_load_params q = {0};
+            q.backend = MOE_BACKEND_CPU;
+            q.vocab_only = !full; /* a model directory: a whole load, mapped on demand */
+            q.host_budget_bytes = ~0ull;
+            moe_model *m = NULL;
+            moe_status st = moe_load(model_path, &q, &m);
+            if (st && !full) continue; /* no tokenizer in the file */
+            if (st) { fprintf(stderr, "bench: %s: %s\n", moe_status_str(st), moe_last_error()); return 1; }
+            moe_model_get_info(m, &info);
+            moe_model_free(m);
+        }
         fprintf(stderr, "bench: weights %.2f GiB, of them experts %.2f GiB\n", (double)info.weight_bytes / 1073741824.0,
                 (double)info.expert_bytes / 1073741824.0);
     }
@@ -227,7 +306,7 @@ int main(int argc, char **argv) {
         char label[64];
         snprintf(label, sizeof label, "%s%s%s%s", gpu_budget ? "gpu " : "", gpu_budget ? gpu_budget : "", host_budget ? " host " : "",
                  host_budget ? host_budget : "");
-        return bench_run(model_path, lp, n_prompt, n_gen, reps, json, n_ctx, 1, label);
+        return bench_run(model_path, lp, n_prompt, n_gen, depth, reps, json, n_ctx, 1, label, profile);
     }
     static const char *const pcts[] = {"100%", "50%", "25%", "10%"};
     int rc = 0;
@@ -237,7 +316,7 @@ int main(int argc, char **argv) {
         if (lp.backend == MOE_BACKEND_CPU) l.host_budget_bytes = parse_budget(pcts[i], &info);
         else l.gpu_budget_bytes = parse_budget(pcts[i], &info);
         snprintf(label, sizeof label, "%s %s", lp.backend == MOE_BACKEND_CPU ? "host" : "gpu", pcts[i]);
-        rc |= bench_run(model_path, l, n_prompt, n_gen, reps, json, n_ctx, i == 0, label);
+        rc |= bench_run(model_path, l, n_prompt, n_gen, depth, reps, json, n_ctx, i == 0, label, profile);
     }
     return rc;
 }

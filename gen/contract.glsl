@@ -20,4 +20,5 @@
 #define PC_SCALE(X) X(uint, count) X(uint, width) X(uint, has_w) X(float, s)
 #define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
 #define PC_SOFTCAP(X) X(uint, count) X(float, cap)
+#define PC_COPY(X) X(uint, count)
 

@@ -20,7 +20,12 @@
    expert scales, layer scalars, softcap 30, tied embeddings of 262,144 tokens. --layers, --used
    and --type apply; the token embedding (also the output) is --out-type; matrices whose rows
    are not a whole number of K-quant blocks (the 2112 / 704 down projections) are Q8_0, as
-   llama.cpp's quantizer falls back to a 32-wide type there. */
+   llama.cpp's quantizer falls back to a 32-wide type there.
+   --arch qwen35moe (Qwen3.5-35B-A3B: 40 layers, 256 experts top 8, vocabulary 248,320) and
+   --arch qwen3next (Qwen3-Next-80B-A3B: 48 layers, 512 experts top 10) write the hybrid Gated
+   DeltaNet shapes with llama.cpp's keys; their tensor list is moe's own architecture table
+   (write_from_table), so the names and shapes are exactly what the loader binds. --layers cuts
+   them (keep a multiple of 4: every 4th layer is full attention). */
 #include "../moe.c"
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
@@ -38,7 +43,11 @@ static float rng_normal(rng64 *r) { /* Box-Muller */
 }
 
 /* Fills n_blocks blocks with random bytes, then overwrites each block's scale fields with
-   values that put the weights near N(0, 0.02). */
+   values that put the weights near N(0, 0.02) with mean 0. The mean matters: a common offset in
+   every weight gives every activation a common component, and the router then picks the same
+   experts for every token, which hides the cost of expert streaming and of expert matmuls.
+   K-quants: w = d·sc·q − dmin·m with sc, m uniform 6-bit, so dmin = d·E[q] makes E[w] = 0;
+   Q4_0: w = d·(q − 8) has mean −d/2, so d gets a random sign. */
 static void random_blocks(int32_t type, uint8_t *p, uint64_t n_blocks, rng64 *r) {
     const moe_type_traits *tt = type_traits(type);
     uint64_t nbytes = n_blocks * (uint64_t)tt->block_bytes;
@@ -48,11 +57,11 @@ static void random_blocks(int32_t type, uint8_t *p, uint64_t n_blocks, rng64 *r)
     }
     for (uint64_t b = 0; b < n_blocks; b++, p += tt->block_bytes) {
         switch (type) {
-        case MOE_TYPE_Q4_0: wr16(p, f32_to_fp16(0.0045f)); break;
+        case MOE_TYPE_Q4_0: wr16(p, f32_to_fp16(rng_next(r) & 1 ? 0.0045f : -0.0045f)); break;
         case MOE_TYPE_Q8_0: wr16(p, f32_to_fp16(0.00027f)); break;
         case MOE_TYPE_Q4_K: case MOE_TYPE_Q5_K:
-            wr16(p, f32_to_fp16(type == MOE_TYPE_Q4_K ? 1.4e-4f : 0.7e-4f));
-            wr16(p + 2, f32_to_fp16(2e-4f));
+            wr16(p, f32_to_fp16(type == MOE_TYPE_Q4_K ? 1.0e-4f : 0.5e-4f));
+            wr16(p + 2, f32_to_fp16(type == MOE_TYPE_Q4_K ? 1.0e-4f * 7.5f : 0.5e-4f * 15.5f));
             break;
         case MOE_TYPE_Q6_K: wr16(p + 208, f32_to_fp16(1.5e-5f)); break;
         case MOE_TYPE_MXFP4: p[0] = 120; break;
@@ -236,6 +245,90 @@ static void write_qwen3moe(synth *s, int layers, int embd, int heads, int kv_hea
     }
 }
 
+/* Hybrid Gated DeltaNet shapes (ARCHITECTURES.md §3), llama.cpp's keys: Qwen3.5-35B-A3B
+   (qwen35moe) and Qwen3-Next-80B-A3B (qwen3next). */
+static void hybrid_keys(gguf_writer *w, const char *arch, int layers) {
+    int next = !strcmp(arch, "qwen3next");
+    char key[128];
+    gw_kv_str(w, "general.architecture", arch);
+    gw_kv_str(w, "general.name", next ? "moe synthetic qwen3next (80B-A3B shape)" : "moe synthetic qwen35moe (35B-A3B shape)");
+    gw_kv_u32(w, "general.alignment", 32);
+#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(w, key, (uint32_t)(v)))
+#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(w, key, (v)))
+    KV_U32("context_length", 262144);
+    KV_U32("embedding_length", 2048);
+    KV_U32("block_count", layers);
+    KV_F32("attention.layer_norm_rms_epsilon", 1e-6f);
+    KV_U32("attention.head_count", 16);
+    KV_U32("attention.head_count_kv", 2);
+    KV_U32("attention.key_length", 256);
+    KV_U32("attention.value_length", 256);
+    KV_U32("rope.dimension_count", 64);
+    KV_F32("rope.freq_base", next ? 5e6f : 1e7f);
+    KV_U32("full_attention_interval", 4);
+    KV_U32("ssm.conv_kernel", 4);
+    KV_U32("ssm.state_size", 128);
+    KV_U32("ssm.group_count", 16);
+    KV_U32("ssm.time_step_rank", 32);
+    KV_U32("ssm.inner_size", 32 * 128);
+    KV_U32("expert_count", next ? 512 : 256);
+    KV_U32("expert_used_count", next ? 10 : 8);
+    KV_U32("expert_feed_forward_length", 512);
+    KV_U32("expert_shared_feed_forward_length", 512);
+#undef KV_U32
+#undef KV_F32
+}
+
+/* Any architecture of moe's table from its keys alone: the keys go through the architecture's own
+   GGUF reader (which builds the per-layer plan), then every entry of its tensor list gets a random
+   tensor of its shape and GGUF name: matrices of `type` (the output `out_type`), routers F32, 1-D
+   tensors F32 near 1 (ssm_a near -1: it holds -exp(A_log)). The vocabulary is `vocab` rows. */
+static void write_from_table(synth *s, void (*keys)(gguf_writer *, const char *, int), const char *arch, int layers, int vocab,
+                             int32_t type, int32_t out_type) {
+    keys(&s->w, arch, layers);
+    gguf_writer kw = {0}; /* the keys alone, read back by the architecture's reader */
+    keys(&kw, arch, layers);
+    char tmp[] = "/tmp/synth_keys_XXXXXX";
+    int fd = mkstemp(tmp);
+    moe_model m;
+    memset(&m, 0, sizeof m);
+    moe_status st = fd < 0 ? set_error(MOE_ERR_IO, "mkstemp failed") : gw_write_file(&kw, tmp);
+    if (fd >= 0) close(fd);
+    if (!st) st = file_map(&m.file, tmp, 1);
+    if (!st) st = gguf_parse(&m.gguf, m.file.data, m.file.size);
+    if (!st) st = load_hparams(&m);
+    remove(tmp);
+    gw_free(&kw);
+    if (st) {
+        fprintf(stderr, "synth_model: %s: %s\n", arch, moe_last_error());
+        s->failed = 1;
+        return;
+    }
+    m.w.hp.n_vocab = vocab;
+    tensor_spec sp[MAX_TENSOR_SPECS];
+    char name[96];
+    for (int l = -1; l < m.w.hp.n_layer && !s->failed; l++) {
+        int n = m.arch->tensors(&m.w, l, sp);
+        for (int i = 0; i < n; i++) {
+            const tensor_spec *t = &sp[i];
+            if ((t->flags & TS_OPTIONAL) && !(l < 0 && t->role == MOE_OUTPUT)) continue; /* an untied output, as the real files */
+            tensor_gguf_name(name, sizeof name, l, t->role);
+            int64_t ne[3] = {t->ne[0], t->ne[1], t->ne[2]};
+            if (t->n_dims == 1) {
+                float *v = keep(s, random_f32((uint64_t)ne[0], strstr(name, "ssm_a") ? -1.0f : 1.0f, 0.1f, &s->rng));
+                if (v && gw_tensor(&s->w, name, MOE_TYPE_F32, 1, ne, v)) s->failed = 1;
+            } else {
+                int router = strstr(name, "ffn_gate_inp") != NULL, out = l < 0 && t->role == MOE_OUTPUT, conv = strstr(name, "conv1d") != NULL;
+                add_quant(s, name, router || conv ? MOE_TYPE_F32 : out ? out_type : type, t->n_dims, ne[0], ne[1], t->n_dims == 3 ? ne[2] : 1);
+            }
+        }
+    }
+    moe_free(m.w.layers); /* what load_hparams made */
+    moe_free(m.w.caches);
+    gguf_free(&m.gguf);
+    file_unmap(&m.file);
+}
+
 int main(int argc, char **argv) {
     const char *out = NULL;
     int layers = 48, embd = 2048, heads = 32, kv_heads = 4, head_dim = 128, experts = 128, used = 8, ff = 768, vocab = 151936;
@@ -271,15 +364,19 @@ int main(int argc, char **argv) {
     synth s = {0};
     s.rng.s = seed;
     gguf_writer *w = &s.w;
-    int gemma = !strcmp(arch, "gemma4");
+    int gemma = !strcmp(arch, "gemma4"), hybrid = !strcmp(arch, "qwen35moe") || !strcmp(arch, "qwen3next");
     if (gemma) {
         vocab = 262144;
         if (layers == 48) layers = 30;
+    } else if (hybrid) {
+        if (!strcmp(arch, "qwen35moe")) vocab = 248320;
+        if (layers == 48 && !strcmp(arch, "qwen35moe")) layers = 40;
     } else if (strcmp(arch, "qwen3moe")) {
-        fprintf(stderr, "synth_model: --arch is qwen3moe or gemma4\n");
+        fprintf(stderr, "synth_model: --arch is qwen3moe, gemma4, qwen35moe or qwen3next\n");
         return 2;
     }
     if (gemma) write_gemma4(&s, layers, used, type, out_type);
+    else if (hybrid) write_from_table(&s, hybrid_keys, arch, layers, vocab, type, out_type);
     else write_qwen3moe(&s, layers, embd, heads, kv_heads, head_dim, experts, used, ff, vocab, type, out_type);
     /* placeholder vocabulary: 256 byte tokens then unique fillers, no merges */
     char **tokens = malloc((size_t)vocab * sizeof *tokens);

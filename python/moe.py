@@ -62,7 +62,7 @@ class LoadParams(Structure):
     _fields_ = [("backend", c_int32), ("device_index", c_int32), ("n_threads", c_int32), ("reserved0", c_int32),
                 ("gpu_budget_bytes", c_uint64), ("host_budget_bytes", c_uint64),
                 ("progress", PROGRESS_FN), ("log", LOG_FN), ("user", c_void_p), ("vocab_only", c_int32),
-                ("cpu_exact", c_int32)]
+                ("cpu_exact", c_int32), ("gpu_exact", c_int32)]
 
 
 class ModelInfo(Structure):

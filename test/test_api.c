@@ -464,6 +464,43 @@ static void test_stats(void **state) {
     moe_model_free(m);
 }
 
+/* profiling: per-kind entries for both phases, and logits identical to an unprofiled run */
+static void test_profile(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 2);
+    int nv = vocab_of(m);
+    moe_ctx *a = new_ctx(m, 64, 0), *b = new_ctx(m, 64, 0);
+    moe_token ta[5], tb[5];
+    assert_int_equal(moe_ctx_profile(b, 1), MOE_OK);
+    run_greedy(a, nv, 3, 20, 5, ta);
+    run_greedy(b, nv, 3, 20, 5, tb);
+    assert_memory_equal(ta, tb, sizeof ta);
+    assert_memory_equal(moe_logits(a, -1), moe_logits(b, -1), (size_t)nv * sizeof(float));
+    moe_profile_entry e[64];
+    int n = moe_ctx_profile_get(b, e, 64);
+    assert_true(n > 4 && n <= 64);
+    int phases[2] = {0, 0}, matrix = 0;
+    for (int i = 0; i < n; i++) {
+        assert_true(e[i].calls > 0 && e[i].seconds >= 0 && e[i].bytes >= 0 && e[i].flops >= 0);
+        if (i) assert_true(e[i].seconds <= e[i - 1].seconds);
+        phases[e[i].decode != 0]++;
+        matrix += e[i].bytes > 0 && e[i].flops > 0;
+        assert_int_equal(e[i].tokens, e[i].decode ? 5u : 20u);
+    }
+    assert_true(phases[0] > 0 && phases[1] > 0 && matrix > 0);
+    assert_int_equal(moe_ctx_profile_get(b, e, 0), n);
+    assert_int_equal(moe_ctx_profile(b, 0), MOE_OK);
+    assert_int_equal(moe_ctx_profile_get(b, e, 64), 0);
+    double rd = 0, cp = 0;
+    assert_int_equal(moe_ctx_probe_bandwidth(b, &rd, &cp), MOE_OK);
+    assert_true(rd > 0 && cp > 0);
+    assert_int_equal(moe_ctx_profile(NULL, 1), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_struct_size(MOE_STRUCT_PROFILE_ENTRY), sizeof(moe_profile_entry));
+    moe_ctx_free(a);
+    moe_ctx_free(b);
+    moe_model_free(m);
+}
+
 static int g_progress_calls, g_log_lines;
 static int32_t cancel_at_half(float f, void *user) {
     (void)user;
@@ -836,6 +873,7 @@ int main(void) {
         cmocka_unit_test(test_out_param_counts),
         cmocka_unit_test(test_step_nonfinite),
         cmocka_unit_test(test_state_forged),
+        cmocka_unit_test(test_profile),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -211,6 +211,51 @@ static void test_io_error(void **state) {
     free(ref);
 }
 
+/* A NaN in a streamed expert: a resident load refuses the file, a streamed load does not read the
+   experts at load (that would read the whole file), so the step that first reads the expert fails
+   with MOE_ERR_FORMAT naming it and leaves the context unchanged; steps that never route to it work. */
+static void test_nonfinite_streamed_expert(void **state) {
+    (void)state;
+    char src[256], dst[] = "build/test/stream_nan.gguf";
+    fixture_path("q8_0", src, sizeof src);
+    size_t size = 0;
+    uint8_t *b = tu_read_file(src, &size);
+    assert_non_null(b);
+    gguf_file g;
+    assert_int_equal(gguf_parse(&g, b, size), MOE_OK);
+    const gguf_tensor *t = gguf_find_tensor(&g, "blk.1.ffn_up_exps.weight");
+    assert_non_null(t);
+    /* poison the scale of block 3 in every expert's slab but expert 0's: any routed token hits one */
+    int E = (int)t->ne[2];
+    uint64_t slab = t->nbytes / (uint64_t)E;
+    uint8_t *base = (uint8_t *)t->data;
+    for (int e = 1; e < E; e++) wr16(base + (uint64_t)e * slab + 34 * 3, 0x7e00);
+    gguf_free(&g);
+    FILE *f = fopen(dst, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(b, 1, size, f), size);
+    fclose(f);
+    free(b);
+    moe_status st;
+    assert_null(load(dst, 1, 0, &st));
+    assert_int_equal(st, MOE_ERR_FORMAT);
+    moe_model *m = load(dst, 1, min_budget(dst, 1), NULL);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    int32_t tk[NTOK];
+    tokens(tk, NTOK, info.n_vocab);
+    moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
+    st = moe_step(c, tk, 4);
+    assert_int_equal(st, MOE_ERR_FORMAT);
+    print_message("[ INFO     ] %s\n", moe_last_error());
+    assert_non_null(strstr(moe_last_error(), "layer 1"));
+    assert_non_null(strstr(moe_last_error(), "non-finite"));
+    assert_int_equal(moe_ctx_pos(c), 0);
+    moe_ctx_free(c);
+    moe_model_free(m);
+    remove(dst);
+}
+
 typedef struct thr_arg { moe_model *m; float *out; } thr_arg;
 static void *thr_main(void *p) {
     thr_arg *a = p;
@@ -310,7 +355,7 @@ int main(void) {
 #define V(i) {.name = "budgets", .test_func = run_budgets, .initial_state = &vs[i]}
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sizes_and_minimum), V(0), V(1), V(2), V(3), V(4), V(5), V(6),
-        cmocka_unit_test(test_io_error), cmocka_unit_test(test_threads), cmocka_unit_test(test_vulkan_budgets),
+        cmocka_unit_test(test_io_error), cmocka_unit_test(test_nonfinite_streamed_expert), cmocka_unit_test(test_threads), cmocka_unit_test(test_vulkan_budgets),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
