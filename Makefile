@@ -12,7 +12,7 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-PHONY_EXTRA = test-pedantic test-abi test-readme fuzz fuzz-build fuzz-run fuzz-available test-fuzz
+PHONY_EXTRA = test-pedantic test-abi test-readme test-symbols test-header test-mingw test-mingw-run fuzz fuzz-build fuzz-run fuzz-available test-fuzz
 .PHONY: $(PHONY_EXTRA) vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
 
 all: lib examples $(GENTOOLS)
@@ -24,9 +24,11 @@ SONAME   = libmoe.so.$(ABI)
 lib: $(B)/libmoe.a $(B)/libmoe.so
 examples: $(EXAMPLES)
 
+# hidden visibility by default: the shared library exports the MOE_API functions of moe.h and
+# nothing else (make test-symbols checks it)
 $(B)/obj/%.o: %.c moe.h
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) $(CFLAGS) -fPIC -c $< -o $@
+	$(CC) $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden -c $< -o $@
 
 $(B)/libmoe.a: $(LIB_OBJ)
 	ar rcs $@ $^
@@ -68,7 +70,9 @@ shaders-check: $(B)/embed_shaders
 
 # ---- tests -------------------------------------------------------------------------------------
 # Tests link moe.c directly (some include it to reach internals). Three builds run the suite:
-# gcc -O2, AddressSanitizer+UBSan, and clang (warnings as errors).
+# gcc -O2, AddressSanitizer+UBSan, and clang (warnings as errors). Only test builds get the test
+# hooks (moe_test_fail_alloc_after, ...: -DMOE_TEST_HOOKS); the library never has them.
+TEST_DEFS = -DMOE_TEST_HOOKS
 deps:
 	@sh test/deps.sh
 
@@ -86,11 +90,11 @@ NO_VK_ENV = VK_DRIVER_FILES=/nonexistent/icd.json VK_ICD_FILENAMES=/nonexistent/
 
 $(B)/test/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) $(CFLAGS) -I. $< -o $@ -lcmocka $(LDLIBS)
+	$(CC) $(WARN) $(CFLAGS) $(TEST_DEFS) -I. $< -o $@ -lcmocka $(LDLIBS)
 
 $(B)/asan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -I. $< -o $@ -lcmocka $(LDLIBS)
+	$(CC) $(WARN) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer $(TEST_DEFS) -I. $< -o $@ -lcmocka $(LDLIBS)
 
 test-unit: $(TESTS:%=$(B)/test/%) vocabs
 	@for t in $(TESTS:%=$(B)/test/%); do echo "== $$t"; $(VK_TEST_ENV) $$t || exit 1; done
@@ -104,7 +108,7 @@ test-asan: $(TESTS:%=$(B)/asan/%) vocabs
 # the expert streaming tests (contexts sharing the host expert cache with its I/O threads)
 $(B)/tsan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) -O1 -g -fsanitize=thread -I. $< -o $@ -lcmocka $(LDLIBS)
+	$(CC) $(WARN) -O1 -g -fsanitize=thread $(TEST_DEFS) -I. $< -o $@ -lcmocka $(LDLIBS)
 
 test-tsan: $(B)/tsan/test_api $(B)/tsan/test_stream
 	@for t in $^; do echo "== $$t (tsan)"; $(NO_VK_ENV) TSAN_OPTIONS=halt_on_error=1 $$t || exit 1; done
@@ -142,6 +146,33 @@ test-abi: lib
 	@readelf -d $(B)/abi/abi | grep -q "NEEDED.*\[$(SONAME)\]" || { echo "a program linked with -lmoe does not record $(SONAME)"; exit 1; }
 	@LD_LIBRARY_PATH=$(B) $(B)/abi/abi >/dev/null && echo "== shared library: SONAME $(SONAME), moe_abi_version() = $(ABI)"
 
+# The exported surface: libmoe.so's dynamic symbols are exactly the MOE_API functions of moe.h —
+# nothing internal (moe_vk_*, moe_xs_*), no test hook (moe_test_*), no function moe.h declares
+# but the library lacks. The linker's own symbols (_init, _edata, ...) are not ours to check.
+LINKER_SYMS = _init _fini _edata _end __bss_start
+test-symbols: lib
+	@mkdir -p $(B)/symbols
+	@nm -D --defined-only $(B)/libmoe.so | awk '{print $$NF}' | sed 's/@.*//' | sort -u > $(B)/symbols/exported.txt
+	@sed -n 's/^MOE_API .*[ *]\(moe_[a-z0-9_]*\)(.*/\1/p' moe.h | sort -u > $(B)/symbols/declared.txt
+	@[ -s $(B)/symbols/declared.txt ] || { echo "test-symbols: found no MOE_API declarations in moe.h"; exit 1; }
+	@extra=$$(comm -23 $(B)/symbols/exported.txt $(B)/symbols/declared.txt | grep -vxF -e "$$(echo $(LINKER_SYMS) | tr ' ' '\n')"); \
+	  missing=$$(comm -13 $(B)/symbols/exported.txt $(B)/symbols/declared.txt); \
+	  [ -z "$$extra" ] || { echo "libmoe.so exports symbols that moe.h does not declare:"; echo "$$extra"; exit 1; }; \
+	  [ -z "$$missing" ] || { echo "moe.h declares functions that libmoe.so does not export:"; echo "$$missing"; exit 1; }
+	@echo "== libmoe.so exports exactly the $$(wc -l < $(B)/symbols/declared.txt) MOE_API functions of moe.h"
+
+# moe.h is usable from C99, C11 and C++ (11 and 17), -pedantic, warnings as errors
+# (test/header_check.c also pins the v1 signatures through typed function pointers)
+HEADER_FLAGS = -Wall -Wextra -pedantic -Werror -I. -c test/header_check.c -o /dev/null
+test-header:
+	@for std in c99 c11; do $(CC) -std=$$std $(HEADER_FLAGS) || { echo "moe.h does not compile as $$std -pedantic"; exit 1; }; done
+	@command -v $(CXX) >/dev/null 2>&1 || { echo "test-header: $(CXX) not found (Debian: apt-get install g++, or make deps)"; exit 1; }
+	@for std in c++11 c++17; do $(CXX) -x c++ -std=$$std $(HEADER_FLAGS) || { echo "moe.h does not compile as $$std -pedantic"; exit 1; }; done
+	@if command -v clang++ >/dev/null 2>&1; then \
+	  for std in c99 c11; do clang -std=$$std $(HEADER_FLAGS) || exit 1; done; \
+	  for std in c++11 c++17; do clang++ -x c++ -std=$$std $(HEADER_FLAGS) || exit 1; done; fi
+	@echo "== moe.h compiles as C99, C11, C++11 and C++17, -pedantic -Werror ($(CC), $(CXX)$$(command -v clang++ >/dev/null 2>&1 && echo ', clang, clang++'))"
+
 # the README's minimal program, exactly as printed there: it must build clean, generate text from
 # the bundled model and stop by itself
 test-readme: lib
@@ -152,13 +183,45 @@ test-readme: lib
 	  { cat $(B)/readme/out.txt; echo "README minimal program: unexpected output"; exit 1; }
 	@echo "== README minimal program: builds -pedantic clean, generates: $$(head -c 60 $(B)/readme/out.txt | tr '\n' ' ')..."
 
+# Windows: the four library files cross-compile with mingw-w64 (threads, file mapping, positioned
+# reads and the Vulkan loader through Win32 under _WIN32), -pedantic with warnings as errors, as a
+# static build and as moe.dll (MOE_BUILD_DLL), which must export exactly moe.h's MOE_API
+# functions; the README's minimal program links against each. Where wine64 is installed both
+# .exe files run on the bundled model and must print what the Linux build printed (test-readme).
+MINGW_CC ?= x86_64-w64-mingw32-gcc
+MINGW    = $(B)/mingw
+test-mingw:
+	@if ! command -v $(MINGW_CC) >/dev/null 2>&1; then \
+	  echo "== mingw-w64 check skipped: $(MINGW_CC) not installed (Debian: apt-get install gcc-mingw-w64-x86-64-win32, or make deps)"; \
+	  else $(MAKE) -s test-mingw-run; fi
+WINE ?= $(shell command -v wine64 2>/dev/null || { [ -x /usr/lib/wine/wine64 ] && echo /usr/lib/wine/wine64; })
+test-mingw-run: test-readme
+	@mkdir -p $(MINGW) && awk '/^```c$$/{f=1; next} /^```$$/{if (f) exit} f' README.md > $(MINGW)/minimal.c
+	@for f in $(LIB_SRC); do \
+	  $(MINGW_CC) $(PEDANTIC) -O2 -c $$f -o $(MINGW)/$${f%.c}.o || exit 1; \
+	  $(MINGW_CC) $(PEDANTIC) -O2 -DMOE_BUILD_DLL -c $$f -o $(MINGW)/dll_$${f%.c}.o || exit 1; done
+	@$(MINGW_CC) $(WARN) -O2 -I. $(MINGW)/minimal.c $(LIB_SRC:%.c=$(MINGW)/%.o) -o $(MINGW)/minimal.exe
+	@$(MINGW_CC) -shared -static-libgcc -o $(MINGW)/moe.dll $(LIB_SRC:%.c=$(MINGW)/dll_%.o) -Wl,--out-implib,$(MINGW)/libmoe.dll.a
+	@$(MINGW_CC) $(WARN) -O2 -I. $(MINGW)/minimal.c $(MINGW)/libmoe.dll.a -o $(MINGW)/minimal_dll.exe
+	@x86_64-w64-mingw32-objdump -p $(MINGW)/moe.dll | sed -n '/Ordinal\/Name Pointer/,/^$$/p' | sed -n 's/^[[:space:]]*\[ *[0-9][0-9]*\] //p' | sort > $(MINGW)/exported.txt
+	@sed -n 's/^MOE_API .*[ *]\(moe_[a-z0-9_]*\)(.*/\1/p' moe.h | sort -u > $(MINGW)/declared.txt
+	@cmp -s $(MINGW)/exported.txt $(MINGW)/declared.txt || { echo "moe.dll exports differ from moe.h's MOE_API functions:"; \
+	  diff $(MINGW)/declared.txt $(MINGW)/exported.txt; exit 1; }
+	@echo "== mingw-w64: moe.c, moe_vk.c, shaders_embedded.c compile -pedantic -Werror for Windows; moe.dll exports exactly the $$(wc -l < $(MINGW)/declared.txt) MOE_API functions; the README program links static and against the DLL"
+	@if [ -z "$(WINE)" ]; then echo "== wine64 not installed: the Windows builds were not run (Debian: apt-get install wine64)"; else \
+	  for exe in minimal minimal_dll; do \
+	    WINEPREFIX=$(CURDIR)/$(MINGW)/wineprefix WINEDEBUG=-all $(WINE) $(MINGW)/$$exe.exe 2>/dev/null | tr -d '\r' > $(MINGW)/$$exe.txt; \
+	    cmp -s $(MINGW)/$$exe.txt $(B)/readme/out.txt || { echo "$$exe.exe under wine printed:"; cat $(MINGW)/$$exe.txt; \
+	      echo "the Linux build printed:"; cat $(B)/readme/out.txt; exit 1; }; done; \
+	  echo "== wine: the Windows README program (static and with moe.dll) prints what the Linux build prints"; fi
+
 # drop-in check: the four library files compile on their own, no flags, no Makefile
 test-dropin:
 	@mkdir -p $(B)/dropin && cd $(B)/dropin && cc -c ../../moe.c ../../moe_vk.c ../../shaders_embedded.c && echo "== drop-in compile ok"
 
 test: deps
 	$(MAKE) all
-	$(MAKE) test-dropin test-clang test-pedantic test-abi test-readme shaders-check
+	$(MAKE) test-dropin test-clang test-pedantic test-abi test-symbols test-header test-mingw test-readme shaders-check
 	$(MAKE) test-unit
 	$(MAKE) test-asan
 	$(MAKE) test-tsan

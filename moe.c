@@ -15,6 +15,9 @@
     11. public API glue
 */
 #define _GNU_SOURCE
+#if defined(_WIN32) && !defined(_FILE_OFFSET_BITS)
+#define _FILE_OFFSET_BITS 64 /* a 64-bit off_t for the positioned reads (mingw-w64) */
+#endif
 #define MOE_INTERNAL
 #include "moe.h"
 
@@ -23,16 +26,23 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
+#ifdef _WIN32
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+#include <io.h>
+#include <process.h>
+#else
+#include <pthread.h>
+#include <sys/mman.h>
 #include <unistd.h>
+#endif
 
 #if defined(__GNUC__)
 #define MOE_MAYBE_UNUSED __attribute__((unused))
@@ -43,15 +53,148 @@
 /* ============================================================================================ */
 /* 1. platform                                                                                   */
 /* ============================================================================================ */
+#ifdef _WIN32
+/* ---- Win32 equivalents of the POSIX calls used below ---------------------------------------
+   Threads: the pthread subset moe uses (mutex, condition variable, once, create / join) on SRW
+   locks, condition variables, INIT_ONCE and _beginthreadex. Files: CRT descriptors opened in
+   binary mode, positioned reads with ReadFile at an OVERLAPPED offset, and mappings through
+   CreateFileMapping / MapViewOfFile (file_map below). Directory listing: the C runtime's
+   <dirent.h> (mingw-w64). Compiled by make test-mingw (x86_64-w64-mingw32-gcc); not run here. */
+_Static_assert(sizeof(off_t) == 8, "moe needs a 64-bit off_t on Windows (_FILE_OFFSET_BITS 64)");
+typedef SRWLOCK win_mutex;
+typedef CONDITION_VARIABLE win_cond;
+typedef INIT_ONCE win_once_t;
+typedef HANDLE win_thread;
+static int win_mutex_init(win_mutex *m, const void *attr) { (void)attr; InitializeSRWLock(m); return 0; }
+static int win_mutex_destroy(win_mutex *m) { (void)m; return 0; }
+static int win_mutex_lock(win_mutex *m) { AcquireSRWLockExclusive(m); return 0; }
+static int win_mutex_unlock(win_mutex *m) { ReleaseSRWLockExclusive(m); return 0; }
+static int win_cond_init(win_cond *c, const void *attr) { (void)attr; InitializeConditionVariable(c); return 0; }
+static int win_cond_destroy(win_cond *c) { (void)c; return 0; }
+static int win_cond_wait(win_cond *c, win_mutex *m) { return SleepConditionVariableSRW(c, m, INFINITE, 0) ? 0 : EINVAL; }
+static int win_cond_signal(win_cond *c) { WakeConditionVariable(c); return 0; }
+static int win_cond_broadcast(win_cond *c) { WakeAllConditionVariable(c); return 0; }
+typedef struct win_once_fn { void (*fn)(void); } win_once_fn;
+static BOOL CALLBACK win_once_call(PINIT_ONCE once, PVOID param, PVOID *ctx) {
+    (void)once;
+    (void)ctx;
+    ((win_once_fn *)param)->fn();
+    return TRUE;
+}
+static int win_once(win_once_t *once, void (*fn)(void)) {
+    win_once_fn f = {fn};
+    return InitOnceExecuteOnce(once, win_once_call, &f, NULL) ? 0 : EINVAL;
+}
+typedef struct win_thread_start { void *(*fn)(void *); void *arg; } win_thread_start;
+static unsigned __stdcall win_thread_main(void *p) {
+    win_thread_start s = *(win_thread_start *)p;
+    free(p);
+    s.fn(s.arg);
+    return 0;
+}
+static int win_thread_create(win_thread *t, const void *attr, void *(*fn)(void *), void *arg) {
+    (void)attr;
+    win_thread_start *s = malloc(sizeof *s);
+    if (!s) return ENOMEM;
+    s->fn = fn;
+    s->arg = arg;
+    uintptr_t h = _beginthreadex(NULL, 0, win_thread_main, s, 0, NULL);
+    if (!h) { free(s); return EAGAIN; }
+    *t = (HANDLE)h;
+    return 0;
+}
+static int win_thread_join(win_thread t, void **ret) {
+    if (ret) *ret = NULL;
+    WaitForSingleObject(t, INFINITE);
+    CloseHandle(t);
+    return 0;
+}
+#define pthread_mutex_t win_mutex
+#define pthread_mutex_init win_mutex_init
+#define pthread_mutex_destroy win_mutex_destroy
+#define pthread_mutex_lock win_mutex_lock
+#define pthread_mutex_unlock win_mutex_unlock
+#define pthread_cond_t win_cond
+#define pthread_cond_init win_cond_init
+#define pthread_cond_destroy win_cond_destroy
+#define pthread_cond_wait win_cond_wait
+#define pthread_cond_signal win_cond_signal
+#define pthread_cond_broadcast win_cond_broadcast
+#define pthread_once_t win_once_t
+#define PTHREAD_ONCE_INIT INIT_ONCE_STATIC_INIT
+#define pthread_once win_once
+#define pthread_t win_thread
+#define pthread_create win_thread_create
+#define pthread_join win_thread_join
+
+/* every open() below passes O_CLOEXEC: on Windows that is "not inherited" and binary mode */
+#ifndef O_CLOEXEC
+#define O_CLOEXEC (_O_NOINHERIT | _O_BINARY)
+#endif
+#ifndef R_OK
+#define R_OK 4
+#endif
+/* pread: ReadFile at an OVERLAPPED offset (the descriptor's file position is not relied on) */
+static ssize_t win_pread(int fd, void *buf, size_t n, uint64_t off) {
+    HANDLE h = (HANDLE)_get_osfhandle(fd);
+    if (h == INVALID_HANDLE_VALUE) { errno = EBADF; return -1; }
+    OVERLAPPED ov;
+    memset(&ov, 0, sizeof ov);
+    ov.Offset = (DWORD)off;
+    ov.OffsetHigh = (DWORD)(off >> 32);
+    DWORD got = 0, want = n > ((size_t)1 << 30) ? (DWORD)1 << 30 : (DWORD)n;
+    if (!ReadFile(h, buf, want, &got, &ov)) {
+        if (GetLastError() == ERROR_HANDLE_EOF) return 0;
+        errno = EIO;
+        return -1;
+    }
+    return (ssize_t)got;
+}
+#define pread(fd, buf, n, off) win_pread(fd, buf, n, (uint64_t)(off))
+#endif
+
+/* memory of the host expert cache's slots: aligned for O_DIRECT reads */
+static void *aligned_bytes(size_t align, size_t n) {
+#ifdef _WIN32
+    return _aligned_malloc(n, align);
+#else
+    void *p = NULL;
+    return posix_memalign(&p, align, n) == 0 ? p : NULL;
+#endif
+}
+static void aligned_bytes_free(void *p) {
+#ifdef _WIN32
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
+
+static long os_page_size(void) {
+#ifdef _WIN32
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    return (long)si.dwPageSize;
+#else
+    return sysconf(_SC_PAGESIZE);
+#endif
+}
+
+
+/* Test hooks (moe_test_*, not in moe.h) exist only in test builds: the Makefile compiles the tests
+   with -DMOE_TEST_HOOKS; the library and vendored builds have none. */
+#ifdef MOE_TEST_HOOKS
+static _Atomic long g_alloc_countdown = -1; /* -1 = never fail */
+#endif
 
 /* Allocation goes through these two so that tests can inject failures (moe_test_fail_alloc_after). */
-static _Atomic long g_alloc_countdown = -1; /* test hook only: -1 = never fail */
-
 static void *moe_malloc(size_t n) {
+#ifdef MOE_TEST_HOOKS
     long c = atomic_load(&g_alloc_countdown);
     if (c >= 0) {
         if (atomic_fetch_sub(&g_alloc_countdown, 1) <= 0) return NULL;
     }
+#endif
     return malloc(n ? n : 1);
 }
 static void *moe_calloc(size_t count, size_t size) {
@@ -62,9 +205,11 @@ static void *moe_calloc(size_t count, size_t size) {
 }
 static void moe_free(void *p) { free(p); }
 
-/* Test hook (not in moe.h): the n-th allocation from now fails; -1 switches failures off. */
-MOE_API void moe_test_fail_alloc_after(long n);
+#ifdef MOE_TEST_HOOKS
+/* Test hook: the n-th allocation from now fails; -1 switches failures off. */
+MOE_HIDDEN void moe_test_fail_alloc_after(long n);
 void moe_test_fail_alloc_after(long n) { atomic_store(&g_alloc_countdown, n); }
+#endif
 
 static _Thread_local char tl_error[512];
 
@@ -135,9 +280,16 @@ static void log_msg(const moe_logger *lg, int32_t level, const char *fmt, ...) {
 }
 
 static double now_s(void) {
+#ifdef _WIN32
+    LARGE_INTEGER t, f;
+    QueryPerformanceCounter(&t);
+    QueryPerformanceFrequency(&f);
+    return (double)t.QuadPart / (double)f.QuadPart;
+#else
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#endif
 }
 
 /* ---- read-only file mapping ---------------------------------------------------------------- */
@@ -162,6 +314,21 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
     f->fd = -1;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return set_error(MOE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+#ifdef _WIN32
+    /* the size from the handle (a CRT struct stat may hold only 32 bits of it) */
+    struct { int64_t st_size; } st;
+    LARGE_INTEGER size;
+    HANDLE fh = (HANDLE)_get_osfhandle(fd);
+    if (GetFileType(fh) != FILE_TYPE_DISK) {
+        close(fd);
+        return set_error(MOE_ERR_IO, "'%s' is not a regular file", path);
+    }
+    if (!GetFileSizeEx(fh, &size)) {
+        close(fd);
+        return set_error(MOE_ERR_IO, "cannot stat '%s': Windows error %lu", path, (unsigned long)GetLastError());
+    }
+    st.st_size = size.QuadPart;
+#else
     struct stat st;
     if (fstat(fd, &st) != 0) {
         close(fd);
@@ -171,6 +338,7 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
         close(fd);
         return set_error(MOE_ERR_IO, "'%s' is not a regular file", path);
     }
+#endif
     if (st.st_size == 0) {
         close(fd);
         return set_error(MOE_ERR_FORMAT, "'%s' is empty", path);
@@ -200,6 +368,17 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
         f->size = (size_t)st.st_size;
         return MOE_OK;
     }
+#ifdef _WIN32
+    (void)populate;
+    HANDLE mh = CreateFileMappingA(fh, NULL, PAGE_READONLY, 0, 0, NULL);
+    void *p = mh ? MapViewOfFile(mh, FILE_MAP_READ, 0, 0, 0) : NULL;
+    DWORD map_err = GetLastError();
+    if (mh) CloseHandle(mh); /* the view keeps the mapping */
+    if (!p) {
+        close(fd);
+        return set_error(MOE_ERR_IO, "cannot map '%s': Windows error %lu", path, (unsigned long)map_err);
+    }
+#else
     int flags = MAP_PRIVATE;
 #ifdef MAP_POPULATE
     if (populate) flags |= MAP_POPULATE;
@@ -224,6 +403,7 @@ static moe_status file_map(moe_file *f, const char *path, int populate) {
         close(fd);
         return set_error(MOE_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
     }
+#endif
     f->data = p;
     f->size = (size_t)st.st_size;
     f->fd = fd;
@@ -262,7 +442,11 @@ static void file_huge_pages(moe_file *f) {
 
 static void file_unmap(moe_file *f) {
     if (f->heap) moe_free(f->heap);
+#ifdef _WIN32
+    else if (f->data) UnmapViewOfFile(f->data);
+#else
     else if (f->data) munmap((void *)f->data, f->map_len ? f->map_len : f->size);
+#endif
     f->heap = NULL;
     if (f->fd >= 0) close(f->fd);
     f->data = NULL;
@@ -390,7 +574,13 @@ static void pool_run(thread_pool *p, task_fn fn, void *arg, int64_t n_tasks) {
 }
 
 static int cpu_count(void) {
+#ifdef _WIN32
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    long n = (long)si.dwNumberOfProcessors;
+#else
     long n = sysconf(_SC_NPROCESSORS_ONLN);
+#endif
     return n < 1 ? 1 : (n > 256 ? 256 : (int)n);
 }
 
@@ -4850,7 +5040,11 @@ struct moe_model {
     moe_xcache *xc;            /* host expert cache: NULL unless host_budget_bytes is below the weights */
     uint64_t n_params;
     double t_load_s;
+    /* references: the caller's (moe_load, released by moe_model_free) plus one per context; the
+       last release destroys the model, so contexts outlive a freed model handle */
+    _Atomic int32_t refs;
 };
+static void model_release(moe_model *model); /* section 11: drops a reference, the last destroys */
 
 struct moe_arch {
     const char *name;          /* GGUF general.architecture */
@@ -7127,11 +7321,13 @@ enum { XS_LRU = MOE_XS_LRU, XS_LFU = MOE_XS_LFU };
 #define XS_NONFINITE (-1)   /* xs_read_slab: the slab read fine but holds a non-finite value */
 static int slab_values_bad(const uint8_t *p, uint64_t n, int32_t type); /* section 10 */
 
-/* Test hook (not in moe.h): the n-th expert read from now fails half-way with EIO (once);
+#ifdef MOE_TEST_HOOKS
+/* Test hook (test builds only): the n-th expert read from now fails half-way with EIO (once);
    -1 switches it off. */
 static _Atomic long g_io_countdown = -1;
-MOE_API void moe_test_fail_io_after(long n);
+MOE_HIDDEN void moe_test_fail_io_after(long n);
 void moe_test_fail_io_after(long n) { atomic_store(&g_io_countdown, n); }
+#endif
 
 struct moe_xcache {
     int n_layer, E;                 /* units: layer · E + expert */
@@ -7193,8 +7389,12 @@ static int xs_read_slab(moe_xcache *xc, int32_t s, int l, int t, int e) {
     int direct = xc->direct && xc->fd_direct[f] >= 0;
     uint64_t pos = direct ? a0 : off, end = direct ? xs_align_up(off + len, XS_ALIGN) : off + len;
     uint8_t *dst = direct ? region : region + off % XS_ALIGN;
+#ifdef MOE_TEST_HOOKS
     long c = atomic_load(&g_io_countdown);
     int inject = c >= 0 && atomic_fetch_sub(&g_io_countdown, 1) == 0;
+#else
+    const int inject = 0;
+#endif
     uint64_t done = 0, need = direct ? off + len - a0 : len;
     while (pos + done < end) {
         if (inject && done >= need / 2) return EIO; /* the injected failure, half-way through */
@@ -7425,7 +7625,7 @@ static void xs_free(moe_xcache *xc) {
     moe_free(xc->fd);
     moe_free(xc->fd_direct);
     moe_free(xc->io);
-    free(xc->mem);
+    aligned_bytes_free(xc->mem);
     moe_free(xc->lt_n);
     moe_free(xc->lt_role);
     moe_free(xc->lt_type);
@@ -7499,7 +7699,7 @@ static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget, uint6
 /* Vulkan with a host budget: the experts live on the device after the upload, so their pages of
    the mapping (and of the page cache, as far as the OS lets go) are given back. */
 static void xs_drop_expert_pages(const moe_model *m) {
-    long pg = sysconf(_SC_PAGESIZE);
+    long pg = os_page_size();
     uintptr_t mask = (uintptr_t)(pg > 0 ? pg : 4096) - 1;
     const moe_file *files[1 + 64];
     int n_files = 0;
@@ -7514,7 +7714,11 @@ static void xs_drop_expert_pages(const moe_model *m) {
                 if (xs_locate(files, n_files, w->expert_data[e], w->expert_bytes, &off) < 0) continue; /* not file pages (converted): kept */
                 uintptr_t a = (uintptr_t)w->expert_data[e], b = a + w->expert_bytes;
                 uintptr_t a1 = (a + mask) & ~mask, b1 = b & ~mask; /* whole pages inside the slab only */
+#ifdef _WIN32
+                if (b1 > a1) VirtualUnlock((void *)a1, b1 - a1); /* unlocked pages: trimmed from the working set */
+#else
                 if (b1 > a1) madvise((void *)a1, b1 - a1, MADV_DONTNEED);
+#endif
             }
         }
 #ifdef POSIX_FADV_DONTNEED
@@ -7589,8 +7793,8 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
     xc->direct = xs_env_int("MOE_IO_DIRECT", 0) != 0;
     xc->decay_at = (uint64_t)xc->n_slots;
     size_t ns = (size_t)xc->n_slots;
-    void *mem = NULL;
-    ok = posix_memalign(&mem, XS_ALIGN, ns ? (size_t)xc->slot_bytes * ns : XS_ALIGN) == 0;
+    void *mem = aligned_bytes(XS_ALIGN, ns ? (size_t)xc->slot_bytes * ns : XS_ALIGN);
+    ok = mem != NULL;
     xc->mem = mem;
     ok = ok && (xc->map = moe_malloc((size_t)L * (size_t)E * sizeof *xc->map)) && (xc->key = moe_malloc(ns * sizeof *xc->key)) &&
          (xc->pins = moe_calloc(ns, sizeof *xc->pins)) && (xc->state = moe_calloc(ns, 1)) && (xc->prefetched = moe_calloc(ns, 1)) &&
@@ -7697,6 +7901,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         return st;
     }
     c->stats.t_load_s = model->t_load_s;
+    atomic_fetch_add(&model->refs, 1); /* released by moe_ctx_free: the model outlives its contexts */
     *out = c;
     return MOE_OK;
 }
@@ -7713,9 +7918,11 @@ void moe_ctx_free(moe_ctx *ctx) {
     }
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
+    moe_model *model = ctx->model;
     moe_free(ctx->tokens);
     moe_free(ctx->logits);
     moe_free(ctx);
+    model_release(model); /* the last reference destroys the model (after moe_model_free) */
 }
 
 /* ---- sliding-window rings: what they still hold, and recomputation when that is not enough ----
@@ -8480,8 +8687,7 @@ no_finite:
 /* ============================================================================================ */
 /* 11. public API glue                                                                           */
 /* ============================================================================================ */
-void moe_model_free(moe_model *model) {
-    if (!model) return;
+static void model_destroy(moe_model *model) {
     if (model->vk) moe_vk_free(model->vk);
     xs_free(model->xc);
     vocab_free(model->vocab);
@@ -8497,6 +8703,15 @@ void moe_model_free(moe_model *model) {
     moe_free(model->hf_names);
     moe_free(model->hf_expert_ptrs);
     moe_free(model);
+}
+
+/* drops one reference (the caller's, or a context's); the last one destroys the model */
+static void model_release(moe_model *model) {
+    if (atomic_fetch_sub(&model->refs, 1) == 1) model_destroy(model);
+}
+
+void moe_model_free(moe_model *model) {
+    if (model) model_release(model);
 }
 
 static moe_status model_load_vocab_only(moe_model *m, const char *path, int hf); /* with the tokenizer API below */
@@ -8642,6 +8857,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     double t0 = now_s();
     moe_model *m = moe_calloc(1, sizeof *m);
     if (!m) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory");
+    atomic_init(&m->refs, 1); /* the caller's */
     m->file.fd = -1;
     m->log.fn = p.log;
     m->log.user = p.user;
@@ -8734,7 +8950,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
 cancelled:
     st = set_error(MOE_ERR_CANCELLED, "moe_load: cancelled by the progress callback");
 fail:
-    moe_model_free(m);
+    model_destroy(m);
     return st;
 }
 
@@ -8810,9 +9026,13 @@ static const char *mem_rfind(const char *h, size_t hn, const char *needle) {
     return NULL;
 }
 
+#ifdef MOE_TEST_HOOKS
 static char g_chat_date[16]; /* test hook: a fixed "YYYY-MM-DD" for Harmony's system message */
-MOE_API void moe_test_set_chat_date(const char *ymd);
+MOE_HIDDEN void moe_test_set_chat_date(const char *ymd);
 void moe_test_set_chat_date(const char *ymd) { snprintf(g_chat_date, sizeof g_chat_date, "%s", ymd ? ymd : ""); }
+#else
+static const char g_chat_date[1] = "";
+#endif
 
 static moe_status chat_qwen3(const char *const *roles, const char *const *contents, int32_t n, int gen, int qwen3, sbuf *b) {
     int32_t last_query = n - 1;
@@ -8961,7 +9181,12 @@ static moe_status chat_harmony(const char *const *roles, const char *const *cont
     else {
         time_t now = time(NULL);
         struct tm tmv;
-        if (!localtime_r(&now, &tmv) || !strftime(date, sizeof date, "%Y-%m-%d", &tmv)) snprintf(date, sizeof date, "1970-01-01");
+#ifdef _WIN32
+        int bad_time = localtime_s(&tmv, &now) != 0;
+#else
+        int bad_time = !localtime_r(&now, &tmv);
+#endif
+        if (bad_time || !strftime(date, sizeof date, "%Y-%m-%d", &tmv)) snprintf(date, sizeof date, "1970-01-01");
     }
     sb_puts(b, "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
                "Current date: ");
@@ -9000,18 +9225,28 @@ static moe_status tok_check(const moe_model *model, const char *fn, const moe_vo
     return MOE_OK;
 }
 
-static int32_t tok_result(int64_t n, int64_t cap, const char *fn) {
+/* The v1 out-parameter rule (moe.h, "Counts through out-parameters"): MOE_OK with *n_out = the count
+   written, or MOE_ERR_BUFFER_TOO_SMALL with *n_out = the count needed (nothing written beyond cap). */
+static moe_status tok_result(int64_t n, int64_t cap, const char *fn, int32_t *n_out) {
     if (n > INT32_MAX) return set_error(MOE_ERR_INVALID_ARG, "%s: the result (%lld) does not fit an int32", fn, (long long)n);
-    if (n > cap) {
-        set_error(MOE_ERR_BUFFER_TOO_SMALL, "%s: needs room for %lld, the buffer holds %lld", fn, (long long)n, (long long)cap);
-        return (int32_t)-n;
-    }
-    return (int32_t)n;
+    *n_out = (int32_t)n;
+    if (n > cap)
+        return set_error(MOE_ERR_BUFFER_TOO_SMALL, "%s: needs room for %lld, the buffer holds %lld", fn, (long long)n, (long long)cap);
+    return MOE_OK;
 }
 
-int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len, moe_token *out, int32_t cap, int32_t flags) {
+/* n_out is required; on an error other than MOE_ERR_BUFFER_TOO_SMALL it is left 0 */
+static moe_status tok_out_check(int32_t *n_out, const char *fn) {
+    if (!n_out) return set_error(MOE_ERR_INVALID_ARG, "%s: n_out is NULL (the count comes back through it)", fn);
+    *n_out = 0;
+    return MOE_OK;
+}
+
+moe_status moe_tokenize(const moe_model *model, const char *text, int32_t text_len, moe_token *out, int32_t cap, int32_t flags,
+                        int32_t *n_out) {
     const moe_vocab *v = NULL;
-    moe_status st = tok_check(model, "moe_tokenize", &v);
+    moe_status st = tok_out_check(n_out, "moe_tokenize");
+    if (!st) st = tok_check(model, "moe_tokenize", &v);
     if (st) return st;
     if ((!text && text_len) || text_len < 0 || cap < 0 || (!out && cap) || (flags & ~3))
         return set_error(MOE_ERR_INVALID_ARG, "moe_tokenize: bad arguments (text %p, text_len %d, out %p, cap %d, flags %d)",
@@ -9026,12 +9261,13 @@ int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
     if (flags & MOE_TOKENIZE_ADD_SPECIAL)
         for (int i = 0; i < v->n_suffix; i++) emit(&o, v->suffix[i]);
     scratch_free(&sc);
-    return tok_result(o.n, cap, "moe_tokenize");
+    return tok_result(o.n, cap, "moe_tokenize", n_out);
 }
 
-int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap) {
+moe_status moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap, int32_t *n_out) {
     const moe_vocab *v = NULL;
-    moe_status st = tok_check(model, "moe_token_to_piece", &v);
+    moe_status st = tok_out_check(n_out, "moe_token_to_piece");
+    if (!st) st = tok_check(model, "moe_token_to_piece", &v);
     if (st) return st;
     if (token < 0 || token >= v->n_tokens)
         return set_error(MOE_ERR_INVALID_ARG, "moe_token_to_piece: token %d is outside the vocabulary [0, %d)", token, v->n_tokens);
@@ -9040,27 +9276,31 @@ int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, i
                          buf ? "given" : "NULL", cap);
     uint32_t n = v->tok[token].piece_len;
     if ((int64_t)n <= cap) memcpy(buf, tok_piece(v, token), n);
-    return tok_result(n, cap, "moe_token_to_piece");
+    return tok_result(n, cap, "moe_token_to_piece", n_out);
 }
 
-int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens, char *buf, int32_t cap, int32_t flags) {
+moe_status moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens, char *buf, int32_t cap, int32_t flags,
+                          int32_t *n_out) {
     const moe_vocab *v = NULL;
-    moe_status st = tok_check(model, "moe_detokenize", &v);
+    moe_status st = tok_out_check(n_out, "moe_detokenize");
+    if (!st) st = tok_check(model, "moe_detokenize", &v);
     if (st) return st;
     if (n_tokens < 0 || (!tokens && n_tokens) || cap < 0 || (!buf && cap) || (flags & ~3))
         return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: %s",
                          n_tokens < 0 ? "n_tokens is negative" : (!tokens && n_tokens) ? "tokens is NULL"
                          : cap < 0 ? "cap is negative" : (!buf && cap) ? "buf is NULL with a capacity (a size query is buf = NULL, cap = 0)"
                          : "unknown flags");
+    /* every token is checked before a byte is written: a bad id leaves buf untouched */
+    for (int32_t i = 0; i < n_tokens; i++)
+        if (tokens[i] < 0 || tokens[i] >= v->n_tokens)
+            return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: token %d at index %d is outside [0, %d)", tokens[i], i, v->n_tokens);
     sbuf b = {buf, 0, cap};
     for (int32_t i = 0; i < n_tokens; i++) {
         moe_token t = tokens[i];
-        if (t < 0 || t >= v->n_tokens)
-            return set_error(MOE_ERR_INVALID_ARG, "moe_detokenize: token %d at index %d is outside [0, %d)", t, i, v->n_tokens);
         if ((v->tok[t].flags & TF_SPECIAL) && !(flags & MOE_TOKENIZE_PARSE_SPECIAL)) continue;
         sb_put(&b, (const char *)tok_piece(v, t), v->tok[t].piece_len);
     }
-    return tok_result(b.n, cap, "moe_detokenize");
+    return tok_result(b.n, cap, "moe_detokenize", n_out);
 }
 
 int32_t moe_token_is_eog(const moe_model *model, moe_token token) {
@@ -9070,10 +9310,11 @@ int32_t moe_token_is_eog(const moe_model *model, moe_token token) {
     return token >= 0 && token < v->n_tokens && (v->tok[token].flags & TF_EOG) != 0;
 }
 
-int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const char *const *contents, int32_t n_messages,
-                       int32_t add_assistant_prompt, char *buf, int32_t cap) {
+moe_status moe_chat_apply(const moe_model *model, const char *const *roles, const char *const *contents, int32_t n_messages,
+                          int32_t add_assistant_prompt, char *buf, int32_t cap, int32_t *n_out) {
     const moe_vocab *v = NULL;
-    moe_status st = tok_check(model, "moe_chat_apply", &v);
+    moe_status st = tok_out_check(n_out, "moe_chat_apply");
+    if (!st) st = tok_check(model, "moe_chat_apply", &v);
     if (st) return st;
     if (n_messages < 0 || (n_messages && (!roles || !contents)) || cap < 0 || (!buf && cap) ||
         (add_assistant_prompt != 0 && add_assistant_prompt != 1))
@@ -9083,20 +9324,29 @@ int32_t moe_chat_apply(const moe_model *model, const char *const *roles, const c
                          : "add_assistant_prompt is not 0/1");
     for (int32_t i = 0; i < n_messages; i++)
         if (!roles[i] || !contents[i]) return set_error(MOE_ERR_INVALID_ARG, "moe_chat_apply: message %d has a NULL role or content", i);
-    sbuf b = {buf, 0, cap};
-    switch (v->chat) {
-    case CHAT_QWEN3: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 1, &b); break;
-    case CHAT_CHATML: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 0, &b); break;
-    case CHAT_GEMMA: st = chat_gemma(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
-    case CHAT_GEMMA4: st = chat_gemma4(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
-    case CHAT_HARMONY: st = chat_harmony(roles, contents, n_messages, add_assistant_prompt, &b); break;
-    default:
-        return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: the model's chat template is not one we render "
-                         "(supported: ChatML/Qwen3, Gemma 3, Gemma 4, Harmony)%s", v->template_text ? "" : " and it names none");
+    /* rendered into a scratch buffer first: a template error (an unknown role late in the chat)
+       must leave the caller's buffer untouched */
+    sbuf b = {NULL, 0, 0};
+    for (int pass = 0; pass < 2; pass++) {
+        switch (v->chat) {
+        case CHAT_QWEN3: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 1, &b); break;
+        case CHAT_CHATML: st = chat_qwen3(roles, contents, n_messages, add_assistant_prompt, 0, &b); break;
+        case CHAT_GEMMA: st = chat_gemma(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
+        case CHAT_GEMMA4: st = chat_gemma4(v, roles, contents, n_messages, add_assistant_prompt, &b); break;
+        case CHAT_HARMONY: st = chat_harmony(roles, contents, n_messages, add_assistant_prompt, &b); break;
+        default:
+            return set_error(MOE_ERR_UNSUPPORTED, "moe_chat_apply: the model's chat template is not one we render "
+                             "(supported: ChatML/Qwen3, Gemma 3, Gemma 4, Harmony)%s", v->template_text ? "" : " and it names none");
+        }
+        if (st) return st;
+        /* pass 0 only measured (cap 0) and validated; pass 1 writes when it fits */
+        if (pass == 0) {
+            if (b.n > cap) return tok_result(b.n, cap, "moe_chat_apply", n_out);
+            b = (sbuf){buf, 0, cap};
+        }
     }
-    if (st) return st;
     if (b.n < cap) buf[b.n] = 0; /* a courtesy NUL when it fits; the count excludes it */
-    return tok_result(b.n, cap, "moe_chat_apply");
+    return tok_result(b.n, cap, "moe_chat_apply", n_out);
 }
 
 /* Vocabulary-only loading (moe_load_params.vocab_only, or a path to a tokenizer.json): a GGUF

@@ -9,6 +9,10 @@
        cc -O2 -c moe.c moe_vk.c shaders_embedded.c        (link with -lm -lpthread -ldl)
 
    No other library is needed at build time; the Vulkan loader is opened at run time if present.
+   Windows (mingw-w64): the same files, nothing extra to link; threads, file mapping and the
+   loader (vulkan-1.dll) go through Win32. Compile with -DMOE_BUILD_DLL to build moe.dll, which
+   exports the MOE_API functions only. (make test-mingw cross-compiles it and runs the README
+   program under wine; MSVC is not tested.)
 
    STEP BY STEP (the README's minimal program is this with its error handling; make test runs it)
        moe_model *model = NULL;
@@ -20,17 +24,19 @@
        moe_model_get_info(model, &info);
 
        moe_token tok[256];
-       int32_t n = moe_tokenize(model, text, text_len, tok, 256, MOE_TOKENIZE_ADD_SPECIAL);
+       int32_t n = 0;                            // counts come back through an out-parameter
+       moe_tokenize(model, text, text_len, tok, 256, MOE_TOKENIZE_ADD_SPECIAL, &n);
        moe_step(ctx, tok, n);                    // prefill
        for (int i = 0; i < 200; i++) {
            moe_token t = my_sampler(moe_logits(ctx, -1), info.n_vocab);   // or moe_sample()
            if (moe_token_is_eog(model, t)) break;                         // end of generation
            char piece[256];                      // bytes of one token, maybe part of a UTF-8 char:
-           int32_t len = moe_token_to_piece(model, t, piece, sizeof piece);
+           int32_t len = 0;
+           moe_token_to_piece(model, t, piece, sizeof piece, &len);
            fwrite(piece, 1, len, stdout);        // pieces concatenated = moe_detokenize()
            moe_step(ctx, &t, 1);                 // decode one token
        }
-       moe_ctx_free(ctx);                        // every context before its model
+       moe_ctx_free(ctx);                        // in any order: a context keeps its model alive
        moe_model_free(model);
 
    ERRORS
@@ -49,14 +55,28 @@
    moe_token_is_eog, moe_chat_apply, moe_model_get_info, moe_ctx_new, moe_model_save) on a shared
    model, also while its contexts step; any calls on different samplers. Never at the same time:
    two calls on one context or on one sampler, and a *_free with any other call on that object.
-   Free in reverse order of creation: every context of a model (moe_ctx_free) before the model
-   (moe_model_free); a moe_sampler depends on neither. A pointer from moe_logits() lives until the
-   next call on its context; moe_last_error()'s text until the next failing call on that thread.
+   The model outlives its contexts (reference counted): moe_load gives the caller one reference
+   and every moe_ctx_new takes one more; moe_model_free releases the caller's, moe_ctx_free its
+   context's, and the last release frees the model (weights, file mappings, device objects). So
+   contexts and their model may be freed in any order: after moe_model_free the caller must not
+   use that model pointer again (not even for moe_ctx_new), but its contexts keep working until
+   they are freed, and moe_model_free may run while they step on other threads. The log callback
+   and user pointer of moe_load_params must stay valid until the model is really freed. A
+   moe_sampler depends on nothing. A pointer from moe_logits() lives until the next call on its
+   context; moe_last_error()'s text until the next failing call on that thread.
 
    ABI
    No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
-   values, every output buffer comes with its capacity. Functions that fill a caller buffer return
-   the count written, or -(count needed) when the capacity is too small.
+   values, every output buffer comes with its capacity. Functions that fill a caller buffer
+   (moe_tokenize, moe_token_to_piece, moe_detokenize, moe_chat_apply) return a moe_status and
+   report the count through a last argument int32_t *n_out (required):
+     MOE_OK                    *n_out = the count written (tokens or bytes);
+     MOE_ERR_BUFFER_TOO_SMALL  *n_out = the count needed; nothing is written beyond cap;
+     any other status          an error; *n_out = 0 (when n_out is not NULL).
+   Size query: buf = NULL with cap = 0, then MOE_ERR_BUFFER_TOO_SMALL with the count needed in
+   *n_out (MOE_OK with 0 when the result is empty); a NULL buf with cap > 0 is MOE_ERR_INVALID_ARG.
+   Typical use: call with a buffer you have; on MOE_ERR_BUFFER_TOO_SMALL grow it to *n_out and
+   call again.
 
    VERSIONS: WHEN STRUCTS GROW
    Structs only grow at their end, and all-zero means "default" for every field, new ones
@@ -64,8 +84,8 @@
    built against an OLDER moe.h is kept safe by the ABI version, not by run-time struct sizes:
    every change of the binary interface (a struct that grows or changes, a function whose
    arguments or meaning change) raises MOE_ABI_VERSION, and the shared library's SONAME is
-   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.1 and the link libmoe.so). A binary
-   linked against libmoe.so.1 keeps loading that library, or fails to start; it never runs
+   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.2 and the link libmoe.so). A binary
+   linked against libmoe.so.2 keeps loading that library, or fails to start; it never runs
    against structs of another size. Adding functions or enum values keeps MOE_ABI_VERSION.
    Bindings that open the library by path (Python ctypes, C#, Go, Rust without moe.h) must compare
    moe_abi_version() with the MOE_ABI_VERSION they were written for and refuse to run on a
@@ -113,7 +133,7 @@ enum { MOE_LOG_ERROR = 0, MOE_LOG_WARN = 1, MOE_LOG_INFO = 2, MOE_LOG_DEBUG = 3 
 MOE_API const char *moe_version(void);                /* "0.1.0" */
 
 /* ABI version of the library: see VERSIONS above; the shared library is libmoe.so.<this>. */
-#define MOE_ABI_VERSION 1
+#define MOE_ABI_VERSION 2
 MOE_API int32_t     moe_abi_version(void);            /* MOE_ABI_VERSION of the library as built */
 /* sizeof() of a public struct in the library as built (0 for an unknown id), for bindings to check
    their own declarations against. */
@@ -174,7 +194,9 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
    calls work, moe_ctx_new does not; of a .gguf, moe_model_get_info also gives weight_bytes and
    expert_bytes (from the tensor table, no tensor data read) for choosing budgets. */
 MOE_API moe_status moe_load(const char *path, const moe_load_params *params, moe_model **out);
-MOE_API void       moe_model_free(moe_model *model);            /* NULL-safe */
+/* Releases the caller's reference (NULL-safe): the model is freed now if it has no contexts, else
+   when its last context is freed (THREADS AND LIFETIMES above). */
+MOE_API void       moe_model_free(moe_model *model);
 
 typedef struct moe_model_info {
     char     arch[32];                      /* "qwen3moe", "gemma4", "qwen35moe", ... */
@@ -193,27 +215,32 @@ MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *ou
    and SentencePiece-style BPE with byte fallback (GGUF "llama" and "gemma4": Gemma 3, Gemma 4), from GGUF metadata or a
    Hugging Face tokenizer.json; ids match Hugging Face `tokenizers`. A model without tokenizer
    metadata still loads; these calls then fail with MOE_ERR_UNSUPPORTED.
-   Errors are returned as a (small, negative) moe_status with moe_last_error() set; a too-small
-   buffer gives -(count needed) and sets moe_last_error() to say so. */
+   Each call returns a moe_status and its count through n_out, as ABI above says: MOE_OK with the
+   count written, MOE_ERR_BUFFER_TOO_SMALL with the count needed (moe_last_error() says so), or an
+   error with moe_last_error() set. */
 
 /* flags: MOE_TOKENIZE_ADD_SPECIAL adds what the vocabulary adds around a text (BOS for Gemma,
    nothing for Qwen3 or gpt-oss); MOE_TOKENIZE_PARSE_SPECIAL turns special-token text such as
    "<|im_end|>" into that token (longest match), otherwise it is tokenized as plain text. Added
    tokens that are not special (Qwen3's "<think>", Gemma's "\n\n") are always recognised, as in
    Hugging Face. Any bytes are accepted, invalid UTF-8 included.
-   Returns the token count; if it exceeds cap, returns -(count needed) and writes nothing useful. */
-MOE_API int32_t moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
-                             moe_token *out, int32_t cap, int32_t flags);
+   *n_out: the token count. Too small a cap: MOE_ERR_BUFFER_TOO_SMALL, and out[0..cap) may have
+   been written (the first cap tokens), nothing beyond. */
+MOE_API moe_status moe_tokenize(const moe_model *model, const char *text, int32_t text_len,
+                                moe_token *out, int32_t cap, int32_t flags, int32_t *n_out);
 /* The raw bytes of one token (may be a partial UTF-8 sequence: buffer them while streaming);
-   special tokens give their text. Not NUL-terminated. Same return convention. */
-MOE_API int32_t moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap);
+   special tokens give their text. Not NUL-terminated. *n_out: the byte count; too small a cap:
+   MOE_ERR_BUFFER_TOO_SMALL and buf untouched. */
+MOE_API moe_status moe_token_to_piece(const moe_model *model, moe_token token, char *buf, int32_t cap,
+                                      int32_t *n_out);
 /* Whole-sequence detokenization: the concatenated pieces, byte for byte (not NUL-terminated).
    flags: MOE_TOKENIZE_PARSE_SPECIAL renders special tokens as their text; without it they are
    left out. detokenize(tokenize(x)) == x for any bytes x with the same flags, up to the
    vocabulary's normalization (Qwen3 applies NFC; Gemma reads U+2581 as a space).
-   Same return convention. */
-MOE_API int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
-                               char *buf, int32_t cap, int32_t flags);
+   *n_out: the byte count; too small a cap: MOE_ERR_BUFFER_TOO_SMALL, buf[0..cap) holds a prefix.
+   A token outside the vocabulary: MOE_ERR_INVALID_ARG, buf untouched. */
+MOE_API moe_status moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
+                                  char *buf, int32_t cap, int32_t flags, int32_t *n_out);
 /* End of generation: the vocabulary's eos/eot/eom ids and the families' end markers
    (<|im_end|>, <|endoftext|>, <end_of_turn>, <turn|>, <eos>, <|return|>, <|call|>, ...). 0/1 */
 MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);
@@ -227,10 +254,11 @@ MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);
    the empty thought block that turns thinking off, where the model's template has it), gpt-oss Harmony
    ("system" or "developer" first, then "user"/"assistant"; the system message carries today's
    date). Other templates give MOE_ERR_UNSUPPORTED, unknown roles MOE_ERR_INVALID_ARG.
-   Returns the byte count (a NUL follows when it fits); -(count needed) if it exceeds cap. */
-MOE_API int32_t moe_chat_apply(const moe_model *model, const char *const *roles,
-                               const char *const *contents, int32_t n_messages,
-                               int32_t add_assistant_prompt, char *buf, int32_t cap);
+   *n_out: the byte count (a NUL follows when it fits, not counted); too small a cap:
+   MOE_ERR_BUFFER_TOO_SMALL and buf untouched; an error (unknown role, ...) leaves buf untouched. */
+MOE_API moe_status moe_chat_apply(const moe_model *model, const char *const *roles,
+                                  const char *const *contents, int32_t n_messages,
+                                  int32_t add_assistant_prompt, char *buf, int32_t cap, int32_t *n_out);
 
 /* ---- contexts and stepping ------------------------------------------------------------------ */
 typedef struct moe_ctx_params {             /* all-zero (or NULL) means defaults */
@@ -241,7 +269,8 @@ typedef struct moe_ctx_params {             /* all-zero (or NULL) means defaults
 } moe_ctx_params;
 
 MOE_API moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx **out);
-MOE_API void       moe_ctx_free(moe_ctx *ctx);                   /* NULL-safe */
+/* NULL-safe; releases the context's reference to its model (the last one frees the model). */
+MOE_API void       moe_ctx_free(moe_ctx *ctx);
 
 /* Feed n_tokens tokens (a prompt chunk or one sampled token) at the current position.
    Afterwards moe_logits() gives the next-token logits. MOE_ERR_CONTEXT_FULL if they do not fit;
@@ -392,6 +421,16 @@ MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, doubl
 /* PRIVATE: the interface shared by moe.c and moe_vk.c. Not part of the API; do not use.         */
 /* ============================================================================================ */
 #ifdef MOE_INTERNAL
+/* Names shared by moe.c, moe_vk.c and shaders_embedded.c are marked MOE_HIDDEN: they link across
+   those files but are never exported from a shared library (the Makefile also builds the library
+   objects with -fvisibility=hidden; make test-symbols checks that libmoe.so exports exactly the
+   MOE_API functions above). Windows DLLs export only what MOE_API marks dllexport. */
+#if defined(__GNUC__) && !defined(_WIN32) && !defined(__CYGWIN__)
+#define MOE_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define MOE_HIDDEN
+#endif
+
 /* Type ids follow ggml's numbering so that GGUF tensor types map directly. */
 enum {
     MOE_TYPE_F32 = 0, MOE_TYPE_F16 = 1, MOE_TYPE_Q4_0 = 2, MOE_TYPE_Q8_0 = 8, MOE_TYPE_Q4_K = 12,
@@ -641,33 +680,33 @@ typedef struct moe_ops {
    choice and any validation-layer message; it must outlive the backend. */
 typedef struct moe_vk_backend moe_vk_backend;
 typedef void (*moe_log_fn)(int32_t level, const char *msg, void *user);
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
-                       moe_vk_backend **out);
+MOE_HIDDEN moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log,
+                                  void *log_user, moe_vk_backend **out);
 /* moe_vk_init with a gpu_budget_bytes (0 = no limit): below what the resident weights take on the
    device, the experts get a slot cache (moe_vk.c, "GPU expert slot cache"); MOE_ERR_NO_MEMORY
    naming the minimum below the minimum working set. moe_vk_init is this with 0. */
-moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
-                              moe_log_fn log, void *log_user, moe_vk_backend **out);
-int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
-void       moe_vk_use_exact(moe_vk_backend *vk);               /* gpu_exact: no f16 tensor-core tiles */
-void       moe_vk_free(moe_vk_backend *vk);
+MOE_HIDDEN moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only,
+                                         uint64_t gpu_budget_bytes, moe_log_fn log, void *log_user, moe_vk_backend **out);
+MOE_HIDDEN int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
+MOE_HIDDEN void       moe_vk_use_exact(moe_vk_backend *vk);               /* gpu_exact: no f16 tensor-core tiles */
+MOE_HIDDEN void       moe_vk_free(moe_vk_backend *vk);
 /* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache:
    over n_slots slots (state 0 empty, 1 loading, 2 ready; pins > 0 pinned) the slot that gives way,
    or -1; touch records a use of slot s (LRU stamp, LFU count with decay). */
 enum { MOE_XS_LRU = 0, MOE_XS_LFU = 1 };
-int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state, const uint64_t *stamp,
-                      const float *freq);
-void    moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at);
-int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else MOE_XS_LRU */
-moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
-void       moe_vk_ctx_free(void *be);
-extern const moe_ops moe_vk_ops;
-void       moe_internal_set_error(moe_status status, const char *fmt, ...);
+MOE_HIDDEN int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state,
+                                 const uint64_t *stamp, const float *freq);
+MOE_HIDDEN void    moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at);
+MOE_HIDDEN int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else MOE_XS_LRU */
+MOE_HIDDEN moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
+MOE_HIDDEN void       moe_vk_ctx_free(void *be);
+MOE_HIDDEN extern const moe_ops moe_vk_ops;
+MOE_HIDDEN void       moe_internal_set_error(moe_status status, const char *fmt, ...);
 
 /* SPIR-V of the compute shaders, generated into shaders_embedded.c (make shaders), sorted by name. */
 typedef struct moe_spirv { const char *name; const uint32_t *code; size_t size_bytes; } moe_spirv;
-extern const moe_spirv moe_vk_spirv[];
-extern const size_t    moe_vk_spirv_count;
+MOE_HIDDEN extern const moe_spirv moe_vk_spirv[];
+MOE_HIDDEN extern const size_t    moe_vk_spirv_count;
 #endif
 
 #endif /* MOE_H */

@@ -37,14 +37,51 @@
 #define MOE_INTERNAL
 #include "moe.h"
 
-#include <dlfcn.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _WIN32
+/* Win32: the loader is vulkan-1.dll (LoadLibrary / GetProcAddress), the mutexes SRW locks.
+   Compiled by make test-mingw (x86_64-w64-mingw32-gcc); not run here. */
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+#define RTLD_NOW 0
+#define RTLD_LOCAL 0
+static void *win_dlopen(const char *name, int flags) {
+    (void)flags;
+    return (void *)LoadLibraryA(name);
+}
+static void *win_dlsym(void *lib, const char *name) {
+    FARPROC fn = GetProcAddress((HMODULE)lib, name);
+    void *p = NULL;
+    memcpy(&p, &fn, sizeof p < sizeof fn ? sizeof p : sizeof fn);
+    return p;
+}
+static int win_dlclose(void *lib) { return FreeLibrary((HMODULE)lib) ? 0 : -1; }
+#define dlopen win_dlopen
+#define dlsym win_dlsym
+#define dlclose win_dlclose
+typedef SRWLOCK win_mutex;
+static int win_mutex_init(win_mutex *m, const void *attr) { (void)attr; InitializeSRWLock(m); return 0; }
+static int win_mutex_destroy(win_mutex *m) { (void)m; return 0; }
+static int win_mutex_lock(win_mutex *m) { AcquireSRWLockExclusive(m); return 0; }
+static int win_mutex_unlock(win_mutex *m) { ReleaseSRWLockExclusive(m); return 0; }
+#define pthread_mutex_t win_mutex
+#define pthread_mutex_init win_mutex_init
+#define pthread_mutex_destroy win_mutex_destroy
+#define pthread_mutex_lock win_mutex_lock
+#define pthread_mutex_unlock win_mutex_unlock
+#define VK_LOADER_NAMES {"vulkan-1.dll"}
+#define VK_LOADER_MISSING "the Vulkan loader vulkan-1.dll was not found (install a GPU driver or the Vulkan runtime)"
+#else
+#include <dlfcn.h>
+#include <pthread.h>
+#define VK_LOADER_NAMES {"libvulkan.so.1", "libvulkan.so"}
+#define VK_LOADER_MISSING "the Vulkan loader libvulkan.so.1 was not found (Debian: apt-get install libvulkan1)"
+#endif
 
 /* ============================================================================================ */
 /* 1. Vulkan declarations                                                                        */
@@ -315,14 +352,14 @@ static int vk_fn_store(void *slot, PFN_vkVoidFunction fn) {
 
 /* Opens the loader and fills the global entry points. Returns NULL on success or what is missing. */
 static const char *vk_load_global(vk_fns *f, void **lib_out) {
-    static const char *const names[] = {"libvulkan.so.1", "libvulkan.so"};
+    static const char *const names[] = VK_LOADER_NAMES;
     void *lib = NULL;
     for (size_t i = 0; i < sizeof names / sizeof names[0] && !lib; i++) lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-    if (!lib) return "the Vulkan loader libvulkan.so.1 was not found (Debian: apt-get install libvulkan1)";
+    if (!lib) return VK_LOADER_MISSING;
     void *sym = dlsym(lib, "vkGetInstanceProcAddr");
     if (!sym) {
         dlclose(lib);
-        return "libvulkan.so.1 has no vkGetInstanceProcAddr";
+        return "the Vulkan loader has no vkGetInstanceProcAddr";
     }
     memcpy(&f->GetInstanceProcAddr, &sym, sizeof sym);
 #define VK_LOAD_GLOBAL(ret, name, args)                                                                          \
@@ -672,8 +709,13 @@ typedef struct vk_probe {
     char why[200];
 } vk_probe;
 
+#ifdef MOE_TEST_HOOKS                         /* test builds only (the tests set these directly) */
 static VkDeviceSize g_vk_window_cap_override; /* test hook: smaller weight windows to exercise splits */
 static int g_vk_cpu_device_as_gpu;            /* test hook: CPU-type devices (lavapipe) count as GPUs for AUTO */
+#else
+#define g_vk_window_cap_override ((VkDeviceSize)0)
+#define g_vk_cpu_device_as_gpu 0
+#endif
 
 static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p) {
     vk_fns *f = &vk->f;
@@ -3022,9 +3064,16 @@ static void vk_stats(const void *be, moe_stats *out) {
 
 /* ---- profiling through the API (moe_ctx_profile) and the bandwidth probe ---- */
 static double vk_now_s(void) {
+#ifdef _WIN32
+    LARGE_INTEGER t, f;
+    QueryPerformanceCounter(&t);
+    QueryPerformanceFrequency(&f);
+    return (double)t.QuadPart / (double)f.QuadPart;
+#else
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#endif
 }
 
 static moe_status vk_prof_pool(vk_ctx *c) {

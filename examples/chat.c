@@ -77,29 +77,27 @@ static void drop_messages(chat *c, int keep) {
 }
 
 /* The conversation as the template renders it (with the assistant prompt), tokenized into
-   c->toks. moe's fill-a-buffer calls return the count, or -(count needed) when cap is too small,
-   or a small negative status: a negative result no larger than cap in magnitude is an error.
-   Returns the token count or a negative moe_status. */
-static int32_t render_tokens(chat *c) {
-    int32_t n;
-    for (;;) {
-        n = moe_chat_apply(c->model, (const char *const *)c->roles, (const char *const *)c->texts, c->n_msg, 1,
-                           c->text, c->text_cap);
-        if (n >= 0 || -n <= c->text_cap) break;
-        char *t = realloc(c->text, (size_t)-n + 1);
+   c->toks; the token count goes to *n_toks. moe's fill-a-buffer calls return MOE_OK with the count
+   written, or MOE_ERR_BUFFER_TOO_SMALL with the count needed: grow the buffer and call again. */
+static moe_status render_tokens(chat *c, int32_t *n_toks) {
+    int32_t len = 0, n = 0;
+    moe_status st;
+    while ((st = moe_chat_apply(c->model, (const char *const *)c->roles, (const char *const *)c->texts, c->n_msg, 1,
+                                c->text, c->text_cap, &len)) == MOE_ERR_BUFFER_TOO_SMALL) {
+        char *t = realloc(c->text, (size_t)len + 1);
         if (!t) return MOE_ERR_NO_MEMORY;
-        c->text = t, c->text_cap = -n + 1;
+        c->text = t, c->text_cap = len + 1;
     }
-    if (n < 0) return n;
-    const int32_t len = n;
-    for (;;) {   /* PARSE_SPECIAL: the template's markers are special tokens, not text */
-        n = moe_tokenize(c->model, c->text, len, c->toks, c->toks_cap, MOE_TOKENIZE_PARSE_SPECIAL);
-        if (n >= 0 || -n <= c->toks_cap) break;
-        moe_token *t = realloc(c->toks, (size_t)-n * sizeof *t);
+    if (st) return st;
+    /* PARSE_SPECIAL: the template's markers are special tokens, not text */
+    while ((st = moe_tokenize(c->model, c->text, len, c->toks, c->toks_cap, MOE_TOKENIZE_PARSE_SPECIAL, &n)) ==
+           MOE_ERR_BUFFER_TOO_SMALL) {
+        moe_token *t = realloc(c->toks, (size_t)n * sizeof *t);
         if (!t) return MOE_ERR_NO_MEMORY;
-        c->toks = t, c->toks_cap = -n;
+        c->toks = t, c->toks_cap = n;
     }
-    return n;
+    *n_toks = n;
+    return st;
 }
 
 static int hold(chat *c, moe_token t) {
@@ -116,15 +114,15 @@ static int hold(chat *c, moe_token t) {
 /* Brings the context up to date with the rendered conversation, then streams one reply and
    records it as the assistant's message. Returns 0 on success, else a moe_status. */
 static moe_status reply(chat *c) {
-    int32_t n = render_tokens(c);
-    if (n < 0) return n;
+    int32_t n = 0;
+    moe_status st = render_tokens(c, &n);
+    if (st) return st;
     if (n == 0) return MOE_ERR_INVALID_ARG;
     const moe_token *toks = c->toks;
     /* keep the common prefix, feed the rest */
     int common = 0;
     while (common < c->n_held && common < n && c->held[common] == toks[common]) common++;
     if (common == n) common--;   /* always feed at least one token, for fresh logits */
-    moe_status st;
     if (common < c->n_held) {
         if ((st = moe_ctx_rewind(c->ctx, common))) return st;
         c->n_held = common;
@@ -146,8 +144,8 @@ static moe_status reply(chat *c) {
         if (t < 0) { st = MOE_ERR_INVALID_ARG; break; }
         if (moe_token_is_eog(c->model, t)) break;
         char piece[256];
-        int32_t k = moe_token_to_piece(c->model, t, piece, (int32_t)sizeof piece);
-        if (k > 0) {
+        int32_t k = 0;
+        if (moe_token_to_piece(c->model, t, piece, (int32_t)sizeof piece, &k) == MOE_OK && k > 0) {
             fwrite(piece, 1, (size_t)k, stdout);
             fflush(stdout);
             if (len + (size_t)k + 1 > cap) {
@@ -171,8 +169,9 @@ static moe_status reply(chat *c) {
 /* 1 if the model can tokenize and has a chat template moe knows; otherwise says why */
 static int check_model(const moe_model *m) {
     moe_token t[64];
-    int32_t r = moe_tokenize(m, "hi", 2, t, 64, 0);
-    if (r < 0) {
+    int32_t n = 0;
+    moe_status r = moe_tokenize(m, "hi", 2, t, 64, 0, &n);
+    if (r) {
         fprintf(stderr, "chat: this model has no usable tokenizer (%s: %s).\n"
                         "      chat needs a GGUF with tokenizer metadata (tokenizer.ggml.*), as llama.cpp's converter writes.\n",
                 moe_status_str(r), moe_last_error());
@@ -180,8 +179,8 @@ static int check_model(const moe_model *m) {
     }
     const char *roles[] = {"user"}, *texts[] = {"hi"};
     char buf[4096];
-    r = moe_chat_apply(m, roles, texts, 1, 1, buf, (int32_t)sizeof buf);
-    if (r < 0 && -r <= (int32_t)sizeof buf) {
+    r = moe_chat_apply(m, roles, texts, 1, 1, buf, (int32_t)sizeof buf, &n);
+    if (r && r != MOE_ERR_BUFFER_TOO_SMALL) {
         fprintf(stderr, "chat: this model has no chat template moe can render (%s: %s).\n"
                         "      Use build/generate for plain completion instead.\n",
                 moe_status_str(r), moe_last_error());

@@ -84,8 +84,8 @@ static moe_token my_choose(my_sampler *s, const float *logits, int n_vocab) {
 /* ---- plumbing ---------------------------------------------------------------------------------- */
 static int print_piece(const moe_model *m, moe_token t) {   /* 0 if the model has no tokenizer */
     char buf[256];
-    int32_t n = moe_token_to_piece(m, t, buf, (int32_t)sizeof buf);
-    if (n < 0) return 0;
+    int32_t n = 0;
+    if (moe_token_to_piece(m, t, buf, (int32_t)sizeof buf, &n)) return 0;
     fwrite(buf, 1, (size_t)n, stdout);
     fflush(stdout);
     return 1;
@@ -148,8 +148,7 @@ int main(int argc, char **argv) {
         int32_t len = (int32_t)strlen(prompt), cap = len + 16;
         toks = malloc(((size_t)cap + (size_t)n_new) * sizeof *toks);
         if (!toks) goto done;
-        n_prompt = moe_tokenize(model, prompt, len, toks, cap, MOE_TOKENIZE_ADD_SPECIAL);
-        if (n_prompt < 0) {
+        if (moe_tokenize(model, prompt, len, toks, cap, MOE_TOKENIZE_ADD_SPECIAL, &n_prompt)) {
             fprintf(stderr, "custom_sampling: cannot tokenize the prompt (%s); pass token ids with --tokens\n", moe_last_error());
             goto done;
         }

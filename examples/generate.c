@@ -43,9 +43,10 @@ static void log_line(int32_t level, const char *msg, void *user) {
 /* Writes one token's bytes; returns 0 if the model has no tokenizer. */
 static int print_token(const moe_model *m, moe_token t) {
     char buf[256];
-    int32_t n = moe_token_to_piece(m, t, buf, (int32_t)sizeof buf);
-    if (n < 0 && n != MOE_ERR_UNSUPPORTED && -n > (int32_t)sizeof buf) n = 0;
-    if (n < 0) return 0;
+    int32_t n = 0;
+    moe_status st = moe_token_to_piece(m, t, buf, (int32_t)sizeof buf, &n);
+    if (st == MOE_ERR_BUFFER_TOO_SMALL) n = 0; /* a piece longer than buf: left out */
+    else if (st) return 0;
     fwrite(buf, 1, (size_t)n, stdout);
     fflush(stdout);
     return 1;
@@ -123,8 +124,7 @@ int main(int argc, char **argv) {
         int32_t cap = (int32_t)strlen(prompt) + 8;
         toks = malloc((size_t)cap * sizeof *toks);
         if (!toks) goto done;
-        n_prompt = moe_tokenize(model, prompt, (int32_t)strlen(prompt), toks, cap, MOE_TOKENIZE_ADD_SPECIAL);
-        if (n_prompt < 0) {
+        if (moe_tokenize(model, prompt, (int32_t)strlen(prompt), toks, cap, MOE_TOKENIZE_ADD_SPECIAL, &n_prompt)) {
             fprintf(stderr, "generate: cannot tokenize the prompt (%s); pass --tokens\n", moe_last_error());
             goto done;
         }

@@ -74,16 +74,16 @@ int main(int argc, char **argv) {
             t0 = now();
             long nt = 0;
             for (int i = 0; i < n_lines; i++) {
-                int32_t r = moe_tokenize(m, corpus + starts[i], lens[i], ids, cap, MOE_TOKENIZE_PARSE_SPECIAL);
-                if (r < 0) { printf("tokenize failed: %s\n", moe_last_error()); return 1; }
+                int32_t r = 0;
+                if (moe_tokenize(m, corpus + starts[i], lens[i], ids, cap, MOE_TOKENIZE_PARSE_SPECIAL, &r)) { printf("tokenize failed: %s\n", moe_last_error()); return 1; }
                 nt += r;
             }
             double dt = now() - t0;
             if (dt < best_lines) best_lines = dt;
             n_tok = nt;
             t0 = now();
-            int32_t r = moe_tokenize(m, corpus, (int32_t)size, ids, cap, MOE_TOKENIZE_PARSE_SPECIAL);
-            if (r < 0) { printf("tokenize failed: %s\n", moe_last_error()); return 1; }
+            int32_t r = 0;
+            if (moe_tokenize(m, corpus, (int32_t)size, ids, cap, MOE_TOKENIZE_PARSE_SPECIAL, &r)) { printf("tokenize failed: %s\n", moe_last_error()); return 1; }
             dt = now() - t0;
             if (dt < best_whole) best_whole = dt;
             passes++;

@@ -14,8 +14,10 @@ the MOE_LIB environment variable. Every failing call raises MoeError(status, mes
 message is moe_last_error() of the calling thread. The ctypes calls release the GIL, so several
 contexts of one model can run in parallel threads (one thread per context at a time).
 
-Lifetimes: a Context keeps its Model alive; close() (or a `with` block) frees the C object at
-once, otherwise it is freed when the Python object is collected. The array that
+Lifetimes: a Context keeps its Model alive, in C as in Python (moe.h: the model is reference
+counted), so `with Model(...) as m: ctx = Context(m)` leaves ctx usable after the block.
+close() (or a `with` block) releases the C object at once (a Model's memory goes when its last
+Context is closed too), otherwise it is released when the Python object is collected. The array that
 Context.logits() returns is a view of the context's memory, valid until the next call on that
 context; copy it (list(view)) to keep it.
 
@@ -60,7 +62,7 @@ class LoadParams(Structure):
     _fields_ = [("backend", c_int32), ("device_index", c_int32), ("n_threads", c_int32), ("reserved0", c_int32),
                 ("gpu_budget_bytes", c_uint64), ("host_budget_bytes", c_uint64),
                 ("progress", PROGRESS_FN), ("log", LOG_FN), ("user", c_void_p), ("vocab_only", c_int32),
-                ("cpu_exact", c_int32)]
+                ("cpu_exact", c_int32), ("gpu_exact", c_int32)]
 
 
 class ModelInfo(Structure):
@@ -117,7 +119,7 @@ def _load_library():
 # The MOE_ABI_VERSION (moe.h) whose structs and signatures this file declares. A library of another
 # ABI version is refused at import, and each struct's size is checked against the library's, so
 # the binding never passes a struct of the wrong size.
-ABI_VERSION = 1
+ABI_VERSION = 2
 lib = _load_library()
 
 
@@ -150,12 +152,13 @@ _SIGNATURES = {
     "moe_load": (c_int32, [c_char_p, POINTER(LoadParams), POINTER(_model_p)]),
     "moe_model_free": (None, [_model_p]),
     "moe_model_get_info": (c_int32, [_model_p, POINTER(ModelInfo)]),
-    "moe_tokenize": (c_int32, [_model_p, c_char_p, c_int32, POINTER(c_int32), c_int32, c_int32]),
-    "moe_token_to_piece": (c_int32, [_model_p, c_int32, POINTER(c_char), c_int32]),
-    "moe_detokenize": (c_int32, [_model_p, POINTER(c_int32), c_int32, POINTER(c_char), c_int32, c_int32]),
+    "moe_tokenize": (c_int32, [_model_p, c_char_p, c_int32, POINTER(c_int32), c_int32, c_int32, POINTER(c_int32)]),
+    "moe_token_to_piece": (c_int32, [_model_p, c_int32, POINTER(c_char), c_int32, POINTER(c_int32)]),
+    "moe_detokenize": (c_int32, [_model_p, POINTER(c_int32), c_int32, POINTER(c_char), c_int32, c_int32,
+                                 POINTER(c_int32)]),
     "moe_token_is_eog": (c_int32, [_model_p, c_int32]),
     "moe_chat_apply": (c_int32, [_model_p, POINTER(c_char_p), POINTER(c_char_p), c_int32, c_int32,
-                                 POINTER(c_char), c_int32]),
+                                 POINTER(c_char), c_int32, POINTER(c_int32)]),
     "moe_ctx_new": (c_int32, [_model_p, POINTER(CtxParams), POINTER(_ctx_p)]),
     "moe_ctx_free": (None, [_ctx_p]),
     "moe_step": (c_int32, [_ctx_p, POINTER(c_int32), c_int32]),
@@ -206,16 +209,18 @@ def _check(status):
 
 
 def _fill(call, cap, make_buf):
-    """Runs call(buf, cap) for moe's fill-a-buffer functions: count, -(count needed) when cap is too
-    small, or a small negative status (an error: its magnitude is never above cap). Returns (buf, n)."""
+    """Runs call(buf, cap, n_out) for moe's fill-a-buffer functions: OK with the count written in
+    n_out, or ERR_BUFFER_TOO_SMALL with the count needed (then once more with that capacity, plus
+    one byte for moe_chat_apply's NUL); any other status raises MoeError. Returns (buf, n)."""
+    n = c_int32(0)
     while True:
         buf = make_buf(cap)
-        n = call(buf, cap)
-        if n >= 0:
-            return buf, n
-        if -n <= cap:
-            raise MoeError(n)
-        cap = -n + 1
+        st = call(buf, cap, byref(n))
+        if st == OK:
+            return buf, n.value
+        if st != ERR_BUFFER_TOO_SMALL or n.value <= cap:
+            raise MoeError(st)
+        cap = n.value + 1
 
 
 def _bytes(s):
@@ -315,14 +320,14 @@ class Model(_Handle):
         data = _bytes(text)
         flags = (TOKENIZE_ADD_SPECIAL if add_special else 0) | (TOKENIZE_PARSE_SPECIAL if parse_special else 0)
         h = self._handle()
-        buf, n = _fill(lambda b, cap: lib.moe_tokenize(h, data, len(data), b, cap, flags),
+        buf, n = _fill(lambda b, cap, n: lib.moe_tokenize(h, data, len(data), b, cap, flags, n),
                        max(16, len(data) + 8), lambda cap: (c_int32 * cap)())
         return list(buf[:n])
 
     def token_to_piece(self, token):
         """The raw bytes of one token (may be part of a UTF-8 sequence)."""
         h = self._handle()
-        buf, n = _fill(lambda b, cap: lib.moe_token_to_piece(h, token, b, cap), 64,
+        buf, n = _fill(lambda b, cap, n: lib.moe_token_to_piece(h, token, b, cap, n), 64,
                        ctypes.create_string_buffer)
         return buf.raw[:n]
 
@@ -331,7 +336,7 @@ class Model(_Handle):
         toks = (c_int32 * max(1, len(tokens)))(*tokens)
         flags = TOKENIZE_PARSE_SPECIAL if parse_special else 0
         h = self._handle()
-        buf, n = _fill(lambda b, cap: lib.moe_detokenize(h, toks, len(tokens), b, cap, flags),
+        buf, n = _fill(lambda b, cap, n: lib.moe_detokenize(h, toks, len(tokens), b, cap, flags, n),
                        16 * len(tokens) + 16, ctypes.create_string_buffer)
         data = buf.raw[:n]
         return data if raw else data.decode("utf-8", "replace")
@@ -345,8 +350,8 @@ class Model(_Handle):
         roles = (c_char_p * max(1, len(pairs)))(*[_bytes(r) for r, _ in pairs])
         contents = (c_char_p * max(1, len(pairs)))(*[_bytes(c) for _, c in pairs])
         h = self._handle()
-        buf, n = _fill(lambda b, cap: lib.moe_chat_apply(h, roles, contents, len(pairs), 1 if add_assistant_prompt else 0,
-                                                         b, cap),
+        buf, n = _fill(lambda b, cap, n: lib.moe_chat_apply(h, roles, contents, len(pairs), 1 if add_assistant_prompt else 0,
+                                                            b, cap, n),
                        4096, ctypes.create_string_buffer)
         return buf.raw[:n].decode("utf-8", "replace")
 

@@ -1,14 +1,18 @@
 #!/bin/sh
 # Installs what the tests need on a fresh Debian 12 machine (run as root), or says what is missing:
-# cmocka and clang; for the Vulkan tests the loader (libvulkan1), lavapipe (mesa-vulkan-drivers),
-# the Khronos validation layer (vulkan-validationlayers) and glslangValidator (glslang-tools,
-# for the shaders_embedded.c staleness check).
+# cmocka, clang, g++ (moe.h is checked as C++), mingw-w64 and wine64 (the Windows cross-compile
+# check and a run of its build: ~20 s each to install); for the Vulkan tests the loader (libvulkan1),
+# lavapipe (mesa-vulkan-drivers), the Khronos validation layer (vulkan-validationlayers) and
+# glslangValidator (glslang-tools, for the shaders_embedded.c staleness check).
 need=""
 [ -f /usr/include/cmocka.h ] || need="$need libcmocka-dev"
 command -v clang >/dev/null 2>&1 || need="$need clang"
+command -v g++ >/dev/null 2>&1 || need="$need g++"
+command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1 || need="$need gcc-mingw-w64-x86-64-win32"
 command -v valgrind >/dev/null 2>&1 || need="$need valgrind"
 [ -x /usr/bin/python3 ] || need="$need python3"
 have() { for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
+have /usr/lib/wine/wine64 /usr/bin/wine64 || need="$need wine64"
 have /usr/lib/*/libvulkan.so.1 /usr/lib/libvulkan.so.1 || need="$need libvulkan1"
 have /usr/share/vulkan/icd.d/lvp_icd*.json || need="$need mesa-vulkan-drivers"
 [ -f /usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json ] || need="$need vulkan-validationlayers"

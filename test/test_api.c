@@ -105,6 +105,66 @@ static void test_threads(void **state) {
     moe_model_free(m);
 }
 
+/* ---- the model outlives its contexts (moe.h: reference counted) --------------------------------
+   moe_model_free releases the caller's reference; contexts keep stepping (here two on other
+   threads while the model is freed), and the last moe_ctx_free frees the model: ASan / valgrind
+   see no use after free and no leak, TSan no race. */
+typedef struct late_job { moe_ctx *c; int nv, seed; moe_token out[24]; moe_status st; } late_job;
+
+static void *late_main(void *arg) {
+    late_job *j = arg;
+    moe_token p[20];
+    prompt_tokens(p, 20, j->nv, j->seed);
+    j->st = moe_step(j->c, p, 20);
+    for (int i = 0; i < 24 && !j->st; i++) {
+        j->out[i] = greedy(moe_logits(j->c, -1), j->nv);
+        j->st = moe_step(j->c, &j->out[i], 1);
+    }
+    moe_ctx_free(j->c); /* one of these may drop the model's last reference */
+    return NULL;
+}
+
+static void test_model_outlives_contexts(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 2);
+    const int nv = vocab_of(m);
+    moe_token want[3][24], got[24];
+    for (int t = 0; t < 3; t++) {
+        moe_ctx *c = new_ctx(m, 64, 0);
+        run_greedy(c, nv, t, 20, 24, want[t]);
+        moe_ctx_free(c);
+    }
+    moe_ctx *a = new_ctx(m, 64, 0), *b = new_ctx(m, 64, 0);
+    late_job jobs[2];
+    pthread_t th[2];
+    for (int t = 0; t < 2; t++) {
+        jobs[t] = (late_job){new_ctx(m, 64, 0), nv, t + 1, {0}, -100};
+        assert_int_equal(pthread_create(&th[t], NULL, late_main, &jobs[t]), 0);
+    }
+    moe_model_free(m); /* the caller's reference; four contexts hold theirs */
+    run_greedy(a, nv, 0, 20, 24, got);
+    assert_memory_equal(got, want[0], sizeof got);
+    size_t size = 0;
+    assert_int_equal(moe_ctx_save(a, NULL, 0, &size), MOE_OK);
+    void *snap = malloc(size);
+    assert_int_equal(moe_ctx_save(a, snap, size, &size), MOE_OK);
+    moe_ctx_free(a);
+    assert_int_equal(moe_ctx_load(b, snap, size), MOE_OK); /* b now continues where a stopped */
+    free(snap);
+    assert_int_equal(moe_ctx_pos(b), 44);
+    moe_stats st;
+    assert_int_equal(moe_ctx_get_stats(b, &st), MOE_OK);
+    for (int t = 0; t < 2; t++) {
+        pthread_join(th[t], NULL);
+        assert_int_equal(jobs[t].st, MOE_OK);
+        assert_memory_equal(jobs[t].out, want[t + 1], sizeof want[t + 1]);
+    }
+    assert_int_equal(moe_ctx_rewind(b, 20), MOE_OK);
+    assert_int_equal(moe_step(b, &want[0][0], 1), MOE_OK);
+    assert_int_equal(greedy(moe_logits(b, -1), nv), want[0][1]);
+    moe_ctx_free(b); /* the last reference: the model goes now */
+}
+
 /* moe_last_error is per thread */
 static void *error_thread(void *arg) {
     moe_model *m = NULL;
@@ -612,17 +672,20 @@ static void test_error_texts(void **state) {
 
     /* moe_token_to_piece: a valid token with a bad buffer names the buffer, not the token */
     char piece[64];
-    int32_t n = moe_token_to_piece(m, 300, NULL, 0); /* size query */
-    assert_true(n < 0 && -n > 0);
-    assert_int_equal(moe_token_to_piece(m, 300, NULL, 8), MOE_ERR_INVALID_ARG);
+    int32_t n = -1;
+    assert_int_equal(moe_token_to_piece(m, 300, NULL, 0, &n), MOE_ERR_BUFFER_TOO_SMALL); /* size query */
+    assert_true(n > 0);
+    assert_int_equal(moe_token_to_piece(m, 300, NULL, 8, &n), MOE_ERR_INVALID_ARG);
     assert_null(strstr(moe_last_error(), "outside"));
     assert_non_null(strstr(moe_last_error(), "buffer NULL"));
-    assert_int_equal(moe_token_to_piece(m, 300, piece, -1), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_token_to_piece(m, 300, piece, -1, &n), MOE_ERR_INVALID_ARG);
     assert_non_null(strstr(moe_last_error(), "capacity -1"));
-    assert_int_equal(moe_token_to_piece(m, info.n_vocab, piece, 64), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_token_to_piece(m, info.n_vocab, piece, 64, &n), MOE_ERR_INVALID_ARG);
     assert_non_null(strstr(moe_last_error(), "outside the vocabulary"));
-    assert_int_equal(moe_detokenize(m, t, 2, NULL, 4, 0), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_detokenize(m, t, 2, NULL, 4, 0, &n), MOE_ERR_INVALID_ARG);
     assert_non_null(strstr(moe_last_error(), "buf is NULL"));
+    assert_int_equal(moe_token_to_piece(m, 300, piece, 64, NULL), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "n_out is NULL"));
 
     /* the ABI the library was built with, for bindings */
     assert_int_equal(moe_abi_version(), MOE_ABI_VERSION);
@@ -643,6 +706,120 @@ static void test_error_texts(void **state) {
 }
 
 /* ---- allocation failures ------------------------------------------------------------------------ */
+/* ---- counts through out-parameters (API.md v1): MOE_OK + count written, or
+   MOE_ERR_BUFFER_TOO_SMALL + count needed with nothing written beyond cap; buf = NULL, cap = 0 is
+   the size query; errors leave *n_out 0 and the buffer untouched ------------------------------- */
+static void test_out_param_counts(void **state) {
+    (void)state;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.n_threads = 1;
+    moe_model *m = NULL;
+    assert_int_equal(moe_load(BUNDLED, &lp, &m), MOE_OK);
+    const char *text = "And God said, Let there be light: and there was light.";
+    const int32_t len = (int32_t)strlen(text);
+
+    /* moe_tokenize: size query, exact fit, one short (guard beyond cap untouched), empty text */
+    int32_t need = -1;
+    assert_int_equal(moe_tokenize(m, text, len, NULL, 0, MOE_TOKENIZE_ADD_SPECIAL, &need), MOE_ERR_BUFFER_TOO_SMALL);
+    assert_non_null(strstr(moe_last_error(), "needs room for"));
+    assert_true(need > 2 && need < 64);
+    moe_token toks[64], again[64];
+    int32_t n = -1;
+    assert_int_equal(moe_tokenize(m, text, len, toks, need, MOE_TOKENIZE_ADD_SPECIAL, &n), MOE_OK);
+    assert_int_equal(n, need);
+    for (int i = 0; i < 64; i++) again[i] = -777;
+    n = -1;
+    assert_int_equal(moe_tokenize(m, text, len, again, need - 1, MOE_TOKENIZE_ADD_SPECIAL, &n), MOE_ERR_BUFFER_TOO_SMALL);
+    assert_int_equal(n, need);
+    for (int i = need - 1; i < 64; i++) assert_int_equal(again[i], -777);
+    assert_int_equal(moe_tokenize(m, text, len, again, 64, MOE_TOKENIZE_ADD_SPECIAL, &n), MOE_OK);
+    assert_int_equal(n, need);
+    assert_memory_equal(again, toks, (size_t)need * sizeof *toks);
+    n = -1;
+    assert_int_equal(moe_tokenize(m, "", 0, NULL, 0, 0, &n), MOE_OK); /* nothing to return: a query is OK */
+    assert_int_equal(n, 0);
+    /* errors: n_out 0, nothing written */
+    n = -1;
+    assert_int_equal(moe_tokenize(m, text, len, NULL, 5, 0, &n), MOE_ERR_INVALID_ARG);
+    assert_int_equal(n, 0);
+    n = -1;
+    assert_int_equal(moe_tokenize(m, text, -1, again, 64, 0, &n), MOE_ERR_INVALID_ARG);
+    assert_int_equal(n, 0);
+    assert_int_equal(moe_tokenize(m, text, len, again, 64, 0, NULL), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "n_out is NULL"));
+    n = -1;
+    assert_int_equal(moe_tokenize(NULL, text, len, again, 64, 0, &n), MOE_ERR_INVALID_ARG);
+    assert_int_equal(n, 0);
+
+    /* moe_token_to_piece */
+    int32_t plen = -1;
+    assert_int_equal(moe_token_to_piece(m, toks[1], NULL, 0, &plen), MOE_ERR_BUFFER_TOO_SMALL);
+    assert_true(plen > 0 && plen < 32);
+    char piece[64];
+    memset(piece, '#', sizeof piece);
+    n = -1;
+    assert_int_equal(moe_token_to_piece(m, toks[1], piece, plen - 1, &n), MOE_ERR_BUFFER_TOO_SMALL);
+    assert_int_equal(n, plen);
+    for (size_t i = 0; i < sizeof piece; i++) assert_int_equal(piece[i], '#'); /* a piece is all or nothing */
+    assert_int_equal(moe_token_to_piece(m, toks[1], piece, plen, &n), MOE_OK);
+    assert_int_equal(n, plen);
+    assert_int_equal(piece[plen], '#');
+    n = -1;
+    assert_int_equal(moe_token_to_piece(m, -3, piece, 64, &n), MOE_ERR_INVALID_ARG);
+    assert_int_equal(n, 0);
+
+    /* moe_detokenize: size query, exact, short (prefix within cap only), bad token (untouched) */
+    int32_t dlen = -1;
+    assert_int_equal(moe_detokenize(m, toks, need, NULL, 0, 0, &dlen), MOE_ERR_BUFFER_TOO_SMALL);
+    assert_true(dlen >= len);
+    char out[256];
+    memset(out, '#', sizeof out);
+    assert_int_equal(moe_detokenize(m, toks, need, out, dlen - 3, 0, &n), MOE_ERR_BUFFER_TOO_SMALL);
+    assert_int_equal(n, dlen);
+    for (size_t i = (size_t)dlen - 3; i < sizeof out; i++) assert_int_equal(out[i], '#');
+    assert_int_equal(moe_detokenize(m, toks, need, out, (int32_t)sizeof out, 0, &n), MOE_OK);
+    assert_int_equal(n, dlen);
+    out[n] = 0;
+    assert_non_null(strstr(out, text));
+    moe_token bad[3] = {toks[1], 1 << 30, toks[2]};
+    memset(out, '#', sizeof out);
+    n = -1;
+    assert_int_equal(moe_detokenize(m, bad, 3, out, (int32_t)sizeof out, 0, &n), MOE_ERR_INVALID_ARG);
+    assert_int_equal(n, 0);
+    for (size_t i = 0; i < sizeof out; i++) assert_int_equal(out[i], '#');
+    n = -1;
+    assert_int_equal(moe_detokenize(m, NULL, 0, NULL, 0, 0, &n), MOE_OK);
+    assert_int_equal(n, 0);
+
+    /* moe_chat_apply: the bundled model's template may be missing (MOE_ERR_UNSUPPORTED, n_out 0);
+       where it renders, the same rule holds */
+    const char *roles[] = {"user"}, *contents[] = {"hi"};
+    int32_t clen = -1;
+    moe_status st = moe_chat_apply(m, roles, contents, 1, 1, NULL, 0, &clen);
+    if (st == MOE_ERR_UNSUPPORTED) {
+        assert_int_equal(clen, 0);
+    } else {
+        assert_int_equal(st, MOE_ERR_BUFFER_TOO_SMALL);
+        assert_true(clen > 0 && clen < 200);
+        memset(out, '#', sizeof out);
+        assert_int_equal(moe_chat_apply(m, roles, contents, 1, 1, out, clen - 1, &n), MOE_ERR_BUFFER_TOO_SMALL);
+        assert_int_equal(n, clen);
+        for (size_t i = 0; i < sizeof out; i++) assert_int_equal(out[i], '#');
+        assert_int_equal(moe_chat_apply(m, roles, contents, 1, 1, out, clen, &n), MOE_OK);
+        assert_int_equal(n, clen);
+        assert_int_equal(out[clen], '#'); /* no room for the courtesy NUL: none written */
+        const char *bad_roles[] = {"user", "narrator"}, *two[] = {"hi", "once upon a time"};
+        memset(out, '#', sizeof out);
+        n = -1;
+        assert_int_equal(moe_chat_apply(m, bad_roles, two, 2, 1, out, (int32_t)sizeof out, &n), MOE_ERR_INVALID_ARG);
+        assert_int_equal(n, 0);
+        for (size_t i = 0; i < sizeof out; i++) assert_int_equal(out[i], '#');
+    }
+    assert_int_equal(moe_chat_apply(m, roles, contents, 1, 1, out, (int32_t)sizeof out, NULL), MOE_ERR_INVALID_ARG);
+    moe_model_free(m);
+}
+
 static void test_allocation_failures(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 2);
@@ -683,6 +860,7 @@ static void test_allocation_failures(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_model_outlives_contexts),
         cmocka_unit_test(test_thread_local_error),
         cmocka_unit_test(test_context_full_and_bad_tokens),
         cmocka_unit_test(test_logits_access),
@@ -692,6 +870,7 @@ int main(void) {
         cmocka_unit_test(test_ctx_params),
         cmocka_unit_test(test_allocation_failures),
         cmocka_unit_test(test_error_texts),
+        cmocka_unit_test(test_out_param_counts),
         cmocka_unit_test(test_step_nonfinite),
         cmocka_unit_test(test_state_forged),
         cmocka_unit_test(test_profile),

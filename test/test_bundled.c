@@ -64,7 +64,8 @@ static void check_greedy(int exact) {
         int n_pid, n_ids;
         int32_t *pid = ids_of(d, json_get(d, g, "prompt_ids"), &n_pid), *want = ids_of(d, json_get(d, g, "ids"), &n_ids);
         moe_token toks[64];
-        int32_t n = moe_tokenize(m, prompt, (int32_t)strlen(prompt), toks, 64, MOE_TOKENIZE_ADD_SPECIAL);
+        int32_t n = -1;
+        assert_int_equal(moe_tokenize(m, prompt, (int32_t)strlen(prompt), toks, 64, MOE_TOKENIZE_ADD_SPECIAL, &n), MOE_OK);
         assert_int_equal(n, n_pid);
         assert_memory_equal(toks, pid, (size_t)n * sizeof *toks);
         moe_ctx *c = NULL;
@@ -82,7 +83,8 @@ static void check_greedy(int exact) {
         for (int i = 0; i < n_ids; i++)
             if (got[i] != want[i]) fail_msg("'%s': token %d is %d, transformers gave %d", prompt, i, got[i], want[i]);
         char out[1024];
-        int32_t k = moe_detokenize(m, got, n_ids, out, (int32_t)sizeof out - 1, 0);
+        int32_t k = -1;
+        assert_int_equal(moe_detokenize(m, got, n_ids, out, (int32_t)sizeof out - 1, 0, &k), MOE_OK);
         assert_true(k > 0);
         out[k] = 0;
         assert_string_equal(out, text);

@@ -184,6 +184,23 @@ with moe.Context(model, n_ctx=8) as small:
     expect_error(moe.ERR_CONTEXT_FULL, small.step, [1])
     assert small.pos == 8
 
+# lifetimes: the model outlives its contexts (moe.h: reference counted), so a context made inside
+# a `with Model(...)` block steps after the block has closed the model
+with moe.Model(model_path, backend=moe.BACKEND_CPU) as m2:
+    late = moe.Context(m2, n_ctx=64)
+expect_error(moe.ERR_INVALID_ARG, m2.get_info)              # the Python handle is closed ...
+late.step(ids)                                             # ... the C model lives on in its context
+assert list(late.logits()) == first                         # bit for bit what the open model gave
+late.step([greedy[0]])
+late2 = moe.Context(model, n_ctx=64)                       # and freeing the context last frees the model
+model_ref = late2.model
+late2.close()
+late.close()
+expect_error(moe.ERR_INVALID_ARG, late.step, [1])
+del m2, late, late2, model_ref
+import gc
+gc.collect()
+
 # tokenizer calls either work or raise MoeError (the fixture has no vocabulary)
 try:
     toks = model.tokenize("hello", add_special=True)
@@ -195,6 +212,35 @@ try:
 except moe.MoeError as e:
     assert e.status in (moe.ERR_UNSUPPORTED, moe.ERR_INVALID_ARG), e
 
+# the tokenizer on the bundled model (it has a vocabulary): counts through n_out, buffers regrown
+# on ERR_BUFFER_TOO_SMALL (the first capacities tried are smaller than the results here)
+with moe.Model("examples/models/tiny-moe-kjv-q8_0.gguf", backend=moe.BACKEND_CPU) as kjv:
+    text = "And God said, Let there be light: and there was light. " * 8
+    toks = kjv.tokenize(text, add_special=True)
+    assert len(toks) > 16 + 8, len(toks)                     # more than tokenize's first capacity guess
+    assert text in kjv.detokenize(toks)
+    assert b"".join(kjv.token_to_piece(t) for t in toks).endswith(text.encode())
+    assert kjv.tokenize("") == []
+    assert kjv.detokenize([]) == ""
+    expect_error(moe.ERR_INVALID_ARG, kjv.token_to_piece, kjv.n_vocab)
+    expect_error(moe.ERR_INVALID_ARG, kjv.detokenize, [toks[0], 1 << 30])
+    try:
+        long_msg = "light " * 2000                           # beyond chat_apply's first 4096 bytes
+        rendered = kjv.chat_apply([("user", long_msg)])
+        assert long_msg in rendered and len(rendered) > 4096
+    except moe.MoeError as e:
+        assert e.status == moe.ERR_UNSUPPORTED, e
+    # the raw call: a size query gives ERR_BUFFER_TOO_SMALL and the count needed
+    import ctypes
+    need = ctypes.c_int32(-1)
+    data = b"And God said"
+    st = moe.lib.moe_tokenize(kjv._handle(), data, len(data), None, 0, 0, ctypes.byref(need))
+    assert st == moe.ERR_BUFFER_TOO_SMALL and need.value > 0, (st, need.value)
+    buf = (ctypes.c_int32 * need.value)()
+    got = ctypes.c_int32(-1)
+    assert moe.lib.moe_tokenize(kjv._handle(), data, len(data), buf, need.value, 0, ctypes.byref(got)) == moe.OK
+    assert got.value == need.value and list(buf) == kjv.tokenize(data)
+
 # export round trip: f16 copy, same greedy first token
 out = os.path.join(tmp, "copy_f16.gguf")
 model.save(out, moe.FTYPE_F16)
@@ -205,7 +251,7 @@ with moe.Model(out, backend=moe.BACKEND_CPU) as copy, moe.Context(copy, n_ctx=16
 model.close()
 expect_error(moe.ERR_INVALID_ARG, model.get_info)
 print("   binding: errors, sampler golden sequence, C sampler == Python reference, greedy == generate, "
-      "save/load/rewind, export: ok")
+      "save/load/rewind, model outlives its contexts, tokenizer counts, export: ok")
 EOF
 
 # ---- 5. the example -----------------------------------------------------------------------------

@@ -153,23 +153,26 @@ static moe_model *load_vocab(const char *path) {
 }
 
 static int32_t *tokenize(const moe_model *m, const char *s, int32_t n, int flags, int32_t *count) {
-    int32_t need = moe_tokenize(m, s, n, NULL, 0, flags);
-    if (need > 0) { fprintf(stderr, "tokenize with cap 0 returned %d\n", need); return NULL; }
-    need = -need;
+    int32_t need = -1, got = -1;
+    moe_status st = moe_tokenize(m, s, n, NULL, 0, flags, &need);
+    if (st != MOE_ERR_BUFFER_TOO_SMALL && !(st == MOE_OK && need == 0)) {
+        fprintf(stderr, "tokenize with cap 0: %s, %d\n", moe_status_str(st), need);
+        return NULL;
+    }
     int32_t *ids = malloc(((size_t)need + 1) * sizeof *ids);
-    int32_t got = moe_tokenize(m, s, n, ids, need, flags);
-    if (got != need) { fprintf(stderr, "tokenize: %d then %d (%s)\n", need, got, moe_last_error()); free(ids); return NULL; }
+    st = moe_tokenize(m, s, n, ids, need, flags, &got);
+    if (st || got != need) { fprintf(stderr, "tokenize: %d then %d (%s)\n", need, got, moe_last_error()); free(ids); return NULL; }
     *count = got;
     return ids;
 }
 
 static char *detokenize(const moe_model *m, const int32_t *ids, int32_t n, int flags, int32_t *len) {
-    int32_t need = moe_detokenize(m, ids, n, NULL, 0, flags);
-    if (need > 0) return NULL;
-    need = -need;
+    int32_t need = -1, got = -1;
+    moe_status st = moe_detokenize(m, ids, n, NULL, 0, flags, &need);
+    if (st != MOE_ERR_BUFFER_TOO_SMALL && !(st == MOE_OK && need == 0)) return NULL;
     char *b = malloc((size_t)need + 1);
-    int32_t got = moe_detokenize(m, ids, n, b, need, flags);
-    if (got != need) { free(b); return NULL; }
+    st = moe_detokenize(m, ids, n, b, need, flags, &got);
+    if (st || got != need) { free(b); return NULL; }
     *len = got;
     return b;
 }
@@ -291,8 +294,8 @@ static void test_round_trip(void **state) {
                 size_t o = 0;
                 char piece[512];
                 for (int32_t i = 0; i < n; i++) {
-                    int32_t k = moe_token_to_piece(m, ids[i], piece, sizeof piece);
-                    assert_true(k >= 0);
+                    int32_t k = -1;
+                    assert_int_equal(moe_token_to_piece(m, ids[i], piece, sizeof piece, &k), MOE_OK);
                     if (o + (size_t)k <= (size_t)len && memcmp(back + o, piece, (size_t)k) == 0) o += (size_t)k;
                     else o = (size_t)-1 / 2;
                 }
@@ -669,9 +672,11 @@ static void test_gguf_fuzz_and_alloc_failures(void **state) {
     for (long k = 0; k < 40; k++) {
         int32_t ids[256];
         moe_test_fail_alloc_after(k);
-        int32_t r = moe_tokenize(m, text, (int32_t)strlen(text), ids, 256, MOE_TOKENIZE_PARSE_SPECIAL);
+        int32_t r = -1;
+        moe_status st = moe_tokenize(m, text, (int32_t)strlen(text), ids, 256, MOE_TOKENIZE_PARSE_SPECIAL, &r);
         moe_test_fail_alloc_after(-1);
-        if (r == MOE_ERR_NO_MEMORY) continue;
+        if (st == MOE_ERR_NO_MEMORY) { assert_int_equal(r, 0); continue; }
+        assert_int_equal(st, MOE_OK);
         assert_int_equal(r, k0);
         assert_memory_equal(ids, ref, (size_t)k0 * sizeof *ids);
     }
@@ -698,11 +703,11 @@ static void test_gguf_fuzz_and_alloc_failures(void **state) {
         p.vocab_only = 1;
         if (moe_load(path, &p, &x) == MOE_OK) {
             loaded++;
-            int32_t ids[512], t = 0;
-            int32_t r = moe_tokenize(x, text, (int32_t)strlen(text), ids, 512, MOE_TOKENIZE_PARSE_SPECIAL);
+            int32_t ids[512], r = 0, t = 0;
+            moe_status st = moe_tokenize(x, text, (int32_t)strlen(text), ids, 512, MOE_TOKENIZE_PARSE_SPECIAL, &r);
             char back[1024];
-            if (r > 0) t = moe_detokenize(x, ids, r, back, sizeof back, MOE_TOKENIZE_PARSE_SPECIAL);
-            (void)t;
+            if (st == MOE_OK && r > 0) st = moe_detokenize(x, ids, r, back, sizeof back, MOE_TOKENIZE_PARSE_SPECIAL, &t);
+            (void)st;
             moe_model_free(x);
         } else {
             assert_true(strlen(moe_last_error()) > 0);
@@ -740,40 +745,50 @@ static void test_special_and_eog(void **state) {
         assert_true(k2 > 1);
         /* detokenize drops special tokens unless asked */
         char buf[64];
-        assert_int_equal(moe_detokenize(m, a, 1, buf, sizeof buf, 0), 0);
-        assert_int_equal(moe_detokenize(m, a, 1, buf, sizeof buf, MOE_TOKENIZE_PARSE_SPECIAL), (int32_t)strlen(eog[v][0]));
-        /* buffers too small: -(needed), nothing beyond cap touched */
+        int32_t cnt = -1;
+        assert_int_equal(moe_detokenize(m, a, 1, buf, sizeof buf, 0, &cnt), MOE_OK);
+        assert_int_equal(cnt, 0);
+        assert_int_equal(moe_detokenize(m, a, 1, buf, sizeof buf, MOE_TOKENIZE_PARSE_SPECIAL, &cnt), MOE_OK);
+        assert_int_equal(cnt, (int32_t)strlen(eog[v][0]));
+        /* buffers too small: MOE_ERR_BUFFER_TOO_SMALL with the count needed, nothing beyond cap touched */
         int32_t big[4] = {-7, -7, -7, -7};
-        int32_t r = moe_tokenize(m, "Hello world, this is a test.", 28, big, 2, 0);
-        assert_true(r < -2);
+        assert_int_equal(moe_tokenize(m, "Hello world, this is a test.", 28, big, 2, 0, &cnt), MOE_ERR_BUFFER_TOO_SMALL);
+        assert_true(cnt > 2);
         assert_int_equal(big[2], -7);
         char pc[2] = {'x', 'x'};
-        int32_t t_hello = ids[0];
-        int32_t plen = moe_token_to_piece(m, t_hello, pc, 0);
-        assert_true(plen < 0);
+        int32_t t_hello = ids[0], plen = -1;
+        assert_int_equal(moe_token_to_piece(m, t_hello, pc, 0, &plen), MOE_ERR_BUFFER_TOO_SMALL);
+        assert_true(plen > 0);
         assert_int_equal(pc[0], 'x');
-        assert_int_equal(moe_token_to_piece(m, t_hello, buf, sizeof buf), -plen);
-        assert_true(moe_detokenize(m, b, k2, buf, 1, 0) < -1);
+        assert_int_equal(moe_token_to_piece(m, t_hello, buf, sizeof buf, &cnt), MOE_OK);
+        assert_int_equal(cnt, plen);
+        assert_int_equal(moe_detokenize(m, b, k2, buf, 1, 0, &cnt), MOE_ERR_BUFFER_TOO_SMALL);
+        assert_true(cnt > 1);
         /* bad arguments */
-        assert_int_equal(moe_tokenize(m, NULL, 3, NULL, 0, 0), MOE_ERR_INVALID_ARG);
-        assert_int_equal(moe_tokenize(m, "x", -1, NULL, 0, 0), MOE_ERR_INVALID_ARG);
-        assert_int_equal(moe_tokenize(m, "x", 1, NULL, 0, 99), MOE_ERR_INVALID_ARG);
-        assert_int_equal(moe_token_to_piece(m, -1, buf, sizeof buf), MOE_ERR_INVALID_ARG);
+        assert_int_equal(moe_tokenize(m, NULL, 3, NULL, 0, 0, &cnt), MOE_ERR_INVALID_ARG);
+        assert_int_equal(moe_tokenize(m, "x", -1, NULL, 0, 0, &cnt), MOE_ERR_INVALID_ARG);
+        assert_int_equal(moe_tokenize(m, "x", 1, NULL, 0, 99, &cnt), MOE_ERR_INVALID_ARG);
+        assert_int_equal(moe_token_to_piece(m, -1, buf, sizeof buf, &cnt), MOE_ERR_INVALID_ARG);
         int32_t badtok = 1 << 30;
-        assert_int_equal(moe_detokenize(m, &badtok, 1, buf, sizeof buf, 0), MOE_ERR_INVALID_ARG);
-        assert_int_equal(moe_tokenize(m, "", 0, NULL, 0, 0), 0);
+        assert_int_equal(moe_detokenize(m, &badtok, 1, buf, sizeof buf, 0, &cnt), MOE_ERR_INVALID_ARG);
+        assert_int_equal(cnt, 0);
+        cnt = -1;
+        assert_int_equal(moe_tokenize(m, "", 0, NULL, 0, 0, &cnt), MOE_OK);
+        assert_int_equal(cnt, 0);
         free(ids); free(a); free(b);
     }
     /* no tokenizer: clear errors */
     moe_model bare;
     memset(&bare, 0, sizeof bare);
     bare.eos = -1;
-    assert_int_equal(moe_tokenize(&bare, "x", 1, NULL, 0, 0), MOE_ERR_UNSUPPORTED);
+    int32_t cnt = -1;
+    assert_int_equal(moe_tokenize(&bare, "x", 1, NULL, 0, 0, &cnt), MOE_ERR_UNSUPPORTED);
     assert_non_null(strstr(moe_last_error(), "no tokenizer"));
+    assert_int_equal(cnt, 0);
     char b2[8];
-    assert_int_equal(moe_detokenize(&bare, NULL, 0, b2, 8, 0), MOE_ERR_UNSUPPORTED);
-    assert_int_equal(moe_chat_apply(&bare, NULL, NULL, 0, 1, b2, 8), MOE_ERR_UNSUPPORTED);
-    assert_int_equal(moe_tokenize(NULL, "x", 1, NULL, 0, 0), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_detokenize(&bare, NULL, 0, b2, 8, 0, &cnt), MOE_ERR_UNSUPPORTED);
+    assert_int_equal(moe_chat_apply(&bare, NULL, NULL, 0, 1, b2, 8, &cnt), MOE_ERR_UNSUPPORTED);
+    assert_int_equal(moe_tokenize(NULL, "x", 1, NULL, 0, 0, &cnt), MOE_ERR_INVALID_ARG);
     /* a vocabulary-only model has no weights */
     moe_ctx *ctx = NULL;
     assert_int_equal(moe_ctx_new(g_models[0], NULL, &ctx), MOE_ERR_UNSUPPORTED);
@@ -793,7 +808,8 @@ static void test_special_and_eog(void **state) {
         moe_load_params lp = {0};
         lp.backend = MOE_BACKEND_CPU;
         assert_int_equal(moe_load("test/fixtures/qwen3moe_f32.gguf", &lp, &m), MOE_OK);
-        assert_int_equal(moe_tokenize(m, "x", 1, NULL, 0, 0), MOE_ERR_UNSUPPORTED);
+        int32_t cnt = -1;
+        assert_int_equal(moe_tokenize(m, "x", 1, NULL, 0, 0, &cnt), MOE_ERR_UNSUPPORTED);
         moe_model_free(m);
     }
 }
@@ -822,18 +838,23 @@ static void test_chat(void **state) {
         }
         int gen = json_is(&d, json_get(&d, i, "add_generation_prompt"), JSON_TRUE);
         uint32_t e = json_get(&d, i, "expected");
-        int32_t need = moe_chat_apply(g_models[v], (const char *const *)roles, (const char *const *)contents, nm, gen, NULL, 0);
+        int32_t need = -1, got = -1;
+        moe_status st = moe_chat_apply(g_models[v], (const char *const *)roles, (const char *const *)contents, nm, gen, NULL, 0, &need);
         if (json_is(&d, e, JSON_NULL)) {
-            assert_int_equal(need, MOE_ERR_INVALID_ARG);
+            assert_int_equal(st, MOE_ERR_INVALID_ARG);
+            assert_int_equal(need, 0);
         } else {
             char *want = json_strdup(&d, e);
-            if (need > 0 || -need != (int32_t)strlen(want)) fprintf(stderr, "chat %d (%s): need %d want %zu\n", n, VOCABS[v], need, strlen(want));
-            assert_int_equal(-need, (int32_t)strlen(want));
-            char *buf = malloc((size_t)-need + 1);
-            assert_int_equal(moe_chat_apply(g_models[v], (const char *const *)roles, (const char *const *)contents, nm, gen, buf, -need + 1), -need);
+            if (st != MOE_ERR_BUFFER_TOO_SMALL || need != (int32_t)strlen(want))
+                fprintf(stderr, "chat %d (%s): %s, need %d want %zu\n", n, VOCABS[v], moe_status_str(st), need, strlen(want));
+            assert_int_equal(st, MOE_ERR_BUFFER_TOO_SMALL);
+            assert_int_equal(need, (int32_t)strlen(want));
+            char *buf = malloc((size_t)need + 1);
+            assert_int_equal(moe_chat_apply(g_models[v], (const char *const *)roles, (const char *const *)contents, nm, gen, buf, need + 1, &got), MOE_OK);
+            assert_int_equal(got, need);
             if (memcmp(buf, want, strlen(want))) fprintf(stderr, "chat %d (%s):\n got: %s\nwant: %s\n", n, VOCABS[v], buf, want);
             assert_memory_equal(buf, want, strlen(want));
-            assert_int_equal(buf[-need], 0);
+            assert_int_equal(buf[need], 0);
             free(buf);
             free(want);
         }
@@ -849,10 +870,11 @@ static void test_chat(void **state) {
     v->chat = CHAT_UNKNOWN;
     const char *r[1] = {"user"}, *c[1] = {"hi"};
     char buf[64];
-    assert_int_equal(moe_chat_apply(g_models[0], r, c, 1, 1, buf, sizeof buf), MOE_ERR_UNSUPPORTED);
+    int32_t cnt = -1;
+    assert_int_equal(moe_chat_apply(g_models[0], r, c, 1, 1, buf, sizeof buf, &cnt), MOE_ERR_UNSUPPORTED);
     v->chat = saved;
     const char *bad_role[1] = {"wizard"};
-    assert_int_equal(moe_chat_apply(g_models[0], bad_role, c, 1, 1, buf, sizeof buf), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_chat_apply(g_models[0], bad_role, c, 1, 1, buf, sizeof buf, &cnt), MOE_ERR_INVALID_ARG);
 }
 
 /* ---- Gemma 4: special tokens, Gemma-4-specific text, the chat template ----------------------------
@@ -888,11 +910,12 @@ static int check_ids(const moe_model *m, const char *s, size_t n, int flags, con
 
 static int32_t chat_render(const moe_model *m, const char *const *roles, const char *const *contents, int32_t n, int gen, char **out) {
     *out = NULL;
-    int32_t need = moe_chat_apply(m, roles, contents, n, gen, NULL, 0);
-    if (need >= MOE_ERR_CANCELLED) return need; /* an error status: every Gemma 4 rendering is longer than 9 bytes */
-    *out = malloc((size_t)-need + 1);
-    int32_t got = moe_chat_apply(m, roles, contents, n, gen, *out, -need + 1);
-    assert_int_equal(got, -need);
+    int32_t need = -1, got = -1;
+    moe_status st = moe_chat_apply(m, roles, contents, n, gen, NULL, 0, &need);
+    if (st != MOE_ERR_BUFFER_TOO_SMALL) return st; /* an error status: every Gemma 4 rendering is non-empty */
+    *out = malloc((size_t)need + 1);
+    assert_int_equal(moe_chat_apply(m, roles, contents, n, gen, *out, need + 1, &got), MOE_OK);
+    assert_int_equal(got, need);
     assert_int_equal((*out)[got], 0);
     return got;
 }
@@ -939,7 +962,8 @@ static void test_gemma4(void **state) {
                                          236761, 106, 107, 105, 4368, 107};
     const char *ru[1] = {"user"}, *cu[1] = {"Write a long essay about Portugal."};
     char prompt[256];
-    int32_t pn = moe_chat_apply(m, ru, cu, 1, 1, prompt, sizeof prompt);
+    int32_t pn = -1;
+    assert_int_equal(moe_chat_apply(m, ru, cu, 1, 1, prompt, sizeof prompt, &pn), MOE_OK);
     assert_string_equal(prompt, "<bos><|turn>user\nWrite a long essay about Portugal.<turn|>\n<|turn>model\n<|channel>thought\n<channel|>");
     assert_true(check_ids(m, prompt, (size_t)pn, MOE_TOKENIZE_PARSE_SPECIAL, want_plain, 20, "transformers' gemma 4 prompt"));
     const char *think = "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nWrite a long essay about Portugal.<turn|>\n<|turn>model\n";
@@ -1064,7 +1088,8 @@ static void test_gemma4(void **state) {
     }
     snprintf(v->arch, sizeof v->arch, "gemma3");
     vocab_detect_chat(v); /* a Gemma 3 file renders Gemma 3's format, whatever tokens it has */
-    int32_t n = moe_chat_apply(m, r1, c1, 1, 1, buf, sizeof buf);
+    int32_t n = -1;
+    assert_int_equal(moe_chat_apply(m, r1, c1, 1, 1, buf, sizeof buf, &n), MOE_OK);
     assert_true(n > 0);
     assert_string_equal(buf, "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n");
     memcpy(v->arch, arch, sizeof arch);
@@ -1072,26 +1097,29 @@ static void test_gemma4(void **state) {
     assert_int_equal(v->chat, CHAT_GEMMA4);
     assert_int_equal(g_models[1]->vocab->chat, CHAT_GEMMA);
     /* what the API promises around it */
-    n = moe_chat_apply(m, r1, c1, 1, 1, buf, sizeof buf);
+    assert_int_equal(moe_chat_apply(m, r1, c1, 1, 1, buf, sizeof buf, &n), MOE_OK);
     assert_string_equal(buf, "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>");
     char small[8];
     memset(small, 'x', sizeof small);
-    assert_int_equal(moe_chat_apply(m, r1, c1, 1, 1, small, 4), -n);
+    int32_t need = -1;
+    assert_int_equal(moe_chat_apply(m, r1, c1, 1, 1, small, 4, &need), MOE_ERR_BUFFER_TOO_SMALL);
+    assert_int_equal(need, n);
+    assert_int_equal(small[0], 'x'); /* the rendering does not fit: nothing written */
     assert_int_equal(small[4], 'x');
     assert_non_null(strstr(moe_last_error(), "needs room"));
     static const char *const bad_roles[] = {"tool", "wizard", "User", ""};
     for (int b = 0; b < 4; b++) {
         const char *rr[2] = {"user", bad_roles[b]}, *cc[2] = {"a", "b"};
-        assert_int_equal(moe_chat_apply(m, rr, cc, 2, 1, buf, sizeof buf), MOE_ERR_INVALID_ARG);
+        assert_int_equal(moe_chat_apply(m, rr, cc, 2, 1, buf, sizeof buf, &need), MOE_ERR_INVALID_ARG);
         assert_non_null(strstr(moe_last_error(), "is not one of"));
     }
-    assert_int_equal(moe_chat_apply(m, r1, c1, 0, 1, buf, sizeof buf), MOE_ERR_INVALID_ARG);
+    assert_int_equal(moe_chat_apply(m, r1, c1, 0, 1, buf, sizeof buf, &need), MOE_ERR_INVALID_ARG);
     assert_non_null(strstr(moe_last_error(), "at least one message"));
     const char *ra[2] = {"user", "assistant"}, *ca[2] = {"q", "<|channel>thought\nx<channel|>a"};
     int nomem = 0;
     for (long k = 0; k < 4; k++) { /* the thinking strip allocates: a failure is an error, never a crash or a leak */
         moe_test_fail_alloc_after(k);
-        int32_t r = moe_chat_apply(m, ra, ca, 2, 0, buf, sizeof buf);
+        moe_status r = moe_chat_apply(m, ra, ca, 2, 0, buf, sizeof buf, &need);
         moe_test_fail_alloc_after(-1);
         if (r == MOE_ERR_NO_MEMORY) nomem++;
         else assert_string_equal(buf, "<bos><|turn>user\nq<turn|>\n<|turn>model\na<turn|>\n");
@@ -1148,7 +1176,9 @@ static void test_gemma4(void **state) {
             assert_int_equal(x->vocab->tok[107].type, TT_USER);    /* "\n" */
             const char *r2[2] = {"user", "assistant"}, *c2[2] = {"hi", "<|channel>x<channel|>ok"};
             char b2[128];
-            assert_true(moe_chat_apply(x, r2, c2, 2, 1, b2, sizeof b2) > 0);
+            int32_t cn = -1;
+            assert_int_equal(moe_chat_apply(x, r2, c2, 2, 1, b2, sizeof b2, &cn), MOE_OK);
+            assert_true(cn > 0);
             assert_string_equal(b2, "<bos><|turn>user\nhi<turn|>\n<|turn>model\nok<turn|>\n<|turn>model\n<|channel>thought\n<channel|>");
             moe_model_free(x);
         } else {

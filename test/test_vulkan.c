@@ -647,6 +647,45 @@ static void run_fixture(void **state) {
     assert_true(err_load <= tol_self);
 }
 
+/* ---- the model outlives its contexts (reference counted): freeing the model while contexts are
+   alive used to free the device, buffers and pipelines under them (use after free, caught by the
+   ASan run of this test); now the last moe_ctx_free frees the model ---- */
+static void test_model_outlives_contexts(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    moe_model *m = load_model("test/fixtures/qwen3moe_q8_0.gguf", MOE_BACKEND_VULKAN);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    const int nv = info.n_vocab;
+    static const int32_t prompt[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 64;
+    moe_ctx *ref = NULL, *a = NULL, *b = NULL;
+    assert_int_equal(moe_ctx_new(m, &cp, &ref), MOE_OK);
+    assert_int_equal(moe_ctx_new(m, &cp, &a), MOE_OK);
+    assert_int_equal(moe_ctx_new(m, &cp, &b), MOE_OK);
+    step_ok(ref, prompt, 8);
+    float *want = malloc((size_t)nv * sizeof *want);
+    memcpy(want, moe_logits(ref, -1), (size_t)nv * sizeof *want);
+    moe_ctx_free(ref);
+    moe_model_free(m); /* the caller's reference: a and b hold theirs */
+    step_ok(a, prompt, 8);
+    assert_memory_equal(moe_logits(a, -1), want, (size_t)nv * sizeof *want); /* same device, same path */
+    moe_ctx_free(a);
+    step_ok(b, prompt, 4);
+    step_ok(b, prompt + 4, 4);
+    const float *l = moe_logits(b, -1);
+    int32_t best = 0, best_want = 0;
+    for (int i = 1; i < nv; i++) {
+        if (l[i] > l[best]) best = i;
+        if (want[i] > want[best_want]) best_want = i;
+    }
+    assert_int_equal(best, best_want);
+    step_ok(b, &best, 1);
+    moe_ctx_free(b); /* the last reference: device objects go now */
+    free(want);
+}
+
 /* ---- weights split over storage windows (forced small): a dense tensor in row parts, experts of
    a layer spread over several windows bound together ---- */
 static void test_split_windows(void **state) {
@@ -827,6 +866,7 @@ int main(void) {
         TS("ops_mxfp4", test_ops_type, &k_all_types[8]),
         T(test_ops_mixed_experts),
         T(test_split_windows),
+        T(test_model_outlives_contexts),
         TS("fixture_f32", run_fixture, names[0]), TS("fixture_f16", run_fixture, names[1]),
         TS("fixture_q8_0", run_fixture, names[2]), TS("fixture_q4_k", run_fixture, names[3]),
         TS("fixture_mixed", run_fixture, names[4]),

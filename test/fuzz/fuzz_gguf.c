@@ -15,20 +15,19 @@ static char g_path[64];
 static void round_trip(const moe_model *m, int flags) {
     static const char text[] = "God said <|im_end|><bos> caf\xC3\xA9 12\n\n \xE2\x96\x81x";
     moe_token tok[256];
-    int32_t n = moe_tokenize(m, text, (int32_t)sizeof text - 1, tok, 256, flags);
-    if (n < 0) {
-        if (!moe_last_error()[0]) abort();
+    int32_t n = 0, na = 0, n2 = 0, k = 0;
+    moe_status st = moe_tokenize(m, text, (int32_t)sizeof text - 1, tok, 256, flags, &n);
+    if (st) {
+        if (st > 0 || !moe_last_error()[0] || (st != MOE_ERR_BUFFER_TOO_SMALL && n != 0)) abort();
         return;
     }
     char a[2048];
-    int32_t na = moe_detokenize(m, tok, n, a, sizeof a, flags);
-    if (na < 0) return;
-    int32_t n2 = moe_tokenize(m, a, na, tok, 256, flags & MOE_TOKENIZE_PARSE_SPECIAL);
-    if (n2 < 0) return;
-    moe_detokenize(m, tok, n2, a, sizeof a, flags);
+    if (moe_detokenize(m, tok, n, a, sizeof a, flags, &na)) return;
+    if (moe_tokenize(m, a, na, tok, 256, flags & MOE_TOKENIZE_PARSE_SPECIAL, &n2)) return;
+    moe_detokenize(m, tok, n2, a, sizeof a, flags, &k);
     for (int32_t i = 0; i < n2; i++) {
         char piece[512];
-        moe_token_to_piece(m, tok[i], piece, sizeof piece);
+        moe_token_to_piece(m, tok[i], piece, sizeof piece, &k);
         moe_token_is_eog(m, tok[i]);
     }
 }

@@ -20,15 +20,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     static const char text[] = "Hello <|im_end|> world\n\xE2\x96\x81 caf\xC3\xA9 <bos>";
     moe_token tok[128];
-    int32_t n = moe_tokenize(m, text, (int32_t)sizeof text - 1, tok, 128, MOE_TOKENIZE_ADD_SPECIAL | MOE_TOKENIZE_PARSE_SPECIAL);
-    if (n > 0) {
+    int32_t n = 0, k = 0;
+    if (moe_tokenize(m, text, (int32_t)sizeof text - 1, tok, 128, MOE_TOKENIZE_ADD_SPECIAL | MOE_TOKENIZE_PARSE_SPECIAL, &n) == MOE_OK &&
+        n > 0) {
         char out[512];
-        moe_detokenize(m, tok, n, out, sizeof out, MOE_TOKENIZE_PARSE_SPECIAL);
+        moe_detokenize(m, tok, n, out, sizeof out, MOE_TOKENIZE_PARSE_SPECIAL, &k);
         for (int32_t i = 0; i < n; i++) moe_token_is_eog(m, tok[i]);
     }
     const char *roles[3] = {"system", "user", "assistant"}, *contents[3] = {"s", "u", "a"};
     char chat[1024];
-    moe_chat_apply(m, roles, contents, 3, 1, chat, sizeof chat);
+    moe_chat_apply(m, roles, contents, 3, 1, chat, sizeof chat, &k);
     moe_model_free(m);
     return 0;
 }

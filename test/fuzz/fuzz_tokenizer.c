@@ -49,9 +49,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 static moe_token *tokenize(const moe_model *m, const char *s, int32_t n, int flags, int32_t *count) {
     int32_t cap = 2 * n + 16; /* no vocabulary makes more tokens than bytes, plus the added specials */
     moe_token *t = malloc((size_t)cap * sizeof *t);
-    int32_t k = moe_tokenize(m, s, n, t, cap, flags);
-    if (k < 0) {
-        fprintf(stderr, "tokenize failed on %d bytes: %d (%s)\n", n, k, moe_last_error());
+    int32_t k = -1;
+    moe_status st = moe_tokenize(m, s, n, t, cap, flags, &k);
+    if (st) {
+        fprintf(stderr, "tokenize failed on %d bytes: %s (%s)\n", n, moe_status_str(st), moe_last_error());
         abort();
     }
     *count = k;
@@ -59,11 +60,12 @@ static moe_token *tokenize(const moe_model *m, const char *s, int32_t n, int fla
 }
 
 static char *detokenize(const moe_model *m, const moe_token *t, int32_t n, int flags, int32_t *len) {
-    int32_t need = moe_detokenize(m, t, n, NULL, 0, flags);
-    if (need > 0) abort(); /* a size query returns -(count) or 0 */
-    char *s = malloc((size_t)-need + 1);
-    int32_t k = moe_detokenize(m, t, n, s, -need, flags);
-    if (k != -need) abort();
+    int32_t need = -1, k = -1;
+    moe_status st = moe_detokenize(m, t, n, NULL, 0, flags, &need);
+    /* a size query: MOE_ERR_BUFFER_TOO_SMALL with the count, or MOE_OK with 0 */
+    if (!(st == MOE_ERR_BUFFER_TOO_SMALL && need > 0) && !(st == MOE_OK && need == 0)) abort();
+    char *s = malloc((size_t)need + 1);
+    if (moe_detokenize(m, t, n, s, need, flags, &k) != MOE_OK || k != need) abort();
     *len = k;
     return s;
 }
@@ -100,8 +102,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         int32_t at = 0;
         for (int32_t i = 0; i < nt; i++) {
             char piece[1024];
-            int32_t l = moe_token_to_piece(v->m, t[i], piece, sizeof piece);
-            if (l < 0 || at + l > ny || memcmp(y + at, piece, (size_t)l)) abort();
+            int32_t l = -1;
+            if (moe_token_to_piece(v->m, t[i], piece, sizeof piece, &l) != MOE_OK || at + l > ny || memcmp(y + at, piece, (size_t)l)) abort();
             at += l;
         }
         if (at != ny) abort();
