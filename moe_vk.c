@@ -74,6 +74,7 @@ static int win_mutex_unlock(win_mutex *m) { ReleaseSRWLockExclusive(m); return 0
 #define pthread_mutex_destroy win_mutex_destroy
 #define pthread_mutex_lock win_mutex_lock
 #define pthread_mutex_unlock win_mutex_unlock
+#define PTHREAD_MUTEX_INITIALIZER SRWLOCK_INIT
 #define VK_LOADER_NAMES {"vulkan-1.dll"}
 #define VK_LOADER_MISSING "the Vulkan loader vulkan-1.dll was not found (install a GPU driver or the Vulkan runtime)"
 #else
