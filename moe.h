@@ -336,7 +336,22 @@ enum { MOE_ACT_SILU = 0, MOE_ACT_GELU_TANH = 1, MOE_ACT_SWIGLU_OAI = 2 };
     X(ROUTER, "ffn_gate_inp.weight")                                                               \
     X(GATE_EXPS, "ffn_gate_exps.weight")        /* routed experts: 3-D, [n_expert][rows][cols] */  \
     X(UP_EXPS, "ffn_up_exps.weight")                                                               \
-    X(DOWN_EXPS, "ffn_down_exps.weight")
+    X(DOWN_EXPS, "ffn_down_exps.weight")                                                           \
+    /* hybrid models (Gated DeltaNet, ARCHITECTURES.md §3) */                                      \
+    X(SSM_QKV, "attn_qkv.weight")               /* [q_all | k_all | v_all], the conv's input */    \
+    X(SSM_Z, "attn_gate.weight")                /* z: the output gate */                           \
+    X(SSM_BA, "ssm_ba.weight")                  /* Qwen3-Next: b and a, grouped per key head */    \
+    X(SSM_BETA, "ssm_beta.weight")              /* Qwen3.5: b */                                   \
+    X(SSM_ALPHA, "ssm_alpha.weight")            /* Qwen3.5: a */                                   \
+    X(SSM_CONV, "ssm_conv1d.weight")            /* ne {kernel, channels} */                        \
+    X(SSM_DT, "ssm_dt.bias")                                                                       \
+    X(SSM_A, "ssm_a")                           /* -exp(A_log) */                                  \
+    X(SSM_NORM, "ssm_norm.weight")              /* gated output norm: a plain weight */            \
+    X(SSM_OUT, "ssm_out.weight")                                                                   \
+    X(FFN_GATE_INP_SHEXP, "ffn_gate_inp_shexp.weight")  /* shared expert: sigmoid gate [n_embd] */ \
+    X(FFN_GATE_SHEXP, "ffn_gate_shexp.weight")                                                     \
+    X(FFN_UP_SHEXP, "ffn_up_shexp.weight")                                                         \
+    X(FFN_DOWN_SHEXP, "ffn_down_shexp.weight")
 #define MOE_ROLE_ENUM(role, name) MOE_##role,
 enum { MOE_GLOBAL_TENSORS(MOE_ROLE_ENUM) MOE_GT_COUNT };
 enum { MOE_LAYER_TENSORS(MOE_ROLE_ENUM) MOE_LT_COUNT };
@@ -359,6 +374,17 @@ typedef struct moe_attn {
     int32_t store;             /* 0: KV-shared layer, reads a cache another layer filled */
 } moe_attn;
 
+/* A Gated DeltaNet layer (ARCHITECTURES.md §3.4): nk key heads of k_dim, nv value heads of
+   v_dim (nv a multiple of nk), a causal conv of conv_k taps over conv_dim = 2·nk·k_dim + nv·v_dim
+   channels, and an f32 state of nv · k_dim · v_dim per layer. */
+typedef struct moe_deltanet {
+    int32_t n_k_head, n_v_head, k_dim, v_dim, conv_k;
+    int32_t v_tiled;           /* value head j reads key head j % nk (llama.cpp's Qwen3.5 GGUF order);
+                                  0: j / (nv / nk) (Hugging Face's grouped order) */
+    int32_t ba_grouped;        /* b and a in one [nk][b (nv/nk) | a (nv/nk)] row (Qwen3-Next's ssm_ba) */
+    int32_t state;             /* its recurrent state (moe_state_plan index) */
+} moe_deltanet;
+
 typedef struct moe_layer_plan {
     int32_t attn_kind;         /* MOE_ATTN_* */
     moe_attn attn;
@@ -368,6 +394,10 @@ typedef struct moe_layer_plan {
     int32_t n_ff;              /* dense FFN width; 0 = none */
     int32_t n_expert, n_expert_used, n_ff_exp;
     int32_t norm_topk;         /* renormalise the top-k routing weights */
+    /* hybrid models (Gated DeltaNet) */
+    int32_t attn_gate;         /* full attention: q rows hold [q | gate] per head; o ⊙= sigmoid(gate) */
+    moe_deltanet dn;           /* MOE_ATTN_DELTANET */
+    int32_t n_ff_shexp;        /* MOE_FFN_MOE_SHARED: the shared expert's width */
 } moe_layer_plan;
 
 typedef struct moe_layer {
@@ -393,6 +423,13 @@ static inline int32_t moe_cache_rows(const moe_cache_plan *c, int32_t n_ctx, int
     return (int32_t)(r < n_ctx ? r : n_ctx);
 }
 
+/* One recurrent state (a Gated DeltaNet layer's): the conv's last conv_k - 1 input rows
+   (conv_elems f32) and the delta-rule state (rec_elems = nv · k_dim · v_dim f32). */
+typedef struct moe_state_plan {
+    int32_t layer;
+    int32_t conv_elems, rec_elems;
+} moe_state_plan;
+
 /* Model-wide hyperparameters. n_head .. n_ff_exp are the largest over the layers: what
    activation buffers are sized for (each layer's own geometry is in its plan). */
 typedef struct moe_hparams {
@@ -401,6 +438,9 @@ typedef struct moe_hparams {
     int32_t n_head, n_head_kv, head_dim, n_ff_exp, n_ff, n_expert, n_expert_used;
     int32_t n_cache;           /* KV caches (layers that store K/V) */
     float rms_eps;
+    /* hybrid models: recurrent states, and the largest DeltaNet widths */
+    int32_t n_state;           /* Gated DeltaNet layers */
+    int32_t dn_conv, dn_value, dn_v_head, dn_qkv; /* conv channels, nv·v_dim, nv, widest mixed projection */
 } moe_hparams;
 
 typedef struct moe_weights {
@@ -408,6 +448,7 @@ typedef struct moe_weights {
     moe_weight g[MOE_GT_COUNT];   /* global tensors by role; g[OUTPUT] may alias g[TOK_EMBD] (tied) */
     moe_layer *layers;            /* [n_layer] */
     moe_cache_plan *caches;       /* [n_cache] */
+    moe_state_plan *states;       /* [n_state] */
 } moe_weights;
 
 /* the weight of a role: layer -1 = global */
@@ -420,6 +461,7 @@ static inline moe_weight *moe_weight_of(const moe_weights *w, int layer, int rol
 typedef struct moe_ctx_shape {
     int32_t n_ctx, n_batch, kv_type, logits_all, n_threads;
     int32_t cpu_exact;     /* CPU backend: f32 activations in matrix products (moe_load_params) */
+    int32_t n_ckpt;        /* recurrent-state checkpoint slots (models with recurrent states) */
 } moe_ctx_shape;
 
 /* The forward pass is written once against this op interface. The CPU backend runs each op at
@@ -435,6 +477,13 @@ enum {
     ACT_OUT,     /* [n][n_embd]          block output before the residual add */
     ACT_ROUTER,  /* [n][n_expert]        router logits */
     ACT_LOGITS,  /* [n_out][n_vocab] */
+    /* hybrid models (Gated DeltaNet) */
+    ACT_DN_QKV,  /* [n][dn_qkv]          mixed projection: conv input, or q with its gate */
+    ACT_DN_CONV, /* [n][dn_conv]         conv output: q_all | k_all | v_all */
+    ACT_DN_Z,    /* [n][max(dn_value, n_head·hd)]  output gates (z, or attention's) */
+    ACT_DN_BETA, /* [n][2·dn_v_head]     b (or b and a grouped) */
+    ACT_DN_ALPHA,/* [n][dn_v_head]       a */
+    ACT_DN_O,    /* [n][dn_value]        delta-rule output */
     ACT_COUNT
 };
 
@@ -480,6 +529,31 @@ typedef struct moe_ops {
     moe_status (*kv_load)(void *be, const void *src, int n_pos);
     /* adds the backend's counters (memory, experts) to a context's stats; may be NULL */
     void (*stats)(const void *be, moe_stats *out);
+    /* hybrid models (Gated DeltaNet) */
+    /* src rows hold n_head heads of [a (head_dim) | b (head_dim)]: dst_a, dst_b get the halves */
+    void (*split_heads)(void *be, int dst_a, int dst_b, int src, int n, int n_head, int head_dim);
+    /* dst ⊙= sigmoid(gate) over n rows of width */
+    void (*sigmoid_mul)(void *be, int dst, int gate, int n, int width);
+    /* dst = silu(dst) ⊙ src over n rows of width (a SwiGLU's hidden rows) */
+    void (*silu_mul)(void *be, int dst, int src, int n, int width);
+    /* dst[i] ⊙= sigmoid(w · src[i]) (w: f32 [width]; dst and src rows of width) */
+    void (*gate_rows)(void *be, int dst, int src, const moe_weight *w, int n, int width);
+    /* causal depthwise conv (conv_k taps; ne {conv_k, channels}) + SiLU over ACT_DN_QKV rows into
+       ACT_DN_CONV, the first taps reading the state's last conv_k - 1 inputs; then the state
+       keeps the last conv_k - 1 inputs */
+    void (*ssm_conv)(void *be, const moe_deltanet *dn, const moe_weight *conv, int n);
+    /* gated delta rule over n tokens: q, k, v from ACT_DN_CONV (L2-normalised q·k_dim^-1/2 and
+       k), β = sigmoid(b), g = a_coef · softplus(a + dt_bias) from ACT_DN_BETA / ACT_DN_ALPHA,
+       the f32 state of dn->state; outputs ACT_DN_O [n][nv·v_dim] */
+    void (*delta_net)(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n);
+    /* dst = dst / rms(dst) · w ⊙ silu(gate) over n_rows rows of width (w: f32 [width]) */
+    void (*gated_rmsnorm)(void *be, int dst, int gate, const moe_weight *w, int n_rows, int width, float eps);
+    /* all recurrent states to / from host f32, state by state (conv, then recurrent) */
+    moe_status (*state_save)(void *be, float *dst);
+    moe_status (*state_load)(void *be, const float *src);
+    /* checkpoint slot ← the live states; the live states ← slot (slot -1: zeros); inside a step */
+    void (*state_checkpoint)(void *be, int slot);
+    void (*state_restore)(void *be, int slot);
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status

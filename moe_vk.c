@@ -1744,8 +1744,11 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim,
         (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim, (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim,
         (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim, (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_expert,
-        (VkDeviceSize)hp->n_vocab};
-    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits"};
+        (VkDeviceSize)hp->n_vocab,
+        /* hybrid models (Gated DeltaNet): not on Vulkan yet (moe_vk_init refuses them) */
+        1, 1, 1, 1, 1, 1};
+    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits",
+                                                     "dn qkv", "dn conv", "dn z", "dn beta", "dn alpha", "dn o"};
     VkDeviceSize logit_rows = shape->logits_all ? nb : 1;
     for (int i = 0; i < ACT_COUNT && !st; i++) st = vk_act_new(c, &c->act[i], (i == ACT_LOGITS ? logit_rows : nb) * widths[i] * 4, act_names[i]);
     if (!st) st = vk_act_new(c, &c->h, nb * k * (VkDeviceSize)hp->n_ff_exp * 4, "expert hidden");
@@ -2289,5 +2292,7 @@ static void vk_stats(const void *be, moe_stats *out) {
 
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_route,
                             vk_op_experts_glu, vk_op_experts_down, vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save,
-                            vk_kv_load, vk_stats};
+                            vk_kv_load, vk_stats,
+                            /* hybrid models (Gated DeltaNet): not on Vulkan yet (moe_vk_init refuses them) */
+                            NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
 
