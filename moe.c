@@ -5394,7 +5394,7 @@ static moe_status hybrid_fix_hf(moe_model *m) {
    forward pass are shared. Experts stored one tensor per expert (the original Qwen3-MoE layout) or
    fused per layer (transformers 5: experts.gate_up_proj [E, 2·ff, in], experts.down_proj
    [E, out, ff]) become 3-D entries whose slabs are reached through expert_ptrs. */
-#define HF_NAME_LEN 64
+#define HF_NAME_LEN 128  /* Qwen3.5: "model.language_model.layers.59.mlp.shared_expert.gate_proj.weight" */
 
 typedef struct hf_tensor { const char *name; size_t name_len; int32_t type, n_dims; int64_t shape[4]; const uint8_t *data; uint64_t nbytes; } hf_tensor;
 
@@ -7839,6 +7839,7 @@ typedef struct export_tensor {
     int32_t type;              /* destination type */
     const moe_save_params *params;
     float progress_lo, progress_hi;
+    int32_t *row_map, *col_map;  /* optional: destination row / column i comes from source row / column map[i] */
 } export_tensor;
 
 /* dequantize each source row (of any type) and quantize it to the destination type */
@@ -7849,13 +7850,15 @@ static moe_status export_produce(void *arg, uint8_t *dst, uint64_t size) {
     int64_t K = w->ne[0], rows = w->ne[1], n_mat = w->n_dims == 3 ? w->ne[2] : 1;
     uint64_t out_row = type_row_bytes(et->type, K);
     (void)size;
-    float *row = moe_malloc((size_t)K * sizeof *row);
+    float *row = moe_malloc((size_t)K * 2 * sizeof *row);
     if (!row) return set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
     for (int64_t e = 0; e < n_mat; e++) {
         const uint8_t *base = w->n_dims == 3 ? w->expert_data[e] : w->data;
         for (int64_t r = 0; r < rows; r++, dst += out_row) {
-            src->dequant(base + (uint64_t)r * w->row_bytes, row, K);
-            out->quant(row, dst, K);
+            src->dequant(base + (uint64_t)(et->row_map ? et->row_map[r] : r) * w->row_bytes, row, K);
+            if (et->col_map)
+                for (int64_t c = 0; c < K; c++) row[K + c] = row[et->col_map[c]];
+            out->quant(et->col_map ? row + K : row, dst, K);
         }
         const moe_save_params *p = et->params;
         if (p && p->progress &&
@@ -7885,6 +7888,43 @@ static int32_t export_type(const moe_weight *w, int32_t ftype, int is_output, in
     for (int i = 0; i < 4; i++)
         if (type_row_bytes(fallback[i], w->ne[0])) return fallback[i];
     return MOE_TYPE_F32;
+}
+
+/* Qwen3.5 GGUFs hold the value heads in llama.cpp's tiled order (ARCHITECTURES.md §3.8):
+   written from a model in Hugging Face's grouped order, tiled head j' = s·nk + g takes grouped
+   head g·(nv/nk) + s, in the rows or columns (or 1-D elements) that carry value heads. */
+static int32_t *vreorder_map(const moe_deltanet *dn, int64_t n, int64_t off, int64_t unit) {
+    int32_t *map = moe_malloc((size_t)n * sizeof *map);
+    if (!map) return NULL;
+    int nk = dn->n_k_head, r = dn->n_v_head / dn->n_k_head;
+    for (int64_t i = 0; i < n; i++) {
+        map[i] = (int32_t)i;
+        if (i < off || i >= off + (int64_t)dn->n_v_head * unit) continue;
+        int64_t h = (i - off) / unit, within = (i - off) % unit, g = h % nk, sv = h / nk;
+        map[i] = (int32_t)(off + (g * r + sv) * unit + within);
+    }
+    return map;
+}
+
+static moe_status export_vreorder(const moe_model *m, int l, int role, export_tensor *et) {
+    const moe_layer_plan *p = &m->w.layers[l].p;
+    const moe_deltanet *dn = &p->dn;
+    if (p->attn_kind != MOE_ATTN_DELTANET || dn->v_tiled || dn->n_k_head == dn->n_v_head || !strcmp(m->arch->name, "qwen3next") ||
+        strncmp(m->arch->name, "qwen35", 6))
+        return MOE_OK;
+    int64_t qk = 2 * (int64_t)dn->n_k_head * dn->k_dim, dv = dn->v_dim, n = et->w->ne[1];
+    int32_t **map = &et->row_map;
+    int64_t off = 0, unit = 1;
+    switch (role) {
+    case MOE_SSM_QKV: case MOE_SSM_CONV: off = qk, unit = dv; break;
+    case MOE_SSM_Z: unit = dv; break;
+    case MOE_SSM_BETA: case MOE_SSM_ALPHA: break;
+    case MOE_SSM_A: case MOE_SSM_DT: map = &et->col_map, n = et->w->ne[0]; break;
+    case MOE_SSM_OUT: map = &et->col_map, n = et->w->ne[0], unit = dv; break;
+    default: return MOE_OK;
+    }
+    if (!(*map = vreorder_map(dn, n, off, unit))) return set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    return MOE_OK;
 }
 
 moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params) {
@@ -7921,13 +7961,15 @@ moe_status moe_model_save(const moe_model *model, const char *path, const moe_sa
             et->params = &p;
             et->progress_lo = (float)n / (float)n_max;
             et->progress_hi = (float)(n + 1) / (float)n_max;
+            if (l >= 0 && !st) st = export_vreorder(model, l, sp[i].role, et);
             int64_t ne[3] = {w->ne[0], w->ne[1], w->ne[2]};
-            st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
+            if (!st) st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
             n++;
         }
     }
     if (!st) st = gw_write_file(&gw, path);
     gw_free(&gw);
+    for (int i = 0; jobs && i < n; i++) moe_free(jobs[i].row_map), moe_free(jobs[i].col_map);
     moe_free(jobs);
     moe_free(name_buf);
     return st;

@@ -1,0 +1,240 @@
+/* test_hybrid — the hybrid Gated DeltaNet models (Qwen3-Next, Qwen3.5-MoE, dense Qwen3.5)
+   against Hugging Face transformers, and their recurrent state: rewind, save / load.
+
+   Fixtures (gen/make_hybrid_fixtures.py, run on the GPU machine): test/fixtures/<name>/ is a
+   Hugging Face directory as transformers' save_pretrained wrote it (float32 weights; the Qwen3.5
+   ones multimodal, with a vision tower that is skipped), <name>.ref holds transformers' float32
+   logits for every position of a 128-token sequence (its prefill: the chunked delta rule, chunk
+   64) and a 32-token greedy continuation (its decode: token-by-token recurrence) of the first 100.
+   5 layers: 4 Gated DeltaNet, 1 gated full attention (layer 3); 2 key heads, 4 value heads.
+
+   Per fixture, CPU backend in the bit-reproducible mode (cpu_exact = 1):
+   (a) prefill of the whole sequence (logits_all) with n_batch 256, 64, 7 and 1: every logit row
+       within TOL_F32 of the reference with an f32 KV cache, TOL_F16 with f16 (the tolerances and
+       their reasoning are test_forward's; the recurrence adds an f32 state updated token by
+       token, whose rounding differs from HF's chunked form by ~1e-6 relative);
+   (b) no NaN / Inf;
+   (c) greedy continuation equals the reference token for token;
+   (d) prefill equals token-by-token steps, and every n_batch, bit for bit;
+   (e) rewind to 5 earlier positions (before and after a checkpoint, inside a chunk, to 0),
+       re-feeding the rest: bit-identical logits to the first pass;
+   (f) save at a position, load into a fresh context, continue: bit-identical logits; the size
+       query counts the recurrent state;
+   (g) a 4,000-token prompt (random tokens) gives finite logits everywhere;
+   (h) the model written as GGUF (moe_model_save: llama.cpp's names) loads and gives the same
+       logits as the directory (within TOL_F32: f32 weights either way).
+   The errors are printed so they can be reported. */
+#include "../moe.c"
+#include "../moe_vk.c"
+#include "../shaders_embedded.c"
+#include "test_util.h"
+
+#define TOL_F32 1e-4
+#define TOL_F16 2e-3
+
+static const char *const k_fixtures[] = {"qwen3next", "qwen35moe", "qwen35"};
+
+/* MOE_HYBRID_FIXTURES=dir runs the same checks on other directories (gen/hybrid_ref.py's) */
+static const char *fixture_dir(void) {
+    const char *d = getenv("MOE_HYBRID_FIXTURES");
+    return d && *d ? d : "test/fixtures";
+}
+
+static moe_model *load_cpu(const char *path) {
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.cpu_exact = 1;
+    lp.n_threads = 2;
+    moe_model *m = NULL;
+    moe_status st = moe_load(path, &lp, &m);
+    if (st) print_error("moe_load(%s): %s (%s)\n", path, moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+    return m;
+}
+
+static moe_ctx *new_ctx(moe_model *m, int32_t n_ctx, int32_t kv, int32_t all, int32_t n_batch) {
+    moe_ctx_params cp = {0};
+    cp.n_ctx = n_ctx;
+    cp.kv_type = kv;
+    cp.logits_all = all;
+    cp.n_batch = n_batch;
+    moe_ctx *c = NULL;
+    moe_status st = moe_ctx_new(m, &cp, &c);
+    if (st) print_error("moe_ctx_new: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+    return c;
+}
+
+/* logits of every position of tokens[0..n) fed in steps of `step` tokens */
+static void run_steps(moe_ctx *c, const int32_t *tokens, int n, int step, int n_vocab, float *out) {
+    for (int i = 0; i < n; i += step) {
+        int k = n - i < step ? n - i : step;
+        assert_int_equal(moe_step(c, tokens + i, k), MOE_OK);
+        for (int j = 0; j < k; j++) memcpy(out + (size_t)(i + j) * n_vocab, moe_logits(c, j), (size_t)n_vocab * 4);
+    }
+}
+
+static double max_rel(const float *a, const float *ref, int rows, int n_vocab) {
+    double e = 0;
+    for (int r = 0; r < rows; r++) e = fmax(e, row_rel_err(a + (size_t)r * n_vocab, ref + (size_t)r * n_vocab, n_vocab));
+    return e;
+}
+
+static void check_fixture(const char *name) {
+    char dir[256], refp[256];
+    snprintf(dir, sizeof dir, "%s/%s", fixture_dir(), name);
+    snprintf(refp, sizeof refp, "%s/%s.ref", fixture_dir(), name);
+    ref_data ref;
+    if (ref_load(refp, &ref)) {
+        print_error("%s: cannot read %s\n", name, refp);
+        fail();
+    }
+    moe_model *m = load_cpu(dir);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    int V = info.n_vocab, T = ref.n_tokens;
+    assert_int_equal(V, ref.n_vocab);
+    float *a = malloc((size_t)T * V * 4), *b = malloc((size_t)T * V * 4);
+    /* (a), (b), (d): every n_batch and token-by-token steps, f32 KV */
+    static const int batches[] = {256, 64, 7, 1};
+    double err32 = 0;
+    for (size_t bi = 0; bi < sizeof batches / sizeof batches[0]; bi++) {
+        moe_ctx *c = new_ctx(m, 256, MOE_KV_F32, 1, batches[bi]);
+        run_steps(c, ref.tokens, T, batches[bi] == 1 ? 1 : T, V, bi ? b : a);
+        assert_true(all_finite(bi ? b : a, (size_t)T * V));
+        if (bi) assert_memory_equal(a, b, (size_t)T * V * 4);
+        moe_ctx_free(c);
+    }
+    {   /* token by token steps of one token each, with the default n_batch */
+        moe_ctx *c = new_ctx(m, 256, MOE_KV_F32, 1, 0);
+        run_steps(c, ref.tokens, T, 1, V, b);
+        assert_memory_equal(a, b, (size_t)T * V * 4);
+        moe_ctx_free(c);
+    }
+    err32 = max_rel(a, ref.logits, T, V);
+    /* f16 KV */
+    moe_ctx *c16 = new_ctx(m, 256, MOE_KV_F16, 1, 0);
+    run_steps(c16, ref.tokens, T, T, V, b);
+    double err16 = max_rel(b, ref.logits, T, V);
+    assert_true(all_finite(b, (size_t)T * V));
+    moe_ctx_free(c16);
+    /* (c) greedy */
+    moe_ctx *g = new_ctx(m, 256, MOE_KV_F32, 0, 0);
+    assert_int_equal(moe_step(g, ref.tokens, ref.n_prompt), MOE_OK);
+    int same = 0;
+    for (int i = 0; i < ref.n_greedy; i++) {
+        int t = argmax(moe_logits(g, -1), V);
+        if (t != ref.greedy[i]) break;
+        same++;
+        assert_int_equal(moe_step(g, &t, 1), MOE_OK);
+    }
+    moe_ctx_free(g);
+    printf("  %-10s f32 KV max|dlogit|/range %.3e, f16 KV %.3e, greedy %d/%d (ref min margin %.3g)\n", name, err32, err16, same,
+           ref.n_greedy, (double)ref.min_margin);
+    assert_true(err32 <= TOL_F32);
+    assert_true(err16 <= TOL_F16);
+    assert_int_equal(same, ref.n_greedy);
+
+    /* (e) rewind: a context with checkpoints every 64 tokens (n_ctx 512 → 64) fed in chunks of
+       50 (chunk starts 0, 50, 64, 100, 114, ...), rewound to positions before / at / after a
+       checkpoint and inside chunks, then fed the rest in one step */
+    const int rewind_to[] = {T - 8, T > 70 ? 70 : T / 2 + 3, T > 64 ? 64 : T / 2, T / 4, 0, T - 27};
+    moe_ctx *c = new_ctx(m, 512, MOE_KV_F32, 1, 50);
+    run_steps(c, ref.tokens, T, 50, V, a);
+    for (size_t r = 0; r < sizeof rewind_to / sizeof rewind_to[0]; r++) {
+        int p = rewind_to[r];
+        assert_int_equal(moe_ctx_rewind(c, p), MOE_OK);
+        assert_int_equal(moe_ctx_pos(c), p);
+        /* re-feed in the original chunking: bit-identical */
+        for (int i = p; i < T;) {
+            int e = (i / 50 + 1) * 50;
+            int n64 = (i / 64 + 1) * 64; /* chunks also end at checkpoints */
+            if (n64 < e) e = n64;
+            if (e > T) e = T;
+            assert_int_equal(moe_step(c, ref.tokens + i, e - i), MOE_OK);
+            for (int j = 0; j < e - i; j++) memcpy(b + (size_t)(i + j) * V, moe_logits(c, j), (size_t)V * 4);
+            i = e;
+        }
+        if (memcmp(a + (size_t)p * V, b + (size_t)p * V, (size_t)(T - p) * V * 4)) {
+            print_error("%s: rewind to %d: logits differ (max rel %.3e)\n", name, p, max_rel(b + (size_t)p * V, a + (size_t)p * V, T - p, V));
+            fail();
+        }
+    }
+    /* (f) save / load at sp, continue in a fresh context */
+    const int sp = T * 7 / 10;
+    assert_int_equal(moe_ctx_rewind(c, sp), MOE_OK);
+    size_t sz = 0;
+    assert_int_equal(moe_ctx_save(c, NULL, 0, &sz), MOE_OK);
+    size_t rec = 0;
+    for (int s = 0; s < m->w.hp.n_state; s++) rec += ((size_t)m->w.states[s].conv_elems + (size_t)m->w.states[s].rec_elems) * 4;
+    assert_true(sz > rec);
+    uint8_t *buf = malloc(sz);
+    assert_int_equal(moe_ctx_save(c, buf, sz, &sz), MOE_OK);
+    moe_ctx *d = new_ctx(m, 512, MOE_KV_F32, 1, 50);
+    assert_int_equal(moe_ctx_load(d, buf, sz), MOE_OK);
+    assert_int_equal(moe_ctx_pos(d), sp);
+    assert_int_equal(moe_step(d, ref.tokens + sp, T - sp), MOE_OK);
+    assert_int_equal(moe_step(c, ref.tokens + sp, T - sp), MOE_OK);
+    for (int j = 0; j < T - sp; j++) assert_memory_equal(moe_logits(d, j), moe_logits(c, j), (size_t)V * 4);
+    /* a rewind after the load (no checkpoints came with it: replayed from 0) */
+    assert_int_equal(moe_ctx_rewind(d, T / 3), MOE_OK);
+    assert_int_equal(moe_step(d, ref.tokens + T / 3, 10), MOE_OK);
+    assert_memory_equal(moe_logits(d, 9), a + (size_t)(T / 3 + 9) * V, (size_t)V * 4);
+    free(buf);
+    moe_ctx_free(d);
+    moe_ctx_free(c);
+
+    /* (h) the model as a GGUF with llama.cpp's names */
+    char gp[256];
+    snprintf(gp, sizeof gp, "build/test/%s.gguf", name);
+    moe_status st = moe_model_save(m, gp, NULL);
+    if (st) print_error("moe_model_save: %s\n", moe_last_error());
+    assert_int_equal(st, MOE_OK);
+    moe_model *mg = load_cpu(gp);
+    c = new_ctx(mg, 256, MOE_KV_F32, 1, 0);
+    run_steps(c, ref.tokens, T, T, V, b);
+    double errg = max_rel(b, ref.logits, T, V);
+    printf("  %-10s GGUF written from the directory: max|dlogit|/range %.3e\n", name, errg);
+    assert_true(errg <= TOL_F32);
+    moe_ctx_free(c);
+    moe_model_free(mg);
+
+    free(a);
+    free(b);
+    moe_model_free(m);
+    free(ref.buf);
+}
+
+static void test_qwen3next(void **state) { (void)state; check_fixture("qwen3next"); }
+static void test_qwen35moe(void **state) { (void)state; check_fixture("qwen35moe"); }
+static void test_qwen35(void **state) { (void)state; check_fixture("qwen35"); }
+
+/* (g) 4,000 random tokens through each model: finite logits at every position */
+static void test_long_prompt(void **state) {
+    (void)state;
+    for (size_t f = 0; f < sizeof k_fixtures / sizeof k_fixtures[0]; f++) {
+        char dir[256];
+        snprintf(dir, sizeof dir, "%s/%s", fixture_dir(), k_fixtures[f]);
+        moe_model *m = load_cpu(dir);
+        int V = m->w.hp.n_vocab, T = 4000;
+        int32_t *tok = malloc((size_t)T * 4);
+        uint64_t x = 12345;
+        for (int i = 0; i < T; i++) x = x * 6364136223846793005ull + 1442695040888963407ull, tok[i] = (int32_t)((x >> 33) % (uint64_t)V);
+        moe_ctx *c = new_ctx(m, 4096, MOE_KV_F16, 1, 512);
+        assert_int_equal(moe_step(c, tok, T), MOE_OK);
+        for (int i = 0; i < T; i++) assert_true(all_finite(moe_logits(c, i), (size_t)V));
+        moe_ctx_free(c);
+        free(tok);
+        moe_model_free(m);
+    }
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_qwen3next),
+        cmocka_unit_test(test_qwen35moe),
+        cmocka_unit_test(test_qwen35),
+        cmocka_unit_test(test_long_prompt),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
