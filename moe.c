@@ -5887,8 +5887,9 @@ typedef struct cpu_ctx {
     size_t st_elems;
     float *ckpt;               /* [n_ckpt][st_elems] checkpoints */
     int n_ckpt;
-    float *dn_buf;             /* per thread: q̂, k̂ (k_dim each) and u (v_dim) */
+    float *dn_buf;             /* per thread: the delta rule's scratch (token or chunked form) */
     size_t dn_buf_len;
+    int dn_chunked;            /* MOE_CPU_DN_CHUNKED=1: prefill in the chunked (WY) form */
 } cpu_ctx;
 
 struct moe_ctx {
@@ -6448,10 +6449,96 @@ static void dn_head_task(void *arg, int64_t jj, int thread) {
     }
 }
 
+/* The chunked (WY) form of the same recurrence (ARCHITECTURES.md §3.4, HF's chunk_gated_delta_rule),
+   in sub-chunks of DN_CHUNK tokens counted from the op's first token. Within a sub-chunk of L
+   tokens, G_i = Σ_{s<=i} g_s, A_ij = -β_i e^{G_i-G_j} k̂_i·k̂_j (j < i):
+     (I - A) U = diag(β) V,  (I - A) W = diag(β e^G) K̂   (forward substitution)
+     V' = U - W S0;  O_i = e^{G_i} q̂_i S0 + Σ_{j<=i} e^{G_i-G_j} (q̂_i·k̂_j) V'_j
+     S = e^{G_L} S0 + Σ_i e^{G_L-G_i} k̂_i ⊗ V'_i.
+   Row i uses rows <= i only, so a chunk cut short (a rewind's replay) gives the same rows.
+   Mathematically equal to the token recurrence; the rounding differs (~1e-6 relative), so it is
+   opt-in (MOE_CPU_DN_CHUNKED=1): the default keeps prefill == decode bit for bit. */
+#define DN_CHUNK 64
+
+static size_t dn_chunk_scratch(int dk, int dv) { return (size_t)DN_CHUNK * (size_t)(3 * dk + 2 * dv + DN_CHUNK + 2); }
+
+static void dn_chunk_head_task(void *arg, int64_t jj, int thread) {
+    const dn_job *jb = arg;
+    cpu_ctx *cc = jb->cc;
+    const moe_deltanet *dn = jb->dn;
+    int j = (int)jj, nk = dn->n_k_head, nv = dn->n_v_head, dk = dn->k_dim, dv = dn->v_dim, r = nv / nk;
+    int kh = dn->v_tiled ? j % nk : j / r, C = dn_channels(dn);
+    float *S = cc->st + cc->st_off[dn->state] + (size_t)cc->w->states[dn->state].conv_elems + (size_t)j * (size_t)dk * (size_t)dv;
+    float *Q = cc->dn_buf + (size_t)thread * cc->dn_buf_len, *Kh = Q + DN_CHUNK * dk, *Wm = Kh + DN_CHUNK * dk;
+    float *U = Wm + DN_CHUNK * dk, *Vv = U + DN_CHUNK * dv, *A = Vv + DN_CHUNK * dv, *G = A + DN_CHUNK * DN_CHUNK, *B = G + DN_CHUNK;
+    float qscale = 1.0f / sqrtf((float)dk);
+    for (int c0 = 0; c0 < jb->n; c0 += DN_CHUNK) {
+        int L = jb->n - c0 < DN_CHUNK ? jb->n - c0 : DN_CHUNK;
+        float gsum = 0;
+        for (int t = 0; t < L; t++) {
+            const float *x = act_row(cc, ACT_DN_CONV, c0 + t, C);
+            const float *qs = x + (size_t)kh * dk, *ks = x + (size_t)(nk + kh) * dk, *v = x + 2 * (size_t)nk * dk + (size_t)j * dv;
+            float qi = 1.0f / sqrtf(cc->k.dot(qs, qs, dk) + 1e-6f), ki = 1.0f / sqrtf(cc->k.dot(ks, ks, dk) + 1e-6f);
+            for (int i = 0; i < dk; i++) Q[t * dk + i] = qs[i] * qi * qscale, Kh[t * dk + i] = ks[i] * ki;
+            memcpy(Vv + (size_t)t * dv, v, (size_t)dv * sizeof *v);
+            float b, a;
+            if (dn->ba_grouped) {
+                const float *row = act_row(cc, ACT_DN_BETA, c0 + t, 2 * nv) + (size_t)(j / r) * 2 * (size_t)r;
+                b = row[j % r], a = row[r + j % r];
+            } else b = act_row(cc, ACT_DN_BETA, c0 + t, nv)[j], a = act_row(cc, ACT_DN_ALPHA, c0 + t, nv)[j];
+            float z = a + jb->dt[j], sp = z > 20.0f ? z : log1pf(expf(z));
+            B[t] = sigmoid_f(b);
+            G[t] = gsum += jb->a_coef[j] * sp;
+        }
+        for (int t = 0; t < L; t++) { /* forward substitution, row by row */
+            for (int s = 0; s < t; s++) A[t * DN_CHUNK + s] = -B[t] * expf(G[t] - G[s]) * cc->k.dot(Kh + (size_t)t * dk, Kh + (size_t)s * dk, dk);
+            float eg = B[t] * expf(G[t]);
+            for (int d = 0; d < dv; d++) U[t * dv + d] = B[t] * Vv[t * dv + d];
+            for (int i = 0; i < dk; i++) Wm[t * dk + i] = eg * Kh[t * dk + i];
+            for (int s = 0; s < t; s++) {
+                float a = A[t * DN_CHUNK + s];
+                for (int d = 0; d < dv; d++) U[t * dv + d] += a * U[s * dv + d];
+                for (int i = 0; i < dk; i++) Wm[t * dk + i] += a * Wm[s * dk + i];
+            }
+            /* V'_t = U_t - W_t S0, into v_t's place (U stays for the later rows' substitution) */
+            float *vp = Vv + (size_t)t * dv;
+            memcpy(vp, U + (size_t)t * dv, (size_t)dv * sizeof *vp);
+            for (int i = 0; i < dk; i++) {
+                float w = Wm[t * dk + i];
+                const float *srow = S + (size_t)i * dv;
+                for (int d = 0; d < dv; d++) vp[d] -= w * srow[d];
+            }
+            /* O_t = e^{G_t} q̂_t S0 + Σ_{s<=t} e^{G_t-G_s} (q̂_t·k̂_s) V'_s */
+            float *o = act_row(cc, ACT_DN_O, c0 + t, nv * dv) + (size_t)j * dv;
+            memset(o, 0, (size_t)dv * sizeof *o);
+            float et = expf(G[t]);
+            for (int i = 0; i < dk; i++) {
+                float qv = Q[t * dk + i] * et;
+                const float *srow = S + (size_t)i * dv;
+                for (int d = 0; d < dv; d++) o[d] += qv * srow[d];
+            }
+            for (int s = 0; s <= t; s++) {
+                float c = expf(G[t] - G[s]) * cc->k.dot(Q + (size_t)t * dk, Kh + (size_t)s * dk, dk);
+                for (int d = 0; d < dv; d++) o[d] += c * Vv[s * dv + d];
+            }
+        }
+        /* S = e^{G_L} S0 + Σ_t e^{G_L - G_t} k̂_t ⊗ V'_t */
+        float eL = expf(G[L - 1]);
+        for (int i = 0; i < dk; i++) {
+            float *srow = S + (size_t)i * dv;
+            for (int d = 0; d < dv; d++) srow[d] *= eL;
+            for (int t = 0; t < L; t++) {
+                float c = expf(G[L - 1] - G[t]) * Kh[t * dk + i];
+                for (int d = 0; d < dv; d++) srow[d] += c * Vv[t * dv + d];
+            }
+        }
+    }
+}
+
 static void cpu_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
     cpu_ctx *cc = be;
     dn_job j = {cc, dn, (const float *)a_coef->data, (const float *)dt_bias->data, n};
-    pool_run(cc->pool, dn_head_task, &j, dn->n_v_head);
+    pool_run(cc->pool, cc->dn_chunked && n > 1 ? dn_chunk_head_task : dn_head_task, &j, dn->n_v_head);
 }
 
 static void cpu_gated_rmsnorm(void *be, int dst, int gate, const moe_weight *w, int n_rows, int width, float eps) {
@@ -6589,7 +6676,10 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
         cc->st_elems += (size_t)w->states[i].conv_elems + (size_t)w->states[i].rec_elems;
         const moe_deltanet *dn = &w->layers[w->states[i].layer].p.dn;
         if ((size_t)(2 * dn->k_dim + dn->v_dim) > max_dn) max_dn = (size_t)(2 * dn->k_dim + dn->v_dim);
+        if (dn_chunk_scratch(dn->k_dim, dn->v_dim) > max_dn) max_dn = dn_chunk_scratch(dn->k_dim, dn->v_dim);
     }
+    const char *chunked = getenv("MOE_CPU_DN_CHUNKED");
+    cc->dn_chunked = chunked && chunked[0] == '1';
     cc->n_ckpt = ns ? shape->n_ckpt : 0;
     cc->dn_buf_len = max_dn;
     ok = ok && (cc->st = cc_alloc(cc, (cc->st_elems ? cc->st_elems : 1) * sizeof(float)));

@@ -185,8 +185,27 @@ MOE_API moe_status   moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_t
 MOE_API const float *moe_logits(const moe_ctx *ctx, int32_t i);
 MOE_API int32_t      moe_ctx_pos(const moe_ctx *ctx);            /* tokens currently in the context */
 MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the first pos tokens, forget the rest */
+/* REWIND AND RECURRENT STATE (hybrid Gated DeltaNet models: Qwen3-Next, Qwen3.5). A KV cache is
+   rewound by moving the position; a recurrent state (per DeltaNet layer: the conv's last 3
+   inputs and an f32 nv × k_dim × v_dim matrix) cannot be, so such a context also keeps
+     - the token history (4 bytes per position) and where each forward chunk began (1 byte),
+     - checkpoints of all recurrent states at every K-th position, K = n_ctx / 8 rounded up to a
+       multiple of 64 (at least 64): floor((n_ctx - 1) / K) <= 7 slots. Chunks of moe_step also
+       end at multiples of K so the checkpoints land there.
+   moe_ctx_rewind(ctx, pos) restores the newest checkpoint at or before pos (or the empty state)
+   and feeds the tokens from there to pos again, in the chunks they first went through, the last
+   one cut at pos. Every op computes a token from earlier tokens only, the same way whatever the
+   chunk, so the result is bit-identical to having stopped at pos.
+   Cost: memory of (slots + 1) copies of the recurrent state per context — Qwen3-Next-80B
+   (36 layers × (2 MiB + 96 KiB)): 75 MiB per copy, 603 MiB for 8 copies at n_ctx 4096;
+   Qwen3.5-397B (45 × (4 MiB + 144 KiB)): 186 MiB per copy, 1.46 GiB for 8 — plus 5 bytes per
+   position; time: up to K - 1 tokens of prefill per rewind (less when pos is
+   near a checkpoint), none when pos is the current position. Rewinds after moe_ctx_load replay
+   from the start (or from checkpoints taken since), as snapshots carry only the live state. */
 
-/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL. */
+/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL. Hybrid models'
+   snapshots also carry the live recurrent states (f32), the token history and the chunk starts
+   (not the checkpoints): a restored context continues at full speed. */
 MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
