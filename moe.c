@@ -6460,7 +6460,13 @@ static void dn_head_task(void *arg, int64_t jj, int thread) {
    opt-in (MOE_CPU_DN_CHUNKED=1): the default keeps prefill == decode bit for bit. */
 #define DN_CHUNK 64
 
-static size_t dn_chunk_scratch(int dk, int dv) { return (size_t)DN_CHUNK * (size_t)(3 * dk + 2 * dv + DN_CHUNK + 2); }
+static size_t dn_chunk_scratch(int dk, int dv) { return 2 * ((size_t)DN_CHUNK * (size_t)(3 * dk + 2 * dv + DN_CHUNK + 2) + (size_t)dv); } /* doubles */
+
+static double dn_dot(const double *a, const double *b, int n) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
 
 static void dn_chunk_head_task(void *arg, int64_t jj, int thread) {
     const dn_job *jb = arg;
@@ -6469,18 +6475,20 @@ static void dn_chunk_head_task(void *arg, int64_t jj, int thread) {
     int j = (int)jj, nk = dn->n_k_head, nv = dn->n_v_head, dk = dn->k_dim, dv = dn->v_dim, r = nv / nk;
     int kh = dn->v_tiled ? j % nk : j / r, C = dn_channels(dn);
     float *S = cc->st + cc->st_off[dn->state] + (size_t)cc->w->states[dn->state].conv_elems + (size_t)j * (size_t)dk * (size_t)dv;
-    float *Q = cc->dn_buf + (size_t)thread * cc->dn_buf_len, *Kh = Q + DN_CHUNK * dk, *Wm = Kh + DN_CHUNK * dk;
-    float *U = Wm + DN_CHUNK * dk, *Vv = U + DN_CHUNK * dv, *A = Vv + DN_CHUNK * dv, *G = A + DN_CHUNK * DN_CHUNK, *B = G + DN_CHUNK;
+    /* the chunk's intermediates in double: the substitution amplifies rounding (f32 gave ~2e-5
+       of the logit range against the token recurrence, double ~4e-6); the state stays f32 */
+    double *Q = (double *)(void *)(cc->dn_buf + (size_t)thread * cc->dn_buf_len), *Kh = Q + DN_CHUNK * dk, *Wm = Kh + DN_CHUNK * dk;
+    double *U = Wm + DN_CHUNK * dk, *Vv = U + DN_CHUNK * dv, *A = Vv + DN_CHUNK * dv, *G = A + DN_CHUNK * DN_CHUNK, *B = G + DN_CHUNK;
     float qscale = 1.0f / sqrtf((float)dk);
     for (int c0 = 0; c0 < jb->n; c0 += DN_CHUNK) {
         int L = jb->n - c0 < DN_CHUNK ? jb->n - c0 : DN_CHUNK;
-        float gsum = 0;
+        double gsum = 0;
         for (int t = 0; t < L; t++) {
             const float *x = act_row(cc, ACT_DN_CONV, c0 + t, C);
             const float *qs = x + (size_t)kh * dk, *ks = x + (size_t)(nk + kh) * dk, *v = x + 2 * (size_t)nk * dk + (size_t)j * dv;
             float qi = 1.0f / sqrtf(cc->k.dot(qs, qs, dk) + 1e-6f), ki = 1.0f / sqrtf(cc->k.dot(ks, ks, dk) + 1e-6f);
             for (int i = 0; i < dk; i++) Q[t * dk + i] = qs[i] * qi * qscale, Kh[t * dk + i] = ks[i] * ki;
-            memcpy(Vv + (size_t)t * dv, v, (size_t)dv * sizeof *v);
+            for (int d = 0; d < dv; d++) Vv[t * dv + d] = v[d];
             float b, a;
             if (dn->ba_grouped) {
                 const float *row = act_row(cc, ACT_DN_BETA, c0 + t, 2 * nv) + (size_t)(j / r) * 2 * (size_t)r;
@@ -6491,46 +6499,49 @@ static void dn_chunk_head_task(void *arg, int64_t jj, int thread) {
             G[t] = gsum += jb->a_coef[j] * sp;
         }
         for (int t = 0; t < L; t++) { /* forward substitution, row by row */
-            for (int s = 0; s < t; s++) A[t * DN_CHUNK + s] = -B[t] * expf(G[t] - G[s]) * cc->k.dot(Kh + (size_t)t * dk, Kh + (size_t)s * dk, dk);
-            float eg = B[t] * expf(G[t]);
+            for (int s = 0; s < t; s++) A[t * DN_CHUNK + s] = -B[t] * exp(G[t] - G[s]) * dn_dot(Kh + (size_t)t * dk, Kh + (size_t)s * dk, dk);
+            double eg = B[t] * exp(G[t]);
             for (int d = 0; d < dv; d++) U[t * dv + d] = B[t] * Vv[t * dv + d];
             for (int i = 0; i < dk; i++) Wm[t * dk + i] = eg * Kh[t * dk + i];
             for (int s = 0; s < t; s++) {
-                float a = A[t * DN_CHUNK + s];
+                double a = A[t * DN_CHUNK + s];
                 for (int d = 0; d < dv; d++) U[t * dv + d] += a * U[s * dv + d];
                 for (int i = 0; i < dk; i++) Wm[t * dk + i] += a * Wm[s * dk + i];
             }
             /* V'_t = U_t - W_t S0, into v_t's place (U stays for the later rows' substitution) */
-            float *vp = Vv + (size_t)t * dv;
+            double *vp = Vv + (size_t)t * dv;
             memcpy(vp, U + (size_t)t * dv, (size_t)dv * sizeof *vp);
             for (int i = 0; i < dk; i++) {
-                float w = Wm[t * dk + i];
+                double w = Wm[t * dk + i];
                 const float *srow = S + (size_t)i * dv;
                 for (int d = 0; d < dv; d++) vp[d] -= w * srow[d];
             }
             /* O_t = e^{G_t} q̂_t S0 + Σ_{s<=t} e^{G_t-G_s} (q̂_t·k̂_s) V'_s */
+            double *oa = B + DN_CHUNK; /* one output row */
             float *o = act_row(cc, ACT_DN_O, c0 + t, nv * dv) + (size_t)j * dv;
-            memset(o, 0, (size_t)dv * sizeof *o);
-            float et = expf(G[t]);
+            double et = exp(G[t]);
+            for (int d = 0; d < dv; d++) oa[d] = 0;
             for (int i = 0; i < dk; i++) {
-                float qv = Q[t * dk + i] * et;
+                double qv = Q[t * dk + i] * et;
                 const float *srow = S + (size_t)i * dv;
-                for (int d = 0; d < dv; d++) o[d] += qv * srow[d];
+                for (int d = 0; d < dv; d++) oa[d] += qv * srow[d];
             }
             for (int s = 0; s <= t; s++) {
-                float c = expf(G[t] - G[s]) * cc->k.dot(Q + (size_t)t * dk, Kh + (size_t)s * dk, dk);
-                for (int d = 0; d < dv; d++) o[d] += c * Vv[s * dv + d];
+                double c = exp(G[t] - G[s]) * dn_dot(Q + (size_t)t * dk, Kh + (size_t)s * dk, dk);
+                for (int d = 0; d < dv; d++) oa[d] += c * Vv[s * dv + d];
             }
+            for (int d = 0; d < dv; d++) o[d] = (float)oa[d];
         }
         /* S = e^{G_L} S0 + Σ_t e^{G_L - G_t} k̂_t ⊗ V'_t */
-        float eL = expf(G[L - 1]);
+        double eL = exp(G[L - 1]), *acc = Wm; /* W is done with: one state row at a time */
         for (int i = 0; i < dk; i++) {
             float *srow = S + (size_t)i * dv;
-            for (int d = 0; d < dv; d++) srow[d] *= eL;
+            for (int d = 0; d < dv; d++) acc[d] = srow[d] * eL;
             for (int t = 0; t < L; t++) {
-                float c = expf(G[L - 1] - G[t]) * Kh[t * dk + i];
-                for (int d = 0; d < dv; d++) srow[d] += c * Vv[t * dv + d];
+                double c = exp(G[L - 1] - G[t]) * Kh[t * dk + i];
+                for (int d = 0; d < dv; d++) acc[d] += c * Vv[t * dv + d];
             }
+            for (int d = 0; d < dv; d++) srow[d] = (float)acc[d];
         }
     }
 }
@@ -6678,6 +6689,7 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
         if ((size_t)(2 * dn->k_dim + dn->v_dim) > max_dn) max_dn = (size_t)(2 * dn->k_dim + dn->v_dim);
         if (dn_chunk_scratch(dn->k_dim, dn->v_dim) > max_dn) max_dn = dn_chunk_scratch(dn->k_dim, dn->v_dim);
     }
+    max_dn += max_dn & 1; /* even: each thread's part starts 8-byte aligned */
     const char *chunked = getenv("MOE_CPU_DN_CHUNKED");
     cc->dn_chunked = chunked && chunked[0] == '1';
     cc->n_ckpt = ns ? shape->n_ckpt : 0;

@@ -1,12 +1,18 @@
 /* test_hybrid — the hybrid Gated DeltaNet models (Qwen3-Next, Qwen3.5-MoE, dense Qwen3.5)
    against Hugging Face transformers, and their recurrent state: rewind, save / load.
 
-   Fixtures (gen/make_hybrid_fixtures.py, run on the GPU machine): test/fixtures/<name>/ is a
-   Hugging Face directory as transformers' save_pretrained wrote it (float32 weights; the Qwen3.5
-   ones multimodal, with a vision tower that is skipped), <name>.ref holds transformers' float32
-   logits for every position of a 128-token sequence (its prefill: the chunked delta rule, chunk
-   64) and a 32-token greedy continuation (its decode: token-by-token recurrence) of the first 100.
-   5 layers: 4 Gated DeltaNet, 1 gated full attention (layer 3); 2 key heads, 4 value heads.
+   Fixtures: test/fixtures/<name>/ is a Hugging Face directory (config.json + model.safetensors,
+   float32; Qwen3-Next with the interleaved in_proj_qkvz / in_proj_ba and one tensor per expert,
+   the Qwen3.5 ones multimodal-style under model.language_model. with fused experts and a
+   text_config), <name>.ref the logits of every position of a 128-token sequence and a 16-token
+   greedy continuation of the first 112. 5 layers: 4 Gated DeltaNet, 1 gated full attention
+   (layer 3); 2 key heads, 4 value heads (so the value-head order matters); random norms stored
+   as HF's w of (1 + w).
+   THE COMMITTED FIXTURES COME FROM gen/hybrid_ref.py (`make` 7, `ref` 128), an independent
+   pure-Python float64 implementation of ARCHITECTURES.md §3 (the GPU machine, and with it
+   transformers, was not available when they were made). gen/make_hybrid_fixtures.py writes
+   transformers' versions (save_pretrained directories and .ref files of the same format, 32
+   greedy tokens after 100) into the same paths; this test runs unchanged on them.
 
    Per fixture, CPU backend in the bit-reproducible mode (cpu_exact = 1):
    (a) prefill of the whole sequence (logits_all) with n_batch 256, 64, 7 and 1: every logit row
@@ -21,8 +27,10 @@
    (f) save at a position, load into a fresh context, continue: bit-identical logits; the size
        query counts the recurrent state;
    (g) a 4,000-token prompt (random tokens) gives finite logits everywhere;
-   (h) the model written as GGUF (moe_model_save: llama.cpp's names) loads and gives the same
-       logits as the directory (within TOL_F32: f32 weights either way).
+   (h) the model written as GGUF (moe_model_save: llama.cpp's names, Qwen3.5 value heads in
+       llama.cpp's tiled order) loads and gives the same logits (within TOL_F32);
+   (i) the chunked (WY) prefill (MOE_CPU_DN_CHUNKED=1) within 1e-5 of the token recurrence, and
+       its rewinds bit-identical to a context that never went past the position.
    The errors are printed so they can be reported. */
 #include "../moe.c"
 #include "../moe_vk.c"
