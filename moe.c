@@ -6692,7 +6692,7 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     max_dn += max_dn & 1; /* even: each thread's part starts 8-byte aligned */
     const char *chunked = getenv("MOE_CPU_DN_CHUNKED");
     cc->dn_chunked = chunked && chunked[0] == '1';
-    cc->n_ckpt = ns ? shape->n_ckpt : 0;
+    cc->n_ckpt = ns ? moe_ckpt_slots(shape->n_ctx) : 0;
     cc->dn_buf_len = max_dn;
     ok = ok && (cc->st = cc_alloc(cc, (cc->st_elems ? cc->st_elems : 1) * sizeof(float)));
     ok = ok && (cc->ckpt = cc_alloc(cc, mul_or_zero(cc->n_ckpt ? (size_t)cc->n_ckpt : 1, cc->st_elems ? cc->st_elems : 1) * sizeof(float)));
@@ -6716,8 +6716,6 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
 /* 8. contexts                                                                                   */
 /* ============================================================================================ */
 #define MOE_DEFAULT_N_BATCH 256
-#define MOE_STATE_CKPTS 8      /* recurrent-state checkpoints cover the context in about this many steps */
-#define MOE_CKPT_ALIGN 64      /* ... of a multiple of this many tokens */
 
 moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx **out) {
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: out is NULL");
@@ -6750,12 +6748,10 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
     }
     c->logits_cap = 1;
-    moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact, 0};
+    moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact};
     if (hp->n_state) { /* recurrent states: token history and checkpoints (moe_ctx_rewind) */
-        int32_t k = (c->n_ctx + MOE_STATE_CKPTS - 1) / MOE_STATE_CKPTS;
-        k = k < MOE_CKPT_ALIGN ? MOE_CKPT_ALIGN : (k + MOE_CKPT_ALIGN - 1) / MOE_CKPT_ALIGN * MOE_CKPT_ALIGN;
-        c->ckpt_every = k;
-        c->n_ckpt = shape.n_ckpt = (c->n_ctx - 1) / k;
+        c->ckpt_every = moe_ckpt_every(c->n_ctx);
+        c->n_ckpt = moe_ckpt_slots(c->n_ctx);
         c->hist = moe_calloc((size_t)c->n_ctx, sizeof *c->hist);
         c->seg = moe_calloc((size_t)c->n_ctx, 1);
         c->ckpt_ok = moe_calloc((size_t)(c->n_ckpt ? c->n_ckpt : 1), 1);

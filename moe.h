@@ -480,8 +480,17 @@ static inline moe_weight *moe_weight_of(const moe_weights *w, int layer, int rol
 typedef struct moe_ctx_shape {
     int32_t n_ctx, n_batch, kv_type, logits_all, n_threads;
     int32_t cpu_exact;     /* CPU backend: f32 activations in matrix products (moe_load_params) */
-    int32_t n_ckpt;        /* recurrent-state checkpoint slots (models with recurrent states) */
 } moe_ctx_shape;
+
+/* Models with recurrent states: a context of n_ctx positions checkpoints them every
+   moe_ckpt_every(n_ctx) positions, in moe_ckpt_slots(n_ctx) slots (see moe_ctx_rewind). */
+#define MOE_STATE_CKPTS 8      /* checkpoints cover the context in about this many steps */
+#define MOE_CKPT_ALIGN 64      /* ... of a multiple of this many tokens */
+static inline int32_t moe_ckpt_every(int32_t n_ctx) {
+    int32_t k = (n_ctx + MOE_STATE_CKPTS - 1) / MOE_STATE_CKPTS;
+    return k < MOE_CKPT_ALIGN ? MOE_CKPT_ALIGN : (k + MOE_CKPT_ALIGN - 1) / MOE_CKPT_ALIGN * MOE_CKPT_ALIGN;
+}
+static inline int32_t moe_ckpt_slots(int32_t n_ctx) { return (n_ctx - 1) / moe_ckpt_every(n_ctx); }
 
 /* The forward pass is written once against this op interface. The CPU backend runs each op at
    once; the Vulkan backend records it into the step's command buffer. Activations are
