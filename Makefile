@@ -12,9 +12,14 @@ EXAMPLES = $(patsubst examples/%.c,$(B)/%,$(wildcard examples/*.c))
 GENTOOLS = $(B)/synth_model
 TESTS    = $(patsubst test/%.c,%,$(wildcard test/test_*.c))
 
-.PHONY: vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
+PHONY_EXTRA = test-pedantic test-abi test-readme fuzz fuzz-build fuzz-run fuzz-available test-fuzz
+.PHONY: $(PHONY_EXTRA) vocabs all lib examples test test-unit test-asan test-tsan test-valgrind test-clang test-dropin test-python run shaders shaders-check clean deps
 
 all: lib examples $(GENTOOLS)
+
+# the shared library's SONAME carries the ABI version (moe.h: MOE_ABI_VERSION; see VERSIONS there)
+ABI     := $(shell sed -n 's/^\#define MOE_ABI_VERSION \([0-9][0-9]*\).*/\1/p' moe.h)
+SONAME   = libmoe.so.$(ABI)
 
 lib: $(B)/libmoe.a $(B)/libmoe.so
 examples: $(EXAMPLES)
@@ -26,8 +31,11 @@ $(B)/obj/%.o: %.c moe.h
 $(B)/libmoe.a: $(LIB_OBJ)
 	ar rcs $@ $^
 
-$(B)/libmoe.so: $(LIB_OBJ)
-	$(CC) -shared -o $@ $^ $(LDLIBS)
+$(B)/$(SONAME): $(LIB_OBJ)
+	$(CC) -shared -Wl,-soname,$(SONAME) -o $@ $^ $(LDLIBS)
+
+$(B)/libmoe.so: $(B)/$(SONAME)
+	ln -sf $(SONAME) $@
 
 $(B)/%: examples/%.c $(B)/libmoe.a moe.h
 	$(CC) $(WARN) $(CFLAGS) -I. $< $(B)/libmoe.a -o $@ $(LDLIBS)
@@ -45,14 +53,15 @@ $(B)/embed_shaders: gen/embed_shaders.c
 	$(CC) $(WARN) $(CFLAGS) $< -o $@
 
 shaders: $(B)/embed_shaders
-	./$(B)/embed_shaders gen shaders_embedded.c
+	./$(B)/embed_shaders gen moe_vk.c shaders_embedded.c
 
-# Fails when shaders_embedded.c is stale: its recorded source hash must match gen/ (always
+# Fails when gen/contract.glsl (the push-constant layouts copied from moe_vk.c's host-shader
+# contract) or shaders_embedded.c is stale: its recorded source hash must match gen/ and the contract (always
 # checked), and with glslangValidator installed it must equal a fresh compile byte for byte.
 shaders-check: $(B)/embed_shaders
-	@./$(B)/embed_shaders --check gen shaders_embedded.c
+	@./$(B)/embed_shaders --check gen moe_vk.c shaders_embedded.c
 	@if command -v glslangValidator >/dev/null 2>&1; then \
-	  ./$(B)/embed_shaders gen $(B)/shaders_fresh.c && cmp -s $(B)/shaders_fresh.c shaders_embedded.c || \
+	  ./$(B)/embed_shaders gen moe_vk.c $(B)/shaders_fresh.c && cmp -s $(B)/shaders_fresh.c shaders_embedded.c || \
 	  { echo "shaders_embedded.c differs from a fresh compile of gen/: run make shaders"; exit 1; }; \
 	  echo "== shaders_embedded.c matches a fresh compile of gen/"; \
 	else echo "== shaders_embedded.c source hash matches gen/ (glslangValidator absent: SPIR-V not recompiled)"; fi
@@ -91,13 +100,14 @@ test-asan: $(TESTS:%=$(B)/asan/%) vocabs
 	  case $$t in *test_vulkan) e="$(VK_TEST_ENV)";; *) e="$(NO_VK_ENV)";; esac; \
 	  env $$e ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
 
-# one model shared by threads that each own a context: ThreadSanitizer on the API tests
+# one model shared by threads that each own a context: ThreadSanitizer on the API tests and on
+# the expert streaming tests (contexts sharing the host expert cache with its I/O threads)
 $(B)/tsan/%: test/%.c test/test_util.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O1 -g -fsanitize=thread -I. $< -o $@ -lcmocka $(LDLIBS)
 
-test-tsan: $(B)/tsan/test_api
-	@echo "== $< (tsan)"; $(NO_VK_ENV) TSAN_OPTIONS=halt_on_error=1 $<
+test-tsan: $(B)/tsan/test_api $(B)/tsan/test_stream
+	@for t in $^; do echo "== $$t (tsan)"; $(NO_VK_ENV) TSAN_OPTIONS=halt_on_error=1 $$t || exit 1; done
 
 # valgrind memcheck over the API and file-format tests (the plain -O2 build)
 test-valgrind: $(B)/test/test_api $(B)/test/test_gguf
@@ -114,21 +124,119 @@ test-clang:
 	  for f in $(LIB_SRC); do clang $(WARN) -O2 -c $$f -o /dev/null || exit 1; done; \
 	  else echo "clang not installed: skipped the clang build"; fi
 
+# ISO C: the four library files build clean with -pedantic under gcc and clang (no extensions,
+# no string literal beyond the 4095 characters C11 promises)
+PEDANTIC = -std=c11 -Wall -Wextra -pedantic -Werror
+test-pedantic:
+	@for f in $(LIB_SRC); do $(CC) $(PEDANTIC) -O2 -c $$f -o /dev/null || exit 1; done; echo "== $(CC) $(PEDANTIC): clean"
+	@if command -v clang >/dev/null; then \
+	  for f in $(LIB_SRC); do clang $(PEDANTIC) -O2 -c $$f -o /dev/null || exit 1; done; echo "== clang $(PEDANTIC): clean"; \
+	  else echo "clang not installed: skipped the clang -pedantic build"; fi
+
+# the shared library names its ABI: SONAME libmoe.so.<MOE_ABI_VERSION>, a program linked with -lmoe
+# records that name, and the library reports the same version at run time
+test-abi: lib
+	@readelf -d $(B)/libmoe.so | grep -q "SONAME.*\[$(SONAME)\]" || { echo "libmoe.so: SONAME is not $(SONAME)"; exit 1; }
+	@mkdir -p $(B)/abi && printf '#include "moe.h"\n#include <stdio.h>\nint main(void) { printf("%%d %%d\\n", moe_abi_version(), MOE_ABI_VERSION); return moe_abi_version() != MOE_ABI_VERSION || moe_struct_size(MOE_STRUCT_LOAD_PARAMS) != sizeof(moe_load_params); }\n' > $(B)/abi/abi.c
+	@$(CC) $(WARN) -I. $(B)/abi/abi.c -L$(B) -lmoe -o $(B)/abi/abi $(LDLIBS)
+	@readelf -d $(B)/abi/abi | grep -q "NEEDED.*\[$(SONAME)\]" || { echo "a program linked with -lmoe does not record $(SONAME)"; exit 1; }
+	@LD_LIBRARY_PATH=$(B) $(B)/abi/abi >/dev/null && echo "== shared library: SONAME $(SONAME), moe_abi_version() = $(ABI)"
+
+# the README's minimal program, exactly as printed there: it must build clean, generate text from
+# the bundled model and stop by itself
+test-readme: lib
+	@mkdir -p $(B)/readme && awk '/^```c$$/{f=1; next} /^```$$/{if (f) exit} f' README.md > $(B)/readme/minimal.c
+	@$(CC) $(WARN) -pedantic $(CFLAGS) -I. $(B)/readme/minimal.c $(B)/libmoe.a -o $(B)/readme/minimal $(LDLIBS)
+	@./$(B)/readme/minimal > $(B)/readme/out.txt
+	@head -c 12 $(B)/readme/out.txt | grep -q "And God said" && [ $$(wc -c < $(B)/readme/out.txt) -gt 40 ] || \
+	  { cat $(B)/readme/out.txt; echo "README minimal program: unexpected output"; exit 1; }
+	@echo "== README minimal program: builds -pedantic clean, generates: $$(head -c 60 $(B)/readme/out.txt | tr '\n' ' ')..."
+
 # drop-in check: the four library files compile on their own, no flags, no Makefile
 test-dropin:
 	@mkdir -p $(B)/dropin && cd $(B)/dropin && cc -c ../../moe.c ../../moe_vk.c ../../shaders_embedded.c && echo "== drop-in compile ok"
 
 test: deps
 	$(MAKE) all
-	$(MAKE) test-dropin test-clang shaders-check
+	$(MAKE) test-dropin test-clang test-pedantic test-abi test-readme shaders-check
 	$(MAKE) test-unit
 	$(MAKE) test-asan
 	$(MAKE) test-tsan
 	$(MAKE) test-valgrind
 	$(MAKE) test-python
+	$(MAKE) test-fuzz
+
+# BACKEND=auto (default: Vulkan on a GPU, else the CPU backend), cpu or vulkan (any Vulkan device,
+# CPU-type ones such as lavapipe included); the library's log lines say which one runs and why
+BACKEND ?= auto
+# ---- fuzzing -----------------------------------------------------------------------------------
+# libFuzzer harnesses (test/fuzz/fuzz_*.c) over the public API, with ASan+UBSan (LeakSanitizer on):
+# GGUF through a step, Hugging Face directories (safetensors + config.json), JSON and the
+# tokenizer.json/config.json readers, the tokenizer (round trips), moe_ctx_load. Seed corpora are
+# written by build/fuzz/make_seeds with moe's own writers; what the fuzzer finds new goes to
+# build/fuzz/corpus/NAME. `make fuzz` runs each for FUZZ_TIME seconds (300); `make test` for 30 s,
+# where clang has libFuzzer (skipped with a message otherwise).
+FUZZ_CC   ?= clang
+FUZZ_TIME ?= 300
+FUZZ_SAN   = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZERS    = gguf hf json tokenizer state
+FUZZ_OBJ   = $(B)/fuzz/obj/moe.o $(B)/fuzz/obj/moe_vk.o $(B)/fuzz/obj/shaders_embedded.o
+
+$(B)/fuzz/obj/moe.o: moe.c moe.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -std=c11 -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer-no-link -c $< -o $@
+$(B)/fuzz/obj/moe_vk.o: moe_vk.c moe.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -std=c11 -O1 -g $(FUZZ_SAN) -c $< -o $@
+$(B)/fuzz/obj/shaders_embedded.o: shaders_embedded.c moe.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -std=c11 -O0 -c $< -o $@
+$(B)/fuzz/fuzz_%: test/fuzz/fuzz_%.c test/fuzz/fuzz_common.h $(FUZZ_OBJ)
+	$(FUZZ_CC) -std=c11 -O1 -g -Wall -Wextra -Werror $(FUZZ_SAN) -fsanitize=fuzzer -I. $< $(FUZZ_OBJ) -o $@ $(LDLIBS)
+$(B)/fuzz/make_seeds: test/fuzz/make_seeds.c test/fuzz/fuzz_common.h $(LIB_SRC) moe.h
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) -O1 -g -I. $< -o $@ $(LDLIBS)
+$(B)/fuzz/seeds.stamp: $(B)/fuzz/make_seeds
+	rm -rf $(B)/fuzz/seeds $(B)/fuzz/models
+	./$(B)/fuzz/make_seeds $(B)/fuzz
+	@touch $@
+
+fuzz-build: $(FUZZERS:%=$(B)/fuzz/fuzz_%) $(B)/fuzz/seeds.stamp
+
+# runs every harness for FUZZ_TIME seconds; a crash, leak or timeout fails (its input is kept as
+# build/fuzz/crash-NAME-*: rerun with build/fuzz/fuzz_NAME FILE)
+fuzz-run:
+	@for f in $(FUZZERS); do \
+	  case $$f in tokenizer) s=tok;; *) s=$$f;; esac; \
+	  mkdir -p $(B)/fuzz/corpus/$$f; \
+	  echo "== fuzz_$$f: $(FUZZ_TIME) s"; \
+	  $(NO_VK_ENV) ./$(B)/fuzz/fuzz_$$f -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	    -artifact_prefix=$(B)/fuzz/crash-$$f- $(B)/fuzz/corpus/$$f $(B)/fuzz/seeds/$$s > $(B)/fuzz/fuzz_$$f.log 2>&1 \
+	    || { tail -40 $(B)/fuzz/fuzz_$$f.log; echo "fuzz_$$f failed (log: $(B)/fuzz/fuzz_$$f.log)"; exit 1; }; \
+	  grep -E "stat::number_of_executed_units|stat::peak_rss_mb" $(B)/fuzz/fuzz_$$f.log | tr '\n' ' '; \
+	  echo "corpus $$(ls $(B)/fuzz/corpus/$$f | wc -l) files"; \
+	done
+
+fuzz-available:
+	@printf 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' > $(B)/fuzz_probe.c
+	@$(FUZZ_CC) -fsanitize=fuzzer,address $(B)/fuzz_probe.c -o $(B)/fuzz_probe 2>/dev/null
+
+fuzz:
+	@mkdir -p $(B)
+	@$(MAKE) -s fuzz-available || { echo "make fuzz: $(FUZZ_CC) cannot build libFuzzer harnesses (-fsanitize=fuzzer): install clang"; exit 1; }
+	$(MAKE) fuzz-build
+	$(MAKE) fuzz-run
+
+# in make test: 30 s per harness where clang has libFuzzer
+test-fuzz:
+	@mkdir -p $(B)
+	@if $(MAKE) -s fuzz-available; then $(MAKE) fuzz-build && $(MAKE) fuzz-run FUZZ_TIME=30; \
+	  else echo "== fuzzing skipped: $(FUZZ_CC) has no libFuzzer (-fsanitize=fuzzer); Debian: apt-get install clang"; fi
 
 run: all
-	./$(B)/generate -m examples/models/tiny-moe-kjv-q8_0.gguf -p "And God said" -n 64
+	@case "$(BACKEND)" in auto|cpu|vulkan) ;; *) echo "make run: BACKEND must be auto, cpu or vulkan"; exit 2;; esac
+	@echo "make run: BACKEND=$(BACKEND) (auto: a GPU through Vulkan if there is one, else the CPU backend; BACKEND=cpu|vulkan chooses)"
+	./$(B)/generate -m examples/models/tiny-moe-kjv-q8_0.gguf -p "And God said" -n 64 -b $(BACKEND)
 
 clean:
 	rm -rf $(B)

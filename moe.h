@@ -2,7 +2,7 @@
 
    ABOUT
    moe loads a GGUF file (or a Hugging Face model directory) of a Mixture-of-Experts model
-   (Qwen3-MoE today; Gemma 4, Qwen3.5 / Qwen3-Next, gpt-oss, Mixtral / OLMoE by design) and lets
+   (Qwen3-MoE and Gemma 4 today; Qwen3.5 / Qwen3-Next, gpt-oss, Mixtral / OLMoE by design) and lets
    you drive generation one step at a time with your own sampling. Vendor four files into your
    project — moe.h, moe.c, moe_vk.c, shaders_embedded.c — and compile them with any C11 compiler:
 
@@ -10,23 +10,27 @@
 
    No other library is needed at build time; the Vulkan loader is opened at run time if present.
 
-   STEP BY STEP
+   STEP BY STEP (the README's minimal program is this with its error handling; make test runs it)
        moe_model *model = NULL;
        moe_load_params lp = {0};                 // all-zero = defaults
-       lp.backend = MOE_BACKEND_CPU;
        if (moe_load("model.gguf", &lp, &model) != MOE_OK) { puts(moe_last_error()); return 1; }
-
        moe_ctx *ctx = NULL;
        moe_ctx_new(model, NULL, &ctx);           // NULL params = defaults
+       moe_model_info info;
+       moe_model_get_info(model, &info);
 
-       moe_token prompt[] = {9707, 11, 1879};
-       moe_step(ctx, prompt, 3);                 // prefill
-       for (int i = 0; i < 32; i++) {
-           const float *logits = moe_logits(ctx, -1);
-           moe_token t = my_sampler(logits);     // or moe_sample()
+       moe_token tok[256];
+       int32_t n = moe_tokenize(model, text, text_len, tok, 256, MOE_TOKENIZE_ADD_SPECIAL);
+       moe_step(ctx, tok, n);                    // prefill
+       for (int i = 0; i < 200; i++) {
+           moe_token t = my_sampler(moe_logits(ctx, -1), info.n_vocab);   // or moe_sample()
+           if (moe_token_is_eog(model, t)) break;                         // end of generation
+           char piece[256];                      // bytes of one token, maybe part of a UTF-8 char:
+           int32_t len = moe_token_to_piece(model, t, piece, sizeof piece);
+           fwrite(piece, 1, len, stdout);        // pieces concatenated = moe_detokenize()
            moe_step(ctx, &t, 1);                 // decode one token
        }
-       moe_ctx_free(ctx);
+       moe_ctx_free(ctx);                        // every context before its model
        moe_model_free(model);
 
    ERRORS
@@ -36,15 +40,37 @@
    the file (4096 bytes)"). Nothing in the library calls exit() or abort() on bad input. A failed
    call leaves its object exactly as it was.
 
-   THREADS
+   THREADS AND LIFETIMES
    A moe_model is read-only after loading and can be shared by any number of threads. A moe_ctx
    belongs to one thread at a time; several contexts of one model may run concurrently. n_threads
    in moe_load_params sets how many worker threads each context uses on the CPU backend.
+   May run at the same time on different threads: any calls on different contexts (of one model
+   or not); the model's read-only calls (moe_tokenize, moe_token_to_piece, moe_detokenize,
+   moe_token_is_eog, moe_chat_apply, moe_model_get_info, moe_ctx_new, moe_model_save) on a shared
+   model, also while its contexts step; any calls on different samplers. Never at the same time:
+   two calls on one context or on one sampler, and a *_free with any other call on that object.
+   Free in reverse order of creation: every context of a model (moe_ctx_free) before the model
+   (moe_model_free); a moe_sampler depends on neither. A pointer from moe_logits() lives until the
+   next call on its context; moe_last_error()'s text until the next failing call on that thread.
 
    ABI
    No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
    values, every output buffer comes with its capacity. Functions that fill a caller buffer return
    the count written, or -(count needed) when the capacity is too small.
+
+   VERSIONS: WHEN STRUCTS GROW
+   Structs only grow at their end, and all-zero means "default" for every field, new ones
+   included: a program recompiled against a newer moe.h works unchanged. A program or binding
+   built against an OLDER moe.h is kept safe by the ABI version, not by run-time struct sizes:
+   every change of the binary interface (a struct that grows or changes, a function whose
+   arguments or meaning change) raises MOE_ABI_VERSION, and the shared library's SONAME is
+   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.1 and the link libmoe.so). A binary
+   linked against libmoe.so.1 keeps loading that library, or fails to start; it never runs
+   against structs of another size. Adding functions or enum values keeps MOE_ABI_VERSION.
+   Bindings that open the library by path (Python ctypes, C#, Go, Rust without moe.h) must compare
+   moe_abi_version() with the MOE_ABI_VERSION they were written for and refuse to run on a
+   mismatch; moe_struct_size() lets them check each struct they declare (python/moe.py does both).
+   Vendored sources (the four files compiled into your program) always agree with themselves.
 
    LICENSE: see LICENSE in the repository.
 */
@@ -85,17 +111,46 @@ enum { MOE_TOKENIZE_ADD_SPECIAL = 1, MOE_TOKENIZE_PARSE_SPECIAL = 2 };
 enum { MOE_LOG_ERROR = 0, MOE_LOG_WARN = 1, MOE_LOG_INFO = 2, MOE_LOG_DEBUG = 3 };
 
 MOE_API const char *moe_version(void);                /* "0.1.0" */
+
+/* ABI version of the library: see VERSIONS above; the shared library is libmoe.so.<this>. */
+#define MOE_ABI_VERSION 1
+MOE_API int32_t     moe_abi_version(void);            /* MOE_ABI_VERSION of the library as built */
+/* sizeof() of a public struct in the library as built (0 for an unknown id), for bindings to check
+   their own declarations against. */
+enum { MOE_STRUCT_LOAD_PARAMS = 1, MOE_STRUCT_MODEL_INFO = 2, MOE_STRUCT_CTX_PARAMS = 3, MOE_STRUCT_SAMPLER_PARAMS = 4,
+       MOE_STRUCT_SAVE_PARAMS = 5, MOE_STRUCT_STATS = 6 };
+MOE_API size_t      moe_struct_size(int32_t which);
 MOE_API const char *moe_status_str(moe_status s);     /* static string for a code */
 MOE_API const char *moe_last_error(void);             /* thread-local detail of the last failure on this thread */
 
 /* ---- load ---------------------------------------------------------------------------------- */
 typedef struct moe_load_params {            /* all-zero (or a NULL pointer) means defaults */
-    int32_t  backend;                       /* MOE_BACKEND_*; AUTO = Vulkan if usable, else CPU */
+    int32_t  backend;                       /* MOE_BACKEND_*; AUTO = Vulkan on a GPU if one is usable,
+                                               else the CPU backend (a CPU-type Vulkan device such as
+                                               lavapipe or SwiftShader is left to the CPU backend, which
+                                               is far faster there; VULKAN asked for explicitly uses it);
+                                               the choice and its reason go to log at MOE_LOG_INFO */
     int32_t  device_index;                  /* Vulkan physical device; 0 = best (discrete first) */
     int32_t  n_threads;                     /* CPU threads; 0 = all cores */
     int32_t  reserved0;
-    uint64_t gpu_budget_bytes;              /* 0 = no limit; below the model size, experts stream */
-    uint64_t host_budget_bytes;             /* 0 = no limit; below it, experts are read from disk on demand */
+    uint64_t gpu_budget_bytes;              /* 0 = no limit; caps the device memory of the weights (Vulkan).
+                                               Below what they take, non-expert weights stay resident and
+                                               the rest is a slot cache of experts; every expert also lives
+                                               in host-visible memory (expert bytes of host memory) that the
+                                               GPU reads a miss from; logits stay bit-identical. Below the
+                                               minimum working set MOE_ERR_NO_MEMORY naming it (AUTO then
+                                               takes the CPU); together with a host_budget_bytes below the
+                                               weights: MOE_ERR_UNSUPPORTED (not built yet) */
+    uint64_t host_budget_bytes;             /* 0 = no limit; caps the host memory of the weights. CPU backend:
+                                               below the weights, experts are read from the file with pread
+                                               into a cache of the budget less the non-expert weights, on
+                                               demand, with read-ahead of the next layer's predicted experts;
+                                               logits stay bit-identical. Below the minimum working set
+                                               (non-expert weights + one token's experts of a layer) moe_load
+                                               fails with MOE_ERR_NO_MEMORY naming it. Environment: MOE_EVICT=
+                                               lru (default) | lfu, MOE_PREFETCH=0 | 1 (default), MOE_IO_DIRECT=
+                                               1 (O_DIRECT reads), MOE_IO_THREADS=N (4). Vulkan: the experts'
+                                               mapped pages are dropped after the upload */
     int32_t (*progress)(float fraction, void *user);   /* optional; return non-zero to cancel the load */
     void    (*log)(int32_t level, const char *msg, void *user);  /* optional; default: silent */
     void    *user;
@@ -121,12 +176,14 @@ typedef struct moe_model_info {
     moe_token bos, eos;                     /* -1 when absent */
     uint64_t n_params, file_bytes;
     int32_t  backend;                       /* the backend actually in use */
+    uint64_t weight_bytes;                  /* all weights as stored */
+    uint64_t expert_bytes;                  /* routed-expert weights: what streaming keeps out of memory */
 } moe_model_info;
 MOE_API moe_status moe_model_get_info(const moe_model *model, moe_model_info *out);
 
 /* ---- tokenizer ----------------------------------------------------------------------------- */
 /* Vocabularies: byte-level BPE (GGUF "gpt2": Qwen2/Qwen3, gpt-oss/GPT-4o, Llama-3, GPT-2 splits)
-   and SentencePiece-style BPE with byte fallback (GGUF "llama", Gemma), from GGUF metadata or a
+   and SentencePiece-style BPE with byte fallback (GGUF "llama" and "gemma4": Gemma 3, Gemma 4), from GGUF metadata or a
    Hugging Face tokenizer.json; ids match Hugging Face `tokenizers`. A model without tokenizer
    metadata still loads; these calls then fail with MOE_ERR_UNSUPPORTED.
    Errors are returned as a (small, negative) moe_status with moe_last_error() set; a too-small
@@ -151,13 +208,16 @@ MOE_API int32_t moe_token_to_piece(const moe_model *model, moe_token token, char
 MOE_API int32_t moe_detokenize(const moe_model *model, const moe_token *tokens, int32_t n_tokens,
                                char *buf, int32_t cap, int32_t flags);
 /* End of generation: the vocabulary's eos/eot/eom ids and the families' end markers
-   (<|im_end|>, <|endoftext|>, <end_of_turn>, <eos>, <|return|>, <|call|>, ...). 0/1 */
+   (<|im_end|>, <|endoftext|>, <end_of_turn>, <turn|>, <eos>, <|return|>, <|call|>, ...). 0/1 */
 MOE_API int32_t moe_token_is_eog(const moe_model *model, moe_token token);
 
 /* Render a chat with the model family's template, chosen from the template text in the metadata,
    else the architecture: ChatML with Qwen3's reasoning rules ("system", "user", "assistant",
-   "tool"), Gemma ("user"/"assistant" alternating after an optional "system"; starts with the BOS
-   text, so tokenize the result with PARSE_SPECIAL and without ADD_SPECIAL), gpt-oss Harmony
+   "tool"), Gemma 3 ("user"/"assistant" alternating after an optional "system"; starts with the BOS
+   text, so tokenize the result with PARSE_SPECIAL and without ADD_SPECIAL), Gemma 4 ("system" or
+   "developer", "user", "assistant"/"model" in any order; BOS text first as for Gemma 3; thinking
+   spans <|channel>...<channel|> are cut from assistant messages, and the assistant prompt ends with
+   the empty thought block that turns thinking off, where the model's template has it), gpt-oss Harmony
    ("system" or "developer" first, then "user"/"assistant"; the system message carries today's
    date). Other templates give MOE_ERR_UNSUPPORTED, unknown roles MOE_ERR_INVALID_ARG.
    Returns the byte count (a NUL follows when it fits); -(count needed) if it exceeds cap. */
@@ -184,11 +244,16 @@ MOE_API moe_status   moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_t
    logits_all. NULL when there are no such logits. Valid until the next call on ctx. */
 MOE_API const float *moe_logits(const moe_ctx *ctx, int32_t i);
 MOE_API int32_t      moe_ctx_pos(const moe_ctx *ctx);            /* tokens currently in the context */
-MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the first pos tokens, forget the rest */
-/* REWIND AND RECURRENT STATE (hybrid Gated DeltaNet models: Qwen3-Next, Qwen3.5). A KV cache is
-   rewound by moving the position; a recurrent state (per DeltaNet layer: the conv's last 3
-   inputs and an f32 nv × k_dim × v_dim matrix) cannot be, so such a context also keeps
-     - the token history (4 bytes per position) and where each forward chunk began (1 byte),
+/* Keeps the first pos tokens and forgets the rest; afterwards the context is bit for bit what it
+   was when it first held pos tokens. Cost: none for full-attention caches. Sliding-window layers
+   (Gemma 4) keep a ring of window + n_batch - 1 rows, so a rewind of up to n_batch tokens is free
+   too; a longer one recomputes the caches from the context's token history (a prefill of pos
+   tokens). A failed step can leave a ring short of rows it needs; the next step or rewind then
+   recomputes the same way.
+   RECURRENT STATE (hybrid Gated DeltaNet models: Qwen3-Next, Qwen3.5). A recurrent state (per
+   DeltaNet layer: the conv's last 3 inputs and an f32 nv × k_dim × v_dim matrix) cannot be
+   rewound by moving the position, so such a context also keeps
+     - where each forward chunk began (1 byte per position, beside the token history),
      - checkpoints of all recurrent states at every K-th position, K = n_ctx / 8 rounded up to a
        multiple of 64 (at least 64): floor((n_ctx - 1) / K) <= 7 slots. Chunks of moe_step also
        end at multiples of K so the checkpoints land there.
@@ -199,13 +264,22 @@ MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);  /* keep the fir
    Cost: memory of (slots + 1) copies of the recurrent state per context — Qwen3-Next-80B
    (36 layers × (2 MiB + 96 KiB)): 75 MiB per copy, 603 MiB for 8 copies at n_ctx 4096;
    Qwen3.5-397B (45 × (4 MiB + 144 KiB)): 186 MiB per copy, 1.46 GiB for 8 — plus 5 bytes per
-   position; time: up to K - 1 tokens of prefill per rewind (less when pos is
-   near a checkpoint), none when pos is the current position. Rewinds after moe_ctx_load replay
-   from the start (or from checkpoints taken since), as snapshots carry only the live state. */
+   position; time: up to K - 1 tokens of prefill per rewind (less when pos is near a
+   checkpoint), none when pos is the current position. Rewinds after moe_ctx_load replay from
+   the start (or from checkpoints taken since), as snapshots carry only the live state. */
+MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);
 
-/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL. Hybrid models'
-   snapshots also carry the live recurrent states (f32), the token history and the chunk starts
-   (not the checkpoints): a restored context continues at full speed. */
+/* Snapshot / restore of a context (prompt caching). Size query: buf = NULL.
+   A state holds the last step's logits, the token history and the cache rows in use (a ring: the
+   rows it holds); a hybrid model's also the live recurrent states (f32) and the chunk starts,
+   not the checkpoints, so a restored context continues at full speed. It belongs to the model (its tensor table and samples of its weights), n_ctx
+   and kv_type it was saved from (and n_batch, for models with sliding-window layers): another
+   model or context shape gives MOE_ERR_INVALID_ARG. moe_ctx_load checks what is cheap to check
+   (header, version, sizes, positions against the cache rows, checksum, every logit and cache value
+   finite, every token in the vocabulary) and refuses a bad state with MOE_ERR_FORMAT, leaving the
+   context as it was. It cannot tell a well-formed forged cache from a real one: a state blob is
+   as trusted as a model file, so load only states from sources you would take a model file from.
+   The format is versioned; a state of another moe version may be refused (MOE_ERR_FORMAT). */
 MOE_API moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out);
 MOE_API moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size);
 
@@ -285,6 +359,12 @@ typedef struct moe_save_params {            /* all-zero (or NULL) = keep the sto
 MOE_API moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params);
 
 /* ---- introspection ------------------------------------------------------------------------- */
+/* expert_hits / expert_misses count (token, layer, routed expert) pairs of this context's steps:
+   a hit found its expert in memory (a resident run counts hits only; a prefetched expert counts
+   as a hit), a miss had to wait for it to be read; expert_bytes_streamed: bytes this context had
+   read from the file (demand and prefetch). Vulkan GPU expert cache: a hit found its expert in a
+   device slot, a miss read it from host-visible memory; bytes: the missed experts read over the
+   bus plus the bytes copied into slots. */
 typedef struct moe_stats {
     uint64_t gpu_bytes_weights, gpu_bytes_kv, gpu_bytes_scratch, host_bytes;
     uint64_t expert_hits, expert_misses, expert_bytes_streamed;
@@ -336,7 +416,10 @@ enum { MOE_ACT_SILU = 0, MOE_ACT_GELU_TANH = 1, MOE_ACT_SWIGLU_OAI = 2 };
     X(TOK_EMBD, "token_embd.weight")                                                               \
     X(OUTPUT_NORM, "output_norm.weight")                                                           \
     X(OUTPUT, "output.weight")                  /* absent: tied to TOK_EMBD */                     \
-    X(ROPE_FREQS, "rope_freqs.weight")
+    X(ROPE_FREQS, "rope_freqs.weight")                                                             \
+    X(PLE_TOK_EMBD, "per_layer_token_embd.weight") /* per-layer embeddings (Gemma 4 E2B/E4B) */    \
+    X(PLE_MODEL_PROJ, "per_layer_model_proj.weight")                                               \
+    X(PLE_PROJ_NORM, "per_layer_proj_norm.weight")
 /* X(ROLE, GGUF name after "blk.N.") — tensors of one layer */
 #define MOE_LAYER_TENSORS(X)                                                                       \
     X(ATTN_NORM, "attn_norm.weight")                                                               \
@@ -356,6 +439,16 @@ enum { MOE_ACT_SILU = 0, MOE_ACT_GELU_TANH = 1, MOE_ACT_SWIGLU_OAI = 2 };
     X(GATE_EXPS, "ffn_gate_exps.weight")        /* routed experts: 3-D, [n_expert][rows][cols] */  \
     X(UP_EXPS, "ffn_up_exps.weight")                                                               \
     X(DOWN_EXPS, "ffn_down_exps.weight")                                                           \
+    /* Gemma 4: sandwich norms, the MoE beside a dense MLP, router and expert scales, PLE */       \
+    X(POST_FFN_NORM_1, "post_ffw_norm_1.weight")                                                   \
+    X(PRE_FFN_NORM_2, "pre_ffw_norm_2.weight")                                                     \
+    X(POST_FFN_NORM_2, "post_ffw_norm_2.weight")                                                   \
+    X(ROUTER_SCALE, "ffn_gate_inp.scale")       /* folded at load: router pre-norm weight */       \
+    X(EXPERT_SCALE, "ffn_down_exps.scale")      /* per-expert weight on the routing weights */     \
+    X(LAYER_SCALE, "layer_output_scale.weight") /* one value: scales the residual stream */        \
+    X(PLE_GATE, "inp_gate.weight")                                                                 \
+    X(PLE_PROJ, "proj.weight")                                                                     \
+    X(PLE_POST_NORM, "post_norm.weight")                                                           \
     /* hybrid models (Gated DeltaNet, ARCHITECTURES.md §3) */                                      \
     X(SSM_QKV, "attn_qkv.weight")               /* [q_all | k_all | v_all], the conv's input */    \
     X(SSM_Z, "attn_gate.weight")                /* z: the output gate */                           \
@@ -408,11 +501,14 @@ typedef struct moe_layer_plan {
     int32_t attn_kind;         /* MOE_ATTN_* */
     moe_attn attn;
     moe_rope rope;
+    int32_t v_from_k;          /* V is the raw K projection (Gemma 4 full layers: attention_k_eq_v) */
+    int32_t v_norm;            /* per-head RMSNorm without weight on V */
     int32_t ffn_kind;          /* MOE_FFN_* */
     int32_t act;               /* MOE_ACT_*: activation of the gated GLUs */
     int32_t n_ff;              /* dense FFN width; 0 = none */
     int32_t n_expert, n_expert_used, n_ff_exp;
     int32_t norm_topk;         /* renormalise the top-k routing weights */
+    float layer_scale;         /* the residual stream is multiplied by it after the layer; 0 = none */
     /* hybrid models (Gated DeltaNet) */
     int32_t attn_gate;         /* full attention: q rows hold [q | gate] per head; o ⊙= sigmoid(gate) */
     moe_deltanet dn;           /* MOE_ATTN_DELTANET */
@@ -457,6 +553,11 @@ typedef struct moe_hparams {
     int32_t n_head, n_head_kv, head_dim, n_ff_exp, n_ff, n_expert, n_expert_used;
     int32_t n_cache;           /* KV caches (layers that store K/V) */
     float rms_eps;
+    float embd_scale;          /* the token embedding is multiplied by it; 0 = 1 */
+    float logit_softcap;       /* logits = c · tanh(logits / c); 0 = none */
+    int32_t n_ple;             /* per-layer embedding width (Gemma 4 E2B/E4B); 0 = none */
+    int32_t n_vocab_ple;       /* rows of the per-layer token embedding */
+    float ple_scale;           /* the per-layer token embedding is multiplied by it */
     /* hybrid models: recurrent states, and the largest DeltaNet widths */
     int32_t n_state;           /* Gated DeltaNet layers */
     int32_t dn_conv, dn_value, dn_v_head, dn_qkv; /* conv channels, nv·v_dim, nv, widest mixed projection */
@@ -505,13 +606,18 @@ enum {
     ACT_OUT,     /* [n][n_embd]          block output before the residual add */
     ACT_ROUTER,  /* [n][n_expert]        router logits */
     ACT_LOGITS,  /* [n_out][n_vocab] */
+    ACT_OUT2,    /* [n][n_embd]          a second block output (a branch beside ACT_OUT) */
+    ACT_FF,      /* [n][n_ff]            dense FFN gate, then act(gate) ⊙ up */
+    ACT_FF2,     /* [n][n_ff]            dense FFN up */
+    ACT_PLE,     /* [n][n_layer·n_ple]   per-layer embedding inputs of every layer */
+    ACT_PLE2,    /* [n][n_layer·n_ple]   its token part while it is built; PLE gate of a layer */
     /* hybrid models (Gated DeltaNet) */
     ACT_DN_QKV,  /* [n][dn_qkv]          mixed projection: conv input, or q with its gate */
     ACT_DN_CONV, /* [n][dn_conv]         conv output: q_all | k_all | v_all */
     ACT_DN_Z,    /* [n][max(dn_value, n_head·hd)]  output gates (z, or attention's) */
     ACT_DN_BETA, /* [n][2·dn_v_head]     b (or b and a grouped) */
     ACT_DN_ALPHA,/* [n][dn_v_head]       a */
-    ACT_DN_O,    /* [n][dn_value]        delta-rule output */
+    ACT_DN_O,    /* [n][dn_value]        delta-rule output (gated-normed in place) */
     ACT_COUNT
 };
 
@@ -519,6 +625,7 @@ enum {
 typedef struct moe_route {
     int32_t n_expert, k;
     int32_t norm;              /* renormalise the k softmax weights to sum 1 */
+    const moe_weight *expert_scale;  /* optional f32 [n_expert]: routing weight of e times it */
 } moe_route;
 
 typedef struct moe_ops {
@@ -545,11 +652,23 @@ typedef struct moe_ops {
     void (*experts_glu)(void *be, const moe_weight *gate, const moe_weight *up, int act, int src, int n);
     /* expert down + combine: dst[i] = Σ_e w_e · down_e h over token i's routed experts */
     void (*experts_down)(void *be, int dst, const moe_weight *down, int n);
+    /* elementwise, over n rows of width. scale: buf *= s · (w ? w[col] : 1) */
+    void (*scale)(void *be, int buf, int n, int width, const moe_weight *w, float s);
+    /* dst = src (rows of width; dst and src differ) */
+    void (*copy)(void *be, int dst, int src, int n, int width);
+    /* dst[i][j] = act(gate[i][j]) · up[i][up_col0 + j], up rows up_stride wide (dst may be gate) */
+    void (*glu)(void *be, int dst, int gate, int up, int up_col0, int up_stride, int n, int width, int act);
+    /* buf = cap · tanh(buf / cap) */
+    void (*softcap)(void *be, int buf, int n, int width, float cap);
     /* A step is bracketed by begin/end: Vulkan records between them and submits at end_step
        (the only place a device error can surface); read_logits is called after end_step. */
     void (*begin_step)(void *be);
     moe_status (*end_step)(void *be);
-    /* copy n rows of ACT_LOGITS to host memory */
+    /* rows ACT_LOGITS holds (the forward computes logits in chunks of at most this many) */
+    int (*logits_rows)(const void *be);
+    /* the first n rows of ACT_LOGITS are rows row0.. of the step's logits */
+    void (*logits_out)(void *be, int row0, int n);
+    /* copy the step's n rows of logits to host memory (after end_step) */
     void (*read_logits)(void *be, float *dst, int n);
     /* copy the cache rows of positions [0, n_pos) to / from host memory, in the cache's element
        type (f16 or f32), laid out cache by cache: [cache][K rows, then V rows][kv_width] */
@@ -562,8 +681,6 @@ typedef struct moe_ops {
     void (*split_heads)(void *be, int dst_a, int dst_b, int src, int n, int n_head, int head_dim);
     /* dst ⊙= sigmoid(gate) over n rows of width */
     void (*sigmoid_mul)(void *be, int dst, int gate, int n, int width);
-    /* dst = silu(dst) ⊙ src over n rows of width (a SwiGLU's hidden rows) */
-    void (*silu_mul)(void *be, int dst, int src, int n, int width);
     /* dst[i] ⊙= sigmoid(w · src[i]) (w: f32 [width]; dst and src rows of width) */
     void (*gate_rows)(void *be, int dst, int src, const moe_weight *w, int n, int width);
     /* causal depthwise conv (conv_k taps; ne {conv_k, channels}) + SiLU over ACT_DN_QKV rows into
@@ -585,13 +702,28 @@ typedef struct moe_ops {
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status
-   with moe_last_error() set (no loader, no device, missing features). log (may be NULL) receives
-   the device choice and any validation-layer message; it must outlive the backend. */
+   with moe_last_error() set (no loader, no device, missing features). gpu_only (MOE_BACKEND_AUTO)
+   leaves CPU-type devices (lavapipe, SwiftShader) out. log (may be NULL) receives the device
+   choice and any validation-layer message; it must outlive the backend. */
 typedef struct moe_vk_backend moe_vk_backend;
 typedef void (*moe_log_fn)(int32_t level, const char *msg, void *user);
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn log, void *log_user,
+moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
                        moe_vk_backend **out);
+/* moe_vk_init with a gpu_budget_bytes (0 = no limit): below what the resident weights take on the
+   device, the experts get a slot cache (moe_vk.c, "GPU expert slot cache"); MOE_ERR_NO_MEMORY
+   naming the minimum below the minimum working set. moe_vk_init is this with 0. */
+moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
+                              moe_log_fn log, void *log_user, moe_vk_backend **out);
+int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
 void       moe_vk_free(moe_vk_backend *vk);
+/* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache:
+   over n_slots slots (state 0 empty, 1 loading, 2 ready; pins > 0 pinned) the slot that gives way,
+   or -1; touch records a use of slot s (LRU stamp, LFU count with decay). */
+enum { MOE_XS_LRU = 0, MOE_XS_LFU = 1 };
+int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state, const uint64_t *stamp,
+                      const float *freq);
+void    moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at);
+int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else MOE_XS_LRU */
 moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 void       moe_vk_ctx_free(void *be);
 extern const moe_ops moe_vk_ops;

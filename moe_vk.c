@@ -23,8 +23,9 @@
    then it is split at row boundaries and each part is a separate dispatch. Dense kernels see
    their tensor at byte 0 of binding 6[0]. Expert tensors are addressed through a per-layer
    indirection table on the GPU (expert id -> window, byte offset; binding 3), with the windows
-   of the layer bound as the array binding 6[0..7], so streaming can later change the table and
-   never the kernels.
+   of the layer bound as the array binding 6[0..7], so streaming changes the table and never the
+   kernels: under a gpu_budget_bytes below the weights, the experts go through the GPU expert
+   slot cache (its bannered block before vk_upload_weights).
 
    ENVIRONMENT
    MOE_VK_VALIDATION=1   enable VK_LAYER_KHRONOS_validation; every message goes to the log
@@ -384,20 +385,98 @@ static const char *vk_result_str(VkResult r) {
 #define VK_MAX_ROPES 4        /* distinct rope settings among a model's layers */
 #define VK_VARIANTS 4         /* pipelines per kernel: values of specialization constant 1 (head size) */
 
-/* kernels: typed ones exist per weight type, in this order of types */
-enum { VKT_F32, VKT_F16, VKT_BF16, VKT_Q8_0, VKT_Q4_0, VKT_Q4_K, VKT_Q5_K, VKT_Q6_K, VKT_MXFP4, VKT_COUNT };
-static const char *const k_vk_type_names[VKT_COUNT] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "mxfp4"};
-enum { VKK_EMBED, VKK_MV, VKK_MM, VKK_MMG, VKK_MMCM, VKK_MMCMG, VKK_COUNT };
-static const char *const k_vk_kind_names[VKK_COUNT] = {"embed", "mv", "mm", "mmg", "mmcm", "mmcmg"};
-static const uint32_t k_vk_kind_wg[VKK_COUNT] = {64, 64, 256, 256, 128, 128};
-enum {
-    VKP_ADD = VKK_COUNT * VKT_COUNT, VKP_ATTN_F16, VKP_ATTN_F32, VKP_HEADWISE_F16, VKP_HEADWISE_F32, VKP_KVSTORE_F16,
-    VKP_KVSTORE_F32, VKP_MOE_COMBINE, VKP_MOE_SORT, VKP_RMSNORM, VKP_TOPK, VKP_COUNT
-};
-static const struct { const char *name; uint32_t wg; } k_vk_plain[VKP_COUNT - VKP_ADD] = {
-    {"add", 256}, {"attn_f16", 128}, {"attn_f32", 128}, {"headwise_f16", 64}, {"headwise_f32", 64},
-    {"kvstore_f16", 64}, {"kvstore_f32", 64}, {"moe_combine", 256}, {"moe_sort", 256}, {"rmsnorm", 256}, {"topk", 64},
-};
+/* ---- the host-shader contract ----------------------------------------------------------------
+   The text between the BEGIN and END markers below is the one description of the kernels that
+   C and GLSL share. gen/embed_shaders reads the kernel table to know which variants to compile
+   (one GLSL source, compiled with defines), and copies the push-constant layouts into
+   gen/contract.glsl, which every shader includes; `make shaders-check` fails when that copy or
+   shaders_embedded.c is stale. Push constants: X(type, field) with type uint, int or float, all
+   4 bytes, so the std430 push-constant block and the C struct vk_pc_<kernel> have one layout.
+   Pipelines are keyed by (kernel, specialization constant 1); see vk_pipe. */
+/* BEGIN KERNELS */
+/* KT(ENUM, name, source, defines, workgroup size): compiled once per weight type of VK_TYPES as
+   name_<type> with -DT_<TYPE>; KP(...): one plain kernel */
+#define VK_TYPES(T) T(F32, f32) T(F16, f16) T(BF16, bf16) T(Q8_0, q8_0) T(Q4_0, q4_0) T(Q4_K, q4_k) T(Q5_K, q5_k) T(Q6_K, q6_k) T(MXFP4, mxfp4)
+#define VK_TYPED_KERNELS(KT)                                        \
+    KT(EMBED, embed, "embed.comp", "", 64)                          \
+    KT(MV, mv, "mv.comp", "", 64)                                   \
+    KT(MM, mm, "mm.comp", "", 256)                                  \
+    KT(MMG, mmg, "mm.comp", "-DGATEUP", 256)                        \
+    KT(MMCM, mmcm, "mm_cm.comp", "", 128)                           \
+    KT(MMCMG, mmcmg, "mm_cm.comp", "-DGATEUP", 128)
+#define VK_PLAIN_KERNELS(KP)                                        \
+    KP(ADD, add, "add.comp", "", 256)                               \
+    KP(ATTN_F16, attn_f16, "attn.comp", "-DKV_F16", 128)            \
+    KP(ATTN_F32, attn_f32, "attn.comp", "-DKV_F32", 128)            \
+    KP(HEADWISE_F16, headwise_f16, "headwise.comp", "-DKV_F16", 64) \
+    KP(HEADWISE_F32, headwise_f32, "headwise.comp", "-DKV_F32", 64) \
+    KP(KVSTORE_F16, kvstore_f16, "kvstore.comp", "-DKV_F16", 64)    \
+    KP(KVSTORE_F32, kvstore_f32, "kvstore.comp", "-DKV_F32", 64)    \
+    KP(MOE_COMBINE, moe_combine, "moe_combine.comp", "", 256)       \
+    KP(MOE_SORT, moe_sort, "moe_sort.comp", "", 256)                \
+    KP(RMSNORM, rmsnorm, "rmsnorm.comp", "", 256)                   \
+    KP(TOPK, topk, "topk.comp", "", 64)                             \
+    KP(SCALE, scale, "scale.comp", "", 256)                         \
+    KP(GLU, glu, "glu.comp", "", 256)                               \
+    KP(SOFTCAP, softcap, "softcap.comp", "", 256)
+/* END KERNELS */
+/* BEGIN PUSH CONSTANTS */
+#define PC_ADD(X) X(uint, count)
+#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta) X(uint, window) X(uint, rows)
+#define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
+#define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
+#define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta) X(uint, rows)
+#define PC_MATRIX(X)                                                      \
+    X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk)                \
+    X(uint, x_off) X(uint, x_stride) X(uint, y_off) X(uint, y_stride)     \
+    X(uint, mode) X(uint, acc) X(uint, tbl0) X(uint, tbl1)
+#define PC_MM(X) PC_MATRIX(X) X(uint, ncols) X(uint, k_used) X(uint, list_off) X(uint, items_off) X(uint, act)
+#define PC_MV(X) PC_MATRIX(X) X(uint, k_used) X(uint, ids_off) X(uint, w_off) X(uint, act) X(float, eps) X(uint, norm)
+#define PC_MOE_COMBINE(X) X(uint, D) X(uint, k_used) X(uint, w_off) X(uint, pos_off) X(uint, acc)
+#define PC_MOE_SORT(X) X(uint, E) X(uint, n_pairs) X(uint, ids_off) X(uint, list_off) X(uint, pos_off) X(uint, items_off)
+#define PC_RMSNORM(X) X(uint, width) X(uint, has_g) X(uint, rows) X(float, eps)
+#define PC_TOPK(X) X(uint, E) X(uint, k_used) X(uint, norm) X(uint, r_off) X(uint, ids_off) X(uint, w_off) X(uint, has_scale)
+#define PC_SCALE(X) X(uint, count) X(uint, width) X(uint, has_w) X(float, s)
+#define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
+#define PC_SOFTCAP(X) X(uint, count) X(float, cap)
+/* END PUSH CONSTANTS */
+
+#define VK_CT_uint uint32_t
+#define VK_CT_int int32_t
+#define VK_CT_float float
+#define VK_PC_FIELD(type, name) VK_CT_##type name;
+#define VK_PC_STRUCT(kernel) typedef struct vk_pc_##kernel { PC_##kernel(VK_PC_FIELD) } vk_pc_##kernel;
+VK_PC_STRUCT(ADD)
+VK_PC_STRUCT(ATTN)
+VK_PC_STRUCT(EMBED)
+VK_PC_STRUCT(HEADWISE)
+VK_PC_STRUCT(KVSTORE)
+VK_PC_STRUCT(MM)
+VK_PC_STRUCT(MV)
+VK_PC_STRUCT(MOE_COMBINE)
+VK_PC_STRUCT(MOE_SORT)
+VK_PC_STRUCT(RMSNORM)
+VK_PC_STRUCT(TOPK)
+VK_PC_STRUCT(SCALE)
+VK_PC_STRUCT(GLU)
+VK_PC_STRUCT(SOFTCAP)
+#define VK_PC_WORD(kernel, field) ((int)(offsetof(vk_pc_##kernel, field) / 4)) /* index into vk_rec.pc */
+
+#define VK_ENUM_T(E, n) VKT_##E,
+#define VK_NAME_T(E, n) #n,
+enum { VK_TYPES(VK_ENUM_T) VKT_COUNT };
+static const char *const k_vk_type_names[VKT_COUNT] = {VK_TYPES(VK_NAME_T)};
+#define VK_ENUM_K(E, n, src, defs, wg) VKK_##E,
+#define VK_NAME_K(E, n, src, defs, wg) #n,
+#define VK_WG_K(E, n, src, defs, wg) wg,
+enum { VK_TYPED_KERNELS(VK_ENUM_K) VKK_COUNT };
+static const char *const k_vk_kind_names[VKK_COUNT] = {VK_TYPED_KERNELS(VK_NAME_K)};
+static const uint32_t k_vk_kind_wg[VKK_COUNT] = {VK_TYPED_KERNELS(VK_WG_K)};
+#define VK_ENUM_P(E, n, src, defs, wg) VKP_##E,
+#define VK_PLAIN_K(E, n, src, defs, wg) {#n, wg},
+enum { VKP_FIRST_PLAIN = VKK_COUNT * VKT_COUNT - 1, VK_PLAIN_KERNELS(VK_ENUM_P) VKP_COUNT };
+#define VKP_ADD (VKK_COUNT * VKT_COUNT) /* the first plain kernel */
+static const struct { const char *name; uint32_t wg; } k_vk_plain[VKP_COUNT - VKP_ADD] = {VK_PLAIN_KERNELS(VK_PLAIN_K)};
 #define VKP_TYPED(kind, t) ((kind) * VKT_COUNT + (t))
 
 static int vk_type_index(int32_t type) {
@@ -463,7 +542,9 @@ struct moe_vk_backend {
     const moe_weights *w;
     moe_log_fn log;
     void *log_user;
-    uint64_t weight_bytes;
+    uint64_t weight_bytes;     /* device memory of the weights (windows; with the expert cache: dense windows and slots) */
+    uint64_t gpu_budget;       /* gpu_budget_bytes (0 = no limit) */
+    struct vk_xg *xg;          /* the GPU expert slot cache, NULL when the weights are resident */
 };
 
 static _Atomic long g_vk_validation_messages; /* warnings and errors reported by the validation layer */
@@ -567,6 +648,7 @@ typedef struct vk_probe {
 } vk_probe;
 
 static VkDeviceSize g_vk_window_cap_override; /* test hook: smaller weight windows to exercise splits */
+static int g_vk_cpu_device_as_gpu;            /* test hook: CPU-type devices (lavapipe) count as GPUs for AUTO */
 
 static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p) {
     vk_fns *f = &vk->f;
@@ -664,8 +746,11 @@ static int vk_type_rank(VkEnum t) {
     }
 }
 
-/* Picks the device_index-th usable device, discrete GPUs first, and creates the logical device. */
-static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
+/* Picks the device_index-th usable device, discrete GPUs first, and creates the logical device.
+   gpu_only (MOE_BACKEND_AUTO): CPU-type devices (Mesa's lavapipe/llvmpipe, SwiftShader) are left
+   out, since moe's own CPU backend runs the same work hundreds of times faster on the same cores;
+   MOE_BACKEND_VULKAN asked for explicitly still reaches them (ranked last). */
+static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int gpu_only) {
     vk_fns *f = &vk->f;
     uint32_t n = 0;
     VkResult r = f->EnumeratePhysicalDevices(vk->inst, &n, NULL);
@@ -675,10 +760,16 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
     if (n > 16) n = 16;
     r = f->EnumeratePhysicalDevices(vk->inst, &n, pds);
     if (r < VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkEnumeratePhysicalDevices failed (%s)", vk_result_str(r));
-    int order[16], n_ok = 0;
+    int order[16], n_ok = 0, n_cpu_type = 0;
     char why[480] = "";
     for (uint32_t i = 0; i < n; i++) {
         vk_probe_device(vk, pds[i], &probes[i]);
+        if (!probes[i].why[0] && gpu_only && probes[i].props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU && !g_vk_cpu_device_as_gpu) {
+            char name[64];
+            snprintf(name, sizeof name, "%.63s", probes[i].props.deviceName);
+            snprintf(probes[i].why, sizeof probes[i].why, "%s is a CPU-type Vulkan device, slower than the CPU backend", name);
+            n_cpu_type++;
+        }
         if (probes[i].why[0]) {
             size_t l = strlen(why);
             snprintf(why + l, sizeof why - l, "%s%s", l ? "; " : "", probes[i].why);
@@ -691,6 +782,8 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index) {
         }
         order[j] = (int)i;
     }
+    if (n_ok == 0 && n_cpu_type)
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: no GPU (%s; MOE_BACKEND_VULKAN uses it anyway)", why);
     if (n_ok == 0) return vk_fail(MOE_ERR_DEVICE, "Vulkan: no usable device (%s)", why);
     if (device_index >= n_ok)
         return vk_fail(MOE_ERR_DEVICE, "Vulkan: device_index %d but only %d usable device(s)", device_index, n_ok);
@@ -994,6 +1087,291 @@ static moe_status vk_check_weight(const moe_weight *w) {
     return MOE_OK;
 }
 
+/* ============================================================================================ */
+/* GPU expert slot cache (issue 11, tier 1; DESIGN.md "Expert streaming")                        */
+/* ============================================================================================ */
+/* With a gpu_budget_bytes below what the resident weights take on the device, the non-expert
+   weights stay resident (device windows as always) and every layer's experts get:
+     - host-visible windows holding all of the layer's experts (copied from the file once at load;
+       the mapping's pages are given back afterwards): the "home" of each expert, which the GPU
+       reads directly over the bus for a miss, so the router's choice never has to reach the host
+       before the experts run;
+     - device-local slot windows: the layer's share of the budget left after the non-expert
+       weights and the tables, in slots of one expert (all its slabs, each VK_ALIGN-aligned with
+       VK_PAD slack).
+   Both sit among the layer's 8 bound windows (binding 6), host windows first, so the expert
+   table entry of (tensor, expert) points at either place and the kernels never change: the same
+   kernels read the same bytes, so the logits equal the resident run's bit for bit at every
+   budget, for any number of distinct experts a step needs (a large prefill reads what does not
+   fit from host-visible memory).
+   After each step the routed ids of every MoE layer (copied by the step itself into a
+   host-visible route log, no extra sync) are counted as hits (expert in a slot) and misses;
+   missed experts take slots given up by the eviction policy of moe.c section 8 (moe_xs_victim,
+   per layer; never a slot the step itself used) and the copies into those slots, with the table
+   updates, are queued on the queue without waiting: they run before the next step (queue order
+   and barriers also order them after steps of other contexts still in flight).
+   Not built yet: a host tier below this one (host_budget_bytes below the weights together with a
+   GPU budget: the router's choice would have to reach the host at the route op), prefetch. */
+#define VK_XG_T 4 /* expert tensors per layer */
+
+typedef struct vk_xg {
+    int L, E, policy;
+    uint32_t *home;            /* [n_tbl] (relative window, offset) of each expert slab in host-visible memory */
+    uint32_t n_tbl;
+    uint32_t *win0;            /* [L] first window of the layer's experts */
+    int32_t *lt_n;             /* [L] expert tensors of the layer */
+    uint32_t *lt_tbl;          /* [L][VK_XG_T] first table entry of tensor t */
+    uint64_t *lt_len, *lt_roff;/* [L][VK_XG_T] slab bytes; offset of its region in a slot */
+    uint64_t *unit;            /* [L] bytes of one expert (its slabs) */
+    int32_t *s0, *ns;          /* [L] first slot and number of slots of the layer */
+    uint64_t *tick, *decay_at; /* [L] policy clocks (a layer's slots compete among themselves) */
+    int32_t n_slots;
+    uint32_t *slot_win;        /* [n_slots] relative window of the slot */
+    uint64_t *slot_off;        /* [n_slots] its byte offset there */
+    int32_t *key;              /* [n_slots] expert held, -1 none */
+    uint8_t *state;            /* [n_slots] 0 empty, 2 ready (moe_xs_victim's states) */
+    uint64_t *stamp;
+    float *freq;
+    int32_t *map;              /* [L·E] slot of expert e of layer l, -1: read from its home */
+    pthread_mutex_t mu;
+    int mu_ok;
+    VkCommandPool pool;        /* queued slot fills: two command buffers, used in turn */
+    VkCommandBuffer cb[2];
+    VkFence fence[2];
+    int pending[2], cur;
+    int reset;                 /* fills failed to reach the queue: every entry goes back to its home first */
+    vk_buf mirror[2];          /* host-visible copy of the table per command buffer: updates are copied from it */
+    uint64_t host_bytes, slot_bytes_total;
+} vk_xg;
+
+static void vk_xg_free(moe_vk_backend *vk) {
+    vk_xg *x = vk->xg;
+    if (!x) return;
+    for (int i = 0; i < 2; i++) {
+        if (x->pending[i]) vk->f.WaitForFences(vk->dev, 1, &x->fence[i], 1, 120ull * 1000000000ull);
+        if (x->fence[i]) vk->f.DestroyFence(vk->dev, x->fence[i], NULL);
+        vk_buf_free(vk, &x->mirror[i]);
+    }
+    if (x->pool) vk->f.DestroyCommandPool(vk->dev, x->pool, NULL);
+    if (x->mu_ok) pthread_mutex_destroy(&x->mu);
+    free(x->home);
+    free(x->win0);
+    free(x->lt_n);
+    free(x->lt_tbl);
+    free(x->lt_len);
+    free(x->lt_roff);
+    free(x->unit);
+    free(x->s0);
+    free(x->ns);
+    free(x->tick);
+    free(x->decay_at);
+    free(x->slot_win);
+    free(x->slot_off);
+    free(x->key);
+    free(x->state);
+    free(x->stamp);
+    free(x->freq);
+    free(x->map);
+    free(x);
+    vk->xg = NULL;
+}
+
+/* a host-visible, coherent, mapped buffer, in system memory where the device has such a type (not
+   device-local: the GPU reads it over the bus) */
+static moe_status vk_xg_host_buf(moe_vk_backend *vk, vk_buf *b, VkDeviceSize size) {
+    vk_fns *f = &vk->f;
+    memset(b, 0, sizeof *b);
+    size = vk_align_up(size ? size : 4, 4);
+    VkBufferCreateInfo bci = {VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, NULL, 0, size,
+                              VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT,
+                              VK_SHARING_MODE_EXCLUSIVE, 0, NULL};
+    VkResult r = f->CreateBuffer(vk->dev, &bci, NULL, &b->buf);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreateBuffer (host-visible experts) failed (%s)", vk_result_str(r));
+    VkMemoryRequirements req;
+    f->GetBufferMemoryRequirements(vk->dev, b->buf, &req);
+    VkFlags want = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+    int t = -1;
+    for (int pass = 0; pass < 2 && t < 0; pass++)
+        for (uint32_t i = 0; i < vk->memp.memoryTypeCount && t < 0; i++) {
+            VkFlags fl = vk->memp.memoryTypes[i].propertyFlags;
+            if ((req.memoryTypeBits & (1u << i)) && (fl & want) == want && (pass == 1 || !(fl & VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT))) t = (int)i;
+        }
+    if (t < 0) {
+        vk_buf_free(vk, b);
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: no host-visible memory type for the experts");
+    }
+    VkMemoryAllocateInfo mai = {VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO, NULL, req.size, (uint32_t)t};
+    r = f->AllocateMemory(vk->dev, &mai, NULL, &b->mem);
+    if (r == VK_SUCCESS) r = f->BindBufferMemory(vk->dev, b->buf, b->mem, 0);
+    void *p = NULL;
+    if (r == VK_SUCCESS) r = f->MapMemory(vk->dev, b->mem, 0, VK_WHOLE_SIZE, 0, &p);
+    if (r != VK_SUCCESS) {
+        vk_buf_free(vk, b);
+        return vk_fail(r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY ? MOE_ERR_NO_MEMORY : MOE_ERR_DEVICE,
+                       "Vulkan: allocating %.1f MiB of host-visible memory for the experts failed (%s)", (double)size / 1048576.0, vk_result_str(r));
+    }
+    b->map = p;
+    b->size = size;
+    return MOE_OK;
+}
+
+/* Places the experts of every layer (host-visible homes, device slots) after the dense windows,
+   writes them to their homes and the table entries (tbl: absolute entries, filled here) pointing
+   at them. dense_bytes: device bytes of the dense windows already allocated; tbl_bytes: of the
+   table. Called from vk_upload_weights when the budget asks for streaming. */
+static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t *tbl, uint32_t n_tbl, uint64_t dense_bytes,
+                              uint64_t tbl_bytes) {
+    const moe_hparams *hp = &w->hp;
+    int L = hp->n_layer, E = hp->n_expert;
+    vk_xg *x = calloc(1, sizeof *x);
+    if (!x) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    vk->xg = x;
+    x->L = L;
+    x->E = E;
+    x->n_tbl = n_tbl;
+    x->policy = moe_xs_policy_env();
+    size_t LT = (size_t)L * VK_XG_T;
+    if (!(x->home = calloc(n_tbl ? 2 * (size_t)n_tbl : 2, sizeof *x->home)) || !(x->win0 = calloc((size_t)L, sizeof *x->win0)) ||
+        !(x->lt_n = calloc((size_t)L, sizeof *x->lt_n)) || !(x->lt_tbl = calloc(LT, sizeof *x->lt_tbl)) ||
+        !(x->lt_len = calloc(LT, sizeof *x->lt_len)) || !(x->lt_roff = calloc(LT, sizeof *x->lt_roff)) ||
+        !(x->unit = calloc((size_t)L, sizeof *x->unit)) || !(x->s0 = calloc((size_t)L, sizeof *x->s0)) ||
+        !(x->ns = calloc((size_t)L, sizeof *x->ns)) || !(x->tick = calloc((size_t)L, sizeof *x->tick)) ||
+        !(x->decay_at = calloc((size_t)L, sizeof *x->decay_at)) || !(x->map = malloc((size_t)L * (size_t)E * sizeof *x->map)))
+        return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
+    /* per layer: its expert tensors and the slot layout */
+    uint64_t max_slot = 0;
+    int n_moe = 0;
+    uint64_t *slot_b = calloc((size_t)L, sizeof *slot_b);
+    if (!slot_b) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    for (int l = 0; l < L; l++) {
+        int i0 = MOE_GT_COUNT + l * MOE_LT_COUNT;
+        for (int i = i0; i < i0 + MOE_LT_COUNT; i++) {
+            const moe_weight *mw = vk_weight_at(w, i);
+            if (!mw->data || !vk->wts[i].experts) continue;
+            int t = x->lt_n[l]++;
+            if (t >= VK_XG_T || mw->ne[2] != E) {
+                free(slot_b);
+                return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: the expert cache needs at most %d expert tensors of %d experts per layer (layer %d)",
+                               VK_XG_T, E, l);
+            }
+            x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] = vk->wts[i].tbl;
+            x->lt_len[(size_t)l * VK_XG_T + (size_t)t] = mw->expert_bytes;
+            x->lt_roff[(size_t)l * VK_XG_T + (size_t)t] = slot_b[l];
+            slot_b[l] += vk_align_up(mw->expert_bytes + VK_PAD, VK_ALIGN);
+            x->unit[l] += mw->expert_bytes;
+        }
+        if (x->lt_n[l]) n_moe++;
+        if (slot_b[l] > max_slot) max_slot = slot_b[l];
+    }
+    uint64_t budget = vk->gpu_budget, fixed = dense_bytes + tbl_bytes, min = fixed + (uint64_t)hp->n_expert_used * max_slot;
+    if (budget < min) {
+        free(slot_b);
+        return vk_fail(MOE_ERR_NO_MEMORY, "moe_load: gpu_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB: resident "
+                       "non-expert weights and expert tables %llu + %d expert slots of %llu bytes)", (unsigned long long)budget,
+                       (unsigned long long)min, (double)min / 1048576.0, (unsigned long long)fixed, hp->n_expert_used, (unsigned long long)max_slot);
+    }
+    /* slots: the rest of the budget, shared out over the MoE layers */
+    uint64_t S = max_slot ? (budget - fixed) / max_slot : 0;
+    int k = 0;
+    for (int l = 0; l < L; l++) {
+        if (!x->lt_n[l]) continue;
+        uint64_t n = S / (uint64_t)n_moe + ((uint64_t)k++ < S % (uint64_t)n_moe ? 1 : 0);
+        x->ns[l] = (int32_t)(n > (uint64_t)E ? (uint64_t)E : n);
+        x->s0[l] = x->n_slots;
+        x->n_slots += x->ns[l];
+        x->decay_at[l] = (uint64_t)x->ns[l];
+    }
+    size_t ns = (size_t)(x->n_slots ? x->n_slots : 1);
+    if (!(x->slot_win = calloc(ns, sizeof *x->slot_win)) || !(x->slot_off = calloc(ns, sizeof *x->slot_off)) ||
+        !(x->key = malloc(ns * sizeof *x->key)) || !(x->state = calloc(ns, 1)) || !(x->stamp = calloc(ns, sizeof *x->stamp)) ||
+        !(x->freq = calloc(ns, sizeof *x->freq))) {
+        free(slot_b);
+        return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+    }
+    for (size_t i = 0; i < ns; i++) x->key[i] = -1;
+    /* windows: per MoE layer, host-visible windows with every expert, then the slot windows */
+    moe_status st = MOE_OK;
+    for (int l = 0; l < L && !st; l++) {
+        if (!x->lt_n[l]) continue;
+        vk_placer pl = {vk->win_cap, 0, 0, NULL, 0, 0};
+        for (int t = 0; t < x->lt_n[l] && !st; t++) {
+            uint32_t j0 = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t];
+            uint64_t len = x->lt_len[(size_t)l * VK_XG_T + (size_t)t];
+            for (int e = 0; e < E; e++) {
+                uint32_t win;
+                VkDeviceSize off;
+                if (!vk_place(&pl, len, &win, &off)) { st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory"); break; }
+                tbl[2 * (j0 + (uint32_t)e)] = win;
+                tbl[2 * (j0 + (uint32_t)e) + 1] = (uint32_t)off;
+            }
+        }
+        uint64_t per_win = slot_b[l] ? vk->win_cap / slot_b[l] : 1;
+        uint32_t n_sw = per_win ? (uint32_t)(((uint64_t)x->ns[l] + per_win - 1) / per_win) : 0;
+        if (!st && pl.n_win + n_sw > VK_XBUFS)
+            st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: the experts of layer %d need %u host-visible and %u slot windows (at most %d together)", l,
+                         pl.n_win, n_sw, VK_XBUFS);
+        vk_buf *nw = st ? NULL : realloc(vk->win, (vk->n_win + pl.n_win + n_sw) * sizeof *nw);
+        if (!st && !nw) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        if (!st) vk->win = nw;
+        x->win0[l] = vk->n_win;
+        for (uint32_t i = 0; i < pl.n_win && !st; i++) {
+            st = vk_xg_host_buf(vk, &vk->win[vk->n_win], vk_align_up(pl.win_used[i], VK_ALIGN));
+            if (!st) x->host_bytes += vk->win[vk->n_win++].size;
+        }
+        for (uint32_t i = 0; i < n_sw && !st; i++) {
+            uint64_t in_win = (uint64_t)x->ns[l] - (uint64_t)i * per_win;
+            in_win = in_win < per_win ? in_win : per_win;
+            st = vk_buf_new(vk, &vk->win[vk->n_win], in_win * slot_b[l], VK_MEM_DEVICE, "expert slots");
+            if (!st) {
+                x->slot_bytes_total += vk->win[vk->n_win].size;
+                vk->weight_bytes += vk->win[vk->n_win++].size;
+            }
+        }
+        for (int32_t i = 0; i < x->ns[l] && !st; i++) {
+            x->slot_win[x->s0[l] + i] = pl.n_win + (uint32_t)((uint64_t)i / per_win);
+            x->slot_off[x->s0[l] + i] = ((uint64_t)i % per_win) * slot_b[l];
+        }
+        /* the experts to their homes; table entries relative to the layer's first window */
+        for (int t = 0; t < x->lt_n[l] && !st; t++) {
+            uint32_t j0 = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t];
+            const moe_weight *mw = NULL;
+            for (int i = MOE_GT_COUNT + l * MOE_LT_COUNT; i < MOE_GT_COUNT + (l + 1) * MOE_LT_COUNT; i++)
+                if (vk->wts[i].experts && vk->wts[i].tbl == j0) mw = vk_weight_at(w, i);
+            for (int e = 0; e < E; e++) {
+                uint32_t j = j0 + (uint32_t)e;
+                memcpy(vk->win[x->win0[l] + tbl[2 * j]].map + tbl[2 * j + 1], mw->expert_data[e], (size_t)mw->expert_bytes);
+                x->home[2 * j] = tbl[2 * j];
+                x->home[2 * j + 1] = tbl[2 * j + 1];
+            }
+        }
+        for (int i = MOE_GT_COUNT + l * MOE_LT_COUNT; i < MOE_GT_COUNT + (l + 1) * MOE_LT_COUNT; i++)
+            if (vk->wts[i].experts) vk->wts[i].win0 = x->win0[l];
+        free(pl.win_used);
+    }
+    free(slot_b);
+    if (st) return st;
+    /* the queue side: a command pool, two command buffers with fences, two table mirrors */
+    if (pthread_mutex_init(&x->mu, NULL) != 0) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: cannot create a mutex");
+    x->mu_ok = 1;
+    VkCommandPoolCreateInfo pci = {VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO, NULL, VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, vk->qfam};
+    VkResult r = vk->f.CreateCommandPool(vk->dev, &pci, NULL, &x->pool);
+    VkCommandBufferAllocateInfo cai = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, NULL, x->pool, VK_COMMAND_BUFFER_LEVEL_PRIMARY, 2};
+    if (r == VK_SUCCESS) r = vk->f.AllocateCommandBuffers(vk->dev, &cai, x->cb);
+    VkFenceCreateInfo fci = {VK_STRUCTURE_TYPE_FENCE_CREATE_INFO, NULL, 0};
+    for (int i = 0; i < 2 && r == VK_SUCCESS; i++) r = vk->f.CreateFence(vk->dev, &fci, NULL, &x->fence[i]);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: setting up the expert cache's transfers failed (%s)", vk_result_str(r));
+    for (int i = 0; i < 2 && !st; i++) st = vk_buf_new(vk, &x->mirror[i], (VkDeviceSize)(n_tbl ? n_tbl : 1) * 8, VK_MEM_HOST, "expert table updates");
+    if (st) return st;
+    vk_log(vk, MOE_LOG_INFO, "Vulkan: GPU expert cache: %d expert slots (%.1f MiB) under a budget of %.1f MiB (resident non-expert weights and "
+           "tables %.1f MiB); misses read from %.1f MiB of host-visible memory; %s eviction", x->n_slots,
+           (double)x->slot_bytes_total / 1048576.0, (double)budget / 1048576.0, (double)fixed / 1048576.0, (double)x->host_bytes / 1048576.0,
+           x->policy == MOE_XS_LFU ? "LFU (with decay)" : "LRU");
+    return MOE_OK;
+}
+
+int moe_vk_streams_experts(const moe_vk_backend *vk) { return vk && vk->xg; }
+
 static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
     const moe_hparams *hp = &w->hp;
     int n = vk_n_weights(w);
@@ -1014,6 +1392,8 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
         goto done;
     }
     vk->n_wts = (uint32_t)n;
+    int stream = 0; /* the GPU expert slot cache: experts are placed by vk_xg_place */
+place:
     /* 1. placement */
     for (int i = 0; i < n && !st; i++) {
         moe_weight *mw = vk_weight_at(w, i);
@@ -1029,6 +1409,7 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
             wt->experts = 1;
             wt->tbl = tbl_next;
             tbl_next += E;
+            if (stream) continue;
             if (mw->expert_bytes + VK_PAD > vk->win_cap) {
                 st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one expert of '%s' (%llu bytes) exceeds a storage window (%llu bytes)", mw->name,
                              (unsigned long long)mw->expert_bytes, (unsigned long long)vk->win_cap);
@@ -1069,8 +1450,30 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
             wt->n_parts++;
         }
     }
+    if (!st && !stream && vk->gpu_budget) { /* does everything fit the GPU budget? else the experts go to the slot cache */
+        uint64_t total = (uint64_t)(n_tbl ? n_tbl : 1) * 8;
+        for (uint32_t i = 0; i < pl.n_win; i++) total += vk_align_up(pl.win_used[i], VK_ALIGN);
+        if (total > vk->gpu_budget && !n_tbl) {
+            st = vk_fail(MOE_ERR_NO_MEMORY, "moe_load: gpu_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB: a model "
+                         "without routed experts keeps all its weights resident)", (unsigned long long)vk->gpu_budget,
+                         (unsigned long long)total, (double)total / 1048576.0);
+            goto done;
+        }
+        if (total > vk->gpu_budget) {
+            stream = 1;
+            free(vk->parts);
+            vk->parts = NULL;
+            vk->n_parts = parts_cap = tbl_next = 0;
+            memset(vk->wts, 0, (size_t)n * sizeof *vk->wts);
+            memset(tbl, 0, 2 * n_tbl * sizeof *tbl);
+            free(pl.win_used);
+            vk_placer fresh = {vk->win_cap, 0, 0, NULL, 0, 0};
+            pl = fresh;
+            goto place;
+        }
+    }
     /* per layer, the windows of its expert tensors must fit the 8-entry binding; entries become relative */
-    for (int l = 0; l < hp->n_layer && !st; l++) {
+    for (int l = 0; l < hp->n_layer && !st && !stream; l++) {
         int i0 = MOE_GT_COUNT + l * MOE_LT_COUNT;
         uint32_t lo = UINT32_MAX, hi = 0;
         for (int i = i0; i < i0 + MOE_LT_COUNT; i++)
@@ -1106,6 +1509,7 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
             vk->weight_bytes += vk->win[i].size;
         }
     }
+    if (!st && stream) st = vk_xg_place(vk, w, tbl, (uint32_t)n_tbl, vk->weight_bytes, (uint64_t)(n_tbl ? n_tbl : 1) * 8);
     if (!st) st = vk_buf_new(vk, &vk->tables, (VkDeviceSize)(n_tbl ? n_tbl : 1) * 8, VK_MEM_DEVICE, "expert tables");
     if (st) goto done;
     /* 3. upload */
@@ -1118,7 +1522,7 @@ static moe_status vk_upload_weights(moe_vk_backend *vk, const moe_weights *w) {
         mw->dev = wt;
         if (i == MOE_OUTPUT && mw->data == w->g[MOE_TOK_EMBD].data) continue;
         if (wt->experts) {
-            for (uint32_t e = 0; e < (uint32_t)mw->ne[2]; e++) {
+            for (uint32_t e = 0; e < (uint32_t)mw->ne[2] && !stream; e++) { /* streamed: already at their homes */
                 size_t j = wt->tbl + e;
                 vk_xfer_copy(&x, (uint8_t *)(uintptr_t)mw->expert_data[e], mw->expert_bytes, vk->win[tbl[2 * j] + wt->win0].buf, tbl[2 * j + 1]);
             }
@@ -1211,6 +1615,7 @@ void moe_vk_free(moe_vk_backend *vk) {
     vk_fns *f = &vk->f;
     if (vk->dev) { /* resources exist only if every device entry point loaded; the device itself may not */
         if (f->DeviceWaitIdle) f->DeviceWaitIdle(vk->dev);
+        vk_xg_free(vk);
         for (int i = 0; i < VKP_COUNT; i++)
             for (int v = 0; v < VK_VARIANTS; v++)
                 if (vk->pipes[i][v]) f->DestroyPipeline(vk->dev, vk->pipes[i][v], NULL);
@@ -1233,7 +1638,13 @@ void moe_vk_free(moe_vk_backend *vk) {
     free(vk);
 }
 
-moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn log, void *log_user, moe_vk_backend **out) {
+moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_only, moe_log_fn log, void *log_user,
+                       moe_vk_backend **out) {
+    return moe_vk_init_budget(w, device_index, gpu_only, 0, log, log_user, out);
+}
+
+moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes, moe_log_fn log,
+                              void *log_user, moe_vk_backend **out) {
     if (!out) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: out is NULL");
     *out = NULL;
     if (!w || device_index < 0) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: bad arguments");
@@ -1244,17 +1655,19 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn lo
     for (int l = 0; l < hp->n_layer; l++) { /* what each layer's plan asks of the kernels */
         const moe_layer_plan *p = &w->layers[l].p;
         const char *why = NULL;
-        if (p->attn_kind != MOE_ATTN_FULL) why = "only full causal attention runs on Vulkan yet";
-        else if (p->attn.head_dim > 256 || p->attn.head_dim % 8) why = "head size above 256 or not a multiple of 8";
-        else if (p->ffn_kind != MOE_FFN_MOE) why = "only routed-expert FFNs run on Vulkan yet";
-        else if (p->n_ff_exp % 16) why = "expert width not a multiple of 16";
-        else if (p->act != MOE_ACT_SILU) why = "only SiLU experts run on Vulkan yet";
+        if (p->attn_kind != MOE_ATTN_FULL && p->attn_kind != MOE_ATTN_SLIDING) why = "this attention kind does not run on Vulkan yet";
+        else if (p->attn.head_dim > 512 || p->attn.head_dim % 8) why = "head size above 512 or not a multiple of 8";
+        else if (p->ffn_kind != MOE_FFN_MOE && p->ffn_kind != MOE_FFN_DENSE && p->ffn_kind != MOE_FFN_MOE_DENSE)
+            why = "this FFN kind does not run on Vulkan yet";
+        else if (p->n_ff_exp % 16 || p->n_ff % 16) why = "FFN width not a multiple of 16";
+        else if (p->act != MOE_ACT_SILU && p->act != MOE_ACT_GELU_TANH) why = "this activation does not run on Vulkan yet";
         if (why) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: layer %d: %s", l, why);
     }
     moe_vk_backend *vk = calloc(1, sizeof *vk);
     if (!vk) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of memory");
     vk->log = log;
     vk->log_user = log_user;
+    vk->gpu_budget = gpu_budget_bytes;
     if (pthread_mutex_init(&vk->lock, NULL) != 0) {
         free(vk);
         return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: cannot create a mutex");
@@ -1267,7 +1680,7 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, moe_log_fn lo
         goto fail;
     }
     if ((st = vk_create_instance(vk))) goto fail;
-    if ((st = vk_create_device(vk, device_index))) goto fail;
+    if ((st = vk_create_device(vk, device_index, gpu_only))) goto fail;
     VkDescriptorSetLayoutBinding b[8];
     for (uint32_t i = 0; i < 8; i++) {
         VkDescriptorSetLayoutBinding bi = {i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, i == 6 ? VK_XBUFS : 1, VK_SHADER_STAGE_COMPUTE_BIT, NULL};
@@ -1306,10 +1719,10 @@ fail:
 
 /* profiling classes */
 enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,
-       VKC_KVSTORE, VKC_ATTN, VKC_ADD, VKC_TOPK, VKC_SORT, VKC_COMBINE, VKC_COPY, VKC_COUNT };
+       VKC_KVSTORE, VKC_ATTN, VKC_ADD, VKC_TOPK, VKC_SORT, VKC_COMBINE, VKC_COPY, VKC_ELTWISE, VKC_COUNT };
 static const char *const k_vkc_names[VKC_COUNT] = {"embed", "rmsnorm", "matvec", "expert gate+up matvec", "expert down matvec",
     "matmul", "expert gate+up matmul", "expert down matmul", "lm head", "qk-norm/rope", "kv store", "attention", "add",
-    "router top-k", "expert sort", "expert combine", "logits copy"};
+    "router top-k", "expert sort", "expert combine", "copy", "elementwise"};
 
 /* One dispatch (or copy) as an op recorded it. Records are compared byte for byte to find a cached
    command buffer, so every record is zeroed before it is filled. */
@@ -1353,7 +1766,8 @@ typedef struct vk_ctx {
     int n_recs, cap_recs;
     vk_cached cache[VK_CACHE];
     uint64_t tick;
-    int step_n, step_pos0, have_pos0, logit_rows, dead;
+    int step_n, step_pos0, have_pos0, dead;
+    int logits_cap;            /* rows ACT_LOGITS holds: one storage binding's worth at most */
     int route_n, route_k;      /* the last route op: tokens, experts per token */
     int fuse_idx, fuse_role, fuse_rows, fuse_acc; /* the last record, if it may absorb a residual add */
     /* a decode-size RMSNorm not dispatched yet: matrix-vector consumers apply it on the fly, the
@@ -1368,7 +1782,14 @@ typedef struct vk_ctx {
     uint64_t expert_evals;     /* (token, expert) pairs run, counted when a step completes */
     uint64_t step_evals;
     double prof_total[2];
+    /* GPU expert slot cache: the step's routed ids per layer (host-visible), pairs logged per layer */
+    vk_buf rlog;
+    int32_t *xg_n;
+    uint32_t xg_stride;        /* u32 per layer in rlog: n_batch · k */
+    uint64_t xg_hits, xg_misses, xg_bytes;
 } vk_ctx;
+static moe_status vk_xg_after_step(vk_ctx *c);
+static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n);
 
 static void vk_pn_flush(vk_ctx *c);
 static void vk_pn_touch(vk_ctx *c, unsigned rd, unsigned wr);
@@ -1606,11 +2027,11 @@ static void vk_begin_step(void *be) {
     c->have_pos0 = 0;
     c->step_pos0 = 0;
     c->step_n = 0;
-    c->logit_rows = 0;
     c->step_evals = 0;
     c->fuse_idx = -1;
     c->pn.active = 0;
     c->err = MOE_OK;
+    if (c->xg_n) memset(c->xg_n, 0, (size_t)c->vk->w->hp.n_layer * sizeof *c->xg_n);
     if (c->dead) vk_ctx_fail(c, MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
 }
 
@@ -1618,13 +2039,6 @@ static moe_status vk_end_step(void *be) {
     vk_ctx *c = be;
     moe_vk_backend *vk = c->vk;
     vk_pn_flush(c);
-    if (!c->err && c->logit_rows) {
-        vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
-        if (r) {
-            vk_bind_range(r, 0, c->act[ACT_LOGITS].buf, 0, (VkDeviceSize)c->logit_rows * (VkDeviceSize)c->w->hp.n_vocab * 4, 0);
-            vk_bind_range(r, 1, c->logits.buf, 0, 0, 1);
-        }
-    }
     if (c->err) {
         moe_internal_set_error(c->err, "%s", c->errmsg);
         moe_status st = c->err;
@@ -1664,7 +2078,22 @@ static moe_status vk_end_step(void *be) {
     }
     vk_prof_collect(c, c->recs, c->n_recs);
     c->expert_evals += c->step_evals;
+    if (vk->xg) return vk_xg_after_step(c); /* the GPU expert slot cache: hits, misses, slot fills for the next steps */
     return MOE_OK;
+}
+
+static int vk_logits_rows(const void *be) { return ((const vk_ctx *)be)->logits_cap; }
+
+static void vk_logits_out(void *be, int row0, int n) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_flush(c);
+    vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+    if (!r) return;
+    VkDeviceSize rb = (VkDeviceSize)c->w->hp.n_vocab * 4;
+    vk_bind_range(r, 0, c->act[ACT_LOGITS].buf, 0, (VkDeviceSize)n * rb, 0);
+    vk_bind_range(r, 1, c->logits.buf, (VkDeviceSize)row0 * rb, 0, 1);
+    c->fuse_idx = -1;
 }
 
 static void vk_read_logits(void *be, float *dst, int n) {
@@ -1710,6 +2139,8 @@ void moe_vk_ctx_free(void *be) {
     vk_buf *bufs[] = {&c->h, &c->p, &c->aux, &c->kc, &c->vc, &c->step, &c->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) vk_buf_free(vk, bufs[i]);
     for (int i = 0; i < c->n_rope; i++) vk_buf_free(vk, &c->rope[i].tab);
+    vk_buf_free(vk, &c->rlog);
+    free(c->xg_n);
     free(c->kv_off);
     free(c->kv_size);
     free(c->kv_rows);
@@ -1740,17 +2171,22 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     c->serial = vk_env_on("MOE_VK_SERIAL"); /* debugging: a barrier between every two dispatches */
     moe_status st = MOE_OK;
     const VkDeviceSize nb = (VkDeviceSize)shape->n_batch, k = (VkDeviceSize)hp->n_expert_used;
-    const VkDeviceSize widths[ACT_COUNT] = {
-        (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim,
-        (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim, (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim,
-        (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim, (VkDeviceSize)hp->n_embd, (VkDeviceSize)hp->n_expert,
-        (VkDeviceSize)hp->n_vocab,
-        /* hybrid models (Gated DeltaNet): not on Vulkan yet (moe_vk_init refuses them) */
-        1, 1, 1, 1, 1, 1};
-    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits",
+    const VkDeviceSize q_w = (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim, kv_w = (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim,
+                       ple_w = (VkDeviceSize)hp->n_layer * (VkDeviceSize)hp->n_ple, E_w = (VkDeviceSize)hp->n_embd;
+    const VkDeviceSize widths[ACT_COUNT] = {E_w, E_w, q_w, kv_w, kv_w, q_w, E_w, (VkDeviceSize)hp->n_expert, (VkDeviceSize)hp->n_vocab,
+                                            E_w, (VkDeviceSize)hp->n_ff, (VkDeviceSize)hp->n_ff, ple_w, ple_w,
+                                            /* hybrid models (Gated DeltaNet): not on Vulkan yet (moe_vk_init refuses them) */
+                                            0, 0, 0, 0, 0, 0};
+    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits", "out2", "ff", "ff2", "ple", "ple2",
                                                      "dn qkv", "dn conv", "dn z", "dn beta", "dn alpha", "dn o"};
-    VkDeviceSize logit_rows = shape->logits_all ? nb : 1;
-    for (int i = 0; i < ACT_COUNT && !st; i++) st = vk_act_new(c, &c->act[i], (i == ACT_LOGITS ? logit_rows : nb) * widths[i] * 4, act_names[i]);
+    /* logits: ACT_LOGITS holds as many rows as one storage binding does (the forward computes
+       them in chunks of that many); the host-visible readback, a copy target only, holds all */
+    VkDeviceSize logit_rows = shape->logits_all ? nb : 1, row_bytes = (VkDeviceSize)hp->n_vocab * 4;
+    VkDeviceSize cap_rows = vk->props.limits.maxStorageBufferRange / row_bytes;
+    c->logits_cap = (int)(logit_rows < cap_rows ? logit_rows : cap_rows);
+    if (c->logits_cap < 1) st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one row of logits exceeds a storage binding");
+    for (int i = 0; i < ACT_COUNT && !st; i++) /* roles the model does not use get a token buffer */
+        st = vk_act_new(c, &c->act[i], widths[i] ? (i == ACT_LOGITS ? (VkDeviceSize)c->logits_cap : nb) * widths[i] * 4 : VK_ALIGN, act_names[i]);
     if (!st) st = vk_act_new(c, &c->h, nb * k * (VkDeviceSize)hp->n_ff_exp * 4, "expert hidden");
     if (!st) st = vk_act_new(c, &c->p, (nb > VK_MV_MAX ? nb * k : 1) * (VkDeviceSize)hp->n_embd * 4, "expert output");
     c->max_items = (uint32_t)((nb * k + 63) / 64 + (VkDeviceSize)hp->n_expert);
@@ -1839,6 +2275,11 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         }
         if (r != VK_SUCCESS) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: creating the context's command pool failed (%s)", vk_result_str(r));
     }
+    if (!st && vk->xg) { /* GPU expert slot cache: the route log */
+        c->xg_stride = (uint32_t)(nb * k);
+        if (!(c->xg_n = calloc((size_t)hp->n_layer, sizeof *c->xg_n))) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        if (!st) st = vk_buf_new(vk, &c->rlog, (VkDeviceSize)hp->n_layer * nb * k * 4, VK_MEM_HOST_READ, "the route log");
+    }
     if (st) {
         moe_vk_ctx_free(c);
         return st;
@@ -1857,6 +2298,15 @@ static uint32_t vk_f2u(float f) {
 }
 
 static uint32_t vk_div_up(uint64_t a, uint64_t b) { return (uint32_t)((a + b - 1) / b); }
+
+/* a record's push constants as the contract's struct of its kernel (copies: no aliasing) */
+#define VK_PC_SET(r, kernel, ...)                                                            \
+    do {                                                                                     \
+        vk_pc_##kernel pc_ = __VA_ARGS__;                                                    \
+        _Static_assert(sizeof pc_ <= sizeof(r)->pc, "push constants of " #kernel " too big"); \
+        memcpy((r)->pc, &pc_, sizeof pc_);                                                   \
+    } while (0)
+#define VK_PC_GET(r, kernel, out) memcpy(&(out), (r)->pc, sizeof(vk_pc_##kernel))
 
 /* the device placement of a weight, or a failure */
 static const vk_wt *vk_wt_of(vk_ctx *c, const moe_weight *w) {
@@ -1910,10 +2360,7 @@ static void vk_op_embed(void *be, int dst, const moe_weight *w, const moe_token 
         if (!r) return;
         vk_bind(r, 1, &c->act[dst], 1);
         vk_bind_part(r, p);
-        r->pc[0] = K;
-        r->pc[1] = (uint32_t)w->row_bytes;
-        r->pc[2] = (uint32_t)p->row_lo;
-        r->pc[3] = (uint32_t)p->row_hi;
+        VK_PC_SET(r, EMBED, {K, (uint32_t)w->row_bytes, (uint32_t)p->row_lo, (uint32_t)p->row_hi});
         r->grid[0] = vk_div_up(K, 16u * k_vk_kind_wg[VKK_EMBED]);
         r->grid[1] = (uint32_t)n;
         r->grid[2] = 1;
@@ -1932,10 +2379,7 @@ static void vk_emit_rmsnorm(vk_ctx *c, int dst, int src, const moe_weight *w, in
         const vk_part *p = &c->vk->parts[wt->part0];
         vk_bind_range(r, 2, c->vk->win[p->win].buf, p->off, p->bytes, 0);
     }
-    r->pc[0] = (uint32_t)width;
-    r->pc[1] = wt != NULL;
-    r->pc[2] = (uint32_t)n_rows;
-    r->pc[3] = vk_f2u(eps);
+    VK_PC_SET(r, RMSNORM, {(uint32_t)width, wt != NULL, (uint32_t)n_rows, eps});
     vk_grid_fold(r, (uint64_t)n_rows, 1);
     c->fuse_idx = -1;
 }
@@ -1962,11 +2406,11 @@ static void vk_pn_inline(vk_ctx *c, vk_rec *r) {
     const vk_part *p = &c->vk->parts[wt->part0];
     vk_bind(r, 0, &c->act[c->pn.src], 0);
     vk_bind_range(r, 4, c->vk->win[p->win].buf, p->off, p->bytes, 0);
-    r->pc[16] = vk_f2u(c->pn.eps);
-    r->pc[17] = 1;
+    r->pc[VK_PC_WORD(MV, eps)] = vk_f2u(c->pn.eps);
+    r->pc[VK_PC_WORD(MV, norm)] = 1;
     if (!c->pn.done) {
         vk_bind(r, 5, &c->act[c->pn.dst], 1);
-        r->pc[17] |= 2;
+        r->pc[VK_PC_WORD(MV, norm)] |= 2;
         c->pn.done = 1;
     }
 }
@@ -2001,7 +2445,6 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
     int inl = mv && c->pn.active && src == c->pn.dst && src_row0 + n <= c->pn.rows && (int)K == c->pn.width && wt->n_parts == 1;
     if (!inl) vk_pn_touch(c, 1u << src, 1u << dst);
     int kind = dst == ACT_LOGITS ? VKC_LMHEAD : mv ? VKC_MV : VKC_MM;
-    if (dst == ACT_LOGITS && n > c->logit_rows) c->logit_rows = n;
     for (uint32_t j = 0; j < wt->n_parts; j++) {
         const vk_part *p = &c->vk->parts[wt->part0 + j];
         uint32_t Mp = (uint32_t)(p->row_hi - p->row_lo);
@@ -2015,15 +2458,16 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
         vk_bind(r, 1, &c->act[dst], 1);
         vk_bind_part(r, p);
         uint32_t nblk = vk_div_up(Mp, mv ? VK_MV_ROWS : 64);
-        uint32_t pc[16] = {K, Mp, (uint32_t)w->row_bytes, nblk, (uint32_t)src_row0 * K, K, (uint32_t)p->row_lo, M,
-                           0, 0, 0, 0, mv ? 0 : (uint32_t)n, 0, 0, 0};
-        memcpy(r->pc, pc, sizeof pc);
+        if (mv) VK_PC_SET(r, MV, {.K = K, .M = Mp, .row_bytes = (uint32_t)w->row_bytes, .nblk = nblk, .x_off = (uint32_t)src_row0 * K,
+                                  .x_stride = K, .y_off = (uint32_t)p->row_lo, .y_stride = M});
+        else VK_PC_SET(r, MM, {.K = K, .M = Mp, .row_bytes = (uint32_t)w->row_bytes, .nblk = nblk, .x_off = (uint32_t)src_row0 * K,
+                               .x_stride = K, .y_off = (uint32_t)p->row_lo, .y_stride = M, .ncols = (uint32_t)n});
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n : vk_div_up((uint64_t)n, 64));
     }
     if (inl) vk_pn_touch(c, 0, 1u << dst);
     c->fuse_idx = -1;
-    if (wt->n_parts == 1) vk_mark_fusable(c, dst, n, 9);
+    if (wt->n_parts == 1) vk_mark_fusable(c, dst, n, VK_PC_WORD(MM, acc));
 }
 
 static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
@@ -2044,8 +2488,10 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
     vk_rec *r = NULL;
     for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 3; i--) {
         vk_rec *q = &c->recs[i];
-        if (q->pipe == VKP_RMSNORM && q->buf[0] == b && q->buf[1] == b && q->pc[0] == (uint32_t)head_dim && q->pc[1] &&
-            q->pc[2] == (uint32_t)(n * n_head)) {
+        vk_pc_RMSNORM qn;
+        VK_PC_GET(q, RMSNORM, qn);
+        if (q->pipe == VKP_RMSNORM && q->buf[0] == b && q->buf[1] == b && qn.width == (uint32_t)head_dim && qn.has_g &&
+            qn.rows == (uint32_t)(n * n_head)) {
             r = q;
             break;
         }
@@ -2053,8 +2499,13 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         for (int s = 0; s < VK_NB; s++) touches |= q->buf[s] == b;
         if (touches || q->pipe == VK_REC_COPY) break;
     }
+    uint32_t flags = 2; /* rope */
+    float eps = 0;
     if (r) {
-        uint32_t eps = r->pc[3];
+        vk_pc_RMSNORM qn;
+        VK_PC_GET(r, RMSNORM, qn);
+        eps = qn.eps;
+        flags |= 1; /* the per-head norm first */
         r->pipe = (uint16_t)hw;
         r->kind = VKC_ROPE;
         VkPipeline pl;
@@ -2066,8 +2517,6 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         }
         r->var = (uint8_t)var;
         memset(r->pc, 0, sizeof r->pc);
-        r->pc[3] = 3;
-        r->pc[4] = eps;
         r->buf[1] = 0; /* headwise works in place on binding 0 */
         r->off[1] = r->range[1] = 0;
         r->wmask = 1;
@@ -2075,13 +2524,10 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         r = vk_rec_new(c, hw, VKC_ROPE);
         if (!r) return;
         vk_bind(r, 0, &c->act[buf], 1);
-        r->pc[3] = 2;
     }
     vk_bind(r, 3, tab, 0);
-    r->pc[0] = (uint32_t)n_head;
-    r->pc[1] = (uint32_t)head_dim;
-    r->pc[2] = (uint32_t)rope->n_rot;
-    r->pc[6] = (uint32_t)pd;
+    VK_PC_SET(r, HEADWISE, {.n_heads = (uint32_t)n_head, .hd = (uint32_t)head_dim, .n_rot = (uint32_t)rope->n_rot, .flags = flags,
+                            .eps = eps, .pos_delta = pd});
     r->grid[0] = (uint32_t)n_head;
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
@@ -2091,36 +2537,34 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
 static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
-    if (a->window || !a->store) {
-        vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: sliding-window and KV-shared attention are not implemented yet");
-        return;
-    }
-    vk_pn_touch(c, (1u << ACT_Q) | (1u << ACT_K) | (1u << ACT_V), 1u << ACT_ATTN);
+    vk_pn_touch(c, (1u << ACT_Q) | (a->store ? (1u << ACT_K) | (1u << ACT_V) : 0u), 1u << ACT_ATTN);
     int32_t pd = vk_pos_delta(c, pos0);
-    uint32_t kvw = (uint32_t)(a->n_head_kv * a->head_dim);
+    uint32_t kvw = (uint32_t)(a->n_head_kv * a->head_dim), rows = (uint32_t)c->kv_rows[a->cache];
     VkDeviceSize lo = c->kv_off[a->cache], sz = c->kv_size[a->cache];
+    vk_rec *r;
+    if (!a->store) goto attend; /* a KV-shared layer reads what an earlier layer stored */
     /* the cache store rides on the K heads' norm/rope dispatch recorded just before, if any */
     int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
     for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 2; i--) {
         vk_rec *q = &c->recs[i];
         if (q->pipe == hw && q->buf[0] == c->act[ACT_K].buf && q->grid[0] == (uint32_t)a->n_head_kv && q->grid[1] == (uint32_t)n &&
-            q->pc[6] == (uint32_t)pd && !(q->pc[3] & 12u)) {
+            q->pc[VK_PC_WORD(HEADWISE, pos_delta)] == (uint32_t)pd && !(q->pc[VK_PC_WORD(HEADWISE, flags)] & 12u)) {
             vk_bind(q, 1, &c->act[ACT_V], 0);
             vk_bind_range(q, 4, c->kc.buf, lo, sz, 1);
             vk_bind_range(q, 5, c->vc.buf, lo, sz, 1);
-            q->pc[3] |= 12u;
-            q->pc[5] = kvw;
+            q->pc[VK_PC_WORD(HEADWISE, flags)] |= 12u; /* and the K and V cache stores */
+            q->pc[VK_PC_WORD(HEADWISE, kvw)] = kvw;
+            q->pc[VK_PC_WORD(HEADWISE, rows)] = rows;
             goto attend;
         }
     }
-    vk_rec *r = vk_rec_new(c, c->kv_f16 ? VKP_KVSTORE_F16 : VKP_KVSTORE_F32, VKC_KVSTORE);
+    r = vk_rec_new(c, c->kv_f16 ? VKP_KVSTORE_F16 : VKP_KVSTORE_F32, VKC_KVSTORE);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_K], 0);
     vk_bind(r, 1, &c->act[ACT_V], 0);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 1);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 1);
-    r->pc[0] = kvw;
-    r->pc[1] = (uint32_t)pd;
+    VK_PC_SET(r, KVSTORE, {kvw, pd, rows});
     r->grid[0] = vk_div_up(kvw, 2u * k_vk_plain[VKP_KVSTORE_F16 - VKP_ADD].wg);
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 2;
@@ -2131,15 +2575,71 @@ attend:
     vk_bind(r, 1, &c->act[ACT_ATTN], 1);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
-    r->pc[0] = (uint32_t)a->n_head;
-    r->pc[1] = (uint32_t)a->n_head_kv;
-    r->pc[2] = (uint32_t)a->head_dim;
-    r->pc[3] = kvw;
-    r->pc[4] = vk_f2u(a->scale);
-    r->pc[5] = (uint32_t)pd;
+    VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows});
     r->grid[0] = (uint32_t)a->n_head;
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
+    c->fuse_idx = -1;
+}
+
+/* a weight's single part as a plain binding (1-D f32 vectors: norms, scales) */
+static void vk_bind_vector(vk_ctx *c, vk_rec *r, int slot, const vk_wt *wt) {
+    const vk_part *p = &c->vk->parts[wt->part0];
+    vk_bind_range(r, slot, c->vk->win[p->win].buf, p->off, p->bytes, 0);
+}
+
+static void vk_op_scale(void *be, int buf, int n, int width, const moe_weight *w, float s) {
+    vk_ctx *c = be;
+    const vk_wt *wt = w ? vk_wt_of(c, w) : NULL;
+    if (c->err || n <= 0 || (w && !wt)) return;
+    vk_pn_touch(c, 1u << buf, 1u << buf);
+    vk_rec *r = vk_rec_new(c, VKP_SCALE, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[buf], 1);
+    if (wt) vk_bind_vector(c, r, 2, wt);
+    uint64_t count = (uint64_t)n * (uint64_t)width;
+    VK_PC_SET(r, SCALE, {.count = (uint32_t)count, .width = (uint32_t)width, .has_w = wt != NULL, .s = s});
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[VKP_SCALE - VKP_ADD].wg), 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_copy(void *be, int dst, int src, int n, int width) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, 1u << src, 1u << dst);
+    vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+    if (!r) return;
+    vk_bind_range(r, 0, c->act[src].buf, 0, (VkDeviceSize)n * (VkDeviceSize)width * 4, 0);
+    vk_bind_range(r, 1, c->act[dst].buf, 0, 0, 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_glu(void *be, int dst, int gate, int up, int up_col0, int up_stride, int n, int width, int act) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, (1u << gate) | (1u << up), 1u << dst);
+    vk_rec *r = vk_rec_new(c, VKP_GLU, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[gate], 0);
+    vk_bind(r, 1, &c->act[dst], 1);
+    vk_bind(r, 2, &c->act[up], 0);
+    uint64_t count = (uint64_t)n * (uint64_t)width;
+    VK_PC_SET(r, GLU, {.count = (uint32_t)count, .width = (uint32_t)width, .up_col0 = (uint32_t)up_col0, .up_stride = (uint32_t)up_stride,
+                       .act = (uint32_t)act});
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[VKP_GLU - VKP_ADD].wg), 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_softcap(void *be, int buf, int n, int width, float cap) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, 1u << buf, 1u << buf);
+    vk_rec *r = vk_rec_new(c, VKP_SOFTCAP, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[buf], 1);
+    uint64_t count = (uint64_t)n * (uint64_t)width;
+    VK_PC_SET(r, SOFTCAP, {.count = (uint32_t)count, .cap = cap});
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[VKP_SOFTCAP - VKP_ADD].wg), 1);
     c->fuse_idx = -1;
 }
 
@@ -2161,7 +2661,7 @@ static void vk_op_add(void *be, int dst, int src, int n, int width) {
     vk_bind(r, 0, &c->act[src], 0);
     vk_bind(r, 1, &c->act[dst], 1);
     uint64_t count = (uint64_t)n * (uint64_t)width;
-    r->pc[0] = (uint32_t)count;
+    VK_PC_SET(r, ADD, {(uint32_t)count});
     vk_grid_fold(r, vk_div_up(count, k_vk_plain[0].wg), 1);
     c->fuse_idx = -1;
 }
@@ -2181,16 +2681,16 @@ static void vk_op_route(void *be, const moe_weight *router, const moe_route *rt,
     if (!r) return;
     vk_bind(r, 2, &c->aux, 1);
     vk_bind(r, 5, &c->act[ACT_ROUTER], 0);
-    uint32_t tpc[6] = {E, k, (uint32_t)rt->norm, 0, c->ids_off, c->w_off};
-    memcpy(r->pc, tpc, sizeof tpc);
+    const vk_wt *ws = rt->expert_scale ? vk_wt_of(c, rt->expert_scale) : NULL;
+    if (ws) vk_bind_vector(c, r, 4, ws);
+    VK_PC_SET(r, TOPK, {.E = E, .k_used = k, .norm = (uint32_t)rt->norm, .ids_off = c->ids_off, .w_off = c->w_off, .has_scale = ws != NULL});
     r->grid[0] = (uint32_t)n;
     r->grid[1] = r->grid[2] = 1;
     if (n > VK_MV_MAX) { /* group the (token, slot) pairs by expert into work items */
         r = vk_rec_new(c, VKP_MOE_SORT, VKC_SORT);
         if (!r) return;
         vk_bind(r, 2, &c->aux, 1);
-        uint32_t spc[6] = {E, (uint32_t)n * k, c->ids_off, c->list_off, c->pos_off, c->items_off};
-        memcpy(r->pc, spc, sizeof spc);
+        VK_PC_SET(r, MOE_SORT, {E, (uint32_t)n * k, c->ids_off, c->list_off, c->pos_off, c->items_off});
         r->grid[0] = r->grid[1] = r->grid[2] = 1;
     }
     c->fuse_idx = -1;
@@ -2202,7 +2702,7 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
     vk_ctx *c = be;
     const vk_wt *wg = vk_wt_of(c, gate), *wu = vk_wt_of(c, up);
     if (!wg || !wu || c->err || n <= 0) return;
-    if (act != MOE_ACT_SILU) {
+    if (act != MOE_ACT_SILU && act != MOE_ACT_GELU_TANH) {
         vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: expert activation %d is not implemented yet", act);
         return;
     }
@@ -2228,12 +2728,16 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
         r->wmode = 2;
         r->win = wg->win0;
         uint32_t nblk = vk_div_up(ff, mv ? VK_MV_ROWS : 64);
-        uint32_t pc[16] = {D, ff, (uint32_t)mw->row_bytes, nblk, 0, D, 0, ff, (uint32_t)mode, 0, wg->tbl, wu->tbl,
-                           mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
-        memcpy(r->pc, pc, sizeof pc);
+        if (mv) VK_PC_SET(r, MV, {.K = D, .M = ff, .row_bytes = (uint32_t)mw->row_bytes, .nblk = nblk, .x_stride = D, .y_stride = ff,
+                                  .mode = (uint32_t)mode, .tbl0 = wg->tbl, .tbl1 = wu->tbl, .k_used = k, .ids_off = c->ids_off, .w_off = c->w_off,
+                                  .act = (uint32_t)act});
+        else VK_PC_SET(r, MM, {.K = D, .M = ff, .row_bytes = (uint32_t)mw->row_bytes, .nblk = nblk, .x_stride = D, .y_stride = ff,
+                               .mode = (uint32_t)mode, .tbl0 = wg->tbl, .tbl1 = wu->tbl, .k_used = k, .list_off = c->list_off,
+                               .items_off = c->items_off, .act = (uint32_t)act});
         if (inl) vk_pn_inline(c, r);
         vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
     }
+    if (vk->xg) vk_xg_log_route(c, wg, n); /* GPU expert slot cache: the routed ids to the host after the step */
     c->fuse_idx = -1;
 }
 
@@ -2257,13 +2761,14 @@ static void vk_op_experts_down(void *be, int dst, const moe_weight *down, int n)
     r->wmode = 2;
     r->win = wd->win0;
     uint32_t nblk = vk_div_up(D, mv ? VK_MV_ROWS : 64);
-    uint32_t pc[16] = {ff, D, (uint32_t)down->row_bytes, nblk, 0, ff, 0, D, 2, 0, wd->tbl, 0,
-                       mv ? k : 0, mv ? c->ids_off : k, mv ? c->w_off : c->list_off, mv ? 0 : c->items_off};
-    memcpy(r->pc, pc, sizeof pc);
+    if (mv) VK_PC_SET(r, MV, {.K = ff, .M = D, .row_bytes = (uint32_t)down->row_bytes, .nblk = nblk, .x_stride = ff, .y_stride = D,
+                              .mode = 2, .tbl0 = wd->tbl, .k_used = k, .ids_off = c->ids_off, .w_off = c->w_off});
+    else VK_PC_SET(r, MM, {.K = ff, .M = D, .row_bytes = (uint32_t)down->row_bytes, .nblk = nblk, .x_stride = ff, .y_stride = D,
+                           .mode = 2, .tbl0 = wd->tbl, .k_used = k, .list_off = c->list_off, .items_off = c->items_off});
     vk_grid_fold(r, nblk, mv ? (uint32_t)n : c->max_items);
     c->fuse_idx = -1;
     if (mv) {
-        vk_mark_fusable(c, dst, n, 9);
+        vk_mark_fusable(c, dst, n, VK_PC_WORD(MV, acc));
         return;
     }
     r = vk_rec_new(c, VKP_MOE_COMBINE, VKC_COMBINE);
@@ -2271,12 +2776,158 @@ static void vk_op_experts_down(void *be, int dst, const moe_weight *down, int n)
     vk_bind(r, 0, &c->p, 0);
     vk_bind(r, 1, &c->act[dst], 1);
     vk_bind(r, 2, &c->aux, 0);
-    uint32_t cpc[5] = {D, k, c->w_off, c->pos_off, 0};
-    memcpy(r->pc, cpc, sizeof cpc);
+    VK_PC_SET(r, MOE_COMBINE, {.D = D, .k_used = k, .w_off = c->w_off, .pos_off = c->pos_off});
     r->grid[0] = vk_div_up(D, k_vk_plain[VKP_MOE_COMBINE - VKP_ADD].wg);
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 1;
-    vk_mark_fusable(c, dst, n, 4);
+    vk_mark_fusable(c, dst, n, VK_PC_WORD(MOE_COMBINE, acc));
+}
+
+/* ---- GPU expert slot cache: the per-step side (see the banner before vk_upload_weights) ---- */
+
+/* the step copies the layer's routed ids into the context's host-visible route log */
+static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n) {
+    moe_vk_backend *vk = c->vk;
+    int l = vk_weight_layer((int)(wg - vk->wts));
+    if (l < 0 || l >= vk->xg->L || !c->rlog.buf) return;
+    uint32_t pairs = (uint32_t)n * (uint32_t)c->route_k;
+    vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+    if (!r) return;
+    vk_bind_range(r, 0, c->aux.buf, (VkDeviceSize)c->ids_off * 4, (VkDeviceSize)pairs * 4, 0);
+    vk_bind_range(r, 1, c->rlog.buf, (VkDeviceSize)l * c->xg_stride * 4, 0, 1);
+    c->xg_n[l] = (int32_t)pairs;
+}
+
+/* Starts recording the current fill command buffer (waits for its previous use first). */
+static moe_status vk_xg_cb_begin(moe_vk_backend *vk, vk_xg *x) {
+    int i = x->cur;
+    if (x->pending[i]) {
+        x->pending[i] = 0;
+        moe_status st = vk_wait_fence(vk, x->fence[i], "expert slot fills");
+        if (st) return st;
+    }
+    VkCommandBufferBeginInfo bi = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO, NULL, VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT, NULL};
+    VkResult r = vk->f.ResetCommandBuffer(x->cb[i], 0);
+    if (r == VK_SUCCESS) r = vk->f.BeginCommandBuffer(x->cb[i], &bi);
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: recording expert slot fills failed (%s)", vk_result_str(r));
+    /* earlier steps (any context) read the slots and the table: they finish before the copies */
+    VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_WRITE_BIT | VK_ACCESS_HOST_WRITE_BIT,
+                          VK_ACCESS_TRANSFER_READ_BIT | VK_ACCESS_TRANSFER_WRITE_BIT};
+    vk->f.CmdPipelineBarrier(x->cb[i], VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT | VK_PIPELINE_STAGE_HOST_BIT,
+                             VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    return MOE_OK;
+}
+
+/* table entry j now says (win, off): through this command buffer's mirror */
+static void vk_xg_set_entry(moe_vk_backend *vk, vk_xg *x, uint32_t j, uint32_t win, uint32_t off) {
+    uint32_t *m = (uint32_t *)x->mirror[x->cur].map;
+    m[2 * j] = win;
+    m[2 * j + 1] = off;
+    VkBufferCopy cp = {(VkDeviceSize)j * 8, (VkDeviceSize)j * 8, 8};
+    vk->f.CmdCopyBuffer(x->cb[x->cur], x->mirror[x->cur].buf, vk->tables.buf, 1, &cp);
+}
+
+/* After a step: counts the step's routed experts as hits (in a slot) or misses (read from their
+   home), gives missed experts slots (the eviction policy of section 8, per layer) and queues the
+   copies and table updates; nothing waits for them. */
+static moe_status vk_xg_after_step(vk_ctx *c) {
+    moe_vk_backend *vk = c->vk;
+    vk_xg *x = vk->xg;
+    int L = x->L, E = x->E, recording = 0;
+    moe_status st = MOE_OK;
+    uint32_t cnt[VK_MAX_EXPERTS];
+    pthread_mutex_lock(&x->mu);
+    if (x->reset) { /* a failed submission left the host's view ahead of the table: every entry to its home again */
+        if ((st = vk_xg_cb_begin(vk, x))) goto out;
+        recording = 1;
+        memcpy(x->mirror[x->cur].map, x->home, (size_t)x->n_tbl * 8);
+        VkBufferCopy cp = {0, 0, (VkDeviceSize)x->n_tbl * 8};
+        vk->f.CmdCopyBuffer(x->cb[x->cur], x->mirror[x->cur].buf, vk->tables.buf, 1, &cp);
+        VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT, VK_ACCESS_TRANSFER_WRITE_BIT};
+        vk->f.CmdPipelineBarrier(x->cb[x->cur], VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+    }
+    for (int l = 0; l < L && !st; l++) {
+        uint32_t np = (uint32_t)c->xg_n[l];
+        if (!np) continue;
+        c->xg_n[l] = 0;
+        const uint32_t *ids = (const uint32_t *)c->rlog.map + (size_t)l * c->xg_stride;
+        memset(cnt, 0, (size_t)E * sizeof cnt[0]);
+        for (uint32_t p = 0; p < np; p++)
+            if (ids[p] < (uint32_t)E) cnt[ids[p]]++;
+        int32_t s0 = x->s0[l], ns = x->ns[l];
+        uint64_t step_tick = x->tick[l]; /* slots touched after this were used by this step */
+        for (int e = 0; e < E; e++) {
+            int32_t s = cnt[e] ? x->map[(size_t)l * (size_t)E + (size_t)e] : -1;
+            if (s < 0) continue;
+            c->xg_hits += cnt[e];
+            moe_xs_touch(s - s0, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+        }
+        for (int e = 0; e < E && !st; e++) {
+            if (!cnt[e] || x->map[(size_t)l * (size_t)E + (size_t)e] >= 0) continue;
+            c->xg_misses += cnt[e];
+            c->xg_bytes += x->unit[l]; /* read over the bus from its home */
+            if (!ns) continue;
+            int32_t v = moe_xs_victim(x->policy, ns, NULL, x->state + s0, x->stamp + s0, x->freq + s0);
+            if (v < 0 || (x->state[s0 + v] && x->stamp[s0 + v] > step_tick)) continue; /* every slot serves this step */
+            int32_t s = s0 + v;
+            if (!recording) {
+                if ((st = vk_xg_cb_begin(vk, x))) break;
+                recording = 1;
+            }
+            if (x->key[s] >= 0) { /* the evicted expert is read from its home again */
+                int old = x->key[s];
+                x->map[(size_t)l * (size_t)E + (size_t)old] = -1;
+                for (int t = 0; t < x->lt_n[l]; t++) {
+                    uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)old;
+                    vk_xg_set_entry(vk, x, j, x->home[2 * j], x->home[2 * j + 1]);
+                }
+            }
+            x->key[s] = e;
+            x->map[(size_t)l * (size_t)E + (size_t)e] = s;
+            x->state[s] = 2;
+            x->freq[s] = 0;
+            moe_xs_touch(v, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            for (int t = 0; t < x->lt_n[l]; t++) {
+                uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
+                VkBufferCopy cp = {x->home[2 * j + 1], x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t],
+                                   x->lt_len[(size_t)l * VK_XG_T + (size_t)t]};
+                vk->f.CmdCopyBuffer(x->cb[x->cur], vk->win[x->win0[l] + x->home[2 * j]].buf, vk->win[x->win0[l] + x->slot_win[s]].buf, 1, &cp);
+            }
+            /* the table may point at the slot only after the copy: a barrier between them */
+            VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT, VK_ACCESS_TRANSFER_WRITE_BIT};
+            vk->f.CmdPipelineBarrier(x->cb[x->cur], VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_TRANSFER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+            for (int t = 0; t < x->lt_n[l]; t++) {
+                uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
+                vk_xg_set_entry(vk, x, j, x->slot_win[s], (uint32_t)(x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t]));
+            }
+            c->xg_bytes += x->unit[l]; /* and copied into the slot */
+        }
+    }
+    if (recording && !st) {
+        VkCommandBuffer cb = x->cb[x->cur];
+        VkMemoryBarrier mb = {VK_STRUCTURE_TYPE_MEMORY_BARRIER, NULL, VK_ACCESS_TRANSFER_WRITE_BIT, VK_ACCESS_SHADER_READ_BIT};
+        vk->f.CmdPipelineBarrier(cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
+        VkResult r = vk->f.EndCommandBuffer(cb);
+        if (r != VK_SUCCESS) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: recording expert slot fills failed (%s)", vk_result_str(r));
+        if (!st) st = vk_submit(vk, cb, x->fence[x->cur], "expert slot fills");
+        if (!st) {
+            x->pending[x->cur] = 1;
+            x->cur ^= 1;
+            x->reset = 0;
+        }
+    }
+    if (st && recording) { /* what this call changed never reached the table: forget every slot (their contents stay valid
+                              for the entries still pointing at them until the reset above runs first on the queue) */
+        x->reset = 1;
+        for (int32_t s = 0; s < x->n_slots; s++) {
+            x->key[s] = -1;
+            x->state[s] = 0;
+        }
+        for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
+    }
+out:
+    pthread_mutex_unlock(&x->mu);
+    return st;
 }
 
 /* device memory: weights (shared by the model's contexts), KV cache, scratch */
@@ -2286,13 +2937,20 @@ static void vk_stats(const void *be, moe_stats *out) {
     for (int i = 0; i < c->n_rope; i++) s += c->rope[i].tab.size;
     for (int i = 0; i < ACT_COUNT; i++) s += c->act[i].size;
     out->gpu_bytes_weights += c->vk->weight_bytes + c->vk->tables.size;
+    if (c->vk->xg) { /* the GPU expert slot cache: experts' host-visible homes; this context's hits and misses */
+        out->host_bytes += c->vk->xg->host_bytes;
+        out->expert_hits += c->xg_hits;
+        out->expert_misses += c->xg_misses;
+        out->expert_bytes_streamed += c->xg_bytes;
+    }
     out->gpu_bytes_kv += c->kc.size + c->vc.size;
     out->gpu_bytes_scratch += s;
 }
 
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_route,
-                            vk_op_experts_glu, vk_op_experts_down, vk_begin_step, vk_end_step, vk_read_logits, vk_kv_save,
+                            vk_op_experts_glu, vk_op_experts_down, vk_op_scale, vk_op_copy, vk_op_glu, vk_op_softcap, vk_begin_step, vk_end_step,
+                            vk_logits_rows, vk_logits_out, vk_read_logits, vk_kv_save,
                             vk_kv_load, vk_stats,
                             /* hybrid models (Gated DeltaNet): not on Vulkan yet (moe_vk_init refuses them) */
-                            NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+                            NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
 

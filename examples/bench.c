@@ -7,6 +7,13 @@
    Flags: -m model  -b auto|cpu|vulkan  -d device  -p prompt tokens (512; 0 = skip)
           -n generated tokens (128; 0 = skip)  -r repetitions (3)  -t threads (CPU; 0 = all)
           -c n_ctx (default p + n)  --json (one JSON object per test on stdout)
+          --gpu-budget B / --host-budget B   memory budgets for the weights (moe_load_params):
+                     B in MiB ("4096"), or a percentage of the expert bytes ("25%": the non-expert
+                     weights plus 25% of the experts)
+          --sweep    runs everything at 100/50/25/10% of the expert bytes (the host budget on the
+                     CPU backend, the GPU budget otherwise)
+   With a budget, each test line is followed by the expert cache's hits / misses (pairs of
+   token and expert), hit rate and bytes streamed per token, and the resident host memory.
    As llama-bench: ppN feeds N random tokens to an empty context in one step (n_batch = N);
    tgN generates N tokens one step at a time from an empty context. Each test runs once
    untimed (warm-up), then -r times; t/s is the median (and mean ± sd) over the repetitions.
@@ -50,7 +57,29 @@ static unsigned long long peak_rss(void) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: bench -m model.gguf [-b auto|cpu|vulkan] [-d device] [-p 512] [-n 128] [-r 3] [-t threads] [-c n_ctx] [--json]\n");
+    fprintf(stderr, "usage: bench -m model.gguf [-b auto|cpu|vulkan] [-d device] [-p 512] [-n 128] [-r 3] [-t threads] [-c n_ctx] [--json]\n"
+                    "             [--gpu-budget MiB|N%%] [--host-budget MiB|N%%] [--sweep]\n");
+}
+
+/* resident host memory of this process in bytes (Linux), 0 if unknown */
+static unsigned long long cur_rss(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    unsigned long long kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) kb = strtoull(line + 6, NULL, 10);
+    fclose(f);
+    return kb * 1024ull;
+}
+
+/* "4096" (MiB) or "25%" of the expert bytes on top of the rest; 0 = none */
+static unsigned long long parse_budget(const char *v, const moe_model_info *info) {
+    if (!v) return 0;
+    char *end = NULL;
+    double x = strtod(v, &end);
+    if (end && *end == '%') return (unsigned long long)((double)(info->weight_bytes - info->expert_bytes) + x / 100.0 * (double)info->expert_bytes);
+    return (unsigned long long)(x * 1048576.0);
 }
 
 /* one timed run of a test: the seconds it took, or < 0 on error */
@@ -63,31 +92,8 @@ static double run_once(moe_ctx *ctx, const moe_token *toks, int n_prompt, int n_
     return now_s() - t0;
 }
 
-int main(int argc, char **argv) {
-    const char *model_path = NULL, *backend_name = "auto";
-    int n_prompt = 512, n_gen = 128, reps = 3, json = 0, n_ctx = 0;
-    moe_load_params lp = {0};
-    lp.log = log_line;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--json")) { json = 1; continue; }
-        if (i + 1 >= argc) { usage(); return 2; }
-        const char *v = argv[++i];
-        if (!strcmp(a, "-m")) model_path = v;
-        else if (!strcmp(a, "-b")) {
-            backend_name = v;
-            lp.backend = !strcmp(v, "cpu") ? MOE_BACKEND_CPU : !strcmp(v, "vulkan") ? MOE_BACKEND_VULKAN : MOE_BACKEND_AUTO;
-        } else if (!strcmp(a, "-d")) lp.device_index = atoi(v);
-        else if (!strcmp(a, "-p")) n_prompt = atoi(v);
-        else if (!strcmp(a, "-n")) n_gen = atoi(v);
-        else if (!strcmp(a, "-r")) reps = atoi(v);
-        else if (!strcmp(a, "-t")) lp.n_threads = atoi(v);
-        else if (!strcmp(a, "-c")) n_ctx = atoi(v);
-        else { usage(); return 2; }
-    }
-    if (!model_path || n_prompt < 0 || n_gen < 0 || reps < 1 || reps > 1000) { usage(); return 2; }
-    (void)backend_name;
-
+static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, int n_gen, int reps, int json, int n_ctx,
+                     int header, const char *budget_label) {
     moe_model *model = NULL;
     moe_ctx *ctx = NULL;
     moe_token *toks = NULL;
@@ -114,7 +120,7 @@ int main(int argc, char **argv) {
     }
     const char *be = info.backend == MOE_BACKEND_VULKAN ? "vulkan" : "cpu";
     double gib = (double)info.file_bytes / (1024.0 * 1024.0 * 1024.0);
-    if (!json) {
+    if (!json && header) {
         printf("| model                          |       size |     params | backend | threads |  test |              t/s |\n");
         printf("| ------------------------------ | ---------: | ---------: | ------- | ------: | ----: | ---------------: |\n");
     }
@@ -125,11 +131,14 @@ int main(int argc, char **argv) {
             fprintf(stderr, "bench: %s\n", moe_last_error());
             goto done;
         }
+        moe_stats s0, s1;
+        moe_ctx_get_stats(ctx, &s0);
         for (int r = 0; r < reps; r++)
             if ((times[r] = run_once(ctx, toks, np, ng)) < 0) {
                 fprintf(stderr, "bench: %s\n", moe_last_error());
                 goto done;
             }
+        moe_ctx_get_stats(ctx, &s1);
         double mean = 0, sd = 0, tps[1000];
         for (int r = 0; r < reps; r++) mean += (tps[r] = n / times[r]) / reps;
         for (int r = 0; r < reps; r++) sd += (tps[r] - mean) * (tps[r] - mean) / (reps > 1 ? reps - 1 : 1);
@@ -138,14 +147,24 @@ int main(int argc, char **argv) {
         double med = reps % 2 ? tps[reps / 2] : 0.5 * (tps[reps / 2 - 1] + tps[reps / 2]);
         char name[32];
         snprintf(name, sizeof name, "%s%d", test == 0 ? "pp" : "tg", n);
+        unsigned long long hits = s1.expert_hits - s0.expert_hits, miss = s1.expert_misses - s0.expert_misses;
+        unsigned long long bytes = s1.expert_bytes_streamed - s0.expert_bytes_streamed;
+        double hit_rate = hits + miss ? (double)hits / (double)(hits + miss) : 1.0, per_tok = (double)bytes / ((double)n * reps);
         if (json)
             printf("{\"model\": \"%s\", \"arch\": \"%s\", \"size_bytes\": %llu, \"n_params\": %llu, \"backend\": \"%s\", \"test\": \"%s\", "
-                   "\"n_tokens\": %d, \"reps\": %d, \"tps_median\": %.3f, \"tps_mean\": %.3f, \"tps_sd\": %.3f}\n",
+                   "\"n_tokens\": %d, \"reps\": %d, \"tps_median\": %.3f, \"tps_mean\": %.3f, \"tps_sd\": %.3f, \"budget\": \"%s\", "
+                   "\"gpu_budget_bytes\": %llu, \"host_budget_bytes\": %llu, \"expert_hits\": %llu, \"expert_misses\": %llu, "
+                   "\"hit_rate\": %.4f, \"streamed_bytes_per_token\": %.0f, \"rss_bytes\": %llu}\n",
                    model_path, info.arch, (unsigned long long)info.file_bytes, (unsigned long long)info.n_params, be, name, n, reps, med,
-                   mean, sd);
-        else
+                   mean, sd, budget_label, (unsigned long long)lp.gpu_budget_bytes, (unsigned long long)lp.host_budget_bytes, hits, miss,
+                   hit_rate, per_tok, cur_rss());
+        else {
             printf("| %-30.30s | %6.2f GiB | %8.2f B | %-7s | %7d | %5s | %8.2f (%.2f ± %.2f) |\n", info.arch, gib, (double)info.n_params / 1e9, be,
                    lp.n_threads, name, med, mean, sd);
+            if (lp.gpu_budget_bytes || lp.host_budget_bytes)
+                printf("|   budget %-21.21s | experts: hits %llu, misses %llu, hit rate %.1f%%, streamed %.2f MiB/token, host RSS %.2f GiB |\n",
+                       budget_label, hits, miss, 100.0 * hit_rate, per_tok / 1048576.0, (double)cur_rss() / 1073741824.0);
+        }
         fflush(stdout);
     }
     moe_stats stats;
@@ -159,5 +178,66 @@ done:
     free(times);
     moe_ctx_free(ctx); /* with MOE_VK_PROFILE=1 the Vulkan context logs its kernel times here */
     moe_model_free(model);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *backend_name = "auto", *gpu_budget = NULL, *host_budget = NULL;
+    int n_prompt = 512, n_gen = 128, reps = 3, json = 0, n_ctx = 0, sweep = 0;
+    moe_load_params lp = {0};
+    lp.log = log_line;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--json")) { json = 1; continue; }
+        if (!strcmp(a, "--sweep")) { sweep = 1; continue; }
+        if (i + 1 >= argc) { usage(); return 2; }
+        const char *v = argv[++i];
+        if (!strcmp(a, "-m")) model_path = v;
+        else if (!strcmp(a, "-b")) {
+            backend_name = v;
+            lp.backend = !strcmp(v, "cpu") ? MOE_BACKEND_CPU : !strcmp(v, "vulkan") ? MOE_BACKEND_VULKAN : MOE_BACKEND_AUTO;
+        } else if (!strcmp(a, "-d")) lp.device_index = atoi(v);
+        else if (!strcmp(a, "-p")) n_prompt = atoi(v);
+        else if (!strcmp(a, "-n")) n_gen = atoi(v);
+        else if (!strcmp(a, "-r")) reps = atoi(v);
+        else if (!strcmp(a, "-t")) lp.n_threads = atoi(v);
+        else if (!strcmp(a, "-c")) n_ctx = atoi(v);
+        else if (!strcmp(a, "--gpu-budget")) gpu_budget = v;
+        else if (!strcmp(a, "--host-budget")) host_budget = v;
+        else { usage(); return 2; }
+    }
+    if (!model_path || n_prompt < 0 || n_gen < 0 || reps < 1 || reps > 1000) { usage(); return 2; }
+    (void)backend_name;
+    moe_model_info info = {0};
+    if (gpu_budget || host_budget || sweep) { /* the sizes, from a quick load that maps the file without reading it */
+        moe_load_params q = {0};
+        q.backend = MOE_BACKEND_CPU;
+        q.host_budget_bytes = ~0ull;
+        moe_model *m = NULL;
+        moe_status st = moe_load(model_path, &q, &m);
+        if (st) { fprintf(stderr, "bench: %s: %s\n", moe_status_str(st), moe_last_error()); return 1; }
+        moe_model_get_info(m, &info);
+        moe_model_free(m);
+        fprintf(stderr, "bench: weights %.2f GiB, of them experts %.2f GiB\n", (double)info.weight_bytes / 1073741824.0,
+                (double)info.expert_bytes / 1073741824.0);
+    }
+    lp.gpu_budget_bytes = parse_budget(gpu_budget, &info);
+    lp.host_budget_bytes = parse_budget(host_budget, &info);
+    if (!sweep) {
+        char label[64];
+        snprintf(label, sizeof label, "%s%s%s%s", gpu_budget ? "gpu " : "", gpu_budget ? gpu_budget : "", host_budget ? " host " : "",
+                 host_budget ? host_budget : "");
+        return bench_run(model_path, lp, n_prompt, n_gen, reps, json, n_ctx, 1, label);
+    }
+    static const char *const pcts[] = {"100%", "50%", "25%", "10%"};
+    int rc = 0;
+    for (int i = 0; i < 4; i++) {
+        moe_load_params l = lp;
+        char label[64];
+        if (lp.backend == MOE_BACKEND_CPU) l.host_budget_bytes = parse_budget(pcts[i], &info);
+        else l.gpu_budget_bytes = parse_budget(pcts[i], &info);
+        snprintf(label, sizeof label, "%s %s", lp.backend == MOE_BACKEND_CPU ? "host" : "gpu", pcts[i]);
+        rc |= bench_run(model_path, l, n_prompt, n_gen, reps, json, n_ctx, i == 0, label);
+    }
     return rc;
 }

@@ -22,8 +22,11 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+static int g_bar_open; /* the progress bar's line is unfinished */
+
 static int32_t progress_bar(float f, void *user) {
     (void)user;
+    g_bar_open = f < 1.0f;
     int w = (int)(f * 30.0f + 0.5f);
     fprintf(stderr, "\rloading [%.*s%*s] %3d%%", w, "==============================", 30 - w, "", (int)(f * 100.0f + 0.5f));
     if (f >= 1.0f) fputc('\n', stderr);
@@ -32,7 +35,9 @@ static int32_t progress_bar(float f, void *user) {
 
 static void log_line(int32_t level, const char *msg, void *user) {
     (void)user;
-    if (level <= MOE_LOG_INFO) fprintf(stderr, "moe: %s\n", msg);
+    if (level > MOE_LOG_INFO) return;
+    if (g_bar_open) fputc('\n', stderr), g_bar_open = 0;
+    fprintf(stderr, "moe: %s\n", msg);
 }
 
 /* Writes one token's bytes; returns 0 if the model has no tokenizer. */

@@ -5,7 +5,7 @@
 
 layout(std430, binding = 0) readonly buffer X { float x[]; };
 layout(std430, binding = 1) buffer Y { float y[]; };
-layout(push_constant) uniform PC { uint count; } pc;
+layout(push_constant) uniform PC { PC_ADD(PC_FIELD) } pc;
 
 void main() {
     uint i = wg_linear_x() * WG + gl_LocalInvocationIndex;

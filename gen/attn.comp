@@ -2,11 +2,13 @@
 #extension GL_GOOGLE_include_directive : require
 /* attn.comp — causal GQA attention of one query head of one token over the KV cache
    (flash-style: keys in blocks of 32 with a running max and sum, so any context length fits).
-   Query token i sits at position pos0 + i (pos0 = step pos0 + pos_delta) and sees keys 0 ..= pos0 + i.
+   Query token i sits at position pos = pos0 + i (pos0 = step pos0 + pos_delta) and sees keys
+   p0 ..= pos, p0 = pos - window + 1 with a sliding window (else 0); key p sits in cache row
+   p mod rows (a ring of rows for sliding layers; rows = n_ctx otherwise).
    out = Σ_p softmax_p(q·k_p · scale) v_p.  WG = 128; the head size HD is specialization
-   constant 1 (<= 256, a multiple of 8), so every inner loop has a fixed trip count.
+   constant 1 (<= 512, a multiple of 8), so every inner loop has a fixed trip count.
    Scores: 4 threads per key, each a quarter of the head (16-byte loads when HD % 32 == 0);
-   values: each thread owns output dims tid and tid + 128 and reads all 32 keys of a block with
+   values: each thread owns output dims tid + 128·j (j < ND) and reads all 32 keys of a block with
    no branch (past the last key it re-reads that key with weight 0), so the loads overlap.
    grid: (n_head, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step */
 #include "common.glsl"
@@ -22,10 +24,11 @@ layout(std430, binding = 4) readonly buffer KC { uint kc[]; };
 layout(std430, binding = 4) readonly buffer KC4 { uvec4 kc4[]; };
 layout(std430, binding = 5) readonly buffer VC { uint vc[]; };
 #endif
-layout(push_constant) uniform PC { uint n_head, n_kv, hd, kvw; float scale; int pos_delta; } pc;
+layout(push_constant) uniform PC { PC_ATTN(PC_FIELD) } pc;
 layout(constant_id = 1) const uint HD = 128u;
 
 #define KB 32u
+const uint ND = (HD + 127u) / 128u;                           /* output dims per thread */
 shared float qs[HD];
 shared float part[128];
 shared float ps[KB];
@@ -42,7 +45,10 @@ void main() {
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
     const uint hd = HD;
     uint kvh = h / (pc.n_head / pc.n_kv);
-    uint n_keys = uint(int(STEP_POS0) + pc.pos_delta) + i + 1u;
+    uint pos = uint(int(STEP_POS0) + pc.pos_delta) + i;
+    uint p0 = pc.window != 0u && pos >= pc.window ? pos + 1u - pc.window : 0u;
+    uint n_keys = pos + 1u - p0;
+    uint r0 = p0 % pc.rows;                                  /* ring row of key 0; key j at r0 + j, wrapped once at most */
     uint qo = (i * pc.n_head + h) * hd;
     for (uint d = tid; d < HD; d += 128u) qs[d] = q[qo + d];
     barrier();
@@ -50,13 +56,15 @@ void main() {
     const uint dq = HD >> 2;                                 /* score work: 4 threads per key */
     const bool vec = (HD & 31u) == 0u;
     uint key = tid >> 2, quarter = tid & 3u;
-    uint d0 = tid, d1 = tid + 128u;                          /* output dims of this thread */
-    float m = NEG_INF, l = 0.0, o0 = 0.0, o1 = 0.0;
+    float m = NEG_INF, l = 0.0, oa[ND];
+    [[unroll]] for (uint j = 0u; j < ND; j++) oa[j] = 0.0;
     for (uint kb = 0u; kb < n_keys; kb += KB) {
         uint p = kb + key;
         float s = 0.0;
         if (p < n_keys) {
-            uint base = p * pc.kvw + kvh * hd + quarter * dq, qb = quarter * dq;
+            uint row = r0 + p;
+            if (row >= pc.rows) row -= pc.rows;
+            uint base = row * pc.kvw + kvh * hd + quarter * dq, qb = quarter * dq;
             if (vec) {
 #ifdef KV_F32
                 [[unroll]] for (uint c = 0u; c < dq; c += 4u) {
@@ -97,20 +105,21 @@ void main() {
         barrier();
         m = bm;
         float sum = 0.0;
-        o0 *= alpha;
-        o1 *= alpha;
+        [[unroll]] for (uint j = 0u; j < ND; j++) oa[j] *= alpha;
         uint last = n_keys - 1u;
         [[unroll]] for (uint j = 0u; j < KB; j++) {
             float w = ps[j]; /* 0 past the last key */
-            uint vb = min(kb + j, last) * pc.kvw + kvh * HD;
+            uint row = r0 + min(kb + j, last);
+            if (row >= pc.rows) row -= pc.rows;
+            uint vb = row * pc.kvw + kvh * HD;
             sum += w;
-            if (d0 < HD) o0 += w * v_at(vb + d0);
-            if (d1 < HD) o1 += w * v_at(vb + d1);
+            [[unroll]] for (uint e = 0u; e < ND; e++)
+                if (tid + 128u * e < HD) oa[e] += w * v_at(vb + tid + 128u * e);
         }
         l = l * alpha + sum;
         barrier();
     }
     uint oo = (i * pc.n_head + h) * hd;
-    if (d0 < HD) o[oo + d0] = o0 / l;
-    if (d1 < HD) o[oo + d1] = o1 / l;
+    [[unroll]] for (uint e = 0u; e < ND; e++)
+        if (tid + 128u * e < HD) o[oo + tid + 128u * e] = oa[e] / l;
 }

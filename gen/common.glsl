@@ -4,10 +4,13 @@
      binding 0..5  storage buffers whose meaning each kernel documents (src, dst, aux, ...)
      binding 6     weights: an array of XBUFS windows; a weight row is (window index, byte offset)
      binding 7     the step buffer: [0] pos0, [1] n, [4 + i] token i
-   Workgroup size is specialization constant 0 (WG). Subgroup arithmetic is required. */
+   Workgroup size is specialization constant 0 (WG). Subgroup arithmetic is required.
+   Push constants: each kernel declares layout(push_constant) uniform PC { PC_<KERNEL>(PC_FIELD) } pc;
+   with the fields of moe_vk.c's host-shader contract (contract.glsl is generated from it). */
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
 #extension GL_EXT_control_flow_attributes : require
+#include "contract.glsl"
 
 layout(constant_id = 0) const uint WG = 64;
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
@@ -76,3 +79,12 @@ uint wg_min_u(uint v) {
 }
 
 float silu(float g) { return g / (1.0 + exp(-g)); }
+
+/* tanh without the inf/inf of exp-based forms: |x| > 15 is ±1 in f32 anyway */
+float tanh_safe(float x) { return tanh(clamp(x, -15.0, 15.0)); }
+
+/* GELU, tanh approximation (gelu_pytorch_tanh) */
+float gelu_tanh(float g) { return 0.5 * g * (1.0 + tanh_safe(0.7978845608028654 * (g + 0.044715 * g * g * g))); }
+
+/* the activation of a gated GLU: act 0 SiLU (MOE_ACT_SILU), 1 GELU-tanh (MOE_ACT_GELU_TANH) */
+float act_fn(float g, uint act) { return act == 1u ? gelu_tanh(g) : silu(g); }

@@ -8,7 +8,7 @@
 #include "dequant.glsl"
 
 layout(std430, binding = 1) writeonly buffer Y { float y[]; };
-layout(push_constant) uniform PC { uint K, row_bytes, row_lo, row_hi; } pc;
+layout(push_constant) uniform PC { PC_EMBED(PC_FIELD) } pc;
 
 void main() {
     uint i = gl_WorkGroupID.y;

@@ -1,14 +1,19 @@
 /* embed_shaders.c — compiles the compute shaders in gen/ to SPIR-V with glslangValidator and
    writes them into shaders_embedded.c as uint32_t arrays with a name table sorted by name.
 
-     embed_shaders GEN_DIR OUT.c            compile every variant below, write OUT.c
-     embed_shaders --check GEN_DIR FILE.c   exit 1 if FILE.c was made from other sources
-                                            (compares the source hash; needs no glslang)
+     embed_shaders GEN_DIR MOE_VK.c OUT.c            write GEN_DIR/contract.glsl from the contract
+                                                     in MOE_VK.c, compile every kernel variant it
+                                                     lists, write OUT.c
+     embed_shaders --check GEN_DIR MOE_VK.c FILE.c   exit 1 if contract.glsl or FILE.c is stale
+                                                     (compares text and source hash; no glslang)
 
-   The source hash is FNV-1a over the names and bytes of the .comp and .glsl files of gen/ and of
-   this file,
-   so changing a shader, an include or the variant table makes the committed file stale.
-   Variants are one source compiled with different -D defines (one per weight type, ...). */
+   The contract is the text of moe_vk.c between "BEGIN KERNELS" and "END KERNELS" (which
+   kernels exist: KT(...) once per weight type, KP(...) plain; each is one source compiled with
+   -D defines) and between "BEGIN PUSH CONSTANTS" and "END PUSH CONSTANTS" (each kernel's
+   push-constant fields), copied verbatim into contract.glsl for the shaders.
+   The source hash is FNV-1a over the names and bytes of the .comp and .glsl files of gen/, this
+   file and the contract, so changing a shader, an include or the kernel table makes the
+   committed file stale. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <stdint.h>
@@ -20,35 +25,8 @@
 
 typedef struct variant { char name[48], src[32], defs[64]; } variant;
 
-static const char *const k_types[][2] = {
-    {"f32", "T_F32"},   {"f16", "T_F16"},   {"bf16", "T_BF16"}, {"q8_0", "T_Q8_0"},  {"q4_0", "T_Q4_0"},
-    {"q4_k", "T_Q4_K"}, {"q5_k", "T_Q5_K"}, {"q6_k", "T_Q6_K"}, {"mxfp4", "T_MXFP4"},
-};
-/* per weight type: name prefix, source, extra define */
-static const char *const k_typed[][3] = {
-    {"embed", "embed.comp", ""},
-    {"mv", "mv.comp", ""},
-    {"mm", "mm.comp", ""},
-    {"mmg", "mm.comp", "-DGATEUP"},
-    {"mmcm", "mm_cm.comp", ""},
-    {"mmcmg", "mm_cm.comp", "-DGATEUP"},
-};
-static const char *const k_plain[][3] = {
-    {"add", "add.comp", ""},
-    {"attn_f16", "attn.comp", "-DKV_F16"},
-    {"attn_f32", "attn.comp", "-DKV_F32"},
-    {"headwise_f16", "headwise.comp", "-DKV_F16"},
-    {"headwise_f32", "headwise.comp", "-DKV_F32"},
-    {"kvstore_f16", "kvstore.comp", "-DKV_F16"},
-    {"kvstore_f32", "kvstore.comp", "-DKV_F32"},
-    {"moe_combine", "moe_combine.comp", ""},
-    {"moe_sort", "moe_sort.comp", ""},
-    {"rmsnorm", "rmsnorm.comp", ""},
-    {"topk", "topk.comp", ""},
-};
-
 static int n_variants;
-static variant variants[128];
+static variant variants[256];
 
 static void add_variant(const char *name, const char *src, const char *d1, const char *d2) {
     variant *v = &variants[n_variants++];
@@ -61,16 +39,46 @@ static int cmp_variant(const void *a, const void *b) {
     return strcmp(((const variant *)a)->name, ((const variant *)b)->name);
 }
 
-static void make_variants(void) {
-    for (size_t f = 0; f < sizeof k_typed / sizeof k_typed[0]; f++)
-        for (size_t t = 0; t < sizeof k_types / sizeof k_types[0]; t++) {
-            char name[48], def[32];
-            snprintf(name, sizeof name, "%s_%s", k_typed[f][0], k_types[t][0]);
-            snprintf(def, sizeof def, "-D%s", k_types[t][1]);
-            add_variant(name, k_typed[f][1], def, k_typed[f][2]);
-        }
-    for (size_t p = 0; p < sizeof k_plain / sizeof k_plain[0]; p++) add_variant(k_plain[p][0], k_plain[p][1], k_plain[p][2], "");
+/* the text between "BEGIN what" and "END what" of src (a malloc'd copy), or NULL */
+static char *block(const char *src, const char *what) {
+    char begin[64], end[64];
+    snprintf(begin, sizeof begin, "/* BEGIN %s */", what);
+    snprintf(end, sizeof end, "/* END %s */", what);
+    const char *a = strstr(src, begin), *b = a ? strstr(a, end) : NULL;
+    if (!a || !b) { fprintf(stderr, "embed_shaders: no '%s' ... '%s' block in the contract\n", begin, end); return NULL; }
+    a += strlen(begin);
+    return strndup(a, (size_t)(b - a));
+}
+
+/* Parses the kernel table: T(ENUM, name) weight types, KT(ENUM, name, "src", "defs", wg) typed
+   kernels, KP(ENUM, name, "src", "defs", wg) plain ones. */
+static int make_variants(const char *kernels) {
+    char types[16][16], tdefs[16][24];
+    int n_types = 0;
+    for (const char *p = kernels; (p = strstr(p, " T(")) != NULL && n_types < 16; p += 3) {
+        char e[16], n[16];
+        if (sscanf(p, " T(%15[^,], %15[^)])", e, n) != 2) continue;
+        snprintf(types[n_types], sizeof types[0], "%s", n);
+        snprintf(tdefs[n_types], sizeof tdefs[0], "-DT_%s", e);
+        n_types++;
+    }
+    for (const char *p = kernels; (p = strstr(p, "K")) != NULL; p++) {
+        char kind, e[32], n[32], src[32], defs[32];
+        defs[0] = 0;
+        if (sscanf(p, "K%c(%31[^,], %31[^,], \"%31[^\"]\", \"%31[^\"]\"", &kind, e, n, src, defs) < 4 &&
+            sscanf(p, "K%c(%31[^,], %31[^,], \"%31[^\"]\", \"\"", &kind, e, n, src) != 4)
+            continue;
+        if (kind == 'P') add_variant(n, src, defs, "");
+        else if (kind == 'T')
+            for (int t = 0; t < n_types; t++) {
+                char name[64];
+                snprintf(name, sizeof name, "%.31s_%.15s", n, types[t]);
+                add_variant(name, src, tdefs[t], defs);
+            }
+    }
+    if (!n_types || !n_variants) { fprintf(stderr, "embed_shaders: the kernel table lists no types or kernels\n"); return 0; }
     qsort(variants, (size_t)n_variants, sizeof variants[0], cmp_variant);
+    return 1;
 }
 
 static uint8_t *read_all(const char *path, size_t *n) {
@@ -96,7 +104,18 @@ static uint64_t fnv(uint64_t h, const void *p, size_t n) {
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-static int source_hash(const char *dir, uint64_t *out) {
+/* what gen/contract.glsl must hold for the push-constant block pcs */
+static char *contract_glsl(const char *pcs) {
+    const char *head = "/* contract.glsl — GENERATED by gen/embed_shaders.c from moe_vk.c's host-shader contract\n"
+                       "   (make shaders). Do not edit: change moe_vk.c. Each kernel declares its push constants as\n"
+                       "   layout(push_constant) uniform PC { PC_<KERNEL>(PC_FIELD) } pc; */\n"
+                       "#define PC_FIELD(type, name) type name;\n";
+    char *out = malloc(strlen(head) + strlen(pcs) + 2);
+    sprintf(out, "%s%s\n", head, pcs + (pcs[0] == '\n'));
+    return out;
+}
+
+static int source_hash(const char *dir, const char *kernels, const char *pcs, uint64_t *out) {
     DIR *d = opendir(dir);
     if (!d) { fprintf(stderr, "embed_shaders: cannot open %s\n", dir); return 0; }
     char *names[256];
@@ -104,7 +123,7 @@ static int source_hash(const char *dir, uint64_t *out) {
     struct dirent *e;
     while ((e = readdir(d)) && n < 256) {
         size_t l = strlen(e->d_name);
-        if ((l > 5 && !strcmp(e->d_name + l - 5, ".comp")) || (l > 5 && !strcmp(e->d_name + l - 5, ".glsl")) ||
+        if ((l > 5 && !strcmp(e->d_name + l - 5, ".comp")) || (l > 5 && !strcmp(e->d_name + l - 5, ".glsl") && strcmp(e->d_name, "contract.glsl")) ||
             !strcmp(e->d_name, "embed_shaders.c"))
             names[n++] = strdup(e->d_name);
     }
@@ -122,6 +141,8 @@ static int source_hash(const char *dir, uint64_t *out) {
         free(b);
         free(names[i]);
     }
+    h = fnv(h, kernels, strlen(kernels));
+    h = fnv(h, pcs, strlen(pcs));
     *out = h;
     return 1;
 }
@@ -170,33 +191,60 @@ static int glslang_version(char *buf, size_t cap) {
     return pclose(p) == 0 && buf[0];
 }
 
+/* reads the contract blocks of moe_vk.c */
+static int read_contract(const char *vk_path, char **kernels, char **pcs) {
+    size_t n;
+    uint8_t *src = read_all(vk_path, &n);
+    if (!src) { fprintf(stderr, "embed_shaders: cannot read %s\n", vk_path); return 0; }
+    char *text = strndup((const char *)src, n);
+    free(src);
+    *kernels = block(text, "KERNELS");
+    *pcs = block(text, "PUSH CONSTANTS");
+    free(text);
+    return *kernels && *pcs;
+}
+
 int main(int argc, char **argv) {
-    if (argc == 4 && !strcmp(argv[1], "--check")) {
+    char *kernels, *pcs, path[600];
+    if (argc == 5 && !strcmp(argv[1], "--check")) {
         uint64_t h;
-        if (!source_hash(argv[2], &h)) return 1;
+        if (!read_contract(argv[3], &kernels, &pcs) || !source_hash(argv[2], kernels, pcs, &h)) return 1;
         size_t n;
-        uint8_t *b = read_all(argv[3], &n);
-        if (!b) { fprintf(stderr, "embed_shaders: cannot read %s\n", argv[3]); return 1; }
+        snprintf(path, sizeof path, "%.500s/contract.glsl", argv[2]);
+        uint8_t *b = read_all(path, &n);
+        char *want_glsl = contract_glsl(pcs);
+        if (!b || n != strlen(want_glsl) || memcmp(b, want_glsl, n)) {
+            fprintf(stderr, "%s is stale relative to the contract in %s: run `make shaders` (with glslang-tools)\n", path, argv[3]);
+            return 1;
+        }
+        free(b);
+        b = read_all(argv[4], &n);
+        if (!b) { fprintf(stderr, "embed_shaders: cannot read %s\n", argv[4]); return 1; }
         char want[64];
         snprintf(want, sizeof want, "source hash %016llx", (unsigned long long)h);
         int ok = memmem(b, n, want, strlen(want)) != NULL;
         free(b);
-        if (!ok) fprintf(stderr, "%s is stale relative to %s/: run `make shaders` (with glslang-tools)\n", argv[3], argv[2]);
+        if (!ok) fprintf(stderr, "%s is stale relative to %s/ and %s: run `make shaders` (with glslang-tools)\n", argv[4], argv[2], argv[3]);
         return ok ? 0 : 1;
     }
-    if (argc != 3) {
-        fprintf(stderr, "usage: embed_shaders GEN_DIR OUT.c | embed_shaders --check GEN_DIR FILE.c\n");
+    if (argc != 4) {
+        fprintf(stderr, "usage: embed_shaders GEN_DIR MOE_VK.c OUT.c | embed_shaders --check GEN_DIR MOE_VK.c FILE.c\n");
         return 2;
     }
-    const char *gen = argv[1], *out_path = argv[2];
+    const char *gen = argv[1], *out_path = argv[3];
     char ver[128];
     if (!glslang_version(ver, sizeof ver)) {
         fprintf(stderr, "embed_shaders: glslangValidator not found (Debian: apt-get install glslang-tools)\n");
         return 1;
     }
+    if (!read_contract(argv[2], &kernels, &pcs) || !make_variants(kernels)) return 1;
+    snprintf(path, sizeof path, "%.500s/contract.glsl", gen);
+    FILE *cf = fopen(path, "w");
+    char *glsl = contract_glsl(pcs);
+    if (!cf || fputs(glsl, cf) < 0 || fclose(cf) != 0) { perror(path); return 1; }
+    free(glsl);
     uint64_t h;
-    if (!source_hash(gen, &h)) return 1;
-    make_variants();
+    if (!source_hash(gen, kernels, pcs, &h)) return 1;
     char tmp[] = "/tmp/moe_spv_XXXXXX";
     if (!mkdtemp(tmp)) { perror("embed_shaders: mkdtemp"); return 1; }
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);

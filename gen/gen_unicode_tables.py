@@ -8,7 +8,7 @@ Reads UnicodeData.txt (general categories, canonical combining classes, decompos
 PropList.txt (White_Space) and DerivedNormalizationProps.txt (NFC_QC, Full_Composition_Exclusion)
 from Debian's unicode-data package.
 
-Each table is a string of unsigned varints, 5 bits per character, least significant group first:
+Each table is a string (emitted as rows of 96 characters, see emit()) of unsigned varints, 5 bits per character, least significant group first:
 a character of K_DIGITS at index d < 32 ends a number, d >= 32 carries (d - 32) and continues.
   k_ucat     ranges: (start - previous start) << 4 | class; a class holds until the next start.
              Classes (UCAT_*): 0 other, 1 upper (Lu, Lt), 2 lower (Ll), 3 other letter (Lm, Lo),
@@ -125,12 +125,19 @@ def alternate(rs):
     return out
 
 
+ROW = 96
+
+
 def emit(name, values):
+    """A table as rows of ROW characters without terminating NULs (char rows[][ROW]), read through
+    one pointer to the whole array: ISO C only promises string literals of 4095 characters, so one
+    concatenated literal per table would not build with -pedantic."""
     s = "".join(varint(v) for v in values)
-    lines = ["static const char %s[] = /* %d values */" % (name, len(values))]
-    for i in range(0, len(s), 96):
-        lines.append('    "%s"' % s[i:i + 96])
-    lines[-1] += ";"
+    lines = ["static const char %s_rows[][%d] = { /* %d values */" % (name, ROW, len(values))]
+    for i in range(0, len(s), ROW):
+        lines.append('    "%s",' % s[i:i + ROW])
+    lines.append("};")
+    lines.append("static const char *const %s = (const char *)&%s_rows;" % (name, name))
     return "\n".join(lines)
 
 

@@ -3,8 +3,8 @@
 /* headwise.comp — per attention head of one token, in place on binding 0, any of (flags):
      1  RMSNorm over the head (q_norm / k_norm)        x = x / rms(x) · g
      2  NeoX RoPE at position pos                      (cos, sin) from a host-made table
-     4  store the head into K cache row pos            (f16 or f32)
-     8  copy the same head of V (binding 1) into V cache row pos
+     4  store the head into K cache row pos mod rows   (f16 or f32; rows: n_ctx or a ring)
+     8  copy the same head of V (binding 1) into V cache row pos mod rows
    pos = step pos0 + pos_delta + token (pos_delta is 0 unless an op's pos0 differs from the
    step's). The rope table holds, per position p and pair j, (cos, sin) of f32(p · inv_freq_j),
    computed as the CPU backend does. Flags 4 and 8 fold the KV-cache store of the attention op
@@ -24,9 +24,9 @@ layout(std430, binding = 5) writeonly buffer VC { float vc[]; };
 layout(std430, binding = 4) writeonly buffer KC { uint kc[]; };
 layout(std430, binding = 5) writeonly buffer VC { uint vc[]; };
 #endif
-layout(push_constant) uniform PC { uint n_heads, hd, n_rot, flags; float eps; uint kvw; int pos_delta; } pc;
+layout(push_constant) uniform PC { PC_HEADWISE(PC_FIELD) } pc;
 
-shared float hs[256];
+shared float hs[512];
 
 void main() {
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
@@ -64,7 +64,7 @@ void main() {
     }
     if ((pc.flags & 3u) != 0u)
         for (uint d = tid; d < pc.hd; d += WG) x[o + d] = hs[d];
-    uint c = pos * pc.kvw + h * pc.hd;
+    uint c = (pos % max(pc.rows, 1u)) * pc.kvw + h * pc.hd; /* rows is 0 without a store */
     if ((pc.flags & 4u) != 0u) {
 #ifdef KV_F32
         for (uint d = tid; d < pc.hd; d += WG) kc[c + d] = hs[d];

@@ -7,7 +7,7 @@
 
    Columns are tokens (dense) or expert pairs grouped by expert (MoE): the MoE grid's y is a
    work-item list made by moe_sort.comp, item = (expert, first sorted pair, count <= 64).
-   modes as mv.comp: 0 dense, 1 gate+up (silu(G·x)·(U·x)), 2 down (x = sorted pair rows),
+   modes as mv.comp: 0 dense, 1 gate+up (act(G·x)·(U·x)), 2 down (x = sorted pair rows),
    3 gate only, 4 up finish. MoE outputs are rows of sorted pairs.
    bindings: 0 x, 1 y, 2 aux (pair list, items), 3 expert table, 6 weights, 7 step */
 #include "common.glsl"
@@ -22,12 +22,7 @@ layout(std430, binding = 1) buffer Y { float y[]; };
 layout(std430, binding = 2) readonly buffer Aux { uint aux[]; };
 layout(std430, binding = 3) readonly buffer Tbl { uvec2 tbl[]; };
 
-layout(push_constant) uniform PC {
-    uint K, M, row_bytes, nblk;
-    uint x_off, x_stride, y_off, y_stride;
-    uint mode, acc, tbl0, tbl1;
-    uint ncols, k_used, list_off, items_off;
-} pc;
+layout(push_constant) uniform PC { PC_MM(PC_FIELD) } pc;
 
 shared float As[BK][BM + 1u];
 #ifdef GATEUP
@@ -134,9 +129,9 @@ void main() {
             if (row0 + m >= pc.M) continue;
             float v = acc[4u * i + j];
 #ifdef GATEUP
-            y[yo + m] = silu(v) * acc2[4u * i + j];
+            y[yo + m] = act_fn(v, pc.act) * acc2[4u * i + j];
 #else
-            if (pc.mode == 4u) y[yo + m] = silu(y[yo + m]) * v;
+            if (pc.mode == 4u) y[yo + m] = act_fn(y[yo + m], pc.act) * v;
             else if (pc.acc != 0u) y[yo + m] += v;
             else y[yo + m] = v;
 #endif

@@ -22,12 +22,7 @@ layout(std430, binding = 1) buffer Y { float y[]; };
 layout(std430, binding = 2) readonly buffer Aux { uint aux[]; };
 layout(std430, binding = 3) readonly buffer Tbl { uvec2 tbl[]; };
 
-layout(push_constant) uniform PC {
-    uint K, M, row_bytes, nblk;
-    uint x_off, x_stride, y_off, y_stride;
-    uint mode, acc, tbl0, tbl1;
-    uint ncols, k_used, list_off, items_off;
-} pc;
+layout(push_constant) uniform PC { PC_MM(PC_FIELD) } pc;
 
 shared float16_t As[BM * AS];
 #ifdef GATEUP
@@ -137,7 +132,7 @@ void main() {
     [[unroll]] for (uint i = 0u; i < 2u; i++)
         [[unroll]] for (uint j = 0u; j < 4u; j++) {
 #ifdef GATEUP
-            for (int e = 0; e < acc[i][j].length(); e++) acc[i][j][e] = silu(acc[i][j][e]) * acc2[i][j][e];
+            for (int e = 0; e < acc[i][j].length(); e++) acc[i][j][e] = act_fn(acc[i][j][e], pc.act) * acc2[i][j][e];
 #endif
             coopMatStoreNV(acc[i][j], Cs, (wn + 8u * j) * CS + wm + 16u * i, CS, true);
         }
@@ -150,7 +145,7 @@ void main() {
 #ifdef GATEUP
         y[yi] = v;
 #else
-        if (pc.mode == 4u) y[yi] = silu(y[yi]) * v;
+        if (pc.mode == 4u) y[yi] = act_fn(y[yi], pc.act) * v;
         else if (pc.acc != 0u) y[yi] += v;
         else y[yi] = v;
 #endif

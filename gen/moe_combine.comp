@@ -7,7 +7,7 @@
 layout(std430, binding = 0) readonly buffer P { float po[]; };
 layout(std430, binding = 1) buffer Y { float y[]; };
 layout(std430, binding = 2) readonly buffer Aux { uint aux[]; };
-layout(push_constant) uniform PC { uint D, k_used, w_off, pos_off, acc; } pc;
+layout(push_constant) uniform PC { PC_MOE_COMBINE(PC_FIELD) } pc;
 
 void main() {
     uint t = gl_WorkGroupID.y, d = gl_WorkGroupID.x * WG + gl_LocalInvocationIndex;

@@ -11,7 +11,7 @@
 #define MAX_E_SORT 1024
 
 layout(std430, binding = 2) buffer Aux { uint aux[]; };
-layout(push_constant) uniform PC { uint E, n_pairs, ids_off, list_off, pos_off, items_off; } pc;
+layout(push_constant) uniform PC { PC_MOE_SORT(PC_FIELD) } pc;
 
 shared uint cnt[MAX_E_SORT];
 shared uint start[MAX_E_SORT];

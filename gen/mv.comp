@@ -8,10 +8,10 @@
 
    modes (pc.mode):
      0 dense      y[c][r] = W[r] · x[c]                       W = window 0 from byte 0
-     1 gate+up    y[p][r] = silu(G_e[r] · x[t]) · (U_e[r] · x[t])   p = t·k + slot, e routed
+     1 gate+up    y[p][r] = act(G_e[r] · x[t]) · (U_e[r] · x[t])   p = t·k + slot, e routed (act: pc.act)
      2 down       y[t][r] = Σ_slot w_slot · D_e[r] · x[t·k + slot]  (the weighted expert sum)
      3 gate only  y[p][r] = G_e[r] · x[t]            (gate and up of different types: pass 1)
-     4 up finish  y[p][r] = silu(y[p][r]) · (U_e[r] · x[t])                         (pass 2)
+     4 up finish  y[p][r] = act(y[p][r]) · (U_e[r] · x[t])                         (pass 2)
    The router's choice comes from topk.comp on the GPU (aux: ids[t·k + s], weights[t·k + s]);
    experts come from the indirection table (binding 3): entry [tbl + e] = (window, byte offset).
    With pc.acc set the result is added to y instead of stored (a fused residual add).
@@ -32,14 +32,7 @@ layout(std430, binding = 3) readonly buffer Tbl { uvec2 tbl[]; };
 layout(std430, binding = 4) readonly buffer G4 { vec4 g4[]; };
 layout(std430, binding = 5) writeonly buffer XN4 { vec4 xn4[]; };
 
-layout(push_constant) uniform PC {
-    uint K, M, row_bytes, nblk;
-    uint x_off, x_stride, y_off, y_stride;
-    uint mode, acc, tbl0, tbl1;
-    uint k_used, ids_off, w_off, pad;
-    float eps;
-    uint norm;
-} pc;
+layout(push_constant) uniform PC { PC_MV(PC_FIELD) } pc;
 
 float dot16(float v[16], vec4 a0, vec4 a1, vec4 a2, vec4 a3) {
     return dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
@@ -143,8 +136,8 @@ void main() {
         vec4 a = vec4(row_dot2(g.x, g.y + rb0, g.y + rb1, xo, tid, nit, ss), row_dot2(u.x, u.y + rb0, u.y + rb1, xo, tid, nit, ss2));
         a = wg_sum4(a);
         a *= norm_scale(ss, xo, blk, col % pc.k_used == 0u);
-        if (tid == 0u) y[yo] = silu(a.x) * a.z;
-        if (tid == 1u && ok1) y[yo + 1u] = silu(a.y) * a.w;
+        if (tid == 0u) y[yo] = act_fn(a.x, pc.act) * a.z;
+        if (tid == 1u && ok1) y[yo + 1u] = act_fn(a.y, pc.act) * a.w;
         return;
     }
     uvec2 ent = tbl[(pc.mode == 3u ? pc.tbl0 : pc.tbl1) + e];
@@ -154,7 +147,7 @@ void main() {
         if (tid == 0u) y[yo] = a.x;
         if (tid == 1u && ok1) y[yo + 1u] = a.y;
     } else {
-        if (tid == 0u) y[yo] = silu(y[yo]) * a.x;
-        if (tid == 1u && ok1) y[yo + 1u] = silu(y[yo + 1u]) * a.y;
+        if (tid == 0u) y[yo] = act_fn(y[yo], pc.act) * a.x;
+        if (tid == 1u && ok1) y[yo + 1u] = act_fn(y[yo + 1u], pc.act) * a.y;
     }
 }

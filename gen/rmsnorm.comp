@@ -7,7 +7,7 @@
 layout(std430, binding = 0) readonly buffer X { float x[]; };
 layout(std430, binding = 1) writeonly buffer Y { float y[]; };
 layout(std430, binding = 2) readonly buffer G { float g[]; };
-layout(push_constant) uniform PC { uint width, has_g, rows; float eps; } pc;
+layout(push_constant) uniform PC { PC_RMSNORM(PC_FIELD) } pc;
 
 void main() {
     uint r = wg_linear_x();

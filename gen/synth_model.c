@@ -1,4 +1,4 @@
-/* synth_model — writes a random but well-formed Qwen3-MoE GGUF for speed runs.
+/* synth_model — writes a random but well-formed Qwen3-MoE or Gemma 4 GGUF for speed runs.
 
    Every quant block is valid (finite scales sized so that weights come out near N(0, 0.02)),
    norms are 1 ± noise and the router is F32, so the file exercises exactly the kernels of a real
@@ -8,10 +8,19 @@
 
      build/synth_model -o /tmp/q30b.gguf                      # Qwen3-30B-A3B shape, Q4_K / Q6_K
      build/synth_model -o /tmp/mid.gguf --layers 6            # the 6-layer cut used for CPU runs
+     build/synth_model -o /tmp/g26b.gguf --arch gemma4        # Gemma 4 26B-A4B shape
 
    Options (defaults = Qwen3-30B-A3B): --layers 48 --embd 2048 --heads 32 --kv-heads 4
    --head-dim 128 --experts 128 --used 8 --ff 768 --vocab 151936 --type q4_k --out-type q6_k
-   --seed 1. Built by `make` (gen/ tools include moe.c to reach its GGUF writer and codecs). */
+   --seed 1. Built by `make` (gen/ tools include moe.c to reach its GGUF writer and codecs).
+   --arch gemma4 writes the Gemma 4 26B-A4B shape (ARCHITECTURES.md §2.1-2.2, llama.cpp's gemma4
+   keys and names): 30 layers of 2816, five sliding layers (16 heads of 256, 8 KV heads, window
+   1024) then one full layer (16 heads of 512, 2 KV heads, K = V: no attn_v, proportional rope
+   through rope_freqs), a dense GeGLU MLP of 2112 beside 128 experts (top 8) of 704, router and
+   expert scales, layer scalars, softcap 30, tied embeddings of 262,144 tokens. --layers, --used
+   and --type apply; the token embedding (also the output) is --out-type; matrices whose rows
+   are not a whole number of K-quant blocks (the 2112 / 704 down projections) are Q8_0, as
+   llama.cpp's quantizer falls back to a 32-wide type there. */
 #include "../moe.c"
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
@@ -101,39 +110,90 @@ static void add_norm(synth *s, const char *name, int64_t n) {
     if (v && gw_tensor(&s->w, name, MOE_TYPE_F32, 1, &n, v)) s->failed = 1;
 }
 
-int main(int argc, char **argv) {
-    const char *out = NULL;
-    int layers = 48, embd = 2048, heads = 32, kv_heads = 4, head_dim = 128, experts = 128, used = 8, ff = 768, vocab = 151936;
-    int32_t type = MOE_TYPE_Q4_K, out_type = MOE_TYPE_Q6_K;
-    uint64_t seed = 1;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!v) { fprintf(stderr, "synth_model: %s needs a value\n", a); return 2; }
-        i++;
-        if (!strcmp(a, "-o")) out = v;
-        else if (!strcmp(a, "--layers")) layers = atoi(v);
-        else if (!strcmp(a, "--embd")) embd = atoi(v);
-        else if (!strcmp(a, "--heads")) heads = atoi(v);
-        else if (!strcmp(a, "--kv-heads")) kv_heads = atoi(v);
-        else if (!strcmp(a, "--head-dim")) head_dim = atoi(v);
-        else if (!strcmp(a, "--experts")) experts = atoi(v);
-        else if (!strcmp(a, "--used")) used = atoi(v);
-        else if (!strcmp(a, "--ff")) ff = atoi(v);
-        else if (!strcmp(a, "--vocab")) vocab = atoi(v);
-        else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10);
-        else if (!strcmp(a, "--type")) type = type_by_name(v);
-        else if (!strcmp(a, "--out-type")) out_type = type_by_name(v);
-        else { fprintf(stderr, "synth_model: unknown option %s\n", a); return 2; }
+/* a K-quant type where the rows allow it, else Q8_0 */
+static int32_t fit_type(int32_t type, int64_t ne0) { return type_row_bytes(type, ne0) ? type : MOE_TYPE_Q8_0; }
+
+/* The Gemma 4 26B-A4B shape (see the header). */
+static void write_gemma4(synth *s, int layers, int used, int32_t type, int32_t emb_type) {
+    gguf_writer *w = &s->w;
+    const int embd = 2816, heads = 16, hd_swa = 256, hd_full = 512, kv_swa = 8, kv_full = 2, ff = 2112, experts = 128, ff_exp = 704;
+    gw_kv_str(w, "general.architecture", "gemma4");
+    gw_kv_str(w, "general.name", "moe synthetic gemma4 26B-A4B");
+    gw_kv_u32(w, "general.alignment", 32);
+    gw_kv_u32(w, "gemma4.context_length", 262144);
+    gw_kv_u32(w, "gemma4.embedding_length", embd);
+    gw_kv_u32(w, "gemma4.block_count", (uint32_t)layers);
+    gw_kv_u32(w, "gemma4.attention.head_count", heads);
+    gw_kv_u32(w, "gemma4.attention.key_length", hd_full);
+    gw_kv_u32(w, "gemma4.attention.value_length", hd_full);
+    gw_kv_u32(w, "gemma4.attention.key_length_swa", hd_swa);
+    gw_kv_u32(w, "gemma4.attention.value_length_swa", hd_swa);
+    gw_kv_u32(w, "gemma4.attention.sliding_window", 1024);
+    gw_kv_u32(w, "gemma4.rope.dimension_count", hd_full);
+    gw_kv_u32(w, "gemma4.rope.dimension_count_swa", hd_swa);
+    gw_kv_f32(w, "gemma4.rope.freq_base", 1e6f);
+    gw_kv_f32(w, "gemma4.rope.freq_base_swa", 1e4f);
+    gw_kv_f32(w, "gemma4.attention.layer_norm_rms_epsilon", 1e-6f);
+    gw_kv_f32(w, "gemma4.final_logit_softcapping", 30.0f);
+    gw_kv_u32(w, "gemma4.expert_count", experts);
+    gw_kv_u32(w, "gemma4.expert_used_count", (uint32_t)used);
+    gw_kv_u32(w, "gemma4.expert_feed_forward_length", ff_exp);
+    gw_kv_u32(w, "gemma4.attention.shared_kv_layers", 0);
+    uint8_t *pattern = keep(s, malloc((size_t)layers));
+    int32_t *kv = keep(s, malloc((size_t)layers * sizeof *kv)), *ffs = keep(s, malloc((size_t)layers * sizeof *ffs));
+    if (s->failed) return;
+    for (int l = 0; l < layers; l++) { /* five sliding, one full; the last layer full */
+        pattern[l] = l % 6 != 5 && l != layers - 1;
+        kv[l] = pattern[l] ? kv_swa : kv_full;
+        ffs[l] = ff;
     }
-    if (!out || type < 0 || out_type < 0 || layers < 1 || embd < 1 || heads < 1 || kv_heads < 1 || head_dim < 2 ||
-        experts < 1 || used < 1 || used > experts || ff < 1 || vocab < 256) {
-        fprintf(stderr, "usage: synth_model -o out.gguf [--layers N --embd N --heads N --kv-heads N --head-dim N --experts N "
-                        "--used N --ff N --vocab N --type q4_k --out-type q6_k --seed N]\n");
-        return 2;
+    gw_kv_array(w, "gemma4.attention.sliding_window_pattern", GGUF_BOOL, pattern, (uint64_t)layers);
+    gw_kv_array(w, "gemma4.attention.head_count_kv", GGUF_I32, kv, (uint64_t)layers);
+    gw_kv_array(w, "gemma4.feed_forward_length", GGUF_I32, ffs, (uint64_t)layers);
+    add_quant(s, "token_embd.weight", emb_type, 2, embd, 262144, 1);
+    add_norm(s, "output_norm.weight", embd);
+    float *rf = keep(s, malloc(hd_full / 2 * sizeof *rf));
+    int64_t n_rf = hd_full / 2;
+    if (!rf) return;
+    for (int i = 0; i < hd_full / 2; i++) rf[i] = i < 64 ? 1.0f : 1e30f; /* 25 % of the pairs rotate */
+    if (gw_tensor(w, "rope_freqs.weight", MOE_TYPE_F32, 1, &n_rf, rf)) s->failed = 1;
+    for (int l = 0; l < layers && !s->failed; l++) {
+        char name[96];
+        int hd = pattern[l] ? hd_swa : hd_full;
+        int64_t q = (int64_t)heads * hd, kvw = (int64_t)kv[l] * hd, one = 1;
+#define T(suffix) (snprintf(name, sizeof name, "blk.%d.%s", l, suffix), name)
+        add_norm(s, T("attn_norm.weight"), embd);
+        add_quant(s, T("attn_q.weight"), type, 2, embd, q, 1);
+        add_quant(s, T("attn_k.weight"), type, 2, embd, kvw, 1);
+        if (pattern[l]) add_quant(s, T("attn_v.weight"), type, 2, embd, kvw, 1);
+        add_quant(s, T("attn_output.weight"), fit_type(type, q), 2, q, embd, 1);
+        add_norm(s, T("attn_q_norm.weight"), hd);
+        add_norm(s, T("attn_k_norm.weight"), hd);
+        add_norm(s, T("post_attention_norm.weight"), embd);
+        add_norm(s, T("ffn_norm.weight"), embd);
+        add_quant(s, T("ffn_gate.weight"), type, 2, embd, ff, 1);
+        add_quant(s, T("ffn_up.weight"), type, 2, embd, ff, 1);
+        add_quant(s, T("ffn_down.weight"), fit_type(type, ff), 2, ff, embd, 1);
+        add_norm(s, T("post_ffw_norm.weight"), embd);
+        add_norm(s, T("post_ffw_norm_1.weight"), embd);
+        add_quant(s, T("ffn_gate_inp.weight"), MOE_TYPE_F32, 2, embd, experts, 1);
+        add_norm(s, T("ffn_gate_inp.scale"), embd);
+        add_norm(s, T("ffn_down_exps.scale"), experts);
+        add_norm(s, T("pre_ffw_norm_2.weight"), embd);
+        add_quant(s, T("ffn_gate_exps.weight"), type, 3, embd, ff_exp, experts);
+        add_quant(s, T("ffn_up_exps.weight"), type, 3, embd, ff_exp, experts);
+        add_quant(s, T("ffn_down_exps.weight"), fit_type(type, ff_exp), 3, ff_exp, embd, experts);
+        add_norm(s, T("post_ffw_norm_2.weight"), embd);
+        float *ls = keep(s, random_f32(1, 0.8f, 0.1f, &s->rng));
+        if (ls && gw_tensor(w, T("layer_output_scale.weight"), MOE_TYPE_F32, 1, &one, ls)) s->failed = 1;
+#undef T
     }
-    synth s = {0};
-    s.rng.s = seed;
-    gguf_writer *w = &s.w;
+}
+
+/* The Qwen3-MoE shape of the options. */
+static void write_qwen3moe(synth *s, int layers, int embd, int heads, int kv_heads, int head_dim, int experts, int used, int ff,
+                           int vocab, int32_t type, int32_t out_type) {
+    gguf_writer *w = &s->w;
     char key[128];
     gw_kv_str(w, "general.architecture", "qwen3moe");
     gw_kv_str(w, "general.name", "moe synthetic qwen3moe");
@@ -153,6 +213,74 @@ int main(int argc, char **argv) {
 #undef KV_U32
     gw_kv_f32(w, "qwen3moe.attention.layer_norm_rms_epsilon", 1e-6f);
     gw_kv_f32(w, "qwen3moe.rope.freq_base", 1e6f);
+    int64_t q = (int64_t)heads * head_dim, kv = (int64_t)kv_heads * head_dim;
+    add_quant(s, "token_embd.weight", type, 2, embd, vocab, 1);
+    add_norm(s, "output_norm.weight", embd);
+    add_quant(s, "output.weight", out_type, 2, embd, vocab, 1);
+    for (int l = 0; l < layers && !s->failed; l++) {
+        char name[96];
+#define T(suffix) (snprintf(name, sizeof name, "blk.%d.%s.weight", l, suffix), name)
+        add_norm(s, T("attn_norm"), embd);
+        add_quant(s, T("attn_q"), type, 2, embd, q, 1);
+        add_quant(s, T("attn_k"), type, 2, embd, kv, 1);
+        add_quant(s, T("attn_v"), type, 2, embd, kv, 1);
+        add_quant(s, T("attn_output"), type, 2, q, embd, 1);
+        add_norm(s, T("attn_q_norm"), head_dim);
+        add_norm(s, T("attn_k_norm"), head_dim);
+        add_norm(s, T("ffn_norm"), embd);
+        add_quant(s, T("ffn_gate_inp"), MOE_TYPE_F32, 2, embd, experts, 1);
+        add_quant(s, T("ffn_gate_exps"), type, 3, embd, ff, experts);
+        add_quant(s, T("ffn_up_exps"), type, 3, embd, ff, experts);
+        add_quant(s, T("ffn_down_exps"), type, 3, ff, embd, experts);
+#undef T
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *out = NULL;
+    int layers = 48, embd = 2048, heads = 32, kv_heads = 4, head_dim = 128, experts = 128, used = 8, ff = 768, vocab = 151936;
+    int32_t type = MOE_TYPE_Q4_K, out_type = MOE_TYPE_Q6_K;
+    uint64_t seed = 1;
+    const char *arch = "qwen3moe";
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) { fprintf(stderr, "synth_model: %s needs a value\n", a); return 2; }
+        i++;
+        if (!strcmp(a, "-o")) out = v;
+        else if (!strcmp(a, "--layers")) layers = atoi(v);
+        else if (!strcmp(a, "--embd")) embd = atoi(v);
+        else if (!strcmp(a, "--heads")) heads = atoi(v);
+        else if (!strcmp(a, "--kv-heads")) kv_heads = atoi(v);
+        else if (!strcmp(a, "--head-dim")) head_dim = atoi(v);
+        else if (!strcmp(a, "--experts")) experts = atoi(v);
+        else if (!strcmp(a, "--used")) used = atoi(v);
+        else if (!strcmp(a, "--ff")) ff = atoi(v);
+        else if (!strcmp(a, "--vocab")) vocab = atoi(v);
+        else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--type")) type = type_by_name(v);
+        else if (!strcmp(a, "--out-type")) out_type = type_by_name(v);
+        else if (!strcmp(a, "--arch")) arch = v;
+        else { fprintf(stderr, "synth_model: unknown option %s\n", a); return 2; }
+    }
+    if (!out || type < 0 || out_type < 0 || layers < 1 || embd < 1 || heads < 1 || kv_heads < 1 || head_dim < 2 ||
+        experts < 1 || used < 1 || used > experts || ff < 1 || vocab < 256) {
+        fprintf(stderr, "usage: synth_model -o out.gguf [--layers N --embd N --heads N --kv-heads N --head-dim N --experts N "
+                        "--used N --ff N --vocab N --type q4_k --out-type q6_k --seed N]\n");
+        return 2;
+    }
+    synth s = {0};
+    s.rng.s = seed;
+    gguf_writer *w = &s.w;
+    int gemma = !strcmp(arch, "gemma4");
+    if (gemma) {
+        vocab = 262144;
+        if (layers == 48) layers = 30;
+    } else if (strcmp(arch, "qwen3moe")) {
+        fprintf(stderr, "synth_model: --arch is qwen3moe or gemma4\n");
+        return 2;
+    }
+    if (gemma) write_gemma4(&s, layers, used, type, out_type);
+    else write_qwen3moe(&s, layers, embd, heads, kv_heads, head_dim, experts, used, ff, vocab, type, out_type);
     /* placeholder vocabulary: 256 byte tokens then unique fillers, no merges */
     char **tokens = malloc((size_t)vocab * sizeof *tokens);
     int32_t *ttypes = malloc((size_t)vocab * sizeof *ttypes);
@@ -174,27 +302,6 @@ int main(int argc, char **argv) {
     gw_kv_u32(w, "tokenizer.ggml.bos_token_id", 256);
     gw_kv_u32(w, "tokenizer.ggml.eos_token_id", 257);
 
-    int64_t q = (int64_t)heads * head_dim, kv = (int64_t)kv_heads * head_dim;
-    add_quant(&s, "token_embd.weight", type, 2, embd, vocab, 1);
-    add_norm(&s, "output_norm.weight", embd);
-    add_quant(&s, "output.weight", out_type, 2, embd, vocab, 1);
-    for (int l = 0; l < layers && !s.failed; l++) {
-        char name[96];
-#define T(suffix) (snprintf(name, sizeof name, "blk.%d.%s.weight", l, suffix), name)
-        add_norm(&s, T("attn_norm"), embd);
-        add_quant(&s, T("attn_q"), type, 2, embd, q, 1);
-        add_quant(&s, T("attn_k"), type, 2, embd, kv, 1);
-        add_quant(&s, T("attn_v"), type, 2, embd, kv, 1);
-        add_quant(&s, T("attn_output"), type, 2, q, embd, 1);
-        add_norm(&s, T("attn_q_norm"), head_dim);
-        add_norm(&s, T("attn_k_norm"), head_dim);
-        add_norm(&s, T("ffn_norm"), embd);
-        add_quant(&s, T("ffn_gate_inp"), MOE_TYPE_F32, 2, embd, experts, 1);
-        add_quant(&s, T("ffn_gate_exps"), type, 3, embd, ff, experts);
-        add_quant(&s, T("ffn_up_exps"), type, 3, embd, ff, experts);
-        add_quant(&s, T("ffn_down_exps"), type, 3, ff, embd, experts);
-#undef T
-    }
     moe_status st = s.failed ? set_error(MOE_ERR_NO_MEMORY, "out of memory or bad shape") : gw_write_file(w, out);
     if (st) fprintf(stderr, "synth_model: %s\n", moe_last_error());
     else fprintf(stderr, "synth_model: wrote %s (%.2f GiB)\n", out, (double)(w->data_size + w->kv.n + w->info.n) / (1 << 30));

@@ -67,7 +67,7 @@ class ModelInfo(Structure):
     _fields_ = [("arch", c_char * 32), ("n_vocab", c_int32), ("n_layer", c_int32), ("n_embd", c_int32),
                 ("n_ctx_train", c_int32), ("n_expert", c_int32), ("n_expert_used", c_int32),
                 ("bos", c_int32), ("eos", c_int32), ("n_params", c_uint64), ("file_bytes", c_uint64),
-                ("backend", c_int32)]
+                ("backend", c_int32), ("weight_bytes", c_uint64), ("expert_bytes", c_uint64)]
 
 
 class CtxParams(Structure):
@@ -114,12 +114,37 @@ def _load_library():
     raise OSError("moe: cannot find libmoe.so (run `make`, or set MOE_LIB): " + "; ".join(errors or [str(candidates)]))
 
 
+# The MOE_ABI_VERSION (moe.h) whose structs and signatures this file declares. A library of another
+# ABI version is refused at import, and each struct's size is checked against the library's, so
+# the binding never passes a struct of the wrong size.
+ABI_VERSION = 1
 lib = _load_library()
+
+
+def _check_abi():
+    try:
+        f = lib.moe_abi_version
+    except AttributeError:
+        raise OSError("moe: %s has no moe_abi_version(): a library older than this binding (ABI %d)" % (lib._name, ABI_VERSION))
+    f.restype, f.argtypes = c_int32, []
+    if f() != ABI_VERSION:
+        raise OSError("moe: %s has ABI version %d, this binding (python/moe.py) is written for %d: use the moe.py that came "
+                      "with the library" % (lib._name, f(), ABI_VERSION))
+    lib.moe_struct_size.restype, lib.moe_struct_size.argtypes = c_size_t, [c_int32]
+    for which, cls in ((1, LoadParams), (2, ModelInfo), (3, CtxParams), (4, SamplerParams), (5, SaveParams), (6, Stats)):
+        if lib.moe_struct_size(which) != ctypes.sizeof(cls):
+            raise OSError("moe: %s is %d bytes in the library, %d in python/moe.py" % (cls.__name__, lib.moe_struct_size(which),
+                                                                                     ctypes.sizeof(cls)))
+
+
+_check_abi()
 _model_p = c_void_p
 _ctx_p = c_void_p
 _sampler_p = c_void_p
 _SIGNATURES = {
     "moe_version": (c_char_p, []),
+    "moe_abi_version": (c_int32, []),
+    "moe_struct_size": (c_size_t, [c_int32]),
     "moe_status_str": (c_char_p, [c_int32]),
     "moe_last_error": (c_char_p, []),
     "moe_load": (c_int32, [c_char_p, POINTER(LoadParams), POINTER(_model_p)]),

@@ -257,6 +257,129 @@ static void test_save_load(void **state) {
     moe_model_free(other);
 }
 
+/* ---- a forged state is refused (consistent header and checksum, bad content), context unchanged ---- */
+static void reseal(uint8_t *b, size_t size) { /* recompute the checksum, as a forger would */
+    state_header h;
+    memcpy(&h, b, sizeof h);
+    h.checksum = fnv1a(0xcbf29ce484222325ull, b + sizeof h, size - sizeof h);
+    memcpy(b, &h, sizeof h);
+}
+
+static void expect_refused(moe_ctx *d, const uint8_t *b, size_t size, moe_status want, const char *needle, int pos_before,
+                           const float *logits_before, int nv) {
+    moe_status st = moe_ctx_load(d, b, size);
+    print_message("forged state: %s\n", moe_last_error());
+    assert_int_equal(st, want);
+    assert_non_null(strstr(moe_last_error(), needle));
+    assert_int_equal(moe_ctx_pos(d), pos_before);
+    assert_memory_equal(moe_logits(d, -1), logits_before, (size_t)nv * sizeof(float));
+}
+
+static void test_state_forged(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 1);
+    int nv = vocab_of(m);
+    for (int kv_type = MOE_KV_F16; kv_type <= MOE_KV_F32; kv_type++) {
+        moe_ctx_params cp = {0};
+        cp.n_ctx = 64;
+        cp.kv_type = kv_type;
+        moe_ctx *c = NULL, *d = NULL;
+        assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_OK);
+        assert_int_equal(moe_ctx_new(m, &cp, &d), MOE_OK);
+        moe_token p[20];
+        prompt_tokens(p, 20, nv, 3);
+        assert_int_equal(moe_step(c, p, 12), MOE_OK);
+        assert_int_equal(moe_step(d, p + 12, 5), MOE_OK); /* d's own state, which refusals keep */
+        float *before = malloc((size_t)nv * sizeof *before);
+        memcpy(before, moe_logits(d, -1), (size_t)nv * sizeof *before);
+        size_t size = 0;
+        assert_int_equal(moe_ctx_save(c, NULL, 0, &size), MOE_OK);
+        uint8_t *good = malloc(size), *b = malloc(size + 4096);
+        assert_int_equal(moe_ctx_save(c, good, size, &size), MOE_OK);
+        const moe_hparams *hp = &m->w.hp;
+        size_t hdr = sizeof(state_header), lb = (size_t)nv * 4 + 12 * sizeof(moe_token) /* logits, token history */,
+               eb = kv_type == MOE_KV_F16 ? 2 : 4;
+        size_t row = (size_t)hp->n_head_kv * (size_t)hp->head_dim * eb, layer = 2 * 12 * row;
+        /* a NaN logit */
+        memcpy(b, good, size);
+        float nan = NAN, inf = INFINITY;
+        memcpy(b + hdr + 4 * 17, &nan, 4);
+        reseal(b, size);
+        expect_refused(d, b, size, MOE_ERR_FORMAT, "logits hold a non-finite value (row 0, token 17)", 5, before, nv);
+        /* an infinity in layer 1's K cache, and a NaN in the last V row of the last layer */
+        memcpy(b, good, size);
+        if (eb == 2) wr16(b + hdr + lb + layer + 3 * row + 2 * 5, 0x7c00);
+        else memcpy(b + hdr + lb + layer + 3 * row + 4 * 5, &inf, 4);
+        reseal(b, size);
+        expect_refused(d, b, size, MOE_ERR_FORMAT, "K cache of layer 1 holds a non-finite value (position 3, element 5)", 5, before, nv);
+        memcpy(b, good, size);
+        if (eb == 2) wr16(b + size - eb, 0xfe00);
+        else memcpy(b + size - eb, &nan, 4);
+        reseal(b, size);
+        expect_refused(d, b, size, MOE_ERR_FORMAT, "V cache of layer", 5, before, nv);
+        /* positions that do not match the rows, or the context */
+        state_header h;
+        memcpy(b, good, size);
+        memcpy(&h, b, sizeof h);
+        h.pos = 11; /* one row fewer than the payload holds */
+        memcpy(b, &h, sizeof h);
+        reseal(b, size);
+        expect_refused(d, b, size, MOE_ERR_FORMAT, "position 11 with 1 logit row(s) needs", 5, before, nv);
+        h.pos = 65;
+        memcpy(b, &h, sizeof h);
+        reseal(b, size);
+        expect_refused(d, b, size, MOE_ERR_FORMAT, "position 65 is outside", 5, before, nv);
+        h.pos = 0;
+        memcpy(b, &h, sizeof h);
+        reseal(b, size);
+        expect_refused(d, b, size, MOE_ERR_FORMAT, "1 logit rows for 0 positions", 5, before, nv);
+        h.pos = 12;
+        h.n_logits = 2;
+        memcpy(b, &h, sizeof h);
+        reseal(b, size);
+        expect_refused(d, b, size, MOE_ERR_FORMAT, "without logits_all", 5, before, nv);
+        /* the untouched state still loads, and the context goes on like c */
+        assert_int_equal(moe_ctx_load(d, good, size), MOE_OK);
+        assert_int_equal(moe_step(c, p + 12, 1), MOE_OK);
+        assert_int_equal(moe_step(d, p + 12, 1), MOE_OK);
+        assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
+        free(good);
+        free(b);
+        free(before);
+        moe_ctx_free(c);
+        moe_ctx_free(d);
+    }
+    moe_model_free(m);
+
+    /* model identity: a model of the same shape and file size whose weights differ is another model */
+    size_t fsize = 0;
+    uint8_t *bytes = tu_read_file(MODEL, &fsize);
+    assert_non_null(bytes);
+    gguf_file g;
+    assert_int_equal(gguf_parse(&g, bytes, fsize), MOE_OK);
+    uint8_t *w0 = (uint8_t *)gguf_find_tensor(&g, "blk.0.attn_q.weight")->data;
+    w0[2] ^= 1; /* one quant code of the first block */
+    gguf_free(&g);
+    assert_true(tu_write_file("build/test/tmp_other_weights.gguf", bytes, fsize));
+    free(bytes);
+    moe_model *a = load(MODEL, 1), *o = load("build/test/tmp_other_weights.gguf", 1);
+    moe_ctx *ca = new_ctx(a, 32, 0), *co = new_ctx(o, 32, 0);
+    moe_token t[3] = {1, 2, 3};
+    assert_int_equal(moe_step(ca, t, 3), MOE_OK);
+    size_t size = 0;
+    assert_int_equal(moe_ctx_save(ca, NULL, 0, &size), MOE_OK);
+    uint8_t *st = malloc(size);
+    assert_int_equal(moe_ctx_save(ca, st, size, &size), MOE_OK);
+    assert_int_equal(moe_ctx_load(co, st, size), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "different model"));
+    assert_int_equal(moe_ctx_pos(co), 0);
+    free(st);
+    moe_ctx_free(ca);
+    moe_ctx_free(co);
+    moe_model_free(a);
+    moe_model_free(o);
+}
+
 /* ---- stats, callbacks, parameters ------------------------------------------------------------- */
 static void test_stats(void **state) {
     (void)state;
@@ -366,6 +489,122 @@ static void test_ctx_params(void **state) {
     moe_model_free(m);
 }
 
+/* ---- no NaN/Inf leaves a step: a backend that produced one (here injected after the real
+   read_logits) makes moe_step fail and leaves the context exactly as it was --------------------- */
+static moe_ops g_nan_ops;
+static const moe_ops *g_real_ops;
+static void read_logits_nan(void *be, float *dst, int n) {
+    g_real_ops->read_logits(be, dst, n);
+    dst[(size_t)n * 3 / 2 + 5] = NAN;
+}
+
+static void test_step_nonfinite(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 1);
+    int nv = vocab_of(m);
+    for (int all = 0; all <= 1; all++) {
+        moe_ctx *c = new_ctx(m, 64, all), *d = new_ctx(m, 64, all);
+        moe_token p[12];
+        prompt_tokens(p, 12, nv, 5);
+        assert_int_equal(moe_step(c, p, 10), MOE_OK);
+        size_t rows = all ? 10 : 1;
+        float *before = malloc(rows * (size_t)nv * sizeof *before);
+        memcpy(before, moe_logits(c, all ? 0 : -1), rows * (size_t)nv * sizeof *before);
+        g_real_ops = c->ops;
+        g_nan_ops = *c->ops;
+        g_nan_ops.read_logits = read_logits_nan;
+        c->ops = &g_nan_ops;
+        assert_int_equal(moe_step(c, p + 10, 2), MOE_ERR_FORMAT);
+        assert_non_null(strstr(moe_last_error(), "non-finite logit"));
+        assert_int_equal(moe_step(c, p + 10, 1), MOE_ERR_FORMAT);
+        c->ops = g_real_ops;
+        assert_int_equal(moe_ctx_pos(c), 10);
+        assert_memory_equal(moe_logits(c, all ? 0 : -1), before, rows * (size_t)nv * sizeof *before);
+        /* and it goes on exactly like a context that never failed */
+        assert_int_equal(moe_step(c, p + 10, 2), MOE_OK);
+        assert_int_equal(moe_step(d, p, 12), MOE_OK);
+        assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
+        free(before);
+        moe_ctx_free(c);
+        moe_ctx_free(d);
+    }
+    moe_model_free(m);
+}
+
+/* ---- every NULL / failure return says why; settings that are allowed but odd are said ---------- */
+#define BUNDLED "examples/models/tiny-moe-kjv-q8_0.gguf"
+
+static char g_warn[1024];
+static void keep_warning(int32_t level, const char *msg, void *user) {
+    (void)user;
+    if (level == MOE_LOG_WARN) snprintf(g_warn, sizeof g_warn, "%s", msg);
+}
+
+static void test_error_texts(void **state) {
+    (void)state;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.n_threads = 1;
+    lp.log = keep_warning;
+    moe_model *m = NULL;
+    assert_int_equal(moe_load(BUNDLED, &lp, &m), MOE_OK);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    moe_ctx *c = new_ctx(m, 32, 0);
+    /* moe_logits before any step: NULL, and the message is about that, not left over */
+    moe_load("build/test/no-such-file-left-over.gguf", NULL, &(moe_model *){NULL});
+    assert_null(moe_logits(c, -1));
+    assert_non_null(strstr(moe_last_error(), "moe_logits"));
+    assert_non_null(strstr(moe_last_error(), "no step"));
+    assert_null(moe_logits(NULL, -1));
+    assert_non_null(strstr(moe_last_error(), "ctx is NULL"));
+    moe_token t[2] = {1, 2};
+    assert_int_equal(moe_step(c, t, 2), MOE_OK);
+    assert_null(moe_logits(c, 0));
+    assert_non_null(strstr(moe_last_error(), "logits_all"));
+    assert_null(moe_logits(c, -2));
+    assert_non_null(strstr(moe_last_error(), "row -2"));
+    assert_int_equal(moe_ctx_rewind(c, 1), MOE_OK);
+    assert_null(moe_logits(c, -1));
+    assert_non_null(strstr(moe_last_error(), "rewound"));
+    assert_int_equal(moe_ctx_pos(NULL), 0);
+    assert_non_null(strstr(moe_last_error(), "moe_ctx_pos"));
+    assert_int_equal(moe_token_is_eog(NULL, 0), 0);
+    assert_non_null(strstr(moe_last_error(), "moe_token_is_eog"));
+    moe_ctx_free(c);
+
+    /* moe_token_to_piece: a valid token with a bad buffer names the buffer, not the token */
+    char piece[64];
+    int32_t n = moe_token_to_piece(m, 300, NULL, 0); /* size query */
+    assert_true(n < 0 && -n > 0);
+    assert_int_equal(moe_token_to_piece(m, 300, NULL, 8), MOE_ERR_INVALID_ARG);
+    assert_null(strstr(moe_last_error(), "outside"));
+    assert_non_null(strstr(moe_last_error(), "buffer NULL"));
+    assert_int_equal(moe_token_to_piece(m, 300, piece, -1), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "capacity -1"));
+    assert_int_equal(moe_token_to_piece(m, info.n_vocab, piece, 64), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "outside the vocabulary"));
+    assert_int_equal(moe_detokenize(m, t, 2, NULL, 4, 0), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "buf is NULL"));
+
+    /* the ABI the library was built with, for bindings */
+    assert_int_equal(moe_abi_version(), MOE_ABI_VERSION);
+    assert_int_equal(moe_struct_size(MOE_STRUCT_LOAD_PARAMS), sizeof(moe_load_params));
+    assert_int_equal(moe_struct_size(MOE_STRUCT_STATS), sizeof(moe_stats));
+    assert_int_equal(moe_struct_size(99), 0);
+    assert_non_null(strstr(moe_last_error(), "unknown struct id 99"));
+
+    /* n_ctx beyond the trained context: allowed, with a warning in the log */
+    g_warn[0] = 0;
+    c = new_ctx(m, info.n_ctx_train, 0);
+    moe_ctx_free(c);
+    assert_int_equal(g_warn[0], 0);
+    c = new_ctx(m, info.n_ctx_train + 1, 0);
+    assert_non_null(strstr(g_warn, "beyond the model's trained context"));
+    moe_ctx_free(c);
+    moe_model_free(m);
+}
+
 /* ---- allocation failures ------------------------------------------------------------------------ */
 static void test_allocation_failures(void **state) {
     (void)state;
@@ -415,6 +654,9 @@ int main(void) {
         cmocka_unit_test(test_load_callbacks),
         cmocka_unit_test(test_ctx_params),
         cmocka_unit_test(test_allocation_failures),
+        cmocka_unit_test(test_error_texts),
+        cmocka_unit_test(test_step_nonfinite),
+        cmocka_unit_test(test_state_forged),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -537,6 +537,102 @@ static void test_load_allocation_failures(void **state) {
     assert_true(n_fail > 3);
 }
 
+/* ---- no NaN or infinity in any weight: scales of quantized blocks, every F32/F16/BF16 element ---- */
+/* Loads fixture path with one value of tensor `name` overwritten: block `blk`'s scale field at byte
+   `off` (block types) set to the f16 `h`, or element `blk` (dense types) set to a NaN/inf. */
+static moe_status load_poked(const char *path, const char *name, uint64_t blk, int off, uint16_t h) {
+    size_t size = 0;
+    uint8_t *b = tu_read_file(path, &size);
+    assert_non_null(b);
+    gguf_file g;
+    assert_int_equal(gguf_parse(&g, b, size), MOE_OK);
+    const gguf_tensor *t = gguf_find_tensor(&g, name);
+    assert_non_null(t);
+    uint8_t *at = (uint8_t *)t->data;
+    const moe_type_traits *tt = type_traits(t->type);
+    if (t->type == MOE_TYPE_F32) {
+        float v = h == 0x7c00 ? INFINITY : NAN;
+        memcpy(at + 4 * blk, &v, 4);
+    } else if (t->type == MOE_TYPE_F16) wr16(at + 2 * blk, h);
+    else if (t->type == MOE_TYPE_BF16) wr16(at + 2 * blk, h == 0x7c00 ? 0x7f80 : 0x7fc0);
+    else wr16(at + blk * (uint64_t)tt->block_bytes + (uint64_t)off, h);
+    gguf_free(&g);
+    moe_status st = load_bytes(b, size);
+    free(b);
+    return st;
+}
+
+static void test_nonfinite_weights(void **state) {
+    (void)state;
+    static const struct { const char *path, *tensor; uint64_t blk; int off; uint16_t h; const char *want; } cases[] = {
+        {"test/fixtures/qwen3moe_q8_0.gguf", "blk.1.ffn_up_exps.weight", 37, 0, 0x7e00, "block 37 (row 18) has a non-finite scale (NaN)"},
+        {"test/fixtures/qwen3moe_q8_0.gguf", "token_embd.weight", 3, 0, 0xfc00, "block 3 (row 1) has a non-finite scale (-inf)"},
+        {"test/fixtures/qwen3moe_q8_0.gguf", "blk.0.ffn_gate_inp.weight", 0, 0, 0x7c00, "block 0 (row 0) has a non-finite scale (+inf)"},
+        {"test/fixtures/qwen3moe_q4_k.gguf", "blk.0.attn_q.weight", 5, 2, 0x7c00, "'blk.0.attn_q.weight' (q4_K): block 5"},  /* dmin */
+        {"test/fixtures/qwen3moe_q4_k.gguf", "output.weight", 1, 0, 0x7e01, "'output.weight' (q4_K): block 1"},           /* d */
+        {"test/fixtures/qwen3moe_mixed.gguf", "blk.1.ffn_down_exps.weight", 9, 208, 0x7e00, "(q6_K): block 9"},
+        {"test/fixtures/qwen3moe_f32.gguf", "blk.0.ffn_gate_exps.weight", 1000, 0, 0x7c00, "'blk.0.ffn_gate_exps.weight' holds a non-finite value at element 1000"},
+        {"test/fixtures/qwen3moe_f16.gguf", "blk.1.attn_k.weight", 77, 0, 0x7e00, "'blk.1.attn_k.weight' holds a non-finite value at element 77"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        moe_status st = load_poked(cases[i].path, cases[i].tensor, cases[i].blk, cases[i].off, cases[i].h);
+        print_message("%s %s: %s\n", cases[i].path + 14, cases[i].tensor, moe_last_error());
+        expect_error(st, MOE_ERR_FORMAT, cases[i].want);
+    }
+    /* finite values next to the limits still load: the largest f16 scale */
+    assert_int_equal(load_poked("test/fixtures/qwen3moe_q8_0.gguf", "blk.1.ffn_up_exps.weight", 37, 0, 0x7bff), MOE_OK);
+
+    /* every block type through the checker itself: clean blocks pass, each scale field is caught */
+    static const struct { int32_t type; int off; } kinds[] = {
+        {MOE_TYPE_Q8_0, 0}, {MOE_TYPE_Q4_0, 0}, {MOE_TYPE_Q4_K, 0}, {MOE_TYPE_Q4_K, 2}, {MOE_TYPE_Q5_K, 0},
+        {MOE_TYPE_Q5_K, 2}, {MOE_TYPE_Q6_K, 208}, {MOE_TYPE_MXFP4, 0}, {MOE_TYPE_F16, 0}, {MOE_TYPE_BF16, 0},
+        {MOE_TYPE_F32, 0},
+    };
+    enum { K = 512, R = 4 };
+    static float src[K * R];
+    static uint8_t blocks[K * R * 4];
+    for (int j = 0; j < K * R; j++) src[j] = 0.1f * (float)((j * 7919) % 201 - 100);
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        const moe_type_traits *tt = type_traits(kinds[k].type);
+        memset(blocks, 0, sizeof blocks);
+        tt->quant(src, blocks, K * R);
+        gguf_tensor t;
+        memset(&t, 0, sizeof t);
+        t.name.p = "w";
+        t.name.n = 1;
+        t.type = kinds[k].type;
+        t.n_dims = 2;
+        t.ne[0] = K, t.ne[1] = R, t.ne[2] = t.ne[3] = 1;
+        t.nbytes = type_row_bytes(t.type, K) * R;
+        t.data = blocks;
+        gguf_file g;
+        memset(&g, 0, sizeof g);
+        g.tensors = &t;
+        g.n_tensors = 1;
+        assert_int_equal(check_tensor_values(&g), MOE_OK);
+        uint64_t nb = t.nbytes / (uint64_t)tt->block_bytes, b = nb - 1; /* the last block */
+        uint8_t *at = blocks + b * (uint64_t)tt->block_bytes + (uint64_t)kinds[k].off;
+        if (t.type == MOE_TYPE_MXFP4) {
+            at[0] = 254;             /* 2^126 x code 12 overflows to inf */
+            at[1] = 0x77;
+        } else if (t.type == MOE_TYPE_F32) {
+            float v = -INFINITY;
+            memcpy(at, &v, 4);
+        } else wr16(at, t.type == MOE_TYPE_BF16 ? 0xffc0 : 0xfe00);
+        moe_status st = check_tensor_values(&g);
+        print_message("%s: %s\n", tt->name, moe_last_error());
+        expect_error(st, MOE_ERR_FORMAT, "'w'");
+        char want[64];
+        if (tt->block_elems > 1) snprintf(want, sizeof want, "block %llu (row %d)", (unsigned long long)b, R - 1);
+        else snprintf(want, sizeof want, "element %llu (row %d)", (unsigned long long)b, R - 1);
+        assert_non_null(strstr(moe_last_error(), want));
+        if (t.type == MOE_TYPE_MXFP4) { /* the same exponent with small codes stays finite: accepted */
+            memset(at + 1, 0x11, 16);
+            assert_int_equal(check_tensor_values(&g), MOE_OK);
+        }
+    }
+}
+
 /* ---- export: moe_model_save ---------------------------------------------------------------- */
 static void logits_of(const char *path, float *out, int n_vocab) {
     moe_model *m = NULL;
@@ -619,7 +715,7 @@ int main(void) {
         cmocka_unit_test(test_unknown_tensor_type), cmocka_unit_test(test_missing_key_and_tensor),
         cmocka_unit_test(test_duplicates_and_alignment), cmocka_unit_test(test_fuzz_header),
         cmocka_unit_test(test_bad_arguments),       cmocka_unit_test(test_load_allocation_failures),
-        cmocka_unit_test(test_export),
+        cmocka_unit_test(test_export),              cmocka_unit_test(test_nonfinite_weights),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -73,6 +73,14 @@ if ! diff "$T/abi_c.txt" "$T/abi_py.txt"; then
   echo "test_python: python/moe.py's structs differ from moe.h (diff above: C <, ctypes >)"; exit 1
 fi
 echo "   ABI: struct sizes and offsets match moe.h"
+# a library of another ABI version (here a stand-in that reports 99) is refused at import
+printf 'int moe_abi_version(void) { return 99; }\n' > "$T/fake.c"
+${CC:-cc} -shared -fPIC "$T/fake.c" -o "$T/libfake.so"
+if MOE_LIB="$T/libfake.so" $PY -c 'import sys; sys.path.insert(0, "python"); import moe' 2> "$T/fake.txt"; then
+  echo "test_python: moe.py imported a library of ABI version 99"; exit 1
+fi
+grep -q "ABI version 99" "$T/fake.txt" || { cat "$T/fake.txt"; echo "test_python: no ABI message"; exit 1; }
+echo "   ABI: a library of another ABI version is refused at import"
 
 # ---- 2-4. the binding -------------------------------------------------------------------------------
 ./build/generate -m "$MODEL" --tokens "$IDS" -n 24 -q -b cpu > "$T/generate.txt" 2>/dev/null

@@ -1,7 +1,9 @@
 /* test_tokenizer.c — the tokenizers against Hugging Face `tokenizers` on real vocabularies.
-   Needs .cache/vocabs/{qwen3,gemma3,gptoss} (test/fetch_vocabs.sh) and the fixtures in
+   Needs .cache/vocabs/{qwen3,gemma3,gptoss,gemma4t} (test/fetch_vocabs.sh; gemma4t is the Gemma 3
+   vocabulary with Gemma 4's special tokens, made by test/make_gemma4_vocab.py) and the fixtures in
    test/fixtures/tokenizer/ (corpus, reference ids and splits made by gen/tokenizer_refs.py on the
-   GPU machine, chat renderings made by gen/tokenizer_chat_refs.py). */
+   GPU machine, chat renderings made by gen/tokenizer_chat_refs.py, Gemma 4 ids and renderings made
+   by gen/tokenizer_gemma4_refs.py). */
 #include "../moe.c"
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
@@ -9,13 +11,14 @@
 
 #define FIX "test/fixtures/tokenizer/"
 static const char *const SEPS[6] = {"\n", "\n\n", "\r\n", "\n\n\n\n", " \n", "\n\t"};
-static const char *const VOCABS[3] = {"qwen3", "gemma3", "gptoss"};
+enum { NV = 4, V_GEMMA4 = 3 };
+static const char *const VOCABS[NV] = {"qwen3", "gemma3", "gptoss", "gemma4t"};
 
 /* ---- corpus cases, built exactly as gen/tokenizer_refs.py builds them ---------------------- */
 typedef struct tcase { char *s; int32_t n; int valid; } tcase;
 static tcase *g_cases;
 static int g_n_cases, g_n_lines;
-static moe_model *g_models[3];
+static moe_model *g_models[NV];
 
 static int utf8_ok(const char *s, size_t n) {
     for (size_t i = 0; i < n;) {
@@ -193,7 +196,7 @@ static char *expected_text(int v, const tcase *c, int32_t *len) {
         uint32_t *cps = malloc(((size_t)c->n * 4 + 8) * sizeof *cps);
         *len = (int32_t)nfc((const uint8_t *)c->s, (size_t)c->n, (uint8_t *)out, cps);
         free(cps);
-    } else if (v == 1) {
+    } else if (v == 1 || v == V_GEMMA4) {
         int32_t o = 0;
         for (int32_t i = 0; i < c->n;) {
             if (i + 3 <= c->n && !memcmp(c->s + i, "\xE2\x96\x81", 3)) { out[o++] = ' '; i += 3; } else out[o++] = c->s[i++];
@@ -470,6 +473,76 @@ static char *write_gguf(const moe_vocab *v, const char *name, int kind) {
     return ok ? path : NULL;
 }
 
+/* Gemma 4 as llama.cpp's converter writes it (Gemma4Model.set_vocab over gguf-py's LlamaHfVocab):
+   tokenizer model "gemma4"; every token below the vocabulary size typed NORMAL unless it is special
+   (CONTROL), a byte (BYTE) or one of the control tokens it wants printed (USER_DEFINED); scores all
+   -1000; the merges; no space prefix; bos added. */
+static char *write_gguf_gemma4(const moe_vocab *v) {
+    static char path[] = "build/test/tok_gemma4_conv.gguf";
+    static const char *const visible[] = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                                          "<tool_response|>", "<|\"|>", NULL};
+    gw w = {0};
+    mrank *ms = malloc(((size_t)v->n_merges + 1) * sizeof *ms);
+    uint32_t nm = 0;
+    for (uint32_t i = 0; i <= v->merge_mask; i++)
+        if (v->merges[i].key != UINT64_MAX)
+            ms[nm++] = (mrank){v->merges[i].rank, (int32_t)(v->merges[i].key >> 32), (int32_t)(uint32_t)v->merges[i].key};
+    qsort(ms, nm, sizeof *ms, cmp_mrank);
+    gw_put(&w, "GGUF", 4);
+    gw_u32(&w, 3);
+    gw_u64(&w, 0);
+    gw_u64(&w, 12);
+    gw_key(&w, "general.architecture", GGUF_STRING);
+    gw_str(&w, "gemma4", 6);
+    gw_key(&w, "tokenizer.ggml.model", GGUF_STRING);
+    gw_str(&w, "gemma4", 6);
+    gw_key(&w, "tokenizer.ggml.tokens", GGUF_ARRAY);
+    gw_u32(&w, GGUF_STRING);
+    gw_u64(&w, (uint64_t)v->n_tokens);
+    for (int32_t i = 0; i < v->n_tokens; i++) gw_str(&w, tok_text(v, i), v->tok[i].text_len);
+    gw_key(&w, "tokenizer.ggml.scores", GGUF_ARRAY);
+    gw_u32(&w, GGUF_F32);
+    gw_u64(&w, (uint64_t)v->n_tokens);
+    for (int32_t i = 0; i < v->n_tokens; i++) { float f = -1000.0f; gw_put(&w, &f, 4); }
+    gw_key(&w, "tokenizer.ggml.token_type", GGUF_ARRAY);
+    gw_u32(&w, GGUF_I32);
+    gw_u64(&w, (uint64_t)v->n_tokens);
+    for (int32_t i = 0; i < v->n_tokens; i++) {
+        uint32_t t = v->tok[i].type == TT_CONTROL ? TT_CONTROL : v->tok[i].type == TT_BYTE ? TT_BYTE : TT_NORMAL;
+        for (int k = 0; visible[k]; k++)
+            if (tok_text_is(v, i, visible[k])) t = TT_USER;
+        gw_u32(&w, t);
+    }
+    gw_key(&w, "tokenizer.ggml.merges", GGUF_ARRAY);
+    gw_u32(&w, GGUF_STRING);
+    gw_u64(&w, nm);
+    for (uint32_t i = 0; i < nm; i++) {
+        uint32_t la = v->tok[ms[i].a].text_len, lb = v->tok[ms[i].b].text_len;
+        char *s2 = malloc(la + lb + 1);
+        memcpy(s2, tok_text(v, ms[i].a), la);
+        s2[la] = ' ';
+        memcpy(s2 + la + 1, tok_text(v, ms[i].b), lb);
+        gw_str(&w, s2, la + lb + 1);
+        free(s2);
+    }
+    static const char *const id_keys[] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                                           "tokenizer.ggml.padding_token_id"};
+    const int32_t ids[] = {v->bos, v->eos, v->unk, v->pad};
+    for (int k = 0; k < 4; k++) {
+        gw_key(&w, id_keys[k], GGUF_U32);
+        gw_u32(&w, (uint32_t)ids[k]);
+    }
+    uint8_t f = 0, t = 1;
+    gw_key(&w, "tokenizer.ggml.add_space_prefix", GGUF_BOOL);
+    gw_put(&w, &f, 1);
+    gw_key(&w, "tokenizer.ggml.add_bos_token", GGUF_BOOL);
+    gw_put(&w, &t, 1);
+    free(ms);
+    int ok = tu_write_file(path, w.p, w.n);
+    free(w.p);
+    return ok ? path : NULL;
+}
+
 static void test_gguf_path(void **state) {
     int v = (int)(intptr_t)*state;
     assert_non_null(g_models[v]);
@@ -477,9 +550,11 @@ static void test_gguf_path(void **state) {
     refs r;
     load_refs(VOCABS[v], &r);
     for (int kind = 0; kind < 3; kind++) {
-        if (kind == 1 && voc->kind != VK_SPM) continue;
+        if (kind == 1 && (voc->kind != VK_SPM || v == V_GEMMA4)) continue;
         char *path = NULL, lib_path[64];
-        if (kind < 2) {
+        if (kind == 0 && v == V_GEMMA4) {
+            path = write_gguf_gemma4(voc);
+        } else if (kind < 2) {
             path = write_gguf(voc, VOCABS[v], kind);
         } else { /* the library's own writer (moe_model_save uses it) */
             gguf_writer gw;
@@ -494,12 +569,20 @@ static void test_gguf_path(void **state) {
         assert_non_null(path);
         moe_model *g = load_vocab(path);
         assert_non_null(g);
-        int checked = 0, bad = check_against_refs(g, &r, "gguf", kind == 1 || voc->kind != VK_SPM, &checked);
+        int exact = kind >= 1 || voc->kind != VK_SPM || v == V_GEMMA4;
+        int checked = 0, bad = check_against_refs(g, &r, "gguf", exact, &checked);
         printf("   %s from GGUF (%s): %d of %d case-modes identical to Hugging Face\n", VOCABS[v],
-               kind == 2 ? "written by vocab_write_gguf" : voc->kind != VK_SPM ? "tokens, types, merges" :
-               kind ? "tokens, types, scores and merges" : "tokens, types, scores",
+               kind == 2 ? "written by vocab_write_gguf" : v == V_GEMMA4 ? "as llama.cpp's converter writes Gemma 4" :
+               voc->kind != VK_SPM ? "tokens, types, merges" : kind ? "tokens, types, scores and merges" : "tokens, types, scores",
                2 * checked - bad, 2 * checked);
-        if (voc->kind != VK_SPM || kind >= 1) assert_int_equal(bad, 0);
+        if (v == V_GEMMA4) {
+            assert_int_equal(g->vocab->gguf_gemma4, 1);
+            for (int32_t t = 0; t < voc->n_tokens; t++) /* types back to what tokenizer.json says */
+                if (g->vocab->tok[t].type != voc->tok[t].type && voc->tok[t].type != TT_UNUSED)
+                    fail_msg("gemma4 GGUF: token %d (%.*s) has type %d, tokenizer.json %d", t, (int)voc->tok[t].text_len,
+                             (const char *)tok_text(voc, t), g->vocab->tok[t].type, voc->tok[t].type);
+        }
+        if (exact) assert_int_equal(bad, 0);
         else assert_true(bad <= checked / 50); /* merges derived from scores: at least 99% */
         /* same end-of-generation marks and chat format */
         for (int32_t t = 0; t < voc->n_tokens; t++)
@@ -636,9 +719,11 @@ static int32_t id_of(const moe_model *m, const char *text) { return vocab_find_t
 
 static void test_special_and_eog(void **state) {
     (void)state;
-    static const char *const eog[3][3] = {{"<|im_end|>", "<|endoftext|>", NULL}, {"<end_of_turn>", "<eos>", NULL}, {"<|return|>", "<|call|>", NULL}};
-    static const char *const not_eog[3][2] = {{"<|im_start|>", "<think>"}, {"<start_of_turn>", "<bos>"}, {"<|start|>", "<|end|>"}};
-    for (int v = 0; v < 3; v++) {
+    static const char *const eog[NV][3] = {{"<|im_end|>", "<|endoftext|>", NULL}, {"<end_of_turn>", "<eos>", NULL},
+                                           {"<|return|>", "<|call|>", NULL}, {"<turn|>", "<eos>", NULL}};
+    static const char *const not_eog[NV][2] = {{"<|im_start|>", "<think>"}, {"<start_of_turn>", "<bos>"}, {"<|start|>", "<|end|>"},
+                                               {"<|turn>", "<|channel>"}};
+    for (int v = 0; v < NV; v++) {
         moe_model *m = g_models[v];
         assert_non_null(m);
         for (int k = 0; eog[v][k]; k++) assert_true(moe_token_is_eog(m, id_of(m, eog[v][k])));
@@ -770,6 +855,324 @@ static void test_chat(void **state) {
     assert_int_equal(moe_chat_apply(g_models[0], bad_role, c, 1, 1, buf, sizeof buf), MOE_ERR_INVALID_ARG);
 }
 
+/* ---- Gemma 4: special tokens, Gemma-4-specific text, the chat template ----------------------------
+   gemma4_refs.json (gen/tokenizer_gemma4_refs.py): Hugging Face ids on the stand-in vocabulary, and
+   chats rendered by four revisions of Google's Gemma 4 template (jinja2 set up as transformers
+   does; transformers' apply_chat_template gave the same on the GPU machine). The test does not
+   have the template texts (they are not ours to commit), only which of the markers that
+   vocab_detect_chat reads each one holds; it builds a stand-in text from those. */
+static int32_t *json_ids(const json_doc *d, uint32_t arr, int32_t *n) {
+    *n = json_is(d, arr, JSON_ARRAY) ? (int32_t)d->nodes[arr].len : 0;
+    int32_t *ids = malloc(((size_t)*n + 1) * sizeof *ids), k = 0;
+    for (uint32_t q = arr + 1; *n && q < d->nodes[arr].end; q = d->nodes[q].end) {
+        int64_t x = -1;
+        assert_true(json_int(d, q, 0, 1 << 30, &x));
+        ids[k++] = (int32_t)x;
+    }
+    return ids;
+}
+
+static int check_ids(const moe_model *m, const char *s, size_t n, int flags, const int32_t *want, int32_t nw, const char *what) {
+    int32_t k = 0, *got = tokenize(m, s, (int32_t)n, flags, &k);
+    assert_non_null(got);
+    int ok = ids_equal(got, k, want, nw);
+    if (!ok) {
+        int i = 0;
+        while (i < k && i < nw && got[i] == want[i]) i++;
+        fprintf(stderr, "%s: '%.40s': %d tokens, HF %d; first difference at %d (ours %d, HF %d)\n", what, s, k, nw, i,
+                i < k ? got[i] : -1, i < nw ? want[i] : -1);
+    }
+    free(got);
+    return ok;
+}
+
+static int32_t chat_render(const moe_model *m, const char *const *roles, const char *const *contents, int32_t n, int gen, char **out) {
+    *out = NULL;
+    int32_t need = moe_chat_apply(m, roles, contents, n, gen, NULL, 0);
+    if (need >= MOE_ERR_CANCELLED) return need; /* an error status: every Gemma 4 rendering is longer than 9 bytes */
+    *out = malloc((size_t)-need + 1);
+    int32_t got = moe_chat_apply(m, roles, contents, n, gen, *out, -need + 1);
+    assert_int_equal(got, -need);
+    assert_int_equal((*out)[got], 0);
+    return got;
+}
+
+static void test_gemma4(void **state) {
+    (void)state;
+    moe_model *m = g_models[V_GEMMA4];
+    moe_vocab *v = m->vocab;
+    size_t size = 0;
+    char *data = (char *)tu_read_file(FIX "gemma4_refs.json", &size);
+    assert_non_null(data);
+    json_doc d;
+    assert_int_equal(json_parse(&d, data, size, "gemma4_refs.json"), MOE_OK);
+    /* the vocabulary: size, special-token ids, what add_special_tokens adds, end of generation */
+    int64_t nv = 0;
+    assert_true(json_int(&d, json_get(&d, 0, "n_vocab"), 0, 1 << 30, &nv));
+    assert_int_equal(v->n_tokens, (int32_t)nv);
+    uint32_t sp = json_get(&d, 0, "special_ids");
+    int n_special = 0;
+    for (uint32_t i = sp + 1; i < d.nodes[sp].end; i = d.nodes[i + 1].end, n_special++) {
+        char *text = json_strdup(&d, i);
+        int64_t id = -1;
+        assert_true(json_int(&d, i + 1, 0, 1 << 30, &id));
+        if (vocab_find_text(v, text) != (int32_t)id) fail_msg("%s: id %d, Hugging Face %d", text, vocab_find_text(v, text), (int)id);
+        free(text);
+    }
+    assert_true(n_special >= 20);
+    int32_t np = 0, *pre = json_ids(&d, json_get(&d, 0, "add_special_prefix"), &np);
+    assert_int_equal(v->n_prefix, np);
+    for (int32_t i = 0; i < np; i++) assert_int_equal(v->prefix[i], pre[i]);
+    free(pre);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_string_equal(info.arch, "gemma4");
+    assert_int_equal(info.bos, 2);
+    assert_true(moe_token_is_eog(m, 1) && moe_token_is_eog(m, 106));
+    assert_false(moe_token_is_eog(m, 105) || moe_token_is_eog(m, 100) || moe_token_is_eog(m, 101) || moe_token_is_eog(m, 98));
+    /* two prompts with the ids Hugging Face gives on the real tokenizer (transformers'
+       tests/models/diffusion_gemma/test_modeling_diffusion_gemma.py, a model with Gemma 4's
+       tokenizer and template): the default one, and the one with thinking turned on */
+    static const int32_t want_plain[] = {2, 105, 2364, 107, 6974, 496, 1440, 20494, 1003, 23613, 236761, 106, 107, 105, 4368, 107,
+                                         100, 45518, 107, 101};
+    static const int32_t want_think[] = {2, 105, 9731, 107, 98, 107, 106, 107, 105, 2364, 107, 6974, 496, 1440, 20494, 1003, 23613,
+                                         236761, 106, 107, 105, 4368, 107};
+    const char *ru[1] = {"user"}, *cu[1] = {"Write a long essay about Portugal."};
+    char prompt[256];
+    int32_t pn = moe_chat_apply(m, ru, cu, 1, 1, prompt, sizeof prompt);
+    assert_string_equal(prompt, "<bos><|turn>user\nWrite a long essay about Portugal.<turn|>\n<|turn>model\n<|channel>thought\n<channel|>");
+    assert_true(check_ids(m, prompt, (size_t)pn, MOE_TOKENIZE_PARSE_SPECIAL, want_plain, 20, "transformers' gemma 4 prompt"));
+    const char *think = "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nWrite a long essay about Portugal.<turn|>\n<|turn>model\n";
+    assert_true(check_ids(m, think, strlen(think), MOE_TOKENIZE_PARSE_SPECIAL, want_think, 23, "transformers' gemma 4 thinking prompt"));
+    /* Gemma-4-specific text: ids in both modes, from tokenizer.json and from a GGUF as llama.cpp's converter writes it */
+    char *gpath = write_gguf_gemma4(v);
+    assert_non_null(gpath);
+    moe_model *g = load_vocab(gpath);
+    assert_non_null(g);
+    assert_int_equal(g->vocab->chat, CHAT_GEMMA4);
+    uint32_t texts = json_get(&d, 0, "texts");
+    int n_text = 0, bad = 0;
+    for (uint32_t i = texts + 1; i < d.nodes[texts].end; i = d.nodes[i].end, n_text++) {
+        uint32_t t = json_get(&d, i, "text");
+        char *s = json_strdup(&d, t);
+        size_t sl = strlen(s); /* no NULs in the texts */
+        int32_t n1 = 0, n2 = 0, *a = json_ids(&d, json_get(&d, i, "ids"), &n1), *b = json_ids(&d, json_get(&d, i, "ids_plain"), &n2);
+        for (int k = 0; k < 2; k++) {
+            const moe_model *x = k ? g : m;
+            bad += !check_ids(x, s, sl, MOE_TOKENIZE_PARSE_SPECIAL, a, n1, k ? "gemma4 gguf" : "gemma4");
+            bad += !check_ids(x, s, sl, 0, b, n2, k ? "gemma4 gguf, plain" : "gemma4, plain");
+        }
+        /* detokenizing with special tokens gives the text back (U+2581 reads as a space) */
+        int32_t len = 0, wl = 0;
+        tcase tc = {s, (int32_t)sl, 1};
+        char *back = detokenize(m, a, n1, MOE_TOKENIZE_PARSE_SPECIAL, &len), *want = expected_text(V_GEMMA4, &tc, &wl);
+        assert_non_null(back);
+        if (len != wl || memcmp(back, want, (size_t)wl)) { bad++; fprintf(stderr, "gemma4: '%s' does not detokenize back\n", s); }
+        free(back);
+        free(want);
+        free(a); free(b); free(s);
+    }
+    printf("   gemma4: %d special-token ids and %d Gemma-4-specific texts identical to Hugging Face (tokenizer.json and "
+           "converter-style GGUF, both modes)\n", n_special, n_text);
+    assert_int_equal(bad, 0);
+    /* the chats, per template revision */
+    char *saved_tt = v->template_text;
+    int saved_chat = v->chat, saved_flags = v->chat_flags;
+    assert_int_equal(saved_chat, CHAT_GEMMA4); /* from config.json's model_type, no template in the files */
+    assert_int_equal(saved_flags, CHATF_G4_EMPTY_THOUGHT | CHATF_G4_CONTINUE);
+    uint32_t tpls = json_get(&d, 0, "templates");
+    char names[8][40], stand_in[8][160];
+    int n_tpl = 0;
+    for (uint32_t i = tpls + 1; i < d.nodes[tpls].end && n_tpl < 8; i = d.nodes[i].end, n_tpl++) {
+        char *name = json_strdup(&d, json_get(&d, i, "name"));
+        snprintf(names[n_tpl], sizeof names[n_tpl], "%s", name);
+        free(name);
+        uint32_t mk = json_get(&d, i, "markers");
+        stand_in[n_tpl][0] = 0;
+        for (uint32_t q = mk + 1; q < d.nodes[mk].end; q = d.nodes[q].end) {
+            char *s = json_strdup(&d, q);
+            strcat(stand_in[n_tpl], "{{ ");
+            strcat(stand_in[n_tpl], s);
+            strcat(stand_in[n_tpl], " }}");
+            free(s);
+        }
+    }
+    assert_true(n_tpl >= 4);
+    uint32_t chats = json_get(&d, 0, "chats");
+    int n_chat = 0, n_ids = 0, n_refused = 0;
+    int per_tpl[8] = {0};
+    for (uint32_t i = chats + 1; i < d.nodes[chats].end; i = d.nodes[i].end, n_chat++) {
+        char *tname = json_strdup(&d, json_get(&d, i, "template"));
+        int t = 0;
+        while (t < n_tpl && strcmp(names[t], tname)) t++;
+        assert_true(t < n_tpl);
+        free(tname);
+        v->template_text = stand_in[t];
+        vocab_detect_chat(v);
+        assert_int_equal(v->chat, CHAT_GEMMA4);
+        uint32_t msgs = json_get(&d, i, "messages");
+        int32_t nm = (int32_t)d.nodes[msgs].len;
+        char *roles[16], *contents[16];
+        int k = 0;
+        for (uint32_t q = msgs + 1; q < d.nodes[msgs].end; q = d.nodes[q].end, k++) {
+            roles[k] = json_strdup(&d, json_get(&d, q, "role"));
+            contents[k] = json_strdup(&d, json_get(&d, q, "content"));
+        }
+        int gen = json_is(&d, json_get(&d, i, "add_generation_prompt"), JSON_TRUE);
+        uint32_t e = json_get(&d, i, "expected");
+        char *got = NULL;
+        int32_t n = chat_render(m, (const char *const *)roles, (const char *const *)contents, nm, gen, &got);
+        if (json_is(&d, e, JSON_NULL)) {
+            assert_int_equal(n, MOE_ERR_INVALID_ARG);
+            assert_non_null(strstr(moe_last_error(), "at least one message"));
+            n_refused++;
+        } else {
+            char *want = json_strdup(&d, e);
+            if (!got || strcmp(got, want)) fail_msg("gemma4 chat %d (%s, %d messages, gen %d):\n got: %s\nwant: %s", n_chat, names[t], nm, gen,
+                                                    got ? got : moe_last_error(), want);
+            int32_t ni = 0, *ids = json_ids(&d, json_get(&d, i, "ids"), &ni);
+            assert_true(check_ids(m, got, strlen(got), MOE_TOKENIZE_PARSE_SPECIAL, ids, ni, "gemma4 chat"));
+            n_ids++;
+            free(ids);
+            free(want);
+            per_tpl[t]++;
+        }
+        free(got);
+        for (int q = 0; q < k; q++) { free(roles[q]); free(contents[q]); }
+    }
+    printf("   gemma4: %d chat renderings identical to the Jinja templates (", n_ids);
+    for (int t = 0; t < n_tpl; t++) printf("%s%s %d", t ? ", " : "", names[t], per_tpl[t]);
+    printf(") and tokenized as Hugging Face does; %d chats refused as the templates refuse them\n", n_refused);
+    v->template_text = saved_tt;
+    vocab_detect_chat(v);
+    assert_int_equal(v->chat, saved_chat);
+    /* detection: by template text, by architecture, by the vocabulary's markers */
+    const char *r1[1] = {"user"}, *c1[1] = {"hi"};
+    char buf[256];
+    v->template_text = (char *)"{{ bos_token }}<start_of_turn>user";
+    vocab_detect_chat(v);
+    assert_int_equal(v->chat, CHAT_GEMMA); /* a Gemma 3 template stays Gemma 3 */
+    v->template_text = NULL;
+    char arch[32];
+    memcpy(arch, v->arch, sizeof arch);
+    static const char *const archs[] = {"gemma4", "gemma4_text", "gemma3", "gemma3_text", "gemma", "", NULL};
+    static const int want_chat[] = {CHAT_GEMMA4, CHAT_GEMMA4, CHAT_GEMMA, CHAT_GEMMA, CHAT_GEMMA, CHAT_GEMMA4};
+    for (int a = 0; archs[a]; a++) {
+        snprintf(v->arch, sizeof v->arch, "%s", archs[a]);
+        vocab_detect_chat(v);
+        if (v->chat != want_chat[a]) fail_msg("arch '%s': chat %d, want %d", archs[a], v->chat, want_chat[a]);
+    }
+    snprintf(v->arch, sizeof v->arch, "gemma3");
+    vocab_detect_chat(v); /* a Gemma 3 file renders Gemma 3's format, whatever tokens it has */
+    int32_t n = moe_chat_apply(m, r1, c1, 1, 1, buf, sizeof buf);
+    assert_true(n > 0);
+    assert_string_equal(buf, "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n");
+    memcpy(v->arch, arch, sizeof arch);
+    vocab_detect_chat(v);
+    assert_int_equal(v->chat, CHAT_GEMMA4);
+    assert_int_equal(g_models[1]->vocab->chat, CHAT_GEMMA);
+    /* what the API promises around it */
+    n = moe_chat_apply(m, r1, c1, 1, 1, buf, sizeof buf);
+    assert_string_equal(buf, "<bos><|turn>user\nhi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>");
+    char small[8];
+    memset(small, 'x', sizeof small);
+    assert_int_equal(moe_chat_apply(m, r1, c1, 1, 1, small, 4), -n);
+    assert_int_equal(small[4], 'x');
+    assert_non_null(strstr(moe_last_error(), "needs room"));
+    static const char *const bad_roles[] = {"tool", "wizard", "User", ""};
+    for (int b = 0; b < 4; b++) {
+        const char *rr[2] = {"user", bad_roles[b]}, *cc[2] = {"a", "b"};
+        assert_int_equal(moe_chat_apply(m, rr, cc, 2, 1, buf, sizeof buf), MOE_ERR_INVALID_ARG);
+        assert_non_null(strstr(moe_last_error(), "is not one of"));
+    }
+    assert_int_equal(moe_chat_apply(m, r1, c1, 0, 1, buf, sizeof buf), MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "at least one message"));
+    const char *ra[2] = {"user", "assistant"}, *ca[2] = {"q", "<|channel>thought\nx<channel|>a"};
+    int nomem = 0;
+    for (long k = 0; k < 4; k++) { /* the thinking strip allocates: a failure is an error, never a crash or a leak */
+        moe_test_fail_alloc_after(k);
+        int32_t r = moe_chat_apply(m, ra, ca, 2, 0, buf, sizeof buf);
+        moe_test_fail_alloc_after(-1);
+        if (r == MOE_ERR_NO_MEMORY) nomem++;
+        else assert_string_equal(buf, "<bos><|turn>user\nq<turn|>\n<|turn>model\na<turn|>\n");
+    }
+    assert_true(nomem >= 1);
+    moe_model_free(g);
+    remove(gpath);
+    json_free(&d);
+    free(data);
+    /* a small "gemma4" GGUF (the first 3000 tokens and the merges among them): every allocation of
+       its load fails in turn, an error each time, never a crash or a leak */
+    const int32_t N = 3000;
+    gw w = {0};
+    mrank *ms = malloc(((size_t)v->n_merges + 1) * sizeof *ms);
+    uint32_t nm = 0;
+    for (uint32_t i = 0; i <= v->merge_mask; i++)
+        if (v->merges[i].key != UINT64_MAX && v->merges[i].id < N && (int32_t)(v->merges[i].key >> 32) < N &&
+            (int32_t)(uint32_t)v->merges[i].key < N)
+            ms[nm++] = (mrank){v->merges[i].rank, (int32_t)(v->merges[i].key >> 32), (int32_t)(uint32_t)v->merges[i].key};
+    qsort(ms, nm, sizeof *ms, cmp_mrank);
+    gw_put(&w, "GGUF", 4); gw_u32(&w, 3); gw_u64(&w, 0); gw_u64(&w, 5);
+    gw_key(&w, "tokenizer.ggml.model", GGUF_STRING); gw_str(&w, "gemma4", 6);
+    gw_key(&w, "tokenizer.ggml.tokens", GGUF_ARRAY); gw_u32(&w, GGUF_STRING); gw_u64(&w, (uint64_t)N);
+    for (int32_t i = 0; i < N; i++) gw_str(&w, tok_text(v, i), v->tok[i].text_len);
+    gw_key(&w, "tokenizer.ggml.token_type", GGUF_ARRAY); gw_u32(&w, GGUF_I32); gw_u64(&w, (uint64_t)N);
+    for (int32_t i = 0; i < N; i++) gw_u32(&w, v->tok[i].type == TT_CONTROL ? (tok_text_is(v, i, "<|channel>") ? TT_USER : TT_CONTROL) :
+                                             v->tok[i].type == TT_BYTE ? TT_BYTE : TT_NORMAL);
+    gw_key(&w, "tokenizer.ggml.bos_token_id", GGUF_U32); gw_u32(&w, 2);
+    gw_key(&w, "tokenizer.ggml.merges", GGUF_ARRAY); gw_u32(&w, GGUF_STRING); gw_u64(&w, nm);
+    for (uint32_t i = 0; i < nm; i++) {
+        uint32_t la = v->tok[ms[i].a].text_len, lb = v->tok[ms[i].b].text_len;
+        char s2[512];
+        memcpy(s2, tok_text(v, ms[i].a), la);
+        s2[la] = ' ';
+        memcpy(s2 + la + 1, tok_text(v, ms[i].b), lb);
+        gw_str(&w, s2, la + lb + 1);
+    }
+    free(ms);
+    const char *spath = "build/test/tok_gemma4_small.gguf";
+    assert_true(tu_write_file(spath, w.p, w.n));
+    free(w.p);
+    int loads_ok = 0, failures = 0;
+    for (long k = 0; k < 400 && !loads_ok; k++) {
+        moe_model *x = NULL;
+        moe_load_params p = {0};
+        p.vocab_only = 1;
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_load(spath, &p, &x);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) {
+            loads_ok = 1;
+            assert_int_equal(x->vocab->gguf_gemma4, 1);
+            assert_int_equal(x->vocab->tok[100].type, TT_CONTROL); /* <|channel> */
+            assert_int_equal(x->vocab->tok[107].type, TT_USER);    /* "\n" */
+            const char *r2[2] = {"user", "assistant"}, *c2[2] = {"hi", "<|channel>x<channel|>ok"};
+            char b2[128];
+            assert_true(moe_chat_apply(x, r2, c2, 2, 1, b2, sizeof b2) > 0);
+            assert_string_equal(b2, "<bos><|turn>user\nhi<turn|>\n<|turn>model\nok<turn|>\n<|turn>model\n<|channel>thought\n<channel|>");
+            moe_model_free(x);
+        } else {
+            assert_int_equal(st, MOE_ERR_NO_MEMORY);
+            failures++;
+        }
+    }
+    assert_true(loads_ok && failures > 3);
+    /* without merges a "gemma4" vocabulary is refused (its scores are placeholders) */
+    gw w2 = {0};
+    gw_put(&w2, "GGUF", 4); gw_u32(&w2, 3); gw_u64(&w2, 0); gw_u64(&w2, 2);
+    gw_key(&w2, "tokenizer.ggml.model", GGUF_STRING); gw_str(&w2, "gemma4", 6);
+    gw_key(&w2, "tokenizer.ggml.tokens", GGUF_ARRAY); gw_u32(&w2, GGUF_STRING); gw_u64(&w2, 2);
+    gw_str(&w2, "a", 1); gw_str(&w2, "b", 1);
+    assert_true(tu_write_file(spath, w2.p, w2.n));
+    free(w2.p);
+    moe_model *x = NULL;
+    moe_load_params lp = {0};
+    lp.vocab_only = 1;
+    assert_int_equal(moe_load(spath, &lp, &x), MOE_ERR_FORMAT);
+    assert_non_null(strstr(moe_last_error(), "needs tokenizer.ggml.merges"));
+    remove(spath);
+}
+
 /* ---- JSON parser ---------------------------------------------------------------------------------- */
 static void test_json(void **state) {
     (void)state;
@@ -840,7 +1243,7 @@ static void test_fuzz_tokenize(void **state) {
     (void)state;
     uint64_t rng = 99;
     char buf[300];
-    for (int v = 0; v < 3; v++) {
+    for (int v = 0; v < NV; v++) {
         for (int it = 0; it < 3000; it++) {
             rng = rng * 6364136223846793005ull + 1442695040888963407ull;
             int32_t n = (int32_t)((rng >> 33) % sizeof buf);
@@ -916,11 +1319,11 @@ static int setup(void **state) {
     (void)state;
     if (!load_cases()) { fprintf(stderr, "missing " FIX "corpus.txt\n"); return -1; }
     if (access(".cache/vocabs/gemma3/tokenizer.json", R_OK) || access(".cache/vocabs/qwen3/tokenizer.json", R_OK) ||
-        access(".cache/vocabs/gptoss/tokenizer.json", R_OK)) {
+        access(".cache/vocabs/gptoss/tokenizer.json", R_OK) || access(".cache/vocabs/gemma4t/tokenizer.json", R_OK)) {
         fprintf(stderr, "fetching the vocabularies: sh test/fetch_vocabs.sh\n");
         if (system("sh test/fetch_vocabs.sh") != 0) fprintf(stderr, "test/fetch_vocabs.sh failed\n");
     }
-    for (int v = 0; v < 3; v++) {
+    for (int v = 0; v < NV; v++) {
         char path[128];
         snprintf(path, sizeof path, ".cache/vocabs/%s", VOCABS[v]);
         g_models[v] = load_vocab(path);
@@ -934,7 +1337,7 @@ static int setup(void **state) {
 
 static int teardown(void **state) {
     (void)state;
-    for (int v = 0; v < 3; v++) moe_model_free(g_models[v]);
+    for (int v = 0; v < NV; v++) moe_model_free(g_models[v]);
     for (int c = 0; c < g_n_cases; c++) free(g_cases[c].s);
     free(g_cases);
     return 0;
@@ -948,15 +1351,19 @@ int main(void) {
         cmocka_unit_test_prestate(test_hf_ids, (void *)0),
         cmocka_unit_test_prestate(test_hf_ids, (void *)1),
         cmocka_unit_test_prestate(test_hf_ids, (void *)2),
+        cmocka_unit_test_prestate(test_hf_ids, (void *)3),
         cmocka_unit_test_prestate(test_round_trip, (void *)0),
         cmocka_unit_test_prestate(test_round_trip, (void *)1),
         cmocka_unit_test_prestate(test_round_trip, (void *)2),
+        cmocka_unit_test_prestate(test_round_trip, (void *)3),
         cmocka_unit_test_prestate(test_gguf_path, (void *)0),
         cmocka_unit_test_prestate(test_gguf_path, (void *)1),
         cmocka_unit_test_prestate(test_gguf_path, (void *)2),
+        cmocka_unit_test_prestate(test_gguf_path, (void *)3),
         cmocka_unit_test(test_special_and_eog),
         cmocka_unit_test(test_gguf_fuzz_and_alloc_failures),
         cmocka_unit_test(test_chat),
+        cmocka_unit_test(test_gemma4),
         cmocka_unit_test(test_fuzz_tokenize),
     };
     return cmocka_run_group_tests_name("tokenizer", tests, setup, teardown);

@@ -233,7 +233,7 @@ static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
     p->n_batch = n_batch;
     moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2, 1}; /* the CPU reference in exact (f32) mode */
     assert_int_equal(cpu_ctx_new(&s->w, &sh, &p->cpu), MOE_OK);
-    moe_status st = moe_vk_init(&s->w, 0, test_log, NULL, &p->vk);
+    moe_status st = moe_vk_init(&s->w, 0, 0, test_log, NULL, &p->vk);
     if (st) print_error("moe_vk_init: %s (%s)\n", moe_status_str(st), moe_last_error());
     assert_int_equal(st, MOE_OK);
     st = moe_vk_ctx_new(p->vk, &sh, &p->gpu);
@@ -352,7 +352,7 @@ static void run_type_ops(const int32_t types[5], const char *label, int vocab) {
     static const int nm[] = {1, 2, 8, 40};
     for (size_t i = 0; i < sizeof nm / sizeof nm[0]; i++) {
         const moe_layer *L = &s.layer;
-        moe_route rt = {L->p.n_expert, L->p.n_expert_used, L->p.norm_topk};
+        moe_route rt = {L->p.n_expert, L->p.n_expert_used, L->p.norm_topk, NULL};
         const moe_ops *ops[2] = {&k_cpu_ops, &moe_vk_ops};
         for (int b = 0; b < 2; b++) { /* route over the logits already in ACT_ROUTER */
             void *be = b ? p.gpu : p.cpu;
@@ -659,6 +659,87 @@ static void test_split_windows(void **state) {
 }
 
 /* ---- errors and fallback ---- */
+/* A model with Qwen3's 151,936-token vocabulary (tiny otherwise): with logits_all and the default
+   n_batch the logits of a chunk (256 rows, 148 MiB) are more than one storage binding holds on
+   lavapipe (128 MiB); the backend computes them in chunks. Every row equals the CPU's. */
+static void test_large_vocab_logits(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    const int V = 151936, E = 64, HD = 32, FF = 64, X = 4;
+    const char *path = "build/test/large_vocab.gguf";
+    gguf_writer w = {0};
+    gw_kv_str(&w, "general.architecture", "qwen3moe");
+    const char *keys[] = {"qwen3moe.embedding_length", "qwen3moe.block_count", "qwen3moe.attention.head_count",
+                          "qwen3moe.attention.head_count_kv", "qwen3moe.attention.key_length", "qwen3moe.expert_count",
+                          "qwen3moe.expert_used_count", "qwen3moe.expert_feed_forward_length"};
+    const uint32_t vals[] = {(uint32_t)E, 1, 2, 1, (uint32_t)HD, (uint32_t)X, 2, (uint32_t)FF};
+    for (int i = 0; i < 8; i++) gw_kv_u32(&w, keys[i], vals[i]);
+    rng_t r = {31};
+    void *mem[16];
+    int n_mem = 0;
+    struct { const char *name; int32_t type; int nd; int64_t ne0, ne1, ne2; } ts[] = {
+        {"token_embd.weight", MOE_TYPE_Q8_0, 2, E, V, 1}, {"output_norm.weight", MOE_TYPE_F32, 1, E, 1, 1},
+        {"output.weight", MOE_TYPE_Q8_0, 2, E, V, 1}, {"blk.0.attn_norm.weight", MOE_TYPE_F32, 1, E, 1, 1},
+        {"blk.0.attn_q.weight", MOE_TYPE_F16, 2, E, 2 * HD, 1}, {"blk.0.attn_k.weight", MOE_TYPE_F16, 2, E, HD, 1},
+        {"blk.0.attn_v.weight", MOE_TYPE_F16, 2, E, HD, 1}, {"blk.0.attn_output.weight", MOE_TYPE_F16, 2, 2 * HD, E, 1},
+        {"blk.0.attn_q_norm.weight", MOE_TYPE_F32, 1, HD, 1, 1}, {"blk.0.attn_k_norm.weight", MOE_TYPE_F32, 1, HD, 1, 1},
+        {"blk.0.ffn_norm.weight", MOE_TYPE_F32, 1, E, 1, 1}, {"blk.0.ffn_gate_inp.weight", MOE_TYPE_F32, 2, E, X, 1},
+        {"blk.0.ffn_gate_exps.weight", MOE_TYPE_F16, 3, E, FF, X}, {"blk.0.ffn_up_exps.weight", MOE_TYPE_F16, 3, E, FF, X},
+        {"blk.0.ffn_down_exps.weight", MOE_TYPE_F16, 3, FF, E, X}};
+    for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) {
+        int64_t n = ts[i].ne0 * ts[i].ne1 * ts[i].ne2;
+        float *v = malloc((size_t)n * sizeof *v);
+        uint8_t *q = malloc((size_t)(type_row_bytes(ts[i].type, ts[i].ne0) * (uint64_t)(ts[i].ne1 * ts[i].ne2)));
+        assert_true(v && q);
+        for (int64_t j = 0; j < n; j++) v[j] = ts[i].nd == 1 ? 1.0f + 0.2f * rng_f(&r) : 0.3f * rng_f(&r);
+        type_traits(ts[i].type)->quant(v, q, n);
+        free(v);
+        mem[n_mem++] = q;
+        int64_t ne[3] = {ts[i].ne0, ts[i].ne1, ts[i].ne2};
+        assert_int_equal(gw_tensor(&w, ts[i].name, ts[i].type, ts[i].nd, ne, q), MOE_OK);
+    }
+    assert_int_equal(gw_write_file(&w, path), MOE_OK);
+    gw_free(&w);
+    for (int i = 0; i < n_mem; i++) free(mem[i]);
+    moe_model *m[2];
+    for (int b = 0; b < 2; b++) {
+        moe_load_params lp = {0};
+        lp.backend = b ? MOE_BACKEND_VULKAN : MOE_BACKEND_CPU;
+        lp.cpu_exact = 1;
+        lp.n_threads = 2;
+        moe_status st = moe_load(path, &lp, &m[b]);
+        if (st) print_error("moe_load: %s\n", moe_last_error());
+        assert_int_equal(st, MOE_OK);
+    }
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 512;
+    cp.kv_type = MOE_KV_F32;
+    cp.logits_all = 1; /* n_batch: the default */
+    moe_ctx *c[2];
+    for (int b = 0; b < 2; b++) {
+        moe_status st = moe_ctx_new(m[b], &cp, &c[b]);
+        if (st) print_error("moe_ctx_new: %s\n", moe_last_error());
+        assert_int_equal(st, MOE_OK);
+    }
+    moe_token tok[300];
+    for (int i = 0; i < 300; i++) tok[i] = (moe_token)(rng_u64(&r) % (uint64_t)V);
+    for (int b = 0; b < 2; b++) assert_int_equal(moe_step(c[b], tok, 300), MOE_OK);
+    double worst = 0;
+    for (int i = 0; i < 300; i++) {
+        const float *g = moe_logits(c[1], i);
+        assert_non_null(g);
+        assert_true(all_finite(g, (size_t)V));
+        worst = fmax(worst, row_rel_err(g, moe_logits(c[0], i), V));
+    }
+    printf("[ RESULT   ] vocab %d, 300 rows of logits in one step: worst relative error vs CPU %.2e\n", V, worst);
+    assert_true(worst < 1e-4);
+    for (int b = 0; b < 2; b++) {
+        moe_ctx_free(c[b]);
+        moe_model_free(m[b]);
+    }
+    remove(path);
+}
+
 static void test_fallback(void **state) {
     (void)state;
     NEED_VULKAN();
@@ -700,8 +781,30 @@ static void test_fallback(void **state) {
     else unsetenv("VK_DRIVER_FILES");
     free(old_icd);
     free(old_drv);
-    /* with a driver again, AUTO picks Vulkan */
+    /* with a driver again: AUTO takes Vulkan on a GPU, but leaves a CPU-type device (lavapipe,
+       SwiftShader) to the CPU backend, with the reason in the log; VULKAN still reaches it */
+    lp.backend = MOE_BACKEND_VULKAN;
     assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    int cpu_type = m->vk->props.deviceType == VK_PHYSICAL_DEVICE_TYPE_CPU;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_int_equal(info.backend, MOE_BACKEND_VULKAN);
+    moe_model_free(m);
+    lp.backend = MOE_BACKEND_AUTO;
+    g_log_seen[0] = 0;
+    assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    printf("[ INFO     ] best device is %s; MOE_BACKEND_AUTO chose %s\n", cpu_type ? "CPU-type" : "a GPU",
+           info.backend == MOE_BACKEND_VULKAN ? "Vulkan" : "the CPU");
+    assert_int_equal(info.backend, cpu_type ? MOE_BACKEND_CPU : MOE_BACKEND_VULKAN);
+    if (cpu_type) {
+        assert_non_null(strstr(g_log_seen, "CPU-type Vulkan device"));
+        assert_non_null(strstr(g_log_seen, "backend: CPU"));
+    } else assert_non_null(strstr(g_log_seen, "backend: Vulkan"));
+    moe_model_free(m);
+    /* a CPU-type device counted as a GPU (test hook): AUTO then takes it */
+    g_vk_cpu_device_as_gpu = 1;
+    assert_int_equal(moe_load(path, &lp, &m), MOE_OK);
+    g_vk_cpu_device_as_gpu = 0;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     assert_int_equal(info.backend, MOE_BACKEND_VULKAN);
     moe_model_free(m);
@@ -724,6 +827,7 @@ int main(void) {
         TS("fixture_f32", run_fixture, names[0]), TS("fixture_f16", run_fixture, names[1]),
         TS("fixture_q8_0", run_fixture, names[2]), TS("fixture_q4_k", run_fixture, names[3]),
         TS("fixture_mixed", run_fixture, names[4]),
+        T(test_large_vocab_logits),
         T(test_fallback),
     };
 #undef T

@@ -1,0 +1,337 @@
+/* test_vk_stream.c — the GPU expert slot cache (issue 11, tier 1) on the Vulkan backend, on the
+   tiny fixtures (lavapipe in CI) at several GPU budgets.
+
+   For each fixture, the resident Vulkan run is the reference; at every budget from the minimum
+   working set (a handful of slots: every step needs more distinct experts than the slots hold,
+   misses are read from host-visible memory) up to one byte below the resident weights:
+     - logits of a prefill of NTOK tokens in one step (logits_all), of the same prefill in chunks of
+       7 (n_batch), and of 8 greedy decode steps equal the resident run's bit for bit (memcmp);
+     - the device memory of the weights (moe_stats.gpu_bytes_weights) stays under the budget;
+     - hits + misses = routed (token, layer, expert) pairs, misses > 0, bytes counted; a second
+       context on the warm cache hits more;
+     - two contexts of one streamed model stepped in turn stay bit-identical;
+   Below the minimum working set moe_load fails with MOE_ERR_NO_MEMORY naming it; a GPU budget
+   with a host budget both below the weights is refused (MOE_ERR_UNSUPPORTED, not built yet).
+   Fixtures: test/fixtures/qwen3moe_*.gguf; Gemma 4 (26B-A4B-like: sliding + full layers, experts
+   beside the dense MLP, per-expert scales) from test/fixtures/gemma4/moe, or the GGUF test_gemma4
+   writes from it (build/test/gemma4_moe.gguf), where present (skipped otherwise). Two threads
+   stepping one streamed model at once; LRU and LFU. MOE_TEST_FILTER=name runs one test.
+   Every test ends by asserting that the validation layer (MOE_VK_VALIDATION=1) said nothing.
+   Without a usable Vulkan device the tests skip, unless MOE_REQUIRE_VULKAN=1. */
+#include "../moe.c"
+#include "../moe_vk.c"
+#include "../shaders_embedded.c"
+#include "test_util.h"
+
+#define NTOK 40
+#define NGEN 8
+
+/* lavapipe's own per-instance leaks, as in test_vulkan.c (the driver stays loaded so they carry its name) */
+const char *__lsan_default_suppressions(void);
+const char *__lsan_default_suppressions(void) { return "leak:libvulkan_lvp.so\n"; }
+static void pin_driver(void) { (void)dlopen("libvulkan_lvp.so", RTLD_NOW | RTLD_NODELETE); }
+
+static int g_checked, g_available;
+static char g_why[600];
+
+static int vulkan_available(void) {
+    if (g_checked) return g_available;
+    g_checked = 1;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_VULKAN;
+    moe_model *m = NULL;
+    moe_status st = moe_load("test/fixtures/qwen3moe_q8_0.gguf", &lp, &m);
+    g_available = st == MOE_OK;
+    if (!g_available) snprintf(g_why, sizeof g_why, "%s (%s)", moe_status_str(st), moe_last_error());
+    else if (vk_env_on("MOE_VK_VALIDATION") && !m->vk->validation) {
+        snprintf(g_why, sizeof g_why, "MOE_VK_VALIDATION=1 but the validation layer is not active (vulkan-validationlayers)");
+        g_available = !vk_env_on("MOE_REQUIRE_VULKAN");
+    }
+    moe_model_free(m);
+    return g_available;
+}
+
+#define NEED_VULKAN()                                                                                           \
+    do {                                                                                                        \
+        if (!vulkan_available()) {                                                                              \
+            if (vk_env_on("MOE_REQUIRE_VULKAN")) fail_msg("MOE_REQUIRE_VULKAN=1 but Vulkan is unusable: %s", g_why); \
+            print_message("Vulkan unusable (%s): skipped\n", g_why);                                            \
+            skip();                                                                                             \
+        }                                                                                                       \
+    } while (0)
+
+static int teardown_validation(void **state) {
+    (void)state;
+    long n = g_vk_validation_messages;
+    g_vk_validation_messages = 0;
+    if (n) fprintf(stderr, "%ld validation message(s) (see above)\n", n);
+    assert_int_equal(n, 0);
+    return 0;
+}
+
+static moe_model *load_vk(const char *path, uint64_t gpu_budget, uint64_t host_budget, moe_status *st_out) {
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_VULKAN;
+    lp.gpu_budget_bytes = gpu_budget;
+    lp.host_budget_bytes = host_budget;
+    moe_model *m = NULL;
+    moe_status st = moe_load(path, &lp, &m);
+    if (st_out) *st_out = st;
+    else {
+        if (st != MOE_OK) print_error("moe_load(%s, gpu budget %llu): %s (%s)\n", path, (unsigned long long)gpu_budget, moe_status_str(st), moe_last_error());
+        assert_int_equal(st, MOE_OK);
+    }
+    return m;
+}
+
+static void tokens(int32_t *t, int n, int n_vocab) {
+    uint32_t x = 12345;
+    for (int i = 0; i < n; i++) {
+        x = x * 1103515245u + 12345u;
+        t[i] = (int32_t)((x >> 8) % (uint32_t)n_vocab);
+    }
+}
+
+static void step_ok(moe_ctx *c, const int32_t *t, int n) {
+    moe_status st = moe_step(c, t, n);
+    if (st) print_error("moe_step: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+}
+
+/* prefill NTOK tokens with all logits (chunks of n_batch; 0 = default, one step), then NGEN greedy
+   steps; (NTOK + NGEN) rows of logits into out */
+static void workload(moe_model *m, int n_batch, float *out, moe_stats *stats) {
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    int V = info.n_vocab;
+    int32_t t[NTOK];
+    tokens(t, NTOK, V);
+    moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 1, n_batch);
+    step_ok(c, t, NTOK);
+    for (int i = 0; i < NTOK; i++) memcpy(out + (size_t)i * (size_t)V, moe_logits(c, i), (size_t)V * sizeof(float));
+    for (int i = 0; i < NGEN; i++) {
+        int32_t tok = argmax(moe_logits(c, -1), V);
+        step_ok(c, &tok, 1);
+        memcpy(out + (size_t)(NTOK + i) * (size_t)V, moe_logits(c, -1), (size_t)V * sizeof(float));
+    }
+    if (stats) assert_int_equal(moe_ctx_get_stats(c, stats), MOE_OK);
+    moe_ctx_free(c);
+}
+
+/* two contexts of one model, stepped in turn (prefill A, prefill B, then decode A, B, ...) */
+static void workload_pair(moe_model *m, float *out_a, float *out_b) {
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    int V = info.n_vocab;
+    int32_t t[NTOK];
+    tokens(t, NTOK, V);
+    moe_ctx *c[2] = {tu_new_ctx(m, MOE_KV_F32, 1, 0), tu_new_ctx(m, MOE_KV_F32, 1, 0)};
+    float *out[2] = {out_a, out_b};
+    for (int k = 0; k < 2; k++) {
+        step_ok(c[k], t + 3 * k, NTOK - 3 * k);
+        memcpy(out[k], moe_logits(c[k], -1), (size_t)V * sizeof(float));
+    }
+    for (int i = 0; i < NGEN; i++)
+        for (int k = 0; k < 2; k++) {
+            int32_t tok = argmax(moe_logits(c[k], -1), V);
+            step_ok(c[k], &tok, 1);
+            memcpy(out[k] + (size_t)(1 + i) * (size_t)V, moe_logits(c[k], -1), (size_t)V * sizeof(float));
+        }
+    moe_ctx_free(c[0]);
+    moe_ctx_free(c[1]);
+}
+
+static uint64_t min_from_error(void) {
+    const char *e = strstr(moe_last_error(), "minimum working set of ");
+    assert_non_null(e);
+    return strtoull(e + strlen("minimum working set of "), NULL, 10);
+}
+
+static void run_fixture(void **state) {
+    NEED_VULKAN();
+    const char *name = *state;
+    char p[256];
+    if (strchr(name, '/')) { /* a Hugging Face fixture directory, where the generator has made one */
+        snprintf(p, sizeof p, "%s", name);
+        if (access(p, R_OK) != 0) {
+            print_message("%s absent (gen/make_fixtures_gemma4.py on the GPU machine; test_gemma4 writes the GGUF): skipped\n", p);
+            skip();
+        }
+    } else snprintf(p, sizeof p, "test/fixtures/qwen3moe_%s.gguf", name);
+    /* the resident reference */
+    moe_model *m = load_vk(p, 0, 0, NULL);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_false(moe_vk_streams_experts(m->vk));
+    size_t rows = NTOK + NGEN, all = rows * (size_t)info.n_vocab;
+    float *ref = malloc(all * sizeof(float)), *ref7 = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
+    float *pa = malloc((NGEN + 1) * (size_t)info.n_vocab * sizeof(float)), *pb = malloc((NGEN + 1) * (size_t)info.n_vocab * sizeof(float));
+    float *qa = malloc((NGEN + 1) * (size_t)info.n_vocab * sizeof(float)), *qb = malloc((NGEN + 1) * (size_t)info.n_vocab * sizeof(float));
+    assert_true(ref && ref7 && got && pa && pb && qa && qb);
+    moe_stats rs;
+    workload(m, 0, ref, &rs);
+    workload(m, 7, ref7, NULL);
+    workload_pair(m, pa, pb);
+    uint64_t resident = rs.gpu_bytes_weights; /* device bytes of the weights, resident */
+    assert_int_equal(rs.expert_misses, 0);
+    moe_model_free(m);
+    /* below the minimum working set */
+    moe_status st;
+    assert_null(load_vk(p, 1, 0, &st));
+    assert_int_equal(st, MOE_ERR_NO_MEMORY);
+    uint64_t min = min_from_error();
+    size_t nl = strlen(name);
+    int gguf = !strchr(name, '/') || (nl > 5 && !strcmp(name + nl - 5, ".gguf"));
+    if (gguf) assert_true(min > info.weight_bytes - info.expert_bytes);
+    assert_true(min < resident);
+    assert_null(load_vk(p, min - 1, 0, &st));
+    assert_int_equal(st, MOE_ERR_NO_MEMORY);
+    /* a GPU budget over a limited host tier: not built yet */
+    if (gguf) {
+        assert_null(load_vk(p, min, info.weight_bytes - 1, &st));
+        assert_int_equal(st, MOE_ERR_UNSUPPORTED);
+    }
+    uint64_t budgets[] = {min, min + (resident - min) / 4, min + (resident - min) / 2, resident - 1};
+    uint64_t pairs = 0;
+    m = load_vk(p, 0, 0, NULL);
+    for (int l = 0; l < m->w.hp.n_layer; l++)
+        if (m->w.layers[l].p.ffn_kind != MOE_FFN_DENSE) pairs += (uint64_t)rows * (uint64_t)m->w.layers[l].p.n_expert_used;
+    moe_model_free(m);
+    for (size_t b = 0; b < sizeof budgets / sizeof budgets[0]; b++) {
+        m = load_vk(p, budgets[b], 0, NULL);
+        assert_true(moe_vk_streams_experts(m->vk));
+        const vk_xg *x = m->vk->xg;
+        moe_stats s, s2;
+        memset(got, 0, all * sizeof(float));
+        workload(m, 0, got, &s);
+        assert_memory_equal(got, ref, all * sizeof(float));
+        assert_true(s.gpu_bytes_weights <= budgets[b]);
+        assert_int_equal(s.expert_hits + s.expert_misses, pairs);
+        assert_true(s.expert_misses > 0);
+        assert_true(s.expert_bytes_streamed > 0);
+        if (gguf) assert_true(s.host_bytes >= info.expert_bytes);
+        memset(got, 0, all * sizeof(float));
+        workload(m, 7, got, &s2); /* chunked prefill, on the cache the first context warmed */
+        assert_memory_equal(got, ref7, all * sizeof(float));
+        assert_int_equal(s2.expert_hits + s2.expert_misses, pairs);
+        assert_true(s2.gpu_bytes_weights <= budgets[b]);
+        workload_pair(m, qa, qb);
+        assert_memory_equal(qa, pa, (NGEN + 1) * (size_t)info.n_vocab * sizeof(float));
+        assert_memory_equal(qb, pb, (NGEN + 1) * (size_t)info.n_vocab * sizeof(float));
+        int max_slots = 0;
+        for (int l = 0; l < x->L; l++) max_slots = x->ns[l] > max_slots ? x->ns[l] : max_slots;
+        printf("[ RESULT   ] %-6s budget %8llu (min %llu, resident %llu): %d slots (at most %d of %d experts in a layer), "
+               "weights on the device %llu; hits/misses %llu/%llu, then %llu/%llu (chunked, warm); %llu bytes streamed\n", name,
+               (unsigned long long)budgets[b], (unsigned long long)min, (unsigned long long)resident, x->n_slots, max_slots, info.n_expert,
+               (unsigned long long)s.gpu_bytes_weights, (unsigned long long)s.expert_hits, (unsigned long long)s.expert_misses,
+               (unsigned long long)s2.expert_hits, (unsigned long long)s2.expert_misses, (unsigned long long)s.expert_bytes_streamed);
+        if (b == 0) assert_true(max_slots < info.n_expert_used * 2); /* a prefill step needs more distinct experts than the slots hold */
+        if (b == 3) assert_true(s2.expert_hits > s.expert_hits);
+        moe_model_free(m);
+    }
+    /* AUTO with a budget below the minimum: the CPU takes over (log line), as before */
+    moe_load_params lp = {0};
+    lp.gpu_budget_bytes = min - 1;
+    assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    assert_int_equal(info.backend, MOE_BACKEND_CPU);
+    moe_model_free(m);
+    free(ref);
+    free(ref7);
+    free(got);
+    free(pa);
+    free(pb);
+    free(qa);
+    free(qb);
+}
+
+/* two threads, each with its own context, step one streamed model at the same time: the slot
+   fills of one are queued while the other's steps run; each stays bit-identical */
+typedef struct thr_arg { moe_model *m; int n_batch; float *out; } thr_arg;
+static void *thr_main(void *p) {
+    thr_arg *a = p;
+    workload(a->m, a->n_batch, a->out, NULL);
+    return NULL;
+}
+
+static void test_threads(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    const char *p = "test/fixtures/qwen3moe_q4_k.gguf";
+    moe_model *m = load_vk(p, 0, 0, NULL);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    size_t all = (NTOK + NGEN) * (size_t)info.n_vocab;
+    float *ref = malloc(all * sizeof(float)), *ref7 = malloc(all * sizeof(float));
+    float *got[2] = {malloc(all * sizeof(float)), malloc(all * sizeof(float))};
+    assert_true(ref && ref7 && got[0] && got[1]);
+    moe_stats rs;
+    workload(m, 0, ref, &rs);
+    workload(m, 7, ref7, NULL);
+    moe_model_free(m);
+    uint64_t rest = info.weight_bytes - info.expert_bytes;
+    m = load_vk(p, rest + (rs.gpu_bytes_weights - rest) / 3, 0, NULL);
+    for (int rep = 0; rep < 2; rep++) {
+        pthread_t th[2];
+        thr_arg a[2] = {{m, 0, got[0]}, {m, 7, got[1]}};
+        for (int i = 0; i < 2; i++) assert_int_equal(pthread_create(&th[i], NULL, thr_main, &a[i]), 0);
+        for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
+        assert_memory_equal(got[0], ref, all * sizeof(float));
+        assert_memory_equal(got[1], ref7, all * sizeof(float));
+    }
+    moe_model_free(m);
+    free(ref);
+    free(ref7);
+    free(got[0]);
+    free(got[1]);
+}
+
+/* LFU eviction gives the same logits (only hit rates may differ) */
+static void test_lfu(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    const char *p = "test/fixtures/qwen3moe_q4_k.gguf";
+    moe_model *m = load_vk(p, 0, 0, NULL);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    size_t all = (NTOK + NGEN) * (size_t)info.n_vocab;
+    float *ref = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
+    assert_true(ref && got);
+    moe_stats rs, s[2];
+    workload(m, 0, ref, &rs);
+    moe_model_free(m);
+    uint64_t budget = (info.weight_bytes - info.expert_bytes) + (rs.gpu_bytes_weights - (info.weight_bytes - info.expert_bytes)) / 3;
+    for (int pol = 0; pol < 2; pol++) {
+        setenv("MOE_EVICT", pol ? "lfu" : "lru", 1);
+        m = load_vk(p, budget, 0, NULL);
+        assert_int_equal(m->vk->xg->policy, pol ? MOE_XS_LFU : MOE_XS_LRU);
+        workload(m, 0, got, NULL);
+        memset(got, 0, all * sizeof(float));
+        workload(m, 0, got, &s[pol]); /* warm */
+        assert_memory_equal(got, ref, all * sizeof(float));
+        moe_model_free(m);
+    }
+    unsetenv("MOE_EVICT");
+    printf("[ RESULT   ] q4_k budget %llu, warm: LRU hits %llu misses %llu (%.1f%%), LFU hits %llu misses %llu (%.1f%%)\n",
+           (unsigned long long)budget, (unsigned long long)s[0].expert_hits, (unsigned long long)s[0].expert_misses,
+           100.0 * (double)s[0].expert_hits / (double)(s[0].expert_hits + s[0].expert_misses), (unsigned long long)s[1].expert_hits,
+           (unsigned long long)s[1].expert_misses, 100.0 * (double)s[1].expert_hits / (double)(s[1].expert_hits + s[1].expert_misses));
+    free(ref);
+    free(got);
+}
+
+int main(void) {
+    pin_driver();
+    if (getenv("MOE_TEST_FILTER")) cmocka_set_test_filter(getenv("MOE_TEST_FILTER")); /* e.g. "gpu_cache_q8_0" */
+    static char names[][32] = {"q4_k", "f32", "mixed", "q8_0", "f16", "test/fixtures/gemma4/moe", "build/test/gemma4_moe.gguf"};
+#define TS(label, f, st) {.name = label, .test_func = f, .teardown_func = teardown_validation, .initial_state = (void *)(st)}
+    const struct CMUnitTest tests[] = {
+        TS("gpu_cache_q4_k", run_fixture, names[0]), TS("gpu_cache_f32", run_fixture, names[1]),
+        TS("gpu_cache_mixed", run_fixture, names[2]), TS("gpu_cache_q8_0", run_fixture, names[3]),
+        TS("gpu_cache_f16", run_fixture, names[4]), TS("gpu_cache_gemma4_moe", run_fixture, names[5]),
+        TS("gpu_cache_gemma4_moe_gguf", run_fixture, names[6]),
+        TS("gpu_cache_lfu", test_lfu, NULL), TS("gpu_cache_threads", test_threads, NULL),
+    };
+#undef TS
+    return cmocka_run_group_tests_name("vk_stream", tests, NULL, NULL);
+}
