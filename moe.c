@@ -4791,7 +4791,7 @@ struct moe_model {
     moe_xcache *xc;            /* host expert cache: NULL unless host_budget_bytes is below the weights */
     uint64_t n_params;
     double t_load_s;
-    void **hf_owned;           /* HF directory: tensors rebuilt at load (regrouped rows) */
+    void **hf_owned;           /* tensors rebuilt at load (regrouped HF rows, f32 conv weights) */
     int n_hf_owned;
 };
 
@@ -5919,9 +5919,31 @@ static void hybrid_write_hparams(const moe_model *m, gguf_writer *gw) {
 #undef KV_F32
 }
 
-/* After binding: from a Hugging Face directory, the norms' 1 + w and A_log → -exp(A_log) (both in
-   the f32 copies weights_to_f32 made); GGUF files hold them so already. */
+static moe_status hf_own(moe_model *m, void *p);
+
+/* After binding: the conv weights as f32 (few values, read whole by the conv kernels); from a
+   Hugging Face directory also the norms' 1 + w and A_log → -exp(A_log) (both in the f32 copies
+   weights_to_f32 made); GGUF files hold them so already. */
 static moe_status hybrid_finish(moe_model *m) {
+    for (int l = 0; l < m->w.hp.n_layer; l++) {
+        moe_weight *w = &m->w.layers[l].t[MOE_SSM_CONV];
+        if (!w->data || w->type == MOE_TYPE_F32) continue;
+        size_t cnt = (size_t)w->ne[0] * (size_t)w->ne[1];
+        float *f = moe_malloc(cnt * sizeof *f);
+        moe_status st = f ? hf_own(m, f) : set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
+        if (st) {
+            moe_free(f);
+            return st;
+        }
+        const moe_type_traits *tt = type_traits(w->type);
+        for (int64_t r = 0; r < w->ne[1]; r++) tt->dequant(w->data + (uint64_t)r * w->row_bytes, f + r * w->ne[0], w->ne[0]);
+        for (size_t i = 0; i < cnt; i++)
+            if (!isfinite(f[i])) return set_error(MOE_ERR_FORMAT, "model: tensor '%s' holds a non-finite value", w->name);
+        w->data = (const uint8_t *)f;
+        w->type = MOE_TYPE_F32;
+        w->row_bytes = (uint64_t)w->ne[0] * 4;
+        w->nbytes = (uint64_t)cnt * 4;
+    }
     if (!m->hf_names) return MOE_OK;
     float *g = (float *)(uintptr_t)m->w.g[MOE_OUTPUT_NORM].data;
     for (int64_t i = 0; i < m->w.g[MOE_OUTPUT_NORM].ne[0]; i++) g[i] += 1.0f;
@@ -6102,6 +6124,17 @@ static moe_status hf_add_experts(moe_model *m, const hf_table *tab, const tensor
     return hf_add(m, first, gn, 3, s->ne, ptrs);
 }
 
+/* the model frees p with itself */
+static moe_status hf_own(moe_model *m, void *p) {
+    void **no = moe_malloc((size_t)(m->n_hf_owned + 1) * sizeof *no);
+    if (!no) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
+    if (m->n_hf_owned) memcpy(no, m->hf_owned, (size_t)m->n_hf_owned * sizeof *no);
+    moe_free(m->hf_owned);
+    m->hf_owned = no;
+    m->hf_owned[m->n_hf_owned++] = p;
+    return MOE_OK;
+}
+
 /* A tensor of a multimodal checkpoint's text model (model.language_model.X), or of a text-only
    save of it (model.X). */
 static const hf_tensor *hf_find_text(const hf_table *tab, const char *name) {
@@ -6125,17 +6158,11 @@ static moe_status hf_regroup_qkvz(moe_model *m, const hf_tensor *t, const tensor
         return set_error(MOE_ERR_FORMAT, "safetensors: '%.*s' must be [%lld, %lld] of a dtype we read", (int)t->name_len, t->name,
                          (long long)(nk * G), (long long)cols);
     uint64_t rb = type_row_bytes(t->type, cols);
-    void **no = moe_malloc((size_t)(m->n_hf_owned + 1) * sizeof *no);
     uint8_t *dst = moe_malloc((size_t)(rb * (uint64_t)s->ne[1]));
-    if (!no || !dst) {
-        moe_free(no);
+    if (!dst || hf_own(m, dst)) {
         moe_free(dst);
         return set_error(MOE_ERR_NO_MEMORY, "safetensors: out of memory regrouping '%.*s'", (int)t->name_len, t->name);
     }
-    if (m->n_hf_owned) memcpy(no, m->hf_owned, (size_t)m->n_hf_owned * sizeof *no);
-    moe_free(m->hf_owned);
-    m->hf_owned = no;
-    m->hf_owned[m->n_hf_owned++] = dst;
     uint8_t *o = dst;
     /* parts of each group: q, k, v for attn_qkv, z for attn_gate */
     int64_t off[4] = {0, dk, 2 * dk, 2 * dk + rv}, len[4] = {dk, dk, rv, rv};
@@ -8207,6 +8234,14 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         moe_free(c->logits);
         moe_free(c);
         return st;
+    }
+    if (c->ckpt_every) { /* the recurrent states start empty */
+        c->ops->begin_step(c->be);
+        c->ops->state_restore(c->be, -1);
+        if ((st = c->ops->end_step(c->be))) {
+            moe_ctx_free(c);
+            return st;
+        }
     }
     c->stats.t_load_s = model->t_load_s;
     *out = c;

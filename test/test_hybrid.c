@@ -31,6 +31,14 @@
        llama.cpp's tiled order) loads and gives the same logits (within TOL_F32);
    (i) the chunked (WY) prefill (MOE_CPU_DN_CHUNKED=1) within 1e-5 of the token recurrence, and
        its rewinds bit-identical to a context that never went past the position.
+   On the Vulkan backend (lavapipe in CI; skipped without a device unless MOE_REQUIRE_VULKAN=1,
+   with MOE_VK_VALIDATION=1 any validation message fails), per fixture:
+   (a) prefill within TOL_F32 / TOL_F16 of the reference, (b) finite, (c) greedy equal,
+   (d) prefill against token-by-token steps and a chunked prefill (n_batch 7) within TOL_SELF (the
+   matrix kernels of one token and of many round differently), (e) rewinds: bit-identical to a
+   context that never went past the position (fed the same chunks up to it, then the same as the
+   rewound one; the first pass may have had a chunk across it, which these kernels round
+   differently), (f) save / load: bit-identical.
    The errors are printed so they can be reported. */
 #include "../moe.c"
 #include "../moe_vk.c"
@@ -99,6 +107,132 @@ static double max_rel(const float *a, const float *ref, int rows, int n_vocab) {
     double e = 0;
     for (int r = 0; r < rows; r++) e = fmax(e, row_rel_err(a + (size_t)r * n_vocab, ref + (size_t)r * n_vocab, n_vocab));
     return e;
+}
+
+/* ---- the Vulkan backend ---- */
+/* Vulkan against itself along another path (decode vs prefill matrix kernels, chunking):
+   test_vulkan's 1e-5, doubled, as the recurrent state carries the rounding differences of
+   every earlier token forward (qwen3next on lavapipe: 1.1e-5) */
+#define TOL_SELF 2e-5
+
+static moe_model *load_vk(const char *path, char *why, size_t why_cap) {
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_VULKAN;
+    lp.n_threads = 2;
+    moe_model *m = NULL;
+    moe_status st = moe_load(path, &lp, &m);
+    if (st) {
+        snprintf(why, why_cap, "%s (%s)", moe_status_str(st), moe_last_error());
+        return NULL;
+    }
+    return m;
+}
+
+static void check_fixture_vk(const char *name) {
+    char dir[256], refp[256], why[600];
+    snprintf(dir, sizeof dir, "%s/%s", fixture_dir(), name);
+    snprintf(refp, sizeof refp, "%s/%s.ref", fixture_dir(), name);
+    g_vk_validation_messages = 0;
+    moe_model *m = load_vk(dir, why, sizeof why);
+    if (!m) {
+        if (vk_env_on("MOE_REQUIRE_VULKAN")) fail_msg("MOE_REQUIRE_VULKAN=1 but the model does not load on Vulkan: %s", why);
+        print_message("Vulkan unusable (%s): skipped\n", why);
+        skip();
+    }
+    if (vk_env_on("MOE_VK_VALIDATION") && !m->vk->validation && vk_env_on("MOE_REQUIRE_VULKAN"))
+        fail_msg("MOE_VK_VALIDATION=1 but the validation layer is not active (vulkan-validationlayers)");
+    ref_data ref;
+    if (ref_load(refp, &ref)) {
+        print_error("%s: cannot read %s\n", name, refp);
+        fail();
+    }
+    int V = m->w.hp.n_vocab, T = ref.n_tokens;
+    assert_int_equal(V, ref.n_vocab);
+    float *a = malloc((size_t)T * V * 4), *b = malloc((size_t)T * V * 4);
+    /* (a), (b) prefill, f32 and f16 KV */
+    moe_ctx *c = new_ctx(m, 256, MOE_KV_F32, 1, 0);
+    run_steps(c, ref.tokens, T, T, V, a);
+    assert_true(all_finite(a, (size_t)T * V));
+    moe_ctx_free(c);
+    double err32 = max_rel(a, ref.logits, T, V);
+    c = new_ctx(m, 256, MOE_KV_F16, 1, 0);
+    run_steps(c, ref.tokens, T, T, V, b);
+    assert_true(all_finite(b, (size_t)T * V));
+    moe_ctx_free(c);
+    double err16 = max_rel(b, ref.logits, T, V);
+    /* (d) token by token, and chunks of 7, against the single prefill */
+    c = new_ctx(m, 256, MOE_KV_F32, 1, 0);
+    run_steps(c, ref.tokens, T, 1, V, b);
+    moe_ctx_free(c);
+    double errs = max_rel(b, a, T, V);
+    c = new_ctx(m, 256, MOE_KV_F32, 1, 7);
+    run_steps(c, ref.tokens, T, T, V, b);
+    moe_ctx_free(c);
+    errs = fmax(errs, max_rel(b, a, T, V));
+    /* (c) greedy */
+    moe_ctx *g = new_ctx(m, 256, MOE_KV_F32, 0, 0);
+    assert_int_equal(moe_step(g, ref.tokens, ref.n_prompt), MOE_OK);
+    int same = 0;
+    for (int i = 0; i < ref.n_greedy; i++) {
+        int t = argmax(moe_logits(g, -1), V);
+        if (t != ref.greedy[i]) break;
+        same++;
+        assert_int_equal(moe_step(g, &t, 1), MOE_OK);
+    }
+    moe_ctx_free(g);
+    printf("  %-10s Vulkan: f32 KV max|dlogit|/range %.3e, f16 KV %.3e, steps / chunks vs prefill %.3e, greedy %d/%d\n", name,
+           err32, err16, errs, same, ref.n_greedy);
+    assert_true(err32 <= TOL_F32);
+    assert_true(err16 <= TOL_F16);
+    assert_true(errs <= TOL_SELF);
+    assert_int_equal(same, ref.n_greedy);
+    /* (e) rewinds: bit-identical to a context that never went past p */
+    const int rewind_to[] = {T - 8, T > 70 ? 70 : T / 2 + 3, T > 64 ? 64 : T / 2, T / 4, 0, T - 27};
+    c = new_ctx(m, 512, MOE_KV_F32, 1, 50);
+    run_steps(c, ref.tokens, T, 50, V, a);
+    float *f3 = malloc((size_t)T * V * 4);
+    for (size_t r = 0; r < sizeof rewind_to / sizeof rewind_to[0]; r++) {
+        int p = rewind_to[r];
+        assert_int_equal(moe_ctx_rewind(c, p), MOE_OK);
+        assert_int_equal(moe_ctx_pos(c), p);
+        refeed(c, ref.tokens, p, T, 50, 64, V, b);
+        moe_ctx *f = new_ctx(m, 512, MOE_KV_F32, 1, 50);
+        refeed(f, ref.tokens, 0, p, 50, 64, V, f3);
+        refeed(f, ref.tokens, p, T, 50, 64, V, f3);
+        moe_ctx_free(f);
+        if (memcmp(f3 + (size_t)p * V, b + (size_t)p * V, (size_t)(T - p) * V * 4)) {
+            print_error("%s: Vulkan rewind to %d: logits differ (max rel %.3e)\n", name, p, max_rel(b + (size_t)p * V, f3 + (size_t)p * V, T - p, V));
+            fail();
+        }
+        assert_true(max_rel(b + (size_t)p * V, a + (size_t)p * V, T - p, V) <= TOL_SELF);
+    }
+    free(f3);
+    /* (f) save / load at sp, continue in a fresh context; a rewind after the load */
+    const int sp = T * 7 / 10;
+    assert_int_equal(moe_ctx_rewind(c, sp), MOE_OK);
+    size_t sz = 0;
+    assert_int_equal(moe_ctx_save(c, NULL, 0, &sz), MOE_OK);
+    uint8_t *buf = malloc(sz);
+    assert_int_equal(moe_ctx_save(c, buf, sz, &sz), MOE_OK);
+    moe_ctx *d = new_ctx(m, 512, MOE_KV_F32, 1, 50);
+    assert_int_equal(moe_ctx_load(d, buf, sz), MOE_OK);
+    assert_int_equal(moe_ctx_pos(d), sp);
+    assert_int_equal(moe_step(d, ref.tokens + sp, T - sp), MOE_OK);
+    assert_int_equal(moe_step(c, ref.tokens + sp, T - sp), MOE_OK);
+    for (int j = 0; j < T - sp; j++) assert_memory_equal(moe_logits(d, j), moe_logits(c, j), (size_t)V * 4);
+    assert_int_equal(moe_ctx_rewind(d, 64), MOE_OK); /* replayed from 0 in the saved chunking */
+    refeed(d, ref.tokens, 64, 100, 50, 64, V, b);   /* the first pass's chunk [64, 100) */
+    assert_memory_equal(b + (size_t)64 * V, a + (size_t)64 * V, (size_t)36 * V * 4);
+    free(buf);
+    moe_ctx_free(d);
+    moe_ctx_free(c);
+    long nval = g_vk_validation_messages;
+    if (nval) print_error("%ld validation message(s)\n", nval);
+    assert_int_equal(nval, 0);
+    free(a);
+    free(b);
+    moe_model_free(m);
+    free(ref.buf);
 }
 
 static void check_fixture(const char *name) {
@@ -260,6 +394,9 @@ static void check_fixture(const char *name) {
 static void test_qwen3next(void **state) { (void)state; check_fixture("qwen3next"); }
 static void test_qwen35moe(void **state) { (void)state; check_fixture("qwen35moe"); }
 static void test_qwen35(void **state) { (void)state; check_fixture("qwen35"); }
+static void test_vk_qwen3next(void **state) { (void)state; check_fixture_vk("qwen3next"); }
+static void test_vk_qwen35moe(void **state) { (void)state; check_fixture_vk("qwen35moe"); }
+static void test_vk_qwen35(void **state) { (void)state; check_fixture_vk("qwen35"); }
 
 /* (g) 4,000 random tokens through each model: finite logits at every position */
 static void test_long_prompt(void **state) {
@@ -287,6 +424,9 @@ int main(void) {
         cmocka_unit_test(test_qwen35moe),
         cmocka_unit_test(test_qwen35),
         cmocka_unit_test(test_long_prompt),
+        cmocka_unit_test(test_vk_qwen3next),
+        cmocka_unit_test(test_vk_qwen35moe),
+        cmocka_unit_test(test_vk_qwen35),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
