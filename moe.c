@@ -5043,6 +5043,8 @@ struct moe_model {
     /* references: the caller's (moe_load, released by moe_model_free) plus one per context; the
        last release destroys the model, so contexts outlive a freed model handle */
     _Atomic int32_t refs;
+    void **hf_owned;           /* tensors rebuilt at load (regrouped HF rows, f32 conv weights) */
+    int n_hf_owned;
 };
 static void model_release(moe_model *model); /* section 11: drops a reference, the last destroys */
 
@@ -5107,7 +5109,8 @@ static moe_status bind_weight(moe_model *m, moe_weight *w, const char *name, int
 static moe_status plan_alloc(moe_model *m) {
     m->w.layers = moe_calloc((size_t)m->w.hp.n_layer, sizeof *m->w.layers);
     m->w.caches = moe_calloc((size_t)m->w.hp.n_layer, sizeof *m->w.caches);
-    if (!m->w.layers || !m->w.caches) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the layer table");
+    m->w.states = moe_calloc((size_t)m->w.hp.n_layer, sizeof *m->w.states);
+    if (!m->w.layers || !m->w.caches || !m->w.states) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory for the layer table");
     return MOE_OK;
 }
 
@@ -5116,8 +5119,9 @@ static moe_status plan_alloc(moe_model *m) {
    sized for. */
 static moe_status plan_finish(moe_model *m) {
     moe_hparams *hp = &m->w.hp;
-    hp->n_cache = 0;
+    hp->n_cache = hp->n_state = 0;
     hp->n_head = hp->n_head_kv = hp->head_dim = hp->n_ff_exp = hp->n_ff = hp->n_expert = hp->n_expert_used = 0;
+    hp->dn_conv = hp->dn_value = hp->dn_v_head = hp->dn_qkv = 0;
 #define MAXI(f, v) (hp->f = hp->f > (v) ? hp->f : (v))
     for (int l = 0; l < hp->n_layer; l++) {
         moe_layer_plan *p = &m->w.layers[l].p;
@@ -5148,7 +5152,28 @@ static moe_status plan_finish(moe_model *m) {
             MAXI(n_head, a->n_head);
             MAXI(n_head_kv, a->n_head_kv);
             MAXI(head_dim, a->head_dim);
+            if (p->attn_gate) { /* q and its gate come through ACT_DN_QKV, the gate stays in ACT_DN_Z */
+                MAXI(dn_qkv, 2 * a->n_head * a->head_dim);
+                MAXI(dn_value, a->n_head * a->head_dim);
+            }
         }
+        if (p->attn_kind == MOE_ATTN_DELTANET) { /* hybrid models: one recurrent state per layer */
+            moe_deltanet *dn = &p->dn;
+            int64_t conv = 2 * (int64_t)dn->n_k_head * dn->k_dim + (int64_t)dn->n_v_head * dn->v_dim;
+            int64_t rec = (int64_t)dn->n_v_head * dn->k_dim * dn->v_dim;
+            if (dn->n_k_head < 1 || dn->n_v_head % dn->n_k_head || dn->conv_k < 1 || conv * dn->conv_k > INT32_MAX || rec > INT32_MAX)
+                return set_error(MOE_ERR_FORMAT, "model: layer %d: Gated DeltaNet geometry does not fit", l);
+            moe_state_plan *s = &m->w.states[hp->n_state];
+            s->layer = l;
+            s->conv_elems = (int32_t)(conv * (dn->conv_k - 1));
+            s->rec_elems = (int32_t)rec;
+            dn->state = hp->n_state++;
+            MAXI(dn_conv, (int32_t)conv);
+            MAXI(dn_qkv, (int32_t)conv);
+            MAXI(dn_value, dn->n_v_head * dn->v_dim);
+            MAXI(dn_v_head, dn->n_v_head);
+        }
+        MAXI(n_ff, p->n_ff_shexp); /* the shared expert's hidden rows go through ACT_FF / ACT_FF2 */
         if (p->ffn_kind != MOE_FFN_DENSE) {
             if (p->n_expert < 1 || p->n_expert_used < 1 || p->n_expert_used > p->n_expert || p->n_ff_exp < 1)
                 return set_error(MOE_ERR_FORMAT, "model: layer %d: %d experts, %d used, width %d", l, p->n_expert, p->n_expert_used, p->n_ff_exp);
@@ -5820,6 +5845,376 @@ static void gemma4_write_hparams(const moe_model *m, gguf_writer *gw) {
     moe_free(b);
 }
 
+
+/* ==== hybrid Gated DeltaNet models: Qwen3-Next, Qwen3.5-MoE, dense Qwen3.5 (ARCHITECTURES.md §3) ====
+   Three of every four layers are Gated DeltaNet (linear attention with a recurrent f32 state),
+   every fourth is gated full attention (q carries an output gate; partial rope over a quarter of
+   the head; q/k norms); the FFN is routed SwiGLU experts plus a shared expert gated by
+   sigmoid(w·x) (Qwen3-Next, Qwen3.5-MoE) or one dense SwiGLU (Qwen3.5).
+   Conventions, settled at load so the forward pass sees one form:
+   - norms: the weights are the multipliers (GGUF and MLX store them so; Hugging Face checkpoints
+     store w of y = r(x)·(1 + w), and loading adds the 1), except the DeltaNet output norm,
+     plain in every format;
+   - ssm_a holds -exp(A_log) (GGUF; loading a Hugging Face A_log converts it);
+   - q_all | k_all | v_all and z are separate projections (Qwen3-Next's per-key-head interleaved
+     in_proj_qkvz is regrouped at load, as llama.cpp's converter does); Qwen3-Next's b/a stay
+     one grouped projection (ssm_ba, dn.ba_grouped);
+   - value heads: Hugging Face's grouped order, or the tiled order of llama.cpp's Qwen3.5 GGUFs
+     (dn.v_tiled), which only changes which key head a value head reads. */
+typedef struct hybrid_geom {
+    int32_t n_head, n_head_kv, head_dim, n_rot;
+    float rope_base;
+    int32_t nk, nv, dk, dv, conv_k;
+    int32_t n_expert, n_used, n_ff_exp, n_ff_shexp, n_ff;  /* n_expert 0: a dense FFN of n_ff */
+    int32_t norm_topk, v_tiled, ba_grouped, interval;
+} hybrid_geom;
+
+static moe_status hybrid_plan(moe_model *m, const hybrid_geom *g, const uint8_t *full) {
+    if (g->n_head < 1 || g->n_head_kv < 1 || g->n_head % g->n_head_kv || g->head_dim < 2 || g->n_rot > g->head_dim || g->n_rot < 2 || g->n_rot % 2)
+        return set_error(MOE_ERR_FORMAT, "model: attention heads %d / %d of size %d with rope over %d do not fit together",
+                         g->n_head, g->n_head_kv, g->head_dim, g->n_rot);
+    if (g->nk < 1 || g->nv < g->nk || g->nv % g->nk || g->dk < 1 || g->dv < 1 || g->conv_k < 1 || g->conv_k > 16)
+        return set_error(MOE_ERR_FORMAT, "model: Gated DeltaNet with %d key heads, %d value heads (%d, %d wide), conv %d does not fit",
+                         g->nk, g->nv, g->dk, g->dv, g->conv_k);
+    if (g->n_expert ? (g->n_used < 1 || g->n_used > g->n_expert || g->n_ff_exp < 1) : g->n_ff < 1)
+        return set_error(MOE_ERR_FORMAT, "model: FFN with %d experts (%d used, width %d), dense width %d", g->n_expert, g->n_used,
+                         g->n_ff_exp, g->n_ff);
+    moe_status st = plan_alloc(m);
+    if (st) return st;
+    for (int l = 0; l < m->w.hp.n_layer; l++) {
+        moe_layer_plan *p = &m->w.layers[l].p;
+        if (full[l]) {
+            p->attn_kind = MOE_ATTN_FULL;
+            moe_attn a = {g->n_head, g->n_head_kv, g->head_dim, 0, 1.0f / sqrtf((float)g->head_dim), l, 1};
+            p->attn = a;
+            moe_rope r = {g->n_rot, g->n_rot / 2, g->n_rot, g->rope_base};
+            p->rope = r;
+            p->attn_gate = 1;
+        } else {
+            p->attn_kind = MOE_ATTN_DELTANET;
+            moe_deltanet dn = {g->nk, g->nv, g->dk, g->dv, g->conv_k, g->v_tiled && g->nk != g->nv, g->ba_grouped, 0};
+            p->dn = dn;
+        }
+        p->act = MOE_ACT_SILU;
+        if (g->n_expert) {
+            p->ffn_kind = g->n_ff_shexp > 0 ? MOE_FFN_MOE_SHARED : MOE_FFN_MOE;
+            p->n_expert = g->n_expert;
+            p->n_expert_used = g->n_used;
+            p->n_ff_exp = g->n_ff_exp;
+            p->n_ff_shexp = g->n_ff_shexp;
+            p->norm_topk = g->norm_topk;
+        } else {
+            p->ffn_kind = MOE_FFN_DENSE;
+            p->n_ff = g->n_ff;
+        }
+    }
+    return MOE_OK;
+}
+
+static int arch_is(const moe_model *m, const char *name) { return !strcmp(m->arch->name, name); }
+
+static moe_status hybrid_hparams_gguf(moe_model *m) {
+    moe_hparams *hp = &m->w.hp;
+    hybrid_geom g = {0};
+    moe_status st;
+    int32_t v_len, inner;
+    if ((st = gguf_arch_int(m, "embedding_length", 1, 1, 1 << 20, 0, &hp->n_embd)) ||
+        (st = gguf_arch_int(m, "block_count", 1, 1, 4096, 0, &hp->n_layer)) ||
+        (st = gguf_arch_int(m, "context_length", 0, 1, INT32_MAX, 4096, &hp->n_ctx_train)) ||
+        (st = gguf_arch_int(m, "attention.head_count", 1, 1, 4096, 0, &g.n_head)) ||
+        (st = gguf_arch_int(m, "attention.head_count_kv", 0, 1, 4096, g.n_head, &g.n_head_kv)) ||
+        (st = gguf_arch_int(m, "attention.key_length", 0, 2, 4096, hp->n_embd / g.n_head, &g.head_dim)) ||
+        (st = gguf_arch_int(m, "attention.value_length", 0, 1, 4096, g.head_dim, &v_len)) ||
+        (st = gguf_arch_int(m, "rope.dimension_count", 0, 2, 4096, g.head_dim / 4, &g.n_rot)) ||
+        (st = gguf_arch_int(m, "ssm.conv_kernel", 1, 1, 16, 0, &g.conv_k)) ||
+        (st = gguf_arch_int(m, "ssm.state_size", 1, 1, 4096, 0, &g.dk)) ||
+        (st = gguf_arch_int(m, "ssm.group_count", 1, 1, 4096, 0, &g.nk)) ||
+        (st = gguf_arch_int(m, "ssm.time_step_rank", 1, 1, 4096, 0, &g.nv)) ||
+        (st = gguf_arch_int(m, "ssm.inner_size", 1, 1, 1 << 24, 0, &inner)) ||
+        (st = gguf_arch_int(m, "full_attention_interval", 0, 1, 4096, 4, &g.interval)))
+        return st;
+    if (v_len != g.head_dim) return set_error(MOE_ERR_UNSUPPORTED, "model: value_length %d != key_length %d", v_len, g.head_dim);
+    if (inner % g.nv) return set_error(MOE_ERR_FORMAT, "model: ssm.inner_size %d is not a multiple of ssm.time_step_rank %d", inner, g.nv);
+    g.dv = inner / g.nv;
+    if (arch_is(m, "qwen35")) {
+        if ((st = gguf_arch_int(m, "feed_forward_length", 1, 1, 1 << 20, 0, &g.n_ff))) return st;
+    } else if ((st = gguf_arch_int(m, "expert_count", 1, 1, 4096, 0, &g.n_expert)) ||
+               (st = gguf_arch_int(m, "expert_used_count", 1, 1, 4096, 0, &g.n_used)) ||
+               (st = gguf_arch_int(m, "expert_feed_forward_length", 1, 1, 1 << 20, 0, &g.n_ff_exp)) ||
+               (st = gguf_arch_int(m, "expert_shared_feed_forward_length", 0, 0, 1 << 20, 0, &g.n_ff_shexp)) ||
+               (st = gguf_arch_int(m, "expert_weights_norm", 0, 0, 1, 1, &g.norm_topk)))
+        return st;
+    g.rope_base = 10000.0f;
+    hp->rms_eps = 1e-6f;
+    if ((st = gguf_arch_f32(m, "attention.layer_norm_rms_epsilon", &hp->rms_eps)) || (st = gguf_arch_f32(m, "rope.freq_base", &g.rope_base)))
+        return st;
+    g.v_tiled = !arch_is(m, "qwen3next"); /* llama.cpp reorders Qwen3.5's value heads, not Qwen3-Next's */
+    g.ba_grouped = arch_is(m, "qwen3next");
+    uint8_t *full = moe_calloc((size_t)hp->n_layer, 1);
+    if (!full) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
+    for (int l = 0; l < hp->n_layer; l++) full[l] = (l + 1) % g.interval == 0;
+    st = hybrid_plan(m, &g, full);
+    moe_free(full);
+    return st;
+}
+
+/* config.json: the text model's keys at the top (qwen3_next, qwen3_5*_text) or under text_config */
+static moe_status hybrid_hparams_hf(moe_model *m, const json_doc *d) {
+    moe_hparams *hp = &m->w.hp;
+    uint32_t root = json_get(d, 0, "text_config");
+    if (!json_is(d, root, JSON_OBJECT)) root = 0;
+    if (json_get(d, 0, "vision_config")) log_msg(&m->log, MOE_LOG_INFO, "config.json: the vision tower (model.visual.*) is not loaded");
+    hybrid_geom g = {0};
+    int32_t moe = !arch_is(m, "qwen35");
+    struct { const char *key; int32_t *dst; int64_t lo, hi; int required; } ints[] = {
+        {"hidden_size", &hp->n_embd, 1, 1 << 20, 1}, {"num_hidden_layers", &hp->n_layer, 1, 4096, 1},
+        {"num_attention_heads", &g.n_head, 1, 4096, 1}, {"num_key_value_heads", &g.n_head_kv, 1, 4096, 1},
+        {"head_dim", &g.head_dim, 2, 4096, 0}, {"max_position_embeddings", &hp->n_ctx_train, 1, INT32_MAX, 0},
+        {"linear_conv_kernel_dim", &g.conv_k, 1, 16, 1}, {"linear_key_head_dim", &g.dk, 1, 4096, 1},
+        {"linear_value_head_dim", &g.dv, 1, 4096, 1}, {"linear_num_key_heads", &g.nk, 1, 4096, 1},
+        {"linear_num_value_heads", &g.nv, 1, 4096, 1}, {"full_attention_interval", &g.interval, 1, 4096, 0},
+        {"num_experts", &g.n_expert, 1, 4096, moe}, {"num_experts_per_tok", &g.n_used, 1, 4096, moe},
+        {"moe_intermediate_size", &g.n_ff_exp, 1, 1 << 20, moe}, {"shared_expert_intermediate_size", &g.n_ff_shexp, 0, 1 << 20, 0},
+        {"intermediate_size", &g.n_ff, 1, 1 << 20, !moe}};
+    hp->n_ctx_train = 4096;
+    g.interval = 4;
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        uint32_t n = json_get(d, root, ints[i].key);
+        int64_t v;
+        if (!n && !ints[i].required) continue;
+        if (!json_int(d, n, ints[i].lo, ints[i].hi, &v))
+            return set_error(MOE_ERR_FORMAT, "config.json: '%s' is %s", ints[i].key, n ? "out of range or not an integer" : "missing");
+        *ints[i].dst = (int32_t)v;
+    }
+    if (!moe) g.n_expert = 0;
+    uint32_t mlp_only = json_get(d, root, "mlp_only_layers");
+    if (json_is(d, mlp_only, JSON_ARRAY) && d->nodes[mlp_only].len)
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: mlp_only_layers (dense layers) are not supported");
+    if (!g.head_dim) g.head_dim = hp->n_embd / g.n_head;
+    uint32_t rp = json_get(d, root, "rope_parameters");
+    if (!rp) rp = json_get(d, root, "rope_scaling");
+    double eps = 1e-6, theta = 10000.0, partial = 0.25;
+    uint32_t n = json_get(d, root, "rms_norm_eps");
+    if (n && !json_double(d, n, &eps)) return set_error(MOE_ERR_FORMAT, "config.json: rms_norm_eps is not a number");
+    if (!(n = json_get(d, root, "rope_theta"))) n = json_get(d, rp, "rope_theta");
+    if (n && !json_double(d, n, &theta)) return set_error(MOE_ERR_FORMAT, "config.json: rope_theta is not a number");
+    if (!(n = json_get(d, root, "partial_rotary_factor"))) n = json_get(d, rp, "partial_rotary_factor");
+    if (n && !json_double(d, n, &partial)) return set_error(MOE_ERR_FORMAT, "config.json: partial_rotary_factor is not a number");
+    uint32_t rt = json_get(d, rp, "rope_type");
+    if (!rt) rt = json_get(d, rp, "type");
+    if (rt && !json_str_eq(d, rt, "default"))
+        return set_error(MOE_ERR_UNSUPPORTED, "config.json: rope type other than 'default' is not supported yet");
+    hp->rms_eps = (float)eps;
+    g.rope_base = (float)theta;
+    g.n_rot = (int32_t)(g.head_dim * partial);
+    g.norm_topk = json_bool(d, json_get(d, root, "norm_topk_prob"), 1);
+    if (!arch_is(m, "qwen3next")) g.norm_topk = 1; /* Qwen3.5's router always renormalises */
+    g.ba_grouped = arch_is(m, "qwen3next");
+    if (!(hp->rms_eps > 0) || !(theta > 0)) return set_error(MOE_ERR_FORMAT, "config.json: rms_norm_eps and rope_theta must be positive");
+    uint8_t *full = moe_calloc((size_t)hp->n_layer, 1);
+    if (!full) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
+    uint32_t lt = json_get(d, root, "layer_types");
+    if (json_is(d, lt, JSON_ARRAY)) {
+        if (d->nodes[lt].len != (uint32_t)hp->n_layer) {
+            moe_free(full);
+            return set_error(MOE_ERR_FORMAT, "config.json: layer_types has %u entries for %d layers", d->nodes[lt].len, hp->n_layer);
+        }
+        int l = 0;
+        for (uint32_t j = lt + 1; j < d->nodes[lt].end; j = d->nodes[j].end, l++) {
+            if (json_str_eq(d, j, "full_attention")) full[l] = 1;
+            else if (!json_str_eq(d, j, "linear_attention")) {
+                moe_free(full);
+                return set_error(MOE_ERR_UNSUPPORTED, "config.json: layer_types[%d] is neither linear_attention nor full_attention", l);
+            }
+        }
+    } else
+        for (int l = 0; l < hp->n_layer; l++) full[l] = (l + 1) % g.interval == 0;
+    moe_status st = hybrid_plan(m, &g, full);
+    moe_free(full);
+    return st;
+}
+
+enum { TS_HF_QKVZ = 2 };   /* Qwen3-Next HF: rows regrouped out of in_proj_qkvz at load */
+
+/* the tensors of one layer; prefix: the HF name of the text model ("model." or
+   "model.language_model.") */
+static int hybrid_tensors(const moe_weights *w, int l, tensor_spec *out, const char *const *hf) {
+    const moe_hparams *hp = &w->hp;
+    int64_t E = hp->n_embd, V = hp->n_vocab;
+    int n = 0;
+    if (l < 0) {
+        out[n++] = spec(MOE_TOK_EMBD, 2, E, V, 1, hf[0]);
+        out[n++] = spec(MOE_OUTPUT_NORM, 1, E, 1, 1, hf[1]);
+        out[n] = spec(MOE_OUTPUT, 2, E, V, 1, "lm_head.weight");
+        out[n++].flags = TS_OPTIONAL;
+        return n;
+    }
+    const moe_layer_plan *p = &w->layers[l].p;
+    const char *const *h = hf + 2; /* the per-layer names, in the order below */
+    out[n++] = spec(MOE_ATTN_NORM, 1, E, 1, 1, h[0]);
+    out[n++] = spec(MOE_POST_ATTN_NORM, 1, E, 1, 1, h[1]);
+    if (p->attn_kind == MOE_ATTN_FULL) {
+        int64_t hd = p->attn.head_dim, Q = (int64_t)p->attn.n_head * hd, KV = (int64_t)p->attn.n_head_kv * hd;
+        out[n++] = spec(MOE_WQ, 2, E, 2 * Q, 1, h[2]);
+        out[n++] = spec(MOE_WK, 2, E, KV, 1, h[3]);
+        out[n++] = spec(MOE_WV, 2, E, KV, 1, h[4]);
+        out[n++] = spec(MOE_WO, 2, Q, E, 1, h[5]);
+        out[n++] = spec(MOE_Q_NORM, 1, hd, 1, 1, h[6]);
+        out[n++] = spec(MOE_K_NORM, 1, hd, 1, 1, h[7]);
+    } else {
+        const moe_deltanet *dn = &p->dn;
+        int64_t KD = (int64_t)dn->n_k_head * dn->k_dim, VD = (int64_t)dn->n_v_head * dn->v_dim, C = 2 * KD + VD;
+        out[n] = spec(MOE_SSM_QKV, 2, E, C, 1, h[8]);
+        if (dn->ba_grouped && strstr(h[8], "qkvz")) out[n].flags = TS_HF_QKVZ;
+        n++;
+        out[n] = spec(MOE_SSM_Z, 2, E, VD, 1, h[9]);
+        if (dn->ba_grouped && strstr(h[9], "qkvz")) out[n].flags = TS_HF_QKVZ;
+        n++;
+        if (dn->ba_grouped) out[n++] = spec(MOE_SSM_BA, 2, E, 2 * (int64_t)dn->n_v_head, 1, h[10]);
+        else {
+            out[n++] = spec(MOE_SSM_BETA, 2, E, dn->n_v_head, 1, h[10]);
+            out[n++] = spec(MOE_SSM_ALPHA, 2, E, dn->n_v_head, 1, h[11]);
+        }
+        out[n++] = spec(MOE_SSM_CONV, 2, dn->conv_k, C, 1, h[12]);
+        out[n++] = spec(MOE_SSM_DT, 1, dn->n_v_head, 1, 1, h[13]);
+        out[n++] = spec(MOE_SSM_A, 1, dn->n_v_head, 1, 1, h[14]);
+        out[n++] = spec(MOE_SSM_NORM, 1, dn->v_dim, 1, 1, h[15]);
+        out[n++] = spec(MOE_SSM_OUT, 2, VD, E, 1, h[16]);
+    }
+    if (p->ffn_kind == MOE_FFN_DENSE) {
+        out[n++] = spec(MOE_FFN_GATE, 2, E, p->n_ff, 1, h[17]);
+        out[n++] = spec(MOE_FFN_UP, 2, E, p->n_ff, 1, h[18]);
+        out[n++] = spec(MOE_FFN_DOWN, 2, p->n_ff, E, 1, h[19]);
+    } else {
+        int64_t F = p->n_ff_exp, X = p->n_expert;
+        out[n++] = spec(MOE_ROUTER, 2, E, X, 1, h[20]);
+        out[n++] = spec(MOE_GATE_EXPS, 3, E, F, X, h[21]);
+        out[n++] = spec(MOE_UP_EXPS, 3, E, F, X, h[21]);
+        out[n++] = spec(MOE_DOWN_EXPS, 3, F, E, X, h[21]);
+        if (p->ffn_kind == MOE_FFN_MOE_SHARED) {
+            int64_t Fs = p->n_ff_shexp;
+            out[n++] = spec(MOE_FFN_GATE_INP_SHEXP, 1, E, 1, 1, h[22]);
+            out[n++] = spec(MOE_FFN_GATE_SHEXP, 2, E, Fs, 1, h[23]);
+            out[n++] = spec(MOE_FFN_UP_SHEXP, 2, E, Fs, 1, h[24]);
+            out[n++] = spec(MOE_FFN_DOWN_SHEXP, 2, Fs, E, 1, h[25]);
+        }
+    }
+    return n;
+}
+
+#define HYB_LAYER_NAMES(P, QKV, Z, B, A)                                                                                       \
+    P "layers.%d.input_layernorm.weight", P "layers.%d.post_attention_layernorm.weight", P "layers.%d.self_attn.q_proj.weight", \
+        P "layers.%d.self_attn.k_proj.weight", P "layers.%d.self_attn.v_proj.weight", P "layers.%d.self_attn.o_proj.weight",   \
+        P "layers.%d.self_attn.q_norm.weight", P "layers.%d.self_attn.k_norm.weight", P "layers.%d.linear_attn." QKV ".weight", \
+        P "layers.%d.linear_attn." Z ".weight", P "layers.%d.linear_attn." B ".weight", P "layers.%d.linear_attn." A ".weight",  \
+        P "layers.%d.linear_attn.conv1d.weight", P "layers.%d.linear_attn.dt_bias", P "layers.%d.linear_attn.A_log",            \
+        P "layers.%d.linear_attn.norm.weight", P "layers.%d.linear_attn.out_proj.weight", P "layers.%d.mlp.gate_proj.weight",   \
+        P "layers.%d.mlp.up_proj.weight", P "layers.%d.mlp.down_proj.weight", P "layers.%d.mlp.gate.weight",                    \
+        P "layers.%d.mlp.experts", P "layers.%d.mlp.shared_expert_gate.weight", P "layers.%d.mlp.shared_expert.gate_proj.weight", \
+        P "layers.%d.mlp.shared_expert.up_proj.weight", P "layers.%d.mlp.shared_expert.down_proj.weight"
+
+static int qwen3next_tensors(const moe_weights *w, int l, tensor_spec *out) {
+    static const char *const hf[] = {"model.embed_tokens.weight", "model.norm.weight",
+                                     HYB_LAYER_NAMES("model.", "in_proj_qkvz", "in_proj_qkvz", "in_proj_ba", "-")};
+    return hybrid_tensors(w, l, out, hf);
+}
+
+/* Qwen3.5 checkpoints are multimodal: the text model is model.language_model.* (a text-only
+   save, model.*, is found too: see hf_find_text) */
+static int qwen35_tensors(const moe_weights *w, int l, tensor_spec *out) {
+    static const char *const hf[] = {"model.language_model.embed_tokens.weight", "model.language_model.norm.weight",
+                                     HYB_LAYER_NAMES("model.language_model.", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")};
+    return hybrid_tensors(w, l, out, hf);
+}
+
+static void hybrid_write_hparams(const moe_model *m, gguf_writer *gw) {
+    const moe_hparams *hp = &m->w.hp;
+    const moe_layer_plan *pa = NULL, *pd = NULL;
+    int interval = 0;
+    for (int l = 0; l < hp->n_layer; l++) {
+        const moe_layer_plan *p = &m->w.layers[l].p;
+        if (p->attn_kind == MOE_ATTN_FULL && !pa) pa = p, interval = l + 1;
+        if (p->attn_kind == MOE_ATTN_DELTANET && !pd) pd = p;
+    }
+    const moe_layer_plan *p0 = &m->w.layers[0].p;
+    char key[128];
+    const char *arch = m->arch_name;
+#define KV_U32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_u32(gw, key, (uint32_t)(v)))
+#define KV_F32(k, v) (snprintf(key, sizeof key, "%s.%s", arch, k), gw_kv_f32(gw, key, (v)))
+    KV_U32("context_length", hp->n_ctx_train);
+    KV_U32("embedding_length", hp->n_embd);
+    KV_U32("block_count", hp->n_layer);
+    KV_F32("attention.layer_norm_rms_epsilon", hp->rms_eps);
+    if (pa) {
+        KV_U32("attention.head_count", pa->attn.n_head);
+        KV_U32("attention.head_count_kv", pa->attn.n_head_kv);
+        KV_U32("attention.key_length", pa->attn.head_dim);
+        KV_U32("attention.value_length", pa->attn.head_dim);
+        KV_U32("rope.dimension_count", pa->rope.n_rot);
+        KV_F32("rope.freq_base", pa->rope.base);
+        KV_U32("full_attention_interval", interval);
+    }
+    if (pd) {
+        KV_U32("ssm.conv_kernel", pd->dn.conv_k);
+        KV_U32("ssm.state_size", pd->dn.k_dim);
+        KV_U32("ssm.group_count", pd->dn.n_k_head);
+        KV_U32("ssm.time_step_rank", pd->dn.n_v_head);
+        KV_U32("ssm.inner_size", pd->dn.n_v_head * pd->dn.v_dim);
+    }
+    if (p0->ffn_kind == MOE_FFN_DENSE) KV_U32("feed_forward_length", p0->n_ff);
+    else {
+        KV_U32("expert_count", p0->n_expert);
+        KV_U32("expert_used_count", p0->n_expert_used);
+        KV_U32("expert_feed_forward_length", p0->n_ff_exp);
+        if (p0->n_ff_shexp) KV_U32("expert_shared_feed_forward_length", p0->n_ff_shexp);
+    }
+#undef KV_U32
+#undef KV_F32
+}
+
+static moe_status hf_own(moe_model *m, void *p);
+
+/* After binding: the conv weights as f32 (few values, read whole by the conv kernels); from a
+   Hugging Face directory also the norms' 1 + w and A_log → -exp(A_log) (both in the f32 copies
+   weights_to_f32 made); GGUF files hold them so already. */
+static moe_status hybrid_finish(moe_model *m) {
+    for (int l = 0; l < m->w.hp.n_layer; l++) {
+        moe_weight *w = &m->w.layers[l].t[MOE_SSM_CONV];
+        if (!w->data || w->type == MOE_TYPE_F32) continue;
+        size_t cnt = (size_t)w->ne[0] * (size_t)w->ne[1];
+        float *f = moe_malloc(cnt * sizeof *f);
+        moe_status st = f ? hf_own(m, f) : set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
+        if (st) {
+            moe_free(f);
+            return st;
+        }
+        const moe_type_traits *tt = type_traits(w->type);
+        for (int64_t r = 0; r < w->ne[1]; r++) tt->dequant(w->data + (uint64_t)r * w->row_bytes, f + r * w->ne[0], w->ne[0]);
+        for (size_t i = 0; i < cnt; i++)
+            if (!isfinite(f[i])) return set_error(MOE_ERR_FORMAT, "model: tensor '%s' holds a non-finite value", w->name);
+        w->data = (const uint8_t *)f;
+        w->type = MOE_TYPE_F32;
+        w->row_bytes = (uint64_t)w->ne[0] * 4;
+        w->nbytes = (uint64_t)cnt * 4;
+    }
+    if (!m->hf_names) return MOE_OK;
+    float *g = (float *)(uintptr_t)m->w.g[MOE_OUTPUT_NORM].data;
+    for (int64_t i = 0; i < m->w.g[MOE_OUTPUT_NORM].ne[0]; i++) g[i] += 1.0f;
+    static const int one_plus[] = {MOE_ATTN_NORM, MOE_POST_ATTN_NORM, MOE_Q_NORM, MOE_K_NORM};
+    for (int l = 0; l < m->w.hp.n_layer; l++) {
+        moe_layer *L = &m->w.layers[l];
+        for (size_t r = 0; r < sizeof one_plus / sizeof one_plus[0]; r++) {
+            moe_weight *w = &L->t[one_plus[r]];
+            float *v = (float *)(uintptr_t)w->data;
+            for (int64_t i = 0; v && i < w->ne[0]; i++) v[i] += 1.0f;
+        }
+        moe_weight *a = &L->t[MOE_SSM_A];
+        float *v = (float *)(uintptr_t)a->data;
+        for (int64_t i = 0; v && i < a->ne[0]; i++) v[i] = -expf(v[i]);
+    }
+    return MOE_OK;
+}
+
 /* ---- Hugging Face directories: config.json + *.safetensors (+ tokenizer.json) -------------------
    The safetensors tensors are renamed to the GGUF names llama.cpp's converter uses (dims reversed:
    a [out, in] matrix is ne = {in, out}) in a tensor table like a GGUF file's, so binding and the
@@ -5987,6 +6382,59 @@ static moe_status hf_add_experts(moe_model *m, const hf_table *tab, const tensor
     return hf_add(m, first, gn, 3, s->ne, ptrs);
 }
 
+/* the model frees p with itself */
+static moe_status hf_own(moe_model *m, void *p) {
+    void **no = moe_malloc((size_t)(m->n_hf_owned + 1) * sizeof *no);
+    if (!no) return set_error(MOE_ERR_NO_MEMORY, "model: out of memory");
+    if (m->n_hf_owned) memcpy(no, m->hf_owned, (size_t)m->n_hf_owned * sizeof *no);
+    moe_free(m->hf_owned);
+    m->hf_owned = no;
+    m->hf_owned[m->n_hf_owned++] = p;
+    return MOE_OK;
+}
+
+/* A tensor of a multimodal checkpoint's text model (model.language_model.X), or of a text-only
+   save of it (model.X). */
+static const hf_tensor *hf_find_text(const hf_table *tab, const char *name) {
+    const hf_tensor *t = hf_find(tab, name);
+    static const char lm[] = "model.language_model.";
+    if (!t && !strncmp(name, lm, sizeof lm - 1)) {
+        char alt[HF_SRC_NAME_LEN + 48];
+        snprintf(alt, sizeof alt, "model.%s", name + sizeof lm - 1);
+        t = hf_find(tab, alt);
+    }
+    return t;
+}
+
+/* Qwen3-Next's in_proj_qkvz [nk][q (dk) | k (dk) | v (r·dv) | z (r·dv)] rows, regrouped into
+   attn_qkv = [q_all | k_all | v_all] or attn_gate = z (llama.cpp's converter does the same). */
+static moe_status hf_regroup_qkvz(moe_model *m, const hf_tensor *t, const tensor_spec *s, int l, const char *gguf_name) {
+    const moe_deltanet *dn = &m->w.layers[l].p.dn;
+    int64_t nk = dn->n_k_head, dk = dn->k_dim, rv = (int64_t)(dn->n_v_head / dn->n_k_head) * dn->v_dim, G = 2 * dk + 2 * rv;
+    int64_t cols = s->ne[0];
+    if (t->type < 0 || t->n_dims != 2 || t->shape[0] != nk * G || t->shape[1] != cols)
+        return set_error(MOE_ERR_FORMAT, "safetensors: '%.*s' must be [%lld, %lld] of a dtype we read", (int)t->name_len, t->name,
+                         (long long)(nk * G), (long long)cols);
+    uint64_t rb = type_row_bytes(t->type, cols);
+    uint8_t *dst = moe_malloc((size_t)(rb * (uint64_t)s->ne[1]));
+    if (!dst || hf_own(m, dst)) {
+        moe_free(dst);
+        return set_error(MOE_ERR_NO_MEMORY, "safetensors: out of memory regrouping '%.*s'", (int)t->name_len, t->name);
+    }
+    uint8_t *o = dst;
+    /* parts of each group: q, k, v for attn_qkv, z for attn_gate */
+    int64_t off[4] = {0, dk, 2 * dk, 2 * dk + rv}, len[4] = {dk, dk, rv, rv};
+    int p0 = s->role == MOE_SSM_Z ? 3 : 0, p1 = s->role == MOE_SSM_Z ? 4 : 3;
+    for (int part = p0; part < p1; part++)
+        for (int64_t g = 0; g < nk; g++, o += rb * (uint64_t)len[part])
+            memcpy(o, t->data + rb * (uint64_t)(g * G + off[part]), (size_t)(rb * (uint64_t)len[part]));
+    hf_tensor c = *t;
+    c.data = dst;
+    c.n_dims = 2;
+    c.shape[0] = s->ne[1];
+    return hf_add(m, &c, gguf_name, 0, NULL, NULL);
+}
+
 /* Walks the architecture's tensor list and enters each HF tensor under its GGUF name. */
 static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
     const moe_hparams *hp = &m->w.hp;
@@ -6017,14 +6465,24 @@ static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
             }
             if (!s->hf) continue; /* no Hugging Face counterpart */
             snprintf(hn, sizeof hn, s->hf, l);
-            const hf_tensor *t = hf_find(tab, hn);
+            const hf_tensor *t = hf_find_text(tab, hn);
             if (!t) {
                 if (s->flags & TS_OPTIONAL) continue;
                 return set_error(MOE_ERR_FORMAT, "safetensors: required tensor '%s' is missing", hn);
             }
             tensor_gguf_name(gn, sizeof gn, l, s->role);
-            if ((st = hf_add(m, t, gn, 0, NULL, NULL))) return st;
             ((hf_tensor *)(uintptr_t)t)->used = 1;
+            if (s->flags & TS_HF_QKVZ) {
+                if ((st = hf_regroup_qkvz(m, t, s, l, gn))) return st;
+                continue;
+            }
+            /* the same elements in another rank (conv1d [C, 1, K], shared_expert_gate [1, E]):
+               take the list's shape */
+            int64_t cnt = 1, want = 1;
+            for (int d = 0; d < t->n_dims; d++) cnt *= t->shape[d];
+            for (int d = 0; d < s->n_dims; d++) want *= s->ne[d];
+            int squeeze = t->n_dims != s->n_dims && cnt == want && t->shape[t->n_dims - 1] == s->ne[0];
+            if ((st = hf_add(m, t, gn, squeeze ? s->n_dims : 0, squeeze ? s->ne : NULL, NULL))) return st;
         }
     }
     /* what the text model does not take: vision / audio towers of multimodal checkpoints, K/V
@@ -6034,7 +6492,8 @@ static moe_status hf_build_table(moe_model *m, const hf_table *tab) {
     for (int64_t i = 0; i < tab->n; i++) {
         const hf_tensor *t = &tab->t[i];
         if (t->used) continue;
-        static const char *const towers[] = {"model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio."};
+        static const char *const towers[] = {"model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.",
+                                             "model.visual."};
         int tower = 0;
         for (size_t k = 0; k < sizeof towers / sizeof towers[0]; k++)
             tower |= t->name_len > strlen(towers[k]) && !memcmp(t->name, towers[k], strlen(towers[k]));
@@ -6266,11 +6725,98 @@ static void forward_gemma4(void *be, const moe_ops *o, const moe_weights *w, con
     lm_head(be, o, w, n, n_out);
 }
 
+/* ==== hybrid Gated DeltaNet models (ARCHITECTURES.md §3): the blocks and the forward pass ==== */
+/* Gated full attention (§3.3): q_proj gives [q | gate] per head; o ⊙= sigmoid(gate) before Wo. */
+static void gated_attention_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n, int pos0) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    const moe_attn *a = &L->p.attn;
+    o->rmsnorm(be, ACT_XN, ACT_X, moe_lw(L, MOE_ATTN_NORM), n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_DN_QKV, moe_lw(L, MOE_WQ), ACT_XN, 0, n);     /* [n][n_head][q | gate] */
+    o->split_heads(be, ACT_Q, ACT_DN_Z, ACT_DN_QKV, n, a->n_head, a->head_dim);
+    o->matmul(be, ACT_K, moe_lw(L, MOE_WK), ACT_XN, 0, n);
+    o->matmul(be, ACT_V, moe_lw(L, MOE_WV), ACT_XN, 0, n);
+    o->rmsnorm(be, ACT_Q, ACT_Q, moe_lw(L, MOE_Q_NORM), n * a->n_head, a->head_dim, hp->rms_eps);
+    o->rmsnorm(be, ACT_K, ACT_K, moe_lw(L, MOE_K_NORM), n * a->n_head_kv, a->head_dim, hp->rms_eps);
+    o->rope(be, ACT_Q, n, a->n_head, a->head_dim, &L->p.rope, pos0); /* partial: the first n_rot dims */
+    o->rope(be, ACT_K, n, a->n_head_kv, a->head_dim, &L->p.rope, pos0);
+    o->attention(be, a, n, pos0);                                     /* [n][n_head·hd] */
+    o->sigmoid_mul(be, ACT_ATTN, ACT_DN_Z, n, a->n_head * a->head_dim);
+    o->matmul(be, ACT_OUT, moe_lw(L, MOE_WO), ACT_ATTN, 0, n);
+    o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
+}
+
+/* Gated DeltaNet (§3.4): x += out_proj( gnorm(delta_rule(conv(qkv a)), silu(z a)) ). */
+static void deltanet_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    const moe_deltanet *dn = &L->p.dn;
+    o->rmsnorm(be, ACT_XN, ACT_X, moe_lw(L, MOE_ATTN_NORM), n, hp->n_embd, hp->rms_eps);
+    o->matmul(be, ACT_DN_QKV, moe_lw(L, MOE_SSM_QKV), ACT_XN, 0, n); /* [n][q_all | k_all | v_all] */
+    o->matmul(be, ACT_DN_Z, moe_lw(L, MOE_SSM_Z), ACT_XN, 0, n);     /* [n][nv·dv] */
+    if (dn->ba_grouped) o->matmul(be, ACT_DN_BETA, moe_lw(L, MOE_SSM_BA), ACT_XN, 0, n); /* [n][nk][b | a] */
+    else {
+        o->matmul(be, ACT_DN_BETA, moe_lw(L, MOE_SSM_BETA), ACT_XN, 0, n);   /* [n][nv] */
+        o->matmul(be, ACT_DN_ALPHA, moe_lw(L, MOE_SSM_ALPHA), ACT_XN, 0, n); /* [n][nv] */
+    }
+    o->ssm_conv(be, dn, moe_lw(L, MOE_SSM_CONV), n);                  /* silu(conv) → ACT_DN_CONV */
+    o->delta_net(be, dn, moe_lw(L, MOE_SSM_A), moe_lw(L, MOE_SSM_DT), n); /* → ACT_DN_O [n][nv·dv] */
+    o->gated_rmsnorm(be, ACT_DN_O, ACT_DN_Z, moe_lw(L, MOE_SSM_NORM), n * dn->n_v_head, dn->v_dim, hp->rms_eps);
+    o->matmul(be, ACT_OUT, moe_lw(L, MOE_SSM_OUT), ACT_DN_O, 0, n);
+    o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
+}
+
+/* SwiGLU MLP: dst = down( silu(gate src) ⊙ up src ), hidden rows in ACT_FF / ACT_FF2 */
+static void swiglu_mlp(void *be, const moe_ops *o, const moe_weight *gate, const moe_weight *up, const moe_weight *down,
+                       int dst, int src, int n) {
+    int F = (int)gate->ne[1];
+    o->matmul(be, ACT_FF, gate, src, 0, n);
+    o->matmul(be, ACT_FF2, up, src, 0, n);
+    o->glu(be, ACT_FF, ACT_FF, ACT_FF2, 0, F, n, F, MOE_ACT_SILU);
+    o->matmul(be, dst, down, ACT_FF, 0, n);
+}
+
+/* FFN (§3.5): x += routed experts + sigmoid(w·m) · shared expert(m), or a dense SwiGLU. */
+static void hybrid_ffn_block(void *be, const moe_ops *o, const moe_weights *w, int l, int n) {
+    const moe_hparams *hp = &w->hp;
+    const moe_layer *L = &w->layers[l];
+    o->rmsnorm(be, ACT_XN, ACT_X, moe_lw(L, MOE_POST_ATTN_NORM), n, hp->n_embd, hp->rms_eps);
+    if (L->p.ffn_kind == MOE_FFN_DENSE)
+        swiglu_mlp(be, o, moe_lw(L, MOE_FFN_GATE), moe_lw(L, MOE_FFN_UP), moe_lw(L, MOE_FFN_DOWN), ACT_OUT, ACT_XN, n);
+    else {
+        routed_experts(be, o, L, ACT_OUT, ACT_XN, n);
+        if (L->p.ffn_kind == MOE_FFN_MOE_SHARED) {
+            swiglu_mlp(be, o, moe_lw(L, MOE_FFN_GATE_SHEXP), moe_lw(L, MOE_FFN_UP_SHEXP), moe_lw(L, MOE_FFN_DOWN_SHEXP), ACT_OUT2, ACT_XN, n);
+            o->gate_rows(be, ACT_OUT2, ACT_XN, moe_lw(L, MOE_FFN_GATE_INP_SHEXP), n, hp->n_embd);
+            o->add(be, ACT_OUT, ACT_OUT2, n, hp->n_embd);
+        }
+    }
+    o->add(be, ACT_X, ACT_OUT, n, hp->n_embd);
+}
+
+static void forward_hybrid(void *be, const moe_ops *o, const moe_weights *w, const moe_token *tokens, int n, int pos0, int n_out) {
+    const moe_hparams *hp = &w->hp;
+    o->embed(be, ACT_X, &w->g[MOE_TOK_EMBD], tokens, n);
+    for (int l = 0; l < hp->n_layer; l++) {
+        if (w->layers[l].p.attn_kind == MOE_ATTN_DELTANET) deltanet_block(be, o, w, l, n);
+        else gated_attention_block(be, o, w, l, n, pos0);
+        hybrid_ffn_block(be, o, w, l, n);
+    }
+    o->rmsnorm(be, ACT_XN, ACT_X, &w->g[MOE_OUTPUT_NORM], n, hp->n_embd, hp->rms_eps);
+    lm_head(be, o, w, n, n_out);
+}
+
 /* ---- the architecture table ---- */
 static const moe_arch k_archs[] = {
     {"qwen3moe", "qwen3_moe", qwen3moe_hparams_gguf, qwen3moe_hparams_hf, qwen3moe_tensors, qwen3moe_write_hparams, NULL, forward_qwen3moe},
     {"gemma4", "gemma4", gemma4_hparams_gguf, gemma4_hparams_hf, gemma4_tensors, gemma4_write_hparams, gemma4_finish, forward_gemma4},
     {"gemma4", "gemma4_text", gemma4_hparams_gguf, gemma4_hparams_hf, gemma4_tensors, gemma4_write_hparams, gemma4_finish, forward_gemma4},
+    /* hybrid Gated DeltaNet models */
+    {"qwen3next", "qwen3_next", hybrid_hparams_gguf, hybrid_hparams_hf, qwen3next_tensors, hybrid_write_hparams, hybrid_finish, forward_hybrid},
+    {"qwen35moe", "qwen3_5_moe", hybrid_hparams_gguf, hybrid_hparams_hf, qwen35_tensors, hybrid_write_hparams, hybrid_finish, forward_hybrid},
+    {"qwen35", "qwen3_5", hybrid_hparams_gguf, hybrid_hparams_hf, qwen35_tensors, hybrid_write_hparams, hybrid_finish, forward_hybrid},
+    {"qwen35moe", "qwen3_5_moe_text", hybrid_hparams_gguf, hybrid_hparams_hf, qwen35_tensors, hybrid_write_hparams, hybrid_finish, forward_hybrid},
+    {"qwen35", "qwen3_5_text", hybrid_hparams_gguf, hybrid_hparams_hf, qwen35_tensors, hybrid_write_hparams, hybrid_finish, forward_hybrid},
 };
 
 static const moe_arch *arch_find(const char *gguf_name, const char *hf_type, int32_t *index) {
@@ -6348,6 +6894,15 @@ typedef struct cpu_ctx {
     moe_status fail;
     xs_counts xcnt;
     struct cpu_prof *prof;     /* moe_ctx_profile: time per op kind; NULL when off */
+    /* hybrid models: recurrent states, each its conv rows then its f32 delta-rule state */
+    float *st;                 /* the live states [st_elems] */
+    size_t *st_off;            /* [n_state] offset of state s in st */
+    size_t st_elems;
+    float *ckpt;               /* [n_ckpt][st_elems] checkpoints */
+    int n_ckpt;
+    float *dn_buf;             /* per thread: the delta rule's scratch (token or chunked form) */
+    size_t dn_buf_len;
+    int dn_chunked;            /* MOE_CPU_DN_CHUNKED=1: prefill in the chunked (WY) form */
 } cpu_ctx;
 
 struct moe_ctx {
@@ -6363,6 +6918,11 @@ struct moe_ctx {
     moe_stats stats;
     void *be;                  /* the backend's per-context state (cpu_ctx or Vulkan's) */
     cpu_ctx *cpu;              /* == be on the CPU backend, else NULL */
+    /* hybrid models: a recurrent state cannot be rewound by moving pos (moe_ctx_rewind) */
+    uint8_t *seg;              /* [n_ctx] 1 where a forward chunk began */
+    int32_t ckpt_every;        /* 0: no recurrent state; else slot s holds the states at (s+1)·ckpt_every */
+    int32_t n_ckpt;
+    uint8_t *ckpt_ok;          /* [n_ckpt] */
 };
 
 static float *act_row(cpu_ctx *cc, int buf, int row, int width) { return cc->act[buf] + (size_t)row * (size_t)width; }
@@ -6376,6 +6936,13 @@ static int act_width(const moe_weights *w, int buf) {
     case ACT_LOGITS: return hp->n_vocab;
     case ACT_FF: case ACT_FF2: return hp->n_ff;
     case ACT_PLE: case ACT_PLE2: return hp->n_layer * hp->n_ple;
+    /* hybrid models (Gated DeltaNet) */
+    case ACT_DN_QKV: return hp->dn_qkv;
+    case ACT_DN_CONV: return hp->dn_conv;
+    case ACT_DN_Z: return hp->dn_value;
+    case ACT_DN_BETA: return 2 * hp->dn_v_head;
+    case ACT_DN_ALPHA: return hp->dn_v_head;
+    case ACT_DN_O: return hp->dn_value;
     default: return hp->n_embd;
     }
 }
@@ -6945,6 +7512,245 @@ static void cpu_stats(const void *be, moe_stats *out) {
     out->expert_bytes_streamed += cc->xcnt.bytes;
 }
 
+/* ---- hybrid models (Gated DeltaNet): gates, conv with state, the delta rule, the states ----
+   Every op computes each token exactly as it would alone (prefill == decode, bit for bit): the
+   recurrence runs token by token in f32 within each value head's task. */
+static float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static void cpu_split_heads(void *be, int dst_a, int dst_b, int src, int n, int n_head, int head_dim) {
+    cpu_ctx *cc = be;
+    size_t hb = (size_t)head_dim * sizeof(float);
+    for (int i = 0; i < n; i++)
+        for (int h = 0; h < n_head; h++) {
+            const float *s = act_row(cc, src, i, 2 * n_head * head_dim) + (size_t)h * 2 * (size_t)head_dim;
+            memcpy(act_row(cc, dst_a, i, n_head * head_dim) + (size_t)h * (size_t)head_dim, s, hb);
+            memcpy(act_row(cc, dst_b, i, n_head * head_dim) + (size_t)h * (size_t)head_dim, s + head_dim, hb);
+        }
+}
+
+static void cpu_sigmoid_mul(void *be, int dst, int gate, int n, int width) {
+    cpu_ctx *cc = be;
+    float *d = cc->act[dst];
+    const float *g = cc->act[gate];
+    for (size_t i = 0; i < (size_t)n * (size_t)width; i++) d[i] *= sigmoid_f(g[i]);
+}
+
+static void cpu_gate_rows(void *be, int dst, int src, const moe_weight *w, int n, int width) {
+    cpu_ctx *cc = be;
+    for (int i = 0; i < n; i++) {
+        float g = sigmoid_f(cc->k.dot((const float *)w->data, act_row(cc, src, i, width), width));
+        float *d = act_row(cc, dst, i, width);
+        for (int j = 0; j < width; j++) d[j] *= g;
+    }
+}
+
+static int dn_channels(const moe_deltanet *dn) { return 2 * dn->n_k_head * dn->k_dim + dn->n_v_head * dn->v_dim; }
+
+/* y_t[c] = silu(Σ_j w[c][j] · x_{t-K+1+j}[c]); inputs before the chunk come from the state, which
+   holds the last K-1 inputs, oldest first ([K-1][C]) */
+static void cpu_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w, int n) {
+    cpu_ctx *cc = be;
+    int K = dn->conv_k, C = dn_channels(dn);
+    float *state = cc->st + cc->st_off[dn->state];
+    const moe_type_traits *tt = type_traits(w->type);
+    float wk[16], keep[16];
+    for (int c = 0; c < C; c++) {
+        tt->dequant(w->data + (uint64_t)c * w->row_bytes, wk, K);
+        for (int t = 0; t < n; t++) {
+            float y = 0;
+            for (int j = 0; j < K; j++) {
+                int s = t - (K - 1) + j;
+                y += wk[j] * (s >= 0 ? act_row(cc, ACT_DN_QKV, s, C)[c] : state[(size_t)(K - 1 + s) * (size_t)C + (size_t)c]);
+            }
+            act_row(cc, ACT_DN_CONV, t, C)[c] = y / (1.0f + expf(-y));
+        }
+        for (int j = 0; j < K - 1; j++) {
+            int s = n - (K - 1) + j;
+            keep[j] = s >= 0 ? act_row(cc, ACT_DN_QKV, s, C)[c] : state[(size_t)(K - 1 + s) * (size_t)C + (size_t)c];
+        }
+        for (int j = 0; j < K - 1; j++) state[(size_t)j * (size_t)C + (size_t)c] = keep[j];
+    }
+}
+
+typedef struct dn_job { cpu_ctx *cc; const moe_deltanet *dn; const float *a_coef, *dt; int n; } dn_job;
+
+/* one value head j over the chunk's tokens, its state S [k_dim][v_dim] in f32:
+   S ← α S;  u = β (v − Sᵀk̂);  S ← S + k̂ ⊗ u;  o = Sᵀ q̂ */
+static void dn_head_task(void *arg, int64_t jj, int thread) {
+    const dn_job *jb = arg;
+    cpu_ctx *cc = jb->cc;
+    const moe_deltanet *dn = jb->dn;
+    int j = (int)jj, nk = dn->n_k_head, nv = dn->n_v_head, dk = dn->k_dim, dv = dn->v_dim, r = nv / nk;
+    int kh = dn->v_tiled ? j % nk : j / r, C = dn_channels(dn);
+    float *S = cc->st + cc->st_off[dn->state] + (size_t)cc->w->states[dn->state].conv_elems + (size_t)j * (size_t)dk * (size_t)dv;
+    float *q = cc->dn_buf + (size_t)thread * cc->dn_buf_len, *k = q + dk, *u = k + dk;
+    float qscale = 1.0f / sqrtf((float)dk);
+    for (int t = 0; t < jb->n; t++) {
+        const float *x = act_row(cc, ACT_DN_CONV, t, C);
+        const float *qs = x + (size_t)kh * (size_t)dk, *ks = x + (size_t)(nk + kh) * (size_t)dk, *v = x + 2 * (size_t)nk * (size_t)dk + (size_t)j * (size_t)dv;
+        float qi = 1.0f / sqrtf(cc->k.dot(qs, qs, dk) + 1e-6f), ki = 1.0f / sqrtf(cc->k.dot(ks, ks, dk) + 1e-6f);
+        for (int i = 0; i < dk; i++) q[i] = qs[i] * qi * qscale, k[i] = ks[i] * ki;
+        float b, a;
+        if (dn->ba_grouped) {
+            const float *row = act_row(cc, ACT_DN_BETA, t, 2 * nv) + (size_t)(j / r) * 2 * (size_t)r;
+            b = row[j % r], a = row[r + j % r];
+        } else b = act_row(cc, ACT_DN_BETA, t, nv)[j], a = act_row(cc, ACT_DN_ALPHA, t, nv)[j];
+        float beta = sigmoid_f(b), z = a + jb->dt[j], sp = z > 20.0f ? z : log1pf(expf(z)), alpha = expf(jb->a_coef[j] * sp);
+        memset(u, 0, (size_t)dv * sizeof *u);
+        for (int i = 0; i < dk; i++) {
+            float *row = S + (size_t)i * (size_t)dv;
+            for (int d = 0; d < dv; d++) {
+                row[d] *= alpha;
+                u[d] += row[d] * k[i];
+            }
+        }
+        for (int d = 0; d < dv; d++) u[d] = (v[d] - u[d]) * beta;
+        float *o = act_row(cc, ACT_DN_O, t, nv * dv) + (size_t)j * (size_t)dv;
+        memset(o, 0, (size_t)dv * sizeof *o);
+        for (int i = 0; i < dk; i++) {
+            float *row = S + (size_t)i * (size_t)dv;
+            for (int d = 0; d < dv; d++) {
+                row[d] += k[i] * u[d];
+                o[d] += row[d] * q[i];
+            }
+        }
+    }
+}
+
+/* The chunked (WY) form of the same recurrence (ARCHITECTURES.md §3.4, HF's chunk_gated_delta_rule),
+   in sub-chunks of DN_CHUNK tokens counted from the op's first token. Within a sub-chunk of L
+   tokens, G_i = Σ_{s<=i} g_s, A_ij = -β_i e^{G_i-G_j} k̂_i·k̂_j (j < i):
+     (I - A) U = diag(β) V,  (I - A) W = diag(β e^G) K̂   (forward substitution)
+     V' = U - W S0;  O_i = e^{G_i} q̂_i S0 + Σ_{j<=i} e^{G_i-G_j} (q̂_i·k̂_j) V'_j
+     S = e^{G_L} S0 + Σ_i e^{G_L-G_i} k̂_i ⊗ V'_i.
+   Row i uses rows <= i only, so a chunk cut short (a rewind's replay) gives the same rows.
+   Mathematically equal to the token recurrence; the rounding differs (~1e-6 relative), so it is
+   opt-in (MOE_CPU_DN_CHUNKED=1): the default keeps prefill == decode bit for bit. */
+#define DN_CHUNK 64
+
+static size_t dn_chunk_scratch(int dk, int dv) { return 2 * ((size_t)DN_CHUNK * (size_t)(3 * dk + 2 * dv + DN_CHUNK + 2) + (size_t)dv); } /* doubles */
+
+static double dn_dot(const double *a, const double *b, int n) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void dn_chunk_head_task(void *arg, int64_t jj, int thread) {
+    const dn_job *jb = arg;
+    cpu_ctx *cc = jb->cc;
+    const moe_deltanet *dn = jb->dn;
+    int j = (int)jj, nk = dn->n_k_head, nv = dn->n_v_head, dk = dn->k_dim, dv = dn->v_dim, r = nv / nk;
+    int kh = dn->v_tiled ? j % nk : j / r, C = dn_channels(dn);
+    float *S = cc->st + cc->st_off[dn->state] + (size_t)cc->w->states[dn->state].conv_elems + (size_t)j * (size_t)dk * (size_t)dv;
+    /* the chunk's intermediates in double: the substitution amplifies rounding (f32 gave ~2e-5
+       of the logit range against the token recurrence, double ~4e-6); the state stays f32 */
+    double *Q = (double *)(void *)(cc->dn_buf + (size_t)thread * cc->dn_buf_len), *Kh = Q + DN_CHUNK * dk, *Wm = Kh + DN_CHUNK * dk;
+    double *U = Wm + DN_CHUNK * dk, *Vv = U + DN_CHUNK * dv, *A = Vv + DN_CHUNK * dv, *G = A + DN_CHUNK * DN_CHUNK, *B = G + DN_CHUNK;
+    float qscale = 1.0f / sqrtf((float)dk);
+    for (int c0 = 0; c0 < jb->n; c0 += DN_CHUNK) {
+        int L = jb->n - c0 < DN_CHUNK ? jb->n - c0 : DN_CHUNK;
+        double gsum = 0;
+        for (int t = 0; t < L; t++) {
+            const float *x = act_row(cc, ACT_DN_CONV, c0 + t, C);
+            const float *qs = x + (size_t)kh * dk, *ks = x + (size_t)(nk + kh) * dk, *v = x + 2 * (size_t)nk * dk + (size_t)j * dv;
+            float qi = 1.0f / sqrtf(cc->k.dot(qs, qs, dk) + 1e-6f), ki = 1.0f / sqrtf(cc->k.dot(ks, ks, dk) + 1e-6f);
+            for (int i = 0; i < dk; i++) Q[t * dk + i] = qs[i] * qi * qscale, Kh[t * dk + i] = ks[i] * ki;
+            for (int d = 0; d < dv; d++) Vv[t * dv + d] = v[d];
+            float b, a;
+            if (dn->ba_grouped) {
+                const float *row = act_row(cc, ACT_DN_BETA, c0 + t, 2 * nv) + (size_t)(j / r) * 2 * (size_t)r;
+                b = row[j % r], a = row[r + j % r];
+            } else b = act_row(cc, ACT_DN_BETA, c0 + t, nv)[j], a = act_row(cc, ACT_DN_ALPHA, c0 + t, nv)[j];
+            float z = a + jb->dt[j], sp = z > 20.0f ? z : log1pf(expf(z));
+            B[t] = sigmoid_f(b);
+            G[t] = gsum += jb->a_coef[j] * sp;
+        }
+        for (int t = 0; t < L; t++) { /* forward substitution, row by row */
+            for (int s = 0; s < t; s++) A[t * DN_CHUNK + s] = -B[t] * exp(G[t] - G[s]) * dn_dot(Kh + (size_t)t * dk, Kh + (size_t)s * dk, dk);
+            double eg = B[t] * exp(G[t]);
+            for (int d = 0; d < dv; d++) U[t * dv + d] = B[t] * Vv[t * dv + d];
+            for (int i = 0; i < dk; i++) Wm[t * dk + i] = eg * Kh[t * dk + i];
+            for (int s = 0; s < t; s++) {
+                double a = A[t * DN_CHUNK + s];
+                for (int d = 0; d < dv; d++) U[t * dv + d] += a * U[s * dv + d];
+                for (int i = 0; i < dk; i++) Wm[t * dk + i] += a * Wm[s * dk + i];
+            }
+            /* V'_t = U_t - W_t S0, into v_t's place (U stays for the later rows' substitution) */
+            double *vp = Vv + (size_t)t * dv;
+            memcpy(vp, U + (size_t)t * dv, (size_t)dv * sizeof *vp);
+            for (int i = 0; i < dk; i++) {
+                double w = Wm[t * dk + i];
+                const float *srow = S + (size_t)i * dv;
+                for (int d = 0; d < dv; d++) vp[d] -= w * srow[d];
+            }
+            /* O_t = e^{G_t} q̂_t S0 + Σ_{s<=t} e^{G_t-G_s} (q̂_t·k̂_s) V'_s */
+            double *oa = B + DN_CHUNK; /* one output row */
+            float *o = act_row(cc, ACT_DN_O, c0 + t, nv * dv) + (size_t)j * dv;
+            double et = exp(G[t]);
+            for (int d = 0; d < dv; d++) oa[d] = 0;
+            for (int i = 0; i < dk; i++) {
+                double qv = Q[t * dk + i] * et;
+                const float *srow = S + (size_t)i * dv;
+                for (int d = 0; d < dv; d++) oa[d] += qv * srow[d];
+            }
+            for (int s = 0; s <= t; s++) {
+                double c = exp(G[t] - G[s]) * dn_dot(Q + (size_t)t * dk, Kh + (size_t)s * dk, dk);
+                for (int d = 0; d < dv; d++) oa[d] += c * Vv[s * dv + d];
+            }
+            for (int d = 0; d < dv; d++) o[d] = (float)oa[d];
+        }
+        /* S = e^{G_L} S0 + Σ_t e^{G_L - G_t} k̂_t ⊗ V'_t */
+        double eL = exp(G[L - 1]), *acc = Wm; /* W is done with: one state row at a time */
+        for (int i = 0; i < dk; i++) {
+            float *srow = S + (size_t)i * dv;
+            for (int d = 0; d < dv; d++) acc[d] = srow[d] * eL;
+            for (int t = 0; t < L; t++) {
+                double c = exp(G[L - 1] - G[t]) * Kh[t * dk + i];
+                for (int d = 0; d < dv; d++) acc[d] += c * Vv[t * dv + d];
+            }
+            for (int d = 0; d < dv; d++) srow[d] = (float)acc[d];
+        }
+    }
+}
+
+static void cpu_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
+    cpu_ctx *cc = be;
+    dn_job j = {cc, dn, (const float *)a_coef->data, (const float *)dt_bias->data, n};
+    pool_run(cc->pool, cc->dn_chunked && n > 1 ? dn_chunk_head_task : dn_head_task, &j, dn->n_v_head);
+}
+
+static void cpu_gated_rmsnorm(void *be, int dst, int gate, const moe_weight *w, int n_rows, int width, float eps) {
+    cpu_ctx *cc = be;
+    const float *g = (const float *)w->data;
+    for (int r = 0; r < n_rows; r++) {
+        float *x = act_row(cc, dst, r, width);
+        const float *z = act_row(cc, gate, r, width);
+        float scale = 1.0f / sqrtf(cc->k.dot(x, x, width) / (float)width + eps);
+        for (int i = 0; i < width; i++) x[i] = x[i] * scale * g[i] * (z[i] / (1.0f + expf(-z[i])));
+    }
+}
+
+static moe_status cpu_state_save(void *be, float *dst) {
+    cpu_ctx *cc = be;
+    memcpy(dst, cc->st, cc->st_elems * sizeof(float));
+    return MOE_OK;
+}
+static moe_status cpu_state_load(void *be, const float *src) {
+    cpu_ctx *cc = be;
+    memcpy(cc->st, src, cc->st_elems * sizeof(float));
+    return MOE_OK;
+}
+static void cpu_state_checkpoint(void *be, int slot) {
+    cpu_ctx *cc = be;
+    memcpy(cc->ckpt + (size_t)slot * cc->st_elems, cc->st, cc->st_elems * sizeof(float));
+}
+static void cpu_state_restore(void *be, int slot) {
+    cpu_ctx *cc = be;
+    if (slot < 0) memset(cc->st, 0, cc->st_elems * sizeof(float));
+    else memcpy(cc->st, cc->ckpt + (size_t)slot * cc->st_elems, cc->st_elems * sizeof(float));
+}
+
 /* ---- profiling (moe_ctx_profile): the ops table below, with every op timed ----------------------
    A context that profiles runs through k_cpu_prof_ops: each op is timed and charged to a kind
    (op and weight type) of the step's phase, with the bytes it had to read and write and its
@@ -7161,12 +7967,17 @@ static moe_status cpu_probe(void *be, double *read_gbs, double *copy_gbs) {
 static const moe_ops k_cpu_prof_ops = {prof_embed, prof_rmsnorm, prof_matmul, prof_rope, prof_attention, prof_add, prof_route,
                                        prof_experts_glu, prof_experts_down, prof_scale, prof_copy, prof_glu, prof_softcap,
                                        prof_begin_step, cpu_end_step, cpu_logits_rows, cpu_logits_out, cpu_read_logits,
-                                       cpu_kv_save, cpu_kv_load, cpu_stats, cpu_profile, cpu_profile_get, cpu_probe};
+                                       cpu_kv_save, cpu_kv_load, cpu_stats, cpu_profile, cpu_profile_get, cpu_probe,
+                                       cpu_split_heads, cpu_sigmoid_mul, cpu_gate_rows, cpu_ssm_conv, cpu_delta_net,
+                                       cpu_gated_rmsnorm, cpu_state_save, cpu_state_load, cpu_state_checkpoint, cpu_state_restore};
 
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_route,
                                   cpu_experts_glu, cpu_experts_down, cpu_scale, cpu_copy, cpu_glu, cpu_softcap,
                                   cpu_begin_step, cpu_end_step, cpu_logits_rows, cpu_logits_out, cpu_read_logits,
-                                  cpu_kv_save, cpu_kv_load, cpu_stats, cpu_profile, cpu_profile_get, cpu_probe};
+                                  cpu_kv_save, cpu_kv_load, cpu_stats, cpu_profile, cpu_profile_get, cpu_probe,
+                                  /* hybrid models (Gated DeltaNet) */
+                                  cpu_split_heads, cpu_sigmoid_mul, cpu_gate_rows, cpu_ssm_conv, cpu_delta_net, cpu_gated_rmsnorm,
+                                  cpu_state_save, cpu_state_load, cpu_state_checkpoint, cpu_state_restore};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -7197,6 +8008,10 @@ static void cpu_ctx_free(void *be) {
     moe_free(cc->xpredset);
     moe_free(cc->xpredmade);
     moe_free(cc->prof);
+    moe_free(cc->st);
+    moe_free(cc->st_off);
+    moe_free(cc->ckpt);
+    moe_free(cc->dn_buf);
     moe_free(cc);
 }
 
@@ -7262,6 +8077,25 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     if (mul_or_zero(nb * k, (size_t)hp->n_ff_exp) > xq_elems) xq_elems = mul_or_zero(nb * k, (size_t)hp->n_ff_exp);
     cc->xq_cap = mul_or_zero(xq_elems / 256 + 1, sizeof(q8k_block));
     ok = ok && (cc->exact || (cc->xq = cc_alloc(cc, cc->xq_cap)));
+    /* hybrid models: the recurrent states and their checkpoints */
+    size_t ns = (size_t)hp->n_state, max_dn = 1;
+    ok = ok && (cc->st_off = cc_alloc(cc, (ns ? ns : 1) * sizeof *cc->st_off));
+    for (size_t i = 0; ok && i < ns; i++) {
+        cc->st_off[i] = cc->st_elems;
+        cc->st_elems += (size_t)w->states[i].conv_elems + (size_t)w->states[i].rec_elems;
+        const moe_deltanet *dn = &w->layers[w->states[i].layer].p.dn;
+        if ((size_t)(2 * dn->k_dim + dn->v_dim) > max_dn) max_dn = (size_t)(2 * dn->k_dim + dn->v_dim);
+        if (dn_chunk_scratch(dn->k_dim, dn->v_dim) > max_dn) max_dn = dn_chunk_scratch(dn->k_dim, dn->v_dim);
+    }
+    max_dn += max_dn & 1; /* even: each thread's part starts 8-byte aligned */
+    const char *chunked = getenv("MOE_CPU_DN_CHUNKED");
+    cc->dn_chunked = chunked && chunked[0] == '1';
+    cc->n_ckpt = ns ? moe_ckpt_slots(shape->n_ctx) : 0;
+    cc->dn_buf_len = max_dn;
+    ok = ok && (cc->st = cc_alloc(cc, (cc->st_elems ? cc->st_elems : 1) * sizeof(float)));
+    ok = ok && (cc->ckpt = cc_alloc(cc, mul_or_zero(cc->n_ckpt ? (size_t)cc->n_ckpt : 1, cc->st_elems ? cc->st_elems : 1) * sizeof(float)));
+    ok = ok && (cc->dn_buf = cc_alloc(cc, mul_or_zero((size_t)cc->n_threads, max_dn) * sizeof(float)));
+    if (ok) memset(cc->st, 0, (cc->st_elems ? cc->st_elems : 1) * sizeof(float));
     if (!ok) {
         cpu_ctx_free(cc);
         return set_error(MOE_ERR_NO_MEMORY, "context: out of memory for the KV cache and scratch buffers (n_ctx %d, n_batch %d)",
@@ -7884,6 +8718,20 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         moe_free(c);
         return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
     }
+    if (hp->n_state) { /* recurrent states: chunk starts and checkpoints (moe_ctx_rewind) */
+        c->ckpt_every = moe_ckpt_every(c->n_ctx);
+        c->n_ckpt = moe_ckpt_slots(c->n_ctx);
+        c->seg = moe_calloc((size_t)c->n_ctx, 1);
+        c->ckpt_ok = moe_calloc((size_t)(c->n_ckpt ? c->n_ckpt : 1), 1);
+        if (!c->seg || !c->ckpt_ok) {
+            moe_free(c->seg);
+            moe_free(c->ckpt_ok);
+            moe_free(c->tokens);
+            moe_free(c->logits);
+            moe_free(c);
+            return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
+        }
+    }
     moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact};
     moe_status st;
     if (model->vk) {
@@ -7895,10 +8743,20 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         if (!st && model->xc && (st = cpu_stream_attach(c->cpu, model->xc))) cpu_ctx_free(c->be);
     }
     if (st) {
+        moe_free(c->seg);
+        moe_free(c->ckpt_ok);
         moe_free(c->tokens);
         moe_free(c->logits);
         moe_free(c);
         return st;
+    }
+    if (c->ckpt_every) { /* the recurrent states start empty */
+        c->ops->begin_step(c->be);
+        c->ops->state_restore(c->be, -1);
+        if ((st = c->ops->end_step(c->be))) {
+            moe_ctx_free(c);
+            return st;
+        }
     }
     c->stats.t_load_s = model->t_load_s;
     atomic_fetch_add(&model->refs, 1); /* released by moe_ctx_free: the model outlives its contexts */
@@ -7919,6 +8777,8 @@ void moe_ctx_free(moe_ctx *ctx) {
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
     moe_model *model = ctx->model;
+    moe_free(ctx->seg);
+    moe_free(ctx->ckpt_ok);
     moe_free(ctx->tokens);
     moe_free(ctx->logits);
     moe_free(ctx);
@@ -7954,8 +8814,52 @@ static int ctx_ring_ok(const moe_ctx *c, int32_t p) {
    reading the step's logits into logits (NULL: none) */
 static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, float *logits);
 
-/* recomputes the caches of positions [0, p) from the token history */
+/* ---- recurrent states (hybrid models): checkpoints and replay (moe.h, moe_ctx_rewind) ---- */
+/* checkpoints of positions past pos are stale: slot s holds position (s + 1) · ckpt_every */
+static void ckpt_drop_after(moe_ctx *ctx, int32_t pos) {
+    for (int32_t s = pos / ctx->ckpt_every; s < ctx->n_ckpt; s++) ctx->ckpt_ok[s] = 0;
+}
+
+/* Recurrent states (and caches) at p (<= ctx->pos): the newest valid checkpoint at or before p
+   (else zeros at 0), then the tokens from there to p again, in the chunks they first went through
+   (seg), the last one cut at p. Each token's values depend only on earlier tokens and on where
+   its chunk began, so the states, and the KV rows written again, come out bit for bit as they
+   were when the context first stood at p. */
+static moe_status states_rebuild(moe_ctx *ctx, int32_t p) {
+    const moe_model *m = ctx->model;
+    int32_t slot = -1, c = 0;
+    ckpt_drop_after(ctx, p);
+    for (int32_t s = p / ctx->ckpt_every - 1; s >= 0; s--)
+        if (s < ctx->n_ckpt && ctx->ckpt_ok[s]) {
+            slot = s;
+            c = (s + 1) * ctx->ckpt_every;
+            break;
+        }
+    ctx->n_logits = 0;
+    ctx->needs_repair = 1;
+    ctx->ops->begin_step(ctx->be);
+    ctx->ops->state_restore(ctx->be, slot);
+    moe_status st = ctx->ops->end_step(ctx->be);
+    for (int32_t q = c, e; !st && q < p; q = e) {
+        for (e = q + 1; e < p && !ctx->seg[e]; e++) {}
+        int32_t ck = e % ctx->ckpt_every == 0 ? e / ctx->ckpt_every - 1 : -1;
+        if (ck >= ctx->n_ckpt) ck = -1;
+        ctx->ops->begin_step(ctx->be);
+        m->arch->forward(ctx->be, ctx->ops, &m->w, ctx->tokens + q, e - q, q, 0);
+        if (ck >= 0) ctx->ops->state_checkpoint(ctx->be, ck);
+        st = ctx->ops->end_step(ctx->be);
+        if (!st && ck >= 0) ctx->ckpt_ok[ck] = 1;
+    }
+    if (!st) {
+        ctx->pos = p;
+        ctx->needs_repair = 0;
+    }
+    return st;
+}
+
+/* recomputes the caches (and recurrent states) of positions [0, p) from the token history */
 static moe_status ctx_recompute(moe_ctx *ctx, int32_t p) {
+    if (ctx->ckpt_every) return states_rebuild(ctx, p);
     ctx->pos = 0;
     ctx->ring_lo = 0;
     ctx->n_logits = 0;
@@ -7973,16 +8877,27 @@ static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_token
     int32_t done = 0, p0 = ctx->pos, min_ring = ctx_min_ring(ctx);
     if (tokens != ctx->tokens + p0) memcpy(ctx->tokens + p0, tokens, (size_t)n_tokens * sizeof *tokens);
     while (done < n_tokens) {
-        int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch;
+        int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch, ck = -1;
+        if (ctx->ckpt_every) { /* recurrent states: chunks also end at checkpoint positions */
+            int32_t q = p0 + done, next = (q / ctx->ckpt_every + 1) * ctx->ckpt_every;
+            if (q + n >= next) n = next - q, ck = next / ctx->ckpt_every - 1;
+            if (ck >= ctx->n_ckpt) ck = -1;
+            memset(ctx->seg + q, 0, (size_t)n);
+            ctx->seg[q] = 1;
+        }
         int32_t n_out = !logits ? 0 : ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
         ctx->ops->begin_step(ctx->be);
         m->arch->forward(ctx->be, ctx->ops, &m->w, tokens + done, n, p0 + done, n_out);
+        if (ck >= 0) ctx->ops->state_checkpoint(ctx->be, ck);
         moe_status st = ctx->ops->end_step(ctx->be);
         if (min_ring && p0 + done + n - min_ring > ctx->ring_lo) ctx->ring_lo = p0 + done + n - min_ring;
-        if (st) { /* pos unchanged: cache rows written past it are never read, but rings may have lost rows */
-            if (!ctx_ring_ok(ctx, p0)) ctx->needs_repair = 1;
+        if (st) { /* pos unchanged: cache rows written past it are never read, but rings may have lost rows
+                     and recurrent states have moved on: recompute before the next use */
+            if (!ctx_ring_ok(ctx, p0) || ctx->ckpt_every) ctx->needs_repair = 1;
+            if (ctx->ckpt_every) ckpt_drop_after(ctx, p0);
             return st;
         }
+        if (ck >= 0) ctx->ckpt_ok[ck] = 1;
         if (n_out) ctx->ops->read_logits(ctx->be, logits + (size_t)(ctx->logits_all ? done : 0) * (size_t)m->w.hp.n_vocab, n_out);
         done += n;
     }
@@ -8026,7 +8941,8 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
         if (!isfinite(stage[i])) {
             size_t bad = 0;
             for (size_t j = i; j < (size_t)rows * nv; j++) bad += !isfinite(stage[j]);
-            if (!ctx_ring_ok(ctx, ctx->pos)) ctx->needs_repair = 1;
+            if (!ctx_ring_ok(ctx, ctx->pos) || ctx->ckpt_every) ctx->needs_repair = 1;
+            if (ctx->ckpt_every) ckpt_drop_after(ctx, ctx->pos);
             return set_error(MOE_ERR_FORMAT, "moe_step: the forward pass gave %zu non-finite logit(s) of %zu (first: row %zu, token %zu, "
                              "%s): weights too large for f32, or a bug in moe (please report it); the context is unchanged",
                              bad, (size_t)rows * nv, i / nv, i % nv, isnan(stage[i]) ? "NaN" : "inf");
@@ -8076,8 +8992,9 @@ moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
     if (pos < 0 || pos > ctx->pos)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_rewind: position %d is outside [0, %d]", pos, ctx->pos);
     if (pos < ctx->pos) ctx->n_logits = 0; /* the logits belonged to a token that is gone */
+    int back = pos < ctx->pos;
     ctx->pos = pos;
-    if (ctx->needs_repair || !ctx_ring_ok(ctx, pos)) return ctx_recompute(ctx, pos);
+    if (ctx->needs_repair || !ctx_ring_ok(ctx, pos) || (ctx->ckpt_every && back)) return ctx_recompute(ctx, pos);
     return MOE_OK;
 }
 
@@ -8112,7 +9029,8 @@ moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
 /* ---- save / load: a versioned header, the logits of the last step, the token history, then the
    cache rows in use (a ring: the positions it holds) ---- */
 #define MOE_STATE_MAGIC 0x5453454du /* "MEST" */
-#define MOE_STATE_VERSION 3u /* 2: the model fingerprint covers the tensor table and data samples; 3: token history, rings */
+#define MOE_STATE_VERSION 4u /* 2: the model fingerprint covers the tensor table and data samples; 3: token history, rings;
+                                4: recurrent states and chunk starts (hybrid models) after the caches */
 typedef struct state_header {
     uint32_t magic, version;
     int32_t n_layer, n_head_kv, head_dim, n_vocab, n_ctx, kv_type, pos, n_logits;
@@ -8159,9 +9077,22 @@ static size_t state_kv_bytes(const moe_ctx *c) {
     return total;
 }
 
+/* recurrent states (hybrid models), after the caches: every state's f32 elements (ops.state_save),
+   then the chunk starts (1 byte per position) */
+static size_t state_rec_elems(const moe_ctx *c) {
+    const moe_weights *w = &c->model->w;
+    size_t n = 0;
+    for (int i = 0; i < w->hp.n_state; i++) n += (size_t)w->states[i].conv_elems + (size_t)w->states[i].rec_elems;
+    return n;
+}
+
+static size_t state_rec_bytes(const moe_ctx *c) {
+    return c->ckpt_every ? state_rec_elems(c) * sizeof(float) + (size_t)c->pos : 0;
+}
+
 static size_t state_size(const moe_ctx *c) {
     return sizeof(state_header) + (size_t)c->n_logits * (size_t)c->model->w.hp.n_vocab * sizeof(float) +
-           (size_t)c->pos * sizeof(moe_token) + state_kv_bytes(c);
+           (size_t)c->pos * sizeof(moe_token) + state_kv_bytes(c) + state_rec_bytes(c);
 }
 
 moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out) {
@@ -8181,6 +9112,12 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
     p += (size_t)ctx->pos * sizeof(moe_token);
     moe_status st = ctx->ops->kv_save(ctx->be, p, ctx->pos);
     if (st) return st;
+    if (ctx->ckpt_every) { /* the live recurrent states and the chunk starts; not the checkpoints */
+        p += state_kv_bytes(ctx);
+        if ((st = ctx->ops->state_save(ctx->be, (float *)(void *)p))) return st;
+        p += state_rec_elems(ctx) * sizeof(float);
+        memcpy(p, ctx->seg, (size_t)ctx->pos);
+    }
     state_header h = {MOE_STATE_MAGIC, MOE_STATE_VERSION, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
                       ctx->kv_type, ctx->pos, ctx->n_logits, ctx->n_batch, ctx->ring_lo, model_fingerprint(ctx->model), need - sizeof h, 0};
     h.checksum = fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
@@ -8215,6 +9152,18 @@ static moe_status state_payload_check(const moe_ctx *ctx, const uint8_t *p, int3
                 if ((at = first_nonfinite_elem(p, row_elems, et)) >= 0)
                     return set_error(MOE_ERR_FORMAT, "moe_ctx_load: the state's %s cache of layer %d holds a non-finite value "
                                      "(position %d, element %lld); refused", kv ? "V" : "K", w->caches[c].layer, pos - held + r, (long long)at);
+    }
+    if (ctx->ckpt_every) { /* recurrent states finite; chunk starts 0/1, the first position one */
+        for (int i = 0; i < w->hp.n_state; i++) {
+            size_t n = (size_t)w->states[i].conv_elems + (size_t)w->states[i].rec_elems;
+            if ((at = first_nonfinite_elem(p, n, MOE_TYPE_F32)) >= 0)
+                return set_error(MOE_ERR_FORMAT, "moe_ctx_load: the state's recurrent state of layer %d holds a non-finite value "
+                                 "(element %lld); refused", w->states[i].layer, (long long)at);
+            p += n * sizeof(float);
+        }
+        for (int32_t i = 0; i < pos; i++)
+            if (p[i] > 1 || (i == 0 && p[i] != 1))
+                return set_error(MOE_ERR_FORMAT, "moe_ctx_load: chunk start %d at position %d is not %s; refused", p[i], i, i ? "0 or 1" : "1");
     }
     return MOE_OK;
 }
@@ -8263,6 +9212,8 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
         if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_load: out of memory");
     }
     moe_status st = ctx->ops->kv_load(ctx->be, p + lb + tb, h.pos);
+    const uint8_t *r = p + lb + tb + state_kv_bytes(&probe);
+    if (!st && ctx->ckpt_every) st = ctx->ops->state_load(ctx->be, (const float *)(const void *)r);
     if (st) {
         moe_free(nl);
         return st;
@@ -8278,6 +9229,10 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
     ctx->n_logits = h.n_logits;
     ctx->ring_lo = h.ring_lo;
     ctx->needs_repair = 0;
+    if (ctx->ckpt_every) { /* checkpoints are not in a state (moe.h): rewinds replay from the start */
+        memcpy(ctx->seg, r + state_rec_elems(ctx) * sizeof(float), (size_t)h.pos);
+        memset(ctx->ckpt_ok, 0, (size_t)(ctx->n_ckpt ? ctx->n_ckpt : 1));
+    }
     return MOE_OK;
 }
 
@@ -8693,6 +9648,9 @@ static void model_destroy(moe_model *model) {
     vocab_free(model->vocab);
     moe_free(model->w.layers);
     moe_free(model->w.caches);
+    moe_free(model->w.states);
+    for (int i = 0; i < model->n_hf_owned; i++) moe_free(model->hf_owned[i]);
+    moe_free(model->hf_owned);
     moe_free(model->expert_tables);
     moe_free(model->owned);
     moe_free(model->rope_freqs);
@@ -9419,6 +10377,7 @@ typedef struct export_tensor {
     int32_t type;              /* destination type */
     const moe_save_params *params;
     float progress_lo, progress_hi;
+    int32_t *row_map, *col_map;  /* optional: destination row / column i comes from source row / column map[i] */
 } export_tensor;
 
 /* dequantize each source row (of any type) and quantize it to the destination type */
@@ -9429,13 +10388,15 @@ static moe_status export_produce(void *arg, uint8_t *dst, uint64_t size) {
     int64_t K = w->ne[0], rows = w->ne[1], n_mat = w->n_dims == 3 ? w->ne[2] : 1;
     uint64_t out_row = type_row_bytes(et->type, K);
     (void)size;
-    float *row = moe_malloc((size_t)K * sizeof *row);
+    float *row = moe_malloc((size_t)K * 2 * sizeof *row);
     if (!row) return set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
     for (int64_t e = 0; e < n_mat; e++) {
         const uint8_t *base = w->n_dims == 3 ? w->expert_data[e] : w->data;
         for (int64_t r = 0; r < rows; r++, dst += out_row) {
-            src->dequant(base + (uint64_t)r * w->row_bytes, row, K);
-            out->quant(row, dst, K);
+            src->dequant(base + (uint64_t)(et->row_map ? et->row_map[r] : r) * w->row_bytes, row, K);
+            if (et->col_map)
+                for (int64_t c = 0; c < K; c++) row[K + c] = row[et->col_map[c]];
+            out->quant(et->col_map ? row + K : row, dst, K);
         }
         const moe_save_params *p = et->params;
         if (p && p->progress &&
@@ -9465,6 +10426,43 @@ static int32_t export_type(const moe_weight *w, int32_t ftype, int is_output, in
     for (int i = 0; i < 4; i++)
         if (type_row_bytes(fallback[i], w->ne[0])) return fallback[i];
     return MOE_TYPE_F32;
+}
+
+/* Qwen3.5 GGUFs hold the value heads in llama.cpp's tiled order (ARCHITECTURES.md §3.8):
+   written from a model in Hugging Face's grouped order, tiled head j' = s·nk + g takes grouped
+   head g·(nv/nk) + s, in the rows or columns (or 1-D elements) that carry value heads. */
+static int32_t *vreorder_map(const moe_deltanet *dn, int64_t n, int64_t off, int64_t unit) {
+    int32_t *map = moe_malloc((size_t)n * sizeof *map);
+    if (!map) return NULL;
+    int nk = dn->n_k_head, r = dn->n_v_head / dn->n_k_head;
+    for (int64_t i = 0; i < n; i++) {
+        map[i] = (int32_t)i;
+        if (i < off || i >= off + (int64_t)dn->n_v_head * unit) continue;
+        int64_t h = (i - off) / unit, within = (i - off) % unit, g = h % nk, sv = h / nk;
+        map[i] = (int32_t)(off + (g * r + sv) * unit + within);
+    }
+    return map;
+}
+
+static moe_status export_vreorder(const moe_model *m, int l, int role, export_tensor *et) {
+    const moe_layer_plan *p = &m->w.layers[l].p;
+    const moe_deltanet *dn = &p->dn;
+    if (p->attn_kind != MOE_ATTN_DELTANET || dn->v_tiled || dn->n_k_head == dn->n_v_head || !strcmp(m->arch->name, "qwen3next") ||
+        strncmp(m->arch->name, "qwen35", 6))
+        return MOE_OK;
+    int64_t qk = 2 * (int64_t)dn->n_k_head * dn->k_dim, dv = dn->v_dim, n = et->w->ne[1];
+    int32_t **map = &et->row_map;
+    int64_t off = 0, unit = 1;
+    switch (role) {
+    case MOE_SSM_QKV: case MOE_SSM_CONV: off = qk, unit = dv; break;
+    case MOE_SSM_Z: unit = dv; break;
+    case MOE_SSM_BETA: case MOE_SSM_ALPHA: break;
+    case MOE_SSM_A: case MOE_SSM_DT: map = &et->col_map, n = et->w->ne[0]; break;
+    case MOE_SSM_OUT: map = &et->col_map, n = et->w->ne[0], unit = dv; break;
+    default: return MOE_OK;
+    }
+    if (!(*map = vreorder_map(dn, n, off, unit))) return set_error(MOE_ERR_NO_MEMORY, "moe_model_save: out of memory");
+    return MOE_OK;
 }
 
 moe_status moe_model_save(const moe_model *model, const char *path, const moe_save_params *params) {
@@ -9501,13 +10499,15 @@ moe_status moe_model_save(const moe_model *model, const char *path, const moe_sa
             et->params = &p;
             et->progress_lo = (float)n / (float)n_max;
             et->progress_hi = (float)(n + 1) / (float)n_max;
+            if (l >= 0 && !st) st = export_vreorder(model, l, sp[i].role, et);
             int64_t ne[3] = {w->ne[0], w->ne[1], w->ne[2]};
-            st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
+            if (!st) st = gw_tensor_from(&gw, nm, et->type, w->n_dims, ne, NULL, export_produce, et);
             n++;
         }
     }
     if (!st) st = gw_write_file(&gw, path);
     gw_free(&gw);
+    for (int i = 0; jobs && i < n; i++) moe_free(jobs[i].row_map), moe_free(jobs[i].col_map);
     moe_free(jobs);
     moe_free(name_buf);
     return st;

@@ -285,12 +285,30 @@ MOE_API int32_t      moe_ctx_pos(const moe_ctx *ctx);            /* tokens curre
    (Gemma 4) keep a ring of window + n_batch - 1 rows, so a rewind of up to n_batch tokens is free
    too; a longer one recomputes the caches from the context's token history (a prefill of pos
    tokens). A failed step can leave a ring short of rows it needs; the next step or rewind then
-   recomputes the same way. */
+   recomputes the same way.
+   RECURRENT STATE (hybrid Gated DeltaNet models: Qwen3-Next, Qwen3.5). A recurrent state (per
+   DeltaNet layer: the conv's last 3 inputs and an f32 nv × k_dim × v_dim matrix) cannot be
+   rewound by moving the position, so such a context also keeps
+     - where each forward chunk began (1 byte per position, beside the token history),
+     - checkpoints of all recurrent states at every K-th position, K = n_ctx / 8 rounded up to a
+       multiple of 64 (at least 64): floor((n_ctx - 1) / K) <= 7 slots. Chunks of moe_step also
+       end at multiples of K so the checkpoints land there.
+   moe_ctx_rewind(ctx, pos) restores the newest checkpoint at or before pos (or the empty state)
+   and feeds the tokens from there to pos again, in the chunks they first went through, the last
+   one cut at pos. Every op computes a token from earlier tokens only, the same way whatever the
+   chunk, so the result is bit-identical to having stopped at pos.
+   Cost: memory of (slots + 1) copies of the recurrent state per context — Qwen3-Next-80B
+   (36 layers × (2 MiB + 96 KiB)): 75 MiB per copy, 603 MiB for 8 copies at n_ctx 4096;
+   Qwen3.5-397B (45 × (4 MiB + 144 KiB)): 186 MiB per copy, 1.46 GiB for 8 — plus 5 bytes per
+   position; time: up to K - 1 tokens of prefill per rewind (less when pos is near a
+   checkpoint), none when pos is the current position. Rewinds after moe_ctx_load replay from
+   the start (or from checkpoints taken since), as snapshots carry only the live state. */
 MOE_API moe_status   moe_ctx_rewind(moe_ctx *ctx, int32_t pos);
 
 /* Snapshot / restore of a context (prompt caching). Size query: buf = NULL.
    A state holds the last step's logits, the token history and the cache rows in use (a ring: the
-   rows it holds). It belongs to the model (its tensor table and samples of its weights), n_ctx
+   rows it holds); a hybrid model's also the live recurrent states (f32) and the chunk starts,
+   not the checkpoints, so a restored context continues at full speed. It belongs to the model (its tensor table and samples of its weights), n_ctx
    and kv_type it was saved from (and n_batch, for models with sliding-window layers): another
    model or context shape gives MOE_ERR_INVALID_ARG. moe_ctx_load checks what is cheap to check
    (header, version, sizes, positions against the cache rows, checksum, every logit and cache value
@@ -498,7 +516,22 @@ enum { MOE_ACT_SILU = 0, MOE_ACT_GELU_TANH = 1, MOE_ACT_SWIGLU_OAI = 2 };
     X(LAYER_SCALE, "layer_output_scale.weight") /* one value: scales the residual stream */        \
     X(PLE_GATE, "inp_gate.weight")                                                                 \
     X(PLE_PROJ, "proj.weight")                                                                     \
-    X(PLE_POST_NORM, "post_norm.weight")
+    X(PLE_POST_NORM, "post_norm.weight")                                                           \
+    /* hybrid models (Gated DeltaNet, ARCHITECTURES.md §3) */                                      \
+    X(SSM_QKV, "attn_qkv.weight")               /* [q_all | k_all | v_all], the conv's input */    \
+    X(SSM_Z, "attn_gate.weight")                /* z: the output gate */                           \
+    X(SSM_BA, "ssm_ba.weight")                  /* Qwen3-Next: b and a, grouped per key head */    \
+    X(SSM_BETA, "ssm_beta.weight")              /* Qwen3.5: b */                                   \
+    X(SSM_ALPHA, "ssm_alpha.weight")            /* Qwen3.5: a */                                   \
+    X(SSM_CONV, "ssm_conv1d.weight")            /* ne {kernel, channels} */                        \
+    X(SSM_DT, "ssm_dt.bias")                                                                       \
+    X(SSM_A, "ssm_a")                           /* -exp(A_log) */                                  \
+    X(SSM_NORM, "ssm_norm.weight")              /* gated output norm: a plain weight */            \
+    X(SSM_OUT, "ssm_out.weight")                                                                   \
+    X(FFN_GATE_INP_SHEXP, "ffn_gate_inp_shexp.weight")  /* shared expert: sigmoid gate [n_embd] */ \
+    X(FFN_GATE_SHEXP, "ffn_gate_shexp.weight")                                                     \
+    X(FFN_UP_SHEXP, "ffn_up_shexp.weight")                                                         \
+    X(FFN_DOWN_SHEXP, "ffn_down_shexp.weight")
 #define MOE_ROLE_ENUM(role, name) MOE_##role,
 enum { MOE_GLOBAL_TENSORS(MOE_ROLE_ENUM) MOE_GT_COUNT };
 enum { MOE_LAYER_TENSORS(MOE_ROLE_ENUM) MOE_LT_COUNT };
@@ -521,6 +554,17 @@ typedef struct moe_attn {
     int32_t store;             /* 0: KV-shared layer, reads a cache another layer filled */
 } moe_attn;
 
+/* A Gated DeltaNet layer (ARCHITECTURES.md §3.4): nk key heads of k_dim, nv value heads of
+   v_dim (nv a multiple of nk), a causal conv of conv_k taps over conv_dim = 2·nk·k_dim + nv·v_dim
+   channels, and an f32 state of nv · k_dim · v_dim per layer. */
+typedef struct moe_deltanet {
+    int32_t n_k_head, n_v_head, k_dim, v_dim, conv_k;
+    int32_t v_tiled;           /* value head j reads key head j % nk (llama.cpp's Qwen3.5 GGUF order);
+                                  0: j / (nv / nk) (Hugging Face's grouped order) */
+    int32_t ba_grouped;        /* b and a in one [nk][b (nv/nk) | a (nv/nk)] row (Qwen3-Next's ssm_ba) */
+    int32_t state;             /* its recurrent state (moe_state_plan index) */
+} moe_deltanet;
+
 typedef struct moe_layer_plan {
     int32_t attn_kind;         /* MOE_ATTN_* */
     moe_attn attn;
@@ -533,6 +577,10 @@ typedef struct moe_layer_plan {
     int32_t n_expert, n_expert_used, n_ff_exp;
     int32_t norm_topk;         /* renormalise the top-k routing weights */
     float layer_scale;         /* the residual stream is multiplied by it after the layer; 0 = none */
+    /* hybrid models (Gated DeltaNet) */
+    int32_t attn_gate;         /* full attention: q rows hold [q | gate] per head; o ⊙= sigmoid(gate) */
+    moe_deltanet dn;           /* MOE_ATTN_DELTANET */
+    int32_t n_ff_shexp;        /* MOE_FFN_MOE_SHARED: the shared expert's width */
 } moe_layer_plan;
 
 typedef struct moe_layer {
@@ -558,6 +606,13 @@ static inline int32_t moe_cache_rows(const moe_cache_plan *c, int32_t n_ctx, int
     return (int32_t)(r < n_ctx ? r : n_ctx);
 }
 
+/* One recurrent state (a Gated DeltaNet layer's): the conv's last conv_k - 1 input rows
+   (conv_elems f32) and the delta-rule state (rec_elems = nv · k_dim · v_dim f32). */
+typedef struct moe_state_plan {
+    int32_t layer;
+    int32_t conv_elems, rec_elems;
+} moe_state_plan;
+
 /* Model-wide hyperparameters. n_head .. n_ff_exp are the largest over the layers: what
    activation buffers are sized for (each layer's own geometry is in its plan). */
 typedef struct moe_hparams {
@@ -571,6 +626,9 @@ typedef struct moe_hparams {
     int32_t n_ple;             /* per-layer embedding width (Gemma 4 E2B/E4B); 0 = none */
     int32_t n_vocab_ple;       /* rows of the per-layer token embedding */
     float ple_scale;           /* the per-layer token embedding is multiplied by it */
+    /* hybrid models: recurrent states, and the largest DeltaNet widths */
+    int32_t n_state;           /* Gated DeltaNet layers */
+    int32_t dn_conv, dn_value, dn_v_head, dn_qkv; /* conv channels, nv·v_dim, nv, widest mixed projection */
 } moe_hparams;
 
 typedef struct moe_weights {
@@ -578,6 +636,7 @@ typedef struct moe_weights {
     moe_weight g[MOE_GT_COUNT];   /* global tensors by role; g[OUTPUT] may alias g[TOK_EMBD] (tied) */
     moe_layer *layers;            /* [n_layer] */
     moe_cache_plan *caches;       /* [n_cache] */
+    moe_state_plan *states;       /* [n_state] */
 } moe_weights;
 
 /* the weight of a role: layer -1 = global */
@@ -591,6 +650,16 @@ typedef struct moe_ctx_shape {
     int32_t n_ctx, n_batch, kv_type, logits_all, n_threads;
     int32_t cpu_exact;     /* CPU backend: f32 activations in matrix products (moe_load_params) */
 } moe_ctx_shape;
+
+/* Models with recurrent states: a context of n_ctx positions checkpoints them every
+   moe_ckpt_every(n_ctx) positions, in moe_ckpt_slots(n_ctx) slots (see moe_ctx_rewind). */
+#define MOE_STATE_CKPTS 8      /* checkpoints cover the context in about this many steps */
+#define MOE_CKPT_ALIGN 64      /* ... of a multiple of this many tokens */
+static inline int32_t moe_ckpt_every(int32_t n_ctx) {
+    int32_t k = (n_ctx + MOE_STATE_CKPTS - 1) / MOE_STATE_CKPTS;
+    return k < MOE_CKPT_ALIGN ? MOE_CKPT_ALIGN : (k + MOE_CKPT_ALIGN - 1) / MOE_CKPT_ALIGN * MOE_CKPT_ALIGN;
+}
+static inline int32_t moe_ckpt_slots(int32_t n_ctx) { return (n_ctx - 1) / moe_ckpt_every(n_ctx); }
 
 /* The forward pass is written once against this op interface. The CPU backend runs each op at
    once; the Vulkan backend records it into the step's command buffer. Activations are
@@ -610,6 +679,13 @@ enum {
     ACT_FF2,     /* [n][n_ff]            dense FFN up */
     ACT_PLE,     /* [n][n_layer·n_ple]   per-layer embedding inputs of every layer */
     ACT_PLE2,    /* [n][n_layer·n_ple]   its token part while it is built; PLE gate of a layer */
+    /* hybrid models (Gated DeltaNet) */
+    ACT_DN_QKV,  /* [n][dn_qkv]          mixed projection: conv input, or q with its gate */
+    ACT_DN_CONV, /* [n][dn_conv]         conv output: q_all | k_all | v_all */
+    ACT_DN_Z,    /* [n][max(dn_value, n_head·hd)]  output gates (z, or attention's) */
+    ACT_DN_BETA, /* [n][2·dn_v_head]     b (or b and a grouped) */
+    ACT_DN_ALPHA,/* [n][dn_v_head]       a */
+    ACT_DN_O,    /* [n][dn_value]        delta-rule output (gated-normed in place) */
     ACT_COUNT
 };
 
@@ -672,6 +748,29 @@ typedef struct moe_ops {
     moe_status (*profile)(void *be, int on);
     int (*profile_get)(const void *be, moe_profile_entry *out, int cap);
     moe_status (*probe)(void *be, double *read_gbs, double *copy_gbs);
+    /* hybrid models (Gated DeltaNet) */
+    /* src rows hold n_head heads of [a (head_dim) | b (head_dim)]: dst_a, dst_b get the halves */
+    void (*split_heads)(void *be, int dst_a, int dst_b, int src, int n, int n_head, int head_dim);
+    /* dst ⊙= sigmoid(gate) over n rows of width */
+    void (*sigmoid_mul)(void *be, int dst, int gate, int n, int width);
+    /* dst[i] ⊙= sigmoid(w · src[i]) (w: f32 [width]; dst and src rows of width) */
+    void (*gate_rows)(void *be, int dst, int src, const moe_weight *w, int n, int width);
+    /* causal depthwise conv (conv_k taps; ne {conv_k, channels}) + SiLU over ACT_DN_QKV rows into
+       ACT_DN_CONV, the first taps reading the state's last conv_k - 1 inputs; then the state
+       keeps the last conv_k - 1 inputs */
+    void (*ssm_conv)(void *be, const moe_deltanet *dn, const moe_weight *conv, int n);
+    /* gated delta rule over n tokens: q, k, v from ACT_DN_CONV (L2-normalised q·k_dim^-1/2 and
+       k), β = sigmoid(b), g = a_coef · softplus(a + dt_bias) from ACT_DN_BETA / ACT_DN_ALPHA,
+       the f32 state of dn->state; outputs ACT_DN_O [n][nv·v_dim] */
+    void (*delta_net)(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n);
+    /* dst = dst / rms(dst) · w ⊙ silu(gate) over n_rows rows of width (w: f32 [width]) */
+    void (*gated_rmsnorm)(void *be, int dst, int gate, const moe_weight *w, int n_rows, int width, float eps);
+    /* all recurrent states to / from host f32, state by state (conv, then recurrent) */
+    moe_status (*state_save)(void *be, float *dst);
+    moe_status (*state_load)(void *be, const float *src);
+    /* checkpoint slot ← the live states; the live states ← slot (slot -1: zeros); inside a step */
+    void (*state_checkpoint)(void *be, int slot);
+    void (*state_restore)(void *be, int slot);
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status

@@ -457,7 +457,14 @@ static const char *vk_result_str(VkResult r) {
     KP(SCALE, scale, "scale.comp", "", 256)                         \
     KP(GLU, glu, "glu.comp", "", 256)                               \
     KP(SOFTCAP, softcap, "softcap.comp", "", 256)                   \
-    KP(COPY, copy, "copy.comp", "", 256)
+    KP(COPY, copy, "copy.comp", "", 256)                  \
+    KP(SPLIT_HEADS, split_heads, "split_heads.comp", "", 256)       \
+    KP(SIGMOID_MUL, sigmoid_mul, "sigmoid_mul.comp", "", 256)       \
+    KP(ROW_GATE, row_gate, "row_gate.comp", "", 256)                \
+    KP(SSM_CONV, ssm_conv, "ssm_conv.comp", "", 64)                 \
+    KP(L2NORM, l2norm, "l2norm.comp", "", 64)                       \
+    KP(DELTA_RULE, delta_rule, "delta_rule.comp", "", 128)          \
+    KP(GATED_NORM, gated_norm, "gated_norm.comp", "", 128)
 /* END KERNELS */
 /* BEGIN PUSH CONSTANTS */
 #define PC_ADD(X) X(uint, count)
@@ -479,6 +486,13 @@ static const char *vk_result_str(VkResult r) {
 #define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
 #define PC_SOFTCAP(X) X(uint, count) X(float, cap)
 #define PC_COPY(X) X(uint, count)
+#define PC_SPLIT_HEADS(X) X(uint, count) X(uint, hd)
+#define PC_SIGMOID_MUL(X) X(uint, count)
+#define PC_ROW_GATE(X) X(uint, width) X(uint, rows)
+#define PC_SSM_CONV(X) X(uint, C) X(uint, K) X(uint, n)
+#define PC_L2NORM(X) X(uint, hd) X(uint, heads) X(uint, stride) X(uint, rows) X(uint, n_scaled) X(float, scale) X(float, eps)
+#define PC_DELTA_RULE(X) X(uint, nk) X(uint, nv) X(uint, dk) X(uint, dv) X(uint, n) X(uint, C) X(uint, v_tiled) X(uint, grouped)
+#define PC_GATED_NORM(X) X(uint, width) X(uint, rows) X(float, eps)
 /* END PUSH CONSTANTS */
 
 #define VK_CT_uint uint32_t
@@ -501,6 +515,13 @@ VK_PC_STRUCT(SCALE)
 VK_PC_STRUCT(GLU)
 VK_PC_STRUCT(SOFTCAP)
 VK_PC_STRUCT(COPY)
+VK_PC_STRUCT(SPLIT_HEADS)
+VK_PC_STRUCT(SIGMOID_MUL)
+VK_PC_STRUCT(ROW_GATE)
+VK_PC_STRUCT(SSM_CONV)
+VK_PC_STRUCT(L2NORM)
+VK_PC_STRUCT(DELTA_RULE)
+VK_PC_STRUCT(GATED_NORM)
 #define VK_PC_WORD(kernel, field) ((int)(offsetof(vk_pc_##kernel, field) / 4)) /* index into vk_rec.pc */
 
 #define VK_ENUM_T(E, n) VKT_##E,
@@ -1147,8 +1168,10 @@ static moe_weight *vk_weight_at(const moe_weights *w, int i) {
 }
 
 /* checks what the kernels assume about a weight */
-static moe_status vk_check_weight(const moe_weight *w) {
+static moe_status vk_check_weight(const moe_weight *w, int role) {
     if (vk_type_index(w->type) < 0) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: tensor '%s' has type %d, which has no kernel", w->name, w->type);
+    if (role == MOE_SSM_CONV) /* read whole by ssm_conv.comp, not by the matrix kernels */
+        return w->type == MOE_TYPE_F32 ? MOE_OK : vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: conv tensor '%s' is not f32", w->name);
     if (w->n_dims >= 2 && w->ne[0] % 16)
         return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: tensor '%s' has rows of %lld elements (kernels need a multiple of 16)", w->name, (long long)w->ne[0]);
     if (w->n_dims == 1 && w->type != MOE_TYPE_F32) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: 1-D tensor '%s' is not f32", w->name);
@@ -1481,7 +1504,7 @@ place:
             *wt = vk->wts[MOE_TOK_EMBD];
             continue;
         }
-        if ((st = vk_check_weight(mw))) break;
+        if ((st = vk_check_weight(mw, i < MOE_GT_COUNT ? -1 : (i - MOE_GT_COUNT) % MOE_LT_COUNT))) break;
         if (mw->n_dims == 3) {
             uint32_t E = (uint32_t)mw->ne[2];
             wt->experts = 1;
@@ -1733,12 +1756,16 @@ moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_
     for (int l = 0; l < hp->n_layer; l++) { /* what each layer's plan asks of the kernels */
         const moe_layer_plan *p = &w->layers[l].p;
         const char *why = NULL;
-        if (p->attn_kind != MOE_ATTN_FULL && p->attn_kind != MOE_ATTN_SLIDING) why = "this attention kind does not run on Vulkan yet";
+        if (p->attn_kind == MOE_ATTN_DELTANET) {
+            if (p->dn.k_dim > 256 || p->dn.conv_k > 16) why = "Gated DeltaNet key heads above 256 or a conv above 16 taps";
+            else if ((2 * p->dn.n_k_head * p->dn.k_dim) % 16 || (p->dn.n_v_head * p->dn.v_dim) % 16)
+                why = "Gated DeltaNet widths not a multiple of 16";
+        } else if (p->attn_kind != MOE_ATTN_FULL && p->attn_kind != MOE_ATTN_SLIDING) why = "this attention kind does not run on Vulkan yet";
         else if (p->attn.head_dim > 512 || p->attn.head_dim % 8) why = "head size above 512 or not a multiple of 8";
-        else if (p->ffn_kind != MOE_FFN_MOE && p->ffn_kind != MOE_FFN_DENSE && p->ffn_kind != MOE_FFN_MOE_DENSE)
+        if (!why && p->ffn_kind != MOE_FFN_MOE && p->ffn_kind != MOE_FFN_DENSE && p->ffn_kind != MOE_FFN_MOE_DENSE && p->ffn_kind != MOE_FFN_MOE_SHARED)
             why = "this FFN kind does not run on Vulkan yet";
-        else if (p->n_ff_exp % 16 || p->n_ff % 16) why = "FFN width not a multiple of 16";
-        else if (p->act != MOE_ACT_SILU && p->act != MOE_ACT_GELU_TANH) why = "this activation does not run on Vulkan yet";
+        else if (!why && (p->n_ff_exp % 16 || p->n_ff % 16 || p->n_ff_shexp % 16)) why = "FFN width not a multiple of 16";
+        else if (!why && p->act != MOE_ACT_SILU && p->act != MOE_ACT_GELU_TANH) why = "this activation does not run on Vulkan yet";
         if (why) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: layer %d: %s", l, why);
     }
     moe_vk_backend *vk = calloc(1, sizeof *vk);
@@ -1792,6 +1819,7 @@ fail:
 #define VK_NB 6               /* bindings 0..5 of a record; 6 = weights, 7 = step buffer */
 #define VK_CACHE 4            /* command buffers kept for replay */
 #define VK_REC_COPY 0xffff    /* record kind: a buffer copy instead of a dispatch */
+#define VK_REC_FILL 0xfffe    /* record kind: zeros into binding 1's range */
 #define VK_MV_MAX 8           /* up to this many tokens (columns), matmuls are matrix-vector kernels */
 #define VK_MV_ROWS 2          /* output rows per matrix-vector workgroup (mv.comp RW) */
 
@@ -1805,7 +1833,7 @@ static const char *const k_vkc_names[VKC_COUNT] = {"embed", "rmsnorm", "matvec",
 /* One dispatch (or copy) as an op recorded it. Records are compared byte for byte to find a cached
    command buffer, so every record is zeroed before it is filled. */
 typedef struct vk_rec {
-    uint16_t pipe;             /* VKP_* or VK_REC_COPY */
+    uint16_t pipe;             /* VKP_*, VK_REC_COPY or VK_REC_FILL */
     uint8_t kind;              /* VKC_* */
     uint8_t wmask;             /* which of bindings 0..5 the kernel writes */
     uint8_t wmode;             /* binding 6: 0 filler, 1 one dense part (win, woff, wrange), 2 windows win .. win+7 */
@@ -1869,6 +1897,11 @@ typedef struct vk_ctx {
     int32_t *xg_n;
     uint32_t xg_stride;        /* u32 per layer in rlog: n_batch · k */
     uint64_t xg_hits, xg_misses, xg_bytes;
+    /* hybrid models: the live recurrent states and n_ckpt checkpoint copies of them; each state's
+       conv rows and delta-rule matrix at aligned offsets (st_conv, st_rec) of st_bytes */
+    vk_buf st, ck;
+    VkDeviceSize *st_conv, *st_rec, st_bytes;
+    int n_ckpt;
 } vk_ctx;
 static moe_status vk_xg_after_step(vk_ctx *c);
 static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n);
@@ -1900,7 +1933,7 @@ static vk_rec *vk_rec_new_spec(vk_ctx *c, int pipe, uint32_t spec, int kind) {
         c->cap_recs = nc;
     }
     int var = 0;
-    if (pipe != VK_REC_COPY) {
+    if (pipe < VK_REC_FILL) {
         VkPipeline pl;
         moe_status st = vk_pipe(c->vk, pipe, spec, &pl, &var);
         if (st) {
@@ -2027,6 +2060,8 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
         if (rc->pipe == VK_REC_COPY) {
             VkBufferCopy cp = {rc->off[0], rc->off[1], rc->range[0]};
             f->CmdCopyBuffer(cb, rc->buf[0], rc->buf[1], 1, &cp);
+        } else if (rc->pipe == VK_REC_FILL) {
+            f->CmdFillBuffer(cb, rc->buf[1], rc->off[1], rc->range[1], 0);
         } else {
             VkPipeline pl = vk->pipes[rc->pipe][rc->var];
             if (pl != bound) {
@@ -2084,7 +2119,7 @@ static void vk_prof_collect(vk_ctx *c, const vk_rec *recs, int n) {
         int ph = c->step_n > 1 ? 0 : 1;
         for (int i = 0; i < n; i++) {
             double ns = (double)((t[i + 1] - t[i]) & vk->ts_mask) * vk->ts_ns;
-            int p = recs[i].pipe == VK_REC_COPY ? VKP_COUNT : recs[i].pipe;
+            int p = recs[i].pipe >= VK_REC_FILL ? VKP_COUNT : recs[i].pipe;
             c->prof_ns[ph][recs[i].kind][p] += ns;
             c->prof_n[ph][recs[i].kind][p]++;
             c->prof_bytes[ph][recs[i].kind][p] += c->rec_cost[i][0];
@@ -2242,6 +2277,10 @@ void moe_vk_ctx_free(void *be) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) vk_buf_free(vk, bufs[i]);
     for (int i = 0; i < c->n_rope; i++) vk_buf_free(vk, &c->rope[i].tab);
     vk_buf_free(vk, &c->rlog);
+    vk_buf_free(vk, &c->st);
+    vk_buf_free(vk, &c->ck);
+    free(c->st_conv);
+    free(c->st_rec);
     free(c->xg_n);
     free(c->kv_off);
     free(c->kv_size);
@@ -2276,8 +2315,12 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     const VkDeviceSize q_w = (VkDeviceSize)hp->n_head * (VkDeviceSize)hp->head_dim, kv_w = (VkDeviceSize)hp->n_head_kv * (VkDeviceSize)hp->head_dim,
                        ple_w = (VkDeviceSize)hp->n_layer * (VkDeviceSize)hp->n_ple, E_w = (VkDeviceSize)hp->n_embd;
     const VkDeviceSize widths[ACT_COUNT] = {E_w, E_w, q_w, kv_w, kv_w, q_w, E_w, (VkDeviceSize)hp->n_expert, (VkDeviceSize)hp->n_vocab,
-                                            E_w, (VkDeviceSize)hp->n_ff, (VkDeviceSize)hp->n_ff, ple_w, ple_w};
-    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits", "out2", "ff", "ff2", "ple", "ple2"};
+                                            E_w, (VkDeviceSize)hp->n_ff, (VkDeviceSize)hp->n_ff, ple_w, ple_w,
+                                            /* hybrid models (Gated DeltaNet) */
+                                            (VkDeviceSize)hp->dn_qkv, (VkDeviceSize)hp->dn_conv, (VkDeviceSize)hp->dn_value,
+                                            2 * (VkDeviceSize)hp->dn_v_head, (VkDeviceSize)hp->dn_v_head, (VkDeviceSize)hp->dn_value};
+    static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits", "out2", "ff", "ff2", "ple", "ple2",
+                                                     "dn qkv", "dn conv", "dn z", "dn beta", "dn alpha", "dn o"};
     /* logits: ACT_LOGITS holds as many rows as one storage binding does (the forward computes
        them in chunks of that many); the host-visible readback, a copy target only, holds all */
     VkDeviceSize logit_rows = shape->logits_all ? nb : 1, row_bytes = (VkDeviceSize)hp->n_vocab * 4;
@@ -2294,6 +2337,21 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     c->list_off = (uint32_t)(2 * nb * k);
     c->pos_off = (uint32_t)(3 * nb * k);
     c->items_off = (uint32_t)(4 * nb * k);
+    if (!st && hp->n_state) { /* recurrent states and their checkpoints */
+        const moe_weights *w = vk->w;
+        c->st_conv = calloc((size_t)hp->n_state, sizeof *c->st_conv);
+        c->st_rec = calloc((size_t)hp->n_state, sizeof *c->st_rec);
+        if (!c->st_conv || !c->st_rec) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        for (int i = 0; !st && i < hp->n_state; i++) {
+            c->st_conv[i] = c->st_bytes;
+            c->st_bytes += ((VkDeviceSize)w->states[i].conv_elems * 4 + VK_ALIGN - 1) / VK_ALIGN * VK_ALIGN;
+            c->st_rec[i] = c->st_bytes;
+            c->st_bytes += ((VkDeviceSize)w->states[i].rec_elems * 4 + VK_ALIGN - 1) / VK_ALIGN * VK_ALIGN;
+        }
+        c->n_ckpt = moe_ckpt_slots(shape->n_ctx);
+        if (!st) st = vk_buf_new(vk, &c->st, c->st_bytes, VK_MEM_DEVICE, "recurrent states");
+        if (!st) st = vk_buf_new(vk, &c->ck, c->n_ckpt ? (VkDeviceSize)c->n_ckpt * c->st_bytes : VK_ALIGN, VK_MEM_DEVICE, "state checkpoints");
+    }
     if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->items_off + 4 + 4 * (VkDeviceSize)c->max_items) * 4, "routing");
     /* KV caches, each at an aligned offset of one K and one V buffer */
     size_t n_cache = (size_t)(hp->n_cache ? hp->n_cache : 1);
@@ -2597,7 +2655,7 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         }
         int touches = 0;
         for (int s = 0; s < VK_NB; s++) touches |= q->buf[s] == b;
-        if (touches || q->pipe == VK_REC_COPY) break;
+        if (touches || q->pipe >= VK_REC_FILL) break;
     }
     uint32_t flags = 2; /* rope */
     float eps = 0;
@@ -3196,8 +3254,157 @@ static moe_status vk_bandwidth_probe(void *be, double *read_gbs, double *copy_gb
     return MOE_OK;
 }
 
+/* ---- hybrid models (Gated DeltaNet): gates, conv with state, the delta rule, the states ---- */
+static void vk_op_split_heads(void *be, int dst_a, int dst_b, int src, int n, int n_head, int head_dim) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, 1u << src, (1u << dst_a) | (1u << dst_b));
+    vk_rec *r = vk_rec_new(c, VKP_SPLIT_HEADS, VKC_COPY);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[src], 0);
+    vk_bind(r, 1, &c->act[dst_a], 1);
+    vk_bind(r, 3, &c->act[dst_b], 1);
+    uint64_t count = (uint64_t)n * (uint64_t)n_head * (uint64_t)head_dim;
+    VK_PC_SET(r, SPLIT_HEADS, {.count = (uint32_t)count, .hd = (uint32_t)head_dim});
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[VKP_SPLIT_HEADS - VKP_ADD].wg), 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_sigmoid_mul(void *be, int dst, int gate, int n, int width) {
+    vk_ctx *c = be;
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, (1u << dst) | (1u << gate), 1u << dst);
+    vk_rec *r = vk_rec_new(c, VKP_SIGMOID_MUL, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[dst], 1);
+    vk_bind(r, 2, &c->act[gate], 0);
+    uint64_t count = (uint64_t)n * (uint64_t)width;
+    VK_PC_SET(r, SIGMOID_MUL, {.count = (uint32_t)count});
+    vk_grid_fold(r, vk_div_up(count, k_vk_plain[VKP_SIGMOID_MUL - VKP_ADD].wg), 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_gate_rows(void *be, int dst, int src, const moe_weight *w, int n, int width) {
+    vk_ctx *c = be;
+    const vk_wt *wt = vk_wt_of(c, w);
+    if (c->err || n <= 0 || !wt) return;
+    vk_pn_touch(c, (1u << dst) | (1u << src), 1u << dst);
+    vk_rec *r = vk_rec_new(c, VKP_ROW_GATE, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[src], 0);
+    vk_bind(r, 1, &c->act[dst], 1);
+    vk_bind_vector(c, r, 2, wt);
+    VK_PC_SET(r, ROW_GATE, {.width = (uint32_t)width, .rows = (uint32_t)n});
+    vk_grid_fold(r, (uint64_t)n, 1);
+    c->fuse_idx = -1;
+}
+
+static int vk_dn_channels(const moe_deltanet *dn) { return 2 * dn->n_k_head * dn->k_dim + dn->n_v_head * dn->v_dim; }
+
+static void vk_op_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w, int n) {
+    vk_ctx *c = be;
+    const vk_wt *wt = vk_wt_of(c, w);
+    if (c->err || n <= 0 || !wt) return;
+    const moe_state_plan *sp = &c->w->states[dn->state];
+    int C = vk_dn_channels(dn);
+    vk_pn_touch(c, 1u << ACT_DN_QKV, 1u << ACT_DN_CONV);
+    vk_rec *r = vk_rec_new(c, VKP_SSM_CONV, VKC_ELTWISE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[ACT_DN_QKV], 0);
+    vk_bind(r, 1, &c->act[ACT_DN_CONV], 1);
+    vk_bind_vector(c, r, 2, wt);
+    vk_bind_range(r, 3, c->st.buf, c->st_conv[dn->state], (VkDeviceSize)(sp->conv_elems ? sp->conv_elems : 1) * 4, 1);
+    VK_PC_SET(r, SSM_CONV, {.C = (uint32_t)C, .K = (uint32_t)dn->conv_k, .n = (uint32_t)n});
+    vk_grid_fold(r, vk_div_up((uint64_t)C, k_vk_plain[VKP_SSM_CONV - VKP_ADD].wg), 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
+    vk_ctx *c = be;
+    const vk_wt *wa = vk_wt_of(c, a_coef), *wd = vk_wt_of(c, dt_bias);
+    if (c->err || n <= 0 || !wa || !wd) return;
+    const moe_state_plan *sp = &c->w->states[dn->state];
+    int C = vk_dn_channels(dn);
+    vk_pn_touch(c, (1u << ACT_DN_CONV) | (1u << ACT_DN_BETA) | (1u << ACT_DN_ALPHA), (1u << ACT_DN_CONV) | (1u << ACT_DN_O));
+    vk_rec *r = vk_rec_new(c, VKP_L2NORM, VKC_NORM); /* q̂ · k_dim^-1/2 and k̂, in place */
+    if (!r) return;
+    vk_bind(r, 0, &c->act[ACT_DN_CONV], 1);
+    VK_PC_SET(r, L2NORM, {.hd = (uint32_t)dn->k_dim, .heads = 2u * (uint32_t)dn->n_k_head, .stride = (uint32_t)C, .rows = (uint32_t)n,
+                          .n_scaled = (uint32_t)dn->n_k_head, .scale = 1.0f / sqrtf((float)dn->k_dim), .eps = 1e-6f});
+    vk_grid_fold(r, (uint64_t)n * 2u * (uint64_t)dn->n_k_head, 1);
+    if (!(r = vk_rec_new(c, VKP_DELTA_RULE, VKC_ATTN))) return;
+    vk_bind(r, 0, &c->act[ACT_DN_CONV], 0);
+    vk_bind(r, 1, &c->act[ACT_DN_O], 1);
+    vk_bind(r, 2, &c->act[ACT_DN_BETA], 0);
+    vk_bind(r, 3, &c->act[ACT_DN_ALPHA], 0);
+    vk_bind_range(r, 4, c->st.buf, c->st_rec[dn->state], (VkDeviceSize)sp->rec_elems * 4, 1);
+    vk_bind_vector(c, r, 5, wa);
+    vk_bind_part(r, &c->vk->parts[wd->part0]);
+    VK_PC_SET(r, DELTA_RULE, {.nk = (uint32_t)dn->n_k_head, .nv = (uint32_t)dn->n_v_head, .dk = (uint32_t)dn->k_dim, .dv = (uint32_t)dn->v_dim,
+                              .n = (uint32_t)n, .C = (uint32_t)C, .v_tiled = (uint32_t)dn->v_tiled, .grouped = (uint32_t)dn->ba_grouped});
+    vk_grid_fold(r, (uint64_t)dn->n_v_head, 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_op_gated_rmsnorm(void *be, int dst, int gate, const moe_weight *w, int n_rows, int width, float eps) {
+    vk_ctx *c = be;
+    const vk_wt *wt = vk_wt_of(c, w);
+    if (c->err || n_rows <= 0 || !wt) return;
+    vk_pn_touch(c, (1u << dst) | (1u << gate), 1u << dst);
+    vk_rec *r = vk_rec_new(c, VKP_GATED_NORM, VKC_NORM);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[dst], 1);
+    vk_bind_vector(c, r, 2, wt);
+    vk_bind(r, 3, &c->act[gate], 0);
+    VK_PC_SET(r, GATED_NORM, {.width = (uint32_t)width, .rows = (uint32_t)n_rows, .eps = eps});
+    vk_grid_fold(r, (uint64_t)n_rows, 1);
+    c->fuse_idx = -1;
+}
+
+/* all states to / from host f32, state by state (conv rows, then the delta-rule matrix) */
+static moe_status vk_state_copy(vk_ctx *c, uint8_t *host, int download) {
+    const moe_weights *w = c->w;
+    if (c->dead) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
+    vk_xfer x;
+    moe_status st = vk_xfer_begin(c->vk, &x, (VkDeviceSize)8 << 20, download);
+    if (st) return st;
+    for (int i = 0; i < w->hp.n_state; i++) {
+        VkDeviceSize cb = (VkDeviceSize)w->states[i].conv_elems * 4, rb = (VkDeviceSize)w->states[i].rec_elems * 4;
+        if (cb) vk_xfer_copy(&x, host, cb, c->st.buf, c->st_conv[i]);
+        host += cb;
+        vk_xfer_copy(&x, host, rb, c->st.buf, c->st_rec[i]);
+        host += rb;
+    }
+    return vk_xfer_end(&x);
+}
+static moe_status vk_state_save(void *be, float *dst) { return vk_state_copy(be, (uint8_t *)dst, 1); }
+static moe_status vk_state_load(void *be, const float *src) { return vk_state_copy(be, (uint8_t *)(uintptr_t)src, 0); }
+
+static void vk_state_checkpoint(void *be, int slot) {
+    vk_ctx *c = be;
+    if (c->err || slot < 0 || slot >= c->n_ckpt) return;
+    vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+    if (!r) return;
+    vk_bind_range(r, 0, c->st.buf, 0, c->st_bytes, 0);
+    vk_bind_range(r, 1, c->ck.buf, (VkDeviceSize)slot * c->st_bytes, 0, 1);
+    c->fuse_idx = -1;
+}
+
+static void vk_state_restore(void *be, int slot) {
+    vk_ctx *c = be;
+    if (c->err || slot >= c->n_ckpt) return;
+    vk_rec *r = vk_rec_new(c, slot < 0 ? VK_REC_FILL : VK_REC_COPY, VKC_COPY);
+    if (!r) return;
+    if (slot >= 0) vk_bind_range(r, 0, c->ck.buf, (VkDeviceSize)slot * c->st_bytes, c->st_bytes, 0);
+    vk_bind_range(r, 1, c->st.buf, 0, c->st_bytes, 1);
+    c->fuse_idx = -1;
+}
+
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_route,
                             vk_op_experts_glu, vk_op_experts_down, vk_op_scale, vk_op_copy, vk_op_glu, vk_op_softcap, vk_begin_step, vk_end_step,
                             vk_logits_rows, vk_logits_out, vk_read_logits, vk_kv_save,
-                            vk_kv_load, vk_stats, vk_profile, vk_profile_get, vk_bandwidth_probe};
+                            vk_kv_load, vk_stats, vk_profile, vk_profile_get, vk_bandwidth_probe,
+                            /* hybrid models (Gated DeltaNet) */
+                            vk_op_split_heads, vk_op_sigmoid_mul, vk_op_gate_rows, vk_op_ssm_conv, vk_op_delta_net, vk_op_gated_rmsnorm,
+                            vk_state_save, vk_state_load, vk_state_checkpoint, vk_state_restore};
 

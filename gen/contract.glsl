@@ -21,4 +21,11 @@
 #define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
 #define PC_SOFTCAP(X) X(uint, count) X(float, cap)
 #define PC_COPY(X) X(uint, count)
+#define PC_SPLIT_HEADS(X) X(uint, count) X(uint, hd)
+#define PC_SIGMOID_MUL(X) X(uint, count)
+#define PC_ROW_GATE(X) X(uint, width) X(uint, rows)
+#define PC_SSM_CONV(X) X(uint, C) X(uint, K) X(uint, n)
+#define PC_L2NORM(X) X(uint, hd) X(uint, heads) X(uint, stride) X(uint, rows) X(uint, n_scaled) X(float, scale) X(float, eps)
+#define PC_DELTA_RULE(X) X(uint, nk) X(uint, nv) X(uint, dk) X(uint, dv) X(uint, n) X(uint, C) X(uint, v_tiled) X(uint, grouped)
+#define PC_GATED_NORM(X) X(uint, width) X(uint, rows) X(float, eps)
 
