@@ -4,15 +4,16 @@
    Fixtures: test/fixtures/<name>/ is a Hugging Face directory (config.json + model.safetensors,
    float32; Qwen3-Next with the interleaved in_proj_qkvz / in_proj_ba and one tensor per expert,
    the Qwen3.5 ones multimodal-style under model.language_model. with fused experts and a
-   text_config), <name>.ref the logits of every position of a 128-token sequence and a 16-token
-   greedy continuation of the first 112. 5 layers: 4 Gated DeltaNet, 1 gated full attention
+   text_config), <name>.ref the logits of every position of a 128-token sequence and a 32-token
+   greedy continuation of the first 100. 5 layers: 4 Gated DeltaNet, 1 gated full attention
    (layer 3); 2 key heads, 4 value heads (so the value-head order matters); random norms stored
    as HF's w of (1 + w).
-   THE COMMITTED FIXTURES COME FROM gen/hybrid_ref.py (`make` 7, `ref` 128), an independent
-   pure-Python float64 implementation of ARCHITECTURES.md §3 (the GPU machine, and with it
-   transformers, was not available when they were made). gen/make_hybrid_fixtures.py writes
-   transformers' versions (save_pretrained directories and .ref files of the same format, 32
-   greedy tokens after 100) into the same paths; this test runs unchanged on them.
+   THE COMMITTED FIXTURES COME FROM TRANSFORMERS (gen/make_hybrid_fixtures.py on the GPU machine:
+   transformers 5.17.0, torch 2.11, float32 on the CPU; Qwen3NextForCausalLM,
+   Qwen3_5MoeForConditionalGeneration and Qwen3_5ForConditionalGeneration save_pretrained
+   directories, the Qwen3.5 ones with their tiny vision tower). gen/hybrid_ref.py, an
+   independent pure-Python float64 implementation of ARCHITECTURES.md §3, writes fixtures of the
+   same format (16 greedy tokens after 112); MOE_HYBRID_FIXTURES=dir runs this test on those.
 
    Per fixture, CPU backend in the bit-reproducible mode (cpu_exact = 1):
    (a) prefill of the whole sequence (logits_all) with n_batch 256, 64, 7 and 1: every logit row
