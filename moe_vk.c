@@ -2879,12 +2879,12 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
     c->step_evals += (uint64_t)n * k;
     vk_pn_touch(c, inl ? 0u : 1u << src, 0);
     int mv = n <= VK_MV_MAX;
-    int mmk = vk->coopmat ? VKK_MMCM : VKK_MM, mmgk = vk->coopmat ? VKK_MMCMG : VKK_MMG;
     for (int pass = 0; pass < (tg == tu ? 1 : 2); pass++) {
         int mode = tg == tu ? 1 : pass == 0 ? 3 : 4;
         int t = mode == 4 ? tu : tg;
         const moe_weight *mw = mode == 4 ? up : gate;
-        int pipe = VKP_TYPED(mv ? VKK_MV : mode == 1 ? mmgk : mmk, t);
+        int cm = vk->coopmat && mw->type != MOE_TYPE_F32; /* as vk_op_matmul: f32 weights keep f32 tiles */
+        int pipe = VKP_TYPED(mv ? VKK_MV : mode == 1 ? (cm ? VKK_MMCMG : VKK_MMG) : (cm ? VKK_MMCM : VKK_MM), t);
         vk_rec *r = vk_rec_new(c, pipe, mv ? VKC_MV_GATEUP : VKC_MM_GATEUP);
         if (!r) return;
         vk_bind(r, 0, &c->act[src], 0);
@@ -2921,7 +2921,7 @@ static void vk_op_experts_down(void *be, int dst, const moe_weight *down, int n)
     moe_vk_backend *vk = c->vk;
     uint32_t k = (uint32_t)c->route_k, ff = (uint32_t)down->ne[0], D = (uint32_t)down->ne[1];
     int td = vk_type_index(down->type), mv = n <= VK_MV_MAX;
-    int mmk = vk->coopmat ? VKK_MMCM : VKK_MM;
+    int mmk = vk->coopmat && down->type != MOE_TYPE_F32 ? VKK_MMCM : VKK_MM; /* as vk_op_matmul */
     vk_rec *r = vk_rec_new(c, VKP_TYPED(mv ? VKK_MV : mmk, td), mv ? VKC_MV_DOWN : VKC_MM_DOWN);
     if (!r) return;
     vk_bind(r, 0, &c->h, 0);

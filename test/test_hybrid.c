@@ -120,6 +120,7 @@ static moe_model *load_vk(const char *path, char *why, size_t why_cap) {
     moe_load_params lp = {0};
     lp.backend = MOE_BACKEND_VULKAN;
     lp.n_threads = 2;
+    lp.gpu_exact = 1; /* the reference mode: no f16 tensor-core tiles (NVIDIA) */
     moe_model *m = NULL;
     moe_status st = moe_load(path, &lp, &m);
     if (st) {
