@@ -3178,7 +3178,7 @@ static int vk_profile_get(const void *be, moe_profile_entry *out, int cap) {
                     char name[48] = "copy";
                     if (p < VKP_ADD) snprintf(name, sizeof name, "%s_%s", k_vk_kind_names[p / VKT_COUNT], k_vk_type_names[p % VKT_COUNT]);
                     else if (p < VKP_COUNT) snprintf(name, sizeof name, "%s", k_vk_plain[p - VKP_ADD].name);
-                    snprintf(o->kind, sizeof o->kind, "%s (%s)", k_vkc_names[k], name);
+                    snprintf(o->kind, sizeof o->kind, "%.28s (%.16s)", k_vkc_names[k], name); /* 48 bytes: bounded parts */
                     o->decode = ph;
                     o->calls = (int32_t)c->prof_n[ph][k][p];
                     o->seconds = c->prof_ns[ph][k][p] * 1e-9;
