@@ -32,7 +32,7 @@ import sys
 from ctypes import (CFUNCTYPE, POINTER, Structure, byref, c_char, c_char_p, c_double, c_float, c_int32,
                     c_size_t, c_uint64, c_void_p)
 
-__all__ = ["MoeError", "Model", "Context", "Sampler", "version", "status_str", "last_error", "lib"]
+__all__ = ["MoeError", "Model", "Context", "Sampler", "SamplerChain", "version", "status_str", "last_error", "lib"]
 
 # ---- constants (moe.h) -----------------------------------------------------------------------
 OK = 0
@@ -104,8 +104,11 @@ def _struct_dict(s):
 # ---- the library ---------------------------------------------------------------------------------
 def _load_library():
     here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [os.environ.get("MOE_LIB"), os.path.join(here, "..", "build", "libmoe.so"),
-                  os.path.join(here, "libmoe.so")]
+    name = "moe.dll" if sys.platform == "win32" else "libmoe.dylib" if sys.platform == "darwin" else "libmoe.so"
+    # MOE_LIB, then the library that `pip install ./python` put beside this file, then the
+    # repository's build/ (the single-file use), then this folder
+    candidates = [os.environ.get("MOE_LIB"), os.path.join(here, "moe.libs", name), os.path.join(here, "..", "build", name),
+                  os.path.join(here, name)]
     errors = []
     for path in candidates:
         if path and os.path.exists(path):
@@ -113,7 +116,7 @@ def _load_library():
                 return ctypes.CDLL(os.path.abspath(path))
             except OSError as e:
                 errors.append(str(e))
-    raise OSError("moe: cannot find libmoe.so (run `make`, or set MOE_LIB): " + "; ".join(errors or [str(candidates)]))
+    raise OSError("moe: cannot find " + name + " (run `make` or `pip install ./python`, or set MOE_LIB): " + "; ".join(errors or [str(candidates)]))
 
 
 # The MOE_ABI_VERSION (moe.h) whose structs and signatures this file declares. A library of another
@@ -389,6 +392,16 @@ class Context(_Handle):
         self.n_vocab = model.n_vocab
         self._n_last = 0
 
+    def generate(self, prompt, max_tokens=128, sampler=None, stop=(), add_special=True):
+        """Streams the continuation of prompt (text, or token ids; may be empty to continue from
+        the context as it is) as str pieces, yielded as soon as they are whole UTF-8 characters.
+        sampler: a Sampler or SamplerChain (default greedy). Stops at an end-of-generation token,
+        at a stop string (not yielded; text that might begin one is held back until it can't), at
+        max_tokens, or when the context is full. Afterwards self.finish_reason is "stop" or
+        "length" and self.generated lists the tokens (the stop token excluded)."""
+        self.generated = []
+        return _generate(self, prompt, max_tokens, sampler, stop, add_special, self.generated)
+
     def step(self, tokens):
         """Feeds tokens (a prompt chunk or one sampled token) at the current position."""
         tokens = list(tokens)
@@ -463,6 +476,160 @@ class Sampler(_Handle):
     def reset(self):
         """Forgets the history and re-seeds: as new."""
         lib.moe_sampler_reset(self._handle())
+
+
+# ---- sampler chain ---------------------------------------------------------------------------------
+class SamplerChain(object):
+    """A sampler built stage by stage, as llama.cpp's llama_sampler_chain (and llama-cpp-python's
+    LlamaSampler) users write it:
+
+        chain = moe.SamplerChain().add_penalties(64, 1.1).add_top_k(40).add_temp(0.8).add_top_p(0.95).add_dist(seed=7)
+        token = chain.sample(ctx.logits())
+
+    The built-in stages run in C (moe_sample) in moe's fixed order: penalties -> top_k -> temp ->
+    top_p -> min_p -> dist (or greedy). Adding a stage out of that order raises ValueError instead
+    of silently reordering it (top_p before temp would mean something else). add_custom(fn) stages
+    run first, in Python: fn(logits, history) gets a (c_float * n_vocab) copy of the logits and the
+    tokens accepted so far, and may change the array in place or return a new sequence of floats
+    (a grammar mask, a logit bias, a ban list)."""
+
+    _ORDER = ("penalties", "top_k", "temp", "top_p", "min_p", "dist")
+
+    def __init__(self):
+        self._params = {}
+        self._stages = []
+        self._custom = []
+        self._history = []
+        self._sampler = None
+
+    def _add(self, stage, **params):
+        if self._sampler is not None:
+            raise ValueError("SamplerChain: stages are added before the first sample()")
+        if stage in self._stages:
+            raise ValueError("SamplerChain: %s added twice" % stage)
+        if self._stages and self._ORDER.index(stage) < self._ORDER.index(self._stages[-1]):
+            raise ValueError("SamplerChain: %s after %s; moe samples in the order %s" % (stage, self._stages[-1], " -> ".join(self._ORDER)))
+        self._stages.append(stage)
+        self._params.update(params)
+        return self
+
+    def add_penalties(self, last_n=64, repeat=1.0, frequency=0.0, presence=0.0):
+        return self._add("penalties", repeat_last_n=last_n, repeat_penalty=repeat, frequency_penalty=frequency,
+                         presence_penalty=presence)
+
+    def add_top_k(self, k):
+        return self._add("top_k", top_k=k)
+
+    def add_temp(self, t):
+        return self._add("temp", temperature=t)
+
+    def add_top_p(self, p, min_keep=1):
+        return self._add("top_p", top_p=p)
+
+    def add_min_p(self, p, min_keep=1):
+        return self._add("min_p", min_p=p)
+
+    def add_dist(self, seed=0):
+        return self._add("dist", seed=seed)
+
+    def add_greedy(self):
+        if "temp" in self._stages:
+            raise ValueError("SamplerChain: greedy after temp (greedy ignores the temperature)")
+        return self._add("dist", temperature=0.0)
+
+    def add_custom(self, fn):
+        if self._sampler is not None:
+            raise ValueError("SamplerChain: stages are added before the first sample()")
+        self._custom.append(fn)
+        return self
+
+    def _get(self):
+        if self._sampler is None:
+            p = dict(self._params)
+            if "dist" not in self._stages or "temp" not in self._stages:
+                p["temperature"] = 0.0      # no draw stage, or no temperature: greedy, as llama.cpp's chain ends
+            self._sampler = Sampler(**p)
+        return self._sampler
+
+    def sample(self, logits, n_vocab=None):
+        """Runs the custom stages, then the built-in ones; records the token (penalties, history)."""
+        s = self._get()
+        if self._custom:
+            n = len(logits) if n_vocab is None else n_vocab
+            arr = (c_float * n)()
+            ctypes.memmove(arr, ctypes.addressof(logits), n * 4) if isinstance(logits, ctypes.Array) else arr.__setitem__(slice(0, n), list(logits)[:n])
+            for fn in self._custom:
+                out = fn(arr, self._history)
+                if out is not None and out is not arr:
+                    arr = (c_float * n)(*list(out)[:n])
+            logits = arr
+        t = s.sample(logits, n_vocab)
+        self._history.append(t)
+        return t
+
+    def accept(self, token):
+        self._get().accept(token)
+        self._history.append(token)
+
+    def reset(self):
+        if self._sampler is not None:
+            self._sampler.reset()
+        self._history = []
+
+    def close(self):
+        if self._sampler is not None:
+            self._sampler.close()
+
+
+# ---- streaming generation -----------------------------------------------------------------------
+def _generate(ctx, prompt, max_tokens, sampler, stop, add_special, tokens_out):
+    import codecs
+    model = ctx.model
+    if isinstance(prompt, (str, bytes)):
+        ids = model.tokenize(prompt, add_special=add_special, parse_special=True)
+    else:
+        ids = list(prompt)
+    sampler = sampler if sampler is not None else Sampler()
+    stops = [st for st in (stop or ()) if st]
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    ctx.finish_reason = None
+    if ids:
+        ctx.step(ids)       # a prompt that does not fit raises MoeError(ERR_CONTEXT_FULL)
+    pending = ""     # text held back while it may be the start of a stop string
+    for _ in range(max_tokens):
+        t = sampler.sample(ctx.logits())
+        if model.is_eog(t):
+            ctx.finish_reason = "stop"
+            break
+        tokens_out.append(t)
+        text = pending + decoder.decode(model.token_to_piece(t))
+        hit = min((i for i in (text.find(st) for st in stops) if i >= 0), default=-1)
+        if hit >= 0:
+            if text[:hit]:
+                yield text[:hit]
+            ctx.finish_reason = "stop"
+            return
+        keep = 0             # the longest tail of text that begins some stop string
+        for st in stops:
+            for k in range(min(len(st) - 1, len(text)), 0, -1):
+                if text.endswith(st[:k]):
+                    keep = max(keep, k)
+                    break
+        pending = text[len(text) - keep:] if keep else ""
+        if text[:len(text) - keep]:
+            yield text[:len(text) - keep]
+        try:
+            ctx.step([t])
+        except MoeError as e:
+            if e.status != ERR_CONTEXT_FULL:
+                raise
+            ctx.finish_reason = "length"     # the context is full: its last token was generated, not stepped
+            break
+    else:
+        ctx.finish_reason = "length"
+    tail = pending + decoder.decode(b"", final=True)
+    if tail:
+        yield tail
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ command -v g++ >/dev/null 2>&1 || need="$need g++"
 command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1 || need="$need gcc-mingw-w64-x86-64-win32"
 command -v valgrind >/dev/null 2>&1 || need="$need valgrind"
 [ -x /usr/bin/python3 ] || need="$need python3"
+/usr/bin/python3 -c "import ensurepip, venv" 2>/dev/null || need="$need python3-venv"   # pip install ./python, in a venv
 have() { for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
 have /usr/lib/wine/wine64 /usr/bin/wine64 || need="$need wine64"
 have /usr/lib/*/libvulkan.so.1 /usr/lib/libvulkan.so.1 || need="$need libvulkan1"

@@ -259,3 +259,112 @@ $PY python/example.py -m "$MODEL" --tokens "$IDS" -n 24 -b cpu > "$T/example.txt
 grep -q "^greedy: $(cat "$T/generate.txt")\$" "$T/example.txt" || {
   echo "test_python: example.py's greedy line differs from generate:"; cat "$T/example.txt" "$T/generate.txt"; exit 1; }
 echo "   example.py: ok"
+
+# ---- 6. generate(), SamplerChain, UTF-8 across pieces, stop strings ---------------------------------
+$PY - <<'EOF'
+import sys
+sys.path.insert(0, "python")
+import moe
+
+# the streaming logic on scripted tokens: multi-byte characters split over pieces come out whole,
+# text that may begin a stop string is held back, the stop string itself never comes out
+class FakeModel:
+    pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9 ", 4: b"\xf0\x9f", 5: b"\x98\x80", 6: b" EN", 7: b"D here", 8: b"\xff", 9: b"!"}
+    def is_eog(self, t): return t == 0
+    def token_to_piece(self, t): return self.pieces[t]
+class FakeCtx:
+    def __init__(self): self.model, self.stepped = FakeModel(), []
+    def step(self, toks): self.stepped += toks
+    def logits(self): return None
+class Script:
+    def __init__(self, toks): self.toks = list(toks)
+    def sample(self, logits): return self.toks.pop(0)
+def run(toks, stop=(), max_tokens=50):
+    c, out = FakeCtx(), []
+    chunks = list(moe._generate(c, [], max_tokens, Script(toks), stop, True, out))
+    return chunks, c.finish_reason, out
+chunks, why, out = run([1, 2, 3, 4, 5, 0])
+assert "".join(chunks) == "caf\u00e9 \U0001F600" and why == "stop" and out == [1, 2, 3, 4, 5], (chunks, why)
+assert all("\ufffd" not in c for c in chunks), chunks          # no half characters yielded
+assert chunks == ["caf", "\u00e9 ", "\U0001F600"], chunks
+chunks, why, out = run([1, 6, 7, 9], stop=["END"])
+assert chunks == ["caf", " "] and why == "stop", (chunks, why)   # " EN" + "D here": the "EN" was held back
+chunks, why, _ = run([1, 6, 9, 0], stop=["END"])               # "EN" held back, then released
+assert chunks == ["caf", " ", "EN!"] and why == "stop", chunks
+chunks, why, _ = run([8, 9], max_tokens=2)                      # invalid UTF-8: replaced, not raised
+assert "".join(chunks) == "\ufffd!" and why == "length", chunks
+
+with moe.Model("examples/models/tiny-moe-kjv-q8_0.gguf", backend=moe.BACKEND_CPU) as m:
+    prompt = "And God said"
+    # greedy generate() == the hand-written greedy loop, and the text == detokenize of its tokens
+    with moe.Context(m, n_ctx=96) as c:
+        text = "".join(c.generate(prompt, max_tokens=32))
+        gen = c.generated
+        assert c.finish_reason == "length" and len(gen) == 32, (c.finish_reason, len(gen))
+    with moe.Context(m, n_ctx=96) as c:
+        c.step(m.tokenize(prompt, add_special=True, parse_special=True))
+        s, loop = moe.Sampler(), []
+        for _ in range(32):
+            loop.append(s.sample(c.logits()))
+            c.step([loop[-1]])
+    assert gen == loop, (gen, loop)
+    assert text == m.detokenize(gen), (text, m.detokenize(gen))
+    # a stop string taken from the greedy text: generation ends before it
+    cut = text.index(" LORD") if " LORD" in text else len(text) // 2
+    stop = text[cut:cut + 5]
+    with moe.Context(m, n_ctx=96) as c:
+        got = "".join(c.generate(prompt, max_tokens=32, stop=[stop]))
+        assert got == text[:text.index(stop)] and c.finish_reason == "stop", (got, stop)
+    # a full context ends generation with finish_reason "length", the text so far intact
+    with moe.Context(m, n_ctx=12) as c:
+        got = "".join(c.generate(prompt, max_tokens=32))
+        assert c.finish_reason == "length" and text.startswith(got) and c.pos == 12, (got, c.pos)
+    # SamplerChain == the equivalent Sampler, draw for draw; order errors; custom stages
+    def draws(sampler):
+        with moe.Context(m, n_ctx=96) as c:
+            list(c.generate(prompt, max_tokens=24, sampler=sampler))
+            return c.generated
+    chain = moe.SamplerChain().add_penalties(32, 1.1).add_top_k(40).add_temp(0.9).add_top_p(0.95).add_min_p(0.02).add_dist(seed=11)
+    plain = moe.Sampler(repeat_last_n=32, repeat_penalty=1.1, top_k=40, temperature=0.9, top_p=0.95, min_p=0.02, seed=11)
+    assert draws(chain) == draws(plain)
+    assert draws(moe.SamplerChain().add_top_k(40).add_greedy()) == loop[:24]
+    assert draws(moe.SamplerChain().add_top_k(40).add_temp(0.9)) == loop[:24]   # no dist stage: greedy
+    for bad in (lambda: moe.SamplerChain().add_temp(0.8).add_top_k(40), lambda: moe.SamplerChain().add_top_k(4).add_top_k(4)):
+        try:
+            bad()
+            raise AssertionError("SamplerChain accepted a bad order")
+        except ValueError:
+            pass
+    banned = loop[0]
+    def ban(logits, history):
+        logits[banned] = float("-inf")
+    got = draws(moe.SamplerChain().add_custom(ban).add_greedy())
+    assert banned not in got and got[0] != loop[0], got
+    seen = []
+    biased = moe.SamplerChain().add_custom(lambda l, h: seen.append(list(h)) or [(-1e9 if i != 5 else 0.0) for i in range(len(l))])
+    assert draws(biased) == [5] * 24 and seen[3] == [5, 5, 5], seen[:4]
+print("   generate(): UTF-8 across pieces, stop strings, greedy == loop, full context; SamplerChain == Sampler, order errors, custom stages: ok")
+EOF
+
+# ---- 7. pip install ./python into a fresh venv (no network: the backend needs nothing) -------------
+if $PY -c "import ensurepip, venv" 2>/dev/null; then
+  $PY -m venv "$T/venv"
+  "$T/venv/bin/pip" install -q --no-index --disable-pip-version-check ./python > "$T/pip.log" 2>&1 || {
+    echo "test_python: pip install ./python failed:"; cat "$T/pip.log"; exit 1; }
+  KJV=examples/models/tiny-moe-kjv-q8_0.gguf
+  ./build/generate -m "$KJV" --tokens "$IDS" -n 24 -q -b cpu > "$T/generate_kjv.txt" 2>/dev/null
+  (cd "$T" && env -u MOE_LIB "$T/venv/bin/python" - "$OLDPWD/$KJV" "$(cat "$T/generate_kjv.txt")" "$IDS") <<'EOF'
+import sys, os
+import moe
+assert os.path.dirname(moe.__file__).endswith("site-packages"), moe.__file__
+assert os.path.join("site-packages", "moe.libs") in moe.lib._name, moe.lib._name      # its own build, not build/
+path, want, ids = sys.argv[1], [int(x) for x in sys.argv[2].split()], [int(x) for x in sys.argv[3].split(",")]
+with moe.Model(path, backend=moe.BACKEND_CPU) as m, moe.Context(m, n_ctx=64) as c:
+    text = "".join(c.generate(ids, max_tokens=24))
+    n = len(c.generated)
+    assert n >= 1 and c.generated == want[:n] and text == m.detokenize(c.generated), (c.generated, want)
+print("   pip install ./python: moe %s from %s: ok" % (moe.version(), moe.lib._name))
+EOF
+else
+  echo "test_python: python3 -m venv is not available (Debian: apt-get install python3-venv)"; exit 1
+fi
