@@ -3,10 +3,15 @@
 # cmocka, clang, g++ (moe.h is checked as C++), mingw-w64 and wine64 (the Windows cross-compile
 # check and a run of its build: ~20 s each to install); for the Vulkan tests the loader (libvulkan1),
 # lavapipe (mesa-vulkan-drivers), the Khronos validation layer (vulkan-validationlayers) and
-# glslangValidator (glslang-tools, for the shaders_embedded.c staleness check).
+# glslangValidator (glslang-tools, for the shaders_embedded.c staleness check); libFuzzer
+# (libclang-rt-14-dev); the aarch64 cross-compiler, qemu-user and arm64 cmocka (make test-aarch64*).
 need=""
 [ -f /usr/include/cmocka.h ] || need="$need libcmocka-dev"
 command -v clang >/dev/null 2>&1 || need="$need clang"
+ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 || need="$need libclang-rt-14-dev"  # libFuzzer
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need="$need gcc-aarch64-linux-gnu"   # the aarch64 build,
+command -v qemu-aarch64 >/dev/null 2>&1 || need="$need qemu-user"                          # run under qemu-user,
+[ -e /usr/lib/aarch64-linux-gnu/libcmocka.so ] || need="$need libcmocka-dev:arm64"         # with arm64 cmocka
 command -v g++ >/dev/null 2>&1 || need="$need g++"
 command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1 || need="$need gcc-mingw-w64-x86-64-win32"
 command -v valgrind >/dev/null 2>&1 || need="$need valgrind"
@@ -22,6 +27,7 @@ command -v glslangValidator >/dev/null 2>&1 || need="$need glslang-tools"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing:$need"
   export DEBIAN_FRONTEND=noninteractive
+  case "$need" in *:arm64*) dpkg --add-architecture arm64;; esac
   apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $need >/dev/null || {
     echo "deps: apt-get install$need failed"; exit 1; }
 else
