@@ -84,8 +84,8 @@
    built against an OLDER moe.h is kept safe by the ABI version, not by run-time struct sizes:
    every change of the binary interface (a struct that grows or changes, a function whose
    arguments or meaning change) raises MOE_ABI_VERSION, and the shared library's SONAME is
-   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.2 and the link libmoe.so). A binary
-   linked against libmoe.so.2 keeps loading that library, or fails to start; it never runs
+   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.3 and the link libmoe.so). A binary
+   linked against libmoe.so.3 keeps loading that library, or fails to start; it never runs
    against structs of another size. Adding functions or enum values keeps MOE_ABI_VERSION.
    Bindings that open the library by path (Python ctypes, C#, Go, Rust without moe.h) must compare
    moe_abi_version() with the MOE_ABI_VERSION they were written for and refuse to run on a
