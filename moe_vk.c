@@ -1070,6 +1070,14 @@ static moe_status vk_adopt_host(moe_vk_backend *vk, const moe_vk_handles *h) {
     return MOE_OK;
 }
 
+/* a function the loader exports (object and function pointers convert through memcpy, as in vk_load_global) */
+static PFN_vkVoidFunction vk_dlsym_fn(void *lib, const char *name) {
+    void *sym = dlsym(lib, name);
+    PFN_vkVoidFunction fn;
+    memcpy(&fn, &sym, sizeof fn);
+    return fn;
+}
+
 /* appends one line to a text being measured and written up to cap */
 static void vk_line(char *buf, size_t cap, size_t *n, const char *kind, const char *name) {
     char line[128];
@@ -1090,7 +1098,7 @@ moe_status moe_vk_requirements(void *physical_device, void *get_instance_proc_ad
     if (why) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: %s", why);
     /* the loader's trampolines dispatch on the handle, from any instance */
 #define VK_LOAD_EXPORT(ret, name, args)                                                                          \
-    if (!st && !vk_fn_store(&vk->f.name, (PFN_vkVoidFunction)dlsym(vk->lib, "vk" #name)))                         \
+    if (!st && !vk_fn_store(&vk->f.name, vk_dlsym_fn(vk->lib, "vk" #name)))                                      \
         st = vk_fail(MOE_ERR_DEVICE, "Vulkan: the loader does not export vk" #name);
     VK_INSTANCE_FNS(VK_LOAD_EXPORT)
 #undef VK_LOAD_EXPORT
