@@ -252,8 +252,10 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                activations everywhere, within float rounding of cpu_exact
                                                (slower prefill); the reference mode for fixtures */
     const moe_vk_handles *vk;               /* NULL = moe creates its own instance and device; else the
-                                               host's Vulkan objects (HOST-OWNED VULKAN OBJECTS below);
-                                               needs backend VULKAN or AUTO */
+                                               host's Vulkan objects (HOST-OWNED VULKAN OBJECTS above),
+                                               with backend VULKAN or AUTO (CPU: MOE_ERR_INVALID_ARG); AUTO
+                                               then uses that device whatever its type, and a failure is
+                                               returned, never a fallback to the CPU backend */
     const char *vk_pipeline_cache_path;     /* optional: a pipeline cache file, read at load when valid
                                                (else ignored with a log line) and written when the model
                                                is freed (temporary file + rename) */

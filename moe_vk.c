@@ -11,9 +11,11 @@
    MAP OF THIS FILE
    1. Vulkan declarations: the subset of the API this file uses (no Vulkan headers needed)
    2. loader: dlopen("libvulkan.so.1") and the function table (no global vk* symbols)
-   3. backend: instance, validation messenger, device choice, features
+   3. backend: instance, validation messenger, device choice, features; or the host's own
+      instance, device and queue (moe_vk_handles) and moe_vk_requirements
    4. memory: buffers, batched uploads through staging, weight windows
-   5. pipelines: built lazily from the embedded SPIR-V (shaders_embedded.c)
+   5. pipelines: built lazily from the embedded SPIR-V (shaders_embedded.c), through a pipeline
+      cache that a host may pass in (checked) and get back
    6. contexts: activations, KV cache, scratch; step recording, barriers, submit, profiling
    7. ops: the op table (moe_vk_ops)
 
