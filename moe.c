@@ -244,6 +244,7 @@ size_t moe_struct_size(int32_t which) {
     case MOE_STRUCT_SAVE_PARAMS: return sizeof(moe_save_params);
     case MOE_STRUCT_STATS: return sizeof(moe_stats);
     case MOE_STRUCT_PROFILE_ENTRY: return sizeof(moe_profile_entry);
+    case MOE_STRUCT_VK_HANDLES: return sizeof(moe_vk_handles);
     default: return set_error(MOE_ERR_INVALID_ARG, "moe_struct_size: unknown struct id %d", which), 0;
     }
 }

@@ -139,7 +139,7 @@ MOE_API int32_t     moe_abi_version(void);            /* MOE_ABI_VERSION of the 
    their own declarations against. */
 enum { MOE_STRUCT_LOAD_PARAMS = 1, MOE_STRUCT_MODEL_INFO = 2, MOE_STRUCT_CTX_PARAMS = 3, MOE_STRUCT_SAMPLER_PARAMS = 4,
        MOE_STRUCT_SAVE_PARAMS = 5, MOE_STRUCT_STATS = 6,
-       MOE_STRUCT_PROFILE_ENTRY = 7 };
+       MOE_STRUCT_PROFILE_ENTRY = 7, MOE_STRUCT_VK_HANDLES = 8 };
 MOE_API size_t      moe_struct_size(int32_t which);
 MOE_API const char *moe_status_str(moe_status s);     /* static string for a code */
 MOE_API const char *moe_last_error(void);             /* thread-local detail of the last failure on this thread */

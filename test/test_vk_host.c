@@ -261,6 +261,7 @@ static void test_requirements(void **state) {
     assert_non_null(strstr(buf, "extension VK_KHR_push_descriptor\n"));
     assert_non_null(strstr(buf, "feature shaderStorageBufferArrayDynamicIndexing\n"));
     print_message("moe_vk_requirements:\n%s", buf);
+    assert_int_equal(moe_struct_size(MOE_STRUCT_VK_HANDLES), sizeof(moe_vk_handles));
     assert_int_equal(moe_vk_requirements(NULL, NULL, buf, sizeof buf, &n), MOE_ERR_INVALID_ARG);
     assert_int_equal(n, 0);
     assert_int_equal(moe_vk_requirements(H.pd, NULL, NULL, 16, &n), MOE_ERR_INVALID_ARG);
