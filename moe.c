@@ -244,6 +244,7 @@ size_t moe_struct_size(int32_t which) {
     case MOE_STRUCT_SAVE_PARAMS: return sizeof(moe_save_params);
     case MOE_STRUCT_STATS: return sizeof(moe_stats);
     case MOE_STRUCT_PROFILE_ENTRY: return sizeof(moe_profile_entry);
+    case MOE_STRUCT_VK_HANDLES: return sizeof(moe_vk_handles);
     default: return set_error(MOE_ERR_INVALID_ARG, "moe_struct_size: unknown struct id %d", which), 0;
     }
 }
@@ -9038,7 +9039,7 @@ typedef struct state_header {
     uint64_t model_fingerprint, payload_bytes, checksum;
 } state_header;
 
-static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
+uint64_t moe_fnv1a(uint64_t h, const void *data, size_t n) {
     const uint8_t *p = data;
     for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
     return h;
@@ -9049,19 +9050,19 @@ static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
    independent of how layers bind their weights. */
 static uint64_t model_fingerprint(const moe_model *m) {
     const gguf_file *g = &m->gguf;
-    uint64_t h = fnv1a(0xcbf29ce484222325ull, &g->n_tensors, sizeof g->n_tensors);
+    uint64_t h = moe_fnv1a(0xcbf29ce484222325ull, &g->n_tensors, sizeof g->n_tensors);
     int32_t nv = m->w.hp.n_vocab;
-    h = fnv1a(h, &nv, sizeof nv);
+    h = moe_fnv1a(h, &nv, sizeof nv);
     for (int64_t i = 0; i < g->n_tensors; i++) {
         const gguf_tensor *t = &g->tensors[i];
-        h = fnv1a(h, t->name.p, (size_t)t->name.n);
-        h = fnv1a(h, &t->type, sizeof t->type);
-        h = fnv1a(h, t->ne, sizeof t->ne);
+        h = moe_fnv1a(h, t->name.p, (size_t)t->name.n);
+        h = moe_fnv1a(h, &t->type, sizeof t->type);
+        h = moe_fnv1a(h, t->ne, sizeof t->ne);
         const uint8_t *first = t->expert_ptrs ? t->expert_ptrs[0] : t->data;
         const uint8_t *last = t->expert_ptrs ? t->expert_ptrs[t->ne[2] - 1] : t->data;
         uint64_t slab = t->expert_ptrs ? t->nbytes / (uint64_t)t->ne[2] : t->nbytes, n = slab < 64 ? slab : 64;
-        if (first) h = fnv1a(h, first, (size_t)n);
-        if (last) h = fnv1a(h, last + slab - n, (size_t)n);
+        if (first) h = moe_fnv1a(h, first, (size_t)n);
+        if (last) h = moe_fnv1a(h, last + slab - n, (size_t)n);
     }
     return h;
 }
@@ -9120,7 +9121,7 @@ moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_
     }
     state_header h = {MOE_STATE_MAGIC, MOE_STATE_VERSION, hp->n_layer, hp->n_head_kv, hp->head_dim, hp->n_vocab, ctx->n_ctx,
                       ctx->kv_type, ctx->pos, ctx->n_logits, ctx->n_batch, ctx->ring_lo, model_fingerprint(ctx->model), need - sizeof h, 0};
-    h.checksum = fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
+    h.checksum = moe_fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h);
     memcpy(buf, &h, sizeof h);
     return MOE_OK;
 }
@@ -9200,7 +9201,7 @@ moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
     if (size != need || h.payload_bytes != need - sizeof h)
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: state is %zu bytes, but position %d with %d logit row(s) needs %zu "
                          "(corrupted state)", size, h.pos, h.n_logits, need);
-    if (fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h) != h.checksum)
+    if (moe_fnv1a(0xcbf29ce484222325ull, (const uint8_t *)buf + sizeof h, need - sizeof h) != h.checksum)
         return set_error(MOE_ERR_FORMAT, "moe_ctx_load: checksum mismatch (corrupted state)");
     const uint8_t *p = (const uint8_t *)buf + sizeof h;
     moe_status vst = state_payload_check(ctx, p, h.n_logits, h.pos);
@@ -9812,6 +9813,12 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     if (p.backend < MOE_BACKEND_AUTO || p.backend > MOE_BACKEND_VULKAN || p.n_threads < 0 || p.device_index < 0)
         return set_error(MOE_ERR_INVALID_ARG, "moe_load: bad backend %d, n_threads %d or device_index %d", p.backend,
                          p.n_threads, p.device_index);
+    if (p.vk && (p.backend == MOE_BACKEND_CPU || !p.vk->instance || !p.vk->physical_device || !p.vk->device || !p.vk->queue))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_load: moe_load_params.vk %s",
+                         p.backend == MOE_BACKEND_CPU ? "is for the Vulkan backend, but MOE_BACKEND_CPU was asked for"
+                                                      : "needs instance, physical_device, device and queue (one is NULL)");
+    if (!p.vk_pipeline_cache_data != !p.vk_pipeline_cache_size)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_load: vk_pipeline_cache_data and vk_pipeline_cache_size go together");
     double t0 = now_s();
     moe_model *m = moe_calloc(1, sizeof *m);
     if (!m) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory");
@@ -9881,9 +9888,11 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     if (p.backend != MOE_BACKEND_CPU) {
         st = xs_gpu_budget_check(m, p.gpu_budget_bytes, p.host_budget_bytes); /* section 8 */
         /* AUTO takes a GPU only: on a CPU-type Vulkan device (lavapipe) our CPU backend is faster */
-        if (!st) st = moe_vk_init_budget(&m->w, p.device_index, p.backend == MOE_BACKEND_AUTO, p.gpu_budget_bytes, m->log.fn, m->log.user, &m->vk);
+        moe_vk_opts vo = {p.vk, p.vk_pipeline_cache_path, p.vk_pipeline_cache_data, p.vk_pipeline_cache_size};
+        if (!st) st = moe_vk_init_opts(&m->w, p.device_index, p.backend == MOE_BACKEND_AUTO, p.gpu_budget_bytes, &vo, m->log.fn, m->log.user, &m->vk);
         if (st) {
-            if (p.backend == MOE_BACKEND_VULKAN) goto fail;
+            /* the host's own device failing is the host's to hear about, not a reason to fall back */
+            if (p.backend == MOE_BACKEND_VULKAN || p.vk) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_AUTO: Vulkan not used: %s)", m->n_threads,
                     moe_last_error());
             m->vk = NULL;
@@ -9910,6 +9919,13 @@ cancelled:
 fail:
     model_destroy(m);
     return st;
+}
+
+moe_status moe_vk_pipeline_cache_get(const moe_model *model, void *buf, size_t cap, size_t *n_out) {
+    if (n_out) *n_out = 0;
+    if (!model || !n_out || (!buf && cap)) return set_error(MOE_ERR_INVALID_ARG, "moe_vk_pipeline_cache_get: bad arguments");
+    if (!model->vk) return set_error(MOE_ERR_UNSUPPORTED, "moe_vk_pipeline_cache_get: the model runs on the CPU backend");
+    return moe_vk_pcache_get(model->vk, buf, cap, n_out);
 }
 
 moe_status moe_model_get_info(const moe_model *model, moe_model_info *out) {

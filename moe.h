@@ -84,8 +84,8 @@
    built against an OLDER moe.h is kept safe by the ABI version, not by run-time struct sizes:
    every change of the binary interface (a struct that grows or changes, a function whose
    arguments or meaning change) raises MOE_ABI_VERSION, and the shared library's SONAME is
-   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.2 and the link libmoe.so). A binary
-   linked against libmoe.so.2 keeps loading that library, or fails to start; it never runs
+   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.3 and the link libmoe.so). A binary
+   linked against libmoe.so.3 keeps loading that library, or fails to start; it never runs
    against structs of another size. Adding functions or enum values keeps MOE_ABI_VERSION.
    Bindings that open the library by path (Python ctypes, C#, Go, Rust without moe.h) must compare
    moe_abi_version() with the MOE_ABI_VERSION they were written for and refuse to run on a
@@ -133,16 +133,80 @@ enum { MOE_LOG_ERROR = 0, MOE_LOG_WARN = 1, MOE_LOG_INFO = 2, MOE_LOG_DEBUG = 3 
 MOE_API const char *moe_version(void);                /* "0.1.0" */
 
 /* ABI version of the library: see VERSIONS above; the shared library is libmoe.so.<this>. */
-#define MOE_ABI_VERSION 2
+#define MOE_ABI_VERSION 3
 MOE_API int32_t     moe_abi_version(void);            /* MOE_ABI_VERSION of the library as built */
 /* sizeof() of a public struct in the library as built (0 for an unknown id), for bindings to check
    their own declarations against. */
 enum { MOE_STRUCT_LOAD_PARAMS = 1, MOE_STRUCT_MODEL_INFO = 2, MOE_STRUCT_CTX_PARAMS = 3, MOE_STRUCT_SAMPLER_PARAMS = 4,
        MOE_STRUCT_SAVE_PARAMS = 5, MOE_STRUCT_STATS = 6,
-       MOE_STRUCT_PROFILE_ENTRY = 7 };
+       MOE_STRUCT_PROFILE_ENTRY = 7, MOE_STRUCT_VK_HANDLES = 8 };
 MOE_API size_t      moe_struct_size(int32_t which);
 MOE_API const char *moe_status_str(moe_status s);     /* static string for a code */
 MOE_API const char *moe_last_error(void);             /* thread-local detail of the last failure on this thread */
+
+/* ---- host-owned Vulkan objects (game engines) ----------------------------------------------
+   HOST-OWNED VULKAN OBJECTS. An application that already has a VkInstance, VkDevice and a compute
+   queue hands them to moe_load through moe_load_params.vk; moe then creates nothing on the
+   instance or device level (no instance, device, debug messenger), only buffers, memory, pipelines,
+   command pools and fences on the host's device, which it destroys when the model is freed. It
+   never destroys the instance, device or queue, and never calls vkDeviceWaitIdle on them.
+     1. moe_vk_requirements(physical_device, ...) says what to enable when creating the device:
+        one line per item, "api 1.2", "extension NAME", "feature NAME" (NAME: the VkPhysicalDevice*
+        Features member), e.g. "extension VK_KHR_push_descriptor" and "feature
+        shaderStorageBufferArrayDynamicIndexing"; optional ones (NVIDIA cooperative matrices for
+        prefill on tensor cores) are listed only where the device has them.
+     2. Create the device with those (more is fine), fill moe_vk_handles and pass
+        device_create_info (the VkDeviceCreateInfo used, read during moe_load only) so moe knows
+        what is enabled: Vulkan has no query for it. Without it moe assumes the required items only
+        and takes no optional path (no cooperative matrices).
+     3. With less than required, moe_load fails with MOE_ERR_DEVICE naming what is missing (for
+        example "the device was created without VK_KHR_push_descriptor"); without the optional
+        items it takes the slower paths. Bad handles (a NULL instance, physical device, device or
+        queue, a queue family without compute) give MOE_ERR_INVALID_ARG.
+   Queue: every vkQueueSubmit and vkQueueWaitIdle moe makes on the queue runs between
+   queue_lock(user, 1) and queue_lock(user, 0) (when queue_lock is set), from whichever thread
+   steps a context; the host holds its own lock for its submits to the same queue. Functions are
+   loaded through get_instance_proc_addr (NULL: vkGetInstanceProcAddr of libvulkan.so.1 /
+   vulkan-1.dll). Lifetime: instance, device and queue must outlive the model (and its contexts:
+   the last moe_ctx_free or moe_model_free releases moe's objects on the device). The validation
+   layer, if wanted, is the host's to enable (MOE_VK_VALIDATION applies to moe's own instance). */
+typedef struct moe_vk_handles {             /* the host keeps ownership; moe never destroys these */
+    void    *instance;                      /* VkInstance (API version 1.2 or later) */
+    void    *physical_device;               /* VkPhysicalDevice */
+    void    *device;                        /* VkDevice, created with what moe_vk_requirements lists */
+    void    *queue;                         /* a VkQueue with compute */
+    uint32_t queue_family;                  /* the family of queue */
+    uint32_t reserved0;
+    void    *get_instance_proc_addr;        /* PFN_vkGetInstanceProcAddr; NULL = from libvulkan/vulkan-1.dll */
+    void   (*queue_lock)(void *user, int32_t lock);  /* optional: the host's external sync of the queue */
+    void    *queue_lock_user;
+    const void *device_create_info;         /* optional: the VkDeviceCreateInfo of device (its extension
+                                               list and feature chain; read during moe_load only) */
+} moe_vk_handles;
+
+/* Which device extensions and features moe wants enabled on physical_device, as text lines (see
+   HOST-OWNED VULKAN OBJECTS), into buf with a NUL after them when it fits; *n_out = bytes without
+   the NUL; out-parameter rule of ABI above. MOE_ERR_DEVICE (message naming why) when the device
+   cannot run moe at all. Physical-device queries go through the loader's exported entry points
+   (libvulkan.so.1 / vulkan-1.dll), as there is no instance to ask get_instance_proc_addr with. */
+MOE_API moe_status moe_vk_requirements(void *physical_device, void *get_instance_proc_addr, char *buf, int32_t cap,
+                                       int32_t *n_out);
+
+/* PIPELINE CACHE. Compiling the compute pipelines (on first use of each kernel) is most of a
+   first step on drivers that compile slowly. A cache from moe_load_params.vk_pipeline_cache_path
+   or _data is checked before use: moe's envelope (magic, version, length, checksum) and then
+   Vulkan's header (header version, vendor, device and pipelineCacheUUID of this device); anything
+   else is ignored with a MOE_LOG_WARN line and an empty cache is used: a stale cache (other
+   driver or GPU) or a damaged file costs only the compile time. Like a model file, a well-formed
+   forged cache cannot be told from a real one: the driver parses its contents. The log says at
+   MOE_LOG_INFO how many bytes were used, and when the model is freed how many pipelines were built
+   and in how long. The path form writes the cache back when the model is freed (path.tmp.PID,
+   then rename, so readers never see half a file). The blob form: moe_vk_pipeline_cache_get. */
+/* The model's pipeline cache as it is now (grows as kernels are first used: call it after some
+   steps, or before freeing the model), in the envelope moe_load_params.vk_pipeline_cache_data
+   takes. Out-parameter rule of ABI above, in bytes (size query: buf NULL, cap 0).
+   MOE_ERR_UNSUPPORTED on the CPU backend. */
+MOE_API moe_status moe_vk_pipeline_cache_get(const moe_model *model, void *buf, size_t cap, size_t *n_out);
 
 /* ---- load ---------------------------------------------------------------------------------- */
 typedef struct moe_load_params {            /* all-zero (or a NULL pointer) means defaults */
@@ -187,6 +251,17 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                to 11 bits: logits move by ~1e-3 of their range); 1 = f32
                                                activations everywhere, within float rounding of cpu_exact
                                                (slower prefill); the reference mode for fixtures */
+    const moe_vk_handles *vk;               /* NULL = moe creates its own instance and device; else the
+                                               host's Vulkan objects (HOST-OWNED VULKAN OBJECTS above),
+                                               with backend VULKAN or AUTO (CPU: MOE_ERR_INVALID_ARG); AUTO
+                                               then uses that device whatever its type, and a failure is
+                                               returned, never a fallback to the CPU backend */
+    const char *vk_pipeline_cache_path;     /* optional: a pipeline cache file, read at load when valid
+                                               (else ignored with a log line) and written when the model
+                                               is freed (temporary file + rename) */
+    const void *vk_pipeline_cache_data;     /* optional: a pipeline cache blob (moe_vk_pipeline_cache_get);
+                                               read at load, not kept; with a path too, the blob wins */
+    size_t   vk_pipeline_cache_size;
 } moe_load_params;
 
 /* path: a .gguf file, or a Hugging Face model directory (config.json + *.safetensors + tokenizer.json);
@@ -786,6 +861,20 @@ MOE_HIDDEN moe_status moe_vk_init(const moe_weights *w, int32_t device_index, in
    naming the minimum below the minimum working set. moe_vk_init is this with 0. */
 MOE_HIDDEN moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only,
                                          uint64_t gpu_budget_bytes, moe_log_fn log, void *log_user, moe_vk_backend **out);
+/* moe_vk_init_budget with what else moe_load_params carries for Vulkan: the host's objects (NULL:
+   moe's own instance and device) and a pipeline cache (path and/or blob, each optional). */
+typedef struct moe_vk_opts {
+    const moe_vk_handles *host;
+    const char *pcache_path;
+    const void *pcache_data;
+    size_t pcache_size;
+} moe_vk_opts;
+MOE_HIDDEN moe_status moe_vk_init_opts(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
+                                       const moe_vk_opts *opts, moe_log_fn log, void *log_user, moe_vk_backend **out);
+/* the pipeline cache in moe's envelope (moe_vk_pipeline_cache_get's rule, size_t counts) */
+MOE_HIDDEN moe_status moe_vk_pcache_get(moe_vk_backend *vk, void *buf, size_t cap, size_t *n_out);
+/* 64-bit FNV-1a: checksums of states and pipeline caches */
+MOE_HIDDEN uint64_t   moe_fnv1a(uint64_t h, const void *data, size_t n);
 MOE_HIDDEN int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
 MOE_HIDDEN void       moe_vk_use_exact(moe_vk_backend *vk);               /* gpu_exact: no f16 tensor-core tiles */
 MOE_HIDDEN void       moe_vk_free(moe_vk_backend *vk);

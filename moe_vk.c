@@ -11,9 +11,11 @@
    MAP OF THIS FILE
    1. Vulkan declarations: the subset of the API this file uses (no Vulkan headers needed)
    2. loader: dlopen("libvulkan.so.1") and the function table (no global vk* symbols)
-   3. backend: instance, validation messenger, device choice, features
+   3. backend: instance, validation messenger, device choice, features; or the host's own
+      instance, device and queue (moe_vk_handles) and moe_vk_requirements
    4. memory: buffers, batched uploads through staging, weight windows
-   5. pipelines: built lazily from the embedded SPIR-V (shaders_embedded.c)
+   5. pipelines: built lazily from the embedded SPIR-V (shaders_embedded.c), through a pipeline
+      cache that a host may pass in (checked) and get back
    6. contexts: activations, KV cache, scratch; step recording, barriers, submit, profiling
    7. ops: the op table (moe_vk_ops)
 
@@ -77,11 +79,16 @@ static int win_mutex_unlock(win_mutex *m) { ReleaseSRWLockExclusive(m); return 0
 #define PTHREAD_MUTEX_INITIALIZER SRWLOCK_INIT
 #define VK_LOADER_NAMES {"vulkan-1.dll"}
 #define VK_LOADER_MISSING "the Vulkan loader vulkan-1.dll was not found (install a GPU driver or the Vulkan runtime)"
+#define VK_PID() GetCurrentProcessId()
+#define VK_RENAME(from, to) (MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING) != 0) /* rename() fails over an existing file */
 #else
 #include <dlfcn.h>
 #include <pthread.h>
 #define VK_LOADER_NAMES {"libvulkan.so.1", "libvulkan.so"}
 #define VK_LOADER_MISSING "the Vulkan loader libvulkan.so.1 was not found (Debian: apt-get install libvulkan1)"
+#include <unistd.h>
+#define VK_PID() getpid()
+#define VK_RENAME(from, to) (rename(from, to) == 0)
 #endif
 
 /* ============================================================================================ */
@@ -182,6 +189,11 @@ typedef struct VkFenceCreateInfo { VkEnum sType; const void *pNext; VkFlags flag
 typedef struct VkQueryPoolCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; VkEnum queryType; uint32_t queryCount; VkFlags pipelineStatistics; } VkQueryPoolCreateInfo;
 typedef struct VkDebugUtilsMessengerCreateInfoEXT { VkEnum sType; const void *pNext; VkFlags flags, messageSeverity, messageType; PFN_vkDebugUtilsMessengerCallbackEXT pfnUserCallback; void *pUserData; } VkDebugUtilsMessengerCreateInfoEXT;
 typedef struct VkDebugUtilsMessengerCallbackDataEXT { VkEnum sType; const void *pNext; VkFlags flags; const char *pMessageIdName; int32_t messageIdNumber; const char *pMessage; uint32_t queueLabelCount; const void *pQueueLabels; uint32_t cmdBufLabelCount; const void *pCmdBufLabels; uint32_t objectCount; const void *pObjects; } VkDebugUtilsMessengerCallbackDataEXT;
+typedef struct VkPipelineCacheCreateInfo { VkEnum sType; const void *pNext; VkFlags flags; size_t initialDataSize; const void *pInitialData; } VkPipelineCacheCreateInfo;
+/* VkPhysicalDeviceVulkan12Features: only read (a host's device chain), so its 47 flags as an array */
+typedef struct VkPhysicalDeviceVulkan12Features { VkEnum sType; const void *pNext; VkBool32 flag[47]; } VkPhysicalDeviceVulkan12Features;
+enum { VK12_SHADER_FLOAT16 = 7, VK12_VULKAN_MEMORY_MODEL = 41, VK12_VULKAN_MEMORY_MODEL_DEVICE_SCOPE = 42 };
+typedef struct VkBaseInStructure { VkEnum sType; const struct VkBaseInStructure *pNext; } VkBaseInStructure;
 /* end of the Vulkan struct subset */
 
 enum { /* VkStructureType values */
@@ -190,11 +202,11 @@ enum { /* VkStructureType values */
     VK_STRUCTURE_TYPE_SUBMIT_INFO = 4, VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO = 5,
     VK_STRUCTURE_TYPE_FENCE_CREATE_INFO = 8, VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO = 11,
     VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO = 12, VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO = 16,
-    VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO = 18, VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO = 29,
+    VK_STRUCTURE_TYPE_PIPELINE_CACHE_CREATE_INFO = 17, VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO = 18, VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO = 29,
     VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO = 30, VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO = 32,
     VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET = 35, VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO = 39,
     VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO = 40, VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO = 42,
-    VK_STRUCTURE_TYPE_MEMORY_BARRIER = 46,
+    VK_STRUCTURE_TYPE_MEMORY_BARRIER = 46, VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES = 51,
     VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2 = 1000059000, VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2 = 1000059001,
     VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PUSH_DESCRIPTOR_PROPERTIES_KHR = 1000080000,
     VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES = 1000082000,
@@ -326,6 +338,10 @@ enum { /* VkStructureType values */
     X(VkResult, WaitForFences, (VkDevice, uint32_t, const VkFence *, VkBool32, uint64_t))                        \
     X(VkResult, ResetFences, (VkDevice, uint32_t, const VkFence *))                                              \
     X(VkResult, DeviceWaitIdle, (VkDevice))                                                                      \
+    X(VkResult, QueueWaitIdle, (VkQueue))                                                                        \
+    X(VkResult, CreatePipelineCache, (VkDevice, const VkPipelineCacheCreateInfo *, const void *, VkPipelineCache *)) \
+    X(void, DestroyPipelineCache, (VkDevice, VkPipelineCache, const void *))                                     \
+    X(VkResult, GetPipelineCacheData, (VkDevice, VkPipelineCache, size_t *, void *))                              \
     X(void, CmdPushDescriptorSetKHR, (VkCommandBuffer, VkEnum, VkPipelineLayout, uint32_t, uint32_t, const VkWriteDescriptorSet *))
 
 /* optional entry points: NULL when absent */
@@ -577,6 +593,9 @@ struct moe_vk_backend {
     void *lib;
     VkInstance inst;
     int inst_shared;           /* inst is the process's shared instance (vk_create_instance): not ours to destroy */
+    int host;                  /* instance, device and queue are the host's (moe_vk_handles): never destroyed here */
+    void (*queue_lock)(void *user, int32_t lock);  /* the host's external sync of its queue, or NULL */
+    void *queue_lock_user;
     VkDebugUtilsMessengerEXT messenger;
     VkPhysicalDevice pd;
     VkDevice dev;
@@ -594,6 +613,12 @@ struct moe_vk_backend {
     VkPipeline pipes[VKP_COUNT][VK_VARIANTS];  /* per kernel, per value of specialization constant 1 */
     uint32_t pipe_spec[VKP_COUNT][VK_VARIANTS];
     pthread_mutex_t lock;      /* lazy pipeline creation and queue submission */
+    VkPipelineCache pcache;    /* every pipeline goes through it (empty unless a valid cache was given) */
+    char *pcache_path;         /* written back when the backend is freed, if its contents changed */
+    uint64_t pcache_in_sum;    /* checksum and size of the accepted input (0, 0: none) */
+    size_t pcache_in_bytes;
+    int n_built;               /* pipelines created, and the seconds it took (compiles or cache hits) */
+    double t_built;
     int lock_ok;
     vk_buf *win;               /* weight windows */
     uint32_t n_win;
@@ -825,6 +850,25 @@ static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p
     free(ext);
 }
 
+/* The backend takes the probed device's properties, queue family and limits. */
+static void vk_adopt_probe(moe_vk_backend *vk, const vk_probe *p) {
+    vk_fns *f = &vk->f;
+    vk->pd = p->pd;
+    vk->props = p->props;
+    vk->qfam = p->qfam;
+    vk->subgroup = p->subgroup;
+    vk->coopmat = p->coopmat;
+    vk->timestamps = p->ts_bits > 0;
+    vk->ts_ns = p->props.limits.timestampPeriod;
+    vk->ts_mask = p->ts_bits >= 64 ? ~0ull : (1ull << p->ts_bits) - 1;
+    f->GetPhysicalDeviceMemoryProperties(vk->pd, &vk->memp);
+    VkDeviceSize cap = p->props.limits.maxStorageBufferRange;
+    if (cap > p->max_alloc) cap = p->max_alloc;
+    if (cap > 0xffffffffull) cap = 0xffffffffull;
+    if (g_vk_window_cap_override && g_vk_window_cap_override < cap) cap = g_vk_window_cap_override;
+    vk->win_cap = (cap - VK_ALIGN) / VK_ALIGN * VK_ALIGN;
+}
+
 static int vk_type_rank(VkEnum t) {
     switch (t) {
     case VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU: return 0;
@@ -877,20 +921,7 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int
     if (device_index >= n_ok)
         return vk_fail(MOE_ERR_DEVICE, "Vulkan: device_index %d but only %d usable device(s)", device_index, n_ok);
     const vk_probe *p = &probes[order[device_index]];
-    vk->pd = p->pd;
-    vk->props = p->props;
-    vk->qfam = p->qfam;
-    vk->subgroup = p->subgroup;
-    vk->coopmat = p->coopmat;
-    vk->timestamps = p->ts_bits > 0;
-    vk->ts_ns = p->props.limits.timestampPeriod;
-    vk->ts_mask = p->ts_bits >= 64 ? ~0ull : (1ull << p->ts_bits) - 1;
-    f->GetPhysicalDeviceMemoryProperties(vk->pd, &vk->memp);
-    VkDeviceSize cap = p->props.limits.maxStorageBufferRange;
-    if (cap > p->max_alloc) cap = p->max_alloc;
-    if (cap > 0xffffffffull) cap = 0xffffffffull;
-    if (g_vk_window_cap_override && g_vk_window_cap_override < cap) cap = g_vk_window_cap_override;
-    vk->win_cap = (cap - VK_ALIGN) / VK_ALIGN * VK_ALIGN;
+    vk_adopt_probe(vk, p);
 
     float prio = 1.0f;
     VkDeviceQueueCreateInfo qci = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, vk->qfam, 1, &prio};
@@ -915,6 +946,205 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int
            p->props.deviceName, VK_VERSION_MAJOR(p->props.apiVersion), VK_VERSION_MINOR(p->props.apiVersion), vk->subgroup,
            (unsigned)(p->props.limits.maxStorageBufferRange >> 20), vk->coopmat ? ", NV cooperative matrix" : "",
            vk->timestamps ? ", timestamps" : "", vk->validation ? ", validation layer on" : "");
+    return MOE_OK;
+}
+
+/* ---- host-owned objects (moe_vk_handles) ----
+   Vulkan cannot be asked what a VkDevice was created with, so what is enabled comes from the host's
+   VkDeviceCreateInfo (device_create_info) when given; without it the required items are taken as
+   enabled (moe_vk_requirements says they must be) and nothing optional is used. */
+typedef struct vk_enabled {
+    int known;                                   /* read from a VkDeviceCreateInfo */
+    int push_descriptor, coopmat_ext;            /* extensions */
+    int dyn_index, f16, vmm, vmm_dev, coopmat;   /* features */
+} vk_enabled;
+
+static moe_status vk_read_enabled(const VkDeviceCreateInfo *dci, vk_enabled *e) {
+    memset(e, 0, sizeof *e);
+    if (!dci) {
+        e->push_descriptor = e->dyn_index = 1;
+        return MOE_OK;
+    }
+    if (dci->sType != VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO)
+        return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_handles.device_create_info: sType %d is not VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO", dci->sType);
+    e->known = 1;
+    for (uint32_t i = 0; i < dci->enabledExtensionCount; i++) {
+        const char *x = dci->ppEnabledExtensionNames ? dci->ppEnabledExtensionNames[i] : NULL;
+        if (!x) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_handles.device_create_info: extension name %u is NULL", i);
+        e->push_descriptor |= !strcmp(x, "VK_KHR_push_descriptor");
+        e->coopmat_ext |= !strcmp(x, "VK_NV_cooperative_matrix");
+    }
+    if (dci->pEnabledFeatures) e->dyn_index = dci->pEnabledFeatures->shaderStorageBufferArrayDynamicIndexing != 0;
+    int depth = 0;
+    for (const VkBaseInStructure *b = dci->pNext; b; b = b->pNext) {
+        if (++depth > 64) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_handles.device_create_info: pNext chain longer than 64 (a loop?)");
+        switch (b->sType) {
+        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2:
+            e->dyn_index |= ((const VkPhysicalDeviceFeatures2 *)(const void *)b)->features.shaderStorageBufferArrayDynamicIndexing != 0;
+            break;
+        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES: {
+            const VkPhysicalDeviceVulkan12Features *v = (const void *)b;
+            e->f16 |= v->flag[VK12_SHADER_FLOAT16] != 0;
+            e->vmm |= v->flag[VK12_VULKAN_MEMORY_MODEL] != 0;
+            e->vmm_dev |= v->flag[VK12_VULKAN_MEMORY_MODEL_DEVICE_SCOPE] != 0;
+            break;
+        }
+        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES:
+            e->f16 |= ((const VkPhysicalDeviceShaderFloat16Int8Features *)(const void *)b)->shaderFloat16 != 0;
+            break;
+        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES: {
+            const VkPhysicalDeviceVulkanMemoryModelFeatures *v = (const void *)b;
+            e->vmm |= v->vulkanMemoryModel != 0;
+            e->vmm_dev |= v->vulkanMemoryModelDeviceScope != 0;
+            break;
+        }
+        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV:
+            e->coopmat |= ((const VkPhysicalDeviceCooperativeMatrixFeaturesNV *)(const void *)b)->cooperativeMatrix != 0;
+            break;
+        default: break;
+        }
+    }
+    return MOE_OK;
+}
+
+/* Takes the host's instance, device and queue: loads the entry points through its
+   vkGetInstanceProcAddr, probes the physical device as for moe's own, and checks what the device
+   was created with against what moe relies on. Creates nothing. */
+static moe_status vk_adopt_host(moe_vk_backend *vk, const moe_vk_handles *h) {
+    vk_fns *f = &vk->f;
+    vk->host = 1;
+    if (h->get_instance_proc_addr) memcpy(&f->GetInstanceProcAddr, &h->get_instance_proc_addr, sizeof f->GetInstanceProcAddr);
+    else {
+        const char *why = vk_load_global(f, &vk->lib);
+        if (why) return vk_fail(MOE_ERR_DEVICE, "Vulkan: %s", why);
+    }
+    vk_enabled en;
+    moe_status st = vk_read_enabled(h->device_create_info, &en);
+    if (st) return st;
+    vk->inst = (VkInstance)h->instance;
+    const char *missing = vk_load_instance(f, vk->inst);
+    if (missing) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the host's vkGetInstanceProcAddr gives no %s", missing);
+    VkPhysicalDevice pd = (VkPhysicalDevice)h->physical_device;
+    uint32_t nq = 0;
+    f->GetPhysicalDeviceQueueFamilyProperties(pd, &nq, NULL);
+    VkQueueFamilyProperties qf[32];
+    if (nq > 32) nq = 32;
+    f->GetPhysicalDeviceQueueFamilyProperties(pd, &nq, qf);
+    if (h->queue_family >= nq || !(qf[h->queue_family].queueFlags & VK_QUEUE_COMPUTE_BIT))
+        return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_handles: queue_family %u is not a compute queue family of the physical device (%u families)",
+                       h->queue_family, nq);
+    vk_probe p;
+    vk_probe_device(vk, pd, &p);
+    if (p.why[0]) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the host's device cannot run moe: %s", p.why);
+    p.qfam = h->queue_family; /* the host's queue, whatever family moe would have picked */
+    p.ts_bits = p.props.limits.timestampComputeAndGraphics ? qf[h->queue_family].timestampValidBits : 0;
+    vk_adopt_probe(vk, &p);
+    char name[64];
+    snprintf(name, sizeof name, "%.63s", p.props.deviceName);
+    vk->dev = (VkDevice)h->device;
+    if (en.known && !en.push_descriptor)
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the host's device (%s) was created without VK_KHR_push_descriptor (moe_vk_requirements lists it)", name);
+    if (!en.dyn_index)
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the host's device (%s) was created without the feature shaderStorageBufferArrayDynamicIndexing "
+                       "(moe_vk_requirements lists it)", name);
+    /* with the memory model on, moe's atomics (device scope in GLSL) are only valid with device scope too */
+    if (en.vmm && !en.vmm_dev)
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the host's device (%s) enables vulkanMemoryModel without vulkanMemoryModelDeviceScope, "
+                       "which moe's shaders then need", name);
+    missing = vk_load_device(f, vk->dev);
+    if (missing && !f->CmdPushDescriptorSetKHR)
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the host's device (%s) gives no vkCmdPushDescriptorSetKHR: created without VK_KHR_push_descriptor "
+                       "(moe_vk_requirements lists it)", name);
+    if (missing) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the host's device (%s) gives no %s", name, missing);
+    int cm = p.coopmat && en.coopmat_ext && en.coopmat && en.f16 && en.vmm && en.vmm_dev;
+    if (p.coopmat && !cm)
+        vk_log(vk, MOE_LOG_WARN, "Vulkan: the host's device lacks %s: prefill matmuls without cooperative matrices (slower)",
+               !en.known ? "a device_create_info (what it enables is unknown)"
+               : !en.coopmat_ext ? "VK_NV_cooperative_matrix" : !en.coopmat ? "the feature cooperativeMatrix"
+               : !en.f16 ? "the feature shaderFloat16" : "the features vulkanMemoryModel(DeviceScope)");
+    vk->coopmat = cm;
+    vk->queue = (VkQueue)h->queue;
+    vk->queue_lock = h->queue_lock;
+    vk->queue_lock_user = h->queue_lock_user;
+    vk_log(vk, MOE_LOG_INFO, "Vulkan: the host's device %s (Vulkan %u.%u, subgroup %u, queue family %u%s%s%s)", name,
+           VK_VERSION_MAJOR(p.props.apiVersion), VK_VERSION_MINOR(p.props.apiVersion), vk->subgroup, vk->qfam,
+           vk->coopmat ? ", NV cooperative matrix" : "", vk->timestamps ? ", timestamps" : "", vk->queue_lock ? ", host queue lock" : "");
+    return MOE_OK;
+}
+
+/* a function the loader exports (object and function pointers convert through memcpy, as in vk_load_global) */
+static PFN_vkVoidFunction vk_dlsym_fn(void *lib, const char *name) {
+    void *sym = dlsym(lib, name);
+    PFN_vkVoidFunction fn;
+    memcpy(&fn, &sym, sizeof fn);
+    return fn;
+}
+
+/* appends one line to a text being measured and written up to cap */
+static void vk_line(char *buf, size_t cap, size_t *n, const char *kind, const char *name) {
+    char line[128];
+    int l = snprintf(line, sizeof line, "%s %s\n", kind, name);
+    if (buf && *n + (size_t)l <= cap) memcpy(buf + *n, line, (size_t)l);
+    *n += (size_t)l;
+}
+
+moe_status moe_vk_requirements(void *physical_device, void *get_instance_proc_addr, char *buf, int32_t cap, int32_t *n_out) {
+    if (n_out) *n_out = 0;
+    if (!physical_device || !n_out || cap < 0 || (!buf && cap))
+        return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_requirements: physical_device and n_out are required, buf with cap > 0 or NULL with 0");
+    (void)get_instance_proc_addr; /* needs an instance for physical-device queries; the loader's exports need none */
+    moe_vk_backend *vk = calloc(1, sizeof *vk);
+    if (!vk) return vk_fail(MOE_ERR_NO_MEMORY, "moe_vk_requirements: out of memory");
+    moe_status st = MOE_OK;
+    const char *why = vk_load_global(&vk->f, &vk->lib);
+    if (why) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: %s", why);
+    /* the loader's trampolines dispatch on the handle, from any instance */
+#define VK_LOAD_EXPORT(ret, name, args)                                                                          \
+    if (!st && !vk_fn_store(&vk->f.name, vk_dlsym_fn(vk->lib, "vk" #name)))                                      \
+        st = vk_fail(MOE_ERR_DEVICE, "Vulkan: the loader does not export vk" #name);
+    VK_INSTANCE_FNS(VK_LOAD_EXPORT)
+#undef VK_LOAD_EXPORT
+    vk_probe p;
+    if (!st) {
+        vk_probe_device(vk, (VkPhysicalDevice)physical_device, &p);
+        if (p.why[0]) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: %s", p.why);
+    }
+    /* p.coopmat also needs the NV properties query, which only an instance gives: the features decide here */
+    int cm = 0;
+    if (!st && p.subgroup == 32 && p.props.limits.maxComputeSharedMemorySize >= 48 * 1024) {
+        VkPhysicalDeviceCooperativeMatrixFeaturesNV cmf = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV, NULL, 0, 0};
+        VkPhysicalDeviceVulkanMemoryModelFeatures vmm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, &cmf, 0, 0, 0};
+        VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES, &vmm, 0, 0};
+        uint32_t n_ext = 0;
+        VkExtensionProperties *ext = NULL;
+        if (vk->f.EnumerateDeviceExtensionProperties(p.pd, NULL, &n_ext, NULL) == VK_SUCCESS && n_ext &&
+            (ext = calloc(n_ext, sizeof *ext)) && vk->f.EnumerateDeviceExtensionProperties(p.pd, NULL, &n_ext, ext) >= VK_SUCCESS &&
+            vk_has_ext(ext, n_ext, "VK_NV_cooperative_matrix")) {
+            VkPhysicalDeviceFeatures2 ft;
+            memset(&ft, 0, sizeof ft);
+            ft.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2;
+            ft.pNext = &f16;
+            vk->f.GetPhysicalDeviceFeatures2(p.pd, &ft);
+            cm = cmf.cooperativeMatrix && f16.shaderFloat16 && vmm.vulkanMemoryModel && vmm.vulkanMemoryModelDeviceScope;
+        }
+        free(ext);
+    }
+    free(vk);
+    if (st) return st;
+    size_t n = 0, c = buf ? (size_t)cap : 0;
+    vk_line(buf, c, &n, "api", "1.2");
+    vk_line(buf, c, &n, "extension", "VK_KHR_push_descriptor");
+    vk_line(buf, c, &n, "feature", "shaderStorageBufferArrayDynamicIndexing");
+    if (cm) { /* optional: prefill on tensor cores */
+        vk_line(buf, c, &n, "extension", "VK_NV_cooperative_matrix");
+        vk_line(buf, c, &n, "feature", "cooperativeMatrix");
+        vk_line(buf, c, &n, "feature", "shaderFloat16");
+        vk_line(buf, c, &n, "feature", "vulkanMemoryModel");
+        vk_line(buf, c, &n, "feature", "vulkanMemoryModelDeviceScope");
+    }
+    *n_out = (int32_t)n;
+    if (n > c) return vk_fail(MOE_ERR_BUFFER_TOO_SMALL, "moe_vk_requirements: needs %zu bytes, buffer has %zu", n, c);
+    if (n < c) buf[n] = 0;
     return MOE_OK;
 }
 
@@ -1001,7 +1231,9 @@ static moe_status vk_wait_fence(moe_vk_backend *vk, VkFence fence, const char *w
 static moe_status vk_submit(moe_vk_backend *vk, VkCommandBuffer cb, VkFence fence, const char *what) {
     VkSubmitInfo si = {VK_STRUCTURE_TYPE_SUBMIT_INFO, NULL, 0, NULL, NULL, 1, &cb, 0, NULL};
     pthread_mutex_lock(&vk->lock);
+    if (vk->queue_lock) vk->queue_lock(vk->queue_lock_user, 1);
     VkResult r = vk->f.QueueSubmit(vk->queue, 1, &si, fence);
+    if (vk->queue_lock) vk->queue_lock(vk->queue_lock_user, 0);
     pthread_mutex_unlock(&vk->lock);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkQueueSubmit (%s) failed (%s)", what, vk_result_str(r));
     return MOE_OK;
@@ -1649,6 +1881,8 @@ done:
 /* ============================================================================================ */
 #define VK_PC_WORDS 20 /* every dispatch pushes 80 bytes: a superset of each shader's push-constant block */
 
+static double vk_now_s(void);
+
 static const moe_spirv *vk_find_spirv(const char *name) {
     size_t lo = 0, hi = moe_vk_spirv_count;
     while (lo < hi) { /* the table is sorted by name */
@@ -1697,7 +1931,10 @@ static moe_status vk_pipe(moe_vk_backend *vk, int id, uint32_t spec, VkPipeline 
             ci.stage.pSpecializationInfo = &si;
             ci.layout = vk->layout;
             ci.basePipelineIndex = -1;
-            r = vk->f.CreateComputePipelines(vk->dev, 0, 1, &ci, NULL, &vk->pipes[id][v]);
+            double t0 = vk_now_s();
+            r = vk->f.CreateComputePipelines(vk->dev, vk->pcache, 1, &ci, NULL, &vk->pipes[id][v]);
+            vk->t_built += vk_now_s() - t0;
+            vk->n_built += r == VK_SUCCESS;
             vk->f.DestroyShaderModule(vk->dev, mod, NULL);
         }
         if (r != VK_SUCCESS) {
@@ -1711,11 +1948,164 @@ static moe_status vk_pipe(moe_vk_backend *vk, int id, uint32_t spec, VkPipeline 
     return st;
 }
 
+/* ---- pipeline cache ----
+   moe's envelope around the driver's blob: magic, version, blob length and an FNV-1a checksum, so
+   a damaged or truncated file is refused before the driver parses it; then Vulkan's own header
+   (VkPipelineCacheHeaderVersionOne) must name this device (vendor, device, pipelineCacheUUID), so a
+   cache of another GPU or driver version is refused too. A refused cache costs compile time only. */
+#define VK_PCACHE_MAGIC "MOEPCAC1"
+#define VK_PCACHE_VERSION 1u
+#define VK_PCACHE_MAX ((size_t)1 << 30)  /* larger input is not a pipeline cache of moe's */
+typedef struct vk_pcache_head { char magic[8]; uint32_t version, reserved; uint64_t bytes, checksum; } vk_pcache_head;
+
+/* why the blob cannot be used, or NULL; *vk_data and *vk_bytes: the driver's part */
+static const char *vk_pcache_check(const moe_vk_backend *vk, const uint8_t *data, size_t size, const uint8_t **vk_data, size_t *vk_bytes) {
+    vk_pcache_head h;
+    if (size < sizeof h) return "shorter than its header";
+    memcpy(&h, data, sizeof h);
+    if (memcmp(h.magic, VK_PCACHE_MAGIC, 8)) return "not a moe pipeline cache (magic)";
+    if (h.version != VK_PCACHE_VERSION) return "another version of moe's pipeline cache format";
+    if (h.bytes != size - sizeof h) return "truncated or overlong (length field)";
+    if (moe_fnv1a(0xcbf29ce484222325ull, data + sizeof h, (size_t)h.bytes) != h.checksum) return "checksum mismatch (damaged)";
+    const uint8_t *d = data + sizeof h;
+    uint32_t w[4];
+    if (h.bytes < 32) return "no Vulkan header";
+    memcpy(w, d, sizeof w);
+    if (w[0] < 32 || w[0] > h.bytes || w[1] != 1) return "bad Vulkan header (size or version)";
+    if (w[2] != vk->props.vendorID || w[3] != vk->props.deviceID || memcmp(d + 16, vk->props.pipelineCacheUUID, 16))
+        return "made by another device or driver version (vendor, device or pipelineCacheUUID differ)";
+    *vk_data = d;
+    *vk_bytes = (size_t)h.bytes;
+    return NULL;
+}
+
+/* Creates vk->pcache from the blob, else from the file, else empty. Never fails for the cache's
+   contents: an unusable one is logged and left out. */
+static moe_status vk_pcache_open(moe_vk_backend *vk, const moe_vk_opts *o) {
+    uint8_t *file = NULL;
+    const uint8_t *in = o ? o->pcache_data : NULL;
+    size_t in_size = o ? o->pcache_size : 0;
+    const char *src = "the blob";
+    if (o && o->pcache_path) {
+        if (!(vk->pcache_path = strdup(o->pcache_path))) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of memory");
+        if (!in) {
+            src = o->pcache_path;
+            FILE *fp = fopen(o->pcache_path, "rb");
+            long len = -1;
+            if (fp && fseek(fp, 0, SEEK_END) == 0) len = ftell(fp);
+            if (fp && len > 0 && (size_t)len <= VK_PCACHE_MAX && fseek(fp, 0, SEEK_SET) == 0 && (file = malloc((size_t)len)) &&
+                fread(file, 1, (size_t)len, fp) == (size_t)len) {
+                in = file;
+                in_size = (size_t)len;
+            } else if (fp)
+                vk_log(vk, MOE_LOG_WARN, "Vulkan: pipeline cache %s ignored: cannot read it (%ld bytes)", src, len);
+            else vk_log(vk, MOE_LOG_INFO, "Vulkan: no pipeline cache at %s yet: it is written when the model is freed", src);
+            if (fp) fclose(fp);
+        }
+    }
+    const uint8_t *vd = NULL;
+    size_t vn = 0;
+    if (in) {
+        const char *why = vk_pcache_check(vk, in, in_size, &vd, &vn);
+        if (why) vk_log(vk, MOE_LOG_WARN, "Vulkan: pipeline cache %s ignored: %s", src, why);
+    }
+    VkPipelineCacheCreateInfo ci = {VK_STRUCTURE_TYPE_PIPELINE_CACHE_CREATE_INFO, NULL, 0, vn, vd};
+    VkResult r = vk->f.CreatePipelineCache(vk->dev, &ci, NULL, &vk->pcache);
+    if (r != VK_SUCCESS && vd) { /* the driver refused it after all: start empty */
+        vk_log(vk, MOE_LOG_WARN, "Vulkan: pipeline cache %s ignored: the driver refused it (%s)", src, vk_result_str(r));
+        vd = NULL;
+        vn = 0;
+        ci.initialDataSize = 0;
+        ci.pInitialData = NULL;
+        r = vk->f.CreatePipelineCache(vk->dev, &ci, NULL, &vk->pcache);
+    }
+    if (vd) {
+        vk->pcache_in_bytes = vn;
+        vk->pcache_in_sum = moe_fnv1a(0xcbf29ce484222325ull, vd, vn);
+        vk_log(vk, MOE_LOG_INFO, "Vulkan: pipeline cache: %zu bytes from %s used", vn, src);
+    }
+    free(file);
+    if (r != VK_SUCCESS) {
+        vk->pcache = 0;
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreatePipelineCache failed (%s)", vk_result_str(r));
+    }
+    return MOE_OK;
+}
+
+/* The cache in moe's envelope into buf (NULL: size only); call under vk->lock. */
+static moe_status vk_pcache_fill(moe_vk_backend *vk, uint8_t *buf, size_t cap, size_t *n_out) {
+    size_t vn = 0;
+    vk_pcache_head h;
+    *n_out = 0;
+    VkResult r = vk->pcache ? vk->f.GetPipelineCacheData(vk->dev, vk->pcache, &vn, NULL) : VK_SUCCESS;
+    if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkGetPipelineCacheData failed (%s)", vk_result_str(r));
+    *n_out = sizeof h + vn;
+    if (!buf || cap < sizeof h + vn)
+        return vk_fail(MOE_ERR_BUFFER_TOO_SMALL, "moe_vk_pipeline_cache_get: needs %zu bytes, buffer has %zu", sizeof h + vn, cap);
+    if (vn && (r = vk->f.GetPipelineCacheData(vk->dev, vk->pcache, &vn, buf + sizeof h)) != VK_SUCCESS)
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkGetPipelineCacheData failed (%s)", vk_result_str(r));
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, VK_PCACHE_MAGIC, 8);
+    h.version = VK_PCACHE_VERSION;
+    h.bytes = vn;
+    h.checksum = moe_fnv1a(0xcbf29ce484222325ull, buf + sizeof h, vn);
+    memcpy(buf, &h, sizeof h);
+    *n_out = sizeof h + vn;
+    return MOE_OK;
+}
+
+moe_status moe_vk_pcache_get(moe_vk_backend *vk, void *buf, size_t cap, size_t *n_out) {
+    pthread_mutex_lock(&vk->lock); /* pipelines are added under it */
+    moe_status st = vk_pcache_fill(vk, buf, cap, n_out);
+    pthread_mutex_unlock(&vk->lock);
+    return st;
+}
+
+/* Writes the cache to vk->pcache_path if it changed (temporary file + rename: a reader sees the
+   old file or the new one, never half of one), then destroys it. Failures only log: freeing goes on. */
+static void vk_pcache_close(moe_vk_backend *vk) {
+    if (!vk->pcache) return;
+    if (vk->n_built)
+        vk_log(vk, MOE_LOG_INFO, "Vulkan: %d pipeline(s) created in %.1f ms%s", vk->n_built, vk->t_built * 1e3,
+               vk->pcache_in_bytes ? " (with the pipeline cache)" : "");
+    size_t n = 0;
+    uint8_t *blob = NULL;
+    if (vk->pcache_path && vk_pcache_fill(vk, NULL, 0, &n) == MOE_ERR_BUFFER_TOO_SMALL && (blob = malloc(n)) &&
+        vk_pcache_fill(vk, blob, n, &n) == MOE_OK) {
+        const vk_pcache_head *h = (const void *)blob;
+        if (h->bytes != vk->pcache_in_bytes || h->checksum != vk->pcache_in_sum) {
+            size_t pl = strlen(vk->pcache_path);
+            char *tmp = malloc(pl + 32);
+            FILE *fp = NULL;
+            if (tmp) snprintf(tmp, pl + 32, "%s.tmp.%lu", vk->pcache_path, (unsigned long)VK_PID());
+            int ok = tmp && (fp = fopen(tmp, "wb")) && fwrite(blob, 1, n, fp) == n;
+            if (fp && fclose(fp) != 0) ok = 0;
+            if (ok) ok = VK_RENAME(tmp, vk->pcache_path);
+            if (ok) vk_log(vk, MOE_LOG_INFO, "Vulkan: pipeline cache: %zu bytes written to %s", n, vk->pcache_path);
+            else {
+                vk_log(vk, MOE_LOG_WARN, "Vulkan: pipeline cache: cannot write %s", vk->pcache_path);
+                if (tmp) remove(tmp);
+            }
+            free(tmp);
+        }
+    }
+    free(blob);
+    vk->f.DestroyPipelineCache(vk->dev, vk->pcache, NULL);
+    vk->pcache = 0;
+}
+
 void moe_vk_free(moe_vk_backend *vk) {
     if (!vk) return;
     vk_fns *f = &vk->f;
     if (vk->dev) { /* resources exist only if every device entry point loaded; the device itself may not */
-        if (f->DeviceWaitIdle) f->DeviceWaitIdle(vk->dev);
+        if (vk->host && f->QueueWaitIdle && vk->queue) { /* the host's device may be busy with its own work: wait for ours only */
+            pthread_mutex_lock(&vk->lock);
+            if (vk->queue_lock) vk->queue_lock(vk->queue_lock_user, 1);
+            f->QueueWaitIdle(vk->queue);
+            if (vk->queue_lock) vk->queue_lock(vk->queue_lock_user, 0);
+            pthread_mutex_unlock(&vk->lock);
+        } else if (!vk->host && f->DeviceWaitIdle) f->DeviceWaitIdle(vk->dev);
+        vk_pcache_close(vk);
         vk_xg_free(vk);
         for (int i = 0; i < VKP_COUNT; i++)
             for (int v = 0; v < VK_VARIANTS; v++)
@@ -1725,10 +2115,11 @@ void moe_vk_free(moe_vk_backend *vk) {
         for (uint32_t i = 0; i < vk->n_win; i++) vk_buf_free(vk, &vk->win[i]);
         vk_buf_free(vk, &vk->tables);
         vk_buf_free(vk, &vk->dummy);
-        if (f->DestroyDevice) f->DestroyDevice(vk->dev, NULL);
+        if (f->DestroyDevice && !vk->host) f->DestroyDevice(vk->dev, NULL);
     }
+    free(vk->pcache_path);
     if (vk->messenger && f->DestroyDebugUtilsMessengerEXT) f->DestroyDebugUtilsMessengerEXT(vk->inst, vk->messenger, NULL);
-    if (vk->inst && !vk->inst_shared && f->DestroyInstance) f->DestroyInstance(vk->inst, NULL);
+    if (vk->inst && !vk->inst_shared && !vk->host && f->DestroyInstance) f->DestroyInstance(vk->inst, NULL);
     /* the loader stays loaded: some drivers do not survive being unloaded and loaded again */
     if (vk->w)
         for (uint32_t i = 0; i < vk->n_wts; i++) vk_weight_at(vk->w, (int)i)->dev = NULL;
@@ -1746,6 +2137,11 @@ moe_status moe_vk_init(const moe_weights *w, int32_t device_index, int32_t gpu_o
 
 moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes, moe_log_fn log,
                               void *log_user, moe_vk_backend **out) {
+    return moe_vk_init_opts(w, device_index, gpu_only, gpu_budget_bytes, NULL, log, log_user, out);
+}
+
+moe_status moe_vk_init_opts(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
+                            const moe_vk_opts *opts, moe_log_fn log, void *log_user, moe_vk_backend **out) {
     if (!out) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: out is NULL");
     *out = NULL;
     if (!w || device_index < 0) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: bad arguments");
@@ -1779,13 +2175,18 @@ moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_
     }
     vk->lock_ok = 1;
     moe_status st;
-    const char *why = vk_load_global(&vk->f, &vk->lib);
-    if (why) {
-        st = vk_fail(MOE_ERR_DEVICE, "Vulkan: %s", why);
-        goto fail;
+    if (opts && opts->host) { /* the host's instance and device: nothing of ours on that level */
+        if ((st = vk_adopt_host(vk, opts->host))) goto fail;
+    } else {
+        const char *why = vk_load_global(&vk->f, &vk->lib);
+        if (why) {
+            st = vk_fail(MOE_ERR_DEVICE, "Vulkan: %s", why);
+            goto fail;
+        }
+        if ((st = vk_create_instance(vk))) goto fail;
+        if ((st = vk_create_device(vk, device_index, gpu_only))) goto fail;
     }
-    if ((st = vk_create_instance(vk))) goto fail;
-    if ((st = vk_create_device(vk, device_index, gpu_only))) goto fail;
+    if ((st = vk_pcache_open(vk, opts))) goto fail;
     VkDescriptorSetLayoutBinding b[8];
     for (uint32_t i = 0; i < 8; i++) {
         VkDescriptorSetLayoutBinding bi = {i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, i == 6 ? VK_XBUFS : 1, VK_SHADER_STAGE_COMPUTE_BIT, NULL};

@@ -62,7 +62,9 @@ class LoadParams(Structure):
     _fields_ = [("backend", c_int32), ("device_index", c_int32), ("n_threads", c_int32), ("reserved0", c_int32),
                 ("gpu_budget_bytes", c_uint64), ("host_budget_bytes", c_uint64),
                 ("progress", PROGRESS_FN), ("log", LOG_FN), ("user", c_void_p), ("vocab_only", c_int32),
-                ("cpu_exact", c_int32), ("gpu_exact", c_int32)]
+                ("cpu_exact", c_int32), ("gpu_exact", c_int32),
+                ("vk", c_void_p), ("vk_pipeline_cache_path", c_char_p), ("vk_pipeline_cache_data", c_void_p),
+                ("vk_pipeline_cache_size", c_size_t)]
 
 
 class ModelInfo(Structure):
@@ -122,7 +124,7 @@ def _load_library():
 # The MOE_ABI_VERSION (moe.h) whose structs and signatures this file declares. A library of another
 # ABI version is refused at import, and each struct's size is checked against the library's, so
 # the binding never passes a struct of the wrong size.
-ABI_VERSION = 2
+ABI_VERSION = 3
 lib = _load_library()
 
 
