@@ -466,7 +466,7 @@ static const char *vk_result_str(VkResult r) {
     KP(DELTA_RULE, delta_rule, "delta_rule.comp", "", 128)          \
     KP(DN_CHUNK_GATES, dn_chunk_gates, "dn_chunk_gates.comp", "", 64) \
     KP(DN_CHUNK_PREP, dn_chunk_prep, "dn_chunk_prep.comp", "", 128) \
-    KP(DN_CHUNK_STATE, dn_chunk_state, "dn_chunk_state.comp", "", 64) \
+    KP(DN_CHUNK_STATE, dn_chunk_state, "dn_chunk_state.comp", "", 256) \
     KP(GATED_NORM, gated_norm, "gated_norm.comp", "", 128)
 /* END KERNELS */
 /* BEGIN PUSH CONSTANTS */
@@ -1826,6 +1826,7 @@ fail:
 #define VK_MV_MAX 8           /* up to this many tokens (columns), matmuls are matrix-vector kernels */
 #define VK_MV_ROWS 2          /* output rows per matrix-vector workgroup (mv.comp RW) */
 #define VK_DN_CT 64           /* chunk of the chunked delta rule (dn_chunk.glsl DN_CT) */
+#define VK_DN_DT 16           /* state columns per workgroup of dn_chunk_state.comp (DT) */
 #define VK_DN_CHUNK_MIN 64    /* ops of this many tokens or more take the chunked delta rule */
 
 /* profiling classes */
@@ -2369,7 +2370,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         for (int l = 0; l < hp->n_layer; l++) {
             const moe_layer_plan *lp = &w->layers[l].p;
             if (lp->attn_kind != MOE_ATTN_DELTANET) continue;
-            VkDeviceSize f = (VkDeviceSize)lp->dn.n_v_head * (2 + (VkDeviceSize)lp->dn.k_dim + (VkDeviceSize)lp->dn.v_dim + VK_DN_CT);
+            VkDeviceSize f = (VkDeviceSize)lp->dn.n_v_head * (4 + (VkDeviceSize)lp->dn.k_dim + (VkDeviceSize)lp->dn.v_dim + VK_DN_CT);
             if (f > per_tok) per_tok = f;
         }
         if (c->dn_chunk_min && c->dn_chunk_min <= shape->n_batch && per_tok && !st)
@@ -3377,10 +3378,10 @@ static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *
         if (!(r = vk_rec_new(c, VKP_DN_CHUNK_STATE, VKC_ATTN))) return;
         vk_bind(r, 0, &c->act[ACT_DN_CONV], 0);
         vk_bind(r, 1, &c->act[ACT_DN_O], 1);
-        vk_bind(r, 2, &c->dn_scr, 1);
+        vk_bind(r, 2, &c->dn_scr, 0);
         vk_bind_range(r, 4, c->st.buf, s_off, s_bytes, 1);
         VK_PC_SET(r, DELTA_RULE, pc);
-        vk_grid_fold(r, (uint64_t)dn->n_v_head * vk_div_up((uint64_t)dn->v_dim, k_vk_plain[VKP_DN_CHUNK_STATE - VKP_ADD].wg), 1);
+        vk_grid_fold(r, (uint64_t)dn->n_v_head * vk_div_up((uint64_t)dn->v_dim, VK_DN_DT), 1);
         c->fuse_idx = -1;
         return;
     }

@@ -13,7 +13,7 @@ layout(std430, binding = 1) buffer Scr { float scr[]; };
 layout(push_constant) uniform PC { PC_DELTA_RULE(PC_FIELD) } pc;
 #include "dn_chunk.glsl"
 
-shared float A[DN_CT * DN_CT], Gs[DN_CT], Bs[DN_CT];
+shared float A[DN_CT * DN_CT], gs[DN_CT], Gs[DN_CT], Bs[DN_CT];
 
 void main() {
     uint id = wg_linear_x(), c = id / pc.nv, j = id % pc.nv, tid = gl_LocalInvocationIndex;
@@ -21,7 +21,8 @@ void main() {
     uint t0 = c * DN_CT, L = min(DN_CT, pc.n - t0), m0 = dn_m(c, j);
     for (uint t = tid; t < L; t += WG) {
         Bs[t] = scr[dn_gb(t0 + t, j)];
-        Gs[t] = scr[dn_gb(t0 + t, j) + 1u];
+        gs[t] = scr[dn_gb(t0 + t, j) + 1u];
+        Gs[t] = scr[dn_gb(t0 + t, j) + 2u];
     }
     barrier();
     for (uint e = tid; e < L * DN_CT; e += WG) {
@@ -34,7 +35,9 @@ void main() {
             kk += cv[kt + i] * k;
             qk += cv[qt + i] * k;
         }
-        float decay = exp(Gs[t] - Gs[s]);
+        float g = 0.0; /* G_t - G_s, summed directly (dn_chunk.glsl) */
+        for (uint r = s + 1u; r <= t; r++) g += gs[r];
+        float decay = exp(g);
         if (s < t) A[e] = -Bs[t] * decay * kk;
         scr[m0 + e] = decay * qk;
     }
