@@ -2373,8 +2373,10 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
             VkDeviceSize f = (VkDeviceSize)lp->dn.n_v_head * (4 + (VkDeviceSize)lp->dn.k_dim + (VkDeviceSize)lp->dn.v_dim + VK_DN_CT);
             if (f > per_tok) per_tok = f;
         }
-        if (c->dn_chunk_min && c->dn_chunk_min <= shape->n_batch && per_tok && !st)
-            st = vk_act_new(c, &c->dn_scr, (nb + VK_DN_CT - 1) / VK_DN_CT * VK_DN_CT * per_tok * 4, "chunked delta rule");
+        VkDeviceSize scr_bytes = (nb + VK_DN_CT - 1) / VK_DN_CT * VK_DN_CT * per_tok * 4;
+        /* a scratch beyond one storage binding (a huge n_batch): token by token, not a failure */
+        if (c->dn_chunk_min && c->dn_chunk_min <= shape->n_batch && per_tok && !st && scr_bytes <= vk->props.limits.maxStorageBufferRange)
+            st = vk_act_new(c, &c->dn_scr, scr_bytes, "chunked delta rule");
         if (!c->dn_scr.buf) c->dn_chunk_min = 0;
     }
     if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->items_off + 4 + 4 * (VkDeviceSize)c->max_items) * 4, "routing");
