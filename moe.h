@@ -371,7 +371,9 @@ MOE_API int32_t      moe_ctx_pos(const moe_ctx *ctx);            /* tokens curre
    moe_ctx_rewind(ctx, pos) restores the newest checkpoint at or before pos (or the empty state)
    and feeds the tokens from there to pos again, in the chunks they first went through, the last
    one cut at pos. Every op computes a token from earlier tokens only, the same way whatever the
-   chunk, so the result is bit-identical to having stopped at pos.
+   chunk, so the result is bit-identical to having stopped at pos. (The chunked (WY) form of the
+   delta rule, in sub-chunks of 64 counted from an op's first token, keeps this: the replayed op
+   is the first one cut at pos, whose rows are those of the uncut op.)
    Cost: memory of (slots + 1) copies of the recurrent state per context — Qwen3-Next-80B
    (36 layers × (2 MiB + 96 KiB)): 75 MiB per copy, 603 MiB for 8 copies at n_ctx 4096;
    Qwen3.5-397B (45 × (4 MiB + 144 KiB)): 186 MiB per copy, 1.46 GiB for 8 — plus 5 bytes per

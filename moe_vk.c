@@ -480,6 +480,9 @@ static const char *vk_result_str(VkResult r) {
     KP(SSM_CONV, ssm_conv, "ssm_conv.comp", "", 64)                 \
     KP(L2NORM, l2norm, "l2norm.comp", "", 64)                       \
     KP(DELTA_RULE, delta_rule, "delta_rule.comp", "", 128)          \
+    KP(DN_CHUNK_GATES, dn_chunk_gates, "dn_chunk_gates.comp", "", 64) \
+    KP(DN_CHUNK_PREP, dn_chunk_prep, "dn_chunk_prep.comp", "", 128) \
+    KP(DN_CHUNK_STATE, dn_chunk_state, "dn_chunk_state.comp", "", 256) \
     KP(GATED_NORM, gated_norm, "gated_norm.comp", "", 128)
 /* END KERNELS */
 /* BEGIN PUSH CONSTANTS */
@@ -2223,6 +2226,9 @@ fail:
 #define VK_REC_FILL 0xfffe    /* record kind: zeros into binding 1's range */
 #define VK_MV_MAX 8           /* up to this many tokens (columns), matmuls are matrix-vector kernels */
 #define VK_MV_ROWS 2          /* output rows per matrix-vector workgroup (mv.comp RW) */
+#define VK_DN_CT 64           /* chunk of the chunked delta rule (dn_chunk.glsl DN_CT) */
+#define VK_DN_DT 16           /* state columns per workgroup of dn_chunk_state.comp (DT) */
+#define VK_DN_CHUNK_MIN 64    /* ops of this many tokens or more take the chunked delta rule */
 
 /* profiling classes */
 enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,
@@ -2303,6 +2309,10 @@ typedef struct vk_ctx {
     vk_buf st, ck;
     VkDeviceSize *st_conv, *st_rec, st_bytes;
     int n_ckpt;
+    /* the chunked (WY) delta rule: ops of at least dn_chunk_min tokens (0 = never) take it, with
+       its scratch (dn_chunk.glsl's layout for n_batch tokens) */
+    int dn_chunk_min;
+    vk_buf dn_scr;
 } vk_ctx;
 static moe_status vk_xg_after_step(vk_ctx *c);
 static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n);
@@ -2680,6 +2690,7 @@ void moe_vk_ctx_free(void *be) {
     vk_buf_free(vk, &c->rlog);
     vk_buf_free(vk, &c->st);
     vk_buf_free(vk, &c->ck);
+    vk_buf_free(vk, &c->dn_scr);
     free(c->st_conv);
     free(c->st_rec);
     free(c->xg_n);
@@ -2752,6 +2763,22 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         c->n_ckpt = moe_ckpt_slots(shape->n_ctx);
         if (!st) st = vk_buf_new(vk, &c->st, c->st_bytes, VK_MEM_DEVICE, "recurrent states");
         if (!st) st = vk_buf_new(vk, &c->ck, c->n_ckpt ? (VkDeviceSize)c->n_ckpt * c->st_bytes : VK_ALIGN, VK_MEM_DEVICE, "state checkpoints");
+        /* MOE_VK_DN_CHUNK=N: the chunked delta rule from N tokens on (0: token by token always) */
+        const char *e = getenv("MOE_VK_DN_CHUNK");
+        c->dn_chunk_min = e && *e ? atoi(e) : VK_DN_CHUNK_MIN;
+        if (c->dn_chunk_min < 0) c->dn_chunk_min = 0;
+        VkDeviceSize per_tok = 0; /* floats per (padded) token of the widest Gated DeltaNet layer */
+        for (int l = 0; l < hp->n_layer; l++) {
+            const moe_layer_plan *lp = &w->layers[l].p;
+            if (lp->attn_kind != MOE_ATTN_DELTANET) continue;
+            VkDeviceSize f = (VkDeviceSize)lp->dn.n_v_head * (4 + (VkDeviceSize)lp->dn.k_dim + (VkDeviceSize)lp->dn.v_dim + VK_DN_CT);
+            if (f > per_tok) per_tok = f;
+        }
+        VkDeviceSize scr_bytes = (nb + VK_DN_CT - 1) / VK_DN_CT * VK_DN_CT * per_tok * 4;
+        /* a scratch beyond one storage binding (a huge n_batch): token by token, not a failure */
+        if (c->dn_chunk_min && c->dn_chunk_min <= shape->n_batch && per_tok && !st && scr_bytes <= vk->props.limits.maxStorageBufferRange)
+            st = vk_act_new(c, &c->dn_scr, scr_bytes, "chunked delta rule");
+        if (!c->dn_scr.buf) c->dn_chunk_min = 0;
     }
     if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->items_off + 4 + 4 * (VkDeviceSize)c->max_items) * 4, "routing");
     /* KV caches, each at an aligned offset of one K and one V buffer */
@@ -3733,16 +3760,43 @@ static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *
     VK_PC_SET(r, L2NORM, {.hd = (uint32_t)dn->k_dim, .heads = 2u * (uint32_t)dn->n_k_head, .stride = (uint32_t)C, .rows = (uint32_t)n,
                           .n_scaled = (uint32_t)dn->n_k_head, .scale = 1.0f / sqrtf((float)dn->k_dim), .eps = 1e-6f});
     vk_grid_fold(r, (uint64_t)n * 2u * (uint64_t)dn->n_k_head, 1);
+    const vk_pc_DELTA_RULE pc = {.nk = (uint32_t)dn->n_k_head, .nv = (uint32_t)dn->n_v_head, .dk = (uint32_t)dn->k_dim, .dv = (uint32_t)dn->v_dim,
+                                 .n = (uint32_t)n, .C = (uint32_t)C, .v_tiled = (uint32_t)dn->v_tiled, .grouped = (uint32_t)dn->ba_grouped};
+    VkDeviceSize s_off = c->st_rec[dn->state], s_bytes = (VkDeviceSize)sp->rec_elems * 4;
+    if (c->dn_chunk_min && n >= c->dn_chunk_min) { /* the chunked (WY) form: gates, per-chunk factors, the state */
+        uint64_t chunks = ((uint64_t)n + VK_DN_CT - 1) / VK_DN_CT;
+        if (!(r = vk_rec_new(c, VKP_DN_CHUNK_GATES, VKC_ATTN))) return;
+        vk_bind(r, 1, &c->dn_scr, 1);
+        vk_bind(r, 2, &c->act[ACT_DN_BETA], 0);
+        vk_bind(r, 3, &c->act[ACT_DN_ALPHA], 0);
+        vk_bind_vector(c, r, 5, wa);
+        vk_bind_part(r, &c->vk->parts[wd->part0]);
+        VK_PC_SET(r, DELTA_RULE, pc);
+        vk_grid_fold(r, vk_div_up(chunks * (uint64_t)dn->n_v_head, k_vk_plain[VKP_DN_CHUNK_GATES - VKP_ADD].wg), 1);
+        if (!(r = vk_rec_new(c, VKP_DN_CHUNK_PREP, VKC_ATTN))) return;
+        vk_bind(r, 0, &c->act[ACT_DN_CONV], 0);
+        vk_bind(r, 1, &c->dn_scr, 1);
+        VK_PC_SET(r, DELTA_RULE, pc);
+        vk_grid_fold(r, chunks * (uint64_t)dn->n_v_head, 1);
+        if (!(r = vk_rec_new(c, VKP_DN_CHUNK_STATE, VKC_ATTN))) return;
+        vk_bind(r, 0, &c->act[ACT_DN_CONV], 0);
+        vk_bind(r, 1, &c->act[ACT_DN_O], 1);
+        vk_bind(r, 2, &c->dn_scr, 0);
+        vk_bind_range(r, 4, c->st.buf, s_off, s_bytes, 1);
+        VK_PC_SET(r, DELTA_RULE, pc);
+        vk_grid_fold(r, (uint64_t)dn->n_v_head * vk_div_up((uint64_t)dn->v_dim, VK_DN_DT), 1);
+        c->fuse_idx = -1;
+        return;
+    }
     if (!(r = vk_rec_new(c, VKP_DELTA_RULE, VKC_ATTN))) return;
     vk_bind(r, 0, &c->act[ACT_DN_CONV], 0);
     vk_bind(r, 1, &c->act[ACT_DN_O], 1);
     vk_bind(r, 2, &c->act[ACT_DN_BETA], 0);
     vk_bind(r, 3, &c->act[ACT_DN_ALPHA], 0);
-    vk_bind_range(r, 4, c->st.buf, c->st_rec[dn->state], (VkDeviceSize)sp->rec_elems * 4, 1);
+    vk_bind_range(r, 4, c->st.buf, s_off, s_bytes, 1);
     vk_bind_vector(c, r, 5, wa);
     vk_bind_part(r, &c->vk->parts[wd->part0]);
-    VK_PC_SET(r, DELTA_RULE, {.nk = (uint32_t)dn->n_k_head, .nv = (uint32_t)dn->n_v_head, .dk = (uint32_t)dn->k_dim, .dv = (uint32_t)dn->v_dim,
-                              .n = (uint32_t)n, .C = (uint32_t)C, .v_tiled = (uint32_t)dn->v_tiled, .grouped = (uint32_t)dn->ba_grouped});
+    VK_PC_SET(r, DELTA_RULE, pc);
     vk_grid_fold(r, (uint64_t)dn->n_v_head, 1);
     c->fuse_idx = -1;
 }

@@ -18,6 +18,7 @@ layout(std430, binding = 4) buffer S { float S_[]; };
 layout(std430, binding = 5) readonly buffer Ac { float a_coef[]; };
 layout(std430, binding = 6) readonly buffer Dt { float dt[]; } dtw[XBUFS];
 layout(push_constant) uniform PC { PC_DELTA_RULE(PC_FIELD) } pc;
+#include "dn_gate.glsl"
 
 #define DN_MAX_DK 256
 shared float qs[DN_MAX_DK], ks[DN_MAX_DK];
@@ -34,17 +35,8 @@ void main() {
             ks[i] = cv[x + (pc.nk + kh) * pc.dk + i];
         }
         barrier();
-        float b, a;
-        if (pc.grouped != 0u) {
-            uint row = t * 2u * pc.nv + (j / r) * 2u * r;
-            b = bt[row + j % r];
-            a = bt[row + r + j % r];
-        } else {
-            b = bt[t * pc.nv + j];
-            a = al[t * pc.nv + j];
-        }
-        float z = a + dtw[0].dt[j], sp = z > 20.0 ? z : log(1.0 + exp(z));
-        float beta = 1.0 / (1.0 + exp(-b)), alpha = exp(a_coef[j] * sp);
+        vec2 ga = dn_gate(t, j);
+        float beta = ga.x, alpha = exp(ga.y);
         uint v0 = x + 2u * pc.nk * pc.dk + j * pc.dv;
         for (uint d = tid; d < pc.dv; d += WG) {
             float u = 0.0;
