@@ -7113,7 +7113,7 @@ static void mm_dense_task(void *arg, int64_t t, int thread) {
    cancel waits for one block at most; after it (or any failure) the heavy ops of the rest of the
    chunk do nothing, their results being thrown away with the step */
 static int cpu_stopped(cpu_ctx *cc) {
-    if (!cc->fail && cc->shape.abort(cc->shape.abort_user))
+    if (!cc->fail && cc->shape.abort && cc->shape.abort(cc->shape.abort_user))
         cc->fail = set_error(MOE_ERR_CANCELLED, "moe_step: cancelled by the abort callback");
     return cc->fail != MOE_OK;
 }

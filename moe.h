@@ -699,7 +699,7 @@ typedef struct moe_ctx_shape {
     int32_t n_ctx, n_batch, kv_type, logits_all, n_threads;
     int32_t cpu_exact;     /* CPU backend: f32 activations in matrix products (moe_load_params) */
     /* polled by the backend inside a chunk (CPU: per layer; Vulkan: between submissions); non-zero:
-       the backend stops the step and end_step returns MOE_ERR_CANCELLED. Never NULL. */
+       the backend stops the step and end_step returns MOE_ERR_CANCELLED. NULL = never. */
     int32_t (*abort)(void *user);
     void *abort_user;
     int32_t state_backup;  /* recurrent states: one checkpoint slot more, at index moe_ckpt_slots(n_ctx),

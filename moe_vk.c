@@ -2236,7 +2236,7 @@ static moe_status vk_run(vk_ctx *c, VkCommandBuffer cb, int ph, double units) {
 static moe_status vk_run_split(vk_ctx *c, int ph) {
     double cap_ns = 1e3 * (double)c->shape.max_submit_us;
     for (int i0 = 0, i1; i0 < c->n_recs; i0 = i1) {
-        if (i0 && c->shape.abort(c->shape.abort_user))
+        if (i0 && c->shape.abort && c->shape.abort(c->shape.abort_user))
             return vk_fail(MOE_ERR_CANCELLED, "moe_step: cancelled by the abort callback");
         double u = vk_unit(c, i0);
         for (i1 = i0 + 1; i1 < c->n_recs && (u + vk_unit(c, i1)) * c->ns_per_unit[ph] <= cap_ns; i1++) u += vk_unit(c, i1);

@@ -53,6 +53,13 @@ static int check_abort_exact(moe_model *m, const moe_ctx_params *base, int n1, i
     memcpy(want, moe_logits(ref, -1), (size_t)nv * sizeof *want);
     assert_int_equal(moe_step(ref, t + n1 + n2, 1), MOE_OK);
     memcpy(want2, moe_logits(ref, -1), (size_t)nv * sizeof *want2);
+    /* a rewind into the step and one token again (prefill and decode kernels may round differently:
+       compared with the same in the reference) */
+    float *want3 = malloc((size_t)nv * sizeof *want3);
+    assert_non_null(want3);
+    assert_int_equal(moe_ctx_rewind(ref, n1 + n2 - 1), MOE_OK);
+    assert_int_equal(moe_step(ref, t + n1 + n2 - 1, 1), MOE_OK);
+    memcpy(want3, moe_logits(ref, -1), (size_t)nv * sizeof *want3);
 
     const int ks[] = {0, 1, polls / 2, polls - 1};
     for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
@@ -88,13 +95,14 @@ static int check_abort_exact(moe_model *m, const moe_ctx_params *base, int n1, i
         /* checkpoints taken by the cancelled step were dropped, those of the rerun are right */
         assert_int_equal(moe_ctx_rewind(c, n1 + n2 - 1), MOE_OK);
         assert_int_equal(moe_step(c, t + n1 + n2 - 1, 1), MOE_OK);
-        assert_memory_equal(moe_logits(c, -1), want, (size_t)nv * sizeof *want);
+        assert_memory_equal(moe_logits(c, -1), want3, (size_t)nv * sizeof *want3);
         moe_ctx_free(c);
     }
     moe_ctx_free(ref);
     free(t);
     free(want);
     free(want2);
+    free(want3);
     return polls;
 }
 
