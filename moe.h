@@ -65,6 +65,19 @@
    moe_sampler depends on nothing. A pointer from moe_logits() lives until the next call on its
    context; moe_last_error()'s text until the next failing call on that thread.
 
+   FRAME LOOPS: ASYNCHRONOUS STEPS, ABORT, GPU TIME PER SUBMISSION
+   A game steps a context without blocking its frame: moe_step_submit(ctx, tok, n) in one frame,
+   then moe_step_wait(ctx, 0) in the next ones until it stops returning MOE_ERR_TIMEOUT; MOE_OK
+   means the logits are ready. In between, only moe_step_wait and moe_ctx_free may be called on
+   that context (everything else: MOE_ERR_BUSY). The step runs on the context's worker thread (one
+   per context, started by its first submit). moe_ctx_params.abort is polled between chunks and
+   layers of a step; non-zero stops it with MOE_ERR_CANCELLED and leaves the context exactly as
+   before the step (the same step again gives bit-identical logits). On Vulkan, max_submit_us caps
+   the GPU time of one queue submission (a long prefill is split into parts that each fit, so the
+   renderer's work interleaves; results bit-identical), low_priority asks for the device's
+   low-priority queue, and moe_ctx_submit_times reports the submissions' GPU times. Details at
+   moe_step_submit below.
+
    ABI
    No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
    values, every output buffer comes with its capacity. Functions that fill a caller buffer
@@ -84,8 +97,8 @@
    built against an OLDER moe.h is kept safe by the ABI version, not by run-time struct sizes:
    every change of the binary interface (a struct that grows or changes, a function whose
    arguments or meaning change) raises MOE_ABI_VERSION, and the shared library's SONAME is
-   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.2 and the link libmoe.so). A binary
-   linked against libmoe.so.2 keeps loading that library, or fails to start; it never runs
+   libmoe.so.<MOE_ABI_VERSION> (make builds build/libmoe.so.3 and the link libmoe.so). A binary
+   linked against libmoe.so.3 keeps loading that library, or fails to start; it never runs
    against structs of another size. Adding functions or enum values keeps MOE_ABI_VERSION.
    Bindings that open the library by path (Python ctypes, C#, Go, Rust without moe.h) must compare
    moe_abi_version() with the MOE_ABI_VERSION they were written for and refuse to run on a

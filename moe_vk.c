@@ -728,7 +728,7 @@ typedef struct vk_probe {
     VkPhysicalDeviceProperties props;
     uint32_t qfam, subgroup, ts_bits, qcount;
     VkDeviceSize max_alloc;
-    int coopmat;
+    int coopmat, global_priority;   /* VK_EXT_global_priority (or _KHR) offered: logged, not used */
     char why[200];
 } vk_probe;
 
@@ -780,6 +780,7 @@ static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p
     VkPhysicalDeviceVulkanMemoryModelFeatures vmm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, NULL, 0, 0, 0};
     VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES, &vmm, 0, 0};
     int has_cm_ext = ext && vk_has_ext(ext, n_ext, "VK_NV_cooperative_matrix");
+    p->global_priority = ext && (vk_has_ext(ext, n_ext, "VK_EXT_global_priority") || vk_has_ext(ext, n_ext, "VK_KHR_global_priority"));
     if (has_cm_ext) vmm.pNext = &cmf;
     VkPhysicalDeviceFeatures2 ft;
     memset(&ft, 0, sizeof ft);
@@ -917,9 +918,10 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int
     if (missing) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the driver of %s lacks %s", p->props.deviceName, missing);
     f->GetDeviceQueue(vk->dev, vk->qfam, 0, &vk->queue);
     if (p->qcount >= 2) f->GetDeviceQueue(vk->dev, vk->qfam, 1, &vk->queue_low);
-    vk_log(vk, MOE_LOG_INFO, "Vulkan: queue family %u has %u queue(s)%s (%u discrete priorities)", vk->qfam, p->qcount,
+    vk_log(vk, MOE_LOG_INFO, "Vulkan: queue family %u has %u queue(s)%s (%u discrete priorities; global priority extension %s)",
+           vk->qfam, p->qcount,
            vk->queue_low ? ": a second one at priority 0 serves low_priority contexts" : ": low_priority contexts share the one queue",
-           p->props.limits.discreteQueuePriorities);
+           p->props.limits.discreteQueuePriorities, p->global_priority ? "offered, not used" : "not offered");
     vk_log(vk, MOE_LOG_INFO, "Vulkan device %d: %s (Vulkan %u.%u, subgroup %u, max storage buffer %u MiB%s%s%s)", device_index,
            p->props.deviceName, VK_VERSION_MAJOR(p->props.apiVersion), VK_VERSION_MINOR(p->props.apiVersion), vk->subgroup,
            (unsigned)(p->props.limits.maxStorageBufferRange >> 20), vk->coopmat ? ", NV cooperative matrix" : "",
