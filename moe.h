@@ -283,7 +283,8 @@ typedef struct moe_ctx_params {             /* all-zero (or NULL) means defaults
     int32_t logits_all;                     /* 1 = keep logits for every token of a step (for scoring) */
     int32_t n_batch;                        /* max tokens per internal prefill chunk; 0 = default (256) */
     int32_t (*abort)(void *user);           /* optional; polled between chunks and layers of a step (CPU:
-                                               before each block's ops; Vulkan: between submissions).
+                                               where each layer's attention or delta rule begins;
+                                               Vulkan: between submissions, see max_submit_us).
                                                Non-zero: the step stops with MOE_ERR_CANCELLED and the
                                                context is exactly as before it (ASYNCHRONOUS STEPS) */
     void    *abort_user;
