@@ -120,6 +120,11 @@ static int win_thread_join(win_thread t, void **ret) {
 #define pthread_cond_wait win_cond_wait
 #define pthread_cond_signal win_cond_signal
 #define pthread_cond_broadcast win_cond_broadcast
+/* waits on c at most ns nanoseconds (rounded up to milliseconds); spurious wake-ups are the caller's */
+static void cond_wait_ns(win_cond *c, win_mutex *m, uint64_t ns) {
+    uint64_t ms = ns / 1000000u + 1;
+    SleepConditionVariableSRW(c, m, ms > 0x7fffffffu ? 0x7fffffffu : (DWORD)ms, 0);
+}
 #define pthread_once_t win_once_t
 #define PTHREAD_ONCE_INIT INIT_ONCE_STATIC_INIT
 #define pthread_once win_once
@@ -127,6 +132,18 @@ static int win_thread_join(win_thread t, void **ret) {
 #define pthread_create win_thread_create
 #define pthread_join win_thread_join
 
+#else
+/* waits on c at most ns nanoseconds; spurious wake-ups are the caller's */
+static void cond_wait_ns(pthread_cond_t *c, pthread_mutex_t *m, uint64_t ns) {
+    struct timespec ts; /* condition variables time out against CLOCK_REALTIME by default */
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t add = ns < 86400ull * 1000000000ull ? ns : 86400ull * 1000000000ull, nsec = (uint64_t)ts.tv_nsec + add % 1000000000u;
+    ts.tv_sec += (time_t)(add / 1000000000u + nsec / 1000000000u);
+    ts.tv_nsec = (long)(nsec % 1000000000u);
+    pthread_cond_timedwait(c, m, &ts);
+}
+#endif
+#ifdef _WIN32
 /* every open() below passes O_CLOEXEC: on Windows that is "not inherited" and binary mode */
 #ifndef O_CLOEXEC
 #define O_CLOEXEC (_O_NOINHERIT | _O_BINARY)
@@ -261,6 +278,8 @@ const char *moe_status_str(moe_status s) {
     case MOE_ERR_CONTEXT_FULL: return "context full";
     case MOE_ERR_BUFFER_TOO_SMALL: return "buffer too small";
     case MOE_ERR_CANCELLED: return "cancelled";
+    case MOE_ERR_TIMEOUT: return "timeout (still running)";
+    case MOE_ERR_BUSY: return "busy (a step is in flight)";
     default: return "unknown status";
     }
 }
@@ -6924,7 +6943,31 @@ struct moe_ctx {
     int32_t ckpt_every;        /* 0: no recurrent state; else slot s holds the states at (s+1)·ckpt_every */
     int32_t n_ckpt;
     uint8_t *ckpt_ok;          /* [n_ckpt] */
+    /* abort and asynchronous steps (moe.h, ASYNCHRONOUS STEPS) */
+    int32_t (*abort)(void *user);
+    void *abort_user;
+    int32_t backup_slot;       /* recurrent states with an abort callback: the slot holding the states
+                                  from before the step (put back on a cancel); -1 = none */
+    atomic_int stop;           /* moe_ctx_free asks the step in flight to stop */
+    int32_t in_flight;         /* submitted and not yet collected by moe_step_wait */
+    struct ctx_worker *wk;     /* the worker thread, started by the first moe_step_submit */
 };
+
+/* the abort poll the backends call: moe_ctx_free's stop, then the caller's callback */
+static int32_t ctx_abort_poll(void *user) {
+    moe_ctx *c = user;
+    return atomic_load(&c->stop) || (c->abort && c->abort(c->abort_user));
+}
+
+/* Every call on a context but moe_step_wait and moe_ctx_free is refused while a step is in flight:
+   the worker owns the context until moe_step_wait has collected the step. */
+#define CTX_NOT_BUSY(ctx, fn, ret)                                                                             \
+    do {                                                                                                       \
+        if ((ctx)->in_flight) {                                                                                \
+            set_error(MOE_ERR_BUSY, "%s: a step is in flight on this context (moe_step_submit): call moe_step_wait first", fn); \
+            return ret;                                                                                        \
+        }                                                                                                      \
+    } while (0)
 
 static float *act_row(cpu_ctx *cc, int buf, int row, int width) { return cc->act[buf] + (size_t)row * (size_t)width; }
 
@@ -7067,9 +7110,18 @@ static void mm_dense_task(void *arg, int64_t t, int thread) {
     mm_rows(j, j->w, r0, r1, 0, j->idx, j->n, j->dst, thread);
 }
 
+/* abort (moe_ctx_params): polled where a layer's token mixing begins (attention, delta rule), so a
+   cancel waits for one block at most; after it (or any failure) the heavy ops of the rest of the
+   chunk do nothing, their results being thrown away with the step */
+static int cpu_stopped(cpu_ctx *cc) {
+    if (!cc->fail && cc->shape.abort && cc->shape.abort(cc->shape.abort_user))
+        cc->fail = set_error(MOE_ERR_CANCELLED, "moe_step: cancelled by the abort callback");
+    return cc->fail != MOE_OK;
+}
+
 static void cpu_matmul(void *be, int dst, const moe_weight *w, int src, int src_row0, int n) {
     cpu_ctx *cc = be;
-    if (n <= 0) return;
+    if (n <= 0 || cc->fail) return;
     mm_job j = {0};
     j.tt = type_traits(w->type);
     j.K = w->ne[0];
@@ -7161,6 +7213,7 @@ static void attn_task(void *arg, int64_t t, int thread) {
 
 static void cpu_attention(void *be, const moe_attn *a, int n, int pos0) {
     cpu_ctx *cc = be;
+    if (cpu_stopped(cc)) return;
     int kvw = a->n_head_kv * a->head_dim, rows = cc->kv_rows[a->cache], group = a->n_head / a->n_head_kv;
     for (int i = 0; a->store && i < n; i++) {
         size_t at = cc->kv_off[a->cache] + (size_t)((pos0 + i) % rows) * (size_t)kvw;
@@ -7240,6 +7293,7 @@ static int64_t expert_tasks(cpu_ctx *cc, const int32_t *exp_start, int e0, int e
 /* router logits, top-k per token, then the (token, slot) pairs grouped by expert */
 static void cpu_route(void *be, const moe_weight *router, const moe_route *r, int src, int n) {
     cpu_ctx *cc = be;
+    if (cc->fail) return;
     int k = r->k, E = r->n_expert;
     if (router) cpu_matmul(be, ACT_ROUTER, router, src, 0, n); /* [n][n_expert] */
     const float *es = r->expert_scale ? (const float *)r->expert_scale->data : NULL;
@@ -7551,6 +7605,7 @@ static int dn_channels(const moe_deltanet *dn) { return 2 * dn->n_k_head * dn->k
    holds the last K-1 inputs, oldest first ([K-1][C]) */
 static void cpu_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w, int n) {
     cpu_ctx *cc = be;
+    if (cpu_stopped(cc)) return;
     int K = dn->conv_k, C = dn_channels(dn);
     float *state = cc->st + cc->st_off[dn->state];
     const moe_type_traits *tt = type_traits(w->type);
@@ -7721,6 +7776,7 @@ static void dn_chunk_head_task(void *arg, int64_t jj, int thread) {
 
 static void cpu_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
     cpu_ctx *cc = be;
+    if (cc->fail) return;
     dn_job j = {cc, dn, (const float *)a_coef->data, (const float *)dt_bias->data, n};
     pool_run(cc->pool, cc->dn_chunked && n > 1 ? dn_chunk_head_task : dn_head_task, &j, dn->n_v_head);
 }
@@ -7974,7 +8030,7 @@ static const moe_ops k_cpu_prof_ops = {prof_embed, prof_rmsnorm, prof_matmul, pr
                                        prof_begin_step, cpu_end_step, cpu_logits_rows, cpu_logits_out, cpu_read_logits,
                                        cpu_kv_save, cpu_kv_load, cpu_stats, cpu_profile, cpu_profile_get, cpu_probe,
                                        cpu_split_heads, cpu_sigmoid_mul, cpu_gate_rows, cpu_ssm_conv, cpu_delta_net,
-                                       cpu_gated_rmsnorm, cpu_state_save, cpu_state_load, cpu_state_checkpoint, cpu_state_restore};
+                                       cpu_gated_rmsnorm, cpu_state_save, cpu_state_load, cpu_state_checkpoint, cpu_state_restore, NULL};
 
 static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, cpu_attention, cpu_add, cpu_route,
                                   cpu_experts_glu, cpu_experts_down, cpu_scale, cpu_copy, cpu_glu, cpu_softcap,
@@ -7982,7 +8038,7 @@ static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, 
                                   cpu_kv_save, cpu_kv_load, cpu_stats, cpu_profile, cpu_profile_get, cpu_probe,
                                   /* hybrid models (Gated DeltaNet) */
                                   cpu_split_heads, cpu_sigmoid_mul, cpu_gate_rows, cpu_ssm_conv, cpu_delta_net, cpu_gated_rmsnorm,
-                                  cpu_state_save, cpu_state_load, cpu_state_checkpoint, cpu_state_restore};
+                                  cpu_state_save, cpu_state_load, cpu_state_checkpoint, cpu_state_restore, NULL};
 
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
@@ -8095,7 +8151,7 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
     max_dn += max_dn & 1; /* even: each thread's part starts 8-byte aligned */
     const char *chunked = getenv("MOE_CPU_DN_CHUNKED");
     cc->dn_chunked = chunked && chunked[0] == '1';
-    cc->n_ckpt = ns ? moe_ckpt_slots(shape->n_ctx) : 0;
+    cc->n_ckpt = ns ? moe_ckpt_slots(shape->n_ctx) + (shape->state_backup ? 1 : 0) : 0;
     cc->dn_buf_len = max_dn;
     ok = ok && (cc->st = cc_alloc(cc, (cc->st_elems ? cc->st_elems : 1) * sizeof(float)));
     ok = ok && (cc->ckpt = cc_alloc(cc, mul_or_zero(cc->n_ckpt ? (size_t)cc->n_ckpt : 1, cc->st_elems ? cc->st_elems : 1) * sizeof(float)));
@@ -8692,6 +8748,8 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     const moe_hparams *hp = &model->w.hp;
     if (p.n_ctx < 0 || p.n_batch < 0 || p.logits_all < 0 || p.logits_all > 1)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: negative n_ctx / n_batch or logits_all not 0/1");
+    if (p.low_priority < 0 || p.low_priority > 1 || (!p.abort && p.abort_user))
+        return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: low_priority not 0/1, or abort_user without an abort callback");
     if (p.kv_type != MOE_KV_F16 && p.kv_type != MOE_KV_F32)
         return set_error(p.kv_type == MOE_KV_Q8_0 ? MOE_ERR_UNSUPPORTED : MOE_ERR_INVALID_ARG,
                          "moe_ctx_new: kv_type %d is not supported (use MOE_KV_F16 or MOE_KV_F32)", p.kv_type);
@@ -8709,6 +8767,10 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     c->n_batch = p.n_batch;
     c->kv_type = p.kv_type;
     c->logits_all = p.logits_all;
+    c->abort = p.abort;
+    c->abort_user = p.abort_user;
+    c->backup_slot = -1;
+    atomic_init(&c->stop, 0);
     c->ops = &k_cpu_ops;
     c->logits_cap = c->logits_all ? 0 : 1;
     c->logits = moe_calloc((size_t)hp->n_vocab, sizeof(float));
@@ -8737,7 +8799,9 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
             return set_error(MOE_ERR_NO_MEMORY, "moe_ctx_new: out of memory");
         }
     }
-    moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact};
+    if (hp->n_state && c->abort) c->backup_slot = c->n_ckpt; /* one more slot in the backend, after the checkpoints */
+    moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact,
+                           ctx_abort_poll, c, c->backup_slot >= 0, p.max_submit_us, p.low_priority != 0};
     moe_status st;
     if (model->vk) {
         c->ops = &moe_vk_ops;
@@ -8769,8 +8833,11 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     return MOE_OK;
 }
 
+static void ctx_worker_stop(moe_ctx *ctx);
+
 void moe_ctx_free(moe_ctx *ctx) {
     if (!ctx) return;
+    if (ctx->wk) ctx_worker_stop(ctx); /* a step in flight is asked to stop and waited for */
     if (ctx->cpu && ctx->cpu->xs) {
         const xs_counts *x = &ctx->cpu->xcnt;
         log_msg(&ctx->model->log, MOE_LOG_INFO, "expert streaming (this context): hits %llu, misses %llu (pairs); %.1f MiB read; "
@@ -8877,6 +8944,25 @@ static moe_status ctx_recompute(moe_ctx *ctx, int32_t p) {
     return st;
 }
 
+/* A step cancelled after some of it ran (positions from p0 on): pos and the host logits were never
+   touched, cache rows past p0 are never read; the recurrent states come back from the step's
+   backup slot (without one, only moe_ctx_free's stop gets here, or a replay repairs them), and
+   sliding-window rings that lost rows are recomputed before the next use, as after any failure. */
+static moe_status ctx_cancelled(moe_ctx *ctx, int32_t p0) {
+    if (!ctx_ring_ok(ctx, p0)) ctx->needs_repair = 1;
+    if (ctx->ckpt_every) {
+        ckpt_drop_after(ctx, p0);
+        moe_status st = MOE_ERR_CANCELLED;
+        if (ctx->backup_slot >= 0) {
+            ctx->ops->begin_step(ctx->be);
+            ctx->ops->state_restore(ctx->be, ctx->backup_slot);
+            st = ctx->ops->end_step(ctx->be);
+        }
+        if (st) ctx->needs_repair = 1;
+    }
+    return set_error(MOE_ERR_CANCELLED, "moe_step: cancelled by the abort callback; the context is as before the step");
+}
+
 static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, float *logits) {
     const moe_model *m = ctx->model;
     int32_t done = 0, p0 = ctx->pos, min_ring = ctx_min_ring(ctx);
@@ -8891,11 +8977,15 @@ static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_token
             ctx->seg[q] = 1;
         }
         int32_t n_out = !logits ? 0 : ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
+        if (ctx_abort_poll(ctx)) /* before a chunk: nothing of this one has run */
+            return done ? ctx_cancelled(ctx, p0) : set_error(MOE_ERR_CANCELLED, "moe_step: cancelled by the abort callback before it began");
         ctx->ops->begin_step(ctx->be);
+        if (!done && ctx->backup_slot >= 0) ctx->ops->state_checkpoint(ctx->be, ctx->backup_slot);
         m->arch->forward(ctx->be, ctx->ops, &m->w, tokens + done, n, p0 + done, n_out);
         if (ck >= 0) ctx->ops->state_checkpoint(ctx->be, ck);
         moe_status st = ctx->ops->end_step(ctx->be);
         if (min_ring && p0 + done + n - min_ring > ctx->ring_lo) ctx->ring_lo = p0 + done + n - min_ring;
+        if (st == MOE_ERR_CANCELLED) return ctx_cancelled(ctx, p0);
         if (st) { /* pos unchanged: cache rows written past it are never read, but rings may have lost rows
                      and recurrent states have moved on: recompute before the next use */
             if (!ctx_ring_ok(ctx, p0) || ctx->ckpt_every) ctx->needs_repair = 1;
@@ -8909,16 +8999,19 @@ static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_token
     return MOE_OK;
 }
 
-moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
-    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_step: ctx is NULL");
-    if (!tokens || n_tokens <= 0) return set_error(MOE_ERR_INVALID_ARG, "moe_step: no tokens (tokens NULL or n_tokens %d)", n_tokens);
+/* what moe_step and moe_step_submit check before anything runs; also grows the logits buffer so
+   that the step itself allocates nothing on the host (contents kept: the context is unchanged) */
+static moe_status step_check(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, const char *fn) {
+    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "%s: ctx is NULL", fn);
+    CTX_NOT_BUSY(ctx, fn, MOE_ERR_BUSY);
+    if (!tokens || n_tokens <= 0) return set_error(MOE_ERR_INVALID_ARG, "%s: no tokens (tokens NULL or n_tokens %d)", fn, n_tokens);
     const moe_model *m = ctx->model;
     for (int32_t i = 0; i < n_tokens; i++)
         if (tokens[i] < 0 || tokens[i] >= m->w.hp.n_vocab)
-            return set_error(MOE_ERR_INVALID_ARG, "moe_step: token %d at index %d is outside the vocabulary [0, %d)",
+            return set_error(MOE_ERR_INVALID_ARG, "%s: token %d at index %d is outside the vocabulary [0, %d)", fn,
                              tokens[i], i, m->w.hp.n_vocab);
     if (n_tokens > ctx->n_ctx - ctx->pos)
-        return set_error(MOE_ERR_CONTEXT_FULL, "moe_step: %d tokens do not fit: context holds %d of %d", n_tokens,
+        return set_error(MOE_ERR_CONTEXT_FULL, "%s: %d tokens do not fit: context holds %d of %d", fn, n_tokens,
                          ctx->pos, ctx->n_ctx);
     int32_t rows = ctx->logits_all ? n_tokens : 1, keep = ctx->n_logits;
     const size_t nv = (size_t)m->w.hp.n_vocab;
@@ -8926,18 +9019,29 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
        failure leaves ctx as it was), then moved to the front; grow before anything changes */
     if (keep + rows > ctx->logits_cap) {
         float *nl = moe_malloc(mul_or_zero((size_t)(keep + rows), nv) * sizeof(float));
-        if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_step: out of memory for %d rows of logits", keep + rows);
+        if (!nl) return set_error(MOE_ERR_NO_MEMORY, "%s: out of memory for %d rows of logits", fn, keep + rows);
         memcpy(nl, ctx->logits, (size_t)keep * nv * sizeof(float));
         moe_free(ctx->logits);
         ctx->logits = nl;
         ctx->logits_cap = keep + rows;
     }
+    return MOE_OK;
+}
+
+/* the step itself, after step_check: on the caller's thread (moe_step) or the worker's */
+static moe_status step_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
+    const moe_model *m = ctx->model;
+    int32_t rows = ctx->logits_all ? n_tokens : 1, keep = ctx->n_logits;
+    const size_t nv = (size_t)m->w.hp.n_vocab;
     float *stage = ctx->logits + (size_t)keep * nv;
     double t0 = now_s();
     moe_status st;
     if (ctx->needs_repair) { /* an earlier failed step left rings without rows the next one needs */
         int32_t pos = ctx->pos;
-        if ((st = ctx_recompute(ctx, pos))) return st;
+        if ((st = ctx_recompute(ctx, pos))) {
+            ctx->pos = pos; /* still to be repaired: the next step tries again */
+            return st;
+        }
         ctx->n_logits = keep; /* the host copy of the logits was never touched */
     }
     if ((st = ctx_run(ctx, tokens, n_tokens, stage))) return st;
@@ -8970,8 +9074,134 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     return MOE_OK;
 }
 
+moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
+    moe_status st = step_check(ctx, tokens, n_tokens, "moe_step");
+    return st ? st : step_run(ctx, tokens, n_tokens);
+}
+
+/* ---- asynchronous steps: one worker thread per context (moe.h, ASYNCHRONOUS STEPS) ----
+   Per context rather than per model: a context is stepped by one thread at a time anyway, and its
+   worker is then simply that thread, so contexts of one model still run concurrently. It sleeps
+   on its condition variable between steps and costs nothing but its stack. The hand-over goes
+   through mu: the worker owns the context from the post of a job until done is seen under mu. */
+typedef struct ctx_worker {
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;         /* a job was posted, a job is done, or quit */
+    int has_job, done, quit;
+    moe_token *tok;            /* the submitted tokens (the caller's buffer may go away) */
+    int32_t n, cap;
+    moe_status st;
+    char err[512];             /* the worker's moe_last_error() of a failed step */
+} ctx_worker;
+
+static void *ctx_worker_main(void *arg) {
+    moe_ctx *c = arg;
+    ctx_worker *w = c->wk;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->has_job && !w->quit) pthread_cond_wait(&w->cv, &w->mu);
+        if (!w->has_job) break; /* quit */
+        pthread_mutex_unlock(&w->mu);
+        moe_status st = step_run(c, w->tok, w->n);
+        pthread_mutex_lock(&w->mu);
+        w->st = st;
+        if (st) snprintf(w->err, sizeof w->err, "%s", moe_last_error());
+        w->has_job = 0;
+        w->done = 1;
+        pthread_cond_broadcast(&w->cv);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+static moe_status ctx_worker_start(moe_ctx *ctx) {
+    ctx_worker *w = moe_calloc(1, sizeof *w);
+    if (!w) return set_error(MOE_ERR_NO_MEMORY, "moe_step_submit: out of memory");
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    ctx->wk = w;
+    if (pthread_create(&w->th, NULL, ctx_worker_main, ctx) != 0) {
+        pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->cv);
+        moe_free(w);
+        ctx->wk = NULL;
+        return set_error(MOE_ERR_NO_MEMORY, "moe_step_submit: cannot start the context's worker thread");
+    }
+    return MOE_OK;
+}
+
+static void ctx_worker_stop(moe_ctx *ctx) {
+    ctx_worker *w = ctx->wk;
+    atomic_store(&ctx->stop, 1); /* a step in flight stops at its next poll */
+    pthread_mutex_lock(&w->mu);
+    w->quit = 1;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->th, NULL);   /* the worker finishes its job first, then sees quit */
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    moe_free(w->tok);
+    moe_free(w);
+    ctx->wk = NULL;
+}
+
+moe_status moe_step_submit(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
+    moe_status st = step_check(ctx, tokens, n_tokens, "moe_step_submit");
+    if (st) return st;
+    if (!ctx->wk && (st = ctx_worker_start(ctx))) return st;
+    ctx_worker *w = ctx->wk;
+    if (n_tokens > w->cap) { /* the worker is idle: its buffer is ours to grow */
+        moe_token *nt = moe_malloc((size_t)n_tokens * sizeof *nt);
+        if (!nt) return set_error(MOE_ERR_NO_MEMORY, "moe_step_submit: out of memory for %d tokens", n_tokens);
+        moe_free(w->tok);
+        w->tok = nt;
+        w->cap = n_tokens;
+    }
+    memcpy(w->tok, tokens, (size_t)n_tokens * sizeof *tokens);
+    pthread_mutex_lock(&w->mu);
+    w->n = n_tokens;
+    w->done = 0;
+    w->has_job = 1;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    ctx->in_flight = 1;
+    return MOE_OK;
+}
+
+moe_status moe_step_wait(moe_ctx *ctx, uint64_t timeout_ns) {
+    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_step_wait: ctx is NULL");
+    if (!ctx->in_flight) return set_error(MOE_ERR_INVALID_ARG, "moe_step_wait: no step in flight (moe_step_submit first)");
+    ctx_worker *w = ctx->wk;
+    double t_end = now_s() + (double)timeout_ns * 1e-9;
+    pthread_mutex_lock(&w->mu);
+    while (!w->done && timeout_ns) {
+        if (timeout_ns == UINT64_MAX) pthread_cond_wait(&w->cv, &w->mu);
+        else {
+            double left = t_end - now_s();
+            if (left <= 0) break;
+            cond_wait_ns(&w->cv, &w->mu, (uint64_t)(left * 1e9) + 1);
+        }
+    }
+    int done = w->done;
+    moe_status st = w->st;
+    if (done && st) set_error(st, "%s", w->err);
+    pthread_mutex_unlock(&w->mu);
+    if (!done) return set_error(MOE_ERR_TIMEOUT, "moe_step_wait: the step is still running");
+    ctx->in_flight = 0;
+    return st;
+}
+
+moe_status moe_ctx_submit_times(moe_ctx *ctx, uint64_t *n_submits, double *max_us, double *total_us, int32_t reset) {
+    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_submit_times: ctx is NULL");
+    CTX_NOT_BUSY(ctx, "moe_ctx_submit_times", MOE_ERR_BUSY);
+    if (!ctx->ops->submit_times) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_submit_times: the CPU backend has no queue submissions");
+    return ctx->ops->submit_times(ctx->be, n_submits, max_us, total_us, reset != 0);
+}
+
 const float *moe_logits(const moe_ctx *ctx, int32_t i) {
     if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_logits: ctx is NULL"), NULL;
+    CTX_NOT_BUSY(ctx, "moe_logits", NULL);
     if (ctx->n_logits == 0)
         return set_error(MOE_ERR_INVALID_ARG, "moe_logits: no logits yet (%s)",
                          ctx->pos ? "the context was rewound or loaded without them: step a token first"
@@ -8989,11 +9219,13 @@ const float *moe_logits(const moe_ctx *ctx, int32_t i) {
 
 int32_t moe_ctx_pos(const moe_ctx *ctx) {
     if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_pos: ctx is NULL"), 0;
+    CTX_NOT_BUSY(ctx, "moe_ctx_pos", MOE_ERR_BUSY);
     return ctx->pos;
 }
 
 moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
     if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_rewind: ctx is NULL");
+    CTX_NOT_BUSY(ctx, "moe_ctx_rewind", MOE_ERR_BUSY);
     if (pos < 0 || pos > ctx->pos)
         return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_rewind: position %d is outside [0, %d]", pos, ctx->pos);
     if (pos < ctx->pos) ctx->n_logits = 0; /* the logits belonged to a token that is gone */
@@ -9005,6 +9237,7 @@ moe_status moe_ctx_rewind(moe_ctx *ctx, int32_t pos) {
 
 moe_status moe_ctx_profile(moe_ctx *ctx, int32_t on) {
     if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_profile: NULL context");
+    CTX_NOT_BUSY(ctx, "moe_ctx_profile", MOE_ERR_BUSY);
     if (!ctx->ops->profile) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_profile: this backend cannot profile");
     moe_status st = ctx->ops->profile(ctx->be, on != 0);
     if (!st && ctx->cpu) ctx->ops = on ? &k_cpu_prof_ops : &k_cpu_ops;
@@ -9013,17 +9246,20 @@ moe_status moe_ctx_profile(moe_ctx *ctx, int32_t on) {
 
 int32_t moe_ctx_profile_get(const moe_ctx *ctx, moe_profile_entry *out, int32_t cap) {
     if (!ctx || (cap > 0 && !out)) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_profile_get: NULL argument"), 0;
+    CTX_NOT_BUSY(ctx, "moe_ctx_profile_get", MOE_ERR_BUSY);
     return ctx->ops->profile_get ? ctx->ops->profile_get(ctx->be, out, cap < 0 ? 0 : cap) : 0;
 }
 
 moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, double *copy_gbs) {
     if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_probe_bandwidth: NULL context");
+    CTX_NOT_BUSY(ctx, "moe_ctx_probe_bandwidth", MOE_ERR_BUSY);
     if (!ctx->ops->probe) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_probe_bandwidth: not on this backend");
     return ctx->ops->probe(ctx->be, read_gbs, copy_gbs);
 }
 
 moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
     if (!ctx || !out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_get_stats: NULL argument");
+    CTX_NOT_BUSY(ctx, "moe_ctx_get_stats", MOE_ERR_BUSY);
     *out = ctx->stats;
     out->host_bytes += (uint64_t)ctx->logits_cap * (uint64_t)ctx->model->w.hp.n_vocab * sizeof(float) +
                        (uint64_t)ctx->n_ctx * sizeof(moe_token);
@@ -9102,6 +9338,7 @@ static size_t state_size(const moe_ctx *c) {
 
 moe_status moe_ctx_save(const moe_ctx *ctx, void *buf, size_t cap, size_t *size_out) {
     if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_save: ctx is NULL");
+    CTX_NOT_BUSY(ctx, "moe_ctx_save", MOE_ERR_BUSY);
     size_t need = state_size(ctx);
     if (size_out) *size_out = need;
     if (!buf) return MOE_OK;
@@ -9175,6 +9412,7 @@ static moe_status state_payload_check(const moe_ctx *ctx, const uint8_t *p, int3
 
 moe_status moe_ctx_load(moe_ctx *ctx, const void *buf, size_t size) {
     if (!ctx || !buf) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_load: NULL argument");
+    CTX_NOT_BUSY(ctx, "moe_ctx_load", MOE_ERR_BUSY);
     const moe_hparams *hp = &ctx->model->w.hp;
     state_header h;
     if (size < sizeof h) return set_error(MOE_ERR_FORMAT, "moe_ctx_load: %zu bytes is too small for a context state", size);

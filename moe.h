@@ -65,6 +65,19 @@
    moe_sampler depends on nothing. A pointer from moe_logits() lives until the next call on its
    context; moe_last_error()'s text until the next failing call on that thread.
 
+   FRAME LOOPS: ASYNCHRONOUS STEPS, ABORT, GPU TIME PER SUBMISSION
+   A game steps a context without blocking its frame: moe_step_submit(ctx, tok, n) in one frame,
+   then moe_step_wait(ctx, 0) in the next ones until it stops returning MOE_ERR_TIMEOUT; MOE_OK
+   means the logits are ready. In between, only moe_step_wait and moe_ctx_free may be called on
+   that context (everything else: MOE_ERR_BUSY). The step runs on the context's worker thread (one
+   per context, started by its first submit). moe_ctx_params.abort is polled between chunks and
+   layers of a step; non-zero stops it with MOE_ERR_CANCELLED and leaves the context exactly as
+   before the step (the same step again gives bit-identical logits). On Vulkan, max_submit_us caps
+   the GPU time of one queue submission (a long prefill is split into parts that each fit, so the
+   renderer's work interleaves; results bit-identical), low_priority asks for the device's
+   low-priority queue, and moe_ctx_submit_times reports the submissions' GPU times. Details at
+   moe_step_submit below.
+
    ABI
    No struct is passed or returned by value, no varargs, no bool (int32_t 0/1), enums are int32_t
    values, every output buffer comes with its capacity. Functions that fill a caller buffer
@@ -124,7 +137,10 @@ typedef int32_t moe_status;
 
 enum { MOE_OK = 0, MOE_ERR_INVALID_ARG = -1, MOE_ERR_IO = -2, MOE_ERR_FORMAT = -3,
        MOE_ERR_UNSUPPORTED = -4, MOE_ERR_NO_MEMORY = -5, MOE_ERR_DEVICE = -6,
-       MOE_ERR_CONTEXT_FULL = -7, MOE_ERR_BUFFER_TOO_SMALL = -8, MOE_ERR_CANCELLED = -9 };
+       MOE_ERR_CONTEXT_FULL = -7, MOE_ERR_BUFFER_TOO_SMALL = -8, MOE_ERR_CANCELLED = -9,
+       MOE_ERR_TIMEOUT = -10,     /* moe_step_wait: the step still runs (not a failure; wait again) */
+       MOE_ERR_BUSY = -11 };      /* a step is in flight on this context: only moe_step_wait and
+                                     moe_ctx_free are accepted until moe_step_wait returns */
 enum { MOE_BACKEND_AUTO = 0, MOE_BACKEND_CPU = 1, MOE_BACKEND_VULKAN = 2 };
 enum { MOE_KV_F16 = 0, MOE_KV_F32 = 1, MOE_KV_Q8_0 = 2 /* more may follow */ };
 enum { MOE_TOKENIZE_ADD_SPECIAL = 1, MOE_TOKENIZE_PARSE_SPECIAL = 2 };
@@ -341,6 +357,20 @@ typedef struct moe_ctx_params {             /* all-zero (or NULL) means defaults
     int32_t kv_type;                        /* MOE_KV_* */
     int32_t logits_all;                     /* 1 = keep logits for every token of a step (for scoring) */
     int32_t n_batch;                        /* max tokens per internal prefill chunk; 0 = default (256) */
+    int32_t (*abort)(void *user);           /* optional; polled between chunks and layers of a step (CPU:
+                                               where each layer's attention or delta rule begins;
+                                               Vulkan: between submissions, see max_submit_us).
+                                               Non-zero: the step stops with MOE_ERR_CANCELLED and the
+                                               context is exactly as before it (ASYNCHRONOUS STEPS) */
+    void    *abort_user;
+    uint32_t max_submit_us;                 /* Vulkan: cap on the GPU time of one queue submission, in
+                                               microseconds; a longer chunk is split into several
+                                               submissions (at dispatch boundaries, from a cost estimate
+                                               calibrated with timestamps); results are bit-identical.
+                                               0 = no cap (one submission per chunk). CPU: ignored */
+    int32_t  low_priority;                  /* 1 = submit to a low-priority queue where moe created the
+                                               device and the queue family has two queues (else the
+                                               normal queue; the log says which) */
 } moe_ctx_params;
 
 MOE_API moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx **out);
@@ -351,6 +381,39 @@ MOE_API void       moe_ctx_free(moe_ctx *ctx);
    Afterwards moe_logits() gives the next-token logits. MOE_ERR_CONTEXT_FULL if they do not fit;
    on any error the context is left exactly as before the call. */
 MOE_API moe_status   moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens);
+/* ASYNCHRONOUS STEPS. moe_step_submit starts the same step and returns at once: the context's
+   worker thread (one per context, started by its first submit, ended by moe_ctx_free) runs it,
+   on the CPU backend computing it, on Vulkan recording and submitting its command buffers and
+   waiting on their fences. Validation errors (NULL ctx, bad tokens, MOE_ERR_CONTEXT_FULL) come
+   back from submit itself, the context unchanged and no step started. Until moe_step_wait
+   returns something other than MOE_ERR_TIMEOUT the context accepts only moe_step_wait and
+   moe_ctx_free; every other call on it returns MOE_ERR_BUSY (moe_logits: NULL, moe_ctx_pos:
+   MOE_ERR_BUSY) and changes nothing. moe_step_wait(ctx, timeout_ns): MOE_ERR_TIMEOUT while the
+   step runs (timeout_ns = 0 polls without blocking, UINT64_MAX waits for good), else the step's
+   status exactly as moe_step would have returned it (MOE_OK: logits readable; an error: context
+   as before, moe_last_error() on the waiting thread says why). moe_step_wait without a step in
+   flight: MOE_ERR_INVALID_ARG. moe_ctx_free during a step asks it to stop (as abort does), waits
+   for the worker, then frees. moe_step is submit + wait(UINT64_MAX) without the worker.
+   A frame loop: submit in one frame, moe_step_wait(ctx, 0) in the next ones until it is not
+   MOE_ERR_TIMEOUT, then read moe_logits and sample.
+   ABORT. moe_ctx_params.abort is polled on the thread that runs the step: before each chunk, and
+   on the CPU before each layer's blocks, on Vulkan between the submissions of a chunk (see
+   max_submit_us: with a cap, a long prefill is stoppable every max_submit_us or so). When it
+   returns non-zero the step stops with MOE_ERR_CANCELLED and the context is exactly as before
+   the step: position, KV cache, logits, stats, and for hybrid models the conv and recurrent
+   states (a context with an abort callback copies them at the start of each step and puts them
+   back on a cancel: one copy of the recurrent state per step, see moe_ctx_rewind for sizes).
+   Sliding-window layers (Gemma 4) may have lost ring rows to the cancelled chunk; then, as after
+   any failed step, the next step or rewind recomputes them first. The same step run again gives
+   bit-identical logits. */
+MOE_API moe_status   moe_step_submit(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens);
+MOE_API moe_status   moe_step_wait(moe_ctx *ctx, uint64_t timeout_ns);
+/* GPU time of this context's queue submissions (Vulkan with timestamps; for frame budgets and
+   max_submit_us): how many there were, the longest and their sum, in microseconds, since the
+   context was made or this was last called with reset = 1. MOE_ERR_UNSUPPORTED on the CPU
+   backend or a queue without timestamps. Any pointer may be NULL. */
+MOE_API moe_status   moe_ctx_submit_times(moe_ctx *ctx, uint64_t *n_submits, double *max_us, double *total_us,
+                                          int32_t reset);
 /* n_vocab floats; i = -1: last token of the last step; i >= 0 (index within the last step) needs
    logits_all. NULL when there are no such logits. Valid until the next call on ctx. */
 MOE_API const float *moe_logits(const moe_ctx *ctx, int32_t i);
@@ -726,6 +789,14 @@ static inline moe_weight *moe_weight_of(const moe_weights *w, int layer, int rol
 typedef struct moe_ctx_shape {
     int32_t n_ctx, n_batch, kv_type, logits_all, n_threads;
     int32_t cpu_exact;     /* CPU backend: f32 activations in matrix products (moe_load_params) */
+    /* polled by the backend inside a chunk (CPU: per layer; Vulkan: between submissions); non-zero:
+       the backend stops the step and end_step returns MOE_ERR_CANCELLED. NULL = never. */
+    int32_t (*abort)(void *user);
+    void *abort_user;
+    int32_t state_backup;  /* recurrent states: one checkpoint slot more, at index moe_ckpt_slots(n_ctx),
+                              that holds the states from before the step (put back on a cancel) */
+    uint32_t max_submit_us;/* Vulkan: GPU time cap of one submission; 0 = none */
+    int32_t low_priority;  /* Vulkan: the low-priority queue where there is one */
 } moe_ctx_shape;
 
 /* Models with recurrent states: a context of n_ctx positions checkpoints them every
@@ -848,6 +919,8 @@ typedef struct moe_ops {
     /* checkpoint slot ← the live states; the live states ← slot (slot -1: zeros); inside a step */
     void (*state_checkpoint)(void *be, int slot);
     void (*state_restore)(void *be, int slot);
+    /* GPU time of the context's submissions (moe_ctx_submit_times); NULL where there is none */
+    moe_status (*submit_times)(void *be, uint64_t *n, double *max_us, double *total_us, int reset);
 } moe_ops;
 
 /* The Vulkan backend (moe_vk.c). moe_vk_init returns MOE_OK and a backend, or an error status

@@ -603,6 +603,7 @@ struct moe_vk_backend {
     VkPhysicalDevice pd;
     VkDevice dev;
     VkQueue queue;
+    VkQueue queue_low;         /* a second queue of the family at priority 0 (moe_ctx_params.low_priority); 0 = none */
     uint32_t qfam;
     VkPhysicalDeviceProperties props;
     VkPhysicalDeviceMemoryProperties memp;
@@ -753,9 +754,9 @@ static moe_status vk_create_instance(moe_vk_backend *vk) {
 typedef struct vk_probe {
     VkPhysicalDevice pd;
     VkPhysicalDeviceProperties props;
-    uint32_t qfam, subgroup, ts_bits;
+    uint32_t qfam, subgroup, ts_bits, qcount;
     VkDeviceSize max_alloc;
-    int coopmat;
+    int coopmat, global_priority;   /* VK_EXT_global_priority (or _KHR) offered: logged, not used */
     char why[200];
 } vk_probe;
 
@@ -807,6 +808,7 @@ static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p
     VkPhysicalDeviceVulkanMemoryModelFeatures vmm = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_MEMORY_MODEL_FEATURES, NULL, 0, 0, 0};
     VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES, &vmm, 0, 0};
     int has_cm_ext = ext && vk_has_ext(ext, n_ext, "VK_NV_cooperative_matrix");
+    p->global_priority = ext && (vk_has_ext(ext, n_ext, "VK_EXT_global_priority") || vk_has_ext(ext, n_ext, "VK_KHR_global_priority"));
     if (has_cm_ext) vmm.pNext = &cmf;
     VkPhysicalDeviceFeatures2 ft;
     memset(&ft, 0, sizeof ft);
@@ -829,6 +831,7 @@ static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p
         snprintf(p->why, sizeof p->why, "%s: maxStorageBufferRange %u is below 16 MiB", name, lim->maxStorageBufferRange);
     if (!p->why[0]) {
         p->qfam = (uint32_t)q;
+        p->qcount = qf[q].queueCount;
         p->ts_bits = lim->timestampComputeAndGraphics ? qf[q].timestampValidBits : 0;
     }
     /* tensor cores: GL_NV_cooperative_matrix 16x8x16, f16 inputs, f32 accumulators, subgroup of 32 */
@@ -926,8 +929,11 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int
     const vk_probe *p = &probes[order[device_index]];
     vk_adopt_probe(vk, p);
 
-    float prio = 1.0f;
-    VkDeviceQueueCreateInfo qci = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, vk->qfam, 1, &prio};
+    /* two queues where the family has them: priority 1 for normal contexts, 0 for low_priority ones
+       (priorities only order the queues of this device; VK_EXT_global_priority, which would rank
+       the device against other processes' rendering, needs privileges and is not asked for) */
+    float prio[2] = {1.0f, 0.0f};
+    VkDeviceQueueCreateInfo qci = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, vk->qfam, p->qcount >= 2 ? 2u : 1u, prio};
     const char *exts[2] = {"VK_KHR_push_descriptor", "VK_NV_cooperative_matrix"};
     VkPhysicalDeviceCooperativeMatrixFeaturesNV cmf = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV, NULL, 1, 0};
     /* the coopmat shaders use the Vulkan memory model; with it on, every shader's atomics (device
@@ -945,6 +951,11 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int
     const char *missing = vk_load_device(f, vk->dev);
     if (missing) return vk_fail(MOE_ERR_DEVICE, "Vulkan: the driver of %s lacks %s", p->props.deviceName, missing);
     f->GetDeviceQueue(vk->dev, vk->qfam, 0, &vk->queue);
+    if (p->qcount >= 2) f->GetDeviceQueue(vk->dev, vk->qfam, 1, &vk->queue_low);
+    vk_log(vk, MOE_LOG_INFO, "Vulkan: queue family %u has %u queue(s)%s (%u discrete priorities; global priority extension %s)",
+           vk->qfam, p->qcount,
+           vk->queue_low ? ": a second one at priority 0 serves low_priority contexts" : ": low_priority contexts share the one queue",
+           p->props.limits.discreteQueuePriorities, p->global_priority ? "offered, not used" : "not offered");
     vk_log(vk, MOE_LOG_INFO, "Vulkan device %d: %s (Vulkan %u.%u, subgroup %u, max storage buffer %u MiB%s%s%s)", device_index,
            p->props.deviceName, VK_VERSION_MAJOR(p->props.apiVersion), VK_VERSION_MINOR(p->props.apiVersion), vk->subgroup,
            (unsigned)(p->props.limits.maxStorageBufferRange >> 20), vk->coopmat ? ", NV cooperative matrix" : "",
@@ -1231,15 +1242,18 @@ static moe_status vk_wait_fence(moe_vk_backend *vk, VkFence fence, const char *w
     return MOE_OK;
 }
 
-static moe_status vk_submit(moe_vk_backend *vk, VkCommandBuffer cb, VkFence fence, const char *what) {
+static moe_status vk_submit_on(moe_vk_backend *vk, VkQueue q, VkCommandBuffer cb, VkFence fence, const char *what) {
     VkSubmitInfo si = {VK_STRUCTURE_TYPE_SUBMIT_INFO, NULL, 0, NULL, NULL, 1, &cb, 0, NULL};
     pthread_mutex_lock(&vk->lock);
     if (vk->queue_lock) vk->queue_lock(vk->queue_lock_user, 1);
-    VkResult r = vk->f.QueueSubmit(vk->queue, 1, &si, fence);
+    VkResult r = vk->f.QueueSubmit(q, 1, &si, fence);
     if (vk->queue_lock) vk->queue_lock(vk->queue_lock_user, 0);
     pthread_mutex_unlock(&vk->lock);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkQueueSubmit (%s) failed (%s)", what, vk_result_str(r));
     return MOE_OK;
+}
+static moe_status vk_submit(moe_vk_backend *vk, VkCommandBuffer cb, VkFence fence, const char *what) {
+    return vk_submit_on(vk, vk->queue, cb, fence, what);
 }
 
 static void vk_xfer_wait(vk_xfer *x, int i) {
@@ -2313,6 +2327,14 @@ typedef struct vk_ctx {
        its scratch (dn_chunk.glsl's layout for n_batch tokens) */
     int dn_chunk_min;
     vk_buf dn_scr;
+    /* submissions: each command buffer timestamps its start and end in tpool (2 queries), for
+       moe_ctx_submit_times and for the cost scale that splits a chunk under max_submit_us */
+    VkQueue queue;             /* vk->queue, or vk->queue_low for a low_priority context */
+    VkQueryPool tpool;
+    VkCommandBuffer split_cb;  /* the parts of a split chunk, one after the other */
+    uint64_t sub_n;
+    double sub_max_ns, sub_total_ns;
+    double ns_per_unit[2];     /* GPU ns per cost unit (vk_units), prefill and decode, calibrated */
 } vk_ctx;
 static moe_status vk_xg_after_step(vk_ctx *c);
 static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n);
@@ -2455,6 +2477,10 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
     if (r == VK_SUCCESS) r = f->BeginCommandBuffer(cb, &bi);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkBeginCommandBuffer failed (%s)", vk_result_str(r));
     int prof = c->profile && c->qpool && (uint32_t)n + 1 <= c->q_cap;
+    if (c->tpool) {
+        f->CmdResetQueryPool(cb, c->tpool, 0, 2);
+        f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->tpool, 0);
+    }
     if (prof) {
         f->CmdResetQueryPool(cb, c->qpool, 0, (uint32_t)n + 1);
         f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->qpool, 0);
@@ -2513,6 +2539,7 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
                           VK_ACCESS_HOST_READ_BIT};
     f->CmdPipelineBarrier(cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1,
                           &mb, 0, NULL, 0, NULL);
+    if (c->tpool) f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c->tpool, 1);
     r = f->EndCommandBuffer(cb);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkEndCommandBuffer failed (%s)", vk_result_str(r));
     return MOE_OK;
@@ -2582,9 +2609,69 @@ static void vk_begin_step(void *be) {
     if (c->dead) vk_ctx_fail(c, MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
 }
 
+/* ---- submissions and their GPU time; max_submit_us ----
+   The cost of a record: the bytes its kernel moves plus a flop weight, from vk_cost (the heavy
+   kernels: matrix products, attention, experts), plus a constant for a dispatch and its barrier.
+   GPU ns per unit is calibrated from each submission's two timestamps (prefill and decode apart),
+   rising at once when a submission ran longer than predicted and settling slowly otherwise. */
+#define VK_UNIT_FLOP 0.05       /* units per flop (per byte: 1) */
+#define VK_UNIT_DISPATCH 65536.0
+static double vk_unit(const vk_ctx *c, int i) { return c->rec_cost[i][0] + VK_UNIT_FLOP * c->rec_cost[i][1] + VK_UNIT_DISPATCH; }
+
+/* submits cb, waits for it, and charges its GPU time (units: its estimated cost) */
+static moe_status vk_run(vk_ctx *c, VkCommandBuffer cb, int ph, double units) {
+    moe_vk_backend *vk = c->vk;
+    moe_status st = vk_submit_on(vk, c->queue, cb, c->fence, "step");
+    if (st) return st;
+    VkResult r = vk->f.WaitForFences(vk->dev, 1, &c->fence, 1, 600ull * 1000000000ull);
+    if (r == VK_SUCCESS) r = vk->f.ResetFences(vk->dev, 1, &c->fence);
+    if (r != VK_SUCCESS) {
+        if (r == VK_ERROR_DEVICE_LOST || r == VK_TIMEOUT) c->dead = 1;
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the step failed on the device (%s)", vk_result_str(r));
+    }
+    uint64_t t[2];
+    if (c->tpool && vk->f.GetQueryPoolResults(vk->dev, c->tpool, 0, 2, sizeof t, t, 8, VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT) == VK_SUCCESS) {
+        double ns = (double)((t[1] - t[0]) & vk->ts_mask) * vk->ts_ns;
+        c->sub_n++;
+        c->sub_total_ns += ns;
+        if (ns > c->sub_max_ns) c->sub_max_ns = ns;
+        if (units > 0) {
+            double k = ns / units, *cal = &c->ns_per_unit[ph];
+            *cal = k > *cal ? k : 0.75 * *cal + 0.25 * k;
+        }
+    }
+    return MOE_OK;
+}
+
+/* a chunk whose estimate exceeds max_submit_us: consecutive records, as many as fit the cap (at
+   least one), each part its own command buffer, submitted and waited for in order (each begins
+   with a full barrier, so the results are those of one submission); abort is polled between parts */
+static moe_status vk_run_split(vk_ctx *c, int ph) {
+    double cap_ns = 1e3 * (double)c->shape.max_submit_us;
+    for (int i0 = 0, i1; i0 < c->n_recs; i0 = i1) {
+        if (i0 && c->shape.abort && c->shape.abort(c->shape.abort_user))
+            return vk_fail(MOE_ERR_CANCELLED, "moe_step: cancelled by the abort callback");
+        double u = vk_unit(c, i0);
+        for (i1 = i0 + 1; i1 < c->n_recs && (u + vk_unit(c, i1)) * c->ns_per_unit[ph] <= cap_ns; i1++) u += vk_unit(c, i1);
+        moe_status st = vk_record_cb(c, c->split_cb, c->recs + i0, i1 - i0);
+        if (!st) st = vk_run(c, c->split_cb, ph, u);
+        if (st) return st;
+    }
+    return MOE_OK;
+}
+
+static moe_status vk_submit_times(void *be, uint64_t *n, double *max_us, double *total_us, int reset) {
+    vk_ctx *c = be;
+    if (!c->tpool) return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: this queue has no timestamps: no submission times");
+    if (n) *n = c->sub_n;
+    if (max_us) *max_us = c->sub_max_ns / 1e3;
+    if (total_us) *total_us = c->sub_total_ns / 1e3;
+    if (reset) c->sub_n = 0, c->sub_max_ns = c->sub_total_ns = 0;
+    return MOE_OK;
+}
+
 static moe_status vk_end_step(void *be) {
     vk_ctx *c = be;
-    moe_vk_backend *vk = c->vk;
     vk_pn_flush(c);
     if (c->err) {
         moe_internal_set_error(c->err, "%s", c->errmsg);
@@ -2595,6 +2682,15 @@ static moe_status vk_end_step(void *be) {
     uint32_t *sp = (uint32_t *)c->step.map;
     sp[0] = (uint32_t)c->step_pos0;
     sp[1] = (uint32_t)c->step_n;
+    int ph = c->step_n > 1 ? 0 : 1;
+    double units = 0;
+    for (int i = 0; i < c->n_recs; i++) units += vk_unit(c, i);
+    if (c->shape.max_submit_us && c->tpool && c->split_cb && c->n_recs > 1 && units * c->ns_per_unit[ph] > 1e3 * (double)c->shape.max_submit_us) {
+        moe_status st = vk_run_split(c, ph); /* (per-dispatch profiling skips split chunks) */
+        if (st) return st;
+        c->expert_evals += c->step_evals;
+        return c->vk->xg ? vk_xg_after_step(c) : MOE_OK;
+    }
     size_t bytes = (size_t)c->n_recs * sizeof(vk_rec);
     vk_cached *hit = NULL, *victim = &c->cache[0];
     for (int i = 0; i < VK_CACHE; i++) {
@@ -2615,17 +2711,11 @@ static moe_status vk_end_step(void *be) {
         }
     }
     hit->used = ++c->tick;
-    moe_status st = vk_submit(vk, hit->cb, c->fence, "step");
+    moe_status st = vk_run(c, hit->cb, ph, units);
     if (st) return st;
-    VkResult r = vk->f.WaitForFences(vk->dev, 1, &c->fence, 1, 600ull * 1000000000ull);
-    if (r == VK_SUCCESS) r = vk->f.ResetFences(vk->dev, 1, &c->fence);
-    if (r != VK_SUCCESS) {
-        if (r == VK_ERROR_DEVICE_LOST || r == VK_TIMEOUT) c->dead = 1;
-        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the step failed on the device (%s)", vk_result_str(r));
-    }
     vk_prof_collect(c, c->recs, c->n_recs);
     c->expert_evals += c->step_evals;
-    if (vk->xg) return vk_xg_after_step(c); /* the GPU expert slot cache: hits, misses, slot fills for the next steps */
+    if (c->vk->xg) return vk_xg_after_step(c); /* the GPU expert slot cache: hits, misses, slot fills for the next steps */
     return MOE_OK;
 }
 
@@ -2682,6 +2772,7 @@ void moe_vk_ctx_free(void *be) {
     free(c->rec_cost);
     if (c->fence) vk->f.DestroyFence(vk->dev, c->fence, NULL);
     if (c->qpool) vk->f.DestroyQueryPool(vk->dev, c->qpool, NULL);
+    if (c->tpool) vk->f.DestroyQueryPool(vk->dev, c->tpool, NULL);
     if (c->pool) vk->f.DestroyCommandPool(vk->dev, c->pool, NULL); /* frees the command buffers */
     for (int i = 0; i < ACT_COUNT; i++) vk_buf_free(vk, &c->act[i]);
     vk_buf *bufs[] = {&c->h, &c->p, &c->aux, &c->kc, &c->vc, &c->step, &c->logits};
@@ -2760,7 +2851,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
             c->st_rec[i] = c->st_bytes;
             c->st_bytes += ((VkDeviceSize)w->states[i].rec_elems * 4 + VK_ALIGN - 1) / VK_ALIGN * VK_ALIGN;
         }
-        c->n_ckpt = moe_ckpt_slots(shape->n_ctx);
+        c->n_ckpt = moe_ckpt_slots(shape->n_ctx) + (shape->state_backup ? 1 : 0); /* the last: the step's backup */
         if (!st) st = vk_buf_new(vk, &c->st, c->st_bytes, VK_MEM_DEVICE, "recurrent states");
         if (!st) st = vk_buf_new(vk, &c->ck, c->n_ckpt ? (VkDeviceSize)c->n_ckpt * c->st_bytes : VK_ALIGN, VK_MEM_DEVICE, "state checkpoints");
         /* MOE_VK_DN_CHUNK=N: the chunked delta rule from N tokens on (0: token by token always) */
@@ -2849,6 +2940,14 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         for (int i = 0; i < VK_CACHE && r == VK_SUCCESS; i++) c->cache[i].cb = cbs[i];
         VkFenceCreateInfo fci = {VK_STRUCTURE_TYPE_FENCE_CREATE_INFO, NULL, 0};
         if (r == VK_SUCCESS) r = vk->f.CreateFence(vk->dev, &fci, NULL, &c->fence);
+        cai.commandBufferCount = 1;
+        if (r == VK_SUCCESS) r = vk->f.AllocateCommandBuffers(vk->dev, &cai, &c->split_cb);
+        if (r == VK_SUCCESS && vk->timestamps) {
+            VkQueryPoolCreateInfo qci = {VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO, NULL, 0, VK_QUERY_TYPE_TIMESTAMP, 2, 0};
+            r = vk->f.CreateQueryPool(vk->dev, &qci, NULL, &c->tpool);
+        }
+        c->queue = shape->low_priority && vk->queue_low ? vk->queue_low : vk->queue;
+        c->ns_per_unit[0] = c->ns_per_unit[1] = 0.01; /* 100 GB/s until the first submission is timed */
         if (r == VK_SUCCESS && vk_env_on("MOE_VK_PROFILE")) {
             if (!vk->timestamps) vk_log(vk, MOE_LOG_WARN, "MOE_VK_PROFILE: this queue has no timestamps");
             else {
@@ -3861,5 +3960,5 @@ const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope
                             vk_kv_load, vk_stats, vk_profile, vk_profile_get, vk_bandwidth_probe,
                             /* hybrid models (Gated DeltaNet) */
                             vk_op_split_heads, vk_op_sigmoid_mul, vk_op_gate_rows, vk_op_ssm_conv, vk_op_delta_net, vk_op_gated_rmsnorm,
-                            vk_state_save, vk_state_load, vk_state_checkpoint, vk_state_restore};
+                            vk_state_save, vk_state_load, vk_state_checkpoint, vk_state_restore, vk_submit_times};
 

@@ -71,8 +71,16 @@ static void usage(void) {
     fprintf(stderr, "usage: bench -m model.gguf [-b auto|cpu|vulkan] [-dev device] [-p 512] [-n 128] [-d depth] [-r 3] [-t threads] [-c n_ctx]\n"
                     "             [--json] [--profile] [--gpu-budget MiB|N%%] [--host-budget MiB|N%%] [--sweep]\n"
                     "             [--pipeline-cache FILE]   Vulkan pipeline cache: read at load, written at exit (run twice:\n"
-                    "                                       'first run' below is load + the first warm-up, where kernels build)\n");
+                    "                                       'first run' below is load + the first warm-up, where kernels build)\n"
+                    "             [--max-submit-us N] [--low-priority]\n"
+                    "  --max-submit-us N  cap the GPU time of one queue submission (moe_ctx_params.max_submit_us)\n"
+                    "  --low-priority     submit to the low-priority queue where the device has one\n"
+                    "  (Vulkan: every test also prints its submissions: how many per run, the longest, the GPU total)\n");
 }
+
+/* moe_ctx_params of every context (the options above) */
+static uint32_t g_max_submit_us;
+static int32_t g_low_priority;
 
 /* resident host memory of this process in bytes (Linux), 0 if unknown */
 static unsigned long long cur_rss(void) {
@@ -161,6 +169,8 @@ static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, i
     moe_ctx_params cp = {0};
     cp.n_ctx = n_ctx > 0 ? n_ctx : depth + n_prompt + n_gen + 16;
     cp.n_batch = n_prompt > 0 ? n_prompt : depth > 0 ? (depth < 512 ? depth : 512) : 1;
+    cp.max_submit_us = g_max_submit_us;
+    cp.low_priority = g_low_priority;
     if ((st = moe_ctx_new(model, &cp, &ctx))) { fprintf(stderr, "bench: %s: %s\n", moe_status_str(st), moe_last_error()); goto done; }
     int n_tok = n_prompt > n_gen ? n_prompt : n_gen;
     if (depth > n_tok) n_tok = depth;
@@ -194,12 +204,17 @@ static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, i
         if (t_first < 0) t_first = tw;
         moe_stats s0, s1;
         moe_ctx_get_stats(ctx, &s0);
+        int have_sub = moe_ctx_submit_times(ctx, NULL, NULL, NULL, 1) == MOE_OK; /* Vulkan with timestamps */
         for (int r = 0; r < reps; r++)
             if ((times[r] = run_once(ctx, toks, np, ng, toks, depth)) < 0) {
                 fprintf(stderr, "bench: %s\n", moe_last_error());
                 goto done;
             }
         moe_ctx_get_stats(ctx, &s1);
+        uint64_t n_sub = 0;
+        double sub_max_us = 0, sub_total_us = 0, t_sum = 0;
+        if (have_sub) moe_ctx_submit_times(ctx, &n_sub, &sub_max_us, &sub_total_us, 1);
+        for (int r = 0; r < reps; r++) t_sum += times[r];
         double mean = 0, sd = 0, tps[1000];
         for (int r = 0; r < reps; r++) mean += (tps[r] = n / times[r]) / reps;
         for (int r = 0; r < reps; r++) sd += (tps[r] - mean) * (tps[r] - mean) / (reps > 1 ? reps - 1 : 1);
@@ -216,16 +231,22 @@ static int bench_run(const char *model_path, moe_load_params lp, int n_prompt, i
             printf("{\"model\": \"%s\", \"arch\": \"%s\", \"size_bytes\": %llu, \"n_params\": %llu, \"backend\": \"%s\", \"test\": \"%s\", "
                    "\"n_tokens\": %d, \"n_depth\": %d, \"reps\": %d, \"tps_median\": %.3f, \"tps_mean\": %.3f, \"tps_sd\": %.3f, \"budget\": \"%s\", "
                    "\"gpu_budget_bytes\": %llu, \"host_budget_bytes\": %llu, \"expert_hits\": %llu, \"expert_misses\": %llu, "
-                   "\"hit_rate\": %.4f, \"streamed_bytes_per_token\": %.0f, \"rss_bytes\": %llu}\n",
+                   "\"hit_rate\": %.4f, \"streamed_bytes_per_token\": %.0f, \"rss_bytes\": %llu, \"max_submit_us\": %u, "
+                   "\"submissions_per_run\": %.1f, \"submit_max_ms\": %.3f, \"gpu_ms_per_run\": %.3f, \"wall_ms_per_run\": %.3f}\n",
                    model_path, info.arch, (unsigned long long)info.file_bytes, (unsigned long long)info.n_params, be, name, n, depth, reps, med,
                    mean, sd, budget_label, (unsigned long long)lp.gpu_budget_bytes, (unsigned long long)lp.host_budget_bytes, hits, miss,
-                   hit_rate, per_tok, cur_rss());
+                   hit_rate, per_tok, cur_rss(), g_max_submit_us, (double)n_sub / reps, sub_max_us / 1e3, sub_total_us / 1e3 / reps,
+                   t_sum * 1e3 / reps);
         else {
             printf("| %-30.30s | %6.2f GiB | %8.2f B | %-7s | %7d | %5s | %8.2f (%.2f ± %.2f) |\n", info.arch, gib, (double)info.n_params / 1e9, be,
                    lp.n_threads, name, med, mean, sd);
             if (lp.gpu_budget_bytes || lp.host_budget_bytes)
                 printf("|   budget %-21.21s | experts: hits %llu, misses %llu, hit rate %.1f%%, streamed %.2f MiB/token, host RSS %.2f GiB |\n",
                        budget_label, hits, miss, 100.0 * hit_rate, per_tok / 1048576.0, (double)cur_rss() / 1073741824.0);
+            if (have_sub)
+                printf("|   submissions %-16s | %.1f per run, longest %.3f ms (GPU), GPU %.3f ms per run, wall %.3f ms per run (max_submit_us %u%s) |\n",
+                       name, (double)n_sub / reps, sub_max_us / 1e3, sub_total_us / 1e3 / reps, t_sum * 1e3 / reps, g_max_submit_us,
+                       g_low_priority ? ", low priority" : "");
         }
         if (profile) { /* one more run, profiled */
             moe_profile_entry pe[256];
@@ -268,6 +289,7 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--json")) { json = 1; continue; }
         if (!strcmp(a, "--sweep")) { sweep = 1; continue; }
         if (!strcmp(a, "--profile")) { profile = 1; continue; }
+        if (!strcmp(a, "--low-priority")) { g_low_priority = 1; continue; }
         if (i + 1 >= argc) { usage(); return 2; }
         const char *v = argv[++i];
         if (!strcmp(a, "-m")) model_path = v;
@@ -284,6 +306,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--gpu-budget")) gpu_budget = v;
         else if (!strcmp(a, "--host-budget")) host_budget = v;
         else if (!strcmp(a, "--pipeline-cache")) lp.vk_pipeline_cache_path = v;
+        else if (!strcmp(a, "--max-submit-us")) g_max_submit_us = (uint32_t)strtoul(v, NULL, 10);
         else { usage(); return 2; }
     }
     if (!model_path || n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1 || reps > 1000) { usage(); return 2; }

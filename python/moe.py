@@ -30,7 +30,7 @@ import ctypes
 import os
 import sys
 from ctypes import (CFUNCTYPE, POINTER, Structure, byref, c_char, c_char_p, c_double, c_float, c_int32,
-                    c_size_t, c_uint64, c_void_p)
+                    c_size_t, c_uint32, c_uint64, c_void_p)
 
 __all__ = ["MoeError", "Model", "Context", "Sampler", "SamplerChain", "version", "status_str", "last_error", "lib"]
 
@@ -45,6 +45,8 @@ ERR_DEVICE = -6
 ERR_CONTEXT_FULL = -7
 ERR_BUFFER_TOO_SMALL = -8
 ERR_CANCELLED = -9
+ERR_TIMEOUT = -10  # moe_step_wait: the step still runs
+ERR_BUSY = -11     # a step is in flight on the context
 
 BACKEND_AUTO, BACKEND_CPU, BACKEND_VULKAN = 0, 1, 2
 KV_F16, KV_F32, KV_Q8_0 = 0, 1, 2
@@ -56,6 +58,7 @@ FTYPE_Q4_K, FTYPE_Q5_K, FTYPE_Q6_K, FTYPE_Q4_0 = 5, 6, 7, 8
 # ---- structs (field for field as in moe.h) -----------------------------------------------------
 PROGRESS_FN = CFUNCTYPE(c_int32, c_float, c_void_p)
 LOG_FN = CFUNCTYPE(None, c_int32, c_char_p, c_void_p)
+ABORT_FN = CFUNCTYPE(c_int32, c_void_p)
 
 
 class LoadParams(Structure):
@@ -75,7 +78,8 @@ class ModelInfo(Structure):
 
 
 class CtxParams(Structure):
-    _fields_ = [("n_ctx", c_int32), ("kv_type", c_int32), ("logits_all", c_int32), ("n_batch", c_int32)]
+    _fields_ = [("n_ctx", c_int32), ("kv_type", c_int32), ("logits_all", c_int32), ("n_batch", c_int32),
+                ("abort", ABORT_FN), ("abort_user", c_void_p), ("max_submit_us", c_uint32), ("low_priority", c_int32)]
 
 
 class SamplerParams(Structure):
@@ -167,6 +171,9 @@ _SIGNATURES = {
     "moe_ctx_new": (c_int32, [_model_p, POINTER(CtxParams), POINTER(_ctx_p)]),
     "moe_ctx_free": (None, [_ctx_p]),
     "moe_step": (c_int32, [_ctx_p, POINTER(c_int32), c_int32]),
+    "moe_step_submit": (c_int32, [_ctx_p, POINTER(c_int32), c_int32]),
+    "moe_step_wait": (c_int32, [_ctx_p, c_uint64]),
+    "moe_ctx_submit_times": (c_int32, [_ctx_p, POINTER(c_uint64), POINTER(c_double), POINTER(c_double), c_int32]),
     "moe_logits": (POINTER(c_float), [_ctx_p, c_int32]),
     "moe_ctx_pos": (c_int32, [_ctx_p]),
     "moe_ctx_rewind": (c_int32, [_ctx_p, c_int32]),
@@ -384,9 +391,16 @@ class Context(_Handle):
     """moe_ctx_new: one sequence (KV cache, position, logits). Keeps its model alive."""
     _free = staticmethod(lib.moe_ctx_free)
 
-    def __init__(self, model, n_ctx=0, kv_type=KV_F16, logits_all=False, n_batch=0):
+    def __init__(self, model, n_ctx=0, kv_type=KV_F16, logits_all=False, n_batch=0, abort=None, max_submit_us=0,
+                 low_priority=False):
+        """abort: a callable polled between chunks and layers of a step (from the step's thread, the
+        worker's for submit/wait); truthy stops the step with MoeError ERR_CANCELLED and leaves the
+        context as before it. max_submit_us, low_priority: see moe_ctx_params in moe.h."""
         self._h = None
-        p = CtxParams(n_ctx=n_ctx, kv_type=kv_type, logits_all=1 if logits_all else 0, n_batch=n_batch)
+        # the callback must outlive the context: kept on self
+        self._abort = ABORT_FN(lambda user: 1 if abort() else 0) if abort else ABORT_FN()
+        p = CtxParams(n_ctx=n_ctx, kv_type=kv_type, logits_all=1 if logits_all else 0, n_batch=n_batch,
+                      abort=self._abort, max_submit_us=max_submit_us, low_priority=1 if low_priority else 0)
         h = _ctx_p()
         _check(lib.moe_ctx_new(model._handle(), byref(p), byref(h)))
         self._h = h
@@ -410,6 +424,30 @@ class Context(_Handle):
         arr = (c_int32 * max(1, len(tokens)))(*tokens)
         _check(lib.moe_step(self._handle(), arr, len(tokens)))
         self._n_last = len(tokens)
+
+    def submit(self, tokens):
+        """moe_step_submit: starts the step on the context's worker and returns at once; until wait()
+        returns True only wait() (and close) may be called."""
+        tokens = list(tokens)
+        arr = (c_int32 * max(1, len(tokens)))(*tokens)
+        _check(lib.moe_step_submit(self._handle(), arr, len(tokens)))
+        self._n_last = len(tokens)
+
+    def wait(self, timeout=None):
+        """moe_step_wait: True when the submitted step is done (logits readable), False while it still
+        runs after timeout seconds (0 polls; None waits for good); a failed step raises MoeError."""
+        ns = 0xFFFFFFFFFFFFFFFF if timeout is None else max(0, int(timeout * 1e9))
+        st = lib.moe_step_wait(self._handle(), ns)
+        if st == ERR_TIMEOUT:
+            return False
+        _check(st)
+        return True
+
+    def submit_times(self, reset=False):
+        """GPU time of this context's queue submissions (Vulkan): (count, longest us, total us)."""
+        n, mx, tot = c_uint64(0), c_double(0), c_double(0)
+        _check(lib.moe_ctx_submit_times(self._handle(), byref(n), byref(mx), byref(tot), 1 if reset else 0))
+        return n.value, mx.value, tot.value
 
     def logits(self, i=-1):
         """The next-token logits as a ctypes (c_float * n_vocab) view, valid until the next call on

@@ -6,6 +6,7 @@
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
 #include "test_util.h"
+#include "test_async.h"
 
 #define MODEL "test/fixtures/qwen3moe_q8_0.gguf"
 #define OTHER_MODEL "test/fixtures/qwen3moe_f32.gguf"
@@ -705,6 +706,42 @@ static void test_error_texts(void **state) {
     moe_model_free(m);
 }
 
+/* ---- abort and asynchronous steps (moe.h, ASYNCHRONOUS STEPS; test_async.h) -------------------- */
+static void test_abort_exact(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 2);
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 128;
+    cp.n_batch = 8; /* a step of 20 tokens in 3 chunks: cancels between chunks and between layers */
+    int polls = check_abort_exact(m, &cp, 11, 20);
+    printf("[ INFO     ] qwen3moe CPU: %d abort polls in a 20-token step\n", polls);
+    moe_model_free(m);
+    /* hybrid models: the conv and recurrent states come back from the step's backup; the step
+       crosses a checkpoint position (64) */
+    static const char *const hybrids[] = {"test/fixtures/qwen3next", "test/fixtures/qwen35moe"};
+    for (int i = 0; i < 2; i++) {
+        m = load(hybrids[i], 2);
+        cp.n_ctx = 256;
+        cp.n_batch = 16;
+        polls = check_abort_exact(m, &cp, 40, 40);
+        printf("[ INFO     ] %s CPU: %d abort polls in a 40-token step\n", hybrids[i], polls);
+        moe_model_free(m);
+    }
+}
+
+static void test_submit_wait(void **state) {
+    (void)state;
+    moe_model *m = load(MODEL, 2);
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 128;
+    cp.n_batch = 8;
+    check_submit_wait(m, &cp, 12);
+    moe_model_free(m);
+    m = load("test/fixtures/qwen3next", 2);
+    check_submit_wait(m, &cp, 12);
+    moe_model_free(m);
+}
+
 /* ---- allocation failures ------------------------------------------------------------------------ */
 /* ---- counts through out-parameters (API.md v1): MOE_OK + count written, or
    MOE_ERR_BUFFER_TOO_SMALL + count needed with nothing written beyond cap; buf = NULL, cap = 0 is
@@ -874,6 +911,8 @@ int main(void) {
         cmocka_unit_test(test_step_nonfinite),
         cmocka_unit_test(test_state_forged),
         cmocka_unit_test(test_profile),
+        cmocka_unit_test(test_abort_exact),
+        cmocka_unit_test(test_submit_wait),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -39,7 +39,7 @@ int main(void) {
     F(moe_load_params, log) F(moe_load_params, user)
     Z(moe_model_info) F(moe_model_info, n_vocab) F(moe_model_info, eos) F(moe_model_info, n_params)
     F(moe_model_info, file_bytes) F(moe_model_info, backend)
-    Z(moe_ctx_params) F(moe_ctx_params, n_batch)
+    Z(moe_ctx_params) F(moe_ctx_params, n_batch) F(moe_ctx_params, abort) F(moe_ctx_params, max_submit_us) F(moe_ctx_params, low_priority)
     Z(moe_sampler_params) F(moe_sampler_params, repeat_last_n) F(moe_sampler_params, frequency_penalty)
     F(moe_sampler_params, seed)
     Z(moe_save_params) F(moe_save_params, progress) F(moe_save_params, user)
@@ -58,7 +58,7 @@ rows = [
     ("moe_load_params", moe.LoadParams, ["backend", "device_index", "n_threads", "gpu_budget_bytes",
                                          "host_budget_bytes", "progress", "log", "user"]),
     ("moe_model_info", moe.ModelInfo, ["n_vocab", "eos", "n_params", "file_bytes", "backend"]),
-    ("moe_ctx_params", moe.CtxParams, ["n_batch"]),
+    ("moe_ctx_params", moe.CtxParams, ["n_batch", "abort", "max_submit_us", "low_priority"]),
     ("moe_sampler_params", moe.SamplerParams, ["repeat_last_n", "frequency_penalty", "seed"]),
     ("moe_save_params", moe.SaveParams, ["progress", "user"]),
     ("moe_stats", moe.Stats, ["n_gen_tokens", "t_load_s"]),
@@ -110,6 +110,28 @@ logs = []
 model = moe.Model(model_path, backend=moe.BACKEND_CPU, log=lambda level, msg: logs.append((level, msg)))
 assert any("qwen3moe" in m for _, m in logs), logs
 assert model.info["arch"] == "qwen3moe" and model.n_vocab > 0, model.info
+
+# submit / wait and abort through the binding: same logits as step; a cancel leaves the context as it was
+ids = [1, 2, 3, 4, 5, 6, 7, 8]
+ref = moe.Context(model, n_ctx=64)
+ref.step(ids)
+a = moe.Context(model, n_ctx=64, n_batch=4)
+a.submit(ids)
+expect_error(moe.ERR_BUSY, a.step, [1])
+while not a.wait(0):
+    pass
+assert list(a.logits()) == list(ref.logits()) and a.pos == len(ids)
+polls = []
+b = moe.Context(model, n_ctx=64, n_batch=4, abort=lambda: polls.append(1) or len(polls) > 3)
+expect_error(moe.ERR_CANCELLED, b.step, ids)
+assert b.pos == 0 and len(polls) == 4, (b.pos, polls)
+b.submit(ids)
+expect_error(moe.ERR_CANCELLED, b.wait)
+del polls[:]
+b = moe.Context(model, n_ctx=64, n_batch=4, abort=lambda: False)
+b.submit(ids)
+assert b.wait(None) and list(b.logits()) == list(ref.logits())
+expect_error(moe.ERR_UNSUPPORTED, b.submit_times)
 
 # the sampler: test_sampler.c's golden sequence B, drawn through the binding from a Python list
 logits = [((i * 37) % 32) / 8.0 - 2.0 for i in range(32)]

@@ -24,6 +24,7 @@
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
 #include "test_util.h"
+#include "test_async.h"
 
 /* Tolerances, as max |ours - ref| / (max - min of the reference row), over all rows: the same
    as test_forward's for the CPU backend (see there for the derivation). The GPU sums in another
@@ -231,7 +232,7 @@ static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
     memset(p, 0, sizeof *p);
     p->s = s;
     p->n_batch = n_batch;
-    moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2, 1}; /* the CPU reference in exact (f32) mode */
+    moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2, 1, NULL, NULL, 0, 0, 0}; /* the CPU reference in exact (f32) mode */
     assert_int_equal(cpu_ctx_new(&s->w, &sh, &p->cpu), MOE_OK);
     moe_status st = moe_vk_init(&s->w, 0, 0, test_log, NULL, &p->vk);
     if (st) print_error("moe_vk_init: %s (%s)\n", moe_status_str(st), moe_last_error());
@@ -853,12 +854,79 @@ static void test_fallback(void **state) {
     moe_model_free(m);
 }
 
+/* ---- abort, max_submit_us, submit / wait on Vulkan (test_async.h) ---- */
+/* a prefill split into many submissions (max_submit_us = 1: one dispatch each) gives the logits of
+   one submission per chunk, bit for bit; the submission times say so */
+static void check_split_identical(moe_model *m, int n) {
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    moe_token t[64];
+    async_tokens(t, n + 1, info.n_vocab, 5);
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 256;
+    cp.n_batch = 32;
+    moe_ctx *a = NULL, *b = NULL;
+    assert_int_equal(moe_ctx_new(m, &cp, &a), MOE_OK);
+    cp.max_submit_us = 1;
+    assert_int_equal(moe_ctx_new(m, &cp, &b), MOE_OK);
+    step_ok(a, t, n);
+    step_ok(b, t, n);
+    uint64_t na = 0, nb = 0;
+    double mxa = 0, mxb = 0, tota = 0, totb = 0;
+    assert_int_equal(moe_ctx_submit_times(a, &na, &mxa, &tota, 1), MOE_OK);
+    assert_int_equal(moe_ctx_submit_times(b, &nb, &mxb, &totb, 1), MOE_OK);
+    printf("[ RESULT   ] %d-token prefill: %llu submission(s), longest %.0f us, total %.0f us; max_submit_us 1: %llu, longest %.0f us, total %.0f us\n",
+           n, (unsigned long long)na, mxa, tota, (unsigned long long)nb, mxb, totb);
+    assert_true(na >= 1 && nb > na && mxa > 0 && mxb > 0);
+    assert_memory_equal(moe_logits(a, -1), moe_logits(b, -1), (size_t)info.n_vocab * sizeof(float));
+    step_ok(a, t + n, 1);
+    step_ok(b, t + n, 1);
+    assert_memory_equal(moe_logits(a, -1), moe_logits(b, -1), (size_t)info.n_vocab * sizeof(float));
+    assert_int_equal(moe_ctx_submit_times(a, &na, NULL, NULL, 0), MOE_OK);
+    assert_int_equal(na, 1);
+    moe_ctx_free(a);
+    moe_ctx_free(b);
+}
+
+static void test_async_abort(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    moe_model *m = load_model("test/fixtures/qwen3moe_q8_0.gguf", MOE_BACKEND_VULKAN);
+    check_split_identical(m, 40);
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 128;
+    cp.n_batch = 8;
+    int polls = check_abort_exact(m, &cp, 11, 20);   /* polls between chunks only */
+    cp.max_submit_us = 1;
+    int polls_split = check_abort_exact(m, &cp, 11, 20); /* and between submissions */
+    printf("[ INFO     ] qwen3moe Vulkan: %d abort polls in a 20-token step, %d with max_submit_us 1\n", polls, polls_split);
+    assert_true(polls_split > polls);
+    cp.max_submit_us = 0;
+    check_submit_wait(m, &cp, 12);
+    cp.low_priority = 1; /* the second queue where the family has one, else the same queue */
+    check_submit_wait(m, &cp, 12);
+    moe_model_free(m);
+    static const char *const hybrids[] = {"test/fixtures/qwen3next", "test/fixtures/qwen35moe"};
+    for (int i = 0; i < 2; i++) {
+        m = load_model(hybrids[i], MOE_BACKEND_VULKAN);
+        moe_ctx_params hp = {0};
+        hp.n_ctx = 256;
+        hp.n_batch = 16;
+        hp.max_submit_us = 1;
+        polls = check_abort_exact(m, &hp, 40, 40);
+        printf("[ INFO     ] %s Vulkan (max_submit_us 1): %d abort polls in a 40-token step\n", hybrids[i], polls);
+        if (i == 0) check_split_identical(m, 40);
+        moe_model_free(m);
+    }
+}
+
 int main(void) {
     pin_driver();
     static char names[][8] = {"f32", "f16", "q8_0", "q4_k", "mixed"};
 #define T(f) cmocka_unit_test_teardown(f, teardown_validation)
 #define TS(label, f, st) {.name = label, .test_func = f, .teardown_func = teardown_validation, .initial_state = (void *)(st)}
     const struct CMUnitTest tests[] = {
+        T(test_async_abort),
         T(test_ops_common),
         TS("ops_f32", test_ops_type, &k_all_types[0]), TS("ops_f16", test_ops_type, &k_all_types[1]),
         TS("ops_bf16", test_ops_type, &k_all_types[2]), TS("ops_q8_0", test_ops_type, &k_all_types[3]),
@@ -876,5 +944,6 @@ int main(void) {
     };
 #undef T
 #undef TS
+    if (getenv("MOE_TEST_FILTER")) cmocka_set_test_filter(getenv("MOE_TEST_FILTER")); /* e.g. "test_async_abort" */
     return cmocka_run_group_tests_name("vulkan", tests, NULL, NULL);
 }
