@@ -6903,6 +6903,7 @@ typedef struct cpu_ctx {
     float *dn_buf;             /* per thread: the delta rule's scratch (token or chunked form) */
     size_t dn_buf_len;
     int dn_chunked;            /* MOE_CPU_DN_CHUNKED=1: prefill in the chunked (WY) form */
+    struct cpu_batch *batch;   /* moe_step_batch's scratch context: the pass's segments; else NULL */
 } cpu_ctx;
 
 struct moe_ctx {
@@ -6923,6 +6924,10 @@ struct moe_ctx {
     int32_t ckpt_every;        /* 0: no recurrent state; else slot s holds the states at (s+1)·ckpt_every */
     int32_t n_ckpt;
     uint8_t *ckpt_ok;          /* [n_ckpt] */
+    /* moe_step_batch on the CPU: the scratch context whose buffers hold the rows of all contexts
+       of a pass, kept by the first context of the call for the next one (NULL until then) */
+    cpu_ctx *batch_cc;
+    int32_t batch_rows;
 };
 
 static float *act_row(cpu_ctx *cc, int buf, int row, int width) { return cc->act[buf] + (size_t)row * (size_t)width; }
@@ -7979,6 +7984,122 @@ static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, 
                                   cpu_split_heads, cpu_sigmoid_mul, cpu_gate_rows, cpu_ssm_conv, cpu_delta_net, cpu_gated_rmsnorm,
                                   cpu_state_save, cpu_state_load, cpu_state_checkpoint, cpu_state_restore};
 
+/* ---- one forward pass for many contexts (moe_step_batch) ---------------------------------------
+   The forward runs once over the rows of all contexts, in a scratch context (the lead): every op
+   that treats rows one by one (norms, matrix products, routing, experts, elementwise) runs there
+   on all rows at once, so each weight is read once per pass. The ops that read a context's own
+   history (rope at its positions, attention over its KV cache, the conv and delta-rule states) run
+   segment by segment on that context, its activation pointers aimed at its rows of the lead's
+   buffers: no copies. The CPU kernels compute each row exactly as they would alone (mm_rows), so
+   the results are bit for bit those of separate moe_step calls. */
+typedef struct cpu_bseg {
+    cpu_ctx *cc;               /* the context of the segment */
+    int row0, n, pos0;         /* its rows in the lead's buffers, its first position */
+    int n_out, out0;           /* its rows of logits, and where they start among the pass's */
+    float *dst;                /* where its logits go (the context's staged rows) */
+    int ctx_i, ck;             /* its context in the call; the checkpoint slot it ends at, or -1 */
+} cpu_bseg;
+typedef struct cpu_batch { cpu_bseg *seg; int n_seg, logit_rows; } cpu_batch;
+
+#define BT_MAX_AIM 4
+/* aims cc's activation buffers bufs[i] (rows widths[i] floats wide) at rows row0.. of the lead's,
+   keeping the old pointers in saved; bt_unaim puts them back */
+static void bt_aim(cpu_ctx *cc, const cpu_ctx *lead, const int *bufs, const int *widths, int nb, int row0, float **saved) {
+    for (int i = 0; i < nb; i++) {
+        float *at = lead->act[bufs[i]] + (size_t)row0 * (size_t)widths[i];
+        saved[i] = cc->act[bufs[i]];
+        cc->act[bufs[i]] = at;
+    }
+}
+static void bt_unaim(cpu_ctx *cc, const int *bufs, int nb, float *const *saved) {
+    for (int i = 0; i < nb; i++) cc->act[bufs[i]] = saved[i];
+}
+
+/* runs a per-context op on every segment: its context sees its rows of bufs as rows 0.. */
+typedef void (*bt_seg_fn)(cpu_ctx *cc, const cpu_bseg *s, const void *arg);
+static void bt_each(cpu_ctx *lead, const int *bufs, const int *widths, int nb, bt_seg_fn fn, const void *arg) {
+    const cpu_batch *b = lead->batch;
+    float *saved[BT_MAX_AIM];
+    for (int i = 0; i < b->n_seg; i++) {
+        const cpu_bseg *s = &b->seg[i];
+        bt_aim(s->cc, lead, bufs, widths, nb, s->row0, saved);
+        fn(s->cc, s, arg);
+        bt_unaim(s->cc, bufs, nb, saved);
+    }
+}
+
+typedef struct bt_rope_arg { int buf, n_head, head_dim; const moe_rope *rope; } bt_rope_arg;
+static void bt_rope_seg(cpu_ctx *cc, const cpu_bseg *s, const void *arg) {
+    const bt_rope_arg *r = arg;
+    cpu_rope(cc, r->buf, s->n, r->n_head, r->head_dim, r->rope, s->pos0);
+}
+static void bt_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
+    (void)n, (void)pos0; /* the segments have their own */
+    bt_rope_arg r = {buf, n_head, head_dim, rope};
+    int width = n_head * head_dim;
+    bt_each(be, &buf, &width, 1, bt_rope_seg, &r);
+}
+
+static void bt_attention_seg(cpu_ctx *cc, const cpu_bseg *s, const void *arg) { cpu_attention(cc, arg, s->n, s->pos0); }
+static void bt_attention(void *be, const moe_attn *a, int n, int pos0) {
+    (void)n, (void)pos0;
+    int q = a->n_head * a->head_dim, kv = a->n_head_kv * a->head_dim;
+    const int bufs[] = {ACT_Q, ACT_K, ACT_V, ACT_ATTN}, widths[] = {q, kv, kv, q};
+    bt_each(be, bufs, widths, 4, bt_attention_seg, a);
+}
+
+typedef struct bt_dn_arg { const moe_deltanet *dn; const moe_weight *w, *w2; } bt_dn_arg;
+static void bt_ssm_conv_seg(cpu_ctx *cc, const cpu_bseg *s, const void *arg) {
+    const bt_dn_arg *d = arg;
+    cpu_ssm_conv(cc, d->dn, d->w, s->n);
+}
+static void bt_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w, int n) {
+    (void)n;
+    bt_dn_arg d = {dn, w, NULL};
+    int C = dn_channels(dn);
+    const int bufs[] = {ACT_DN_QKV, ACT_DN_CONV}, widths[] = {C, C};
+    bt_each(be, bufs, widths, 2, bt_ssm_conv_seg, &d);
+}
+
+static void bt_delta_net_seg(cpu_ctx *cc, const cpu_bseg *s, const void *arg) {
+    const bt_dn_arg *d = arg;
+    cpu_delta_net(cc, d->dn, d->w, d->w2, s->n);
+}
+static void bt_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
+    (void)n;
+    bt_dn_arg d = {dn, a_coef, dt_bias};
+    int nv = dn->n_v_head;
+    const int bufs[] = {ACT_DN_CONV, ACT_DN_BETA, ACT_DN_ALPHA, ACT_DN_O},
+              widths[] = {dn_channels(dn), dn->ba_grouped ? 2 * nv : nv, nv, nv * dn->v_dim};
+    bt_each(be, bufs, widths, 4, bt_delta_net_seg, &d);
+}
+
+static int bt_logits_rows(const void *be) { return ((const cpu_ctx *)be)->batch->logit_rows; }
+
+/* rows row0.. of the pass's logits (in ACT_LOGITS) go to their contexts' staged rows */
+static void bt_logits_out(void *be, int row0, int n) {
+    cpu_ctx *lead = be;
+    const cpu_batch *b = lead->batch;
+    size_t nv = (size_t)lead->w->hp.n_vocab;
+    for (int i = 0, r = row0; i < b->n_seg && r < row0 + n; i++) {
+        const cpu_bseg *s = &b->seg[i];
+        for (; r < row0 + n && r < s->out0 + s->n_out; r++)
+            memcpy(s->dst + (size_t)(r - s->out0) * nv, lead->act[ACT_LOGITS] + (size_t)(r - row0) * nv, nv * sizeof(float));
+    }
+}
+
+/* the CPU ops with the per-context ones above */
+static moe_ops bt_ops(void) {
+    moe_ops o = k_cpu_ops;
+    o.rope = bt_rope;
+    o.attention = bt_attention;
+    o.ssm_conv = bt_ssm_conv;
+    o.delta_net = bt_delta_net;
+    o.logits_rows = bt_logits_rows;
+    o.logits_out = bt_logits_out;
+    return o;
+}
+
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
     if (!cc) return;
@@ -8776,6 +8897,7 @@ void moe_ctx_free(moe_ctx *ctx) {
     }
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
+    cpu_ctx_free(ctx->batch_cc);
     moe_model *model = ctx->model;
     moe_free(ctx->seg);
     moe_free(ctx->ckpt_ok);
@@ -8872,29 +8994,49 @@ static moe_status ctx_recompute(moe_ctx *ctx, int32_t p) {
     return st;
 }
 
+/* The next chunk of a step at position q with left tokens still to go: at most n_batch tokens, and
+   with recurrent states ending at the next checkpoint position (*ck: its slot, else -1); marks
+   where the chunk begins. ctx_run and moe_step_batch cut steps the same way. */
+static int32_t ctx_chunk(moe_ctx *ctx, int32_t q, int32_t left, int32_t *ck) {
+    int32_t n = left < ctx->n_batch ? left : ctx->n_batch;
+    *ck = -1;
+    if (ctx->ckpt_every) { /* recurrent states: chunks also end at checkpoint positions */
+        int32_t next = (q / ctx->ckpt_every + 1) * ctx->ckpt_every;
+        if (q + n >= next) n = next - q, *ck = next / ctx->ckpt_every - 1;
+        if (*ck >= ctx->n_ckpt) *ck = -1;
+        memset(ctx->seg + q, 0, (size_t)n);
+        ctx->seg[q] = 1;
+    }
+    return n;
+}
+
+/* after the forward pass of the chunk [q, q + n): the rings have moved on */
+static void ctx_chunk_ran(moe_ctx *ctx, int32_t q, int32_t n, int32_t min_ring) {
+    if (min_ring && q + n - min_ring > ctx->ring_lo) ctx->ring_lo = q + n - min_ring;
+}
+
+/* A step failed after its forward pass ran from p0 (pos unchanged): cache rows written past it
+   are never read, but rings may have lost rows and recurrent states have moved on: recompute
+   before the next use. */
+static void ctx_step_failed(moe_ctx *ctx, int32_t p0) {
+    if (!ctx_ring_ok(ctx, p0) || ctx->ckpt_every) ctx->needs_repair = 1;
+    if (ctx->ckpt_every) ckpt_drop_after(ctx, p0);
+}
+
 static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, float *logits) {
     const moe_model *m = ctx->model;
     int32_t done = 0, p0 = ctx->pos, min_ring = ctx_min_ring(ctx);
     if (tokens != ctx->tokens + p0) memcpy(ctx->tokens + p0, tokens, (size_t)n_tokens * sizeof *tokens);
     while (done < n_tokens) {
-        int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch, ck = -1;
-        if (ctx->ckpt_every) { /* recurrent states: chunks also end at checkpoint positions */
-            int32_t q = p0 + done, next = (q / ctx->ckpt_every + 1) * ctx->ckpt_every;
-            if (q + n >= next) n = next - q, ck = next / ctx->ckpt_every - 1;
-            if (ck >= ctx->n_ckpt) ck = -1;
-            memset(ctx->seg + q, 0, (size_t)n);
-            ctx->seg[q] = 1;
-        }
+        int32_t ck, n = ctx_chunk(ctx, p0 + done, n_tokens - done, &ck);
         int32_t n_out = !logits ? 0 : ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
         ctx->ops->begin_step(ctx->be);
         m->arch->forward(ctx->be, ctx->ops, &m->w, tokens + done, n, p0 + done, n_out);
         if (ck >= 0) ctx->ops->state_checkpoint(ctx->be, ck);
         moe_status st = ctx->ops->end_step(ctx->be);
-        if (min_ring && p0 + done + n - min_ring > ctx->ring_lo) ctx->ring_lo = p0 + done + n - min_ring;
-        if (st) { /* pos unchanged: cache rows written past it are never read, but rings may have lost rows
-                     and recurrent states have moved on: recompute before the next use */
-            if (!ctx_ring_ok(ctx, p0) || ctx->ckpt_every) ctx->needs_repair = 1;
-            if (ctx->ckpt_every) ckpt_drop_after(ctx, p0);
+        ctx_chunk_ran(ctx, p0 + done, n, min_ring);
+        if (st) {
+            ctx_step_failed(ctx, p0);
             return st;
         }
         if (ck >= 0) ctx->ckpt_ok[ck] = 1;
@@ -8904,57 +9046,77 @@ static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_token
     return MOE_OK;
 }
 
-moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
-    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "moe_step: ctx is NULL");
-    if (!tokens || n_tokens <= 0) return set_error(MOE_ERR_INVALID_ARG, "moe_step: no tokens (tokens NULL or n_tokens %d)", n_tokens);
+/* ---- a step's checks and bookkeeping, shared by moe_step and moe_step_batch ---- */
+/* tokens in the vocabulary and room for them (fn names the caller in the message) */
+static moe_status step_check(const moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, const char *fn) {
+    if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "%s: ctx is NULL", fn);
+    if (!tokens || n_tokens <= 0) return set_error(MOE_ERR_INVALID_ARG, "%s: no tokens (tokens NULL or n_tokens %d)", fn, n_tokens);
     const moe_model *m = ctx->model;
     for (int32_t i = 0; i < n_tokens; i++)
         if (tokens[i] < 0 || tokens[i] >= m->w.hp.n_vocab)
-            return set_error(MOE_ERR_INVALID_ARG, "moe_step: token %d at index %d is outside the vocabulary [0, %d)",
+            return set_error(MOE_ERR_INVALID_ARG, "%s: token %d at index %d is outside the vocabulary [0, %d)", fn,
                              tokens[i], i, m->w.hp.n_vocab);
     if (n_tokens > ctx->n_ctx - ctx->pos)
-        return set_error(MOE_ERR_CONTEXT_FULL, "moe_step: %d tokens do not fit: context holds %d of %d", n_tokens,
+        return set_error(MOE_ERR_CONTEXT_FULL, "%s: %d tokens do not fit: context holds %d of %d", fn, n_tokens,
                          ctx->pos, ctx->n_ctx);
-    int32_t rows = ctx->logits_all ? n_tokens : 1, keep = ctx->n_logits;
-    const size_t nv = (size_t)m->w.hp.n_vocab;
-    /* the new rows are read behind the current ones (kept until the step has succeeded, so that a
-       failure leaves ctx as it was), then moved to the front; grow before anything changes */
+    return MOE_OK;
+}
+
+static int32_t step_rows(const moe_ctx *ctx, int32_t n_tokens) { return ctx->logits_all ? n_tokens : 1; }
+
+/* The new rows of logits are read behind the current ones (kept until the step has succeeded, so
+   that a failure leaves ctx as it was), then moved to the front: grows before anything changes
+   and gives where the new rows go. */
+static moe_status step_stage(moe_ctx *ctx, int32_t n_tokens, const char *fn, float **stage) {
+    int32_t rows = step_rows(ctx, n_tokens), keep = ctx->n_logits;
+    const size_t nv = (size_t)ctx->model->w.hp.n_vocab;
     if (keep + rows > ctx->logits_cap) {
         float *nl = moe_malloc(mul_or_zero((size_t)(keep + rows), nv) * sizeof(float));
-        if (!nl) return set_error(MOE_ERR_NO_MEMORY, "moe_step: out of memory for %d rows of logits", keep + rows);
+        if (!nl) return set_error(MOE_ERR_NO_MEMORY, "%s: out of memory for %d rows of logits", fn, keep + rows);
         memcpy(nl, ctx->logits, (size_t)keep * nv * sizeof(float));
         moe_free(ctx->logits);
         ctx->logits = nl;
         ctx->logits_cap = keep + rows;
     }
-    float *stage = ctx->logits + (size_t)keep * nv;
-    double t0 = now_s();
-    moe_status st;
-    if (ctx->needs_repair) { /* an earlier failed step left rings without rows the next one needs */
-        int32_t pos = ctx->pos;
-        if ((st = ctx_recompute(ctx, pos))) return st;
-        ctx->n_logits = keep; /* the host copy of the logits was never touched */
-    }
-    if ((st = ctx_run(ctx, tokens, n_tokens, stage))) return st;
-    /* No NaN/Inf may leave a step (weights are checked finite at load): refuse to hand them out */
-    for (size_t i = 0; i < (size_t)rows * nv; i++)
+    *stage = ctx->logits + (size_t)keep * nv;
+    return MOE_OK;
+}
+
+/* an earlier failed step left rings without rows the next one needs: recompute them first */
+static moe_status step_repair(moe_ctx *ctx) {
+    if (!ctx->needs_repair) return MOE_OK;
+    int32_t keep = ctx->n_logits;
+    moe_status st = ctx_recompute(ctx, ctx->pos);
+    if (!st) ctx->n_logits = keep; /* the host copy of the logits was never touched */
+    return st;
+}
+
+/* No NaN/Inf may leave a step (weights are checked finite at load): refuse to hand them out */
+static moe_status step_finite(moe_ctx *ctx, const float *stage, int32_t n_tokens, const char *fn) {
+    size_t nv = (size_t)ctx->model->w.hp.n_vocab, all = (size_t)step_rows(ctx, n_tokens) * nv;
+    for (size_t i = 0; i < all; i++)
         if (!isfinite(stage[i])) {
             size_t bad = 0;
-            for (size_t j = i; j < (size_t)rows * nv; j++) bad += !isfinite(stage[j]);
-            if (!ctx_ring_ok(ctx, ctx->pos) || ctx->ckpt_every) ctx->needs_repair = 1;
-            if (ctx->ckpt_every) ckpt_drop_after(ctx, ctx->pos);
-            return set_error(MOE_ERR_FORMAT, "moe_step: the forward pass gave %zu non-finite logit(s) of %zu (first: row %zu, token %zu, "
+            for (size_t j = i; j < all; j++) bad += !isfinite(stage[j]);
+            ctx_step_failed(ctx, ctx->pos);
+            return set_error(MOE_ERR_FORMAT, "%s: the forward pass gave %zu non-finite logit(s) of %zu (first: row %zu, token %zu, "
                              "%s): weights too large for f32, or a bug in moe (please report it); the context is unchanged",
-                             bad, (size_t)rows * nv, i / nv, i % nv, isnan(stage[i]) ? "NaN" : "inf");
+                             fn, bad, all, i / nv, i % nv, isnan(stage[i]) ? "NaN" : "inf");
         }
-    if (keep) memmove(ctx->logits, stage, (size_t)rows * nv * sizeof(float));
+    return MOE_OK;
+}
+
+/* the step took effect: its logits to the front, the position and the counters move on */
+static void step_commit(moe_ctx *ctx, const float *stage, int32_t n_tokens, double dt) {
+    const moe_model *m = ctx->model;
+    int32_t rows = step_rows(ctx, n_tokens);
+    if (stage != ctx->logits) memmove(ctx->logits, stage, (size_t)rows * (size_t)m->w.hp.n_vocab * sizeof(float));
     ctx->pos += n_tokens;
     ctx->n_logits = rows;
     /* resident experts: each token's top-k experts in each MoE layer are hits (a streaming
        backend counts its own hits and misses) */
     for (int l = 0; !m->xc && !(m->vk && moe_vk_streams_experts(m->vk)) && l < m->w.hp.n_layer; l++)
         if (m->w.layers[l].p.ffn_kind != MOE_FFN_DENSE) ctx->stats.expert_hits += (uint64_t)n_tokens * (uint64_t)m->w.layers[l].p.n_expert_used;
-    double dt = now_s() - t0;
     if (n_tokens == 1) {
         ctx->stats.n_gen_tokens++;
         ctx->stats.t_gen_s += dt;
@@ -8962,7 +9124,205 @@ moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
         ctx->stats.n_prompt_tokens += (uint64_t)n_tokens;
         ctx->stats.t_prompt_s += dt;
     }
+}
+
+moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
+    moe_status st = step_check(ctx, tokens, n_tokens, "moe_step");
+    float *stage;
+    if (st || (st = step_stage(ctx, n_tokens, "moe_step", &stage))) return st;
+    double t0 = now_s();
+    if ((st = step_repair(ctx)) || (st = ctx_run(ctx, tokens, n_tokens, stage)) ||
+        (st = step_finite(ctx, stage, n_tokens, "moe_step")))
+        return st;
+    step_commit(ctx, stage, n_tokens, now_s() - t0);
     return MOE_OK;
+}
+
+/* ---- moe_step_batch: n contexts of one model in one forward pass ---- */
+#define BT_MIN_ROWS 512        /* rows of one pass at most (or the largest n_batch of the call) */
+#define BT_LOGIT_ROWS 32       /* logits rows the lead computes at a time (lm_head chunks) */
+
+/* The scratch context of a pass of up to rows rows, kept by owner for later calls. It runs no
+   attention or recurrence of its own (the contexts do, on their caches), so its KV cache and
+   attention scratch go; ACT_LOGITS holds BT_LOGIT_ROWS rows. */
+static moe_status bt_scratch(moe_ctx *owner, int32_t rows) {
+    if (owner->batch_cc && owner->batch_rows >= rows) return MOE_OK;
+    const moe_model *m = owner->model;
+    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact};
+    void *be;
+    moe_status st = cpu_ctx_new(&m->w, &shape, &be);
+    if (st) return st;
+    cpu_ctx *cc = be;
+    float *lg = moe_malloc((size_t)BT_LOGIT_ROWS * (size_t)m->w.hp.n_vocab * sizeof(float));
+    if (!lg) {
+        cpu_ctx_free(cc);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory for the logits of a pass");
+    }
+    moe_free(cc->act[ACT_LOGITS]);
+    cc->act[ACT_LOGITS] = lg;
+    moe_free(cc->k_cache), moe_free(cc->v_cache), moe_free(cc->att_buf), moe_free(cc->st), moe_free(cc->ckpt);
+    cc->k_cache = cc->v_cache = NULL, cc->att_buf = cc->st = cc->ckpt = NULL;
+    cpu_ctx_free(owner->batch_cc);
+    owner->batch_cc = cc;
+    owner->batch_rows = rows;
+    return MOE_OK;
+}
+
+/* per context of a batched step: where its logits go, how far it is */
+typedef struct bt_item { float *stage; int32_t done, min_ring; } bt_item;
+
+/* The CPU pass: each context's step is cut into the chunks ctx_run would make; a forward pass
+   takes the next chunk of as many contexts as fit in its rows (decode: all of them in one). */
+static moe_status bt_run(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs,
+                         bt_item *it, cpu_bseg *seg, moe_token *tok, int32_t cap) {
+    const moe_model *m = ctxs[0]->model;
+    cpu_ctx *lead = ctxs[0]->batch_cc;
+    const moe_hparams *hp = &m->w.hp;
+    size_t E = (size_t)hp->n_embd;
+    moe_ops ops = bt_ops();
+    cpu_batch b = {seg, 0, BT_LOGIT_ROWS};
+    moe_status st = MOE_OK;
+    lead->batch = &b;
+    for (int32_t first = 0; !st;) {
+        int32_t rows = 0, outs = 0;
+        b.n_seg = 0;
+        while (first < n_ctxs && it[first].done == n_tokens[first]) first++;
+        if (first == n_ctxs) break;
+        for (int32_t i = first; i < n_ctxs; i++) {
+            moe_ctx *c = ctxs[i];
+            int32_t done = it[i].done, q = c->pos + done, k;
+            if (done == n_tokens[i]) continue;
+            int32_t n = ctx_chunk(c, q, n_tokens[i] - done, &k);
+            if (rows + n > cap) break; /* the rest go in the next pass */
+            cpu_bseg *s = &seg[b.n_seg];
+            s->cc = c->cpu, s->row0 = rows, s->n = n, s->pos0 = q;
+            s->n_out = c->logits_all ? n : (done + n == n_tokens[i] ? 1 : 0);
+            s->out0 = outs;
+            s->dst = it[i].stage + (size_t)(c->logits_all ? done : 0) * (size_t)hp->n_vocab;
+            s->ctx_i = i, s->ck = k;
+            memcpy(tok + rows, tokens[i] + done, (size_t)n * sizeof *tok);
+            b.n_seg++;
+            rows += n, outs += s->n_out;
+        }
+        cpu_begin_step(lead);
+        for (int i = 0; i < b.n_seg; i++) cpu_begin_step(seg[i].cc);
+        m->arch->forward(lead, &ops, &m->w, tok, rows, 0, 0); /* n_out 0: logits below */
+        /* the rows that give logits, moved together (in order: never onto a row still to move) */
+        for (int i = 0; i < b.n_seg; i++)
+            if (seg[i].n_out)
+                memmove(lead->act[ACT_XN] + (size_t)seg[i].out0 * E,
+                        lead->act[ACT_XN] + (size_t)(seg[i].row0 + seg[i].n - seg[i].n_out) * E, (size_t)seg[i].n_out * E * sizeof(float));
+        lm_head(lead, &ops, &m->w, outs, outs);
+        st = cpu_end_step(lead);
+        for (int i = 0; i < b.n_seg; i++) {
+            const cpu_bseg *s = &seg[i];
+            moe_ctx *c = ctxs[s->ctx_i];
+            if (s->ck >= 0) cpu_state_checkpoint(s->cc, s->ck);
+            if (!st) st = cpu_end_step(s->cc);
+            ctx_chunk_ran(c, s->pos0, s->n, it[s->ctx_i].min_ring);
+            if (!st && s->ck >= 0) c->ckpt_ok[s->ck] = 1;
+            it[s->ctx_i].done += s->n;
+        }
+    }
+    lead->batch = NULL;
+    return st;
+}
+
+/* Where a context cannot join a pass (Vulkan, expert streaming, profiling), the steps run one by
+   one; should one fail, the ones before it are taken back (rewound, their logits and counters
+   restored), so that every context is as it was. */
+static moe_status bt_one_by_one(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs) {
+    if (n_ctxs == 1) return moe_step(ctxs[0], tokens[0], n_tokens[0]);
+    size_t nv = (size_t)ctxs[0]->model->w.hp.n_vocab, all = 0;
+    for (int32_t i = 0; i < n_ctxs; i++) all += (size_t)ctxs[i]->n_logits * nv;
+    typedef struct undo { int32_t pos, n_logits; moe_stats stats; float *logits; } undo;
+    undo *u = moe_malloc((size_t)n_ctxs * sizeof *u);
+    float *keep = moe_malloc((all ? all : 1) * sizeof(float));
+    if (!u || !keep) {
+        moe_free(u), moe_free(keep);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory");
+    }
+    moe_status st = MOE_OK;
+    float *at = keep;
+    int32_t i;
+    for (i = 0; i < n_ctxs; i++) {
+        moe_ctx *c = ctxs[i];
+        u[i] = (undo){c->pos, c->n_logits, c->stats, at};
+        memcpy(at, c->logits, (size_t)c->n_logits * nv * sizeof(float));
+        at += (size_t)c->n_logits * nv;
+    }
+    for (i = 0; i < n_ctxs && !st; i++) st = moe_step(ctxs[i], tokens[i], n_tokens[i]);
+    if (st) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", moe_last_error());
+        for (int32_t j = 0; j < i - 1; j++) { /* the one that failed is as it was */
+            moe_ctx *c = ctxs[j];
+            moe_ctx_rewind(c, u[j].pos); /* a failure here leaves needs_repair: recomputed on the next step */
+            memcpy(c->logits, u[j].logits, (size_t)u[j].n_logits * nv * sizeof(float));
+            c->n_logits = u[j].n_logits;
+            c->stats = u[j].stats;
+        }
+        set_error(st, "moe_step_batch (context %d): %s", i - 1, msg);
+    }
+    moe_free(u), moe_free(keep);
+    return st;
+}
+
+moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs) {
+    if (n_ctxs <= 0 || !ctxs || !tokens || !n_tokens)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_step_batch: n_ctxs is %d (must be > 0) or ctxs / tokens / n_tokens is NULL", n_ctxs);
+    char fn[64];
+    int batched = n_ctxs > 1;
+    for (int32_t i = 0; i < n_ctxs; i++) {
+        moe_ctx *c = ctxs[i];
+        snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
+        moe_status st = step_check(c, tokens[i], n_tokens[i], fn);
+        if (st) return st;
+        if (c->model != ctxs[0]->model)
+            return set_error(MOE_ERR_INVALID_ARG, "%s: belongs to another model than context 0 (one pass runs one model)", fn);
+        for (int32_t j = 0; j < i; j++)
+            if (ctxs[j] == c) return set_error(MOE_ERR_INVALID_ARG, "%s: is context %d again (each context may appear once)", fn, j);
+        /* one pass needs the plain CPU ops on every context (profiling times ops one context at a time) */
+        batched = batched && c->ops == &k_cpu_ops;
+    }
+    const moe_model *m = ctxs[0]->model;
+    if (!batched || m->vk || m->xc) return bt_one_by_one(ctxs, tokens, n_tokens, n_ctxs);
+    int32_t cap = BT_MIN_ROWS, total = 0;
+    for (int32_t i = 0; i < n_ctxs; i++) {
+        if (ctxs[i]->n_batch > cap) cap = ctxs[i]->n_batch;
+        total += n_tokens[i] < ctxs[i]->n_batch ? n_tokens[i] : ctxs[i]->n_batch;
+    }
+    if (total < cap) cap = total; /* decode of a few contexts: a small scratch */
+    bt_item *it = moe_malloc((size_t)n_ctxs * sizeof *it);
+    cpu_bseg *seg = moe_malloc((size_t)n_ctxs * sizeof *seg);
+    moe_token *tok = moe_malloc((size_t)cap * sizeof *tok);
+    moe_status st = it && seg && tok ? MOE_OK : set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory");
+    for (int32_t i = 0; !st && i < n_ctxs; i++) {
+        snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
+        st = step_stage(ctxs[i], n_tokens[i], fn, &it[i].stage);
+        it[i].done = 0;
+        it[i].min_ring = ctx_min_ring(ctxs[i]);
+    }
+    if (!st) st = bt_scratch(ctxs[0], cap);
+    double t0 = now_s();
+    for (int32_t i = 0; !st && i < n_ctxs; i++) st = step_repair(ctxs[i]);
+    if (st) goto out;
+    for (int32_t i = 0; i < n_ctxs; i++) /* the token history, as ctx_run keeps it */
+        memcpy(ctxs[i]->tokens + ctxs[i]->pos, tokens[i], (size_t)n_tokens[i] * sizeof(moe_token));
+    st = bt_run(ctxs, tokens, n_tokens, n_ctxs, it, seg, tok, cap);
+    for (int32_t i = 0; !st && i < n_ctxs; i++) {
+        snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
+        st = step_finite(ctxs[i], it[i].stage, n_tokens[i], fn);
+    }
+    if (st) { /* every context ran: none may move on */
+        for (int32_t i = 0; i < n_ctxs; i++) ctx_step_failed(ctxs[i], ctxs[i]->pos);
+        goto out;
+    }
+    double dt = now_s() - t0;
+    for (int32_t i = 0; i < n_ctxs; i++) step_commit(ctxs[i], it[i].stage, n_tokens[i], dt);
+out:
+    moe_free(it), moe_free(seg), moe_free(tok);
+    return st;
 }
 
 const float *moe_logits(const moe_ctx *ctx, int32_t i) {
