@@ -7163,19 +7163,27 @@ static void attn_task(void *arg, int64_t t, int thread) {
     }
 }
 
-static void cpu_attention(void *be, const moe_attn *a, int n, int pos0) {
-    cpu_ctx *cc = be;
+/* stores ACT_K / ACT_V rows as positions pos0.. of the cache, and gives the attention job with
+   its task count: enough tasks for the threads, and at most 256 heads per task (inv[] above) */
+static attn_job attn_prepare(cpu_ctx *cc, const moe_attn *a, int n, int pos0, int64_t *n_tasks) {
     int kvw = a->n_head_kv * a->head_dim, rows = cc->kv_rows[a->cache], group = a->n_head / a->n_head_kv;
     for (int i = 0; a->store && i < n; i++) {
         size_t at = cc->kv_off[a->cache] + (size_t)((pos0 + i) % rows) * (size_t)kvw;
         kv_put(cc, cc->k_cache, at, act_row(cc, ACT_K, i, kvw), kvw);
         kv_put(cc, cc->v_cache, at, act_row(cc, ACT_V, i, kvw), kvw);
     }
-    /* enough tasks for the threads, and at most 256 heads per task (inv[] above) */
     int split = 1;
     while (split < group && ((int64_t)n * a->n_head_kv * split < 2 * cc->n_threads || group / split > 256)) split++;
     attn_job j = {cc, a, n, pos0, split};
-    pool_run(cc->pool, attn_task, &j, (int64_t)n * a->n_head_kv * split);
+    *n_tasks = (int64_t)n * a->n_head_kv * split;
+    return j;
+}
+
+static void cpu_attention(void *be, const moe_attn *a, int n, int pos0) {
+    cpu_ctx *cc = be;
+    int64_t n_tasks;
+    attn_job j = attn_prepare(cc, a, n, pos0, &n_tasks);
+    pool_run(cc->pool, attn_task, &j, n_tasks);
 }
 
 static void cpu_add(void *be, int dst, int src, int n, int width) {
@@ -7999,9 +8007,15 @@ typedef struct cpu_bseg {
     float *dst;                /* where its logits go (the context's staged rows) */
     int ctx_i, ck;             /* its context in the call; the checkpoint slot it ends at, or -1 */
 } cpu_bseg;
-typedef struct cpu_batch { cpu_bseg *seg; int n_seg, logit_rows; } cpu_batch;
-
 #define BT_MAX_AIM 4
+typedef struct cpu_batch {
+    cpu_bseg *seg;
+    int n_seg, logit_rows;
+    /* per segment: activation pointers while aimed [BT_MAX_AIM], attention jobs, first tasks */
+    float **saved;
+    attn_job *jobs;
+    int64_t *task0;
+} cpu_batch;
 /* aims cc's activation buffers bufs[i] (rows widths[i] floats wide) at rows row0.. of the lead's,
    keeping the old pointers in saved; bt_unaim puts them back */
 static void bt_aim(cpu_ctx *cc, const cpu_ctx *lead, const int *bufs, const int *widths, int nb, int row0, float **saved) {
@@ -8040,12 +8054,39 @@ static void bt_rope(void *be, int buf, int n, int n_head, int head_dim, const mo
     bt_each(be, &buf, &width, 1, bt_rope_seg, &r);
 }
 
-static void bt_attention_seg(cpu_ctx *cc, const cpu_bseg *s, const void *arg) { cpu_attention(cc, arg, s->n, s->pos0); }
+/* Attention of all segments in one pool run (a decode pass of 64 contexts would otherwise wake
+   the threads 64 times per layer): segment i's tasks are task0[i] .. task0[i + 1] - 1, each run
+   as cpu_attention runs it on its context (a thread's attention scratch is its own in any
+   context, so segments may share the threads). */
+typedef struct bt_attn_job { const cpu_batch *b; } bt_attn_job;
+static void bt_attn_task(void *arg, int64_t t, int thread) {
+    const cpu_batch *b = ((const bt_attn_job *)arg)->b;
+    int lo = 0, hi = b->n_seg - 1;
+    while (lo < hi) { /* the last segment whose first task is <= t */
+        int mid = (lo + hi + 1) / 2;
+        if (b->task0[mid] <= t) lo = mid;
+        else hi = mid - 1;
+    }
+    attn_task(&b->jobs[lo], t - b->task0[lo], thread);
+}
+
 static void bt_attention(void *be, const moe_attn *a, int n, int pos0) {
     (void)n, (void)pos0;
+    cpu_ctx *lead = be;
+    cpu_batch *b = lead->batch;
     int q = a->n_head * a->head_dim, kv = a->n_head_kv * a->head_dim;
     const int bufs[] = {ACT_Q, ACT_K, ACT_V, ACT_ATTN}, widths[] = {q, kv, kv, q};
-    bt_each(be, bufs, widths, 4, bt_attention_seg, a);
+    int64_t tasks = 0, nt;
+    for (int i = 0; i < b->n_seg; i++) {
+        const cpu_bseg *s = &b->seg[i];
+        bt_aim(s->cc, lead, bufs, widths, 4, s->row0, b->saved + (size_t)i * BT_MAX_AIM);
+        b->jobs[i] = attn_prepare(s->cc, a, s->n, s->pos0, &nt);
+        b->task0[i] = tasks;
+        tasks += nt;
+    }
+    bt_attn_job j = {b};
+    pool_run(lead->pool, bt_attn_task, &j, tasks);
+    for (int i = 0; i < b->n_seg; i++) bt_unaim(b->seg[i].cc, bufs, 4, b->saved + (size_t)i * BT_MAX_AIM);
 }
 
 typedef struct bt_dn_arg { const moe_deltanet *dn; const moe_weight *w, *w2; } bt_dn_arg;
@@ -9174,14 +9215,16 @@ typedef struct bt_item { float *stage; int32_t done, min_ring; } bt_item;
 /* The CPU pass: each context's step is cut into the chunks ctx_run would make; a forward pass
    takes the next chunk of as many contexts as fit in its rows (decode: all of them in one). */
 static moe_status bt_run(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs,
-                         bt_item *it, cpu_bseg *seg, moe_token *tok, int32_t cap) {
+                         bt_item *it, cpu_batch *bb, moe_token *tok, int32_t cap) {
     const moe_model *m = ctxs[0]->model;
     cpu_ctx *lead = ctxs[0]->batch_cc;
     const moe_hparams *hp = &m->w.hp;
     size_t E = (size_t)hp->n_embd;
     moe_ops ops = bt_ops();
-    cpu_batch b = {seg, 0, BT_LOGIT_ROWS};
+    cpu_batch b = *bb;
+    cpu_bseg *seg = b.seg;
     moe_status st = MOE_OK;
+    b.logit_rows = BT_LOGIT_ROWS;
     lead->batch = &b;
     for (int32_t first = 0; !st;) {
         int32_t rows = 0, outs = 0;
@@ -9293,10 +9336,12 @@ moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, 
         total += n_tokens[i] < ctxs[i]->n_batch ? n_tokens[i] : ctxs[i]->n_batch;
     }
     if (total < cap) cap = total; /* decode of a few contexts: a small scratch */
-    bt_item *it = moe_malloc((size_t)n_ctxs * sizeof *it);
-    cpu_bseg *seg = moe_malloc((size_t)n_ctxs * sizeof *seg);
+    size_t nc = (size_t)n_ctxs;
+    bt_item *it = moe_malloc(nc * sizeof *it);
+    cpu_batch b = {moe_malloc(nc * sizeof(cpu_bseg)), 0, 0, moe_malloc(nc * BT_MAX_AIM * sizeof(float *)),
+                   moe_malloc(nc * sizeof(attn_job)), moe_malloc(nc * sizeof(int64_t))};
     moe_token *tok = moe_malloc((size_t)cap * sizeof *tok);
-    moe_status st = it && seg && tok ? MOE_OK : set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory");
+    moe_status st = it && b.seg && b.saved && b.jobs && b.task0 && tok ? MOE_OK : set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory");
     for (int32_t i = 0; !st && i < n_ctxs; i++) {
         snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
         st = step_stage(ctxs[i], n_tokens[i], fn, &it[i].stage);
@@ -9309,7 +9354,7 @@ moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, 
     if (st) goto out;
     for (int32_t i = 0; i < n_ctxs; i++) /* the token history, as ctx_run keeps it */
         memcpy(ctxs[i]->tokens + ctxs[i]->pos, tokens[i], (size_t)n_tokens[i] * sizeof(moe_token));
-    st = bt_run(ctxs, tokens, n_tokens, n_ctxs, it, seg, tok, cap);
+    st = bt_run(ctxs, tokens, n_tokens, n_ctxs, it, &b, tok, cap);
     for (int32_t i = 0; !st && i < n_ctxs; i++) {
         snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
         st = step_finite(ctxs[i], it[i].stage, n_tokens[i], fn);
@@ -9321,7 +9366,7 @@ moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, 
     double dt = now_s() - t0;
     for (int32_t i = 0; i < n_ctxs; i++) step_commit(ctxs[i], it[i].stage, n_tokens[i], dt);
 out:
-    moe_free(it), moe_free(seg), moe_free(tok);
+    moe_free(it), moe_free(b.seg), moe_free(b.saved), moe_free(b.jobs), moe_free(b.task0), moe_free(tok);
     return st;
 }
 
