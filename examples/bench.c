@@ -323,15 +323,16 @@ static int bench_batch(const char *model_path, moe_load_params lp, const char *l
             fprintf(stderr, "bench: %s\n", moe_last_error());
             rc = 1;
         }
-        double tps[2] = {0, 0}, t[1000];
-        for (int mode = 0; mode < 2 && !rc; mode++) {
+        /* the two modes take turns, so that a load that changes over the run hits both alike */
+        double tps[2] = {0, 0}, t[2][1000];
+        for (int mode = 0; mode < 2 && !rc; mode++)
             if (batch_once(ctx, n, toks, n_gen < 4 ? n_gen : 4, !mode) < 0) rc = 1; /* warm-up */
-            for (int r = 0; r < reps && !rc; r++)
-                if ((t[r] = batch_once(ctx, n, toks, n_gen, !mode)) < 0) rc = 1;
-                else t[r] = (double)n * n_gen / t[r];
-            if (rc) fprintf(stderr, "bench: %s\n", moe_last_error());
-            else tps[mode] = median(t, reps);
-        }
+        for (int r = 0; r < reps && !rc; r++)
+            for (int mode = 0; mode < 2 && !rc; mode++)
+                if ((t[mode][r] = batch_once(ctx, n, toks, n_gen, !mode)) < 0) rc = 1;
+                else t[mode][r] = (double)n * n_gen / t[mode][r];
+        if (rc) fprintf(stderr, "bench: %s\n", moe_last_error());
+        else tps[0] = median(t[0], reps), tps[1] = median(t[1], reps);
         if (!rc) {
             if (json)
                 printf("{\"model\": \"%s\", \"arch\": \"%s\", \"backend\": \"%s\", \"threads\": %d, \"test\": \"batch\", \"contexts\": %d, "
