@@ -6923,6 +6923,7 @@ typedef struct cpu_ctx {
     float *dn_buf;             /* per thread: the delta rule's scratch (token or chunked form) */
     size_t dn_buf_len;
     int dn_chunked;            /* MOE_CPU_DN_CHUNKED=1: prefill in the chunked (WY) form */
+    struct cpu_batch *batch;   /* moe_step_batch's scratch context: the pass's segments; else NULL */
 } cpu_ctx;
 
 struct moe_ctx {
@@ -6951,6 +6952,10 @@ struct moe_ctx {
     atomic_int stop;           /* moe_ctx_free asks the step in flight to stop */
     int32_t in_flight;         /* submitted and not yet collected by moe_step_wait */
     struct ctx_worker *wk;     /* the worker thread, started by the first moe_step_submit */
+    /* moe_step_batch on the CPU: the scratch context whose buffers hold the rows of all contexts
+       of a pass, kept by the first context of the call for the next one (NULL until then) */
+    cpu_ctx *batch_cc;
+    int32_t batch_rows;
 };
 
 /* the abort poll the backends call: moe_ctx_free's stop, then the caller's callback */
@@ -7211,20 +7216,28 @@ static void attn_task(void *arg, int64_t t, int thread) {
     }
 }
 
-static void cpu_attention(void *be, const moe_attn *a, int n, int pos0) {
-    cpu_ctx *cc = be;
-    if (cpu_stopped(cc)) return;
+/* stores ACT_K / ACT_V rows as positions pos0.. of the cache, and gives the attention job with
+   its task count: enough tasks for the threads, and at most 256 heads per task (inv[] above) */
+static attn_job attn_prepare(cpu_ctx *cc, const moe_attn *a, int n, int pos0, int64_t *n_tasks) {
     int kvw = a->n_head_kv * a->head_dim, rows = cc->kv_rows[a->cache], group = a->n_head / a->n_head_kv;
     for (int i = 0; a->store && i < n; i++) {
         size_t at = cc->kv_off[a->cache] + (size_t)((pos0 + i) % rows) * (size_t)kvw;
         kv_put(cc, cc->k_cache, at, act_row(cc, ACT_K, i, kvw), kvw);
         kv_put(cc, cc->v_cache, at, act_row(cc, ACT_V, i, kvw), kvw);
     }
-    /* enough tasks for the threads, and at most 256 heads per task (inv[] above) */
     int split = 1;
     while (split < group && ((int64_t)n * a->n_head_kv * split < 2 * cc->n_threads || group / split > 256)) split++;
     attn_job j = {cc, a, n, pos0, split};
-    pool_run(cc->pool, attn_task, &j, (int64_t)n * a->n_head_kv * split);
+    *n_tasks = (int64_t)n * a->n_head_kv * split;
+    return j;
+}
+
+static void cpu_attention(void *be, const moe_attn *a, int n, int pos0) {
+    cpu_ctx *cc = be;
+    if (cpu_stopped(cc)) return;
+    int64_t n_tasks;
+    attn_job j = attn_prepare(cc, a, n, pos0, &n_tasks);
+    pool_run(cc->pool, attn_task, &j, n_tasks);
 }
 
 static void cpu_add(void *be, int dst, int src, int n, int width) {
@@ -8040,6 +8053,155 @@ static const moe_ops k_cpu_ops = {cpu_embed, cpu_rmsnorm, cpu_matmul, cpu_rope, 
                                   cpu_split_heads, cpu_sigmoid_mul, cpu_gate_rows, cpu_ssm_conv, cpu_delta_net, cpu_gated_rmsnorm,
                                   cpu_state_save, cpu_state_load, cpu_state_checkpoint, cpu_state_restore, NULL};
 
+/* ---- one forward pass for many contexts (moe_step_batch) ---------------------------------------
+   The forward runs once over the rows of all contexts, in a scratch context (the lead): every op
+   that treats rows one by one (norms, matrix products, routing, experts, elementwise) runs there
+   on all rows at once, so each weight is read once per pass. The ops that read a context's own
+   history (rope at its positions, attention over its KV cache, the conv and delta-rule states) run
+   segment by segment on that context, its activation pointers aimed at its rows of the lead's
+   buffers: no copies. The CPU kernels compute each row exactly as they would alone (mm_rows), so
+   the results are bit for bit those of separate moe_step calls. */
+typedef struct cpu_bseg {
+    cpu_ctx *cc;               /* the context of the segment */
+    int row0, n, pos0;         /* its rows in the lead's buffers, its first position */
+    int n_out, out0;           /* its rows of logits, and where they start among the pass's */
+    float *dst;                /* where its logits go (the context's staged rows) */
+    int ctx_i, ck;             /* its context in the call; the checkpoint slot it ends at, or -1 */
+} cpu_bseg;
+#define BT_MAX_AIM 4
+typedef struct cpu_batch {
+    cpu_bseg *seg;
+    int n_seg, logit_rows;
+    /* per segment: activation pointers while aimed [BT_MAX_AIM], attention jobs, first tasks */
+    float **saved;
+    attn_job *jobs;
+    int64_t *task0;
+} cpu_batch;
+/* aims cc's activation buffers bufs[i] (rows widths[i] floats wide) at rows row0.. of the lead's,
+   keeping the old pointers in saved; bt_unaim puts them back */
+static void bt_aim(cpu_ctx *cc, const cpu_ctx *lead, const int *bufs, const int *widths, int nb, int row0, float **saved) {
+    for (int i = 0; i < nb; i++) {
+        float *at = lead->act[bufs[i]] + (size_t)row0 * (size_t)widths[i];
+        saved[i] = cc->act[bufs[i]];
+        cc->act[bufs[i]] = at;
+    }
+}
+static void bt_unaim(cpu_ctx *cc, const int *bufs, int nb, float *const *saved) {
+    for (int i = 0; i < nb; i++) cc->act[bufs[i]] = saved[i];
+}
+
+/* runs a per-context op on every segment: its context sees its rows of bufs as rows 0.. */
+typedef void (*bt_seg_fn)(cpu_ctx *cc, const cpu_bseg *s, const void *arg);
+static void bt_each(cpu_ctx *lead, const int *bufs, const int *widths, int nb, bt_seg_fn fn, const void *arg) {
+    const cpu_batch *b = lead->batch;
+    float *saved[BT_MAX_AIM];
+    for (int i = 0; i < b->n_seg; i++) {
+        const cpu_bseg *s = &b->seg[i];
+        bt_aim(s->cc, lead, bufs, widths, nb, s->row0, saved);
+        fn(s->cc, s, arg);
+        bt_unaim(s->cc, bufs, nb, saved);
+    }
+}
+
+typedef struct bt_rope_arg { int buf, n_head, head_dim; const moe_rope *rope; } bt_rope_arg;
+static void bt_rope_seg(cpu_ctx *cc, const cpu_bseg *s, const void *arg) {
+    const bt_rope_arg *r = arg;
+    cpu_rope(cc, r->buf, s->n, r->n_head, r->head_dim, r->rope, s->pos0);
+}
+static void bt_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
+    (void)n, (void)pos0; /* the segments have their own */
+    bt_rope_arg r = {buf, n_head, head_dim, rope};
+    int width = n_head * head_dim;
+    bt_each(be, &buf, &width, 1, bt_rope_seg, &r);
+}
+
+/* Attention of all segments in one pool run (a decode pass of 64 contexts would otherwise wake
+   the threads 64 times per layer): segment i's tasks are task0[i] .. task0[i + 1] - 1, each run
+   as cpu_attention runs it on its context (a thread's attention scratch is its own in any
+   context, so segments may share the threads). */
+typedef struct bt_attn_job { const cpu_batch *b; } bt_attn_job;
+static void bt_attn_task(void *arg, int64_t t, int thread) {
+    const cpu_batch *b = ((const bt_attn_job *)arg)->b;
+    int lo = 0, hi = b->n_seg - 1;
+    while (lo < hi) { /* the last segment whose first task is <= t */
+        int mid = (lo + hi + 1) / 2;
+        if (b->task0[mid] <= t) lo = mid;
+        else hi = mid - 1;
+    }
+    attn_task(&b->jobs[lo], t - b->task0[lo], thread);
+}
+
+static void bt_attention(void *be, const moe_attn *a, int n, int pos0) {
+    (void)n, (void)pos0;
+    cpu_ctx *lead = be;
+    cpu_batch *b = lead->batch;
+    int q = a->n_head * a->head_dim, kv = a->n_head_kv * a->head_dim;
+    const int bufs[] = {ACT_Q, ACT_K, ACT_V, ACT_ATTN}, widths[] = {q, kv, kv, q};
+    int64_t tasks = 0, nt;
+    for (int i = 0; i < b->n_seg; i++) {
+        const cpu_bseg *s = &b->seg[i];
+        bt_aim(s->cc, lead, bufs, widths, 4, s->row0, b->saved + (size_t)i * BT_MAX_AIM);
+        b->jobs[i] = attn_prepare(s->cc, a, s->n, s->pos0, &nt);
+        b->task0[i] = tasks;
+        tasks += nt;
+    }
+    bt_attn_job j = {b};
+    pool_run(lead->pool, bt_attn_task, &j, tasks);
+    for (int i = 0; i < b->n_seg; i++) bt_unaim(b->seg[i].cc, bufs, 4, b->saved + (size_t)i * BT_MAX_AIM);
+}
+
+typedef struct bt_dn_arg { const moe_deltanet *dn; const moe_weight *w, *w2; } bt_dn_arg;
+static void bt_ssm_conv_seg(cpu_ctx *cc, const cpu_bseg *s, const void *arg) {
+    const bt_dn_arg *d = arg;
+    cpu_ssm_conv(cc, d->dn, d->w, s->n);
+}
+static void bt_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w, int n) {
+    (void)n;
+    bt_dn_arg d = {dn, w, NULL};
+    int C = dn_channels(dn);
+    const int bufs[] = {ACT_DN_QKV, ACT_DN_CONV}, widths[] = {C, C};
+    bt_each(be, bufs, widths, 2, bt_ssm_conv_seg, &d);
+}
+
+static void bt_delta_net_seg(cpu_ctx *cc, const cpu_bseg *s, const void *arg) {
+    const bt_dn_arg *d = arg;
+    cpu_delta_net(cc, d->dn, d->w, d->w2, s->n);
+}
+static void bt_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
+    (void)n;
+    bt_dn_arg d = {dn, a_coef, dt_bias};
+    int nv = dn->n_v_head;
+    const int bufs[] = {ACT_DN_CONV, ACT_DN_BETA, ACT_DN_ALPHA, ACT_DN_O},
+              widths[] = {dn_channels(dn), dn->ba_grouped ? 2 * nv : nv, nv, nv * dn->v_dim};
+    bt_each(be, bufs, widths, 4, bt_delta_net_seg, &d);
+}
+
+static int bt_logits_rows(const void *be) { return ((const cpu_ctx *)be)->batch->logit_rows; }
+
+/* rows row0.. of the pass's logits (in ACT_LOGITS) go to their contexts' staged rows */
+static void bt_logits_out(void *be, int row0, int n) {
+    cpu_ctx *lead = be;
+    const cpu_batch *b = lead->batch;
+    size_t nv = (size_t)lead->w->hp.n_vocab;
+    for (int i = 0, r = row0; i < b->n_seg && r < row0 + n; i++) {
+        const cpu_bseg *s = &b->seg[i];
+        for (; r < row0 + n && r < s->out0 + s->n_out; r++)
+            memcpy(s->dst + (size_t)(r - s->out0) * nv, lead->act[ACT_LOGITS] + (size_t)(r - row0) * nv, nv * sizeof(float));
+    }
+}
+
+/* the CPU ops with the per-context ones above */
+static moe_ops bt_ops(void) {
+    moe_ops o = k_cpu_ops;
+    o.rope = bt_rope;
+    o.attention = bt_attention;
+    o.ssm_conv = bt_ssm_conv;
+    o.delta_net = bt_delta_net;
+    o.logits_rows = bt_logits_rows;
+    o.logits_out = bt_logits_out;
+    return o;
+}
+
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
     if (!cc) return;
@@ -8848,6 +9010,7 @@ void moe_ctx_free(moe_ctx *ctx) {
     }
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
+    cpu_ctx_free(ctx->batch_cc);
     moe_model *model = ctx->model;
     moe_free(ctx->seg);
     moe_free(ctx->ckpt_ok);
@@ -8962,20 +9125,41 @@ static moe_status ctx_cancelled(moe_ctx *ctx, int32_t p0) {
     }
     return set_error(MOE_ERR_CANCELLED, "moe_step: cancelled by the abort callback; the context is as before the step");
 }
+/* The next chunk of a step at position q with left tokens still to go: at most n_batch tokens, and
+   with recurrent states ending at the next checkpoint position (*ck: its slot, else -1); marks
+   where the chunk begins. ctx_run and moe_step_batch cut steps the same way. */
+static int32_t ctx_chunk(moe_ctx *ctx, int32_t q, int32_t left, int32_t *ck) {
+    int32_t n = left < ctx->n_batch ? left : ctx->n_batch;
+    *ck = -1;
+    if (ctx->ckpt_every) { /* recurrent states: chunks also end at checkpoint positions */
+        int32_t next = (q / ctx->ckpt_every + 1) * ctx->ckpt_every;
+        if (q + n >= next) n = next - q, *ck = next / ctx->ckpt_every - 1;
+        if (*ck >= ctx->n_ckpt) *ck = -1;
+        memset(ctx->seg + q, 0, (size_t)n);
+        ctx->seg[q] = 1;
+    }
+    return n;
+}
+
+/* after the forward pass of the chunk [q, q + n): the rings have moved on */
+static void ctx_chunk_ran(moe_ctx *ctx, int32_t q, int32_t n, int32_t min_ring) {
+    if (min_ring && q + n - min_ring > ctx->ring_lo) ctx->ring_lo = q + n - min_ring;
+}
+
+/* A step failed after its forward pass ran from p0 (pos unchanged): cache rows written past it
+   are never read, but rings may have lost rows and recurrent states have moved on: recompute
+   before the next use. */
+static void ctx_step_failed(moe_ctx *ctx, int32_t p0) {
+    if (!ctx_ring_ok(ctx, p0) || ctx->ckpt_every) ctx->needs_repair = 1;
+    if (ctx->ckpt_every) ckpt_drop_after(ctx, p0);
+}
 
 static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, float *logits) {
     const moe_model *m = ctx->model;
     int32_t done = 0, p0 = ctx->pos, min_ring = ctx_min_ring(ctx);
     if (tokens != ctx->tokens + p0) memcpy(ctx->tokens + p0, tokens, (size_t)n_tokens * sizeof *tokens);
     while (done < n_tokens) {
-        int32_t n = n_tokens - done < ctx->n_batch ? n_tokens - done : ctx->n_batch, ck = -1;
-        if (ctx->ckpt_every) { /* recurrent states: chunks also end at checkpoint positions */
-            int32_t q = p0 + done, next = (q / ctx->ckpt_every + 1) * ctx->ckpt_every;
-            if (q + n >= next) n = next - q, ck = next / ctx->ckpt_every - 1;
-            if (ck >= ctx->n_ckpt) ck = -1;
-            memset(ctx->seg + q, 0, (size_t)n);
-            ctx->seg[q] = 1;
-        }
+        int32_t ck, n = ctx_chunk(ctx, p0 + done, n_tokens - done, &ck);
         int32_t n_out = !logits ? 0 : ctx->logits_all ? n : (done + n == n_tokens ? 1 : 0);
         if (ctx_abort_poll(ctx)) /* before a chunk: nothing of this one has run */
             return done ? ctx_cancelled(ctx, p0) : set_error(MOE_ERR_CANCELLED, "moe_step: cancelled by the abort callback before it began");
@@ -8984,12 +9168,10 @@ static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_token
         m->arch->forward(ctx->be, ctx->ops, &m->w, tokens + done, n, p0 + done, n_out);
         if (ck >= 0) ctx->ops->state_checkpoint(ctx->be, ck);
         moe_status st = ctx->ops->end_step(ctx->be);
-        if (min_ring && p0 + done + n - min_ring > ctx->ring_lo) ctx->ring_lo = p0 + done + n - min_ring;
+        ctx_chunk_ran(ctx, p0 + done, n, min_ring);
         if (st == MOE_ERR_CANCELLED) return ctx_cancelled(ctx, p0);
-        if (st) { /* pos unchanged: cache rows written past it are never read, but rings may have lost rows
-                     and recurrent states have moved on: recompute before the next use */
-            if (!ctx_ring_ok(ctx, p0) || ctx->ckpt_every) ctx->needs_repair = 1;
-            if (ctx->ckpt_every) ckpt_drop_after(ctx, p0);
+        if (st) {
+            ctx_step_failed(ctx, p0);
             return st;
         }
         if (ck >= 0) ctx->ckpt_ok[ck] = 1;
@@ -8999,9 +9181,9 @@ static moe_status ctx_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_token
     return MOE_OK;
 }
 
-/* what moe_step and moe_step_submit check before anything runs; also grows the logits buffer so
-   that the step itself allocates nothing on the host (contents kept: the context is unchanged) */
-static moe_status step_check(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, const char *fn) {
+/* ---- a step's checks and bookkeeping, shared by moe_step, moe_step_submit and moe_step_batch ---- */
+/* tokens in the vocabulary and room for them (fn names the caller in the message) */
+static moe_status step_check(const moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens, const char *fn) {
     if (!ctx) return set_error(MOE_ERR_INVALID_ARG, "%s: ctx is NULL", fn);
     CTX_NOT_BUSY(ctx, fn, MOE_ERR_BUSY);
     if (!tokens || n_tokens <= 0) return set_error(MOE_ERR_INVALID_ARG, "%s: no tokens (tokens NULL or n_tokens %d)", fn, n_tokens);
@@ -9013,10 +9195,17 @@ static moe_status step_check(moe_ctx *ctx, const moe_token *tokens, int32_t n_to
     if (n_tokens > ctx->n_ctx - ctx->pos)
         return set_error(MOE_ERR_CONTEXT_FULL, "%s: %d tokens do not fit: context holds %d of %d", fn, n_tokens,
                          ctx->pos, ctx->n_ctx);
-    int32_t rows = ctx->logits_all ? n_tokens : 1, keep = ctx->n_logits;
-    const size_t nv = (size_t)m->w.hp.n_vocab;
-    /* the new rows are read behind the current ones (kept until the step has succeeded, so that a
-       failure leaves ctx as it was), then moved to the front; grow before anything changes */
+    return MOE_OK;
+}
+
+static int32_t step_rows(const moe_ctx *ctx, int32_t n_tokens) { return ctx->logits_all ? n_tokens : 1; }
+
+/* The new rows of logits are read behind the current ones (kept until the step has succeeded, so
+   that a failure leaves ctx as it was), then moved to the front: grows before anything changes
+   and gives where the new rows go. */
+static moe_status step_stage(moe_ctx *ctx, int32_t n_tokens, const char *fn, float **stage) {
+    int32_t rows = step_rows(ctx, n_tokens), keep = ctx->n_logits;
+    const size_t nv = (size_t)ctx->model->w.hp.n_vocab;
     if (keep + rows > ctx->logits_cap) {
         float *nl = moe_malloc(mul_or_zero((size_t)(keep + rows), nv) * sizeof(float));
         if (!nl) return set_error(MOE_ERR_NO_MEMORY, "%s: out of memory for %d rows of logits", fn, keep + rows);
@@ -9025,45 +9214,46 @@ static moe_status step_check(moe_ctx *ctx, const moe_token *tokens, int32_t n_to
         ctx->logits = nl;
         ctx->logits_cap = keep + rows;
     }
+    *stage = ctx->logits + (size_t)keep * nv;
     return MOE_OK;
 }
 
-/* the step itself, after step_check: on the caller's thread (moe_step) or the worker's */
-static moe_status step_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
-    const moe_model *m = ctx->model;
-    int32_t rows = ctx->logits_all ? n_tokens : 1, keep = ctx->n_logits;
-    const size_t nv = (size_t)m->w.hp.n_vocab;
-    float *stage = ctx->logits + (size_t)keep * nv;
-    double t0 = now_s();
-    moe_status st;
-    if (ctx->needs_repair) { /* an earlier failed step left rings without rows the next one needs */
-        int32_t pos = ctx->pos;
-        if ((st = ctx_recompute(ctx, pos))) {
-            ctx->pos = pos; /* still to be repaired: the next step tries again */
-            return st;
-        }
-        ctx->n_logits = keep; /* the host copy of the logits was never touched */
-    }
-    if ((st = ctx_run(ctx, tokens, n_tokens, stage))) return st;
-    /* No NaN/Inf may leave a step (weights are checked finite at load): refuse to hand them out */
-    for (size_t i = 0; i < (size_t)rows * nv; i++)
+/* an earlier failed step left rings without rows the next one needs: recompute them first */
+static moe_status step_repair(moe_ctx *ctx) {
+    if (!ctx->needs_repair) return MOE_OK;
+    int32_t keep = ctx->n_logits, pos = ctx->pos;
+    moe_status st = ctx_recompute(ctx, pos);
+    if (st) ctx->pos = pos; /* still to be repaired: the next step tries again */
+    else ctx->n_logits = keep; /* the host copy of the logits was never touched */
+    return st;
+}
+
+/* No NaN/Inf may leave a step (weights are checked finite at load): refuse to hand them out */
+static moe_status step_finite(moe_ctx *ctx, const float *stage, int32_t n_tokens, const char *fn) {
+    size_t nv = (size_t)ctx->model->w.hp.n_vocab, all = (size_t)step_rows(ctx, n_tokens) * nv;
+    for (size_t i = 0; i < all; i++)
         if (!isfinite(stage[i])) {
             size_t bad = 0;
-            for (size_t j = i; j < (size_t)rows * nv; j++) bad += !isfinite(stage[j]);
-            if (!ctx_ring_ok(ctx, ctx->pos) || ctx->ckpt_every) ctx->needs_repair = 1;
-            if (ctx->ckpt_every) ckpt_drop_after(ctx, ctx->pos);
-            return set_error(MOE_ERR_FORMAT, "moe_step: the forward pass gave %zu non-finite logit(s) of %zu (first: row %zu, token %zu, "
+            for (size_t j = i; j < all; j++) bad += !isfinite(stage[j]);
+            ctx_step_failed(ctx, ctx->pos);
+            return set_error(MOE_ERR_FORMAT, "%s: the forward pass gave %zu non-finite logit(s) of %zu (first: row %zu, token %zu, "
                              "%s): weights too large for f32, or a bug in moe (please report it); the context is unchanged",
-                             bad, (size_t)rows * nv, i / nv, i % nv, isnan(stage[i]) ? "NaN" : "inf");
+                             fn, bad, all, i / nv, i % nv, isnan(stage[i]) ? "NaN" : "inf");
         }
-    if (keep) memmove(ctx->logits, stage, (size_t)rows * nv * sizeof(float));
+    return MOE_OK;
+}
+
+/* the step took effect: its logits to the front, the position and the counters move on */
+static void step_commit(moe_ctx *ctx, const float *stage, int32_t n_tokens, double dt) {
+    const moe_model *m = ctx->model;
+    int32_t rows = step_rows(ctx, n_tokens);
+    if (stage != ctx->logits) memmove(ctx->logits, stage, (size_t)rows * (size_t)m->w.hp.n_vocab * sizeof(float));
     ctx->pos += n_tokens;
     ctx->n_logits = rows;
     /* resident experts: each token's top-k experts in each MoE layer are hits (a streaming
        backend counts its own hits and misses) */
     for (int l = 0; !m->xc && !(m->vk && moe_vk_streams_experts(m->vk)) && l < m->w.hp.n_layer; l++)
         if (m->w.layers[l].p.ffn_kind != MOE_FFN_DENSE) ctx->stats.expert_hits += (uint64_t)n_tokens * (uint64_t)m->w.layers[l].p.n_expert_used;
-    double dt = now_s() - t0;
     if (n_tokens == 1) {
         ctx->stats.n_gen_tokens++;
         ctx->stats.t_gen_s += dt;
@@ -9071,13 +9261,28 @@ static moe_status step_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_toke
         ctx->stats.n_prompt_tokens += (uint64_t)n_tokens;
         ctx->stats.t_prompt_s += dt;
     }
+}
+
+/* the step itself, after step_check and step_stage: on the caller's thread (moe_step) or the
+   context's worker (moe_step_submit) */
+static moe_status step_run(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
+    float *stage = ctx->logits + (size_t)ctx->n_logits * (size_t)ctx->model->w.hp.n_vocab;
+    double t0 = now_s();
+    moe_status st;
+    if ((st = step_repair(ctx)) || (st = ctx_run(ctx, tokens, n_tokens, stage)) ||
+        (st = step_finite(ctx, stage, n_tokens, "moe_step")))
+        return st;
+    step_commit(ctx, stage, n_tokens, now_s() - t0);
     return MOE_OK;
 }
 
 moe_status moe_step(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     moe_status st = step_check(ctx, tokens, n_tokens, "moe_step");
-    return st ? st : step_run(ctx, tokens, n_tokens);
+    float *stage;
+    if (st || (st = step_stage(ctx, n_tokens, "moe_step", &stage))) return st;
+    return step_run(ctx, tokens, n_tokens);
 }
+
 
 /* ---- asynchronous steps: one worker thread per context (moe.h, ASYNCHRONOUS STEPS) ----
    Per context rather than per model: a context is stepped by one thread at a time anyway, and its
@@ -9148,7 +9353,8 @@ static void ctx_worker_stop(moe_ctx *ctx) {
 
 moe_status moe_step_submit(moe_ctx *ctx, const moe_token *tokens, int32_t n_tokens) {
     moe_status st = step_check(ctx, tokens, n_tokens, "moe_step_submit");
-    if (st) return st;
+    float *stage;
+    if (st || (st = step_stage(ctx, n_tokens, "moe_step_submit", &stage))) return st;
     if (!ctx->wk && (st = ctx_worker_start(ctx))) return st;
     ctx_worker *w = ctx->wk;
     if (n_tokens > w->cap) { /* the worker is idle: its buffer is ours to grow */
@@ -9197,6 +9403,197 @@ moe_status moe_ctx_submit_times(moe_ctx *ctx, uint64_t *n_submits, double *max_u
     CTX_NOT_BUSY(ctx, "moe_ctx_submit_times", MOE_ERR_BUSY);
     if (!ctx->ops->submit_times) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_submit_times: the CPU backend has no queue submissions");
     return ctx->ops->submit_times(ctx->be, n_submits, max_us, total_us, reset != 0);
+}
+
+/* ---- moe_step_batch: n contexts of one model in one forward pass ---- */
+#define BT_MIN_ROWS 512        /* rows of one pass at most (or the largest n_batch of the call) */
+#define BT_LOGIT_ROWS 32       /* logits rows the lead computes at a time (lm_head chunks) */
+
+/* The scratch context of a pass of up to rows rows, kept by owner for later calls. It runs no
+   attention or recurrence of its own (the contexts do, on their caches), so its KV cache and
+   attention scratch go; ACT_LOGITS holds BT_LOGIT_ROWS rows. */
+static moe_status bt_scratch(moe_ctx *owner, int32_t rows) {
+    if (owner->batch_cc && owner->batch_rows >= rows) return MOE_OK;
+    const moe_model *m = owner->model;
+    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact, NULL, NULL, 0, 0, 0};
+    void *be;
+    moe_status st = cpu_ctx_new(&m->w, &shape, &be);
+    if (st) return st;
+    cpu_ctx *cc = be;
+    float *lg = moe_malloc((size_t)BT_LOGIT_ROWS * (size_t)m->w.hp.n_vocab * sizeof(float));
+    if (!lg) {
+        cpu_ctx_free(cc);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory for the logits of a pass");
+    }
+    moe_free(cc->act[ACT_LOGITS]);
+    cc->act[ACT_LOGITS] = lg;
+    moe_free(cc->k_cache), moe_free(cc->v_cache), moe_free(cc->att_buf), moe_free(cc->st), moe_free(cc->ckpt);
+    cc->k_cache = cc->v_cache = NULL, cc->att_buf = cc->st = cc->ckpt = NULL;
+    cpu_ctx_free(owner->batch_cc);
+    owner->batch_cc = cc;
+    owner->batch_rows = rows;
+    return MOE_OK;
+}
+
+/* per context of a batched step: where its logits go, how far it is */
+typedef struct bt_item { float *stage; int32_t done, min_ring; } bt_item;
+
+/* The CPU pass: each context's step is cut into the chunks ctx_run would make; a forward pass
+   takes the next chunk of as many contexts as fit in its rows (decode: all of them in one). */
+static moe_status bt_run(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs,
+                         bt_item *it, cpu_batch *bb, moe_token *tok, int32_t cap) {
+    const moe_model *m = ctxs[0]->model;
+    cpu_ctx *lead = ctxs[0]->batch_cc;
+    const moe_hparams *hp = &m->w.hp;
+    size_t E = (size_t)hp->n_embd;
+    moe_ops ops = bt_ops();
+    cpu_batch b = *bb;
+    cpu_bseg *seg = b.seg;
+    moe_status st = MOE_OK;
+    b.logit_rows = BT_LOGIT_ROWS;
+    lead->batch = &b;
+    for (int32_t first = 0; !st;) {
+        int32_t rows = 0, outs = 0;
+        b.n_seg = 0;
+        while (first < n_ctxs && it[first].done == n_tokens[first]) first++;
+        if (first == n_ctxs) break;
+        for (int32_t i = first; i < n_ctxs; i++) {
+            moe_ctx *c = ctxs[i];
+            int32_t done = it[i].done, q = c->pos + done, k;
+            if (done == n_tokens[i]) continue;
+            int32_t n = ctx_chunk(c, q, n_tokens[i] - done, &k);
+            if (rows + n > cap) break; /* the rest go in the next pass */
+            cpu_bseg *s = &seg[b.n_seg];
+            s->cc = c->cpu, s->row0 = rows, s->n = n, s->pos0 = q;
+            s->n_out = c->logits_all ? n : (done + n == n_tokens[i] ? 1 : 0);
+            s->out0 = outs;
+            s->dst = it[i].stage + (size_t)(c->logits_all ? done : 0) * (size_t)hp->n_vocab;
+            s->ctx_i = i, s->ck = k;
+            memcpy(tok + rows, tokens[i] + done, (size_t)n * sizeof *tok);
+            b.n_seg++;
+            rows += n, outs += s->n_out;
+        }
+        cpu_begin_step(lead);
+        for (int i = 0; i < b.n_seg; i++) cpu_begin_step(seg[i].cc);
+        m->arch->forward(lead, &ops, &m->w, tok, rows, 0, 0); /* n_out 0: logits below */
+        /* the rows that give logits, moved together (in order: never onto a row still to move) */
+        for (int i = 0; i < b.n_seg; i++)
+            if (seg[i].n_out)
+                memmove(lead->act[ACT_XN] + (size_t)seg[i].out0 * E,
+                        lead->act[ACT_XN] + (size_t)(seg[i].row0 + seg[i].n - seg[i].n_out) * E, (size_t)seg[i].n_out * E * sizeof(float));
+        lm_head(lead, &ops, &m->w, outs, outs);
+        st = cpu_end_step(lead);
+        for (int i = 0; i < b.n_seg; i++) {
+            const cpu_bseg *s = &seg[i];
+            moe_ctx *c = ctxs[s->ctx_i];
+            if (s->ck >= 0) cpu_state_checkpoint(s->cc, s->ck);
+            if (!st) st = cpu_end_step(s->cc);
+            ctx_chunk_ran(c, s->pos0, s->n, it[s->ctx_i].min_ring);
+            if (!st && s->ck >= 0) c->ckpt_ok[s->ck] = 1;
+            it[s->ctx_i].done += s->n;
+        }
+    }
+    lead->batch = NULL;
+    return st;
+}
+
+/* Where a context cannot join a pass (Vulkan, expert streaming, profiling), the steps run one by
+   one; should one fail, the ones before it are taken back (rewound, their logits and counters
+   restored), so that every context is as it was. */
+static moe_status bt_one_by_one(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs) {
+    if (n_ctxs == 1) return moe_step(ctxs[0], tokens[0], n_tokens[0]);
+    size_t nv = (size_t)ctxs[0]->model->w.hp.n_vocab, all = 0;
+    for (int32_t i = 0; i < n_ctxs; i++) all += (size_t)ctxs[i]->n_logits * nv;
+    typedef struct undo { int32_t pos, n_logits; moe_stats stats; float *logits; } undo;
+    undo *u = moe_malloc((size_t)n_ctxs * sizeof *u);
+    float *keep = moe_malloc((all ? all : 1) * sizeof(float));
+    if (!u || !keep) {
+        moe_free(u), moe_free(keep);
+        return set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory");
+    }
+    moe_status st = MOE_OK;
+    float *at = keep;
+    int32_t i;
+    for (i = 0; i < n_ctxs; i++) {
+        moe_ctx *c = ctxs[i];
+        u[i] = (undo){c->pos, c->n_logits, c->stats, at};
+        memcpy(at, c->logits, (size_t)c->n_logits * nv * sizeof(float));
+        at += (size_t)c->n_logits * nv;
+    }
+    for (i = 0; i < n_ctxs && !st; i++) st = moe_step(ctxs[i], tokens[i], n_tokens[i]);
+    if (st) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", moe_last_error());
+        for (int32_t j = 0; j < i - 1; j++) { /* the one that failed is as it was */
+            moe_ctx *c = ctxs[j];
+            moe_ctx_rewind(c, u[j].pos); /* a failure here leaves needs_repair: recomputed on the next step */
+            memcpy(c->logits, u[j].logits, (size_t)u[j].n_logits * nv * sizeof(float));
+            c->n_logits = u[j].n_logits;
+            c->stats = u[j].stats;
+        }
+        set_error(st, "moe_step_batch (context %d): %s", i - 1, msg);
+    }
+    moe_free(u), moe_free(keep);
+    return st;
+}
+
+moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs) {
+    if (n_ctxs <= 0 || !ctxs || !tokens || !n_tokens)
+        return set_error(MOE_ERR_INVALID_ARG, "moe_step_batch: n_ctxs is %d (must be > 0) or ctxs / tokens / n_tokens is NULL", n_ctxs);
+    char fn[64];
+    int batched = n_ctxs > 1;
+    for (int32_t i = 0; i < n_ctxs; i++) {
+        moe_ctx *c = ctxs[i];
+        snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
+        moe_status st = step_check(c, tokens[i], n_tokens[i], fn);
+        if (st) return st;
+        if (c->model != ctxs[0]->model)
+            return set_error(MOE_ERR_INVALID_ARG, "%s: belongs to another model than context 0 (one pass runs one model)", fn);
+        for (int32_t j = 0; j < i; j++)
+            if (ctxs[j] == c) return set_error(MOE_ERR_INVALID_ARG, "%s: is context %d again (each context may appear once)", fn, j);
+        /* one pass needs the plain CPU ops on every context (profiling times ops one context at a time) */
+        batched = batched && c->ops == &k_cpu_ops;
+    }
+    const moe_model *m = ctxs[0]->model;
+    if (!batched || m->vk || m->xc) return bt_one_by_one(ctxs, tokens, n_tokens, n_ctxs);
+    int32_t cap = BT_MIN_ROWS, total = 0;
+    for (int32_t i = 0; i < n_ctxs; i++) {
+        if (ctxs[i]->n_batch > cap) cap = ctxs[i]->n_batch;
+        total += n_tokens[i] < ctxs[i]->n_batch ? n_tokens[i] : ctxs[i]->n_batch;
+    }
+    if (total < cap) cap = total; /* decode of a few contexts: a small scratch */
+    size_t nc = (size_t)n_ctxs;
+    bt_item *it = moe_malloc(nc * sizeof *it);
+    cpu_batch b = {moe_malloc(nc * sizeof(cpu_bseg)), 0, 0, moe_malloc(nc * BT_MAX_AIM * sizeof(float *)),
+                   moe_malloc(nc * sizeof(attn_job)), moe_malloc(nc * sizeof(int64_t))};
+    moe_token *tok = moe_malloc((size_t)cap * sizeof *tok);
+    moe_status st = it && b.seg && b.saved && b.jobs && b.task0 && tok ? MOE_OK : set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory");
+    for (int32_t i = 0; !st && i < n_ctxs; i++) {
+        snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
+        st = step_stage(ctxs[i], n_tokens[i], fn, &it[i].stage);
+        it[i].done = 0;
+        it[i].min_ring = ctx_min_ring(ctxs[i]);
+    }
+    if (!st) st = bt_scratch(ctxs[0], cap);
+    double t0 = now_s();
+    for (int32_t i = 0; !st && i < n_ctxs; i++) st = step_repair(ctxs[i]);
+    if (st) goto out;
+    for (int32_t i = 0; i < n_ctxs; i++) /* the token history, as ctx_run keeps it */
+        memcpy(ctxs[i]->tokens + ctxs[i]->pos, tokens[i], (size_t)n_tokens[i] * sizeof(moe_token));
+    st = bt_run(ctxs, tokens, n_tokens, n_ctxs, it, &b, tok, cap);
+    for (int32_t i = 0; !st && i < n_ctxs; i++) {
+        snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
+        st = step_finite(ctxs[i], it[i].stage, n_tokens[i], fn);
+    }
+    if (st) { /* every context ran: none may move on */
+        for (int32_t i = 0; i < n_ctxs; i++) ctx_step_failed(ctxs[i], ctxs[i]->pos);
+        goto out;
+    }
+    double dt = now_s() - t0;
+    for (int32_t i = 0; i < n_ctxs; i++) step_commit(ctxs[i], it[i].stage, n_tokens[i], dt);
+out:
+    moe_free(it), moe_free(b.seg), moe_free(b.saved), moe_free(b.jobs), moe_free(b.task0), moe_free(tok);
+    return st;
 }
 
 const float *moe_logits(const moe_ctx *ctx, int32_t i) {

@@ -571,6 +571,30 @@ MOE_API moe_status moe_ctx_profile(moe_ctx *ctx, int32_t on);
 MOE_API int32_t    moe_ctx_profile_get(const moe_ctx *ctx, moe_profile_entry *out, int32_t cap);
 MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, double *copy_gbs);
 
+/* ---- one forward pass for many contexts (many characters, one model) ----------------------------
+   Steps n_ctxs contexts of the same model together: context i takes the n_tokens[i] tokens at
+   tokens[i] (a prompt chunk or one sampled token; contexts may stand at different positions and
+   mix prefill with decode). Afterwards moe_logits(ctxs[i], ...) gives each context's logits, as
+   after moe_step(ctxs[i], tokens[i], n_tokens[i]).
+   - CPU backend: one forward pass over the token rows of all contexts: the weights (dense matrices,
+     experts, LM head) are read once per pass, attention runs per context over its own KV cache and
+     positions, Gated DeltaNet layers (hybrid models) per context on its own states. Results are
+     BIT-IDENTICAL to separate moe_step calls (the batch-shape tolerance is 0): every CPU kernel
+     computes a row exactly as it would alone (the same property that makes prefill equal decode).
+     A pass holds up to max(512, largest n_batch) rows; longer steps take several passes, each
+     context cut into the chunks moe_step would make. The pass's scratch buffers are kept by
+     ctxs[0] until it is freed (reuse the same first context for steady frames).
+   - Not batched yet, stepped one by one inside the call with the same results and the same
+     all-or-nothing contract: the Vulkan backend (every family), host expert streaming
+     (host_budget_bytes below the weights), and contexts with moe_ctx_profile on.
+   Errors: MOE_ERR_INVALID_ARG for n_ctxs <= 0, NULL arrays or contexts, contexts of different
+   models, a context given twice, a token outside the vocabulary; MOE_ERR_CONTEXT_FULL when a
+   context's tokens do not fit. The message names the context's index. On any error every context
+   is left as it was (position, logits, caches, counters). Contexts of one call must not be in use
+   by another thread during it. */
+MOE_API moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens,
+                                  const int32_t *n_tokens, int32_t n_ctxs);
+
 #ifdef __cplusplus
 }
 #endif

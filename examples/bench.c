@@ -5,6 +5,7 @@
      build/bench -m model.gguf -b vulkan -d 4096 -n 128 -p 0   # tg128 with 4,096 tokens already in context
      build/bench -m model.gguf -b cpu -t 2 --profile          # + time per kernel kind, GB/s beside a measured peak
      MOE_VK_PROFILE=1 build/bench -m model.gguf -b vulkan   # + GPU time per kernel kind (stderr, at exit)
+     build/bench -m model.gguf -b cpu -t 2 --batch 1,4,16,64 -n 16   # many contexts decoding together
 
    Flags: -m model  -b auto|cpu|vulkan  -dev device (Vulkan device index)  -p prompt tokens (512; 0 = skip)
           -n generated tokens (128; 0 = skip)  -r repetitions (3)  -t threads (CPU; 0 = all)
@@ -23,6 +24,11 @@
                      weights plus 25% of the experts)
           --sweep    runs everything at 100/50/25/10% of the expert bytes (the host budget on the
                      CPU backend, the GPU budget otherwise)
+          --batch N,N,..  for each N: N contexts (each prefilled with its own 16 random tokens,
+                     untimed) decode -n tokens each, once all together per step (moe_step_batch: one
+                     forward pass for all) and once one after another (moe_step per context, from
+                     the same positions); prints the decode tokens/s of both (all contexts' tokens
+                     over the wall time; median over -r repetitions) and the ratio
    With a budget, each test line is followed by the expert cache's hits / misses (pairs of
    token and expert), hit rate and bytes streamed per token, and the resident host memory.
    As llama-bench: ppN feeds N random tokens to an empty context in one step (n_batch = N);
@@ -69,7 +75,7 @@ static unsigned long long peak_rss(void) {
 
 static void usage(void) {
     fprintf(stderr, "usage: bench -m model.gguf [-b auto|cpu|vulkan] [-dev device] [-p 512] [-n 128] [-d depth] [-r 3] [-t threads] [-c n_ctx]\n"
-                    "             [--json] [--profile] [--gpu-budget MiB|N%%] [--host-budget MiB|N%%] [--sweep]\n"
+                    "             [--json] [--profile] [--gpu-budget MiB|N%%] [--host-budget MiB|N%%] [--sweep] [--batch 1,4,16,64]\n"
                     "             [--pipeline-cache FILE]   Vulkan pipeline cache: read at load, written at exit (run twice:\n"
                     "                                       'first run' below is load + the first warm-up, where kernels build)\n"
                     "             [--max-submit-us N] [--low-priority]\n"
@@ -279,8 +285,97 @@ done:
     return rc;
 }
 
+/* ---- --batch: N contexts decoding together (moe_step_batch) versus one after another ---- */
+#define BATCH_PROMPT 16
+
+/* every context back at its prompt, then n_gen decode steps: batched or one by one; seconds */
+static double batch_once(moe_ctx **ctx, int n, const moe_token *toks, int n_gen, int batched) {
+    const moe_token *tp[1024];
+    int32_t one[1024];
+    for (int i = 0; i < n; i++)
+        if (moe_ctx_rewind(ctx[i], BATCH_PROMPT) != MOE_OK) return -1;
+    double t0 = now_s();
+    for (int g = 0; g < n_gen; g++) {
+        for (int i = 0; i < n; i++) tp[i] = &toks[(g * 7 + i) % 1024], one[i] = 1;
+        if (batched) {
+            if (moe_step_batch(ctx, tp, one, n) != MOE_OK) return -1;
+        } else
+            for (int i = 0; i < n; i++)
+                if (moe_step(ctx[i], tp[i], 1) != MOE_OK) return -1;
+    }
+    return now_s() - t0;
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static int bench_batch(const char *model_path, moe_load_params lp, const char *list, int n_gen, int reps, int json) {
+    moe_model *model = NULL;
+    moe_status st = moe_load(model_path, &lp, &model);
+    if (st) { fprintf(stderr, "bench: %s: %s\n", moe_status_str(st), moe_last_error()); return 1; }
+    moe_model_info info;
+    moe_model_get_info(model, &info);
+    const char *be = info.backend == MOE_BACKEND_VULKAN ? "vulkan" : "cpu";
+    static moe_token toks[1024];
+    unsigned long long s = 42;
+    for (int i = 0; i < 1024; i++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        toks[i] = (moe_token)((s >> 33) % (unsigned long long)info.n_vocab);
+    }
+    if (!json) {
+        printf("| model | backend | threads | contexts | tg%d each | batched t/s | one by one t/s | ratio |\n", n_gen);
+        printf("| ----- | ------- | ------: | -------: | --------: | ----------: | -------------: | ----: |\n");
+    }
+    int rc = 0;
+    for (const char *p = list; *p && !rc;) {
+        int n = atoi(p);
+        while (*p && *p != ',') p++;
+        if (*p == ',') p++;
+        if (n < 1 || n > 1024) { fprintf(stderr, "bench: --batch: contexts must be 1..1024\n"); rc = 2; break; }
+        moe_ctx **ctx = calloc((size_t)n, sizeof *ctx);
+        const moe_token *tp[1024];
+        int32_t np[1024];
+        moe_ctx_params cp = {0};
+        cp.n_ctx = BATCH_PROMPT + n_gen + 16;
+        cp.n_batch = BATCH_PROMPT;
+        for (int i = 0; ctx && i < n && !rc; i++) {
+            if ((st = moe_ctx_new(model, &cp, &ctx[i]))) { fprintf(stderr, "bench: %s\n", moe_last_error()); rc = 1; }
+            tp[i] = &toks[(i * 37) % (1024 - BATCH_PROMPT)], np[i] = BATCH_PROMPT;
+        }
+        if (!ctx || rc || moe_step_batch(ctx, tp, np, n) != MOE_OK) { /* the prompts, untimed */
+            fprintf(stderr, "bench: %s\n", moe_last_error());
+            rc = 1;
+        }
+        /* the two modes take turns, so that a load that changes over the run hits both alike */
+        double tps[2] = {0, 0}, t[2][1000];
+        for (int mode = 0; mode < 2 && !rc; mode++)
+            if (batch_once(ctx, n, toks, n_gen < 4 ? n_gen : 4, !mode) < 0) rc = 1; /* warm-up */
+        for (int r = 0; r < reps && !rc; r++)
+            for (int mode = 0; mode < 2 && !rc; mode++)
+                if ((t[mode][r] = batch_once(ctx, n, toks, n_gen, !mode)) < 0) rc = 1;
+                else t[mode][r] = (double)n * n_gen / t[mode][r];
+        if (rc) fprintf(stderr, "bench: %s\n", moe_last_error());
+        else tps[0] = median(t[0], reps), tps[1] = median(t[1], reps);
+        if (!rc) {
+            if (json)
+                printf("{\"model\": \"%s\", \"arch\": \"%s\", \"backend\": \"%s\", \"threads\": %d, \"test\": \"batch\", \"contexts\": %d, "
+                       "\"n_gen\": %d, \"reps\": %d, \"tps_batched\": %.3f, \"tps_one_by_one\": %.3f}\n",
+                       model_path, info.arch, be, lp.n_threads, n, n_gen, reps, tps[0], tps[1]);
+            else
+                printf("| %s | %s | %d | %d | %d | %.2f | %.2f | %.2fx |\n", info.arch, be, lp.n_threads, n, n_gen, tps[0], tps[1], tps[0] / tps[1]);
+            fflush(stdout);
+        }
+        for (int i = 0; ctx && i < n; i++) moe_ctx_free(ctx[i]);
+        free(ctx);
+    }
+    moe_model_free(model);
+    return rc;
+}
+
 int main(int argc, char **argv) {
-    const char *model_path = NULL, *backend_name = "auto", *gpu_budget = NULL, *host_budget = NULL;
+    const char *model_path = NULL, *backend_name = "auto", *gpu_budget = NULL, *host_budget = NULL, *batch = NULL;
     int n_prompt = 512, n_gen = 128, reps = 3, json = 0, n_ctx = 0, sweep = 0, depth = 0, profile = 0;
     moe_load_params lp = {0};
     lp.log = log_line;
@@ -307,10 +402,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--host-budget")) host_budget = v;
         else if (!strcmp(a, "--pipeline-cache")) lp.vk_pipeline_cache_path = v;
         else if (!strcmp(a, "--max-submit-us")) g_max_submit_us = (uint32_t)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--batch")) batch = v;
         else { usage(); return 2; }
     }
     if (!model_path || n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1 || reps > 1000) { usage(); return 2; }
     (void)backend_name;
+    if (batch) return bench_batch(model_path, lp, batch, n_gen, reps, json);
     moe_model_info info = {0};
     if (gpu_budget || host_budget || sweep) { /* the sizes: a vocab_only load reads a GGUF's tensor table only */
         for (int full = 0; full < 2 && !info.weight_bytes; full++) {

@@ -1,0 +1,306 @@
+/* test_batch — moe_step_batch on the CPU backend: n contexts of one model in one forward pass.
+
+   1. Contexts at different positions, with different n_tokens per call (prefill chunks longer
+      than their n_batch mixed with one-token decode steps, some contexts sitting a call out), with
+      and without logits_all, f16 and f32 KV caches: every call's logits equal those of the same
+      steps taken one by one with moe_step, BIT FOR BIT (moe.h states a tolerance of 0 on the
+      CPU), on Qwen3-MoE (int8 and f32 kernels), Gemma 4 (sliding-window rings, per-layer
+      embeddings) and the hybrid Gated DeltaNet fixtures (recurrent states, checkpoints: a rewind
+      after batched steps replays to the same bits).
+   2. Errors (n_ctxs <= 0, NULL arrays or contexts, a context twice, two models, a full context,
+      a bad token, n_tokens 0) and allocation failures leave every context exactly as it was: its
+      position and logits, and its caches (the next step still equals the reference).
+   3. The one-by-one path (a context that profiles): same results, and a failure in its second
+      context takes the first one back. */
+#include "../moe.c"
+#include "../moe_vk.c"
+#include "../shaders_embedded.c"
+#include "test_util.h"
+
+#define Q8 "test/fixtures/qwen3moe_q8_0.gguf"
+#define F32 "test/fixtures/qwen3moe_f32.gguf"
+#define MAXC 6
+
+static moe_model *load_cpu(const char *path, int exact) {
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_CPU;
+    lp.n_threads = 2;
+    lp.cpu_exact = exact;
+    moe_model *m = NULL;
+    moe_status st = moe_load(path, &lp, &m);
+    if (st) fail_msg("load %s: %s", path, moe_last_error());
+    return m;
+}
+
+static moe_ctx *new_ctx(moe_model *m, int n_ctx, int n_batch, int logits_all, int kv) {
+    moe_ctx_params cp = {0};
+    cp.n_ctx = n_ctx;
+    cp.n_batch = n_batch;
+    cp.logits_all = logits_all;
+    cp.kv_type = kv;
+    moe_ctx *c = NULL;
+    assert_int_equal(moe_ctx_new(m, &cp, &c), MOE_OK);
+    return c;
+}
+
+static int vocab_of(const moe_model *m) {
+    moe_model_info info;
+    moe_model_get_info(m, &info);
+    return info.n_vocab;
+}
+
+static moe_token greedy(const float *l, int n) {
+    moe_token b = 0;
+    for (int i = 1; i < n; i++)
+        if (l[i] > l[b]) b = i;
+    return b;
+}
+
+/* the logits rows of a context's last step (all of them with logits_all) */
+static int rows_of(moe_ctx *c, int n_tokens) { return c->logits_all ? n_tokens : 1; }
+
+static void same_state(moe_ctx *a, moe_ctx *b, int n_tokens, int nv) {
+    assert_int_equal(moe_ctx_pos(a), moe_ctx_pos(b));
+    int rows = rows_of(a, n_tokens);
+    for (int r = 0; r < rows; r++) {
+        const float *la = moe_logits(a, a->logits_all ? r : -1), *lb = moe_logits(b, b->logits_all ? r : -1);
+        assert_non_null(la);
+        assert_non_null(lb);
+        if (memcmp(la, lb, (size_t)nv * sizeof(float))) {
+            int i = 0;
+            while (la[i] == lb[i]) i++;
+            fail_msg("row %d of %d, logit %d: batched %.9g, alone %.9g", r, rows, i, (double)la[i], (double)lb[i]);
+        }
+    }
+}
+
+/* A scenario of n contexts (A batched, B stepped alone) over several calls: call 0 prefills
+   1..30 tokens each (several chunks where n_batch is small), the later calls give one greedy token
+   to most contexts, a chunk of a few tokens to some, and leave one out. Every call compares. */
+static void scenario(moe_model *m, int n, const int *n_batch, const int *all, int kv, int n_calls, int rewind) {
+    int nv = vocab_of(m);
+    moe_ctx *A[MAXC], *B[MAXC];
+    for (int i = 0; i < n; i++) {
+        A[i] = new_ctx(m, 128, n_batch[i], all[i], kv);
+        B[i] = new_ctx(m, 128, n_batch[i], all[i], kv);
+    }
+    moe_token buf[MAXC][40];
+    for (int call = 0; call < n_calls; call++) {
+        moe_ctx *bc[MAXC];
+        const moe_token *bt[MAXC];
+        int32_t bn[MAXC], idx[MAXC], k = 0;
+        for (int i = 0; i < n; i++) {
+            if (call > 0 && (i + call) % 5 == 0) continue; /* sits this call out */
+            int len;
+            if (call == 0) len = 1 + (i * 13 + 5) % 30;
+            else if ((i + call) % 4 == 0) len = 1 + (call * 3 + i) % 6;
+            else len = 1;
+            for (int t = 0; t < len; t++) buf[i][t] = (moe_token)((call * 31 + i * 17 + t * 7 + 3) % nv);
+            if (call > 0 && len == 1) buf[i][0] = greedy(moe_logits(B[i], -1), nv);
+            bc[k] = A[i], bt[k] = buf[i], bn[k] = len, idx[k++] = i;
+        }
+        assert_int_equal(moe_step_batch(bc, bt, bn, k), MOE_OK);
+        for (int j = 0; j < k; j++) {
+            assert_int_equal(moe_step(B[idx[j]], bt[j], bn[j]), MOE_OK);
+            same_state(A[idx[j]], B[idx[j]], bn[j], nv);
+        }
+    }
+    if (rewind) { /* checkpoints, chunk starts and rings kept by the batched steps replay alike */
+        moe_ctx *bc[MAXC];
+        const moe_token *bt[MAXC];
+        int32_t bn[MAXC];
+        for (int i = 0; i < n; i++) {
+            int p = moe_ctx_pos(A[i]) * 2 / 3;
+            assert_int_equal(moe_ctx_rewind(A[i], p), MOE_OK);
+            assert_int_equal(moe_ctx_rewind(B[i], p), MOE_OK);
+            bc[i] = A[i], bt[i] = buf[i], bn[i] = 1 + i % 3;
+        }
+        assert_int_equal(moe_step_batch(bc, bt, bn, n), MOE_OK);
+        for (int i = 0; i < n; i++) {
+            assert_int_equal(moe_step(B[i], bt[i], bn[i]), MOE_OK);
+            same_state(A[i], B[i], bn[i], nv);
+        }
+    }
+    for (int i = 0; i < n; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+}
+
+static const int k_nb[MAXC] = {256, 4, 7, 256, 16, 3}, k_all[MAXC] = {0, 1, 0, 0, 1, 0};
+
+static void test_qwen3_int8(void **state) {
+    (void)state;
+    moe_model *m = load_cpu(Q8, 0);
+    scenario(m, MAXC, k_nb, k_all, MOE_KV_F16, 7, 0);
+    scenario(m, 3, k_nb + 2, k_all + 2, MOE_KV_F32, 4, 1);
+    moe_model_free(m);
+}
+
+static void test_qwen3_f32(void **state) {
+    (void)state;
+    moe_model *m = load_cpu(F32, 1);
+    scenario(m, 5, k_nb, k_all, MOE_KV_F32, 6, 1);
+    moe_model_free(m);
+}
+
+static void test_gemma4(void **state) {
+    (void)state;
+    static const char *const dirs[] = {"test/fixtures/gemma4/moe", "test/fixtures/gemma4/e2b"};
+    for (int f = 0; f < 2; f++) {
+        moe_model *m = load_cpu(dirs[f], 0);
+        scenario(m, 4, k_nb, k_all, MOE_KV_F16, 6, 1);
+        moe_model_free(m);
+    }
+}
+
+static void test_hybrid(void **state) {
+    (void)state;
+    static const char *const dirs[] = {"test/fixtures/qwen3next", "test/fixtures/qwen35moe", "test/fixtures/qwen35"};
+    /* n_ctx 128 checkpoints every 64 positions: the long prefills below cross one */
+    static const int nb[4] = {256, 5, 64, 9};
+    for (int f = 0; f < 3; f++) {
+        moe_model *m = load_cpu(dirs[f], 1);
+        scenario(m, 4, nb, k_all, MOE_KV_F32, 8, 1);
+        moe_model_free(m);
+    }
+}
+
+/* ---- errors and allocation failures leave every context as it was ---- */
+typedef struct snap { int32_t pos; float *logits; } snap;
+
+static void snap_take(snap *s, moe_ctx *c, int nv) {
+    s->pos = moe_ctx_pos(c);
+    s->logits = malloc((size_t)nv * sizeof(float));
+    memcpy(s->logits, moe_logits(c, -1), (size_t)nv * sizeof(float));
+}
+static void snap_check(const snap *s, moe_ctx *c, int nv) {
+    assert_int_equal(moe_ctx_pos(c), s->pos);
+    assert_memory_equal(moe_logits(c, -1), s->logits, (size_t)nv * sizeof(float));
+}
+
+static void test_errors(void **state) {
+    (void)state;
+    moe_model *m = load_cpu(Q8, 0), *other = load_cpu(F32, 0);
+    int nv = vocab_of(m);
+    moe_ctx *A[3] = {new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 32, 0, 0, MOE_KV_F16)};
+    moe_ctx *B[3] = {new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 32, 0, 0, MOE_KV_F16)};
+    moe_ctx *o = new_ctx(other, 64, 0, 0, MOE_KV_F16);
+    moe_token p[3][32];
+    int32_t n0[3] = {5, 11, 30};
+    const moe_token *pt[3] = {p[0], p[1], p[2]};
+    for (int i = 0; i < 3; i++)
+        for (int t = 0; t < 32; t++) p[i][t] = (moe_token)((i * 101 + t * 13 + 1) % nv);
+    assert_int_equal(moe_step_batch(A, pt, n0, 3), MOE_OK);
+    for (int i = 0; i < 3; i++) assert_int_equal(moe_step(B[i], p[i], n0[i]), MOE_OK);
+    assert_int_equal(moe_step(o, p[0], 4), MOE_OK);
+    snap s[3];
+    for (int i = 0; i < 3; i++) snap_take(&s[i], A[i], nv);
+
+    int32_t one[3] = {1, 1, 1}, full[3] = {1, 1, 3}, zero[3] = {1, 1, 0};
+    moe_token bad_lo[1] = {-1}, bad_hi[1] = {(moe_token)nv};
+    const moe_token *t_lo[3] = {p[0], p[1], bad_lo}, *t_hi[3] = {p[0], p[1], bad_hi}, *t_null[3] = {p[0], p[1], NULL};
+    moe_ctx *dup[3] = {A[0], A[1], A[0]}, *mixed[3] = {A[0], A[1], o}, *with_null[3] = {A[0], A[1], NULL};
+    struct { moe_ctx *const *c; const moe_token *const *t; const int32_t *n; int32_t k; moe_status want; const char *what; } cases[] = {
+        {A, pt, one, 0, MOE_ERR_INVALID_ARG, "n_ctxs"},
+        {A, pt, one, -2, MOE_ERR_INVALID_ARG, "n_ctxs"},
+        {NULL, pt, one, 3, MOE_ERR_INVALID_ARG, "NULL"},
+        {A, NULL, one, 3, MOE_ERR_INVALID_ARG, "NULL"},
+        {A, pt, NULL, 3, MOE_ERR_INVALID_ARG, "NULL"},
+        {with_null, pt, one, 3, MOE_ERR_INVALID_ARG, "context 2"},
+        {dup, pt, one, 3, MOE_ERR_INVALID_ARG, "again"},
+        {mixed, pt, one, 3, MOE_ERR_INVALID_ARG, "another model"},
+        {A, pt, full, 3, MOE_ERR_CONTEXT_FULL, "do not fit"},
+        {A, t_lo, one, 3, MOE_ERR_INVALID_ARG, "outside the vocabulary"},
+        {A, t_hi, one, 3, MOE_ERR_INVALID_ARG, "outside the vocabulary"},
+        {A, t_null, one, 3, MOE_ERR_INVALID_ARG, "no tokens"},
+        {A, pt, zero, 3, MOE_ERR_INVALID_ARG, "no tokens"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        assert_int_equal(moe_step_batch(cases[c].c, cases[c].t, cases[c].n, cases[c].k), cases[c].want);
+        if (!strstr(moe_last_error(), cases[c].what)) fail_msg("case %zu: '%s' lacks '%s'", c, moe_last_error(), cases[c].what);
+        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
+    }
+    /* allocation failures, in a fresh first context (its pass scratch is allocated in the call) */
+    moe_ctx *F = new_ctx(m, 64, 0, 1, MOE_KV_F16), *G = new_ctx(m, 64, 0, 1, MOE_KV_F16);
+    assert_int_equal(moe_step(F, p[2], 2), MOE_OK);
+    assert_int_equal(moe_step(G, p[2], 2), MOE_OK);
+    moe_ctx *fa[4] = {F, A[0], A[1], A[2]};
+    const moe_token *ft[4] = {p[2] + 2, p[0] + 5, p[1] + 11, p[2] + 30};
+    int32_t fn[4] = {6, 1, 2, 1};
+    int failures = 0;
+    for (long k = 0;; k++) {
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_step_batch(fa, ft, fn, 4);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) break;
+        assert_int_equal(st, MOE_ERR_NO_MEMORY);
+        assert_int_equal(moe_ctx_pos(F), 2);
+        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
+        failures++;
+    }
+    assert_true(failures >= 3);
+    /* the caches were left alone: the steps that finally ran equal the reference */
+    assert_int_equal(moe_step(G, ft[0], fn[0]), MOE_OK);
+    same_state(F, G, fn[0], nv);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(moe_step(B[i], ft[i + 1], fn[i + 1]), MOE_OK);
+        same_state(A[i], B[i], fn[i + 1], nv);
+    }
+    for (int i = 0; i < 3; i++) free(s[i].logits), moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+    moe_ctx_free(F), moe_ctx_free(G), moe_ctx_free(o);
+    moe_model_free(m), moe_model_free(other);
+}
+
+/* ---- contexts that cannot join a pass are stepped one by one, all or nothing ---- */
+static void test_one_by_one(void **state) {
+    (void)state;
+    moe_model *m = load_cpu(Q8, 0);
+    int nv = vocab_of(m);
+    moe_ctx *A[2] = {new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 64, 0, 1, MOE_KV_F16)};
+    moe_ctx *B[2] = {new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 64, 0, 1, MOE_KV_F16)};
+    assert_int_equal(moe_ctx_profile(A[1], 1), MOE_OK); /* profiling: one by one */
+    moe_token p[2][16];
+    for (int i = 0; i < 2; i++)
+        for (int t = 0; t < 16; t++) p[i][t] = (moe_token)((i * 57 + t * 29 + 2) % nv);
+    const moe_token *pt[2] = {p[0], p[1]};
+    int32_t n0[2] = {3, 1};
+    assert_int_equal(moe_step_batch(A, pt, n0, 2), MOE_OK);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(moe_step(B[i], p[i], n0[i]), MOE_OK);
+        same_state(A[i], B[i], n0[i], nv);
+    }
+    /* the second context's logits must grow (logits_all, 6 rows): failing there takes the first back */
+    snap s0;
+    snap_take(&s0, A[0], nv);
+    const moe_token *pt2[2] = {p[0] + 3, p[1] + 1};
+    int32_t n1[2] = {2, 6};
+    int undone = 0;
+    for (long k = 0;; k++) {
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_step_batch(A, pt2, n1, 2);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) break;
+        assert_int_equal(st, MOE_ERR_NO_MEMORY);
+        snap_check(&s0, A[0], nv);
+        assert_int_equal(moe_ctx_pos(A[1]), 1);
+        undone++;
+    }
+    assert_true(undone >= 1);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(moe_step(B[i], pt2[i], n1[i]), MOE_OK);
+        same_state(A[i], B[i], n1[i], nv);
+    }
+    free(s0.logits);
+    for (int i = 0; i < 2; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+    moe_model_free(m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_qwen3_int8),
+        cmocka_unit_test(test_qwen3_f32),
+        cmocka_unit_test(test_gemma4),
+        cmocka_unit_test(test_hybrid),
+        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_one_by_one),
+    };
+    return cmocka_run_group_tests_name("batch", tests, NULL, NULL);
+}
