@@ -5016,7 +5016,6 @@ typedef struct tensor_spec {
 #define MAX_TENSOR_SPECS 48
 
 typedef struct moe_arch moe_arch;
-typedef struct moe_xcache moe_xcache; /* the host expert cache (section 8) */
 
 struct moe_model {
     moe_weights w;             /* hyperparameters, plans and weights: what a backend needs */
@@ -6841,13 +6840,8 @@ static const moe_arch *arch_find(const char *gguf_name, const char *hf_type, int
 #define CPU_ROWS_PER_TASK 16
 
 /* expert streaming (section 8): the host cache and what the CPU expert ops ask of it */
-#define XS_MAX_T 4          /* expert tensors per layer */
-/* Per-context counters (moe_stats and the prediction hit rate). */
-typedef struct xs_counts {
-    uint64_t hits, misses, bytes;           /* (token, expert) pairs; bytes read */
-    uint64_t pf_issued, pf_used;            /* units prefetched; of them, used by a later acquire */
-    uint64_t pred_total, pred_hits;         /* distinct experts routed where a prediction was made; predicted */
-} xs_counts;
+#define XS_MAX_T MOE_XS_MAX_T /* expert tensors per layer */
+typedef moe_xs_counts xs_counts; /* per-context counters (moe_stats and the prediction hit rate), moe.h */
 static int xs_acquire(moe_xcache *xc, int l, const int32_t *ids, int n, const int32_t *pairs,
                       const uint8_t **tab, int32_t *sl, xs_counts *cnt);
 static void xs_release(moe_xcache *xc, int l, const int32_t *ids, int n);
@@ -8442,6 +8436,34 @@ static void xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, xs_cou
 
 static int xs_prefetch_on(const moe_xcache *xc) { return xc->prefetch; }
 
+moe_status moe_xs_gather(moe_xcache *xc, int l, const int32_t *ids, int n, const int32_t *pairs, uint8_t *const *dst, xs_counts *cnt) {
+    const uint8_t **tab = moe_malloc((size_t)XS_MAX_T * (size_t)xc->E * sizeof *tab);
+    int32_t *sl = moe_malloc((size_t)(n > 0 ? n : 1) * sizeof *sl);
+    moe_status st = tab && sl ? MOE_OK : set_error(MOE_ERR_NO_MEMORY, "expert streaming: out of memory");
+    for (int i = 0; i < n && !st;) { /* a group at a time: pinned, copied out, released */
+        int g = xs_acquire(xc, l, ids + i, n - i, pairs + i, tab, sl, cnt);
+        if (g < 0) {
+            st = (moe_status)g;
+            break;
+        }
+        for (int j = i; j < i + g; j++)
+            for (int t = 0; t < xc->lt_n[l]; t++)
+                memcpy(dst[(size_t)j * XS_MAX_T + (size_t)t], tab[(size_t)t * (size_t)xc->E + (size_t)ids[j]],
+                       (size_t)xc->lt_len[(size_t)l * XS_MAX_T + (size_t)t]);
+        xs_release(xc, l, ids + i, g);
+        i += g;
+    }
+    moe_free(tab);
+    moe_free(sl);
+    return st;
+}
+
+int moe_xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, xs_counts *cnt) {
+    if (!xc || !xs_prefetch_on(xc)) return 0;
+    xs_prefetch(xc, l, ids, n, cnt);
+    return 1;
+}
+
 static void xs_free(moe_xcache *xc) {
     if (!xc) return;
     if (xc->sync_ok) {
@@ -8515,21 +8537,6 @@ static void model_weight_sizes(const moe_model *m, uint64_t *weight_bytes, uint6
     *expert_bytes = ex;
 }
 
-/* The GPU tier is the slot cache of moe_vk.c ("GPU expert slot cache", moe_vk_init_budget): it
-   knows the device sizes (alignment, padding, tables) and fails with MOE_ERR_NO_MEMORY naming the
-   minimum working set below it. Not built yet: a GPU budget below the weights together with a
-   host budget below them. The slot cache keeps every expert in host-visible memory that the GPU
-   reads a miss from (so the router's choice never has to reach the host); with a limited host
-   tier under it, the choice would have to reach the host at the route op. */
-static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget, uint64_t host_budget) {
-    uint64_t weight_bytes, expert_bytes;
-    model_weight_sizes(m, &weight_bytes, &expert_bytes);
-    if (!budget || budget >= weight_bytes || !host_budget || host_budget >= weight_bytes) return MOE_OK;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_load: gpu_budget_bytes %llu and host_budget_bytes %llu are both below the weights (%llu bytes): "
-                     "the GPU expert cache over a limited host tier is not implemented yet", (unsigned long long)budget,
-                     (unsigned long long)host_budget, (unsigned long long)weight_bytes);
-}
-
 /* Vulkan with a host budget: the experts live on the device after the upload, so their pages of
    the mapping (and of the page cache, as far as the OS lets go) are given back. */
 static void xs_drop_expert_pages(const moe_model *m) {
@@ -8562,8 +8569,10 @@ static void xs_drop_expert_pages(const moe_model *m) {
 
 /* Sets up the host expert cache when host_budget_bytes is below the weights: checks the minimum
    working set (the non-expert weights plus one token's experts of the widest layer), sizes the
-   slots, finds every slab in the files and starts the I/O threads. */
-static moe_status xs_setup(moe_model *m, uint64_t budget) {
+   slots, finds every slab in the files and starts the I/O threads. stage: under the Vulkan GPU
+   slot cache, which stages one layer's experts in host-visible memory on their way to the
+   device (moe_vk.c): that much (n_expert slots' worth) of the budget is set aside for it. */
+static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
     const moe_hparams *hp = &m->w.hp;
     uint64_t weight_bytes, expert_bytes;
     model_weight_sizes(m, &weight_bytes, &expert_bytes);
@@ -8613,12 +8622,14 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
     if (!ok) st = set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the expert cache");
     if (st) { xs_free(xc); return st; }
     xc->slot_bytes = slot;
-    uint64_t rest = weight_bytes - expert_bytes, min = rest + (uint64_t)hp->n_expert_used * slot;
+    uint64_t reserve = stage ? (uint64_t)E * slot : 0;
+    uint64_t rest = weight_bytes - expert_bytes + reserve, min = rest + (uint64_t)hp->n_expert_used * slot;
     if (budget < min) {
         xs_free(xc);
         return set_error(MOE_ERR_NO_MEMORY, "moe_load: host_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB: "
-                         "non-expert weights %llu + %d experts of %llu bytes)", (unsigned long long)budget, (unsigned long long)min,
-                         (double)min / 1048576.0, (unsigned long long)rest, hp->n_expert_used, (unsigned long long)slot);
+                         "non-expert weights %llu%s + %d experts of %llu bytes)", (unsigned long long)budget, (unsigned long long)min,
+                         (double)min / 1048576.0, (unsigned long long)(weight_bytes - expert_bytes),
+                         stage ? " + one layer's experts staged for the GPU" : "", hp->n_expert_used, (unsigned long long)slot);
     }
     uint64_t n_slots = (budget - rest) / slot;
     xc->n_slots = (int32_t)(n_slots > (uint64_t)n_units ? (uint64_t)n_units : n_slots);
@@ -9879,16 +9890,26 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = xs_gpu_budget_check(m, p.gpu_budget_bytes, p.host_budget_bytes); /* section 8 */
+        /* both budgets below the weights: the GPU slot cache over the host tier (section 8) */
+        uint64_t weight_bytes, expert_bytes;
+        model_weight_sizes(m, &weight_bytes, &expert_bytes);
+        int tiers = p.gpu_budget_bytes && p.gpu_budget_bytes < weight_bytes && p.host_budget_bytes && p.host_budget_bytes < weight_bytes;
+        st = tiers ? xs_setup(m, p.host_budget_bytes, 1) : MOE_OK;
         /* AUTO takes a GPU only: on a CPU-type Vulkan device (lavapipe) our CPU backend is faster */
-        if (!st) st = moe_vk_init_budget(&m->w, p.device_index, p.backend == MOE_BACKEND_AUTO, p.gpu_budget_bytes, m->log.fn, m->log.user, &m->vk);
+        if (!st) st = moe_vk_init_tiers(&m->w, p.device_index, p.backend == MOE_BACKEND_AUTO, p.gpu_budget_bytes, m->xc, m->log.fn, m->log.user, &m->vk);
         if (st) {
+            xs_free(m->xc); /* the CPU sets up its own host tier below */
+            m->xc = NULL;
             if (p.backend == MOE_BACKEND_VULKAN) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_AUTO: Vulkan not used: %s)", m->n_threads,
                     moe_last_error());
             m->vk = NULL;
         } else {
             m->backend = MOE_BACKEND_VULKAN;
+            if (m->xc && !moe_vk_streams_experts(m->vk)) { /* the weights fit the GPU budget after all: no host tier */
+                xs_free(m->xc);
+                m->xc = NULL;
+            }
             if (p.gpu_exact) moe_vk_use_exact(m->vk);
             log_msg(&m->log, MOE_LOG_INFO, "backend: Vulkan (%s)",
                     p.backend == MOE_BACKEND_AUTO ? "MOE_BACKEND_AUTO found a GPU" : "MOE_BACKEND_VULKAN asked for");
@@ -9896,7 +9917,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     } else
         log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_CPU asked for)", m->n_threads);
     if (!m->vk && !p.host_budget_bytes) file_huge_pages(&m->file); /* resident on the CPU: 2 MiB pages */
-    if (!m->vk && (st = xs_setup(m, p.host_budget_bytes))) goto fail; /* the host expert tier (section 8) */
+    if (!m->vk && (st = xs_setup(m, p.host_budget_bytes, 0))) goto fail; /* the host expert tier (section 8) */
     if (!m->xc && (st = check_tensor_values(&m->gguf, CHECK_EXPERTS))) goto fail; /* else as they are read */
     if (m->vk && (p.host_budget_bytes || moe_vk_streams_experts(m->vk))) xs_drop_expert_pages(m); /* experts live in device or host-visible memory */
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,
