@@ -8594,10 +8594,10 @@ static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
     if (m->file.data) files[n_files++] = &m->file;
     for (int i = 0; i < m->n_shards && n_files < 65; i++) files[n_files++] = &m->shards[i];
     moe_status st = MOE_OK;
-    uint64_t slot = 0;
+    uint64_t slot = 0, stage_unit = 0;
     int n_units = 0;
     for (int l = 0; ok && !st && l < L; l++) {
-        uint64_t roff = 0;
+        uint64_t roff = 0, su = 0;
         for (int r = 0; r < MOE_LT_COUNT && !st; r++) {
             const moe_weight *w = &m->w.layers[l].t[r];
             if (!w->data || w->n_dims != 3) continue;
@@ -8608,6 +8608,7 @@ static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
             xc->lt_len[(size_t)l * XS_MAX_T + (size_t)t] = w->expert_bytes;
             xc->lt_roff[(size_t)l * XS_MAX_T + (size_t)t] = roff;
             roff += xs_align_up(w->expert_bytes + XS_ALIGN, XS_ALIGN);
+            su += xs_align_up(w->expert_bytes + 16, 256); /* as moe_vk.c places a slab in the stage (VK_PAD, VK_ALIGN) */
             xc->unit_bytes[l] += w->expert_bytes;
             for (int64_t e = 0; e < w->ne[2]; e++) {
                 size_t i3 = xs_i3(xc, l, t, (int)e);
@@ -8618,11 +8619,12 @@ static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
         }
         if (xc->lt_n[l]) n_units += E;
         if (roff > slot) slot = roff;
+        if (su > stage_unit) stage_unit = su;
     }
     if (!ok) st = set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the expert cache");
     if (st) { xs_free(xc); return st; }
     xc->slot_bytes = slot;
-    uint64_t reserve = stage ? (uint64_t)E * slot : 0;
+    uint64_t reserve = stage ? (uint64_t)E * stage_unit : 0;
     uint64_t rest = weight_bytes - expert_bytes + reserve, min = rest + (uint64_t)hp->n_expert_used * slot;
     if (budget < min) {
         xs_free(xc);
