@@ -8677,9 +8677,9 @@ static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
             xs_free(xc);
             return set_error(MOE_ERR_NO_MEMORY, "moe_load: cannot start an I/O thread");
         }
-    log_msg(&m->log, MOE_LOG_INFO, "expert streaming: host cache of %d of %d experts (%.1f MiB in slots of %.2f MiB; minimum working set %.1f MiB), "
+    log_msg(&m->log, MOE_LOG_INFO, "expert streaming: host cache of %d of %d experts (%.1f MiB in slots of %.2f MiB; minimum working set %.1f MiB%s), "
             "%s reads, %d I/O threads, %s eviction, prefetch %s", xc->n_slots, n_units, (double)(xc->slot_bytes * ns) / 1048576.0,
-            (double)slot / 1048576.0, (double)min / 1048576.0, xc->direct ? "O_DIRECT" : "buffered", xc->n_io,
+            (double)slot / 1048576.0, (double)min / 1048576.0, stage ? ", with the GPU's one-layer stage" : "", xc->direct ? "O_DIRECT" : "buffered", xc->n_io,
             xc->policy == XS_LFU ? "LFU (with decay)" : "LRU", xc->prefetch ? "on" : "off");
     m->xc = xc;
     return MOE_OK;

@@ -790,7 +790,8 @@ MOE_HIDDEN moe_status moe_vk_init(const moe_weights *w, int32_t device_index, in
                                   void *log_user, moe_vk_backend **out);
 /* moe_vk_init with a gpu_budget_bytes (0 = no limit): below what the resident weights take on the
    device, the experts get a slot cache (moe_vk.c, "GPU expert slot cache"); MOE_ERR_NO_MEMORY
-   naming the minimum below the minimum working set. moe_vk_init is this with 0. */
+   naming the minimum below the minimum working set. moe_vk_init is this with 0; moe_vk_init_tiers
+   (below) puts the slot cache over a host tier. */
 MOE_HIDDEN moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only,
                                          uint64_t gpu_budget_bytes, moe_log_fn log, void *log_user, moe_vk_backend **out);
 /* The host expert cache (moe.c section 8) under host_budget_bytes, shared by the CPU backend and

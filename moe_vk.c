@@ -2405,6 +2405,13 @@ void moe_vk_ctx_free(void *be) {
     if (!c) return;
     moe_vk_backend *vk = c->vk;
     if (c->profile && c->prof_env) vk_prof_report(c);
+    if (vk->xc && c->xg_ids) { /* the host tier's side of this context, as the CPU backend logs it */
+        const moe_xs_counts *x = &c->xcnt;
+        vk_log(vk, MOE_LOG_INFO, "expert streaming (this context): GPU slots: hits %llu, misses %llu (pairs), %.1f MiB to the device; "
+               "host tier (for the GPU misses): hits %llu, misses %llu (pairs), %.1f MiB read; %llu units prefetched, %llu of them used",
+               (unsigned long long)c->xg_hits, (unsigned long long)c->xg_misses, (double)c->xg_bytes / 1048576.0, (unsigned long long)x->hits,
+               (unsigned long long)x->misses, (double)x->bytes / 1048576.0, (unsigned long long)x->pf_issued, (unsigned long long)x->pf_used);
+    }
     free(c->rec_cost);
     if (c->fence) vk->f.DestroyFence(vk->dev, c->fence, NULL);
     if (c->qpool) vk->f.DestroyQueryPool(vk->dev, c->qpool, NULL);
