@@ -8141,7 +8141,12 @@ static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
    units are unpinned and evictable once they have landed.
 
    Failure: a read that fails leaves its slot empty; the caller's step fails with MOE_ERR_IO and
-   the context is as before (the backend skips the rest of the step's expert work). */
+   the context is as before (the backend skips the rest of the step's expert work).
+
+   The Vulkan backend uses this same cache under its GPU slot cache when both budgets are below
+   the weights (moe_vk.c "GPU expert slot cache"): at each MoE layer's route op it asks
+   moe_xs_gather for the experts its slots lack (xs_acquire group by group, copied out into its
+   host-visible stage, released) and moe_xs_prefetch for the next layer's likely ones. */
 
 enum { XS_EMPTY = 0, XS_LOADING = 1, XS_READY = 2 };
 enum { XS_LRU = MOE_XS_LRU, XS_LFU = MOE_XS_LFU };
