@@ -5036,7 +5036,6 @@ typedef struct tensor_spec {
 #define MAX_TENSOR_SPECS 48
 
 typedef struct moe_arch moe_arch;
-typedef struct moe_xcache moe_xcache; /* the host expert cache (section 8) */
 
 struct moe_model {
     moe_weights w;             /* hyperparameters, plans and weights: what a backend needs */
@@ -6861,13 +6860,8 @@ static const moe_arch *arch_find(const char *gguf_name, const char *hf_type, int
 #define CPU_ROWS_PER_TASK 16
 
 /* expert streaming (section 8): the host cache and what the CPU expert ops ask of it */
-#define XS_MAX_T 4          /* expert tensors per layer */
-/* Per-context counters (moe_stats and the prediction hit rate). */
-typedef struct xs_counts {
-    uint64_t hits, misses, bytes;           /* (token, expert) pairs; bytes read */
-    uint64_t pf_issued, pf_used;            /* units prefetched; of them, used by a later acquire */
-    uint64_t pred_total, pred_hits;         /* distinct experts routed where a prediction was made; predicted */
-} xs_counts;
+#define XS_MAX_T MOE_XS_MAX_T /* expert tensors per layer */
+typedef moe_xs_counts xs_counts; /* per-context counters (moe_stats and the prediction hit rate), moe.h */
 static int xs_acquire(moe_xcache *xc, int l, const int32_t *ids, int n, const int32_t *pairs,
                       const uint8_t **tab, int32_t *sl, xs_counts *cnt);
 static void xs_release(moe_xcache *xc, int l, const int32_t *ids, int n);
@@ -8370,7 +8364,12 @@ static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
    units are unpinned and evictable once they have landed.
 
    Failure: a read that fails leaves its slot empty; the caller's step fails with MOE_ERR_IO and
-   the context is as before (the backend skips the rest of the step's expert work). */
+   the context is as before (the backend skips the rest of the step's expert work).
+
+   The Vulkan backend uses this same cache under its GPU slot cache when both budgets are below
+   the weights (moe_vk.c "GPU expert slot cache"): at each MoE layer's route op it asks
+   moe_xs_gather for the experts its slots lack (xs_acquire group by group, copied out into its
+   host-visible stage, released) and moe_xs_prefetch for the next layer's likely ones. */
 
 enum { XS_EMPTY = 0, XS_LOADING = 1, XS_READY = 2 };
 enum { XS_LRU = MOE_XS_LRU, XS_LFU = MOE_XS_LFU };
@@ -8665,6 +8664,34 @@ static void xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, xs_cou
 
 static int xs_prefetch_on(const moe_xcache *xc) { return xc->prefetch; }
 
+moe_status moe_xs_gather(moe_xcache *xc, int l, const int32_t *ids, int n, const int32_t *pairs, uint8_t *const *dst, xs_counts *cnt) {
+    const uint8_t **tab = moe_malloc((size_t)XS_MAX_T * (size_t)xc->E * sizeof *tab);
+    int32_t *sl = moe_malloc((size_t)(n > 0 ? n : 1) * sizeof *sl);
+    moe_status st = tab && sl ? MOE_OK : set_error(MOE_ERR_NO_MEMORY, "expert streaming: out of memory");
+    for (int i = 0; i < n && !st;) { /* a group at a time: pinned, copied out, released */
+        int g = xs_acquire(xc, l, ids + i, n - i, pairs + i, tab, sl, cnt);
+        if (g < 0) {
+            st = (moe_status)g;
+            break;
+        }
+        for (int j = i; j < i + g; j++)
+            for (int t = 0; t < xc->lt_n[l]; t++)
+                memcpy(dst[(size_t)j * XS_MAX_T + (size_t)t], tab[(size_t)t * (size_t)xc->E + (size_t)ids[j]],
+                       (size_t)xc->lt_len[(size_t)l * XS_MAX_T + (size_t)t]);
+        xs_release(xc, l, ids + i, g);
+        i += g;
+    }
+    moe_free(tab);
+    moe_free(sl);
+    return st;
+}
+
+int moe_xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, xs_counts *cnt) {
+    if (!xc || !xs_prefetch_on(xc)) return 0;
+    xs_prefetch(xc, l, ids, n, cnt);
+    return 1;
+}
+
 static void xs_free(moe_xcache *xc) {
     if (!xc) return;
     if (xc->sync_ok) {
@@ -8738,21 +8765,6 @@ static void model_weight_sizes(const moe_model *m, uint64_t *weight_bytes, uint6
     *expert_bytes = ex;
 }
 
-/* The GPU tier is the slot cache of moe_vk.c ("GPU expert slot cache", moe_vk_init_budget): it
-   knows the device sizes (alignment, padding, tables) and fails with MOE_ERR_NO_MEMORY naming the
-   minimum working set below it. Not built yet: a GPU budget below the weights together with a
-   host budget below them. The slot cache keeps every expert in host-visible memory that the GPU
-   reads a miss from (so the router's choice never has to reach the host); with a limited host
-   tier under it, the choice would have to reach the host at the route op. */
-static moe_status xs_gpu_budget_check(const moe_model *m, uint64_t budget, uint64_t host_budget) {
-    uint64_t weight_bytes, expert_bytes;
-    model_weight_sizes(m, &weight_bytes, &expert_bytes);
-    if (!budget || budget >= weight_bytes || !host_budget || host_budget >= weight_bytes) return MOE_OK;
-    return set_error(MOE_ERR_UNSUPPORTED, "moe_load: gpu_budget_bytes %llu and host_budget_bytes %llu are both below the weights (%llu bytes): "
-                     "the GPU expert cache over a limited host tier is not implemented yet", (unsigned long long)budget,
-                     (unsigned long long)host_budget, (unsigned long long)weight_bytes);
-}
-
 /* Vulkan with a host budget: the experts live on the device after the upload, so their pages of
    the mapping (and of the page cache, as far as the OS lets go) are given back. */
 static void xs_drop_expert_pages(const moe_model *m) {
@@ -8785,8 +8797,10 @@ static void xs_drop_expert_pages(const moe_model *m) {
 
 /* Sets up the host expert cache when host_budget_bytes is below the weights: checks the minimum
    working set (the non-expert weights plus one token's experts of the widest layer), sizes the
-   slots, finds every slab in the files and starts the I/O threads. */
-static moe_status xs_setup(moe_model *m, uint64_t budget) {
+   slots, finds every slab in the files and starts the I/O threads. stage: under the Vulkan GPU
+   slot cache, which stages one layer's experts in host-visible memory on their way to the
+   device (moe_vk.c): that much (n_expert slots' worth) of the budget is set aside for it. */
+static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
     const moe_hparams *hp = &m->w.hp;
     uint64_t weight_bytes, expert_bytes;
     model_weight_sizes(m, &weight_bytes, &expert_bytes);
@@ -8808,10 +8822,10 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
     if (m->file.data) files[n_files++] = &m->file;
     for (int i = 0; i < m->n_shards && n_files < 65; i++) files[n_files++] = &m->shards[i];
     moe_status st = MOE_OK;
-    uint64_t slot = 0;
+    uint64_t slot = 0, stage_unit = 0;
     int n_units = 0;
     for (int l = 0; ok && !st && l < L; l++) {
-        uint64_t roff = 0;
+        uint64_t roff = 0, su = 0;
         for (int r = 0; r < MOE_LT_COUNT && !st; r++) {
             const moe_weight *w = &m->w.layers[l].t[r];
             if (!w->data || w->n_dims != 3) continue;
@@ -8822,6 +8836,7 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
             xc->lt_len[(size_t)l * XS_MAX_T + (size_t)t] = w->expert_bytes;
             xc->lt_roff[(size_t)l * XS_MAX_T + (size_t)t] = roff;
             roff += xs_align_up(w->expert_bytes + XS_ALIGN, XS_ALIGN);
+            su += xs_align_up(w->expert_bytes + 16, 256); /* as moe_vk.c places a slab in the stage (VK_PAD, VK_ALIGN) */
             xc->unit_bytes[l] += w->expert_bytes;
             for (int64_t e = 0; e < w->ne[2]; e++) {
                 size_t i3 = xs_i3(xc, l, t, (int)e);
@@ -8832,16 +8847,19 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
         }
         if (xc->lt_n[l]) n_units += E;
         if (roff > slot) slot = roff;
+        if (su > stage_unit) stage_unit = su;
     }
     if (!ok) st = set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the expert cache");
     if (st) { xs_free(xc); return st; }
     xc->slot_bytes = slot;
-    uint64_t rest = weight_bytes - expert_bytes, min = rest + (uint64_t)hp->n_expert_used * slot;
+    uint64_t reserve = stage ? (uint64_t)E * stage_unit : 0;
+    uint64_t rest = weight_bytes - expert_bytes + reserve, min = rest + (uint64_t)hp->n_expert_used * slot;
     if (budget < min) {
         xs_free(xc);
         return set_error(MOE_ERR_NO_MEMORY, "moe_load: host_budget_bytes %llu is below the minimum working set of %llu bytes (%.1f MiB: "
-                         "non-expert weights %llu + %d experts of %llu bytes)", (unsigned long long)budget, (unsigned long long)min,
-                         (double)min / 1048576.0, (unsigned long long)rest, hp->n_expert_used, (unsigned long long)slot);
+                         "non-expert weights %llu%s + %d experts of %llu bytes)", (unsigned long long)budget, (unsigned long long)min,
+                         (double)min / 1048576.0, (unsigned long long)(weight_bytes - expert_bytes),
+                         stage ? " + one layer's experts staged for the GPU" : "", hp->n_expert_used, (unsigned long long)slot);
     }
     uint64_t n_slots = (budget - rest) / slot;
     xc->n_slots = (int32_t)(n_slots > (uint64_t)n_units ? (uint64_t)n_units : n_slots);
@@ -8887,9 +8905,9 @@ static moe_status xs_setup(moe_model *m, uint64_t budget) {
             xs_free(xc);
             return set_error(MOE_ERR_NO_MEMORY, "moe_load: cannot start an I/O thread");
         }
-    log_msg(&m->log, MOE_LOG_INFO, "expert streaming: host cache of %d of %d experts (%.1f MiB in slots of %.2f MiB; minimum working set %.1f MiB), "
+    log_msg(&m->log, MOE_LOG_INFO, "expert streaming: host cache of %d of %d experts (%.1f MiB in slots of %.2f MiB; minimum working set %.1f MiB%s), "
             "%s reads, %d I/O threads, %s eviction, prefetch %s", xc->n_slots, n_units, (double)(xc->slot_bytes * ns) / 1048576.0,
-            (double)slot / 1048576.0, (double)min / 1048576.0, xc->direct ? "O_DIRECT" : "buffered", xc->n_io,
+            (double)slot / 1048576.0, (double)min / 1048576.0, stage ? ", with the GPU's one-layer stage" : "", xc->direct ? "O_DIRECT" : "buffered", xc->n_io,
             xc->policy == XS_LFU ? "LFU (with decay)" : "LRU", xc->prefetch ? "on" : "off");
     m->xc = xc;
     return MOE_OK;
@@ -10525,11 +10543,17 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     }
     m->backend = MOE_BACKEND_CPU;
     if (p.backend != MOE_BACKEND_CPU) {
-        st = xs_gpu_budget_check(m, p.gpu_budget_bytes, p.host_budget_bytes); /* section 8 */
+        /* both budgets below the weights: the GPU slot cache over the host tier (section 8) */
+        uint64_t weight_bytes, expert_bytes;
+        model_weight_sizes(m, &weight_bytes, &expert_bytes);
+        int tiers = p.gpu_budget_bytes && p.gpu_budget_bytes < weight_bytes && p.host_budget_bytes && p.host_budget_bytes < weight_bytes;
+        st = tiers ? xs_setup(m, p.host_budget_bytes, 1) : MOE_OK;
         /* AUTO takes a GPU only: on a CPU-type Vulkan device (lavapipe) our CPU backend is faster */
-        moe_vk_opts vo = {p.vk, p.vk_pipeline_cache_path, p.vk_pipeline_cache_data, p.vk_pipeline_cache_size};
+        moe_vk_opts vo = {p.vk, p.vk_pipeline_cache_path, p.vk_pipeline_cache_data, p.vk_pipeline_cache_size, m->xc};
         if (!st) st = moe_vk_init_opts(&m->w, p.device_index, p.backend == MOE_BACKEND_AUTO, p.gpu_budget_bytes, &vo, m->log.fn, m->log.user, &m->vk);
         if (st) {
+            xs_free(m->xc); /* the CPU sets up its own host tier below */
+            m->xc = NULL;
             /* the host's own device failing is the host's to hear about, not a reason to fall back */
             if (p.backend == MOE_BACKEND_VULKAN || p.vk) goto fail;
             log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_AUTO: Vulkan not used: %s)", m->n_threads,
@@ -10537,6 +10561,10 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
             m->vk = NULL;
         } else {
             m->backend = MOE_BACKEND_VULKAN;
+            if (m->xc && !moe_vk_streams_experts(m->vk)) { /* the weights fit the GPU budget after all: no host tier */
+                xs_free(m->xc);
+                m->xc = NULL;
+            }
             if (p.gpu_exact) moe_vk_use_exact(m->vk);
             log_msg(&m->log, MOE_LOG_INFO, "backend: Vulkan (%s)",
                     p.backend == MOE_BACKEND_AUTO ? "MOE_BACKEND_AUTO found a GPU" : "MOE_BACKEND_VULKAN asked for");
@@ -10544,7 +10572,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     } else
         log_msg(&m->log, MOE_LOG_INFO, "backend: CPU, %d thread(s) (MOE_BACKEND_CPU asked for)", m->n_threads);
     if (!m->vk && !p.host_budget_bytes) file_huge_pages(&m->file); /* resident on the CPU: 2 MiB pages */
-    if (!m->vk && (st = xs_setup(m, p.host_budget_bytes))) goto fail; /* the host expert tier (section 8) */
+    if (!m->vk && (st = xs_setup(m, p.host_budget_bytes, 0))) goto fail; /* the host expert tier (section 8) */
     if (!m->xc && (st = check_tensor_values(&m->gguf, CHECK_EXPERTS))) goto fail; /* else as they are read */
     if (m->vk && (p.host_budget_bytes || moe_vk_streams_experts(m->vk))) xs_drop_expert_pages(m); /* experts live in device or host-visible memory */
     log_msg(&m->log, MOE_LOG_INFO, "loaded %s: %d layers, %d experts (top-%d), vocab %d, %.1f M params", m->arch_name,

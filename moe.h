@@ -240,8 +240,11 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                in host-visible memory (expert bytes of host memory) that the
                                                GPU reads a miss from; logits stay bit-identical. Below the
                                                minimum working set MOE_ERR_NO_MEMORY naming it (AUTO then
-                                               takes the CPU); together with a host_budget_bytes below the
-                                               weights: MOE_ERR_UNSUPPORTED (not built yet) */
+                                               takes the CPU). Together with a host_budget_bytes below the
+                                               weights: no expert lives in host-visible memory; each MoE
+                                               layer's route op waits for the router, the layer's missed
+                                               experts come from the host tier into a one-layer stage and
+                                               on to the slots (still bit-identical) */
     uint64_t host_budget_bytes;             /* 0 = no limit; caps the host memory of the weights. CPU backend:
                                                below the weights, experts are read from the file with pread
                                                into a cache of the budget less the non-expert weights, on
@@ -250,8 +253,11 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                (non-expert weights + one token's experts of a layer) moe_load
                                                fails with MOE_ERR_NO_MEMORY naming it. Environment: MOE_EVICT=
                                                lru (default) | lfu, MOE_PREFETCH=0 | 1 (default), MOE_IO_DIRECT=
-                                               1 (O_DIRECT reads), MOE_IO_THREADS=N (4). Vulkan: the experts'
-                                               mapped pages are dropped after the upload */
+                                               1 (O_DIRECT reads), MOE_IO_THREADS=N (4). Vulkan with a
+                                               gpu_budget_bytes below the weights too: the same host tier
+                                               under the GPU slot cache; its minimum adds one layer's experts
+                                               (the stage). Vulkan otherwise: the experts' mapped pages are
+                                               dropped after the upload */
     int32_t (*progress)(float fraction, void *user);   /* optional; return non-zero to cancel the load */
     void    (*log)(int32_t level, const char *msg, void *user);  /* optional; default: silent */
     void    *user;
@@ -540,7 +546,8 @@ MOE_API moe_status moe_model_save(const moe_model *model, const char *path, cons
    as a hit), a miss had to wait for it to be read; expert_bytes_streamed: bytes this context had
    read from the file (demand and prefetch). Vulkan GPU expert cache: a hit found its expert in a
    device slot, a miss read it from host-visible memory; bytes: the missed experts read over the
-   bus plus the bytes copied into slots. */
+   bus plus the bytes copied into slots (over a host tier: the missed experts' bytes sent to the
+   device once, plus the bytes read from the file). */
 typedef struct moe_stats {
     uint64_t gpu_bytes_weights, gpu_bytes_kv, gpu_bytes_scratch, host_bytes;
     uint64_t expert_hits, expert_misses, expert_bytes_streamed;
@@ -957,9 +964,29 @@ MOE_HIDDEN moe_status moe_vk_init(const moe_weights *w, int32_t device_index, in
                                   void *log_user, moe_vk_backend **out);
 /* moe_vk_init with a gpu_budget_bytes (0 = no limit): below what the resident weights take on the
    device, the experts get a slot cache (moe_vk.c, "GPU expert slot cache"); MOE_ERR_NO_MEMORY
-   naming the minimum below the minimum working set. moe_vk_init is this with 0. */
+   naming the minimum below the minimum working set. moe_vk_init is this with 0; moe_vk_init_tiers
+   (below) puts the slot cache over a host tier. */
 MOE_HIDDEN moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_t gpu_only,
                                          uint64_t gpu_budget_bytes, moe_log_fn log, void *log_user, moe_vk_backend **out);
+/* The host expert cache (moe.c section 8) under host_budget_bytes, shared by the CPU backend and
+   the Vulkan GPU slot cache above it. Per-context counters: */
+typedef struct moe_xcache moe_xcache;
+#define MOE_XS_MAX_T 4 /* expert tensors per layer */
+typedef struct moe_xs_counts {
+    uint64_t hits, misses, bytes;           /* (token, expert) pairs; bytes read from the file */
+    uint64_t pf_issued, pf_used;            /* units prefetched; of them, used by a later acquire */
+    uint64_t pred_total, pred_hits;         /* distinct experts routed where a prediction was made; predicted */
+} moe_xs_counts;
+/* Copies the slabs of the n distinct experts ids[] of layer l (pairs[i]: routed pairs of ids[i])
+   out of the host cache, reading the missing ones from the file: slab t of ids[i] goes to
+   dst[i · MOE_XS_MAX_T + t] (slabs in role order of the layer's 3-D tensors). Any number of
+   experts: group by group when the cache holds fewer. MOE_ERR_IO / MOE_ERR_FORMAT (non-finite
+   value) with the error set; dst may then be partly written. */
+MOE_HIDDEN moe_status moe_xs_gather(moe_xcache *xc, int l, const int32_t *ids, int n, const int32_t *pairs, uint8_t *const *dst,
+                                    moe_xs_counts *cnt);
+/* starts reads of those of ids[] of layer l that the host cache lacks (no waiting); 0 when the
+   host cache does not prefetch (MOE_PREFETCH=0) */
+MOE_HIDDEN int        moe_xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, moe_xs_counts *cnt);
 /* moe_vk_init_budget with what else moe_load_params carries for Vulkan: the host's objects (NULL:
    moe's own instance and device) and a pipeline cache (path and/or blob, each optional). */
 typedef struct moe_vk_opts {
@@ -967,6 +994,7 @@ typedef struct moe_vk_opts {
     const char *pcache_path;
     const void *pcache_data;
     size_t pcache_size;
+    struct moe_xcache *xc;                  /* the host expert tier under the GPU slot cache; NULL: experts from the mapped file */
 } moe_vk_opts;
 MOE_HIDDEN moe_status moe_vk_init_opts(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
                                        const moe_vk_opts *opts, moe_log_fn log, void *log_user, moe_vk_backend **out);

@@ -580,6 +580,7 @@ typedef struct vk_buf {
     VkDeviceMemory mem;
     VkDeviceSize size;
     uint8_t *map;              /* host-visible buffers stay mapped */
+    int alias;                 /* a copy of a buffer owned elsewhere (the expert stage in a layer's windows): not freed here */
 } vk_buf;
 
 /* Where a weight lives: parts (one unless the tensor is larger than a window) of rows
@@ -637,6 +638,7 @@ struct moe_vk_backend {
     uint64_t weight_bytes;     /* device memory of the weights (windows; with the expert cache: dense windows and slots) */
     uint64_t gpu_budget;       /* gpu_budget_bytes (0 = no limit) */
     struct vk_xg *xg;          /* the GPU expert slot cache, NULL when the weights are resident */
+    moe_xcache *xc;            /* the host tier below the slot cache (moe.c section 8), NULL: experts from the mapping */
 };
 
 static _Atomic long g_vk_validation_messages; /* warnings and errors reported by the validation layer */
@@ -1181,6 +1183,10 @@ static int vk_mem_type(const moe_vk_backend *vk, uint32_t bits, VkFlags want, Vk
 
 static void vk_buf_free(moe_vk_backend *vk, vk_buf *b) {
     if (!vk || !vk->dev || !b) return;
+    if (b->alias) {
+        memset(b, 0, sizeof *b);
+        return;
+    }
     if (b->buf) vk->f.DestroyBuffer(vk->dev, b->buf, NULL);
     if (b->mem) vk->f.FreeMemory(vk->dev, b->mem, NULL); /* frees the mapping too */
     memset(b, 0, sizeof *b);
@@ -1450,8 +1456,17 @@ static moe_status vk_check_weight(const moe_weight *w, int role) {
    per layer; never a slot the step itself used) and the copies into those slots, with the table
    updates, are queued on the queue without waiting: they run before the next step (queue order
    and barriers also order them after steps of other contexts still in flight).
-   Not built yet: a host tier below this one (host_budget_bytes below the weights together with a
-   GPU budget: the router's choice would have to reach the host at the route op), prefetch. */
+   Over a host tier (host_budget_bytes below the weights too: vk->xc, moe.c section 8) there is
+   no home for every expert: each layer's homes are one shared "stage" (host-visible windows laid
+   out as one layer's experts, aliased as the first windows of every MoE layer's binding), and the
+   router's choice reaches the host at the route op (vk_xg_route_sync): the step is submitted up to
+   the layer's top-k, one wait, then the layer's missed experts are gathered from the host cache
+   (pread on a host miss) into the stage, and the copies stage -> slot plus the layer's table
+   update go first in the next submission, ahead of the layer's expert kernels (one copy
+   submission per layer). Experts beyond the layer's slots (a large prefill) are read from the
+   stage. The previous step's choice of the next layer is handed to the host cache's I/O threads
+   as a prefetch while the GPU computes. Contexts of the model take turns per step (step_mu):
+   the stage and the slots are the model's. */
 #define VK_XG_T 4 /* expert tensors per layer */
 
 typedef struct vk_xg {
@@ -1482,6 +1497,11 @@ typedef struct vk_xg {
     int reset;                 /* fills failed to reach the queue: every entry goes back to its home first */
     vk_buf mirror[2];          /* host-visible copy of the table per command buffer: updates are copied from it */
     uint64_t host_bytes, slot_bytes_total;
+    /* over a host tier (vk->xc) */
+    vk_buf *stage;             /* [n_stage] the shared homes */
+    uint32_t n_stage;
+    pthread_mutex_t step_mu;   /* held from a context's begin_step to its end_step */
+    int step_mu_ok;
 } vk_xg;
 
 static void vk_xg_free(moe_vk_backend *vk) {
@@ -1494,6 +1514,9 @@ static void vk_xg_free(moe_vk_backend *vk) {
     }
     if (x->pool) vk->f.DestroyCommandPool(vk->dev, x->pool, NULL);
     if (x->mu_ok) pthread_mutex_destroy(&x->mu);
+    if (x->step_mu_ok) pthread_mutex_destroy(&x->step_mu);
+    for (uint32_t i = 0; i < x->n_stage; i++) vk_buf_free(vk, &x->stage[i]);
+    free(x->stage);
     free(x->home);
     free(x->win0);
     free(x->lt_n);
@@ -1630,8 +1653,40 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
         return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
     }
     for (size_t i = 0; i < ns; i++) x->key[i] = -1;
-    /* windows: per MoE layer, host-visible windows with every expert, then the slot windows */
     moe_status st = MOE_OK;
+    if (vk->xc) { /* the stage: as many host-visible windows as the widest layer's homes need, each as large as any layer's */
+        VkDeviceSize *sz = NULL;
+        for (int l = 0; l < L && !st; l++) {
+            if (!x->lt_n[l]) continue;
+            vk_placer pl = {vk->win_cap, 0, 0, NULL, 0, 0};
+            for (int t = 0; t < x->lt_n[l] && !st; t++)
+                for (int e = 0; e < E; e++) {
+                    uint32_t win;
+                    VkDeviceSize off;
+                    if (!vk_place(&pl, x->lt_len[(size_t)l * VK_XG_T + (size_t)t], &win, &off)) { st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory"); break; }
+                }
+            if (!st && pl.n_win > x->n_stage) {
+                VkDeviceSize *nz = realloc(sz, pl.n_win * sizeof *nz);
+                if (!nz) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+                else {
+                    sz = nz;
+                    for (uint32_t i = x->n_stage; i < pl.n_win; i++) sz[i] = 0;
+                    x->n_stage = pl.n_win;
+                }
+            }
+            for (uint32_t i = 0; i < pl.n_win && !st; i++) sz[i] = pl.win_used[i] > sz[i] ? pl.win_used[i] : sz[i];
+            free(pl.win_used);
+        }
+        if (!st && !(x->stage = calloc(x->n_stage ? x->n_stage : 1, sizeof *x->stage))) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        uint32_t n_made = 0;
+        for (; n_made < x->n_stage && !st; n_made++) {
+            st = vk_xg_host_buf(vk, &x->stage[n_made], vk_align_up(sz[n_made], VK_ALIGN));
+            if (!st) x->host_bytes += x->stage[n_made].size;
+        }
+        if (st) x->n_stage = n_made; /* vk_xg_free frees what was made */
+        free(sz);
+    }
+    /* windows: per MoE layer, host-visible windows with every expert (the stage over a host tier), then the slot windows */
     for (int l = 0; l < L && !st; l++) {
         if (!x->lt_n[l]) continue;
         vk_placer pl = {vk->win_cap, 0, 0, NULL, 0, 0};
@@ -1656,6 +1711,11 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
         if (!st) vk->win = nw;
         x->win0[l] = vk->n_win;
         for (uint32_t i = 0; i < pl.n_win && !st; i++) {
+            if (vk->xc) {
+                vk->win[vk->n_win] = x->stage[i];
+                vk->win[vk->n_win++].alias = 1;
+                continue;
+            }
             st = vk_xg_host_buf(vk, &vk->win[vk->n_win], vk_align_up(pl.win_used[i], VK_ALIGN));
             if (!st) x->host_bytes += vk->win[vk->n_win++].size;
         }
@@ -1680,7 +1740,7 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
                 if (vk->wts[i].experts && vk->wts[i].tbl == j0) mw = vk_weight_at(w, i);
             for (int e = 0; e < E; e++) {
                 uint32_t j = j0 + (uint32_t)e;
-                memcpy(vk->win[x->win0[l] + tbl[2 * j]].map + tbl[2 * j + 1], mw->expert_data[e], (size_t)mw->expert_bytes);
+                if (!vk->xc) memcpy(vk->win[x->win0[l] + tbl[2 * j]].map + tbl[2 * j + 1], mw->expert_data[e], (size_t)mw->expert_bytes);
                 x->home[2 * j] = tbl[2 * j];
                 x->home[2 * j + 1] = tbl[2 * j + 1];
             }
@@ -1703,9 +1763,15 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: setting up the expert cache's transfers failed (%s)", vk_result_str(r));
     for (int i = 0; i < 2 && !st; i++) st = vk_buf_new(vk, &x->mirror[i], (VkDeviceSize)(n_tbl ? n_tbl : 1) * 8, VK_MEM_HOST, "expert table updates");
     if (st) return st;
+    if (vk->xc) { /* over a host tier mirror 0 is the host's copy of the whole table (updated a layer range at a time) */
+        memcpy(x->mirror[0].map, x->home, (size_t)n_tbl * 8);
+        if (pthread_mutex_init(&x->step_mu, NULL) != 0) return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: cannot create a mutex");
+        x->step_mu_ok = 1;
+    }
     vk_log(vk, MOE_LOG_INFO, "Vulkan: GPU expert cache: %d expert slots (%.1f MiB) under a budget of %.1f MiB (resident non-expert weights and "
-           "tables %.1f MiB); misses read from %.1f MiB of host-visible memory; %s eviction", x->n_slots,
+           "tables %.1f MiB); misses read from %.1f MiB of host-visible memory%s; %s eviction", x->n_slots,
            (double)x->slot_bytes_total / 1048576.0, (double)budget / 1048576.0, (double)fixed / 1048576.0, (double)x->host_bytes / 1048576.0,
+           vk->xc ? " (one layer's stage, filled from the host tier at each MoE layer's route op)" : "",
            x->policy == MOE_XS_LFU ? "LFU (with decay)" : "LRU");
     return MOE_OK;
 }
@@ -1859,6 +1925,7 @@ place:
             vk->weight_bytes += vk->win[i].size;
         }
     }
+    if (!stream) vk->xc = NULL; /* everything resident: no host tier under it (moe_load frees it) */
     if (!st && stream) st = vk_xg_place(vk, w, tbl, (uint32_t)n_tbl, vk->weight_bytes, (uint64_t)(n_tbl ? n_tbl : 1) * 8);
     if (!st) st = vk_buf_new(vk, &vk->tables, (VkDeviceSize)(n_tbl ? n_tbl : 1) * 8, VK_MEM_DEVICE, "expert tables");
     if (st) goto done;
@@ -2159,6 +2226,7 @@ moe_status moe_vk_init_budget(const moe_weights *w, int32_t device_index, int32_
 
 moe_status moe_vk_init_opts(const moe_weights *w, int32_t device_index, int32_t gpu_only, uint64_t gpu_budget_bytes,
                             const moe_vk_opts *opts, moe_log_fn log, void *log_user, moe_vk_backend **out) {
+    moe_xcache *xc = opts ? opts->xc : NULL;
     if (!out) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: out is NULL");
     *out = NULL;
     if (!w || device_index < 0) return vk_fail(MOE_ERR_INVALID_ARG, "moe_vk_init: bad arguments");
@@ -2186,6 +2254,7 @@ moe_status moe_vk_init_opts(const moe_weights *w, int32_t device_index, int32_t 
     vk->log = log;
     vk->log_user = log_user;
     vk->gpu_budget = gpu_budget_bytes;
+    vk->xc = xc;
     if (pthread_mutex_init(&vk->lock, NULL) != 0) {
         free(vk);
         return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: cannot create a mutex");
@@ -2318,6 +2387,15 @@ typedef struct vk_ctx {
     int32_t *xg_n;
     uint32_t xg_stride;        /* u32 per layer in rlog: n_batch · k */
     uint64_t xg_hits, xg_misses, xg_bytes;
+    /* over a host tier: the step goes to the queue in segments, one ending at each MoE layer's route op */
+    VkCommandBuffer seg_cb;
+    int seg0;                  /* first record of the step not submitted yet */
+    int locked;                /* this context holds the model's step_mu */
+    struct vk_xf { VkBuffer src, dst; VkBufferCopy cp; } *xf; /* copies that open the next segment: stage -> slots, table */
+    int n_xf;
+    int32_t *xg_ids, *xg_pairs; /* [E] scratch: a layer's missed experts, their pairs */
+    uint8_t **xg_dst;          /* [E][MOE_XS_MAX_T] where their slabs go in the stage */
+    moe_xs_counts xcnt;        /* the host tier's counters for this context */
     /* hybrid models: the live recurrent states and n_ckpt checkpoint copies of them; each state's
        conv rows and delta-rule matrix at aligned offsets (st_conv, st_rec) of st_bytes */
     vk_buf st, ck;
@@ -2338,6 +2416,9 @@ typedef struct vk_ctx {
 } vk_ctx;
 static moe_status vk_xg_after_step(vk_ctx *c);
 static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n);
+static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n);
+/* the GPU slot cache over a host tier: the route op syncs with the host */
+static int vk_tiered(const moe_vk_backend *vk) { return vk->xg && vk->xc; }
 
 static void vk_pn_flush(vk_ctx *c);
 static void vk_pn_touch(vk_ctx *c, unsigned rd, unsigned wr);
@@ -2476,7 +2557,7 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
     VkResult r = f->ResetCommandBuffer(cb, 0);
     if (r == VK_SUCCESS) r = f->BeginCommandBuffer(cb, &bi);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkBeginCommandBuffer failed (%s)", vk_result_str(r));
-    int prof = c->profile && c->qpool && (uint32_t)n + 1 <= c->q_cap;
+    int prof = c->profile && c->qpool && (uint32_t)n + 1 <= c->q_cap && !vk_tiered(vk); /* segments are not timed */
     if (c->tpool) {
         f->CmdResetQueryPool(cb, c->tpool, 0, 2);
         f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->tpool, 0);
@@ -2488,6 +2569,11 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
     /* the host wrote the step buffer (tokens, position) before the submit: covered by the submit.
        Device writes of earlier submissions (KV cache, kv_load copies) become visible here. */
     vk_cmd_barrier(f, cb);
+    if (c->n_xf) { /* over a host tier: the layer's experts into their slots and its table entries, before its kernels */
+        for (int i = 0; i < c->n_xf; i++) f->CmdCopyBuffer(cb, c->xf[i].src, c->xf[i].dst, 1, &c->xf[i].cp);
+        c->n_xf = 0;
+        vk_cmd_barrier(f, cb);
+    }
     vk_hazard hz;
     hz.n_wr = hz.n_rd = 0;
     VkPipeline bound = 0;
@@ -2605,8 +2691,26 @@ static void vk_begin_step(void *be) {
     c->fuse_idx = -1;
     c->pn.active = 0;
     c->err = MOE_OK;
-    if (c->xg_n) memset(c->xg_n, 0, (size_t)c->vk->w->hp.n_layer * sizeof *c->xg_n);
+    c->seg0 = 0;
+    if (vk_tiered(c->vk) && !c->locked) { /* the stage and the slots are the model's: one context's step at a time */
+        pthread_mutex_lock(&c->vk->xg->step_mu);
+        c->locked = 1;
+    }
+    /* over a host tier the route log keeps the previous step's choice: the prediction for prefetch */
+    if (c->xg_n && !vk_tiered(c->vk)) memset(c->xg_n, 0, (size_t)c->vk->w->hp.n_layer * sizeof *c->xg_n);
     if (c->dead) vk_ctx_fail(c, MOE_ERR_DEVICE, "Vulkan: the device was lost earlier; this context cannot run");
+}
+
+/* waits for the step's (or segment's) submission */
+static moe_status vk_step_wait(vk_ctx *c) {
+    moe_vk_backend *vk = c->vk;
+    VkResult r = vk->f.WaitForFences(vk->dev, 1, &c->fence, 1, 600ull * 1000000000ull);
+    if (r == VK_SUCCESS) r = vk->f.ResetFences(vk->dev, 1, &c->fence);
+    if (r != VK_SUCCESS) {
+        if (r == VK_ERROR_DEVICE_LOST || r == VK_TIMEOUT) c->dead = 1;
+        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the step failed on the device (%s)", vk_result_str(r));
+    }
+    return MOE_OK;
 }
 
 /* ---- submissions and their GPU time; max_submit_us ----
@@ -2618,17 +2722,13 @@ static void vk_begin_step(void *be) {
 #define VK_UNIT_DISPATCH 65536.0
 static double vk_unit(const vk_ctx *c, int i) { return c->rec_cost[i][0] + VK_UNIT_FLOP * c->rec_cost[i][1] + VK_UNIT_DISPATCH; }
 
-/* submits cb, waits for it, and charges its GPU time (units: its estimated cost) */
+/* submits cb on the context's queue, waits for it, and charges its GPU time (units: its estimated
+   cost; 0 = not used for the calibration) */
 static moe_status vk_run(vk_ctx *c, VkCommandBuffer cb, int ph, double units) {
     moe_vk_backend *vk = c->vk;
     moe_status st = vk_submit_on(vk, c->queue, cb, c->fence, "step");
+    if (!st) st = vk_step_wait(c);
     if (st) return st;
-    VkResult r = vk->f.WaitForFences(vk->dev, 1, &c->fence, 1, 600ull * 1000000000ull);
-    if (r == VK_SUCCESS) r = vk->f.ResetFences(vk->dev, 1, &c->fence);
-    if (r != VK_SUCCESS) {
-        if (r == VK_ERROR_DEVICE_LOST || r == VK_TIMEOUT) c->dead = 1;
-        return vk_fail(MOE_ERR_DEVICE, "Vulkan: the step failed on the device (%s)", vk_result_str(r));
-    }
     uint64_t t[2];
     if (c->tpool && vk->f.GetQueryPoolResults(vk->dev, c->tpool, 0, 2, sizeof t, t, 8, VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT) == VK_SUCCESS) {
         double ns = (double)((t[1] - t[0]) & vk->ts_mask) * vk->ts_ns;
@@ -2642,6 +2742,7 @@ static moe_status vk_run(vk_ctx *c, VkCommandBuffer cb, int ph, double units) {
     }
     return MOE_OK;
 }
+
 
 /* a chunk whose estimate exceeds max_submit_us: consecutive records, as many as fit the cap (at
    least one), each part its own command buffer, submitted and waited for in order (each begins
@@ -2670,9 +2771,38 @@ static moe_status vk_submit_times(void *be, uint64_t *n, double *max_us, double 
     return MOE_OK;
 }
 
+/* over a host tier: records the step's records not submitted yet (after the pending copies),
+   submits them and waits */
+static moe_status vk_seg_run(vk_ctx *c) {
+    uint32_t *sp = (uint32_t *)c->step.map; /* the first segment already needs the position (attention ran before the route op) */
+    sp[0] = (uint32_t)c->step_pos0;
+    sp[1] = (uint32_t)c->step_n;
+    moe_status st = vk_record_cb(c, c->seg_cb, c->recs + c->seg0, c->n_recs - c->seg0);
+    if (!st) st = vk_run(c, c->seg_cb, c->step_n > 1 ? 0 : 1, 0);
+    c->seg0 = c->n_recs;
+    c->fuse_idx = -1; /* a submitted record takes no residual add any more */
+    return st;
+}
+
+static moe_status vk_end_step_run(vk_ctx *c);
 static moe_status vk_end_step(void *be) {
     vk_ctx *c = be;
+    moe_status st = vk_end_step_run(c);
+    if (c->locked) {
+        c->locked = 0;
+        pthread_mutex_unlock(&c->vk->xg->step_mu);
+    }
+    return st;
+}
+
+static moe_status vk_end_step_run(vk_ctx *c) {
+    moe_vk_backend *vk = c->vk;
     vk_pn_flush(c);
+    if (c->err && c->n_xf) { /* slot copies the host's view already counts on: they still go to the queue */
+        c->seg0 = c->n_recs;
+        moe_status st = vk_seg_run(c);
+        if (st) c->dead = 1;
+    }
     if (c->err) {
         moe_internal_set_error(c->err, "%s", c->errmsg);
         moe_status st = c->err;
@@ -2682,6 +2812,11 @@ static moe_status vk_end_step(void *be) {
     uint32_t *sp = (uint32_t *)c->step.map;
     sp[0] = (uint32_t)c->step_pos0;
     sp[1] = (uint32_t)c->step_n;
+    if (vk_tiered(vk)) { /* the step's last segment (the step buffer was written before the first one) */
+        moe_status st = vk_seg_run(c);
+        if (!st) c->expert_evals += c->step_evals;
+        return st;
+    }
     int ph = c->step_n > 1 ? 0 : 1;
     double units = 0;
     for (int i = 0; i < c->n_recs; i++) units += vk_unit(c, i);
@@ -2769,6 +2904,13 @@ void moe_vk_ctx_free(void *be) {
     if (!c) return;
     moe_vk_backend *vk = c->vk;
     if (c->profile && c->prof_env) vk_prof_report(c);
+    if (vk->xc && c->xg_ids) { /* the host tier's side of this context, as the CPU backend logs it */
+        const moe_xs_counts *x = &c->xcnt;
+        vk_log(vk, MOE_LOG_INFO, "expert streaming (this context): GPU slots: hits %llu, misses %llu (pairs), %.1f MiB to the device; "
+               "host tier (for the GPU misses): hits %llu, misses %llu (pairs), %.1f MiB read; %llu units prefetched, %llu of them used",
+               (unsigned long long)c->xg_hits, (unsigned long long)c->xg_misses, (double)c->xg_bytes / 1048576.0, (unsigned long long)x->hits,
+               (unsigned long long)x->misses, (double)x->bytes / 1048576.0, (unsigned long long)x->pf_issued, (unsigned long long)x->pf_used);
+    }
     free(c->rec_cost);
     if (c->fence) vk->f.DestroyFence(vk->dev, c->fence, NULL);
     if (c->qpool) vk->f.DestroyQueryPool(vk->dev, c->qpool, NULL);
@@ -2785,6 +2927,10 @@ void moe_vk_ctx_free(void *be) {
     free(c->st_conv);
     free(c->st_rec);
     free(c->xg_n);
+    free(c->xf);
+    free(c->xg_ids);
+    free(c->xg_pairs);
+    free(c->xg_dst);
     free(c->kv_off);
     free(c->kv_size);
     free(c->kv_rows);
@@ -2963,6 +3109,15 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         c->xg_stride = (uint32_t)(nb * k);
         if (!(c->xg_n = calloc((size_t)hp->n_layer, sizeof *c->xg_n))) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
         if (!st) st = vk_buf_new(vk, &c->rlog, (VkDeviceSize)hp->n_layer * nb * k * 4, VK_MEM_HOST_READ, "the route log");
+        size_t E = (size_t)vk->xg->E;
+        if (!st && vk->xc && (!(c->xf = calloc(E * VK_XG_T + VK_XG_T, sizeof *c->xf)) || !(c->xg_ids = calloc(E, sizeof *c->xg_ids)) ||
+                              !(c->xg_pairs = calloc(E, sizeof *c->xg_pairs)) || !(c->xg_dst = calloc(E * MOE_XS_MAX_T, sizeof *c->xg_dst))))
+            st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        if (!st && vk->xc) { /* the segments' command buffer */
+            VkCommandBufferAllocateInfo cai = {VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO, NULL, c->pool, VK_COMMAND_BUFFER_LEVEL_PRIMARY, 1};
+            VkResult r = vk->f.AllocateCommandBuffers(vk->dev, &cai, &c->seg_cb);
+            if (r != VK_SUCCESS) st = vk_fail(MOE_ERR_DEVICE, "Vulkan: vkAllocateCommandBuffers failed (%s)", vk_result_str(r));
+        }
     }
     if (st) {
         moe_vk_ctx_free(c);
@@ -3400,6 +3555,10 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
         return;
     }
     moe_vk_backend *vk = c->vk;
+    if (vk_tiered(vk)) { /* the route op reaches the host: the layer's experts come from the host tier first */
+        vk_xg_route_sync(c, wg, n);
+        if (c->err) return;
+    }
     uint32_t k = (uint32_t)c->route_k, ff = (uint32_t)gate->ne[1], D = (uint32_t)gate->ne[0];
     int tg = vk_type_index(gate->type), tu = vk_type_index(up->type);
     int inl = n <= VK_MV_MAX && c->pn.active && src == c->pn.dst && n <= c->pn.rows && (int)D == c->pn.width;
@@ -3434,7 +3593,7 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
             vk_cost(c, ex * parts * (double)mw->expert_bytes + 4.0 * ((double)n * D + (double)n * k * ff), 2.0 * parts * n * k * (double)D * ff);
         }
     }
-    if (vk->xg) vk_xg_log_route(c, wg, n); /* GPU expert slot cache: the routed ids to the host after the step */
+    if (vk->xg && !vk->xc) vk_xg_log_route(c, wg, n); /* GPU expert slot cache: the routed ids to the host after the step */
     c->fuse_idx = -1;
 }
 
@@ -3497,6 +3656,113 @@ static void vk_xg_log_route(vk_ctx *c, const vk_wt *wg, int n) {
     vk_bind_range(r, 0, c->aux.buf, (VkDeviceSize)c->ids_off * 4, (VkDeviceSize)pairs * 4, 0);
     vk_bind_range(r, 1, c->rlog.buf, (VkDeviceSize)l * c->xg_stride * 4, 0, 1);
     c->xg_n[l] = (int32_t)pairs;
+}
+
+/* table entry j says (win, off) in the host's copy (mirror 0) over a host tier */
+static void vk_xg_mirror_set(vk_xg *x, uint32_t j, uint32_t win, uint32_t off) {
+    uint32_t *m = (uint32_t *)x->mirror[0].map;
+    m[2 * j] = win;
+    m[2 * j + 1] = off;
+}
+
+static void vk_xg_queue_copy(vk_ctx *c, VkBuffer src, VkBuffer dst, VkDeviceSize so, VkDeviceSize d_off, VkDeviceSize n) {
+    struct vk_xf *f = &c->xf[c->n_xf++];
+    f->src = src;
+    f->dst = dst;
+    f->cp.srcOffset = so;
+    f->cp.dstOffset = d_off;
+    f->cp.size = n;
+}
+
+/* Over a host tier, at the route op of MoE layer l (the step's records so far go to the queue,
+   one wait): the layer's routed ids are read from the route log; experts in a device slot are
+   hits; the missed ones are gathered from the host cache into the stage (their homes), take
+   slots the eviction policy gives up (never one this layer already uses in this step) and their
+   copies stage -> slot and the layer's table range are queued to open the next submission.
+   Missed experts left without a slot are read from the stage over the bus. Then the previous
+   step's choice of the next MoE layer goes to the host cache as a prefetch. */
+static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
+    moe_vk_backend *vk = c->vk;
+    vk_xg *x = vk->xg;
+    int l = vk_weight_layer((int)(wg - vk->wts)), E = x->E;
+    if (l < 0 || l >= x->L || !x->lt_n[l]) return;
+    vk_xg_log_route(c, wg, n);
+    moe_status st = vk_seg_run(c);
+    if (st) {
+        vk_ctx_fail(c, st, "%s", moe_last_error());
+        return;
+    }
+    uint32_t np = (uint32_t)c->xg_n[l], cnt[VK_MAX_EXPERTS];
+    const uint32_t *ids = (const uint32_t *)c->rlog.map + (size_t)l * c->xg_stride;
+    memset(cnt, 0, (size_t)E * sizeof cnt[0]);
+    for (uint32_t p = 0; p < np; p++)
+        if (ids[p] < (uint32_t)E) cnt[ids[p]]++;
+    int32_t s0 = x->s0[l], ns = x->ns[l], nm = 0;
+    uint64_t step_tick = x->tick[l];
+    for (int e = 0; e < E; e++) {
+        if (!cnt[e]) continue;
+        int32_t s = x->map[(size_t)l * (size_t)E + (size_t)e];
+        if (s >= 0) {
+            c->xg_hits += cnt[e];
+            moe_xs_touch(s - s0, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            continue;
+        }
+        c->xg_misses += cnt[e];
+        c->xg_ids[nm] = e;
+        c->xg_pairs[nm] = (int32_t)cnt[e];
+        for (int t = 0; t < x->lt_n[l]; t++) {
+            uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
+            c->xg_dst[(size_t)nm * MOE_XS_MAX_T + (size_t)t] = x->stage[x->home[2 * j]].map + x->home[2 * j + 1];
+        }
+        nm++;
+    }
+    if (nm && (st = moe_xs_gather(vk->xc, l, c->xg_ids, nm, c->xg_pairs, c->xg_dst, &c->xcnt))) { /* nothing changed on the device side */
+        vk_ctx_fail(c, st, "%s", moe_last_error());
+        return;
+    }
+    for (int i = 0; i < nm; i++) {
+        int e = c->xg_ids[i];
+        c->xg_bytes += x->unit[l]; /* to the device: copied into a slot, or read from the stage by the kernels */
+        int32_t v = ns ? moe_xs_victim(x->policy, ns, NULL, x->state + s0, x->stamp + s0, x->freq + s0) : -1;
+        if (v < 0 || (x->state[s0 + v] && x->stamp[s0 + v] > step_tick)) continue; /* every slot serves this step: from the stage */
+        int32_t s = s0 + v;
+        if (x->key[s] >= 0) { /* the evicted expert's entries back to its home (the stage) */
+            int old = x->key[s];
+            x->map[(size_t)l * (size_t)E + (size_t)old] = -1;
+            for (int t = 0; t < x->lt_n[l]; t++) {
+                uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)old;
+                vk_xg_mirror_set(x, j, x->home[2 * j], x->home[2 * j + 1]);
+            }
+        }
+        x->key[s] = e;
+        x->map[(size_t)l * (size_t)E + (size_t)e] = s;
+        x->state[s] = 2;
+        x->freq[s] = 0;
+        moe_xs_touch(v, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+        for (int t = 0; t < x->lt_n[l]; t++) {
+            uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
+            VkDeviceSize so = x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t];
+            vk_xg_queue_copy(c, x->stage[x->home[2 * j]].buf, vk->win[x->win0[l] + x->slot_win[s]].buf, x->home[2 * j + 1], so,
+                             x->lt_len[(size_t)l * VK_XG_T + (size_t)t]);
+            vk_xg_mirror_set(x, j, x->slot_win[s], (uint32_t)so);
+        }
+    }
+    if (nm) /* the layer's table range, tensor by tensor */
+        for (int t = 0; t < x->lt_n[l]; t++) {
+            VkDeviceSize j0 = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t];
+            vk_xg_queue_copy(c, x->mirror[0].buf, vk->tables.buf, j0 * 8, j0 * 8, (VkDeviceSize)E * 8);
+        }
+    /* prefetch: the next MoE layer's experts of the previous step, where no slot holds them */
+    int l2 = l + 1;
+    while (l2 < x->L && !x->lt_n[l2]) l2++;
+    if (l2 < x->L && c->xg_n[l2] > 0) {
+        const uint32_t *ids2 = (const uint32_t *)c->rlog.map + (size_t)l2 * c->xg_stride;
+        int n2 = 0;
+        memset(cnt, 0, (size_t)E * sizeof cnt[0]);
+        for (int32_t p = 0; p < c->xg_n[l2]; p++)
+            if (ids2[p] < (uint32_t)E && !cnt[ids2[p]]++ && x->map[(size_t)l2 * (size_t)E + ids2[p]] < 0) c->xg_ids[n2++] = (int32_t)ids2[p];
+        if (n2) moe_xs_prefetch(vk->xc, l2, c->xg_ids, n2, &c->xcnt);
+    }
 }
 
 /* Starts recording the current fill command buffer (waits for its previous use first). */
@@ -3642,7 +3908,7 @@ static void vk_stats(const void *be, moe_stats *out) {
         out->host_bytes += c->vk->xg->host_bytes;
         out->expert_hits += c->xg_hits;
         out->expert_misses += c->xg_misses;
-        out->expert_bytes_streamed += c->xg_bytes;
+        out->expert_bytes_streamed += c->xg_bytes + c->xcnt.bytes; /* over a host tier: plus the bytes read from the file */
     }
     out->gpu_bytes_kv += c->kc.size + c->vc.size;
     out->gpu_bytes_scratch += s;

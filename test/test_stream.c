@@ -327,8 +327,20 @@ static void test_vulkan_budgets(void **state) {
     workload(m, 0, got, NULL);
     assert_memory_equal(got, ref, all * sizeof(float));
     moe_model_free(m);
+    /* both budgets: the GPU slot cache over the host tier, whose minimum adds the stage (test_vk_stream has the rest) */
     lp.gpu_budget_bytes = info.weight_bytes - 1;
-    assert_int_equal(moe_load(p, &lp, &m), MOE_ERR_UNSUPPORTED);
+    assert_int_equal(moe_load(p, &lp, &m), MOE_ERR_NO_MEMORY);
+    assert_non_null(strstr(moe_last_error(), "staged for the GPU"));
+    const char *e = strstr(moe_last_error(), "minimum working set of ");
+    assert_non_null(e);
+    lp.host_budget_bytes = strtoull(e + strlen("minimum working set of "), NULL, 10);
+    assert_true(lp.host_budget_bytes > min);
+    assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
+    assert_true(moe_vk_streams_experts(m->vk));
+    assert_non_null(m->xc);
+    workload(m, 0, got, NULL);
+    assert_memory_equal(got, ref, all * sizeof(float));
+    moe_model_free(m);
     lp.host_budget_bytes = 0;
     assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
     assert_true(moe_vk_streams_experts(m->vk));

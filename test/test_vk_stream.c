@@ -10,8 +10,12 @@
      - hits + misses = routed (token, layer, expert) pairs, misses > 0, bytes counted; a second
        context on the warm cache hits more;
      - two contexts of one streamed model stepped in turn stay bit-identical;
-   Below the minimum working set moe_load fails with MOE_ERR_NO_MEMORY naming it; a GPU budget
-   with a host budget both below the weights is refused (MOE_ERR_UNSUPPORTED, not built yet).
+   Below the minimum working set moe_load fails with MOE_ERR_NO_MEMORY naming it.
+   The slot cache over the host tier (both budgets below the weights, tiers_*): the same
+   bit-identity at (GPU, host) budget pairs from both minimums up, the host minimum (which adds
+   the one-layer stage) named by MOE_ERR_NO_MEMORY, the counters; an I/O error injected mid-read
+   fails the step with MOE_ERR_IO and leaves the context as it was (the next steps are
+   bit-identical); a NaN in a streamed expert fails the step that reads it with MOE_ERR_FORMAT.
    Fixtures: test/fixtures/qwen3moe_*.gguf; Gemma 4 (26B-A4B-like: sliding + full layers, experts
    beside the dense MLP, per-expert scales) from test/fixtures/gemma4/moe, or the GGUF test_gemma4
    writes from it (build/test/gemma4_moe.gguf), where present (skipped otherwise). Two threads
@@ -186,11 +190,6 @@ static void run_fixture(void **state) {
     assert_true(min < resident);
     assert_null(load_vk(p, min - 1, 0, &st));
     assert_int_equal(st, MOE_ERR_NO_MEMORY);
-    /* a GPU budget over a limited host tier: not built yet */
-    if (gguf) {
-        assert_null(load_vk(p, min, info.weight_bytes - 1, &st));
-        assert_int_equal(st, MOE_ERR_UNSUPPORTED);
-    }
     uint64_t budgets[] = {min, min + (resident - min) / 4, min + (resident - min) / 2, resident - 1};
     uint64_t pairs = 0;
     m = load_vk(p, 0, 0, NULL);
@@ -245,6 +244,177 @@ static void run_fixture(void **state) {
     free(qb);
 }
 
+/* the host budget's minimum under a GPU budget (from the error naming it) */
+static uint64_t host_min_for(const char *p, uint64_t gpu) {
+    moe_status st;
+    assert_null(load_vk(p, gpu, 1, &st));
+    assert_int_equal(st, MOE_ERR_NO_MEMORY);
+    assert_non_null(strstr(moe_last_error(), "host_budget_bytes"));
+    assert_non_null(strstr(moe_last_error(), "staged for the GPU"));
+    return min_from_error();
+}
+
+static uint64_t gpu_min_for(const char *p) {
+    moe_status st;
+    assert_null(load_vk(p, 1, 0, &st));
+    assert_int_equal(st, MOE_ERR_NO_MEMORY);
+    return min_from_error();
+}
+
+/* the GPU slot cache over the host tier: bit-identical at (GPU, host) budget pairs */
+static void run_tiers(void **state) {
+    NEED_VULKAN();
+    char p[256];
+    snprintf(p, sizeof p, "test/fixtures/qwen3moe_%s.gguf", (const char *)*state);
+    moe_model *m = load_vk(p, 0, 0, NULL);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    size_t rows = NTOK + NGEN, all = rows * (size_t)info.n_vocab;
+    float *ref = malloc(all * sizeof(float)), *ref7 = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
+    assert_true(ref && ref7 && got);
+    moe_stats rs;
+    workload(m, 0, ref, &rs);
+    workload(m, 7, ref7, NULL);
+    uint64_t resident = rs.gpu_bytes_weights, pairs = 0;
+    for (int l = 0; l < m->w.hp.n_layer; l++)
+        if (m->w.layers[l].p.ffn_kind != MOE_FFN_DENSE) pairs += (uint64_t)rows * (uint64_t)m->w.layers[l].p.n_expert_used;
+    moe_model_free(m);
+    uint64_t gmin = gpu_min_for(p), hmin = host_min_for(p, gmin);
+    assert_true(hmin > info.weight_bytes - info.expert_bytes);
+    assert_true(hmin < info.weight_bytes);
+    moe_status st;
+    assert_null(load_vk(p, gmin, hmin - 1, &st));
+    assert_int_equal(st, MOE_ERR_NO_MEMORY);
+    uint64_t gb[] = {gmin, gmin + (resident - gmin) / 2}, hb[] = {hmin, hmin + (info.weight_bytes - hmin) / 2};
+    for (int gi = 0; gi < 2; gi++)
+        for (int hi = 0; hi < 2; hi++) {
+            m = load_vk(p, gb[gi], hb[hi], NULL);
+            assert_true(moe_vk_streams_experts(m->vk));
+            assert_non_null(m->xc);
+            assert_ptr_equal(m->vk->xc, m->xc);
+            moe_stats s, s2;
+            memset(got, 0, all * sizeof(float));
+            workload(m, 0, got, &s);
+            assert_memory_equal(got, ref, all * sizeof(float));
+            assert_true(s.gpu_bytes_weights <= gb[gi]);
+            assert_int_equal(s.expert_hits + s.expert_misses, pairs);
+            assert_true(s.expert_misses > 0);
+            assert_true(s.expert_bytes_streamed > 0);
+            memset(got, 0, all * sizeof(float));
+            workload(m, 7, got, &s2); /* chunked prefill, warm caches */
+            assert_memory_equal(got, ref7, all * sizeof(float));
+            assert_int_equal(s2.expert_hits + s2.expert_misses, pairs);
+            printf("[ RESULT   ] tiers %-5s gpu budget %8llu (min %llu) host budget %8llu (min %llu): %d GPU slots, %d host slots; "
+                   "hits/misses %llu/%llu, %llu bytes (device + file); warm chunked %llu/%llu\n", (const char *)*state,
+                   (unsigned long long)gb[gi], (unsigned long long)gmin, (unsigned long long)hb[hi], (unsigned long long)hmin,
+                   m->vk->xg->n_slots, m->xc->n_slots, (unsigned long long)s.expert_hits, (unsigned long long)s.expert_misses,
+                   (unsigned long long)s.expert_bytes_streamed, (unsigned long long)s2.expert_hits, (unsigned long long)s2.expert_misses);
+            moe_model_free(m);
+        }
+    free(ref);
+    free(ref7);
+    free(got);
+}
+
+/* an I/O error mid-read at the route op: the step fails with MOE_ERR_IO, the context is as it was,
+   the next steps are bit-identical to the resident run */
+static void test_tiers_io_error(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    const char *p = "test/fixtures/qwen3moe_q4_k.gguf";
+    moe_model *m = load_vk(p, 0, 0, NULL);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    int V = info.n_vocab;
+    int32_t t[24];
+    tokens(t, 24, V);
+    float *ref = malloc(2 * (size_t)V * sizeof(float));
+    assert_non_null(ref);
+    moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
+    step_ok(c, t, 20);
+    step_ok(c, t + 20, 1);
+    memcpy(ref, moe_logits(c, -1), (size_t)V * sizeof(float));
+    step_ok(c, t + 21, 1);
+    memcpy(ref + V, moe_logits(c, -1), (size_t)V * sizeof(float));
+    moe_ctx_free(c);
+    moe_model_free(m);
+    setenv("MOE_PREFETCH", "0", 1); /* the injected failure hits a demand read */
+    uint64_t gmin = gpu_min_for(p);
+    m = load_vk(p, gmin, host_min_for(p, gmin), NULL);
+    unsetenv("MOE_PREFETCH");
+    c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
+    step_ok(c, t, 20);
+    size_t n0 = 0, n1 = 0;
+    assert_int_equal(moe_ctx_save(c, NULL, 0, &n0), MOE_OK);
+    uint8_t *s0 = malloc(n0), *s1 = malloc(n0);
+    assert_true(s0 && s1);
+    assert_int_equal(moe_ctx_save(c, s0, n0, &n0), MOE_OK);
+    moe_test_fail_io_after(2); /* the host cache of the minimum size misses in every layer: the 3rd read fails */
+    moe_status st = moe_step(c, t + 20, 1);
+    moe_test_fail_io_after(-1);
+    assert_int_equal(st, MOE_ERR_IO);
+    print_message("[ INFO     ] %s\n", moe_last_error());
+    assert_non_null(strstr(moe_last_error(), "expert streaming"));
+    assert_int_equal(moe_ctx_pos(c), 20);
+    assert_int_equal(moe_ctx_save(c, NULL, 0, &n1), MOE_OK);
+    assert_int_equal(n1, n0);
+    assert_int_equal(moe_ctx_save(c, s1, n1, &n1), MOE_OK);
+    assert_memory_equal(s0, s1, n0);
+    step_ok(c, t + 20, 1);
+    assert_memory_equal(moe_logits(c, -1), ref, (size_t)V * sizeof(float));
+    step_ok(c, t + 21, 1);
+    assert_memory_equal(moe_logits(c, -1), ref + V, (size_t)V * sizeof(float));
+    free(s0);
+    free(s1);
+    free(ref);
+    moe_ctx_free(c);
+    moe_model_free(m);
+}
+
+/* A NaN in a streamed expert: the resident Vulkan load refuses the file; over the host tier the
+   experts are checked as they are read, so the step that first needs one fails with
+   MOE_ERR_FORMAT naming the layer, and the context stays at its position. */
+static void test_tiers_nonfinite(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    char dst[] = "build/test/vk_stream_nan.gguf";
+    size_t size = 0;
+    uint8_t *b = tu_read_file("test/fixtures/qwen3moe_q8_0.gguf", &size);
+    assert_non_null(b);
+    gguf_file g;
+    assert_int_equal(gguf_parse(&g, b, size), MOE_OK);
+    const gguf_tensor *t = gguf_find_tensor(&g, "blk.1.ffn_up_exps.weight");
+    assert_non_null(t);
+    int E = (int)t->ne[2];
+    uint64_t slab = t->nbytes / (uint64_t)E;
+    for (int e = 1; e < E; e++) wr16((uint8_t *)t->data + (uint64_t)e * slab + 34 * 3, 0x7e00); /* a block scale of every expert but 0 */
+    gguf_free(&g);
+    FILE *f = fopen(dst, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(b, 1, size, f), size);
+    fclose(f);
+    free(b);
+    moe_status st;
+    assert_null(load_vk(dst, 0, 0, &st));
+    assert_int_equal(st, MOE_ERR_FORMAT);
+    uint64_t gmin = gpu_min_for(dst);
+    moe_model *m = load_vk(dst, gmin, host_min_for(dst, gmin), NULL);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    int32_t tk[NTOK];
+    tokens(tk, NTOK, info.n_vocab);
+    moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
+    st = moe_step(c, tk, 4);
+    assert_int_equal(st, MOE_ERR_FORMAT);
+    print_message("[ INFO     ] %s\n", moe_last_error());
+    assert_non_null(strstr(moe_last_error(), "layer 1"));
+    assert_non_null(strstr(moe_last_error(), "non-finite"));
+    assert_int_equal(moe_ctx_pos(c), 0);
+    moe_ctx_free(c);
+    moe_model_free(m);
+    remove(dst);
+}
+
 /* two threads, each with its own context, step one streamed model at the same time: the slot
    fills of one are queued while the other's steps run; each stays bit-identical */
 typedef struct thr_arg { moe_model *m; int n_batch; float *out; } thr_arg;
@@ -255,7 +425,7 @@ static void *thr_main(void *p) {
 }
 
 static void test_threads(void **state) {
-    (void)state;
+    int tiers = *state != NULL; /* over the host tier: the contexts take turns per step */
     NEED_VULKAN();
     const char *p = "test/fixtures/qwen3moe_q4_k.gguf";
     moe_model *m = load_vk(p, 0, 0, NULL);
@@ -270,7 +440,9 @@ static void test_threads(void **state) {
     workload(m, 7, ref7, NULL);
     moe_model_free(m);
     uint64_t rest = info.weight_bytes - info.expert_bytes;
-    m = load_vk(p, rest + (rs.gpu_bytes_weights - rest) / 3, 0, NULL);
+    uint64_t gpu = rest + (rs.gpu_bytes_weights - rest) / 3;
+    m = load_vk(p, gpu, tiers ? host_min_for(p, gpu) : 0, NULL);
+    if (tiers) assert_non_null(m->xc);
     for (int rep = 0; rep < 2; rep++) {
         pthread_t th[2];
         thr_arg a[2] = {{m, 0, got[0]}, {m, 7, got[1]}};
@@ -331,6 +503,9 @@ int main(void) {
         TS("gpu_cache_f16", run_fixture, names[4]), TS("gpu_cache_gemma4_moe", run_fixture, names[5]),
         TS("gpu_cache_gemma4_moe_gguf", run_fixture, names[6]),
         TS("gpu_cache_lfu", test_lfu, NULL), TS("gpu_cache_threads", test_threads, NULL),
+        TS("tiers_q4_k", run_tiers, names[0]), TS("tiers_f32", run_tiers, names[1]), TS("tiers_mixed", run_tiers, names[2]),
+        TS("tiers_q8_0", run_tiers, names[3]), TS("tiers_io_error", test_tiers_io_error, NULL),
+        TS("tiers_nonfinite", test_tiers_nonfinite, NULL), TS("tiers_threads", test_threads, (void *)1),
     };
 #undef TS
     return cmocka_run_group_tests_name("vk_stream", tests, NULL, NULL);
