@@ -227,11 +227,11 @@ typedef struct pair {
     int n_batch;
 } pair;
 
-static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
+static void pair_new_ctx(pair *p, synth *s, int32_t kv_type, int n_batch, int n_ctx) {
     memset(p, 0, sizeof *p);
     p->s = s;
     p->n_batch = n_batch;
-    moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2, 1}; /* the CPU reference in exact (f32) mode */
+    moe_ctx_shape sh = {n_ctx, n_batch, kv_type, 1, 2, 1}; /* the CPU reference in exact (f32) mode */
     assert_int_equal(cpu_ctx_new(&s->w, &sh, &p->cpu), MOE_OK);
     moe_status st = moe_vk_init(&s->w, 0, 0, test_log, NULL, &p->vk);
     if (st) print_error("moe_vk_init: %s (%s)\n", moe_status_str(st), moe_last_error());
@@ -240,6 +240,8 @@ static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
     if (st) print_error("moe_vk_ctx_new: %s (%s)\n", moe_status_str(st), moe_last_error());
     assert_int_equal(st, MOE_OK);
 }
+
+static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) { pair_new_ctx(p, s, kv_type, n_batch, 256); }
 
 static void pair_free(pair *p) {
     moe_vk_ctx_free(p->gpu);
@@ -492,6 +494,51 @@ static void test_ops_common(void **state) {
 }
 
 /* ---- fixtures: Vulkan against transformers, and against the CPU backend ---- */
+/* ---- split-KV decode attention (moe_vk.c VK_SPLIT_MIN): a decode token over more than 512 keys
+   runs attn.comp -DSPLIT on chunks of the keys and attn_merge.comp on the partials; against the
+   CPU for f32 and f16 KV, at 513 keys (a last chunk of one key), 1,026 and 1,798, with and
+   without sliding windows (300 stays on the one-workgroup kernel; 513, 700 and 1,000 split) ---- */
+static void test_attn_split(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    int32_t types[5] = {MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32};
+    synth s;
+    synth_make(&s, types, 64, 11);
+    const moe_hparams *hp = &s.w.hp;
+    rng_t r = {9};
+    /* (pos0, n, window): 256-token prefills fill the cache, single tokens decode */
+    static const int steps[][3] = {{0, 256, 0},    {256, 256, 0},  {512, 1, 0},     {513, 256, 0},   {769, 256, 0},
+                                   {1025, 1, 0},   {1026, 1, 700}, {1027, 1, 513},  {1028, 1, 300},  {1029, 256, 0},
+                                   {1285, 256, 0}, {1541, 256, 0}, {1797, 1, 0},    {1798, 1, 1000}};
+    for (int kv = 0; kv < 2; kv++) {
+        pair p;
+        pair_new_ctx(&p, &s, kv ? MOE_KV_F16 : MOE_KV_F32, 256, 2048);
+        double tol = kv ? TOL_OP_F16KV : TOL_OP, worst = 0;
+        for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
+            int pos0 = steps[i][0], n = steps[i][1];
+            pair_rand(&p, ACT_Q, n, 1.0f, &r);
+            pair_rand(&p, ACT_K, n, 1.0f, &r);
+            pair_rand(&p, ACT_V, n, 1.0f, &r);
+            moe_attn a = s.layer.p.attn;
+            a.window = steps[i][2];
+            a.scale = 1.0f / sqrtf((float)hp->head_dim) * 4.0f; /* sharper than usual: softmax not flat */
+            k_cpu_ops.attention(p.cpu, &a, n, pos0);
+            gpu_begin(&p);
+            moe_vk_ops.attention(p.gpu, &a, n, pos0);
+            gpu_end(&p);
+            if (n > 1) continue; /* the prefills only fill the cache; test_ops_common checks them */
+            char what[96];
+            snprintf(what, sizeof what, "split attention (%s KV) pos0=%d window=%d", kv ? "f16" : "f32", pos0, a.window);
+            double e = pair_err(&p, ACT_ATTN, 1);
+            worst = fmax(worst, e);
+            CHECK_ERR(what, e, tol);
+        }
+        printf("[ RESULT   ] split-KV decode attention, %s KV: max|d|/max %.3e (tol %.0e)\n", kv ? "f16" : "f32", worst, tol);
+        pair_free(&p);
+    }
+    synth_free(&s);
+}
+
 static moe_model *load_model(const char *path, int32_t backend) {
     moe_load_params lp = {0};
     lp.backend = backend;
@@ -867,6 +914,7 @@ int main(void) {
         TS("ops_mxfp4", test_ops_type, &k_all_types[8]),
         T(test_ops_mixed_experts),
         T(test_split_windows),
+        T(test_attn_split),
         T(test_model_outlives_contexts),
         TS("fixture_f32", run_fixture, names[0]), TS("fixture_f16", run_fixture, names[1]),
         TS("fixture_q8_0", run_fixture, names[2]), TS("fixture_q4_k", run_fixture, names[3]),
