@@ -449,6 +449,8 @@ static const char *vk_result_str(VkResult r) {
     KP(ATTN_SPLIT_F16, attn_split_f16, "attn.comp", "-DKV_F16 -DSPLIT", 128) \
     KP(ATTN_SPLIT_F32, attn_split_f32, "attn.comp", "-DKV_F32 -DSPLIT", 128) \
     KP(ATTN_MERGE, attn_merge, "attn_merge.comp", "", 128)          \
+    KP(ATTN_TILE_F16, attn_tile_f16, "attn_tile.comp", "-DKV_F16", 128) \
+    KP(ATTN_TILE_F32, attn_tile_f32, "attn_tile.comp", "-DKV_F32", 128) \
     KP(HEADWISE_F16, headwise_f16, "headwise.comp", "-DKV_F16", 64) \
     KP(HEADWISE_F32, headwise_f32, "headwise.comp", "-DKV_F32", 64) \
     KP(KVSTORE_F16, kvstore_f16, "kvstore.comp", "-DKV_F16", 64)    \
@@ -471,7 +473,7 @@ static const char *vk_result_str(VkResult r) {
 /* END KERNELS */
 /* BEGIN PUSH CONSTANTS */
 #define PC_ADD(X) X(uint, count)
-#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta) X(uint, window) X(uint, rows) X(uint, chunk)
+#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta) X(uint, window) X(uint, rows) X(uint, chunk) X(uint, n_tok)
 #define PC_ATTN_MERGE(X) X(uint, hd) X(uint, n_split)
 #define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
 #define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
@@ -1835,9 +1837,19 @@ fail:
    and a merge dispatch combines them. At <= 512 keys (16 iterations) the walk costs about what
    the second dispatch and its barrier do, and those contexts (every regression fixture) keep the
    old kernel and its bits. */
+#ifndef VK_SPLIT_MIN /* (a test may raise it to compare against the one-workgroup kernel) */
 #define VK_SPLIT_MIN 512
+#endif
 #define VK_SPLIT_CHUNK 256    /* a multiple of attn.comp's key block (32) */
 #define VK_SPLIT_MAX 64       /* attn_merge.comp MAX_SPLIT */
+/* Tiled prefill attention (attn_tile.comp): a step of more than VK_TILE_MIN tokens, head size
+   <= 128, runs blocks of 16 queries against shared-memory tiles of 32 keys; shorter steps (the
+   48-token regression fixtures, chunked prefills of few tokens) keep attn.comp and its bits. At
+   64 tokens the one-workgroup-per-query kernel still has n_head · 64 workgroups and short walks. */
+#ifndef VK_TILE_MIN
+#define VK_TILE_MIN 64
+#endif
+#define VK_TILE_Q 16          /* attn_tile.comp BQ */
 
 /* profiling classes */
 enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,
@@ -2766,16 +2778,19 @@ attend:;
             n_split = vk_div_up(keys, chunk);
         }
     }
-    int pipe = n_split > 1 ? (c->kv_f16 ? VKP_ATTN_SPLIT_F16 : VKP_ATTN_SPLIT_F32) : (c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32);
+    const int tiled = n > VK_TILE_MIN && a->head_dim <= 128;
+    int pipe = n_split > 1 ? (c->kv_f16 ? VKP_ATTN_SPLIT_F16 : VKP_ATTN_SPLIT_F32)
+               : tiled     ? (c->kv_f16 ? VKP_ATTN_TILE_F16 : VKP_ATTN_TILE_F32)
+                           : (c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32);
     r = vk_rec_new_spec(c, pipe, (uint32_t)a->head_dim, VKC_ATTN);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_Q], 0);
     vk_bind(r, 1, n_split > 1 ? &c->split : &c->act[ACT_ATTN], 1);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
-    VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows, chunk});
+    VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows, chunk, (uint32_t)n});
     r->grid[0] = (uint32_t)a->n_head;
-    r->grid[1] = (uint32_t)n;
+    r->grid[1] = tiled ? vk_div_up((uint64_t)n, VK_TILE_Q) : (uint32_t)n;
     r->grid[2] = n_split;
     {
         double keys = 0;

@@ -494,11 +494,13 @@ static void test_ops_common(void **state) {
 }
 
 /* ---- fixtures: Vulkan against transformers, and against the CPU backend ---- */
-/* ---- split-KV decode attention (moe_vk.c VK_SPLIT_MIN): a decode token over more than 512 keys
-   runs attn.comp -DSPLIT on chunks of the keys and attn_merge.comp on the partials; against the
-   CPU for f32 and f16 KV, at 513 keys (a last chunk of one key), 1,026 and 1,798, with and
-   without sliding windows (300 stays on the one-workgroup kernel; 513, 700 and 1,000 split) ---- */
-static void test_attn_split(void **state) {
+/* ---- long-context attention kernels against the CPU, f32 and f16 KV, with and without sliding
+   windows. Split-KV decode (moe_vk.c VK_SPLIT_MIN): a decode token over more than 512 keys runs
+   attn.comp -DSPLIT on chunks of the keys and attn_merge.comp on the partials: at 513 keys (a last
+   chunk of one key), 1,026 and 1,798 (windows 700, 513 and 1,000 split, 300 does not). Tiled
+   prefill (VK_TILE_MIN): steps of more than 64 tokens run attn_tile.comp, also with partial
+   query blocks (250, 100, 156, 65 tokens) and windows; 64 tokens stays on attn.comp ---- */
+static void test_attn_long(void **state) {
     (void)state;
     NEED_VULKAN();
     int32_t types[5] = {MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32};
@@ -506,10 +508,11 @@ static void test_attn_split(void **state) {
     synth_make(&s, types, 64, 11);
     const moe_hparams *hp = &s.w.hp;
     rng_t r = {9};
-    /* (pos0, n, window): 256-token prefills fill the cache, single tokens decode */
-    static const int steps[][3] = {{0, 256, 0},    {256, 256, 0},  {512, 1, 0},     {513, 256, 0},   {769, 256, 0},
-                                   {1025, 1, 0},   {1026, 1, 700}, {1027, 1, 513},  {1028, 1, 300},  {1029, 256, 0},
-                                   {1285, 256, 0}, {1541, 256, 0}, {1797, 1, 0},    {1798, 1, 1000}};
+    /* (pos0, n, window) */
+    static const int steps[][3] = {{0, 256, 0},     {256, 256, 0},   {512, 1, 0},      {513, 250, 0},   {763, 256, 0},
+                                   {1019, 6, 0},    {1025, 1, 0},    {1026, 1, 700},  {1027, 1, 513},   {1028, 1, 300},  {1029, 100, 300},
+                                   {1129, 256, 0},  {1385, 256, 700}, {1641, 156, 0},  {1797, 1, 0},    {1798, 1, 1000},
+                                   {1799, 65, 0},   {1864, 64, 0}};
     for (int kv = 0; kv < 2; kv++) {
         pair p;
         pair_new_ctx(&p, &s, kv ? MOE_KV_F16 : MOE_KV_F32, 256, 2048);
@@ -526,14 +529,13 @@ static void test_attn_split(void **state) {
             gpu_begin(&p);
             moe_vk_ops.attention(p.gpu, &a, n, pos0);
             gpu_end(&p);
-            if (n > 1) continue; /* the prefills only fill the cache; test_ops_common checks them */
             char what[96];
-            snprintf(what, sizeof what, "split attention (%s KV) pos0=%d window=%d", kv ? "f16" : "f32", pos0, a.window);
-            double e = pair_err(&p, ACT_ATTN, 1);
+            snprintf(what, sizeof what, "attention (%s KV) pos0=%d n=%d window=%d", kv ? "f16" : "f32", pos0, n, a.window);
+            double e = pair_err(&p, ACT_ATTN, n);
             worst = fmax(worst, e);
             CHECK_ERR(what, e, tol);
         }
-        printf("[ RESULT   ] split-KV decode attention, %s KV: max|d|/max %.3e (tol %.0e)\n", kv ? "f16" : "f32", worst, tol);
+        printf("[ RESULT   ] split-KV decode and tiled prefill attention, %s KV: max|d|/max %.3e (tol %.0e)\n", kv ? "f16" : "f32", worst, tol);
         pair_free(&p);
     }
     synth_free(&s);
@@ -692,6 +694,28 @@ static void run_fixture(void **state) {
     assert_true(err_chunks <= tol_self);
     assert_true(err_rewind <= tol_self);
     assert_true(err_load <= tol_self);
+}
+
+/* ---- decode at depth through the API: 700 tokens of context, then 4 decode steps (701..704
+   keys: split-KV attention, 3 chunks) on Vulkan against the CPU, f32 and f16 KV, within the
+   fixture tolerances ---- */
+static void test_depth_decode(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    moe_model *mv = load_model("test/fixtures/qwen3moe_q8_0.gguf", MOE_BACKEND_VULKAN),
+              *mc = load_model("test/fixtures/qwen3moe_q8_0.gguf", MOE_BACKEND_CPU);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(mv, &info), MOE_OK);
+    const int cm = mv->vk->coopmat;
+    double e32 = tu_depth_decode_err(mv, mc, MOE_KV_F32, 700, 4, info.n_vocab);
+    double e16 = tu_depth_decode_err(mv, mc, MOE_KV_F16, 700, 4, info.n_vocab);
+    const double tol32 = cm ? TOL_CM : TOL_F32, tol16 = cm ? TOL_CM : TOL_F16;
+    printf("[ RESULT   ] decode at depth 700, Vulkan vs CPU: f32-KV max|d|/range %.3e (tol %.0e) | f16-KV %.3e (tol %.0e)\n", e32, tol32,
+           e16, tol16);
+    moe_model_free(mv);
+    moe_model_free(mc);
+    assert_true(e32 <= tol32);
+    assert_true(e16 <= tol16);
 }
 
 /* ---- the model outlives its contexts (reference counted): freeing the model while contexts are
@@ -914,7 +938,8 @@ int main(void) {
         TS("ops_mxfp4", test_ops_type, &k_all_types[8]),
         T(test_ops_mixed_experts),
         T(test_split_windows),
-        T(test_attn_split),
+        T(test_attn_long),
+        T(test_depth_decode),
         T(test_model_outlives_contexts),
         TS("fixture_f32", run_fixture, names[0]), TS("fixture_f16", run_fixture, names[1]),
         TS("fixture_q8_0", run_fixture, names[2]), TS("fixture_q4_k", run_fixture, names[3]),
