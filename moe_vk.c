@@ -1843,11 +1843,13 @@ fail:
 #define VK_SPLIT_CHUNK 256    /* a multiple of attn.comp's key block (32) */
 #define VK_SPLIT_MAX 64       /* attn_merge.comp MAX_SPLIT */
 /* Tiled prefill attention (attn_tile.comp): a step of more than VK_TILE_MIN tokens, head size
-   <= 128, runs blocks of 16 queries against shared-memory tiles of 32 keys; shorter steps (the
-   48-token regression fixtures, chunked prefills of few tokens) keep attn.comp and its bits. At
-   64 tokens the one-workgroup-per-query kernel still has n_head · 64 workgroups and short walks. */
+   32, 64 or 128 (its thread layout: head_dim / 4 threads per query row), runs blocks of 16
+   queries against shared-memory tiles of 32 keys; shorter steps keep
+   attn.comp and its bits: every committed fixture (Qwen3 128 tokens, Gemma 4 64, the 48-token
+   regression dumps) and chunked prefills. Up to 128 tokens the one-workgroup-per-query kernel
+   has n_head · n workgroups walking at most 128 keys, so little is left to gain there. */
 #ifndef VK_TILE_MIN
-#define VK_TILE_MIN 64
+#define VK_TILE_MIN 128
 #endif
 #define VK_TILE_Q 16          /* attn_tile.comp BQ */
 
@@ -2778,7 +2780,7 @@ attend:;
             n_split = vk_div_up(keys, chunk);
         }
     }
-    const int tiled = n > VK_TILE_MIN && a->head_dim <= 128;
+    const int tiled = n > VK_TILE_MIN && (a->head_dim == 32 || a->head_dim == 64 || a->head_dim == 128);
     int pipe = n_split > 1 ? (c->kv_f16 ? VKP_ATTN_SPLIT_F16 : VKP_ATTN_SPLIT_F32)
                : tiled     ? (c->kv_f16 ? VKP_ATTN_TILE_F16 : VKP_ATTN_TILE_F32)
                            : (c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32);

@@ -6,49 +6,54 @@
    shared memory once and serve all 16 queries (attn.comp reads every key once per query), with
    an online softmax per query row (running max m, sum l; O rescaled by e^(m_old - m_new)).
    Masking is per query: key p counts for token i iff p0_i <= p <= pos_i (causal, sliding
-   window as in attn.comp; key p sits in cache row p mod rows). HD (specialization constant 1)
-   is at most 128 here (moe_vk.c picks this kernel only then), so thread t < HD owns output dim t
-   of all 16 queries and the tiles fit 26 KiB of shared memory.
+   window as in attn.comp; key p sits in cache row p mod rows).
+   HD (specialization constant 1) is 32, 64 or 128 (moe_vk.c picks this kernel only then): rows
+   are HD/4 vec4s, scores take 4 queries x 1 key per thread, and O takes HD/4 threads per query
+   row, each 4 dims of BQ·HD/(4·WG) rows; the tiles fit 27 KiB of shared memory.
    grid: (n_head, ceil(n_tok / BQ)). bindings: 0 q, 1 out, 4 K cache, 5 V cache, 7 step */
 #include "common.glsl"
 
-layout(std430, binding = 0) readonly buffer Q { float q[]; };
-layout(std430, binding = 1) writeonly buffer O { float o[]; };
+layout(std430, binding = 0) readonly buffer Q { vec4 q4[]; };
+layout(std430, binding = 1) writeonly buffer O { vec4 o4[]; };
 #ifdef KV_F32
-layout(std430, binding = 4) readonly buffer KC { float kc[]; };
-layout(std430, binding = 5) readonly buffer VC { float vc[]; };
+layout(std430, binding = 4) readonly buffer KC { vec4 kc[]; };
+layout(std430, binding = 5) readonly buffer VC { vec4 vc[]; };
 #else
-layout(std430, binding = 4) readonly buffer KC { uint kc[]; };
-layout(std430, binding = 5) readonly buffer VC { uint vc[]; };
+layout(std430, binding = 4) readonly buffer KC { uvec2 kc[]; };
+layout(std430, binding = 5) readonly buffer VC { uvec2 vc[]; };
 #endif
 layout(push_constant) uniform PC { PC_ATTN(PC_FIELD) } pc;
 layout(constant_id = 1) const uint HD = 128u;
 
 #define BQ 16u
 #define BK 32u
-const uint KS = HD + 1u; /* tile row stride: keys of consecutive threads fall in different banks */
-shared float qs[BQ * HD];
-shared float kv[BK * KS]; /* the tile's K rows, then its V rows */
-shared float sp[BQ * BK]; /* scores, then probabilities */
+const uint H4 = HD / 4u;      /* vec4s per head row */
+const uint KS4 = H4 + 1u;     /* tile row stride: the keys of neighbouring threads start 4 banks apart */
+const uint SQ = WG / BK;      /* score work: thread t takes key t % BK and queries t / BK + SQ·j */
+const uint NS = BQ / SQ;
+const uint RP = WG / H4;      /* O work: thread t takes dims 4·(t % H4) of rows t / H4 + RP·j */
+const uint NR = BQ / RP;
+shared vec4 qs[BQ * H4];
+shared vec4 kv[BK * KS4];     /* the tile's K rows, then its V rows */
+shared float sp[BQ * BK];     /* scores, then probabilities */
 shared float m_s[BQ], l_s[BQ], a_s[BQ];
 shared uint row_s[BK];
 
-/* elements e, e + 1 (e even) of the K (which 0) or V (1) cache */
-vec2 kv_pair(uint which, uint e) {
+/* elements e .. e + 3 (e % 4 == 0) of the K (which 0) or V (1) cache */
+vec4 kv_quad(uint which, uint e) {
 #ifdef KV_F32
-    return which == 0u ? vec2(kc[e], kc[e + 1u]) : vec2(vc[e], vc[e + 1u]);
+    return which == 0u ? kc[e >> 2] : vc[e >> 2];
 #else
-    return unpackHalf2x16(which == 0u ? kc[e >> 1] : vc[e >> 1]);
+    uvec2 w = which == 0u ? kc[e >> 2] : vc[e >> 2];
+    return vec4(unpackHalf2x16(w.x), unpackHalf2x16(w.y));
 #endif
 }
 
-/* rows kb .. kb + BK of the K or V cache for kv head kvh into kv[] (zeros past hi) */
+/* rows kb .. kb + BK of the K or V cache for kv head kvh into kv[] (zeros from hi on) */
 void load_tile(uint which, uint kb, uint hi, uint kvh) {
-    for (uint idx = gl_LocalInvocationIndex; idx < BK * HD / 2u; idx += WG) {
-        uint kk = idx / (HD / 2u), d = 2u * (idx % (HD / 2u));
-        vec2 v = kb + kk < hi ? kv_pair(which, row_s[kk] * pc.kvw + kvh * HD + d) : vec2(0.0);
-        kv[kk * KS + d] = v.x;
-        kv[kk * KS + d + 1u] = v.y;
+    for (uint idx = gl_LocalInvocationIndex; idx < BK * H4; idx += WG) {
+        uint kk = idx / H4, c = idx % H4;
+        kv[kk * KS4 + c] = kb + kk < hi ? kv_quad(which, row_s[kk] * pc.kvw + kvh * HD + 4u * c) : vec4(0.0);
     }
 }
 
@@ -58,30 +63,33 @@ void main() {
     uint nq = min(BQ, pc.n_tok - i0);
     uint pos_first = uint(int(STEP_POS0) + pc.pos_delta) + i0, pos_last = pos_first + nq - 1u;
     uint lo = pc.window != 0u && pos_first >= pc.window ? pos_first + 1u - pc.window : 0u, hi = pos_last + 1u;
-    for (uint idx = tid; idx < BQ * HD; idx += WG) {
-        uint qi = idx / HD, d = idx % HD;
-        qs[idx] = qi < nq ? q[((i0 + qi) * pc.n_head + h) * HD + d] : 0.0;
+    for (uint idx = tid; idx < BQ * H4; idx += WG) {
+        uint r = idx / H4;
+        qs[idx] = r < nq ? q4[((i0 + r) * pc.n_head + h) * H4 + idx % H4] : vec4(0.0);
     }
     if (tid < BQ) {
         m_s[tid] = NEG_INF;
         l_s[tid] = 0.0;
     }
-    float oa[BQ];
-    [[unroll]] for (uint r = 0u; r < BQ; r++) oa[r] = 0.0;
-    /* score work: thread t scores key t % 32 against queries t / 32 + 4 j */
-    uint sk = tid % BK, sq = tid / BK;
+    uint sk = tid % BK, sq = tid / BK, oc = tid % H4, orow = tid / H4;
+    vec4 oa[NR];
+    [[unroll]] for (uint j = 0u; j < NR; j++) oa[j] = vec4(0.0);
     for (uint kb = lo; kb < hi; kb += BK) {
         if (tid < BK) row_s[tid] = (kb + tid) % pc.rows;
         barrier();
         load_tile(0u, kb, hi, kvh);
         barrier();
+        float s[NS];
+        [[unroll]] for (uint j = 0u; j < NS; j++) s[j] = 0.0;
+        for (uint c = 0u; c < H4; c++) {
+            vec4 k = kv[sk * KS4 + c];
+            [[unroll]] for (uint j = 0u; j < NS; j++) s[j] += dot(qs[(sq + SQ * j) * H4 + c], k);
+        }
         uint p = kb + sk;
-        for (uint r = sq; r < BQ; r += WG / BK) {
-            float s = 0.0;
-            for (uint d = 0u; d < HD; d++) s += qs[r * HD + d] * kv[sk * KS + d];
-            uint pos = pos_first + r;
+        [[unroll]] for (uint j = 0u; j < NS; j++) {
+            uint r = sq + SQ * j, pos = pos_first + r;
             bool ok = r < nq && p <= pos && (pc.window == 0u || p + pc.window > pos);
-            sp[r * BK + sk] = ok ? s * pc.scale : NEG_INF;
+            sp[r * BK + sk] = ok ? s[j] * pc.scale : NEG_INF;
         }
         barrier();
         if (tid < BQ) { /* the online softmax of row tid over this tile */
@@ -100,16 +108,15 @@ void main() {
         }
         load_tile(1u, kb, hi, kvh); /* the K tile is no longer read: V takes its place */
         barrier();
-        if (tid < HD) {
-            [[unroll]] for (uint r = 0u; r < BQ; r++) {
-                float acc = oa[r] * a_s[r];
-                for (uint j = 0u; j < BK; j++) acc += sp[r * BK + j] * kv[j * KS + tid];
-                oa[r] = acc;
-            }
+        [[unroll]] for (uint j = 0u; j < NR; j++) oa[j] *= a_s[orow + RP * j];
+        for (uint k = 0u; k < BK; k++) {
+            vec4 v = kv[k * KS4 + oc];
+            [[unroll]] for (uint j = 0u; j < NR; j++) oa[j] += sp[(orow + RP * j) * BK + k] * v;
         }
         barrier();
     }
-    if (tid < HD)
-        [[unroll]] for (uint r = 0u; r < BQ; r++)
-            if (r < nq) o[((i0 + r) * pc.n_head + h) * HD + tid] = oa[r] / l_s[r];
+    [[unroll]] for (uint j = 0u; j < NR; j++) {
+        uint r = orow + RP * j;
+        if (r < nq) o4[((i0 + r) * pc.n_head + h) * H4 + oc] = oa[j] / l_s[r];
+    }
 }

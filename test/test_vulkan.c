@@ -162,7 +162,7 @@ static void synth_weight(synth *s, moe_weight *w, const char *name, int32_t type
 }
 
 /* types: [0] token embedding and output, [1] attention, [2] gate, [3] up, [4] down */
-static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t seed) {
+static void synth_make_hd(synth *s, const int32_t types[5], int vocab, uint64_t seed, int head_dim) {
     memset(s, 0, sizeof *s);
     rng_t r = {seed};
     moe_hparams *hp = &s->w.hp;
@@ -171,7 +171,7 @@ static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t see
     hp->n_layer = 1;
     hp->n_head = 4;
     hp->n_head_kv = 2;
-    hp->head_dim = 64;
+    hp->head_dim = head_dim;
     hp->n_ctx_train = 4096;
     hp->n_expert = 8;
     hp->n_expert_used = 3;
@@ -213,6 +213,8 @@ static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t see
     synth_weight(s, &t[MOE_DOWN_EXPS], "down", types[4], 3, hp->n_ff_exp, E, hp->n_expert, 0.1f, &r);
     s->w.layers = L;
 }
+
+static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t seed) { synth_make_hd(s, types, vocab, seed, 64); }
 
 static void synth_free(synth *s) {
     for (int i = 0; i < s->n_mem; i++) free(s->mem[i]);
@@ -498,24 +500,26 @@ static void test_ops_common(void **state) {
    windows. Split-KV decode (moe_vk.c VK_SPLIT_MIN): a decode token over more than 512 keys runs
    attn.comp -DSPLIT on chunks of the keys and attn_merge.comp on the partials: at 513 keys (a last
    chunk of one key), 1,026 and 1,798 (windows 700, 513 and 1,000 split, 300 does not). Tiled
-   prefill (VK_TILE_MIN): steps of more than 64 tokens run attn_tile.comp, also with partial
-   query blocks (250, 100, 156, 65 tokens) and windows; 64 tokens stays on attn.comp ---- */
+   prefill (VK_TILE_MIN): steps of more than 128 tokens run attn_tile.comp, also with partial
+   query blocks (250, 156, 129 tokens) and windows; 128 and fewer stay on attn.comp. Head sizes
+   64 and 128 (Qwen3-30B's) ---- */
 static void test_attn_long(void **state) {
     (void)state;
     NEED_VULKAN();
     int32_t types[5] = {MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32};
-    synth s;
-    synth_make(&s, types, 64, 11);
-    const moe_hparams *hp = &s.w.hp;
     rng_t r = {9};
     /* (pos0, n, window) */
     static const int steps[][3] = {{0, 256, 0},     {256, 256, 0},   {512, 1, 0},      {513, 250, 0},   {763, 256, 0},
                                    {1019, 6, 0},    {1025, 1, 0},    {1026, 1, 700},  {1027, 1, 513},   {1028, 1, 300},  {1029, 100, 300},
-                                   {1129, 256, 0},  {1385, 256, 700}, {1641, 156, 0},  {1797, 1, 0},    {1798, 1, 1000},
-                                   {1799, 65, 0},   {1864, 64, 0}};
-    for (int kv = 0; kv < 2; kv++) {
+                                   {1129, 256, 0},  {1385, 256, 700}, {1641, 156, 300},  {1797, 1, 0},    {1798, 1, 1000},
+                                   {1799, 129, 0},  {1928, 128, 0}};
+    for (int run = 0; run < 4; run++) { /* head size 64 and 128 (Qwen3-30B's), f32 and f16 KV */
+        int kv = run & 1, hd = run < 2 ? 64 : 128;
+        synth s;
+        synth_make_hd(&s, types, 64, 11, hd);
+        const moe_hparams *hp = &s.w.hp;
         pair p;
-        pair_new_ctx(&p, &s, kv ? MOE_KV_F16 : MOE_KV_F32, 256, 2048);
+        pair_new_ctx(&p, &s, kv ? MOE_KV_F16 : MOE_KV_F32, 256, 2304);
         double tol = kv ? TOL_OP_F16KV : TOL_OP, worst = 0;
         for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
             int pos0 = steps[i][0], n = steps[i][1];
@@ -530,15 +534,16 @@ static void test_attn_long(void **state) {
             moe_vk_ops.attention(p.gpu, &a, n, pos0);
             gpu_end(&p);
             char what[96];
-            snprintf(what, sizeof what, "attention (%s KV) pos0=%d n=%d window=%d", kv ? "f16" : "f32", pos0, n, a.window);
+            snprintf(what, sizeof what, "attention (head %d, %s KV) pos0=%d n=%d window=%d", hd, kv ? "f16" : "f32", pos0, n, a.window);
             double e = pair_err(&p, ACT_ATTN, n);
             worst = fmax(worst, e);
             CHECK_ERR(what, e, tol);
         }
-        printf("[ RESULT   ] split-KV decode and tiled prefill attention, %s KV: max|d|/max %.3e (tol %.0e)\n", kv ? "f16" : "f32", worst, tol);
+        printf("[ RESULT   ] split-KV decode and tiled prefill attention, head %d, %s KV: max|d|/max %.3e (tol %.0e)\n", hd, kv ? "f16" : "f32",
+               worst, tol);
         pair_free(&p);
+        synth_free(&s);
     }
-    synth_free(&s);
 }
 
 static moe_model *load_model(const char *path, int32_t backend) {
