@@ -462,6 +462,11 @@ static const char *vk_result_str(VkResult r) {
     KP(ADD, add, "add.comp", "", 256)                               \
     KP(ATTN_F16, attn_f16, "attn.comp", "-DKV_F16", 128)            \
     KP(ATTN_F32, attn_f32, "attn.comp", "-DKV_F32", 128)            \
+    KP(ATTN_SPLIT_F16, attn_split_f16, "attn.comp", "-DKV_F16 -DSPLIT", 128) \
+    KP(ATTN_SPLIT_F32, attn_split_f32, "attn.comp", "-DKV_F32 -DSPLIT", 128) \
+    KP(ATTN_MERGE, attn_merge, "attn_merge.comp", "", 128)          \
+    KP(ATTN_TILE_F16, attn_tile_f16, "attn_tile.comp", "-DKV_F16", 128) \
+    KP(ATTN_TILE_F32, attn_tile_f32, "attn_tile.comp", "-DKV_F32", 128) \
     KP(HEADWISE_F16, headwise_f16, "headwise.comp", "-DKV_F16", 64) \
     KP(HEADWISE_F32, headwise_f32, "headwise.comp", "-DKV_F32", 64) \
     KP(KVSTORE_F16, kvstore_f16, "kvstore.comp", "-DKV_F16", 64)    \
@@ -487,7 +492,8 @@ static const char *vk_result_str(VkResult r) {
 /* END KERNELS */
 /* BEGIN PUSH CONSTANTS */
 #define PC_ADD(X) X(uint, count)
-#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta) X(uint, window) X(uint, rows)
+#define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta) X(uint, window) X(uint, rows) X(uint, chunk) X(uint, n_tok)
+#define PC_ATTN_MERGE(X) X(uint, hd) X(uint, n_split)
 #define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
 #define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
 #define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta) X(uint, rows)
@@ -521,6 +527,7 @@ static const char *vk_result_str(VkResult r) {
 #define VK_PC_STRUCT(kernel) typedef struct vk_pc_##kernel { PC_##kernel(VK_PC_FIELD) } vk_pc_##kernel;
 VK_PC_STRUCT(ADD)
 VK_PC_STRUCT(ATTN)
+VK_PC_STRUCT(ATTN_MERGE)
 VK_PC_STRUCT(EMBED)
 VK_PC_STRUCT(HEADWISE)
 VK_PC_STRUCT(KVSTORE)
@@ -2312,6 +2319,29 @@ fail:
 #define VK_DN_CT 64           /* chunk of the chunked delta rule (dn_chunk.glsl DN_CT) */
 #define VK_DN_DT 16           /* state columns per workgroup of dn_chunk_state.comp (DT) */
 #define VK_DN_CHUNK_MIN 64    /* ops of this many tokens or more take the chunked delta rule */
+/* Split-KV decode attention (attn.comp -DSPLIT + attn_merge.comp). The single-workgroup kernel
+   walks a head's keys 32 at a time with 4 barriers each: fine while that walk is short, but at
+   4,096 keys one workgroup per head (32 for Qwen3-30B) leaves most of a large GPU idle for ~128
+   serial iterations. Above VK_SPLIT_MIN keys a decode token's range is cut into chunks of
+   VK_SPLIT_CHUNK keys (more once VK_SPLIT_MAX chunks would not cover it), one workgroup each,
+   and a merge dispatch combines them. At <= 512 keys (16 iterations) the walk costs about what
+   the second dispatch and its barrier do, and those contexts (every regression fixture) keep the
+   old kernel and its bits. */
+#ifndef VK_SPLIT_MIN /* (a test may raise it to compare against the one-workgroup kernel) */
+#define VK_SPLIT_MIN 512
+#endif
+#define VK_SPLIT_CHUNK 256    /* a multiple of attn.comp's key block (32) */
+#define VK_SPLIT_MAX 64       /* attn_merge.comp MAX_SPLIT */
+/* Tiled prefill attention (attn_tile.comp): a step of more than VK_TILE_MIN tokens, head size
+   32, 64 or 128 (its thread layout: head_dim / 4 threads per query row), runs blocks of 16
+   queries against shared-memory tiles of 32 keys; shorter steps keep
+   attn.comp and its bits: every committed fixture (Qwen3 128 tokens, Gemma 4 64, the 48-token
+   regression dumps) and chunked prefills. Up to 128 tokens the one-workgroup-per-query kernel
+   has n_head · n workgroups walking at most 128 keys, so little is left to gain there. */
+#ifndef VK_TILE_MIN
+#define VK_TILE_MIN 128
+#endif
+#define VK_TILE_Q 16          /* attn_tile.comp BQ */
 
 /* profiling classes */
 enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,
@@ -2346,6 +2376,7 @@ typedef struct vk_ctx {
     int kv_f16, profile, serial;
     vk_buf act[ACT_COUNT];
     vk_buf h, p, aux;          /* MoE: hidden [nb·k][ff], expert outputs [nb·k][D], routing scratch (u32) */
+    vk_buf split;              /* split-KV decode attention partials [n_head][VK_SPLIT_MAX][2 + head_dim] */
     uint32_t ids_off, w_off, list_off, pos_off, items_off, max_items;
     vk_buf kc, vc;             /* the KV caches one after the other, f16 or f32 */
     VkDeviceSize *kv_off, *kv_size; /* [n_cache] byte offset and (aligned) size of cache c */
@@ -2917,7 +2948,7 @@ void moe_vk_ctx_free(void *be) {
     if (c->tpool) vk->f.DestroyQueryPool(vk->dev, c->tpool, NULL);
     if (c->pool) vk->f.DestroyCommandPool(vk->dev, c->pool, NULL); /* frees the command buffers */
     for (int i = 0; i < ACT_COUNT; i++) vk_buf_free(vk, &c->act[i]);
-    vk_buf *bufs[] = {&c->h, &c->p, &c->aux, &c->kc, &c->vc, &c->step, &c->logits};
+    vk_buf *bufs[] = {&c->h, &c->p, &c->aux, &c->split, &c->kc, &c->vc, &c->step, &c->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) vk_buf_free(vk, bufs[i]);
     for (int i = 0; i < c->n_rope; i++) vk_buf_free(vk, &c->rope[i].tab);
     vk_buf_free(vk, &c->rlog);
@@ -3018,6 +3049,15 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         if (!c->dn_scr.buf) c->dn_chunk_min = 0;
     }
     if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->items_off + 4 + 4 * (VkDeviceSize)c->max_items) * 4, "routing");
+    if (!st) { /* split-KV partials, for the widest attention layer; only contexts that can exceed VK_SPLIT_MIN keys */
+        VkDeviceSize split_w = 0;
+        for (int l = 0; l < hp->n_layer; l++) {
+            const moe_layer_plan *lp = &c->w->layers[l].p;
+            VkDeviceSize wl = (VkDeviceSize)lp->attn.n_head * (VkDeviceSize)(lp->attn.head_dim + 2);
+            if ((lp->attn_kind == MOE_ATTN_FULL || lp->attn_kind == MOE_ATTN_SLIDING) && wl > split_w) split_w = wl;
+        }
+        st = vk_act_new(c, &c->split, shape->n_ctx > VK_SPLIT_MIN && split_w ? split_w * VK_SPLIT_MAX * 4 : VK_ALIGN, "split attention");
+    }
     /* KV caches, each at an aligned offset of one K and one V buffer */
     size_t n_cache = (size_t)(hp->n_cache ? hp->n_cache : 1);
     c->kv_off = calloc(n_cache, sizeof *c->kv_off);
@@ -3408,17 +3448,34 @@ static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     r->grid[0] = vk_div_up(kvw, 2u * k_vk_plain[VKP_KVSTORE_F16 - VKP_ADD].wg);
     r->grid[1] = (uint32_t)n;
     r->grid[2] = 2;
-attend:
-    r = vk_rec_new_spec(c, c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32, (uint32_t)a->head_dim, VKC_ATTN);
+attend:;
+    /* a decode token over a long range: split the keys (see VK_SPLIT_MIN). The chunk count comes
+       from this step's position, so it is part of the records: a replayed command buffer always
+       has the count it was recorded with for the same range of positions */
+    uint32_t n_split = 1, chunk = 0;
+    if (n == 1) {
+        int p0 = a->window && pos0 >= a->window ? pos0 - a->window + 1 : 0;
+        uint32_t keys = (uint32_t)(pos0 - p0 + 1);
+        if (keys > VK_SPLIT_MIN) {
+            chunk = VK_SPLIT_CHUNK;
+            while (vk_div_up(keys, chunk) > VK_SPLIT_MAX) chunk *= 2;
+            n_split = vk_div_up(keys, chunk);
+        }
+    }
+    const int tiled = n > VK_TILE_MIN && (a->head_dim == 32 || a->head_dim == 64 || a->head_dim == 128);
+    int pipe = n_split > 1 ? (c->kv_f16 ? VKP_ATTN_SPLIT_F16 : VKP_ATTN_SPLIT_F32)
+               : tiled     ? (c->kv_f16 ? VKP_ATTN_TILE_F16 : VKP_ATTN_TILE_F32)
+                           : (c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32);
+    r = vk_rec_new_spec(c, pipe, (uint32_t)a->head_dim, VKC_ATTN);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_Q], 0);
-    vk_bind(r, 1, &c->act[ACT_ATTN], 1);
+    vk_bind(r, 1, n_split > 1 ? &c->split : &c->act[ACT_ATTN], 1);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
-    VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows});
+    VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows, chunk, (uint32_t)n});
     r->grid[0] = (uint32_t)a->n_head;
-    r->grid[1] = (uint32_t)n;
-    r->grid[2] = 1;
+    r->grid[1] = tiled ? vk_div_up((uint64_t)n, VK_TILE_Q) : (uint32_t)n;
+    r->grid[2] = n_split;
     {
         double keys = 0;
         for (int i = 0; i < n; i++) {
@@ -3426,6 +3483,21 @@ attend:
             keys += pos - p0 + 1;
         }
         vk_cost(c, 2.0 * keys * kvw * (c->kv_f16 ? 2 : 4) + 8.0 * n * a->n_head * a->head_dim, 4.0 * keys * a->n_head * a->head_dim);
+    }
+    if (n_split > 1) {
+        if (n_split * (VkDeviceSize)a->n_head * (VkDeviceSize)(a->head_dim + 2) * 4 > c->split.size) {
+            vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: split attention partials exceed their buffer");
+            return;
+        }
+        r = vk_rec_new(c, VKP_ATTN_MERGE, VKC_ATTN);
+        if (!r) return;
+        vk_bind(r, 0, &c->split, 0);
+        vk_bind(r, 1, &c->act[ACT_ATTN], 1);
+        VK_PC_SET(r, ATTN_MERGE, {(uint32_t)a->head_dim, n_split});
+        r->grid[0] = (uint32_t)a->n_head;
+        r->grid[1] = 1;
+        r->grid[2] = 1;
+        vk_cost(c, 4.0 * n_split * a->n_head * (a->head_dim + 2) + 4.0 * a->n_head * a->head_dim, 2.0 * n_split * a->n_head * a->head_dim);
     }
     c->fuse_idx = -1;
 }
@@ -3900,7 +3972,7 @@ out:
 /* device memory: weights (shared by the model's contexts), KV cache, scratch */
 static void vk_stats(const void *be, moe_stats *out) {
     const vk_ctx *c = be;
-    uint64_t s = c->h.size + c->p.size + c->aux.size + c->step.size + c->logits.size;
+    uint64_t s = c->h.size + c->p.size + c->aux.size + c->split.size + c->step.size + c->logits.size;
     for (int i = 0; i < c->n_rope; i++) s += c->rope[i].tab.size;
     for (int i = 0; i < ACT_COUNT; i++) s += c->act[i].size;
     out->gpu_bytes_weights += c->vk->weight_bytes + c->vk->tables.size;

@@ -10,7 +10,12 @@
    Scores: 4 threads per key, each a quarter of the head (16-byte loads when HD % 32 == 0);
    values: each thread owns output dims tid + 128·j (j < ND) and reads all 32 keys of a block with
    no branch (past the last key it re-reads that key with weight 0), so the loads overlap.
-   grid: (n_head, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step */
+   grid: (n_head, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step.
+   -DSPLIT (long-context decode, "flash decoding"): grid (n_head, n, n_split); workgroup z walks
+   only keys [z·chunk, (z+1)·chunk) of the query's range, so a long KV length is spread over many
+   workgroups instead of one per head, and writes its partial (max m, sum l, unnormalized Σ w·v)
+   to binding 1 as [(i·n_head + h)·n_split + z][2 + HD]; attn_merge.comp combines the chunks.
+   Without SPLIT the range is the whole [0, n_keys) and the arithmetic is what it always was. */
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
@@ -48,6 +53,11 @@ void main() {
     uint pos = uint(int(STEP_POS0) + pc.pos_delta) + i;
     uint p0 = pc.window != 0u && pos >= pc.window ? pos + 1u - pc.window : 0u;
     uint n_keys = pos + 1u - p0;
+    uint k_lo = 0u, k_hi = n_keys;                           /* this workgroup's keys */
+#ifdef SPLIT
+    k_lo = min(gl_WorkGroupID.z * pc.chunk, n_keys);
+    k_hi = min(k_lo + pc.chunk, n_keys);
+#endif
     uint r0 = p0 % pc.rows;                                  /* ring row of key 0; key j at r0 + j, wrapped once at most */
     uint qo = (i * pc.n_head + h) * hd;
     for (uint d = tid; d < HD; d += 128u) qs[d] = q[qo + d];
@@ -58,10 +68,10 @@ void main() {
     uint key = tid >> 2, quarter = tid & 3u;
     float m = NEG_INF, l = 0.0, oa[ND];
     [[unroll]] for (uint j = 0u; j < ND; j++) oa[j] = 0.0;
-    for (uint kb = 0u; kb < n_keys; kb += KB) {
+    for (uint kb = k_lo; kb < k_hi; kb += KB) {
         uint p = kb + key;
         float s = 0.0;
-        if (p < n_keys) {
+        if (p < k_hi) {
             uint row = r0 + p;
             if (row >= pc.rows) row -= pc.rows;
             uint base = row * pc.kvw + kvh * hd + quarter * dq, qb = quarter * dq;
@@ -94,7 +104,7 @@ void main() {
         barrier();
         if (tid < KB) {
             float t = (part[4u * tid] + part[4u * tid + 1u]) + (part[4u * tid + 2u] + part[4u * tid + 3u]);
-            ps[tid] = kb + tid < n_keys ? t * pc.scale : NEG_INF;
+            ps[tid] = kb + tid < k_hi ? t * pc.scale : NEG_INF;
         }
         barrier();
         float bm = m;
@@ -106,7 +116,7 @@ void main() {
         m = bm;
         float sum = 0.0;
         [[unroll]] for (uint j = 0u; j < ND; j++) oa[j] *= alpha;
-        uint last = n_keys - 1u;
+        uint last = k_hi - 1u;
         [[unroll]] for (uint j = 0u; j < KB; j++) {
             float w = ps[j]; /* 0 past the last key */
             uint row = r0 + min(kb + j, last);
@@ -119,7 +129,19 @@ void main() {
         l = l * alpha + sum;
         barrier();
     }
+#ifdef SPLIT
+    /* an empty chunk (none is recorded, but a replayed one may be) leaves m = -inf, l = 0, o = 0:
+       weight 0 in the merge */
+    uint so = ((i * pc.n_head + h) * gl_NumWorkGroups.z + gl_WorkGroupID.z) * (HD + 2u);
+    if (tid == 0u) {
+        o[so] = m;
+        o[so + 1u] = l;
+    }
+    [[unroll]] for (uint e = 0u; e < ND; e++)
+        if (tid + 128u * e < HD) o[so + 2u + tid + 128u * e] = oa[e];
+#else
     uint oo = (i * pc.n_head + h) * hd;
     [[unroll]] for (uint e = 0u; e < ND; e++)
         if (tid + 128u * e < HD) o[oo + tid + 128u * e] = oa[e] / l;
+#endif
 }

@@ -149,6 +149,35 @@ static void test_reference_cpu(void **state) {
     for (size_t i = 0; i < sizeof k_fixtures / sizeof k_fixtures[0]; i++) check_reference(k_fixtures[i], MOE_BACKEND_CPU, 1);
 }
 
+/* decode at depth on Vulkan against the CPU (gpu_exact): 700 tokens of context, then 4 decode
+   steps; the full layers decode with split-KV attention (over 512 keys), the sliding ones (window
+   8) with the one-workgroup kernel over their ring; e2b's KV-shared layers read another layer's
+   cache. f32 KV within TOL_F32. f16 KV: each backend rounds its own K and V to binary16, and the
+   two differ by up to the sum of their errors against an f32 engine, 2 × the reference test's
+   f16 tolerance (the moe fixture: 2.58e-3 here, the same with the one-workgroup kernels that
+   VK_SPLIT_MIN / VK_TILE_MIN = 100000 select, against 1.3e-6 with f32 KV). */
+static void test_depth_vulkan(void **state) {
+    (void)state;
+    static const char *const names[] = {"moe", "e2b"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char dir[256];
+        snprintf(dir, sizeof dir, FIX "%s", names[i]);
+        moe_model *mv = load(dir, MOE_BACKEND_VULKAN);
+        if (!mv) return;
+        moe_model *mc = load(dir, MOE_BACKEND_CPU);
+        moe_model_info info;
+        assert_int_equal(moe_model_get_info(mv, &info), MOE_OK);
+        double e32 = tu_depth_decode_err(mv, mc, MOE_KV_F32, 700, 4, info.n_vocab);
+        double e16 = tu_depth_decode_err(mv, mc, MOE_KV_F16, 700, 4, info.n_vocab), tol16 = 2.0 * fmax(TOL_F16, 1.25 * fixture_f16(names[i]));
+        print_message("[ RESULT   ] %-9s decode at depth 700, Vulkan vs CPU: f32 KV %.2e (tolerance %.1e), f16 KV %.2e (tolerance %.1e)\n",
+                      names[i], e32, TOL_F32, e16, tol16);
+        moe_model_free(mv);
+        moe_model_free(mc);
+        assert_true(e32 <= TOL_F32);
+        assert_true(e16 <= tol16);
+    }
+}
+
 static void test_reference_vulkan(void **state) {
     (void)state;
     for (size_t i = 0; i < sizeof k_fixtures / sizeof k_fixtures[0]; i++) {
@@ -358,6 +387,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reference_cpu),
         cmocka_unit_test(test_reference_vulkan),
+        cmocka_unit_test(test_depth_vulkan),
         cmocka_unit_test(test_bitwise_cpu),
         cmocka_unit_test(test_gguf_roundtrip),
         cmocka_unit_test(test_bad_gguf),

@@ -104,10 +104,10 @@ static inline double row_rel_err(const float *a, const float *ref, int n_vocab) 
     return d / fmax((double)hi - (double)lo, 1e-30);
 }
 
-/* A context of 256 positions over model m (asserts success). */
-static inline moe_ctx *tu_new_ctx(moe_model *m, int32_t kv_type, int32_t logits_all, int32_t n_batch) {
+/* A context of n_ctx positions over model m (asserts success). */
+static inline moe_ctx *tu_new_ctx_n(moe_model *m, int32_t kv_type, int32_t logits_all, int32_t n_batch, int32_t n_ctx) {
     moe_ctx_params cp = {0};
-    cp.n_ctx = 256;
+    cp.n_ctx = n_ctx;
     cp.kv_type = kv_type;
     cp.logits_all = logits_all;
     cp.n_batch = n_batch;
@@ -117,6 +117,41 @@ static inline moe_ctx *tu_new_ctx(moe_model *m, int32_t kv_type, int32_t logits_
     assert_int_equal(st, MOE_OK);
     assert_non_null(c);
     return c;
+}
+
+/* A context of 256 positions over model m (asserts success). */
+static inline moe_ctx *tu_new_ctx(moe_model *m, int32_t kv_type, int32_t logits_all, int32_t n_batch) {
+    return tu_new_ctx_n(m, kv_type, logits_all, n_batch, 256);
+}
+
+/* Decode at depth, model a against model b (e.g. Vulkan against the CPU): both prefill the same
+   n_fill pseudo-random tokens, then decode n_dec more one at a time; returns the worst
+   row_rel_err of a's logits against b's (the prefill's last row and every decode step's). Past 512 keys the Vulkan backend decodes with
+   split-KV attention (moe_vk.c VK_SPLIT_MIN), which the 48-token fixtures never reach. */
+static inline double tu_depth_decode_err(moe_model *a, moe_model *b, int32_t kv_type, int n_fill, int n_dec, int n_vocab) {
+    int32_t *tok = malloc((size_t)(n_fill + n_dec) * sizeof *tok);
+    float *ref = malloc((size_t)n_vocab * sizeof *ref);
+    assert_non_null(tok);
+    assert_non_null(ref);
+    for (int i = 0; i < n_fill + n_dec; i++) tok[i] = (int32_t)(((uint32_t)i * 2654435761u + 7u) % (uint32_t)n_vocab);
+    moe_ctx *ca = tu_new_ctx_n(a, kv_type, 0, 0, n_fill + n_dec), *cb = tu_new_ctx_n(b, kv_type, 0, 0, n_fill + n_dec);
+    double worst = 0;
+    for (int i = n_fill; i <= n_fill + n_dec; i++) { /* the prefill's last row, then each decode step's */
+        int at = i == n_fill ? 0 : i - 1, n = i == n_fill ? n_fill : 1;
+        assert_int_equal(moe_step(ca, &tok[at], n), MOE_OK);
+        assert_int_equal(moe_step(cb, &tok[at], n), MOE_OK);
+        const float *la = moe_logits(ca, -1), *lb = moe_logits(cb, -1);
+        assert_non_null(la);
+        assert_non_null(lb);
+        memcpy(ref, lb, (size_t)n_vocab * sizeof *ref);
+        assert_true(all_finite(la, (size_t)n_vocab));
+        worst = fmax(worst, row_rel_err(la, ref, n_vocab));
+    }
+    moe_ctx_free(ca);
+    moe_ctx_free(cb);
+    free(tok);
+    free(ref);
+    return worst;
 }
 
 #endif

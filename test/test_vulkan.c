@@ -163,7 +163,7 @@ static void synth_weight(synth *s, moe_weight *w, const char *name, int32_t type
 }
 
 /* types: [0] token embedding and output, [1] attention, [2] gate, [3] up, [4] down */
-static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t seed) {
+static void synth_make_hd(synth *s, const int32_t types[5], int vocab, uint64_t seed, int head_dim) {
     memset(s, 0, sizeof *s);
     rng_t r = {seed};
     moe_hparams *hp = &s->w.hp;
@@ -172,7 +172,7 @@ static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t see
     hp->n_layer = 1;
     hp->n_head = 4;
     hp->n_head_kv = 2;
-    hp->head_dim = 64;
+    hp->head_dim = head_dim;
     hp->n_ctx_train = 4096;
     hp->n_expert = 8;
     hp->n_expert_used = 3;
@@ -215,6 +215,8 @@ static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t see
     s->w.layers = L;
 }
 
+static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t seed) { synth_make_hd(s, types, vocab, seed, 64); }
+
 static void synth_free(synth *s) {
     for (int i = 0; i < s->n_mem; i++) free(s->mem[i]);
     s->n_mem = 0;
@@ -228,11 +230,11 @@ typedef struct pair {
     int n_batch;
 } pair;
 
-static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
+static void pair_new_ctx(pair *p, synth *s, int32_t kv_type, int n_batch, int n_ctx) {
     memset(p, 0, sizeof *p);
     p->s = s;
     p->n_batch = n_batch;
-    moe_ctx_shape sh = {256, n_batch, kv_type, 1, 2, 1, NULL, NULL, 0, 0, 0}; /* the CPU reference in exact (f32) mode */
+    moe_ctx_shape sh = {n_ctx, n_batch, kv_type, 1, 2, 1, NULL, NULL, 0, 0, 0}; /* the CPU reference in exact (f32) mode */
     assert_int_equal(cpu_ctx_new(&s->w, &sh, &p->cpu), MOE_OK);
     moe_status st = moe_vk_init(&s->w, 0, 0, test_log, NULL, &p->vk);
     if (st) print_error("moe_vk_init: %s (%s)\n", moe_status_str(st), moe_last_error());
@@ -241,6 +243,8 @@ static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) {
     if (st) print_error("moe_vk_ctx_new: %s (%s)\n", moe_status_str(st), moe_last_error());
     assert_int_equal(st, MOE_OK);
 }
+
+static void pair_new(pair *p, synth *s, int32_t kv_type, int n_batch) { pair_new_ctx(p, s, kv_type, n_batch, 256); }
 
 static void pair_free(pair *p) {
     moe_vk_ctx_free(p->gpu);
@@ -493,6 +497,56 @@ static void test_ops_common(void **state) {
 }
 
 /* ---- fixtures: Vulkan against transformers, and against the CPU backend ---- */
+/* ---- long-context attention kernels against the CPU, f32 and f16 KV, with and without sliding
+   windows. Split-KV decode (moe_vk.c VK_SPLIT_MIN): a decode token over more than 512 keys runs
+   attn.comp -DSPLIT on chunks of the keys and attn_merge.comp on the partials: at 513 keys (a last
+   chunk of one key), 1,026 and 1,798 (windows 700, 513 and 1,000 split, 300 does not). Tiled
+   prefill (VK_TILE_MIN): steps of more than 128 tokens run attn_tile.comp, also with partial
+   query blocks (250, 156, 129 tokens) and windows; 128 and fewer stay on attn.comp. Head sizes
+   64 and 128 (Qwen3-30B's) ---- */
+static void test_attn_long(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    int32_t types[5] = {MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32, MOE_TYPE_F32};
+    rng_t r = {9};
+    /* (pos0, n, window) */
+    static const int steps[][3] = {{0, 256, 0},     {256, 256, 0},   {512, 1, 0},      {513, 250, 0},   {763, 256, 0},
+                                   {1019, 6, 0},    {1025, 1, 0},    {1026, 1, 700},  {1027, 1, 513},   {1028, 1, 300},  {1029, 100, 300},
+                                   {1129, 256, 0},  {1385, 256, 700}, {1641, 156, 300},  {1797, 1, 0},    {1798, 1, 1000},
+                                   {1799, 129, 0},  {1928, 128, 0}};
+    for (int run = 0; run < 4; run++) { /* head size 64 and 128 (Qwen3-30B's), f32 and f16 KV */
+        int kv = run & 1, hd = run < 2 ? 64 : 128;
+        synth s;
+        synth_make_hd(&s, types, 64, 11, hd);
+        const moe_hparams *hp = &s.w.hp;
+        pair p;
+        pair_new_ctx(&p, &s, kv ? MOE_KV_F16 : MOE_KV_F32, 256, 2304);
+        double tol = kv ? TOL_OP_F16KV : TOL_OP, worst = 0;
+        for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
+            int pos0 = steps[i][0], n = steps[i][1];
+            pair_rand(&p, ACT_Q, n, 1.0f, &r);
+            pair_rand(&p, ACT_K, n, 1.0f, &r);
+            pair_rand(&p, ACT_V, n, 1.0f, &r);
+            moe_attn a = s.layer.p.attn;
+            a.window = steps[i][2];
+            a.scale = 1.0f / sqrtf((float)hp->head_dim) * 4.0f; /* sharper than usual: softmax not flat */
+            k_cpu_ops.attention(p.cpu, &a, n, pos0);
+            gpu_begin(&p);
+            moe_vk_ops.attention(p.gpu, &a, n, pos0);
+            gpu_end(&p);
+            char what[96];
+            snprintf(what, sizeof what, "attention (head %d, %s KV) pos0=%d n=%d window=%d", hd, kv ? "f16" : "f32", pos0, n, a.window);
+            double e = pair_err(&p, ACT_ATTN, n);
+            worst = fmax(worst, e);
+            CHECK_ERR(what, e, tol);
+        }
+        printf("[ RESULT   ] split-KV decode and tiled prefill attention, head %d, %s KV: max|d|/max %.3e (tol %.0e)\n", hd, kv ? "f16" : "f32",
+               worst, tol);
+        pair_free(&p);
+        synth_free(&s);
+    }
+}
+
 static moe_model *load_model(const char *path, int32_t backend) {
     moe_load_params lp = {0};
     lp.backend = backend;
@@ -697,6 +751,28 @@ static void test_step_batch(void **state) {
     }
     for (int i = 0; i < N; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
     moe_model_free(m);
+}
+
+/* ---- decode at depth through the API: 700 tokens of context, then 4 decode steps (701..704
+   keys: split-KV attention, 3 chunks) on Vulkan against the CPU, f32 and f16 KV, within the
+   fixture tolerances ---- */
+static void test_depth_decode(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    moe_model *mv = load_model("test/fixtures/qwen3moe_q8_0.gguf", MOE_BACKEND_VULKAN),
+              *mc = load_model("test/fixtures/qwen3moe_q8_0.gguf", MOE_BACKEND_CPU);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(mv, &info), MOE_OK);
+    const int cm = mv->vk->coopmat;
+    double e32 = tu_depth_decode_err(mv, mc, MOE_KV_F32, 700, 4, info.n_vocab);
+    double e16 = tu_depth_decode_err(mv, mc, MOE_KV_F16, 700, 4, info.n_vocab);
+    const double tol32 = cm ? TOL_CM : TOL_F32, tol16 = cm ? TOL_CM : TOL_F16;
+    printf("[ RESULT   ] decode at depth 700, Vulkan vs CPU: f32-KV max|d|/range %.3e (tol %.0e) | f16-KV %.3e (tol %.0e)\n", e32, tol32,
+           e16, tol16);
+    moe_model_free(mv);
+    moe_model_free(mc);
+    assert_true(e32 <= tol32);
+    assert_true(e16 <= tol16);
 }
 
 /* ---- the model outlives its contexts (reference counted): freeing the model while contexts are
@@ -986,6 +1062,8 @@ int main(void) {
         TS("ops_mxfp4", test_ops_type, &k_all_types[8]),
         T(test_ops_mixed_experts),
         T(test_split_windows),
+        T(test_attn_long),
+        T(test_depth_decode),
         T(test_model_outlives_contexts),
         T(test_step_batch),
         TS("fixture_f32", run_fixture, names[0]), TS("fixture_f16", run_fixture, names[1]),
