@@ -84,8 +84,18 @@ static int win_mutex_unlock(win_mutex *m) { ReleaseSRWLockExclusive(m); return 0
 #else
 #include <dlfcn.h>
 #include <pthread.h>
+#ifdef __APPLE__
+/* macOS: Vulkan through MoltenVK, with the Khronos loader (the Vulkan SDK or Homebrew's
+   vulkan-loader: libvulkan.1.dylib, on the dyld path or in the usual prefixes) or MoltenVK's own
+   library as the loader. Its devices are portability devices: see vk_create_instance. Compiled
+   here only against Linux headers (no macOS machine): untested. */
+#define VK_LOADER_NAMES {"libvulkan.1.dylib", "libvulkan.dylib", "/usr/local/lib/libvulkan.1.dylib", \
+                         "/opt/homebrew/lib/libvulkan.1.dylib", "libMoltenVK.dylib"}
+#define VK_LOADER_MISSING "the Vulkan loader libvulkan.1.dylib (or libMoltenVK.dylib) was not found (install the Vulkan SDK, or brew install molten-vk vulkan-loader)"
+#else
 #define VK_LOADER_NAMES {"libvulkan.so.1", "libvulkan.so"}
 #define VK_LOADER_MISSING "the Vulkan loader libvulkan.so.1 was not found (Debian: apt-get install libvulkan1)"
+#endif
 #include <unistd.h>
 #define VK_PID() getpid()
 #define VK_RENAME(from, to) (rename(from, to) == 0)
@@ -698,8 +708,9 @@ static int g_vk_instance_validation;   /* made with the validation layer */
 
 static moe_status vk_create_instance(moe_vk_backend *vk) {
     vk_fns *f = &vk->f;
-    const char *layers[1], *exts[1];
+    const char *layers[1], *exts[2];
     uint32_t n_layers = 0, n_exts = 0;
+    VkFlags flags = 0;
     VkDebugUtilsMessengerCreateInfoEXT mci = {VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT, NULL, 0,
         VK_DEBUG_UTILS_MESSAGE_SEVERITY_INFO_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT |
             VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT,
@@ -728,8 +739,20 @@ static moe_status vk_create_instance(moe_vk_backend *vk) {
             vk_log(vk, MOE_LOG_WARN, "MOE_VK_VALIDATION is set but %s is not available (Debian: vulkan-validationlayers)",
                    have_layer ? "VK_EXT_debug_utils" : "VK_LAYER_KHRONOS_validation");
     }
+#ifdef __APPLE__
+    { /* MoltenVK's devices are only listed to instances that ask for portability devices */
+        uint32_t n = 0;
+        VkExtensionProperties *ep = NULL;
+        if (f->EnumerateInstanceExtensionProperties(NULL, &n, NULL) == VK_SUCCESS && n && (ep = calloc(n, sizeof *ep)) &&
+            f->EnumerateInstanceExtensionProperties(NULL, &n, ep) >= VK_SUCCESS && vk_has_ext(ep, n, "VK_KHR_portability_enumeration")) {
+            exts[n_exts++] = "VK_KHR_portability_enumeration";
+            flags |= 0x00000001; /* VK_INSTANCE_CREATE_ENUMERATE_PORTABILITY_BIT_KHR */
+        }
+        free(ep);
+    }
+#endif
     VkApplicationInfo app = {VK_STRUCTURE_TYPE_APPLICATION_INFO, NULL, "moe", 1, "moe", 1, VK_API_VERSION_1_2};
-    VkInstanceCreateInfo ici = {VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO, NULL, 0, &app, n_layers, layers, n_exts, exts};
+    VkInstanceCreateInfo ici = {VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO, NULL, flags, &app, n_layers, layers, n_exts, exts};
     /* One instance per process, made by the first model and kept: every vkDestroyInstance lets the
        loader unload the driver, and the NVIDIA driver, loaded and unloaded again, stops loading
        after about 30 rounds in one process (vkCreateInstance: VK_ERROR_INCOMPATIBLE_DRIVER; seen
@@ -766,6 +789,7 @@ typedef struct vk_probe {
     uint32_t qfam, subgroup, ts_bits, qcount;
     VkDeviceSize max_alloc;
     int coopmat, global_priority;   /* VK_EXT_global_priority (or _KHR) offered: logged, not used */
+    int portability;                /* VK_KHR_portability_subset offered (MoltenVK): must be enabled */
     char why[200];
 } vk_probe;
 
@@ -818,6 +842,7 @@ static void vk_probe_device(moe_vk_backend *vk, VkPhysicalDevice pd, vk_probe *p
     VkPhysicalDeviceShaderFloat16Int8Features f16 = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES, &vmm, 0, 0};
     int has_cm_ext = ext && vk_has_ext(ext, n_ext, "VK_NV_cooperative_matrix");
     p->global_priority = ext && (vk_has_ext(ext, n_ext, "VK_EXT_global_priority") || vk_has_ext(ext, n_ext, "VK_KHR_global_priority"));
+    p->portability = ext && vk_has_ext(ext, n_ext, "VK_KHR_portability_subset");
     if (has_cm_ext) vmm.pNext = &cmf;
     VkPhysicalDeviceFeatures2 ft;
     memset(&ft, 0, sizeof ft);
@@ -943,7 +968,11 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int
        the device against other processes' rendering, needs privileges and is not asked for) */
     float prio[2] = {1.0f, 0.0f};
     VkDeviceQueueCreateInfo qci = {VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO, NULL, 0, vk->qfam, p->qcount >= 2 ? 2u : 1u, prio};
-    const char *exts[2] = {"VK_KHR_push_descriptor", "VK_NV_cooperative_matrix"};
+    /* a portability device (MoltenVK) must get VK_KHR_portability_subset enabled (the spec) */
+    const char *exts[3] = {"VK_KHR_push_descriptor", NULL, NULL};
+    uint32_t n_exts = 1;
+    if (vk->coopmat) exts[n_exts++] = "VK_NV_cooperative_matrix";
+    if (p->portability) exts[n_exts++] = "VK_KHR_portability_subset";
     VkPhysicalDeviceCooperativeMatrixFeaturesNV cmf = {VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV, NULL, 1, 0};
     /* the coopmat shaders use the Vulkan memory model; with it on, every shader's atomics (device
        scope by default in GLSL) need vulkanMemoryModelDeviceScope too */
@@ -954,7 +983,7 @@ static moe_status vk_create_device(moe_vk_backend *vk, int32_t device_index, int
     ft.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2;
     ft.pNext = vk->coopmat ? &f16 : NULL;
     ft.features.shaderStorageBufferArrayDynamicIndexing = 1;
-    VkDeviceCreateInfo dci = {VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, &ft, 0, 1, &qci, 0, NULL, vk->coopmat ? 2u : 1u, exts, NULL};
+    VkDeviceCreateInfo dci = {VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, &ft, 0, 1, &qci, 0, NULL, n_exts, exts, NULL};
     r = f->CreateDevice(vk->pd, &dci, NULL, &vk->dev);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkCreateDevice on %s failed (%s)", p->props.deviceName, vk_result_str(r));
     const char *missing = vk_load_device(f, vk->dev);
@@ -1158,6 +1187,7 @@ moe_status moe_vk_requirements(void *physical_device, void *get_instance_proc_ad
     vk_line(buf, c, &n, "api", "1.2");
     vk_line(buf, c, &n, "extension", "VK_KHR_push_descriptor");
     vk_line(buf, c, &n, "feature", "shaderStorageBufferArrayDynamicIndexing");
+    if (p.portability) vk_line(buf, c, &n, "extension", "VK_KHR_portability_subset"); /* MoltenVK: the spec requires it */
     if (cm) { /* optional: prefill on tensor cores */
         vk_line(buf, c, &n, "extension", "VK_NV_cooperative_matrix");
         vk_line(buf, c, &n, "feature", "cooperativeMatrix");
