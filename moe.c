@@ -6999,6 +6999,7 @@ static void cpu_embed(void *be, int dst, const moe_weight *w, const moe_token *t
 
 static void cpu_rmsnorm(void *be, int dst, int src, const moe_weight *w, int n_rows, int width, float eps) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: its inputs were never computed (valgrind) */
     const float *g = w ? (const float *)w->data : NULL;
     for (int r = 0; r < n_rows; r++) {
         const float *x = act_row(cc, src, r, width);
