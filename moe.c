@@ -6992,6 +6992,7 @@ static int act_width(const moe_weights *w, int buf) {
 
 static void cpu_embed(void *be, int dst, const moe_weight *w, const moe_token *tokens, int n) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     const moe_type_traits *tt = type_traits(w->type);
     for (int i = 0; i < n; i++)
         tt->dequant(w->data + (uint64_t)tokens[i] * w->row_bytes, act_row(cc, dst, i, (int)w->ne[0]), w->ne[0]);
@@ -7139,6 +7140,7 @@ static void cpu_matmul(void *be, int dst, const moe_weight *w, int src, int src_
 
 static void cpu_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     int half = rope->n_rot / 2;
     for (int i = 0; i < n; i++) {
         float pos = (float)(pos0 + i);
@@ -7237,6 +7239,7 @@ static void cpu_attention(void *be, const moe_attn *a, int n, int pos0) {
 
 static void cpu_add(void *be, int dst, int src, int n, int width) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     float *d = cc->act[dst];
     const float *s = cc->act[src];
     for (size_t i = 0; i < (size_t)n * (size_t)width; i++) d[i] += s[i];
@@ -7481,6 +7484,7 @@ static void cpu_experts_glu(void *be, const moe_weight *gate, const moe_weight *
 /* down rows of every pair into pair_out, then each token's weighted sum over its k slots */
 static void cpu_experts_down(void *be, int dst, const moe_weight *down, int n) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     int D = (int)down->ne[1], k = cc->route_k;
     if (cc->fail) return;
     if (!cc->xs) cpu_down_range(cc, down, down->expert_data, 0, (int)down->ne[2]);
@@ -7497,6 +7501,7 @@ static void cpu_experts_down(void *be, int dst, const moe_weight *down, int n) {
 
 static void cpu_scale(void *be, int buf, int n, int width, const moe_weight *w, float s) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     const float *g = w ? (const float *)w->data : NULL;
     for (int i = 0; i < n; i++) {
         float *x = act_row(cc, buf, i, width);
@@ -7506,11 +7511,13 @@ static void cpu_scale(void *be, int buf, int n, int width, const moe_weight *w, 
 
 static void cpu_copy(void *be, int dst, int src, int n, int width) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     memcpy(cc->act[dst], cc->act[src], (size_t)n * (size_t)width * sizeof(float));
 }
 
 static void cpu_glu(void *be, int dst, int gate, int up, int up_col0, int up_stride, int n, int width, int act) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     for (int i = 0; i < n; i++) {
         const float *g = act_row(cc, gate, i, width), *u = act_row(cc, up, i, up_stride) + up_col0;
         float *y = act_row(cc, dst, i, width);
@@ -7520,6 +7527,7 @@ static void cpu_glu(void *be, int dst, int gate, int up, int up_col0, int up_str
 
 static void cpu_softcap(void *be, int buf, int n, int width, float cap) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     float *x = cc->act[buf];
     for (size_t i = 0; i < (size_t)n * (size_t)width; i++) x[i] = cap * tanhf(x[i] / cap);
 }
@@ -7582,6 +7590,7 @@ static float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 static void cpu_split_heads(void *be, int dst_a, int dst_b, int src, int n, int n_head, int head_dim) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     size_t hb = (size_t)head_dim * sizeof(float);
     for (int i = 0; i < n; i++)
         for (int h = 0; h < n_head; h++) {
@@ -7593,6 +7602,7 @@ static void cpu_split_heads(void *be, int dst_a, int dst_b, int src, int n, int 
 
 static void cpu_sigmoid_mul(void *be, int dst, int gate, int n, int width) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     float *d = cc->act[dst];
     const float *g = cc->act[gate];
     for (size_t i = 0; i < (size_t)n * (size_t)width; i++) d[i] *= sigmoid_f(g[i]);
@@ -7600,6 +7610,7 @@ static void cpu_sigmoid_mul(void *be, int dst, int gate, int n, int width) {
 
 static void cpu_gate_rows(void *be, int dst, int src, const moe_weight *w, int n, int width) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     for (int i = 0; i < n; i++) {
         float g = sigmoid_f(cc->k.dot((const float *)w->data, act_row(cc, src, i, width), width));
         float *d = act_row(cc, dst, i, width);
@@ -7791,6 +7802,7 @@ static void cpu_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_
 
 static void cpu_gated_rmsnorm(void *be, int dst, int gate, const moe_weight *w, int n_rows, int width, float eps) {
     cpu_ctx *cc = be;
+    if (cc->fail) return; /* a cancelled or failed step: inputs never computed */
     const float *g = (const float *)w->data;
     for (int r = 0; r < n_rows; r++) {
         float *x = act_row(cc, dst, r, width);
