@@ -154,4 +154,15 @@ static inline double tu_depth_decode_err(moe_model *a, moe_model *b, int32_t kv_
     return worst;
 }
 
+/* the teardown of every Vulkan test: the validation layer (MOE_VK_VALIDATION=1) must have said
+   nothing (needs moe_vk.c, included before this header) */
+static inline int teardown_validation(void **state) {
+    (void)state;
+    long n = g_vk_validation_messages;
+    g_vk_validation_messages = 0;
+    if (n) fprintf(stderr, "%ld validation message(s) (see above)\n", n);
+    assert_int_equal(n, 0);
+    return 0;
+}
+
 #endif

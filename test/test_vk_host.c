@@ -209,14 +209,6 @@ static void host_destroy(host *H) {
         }                                                                                              \
     } while (0)
 
-static int teardown_validation(void **state) {
-    (void)state;
-    long n = g_vk_validation_messages;
-    g_vk_validation_messages = 0;
-    if (n) fprintf(stderr, "%ld validation message(s) (see above)\n", n);
-    assert_int_equal(n, 0);
-    return 0;
-}
 
 /* load, prefill 7 tokens, decode 1; the logits of both steps into out (2 * n_vocab) */
 static moe_status run_model(const moe_load_params *lp, float *out, int32_t n_vocab, double *t_first) {

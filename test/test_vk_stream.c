@@ -64,14 +64,6 @@ static int vulkan_available(void) {
         }                                                                                                       \
     } while (0)
 
-static int teardown_validation(void **state) {
-    (void)state;
-    long n = g_vk_validation_messages;
-    g_vk_validation_messages = 0;
-    if (n) fprintf(stderr, "%ld validation message(s) (see above)\n", n);
-    assert_int_equal(n, 0);
-    return 0;
-}
 
 static moe_model *load_vk(const char *path, uint64_t gpu_budget, uint64_t host_budget, moe_status *st_out) {
     moe_load_params lp = {0};

@@ -93,15 +93,6 @@ static int vulkan_available(void) {
         }                                                                                      \
     } while (0)
 
-/* every test ends here: the validation layer must have said nothing */
-static int teardown_validation(void **state) {
-    (void)state;
-    long n = g_vk_validation_messages;
-    g_vk_validation_messages = 0;
-    if (n) fprintf(stderr, "%ld validation message(s) (see above)\n", n);
-    assert_int_equal(n, 0);
-    return 0;
-}
 
 /* ---- a synthetic one-layer Qwen3-MoE model in memory ---- */
 typedef struct rng_t { uint64_t s; } rng_t;
