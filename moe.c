@@ -2296,58 +2296,53 @@ static void q8a_block_acc(const int *w, float dw, const q8a_block *x, float *acc
     for (int L = 0; L < 8; L++) acc[L] = fmaf(d, (float)lane4(w, x->q, L), acc[L]);
 }
 
+/* The reference int8 dot products: out[i] (i = row·nt + token) = Σ over blocks of one format's
+   block accumulator, a row and a token at a time. One loop serves every format. */
+typedef void (*ref_block_acc_fn)(const uint8_t *blk, const void *x, float *acc);
+
+static void q8_dot_rows_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb,
+                            size_t w_block, size_t x_block, ref_block_acc_fn block_acc, float *out) {
+    for (int i = 0; i < nr * nt; i++) {
+        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
+        const uint8_t *xb = x[i % nt];
+        float acc[8] = {0};
+        for (int64_t b = 0; b < nb; b++) block_acc(w + w_block * (size_t)b, xb + x_block * (size_t)b, acc);
+        out[i] = lanes8_sum(acc);
+    }
+}
+
+static void q8_0_block_acc(const uint8_t *p, const void *x, float *acc) {
+    int q[32];
+    for (int j = 0; j < 32; j++) q[j] = (int8_t)p[2 + j];
+    q8a_block_acc(q, fp16_to_f32(rd16(p)), x, acc);
+}
+
+static void q4_0_block_acc(const uint8_t *p, const void *x, float *acc) {
+    int q[32];
+    for (int j = 0; j < 16; j++) {
+        q[j] = (p[2 + j] & 0xf) - 8;
+        q[j + 16] = (p[2 + j] >> 4) - 8;
+    }
+    q8a_block_acc(q, fp16_to_f32(rd16(p)), x, acc);
+}
+
+static void mxfp4_block_acc(const uint8_t *p, const void *x, float *acc) {
+    int q[32];
+    for (int j = 0; j < 16; j++) {
+        q[j] = k_mxfp4_values[p[1 + j] & 0xf];
+        q[j + 16] = k_mxfp4_values[p[1 + j] >> 4];
+    }
+    q8a_block_acc(q, e8m0_to_f32_half(p[0]), x, acc);
+}
+
 static void q8_dot_q8_0_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int i = 0; i < nr * nt; i++) {
-        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
-        int t = i % nt;
-        const q8a_block *xb = x[t];
-        float acc[8] = {0};
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *p = w + 34 * b;
-            int q[32];
-            for (int j = 0; j < 32; j++) q[j] = (int8_t)p[2 + j];
-            q8a_block_acc(q, fp16_to_f32(rd16(p)), &xb[b], acc);
-        }
-        out[i] = lanes8_sum(acc);
-    }
+    q8_dot_rows_ref(w0, rb, nr, x, nt, nb, 34, sizeof(q8a_block), q8_0_block_acc, out);
 }
-
 static void q8_dot_q4_0_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int i = 0; i < nr * nt; i++) {
-        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
-        int t = i % nt;
-        const q8a_block *xb = x[t];
-        float acc[8] = {0};
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *p = w + 18 * b;
-            int q[32];
-            for (int j = 0; j < 16; j++) {
-                q[j] = (p[2 + j] & 0xf) - 8;
-                q[j + 16] = (p[2 + j] >> 4) - 8;
-            }
-            q8a_block_acc(q, fp16_to_f32(rd16(p)), &xb[b], acc);
-        }
-        out[i] = lanes8_sum(acc);
-    }
+    q8_dot_rows_ref(w0, rb, nr, x, nt, nb, 18, sizeof(q8a_block), q4_0_block_acc, out);
 }
-
 static void q8_dot_mxfp4_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int i = 0; i < nr * nt; i++) {
-        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
-        int t = i % nt;
-        const q8a_block *xb = x[t];
-        float acc[8] = {0};
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *p = w + 17 * b;
-            int q[32];
-            for (int j = 0; j < 16; j++) {
-                q[j] = k_mxfp4_values[p[1 + j] & 0xf];
-                q[j + 16] = k_mxfp4_values[p[1 + j] >> 4];
-            }
-            q8a_block_acc(q, e8m0_to_f32_half(p[0]), &xb[b], acc);
-        }
-        out[i] = lanes8_sum(acc);
-    }
+    q8_dot_rows_ref(w0, rb, nr, x, nt, nb, 17, sizeof(q8a_block), mxfp4_block_acc, out);
 }
 
 /* Q4_K / Q5_K super-block (qh NULL for Q4_K):
@@ -2374,26 +2369,14 @@ static void k45_block_acc(const uint8_t *blk, const uint8_t *qh, const uint8_t *
     }
 }
 
-static void q8_dot_q4_k_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int i = 0; i < nr * nt; i++) {
-        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
-        int t = i % nt;
-        const q8k_block *xb = x[t];
-        float acc[8] = {0};
-        for (int64_t b = 0; b < nb; b++) k45_block_acc(w + 144 * b, NULL, w + 144 * b + 16, &xb[b], acc);
-        out[i] = lanes8_sum(acc);
-    }
-}
+static void q4_k_block_acc(const uint8_t *blk, const void *x, float *acc) { k45_block_acc(blk, NULL, blk + 16, x, acc); }
+static void q5_k_block_acc(const uint8_t *blk, const void *x, float *acc) { k45_block_acc(blk, blk + 16, blk + 48, x, acc); }
 
+static void q8_dot_q4_k_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
+    q8_dot_rows_ref(w0, rb, nr, x, nt, nb, 144, sizeof(q8k_block), q4_k_block_acc, out);
+}
 static void q8_dot_q5_k_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int i = 0; i < nr * nt; i++) {
-        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
-        int t = i % nt;
-        const q8k_block *xb = x[t];
-        float acc[8] = {0};
-        for (int64_t b = 0; b < nb; b++) k45_block_acc(w + 176 * b, w + 176 * b + 16, w + 176 * b + 48, &xb[b], acc);
-        out[i] = lanes8_sum(acc);
-    }
+    q8_dot_rows_ref(w0, rb, nr, x, nt, nb, 176, sizeof(q8k_block), q5_k_block_acc, out);
 }
 
 /* Q6_K super-block, chunk c = elements 32c..32c+31 (half c/4, part c%4 of dequant_q6_k), codes
@@ -2402,7 +2385,8 @@ static void q8_dot_q5_k_ref(const uint8_t *w0, size_t rb, int nr, const void *co
      lane[L] = raw[L] − 32·(sc[2L]·bsum16[2L] + sc[2L+1]·bsum16[2L+1])
      acc[L]  = fma(d·dx, lane[L], acc[L])
    |raw| ≤ 8·128·4·63·127 = 3.3e7 and the correction ≤ 32·2·128·16·127: int32 is exact. */
-static void q6_k_block_acc(const uint8_t *blk, const q8k_block *x, float *acc) {
+static void q6_k_block_acc(const uint8_t *blk, const void *xv, float *acc) {
+    const q8k_block *x = xv;
     const int8_t *sc = (const int8_t *)(blk + 192);
     int32_t lane[8] = {0};
     for (int c = 0; c < 8; c++) {
@@ -2419,14 +2403,7 @@ static void q6_k_block_acc(const uint8_t *blk, const q8k_block *x, float *acc) {
 }
 
 static void q8_dot_q6_k_ref(const uint8_t *w0, size_t rb, int nr, const void *const *x, int nt, int64_t nb, float *out) {
-    for (int i = 0; i < nr * nt; i++) {
-        const uint8_t *w = w0 + (size_t)(i / nt) * rb;
-        int t = i % nt;
-        const q8k_block *xb = x[t];
-        float acc[8] = {0};
-        for (int64_t b = 0; b < nb; b++) q6_k_block_acc(w + 210 * b, &xb[b], acc);
-        out[i] = lanes8_sum(acc);
-    }
+    q8_dot_rows_ref(w0, rb, nr, x, nt, nb, 210, sizeof(q8k_block), q6_k_block_acc, out);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
