@@ -914,5 +914,5 @@ int main(void) {
         cmocka_unit_test(test_abort_exact),
         cmocka_unit_test(test_submit_wait),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("api", tests);
 }

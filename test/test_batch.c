@@ -302,5 +302,5 @@ int main(void) {
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_one_by_one),
     };
-    return cmocka_run_group_tests_name("batch", tests, NULL, NULL);
+    return tu_run_tests("batch", tests);
 }

@@ -151,5 +151,5 @@ int main(void) {
         cmocka_unit_test(test_greedy),
         cmocka_unit_test(test_perplexity),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("bundled", tests);
 }

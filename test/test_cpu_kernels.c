@@ -391,5 +391,5 @@ int main(void) {
         cmocka_unit_test(test_saturation),
         cmocka_unit_test(test_dot_n),
     };
-    return cmocka_run_group_tests_name("cpu_kernels", tests, setup, NULL);
+    return tu_run_tests_with("cpu_kernels", tests, setup, NULL);
 }

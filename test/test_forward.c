@@ -287,5 +287,5 @@ int main(void) {
         FIXTURE(8, "qwen3moe_q4_k_int8"), FIXTURE(9, "qwen3moe_mixed_int8"),
     };
 #undef FIXTURE
-    return cmocka_run_group_tests_name("forward", tests, NULL, NULL);
+    return tu_run_tests("forward", tests);
 }

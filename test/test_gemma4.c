@@ -393,5 +393,5 @@ int main(void) {
         cmocka_unit_test(test_bad_gguf),
         cmocka_unit_test(test_towers_skipped),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("gemma4", tests);
 }

@@ -717,5 +717,5 @@ int main(void) {
         cmocka_unit_test(test_bad_arguments),       cmocka_unit_test(test_load_allocation_failures),
         cmocka_unit_test(test_export),              cmocka_unit_test(test_nonfinite_weights),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("gguf", tests);
 }

@@ -261,5 +261,5 @@ int main(void) {
         cmocka_unit_test(test_hf_dirs),
         cmocka_unit_test(test_hf_malformed),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("hf", tests);
 }

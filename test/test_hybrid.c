@@ -488,7 +488,5 @@ int main(void) {
         cmocka_unit_test(test_vk_qwen35moe),
         cmocka_unit_test(test_vk_qwen35),
     };
-    const char *only = getenv("MOE_TEST_FILTER"); /* e.g. "test_vk_*": one part of the suite */
-    if (only && *only) cmocka_set_test_filter(only);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("hybrid", tests); /* MOE_TESTS="test_vk_*": one part of the suite */
 }

@@ -573,5 +573,5 @@ int main(void) {
         cmocka_unit_test(test_mxfp4_scale_byte),
         cmocka_unit_test(test_kquant_layout_by_hand),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("quant", tests);
 }

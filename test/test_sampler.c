@@ -803,5 +803,5 @@ int main(void) {
         cmocka_unit_test(test_alloc_failures),
         cmocka_unit_test(test_large_vocab),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("sampler", tests);
 }

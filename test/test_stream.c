@@ -369,5 +369,5 @@ int main(void) {
         cmocka_unit_test(test_sizes_and_minimum), V(0), V(1), V(2), V(3), V(4), V(5), V(6),
         cmocka_unit_test(test_io_error), cmocka_unit_test(test_nonfinite_streamed_expert), cmocka_unit_test(test_threads), cmocka_unit_test(test_vulkan_budgets),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return tu_run_tests("stream", tests);
 }

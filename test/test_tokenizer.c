@@ -1396,5 +1396,5 @@ int main(void) {
         cmocka_unit_test(test_gemma4),
         cmocka_unit_test(test_fuzz_tokenize),
     };
-    return cmocka_run_group_tests_name("tokenizer", tests, setup, teardown);
+    return tu_run_tests_with("tokenizer", tests, setup, teardown);
 }

@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include "moe.h"
+#include <fnmatch.h>
 #include <math.h>
 
 /* Reads a whole file into a malloc'd buffer (NULL if missing). */
@@ -164,5 +165,41 @@ static inline int teardown_validation(void **state) {
     assert_int_equal(n, 0);
     return 0;
 }
+
+/* Runs a group of tests, or the part of it that two variables select, each a comma-separated list
+   of shell patterns over the test names: MOE_TESTS (run only these) and MOE_TESTS_SKIP (not these).
+   make test's AddressSanitizer pass skips the slowest Vulkan cases this way (they run in the plain
+   pass, and all of them under ASan in make test-asan-full). Use: return tu_run_tests("name", tests); */
+static inline int tu_name_in(const char *name, const char *list) {
+    char pat[256];
+    while (list && *list) {
+        size_t n = strcspn(list, ",");
+        if (n > 0 && n < sizeof pat) {
+            memcpy(pat, list, n);
+            pat[n] = 0;
+            if (fnmatch(pat, name, 0) == 0) return 1;
+        }
+        list += n + (list[n] == ',');
+    }
+    return 0;
+}
+
+static inline int tu_run_selected(const char *group, const struct CMUnitTest *tests, size_t n, CMFixtureFunction setup,
+                                  CMFixtureFunction teardown) {
+    const char *only = getenv("MOE_TESTS"), *skip = getenv("MOE_TESTS_SKIP");
+    struct CMUnitTest *sel = malloc((n ? n : 1) * sizeof *sel);
+    if (!sel) return 1;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if ((!only || !*only || tu_name_in(tests[i].name, only)) && !tu_name_in(tests[i].name, skip)) sel[k++] = tests[i];
+    if (k < n) print_message("%s: %zu of %zu tests selected (MOE_TESTS=%s MOE_TESTS_SKIP=%s)\n", group, k, n,
+                             only ? only : "", skip ? skip : "");
+    int rc = _cmocka_run_group_tests(group, sel, k, setup, teardown);
+    free(sel);
+    return rc;
+}
+#define tu_run_tests_with(group, tests, setup, teardown) \
+    tu_run_selected(group, tests, sizeof(tests) / sizeof((tests)[0]), setup, teardown)
+#define tu_run_tests(group, tests) tu_run_tests_with(group, tests, NULL, NULL)
 
 #endif

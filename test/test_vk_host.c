@@ -514,5 +514,5 @@ int main(void) {
         T(test_requirements), T(test_host_device), T(test_less_than_required), T(test_bad_handles), T(test_pipeline_cache),
     };
 #undef T
-    return cmocka_run_group_tests_name("vk_host", tests, NULL, NULL);
+    return tu_run_tests("vk_host", tests);
 }

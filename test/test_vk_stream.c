@@ -19,7 +19,7 @@
    Fixtures: test/fixtures/qwen3moe_*.gguf; Gemma 4 (26B-A4B-like: sliding + full layers, experts
    beside the dense MLP, per-expert scales) from test/fixtures/gemma4/moe, or the GGUF test_gemma4
    writes from it (build/test/gemma4_moe.gguf), where present (skipped otherwise). Two threads
-   stepping one streamed model at once; LRU and LFU. MOE_TEST_FILTER=name runs one test.
+   stepping one streamed model at once; LRU and LFU. MOE_TESTS=name runs one test.
    Every test ends by asserting that the validation layer (MOE_VK_VALIDATION=1) said nothing.
    Without a usable Vulkan device the tests skip, unless MOE_REQUIRE_VULKAN=1. */
 #include "../moe.c"
@@ -486,7 +486,6 @@ static void test_lfu(void **state) {
 
 int main(void) {
     pin_driver();
-    if (getenv("MOE_TEST_FILTER")) cmocka_set_test_filter(getenv("MOE_TEST_FILTER")); /* e.g. "gpu_cache_q8_0" */
     static char names[][32] = {"q4_k", "f32", "mixed", "q8_0", "f16", "test/fixtures/gemma4/moe", "build/test/gemma4_moe.gguf"};
 #define TS(label, f, st) {.name = label, .test_func = f, .teardown_func = teardown_validation, .initial_state = (void *)(st)}
     const struct CMUnitTest tests[] = {
@@ -500,5 +499,5 @@ int main(void) {
         TS("tiers_nonfinite", test_tiers_nonfinite, NULL), TS("tiers_threads", test_threads, (void *)1),
     };
 #undef TS
-    return cmocka_run_group_tests_name("vk_stream", tests, NULL, NULL);
+    return tu_run_tests("vk_stream", tests); /* MOE_TESTS=gpu_cache_q8_0: one case */
 }

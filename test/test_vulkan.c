@@ -1065,6 +1065,5 @@ int main(void) {
     };
 #undef T
 #undef TS
-    if (getenv("MOE_TEST_FILTER")) cmocka_set_test_filter(getenv("MOE_TEST_FILTER")); /* e.g. "test_async_abort" */
-    return cmocka_run_group_tests_name("vulkan", tests, NULL, NULL);
+    return tu_run_tests("vulkan", tests); /* MOE_TESTS=test_async_abort: one case */
 }
