@@ -447,7 +447,7 @@ static const char *vk_result_str(VkResult r) {
 #define VK_MAX_EXPERTS 512    /* route.glsl MAX_EXPERTS */
 #define VK_MAX_TOPK 32        /* route.glsl MAX_TOPK */
 #define VK_MAX_ROPES 4        /* distinct rope settings among a model's layers */
-#define VK_VARIANTS 4         /* pipelines per kernel: values of specialization constant 1 (head size) */
+#define VK_VARIANTS 6         /* pipelines per kernel: values of specialization constants 1 and 2 (head size, heads per workgroup) */
 
 /* ---- the host-shader contract ----------------------------------------------------------------
    The text between the BEGIN and END markers below is the one description of the kernels that
@@ -456,7 +456,7 @@ static const char *vk_result_str(VkResult r) {
    gen/contract.glsl, which every shader includes; `make shaders-check` fails when that copy or
    shaders_embedded.c is stale. Push constants: X(type, field) with type uint, int or float, all
    4 bytes, so the std430 push-constant block and the C struct vk_pc_<kernel> have one layout.
-   Pipelines are keyed by (kernel, specialization constant 1); see vk_pipe. */
+   Pipelines are keyed by (kernel, specialization constants 1 and 2); see vk_pipe. */
 /* BEGIN KERNELS */
 /* KT(ENUM, name, source, defines, workgroup size): compiled once per weight type of VK_TYPES as
    name_<type> with -DT_<TYPE>; KP(...): one plain kernel */
@@ -632,7 +632,7 @@ struct moe_vk_backend {
     VkDeviceSize win_cap;      /* bytes a weight window may hold */
     VkDescriptorSetLayout dsl;
     VkPipelineLayout layout;
-    VkPipeline pipes[VKP_COUNT][VK_VARIANTS];  /* per kernel, per value of specialization constant 1 */
+    VkPipeline pipes[VKP_COUNT][VK_VARIANTS];  /* per kernel, per value of specialization constants 1 and 2 */
     uint32_t pipe_spec[VKP_COUNT][VK_VARIANTS];
     pthread_mutex_t lock;      /* lazy pipeline creation and queue submission */
     VkPipelineCache pcache;    /* every pipeline goes through it (empty unless a valid cache was given) */
@@ -2016,8 +2016,9 @@ static const moe_spirv *vk_find_spirv(const char *name) {
     return NULL;
 }
 
-/* The pipeline of kernel id with specialization constant 1 = spec (the head size for attn.comp,
-   0 for kernels without one), built on first use (under the backend's lock); *var says which of
+/* The pipeline of kernel id with specialization constants 1 = spec & 0xffff (the head size for
+   the attention kernels, 0 for kernels without one) and 2 = spec >> 16 (attn.comp's query heads
+   per workgroup; left at the shader's default when 0), built on first use (under the backend's lock); *var says which of
    the kernel's variants it is. */
 static moe_status vk_pipe(moe_vk_backend *vk, int id, uint32_t spec, VkPipeline *out, int *var) {
     pthread_mutex_lock(&vk->lock);
@@ -2038,10 +2039,11 @@ static moe_status vk_pipe(moe_vk_backend *vk, int id, uint32_t spec, VkPipeline 
             r = vk->f.CreateShaderModule(vk->dev, &smi, NULL, &mod);
         }
         if (r == VK_SUCCESS) {
-            /* constant 0: workgroup size; 1: the head size (attn.comp; others ignore it) */
-            uint32_t spec_vals[2] = {wg, spec};
-            VkSpecializationMapEntry me[2] = {{0, 0, 4}, {1, 4, 4}};
-            VkSpecializationInfo si = {2, me, 8, spec_vals};
+            /* constant 0: workgroup size; 1: the head size, spec's low 16 bits (attention kernels;
+               others ignore it); 2: spec's high 16 bits, query heads per workgroup (attn.comp) */
+            uint32_t spec_vals[3] = {wg, spec & 0xffffu, spec >> 16};
+            VkSpecializationMapEntry me[3] = {{0, 0, 4}, {1, 4, 4}, {2, 8, 4}};
+            VkSpecializationInfo si = {spec >> 16 ? 3u : 2u, me, 12, spec_vals};
             VkComputePipelineCreateInfo ci;
             memset(&ci, 0, sizeof ci);
             ci.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
@@ -2351,8 +2353,8 @@ fail:
 #define VK_DN_CHUNK_MIN 64    /* ops of this many tokens or more take the chunked delta rule */
 /* Split-KV decode attention (attn.comp -DSPLIT + attn_merge.comp). The single-workgroup kernel
    walks a head's keys 32 at a time with 4 barriers each: fine while that walk is short, but at
-   4,096 keys one workgroup per head (32 for Qwen3-30B) leaves most of a large GPU idle for ~128
-   serial iterations. Above VK_SPLIT_MIN keys a decode token's range is cut into chunks of
+   4,096 keys one workgroup per KV group (4 for Qwen3-30B, each serving its 8 query heads)
+   leaves most of a large GPU idle for ~128 serial iterations. Above VK_SPLIT_MIN keys a decode token's range is cut into chunks of
    VK_SPLIT_CHUNK keys (more once VK_SPLIT_MAX chunks would not cover it), one workgroup each,
    and a merge dispatch combines them. At <= 512 keys (16 iterations) the walk costs about what
    the second dispatch and its barrier do, and those contexts (every regression fixture) keep the
@@ -2361,7 +2363,11 @@ fail:
 #define VK_SPLIT_MIN 512
 #endif
 #define VK_SPLIT_CHUNK 256    /* a multiple of attn.comp's key block (32) */
+#define VK_SPLIT_CHUNK_MIN 64 /* chunks shrink down to this while the grid is small ... */
+#define VK_SPLIT_TARGET 256   /* ... fewer workgroups than this (an H100 has 132 SMs) */
 #define VK_SPLIT_MAX 64       /* attn_merge.comp MAX_SPLIT */
+/* query heads of one KV group per attn.comp workgroup, at most (its registers: 6·GW + GW·ND) */
+#define VK_ATTN_GW 8
 /* Tiled prefill attention (attn_tile.comp): a step of more than VK_TILE_MIN tokens, head size
    32, 64 or 128 (its thread layout: head_dim / 4 threads per query row), runs blocks of 16
    queries against shared-memory tiles of 32 keys; shorter steps keep
@@ -3482,28 +3488,38 @@ attend:;
     /* a decode token over a long range: split the keys (see VK_SPLIT_MIN). The chunk count comes
        from this step's position, so it is part of the records: a replayed command buffer always
        has the count it was recorded with for the same range of positions */
+    const int tiled = n > VK_TILE_MIN && (a->head_dim == 32 || a->head_dim == 64 || a->head_dim == 128);
+    /* attn.comp serves gw query heads of one KV group per workgroup: the largest divisor of the
+       group size up to VK_ATTN_GW (registers and shared memory grow with it) */
+    uint32_t grp = a->n_head_kv > 0 && a->n_head % a->n_head_kv == 0 ? (uint32_t)(a->n_head / a->n_head_kv) : 1, gw = 1;
+    for (uint32_t g = 1; g <= VK_ATTN_GW && g <= grp; g++)
+        if (grp % g == 0) gw = g;
     uint32_t n_split = 1, chunk = 0;
     if (n == 1) {
         int p0 = a->window && pos0 >= a->window ? pos0 - a->window + 1 : 0;
         uint32_t keys = (uint32_t)(pos0 - p0 + 1);
         if (keys > VK_SPLIT_MIN) {
+            /* halve the chunks (not below VK_SPLIT_CHUNK_MIN) while fewer than
+               VK_SPLIT_TARGET workgroups would share the work: with whole KV groups per
+               workgroup there are only n_head / gw of them per chunk */
+            uint32_t wgs = (uint32_t)a->n_head / gw;
             chunk = VK_SPLIT_CHUNK;
+            while (chunk > VK_SPLIT_CHUNK_MIN && vk_div_up(keys, chunk) * wgs < VK_SPLIT_TARGET && vk_div_up(keys, chunk / 2) <= VK_SPLIT_MAX) chunk /= 2;
             while (vk_div_up(keys, chunk) > VK_SPLIT_MAX) chunk *= 2;
             n_split = vk_div_up(keys, chunk);
         }
     }
-    const int tiled = n > VK_TILE_MIN && (a->head_dim == 32 || a->head_dim == 64 || a->head_dim == 128);
     int pipe = n_split > 1 ? (c->kv_f16 ? VKP_ATTN_SPLIT_F16 : VKP_ATTN_SPLIT_F32)
                : tiled     ? (c->kv_f16 ? VKP_ATTN_TILE_F16 : VKP_ATTN_TILE_F32)
                            : (c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32);
-    r = vk_rec_new_spec(c, pipe, (uint32_t)a->head_dim, VKC_ATTN);
+    r = vk_rec_new_spec(c, pipe, (uint32_t)a->head_dim | (tiled ? 0u : gw << 16), VKC_ATTN);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_Q], 0);
     vk_bind(r, 1, n_split > 1 ? &c->split : &c->act[ACT_ATTN], 1);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
     VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows, chunk, (uint32_t)n});
-    r->grid[0] = (uint32_t)a->n_head;
+    r->grid[0] = tiled ? (uint32_t)a->n_head : (uint32_t)a->n_head / gw;
     r->grid[1] = tiled ? vk_div_up((uint64_t)n, VK_TILE_Q) : (uint32_t)n;
     r->grid[2] = n_split;
     {
