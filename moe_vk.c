@@ -479,6 +479,8 @@ static const char *vk_result_str(VkResult r) {
     KP(ATTN_TILE_F32, attn_tile_f32, "attn_tile.comp", "-DKV_F32", 128) \
     KP(HEADWISE_F16, headwise_f16, "headwise.comp", "-DKV_F16", 64) \
     KP(HEADWISE_F32, headwise_f32, "headwise.comp", "-DKV_F32", 64) \
+    KP(ATTN_PREP_F16, attn_prep_f16, "attn_prep.comp", "-DKV_F16", 64) \
+    KP(ATTN_PREP_F32, attn_prep_f32, "attn_prep.comp", "-DKV_F32", 64) \
     KP(KVSTORE_F16, kvstore_f16, "kvstore.comp", "-DKV_F16", 64)    \
     KP(KVSTORE_F32, kvstore_f32, "kvstore.comp", "-DKV_F32", 64)    \
     KP(MOE_COMBINE, moe_combine, "moe_combine.comp", "", 256)       \
@@ -506,6 +508,8 @@ static const char *vk_result_str(VkResult r) {
 #define PC_ATTN_MERGE(X) X(uint, hd) X(uint, n_split)
 #define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
 #define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
+#define PC_ATTN_PREP(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) \
+    X(uint, rows) X(uint, gq_win) X(uint, gq_off) X(uint, gk_win) X(uint, gk_off)
 #define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta) X(uint, rows)
 #define PC_MATRIX(X)                                                      \
     X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk)                \
@@ -540,6 +544,7 @@ VK_PC_STRUCT(ATTN)
 VK_PC_STRUCT(ATTN_MERGE)
 VK_PC_STRUCT(EMBED)
 VK_PC_STRUCT(HEADWISE)
+VK_PC_STRUCT(ATTN_PREP)
 VK_PC_STRUCT(KVSTORE)
 VK_PC_STRUCT(MM)
 VK_PC_STRUCT(MV)
@@ -2366,7 +2371,9 @@ fail:
 #define VK_SPLIT_CHUNK_MIN 64 /* chunks shrink down to this while the grid is small ... */
 #define VK_SPLIT_TARGET 256   /* ... fewer workgroups than this (an H100 has 132 SMs) */
 #define VK_SPLIT_MAX 64       /* attn_merge.comp MAX_SPLIT */
-/* query heads of one KV group per attn.comp workgroup, at most (its registers: 6·GW + GW·ND) */
+/* query heads of one KV group per attn.comp workgroup, at most: its registers grow by about
+   6·GW + GW·ND floats, its shared memory to GW·(4·HD + 644) + 1 KiB bytes, 22.5 KiB at head
+   size 512, inside the 32 KiB every device moe runs on has */
 #define VK_ATTN_GW 8
 /* Tiled prefill attention (attn_tile.comp): a step of more than VK_TILE_MIN tokens, head size
    32, 64 or 128 (its thread layout: head_dim / 4 threads per query row), runs blocks of 16
@@ -3450,6 +3457,73 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
     c->fuse_idx = -1;
 }
 
+/* the window whose buffer is buf, or -1 */
+static int vk_win_of(const moe_vk_backend *vk, VkBuffer buf) {
+    for (uint32_t w = 0; w < vk->n_win; w++)
+        if (vk->win[w].buf == buf) return (int)w;
+    return -1;
+}
+
+/* Record ki (the last) is the k heads' headwise dispatch with the cache stores; if the record
+   before it is the q heads' norm/rope of the same token positions and rope table, both become one
+   attn_prep.comp dispatch at the q record's place (nothing ran between them). Otherwise, or when
+   the two norm gains are not within VK_XBUFS weight windows of each other, they stay as they are. */
+static void vk_fuse_prep(vk_ctx *c, int ki, const moe_attn *a) {
+    int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
+    if (ki - 1 < (int)c->seg0 || c->fuse_idx >= ki - 1) return;
+    vk_rec *qr = &c->recs[ki - 1], *kr = &c->recs[ki];
+    vk_pc_HEADWISE qp, kp;
+    VK_PC_GET(qr, HEADWISE, qp);
+    VK_PC_GET(kr, HEADWISE, kp);
+    if (qr->pipe != hw || qr->buf[0] != c->act[ACT_Q].buf || qp.n_heads != (uint32_t)a->n_head || qp.hd != kp.hd ||
+        qp.n_rot != kp.n_rot || qp.pos_delta != kp.pos_delta || (qp.flags & ~1u) != 2u || (kp.flags & ~1u) != 14u ||
+        qr->grid[1] != kr->grid[1] || qr->buf[3] != kr->buf[3] || qr->off[3] != kr->off[3] ||
+        ((qp.flags & kp.flags & 1u) && qp.eps != kp.eps))
+        return;
+    /* the gains: binding 2 of each record, a range of a weight window */
+    int wq = qp.flags & 1u ? vk_win_of(c->vk, qr->buf[2]) : -1, wk = kp.flags & 1u ? vk_win_of(c->vk, kr->buf[2]) : -1;
+    if (((qp.flags & 1u) && wq < 0) || ((kp.flags & 1u) && wk < 0)) return;
+    int w0 = wq < 0 ? (wk < 0 ? 0 : wk) : wk < 0 ? wq : wq < wk ? wq : wk;
+    if ((wq >= 0 && wq - w0 >= VK_XBUFS) || (wk >= 0 && wk - w0 >= VK_XBUFS)) return;
+    int pipe = c->kv_f16 ? VKP_ATTN_PREP_F16 : VKP_ATTN_PREP_F32;
+    VkPipeline pl;
+    int var;
+    moe_status st = vk_pipe(c->vk, pipe, 0, &pl, &var);
+    if (st) {
+        vk_ctx_fail(c, st, "%s", moe_last_error());
+        return;
+    }
+    vk_rec f;
+    memset(&f, 0, sizeof f);
+    f.pipe = (uint16_t)pipe;
+    f.var = (uint8_t)var;
+    f.kind = VKC_ROPE;
+    for (int s = 0; s < VK_NB; s++) { /* bindings of the fused kernel: 0 q, 1 k, 2 V rows, 3 table, 4/5 caches */
+        int from = s == 0 ? 0 : s == 1 ? 0 : s == 2 ? 1 : s;
+        const vk_rec *src = s == 0 ? qr : kr;
+        f.buf[s] = src->buf[from];
+        f.off[s] = src->off[from];
+        f.range[s] = src->range[from];
+    }
+    f.wmask = 1u | 2u | 16u | 32u;
+    f.wmode = 2;
+    f.win = (uint32_t)w0;
+    VK_PC_SET(&f, ATTN_PREP, {.n_head = qp.n_heads, .n_kv = kp.n_heads, .hd = qp.hd, .n_rot = qp.n_rot,
+                              .flags = (qp.flags & 1u) | ((kp.flags & 1u) << 1), .eps = qp.flags & 1u ? qp.eps : kp.eps,
+                              .kvw = kp.kvw, .pos_delta = qp.pos_delta, .rows = kp.rows,
+                              .gq_win = wq < 0 ? 0u : (uint32_t)(wq - w0), .gq_off = wq < 0 ? 0u : (uint32_t)(qr->off[2] / 4),
+                              .gk_win = wk < 0 ? 0u : (uint32_t)(wk - w0), .gk_off = wk < 0 ? 0u : (uint32_t)(kr->off[2] / 4)});
+    f.grid[0] = qp.n_heads + kp.n_heads;
+    f.grid[1] = qr->grid[1];
+    f.grid[2] = 1;
+    *qr = f;
+    c->n_recs--;
+    /* bytes for the profile's GB/s: q and k heads read and written, V read, K and V cache rows written */
+    double heads = (double)f.grid[1] * (qp.n_heads + kp.n_heads), kvh = (double)f.grid[1] * kp.n_heads;
+    c->rec_cost[ki - 1][0] = 8.0 * heads * qp.hd + kvh * qp.hd * (4.0 + 2.0 * (c->kv_f16 ? 2 : 4));
+    c->rec_cost[ki - 1][1] = 4.0 * heads * qp.hd;
+}
+
 static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
@@ -3471,6 +3545,7 @@ static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
             q->pc[VK_PC_WORD(HEADWISE, flags)] |= 12u; /* and the K and V cache stores */
             q->pc[VK_PC_WORD(HEADWISE, kvw)] = kvw;
             q->pc[VK_PC_WORD(HEADWISE, rows)] = rows;
+            if (i == c->n_recs - 1) vk_fuse_prep(c, i, a);
             goto attend;
         }
     }
