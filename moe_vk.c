@@ -447,7 +447,7 @@ static const char *vk_result_str(VkResult r) {
 #define VK_MAX_EXPERTS 512    /* route.glsl MAX_EXPERTS */
 #define VK_MAX_TOPK 32        /* route.glsl MAX_TOPK */
 #define VK_MAX_ROPES 4        /* distinct rope settings among a model's layers */
-#define VK_VARIANTS 4         /* pipelines per kernel: values of specialization constant 1 (head size) */
+#define VK_VARIANTS 6         /* pipelines per kernel: values of specialization constants 1 and 2 (head size, heads per workgroup) */
 
 /* ---- the host-shader contract ----------------------------------------------------------------
    The text between the BEGIN and END markers below is the one description of the kernels that
@@ -456,7 +456,7 @@ static const char *vk_result_str(VkResult r) {
    gen/contract.glsl, which every shader includes; `make shaders-check` fails when that copy or
    shaders_embedded.c is stale. Push constants: X(type, field) with type uint, int or float, all
    4 bytes, so the std430 push-constant block and the C struct vk_pc_<kernel> have one layout.
-   Pipelines are keyed by (kernel, specialization constant 1); see vk_pipe. */
+   Pipelines are keyed by (kernel, specialization constants 1 and 2); see vk_pipe. */
 /* BEGIN KERNELS */
 /* KT(ENUM, name, source, defines, workgroup size): compiled once per weight type of VK_TYPES as
    name_<type> with -DT_<TYPE>; KP(...): one plain kernel */
@@ -479,6 +479,8 @@ static const char *vk_result_str(VkResult r) {
     KP(ATTN_TILE_F32, attn_tile_f32, "attn_tile.comp", "-DKV_F32", 128) \
     KP(HEADWISE_F16, headwise_f16, "headwise.comp", "-DKV_F16", 64) \
     KP(HEADWISE_F32, headwise_f32, "headwise.comp", "-DKV_F32", 64) \
+    KP(ATTN_PREP_F16, attn_prep_f16, "attn_prep.comp", "-DKV_F16", 64) \
+    KP(ATTN_PREP_F32, attn_prep_f32, "attn_prep.comp", "-DKV_F32", 64) \
     KP(KVSTORE_F16, kvstore_f16, "kvstore.comp", "-DKV_F16", 64)    \
     KP(KVSTORE_F32, kvstore_f32, "kvstore.comp", "-DKV_F32", 64)    \
     KP(MOE_COMBINE, moe_combine, "moe_combine.comp", "", 256)       \
@@ -506,6 +508,8 @@ static const char *vk_result_str(VkResult r) {
 #define PC_ATTN_MERGE(X) X(uint, hd) X(uint, n_split)
 #define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
 #define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
+#define PC_ATTN_PREP(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) \
+    X(uint, rows) X(uint, gq_win) X(uint, gq_off) X(uint, gk_win) X(uint, gk_off)
 #define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta) X(uint, rows)
 #define PC_MATRIX(X)                                                      \
     X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk)                \
@@ -540,6 +544,7 @@ VK_PC_STRUCT(ATTN)
 VK_PC_STRUCT(ATTN_MERGE)
 VK_PC_STRUCT(EMBED)
 VK_PC_STRUCT(HEADWISE)
+VK_PC_STRUCT(ATTN_PREP)
 VK_PC_STRUCT(KVSTORE)
 VK_PC_STRUCT(MM)
 VK_PC_STRUCT(MV)
@@ -632,7 +637,7 @@ struct moe_vk_backend {
     VkDeviceSize win_cap;      /* bytes a weight window may hold */
     VkDescriptorSetLayout dsl;
     VkPipelineLayout layout;
-    VkPipeline pipes[VKP_COUNT][VK_VARIANTS];  /* per kernel, per value of specialization constant 1 */
+    VkPipeline pipes[VKP_COUNT][VK_VARIANTS];  /* per kernel, per value of specialization constants 1 and 2 */
     uint32_t pipe_spec[VKP_COUNT][VK_VARIANTS];
     pthread_mutex_t lock;      /* lazy pipeline creation and queue submission */
     VkPipelineCache pcache;    /* every pipeline goes through it (empty unless a valid cache was given) */
@@ -2016,8 +2021,9 @@ static const moe_spirv *vk_find_spirv(const char *name) {
     return NULL;
 }
 
-/* The pipeline of kernel id with specialization constant 1 = spec (the head size for attn.comp,
-   0 for kernels without one), built on first use (under the backend's lock); *var says which of
+/* The pipeline of kernel id with specialization constants 1 = spec & 0xffff (the head size for
+   the attention kernels, 0 for kernels without one) and 2 = spec >> 16 (attn.comp's query heads
+   per workgroup; left at the shader's default when 0), built on first use (under the backend's lock); *var says which of
    the kernel's variants it is. */
 static moe_status vk_pipe(moe_vk_backend *vk, int id, uint32_t spec, VkPipeline *out, int *var) {
     pthread_mutex_lock(&vk->lock);
@@ -2038,10 +2044,11 @@ static moe_status vk_pipe(moe_vk_backend *vk, int id, uint32_t spec, VkPipeline 
             r = vk->f.CreateShaderModule(vk->dev, &smi, NULL, &mod);
         }
         if (r == VK_SUCCESS) {
-            /* constant 0: workgroup size; 1: the head size (attn.comp; others ignore it) */
-            uint32_t spec_vals[2] = {wg, spec};
-            VkSpecializationMapEntry me[2] = {{0, 0, 4}, {1, 4, 4}};
-            VkSpecializationInfo si = {2, me, 8, spec_vals};
+            /* constant 0: workgroup size; 1: the head size, spec's low 16 bits (attention kernels;
+               others ignore it); 2: spec's high 16 bits, query heads per workgroup (attn.comp) */
+            uint32_t spec_vals[3] = {wg, spec & 0xffffu, spec >> 16};
+            VkSpecializationMapEntry me[3] = {{0, 0, 4}, {1, 4, 4}, {2, 8, 4}};
+            VkSpecializationInfo si = {spec >> 16 ? 3u : 2u, me, 12, spec_vals};
             VkComputePipelineCreateInfo ci;
             memset(&ci, 0, sizeof ci);
             ci.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
@@ -2351,8 +2358,8 @@ fail:
 #define VK_DN_CHUNK_MIN 64    /* ops of this many tokens or more take the chunked delta rule */
 /* Split-KV decode attention (attn.comp -DSPLIT + attn_merge.comp). The single-workgroup kernel
    walks a head's keys 32 at a time with 4 barriers each: fine while that walk is short, but at
-   4,096 keys one workgroup per head (32 for Qwen3-30B) leaves most of a large GPU idle for ~128
-   serial iterations. Above VK_SPLIT_MIN keys a decode token's range is cut into chunks of
+   4,096 keys one workgroup per KV group (4 for Qwen3-30B, each serving its 8 query heads)
+   leaves most of a large GPU idle for ~128 serial iterations. Above VK_SPLIT_MIN keys a decode token's range is cut into chunks of
    VK_SPLIT_CHUNK keys (more once VK_SPLIT_MAX chunks would not cover it), one workgroup each,
    and a merge dispatch combines them. At <= 512 keys (16 iterations) the walk costs about what
    the second dispatch and its barrier do, and those contexts (every regression fixture) keep the
@@ -2361,7 +2368,13 @@ fail:
 #define VK_SPLIT_MIN 512
 #endif
 #define VK_SPLIT_CHUNK 256    /* a multiple of attn.comp's key block (32) */
+#define VK_SPLIT_CHUNK_MIN 64 /* chunks shrink down to this while the grid is small ... */
+#define VK_SPLIT_TARGET 256   /* ... fewer workgroups than this (an H100 has 132 SMs) */
 #define VK_SPLIT_MAX 64       /* attn_merge.comp MAX_SPLIT */
+/* query heads of one KV group per attn.comp workgroup, at most: its registers grow by about
+   6·GW + GW·ND floats, its shared memory to GW·(4·HD + 644) + 1 KiB bytes, 22.5 KiB at head
+   size 512, inside the 32 KiB every device moe runs on has */
+#define VK_ATTN_GW 8
 /* Tiled prefill attention (attn_tile.comp): a step of more than VK_TILE_MIN tokens, head size
    32, 64 or 128 (its thread layout: head_dim / 4 threads per query row), runs blocks of 16
    queries against shared-memory tiles of 32 keys; shorter steps keep
@@ -3444,6 +3457,73 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
     c->fuse_idx = -1;
 }
 
+/* the window whose buffer is buf, or -1 */
+static int vk_win_of(const moe_vk_backend *vk, VkBuffer buf) {
+    for (uint32_t w = 0; w < vk->n_win; w++)
+        if (vk->win[w].buf == buf) return (int)w;
+    return -1;
+}
+
+/* Record ki (the last) is the k heads' headwise dispatch with the cache stores; if the record
+   before it is the q heads' norm/rope of the same token positions and rope table, both become one
+   attn_prep.comp dispatch at the q record's place (nothing ran between them). Otherwise, or when
+   the two norm gains are not within VK_XBUFS weight windows of each other, they stay as they are. */
+static void vk_fuse_prep(vk_ctx *c, int ki, const moe_attn *a) {
+    int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
+    if (ki - 1 < (int)c->seg0 || c->fuse_idx >= ki - 1) return;
+    vk_rec *qr = &c->recs[ki - 1], *kr = &c->recs[ki];
+    vk_pc_HEADWISE qp, kp;
+    VK_PC_GET(qr, HEADWISE, qp);
+    VK_PC_GET(kr, HEADWISE, kp);
+    if (qr->pipe != hw || qr->buf[0] != c->act[ACT_Q].buf || qp.n_heads != (uint32_t)a->n_head || qp.hd != kp.hd ||
+        qp.n_rot != kp.n_rot || qp.pos_delta != kp.pos_delta || (qp.flags & ~1u) != 2u || (kp.flags & ~1u) != 14u ||
+        qr->grid[1] != kr->grid[1] || qr->buf[3] != kr->buf[3] || qr->off[3] != kr->off[3] ||
+        ((qp.flags & kp.flags & 1u) && qp.eps != kp.eps))
+        return;
+    /* the gains: binding 2 of each record, a range of a weight window */
+    int wq = qp.flags & 1u ? vk_win_of(c->vk, qr->buf[2]) : -1, wk = kp.flags & 1u ? vk_win_of(c->vk, kr->buf[2]) : -1;
+    if (((qp.flags & 1u) && wq < 0) || ((kp.flags & 1u) && wk < 0)) return;
+    int w0 = wq < 0 ? (wk < 0 ? 0 : wk) : wk < 0 ? wq : wq < wk ? wq : wk;
+    if ((wq >= 0 && wq - w0 >= VK_XBUFS) || (wk >= 0 && wk - w0 >= VK_XBUFS)) return;
+    int pipe = c->kv_f16 ? VKP_ATTN_PREP_F16 : VKP_ATTN_PREP_F32;
+    VkPipeline pl;
+    int var;
+    moe_status st = vk_pipe(c->vk, pipe, 0, &pl, &var);
+    if (st) {
+        vk_ctx_fail(c, st, "%s", moe_last_error());
+        return;
+    }
+    vk_rec f;
+    memset(&f, 0, sizeof f);
+    f.pipe = (uint16_t)pipe;
+    f.var = (uint8_t)var;
+    f.kind = VKC_ROPE;
+    for (int s = 0; s < VK_NB; s++) { /* bindings of the fused kernel: 0 q, 1 k, 2 V rows, 3 table, 4/5 caches */
+        int from = s == 0 ? 0 : s == 1 ? 0 : s == 2 ? 1 : s;
+        const vk_rec *src = s == 0 ? qr : kr;
+        f.buf[s] = src->buf[from];
+        f.off[s] = src->off[from];
+        f.range[s] = src->range[from];
+    }
+    f.wmask = 1u | 2u | 16u | 32u;
+    f.wmode = 2;
+    f.win = (uint32_t)w0;
+    VK_PC_SET(&f, ATTN_PREP, {.n_head = qp.n_heads, .n_kv = kp.n_heads, .hd = qp.hd, .n_rot = qp.n_rot,
+                              .flags = (qp.flags & 1u) | ((kp.flags & 1u) << 1), .eps = qp.flags & 1u ? qp.eps : kp.eps,
+                              .kvw = kp.kvw, .pos_delta = qp.pos_delta, .rows = kp.rows,
+                              .gq_win = wq < 0 ? 0u : (uint32_t)(wq - w0), .gq_off = wq < 0 ? 0u : (uint32_t)(qr->off[2] / 4),
+                              .gk_win = wk < 0 ? 0u : (uint32_t)(wk - w0), .gk_off = wk < 0 ? 0u : (uint32_t)(kr->off[2] / 4)});
+    f.grid[0] = qp.n_heads + kp.n_heads;
+    f.grid[1] = qr->grid[1];
+    f.grid[2] = 1;
+    *qr = f;
+    c->n_recs--;
+    /* bytes for the profile's GB/s: q and k heads read and written, V read, K and V cache rows written */
+    double heads = (double)f.grid[1] * (qp.n_heads + kp.n_heads), kvh = (double)f.grid[1] * kp.n_heads;
+    c->rec_cost[ki - 1][0] = 8.0 * heads * qp.hd + kvh * qp.hd * (4.0 + 2.0 * (c->kv_f16 ? 2 : 4));
+    c->rec_cost[ki - 1][1] = 4.0 * heads * qp.hd;
+}
+
 static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
@@ -3465,6 +3545,7 @@ static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
             q->pc[VK_PC_WORD(HEADWISE, flags)] |= 12u; /* and the K and V cache stores */
             q->pc[VK_PC_WORD(HEADWISE, kvw)] = kvw;
             q->pc[VK_PC_WORD(HEADWISE, rows)] = rows;
+            if (i == c->n_recs - 1) vk_fuse_prep(c, i, a);
             goto attend;
         }
     }
@@ -3482,28 +3563,38 @@ attend:;
     /* a decode token over a long range: split the keys (see VK_SPLIT_MIN). The chunk count comes
        from this step's position, so it is part of the records: a replayed command buffer always
        has the count it was recorded with for the same range of positions */
+    const int tiled = n > VK_TILE_MIN && (a->head_dim == 32 || a->head_dim == 64 || a->head_dim == 128);
+    /* attn.comp serves gw query heads of one KV group per workgroup: the largest divisor of the
+       group size up to VK_ATTN_GW (registers and shared memory grow with it) */
+    uint32_t grp = a->n_head_kv > 0 && a->n_head % a->n_head_kv == 0 ? (uint32_t)(a->n_head / a->n_head_kv) : 1, gw = 1;
+    for (uint32_t g = 1; g <= VK_ATTN_GW && g <= grp; g++)
+        if (grp % g == 0) gw = g;
     uint32_t n_split = 1, chunk = 0;
     if (n == 1) {
         int p0 = a->window && pos0 >= a->window ? pos0 - a->window + 1 : 0;
         uint32_t keys = (uint32_t)(pos0 - p0 + 1);
         if (keys > VK_SPLIT_MIN) {
+            /* halve the chunks (not below VK_SPLIT_CHUNK_MIN) while fewer than
+               VK_SPLIT_TARGET workgroups would share the work: with whole KV groups per
+               workgroup there are only n_head / gw of them per chunk */
+            uint32_t wgs = (uint32_t)a->n_head / gw;
             chunk = VK_SPLIT_CHUNK;
+            while (chunk > VK_SPLIT_CHUNK_MIN && vk_div_up(keys, chunk) * wgs < VK_SPLIT_TARGET && vk_div_up(keys, chunk / 2) <= VK_SPLIT_MAX) chunk /= 2;
             while (vk_div_up(keys, chunk) > VK_SPLIT_MAX) chunk *= 2;
             n_split = vk_div_up(keys, chunk);
         }
     }
-    const int tiled = n > VK_TILE_MIN && (a->head_dim == 32 || a->head_dim == 64 || a->head_dim == 128);
     int pipe = n_split > 1 ? (c->kv_f16 ? VKP_ATTN_SPLIT_F16 : VKP_ATTN_SPLIT_F32)
                : tiled     ? (c->kv_f16 ? VKP_ATTN_TILE_F16 : VKP_ATTN_TILE_F32)
                            : (c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32);
-    r = vk_rec_new_spec(c, pipe, (uint32_t)a->head_dim, VKC_ATTN);
+    r = vk_rec_new_spec(c, pipe, (uint32_t)a->head_dim | (tiled ? 0u : gw << 16), VKC_ATTN);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_Q], 0);
     vk_bind(r, 1, n_split > 1 ? &c->split : &c->act[ACT_ATTN], 1);
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
     VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows, chunk, (uint32_t)n});
-    r->grid[0] = (uint32_t)a->n_head;
+    r->grid[0] = tiled ? (uint32_t)a->n_head : (uint32_t)a->n_head / gw;
     r->grid[1] = tiled ? vk_div_up((uint64_t)n, VK_TILE_Q) : (uint32_t)n;
     r->grid[2] = n_split;
     {

@@ -1,21 +1,27 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
-/* attn.comp — causal GQA attention of one query head of one token over the KV cache
-   (flash-style: keys in blocks of 32 with a running max and sum, so any context length fits).
+/* attn.comp — causal GQA attention of the GW query heads h0 .. h0+GW-1 of one token that share
+   one KV head, over the KV cache (flash-style: keys in blocks of 32 with a running max and sum per
+   head, so any context length fits). With grouped-query attention (Qwen3-30B: 32 query heads on
+   4 KV heads) a workgroup per query head would read every K/V row once per head of its group;
+   here each thread loads its share of a K row / V column once and applies it to all GW heads.
    Query token i sits at position pos = pos0 + i (pos0 = step pos0 + pos_delta) and sees keys
    p0 ..= pos, p0 = pos - window + 1 with a sliding window (else 0); key p sits in cache row
    p mod rows (a ring of rows for sliding layers; rows = n_ctx otherwise).
    out = Σ_p softmax_p(q·k_p · scale) v_p.  WG = 128; the head size HD is specialization
-   constant 1 (<= 512, a multiple of 8), so every inner loop has a fixed trip count.
+   constant 1 (<= 512, a multiple of 8) and the heads per workgroup GW constant 2 (a divisor of
+   n_head / n_kv), so every inner loop has a fixed trip count.
    Scores: 4 threads per key, each a quarter of the head (16-byte loads when HD % 32 == 0);
    values: each thread owns output dims tid + 128·j (j < ND) and reads all 32 keys of a block with
    no branch (past the last key it re-reads that key with weight 0), so the loads overlap.
-   grid: (n_head, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step.
-   -DSPLIT (long-context decode, "flash decoding"): grid (n_head, n, n_split); workgroup z walks
-   only keys [z·chunk, (z+1)·chunk) of the query's range, so a long KV length is spread over many
-   workgroups instead of one per head, and writes its partial (max m, sum l, unnormalized Σ w·v)
-   to binding 1 as [(i·n_head + h)·n_split + z][2 + HD]; attn_merge.comp combines the chunks.
-   Without SPLIT the range is the whole [0, n_keys) and the arithmetic is what it always was. */
+   Per head, every sum runs in the order of the one-head-per-workgroup kernel this replaced
+   (GW = 1 is that kernel), so the results do not depend on GW.
+   grid: (n_head / GW, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step.
+   -DSPLIT (long-context decode, "flash decoding"): grid (n_head / GW, n, n_split); workgroup z
+   walks only keys [z·chunk, (z+1)·chunk) of the query's range, so a long KV length is spread over
+   many workgroups, and writes each head's partial (max m, sum l, unnormalized Σ w·v) to binding 1
+   as [(i·n_head + h)·n_split + z][2 + HD]; attn_merge.comp combines the chunks.
+   Without SPLIT the range is the whole [0, n_keys). */
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
@@ -31,12 +37,14 @@ layout(std430, binding = 5) readonly buffer VC { uint vc[]; };
 #endif
 layout(push_constant) uniform PC { PC_ATTN(PC_FIELD) } pc;
 layout(constant_id = 1) const uint HD = 128u;
+layout(constant_id = 2) const uint GW = 1u;
 
 #define KB 32u
 const uint ND = (HD + 127u) / 128u;                           /* output dims per thread */
-shared float qs[HD];
-shared float part[128];
-shared float ps[KB];
+shared vec4 qs[GW * HD / 4u];                                 /* head g's query at [g·HD/4, (g+1)·HD/4) */
+shared float part[GW * 128u];                                 /* [g][tid]: quarter scores */
+shared float ps[GW * KB];                                     /* [g][key]: scores, then weights */
+shared float bms[GW];                                         /* [g]: the block's new running max */
 
 float v_at(uint i) {
 #ifdef KV_F32
@@ -46,10 +54,12 @@ float v_at(uint i) {
 #endif
 }
 
+float q_at(uint g, uint d) { return qs[g * (HD / 4u) + (d >> 2)][d & 3u]; }
+
 void main() {
-    uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
+    uint h0 = gl_WorkGroupID.x * GW, i = gl_WorkGroupID.y, tid = gl_LocalInvocationIndex;
     const uint hd = HD;
-    uint kvh = h / (pc.n_head / pc.n_kv);
+    uint kvh = h0 / (pc.n_head / pc.n_kv);
     uint pos = uint(int(STEP_POS0) + pc.pos_delta) + i;
     uint p0 = pc.window != 0u && pos >= pc.window ? pos + 1u - pc.window : 0u;
     uint n_keys = pos + 1u - p0;
@@ -59,18 +69,24 @@ void main() {
     k_hi = min(k_lo + pc.chunk, n_keys);
 #endif
     uint r0 = p0 % pc.rows;                                  /* ring row of key 0; key j at r0 + j, wrapped once at most */
-    uint qo = (i * pc.n_head + h) * hd;
-    for (uint d = tid; d < HD; d += 128u) qs[d] = q[qo + d];
+    uint qo = (i * pc.n_head + h0) * hd;                     /* the GW heads are adjacent */
+    for (uint d = tid; d < GW * HD / 4u; d += 128u)
+        qs[d] = vec4(q[qo + 4u * d], q[qo + 4u * d + 1u], q[qo + 4u * d + 2u], q[qo + 4u * d + 3u]);
     barrier();
 
     const uint dq = HD >> 2;                                 /* score work: 4 threads per key */
     const bool vec = (HD & 31u) == 0u;
     uint key = tid >> 2, quarter = tid & 3u;
-    float m = NEG_INF, l = 0.0, oa[ND];
-    [[unroll]] for (uint j = 0u; j < ND; j++) oa[j] = 0.0;
+    float m[GW], l[GW], oa[GW * ND];
+    [[unroll]] for (uint g = 0u; g < GW; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.0;
+    }
+    [[unroll]] for (uint j = 0u; j < GW * ND; j++) oa[j] = 0.0;
     for (uint kb = k_lo; kb < k_hi; kb += KB) {
         uint p = kb + key;
-        float s = 0.0;
+        float s[GW];
+        [[unroll]] for (uint g = 0u; g < GW; g++) s[g] = 0.0;
         if (p < k_hi) {
             uint row = r0 + p;
             if (row >= pc.rows) row -= pc.rows;
@@ -79,69 +95,89 @@ void main() {
 #ifdef KV_F32
                 [[unroll]] for (uint c = 0u; c < dq; c += 4u) {
                     vec4 kv = kc4[(base + c) >> 2];
-                    s += dot(kv, vec4(qs[qb + c], qs[qb + c + 1u], qs[qb + c + 2u], qs[qb + c + 3u]));
+                    [[unroll]] for (uint g = 0u; g < GW; g++) s[g] += dot(kv, qs[g * (HD / 4u) + ((qb + c) >> 2)]);
                 }
 #else
                 [[unroll]] for (uint c = 0u; c < dq; c += 8u) {
                     uvec4 w = kc4[(base + c) >> 3];
-                    vec2 k0 = unpackHalf2x16(w.x), k1 = unpackHalf2x16(w.y), k2 = unpackHalf2x16(w.z), k3 = unpackHalf2x16(w.w);
-                    s += dot(vec4(k0, k1), vec4(qs[qb + c], qs[qb + c + 1u], qs[qb + c + 2u], qs[qb + c + 3u])) +
-                         dot(vec4(k2, k3), vec4(qs[qb + c + 4u], qs[qb + c + 5u], qs[qb + c + 6u], qs[qb + c + 7u]));
+                    vec4 ka = vec4(unpackHalf2x16(w.x), unpackHalf2x16(w.y)), kz = vec4(unpackHalf2x16(w.z), unpackHalf2x16(w.w));
+                    [[unroll]] for (uint g = 0u; g < GW; g++) {
+                        uint qi = g * (HD / 4u) + ((qb + c) >> 2);
+                        s[g] += dot(ka, qs[qi]) + dot(kz, qs[qi + 1u]);
+                    }
                 }
 #endif
             } else {
 #ifdef KV_F32
-                [[unroll]] for (uint d = 0u; d < dq; d++) s += qs[qb + d] * kc[base + d];
+                [[unroll]] for (uint d = 0u; d < dq; d++) {
+                    float kv = kc[base + d];
+                    [[unroll]] for (uint g = 0u; g < GW; g++) s[g] += q_at(g, qb + d) * kv;
+                }
 #else
                 [[unroll]] for (uint d = 0u; d < dq; d += 2u) {
                     vec2 kv = unpackHalf2x16(kc[(base + d) >> 1]);
-                    s += qs[qb + d] * kv.x + qs[qb + d + 1u] * kv.y;
+                    [[unroll]] for (uint g = 0u; g < GW; g++) s[g] += q_at(g, qb + d) * kv.x + q_at(g, qb + d + 1u) * kv.y;
                 }
 #endif
             }
         }
-        part[tid] = s;
+        [[unroll]] for (uint g = 0u; g < GW; g++) part[g * 128u + tid] = s[g];
         barrier();
-        if (tid < KB) {
-            float t = (part[4u * tid] + part[4u * tid + 1u]) + (part[4u * tid + 2u] + part[4u * tid + 3u]);
-            ps[tid] = kb + tid < k_hi ? t * pc.scale : NEG_INF;
+        for (uint t = tid; t < GW * KB; t += 128u) {
+            uint g = t / KB, j = t % KB, pp = g * 128u + 4u * j;
+            float sc = (part[pp] + part[pp + 1u]) + (part[pp + 2u] + part[pp + 3u]);
+            ps[t] = kb + j < k_hi ? sc * pc.scale : NEG_INF;
         }
         barrier();
-        float bm = m;
-        [[unroll]] for (uint j = 0u; j < KB; j++) bm = max(bm, ps[j]);
-        float alpha = exp(m - bm);
+        if (tid < GW) { /* max is exact in any order: one thread per head finds it */
+            float bm = m[tid];
+            [[unroll]] for (uint j = 0u; j < KB; j++) bm = max(bm, ps[tid * KB + j]);
+            bms[tid] = bm;
+        }
         barrier();
-        if (tid < KB) ps[tid] = exp(ps[tid] - bm);
+        float alpha[GW];
+        [[unroll]] for (uint g = 0u; g < GW; g++) {
+            alpha[g] = exp(m[g] - bms[g]);
+            m[g] = bms[g];
+        }
+        for (uint t = tid; t < GW * KB; t += 128u) ps[t] = exp(ps[t] - bms[t / KB]);
         barrier();
-        m = bm;
-        float sum = 0.0;
-        [[unroll]] for (uint j = 0u; j < ND; j++) oa[j] *= alpha;
+        float sum[GW];
+        [[unroll]] for (uint g = 0u; g < GW; g++) {
+            sum[g] = 0.0;
+            [[unroll]] for (uint e = 0u; e < ND; e++) oa[g * ND + e] *= alpha[g];
+        }
         uint last = k_hi - 1u;
         [[unroll]] for (uint j = 0u; j < KB; j++) {
-            float w = ps[j]; /* 0 past the last key */
             uint row = r0 + min(kb + j, last);
             if (row >= pc.rows) row -= pc.rows;
             uint vb = row * pc.kvw + kvh * HD;
-            sum += w;
-            [[unroll]] for (uint e = 0u; e < ND; e++)
-                if (tid + 128u * e < HD) oa[e] += w * v_at(vb + tid + 128u * e);
+            float vv[ND];
+            [[unroll]] for (uint e = 0u; e < ND; e++) vv[e] = tid + 128u * e < HD ? v_at(vb + tid + 128u * e) : 0.0;
+            [[unroll]] for (uint g = 0u; g < GW; g++) {
+                float w = ps[g * KB + j]; /* 0 past the last key */
+                sum[g] += w;
+                [[unroll]] for (uint e = 0u; e < ND; e++) oa[g * ND + e] += w * vv[e];
+            }
         }
-        l = l * alpha + sum;
+        [[unroll]] for (uint g = 0u; g < GW; g++) l[g] = l[g] * alpha[g] + sum[g];
         barrier();
     }
+    [[unroll]] for (uint g = 0u; g < GW; g++) {
 #ifdef SPLIT
-    /* an empty chunk (none is recorded, but a replayed one may be) leaves m = -inf, l = 0, o = 0:
-       weight 0 in the merge */
-    uint so = ((i * pc.n_head + h) * gl_NumWorkGroups.z + gl_WorkGroupID.z) * (HD + 2u);
-    if (tid == 0u) {
-        o[so] = m;
-        o[so + 1u] = l;
-    }
-    [[unroll]] for (uint e = 0u; e < ND; e++)
-        if (tid + 128u * e < HD) o[so + 2u + tid + 128u * e] = oa[e];
+        /* an empty chunk (none is recorded, but a replayed one may be) leaves m = -inf, l = 0,
+           o = 0: weight 0 in the merge */
+        uint so = ((i * pc.n_head + h0 + g) * gl_NumWorkGroups.z + gl_WorkGroupID.z) * (HD + 2u);
+        if (tid == 0u) {
+            o[so] = m[g];
+            o[so + 1u] = l[g];
+        }
+        [[unroll]] for (uint e = 0u; e < ND; e++)
+            if (tid + 128u * e < HD) o[so + 2u + tid + 128u * e] = oa[g * ND + e];
 #else
-    uint oo = (i * pc.n_head + h) * hd;
-    [[unroll]] for (uint e = 0u; e < ND; e++)
-        if (tid + 128u * e < HD) o[oo + tid + 128u * e] = oa[e] / l;
+        uint oo = (i * pc.n_head + h0 + g) * hd;
+        [[unroll]] for (uint e = 0u; e < ND; e++)
+            if (tid + 128u * e < HD) o[oo + tid + 128u * e] = oa[g * ND + e] / l[g];
 #endif
+    }
 }

@@ -7,6 +7,8 @@
 #define PC_ATTN_MERGE(X) X(uint, hd) X(uint, n_split)
 #define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
 #define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
+#define PC_ATTN_PREP(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) \
+    X(uint, rows) X(uint, gq_win) X(uint, gq_off) X(uint, gk_win) X(uint, gk_off)
 #define PC_KVSTORE(X) X(uint, kvw) X(int, pos_delta) X(uint, rows)
 #define PC_MATRIX(X)                                                      \
     X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk)                \

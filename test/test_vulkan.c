@@ -154,15 +154,15 @@ static void synth_weight(synth *s, moe_weight *w, const char *name, int32_t type
 }
 
 /* types: [0] token embedding and output, [1] attention, [2] gate, [3] up, [4] down */
-static void synth_make_hd(synth *s, const int32_t types[5], int vocab, uint64_t seed, int head_dim) {
+static void synth_make_heads(synth *s, const int32_t types[5], int vocab, uint64_t seed, int head_dim, int n_head, int n_head_kv) {
     memset(s, 0, sizeof *s);
     rng_t r = {seed};
     moe_hparams *hp = &s->w.hp;
     hp->n_vocab = vocab;
     hp->n_embd = 256;
     hp->n_layer = 1;
-    hp->n_head = 4;
-    hp->n_head_kv = 2;
+    hp->n_head = n_head;
+    hp->n_head_kv = n_head_kv;
     hp->head_dim = head_dim;
     hp->n_ctx_train = 4096;
     hp->n_expert = 8;
@@ -206,6 +206,9 @@ static void synth_make_hd(synth *s, const int32_t types[5], int vocab, uint64_t 
     s->w.layers = L;
 }
 
+static void synth_make_hd(synth *s, const int32_t types[5], int vocab, uint64_t seed, int head_dim) {
+    synth_make_heads(s, types, vocab, seed, head_dim, 4, 2);
+}
 static void synth_make(synth *s, const int32_t types[5], int vocab, uint64_t seed) { synth_make_hd(s, types, vocab, seed, 64); }
 
 static void synth_free(synth *s) {
@@ -494,7 +497,8 @@ static void test_ops_common(void **state) {
    chunk of one key), 1,026 and 1,798 (windows 700, 513 and 1,000 split, 300 does not). Tiled
    prefill (VK_TILE_MIN): steps of more than 128 tokens run attn_tile.comp, also with partial
    query blocks (250, 156, 129 tokens) and windows; 128 and fewer stay on attn.comp. Head sizes
-   64 and 128 (Qwen3-30B's) ---- */
+   64 and 128 (Qwen3-30B's), 4 query heads on 2 KV heads (attn.comp serves both heads of a group
+   in one workgroup), then 16 on 2 (8 per workgroup, as Qwen3-30B's 32 on 4) ---- */
 static void test_attn_long(void **state) {
     (void)state;
     NEED_VULKAN();
@@ -505,10 +509,10 @@ static void test_attn_long(void **state) {
                                    {1019, 6, 0},    {1025, 1, 0},    {1026, 1, 700},  {1027, 1, 513},   {1028, 1, 300},  {1029, 100, 300},
                                    {1129, 256, 0},  {1385, 256, 700}, {1641, 156, 300},  {1797, 1, 0},    {1798, 1, 1000},
                                    {1799, 129, 0},  {1928, 128, 0}};
-    for (int run = 0; run < 4; run++) { /* head size 64 and 128 (Qwen3-30B's), f32 and f16 KV */
-        int kv = run & 1, hd = run < 2 ? 64 : 128;
+    for (int run = 0; run < 6; run++) { /* head size 64 and 128 (Qwen3-30B's), f32 and f16 KV; then groups of 8 */
+        int kv = run & 1, hd = run < 2 || run == 4 ? 64 : 128, nh = run < 4 ? 4 : 16;
         synth s;
-        synth_make_hd(&s, types, 64, 11, hd);
+        synth_make_heads(&s, types, 64, 11, hd, nh, 2);
         const moe_hparams *hp = &s.w.hp;
         pair p;
         pair_new_ctx(&p, &s, kv ? MOE_KV_F16 : MOE_KV_F32, 256, 2304);
@@ -526,13 +530,13 @@ static void test_attn_long(void **state) {
             moe_vk_ops.attention(p.gpu, &a, n, pos0);
             gpu_end(&p);
             char what[96];
-            snprintf(what, sizeof what, "attention (head %d, %s KV) pos0=%d n=%d window=%d", hd, kv ? "f16" : "f32", pos0, n, a.window);
+            snprintf(what, sizeof what, "attention (%d heads, head %d, %s KV) pos0=%d n=%d window=%d", nh, hd, kv ? "f16" : "f32", pos0, n, a.window);
             double e = pair_err(&p, ACT_ATTN, n);
             worst = fmax(worst, e);
             CHECK_ERR(what, e, tol);
         }
-        printf("[ RESULT   ] split-KV decode and tiled prefill attention, head %d, %s KV: max|d|/max %.3e (tol %.0e)\n", hd, kv ? "f16" : "f32",
-               worst, tol);
+        printf("[ RESULT   ] split-KV decode and tiled prefill attention, %d heads on 2, head %d, %s KV: max|d|/max %.3e (tol %.0e)\n", nh, hd,
+               kv ? "f16" : "f32", worst, tol);
         pair_free(&p);
         synth_free(&s);
     }
