@@ -475,7 +475,15 @@ static void file_unmap(moe_file *f) {
 
 /* ---- thread pool ----------------------------------------------------------------------------
    A fixed set of workers that run one parallel-for at a time. The calling thread takes part, so
-   a pool of n threads has n-1 workers. Tasks are handed out by an atomic counter. */
+   a pool of n threads has n-1 workers. Tasks are handed out by an atomic counter.
+   One pool per model, shared by all its CPU contexts (16 NPC contexts on 16 cores must not start
+   16 × 15 workers): concurrent steps take turns per parallel-for, in arrival order (a ticket). A
+   turn per parallel-for rather than per step keeps latency fair: a one-token decode waits for a
+   few ops of a long prefill, not for the whole prefill, and one context's serial parts (routing,
+   sampling-side copies) overlap another's parallel ones. The order of the tickets makes it fair
+   where a plain mutex lets the thread that just released it take it again. Each parallel-for
+   only touches its own context's buffers (its per-thread scratch is indexed by the pool's thread
+   index), so results do not depend on who else uses the pool. */
 typedef void (*task_fn)(void *arg, int64_t task, int thread);
 
 typedef struct thread_pool {
@@ -490,6 +498,8 @@ typedef struct thread_pool {
     void *arg;
     int64_t n_tasks;
     _Atomic int64_t next;
+    pthread_cond_t turn;   /* the parallel-for in progress ended: the next ticket may start */
+    uint64_t ticket, serving; /* callers queue for the pool in ticket order */
 } thread_pool;
 
 typedef struct worker_arg { thread_pool *pool; int index; } worker_arg;
@@ -536,6 +546,7 @@ static void pool_free(thread_pool *p) {
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->wake);
     pthread_cond_destroy(&p->done);
+    pthread_cond_destroy(&p->turn);
     moe_free(p);
 }
 
@@ -545,6 +556,7 @@ static moe_status pool_new(int n_threads, thread_pool **out) {
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->wake, NULL);
     pthread_cond_init(&p->done, NULL);
+    pthread_cond_init(&p->turn, NULL);
     p->n_threads = n_threads < 1 ? 1 : n_threads;
     p->workers = moe_calloc((size_t)p->n_threads, sizeof *p->workers);
     if (!p->workers) {
@@ -571,14 +583,18 @@ static moe_status pool_new(int n_threads, thread_pool **out) {
     return MOE_OK;
 }
 
-/* Runs fn(arg, t, thread) for t in [0, n_tasks) on all threads and returns when all are done. */
+/* Runs fn(arg, t, thread) for t in [0, n_tasks) on all threads and returns when all are done.
+   Callers on several threads (contexts sharing the model's pool) queue for their turn. Tasks
+   must not call pool_run (a task would wait for its own turn). */
 static void pool_run(thread_pool *p, task_fn fn, void *arg, int64_t n_tasks) {
     if (n_tasks <= 0) return;
-    if (p->n_threads == 1 || n_tasks == 1) {
+    if (p->n_threads == 1 || n_tasks == 1) { /* the calling thread alone, as thread 0: no turn needed */
         for (int64_t t = 0; t < n_tasks; t++) fn(arg, t, 0);
         return;
     }
     pthread_mutex_lock(&p->mu);
+    uint64_t me = p->ticket++;
+    while (p->serving != me) pthread_cond_wait(&p->turn, &p->mu);
     p->fn = fn;
     p->arg = arg;
     p->n_tasks = n_tasks;
@@ -590,6 +606,8 @@ static void pool_run(thread_pool *p, task_fn fn, void *arg, int64_t n_tasks) {
     pool_drain(p, 0);
     pthread_mutex_lock(&p->mu);
     while (p->n_busy > 0) pthread_cond_wait(&p->done, &p->mu);
+    p->serving++;
+    pthread_cond_broadcast(&p->turn);
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -5057,6 +5075,10 @@ struct moe_model {
     moe_logger log;
     moe_vk_backend *vk;
     moe_xcache *xc;            /* host expert cache: NULL unless host_budget_bytes is below the weights */
+    /* the CPU compute threads of all contexts (section 1, thread pool): started by the first CPU
+       context, under pool_mu (contexts may be made on several threads), ended with the model */
+    thread_pool *pool;
+    pthread_mutex_t pool_mu;
     uint64_t n_params;
     double t_load_s;
     /* references: the caller's (moe_load, released by moe_model_free) plus one per context; the
@@ -6873,8 +6895,8 @@ typedef struct cpu_ctx {
     uint64_t bytes;            /* host memory this context holds */
     const moe_weights *w;
     moe_ctx_shape shape;
-    thread_pool *pool;
-    int n_threads;
+    thread_pool *pool;         /* the model's, shared by its contexts (not owned) */
+    int n_threads;             /* the pool's: per-thread scratch below has this many parts */
     float *act[ACT_COUNT];
     void *k_cache, *v_cache;   /* every cache's rows, one after the other, f32 or f16 */
     size_t *kv_off;            /* [n_cache] element offset of cache c */
@@ -8212,7 +8234,6 @@ static moe_ops bt_ops(void) {
 static void cpu_ctx_free(void *be) {
     cpu_ctx *cc = be;
     if (!cc) return;
-    pool_free(cc->pool);
     for (int i = 0; i < ACT_COUNT; i++) moe_free(cc->act[i]);
     moe_free(cc->k_cache);
     moe_free(cc->v_cache);
@@ -8254,13 +8275,15 @@ static void *cc_alloc(cpu_ctx *cc, size_t n) {
     return p;
 }
 
-static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, void **out) {
+/* pool: the model's (model_pool), shared with its other contexts; shape->n_threads is its size */
+static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, thread_pool *pool, void **out) {
     const moe_hparams *hp = &w->hp;
     cpu_ctx *cc = moe_calloc(1, sizeof *cc);
     if (!cc) return set_error(MOE_ERR_NO_MEMORY, "context: out of memory");
     cc->k = cpu_kernels_pick();
     cc->w = w;
     cc->shape = *shape;
+    cc->pool = pool;
     const moe_ctx_shape *c = shape;
     size_t nb = (size_t)c->n_batch, k = (size_t)hp->n_expert_used;
     int ok = 1;
@@ -8330,11 +8353,6 @@ static moe_status cpu_ctx_new(const moe_weights *w, const moe_ctx_shape *shape, 
         cpu_ctx_free(cc);
         return set_error(MOE_ERR_NO_MEMORY, "context: out of memory for the KV cache and scratch buffers (n_ctx %d, n_batch %d)",
                          c->n_ctx, c->n_batch);
-    }
-    moe_status st = pool_new(cc->n_threads, &cc->pool);
-    if (st) {
-        cpu_ctx_free(cc);
-        return st;
     }
     *out = cc;
     return MOE_OK;
@@ -8931,6 +8949,17 @@ static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
 /* ============================================================================================ */
 #define MOE_DEFAULT_N_BATCH 256
 
+/* the model's CPU thread pool, started on first use (a model that only tokenizes, or runs on
+   Vulkan, starts no threads); a failure leaves none, and the next context tries again */
+static moe_status model_pool(moe_model *m, thread_pool **out) {
+    moe_status st = MOE_OK;
+    pthread_mutex_lock(&m->pool_mu);
+    if (!m->pool) st = pool_new(m->n_threads, &m->pool);
+    *out = m->pool;
+    pthread_mutex_unlock(&m->pool_mu);
+    return st;
+}
+
 moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx **out) {
     if (!out) return set_error(MOE_ERR_INVALID_ARG, "moe_ctx_new: out is NULL");
     *out = NULL;
@@ -9000,7 +9029,8 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
         c->ops = &moe_vk_ops;
         st = moe_vk_ctx_new(model->vk, &shape, &c->be);
     } else {
-        st = cpu_ctx_new(&model->w, &shape, &c->be);
+        thread_pool *pool;
+        if (!(st = model_pool(model, &pool))) st = cpu_ctx_new(&model->w, &shape, pool, &c->be);
         c->cpu = c->be;
         if (!st && model->xc && (st = cpu_stream_attach(c->cpu, model->xc))) cpu_ctx_free(c->be);
     }
@@ -9448,7 +9478,7 @@ static moe_status bt_scratch(moe_ctx *owner, int32_t rows) {
     const moe_model *m = owner->model;
     moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact, NULL, NULL, 0, 0, 0};
     void *be;
-    moe_status st = cpu_ctx_new(&m->w, &shape, &be);
+    moe_status st = cpu_ctx_new(&m->w, &shape, owner->cpu->pool, &be); /* the contexts' pool: a CPU pass */
     if (st) return st;
     cpu_ctx *cc = be;
     float *lg = moe_malloc((size_t)BT_LOGIT_ROWS * (size_t)m->w.hp.n_vocab * sizeof(float));
@@ -10314,6 +10344,8 @@ no_finite:
 /* 11. public API glue                                                                           */
 /* ============================================================================================ */
 static void model_destroy(moe_model *model) {
+    pool_free(model->pool); /* no context is left: nothing runs on it */
+    pthread_mutex_destroy(&model->pool_mu);
     if (model->vk) moe_vk_free(model->vk);
     xs_free(model->xc);
     vocab_free(model->vocab);
@@ -10493,6 +10525,7 @@ moe_status moe_load(const char *path, const moe_load_params *params, moe_model *
     moe_model *m = moe_calloc(1, sizeof *m);
     if (!m) return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory");
     atomic_init(&m->refs, 1); /* the caller's */
+    pthread_mutex_init(&m->pool_mu, NULL);
     m->file.fd = -1;
     m->log.fn = p.log;
     m->log.user = p.user;
