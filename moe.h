@@ -53,11 +53,12 @@
    thread included; started with its first context, ended when the model is really freed), shared
    by all its contexts: 16 contexts of one model use n_threads compute threads, not 16 × n_threads.
    Steps of different contexts running at the same time (from several host threads, or from their
-   moe_step_submit workers) take turns on the pool one parallel operation at a time, in arrival
-   order, so a decode step is delayed by a few operations of another context's prefill, not by
-   the whole prefill; each context's results are bit-identical to stepping it alone. For the most
-   tokens per second from many contexts, step them together with moe_step_batch (one pass, weights
-   read once) instead of concurrently. Vulkan contexts do not use the pool.
+   moe_step_submit workers) share it: each parallel operation runs on its stepping thread plus an
+   even share of the pool's workers (small operations first among equals), so a decode step beside
+   another context's long prefill slows down but is not queued behind it; each context's results
+   are bit-identical to stepping it alone. For the most tokens per second from many contexts, step
+   them together with moe_step_batch (one pass, weights read once) instead of concurrently. Vulkan
+   contexts do not use the pool.
    May run at the same time on different threads: any calls on different contexts (of one model
    or not); the model's read-only calls (moe_tokenize, moe_token_to_piece, moe_detokenize,
    moe_token_is_eog, moe_chat_apply, moe_model_get_info, moe_ctx_new, moe_model_save) on a shared
