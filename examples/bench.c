@@ -29,7 +29,7 @@
                      forward pass for all) and once one after another (moe_step per context, from
                      the same positions), and once concurrently (each context's step submitted to
                      its worker thread with moe_step_submit, then all waited for: on the CPU they
-                     take turns on the model's one compute pool); prints the decode tokens/s of
+                     share the model's one compute pool); prints the decode tokens/s of
                      each (all contexts' tokens over the wall time; median over -r repetitions),
                      batched / one-by-one, and the process's thread count (Linux; -1 elsewhere)
    With a budget, each test line is followed by the expert cache's hits / misses (pairs of
@@ -293,7 +293,7 @@ done:
 
 /* every context back at its prompt, then n_gen decode steps: batched (mode 0), one by one (1), or
    concurrently (2: each context's step submitted to its own worker thread, all waited for; on
-   the CPU the contexts take turns on the model's shared compute pool); seconds */
+   the CPU the contexts share the model's one compute pool); seconds */
 static double batch_once(moe_ctx **ctx, int n, const moe_token *toks, int n_gen, int mode) {
     const moe_token *tp[1024];
     int32_t one[1024];
