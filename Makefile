@@ -112,12 +112,13 @@ test-asan-full:
 	@$(MAKE) test-asan ASAN_SKIP=
 
 # one model shared by threads that each own a context: ThreadSanitizer on the API tests and on
-# the expert streaming tests (contexts sharing the host expert cache with its I/O threads)
+# the expert streaming tests (contexts sharing the host expert cache with its I/O threads), and on
+# contexts stepping concurrently on their model's shared compute pool (test_threads)
 $(B)/tsan/%: test/%.c test/test_util.h test/test_async.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O1 -g -fsanitize=thread $(TEST_DEFS) -I. $< -o $@ -lcmocka $(LDLIBS)
 
-test-tsan: $(B)/tsan/test_api $(B)/tsan/test_stream
+test-tsan: $(B)/tsan/test_api $(B)/tsan/test_stream $(B)/tsan/test_threads
 	@for t in $^; do echo "== $$t (tsan)"; $(NO_VK_ENV) TSAN_OPTIONS=halt_on_error=1 $$t || exit 1; done
 
 # valgrind memcheck over the API and file-format tests (the plain -O2 build)

@@ -48,8 +48,17 @@
 
    THREADS AND LIFETIMES
    A moe_model is read-only after loading and can be shared by any number of threads. A moe_ctx
-   belongs to one thread at a time; several contexts of one model may run concurrently. n_threads
-   in moe_load_params sets how many worker threads each context uses on the CPU backend.
+   belongs to one thread at a time; several contexts of one model may run concurrently. On the CPU
+   backend a model has one pool of compute threads (n_threads in moe_load_params, the calling
+   thread included; started with its first context, ended when the model is really freed), shared
+   by all its contexts: 16 contexts of one model use n_threads compute threads, not 16 × n_threads.
+   Steps of different contexts running at the same time (from several host threads, or from their
+   moe_step_submit workers) share it: each parallel operation runs on its stepping thread plus an
+   even share of the pool's workers (small operations first among equals), so a decode step beside
+   another context's long prefill slows down but is not queued behind it; each context's results
+   are bit-identical to stepping it alone. For the most tokens per second from many contexts, step
+   them together with moe_step_batch (one pass, weights read once) instead of concurrently. Vulkan
+   contexts do not use the pool.
    May run at the same time on different threads: any calls on different contexts (of one model
    or not); the model's read-only calls (moe_tokenize, moe_token_to_piece, moe_detokenize,
    moe_token_is_eog, moe_chat_apply, moe_model_get_info, moe_ctx_new, moe_model_save) on a shared
@@ -232,7 +241,8 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                is far faster there; VULKAN asked for explicitly uses it);
                                                the choice and its reason go to log at MOE_LOG_INFO */
     int32_t  device_index;                  /* Vulkan physical device; 0 = best (discrete first) */
-    int32_t  n_threads;                     /* CPU threads; 0 = all cores */
+    int32_t  n_threads;                     /* CPU threads of the model's compute pool (all its contexts
+                                               share it); 0 = all cores */
     int32_t  reserved0;
     uint64_t gpu_budget_bytes;              /* 0 = no limit; caps the device memory of the weights (Vulkan).
                                                Below what they take, non-expert weights stay resident and

@@ -27,8 +27,11 @@
           --batch N,N,..  for each N: N contexts (each prefilled with its own 16 random tokens,
                      untimed) decode -n tokens each, once all together per step (moe_step_batch: one
                      forward pass for all) and once one after another (moe_step per context, from
-                     the same positions); prints the decode tokens/s of both (all contexts' tokens
-                     over the wall time; median over -r repetitions) and the ratio
+                     the same positions), and once concurrently (each context's step submitted to
+                     its worker thread with moe_step_submit, then all waited for: on the CPU they
+                     share the model's one compute pool); prints the decode tokens/s of
+                     each (all contexts' tokens over the wall time; median over -r repetitions),
+                     batched / one-by-one, and the process's thread count (Linux; -1 elsewhere)
    With a budget, each test line is followed by the expert cache's hits / misses (pairs of
    token and expert), hit rate and bytes streamed per token, and the resident host memory.
    As llama-bench: ppN feeds N random tokens to an empty context in one step (n_batch = N);
@@ -288,8 +291,10 @@ done:
 /* ---- --batch: N contexts decoding together (moe_step_batch) versus one after another ---- */
 #define BATCH_PROMPT 16
 
-/* every context back at its prompt, then n_gen decode steps: batched or one by one; seconds */
-static double batch_once(moe_ctx **ctx, int n, const moe_token *toks, int n_gen, int batched) {
+/* every context back at its prompt, then n_gen decode steps: batched (mode 0), one by one (1), or
+   concurrently (2: each context's step submitted to its own worker thread, all waited for; on
+   the CPU the contexts share the model's one compute pool); seconds */
+static double batch_once(moe_ctx **ctx, int n, const moe_token *toks, int n_gen, int mode) {
     const moe_token *tp[1024];
     int32_t one[1024];
     for (int i = 0; i < n; i++)
@@ -297,11 +302,18 @@ static double batch_once(moe_ctx **ctx, int n, const moe_token *toks, int n_gen,
     double t0 = now_s();
     for (int g = 0; g < n_gen; g++) {
         for (int i = 0; i < n; i++) tp[i] = &toks[(g * 7 + i) % 1024], one[i] = 1;
-        if (batched) {
+        if (mode == 0) {
             if (moe_step_batch(ctx, tp, one, n) != MOE_OK) return -1;
-        } else
+        } else if (mode == 1) {
             for (int i = 0; i < n; i++)
                 if (moe_step(ctx[i], tp[i], 1) != MOE_OK) return -1;
+        } else {
+            int bad = 0;
+            for (int i = 0; i < n; i++)
+                if (moe_step_submit(ctx[i], tp[i], 1) != MOE_OK) { n = i, bad = 1; } /* wait for the ones submitted */
+            for (int i = 0; i < n; i++) bad |= moe_step_wait(ctx[i], UINT64_MAX) != MOE_OK;
+            if (bad) return -1;
+        }
     }
     return now_s() - t0;
 }
@@ -309,6 +321,17 @@ static double batch_once(moe_ctx **ctx, int n, const moe_token *toks, int n_gen,
 static double median(double *v, int n) {
     qsort(v, (size_t)n, sizeof *v, cmp_double);
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* threads of this process (Linux: /proc/self/status), else -1 */
+static int process_threads(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    int n = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "Threads:", 8)) n = atoi(line + 8);
+    if (f) fclose(f);
+    return n;
 }
 
 static int bench_batch(const char *model_path, moe_load_params lp, const char *list, int n_gen, int reps, int json) {
@@ -325,8 +348,8 @@ static int bench_batch(const char *model_path, moe_load_params lp, const char *l
         toks[i] = (moe_token)((s >> 33) % (unsigned long long)info.n_vocab);
     }
     if (!json) {
-        printf("| model | backend | threads | contexts | tg%d each | batched t/s | one by one t/s | ratio |\n", n_gen);
-        printf("| ----- | ------- | ------: | -------: | --------: | ----------: | -------------: | ----: |\n");
+        printf("| model | backend | threads | contexts | tg%d each | batched t/s | one by one t/s | ratio | concurrent t/s | process threads |\n", n_gen);
+        printf("| ----- | ------- | ------: | -------: | --------: | ----------: | -------------: | ----: | -------------: | --------------: |\n");
     }
     int rc = 0;
     for (const char *p = list; *p && !rc;) {
@@ -348,23 +371,29 @@ static int bench_batch(const char *model_path, moe_load_params lp, const char *l
             fprintf(stderr, "bench: %s\n", moe_last_error());
             rc = 1;
         }
-        /* the two modes take turns, so that a load that changes over the run hits both alike */
-        double tps[2] = {0, 0}, t[2][1000];
-        for (int mode = 0; mode < 2 && !rc; mode++)
-            if (batch_once(ctx, n, toks, n_gen < 4 ? n_gen : 4, !mode) < 0) rc = 1; /* warm-up */
+        /* the modes take turns, so that a load that changes over the run hits all alike */
+        double tps[3] = {0, 0, 0}, t[3][1000];
+        for (int mode = 0; mode < 3 && !rc; mode++)
+            if (batch_once(ctx, n, toks, n_gen < 4 ? n_gen : 4, mode) < 0) rc = 1; /* warm-up */
         for (int r = 0; r < reps && !rc; r++)
-            for (int mode = 0; mode < 2 && !rc; mode++)
-                if ((t[mode][r] = batch_once(ctx, n, toks, n_gen, !mode)) < 0) rc = 1;
+            for (int mode = 0; mode < 3 && !rc; mode++)
+                if ((t[mode][r] = batch_once(ctx, n, toks, n_gen, mode)) < 0) rc = 1;
                 else t[mode][r] = (double)n * n_gen / t[mode][r];
         if (rc) fprintf(stderr, "bench: %s\n", moe_last_error());
-        else tps[0] = median(t[0], reps), tps[1] = median(t[1], reps);
+        else
+            for (int mode = 0; mode < 3; mode++) tps[mode] = median(t[mode], reps);
+        /* all contexts have stepped and have their workers: the compute threads of every context
+           (one pool per model on the CPU) plus one worker per context plus this thread */
+        int n_thr = process_threads();
         if (!rc) {
             if (json)
                 printf("{\"model\": \"%s\", \"arch\": \"%s\", \"backend\": \"%s\", \"threads\": %d, \"test\": \"batch\", \"contexts\": %d, "
-                       "\"n_gen\": %d, \"reps\": %d, \"tps_batched\": %.3f, \"tps_one_by_one\": %.3f}\n",
-                       model_path, info.arch, be, lp.n_threads, n, n_gen, reps, tps[0], tps[1]);
+                       "\"n_gen\": %d, \"reps\": %d, \"tps_batched\": %.3f, \"tps_one_by_one\": %.3f, \"tps_concurrent\": %.3f, "
+                       "\"process_threads\": %d}\n",
+                       model_path, info.arch, be, lp.n_threads, n, n_gen, reps, tps[0], tps[1], tps[2], n_thr);
             else
-                printf("| %s | %s | %d | %d | %d | %.2f | %.2f | %.2fx |\n", info.arch, be, lp.n_threads, n, n_gen, tps[0], tps[1], tps[0] / tps[1]);
+                printf("| %s | %s | %d | %d | %d | %.2f | %.2f | %.2fx | %.2f | %d |\n", info.arch, be, lp.n_threads, n, n_gen, tps[0], tps[1],
+                       tps[0] / tps[1], tps[2], n_thr);
             fflush(stdout);
         }
         for (int i = 0; ctx && i < n; i++) moe_ctx_free(ctx[i]);

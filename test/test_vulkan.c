@@ -221,6 +221,7 @@ typedef struct pair {
     synth *s;
     moe_vk_backend *vk;
     void *cpu, *gpu;
+    thread_pool *pool;         /* the CPU context's threads (a model's pool, in the library) */
     int n_batch;
 } pair;
 
@@ -229,7 +230,8 @@ static void pair_new_ctx(pair *p, synth *s, int32_t kv_type, int n_batch, int n_
     p->s = s;
     p->n_batch = n_batch;
     moe_ctx_shape sh = {n_ctx, n_batch, kv_type, 1, 2, 1, NULL, NULL, 0, 0, 0}; /* the CPU reference in exact (f32) mode */
-    assert_int_equal(cpu_ctx_new(&s->w, &sh, &p->cpu), MOE_OK);
+    assert_int_equal(pool_new(sh.n_threads, &p->pool), MOE_OK);
+    assert_int_equal(cpu_ctx_new(&s->w, &sh, p->pool, &p->cpu), MOE_OK);
     moe_status st = moe_vk_init(&s->w, 0, 0, test_log, NULL, &p->vk);
     if (st) print_error("moe_vk_init: %s (%s)\n", moe_status_str(st), moe_last_error());
     assert_int_equal(st, MOE_OK);
@@ -244,6 +246,7 @@ static void pair_free(pair *p) {
     moe_vk_ctx_free(p->gpu);
     moe_vk_free(p->vk);
     cpu_ctx_free(p->cpu);
+    pool_free(p->pool);
 }
 
 static size_t role_bytes(pair *p, int role, int rows) { return (size_t)rows * (size_t)act_width(&p->s->w, role) * sizeof(float); }
