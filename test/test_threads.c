@@ -284,5 +284,5 @@ int main(void) {
         cmocka_unit_test(test_one_pool_per_model),
         cmocka_unit_test(test_free_while_stepping),
     };
-    return cmocka_run_group_tests_name("threads", tests, NULL, NULL);
+    return tu_run_tests("threads", tests);
 }
