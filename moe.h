@@ -1016,6 +1016,18 @@ MOE_HIDDEN int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else
 MOE_HIDDEN moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 MOE_HIDDEN void       moe_vk_ctx_free(void *be);
 MOE_HIDDEN extern const moe_ops moe_vk_ops;
+/* moe_step_batch on Vulkan (moe_vk.c section 8): a scratch context (the lead, moe_vk_ctx_new with
+   n_batch = the pass's rows, logits_all) runs the forward over the rows of all segments with
+   moe_vk_batch_ops, between moe_vk_batch_begin and moe_vk_batch_end (inside its begin/end_step).
+   Segment s: context be's n tokens at positions pos0.., rows row0.. of the pass; its n_out logits
+   rows (its last n_out rows) become rows out0.. of the pass's logits. */
+typedef struct moe_vk_seg { void *be; int32_t row0, n, pos0, n_out, out0; } moe_vk_seg;
+MOE_HIDDEN const char *moe_vk_batch_unsupported(const moe_vk_backend *vk); /* why no pass can run, or NULL */
+MOE_HIDDEN moe_status moe_vk_batch_begin(void *lead, const moe_vk_seg *seg, int n_seg); /* seg must outlive the step */
+MOE_HIDDEN void       moe_vk_batch_gather(void *lead);  /* after the forward: the logits rows to rows 0.. of ACT_XN */
+MOE_HIDDEN void       moe_vk_batch_end(void *lead);
+MOE_HIDDEN void       moe_vk_batch_logits(void *lead, int row0, int n, float *dst); /* after end_step */
+MOE_HIDDEN extern const moe_ops moe_vk_batch_ops;
 MOE_HIDDEN void       moe_internal_set_error(moe_status status, const char *fmt, ...);
 
 /* SPIR-V of the compute shaders, generated into shaders_embedded.c (make shaders), sorted by name. */
