@@ -4520,7 +4520,6 @@ void moe_vk_batch_end(void *lead) {
 void moe_vk_batch_gather(void *lead) {
     vk_ctx *c = lead;
     if (c->err) return;
-    vk_pn_flush(c);
     VkDeviceSize rb = (VkDeviceSize)c->w->hp.n_embd * 4;
     int moved = 0, outs = 0;
     for (int s = 0; s < c->n_bseg; s++) {
@@ -4528,7 +4527,8 @@ void moe_vk_batch_gather(void *lead) {
         moved |= g->n_out && g->row0 + g->n - g->n_out != g->out0;
         outs += g->n_out;
     }
-    if (!moved) return;
+    if (!moved) return; /* (decode: the final norm stays pending, applied inside the LM head's matvec as alone) */
+    vk_pn_flush(c);
     for (int s = 0; s < c->n_bseg; s++) {
         const moe_vk_seg *g = &c->bseg[s];
         vk_rec *r = g->n_out ? vk_rec_new(c, VK_REC_COPY, VKC_COPY) : NULL;
