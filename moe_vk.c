@@ -2578,25 +2578,45 @@ static void vk_grid_fold(vk_rec *r, uint64_t n, uint32_t y) {
 }
 
 /* ---- turning records into commands ---- */
-typedef struct vk_hazard { VkBuffer wr[16], rd[32]; int n_wr, n_rd; } vk_hazard;
+/* What ran since the last barrier wrote and read, as byte ranges of buffers: records that touch
+   disjoint rows of one buffer (moe_step_batch's segments) need no barrier between them. A copy's
+   destination (range 0) counts to the end of its buffer. */
+typedef struct vk_span { VkBuffer b; VkDeviceSize lo, hi; } vk_span;
+#define VK_HZ_WR 64
+#define VK_HZ_RD 128
+typedef struct vk_hazard { vk_span wr[VK_HZ_WR], rd[VK_HZ_RD]; int n_wr, n_rd; } vk_hazard;
 
-static int vk_in(const VkBuffer *set, int n, VkBuffer b) {
+static vk_span vk_span_of(const vk_rec *r, int s) {
+    VkDeviceSize lo = r->off[s], n = r->range[s];
+    vk_span v = {r->buf[s], lo, n == 0 || n == VK_WHOLE_SIZE ? ~(VkDeviceSize)0 : lo + n};
+    return v;
+}
+
+static int vk_in(const vk_span *set, int n, vk_span v) {
     for (int i = 0; i < n; i++)
-        if (set[i] == b) return 1;
+        if (set[i].b == v.b && v.lo < set[i].hi && set[i].lo < v.hi) return 1;
     return 0;
+}
+
+/* adds v to the set, merged into an entry it overlaps or touches; 0 when the set is full */
+static int vk_span_add(vk_span *set, int *n, int cap, vk_span v) {
+    for (int i = 0; i < *n; i++)
+        if (set[i].b == v.b && v.lo <= set[i].hi && set[i].lo <= v.hi) {
+            if (v.lo < set[i].lo) set[i].lo = v.lo;
+            if (v.hi > set[i].hi) set[i].hi = v.hi;
+            return 1;
+        }
+    if (*n == cap) return 0;
+    set[(*n)++] = v;
+    return 1;
 }
 
 static int vk_hazard_add(vk_hazard *h, const vk_rec *r) {
     for (int s = 0; s < VK_NB; s++) {
         if (!r->buf[s]) continue;
-        if (((r->wmask >> s) & 1) && !vk_in(h->wr, h->n_wr, r->buf[s])) {
-            if (h->n_wr == 16) return 0;
-            h->wr[h->n_wr++] = r->buf[s];
-        }
-        if (!vk_in(h->rd, h->n_rd, r->buf[s])) {
-            if (h->n_rd == 32) return 0;
-            h->rd[h->n_rd++] = r->buf[s];
-        }
+        vk_span v = vk_span_of(r, s);
+        if (((r->wmask >> s) & 1) && !vk_span_add(h->wr, &h->n_wr, VK_HZ_WR, v)) return 0;
+        if (!vk_span_add(h->rd, &h->n_rd, VK_HZ_RD, v)) return 0;
     }
     return 1;
 }
@@ -2606,8 +2626,9 @@ static int vk_need_barrier(vk_hazard *h, const vk_rec *r) {
     int need = 0;
     for (int s = 0; s < VK_NB && !need; s++) {
         if (!r->buf[s]) continue;
-        if (vk_in(h->wr, h->n_wr, r->buf[s])) need = 1;
-        if (((r->wmask >> s) & 1) && vk_in(h->rd, h->n_rd, r->buf[s])) need = 1;
+        vk_span v = vk_span_of(r, s);
+        if (vk_in(h->wr, h->n_wr, v)) need = 1;
+        if (((r->wmask >> s) & 1) && vk_in(h->rd, h->n_rd, v)) need = 1;
     }
     if (!need && vk_hazard_add(h, r)) return 0;
     h->n_wr = h->n_rd = 0;
