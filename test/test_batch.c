@@ -91,12 +91,7 @@ static void same_state(moe_ctx *a, moe_ctx *b, int n_tokens, int nv) {
         assert_non_null(la);
         assert_non_null(lb);
         if (g_tol >= 0) {
-            double lo = lb[0], hi = lb[0], d = 0;
-            for (int i = 0; i < nv; i++) {
-                lo = lb[i] < lo ? lb[i] : lo, hi = lb[i] > hi ? lb[i] : hi;
-                d = fabs((double)la[i] - lb[i]) > d ? fabs((double)la[i] - lb[i]) : d;
-            }
-            double e = d / (hi - lo > 1e-30 ? hi - lo : 1e-30);
+            double e = row_rel_err(la, lb, nv);
             g_worst = e > g_worst ? e : g_worst;
             if (e > g_tol) fail_msg("row %d of %d: max|d| / range %.3e > %.1e", r, rows, e, g_tol);
             assert_int_equal(greedy(la, nv), greedy(lb, nv));
