@@ -101,7 +101,7 @@ test-unit: $(TESTS:%=$(B)/test/%) vocabs
 
 test-asan: $(TESTS:%=$(B)/asan/%) vocabs
 	@for t in $(TESTS:%=$(B)/asan/%); do echo "== $$t (asan+ubsan)"; \
-	  case $$t in *test_vulkan|*test_vk_host) e="$(VK_TEST_ENV)";; *) e="$(NO_VK_ENV)";; esac; \
+	  case $$t in *test_vulkan|*test_vk_host|*test_batch) e="$(VK_TEST_ENV)";; *) e="$(NO_VK_ENV)";; esac; \
 	  env $$e ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
 
 # one model shared by threads that each own a context: ThreadSanitizer on the API tests and on
