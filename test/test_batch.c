@@ -36,9 +36,11 @@
    binary16 value (2^-11 relative), the class of error of an f16 cache: test_vulkan's TOL_F16 */
 #define TOL_F16KV 2e-3
 
-/* lavapipe keeps a few hundred bytes per VkInstance inside its driver (see test_vulkan.c) */
+/* lavapipe keeps a few hundred bytes per VkInstance inside its driver: kept loaded so that those
+   leaks carry its name, and exactly those are suppressed (as test_vulkan.c does) */
 const char *__lsan_default_suppressions(void);
 const char *__lsan_default_suppressions(void) { return "leak:libvulkan_lvp.so\n"; }
+static void pin_driver(void) { (void)dlopen("libvulkan_lvp.so", RTLD_NOW | RTLD_NODELETE); }
 
 static moe_model *load_backend(const char *path, int backend, int exact) {
     moe_load_params lp = {0};
@@ -512,6 +514,7 @@ static void test_vk_cancel(void **state) {
 }
 
 int main(void) {
+    pin_driver();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_qwen3_int8),
         cmocka_unit_test(test_qwen3_f32),
