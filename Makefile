@@ -106,7 +106,7 @@ test-unit: $(TESTS:%=$(B)/test/%) vocabs
 ASAN_SKIP ?= test_async_abort,ops_bf16,ops_q4_0,ops_q5_k,ops_q6_k,ops_mxfp4,test_ops_mixed_experts,test_split_windows,test_attn_long,test_depth_decode,fixture_f32,fixture_f16,fixture_q4_k,fixture_mixed
 test-asan: $(TESTS:%=$(B)/asan/%) vocabs
 	@for t in $(TESTS:%=$(B)/asan/%); do echo "== $$t (asan+ubsan)"; \
-	  case $$t in *test_vulkan|*test_vk_host) e="$(VK_TEST_ENV)";; *) e="$(NO_VK_ENV)";; esac; \
+	  case $$t in *test_vulkan|*test_vk_host|*test_batch) e="$(VK_TEST_ENV)";; *) e="$(NO_VK_ENV)";; esac; \
 	  env $$e MOE_TESTS_SKIP="$(ASAN_SKIP)" ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t || exit 1; done
 test-asan-full:
 	@$(MAKE) test-asan ASAN_SKIP=

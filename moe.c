@@ -6964,6 +6964,9 @@ struct moe_ctx {
        of a pass, kept by the first context of the call for the next one (NULL until then) */
     cpu_ctx *batch_cc;
     int32_t batch_rows;
+    void *batch_vk;            /* the same on Vulkan: moe_vk.c's lead context of a pass */
+    int32_t batch_vk_rows;
+    int32_t profiling;         /* moe_ctx_profile is on (a pass times no context's ops) */
 };
 
 /* the abort poll the backends call: moe_ctx_free's stop, then the caller's callback */
@@ -9064,6 +9067,7 @@ void moe_ctx_free(moe_ctx *ctx) {
     if (ctx->cpu) cpu_ctx_free(ctx->cpu);
     else if (ctx->be) moe_vk_ctx_free(ctx->be);
     cpu_ctx_free(ctx->batch_cc);
+    if (ctx->batch_vk) moe_vk_ctx_free(ctx->batch_vk);
     moe_model *model = ctx->model;
     moe_free(ctx->seg);
     moe_free(ctx->ckpt_ok);
@@ -9491,8 +9495,43 @@ static moe_status bt_scratch(moe_ctx *owner, int32_t rows) {
 /* per context of a batched step: where its logits go, how far it is */
 typedef struct bt_item { float *stage; int32_t done, min_ring; } bt_item;
 
-/* The CPU pass: each context's step is cut into the chunks ctx_run would make; a forward pass
-   takes the next chunk of as many contexts as fit in its rows (decode: all of them in one). */
+/* The next pass: each context's step is cut into the chunks ctx_run would make; a pass takes the
+   next chunk of as many contexts as fit in its cap rows (decode: all of them in one), their tokens
+   in tok. Returns its segments (0: every step is done), its rows and its logits rows. */
+static int bt_plan(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs, const bt_item *it,
+                   cpu_bseg *seg, moe_token *tok, int32_t cap, int32_t *first, int32_t *rows_out, int32_t *outs_out) {
+    int n_seg = 0;
+    int32_t rows = 0, outs = 0;
+    size_t nv = (size_t)ctxs[0]->model->w.hp.n_vocab;
+    while (*first < n_ctxs && it[*first].done == n_tokens[*first]) (*first)++;
+    for (int32_t i = *first; i < n_ctxs; i++) {
+        moe_ctx *c = ctxs[i];
+        int32_t done = it[i].done, q = c->pos + done, k;
+        if (done == n_tokens[i]) continue;
+        int32_t n = ctx_chunk(c, q, n_tokens[i] - done, &k);
+        if (rows + n > cap) break; /* the rest go in the next pass */
+        cpu_bseg *s = &seg[n_seg++];
+        s->cc = c->cpu, s->row0 = rows, s->n = n, s->pos0 = q;
+        s->n_out = c->logits_all ? n : (done + n == n_tokens[i] ? 1 : 0);
+        s->out0 = outs;
+        s->dst = it[i].stage + (size_t)(c->logits_all ? done : 0) * nv;
+        s->ctx_i = i, s->ck = k;
+        memcpy(tok + rows, tokens[i] + done, (size_t)n * sizeof *tok);
+        rows += n, outs += s->n_out;
+    }
+    *rows_out = rows, *outs_out = outs;
+    return n_seg;
+}
+
+/* before a pass: any context's abort callback (or its moe_ctx_free) cancels the whole call */
+static moe_status bt_abort_poll(moe_ctx *const *ctxs, int32_t n_ctxs) {
+    for (int32_t i = 0; i < n_ctxs; i++)
+        if (ctx_abort_poll(ctxs[i]))
+            return set_error(MOE_ERR_CANCELLED, "moe_step_batch (context %d): cancelled by the abort callback; every context is as before the call", i);
+    return MOE_OK;
+}
+
+/* The CPU pass: the lead's forward over the rows of all segments (bt_ops). */
 static moe_status bt_run(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs,
                          bt_item *it, cpu_batch *bb, moe_token *tok, int32_t cap) {
     const moe_model *m = ctxs[0]->model;
@@ -9506,26 +9545,9 @@ static moe_status bt_run(moe_ctx *const *ctxs, const moe_token *const *tokens, c
     b.logit_rows = BT_LOGIT_ROWS;
     lead->batch = &b;
     for (int32_t first = 0; !st;) {
-        int32_t rows = 0, outs = 0;
-        b.n_seg = 0;
-        while (first < n_ctxs && it[first].done == n_tokens[first]) first++;
-        if (first == n_ctxs) break;
-        for (int32_t i = first; i < n_ctxs; i++) {
-            moe_ctx *c = ctxs[i];
-            int32_t done = it[i].done, q = c->pos + done, k;
-            if (done == n_tokens[i]) continue;
-            int32_t n = ctx_chunk(c, q, n_tokens[i] - done, &k);
-            if (rows + n > cap) break; /* the rest go in the next pass */
-            cpu_bseg *s = &seg[b.n_seg];
-            s->cc = c->cpu, s->row0 = rows, s->n = n, s->pos0 = q;
-            s->n_out = c->logits_all ? n : (done + n == n_tokens[i] ? 1 : 0);
-            s->out0 = outs;
-            s->dst = it[i].stage + (size_t)(c->logits_all ? done : 0) * (size_t)hp->n_vocab;
-            s->ctx_i = i, s->ck = k;
-            memcpy(tok + rows, tokens[i] + done, (size_t)n * sizeof *tok);
-            b.n_seg++;
-            rows += n, outs += s->n_out;
-        }
+        int32_t rows, outs;
+        if (!(b.n_seg = bt_plan(ctxs, tokens, n_tokens, n_ctxs, it, seg, tok, cap, &first, &rows, &outs))) break;
+        if ((st = bt_abort_poll(ctxs, n_ctxs))) break;
         cpu_begin_step(lead);
         for (int i = 0; i < b.n_seg; i++) cpu_begin_step(seg[i].cc);
         m->arch->forward(lead, &ops, &m->w, tok, rows, 0, 0); /* n_out 0: logits below */
@@ -9550,7 +9572,54 @@ static moe_status bt_run(moe_ctx *const *ctxs, const moe_token *const *tokens, c
     return st;
 }
 
-/* Where a context cannot join a pass (Vulkan, expert streaming, profiling), the steps run one by
+/* The Vulkan lead of a pass of up to rows rows, kept by owner for later calls (moe_vk.c section
+   8): its activations hold the pass's rows and its logits all of them; its KV cache is never used
+   (the contexts' own are). Its submissions poll owner's abort callback. */
+static moe_status bt_vk_scratch(moe_ctx *owner, int32_t rows) {
+    if (owner->batch_vk && owner->batch_vk_rows >= rows) return MOE_OK;
+    const moe_model *m = owner->model;
+    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 1, m->n_threads, m->cpu_exact, ctx_abort_poll, owner, 0, 0, 0};
+    void *be;
+    moe_status st = moe_vk_ctx_new(m->vk, &shape, &be);
+    if (st) return st;
+    if (owner->batch_vk) moe_vk_ctx_free(owner->batch_vk);
+    owner->batch_vk = be;
+    owner->batch_vk_rows = rows;
+    return MOE_OK;
+}
+
+/* The Vulkan pass: one submission per pass (a decode call: one in all), recorded by the lead with
+   moe_vk_batch_ops; the logits rows gathered in segment order go to the contexts' staged rows. */
+static moe_status bt_vk_run(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs,
+                            bt_item *it, cpu_bseg *seg, moe_vk_seg *vseg, moe_token *tok, int32_t cap) {
+    const moe_model *m = ctxs[0]->model;
+    void *lead = ctxs[0]->batch_vk;
+    const moe_ops *o = &moe_vk_batch_ops;
+    moe_status st = MOE_OK;
+    for (int32_t first = 0; !st;) {
+        int32_t rows, outs;
+        int n_seg = bt_plan(ctxs, tokens, n_tokens, n_ctxs, it, seg, tok, cap, &first, &rows, &outs);
+        if (!n_seg || (st = bt_abort_poll(ctxs, n_ctxs))) break;
+        for (int i = 0; i < n_seg; i++)
+            vseg[i] = (moe_vk_seg){ctxs[seg[i].ctx_i]->be, seg[i].row0, seg[i].n, seg[i].pos0, seg[i].n_out, seg[i].out0};
+        if ((st = moe_vk_batch_begin(lead, vseg, n_seg))) break;
+        o->begin_step(lead);
+        m->arch->forward(lead, o, &m->w, tok, rows, 0, 0); /* n_out 0: logits below */
+        moe_vk_batch_gather(lead);
+        lm_head(lead, o, &m->w, outs, outs);
+        st = o->end_step(lead);
+        moe_vk_batch_end(lead);
+        for (int i = 0; i < n_seg; i++) {
+            const cpu_bseg *s = &seg[i];
+            ctx_chunk_ran(ctxs[s->ctx_i], s->pos0, s->n, it[s->ctx_i].min_ring);
+            if (!st && s->n_out) moe_vk_batch_logits(lead, s->out0, s->n_out, s->dst);
+            it[s->ctx_i].done += s->n;
+        }
+    }
+    return st;
+}
+
+/* Where a context cannot join a pass (expert streaming, profiling, hybrids on Vulkan), the steps run one by
    one; should one fail, the ones before it are taken back (rewound, their logits and counters
    restored), so that every context is as it was. */
 static moe_status bt_one_by_one(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs) {
@@ -9604,11 +9673,11 @@ moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, 
             return set_error(MOE_ERR_INVALID_ARG, "%s: belongs to another model than context 0 (one pass runs one model)", fn);
         for (int32_t j = 0; j < i; j++)
             if (ctxs[j] == c) return set_error(MOE_ERR_INVALID_ARG, "%s: is context %d again (each context may appear once)", fn, j);
-        /* one pass needs the plain CPU ops on every context (profiling times ops one context at a time) */
-        batched = batched && c->ops == &k_cpu_ops;
+        /* one pass needs the plain ops on every context (profiling times ops one context at a time) */
+        batched = batched && (c->ops == &k_cpu_ops || c->ops == &moe_vk_ops) && !c->profiling;
     }
     const moe_model *m = ctxs[0]->model;
-    if (!batched || m->vk || m->xc) return bt_one_by_one(ctxs, tokens, n_tokens, n_ctxs);
+    if (!batched || m->xc || (m->vk && moe_vk_batch_unsupported(m->vk))) return bt_one_by_one(ctxs, tokens, n_tokens, n_ctxs);
     int32_t cap = BT_MIN_ROWS, total = 0;
     for (int32_t i = 0; i < n_ctxs; i++) {
         if (ctxs[i]->n_batch > cap) cap = ctxs[i]->n_batch;
@@ -9620,20 +9689,21 @@ moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, 
     cpu_batch b = {moe_malloc(nc * sizeof(cpu_bseg)), 0, 0, moe_malloc(nc * BT_MAX_AIM * sizeof(float *)),
                    moe_malloc(nc * sizeof(attn_job)), moe_malloc(nc * sizeof(int64_t))};
     moe_token *tok = moe_malloc((size_t)cap * sizeof *tok);
-    moe_status st = it && b.seg && b.saved && b.jobs && b.task0 && tok ? MOE_OK : set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory");
+    moe_vk_seg *vseg = m->vk ? moe_malloc(nc * sizeof *vseg) : NULL;
+    moe_status st = it && b.seg && b.saved && b.jobs && b.task0 && tok && (vseg || !m->vk) ? MOE_OK : set_error(MOE_ERR_NO_MEMORY, "moe_step_batch: out of memory");
     for (int32_t i = 0; !st && i < n_ctxs; i++) {
         snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
         st = step_stage(ctxs[i], n_tokens[i], fn, &it[i].stage);
         it[i].done = 0;
         it[i].min_ring = ctx_min_ring(ctxs[i]);
     }
-    if (!st) st = bt_scratch(ctxs[0], cap);
+    if (!st) st = m->vk ? bt_vk_scratch(ctxs[0], cap) : bt_scratch(ctxs[0], cap);
     double t0 = now_s();
     for (int32_t i = 0; !st && i < n_ctxs; i++) st = step_repair(ctxs[i]);
     if (st) goto out;
     for (int32_t i = 0; i < n_ctxs; i++) /* the token history, as ctx_run keeps it */
         memcpy(ctxs[i]->tokens + ctxs[i]->pos, tokens[i], (size_t)n_tokens[i] * sizeof(moe_token));
-    st = bt_run(ctxs, tokens, n_tokens, n_ctxs, it, &b, tok, cap);
+    st = m->vk ? bt_vk_run(ctxs, tokens, n_tokens, n_ctxs, it, b.seg, vseg, tok, cap) : bt_run(ctxs, tokens, n_tokens, n_ctxs, it, &b, tok, cap);
     for (int32_t i = 0; !st && i < n_ctxs; i++) {
         snprintf(fn, sizeof fn, "moe_step_batch (context %d)", i);
         st = step_finite(ctxs[i], it[i].stage, n_tokens[i], fn);
@@ -9645,7 +9715,7 @@ moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, 
     double dt = now_s() - t0;
     for (int32_t i = 0; i < n_ctxs; i++) step_commit(ctxs[i], it[i].stage, n_tokens[i], dt);
 out:
-    moe_free(it), moe_free(b.seg), moe_free(b.saved), moe_free(b.jobs), moe_free(b.task0), moe_free(tok);
+    moe_free(it), moe_free(b.seg), moe_free(b.saved), moe_free(b.jobs), moe_free(b.task0), moe_free(tok), moe_free(vseg);
     return st;
 }
 
@@ -9691,6 +9761,7 @@ moe_status moe_ctx_profile(moe_ctx *ctx, int32_t on) {
     if (!ctx->ops->profile) return set_error(MOE_ERR_UNSUPPORTED, "moe_ctx_profile: this backend cannot profile");
     moe_status st = ctx->ops->profile(ctx->be, on != 0);
     if (!st && ctx->cpu) ctx->ops = on ? &k_cpu_prof_ops : &k_cpu_ops;
+    if (!st) ctx->profiling = on != 0;
     return st;
 }
 

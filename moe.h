@@ -601,9 +601,24 @@ MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, doubl
      A pass holds up to max(512, largest n_batch) rows; longer steps take several passes, each
      context cut into the chunks moe_step would make. The pass's scratch buffers are kept by
      ctxs[0] until it is freed (reuse the same first context for steady frames).
-   - Not batched yet, stepped one by one inside the call with the same results and the same
-     all-or-nothing contract: the Vulkan backend (every family), host expert streaming
-     (host_budget_bytes below the weights), and contexts with moe_ctx_profile on.
+   - Vulkan backend: the same pass as ONE queue submission (no host wait inside it): embedding,
+     norms, matrix products, router, experts and LM head run once over all contexts' rows (each
+     weight read once per pass); q/k norm + rope, the KV store and attention are dispatched per
+     context on its own caches and positions. Not bit-identical to separate steps: a pass of more
+     than 8 rows takes the tiled matrix-product kernels where a context alone takes matrix-vector
+     ones (another summation order, as prefill against decode), within 1e-5 of the logit range
+     with f32 KV caches (f16 tensor-core tiles: 3e-3; f16 KV caches: a K/V element may round to
+     the neighbouring binary16, up to 2e-3), greedy tokens the same in our tests; a pass of at most
+     8 rows in all (e.g. up to 8 contexts decoding) is bit-identical. The pass's scratch context
+     holds logits for all its rows (up to 512 rows × n_vocab floats on the device and the host).
+     max_submit_us and low_priority of the contexts do not apply to a pass; the abort callbacks of
+     all contexts are polled before each pass (and ctxs[0]'s between submissions).
+   - Not batched, stepped one by one inside the call with the same results and the same
+     all-or-nothing contract: hybrid models (Gated DeltaNet) on Vulkan, GPU or host expert
+     streaming (gpu_budget_bytes / host_budget_bytes below the weights), and contexts with
+     moe_ctx_profile on.
+   Cancel: any context's abort callback, polled before each pass, cancels the whole call
+   (MOE_ERR_CANCELLED naming that context); every context is then as before the call.
    Errors: MOE_ERR_INVALID_ARG for n_ctxs <= 0, NULL arrays or contexts, contexts of different
    models, a context given twice, a token outside the vocabulary; MOE_ERR_CONTEXT_FULL when a
    context's tokens do not fit. The message names the context's index. On any error every context
@@ -1026,6 +1041,18 @@ MOE_HIDDEN int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else
 MOE_HIDDEN moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 MOE_HIDDEN void       moe_vk_ctx_free(void *be);
 MOE_HIDDEN extern const moe_ops moe_vk_ops;
+/* moe_step_batch on Vulkan (moe_vk.c section 8): a scratch context (the lead, moe_vk_ctx_new with
+   n_batch = the pass's rows, logits_all) runs the forward over the rows of all segments with
+   moe_vk_batch_ops, between moe_vk_batch_begin and moe_vk_batch_end (inside its begin/end_step).
+   Segment s: context be's n tokens at positions pos0.., rows row0.. of the pass; its n_out logits
+   rows (its last n_out rows) become rows out0.. of the pass's logits. */
+typedef struct moe_vk_seg { void *be; int32_t row0, n, pos0, n_out, out0; } moe_vk_seg;
+MOE_HIDDEN const char *moe_vk_batch_unsupported(const moe_vk_backend *vk); /* why no pass can run, or NULL */
+MOE_HIDDEN moe_status moe_vk_batch_begin(void *lead, const moe_vk_seg *seg, int n_seg); /* seg must outlive the step */
+MOE_HIDDEN void       moe_vk_batch_gather(void *lead);  /* after the forward: the logits rows to rows 0.. of ACT_XN */
+MOE_HIDDEN void       moe_vk_batch_end(void *lead);
+MOE_HIDDEN void       moe_vk_batch_logits(void *lead, int row0, int n, float *dst); /* after end_step */
+MOE_HIDDEN extern const moe_ops moe_vk_batch_ops;
 MOE_HIDDEN void       moe_internal_set_error(moe_status status, const char *fmt, ...);
 
 /* SPIR-V of the compute shaders, generated into shaders_embedded.c (make shaders), sorted by name. */

@@ -603,6 +603,7 @@ typedef struct vk_buf {
     VkDeviceSize size;
     uint8_t *map;              /* host-visible buffers stay mapped */
     int alias;                 /* a copy of a buffer owned elsewhere (the expert stage in a layer's windows): not freed here */
+    VkDeviceSize off;          /* a view of rows of another buffer (moe_step_batch's segments): where it starts in buf */
 } vk_buf;
 
 /* Where a weight lives: parts (one unless the tensor is larger than a window) of rows
@@ -616,6 +617,7 @@ typedef struct vk_wt {
 
 struct moe_vk_backend {
     vk_fns f;
+    _Atomic uint64_t ctx_frees; /* contexts freed so far: a batch lead's cached command buffers may bind their caches */
     void *lib;
     VkInstance inst;
     int inst_shared;           /* inst is the process's shared instance (vk_create_instance): not ours to destroy */
@@ -2401,7 +2403,7 @@ typedef struct vk_rec {
     uint8_t wmask;             /* which of bindings 0..5 the kernel writes */
     uint8_t wmode;             /* binding 6: 0 filler, 1 one dense part (win, woff, wrange), 2 windows win .. win+7 */
     uint8_t var;               /* pipeline variant (vk_pipe) */
-    uint8_t pad[2];
+    uint16_t slot;             /* binding 7: 0 the whole step buffer; s > 0 the header of batch segment s - 1 */
     uint32_t win;
     uint32_t grid[3];
     VkDeviceSize woff, wrange;
@@ -2424,9 +2426,17 @@ typedef struct vk_ctx {
     vk_buf kc, vc;             /* the KV caches one after the other, f16 or f32 */
     VkDeviceSize *kv_off, *kv_size; /* [n_cache] byte offset and (aligned) size of cache c */
     int32_t *kv_rows;          /* [n_cache] rows of cache c */
-    struct { moe_rope r; vk_buf tab; } rope[VK_MAX_ROPES]; /* per distinct rope of the layers: [n_ctx][n_rot/2] (cos, sin) */
+    struct vk_rope_tab { moe_rope r; vk_buf tab; } rope[VK_MAX_ROPES]; /* per distinct rope of the layers: [n_ctx][n_rot/2] (cos, sin) */
     int n_rope;
-    vk_buf step;               /* host-visible: [0] pos0, [1] n, [4 + i] token i */
+    vk_buf step;               /* host-visible: [0] pos0, [1] n, [4 + i] token i; then n_batch segment
+                                  headers [pos0, n] at seg_base + s · seg_stride (moe_step_batch) */
+    VkDeviceSize seg_base, seg_stride;
+    /* moe_step_batch (section 8): the pass's segments while this context leads one, and the one
+       its ops are aimed at now (cur_slot = its index + 1; 0 = none) */
+    const moe_vk_seg *bseg;
+    int n_bseg;
+    uint16_t cur_slot;
+    uint64_t frees_seen;       /* vk->ctx_frees when the cached command buffers were last known valid */
     vk_buf logits;             /* host-visible readback of ACT_LOGITS */
     VkCommandPool pool;
     VkFence fence;
@@ -2544,6 +2554,7 @@ static vk_rec *vk_rec_new_spec(vk_ctx *c, int pipe, uint32_t spec, int kind) {
     r->pipe = (uint16_t)pipe;
     r->var = (uint8_t)var;
     r->kind = (uint8_t)kind;
+    r->slot = c->cur_slot;
     return r;
 }
 
@@ -2558,7 +2569,7 @@ static void vk_cost(vk_ctx *c, double bytes, double flops) {
 
 static void vk_bind(vk_rec *r, int slot, const vk_buf *b, int written) {
     r->buf[slot] = b->buf;
-    r->off[slot] = 0;
+    r->off[slot] = b->off;
     r->range[slot] = b->size;
     if (written) r->wmask |= (uint8_t)(1u << slot);
 }
@@ -2580,25 +2591,45 @@ static void vk_grid_fold(vk_rec *r, uint64_t n, uint32_t y) {
 }
 
 /* ---- turning records into commands ---- */
-typedef struct vk_hazard { VkBuffer wr[16], rd[32]; int n_wr, n_rd; } vk_hazard;
+/* What ran since the last barrier wrote and read, as byte ranges of buffers: records that touch
+   disjoint rows of one buffer (moe_step_batch's segments) need no barrier between them. A copy's
+   destination (range 0) counts to the end of its buffer. */
+typedef struct vk_span { VkBuffer b; VkDeviceSize lo, hi; } vk_span;
+#define VK_HZ_WR 64
+#define VK_HZ_RD 128
+typedef struct vk_hazard { vk_span wr[VK_HZ_WR], rd[VK_HZ_RD]; int n_wr, n_rd; } vk_hazard;
 
-static int vk_in(const VkBuffer *set, int n, VkBuffer b) {
+static vk_span vk_span_of(const vk_rec *r, int s) {
+    VkDeviceSize lo = r->off[s], n = r->range[s];
+    vk_span v = {r->buf[s], lo, n == 0 || n == VK_WHOLE_SIZE ? ~(VkDeviceSize)0 : lo + n};
+    return v;
+}
+
+static int vk_in(const vk_span *set, int n, vk_span v) {
     for (int i = 0; i < n; i++)
-        if (set[i] == b) return 1;
+        if (set[i].b == v.b && v.lo < set[i].hi && set[i].lo < v.hi) return 1;
     return 0;
+}
+
+/* adds v to the set, merged into an entry it overlaps or touches; 0 when the set is full */
+static int vk_span_add(vk_span *set, int *n, int cap, vk_span v) {
+    for (int i = 0; i < *n; i++)
+        if (set[i].b == v.b && v.lo <= set[i].hi && set[i].lo <= v.hi) {
+            if (v.lo < set[i].lo) set[i].lo = v.lo;
+            if (v.hi > set[i].hi) set[i].hi = v.hi;
+            return 1;
+        }
+    if (*n == cap) return 0;
+    set[(*n)++] = v;
+    return 1;
 }
 
 static int vk_hazard_add(vk_hazard *h, const vk_rec *r) {
     for (int s = 0; s < VK_NB; s++) {
         if (!r->buf[s]) continue;
-        if (((r->wmask >> s) & 1) && !vk_in(h->wr, h->n_wr, r->buf[s])) {
-            if (h->n_wr == 16) return 0;
-            h->wr[h->n_wr++] = r->buf[s];
-        }
-        if (!vk_in(h->rd, h->n_rd, r->buf[s])) {
-            if (h->n_rd == 32) return 0;
-            h->rd[h->n_rd++] = r->buf[s];
-        }
+        vk_span v = vk_span_of(r, s);
+        if (((r->wmask >> s) & 1) && !vk_span_add(h->wr, &h->n_wr, VK_HZ_WR, v)) return 0;
+        if (!vk_span_add(h->rd, &h->n_rd, VK_HZ_RD, v)) return 0;
     }
     return 1;
 }
@@ -2608,8 +2639,9 @@ static int vk_need_barrier(vk_hazard *h, const vk_rec *r) {
     int need = 0;
     for (int s = 0; s < VK_NB && !need; s++) {
         if (!r->buf[s]) continue;
-        if (vk_in(h->wr, h->n_wr, r->buf[s])) need = 1;
-        if (((r->wmask >> s) & 1) && vk_in(h->rd, h->n_rd, r->buf[s])) need = 1;
+        vk_span v = vk_span_of(r, s);
+        if (vk_in(h->wr, h->n_wr, v)) need = 1;
+        if (((r->wmask >> s) & 1) && vk_in(h->rd, h->n_rd, v)) need = 1;
     }
     if (!need && vk_hazard_add(h, r)) return 0;
     h->n_wr = h->n_rd = 0;
@@ -2682,7 +2714,8 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
                     d.buffer = vk->win[rc->win + (uint32_t)j].buf;
                 bufs[VK_NB + j] = d;
             }
-            VkDescriptorBufferInfo sd = {c->step.buf, 0, VK_WHOLE_SIZE};
+            VkDescriptorBufferInfo sd = {c->step.buf, rc->slot ? c->seg_base + (VkDeviceSize)(rc->slot - 1) * c->seg_stride : 0,
+                                         rc->slot ? c->seg_stride : VK_WHOLE_SIZE};
             bufs[VK_NB + VK_XBUFS] = sd;
             for (int b = 0; b < 8; b++) {
                 VkWriteDescriptorSet w = {VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, NULL, 0, (uint32_t)b, 0, b == 6 ? VK_XBUFS : 1,
@@ -2901,6 +2934,11 @@ static moe_status vk_end_step_run(vk_ctx *c) {
         return c->vk->xg ? vk_xg_after_step(c) : MOE_OK;
     }
     size_t bytes = (size_t)c->n_recs * sizeof(vk_rec);
+    uint64_t frees = vk->ctx_frees;
+    if (c->bseg && frees != c->frees_seen) { /* a lead's command buffers may bind a freed context's caches: never replay them */
+        for (int i = 0; i < VK_CACHE; i++) c->cache[i].n = -1;
+        c->frees_seen = frees;
+    }
     vk_cached *hit = NULL, *victim = &c->cache[0];
     for (int i = 0; i < VK_CACHE; i++) {
         vk_cached *e = &c->cache[i];
@@ -2977,6 +3015,7 @@ void moe_vk_ctx_free(void *be) {
     vk_ctx *c = be;
     if (!c) return;
     moe_vk_backend *vk = c->vk;
+    vk->ctx_frees++; /* (an atomic increment: _Atomic) */
     if (c->profile && c->prof_env) vk_prof_report(c);
     if (vk->xc && c->xg_ids) { /* the host tier's side of this context, as the CPU backend logs it */
         const moe_xs_counts *x = &c->xcnt;
@@ -3157,7 +3196,10 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         }
         free(tab);
     }
-    if (!st) st = vk_buf_new(vk, &c->step, (4 + nb) * 4, VK_MEM_HOST, "the step buffer");
+    /* segment headers: a pass of moe_step_batch binds one per segment at an aligned offset */
+    c->seg_stride = vk_align_up(16, vk->props.limits.minStorageBufferOffsetAlignment ? vk->props.limits.minStorageBufferOffsetAlignment : 16);
+    c->seg_base = vk_align_up((4 + nb) * 4, c->seg_stride);
+    if (!st) st = vk_buf_new(vk, &c->step, c->seg_base + nb * c->seg_stride, VK_MEM_HOST, "the step buffer");
     if (!st) st = vk_buf_new(vk, &c->logits, logit_rows * (VkDeviceSize)hp->n_vocab * 4, VK_MEM_HOST_READ, "the logits readback");
     if (!st) {
         memset(c->step.map, 0, (size_t)c->step.size);
@@ -3413,7 +3455,7 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         vk_rec *q = &c->recs[i];
         vk_pc_RMSNORM qn;
         VK_PC_GET(q, RMSNORM, qn);
-        if (q->pipe == VKP_RMSNORM && q->buf[0] == b && q->buf[1] == b && qn.width == (uint32_t)head_dim && qn.has_g &&
+        if (q->pipe == VKP_RMSNORM && q->slot == c->cur_slot && q->buf[0] == b && q->buf[1] == b && qn.width == (uint32_t)head_dim && qn.has_g &&
             qn.rows == (uint32_t)(n * n_head)) {
             r = q;
             break;
@@ -3537,7 +3579,7 @@ static void vk_op_attention(void *be, const moe_attn *a, int n, int pos0) {
     int hw = c->kv_f16 ? VKP_HEADWISE_F16 : VKP_HEADWISE_F32;
     for (int i = c->n_recs - 1; i >= 0 && i >= c->n_recs - 2; i--) {
         vk_rec *q = &c->recs[i];
-        if (q->pipe == hw && q->buf[0] == c->act[ACT_K].buf && q->grid[0] == (uint32_t)a->n_head_kv && q->grid[1] == (uint32_t)n &&
+        if (q->pipe == hw && q->slot == c->cur_slot && q->buf[0] == c->act[ACT_K].buf && q->grid[0] == (uint32_t)a->n_head_kv && q->grid[1] == (uint32_t)n &&
             q->pc[VK_PC_WORD(HEADWISE, pos_delta)] == (uint32_t)pd && !(q->pc[VK_PC_WORD(HEADWISE, flags)] & 12u)) {
             vk_bind(q, 1, &c->act[ACT_V], 0);
             vk_bind_range(q, 4, c->kc.buf, lo, sz, 1);
@@ -4413,6 +4455,213 @@ static void vk_state_restore(void *be, int slot) {
     c->fuse_idx = -1;
 }
 
+/* ============================================================================================ */
+/* 8. one pass for many contexts (moe_step_batch)                                               */
+/* ============================================================================================ */
+/* moe.c's scratch context (the lead) records the pass: every op that treats rows one by one
+   (embedding, norms, matrix products, router, experts, LM head) runs once over the rows of all
+   segments, so each weight is read once per pass. Rope, the KV store and attention read a context's
+   own positions and caches: the lead records them segment by segment, aimed at that context (as the
+   CPU's bt_aim does): its activation roles become views of the segment's rows, its caches, rope
+   tables and split-KV scratch are the context's, and its records bind the segment's header in the
+   step buffer (slot) as their step, so the shaders see the context's position, unchanged, and the
+   records stay the same from one decode step to the next (the command buffer is replayed). Each
+   segment's dispatches are those the context records alone (q/k norm fused with rope, the same
+   attention kernel), so only the row-wise kernels' shape differs from separate steps. */
+typedef struct vk_aimed {
+    vk_buf act[4];
+    vk_buf kc, vc, split;
+    VkDeviceSize *kv_off, *kv_size;
+    int32_t *kv_rows;
+    struct vk_rope_tab rope[VK_MAX_ROPES];
+    int n_rope, kv_f16, have_pos0, step_pos0;
+} vk_aimed;
+
+/* aims the lead at segment s: roles[i] become views of the segment's rows (widths[i] floats wide) */
+static void vk_aim(vk_ctx *c, int s, const int *roles, const int *widths, int nr, vk_aimed *sv) {
+    const moe_vk_seg *g = &c->bseg[s];
+    const vk_ctx *o = g->be;
+    for (int i = 0; i < nr; i++) {
+        sv->act[i] = c->act[roles[i]];
+        c->act[roles[i]].off = (VkDeviceSize)g->row0 * (VkDeviceSize)widths[i] * 4;
+        c->act[roles[i]].size = (VkDeviceSize)g->n * (VkDeviceSize)widths[i] * 4;
+    }
+    sv->kc = c->kc, sv->vc = c->vc, sv->split = c->split;
+    sv->kv_off = c->kv_off, sv->kv_size = c->kv_size, sv->kv_rows = c->kv_rows;
+    memcpy(sv->rope, c->rope, sizeof c->rope);
+    sv->n_rope = c->n_rope, sv->kv_f16 = c->kv_f16, sv->have_pos0 = c->have_pos0, sv->step_pos0 = c->step_pos0;
+    c->kc = o->kc, c->vc = o->vc, c->split = o->split;
+    c->kv_off = o->kv_off, c->kv_size = o->kv_size, c->kv_rows = o->kv_rows;
+    memcpy(c->rope, o->rope, sizeof c->rope);
+    c->n_rope = o->n_rope, c->kv_f16 = o->kv_f16;
+    c->have_pos0 = 1, c->step_pos0 = g->pos0; /* the segment's header holds its position: pos_delta 0 */
+    c->cur_slot = (uint16_t)(s + 1);
+}
+
+static void vk_unaim(vk_ctx *c, const int *roles, int nr, const vk_aimed *sv) {
+    for (int i = 0; i < nr; i++) c->act[roles[i]] = sv->act[i];
+    c->kc = sv->kc, c->vc = sv->vc, c->split = sv->split;
+    c->kv_off = sv->kv_off, c->kv_size = sv->kv_size, c->kv_rows = sv->kv_rows;
+    memcpy(c->rope, sv->rope, sizeof c->rope);
+    c->n_rope = sv->n_rope, c->kv_f16 = sv->kv_f16, c->have_pos0 = sv->have_pos0, c->step_pos0 = sv->step_pos0;
+    c->cur_slot = 0;
+}
+
+/* does record r bind buffer b? */
+static int vk_rec_touches(const vk_rec *r, VkBuffer b) {
+    for (int s = 0; s < VK_NB; s++)
+        if (r->buf[s] == b) return 1;
+    return 0;
+}
+
+/* Takes out the per-head RMSNorm of buf over all rows (q_norm / k_norm) that the forward recorded
+   before this rope, if no record since touched buf; *out gets it */
+static int vk_bt_take_norm(vk_ctx *c, int buf, int rows, int head_dim, vk_rec *out) {
+    VkBuffer b = c->act[buf].buf;
+    for (int i = c->n_recs - 1; i >= 0; i--) {
+        vk_rec *q = &c->recs[i];
+        if (q->pipe >= VK_REC_FILL) return 0;
+        if (!vk_rec_touches(q, b)) continue;
+        vk_pc_RMSNORM qn;
+        VK_PC_GET(q, RMSNORM, qn);
+        if (q->pipe != VKP_RMSNORM || q->slot || q->buf[0] != b || q->buf[1] != b || qn.width != (uint32_t)head_dim ||
+            qn.rows != (uint32_t)rows)
+            return 0;
+        *out = *q;
+        memmove(c->recs + i, c->recs + i + 1, (size_t)(c->n_recs - i - 1) * sizeof *c->recs);
+        memmove(c->rec_cost + i, c->rec_cost + i + 1, (size_t)(c->n_recs - i - 1) * sizeof *c->rec_cost);
+        c->n_recs--;
+        c->fuse_idx = -1;
+        return 1;
+    }
+    return 0;
+}
+
+static int vk_bt_rows(const vk_ctx *c) {
+    const moe_vk_seg *g = &c->bseg[c->n_bseg - 1];
+    return g->row0 + g->n;
+}
+
+static void vk_bt_rope(void *be, int buf, int n, int n_head, int head_dim, const moe_rope *rope, int pos0) {
+    (void)n, (void)pos0; /* the segments have their own */
+    vk_ctx *c = be;
+    if (c->err) return;
+    vk_pn_flush(c);
+    vk_rec norm;
+    int has_norm = vk_bt_take_norm(c, buf, vk_bt_rows(c) * n_head, head_dim, &norm), width = n_head * head_dim;
+    for (int s = 0; s < c->n_bseg && !c->err; s++) {
+        const moe_vk_seg *g = &c->bseg[s];
+        vk_aimed sv;
+        vk_aim(c, s, &buf, &width, 1, &sv);
+        vk_rec *r = has_norm ? vk_rec_new(c, VK_REC_FILL, VKC_NORM) : NULL; /* (a plain slot: the norm's pipeline is made) */
+        if (r) { /* the norm of the segment's rows, as the context records it alone: rope fuses with it */
+            *r = norm;
+            r->slot = c->cur_slot;
+            vk_bind(r, 0, &c->act[buf], 0);
+            vk_bind(r, 1, &c->act[buf], 1);
+            r->pc[VK_PC_WORD(RMSNORM, rows)] = (uint32_t)(g->n * n_head);
+            vk_grid_fold(r, (uint64_t)g->n * (uint64_t)n_head, 1);
+        }
+        vk_op_rope(c, buf, g->n, n_head, head_dim, rope, g->pos0);
+        vk_unaim(c, &buf, 1, &sv);
+    }
+}
+
+static void vk_bt_attention(void *be, const moe_attn *a, int n, int pos0) {
+    (void)n, (void)pos0;
+    vk_ctx *c = be;
+    if (c->err) return;
+    vk_pn_flush(c);
+    int q = a->n_head * a->head_dim, kv = a->n_head_kv * a->head_dim;
+    const int roles[] = {ACT_Q, ACT_K, ACT_V, ACT_ATTN}, widths[] = {q, kv, kv, q};
+    for (int s = 0; s < c->n_bseg && !c->err; s++) {
+        vk_aimed sv;
+        vk_aim(c, s, roles, widths, 4, &sv);
+        vk_op_attention(c, a, c->bseg[s].n, c->bseg[s].pos0);
+        vk_unaim(c, roles, 4, &sv);
+    }
+}
+
+static void vk_bt_unsupported(vk_ctx *c, const char *what) {
+    vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: moe_step_batch has no batched %s (hybrid models step one by one)", what);
+}
+static void vk_bt_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w, int n) {
+    (void)dn, (void)w, (void)n;
+    vk_bt_unsupported(be, "convolution state");
+}
+static void vk_bt_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a, const moe_weight *dt, int n) {
+    (void)dn, (void)a, (void)dt, (void)n;
+    vk_bt_unsupported(be, "delta-rule state");
+}
+
+const char *moe_vk_batch_unsupported(const moe_vk_backend *vk) {
+    const moe_weights *w = vk->w;
+    if (vk->xg) return "the GPU expert slot cache (gpu_budget_bytes / host_budget_bytes below the weights)";
+    if (w->hp.n_state) return "recurrent (Gated DeltaNet) layers";
+    VkDeviceSize al = vk->props.limits.minStorageBufferOffsetAlignment;
+    for (int l = 0; al > 4 && l < w->hp.n_layer; l++) { /* segment views start at row · width · 4 bytes */
+        const moe_attn *a = &w->layers[l].p.attn;
+        if ((VkDeviceSize)(a->n_head * a->head_dim * 4) % al || (VkDeviceSize)(a->n_head_kv * a->head_dim * 4) % al)
+            return "attention rows that are not aligned to the device's minStorageBufferOffsetAlignment";
+    }
+    return NULL;
+}
+
+moe_status moe_vk_batch_begin(void *lead, const moe_vk_seg *seg, int n_seg) {
+    vk_ctx *c = lead;
+    if (n_seg < 1 || (VkDeviceSize)n_seg > (c->step.size - c->seg_base) / c->seg_stride || n_seg > 65535)
+        return vk_fail(MOE_ERR_INVALID_ARG, "Vulkan: %d segments in a pass of at most %d rows", n_seg, c->shape.n_batch);
+    for (int s = 0; s < n_seg; s++) {
+        uint32_t *h = (uint32_t *)(c->step.map + c->seg_base + (VkDeviceSize)s * c->seg_stride);
+        h[0] = (uint32_t)seg[s].pos0;
+        h[1] = (uint32_t)seg[s].n;
+    }
+    c->bseg = seg;
+    c->n_bseg = n_seg;
+    return MOE_OK;
+}
+
+void moe_vk_batch_end(void *lead) {
+    vk_ctx *c = lead;
+    c->bseg = NULL;
+    c->n_bseg = 0;
+}
+
+/* the rows that give logits to rows 0.. of ACT_XN, in segment order (through ACT_OUT: one copy
+   may not read and write overlapping ranges of one buffer) */
+void moe_vk_batch_gather(void *lead) {
+    vk_ctx *c = lead;
+    if (c->err) return;
+    VkDeviceSize rb = (VkDeviceSize)c->w->hp.n_embd * 4;
+    int moved = 0, outs = 0;
+    for (int s = 0; s < c->n_bseg; s++) {
+        const moe_vk_seg *g = &c->bseg[s];
+        moved |= g->n_out && g->row0 + g->n - g->n_out != g->out0;
+        outs += g->n_out;
+    }
+    if (!moved) return; /* (decode: the final norm stays pending, applied inside the LM head's matvec as alone) */
+    vk_pn_flush(c);
+    for (int s = 0; s < c->n_bseg; s++) {
+        const moe_vk_seg *g = &c->bseg[s];
+        vk_rec *r = g->n_out ? vk_rec_new(c, VK_REC_COPY, VKC_COPY) : NULL;
+        if (!r) continue;
+        vk_bind_range(r, 0, c->act[ACT_XN].buf, (VkDeviceSize)(g->row0 + g->n - g->n_out) * rb, (VkDeviceSize)g->n_out * rb, 0);
+        vk_bind_range(r, 1, c->act[ACT_OUT].buf, (VkDeviceSize)g->out0 * rb, 0, 1);
+    }
+    vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
+    if (r) {
+        vk_bind_range(r, 0, c->act[ACT_OUT].buf, 0, (VkDeviceSize)outs * rb, 0);
+        vk_bind_range(r, 1, c->act[ACT_XN].buf, 0, 0, 1);
+    }
+    c->fuse_idx = -1;
+}
+
+void moe_vk_batch_logits(void *lead, int row0, int n, float *dst) {
+    vk_ctx *c = lead;
+    size_t nv = (size_t)c->w->hp.n_vocab;
+    memcpy(dst, (const float *)c->logits.map + (size_t)row0 * nv, (size_t)n * nv * sizeof(float));
+}
+
 const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope, vk_op_attention, vk_op_add, vk_op_route,
                             vk_op_experts_glu, vk_op_experts_down, vk_op_scale, vk_op_copy, vk_op_glu, vk_op_softcap, vk_begin_step, vk_end_step,
                             vk_logits_rows, vk_logits_out, vk_read_logits, vk_kv_save,
@@ -4420,4 +4669,12 @@ const moe_ops moe_vk_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_op_rope
                             /* hybrid models (Gated DeltaNet) */
                             vk_op_split_heads, vk_op_sigmoid_mul, vk_op_gate_rows, vk_op_ssm_conv, vk_op_delta_net, vk_op_gated_rmsnorm,
                             vk_state_save, vk_state_load, vk_state_checkpoint, vk_state_restore, vk_submit_times};
+
+/* the lead's ops in a pass of moe_step_batch: the per-context ones above */
+const moe_ops moe_vk_batch_ops = {vk_op_embed, vk_op_rmsnorm, vk_op_matmul, vk_bt_rope, vk_bt_attention, vk_op_add, vk_op_route,
+                                  vk_op_experts_glu, vk_op_experts_down, vk_op_scale, vk_op_copy, vk_op_glu, vk_op_softcap, vk_begin_step,
+                                  vk_end_step, vk_logits_rows, vk_logits_out, vk_read_logits, vk_kv_save,
+                                  vk_kv_load, vk_stats, vk_profile, vk_profile_get, vk_bandwidth_probe,
+                                  vk_op_split_heads, vk_op_sigmoid_mul, vk_op_gate_rows, vk_bt_ssm_conv, vk_bt_delta_net, vk_op_gated_rmsnorm,
+                                  vk_state_save, vk_state_load, vk_state_checkpoint, vk_state_restore, vk_submit_times};
 

@@ -11,7 +11,17 @@
       a bad token, n_tokens 0) and allocation failures leave every context exactly as it was: its
       position and logits, and its caches (the next step still equals the reference).
    3. The one-by-one path (a context that profiles): same results, and a failure in its second
-      context takes the first one back. */
+      context takes the first one back.
+   4. Vulkan (lavapipe here; skipped without a device unless MOE_REQUIRE_VULKAN=1): the same
+      scenarios against separate Vulkan steps. The pass runs the row-wise kernels over all
+      contexts' rows at once, so a matrix product of more than VK_MV_MAX rows takes the tiled
+      matmul kernel where a context alone takes the matrix-vector one: another summation order,
+      the same difference as Vulkan prefill against Vulkan decode, checked with test_vulkan's
+      tolerance for that (TOL_SELF: max|d| / logit range <= 1e-5; f16 tensor-core tiles: 3e-3),
+      and the greedy token of every row must be the same. Segments of at most VK_MV_MAX rows in
+      all are bit-identical (asserted). Attention runs per context on its own caches. Hybrid
+      models keep the one-by-one path there (bit-identical). A cancel between passes and
+      allocation failures leave every context as it was. */
 #include "../moe.c"
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
@@ -20,10 +30,21 @@
 #define Q8 "test/fixtures/qwen3moe_q8_0.gguf"
 #define F32 "test/fixtures/qwen3moe_f32.gguf"
 #define MAXC 6
+#define TOL_SELF 1e-5 /* test_vulkan's: Vulkan against itself along another path (decode vs prefill kernels) */
+#define TOL_CM 3e-3   /* the same with f16 tensor-core tiles (NVIDIA) */
+/* f16 KV caches: a K or V element that differs in its last f32 bits may round to the neighbouring
+   binary16 value (2^-11 relative), the class of error of an f16 cache: test_vulkan's TOL_F16 */
+#define TOL_F16KV 2e-3
 
-static moe_model *load_cpu(const char *path, int exact) {
+/* lavapipe keeps a few hundred bytes per VkInstance inside its driver: kept loaded so that those
+   leaks carry its name, and exactly those are suppressed (as test_vulkan.c does) */
+const char *__lsan_default_suppressions(void);
+const char *__lsan_default_suppressions(void) { return "leak:libvulkan_lvp.so\n"; }
+static void pin_driver(void) { (void)dlopen("libvulkan_lvp.so", RTLD_NOW | RTLD_NODELETE); }
+
+static moe_model *load_backend(const char *path, int backend, int exact) {
     moe_load_params lp = {0};
-    lp.backend = MOE_BACKEND_CPU;
+    lp.backend = backend;
     lp.n_threads = 2;
     lp.cpu_exact = exact;
     moe_model *m = NULL;
@@ -31,6 +52,11 @@ static moe_model *load_cpu(const char *path, int exact) {
     if (st) fail_msg("load %s: %s", path, moe_last_error());
     return m;
 }
+static moe_model *load_cpu(const char *path, int exact) { return load_backend(path, MOE_BACKEND_CPU, exact); }
+
+/* the comparison of a scenario: tol < 0 bit for bit; else max|d| / logit range and the greedy
+   token of every row; worst: the largest relative difference seen */
+static double g_tol = -1, g_worst;
 
 static moe_ctx *new_ctx(moe_model *m, int n_ctx, int n_batch, int logits_all, int kv) {
     moe_ctx_params cp = {0};
@@ -66,6 +92,13 @@ static void same_state(moe_ctx *a, moe_ctx *b, int n_tokens, int nv) {
         const float *la = moe_logits(a, a->logits_all ? r : -1), *lb = moe_logits(b, b->logits_all ? r : -1);
         assert_non_null(la);
         assert_non_null(lb);
+        if (g_tol >= 0) {
+            double e = row_rel_err(la, lb, nv);
+            g_worst = e > g_worst ? e : g_worst;
+            if (e > g_tol) fail_msg("row %d of %d: max|d| / range %.3e > %.1e", r, rows, e, g_tol);
+            assert_int_equal(greedy(la, nv), greedy(lb, nv));
+            continue;
+        }
         if (memcmp(la, lb, (size_t)nv * sizeof(float))) {
             int i = 0;
             while (la[i] == lb[i]) i++;
@@ -79,6 +112,8 @@ static void same_state(moe_ctx *a, moe_ctx *b, int n_tokens, int nv) {
    to most contexts, a chunk of a few tokens to some, and leave one out. Every call compares. */
 static void scenario(moe_model *m, int n, const int *n_batch, const int *all, int kv, int n_calls, int rewind) {
     int nv = vocab_of(m);
+    double keep_tol = g_tol;
+    if (g_tol >= 0 && kv == MOE_KV_F16 && g_tol < TOL_F16KV) g_tol = TOL_F16KV;
     moe_ctx *A[MAXC], *B[MAXC];
     for (int i = 0; i < n; i++) {
         A[i] = new_ctx(m, 128, n_batch[i], all[i], kv);
@@ -122,6 +157,7 @@ static void scenario(moe_model *m, int n, const int *n_batch, const int *all, in
         }
     }
     for (int i = 0; i < n; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+    g_tol = keep_tol;
 }
 
 static const int k_nb[MAXC] = {256, 4, 7, 256, 16, 3}, k_all[MAXC] = {0, 1, 0, 0, 1, 0};
@@ -293,7 +329,192 @@ static void test_one_by_one(void **state) {
     moe_model_free(m);
 }
 
+/* ---- a cancel between passes, and allocation failures, leave every context as it was ---- */
+static int32_t abort_countdown(void *user) { return --*(int *)user < 0; }
+
+static void cancel_and_alloc(int backend) {
+    moe_model *m = load_backend(Q8, backend, 0);
+    g_tol = !m->vk ? -1 : m->vk->coopmat ? TOL_CM : TOL_SELF;
+    int nv = vocab_of(m), left = 1 << 30;
+    moe_ctx *A[3], *B[3];
+    for (int i = 0; i < 3; i++) {
+        moe_ctx_params cp = {0};
+        cp.n_ctx = 64, cp.n_batch = 4, cp.abort = i == 1 ? abort_countdown : NULL, cp.abort_user = i == 1 ? &left : NULL;
+        if (moe_ctx_new(m, &cp, &A[i])) fail_msg("moe_ctx_new: %s", moe_last_error());
+        B[i] = new_ctx(m, 64, 4, 0, MOE_KV_F16);
+    }
+    moe_token p[3][32];
+    for (int i = 0; i < 3; i++)
+        for (int t = 0; t < 32; t++) p[i][t] = (moe_token)((i * 71 + t * 11 + 5) % nv);
+    const moe_token *pt[3] = {p[0], p[1], p[2]}, *pt2[3] = {p[0] + 3, p[1] + 2, p[2] + 5};
+    int32_t n0[3] = {3, 2, 5}, n1[3] = {9, 17, 1}; /* the second call: 5 passes of n_batch 4 */
+    assert_int_equal(moe_step_batch(A, pt, n0, 3), MOE_OK);
+    for (int i = 0; i < 3; i++) assert_int_equal(moe_step(B[i], p[i], n0[i]), MOE_OK);
+    snap s[3];
+    for (int i = 0; i < 3; i++) snap_take(&s[i], A[i], nv);
+    int cancels = 0;
+    for (left = 0;; left = ++cancels) { /* the abort fires before pass 1, 2, ... */
+        moe_status st = moe_step_batch(A, pt2, n1, 3);
+        if (st == MOE_OK) break;
+        assert_int_equal(st, MOE_ERR_CANCELLED);
+        if (!strstr(moe_last_error(), "context 1")) fail_msg("'%s' names another context", moe_last_error());
+        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
+    }
+    assert_int_equal(cancels, 5);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(moe_step(B[i], pt2[i], n1[i]), MOE_OK);
+        same_state(A[i], B[i], n1[i], nv);
+        free(s[i].logits);
+        snap_take(&s[i], A[i], nv);
+    }
+    /* allocation failures (the pass's lead is made again: a fresh first context) */
+    left = 1 << 30;
+    moe_ctx *F = new_ctx(m, 64, 0, 1, MOE_KV_F16), *G = new_ctx(m, 64, 0, 1, MOE_KV_F16);
+    assert_int_equal(moe_step(F, p[2], 2), MOE_OK);
+    assert_int_equal(moe_step(G, p[2], 2), MOE_OK);
+    moe_ctx *fa[4] = {F, A[0], A[1], A[2]};
+    const moe_token *ft[4] = {p[2] + 2, p[0] + 12, p[1] + 19, p[2] + 6};
+    int32_t fn[4] = {6, 1, 2, 1};
+    int failures = 0;
+    for (long k = 0;; k++) {
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_step_batch(fa, ft, fn, 4);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) break;
+        assert_int_equal(st, MOE_ERR_NO_MEMORY);
+        assert_int_equal(moe_ctx_pos(F), 2);
+        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
+        failures++;
+    }
+    assert_true(failures >= 3);
+    assert_int_equal(moe_step(G, ft[0], fn[0]), MOE_OK);
+    same_state(F, G, fn[0], nv);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(moe_step(B[i], ft[i + 1], fn[i + 1]), MOE_OK);
+        same_state(A[i], B[i], fn[i + 1], nv);
+    }
+    for (int i = 0; i < 3; i++) free(s[i].logits), moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+    moe_ctx_free(F), moe_ctx_free(G);
+    moe_model_free(m);
+}
+
+static void test_cancel_cpu(void **state) {
+    (void)state;
+    cancel_and_alloc(MOE_BACKEND_CPU);
+}
+
+/* ---- Vulkan ---- */
+static int g_vk_checked, g_vk_ok;
+static char g_vk_why[600];
+static int vulkan_available(void) {
+    if (g_vk_checked) return g_vk_ok;
+    g_vk_checked = 1;
+    moe_load_params lp = {0};
+    lp.backend = MOE_BACKEND_VULKAN;
+    moe_model *m = NULL;
+    moe_status st = moe_load(F32, &lp, &m);
+    g_vk_ok = st == MOE_OK;
+    if (!g_vk_ok) snprintf(g_vk_why, sizeof g_vk_why, "%s (%s)", moe_status_str(st), moe_last_error());
+    moe_model_free(m);
+    return g_vk_ok;
+}
+#define NEED_VULKAN()                                                                                      \
+    do {                                                                                                   \
+        if (!vulkan_available()) {                                                                         \
+            if (vk_env_on("MOE_REQUIRE_VULKAN")) fail_msg("MOE_REQUIRE_VULKAN=1 but Vulkan is unusable: %s", g_vk_why); \
+            print_message("Vulkan unusable (%s): skipped\n", g_vk_why);                                    \
+            skip();                                                                                        \
+        }                                                                                                  \
+    } while (0)
+
+static moe_model *load_vk(const char *path) {
+    moe_model *m = load_backend(path, MOE_BACKEND_VULKAN, 0);
+    g_tol = m->vk->coopmat ? TOL_CM : TOL_SELF;
+    g_worst = 0;
+    return m;
+}
+
+/* n contexts decoding together, n <= VK_MV_MAX rows in all: the kernels a context runs alone, bit
+   for bit */
+static void vk_small_decode_bits(moe_model *m, int n) {
+    int nv = vocab_of(m);
+    moe_ctx *A[MAXC], *B[MAXC];
+    moe_token t[MAXC];
+    for (int i = 0; i < n; i++) {
+        A[i] = new_ctx(m, 128, 16, 0, MOE_KV_F16), B[i] = new_ctx(m, 128, 16, 0, MOE_KV_F16);
+        moe_token pr[12];
+        for (int j = 0; j < 12; j++) pr[j] = (moe_token)((i * 37 + j * 5 + 1) % nv);
+        assert_int_equal(moe_step(A[i], pr, 3 + i), MOE_OK);
+        assert_int_equal(moe_step(B[i], pr, 3 + i), MOE_OK);
+    }
+    double keep = g_tol;
+    g_tol = -1;
+    for (int call = 0; call < 4; call++) {
+        const moe_token *tp[MAXC];
+        int32_t one[MAXC];
+        for (int i = 0; i < n; i++) t[i] = greedy(moe_logits(B[i], -1), nv), tp[i] = &t[i], one[i] = 1;
+        assert_int_equal(moe_step_batch(A, tp, one, n), MOE_OK);
+        for (int i = 0; i < n; i++) {
+            assert_int_equal(moe_step(B[i], tp[i], 1), MOE_OK);
+            same_state(A[i], B[i], 1, nv);
+        }
+    }
+    g_tol = keep;
+    for (int i = 0; i < n; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+}
+
+static void test_vk_qwen3(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    moe_model *m = load_vk(Q8);
+    vk_small_decode_bits(m, 4);
+    scenario(m, MAXC, k_nb, k_all, MOE_KV_F32, 7, 0);
+    printf("[ RESULT   ] vulkan batch qwen3moe_q8_0 f32 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", g_worst, g_tol);
+    g_worst = 0;
+    scenario(m, 3, k_nb + 2, k_all + 2, MOE_KV_F16, 4, 1);
+    printf("[ RESULT   ] vulkan batch qwen3moe_q8_0 f16 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", g_worst, TOL_F16KV);
+    moe_model_free(m);
+    m = load_vk(F32);
+    scenario(m, 5, k_nb, k_all, MOE_KV_F32, 6, 1);
+    printf("[ RESULT   ] vulkan batch qwen3moe_f32: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", g_worst, g_tol);
+    moe_model_free(m);
+}
+
+static void test_vk_gemma4(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    static const char *const dirs[] = {"test/fixtures/gemma4/moe", "test/fixtures/gemma4/e2b"};
+    for (int f = 0; f < 2; f++) {
+        moe_model *m = load_vk(dirs[f]);
+        scenario(m, 4, k_nb, k_all, MOE_KV_F32, 6, 1);
+        printf("[ RESULT   ] vulkan batch %s f32 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", dirs[f], g_worst, g_tol);
+        g_worst = 0;
+        scenario(m, 4, k_nb + 1, k_all + 1, MOE_KV_F16, 4, 0);
+        printf("[ RESULT   ] vulkan batch %s f16 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", dirs[f], g_worst, TOL_F16KV);
+        moe_model_free(m);
+    }
+}
+
+/* hybrids keep the one-by-one path on Vulkan: the same bits */
+static void test_vk_hybrid(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    static const int nb[4] = {256, 5, 64, 9};
+    moe_model *m = load_vk("test/fixtures/qwen35moe");
+    assert_non_null(moe_vk_batch_unsupported(m->vk));
+    g_tol = -1;
+    scenario(m, 4, nb, k_all, MOE_KV_F32, 4, 1);
+    moe_model_free(m);
+}
+
+static void test_vk_cancel(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    cancel_and_alloc(MOE_BACKEND_VULKAN);
+}
+
 int main(void) {
+    pin_driver();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_qwen3_int8),
         cmocka_unit_test(test_qwen3_f32),
@@ -301,6 +522,11 @@ int main(void) {
         cmocka_unit_test(test_hybrid),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_one_by_one),
+        cmocka_unit_test(test_cancel_cpu),
+        cmocka_unit_test_teardown(test_vk_qwen3, teardown_validation),
+        cmocka_unit_test_teardown(test_vk_gemma4, teardown_validation),
+        cmocka_unit_test_teardown(test_vk_hybrid, teardown_validation),
+        cmocka_unit_test_teardown(test_vk_cancel, teardown_validation),
     };
     return tu_run_tests("batch", tests);
 }

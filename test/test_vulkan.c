@@ -700,9 +700,18 @@ static void run_fixture(void **state) {
     assert_true(err_load <= tol_self);
 }
 
-/* ---- moe_step_batch on Vulkan: stepped one by one inside the call for now (moe.h says so), so
-   the logits equal separate moe_step calls on the same device bit for bit; contexts at different
-   positions, prefill chunks mixed with decode; a bad batch leaves every context as it was ---- */
+/* ---- moe_step_batch on Vulkan: one pass over all contexts' rows, so the logits equal separate
+   moe_step calls on the same device within TOL_SELF (f32 KV: the batch's tiled matrix products
+   against a context's matrix-vector ones, as prefill against decode; test_batch.c has the full
+   scenarios), greedy tokens the same; contexts at different positions, prefill chunks mixed with
+   decode; a bad batch leaves every context as it was ---- */
+static moe_token argmax_of(const float *l, int n) {
+    moe_token b = 0;
+    for (int i = 1; i < n; i++)
+        if (l[i] > l[b]) b = i;
+    return b;
+}
+
 static void test_step_batch(void **state) {
     (void)state;
     NEED_VULKAN();
@@ -717,6 +726,7 @@ static void test_step_batch(void **state) {
         cp.n_ctx = 64;
         cp.n_batch = 8;
         cp.logits_all = i % N == 1;
+        cp.kv_type = MOE_KV_F32;
         assert_int_equal(moe_ctx_new(m, &cp, i < N ? &A[i] : &B[i - N]), MOE_OK);
     }
     moe_token toks[N][64];
@@ -724,6 +734,7 @@ static void test_step_batch(void **state) {
         for (int t = 0; t < 64; t++) toks[i][t] = (moe_token)((i * 71 + t * 19 + 4) % nv);
     int32_t lens[3][N] = {{5, 12, 1}, {1, 1, 9}, {3, 1, 1}};
     int32_t at[N] = {0, 0, 0};
+    double worst = 0; /* (CHECK_ERR keeps it) */
     for (int call = 0; call < 3; call++) {
         const moe_token *tp[N];
         for (int i = 0; i < N; i++) tp[i] = toks[i] + at[i];
@@ -732,8 +743,11 @@ static void test_step_batch(void **state) {
             assert_int_equal(moe_step(B[i], tp[i], lens[call][i]), MOE_OK);
             assert_int_equal(moe_ctx_pos(A[i]), moe_ctx_pos(B[i]));
             int rows = i == 1 ? lens[call][i] : 1;
-            for (int r = 0; r < rows; r++)
-                assert_memory_equal(moe_logits(A[i], i == 1 ? r : -1), moe_logits(B[i], i == 1 ? r : -1), (size_t)nv * sizeof(float));
+            for (int r = 0; r < rows; r++) {
+                const float *la = moe_logits(A[i], i == 1 ? r : -1), *lb = moe_logits(B[i], i == 1 ? r : -1);
+                CHECK_ERR("moe_step_batch vs moe_step", row_rel_err(la, lb, nv), m->vk->coopmat ? TOL_CM : TOL_SELF);
+                assert_int_equal(argmax_of(la, nv), argmax_of(lb, nv));
+            }
             at[i] += lens[call][i];
         }
     }
@@ -741,12 +755,16 @@ static void test_step_batch(void **state) {
     moe_ctx *dup[N] = {A[0], A[1], A[0]};
     const moe_token *tp[N] = {toks[0], toks[1], toks[2]};
     int32_t one[N] = {1, 1, 1}, full[N] = {1, 1, 64};
+    float *before = malloc((size_t)N * (size_t)nv * sizeof(float));
+    for (int i = 0; i < N; i++) memcpy(before + (size_t)i * nv, moe_logits(A[i], -1), (size_t)nv * sizeof(float));
     assert_int_equal(moe_step_batch(dup, tp, one, N), MOE_ERR_INVALID_ARG);
     assert_int_equal(moe_step_batch(A, tp, full, N), MOE_ERR_CONTEXT_FULL);
     for (int i = 0; i < N; i++) {
         assert_int_equal(moe_ctx_pos(A[i]), at[i]);
-        assert_memory_equal(moe_logits(A[i], -1), moe_logits(B[i], -1), (size_t)nv * sizeof(float));
+        assert_memory_equal(moe_logits(A[i], -1), before + (size_t)i * nv, (size_t)nv * sizeof(float));
     }
+    free(before);
+    printf("[ RESULT   ] moe_step_batch vs moe_step, f32 KV: max|d|/range %.3e\n", worst);
     for (int i = 0; i < N; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
     moe_model_free(m);
 }
