@@ -3517,7 +3517,7 @@ static void vk_fuse_prep(vk_ctx *c, int ki, const moe_attn *a) {
     vk_pc_HEADWISE qp, kp;
     VK_PC_GET(qr, HEADWISE, qp);
     VK_PC_GET(kr, HEADWISE, kp);
-    if (qr->pipe != hw || qr->buf[0] != c->act[ACT_Q].buf || qp.n_heads != (uint32_t)a->n_head || qp.hd != kp.hd ||
+    if (qr->pipe != hw || qr->slot != kr->slot || qr->buf[0] != c->act[ACT_Q].buf || qp.n_heads != (uint32_t)a->n_head || qp.hd != kp.hd ||
         qp.n_rot != kp.n_rot || qp.pos_delta != kp.pos_delta || (qp.flags & ~1u) != 2u || (kp.flags & ~1u) != 14u ||
         qr->grid[1] != kr->grid[1] || qr->buf[3] != kr->buf[3] || qr->off[3] != kr->off[3] ||
         ((qp.flags & kp.flags & 1u) && qp.eps != kp.eps))
@@ -3540,6 +3540,7 @@ static void vk_fuse_prep(vk_ctx *c, int ki, const moe_attn *a) {
     f.pipe = (uint16_t)pipe;
     f.var = (uint8_t)var;
     f.kind = VKC_ROPE;
+    f.slot = qr->slot; /* in a batch pass: the context whose step header (positions) it reads */
     for (int s = 0; s < VK_NB; s++) { /* bindings of the fused kernel: 0 q, 1 k, 2 V rows, 3 table, 4/5 caches */
         int from = s == 0 ? 0 : s == 1 ? 0 : s == 2 ? 1 : s;
         const vk_rec *src = s == 0 ? qr : kr;
