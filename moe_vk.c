@@ -1516,14 +1516,12 @@ typedef struct vk_xg {
     uint64_t *lt_len, *lt_roff;/* [L][VK_XG_T] slab bytes; offset of its region in a slot */
     uint64_t *unit;            /* [L] bytes of one expert (its slabs) */
     int32_t *s0, *ns;          /* [L] first slot and number of slots of the layer */
-    uint64_t *tick, *decay_at; /* [L] policy clocks (a layer's slots compete among themselves) */
+    moe_xs_pol *pol;           /* [L] the eviction policy of each layer's slots (they compete among themselves) */
     int32_t n_slots;
     uint32_t *slot_win;        /* [n_slots] relative window of the slot */
     uint64_t *slot_off;        /* [n_slots] its byte offset there */
     int32_t *key;              /* [n_slots] expert held, -1 none */
     uint8_t *state;            /* [n_slots] 0 empty, 2 ready (moe_xs_victim's states) */
-    uint64_t *stamp;
-    float *freq;
     int32_t *map;              /* [L·E] slot of expert e of layer l, -1: read from its home */
     pthread_mutex_t mu;
     int mu_ok;
@@ -1563,14 +1561,12 @@ static void vk_xg_free(moe_vk_backend *vk) {
     free(x->unit);
     free(x->s0);
     free(x->ns);
-    free(x->tick);
-    free(x->decay_at);
+    for (int l = 0; x->pol && l < x->L; l++) moe_xs_pol_free(&x->pol[l]);
+    free(x->pol);
     free(x->slot_win);
     free(x->slot_off);
     free(x->key);
     free(x->state);
-    free(x->stamp);
-    free(x->freq);
     free(x->map);
     free(x);
     vk->xg = NULL;
@@ -1629,14 +1625,14 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
     x->L = L;
     x->E = E;
     x->n_tbl = n_tbl;
-    x->policy = moe_xs_policy_env();
+    if ((x->policy = moe_xs_policy_env()) < 0)
+        return vk_fail(MOE_ERR_INVALID_ARG, "moe_load: MOE_EVICT=%s: expected lru, lfu or slru", getenv("MOE_EVICT"));
     size_t LT = (size_t)L * VK_XG_T;
     if (!(x->home = calloc(n_tbl ? 2 * (size_t)n_tbl : 2, sizeof *x->home)) || !(x->win0 = calloc((size_t)L, sizeof *x->win0)) ||
         !(x->lt_n = calloc((size_t)L, sizeof *x->lt_n)) || !(x->lt_tbl = calloc(LT, sizeof *x->lt_tbl)) ||
         !(x->lt_len = calloc(LT, sizeof *x->lt_len)) || !(x->lt_roff = calloc(LT, sizeof *x->lt_roff)) ||
         !(x->unit = calloc((size_t)L, sizeof *x->unit)) || !(x->s0 = calloc((size_t)L, sizeof *x->s0)) ||
-        !(x->ns = calloc((size_t)L, sizeof *x->ns)) || !(x->tick = calloc((size_t)L, sizeof *x->tick)) ||
-        !(x->decay_at = calloc((size_t)L, sizeof *x->decay_at)) || !(x->map = malloc((size_t)L * (size_t)E * sizeof *x->map)))
+        !(x->ns = calloc((size_t)L, sizeof *x->ns)) || !(x->pol = calloc((size_t)L, sizeof *x->pol)) || !(x->map = malloc((size_t)L * (size_t)E * sizeof *x->map)))
         return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
     for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
     /* per layer: its expert tensors and the slot layout */
@@ -1680,16 +1676,19 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
         x->ns[l] = (int32_t)(n > (uint64_t)E ? (uint64_t)E : n);
         x->s0[l] = x->n_slots;
         x->n_slots += x->ns[l];
-        x->decay_at[l] = (uint64_t)x->ns[l];
     }
     size_t ns = (size_t)(x->n_slots ? x->n_slots : 1);
     if (!(x->slot_win = calloc(ns, sizeof *x->slot_win)) || !(x->slot_off = calloc(ns, sizeof *x->slot_off)) ||
-        !(x->key = malloc(ns * sizeof *x->key)) || !(x->state = calloc(ns, 1)) || !(x->stamp = calloc(ns, sizeof *x->stamp)) ||
-        !(x->freq = calloc(ns, sizeof *x->freq))) {
+        !(x->key = malloc(ns * sizeof *x->key)) || !(x->state = calloc(ns, 1))) {
         free(slot_b);
         return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
     }
     for (size_t i = 0; i < ns; i++) x->key[i] = -1;
+    for (int l = 0; l < L; l++)
+        if (!moe_xs_pol_init(&x->pol[l], x->policy, x->ns[l], E, x->key + x->s0[l])) {
+            free(slot_b);
+            return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        }
     moe_status st = MOE_OK;
     if (vk->xc) { /* the stage: as many host-visible windows as the widest layer's homes need, each as large as any layer's */
         VkDeviceSize *sz = NULL;
@@ -1809,7 +1808,7 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
            "tables %.1f MiB); misses read from %.1f MiB of host-visible memory%s; %s eviction", x->n_slots,
            (double)x->slot_bytes_total / 1048576.0, (double)budget / 1048576.0, (double)fixed / 1048576.0, (double)x->host_bytes / 1048576.0,
            vk->xc ? " (one layer's stage, filled from the host tier at each MoE layer's route op)" : "",
-           x->policy == MOE_XS_LFU ? "LFU (with decay)" : "LRU");
+           moe_xs_policy_name(x->policy));
     return MOE_OK;
 }
 
@@ -3799,14 +3798,16 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
     memset(cnt, 0, (size_t)E * sizeof cnt[0]);
     for (uint32_t p = 0; p < np; p++)
         if (ids[p] < (uint32_t)E) cnt[ids[p]]++;
-    int32_t s0 = x->s0[l], ns = x->ns[l], nm = 0;
-    uint64_t step_tick = x->tick[l];
+    int32_t s0 = x->s0[l], ns = x->ns[l], nm = 0, nd = 0;
+    moe_xs_pol *pol = &x->pol[l];
+    uint64_t step_tick = pol->tick; /* slots touched after this serve this step */
+    for (int e = 0; e < E; e++) nd += cnt[e] > 0;
     for (int e = 0; e < E; e++) {
         if (!cnt[e]) continue;
         int32_t s = x->map[(size_t)l * (size_t)E + (size_t)e];
         if (s >= 0) {
             c->xg_hits += cnt[e];
-            moe_xs_touch(s - s0, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            moe_xs_touch(pol, s - s0, cnt[e], 0);
             continue;
         }
         c->xg_misses += cnt[e];
@@ -3825,8 +3826,12 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
     for (int i = 0; i < nm; i++) {
         int e = c->xg_ids[i];
         c->xg_bytes += x->unit[l]; /* to the device: copied into a slot, or read from the stage by the kernels */
-        int32_t v = ns ? moe_xs_victim(x->policy, ns, NULL, x->state + s0, x->stamp + s0, x->freq + s0) : -1;
-        if (v < 0 || (x->state[s0 + v] && x->stamp[s0 + v] > step_tick)) continue; /* every slot serves this step: from the stage */
+        /* a step larger than the layer's slots leaves the protected ones alone (the rest come from the stage) */
+        int32_t v = ns ? moe_xs_victim(pol, NULL, x->state + s0, step_tick, nd > ns) : -1;
+        if (v < 0) { /* every slot serves this step: from the stage */
+            moe_xs_pol_count(pol, e, (uint32_t)c->xg_pairs[i]);
+            continue;
+        }
         int32_t s = s0 + v;
         if (x->key[s] >= 0) { /* the evicted expert's entries back to its home (the stage) */
             int old = x->key[s];
@@ -3839,8 +3844,7 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
         x->key[s] = e;
         x->map[(size_t)l * (size_t)E + (size_t)e] = s;
         x->state[s] = 2;
-        x->freq[s] = 0;
-        moe_xs_touch(v, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+        moe_xs_touch(pol, v, (uint32_t)c->xg_pairs[i], 1);
         for (int t = 0; t < x->lt_n[l]; t++) {
             uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
             VkDeviceSize so = x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t];
@@ -3923,21 +3927,26 @@ static moe_status vk_xg_after_step(vk_ctx *c) {
         memset(cnt, 0, (size_t)E * sizeof cnt[0]);
         for (uint32_t p = 0; p < np; p++)
             if (ids[p] < (uint32_t)E) cnt[ids[p]]++;
-        int32_t s0 = x->s0[l], ns = x->ns[l];
-        uint64_t step_tick = x->tick[l]; /* slots touched after this were used by this step */
+        int32_t s0 = x->s0[l], ns = x->ns[l], nd = 0;
+        moe_xs_pol *pol = &x->pol[l];
+        uint64_t step_tick = pol->tick; /* slots touched after this were used by this step */
         for (int e = 0; e < E; e++) {
+            nd += cnt[e] > 0;
             int32_t s = cnt[e] ? x->map[(size_t)l * (size_t)E + (size_t)e] : -1;
             if (s < 0) continue;
             c->xg_hits += cnt[e];
-            moe_xs_touch(s - s0, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            moe_xs_touch(pol, s - s0, cnt[e], 0);
         }
         for (int e = 0; e < E && !st; e++) {
             if (!cnt[e] || x->map[(size_t)l * (size_t)E + (size_t)e] >= 0) continue;
             c->xg_misses += cnt[e];
             c->xg_bytes += x->unit[l]; /* read over the bus from its home */
-            if (!ns) continue;
-            int32_t v = moe_xs_victim(x->policy, ns, NULL, x->state + s0, x->stamp + s0, x->freq + s0);
-            if (v < 0 || (x->state[s0 + v] && x->stamp[s0 + v] > step_tick)) continue; /* every slot serves this step */
+            /* a step larger than the layer's slots leaves the protected ones alone */
+            int32_t v = ns ? moe_xs_victim(pol, NULL, x->state + s0, step_tick, nd > ns) : -1;
+            if (v < 0) { /* every slot serves this step: read from its home */
+                moe_xs_pol_count(pol, e, cnt[e]);
+                continue;
+            }
             int32_t s = s0 + v;
             if (!recording) {
                 if ((st = vk_xg_cb_begin(vk, x))) break;
@@ -3954,8 +3963,7 @@ static moe_status vk_xg_after_step(vk_ctx *c) {
             x->key[s] = e;
             x->map[(size_t)l * (size_t)E + (size_t)e] = s;
             x->state[s] = 2;
-            x->freq[s] = 0;
-            moe_xs_touch(v, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            moe_xs_touch(pol, v, cnt[e], 1);
             for (int t = 0; t < x->lt_n[l]; t++) {
                 uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
                 VkBufferCopy cp = {x->home[2 * j + 1], x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t],
@@ -3992,6 +4000,7 @@ static moe_status vk_xg_after_step(vk_ctx *c) {
             x->key[s] = -1;
             x->state[s] = 0;
         }
+        for (int l = 0; l < L; l++) moe_xs_pol_forget(&x->pol[l]);
         for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
     }
 out:

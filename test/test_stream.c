@@ -1,7 +1,7 @@
 /* test_stream.c — expert streaming (issue 11) on the tiny fixtures with tiny budgets.
 
    Host tier (CPU backend): for every budget from the minimum working set up to the whole model,
-   with LRU and LFU eviction, with and without prefetch, in exact and int8 mode:
+   with LRU, LFU and SLRU eviction, with and without prefetch, in exact and int8 mode:
      - logits of a teacher-forced prefill (logits_all, chunked and in one step: a step that needs
        more distinct experts than the cache holds runs in expert groups) and of a greedy decode
        equal the resident run's bit for bit;
@@ -256,6 +256,72 @@ static void test_nonfinite_streamed_expert(void **state) {
     remove(dst);
 }
 
+/* The eviction policy alone (moe_xs_victim / moe_xs_touch, as the host cache drives them): a
+   cache of 16 slots over 64 units; 8 hot units are used by 20 "decode" steps, then a "prefill"
+   scan touches all 64 units once (a step larger than the cache: a miss may not take a protected
+   slot once its group has begun), then the decode steps come back. LRU has flushed the hot units;
+   SLRU kept them all (protected) and LFU keeps them too (new units are the least used). */
+static int sim_use(moe_xs_pol *p, int32_t *key, uint8_t *state, int32_t *map, int u, int pairs, int spare) {
+    int32_t s = map[u];
+    if (s >= 0) {
+        moe_xs_touch(p, s, (uint32_t)pairs, 0);
+        return 1;
+    }
+    s = moe_xs_victim(p, NULL, state, UINT64_MAX, spare);
+    if (s < 0) s = moe_xs_victim(p, NULL, state, UINT64_MAX, 0); /* the next group: anything goes */
+    assert_true(s >= 0);
+    if (key[s] >= 0) map[key[s]] = -1;
+    key[s] = u;
+    map[u] = s;
+    state[s] = XS_READY;
+    moe_xs_touch(p, s, (uint32_t)pairs, 1);
+    return 0;
+}
+
+static void test_policy_scan(void **state) {
+    (void)state;
+    enum { NS = 16, NU = 64, HOT = 8 };
+    int kept[3];
+    for (int kind = 0; kind < 3; kind++) {
+        int32_t key[NS], map[NU];
+        uint8_t st[NS] = {0};
+        for (int i = 0; i < NS; i++) key[i] = -1;
+        for (int i = 0; i < NU; i++) map[i] = -1;
+        moe_xs_pol p;
+        assert_int_equal(moe_xs_pol_init(&p, kind, NS, NU, key), 1);
+        assert_int_equal(p.max_prot, NS * 4 / 5);
+        for (int step = 0; step < 20; step++)
+            for (int u = 0; u < HOT; u++) sim_use(&p, key, st, map, u * 7 % NU, 1, 0);
+        for (int u = 0; u < NU; u++) sim_use(&p, key, st, map, u, 3, u % NS != 0); /* groups of NS */
+        kept[kind] = 0;
+        for (int u = 0; u < HOT; u++) kept[kind] += map[u * 7 % NU] >= 0;
+        int hits = 0;
+        for (int u = 0; u < HOT; u++) hits += sim_use(&p, key, st, map, u * 7 % NU, 1, 0);
+        assert_true(hits <= kept[kind]);
+        if (kind == MOE_XS_SLRU) {
+            assert_int_equal(hits, HOT);
+            assert_true(p.n_prot <= p.max_prot);
+            int np = 0;
+            for (int i = 0; i < NS; i++) np += p.prot[i];
+            assert_int_equal(np, p.n_prot);
+        }
+        moe_xs_pol_free(&p);
+    }
+    print_message("    hot units still cached after a scan of %d units through %d slots: LRU %d, LFU %d, SLRU %d of %d\n", NU, NS,
+                  kept[MOE_XS_LRU], kept[MOE_XS_LFU], kept[MOE_XS_SLRU], HOT);
+    assert_true(kept[MOE_XS_LRU] < HOT);
+    assert_int_equal(kept[MOE_XS_SLRU], HOT);
+    /* MOE_EVICT names one of the three, or the load fails saying so */
+    char path[256];
+    fixture_path("q4_k", path, sizeof path);
+    setenv("MOE_EVICT", "mru", 1);
+    moe_status err;
+    assert_null(load(path, 1, min_budget(path, 1), &err));
+    assert_int_equal(err, MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "MOE_EVICT=mru"));
+    unsetenv("MOE_EVICT");
+}
+
 typedef struct thr_arg { moe_model *m; float *out; } thr_arg;
 static void *thr_main(void *p) {
     thr_arg *a = p;
@@ -360,13 +426,16 @@ static void test_vulkan_budgets(void **state) {
 }
 
 int main(void) {
+    if (getenv("MOE_TEST_FILTER")) cmocka_set_test_filter(getenv("MOE_TEST_FILTER")); /* e.g. "test_policy_scan" */
     static variant vs[] = {
         {"q4_k", 1, "lru", 0}, {"q4_k", 0, "lru", 1}, {"q4_k", 1, "lfu", 1}, {"mixed", 0, "lru", 1},
-        {"f32", 1, "lfu", 0},  {"q8_0", 0, "lru", 1}, {"f16", 1, "lru", 1},
+        {"f32", 1, "lfu", 0},  {"q8_0", 0, "lru", 1}, {"f16", 1, "lru", 1},   {"q4_k", 1, "slru", 1},
+        {"q4_k", 0, "slru", 0}, {"mixed", 1, "slru", 1}, {"q8_0", 1, "slru", 0},
     };
 #define V(i) {.name = "budgets", .test_func = run_budgets, .initial_state = &vs[i]}
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sizes_and_minimum), V(0), V(1), V(2), V(3), V(4), V(5), V(6),
+        cmocka_unit_test(test_sizes_and_minimum), cmocka_unit_test(test_policy_scan), V(0), V(1), V(2), V(3), V(4), V(5), V(6),
+        V(7), V(8), V(9), V(10),
         cmocka_unit_test(test_io_error), cmocka_unit_test(test_nonfinite_streamed_expert), cmocka_unit_test(test_threads), cmocka_unit_test(test_vulkan_budgets),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

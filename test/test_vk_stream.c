@@ -19,7 +19,7 @@
    Fixtures: test/fixtures/qwen3moe_*.gguf; Gemma 4 (26B-A4B-like: sliding + full layers, experts
    beside the dense MLP, per-expert scales) from test/fixtures/gemma4/moe, or the GGUF test_gemma4
    writes from it (build/test/gemma4_moe.gguf), where present (skipped otherwise). Two threads
-   stepping one streamed model at once; LRU and LFU. MOE_TEST_FILTER=name runs one test.
+   stepping one streamed model at once; LRU, LFU and SLRU (the default). MOE_TEST_FILTER=name runs one test.
    Every test ends by asserting that the validation layer (MOE_VK_VALIDATION=1) said nothing.
    Without a usable Vulkan device the tests skip, unless MOE_REQUIRE_VULKAN=1. */
 #include "../moe.c"
@@ -450,36 +450,47 @@ static void test_threads(void **state) {
     free(got[1]);
 }
 
-/* LFU eviction gives the same logits (only hit rates may differ) */
-static void test_lfu(void **state) {
+/* Every eviction policy gives the same logits (only hit rates may differ), on the GPU slot cache
+   alone and over the host tier: a prefill larger than the caches, then decode, cold and warm */
+static void test_policies(void **state) {
     (void)state;
     NEED_VULKAN();
     const char *p = "test/fixtures/qwen3moe_q4_k.gguf";
+    static const char *names[] = {"lru", "lfu", "slru"};
     moe_model *m = load_vk(p, 0, 0, NULL);
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     size_t all = (NTOK + NGEN) * (size_t)info.n_vocab;
     float *ref = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
     assert_true(ref && got);
-    moe_stats rs, s[2];
+    moe_stats rs, s;
     workload(m, 0, ref, &rs);
     moe_model_free(m);
     uint64_t budget = (info.weight_bytes - info.expert_bytes) + (rs.gpu_bytes_weights - (info.weight_bytes - info.expert_bytes)) / 3;
-    for (int pol = 0; pol < 2; pol++) {
-        setenv("MOE_EVICT", pol ? "lfu" : "lru", 1);
-        m = load_vk(p, budget, 0, NULL);
-        assert_int_equal(m->vk->xg->policy, pol ? MOE_XS_LFU : MOE_XS_LRU);
-        workload(m, 0, got, NULL);
-        memset(got, 0, all * sizeof(float));
-        workload(m, 0, got, &s[pol]); /* warm */
-        assert_memory_equal(got, ref, all * sizeof(float));
-        moe_model_free(m);
-    }
+    uint64_t host = host_min_for(p, budget);
+    for (int tiers = 0; tiers < 2; tiers++)
+        for (int pol = 0; pol < 3; pol++) {
+            setenv("MOE_EVICT", names[pol], 1);
+            m = load_vk(p, budget, tiers ? host : 0, NULL);
+            assert_int_equal(m->vk->xg->policy, pol);
+            if (tiers) assert_int_equal(m->xc->policy, pol);
+            workload(m, 0, got, NULL);
+            assert_memory_equal(got, ref, all * sizeof(float));
+            memset(got, 0, all * sizeof(float));
+            workload(m, 0, got, &s); /* warm */
+            assert_memory_equal(got, ref, all * sizeof(float));
+            printf("[ RESULT   ] q4_k gpu budget %llu%s, warm: %-4s hits %llu misses %llu (%.1f%%), %llu bytes streamed\n",
+                   (unsigned long long)budget, tiers ? " over a host tier at its minimum" : "", names[pol], (unsigned long long)s.expert_hits,
+                   (unsigned long long)s.expert_misses, 100.0 * (double)s.expert_hits / (double)(s.expert_hits + s.expert_misses),
+                   (unsigned long long)s.expert_bytes_streamed);
+            moe_model_free(m);
+        }
+    setenv("MOE_EVICT", "often", 1);
+    moe_status st;
+    assert_null(load_vk(p, budget, 0, &st));
+    assert_int_equal(st, MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "MOE_EVICT=often"));
     unsetenv("MOE_EVICT");
-    printf("[ RESULT   ] q4_k budget %llu, warm: LRU hits %llu misses %llu (%.1f%%), LFU hits %llu misses %llu (%.1f%%)\n",
-           (unsigned long long)budget, (unsigned long long)s[0].expert_hits, (unsigned long long)s[0].expert_misses,
-           100.0 * (double)s[0].expert_hits / (double)(s[0].expert_hits + s[0].expert_misses), (unsigned long long)s[1].expert_hits,
-           (unsigned long long)s[1].expert_misses, 100.0 * (double)s[1].expert_hits / (double)(s[1].expert_hits + s[1].expert_misses));
     free(ref);
     free(got);
 }
@@ -494,7 +505,7 @@ int main(void) {
         TS("gpu_cache_mixed", run_fixture, names[2]), TS("gpu_cache_q8_0", run_fixture, names[3]),
         TS("gpu_cache_f16", run_fixture, names[4]), TS("gpu_cache_gemma4_moe", run_fixture, names[5]),
         TS("gpu_cache_gemma4_moe_gguf", run_fixture, names[6]),
-        TS("gpu_cache_lfu", test_lfu, NULL), TS("gpu_cache_threads", test_threads, NULL),
+        TS("gpu_cache_policies", test_policies, NULL), TS("gpu_cache_threads", test_threads, NULL),
         TS("tiers_q4_k", run_tiers, names[0]), TS("tiers_f32", run_tiers, names[1]), TS("tiers_mixed", run_tiers, names[2]),
         TS("tiers_q8_0", run_tiers, names[3]), TS("tiers_io_error", test_tiers_io_error, NULL),
         TS("tiers_nonfinite", test_tiers_nonfinite, NULL), TS("tiers_threads", test_threads, (void *)1),
