@@ -2617,7 +2617,7 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
     VkResult r = f->ResetCommandBuffer(cb, 0);
     if (r == VK_SUCCESS) r = f->BeginCommandBuffer(cb, &bi);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkBeginCommandBuffer failed (%s)", vk_result_str(r));
-    int prof = c->profile && c->qpool && (uint32_t)n + 1 <= c->q_cap && !vk_tiered(vk); /* segments are not timed */
+    int prof = c->profile && c->qpool && (uint32_t)n + 1 <= c->q_cap; /* over a host tier: each segment of the step */
     if (c->tpool) {
         f->CmdResetQueryPool(cb, c->tpool, 0, 2);
         f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->tpool, 0);
@@ -2692,8 +2692,11 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
 }
 
 /* ---- profiling: GPU time per (class, kernel), prefill and decode steps apart ---- */
-static void vk_prof_collect(vk_ctx *c, const vk_rec *recs, int n) {
+/* the timestamps of records i0 .. i0 + n - 1 of the step, just run as one command buffer (the whole
+   step, or over a host tier one segment of it: end says it was the step's last) */
+static void vk_prof_collect(vk_ctx *c, int i0, int n, int end) {
     moe_vk_backend *vk = c->vk;
+    const vk_rec *recs = c->recs + i0;
     if (!c->profile || !c->qpool || (uint32_t)n + 1 > c->q_cap) return;
     uint64_t *t = malloc(((size_t)n + 1) * sizeof *t);
     if (!t) return;
@@ -2706,11 +2709,13 @@ static void vk_prof_collect(vk_ctx *c, const vk_rec *recs, int n) {
             int p = recs[i].pipe >= VK_REC_FILL ? VKP_COUNT : recs[i].pipe;
             c->prof_ns[ph][recs[i].kind][p] += ns;
             c->prof_n[ph][recs[i].kind][p]++;
-            c->prof_bytes[ph][recs[i].kind][p] += c->rec_cost[i][0];
-            c->prof_flops[ph][recs[i].kind][p] += c->rec_cost[i][1];
+            c->prof_bytes[ph][recs[i].kind][p] += c->rec_cost[i0 + i][0];
+            c->prof_flops[ph][recs[i].kind][p] += c->rec_cost[i0 + i][1];
         }
-        c->prof_steps[ph]++;
-        c->prof_tokens[ph] += (uint64_t)c->step_n;
+        if (end) {
+            c->prof_steps[ph]++;
+            c->prof_tokens[ph] += (uint64_t)c->step_n;
+        }
         c->prof_total[ph] += (double)((t[n] - t[0]) & vk->ts_mask) * vk->ts_ns;
     }
     free(t);
@@ -2833,12 +2838,13 @@ static moe_status vk_submit_times(void *be, uint64_t *n, double *max_us, double 
 
 /* over a host tier: records the step's records not submitted yet (after the pending copies),
    submits them and waits */
-static moe_status vk_seg_run(vk_ctx *c) {
+static moe_status vk_seg_run(vk_ctx *c, int end) {
     uint32_t *sp = (uint32_t *)c->step.map; /* the first segment already needs the position (attention ran before the route op) */
     sp[0] = (uint32_t)c->step_pos0;
     sp[1] = (uint32_t)c->step_n;
     moe_status st = vk_record_cb(c, c->seg_cb, c->recs + c->seg0, c->n_recs - c->seg0);
     if (!st) st = vk_run(c, c->seg_cb, c->step_n > 1 ? 0 : 1, 0);
+    if (!st) vk_prof_collect(c, c->seg0, c->n_recs - c->seg0, end);
     c->seg0 = c->n_recs;
     c->fuse_idx = -1; /* a submitted record takes no residual add any more */
     return st;
@@ -2860,7 +2866,7 @@ static moe_status vk_end_step_run(vk_ctx *c) {
     vk_pn_flush(c);
     if (c->err && c->n_xf) { /* slot copies the host's view already counts on: they still go to the queue */
         c->seg0 = c->n_recs;
-        moe_status st = vk_seg_run(c);
+        moe_status st = vk_seg_run(c, 0);
         if (st) c->dead = 1;
     }
     if (c->err) {
@@ -2873,7 +2879,7 @@ static moe_status vk_end_step_run(vk_ctx *c) {
     sp[0] = (uint32_t)c->step_pos0;
     sp[1] = (uint32_t)c->step_n;
     if (vk_tiered(vk)) { /* the step's last segment (the step buffer was written before the first one) */
-        moe_status st = vk_seg_run(c);
+        moe_status st = vk_seg_run(c, 1);
         if (!st) c->expert_evals += c->step_evals;
         return st;
     }
@@ -2908,7 +2914,7 @@ static moe_status vk_end_step_run(vk_ctx *c) {
     hit->used = ++c->tick;
     moe_status st = vk_run(c, hit->cb, ph, units);
     if (st) return st;
-    vk_prof_collect(c, c->recs, c->n_recs);
+    vk_prof_collect(c, 0, c->n_recs, 1);
     c->expert_evals += c->step_evals;
     if (c->vk->xg) return vk_xg_after_step(c); /* the GPU expert slot cache: hits, misses, slot fills for the next steps */
     return MOE_OK;
@@ -3788,7 +3794,7 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
     int l = vk_weight_layer((int)(wg - vk->wts)), E = x->E;
     if (l < 0 || l >= x->L || !x->lt_n[l]) return;
     vk_xg_log_route(c, wg, n);
-    moe_status st = vk_seg_run(c);
+    moe_status st = vk_seg_run(c, 0);
     if (st) {
         vk_ctx_fail(c, st, "%s", moe_last_error());
         return;
