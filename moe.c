@@ -8368,8 +8368,8 @@ static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
 
    The router's choice is the sync point (the route op). A backend asks for a layer's distinct
    experts with xs_acquire: those present are pinned (hits), the missing ones get slots from the
-   eviction policy (xs_victim, the one place the policy lives) and are read by the I/O threads
-   while the caller waits (misses). When the cache cannot hold all of a step's experts at once
+   eviction policy (moe_xs_pol: moe_xs_victim and moe_xs_touch, the one place the policy lives)
+   and are read by the I/O threads while the caller waits (misses). When the cache cannot hold all of a step's experts at once
    (a large prefill batch), xs_acquire pins a leading group and the backend computes the experts
    group by group: each (token, expert) pair's result is computed exactly as in a resident run,
    so the logits are bit-identical at every budget. xs_prefetch starts reads early for experts a

@@ -252,7 +252,9 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                logits stay bit-identical. Below the minimum working set
                                                (non-expert weights + one token's experts of a layer) moe_load
                                                fails with MOE_ERR_NO_MEMORY naming it. Environment: MOE_EVICT=
-                                               lru (default) | lfu, MOE_PREFETCH=0 | 1 (default), MOE_IO_DIRECT=
+                                               slru (default: scan-resistant, a prefill cannot flush what decode
+                                               reuses) | lru | lfu (both tiers; another value: moe_load fails
+                                               with MOE_ERR_INVALID_ARG), MOE_PREFETCH=0 | 1 (default), MOE_IO_DIRECT=
                                                1 (O_DIRECT reads), MOE_IO_THREADS=N (4). Vulkan with a
                                                gpu_budget_bytes below the weights too: the same host tier
                                                under the GPU slot cache; its minimum adds one layer's experts

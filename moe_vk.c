@@ -1490,7 +1490,8 @@ static moe_status vk_check_weight(const moe_weight *w, int role) {
    After each step the routed ids of every MoE layer (copied by the step itself into a
    host-visible route log, no extra sync) are counted as hits (expert in a slot) and misses;
    missed experts take slots given up by the eviction policy of moe.c section 8 (moe_xs_victim,
-   per layer; never a slot the step itself used) and the copies into those slots, with the table
+   one moe_xs_pol per layer; never a slot the step itself used, nor a protected one when the
+   step needs more distinct experts than the layer has slots) and the copies into those slots, with the table
    updates, are queued on the queue without waiting: they run before the next step (queue order
    and barriers also order them after steps of other contexts still in flight).
    Over a host tier (host_budget_bytes below the weights too: vk->xc, moe.c section 8) there is
