@@ -8634,7 +8634,7 @@ void moe_xs_touch(moe_xs_pol *p, int32_t s, uint32_t pairs, int fresh) {
         p->prot[s] = 0;
         p->n_prot--;
     }
-    if (p->prot[s]) return;
+    if (p->prot[s] || !pairs) return; /* (no pairs: a prefetch's guess, judged at its first use) */
     if (p->n_prot < p->max_prot) {
         p->prot[s] = 1;
         p->n_prot++;
