@@ -8381,8 +8381,8 @@ static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
 
    The router's choice is the sync point (the route op). A backend asks for a layer's distinct
    experts with xs_acquire: those present are pinned (hits), the missing ones get slots from the
-   eviction policy (xs_victim, the one place the policy lives) and are read by the I/O threads
-   while the caller waits (misses). When the cache cannot hold all of a step's experts at once
+   eviction policy (moe_xs_pol: moe_xs_victim and moe_xs_touch, the one place the policy lives)
+   and are read by the I/O threads while the caller waits (misses). When the cache cannot hold all of a step's experts at once
    (a large prefill batch), xs_acquire pins a leading group and the backend computes the experts
    group by group: each (token, expert) pair's result is computed exactly as in a resident run,
    so the logits are bit-identical at every budget. xs_prefetch starts reads early for experts a
@@ -8398,7 +8398,7 @@ static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
    host-visible stage, released) and moe_xs_prefetch for the next layer's likely ones. */
 
 enum { XS_EMPTY = 0, XS_LOADING = 1, XS_READY = 2 };
-enum { XS_LRU = MOE_XS_LRU, XS_LFU = MOE_XS_LFU };
+enum { XS_LRU = MOE_XS_LRU, XS_LFU = MOE_XS_LFU, XS_SLRU = MOE_XS_SLRU };
 #define XS_ALIGN 4096u      /* O_DIRECT alignment of buffer, offset and length */
 #define XS_NONFINITE (-1)   /* xs_read_slab: the slab read fine but holds a non-finite value */
 static int slab_values_bad(const uint8_t *p, uint64_t n, int32_t type); /* section 10 */
@@ -8437,9 +8437,7 @@ struct moe_xcache {
                                        asked for; 0 once used (or a demand load) */
     int32_t *err;                   /* errno of the failed read (demand loads) */
     uint64_t *err_off;
-    uint64_t *stamp;                /* LRU: tick of the last use */
-    float *freq;                    /* LFU: uses, halved every n_slots uses (frequency with decay) */
-    uint64_t tick, decay_at;
+    moe_xs_pol pol;                 /* the eviction policy's state */
     pthread_mutex_t mu;
     pthread_cond_t cv;              /* a slot settled or was unpinned */
     pthread_cond_t jobs;            /* a load was queued, or quit */
@@ -8560,48 +8558,134 @@ static void *xs_io_main(void *arg) {
     return NULL;
 }
 
-/* The eviction policy, in one function: the slot that gives way for a new unit, or -1 when every
-   slot is pinned or loading. Empty slots first; then LRU (least recently used) or LFU with decay
-   (fewest uses, counts halved every n_slots uses; ties to the least recent). */
-int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state, const uint64_t *stamp,
-                      const float *freq) {
+/* The eviction policy, in one place (moe.h moe_xs_pol): which slot gives way for a new unit,
+   and what a use of a slot changes.
+   LRU: the least recently used slot. A prefill touches every expert of every layer once, in layer
+   order: when that is more than the cache holds, LRU evicts each unit just before the scan comes
+   back to it and nothing ever hits (0% on a pp512 at a quarter of the experts).
+   LFU: fewest uses since the unit came (counts halved every n uses; ties to the least recent).
+   SLRU: two segments. Protected (at most 4/5 of the slots) holds the units the router chose most:
+   each unit's routed pairs are counted whether it is cached or not (decayed: halved once 8 pairs
+   per unit were counted), and a unit enters the protected segment when there is room or when it
+   outweighs the protected unit it displaces (which goes back to probation). Victims come from
+   the probation segment (least recent first), so a scan only turns probation over. A protected
+   slot gives way only when nothing else can, and never to a step larger than the cache
+   (spare_prot: its other experts can wait for the next group, or be read from their homes). */
+int moe_xs_pol_init(moe_xs_pol *p, int32_t kind, int32_t n_slots, int32_t n_units, const int32_t *key) {
+    memset(p, 0, sizeof *p);
+    p->kind = kind;
+    p->n = n_slots;
+    p->n_units = n_units;
+    p->key = key;
+    p->decay_at = (uint64_t)n_slots;
+    p->max_prot = (int32_t)((int64_t)n_slots * 4 / 5);
+    size_t n = (size_t)(n_slots > 0 ? n_slots : 1);
+    p->stamp = moe_calloc(n, sizeof *p->stamp);
+    p->freq = moe_calloc(n, sizeof *p->freq);
+    p->prot = moe_calloc(n, 1);
+    p->hist = moe_calloc((size_t)(n_units > 0 ? n_units : 1), sizeof *p->hist);
+    if (p->stamp && p->freq && p->prot && p->hist) return 1;
+    moe_xs_pol_free(p);
+    return 0;
+}
+
+void moe_xs_pol_free(moe_xs_pol *p) {
+    moe_free(p->stamp);
+    moe_free(p->freq);
+    moe_free(p->prot);
+    moe_free(p->hist);
+    p->stamp = NULL;
+    p->freq = p->hist = NULL;
+    p->prot = NULL;
+}
+
+/* SLRU: the unit's weight; a slot's unit -1 (empty) weighs nothing */
+static float xs_pol_weight(const moe_xs_pol *p, int32_t s) { return p->key[s] >= 0 ? p->hist[p->key[s]] : 0.0f; }
+
+int32_t moe_xs_victim(const moe_xs_pol *p, const int32_t *pins, const uint8_t *state, uint64_t used_after, int spare_prot) {
     int32_t best = -1;
-    for (int32_t s = 0; s < n_slots; s++) {
+    int slru = p->kind == MOE_XS_SLRU;
+    for (int32_t s = 0; s < p->n; s++) {
         if ((pins && pins[s]) || state[s] == XS_LOADING) continue;
         if (state[s] == XS_EMPTY) return s;
+        if (p->stamp[s] > used_after || (slru && spare_prot && p->prot[s])) continue;
         if (best < 0) { best = s; continue; }
-        if (policy == XS_LFU && freq[s] != freq[best]) {
-            if (freq[s] < freq[best]) best = s;
-        } else if (stamp[s] < stamp[best]) best = s;
+        if (slru && p->prot[s] != p->prot[best]) {
+            if (!p->prot[s]) best = s; /* probation before protected */
+        } else if (p->kind == MOE_XS_LFU && p->freq[s] != p->freq[best]) {
+            if (p->freq[s] < p->freq[best]) best = s;
+        } else if (p->stamp[s] < p->stamp[best]) best = s;
     }
     return best;
 }
 
-void moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at) {
-    stamp[s] = ++*tick;
-    freq[s] += 1.0f;
-    if (*tick >= *decay_at) {
-        for (int32_t i = 0; i < n_slots; i++) freq[i] *= 0.5f;
-        *decay_at = *tick + (uint64_t)n_slots;
+void moe_xs_pol_count(moe_xs_pol *p, int32_t unit, uint32_t pairs) {
+    if (p->kind != MOE_XS_SLRU) return;
+    p->hist[unit] += (float)pairs;
+    if ((p->hist_added += pairs) >= 8.0 * p->n_units) {
+        for (int32_t u = 0; u < p->n_units; u++) p->hist[u] *= 0.5f;
+        p->hist_added = 0;
     }
 }
 
-int32_t moe_xs_policy_env(void) { return getenv("MOE_EVICT") && !strcmp(getenv("MOE_EVICT"), "lfu") ? XS_LFU : XS_LRU; }
+void moe_xs_pol_forget(moe_xs_pol *p) {
+    if (p->n > 0) memset(p->prot, 0, (size_t)p->n);
+    p->n_prot = 0;
+}
 
-static int32_t xs_victim(const moe_xcache *xc) { return moe_xs_victim(xc->policy, xc->n_slots, xc->pins, xc->state, xc->stamp, xc->freq); }
+void moe_xs_touch(moe_xs_pol *p, int32_t s, uint32_t pairs, int fresh) {
+    p->stamp[s] = ++p->tick;
+    if (fresh) p->freq[s] = 0;
+    p->freq[s] += 1.0f;
+    if (p->tick >= p->decay_at) {
+        for (int32_t i = 0; i < p->n; i++) p->freq[i] *= 0.5f;
+        p->decay_at = p->tick + (uint64_t)p->n;
+    }
+    if (p->kind != MOE_XS_SLRU || p->key[s] < 0) return;
+    moe_xs_pol_count(p, p->key[s], pairs);
+    if (fresh && p->prot[s]) { /* the slot's previous unit was protected (a protected victim) */
+        p->prot[s] = 0;
+        p->n_prot--;
+    }
+    if (p->prot[s] || !pairs) return; /* (no pairs: a prefetch's guess, judged at its first use) */
+    if (p->n_prot < p->max_prot) {
+        p->prot[s] = 1;
+        p->n_prot++;
+        return;
+    }
+    int32_t q = -1; /* the weakest protected unit (least recent among equals) */
+    for (int32_t i = 0; i < p->n; i++)
+        if (p->prot[i] && (q < 0 || xs_pol_weight(p, i) < xs_pol_weight(p, q) ||
+                           (xs_pol_weight(p, i) == xs_pol_weight(p, q) && p->stamp[i] < p->stamp[q])))
+            q = i;
+    if (q >= 0 && xs_pol_weight(p, s) > xs_pol_weight(p, q)) { /* s takes q's place; q goes back to probation */
+        p->prot[q] = 0;
+        p->prot[s] = 1;
+    }
+}
 
-static void xs_touch(moe_xcache *xc, int32_t s) { moe_xs_touch(s, xc->n_slots, xc->stamp, xc->freq, &xc->tick, &xc->decay_at); }
+int32_t moe_xs_policy_env(void) {
+    const char *v = getenv("MOE_EVICT");
+    if (!v || !*v || !strcmp(v, "slru")) return XS_SLRU;
+    return !strcmp(v, "lru") ? XS_LRU : !strcmp(v, "lfu") ? XS_LFU : -1;
+}
+
+/* spare_prot: a protected unit stays (a prefetch, or a group that can go on without this slot) */
+static int32_t xs_victim(const moe_xcache *xc, int spare_prot) { return moe_xs_victim(&xc->pol, xc->pins, xc->state, UINT64_MAX, spare_prot); }
+
+const char *moe_xs_policy_name(int32_t kind) {
+    return kind == XS_LFU ? "LFU (with decay)" : kind == XS_SLRU ? "SLRU (protected by routed pairs)" : "LRU";
+}
 
 /* takes slot s for unit key and queues its load (lock held) */
-static void xs_claim(moe_xcache *xc, int32_t s, int32_t key, int prefetch) {
+static void xs_claim(moe_xcache *xc, int32_t s, int32_t key, int prefetch, uint32_t pairs) {
     if (xc->key[s] >= 0) xc->map[xc->key[s]] = -1;
     xc->key[s] = key;
     xc->map[key] = s;
     xc->state[s] = XS_LOADING;
     xc->prefetched[s] = (uint8_t)prefetch;
     xc->err[s] = 0;
-    xc->freq[s] = 0;
-    xs_touch(xc, s);
+    moe_xs_touch(&xc->pol, s, pairs, 1);
     xc->queue[(xc->q_head + xc->q_n++) % xc->n_slots] = s;
     pthread_cond_signal(&xc->jobs);
 }
@@ -8624,11 +8708,11 @@ static int xs_acquire(moe_xcache *xc, int l, const int32_t *ids, int n, const in
                     cnt->pf_used++;
                     xc->prefetched[s] = xc->prefetched[s] == 1 ? 3 : 0;
                 }
-                xs_touch(xc, s);
+                moe_xs_touch(&xc->pol, s, (uint32_t)pairs[g], 0);
                 cnt->hits += (uint64_t)pairs[g];
             } else {
-                if ((s = xs_victim(xc)) < 0) break;
-                xs_claim(xc, s, key, 0);
+                if ((s = xs_victim(xc, g > 0)) < 0) break;
+                xs_claim(xc, s, key, 0, (uint32_t)pairs[g]);
                 xc->pins[s] = 1;
                 cnt->misses += (uint64_t)pairs[g];
                 cnt->bytes += xc->unit_bytes[l];
@@ -8679,9 +8763,9 @@ static void xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, xs_cou
     for (int i = 0; i < n; i++) {
         int32_t key = l * xc->E + ids[i];
         if (xc->map[key] >= 0) continue;
-        int32_t s = xs_victim(xc);
+        int32_t s = xs_victim(xc, 1);
         if (s < 0) break;
-        xs_claim(xc, s, key, 1);
+        xs_claim(xc, s, key, 1, 0);
         cnt->pf_issued++;
         cnt->bytes += xc->unit_bytes[l];
     }
@@ -8751,8 +8835,7 @@ static void xs_free(moe_xcache *xc) {
     moe_free(xc->prefetched);
     moe_free(xc->err);
     moe_free(xc->err_off);
-    moe_free(xc->stamp);
-    moe_free(xc->freq);
+    moe_xs_pol_free(&xc->pol);
     moe_free(xc->queue);
     moe_free(xc);
 }
@@ -8889,10 +8972,12 @@ static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
     }
     uint64_t n_slots = (budget - rest) / slot;
     xc->n_slots = (int32_t)(n_slots > (uint64_t)n_units ? (uint64_t)n_units : n_slots);
-    xc->policy = moe_xs_policy_env();
+    if ((xc->policy = moe_xs_policy_env()) < 0) {
+        xs_free(xc);
+        return set_error(MOE_ERR_INVALID_ARG, "moe_load: MOE_EVICT=%s: expected lru, lfu or slru", getenv("MOE_EVICT"));
+    }
     xc->prefetch = xs_env_int("MOE_PREFETCH", 1) != 0;
     xc->direct = xs_env_int("MOE_IO_DIRECT", 0) != 0;
-    xc->decay_at = (uint64_t)xc->n_slots;
     size_t ns = (size_t)xc->n_slots;
     void *mem = aligned_bytes(XS_ALIGN, ns ? (size_t)xc->slot_bytes * ns : XS_ALIGN);
     ok = mem != NULL;
@@ -8900,7 +8985,7 @@ static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
     ok = ok && (xc->map = moe_malloc((size_t)L * (size_t)E * sizeof *xc->map)) && (xc->key = moe_malloc(ns * sizeof *xc->key)) &&
          (xc->pins = moe_calloc(ns, sizeof *xc->pins)) && (xc->state = moe_calloc(ns, 1)) && (xc->prefetched = moe_calloc(ns, 1)) &&
          (xc->err = moe_calloc(ns, sizeof *xc->err)) && (xc->err_off = moe_calloc(ns, sizeof *xc->err_off)) &&
-         (xc->stamp = moe_calloc(ns, sizeof *xc->stamp)) && (xc->freq = moe_calloc(ns, sizeof *xc->freq)) &&
+         moe_xs_pol_init(&xc->pol, xc->policy, xc->n_slots, L * E, xc->key) &&
          (xc->queue = moe_malloc(ns * sizeof *xc->queue)) && (xc->fd = moe_malloc((size_t)n_files * sizeof(int))) &&
          (xc->fd_direct = moe_malloc((size_t)n_files * sizeof(int)));
     if (!ok) { xs_free(xc); return set_error(MOE_ERR_NO_MEMORY, "moe_load: out of memory for the expert cache (%d slots of %llu bytes)", xc->n_slots, (unsigned long long)slot); }
@@ -8934,7 +9019,7 @@ static moe_status xs_setup(moe_model *m, uint64_t budget, int stage) {
     log_msg(&m->log, MOE_LOG_INFO, "expert streaming: host cache of %d of %d experts (%.1f MiB in slots of %.2f MiB; minimum working set %.1f MiB%s), "
             "%s reads, %d I/O threads, %s eviction, prefetch %s", xc->n_slots, n_units, (double)(xc->slot_bytes * ns) / 1048576.0,
             (double)slot / 1048576.0, (double)min / 1048576.0, stage ? ", with the GPU's one-layer stage" : "", xc->direct ? "O_DIRECT" : "buffered", xc->n_io,
-            xc->policy == XS_LFU ? "LFU (with decay)" : "LRU", xc->prefetch ? "on" : "off");
+            moe_xs_policy_name(xc->policy), xc->prefetch ? "on" : "off");
     m->xc = xc;
     return MOE_OK;
 }

@@ -262,7 +262,9 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                logits stay bit-identical. Below the minimum working set
                                                (non-expert weights + one token's experts of a layer) moe_load
                                                fails with MOE_ERR_NO_MEMORY naming it. Environment: MOE_EVICT=
-                                               lru (default) | lfu, MOE_PREFETCH=0 | 1 (default), MOE_IO_DIRECT=
+                                               slru (default: scan-resistant, a prefill cannot flush what decode
+                                               reuses) | lru | lfu (both tiers; another value: moe_load fails
+                                               with MOE_ERR_INVALID_ARG), MOE_PREFETCH=0 | 1 (default), MOE_IO_DIRECT=
                                                1 (O_DIRECT reads), MOE_IO_THREADS=N (4). Vulkan with a
                                                gpu_budget_bytes below the weights too: the same host tier
                                                under the GPU slot cache; its minimum adds one layer's experts
@@ -1030,14 +1032,36 @@ MOE_HIDDEN uint64_t   moe_fnv1a(uint64_t h, const void *data, size_t n);
 MOE_HIDDEN int        moe_vk_streams_experts(const moe_vk_backend *vk);   /* 1 when the GPU expert slot cache is on */
 MOE_HIDDEN void       moe_vk_use_exact(moe_vk_backend *vk);               /* gpu_exact: no f16 tensor-core tiles */
 MOE_HIDDEN void       moe_vk_free(moe_vk_backend *vk);
-/* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache:
-   over n_slots slots (state 0 empty, 1 loading, 2 ready; pins > 0 pinned) the slot that gives way,
-   or -1; touch records a use of slot s (LRU stamp, LFU count with decay). */
-enum { MOE_XS_LRU = 0, MOE_XS_LFU = 1 };
-MOE_HIDDEN int32_t moe_xs_victim(int32_t policy, int32_t n_slots, const int32_t *pins, const uint8_t *state,
-                                 const uint64_t *stamp, const float *freq);
-MOE_HIDDEN void    moe_xs_touch(int32_t s, int32_t n_slots, uint64_t *stamp, float *freq, uint64_t *tick, uint64_t *decay_at);
-MOE_HIDDEN int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lfu: MOE_XS_LFU, else MOE_XS_LRU */
+/* The expert eviction policy (moe.c section 8), shared by the host cache and the GPU slot cache,
+   one instance per set of slots that compete (the host cache; each layer of the GPU cache).
+   Slots: state 0 empty, 1 loading, 2 ready; pins > 0 pinned. MOE_XS_SLRU (the default) keeps a
+   protected segment of the units the router chose most (routed pairs, decayed, remembered for
+   every unit, cached or not) and turns new units over in a probation segment, so that a prefill
+   that touches every expert once cannot flush what decode reuses. */
+enum { MOE_XS_LRU = 0, MOE_XS_LFU = 1, MOE_XS_SLRU = 2 };
+typedef struct moe_xs_pol {
+    int32_t kind, n, n_units;   /* MOE_XS_*, slots, units the history covers */
+    const int32_t *key;         /* [n] the unit each slot holds (-1: none); the tier's own array */
+    uint64_t *stamp;            /* [n] tick of the slot's last use */
+    float *freq;                /* [n] LFU: uses since the unit came, halved every n uses */
+    float *hist;                /* [n_units] SLRU: routed pairs of each unit, halved every 8 pairs per unit */
+    uint8_t *prot;              /* [n] SLRU: 1 in the protected segment */
+    uint64_t tick, decay_at;
+    double hist_added;          /* pairs counted since the last halving */
+    int32_t n_prot, max_prot;
+} moe_xs_pol;
+MOE_HIDDEN int     moe_xs_pol_init(moe_xs_pol *p, int32_t kind, int32_t n_slots, int32_t n_units, const int32_t *key); /* 0: out of memory */
+MOE_HIDDEN void    moe_xs_pol_free(moe_xs_pol *p);
+/* the slot that gives way for a new unit, or -1: never a pinned or loading one, nor one used after
+   tick used_after (this step's; UINT64_MAX: no such rule), nor with spare_prot a protected one */
+MOE_HIDDEN int32_t moe_xs_victim(const moe_xs_pol *p, const int32_t *pins, const uint8_t *state, uint64_t used_after, int spare_prot);
+/* a use of slot s (key[s] already names its unit) by `pairs` routed pairs; fresh: the unit just came */
+MOE_HIDDEN void    moe_xs_touch(moe_xs_pol *p, int32_t s, uint32_t pairs, int fresh);
+/* SLRU: routed pairs of a unit that got no slot (read from elsewhere); forget: every slot emptied */
+MOE_HIDDEN void    moe_xs_pol_count(moe_xs_pol *p, int32_t unit, uint32_t pairs);
+MOE_HIDDEN void    moe_xs_pol_forget(moe_xs_pol *p);
+MOE_HIDDEN int32_t moe_xs_policy_env(void);   /* MOE_EVICT=lru | lfu | slru (default); -1: another value */
+MOE_HIDDEN const char *moe_xs_policy_name(int32_t kind);
 MOE_HIDDEN moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void **be_out);
 MOE_HIDDEN void       moe_vk_ctx_free(void *be);
 MOE_HIDDEN extern const moe_ops moe_vk_ops;

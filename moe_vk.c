@@ -1497,7 +1497,8 @@ static moe_status vk_check_weight(const moe_weight *w, int role) {
    After each step the routed ids of every MoE layer (copied by the step itself into a
    host-visible route log, no extra sync) are counted as hits (expert in a slot) and misses;
    missed experts take slots given up by the eviction policy of moe.c section 8 (moe_xs_victim,
-   per layer; never a slot the step itself used) and the copies into those slots, with the table
+   one moe_xs_pol per layer; never a slot the step itself used, nor a protected one when the
+   step needs more distinct experts than the layer has slots) and the copies into those slots, with the table
    updates, are queued on the queue without waiting: they run before the next step (queue order
    and barriers also order them after steps of other contexts still in flight).
    Over a host tier (host_budget_bytes below the weights too: vk->xc, moe.c section 8) there is
@@ -1523,14 +1524,12 @@ typedef struct vk_xg {
     uint64_t *lt_len, *lt_roff;/* [L][VK_XG_T] slab bytes; offset of its region in a slot */
     uint64_t *unit;            /* [L] bytes of one expert (its slabs) */
     int32_t *s0, *ns;          /* [L] first slot and number of slots of the layer */
-    uint64_t *tick, *decay_at; /* [L] policy clocks (a layer's slots compete among themselves) */
+    moe_xs_pol *pol;           /* [L] the eviction policy of each layer's slots (they compete among themselves) */
     int32_t n_slots;
     uint32_t *slot_win;        /* [n_slots] relative window of the slot */
     uint64_t *slot_off;        /* [n_slots] its byte offset there */
     int32_t *key;              /* [n_slots] expert held, -1 none */
     uint8_t *state;            /* [n_slots] 0 empty, 2 ready (moe_xs_victim's states) */
-    uint64_t *stamp;
-    float *freq;
     int32_t *map;              /* [L·E] slot of expert e of layer l, -1: read from its home */
     pthread_mutex_t mu;
     int mu_ok;
@@ -1570,14 +1569,12 @@ static void vk_xg_free(moe_vk_backend *vk) {
     free(x->unit);
     free(x->s0);
     free(x->ns);
-    free(x->tick);
-    free(x->decay_at);
+    for (int l = 0; x->pol && l < x->L; l++) moe_xs_pol_free(&x->pol[l]);
+    free(x->pol);
     free(x->slot_win);
     free(x->slot_off);
     free(x->key);
     free(x->state);
-    free(x->stamp);
-    free(x->freq);
     free(x->map);
     free(x);
     vk->xg = NULL;
@@ -1636,14 +1633,14 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
     x->L = L;
     x->E = E;
     x->n_tbl = n_tbl;
-    x->policy = moe_xs_policy_env();
+    if ((x->policy = moe_xs_policy_env()) < 0)
+        return vk_fail(MOE_ERR_INVALID_ARG, "moe_load: MOE_EVICT=%s: expected lru, lfu or slru", getenv("MOE_EVICT"));
     size_t LT = (size_t)L * VK_XG_T;
     if (!(x->home = calloc(n_tbl ? 2 * (size_t)n_tbl : 2, sizeof *x->home)) || !(x->win0 = calloc((size_t)L, sizeof *x->win0)) ||
         !(x->lt_n = calloc((size_t)L, sizeof *x->lt_n)) || !(x->lt_tbl = calloc(LT, sizeof *x->lt_tbl)) ||
         !(x->lt_len = calloc(LT, sizeof *x->lt_len)) || !(x->lt_roff = calloc(LT, sizeof *x->lt_roff)) ||
         !(x->unit = calloc((size_t)L, sizeof *x->unit)) || !(x->s0 = calloc((size_t)L, sizeof *x->s0)) ||
-        !(x->ns = calloc((size_t)L, sizeof *x->ns)) || !(x->tick = calloc((size_t)L, sizeof *x->tick)) ||
-        !(x->decay_at = calloc((size_t)L, sizeof *x->decay_at)) || !(x->map = malloc((size_t)L * (size_t)E * sizeof *x->map)))
+        !(x->ns = calloc((size_t)L, sizeof *x->ns)) || !(x->pol = calloc((size_t)L, sizeof *x->pol)) || !(x->map = malloc((size_t)L * (size_t)E * sizeof *x->map)))
         return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
     for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
     /* per layer: its expert tensors and the slot layout */
@@ -1687,16 +1684,19 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
         x->ns[l] = (int32_t)(n > (uint64_t)E ? (uint64_t)E : n);
         x->s0[l] = x->n_slots;
         x->n_slots += x->ns[l];
-        x->decay_at[l] = (uint64_t)x->ns[l];
     }
     size_t ns = (size_t)(x->n_slots ? x->n_slots : 1);
     if (!(x->slot_win = calloc(ns, sizeof *x->slot_win)) || !(x->slot_off = calloc(ns, sizeof *x->slot_off)) ||
-        !(x->key = malloc(ns * sizeof *x->key)) || !(x->state = calloc(ns, 1)) || !(x->stamp = calloc(ns, sizeof *x->stamp)) ||
-        !(x->freq = calloc(ns, sizeof *x->freq))) {
+        !(x->key = malloc(ns * sizeof *x->key)) || !(x->state = calloc(ns, 1))) {
         free(slot_b);
         return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
     }
     for (size_t i = 0; i < ns; i++) x->key[i] = -1;
+    for (int l = 0; l < L; l++)
+        if (!moe_xs_pol_init(&x->pol[l], x->policy, x->ns[l], E, x->key + x->s0[l])) {
+            free(slot_b);
+            return vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+        }
     moe_status st = MOE_OK;
     if (vk->xc) { /* the stage: as many host-visible windows as the widest layer's homes need, each as large as any layer's */
         VkDeviceSize *sz = NULL;
@@ -1816,7 +1816,7 @@ static moe_status vk_xg_place(moe_vk_backend *vk, const moe_weights *w, uint32_t
            "tables %.1f MiB); misses read from %.1f MiB of host-visible memory%s; %s eviction", x->n_slots,
            (double)x->slot_bytes_total / 1048576.0, (double)budget / 1048576.0, (double)fixed / 1048576.0, (double)x->host_bytes / 1048576.0,
            vk->xc ? " (one layer's stage, filled from the host tier at each MoE layer's route op)" : "",
-           x->policy == MOE_XS_LFU ? "LFU (with decay)" : "LRU");
+           moe_xs_policy_name(x->policy));
     return MOE_OK;
 }
 
@@ -2663,7 +2663,7 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
     VkResult r = f->ResetCommandBuffer(cb, 0);
     if (r == VK_SUCCESS) r = f->BeginCommandBuffer(cb, &bi);
     if (r != VK_SUCCESS) return vk_fail(MOE_ERR_DEVICE, "Vulkan: vkBeginCommandBuffer failed (%s)", vk_result_str(r));
-    int prof = c->profile && c->qpool && (uint32_t)n + 1 <= c->q_cap && !vk_tiered(vk); /* segments are not timed */
+    int prof = c->profile && c->qpool && (uint32_t)n + 1 <= c->q_cap; /* over a host tier: each segment of the step */
     if (c->tpool) {
         f->CmdResetQueryPool(cb, c->tpool, 0, 2);
         f->CmdWriteTimestamp(cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->tpool, 0);
@@ -2739,8 +2739,11 @@ static moe_status vk_record_cb(vk_ctx *c, VkCommandBuffer cb, const vk_rec *recs
 }
 
 /* ---- profiling: GPU time per (class, kernel), prefill and decode steps apart ---- */
-static void vk_prof_collect(vk_ctx *c, const vk_rec *recs, int n) {
+/* the timestamps of records i0 .. i0 + n - 1 of the step, just run as one command buffer (the whole
+   step, or over a host tier one segment of it: end says it was the step's last) */
+static void vk_prof_collect(vk_ctx *c, int i0, int n, int end) {
     moe_vk_backend *vk = c->vk;
+    const vk_rec *recs = c->recs + i0;
     if (!c->profile || !c->qpool || (uint32_t)n + 1 > c->q_cap) return;
     uint64_t *t = malloc(((size_t)n + 1) * sizeof *t);
     if (!t) return;
@@ -2753,11 +2756,13 @@ static void vk_prof_collect(vk_ctx *c, const vk_rec *recs, int n) {
             int p = recs[i].pipe >= VK_REC_FILL ? VKP_COUNT : recs[i].pipe;
             c->prof_ns[ph][recs[i].kind][p] += ns;
             c->prof_n[ph][recs[i].kind][p]++;
-            c->prof_bytes[ph][recs[i].kind][p] += c->rec_cost[i][0];
-            c->prof_flops[ph][recs[i].kind][p] += c->rec_cost[i][1];
+            c->prof_bytes[ph][recs[i].kind][p] += c->rec_cost[i0 + i][0];
+            c->prof_flops[ph][recs[i].kind][p] += c->rec_cost[i0 + i][1];
         }
-        c->prof_steps[ph]++;
-        c->prof_tokens[ph] += (uint64_t)c->step_n;
+        if (end) {
+            c->prof_steps[ph]++;
+            c->prof_tokens[ph] += (uint64_t)c->step_n;
+        }
         c->prof_total[ph] += (double)((t[n] - t[0]) & vk->ts_mask) * vk->ts_ns;
     }
     free(t);
@@ -2880,12 +2885,13 @@ static moe_status vk_submit_times(void *be, uint64_t *n, double *max_us, double 
 
 /* over a host tier: records the step's records not submitted yet (after the pending copies),
    submits them and waits */
-static moe_status vk_seg_run(vk_ctx *c) {
+static moe_status vk_seg_run(vk_ctx *c, int end) {
     uint32_t *sp = (uint32_t *)c->step.map; /* the first segment already needs the position (attention ran before the route op) */
     sp[0] = (uint32_t)c->step_pos0;
     sp[1] = (uint32_t)c->step_n;
     moe_status st = vk_record_cb(c, c->seg_cb, c->recs + c->seg0, c->n_recs - c->seg0);
     if (!st) st = vk_run(c, c->seg_cb, c->step_n > 1 ? 0 : 1, 0);
+    if (!st) vk_prof_collect(c, c->seg0, c->n_recs - c->seg0, end);
     c->seg0 = c->n_recs;
     c->fuse_idx = -1; /* a submitted record takes no residual add any more */
     return st;
@@ -2907,7 +2913,7 @@ static moe_status vk_end_step_run(vk_ctx *c) {
     vk_pn_flush(c);
     if (c->err && c->n_xf) { /* slot copies the host's view already counts on: they still go to the queue */
         c->seg0 = c->n_recs;
-        moe_status st = vk_seg_run(c);
+        moe_status st = vk_seg_run(c, 0);
         if (st) c->dead = 1;
     }
     if (c->err) {
@@ -2920,7 +2926,7 @@ static moe_status vk_end_step_run(vk_ctx *c) {
     sp[0] = (uint32_t)c->step_pos0;
     sp[1] = (uint32_t)c->step_n;
     if (vk_tiered(vk)) { /* the step's last segment (the step buffer was written before the first one) */
-        moe_status st = vk_seg_run(c);
+        moe_status st = vk_seg_run(c, 1);
         if (!st) c->expert_evals += c->step_evals;
         return st;
     }
@@ -2960,7 +2966,7 @@ static moe_status vk_end_step_run(vk_ctx *c) {
     hit->used = ++c->tick;
     moe_status st = vk_run(c, hit->cb, ph, units);
     if (st) return st;
-    vk_prof_collect(c, c->recs, c->n_recs);
+    vk_prof_collect(c, 0, c->n_recs, 1);
     c->expert_evals += c->step_evals;
     if (c->vk->xg) return vk_xg_after_step(c); /* the GPU expert slot cache: hits, misses, slot fills for the next steps */
     return MOE_OK;
@@ -3923,7 +3929,7 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
     int l = vk_weight_layer((int)(wg - vk->wts)), E = x->E;
     if (l < 0 || l >= x->L || !x->lt_n[l]) return;
     vk_xg_log_route(c, wg, n);
-    moe_status st = vk_seg_run(c);
+    moe_status st = vk_seg_run(c, 0);
     if (st) {
         vk_ctx_fail(c, st, "%s", moe_last_error());
         return;
@@ -3933,14 +3939,16 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
     memset(cnt, 0, (size_t)E * sizeof cnt[0]);
     for (uint32_t p = 0; p < np; p++)
         if (ids[p] < (uint32_t)E) cnt[ids[p]]++;
-    int32_t s0 = x->s0[l], ns = x->ns[l], nm = 0;
-    uint64_t step_tick = x->tick[l];
+    int32_t s0 = x->s0[l], ns = x->ns[l], nm = 0, nd = 0;
+    moe_xs_pol *pol = &x->pol[l];
+    uint64_t step_tick = pol->tick; /* slots touched after this serve this step */
+    for (int e = 0; e < E; e++) nd += cnt[e] > 0;
     for (int e = 0; e < E; e++) {
         if (!cnt[e]) continue;
         int32_t s = x->map[(size_t)l * (size_t)E + (size_t)e];
         if (s >= 0) {
             c->xg_hits += cnt[e];
-            moe_xs_touch(s - s0, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            moe_xs_touch(pol, s - s0, cnt[e], 0);
             continue;
         }
         c->xg_misses += cnt[e];
@@ -3959,8 +3967,12 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
     for (int i = 0; i < nm; i++) {
         int e = c->xg_ids[i];
         c->xg_bytes += x->unit[l]; /* to the device: copied into a slot, or read from the stage by the kernels */
-        int32_t v = ns ? moe_xs_victim(x->policy, ns, NULL, x->state + s0, x->stamp + s0, x->freq + s0) : -1;
-        if (v < 0 || (x->state[s0 + v] && x->stamp[s0 + v] > step_tick)) continue; /* every slot serves this step: from the stage */
+        /* a step larger than the layer's slots leaves the protected ones alone (the rest come from the stage) */
+        int32_t v = ns ? moe_xs_victim(pol, NULL, x->state + s0, step_tick, nd > ns) : -1;
+        if (v < 0) { /* every slot serves this step: from the stage */
+            moe_xs_pol_count(pol, e, (uint32_t)c->xg_pairs[i]);
+            continue;
+        }
         int32_t s = s0 + v;
         if (x->key[s] >= 0) { /* the evicted expert's entries back to its home (the stage) */
             int old = x->key[s];
@@ -3973,8 +3985,7 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
         x->key[s] = e;
         x->map[(size_t)l * (size_t)E + (size_t)e] = s;
         x->state[s] = 2;
-        x->freq[s] = 0;
-        moe_xs_touch(v, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+        moe_xs_touch(pol, v, (uint32_t)c->xg_pairs[i], 1);
         for (int t = 0; t < x->lt_n[l]; t++) {
             uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
             VkDeviceSize so = x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t];
@@ -4057,21 +4068,26 @@ static moe_status vk_xg_after_step(vk_ctx *c) {
         memset(cnt, 0, (size_t)E * sizeof cnt[0]);
         for (uint32_t p = 0; p < np; p++)
             if (ids[p] < (uint32_t)E) cnt[ids[p]]++;
-        int32_t s0 = x->s0[l], ns = x->ns[l];
-        uint64_t step_tick = x->tick[l]; /* slots touched after this were used by this step */
+        int32_t s0 = x->s0[l], ns = x->ns[l], nd = 0;
+        moe_xs_pol *pol = &x->pol[l];
+        uint64_t step_tick = pol->tick; /* slots touched after this were used by this step */
         for (int e = 0; e < E; e++) {
+            nd += cnt[e] > 0;
             int32_t s = cnt[e] ? x->map[(size_t)l * (size_t)E + (size_t)e] : -1;
             if (s < 0) continue;
             c->xg_hits += cnt[e];
-            moe_xs_touch(s - s0, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            moe_xs_touch(pol, s - s0, cnt[e], 0);
         }
         for (int e = 0; e < E && !st; e++) {
             if (!cnt[e] || x->map[(size_t)l * (size_t)E + (size_t)e] >= 0) continue;
             c->xg_misses += cnt[e];
             c->xg_bytes += x->unit[l]; /* read over the bus from its home */
-            if (!ns) continue;
-            int32_t v = moe_xs_victim(x->policy, ns, NULL, x->state + s0, x->stamp + s0, x->freq + s0);
-            if (v < 0 || (x->state[s0 + v] && x->stamp[s0 + v] > step_tick)) continue; /* every slot serves this step */
+            /* a step larger than the layer's slots leaves the protected ones alone */
+            int32_t v = ns ? moe_xs_victim(pol, NULL, x->state + s0, step_tick, nd > ns) : -1;
+            if (v < 0) { /* every slot serves this step: read from its home */
+                moe_xs_pol_count(pol, e, cnt[e]);
+                continue;
+            }
             int32_t s = s0 + v;
             if (!recording) {
                 if ((st = vk_xg_cb_begin(vk, x))) break;
@@ -4088,8 +4104,7 @@ static moe_status vk_xg_after_step(vk_ctx *c) {
             x->key[s] = e;
             x->map[(size_t)l * (size_t)E + (size_t)e] = s;
             x->state[s] = 2;
-            x->freq[s] = 0;
-            moe_xs_touch(v, ns, x->stamp + s0, x->freq + s0, &x->tick[l], &x->decay_at[l]);
+            moe_xs_touch(pol, v, cnt[e], 1);
             for (int t = 0; t < x->lt_n[l]; t++) {
                 uint32_t j = x->lt_tbl[(size_t)l * VK_XG_T + (size_t)t] + (uint32_t)e;
                 VkBufferCopy cp = {x->home[2 * j + 1], x->slot_off[s] + x->lt_roff[(size_t)l * VK_XG_T + (size_t)t],
@@ -4126,6 +4141,7 @@ static moe_status vk_xg_after_step(vk_ctx *c) {
             x->key[s] = -1;
             x->state[s] = 0;
         }
+        for (int l = 0; l < L; l++) moe_xs_pol_forget(&x->pol[l]);
         for (size_t i = 0; i < (size_t)L * (size_t)E; i++) x->map[i] = -1;
     }
 out:

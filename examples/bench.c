@@ -24,6 +24,8 @@
                      weights plus 25% of the experts)
           --sweep    runs everything at 100/50/25/10% of the expert bytes (the host budget on the
                      CPU backend, the GPU budget otherwise)
+          --evict P,P  runs everything once per expert eviction policy (lru, lfu, slru; sets
+                     MOE_EVICT; default slru): hit rates side by side
           --batch N,N,..  for each N: N contexts (each prefilled with its own 16 random tokens,
                      untimed) decode -n tokens each, once all together per step (moe_step_batch: one
                      forward pass for all) and once one after another (moe_step per context, from
@@ -39,7 +41,7 @@
    untimed (warm-up), then -r times; t/s is the median (and mean ± sd) over the repetitions.
    Memory: weights / KV / scratch on the device as the context reports them, and the process's
    peak resident host memory. Public API only. */
-#define _POSIX_C_SOURCE 199309L
+#define _POSIX_C_SOURCE 200112L /* clock_gettime, setenv */
 #include "moe.h"
 
 #include <math.h>
@@ -78,7 +80,8 @@ static unsigned long long peak_rss(void) {
 
 static void usage(void) {
     fprintf(stderr, "usage: bench -m model.gguf [-b auto|cpu|vulkan] [-dev device] [-p 512] [-n 128] [-d depth] [-r 3] [-t threads] [-c n_ctx]\n"
-                    "             [--json] [--profile] [--gpu-budget MiB|N%%] [--host-budget MiB|N%%] [--sweep] [--batch 1,4,16,64]\n"
+                    "             [--json] [--profile] [--gpu-budget MiB|N%%] [--host-budget MiB|N%%] [--sweep] [--evict lru,lfu,slru]\n"
+                    "             [--batch 1,4,16,64]\n"
                     "             [--pipeline-cache FILE]   Vulkan pipeline cache: read at load, written at exit (run twice:\n"
                     "                                       'first run' below is load + the first warm-up, where kernels build)\n"
                     "             [--max-submit-us N] [--low-priority]\n"
@@ -404,7 +407,7 @@ static int bench_batch(const char *model_path, moe_load_params lp, const char *l
 }
 
 int main(int argc, char **argv) {
-    const char *model_path = NULL, *backend_name = "auto", *gpu_budget = NULL, *host_budget = NULL, *batch = NULL;
+    const char *model_path = NULL, *backend_name = "auto", *gpu_budget = NULL, *host_budget = NULL, *batch = NULL, *evict = NULL;
     int n_prompt = 512, n_gen = 128, reps = 3, json = 0, n_ctx = 0, sweep = 0, depth = 0, profile = 0;
     moe_load_params lp = {0};
     lp.log = log_line;
@@ -432,6 +435,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--pipeline-cache")) lp.vk_pipeline_cache_path = v;
         else if (!strcmp(a, "--max-submit-us")) g_max_submit_us = (uint32_t)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--batch")) batch = v;
+        else if (!strcmp(a, "--evict")) evict = v;
         else { usage(); return 2; }
     }
     if (!model_path || n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1 || reps > 1000) { usage(); return 2; }
@@ -456,21 +460,40 @@ int main(int argc, char **argv) {
     }
     lp.gpu_budget_bytes = parse_budget(gpu_budget, &info);
     lp.host_budget_bytes = parse_budget(host_budget, &info);
-    if (!sweep) {
-        char label[64];
-        snprintf(label, sizeof label, "%s%s%s%s", gpu_budget ? "gpu " : "", gpu_budget ? gpu_budget : "", host_budget ? " host " : "",
-                 host_budget ? host_budget : "");
-        return bench_run(model_path, lp, n_prompt, n_gen, depth, reps, json, n_ctx, 1, label, profile);
+    /* --evict a,b: everything once per eviction policy (MOE_EVICT, read at load) */
+    char buf[128], *pols[8] = {NULL};
+    int n_pol = 0, rc = 0, first = 1;
+    snprintf(buf, sizeof buf, "%s", evict ? evict : "");
+    for (char *t = strtok(buf, ","); t && n_pol < 8; t = strtok(NULL, ",")) {
+        if (strcmp(t, "lru") && strcmp(t, "lfu") && strcmp(t, "slru")) {
+            fprintf(stderr, "bench: --evict %s: expected lru, lfu or slru\n", t);
+            return 2;
+        }
+        pols[n_pol++] = t;
     }
-    static const char *const pcts[] = {"100%", "50%", "25%", "10%"};
-    int rc = 0;
-    for (int i = 0; i < 4; i++) {
-        moe_load_params l = lp;
-        char label[64];
-        if (lp.backend == MOE_BACKEND_CPU) l.host_budget_bytes = parse_budget(pcts[i], &info);
-        else l.gpu_budget_bytes = parse_budget(pcts[i], &info);
-        snprintf(label, sizeof label, "%s %s", lp.backend == MOE_BACKEND_CPU ? "host" : "gpu", pcts[i]);
-        rc |= bench_run(model_path, l, n_prompt, n_gen, depth, reps, json, n_ctx, i == 0, label, profile);
+    for (int k = 0; k < (n_pol ? n_pol : 1); k++) {
+        const char *pol = pols[k];
+        if (pol) setenv("MOE_EVICT", pol, 1);
+        const char *pl = pol ? pol : "", *sep = pol ? " " : "";
+        if (!sweep) {
+            char label[64];
+            snprintf(label, sizeof label, "%s%s%s%s%s", pl, gpu_budget ? " gpu " : "", gpu_budget ? gpu_budget : "", host_budget ? " host " : "",
+                     host_budget ? host_budget : "");
+            if (label[0] == ' ') memmove(label, label + 1, strlen(label));
+            rc |= bench_run(model_path, lp, n_prompt, n_gen, depth, reps, json, n_ctx, first, label, profile);
+            first = 0;
+            continue;
+        }
+        static const char *const pcts[] = {"100%", "50%", "25%", "10%"};
+        for (int i = 0; i < 4; i++) {
+            moe_load_params l = lp;
+            char label[64];
+            if (lp.backend == MOE_BACKEND_CPU) l.host_budget_bytes = parse_budget(pcts[i], &info);
+            else l.gpu_budget_bytes = parse_budget(pcts[i], &info);
+            snprintf(label, sizeof label, "%s%s%s %s", pl, sep, lp.backend == MOE_BACKEND_CPU ? "host" : "gpu", pcts[i]);
+            rc |= bench_run(model_path, l, n_prompt, n_gen, depth, reps, json, n_ctx, first, label, profile);
+            first = 0;
+        }
     }
     return rc;
 }

@@ -1,7 +1,7 @@
 /* test_stream.c — expert streaming (issue 11) on the tiny fixtures with tiny budgets.
 
    Host tier (CPU backend): for every budget from the minimum working set up to the whole model,
-   with LRU and LFU eviction, with and without prefetch, in exact and int8 mode:
+   with LRU, LFU and SLRU eviction, with and without prefetch, in exact and int8 mode:
      - logits of a teacher-forced prefill (logits_all, chunked and in one step: a step that needs
        more distinct experts than the cache holds runs in expert groups) and of a greedy decode
        equal the resident run's bit for bit;
@@ -15,7 +15,7 @@
 #include "../shaders_embedded.c"
 #include "test_util.h"
 
-#define NTOK 40
+#define NTOK TU_NTOK
 
 static const char *fixture_path(const char *name, char *buf, size_t cap) {
     snprintf(buf, cap, "test/fixtures/qwen3moe_%s.gguf", name);
@@ -44,39 +44,7 @@ static uint64_t min_budget(const char *path, int exact) {
     moe_model *m = load(path, exact, 1, &st);
     assert_null(m);
     assert_int_equal(st, MOE_ERR_NO_MEMORY);
-    const char *e = strstr(moe_last_error(), "minimum working set of ");
-    assert_non_null(e);
-    return strtoull(e + strlen("minimum working set of "), NULL, 10);
-}
-
-static void tokens(int32_t *t, int n, int n_vocab) {
-    uint32_t x = 12345;
-    for (int i = 0; i < n; i++) {
-        x = x * 1103515245u + 12345u;
-        t[i] = (int32_t)((x >> 8) % (uint32_t)n_vocab);
-    }
-}
-
-/* Runs the fixed workload: prefill NTOK tokens with all logits (chunks of n_batch), then 8 greedy
-   steps; writes (NTOK + 8) rows of logits into out. */
-static void workload(moe_model *m, int n_batch, float *out, moe_stats *stats) {
-    moe_model_info info;
-    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
-    int V = info.n_vocab;
-    int32_t t[NTOK];
-    tokens(t, NTOK, V);
-    moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 1, n_batch);
-    moe_status st = moe_step(c, t, NTOK);
-    if (st) print_error("moe_step: %s (%s)\n", moe_status_str(st), moe_last_error());
-    assert_int_equal(st, MOE_OK);
-    for (int i = 0; i < NTOK; i++) memcpy(out + (size_t)i * (size_t)V, moe_logits(c, i), (size_t)V * sizeof(float));
-    for (int i = 0; i < 8; i++) {
-        int32_t tok = argmax(moe_logits(c, -1), V);
-        assert_int_equal(moe_step(c, &tok, 1), MOE_OK);
-        memcpy(out + (size_t)(NTOK + i) * (size_t)V, moe_logits(c, -1), (size_t)V * sizeof(float));
-    }
-    if (stats) assert_int_equal(moe_ctx_get_stats(c, stats), MOE_OK);
-    moe_ctx_free(c);
+    return tu_min_from_error();
 }
 
 static void test_sizes_and_minimum(void **state) {
@@ -111,11 +79,10 @@ static void run_budgets(void **state) {
     moe_model *m = load(p, v->exact, 0, NULL);
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
-    size_t rows = NTOK + 8, all = rows * (size_t)info.n_vocab;
-    float *ref = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
+    size_t rows = NTOK + TU_NGEN, all = rows * (size_t)info.n_vocab;
+    float *ref = malloc(all * sizeof(float));
     assert_non_null(ref);
-    assert_non_null(got);
-    workload(m, 0, ref, NULL);
+    tu_stream_workload(m, 0, ref, NULL);
     moe_model_free(m);
     uint64_t min = min_budget(p, v->exact), rest = info.weight_bytes - info.expert_bytes;
     uint64_t budgets[] = {min, min + (min - rest) / 2, rest + info.expert_bytes / 4, rest + info.expert_bytes / 2,
@@ -126,19 +93,11 @@ static void run_budgets(void **state) {
         m = load(p, v->exact, budgets[b], NULL);
         for (int nb = 0; nb < 2; nb++) {
             moe_stats s;
-            memset(got, 0, all * sizeof(float));
-            workload(m, nb ? 7 : 0, got, &s);
-            size_t bad = 0;
-            for (size_t i = 0; i < all; i++) bad += memcmp(&got[i], &ref[i], sizeof(float)) != 0;
-            if (bad)
-                print_error("%s exact=%d %s prefetch=%d budget %llu (min %llu) n_batch %d: %zu of %zu logits differ\n", v->fixture, v->exact,
-                            v->evict, v->prefetch, (unsigned long long)budgets[b], (unsigned long long)min, nb ? 7 : 0, bad, all);
-            assert_int_equal(bad, 0);
-            assert_int_equal(s.expert_hits + s.expert_misses, pairs);
-            assert_true(s.expert_misses > 0);
-            assert_true(s.expert_bytes_streamed > 0);
-            print_message("    %s exact=%d %s prefetch=%d budget %6.1f KiB (min %.1f): hits %llu misses %llu (%.0f%% hit) %llu bytes read\n",
-                          v->fixture, v->exact, v->evict, v->prefetch, budgets[b] / 1024.0, min / 1024.0, (unsigned long long)s.expert_hits,
+            char what[160];
+            snprintf(what, sizeof what, "%s exact=%d %s prefetch=%d budget %llu (min %llu)", v->fixture, v->exact, v->evict, v->prefetch,
+                     (unsigned long long)budgets[b], (unsigned long long)min);
+            tu_stream_check(m, nb ? 7 : 0, ref, pairs, 1, &s, what);
+            print_message("    %s: hits %llu misses %llu (%.0f%% hit) %llu bytes read\n", what, (unsigned long long)s.expert_hits,
                           (unsigned long long)s.expert_misses, 100.0 * (double)s.expert_hits / (double)pairs,
                           (unsigned long long)s.expert_bytes_streamed);
         }
@@ -147,7 +106,6 @@ static void run_budgets(void **state) {
     unsetenv("MOE_EVICT");
     unsetenv("MOE_PREFETCH");
     free(ref);
-    free(got);
 }
 
 /* An injected read error mid-step: the step fails cleanly, the context is unchanged, the next
@@ -161,7 +119,7 @@ static void test_io_error(void **state) {
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     int V = info.n_vocab;
     int32_t t[NTOK];
-    tokens(t, NTOK, V);
+    tu_tokens(t, NTOK, V);
     float *ref = malloc((size_t)V * 2 * sizeof(float));
     assert_non_null(ref);
     moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
@@ -243,7 +201,7 @@ static void test_nonfinite_streamed_expert(void **state) {
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     int32_t tk[NTOK];
-    tokens(tk, NTOK, info.n_vocab);
+    tu_tokens(tk, NTOK, info.n_vocab);
     moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
     st = moe_step(c, tk, 4);
     assert_int_equal(st, MOE_ERR_FORMAT);
@@ -256,10 +214,76 @@ static void test_nonfinite_streamed_expert(void **state) {
     remove(dst);
 }
 
+/* The eviction policy alone (moe_xs_victim / moe_xs_touch, as the host cache drives them): a
+   cache of 16 slots over 64 units; 8 hot units are used by 20 "decode" steps, then a "prefill"
+   scan touches all 64 units once (a step larger than the cache: a miss may not take a protected
+   slot once its group has begun), then the decode steps come back. LRU has flushed the hot units;
+   SLRU kept them all (protected) and LFU keeps them too (new units are the least used). */
+static int sim_use(moe_xs_pol *p, int32_t *key, uint8_t *state, int32_t *map, int u, int pairs, int spare) {
+    int32_t s = map[u];
+    if (s >= 0) {
+        moe_xs_touch(p, s, (uint32_t)pairs, 0);
+        return 1;
+    }
+    s = moe_xs_victim(p, NULL, state, UINT64_MAX, spare);
+    if (s < 0) s = moe_xs_victim(p, NULL, state, UINT64_MAX, 0); /* the next group: anything goes */
+    assert_true(s >= 0);
+    if (key[s] >= 0) map[key[s]] = -1;
+    key[s] = u;
+    map[u] = s;
+    state[s] = XS_READY;
+    moe_xs_touch(p, s, (uint32_t)pairs, 1);
+    return 0;
+}
+
+static void test_policy_scan(void **state) {
+    (void)state;
+    enum { NS = 16, NU = 64, HOT = 8 };
+    int kept[3];
+    for (int kind = 0; kind < 3; kind++) {
+        int32_t key[NS], map[NU];
+        uint8_t st[NS] = {0};
+        for (int i = 0; i < NS; i++) key[i] = -1;
+        for (int i = 0; i < NU; i++) map[i] = -1;
+        moe_xs_pol p;
+        assert_int_equal(moe_xs_pol_init(&p, kind, NS, NU, key), 1);
+        assert_int_equal(p.max_prot, NS * 4 / 5);
+        for (int step = 0; step < 20; step++)
+            for (int u = 0; u < HOT; u++) sim_use(&p, key, st, map, u * 7 % NU, 1, 0);
+        for (int u = 0; u < NU; u++) sim_use(&p, key, st, map, u, 3, u % NS != 0); /* groups of NS */
+        kept[kind] = 0;
+        for (int u = 0; u < HOT; u++) kept[kind] += map[u * 7 % NU] >= 0;
+        int hits = 0;
+        for (int u = 0; u < HOT; u++) hits += sim_use(&p, key, st, map, u * 7 % NU, 1, 0);
+        assert_true(hits <= kept[kind]);
+        if (kind == MOE_XS_SLRU) {
+            assert_int_equal(hits, HOT);
+            assert_true(p.n_prot <= p.max_prot);
+            int np = 0;
+            for (int i = 0; i < NS; i++) np += p.prot[i];
+            assert_int_equal(np, p.n_prot);
+        }
+        moe_xs_pol_free(&p);
+    }
+    print_message("    hot units still cached after a scan of %d units through %d slots: LRU %d, LFU %d, SLRU %d of %d\n", NU, NS,
+                  kept[MOE_XS_LRU], kept[MOE_XS_LFU], kept[MOE_XS_SLRU], HOT);
+    assert_true(kept[MOE_XS_LRU] < HOT);
+    assert_int_equal(kept[MOE_XS_SLRU], HOT);
+    /* MOE_EVICT names one of the three, or the load fails saying so */
+    char path[256];
+    fixture_path("q4_k", path, sizeof path);
+    setenv("MOE_EVICT", "mru", 1);
+    moe_status err;
+    assert_null(load(path, 1, min_budget(path, 1), &err));
+    assert_int_equal(err, MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "MOE_EVICT=mru"));
+    unsetenv("MOE_EVICT");
+}
+
 typedef struct thr_arg { moe_model *m; float *out; } thr_arg;
 static void *thr_main(void *p) {
     thr_arg *a = p;
-    workload(a->m, 5, a->out, NULL);
+    tu_stream_workload(a->m, 5, a->out, NULL);
     return NULL;
 }
 
@@ -271,10 +295,10 @@ static void test_threads(void **state) {
     moe_model *m = load(p, 1, 0, NULL);
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
-    size_t all = (size_t)(NTOK + 8) * (size_t)info.n_vocab;
+    size_t all = (size_t)(NTOK + TU_NGEN) * (size_t)info.n_vocab;
     float *ref = malloc(all * sizeof(float));
     assert_non_null(ref);
-    workload(m, 5, ref, NULL);
+    tu_stream_workload(m, 5, ref, NULL);
     moe_model_free(m);
     uint64_t min = min_budget(p, 1);
     m = load(p, 1, min + (info.expert_bytes / 8), NULL);
@@ -315,16 +339,16 @@ static void test_vulkan_budgets(void **state) {
     assert_int_equal(st, MOE_OK);
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
-    size_t all = (size_t)(NTOK + 8) * (size_t)info.n_vocab;
+    size_t all = (size_t)(NTOK + TU_NGEN) * (size_t)info.n_vocab;
     float *ref = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
     assert_non_null(ref);
     assert_non_null(got);
-    workload(m, 0, ref, NULL);
+    tu_stream_workload(m, 0, ref, NULL);
     moe_model_free(m);
     uint64_t min = min_budget(p, 0);
     lp.host_budget_bytes = min;
     assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
-    workload(m, 0, got, NULL);
+    tu_stream_workload(m, 0, got, NULL);
     assert_memory_equal(got, ref, all * sizeof(float));
     moe_model_free(m);
     /* both budgets: the GPU slot cache over the host tier, whose minimum adds the stage (test_vk_stream has the rest) */
@@ -338,13 +362,13 @@ static void test_vulkan_budgets(void **state) {
     assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
     assert_true(moe_vk_streams_experts(m->vk));
     assert_non_null(m->xc);
-    workload(m, 0, got, NULL);
+    tu_stream_workload(m, 0, got, NULL);
     assert_memory_equal(got, ref, all * sizeof(float));
     moe_model_free(m);
     lp.host_budget_bytes = 0;
     assert_int_equal(moe_load(p, &lp, &m), MOE_OK);
     assert_true(moe_vk_streams_experts(m->vk));
-    workload(m, 0, got, NULL);
+    tu_stream_workload(m, 0, got, NULL);
     assert_memory_equal(got, ref, all * sizeof(float));
     moe_model_free(m);
     lp.gpu_budget_bytes = info.weight_bytes - info.expert_bytes;
@@ -362,11 +386,13 @@ static void test_vulkan_budgets(void **state) {
 int main(void) {
     static variant vs[] = {
         {"q4_k", 1, "lru", 0}, {"q4_k", 0, "lru", 1}, {"q4_k", 1, "lfu", 1}, {"mixed", 0, "lru", 1},
-        {"f32", 1, "lfu", 0},  {"q8_0", 0, "lru", 1}, {"f16", 1, "lru", 1},
+        {"f32", 1, "lfu", 0},  {"q8_0", 0, "lru", 1}, {"f16", 1, "lru", 1},   {"q4_k", 1, "slru", 1},
+        {"q4_k", 0, "slru", 0}, {"mixed", 1, "slru", 1}, {"q8_0", 1, "slru", 0},
     };
 #define V(i) {.name = "budgets", .test_func = run_budgets, .initial_state = &vs[i]}
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sizes_and_minimum), V(0), V(1), V(2), V(3), V(4), V(5), V(6),
+        cmocka_unit_test(test_sizes_and_minimum), cmocka_unit_test(test_policy_scan), V(0), V(1), V(2), V(3), V(4), V(5), V(6),
+        V(7), V(8), V(9), V(10),
         cmocka_unit_test(test_io_error), cmocka_unit_test(test_nonfinite_streamed_expert), cmocka_unit_test(test_threads), cmocka_unit_test(test_vulkan_budgets),
     };
     return tu_run_tests("stream", tests);

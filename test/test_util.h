@@ -155,6 +155,72 @@ static inline double tu_depth_decode_err(moe_model *a, moe_model *b, int32_t kv_
     return worst;
 }
 
+/* ---- expert streaming (test_stream, test_vk_stream): one workload and one check for every budget ---- */
+#define TU_NTOK 40 /* prefill tokens of the streaming workload (more distinct experts than the smallest caches hold) */
+#define TU_NGEN 8  /* greedy decode steps after the prefill */
+
+static inline void tu_tokens(int32_t *t, int n, int n_vocab) {
+    uint32_t x = 12345;
+    for (int i = 0; i < n; i++) {
+        x = x * 1103515245u + 12345u;
+        t[i] = (int32_t)((x >> 8) % (uint32_t)n_vocab);
+    }
+}
+
+static inline void tu_step_ok(moe_ctx *c, const int32_t *t, int n) {
+    moe_status st = moe_step(c, t, n);
+    if (st) print_error("moe_step: %s (%s)\n", moe_status_str(st), moe_last_error());
+    assert_int_equal(st, MOE_OK);
+}
+
+/* prefill TU_NTOK tokens with all logits (chunks of n_batch; 0 = default, one step), then TU_NGEN
+   greedy steps; (TU_NTOK + TU_NGEN) rows of logits into out, the context's counters into stats */
+static inline void tu_stream_workload(moe_model *m, int n_batch, float *out, moe_stats *stats) {
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    int V = info.n_vocab;
+    int32_t t[TU_NTOK];
+    tu_tokens(t, TU_NTOK, V);
+    moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 1, n_batch);
+    tu_step_ok(c, t, TU_NTOK);
+    for (int i = 0; i < TU_NTOK; i++) memcpy(out + (size_t)i * (size_t)V, moe_logits(c, i), (size_t)V * sizeof(float));
+    for (int i = 0; i < TU_NGEN; i++) {
+        int32_t tok = argmax(moe_logits(c, -1), V);
+        tu_step_ok(c, &tok, 1);
+        memcpy(out + (size_t)(TU_NTOK + i) * (size_t)V, moe_logits(c, -1), (size_t)V * sizeof(float));
+    }
+    if (stats) assert_int_equal(moe_ctx_get_stats(c, stats), MOE_OK);
+    moe_ctx_free(c);
+}
+
+/* the minimum working set named by the error of a load below it */
+static inline uint64_t tu_min_from_error(void) {
+    const char *e = strstr(moe_last_error(), "minimum working set of ");
+    assert_non_null(e);
+    return strtoull(e + strlen("minimum working set of "), NULL, 10);
+}
+
+/* The workload on a streamed model against the resident run's logits ref: bit for bit (the count
+   of differing logits is named), every routed pair (pairs) a hit or a miss, and with cold set at
+   least one miss and streamed bytes. The counters go to s; what names the run in a failure. */
+static inline void tu_stream_check(moe_model *m, int n_batch, const float *ref, uint64_t pairs, int cold, moe_stats *s, const char *what) {
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    size_t all = (size_t)(TU_NTOK + TU_NGEN) * (size_t)info.n_vocab, bad = 0;
+    float *got = calloc(all, sizeof(float));
+    assert_non_null(got);
+    tu_stream_workload(m, n_batch, got, s);
+    for (size_t i = 0; i < all; i++) bad += memcmp(&got[i], &ref[i], sizeof(float)) != 0;
+    free(got);
+    if (bad) print_error("%s, n_batch %d: %zu of %zu logits differ from the resident run\n", what, n_batch, bad, all);
+    assert_int_equal(bad, 0);
+    assert_int_equal(s->expert_hits + s->expert_misses, pairs);
+    if (cold) {
+        assert_true(s->expert_misses > 0);
+        assert_true(s->expert_bytes_streamed > 0);
+    }
+}
+
 /* the teardown of every Vulkan test: the validation layer (MOE_VK_VALIDATION=1) must have said
    nothing (needs moe_vk.c, included before this header) */
 static inline int teardown_validation(void **state) {

@@ -19,7 +19,7 @@
    Fixtures: test/fixtures/qwen3moe_*.gguf; Gemma 4 (26B-A4B-like: sliding + full layers, experts
    beside the dense MLP, per-expert scales) from test/fixtures/gemma4/moe, or the GGUF test_gemma4
    writes from it (build/test/gemma4_moe.gguf), where present (skipped otherwise). Two threads
-   stepping one streamed model at once; LRU and LFU. MOE_TESTS=name runs one test.
+   stepping one streamed model at once; LRU, LFU and SLRU (the default). MOE_TESTS=name runs one test.
    Every test ends by asserting that the validation layer (MOE_VK_VALIDATION=1) said nothing.
    Without a usable Vulkan device the tests skip, unless MOE_REQUIRE_VULKAN=1. */
 #include "../moe.c"
@@ -27,8 +27,8 @@
 #include "../shaders_embedded.c"
 #include "test_util.h"
 
-#define NTOK 40
-#define NGEN 8
+#define NTOK TU_NTOK
+#define NGEN TU_NGEN
 
 /* lavapipe's own per-instance leaks, as in test_vulkan.c (the driver stays loaded so they carry its name) */
 const char *__lsan_default_suppressions(void);
@@ -80,67 +80,27 @@ static moe_model *load_vk(const char *path, uint64_t gpu_budget, uint64_t host_b
     return m;
 }
 
-static void tokens(int32_t *t, int n, int n_vocab) {
-    uint32_t x = 12345;
-    for (int i = 0; i < n; i++) {
-        x = x * 1103515245u + 12345u;
-        t[i] = (int32_t)((x >> 8) % (uint32_t)n_vocab);
-    }
-}
-
-static void step_ok(moe_ctx *c, const int32_t *t, int n) {
-    moe_status st = moe_step(c, t, n);
-    if (st) print_error("moe_step: %s (%s)\n", moe_status_str(st), moe_last_error());
-    assert_int_equal(st, MOE_OK);
-}
-
-/* prefill NTOK tokens with all logits (chunks of n_batch; 0 = default, one step), then NGEN greedy
-   steps; (NTOK + NGEN) rows of logits into out */
-static void workload(moe_model *m, int n_batch, float *out, moe_stats *stats) {
-    moe_model_info info;
-    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
-    int V = info.n_vocab;
-    int32_t t[NTOK];
-    tokens(t, NTOK, V);
-    moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 1, n_batch);
-    step_ok(c, t, NTOK);
-    for (int i = 0; i < NTOK; i++) memcpy(out + (size_t)i * (size_t)V, moe_logits(c, i), (size_t)V * sizeof(float));
-    for (int i = 0; i < NGEN; i++) {
-        int32_t tok = argmax(moe_logits(c, -1), V);
-        step_ok(c, &tok, 1);
-        memcpy(out + (size_t)(NTOK + i) * (size_t)V, moe_logits(c, -1), (size_t)V * sizeof(float));
-    }
-    if (stats) assert_int_equal(moe_ctx_get_stats(c, stats), MOE_OK);
-    moe_ctx_free(c);
-}
-
 /* two contexts of one model, stepped in turn (prefill A, prefill B, then decode A, B, ...) */
 static void workload_pair(moe_model *m, float *out_a, float *out_b) {
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     int V = info.n_vocab;
     int32_t t[NTOK];
-    tokens(t, NTOK, V);
+    tu_tokens(t, NTOK, V);
     moe_ctx *c[2] = {tu_new_ctx(m, MOE_KV_F32, 1, 0), tu_new_ctx(m, MOE_KV_F32, 1, 0)};
     float *out[2] = {out_a, out_b};
     for (int k = 0; k < 2; k++) {
-        step_ok(c[k], t + 3 * k, NTOK - 3 * k);
+        tu_step_ok(c[k], t + 3 * k, NTOK - 3 * k);
         memcpy(out[k], moe_logits(c[k], -1), (size_t)V * sizeof(float));
     }
     for (int i = 0; i < NGEN; i++)
         for (int k = 0; k < 2; k++) {
             int32_t tok = argmax(moe_logits(c[k], -1), V);
-            step_ok(c[k], &tok, 1);
+            tu_step_ok(c[k], &tok, 1);
             memcpy(out[k] + (size_t)(1 + i) * (size_t)V, moe_logits(c[k], -1), (size_t)V * sizeof(float));
         }
     moe_ctx_free(c[0]);
     moe_ctx_free(c[1]);
-}
-
-static uint64_t min_from_error(void) {
-    const char *e = strstr(moe_last_error(), "minimum working set of ");
-    assert_non_null(e);
-    return strtoull(e + strlen("minimum working set of "), NULL, 10);
 }
 
 static void run_fixture(void **state) {
@@ -160,13 +120,13 @@ static void run_fixture(void **state) {
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     assert_false(moe_vk_streams_experts(m->vk));
     size_t rows = NTOK + NGEN, all = rows * (size_t)info.n_vocab;
-    float *ref = malloc(all * sizeof(float)), *ref7 = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
+    float *ref = malloc(all * sizeof(float)), *ref7 = malloc(all * sizeof(float));
     float *pa = malloc((NGEN + 1) * (size_t)info.n_vocab * sizeof(float)), *pb = malloc((NGEN + 1) * (size_t)info.n_vocab * sizeof(float));
     float *qa = malloc((NGEN + 1) * (size_t)info.n_vocab * sizeof(float)), *qb = malloc((NGEN + 1) * (size_t)info.n_vocab * sizeof(float));
-    assert_true(ref && ref7 && got && pa && pb && qa && qb);
+    assert_true(ref && ref7 && pa && pb && qa && qb);
     moe_stats rs;
-    workload(m, 0, ref, &rs);
-    workload(m, 7, ref7, NULL);
+    tu_stream_workload(m, 0, ref, &rs);
+    tu_stream_workload(m, 7, ref7, NULL);
     workload_pair(m, pa, pb);
     uint64_t resident = rs.gpu_bytes_weights; /* device bytes of the weights, resident */
     assert_int_equal(rs.expert_misses, 0);
@@ -175,7 +135,7 @@ static void run_fixture(void **state) {
     moe_status st;
     assert_null(load_vk(p, 1, 0, &st));
     assert_int_equal(st, MOE_ERR_NO_MEMORY);
-    uint64_t min = min_from_error();
+    uint64_t min = tu_min_from_error();
     size_t nl = strlen(name);
     int gguf = !strchr(name, '/') || (nl > 5 && !strcmp(name + nl - 5, ".gguf"));
     if (gguf) assert_true(min > info.weight_bytes - info.expert_bytes);
@@ -193,18 +153,12 @@ static void run_fixture(void **state) {
         assert_true(moe_vk_streams_experts(m->vk));
         const vk_xg *x = m->vk->xg;
         moe_stats s, s2;
-        memset(got, 0, all * sizeof(float));
-        workload(m, 0, got, &s);
-        assert_memory_equal(got, ref, all * sizeof(float));
+        char what[160];
+        snprintf(what, sizeof what, "%s gpu budget %llu (min %llu)", name, (unsigned long long)budgets[b], (unsigned long long)min);
+        tu_stream_check(m, 0, ref, pairs, 1, &s, what);
         assert_true(s.gpu_bytes_weights <= budgets[b]);
-        assert_int_equal(s.expert_hits + s.expert_misses, pairs);
-        assert_true(s.expert_misses > 0);
-        assert_true(s.expert_bytes_streamed > 0);
         if (gguf) assert_true(s.host_bytes >= info.expert_bytes);
-        memset(got, 0, all * sizeof(float));
-        workload(m, 7, got, &s2); /* chunked prefill, on the cache the first context warmed */
-        assert_memory_equal(got, ref7, all * sizeof(float));
-        assert_int_equal(s2.expert_hits + s2.expert_misses, pairs);
+        tu_stream_check(m, 7, ref7, pairs, 0, &s2, what); /* chunked prefill, on the cache the first context warmed */
         assert_true(s2.gpu_bytes_weights <= budgets[b]);
         workload_pair(m, qa, qb);
         assert_memory_equal(qa, pa, (NGEN + 1) * (size_t)info.n_vocab * sizeof(float));
@@ -229,7 +183,6 @@ static void run_fixture(void **state) {
     moe_model_free(m);
     free(ref);
     free(ref7);
-    free(got);
     free(pa);
     free(pb);
     free(qa);
@@ -243,14 +196,14 @@ static uint64_t host_min_for(const char *p, uint64_t gpu) {
     assert_int_equal(st, MOE_ERR_NO_MEMORY);
     assert_non_null(strstr(moe_last_error(), "host_budget_bytes"));
     assert_non_null(strstr(moe_last_error(), "staged for the GPU"));
-    return min_from_error();
+    return tu_min_from_error();
 }
 
 static uint64_t gpu_min_for(const char *p) {
     moe_status st;
     assert_null(load_vk(p, 1, 0, &st));
     assert_int_equal(st, MOE_ERR_NO_MEMORY);
-    return min_from_error();
+    return tu_min_from_error();
 }
 
 /* the GPU slot cache over the host tier: bit-identical at (GPU, host) budget pairs */
@@ -262,11 +215,11 @@ static void run_tiers(void **state) {
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     size_t rows = NTOK + NGEN, all = rows * (size_t)info.n_vocab;
-    float *ref = malloc(all * sizeof(float)), *ref7 = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
-    assert_true(ref && ref7 && got);
+    float *ref = malloc(all * sizeof(float)), *ref7 = malloc(all * sizeof(float));
+    assert_true(ref && ref7);
     moe_stats rs;
-    workload(m, 0, ref, &rs);
-    workload(m, 7, ref7, NULL);
+    tu_stream_workload(m, 0, ref, &rs);
+    tu_stream_workload(m, 7, ref7, NULL);
     uint64_t resident = rs.gpu_bytes_weights, pairs = 0;
     for (int l = 0; l < m->w.hp.n_layer; l++)
         if (m->w.layers[l].p.ffn_kind != MOE_FFN_DENSE) pairs += (uint64_t)rows * (uint64_t)m->w.layers[l].p.n_expert_used;
@@ -285,17 +238,12 @@ static void run_tiers(void **state) {
             assert_non_null(m->xc);
             assert_ptr_equal(m->vk->xc, m->xc);
             moe_stats s, s2;
-            memset(got, 0, all * sizeof(float));
-            workload(m, 0, got, &s);
-            assert_memory_equal(got, ref, all * sizeof(float));
+            char what[160];
+            snprintf(what, sizeof what, "tiers %s gpu budget %llu host budget %llu", (const char *)*state, (unsigned long long)gb[gi],
+                     (unsigned long long)hb[hi]);
+            tu_stream_check(m, 0, ref, pairs, 1, &s, what);
             assert_true(s.gpu_bytes_weights <= gb[gi]);
-            assert_int_equal(s.expert_hits + s.expert_misses, pairs);
-            assert_true(s.expert_misses > 0);
-            assert_true(s.expert_bytes_streamed > 0);
-            memset(got, 0, all * sizeof(float));
-            workload(m, 7, got, &s2); /* chunked prefill, warm caches */
-            assert_memory_equal(got, ref7, all * sizeof(float));
-            assert_int_equal(s2.expert_hits + s2.expert_misses, pairs);
+            tu_stream_check(m, 7, ref7, pairs, 0, &s2, what); /* chunked prefill, warm caches */
             printf("[ RESULT   ] tiers %-5s gpu budget %8llu (min %llu) host budget %8llu (min %llu): %d GPU slots, %d host slots; "
                    "hits/misses %llu/%llu, %llu bytes (device + file); warm chunked %llu/%llu\n", (const char *)*state,
                    (unsigned long long)gb[gi], (unsigned long long)gmin, (unsigned long long)hb[hi], (unsigned long long)hmin,
@@ -305,7 +253,6 @@ static void run_tiers(void **state) {
         }
     free(ref);
     free(ref7);
-    free(got);
 }
 
 /* an I/O error mid-read at the route op: the step fails with MOE_ERR_IO, the context is as it was,
@@ -319,14 +266,14 @@ static void test_tiers_io_error(void **state) {
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     int V = info.n_vocab;
     int32_t t[24];
-    tokens(t, 24, V);
+    tu_tokens(t, 24, V);
     float *ref = malloc(2 * (size_t)V * sizeof(float));
     assert_non_null(ref);
     moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
-    step_ok(c, t, 20);
-    step_ok(c, t + 20, 1);
+    tu_step_ok(c, t, 20);
+    tu_step_ok(c, t + 20, 1);
     memcpy(ref, moe_logits(c, -1), (size_t)V * sizeof(float));
-    step_ok(c, t + 21, 1);
+    tu_step_ok(c, t + 21, 1);
     memcpy(ref + V, moe_logits(c, -1), (size_t)V * sizeof(float));
     moe_ctx_free(c);
     moe_model_free(m);
@@ -335,7 +282,7 @@ static void test_tiers_io_error(void **state) {
     m = load_vk(p, gmin, host_min_for(p, gmin), NULL);
     unsetenv("MOE_PREFETCH");
     c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
-    step_ok(c, t, 20);
+    tu_step_ok(c, t, 20);
     size_t n0 = 0, n1 = 0;
     assert_int_equal(moe_ctx_save(c, NULL, 0, &n0), MOE_OK);
     uint8_t *s0 = malloc(n0), *s1 = malloc(n0);
@@ -352,9 +299,9 @@ static void test_tiers_io_error(void **state) {
     assert_int_equal(n1, n0);
     assert_int_equal(moe_ctx_save(c, s1, n1, &n1), MOE_OK);
     assert_memory_equal(s0, s1, n0);
-    step_ok(c, t + 20, 1);
+    tu_step_ok(c, t + 20, 1);
     assert_memory_equal(moe_logits(c, -1), ref, (size_t)V * sizeof(float));
-    step_ok(c, t + 21, 1);
+    tu_step_ok(c, t + 21, 1);
     assert_memory_equal(moe_logits(c, -1), ref + V, (size_t)V * sizeof(float));
     free(s0);
     free(s1);
@@ -394,7 +341,7 @@ static void test_tiers_nonfinite(void **state) {
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     int32_t tk[NTOK];
-    tokens(tk, NTOK, info.n_vocab);
+    tu_tokens(tk, NTOK, info.n_vocab);
     moe_ctx *c = tu_new_ctx(m, MOE_KV_F32, 0, 0);
     st = moe_step(c, tk, 4);
     assert_int_equal(st, MOE_ERR_FORMAT);
@@ -412,7 +359,7 @@ static void test_tiers_nonfinite(void **state) {
 typedef struct thr_arg { moe_model *m; int n_batch; float *out; } thr_arg;
 static void *thr_main(void *p) {
     thr_arg *a = p;
-    workload(a->m, a->n_batch, a->out, NULL);
+    tu_stream_workload(a->m, a->n_batch, a->out, NULL);
     return NULL;
 }
 
@@ -428,8 +375,8 @@ static void test_threads(void **state) {
     float *got[2] = {malloc(all * sizeof(float)), malloc(all * sizeof(float))};
     assert_true(ref && ref7 && got[0] && got[1]);
     moe_stats rs;
-    workload(m, 0, ref, &rs);
-    workload(m, 7, ref7, NULL);
+    tu_stream_workload(m, 0, ref, &rs);
+    tu_stream_workload(m, 7, ref7, NULL);
     moe_model_free(m);
     uint64_t rest = info.weight_bytes - info.expert_bytes;
     uint64_t gpu = rest + (rs.gpu_bytes_weights - rest) / 3;
@@ -450,38 +397,48 @@ static void test_threads(void **state) {
     free(got[1]);
 }
 
-/* LFU eviction gives the same logits (only hit rates may differ) */
-static void test_lfu(void **state) {
+/* Every eviction policy gives the same logits (only hit rates may differ), on the GPU slot cache
+   alone and over the host tier: a prefill larger than the caches, then decode, cold and warm */
+static void test_policies(void **state) {
     (void)state;
     NEED_VULKAN();
     const char *p = "test/fixtures/qwen3moe_q4_k.gguf";
+    static const char *names[] = {"lru", "lfu", "slru"};
     moe_model *m = load_vk(p, 0, 0, NULL);
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     size_t all = (NTOK + NGEN) * (size_t)info.n_vocab;
-    float *ref = malloc(all * sizeof(float)), *got = malloc(all * sizeof(float));
-    assert_true(ref && got);
-    moe_stats rs, s[2];
-    workload(m, 0, ref, &rs);
+    float *ref = malloc(all * sizeof(float));
+    assert_non_null(ref);
+    moe_stats rs, s;
+    tu_stream_workload(m, 0, ref, &rs);
+    uint64_t pairs = (uint64_t)(NTOK + NGEN) * (uint64_t)info.n_layer * (uint64_t)info.n_expert_used; /* every layer MoE */
     moe_model_free(m);
     uint64_t budget = (info.weight_bytes - info.expert_bytes) + (rs.gpu_bytes_weights - (info.weight_bytes - info.expert_bytes)) / 3;
-    for (int pol = 0; pol < 2; pol++) {
-        setenv("MOE_EVICT", pol ? "lfu" : "lru", 1);
-        m = load_vk(p, budget, 0, NULL);
-        assert_int_equal(m->vk->xg->policy, pol ? MOE_XS_LFU : MOE_XS_LRU);
-        workload(m, 0, got, NULL);
-        memset(got, 0, all * sizeof(float));
-        workload(m, 0, got, &s[pol]); /* warm */
-        assert_memory_equal(got, ref, all * sizeof(float));
-        moe_model_free(m);
-    }
+    uint64_t host = host_min_for(p, budget);
+    for (int tiers = 0; tiers < 2; tiers++)
+        for (int pol = 0; pol < 3; pol++) {
+            setenv("MOE_EVICT", names[pol], 1);
+            m = load_vk(p, budget, tiers ? host : 0, NULL);
+            assert_int_equal(m->vk->xg->policy, pol);
+            if (tiers) assert_int_equal(m->xc->policy, pol);
+            char what[96];
+            snprintf(what, sizeof what, "MOE_EVICT=%s%s", names[pol], tiers ? " over a host tier" : "");
+            tu_stream_check(m, 0, ref, pairs, 1, &s, what);
+            tu_stream_check(m, 0, ref, pairs, 0, &s, what); /* warm */
+            printf("[ RESULT   ] q4_k gpu budget %llu%s, warm: %-4s hits %llu misses %llu (%.1f%%), %llu bytes streamed\n",
+                   (unsigned long long)budget, tiers ? " over a host tier at its minimum" : "", names[pol], (unsigned long long)s.expert_hits,
+                   (unsigned long long)s.expert_misses, 100.0 * (double)s.expert_hits / (double)(s.expert_hits + s.expert_misses),
+                   (unsigned long long)s.expert_bytes_streamed);
+            moe_model_free(m);
+        }
+    setenv("MOE_EVICT", "often", 1);
+    moe_status st;
+    assert_null(load_vk(p, budget, 0, &st));
+    assert_int_equal(st, MOE_ERR_INVALID_ARG);
+    assert_non_null(strstr(moe_last_error(), "MOE_EVICT=often"));
     unsetenv("MOE_EVICT");
-    printf("[ RESULT   ] q4_k budget %llu, warm: LRU hits %llu misses %llu (%.1f%%), LFU hits %llu misses %llu (%.1f%%)\n",
-           (unsigned long long)budget, (unsigned long long)s[0].expert_hits, (unsigned long long)s[0].expert_misses,
-           100.0 * (double)s[0].expert_hits / (double)(s[0].expert_hits + s[0].expert_misses), (unsigned long long)s[1].expert_hits,
-           (unsigned long long)s[1].expert_misses, 100.0 * (double)s[1].expert_hits / (double)(s[1].expert_hits + s[1].expert_misses));
     free(ref);
-    free(got);
 }
 
 int main(void) {
@@ -493,7 +450,7 @@ int main(void) {
         TS("gpu_cache_mixed", run_fixture, names[2]), TS("gpu_cache_q8_0", run_fixture, names[3]),
         TS("gpu_cache_f16", run_fixture, names[4]), TS("gpu_cache_gemma4_moe", run_fixture, names[5]),
         TS("gpu_cache_gemma4_moe_gguf", run_fixture, names[6]),
-        TS("gpu_cache_lfu", test_lfu, NULL), TS("gpu_cache_threads", test_threads, NULL),
+        TS("gpu_cache_policies", test_policies, NULL), TS("gpu_cache_threads", test_threads, NULL),
         TS("tiers_q4_k", run_tiers, names[0]), TS("tiers_f32", run_tiers, names[1]), TS("tiers_mixed", run_tiers, names[2]),
         TS("tiers_q8_0", run_tiers, names[3]), TS("tiers_io_error", test_tiers_io_error, NULL),
         TS("tiers_nonfinite", test_tiers_nonfinite, NULL), TS("tiers_threads", test_threads, (void *)1),
