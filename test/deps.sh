@@ -10,6 +10,7 @@ need=""
 command -v clang >/dev/null 2>&1 || need="$need clang"
 ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 || need="$need libclang-rt-14-dev"  # libFuzzer
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need="$need gcc-aarch64-linux-gnu"   # the aarch64 build,
+[ -e /usr/include/aarch64-linux-gnu/bits/libc-header-start.h ] || need="$need libc6-dev:arm64"  # its C library headers,
 command -v qemu-aarch64 >/dev/null 2>&1 || need="$need qemu-user"                          # run under qemu-user,
 [ -e /usr/lib/aarch64-linux-gnu/libcmocka.so ] || need="$need libcmocka-dev:arm64"         # with arm64 cmocka
 command -v g++ >/dev/null 2>&1 || need="$need g++"
