@@ -189,6 +189,41 @@ static void snap_check(const snap *s, moe_ctx *c, int nv) {
     assert_memory_equal(moe_logits(c, -1), s->logits, (size_t)nv * sizeof(float));
 }
 
+/* allocation failures in a pass led by a fresh context F (the pass scratch is made in the call; F
+   has 2 tokens of lead) with the contexts A (snapshots s) after it: every failure is
+   MOE_ERR_NO_MEMORY with every context as it was; the steps that finally ran equal the same steps
+   taken alone (G beside F, B beside A) */
+static void check_alloc_failures(moe_model *m, moe_ctx *A[3], moe_ctx *B[3], snap s[3], const moe_token *lead,
+                                 const moe_token *rest[3], int nv) {
+    moe_ctx *F = new_ctx(m, 64, 0, 1, MOE_KV_F16), *G = new_ctx(m, 64, 0, 1, MOE_KV_F16);
+    assert_int_equal(moe_step(F, lead, 2), MOE_OK);
+    assert_int_equal(moe_step(G, lead, 2), MOE_OK);
+    moe_ctx *fa[4] = {F, A[0], A[1], A[2]};
+    const moe_token *ft[4] = {lead + 2, rest[0], rest[1], rest[2]};
+    int32_t fn[4] = {6, 1, 2, 1};
+    int failures = 0;
+    for (long k = 0;; k++) {
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_step_batch(fa, ft, fn, 4);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) break;
+        assert_int_equal(st, MOE_ERR_NO_MEMORY);
+        assert_int_equal(moe_ctx_pos(F), 2);
+        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
+        failures++;
+    }
+    assert_true(failures >= 3);
+    assert_int_equal(moe_step(G, ft[0], fn[0]), MOE_OK);
+    same_state(F, G, fn[0], nv);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(moe_step(B[i], ft[i + 1], fn[i + 1]), MOE_OK);
+        same_state(A[i], B[i], fn[i + 1], nv);
+    }
+    moe_ctx_free(F);
+    moe_ctx_free(G);
+}
+
+
 static void test_errors(void **state) {
     (void)state;
     moe_model *m = load_cpu(Q8, 0), *other = load_cpu(F32, 0);
@@ -231,34 +266,10 @@ static void test_errors(void **state) {
         if (!strstr(moe_last_error(), cases[c].what)) fail_msg("case %zu: '%s' lacks '%s'", c, moe_last_error(), cases[c].what);
         for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
     }
-    /* allocation failures, in a fresh first context (its pass scratch is allocated in the call) */
-    moe_ctx *F = new_ctx(m, 64, 0, 1, MOE_KV_F16), *G = new_ctx(m, 64, 0, 1, MOE_KV_F16);
-    assert_int_equal(moe_step(F, p[2], 2), MOE_OK);
-    assert_int_equal(moe_step(G, p[2], 2), MOE_OK);
-    moe_ctx *fa[4] = {F, A[0], A[1], A[2]};
-    const moe_token *ft[4] = {p[2] + 2, p[0] + 5, p[1] + 11, p[2] + 30};
-    int32_t fn[4] = {6, 1, 2, 1};
-    int failures = 0;
-    for (long k = 0;; k++) {
-        moe_test_fail_alloc_after(k);
-        moe_status st = moe_step_batch(fa, ft, fn, 4);
-        moe_test_fail_alloc_after(-1);
-        if (st == MOE_OK) break;
-        assert_int_equal(st, MOE_ERR_NO_MEMORY);
-        assert_int_equal(moe_ctx_pos(F), 2);
-        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
-        failures++;
-    }
-    assert_true(failures >= 3);
-    /* the caches were left alone: the steps that finally ran equal the reference */
-    assert_int_equal(moe_step(G, ft[0], fn[0]), MOE_OK);
-    same_state(F, G, fn[0], nv);
-    for (int i = 0; i < 3; i++) {
-        assert_int_equal(moe_step(B[i], ft[i + 1], fn[i + 1]), MOE_OK);
-        same_state(A[i], B[i], fn[i + 1], nv);
-    }
+    const moe_token *rest[3] = {p[0] + 5, p[1] + 11, p[2] + 30};
+    check_alloc_failures(m, A, B, s, p[2], rest, nv);
     for (int i = 0; i < 3; i++) free(s[i].logits), moe_ctx_free(A[i]), moe_ctx_free(B[i]);
-    moe_ctx_free(F), moe_ctx_free(G), moe_ctx_free(o);
+    moe_ctx_free(o);
     moe_model_free(m), moe_model_free(other);
 }
 
@@ -344,34 +355,10 @@ static void cancel_and_alloc(int backend) {
         free(s[i].logits);
         snap_take(&s[i], A[i], nv);
     }
-    /* allocation failures (the pass's lead is made again: a fresh first context) */
     left = 1 << 30;
-    moe_ctx *F = new_ctx(m, 64, 0, 1, MOE_KV_F16), *G = new_ctx(m, 64, 0, 1, MOE_KV_F16);
-    assert_int_equal(moe_step(F, p[2], 2), MOE_OK);
-    assert_int_equal(moe_step(G, p[2], 2), MOE_OK);
-    moe_ctx *fa[4] = {F, A[0], A[1], A[2]};
-    const moe_token *ft[4] = {p[2] + 2, p[0] + 12, p[1] + 19, p[2] + 6};
-    int32_t fn[4] = {6, 1, 2, 1};
-    int failures = 0;
-    for (long k = 0;; k++) {
-        moe_test_fail_alloc_after(k);
-        moe_status st = moe_step_batch(fa, ft, fn, 4);
-        moe_test_fail_alloc_after(-1);
-        if (st == MOE_OK) break;
-        assert_int_equal(st, MOE_ERR_NO_MEMORY);
-        assert_int_equal(moe_ctx_pos(F), 2);
-        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
-        failures++;
-    }
-    assert_true(failures >= 3);
-    assert_int_equal(moe_step(G, ft[0], fn[0]), MOE_OK);
-    same_state(F, G, fn[0], nv);
-    for (int i = 0; i < 3; i++) {
-        assert_int_equal(moe_step(B[i], ft[i + 1], fn[i + 1]), MOE_OK);
-        same_state(A[i], B[i], fn[i + 1], nv);
-    }
+    const moe_token *rest[3] = {p[0] + 12, p[1] + 19, p[2] + 6};
+    check_alloc_failures(m, A, B, s, p[2], rest, nv);
     for (int i = 0; i < 3; i++) free(s[i].logits), moe_ctx_free(A[i]), moe_ctx_free(B[i]);
-    moe_ctx_free(F), moe_ctx_free(G);
     moe_model_free(m);
 }
 
