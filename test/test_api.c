@@ -11,15 +11,7 @@
 #define MODEL "test/fixtures/qwen3moe_q8_0.gguf"
 #define OTHER_MODEL "test/fixtures/qwen3moe_f32.gguf"
 
-static moe_model *load(const char *path, int n_threads) {
-    moe_load_params lp = {0};
-    lp.backend = MOE_BACKEND_CPU;
-    lp.n_threads = n_threads;
-    moe_model *m = NULL;
-    moe_status st = moe_load(path, &lp, &m);
-    if (st) fail_msg("load %s: %s", path, moe_last_error());
-    return m;
-}
+static moe_model *load(const char *path, int n_threads) { return tu_load(path, MOE_BACKEND_CPU, n_threads, 0); }
 
 static moe_ctx *new_ctx(moe_model *m, int n_ctx, int logits_all) {
     moe_ctx_params cp = {0};
@@ -30,21 +22,8 @@ static moe_ctx *new_ctx(moe_model *m, int n_ctx, int logits_all) {
     return c;
 }
 
-static int vocab_of(const moe_model *m) {
-    moe_model_info info;
-    moe_model_get_info(m, &info);
-    return info.n_vocab;
-}
-
 static void prompt_tokens(moe_token *t, int n, int n_vocab, int seed) {
     for (int i = 0; i < n; i++) t[i] = (moe_token)((i * 37 + seed * 11 + 5) % n_vocab);
-}
-
-static moe_token greedy(const float *l, int n) {
-    moe_token b = 0;
-    for (int i = 1; i < n; i++)
-        if (l[i] > l[b]) b = i;
-    return b;
 }
 
 /* prompt, then n_gen greedy tokens; the tokens go to out */
@@ -53,7 +32,7 @@ static void run_greedy(moe_ctx *c, int n_vocab, int seed, int n_prompt, int n_ge
     prompt_tokens(p, n_prompt, n_vocab, seed);
     assert_int_equal(moe_step(c, p, n_prompt), MOE_OK);
     for (int i = 0; i < n_gen; i++) {
-        out[i] = greedy(moe_logits(c, -1), n_vocab);
+        out[i] = argmax(moe_logits(c, -1), n_vocab);
         assert_int_equal(moe_step(c, &out[i], 1), MOE_OK);
     }
 }
@@ -69,11 +48,11 @@ static void *thread_main(void *arg) {
     j->st = moe_ctx_new(j->m, &cp, &c);
     if (j->st) return NULL;
     moe_token p[20];
-    int nv = vocab_of(j->m);
+    int nv = tu_vocab(j->m);
     prompt_tokens(p, 20, nv, j->seed);
     j->st = moe_step(c, p, 20);
     for (int i = 0; i < 24 && !j->st; i++) {
-        j->out[i] = greedy(moe_logits(c, -1), nv);
+        j->out[i] = argmax(moe_logits(c, -1), nv);
         j->st = moe_step(c, &j->out[i], 1);
     }
     moe_ctx_free(c);
@@ -83,7 +62,7 @@ static void *thread_main(void *arg) {
 static void test_threads(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 2);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_token want[4][24];
     for (int t = 0; t < 4; t++) {
         moe_ctx *c = new_ctx(m, 64, 0);
@@ -118,7 +97,7 @@ static void *late_main(void *arg) {
     prompt_tokens(p, 20, j->nv, j->seed);
     j->st = moe_step(j->c, p, 20);
     for (int i = 0; i < 24 && !j->st; i++) {
-        j->out[i] = greedy(moe_logits(j->c, -1), j->nv);
+        j->out[i] = argmax(moe_logits(j->c, -1), j->nv);
         j->st = moe_step(j->c, &j->out[i], 1);
     }
     moe_ctx_free(j->c); /* one of these may drop the model's last reference */
@@ -128,7 +107,7 @@ static void *late_main(void *arg) {
 static void test_model_outlives_contexts(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 2);
-    const int nv = vocab_of(m);
+    const int nv = tu_vocab(m);
     moe_token want[3][24], got[24];
     for (int t = 0; t < 3; t++) {
         moe_ctx *c = new_ctx(m, 64, 0);
@@ -162,7 +141,7 @@ static void test_model_outlives_contexts(void **state) {
     }
     assert_int_equal(moe_ctx_rewind(b, 20), MOE_OK);
     assert_int_equal(moe_step(b, &want[0][0], 1), MOE_OK);
-    assert_int_equal(greedy(moe_logits(b, -1), nv), want[0][1]);
+    assert_int_equal(argmax(moe_logits(b, -1), nv), want[0][1]);
     moe_ctx_free(b); /* the last reference: the model goes now */
 }
 
@@ -190,7 +169,7 @@ static void test_thread_local_error(void **state) {
 static void test_context_full_and_bad_tokens(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 1);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *c = new_ctx(m, 32, 0);
     moe_token p[40];
     prompt_tokens(p, 40, nv, 3);
@@ -231,7 +210,7 @@ static void test_context_full_and_bad_tokens(void **state) {
 static void test_logits_access(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 1);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *c = new_ctx(m, 64, 0), *a = new_ctx(m, 64, 1);
     moe_token p[10];
     prompt_tokens(p, 10, nv, 1);
@@ -257,7 +236,7 @@ static void test_logits_access(void **state) {
 static void test_save_load(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 2), *other = load(OTHER_MODEL, 1);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *c = new_ctx(m, 96, 0);
     moe_token p[40], ga[16], gb[16];
     prompt_tokens(p, 40, nv, 7);
@@ -276,8 +255,8 @@ static void test_save_load(void **state) {
     assert_int_equal(moe_ctx_pos(d), 40);
     assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
     for (int i = 0; i < 16; i++) {
-        ga[i] = greedy(moe_logits(c, -1), nv);
-        gb[i] = greedy(moe_logits(d, -1), nv);
+        ga[i] = argmax(moe_logits(c, -1), nv);
+        gb[i] = argmax(moe_logits(d, -1), nv);
         assert_int_equal(moe_step(c, &ga[i], 1), MOE_OK);
         assert_int_equal(moe_step(d, &gb[i], 1), MOE_OK);
         assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
@@ -303,8 +282,8 @@ static void test_save_load(void **state) {
     assert_int_equal(moe_ctx_load(d, bad, size), MOE_ERR_FORMAT);
     assert_int_equal(moe_ctx_load(d, NULL, size), MOE_ERR_INVALID_ARG);
     assert_int_equal(moe_ctx_pos(d), pos_before);
-    moe_token t = greedy(moe_logits(c, -1), nv);
-    assert_int_equal(greedy(moe_logits(d, -1), nv), t);
+    moe_token t = argmax(moe_logits(c, -1), nv);
+    assert_int_equal(argmax(moe_logits(d, -1), nv), t);
     assert_int_equal(moe_step(c, &t, 1), MOE_OK);
     assert_int_equal(moe_step(d, &t, 1), MOE_OK);
     assert_memory_equal(moe_logits(c, -1), moe_logits(d, -1), (size_t)nv * sizeof(float));
@@ -339,7 +318,7 @@ static void expect_refused(moe_ctx *d, const uint8_t *b, size_t size, moe_status
 static void test_state_forged(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 1);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     for (int kv_type = MOE_KV_F16; kv_type <= MOE_KV_F32; kv_type++) {
         moe_ctx_params cp = {0};
         cp.n_ctx = 64;
@@ -445,7 +424,7 @@ static void test_state_forged(void **state) {
 static void test_stats(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 1);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *c = new_ctx(m, 64, 0);
     moe_token out[5];
     run_greedy(c, nv, 2, 20, 5, out);
@@ -469,7 +448,7 @@ static void test_stats(void **state) {
 static void test_profile(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 2);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *a = new_ctx(m, 64, 0), *b = new_ctx(m, 64, 0);
     moe_token ta[5], tb[5];
     assert_int_equal(moe_ctx_profile(b, 1), MOE_OK);
@@ -554,7 +533,7 @@ static void test_load_callbacks(void **state) {
 static void test_ctx_params(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 1);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *c = NULL;
     moe_ctx_params cp = {0};
     cp.kv_type = MOE_KV_Q8_0;
@@ -599,7 +578,7 @@ static void read_logits_nan(void *be, float *dst, int n) {
 static void test_step_nonfinite(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 1);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     for (int all = 0; all <= 1; all++) {
         moe_ctx *c = new_ctx(m, 64, all), *d = new_ctx(m, 64, all);
         moe_token p[12];
@@ -860,7 +839,7 @@ static void test_out_param_counts(void **state) {
 static void test_allocation_failures(void **state) {
     (void)state;
     moe_model *m = load(MODEL, 2);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx_params cp = {0};
     cp.n_ctx = 64;
     cp.logits_all = 1;

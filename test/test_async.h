@@ -7,16 +7,16 @@
 
 /* an abort callback that says "stop" at its (at + 1)-th poll (never when at < 0), counting polls */
 typedef struct abort_at { int polls, at; } abort_at;
-static int32_t abort_after(void *user) {
+static inline int32_t abort_after(void *user) {
     abort_at *a = user;
     return ++a->polls > a->at && a->at >= 0;
 }
 
-static void async_tokens(moe_token *t, int n, int n_vocab, int seed) {
+static inline void async_tokens(moe_token *t, int n, int n_vocab, int seed) {
     for (int i = 0; i < n; i++) t[i] = (moe_token)((i * 53 + seed * 17 + 3) % n_vocab);
 }
 
-static void *async_save(moe_ctx *c, size_t *size) {
+static inline void *async_save(moe_ctx *c, size_t *size) {
     assert_int_equal(moe_ctx_save(c, NULL, 0, size), MOE_OK);
     void *buf = malloc(*size);
     assert_non_null(buf);
@@ -29,7 +29,7 @@ static void *async_save(moe_ctx *c, size_t *size) {
    logits, token history, KV rows, recurrent states; position and stats), and the step run again
    must give logits bit-identical to a context that was never cancelled, also for a decode token
    after it and after a rewind into the step. Returns the polls an uncancelled step made. */
-static int check_abort_exact(moe_model *m, const moe_ctx_params *base, int n1, int n2) {
+static inline int check_abort_exact(moe_model *m, const moe_ctx_params *base, int n1, int n2) {
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     const int nv = info.n_vocab;
@@ -109,7 +109,7 @@ static int check_abort_exact(moe_model *m, const moe_ctx_params *base, int n1, i
 /* an abort callback that holds the step until released (it never stops it): makes "still running"
    deterministic */
 typedef struct gate { atomic_int open, entered; } gate;
-static int32_t gate_hold(void *user) {
+static inline int32_t gate_hold(void *user) {
     gate *g = user;
     atomic_store(&g->entered, 1);
     while (!atomic_load(&g->open)) {
@@ -122,7 +122,7 @@ static int32_t gate_hold(void *user) {
 /* submit / wait: validation errors from submit with the context unchanged; MOE_ERR_TIMEOUT while
    the step runs (polls and timed waits); MOE_ERR_BUSY from every other call meanwhile; the same
    logits as moe_step; moe_ctx_free with a step in flight */
-static void check_submit_wait(moe_model *m, const moe_ctx_params *base, int n_prompt) {
+static inline void check_submit_wait(moe_model *m, const moe_ctx_params *base, int n_prompt) {
     moe_model_info info;
     assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
     const int nv = info.n_vocab;

@@ -42,17 +42,7 @@ const char *__lsan_default_suppressions(void);
 const char *__lsan_default_suppressions(void) { return "leak:libvulkan_lvp.so\n"; }
 static void pin_driver(void) { (void)dlopen("libvulkan_lvp.so", RTLD_NOW | RTLD_NODELETE); }
 
-static moe_model *load_backend(const char *path, int backend, int exact) {
-    moe_load_params lp = {0};
-    lp.backend = backend;
-    lp.n_threads = 2;
-    lp.cpu_exact = exact;
-    moe_model *m = NULL;
-    moe_status st = moe_load(path, &lp, &m);
-    if (st) fail_msg("load %s: %s", path, moe_last_error());
-    return m;
-}
-static moe_model *load_cpu(const char *path, int exact) { return load_backend(path, MOE_BACKEND_CPU, exact); }
+static moe_model *load_cpu(const char *path, int exact) { return tu_load(path, MOE_BACKEND_CPU, 2, exact); }
 
 /* the comparison of a scenario: tol < 0 bit for bit; else max|d| / logit range and the greedy
    token of every row; worst: the largest relative difference seen */
@@ -69,19 +59,6 @@ static moe_ctx *new_ctx(moe_model *m, int n_ctx, int n_batch, int logits_all, in
     return c;
 }
 
-static int vocab_of(const moe_model *m) {
-    moe_model_info info;
-    moe_model_get_info(m, &info);
-    return info.n_vocab;
-}
-
-static moe_token greedy(const float *l, int n) {
-    moe_token b = 0;
-    for (int i = 1; i < n; i++)
-        if (l[i] > l[b]) b = i;
-    return b;
-}
-
 /* the logits rows of a context's last step (all of them with logits_all) */
 static int rows_of(moe_ctx *c, int n_tokens) { return c->logits_all ? n_tokens : 1; }
 
@@ -96,7 +73,7 @@ static void same_state(moe_ctx *a, moe_ctx *b, int n_tokens, int nv) {
             double e = row_rel_err(la, lb, nv);
             g_worst = e > g_worst ? e : g_worst;
             if (e > g_tol) fail_msg("row %d of %d: max|d| / range %.3e > %.1e", r, rows, e, g_tol);
-            assert_int_equal(greedy(la, nv), greedy(lb, nv));
+            assert_int_equal(argmax(la, nv), argmax(lb, nv));
             continue;
         }
         if (memcmp(la, lb, (size_t)nv * sizeof(float))) {
@@ -111,7 +88,7 @@ static void same_state(moe_ctx *a, moe_ctx *b, int n_tokens, int nv) {
    1..30 tokens each (several chunks where n_batch is small), the later calls give one greedy token
    to most contexts, a chunk of a few tokens to some, and leave one out. Every call compares. */
 static void scenario(moe_model *m, int n, const int *n_batch, const int *all, int kv, int n_calls, int rewind) {
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     double keep_tol = g_tol;
     if (g_tol >= 0 && kv == MOE_KV_F16 && g_tol < TOL_F16KV) g_tol = TOL_F16KV;
     moe_ctx *A[MAXC], *B[MAXC];
@@ -131,7 +108,7 @@ static void scenario(moe_model *m, int n, const int *n_batch, const int *all, in
             else if ((i + call) % 4 == 0) len = 1 + (call * 3 + i) % 6;
             else len = 1;
             for (int t = 0; t < len; t++) buf[i][t] = (moe_token)((call * 31 + i * 17 + t * 7 + 3) % nv);
-            if (call > 0 && len == 1) buf[i][0] = greedy(moe_logits(B[i], -1), nv);
+            if (call > 0 && len == 1) buf[i][0] = argmax(moe_logits(B[i], -1), nv);
             bc[k] = A[i], bt[k] = buf[i], bn[k] = len, idx[k++] = i;
         }
         assert_int_equal(moe_step_batch(bc, bt, bn, k), MOE_OK);
@@ -212,10 +189,45 @@ static void snap_check(const snap *s, moe_ctx *c, int nv) {
     assert_memory_equal(moe_logits(c, -1), s->logits, (size_t)nv * sizeof(float));
 }
 
+/* allocation failures in a pass led by a fresh context F (the pass scratch is made in the call; F
+   has 2 tokens of lead) with the contexts A (snapshots s) after it: every failure is
+   MOE_ERR_NO_MEMORY with every context as it was; the steps that finally ran equal the same steps
+   taken alone (G beside F, B beside A) */
+static void check_alloc_failures(moe_model *m, moe_ctx *A[3], moe_ctx *B[3], snap s[3], const moe_token *lead,
+                                 const moe_token *rest[3], int nv) {
+    moe_ctx *F = new_ctx(m, 64, 0, 1, MOE_KV_F16), *G = new_ctx(m, 64, 0, 1, MOE_KV_F16);
+    assert_int_equal(moe_step(F, lead, 2), MOE_OK);
+    assert_int_equal(moe_step(G, lead, 2), MOE_OK);
+    moe_ctx *fa[4] = {F, A[0], A[1], A[2]};
+    const moe_token *ft[4] = {lead + 2, rest[0], rest[1], rest[2]};
+    int32_t fn[4] = {6, 1, 2, 1};
+    int failures = 0;
+    for (long k = 0;; k++) {
+        moe_test_fail_alloc_after(k);
+        moe_status st = moe_step_batch(fa, ft, fn, 4);
+        moe_test_fail_alloc_after(-1);
+        if (st == MOE_OK) break;
+        assert_int_equal(st, MOE_ERR_NO_MEMORY);
+        assert_int_equal(moe_ctx_pos(F), 2);
+        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
+        failures++;
+    }
+    assert_true(failures >= 3);
+    assert_int_equal(moe_step(G, ft[0], fn[0]), MOE_OK);
+    same_state(F, G, fn[0], nv);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(moe_step(B[i], ft[i + 1], fn[i + 1]), MOE_OK);
+        same_state(A[i], B[i], fn[i + 1], nv);
+    }
+    moe_ctx_free(F);
+    moe_ctx_free(G);
+}
+
+
 static void test_errors(void **state) {
     (void)state;
     moe_model *m = load_cpu(Q8, 0), *other = load_cpu(F32, 0);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *A[3] = {new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 32, 0, 0, MOE_KV_F16)};
     moe_ctx *B[3] = {new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 32, 0, 0, MOE_KV_F16)};
     moe_ctx *o = new_ctx(other, 64, 0, 0, MOE_KV_F16);
@@ -254,34 +266,10 @@ static void test_errors(void **state) {
         if (!strstr(moe_last_error(), cases[c].what)) fail_msg("case %zu: '%s' lacks '%s'", c, moe_last_error(), cases[c].what);
         for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
     }
-    /* allocation failures, in a fresh first context (its pass scratch is allocated in the call) */
-    moe_ctx *F = new_ctx(m, 64, 0, 1, MOE_KV_F16), *G = new_ctx(m, 64, 0, 1, MOE_KV_F16);
-    assert_int_equal(moe_step(F, p[2], 2), MOE_OK);
-    assert_int_equal(moe_step(G, p[2], 2), MOE_OK);
-    moe_ctx *fa[4] = {F, A[0], A[1], A[2]};
-    const moe_token *ft[4] = {p[2] + 2, p[0] + 5, p[1] + 11, p[2] + 30};
-    int32_t fn[4] = {6, 1, 2, 1};
-    int failures = 0;
-    for (long k = 0;; k++) {
-        moe_test_fail_alloc_after(k);
-        moe_status st = moe_step_batch(fa, ft, fn, 4);
-        moe_test_fail_alloc_after(-1);
-        if (st == MOE_OK) break;
-        assert_int_equal(st, MOE_ERR_NO_MEMORY);
-        assert_int_equal(moe_ctx_pos(F), 2);
-        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
-        failures++;
-    }
-    assert_true(failures >= 3);
-    /* the caches were left alone: the steps that finally ran equal the reference */
-    assert_int_equal(moe_step(G, ft[0], fn[0]), MOE_OK);
-    same_state(F, G, fn[0], nv);
-    for (int i = 0; i < 3; i++) {
-        assert_int_equal(moe_step(B[i], ft[i + 1], fn[i + 1]), MOE_OK);
-        same_state(A[i], B[i], fn[i + 1], nv);
-    }
+    const moe_token *rest[3] = {p[0] + 5, p[1] + 11, p[2] + 30};
+    check_alloc_failures(m, A, B, s, p[2], rest, nv);
     for (int i = 0; i < 3; i++) free(s[i].logits), moe_ctx_free(A[i]), moe_ctx_free(B[i]);
-    moe_ctx_free(F), moe_ctx_free(G), moe_ctx_free(o);
+    moe_ctx_free(o);
     moe_model_free(m), moe_model_free(other);
 }
 
@@ -289,7 +277,7 @@ static void test_errors(void **state) {
 static void test_one_by_one(void **state) {
     (void)state;
     moe_model *m = load_cpu(Q8, 0);
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *A[2] = {new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 64, 0, 1, MOE_KV_F16)};
     moe_ctx *B[2] = {new_ctx(m, 64, 0, 0, MOE_KV_F16), new_ctx(m, 64, 0, 1, MOE_KV_F16)};
     assert_int_equal(moe_ctx_profile(A[1], 1), MOE_OK); /* profiling: one by one */
@@ -333,9 +321,9 @@ static void test_one_by_one(void **state) {
 static int32_t abort_countdown(void *user) { return --*(int *)user < 0; }
 
 static void cancel_and_alloc(int backend) {
-    moe_model *m = load_backend(Q8, backend, 0);
+    moe_model *m = tu_load(Q8, backend, 2, 0);
     g_tol = !m->vk ? -1 : m->vk->coopmat ? TOL_CM : TOL_SELF;
-    int nv = vocab_of(m), left = 1 << 30;
+    int nv = tu_vocab(m), left = 1 << 30;
     moe_ctx *A[3], *B[3];
     for (int i = 0; i < 3; i++) {
         moe_ctx_params cp = {0};
@@ -367,34 +355,10 @@ static void cancel_and_alloc(int backend) {
         free(s[i].logits);
         snap_take(&s[i], A[i], nv);
     }
-    /* allocation failures (the pass's lead is made again: a fresh first context) */
     left = 1 << 30;
-    moe_ctx *F = new_ctx(m, 64, 0, 1, MOE_KV_F16), *G = new_ctx(m, 64, 0, 1, MOE_KV_F16);
-    assert_int_equal(moe_step(F, p[2], 2), MOE_OK);
-    assert_int_equal(moe_step(G, p[2], 2), MOE_OK);
-    moe_ctx *fa[4] = {F, A[0], A[1], A[2]};
-    const moe_token *ft[4] = {p[2] + 2, p[0] + 12, p[1] + 19, p[2] + 6};
-    int32_t fn[4] = {6, 1, 2, 1};
-    int failures = 0;
-    for (long k = 0;; k++) {
-        moe_test_fail_alloc_after(k);
-        moe_status st = moe_step_batch(fa, ft, fn, 4);
-        moe_test_fail_alloc_after(-1);
-        if (st == MOE_OK) break;
-        assert_int_equal(st, MOE_ERR_NO_MEMORY);
-        assert_int_equal(moe_ctx_pos(F), 2);
-        for (int i = 0; i < 3; i++) snap_check(&s[i], A[i], nv);
-        failures++;
-    }
-    assert_true(failures >= 3);
-    assert_int_equal(moe_step(G, ft[0], fn[0]), MOE_OK);
-    same_state(F, G, fn[0], nv);
-    for (int i = 0; i < 3; i++) {
-        assert_int_equal(moe_step(B[i], ft[i + 1], fn[i + 1]), MOE_OK);
-        same_state(A[i], B[i], fn[i + 1], nv);
-    }
+    const moe_token *rest[3] = {p[0] + 12, p[1] + 19, p[2] + 6};
+    check_alloc_failures(m, A, B, s, p[2], rest, nv);
     for (int i = 0; i < 3; i++) free(s[i].logits), moe_ctx_free(A[i]), moe_ctx_free(B[i]);
-    moe_ctx_free(F), moe_ctx_free(G);
     moe_model_free(m);
 }
 
@@ -428,7 +392,7 @@ static int vulkan_available(void) {
     } while (0)
 
 static moe_model *load_vk(const char *path) {
-    moe_model *m = load_backend(path, MOE_BACKEND_VULKAN, 0);
+    moe_model *m = tu_load(path, MOE_BACKEND_VULKAN, 2, 0);
     g_tol = m->vk->coopmat ? TOL_CM : TOL_SELF;
     g_worst = 0;
     return m;
@@ -437,7 +401,7 @@ static moe_model *load_vk(const char *path) {
 /* n contexts decoding together, n <= VK_MV_MAX rows in all: the kernels a context runs alone, bit
    for bit */
 static void vk_small_decode_bits(moe_model *m, int n) {
-    int nv = vocab_of(m);
+    int nv = tu_vocab(m);
     moe_ctx *A[MAXC], *B[MAXC];
     moe_token t[MAXC];
     for (int i = 0; i < n; i++) {
@@ -452,7 +416,7 @@ static void vk_small_decode_bits(moe_model *m, int n) {
     for (int call = 0; call < 4; call++) {
         const moe_token *tp[MAXC];
         int32_t one[MAXC];
-        for (int i = 0; i < n; i++) t[i] = greedy(moe_logits(B[i], -1), nv), tp[i] = &t[i], one[i] = 1;
+        for (int i = 0; i < n; i++) t[i] = argmax(moe_logits(B[i], -1), nv), tp[i] = &t[i], one[i] = 1;
         assert_int_equal(moe_step_batch(A, tp, one, n), MOE_OK);
         for (int i = 0; i < n; i++) {
             assert_int_equal(moe_step(B[i], tp[i], 1), MOE_OK);

@@ -14,6 +14,7 @@
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
 #include "test_util.h"
+#include "test_async.h"
 #include <dirent.h>
 #include <sched.h>
 
@@ -22,39 +23,7 @@
 #define N_GEN 6
 #define N_LANES 4
 
-/* an abort callback that says "stop" at its (at + 1)-th poll (never when at < 0) */
-typedef struct abort_at { int polls, at; } abort_at;
-static int32_t abort_after(void *user) {
-    abort_at *a = user;
-    return ++a->polls > a->at && a->at >= 0;
-}
-
-static void async_tokens(moe_token *t, int n, int n_vocab, int seed) {
-    for (int i = 0; i < n; i++) t[i] = (moe_token)((i * 53 + seed * 17 + 3) % n_vocab);
-}
-
-static moe_model *load_cpu(const char *path, int n_threads) {
-    moe_load_params lp = {0};
-    lp.backend = MOE_BACKEND_CPU;
-    lp.n_threads = n_threads;
-    moe_model *m = NULL;
-    moe_status st = moe_load(path, &lp, &m);
-    if (st) fail_msg("load %s: %s", path, moe_last_error());
-    return m;
-}
-
-static int vocab_of(const moe_model *m) {
-    moe_model_info info;
-    moe_model_get_info(m, &info);
-    return info.n_vocab;
-}
-
-static moe_token greedy(const float *l, int n) {
-    moe_token b = 0;
-    for (int i = 1; i < n; i++)
-        if (l[i] > l[b]) b = i;
-    return b;
-}
+static moe_model *load_cpu(const char *path, int n_threads) { return tu_load(path, MOE_BACKEND_CPU, n_threads, 0); }
 
 /* what one context does: a prompt of n_prompt tokens (chunks of n_batch), then N_GEN greedy tokens */
 typedef struct plan { int seed, n_prompt, n_batch; } plan;
@@ -130,7 +99,7 @@ static void *lane_main(void *arg) {
         for (int i = 0; i < l->n_c; i++) {
             const float *lg = moe_logits(l->c[i], -1);
             memcpy(l->got[i] + (size_t)s * (size_t)l->nv, lg, (size_t)l->nv * sizeof(float));
-            next[i] = greedy(lg, l->nv);
+            next[i] = argmax(lg, l->nv);
             tok[i] = &next[i];
             n[i] = 1;
         }
@@ -169,7 +138,7 @@ static void references(moe_model *m, float **want, int nv) {
 
 static void concurrent_bitexact(const char *path) {
     moe_model *m = load_cpu(path, 4); /* a pool of 3 workers, shared by every context below */
-    const int nv = vocab_of(m);
+    const int nv = tu_vocab(m);
     float *want[N_LANES + 1], *got[N_LANES + 1];
     references(m, want, nv);
     lane_gate g = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, N_LANES};
@@ -248,7 +217,7 @@ static void test_one_pool_per_model(void **state) {
 static void test_free_while_stepping(void **state) {
     (void)state;
     moe_model *m = load_cpu(Q8, 3);
-    const int nv = vocab_of(m);
+    const int nv = tu_vocab(m);
     float *want[N_LANES + 1];
     references(m, want, nv);
     lane_gate g = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 3};

@@ -105,6 +105,24 @@ static inline double row_rel_err(const float *a, const float *ref, int n_vocab) 
     return d / fmax((double)hi - (double)lo, 1e-30);
 }
 
+/* A model loaded with these settings (the test fails, naming the error, if it does not load). */
+static inline moe_model *tu_load(const char *path, int32_t backend, int32_t n_threads, int32_t cpu_exact) {
+    moe_load_params lp = {0};
+    lp.backend = backend;
+    lp.n_threads = n_threads;
+    lp.cpu_exact = cpu_exact;
+    moe_model *m = NULL;
+    moe_status st = moe_load(path, &lp, &m);
+    if (st) fail_msg("load %s: %s", path, moe_last_error());
+    return m;
+}
+
+static inline int tu_vocab(const moe_model *m) {
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    return info.n_vocab;
+}
+
 /* A context of n_ctx positions over model m (asserts success). */
 static inline moe_ctx *tu_new_ctx_n(moe_model *m, int32_t kv_type, int32_t logits_all, int32_t n_batch, int32_t n_ctx) {
     moe_ctx_params cp = {0};
