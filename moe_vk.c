@@ -2518,6 +2518,18 @@ static void vk_ctx_fail(vk_ctx *c, moe_status st, const char *fmt, ...) {
 }
 
 /* a new zeroed record of kernel pipe (variant spec, see vk_pipe), or NULL after a failure */
+/* the variant of a recorded kernel's pipeline (built on first use); -1 with the step failed */
+static int vk_rec_var(vk_ctx *c, int pipe, uint32_t spec) {
+    VkPipeline pl;
+    int var = 0;
+    moe_status st = vk_pipe(c->vk, pipe, spec, &pl, &var);
+    if (st) {
+        vk_ctx_fail(c, st, "%s", moe_last_error());
+        return -1;
+    }
+    return var;
+}
+
 static vk_rec *vk_rec_new_spec(vk_ctx *c, int pipe, uint32_t spec, int kind) {
     if (c->err) return NULL;
     if (c->n_recs == c->cap_recs) {
@@ -2530,15 +2542,8 @@ static vk_rec *vk_rec_new_spec(vk_ctx *c, int pipe, uint32_t spec, int kind) {
         c->recs = nr;
         c->cap_recs = nc;
     }
-    int var = 0;
-    if (pipe < VK_REC_FILL) {
-        VkPipeline pl;
-        moe_status st = vk_pipe(c->vk, pipe, spec, &pl, &var);
-        if (st) {
-            vk_ctx_fail(c, st, "%s", moe_last_error());
-            return NULL;
-        }
-    }
+    int var = pipe < VK_REC_FILL ? vk_rec_var(c, pipe, spec) : 0;
+    if (var < 0) return NULL;
     if (c->cap_cost < c->cap_recs) {
         double(*nc)[2] = realloc(c->rec_cost, (size_t)c->cap_recs * sizeof *nc);
         if (!nc) {
@@ -3479,13 +3484,8 @@ static void vk_op_rope(void *be, int buf, int n, int n_head, int head_dim, const
         flags |= 1; /* the per-head norm first */
         r->pipe = (uint16_t)hw;
         r->kind = VKC_ROPE;
-        VkPipeline pl;
-        int var;
-        moe_status st = vk_pipe(c->vk, hw, 0, &pl, &var);
-        if (st) {
-            vk_ctx_fail(c, st, "%s", moe_last_error());
-            return;
-        }
+        int var = vk_rec_var(c, hw, 0);
+        if (var < 0) return;
         r->var = (uint8_t)var;
         memset(r->pc, 0, sizeof r->pc);
         r->buf[1] = 0; /* headwise works in place on binding 0 */
@@ -3534,13 +3534,8 @@ static void vk_fuse_prep(vk_ctx *c, int ki, const moe_attn *a) {
     int w0 = wq < 0 ? (wk < 0 ? 0 : wk) : wk < 0 ? wq : wq < wk ? wq : wk;
     if ((wq >= 0 && wq - w0 >= VK_XBUFS) || (wk >= 0 && wk - w0 >= VK_XBUFS)) return;
     int pipe = c->kv_f16 ? VKP_ATTN_PREP_F16 : VKP_ATTN_PREP_F32;
-    VkPipeline pl;
-    int var;
-    moe_status st = vk_pipe(c->vk, pipe, 0, &pl, &var);
-    if (st) {
-        vk_ctx_fail(c, st, "%s", moe_last_error());
-        return;
-    }
+    int var = vk_rec_var(c, pipe, 0);
+    if (var < 0) return;
     vk_rec f;
     memset(&f, 0, sizeof f);
     f.pipe = (uint16_t)pipe;
