@@ -474,7 +474,6 @@ static const char *vk_result_str(VkResult r) {
     KP(ATTN_F32, attn_f32, "attn.comp", "-DKV_F32", 128)            \
     KP(ATTN_SPLIT_F16, attn_split_f16, "attn.comp", "-DKV_F16 -DSPLIT", 128) \
     KP(ATTN_SPLIT_F32, attn_split_f32, "attn.comp", "-DKV_F32 -DSPLIT", 128) \
-    KP(ATTN_MERGE, attn_merge, "attn_merge.comp", "", 128)          \
     KP(ATTN_TILE_F16, attn_tile_f16, "attn_tile.comp", "-DKV_F16", 128) \
     KP(ATTN_TILE_F32, attn_tile_f32, "attn_tile.comp", "-DKV_F32", 128) \
     KP(HEADWISE_F16, headwise_f16, "headwise.comp", "-DKV_F16", 64) \
@@ -505,7 +504,6 @@ static const char *vk_result_str(VkResult r) {
 /* BEGIN PUSH CONSTANTS */
 #define PC_ADD(X) X(uint, count)
 #define PC_ATTN(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, kvw) X(float, scale) X(int, pos_delta) X(uint, window) X(uint, rows) X(uint, chunk) X(uint, n_tok)
-#define PC_ATTN_MERGE(X) X(uint, hd) X(uint, n_split)
 #define PC_EMBED(X) X(uint, K) X(uint, row_bytes) X(uint, row_lo) X(uint, row_hi)
 #define PC_HEADWISE(X) X(uint, n_heads) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) X(uint, rows)
 #define PC_ATTN_PREP(X) X(uint, n_head) X(uint, n_kv) X(uint, hd) X(uint, n_rot) X(uint, flags) X(float, eps) X(uint, kvw) X(int, pos_delta) \
@@ -541,7 +539,6 @@ static const char *vk_result_str(VkResult r) {
 #define VK_PC_STRUCT(kernel) typedef struct vk_pc_##kernel { PC_##kernel(VK_PC_FIELD) } vk_pc_##kernel;
 VK_PC_STRUCT(ADD)
 VK_PC_STRUCT(ATTN)
-VK_PC_STRUCT(ATTN_MERGE)
 VK_PC_STRUCT(EMBED)
 VK_PC_STRUCT(HEADWISE)
 VK_PC_STRUCT(ATTN_PREP)
@@ -2358,21 +2355,27 @@ fail:
 #define VK_DN_CT 64           /* chunk of the chunked delta rule (dn_chunk.glsl DN_CT) */
 #define VK_DN_DT 16           /* state columns per workgroup of dn_chunk_state.comp (DT) */
 #define VK_DN_CHUNK_MIN 64    /* ops of this many tokens or more take the chunked delta rule */
-/* Split-KV decode attention (attn.comp -DSPLIT + attn_merge.comp). The single-workgroup kernel
-   walks a head's keys 32 at a time with 4 barriers each: fine while that walk is short, but at
-   4,096 keys one workgroup per KV group (4 for Qwen3-30B, each serving its 8 query heads)
-   leaves most of a large GPU idle for ~128 serial iterations. Above VK_SPLIT_MIN keys a decode token's range is cut into chunks of
-   VK_SPLIT_CHUNK keys (more once VK_SPLIT_MAX chunks would not cover it), one workgroup each,
-   and a merge dispatch combines them. At <= 512 keys (16 iterations) the walk costs about what
-   the second dispatch and its barrier do, and those contexts (every regression fixture) keep the
-   old kernel and its bits. */
+/* Split-KV decode attention (attn.comp -DSPLIT). The single-workgroup kernel walks a head's keys
+   32 at a time with 4 barriers each, about a microsecond per block on a big GPU however few
+   workgroups run: with one workgroup per KV group (4 for Qwen3-30B, each serving its 8 query
+   heads) a decode token at 512 keys kept 4 SMs busy for 16 serial blocks. So a decode token
+   whose one-workgroup grid is small (<= VK_SPLIT_TARGET / 4 workgroups) splits its range once
+   it exceeds VK_SPLIT_MIN keys (4 blocks), and any decode token above VK_SPLIT_LONG keys does:
+   chunks of VK_SPLIT_CHUNK keys, halved down to one block while the grid stays below
+   VK_SPLIT_TARGET, one workgroup each; the last workgroup of a group to finish merges the
+   chunks (no second dispatch). A split chunk costs one block plus its share of the merge
+   (reading 2 + head_dim floats per head), so below 4 blocks the serial walk is as fast, and the
+   short contexts (every regression dump: <= 48 keys) keep the one-workgroup kernel's bits. */
 #ifndef VK_SPLIT_MIN /* (a test may raise it to compare against the one-workgroup kernel) */
-#define VK_SPLIT_MIN 512
+#define VK_SPLIT_MIN 128
+#endif
+#ifndef VK_SPLIT_LONG
+#define VK_SPLIT_LONG 512
 #endif
 #define VK_SPLIT_CHUNK 256    /* a multiple of attn.comp's key block (32) */
-#define VK_SPLIT_CHUNK_MIN 64 /* chunks shrink down to this while the grid is small ... */
+#define VK_SPLIT_CHUNK_MIN 32 /* chunks shrink down to one key block while the grid is small ... */
 #define VK_SPLIT_TARGET 256   /* ... fewer workgroups than this (an H100 has 132 SMs) */
-#define VK_SPLIT_MAX 64       /* attn_merge.comp MAX_SPLIT */
+#define VK_SPLIT_MAX 64       /* attn.comp MAX_SPLIT */
 /* query heads of one KV group per attn.comp workgroup, at most: its registers grow by about
    6·GW + GW·ND floats, its shared memory to GW·(4·HD + 644) + 1 KiB bytes, 22.5 KiB at head
    size 512, inside the 32 KiB every device moe runs on has */
@@ -2421,7 +2424,7 @@ typedef struct vk_ctx {
     int kv_f16, profile, serial;
     vk_buf act[ACT_COUNT];
     vk_buf h, p, aux;          /* MoE: hidden [nb·k][ff], expert outputs [nb·k][D], routing scratch (u32) */
-    vk_buf split;              /* split-KV decode attention partials [n_head][VK_SPLIT_MAX][2 + head_dim] */
+    vk_buf split;              /* split-KV decode attention partials [n_head][VK_SPLIT_MAX][2 + head_dim], then arrival counters (vk_split_counters) */
     uint32_t ids_off, w_off, list_off, pos_off, items_off, max_items;
     vk_buf kc, vc;             /* the KV caches one after the other, f16 or f32 */
     VkDeviceSize *kv_off, *kv_size; /* [n_cache] byte offset and (aligned) size of cache c */
@@ -3063,6 +3066,15 @@ void moe_vk_ctx_free(void *be) {
     free(c);
 }
 
+/* bytes at the end of a context's split buffer for attn.comp -DSPLIT's arrival counters: one per
+   workgroup of a split decode token's grid (n_head / gw <= n_head), for the most heads a layer has */
+static VkDeviceSize vk_split_counters(const moe_weights *w) {
+    VkDeviceSize heads = 1;
+    for (int l = 0; l < w->hp.n_layer; l++)
+        if ((VkDeviceSize)w->layers[l].p.attn.n_head > heads) heads = (VkDeviceSize)w->layers[l].p.attn.n_head;
+    return vk_align_up(heads * 4, VK_ALIGN);
+}
+
 static moe_status vk_act_new(vk_ctx *c, vk_buf *b, VkDeviceSize bytes, const char *what) {
     if (bytes > c->vk->props.limits.maxStorageBufferRange)
         return vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: the %s buffer needs %.1f MiB, more than one storage binding (%u MiB) holds: use a smaller n_batch",
@@ -3142,14 +3154,27 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         if (!c->dn_scr.buf) c->dn_chunk_min = 0;
     }
     if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->items_off + 4 + 4 * (VkDeviceSize)c->max_items) * 4, "routing");
-    if (!st) { /* split-KV partials, for the widest attention layer; only contexts that can exceed VK_SPLIT_MIN keys */
+    if (!st) { /* split-KV partials, for the widest attention layer, and the arrival counters (zeros, as
+                  attn.comp leaves them); only contexts that can exceed VK_SPLIT_MIN keys */
         VkDeviceSize split_w = 0;
         for (int l = 0; l < hp->n_layer; l++) {
             const moe_layer_plan *lp = &c->w->layers[l].p;
             VkDeviceSize wl = (VkDeviceSize)lp->attn.n_head * (VkDeviceSize)(lp->attn.head_dim + 2);
             if ((lp->attn_kind == MOE_ATTN_FULL || lp->attn_kind == MOE_ATTN_SLIDING) && wl > split_w) split_w = wl;
         }
-        st = vk_act_new(c, &c->split, shape->n_ctx > VK_SPLIT_MIN && split_w ? split_w * VK_SPLIT_MAX * 4 : VK_ALIGN, "split attention");
+        int split = shape->n_ctx > VK_SPLIT_MIN && split_w;
+        VkDeviceSize cnt = vk_split_counters(c->w);
+        st = vk_act_new(c, &c->split, split ? vk_align_up(split_w * VK_SPLIT_MAX * 4, VK_ALIGN) + cnt : VK_ALIGN, "split attention");
+        if (!st && split) {
+            uint8_t *zero = calloc(1, (size_t)cnt);
+            vk_xfer x;
+            if (!zero) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
+            else if (!(st = vk_xfer_begin(vk, &x, cnt, 0))) {
+                vk_xfer_copy(&x, zero, cnt, c->split.buf, c->split.size - cnt);
+                st = vk_xfer_end(&x);
+            }
+            free(zero);
+        }
     }
     /* KV caches, each at an aligned offset of one K and one V buffer */
     size_t n_cache = (size_t)(hp->n_cache ? hp->n_cache : 1);
@@ -3613,15 +3638,14 @@ attend:;
     uint32_t grp = a->n_head_kv > 0 && a->n_head % a->n_head_kv == 0 ? (uint32_t)(a->n_head / a->n_head_kv) : 1, gw = 1;
     for (uint32_t g = 1; g <= VK_ATTN_GW && g <= grp; g++)
         if (grp % g == 0) gw = g;
-    uint32_t n_split = 1, chunk = 0;
+    uint32_t n_split = 1, chunk = 0, wgs = (uint32_t)a->n_head / gw;
     if (n == 1) {
         int p0 = a->window && pos0 >= a->window ? pos0 - a->window + 1 : 0;
         uint32_t keys = (uint32_t)(pos0 - p0 + 1);
-        if (keys > VK_SPLIT_MIN) {
+        if (keys > VK_SPLIT_LONG || (keys > VK_SPLIT_MIN && wgs <= VK_SPLIT_TARGET / 4)) {
             /* halve the chunks (not below VK_SPLIT_CHUNK_MIN) while fewer than
                VK_SPLIT_TARGET workgroups would share the work: with whole KV groups per
                workgroup there are only n_head / gw of them per chunk */
-            uint32_t wgs = (uint32_t)a->n_head / gw;
             chunk = VK_SPLIT_CHUNK;
             while (chunk > VK_SPLIT_CHUNK_MIN && vk_div_up(keys, chunk) * wgs < VK_SPLIT_TARGET && vk_div_up(keys, chunk / 2) <= VK_SPLIT_MAX) chunk /= 2;
             while (vk_div_up(keys, chunk) > VK_SPLIT_MAX) chunk *= 2;
@@ -3631,10 +3655,21 @@ attend:;
     int pipe = n_split > 1 ? (c->kv_f16 ? VKP_ATTN_SPLIT_F16 : VKP_ATTN_SPLIT_F32)
                : tiled     ? (c->kv_f16 ? VKP_ATTN_TILE_F16 : VKP_ATTN_TILE_F32)
                            : (c->kv_f16 ? VKP_ATTN_F16 : VKP_ATTN_F32);
+    VkDeviceSize cnt = vk_split_counters(c->w), parts = n_split * (VkDeviceSize)a->n_head * (VkDeviceSize)(a->head_dim + 2) * 4;
+    if (n_split > 1 && parts + cnt > c->split.size) {
+        vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: split attention partials exceed their buffer");
+        return;
+    }
     r = vk_rec_new_spec(c, pipe, (uint32_t)a->head_dim | (tiled ? 0u : gw << 16), VKC_ATTN);
     if (!r) return;
     vk_bind(r, 0, &c->act[ACT_Q], 0);
-    vk_bind(r, 1, n_split > 1 ? &c->split : &c->act[ACT_ATTN], 1);
+    if (n_split > 1) { /* partials, the output and the arrival counters (see attn.comp) */
+        vk_bind_range(r, 1, c->split.buf, c->split.off, parts, 1);
+        vk_bind(r, 2, &c->act[ACT_ATTN], 1);
+        vk_bind_range(r, 3, c->split.buf, c->split.off + c->split.size - cnt, (VkDeviceSize)wgs * 4, 1);
+    } else {
+        vk_bind(r, 1, &c->act[ACT_ATTN], 1);
+    }
     vk_bind_range(r, 4, c->kc.buf, lo, sz, 0);
     vk_bind_range(r, 5, c->vc.buf, lo, sz, 0);
     VK_PC_SET(r, ATTN, {(uint32_t)a->n_head, (uint32_t)a->n_head_kv, (uint32_t)a->head_dim, kvw, a->scale, pd, (uint32_t)a->window, rows, chunk, (uint32_t)n});
@@ -3647,22 +3682,9 @@ attend:;
             int pos = pos0 + i, p0 = a->window && pos >= a->window ? pos - a->window + 1 : 0;
             keys += pos - p0 + 1;
         }
-        vk_cost(c, 2.0 * keys * kvw * (c->kv_f16 ? 2 : 4) + 8.0 * n * a->n_head * a->head_dim, 4.0 * keys * a->n_head * a->head_dim);
-    }
-    if (n_split > 1) {
-        if (n_split * (VkDeviceSize)a->n_head * (VkDeviceSize)(a->head_dim + 2) * 4 > c->split.size) {
-            vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: split attention partials exceed their buffer");
-            return;
-        }
-        r = vk_rec_new(c, VKP_ATTN_MERGE, VKC_ATTN);
-        if (!r) return;
-        vk_bind(r, 0, &c->split, 0);
-        vk_bind(r, 1, &c->act[ACT_ATTN], 1);
-        VK_PC_SET(r, ATTN_MERGE, {(uint32_t)a->head_dim, n_split});
-        r->grid[0] = (uint32_t)a->n_head;
-        r->grid[1] = 1;
-        r->grid[2] = 1;
-        vk_cost(c, 4.0 * n_split * a->n_head * (a->head_dim + 2) + 4.0 * a->n_head * a->head_dim, 2.0 * n_split * a->n_head * a->head_dim);
+        /* the split path also writes and reads back its partials and merges them */
+        vk_cost(c, 2.0 * keys * kvw * (c->kv_f16 ? 2 : 4) + 8.0 * n * a->n_head * a->head_dim + (n_split > 1 ? 8.0 * (double)parts : 0),
+                4.0 * keys * a->n_head * a->head_dim + (n_split > 1 ? 2.0 * n_split * a->n_head * a->head_dim : 0));
     }
     c->fuse_idx = -1;
 }

@@ -17,15 +17,25 @@
    Per head, every sum runs in the order of the one-head-per-workgroup kernel this replaced
    (GW = 1 is that kernel), so the results do not depend on GW.
    grid: (n_head / GW, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step.
-   -DSPLIT (long-context decode, "flash decoding"): grid (n_head / GW, n, n_split); workgroup z
-   walks only keys [z·chunk, (z+1)·chunk) of the query's range, so a long KV length is spread over
+   -DSPLIT (decode over many keys, "flash decoding"): grid (n_head / GW, n, n_split); workgroup z
+   walks only keys [z·chunk, (z+1)·chunk) of the query's range, so the KV length is spread over
    many workgroups, and writes each head's partial (max m, sum l, unnormalized Σ w·v) to binding 1
-   as [(i·n_head + h)·n_split + z][2 + HD]; attn_merge.comp combines the chunks.
+   as [(i·n_head + h)·n_split + z][2 + HD]. The last workgroup of a (token, KV group) to finish
+   (an arrival counter per group in binding 3) merges all chunks into binding 2, in chunk order,
+   so the result does not depend on which one arrives last; a separate merge dispatch and its
+   barrier cost more than the merge itself. It sets the counter back to 0 for the next replay.
    Without SPLIT the range is the whole [0, n_keys). */
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
+#ifdef SPLIT
+layout(std430, binding = 1) coherent buffer P { float pg[]; };     /* partials, read back by the merging workgroup */
+layout(std430, binding = 2) writeonly buffer O { float o[]; };
+layout(std430, binding = 3) coherent buffer A { uint arrivals[]; }; /* [i·n_groups + group], 0 between dispatches */
+#define MAX_SPLIT 64u /* moe_vk.c VK_SPLIT_MAX */
+#else
 layout(std430, binding = 1) writeonly buffer O { float o[]; };
+#endif
 #ifdef KV_F32
 layout(std430, binding = 4) readonly buffer KC { float kc[]; };
 layout(std430, binding = 4) readonly buffer KC4 { vec4 kc4[]; };
@@ -45,6 +55,47 @@ shared vec4 qs[GW * HD / 4u];                                 /* head g's query 
 shared float part[GW * 128u];                                 /* [g][tid]: quarter scores */
 shared float ps[GW * KB];                                     /* [g][key]: scores, then weights */
 shared float bms[GW];                                         /* [g]: the block's new running max */
+#ifdef SPLIT
+shared uint merger;                                           /* this workgroup arrived last */
+
+/* out = Σ_c o_c e^(m_c - M) / Σ_c l_c e^(m_c - M), M = max_c m_c, over the nz chunks of heads
+   h0 .. h0+GW-1 of token i, each sum in chunk order. part (free once the walk is done) holds
+   head g's chunk weights at [g·128, +nz) and sums l_c at [g·128 + 64, +nz). An empty chunk
+   (m = -inf, l = 0) weighs 0. */
+void merge_chunks(uint i, uint h0, uint nz, uint tid) {
+    const uint st = HD + 2u;
+    for (uint t = tid; t < GW * nz; t += 128u) {
+        uint g = t / nz, c = t % nz, b = ((i * pc.n_head + h0 + g) * nz + c) * st;
+        part[g * 128u + c] = pg[b];
+        part[g * 128u + 64u + c] = pg[b + 1u];
+    }
+    barrier();
+    if (tid < GW) { /* max is exact in any order */
+        float mx = NEG_INF;
+        for (uint c = 0u; c < nz; c++) mx = max(mx, part[tid * 128u + c]);
+        bms[tid] = mx;
+    }
+    barrier();
+    for (uint t = tid; t < GW * nz; t += 128u) {
+        uint g = t / nz, c = t % nz;
+        part[g * 128u + c] = exp(part[g * 128u + c] - bms[g]);
+    }
+    barrier();
+    [[unroll]] for (uint g = 0u; g < GW; g++) {
+        uint b = (i * pc.n_head + h0 + g) * nz * st;
+        float l = 0.0;
+        for (uint c = 0u; c < nz; c++) l += part[g * 128u + 64u + c] * part[g * 128u + c];
+        [[unroll]] for (uint e = 0u; e < ND; e++) {
+            uint d = tid + 128u * e;
+            if (d < HD) {
+                float acc = 0.0;
+                for (uint c = 0u; c < nz; c++) acc += pg[b + c * st + 2u + d] * part[g * 128u + c];
+                o[(i * pc.n_head + h0 + g) * HD + d] = acc / l;
+            }
+        }
+    }
+}
+#endif
 
 float v_at(uint i) {
 #ifdef KV_F32
@@ -163,21 +214,35 @@ void main() {
         [[unroll]] for (uint g = 0u; g < GW; g++) l[g] = l[g] * alpha[g] + sum[g];
         barrier();
     }
-    [[unroll]] for (uint g = 0u; g < GW; g++) {
 #ifdef SPLIT
+    uint nz = min(gl_NumWorkGroups.z, MAX_SPLIT);
+    [[unroll]] for (uint g = 0u; g < GW; g++) {
         /* an empty chunk (none is recorded, but a replayed one may be) leaves m = -inf, l = 0,
            o = 0: weight 0 in the merge */
-        uint so = ((i * pc.n_head + h0 + g) * gl_NumWorkGroups.z + gl_WorkGroupID.z) * (HD + 2u);
+        uint so = ((i * pc.n_head + h0 + g) * nz + gl_WorkGroupID.z) * (HD + 2u);
         if (tid == 0u) {
-            o[so] = m[g];
-            o[so + 1u] = l[g];
+            pg[so] = m[g];
+            pg[so + 1u] = l[g];
         }
         [[unroll]] for (uint e = 0u; e < ND; e++)
-            if (tid + 128u * e < HD) o[so + 2u + tid + 128u * e] = oa[g * ND + e];
+            if (tid + 128u * e < HD) pg[so + 2u + tid + 128u * e] = oa[g * ND + e];
+    }
+    /* the "last block" pattern: every thread's partial is visible device-wide before thread 0
+       counts this chunk in; whoever counts the last one reads them all */
+    memoryBarrierBuffer();
+    barrier();
+    uint ai = i * gl_NumWorkGroups.x + gl_WorkGroupID.x;
+    if (tid == 0u) merger = atomicAdd(arrivals[ai], 1u) == nz - 1u ? 1u : 0u;
+    barrier();
+    if (merger == 0u) return;
+    memoryBarrierBuffer();
+    if (tid == 0u) arrivals[ai] = 0u; /* every other chunk has counted in: ready for a replay */
+    merge_chunks(i, h0, nz, tid);
 #else
+    [[unroll]] for (uint g = 0u; g < GW; g++) {
         uint oo = (i * pc.n_head + h0 + g) * hd;
         [[unroll]] for (uint e = 0u; e < ND; e++)
             if (tid + 128u * e < HD) o[oo + tid + 128u * e] = oa[g * ND + e] / l[g];
-#endif
     }
+#endif
 }
