@@ -2356,7 +2356,7 @@ fail:
 #define VK_DN_DT 16           /* state columns per workgroup of dn_chunk_state.comp (DT) */
 #define VK_DN_CHUNK_MIN 64    /* ops of this many tokens or more take the chunked delta rule */
 /* Split-KV decode attention (attn.comp -DSPLIT). The single-workgroup kernel walks a head's keys
-   32 at a time with 4 barriers each, about a microsecond per block on a big GPU however few
+   32 at a time with 3 barriers each, about a microsecond per block on a big GPU however few
    workgroups run: with one workgroup per KV group (4 for Qwen3-30B, each serving its 8 query
    heads) a decode token at 512 keys kept 4 SMs busy for 16 serial blocks. So a decode token
    whose one-workgroup grid is small (<= VK_SPLIT_TARGET / 4 workgroups) splits its range once
@@ -2377,7 +2377,7 @@ fail:
 #define VK_SPLIT_TARGET 256   /* ... fewer workgroups than this (an H100 has 132 SMs) */
 #define VK_SPLIT_MAX 64       /* attn.comp MAX_SPLIT */
 /* query heads of one KV group per attn.comp workgroup, at most: its registers grow by about
-   6·GW + GW·ND floats, its shared memory to GW·(4·HD + 644) + 1 KiB bytes, 22.5 KiB at head
+   6·GW + GW·ND floats, its shared memory to GW·(4·HD + 648) + 1 KiB bytes, 22.5 KiB at head
    size 512, inside the 32 KiB every device moe runs on has */
 #define VK_ATTN_GW 8
 /* Tiled prefill attention (attn_tile.comp): a step of more than VK_TILE_MIN tokens, head size

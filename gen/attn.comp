@@ -54,8 +54,17 @@ const uint ND = (HD + 127u) / 128u;                           /* output dims per
 shared vec4 qs[GW * HD / 4u];                                 /* head g's query at [g·HD/4, (g+1)·HD/4) */
 shared float part[GW * 128u];                                 /* [g][tid]: quarter scores */
 shared float ps[GW * KB];                                     /* [g][key]: scores, then weights */
-shared float bms[GW];                                         /* [g]: the block's new running max */
+shared uint bmk[GW];                                          /* [g]: the running max as an order key (max_key) */
+/* a float's order key: key(a) < key(b) exactly when a < b, so a shared atomicMax over keys finds
+   the exact max of the block's scores in the pass that writes them (no serial pass, no barrier) */
+uint max_key(float f) {
+    uint u = floatBitsToUint(f);
+    return (u & 0x80000000u) != 0u ? ~u : u | 0x80000000u;
+}
+float key_value(uint k) { return uintBitsToFloat((k & 0x80000000u) != 0u ? k & 0x7fffffffu : ~k); }
+
 #ifdef SPLIT
+shared float cmax[GW];                                        /* [g]: the max over the chunks */
 shared uint merger;                                           /* this workgroup arrived last */
 
 /* out = Σ_c o_c e^(m_c - M) / Σ_c l_c e^(m_c - M), M = max_c m_c, over the nz chunks of heads
@@ -73,12 +82,12 @@ void merge_chunks(uint i, uint h0, uint nz, uint tid) {
     if (tid < GW) { /* max is exact in any order */
         float mx = NEG_INF;
         for (uint c = 0u; c < nz; c++) mx = max(mx, part[tid * 128u + c]);
-        bms[tid] = mx;
+        cmax[tid] = mx;
     }
     barrier();
     for (uint t = tid; t < GW * nz; t += 128u) {
         uint g = t / nz, c = t % nz;
-        part[g * 128u + c] = exp(part[g * 128u + c] - bms[g]);
+        part[g * 128u + c] = exp(part[g * 128u + c] - cmax[g]);
     }
     barrier();
     [[unroll]] for (uint g = 0u; g < GW; g++) {
@@ -123,6 +132,7 @@ void main() {
     uint qo = (i * pc.n_head + h0) * hd;                     /* the GW heads are adjacent */
     for (uint d = tid; d < GW * HD / 4u; d += 128u)
         qs[d] = vec4(q[qo + 4u * d], q[qo + 4u * d + 1u], q[qo + 4u * d + 2u], q[qo + 4u * d + 3u]);
+    if (tid < GW) bmk[tid] = max_key(NEG_INF);
     barrier();
 
     const uint dq = HD >> 2;                                 /* score work: 4 threads per key */
@@ -177,21 +187,19 @@ void main() {
         for (uint t = tid; t < GW * KB; t += 128u) {
             uint g = t / KB, j = t % KB, pp = g * 128u + 4u * j;
             float sc = (part[pp] + part[pp + 1u]) + (part[pp + 2u] + part[pp + 3u]);
-            ps[t] = kb + j < k_hi ? sc * pc.scale : NEG_INF;
-        }
-        barrier();
-        if (tid < GW) { /* max is exact in any order: one thread per head finds it */
-            float bm = m[tid];
-            [[unroll]] for (uint j = 0u; j < KB; j++) bm = max(bm, ps[tid * KB + j]);
-            bms[tid] = bm;
+            bool live = kb + j < k_hi;
+            ps[t] = live ? sc * pc.scale : NEG_INF;
+            if (live) atomicMax(bmk[g], max_key(ps[t])); /* bmk[g] already holds the running max m[g] */
         }
         barrier();
         float alpha[GW];
         [[unroll]] for (uint g = 0u; g < GW; g++) {
-            alpha[g] = exp(m[g] - bms[g]);
-            m[g] = bms[g];
+            float bm = key_value(bmk[g]);
+            alpha[g] = exp(m[g] - bm);
+            m[g] = bm;
         }
-        for (uint t = tid; t < GW * KB; t += 128u) ps[t] = exp(ps[t] - bms[t / KB]);
+        /* (each thread rescales the entries it wrote) */
+        for (uint t = tid; t < GW * KB; t += 128u) ps[t] = exp(ps[t] - key_value(bmk[t / KB]));
         barrier();
         float sum[GW];
         [[unroll]] for (uint g = 0u; g < GW; g++) {
@@ -212,7 +220,9 @@ void main() {
             }
         }
         [[unroll]] for (uint g = 0u; g < GW; g++) l[g] = l[g] * alpha[g] + sum[g];
-        barrier();
+        /* no barrier here: the next block writes part (read before the second barrier above),
+           then ps and bmk only after its first barrier, which every thread reaches after this
+           block's reads of ps */
     }
 #ifdef SPLIT
     uint nz = min(gl_NumWorkGroups.z, MAX_SPLIT);

@@ -495,9 +495,11 @@ static void test_ops_common(void **state) {
 
 /* ---- fixtures: Vulkan against transformers, and against the CPU backend ---- */
 /* ---- long-context attention kernels against the CPU, f32 and f16 KV, with and without sliding
-   windows. Split-KV decode (moe_vk.c VK_SPLIT_MIN): a decode token over more than 512 keys runs
-   attn.comp -DSPLIT on chunks of the keys and attn_merge.comp on the partials: at 513 keys (a last
-   chunk of one key), 1,026 and 1,798 (windows 700, 513 and 1,000 split, 300 does not). Tiled
+   windows. Split-KV decode (moe_vk.c VK_SPLIT_MIN): a decode token over more than 128 keys on
+   this small grid runs attn.comp -DSPLIT on chunks of the keys, the last workgroup of each KV
+   group merging the partials: at 513 keys (17 chunks of 32, the last of one key), 1,026 and
+   1,798 (windows 700, 513, 300 and 1,000 all split; each dispatch reuses the arrival
+   counters that the one before it reset). Tiled
    prefill (VK_TILE_MIN): steps of more than 128 tokens run attn_tile.comp, also with partial
    query blocks (250, 156, 129 tokens) and windows; 128 and fewer stay on attn.comp. Head sizes
    64 and 128 (Qwen3-30B's), 4 query heads on 2 KV heads (attn.comp serves both heads of a group
