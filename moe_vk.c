@@ -2360,7 +2360,7 @@ fail:
    workgroups run: with one workgroup per KV group (4 for Qwen3-30B, each serving its 8 query
    heads) a decode token at 512 keys kept 4 SMs busy for 16 serial blocks. So a decode token
    whose one-workgroup grid is small (<= VK_SPLIT_TARGET / 4 workgroups) splits its range once
-   it exceeds VK_SPLIT_MIN keys (4 blocks), and any decode token above VK_SPLIT_LONG keys does:
+   it exceeds VK_SPLIT_MIN keys (4 blocks), any other decode token above VK_SPLIT_LONG keys:
    chunks of VK_SPLIT_CHUNK keys, halved down to one block while the grid stays below
    VK_SPLIT_TARGET, one workgroup each; the last workgroup of a group to finish merges the
    chunks (no second dispatch). A split chunk costs one block plus its share of the merge
@@ -2369,9 +2369,7 @@ fail:
 #ifndef VK_SPLIT_MIN /* (a test may raise it to compare against the one-workgroup kernel) */
 #define VK_SPLIT_MIN 128
 #endif
-#ifndef VK_SPLIT_LONG
 #define VK_SPLIT_LONG 512
-#endif
 #define VK_SPLIT_CHUNK 256    /* a multiple of attn.comp's key block (32) */
 #define VK_SPLIT_CHUNK_MIN 32 /* chunks shrink down to one key block while the grid is small ... */
 #define VK_SPLIT_TARGET 256   /* ... fewer workgroups than this (an H100 has 132 SMs) */
@@ -3642,7 +3640,7 @@ attend:;
     if (n == 1) {
         int p0 = a->window && pos0 >= a->window ? pos0 - a->window + 1 : 0;
         uint32_t keys = (uint32_t)(pos0 - p0 + 1);
-        if (keys > VK_SPLIT_LONG || (keys > VK_SPLIT_MIN && wgs <= VK_SPLIT_TARGET / 4)) {
+        if (keys > VK_SPLIT_MIN && (wgs <= VK_SPLIT_TARGET / 4 || keys > VK_SPLIT_LONG)) {
             /* halve the chunks (not below VK_SPLIT_CHUNK_MIN) while fewer than
                VK_SPLIT_TARGET workgroups would share the work: with whole KV groups per
                workgroup there are only n_head / gw of them per chunk */
