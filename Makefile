@@ -88,11 +88,11 @@ vocabs: deps
 VK_TEST_ENV ?= MOE_REQUIRE_VULKAN=1 MOE_VK_VALIDATION=1
 NO_VK_ENV = VK_DRIVER_FILES=/nonexistent/icd.json VK_ICD_FILENAMES=/nonexistent/icd.json
 
-$(B)/test/%: test/%.c test/test_util.h test/test_async.h $(LIB_SRC) moe.h
+$(B)/test/%: test/%.c test/test_util.h test/test_async.h test/test_vk_probe.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) $(TEST_DEFS) -I. $< -o $@ -lcmocka $(LDLIBS)
 
-$(B)/asan/%: test/%.c test/test_util.h test/test_async.h $(LIB_SRC) moe.h
+$(B)/asan/%: test/%.c test/test_util.h test/test_async.h test/test_vk_probe.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer $(TEST_DEFS) -I. $< -o $@ -lcmocka $(LDLIBS)
 
@@ -114,7 +114,7 @@ test-asan-full:
 # one model shared by threads that each own a context: ThreadSanitizer on the API tests and on
 # the expert streaming tests (contexts sharing the host expert cache with its I/O threads), and on
 # contexts stepping concurrently on their model's shared compute pool (test_threads)
-$(B)/tsan/%: test/%.c test/test_util.h test/test_async.h $(LIB_SRC) moe.h
+$(B)/tsan/%: test/%.c test/test_util.h test/test_async.h test/test_vk_probe.h $(LIB_SRC) moe.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O1 -g -fsanitize=thread $(TEST_DEFS) -I. $< -o $@ -lcmocka $(LDLIBS)
 

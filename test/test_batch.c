@@ -26,6 +26,7 @@
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
 #include "test_util.h"
+#include "test_vk_probe.h"
 
 #define Q8 "test/fixtures/qwen3moe_q8_0.gguf"
 #define F32 "test/fixtures/qwen3moe_f32.gguf"
@@ -368,28 +369,6 @@ static void test_cancel_cpu(void **state) {
 }
 
 /* ---- Vulkan ---- */
-static int g_vk_checked, g_vk_ok;
-static char g_vk_why[600];
-static int vulkan_available(void) {
-    if (g_vk_checked) return g_vk_ok;
-    g_vk_checked = 1;
-    moe_load_params lp = {0};
-    lp.backend = MOE_BACKEND_VULKAN;
-    moe_model *m = NULL;
-    moe_status st = moe_load(F32, &lp, &m);
-    g_vk_ok = st == MOE_OK;
-    if (!g_vk_ok) snprintf(g_vk_why, sizeof g_vk_why, "%s (%s)", moe_status_str(st), moe_last_error());
-    moe_model_free(m);
-    return g_vk_ok;
-}
-#define NEED_VULKAN()                                                                                      \
-    do {                                                                                                   \
-        if (!vulkan_available()) {                                                                         \
-            if (vk_env_on("MOE_REQUIRE_VULKAN")) fail_msg("MOE_REQUIRE_VULKAN=1 but Vulkan is unusable: %s", g_vk_why); \
-            print_message("Vulkan unusable (%s): skipped\n", g_vk_why);                                    \
-            skip();                                                                                        \
-        }                                                                                                  \
-    } while (0)
 
 static moe_model *load_vk(const char *path) {
     moe_model *m = tu_load(path, MOE_BACKEND_VULKAN, 2, 0);

@@ -26,6 +26,7 @@
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
 #include "test_util.h"
+#include "test_vk_probe.h"
 
 #define NTOK TU_NTOK
 #define NGEN TU_NGEN
@@ -34,35 +35,6 @@
 const char *__lsan_default_suppressions(void);
 const char *__lsan_default_suppressions(void) { return "leak:libvulkan_lvp.so\n"; }
 static void pin_driver(void) { (void)dlopen("libvulkan_lvp.so", RTLD_NOW | RTLD_NODELETE); }
-
-static int g_checked, g_available;
-static char g_why[600];
-
-static int vulkan_available(void) {
-    if (g_checked) return g_available;
-    g_checked = 1;
-    moe_load_params lp = {0};
-    lp.backend = MOE_BACKEND_VULKAN;
-    moe_model *m = NULL;
-    moe_status st = moe_load("test/fixtures/qwen3moe_q8_0.gguf", &lp, &m);
-    g_available = st == MOE_OK;
-    if (!g_available) snprintf(g_why, sizeof g_why, "%s (%s)", moe_status_str(st), moe_last_error());
-    else if (vk_env_on("MOE_VK_VALIDATION") && !m->vk->validation) {
-        snprintf(g_why, sizeof g_why, "MOE_VK_VALIDATION=1 but the validation layer is not active (vulkan-validationlayers)");
-        g_available = !vk_env_on("MOE_REQUIRE_VULKAN");
-    }
-    moe_model_free(m);
-    return g_available;
-}
-
-#define NEED_VULKAN()                                                                                           \
-    do {                                                                                                        \
-        if (!vulkan_available()) {                                                                              \
-            if (vk_env_on("MOE_REQUIRE_VULKAN")) fail_msg("MOE_REQUIRE_VULKAN=1 but Vulkan is unusable: %s", g_why); \
-            print_message("Vulkan unusable (%s): skipped\n", g_why);                                            \
-            skip();                                                                                             \
-        }                                                                                                       \
-    } while (0)
 
 
 static moe_model *load_vk(const char *path, uint64_t gpu_budget, uint64_t host_budget, moe_status *st_out) {

@@ -24,6 +24,7 @@
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
 #include "test_util.h"
+#include "test_vk_probe.h"
 #include "test_async.h"
 
 /* Tolerances, as max |ours - ref| / (max - min of the reference row), over all rows: the same
@@ -52,8 +53,6 @@ const char *__lsan_default_suppressions(void);
 const char *__lsan_default_suppressions(void) { return "leak:libvulkan_lvp.so\n"; }
 static void pin_driver(void) { (void)dlopen("libvulkan_lvp.so", RTLD_NOW | RTLD_NODELETE); }
 
-static int g_checked, g_available;
-static char g_why[600];
 static char g_log_seen[2048];
 
 static void test_log(int32_t level, const char *msg, void *user) {
@@ -62,36 +61,6 @@ static void test_log(int32_t level, const char *msg, void *user) {
     size_t l = strlen(g_log_seen);
     snprintf(g_log_seen + l, sizeof g_log_seen - l, "%s\n", msg);
 }
-
-static int require_vulkan(void) { return vk_env_on("MOE_REQUIRE_VULKAN"); }
-
-/* Is a Vulkan device usable here? Probed once, by loading the smallest fixture on Vulkan. */
-static int vulkan_available(void) {
-    if (g_checked) return g_available;
-    g_checked = 1;
-    moe_load_params lp = {0};
-    lp.backend = MOE_BACKEND_VULKAN;
-    lp.log = test_log;
-    moe_model *m = NULL;
-    moe_status st = moe_load("test/fixtures/qwen3moe_f32.gguf", &lp, &m);
-    g_available = st == MOE_OK;
-    if (!g_available) snprintf(g_why, sizeof g_why, "%s (%s)", moe_status_str(st), moe_last_error());
-    else if (vk_env_on("MOE_VK_VALIDATION") && !m->vk->validation) {
-        snprintf(g_why, sizeof g_why, "MOE_VK_VALIDATION=1 but the validation layer is not active (vulkan-validationlayers)");
-        g_available = !require_vulkan();
-    }
-    moe_model_free(m);
-    return g_available;
-}
-
-#define NEED_VULKAN()                                                                          \
-    do {                                                                                       \
-        if (!vulkan_available()) {                                                             \
-            if (require_vulkan()) fail_msg("MOE_REQUIRE_VULKAN=1 but Vulkan is unusable: %s", g_why); \
-            print_message("Vulkan unusable (%s): skipped\n", g_why);                           \
-            skip();                                                                            \
-        }                                                                                      \
-    } while (0)
 
 
 /* ---- a synthetic one-layer Qwen3-MoE model in memory ---- */
