@@ -135,6 +135,14 @@ void put(uint idx, float v) {
     else y[idx] = v;
 }
 
+/* mode 2: flattened run f (expert slot f / nit, run f % nit) of token tok's down rows, weighted */
+vec2 down_run(uint tok, uint f, uint nit, uint rb0, uint rb1, inout float ss) {
+    uint s = f / nit, it = f - s * nit, p = tok * pc.k_used + s;
+    uvec2 e = tbl[pc.tbl0 + aux[pc.ids_off + p]];
+    float w = uintBitsToFloat(aux[pc.w_off + p]);
+    return w * run_dot2(e.x, e.y + rb0, e.y + rb1, pc.x_off + p * pc.x_stride, it, ss);
+}
+
 void main() {
     uint blk = wg_linear_x();
     if (blk >= pc.nblk) return;
@@ -157,24 +165,16 @@ void main() {
         return;
     }
     if (pc.mode == 2u) {
-        /* two experts per trip, so that their loads are in flight together */
-        vec2 a = vec2(0.0);
-        uint s = 0u;
-        for (; s + 1u < pc.k_used; s += 2u) {
-            uint p = tok * pc.k_used + s;
-            uvec2 e0 = tbl[pc.tbl0 + aux[pc.ids_off + p]], e1 = tbl[pc.tbl0 + aux[pc.ids_off + p + 1u]];
-            float w0 = uintBitsToFloat(aux[pc.w_off + p]), w1 = uintBitsToFloat(aux[pc.w_off + p + 1u]);
-            vec2 b0 = row_dot2(e0.x, e0.y + rb0, e0.y + rb1, pc.x_off + p * pc.x_stride, tid, nit, ss);
-            vec2 b1 = row_dot2(e1.x, e1.y + rb0, e1.y + rb1, pc.x_off + (p + 1u) * pc.x_stride, tid, nit, ss);
-            a += w0 * b0 + w1 * b1;
+        /* the k experts' runs flattened over the threads (a 768-wide down row has fewer runs
+           than a workgroup has threads), two per trip so that their loads are in flight together */
+        uint tot = pc.k_used * nit, f = tid;
+        vec2 a = vec2(0.0), b = vec2(0.0);
+        for (; f + WG < tot; f += 2u * WG) {
+            a += down_run(tok, f, nit, rb0, rb1, ss);
+            b += down_run(tok, f + WG, nit, rb0, rb1, ss);
         }
-        if (s < pc.k_used) {
-            uint p = tok * pc.k_used + s;
-            uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
-            float w = uintBitsToFloat(aux[pc.w_off + p]);
-            a += w * row_dot2(ent.x, ent.y + rb0, ent.y + rb1, pc.x_off + p * pc.x_stride, tid, nit, ss);
-        }
-        a = wg_sum2(a);
+        if (f < tot) a += down_run(tok, f, nit, rb0, rb1, ss);
+        a = wg_sum2(a + b);
         if (tid == 0u) put(yo, a.x);
         if (tid == 1u && ok1) put(yo + 1u, a.y);
         return;
