@@ -2,7 +2,7 @@
 #extension GL_GOOGLE_include_directive : require
 /* mv.comp — matrix-vector products for decode (a few tokens), dequantizing on the fly.
    A workgroup computes two consecutive output rows for one column (token or expert pair): its
-   threads stride over the rows in runs of 16 elements, two runs per loop trip, with both rows'
+   threads stride over the rows in runs of 16 elements (32 for Q4_K), two runs per loop trip, with both rows'
    loads unconditional (a missing second row re-reads the first), so that many loads are in
    flight per thread; then one workgroup reduction (subgroupAdd, then across subgroups).
 
@@ -39,6 +39,54 @@ float dot16(float v[16], vec4 a0, vec4 a1, vec4 a2, vec4 a3) {
            dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
 }
 
+#if defined(T_Q4_K)
+/* Q4_K runs are 32 weights: the 16 bytes of qs that hold elements l..l+15 of sub-block 2j in
+   their low nibbles hold the same elements of sub-block 2j+1 in their high ones, so one 16-byte
+   load serves both. Σ (d·sc·q − dmin·m)·x = d·sc·Σ q·x − dmin·m·Σ x: the min term costs one sum
+   of x per 16 elements, shared by both rows, and q stays a small integer until its dot. */
+#define RUN 32u
+float q4k_dot(uvec4 w, vec4 a[4], uint shift) {
+    float s = 0.0;
+    [[unroll]] for (uint c = 0u; c < 4u; c++) {
+        uint n = (w[c] >> shift) & 0x0f0f0f0fu;
+        s += dot(vec4(n & 0xffu, (n >> 8) & 0xffu, (n >> 16) & 0xffu, n >> 24), a[c]);
+    }
+    return s;
+}
+float q4k_run(uint buf, uint rb, uint it, vec4 lo[4], vec4 hi[4], float sum_lo, float sum_hi) {
+    uint bo = rb + (it >> 3) * 144u, j = (it >> 1) & 3u;
+    uvec4 head = wb4[buf].d[bo >> 4]; /* d, dmin | 12 bytes of scales (blocks are 16-byte aligned) */
+    uvec4 q = wb4[buf].d[(bo >> 4) + 1u + 2u * j + (it & 1u)];
+    vec2 dm = unpackHalf2x16(head.x);
+    uint sc0, m0, sc1, m1;
+    scale_min_k4(2u * j, head.yzw, sc0, m0);
+    scale_min_k4(2u * j + 1u, head.yzw, sc1, m1);
+    return dm.x * (float(sc0) * q4k_dot(q, lo, 0u) + float(sc1) * q4k_dot(q, hi, 4u)) -
+           dm.y * (float(m0) * sum_lo + float(m1) * sum_hi);
+}
+/* run `it` of two rows (byte offsets rb0, rb1) against x at float offset xo (times the norm
+   weight, its squares summed into ss, when pc.norm is set) */
+vec2 run_dot2(uint buf, uint rb0, uint rb1, uint xo, uint it, inout float ss) {
+    uint e4 = (it >> 3) * 64u + ((it >> 1) & 3u) * 16u + (it & 1u) * 4u; /* first element / 4 */
+    uint xi = (xo >> 2) + e4;
+    vec4 lo[4], hi[4];
+    [[unroll]] for (uint c = 0u; c < 4u; c++) {
+        lo[c] = x4[xi + c];
+        hi[c] = x4[xi + 8u + c];
+    }
+    if ((pc.norm & 1u) != 0u) {
+        [[unroll]] for (uint c = 0u; c < 4u; c++) {
+            ss += dot(lo[c], lo[c]) + dot(hi[c], hi[c]);
+            lo[c] *= g4[e4 + c];
+            hi[c] *= g4[e4 + 8u + c];
+        }
+    }
+    float sum_lo = dot(lo[0] + lo[1] + lo[2] + lo[3], vec4(1.0));
+    float sum_hi = dot(hi[0] + hi[1] + hi[2] + hi[3], vec4(1.0));
+    return vec2(q4k_run(buf, rb0, it, lo, hi, sum_lo, sum_hi), q4k_run(buf, rb1, it, lo, hi, sum_lo, sum_hi));
+}
+#else
+#define RUN 16u
 /* the 16 weights of run `it` of two rows (byte offsets rb0, rb1) against x at float offset xo
    (times the norm weight, its squares summed into ss, when pc.norm is set) */
 vec2 run_dot2(uint buf, uint rb0, uint rb1, uint xo, uint it, inout float ss) {
@@ -57,6 +105,8 @@ vec2 run_dot2(uint buf, uint rb0, uint rb1, uint xo, uint it, inout float ss) {
     dq16(buf, rb1, it * 16u, v1);
     return vec2(dot16(v0, a0, a1, a2, a3), dot16(v1, a0, a1, a2, a3));
 }
+
+#endif
 
 /* Σ over the rows' runs, split over the workgroup's threads, two runs per trip */
 vec2 row_dot2(uint buf, uint rb0, uint rb1, uint xo, uint tid, uint nit, inout float ss) {
@@ -85,12 +135,20 @@ void put(uint idx, float v) {
     else y[idx] = v;
 }
 
+/* mode 2: flattened run f (expert slot f / nit, run f % nit) of token tok's down rows, weighted */
+vec2 down_run(uint tok, uint f, uint nit, uint rb0, uint rb1, inout float ss) {
+    uint s = f / nit, it = f - s * nit, p = tok * pc.k_used + s;
+    uvec2 e = tbl[pc.tbl0 + aux[pc.ids_off + p]];
+    float w = uintBitsToFloat(aux[pc.w_off + p]);
+    return w * run_dot2(e.x, e.y + rb0, e.y + rb1, pc.x_off + p * pc.x_stride, it, ss);
+}
+
 void main() {
     uint blk = wg_linear_x();
     if (blk >= pc.nblk) return;
     uint tid = gl_LocalInvocationIndex;
     uint col = gl_WorkGroupID.y;
-    uint nit = pc.K / 16u;
+    uint nit = pc.K / RUN;
     uint r0 = blk * RW;
     bool ok1 = r0 + 1u < pc.M;
     uint rb0 = r0 * pc.row_bytes, rb1 = ok1 ? rb0 + pc.row_bytes : rb0;
@@ -107,24 +165,16 @@ void main() {
         return;
     }
     if (pc.mode == 2u) {
-        /* two experts per trip, so that their loads are in flight together */
-        vec2 a = vec2(0.0);
-        uint s = 0u;
-        for (; s + 1u < pc.k_used; s += 2u) {
-            uint p = tok * pc.k_used + s;
-            uvec2 e0 = tbl[pc.tbl0 + aux[pc.ids_off + p]], e1 = tbl[pc.tbl0 + aux[pc.ids_off + p + 1u]];
-            float w0 = uintBitsToFloat(aux[pc.w_off + p]), w1 = uintBitsToFloat(aux[pc.w_off + p + 1u]);
-            vec2 b0 = row_dot2(e0.x, e0.y + rb0, e0.y + rb1, pc.x_off + p * pc.x_stride, tid, nit, ss);
-            vec2 b1 = row_dot2(e1.x, e1.y + rb0, e1.y + rb1, pc.x_off + (p + 1u) * pc.x_stride, tid, nit, ss);
-            a += w0 * b0 + w1 * b1;
+        /* the k experts' runs flattened over the threads (a 768-wide down row has fewer runs
+           than a workgroup has threads), two per trip so that their loads are in flight together */
+        uint tot = pc.k_used * nit, f = tid;
+        vec2 a = vec2(0.0), b = vec2(0.0);
+        for (; f + WG < tot; f += 2u * WG) {
+            a += down_run(tok, f, nit, rb0, rb1, ss);
+            b += down_run(tok, f + WG, nit, rb0, rb1, ss);
         }
-        if (s < pc.k_used) {
-            uint p = tok * pc.k_used + s;
-            uvec2 ent = tbl[pc.tbl0 + aux[pc.ids_off + p]];
-            float w = uintBitsToFloat(aux[pc.w_off + p]);
-            a += w * row_dot2(ent.x, ent.y + rb0, ent.y + rb1, pc.x_off + p * pc.x_stride, tid, nit, ss);
-        }
-        a = wg_sum2(a);
+        if (f < tot) a += down_run(tok, f, nit, rb0, rb1, ss);
+        a = wg_sum2(a + b);
         if (tid == 0u) put(yo, a.x);
         if (tid == 1u && ok1) put(yo + 1u, a.y);
         return;
