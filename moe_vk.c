@@ -464,6 +464,7 @@ static const char *vk_result_str(VkResult r) {
 #define VK_TYPED_KERNELS(KT)                                        \
     KT(EMBED, embed, "embed.comp", "", 64)                          \
     KT(MV, mv, "mv.comp", "", 64)                                   \
+    KT(ROUTE, route, "route_mv.comp", "", 64)                       \
     KT(MM, mm, "mm.comp", "", 256)                                  \
     KT(MMG, mmg, "mm.comp", "-DGATEUP", 256)                        \
     KT(MMCM, mmcm, "mm_cm.comp", "", 128)                           \
@@ -519,6 +520,8 @@ static const char *vk_result_str(VkResult r) {
 #define PC_MOE_SORT(X) X(uint, E) X(uint, n_pairs) X(uint, ids_off) X(uint, list_off) X(uint, pos_off) X(uint, items_off)
 #define PC_RMSNORM(X) X(uint, width) X(uint, has_g) X(uint, rows) X(float, eps)
 #define PC_TOPK(X) X(uint, E) X(uint, k_used) X(uint, norm) X(uint, r_off) X(uint, ids_off) X(uint, w_off) X(uint, has_scale)
+#define PC_ROUTE(X) X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk) X(uint, x_off) X(uint, x_stride) X(float, eps) X(uint, norm) \
+    X(uint, k_used) X(uint, rnorm) X(uint, ids_off) X(uint, w_off) X(uint, has_scale) X(uint, cnt_off)
 #define PC_SCALE(X) X(uint, count) X(uint, width) X(uint, has_w) X(float, s)
 #define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
 #define PC_SOFTCAP(X) X(uint, count) X(float, cap)
@@ -549,6 +552,7 @@ VK_PC_STRUCT(MOE_COMBINE)
 VK_PC_STRUCT(MOE_SORT)
 VK_PC_STRUCT(RMSNORM)
 VK_PC_STRUCT(TOPK)
+VK_PC_STRUCT(ROUTE)
 VK_PC_STRUCT(SCALE)
 VK_PC_STRUCT(GLU)
 VK_PC_STRUCT(SOFTCAP)
@@ -2391,10 +2395,10 @@ fail:
 
 /* profiling classes */
 enum { VKC_EMBED, VKC_NORM, VKC_MV, VKC_MV_GATEUP, VKC_MV_DOWN, VKC_MM, VKC_MM_GATEUP, VKC_MM_DOWN, VKC_LMHEAD, VKC_ROPE,
-       VKC_KVSTORE, VKC_ATTN, VKC_ADD, VKC_TOPK, VKC_SORT, VKC_COMBINE, VKC_COPY, VKC_ELTWISE, VKC_COUNT };
+       VKC_KVSTORE, VKC_ATTN, VKC_ADD, VKC_TOPK, VKC_ROUTE, VKC_SORT, VKC_COMBINE, VKC_COPY, VKC_ELTWISE, VKC_COUNT };
 static const char *const k_vkc_names[VKC_COUNT] = {"embed", "rmsnorm", "matvec", "expert gate+up matvec", "expert down matvec",
     "matmul", "expert gate+up matmul", "expert down matmul", "lm head", "qk-norm/rope", "kv store", "attention", "add",
-    "router top-k", "expert sort", "expert combine", "copy", "elementwise"};
+    "router top-k", "route (router + top-k)", "expert sort", "expert combine", "copy", "elementwise"};
 
 /* One dispatch (or copy) as an op recorded it. Records are compared byte for byte to find a cached
    command buffer, so every record is zeroed before it is filled. */
@@ -2424,6 +2428,7 @@ typedef struct vk_ctx {
     vk_buf h, p, aux;          /* MoE: hidden [nb·k][ff], expert outputs [nb·k][D], routing scratch (u32) */
     vk_buf split;              /* split-KV decode attention partials [n_head][VK_SPLIT_MAX][2 + head_dim], then arrival counters (vk_split_counters) */
     uint32_t ids_off, w_off, list_off, pos_off, items_off, max_items;
+    uint32_t cnt_off;          /* route_mv.comp's arrival counters, one per decode token (zero between dispatches) */
     vk_buf kc, vc;             /* the KV caches one after the other, f16 or f32 */
     VkDeviceSize *kv_off, *kv_size; /* [n_cache] byte offset and (aligned) size of cache c */
     int32_t *kv_rows;          /* [n_cache] rows of cache c */
@@ -3120,6 +3125,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     c->list_off = (uint32_t)(2 * nb * k);
     c->pos_off = (uint32_t)(3 * nb * k);
     c->items_off = (uint32_t)(4 * nb * k);
+    c->cnt_off = c->items_off + 4 + 4 * c->max_items;
     if (!st && hp->n_state) { /* recurrent states and their checkpoints */
         const moe_weights *w = vk->w;
         c->st_conv = calloc((size_t)hp->n_state, sizeof *c->st_conv);
@@ -3151,7 +3157,15 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
             st = vk_act_new(c, &c->dn_scr, scr_bytes, "chunked delta rule");
         if (!c->dn_scr.buf) c->dn_chunk_min = 0;
     }
-    if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->items_off + 4 + 4 * (VkDeviceSize)c->max_items) * 4, "routing");
+    if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->cnt_off + VK_MV_MAX) * 4, "routing");
+    if (!st) { /* route_mv.comp's counters start at zero (each dispatch leaves them so) */
+        uint32_t zeros[VK_MV_MAX] = {0};
+        vk_xfer x;
+        if (!(st = vk_xfer_begin(vk, &x, 4096, 0))) {
+            vk_xfer_copy(&x, (uint8_t *)zeros, sizeof zeros, c->aux.buf, c->aux.off + (VkDeviceSize)c->cnt_off * 4);
+            st = vk_xfer_end(&x);
+        }
+    }
     if (!st) { /* split-KV partials, for the widest attention layer, and the arrival counters (zeros, as
                   attn.comp leaves them); only contexts that can exceed VK_SPLIT_MIN keys */
         VkDeviceSize split_w = 0;
@@ -3398,17 +3412,19 @@ static void vk_pn_touch(vk_ctx *c, unsigned rd, unsigned wr) {
     if (((rd & d) && !c->pn.done) || (wr & (d | s))) vk_pn_flush(c);
 }
 
-/* binds the pending norm into a matrix-vector record (x from src, weight at slot 4, output at 5) */
-static void vk_pn_inline(vk_ctx *c, vk_rec *r) {
+/* binds the pending norm into a matrix-vector record: x from src, the norm weight at slot g, the
+   normalised output at slot xn; eps and norm are the words of the kernel's pc fields of those names
+   (mv.comp: slots 4 and 5; route_mv.comp: 3 and 1) */
+static void vk_pn_inline(vk_ctx *c, vk_rec *r, int g, int xn, int eps, int norm) {
     const vk_wt *wt = c->pn.w->dev;
     const vk_part *p = &c->vk->parts[wt->part0];
     vk_bind(r, 0, &c->act[c->pn.src], 0);
-    vk_bind_range(r, 4, c->vk->win[p->win].buf, p->off, p->bytes, 0);
-    r->pc[VK_PC_WORD(MV, eps)] = vk_f2u(c->pn.eps);
-    r->pc[VK_PC_WORD(MV, norm)] = 1;
+    vk_bind_range(r, g, c->vk->win[p->win].buf, p->off, p->bytes, 0);
+    r->pc[eps] = vk_f2u(c->pn.eps);
+    r->pc[norm] = 1;
     if (!c->pn.done) {
-        vk_bind(r, 5, &c->act[c->pn.dst], 1);
-        r->pc[VK_PC_WORD(MV, norm)] |= 2;
+        vk_bind(r, xn, &c->act[c->pn.dst], 1);
+        r->pc[norm] |= 2;
         c->pn.done = 1;
     }
 }
@@ -3460,7 +3476,7 @@ static void vk_op_matmul(void *be, int dst, const moe_weight *w, int src, int sr
                                   .x_stride = K, .y_off = (uint32_t)p->row_lo, .y_stride = M});
         else VK_PC_SET(r, MM, {.K = K, .M = Mp, .row_bytes = (uint32_t)w->row_bytes, .nblk = nblk, .x_off = (uint32_t)src_row0 * K,
                                .x_stride = K, .y_off = (uint32_t)p->row_lo, .y_stride = M, .ncols = (uint32_t)n});
-        if (inl) vk_pn_inline(c, r);
+        if (inl) vk_pn_inline(c, r, 4, 5, VK_PC_WORD(MV, eps), VK_PC_WORD(MV, norm));
         vk_grid_fold(r, nblk, mv ? (uint32_t)n : vk_div_up((uint64_t)n, 64));
         vk_cost(c, (double)Mp * (double)w->row_bytes + 4.0 * n * ((double)K + Mp), 2.0 * n * (double)K * Mp);
     }
@@ -3771,22 +3787,56 @@ static void vk_op_add(void *be, int dst, int src, int n, int width) {
     c->fuse_idx = -1;
 }
 
+/* decode routing as one route_mv.comp dispatch: the router logits of the n tokens into
+   ACT_ROUTER and, by the last workgroup of each token, its top-k into aux; a pending RMSNorm of
+   src is applied on the fly as by the matrix-vector matmul */
+static void vk_route_mv(vk_ctx *c, const moe_weight *router, const moe_route *rt, int src, int n, const vk_wt *ws) {
+    const vk_wt *wt = vk_wt_of(c, router);
+    const vk_part *p = &c->vk->parts[wt->part0];
+    uint32_t K = (uint32_t)router->ne[0], E = (uint32_t)router->ne[1];
+    int inl = c->pn.active && src == c->pn.dst && n <= c->pn.rows && (int)K == c->pn.width;
+    if (!inl) vk_pn_touch(c, 1u << src, 1u << ACT_ROUTER);
+    vk_rec *r = vk_rec_new(c, VKP_TYPED(VKK_ROUTE, vk_type_index(router->type)), VKC_ROUTE);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[src], 0);
+    vk_bind(r, 2, &c->aux, 1);
+    if (ws) vk_bind_vector(c, r, 4, ws);
+    vk_bind(r, 5, &c->act[ACT_ROUTER], 1);
+    vk_bind_part(r, p);
+    uint32_t nblk = vk_div_up(E, VK_MV_ROWS);
+    VK_PC_SET(r, ROUTE, {.K = K, .M = E, .row_bytes = (uint32_t)router->row_bytes, .nblk = nblk, .x_stride = K, .k_used = (uint32_t)rt->k,
+                         .rnorm = (uint32_t)rt->norm, .ids_off = c->ids_off, .w_off = c->w_off, .has_scale = ws != NULL, .cnt_off = c->cnt_off});
+    if (inl) {
+        vk_pn_inline(c, r, 3, 1, VK_PC_WORD(ROUTE, eps), VK_PC_WORD(ROUTE, norm));
+        vk_pn_touch(c, 0, 1u << ACT_ROUTER);
+    }
+    vk_grid_fold(r, nblk, (uint32_t)n);
+    vk_cost(c, (double)E * (double)router->row_bytes + 4.0 * n * ((double)K + E), 2.0 * n * (double)K * E);
+}
+
 /* route: router logits (a matmul into ACT_ROUTER), then on the GPU the softmax, top-k and
    renormalisation per token; for matmul-size steps also the grouping of (token, slot) pairs by
-   expert into work items. The choice stays on the device. */
+   expert into work items. The choice stays on the device. Decode steps do it all in one dispatch
+   (vk_route_mv). */
 static void vk_op_route(void *be, const moe_weight *router, const moe_route *rt, int src, int n) {
     vk_ctx *c = be;
     if (c->err || n <= 0) return;
-    if (router) vk_op_matmul(be, ACT_ROUTER, router, src, 0, n);
-    vk_pn_touch(c, 1u << ACT_ROUTER, 0);
     uint32_t E = (uint32_t)rt->n_expert, k = (uint32_t)rt->k;
     c->route_k = k;
     c->route_n = n;
+    const vk_wt *ws = rt->expert_scale ? vk_wt_of(c, rt->expert_scale) : NULL;
+    const vk_wt *wr = router ? vk_wt_of(c, router) : NULL;
+    if (wr && n <= VK_MV_MAX && wr->n_parts == 1 && router->ne[1] == rt->n_expert) {
+        vk_route_mv(c, router, rt, src, n, ws);
+        c->fuse_idx = -1;
+        return;
+    }
+    if (router) vk_op_matmul(be, ACT_ROUTER, router, src, 0, n);
+    vk_pn_touch(c, 1u << ACT_ROUTER, 0);
     vk_rec *r = vk_rec_new(c, VKP_TOPK, VKC_TOPK);
     if (!r) return;
     vk_bind(r, 2, &c->aux, 1);
     vk_bind(r, 5, &c->act[ACT_ROUTER], 0);
-    const vk_wt *ws = rt->expert_scale ? vk_wt_of(c, rt->expert_scale) : NULL;
     if (ws) vk_bind_vector(c, r, 4, ws);
     VK_PC_SET(r, TOPK, {.E = E, .k_used = k, .norm = (uint32_t)rt->norm, .ids_off = c->ids_off, .w_off = c->w_off, .has_scale = ws != NULL});
     r->grid[0] = (uint32_t)n;
@@ -3843,7 +3893,7 @@ static void vk_op_experts_glu(void *be, const moe_weight *gate, const moe_weight
         else VK_PC_SET(r, MM, {.K = D, .M = ff, .row_bytes = (uint32_t)mw->row_bytes, .nblk = nblk, .x_stride = D, .y_stride = ff,
                                .mode = (uint32_t)mode, .tbl0 = wg->tbl, .tbl1 = wu->tbl, .k_used = k, .list_off = c->list_off,
                                .items_off = c->items_off, .act = (uint32_t)act});
-        if (inl) vk_pn_inline(c, r);
+        if (inl) vk_pn_inline(c, r, 4, 5, VK_PC_WORD(MV, eps), VK_PC_WORD(MV, norm));
         vk_grid_fold(r, nblk, mv ? (uint32_t)n * k : c->max_items);
         { /* the routed experts are not known here: min(n_expert, n·k) of them */
             double E = (double)gate->ne[2], ex = (double)n * k < E ? (double)n * k : E, parts = mode == 1 ? 2 : 1;

@@ -19,6 +19,8 @@
 #define PC_MOE_SORT(X) X(uint, E) X(uint, n_pairs) X(uint, ids_off) X(uint, list_off) X(uint, pos_off) X(uint, items_off)
 #define PC_RMSNORM(X) X(uint, width) X(uint, has_g) X(uint, rows) X(float, eps)
 #define PC_TOPK(X) X(uint, E) X(uint, k_used) X(uint, norm) X(uint, r_off) X(uint, ids_off) X(uint, w_off) X(uint, has_scale)
+#define PC_ROUTE(X) X(uint, K) X(uint, M) X(uint, row_bytes) X(uint, nblk) X(uint, x_off) X(uint, x_stride) X(float, eps) X(uint, norm) \
+    X(uint, k_used) X(uint, rnorm) X(uint, ids_off) X(uint, w_off) X(uint, has_scale) X(uint, cnt_off)
 #define PC_SCALE(X) X(uint, count) X(uint, width) X(uint, has_w) X(float, s)
 #define PC_GLU(X) X(uint, count) X(uint, width) X(uint, up_col0) X(uint, up_stride) X(uint, act)
 #define PC_SOFTCAP(X) X(uint, count) X(float, cap)
