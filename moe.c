@@ -6965,7 +6965,7 @@ struct moe_ctx {
     cpu_ctx *batch_cc;
     int32_t batch_rows;
     void *batch_vk;            /* the same on Vulkan: moe_vk.c's lead context of a pass */
-    int32_t batch_vk_rows;
+    int32_t batch_vk_rows, batch_vk_outs; /* its rows, and the logits rows it keeps */
     int32_t profiling;         /* moe_ctx_profile is on (a pass times no context's ops) */
 };
 
@@ -9103,7 +9103,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     }
     if (hp->n_state && c->abort) c->backup_slot = c->n_ckpt; /* one more slot in the backend, after the checkpoints */
     moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact,
-                           ctx_abort_poll, c, c->backup_slot >= 0, p.max_submit_us, p.low_priority != 0};
+                           ctx_abort_poll, c, c->backup_slot >= 0, p.max_submit_us, p.low_priority != 0, 0};
     moe_status st;
     if (model->vk) {
         c->ops = &moe_vk_ops;
@@ -9557,7 +9557,7 @@ moe_status moe_ctx_submit_times(moe_ctx *ctx, uint64_t *n_submits, double *max_u
 static moe_status bt_scratch(moe_ctx *owner, int32_t rows) {
     if (owner->batch_cc && owner->batch_rows >= rows) return MOE_OK;
     const moe_model *m = owner->model;
-    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact, NULL, NULL, 0, 0, 0};
+    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact, NULL, NULL, 0, 0, 0, 0};
     void *be;
     moe_status st = cpu_ctx_new(&m->w, &shape, owner->cpu->pool, &be); /* the contexts' pool: a CPU pass */
     if (st) return st;
@@ -9657,19 +9657,27 @@ static moe_status bt_run(moe_ctx *const *ctxs, const moe_token *const *tokens, c
     return st;
 }
 
-/* The Vulkan lead of a pass of up to rows rows, kept by owner for later calls (moe_vk.c section
-   8): its activations hold the pass's rows and its logits all of them; its KV cache is never used
-   (the contexts' own are). Its submissions poll owner's abort callback. */
-static moe_status bt_vk_scratch(moe_ctx *owner, int32_t rows) {
-    if (owner->batch_vk && owner->batch_vk_rows >= rows) return MOE_OK;
+/* The Vulkan lead of a pass of up to rows rows and outs logits rows, kept by owner for later calls
+   (moe_vk.c section 8): its activations hold the pass's rows, its logits (the LM head's output and
+   the readback) only the rows the passes expose: a 64-context prefill of 512 rows keeps 64 rows
+   of n_vocab floats, not 512. A new lead keeps the larger of the old and the new sizes, so that
+   prefill and decode calls do not rebuild it in turn. Its KV cache and rope tables are never
+   used (the contexts' own are): one position's worth. Its submissions poll owner's abort callback. */
+static moe_status bt_vk_scratch(moe_ctx *owner, int32_t rows, int32_t outs) {
+    if (owner->batch_vk && owner->batch_vk_rows >= rows && owner->batch_vk_outs >= outs) return MOE_OK;
+    if (owner->batch_vk) {
+        if (owner->batch_vk_rows > rows) rows = owner->batch_vk_rows;
+        if (owner->batch_vk_outs > outs) outs = owner->batch_vk_outs;
+    }
     const moe_model *m = owner->model;
-    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 1, m->n_threads, m->cpu_exact, ctx_abort_poll, owner, 0, 0, 0};
+    moe_ctx_shape shape = {1, rows, MOE_KV_F16, 1, m->n_threads, m->cpu_exact, ctx_abort_poll, owner, 0, 0, 0, outs};
     void *be;
     moe_status st = moe_vk_ctx_new(m->vk, &shape, &be);
     if (st) return st;
     if (owner->batch_vk) moe_vk_ctx_free(owner->batch_vk);
     owner->batch_vk = be;
     owner->batch_vk_rows = rows;
+    owner->batch_vk_outs = outs;
     return MOE_OK;
 }
 
@@ -9763,12 +9771,15 @@ moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, 
     }
     const moe_model *m = ctxs[0]->model;
     if (!batched || m->xc || (m->vk && moe_vk_batch_unsupported(m->vk))) return bt_one_by_one(ctxs, tokens, n_tokens, n_ctxs);
-    int32_t cap = BT_MIN_ROWS, total = 0;
+    int32_t cap = BT_MIN_ROWS, total = 0, outs = 0;
     for (int32_t i = 0; i < n_ctxs; i++) {
+        int32_t chunk = n_tokens[i] < ctxs[i]->n_batch ? n_tokens[i] : ctxs[i]->n_batch; /* its rows in one pass at most */
         if (ctxs[i]->n_batch > cap) cap = ctxs[i]->n_batch;
-        total += n_tokens[i] < ctxs[i]->n_batch ? n_tokens[i] : ctxs[i]->n_batch;
+        total += chunk;
+        outs += ctxs[i]->logits_all ? chunk : 1; /* the logits rows it exposes in one pass at most (bt_plan) */
     }
     if (total < cap) cap = total; /* decode of a few contexts: a small scratch */
+    if (outs > cap) outs = cap;
     size_t nc = (size_t)n_ctxs;
     bt_item *it = moe_malloc(nc * sizeof *it);
     cpu_batch b = {moe_malloc(nc * sizeof(cpu_bseg)), 0, 0, moe_malloc(nc * BT_MAX_AIM * sizeof(float *)),
@@ -9782,7 +9793,7 @@ moe_status moe_step_batch(moe_ctx *const *ctxs, const moe_token *const *tokens, 
         it[i].done = 0;
         it[i].min_ring = ctx_min_ring(ctxs[i]);
     }
-    if (!st) st = m->vk ? bt_vk_scratch(ctxs[0], cap) : bt_scratch(ctxs[0], cap);
+    if (!st) st = m->vk ? bt_vk_scratch(ctxs[0], cap, outs) : bt_scratch(ctxs[0], cap);
     double t0 = now_s();
     for (int32_t i = 0; !st && i < n_ctxs; i++) st = step_repair(ctxs[i]);
     if (st) goto out;
@@ -9870,6 +9881,11 @@ moe_status moe_ctx_get_stats(const moe_ctx *ctx, moe_stats *out) {
     out->host_bytes += (uint64_t)ctx->logits_cap * (uint64_t)ctx->model->w.hp.n_vocab * sizeof(float) +
                        (uint64_t)ctx->n_ctx * sizeof(moe_token);
     if (ctx->ops->stats) ctx->ops->stats(ctx->be, out);
+    if (ctx->batch_vk) { /* the lead of moe_step_batch's passes that ctx keeps: its buffers (its KV cache too) are scratch */
+        moe_stats lead = {0};
+        moe_vk_ops.stats(ctx->batch_vk, &lead);
+        out->gpu_bytes_scratch += lead.gpu_bytes_kv + lead.gpu_bytes_scratch;
+    }
     return MOE_OK;
 }
 

@@ -855,6 +855,8 @@ typedef struct moe_ctx_shape {
                               that holds the states from before the step (put back on a cancel) */
     uint32_t max_submit_us;/* Vulkan: GPU time cap of one submission; 0 = none */
     int32_t low_priority;  /* Vulkan: the low-priority queue where there is one */
+    int32_t logit_rows;    /* Vulkan, logits_all: rows of logits a step can give (the LM head's scratch and
+                              readback); 0 = n_batch. moe_step_batch's lead: the most its passes expose */
 } moe_ctx_shape;
 
 /* Models with recurrent states: a context of n_ctx positions checkpoints them every

@@ -3110,8 +3110,11 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     static const char *const act_names[ACT_COUNT] = {"x", "xn", "q", "k", "v", "attn", "out", "router", "logits", "out2", "ff", "ff2", "ple", "ple2",
                                                      "dn qkv", "dn conv", "dn z", "dn beta", "dn alpha", "dn o"};
     /* logits: ACT_LOGITS holds as many rows as one storage binding does (the forward computes
-       them in chunks of that many); the host-visible readback, a copy target only, holds all */
-    VkDeviceSize logit_rows = shape->logits_all ? nb : 1, row_bytes = (VkDeviceSize)hp->n_vocab * 4;
+       them in chunks of that many); the host-visible readback, a copy target only, holds all.
+       A step gives at most n_batch rows, fewer where the shape says so (moe_step_batch's lead:
+       only the rows its passes expose, not one per token of the pass) */
+    VkDeviceSize logit_rows = !shape->logits_all ? 1 : shape->logit_rows > 0 && (VkDeviceSize)shape->logit_rows < nb ? (VkDeviceSize)shape->logit_rows : nb;
+    VkDeviceSize row_bytes = (VkDeviceSize)hp->n_vocab * 4;
     VkDeviceSize cap_rows = vk->props.limits.maxStorageBufferRange / row_bytes;
     c->logits_cap = (int)(logit_rows < cap_rows ? logit_rows : cap_rows);
     if (c->logits_cap < 1) st = vk_fail(MOE_ERR_UNSUPPORTED, "Vulkan: one row of logits exceeds a storage binding");

@@ -33,7 +33,9 @@
                      its worker thread with moe_step_submit, then all waited for: on the CPU they
                      share the model's one compute pool); prints the decode tokens/s of
                      each (all contexts' tokens over the wall time; median over -r repetitions),
-                     batched / one-by-one, and the process's thread count (Linux; -1 elsewhere)
+                     batched / one-by-one, the process's thread count (Linux; -1 elsewhere), and
+                     (Vulkan) the device memory of the pass's scratch that the first context keeps
+                     (moe_ctx_get_stats' gpu_bytes_scratch of ctxs[0] minus that of another one)
    With a budget, each test line is followed by the expert cache's hits / misses (pairs of
    token and expert), hit rate and bytes streamed per token, and the resident host memory.
    As llama-bench: ppN feeds N random tokens to an empty context in one step (n_batch = N);
@@ -351,8 +353,8 @@ static int bench_batch(const char *model_path, moe_load_params lp, const char *l
         toks[i] = (moe_token)((s >> 33) % (unsigned long long)info.n_vocab);
     }
     if (!json) {
-        printf("| model | backend | threads | contexts | tg%d each | batched t/s | one by one t/s | ratio | concurrent t/s | process threads |\n", n_gen);
-        printf("| ----- | ------- | ------: | -------: | --------: | ----------: | -------------: | ----: | -------------: | --------------: |\n");
+        printf("| model | backend | threads | contexts | tg%d each | batched t/s | one by one t/s | ratio | concurrent t/s | process threads | pass MiB |\n", n_gen);
+        printf("| ----- | ------- | ------: | -------: | --------: | ----------: | -------------: | ----: | -------------: | --------------: | -------: |\n");
     }
     int rc = 0;
     for (const char *p = list; *p && !rc;) {
@@ -388,15 +390,18 @@ static int bench_batch(const char *model_path, moe_load_params lp, const char *l
         /* all contexts have stepped and have their workers: the compute threads of every context
            (one pool per model on the CPU) plus one worker per context plus this thread */
         int n_thr = process_threads();
+        moe_stats s0 = {0}, s1 = {0}; /* ctx[0] keeps the pass's lead; ctx[n - 1] has the same buffers but no lead */
+        if (!rc && (moe_ctx_get_stats(ctx[0], &s0) || moe_ctx_get_stats(ctx[n - 1], &s1))) rc = 1, fprintf(stderr, "bench: %s\n", moe_last_error());
+        double pass_mib = (double)(s0.gpu_bytes_scratch - s1.gpu_bytes_scratch) / 1048576.0;
         if (!rc) {
             if (json)
                 printf("{\"model\": \"%s\", \"arch\": \"%s\", \"backend\": \"%s\", \"threads\": %d, \"test\": \"batch\", \"contexts\": %d, "
                        "\"n_gen\": %d, \"reps\": %d, \"tps_batched\": %.3f, \"tps_one_by_one\": %.3f, \"tps_concurrent\": %.3f, "
-                       "\"process_threads\": %d}\n",
-                       model_path, info.arch, be, lp.n_threads, n, n_gen, reps, tps[0], tps[1], tps[2], n_thr);
+                       "\"process_threads\": %d, \"pass_mib\": %.2f}\n",
+                       model_path, info.arch, be, lp.n_threads, n, n_gen, reps, tps[0], tps[1], tps[2], n_thr, pass_mib);
             else
-                printf("| %s | %s | %d | %d | %d | %.2f | %.2f | %.2fx | %.2f | %d |\n", info.arch, be, lp.n_threads, n, n_gen, tps[0], tps[1],
-                       tps[0] / tps[1], tps[2], n_thr);
+                printf("| %s | %s | %d | %d | %d | %.2f | %.2f | %.2fx | %.2f | %d | %.2f |\n", info.arch, be, lp.n_threads, n, n_gen, tps[0], tps[1],
+                       tps[0] / tps[1], tps[2], n_thr, pass_mib);
             fflush(stdout);
         }
         for (int i = 0; ctx && i < n; i++) moe_ctx_free(ctx[i]);

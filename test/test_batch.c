@@ -21,7 +21,10 @@
       and the greedy token of every row must be the same. Segments of at most VK_MV_MAX rows in
       all are bit-identical (asserted). Attention runs per context on its own caches. Hybrid
       models keep the one-by-one path there (bit-identical). A cancel between passes and
-      allocation failures leave every context as it was. */
+      allocation failures leave every context as it was. The pass's lead keeps logits for the
+      rows the contexts expose, not for every row of the pass (a 4-context prefill of 400 rows:
+      4 rows; logits_all contexts: all of theirs), grows when a call needs more, and ctxs[0]'s
+      moe_ctx_get_stats counts it as scratch. */
 #include "../moe.c"
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
@@ -450,6 +453,62 @@ static void test_vk_hybrid(void **state) {
     moe_model_free(m);
 }
 
+/* the lead that owner keeps for its passes: rows rows, logits (the LM head's output and the
+   readback) for outs rows; owner's stats count it as scratch (other: the same buffers, no lead) */
+static void lead_logits(moe_ctx *owner, moe_ctx *other, int rows, int outs, int nv) {
+    const vk_ctx *lead = owner->batch_vk;
+    assert_non_null(lead);
+    assert_int_equal(owner->batch_vk_rows, rows);
+    assert_int_equal(owner->batch_vk_outs, outs);
+    assert_int_equal(lead->logits_cap, outs);
+    assert_int_equal(lead->logits.size, (VkDeviceSize)outs * (VkDeviceSize)nv * 4);
+    assert_int_equal(lead->act[ACT_LOGITS].size, (VkDeviceSize)outs * (VkDeviceSize)nv * 4);
+    moe_stats s0, s1, l = {0};
+    moe_vk_ops.stats(lead, &l);
+    assert_int_equal(moe_ctx_get_stats(owner, &s0), MOE_OK);
+    assert_int_equal(moe_ctx_get_stats(other, &s1), MOE_OK);
+    assert_int_equal(s0.gpu_bytes_scratch - s1.gpu_bytes_scratch, l.gpu_bytes_scratch + l.gpu_bytes_kv);
+}
+
+static void test_vk_scratch(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    moe_model *m = load_vk(Q8);
+    int nv = tu_vocab(m);
+    enum { N = 4, P = 100 };
+    moe_ctx *A[N], *B[N];
+    moe_token buf[N][P];
+    const moe_token *bt[N];
+    int32_t bn[N] = {P, P, 1, 1};
+    for (int i = 0; i < N; i++) {
+        A[i] = new_ctx(m, 256, 128, i >= 2, MOE_KV_F32); /* 2 and 3: logits_all */
+        B[i] = new_ctx(m, 256, 128, i >= 2, MOE_KV_F32);
+        for (int t = 0; t < P; t++) buf[i][t] = (moe_token)((i * 29 + t * 11 + 1) % nv);
+        bt[i] = buf[i];
+    }
+    /* 0 and 1 prefill: 200 rows expose 2 */
+    assert_int_equal(moe_step_batch(A, bt, bn, 2), MOE_OK);
+    lead_logits(A[0], A[1], 2 * P, 2, nv);
+    /* 0 and 1 decode: within that lead */
+    bn[0] = bn[1] = 1;
+    assert_int_equal(moe_step_batch(A, bt, bn, 2), MOE_OK);
+    lead_logits(A[0], A[1], 2 * P, 2, nv);
+    /* 0 and 1 decode, 2 and 3 (logits_all) prefill: 202 rows expose all 202: the lead grows */
+    bn[2] = bn[3] = P;
+    assert_int_equal(moe_step_batch(A, bt, bn, N), MOE_OK);
+    lead_logits(A[0], A[1], 2 * P + 2, 2 * P + 2, nv);
+    for (int i = 0; i < N; i++) { /* the same steps alone: the same logits */
+        if (i < 2) {
+            assert_int_equal(moe_step(B[i], bt[i], P), MOE_OK);
+            assert_int_equal(moe_step(B[i], bt[i], 1), MOE_OK);
+        }
+        assert_int_equal(moe_step(B[i], bt[i], bn[i]), MOE_OK);
+        same_state(A[i], B[i], bn[i], nv);
+    }
+    for (int i = 0; i < N; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+    moe_model_free(m);
+}
+
 static void test_vk_cancel(void **state) {
     (void)state;
     NEED_VULKAN();
@@ -469,6 +528,7 @@ int main(void) {
         cmocka_unit_test_teardown(test_vk_qwen3, teardown_validation),
         cmocka_unit_test_teardown(test_vk_gemma4, teardown_validation),
         cmocka_unit_test_teardown(test_vk_hybrid, teardown_validation),
+        cmocka_unit_test_teardown(test_vk_scratch, teardown_validation),
         cmocka_unit_test_teardown(test_vk_cancel, teardown_validation),
     };
     return tu_run_tests("batch", tests);
