@@ -6966,6 +6966,8 @@ struct moe_ctx {
     int32_t batch_rows;
     void *batch_vk;            /* the same on Vulkan: moe_vk.c's lead context of a pass */
     int32_t batch_vk_rows, batch_vk_outs; /* its rows, and the logits rows it keeps */
+    uint32_t max_submit_us;    /* Vulkan (moe_ctx_params): the lead of the passes this context keeps takes them too */
+    int32_t low_priority;
     int32_t profiling;         /* moe_ctx_profile is on (a pass times no context's ops) */
 };
 
@@ -9104,6 +9106,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     if (hp->n_state && c->abort) c->backup_slot = c->n_ckpt; /* one more slot in the backend, after the checkpoints */
     moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact,
                            ctx_abort_poll, c, c->backup_slot >= 0, p.max_submit_us, p.low_priority != 0, 0};
+    c->max_submit_us = p.max_submit_us, c->low_priority = p.low_priority != 0;
     moe_status st;
     if (model->vk) {
         c->ops = &moe_vk_ops;
@@ -9662,7 +9665,9 @@ static moe_status bt_run(moe_ctx *const *ctxs, const moe_token *const *tokens, c
    the readback) only the rows the passes expose: a 64-context prefill of 512 rows keeps 64 rows
    of n_vocab floats, not 512. A new lead keeps the larger of the old and the new sizes, so that
    prefill and decode calls do not rebuild it in turn. Its KV cache and rope tables are never
-   used (the contexts' own are): one position's worth. Its submissions poll owner's abort callback. */
+   used (the contexts' own are): one position's worth. Its submissions go where owner's would
+   (low_priority), split under owner's max_submit_us, and poll owner's abort callback between
+   them. */
 static moe_status bt_vk_scratch(moe_ctx *owner, int32_t rows, int32_t outs) {
     if (owner->batch_vk && owner->batch_vk_rows >= rows && owner->batch_vk_outs >= outs) return MOE_OK;
     if (owner->batch_vk) {
@@ -9670,7 +9675,8 @@ static moe_status bt_vk_scratch(moe_ctx *owner, int32_t rows, int32_t outs) {
         if (owner->batch_vk_outs > outs) outs = owner->batch_vk_outs;
     }
     const moe_model *m = owner->model;
-    moe_ctx_shape shape = {1, rows, MOE_KV_F16, 1, m->n_threads, m->cpu_exact, ctx_abort_poll, owner, 0, 0, 0, outs};
+    moe_ctx_shape shape = {1, rows, MOE_KV_F16, 1, m->n_threads, m->cpu_exact, ctx_abort_poll, owner, 0,
+                           owner->max_submit_us, owner->low_priority, outs};
     void *be;
     moe_status st = moe_vk_ctx_new(m->vk, &shape, &be);
     if (st) return st;

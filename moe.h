@@ -385,10 +385,12 @@ typedef struct moe_ctx_params {             /* all-zero (or NULL) means defaults
                                                microseconds; a longer chunk is split into several
                                                submissions (at dispatch boundaries, from a cost estimate
                                                calibrated with timestamps); results are bit-identical.
-                                               0 = no cap (one submission per chunk). CPU: ignored */
+                                               0 = no cap (one submission per chunk). CPU: ignored.
+                                               moe_step_batch: ctxs[0]'s applies to the pass */
     int32_t  low_priority;                  /* 1 = submit to a low-priority queue where moe created the
                                                device and the queue family has two queues (else the
-                                               normal queue; the log says which) */
+                                               normal queue; the log says which). moe_step_batch:
+                                               ctxs[0]'s applies to the pass */
 } moe_ctx_params;
 
 MOE_API moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx **out);
@@ -611,10 +613,14 @@ MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, doubl
      ones (another summation order, as prefill against decode), within 1e-5 of the logit range
      with f32 KV caches (f16 tensor-core tiles: 3e-3; f16 KV caches: a K/V element may round to
      the neighbouring binary16, up to 2e-3), greedy tokens the same in our tests; a pass of at most
-     8 rows in all (e.g. up to 8 contexts decoding) is bit-identical. The pass's scratch context
-     holds logits for all its rows (up to 512 rows × n_vocab floats on the device and the host).
-     max_submit_us and low_priority of the contexts do not apply to a pass; the abort callbacks of
-     all contexts are polled before each pass (and ctxs[0]'s between submissions).
+     8 rows in all (e.g. up to 8 contexts decoding) is bit-identical. The pass's scratch (kept by
+     ctxs[0], counted in its moe_ctx_get_stats gpu_bytes_scratch) holds the activations of up to
+     512 rows but logits (n_vocab floats a row, on the device and in the host-visible readback)
+     only for the rows the contexts expose: one per context, every row of a logits_all one; so
+     64 contexts prefilling together keep 64 rows of logits, not 512. A pass follows ctxs[0]'s
+     low_priority (its queue) and max_submit_us (split into submissions that fit the cap, the same
+     results); the other contexts' settings do not apply to it. The abort callbacks of all
+     contexts are polled before each pass, ctxs[0]'s also between its submissions.
    - Not batched, stepped one by one inside the call with the same results and the same
      all-or-nothing contract: hybrid models (Gated DeltaNet) on Vulkan, GPU or host expert
      streaming (gpu_budget_bytes / host_budget_bytes below the weights), and contexts with
@@ -1068,8 +1074,9 @@ MOE_HIDDEN moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *sh
 MOE_HIDDEN void       moe_vk_ctx_free(void *be);
 MOE_HIDDEN extern const moe_ops moe_vk_ops;
 /* moe_step_batch on Vulkan (moe_vk.c section 8): a scratch context (the lead, moe_vk_ctx_new with
-   n_batch = the pass's rows, logits_all) runs the forward over the rows of all segments with
-   moe_vk_batch_ops, between moe_vk_batch_begin and moe_vk_batch_end (inside its begin/end_step).
+   n_batch = the pass's rows, logits_all, logit_rows = the most logits rows a pass exposes) runs
+   the forward over the rows of all segments with moe_vk_batch_ops, between moe_vk_batch_begin
+   and moe_vk_batch_end (inside its begin/end_step).
    Segment s: context be's n tokens at positions pos0.., rows row0.. of the pass; its n_out logits
    rows (its last n_out rows) become rows out0.. of the pass's logits. */
 typedef struct moe_vk_seg { void *be; int32_t row0, n, pos0, n_out, out0; } moe_vk_seg;

@@ -509,6 +509,45 @@ static void test_vk_scratch(void **state) {
     moe_model_free(m);
 }
 
+/* ctxs[0]'s max_submit_us and low_priority hold for the pass: split into many submissions (1 us:
+   one dispatch each) on ctxs[0]'s queue, with the logits of one submission, bit for bit */
+static void test_vk_pass_params(void **state) {
+    (void)state;
+    NEED_VULKAN();
+    moe_model *m = load_vk(Q8);
+    int nv = tu_vocab(m);
+    moe_ctx_params cp = {0};
+    cp.n_ctx = 128;
+    cp.n_batch = 32;
+    moe_ctx *A[2], *B[2];
+    for (int i = 0; i < 2; i++) {
+        cp.max_submit_us = i ? 0 : 1, cp.low_priority = i ? 0 : 1;
+        assert_int_equal(moe_ctx_new(m, &cp, &A[i]), MOE_OK);
+        cp.max_submit_us = 0, cp.low_priority = 0;
+        assert_int_equal(moe_ctx_new(m, &cp, &B[i]), MOE_OK);
+    }
+    moe_token t[2][24];
+    for (int i = 0; i < 2; i++)
+        for (int k = 0; k < 24; k++) t[i][k] = (moe_token)((i * 13 + k * 7 + 2) % nv);
+    const moe_token *bt[2] = {t[0], t[1]};
+    int32_t bn[2] = {24, 17};
+    for (int call = 0; call < 2; call++) {
+        assert_int_equal(moe_step_batch(A, bt, bn, 2), MOE_OK);
+        assert_int_equal(moe_step_batch(B, bt, bn, 2), MOE_OK);
+        for (int i = 0; i < 2; i++) assert_memory_equal(moe_logits(A[i], -1), moe_logits(B[i], -1), (size_t)nv * sizeof(float));
+        bn[0] = bn[1] = 1; /* then a decode pass */
+    }
+    const vk_ctx *la = A[0]->batch_vk, *lb = B[0]->batch_vk;
+    assert_true(la->queue == ((const vk_ctx *)A[0]->be)->queue);
+    if (la->tpool) { /* timestamps: the capped lead submitted in parts */
+        printf("[ RESULT   ] 2 passes: %llu submissions with max_submit_us 1, %llu without\n", (unsigned long long)la->sub_n,
+               (unsigned long long)lb->sub_n);
+        assert_true(la->sub_n > lb->sub_n && lb->sub_n == 2);
+    }
+    for (int i = 0; i < 2; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+    moe_model_free(m);
+}
+
 static void test_vk_cancel(void **state) {
     (void)state;
     NEED_VULKAN();
@@ -529,6 +568,7 @@ int main(void) {
         cmocka_unit_test_teardown(test_vk_gemma4, teardown_validation),
         cmocka_unit_test_teardown(test_vk_hybrid, teardown_validation),
         cmocka_unit_test_teardown(test_vk_scratch, teardown_validation),
+        cmocka_unit_test_teardown(test_vk_pass_params, teardown_validation),
         cmocka_unit_test_teardown(test_vk_cancel, teardown_validation),
     };
     return tu_run_tests("batch", tests);
