@@ -1434,6 +1434,16 @@ static moe_status vk_xfer_begin(moe_vk_backend *vk, vk_xfer *x, VkDeviceSize hal
     return MOE_OK;
 }
 
+/* one host-to-device copy, waited for (a context's tables, its counters that start at zero) */
+static moe_status vk_upload(moe_vk_backend *vk, void *host, VkDeviceSize bytes, VkBuffer buf, VkDeviceSize off) {
+    VkDeviceSize half = bytes < 4096 ? 4096 : bytes < ((VkDeviceSize)8 << 20) ? vk_align_up(bytes, 16) : (VkDeviceSize)8 << 20;
+    vk_xfer x;
+    moe_status st = vk_xfer_begin(vk, &x, half, 0);
+    if (st) return st;
+    vk_xfer_copy(&x, host, bytes, buf, off);
+    return vk_xfer_end(&x);
+}
+
 /* ---- weights: placement into windows, upload, expert tables ---- */
 typedef struct vk_placer { VkDeviceSize cap, used; uint32_t cur; VkDeviceSize *win_used; uint32_t n_win, win_cap_n; } vk_placer;
 
@@ -3163,11 +3173,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     if (!st) st = vk_act_new(c, &c->aux, ((VkDeviceSize)c->cnt_off + VK_MV_MAX) * 4, "routing");
     if (!st) { /* route_mv.comp's counters start at zero (each dispatch leaves them so) */
         uint32_t zeros[VK_MV_MAX] = {0};
-        vk_xfer x;
-        if (!(st = vk_xfer_begin(vk, &x, 4096, 0))) {
-            vk_xfer_copy(&x, (uint8_t *)zeros, sizeof zeros, c->aux.buf, c->aux.off + (VkDeviceSize)c->cnt_off * 4);
-            st = vk_xfer_end(&x);
-        }
+        st = vk_upload(vk, zeros, sizeof zeros, c->aux.buf, c->aux.off + (VkDeviceSize)c->cnt_off * 4);
     }
     if (!st) { /* split-KV partials, for the widest attention layer, and the arrival counters (zeros, as
                   attn.comp leaves them); only contexts that can exceed VK_SPLIT_MIN keys */
@@ -3182,12 +3188,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         st = vk_act_new(c, &c->split, split ? vk_align_up(split_w * VK_SPLIT_MAX * 4, VK_ALIGN) + cnt : VK_ALIGN, "split attention");
         if (!st && split) {
             uint8_t *zero = calloc(1, (size_t)cnt);
-            vk_xfer x;
-            if (!zero) st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
-            else if (!(st = vk_xfer_begin(vk, &x, cnt, 0))) {
-                vk_xfer_copy(&x, zero, cnt, c->split.buf, c->split.size - cnt);
-                st = vk_xfer_end(&x);
-            }
+            st = zero ? vk_upload(vk, zero, cnt, c->split.buf, c->split.off + c->split.size - cnt) : vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
             free(zero);
         }
     }
@@ -3240,11 +3241,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
                 tab[at + 1] = p < rp->n_freq ? sinf(ang) : 0.0f;
             }
         }
-        vk_xfer x;
-        if (!(st = vk_xfer_begin(vk, &x, (VkDeviceSize)8 << 20, 0))) {
-            vk_xfer_copy(&x, (uint8_t *)tab, rope_bytes, tb->buf, 0);
-            st = vk_xfer_end(&x);
-        }
+        st = vk_upload(vk, tab, rope_bytes, tb->buf, 0);
         free(tab);
     }
     /* segment headers: a pass of moe_step_batch binds one per segment at an aligned offset */
