@@ -237,16 +237,9 @@ void main() {
         [[unroll]] for (uint e = 0u; e < ND; e++)
             if (tid + 128u * e < HD) pg[so + 2u + tid + 128u * e] = oa[g * ND + e];
     }
-    /* the "last block" pattern: every thread's partial is visible device-wide before thread 0
-       counts this chunk in; whoever counts the last one reads them all */
-    memoryBarrierBuffer();
-    barrier();
-    uint ai = i * gl_NumWorkGroups.x + gl_WorkGroupID.x;
-    if (tid == 0u) merger = atomicAdd(arrivals[ai], 1u) == nz - 1u ? 1u : 0u;
-    barrier();
+    /* the last chunk of the group to count in (common.glsl) reads them all */
+    WG_COUNT_IN(arrivals[i * gl_NumWorkGroups.x + gl_WorkGroupID.x], nz, merger);
     if (merger == 0u) return;
-    memoryBarrierBuffer();
-    if (tid == 0u) arrivals[ai] = 0u; /* every other chunk has counted in: ready for a replay */
     merge_chunks(i, h0, nz, tid);
 #else
     [[unroll]] for (uint g = 0u; g < GW; g++) {

@@ -24,6 +24,22 @@ layout(std430, binding = 7) readonly buffer Step { uint step_u[]; };
 /* a workgroup index folded over x and z (grids larger than maxComputeWorkGroupCount[0]) */
 uint wg_linear_x() { return gl_WorkGroupID.x + gl_WorkGroupID.z * gl_NumWorkGroups.x; }
 
+/* The "last block" hand-off between the workgroups of one dispatch: every invocation's earlier
+   writes (to coherent buffers) are made visible device-wide, then invocation 0 counts the
+   workgroup in at counter (a uint in a buffer, 0 before the dispatch). flag, a shared uint of the
+   caller, becomes 1 in the workgroup that counts in as the total-th: it alone may read what the
+   others wrote, and it sets the counter back to 0 (all the others have counted in), so a replayed
+   command buffer starts from zero again. A statement; call from uniform control flow. */
+#define WG_COUNT_IN(counter, total, flag)                                                       \
+    memoryBarrierBuffer();                                                                      \
+    barrier();                                                                                  \
+    if (gl_LocalInvocationIndex == 0u) flag = atomicAdd(counter, 1u) == (total) - 1u ? 1u : 0u; \
+    barrier();                                                                                  \
+    if (flag != 0u) {                                                                           \
+        memoryBarrierBuffer();                                                                  \
+        if (gl_LocalInvocationIndex == 0u) counter = 0u;                                        \
+    }
+
 /* ---- workgroup reductions: subgroup first, then across subgroups through shared memory.
    Call from uniform control flow; every invocation gets the result. ---- */
 shared vec4 red_v[64];

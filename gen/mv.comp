@@ -2,9 +2,9 @@
 #extension GL_GOOGLE_include_directive : require
 /* mv.comp — matrix-vector products for decode (a few tokens), dequantizing on the fly.
    A workgroup computes two consecutive output rows for one column (token or expert pair): its
-   threads stride over the rows in runs of 16 elements (32 for Q4_K), two runs per loop trip, with both rows'
-   loads unconditional (a missing second row re-reads the first), so that many loads are in
-   flight per thread; then one workgroup reduction (subgroupAdd, then across subgroups).
+   threads stride over the rows in runs of 16 elements (32 for Q4_K), two runs per loop trip,
+   with both rows' loads unconditional (a missing second row re-reads the first), so that many
+   loads are in flight per thread; then one workgroup reduction (subgroupAdd, then across subgroups).
 
    modes (pc.mode):
      0 dense      y[c][r] = W[r] · x[c]                       W = window 0 from byte 0
@@ -12,7 +12,8 @@
      2 down       y[t][r] = Σ_slot w_slot · D_e[r] · x[t·k + slot]  (the weighted expert sum)
      3 gate only  y[p][r] = G_e[r] · x[t]            (gate and up of different types: pass 1)
      4 up finish  y[p][r] = act(y[p][r]) · (U_e[r] · x[t])                         (pass 2)
-   The router's choice comes from topk.comp / route_mv.comp on the GPU (aux: ids[t·k + s], weights[t·k + s]);
+   The router's choice comes from topk.comp / route_mv.comp on the GPU (aux: ids[t·k + s],
+   weights[t·k + s]);
    experts come from the indirection table (binding 3): entry [tbl + e] = (window, byte offset).
    With pc.acc set the result is added to y instead of stored (a fused residual add).
    With pc.norm bit 0 the input is RMS-normalised on the fly (modes 0, 1): x ∘ g is dotted and the

@@ -1,13 +1,8 @@
 /* mv_dot.glsl — the dot products of the matrix-vector kernels (mv.comp, route_mv.comp): a
    workgroup's threads stride over two weight rows in runs of RUN elements (16; 32 for Q4_K),
-   two runs per loop trip, optionally RMS-normalising x on the fly. The includer declares x4 (the input), g4 (the norm
-   weight), xn4 (the normalised row it may write) and pc with the fields K, eps and norm (bit 0:
-   normalise x; bit 1: the first row block writes the normalised row to xn4). */
-float dot16(float v[16], vec4 a0, vec4 a1, vec4 a2, vec4 a3) {
-    return dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
-           dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
-}
-
+   two runs per loop trip, optionally RMS-normalising x on the fly. The includer declares x4 (the
+   input), g4 (the norm weight), xn4 (the normalised row it may write) and pc with the fields K,
+   eps and norm (bit 0: normalise x; bit 1: the first row block writes the normalised row to xn4). */
 #if defined(T_Q4_K)
 /* Q4_K runs are 32 weights: the 16 bytes of qs that hold elements l..l+15 of sub-block 2j in
    their low nibbles hold the same elements of sub-block 2j+1 in their high ones, so one 16-byte
@@ -56,6 +51,11 @@ vec2 run_dot2(uint buf, uint rb0, uint rb1, uint xo, uint it, inout float ss) {
 }
 #else
 #define RUN 16u
+float dot16(float v[16], vec4 a0, vec4 a1, vec4 a2, vec4 a3) {
+    return dot(vec4(v[0], v[1], v[2], v[3]), a0) + dot(vec4(v[4], v[5], v[6], v[7]), a1) +
+           dot(vec4(v[8], v[9], v[10], v[11]), a2) + dot(vec4(v[12], v[13], v[14], v[15]), a3);
+}
+
 /* the 16 weights of run `it` of two rows (byte offsets rb0, rb1) against x at float offset xo
    (times the norm weight, its squares summed into ss, when pc.norm is set) */
 vec2 run_dot2(uint buf, uint rb0, uint rb1, uint xo, uint it, inout float ss) {
@@ -74,7 +74,6 @@ vec2 run_dot2(uint buf, uint rb0, uint rb1, uint xo, uint it, inout float ss) {
     dq16(buf, rb1, it * 16u, v1);
     return vec2(dot16(v0, a0, a1, a2, a3), dot16(v1, a0, a1, a2, a3));
 }
-
 #endif
 
 /* Σ over the rows' runs, split over the workgroup's threads, two runs per trip */
@@ -98,4 +97,3 @@ float norm_scale(float ss, uint xo, uint blk, bool writer) {
         for (uint q = gl_LocalInvocationIndex; q < pc.K / 4u; q += WG) xn4[(xo >> 2) + q] = x4[(xo >> 2) + q] * s * g4[q];
     return s;
 }
-

@@ -3,10 +3,9 @@
 /* route_mv.comp — decode routing (a few tokens) in one dispatch: the router matrix-vector product
    (mv_dot.glsl, as mv.comp mode 0, two logits per workgroup, so that enough workgroups stream the
    router weight), then the last workgroup of a token to finish routes it (route.glsl: softmax,
-   top-k, weights). "Last" comes from an arrival counter per token in aux (pc.cnt_off + token):
-   each workgroup stores its logits, makes them visible (coherent buffer + memoryBarrierBuffer)
-   and then counts itself in; the one that counts nblk resets the counter to 0 for the next
-   dispatch (command buffers are replayed) and reads all logits back.
+   top-k, weights). "Last" comes from an arrival counter per token in aux (pc.cnt_off + token,
+   common.glsl's WG_COUNT_IN): each workgroup stores its logits (a coherent buffer) and counts
+   itself in; the one that counts nblk reads all logits back.
    pc.norm is mv.comp's inline RMSNorm of x; pc.rnorm the renormalisation over the top k.
    grid: (nblk, tokens). bindings: 0 x, 1 normalised x, 2 aux, 3 norm weight, 4 expert scale,
    5 router logits [token][E], 6 weights */
@@ -25,7 +24,7 @@ layout(push_constant) uniform PC { PC_ROUTE(PC_FIELD) } pc;
 #include "route.glsl"
 #include "mv_dot.glsl"
 
-shared bool last;
+shared uint last; /* this workgroup counted in last (WG_COUNT_IN) */
 
 void main() {
     uint blk = wg_linear_x();
@@ -40,12 +39,7 @@ void main() {
     a *= norm_scale(ss, xo, blk, true);
     if (tid == 0u) router_l[row + r0] = a.x;
     if (tid == 1u && ok1) router_l[row + r0 + 1u] = a.y;
-    memoryBarrierBuffer();
-    barrier();
-    if (tid == 0u) last = atomicAdd(aux[pc.cnt_off + col], 1u) == pc.nblk - 1u;
-    barrier();
-    if (!last) return;
-    memoryBarrierBuffer();
-    if (tid == 0u) aux[pc.cnt_off + col] = 0u;
+    WG_COUNT_IN(aux[pc.cnt_off + col], pc.nblk, last);
+    if (last == 0u) return;
     route(row, pc.M, pc.k_used, pc.rnorm, pc.ids_off + col * pc.k_used, pc.w_off + col * pc.k_used, pc.has_scale);
 }
