@@ -8397,7 +8397,8 @@ static moe_status cpu_stream_attach(cpu_ctx *cc, moe_xcache *xc) {
    group by group: each (token, expert) pair's result is computed exactly as in a resident run,
    so the logits are bit-identical at every budget. xs_prefetch starts reads early for experts a
    backend predicts (the next layer's router applied to the current hidden state); prefetched
-   units are unpinned and evictable once they have landed.
+   units are unpinned and evictable once they have landed. Predictions are judged at their layer
+   (xs_judge) and only those of a class with good odds are read ahead (prefetch throttling below).
 
    Failure: a read that fails leaves its slot empty; the caller's step fails with MOE_ERR_IO and
    the context is as before (the backend skips the rest of the step's expert work).
