@@ -264,8 +264,11 @@ typedef struct moe_load_params {            /* all-zero (or a NULL pointer) mean
                                                fails with MOE_ERR_NO_MEMORY naming it. Environment: MOE_EVICT=
                                                slru (default: scan-resistant, a prefill cannot flush what decode
                                                reuses) | lru | lfu (both tiers; another value: moe_load fails
-                                               with MOE_ERR_INVALID_ARG), MOE_PREFETCH=0 | 1 (default), MOE_IO_DIRECT=
-                                               1 (O_DIRECT reads), MOE_IO_THREADS=N (4). Vulkan with a
+                                               with MOE_ERR_INVALID_ARG), MOE_PREFETCH=0 | 1 (default), MOE_PREFETCH_ODDS=
+                                               0..1 (a predicted expert is read ahead only when predictions
+                                               of its rank were routed at least this often at its layer
+                                               lately; default 0.35, 0: all; another value: INVALID_ARG),
+                                               MOE_IO_DIRECT=1 (O_DIRECT reads), MOE_IO_THREADS=N (4). Vulkan with a
                                                gpu_budget_bytes below the weights too: the same host tier
                                                under the GPU slot cache; its minimum adds one layer's experts
                                                (the stage). Vulkan otherwise: the experts' mapped pages are
@@ -1019,9 +1022,14 @@ typedef struct moe_xs_counts {
    value) with the error set; dst may then be partly written. */
 MOE_HIDDEN moe_status moe_xs_gather(moe_xcache *xc, int l, const int32_t *ids, int n, const int32_t *pairs, uint8_t *const *dst,
                                     moe_xs_counts *cnt);
-/* starts reads of those of ids[] of layer l that the host cache lacks (no waiting); 0 when the
-   host cache does not prefetch (MOE_PREFETCH=0) */
-MOE_HIDDEN int        moe_xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, int n, moe_xs_counts *cnt);
+/* starts reads of those of ids[] of layer l that the host cache lacks (no waiting); cls[i]: the
+   predictor's confidence class of ids[i], 0 the best (NULL: all 0); reads only predictions whose
+   class has been routed often enough at this layer (moe_xs_judge); 0 when the host cache does not
+   prefetch (MOE_PREFETCH=0) */
+MOE_HIDDEN int        moe_xs_prefetch(moe_xcache *xc, int l, const int32_t *ids, const uint8_t *cls, int n, moe_xs_counts *cnt);
+/* scores the predictions made for layer l (pred[e]: 0, or class + 1; E entries, cleared) against
+   the n distinct experts ids[] the router chose there */
+MOE_HIDDEN void       moe_xs_judge(moe_xcache *xc, int l, uint8_t *pred, const int32_t *ids, int n);
 /* moe_vk_init_budget with what else moe_load_params carries for Vulkan: the host's objects (NULL:
    moe's own instance and device) and a pipeline cache (path and/or blob, each optional). */
 typedef struct moe_vk_opts {

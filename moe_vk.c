@@ -2494,6 +2494,7 @@ typedef struct vk_ctx {
     struct vk_xf { VkBuffer src, dst; VkBufferCopy cp; } *xf; /* copies that open the next segment: stage -> slots, table */
     int n_xf;
     int32_t *xg_ids, *xg_pairs; /* [E] scratch: a layer's missed experts, their pairs */
+    uint8_t *xg_pred;          /* [L][E] experts prefetched for a layer (1), judged at its route op (moe_xs_judge) */
     uint8_t **xg_dst;          /* [E][MOE_XS_MAX_T] where their slabs go in the stage */
     moe_xs_counts xcnt;        /* the host tier's counters for this context */
     /* hybrid models: the live recurrent states and n_ckpt checkpoint copies of them; each state's
@@ -3069,6 +3070,7 @@ void moe_vk_ctx_free(void *be) {
     free(c->xg_n);
     free(c->xf);
     free(c->xg_ids);
+    free(c->xg_pred);
     free(c->xg_pairs);
     free(c->xg_dst);
     free(c->kv_off);
@@ -3284,6 +3286,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
         if (!st) st = vk_buf_new(vk, &c->rlog, (VkDeviceSize)hp->n_layer * nb * k * 4, VK_MEM_HOST_READ, "the route log");
         size_t E = (size_t)vk->xg->E;
         if (!st && vk->xc && (!(c->xf = calloc(E * VK_XG_T + VK_XG_T, sizeof *c->xf)) || !(c->xg_ids = calloc(E, sizeof *c->xg_ids)) ||
+                              !(c->xg_pred = calloc((size_t)hp->n_layer * E, 1)) ||
                               !(c->xg_pairs = calloc(E, sizeof *c->xg_pairs)) || !(c->xg_dst = calloc(E * MOE_XS_MAX_T, sizeof *c->xg_dst))))
             st = vk_fail(MOE_ERR_NO_MEMORY, "Vulkan: out of host memory");
         if (!st && vk->xc) { /* the segments' command buffer */
@@ -4007,7 +4010,9 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
     int32_t s0 = x->s0[l], ns = x->ns[l], nm = 0, nd = 0;
     moe_xs_pol *pol = &x->pol[l];
     uint64_t step_tick = pol->tick; /* slots touched after this serve this step */
-    for (int e = 0; e < E; e++) nd += cnt[e] > 0;
+    for (int e = 0; e < E; e++)
+        if (cnt[e]) c->xg_ids[nd++] = e;
+    moe_xs_judge(vk->xc, l, c->xg_pred + (size_t)l * (size_t)E, c->xg_ids, nd); /* the last prefetch for this layer */
     for (int e = 0; e < E; e++) {
         if (!cnt[e]) continue;
         int32_t s = x->map[(size_t)l * (size_t)E + (size_t)e];
@@ -4073,7 +4078,8 @@ static void vk_xg_route_sync(vk_ctx *c, const vk_wt *wg, int n) {
         memset(cnt, 0, (size_t)E * sizeof cnt[0]);
         for (int32_t p = 0; p < c->xg_n[l2]; p++)
             if (ids2[p] < (uint32_t)E && !cnt[ids2[p]]++ && x->map[(size_t)l2 * (size_t)E + ids2[p]] < 0) c->xg_ids[n2++] = (int32_t)ids2[p];
-        if (n2) moe_xs_prefetch(vk->xc, l2, c->xg_ids, n2, &c->xcnt);
+        if (n2 && moe_xs_prefetch(vk->xc, l2, c->xg_ids, NULL, n2, &c->xcnt)) /* one class: the previous step's choice */
+            for (int i = 0; i < n2; i++) c->xg_pred[(size_t)l2 * (size_t)E + (size_t)c->xg_ids[i]] = 1;
     }
 }
 

@@ -280,6 +280,57 @@ static void test_policy_scan(void **state) {
     unsetenv("MOE_EVICT");
 }
 
+/* Prefetch throttling (MOE_PREFETCH_ODDS): at any odds the logits equal the resident run's; odds 1
+   (no class ever reaches it) reads exactly what no prefetch at all reads; other values fail the
+   load naming the variable. */
+static void test_prefetch_odds(void **state) {
+    (void)state;
+    char p[256];
+    fixture_path("q4_k", p, sizeof p);
+    moe_model *m = load(p, 1, 0, NULL);
+    moe_model_info info;
+    assert_int_equal(moe_model_get_info(m, &info), MOE_OK);
+    size_t rows = TU_NTOK + TU_NGEN;
+    float *ref = malloc(rows * (size_t)info.n_vocab * sizeof(float));
+    assert_non_null(ref);
+    tu_stream_workload(m, 0, ref, NULL);
+    moe_model_free(m);
+    uint64_t pairs = (uint64_t)rows * (uint64_t)info.n_layer * (uint64_t)info.n_expert_used, budget = info.weight_bytes - info.expert_bytes / 2;
+    const char *pf[] = {"0", "1", "1", "1"}, *odds[] = {NULL, "1", "0", NULL};
+    moe_stats s[4];
+    setenv("MOE_EVICT", "lru", 1); /* (SLRU's protected slots leave a prefetch no room on this tiny fixture) */
+    for (int i = 0; i < 4; i++) {
+        setenv("MOE_PREFETCH", pf[i], 1);
+        if (odds[i]) setenv("MOE_PREFETCH_ODDS", odds[i], 1);
+        else unsetenv("MOE_PREFETCH_ODDS");
+        char what[96];
+        snprintf(what, sizeof what, "q4_k prefetch=%s odds=%s", pf[i], odds[i] ? odds[i] : "default");
+        m = load(p, 1, budget, NULL);
+        tu_stream_check(m, 0, ref, pairs, 1, &s[i], what);
+        moe_model_free(m);
+        print_message("    %s: hits %llu misses %llu, %llu bytes read\n", what, (unsigned long long)s[i].expert_hits,
+                      (unsigned long long)s[i].expert_misses, (unsigned long long)s[i].expert_bytes_streamed);
+    }
+    assert_int_equal(s[1].expert_bytes_streamed, s[0].expert_bytes_streamed);
+    assert_int_equal(s[1].expert_misses, s[0].expert_misses);
+    /* deterministic on this fixture: reading every prediction ahead turns some misses into hits, and
+       the default's throttle (after the first judgments) reads fewer bytes than that */
+    assert_true(s[2].expert_hits >= s[0].expert_hits);
+    assert_true(s[3].expert_bytes_streamed < s[2].expert_bytes_streamed);
+    const char *bad[] = {"2", "-0.5", "half", "0.5x"};
+    for (int i = 0; i < 4; i++) {
+        setenv("MOE_PREFETCH_ODDS", bad[i], 1);
+        moe_status err;
+        assert_null(load(p, 1, budget, &err));
+        assert_int_equal(err, MOE_ERR_INVALID_ARG);
+        assert_non_null(strstr(moe_last_error(), "MOE_PREFETCH_ODDS="));
+    }
+    unsetenv("MOE_PREFETCH_ODDS");
+    unsetenv("MOE_PREFETCH");
+    unsetenv("MOE_EVICT");
+    free(ref);
+}
+
 typedef struct thr_arg { moe_model *m; float *out; } thr_arg;
 static void *thr_main(void *p) {
     thr_arg *a = p;
@@ -393,7 +444,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sizes_and_minimum), cmocka_unit_test(test_policy_scan), V(0), V(1), V(2), V(3), V(4), V(5), V(6),
         V(7), V(8), V(9), V(10),
-        cmocka_unit_test(test_io_error), cmocka_unit_test(test_nonfinite_streamed_expert), cmocka_unit_test(test_threads), cmocka_unit_test(test_vulkan_budgets),
+        cmocka_unit_test(test_prefetch_odds), cmocka_unit_test(test_io_error), cmocka_unit_test(test_nonfinite_streamed_expert), cmocka_unit_test(test_threads), cmocka_unit_test(test_vulkan_budgets),
     };
     return tu_run_tests("stream", tests);
 }
