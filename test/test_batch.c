@@ -88,13 +88,22 @@ static void same_state(moe_ctx *a, moe_ctx *b, int n_tokens, int nv) {
     }
 }
 
+/* the tolerance of a scenario with this cache type: an f16 cache adds its rounding to what the
+   path's own tolerance (g_tol) covers. With f16 tensor-core tiles the two add (gemma4/moe on an
+   H100: 2.5e-3 with an f32 cache, 3.5e-3 with f16); without tiles TOL_SELF is far below
+   TOL_F16KV, which then covers both. */
+static double kv_tol(int kv) {
+    if (g_tol < 0 || kv != MOE_KV_F16) return g_tol;
+    return g_tol >= TOL_CM ? g_tol + TOL_F16KV : g_tol < TOL_F16KV ? TOL_F16KV : g_tol;
+}
+
 /* A scenario of n contexts (A batched, B stepped alone) over several calls: call 0 prefills
    1..30 tokens each (several chunks where n_batch is small), the later calls give one greedy token
    to most contexts, a chunk of a few tokens to some, and leave one out. Every call compares. */
 static void scenario(moe_model *m, int n, const int *n_batch, const int *all, int kv, int n_calls, int rewind) {
     int nv = tu_vocab(m);
     double keep_tol = g_tol;
-    if (g_tol >= 0 && kv == MOE_KV_F16 && g_tol < TOL_F16KV) g_tol = TOL_F16KV;
+    g_tol = kv_tol(kv);
     moe_ctx *A[MAXC], *B[MAXC];
     for (int i = 0; i < n; i++) {
         A[i] = new_ctx(m, 128, n_batch[i], all[i], kv);
@@ -418,7 +427,7 @@ static void test_vk_qwen3(void **state) {
     printf("[ RESULT   ] vulkan batch qwen3moe_q8_0 f32 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", g_worst, g_tol);
     g_worst = 0;
     scenario(m, 3, k_nb + 2, k_all + 2, MOE_KV_F16, 4, 1);
-    printf("[ RESULT   ] vulkan batch qwen3moe_q8_0 f16 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", g_worst, TOL_F16KV);
+    printf("[ RESULT   ] vulkan batch qwen3moe_q8_0 f16 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", g_worst, kv_tol(MOE_KV_F16));
     moe_model_free(m);
     m = load_vk(F32);
     scenario(m, 5, k_nb, k_all, MOE_KV_F32, 6, 1);
@@ -436,7 +445,7 @@ static void test_vk_gemma4(void **state) {
         printf("[ RESULT   ] vulkan batch %s f32 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", dirs[f], g_worst, g_tol);
         g_worst = 0;
         scenario(m, 4, k_nb + 1, k_all + 1, MOE_KV_F16, 4, 0);
-        printf("[ RESULT   ] vulkan batch %s f16 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", dirs[f], g_worst, TOL_F16KV);
+        printf("[ RESULT   ] vulkan batch %s f16 KV: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", dirs[f], g_worst, kv_tol(MOE_KV_F16));
         moe_model_free(m);
     }
 }
