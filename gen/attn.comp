@@ -19,8 +19,9 @@
    grid: (n_head / GW, n). bindings: 0 q, 1 out, 4 K cache, 5 V cache (layer windows), 7 step.
    -DSPLIT (decode over many keys, "flash decoding"): grid (n_head / GW, n, n_split); workgroup z
    walks only keys [z·chunk, (z+1)·chunk) of the query's range, so the KV length is spread over
-   many workgroups, and writes each head's partial (max m, sum l, unnormalized Σ w·v) to binding 1
-   as [(i·n_head + h)·n_split + z][2 + HD]. The last workgroup of a (token, KV group) to finish
+   many workgroups, and writes each head's partial to binding 1: the unnormalized Σ w·v of partial
+   row r = (i·n_head + h)·n_split + z at [r·HD, +HD) (16-byte aligned, so the merge reads vec4s),
+   its max m and sum l at [R·HD + 2r, +2) (R: all partial rows). The last workgroup of a (token, KV group) to finish
    (an arrival counter per group in binding 3) merges all chunks into binding 2, in chunk order,
    so the result does not depend on which one arrives last; a separate merge dispatch and its
    barrier cost more than the merge itself. It sets the counter back to 0 for the next replay.
@@ -30,6 +31,7 @@
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
 #ifdef SPLIT
 layout(std430, binding = 1) coherent buffer P { float pg[]; };     /* partials, read back by the merging workgroup */
+layout(std430, binding = 1) coherent buffer P4 { vec4 pg4[]; };
 layout(std430, binding = 2) writeonly buffer O { float o[]; };
 layout(std430, binding = 3) coherent buffer A { uint arrivals[]; }; /* [i·n_groups + group], 0 between dispatches */
 #define MAX_SPLIT 64u /* moe_vk.c VK_SPLIT_MAX */
@@ -70,13 +72,17 @@ shared uint merger;                                           /* this workgroup 
 /* out = Σ_c o_c e^(m_c - M) / Σ_c l_c e^(m_c - M), M = max_c m_c, over the nz chunks of heads
    h0 .. h0+GW-1 of token i, each sum in chunk order. part (free once the walk is done) holds
    head g's chunk weights at [g·128, +nz) and sums l_c at [g·128 + 64, +nz). An empty chunk
-   (m = -inf, l = 0) weighs 0. */
+   (m = -inf, l = 0) weighs 0. The partials are read as vec4s, MU chunks per trip: one workgroup
+   reads them all (GW·nz·HD floats), so its time is the loads in flight. */
+#define MU 8u
 void merge_chunks(uint i, uint h0, uint nz, uint tid) {
-    const uint st = HD + 2u;
+    const uint H4 = HD / 4u;
+    uint row0 = (i * pc.n_head + h0) * nz;                  /* head g's chunk c: row row0 + g·nz + c */
+    uint mlo = gl_NumWorkGroups.y * pc.n_head * nz * HD;    /* the (m, l) pairs after all rows */
     for (uint t = tid; t < GW * nz; t += 128u) {
-        uint g = t / nz, c = t % nz, b = ((i * pc.n_head + h0 + g) * nz + c) * st;
-        part[g * 128u + c] = pg[b];
-        part[g * 128u + 64u + c] = pg[b + 1u];
+        uint g = t / nz, c = t % nz;
+        part[g * 128u + c] = pg[mlo + 2u * (row0 + t)];
+        part[g * 128u + 64u + c] = pg[mlo + 2u * (row0 + t) + 1u];
     }
     barrier();
     if (tid < GW) { /* max is exact in any order */
@@ -90,18 +96,24 @@ void merge_chunks(uint i, uint h0, uint nz, uint tid) {
         part[g * 128u + c] = exp(part[g * 128u + c] - cmax[g]);
     }
     barrier();
-    [[unroll]] for (uint g = 0u; g < GW; g++) {
-        uint b = (i * pc.n_head + h0 + g) * nz * st;
+    for (uint t = tid; t < GW * H4; t += 128u) {
+        uint g = t / H4, d4 = t % H4, w = g * 128u, b = (row0 + g * nz) * H4 + d4;
         float l = 0.0;
-        for (uint c = 0u; c < nz; c++) l += part[g * 128u + 64u + c] * part[g * 128u + c];
-        [[unroll]] for (uint e = 0u; e < ND; e++) {
-            uint d = tid + 128u * e;
-            if (d < HD) {
-                float acc = 0.0;
-                for (uint c = 0u; c < nz; c++) acc += pg[b + c * st + 2u + d] * part[g * 128u + c];
-                o[(i * pc.n_head + h0 + g) * HD + d] = acc / l;
-            }
+        for (uint c = 0u; c < nz; c++) l += part[w + 64u + c] * part[w + c];
+        vec4 acc = vec4(0.0);
+        uint c = 0u;
+        for (; c + MU <= nz; c += MU) {
+            vec4 v[MU];
+            [[unroll]] for (uint u = 0u; u < MU; u++) v[u] = pg4[b + (c + u) * H4];
+            [[unroll]] for (uint u = 0u; u < MU; u++) acc += v[u] * part[w + c + u];
         }
+        for (; c < nz; c++) acc += pg4[b + c * H4] * part[w + c];
+        acc /= l;
+        uint oo = (i * pc.n_head + h0 + g) * HD + 4u * d4;
+        o[oo] = acc.x;
+        o[oo + 1u] = acc.y;
+        o[oo + 2u] = acc.z;
+        o[oo + 3u] = acc.w;
     }
 }
 #endif
@@ -229,13 +241,14 @@ void main() {
     [[unroll]] for (uint g = 0u; g < GW; g++) {
         /* an empty chunk (none is recorded, but a replayed one may be) leaves m = -inf, l = 0,
            o = 0: weight 0 in the merge */
-        uint so = ((i * pc.n_head + h0 + g) * nz + gl_WorkGroupID.z) * (HD + 2u);
+        uint row = (i * pc.n_head + h0 + g) * nz + gl_WorkGroupID.z;
         if (tid == 0u) {
-            pg[so] = m[g];
-            pg[so + 1u] = l[g];
+            uint ml = gl_NumWorkGroups.y * pc.n_head * nz * HD + 2u * row;
+            pg[ml] = m[g];
+            pg[ml + 1u] = l[g];
         }
         [[unroll]] for (uint e = 0u; e < ND; e++)
-            if (tid + 128u * e < HD) pg[so + 2u + tid + 128u * e] = oa[g * ND + e];
+            if (tid + 128u * e < HD) pg[row * HD + tid + 128u * e] = oa[g * ND + e];
     }
     /* the last chunk of the group to count in (common.glsl) reads them all */
     WG_COUNT_IN(arrivals[i * gl_NumWorkGroups.x + gl_WorkGroupID.x], nz, merger);
