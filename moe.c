@@ -9700,10 +9700,11 @@ static moe_status bt_vk_run(moe_ctx *const *ctxs, const moe_token *const *tokens
         int n_seg = bt_plan(ctxs, tokens, n_tokens, n_ctxs, it, seg, tok, cap, &first, &rows, &outs);
         if (!n_seg || (st = bt_abort_poll(ctxs, n_ctxs))) break;
         for (int i = 0; i < n_seg; i++)
-            vseg[i] = (moe_vk_seg){ctxs[seg[i].ctx_i]->be, seg[i].row0, seg[i].n, seg[i].pos0, seg[i].n_out, seg[i].out0};
+            vseg[i] = (moe_vk_seg){ctxs[seg[i].ctx_i]->be, seg[i].row0, seg[i].n, seg[i].pos0, seg[i].n_out, seg[i].out0, seg[i].ck};
         if ((st = moe_vk_batch_begin(lead, vseg, n_seg))) break;
         o->begin_step(lead);
         m->arch->forward(lead, o, &m->w, tok, rows, 0, 0); /* n_out 0: logits below */
+        moe_vk_batch_checkpoints(lead);
         moe_vk_batch_gather(lead);
         lm_head(lead, o, &m->w, outs, outs);
         st = o->end_step(lead);
@@ -9711,6 +9712,7 @@ static moe_status bt_vk_run(moe_ctx *const *ctxs, const moe_token *const *tokens
         for (int i = 0; i < n_seg; i++) {
             const cpu_bseg *s = &seg[i];
             ctx_chunk_ran(ctxs[s->ctx_i], s->pos0, s->n, it[s->ctx_i].min_ring);
+            if (!st && s->ck >= 0) ctxs[s->ctx_i]->ckpt_ok[s->ck] = 1;
             if (!st && s->n_out) moe_vk_batch_logits(lead, s->out0, s->n_out, s->dst);
             it[s->ctx_i].done += s->n;
         }
@@ -9718,7 +9720,7 @@ static moe_status bt_vk_run(moe_ctx *const *ctxs, const moe_token *const *tokens
     return st;
 }
 
-/* Where a context cannot join a pass (expert streaming, profiling, hybrids on Vulkan), the steps run one by
+/* Where a context cannot join a pass (expert streaming, profiling, unaligned rows on Vulkan), the steps run one by
    one; should one fail, the ones before it are taken back (rewound, their logits and counters
    restored), so that every context is as it was. */
 static moe_status bt_one_by_one(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs) {
