@@ -9105,7 +9105,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     }
     if (hp->n_state && c->abort) c->backup_slot = c->n_ckpt; /* one more slot in the backend, after the checkpoints */
     moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact,
-                           ctx_abort_poll, c, c->backup_slot >= 0, p.max_submit_us, p.low_priority != 0, 0};
+                           ctx_abort_poll, c, c->backup_slot >= 0, p.max_submit_us, p.low_priority != 0, 0, 0};
     c->max_submit_us = p.max_submit_us, c->low_priority = p.low_priority != 0;
     moe_status st;
     if (model->vk) {
@@ -9560,7 +9560,7 @@ moe_status moe_ctx_submit_times(moe_ctx *ctx, uint64_t *n_submits, double *max_u
 static moe_status bt_scratch(moe_ctx *owner, int32_t rows) {
     if (owner->batch_cc && owner->batch_rows >= rows) return MOE_OK;
     const moe_model *m = owner->model;
-    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact, NULL, NULL, 0, 0, 0, 0};
+    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact, NULL, NULL, 0, 0, 0, 0, 0};
     void *be;
     moe_status st = cpu_ctx_new(&m->w, &shape, owner->cpu->pool, &be); /* the contexts' pool: a CPU pass */
     if (st) return st;
@@ -9676,7 +9676,7 @@ static moe_status bt_vk_scratch(moe_ctx *owner, int32_t rows, int32_t outs) {
     }
     const moe_model *m = owner->model;
     moe_ctx_shape shape = {1, rows, MOE_KV_F16, 1, m->n_threads, m->cpu_exact, ctx_abort_poll, owner, 0,
-                           owner->max_submit_us, owner->low_priority, outs};
+                           owner->max_submit_us, owner->low_priority, outs, 1};
     void *be;
     moe_status st = moe_vk_ctx_new(m->vk, &shape, &be);
     if (st) return st;

@@ -866,6 +866,8 @@ typedef struct moe_ctx_shape {
     int32_t low_priority;  /* Vulkan: the low-priority queue where there is one */
     int32_t logit_rows;    /* Vulkan, logits_all: rows of logits a step can give (the LM head's scratch and
                               readback); 0 = n_batch. moe_step_batch's lead: the most its passes expose */
+    int32_t batch_lead;    /* Vulkan: moe_step_batch's lead, no recurrent states of its own (a pass
+                              runs each context's on its states, checkpoints and delta-rule scratch) */
 } moe_ctx_shape;
 
 /* Models with recurrent states: a context of n_ctx positions checkpoints them every

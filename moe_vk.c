@@ -3139,7 +3139,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     c->pos_off = (uint32_t)(3 * nb * k);
     c->items_off = (uint32_t)(4 * nb * k);
     c->cnt_off = c->items_off + 4 + 4 * c->max_items;
-    if (!st && hp->n_state) { /* recurrent states and their checkpoints */
+    if (!st && hp->n_state && !shape->batch_lead) { /* recurrent states and their checkpoints */
         const moe_weights *w = vk->w;
         c->st_conv = calloc((size_t)hp->n_state, sizeof *c->st_conv);
         c->st_rec = calloc((size_t)hp->n_state, sizeof *c->st_rec);
@@ -4429,19 +4429,25 @@ static void vk_op_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w
     c->fuse_idx = -1;
 }
 
-static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
-    vk_ctx *c = be;
+/* the delta rule's first half, row by row: q̂ · k_dim^-1/2 and k̂ in place (moe_step_batch: once over all rows) */
+static void vk_dn_l2norm(vk_ctx *c, const moe_deltanet *dn, int n) {
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, (1u << ACT_DN_CONV) | (1u << ACT_DN_BETA) | (1u << ACT_DN_ALPHA), (1u << ACT_DN_CONV) | (1u << ACT_DN_O));
+    vk_rec *r = vk_rec_new(c, VKP_L2NORM, VKC_NORM);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[ACT_DN_CONV], 1);
+    VK_PC_SET(r, L2NORM, {.hd = (uint32_t)dn->k_dim, .heads = 2u * (uint32_t)dn->n_k_head, .stride = (uint32_t)vk_dn_channels(dn),
+                          .rows = (uint32_t)n, .n_scaled = (uint32_t)dn->n_k_head, .scale = 1.0f / sqrtf((float)dn->k_dim), .eps = 1e-6f});
+    vk_grid_fold(r, (uint64_t)n * 2u * (uint64_t)dn->n_k_head, 1);
+}
+
+/* the second half: the recurrence over the n tokens on the state, plain or chunked (WY) */
+static void vk_dn_rule(vk_ctx *c, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
     const vk_wt *wa = vk_wt_of(c, a_coef), *wd = vk_wt_of(c, dt_bias);
     if (c->err || n <= 0 || !wa || !wd) return;
     const moe_state_plan *sp = &c->w->states[dn->state];
     int C = vk_dn_channels(dn);
-    vk_pn_touch(c, (1u << ACT_DN_CONV) | (1u << ACT_DN_BETA) | (1u << ACT_DN_ALPHA), (1u << ACT_DN_CONV) | (1u << ACT_DN_O));
-    vk_rec *r = vk_rec_new(c, VKP_L2NORM, VKC_NORM); /* q̂ · k_dim^-1/2 and k̂, in place */
-    if (!r) return;
-    vk_bind(r, 0, &c->act[ACT_DN_CONV], 1);
-    VK_PC_SET(r, L2NORM, {.hd = (uint32_t)dn->k_dim, .heads = 2u * (uint32_t)dn->n_k_head, .stride = (uint32_t)C, .rows = (uint32_t)n,
-                          .n_scaled = (uint32_t)dn->n_k_head, .scale = 1.0f / sqrtf((float)dn->k_dim), .eps = 1e-6f});
-    vk_grid_fold(r, (uint64_t)n * 2u * (uint64_t)dn->n_k_head, 1);
+    vk_rec *r;
     const vk_pc_DELTA_RULE pc = {.nk = (uint32_t)dn->n_k_head, .nv = (uint32_t)dn->n_v_head, .dk = (uint32_t)dn->k_dim, .dv = (uint32_t)dn->v_dim,
                                  .n = (uint32_t)n, .C = (uint32_t)C, .v_tiled = (uint32_t)dn->v_tiled, .grouped = (uint32_t)dn->ba_grouped};
     VkDeviceSize s_off = c->st_rec[dn->state], s_bytes = (VkDeviceSize)sp->rec_elems * 4;
@@ -4481,6 +4487,11 @@ static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *
     VK_PC_SET(r, DELTA_RULE, pc);
     vk_grid_fold(r, (uint64_t)dn->n_v_head, 1);
     c->fuse_idx = -1;
+}
+
+static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
+    vk_dn_l2norm(be, dn, n);
+    vk_dn_rule(be, dn, a_coef, dt_bias, n);
 }
 
 static void vk_op_gated_rmsnorm(void *be, int dst, int gate, const moe_weight *w, int n_rows, int width, float eps) {
@@ -4543,13 +4554,16 @@ static void vk_state_restore(void *be, int slot) {
 /* moe.c's scratch context (the lead) records the pass: every op that treats rows one by one
    (embedding, norms, matrix products, router, experts, LM head) runs once over the rows of all
    segments, so each weight is read once per pass. Rope, the KV store and attention read a context's
-   own positions and caches: the lead records them segment by segment, aimed at that context (as the
-   CPU's bt_aim does): its activation roles become views of the segment's rows, its caches, rope
-   tables and split-KV scratch are the context's, and its records bind the segment's header in the
-   step buffer (slot) as their step, so the shaders see the context's position, unchanged, and the
-   records stay the same from one decode step to the next (the command buffer is replayed). Each
-   segment's dispatches are those the context records alone (q/k norm fused with rope, the same
-   attention kernel), so only the row-wise kernels' shape differs from separate steps. */
+   own positions and caches, the Gated DeltaNet conv and delta rule its recurrent states: the lead
+   records them segment by segment, aimed at that context (as the CPU's bt_aim does): its
+   activation roles become views of the segment's rows, its caches, rope tables, split-KV scratch,
+   recurrent states, checkpoints and chunked-delta-rule scratch are the context's (so is its choice
+   of delta-rule form), and its records bind the segment's header in the step buffer (slot) as
+   their step, so the shaders see the context's position, unchanged, and the records stay the
+   same from one decode step to the next (the command buffer is replayed). Each segment's
+   dispatches are those the context records alone (q/k norm fused with rope, the same attention
+   and delta-rule kernels; the state checkpoints its lone step would copy), so only the row-wise
+   kernels' shape differs from separate steps. */
 typedef struct vk_aimed {
     vk_buf act[4];
     vk_buf kc, vc, split;
@@ -4704,17 +4718,17 @@ static void vk_dn_widths(const moe_deltanet *dn, int widths[4]) {
 }
 
 static void vk_bt_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a, const moe_weight *dt, int n) {
-    (void)n;
     vk_ctx *c = be;
     if (c->err) return;
     vk_pn_flush(c);
+    vk_dn_l2norm(c, dn, n); /* row by row: once over all rows */
     int widths[4];
     vk_dn_widths(dn, widths);
     const int roles[] = {ACT_DN_CONV, ACT_DN_BETA, ACT_DN_ALPHA, ACT_DN_O};
     for (int s = 0; s < c->n_bseg && !c->err; s++) {
         vk_aimed sv;
         vk_aim(c, s, roles, widths, 4, &sv);
-        vk_op_delta_net(c, dn, a, dt, c->bseg[s].n);
+        vk_dn_rule(c, dn, a, dt, c->bseg[s].n);
         vk_unaim(c, roles, 4, &sv);
     }
 }
