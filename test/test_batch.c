@@ -24,7 +24,7 @@
       of one row per context bit-identical, snapshots and rewinds through the checkpoints the
       passes wrote too; long prefills across the chunked delta rule's threshold within the
       tolerance). A cancel between passes and allocation failures leave every context as it
-      was. The pass's lead keeps logits for the rows the contexts expose, not for every row of
+      was (Qwen3-MoE, and a hybrid: its states replayed after the cancel). The pass's lead keeps logits for the rows the contexts expose, not for every row of
       the pass (a 4-context prefill of 400 rows: 4 rows; logits_all contexts: all of theirs),
       grows when a call needs more, and ctxs[0]'s moe_ctx_get_stats counts it as scratch. */
 #include "../moe.c"
@@ -328,8 +328,8 @@ static void test_one_by_one(void **state) {
 /* ---- a cancel between passes, and allocation failures, leave every context as it was ---- */
 static int32_t abort_countdown(void *user) { return --*(int *)user < 0; }
 
-static void cancel_and_alloc(int backend) {
-    moe_model *m = tu_load(Q8, backend, 2, 0);
+static void cancel_and_alloc(const char *path, int backend) {
+    moe_model *m = tu_load(path, backend, 2, 0);
     g_tol = !m->vk ? -1 : m->vk->coopmat ? TOL_CM : TOL_SELF;
     int nv = tu_vocab(m), left = 1 << 30;
     moe_ctx *A[3], *B[3];
@@ -372,7 +372,7 @@ static void cancel_and_alloc(int backend) {
 
 static void test_cancel_cpu(void **state) {
     (void)state;
-    cancel_and_alloc(MOE_BACKEND_CPU);
+    cancel_and_alloc(Q8, MOE_BACKEND_CPU);
 }
 
 /* ---- Vulkan ---- */
@@ -653,7 +653,8 @@ static void test_vk_pass_params(void **state) {
 static void test_vk_cancel(void **state) {
     (void)state;
     NEED_VULKAN();
-    cancel_and_alloc(MOE_BACKEND_VULKAN);
+    cancel_and_alloc(Q8, MOE_BACKEND_VULKAN);
+    cancel_and_alloc("test/fixtures/qwen35moe", MOE_BACKEND_VULKAN); /* recurrent states: replayed after a cancel */
 }
 
 int main(void) {
