@@ -18,8 +18,8 @@
       matmul kernel where a context alone takes the matrix-vector one: another summation order,
       the same difference as Vulkan prefill against Vulkan decode, checked with test_vulkan's
       tolerance for that (TOL_SELF: max|d| / logit range <= 1e-5; f16 tensor-core tiles: 3e-3),
-      and the greedy token of every row must be the same. Segments of at most VK_MV_MAX rows in
-      all are bit-identical (asserted). Attention runs per context on its own caches, and so do
+      and the greedy token of every row must be the same. Passes of at most VK_MV_MAX rows in
+      all, one per context, are bit-identical (asserted). Attention runs per context on its own caches, and so do
       the hybrid models' conv and delta rule on their recurrent states (plain and chunked: passes
       of one row per context bit-identical, snapshots and rewinds through the checkpoints the
       passes wrote too; long prefills across the chunked delta rule's threshold within the
