@@ -616,8 +616,8 @@ MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, doubl
      with f32 KV caches (f16 tensor-core tiles: 3e-3; f16 KV caches: a K/V element may round to
      the neighbouring binary16, up to 2e-3), greedy tokens the same in our tests; a pass of at most
      8 rows in all, one per context (up to 8 contexts decoding, or stepping with n_batch 1), is
-     bit-identical (a context's segment of several rows runs the matrix-vector kernels at another
-     width than alone: the same tolerance). The pass's scratch (kept by
+     bit-identical (segments of several rows may differ from their lone steps in the last bits
+     even within 8 rows: the tolerance above). The pass's scratch (kept by
      ctxs[0], counted in its moe_ctx_get_stats gpu_bytes_scratch) holds the activations of up to
      512 rows but logits (n_vocab floats a row, on the device and in the host-visible readback)
      only for the rows the contexts expose: one per context, every row of a logits_all one; so
