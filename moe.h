@@ -610,9 +610,9 @@ MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, doubl
      weight read once per pass); q/k norm + rope, the KV store and attention are dispatched per
      context on its own caches and positions, and so are the conv and delta rule of Gated DeltaNet
      layers (hybrid models) on its own recurrent states (the chunked delta rule where the context
-     alone takes it), with its checkpoints written where its lone step writes them. Not bit-identical to separate steps: a pass of more
-     than 8 rows takes the tiled matrix-product kernels where a context alone takes matrix-vector
-     ones (another summation order, as prefill against decode), within 1e-5 of the logit range
+     alone takes it), with its checkpoints written where its lone step writes them. Not
+     bit-identical to separate steps: a pass of more than 8 rows takes the tiled matrix-product
+     kernels where a context alone takes matrix-vector ones (another summation order, as prefill against decode), within 1e-5 of the logit range
      with f32 KV caches (f16 tensor-core tiles: 3e-3; f16 KV caches: a K/V element may round to
      the neighbouring binary16, up to 2e-3), greedy tokens the same in our tests; a pass of at most
      8 rows in all, one per context (up to 8 contexts decoding, or stepping with n_batch 1), is
