@@ -612,14 +612,14 @@ MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, doubl
      layers (hybrid models) on its own recurrent states (the chunked delta rule where the context
      alone takes it), with its checkpoints written where its lone step writes them. Not
      bit-identical to separate steps: a pass of more than 8 rows takes the tiled matrix-product
-     kernels where a context alone takes matrix-vector ones (another summation order, as prefill against decode), within 1e-5 of the logit range
-     with f32 KV caches (f16 tensor-core tiles: 3e-3; f16 KV caches: a K/V element may round to
-     the neighbouring binary16, up to 2e-3), greedy tokens the same in our tests; a pass of at most
-     8 rows in all, one per context (up to 8 contexts decoding, or stepping with n_batch 1), is
-     bit-identical (segments of several rows may differ from their lone steps in the last bits
-     even within 8 rows: the tolerance above). The pass's scratch (kept by
-     ctxs[0], counted in its moe_ctx_get_stats gpu_bytes_scratch) holds the activations of up to
-     512 rows but logits (n_vocab floats a row, on the device and in the host-visible readback)
+     kernels where a context alone takes matrix-vector ones (another summation order, as prefill
+     against decode), within 1e-5 of the logit range with f32 KV caches (f16 tensor-core tiles:
+     3e-3; f16 KV caches: a K/V element may round to the neighbouring binary16, up to 2e-3),
+     greedy tokens the same in our tests; a pass of at most 8 rows in all, one per context (up to
+     8 contexts decoding, or stepping with n_batch 1), is bit-identical (segments of several rows
+     may differ from their lone steps in the last bits even within 8 rows: the tolerance above).
+     The pass's scratch (kept by ctxs[0], counted in its moe_ctx_get_stats gpu_bytes_scratch)
+     holds the activations of up to 512 rows but logits (n_vocab floats a row, on the device and in the host-visible readback)
      only for the rows the contexts expose: one per context, every row of a logits_all one; so
      64 contexts prefilling together keep 64 rows of logits, not 512. A pass follows ctxs[0]'s
      low_priority (its queue) and max_submit_us (split into submissions that fit the cap, the same
