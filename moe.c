@@ -9177,7 +9177,7 @@ moe_status moe_ctx_new(moe_model *model, const moe_ctx_params *params, moe_ctx *
     }
     if (hp->n_state && c->abort) c->backup_slot = c->n_ckpt; /* one more slot in the backend, after the checkpoints */
     moe_ctx_shape shape = {c->n_ctx, c->n_batch, c->kv_type, c->logits_all, model->n_threads, model->cpu_exact,
-                           ctx_abort_poll, c, c->backup_slot >= 0, p.max_submit_us, p.low_priority != 0, 0};
+                           ctx_abort_poll, c, c->backup_slot >= 0, p.max_submit_us, p.low_priority != 0, 0, 0};
     c->max_submit_us = p.max_submit_us, c->low_priority = p.low_priority != 0;
     moe_status st;
     if (model->vk) {
@@ -9632,7 +9632,7 @@ moe_status moe_ctx_submit_times(moe_ctx *ctx, uint64_t *n_submits, double *max_u
 static moe_status bt_scratch(moe_ctx *owner, int32_t rows) {
     if (owner->batch_cc && owner->batch_rows >= rows) return MOE_OK;
     const moe_model *m = owner->model;
-    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact, NULL, NULL, 0, 0, 0, 0};
+    moe_ctx_shape shape = {rows, rows, MOE_KV_F16, 0, m->n_threads, m->cpu_exact, NULL, NULL, 0, 0, 0, 0, 0};
     void *be;
     moe_status st = cpu_ctx_new(&m->w, &shape, owner->cpu->pool, &be); /* the contexts' pool: a CPU pass */
     if (st) return st;
@@ -9748,7 +9748,7 @@ static moe_status bt_vk_scratch(moe_ctx *owner, int32_t rows, int32_t outs) {
     }
     const moe_model *m = owner->model;
     moe_ctx_shape shape = {1, rows, MOE_KV_F16, 1, m->n_threads, m->cpu_exact, ctx_abort_poll, owner, 0,
-                           owner->max_submit_us, owner->low_priority, outs};
+                           owner->max_submit_us, owner->low_priority, outs, 1};
     void *be;
     moe_status st = moe_vk_ctx_new(m->vk, &shape, &be);
     if (st) return st;
@@ -9772,10 +9772,11 @@ static moe_status bt_vk_run(moe_ctx *const *ctxs, const moe_token *const *tokens
         int n_seg = bt_plan(ctxs, tokens, n_tokens, n_ctxs, it, seg, tok, cap, &first, &rows, &outs);
         if (!n_seg || (st = bt_abort_poll(ctxs, n_ctxs))) break;
         for (int i = 0; i < n_seg; i++)
-            vseg[i] = (moe_vk_seg){ctxs[seg[i].ctx_i]->be, seg[i].row0, seg[i].n, seg[i].pos0, seg[i].n_out, seg[i].out0};
+            vseg[i] = (moe_vk_seg){ctxs[seg[i].ctx_i]->be, seg[i].row0, seg[i].n, seg[i].pos0, seg[i].n_out, seg[i].out0, seg[i].ck};
         if ((st = moe_vk_batch_begin(lead, vseg, n_seg))) break;
         o->begin_step(lead);
         m->arch->forward(lead, o, &m->w, tok, rows, 0, 0); /* n_out 0: logits below */
+        moe_vk_batch_checkpoints(lead);
         moe_vk_batch_gather(lead);
         lm_head(lead, o, &m->w, outs, outs);
         st = o->end_step(lead);
@@ -9783,6 +9784,7 @@ static moe_status bt_vk_run(moe_ctx *const *ctxs, const moe_token *const *tokens
         for (int i = 0; i < n_seg; i++) {
             const cpu_bseg *s = &seg[i];
             ctx_chunk_ran(ctxs[s->ctx_i], s->pos0, s->n, it[s->ctx_i].min_ring);
+            if (!st && s->ck >= 0) ctxs[s->ctx_i]->ckpt_ok[s->ck] = 1;
             if (!st && s->n_out) moe_vk_batch_logits(lead, s->out0, s->n_out, s->dst);
             it[s->ctx_i].done += s->n;
         }
@@ -9790,7 +9792,7 @@ static moe_status bt_vk_run(moe_ctx *const *ctxs, const moe_token *const *tokens
     return st;
 }
 
-/* Where a context cannot join a pass (expert streaming, profiling, hybrids on Vulkan), the steps run one by
+/* Where a context cannot join a pass (expert streaming, profiling, unaligned rows on Vulkan), the steps run one by
    one; should one fail, the ones before it are taken back (rewound, their logits and counters
    restored), so that every context is as it was. */
 static moe_status bt_one_by_one(moe_ctx *const *ctxs, const moe_token *const *tokens, const int32_t *n_tokens, int32_t n_ctxs) {

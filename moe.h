@@ -611,23 +611,28 @@ MOE_API moe_status moe_ctx_probe_bandwidth(moe_ctx *ctx, double *read_gbs, doubl
    - Vulkan backend: the same pass as ONE queue submission (no host wait inside it): embedding,
      norms, matrix products, router, experts and LM head run once over all contexts' rows (each
      weight read once per pass); q/k norm + rope, the KV store and attention are dispatched per
-     context on its own caches and positions. Not bit-identical to separate steps: a pass of more
-     than 8 rows takes the tiled matrix-product kernels where a context alone takes matrix-vector
-     ones (another summation order, as prefill against decode), within 1e-5 of the logit range
-     with f32 KV caches (f16 tensor-core tiles: 3e-3; f16 KV caches: a K/V element may round to
-     the neighbouring binary16, up to 2e-3), greedy tokens the same in our tests; a pass of at most
-     8 rows in all (e.g. up to 8 contexts decoding) is bit-identical. The pass's scratch (kept by
-     ctxs[0], counted in its moe_ctx_get_stats gpu_bytes_scratch) holds the activations of up to
-     512 rows but logits (n_vocab floats a row, on the device and in the host-visible readback)
+     context on its own caches and positions, and so are the conv and delta rule of Gated DeltaNet
+     layers (hybrid models) on its own recurrent states (the chunked delta rule where the context
+     alone takes it), with its checkpoints written where its lone step writes them. Not
+     bit-identical to separate steps: a pass of more than 8 rows takes the tiled matrix-product
+     kernels where a context alone takes matrix-vector ones (another summation order, as prefill
+     against decode), within 1e-5 of the logit range with f32 KV caches (f16 tensor-core tiles:
+     3e-3; f16 KV caches: a K/V element may round to the neighbouring binary16, up to 2e-3),
+     greedy tokens the same in our tests; a pass of at most 8 rows in all, one per context (up to
+     8 contexts decoding, or stepping with n_batch 1), is bit-identical (segments of several rows
+     may differ from their lone steps in the last bits even within 8 rows: the tolerance above).
+     The pass's scratch (kept by ctxs[0], counted in its moe_ctx_get_stats gpu_bytes_scratch)
+     holds the activations of up to 512 rows but logits (n_vocab floats a row, on the device and in the host-visible readback)
      only for the rows the contexts expose: one per context, every row of a logits_all one; so
      64 contexts prefilling together keep 64 rows of logits, not 512. A pass follows ctxs[0]'s
      low_priority (its queue) and max_submit_us (split into submissions that fit the cap, the same
      results); the other contexts' settings do not apply to it. The abort callbacks of all
      contexts are polled before each pass, ctxs[0]'s also between its submissions.
    - Not batched, stepped one by one inside the call with the same results and the same
-     all-or-nothing contract: hybrid models (Gated DeltaNet) on Vulkan, GPU or host expert
-     streaming (gpu_budget_bytes / host_budget_bytes below the weights), and contexts with
-     moe_ctx_profile on.
+     all-or-nothing contract: GPU or host expert streaming (gpu_budget_bytes / host_budget_bytes
+     below the weights), contexts with moe_ctx_profile on, and on Vulkan models whose per-head row
+     widths (attention, Gated DeltaNet) are not multiples of the device's storage-buffer offset
+     alignment.
    Cancel: any context's abort callback, polled before each pass, cancels the whole call
    (MOE_ERR_CANCELLED naming that context); every context is then as before the call.
    Errors: MOE_ERR_INVALID_ARG for n_ctxs <= 0, NULL arrays or contexts, contexts of different
@@ -866,6 +871,8 @@ typedef struct moe_ctx_shape {
     int32_t low_priority;  /* Vulkan: the low-priority queue where there is one */
     int32_t logit_rows;    /* Vulkan, logits_all: rows of logits a step can give (the LM head's scratch and
                               readback); 0 = n_batch. moe_step_batch's lead: the most its passes expose */
+    int32_t batch_lead;    /* Vulkan: moe_step_batch's lead, no recurrent states of its own (a pass
+                              runs each context's on its states, checkpoints and delta-rule scratch) */
 } moe_ctx_shape;
 
 /* Models with recurrent states: a context of n_ctx positions checkpoints them every
@@ -1087,10 +1094,13 @@ MOE_HIDDEN extern const moe_ops moe_vk_ops;
    and moe_vk_batch_end (inside its begin/end_step).
    Segment s: context be's n tokens at positions pos0.., rows row0.. of the pass; its n_out logits
    rows (its last n_out rows) become rows out0.. of the pass's logits. */
-typedef struct moe_vk_seg { void *be; int32_t row0, n, pos0, n_out, out0; } moe_vk_seg;
+/* a segment of a pass: its context, rows, first position, logits rows, and the checkpoint slot of
+   the context's recurrent states that it ends at (-1: none) */
+typedef struct moe_vk_seg { void *be; int32_t row0, n, pos0, n_out, out0, ck; } moe_vk_seg;
 MOE_HIDDEN const char *moe_vk_batch_unsupported(const moe_vk_backend *vk); /* why no pass can run, or NULL */
 MOE_HIDDEN moe_status moe_vk_batch_begin(void *lead, const moe_vk_seg *seg, int n_seg); /* seg must outlive the step */
 MOE_HIDDEN void       moe_vk_batch_gather(void *lead);  /* after the forward: the logits rows to rows 0.. of ACT_XN */
+MOE_HIDDEN void       moe_vk_batch_checkpoints(void *lead); /* after the forward: the segments' state checkpoints */
 MOE_HIDDEN void       moe_vk_batch_end(void *lead);
 MOE_HIDDEN void       moe_vk_batch_logits(void *lead, int row0, int n, float *dst); /* after end_step */
 MOE_HIDDEN extern const moe_ops moe_vk_batch_ops;

@@ -3149,7 +3149,7 @@ moe_status moe_vk_ctx_new(moe_vk_backend *vk, const moe_ctx_shape *shape, void *
     c->pos_off = (uint32_t)(3 * nb * k);
     c->items_off = (uint32_t)(4 * nb * k);
     c->cnt_off = c->items_off + 4 + 4 * c->max_items;
-    if (!st && hp->n_state) { /* recurrent states and their checkpoints */
+    if (!st && hp->n_state && !shape->batch_lead) { /* recurrent states and their checkpoints */
         const moe_weights *w = vk->w;
         c->st_conv = calloc((size_t)hp->n_state, sizeof *c->st_conv);
         c->st_rec = calloc((size_t)hp->n_state, sizeof *c->st_rec);
@@ -4443,19 +4443,25 @@ static void vk_op_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w
     c->fuse_idx = -1;
 }
 
-static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
-    vk_ctx *c = be;
+/* the delta rule's first half, row by row: q̂ · k_dim^-1/2 and k̂ in place (moe_step_batch: once over all rows) */
+static void vk_dn_l2norm(vk_ctx *c, const moe_deltanet *dn, int n) {
+    if (c->err || n <= 0) return;
+    vk_pn_touch(c, (1u << ACT_DN_CONV) | (1u << ACT_DN_BETA) | (1u << ACT_DN_ALPHA), (1u << ACT_DN_CONV) | (1u << ACT_DN_O));
+    vk_rec *r = vk_rec_new(c, VKP_L2NORM, VKC_NORM);
+    if (!r) return;
+    vk_bind(r, 0, &c->act[ACT_DN_CONV], 1);
+    VK_PC_SET(r, L2NORM, {.hd = (uint32_t)dn->k_dim, .heads = 2u * (uint32_t)dn->n_k_head, .stride = (uint32_t)vk_dn_channels(dn),
+                          .rows = (uint32_t)n, .n_scaled = (uint32_t)dn->n_k_head, .scale = 1.0f / sqrtf((float)dn->k_dim), .eps = 1e-6f});
+    vk_grid_fold(r, (uint64_t)n * 2u * (uint64_t)dn->n_k_head, 1);
+}
+
+/* the second half: the recurrence over the n tokens on the state, plain or chunked (WY) */
+static void vk_dn_rule(vk_ctx *c, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
     const vk_wt *wa = vk_wt_of(c, a_coef), *wd = vk_wt_of(c, dt_bias);
     if (c->err || n <= 0 || !wa || !wd) return;
     const moe_state_plan *sp = &c->w->states[dn->state];
     int C = vk_dn_channels(dn);
-    vk_pn_touch(c, (1u << ACT_DN_CONV) | (1u << ACT_DN_BETA) | (1u << ACT_DN_ALPHA), (1u << ACT_DN_CONV) | (1u << ACT_DN_O));
-    vk_rec *r = vk_rec_new(c, VKP_L2NORM, VKC_NORM); /* q̂ · k_dim^-1/2 and k̂, in place */
-    if (!r) return;
-    vk_bind(r, 0, &c->act[ACT_DN_CONV], 1);
-    VK_PC_SET(r, L2NORM, {.hd = (uint32_t)dn->k_dim, .heads = 2u * (uint32_t)dn->n_k_head, .stride = (uint32_t)C, .rows = (uint32_t)n,
-                          .n_scaled = (uint32_t)dn->n_k_head, .scale = 1.0f / sqrtf((float)dn->k_dim), .eps = 1e-6f});
-    vk_grid_fold(r, (uint64_t)n * 2u * (uint64_t)dn->n_k_head, 1);
+    vk_rec *r;
     const vk_pc_DELTA_RULE pc = {.nk = (uint32_t)dn->n_k_head, .nv = (uint32_t)dn->n_v_head, .dk = (uint32_t)dn->k_dim, .dv = (uint32_t)dn->v_dim,
                                  .n = (uint32_t)n, .C = (uint32_t)C, .v_tiled = (uint32_t)dn->v_tiled, .grouped = (uint32_t)dn->ba_grouped};
     VkDeviceSize s_off = c->st_rec[dn->state], s_bytes = (VkDeviceSize)sp->rec_elems * 4;
@@ -4495,6 +4501,11 @@ static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *
     VK_PC_SET(r, DELTA_RULE, pc);
     vk_grid_fold(r, (uint64_t)dn->n_v_head, 1);
     c->fuse_idx = -1;
+}
+
+static void vk_op_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a_coef, const moe_weight *dt_bias, int n) {
+    vk_dn_l2norm(be, dn, n);
+    vk_dn_rule(be, dn, a_coef, dt_bias, n);
 }
 
 static void vk_op_gated_rmsnorm(void *be, int dst, int gate, const moe_weight *w, int n_rows, int width, float eps) {
@@ -4557,13 +4568,16 @@ static void vk_state_restore(void *be, int slot) {
 /* moe.c's scratch context (the lead) records the pass: every op that treats rows one by one
    (embedding, norms, matrix products, router, experts, LM head) runs once over the rows of all
    segments, so each weight is read once per pass. Rope, the KV store and attention read a context's
-   own positions and caches: the lead records them segment by segment, aimed at that context (as the
-   CPU's bt_aim does): its activation roles become views of the segment's rows, its caches, rope
-   tables and split-KV scratch are the context's, and its records bind the segment's header in the
-   step buffer (slot) as their step, so the shaders see the context's position, unchanged, and the
-   records stay the same from one decode step to the next (the command buffer is replayed). Each
-   segment's dispatches are those the context records alone (q/k norm fused with rope, the same
-   attention kernel), so only the row-wise kernels' shape differs from separate steps. */
+   own positions and caches, the Gated DeltaNet conv and delta rule its recurrent states: the lead
+   records them segment by segment, aimed at that context (as the CPU's bt_aim does): its
+   activation roles become views of the segment's rows, its caches, rope tables, split-KV scratch,
+   recurrent states, checkpoints and chunked-delta-rule scratch are the context's (so is its choice
+   of delta-rule form), and its records bind the segment's header in the step buffer (slot) as
+   their step, so the shaders see the context's position, unchanged, and the records stay the
+   same from one decode step to the next (the command buffer is replayed). Each segment's
+   dispatches are those the context records alone (q/k norm fused with rope, the same attention
+   and delta-rule kernels; the state checkpoints its lone step would copy), so only the row-wise
+   kernels' shape differs from separate steps. */
 typedef struct vk_aimed {
     vk_buf act[4];
     vk_buf kc, vc, split;
@@ -4571,6 +4585,9 @@ typedef struct vk_aimed {
     int32_t *kv_rows;
     struct vk_rope_tab rope[VK_MAX_ROPES];
     int n_rope, kv_f16, have_pos0, step_pos0;
+    vk_buf st, ck, dn_scr;
+    VkDeviceSize *st_conv, *st_rec, st_bytes;
+    int n_ckpt, dn_chunk_min;
 } vk_aimed;
 
 /* aims the lead at segment s: roles[i] become views of the segment's rows (widths[i] floats wide) */
@@ -4586,10 +4603,18 @@ static void vk_aim(vk_ctx *c, int s, const int *roles, const int *widths, int nr
     sv->kv_off = c->kv_off, sv->kv_size = c->kv_size, sv->kv_rows = c->kv_rows;
     memcpy(sv->rope, c->rope, sizeof c->rope);
     sv->n_rope = c->n_rope, sv->kv_f16 = c->kv_f16, sv->have_pos0 = c->have_pos0, sv->step_pos0 = c->step_pos0;
+    sv->st = c->st, sv->ck = c->ck, sv->dn_scr = c->dn_scr;
+    sv->st_conv = c->st_conv, sv->st_rec = c->st_rec, sv->st_bytes = c->st_bytes;
+    sv->n_ckpt = c->n_ckpt, sv->dn_chunk_min = c->dn_chunk_min;
     c->kc = o->kc, c->vc = o->vc, c->split = o->split;
     c->kv_off = o->kv_off, c->kv_size = o->kv_size, c->kv_rows = o->kv_rows;
     memcpy(c->rope, o->rope, sizeof c->rope);
     c->n_rope = o->n_rope, c->kv_f16 = o->kv_f16;
+    /* recurrent states: the context's own, its checkpoints, and its choice of delta rule (the
+       chunked form from its dn_chunk_min on, in its scratch: a segment has at most its n_batch rows) */
+    c->st = o->st, c->ck = o->ck, c->dn_scr = o->dn_scr;
+    c->st_conv = o->st_conv, c->st_rec = o->st_rec, c->st_bytes = o->st_bytes;
+    c->n_ckpt = o->n_ckpt, c->dn_chunk_min = o->dn_chunk_min;
     c->have_pos0 = 1, c->step_pos0 = g->pos0; /* the segment's header holds its position: pos_delta 0 */
     c->cur_slot = (uint16_t)(s + 1);
 }
@@ -4600,6 +4625,9 @@ static void vk_unaim(vk_ctx *c, const int *roles, int nr, const vk_aimed *sv) {
     c->kv_off = sv->kv_off, c->kv_size = sv->kv_size, c->kv_rows = sv->kv_rows;
     memcpy(c->rope, sv->rope, sizeof c->rope);
     c->n_rope = sv->n_rope, c->kv_f16 = sv->kv_f16, c->have_pos0 = sv->have_pos0, c->step_pos0 = sv->step_pos0;
+    c->st = sv->st, c->ck = sv->ck, c->dn_scr = sv->dn_scr;
+    c->st_conv = sv->st_conv, c->st_rec = sv->st_rec, c->st_bytes = sv->st_bytes;
+    c->n_ckpt = sv->n_ckpt, c->dn_chunk_min = sv->dn_chunk_min;
     c->cur_slot = 0;
 }
 
@@ -4678,27 +4706,61 @@ static void vk_bt_attention(void *be, const moe_attn *a, int n, int pos0) {
     }
 }
 
-static void vk_bt_unsupported(vk_ctx *c, const char *what) {
-    vk_ctx_fail(c, MOE_ERR_UNSUPPORTED, "Vulkan: moe_step_batch has no batched %s (hybrid models step one by one)", what);
-}
+/* the Gated DeltaNet ops that carry a context's recurrent state: per segment, on its state, as the
+   context records them alone (the projections and gates around them run over all rows) */
 static void vk_bt_ssm_conv(void *be, const moe_deltanet *dn, const moe_weight *w, int n) {
-    (void)dn, (void)w, (void)n;
-    vk_bt_unsupported(be, "convolution state");
+    (void)n;
+    vk_ctx *c = be;
+    if (c->err) return;
+    vk_pn_flush(c);
+    int C = vk_dn_channels(dn);
+    const int roles[] = {ACT_DN_QKV, ACT_DN_CONV}, widths[] = {C, C};
+    for (int s = 0; s < c->n_bseg && !c->err; s++) {
+        vk_aimed sv;
+        vk_aim(c, s, roles, widths, 2, &sv);
+        vk_op_ssm_conv(c, dn, w, c->bseg[s].n);
+        vk_unaim(c, roles, 2, &sv);
+    }
 }
+
+/* the row widths (floats) of the delta rule's roles ACT_DN_CONV, _BETA, _ALPHA, _O */
+static void vk_dn_widths(const moe_deltanet *dn, int widths[4]) {
+    widths[0] = vk_dn_channels(dn);
+    widths[1] = dn->ba_grouped ? 2 * dn->n_v_head : dn->n_v_head;
+    widths[2] = dn->n_v_head;
+    widths[3] = dn->n_v_head * dn->v_dim;
+}
+
 static void vk_bt_delta_net(void *be, const moe_deltanet *dn, const moe_weight *a, const moe_weight *dt, int n) {
-    (void)dn, (void)a, (void)dt, (void)n;
-    vk_bt_unsupported(be, "delta-rule state");
+    vk_ctx *c = be;
+    if (c->err) return;
+    vk_pn_flush(c);
+    vk_dn_l2norm(c, dn, n); /* row by row: once over all rows */
+    int widths[4];
+    vk_dn_widths(dn, widths);
+    const int roles[] = {ACT_DN_CONV, ACT_DN_BETA, ACT_DN_ALPHA, ACT_DN_O};
+    for (int s = 0; s < c->n_bseg && !c->err; s++) {
+        vk_aimed sv;
+        vk_aim(c, s, roles, widths, 4, &sv);
+        vk_dn_rule(c, dn, a, dt, c->bseg[s].n);
+        vk_unaim(c, roles, 4, &sv);
+    }
 }
 
 const char *moe_vk_batch_unsupported(const moe_vk_backend *vk) {
     const moe_weights *w = vk->w;
     if (vk->xg) return "the GPU expert slot cache (gpu_budget_bytes / host_budget_bytes below the weights)";
-    if (w->hp.n_state) return "recurrent (Gated DeltaNet) layers";
     VkDeviceSize al = vk->props.limits.minStorageBufferOffsetAlignment;
     for (int l = 0; al > 4 && l < w->hp.n_layer; l++) { /* segment views start at row · width · 4 bytes */
-        const moe_attn *a = &w->layers[l].p.attn;
+        const moe_layer_plan *lp = &w->layers[l].p;
+        const moe_attn *a = &lp->attn;
         if ((VkDeviceSize)(a->n_head * a->head_dim * 4) % al || (VkDeviceSize)(a->n_head_kv * a->head_dim * 4) % al)
             return "attention rows that are not aligned to the device's minStorageBufferOffsetAlignment";
+        if (lp->attn_kind != MOE_ATTN_DELTANET) continue;
+        int widths[4];
+        vk_dn_widths(&lp->dn, widths);
+        for (int i = 0; i < 4; i++)
+            if ((VkDeviceSize)widths[i] * 4 % al) return "Gated DeltaNet rows that are not aligned to the device's minStorageBufferOffsetAlignment";
     }
     return NULL;
 }
@@ -4717,14 +4779,27 @@ moe_status moe_vk_batch_begin(void *lead, const moe_vk_seg *seg, int n_seg) {
     return MOE_OK;
 }
 
+/* after the forward: each segment that ends at a checkpoint position of its context copies its
+   states there, as its lone step would (ctx_run) */
+void moe_vk_batch_checkpoints(void *lead) {
+    vk_ctx *c = lead;
+    for (int s = 0; s < c->n_bseg && !c->err; s++) {
+        if (c->bseg[s].ck < 0) continue;
+        vk_aimed sv;
+        vk_aim(c, s, NULL, NULL, 0, &sv);
+        vk_state_checkpoint(c, c->bseg[s].ck);
+        vk_unaim(c, NULL, 0, &sv);
+    }
+}
+
 void moe_vk_batch_end(void *lead) {
     vk_ctx *c = lead;
     c->bseg = NULL;
     c->n_bseg = 0;
 }
 
-/* the rows that give logits to rows 0.. of ACT_XN, in segment order (through ACT_OUT: one copy
-   may not read and write overlapping ranges of one buffer) */
+/* the rows that give logits to rows 0.. of ACT_XN (or of the pending final norm's input), in
+   segment order (through ACT_OUT: one copy may not read and write overlapping ranges of one buffer) */
 void moe_vk_batch_gather(void *lead) {
     vk_ctx *c = lead;
     if (c->err) return;
@@ -4736,18 +4811,24 @@ void moe_vk_batch_gather(void *lead) {
         outs += g->n_out;
     }
     if (!moved) return; /* (decode: the final norm stays pending, applied inside the LM head's matvec as alone) */
-    vk_pn_flush(c);
+    /* the final norm not dispatched yet: its input rows move instead and it stays pending over
+       them, so that the LM head applies it as each context alone does (inline in a matvec) */
+    int role = ACT_XN;
+    if (c->pn.active && !c->pn.done && c->pn.dst == ACT_XN && c->pn.src != ACT_OUT && c->pn.width == c->w->hp.n_embd)
+        role = c->pn.src, c->pn.rows = outs;
+    else
+        vk_pn_flush(c);
     for (int s = 0; s < c->n_bseg; s++) {
         const moe_vk_seg *g = &c->bseg[s];
         vk_rec *r = g->n_out ? vk_rec_new(c, VK_REC_COPY, VKC_COPY) : NULL;
         if (!r) continue;
-        vk_bind_range(r, 0, c->act[ACT_XN].buf, (VkDeviceSize)(g->row0 + g->n - g->n_out) * rb, (VkDeviceSize)g->n_out * rb, 0);
+        vk_bind_range(r, 0, c->act[role].buf, (VkDeviceSize)(g->row0 + g->n - g->n_out) * rb, (VkDeviceSize)g->n_out * rb, 0);
         vk_bind_range(r, 1, c->act[ACT_OUT].buf, (VkDeviceSize)g->out0 * rb, 0, 1);
     }
     vk_rec *r = vk_rec_new(c, VK_REC_COPY, VKC_COPY);
     if (r) {
         vk_bind_range(r, 0, c->act[ACT_OUT].buf, 0, (VkDeviceSize)outs * rb, 0);
-        vk_bind_range(r, 1, c->act[ACT_XN].buf, 0, 0, 1);
+        vk_bind_range(r, 1, c->act[role].buf, 0, 0, 1);
     }
     c->fuse_idx = -1;
 }

@@ -18,13 +18,15 @@
       matmul kernel where a context alone takes the matrix-vector one: another summation order,
       the same difference as Vulkan prefill against Vulkan decode, checked with test_vulkan's
       tolerance for that (TOL_SELF: max|d| / logit range <= 1e-5; f16 tensor-core tiles: 3e-3),
-      and the greedy token of every row must be the same. Segments of at most VK_MV_MAX rows in
-      all are bit-identical (asserted). Attention runs per context on its own caches. Hybrid
-      models keep the one-by-one path there (bit-identical). A cancel between passes and
-      allocation failures leave every context as it was. The pass's lead keeps logits for the
-      rows the contexts expose, not for every row of the pass (a 4-context prefill of 400 rows:
-      4 rows; logits_all contexts: all of theirs), grows when a call needs more, and ctxs[0]'s
-      moe_ctx_get_stats counts it as scratch. */
+      and the greedy token of every row must be the same. Passes of at most VK_MV_MAX rows in
+      all, one per context, are bit-identical (asserted). Attention runs per context on its own caches, and so do
+      the hybrid models' conv and delta rule on their recurrent states (plain and chunked: passes
+      of one row per context bit-identical, snapshots and rewinds through the checkpoints the
+      passes wrote too; long prefills across the chunked delta rule's threshold within the
+      tolerance). A cancel between passes and allocation failures leave every context as it
+      was (Qwen3-MoE, and a hybrid: its states replayed after the cancel). The pass's lead keeps logits for the rows the contexts expose, not for every row of
+      the pass (a 4-context prefill of 400 rows: 4 rows; logits_all contexts: all of theirs),
+      grows when a call needs more, and ctxs[0]'s moe_ctx_get_stats counts it as scratch. */
 #include "../moe.c"
 #include "../moe_vk.c"
 #include "../shaders_embedded.c"
@@ -56,6 +58,8 @@ static moe_model *load_cpu(const char *path, int exact) { return tu_load(path, M
 /* the comparison of a scenario: tol < 0 bit for bit; else max|d| / logit range and the greedy
    token of every row; worst: the largest relative difference seen */
 static double g_tol = -1, g_worst;
+/* scenario's first call: prefills of 1..30 tokens, or of g_prefill..g_prefill + 59 */
+static int g_prefill;
 
 static moe_ctx *new_ctx(moe_model *m, int n_ctx, int n_batch, int logits_all, int kv) {
     moe_ctx_params cp = {0};
@@ -110,10 +114,10 @@ static void scenario(moe_model *m, int n, const int *n_batch, const int *all, in
     g_tol = kv_tol(kv);
     moe_ctx *A[MAXC], *B[MAXC];
     for (int i = 0; i < n; i++) {
-        A[i] = new_ctx(m, 128, n_batch[i], all[i], kv);
-        B[i] = new_ctx(m, 128, n_batch[i], all[i], kv);
+        A[i] = new_ctx(m, g_prefill ? 256 : 128, n_batch[i], all[i], kv);
+        B[i] = new_ctx(m, g_prefill ? 256 : 128, n_batch[i], all[i], kv);
     }
-    moe_token buf[MAXC][40];
+    moe_token buf[MAXC][128];
     for (int call = 0; call < n_calls; call++) {
         moe_ctx *bc[MAXC];
         const moe_token *bt[MAXC];
@@ -121,7 +125,7 @@ static void scenario(moe_model *m, int n, const int *n_batch, const int *all, in
         for (int i = 0; i < n; i++) {
             if (call > 0 && (i + call) % 5 == 0) continue; /* sits this call out */
             int len;
-            if (call == 0) len = 1 + (i * 13 + 5) % 30;
+            if (call == 0) len = g_prefill ? g_prefill + (i * 29 + 5) % 60 : 1 + (i * 13 + 5) % 30;
             else if ((i + call) % 4 == 0) len = 1 + (call * 3 + i) % 6;
             else len = 1;
             for (int t = 0; t < len; t++) buf[i][t] = (moe_token)((call * 31 + i * 17 + t * 7 + 3) % nv);
@@ -337,8 +341,8 @@ static void test_one_by_one(void **state) {
 /* ---- a cancel between passes, and allocation failures, leave every context as it was ---- */
 static int32_t abort_countdown(void *user) { return --*(int *)user < 0; }
 
-static void cancel_and_alloc(int backend) {
-    moe_model *m = tu_load(Q8, backend, 2, 0);
+static void cancel_and_alloc(const char *path, int backend) {
+    moe_model *m = tu_load(path, backend, 2, 0);
     g_tol = !m->vk ? -1 : m->vk->coopmat ? TOL_CM : TOL_SELF;
     int nv = tu_vocab(m), left = 1 << 30;
     moe_ctx *A[3], *B[3];
@@ -381,7 +385,7 @@ static void cancel_and_alloc(int backend) {
 
 static void test_cancel_cpu(void **state) {
     (void)state;
-    cancel_and_alloc(MOE_BACKEND_CPU);
+    cancel_and_alloc(Q8, MOE_BACKEND_CPU);
 }
 
 /* ---- Vulkan ---- */
@@ -455,16 +459,114 @@ static void test_vk_gemma4(void **state) {
     }
 }
 
-/* hybrids keep the one-by-one path on Vulkan: the same bits */
+/* a's snapshot (moe_ctx_save: position, tokens, caches, recurrent states) equals b's, byte for byte */
+static void same_snapshot(moe_ctx *a, moe_ctx *b) {
+    size_t na = 0, nb = 0;
+    assert_int_equal(moe_ctx_save(a, NULL, 0, &na), MOE_OK);
+    assert_int_equal(moe_ctx_save(b, NULL, 0, &nb), MOE_OK);
+    assert_int_equal(na, nb);
+    uint8_t *sa = malloc(na), *sb = malloc(nb);
+    assert_non_null(sa);
+    assert_non_null(sb);
+    assert_int_equal(moe_ctx_save(a, sa, na, &na), MOE_OK);
+    assert_int_equal(moe_ctx_save(b, sb, nb, &nb), MOE_OK);
+    if (memcmp(sa, sb, na)) {
+        size_t i = 0;
+        while (sa[i] == sb[i]) i++;
+        fail_msg("snapshots of %zu bytes differ from byte %zu on", na, i);
+    }
+    free(sa), free(sb);
+}
+
+/* Hybrid passes of one row per context and at most VK_MV_MAX rows are bit-identical to lone
+   steps (as vk_small_decode_bits; a segment of several rows takes the matrix-vector kernels at
+   another width than alone): 4 contexts of n_batch 1 prefill 62..65 tokens together (passes of one
+   token of each), so that batched passes write the checkpoint at 64; they decode, rewind behind
+   and past the checkpoint (a replay from what the passes wrote) and step 1 or 2 tokens (a pass in
+   which some contexts give no logits), and their snapshots, and a context loaded from one, match
+   the lone contexts'. dn_chunk (MOE_VK_DN_CHUNK): "1" puts every segment on the chunked delta rule. */
+static void vk_hybrid_bits(moe_model *m, const char *dn_chunk) {
+    enum { N = 4 };
+    int nv = tu_vocab(m);
+    if (dn_chunk) setenv("MOE_VK_DN_CHUNK", dn_chunk, 1);
+    moe_ctx *A[N], *B[N], *C = new_ctx(m, 128, 1, 0, MOE_KV_F32); /* C: loads a snapshot of A[1] */
+    for (int i = 0; i < N; i++) A[i] = new_ctx(m, 128, 1, 0, MOE_KV_F32), B[i] = new_ctx(m, 128, 1, 0, MOE_KV_F32);
+    if (dn_chunk) unsetenv("MOE_VK_DN_CHUNK");
+    if (dn_chunk) assert_int_equal(((vk_ctx *)A[0]->be)->dn_chunk_min, atoi(dn_chunk));
+    double keep = g_tol;
+    g_tol = -1;
+    moe_token pr[N][70];
+    const moe_token *tp[N];
+    int32_t len[N];
+    for (int i = 0; i < N; i++) {
+        for (int j = 0; j < 70; j++) pr[i][j] = (moe_token)((i * 37 + j * 5 + 1) % nv);
+        tp[i] = pr[i], len[i] = 62 + i;
+    }
+    assert_int_equal(moe_step_batch(A, tp, len, N), MOE_OK);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(moe_step(B[i], tp[i], len[i]), MOE_OK);
+        same_state(A[i], B[i], len[i], nv);
+        assert_int_equal(A[i]->ckpt_ok[0], i >= 2); /* 64 and 65 tokens: past the checkpoint */
+    }
+    for (int call = 0; call < 4; call++) { /* decode: everyone crosses 64 */
+        moe_token t[N];
+        for (int i = 0; i < N; i++) t[i] = argmax(moe_logits(B[i], -1), nv), tp[i] = &t[i], len[i] = 1;
+        assert_int_equal(moe_step_batch(A, tp, len, N), MOE_OK);
+        for (int i = 0; i < N; i++) {
+            assert_int_equal(moe_step(B[i], tp[i], 1), MOE_OK);
+            same_state(A[i], B[i], 1, nv);
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(A[i]->ckpt_ok[0], 1);
+        same_snapshot(A[i], B[i]);
+        int p = i % 2 ? 65 : 40; /* replays from the checkpoint the pass wrote, or from the start */
+        assert_int_equal(moe_ctx_rewind(A[i], p), MOE_OK);
+        assert_int_equal(moe_ctx_rewind(B[i], p), MOE_OK);
+        tp[i] = pr[i] + 7, len[i] = 1 + i % 2;
+    }
+    assert_int_equal(moe_step_batch(A, tp, len, N), MOE_OK);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(moe_step(B[i], tp[i], len[i]), MOE_OK);
+
+        same_state(A[i], B[i], len[i], nv);
+        same_snapshot(A[i], B[i]);
+    }
+    /* a context loaded from a batched one's snapshot steps as the lone one */
+    size_t sz = 0;
+    assert_int_equal(moe_ctx_save(A[1], NULL, 0, &sz), MOE_OK);
+    void *blob = malloc(sz);
+    assert_non_null(blob);
+    assert_int_equal(moe_ctx_save(A[1], blob, sz, &sz), MOE_OK);
+    assert_int_equal(moe_ctx_load(C, blob, sz), MOE_OK);
+    free(blob);
+    moe_token t = argmax(moe_logits(B[1], -1), nv);
+    assert_int_equal(moe_step(C, &t, 1), MOE_OK);
+    assert_int_equal(moe_step(B[1], &t, 1), MOE_OK);
+    same_state(C, B[1], 1, nv);
+    moe_ctx_free(C);
+    g_tol = keep;
+    for (int i = 0; i < N; i++) moe_ctx_free(A[i]), moe_ctx_free(B[i]);
+}
+
+/* hybrids in the batched pass: the conv and delta rule per context on its own states */
 static void test_vk_hybrid(void **state) {
     (void)state;
     NEED_VULKAN();
-    static const int nb[4] = {256, 5, 64, 9};
-    moe_model *m = load_vk("test/fixtures/qwen35moe");
-    assert_non_null(moe_vk_batch_unsupported(m->vk));
-    g_tol = -1;
-    scenario(m, 4, nb, k_all, MOE_KV_F32, 4, 1);
-    moe_model_free(m);
+    static const char *const dirs[] = {"test/fixtures/qwen3next", "test/fixtures/qwen35moe", "test/fixtures/qwen35"};
+    static const int nb[4] = {256, 5, 64, 9}, nb_long[4] = {128, 64, 100, 7};
+    for (int f = 0; f < 3; f++) {
+        moe_model *m = load_vk(dirs[f]);
+        assert_null(moe_vk_batch_unsupported(m->vk));
+        vk_hybrid_bits(m, NULL);
+        if (f == 1) vk_hybrid_bits(m, "1"); /* (one fixture: the same kernels on the others) */
+        scenario(m, 4, nb, k_all, MOE_KV_F32, 6, 1);
+        g_prefill = 64; /* prefills of 64..123 tokens: the chunked delta rule (64 on) beside the plain one */
+        scenario(m, 4, nb_long, k_all, MOE_KV_F32, 4, 1);
+        g_prefill = 0;
+        printf("[ RESULT   ] vulkan batch %s: max|d|/range %.3e (tol %.0e), greedy tokens identical\n", dirs[f], g_worst, g_tol);
+        moe_model_free(m);
+    }
 }
 
 /* the lead that owner keeps for its passes: rows rows, logits (the LM head's output and the
@@ -565,7 +667,8 @@ static void test_vk_pass_params(void **state) {
 static void test_vk_cancel(void **state) {
     (void)state;
     NEED_VULKAN();
-    cancel_and_alloc(MOE_BACKEND_VULKAN);
+    cancel_and_alloc(Q8, MOE_BACKEND_VULKAN);
+    cancel_and_alloc("test/fixtures/qwen35moe", MOE_BACKEND_VULKAN); /* recurrent states: replayed after a cancel */
 }
 
 int main(void) {

@@ -198,7 +198,7 @@ static void pair_new_ctx(pair *p, synth *s, int32_t kv_type, int n_batch, int n_
     memset(p, 0, sizeof *p);
     p->s = s;
     p->n_batch = n_batch;
-    moe_ctx_shape sh = {n_ctx, n_batch, kv_type, 1, 2, 1, NULL, NULL, 0, 0, 0, 0}; /* the CPU reference in exact (f32) mode */
+    moe_ctx_shape sh = {n_ctx, n_batch, kv_type, 1, 2, 1, NULL, NULL, 0, 0, 0, 0, 0}; /* the CPU reference in exact (f32) mode */
     assert_int_equal(pool_new(sh.n_threads, &p->pool), MOE_OK);
     assert_int_equal(cpu_ctx_new(&s->w, &sh, p->pool, &p->cpu), MOE_OK);
     moe_status st = moe_vk_init(&s->w, 0, 0, test_log, NULL, &p->vk);
