@@ -5,7 +5,14 @@
    shared memory and M_ts = e^{G_t-G_s} q̂_t·k̂_s (s <= t); then the WY factors by forward
    substitution, (I - A) W = diag(β e^G) K̂ and (I - A) U = diag(β) V, each invocation owning
    columns of [W | U] and walking the rows in order (the CPU backend's order). Layout in
-   dn_chunk.glsl. grid: chunks · nv. bindings: 0 conv rows [n][C] (q̂ | k̂ | v), 1 scr */
+   dn_chunk.glsl. grid: chunks · nv. bindings: 0 conv rows [n][C] (q̂ | k̂ | v), 1 scr
+   The dots and the substitution are compensated sums (sum2.glsl): measured stage by stage on the
+   fixtures' chunks against long double, these two are where the f32 chunked form lost accuracy
+   (the error of O_t relative to its row's rms: up to 1e-4 from plain f32 dots, where the output
+   row is a small difference of the M_ts V'_s terms; ~1e-6 compensated, where the f32 token
+   recurrence's own error reaches 1e-5 to 1e-4). The decays (summed directly, see dn_chunk.glsl) and
+   the state pass stay plain f32: their share was < 1e-6. This pass is parallel over chunks and
+   heads, so the ~8 flops per term do not lengthen the serial state pass. */
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Cv { float cv[]; };
