@@ -38,11 +38,11 @@
 #define MAXC 6
 #define TOL_SELF 1e-5 /* test_vulkan's: Vulkan against itself along another path (decode vs prefill kernels) */
 #define TOL_CM 3e-3   /* the same with f16 tensor-core tiles (NVIDIA) */
-/* gemma4 fixtures with f16 tensor-core tiles, either cache: two tiled runs that group rows
-   differently, each within test_gemma4's bound of the reference (3 × the fixture's f16 figure,
-   6.8e-3 for moe: scale-1 attention over normed q and k is sharp), so twice that apart at most
-   (moe on an H100: 2.5e-3 with an f32 cache; 3.5e-3 to 7.2e-3 with f16 over three builds) */
-#define TOL_CM_G4 1.4e-2
+/* gemma4 fixtures with f16 tensor-core tiles: test_gemma4's bound against the reference (3 × the
+   fixture's f16 figure, 6.8e-3 for moe: scale-1 attention over normed q and k is sharp), for
+   either cache type; two tiled runs that group rows differently differ by as much (moe on an
+   H100: 2.5e-3 with an f32 cache, 6.1e-3 with f16) */
+#define TOL_CM_G4 7e-3
 /* f16 KV caches: a K or V element that differs in its last f32 bits may round to the neighbouring
    binary16 value (2^-11 relative), the class of error of an f16 cache: test_vulkan's TOL_F16 */
 #define TOL_F16KV 2e-3
