@@ -446,12 +446,7 @@ static void test_vk_qwen3(void **state) {
    H100: 5.1e-2 of the range by a later decode step, greedy tokens still equal; with gpu_exact
    3.0e-4, as on lavapipe). The pass itself is what this test checks. */
 static moe_model *load_vk_exact(const char *path) {
-    moe_load_params lp = {0};
-    lp.backend = MOE_BACKEND_VULKAN;
-    lp.n_threads = 2;
-    lp.gpu_exact = 1;
-    moe_model *m = NULL;
-    if (moe_load(path, &lp, &m)) fail_msg("load %s: %s", path, moe_last_error());
+    moe_model *m = tu_load_exact(path, MOE_BACKEND_VULKAN, 2, 0, 1);
     g_tol = TOL_SELF;
     g_worst = 0;
     return m;

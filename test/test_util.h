@@ -105,16 +105,22 @@ static inline double row_rel_err(const float *a, const float *ref, int n_vocab) 
     return d / fmax((double)hi - (double)lo, 1e-30);
 }
 
-/* A model loaded with these settings (the test fails, naming the error, if it does not load). */
-static inline moe_model *tu_load(const char *path, int32_t backend, int32_t n_threads, int32_t cpu_exact) {
+/* A model loaded with these settings (the test fails, naming the error, if it does not load);
+   gpu_exact: Vulkan prefill matrix products in f32, no f16 tensor-core tiles. */
+static inline moe_model *tu_load_exact(const char *path, int32_t backend, int32_t n_threads, int32_t cpu_exact, int32_t gpu_exact) {
     moe_load_params lp = {0};
     lp.backend = backend;
     lp.n_threads = n_threads;
     lp.cpu_exact = cpu_exact;
+    lp.gpu_exact = gpu_exact;
     moe_model *m = NULL;
     moe_status st = moe_load(path, &lp, &m);
     if (st) fail_msg("load %s: %s", path, moe_last_error());
     return m;
+}
+
+static inline moe_model *tu_load(const char *path, int32_t backend, int32_t n_threads, int32_t cpu_exact) {
+    return tu_load_exact(path, backend, n_threads, cpu_exact, 0);
 }
 
 static inline int tu_vocab(const moe_model *m) {
